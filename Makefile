@@ -1,0 +1,36 @@
+# `make test` and `make demo` do all set-up on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Install the CPU build of torch first so the dependency below is already satisfied
+	# (a bare `torch` requirement can pull a multi-GB CUDA build). Override with TORCH_SPEC=...
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/logreg_weight_decay.py
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps hypergrad==0.0.1 || true
+	$(PY) benchmarks/implicit_solvers.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

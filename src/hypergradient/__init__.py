@@ -1,0 +1,75 @@
+"""hypergradient: gradient-based hyperparameter optimization and bilevel learning for PyTorch.
+
+The functional core computes hypergradients of an outer (validation) loss through the
+minimum of an inner (training) loss by implicit differentiation::
+
+    import hypergradient as hg
+    hyper = hg.implicit(inner_loss, outer_loss, params, hparams, solver=hg.CG(maxiter=50))
+
+Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neumann`,
+:class:`Nystrom`, :class:`NystromPCG`, :class:`Identity`, :class:`FixedPoint`.
+"""
+
+from .implicit import (
+    HypergradientWarning,
+    HypergradInfo,
+    NonFiniteHypergradientError,
+    cg,
+    exact,
+    implicit,
+    implicit_fixed_point,
+    neumann,
+    nystrom,
+)
+from .operators import (
+    DampedOperator,
+    FixedPointOperator,
+    HessianOperator,
+    LinearOperator,
+    MatrixOperator,
+)
+from .solvers import (
+    CG,
+    Exact,
+    FixedPoint,
+    Identity,
+    Neumann,
+    Nystrom,
+    NystromApproximation,
+    NystromPCG,
+    Solution,
+    Solver,
+    estimate_lambda_max,
+    nystrom_sketch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CG",
+    "DampedOperator",
+    "Exact",
+    "FixedPoint",
+    "FixedPointOperator",
+    "HessianOperator",
+    "HypergradInfo",
+    "HypergradientWarning",
+    "Identity",
+    "LinearOperator",
+    "MatrixOperator",
+    "Neumann",
+    "NonFiniteHypergradientError",
+    "Nystrom",
+    "NystromApproximation",
+    "NystromPCG",
+    "Solution",
+    "Solver",
+    "cg",
+    "estimate_lambda_max",
+    "exact",
+    "implicit",
+    "implicit_fixed_point",
+    "neumann",
+    "nystrom",
+    "nystrom_sketch",
+]

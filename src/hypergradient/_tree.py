@@ -1,0 +1,169 @@
+"""Trees of tensors: a tensor, a tuple/list of trees, or a dict of trees.
+
+Parameters and hyperparameters arrive as any of these (``dict(model.named_parameters())``
+included). The solvers work on one contiguous 1-D vector instead of on trees: every
+solver step is then a single BLAS-1 call, and flattening costs one copy per
+Hessian-vector product, which is negligible next to the backward pass that produces it.
+This module does the round trip and the validation, with error messages that name the
+offending leaf (``params['fc.weight']``, ``hparams[1]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+Tree = Union[Tensor, Sequence["Tree"], Mapping[str, "Tree"]]
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """Structure of a tree: how to rebuild it from its leaves, and where each leaf sits."""
+
+    kind: str  # "leaf", "tuple", "list" or "dict"
+    children: tuple[TreeSpec, ...] = ()
+    keys: tuple[Any, ...] = ()
+    paths: tuple[str, ...] = field(default=(), compare=False)
+    shapes: tuple[torch.Size, ...] = ()
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def numels(self) -> list[int]:
+        return [int(torch.Size(s).numel()) for s in self.shapes]
+
+    @property
+    def size(self) -> int:
+        return sum(self.numels)
+
+    def structure(self) -> Any:
+        """A hashable description ignoring shapes, to compare structures."""
+        if self.kind == "leaf":
+            return "leaf"
+        return (self.kind, self.keys, tuple(c.structure() for c in self.children))
+
+
+def _flatten(tree: Any, path: str, name: str, leaves: list[Tensor], paths: list[str]) -> TreeSpec:
+    if isinstance(tree, Tensor):
+        leaves.append(tree)
+        paths.append(path)
+        return TreeSpec("leaf")
+    if isinstance(tree, Mapping):
+        keys = tuple(tree.keys())
+        children = tuple(_flatten(tree[k], f"{path}[{k!r}]", name, leaves, paths) for k in keys)
+        return TreeSpec("dict", children, keys)
+    if isinstance(tree, (tuple, list)):
+        children = tuple(
+            _flatten(t, f"{path}[{i}]", name, leaves, paths) for i, t in enumerate(tree)
+        )
+        return TreeSpec("tuple" if isinstance(tree, tuple) else "list", children)
+    raise TypeError(
+        f"{path} is a {type(tree).__name__}; `{name}` must be a tensor, a tuple or list of "
+        "tensors, or a dict of tensors (for a module: dict(model.named_parameters()))."
+    )
+
+
+def flatten(tree: Tree, name: str) -> tuple[list[Tensor], TreeSpec]:
+    """Leaves of ``tree`` in a fixed order, and the spec that rebuilds it.
+
+    ``name`` is the argument's name, used in error messages.
+    """
+    leaves: list[Tensor] = []
+    paths: list[str] = []
+    spec = _flatten(tree, name, name, leaves, paths)
+    return leaves, _with_leaf_info(spec, tuple(paths), tuple(t.shape for t in leaves))
+
+
+def _with_leaf_info(spec: TreeSpec, paths: tuple[str, ...], shapes: tuple) -> TreeSpec:
+    return TreeSpec(spec.kind, spec.children, spec.keys, paths, shapes)
+
+
+def unflatten(spec: TreeSpec, leaves: Sequence[Tensor]) -> Tree:
+    """Inverse of :func:`flatten`."""
+    it = iter(leaves)
+
+    def build(s: TreeSpec) -> Any:
+        if s.kind == "leaf":
+            return next(it)
+        built = [build(c) for c in s.children]
+        if s.kind == "dict":
+            return dict(zip(s.keys, built))
+        return tuple(built) if s.kind == "tuple" else built
+
+    return build(spec)
+
+
+def check_leaves(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
+    """Validate leaves: at least one, floating point, one device, one dtype family."""
+    if not leaves:
+        raise ValueError(f"`{name}` is empty; pass at least one tensor.")
+    device = leaves[0].device
+    for t, p in zip(leaves, spec.paths):
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{p} has dtype {t.dtype}; hypergradients need real floating-point tensors. "
+                "Convert it with .float() or .double()."
+            )
+        if t.device != device:
+            raise ValueError(
+                f"{p} is on {t.device} but {spec.paths[0]} is on {device}; move all of "
+                f"`{name}` to one device."
+            )
+
+
+def common_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
+    dtype = leaves[0].dtype
+    for t in leaves[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def cat(leaves: Sequence[Tensor | None], spec: TreeSpec, dtype: torch.dtype, device) -> Tensor:
+    """Concatenate leaves (``None`` meaning zeros) into one 1-D vector."""
+    parts = []
+    for t, n in zip(leaves, spec.numels):
+        if t is None:
+            parts.append(torch.zeros(n, dtype=dtype, device=device))
+        else:
+            parts.append(t.reshape(-1).to(dtype))
+    if not parts:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.cat(parts)
+
+
+def split(vec: Tensor, spec: TreeSpec, dtypes: Sequence[torch.dtype] | None = None) -> list[Tensor]:
+    """Views of a 1-D vector (or of the last dim of a batch) shaped like the leaves."""
+    lead = vec.shape[:-1]
+    out = []
+    for i, (piece, shape) in enumerate(zip(torch.split(vec, spec.numels, dim=-1), spec.shapes)):
+        piece = piece.reshape(*lead, *shape)
+        if dtypes is not None and piece.dtype != dtypes[i]:
+            piece = piece.to(dtypes[i])
+        out.append(piece)
+    return out
+
+
+def as_flat(x: Tree | Tensor, spec: TreeSpec, name: str, dtype, device) -> Tensor:
+    """Accept either a 1-D vector of the right size or a tree matching ``spec``."""
+    if isinstance(x, Tensor) and spec.kind != "leaf" or (
+        isinstance(x, Tensor) and x.dim() == 1 and x.numel() == spec.size
+    ):
+        if x.dim() != 1 or x.numel() != spec.size:
+            raise ValueError(
+                f"`{name}` has shape {tuple(x.shape)}; pass a 1-D vector of {spec.size} "
+                "elements or a tree with the structure of `params`."
+            )
+        return x.detach().to(dtype=dtype, device=device)
+    leaves, xspec = flatten(x, name)
+    if xspec.structure() != spec.structure() or xspec.shapes != spec.shapes:
+        raise ValueError(
+            f"`{name}` does not match the structure of `params`: got shapes "
+            f"{[tuple(s) for s in xspec.shapes]}, expected {[tuple(s) for s in spec.shapes]}."
+        )
+    return cat([t.detach() for t in leaves], spec, dtype, device)

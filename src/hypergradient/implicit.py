@@ -1,0 +1,422 @@
+"""Implicit hypergradients: differentiate the outer loss through the inner optimum.
+
+For ``theta*(phi) = argmin_theta f(theta, phi)`` the implicit function theorem gives
+
+    dg/dphi = d_phi g - (d^2 f / d phi d theta) H^{-1} grad_theta g,    H = d^2 f / d theta^2
+
+evaluated at the given ``theta`` (which should be a good approximation of ``theta*``;
+``info.inner_grad_norm`` tells how stationary it is). The linear system
+``H x = grad_theta g`` is solved by any solver of :mod:`hypergradient.solvers`.
+References: Bengio (2000), "Gradient-based optimization of hyperparameters"; Pedregosa
+(2016), "Hyperparameter optimization with approximate gradient" (HOAG); Lorraine et al.
+(2020); Blondel et al. (2022), "Efficient and modular implicit differentiation".
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor
+
+from . import _tree
+from ._tree import Tree
+from .operators import (
+    DampedOperator,
+    FixedPointOperator,
+    HessianOperator,
+    LinearOperator,
+    _check_scalar,
+)
+from .solvers import CG, Exact, FixedPoint, Neumann, Nystrom, Solver
+
+__all__ = [
+    "HypergradInfo",
+    "HypergradientWarning",
+    "NonFiniteHypergradientError",
+    "implicit",
+    "implicit_fixed_point",
+    "exact",
+    "cg",
+    "neumann",
+    "nystrom",
+]
+
+
+class HypergradientWarning(UserWarning):
+    """Something about a hypergradient the user should know (unused hparams, curvature)."""
+
+
+class NonFiniteHypergradientError(FloatingPointError):
+    """A hypergradient came out NaN or Inf; it is never returned or applied silently."""
+
+
+@dataclass
+class HypergradInfo:
+    """Diagnostics of one hypergradient.
+
+    Attributes:
+        num_hvps: products spent by the solver (sketches and power iterations included).
+        residual_norm: ``||b - A x||`` of the linear solve (computed with one extra product,
+            counted in ``extra_hvps``, when the solver does not know it).
+        relative_residual: ``residual_norm / ||b||``.
+        converged: whether the solver met its tolerance (None for fixed budgets).
+        status: solver status ("converged", "max_iterations", "fixed_budget",
+            "negative_curvature", "diverged", "exact").
+        iterations: solver iterations.
+        seconds: wall time of the whole hypergradient.
+        solver: ``repr`` of the solver.
+        inner_loss: value of ``f`` at ``params``.
+        inner_grad_norm: ``||grad_theta f||`` at ``params``; large values mean ``params`` is
+            not an inner optimum and the implicit formula does not apply there.
+        extra_hvps: products spent on diagnostics.
+        solution: the flat solution ``x ~ A^{-1} grad_theta g`` (for warm starts: ``x0=``).
+        stats: solver-specific extras.
+    """
+
+    num_hvps: int
+    residual_norm: float | None
+    relative_residual: float | None
+    converged: bool | None
+    status: str
+    iterations: int
+    seconds: float
+    solver: str
+    inner_loss: float
+    inner_grad_norm: float
+    extra_hvps: int = 0
+    solution: Tensor | None = field(default=None, repr=False)
+    stats: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _check_callable(fn: Any, name: str) -> None:
+    if not callable(fn):
+        raise TypeError(
+            f"`{name}` must be a callable (params, hparams) -> scalar tensor, "
+            f"got {type(fn).__name__}."
+        )
+
+
+def _outer_grads(
+    outer_loss: Callable[[Tree, Tree], Tensor], op: LinearOperator
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    p = _tree.unflatten(op.param_spec, op.param_leaves)
+    h = _tree.unflatten(op.hparam_spec, op.hparam_leaves)
+    with torch.enable_grad():
+        value = _check_scalar(outer_loss(p, h), "outer_loss")
+        leaves = op.param_leaves + op.hparam_leaves
+        if not value.requires_grad:
+            grads: list[Tensor | None] = [None] * len(leaves)
+        else:
+            grads = list(torch.autograd.grad(value, leaves, allow_unused=True))
+    n = len(op.param_leaves)
+    return grads[:n], grads[n:]
+
+
+def _finish(
+    op: HessianOperator | FixedPointOperator,
+    outer_loss: Callable[[Tree, Tree], Tensor],
+    solver: Solver,
+    damping: float,
+    x0: Tree | Tensor | None,
+    return_info: bool,
+    started: float,
+    inner_grad_norm: float,
+    inner_loss: float,
+) -> Any:
+    g_theta, g_phi = _outer_grads(outer_loss, op)
+    b = _tree.cat(g_theta, op.param_spec, op.dtype, op.device)
+    x0_flat = None if x0 is None else _tree.as_flat(x0, op.param_spec, "x0", op.dtype, op.device)
+    system: LinearOperator = DampedOperator(op, damping) if damping else op
+    start = op.num_matvecs
+    if not bool(b.any()):
+        # The outer loss does not depend on the parameters: only the direct term remains.
+        x = torch.zeros_like(b)
+        sol_status, converged, residual, iters, stats = "converged", True, 0.0, 0, {}
+    else:
+        sol = solver.solve(system, b, x0_flat)
+        x, sol_status, converged = sol.value, sol.status, sol.converged
+        residual, iters, stats = sol.residual_norm, sol.iterations, sol.stats
+    num_hvps = op.num_matvecs - start
+    extra = 0
+    if return_info and residual is None:
+        residual = float(torch.linalg.vector_norm(b - system.matvec(x)))
+        extra = 1
+    if sol_status == "negative_curvature":
+        warnings.warn(
+            f"{solver!r} met non-positive curvature p^T H p <= 0 after {iters} iteration(s): "
+            "the Hessian is not positive definite at `params` (not a minimum, or singular). "
+            "The partial solution is used; pass damping=... to hg.implicit to regularize.",
+            HypergradientWarning,
+            stacklevel=3,
+        )
+    mixed = op.mixed(x)
+    out: list[Tensor] = []
+    for leaf, path, direct, m in zip(op.hparam_leaves, op.hparam_spec.paths, g_phi, mixed):
+        if direct is None and m is None:
+            warnings.warn(
+                f"{path} influences the outer loss neither directly nor through the inner "
+                "problem; its hypergradient is zero. Check that inner_loss or outer_loss uses it.",
+                HypergradientWarning,
+                stacklevel=3,
+            )
+            out.append(torch.zeros_like(leaf))
+            continue
+        value = torch.zeros_like(leaf) if direct is None else direct.detach().clone()
+        if m is not None:
+            value = value - m.detach().to(leaf.dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise NonFiniteHypergradientError(
+                f"The hypergradient of {path} is not finite. Outer gradient finite: "
+                f"{bool(torch.isfinite(b).all())}; solver {solver!r} returned a finite solution: "
+                f"{bool(torch.isfinite(x).all())} (status {sol_status!r}). Check that `params` "
+                "is near a minimum of inner_loss with a positive-definite Hessian, or add damping."
+            )
+        out.append(value)
+    result = _tree.unflatten(op.hparam_spec, out)
+    op.release()
+    if not return_info:
+        return result
+    bnorm = float(torch.linalg.vector_norm(b))
+    info = HypergradInfo(
+        num_hvps=num_hvps,
+        residual_norm=residual,
+        relative_residual=None if residual is None else residual / max(bnorm, 1e-300),
+        converged=converged,
+        status=sol_status,
+        iterations=iters,
+        seconds=time.perf_counter() - started,
+        solver=repr(solver),
+        inner_loss=inner_loss,
+        inner_grad_norm=inner_grad_norm,
+        extra_hvps=extra,
+        solution=x.detach(),
+        stats={k: v for k, v in stats.items() if k != "matrix"},
+    )
+    return result, info
+
+
+def _check_common(solver: Any, damping: Any) -> None:
+    if not isinstance(solver, Solver):
+        raise TypeError(
+            f"`solver` must be a hypergradient solver such as hg.CG(), got {type(solver).__name__}."
+        )
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"`damping` must be a number >= 0, got {damping!r}.")
+
+
+@overload
+def implicit(
+    inner_loss: Callable[[Any, Any], Tensor],
+    outer_loss: Callable[[Any, Any], Tensor],
+    params: Tree,
+    hparams: Tree,
+    solver: Solver | None = ...,
+    *,
+    damping: float = ...,
+    x0: Tree | Tensor | None = ...,
+    return_info: Literal[False] = ...,
+    batched: bool = ...,
+) -> Tree: ...
+
+
+@overload
+def implicit(
+    inner_loss: Callable[[Any, Any], Tensor],
+    outer_loss: Callable[[Any, Any], Tensor],
+    params: Tree,
+    hparams: Tree,
+    solver: Solver | None = ...,
+    *,
+    damping: float = ...,
+    x0: Tree | Tensor | None = ...,
+    return_info: Literal[True],
+    batched: bool = ...,
+) -> tuple[Tree, HypergradInfo]: ...
+
+
+def implicit(
+    inner_loss,
+    outer_loss,
+    params,
+    hparams,
+    solver=None,
+    *,
+    damping=0.0,
+    x0=None,
+    return_info=False,
+    batched=True,
+):
+    """Hypergradient of ``outer_loss`` through the minimum of ``inner_loss``.
+
+    .. math::
+
+        \\frac{dg}{d\\phi} = \\partial_\\phi g - \\partial^2_{\\phi\\theta} f \\,
+        (H + \\lambda I)^{-1} \\nabla_\\theta g, \\qquad H = \\nabla^2_{\\theta\\theta} f
+
+    evaluated at ``params`` (which should minimize ``inner_loss`` for the given
+    ``hparams``), with ``lambda = damping`` (default 0).
+
+    Args:
+        inner_loss: ``f(params, hparams) -> scalar tensor`` (training objective).
+        outer_loss: ``g(params, hparams) -> scalar tensor`` (validation objective). It may
+            ignore ``hparams``; the direct term is then zero.
+        params: the inner solution: a tensor, a tuple/list of tensors or a dict of tensors
+            (``dict(model.named_parameters())`` with ``torch.func.functional_call``).
+        hparams: hyperparameters, same kinds of structure.
+        solver: how to apply ``H^{-1}``: any of :mod:`hypergradient.solvers`
+            (default ``hg.CG()``).
+        damping: ``lambda`` added to the Hessian's diagonal.
+        x0: warm start for the solve (a tree like ``params`` or a flat vector, e.g. the
+            ``info.solution`` of a previous call).
+        return_info: also return a :class:`HypergradInfo`.
+        batched: answer batched products (Nystrom, Exact) with one vmapped backward.
+
+    Returns:
+        The hypergradient, with the structure, shapes, dtypes and device of ``hparams``,
+        detached; with ``return_info=True`` a tuple ``(hypergradient, info)``.
+
+    Cost: one evaluation of ``g`` with its gradient, one evaluation of ``f`` with a
+    double-backward graph, the solver's products (each one backward pass through that
+    graph, about the cost of a gradient), one mixed product; k products cost about
+    ``k + 3`` gradients. Memory: the graph of ``f``'s double backward plus the solver's
+    vectors. Nothing passed in is modified.
+
+    Raises:
+        TypeError / ValueError: bad structures, dtypes, non-scalar losses, bad solver.
+        NonFiniteHypergradientError: the result contains NaN or Inf.
+    """
+    started = time.perf_counter()
+    _check_callable(inner_loss, "inner_loss")
+    _check_callable(outer_loss, "outer_loss")
+    solver = CG() if solver is None else solver
+    _check_common(solver, damping)
+    op = HessianOperator(inner_loss, params, hparams, batched=batched)
+    return _finish(
+        op,
+        outer_loss,
+        solver,
+        float(damping),
+        x0,
+        return_info,
+        started,
+        float(torch.linalg.vector_norm(op.grad)),
+        float(op.loss),
+    )
+
+
+def implicit_fixed_point(
+    fixed_point_map: Callable[[Any, Any], Any],
+    outer_loss: Callable[[Any, Any], Tensor],
+    params: Tree,
+    hparams: Tree,
+    solver: Solver | None = None,
+    *,
+    x0: Tree | Tensor | None = None,
+    return_info: bool = False,
+    batched: bool = True,
+) -> Any:
+    """Hypergradient through a fixed point ``theta* = T(theta*, phi)``.
+
+    .. math::
+
+        \\frac{dg}{d\\phi} = \\partial_\\phi g + (\\partial_\\phi T)^\\top x, \\qquad
+        (I - \\partial_\\theta T^\\top)\\, x = \\nabla_\\theta g
+
+    ``params`` should be (close to) a fixed point; ``info.inner_grad_norm`` reports
+    ``||T(theta) - theta||``. The default solver ``hg.FixedPoint()`` iterates
+    ``x <- grad_theta g + J^T x``, which converges when ``T`` is a contraction;
+    ``hg.Exact()`` works for small problems. CG and Nystrom need a symmetric system and are
+    refused. Examples of ``T``: one step of a training algorithm, a proximal-gradient
+    step, a message-passing update (Blondel et al., 2022; Bai et al., 2019, deep
+    equilibrium models).
+
+    Args, returns and cost as :func:`implicit`, with ``fixed_point_map(params, hparams)``
+    returning a tree like ``params``.
+    """
+    started = time.perf_counter()
+    _check_callable(fixed_point_map, "fixed_point_map")
+    _check_callable(outer_loss, "outer_loss")
+    solver = FixedPoint() if solver is None else solver
+    _check_common(solver, 0.0)
+    op = FixedPointOperator(fixed_point_map, params, hparams, batched=batched)
+    return _finish(
+        op,
+        outer_loss,
+        solver,
+        0.0,
+        x0,
+        return_info,
+        started,
+        float(torch.linalg.vector_norm(op.residual)),
+        float("nan"),
+    )
+
+
+# ---------------------------------------------------------------- shorthands (seed order)
+
+
+def exact(f, g, theta, phi, *, damping: float = 0.0, return_info: bool = False):
+    """``implicit(f, g, theta, phi, solver=Exact())``: dense Hessian solve, the reference."""
+    return implicit(f, g, theta, phi, Exact(), damping=damping, return_info=return_info)
+
+
+def cg(
+    f,
+    g,
+    theta,
+    phi,
+    maxiter: int = 100,
+    tol: float = 1e-6,
+    *,
+    damping: float = 0.0,
+    x0=None,
+    return_info: bool = False,
+):
+    """``implicit(f, g, theta, phi, solver=CG(maxiter, tol))`` (Pedregosa, 2016)."""
+    return implicit(
+        f, g, theta, phi, CG(maxiter, tol), damping=damping, x0=x0, return_info=return_info
+    )
+
+
+def neumann(
+    f,
+    g,
+    theta,
+    phi,
+    iters: int = 20,
+    alpha: float | str = 1.0,
+    *,
+    damping: float = 0.0,
+    return_info: bool = False,
+):
+    """``implicit(f, g, theta, phi, solver=Neumann(iters, alpha))`` (Lorraine et al., 2020)."""
+    return implicit(
+        f, g, theta, phi, Neumann(iters, alpha), damping=damping, return_info=return_info
+    )
+
+
+def nystrom(
+    f,
+    g,
+    theta,
+    phi,
+    rank: int = 5,
+    rho: float = 0.1,
+    *,
+    sketch: str = "column",
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    return_info: bool = False,
+):
+    """``implicit(f, g, theta, phi, solver=Nystrom(rank, rho))`` (Hataya & Yamada, 2023).
+
+    The seed library's call ``nystrom(f, g, theta, phi, rank=5, rho=0.1)`` works as is.
+    """
+    solver = Nystrom(rank, rho, sketch=sketch, seed=seed, generator=generator, chunk_size=chunk_size)
+    return implicit(f, g, theta, phi, solver, return_info=return_info)
