@@ -151,8 +151,10 @@ def split(vec: Tensor, spec: TreeSpec, dtypes: Sequence[torch.dtype] | None = No
 
 def as_flat(x: Tree | Tensor, spec: TreeSpec, name: str, dtype, device) -> Tensor:
     """Accept either a 1-D vector of the right size or a tree matching ``spec``."""
-    if isinstance(x, Tensor) and spec.kind != "leaf" or (
-        isinstance(x, Tensor) and x.dim() == 1 and x.numel() == spec.size
+    if (
+        isinstance(x, Tensor)
+        and spec.kind != "leaf"
+        or (isinstance(x, Tensor) and x.dim() == 1 and x.numel() == spec.size)
     ):
         if x.dim() != 1 or x.numel() != spec.size:
             raise ValueError(

@@ -131,6 +131,12 @@ def _finish(
     g_theta, g_phi = _outer_grads(outer_loss, op)
     b = _tree.cat(g_theta, op.param_spec, op.dtype, op.device)
     x0_flat = None if x0 is None else _tree.as_flat(x0, op.param_spec, "x0", op.dtype, op.device)
+    if not bool(torch.isfinite(b).all()):
+        bad = _first_nonfinite(g_theta, op.param_spec.paths)
+        raise NonFiniteHypergradientError(
+            f"The gradient of outer_loss with respect to {bad} is not finite (NaN or Inf); "
+            "no hypergradient can be computed from it. Check outer_loss at `params`."
+        )
     system: LinearOperator = DampedOperator(op, damping) if damping else op
     start = op.num_matvecs
     if not bool(b.any()):
@@ -142,6 +148,13 @@ def _finish(
         x, sol_status, converged = sol.value, sol.status, sol.converged
         residual, iters, stats = sol.residual_norm, sol.iterations, sol.stats
     num_hvps = op.num_matvecs - start
+    if sol_status == "diverged" or not bool(torch.isfinite(x).all()):
+        raise NonFiniteHypergradientError(
+            f"{solver!r} diverged (status {sol_status!r}) on the system H x = grad_theta g: "
+            "the Hessian of inner_loss at `params` is not positive definite, or the solver's "
+            "step size is too large (Neumann: alpha < 2 / lambda_max). Try hg.CG(), damping=..., "
+            "or Neumann(alpha='auto')."
+        )
     extra = 0
     if return_info and residual is None:
         residual = float(torch.linalg.vector_norm(b - system.matvec(x)))
@@ -198,6 +211,13 @@ def _finish(
         stats={k: v for k, v in stats.items() if k != "matrix"},
     )
     return result, info
+
+
+def _first_nonfinite(leaves: list[Tensor | None], paths: tuple[str, ...]) -> str:
+    for t, p in zip(leaves, paths):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return p
+    return "params"
 
 
 def _check_common(solver: Any, damping: Any) -> None:
@@ -418,5 +438,7 @@ def nystrom(
 
     The seed library's call ``nystrom(f, g, theta, phi, rank=5, rho=0.1)`` works as is.
     """
-    solver = Nystrom(rank, rho, sketch=sketch, seed=seed, generator=generator, chunk_size=chunk_size)
+    solver = Nystrom(
+        rank, rho, sketch=sketch, seed=seed, generator=generator, chunk_size=chunk_size
+    )
     return implicit(f, g, theta, phi, solver, return_info=return_info)

@@ -165,9 +165,7 @@ class _GraphOperator(LinearOperator):
 
     def _setup_graph(self, outputs: list[Tensor | None], batched: bool) -> None:
         self._batched = batched
-        self._connected = [
-            i for i, o in enumerate(outputs) if o is not None and o.requires_grad
-        ]
+        self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
         self._outputs = [outputs[i] for i in self._connected]
         self._out_dtypes = [leaf.dtype for leaf in self.param_leaves]
 

@@ -97,9 +97,7 @@ def _check_system(op: LinearOperator, b: Tensor, x0: Tensor | None) -> None:
     if b.dim() != 1 or b.numel() != op.size:
         raise ValueError(f"`b` must be a 1-D tensor of {op.size} elements, got {tuple(b.shape)}.")
     if x0 is not None and (x0.dim() != 1 or x0.numel() != op.size):
-        raise ValueError(
-            f"`x0` must be a 1-D tensor of {op.size} elements, got {tuple(x0.shape)}."
-        )
+        raise ValueError(f"`x0` must be a 1-D tensor of {op.size} elements, got {tuple(x0.shape)}.")
 
 
 def _make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
@@ -331,6 +329,8 @@ class Neumann(Solver):
             (known for free) drops below ``tol * ||b||``.
         power_iters: power iterations for ``alpha="auto"``.
         seed: seed of the power iteration's start vector.
+        divergence_factor: the solve is reported ``"diverged"`` (and ``hg.implicit`` raises)
+            when the last term's norm exceeds this multiple of ``||b||``.
     """
 
     def __init__(
@@ -340,8 +340,10 @@ class Neumann(Solver):
         tol: float | None = None,
         power_iters: int = 20,
         seed: int = 0,
+        divergence_factor: float = 1e3,
     ):
         self.iters = _positive_int(iters, "iters")
+        self.divergence_factor = _positive_float(divergence_factor, "divergence_factor")
         if alpha != "auto":
             alpha = _positive_float(alpha, "alpha")
         self.alpha = alpha
@@ -381,7 +383,15 @@ class Neumann(Solver):
         else:
             if self.tol is not None:
                 converged, status = False, "max_iterations"
-        return Solution(alpha * total, op.num_matvecs - start, residual, converged, status, it, stats)
+            # v is the residual of the sum without its last term; a residual far larger than
+            # b means (I - alpha A) has eigenvalues outside [-1, 1]: the series diverges.
+            growth = float(torch.linalg.vector_norm(v)) / max(bnorm, 1e-300)
+            stats["residual_growth"] = growth
+            if not growth <= self.divergence_factor:
+                converged, status = False, "diverged"
+        return Solution(
+            alpha * total, op.num_matvecs - start, residual, converged, status, it, stats
+        )
 
 
 # --------------------------------------------------------------------------- Nystrom
@@ -688,6 +698,4 @@ class FixedPoint(Solver):
         else:
             if rnorm <= self.tol * bnorm:
                 status = "converged"
-        return Solution(
-            x, op.num_matvecs - start, rnorm, status == "converged", status, it, {}
-        )
+        return Solution(x, op.num_matvecs - start, rnorm, status == "converged", status, it, {})
