@@ -10,6 +10,7 @@ Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neuman
 :class:`Nystrom`, :class:`NystromPCG`, :class:`Identity`, :class:`FixedPoint`.
 """
 
+from . import optim
 from .implicit import (
     HypergradientWarning,
     HypergradInfo,
@@ -42,6 +43,7 @@ from .solvers import (
     estimate_lambda_max,
     nystrom_sketch,
 )
+from .trajectory import TrajectoryInfo, drmad, forward_mode, unrolled
 
 __version__ = "0.1.0"
 
@@ -64,12 +66,17 @@ __all__ = [
     "NystromPCG",
     "Solution",
     "Solver",
+    "TrajectoryInfo",
     "cg",
+    "drmad",
     "estimate_lambda_max",
     "exact",
+    "forward_mode",
     "implicit",
     "implicit_fixed_point",
     "neumann",
     "nystrom",
     "nystrom_sketch",
+    "optim",
+    "unrolled",
 ]

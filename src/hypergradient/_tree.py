@@ -142,7 +142,7 @@ def split(vec: Tensor, spec: TreeSpec, dtypes: Sequence[torch.dtype] | None = No
     lead = vec.shape[:-1]
     out = []
     for i, (piece, shape) in enumerate(zip(torch.split(vec, spec.numels, dim=-1), spec.shapes)):
-        piece = piece.reshape(*lead, *shape)
+        piece = piece.reshape(tuple(lead) + tuple(shape))
         if dtypes is not None and piece.dtype != dtypes[i]:
             piece = piece.to(dtypes[i])
         out.append(piece)

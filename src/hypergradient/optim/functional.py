@@ -1,0 +1,232 @@
+"""Differentiable functional optimizers for trajectory hypergradients.
+
+An optimizer here is a pair of pure functions, ``init(params) -> state`` and
+``update(params, grads, state, step, settings) -> (params, state)``, on lists of tensors.
+Nothing is updated in place, so the inner training loop can be differentiated by reverse
+mode (``hg.unrolled``, ``hg.drmad``) or forward mode (``hg.forward_mode``).
+
+Any setting (learning rate, momentum, betas, weight decay) may be a tensor that is also a
+leaf of the ``hparams`` passed to the trajectory method; it then receives a hypergradient.
+This is how learning rates and momentum are tuned.
+
+The update rules are those of ``torch.optim.SGD`` and ``torch.optim.Adam`` (tested against
+them step by step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam"]
+
+Setting = float | Tensor
+
+
+def _check_setting(value: Any, name: str, low: float, high: float | None = None) -> Setting:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"`{name}` as a tensor must be a floating-point scalar, got shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}."
+            )
+        v = float(value.detach())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        raise TypeError(f"`{name}` must be a float or a scalar tensor, got {type(value).__name__}.")
+    if not math.isfinite(v) or v < low or (high is not None and v >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"`{name}` must be {bound}, got {v}.")
+    return value
+
+
+class FunctionalOptimizer:
+    """Base class: ``settings`` maps names to floats or scalar tensors."""
+
+    settings: dict[str, Setting]
+
+    def init(self, params: Sequence[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def update(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: Sequence[Tensor],
+        step: int,
+        settings: Mapping[str, Setting] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        raise NotImplementedError
+
+    def tensor_settings(self) -> dict[str, Tensor]:
+        """Settings given as tensors: candidates for hyperparameters."""
+        return {k: v for k, v in self.settings.items() if isinstance(v, Tensor)}
+
+    def _resolve(self, settings: Mapping[str, Setting] | None) -> dict[str, Setting]:
+        out = dict(self.settings)
+        if settings:
+            out.update(settings)
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(
+            f"{k}={float(v.detach()) if isinstance(v, Tensor) else v!r}"
+            + (" (tensor)" if isinstance(v, Tensor) else "")
+            for k, v in self.settings.items()
+        )
+        return f"{type(self).__name__}({args})"
+
+
+def _setting_on(value: Setting, like: Tensor) -> Setting:
+    if isinstance(value, Tensor):
+        return value.to(dtype=like.dtype).reshape(())
+    return value
+
+
+def _is_zero(value: Setting) -> bool:
+    return not isinstance(value, Tensor) and value == 0
+
+
+class SGD(FunctionalOptimizer):
+    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+
+    .. math::
+
+        g_t = \\nabla f(\\theta_t) + \\lambda \\theta_t, \\quad
+        b_t = \\mu b_{t-1} + (1 - \\tau) g_t \\ (b_0 = g_0), \\quad
+        \\theta_{t+1} = \\theta_t - \\eta\\, (g_t + \\mu b_t \\text{ if nesterov else } b_t)
+
+    Args:
+        lr, momentum, dampening, weight_decay: floats or scalar tensors (tensors listed in
+            ``hparams`` get hypergradients).
+        nesterov: Nesterov momentum.
+
+    State: one momentum buffer per parameter when momentum is used (O(P) memory).
+    """
+
+    def __init__(
+        self,
+        lr: Setting,
+        momentum: Setting = 0.0,
+        dampening: Setting = 0.0,
+        weight_decay: Setting = 0.0,
+        nesterov: bool = False,
+    ):
+        self.settings = {
+            "lr": _check_setting(lr, "lr", 0.0),
+            "momentum": _check_setting(momentum, "momentum", 0.0),
+            "dampening": _check_setting(dampening, "dampening", 0.0),
+            "weight_decay": _check_setting(weight_decay, "weight_decay", 0.0),
+        }
+        if nesterov and (_is_zero(momentum) or not _is_zero(dampening)):
+            raise ValueError("`nesterov=True` requires a momentum > 0 and zero dampening.")
+        self.nesterov = bool(nesterov)
+        self.uses_momentum = not _is_zero(momentum)
+
+    def init(self, params: Sequence[Tensor]) -> list[Tensor]:
+        if not self.uses_momentum:
+            return []
+        return [torch.zeros_like(p) for p in params]
+
+    def update(self, params, grads, state, step, settings=None):
+        s = self._resolve(settings)
+        new_params, new_state = [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            lr, mom, damp, wd = (
+                _setting_on(s[k], p) for k in ("lr", "momentum", "dampening", "weight_decay")
+            )
+            if not _is_zero(wd):
+                g = g + wd * p
+            if self.uses_momentum:
+                buf = g if step == 0 else mom * state[i] + (1 - damp) * g
+                new_state.append(buf)
+                g = g + mom * buf if self.nesterov else buf
+            new_params.append(p - lr * g)
+        return new_params, new_state
+
+
+class Adam(FunctionalOptimizer):
+    """Adam, as ``torch.optim.Adam`` (Kingma & Ba, 2015), without AMSGrad.
+
+    .. math::
+
+        m_t = \\beta_1 m_{t-1} + (1-\\beta_1) g_t,\\quad
+        v_t = \\beta_2 v_{t-1} + (1-\\beta_2) g_t^2,\\quad
+        \\theta_{t+1} = \\theta_t - \\frac{\\eta}{1-\\beta_1^{t+1}}
+        \\frac{m_t}{\\sqrt{v_t / (1-\\beta_2^{t+1})} + \\epsilon}
+
+    ``sqrt`` has a zero derivative where ``v_t = 0`` (a coordinate that never had a
+    gradient) instead of an infinite one, so such coordinates do not turn hypergradients
+    into NaN. State: two buffers per parameter (O(2P) memory).
+    """
+
+    def __init__(
+        self,
+        lr: Setting = 1e-3,
+        betas: tuple[Setting, Setting] = (0.9, 0.999),
+        eps: Setting = 1e-8,
+        weight_decay: Setting = 0.0,
+    ):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
+        self.settings = {
+            "lr": _check_setting(lr, "lr", 0.0),
+            "beta1": _check_setting(betas[0], "betas[0]", 0.0, 1.0),
+            "beta2": _check_setting(betas[1], "betas[1]", 0.0, 1.0),
+            "eps": _check_setting(eps, "eps", 0.0),
+            "weight_decay": _check_setting(weight_decay, "weight_decay", 0.0),
+        }
+
+    def init(self, params: Sequence[Tensor]) -> list[Tensor]:
+        return [torch.zeros_like(p) for p in params] + [torch.zeros_like(p) for p in params]
+
+    def update(self, params, grads, state, step, settings=None):
+        s = self._resolve(settings)
+        n = len(params)
+        new_params, ms, vs = [], [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            lr, b1, b2, eps, wd = (
+                _setting_on(s[k], p) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")
+            )
+            if not _is_zero(wd):
+                g = g + wd * p
+            m = b1 * state[i] + (1 - b1) * g
+            v = b2 * state[n + i] + (1 - b2) * g * g
+            bc1 = 1 - b1 ** (step + 1)
+            bc2 = 1 - b2 ** (step + 1)
+            positive = v > 0
+            root = torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
+            bc2_root = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
+            denom = root / bc2_root + eps
+            new_params.append(p - (lr / bc1) * m / denom)
+            ms.append(m)
+            vs.append(v)
+        return new_params, ms + vs
+
+
+def sgd(
+    lr: Setting,
+    momentum: Setting = 0.0,
+    weight_decay: Setting = 0.0,
+    nesterov: bool = False,
+    dampening: Setting = 0.0,
+) -> SGD:
+    """Differentiable SGD (see :class:`SGD`)."""
+    return SGD(
+        lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
+    )
+
+
+def adam(
+    lr: Setting = 1e-3,
+    betas: tuple[Setting, Setting] = (0.9, 0.999),
+    eps: Setting = 1e-8,
+    weight_decay: Setting = 0.0,
+) -> Adam:
+    """Differentiable Adam (see :class:`Adam`)."""
+    return Adam(lr, betas=betas, eps=eps, weight_decay=weight_decay)
