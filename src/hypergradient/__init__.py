@@ -11,6 +11,8 @@ Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neuman
 """
 
 from . import optim
+from .constraints import Constraint, Interval, Positive
+from .hyperoptimizer import HyperOptimizer, HyperStepRecord
 from .implicit import (
     HypergradientWarning,
     HypergradInfo,
@@ -22,6 +24,7 @@ from .implicit import (
     neumann,
     nystrom,
 )
+from .methods import HOAG, IFT, T1T2, DrMAD, ForwardMode, HyperContext, HyperMethod, Unrolled
 from .operators import (
     DampedOperator,
     FixedPointOperator,
@@ -49,6 +52,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "Constraint",
+    "DrMAD",
+    "ForwardMode",
+    "HOAG",
+    "HyperContext",
+    "HyperMethod",
+    "HyperOptimizer",
+    "HyperStepRecord",
+    "IFT",
+    "Interval",
+    "Positive",
+    "T1T2",
+    "Unrolled",
     "DampedOperator",
     "Exact",
     "FixedPoint",

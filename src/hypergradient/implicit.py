@@ -73,6 +73,7 @@ class HypergradInfo:
         inner_loss: value of ``f`` at ``params``.
         inner_grad_norm: ``||grad_theta f||`` at ``params``; large values mean ``params`` is
             not an inner optimum and the implicit formula does not apply there.
+        outer_loss: value of ``g`` at ``params``.
         extra_hvps: products spent on diagnostics.
         solution: the flat solution ``x ~ A^{-1} grad_theta g`` (for warm starts: ``x0=``).
         stats: solver-specific extras.
@@ -88,6 +89,7 @@ class HypergradInfo:
     solver: str
     inner_loss: float
     inner_grad_norm: float
+    outer_loss: float = float("nan")
     extra_hvps: int = 0
     solution: Tensor | None = field(default=None, repr=False)
     stats: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -102,19 +104,21 @@ def _check_callable(fn: Any, name: str) -> None:
 
 
 def _outer_grads(
-    outer_loss: Callable[[Tree, Tree], Tensor], op: LinearOperator
-) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    p = _tree.unflatten(op.param_spec, op.param_leaves)
-    h = _tree.unflatten(op.hparam_spec, op.hparam_leaves)
+    outer_loss: Callable[[Tree, Tree], Tensor], op: Any, leaves_from: Any = None
+) -> tuple[list[Tensor | None], list[Tensor | None], float]:
+    """Gradients of ``outer_loss`` at the operator's point (or at ``leaves_from``'s)."""
+    src = op if leaves_from is None else leaves_from
+    p = _tree.unflatten(op.param_spec, src.param_leaves)
+    h = _tree.unflatten(op.hparam_spec, src.hparam_leaves)
     with torch.enable_grad():
         value = _check_scalar(outer_loss(p, h), "outer_loss")
-        leaves = op.param_leaves + op.hparam_leaves
+        leaves = src.param_leaves + src.hparam_leaves
         if not value.requires_grad:
             grads: list[Tensor | None] = [None] * len(leaves)
         else:
             grads = list(torch.autograd.grad(value, leaves, allow_unused=True))
-    n = len(op.param_leaves)
-    return grads[:n], grads[n:]
+    n = len(src.param_leaves)
+    return grads[:n], grads[n:], float(value.detach())
 
 
 def _finish(
@@ -128,7 +132,7 @@ def _finish(
     inner_grad_norm: float,
     inner_loss: float,
 ) -> Any:
-    g_theta, g_phi = _outer_grads(outer_loss, op)
+    g_theta, g_phi, outer_value = _outer_grads(outer_loss, op)
     b = _tree.cat(g_theta, op.param_spec, op.dtype, op.device)
     x0_flat = None if x0 is None else _tree.as_flat(x0, op.param_spec, "x0", op.dtype, op.device)
     if not bool(torch.isfinite(b).all()):
@@ -206,6 +210,7 @@ def _finish(
         solver=repr(solver),
         inner_loss=inner_loss,
         inner_grad_norm=inner_grad_norm,
+        outer_loss=outer_value,
         extra_hvps=extra,
         solution=x.detach(),
         stats={k: v for k, v in stats.items() if k != "matrix"},

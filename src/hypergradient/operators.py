@@ -98,8 +98,9 @@ class MatrixOperator(LinearOperator):
             raise ValueError(f"`matrix` must be square, got shape {tuple(matrix.shape)}")
         super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
         self.matrix = matrix
-        if symmetric is None:
-            symmetric = bool(torch.allclose(matrix, matrix.T))
+        if symmetric is None:  # relative test: a matrix's symmetry does not depend on its scale
+            tol = 100 * torch.finfo(matrix.dtype).eps * float(matrix.abs().max())
+            symmetric = bool((matrix - matrix.T).abs().max() <= tol)
         self.symmetric = symmetric
 
     def _matvec(self, v: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ solver             approximation of ``A^{-1} b``                 products
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,20 +73,32 @@ class Solution:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (numpy integers included, bools excluded)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    v = _as_int(value)
+    if v is None or v <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
+    return v
 
 
 def _nonneg_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    v = _as_int(value)
+    if v is None or v < 0:
         raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-    return value
+    return v
 
 
 def _positive_float(value: Any, name: str, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -222,6 +236,7 @@ def _cg(
             if float(pAp) <= 0.0:
                 # A is not positive definite along p: a CG step here would move uphill.
                 status = "negative_curvature"
+                it -= 1  # this direction was not taken
                 break
             alpha = rz / pAp
             x.add_(p, alpha=alpha)
@@ -316,8 +331,8 @@ class Neumann(Solver):
 
     This is the inverse-Hessian approximation of Lorraine et al. (2020), "Optimizing
     Millions of Hyperparameters by Implicit Differentiation", AISTATS. With ``k = iters``
-    products it sums ``k + 1`` terms; the error contracts like ``|1 - alpha lambda|^k`` per
-    eigen-direction, so it converges iff ``0 < alpha < 2 / lambda_max`` and ``A`` is
+    products it sums ``k + 1`` terms; the error contracts like ``|1 - alpha lambda|^(k+1)``
+    per eigen-direction, so it converges iff ``0 < alpha < 2 / lambda_max`` and ``A`` is
     positive definite.
 
     Args:
@@ -368,6 +383,10 @@ class Neumann(Solver):
         else:
             alpha = float(self.alpha)
         stats["alpha"] = alpha
+        base = None
+        if x0 is not None and bool(x0.any()):  # warm start: solve for the correction
+            base = x0.to(b.dtype)
+            b = b - op.matvec(base)
         bnorm = float(torch.linalg.vector_norm(b))
         v = b.clone()
         total = b.clone()
@@ -390,7 +409,13 @@ class Neumann(Solver):
             if not growth <= self.divergence_factor:
                 converged, status = False, "diverged"
         return Solution(
-            alpha * total, op.num_matvecs - start, residual, converged, status, it, stats
+            alpha * total if base is None else base + alpha * total,
+            op.num_matvecs - start,
+            residual,
+            converged,
+            status,
+            it,
+            stats,
         )
 
 
@@ -527,7 +552,10 @@ class Nystrom(Solver):
         self._check(op, b, x0)
         start = op.num_matvecs
         approx = nystrom_sketch(op, self.rank, self.sketch, self._generator, self.chunk_size)
-        x = approx.solve(b, self.rho)
+        if x0 is not None and bool(x0.any()):  # warm start: approximate the correction
+            x = x0.to(b.dtype) + approx.solve(b - op.matvec(x0.to(b.dtype)), self.rho)
+        else:
+            x = approx.solve(b, self.rho)
         return Solution(
             x,
             op.num_matvecs - start,
@@ -608,6 +636,8 @@ class NystromPCG(Solver):
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self._check(op, b, x0)
+        if not bool(b.any()) and (x0 is None or not bool(x0.any())):
+            return Solution(torch.zeros_like(b), 0, 0.0, True, "converged", 0, {"sketch_hvps": 0})
         start = op.num_matvecs
         stale = self._approx is None or self._approx.U.shape[0] != op.size
         if stale or self._calls % self.refresh_every == 0:
@@ -683,6 +713,7 @@ class FixedPoint(Solver):
             x = x0.to(b.dtype).clone()
             r = b - op.matvec(x)
         rnorm = float(torch.linalg.vector_norm(r))
+        scale = max(rnorm, bnorm, 1e-300)  # divergence is growth past the starting residual
         status, it = "max_iterations", 0
         for it in range(1, self.maxiter + 1):  # noqa: B007
             if rnorm <= self.tol * bnorm:
@@ -692,7 +723,7 @@ class FixedPoint(Solver):
             x = x + self.omega * r
             r = b - op.matvec(x)
             rnorm = float(torch.linalg.vector_norm(r))
-            if not math.isfinite(rnorm) or rnorm > 1e8 * max(bnorm, 1e-300):
+            if not math.isfinite(rnorm) or rnorm > 1e8 * scale:
                 status = "diverged"
                 break
         else:

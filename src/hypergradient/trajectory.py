@@ -103,6 +103,19 @@ def _check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+@dataclass
+class _Resume:
+    """Start a run mid-training (used by the hyper-optimizer's trajectory methods).
+
+    ``state0``: optimizer state at the start; ``step0``: the optimizer's step count there;
+    ``settings``: optimizer settings computed from the hyperparameter leaves.
+    """
+
+    state0: tuple[Tensor, ...] | None = None
+    step0: int = 0
+    settings: dict[str, Callable[[tuple[Tensor, ...]], Tensor]] = field(default_factory=dict)
+
+
 class _Run:
     """The inner training run: validated inputs and the pure step function ``Phi_t``."""
 
@@ -114,6 +127,7 @@ class _Run:
         steps: int,
         optimizer: FunctionalOptimizer,
         batches: Iterable[Any] | None,
+        resume: _Resume | None = None,
     ):
         if not callable(inner_loss):
             raise TypeError(f"`inner_loss` must be callable, got {type(inner_loss).__name__}.")
@@ -135,9 +149,13 @@ class _Run:
         self.device = p_leaves[0].device
         self.p0 = tuple(t.detach().clone() for t in p_leaves)
         self.h = tuple(t.detach().clone() for t in h_leaves)
+        self.resume = resume
         # Optimizer settings given as tensors that are hparams leaves are differentiated.
         self.setting_index: dict[str, int] = {}
+        self.setting_fns = {} if resume is None else dict(resume.settings)
         for name, value in optimizer.tensor_settings().items():
+            if name in self.setting_fns:
+                continue
             for i, leaf in enumerate(h_leaves):
                 if value is leaf:
                     self.setting_index[name] = i
@@ -176,6 +194,8 @@ class _Run:
         return self.inner_loss(pt, ht, self.batches[t])
 
     def init_state(self) -> tuple[Tensor, ...]:
+        if self.resume is not None and self.resume.state0 is not None:
+            return tuple(t.detach() for t in self.resume.state0)
         return tuple(self.optimizer.init(list(self.p0)))
 
     def step(
@@ -184,7 +204,9 @@ class _Run:
         """``Phi_t``: one optimizer step. Returns ``((params, state), loss)``."""
         grads, loss = torch.func.grad_and_value(lambda q: self._call(q, h, t))(p)
         settings = {name: h[i] for name, i in self.setting_index.items()}
-        new_p, new_s = self.optimizer.update(list(p), list(grads), list(s), t, settings)
+        settings.update({name: fn(h) for name, fn in self.setting_fns.items()})
+        step0 = 0 if self.resume is None else self.resume.step0
+        new_p, new_s = self.optimizer.update(list(p), list(grads), list(s), step0 + t, settings)
         return (tuple(new_p), tuple(new_s)), loss
 
     def outer_grads(
@@ -302,6 +324,7 @@ def unrolled(
     batches: Iterable[Any] | None = None,
     checkpoint_every: int | None = None,
     return_info: bool = False,
+    _resume: _Resume | None = None,
 ) -> Any:
     """Reverse-mode hypergradient through ``steps`` optimizer steps (exact, or truncated).
 
@@ -336,7 +359,7 @@ def unrolled(
     under ``torch.func.vjp`` (about 3-4 gradients).
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches)
+    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume)
     T = run.steps
     K = T if truncate is None else _check_positive_int(truncate, "truncate")
     if K > T:
@@ -394,6 +417,7 @@ def drmad(
     *,
     batches: Iterable[Any] | None = None,
     return_info: bool = False,
+    _resume: _Resume | None = None,
 ) -> Any:
     """DrMAD: reverse mode along the straight line from ``s_0`` to ``s_T`` (O(P) memory).
 
@@ -406,7 +430,7 @@ def drmad(
     truncation; memory: two states and the ``T`` batches.
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches)
+    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume)
     T = run.steps
     p_T, s_T, _, rngs, losses = _forward(run, lambda t: False, 0)
     s_0 = run.init_state()
@@ -432,6 +456,7 @@ def forward_mode(
     batches: Iterable[Any] | None = None,
     chunk_size: int | None = None,
     return_info: bool = False,
+    _resume: _Resume | None = None,
 ) -> Any:
     """Forward-mode (RTHO) hypergradient: tangents of the trajectory, one per hyperparameter.
 
@@ -447,7 +472,7 @@ def forward_mode(
     Arguments as :func:`unrolled`.
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches)
+    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume)
     if chunk_size is not None:
         _check_positive_int(chunk_size, "chunk_size")
     m = run.hspec.size

@@ -1,13 +1,8 @@
-"""Optimizers: differentiable functional ones for trajectory hypergradients, and
-``torch.optim`` optimizers that adapt their learning rate online (hypergradient descent)."""
+"""Optimizers: differentiable functional ones for trajectory hypergradients
+(:func:`sgd`, :func:`adam`), and ``torch.optim`` optimizers that adapt their learning rate
+online by hypergradient descent (:class:`SGDHD`, :class:`AdamHD`; Baydin et al., 2018)."""
 
-from .functional import SGD, Adam, FunctionalOptimizer, adam, sgd
+from .functional import SGD, Adam, FunctionalOptimizer, adam, from_torch, sgd
+from .hd import SGDHD, AdamHD
 
-__all__ = ["SGD", "Adam", "FunctionalOptimizer", "adam", "sgd"]
-
-try:  # hypergradient-descent optimizers (Baydin et al., 2018)
-    from .hd import SGDHD, AdamHD  # noqa: F401
-
-    __all__ += ["SGDHD", "AdamHD"]
-except ImportError:  # pragma: no cover - while hd.py is being written
-    pass
+__all__ = ["SGD", "Adam", "AdamHD", "FunctionalOptimizer", "SGDHD", "adam", "from_torch", "sgd"]

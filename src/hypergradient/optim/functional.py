@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam"]
+__all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch"]
 
 Setting = float | Tensor
 
@@ -230,3 +230,65 @@ def adam(
 ) -> Adam:
     """Differentiable Adam (see :class:`Adam`)."""
     return Adam(lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def _group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> dict[str, Any]:
+    groups = optimizer.param_groups
+    first = {k: groups[0][k] for k in keys}
+    for g in groups[1:]:
+        for k in keys:
+            a, b = g[k], first[k]
+            same = a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b
+            if not same:
+                raise ValueError(
+                    f"The inner optimizer's param groups differ in `{k}`; trajectory methods "
+                    "support one setting for all parameters. Use one param group."
+                )
+    return first
+
+
+def from_torch(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
+    """The functional twin of a ``torch.optim.SGD`` or ``torch.optim.Adam`` and its state.
+
+    Returns ``(functional_optimizer, state, step)``: the same update rule and settings,
+    the optimizer's current buffers for ``params`` (in that order; None before the first
+    step) and how many steps it has taken, so a differentiable replay continues exactly
+    where the torch optimizer is.
+
+    Raises:
+        TypeError: for other optimizers (their update rules are not implemented here) or
+            options without a functional twin (amsgrad, maximize, foreach-only variants are
+            fine).
+    """
+    for flag in ("maximize", "amsgrad"):
+        if any(g.get(flag, False) for g in optimizer.param_groups):
+            raise TypeError(f"`{flag}=True` has no differentiable twin in hypergradient.optim.")
+    state = optimizer.state
+    if type(optimizer) is torch.optim.SGD:
+        s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+        fopt: FunctionalOptimizer = SGD(
+            s["lr"], s["momentum"], s["dampening"], s["weight_decay"], s["nesterov"]
+        )
+        bufs = [state.get(p, {}).get("momentum_buffer") for p in params]
+        if not fopt.uses_momentum or any(b is None for b in bufs):  # type: ignore[attr-defined]
+            return fopt, None, 0
+        return fopt, [b.detach().clone() for b in bufs], 1
+    if type(optimizer) is torch.optim.Adam:
+        s = _group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
+        fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
+        st = [state.get(p, {}) for p in params]
+        if any("exp_avg" not in x for x in st):
+            return fopt, None, 0
+        steps = {int(x["step"]) for x in st}
+        if len(steps) != 1:
+            raise ValueError("The inner Adam's parameters have taken different numbers of steps.")
+        avg = [x["exp_avg"].detach().clone() for x in st]
+        sq = [x["exp_avg_sq"].detach().clone() for x in st]
+        return fopt, avg + sq, steps.pop()
+    raise TypeError(
+        f"Trajectory methods replay the inner optimizer differentiably; {type(optimizer).__name__} "
+        "has no functional twin. Use torch.optim.SGD or torch.optim.Adam, or an implicit method "
+        "(hg.IFT, hg.HOAG, hg.T1T2)."
+    )
