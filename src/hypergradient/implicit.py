@@ -246,6 +246,7 @@ def implicit(
     x0: Tree | Tensor | None = ...,
     return_info: Literal[False] = ...,
     batched: bool = ...,
+    _hparams_by_reference: bool = ...,
 ) -> Tree: ...
 
 
@@ -261,6 +262,7 @@ def implicit(
     x0: Tree | Tensor | None = ...,
     return_info: Literal[True],
     batched: bool = ...,
+    _hparams_by_reference: bool = ...,
 ) -> tuple[Tree, HypergradInfo]: ...
 
 
@@ -275,6 +277,7 @@ def implicit(
     x0=None,
     return_info=False,
     batched=True,
+    _hparams_by_reference=False,
 ):
     """Hypergradient of ``outer_loss`` through the minimum of ``inner_loss``.
 
@@ -320,7 +323,9 @@ def implicit(
     _check_callable(outer_loss, "outer_loss")
     solver = CG() if solver is None else solver
     _check_common(solver, damping)
-    op = HessianOperator(inner_loss, params, hparams, batched=batched)
+    op = HessianOperator(
+        inner_loss, params, hparams, batched=batched, hparams_by_reference=_hparams_by_reference
+    )
     return _finish(
         op,
         outer_loss,

@@ -136,9 +136,16 @@ class DampedOperator(LinearOperator):
         return self.base.matmat(V, chunk_size) + self.damping * V
 
 
-def _prepare_leaves(tree: Tree, name: str) -> tuple[list[Tensor], TreeSpec]:
+def _prepare_leaves(tree: Tree, name: str, as_is: bool = False) -> tuple[list[Tensor], TreeSpec]:
     leaves, spec = _tree.flatten(tree, name)
     _tree.check_leaves(leaves, spec, name)
+    if as_is:
+        # The caller's own leaves (for losses that capture them by reference, as stateful
+        # criteria do); they must already require grad. Only autograd.grad reads them.
+        for t, path in zip(leaves, spec.paths):
+            if not (t.is_leaf and t.requires_grad):
+                raise ValueError(f"{path} must be a leaf tensor with requires_grad=True.")
+        return list(leaves), spec
     # Fresh leaves: the caller's tensors are never modified, and their .grad stays as it was.
     return [t.detach().requires_grad_(True) for t in leaves], spec
 
@@ -229,6 +236,9 @@ class HessianOperator(_GraphOperator):
         params, hparams: trees of tensors (tensor, tuple/list, dict). They are not modified.
         batched: answer ``matmat`` with one vmapped backward (``is_grads_batched``) instead
             of a loop; falls back to the loop for operations without a batching rule.
+        hparams_by_reference: differentiate with respect to the ``hparams`` tensors
+            themselves (leaves with ``requires_grad=True``) instead of fresh copies, for
+            losses that use them by reference rather than through their argument.
 
     Attributes:
         loss: ``f`` at the point (detached).
@@ -248,12 +258,15 @@ class HessianOperator(_GraphOperator):
         *,
         batched: bool = True,
         loss_name: str = "inner_loss",
+        hparams_by_reference: bool = False,
     ):
         self.param_leaves, self.param_spec = _prepare_leaves(params, "params")
         if hparams is None:
             self.hparam_leaves, self.hparam_spec = [], _tree.flatten((), "hparams")[1]
         else:
-            self.hparam_leaves, self.hparam_spec = _prepare_leaves(hparams, "hparams")
+            self.hparam_leaves, self.hparam_spec = _prepare_leaves(
+                hparams, "hparams", hparams_by_reference
+            )
         dtype = _tree.common_dtype(self.param_leaves)
         super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
         p = _tree.unflatten(self.param_spec, self.param_leaves)
