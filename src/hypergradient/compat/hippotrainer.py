@@ -43,10 +43,12 @@ from ..operators import HessianOperator
 from ..solvers import (
     CG,
     Identity,
-    Neumann as _NeumannSolver,
     Solver,
     _positive_float,
     _positive_int,
+)
+from ..solvers import (
+    Neumann as _NeumannSolver,
 )
 
 __all__ = ["HyperOptimizer", "T1T2", "Neumann", "HOAG", "DRMAD"]
