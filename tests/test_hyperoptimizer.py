@@ -483,3 +483,36 @@ def test_batchnorm_buffers_are_not_touched_by_hyper_steps_and_dict_params_work()
     train(hopt, 50)
     assert hopt.history[-1].val_loss < hopt.history[0].val_loss
     assert hopt.history[-1].diagnostics["replay_error"] < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize(
+    "method", [hg.Unrolled(), hg.ForwardMode(), hg.DrMAD()], ids=["unrolled", "forward", "drmad"]
+)
+def test_trajectory_methods_replay_batchnorm_models_exactly(mode, method):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(D, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).double()
+    getattr(net, mode)()
+    decay = hg.Positive(torch.tensor(1e-2, dtype=DT))
+
+    def tl(m, h, batch):
+        reg = sum((p**2).sum() for p in m.parameters())
+        return BCE(m(batch[0]).reshape(-1), batch[1]) + 0.5 * h["decay"] * reg
+
+    hopt = hg.HyperOptimizer(
+        net,
+        {"decay": decay},
+        inner_optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
+        train_loss=tl,
+        val_loss=val_loss,
+        val_data=VAL,
+        method=method,
+        inner_steps=3,
+    )
+    batch = (TRAIN[0][:32], TRAIN[1][:32])
+    train(hopt, 6, batch)
+    assert len(hopt.history) == 2
+    assert all(r.diagnostics["replay_error"] < 1e-12 for r in hopt.history)
