@@ -30,7 +30,7 @@ D = TRAIN[0].shape[1]
 
 def train_loss(m, h, batch):
     x, y = batch
-    w = dict(m.named_parameters())["weight"].reshape(-1)
+    w = m.weight.reshape(-1)  # attribute access sees the hyper-step's parameters too
     return BCE(m(x).reshape(-1), y) + 0.5 * (h["decay"] * w**2).sum()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from . import _tree
 from .constraints import Constraint
@@ -57,35 +57,6 @@ class HyperStepRecord:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict, repr=False)
     hypergrad: dict[str, Tensor] = field(default_factory=dict, repr=False)
-
-
-class _ModelView:
-    """What the loss functions receive during a hyper-step: the module, run with given
-    parameters (``functional_call``), on copies of its buffers so running statistics of
-    batch norm are not touched."""
-
-    def __init__(
-        self, module: nn.Module, params: Mapping[str, Tensor], frozen: Mapping[str, Tensor]
-    ):
-        self._module = module
-        self._params = params
-        self._frozen = frozen
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        buffers = {k: b.clone() for k, b in self._module.named_buffers()}
-        return functional_call(
-            self._module, {**self._frozen, **buffers, **self._params}, args, kwargs
-        )
-
-    def parameters(self) -> Iterator[Tensor]:
-        return iter(self._params.values())
-
-    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
-        return iter(self._params.items())
-
-    @property
-    def training(self) -> bool:
-        return self._module.training
 
 
 class _Sampler:
@@ -168,9 +139,9 @@ class HyperOptimizer:
             hopt.step(batch)
 
     Args:
-        model: an ``nn.Module`` (losses then receive a callable view of it with
-            ``parameters()``/``named_parameters()``), or a tree of parameter tensors
-            (losses receive the tree).
+        model: an ``nn.Module`` (losses receive the module; during hyper-steps it is
+            reparametrized, so the same loss function serves your loop and the hyper-step),
+            or a tree of parameter tensors (losses receive the tree).
         hparams: ``{name: tensor or Constraint}``. A tensor must be a floating-point leaf;
             a :class:`~hypergradient.Positive` / :class:`~hypergradient.Interval` keeps
             its value constrained through reparametrization.
@@ -412,17 +383,29 @@ class HyperOptimizer:
             out[k] = h.transform(raw[k]) if isinstance(h, Constraint) else raw[k]
         return out
 
-    def _view(self, params: Any) -> Any:
+    def _call(
+        self, loss_fn: Callable, params: Any, raw: Mapping[str, Tensor], batch: Any
+    ) -> Tensor:
+        """``loss_fn(model, hparams, batch)`` with the model's parameters set to ``params``.
+
+        For a module, the loss receives the module itself, reparametrized for the call
+        (``torch.func.functional_call``'s mechanism): ``model(x)``, ``model.weight`` and
+        ``model.parameters()`` all see ``params``, and buffers are copies, so batch-norm
+        running statistics are not updated by hyper-steps.
+        """
+        hparams = self._constrained(raw)
         if self.module is None:
-            return params
+            return loss_fn(params, hparams, batch)
         frozen = {
             k: v.detach() for k, v in self.module.named_parameters() if k in self._frozen_names
         }
-        return _ModelView(self.module, params, frozen)
+        buffers = {k: b.clone() for k, b in self.module.named_buffers()}
+        with _reparametrize_module(self.module, {**frozen, **buffers, **params}):
+            return loss_fn(self.module, hparams, batch)
 
     def _functional(self, loss_fn: Callable, batch: Any) -> Callable[[Any, Any], Tensor]:
         def f(params: Any, raw: Mapping[str, Tensor]) -> Tensor:
-            return loss_fn(self._view(params), self._constrained(raw), batch)
+            return self._call(loss_fn, params, raw, batch)
 
         return f
 
@@ -446,7 +429,7 @@ class HyperOptimizer:
             assert w is not None
 
             def batch_loss(p: Any, r: Mapping[str, Tensor], b: Any) -> Tensor:
-                return self._train_loss_fn(self._view(p), self._constrained(r), b)
+                return self._call(self._train_loss_fn, p, r, b)
 
             settings = {setting: self._setting_fn(name) for setting, name in self._opt_hp.items()}
             ctx.batch_loss = batch_loss
