@@ -516,3 +516,57 @@ def test_trajectory_methods_replay_batchnorm_models_exactly(mode, method):
     train(hopt, 6, batch)
     assert len(hopt.history) == 2
     assert all(r.diagnostics["replay_error"] < 1e-12 for r in hopt.history)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        hg.HOAG(maxiter=100, tol=1e-12, decay=1.0),
+        hg.IFT(hg.CG(maxiter=100, tol=1e-12)),
+        hg.IFT(hg.Neumann(iters=3000, alpha="auto")),
+    ],
+    ids=["hoag", "ift-cg", "ift-neumann"],
+)
+def test_implicit_methods_match_the_closed_form_ridge_hypergradient(method):
+    """Ridge with per-feature L2: w* = A^{-1} X^T y, A = X^T X / n + diag(lam), and
+    dg/dlam = -(A^{-1} grad_w g) * w*; with lam = exp(raw), times lam."""
+    g = torch.Generator().manual_seed(5)
+    X, Xv = torch.randn(60, 8, generator=g, dtype=DT), torch.randn(40, 8, generator=g, dtype=DT)
+    y, yv = torch.randn(60, generator=g, dtype=DT), torch.randn(40, generator=g, dtype=DT)
+    lam = hg.Positive(torch.linspace(0.05, 0.5, 8, dtype=DT))
+    model = torch.nn.Linear(8, 1, bias=False).double()
+    A = X.T @ X / 60 + torch.diag(lam.value)
+    w_star = torch.linalg.solve(A, X.T @ y / 60)
+    with torch.no_grad():
+        model.weight.copy_(w_star.unsqueeze(0))
+
+    def tl(m, h, batch):
+        return (
+            0.5 * ((m(batch[0]).reshape(-1) - batch[1]) ** 2).mean()
+            + 0.5 * (h["lam"] * m.weight.reshape(-1) ** 2).sum()
+        )
+
+    def vl(m, h, batch):
+        return 0.5 * ((m(batch[0]).reshape(-1) - batch[1]) ** 2).mean()
+
+    hopt = hg.HyperOptimizer(
+        model,
+        {"lam": lam},
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=1e-15),
+        outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=1e-12),
+        train_loss=tl,
+        val_loss=vl,
+        val_data=(Xv, yv),
+        method=method,
+        inner_steps=1,
+    )
+    raw_before = lam.raw.detach().clone()
+    hopt.zero_grad()
+    tl(model, hopt.hparams, (X, y)).backward()
+    hopt.step((X, y))
+    lam_val = raw_before.exp()
+    A = X.T @ X / 60 + torch.diag(lam_val)
+    grad_v = Xv.T @ (Xv @ w_star - yv) / 40
+    closed = -torch.linalg.solve(A, grad_v) * w_star * lam_val
+    got = hopt.history[-1].hypergrad["lam"]
+    assert torch.allclose(got, closed, rtol=1e-7, atol=1e-12)
