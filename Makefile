@@ -29,8 +29,10 @@ demo: $(STAMP)
 	$(PY) examples/logreg_weight_decay.py
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps hypergrad==0.0.1 || true
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip install --quiet --no-deps hypergrad==0.0.1 hippotrainer==1.0.0 rich
 	$(PY) benchmarks/implicit_solvers.py
+	$(PY) benchmarks/hyperoptimizer_methods.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
