@@ -1133,3 +1133,16 @@ def test_warm_start_from_the_solution_returns_it(solver):
     assert rel(sol.value, s.x) < 1e-12
     cold = solver.solve(hg.MatrixOperator(s.A), s.b)
     assert rel(cold.value, s.x) > 1e-3  # the budget alone is not enough
+
+
+def test_cg_with_zero_tolerance_stops_at_rounding_level_not_at_false_curvature():
+    """tol=0 must not iterate until p^T A p underflows and reads as negative curvature."""
+    s = random_spd(12, seed=91, lo=0.5, hi=5.0)
+    for solver in (
+        hg.CG(maxiter=500, tol=0.0),
+        hg.NystromPCG(rank=12, maxiter=500, tol=0.0, seed=0),
+    ):
+        sol = solver.solve(hg.MatrixOperator(s.A), s.b)
+        assert sol.status == "converged", sol.status
+        assert sol.iterations < 100
+        assert rel(sol.value, s.x) < 1e-12

@@ -212,7 +212,10 @@ def _cg(
     bnorm = float(torch.linalg.vector_norm(b))
     if bnorm == 0.0:
         return Solution(torch.zeros_like(b), 0, 0.0, True, "converged", 0)
-    threshold = max(tol * bnorm, atol)
+    # Never iterate below rounding level: past it the residual only shrinks by rounding
+    # noise until p^T A p underflows to 0, which would read as false negative curvature.
+    floor = 10 * torch.finfo(b.dtype).eps * bnorm
+    threshold = max(tol * bnorm, atol, floor)
     if x0 is None or not bool(x0.any()):
         x = torch.zeros_like(b)
         r = b.clone()
@@ -263,7 +266,8 @@ def _cg(
 class CG(Solver):
     """Conjugate gradient for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952).
 
-    Stops when ``||b - A x|| <= max(tol * ||b||, atol)`` or after ``maxiter`` products.
+    Stops when ``||b - A x|| <= max(tol * ||b||, atol)`` or after ``maxiter`` products (and
+    always once the residual is at rounding level, ``10 eps ||b||``, even with ``tol=0``).
     Starts from ``x0`` when given (warm start; costs one extra product). If a search
     direction has non-positive curvature ``p^T A p <= 0`` (the inner problem is not at a
     minimum, or ``A`` is singular along ``p``) it stops and reports
