@@ -8,7 +8,8 @@ cost.
 :class:`HessianOperator` builds the gradient graph of ``f`` once (``create_graph=True``)
 and answers each product ``H v`` by one backward pass through that retained graph. On
 CPU this costs about one gradient evaluation per product, where recomputing
-``jvp(grad(f))`` from scratch costs 2.5-3.8 gradients (see ``benchmarks/``). The same
+``jvp(grad(f))`` from scratch costs 3.2-3.8 gradients and ``vjp(grad(f))`` 2.4-2.7
+(``benchmarks/hvp_cost.py``, results in ``benchmarks/results/hvp_cost.md``). The same
 graph answers the mixed product ``v -> d/dphi <grad_theta f, v>`` that turns the solution of
 the linear system into a hypergradient.
 """
