@@ -44,6 +44,7 @@ from ._tree import Tree
 from .implicit import HypergradientWarning, NonFiniteHypergradientError
 from .operators import _check_scalar
 from .optim.functional import FunctionalOptimizer
+from .solvers import _positive_int
 
 __all__ = ["TrajectoryInfo", "unrolled", "forward_mode", "drmad"]
 
@@ -97,12 +98,6 @@ class _RNG:
             yield
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
-
-
 @dataclass
 class _Resume:
     """Start a run mid-training (used by the hyper-optimizer's trajectory methods).
@@ -128,15 +123,17 @@ class _Run:
         optimizer: FunctionalOptimizer,
         batches: Iterable[Any] | None,
         resume: _Resume | None = None,
+        outer_loss: Any = None,
     ):
-        if not callable(inner_loss):
-            raise TypeError(f"`inner_loss` must be callable, got {type(inner_loss).__name__}.")
+        for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
+            if not callable(fn):
+                raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
         if not isinstance(optimizer, FunctionalOptimizer):
             raise TypeError(
                 "`optimizer` must be a differentiable optimizer from hypergradient.optim "
                 f"(hg.optim.sgd(...), hg.optim.adam(...)), got {type(optimizer).__name__}."
             )
-        self.steps = _check_positive_int(steps, "steps")
+        self.steps = _positive_int(steps, "steps")
         p_leaves, self.pspec = _tree.flatten(params0, "params0")
         _tree.check_leaves(p_leaves, self.pspec, "params0")
         h_leaves, self.hspec = _tree.flatten(hparams, "hparams")
@@ -212,9 +209,6 @@ class _Run:
     def outer_grads(
         self, outer_loss: Callable[[Any, Any], Tensor], p: tuple[Tensor, ...]
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], float]:
-        if not callable(outer_loss):
-            raise TypeError(f"`outer_loss` must be callable, got {type(outer_loss).__name__}.")
-
         def g(pp, hh):
             value = outer_loss(_tree.unflatten(self.pspec, pp), _tree.unflatten(self.hspec, hh))
             return _check_scalar(value, "outer_loss")
@@ -359,13 +353,13 @@ def unrolled(
     under ``torch.func.vjp`` (about 3-4 gradients).
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume)
+    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss)
     T = run.steps
-    K = T if truncate is None else _check_positive_int(truncate, "truncate")
+    K = T if truncate is None else _positive_int(truncate, "truncate")
     if K > T:
         raise ValueError(f"`truncate` ({K}) cannot exceed `steps` ({T}).")
     first = T - K
-    c = T if checkpoint_every is None else _check_positive_int(checkpoint_every, "checkpoint_every")
+    c = T if checkpoint_every is None else _positive_int(checkpoint_every, "checkpoint_every")
     full = checkpoint_every is None
     p_T, s_T, kept, rngs, losses = _forward(
         run, lambda t: t >= first and (full or (t - first) % c == 0), first
@@ -430,7 +424,7 @@ def drmad(
     truncation; memory: two states and the ``T`` batches.
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume)
+    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss)
     T = run.steps
     p_T, s_T, _, rngs, losses = _forward(run, lambda t: False, 0)
     s_0 = run.init_state()
@@ -472,9 +466,9 @@ def forward_mode(
     Arguments as :func:`unrolled`.
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume)
+    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss)
     if chunk_size is not None:
-        _check_positive_int(chunk_size, "chunk_size")
+        _positive_int(chunk_size, "chunk_size")
     m = run.hspec.size
     dtype = _tree.common_dtype(list(run.h))
     eye = torch.eye(m, dtype=dtype, device=run.device)
