@@ -285,7 +285,7 @@ def test_checkpoint_resume_is_bit_for_bit(method, tmp_path):
     model_b, dec_b, hopt_b = make(
         copy.deepcopy(method), inner_steps=4, momentum=0.9, val_batch_size=50
     )
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path)  # weights_only=True: the checkpoint holds plain data only
     model_b.load_state_dict(ck["model"])
     hopt_b.load_state_dict(ck["hopt"])
     train(hopt_b, 9)

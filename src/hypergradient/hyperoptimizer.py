@@ -10,6 +10,7 @@ mathematics: the methods live in :mod:`hypergradient.methods`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -526,7 +527,8 @@ class HyperOptimizer:
                 "step0": w["step0"],
                 "batches": list(w["batches"]),
             },
-            "history": list(self.history),
+            # plain dicts, so that torch.load(weights_only=True) can read the checkpoint
+            "history": [dataclasses.asdict(r) for r in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -553,7 +555,7 @@ class HyperOptimizer:
         else:
             fopt = from_torch(self.inner_optimizer, self._param_tensors)[0]
             self._window = {**w, "optimizer": fopt}
-        self.history = list(state["history"])
+        self.history = [HyperStepRecord(**r) for r in state["history"]]
         self._sync_optimizer_settings()
 
     def __repr__(self) -> str:
