@@ -441,7 +441,7 @@ def test_batchnorm_buffers_are_not_touched_by_hyper_steps_and_dict_params_work()
         train_loss=tl,
         val_loss=val_loss,
         val_data=VAL,
-        method=hg.IFT(hg.CG(10), damping=1.0),
+        method=hg.T1T2(),
         inner_steps=2,
     )
     hopt.zero_grad()
