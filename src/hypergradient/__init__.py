@@ -10,7 +10,7 @@ Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neuman
 :class:`Nystrom`, :class:`NystromPCG`, :class:`Identity`, :class:`FixedPoint`.
 """
 
-from . import optim
+from . import distributed, optim
 from .constraints import Constraint, Interval, Positive
 from .hyperoptimizer import HyperOptimizer, HyperStepRecord
 from .implicit import (
@@ -84,6 +84,7 @@ __all__ = [
     "Solver",
     "TrajectoryInfo",
     "cg",
+    "distributed",
     "drmad",
     "estimate_lambda_max",
     "exact",

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import _tree
 from ._tree import Tree
+from .distributed import AveragedOperator, all_reduce_mean, check_consistent
 from .operators import (
     DampedOperator,
     FixedPointOperator,
@@ -32,7 +33,7 @@ from .operators import (
     LinearOperator,
     _check_scalar,
 )
-from .solvers import CG, Exact, FixedPoint, Neumann, Nystrom, Solver
+from .solvers import CG, Exact, FixedPoint, Neumann, Nystrom, NystromPCG, Solver
 
 __all__ = [
     "HypergradInfo",
@@ -131,9 +132,26 @@ def _finish(
     started: float,
     inner_grad_norm: float,
     inner_loss: float,
+    group: Any = None,
+    inner_grad: Tensor | None = None,
 ) -> Any:
     g_theta, g_phi, outer_value = _outer_grads(outer_loss, op)
     b = _tree.cat(g_theta, op.param_spec, op.dtype, op.device)
+    unused_direct = [d is None for d in g_phi]
+    if group is not None:
+        # One all-reduce for everything that is a mean over the data: grad_theta g, the
+        # direct term, the inner gradient (diagnostics) and the two loss values.
+        hdtype = _tree.common_dtype(op.hparam_leaves)
+        wide = torch.promote_types(op.dtype, hdtype)
+        direct = _tree.cat(g_phi, op.hparam_spec, wide, op.device)
+        grad = inner_grad if inner_grad is not None else torch.zeros_like(b)
+        scalars = torch.tensor([outer_value, inner_loss], dtype=wide, device=op.device)
+        buf = all_reduce_mean(torch.cat([b.to(wide), direct, grad.to(wide), scalars]), group)
+        n, m = b.numel(), direct.numel()
+        b = buf[:n].to(op.dtype)
+        g_phi = _tree.split(buf[n : n + m], op.hparam_spec, [t.dtype for t in op.hparam_leaves])
+        inner_grad_norm = float(torch.linalg.vector_norm(buf[n + m : 2 * n + m]))
+        outer_value, inner_loss = float(buf[-2]), float(buf[-1])
     x0_flat = None if x0 is None else _tree.as_flat(x0, op.param_spec, "x0", op.dtype, op.device)
     if not bool(torch.isfinite(b).all()):
         bad = _first_nonfinite(g_theta, op.param_spec.paths)
@@ -141,7 +159,9 @@ def _finish(
             f"The gradient of outer_loss with respect to {bad} is not finite (NaN or Inf); "
             "no hypergradient can be computed from it. Check outer_loss at `params`."
         )
-    system: LinearOperator = DampedOperator(op, damping) if damping else op
+    system: LinearOperator = op if group is None else AveragedOperator(op, group)
+    if damping:
+        system = DampedOperator(system, damping)
     start = op.num_matvecs
     if not bool(b.any()):
         # The outer loss does not depend on the parameters: only the direct term remains.
@@ -172,9 +192,16 @@ def _finish(
             stacklevel=3,
         )
     mixed = op.mixed(x)
+    unused = [d and m is None for d, m in zip(unused_direct, mixed)]
+    if group is not None:
+        hdtype = _tree.common_dtype(op.hparam_leaves)
+        flat = all_reduce_mean(_tree.cat(mixed, op.hparam_spec, hdtype, op.device), group)
+        mixed = _tree.split(flat, op.hparam_spec, [t.dtype for t in op.hparam_leaves])
     out: list[Tensor] = []
-    for leaf, path, direct, m in zip(op.hparam_leaves, op.hparam_spec.paths, g_phi, mixed):
-        if direct is None and m is None:
+    for leaf, path, direct, m, idle in zip(
+        op.hparam_leaves, op.hparam_spec.paths, g_phi, mixed, unused
+    ):
+        if idle:
             warnings.warn(
                 f"{path} influences the outer loss neither directly nor through the inner "
                 "problem; its hypergradient is zero. Check that inner_loss or outer_loss uses it.",
@@ -225,6 +252,19 @@ def _first_nonfinite(leaves: list[Tensor | None], paths: tuple[str, ...]) -> str
     return "params"
 
 
+def _check_group(group: Any, solver: Solver) -> None:
+    if group is None:
+        return
+    from .distributed import _group_size
+
+    _group_size(group)  # raises if torch.distributed is not initialized
+    if isinstance(solver, (Nystrom, NystromPCG)) and solver._generator is None:
+        raise ValueError(
+            f"{type(solver).__name__} draws a random sketch; with `process_group` every rank "
+            "must draw the same one: pass seed=... (or a seeded generator)."
+        )
+
+
 def _check_common(solver: Any, damping: Any) -> None:
     if not isinstance(solver, Solver):
         raise TypeError(
@@ -246,6 +286,7 @@ def implicit(
     x0: Tree | Tensor | None = ...,
     return_info: Literal[False] = ...,
     batched: bool = ...,
+    process_group: Any = ...,
     _hparams_by_reference: bool = ...,
 ) -> Tree: ...
 
@@ -262,6 +303,7 @@ def implicit(
     x0: Tree | Tensor | None = ...,
     return_info: Literal[True],
     batched: bool = ...,
+    process_group: Any = ...,
     _hparams_by_reference: bool = ...,
 ) -> tuple[Tree, HypergradInfo]: ...
 
@@ -277,6 +319,7 @@ def implicit(
     x0=None,
     return_info=False,
     batched=True,
+    process_group=None,
     _hparams_by_reference=False,
 ):
     """Hypergradient of ``outer_loss`` through the minimum of ``inner_loss``.
@@ -303,6 +346,11 @@ def implicit(
             ``info.solution`` of a previous call).
         return_info: also return a :class:`HypergradInfo`.
         batched: answer batched products (Nystrom, Exact) with one vmapped backward.
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``)
+            for data-parallel use: each rank passes the losses of its own shard (means over
+            equal-sized shards) and the same ``params``/``hparams``; the result is the
+            hypergradient of the average objective, identical on every rank. One all-reduce
+            per Hessian-vector product (see :mod:`hypergradient.distributed`).
 
     Returns:
         The hypergradient, with the structure, shapes, dtypes and device of ``hparams``,
@@ -323,9 +371,13 @@ def implicit(
     _check_callable(outer_loss, "outer_loss")
     solver = CG() if solver is None else solver
     _check_common(solver, damping)
+    _check_group(process_group, solver)
     op = HessianOperator(
         inner_loss, params, hparams, batched=batched, hparams_by_reference=_hparams_by_reference
     )
+    if process_group is not None:
+        check_consistent(op.hparam_leaves, process_group, "`hparams`")
+        check_consistent(op.param_leaves, process_group, "`params`")
     return _finish(
         op,
         outer_loss,
@@ -336,6 +388,8 @@ def implicit(
         started,
         float(torch.linalg.vector_norm(op.grad)),
         float(op.loss),
+        process_group,
+        op.grad,
     )
 
 

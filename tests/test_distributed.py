@@ -1,0 +1,135 @@
+"""Data-parallel hg.implicit over 2 gloo processes equals the single-process hypergradient
+on the union of the shards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hypergradient as hg
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem(dtype):
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = torch.as_tensor(X, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64)
+    X = (X - X.mean(0)) / X.std(0)
+    Xt, yt, Xv, yv = X[:200], y[:200], X[200:400], y[200:400]
+    loglam = torch.linspace(-4.0, -1.0, 30, dtype=torch.float64)
+
+    def make(Xa, ya, Xb, yb, dtype=dtype):
+        def f(w, h):
+            z = Xa.to(dtype) @ w[:-1] + w[-1]
+            return torch.nn.functional.binary_cross_entropy_with_logits(z, ya.to(dtype)) + (
+                0.5 * (h.exp() * w[:-1] ** 2).sum()
+            )
+
+        def g(w, h):
+            z = Xb.to(dtype) @ w[:-1] + w[-1]
+            return torch.nn.functional.binary_cross_entropy_with_logits(z, yb.to(dtype))
+
+        return f, g
+
+    f_full, g_full = make(Xt, yt, Xv, yv)
+    w = torch.zeros(31, dtype=torch.float64)
+    f64, _ = make(Xt, yt, Xv, yv, torch.float64)
+    for _ in range(30):  # Newton on the full data, float64
+        gr = torch.func.grad(lambda v: f64(v, loglam))(w)
+        if gr.norm() < 1e-13:
+            break
+        w = w - torch.linalg.solve(torch.func.hessian(lambda v: f64(v, loglam))(w), gr)
+    return make, (Xt, yt, Xv, yv), f_full, g_full, w.to(dtype), loglam.to(dtype)
+
+
+def _worker(rank: int, port: int, results: dict) -> None:
+    try:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        group = dist.group.WORLD
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            make, (Xt, yt, Xv, yv), f_full, g_full, w, loglam = _problem(dtype)
+            half_t, half_v = len(yt) // WORLD, len(yv) // WORLD
+            shard = slice(rank * half_t, (rank + 1) * half_t)
+            vshard = slice(rank * half_v, (rank + 1) * half_v)
+            f, g = make(Xt[shard], yt[shard], Xv[vshard], yv[vshard])
+            solvers = [
+                lambda: hg.Exact(),
+                lambda: hg.CG(maxiter=200, tol=1e-12),
+                lambda: hg.Neumann(iters=50, alpha="auto"),
+                lambda: hg.Nystrom(rank=10, rho=1e-2, seed=0),
+                lambda: hg.NystromPCG(rank=10, maxiter=100, tol=1e-12, seed=0),
+            ]
+            for make_solver in solvers:
+                solver = make_solver()  # fresh: same random sketch as the reference
+                ref = hg.implicit(f_full, g_full, w, loglam, make_solver())
+                got, info = hg.implicit(
+                    f, g, w, loglam, solver, process_group=group, return_info=True
+                )
+                err = float((got.double() - ref.double()).norm() / ref.double().norm())
+                assert err < tol, (rank, dtype, solver, err)
+                # every rank holds the same bits
+                other = got.clone()
+                dist.broadcast(other, src=0)
+                assert torch.equal(other, got), (rank, solver)
+                assert info.inner_grad_norm < (1e-10 if dtype == torch.float64 else 1e-4)
+        # bad input, detected on every rank instead of a hang
+        make, _, _, _, w, loglam = _problem(torch.float64)
+        f, g = make(Xt[shard], yt[shard], Xv[vshard], yv[vshard])
+        with pytest.raises(ValueError, match="hparams.*differ between ranks"):
+            hg.implicit(f, g, w, loglam + rank, hg.CG(), process_group=group)
+        with pytest.raises(ValueError, match="seed"):
+            hg.implicit(f, g, w, loglam, hg.Nystrom(rank=5), process_group=group)
+
+        # a NaN on one rank: every rank raises, none applies a different result
+        def g_nan(p, h):
+            bad = torch.tensor(float("nan") if rank == 1 else 1.0, dtype=torch.float64)
+            return g(p, h) * bad
+
+        with pytest.raises(hg.NonFiniteHypergradientError):
+            hg.implicit(f, g_nan, w, loglam, hg.CG(), process_group=group)
+        results[rank] = "ok"
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results[rank] = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_single_process():
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert results.get(rank) == "ok", results.get(rank)
+
+
+def test_process_group_without_init_is_refused():
+    w = torch.zeros(3)
+    with pytest.raises(ValueError, match="not initialized"):
+        hg.implicit(
+            lambda p, h: (p**2).sum() * h,
+            lambda p, h: p.sum(),
+            w,
+            torch.ones(()),
+            process_group=object(),
+        )
