@@ -92,6 +92,38 @@ def _worker(rank: int, port: int, results: dict) -> None:
                 dist.broadcast(other, src=0)
                 assert torch.equal(other, got), (rank, solver)
                 assert info.inner_grad_norm < (1e-10 if dtype == torch.float64 else 1e-4)
+        # trajectory methods: every step uses the gradient averaged over the shards, which
+        # for equal shards is the full-data gradient
+        make, (Xt, yt, Xv, yv), f_full, g_full, w, loglam = _problem(torch.float64)
+        f, g = make(Xt[shard], yt[shard], Xv[vshard], yv[vshard])
+        lr = torch.tensor(0.5, dtype=torch.float64)
+        hp = {"loglam": loglam, "lr": lr}
+
+        def tf(p, h, f=f):
+            return f(p, h["loglam"])
+
+        def tg(p, h, g=g):
+            return g(p, h["loglam"])
+
+        def tf_full(p, h):
+            return f_full(p, h["loglam"])
+
+        def tg_full(p, h):
+            return g_full(p, h["loglam"])
+
+        w0 = torch.zeros(31, dtype=torch.float64)
+        for method in (hg.unrolled, hg.forward_mode, hg.drmad):
+            opt = hg.optim.sgd(lr=lr, momentum=0.9)
+            ref = method(tf_full, tg_full, w0, hp, 15, opt)
+            got = method(tf, tg, w0, hp, 15, opt, process_group=group)
+            for k in hp:
+                err = float((got[k] - ref[k]).norm() / ref[k].norm())
+                assert err < 1e-10, (rank, method.__name__, k, err)
+        opt = hg.optim.adam(lr=lr)
+        ref = hg.unrolled(tf_full, tg_full, w0, hp, 10, opt, truncate=4)
+        got = hg.unrolled(tf, tg, w0, hp, 10, opt, truncate=4, process_group=group)
+        assert float((got["lr"] - ref["lr"]).abs()) < 1e-10 * float(ref["lr"].abs())
+
         # bad input, detected on every rank instead of a hang
         make, _, _, _, w, loglam = _problem(torch.float64)
         f, g = make(Xt[shard], yt[shard], Xv[vshard], yv[vshard])

@@ -29,6 +29,7 @@ dropout and random augmentation inside ``inner_loss`` see the same draws.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import time
 import warnings
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from . import _tree
 from ._tree import Tree
+from .distributed import all_reduce_mean, check_consistent
 from .implicit import HypergradientWarning, NonFiniteHypergradientError
 from .operators import _check_scalar
 from .optim.functional import FunctionalOptimizer
@@ -124,6 +126,7 @@ class _Run:
         batches: Iterable[Any] | None,
         resume: _Resume | None = None,
         outer_loss: Any = None,
+        group: Any = None,
     ):
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
@@ -146,6 +149,13 @@ class _Run:
         self.device = p_leaves[0].device
         self.p0 = tuple(t.detach().clone() for t in p_leaves)
         self.h = tuple(t.detach().clone() for t in h_leaves)
+        self.group = group
+        if group is not None:
+            from .distributed import _group_size
+
+            _group_size(group)
+            check_consistent(list(self.h), group, "`hparams`")
+            check_consistent(list(self.p0), group, "`params0`")
         self.resume = resume
         # Optimizer settings given as tensors that are hparams leaves are differentiated.
         self.setting_index: dict[str, int] = {}
@@ -195,16 +205,69 @@ class _Run:
             return tuple(t.detach() for t in self.resume.state0)
         return tuple(self.optimizer.init(list(self.p0)))
 
-    def step(
-        self, p: tuple[Tensor, ...], s: tuple[Tensor, ...], h: tuple[Tensor, ...], t: int
-    ) -> tuple[tuple[tuple[Tensor, ...], tuple[Tensor, ...]], Tensor]:
-        """``Phi_t``: one optimizer step. Returns ``((params, state), loss)``."""
-        grads, loss = torch.func.grad_and_value(lambda q: self._call(q, h, t))(p)
+    # The step Phi_t = update(theta, mean_r grad f_r(theta), state): its gradient part is
+    # local to each rank's shard and is averaged by ``reduce``; the update part is the same
+    # on every rank. Differentiating them separately lets the average sit between them.
+    def grad(self, p: tuple[Tensor, ...], h: tuple[Tensor, ...], t: int):
+        """Local ``grad_theta f(theta, phi; batch_t)`` and the loss."""
+        return torch.func.grad_and_value(lambda q: self._call(q, h, t))(p)
+
+    def update(
+        self,
+        p: tuple[Tensor, ...],
+        s: tuple[Tensor, ...],
+        g: tuple[Tensor, ...],
+        h: tuple[Tensor, ...],
+        t: int,
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         settings = {name: h[i] for name, i in self.setting_index.items()}
         settings.update({name: fn(h) for name, fn in self.setting_fns.items()})
         step0 = 0 if self.resume is None else self.resume.step0
-        new_p, new_s = self.optimizer.update(list(p), list(grads), list(s), step0 + t, settings)
-        return (tuple(new_p), tuple(new_s)), loss
+        new_p, new_s = self.optimizer.update(list(p), list(g), list(s), step0 + t, settings)
+        return tuple(new_p), tuple(new_s)
+
+    def reduce(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Average over the ranks (one all-reduce for the whole tuple); identity alone."""
+        if self.group is None or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        all_reduce_mean(flat, self.group)
+        out, i = [], 0
+        for t in tensors:
+            out.append(flat[i : i + t.numel()].reshape(t.shape).to(t.dtype))
+            i += t.numel()
+        return tuple(out)
+
+    def step(
+        self, p: tuple[Tensor, ...], s: tuple[Tensor, ...], h: tuple[Tensor, ...], t: int
+    ) -> tuple[tuple[tuple[Tensor, ...], tuple[Tensor, ...]], Tensor]:
+        """``Phi_t`` without derivatives. Returns ``((params, state), loss)``."""
+        g, loss = self.grad(p, h, t)
+        *g, loss = self.reduce((*g, loss.reshape(1)))
+        return self.update(p, s, tuple(g), h, t), loss.reshape(())
+
+    def step_vjp(
+        self,
+        p: tuple[Tensor, ...],
+        s: tuple[Tensor, ...],
+        t: int,
+        adj: tuple[tuple[Tensor, ...], tuple[Tensor, ...]],
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Cotangents of ``(theta_t, state_t, phi)`` given the cotangent of step t's output."""
+        g_local, vjp_grad, _ = torch.func.vjp(
+            lambda pp, hh: self.grad(pp, hh, t), p, self.h, has_aux=True
+        )
+        g = self.reduce(g_local)
+        _, vjp_update = torch.func.vjp(
+            lambda pp, ss, gg, hh: self.update(pp, ss, gg, hh, t), p, s, g, self.h
+        )
+        dp_u, ds, dg, dh_u = vjp_update(adj)
+        dp_g, dh_g = vjp_grad(dg)
+        n = len(dp_g)
+        both = self.reduce(tuple(dp_g) + tuple(dh_g))  # the transpose of an average
+        dp = tuple(a + b for a, b in zip(dp_u, both[:n]))
+        dh = tuple(a + b for a, b in zip(dh_u, both[n:]))
+        return dp, ds, dh
 
     def outer_grads(
         self, outer_loss: Callable[[Any, Any], Tensor], p: tuple[Tensor, ...]
@@ -214,7 +277,8 @@ class _Run:
             return _check_scalar(value, "outer_loss")
 
         (gp, gh), value = torch.func.grad_and_value(g, argnums=(0, 1))(p, self.h)
-        return gp, gh, float(value)
+        *both, value = self.reduce((*gp, *gh, value.reshape(1)))
+        return tuple(both[: len(gp)]), tuple(both[len(gp) :]), float(value)
 
     def result(self, flat: tuple[Tensor, ...]) -> Tree:
         for leaf, path in zip(flat, self.hspec.paths):
@@ -266,10 +330,7 @@ def _reverse(
         p, s, rng_state = state_at(t)
         ctx = run.rng.replay(rng_state) if rng_state is not None else contextlib.nullcontext()
         with ctx:
-            _, vjp_fn, _ = torch.func.vjp(
-                lambda pp, ss, hh, t=t: run.step(pp, ss, hh, t), p, s, run.h, has_aux=True
-            )
-            dp, ds, dh = vjp_fn(adj)
+            dp, ds, dh = run.step_vjp(p, s, t, adj)
         adj = (dp, ds)
         for acc, d in zip(hyper, dh):
             acc.add_(d)
@@ -318,6 +379,7 @@ def unrolled(
     batches: Iterable[Any] | None = None,
     checkpoint_every: int | None = None,
     return_info: bool = False,
+    process_group: Any = None,
     _resume: _Resume | None = None,
 ) -> Any:
     """Reverse-mode hypergradient through ``steps`` optimizer steps (exact, or truncated).
@@ -343,6 +405,11 @@ def unrolled(
         checkpoint_every: keep one state every ``c`` steps and recompute the others during
             the reverse pass.
         return_info: also return a :class:`TrajectoryInfo` (with the trained ``params``).
+        process_group: a ``torch.distributed`` group for data-parallel training: each rank
+            passes its own shard's losses (means over equal-sized shards) and batches; every
+            step uses the gradient averaged over the ranks (as ``DistributedDataParallel``
+            does), and the hypergradient, identical on every rank, is that of the averaged
+            run. Two all-reduces per differentiated step (one per forward step).
 
     Memory: ``K`` stored states (``P`` parameters plus optimizer buffers each, e.g. 2P for
     momentum SGD, 3P for Adam) and the ``K`` batches; with ``checkpoint_every=c``, about
@@ -353,7 +420,9 @@ def unrolled(
     under ``torch.func.vjp`` (about 3-4 gradients).
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss)
+    run = _Run(
+        inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss, process_group
+    )
     T = run.steps
     K = T if truncate is None else _positive_int(truncate, "truncate")
     if K > T:
@@ -411,6 +480,7 @@ def drmad(
     *,
     batches: Iterable[Any] | None = None,
     return_info: bool = False,
+    process_group: Any = None,
     _resume: _Resume | None = None,
 ) -> Any:
     """DrMAD: reverse mode along the straight line from ``s_0`` to ``s_T`` (O(P) memory).
@@ -424,7 +494,9 @@ def drmad(
     truncation; memory: two states and the ``T`` batches.
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss)
+    run = _Run(
+        inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss, process_group
+    )
     T = run.steps
     p_T, s_T, _, rngs, losses = _forward(run, lambda t: False, 0)
     s_0 = run.init_state()
@@ -450,6 +522,7 @@ def forward_mode(
     batches: Iterable[Any] | None = None,
     chunk_size: int | None = None,
     return_info: bool = False,
+    process_group: Any = None,
     _resume: _Resume | None = None,
 ) -> Any:
     """Forward-mode (RTHO) hypergradient: tangents of the trajectory, one per hyperparameter.
@@ -466,7 +539,9 @@ def forward_mode(
     Arguments as :func:`unrolled`.
     """
     started = time.perf_counter()
-    run = _Run(inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss)
+    run = _Run(
+        inner_loss, params0, hparams, steps, optimizer, batches, _resume, outer_loss, process_group
+    )
     if chunk_size is not None:
         _positive_int(chunk_size, "chunk_size")
     m = run.hspec.size
@@ -479,20 +554,32 @@ def forward_mode(
     tp = tuple(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) for x in p)
     ts = tuple(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) for x in s)
     losses = []
+    vmap = functools.partial(torch.func.vmap, randomness="same", chunk_size=chunk_size)
     for t in range(run.steps):
         rng_state = run.rng.get()
+        with torch.no_grad():  # the primal gradient draws from (and advances) the global RNG
+            g_local, loss = run.grad(p, run.h, t)
+            *g, loss = run.reduce((*g_local, loss.reshape(1)))
+            g = tuple(g)
 
-        def phi_t(pp, ss, hh, t=t):
-            return run.step(pp, ss, hh, t)[0]
+        def grad_t(pp, hh, t=t):
+            return run.grad(pp, hh, t)[0]
 
-        def push(dp, ds, dh, p=p, s=s, phi_t=phi_t):
-            return torch.func.jvp(phi_t, (p, s, run.h), (dp, ds, dh))[1]
+        def update_t(pp, ss, gg, hh, t=t):
+            return run.update(pp, ss, gg, hh, t)
+
+        def push_grad(dp, dh, p=p, grad_t=grad_t):
+            return torch.func.jvp(grad_t, (p, run.h), (dp, dh))[1]
+
+        def push_update(dp, ds, dg, dh, p=p, s=s, g=g, update_t=update_t):
+            return torch.func.jvp(update_t, (p, s, g, run.h), (dp, ds, dg, dh))[1]
 
         with run.rng.replay(rng_state):
-            tp, ts = torch.func.vmap(push, randomness="same", chunk_size=chunk_size)(tp, ts, th)
-        with torch.no_grad():  # the primal step draws from (and advances) the global RNG
-            (p, s), loss = run.step(p, s, run.h, t)
-        losses.append(loss.detach())
+            tg = run.reduce(vmap(push_grad)(tp, th))  # tangents of the averaged gradient
+        tp, ts = vmap(push_update)(tp, ts, tg, th)
+        with torch.no_grad():
+            p, s = run.update(p, s, g, run.h, t)
+        losses.append(loss.detach().reshape(()))
     gp, gh, value = run.outer_grads(outer_loss, p)
     total = torch.zeros(m, dtype=dtype, device=run.device)
     for z, g in zip(tp, gp):
