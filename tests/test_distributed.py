@@ -165,3 +165,110 @@ def test_process_group_without_init_is_refused():
             torch.ones(()),
             process_group=object(),
         )
+
+
+def _hopt_worker(rank: int, port: int, results: dict) -> None:
+    try:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        _, (Xt, yt, Xv, yv), _, _, _, _ = _problem(torch.float64)
+        half_t, half_v = len(yt) // WORLD, len(yv) // WORLD
+        shard = (Xt[rank * half_t : (rank + 1) * half_t], yt[rank * half_t : (rank + 1) * half_t])
+        vshard = (Xv[rank * half_v : (rank + 1) * half_v], yv[rank * half_v : (rank + 1) * half_v])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+        def train_loss(m, h, b):
+            # m is the DDP wrapper in the user's loop and the plain module in hyper-steps:
+            # reach the weight through parameters(), which both have
+            weight = next(p for p in m.parameters() if p.dim() == 2)
+            return bce(m(b[0]).reshape(-1), b[1]) + 0.5 * (h["decay"] * weight[0] ** 2).sum()
+
+        def val_loss(m, h, b):
+            return bce(m(b[0]).reshape(-1), b[1])
+
+        def run(method, model_wrap, batch, val, group):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(30, 1).double()
+            decay = hg.Positive(torch.full((30,), 1e-2, dtype=torch.float64))
+            wrapped = model_wrap(model)
+            hopt = hg.HyperOptimizer(
+                wrapped,
+                {"decay": decay},
+                inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5),
+                outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_data=val,
+                method=method,
+                inner_steps=5,
+                process_group=group,
+            )
+            for _ in range(20):
+                hopt.zero_grad()
+                hopt.train_loss(batch).backward()
+                hopt.step(batch)
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            return flat, decay.raw.detach().clone(), hopt
+
+        full = (Xt[: half_t * WORLD], yt[: half_t * WORLD])
+        vfull = (Xv[: half_v * WORLD], yv[: half_v * WORLD])
+        ddp = torch.nn.parallel.DistributedDataParallel
+        for make in (
+            lambda: hg.T1T2(),
+            lambda: hg.IFT(hg.CG(maxiter=50, tol=1e-12)),
+            lambda: hg.HOAG(),
+            lambda: hg.Unrolled(),
+            lambda: hg.ForwardMode(),
+        ):
+            ref_w, ref_h, _ = run(make(), lambda m: m, full, vfull, None)
+            w, h, hopt = run(make(), ddp, shard, vshard, dist.group.WORLD)
+            assert float((w - ref_w).norm() / ref_w.norm()) < 1e-10, (rank, make())
+            assert float((h - ref_h).norm() / ref_h.norm()) < 1e-10, (rank, make())
+            assert len(hopt.history) == 4
+            same = h.clone()
+            dist.broadcast(same, src=0)
+            assert torch.equal(same, h)
+
+        # a NaN on one rank: every rank skips the hyper-step, with a warning
+        def val_nan(m, h, b):
+            bad = torch.tensor(float("nan") if rank == 1 else 1.0, dtype=torch.float64)
+            return val_loss(m, h, b) * bad
+
+        torch.manual_seed(0)
+        model = torch.nn.Linear(30, 1).double()
+        decay = hg.Positive(torch.full((30,), 1e-2, dtype=torch.float64))
+        hopt = hg.HyperOptimizer(
+            ddp(model),
+            {"decay": decay},
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+            train_loss=train_loss,
+            val_loss=val_nan,
+            val_data=vshard,
+            method=hg.IFT(),
+            inner_steps=2,
+            process_group=dist.group.WORLD,
+        )
+        raw = decay.raw.detach().clone()
+        with pytest.warns(hg.HypergradientWarning, match="skipped"):
+            for _ in range(4):
+                hopt.zero_grad()
+                hopt.train_loss(shard).backward()
+                hopt.step(shard)
+        assert hopt.skipped == 2 and not hopt.history and torch.equal(decay.raw, raw)
+        results[rank] = "ok"
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results[rank] = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_hyperoptimizer_with_ddp_on_two_processes_matches_single_process():
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_hopt_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert results.get(rank) == "ok", results.get(rank)

@@ -161,6 +161,13 @@ class HyperOptimizer:
             ``lr``/``momentum``/``weight_decay`` (trajectory methods only); the tuned
             value is written back to its param groups after each hyper-step.
         seed: seed of the mini-batch sampling.
+        process_group: a ``torch.distributed`` group for data-parallel training (the model
+            may be wrapped in ``DistributedDataParallel``): each rank passes its own shard's
+            batches and validation data; hypergradients are those of the averaged objectives
+            and identical on every rank, so the hyperparameters stay in sync.
+        nonfinite: ``"raise"`` (default alone) rolls the step back and raises;
+            ``"skip"`` (default with ``process_group``) warns and skips the hyper-step, on
+            every rank together.
 
     Bad input raises ``TypeError``/``ValueError`` at construction or before a step
     changes anything; a non-finite hypergradient raises
@@ -185,6 +192,8 @@ class HyperOptimizer:
         train_batch_size: int | None = None,
         optimizer_hparams: Mapping[str, str] | None = None,
         seed: int = 0,
+        process_group: Any = None,
+        nonfinite: str | None = None,
     ):
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise TypeError("`inner_optimizer` must be a torch.optim.Optimizer.")
@@ -204,7 +213,22 @@ class HyperOptimizer:
         self.inner_optimizer = inner_optimizer
         self._train_loss_fn, self._val_loss_fn = train_loss, val_loss
 
+        if nonfinite not in (None, "raise", "skip"):
+            raise ValueError(f"`nonfinite` must be 'raise' or 'skip', got {nonfinite!r}.")
+        self.process_group = process_group
+        if process_group is not None:
+            from .distributed import _group_size
+
+            _group_size(process_group)  # raises if torch.distributed is not initialized
+        self.nonfinite = nonfinite or ("skip" if process_group is not None else "raise")
+        self.skipped = 0
+
         # --- model and parameters --------------------------------------------------
+        self._user_module = model  # what the user's own loop calls (possibly DDP-wrapped)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Hyper-steps evaluate the wrapped module functionally; gradient averaging across
+            # ranks is done by the hypergradient code, not by DDP's backward hooks.
+            model = model.module
         in_opt = {id(p) for g in inner_optimizer.param_groups for p in g["params"]}
         if isinstance(model, nn.Module):
             self.module: nn.Module | None = model
@@ -360,23 +384,38 @@ class HyperOptimizer:
         if closing:
             try:
                 self._hyper_step(batch, prev=snapshot[0])
+            except NonFiniteHypergradientError as err:
+                if self.nonfinite != "skip":
+                    self._rollback(snapshot)
+                    raise
+                # Every rank sees the same non-finite (averaged) values, so every rank skips
+                # this hyper-step together and the hyperparameters stay identical.
+                warnings.warn(
+                    f"Hyper-step at step {self._count} skipped: {err}",
+                    HypergradientWarning,
+                    stacklevel=2,
+                )
+                self.skipped += 1
+                self._window = None
             except Exception:
-                with torch.no_grad():
-                    for p, old in zip(self._param_tensors, snapshot[0]):
-                        p.copy_(old)
-                self.inner_optimizer.load_state_dict(snapshot[1])
-                self._count -= 1
-                if self._window is not None:
-                    self._window["batches"].pop()
+                self._rollback(snapshot)
                 raise
         return result
 
+    def _rollback(self, snapshot: Any) -> None:
+        """Undo the inner step of a failed hyper-step: weights, optimizer state, counters."""
+        with torch.no_grad():
+            for p, old in zip(self._param_tensors, snapshot[0]):
+                p.copy_(old)
+        self.inner_optimizer.load_state_dict(snapshot[1])
+        self._count -= 1
+        if self._window is not None:
+            self._window["batches"].pop()
+
     def _user_model(self) -> Any:
-        return (
-            self.module
-            if self.module is not None
-            else _tree.unflatten(self._pspec, self._param_tensors)
-        )
+        if self.module is not None:
+            return self._user_module
+        return _tree.unflatten(self._pspec, self._param_tensors)
 
     def _constrained(self, raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = {}
@@ -424,6 +463,7 @@ class HyperOptimizer:
             raw=raw,
             lr=lr,
             prev_params=_tree.unflatten(self._pspec, prev),
+            process_group=self.process_group,
         )
         if self.method.needs_trajectory:
             w = self._window

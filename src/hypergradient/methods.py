@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _tree
+from .distributed import all_reduce_mean
 from .implicit import _outer_grads, implicit
 from .operators import HessianOperator
 from .optim.functional import FunctionalOptimizer
@@ -56,6 +58,7 @@ class HyperContext:
     optimizer: FunctionalOptimizer | None = None
     resume: _Resume | None = None
     batches: list[Any] = field(default_factory=list)
+    process_group: Any = None
 
 
 class HyperMethod:
@@ -109,22 +112,31 @@ class T1T2(HyperMethod):
     def compute(self, ctx: HyperContext) -> tuple[Any, dict[str, Any]]:
         at = ctx.prev_params if ctx.prev_params is not None else ctx.params
         op = HessianOperator(ctx.train_loss, at, ctx.raw)
-        now = HessianOperator.__new__(HessianOperator)  # leaves only: theta' and phi
-        now.param_leaves = [
-            t.detach().requires_grad_(True) for t in _tree.flatten(ctx.params, "params")[0]
-        ]
-        now.hparam_leaves = op.hparam_leaves
+        now = SimpleNamespace(  # theta' (after the step) with the same hyperparameter leaves
+            param_leaves=[
+                t.detach().requires_grad_(True) for t in _tree.flatten(ctx.params, "params")[0]
+            ],
+            hparam_leaves=op.hparam_leaves,
+        )
         g_theta, g_phi, value = _outer_grads(ctx.val_loss, op, leaves_from=now)
+        hdtype = _tree.common_dtype(op.hparam_leaves)
         b = _tree.cat(g_theta, op.param_spec, op.dtype, op.device)
-        mixed = op.mixed(ctx.lr * b)
-        out = []
-        for leaf, d, m in zip(op.hparam_leaves, g_phi, mixed):
-            v = torch.zeros_like(leaf) if d is None else d.detach().clone()
-            if m is not None:
-                v = v - m.detach()
-            out.append(v)
+        direct = _tree.cat(g_phi, op.hparam_spec, hdtype, op.device)
+        group = ctx.process_group
+        if group is not None:  # data-parallel: average over the ranks' shards
+            n = b.numel()
+            buf = torch.cat([b.double(), direct.double(), torch.tensor([value]).double()])
+            all_reduce_mean(buf, group)
+            b, direct, value = buf[:n].to(b.dtype), buf[n:-1].to(hdtype), float(buf[-1])
+        mixed = _tree.cat(op.mixed(ctx.lr * b), op.hparam_spec, hdtype, op.device)
+        if group is not None:
+            all_reduce_mean(mixed, group)
+        out = _tree.split(direct - mixed, op.hparam_spec, [t.dtype for t in op.hparam_leaves])
         op.release()
-        return _tree.unflatten(op.hparam_spec, out), {"outer_loss": value, "num_hvps": 0}
+        return _tree.unflatten(op.hparam_spec, [t.detach() for t in out]), {
+            "outer_loss": value,
+            "num_hvps": 0,
+        }
 
 
 class IFT(HyperMethod):
@@ -153,6 +165,7 @@ class IFT(HyperMethod):
             solver,
             damping=self.damping,
             return_info=True,
+            process_group=ctx.process_group,
         )
         return hyper, _info_dict(info)
 
@@ -202,6 +215,7 @@ class HOAG(HyperMethod):
             damping=self.damping,
             x0=x0,
             return_info=True,
+            process_group=ctx.process_group,
         )
         self._x = info.solution
         self._k += 1
@@ -230,6 +244,7 @@ class _Trajectory(HyperMethod):
             ctx.optimizer,
             batches=ctx.batches,
             return_info=True,
+            process_group=ctx.process_group,
             _resume=ctx.resume,
             **kwargs,
         )
