@@ -131,6 +131,10 @@ def _worker(rank: int, port: int, results: dict) -> None:
             hg.implicit(f, g, w, loglam + rank, hg.CG(), process_group=group)
         with pytest.raises(ValueError, match="seed"):
             hg.implicit(f, g, w, loglam, hg.Nystrom(rank=5), process_group=group)
+        only0 = dist.new_group([0])  # collective: every rank creates it
+        if rank == 1:
+            with pytest.raises(ValueError, match="not a member"):
+                hg.implicit(f, g, w, loglam, hg.CG(), process_group=only0)
 
         # a NaN on one rank: every rank raises, none applies a different result
         def g_nan(p, h):

@@ -34,6 +34,11 @@ def _group_size(group: Any) -> int:
             "`process_group` was given but torch.distributed is not initialized; call "
             "torch.distributed.init_process_group(...) first (e.g. under torchrun)."
         )
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"This process (global rank {dist.get_rank()}) is not a member of "
+            "`process_group`; pass a group that contains every rank that calls this function."
+        )
     return dist.get_world_size(group)
 
 
