@@ -276,3 +276,36 @@ def test_hyperoptimizer_with_ddp_on_two_processes_matches_single_process():
     mp.spawn(_hopt_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)
+
+
+def test_torchrun_example_prints_the_same_figures_on_every_rank():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "distributed_weight_decay.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        "--quick",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[rank")]
+    by_rank: dict[str, list[str]] = {}
+    for ln in lines:
+        rank, rest = ln.split("]", 1)
+        # timings differ between ranks; the figures must not
+        rest = re.sub(r"in [0-9.]+ s|mean hyper-step [0-9.]+ ms", "", rest)
+        by_rank.setdefault(rank, []).append(rest)
+    assert set(by_rank) == {"[rank 0/2", "[rank 1/2"}
+    assert by_rank["[rank 0/2"] == by_rank["[rank 1/2"]
+    assert "checksum" in " ".join(by_rank["[rank 0/2"])
