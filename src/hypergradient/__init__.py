@@ -10,7 +10,7 @@ Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neuman
 :class:`Nystrom`, :class:`NystromPCG`, :class:`Identity`, :class:`FixedPoint`.
 """
 
-from . import distributed, optim
+from . import distributed, meta, optim
 from .constraints import Constraint, Interval, Positive
 from .hyperoptimizer import HyperOptimizer, HyperStepRecord
 from .implicit import (
@@ -91,6 +91,7 @@ __all__ = [
     "forward_mode",
     "implicit",
     "implicit_fixed_point",
+    "meta",
     "neumann",
     "nystrom",
     "nystrom_sketch",
