@@ -124,6 +124,16 @@ def common_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
+def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of solver vectors: the leaves' common dtype, at least float32.
+
+    Half-precision parameters (float16, bfloat16) keep their dtype inside each product
+    (the backward pass runs on them as they are), but sums, inner products and iterates of
+    the solvers are float32: accumulating in 8 or 11 mantissa bits loses the solution.
+    """
+    return torch.promote_types(common_dtype(leaves), torch.float32)
+
+
 def cat(leaves: Sequence[Tensor | None], spec: TreeSpec, dtype: torch.dtype, device) -> Tensor:
     """Concatenate leaves (``None`` meaning zeros) into one 1-D vector."""
     parts = []

@@ -268,7 +268,7 @@ class HessianOperator(_GraphOperator):
             self.hparam_leaves, self.hparam_spec = _prepare_leaves(
                 hparams, "hparams", hparams_by_reference
             )
-        dtype = _tree.common_dtype(self.param_leaves)
+        dtype = _tree.accumulator_dtype(self.param_leaves)
         super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
         p = _tree.unflatten(self.param_spec, self.param_leaves)
         h = _tree.unflatten(self.hparam_spec, self.hparam_leaves) if hparams is not None else None
@@ -320,7 +320,7 @@ class FixedPointOperator(_GraphOperator):
             self.hparam_leaves, self.hparam_spec = [], _tree.flatten((), "hparams")[1]
         else:
             self.hparam_leaves, self.hparam_spec = _prepare_leaves(hparams, "hparams")
-        dtype = _tree.common_dtype(self.param_leaves)
+        dtype = _tree.accumulator_dtype(self.param_leaves)
         super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
         p = _tree.unflatten(self.param_spec, self.param_leaves)
         h = _tree.unflatten(self.hparam_spec, self.hparam_leaves) if hparams is not None else None

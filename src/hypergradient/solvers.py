@@ -449,6 +449,53 @@ class NystromApproximation:
         return x
 
 
+def _row_blocks(n: int, width: int) -> range:
+    """Row-block starts so that a block of an ``n x width`` matrix holds ~4M numbers."""
+    return range(0, n, max(1, (1 << 22) // max(1, width)))
+
+
+def _right_multiply_(B: Tensor, M: Tensor) -> Tensor:
+    """``B[:, :k] = B @ M`` in place, by row blocks (``M`` is ``r x k``, ``k <= r``)."""
+    k = M.shape[1]
+    step = _row_blocks(B.shape[0], B.shape[1]).step
+    for i in range(0, B.shape[0], step):
+        B[i : i + step, :k] = B[i : i + step] @ M
+    return B[:, :k]
+
+
+def _eigen_form(B: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``B B^T = U diag(lam) U^T`` with orthonormal ``U``, overwriting ``B`` (n x k, float64).
+
+    Gram eigen-decomposition (``B^T B = V S^2 V^T``, ``B V S^{-1}`` orthonormal) followed by
+    one CholeskyQR re-orthonormalization, so ``U`` is orthonormal to working precision
+    (CholeskyQR2, Fukaya et al. 2014). Directions with ``s^2`` below ``r * eps * max s^2``
+    (numerically zero eigenvalues) are dropped. Only ``k x k`` matrices are factored; the
+    ``n x k`` work happens in place in ``B``, so the memory is ``B`` plus the returned ``U``.
+    """
+    eps = torch.finfo(B.dtype).eps
+    s2, V = torch.linalg.eigh(B.T @ B)
+    keep = s2 > 10 * B.shape[1] * eps * float(s2.max().clamp_min(0.0))
+    if not bool(keep.any()):
+        return B.new_zeros(B.shape[0], 0, dtype=out_dtype), B.new_zeros(0, dtype=out_dtype)
+    s2 = s2[keep]
+    B1 = _right_multiply_(B, V[:, keep] / s2.sqrt())  # ~orthonormal, B B^T = B1 S^2 B1^T
+    G = B1.T @ B1
+    L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
+    if int(info) != 0:  # cannot happen for kept directions; keep the first pass
+        lam, W = s2, torch.eye(s2.numel(), dtype=B.dtype, device=B.device)
+        M = W
+    else:
+        # B1 = Q L^T with Q orthonormal, so B B^T = Q (L^T S^2 L) Q^T; diagonalize the core.
+        core = L.T @ (s2[:, None] * L)
+        lam, W = torch.linalg.eigh(0.5 * (core + core.T))
+        M = torch.linalg.solve_triangular(L.T, W, upper=True)  # U = B1 L^{-T} W
+    U = torch.empty(B.shape[0], M.shape[1], dtype=out_dtype, device=B.device)
+    step = _row_blocks(B.shape[0], B1.shape[1]).step
+    for i in range(0, B.shape[0], step):
+        U[i : i + step] = (B1[i : i + step] @ M).to(out_dtype)
+    return U, lam
+
+
 def nystrom_sketch(
     op: LinearOperator,
     rank: int,
@@ -465,22 +512,38 @@ def nystrom_sketch(
     eigendecomposition and PSD projection as fallback when ``A`` is indefinite (non-convex
     inner problems). Everything after the products runs in float64. A ``rank`` at least the
     dimension is clamped to it, and then the approximation is ``A`` itself.
+
+    Memory: the sketch ``Y = A Omega`` in float64 (``8 r n`` bytes; the Gaussian test matrix
+    adds as much), the returned ``U`` (``r n`` numbers in the operator's dtype) and, while
+    the products run, ``chunk_size`` rows of test vectors and results. The column sketch
+    never materializes its test matrix, and the factorization works in place.
     """
     n = op.size
     r = min(rank, n)
     work = torch.float64 if op.device.type != "mps" else torch.float32
     gen_device = generator.device if generator is not None else torch.device("cpu")
+    Om: Tensor | None = None
+    idx: Tensor | None = None
     if sketch == "column":
         idx = torch.randperm(n, generator=generator, device=gen_device)[:r].to(op.device)
-        Omega = torch.zeros(r, n, dtype=work, device=op.device)
-        Omega[torch.arange(r, device=op.device), idx] = 1.0
     elif sketch == "gaussian":
         G = torch.randn(n, r, generator=generator, dtype=work, device=gen_device).to(op.device)
-        Omega = torch.linalg.qr(G).Q.T.contiguous()
+        Om = torch.linalg.qr(G).Q  # n x r, orthonormal columns
+        del G
     else:
         raise ValueError(f"`sketch` must be 'column' or 'gaussian', got {sketch!r}.")
-    Y = op.matmat(Omega.to(op.dtype), chunk_size).to(work).T  # n x r, columns A omega_i
-    Om = Omega.T  # n x r, orthonormal columns
+    # Y = A Omega (n x r, float64), filled chunk by chunk of test vectors.
+    Y = torch.empty(n, r, dtype=work, device=op.device)
+    step = r if chunk_size is None else max(1, int(chunk_size))
+    for i in range(0, r, step):
+        j = min(r, i + step)
+        if idx is not None:
+            block = torch.zeros(j - i, n, dtype=op.dtype, device=op.device)
+            block[torch.arange(j - i, device=op.device), idx[i:j]] = 1.0
+        else:
+            block = Om[:, i:j].T.to(op.dtype)
+        Y[:, i:j] = op.matmat(block).T
+        del block
     eps = torch.finfo(work).eps
     nu = eps * float(torch.linalg.matrix_norm(Y, ord="fro")) * math.sqrt(n)
     if nu == 0.0:  # A Omega = 0
@@ -489,26 +552,36 @@ def nystrom_sketch(
             torch.zeros(0, dtype=op.dtype, device=op.device),
             full_rank=False,
         )
-    Y_nu = Y + nu * Om
-    core = Om.T @ Y_nu
+
+    def omega_t_times(M: Tensor) -> Tensor:  # Omega^T M for an n x r matrix M
+        return M[idx] if idx is not None else Om.T @ M
+
+    core = omega_t_times(Y)
     core = 0.5 * (core + core.T)
-    L, info = torch.linalg.cholesky_ex(core)
+    shifted = core + nu * torch.eye(r, dtype=work, device=op.device)  # Omega^T (Y + nu Omega)
+    L, info = torch.linalg.cholesky_ex(shifted)
     if int(info) == 0:
-        B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L^{-T}
-        U, s, _ = torch.linalg.svd(B, full_matrices=False)
-        lam = (s**2 - nu).clamp_min(0.0)
+        # Y_nu = Y + nu Omega; B = Y_nu L^{-T}, so B B^T = Y_nu (Omega^T Y_nu)^{-1} Y_nu^T.
+        if idx is not None:
+            Y[idx, torch.arange(r, device=op.device)] += nu
+        else:
+            Y.add_(Om, alpha=nu)
+        del Om
+        rows = _row_blocks(n, r).step
+        for i in range(0, n, rows):
+            Y[i : i + rows] = torch.linalg.solve_triangular(
+                L.T, Y[i : i + rows], upper=True, left=False
+            )
+        U, s2 = _eigen_form(Y, op.dtype)
+        lam = (s2 - nu).clamp_min(0.0)
     else:
         # Indefinite core: Nystrom of the PSD part, A_nys = Y M_+^+ Y^T.
-        core = Om.T @ Y
-        core = 0.5 * (core + core.T)
+        del Om
         m, V = torch.linalg.eigh(core)
         keep = m > eps * r * m.abs().max()
-        Z = (Y @ V[:, keep]) / m[keep].sqrt()
-        U, s, _ = torch.linalg.svd(Z, full_matrices=False)
-        lam = s**2
-    return NystromApproximation(
-        U.to(op.dtype).contiguous(), lam.to(op.dtype), full_rank=bool(U.shape[1] >= n)
-    )
+        Z = _right_multiply_(Y, V[:, keep] / m[keep].sqrt())
+        U, lam = _eigen_form(Z, op.dtype)
+    return NystromApproximation(U.contiguous(), lam.to(op.dtype), full_rank=bool(U.shape[1] >= n))
 
 
 class Nystrom(Solver):
