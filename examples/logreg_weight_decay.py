@@ -101,8 +101,7 @@ from torch import Tensor
 import hypergradient as hg
 
 DTYPE = torch.float64
-# (w of shape (d,), b of shape (1,)). The bias is a 1-element vector rather than a 0-d
-# scalar: hypergradient 0.1.0 fails on 0-d parameter leaves (see the note in zero_params).
+# (w of shape (d,), b of shape (1,)).
 Params = tuple[Tensor, Tensor]
 Split = tuple[Tensor, Tensor]  # (X, y)
 
@@ -225,9 +224,6 @@ def evaluate(params: Params, splits: dict[str, Split]) -> dict[str, float]:
 
 
 def zero_params(d: int) -> Params:
-    # Workaround: with a 0-d bias, torch.zeros(()), hg.implicit raises "TypeError: reshape()
-    # missing 1 required positional arguments" (hypergradient/_tree.py, split(): a 1-D
-    # vector and a 0-d leaf give piece.reshape() with no arguments). Shape (1,) avoids it.
     return torch.zeros(d, dtype=DTYPE), torch.zeros(1, dtype=DTYPE)
 
 

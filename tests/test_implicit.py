@@ -125,6 +125,19 @@ def test_hessian_operator_products_match_dense():
     assert rel(op.dense(), H) < 1e-12
 
 
+@pytest.mark.parametrize("batched", [True, False, "auto"])
+def test_batched_products_in_every_mode_match_dense(batched):
+    op = hg.HessianOperator(logreg_inner, W_STAR, LOGLAM, batched=batched)
+    H = hessian(logreg_inner)(W_STAR, LOGLAM)
+    V = torch.randn(9, D + 1, dtype=DT, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # "auto" decides on the first call and keeps its choice
+        assert rel(op.matmat(V), V @ H) < 1e-12
+    assert op._batched in (True, False)
+    assert op.num_matvecs == 18
+    with pytest.raises(ValueError, match="batched"):
+        hg.HessianOperator(logreg_inner, W_STAR, LOGLAM, batched="yes")
+
+
 def test_each_loss_is_evaluated_once_whatever_the_budget():
     """The Hessian graph is built once; products are backward passes through it."""
     calls = {"inner": 0, "outer": 0}
@@ -215,6 +228,10 @@ STRUCTURES = {
     "nested": (
         lambda v: {"x": (v[:2], [v[2:4]]), "y": v[4:].reshape(3, 1, 1)},
         lambda t: torch.cat([t["x"][0], t["x"][1][0], t["y"].reshape(-1)]),
+    ),
+    "scalars": (  # 0-d leaves between vectors (a bias, a single decay)
+        lambda v: (v[0], v[1:6], v[6]),
+        lambda t: torch.cat([t[0].reshape(1), t[1], t[2].reshape(1)]),
     ),
 }
 

@@ -287,6 +287,9 @@ def test_bad_input():
         hg.optim.adam(betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="nesterov"):
         hg.optim.sgd(lr=0.1, nesterov=True)
+    init = W0.clone()  # the initialization as a hyperparameter: zero hypergradient otherwise
+    with pytest.raises(ValueError, match=r"\['init'\].*also a leaf of `params0`"):
+        hg.unrolled(inner, outer, init, {"init": init, **h}, 3, opt)
 
 
 def test_divergent_run_raises_instead_of_returning_nan():

@@ -285,7 +285,7 @@ def implicit(
     damping: float = ...,
     x0: Tree | Tensor | None = ...,
     return_info: Literal[False] = ...,
-    batched: bool = ...,
+    batched: bool | str = ...,
     process_group: Any = ...,
     _hparams_by_reference: bool = ...,
 ) -> Tree: ...
@@ -302,7 +302,7 @@ def implicit(
     damping: float = ...,
     x0: Tree | Tensor | None = ...,
     return_info: Literal[True],
-    batched: bool = ...,
+    batched: bool | str = ...,
     process_group: Any = ...,
     _hparams_by_reference: bool = ...,
 ) -> tuple[Tree, HypergradInfo]: ...
@@ -318,7 +318,7 @@ def implicit(
     damping=0.0,
     x0=None,
     return_info=False,
-    batched=True,
+    batched="auto",
     process_group=None,
     _hparams_by_reference=False,
 ):
@@ -345,7 +345,8 @@ def implicit(
         x0: warm start for the solve (a tree like ``params`` or a flat vector, e.g. the
             ``info.solution`` of a previous call).
         return_info: also return a :class:`HypergradInfo`.
-        batched: answer batched products (Nystrom, Exact) with one vmapped backward.
+        batched: how batched products (Nystrom, Exact) run: one vmapped backward (True), a
+            loop (False), or "auto" (default: the faster, timed on the first batch).
         process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``)
             for data-parallel use: each rank passes the losses of its own shard (means over
             equal-sized shards) and the same ``params``/``hparams``; the result is the
@@ -402,7 +403,7 @@ def implicit_fixed_point(
     *,
     x0: Tree | Tensor | None = None,
     return_info: bool = False,
-    batched: bool = True,
+    batched: bool | str = "auto",
 ) -> Any:
     """Hypergradient through a fixed point ``theta* = T(theta*, phi)``.
 

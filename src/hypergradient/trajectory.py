@@ -146,6 +146,15 @@ class _Run:
                 f"`hparams` is on {h_leaves[0].device} and `params0` on {p_leaves[0].device}; "
                 "put them on one device."
             )
+        shared = {id(t) for t in p_leaves} & {id(t) for t in h_leaves}
+        if shared:
+            path = next(p for t, p in zip(h_leaves, self.hspec.paths) if id(t) in shared)
+            raise ValueError(
+                f"{path} of `hparams` is also a leaf of `params0`. The initial parameters are "
+                "a constant of the run, so their hypergradient would silently be zero. To "
+                "learn an initialization, train an offset: params0 = zeros and "
+                "inner_loss(init + delta, ...) with `init` in hparams (hg.meta.MAML does this)."
+            )
         self.device = p_leaves[0].device
         self.p0 = tuple(t.detach().clone() for t in p_leaves)
         self.h = tuple(t.detach().clone() for t in h_leaves)
