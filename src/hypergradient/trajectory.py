@@ -496,10 +496,13 @@ def drmad(
 
     Fu et al. (2016). Only the initial and final states are kept; the reverse recursion of
     :func:`unrolled` is evaluated at ``s_t ~ (1 - t/T) s_0 + (t/T) s_T`` (parameters and
-    optimizer buffers alike). An approximation: it is exact for a quadratic ``f`` with
-    plain SGD only in the limit where the trajectory is a straight line, and points the
-    right way (positive cosine with :func:`unrolled`) when the run moves steadily toward
-    the minimum. Arguments as :func:`unrolled`. Cost as :func:`unrolled` without
+    optimizer buffers alike). An approximation: exact when the reverse recursion does not
+    depend on the states, i.e. SGD (with or without momentum, fixed settings) on an ``f``
+    quadratic in ``theta`` whose mixed derivative ``d_phi grad_theta f`` is constant (as
+    in benchopt's quadratic bilevel problem); otherwise, e.g. for weight decay, whose mixed
+    derivative is ``theta`` itself, exact only if the trajectory is a straight line. It
+    points the right way (positive cosine with :func:`unrolled`) when the run moves
+    steadily toward the minimum. Arguments as :func:`unrolled`. Cost as :func:`unrolled` without
     truncation; memory: two states and the ``T`` batches.
     """
     started = time.perf_counter()
