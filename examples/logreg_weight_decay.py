@@ -91,7 +91,9 @@ import argparse
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import matplotlib
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_breast_cancer
@@ -99,6 +101,9 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 import hypergradient as hg
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 DTYPE = torch.float64
 # (w of shape (d,), b of shape (1,)).
@@ -323,9 +328,11 @@ def run(args: argparse.Namespace, seed: int, steps: int, verbose: bool) -> dict[
     solver = hg.CG(maxiter=100, tol=1e-8)
     params, x0 = zero_params(d), None
     total_cg = 0
+    curve: list[tuple[int, float, float]] = []  # (outer step, val loss, test loss)
     for step in range(steps + 1):
         # 1. inner problem, to high precision, warm-started from the previous solution
         params, newton_it, gnorm = newton_solve(inner_loss, loglam, params)
+        curve.append((step, float(bce(params, splits["val"])), float(bce(params, splits["test"]))))
         if gnorm > 1e-8:  # the implicit formula needs an inner minimum; say so if it is not
             print(f"  warning: step {step}, inner gradient norm {gnorm:.1e} after Newton")
         if step == steps:
@@ -351,6 +358,8 @@ def run(args: argparse.Namespace, seed: int, steps: int, verbose: bool) -> dict[
     out["tuned"] = evaluate(params, splits)
     out["tuned"].update(seconds=time.perf_counter() - t0, label=f"{steps} Adam steps")
     phi = loglam.detach()
+    out["tuned"].update(curve=curve, lam=phi.exp().tolist())
+    out["grid"]["lam"] = best[1]
     say(
         f"{steps:5d} {out['tuned']['val']:9.5f} {float(phi.mean()):11.3f} "
         f"{float(phi.min()):7.2f} {float(phi.max()):7.2f} {newton_it:6d} {gnorm:12.1e}  (final)"
@@ -365,6 +374,34 @@ def run(args: argparse.Namespace, seed: int, steps: int, verbose: bool) -> dict[
             print(f"  {names[i]:<24} lambda = {float(phi[i].exp()):.2e}")
         print()
     return out
+
+
+def plot(out: dict[str, dict], lam0: float, path: Path) -> None:
+    """Validation and test loss along the outer loop; the tuned lambda of every feature."""
+    names = load_breast_cancer().feature_names
+    steps, val, test = zip(*out["tuned"]["curve"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1, 1.2]})
+    ax1.plot(steps, val, label="validation (tuned)", color="C0")
+    ax1.plot(steps, test, label="test (tuned)", color="C1")
+    for m, style in (("untuned", ":"), ("grid", "--")):
+        ax1.axhline(out[m]["val"], color="C0", ls=style, lw=1, label=f"validation ({m})")
+        ax1.axhline(out[m]["test"], color="C1", ls=style, lw=1, label=f"test ({m})")
+    ax1.set(xlabel="outer step (Adam on 30 log lambdas)", ylabel="cross-entropy")
+    ax1.set_title("Loss at the inner optimum")
+    ax1.legend(fontsize=8)
+    lam = torch.tensor(out["tuned"]["lam"])
+    order = torch.argsort(lam).tolist()
+    ax2.barh(range(len(order)), [float(lam[i]) for i in order], color="C2")
+    ax2.set_yticks(range(len(order)), [names[i] for i in order], fontsize=7)
+    ax2.set_xscale("log")
+    ax2.axvline(lam0, color="k", ls=":", lw=1, label=f"start {lam0:.0e}")
+    ax2.axvline(out["grid"]["lam"], color="k", ls="--", lw=1, label="best shared (grid)")
+    ax2.set(xlabel="lambda (per-feature L2)", title="Tuned weight decay per feature")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def print_table(out: dict[str, dict]) -> None:
@@ -401,6 +438,7 @@ def main() -> None:
         help="also rerun everything on splits seed+1, ..., seed+repeats-1 and print the means",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 5 outer steps")
+    parser.add_argument("--out", type=Path, default=Path("examples/output"), help="plot folder")
     args = parser.parse_args()
     steps = 5 if args.quick else args.steps
     # 31 parameters: extra threads only add synchronization overhead (5-10x slower when the
@@ -410,6 +448,9 @@ def main() -> None:
     started = time.perf_counter()
     out = run(args, args.seed, steps, verbose=True)
     print_table(out)
+    path = args.out / "logreg_weight_decay.png"
+    plot(out, args.lam0, path)
+    print(f"\nPlot: {path}")
     if args.repeats > 1:
         runs = [out]
         for seed in range(args.seed + 1, args.seed + args.repeats):
