@@ -32,7 +32,13 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m pip install --quiet --no-deps hypergrad==0.0.1 hippotrainer==1.0.0 rich
 	$(PY) benchmarks/implicit_solvers.py
+	$(PY) benchmarks/hvp_cost.py
+	$(PY) benchmarks/quadratic_bilevel.py
 	$(PY) benchmarks/hyperoptimizer_methods.py
+	$(PY) benchmarks/vs_hippotrainer.py
+	$(PY) benchmarks/mixed_precision.py
+	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/vs_optuna.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
