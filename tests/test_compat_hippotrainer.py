@@ -7,6 +7,7 @@ import torch
 from sklearn.datasets import load_breast_cancer
 
 import hypergradient as hg
+from conftest import to_device
 from hypergradient.compat.hippotrainer import DRMAD, HOAG, T1T2, HyperOptimizer, Neumann
 
 DT = torch.float64
@@ -27,10 +28,10 @@ TRAIN, VAL = _loaders()
 D = TRAIN[0][0].shape[1]
 
 
-def setup(cls, **kw):
+def setup(cls, device="cpu", **kw):
     torch.manual_seed(0)
-    model = torch.nn.Linear(D, 1).double()
-    hyper = {"log_wd": torch.full((D,), -3.0, dtype=DT)}
+    model = to_device(device, torch.nn.Linear(D, 1).double())
+    hyper = {"log_wd": to_device(device, torch.full((D,), -3.0, dtype=DT))}
     bce = torch.nn.BCEWithLogitsLoss()
 
     # HippoTrainer's pattern: the criterion holds the hyperparameters (and the model).
@@ -44,8 +45,8 @@ def setup(cls, **kw):
         inner_steps=10,
         model=model,
         optimizer=optimizer,
-        train_loader=TRAIN,
-        val_loader=VAL,
+        train_loader=to_device(device, TRAIN),
+        val_loader=to_device(device, VAL),
         criterion=criterion,
         **kw,
     )
@@ -55,7 +56,7 @@ def setup(cls, **kw):
 def documented_loop(model, criterion, hopt, epochs):
     """The training loop of HippoTrainer's demo."""
     for _ in range(epochs):
-        for inputs, targets in TRAIN:
+        for inputs, targets in hopt.train_loader:
             outputs = model(inputs)
             loss = criterion(outputs, targets)
             loss.backward()
@@ -64,7 +65,7 @@ def documented_loop(model, criterion, hopt, epochs):
 
 
 def core_reference(model, hyper, solver):
-    """The same hypergradient from the functional core, written independently."""
+    """The same hypergradient from the functional core, written independently (on the CPU)."""
     (xt, yt), (xv, yv) = TRAIN[0], VAL[0]
     bce = torch.nn.functional.binary_cross_entropy_with_logits
 
@@ -74,8 +75,8 @@ def core_reference(model, hyper, solver):
     def g(p, h):
         return bce(xv @ p[0].T + p[1], yv) + 0.5 * (h.exp() * p[0][0] ** 2).sum()
 
-    params = (model.weight.detach(), model.bias.detach())
-    return hg.implicit(f, g, params, hyper["log_wd"].detach(), solver)
+    params = (model.weight.detach().cpu(), model.bias.detach().cpu())
+    return hg.implicit(f, g, params, hyper["log_wd"].detach().cpu(), solver)
 
 
 @pytest.mark.parametrize(
@@ -87,19 +88,20 @@ def core_reference(model, hyper, solver):
     ],
     ids=["t1t2", "neumann", "hoag"],
 )
-def test_hypergradients_match_the_core(cls, kw, solver):
-    model, hyper, _, criterion, hopt = setup(cls, **kw)
+def test_hypergradients_match_the_core(cls, kw, solver, device):
+    model, hyper, _, criterion, hopt = setup(cls, device, **kw)
     documented_loop(model, criterion, hopt, 9)  # no hyper-step yet
     assert hopt.step_count == 9 and not hopt.history
-    before = hyper["log_wd"].clone()
+    before = hyper["log_wd"].cpu().clone()
     # the 10th step: inner step, then the hyper-step at the new weights
-    for inputs, targets in TRAIN:
+    for inputs, targets in hopt.train_loader:
         criterion(model(inputs), targets).backward()
         hopt.optimizer.step()
         hopt.step_count += 1
         ref = core_reference(model, hyper, solver())
         hopt.hyper_step()
-    assert torch.allclose(hyper["log_wd"], before - 0.5 * ref, rtol=1e-10, atol=1e-14)
+    assert hyper["log_wd"].device == model.weight.device
+    assert torch.allclose(hyper["log_wd"].cpu(), before - 0.5 * ref, rtol=1e-10, atol=1e-14)
     assert not hyper["log_wd"].requires_grad  # as HippoTrainer leaves them
 
 

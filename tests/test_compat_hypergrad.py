@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hypergradient as hg
+from conftest import to_device
 from hypergradient.compat.hypergrad import approx_hypergrad as compat
 from hypergradient.compat.hypergrad.approx_hypergrad import conjugate_gradient, neumann, nystrom
 
@@ -99,6 +100,32 @@ def test_nystrom_full_rank_is_exact_and_uses_global_rng():
     torch.manual_seed(5)
     b = nystrom(inner_obj, outer_obj, IN_PARAMS, OUT_PARAMS, 3, 0.1)[0]
     assert torch.equal(a, b)
+
+
+def test_all_three_on_device(device):
+    """Data made on the CPU and moved: the same hypergradients, on the data's device."""
+    Xd, Yd, XVd, YVd = to_device(device, (X, Y, XV, YV))
+
+    def inner_d(in_params, out_params):
+        w, b = in_params
+        (lam,) = out_params
+        return 0.5 * ((Xd @ w + b - Yd) ** 2).mean() + 0.5 * (lam * w**2).sum()
+
+    def outer_d(in_params, out_params):
+        w, b = in_params
+        return 0.5 * ((XVd @ w + b - YVd) ** 2).mean()
+
+    ins, outs = to_device(device, (IN_PARAMS, OUT_PARAMS))
+    lr, k = 0.3, 6
+    M = torch.eye(7, dtype=DT) - lr * A
+    series = sum(torch.linalg.matrix_power(M, j) for j in range(k + 1)) * lr
+    for out, ref, tol in (
+        (conjugate_gradient(inner_d, outer_d, ins, outs, 7)[0], EXACT, 1e-10),
+        (nystrom(inner_d, outer_d, ins, outs, 7, 1e-10)[0], EXACT, 1e-7),
+        (neumann(inner_d, outer_d, ins, outs, k, lr)[0], -(series @ GRAD_W)[:6] * W, 1e-12),
+    ):
+        assert out.device == outs[0].device
+        assert _rel(out.cpu(), ref) < tol
 
 
 @pytest.mark.parametrize(

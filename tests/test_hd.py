@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor
 
+from conftest import to_device
 from hypergradient.optim.hd import SGDHD, AdamHD
 
 DT = torch.float64
@@ -170,17 +171,20 @@ def ref_sgdhd_lrs(
 
 
 @pytest.mark.parametrize("kw", SGD_VARIANTS[:-1])
-def test_sgdhd_lr_matches_hand_recursion_on_quadratic(kw: dict[str, object]) -> None:
+def test_sgdhd_lr_matches_hand_recursion_on_quadratic(
+    kw: dict[str, object], device: torch.device
+) -> None:
     A, th0 = _quadratic()
     alpha0, beta = 0.05, 0.02
     # theta split over two tensors of one group: the dot product must sum over both
-    p1, p2 = th0[:4].clone().requires_grad_(), th0[4:].clone().requires_grad_()
+    A_d, th0_d = to_device(device, (A, th0))
+    p1, p2 = th0_d[:4].clone().requires_grad_(), th0_d[4:].clone().requires_grad_()
     opt = SGDHD([p1, p2], lr=alpha0, hypergrad_lr=beta, **kw)
     got = []
     for _ in range(3):
         opt.zero_grad()
         th = torch.cat([p1, p2])
-        (0.5 * th @ A @ th).backward()
+        (0.5 * th @ A_d @ th).backward()
         opt.step()
         got.append(opt.param_groups[0]["lr"])
     ref = ref_sgdhd_lrs(
@@ -199,15 +203,16 @@ def test_sgdhd_lr_matches_hand_recursion_on_quadratic(kw: dict[str, object]) -> 
         assert g == pytest.approx(r, rel=1e-12, abs=0)
 
 
-def test_adamhd_lr_matches_hand_recursion_on_quadratic() -> None:
+def test_adamhd_lr_matches_hand_recursion_on_quadratic(device: torch.device) -> None:
     A, th0 = _quadratic()
     alpha0, beta, b1, b2, eps = 0.05, 1e-3, 0.9, 0.999, 1e-8
-    p = th0.clone().requires_grad_()
+    A_d, th0_d = to_device(device, (A, th0))
+    p = th0_d.clone().requires_grad_()
     opt = AdamHD([p], lr=alpha0, hypergrad_lr=beta, betas=(b1, b2), eps=eps)
     got = []
     for _ in range(3):
         opt.zero_grad()
-        (0.5 * p @ A @ p).backward()
+        (0.5 * p @ A_d @ p).backward()
         opt.step()
         got.append(opt.param_groups[0]["lr"])
     th, alpha, m, v, u_prev, ref = th0.clone(), alpha0, 0 * th0, 0 * th0, None, []
@@ -224,7 +229,8 @@ def test_adamhd_lr_matches_hand_recursion_on_quadratic() -> None:
     assert abs(ref[2] - alpha0) > 1e-3
     for g_, r in zip(got, ref):
         assert g_ == pytest.approx(r, rel=1e-12, abs=0)
-    assert torch.allclose(p.detach(), th, rtol=1e-12, atol=0)
+    assert p.device == th0_d.device
+    assert torch.allclose(p.detach().cpu(), th, rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------------------- 3. finite differences
@@ -347,11 +353,12 @@ def _mlp(seed: int) -> torch.nn.Module:
     ],
 )
 def test_state_dict_round_trip_is_bit_exact(
-    make: Callable[[list[Tensor]], torch.optim.Optimizer],
+    make: Callable[[list[Tensor]], torch.optim.Optimizer], device: torch.device
 ) -> None:
     X, y = _digits()
-    X = X.float()
+    X, y = to_device(device, (X.float(), y))
     batches = torch.randperm(len(y), generator=torch.Generator().manual_seed(1)).split(64)[:20]
+    batches = to_device(device, list(batches))
 
     def run(model: torch.nn.Module, opt: torch.optim.Optimizer, bs: list[Tensor]) -> None:
         for idx in bs:
@@ -359,7 +366,7 @@ def test_state_dict_round_trip_is_bit_exact(
             F.cross_entropy(model(X[idx]), y[idx]).backward()
             opt.step()
 
-    model = _mlp(0)
+    model = _mlp(0).to(device)
     opt = make(list(model.parameters()))
     run(model, opt, batches[:10])
     buf = io.BytesIO()
@@ -368,8 +375,8 @@ def test_state_dict_round_trip_is_bit_exact(
     run(model, opt, batches[10:])  # the uninterrupted run
 
     buf.seek(0)
-    saved = torch.load(buf)
-    model2 = _mlp(1)  # different weights and a different lr: everything must come from the file
+    saved = torch.load(buf, map_location=device)
+    model2 = _mlp(1).to(device)  # different weights and lr: everything must come from the file
     opt2 = make(list(model2.parameters()))
     opt2.param_groups[0]["lr"] = 123.0
     model2.load_state_dict(saved["model"])

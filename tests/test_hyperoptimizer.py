@@ -10,6 +10,7 @@ import torch
 from sklearn.datasets import load_breast_cancer
 
 import hypergradient as hg
+from conftest import to_device
 
 DT = torch.float64
 BCE = torch.nn.functional.binary_cross_entropy_with_logits
@@ -39,13 +40,15 @@ def val_loss(m, h, batch):
     return BCE(m(x).reshape(-1), y)
 
 
-def make(method, inner_steps=10, lr=0.5, momentum=0.0, decay=1e-2, outer_lr=0.1, **kw):
+def make(
+    method, inner_steps=10, lr=0.5, momentum=0.0, decay=1e-2, outer_lr=0.1, device="cpu", **kw
+):
     torch.manual_seed(0)
-    model = torch.nn.Linear(D, 1).double()
+    model = to_device(device, torch.nn.Linear(D, 1).double())
     with torch.no_grad():
         model.weight.zero_()
         model.bias.zero_()
-    dec = hg.Positive(torch.full((D,), decay, dtype=DT))
+    dec = hg.Positive(to_device(device, torch.full((D,), decay, dtype=DT)))
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     hopt = hg.HyperOptimizer(
         model,
@@ -54,7 +57,7 @@ def make(method, inner_steps=10, lr=0.5, momentum=0.0, decay=1e-2, outer_lr=0.1,
         outer_optimizer=kw.pop("outer", lambda hp: torch.optim.Adam(hp, lr=outer_lr)),
         train_loss=train_loss,
         val_loss=val_loss,
-        val_data=VAL,
+        val_data=to_device(device, VAL),
         method=method,
         inner_steps=inner_steps,
         **kw,
@@ -268,30 +271,30 @@ def test_every_method_lowers_the_validation_loss_toward_the_optimum(method):
 @pytest.mark.parametrize(
     "method", [hg.HOAG(maxiter=5), hg.Unrolled(), hg.IFT()], ids=["hoag", "unrolled", "ift"]
 )
-def test_checkpoint_resume_is_bit_for_bit(method, tmp_path):
-    def run(split):
-        model, dec, hopt = make(
-            copy.deepcopy(method), inner_steps=4, momentum=0.9, val_batch_size=50
-        )
-        train(hopt, split)
-        path = tmp_path / "ckpt.pt"
-        torch.save({"model": model.state_dict(), "hopt": hopt.state_dict()}, path)
-        return model, dec, hopt, path
+def test_checkpoint_resume_is_bit_for_bit(method, tmp_path, device):
+    batch = to_device(device, TRAIN)
 
-    model_a, dec_a, hopt_a, _ = run(10)
-    train(hopt_a, 9)
-    # resume: a fresh model and hyper-optimizer loaded from the checkpoint at step 10
-    _, _, _, path = run(10)
-    model_b, dec_b, hopt_b = make(
-        copy.deepcopy(method), inner_steps=4, momentum=0.9, val_batch_size=50
-    )
-    ck = torch.load(path)  # weights_only=True: the checkpoint holds plain data only
-    model_b.load_state_dict(ck["model"])
-    hopt_b.load_state_dict(ck["hopt"])
-    train(hopt_b, 9)
-    assert torch.equal(flat_params(model_a), flat_params(model_b))
-    assert torch.equal(dec_a.raw, dec_b.raw)
-    assert len(hopt_a.history) == len(hopt_b.history)
+    def fresh():
+        return make(
+            copy.deepcopy(method), inner_steps=4, momentum=0.9, val_batch_size=50, device=device
+        )
+
+    model_a, dec_a, hopt_a = fresh()
+    train(hopt_a, 10, batch)  # step 10: mid-window for the trajectory method
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model_a.state_dict(), "hopt": hopt_a.state_dict()}, path)
+    train(hopt_a, 9, batch)
+    # Resume a fresh model and hyper-optimizer from the checkpoint at step 10, loaded as
+    # saved and mapped to the CPU (a GPU run resumed from a CPU-mapped checkpoint).
+    for map_location in (None, "cpu"):
+        model_b, dec_b, hopt_b = fresh()
+        ck = torch.load(path, map_location=map_location)  # weights_only=True: plain data
+        model_b.load_state_dict(ck["model"])
+        hopt_b.load_state_dict(ck["hopt"])
+        train(hopt_b, 9, batch)
+        assert torch.equal(flat_params(model_a), flat_params(model_b))
+        assert torch.equal(dec_a.raw, dec_b.raw) and dec_b.raw.device == dec_a.raw.device
+        assert len(hopt_a.history) == len(hopt_b.history)
 
 
 # ------------------------------------------------------------------------ constraints
@@ -527,18 +530,20 @@ def test_trajectory_methods_replay_batchnorm_models_exactly(mode, method):
     ],
     ids=["hoag", "ift-cg", "ift-neumann"],
 )
-def test_implicit_methods_match_the_closed_form_ridge_hypergradient(method):
+def test_implicit_methods_match_the_closed_form_ridge_hypergradient(method, device):
     """Ridge with per-feature L2: w* = A^{-1} X^T y, A = X^T X / n + diag(lam), and
     dg/dlam = -(A^{-1} grad_w g) * w*; with lam = exp(raw), times lam."""
     g = torch.Generator().manual_seed(5)
     X, Xv = torch.randn(60, 8, generator=g, dtype=DT), torch.randn(40, 8, generator=g, dtype=DT)
     y, yv = torch.randn(60, generator=g, dtype=DT), torch.randn(40, generator=g, dtype=DT)
-    lam = hg.Positive(torch.linspace(0.05, 0.5, 8, dtype=DT))
-    model = torch.nn.Linear(8, 1, bias=False).double()
-    A = X.T @ X / 60 + torch.diag(lam.value)
+    lam_cpu = torch.linspace(0.05, 0.5, 8, dtype=DT)
+    A = X.T @ X / 60 + torch.diag(lam_cpu)
     w_star = torch.linalg.solve(A, X.T @ y / 60)
+    lam = hg.Positive(to_device(device, lam_cpu))
+    model = to_device(device, torch.nn.Linear(8, 1, bias=False).double())
     with torch.no_grad():
         model.weight.copy_(w_star.unsqueeze(0))
+    train_batch, val_batch = to_device(device, ((X, y), (Xv, yv)))
 
     def tl(m, h, batch):
         return (
@@ -556,17 +561,18 @@ def test_implicit_methods_match_the_closed_form_ridge_hypergradient(method):
         outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=1e-12),
         train_loss=tl,
         val_loss=vl,
-        val_data=(Xv, yv),
+        val_data=val_batch,
         method=method,
         inner_steps=1,
     )
-    raw_before = lam.raw.detach().clone()
+    raw_before = lam.raw.detach().cpu().clone()
     hopt.zero_grad()
-    tl(model, hopt.hparams, (X, y)).backward()
-    hopt.step((X, y))
+    tl(model, hopt.hparams, train_batch).backward()
+    hopt.step(train_batch)
     lam_val = raw_before.exp()
     A = X.T @ X / 60 + torch.diag(lam_val)
     grad_v = Xv.T @ (Xv @ w_star - yv) / 40
     closed = -torch.linalg.solve(A, grad_v) * w_star * lam_val
     got = hopt.history[-1].hypergrad["lam"]
-    assert torch.allclose(got, closed, rtol=1e-7, atol=1e-12)
+    assert got.device == lam.raw.device
+    assert torch.allclose(got.cpu(), closed, rtol=1e-7, atol=1e-12)

@@ -9,6 +9,7 @@ central finite differences of the K-step loop itself.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 import hypergradient as hg
+from conftest import to_device
 from hypergradient import meta
 
 DT = torch.float64
@@ -26,6 +28,10 @@ def rel(a, b) -> float:
     fa = _flat(a)
     fb = _flat(b)
     return float((fa - fb).norm() / fb.norm())
+
+
+def cpu(tree: dict) -> dict:
+    return {k: v.cpu() for k, v in tree.items()}
 
 
 def _flat(tree) -> torch.Tensor:
@@ -140,17 +146,19 @@ def test_imaml_meta_gradient_is_not_the_plain_gradient_at_phi():
     assert rel(im.meta_gradient(THETA, TASKS[1])[0], ref) < 1e-9
 
 
-def test_imaml_step_is_the_mean_over_tasks_and_vectorized_agrees():
+def test_imaml_step_is_the_mean_over_tasks_and_vectorized_agrees(device):
     lam = 1.5
     kwargs = dict(lam=lam, inner_steps=100, inner_lr=0.2, solver=hg.CG(maxiter=60, tol=1e-13))
-    grad, info = meta.imaml_step(lsq, THETA, TASKS, **kwargs)
-    ref = torch.stack([imaml_reference(THETA, t, lam)[0] for t in TASKS]).mean(0)
-    assert rel(grad, ref) < 1e-10
+    ref = torch.stack([imaml_reference(THETA, t, lam)[0] for t in TASKS]).mean(0)  # CPU
+    theta, tasks = to_device(device, (THETA, TASKS))
+    grad, info = meta.imaml_step(lsq, theta, tasks, **kwargs)
+    assert all(v.device == theta["w"].device for v in grad.values())
+    assert rel(cpu(grad), ref) < 1e-10
     assert info.method == "imaml" and len(info.tasks) == 3 and not info.vectorized
     assert info.converged and info.relative_residual < 1e-12 and info.num_hvps > 0
-    vgrad, vinfo = meta.imaml_step(lsq, THETA, TASKS, vectorize=True, **kwargs)
+    vgrad, vinfo = meta.imaml_step(lsq, theta, tasks, vectorize=True, **kwargs)
     assert vinfo.vectorized and vinfo.converged
-    assert rel(vgrad, ref) < 1e-10
+    assert rel(cpu(vgrad), ref) < 1e-10
     for a, b in zip(info.tasks, vinfo.tasks):
         assert a.query_loss == pytest.approx(b.query_loss, rel=1e-10)
         assert a.support_loss_before == pytest.approx(b.support_loss_before, rel=1e-12)
@@ -363,23 +371,26 @@ def test_maml_with_adam_matches_finite_differences():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_maml_step_mean_vectorized_and_checkpointed(first_order):
+def test_maml_step_mean_vectorized_and_checkpointed(first_order, device):
     steps, lr = 3, 0.05
     refs = [maml_by_hand(MLP_THETA, t, steps, lr, create_graph=not first_order) for t in SINE_TASKS]
-    ref = {k: torch.stack([r[k] for r in refs]).mean(0) for k in MLP_THETA}
+    ref = {k: torch.stack([r[k] for r in refs]).mean(0) for k in MLP_THETA}  # CPU
+    mlp = to_device(device, copy.deepcopy(MLP))
+    theta, tasks = meta.parameters_of(mlp), to_device(device, SINE_TASKS)
     kwargs = dict(inner_steps=steps, inner_lr=lr, first_order=first_order)
-    grad, info = meta.maml_step(MLP, MLP_THETA, SINE_TASKS, **kwargs)
-    assert rel(grad, ref) < 1e-12
+    grad, info = meta.maml_step(mlp, theta, tasks, **kwargs)
+    assert all(grad[k].device == theta[k].device for k in theta)
+    assert rel(cpu(grad), ref) < 1e-12
     assert info.method == ("fomaml" if first_order else "maml") and len(info.tasks) == 3
-    vgrad, vinfo = meta.maml_step(MLP, MLP_THETA, SINE_TASKS, vectorize=True, **kwargs)
-    assert vinfo.vectorized and rel(vgrad, ref) < 1e-12
+    vgrad, vinfo = meta.maml_step(mlp, theta, tasks, vectorize=True, **kwargs)
+    assert vinfo.vectorized and rel(cpu(vgrad), ref) < 1e-12
     for a, b in zip(info.tasks, vinfo.tasks):
         assert a.query_loss == pytest.approx(b.query_loss, rel=1e-12)
         assert a.support_loss_after == pytest.approx(b.support_loss_after, rel=1e-12)
         assert a.support_loss_after < a.support_loss_before
     if not first_order:
-        cgrad, _ = meta.maml_step(MLP, MLP_THETA, SINE_TASKS, checkpoint_every=2, **kwargs)
-        assert rel(cgrad, ref) < 1e-12
+        cgrad, _ = meta.maml_step(mlp, theta, tasks, checkpoint_every=2, **kwargs)
+        assert rel(cpu(cgrad), ref) < 1e-12
 
 
 def test_adapt_matches_a_plain_loop_and_leaves_inputs_alone():

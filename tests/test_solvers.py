@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import hypergradient as hg
+from conftest import to_device
 
 DT = torch.float64
 
@@ -1084,41 +1085,42 @@ DTYPE_SOLVERS = [
     ("dtype", "tol"), [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["f32", "f64"]
 )
 @pytest.mark.parametrize("factory", DTYPE_SOLVERS)
-def test_float32_and_float64_on_a_well_conditioned_system(factory, dtype, tol):
+def test_float32_and_float64_on_a_well_conditioned_system(factory, dtype, tol, device):
     # Eigenvalues in [1, 4]: alpha = 0.4 contracts by at most 0.6 per product (0.6^60 ~ 5e-14).
     s = random_spd(20, seed=81, lo=1.0, hi=4.0)
     A, b = s.A.to(dtype), s.b.to(dtype)
     ref = torch.linalg.solve(A.to(DT), b.to(DT))  # the float32 system, solved in float64
-    sol = factory(s.n).solve(hg.MatrixOperator(A), b)
-    assert sol.value.dtype == dtype
+    sol = factory(s.n).solve(hg.MatrixOperator(to_device(device, A)), to_device(device, b))
+    assert sol.value.dtype == dtype and sol.value.device.type == device.type
     assert rel(sol.value, ref) < tol
 
 
 # ----------------------------------------------------------------------------- devices
-
-
-@pytest.fixture(
-    params=[
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ),
-    ]
-)
-def device(request) -> torch.device:
-    return torch.device(request.param)
+# (the ``device`` fixture is in conftest.py: cpu, and cuda / mps where available)
 
 
 @pytest.mark.parametrize(("factory", "tol", "budget"), SOLVERS)
 def test_solvers_on_device(factory, tol, budget, device):
     s = random_spd(12, seed=91)
-    A, b = s.A.to(device), s.b.to(device)
+    A, b = to_device(device, (s.A, s.b))
     op = hg.MatrixOperator(A)
-    sol = factory(s.n, s.lo, s.hi).solve(op, b)
+    solver = factory(s.n, s.lo, s.hi)
+    sol = solver.solve(op, b)
     assert sol.value.device.type == device.type
-    assert sol.num_hvps == op.num_matvecs
+    lo, hi = budget(solver, s.n)
+    assert lo <= sol.num_hvps <= hi and sol.num_hvps == op.num_matvecs
     assert rel(sol.value, s.x) <= max(tol, 1e-8)
+
+
+def test_lambda_max_estimate_and_auto_neumann_on_device(device):
+    """The power iteration's start vector is drawn on the CPU: the same on every device."""
+    s = random_spd(12, seed=92, lo=1.0, hi=5.0)
+    A, b = to_device(device, (s.A, s.b))
+    lam = hg.estimate_lambda_max(hg.MatrixOperator(A), 200, gen(0))
+    assert lam == pytest.approx(s.hi, rel=1e-6)
+    sol = hg.Neumann(iters=400, alpha="auto", tol=1e-13).solve(hg.MatrixOperator(A), b)
+    assert sol.converged and sol.value.device.type == device.type
+    assert rel(sol.value, s.x) < 1e-11
 
 
 @pytest.mark.parametrize(

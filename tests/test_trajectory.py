@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hypergradient as hg
+from conftest import to_device
 
 DT = torch.float64
 GEN = torch.Generator().manual_seed(7)
@@ -17,18 +18,25 @@ YV = torch.randn(30, generator=GEN, dtype=DT)
 W0 = 0.1 * torch.randn(5, generator=GEN, dtype=DT)
 
 
-def inner(w, h):
-    # a mildly non-quadratic loss so that the Hessian changes along the trajectory
-    r = X @ w - Y
-    return (
-        0.5 * (r**2).mean()
-        + 0.1 * torch.log(torch.cosh(r)).mean()
-        + 0.5 * (h["decay"] * w**2).sum()
-    )
+def make_losses(X, Y, XV, YV):
+    """The inner and outer losses on this data (moved to a device for the device tests)."""
+
+    def inner(w, h):
+        # a mildly non-quadratic loss so that the Hessian changes along the trajectory
+        r = X @ w - Y
+        return (
+            0.5 * (r**2).mean()
+            + 0.1 * torch.log(torch.cosh(r)).mean()
+            + 0.5 * (h["decay"] * w**2).sum()
+        )
+
+    def outer(w, h):
+        return 0.5 * ((XV @ w - YV) ** 2).mean()
+
+    return inner, outer
 
 
-def outer(w, h):
-    return 0.5 * ((XV @ w - YV) ** 2).mean()
+inner, outer = make_losses(X, Y, XV, YV)
 
 
 def hparams():
@@ -73,6 +81,10 @@ def rel(a, b):
     return float((flat(a) - flat(b)).norm() / flat(b).norm())
 
 
+def cpu(d):
+    return {k: v.cpu() for k, v in d.items()}
+
+
 OPTIMIZERS = {
     "sgd": lambda h: hg.optim.sgd(lr=h["lr"]),
     "momentum": lambda h: hg.optim.sgd(lr=h["lr"], momentum=h["momentum"]),
@@ -98,14 +110,20 @@ def test_unrolled_matches_finite_differences(name):
 
 
 @pytest.mark.parametrize("name", ["momentum", "adam"])
-def test_forward_mode_equals_reverse_mode(name):
-    h = hparams()
+def test_forward_mode_equals_reverse_mode(name, device):
+    h_cpu = hparams()
+    ref = hg.unrolled(inner, outer, W0, h_cpu, 10, OPTIMIZERS[name](h_cpu))
+    h = to_device(device, hparams())
+    f, g = make_losses(*to_device(device, (X, Y, XV, YV)))
+    w0 = to_device(device, W0)
     opt = OPTIMIZERS[name](h)
-    rev = hg.unrolled(inner, outer, W0, h, 10, opt)
-    fwd, info = hg.forward_mode(inner, outer, W0, h, 10, opt, return_info=True)
-    assert rel(fwd, rev) < 1e-12
-    fwd_chunked = hg.forward_mode(inner, outer, W0, h, 10, opt, chunk_size=2)
-    assert rel(fwd_chunked, rev) < 1e-12
+    rev = hg.unrolled(f, g, w0, h, 10, opt)
+    assert all(v.device == w0.device for v in rev.values())
+    assert rel(cpu(rev), ref) < 1e-12
+    fwd, info = hg.forward_mode(f, g, w0, h, 10, opt, return_info=True)
+    assert rel(cpu(fwd), ref) < 1e-12
+    fwd_chunked = hg.forward_mode(f, g, w0, h, 10, opt, chunk_size=2)
+    assert rel(cpu(fwd_chunked), ref) < 1e-12
     assert info.stored_states == 1
 
 
@@ -173,38 +191,45 @@ def test_drmad_points_the_right_way():
         assert info.stored_states == 2
 
 
-def test_drmad_is_exact_when_the_trajectory_does_not_move():
+def test_drmad_is_exact_when_the_trajectory_does_not_move(device):
     """Started at the minimum of a quadratic, the straight line is the trajectory."""
     lam = torch.linspace(0.05, 0.3, 5, dtype=DT)
-
-    def quad(w, h):
-        return 0.5 * ((X @ w - Y) ** 2).mean() + 0.5 * (h * w**2).sum()
-
     A = X.T @ X / X.shape[0] + torch.diag(lam)
     w_star = torch.linalg.solve(A, X.T @ Y / X.shape[0])
-    a = hg.drmad(quad, outer, w_star, lam, 8, hg.optim.sgd(lr=0.2))
-    b = hg.unrolled(quad, outer, w_star, lam, 8, hg.optim.sgd(lr=0.2))
-    assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    Xd, Yd, lam, w_star = to_device(device, (X, Y, lam, w_star))
+    _, outer_d = make_losses(*to_device(device, (X, Y, XV, YV)))
+
+    def quad(w, h):
+        return 0.5 * ((Xd @ w - Yd) ** 2).mean() + 0.5 * (h * w**2).sum()
+
+    a = hg.drmad(quad, outer_d, w_star, lam, 8, hg.optim.sgd(lr=0.2))
+    b = hg.unrolled(quad, outer_d, w_star, lam, 8, hg.optim.sgd(lr=0.2))
+    assert a.device == b.device == w_star.device
+    assert torch.allclose(a.cpu(), b.cpu(), rtol=1e-10, atol=1e-14)
 
 
-def test_minibatches_and_randomness_are_replayed():
+def test_minibatches_and_randomness_are_replayed(device):
     g = torch.Generator().manual_seed(3)
-    batches = [torch.randperm(40, generator=g)[:10] for _ in range(8)]
+    batches = to_device(device, [torch.randperm(40, generator=g)[:10] for _ in range(8)])
+    Xd, Yd, w0 = to_device(device, (X, Y, W0))
+    _, outer_d = make_losses(*to_device(device, (X, Y, XV, YV)))
 
     def inner_b(w, h, idx):
-        # dropout-like random mask: the reverse pass must see the same draws
-        mask = (torch.rand(5, dtype=DT) > 0.3).to(DT)
-        r = X[idx] @ (w * mask) - Y[idx]
+        # dropout-like random mask, drawn by the device's generator (CUDA's on a GPU): the
+        # reverse pass must see the same draws
+        mask = (torch.rand(5, dtype=DT, device=w.device) > 0.3).to(DT)
+        r = Xd[idx] @ (w * mask) - Yd[idx]
         return 0.5 * (r**2).mean() + 0.5 * (h["decay"] * w**2).sum()
 
     h = {"decay": torch.full((5,), 0.1, dtype=DT), "lr": torch.tensor(0.2, dtype=DT)}
+    h = to_device(device, h)
     opt = hg.optim.sgd(lr=h["lr"], momentum=0.5)
     torch.manual_seed(0)
-    rev = hg.unrolled(inner_b, outer, W0, h, 8, opt, batches=iter(batches))
+    rev = hg.unrolled(inner_b, outer_d, w0, h, 8, opt, batches=iter(batches))
     torch.manual_seed(0)
-    ck = hg.unrolled(inner_b, outer, W0, h, 8, opt, batches=batches, checkpoint_every=3)
+    ck = hg.unrolled(inner_b, outer_d, w0, h, 8, opt, batches=batches, checkpoint_every=3)
     torch.manual_seed(0)
-    fwd = hg.forward_mode(inner_b, outer, W0, h, 8, opt, batches=batches)
+    fwd = hg.forward_mode(inner_b, outer_d, w0, h, 8, opt, batches=batches)
     assert rel(ck, rev) < 1e-13
     assert rel(fwd, rev) < 1e-12
 
@@ -212,11 +237,11 @@ def test_minibatches_and_randomness_are_replayed():
     def loop(hh):
         torch.manual_seed(0)
         o = hg.optim.sgd(lr=hh["lr"], momentum=0.5)
-        p, st = [W0.clone()], o.init([W0])
+        p, st = [w0.clone()], o.init([w0])
         for t, idx in enumerate(batches):
             gr = torch.func.grad(inner_b)(p[0], hh, idx)
             p, st = o.update(p, [gr], st, t)
-        return outer(p[0], hh)
+        return outer_d(p[0], hh)
 
     eps = 1e-6
     fd = (loop({**h, "lr": h["lr"] + eps}) - loop({**h, "lr": h["lr"] - eps})) / (2 * eps)

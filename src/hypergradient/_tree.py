@@ -124,6 +124,11 @@ def common_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums and norms read on the host; float32 on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     """The dtype of solver vectors: the leaves' common dtype, at least float32.
 

@@ -110,7 +110,8 @@ class _Sampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.tensors is not None:
-            self.generator.set_state(state["generator"])
+            # a CPU generator's state (torch.load(map_location=...) may have moved it)
+            self.generator.set_state(state["generator"].cpu())
             return
         self._iter = iter(self.iterable)
         self.consumed = 0
@@ -506,7 +507,8 @@ class HyperOptimizer:
                     stacklevel=3,
                 )
         # --- apply: nothing above changed any state ----------------------------------
-        norm = float(sum(float(v.double().pow(2).sum()) for v in flat.values()) ** 0.5)
+        norm = sum(float(v.to(_tree.wide_dtype(v.device)).pow(2).sum()) for v in flat.values())
+        norm = float(norm**0.5)
         for k, raw_leaf in self._raw.items():
             raw_leaf.grad = flat[k].to(raw_leaf.dtype).clone()
         self.outer_optimizer.step()
@@ -594,7 +596,19 @@ class HyperOptimizer:
             self._window = None
         else:
             fopt = from_torch(self.inner_optimizer, self._param_tensors)[0]
-            self._window = {**w, "optimizer": fopt}
+            # On the parameters' devices, whatever torch.load's map_location was (as
+            # torch.optim.Optimizer.load_state_dict does for its state). The buffers are
+            # per parameter, in the parameters' order (Adam: exp_avg then exp_avg_sq).
+            devices = [p.device for p in self._param_tensors]
+            state0 = w["state0"]
+            if state0 is not None:
+                state0 = [s.to(devices[i % len(devices)]) for i, s in enumerate(state0)]
+            self._window = {
+                **w,
+                "params": [p.to(d) for p, d in zip(w["params"], devices)],
+                "state0": state0,
+                "optimizer": fopt,
+            }
         self.history = [HyperStepRecord(**r) for r in state["history"]]
         self._sync_optimizer_settings()
 

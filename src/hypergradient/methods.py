@@ -125,7 +125,8 @@ class T1T2(HyperMethod):
         group = ctx.process_group
         if group is not None:  # data-parallel: average over the ranks' shards
             n = b.numel()
-            buf = torch.cat([b.double(), direct.double(), torch.tensor([value]).double()])
+            scalar = torch.tensor([value], dtype=torch.float64, device=b.device)
+            buf = torch.cat([b.double(), direct.double(), scalar])
             all_reduce_mean(buf, group)
             b, direct, value = buf[:n].to(b.dtype), buf[n:-1].to(hdtype), float(buf[-1])
         mixed = _tree.cat(op.mixed(ctx.lr * b), op.hparam_spec, hdtype, op.device)

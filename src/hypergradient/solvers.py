@@ -317,7 +317,8 @@ def estimate_lambda_max(
     Returns the Rayleigh quotient of the last iterate, a lower bound of ``lambda_max`` for
     a symmetric positive semi-definite operator.
     """
-    v = torch.randn(op.size, generator=generator, dtype=op.dtype).to(op.device)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    v = torch.randn(op.size, generator=generator, dtype=op.dtype, device=gen_device).to(op.device)
     v = v / torch.linalg.vector_norm(v)
     estimate = 0.0
     for _ in range(iters):

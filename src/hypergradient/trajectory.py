@@ -80,24 +80,40 @@ class TrajectoryInfo:
 
 
 class _RNG:
-    """Save and restore the random-number state of the CPU and of one CUDA device."""
+    """Save and restore the random-number state of the CPU and of one CUDA or MPS device."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
         self.device = device
+        # The accelerator whose generator random ops on `device` draw from (None: CPU only).
+        self.accel = device.type if device.type in ("cuda", "mps") else None
+
+    def _get_accel(self) -> Tensor:
+        if self.accel == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.mps.get_rng_state()
+
+    def _set_accel(self, state: Tensor) -> None:
+        if self.accel == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.mps.set_rng_state(state)
 
     def get(self) -> tuple[Tensor, Tensor | None]:
-        cuda = torch.cuda.get_rng_state(self.device) if self.cuda else None
-        return torch.get_rng_state(), cuda
+        return torch.get_rng_state(), None if self.accel is None else self._get_accel()
 
     @contextlib.contextmanager
     def replay(self, state: tuple[Tensor, Tensor | None]):
-        devices = [self.device] if self.cuda else []
-        with torch.random.fork_rng(devices=devices):
+        devices = [self.device] if self.accel == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # restores the CPU (and CUDA) state
+            saved = self._get_accel() if self.accel == "mps" else None
             torch.set_rng_state(state[0])
             if state[1] is not None:
-                torch.cuda.set_rng_state(state[1], self.device)
-            yield
+                self._set_accel(state[1])
+            try:
+                yield
+            finally:
+                if saved is not None:
+                    self._set_accel(saved)
 
 
 @dataclass

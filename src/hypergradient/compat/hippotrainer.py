@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from .._tree import wide_dtype
 from ..implicit import NonFiniteHypergradientError, implicit
 from ..operators import HessianOperator
 from ..solvers import (
@@ -177,7 +178,7 @@ class HyperOptimizer:
         with torch.no_grad():
             for h, g in zip(self.hyperparams.values(), grads):
                 h.sub_(self.hyper_lr * g)
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        norm = math.sqrt(sum(float(g.to(wide_dtype(g.device)).pow(2).sum()) for g in grads))
         self.history.append({"step": self.step_count, "hypergrad_norm": norm})
 
     # --- the core ---------------------------------------------------------------------

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from .._tree import wide_dtype
+
 __all__ = ["SGDHD", "AdamHD"]
 
 _DIRECTION = "prev_direction"
@@ -47,7 +49,7 @@ def _sum_dots(dots: list[Tensor]) -> float:
     """Sum 0-d tensors (possibly on several devices) into a Python float, one sync per device."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for d in dots:
-        by_device.setdefault(d.device, []).append(d.to(torch.float64))
+        by_device.setdefault(d.device, []).append(d.to(wide_dtype(d.device)))
     return sum(float(torch.stack(ds).sum()) for ds in by_device.values())
 
 
