@@ -278,34 +278,33 @@ def test_hyperoptimizer_with_ddp_on_two_processes_matches_single_process():
         assert results.get(rank) == "ok", results.get(rank)
 
 
-def test_torchrun_example_prints_the_same_figures_on_every_rank():
+def test_torchrun_example_prints_the_same_figures_on_every_rank(tmp_path):
     import re
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parent.parent / "examples" / "distributed_weight_decay.py"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(script),
-        "--quick",
-    ]
+    # --standalone: torchrun picks a free port itself; --redirects 3: each rank's stdout and
+    # stderr go to their own files, so the ranks' lines cannot interleave.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd += ["2", "--redirects", "3", "--log-dir", str(tmp_path), str(script), "--quick"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("[rank")]
+    logs = {p: p.read_text() for p in sorted(tmp_path.rglob("*.log"))}
+    assert done.returncode == 0, done.stderr[-4000:] + "\n".join(
+        f"--- {p}\n{t[-2000:]}" for p, t in logs.items()
+    )
     by_rank: dict[str, list[str]] = {}
-    for ln in lines:
-        rank, rest = ln.split("]", 1)
-        # timings differ between ranks; the figures must not
-        rest = re.sub(r"in [0-9.]+ s|mean hyper-step [0-9.]+ ms", "", rest)
-        by_rank.setdefault(rank, []).append(rest)
-    assert set(by_rank) == {"[rank 0/2", "[rank 1/2"}
+    for path, text in logs.items():
+        if path.name != "stdout.log":
+            continue
+        for ln in text.splitlines():
+            if ln.startswith("[rank"):
+                rank, rest = ln.split("]", 1)
+                # timings differ between ranks; the figures must not
+                rest = re.sub(r"in [0-9.]+ s|mean hyper-step [0-9.]+ ms", "", rest)
+                by_rank.setdefault(rank, []).append(rest)
+    assert set(by_rank) == {"[rank 0/2", "[rank 1/2"}, logs
     assert by_rank["[rank 0/2"] == by_rank["[rank 1/2"]
     assert "checksum" in " ".join(by_rank["[rank 0/2"])
