@@ -14,6 +14,7 @@ References: Bengio (2000), "Gradient-based optimization of hyperparameters"; Ped
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -168,7 +169,8 @@ def _finish(
         x = torch.zeros_like(b)
         sol_status, converged, residual, iters, stats = "converged", True, 0.0, 0, {}
     else:
-        sol = solver.solve(system, b, x0_flat)
+        with _autocast_off(op.device):
+            sol = solver.solve(system, b, x0_flat)
         x, sol_status, converged = sol.value, sol.status, sol.converged
         residual, iters, stats = sol.residual_norm, sol.iterations, sol.stats
     num_hvps = op.num_matvecs - start
@@ -243,6 +245,20 @@ def _finish(
         stats={k: v for k, v in stats.items() if k != "matrix"},
     )
     return result, info
+
+
+def _autocast_off(device: torch.device) -> Any:
+    """A region without autocast on ``device``, for the solver's own arithmetic.
+
+    A call made under ``torch.autocast`` would otherwise run the solvers' float32 matrix
+    products (Nystrom's ``U^T b``, NystromPCG's preconditioner) in bfloat16/float16 and
+    return a half-precision solution. Products through the retained graph are backward
+    passes, which autocast does not change.
+    """
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast
+        return contextlib.nullcontext()
 
 
 def _first_nonfinite(leaves: list[Tensor | None], paths: tuple[str, ...]) -> str:
