@@ -24,26 +24,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.datasets import load_digits
 from torch import Tensor
 
 import hypergradient as hg
+from _common import (
+    add_common_arguments,
+    draw_plot,
+    load_sklearn,
+    machine_info,
+    set_threads,
+    standardize,
+    write_atomic,
+)
 
 F = torch.nn.functional
 
 
 def logreg() -> tuple[str, Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]:
-    X, y = load_breast_cancer(return_X_y=True)
-    X = torch.as_tensor(X, dtype=torch.float32)
-    X = (X - X.mean(0)) / X.std(0)
-    y = torch.as_tensor(y, dtype=torch.float32)
+    X, y = load_sklearn("breast_cancer", dtype=torch.float32)
+    X = standardize(X)
 
     def f(w: Tensor, lam: Tensor) -> Tensor:
         return (
@@ -146,20 +151,19 @@ def measure(name, f, w, lam, rounds: int, ks: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_common_arguments(parser, seed=False)
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     rounds = 5 if args.quick else 30
     ks = [10] if args.quick else [10, 50]
     problems = [logreg(), mlp(32, "digits")]
     if not args.quick:
         problems.append(mlp(256, "mnist"))
+    info = machine_info()
     machine = (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+        f"{info['platform']}, {info['processor']}, "
+        f"{info['torch_threads']} torch thread(s), torch {info['torch']}"
     )
     print(f"machine: {machine}\n")
     results = []
@@ -179,10 +183,11 @@ def main() -> None:
         lines.append("")
         print("\n".join(lines[-(len(res["rows"]) + 4) :]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hvp_cost.md").write_text("\n".join(lines) + "\n")
-    (args.out / "hvp_cost.json").write_text(
-        json.dumps({"machine": machine, "results": results}, indent=1)
+    write_atomic(args.out / "hvp_cost.md", "\n".join(lines) + "\n")
+    write_atomic(
+        args.out / "hvp_cost.json", json.dumps({"machine": machine, "results": results}, indent=1)
     )
+    draw_plot("hvp_cost", args.out)
 
 
 if __name__ == "__main__":

@@ -93,25 +93,37 @@ folder); the JSON has every number, including per-step times and per-round resul
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_breast_cancer
 from torch import Tensor, nn
 
 import hypergradient as hg
+from _common import (
+    Data,
+    add_common_arguments,
+    breast_cancer_data,
+    cosine,
+    jsonable,
+    log,
+    machine_info,
+    machine_line,
+    median,
+    newton,
+    recorded_warnings,
+    relative_error,
+    rotation,
+    start_run,
+    wall_footer,
+    warning_texts,
+    write_results,
+)
 
 F64 = torch.float64
 Params = tuple[Tensor, ...]
@@ -125,32 +137,7 @@ TRAJ_LR, TRAJ_MOMENTUM = 0.1, 0.9  # Table 1b
 LR_START, LR_OUTER_LR = 1e-3, 0.2  # Table 4
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ============================================================================ data, losses
-
-
-@dataclass
-class Data:
-    train: Batch
-    val: Batch
-    test: Batch
-
-    @property
-    def dim(self) -> int:
-        return self.train[0].shape[1]
-
-
-def load_data(seed: int) -> Data:
-    """Breast cancer, shuffled, standardized with the training statistics, 100/200/269."""
-    X_np, y_np = load_breast_cancer(return_X_y=True)
-    perm = torch.randperm(len(y_np), generator=torch.Generator().manual_seed(seed))
-    X = torch.as_tensor(X_np, dtype=F64)[perm]
-    y = torch.as_tensor(y_np, dtype=F64)[perm]
-    X = (X - X[:100].mean(0)) / X[:100].std(0)
-    return Data((X[:100], y[:100]), (X[100:300], y[100:300]), (X[300:], y[300:]))
 
 
 def functional_losses(
@@ -196,31 +183,6 @@ def zero_model(dim: int) -> nn.Linear:
         model.weight.zero_()
         model.bias.zero_()
     return model
-
-
-def newton(f_flat: Callable[[Tensor], Tensor], theta: Tensor, tol: float = 1e-12) -> Tensor:
-    """Newton's method with the dense Hessian (the problem is strongly convex)."""
-    grad = torch.func.grad(f_flat)
-    hess = torch.func.hessian(f_flat)
-    for _ in range(50):
-        gr = grad(theta)
-        if float(gr.norm()) < tol:
-            break
-        theta = theta - torch.linalg.solve(hess(theta), gr)
-    return theta.detach()
-
-
-def relative_error(h: Tensor, ref: Tensor) -> float:
-    return float(torch.linalg.vector_norm(h - ref) / torch.linalg.vector_norm(ref))
-
-
-def cosine(h: Tensor, ref: Tensor) -> float:
-    den = torch.linalg.vector_norm(h) * torch.linalg.vector_norm(ref)
-    return float(torch.dot(h.reshape(-1), ref.reshape(-1)) / den)
-
-
-def median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
 
 
 def hparam_points(dim: int, seed: int) -> dict[str, Tensor]:
@@ -343,8 +305,7 @@ def implicit_table(data: Data, points: dict[str, Tensor], repeats: int) -> dict[
         point_rows = {label: ImplicitRow(point, label) for label in factories}
         labels = list(factories)
         for rep in range(repeats):
-            shift = rep % len(labels)
-            for label in labels[shift:] + labels[:shift]:
+            for label in rotation(labels, rep):
                 h, seconds, diag = hopt_hypergradient(data, theta, raw, factories[label](rep))
                 row = point_rows[label]
                 row.ms.append(1e3 * seconds)
@@ -475,8 +436,7 @@ def trajectory_table(
             results: dict[str, Tensor] = {}
             ms: dict[str, list[float]] = {k: [] for k in labels}
             for rep in range(repeats):
-                shift = rep % len(labels)
-                for label in labels[shift:] + labels[:shift]:
+                for label in rotation(labels, rep):
                     started = time.perf_counter()
                     results[label] = calls[label]()
                     ms[label].append(1e3 * (time.perf_counter() - started))
@@ -581,13 +541,11 @@ def run_lockstep(runs: list[Run], steps: int) -> list[str]:
     """Advance every run ``steps`` inner steps, one step each in a rotating order.
 
     Returns the distinct warning messages raised."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with recorded_warnings() as caught:
         for s in range(steps):
-            shift = s % len(runs)
-            for run in runs[shift:] + runs[:shift]:
+            for run in rotation(runs, s):
                 run.step()
-    return sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    return warning_texts(caught)
 
 
 def decay_hopt(data: Data, label: str, method: hg.HyperMethod) -> Run:
@@ -938,39 +896,6 @@ def markdown_lr(res: dict[str, Any]) -> str:
 # ============================================================================ main
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "hypergradient": hg.__version__,
-    }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, ImplicitRow):
-        return {k: _jsonable(v) for k, v in vars(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
@@ -982,26 +907,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         help="iterations of the long exact outer loop (default 300, quick 30)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads (default 1: steadier timings on a shared machine; "
-        "0 keeps torch's default)",
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="folder"
-    )
+    add_common_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    started = start_run(args.seed, args.threads)
     steps = args.steps or (100 if args.quick else 300)
     rounds = args.rounds or (1 if args.quick else 3)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -1012,10 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = [
         "# HyperOptimizer methods and trajectory hypergradients",
         "",
-        f"- machine: {machine['platform']} ({machine['processor']}), {machine['cpu_count']} "
-        f"CPUs; python {machine['python']}; torch {machine['torch']} with "
-        f"{machine['torch_threads']} intra-op / {machine['torch_interop_threads']} "
-        "inter-op threads",
+        machine_line(machine),
         f"- hypergradient {machine['hypergradient']}; float64; seed {args.seed}; "
         f"{'quick' if args.quick else 'full'} run: Table 1 repeats {repeats}, horizons "
         f"{', '.join(map(str, horizons))}; Tables 2-4: {steps} inner steps x {rounds} round(s)",
@@ -1025,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print("\n".join(header), flush=True)
 
-    data = load_data(args.seed)
+    data = breast_cancer_data(args.seed)
     points = hparam_points(data.dim, args.seed)
     sections: list[str] = []
 
@@ -1047,9 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections.append(markdown_lr(res_4))
     print("\n" + sections[-1], flush=True)
 
-    total = time.perf_counter() - started
-    footer = f"\nTotal wall time: {total:.0f} s"
-    print(footer, flush=True)
+    total, footer = wall_footer(started)
     report = {
         "machine": machine,
         "args": vars(args),
@@ -1067,11 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lr_tuning": res_4,
         "total_seconds": total,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    markdown = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n" + footer + "\n"
-    _write(args.out / "hyperoptimizer_methods.md", markdown)
-    _write(args.out / "hyperoptimizer_methods.json", json.dumps(_jsonable(report), indent=1) + "\n")
-    log(f"wrote {args.out / 'hyperoptimizer_methods.md'} and .json")
+    write_results(args.out, "hyperoptimizer_methods", header, sections, footer, jsonable(report))
     return 0
 
 

@@ -97,27 +97,46 @@ implicit_solvers.json`` and ``implicit_solvers.md`` (``--out`` to change the fol
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
+import functools
 import math
-import os
-import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_breast_cancer, load_digits
 from torch import Tensor
 
 import hypergradient as hg
+from _common import (
+    NotPositiveDefinite,
+    add_common_arguments,
+    cosine,
+    damped_newton,
+    error_text,
+    flat,
+    import_seed_library,
+    jsonable,
+    lbfgs,
+    load_sklearn,
+    log,
+    machine_info,
+    machine_line,
+    recorded_warnings,
+    relative_error,
+    rotation,
+    standardize,
+    start_run,
+    timed_call,
+    unflat,
+    wall_footer,
+    warning_texts,
+    write_results,
+)
 
 F64 = torch.float64
 Params = tuple[Tensor, ...]
@@ -155,81 +174,6 @@ class Problem:
     make: Callable[[torch.dtype], Instance]
     setup: dict[str, Any]
     closed_form: Tensor | None = None
-
-
-def _flat(tree: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tree])
-
-
-def _unflat(vec: Tensor, like: Sequence[Tensor]) -> Params:
-    out, i = [], 0
-    for t in like:
-        out.append(vec[i : i + t.numel()].reshape(t.shape))
-        i += t.numel()
-    return tuple(out)
-
-
-class NotPositiveDefinite(RuntimeError):
-    """The dense Hessian met by :func:`newton` is not positive definite."""
-
-
-def lbfgs(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int) -> Tensor:
-    """``iters`` iterations of ``torch.optim.LBFGS`` (strong Wolfe) on a flat vector."""
-    x = theta.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [x],
-        lr=1.0,
-        max_iter=iters,
-        max_eval=2 * iters,
-        tolerance_grad=1e-12,
-        tolerance_change=0.0,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = f(x)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return x.detach()
-
-
-def newton(
-    f: Callable[[Tensor], Tensor], theta: Tensor, tol: float, maxiter: int = 50
-) -> tuple[Tensor, int, float]:
-    """Damped Newton on a flat float64 vector with the dense Hessian (``torch.func``).
-
-    Stops at ``||grad f|| <= tol``; returns ``(theta, iterations, final gradient norm)``.
-    Raises :class:`NotPositiveDefinite` if a Hessian on the way is not positive definite.
-    """
-    grad_f = torch.func.grad(f)
-    hess_f = torch.func.jacrev(grad_f, chunk_size=DENSE_CHUNK)
-    value = f(theta)
-    it = 0
-    for it in range(1, maxiter + 1):  # noqa: B007 (reported)
-        g = grad_f(theta)
-        if float(torch.linalg.vector_norm(g)) <= tol:
-            it -= 1
-            break
-        H = hess_f(theta)
-        L, info = torch.linalg.cholesky_ex(0.5 * (H + H.T))
-        if int(info) != 0:
-            raise NotPositiveDefinite(f"Newton iteration {it}: Cholesky failed")
-        step = torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
-        slope = float(g @ step)
-        t = 1.0
-        while True:  # Armijo backtracking; full steps near the minimum
-            candidate = theta - t * step
-            new_value = f(candidate)
-            if float(new_value) <= float(value) - 1e-4 * t * slope or t < 1e-8:
-                break
-            t *= 0.5
-        theta, value = candidate.detach(), new_value
-    gnorm = float(torch.linalg.vector_norm(grad_f(theta)))
-    return theta, it, gnorm
 
 
 def ridge_problem(seed: int) -> Problem:
@@ -284,14 +228,10 @@ def ridge_problem(seed: int) -> Problem:
 
 def logreg_problem(seed: int) -> Problem:
     """Per-feature L2 logistic regression on breast cancer; Newton inner solve."""
-    X_np, y_np = load_breast_cancer(return_X_y=True)
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y_np), generator=g)
-    X = torch.as_tensor(X_np, dtype=F64)[perm]
-    y = torch.as_tensor(y_np, dtype=F64)[perm]
+    X, y = load_sklearn("breast_cancer", generator=g)
     n = len(y) // 2
-    mu, sd = X[:n].mean(0), X[:n].std(0)
-    X = (X - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    X = standardize(X, n)
     Xt, yt, Xv, yv = X[:n], y[:n], X[n:], y[n:]
     d = X.shape[1]
     loglam = math.log(1e-3) + (math.log(1e-1) - math.log(1e-3)) * torch.rand(
@@ -304,7 +244,9 @@ def logreg_problem(seed: int) -> Problem:
         return bce + 0.5 * torch.sum(torch.exp(loglam) * theta[:d] ** 2)
 
     started = time.perf_counter()
-    theta, iters, gnorm = newton(f_flat, torch.zeros(d + 1, dtype=F64), tol=1e-10)
+    theta, iters, gnorm = damped_newton(
+        f_flat, torch.zeros(d + 1, dtype=F64), tol=1e-10, chunk_size=DENSE_CHUNK
+    )
     seconds = time.perf_counter() - started
     w, b = theta[:d].clone(), theta[d:].clone()  # bias of shape (1,), not 0-d
 
@@ -341,14 +283,10 @@ def logreg_problem(seed: int) -> Problem:
 
 def mlp_problem(seed: int, lbfgs_iters: int) -> Problem:
     """Tanh MLP 64-32-10 on digits with one log weight decay per parameter."""
-    X_np, y_np = load_digits(return_X_y=True)
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y_np), generator=g)
-    X = torch.as_tensor(X_np, dtype=F64)[perm]
-    y = torch.as_tensor(y_np, dtype=torch.long)[perm]
+    X, y = load_sklearn("digits", y_dtype=torch.long, generator=g)
     n = 1000
-    mu, sd = X[:n].mean(0), X[:n].std(0)
-    X = (X - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    X = standardize(X, n)
     Xt, yt, Xv, yv = X[:n], y[:n], X[n:], y[n:]
     shapes = [(32, 64), (32,), (10, 32), (10,)]
     init = (
@@ -368,23 +306,25 @@ def mlp_problem(seed: int, lbfgs_iters: int) -> Problem:
         return 0.5 * sum(torch.sum(torch.exp(ll) * p**2) for p, ll in zip(params, hparams))
 
     def f_flat(theta: Tensor) -> Tensor:
-        p = _unflat(theta, init)
+        p = unflat(theta, init)
         return F.cross_entropy(forward(p, Xt), yt) + penalty(p, loglam)
 
     started = time.perf_counter()
-    theta = _flat(init).clone()
+    theta = flat(init).clone()
     lbfgs_total, newton_iters, gnorm = 0, 0, float("inf")
     while True:
         theta = lbfgs(f_flat, theta, lbfgs_iters)
         lbfgs_total += lbfgs_iters
         try:  # Newton polish; needs a positive-definite Hessian, else more L-BFGS
-            theta, newton_iters, gnorm = newton(f_flat, theta, tol=1e-10, maxiter=20)
+            theta, newton_iters, gnorm = damped_newton(
+                f_flat, theta, tol=1e-10, maxiter=20, chunk_size=DENSE_CHUNK
+            )
             break
         except NotPositiveDefinite:
             if lbfgs_total >= 20 * lbfgs_iters:
                 raise
     seconds = time.perf_counter() - started
-    params = _unflat(theta.clone(), init)
+    params = unflat(theta.clone(), init)
     with torch.no_grad():
         train_acc = float((forward(params, Xt).argmax(1) == yt).double().mean())
         val_acc = float((forward(params, Xv).argmax(1) == yv).double().mean())
@@ -445,11 +385,11 @@ def dense_hypergradient(inst: Instance) -> tuple[Tensor, Tensor]:
 
     Returns ``(h, eigenvalues of H)``.
     """
-    theta0 = _flat(inst.params).detach()
+    theta0 = flat(inst.params).detach()
     hp = tuple(h.detach() for h in inst.hparams)
 
     def f_flat(theta: Tensor) -> Tensor:
-        return inst.inner_loss(_unflat(theta, inst.params), hp)
+        return inst.inner_loss(unflat(theta, inst.params), hp)
 
     H = torch.func.jacrev(torch.func.grad(f_flat), chunk_size=DENSE_CHUNK)(theta0)
     H = 0.5 * (H + H.T)
@@ -457,25 +397,14 @@ def dense_hypergradient(inst: Instance) -> tuple[Tensor, Tensor]:
     hs = tuple(h.detach().clone().requires_grad_(True) for h in inst.hparams)
     g_out = inst.outer_loss(ps, hs)
     grads = torch.autograd.grad(g_out, ps + hs, allow_unused=True)
-    g_theta = _flat([torch.zeros_like(p) if gr is None else gr for p, gr in zip(ps, grads)])
+    g_theta = flat([torch.zeros_like(p) if gr is None else gr for p, gr in zip(ps, grads)])
     g_phi = [torch.zeros_like(h) if gr is None else gr for h, gr in zip(hs, grads[len(ps) :])]
     v = torch.linalg.solve(H, g_theta)
     grad_theta_f = torch.autograd.grad(inst.inner_loss(ps, hs), ps, create_graph=True)
-    inner_product = torch.dot(_flat(grad_theta_f), v)
+    inner_product = torch.dot(flat(grad_theta_f), v)
     mixed = torch.autograd.grad(inner_product, hs, allow_unused=True)
-    h = _flat([gp - (0 if m is None else m) for gp, m in zip(g_phi, mixed)])
+    h = flat([gp - (0 if m is None else m) for gp, m in zip(g_phi, mixed)])
     return h.detach(), torch.linalg.eigvalsh(H)
-
-
-def relative_error(h: Tensor, ref: Tensor) -> float:
-    h64 = h.to(F64)
-    return float(torch.linalg.vector_norm(h64 - ref) / torch.linalg.vector_norm(ref))
-
-
-def cosine(h: Tensor, ref: Tensor) -> float:
-    h64 = h.to(F64)
-    denom = torch.linalg.vector_norm(h64) * torch.linalg.vector_norm(ref)
-    return float(torch.dot(h64, ref) / denom) if float(denom) > 0 else float("nan")
 
 
 def compute_reference(problem: Problem) -> Reference:
@@ -491,7 +420,7 @@ def compute_reference(problem: Problem) -> Reference:
         return_info=True,
     )
     exact_ms = 1e3 * (time.perf_counter() - started)
-    h_exact = _flat(h_exact)
+    h_exact = flat(h_exact)
     h_dense, evals = dense_hypergradient(inst)
     checks = {
         "hg.Exact vs torch dense (rel. diff)": relative_error(h_exact, h_dense),
@@ -562,9 +491,9 @@ def ours(inst: Instance, make_solver: Callable[[int], hg.Solver]) -> Callable[[i
                 solver=solver,
                 return_info=True,
             )
-            return Outcome(_flat(h), info.num_hvps, info.status)
+            return Outcome(flat(h), info.num_hvps, info.status)
         h = hg.implicit(inst.inner_loss, inst.outer_loss, inst.params, inst.hparams, solver=solver)
-        return Outcome(_flat(h))
+        return Outcome(flat(h))
 
     return call
 
@@ -576,7 +505,7 @@ def theirs(
         if seeded:  # hypergrad's nystrom samples with the global generator
             torch.manual_seed(seed)
         h = fn(inst.inner_loss, inst.outer_loss, inst.params, inst.hparams, budget, arg)
-        return Outcome(_flat([t.detach() for t in h]), budget)
+        return Outcome(flat([t.detach() for t in h]), budget)
 
     return call
 
@@ -607,36 +536,26 @@ def run_group(runners: list[Runner], repeats: int, ref: Tensor) -> list[Measurem
     results = [Measurement(r.key, r.impl) for r in runners]
     live: list[int] = []
     for i, (runner, m) in enumerate(zip(runners, results)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # torch's and functorch's own deprecation notices are noise here.
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        with recorded_warnings(ignore_deprecations=True) as caught:
             try:
                 out = runner.call(10_000, True)
             except Exception as exc:  # reported in the table
-                m.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                m.error = error_text(exc, 160)
                 continue
         m.num_hvps, m.status = out.num_hvps, out.status
-        m.warnings = sorted({f"{w.category.__name__}: {str(w.message)[:300]}" for w in caught})
+        m.warnings = warning_texts(caught, 300)
         live.append(i)
     errors: dict[int, list[float]] = {i: [] for i in live}
     coss: dict[int, list[float]] = {i: [] for i in live}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with recorded_warnings(ignore_deprecations=True) as caught:
         for rep in range(repeats):
-            shift = rep % max(1, len(live))
-            for i in live[shift:] + live[:shift]:
+            for i in rotation(live, rep):
                 runner, m = runners[i], results[i]
                 seen = len(caught)
-                started, cpu_started = time.perf_counter(), time.process_time()
-                for _ in range(runner.repeat_inside):
-                    out = runner.call(rep, False)
-                cpu = time.process_time() - cpu_started
-                m.ms_all.append(1e3 * (time.perf_counter() - started) / runner.repeat_inside)
-                m.cpu_ms_all.append(1e3 * cpu / runner.repeat_inside)
+                call = functools.partial(runner.call, rep, False)
+                out, ms, cpu_ms = timed_call(call, runner.repeat_inside)
+                m.ms_all.append(ms)
+                m.cpu_ms_all.append(cpu_ms)
                 m.warned_calls += len(caught) > seen
                 if runner.impl != "autograd":
                     errors[i].append(relative_error(out.h, ref))
@@ -666,19 +585,11 @@ class Row:
     theirs_label: str = ""
 
 
-def load_hypergrad() -> tuple[ModuleType | None, str]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = importlib.import_module("hypergrad.approx_hypergrad")
-    except Exception as exc:  # any import failure means "skip"
-        return None, f"{type(exc).__name__}: {exc}"
-    try:
-        from importlib.metadata import version
-
-        return module, f"{version('hypergrad')} ({Path(module.__file__ or '?').parent})"
-    except Exception:
-        return module, f"unknown version ({module.__file__})"
+def load_hypergrad(skip: bool = False) -> tuple[ModuleType | None, str]:
+    """hypergrad's ``approx_hypergrad`` module and its version, or None and the reason."""
+    if skip:
+        return None, "skipped (--no-hypergrad)"
+    return import_seed_library("hypergrad.approx_hypergrad", "hypergrad", quiet=True)
 
 
 def benchmark_problem(
@@ -954,25 +865,6 @@ def markdown_problem(
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "hypergradient": hg.__version__,
-    }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="budgets 5, 20 and 3 repeats (< 60 s)")
@@ -980,47 +872,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed calls per solver (default 9, quick 3)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--problems", nargs="+", choices=("ridge", "logreg", "mlp"), default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads (default 1: steadier timings on a shared machine; "
-        "0 keeps torch's default)",
-    )
     p.add_argument("--no-hypergrad", action="store_true", help="skip the seed library")
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="folder"
-    )
+    add_common_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    started = start_run(args.seed, args.threads)
     budgets = tuple(args.budgets or (QUICK_BUDGETS if args.quick else FULL_BUDGETS))
     repeats = args.repeats or (3 if args.quick else 9)
     dtype = torch.float32 if args.dtype == "float32" else F64
     problems = args.problems or ["ridge", "logreg", "mlp"]
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    hgrad, hgrad_version = (None, "skipped (--no-hypergrad)")
-    if not args.no_hypergrad:
-        hgrad, hgrad_version = load_hypergrad()
-    machine = machine_info()
-    machine["hypergrad"] = hgrad_version if hgrad is not None else None
+    hgrad, hgrad_version = load_hypergrad(skip=args.no_hypergrad)
+    machine = machine_info(hypergrad=hgrad_version if hgrad is not None else None)
     header = [
         "# Implicit hypergradient solvers: accuracy and cost",
         "",
-        f"- machine: {machine['platform']} ({machine['processor']}), {machine['cpu_count']} "
-        f"CPUs; python {machine['python']}; torch {machine['torch']} with "
-        f"{machine['torch_threads']} intra-op / {machine['torch_interop_threads']} "
-        "inter-op threads",
+        machine_line(machine),
         f"- hypergradient {machine['hypergradient']}; solvers run in {args.dtype}, references "
         f"in float64; budgets k = {', '.join(map(str, budgets))}; median of {repeats} timed "
         "calls after one warm-up; seed " + str(args.seed),
@@ -1041,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[str] = []
     report: dict[str, Any] = {
         "machine": machine,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": jsonable(vars(args)),
         "budgets": list(budgets),
         "repeats": repeats,
         "problems": {},
@@ -1081,15 +951,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ],
             "cg_cost_ratio": costs,
         }
-    total = time.perf_counter() - started
-    footer = f"\nTotal wall time: {total:.0f} s"
-    print(footer, flush=True)
+    total, footer = wall_footer(started)
     report["total_seconds"] = total
-    args.out.mkdir(parents=True, exist_ok=True)
-    markdown = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n" + footer + "\n"
-    _write(args.out / "implicit_solvers.md", markdown)
-    _write(args.out / "implicit_solvers.json", json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.out / 'implicit_solvers.md'} and {args.out / 'implicit_solvers.json'}")
+    write_results(args.out, "implicit_solvers", header, sections, footer, report, indent=2)
     return 0
 
 

@@ -83,10 +83,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -98,10 +95,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_breast_cancer, load_digits
 from torch import Tensor
 
 import hypergradient as hg
+from _common import (
+    NotPositiveDefinite,
+    add_common_arguments,
+    cosine,
+    damped_newton,
+    error_text,
+    flat,
+    jsonable,
+    lbfgs,
+    load_sklearn,
+    log,
+    machine_info,
+    relative_error,
+    standardize,
+    start_run,
+    timed_call,
+    unflat,
+    wall_footer,
+    write_results,
+)
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 Params = tuple[Tensor, ...]
@@ -114,34 +130,13 @@ UNIT_ROUNDOFF_BF16 = 2.0**-8
 # ============================================================================ helpers
 
 
-def _flat(tree: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tree])
-
-
-def _unflat(vec: Tensor, like: Sequence[Tensor]) -> Params:
-    out, i = [], 0
-    for t in like:
-        out.append(vec[i : i + t.numel()].reshape(t.shape))
-        i += t.numel()
-    return tuple(out)
-
-
-def rel_err(h: Tensor, ref: Tensor) -> float:
-    return float(torch.linalg.vector_norm(h.double() - ref) / torch.linalg.vector_norm(ref))
-
-
-def cosine(h: Tensor, ref: Tensor) -> float:
-    h = h.double()
-    return float(h @ ref / (torch.linalg.vector_norm(h) * torch.linalg.vector_norm(ref)))
-
-
 def dense_hessian(f: Loss, params: Params, hparams: Params) -> Tensor:
     """Dense float64 Hessian of ``f`` w.r.t. the flattened params (plain torch.func)."""
-    theta = _flat(params).double()
+    theta = flat(params).double()
     hp = tuple(h.double() for h in hparams)
 
     def f_flat(t: Tensor) -> Tensor:
-        return f(_unflat(t, params), hp)
+        return f(unflat(t, params), hp)
 
     H = torch.func.jacrev(torch.func.grad(f_flat), chunk_size=128)(theta)
     return 0.5 * (H + H.T)
@@ -169,60 +164,10 @@ class Problem:
     damping: float = 0.0
 
 
-def newton(f_flat: Callable[[Tensor], Tensor], theta: Tensor, tol: float, maxiter: int):
-    """Newton with Armijo backtracking and the dense Hessian; None if H is not PD."""
-    grad_f = torch.func.grad(f_flat)
-    hess_f = torch.func.jacrev(grad_f, chunk_size=128)
-    value = f_flat(theta)
-    for _ in range(maxiter):
-        g = grad_f(theta)
-        if float(torch.linalg.vector_norm(g)) <= tol:
-            break
-        L, info = torch.linalg.cholesky_ex(hess_f(theta))
-        if int(info) != 0:
-            return None
-        step = torch.cholesky_solve(g[:, None], L)[:, 0]
-        t = 1.0
-        while True:
-            cand = theta - t * step
-            new = f_flat(cand)
-            if float(new) <= float(value) - 1e-4 * t * float(g @ step) or t < 1e-8:
-                break
-            t *= 0.5
-        theta, value = cand.detach(), new
-    return theta
-
-
-def lbfgs(f_flat: Callable[[Tensor], Tensor], theta: Tensor, iters: int) -> Tensor:
-    x = theta.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [x],
-        lr=1.0,
-        max_iter=iters,
-        max_eval=2 * iters,
-        tolerance_grad=1e-12,
-        tolerance_change=0.0,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = f_flat(x)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return x.detach()
-
-
 def logreg_problem(log_decay: float, device: torch.device) -> Problem:
-    X_np, y_np = load_breast_cancer(return_X_y=True)
-    X = torch.as_tensor(X_np, dtype=F64)
-    y = torch.as_tensor(y_np, dtype=F64)
+    X, y = load_sklearn("breast_cancer")
     n = 300
-    mu, sd = X[:n].mean(0), X[:n].std(0)
-    X = (X - mu) / sd
+    X = standardize(X, n)
     Xt, yt, Xv, yv = (t.to(device) for t in (X[:n], y[:n], X[n:], y[n:]))
     d = X.shape[1]
 
@@ -241,12 +186,13 @@ def logreg_problem(log_decay: float, device: torch.device) -> Problem:
 
     h = torch.full((d,), log_decay, dtype=F64, device=device)
     started = time.perf_counter()
-    theta = newton(
-        lambda t: inner_loss((t,), (h,)), torch.zeros(d, dtype=F64, device=device), 1e-12, 50
-    )
-    assert theta is not None
-    gnorm = float(
-        torch.linalg.vector_norm(torch.func.grad(lambda t: inner_loss((t,), (h,)))(theta))
+    theta, _, gnorm = damped_newton(
+        lambda t: inner_loss((t,), (h,)),
+        torch.zeros(d, dtype=F64, device=device),
+        1e-12,
+        50,
+        chunk_size=128,
+        symmetrize=False,
     )
     return Problem(
         f"logreg decay={math.exp(log_decay):.3g}",
@@ -269,14 +215,10 @@ def logreg_problem(log_decay: float, device: torch.device) -> Problem:
 
 
 def mlp_problem(device: torch.device, hidden: int, lbfgs_iters: int, seed: int) -> Problem:
-    X_np, y_np = load_digits(return_X_y=True)
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y_np), generator=g)
-    X = torch.as_tensor(X_np, dtype=F64)[perm]
-    y = torch.as_tensor(y_np, dtype=torch.long)[perm]
+    X, y = load_sklearn("digits", y_dtype=torch.long, generator=g)
     n = 1000
-    mu, sd = X[:n].mean(0), X[:n].std(0)
-    X = (X - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    X = standardize(X, n)
     Xt, yt, Xv, yv = (t.to(device) for t in (X[:n], y[:n], X[n:], y[n:]))
     init = (
         torch.randn(hidden, 64, generator=g, dtype=F64) / 8.0,
@@ -305,19 +247,21 @@ def mlp_problem(device: torch.device, hidden: int, lbfgs_iters: int, seed: int) 
         return F.cross_entropy(forward(params, Xv), yv)
 
     def f_flat(theta: Tensor) -> Tensor:
-        return inner_loss(_unflat(theta, init), loglam)
+        return inner_loss(unflat(theta, init), loglam)
 
     started = time.perf_counter()
-    theta = _flat(init)
+    theta = flat(init)
     rounds, polished = 0, False
     for rounds in range(1, 11):  # noqa: B007 (reported)
         theta = lbfgs(f_flat, theta, lbfgs_iters)
-        candidate = newton(f_flat, theta, 1e-10, 20)
-        if candidate is not None:
-            theta, polished = candidate, True
-            break
+        try:  # Newton polish; needs a positive-definite Hessian, else more L-BFGS
+            theta, _, _ = damped_newton(f_flat, theta, 1e-10, 20, chunk_size=128, symmetrize=False)
+        except NotPositiveDefinite:
+            continue
+        polished = True
+        break
     seconds = time.perf_counter() - started
-    params = _unflat(theta.clone(), init)
+    params = unflat(theta.clone(), init)
     gnorm = float(torch.linalg.vector_norm(torch.func.grad(f_flat)(theta)))
     with torch.no_grad():
         train_acc = float((forward(params, Xt).argmax(1) == yt).double().mean())
@@ -379,12 +323,12 @@ def solvers() -> dict[str, Callable[[], hg.Solver]]:
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU milliseconds of ``repeats`` calls of ``fn``."""
     wall, cpu = [], []
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(1e3 * (time.perf_counter() - t0))
-        cpu.append(1e3 * (time.process_time() - c0))
+        _, ms, cpu_ms = timed_call(fn)
+        wall.append(ms)
+        cpu.append(cpu_ms)
     return wall, cpu
 
 
@@ -392,23 +336,23 @@ def autocast_trained(p: Problem, H: Tensor, device: torch.device, iters: int = 2
     """A stationary point of the autocast objective near theta* (see the docstring)."""
     A = H + p.damping * torch.eye(H.shape[0], dtype=F64, device=device)
     L = torch.linalg.cholesky(A)
-    theta = _flat(p.params).float()
+    theta = flat(p.params).float()
     hp = tuple(h.float() for h in p.hparams)
     gnorms = []
     for _ in range(iters):
-        leaves = tuple(t.detach().requires_grad_(True) for t in _unflat(theta, p.params))
+        leaves = tuple(t.detach().requires_grad_(True) for t in unflat(theta, p.params))
         with autocast(device):
             loss = p.inner_loss(leaves, hp)
-        g = _flat(torch.autograd.grad(loss, leaves)).double()
+        g = flat(torch.autograd.grad(loss, leaves)).double()
         gnorms.append(float(torch.linalg.vector_norm(g)))
         theta = (theta.double() - torch.cholesky_solve(g[:, None], L)[:, 0]).float()
-    params = _unflat(theta, p.params)
-    g64 = torch.func.grad(lambda t: p.inner_loss(_unflat(t, p.params), p.hparams))(theta.double())
+    params = unflat(theta, p.params)
+    g64 = torch.func.grad(lambda t: p.inner_loss(unflat(t, p.params), p.hparams))(theta.double())
     return params, {
         "autocast_grad_norm_last": gnorms[-1],
         "autocast_grad_norm_min": min(gnorms),
         "float64_grad_norm": float(torch.linalg.vector_norm(g64)),
-        "distance_to_theta_star_rel": rel_err(theta, _flat(p.params)),
+        "distance_to_theta_star_rel": relative_error(theta, flat(p.params)),
     }
 
 
@@ -432,7 +376,7 @@ def run_implicit(
 ) -> list[Row]:
     rows = []
     for sname, make in solvers().items():
-        same64 = _flat(
+        same64 = flat(
             hg.implicit(p.inner_loss, p.outer_loss, p.params, p.hparams, make(), damping=p.damping)
         )
         for mode in MODES:
@@ -455,9 +399,9 @@ def run_implicit(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", hg.HypergradientWarning)
                     h, info = call(True)
-                    hf = _flat(h)
-                    row.rel_err, row.cos = rel_err(hf, ref), cosine(hf, ref)
-                    row.vs_same_f64 = rel_err(hf, same64)
+                    hf = flat(h)
+                    row.rel_err, row.cos = relative_error(hf, ref), cosine(hf, ref)
+                    row.vs_same_f64 = relative_error(hf, same64)
                     row.status, row.num_hvps = info.status, info.num_hvps
                     row.inner_grad_norm = info.inner_grad_norm
                     row.out_dtype = str(hf.dtype).replace("torch.", "")
@@ -466,7 +410,7 @@ def run_implicit(
                         row.ms, row.cpu_ms = statistics.median(wall), statistics.median(cpu)
                         row.ms_all = wall
             except Exception as exc:  # reported in the table
-                row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                row.error = error_text(exc, 160)
             log(f"  {sname:8s} {mode:22s} rel err {row.rel_err} ms {row.ms}")
             rows.append(row)
     return rows
@@ -496,7 +440,7 @@ def run_unrolled(
     def call(params0: Params, hparams: Params, ac: bool) -> Tensor:
         with autocast(device, ac):
             h = hg.unrolled(p.inner_loss, p.outer_loss, params0, hparams, steps, hg.optim.sgd(lr))
-        return _flat(h)
+        return flat(h)
 
     ref = call(p.params0, p.hparams, False)
     hp32 = tuple(h.float() for h in p.hparams)
@@ -510,7 +454,7 @@ def run_unrolled(
         row = Row(f"unrolled SGD T={steps}", mode)
         try:
             h = call(params0, hparams, ac)
-            row.rel_err, row.cos = rel_err(h, ref), cosine(h, ref)
+            row.rel_err, row.cos = relative_error(h, ref), cosine(h, ref)
             row.out_dtype = str(h.dtype).replace("torch.", "")
             if repeats > 0:
                 wall, cpu = timed(lambda a=params0, b=hparams, c=ac: call(a, b, c), repeats)
@@ -520,7 +464,7 @@ def run_unrolled(
                     wall,
                 )
         except Exception as exc:
-            row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+            row.error = error_text(exc, 160)
         rows.append(row)
     return rows, ref
 
@@ -599,32 +543,21 @@ def markdown_summary(results: list[tuple[Problem, dict[str, Any], list[Row], lis
     return "\n".join(lines)
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
+def device_machine_info(device: torch.device) -> dict[str, Any]:
+    """:func:`machine_info` with the CPU's bfloat16-related flags, torch's CPU capability and
+    the device."""
     flags = ""
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
         flags = " ".join(
             sorted({f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in text})
         )
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_flags": flags,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "hypergradient": hg.__version__,
-    }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return machine_info(
+        cpu_flags=flags,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        device=str(device),
+        cuda=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    )
 
 
 def row_dict(r: Row) -> dict[str, Any]:
@@ -637,28 +570,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed calls per mode (default 5, quick 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--hidden", type=int, default=16, help="MLP hidden width (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="folder"
-    )
+    add_common_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    started = start_run(args.seed, args.threads)
     device = torch.device(args.device)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     steps = 10 if args.quick else 20
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    machine = machine_info(device)
+    machine = device_machine_info(device)
     header = [
         "# Mixed precision: hypergradients with a bfloat16 inner objective",
         "",
@@ -686,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     report: dict[str, Any] = {
         "machine": machine,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": jsonable(vars(args)),
         "repeats": repeats,
         "unrolled_steps": steps,
         "problems": {},
@@ -701,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.damping = 1e-3 * lam_max - lam_min
             evals = evals + p.damping
         cond = float(evals[-1] / evals[0])
-        ref = _flat(
+        ref = flat(
             hg.implicit(
                 p.inner_loss, p.outer_loss, p.params, p.hparams, hg.Exact(), damping=p.damping
             )
@@ -710,20 +633,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ps = tuple(t.detach().clone().requires_grad_(True) for t in p.params)
         hs = tuple(t.detach().clone().requires_grad_(True) for t in p.hparams)
         g_all = torch.autograd.grad(p.outer_loss(ps, hs), ps + hs, allow_unused=True)
-        gth = _flat(g_all[: len(ps)])
+        gth = flat(g_all[: len(ps)])
         A = H + p.damping * torch.eye(H.shape[0], dtype=F64, device=device)
         v = torch.linalg.solve(A, gth)
         gf = torch.autograd.grad(p.inner_loss(ps, hs), ps, create_graph=True)
-        mixed = torch.autograd.grad(_flat(gf) @ v, hs)
+        mixed = torch.autograd.grad(flat(gf) @ v, hs)
         direct = [torch.zeros_like(h) if d is None else d for h, d in zip(hs, g_all[len(ps) :])]
-        ref_torch = _flat([d - m for d, m in zip(direct, mixed)]).detach()
+        ref_torch = flat([d - m for d, m in zip(direct, mixed)]).detach()
         ac_params, ac_info = autocast_trained(p, H, device)
         info: dict[str, Any] = {
             "lambda_min": lam_min,
             "lambda_max": lam_max,
             "cond": cond,
             "ref_norm": float(torch.linalg.vector_norm(ref)),
-            "ref_check": rel_err(ref, ref_torch),
+            "ref_check": relative_error(ref, ref_torch),
             "ac": ac_info,
         }
         log(f"[{p.name}] kappa {cond:.3g}, damping {p.damping:.3g}; solvers ...")
@@ -749,29 +672,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     summary = markdown_summary(results)
     print("\n" + summary, flush=True)
-    total = time.perf_counter() - started
-    footer = f"\nTotal wall time: {total:.0f} s"
-    print(footer, flush=True)
+    total, footer = wall_footer(started)
     report["total_seconds"] = total
-    args.out.mkdir(parents=True, exist_ok=True)
-    sections = [markdown_problem(p, i, r, u) for p, i, r, u in results]
-    markdown = (
-        "\n".join(header)
-        + "\n\n"
-        + summary
-        + "\n\n"
-        + "\n\n".join(
-            s + f"\n\nUnrolled: {steps} full-batch SGD steps with lr = 1/lambda_max = "
-            f"{i['unrolled_lr']:.3g}; its rel. err and cos are against hg.unrolled in float64."
-            for s, (_, i, _, _) in zip(sections, results)
-        )
-        + "\n"
-        + footer
-        + "\n"
-    )
-    _write(args.out / "mixed_precision.md", markdown)
-    _write(args.out / "mixed_precision.json", json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.out / 'mixed_precision.md'} and {args.out / 'mixed_precision.json'}")
+    sections = [summary] + [
+        markdown_problem(p, i, r, u)
+        + f"\n\nUnrolled: {steps} full-batch SGD steps with lr = 1/lambda_max = "
+        f"{i['unrolled_lr']:.3g}; its rel. err and cos are against hg.unrolled in float64."
+        for p, i, r, u in results
+    ]
+    write_results(args.out, "mixed_precision", header, sections, footer, report, indent=2)
     return 0
 
 

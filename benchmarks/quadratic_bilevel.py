@@ -89,16 +89,14 @@ to change the folder).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +104,25 @@ import torch
 from torch import Tensor
 
 import hypergradient as hg
+from _common import (
+    add_common_arguments,
+    cosine,
+    error_text,
+    jsonable,
+    log,
+    machine_info,
+    machine_line,
+    pyplot,
+    recorded_warnings,
+    relative_error,
+    rotation,
+    save_figure,
+    start_run,
+    timed_call,
+    wall_footer,
+    warning_texts,
+    write_results,
+)
 
 F64 = torch.float64
 P_OUTER = 10
@@ -120,10 +137,6 @@ QUICK_BUDGETS = (1, 5, 20, 100)
 FULL_HORIZONS = (10, 30, 100)
 QUICK_HORIZONS = (10, 30)
 TRUNCATIONS = (1, 2, 5, 10, 20, 50, 100, 200)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ============================================================================ problem
@@ -226,16 +239,6 @@ def make_problem(d: int, cond: float, seed: int, p: int = P_OUTER) -> Problem:
     return Problem(name, d, p, cond, A, C, a, B_f, b_f, A_g, C_g, a_g, B_g, b_g, phi, evals, evecs)
 
 
-def relative_error(h: Tensor, ref: Tensor) -> float:
-    return float(torch.linalg.vector_norm(h.to(F64) - ref) / torch.linalg.vector_norm(ref))
-
-
-def cosine(h: Tensor, ref: Tensor) -> float:
-    h = h.to(F64)
-    den = torch.linalg.vector_norm(h) * torch.linalg.vector_norm(ref)
-    return float(torch.dot(h, ref) / den) if float(den) > 0 else float("nan")
-
-
 # ============================================================================ timing
 
 
@@ -274,21 +277,17 @@ def run_group(runners: Sequence[Runner], repeats: int, ref: Tensor) -> list[Resu
     live: list[int] = []
     warm_ms: list[float] = []
     for i, (runner, res) in enumerate(zip(runners, results)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        with recorded_warnings(ignore_deprecations=True) as caught:
             try:
-                started = time.perf_counter()
                 if runner.info is not None:
-                    _, res.diagnostics = runner.info(10_000)
+                    (_, res.diagnostics), ms, _ = timed_call(partial(runner.info, 10_000))
                 else:
-                    runner.call(10_000)
-                warm_ms.append(1e3 * (time.perf_counter() - started))
+                    _, ms, _ = timed_call(partial(runner.call, 10_000))
+                warm_ms.append(ms)
             except Exception as exc:  # reported in the table
-                res.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                res.error = error_text(exc, 200)
                 continue
-        res.warnings = sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})
+        res.warnings = warning_texts(caught, 200)
         live.append(i)
     errs: dict[int, list[float]] = {i: [] for i in live}
     coss: dict[int, list[float]] = {i: [] for i in live}
@@ -299,13 +298,11 @@ def run_group(runners: Sequence[Runner], repeats: int, ref: Tensor) -> list[Resu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rep in range(reps):
-            shift = rep % max(1, len(live))
-            for i in live[shift:] + live[:shift]:
+            for i in rotation(live, rep):
                 runner, res = runners[i], results[i]
-                started, cpu_started = time.perf_counter(), time.process_time()
-                h = runner.call(rep)
-                res.cpu_ms_all.append(1e3 * (time.process_time() - cpu_started))
-                res.ms_all.append(1e3 * (time.perf_counter() - started))
+                h, ms, cpu_ms = timed_call(partial(runner.call, rep))
+                res.cpu_ms_all.append(cpu_ms)
+                res.ms_all.append(ms)
                 errs[i].append(relative_error(h, ref))
                 coss[i].append(cosine(h, ref))
     for i in live:
@@ -624,12 +621,9 @@ FLOOR = 1e-17  # errors are drawn at least at this value (exact methods reach ~1
 
 def plot(problems: dict[str, dict[str, Any]], which: str, path: Path, title: str) -> str | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except Exception as exc:  # plots are optional
-        return f"{type(exc).__name__}: {exc}"
+        return error_text(exc)
     names = list(problems)
     fig, axes = plt.subplots(len(names), 2, figsize=(13, 3.9 * len(names)), squeeze=False)
     styles = _styles()
@@ -671,68 +665,21 @@ def plot(problems: dict[str, dict[str, Any]], which: str, path: Path, title: str
                 ax.legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return None
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "hypergradient": hg.__version__,
-    }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Result):
-        return _jsonable(asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
     p.add_argument("--repeats", type=int, help="timed calls per method (default 3, quick 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads (default 1: steadier timings on a shared machine; "
-        "0 keeps torch's default)",
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="folder"
-    )
+    add_common_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    started = start_run(args.seed, args.threads)
     specs = QUICK_PROBLEMS if args.quick else FULL_PROBLEMS
     budgets = list(QUICK_BUDGETS if args.quick else FULL_BUDGETS)
     horizons = QUICK_HORIZONS if args.quick else FULL_HORIZONS
@@ -741,10 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = [
         "# Quadratic bilevel problem (benchopt's simulated quadratic): accuracy against cost",
         "",
-        f"- machine: {machine['platform']} ({machine['processor']}), {machine['cpu_count']} "
-        f"CPUs; python {machine['python']}; torch {machine['torch']} with "
-        f"{machine['torch_threads']} intra-op / {machine['torch_interop_threads']} "
-        "inter-op threads",
+        machine_line(machine),
         f"- hypergradient {machine['hypergradient']}; float64; seed {args.seed}; "
         f"{'quick' if args.quick else 'full'} run; median of n timed calls after a "
         f"warm-up, interleaved (n = {repeats}, 5 for groups of calls under 150 ms, 7 under "
@@ -801,9 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = plot(problems, which, path, title)
         plot_errors[which] = err
         log(f"wrote {path}" if err is None else f"plot skipped: {err}")
-    total = time.perf_counter() - started
-    footer = f"\nTotal wall time: {total:.0f} s"
-    print(footer, flush=True)
+    total, footer = wall_footer(started)
     report = {
         "machine": machine,
         "args": vars(args),
@@ -821,10 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plots": {k: None if v else f"quadratic_bilevel_{k}.png" for k, v in plot_errors.items()},
         "total_seconds": total,
     }
-    markdown = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n" + footer + "\n"
-    _write(args.out / "quadratic_bilevel.md", markdown)
-    _write(args.out / "quadratic_bilevel.json", json.dumps(_jsonable(report), indent=1) + "\n")
-    log(f"wrote {args.out / 'quadratic_bilevel.md'} and .json")
+    write_results(args.out, "quadratic_bilevel", header, sections, footer, jsonable(report))
     return 0
 
 

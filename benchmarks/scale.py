@@ -91,7 +91,6 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import textwrap
 import time
@@ -108,6 +107,7 @@ import torch
 from torch import Tensor
 
 import hypergradient as hg
+from _common import add_common_arguments, error_text, log, pyplot, save_figure, write_atomic
 
 F = torch.nn.functional
 
@@ -449,7 +449,7 @@ def _child(cfg: Config, data_dir: str, conn: Connection) -> None:
                 res.cpu.append(cpu)
     except Exception as exc:  # reported, not raised: the sweep goes on
         res.ok = False
-        res.error = f"{type(exc).__name__}: {exc}"
+        res.error = error_text(exc)
         traceback.print_exc()
     res.child_seconds = time.perf_counter() - started
     conn.send(res)
@@ -492,7 +492,7 @@ def _progress(res: Result) -> None:
         )
     else:
         msg = f"FAILED: {res.error}"
-    print(f"  {what}  {msg}", file=sys.stderr, flush=True)
+    log(f"  {what}  {msg}")
 
 
 def _predict(points: list[tuple[int, float]], m: int) -> float:
@@ -660,7 +660,7 @@ def main() -> None:
         default=["params", "hparams", "steps"],
     )
     parser.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_common_arguments(parser, seed=False, threads=False)
     args = parser.parse_args()
     wall0 = time.perf_counter()
     quick = args.quick
@@ -697,12 +697,10 @@ def main() -> None:
         widths.add(mid_width)
     for w in sorted(widths):
         pretrained[w] = pre = pretrain(w, tmp, 100 if quick else 300)
-        print(
+        log(
             f"  pretrained P={param_count(w):,} in {pre['seconds']:.1f} s: ||grad f|| = "
             f"{pre['grad_norm']:.2g}, lambda_max = {pre['lambda_max']:.3g}, "
-            f"damping {pre['damping']:.2g}",
-            file=sys.stderr,
-            flush=True,
+            f"damping {pre['damping']:.2g}"
         )
 
     ctx = mp.get_context("forkserver")
@@ -724,7 +722,7 @@ def main() -> None:
                 run, mid_width, counts, hp_methods, cap, common
             )
             if stopped:
-                print("  " + stopped, file=sys.stderr)
+                log("  " + stopped)
         if "steps" in args.experiments:
             mallocs = ("default",) if quick else ("default", "mmap")
             results["steps"] = sweep_steps(run, mid_width, step_list, mallocs, common)
@@ -735,7 +733,7 @@ def main() -> None:
     md = report(results, machine, quick, cap, wall, stopped, pretrained)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.md").write_text(md)
+    write_atomic(args.out / "scale.md", md)
     payload = {
         "machine": machine,
         "mode": "quick" if quick else "full",
@@ -757,7 +755,7 @@ def main() -> None:
             for k, v in results.items()
         },
     }
-    (args.out / "scale.json").write_text(json.dumps(payload, indent=1, default=str))
+    write_atomic(args.out / "scale.json", json.dumps(payload, indent=1, default=str))
     plot(results, args.out, cap, stopped)
     print(f"wall time {wall:.0f} s; wrote {args.out}/scale.md, scale.json, scale_*.png")
 
@@ -941,10 +939,7 @@ METHOD_COLORS = {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRA
 
 
 def plot(results: dict[str, list[Result]], out: Path, cap: float, stopped: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def series(rows: list[Result], x: Callable[[Result], float]) -> dict[str, tuple[list, ...]]:
         by: dict[str, tuple[list, ...]] = {}
@@ -968,8 +963,7 @@ def plot(results: dict[str, list[Result]], out: Path, cap: float, stopped: str) 
         for ax in axes:
             ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / name, dpi=120)
 
     if results.get("params"):
         by = series(results["params"], lambda r: r.config.params)

@@ -97,12 +97,7 @@ It prints the machine and Markdown tables to stdout (progress on stderr) and wri
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import math
-import os
-import platform
-import statistics
 import sys
 import time
 import traceback
@@ -115,10 +110,33 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_breast_cancer
 from torch import Tensor, nn
 
 import hypergradient as hg
+from _common import (
+    Data,
+    add_common_arguments,
+    breast_cancer_data,
+    cosine,
+    error_text,
+    import_seed_library,
+    jsonable,
+    log,
+    machine_info,
+    machine_line,
+    median,
+    newton,
+    pyplot,
+    recorded_warnings,
+    relative_error,
+    rotation,
+    save_figure,
+    start_run,
+    timed_call,
+    wall_footer,
+    warning_texts,
+    write_results,
+)
 from hypergradient.compat import hippotrainer as compat
 
 F64 = torch.float64
@@ -131,44 +149,14 @@ Batch = tuple[Tensor, Tensor]
 Params = tuple[Tensor, Tensor]
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def load_hippotrainer() -> tuple[ModuleType | None, str]:
-    try:
-        module = importlib.import_module("hippotrainer")
-    except Exception as exc:  # any import failure means "skip the comparison"
-        return None, f"{type(exc).__name__}: {exc}"
-    try:
-        from importlib.metadata import version
-
-        return module, f"{version('hippotrainer')} ({Path(module.__file__ or '?').parent})"
-    except Exception:
-        return module, f"unknown version ({module.__file__})"
+def load_hippotrainer(skip: bool = False) -> tuple[ModuleType | None, str]:
+    """The hippotrainer module and its version, or None and the reason."""
+    if skip:
+        return None, "skipped (--no-hippotrainer)"
+    return import_seed_library("hippotrainer", "hippotrainer")
 
 
 # ============================================================================ data, set-ups
-
-
-@dataclass
-class Data:
-    train: Batch
-    val: Batch
-    test: Batch
-
-    @property
-    def dim(self) -> int:
-        return self.train[0].shape[1]
-
-
-def load_data(seed: int) -> Data:
-    X_np, y_np = load_breast_cancer(return_X_y=True)
-    perm = torch.randperm(len(y_np), generator=torch.Generator().manual_seed(seed))
-    X = torch.as_tensor(X_np, dtype=F64)[perm]
-    y = torch.as_tensor(y_np, dtype=F64)[perm].unsqueeze(1)
-    X = (X - X[:100].mean(0)) / X[:100].std(0)
-    return Data((X[:100], y[:100]), (X[100:300], y[100:300]), (X[300:], y[300:]))
 
 
 def init_model(dim: int, state: Params | None = None) -> nn.Linear:
@@ -230,19 +218,6 @@ def bce(model: nn.Module, batch: Batch) -> float:
         return float(F.binary_cross_entropy_with_logits(model(batch[0]), batch[1]))
 
 
-def relative_error(h: Tensor, ref: Tensor) -> float:
-    return float(torch.linalg.vector_norm(h - ref) / torch.linalg.vector_norm(ref))
-
-
-def cosine(h: Tensor, ref: Tensor) -> float:
-    den = torch.linalg.vector_norm(h) * torch.linalg.vector_norm(ref)
-    return float(torch.dot(h.reshape(-1), ref.reshape(-1)) / den) if float(den) > 0 else math.nan
-
-
-def median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs)) if xs else math.nan
-
-
 @dataclass
 class HippoSetup:
     """A HippoTrainer-API object (theirs or the compat layer's) with its model and data."""
@@ -284,16 +259,6 @@ def build_hippo(
 
 
 # ============================================================================ (a)
-
-
-def newton(f_flat: Callable[[Tensor], Tensor], theta: Tensor, tol: float = 1e-12) -> Tensor:
-    grad, hess = torch.func.grad(f_flat), torch.func.hessian(f_flat)
-    for _ in range(50):
-        gr = grad(theta)
-        if float(gr.norm()) < tol:
-            break
-        theta = theta - torch.linalg.solve(hess(theta), gr)
-    return theta.detach()
 
 
 def make_states(data: Data) -> dict[str, Params]:
@@ -373,30 +338,27 @@ def run_group(runners: Sequence[Runner], repeats: int) -> tuple[list[Measured], 
     hs: list[Tensor] = []
     live: list[int] = []
     for i, (r, m) in enumerate(zip(runners, out)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with recorded_warnings() as caught:
             try:
                 r.prepare()
                 h = r.call()
             except Exception as exc:
-                m.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                m.error = error_text(exc, 300)
                 m.traceback = traceback.format_exc(limit=4)[-1500:]
                 hs.append(torch.full((1,), math.nan, dtype=F64))
                 continue
-        m.warnings = sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught})
+        m.warnings = warning_texts(caught, 200)
         hs.append(h.detach().reshape(-1).clone())
         m.h = hs[-1].tolist()
         live.append(i)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rep in range(repeats):
-            shift = rep % max(1, len(live))
-            for i in live[shift:] + live[:shift]:
+            for i in rotation(live, rep):
                 runners[i].prepare()
-                started, cpu = time.perf_counter(), time.process_time()
-                runners[i].call()
-                out[i].cpu_ms_all.append(1e3 * (time.process_time() - cpu))
-                out[i].ms_all.append(1e3 * (time.perf_counter() - started))
+                _, ms, cpu_ms = timed_call(runners[i].call)
+                out[i].cpu_ms_all.append(cpu_ms)
+                out[i].ms_all.append(ms)
     for i in live:
         out[i].ms, out[i].cpu_ms = median(out[i].ms_all), median(out[i].cpu_ms_all)
     return out, hs
@@ -836,8 +798,7 @@ def run_lockstep(runs: list[Run], data: Data, steps: int, timed: bool) -> None:
     for r in runs:
         _record(r, data, 0)
     for t in range(steps):
-        shift = t % len(runs)
-        for r in runs[shift:] + runs[:shift]:
+        for r in rotation(runs, t):
             if r.error is not None:
                 continue
             started = time.perf_counter()
@@ -1188,12 +1149,9 @@ def markdown_findings(res_a: dict[str, Any], res_b: list[dict[str, Any]]) -> str
 
 def plot_b(results: list[dict[str, Any]], path: Path) -> str | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        plt = pyplot()
+    except Exception as exc:  # plots are optional
+        return error_text(exc)
     pairs = [p for p in dict.fromkeys(r["pair"] for r in results[0]["summary"]) if p != "-"]
     fig, axes = plt.subplots(
         len(results), len(pairs), figsize=(4.6 * len(pairs), 4.0 * len(results)), squeeze=False
@@ -1247,40 +1205,8 @@ def plot_b(results: list[dict[str, Any]], path: Path) -> str | None:
         f"validation loss vs wall-clock, {results[0]['steps']} steps (start at 0.69 off-scale)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return None
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "hypergradient": hg.__version__,
-    }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1296,42 +1222,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=list(HYPER_LRS),
         help="hyper_lr values of part (b) (default 5 20)",
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hippotrainer", action="store_true", help="skip HippoTrainer")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads (default 1: steadier timings on a shared machine; "
-        "0 keeps torch's default)",
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="folder"
-    )
+    add_common_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    started = start_run(args.seed, args.threads)
     steps = args.steps or (100 if args.quick else 300)
     rounds = args.rounds or (1 if args.quick else 3)
     repeats = args.repeats or (3 if args.quick else 7)
-    ht, ht_version = (None, "skipped (--no-hippotrainer)")
-    if not args.no_hippotrainer:
-        ht, ht_version = load_hippotrainer()
-    machine = machine_info()
-    machine["hippotrainer"] = ht_version if ht is not None else None
+    ht, ht_version = load_hippotrainer(skip=args.no_hippotrainer)
+    machine = machine_info(hippotrainer=ht_version if ht is not None else None)
     header = [
         "# HippoTrainer 1.0.0 vs hypergradient",
         "",
-        f"- machine: {machine['platform']} ({machine['processor']}), {machine['cpu_count']} "
-        f"CPUs; python {machine['python']}; torch {machine['torch']} with "
-        f"{machine['torch_threads']} intra-op / {machine['torch_interop_threads']} "
-        "inter-op threads",
+        machine_line(machine),
         f"- hypergradient {machine['hypergradient']}; float64; seed {args.seed}; "
         f"{'quick' if args.quick else 'full'} run",
         "- problem: per-feature L2 logistic regression on breast cancer (100 train / 200 "
@@ -1351,7 +1258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         header.append(f"- HippoTrainer {ht_version}")
     print("\n".join(header), flush=True)
-    data = load_data(args.seed)
+    data = breast_cancer_data(args.seed, y_column=True)
     res_a = part_a(data, ht, repeats)
     sec_a = markdown_a(res_a, repeats, ht is not None)
     print("\n" + sec_a, flush=True)
@@ -1364,9 +1271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     png = args.out / "vs_hippotrainer.png"
     err = plot_b(res_b, png)
     log(f"wrote {png}" if err is None else f"plot skipped: {err}")
-    total = time.perf_counter() - started
-    footer = f"\nTotal wall time: {total:.0f} s"
-    print(footer, flush=True)
+    total, footer = wall_footer(started)
     report = {
         "machine": machine,
         "args": vars(args),
@@ -1388,11 +1293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     findings = markdown_findings(res_a, res_b) if ht is not None else ""
     if findings:
         print("\n" + findings, flush=True)
-    sections = "\n\n".join([sec_a, *secs_b] + ([findings] if findings else []))
-    markdown = "\n".join(header) + "\n\n" + sections + "\n" + footer + "\n"
-    _write(args.out / "vs_hippotrainer.md", markdown)
-    _write(args.out / "vs_hippotrainer.json", json.dumps(_jsonable(report), indent=1) + "\n")
-    log(f"wrote {args.out / 'vs_hippotrainer.md'} and .json")
+    sections = [sec_a, *secs_b] + ([findings] if findings else [])
+    write_results(args.out, "vs_hippotrainer", header, sections, footer, jsonable(report))
     return 0
 
 

@@ -108,10 +108,8 @@ dependency (``pip install -e ".[bench]"``); it is imported inside the script.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -127,16 +125,24 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 import hypergradient as hg
+from _common import (
+    add_common_arguments,
+    jsonable,
+    log,
+    machine_info,
+    machine_line,
+    pyplot,
+    save_figure,
+    start_run,
+    wall_footer,
+    write_results,
+)
 
 F64 = torch.float64
 Params = tuple[Tensor, ...]
 Split = tuple[Tensor, Tensor]
 METHODS = ("tpe", "random", "hypergradient")
 LABELS = {"tpe": "Optuna TPE", "random": "Optuna random", "hypergradient": "hypergradient"}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def stratified_splits(
@@ -742,20 +748,11 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
 # ============================================================================ reporting
 
 
-def machine_info() -> dict[str, Any]:
+def optuna_machine_info() -> dict[str, Any]:
+    """:func:`machine_info` with Optuna's version."""
     import optuna
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "optuna": optuna.__version__,
-        "hypergradient": hg.__version__,
-    }
+    return machine_info(optuna=optuna.__version__)
 
 
 def _fmt_time(t: tuple[float, float] | None) -> str:
@@ -928,11 +925,7 @@ def markdown_summary(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
     for ax, res in zip(axes[0], results):
@@ -960,37 +953,20 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Run):
-        d = {k: _jsonable(v) for k, v in vars(obj).items()}
-        d["best_so_far"] = obj.best_so_far()
-        d["best_lambda"] = None if obj.best_phi is None else obj.best_phi.exp().tolist()
-        d.pop("best_phi")
-        d.pop("phis")
-        return d
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def _run_json(obj: Any) -> Any:
+    """:func:`jsonable` for a :class:`Run`: its best-so-far curve and best lambdas, not
+    every evaluated ``phi``; ``NotImplemented`` for anything else."""
+    if not isinstance(obj, Run):
+        return NotImplemented
+    d = {k: jsonable(v, _run_json) for k, v in vars(obj).items()}
+    d["best_so_far"] = obj.best_so_far()
+    d["best_lambda"] = None if obj.best_phi is None else obj.best_phi.exp().tolist()
+    d.pop("best_phi")
+    d.pop("phis")
+    return d
 
 
 # ============================================================================ main
@@ -1019,36 +995,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "sequential: each method's whole budget, one after the other",
     )
     p.add_argument("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)")
-    p.add_argument("--seed", type=int, default=0, help="data split, initialization, samplers")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads (default 1: steadier timings; 0 keeps torch's default)",
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="folder"
-    )
+    add_common_arguments(p, seed_help="data split, initialization, samplers (default 0)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    started = start_run(args.seed, args.threads)
     budget_logreg = args.budget_logreg or (3.0 if args.quick else 90.0)
     budget_mlp = args.budget_mlp or (4.0 if args.quick else 150.0)
-    machine = machine_info()
+    machine = optuna_machine_info()
     header = [
         "# Against black-box search: Optuna (TPE, random) vs hypergradient descent",
         "",
-        f"- machine: {machine['platform']} ({machine['processor']}), {machine['cpu_count']} "
-        f"CPUs; python {machine['python']}; torch {machine['torch']} with "
-        f"{machine['torch_threads']} intra-op / {machine['torch_interop_threads']} "
-        f"inter-op threads; optuna {machine['optuna']}; hypergradient "
-        f"{machine['hypergradient']}",
+        machine_line(machine)
+        + f"; optuna {machine['optuna']}; hypergradient {machine['hypergradient']}",
         f"- {'quick' if args.quick else 'full'} run; seed {args.seed} (data splits, MLP "
         "initialization, Optuna samplers); budgets per method: "
         + ", ".join(
@@ -1085,10 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections.append(markdown_summary(results))
     print("\n" + sections[-1], flush=True)
 
-    total = time.perf_counter() - started
-    footer = f"\nTotal wall time: {total:.0f} s"
-    print(footer, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    total, footer = wall_footer(started)
     report = {
         "machine": machine,
         "args": vars(args),
@@ -1096,11 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tasks": results,
         "total_seconds": total,
     }
-    markdown = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n" + footer + "\n"
-    _write(args.out / "vs_optuna.md", markdown)
-    _write(args.out / "vs_optuna.json", json.dumps(_jsonable(report), indent=1) + "\n")
+    write_results(args.out, "vs_optuna", header, sections, footer, jsonable(report, _run_json))
     plot(results, args.out / "vs_optuna.png")
-    log(f"wrote {args.out / 'vs_optuna.md'}, .json and .png")
+    log(f"wrote {args.out / 'vs_optuna.png'}")
     return 0
 
 
