@@ -129,6 +129,19 @@ def _worker(rank: int, port: int, results: dict) -> None:
         f, g = make(Xt[shard], yt[shard], Xv[vshard], yv[vshard])
         with pytest.raises(ValueError, match="hparams.*differ between ranks"):
             hg.implicit(f, g, w, loglam + rank, hg.CG(), process_group=group)
+        with pytest.raises(ValueError, match="params.*differ between ranks"):
+            hg.implicit(f, g, w + rank, loglam, hg.CG(), process_group=group)
+        with pytest.raises(ValueError, match="params0.*different structures"):
+            bad0 = [w0, w0[:1]] if rank == 0 else [w0]
+            hg.unrolled(
+                lambda p, h: tf(p[0], h),
+                lambda p, h: tg(p[0], h),
+                bad0,
+                hp,
+                2,
+                hg.optim.sgd(lr=0.1),
+                process_group=group,
+            )
         with pytest.raises(ValueError, match="seed"):
             hg.implicit(f, g, w, loglam, hg.Nystrom(rank=5), process_group=group)
         only0 = dist.new_group([0])  # collective: every rank creates it

@@ -49,37 +49,54 @@ def all_reduce_mean(tensor: Tensor, group: Any) -> Tensor:
     return tensor
 
 
-def check_consistent(values: list[Tensor], group: Any, what: str) -> None:
+def _fingerprint(values: list[Tensor], device: torch.device) -> Tensor:
+    """Six float64 numbers that differ, in practice, when ``values`` differ.
+
+    Leaf count, total size, and per-leaf size, sum, sum of squares and position-weighted
+    sum, each summed with the leaf's index as weight (so swapping leaves changes it).
+    Non-finite entries map to fixed sentinels, so equal NaNs compare equal.
+    """
+    fp = torch.zeros(6, dtype=torch.float64, device=device)
+    fp[0] = float(len(values))
+    for i, v in enumerate(values, start=1):
+        x = v.detach().to(device=device, dtype=torch.float64).reshape(-1)
+        w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=device)
+        fp[1] += x.numel()
+        fp[2] += i * x.numel()
+        fp[3] += i * x.sum()
+        fp[4] += i * (x * x).sum()
+        fp[5] += i * (w * x).sum()
+    return torch.nan_to_num(fp, nan=1.0e300, posinf=1.1e300, neginf=-1.1e300)
+
+
+def check_consistent(
+    values: list[Tensor], group: Any, what: str, *more: tuple[list[Tensor], str]
+) -> None:
     """Raise on every rank if ``values`` (shapes and contents) differ between ranks.
 
-    Compares a fingerprint (sizes, sums, sums of squares, and a position-weighted sum) by
-    an all-reduce of its maximum and minimum: one collective, no hang, the same verdict on
-    every rank.
+    ``more`` adds further ``(values, what)`` pairs checked by the same collective. Each is
+    reduced to a fixed-size fingerprint (:func:`_fingerprint`); one all-reduce of
+    ``[fp, -fp]`` with ``MAX`` gives every rank the largest and smallest fingerprint of
+    the group, so every rank reaches the same verdict, and no rank waits for a collective
+    that another skipped.
     """
-    device = values[0].device if values else torch.device("cpu")
-    parts = [float(len(values))]
-    for v in values:
-        x = v.detach().double().reshape(-1)
-        w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device)
-        parts += [float(x.numel()), float(x.sum()), float((x * x).sum()), float((w * x).sum())]
-    fp = torch.tensor(parts, dtype=torch.float64, device=device)
-    n = torch.tensor([float(fp.numel())], dtype=torch.float64, device=device)
-    lo, hi = n.clone(), n.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    if float(lo) != float(hi):
-        raise ValueError(
-            f"{what} have different structures on different ranks; every rank must pass the "
-            "same structure and shapes."
-        )
-    lo, hi = fp.clone(), fp.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(lo, hi):
-        raise ValueError(
-            f"{what} differ between ranks; every rank must pass identical values (broadcast "
-            "them from rank 0 with torch.distributed.broadcast before the call)."
-        )
+    checks = [(values, what), *more]
+    device = next((v[0].device for v, _ in checks if v), torch.device("cpu"))
+    fp = torch.stack([_fingerprint(v, device) for v, _ in checks])  # (checks, 6)
+    both = torch.cat([fp, -fp])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = both[: len(checks)], -both[len(checks) :]
+    for (_, name), h, low in zip(checks, hi, lo):
+        if not torch.equal(h[:3], low[:3]):
+            raise ValueError(
+                f"{name} have different structures on different ranks; every rank must pass "
+                "the same structure and shapes."
+            )
+        if not torch.equal(h, low):
+            raise ValueError(
+                f"{name} differ between ranks; every rank must pass identical values "
+                "(broadcast them from rank 0 with torch.distributed.broadcast before the call)."
+            )
 
 
 class AveragedOperator(LinearOperator):

@@ -393,8 +393,9 @@ def implicit(
         inner_loss, params, hparams, batched=batched, hparams_by_reference=_hparams_by_reference
     )
     if process_group is not None:
-        check_consistent(op.hparam_leaves, process_group, "`hparams`")
-        check_consistent(op.param_leaves, process_group, "`params`")
+        check_consistent(
+            op.hparam_leaves, process_group, "`hparams`", (op.param_leaves, "`params`")
+        )
     return _finish(
         op,
         outer_loss,

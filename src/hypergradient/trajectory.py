@@ -179,8 +179,7 @@ class _Run:
             from .distributed import _group_size
 
             _group_size(group)
-            check_consistent(list(self.h), group, "`hparams`")
-            check_consistent(list(self.p0), group, "`params0`")
+            check_consistent(list(self.h), group, "`hparams`", (list(self.p0), "`params0`"))
         self.resume = resume
         # Optimizer settings given as tensors that are hparams leaves are differentiated.
         self.setting_index: dict[str, int] = {}
