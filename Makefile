@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/vs_hippotrainer.py
 	$(PY) benchmarks/mixed_precision.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/vs_optuna.py
 
 clean:
