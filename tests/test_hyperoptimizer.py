@@ -349,6 +349,11 @@ def test_bad_input_is_refused_before_anything_changes():
         hg.HyperOptimizer(
             model, {"decay": leaf}, outer_optimizer=outer, val_data=VAL, inner_steps=0, **common
         )
+    elsewhere = torch.zeros(D, dtype=DT, device="meta")  # a device other than the model's
+    with pytest.raises(ValueError, match=r"hparams\['decay'\] is on meta.*create it there"):
+        hg.HyperOptimizer(
+            model, {"decay": elsewhere}, outer_optimizer=outer, val_data=VAL, **common
+        )
     with pytest.raises(ValueError, match="Unrolled"):
         hg.HyperOptimizer(
             model,

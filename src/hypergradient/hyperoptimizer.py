@@ -271,6 +271,13 @@ class HyperOptimizer:
                     f"hparams[{name!r}] is not a leaf tensor (it was computed from others); "
                     "pass a leaf, e.g. torch.tensor(...) or x.detach().clone()."
                 )
+            device = self._param_tensors[0].device
+            if raw.device != device:
+                raise ValueError(
+                    f"hparams[{name!r}] is on {raw.device} but the model's parameters are on "
+                    f"{device}; create it there, e.g. torch.full(..., device={str(device)!r}) "
+                    "(for a Constraint, pass a tensor on that device)."
+                )
             self._raw[name] = raw
         raws = list(self._raw.values())
         if isinstance(outer_optimizer, torch.optim.Optimizer):
