@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _tree
 from .operators import LinearOperator
 
 __all__ = [
@@ -450,15 +451,15 @@ class NystromApproximation:
         return x
 
 
-def _row_blocks(n: int, width: int) -> range:
-    """Row-block starts so that a block of an ``n x width`` matrix holds ~4M numbers."""
-    return range(0, n, max(1, (1 << 22) // max(1, width)))
+def _rows_per_block(width: int) -> int:
+    """Rows of a ``width``-column matrix in a block of about 4M numbers."""
+    return max(1, (1 << 22) // max(1, width))
 
 
 def _right_multiply_(B: Tensor, M: Tensor) -> Tensor:
     """``B[:, :k] = B @ M`` in place, by row blocks (``M`` is ``r x k``, ``k <= r``)."""
     k = M.shape[1]
-    step = _row_blocks(B.shape[0], B.shape[1]).step
+    step = _rows_per_block(B.shape[1])
     for i in range(0, B.shape[0], step):
         B[i : i + step, :k] = B[i : i + step] @ M
     return B[:, :k]
@@ -483,15 +484,14 @@ def _eigen_form(B: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     G = B1.T @ B1
     L, info = torch.linalg.cholesky_ex(0.5 * (G + G.T))
     if int(info) != 0:  # cannot happen for kept directions; keep the first pass
-        lam, W = s2, torch.eye(s2.numel(), dtype=B.dtype, device=B.device)
-        M = W
+        lam, M = s2, torch.eye(s2.numel(), dtype=B.dtype, device=B.device)
     else:
         # B1 = Q L^T with Q orthonormal, so B B^T = Q (L^T S^2 L) Q^T; diagonalize the core.
         core = L.T @ (s2[:, None] * L)
         lam, W = torch.linalg.eigh(0.5 * (core + core.T))
         M = torch.linalg.solve_triangular(L.T, W, upper=True)  # U = B1 L^{-T} W
     U = torch.empty(B.shape[0], M.shape[1], dtype=out_dtype, device=B.device)
-    step = _row_blocks(B.shape[0], B1.shape[1]).step
+    step = _rows_per_block(B1.shape[1])
     for i in range(0, B.shape[0], step):
         U[i : i + step] = (B1[i : i + step] @ M).to(out_dtype)
     return U, lam
@@ -521,7 +521,7 @@ def nystrom_sketch(
     """
     n = op.size
     r = min(rank, n)
-    work = torch.float64 if op.device.type != "mps" else torch.float32
+    work = _tree.wide_dtype(op.device)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     Om: Tensor | None = None
     idx: Tensor | None = None
@@ -554,10 +554,7 @@ def nystrom_sketch(
             full_rank=False,
         )
 
-    def omega_t_times(M: Tensor) -> Tensor:  # Omega^T M for an n x r matrix M
-        return M[idx] if idx is not None else Om.T @ M
-
-    core = omega_t_times(Y)
+    core = Y[idx] if idx is not None else Om.T @ Y  # Omega^T Y
     core = 0.5 * (core + core.T)
     shifted = core + nu * torch.eye(r, dtype=work, device=op.device)  # Omega^T (Y + nu Omega)
     L, info = torch.linalg.cholesky_ex(shifted)
@@ -568,7 +565,7 @@ def nystrom_sketch(
         else:
             Y.add_(Om, alpha=nu)
         del Om
-        rows = _row_blocks(n, r).step
+        rows = _rows_per_block(r)
         for i in range(0, n, rows):
             Y[i : i + rows] = torch.linalg.solve_triangular(
                 L.T, Y[i : i + rows], upper=True, left=False
