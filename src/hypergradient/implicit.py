@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import _tree
 from ._tree import Tree
+from ._vocab import HypergradientWarning, NonFiniteHypergradientError
 from .distributed import AveragedOperator, all_reduce_mean, check_consistent
 from .operators import (
     DampedOperator,
@@ -47,14 +48,6 @@ __all__ = [
     "neumann",
     "nystrom",
 ]
-
-
-class HypergradientWarning(UserWarning):
-    """Something about a hypergradient the user should know (unused hparams, curvature)."""
-
-
-class NonFiniteHypergradientError(FloatingPointError):
-    """A hypergradient came out NaN or Inf; it is never returned or applied silently."""
 
 
 @dataclass

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _tree
-from .distributed import all_reduce_mean
-from .implicit import _outer_grads, implicit
-from .operators import HessianOperator
-from .optim.functional import FunctionalOptimizer
-from .solvers import CG, Neumann, Solver, _positive_float, _positive_int
-from .trajectory import _Resume, drmad, forward_mode, unrolled
+from .. import _tree
+from ..distributed import all_reduce_mean
+from ..implicit import _outer_grads, implicit
+from ..operators import HessianOperator
+from ..optim.functional import FunctionalOptimizer
+from ..solvers import CG, Neumann, Solver, _positive_float, _positive_int
+from ..trajectory import _Resume, drmad, forward_mode, unrolled
 
 __all__ = ["HyperMethod", "T1T2", "IFT", "HOAG", "Unrolled", "ForwardMode", "DrMAD"]
 

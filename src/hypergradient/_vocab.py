@@ -1,0 +1,306 @@
+"""The shared vocabulary of the package (layer 0: imports only torch and the standard library).
+
+Every public entry point validates its arguments through the functions here, so the same
+argument gets the same check and the same message everywhere:
+
+- exceptions and the warning category (:class:`HypergradientWarning`,
+  :class:`NonFiniteHypergradientError`, :class:`ArgumentTypeError`,
+  :class:`RankFailedError`);
+- :class:`Status`, the outcome of a solve or of a hypergradient, a ``str`` enum whose
+  members carry their message (``Status.NEGATIVE_CURVATURE.message``);
+- argument checks (``as_int``, ``as_float``, ``as_bool``, ``as_choice``, ``as_callable``,
+  ``as_generator``): numpy scalars are accepted wherever a Python number is, ``bool`` is
+  refused where a number is meant, a wrong type raises :class:`ArgumentTypeError` (both a
+  ``TypeError`` and a ``ValueError``) and a value out of range ``ValueError``; messages name
+  the argument, what was wrong and the fix;
+- finiteness checks that name the first non-finite quantity (:func:`first_nonfinite`,
+  :func:`require_finite`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ArgumentTypeError",
+    "HypergradientWarning",
+    "NonFiniteHypergradientError",
+    "RankFailedError",
+    "Status",
+    "as_bool",
+    "as_callable",
+    "as_choice",
+    "as_float",
+    "as_generator",
+    "as_int",
+    "as_optional_int",
+    "first_nonfinite",
+    "require_finite",
+]
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- exceptions
+
+
+class HypergradientWarning(UserWarning):
+    """A hypergradient was computed, but something about it deserves attention."""
+
+
+class NonFiniteHypergradientError(FloatingPointError):
+    """A hypergradient (or a quantity it is computed from) is NaN or Inf, or diverged.
+
+    Attributes:
+        quantity: what was found non-finite first (``"the gradient of inner_loss with
+            respect to params['w']"``, ``"a Hessian-vector product"``, ...), or None.
+    """
+
+    def __init__(self, message: str, quantity: str | None = None):
+        super().__init__(message)
+        self.quantity = quantity
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (also a ``ValueError``, so either ``except`` catches it)."""
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the process group failed during a collective hypergradient step."""
+
+
+# ----------------------------------------------------------------------------- status
+
+
+class Status(str, enum.Enum):
+    """Outcome of a linear solve or of a hypergradient computation.
+
+    A ``str`` enum: ``Status.CONVERGED == "converged"`` holds, so code comparing with the
+    strings keeps working. ``status.message`` explains it, ``status.ok`` says whether the
+    answer can be vouched for (converged, exact, or a fixed budget by design).
+    """
+
+    CONVERGED = "converged"
+    EXACT = "exact"
+    FIXED_BUDGET = "fixed_budget"
+    MAX_ITERATIONS = "max_iterations"
+    NEGATIVE_CURVATURE = "negative_curvature"
+    DIVERGED = "diverged"
+    NONFINITE = "nonfinite"
+
+    @property
+    def message(self) -> str:
+        return _STATUS_MESSAGES[self]
+
+    @property
+    def ok(self) -> bool:
+        return self in (Status.CONVERGED, Status.EXACT, Status.FIXED_BUDGET)
+
+    def __str__(self) -> str:  # f"{status}" gives the plain value, as for a str
+        return self.value
+
+
+_STATUS_MESSAGES = {
+    Status.CONVERGED: "the solver met its tolerance",
+    Status.EXACT: "solved exactly (dense factorization)",
+    Status.FIXED_BUDGET: "a fixed number of products by design (no tolerance to meet)",
+    Status.MAX_ITERATIONS: (
+        "the solver stopped at maxiter before meeting its tolerance; raise maxiter, loosen "
+        "tol, add damping or use a preconditioner (hg.NystromPCG)"
+    ),
+    Status.NEGATIVE_CURVATURE: (
+        "the operator has non-positive curvature along a search direction (the Hessian is not "
+        "positive definite here: not a minimum, or singular); the best iterate is returned; "
+        "add damping"
+    ),
+    Status.DIVERGED: (
+        "the iteration diverged (its residual grew); lower the step size (Neumann: alpha < "
+        "2 / lambda_max, or alpha='auto'), add damping, or use hg.CG()"
+    ),
+    Status.NONFINITE: "a quantity of the computation is NaN or Inf",
+}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def as_int(
+    value: Any,
+    name: str,
+    *,
+    min: int | None = None,
+    max: int | None = None,
+    hint: str = "",
+) -> int:
+    """``value`` as a Python ``int`` (numpy and 0-d integer tensors accepted, ``bool`` not).
+
+    Raises:
+        ArgumentTypeError: not an integer.
+        ValueError: outside ``[min, max]``.
+    """
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise ArgumentTypeError(f"`{name}` must be an integer, got the bool {value!r}.{hint}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+            raise ArgumentTypeError(f"`{name}` must be an integer, got {_got(value)}.{hint}")
+        value = int(value.item())
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"`{name}` must be an integer, got {type(value).__name__} {_got(value)}.{hint}"
+        ) from None
+    if min is not None and v < min:
+        raise ValueError(f"`{name}` must be an integer >= {min}, got {v}.{hint}")
+    if max is not None and v > max:
+        raise ValueError(f"`{name}` must be an integer <= {max}, got {v}.{hint}")
+    return int(v)
+
+
+def as_optional_int(value: Any, name: str, *, min: int | None = None, hint: str = "") -> int | None:
+    """``None`` or :func:`as_int`."""
+    return None if value is None else as_int(value, name, min=min, hint=hint)
+
+
+def as_float(
+    value: Any,
+    name: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    open_min: bool = False,
+    open_max: bool = False,
+    finite: bool = True,
+    hint: str = "",
+) -> float:
+    """``value`` as a Python ``float`` (numpy scalars and 0-d tensors accepted, ``bool`` not).
+
+    ``min``/``max`` bound it (exclusive with ``open_min``/``open_max``); NaN is always
+    refused and infinities unless ``finite=False``.
+
+    Raises:
+        ArgumentTypeError: not a real number.
+        ValueError: NaN, infinite, or out of range.
+    """
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise ArgumentTypeError(f"`{name}` must be a number, got the bool {value!r}.{hint}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ArgumentTypeError(
+                f"`{name}` must be a real number, got a tensor of shape {tuple(value.shape)}.{hint}"
+            )
+        value = value.detach().item()
+    if not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"`{name}` must be a real number, got {type(value).__name__} {_got(value)}.{hint}"
+        )
+    v = float(value)
+    if math.isnan(v) or (finite and math.isinf(v)):
+        raise ValueError(f"`{name}` must be a finite number, got {v}.{hint}")
+    low_bad = min is not None and (v <= min if open_min else v < min)
+    high_bad = max is not None and (v >= max if open_max else v > max)
+    if low_bad or high_bad:
+        lo = "" if min is None else ("> " if open_min else ">= ") + f"{min:g}"
+        hi = "" if max is None else ("< " if open_max else "<= ") + f"{max:g}"
+        bound = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"`{name}` must be a number {bound}, got {v:g}.{hint}")
+    return v
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a ``bool`` (numpy bools accepted)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and hasattr(value, "item"):  # numpy.bool_
+        return bool(value.item())
+    raise ArgumentTypeError(f"`{name}` must be True or False, got {_got(value)}.")
+
+
+def as_choice(value: Any, name: str, choices: Sequence[T]) -> T:
+    """``value`` if it is one of ``choices`` (compared with ``==``)."""
+    for c in choices:
+        if type(value) is type(c) and value == c:
+            return c
+    options = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"`{name}` must be one of {options}; got {_got(value)}.")
+
+
+def as_callable(value: Any, name: str, signature: str) -> Callable[..., Any]:
+    """``value`` if it is callable; the message shows the expected ``signature``."""
+    if not callable(value):
+        raise ArgumentTypeError(
+            f"`{name}` must be a callable {signature}, got {type(value).__name__}."
+        )
+    return value
+
+
+def as_generator(
+    seed: Any, generator: Any, name: str = "seed", device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A ``torch.Generator`` from ``seed`` or ``generator`` (not both).
+
+    With neither, a new generator seeded from torch's global generator, so that
+    ``torch.manual_seed`` makes the draws reproducible and the generator's state can be
+    saved in a checkpoint.
+    """
+    if generator is not None:
+        if seed is not None:
+            raise ValueError(f"Pass either `{name}` or `generator`, not both.")
+        if not isinstance(generator, torch.Generator):
+            raise ArgumentTypeError(
+                f"`generator` must be a torch.Generator, got {type(generator).__name__}."
+            )
+        return generator
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    else:
+        seed = as_int(seed, name, min=0, hint=" Pass a non-negative integer seed.")
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+# ----------------------------------------------------------------------------- finiteness
+
+
+def is_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (one host sync)."""
+    return bool(torch.isfinite(t).all())
+
+
+def first_nonfinite(leaves: Iterable[Tensor | None], names: Iterable[str]) -> str | None:
+    """The name of the first leaf with a NaN or Inf entry, or None if all are finite."""
+    for t, n in zip(leaves, names):
+        if t is not None and not is_finite(t):
+            return n
+    return None
+
+
+def require_finite(
+    leaves: Iterable[Tensor | None], names: Iterable[str], what: str, fix: str
+) -> None:
+    """Raise :class:`NonFiniteHypergradientError` naming the first non-finite leaf.
+
+    The message reads ``"{what} {name} is not finite (NaN or Inf). {fix}"``, e.g.
+    ``require_finite(grads, paths, "The gradient of inner_loss with respect to",
+    "Check the training batch and inner_loss at params.")``.
+    """
+    bad = first_nonfinite(leaves, names)
+    if bad is not None:
+        quantity = f"{what} {bad}".strip()
+        raise NonFiniteHypergradientError(
+            f"{quantity[0].upper()}{quantity[1:]} is not finite (NaN or Inf). {fix}", quantity
+        )
