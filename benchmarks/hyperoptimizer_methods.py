@@ -28,7 +28,7 @@ Table 1a: implicit methods against the exact implicit hypergradient
     and, for reference, ``HOAG()`` as at its first hyper-step (CG to tol 0.1). Reference:
     ``hg.implicit(..., hg.Exact())`` at the Newton optimum, checked against an independent
     dense computation (``torch.func`` Hessian and mixed Jacobian, ``torch.linalg.solve``).
-    Checks printed below the table: each method's ``method.compute(HyperContext(...))`` on
+    Checks printed below the table: each method's ``method(Problem(...))`` on
     plain functional losses equals the HyperOptimizer's hypergradient, and ``T1T2`` equals
     ``hg.implicit(..., hg.Identity(0.5))`` at the optimum (where the pre-step parameters
     equal the post-step ones). Times: median over repeats, methods interleaved.
@@ -210,7 +210,7 @@ class ImplicitRow:
     compute_vs_hopt: float = 0.0  # max relative difference, method.compute vs HyperOptimizer
 
 
-def implicit_methods(repeats: int) -> dict[str, Callable[[int], hg.HyperMethod]]:
+def implicit_methods(repeats: int) -> dict[str, Callable[[int], hg.Method]]:
     """Label -> factory(seed) of a fresh method (HOAG and Nystrom keep state)."""
     return {
         "T1T2()": lambda s: hg.T1T2(),
@@ -227,7 +227,7 @@ def implicit_methods(repeats: int) -> dict[str, Callable[[int], hg.HyperMethod]]
 
 
 def hopt_hypergradient(
-    data: Data, theta: Params, raw: Tensor, method: hg.HyperMethod
+    data: Data, theta: Params, raw: Tensor, method: hg.Method
 ) -> tuple[Tensor, float, dict[str, Any]]:
     """One hyper-step of a HyperOptimizer whose model sits at ``theta``."""
     model = zero_model(data.dim)
@@ -313,22 +313,27 @@ def implicit_table(data: Data, points: dict[str, Tensor], repeats: int) -> dict[
                 row.cos.append(cosine(h, exact))
                 row.num_hvps.append(int(diag.get("num_hvps", 0)))
                 row.status.append(str(diag.get("status", "")))
-                ctx = hg.HyperContext(
-                    train_loss=f, val_loss=g, params=theta, raw=raw, lr=HOPT_LR, prev_params=theta
+                ctx = hg.Problem(
+                    inner_loss=f,
+                    outer_loss=g,
+                    params=theta,
+                    hparams=raw,
+                    lr=HOPT_LR,
+                    prev_params=theta,
                 )
-                direct, _ = factories[label](rep).compute(ctx)
+                direct, _ = factories[label](rep)(ctx)
                 row.compute_vs_hopt = max(row.compute_vs_hopt, relative_error(direct, h))
         rows += point_rows.values()
-        t1t2 = hg.T1T2().compute(
-            hg.HyperContext(
-                train_loss=f, val_loss=g, params=theta, raw=raw, lr=HOPT_LR, prev_params=theta
+        t1t2 = hg.T1T2()(
+            hg.Problem(
+                inner_loss=f, outer_loss=g, params=theta, hparams=raw, lr=HOPT_LR, prev_params=theta
             )
         )[0]
         ident = hg.implicit(f, g, theta, raw, hg.Identity(HOPT_LR))
         worst = max(point_rows.values(), key=lambda r: r.compute_vs_hopt)
         checks.append(
             f"{point}: hg.Exact vs independent dense solve (rel. diff) "
-            f"{setups[point]['exact_vs_dense_rel']:.1e}; method.compute(HyperContext) on "
+            f"{setups[point]['exact_vs_dense_rel']:.1e}; method(Problem) on "
             "functional losses vs the HyperOptimizer's hypergradient: worst rel. diff "
             f"{worst.compute_vs_hopt:.1e} ({worst.method}); T1T2 vs "
             f"hg.implicit(Identity(0.5)) rel. diff {relative_error(t1t2, ident):.1e}"
@@ -548,7 +553,7 @@ def run_lockstep(runs: list[Run], steps: int) -> list[str]:
     return warning_texts(caught)
 
 
-def decay_hopt(data: Data, label: str, method: hg.HyperMethod) -> Run:
+def decay_hopt(data: Data, label: str, method: hg.Method) -> Run:
     model = zero_model(data.dim)
     decay = hg.Positive(torch.full((data.dim,), START_DECAY, dtype=F64))
     hopt = hg.HyperOptimizer(
@@ -576,7 +581,7 @@ def plain_run(data: Data, label: str, lr: float, decay: float) -> Run:
     return Run(label, model, data.train, optimizer=opt, plain_loss=loss)
 
 
-def hopt_methods() -> list[tuple[str, hg.HyperMethod]]:
+def hopt_methods() -> list[tuple[str, hg.Method]]:
     """(label, fresh method) for Tables 2 and 3; the JSON keeps each method's repr."""
     return [
         ("T1T2()", hg.T1T2()),
@@ -780,7 +785,7 @@ def markdown_outcome(res: dict[str, Any]) -> str:
 # ============================================================================ Table 4
 
 
-def lr_hopt(data: Data, label: str, method: hg.HyperMethod) -> tuple[Run, hg.Positive]:
+def lr_hopt(data: Data, label: str, method: hg.Method) -> tuple[Run, hg.Positive]:
     model = zero_model(data.dim)
     lr = hg.Positive(torch.tensor(LR_START, dtype=F64))
     decay = torch.full((data.dim,), START_DECAY, dtype=F64)

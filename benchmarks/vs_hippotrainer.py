@@ -421,23 +421,23 @@ def native_runner(
         n = kw["num_terms"]
         label = f"hg.IFT(hg.Neumann({n}, alpha=lr={LR}))"
 
-        def make() -> hg.HyperMethod:
+        def make() -> hg.Method:
             return hg.IFT(hg.Neumann(iters=n, alpha=LR))
 
     else:
         m, eps = kw["cg_max_iter"], kw["epsilon"]
         label = f"hg.IFT(hg.CG({m}, tol=0, atol=sqrt({eps:g})))"
 
-        def make() -> hg.HyperMethod:
+        def make() -> hg.Method:
             return hg.IFT(hg.CG(maxiter=m, tol=0.0, atol=math.sqrt(eps)))
 
     method = make()
 
     def call_method() -> Tensor:
-        ctx = hg.HyperContext(
-            train_loss=f, val_loss=g, params=params, raw=log_wd, lr=LR, prev_params=params
+        ctx = hg.Problem(
+            inner_loss=f, outer_loss=g, params=params, hparams=log_wd, lr=LR, prev_params=params
         )
-        return method.compute(ctx)[0]
+        return method(ctx)[0]
 
     return Runner("native", label, lambda: None, call_method)
 
@@ -612,7 +612,7 @@ B_CONFIGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def native_method(kind: str, kw: dict[str, Any]) -> tuple[str, hg.HyperMethod]:
+def native_method(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
     if kind == "T1T2":
         return "hg.T1T2()", hg.T1T2()
     if kind == "Neumann":

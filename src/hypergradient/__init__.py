@@ -24,7 +24,19 @@ from .implicit import (
     neumann,
     nystrom,
 )
-from .methods import HOAG, IFT, T1T2, DrMAD, ForwardMode, HyperContext, HyperMethod, Unrolled
+from .methods import (
+    HOAG,
+    IFT,
+    T1T2,
+    DrMAD,
+    ForwardMode,
+    HyperMethod,
+    Info,
+    Method,
+    Problem,
+    Trajectory,
+    Unrolled,
+)
 from .operators import (
     DampedOperator,
     FixedPointOperator,
@@ -56,7 +68,10 @@ __all__ = [
     "DrMAD",
     "ForwardMode",
     "HOAG",
-    "HyperContext",
+    "Info",
+    "Method",
+    "Problem",
+    "Trajectory",
     "HyperMethod",
     "HyperOptimizer",
     "HyperStepRecord",

@@ -24,9 +24,8 @@ from torch.nn.utils.stateless import _reparametrize_module
 from . import _tree
 from .constraints import Constraint
 from .implicit import HypergradientWarning, NonFiniteHypergradientError
-from .methods import IFT, HyperContext, HyperMethod
+from .methods import IFT, Method, Problem, Trajectory
 from .optim.functional import from_torch
-from .trajectory import _Resume
 
 __all__ = ["HyperOptimizer", "HyperStepRecord"]
 
@@ -186,7 +185,7 @@ class HyperOptimizer:
         train_loss: Callable[[Any, dict[str, Tensor], Any], Tensor],
         val_loss: Callable[[Any, dict[str, Tensor], Any], Tensor],
         val_data: Any,
-        method: HyperMethod | None = None,
+        method: Method | None = None,
         inner_steps: int = 10,
         train_data: Any = None,
         val_batch_size: int | None = None,
@@ -204,7 +203,7 @@ class HyperOptimizer:
         if val_data is None:
             raise ValueError("`val_data` is required: hyper-steps need validation batches.")
         self.method = IFT() if method is None else method
-        if not isinstance(self.method, HyperMethod):
+        if not isinstance(self.method, Method):
             raise TypeError(
                 f"`method` must be a hypergradient method such as hg.IFT(), got {type(method)}."
             )
@@ -464,15 +463,7 @@ class HyperOptimizer:
         params = _tree.unflatten(self._pspec, [p.detach() for p in self._param_tensors])
         raw = {k: v.detach() for k, v in self._raw.items()}
         lr = float(self.inner_optimizer.param_groups[0]["lr"])
-        ctx = HyperContext(
-            train_loss=self._functional(self._train_loss_fn, train_batch),
-            val_loss=self._functional(self._val_loss_fn, val_batch),
-            params=params,
-            raw=raw,
-            lr=lr,
-            prev_params=_tree.unflatten(self._pspec, prev),
-            process_group=self.process_group,
-        )
+        trajectory = None
         if self.method.needs_trajectory:
             w = self._window
             assert w is not None
@@ -480,42 +471,35 @@ class HyperOptimizer:
             def batch_loss(p: Any, r: Mapping[str, Tensor], b: Any) -> Tensor:
                 return self._call(self._train_loss_fn, p, r, b)
 
-            settings = {setting: self._setting_fn(name) for setting, name in self._opt_hp.items()}
-            ctx.batch_loss = batch_loss
-            ctx.start_params = _tree.unflatten(self._pspec, w["params"])
-            ctx.optimizer = w["optimizer"]
-            ctx.resume = _Resume(
-                None if w["state0"] is None else tuple(w["state0"]), w["step0"], settings
+            trajectory = Trajectory(
+                step_loss=batch_loss,
+                params0=_tree.unflatten(self._pspec, w["params"]),
+                optimizer=w["optimizer"],
+                batches=list(w["batches"]),
+                state0=None if w["state0"] is None else tuple(w["state0"]),
+                step0=w["step0"],
+                settings={s: self._setting_fn(name) for s, name in self._opt_hp.items()},
+                final_params=params,
             )
-            ctx.batches = list(w["batches"])
-        hyper, diag = self.method.compute(ctx)
+        problem = Problem(
+            inner_loss=self._functional(self._train_loss_fn, train_batch),
+            outer_loss=self._functional(self._val_loss_fn, val_batch),
+            params=params,
+            hparams=raw,
+            lr=lr,
+            prev_params=_tree.unflatten(self._pspec, prev),
+            trajectory=trajectory,
+            process_group=self.process_group,
+        )
+        hyper, info = self.method(problem)
+        diag = info.as_dict()
+        diag.update(diag.pop("stats", {}))
         flat = {k: hyper[k] for k in self._raw}
         for k, v in flat.items():
             if not bool(torch.isfinite(v).all()):
                 raise NonFiniteHypergradientError(
                     f"The hypergradient of hparams[{k!r}] is not finite; the step was rolled "
                     "back. Check the losses, lower the learning rates, or add damping."
-                )
-        replayed = diag.pop("replayed_params", None)
-        if replayed is not None:
-            leaves = _tree.flatten(replayed, "replayed")[0]
-            num = sum(
-                float((a - b.detach()).pow(2).sum()) for a, b in zip(leaves, self._param_tensors)
-            )
-            den = sum(float(b.detach().pow(2).sum()) for b in self._param_tensors)
-            diag["replay_error"] = (num / max(den, 1e-300)) ** 0.5
-            # Rounding alone separates the eager and the functional step by a few units in
-            # the last place of the parameters' dtype (half precision: ~1e-3).
-            tol = max([1e-4] + [4 * torch.finfo(b.dtype).eps for b in self._param_tensors])
-            if diag["replay_error"] > tol:
-                warnings.warn(
-                    f"The differentiable replay of the last {len(ctx.batches)} steps ended "
-                    f"{diag['replay_error']:.2e} (relative) away from the model's parameters: "
-                    "train_loss must be the loss the model was trained on, on the same "
-                    "batches, with a deterministic inner optimizer. (Under torch.autocast, "
-                    "rounding differences of about 1e-3 are expected and harmless.)",
-                    HypergradientWarning,
-                    stacklevel=3,
                 )
         # --- apply: nothing above changed any state ----------------------------------
         norm = sum(float(v.to(_tree.wide_dtype(v.device)).pow(2).sum()) for v in flat.values())
@@ -541,13 +525,12 @@ class HyperOptimizer:
         self.history.append(record)
         return record
 
-    def _setting_fn(self, name: str) -> Callable[[tuple[Tensor, ...]], Tensor]:
-        """Optimizer setting as a function of the flat raw leaves (dict order of hparams)."""
-        k = list(self._raw).index(name)
+    def _setting_fn(self, name: str) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """Optimizer setting as a function of the raw hyperparameters (a dict)."""
         h = self._hp[name]
 
-        def fn(leaves: tuple[Tensor, ...]) -> Tensor:
-            return h.transform(leaves[k]) if isinstance(h, Constraint) else leaves[k]
+        def fn(raw: Mapping[str, Tensor]) -> Tensor:
+            return h.transform(raw[name]) if isinstance(h, Constraint) else raw[name]
 
         return fn
 

@@ -121,12 +121,12 @@ class _Resume:
     """Start a run mid-training (used by the hyper-optimizer's trajectory methods).
 
     ``state0``: optimizer state at the start; ``step0``: the optimizer's step count there;
-    ``settings``: optimizer settings computed from the hyperparameter leaves.
+    ``settings``: optimizer settings computed from the hyperparameters (a tree).
     """
 
     state0: tuple[Tensor, ...] | None = None
     step0: int = 0
-    settings: dict[str, Callable[[tuple[Tensor, ...]], Tensor]] = field(default_factory=dict)
+    settings: dict[str, Callable[[Any], Tensor]] = field(default_factory=dict)
 
 
 class _Run:
@@ -245,7 +245,9 @@ class _Run:
         t: int,
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         settings = {name: h[i] for name, i in self.setting_index.items()}
-        settings.update({name: fn(h) for name, fn in self.setting_fns.items()})
+        if self.setting_fns:
+            tree = _tree.unflatten(self.hspec, h)
+            settings.update({name: fn(tree) for name, fn in self.setting_fns.items()})
         step0 = 0 if self.resume is None else self.resume.step0
         new_p, new_s = self.optimizer.update(list(p), list(g), list(s), step0 + t, settings)
         return tuple(new_p), tuple(new_s)
