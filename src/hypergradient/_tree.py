@@ -10,12 +10,14 @@ offending leaf (``params['fc.weight']``, ``hparams[1]``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 from torch import Tensor
+
+from ._vocab import as_scalar_loss
 
 Tree = Union[Tensor, Sequence["Tree"], Mapping[str, "Tree"]]
 
@@ -184,3 +186,44 @@ def as_flat(x: Tree | Tensor, spec: TreeSpec, name: str, dtype, device) -> Tenso
             f"{[tuple(s) for s in xspec.shapes]}, expected {[tuple(s) for s in spec.shapes]}."
         )
     return cat([t.detach() for t in leaves], spec, dtype, device)
+
+
+def grad_at(
+    fn: Callable[..., Tensor],
+    trees: Sequence[Tree],
+    names: Sequence[str],
+    loss_name: str,
+    *,
+    create_graph: bool = False,
+) -> tuple[Tensor, list[list[Tensor | None]]]:
+    """Gradient of the scalar ``fn(*trees)`` with respect to every leaf of every tree.
+
+    The one implementation of "the gradient of a loss at a point": each tree's leaves are
+    replaced by fresh leaves that require grad (the caller's tensors are never modified and
+    their ``.grad`` is untouched), ``fn`` is evaluated once, and one backward pass returns
+    the gradients. A leaf the loss does not use gets ``None`` (the caller decides whether
+    that means zero or "unused"). ``names`` are the trees' argument names for messages.
+
+    Returns:
+        ``(value, grads)``: the loss (detached unless ``create_graph``) and, per tree, the
+        list of its leaves' gradients (with the graph kept when ``create_graph``).
+    """
+    fresh: list[list[Tensor]] = []
+    specs: list[TreeSpec] = []
+    for tree, name in zip(trees, names):
+        leaves, spec = flatten(tree, name)
+        fresh.append([t.detach().requires_grad_(True) for t in leaves])
+        specs.append(spec)
+    with torch.enable_grad():
+        value = as_scalar_loss(fn(*(unflatten(s, f) for s, f in zip(specs, fresh))), loss_name)
+        flat = [t for f in fresh for t in f]
+        if not value.requires_grad or not flat:
+            grads: Sequence[Tensor | None] = [None] * len(flat)
+        else:
+            grads = torch.autograd.grad(value, flat, allow_unused=True, create_graph=create_graph)
+    out: list[list[Tensor | None]] = []
+    i = 0
+    for f in fresh:
+        out.append(list(grads[i : i + len(f)]))
+        i += len(f)
+    return (value if create_graph else value.detach()), out

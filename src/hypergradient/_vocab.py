@@ -42,6 +42,7 @@ __all__ = [
     "as_generator",
     "as_int",
     "as_optional_int",
+    "as_scalar_loss",
     "first_nonfinite",
     "require_finite",
 ]
@@ -304,3 +305,21 @@ def require_finite(
         raise NonFiniteHypergradientError(
             f"{quantity[0].upper()}{quantity[1:]} is not finite (NaN or Inf). {fix}", quantity
         )
+
+
+def as_scalar_loss(value: Any, name: str) -> Tensor:
+    """``value`` as a 0-d floating-point tensor: what a loss function must return."""
+    if not isinstance(value, Tensor):
+        raise ArgumentTypeError(
+            f"`{name}` must return a scalar tensor, got {type(value).__name__}."
+        )
+    if value.numel() != 1:
+        raise ValueError(
+            f"`{name}` must return a scalar tensor, got shape {tuple(value.shape)}; "
+            "reduce it with .mean() or .sum()."
+        )
+    if not value.is_floating_point():
+        raise ArgumentTypeError(
+            f"`{name}` returned dtype {value.dtype}; it must be floating point."
+        )
+    return value.reshape(())

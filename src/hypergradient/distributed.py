@@ -17,15 +17,17 @@ seeded for the same reason (checked). Any backend works (gloo on CPU, NCCL on GP
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._tree import wide_dtype
 from .operators import LinearOperator
 
-__all__ = ["AveragedOperator", "all_reduce_mean", "check_consistent"]
+__all__ = ["AveragedOperator", "all_reduce_mean", "check_consistent", "mean_over_ranks"]
 
 
 def _group_size(group: Any) -> int:
@@ -47,6 +49,27 @@ def all_reduce_mean(tensor: Tensor, group: Any) -> Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     tensor.div_(_group_size(group))
     return tensor
+
+
+def mean_over_ranks(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
+    """Average several tensors over the ranks with one all-reduce (the one implementation).
+
+    The tensors are packed into one buffer of the widest float type (float64, float32 on
+    MPS), averaged, and unpacked to their shapes and dtypes. With ``group=None`` they are
+    returned unchanged.
+    """
+    tensors = list(tensors)
+    if group is None or not tensors:
+        return tensors
+    device = tensors[0].device
+    wide = wide_dtype(device)
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=wide) for t in tensors])
+    all_reduce_mean(flat, group)
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i : i + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+        i += t.numel()
+    return out
 
 
 def _fingerprint(values: list[Tensor], device: torch.device) -> Tensor:

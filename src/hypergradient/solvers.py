@@ -147,6 +147,21 @@ class Solver:
                 "(a fixed-point map's I - J^T). Use hg.FixedPoint(), hg.Exact() or hg.Neumann()."
             )
 
+    def config(self) -> dict[str, Any]:
+        """Every setting as plain data (for repr, logs and distributed consistency checks)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across solves (a generator's state, a cached sketch); {} if none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; validates everything before assigning anything."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} has no state, but the checkpoint holds {sorted(state)}."
+            )
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
