@@ -11,7 +11,15 @@ from torch import Tensor
 from .._vocab import Status
 from ..methods.base import Info
 
-__all__ = ["BatchResult", "MetaInfo", "SolveSummary", "TaskInfo", "info_value", "summarize"]
+__all__ = [
+    "BatchResult",
+    "MetaInfo",
+    "SolveSummary",
+    "TaskInfo",
+    "combine_solves",
+    "info_value",
+    "summarize",
+]
 
 
 @dataclass
@@ -131,17 +139,22 @@ def summarize(
     method: str, results: list[BatchResult], started: float, vectorized: bool
 ) -> MetaInfo:
     """One :class:`MetaInfo` from the results of the meta-batch's task batches."""
-    tasks = [t for r in results for t in r.tasks]
-    solves = [r.solve for r in results if r.solve is not None]
-    info = MetaInfo(method=method, tasks=tasks, vectorized=vectorized)
+    info = MetaInfo(method=method, tasks=[t for r in results for t in r.tasks])
+    info.vectorized = vectorized
     info.outer_loss = info.query_loss
+    solves = [r.solve for r in results if r.solve is not None]
     if solves:
-        info.num_hvps = sum(s.num_hvps for s in solves)
-        residuals = [s.relative_residual for s in solves if s.relative_residual is not None]
-        info.relative_residual = max(residuals) if residuals else None
-        flags = [s.converged for s in solves]
-        info.converged = None if any(c is None for c in flags) else all(flags)  # type: ignore[arg-type]
-        bad = [s.status for s in solves if not s.status.ok]
-        info.status = bad[0] if bad else solves[0].status
+        combine_solves(info, solves)
     info.seconds = time.perf_counter() - started
     return info
+
+
+def combine_solves(info: MetaInfo, solves: list[SolveSummary]) -> None:
+    """Products summed, the worst residual, every solve converged, the first bad status."""
+    info.num_hvps = sum(s.num_hvps for s in solves)
+    residuals = [s.relative_residual for s in solves if s.relative_residual is not None]
+    info.relative_residual = max(residuals) if residuals else None
+    flags = [s.converged for s in solves]
+    info.converged = None if None in flags else all(flags)
+    bad = [s.status for s in solves if not s.status.ok]
+    info.status = bad[0] if bad else solves[0].status
