@@ -5,6 +5,7 @@ An underscore module: its members are the package's internal (but public-named) 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,11 +14,22 @@ from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import ArgumentTypeError, as_bool, as_callable, as_float, as_int, as_scalar_loss
+from .._vocab import (
+    ArgumentTypeError,
+    NonFiniteHypergradientError,
+    as_bool,
+    as_callable,
+    as_float,
+    as_int,
+    as_scalar_loss,
+    require_finite,
+)
 from ..optim.functional import FunctionalOptimizer, sgd
 from ..solvers import CG, Solver
 
 __all__ = [
+    "LOSS_SIGNATURE",
+    "NONFINITE_FIX",
     "LossFn",
     "Task",
     "adapt",
@@ -31,12 +43,19 @@ __all__ = [
     "module_loss",
     "parameters_of",
     "proximal_term",
+    "require_finite_losses",
+    "require_finite_phi",
 ]
 
 LossFn = Callable[[Any, Any], Tensor]
 Task = tuple[Any, Any]
 
 LOSS_SIGNATURE = "loss_fn(params, batch) -> scalar tensor, or an nn.Module"
+
+NONFINITE_FIX = (
+    "Check the tasks' batches and loss_fn; if the adaptation diverged, lower inner_lr (or the "
+    "inner optimizer's lr) or inner_steps."
+)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -164,6 +183,32 @@ def flatten_meta_params(
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
     return [t.detach() for t in leaves], spec
+
+
+# ----------------------------------------------------------------------------- finiteness
+
+
+def require_finite_losses(values: list[float], names: list[str], what: str, split: str) -> None:
+    """Raise ``NonFiniteHypergradientError`` at the first non-finite task loss."""
+    for v, name in zip(values, names):
+        if not math.isfinite(v):
+            quantity = f"{what} {name}"
+            raise NonFiniteHypergradientError(
+                f"{quantity[0].upper()}{quantity[1:]} is not finite ({v}). Check {name}'s "
+                f"{split} batch and loss_fn at meta_params.",
+                quantity,
+            )
+
+
+def require_finite_phi(phi: list[Tensor], spec: TreeSpec) -> None:
+    """Raise ``NonFiniteHypergradientError`` at the first non-finite adapted parameter."""
+    require_finite(
+        phi,
+        spec.paths,
+        "The adapted value of",
+        "The adaptation on the support batches diverged: lower inner_lr (or the inner "
+        "optimizer's lr) or inner_steps, or check the support batches.",
+    )
 
 
 # ----------------------------------------------------------------------------- descent

@@ -17,20 +17,46 @@ from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import as_bool, as_int
+from .._vocab import as_bool, as_int, require_finite
 from ..optim.functional import FunctionalOptimizer
-from ._common import LossFn, Task, as_inner_optimizer, as_loss, flatten_meta_params
+from ._common import (
+    NONFINITE_FIX,
+    LossFn,
+    Task,
+    as_inner_optimizer,
+    as_loss,
+    flatten_meta_params,
+    require_finite_losses,
+)
 from .info import BatchResult, MetaInfo, TaskInfo, summarize
 from .tasks import SingleTask, TaskBatch, check_task, task_batches
 
-__all__ = ["MetaLearner", "task_infos"]
+__all__ = ["MetaLearner", "task_records"]
 
 
-def task_infos(batch: TaskBatch, before: list[float], phi: Tree, status: str) -> list[TaskInfo]:
-    """Per-task losses before and after adaptation, as :class:`TaskInfo` records."""
+def task_records(
+    batch: TaskBatch, before: list[float], phi: Tree, result: BatchResult
+) -> list[TaskInfo]:
+    """Per-task losses before and after adaptation and the batch's solve, as records."""
     after = batch.task_losses(phi, "support")
     query = batch.task_losses(phi, "query")
-    return [TaskInfo(b, a, q, status=status) for b, a, q in zip(before, after, query)]
+    norms: list[float | None] = [None] * batch.num_tasks
+    if result.inner_grad_norms is not None:
+        norms = list(result.inner_grad_norms)
+    solve = result.solve
+    return [
+        TaskInfo(
+            support_loss_before=b,
+            support_loss_after=a,
+            query_loss=q,
+            inner_grad_norm=n,
+            num_hvps=0 if solve is None else solve.num_hvps,
+            relative_residual=None if solve is None else solve.relative_residual,
+            converged=None if solve is None else solve.converged,
+            status=result.status,
+        )
+        for b, a, q, n in zip(before, after, query, norms)
+    ]
 
 
 class MetaLearner:
@@ -68,14 +94,14 @@ class MetaLearner:
         raise NotImplementedError
 
     def batch_gradient(self, theta: list[Tensor], spec: TreeSpec, batch: TaskBatch) -> BatchResult:
-        """Mean meta-gradient (leaves shaped like ``theta``) of ``batch``'s tasks."""
+        """Mean meta-gradient (leaves shaped like ``theta``) of ``batch``'s tasks, and ``phi``."""
         raise NotImplementedError
 
     def meta_gradient(self, meta_params: Tree, task: Task) -> tuple[Tree, TaskInfo]:
         """Meta-gradient of one task ``(support, query)`` and its diagnostics."""
         theta, spec = flatten_meta_params(meta_params)
         batch = SingleTask(self.loss_fn, check_task(task))
-        grad, info = self._run(theta, spec, [batch], vectorized=False)
+        grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
         return grad, info.tasks[0]
 
     def step(self, meta_params: Tree, tasks: Sequence[Task]) -> tuple[Tree, MetaInfo]:
@@ -83,30 +109,44 @@ class MetaLearner:
 
         Returns ``(meta_gradient, info)``: the gradient has the structure, shapes, dtypes
         and device of ``meta_params`` and is detached.
+
+        Raises:
+            NonFiniteHypergradientError: naming the first non-finite quantity: a task's
+                support loss at ``meta_params``, the adapted parameters, a query gradient,
+                or the meta-gradient.
         """
         theta, spec = flatten_meta_params(meta_params)
         batches = task_batches(self.loss_fn, tasks, self.vectorize)
-        return self._run(theta, spec, batches, vectorized=self.vectorize)
+        names = [f"tasks[{i}]" for i in range(sum(b.num_tasks for b in batches))]
+        return self._run(theta, spec, batches, vectorized=self.vectorize, names=names)
 
     def _run(
-        self, theta: list[Tensor], spec: TreeSpec, batches: list[TaskBatch], vectorized: bool
+        self,
+        theta: list[Tensor],
+        spec: TreeSpec,
+        batches: list[TaskBatch],
+        vectorized: bool,
+        names: list[str],
     ) -> tuple[Tree, MetaInfo]:
         """Weighted mean of the batches' meta-gradients (weights: their shares of the tasks)."""
         started = time.perf_counter()
-        total = sum(b.num_tasks for b in batches)
-        results = []
         mean = [torch.zeros_like(t) for t in theta]
+        results, done = [], 0
         for batch in batches:
             t0 = time.perf_counter()
+            before = batch.task_losses(_tree.unflatten(spec, batch.start(theta)), "support")
+            here = names[done : done + batch.num_tasks]
+            require_finite_losses(before, here, "the support loss at meta_params of", "support")
             result = self.batch_gradient(theta, spec, batch)
-            share = (time.perf_counter() - t0) / batch.num_tasks
+            result.tasks = task_records(batch, before, _tree.unflatten(spec, result.phi), result)
             for t in result.tasks:
-                t.seconds = share
-            weight = batch.num_tasks / total
+                t.seconds = (time.perf_counter() - t0) / batch.num_tasks
+            weight = batch.num_tasks / len(names)
             mean = [m + weight * g.to(m.dtype) for m, g in zip(mean, result.grad)]
             results.append(result)
-        info = summarize(self.method, results, started, vectorized)
-        return _tree.unflatten(spec, mean), info
+            done += batch.num_tasks
+        require_finite(mean, spec.paths, "The meta-gradient of", NONFINITE_FIX)
+        return _tree.unflatten(spec, mean), summarize(self.method, results, started, vectorized)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

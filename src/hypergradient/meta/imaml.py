@@ -14,8 +14,17 @@ from .._tree import Tree, TreeSpec
 from .._vocab import as_float
 from ..optim.functional import FunctionalOptimizer
 from ..solvers import Solver
-from ._common import LossFn, Task, adapt, as_solver, descend, gradient, proximal_term
-from .base import MetaLearner, task_infos
+from ._common import (
+    LossFn,
+    Task,
+    adapt,
+    as_solver,
+    descend,
+    gradient,
+    proximal_term,
+    require_finite_phi,
+)
+from .base import MetaLearner
 from .info import BatchResult, MetaInfo, SolveSummary
 from .tasks import TaskBatch
 
@@ -138,21 +147,25 @@ class IMAML(MetaLearner):
         def f_at_theta(phi: Tree) -> Tensor:
             return f(phi, theta_tree)
 
-        start = batch.start(theta)
-        before = batch.task_losses(_tree.unflatten(spec, start), "support")
-        phi = descend(f_at_theta, start, spec, self.inner_steps, self.inner_optimizer)
-        phi_tree = _tree.unflatten(spec, phi)
+        phi = descend(f_at_theta, batch.start(theta), spec, self.inner_steps, self.inner_optimizer)
+        require_finite_phi(phi, spec)
         grad, info = hg.implicit(
-            f, g, phi_tree, theta_tree, self.solver, damping=self.damping, return_info=True
+            f,
+            g,
+            _tree.unflatten(spec, phi),
+            theta_tree,
+            self.solver,
+            damping=self.damping,
+            return_info=True,
         )
         solve = SolveSummary.of(info)
-        norms = batch.task_norms(gradient(f_at_theta, phi, spec)[0])
-        infos = task_infos(batch, before, phi_tree, solve.status)
-        for t, n in zip(infos, norms):
-            t.inner_grad_norm, t.num_hvps = n, solve.num_hvps
-            t.relative_residual, t.converged = solve.relative_residual, solve.converged
-        grad_leaves = [x.detach() for x in _tree.flatten(grad, "grad")[0]]
-        return BatchResult(grad_leaves, infos, solve)
+        return BatchResult(
+            grad=[x.detach() for x in _tree.flatten(grad, "grad")[0]],
+            phi=phi,
+            status=solve.status,
+            solve=solve,
+            inner_grad_norms=batch.task_norms(gradient(f_at_theta, phi, spec)[0]),
+        )
 
 
 def imaml_step(

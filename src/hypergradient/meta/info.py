@@ -128,11 +128,23 @@ class SolveSummary:
 
 @dataclass
 class BatchResult:
-    """The meta-gradient of one task batch (the mean over its tasks) and its diagnostics."""
+    """What an algorithm returns for one task batch; the driver adds the per-task records.
+
+    Attributes:
+        grad: the mean meta-gradient of the batch's tasks (leaves shaped like ``theta``).
+        phi: the adapted parameters (leaves shaped like the batch's ``phi``).
+        status: the tasks' :attr:`TaskInfo.status`.
+        solve: iMAML: the linear solve of the batch.
+        inner_grad_norms: iMAML: per task, ``||grad_phi f||`` at its adapted parameters.
+        tasks: one :class:`TaskInfo` per task (filled by the driver).
+    """
 
     grad: list[Tensor]
-    tasks: list[TaskInfo]
+    phi: list[Tensor]
+    status: str
     solve: SolveSummary | None = None
+    inner_grad_norms: list[float] | None = None
+    tasks: list[TaskInfo] = field(default_factory=list)
 
 
 def summarize(

@@ -12,10 +12,10 @@ import hypergradient as hg
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import as_bool, as_optional_int
+from .._vocab import as_bool, as_optional_int, require_finite
 from ..optim.functional import FunctionalOptimizer
-from ._common import LossFn, Task, adapt, descend, gradient
-from .base import MetaLearner, task_infos
+from ._common import LossFn, Task, adapt, descend, gradient, require_finite_phi
+from .base import MetaLearner
 from .info import BatchResult, MetaInfo, info_value
 from .tasks import TaskBatch
 
@@ -112,16 +112,21 @@ class MAML(MetaLearner):
         )
 
     def batch_gradient(self, theta: list[Tensor], spec: TreeSpec, batch: TaskBatch) -> BatchResult:
-        """Mean MAML meta-gradient of ``batch``'s tasks, and their diagnostics."""
+        """Mean MAML meta-gradient of ``batch``'s tasks, and their adapted parameters."""
         start = batch.start(theta)
-        before = batch.task_losses(_tree.unflatten(spec, start), "support")
-        if self.first_order:
-            phi = descend(batch.support_loss, start, spec, self.inner_steps, self.inner_optimizer)
-            grad = batch.reduce(gradient(batch.query_loss, phi, spec)[0])
-        else:
+        if not self.first_order:
             grad, phi = self._through_the_steps(theta, spec, batch, start)
-        status = "first_order" if self.first_order else "unrolled"
-        return BatchResult(grad, task_infos(batch, before, _tree.unflatten(spec, phi), status))
+            return BatchResult(grad, phi, "unrolled")
+        phi = descend(batch.support_loss, start, spec, self.inner_steps, self.inner_optimizer)
+        require_finite_phi(phi, spec)
+        g, _ = gradient(batch.query_loss, phi, spec)
+        require_finite(
+            g,
+            spec.paths,
+            "The gradient of the query loss with respect to the adapted",
+            "Check the query batches and loss_fn.",
+        )
+        return BatchResult(batch.reduce(g), phi, "first_order")
 
     def _through_the_steps(
         self, theta: list[Tensor], spec: TreeSpec, batch: TaskBatch, start: list[Tensor]

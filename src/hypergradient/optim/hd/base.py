@@ -99,7 +99,8 @@ class HypergradientOptimizer(Optimizer):
             else:
                 params.append(p)
         for p in params:
-            grad = p.grad if not group["maximize"] else -p.grad
+            g: Tensor = p.grad  # type: ignore[assignment]  # not None: filtered above
+            grad = -g if group["maximize"] else g
             if group["weight_decay"] != 0:
                 grad = grad.add(p, alpha=group["weight_decay"])
             grads.append(grad)
