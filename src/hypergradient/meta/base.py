@@ -139,8 +139,9 @@ class MetaLearner:
             require_finite_losses(before, here, "the support loss at meta_params of", "support")
             result = self.batch_gradient(theta, spec, batch)
             result.tasks = task_records(batch, before, _tree.unflatten(spec, result.phi), result)
+            share = (time.perf_counter() - t0) / batch.num_tasks
             for t in result.tasks:
-                t.seconds = (time.perf_counter() - t0) / batch.num_tasks
+                t.seconds = share
             weight = batch.num_tasks / len(names)
             mean = [m + weight * g.to(m.dtype) for m, g in zip(mean, result.grad)]
             results.append(result)
