@@ -396,21 +396,21 @@ def test_state_dict_round_trip_is_bit_exact(
 @pytest.mark.parametrize(
     ("cls", "kw", "name"),
     [
-        (SGDHD, {"lr": -0.1}, r"^lr "),
-        (SGDHD, {"lr": float("nan")}, r"^lr "),
-        (SGDHD, {"hypergrad_lr": -1e-4}, r"^hypergrad_lr "),
-        (SGDHD, {"momentum": -0.9}, r"^momentum "),
-        (SGDHD, {"dampening": 1.5}, r"^dampening "),
-        (SGDHD, {"weight_decay": -1.0}, r"^weight_decay "),
-        (SGDHD, {"nesterov": True}, r"^nesterov"),
-        (SGDHD, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, r"^nesterov"),
-        (AdamHD, {"lr": -1e-3}, r"^lr "),
-        (AdamHD, {"hypergrad_lr": -1e-7}, r"^hypergrad_lr "),
-        (AdamHD, {"betas": (1.0, 0.999)}, r"^betas\[0\] "),
-        (AdamHD, {"betas": (0.9, -0.1)}, r"^betas\[1\] "),
-        (AdamHD, {"betas": (0.9,)}, r"^betas "),
-        (AdamHD, {"eps": -1e-8}, r"^eps "),
-        (AdamHD, {"weight_decay": -1e-2}, r"^weight_decay "),
+        (SGDHD, {"lr": -0.1}, r"^`lr` "),
+        (SGDHD, {"lr": float("nan")}, r"^`lr` "),
+        (SGDHD, {"hypergrad_lr": -1e-4}, r"^`hypergrad_lr` "),
+        (SGDHD, {"momentum": -0.9}, r"^`momentum` "),
+        (SGDHD, {"dampening": 1.5}, r"^`dampening` "),
+        (SGDHD, {"weight_decay": -1.0}, r"^`weight_decay` "),
+        (SGDHD, {"nesterov": True}, r"^`nesterov"),
+        (SGDHD, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, r"^`nesterov"),
+        (AdamHD, {"lr": -1e-3}, r"^`lr` "),
+        (AdamHD, {"hypergrad_lr": -1e-7}, r"^`hypergrad_lr` "),
+        (AdamHD, {"betas": (1.0, 0.999)}, r"^`betas\[0\]` "),
+        (AdamHD, {"betas": (0.9, -0.1)}, r"^`betas\[1\]` "),
+        (AdamHD, {"betas": (0.9,)}, r"^`betas` "),
+        (AdamHD, {"eps": -1e-8}, r"^`eps` "),
+        (AdamHD, {"weight_decay": -1e-2}, r"^`weight_decay` "),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(
@@ -423,11 +423,11 @@ def test_bad_arguments_raise_value_error_naming_them(
 def test_add_param_group_validates_per_group_values() -> None:
     p, q = small_params()
     opt = SGDHD([p])
-    with pytest.raises(ValueError, match=r"^hypergrad_lr "):
+    with pytest.raises(ValueError, match=r"^`hypergrad_lr` "):
         opt.add_param_group({"params": [q], "hypergrad_lr": -1.0})
     assert len(opt.param_groups) == 1
     opt2 = AdamHD([p])
-    with pytest.raises(ValueError, match=r"^betas\[1\] "):
+    with pytest.raises(ValueError, match=r"^`betas\[1\]` "):
         opt2.add_param_group({"params": [q], "betas": (0.9, 1.0)})
 
 

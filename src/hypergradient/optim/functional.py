@@ -11,6 +11,12 @@ This is how learning rates and momentum are tuned.
 
 The update rules are those of ``torch.optim.SGD`` and ``torch.optim.Adam`` (tested against
 them step by step).
+
+Settings are validated through :mod:`hypergradient._vocab` when the optimizer is built: a
+number (Python or numpy scalar; stored as a Python float) or a floating-point scalar tensor
+(kept as it is), finite and in range; ``bool`` is refused where a number is meant
+(``ArgumentTypeError``, both a ``TypeError`` and a ``ValueError``), and ``nesterov`` must
+be a ``bool``.
 """
 
 from __future__ import annotations
@@ -22,27 +28,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._vocab import ArgumentTypeError, as_bool, as_float
+
 __all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch"]
 
 Setting = float | Tensor
 
 
 def _check_setting(value: Any, name: str, low: float, high: float | None = None) -> Setting:
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(
-                f"`{name}` as a tensor must be a floating-point scalar, got shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}."
-            )
-        v = float(value.detach())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        v = float(value)
-    else:
-        raise TypeError(f"`{name}` must be a float or a scalar tensor, got {type(value).__name__}.")
-    if not math.isfinite(v) or v < low or (high is not None and v >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"`{name}` must be {bound}, got {v}.")
-    return value
+    """A setting in ``[low, high)``: a number (returned as a float) or a scalar tensor.
+
+    A tensor is returned as it is (it may be a hyperparameter that receives a
+    hypergradient); numbers go through :func:`~hypergradient._vocab.as_float`, so numpy
+    scalars are accepted and ``bool`` is refused.
+    """
+    if isinstance(value, Tensor) and not (value.numel() == 1 and value.is_floating_point()):
+        raise ArgumentTypeError(
+            f"`{name}` as a tensor must be a floating-point scalar, got shape "
+            f"{tuple(value.shape)} and dtype {value.dtype}."
+        )
+    v = as_float(value, name, min=low, max=high, open_max=high is not None)
+    return value if isinstance(value, Tensor) else v
+
+
+def _check_betas(betas: Any) -> tuple[Any, Any]:
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ArgumentTypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r:.80}.")
+    return betas[0], betas[1]
 
 
 class FunctionalOptimizer:
@@ -123,9 +135,11 @@ class SGD(FunctionalOptimizer):
             "dampening": _check_setting(dampening, "dampening", 0.0),
             "weight_decay": _check_setting(weight_decay, "weight_decay", 0.0),
         }
+        nesterov = as_bool(nesterov, "nesterov")
+        momentum, dampening = self.settings["momentum"], self.settings["dampening"]
         if nesterov and (_is_zero(momentum) or not _is_zero(dampening)):
             raise ValueError("`nesterov=True` requires a momentum > 0 and zero dampening.")
-        self.nesterov = bool(nesterov)
+        self.nesterov = nesterov
         self.uses_momentum = not _is_zero(momentum)
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
@@ -172,12 +186,11 @@ class Adam(FunctionalOptimizer):
         eps: Setting = 1e-8,
         weight_decay: Setting = 0.0,
     ):
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
+        beta1, beta2 = _check_betas(betas)
         self.settings = {
             "lr": _check_setting(lr, "lr", 0.0),
-            "beta1": _check_setting(betas[0], "betas[0]", 0.0, 1.0),
-            "beta2": _check_setting(betas[1], "betas[1]", 0.0, 1.0),
+            "beta1": _check_setting(beta1, "betas[0]", 0.0, 1.0),
+            "beta2": _check_setting(beta2, "betas[1]", 0.0, 1.0),
             "eps": _check_setting(eps, "eps", 0.0),
             "weight_decay": _check_setting(weight_decay, "weight_decay", 0.0),
         }
@@ -265,30 +278,39 @@ def from_torch(
     for flag in ("maximize", "amsgrad"):
         if any(g.get(flag, False) for g in optimizer.param_groups):
             raise TypeError(f"`{flag}=True` has no differentiable twin in hypergradient.optim.")
-    state = optimizer.state
     if type(optimizer) is torch.optim.SGD:
-        s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
-        fopt: FunctionalOptimizer = SGD(
-            s["lr"], s["momentum"], s["dampening"], s["weight_decay"], s["nesterov"]
-        )
-        bufs = [state.get(p, {}).get("momentum_buffer") for p in params]
-        if not fopt.uses_momentum or any(b is None for b in bufs):  # type: ignore[attr-defined]
-            return fopt, None, 0
-        return fopt, [b.detach().clone() for b in bufs], 1
+        return _sgd_twin(optimizer, params)
     if type(optimizer) is torch.optim.Adam:
-        s = _group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
-        fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
-        st = [state.get(p, {}) for p in params]
-        if any("exp_avg" not in x for x in st):
-            return fopt, None, 0
-        steps = {int(x["step"]) for x in st}
-        if len(steps) != 1:
-            raise ValueError("The inner Adam's parameters have taken different numbers of steps.")
-        avg = [x["exp_avg"].detach().clone() for x in st]
-        sq = [x["exp_avg_sq"].detach().clone() for x in st]
-        return fopt, avg + sq, steps.pop()
+        return _adam_twin(optimizer, params)
     raise TypeError(
         f"Trajectory methods replay the inner optimizer differentiably; {type(optimizer).__name__} "
         "has no functional twin. Use torch.optim.SGD or torch.optim.Adam, or an implicit method "
         "(hg.IFT, hg.HOAG, hg.T1T2)."
     )
+
+
+def _sgd_twin(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
+    s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+    fopt = SGD(s["lr"], s["momentum"], s["dampening"], s["weight_decay"], s["nesterov"])
+    bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+    if not fopt.uses_momentum or any(b is None for b in bufs):
+        return fopt, None, 0
+    return fopt, [b.detach().clone() for b in bufs], 1
+
+
+def _adam_twin(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
+    s = _group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
+    fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
+    st = [optimizer.state.get(p, {}) for p in params]
+    if any("exp_avg" not in x for x in st):
+        return fopt, None, 0
+    steps = {int(x["step"]) for x in st}
+    if len(steps) != 1:
+        raise ValueError("The inner Adam's parameters have taken different numbers of steps.")
+    avg = [x["exp_avg"].detach().clone() for x in st]
+    sq = [x["exp_avg_sq"].detach().clone() for x in st]
+    return fopt, avg + sq, steps.pop()

@@ -1,0 +1,162 @@
+"""The driver shared by MAML and iMAML: a meta-batch as task batches, averaged.
+
+An algorithm implements one method, :meth:`MetaLearner.batch_gradient`: the mean
+meta-gradient of the tasks of one :class:`~hypergradient.meta.TaskBatch` (one task, or a
+stack of them) and their diagnostics. :meth:`MetaLearner.step` splits the meta-batch
+(``vectorize``) and averages; :meth:`MetaLearner.meta_gradient` runs one task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _tree
+from .._tree import Tree, TreeSpec
+from .._vocab import as_bool, as_int, require_finite
+from ..optim.functional import FunctionalOptimizer
+from ._common import (
+    NONFINITE_FIX,
+    LossFn,
+    Task,
+    as_inner_optimizer,
+    as_loss,
+    flatten_meta_params,
+    require_finite_losses,
+)
+from .info import BatchResult, MetaInfo, TaskInfo, summarize
+from .tasks import SingleTask, TaskBatch, check_task, task_batches
+
+__all__ = ["MetaLearner", "task_records"]
+
+
+def task_records(
+    batch: TaskBatch, before: list[float], phi: Tree, result: BatchResult
+) -> list[TaskInfo]:
+    """Per-task losses before and after adaptation and the batch's solve, as records."""
+    after = batch.task_losses(phi, "support")
+    query = batch.task_losses(phi, "query")
+    norms: list[float | None] = [None] * batch.num_tasks
+    if result.inner_grad_norms is not None:
+        norms = list(result.inner_grad_norms)
+    solve = result.solve
+    return [
+        TaskInfo(
+            support_loss_before=b,
+            support_loss_after=a,
+            query_loss=q,
+            inner_grad_norm=n,
+            num_hvps=0 if solve is None else solve.num_hvps,
+            relative_residual=None if solve is None else solve.relative_residual,
+            converged=None if solve is None else solve.converged,
+            status=result.status,
+        )
+        for b, a, q, n in zip(before, after, query, norms)
+    ]
+
+
+class MetaLearner:
+    """Base class of meta-gradient algorithms (the shared arguments and the batch loop).
+
+    Args:
+        model_or_loss: ``loss_fn(params, batch) -> scalar`` or an ``nn.Module``.
+        inner_steps: optimizer steps of the adaptation (>= 1).
+        inner_lr / inner_optimizer: plain gradient descent of that step, or a functional
+            optimizer (``hg.optim.sgd(...)``, ``hg.optim.adam(...)``); exactly one.
+        vectorize: in :meth:`step`, run the meta-batch as one stacked problem.
+        criterion: loss on the module's outputs (``nn.Module`` only; default MSE).
+    """
+
+    def __init__(
+        self,
+        model_or_loss: nn.Module | LossFn,
+        *,
+        inner_steps: int,
+        inner_lr: float | None,
+        inner_optimizer: FunctionalOptimizer | None,
+        vectorize: bool,
+        criterion: Callable[[Tensor, Tensor], Tensor] | None,
+    ):
+        self.loss_fn = as_loss(model_or_loss, criterion)
+        self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
+        self.inner_optimizer = as_inner_optimizer(
+            inner_lr, inner_optimizer, "inner_lr", "inner_optimizer"
+        )
+        self.vectorize = as_bool(vectorize, "vectorize")
+
+    @property
+    def method(self) -> str:
+        """The algorithm's name in :attr:`MetaInfo.method`."""
+        raise NotImplementedError
+
+    def batch_gradient(self, theta: list[Tensor], spec: TreeSpec, batch: TaskBatch) -> BatchResult:
+        """Mean meta-gradient (leaves shaped like ``theta``) of ``batch``'s tasks, and ``phi``."""
+        raise NotImplementedError
+
+    def meta_gradient(self, meta_params: Tree, task: Task) -> tuple[Tree, TaskInfo]:
+        """Meta-gradient of one task ``(support, query)`` and its diagnostics."""
+        theta, spec = flatten_meta_params(meta_params)
+        batch = SingleTask(self.loss_fn, check_task(task))
+        grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
+        return grad, info.tasks[0]
+
+    def step(self, meta_params: Tree, tasks: Sequence[Task]) -> tuple[Tree, MetaInfo]:
+        """Mean meta-gradient over a meta-batch of tasks ``(support, query)``, and diagnostics.
+
+        Returns ``(meta_gradient, info)``: the gradient has the structure, shapes, dtypes
+        and device of ``meta_params`` and is detached.
+
+        Raises:
+            NonFiniteHypergradientError: naming the first non-finite quantity: a task's
+                support loss at ``meta_params``, the adapted parameters, a query gradient,
+                or the meta-gradient.
+        """
+        theta, spec = flatten_meta_params(meta_params)
+        batches = task_batches(self.loss_fn, tasks, self.vectorize)
+        names = [f"tasks[{i}]" for i in range(sum(b.num_tasks for b in batches))]
+        return self._run(theta, spec, batches, vectorized=self.vectorize, names=names)
+
+    def _run(
+        self,
+        theta: list[Tensor],
+        spec: TreeSpec,
+        batches: list[TaskBatch],
+        vectorized: bool,
+        names: list[str],
+    ) -> tuple[Tree, MetaInfo]:
+        """Weighted mean of the batches' meta-gradients (weights: their shares of the tasks)."""
+        started = time.perf_counter()
+        mean = [torch.zeros_like(t) for t in theta]
+        results, done = [], 0
+        for batch in batches:
+            t0 = time.perf_counter()
+            before = batch.task_losses(_tree.unflatten(spec, batch.start(theta)), "support")
+            here = names[done : done + batch.num_tasks]
+            require_finite_losses(before, here, "the support loss at meta_params of", "support")
+            result = self.batch_gradient(theta, spec, batch)
+            result.tasks = task_records(batch, before, _tree.unflatten(spec, result.phi), result)
+            share = (time.perf_counter() - t0) / batch.num_tasks
+            for t in result.tasks:
+                t.seconds = share
+            weight = batch.num_tasks / len(names)
+            mean = [m + weight * g.to(m.dtype) for m, g in zip(mean, result.grad)]
+            results.append(result)
+            done += batch.num_tasks
+        require_finite(mean, spec.paths, "The meta-gradient of", NONFINITE_FIX)
+        return _tree.unflatten(spec, mean), summarize(self.method, results, started, vectorized)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    def config(self) -> dict[str, Any]:
+        """The settings, as shown by ``repr``."""
+        return {
+            "inner_steps": self.inner_steps,
+            "inner_optimizer": self.inner_optimizer,
+            "vectorize": self.vectorize,
+        }

@@ -1,0 +1,216 @@
+"""Task batches: the one interface MAML and iMAML are written against.
+
+A :class:`TaskBatch` poses ``n`` tasks ``(support_b, query_b)`` as one *block-separable*
+problem on parameters ``phi`` started from the meta-parameters ``theta``:
+
+    support_loss(phi) = sum_b L(phi_b, support_b),     query_loss(phi) = mean_b L(phi_b, query_b).
+
+The gradient of the summed support loss in the block ``phi_b`` is the task's own
+``grad L(phi_b, support_b)``, so any elementwise optimizer (SGD, momentum, Adam) adapts the
+``n`` tasks exactly as ``n`` separate runs would, the Hessian is block diagonal, and the
+derivative of the mean query loss with respect to ``theta`` is the mean of the per-task
+meta-gradients. An algorithm therefore computes the meta-gradient of a task batch with one
+code path, whatever the batch holds. Two implementations:
+
+- :class:`SingleTask` (``n = 1``): ``phi`` has the shapes of ``theta``; a meta-batch is
+  processed one task at a time (ragged tasks, any loss).
+- :class:`StackedTasks` (``n = B``): ``phi`` carries a leading task dimension ``B``
+  (``phi[b]`` is task ``b``'s), the batches are stacked along it and the loss runs under
+  ``torch.func.vmap``; one inner loop and one reverse pass or linear solve serve the whole
+  meta-batch (batches of equal shapes, a ``vmap``-compatible loss).
+
+:func:`task_batches` splits a meta-batch into ``B`` single tasks or one stack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .. import _tree
+from .._tree import Tree
+from .._vocab import ArgumentTypeError, as_scalar_loss
+from ._common import LossFn, Task
+
+__all__ = [
+    "SingleTask",
+    "StackedTasks",
+    "TaskBatch",
+    "check_task",
+    "check_tasks",
+    "stack_batches",
+    "task_batches",
+]
+
+Split = Literal["support", "query"]
+
+
+@runtime_checkable
+class TaskBatch(Protocol):
+    """``num_tasks`` tasks as one block-separable problem on parameters ``phi``.
+
+    ``theta`` leaves (the meta-parameters) and ``phi`` leaves (one block per task) are lists
+    of tensors in the order of the meta-parameters' tree; losses take ``phi`` as a tree.
+    ``theta`` broadcasts against ``phi`` (``phi_b - theta``, ``theta + delta_b``).
+    """
+
+    num_tasks: int
+
+    def start(self, theta: list[Tensor]) -> list[Tensor]:
+        """``phi`` at ``theta``: a fresh copy of ``theta`` in every block."""
+        ...
+
+    def support_loss(self, phi: Tree) -> Tensor:
+        """``sum_b L(phi_b, support_b)``: each block sees its own task's gradient."""
+        ...
+
+    def query_loss(self, phi: Tree) -> Tensor:
+        """``mean_b L(phi_b, query_b)``: the meta-objective of the batch."""
+        ...
+
+    def task_losses(self, phi: Tree, split: Split) -> list[float]:
+        """Each task's loss on its support or query batch (no graph)."""
+        ...
+
+    def reduce(self, leaves: list[Tensor]) -> list[Tensor]:
+        """Sum over the blocks: a quantity on ``phi`` -> one with the shapes of ``theta``."""
+        ...
+
+    def task_norms(self, leaves: list[Tensor]) -> list[float]:
+        """Each block's 2-norm of a quantity on ``phi`` (e.g. a gradient)."""
+        ...
+
+
+class SingleTask:
+    """One task: ``phi`` has the shapes of ``theta``; the loss is called as it is.
+
+    Cost per loss evaluation: one call of ``loss_fn``.
+    """
+
+    num_tasks = 1
+
+    def __init__(self, loss_fn: LossFn, task: Task):
+        self.loss_fn = loss_fn
+        self.support, self.query = task
+
+    def _batch(self, split: Split) -> Any:
+        return self.support if split == "support" else self.query
+
+    def start(self, theta: list[Tensor]) -> list[Tensor]:
+        return [t.detach().clone() for t in theta]
+
+    def support_loss(self, phi: Tree) -> Tensor:
+        return as_scalar_loss(self.loss_fn(phi, self.support), "loss_fn")
+
+    def query_loss(self, phi: Tree) -> Tensor:
+        return as_scalar_loss(self.loss_fn(phi, self.query), "loss_fn")
+
+    def task_losses(self, phi: Tree, split: Split) -> list[float]:
+        with torch.no_grad():
+            return [float(as_scalar_loss(self.loss_fn(phi, self._batch(split)), "loss_fn"))]
+
+    def reduce(self, leaves: list[Tensor]) -> list[Tensor]:
+        return list(leaves)
+
+    def task_norms(self, leaves: list[Tensor]) -> list[float]:
+        squares = [float(x.to(_tree.wide_dtype(x.device)).pow(2).sum()) for x in leaves]
+        return [math.sqrt(sum(squares))]
+
+
+def stack_batches(batches: Sequence[Any], name: str) -> Any:
+    """Stack the tasks' batches leaf by leaf along a new leading dimension."""
+    first, spec0 = _tree.flatten(batches[0], f"{name}[0]")
+    columns = [[t] for t in first]
+    for i, b in enumerate(batches[1:], 1):
+        leaves, spec = _tree.flatten(b, f"{name}[{i}]")
+        if spec.structure() != spec0.structure() or spec.shapes != spec0.shapes:
+            raise ValueError(
+                "vectorize=True needs batches of one structure and shape in every task: "
+                f"{name}[0] has shapes {[tuple(s) for s in spec0.shapes]}, {name}[{i}] has "
+                f"{[tuple(s) for s in spec.shapes]}. Use vectorize=False for ragged tasks."
+            )
+        for c, t in zip(columns, leaves):
+            c.append(t)
+    return _tree.unflatten(spec0, [torch.stack(c) for c in columns])
+
+
+class StackedTasks:
+    """``B`` tasks stacked along a leading dimension of ``phi`` and of the batches.
+
+    The per-task losses are ``torch.func.vmap(loss_fn)(phi, batch)`` (shape ``(B,)``), so
+    the loss must work under ``vmap`` and the tasks' batches must have equal shapes. Cost
+    per loss evaluation: one vmapped call for all ``B`` tasks; memory ``B`` copies of the
+    parameters (and of the optimizer's buffers).
+    """
+
+    def __init__(self, loss_fn: LossFn, tasks: Sequence[Task]):
+        self.num_tasks = len(tasks)
+        self.support = stack_batches([s for s, _ in tasks], "support")
+        self.query = stack_batches([q for _, q in tasks], "query")
+        self.per_task = torch.func.vmap(loss_fn)
+
+    def losses(self, phi: Tree, split: Split) -> Tensor:
+        """Per-task losses, shape ``(B,)``."""
+        out = self.per_task(phi, self.support if split == "support" else self.query)
+        if not isinstance(out, Tensor) or out.numel() != self.num_tasks:
+            raise ValueError(
+                "`loss_fn` must return a scalar tensor per task (vectorize=True maps it over "
+                f"the tasks), got {type(out).__name__} of shape "
+                f"{tuple(getattr(out, 'shape', ()))} for {self.num_tasks} tasks."
+            )
+        return out.reshape(self.num_tasks)
+
+    def start(self, theta: list[Tensor]) -> list[Tensor]:
+        return [t.detach().unsqueeze(0).expand(self.num_tasks, *t.shape).clone() for t in theta]
+
+    def support_loss(self, phi: Tree) -> Tensor:
+        return self.losses(phi, "support").sum()
+
+    def query_loss(self, phi: Tree) -> Tensor:
+        return self.losses(phi, "query").mean()
+
+    def task_losses(self, phi: Tree, split: Split) -> list[float]:
+        with torch.no_grad():
+            return self.losses(phi, split).tolist()
+
+    def reduce(self, leaves: list[Tensor]) -> list[Tensor]:
+        return [x.sum(0) for x in leaves]
+
+    def task_norms(self, leaves: list[Tensor]) -> list[float]:
+        squares = [
+            x.reshape(self.num_tasks, -1).to(_tree.wide_dtype(x.device)).pow(2).sum(1)
+            for x in leaves
+        ]
+        return torch.stack(squares).sum(0).sqrt().tolist()
+
+
+def check_task(task: Any, name: str = "task") -> Task:
+    """``(support, query)`` from a pair."""
+    if not isinstance(task, (tuple, list)) or len(task) != 2:
+        raise ArgumentTypeError(
+            f"`{name}` must be a pair (support, query) of batches, got {task!r:.80}."
+        )
+    return task[0], task[1]
+
+
+def check_tasks(tasks: Any) -> list[Task]:
+    """A non-empty list of ``(support, query)`` pairs."""
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise ArgumentTypeError(
+            f"`tasks` must be a sequence of (support, query) pairs, got {type(tasks).__name__}."
+        )
+    if len(tasks) == 0:
+        raise ValueError("`tasks` is empty; pass at least one (support, query) pair.")
+    return [check_task(t, f"tasks[{i}]") for i, t in enumerate(tasks)]
+
+
+def task_batches(loss_fn: LossFn, tasks: Any, vectorize: bool) -> list[TaskBatch]:
+    """The meta-batch ``tasks`` as task batches: ``B`` single tasks, or one stack of ``B``."""
+    pairs = check_tasks(tasks)
+    if vectorize:
+        return [StackedTasks(loss_fn, pairs)]
+    return [SingleTask(loss_fn, t) for t in pairs]

@@ -1,0 +1,140 @@
+"""Shared machinery of SGD-HD and Adam-HD: validation, gradient gathering, the lr update."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from ..._tree import wide_dtype
+from ..._vocab import ArgumentTypeError, HypergradientWarning, as_float
+
+__all__ = ["DIRECTION", "HypergradientOptimizer", "betas_pair", "nonneg", "sum_dots"]
+
+DIRECTION = "prev_direction"
+
+
+def nonneg(group: dict[str, Any], name: str) -> float:
+    """``group[name]`` as a finite float >= 0 (numpy scalars accepted, ``bool`` refused)."""
+    return as_float(group[name], name, min=0.0)
+
+
+def betas_pair(value: Any) -> tuple[float, float]:
+    """``(beta1, beta2)``, each a float in [0, 1)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ArgumentTypeError(f"`betas` must be a pair (beta1, beta2), got {value!r:.80}.")
+    b1, b2 = (
+        as_float(b, f"betas[{i}]", min=0.0, max=1.0, open_max=True) for i, b in enumerate(value)
+    )
+    return b1, b2
+
+
+def sum_dots(dots: list[Tensor]) -> float:
+    """Sum 0-d tensors (possibly on several devices) into a Python float, one sync per device."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for d in dots:
+        by_device.setdefault(d.device, []).append(d.to(wide_dtype(d.device)))
+    return sum(float(torch.stack(ds).sum()) for ds in by_device.values())
+
+
+class HypergradientOptimizer(Optimizer):
+    """Shared machinery: validation of every group, gradient gathering and the lr update."""
+
+    _name = "HD"
+
+    def _validate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters, checked through ``_vocab`` and normalized."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group after checking its (merged) hyperparameters.
+
+        Raises ``ArgumentTypeError`` (a wrong type, ``bool`` for a number included) or
+        ``ValueError`` (out of range) naming the setting; nothing is added then.
+        """
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        checked = self._validate_group(merged)
+        param_group = dict(param_group)
+        param_group.update({k: v for k, v in checked.items() if k in param_group})
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+
+    def _check_grads(self) -> None:
+        """Raise before any state is touched if a gradient is sparse or a parameter complex."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{self._name} does not support sparse gradients; use dense gradients "
+                        "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
+                    )
+                if torch.is_complex(p):
+                    raise RuntimeError(
+                        f"{self._name} does not support complex parameters; optimize "
+                        "torch.view_as_real(param) instead"
+                    )
+
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """Params with a gradient and their effective gradients ``±grad + weight_decay * p``.
+
+        A parameter without gradient does not move at this step, so its stored direction
+        (which describes an older step) is dropped: it must not enter the next hypergradient.
+        """
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                if p in self.state:
+                    self.state[p].pop(DIRECTION, None)
+            else:
+                params.append(p)
+        for p in params:
+            g: Tensor = p.grad  # type: ignore[assignment]  # not None: filtered above
+            grad = -g if group["maximize"] else g
+            if group["weight_decay"] != 0:
+                grad = grad.add(p, alpha=group["weight_decay"])
+            grads.append(grad)
+        return params, grads
+
+    def _adapt_lr(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """``alpha <- alpha - beta h`` with ``h = -sum_p g_p . u_p`` (previous directions)."""
+        if group["hypergrad_lr"] == 0:
+            return
+        dots = [
+            torch.dot(g.reshape(-1), self.state[p][DIRECTION].reshape(-1))
+            for p, g in zip(params, grads)
+            if DIRECTION in self.state[p]
+        ]
+        if not dots:
+            return
+        h = -sum_dots(dots)
+        lr = group["lr"] - group["hypergrad_lr"] * h
+        if not math.isfinite(lr):
+            warnings.warn(
+                f"{self._name}: the hypergradient of the learning rate is not finite (h = {h}, "
+                f"giving lr = {lr}): a NaN or Inf gradient, or an overflowing dot product. The "
+                f"learning rate keeps its value {group['lr']!r} for this step; check the loss "
+                "and gradients (or lower hypergrad_lr).",
+                HypergradientWarning,
+                stacklevel=4,
+            )
+            return
+        group["lr"] = lr
+
+    @staticmethod
+    def _direction_buffer(state: dict[str, Any], p: Tensor) -> Tensor:
+        """The per-parameter buffer holding the last applied direction (allocated once)."""
+        buf = state.get(DIRECTION)
+        if buf is None:
+            buf = state[DIRECTION] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return buf
