@@ -225,8 +225,8 @@ def as_bool(value: Any, name: str) -> bool:
     """``value`` if it is a ``bool`` (numpy bools accepted)."""
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_" and hasattr(value, "item"):  # numpy.bool_
-        return bool(value.item())
+    if type(value).__name__ in ("bool_", "bool") and type(value).__module__ == "numpy":
+        return bool(value.item())  # numpy.bool_ (named numpy.bool in numpy 2)
     raise ArgumentTypeError(f"`{name}` must be True or False, got {_got(value)}.")
 
 
