@@ -1,8 +1,8 @@
 """The documentation runs as written and builds strictly.
 
 - Every ```python block in README.md and docs/**/*.md executes, as written, in a fresh
-  namespace (in this process, with a timeout; torch's global state is restored after each
-  block). Two markers, an HTML comment on the line right before the fence:
+  namespace (in this process, with a timeout, on one CPU thread; torch's global state is
+  restored after each block). Two markers, an HTML comment on the line right before the fence:
 
   ``<!-- skip-test: <reason> -->``  the block is skipped, with that reason (it must say one);
   ``<!-- docs-test: continue -->``  the block continues the previous block of the same page,
@@ -119,6 +119,7 @@ def _run(block: Block, namespace: dict[str, Any]) -> None:
         torch.get_num_threads(),
         torch.random.get_rng_state(),
     )
+    torch.set_num_threads(1)  # small models; on a shared machine more threads only wait
     alarm = hasattr(signal, "SIGALRM")
     if alarm:
         previous_handler = signal.signal(signal.SIGALRM, _on_alarm)
