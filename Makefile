@@ -4,6 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
 .PHONY: install test lint demo bench docs docs-serve clean
 
@@ -22,7 +23,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
 
-test: lint
+# The docs extra too, so that tests/test_docs.py builds the site with --strict (it skips
+# that build, saying why, where mkdocs is missing).
+test: lint $(DOCS_STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -42,8 +45,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/vs_optuna.py
 
 # The documentation site (mkdocs-material + mkdocstrings): the docs extra goes into .venv once.
-DOCS_STAMP := $(VENV)/.docs-installed
-
 $(DOCS_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[docs]"
 	touch $(DOCS_STAMP)
