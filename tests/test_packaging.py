@@ -31,7 +31,7 @@ VERSION_FILE = ROOT / "src" / "hypergradient" / "_version.py"
 
 def _source_version() -> str:
     match = re.search(r'^__version__ = "([^"]+)"$', VERSION_FILE.read_text(), re.MULTILINE)
-    assert match, f"{VERSION_FILE} must assign __version__ = \"X.Y.Z\""
+    assert match, f'{VERSION_FILE} must assign __version__ = "X.Y.Z"'
     return match.group(1)
 
 
