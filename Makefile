@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples docs/hooks
+	$(PY) -m ruff format --check src tests benchmarks examples docs/hooks
 
 # The docs extra too, so that tests/test_docs.py builds the site with --strict (it skips
 # that build, saying why, where mkdocs is missing).
