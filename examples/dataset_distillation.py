@@ -184,7 +184,8 @@ def distill(
 
     Returns ``(images, initial images, lr, curve, seconds)``; ``curve`` holds (outer step,
     mean outer loss since the last point, validation accuracy of models trained on the
-    current images, inner learning rate).
+    current images, inner learning rate). At step 0 the outer loss is the first outer
+    step's, which is evaluated at the initial images before they are updated.
     """
     X, y = splits["train"]
     gen = torch.Generator().manual_seed(args.seed)
@@ -241,6 +242,8 @@ def distill(
         opt.step()
         sched.step()
         losses.append(info.outer_loss)
+        if step == 1:  # the first call saw the initial images: that is step 0's outer loss
+            curve[0] = (0, float(info.outer_loss), *curve[0][2:])
         if step % args.eval_every == 0 or step == args.outer_steps:
             lr_now = float(log_lr.detach().exp())
             curve.append((step, statistics.mean(losses), val_accuracy(), lr_now))
@@ -474,6 +477,12 @@ def main() -> None:
     plot(path, args, side, images, real, curve, results)
     print(f"\nFigure: {path}")
     print(f"Total wall time: {time.perf_counter() - started:.1f} s")
+    if args.quick:
+        print(
+            "\nquick mode: a smoke run on a reduced problem that checks the script runs; its "
+            "figures are not the documented results (full run without --quick; see "
+            "docs/examples.md)"
+        )
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def main() -> None:
         f" checksum of log decays {checksum:.10f}",
         flush=True,
     )
+    if args.quick and rank == 0:
+        print("quick mode: a smoke run; the documented figures come from the full run")
     if distributed:
         dist.destroy_process_group()
 

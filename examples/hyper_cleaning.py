@@ -270,6 +270,7 @@ def plot(
         ax.axhline(acc, color="C1", ls=ls, lw=1, label=f"test accuracy, {name}")
     ax.set_ylim(0, 1)
     ax.set_xlabel("outer step")
+    ax.set_ylabel("F1 score / test accuracy")
     ax.set_title("Detection and test accuracy")
     ax.legend(loc="lower right", fontsize=8)
 
@@ -469,6 +470,12 @@ def main() -> None:
     plot(path, curve, weights, corrupted, refs)
     print(f"\nplot: {path}")
     print(f"total wall time: {time.perf_counter() - started:.1f} s")
+    if args.quick:
+        print(
+            "\nquick mode: a smoke run on a reduced problem that checks the script runs; its "
+            "figures are not the documented results (full run without --quick; see "
+            "docs/examples.md)"
+        )
 
 
 if __name__ == "__main__":

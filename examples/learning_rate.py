@@ -342,6 +342,14 @@ def plot(run: dict[str, Run], seed: int, args: argparse.Namespace, path: Path) -
 
 # --------------------------------------------------------------------------- main
 
+QUICK_NOTE = """
+QUICK MODE: a smoke run that checks the script runs, not the comparison. From lr 1e-3,
+60 SGD steps (6 hyper-steps) are far too few for SGD-HD or the hypergradient to raise the
+learning rate far enough, so the 2-point grid (which starts at lr 0.1 and 1) wins here.
+The documented figures come from the full run (1,500 steps, 3 seeds; mean test accuracy
+0.766 SGD, 0.966 SGD-HD, 0.973 hypergradient lr+momentum, 0.972 for the 21-run grid):
+    .venv/bin/python examples/learning_rate.py"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -364,6 +372,8 @@ def main() -> None:
         args.steps, args.repeats = 60, 1
         args.grid_lrs, args.grid_momenta = [0.1, 1.0], [0.5]
     torch.set_num_threads(1)  # a 5k-parameter model: more threads only add overhead
+    if args.quick:
+        print("quick mode: a smoke run, not the comparison (see the note at the end)")
 
     started = time.perf_counter()
     print(
@@ -389,6 +399,8 @@ def main() -> None:
     plot(runs[0], args.seed, args, path)
     print(f"\nFigure: {path}")
     print(f"Total wall time: {time.perf_counter() - started:.1f} s")
+    if args.quick:
+        print(QUICK_NOTE)
 
 
 if __name__ == "__main__":

@@ -472,6 +472,12 @@ def main() -> None:
             ]
             print(f"{m:<8} {cols[0]:>17} {cols[1]:>17} {acc:8.3f} {wins[0]:>8} {wins[1]:>6}")
     print(f"\nTotal wall time: {time.perf_counter() - started:.1f} s")
+    if args.quick:
+        print(
+            "\nquick mode: a smoke run on a reduced problem that checks the script runs; its "
+            "figures are not the documented results (full run without --quick; see "
+            "docs/examples.md)"
+        )
 
 
 if __name__ == "__main__":

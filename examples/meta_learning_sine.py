@@ -332,7 +332,7 @@ def plot(
     ax.set_title(f"Meta-test on {len(test)} held-out tasks, by adaptation rule", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=60 if args.quick else 110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -471,6 +471,12 @@ def main() -> None:
     plot(path, inits, adapted, test, curves, along, results, args)
     print(f"\nmeta-test in {time.perf_counter() - t0:.1f} s; plot: {path}")
     print(f"total wall time: {time.perf_counter() - started:.1f} s")
+    if args.quick:
+        print(
+            "\nquick mode: a smoke run on a reduced problem that checks the script runs; its "
+            "figures are not the documented results (full run without --quick; see "
+            "docs/examples.md)"
+        )
 
 
 if __name__ == "__main__":

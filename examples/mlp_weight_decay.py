@@ -412,6 +412,12 @@ def main() -> None:
     plot(path, curve, {**base, "best global, train + val": reference}, lam0, learned)
     print(f"\nplot: {path}")
     print(f"total wall time: {time.perf_counter() - started:.1f} s")
+    if args.quick:
+        print(
+            "\nquick mode: a smoke run on a reduced problem that checks the script runs; its "
+            "figures are not the documented results (full run without --quick; see "
+            "docs/examples.md)"
+        )
 
 
 if __name__ == "__main__":
