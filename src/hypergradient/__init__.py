@@ -60,7 +60,7 @@ from .solvers import (
 )
 from .trajectory import TrajectoryInfo, drmad, forward_mode, unrolled
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CG",
