@@ -11,6 +11,7 @@ Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neuman
 """
 
 from . import distributed, meta, optim
+from ._version import __version__ as __version__
 from .constraints import Constraint, Interval, Positive
 from .hyperoptimizer import HyperOptimizer, HyperStepRecord
 from .implicit import (
@@ -59,8 +60,6 @@ from .solvers import (
     nystrom_sketch,
 )
 from .trajectory import TrajectoryInfo, drmad, forward_mode, unrolled
-
-from ._version import __version__
 
 __all__ = [
     "CG",
