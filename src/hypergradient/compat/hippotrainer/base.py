@@ -147,9 +147,9 @@ class HyperOptimizer:
         was_training = self.model.training
         try:
             self.model.train()
-            train = self._mean_loss(self.train_loader, "train_loader")
+            train = mean_loss(self.model, self.criterion, self.train_loader, "train_loader")
             self.model.eval()
-            val = self._mean_loss(self.val_loader, "val_loader")
+            val = mean_loss(self.model, self.criterion, self.val_loader, "val_loader")
         finally:
             self.model.train(was_training)
         return train, val
@@ -208,7 +208,7 @@ class HyperOptimizer:
                 f"validation batch): {exc}",
                 exc.quantity,
             ) from exc
-        return self._check_grads(grads)
+        return checked_hypergradients(grads, self.hyperparams)
 
     # --- machinery ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -238,16 +238,6 @@ class HyperOptimizer:
             inputs, targets = batch
             losses.append(self.criterion(self.model(inputs), targets))
         return losses[0], losses[1]
-
-    def _mean_loss(self, loader: Iterable[Any], name: str) -> Tensor:
-        total: Tensor | float = 0.0
-        n = 0
-        for inputs, targets in loader:
-            total = total + self.criterion(self.model(inputs), targets)
-            n += 1
-        if n == 0:
-            raise ValueError(f"`{name}` yields no batches.")
-        return torch.as_tensor(total) / n
 
     def _named_params(self) -> tuple[list[str], list[Tensor]]:
         named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
@@ -294,32 +284,9 @@ class HyperOptimizer:
         )
         return self.hyper_grad_on_batches(train_batch, val_batch)
 
-    def _check_grads(self, grads: Any) -> list[Tensor]:
-        grads = list(grads)
-        if len(grads) != len(self.hyperparams):
-            raise ValueError(
-                f"hyper_grad returned {len(grads)} tensor(s) for {len(self.hyperparams)} "
-                "hyperparameter(s); it must return one per hyperparameter, in order."
-            )
-        for (name, h), g in zip(self.hyperparams.items(), grads):
-            if not isinstance(g, Tensor) or g.shape != h.shape:
-                raise ValueError(
-                    f"hyper_grad returned {getattr(g, 'shape', type(g).__name__)} for "
-                    f"hyperparams[{name!r}] of shape {tuple(h.shape)}."
-                )
-        return [g.detach() for g in grads]
-
     def _apply(self, grads: Sequence[Tensor]) -> None:
         """``h <- h - hyper_lr * g`` for all hyperparameters, or none if any is not finite."""
-        names = [f"hyperparams[{k!r}]" for k in self.hyperparams]
-        fix = "Nothing was updated."
-        require_finite(grads, names, "The hypergradient of", fix)
-        new = []
-        for h, g in zip(self.hyperparams.values(), grads):
-            lr = self.hyper_lr
-            step = (lr.to(h.device) if isinstance(lr, Tensor) else lr) * g.to(h.dtype)
-            new.append(h.detach() - step)
-        require_finite(new, names, "The updated value of", fix + " Lower hyper_lr.")
+        new = descended(self.hyperparams, grads, self.hyper_lr)
         with torch.no_grad():
             for h, v in zip(self.hyperparams.values(), new):
                 h.copy_(v)
@@ -346,3 +313,47 @@ def _check_hook_inputs(train_loss: Any, val_loss: Any, hyperparams: dict[str, Te
 def is_batch(value: Any) -> bool:
     """Whether a ``hyper_grad`` argument is a batch (the deprecated form), not a loss."""
     return not _is_loss(value)
+
+
+def mean_loss(model: nn.Module, criterion: Any, loader: Iterable[Any], name: str) -> Tensor:
+    """The mean of ``criterion(model(inputs), targets)`` over the batches of ``loader``."""
+    total: Tensor | float = 0.0
+    n = 0
+    for inputs, targets in loader:
+        total = total + criterion(model(inputs), targets)
+        n += 1
+    if n == 0:
+        raise ValueError(f"`{name}` yields no batches.")
+    return torch.as_tensor(total) / n
+
+
+def checked_hypergradients(grads: Any, hyperparams: dict[str, Tensor]) -> list[Tensor]:
+    """``grads`` as one detached tensor per hyperparameter, shaped like it (else ValueError)."""
+    grads = list(grads)
+    if len(grads) != len(hyperparams):
+        raise ValueError(
+            f"hyper_grad returned {len(grads)} tensor(s) for {len(hyperparams)} "
+            "hyperparameter(s); it must return one per hyperparameter, in order."
+        )
+    for (name, h), g in zip(hyperparams.items(), grads):
+        if not isinstance(g, Tensor) or g.shape != h.shape:
+            raise ValueError(
+                f"hyper_grad returned {getattr(g, 'shape', type(g).__name__)} for "
+                f"hyperparams[{name!r}] of shape {tuple(h.shape)}."
+            )
+    return [g.detach() for g in grads]
+
+
+def descended(
+    hyperparams: dict[str, Tensor], grads: Sequence[Tensor], hyper_lr: float | Tensor
+) -> list[Tensor]:
+    """``h - hyper_lr * g`` per hyperparameter; raises if a gradient or a result is not finite."""
+    names = [f"hyperparams[{k!r}]" for k in hyperparams]
+    fix = "Nothing was updated."
+    require_finite(grads, names, "The hypergradient of", fix)
+    new = []
+    for h, g in zip(hyperparams.values(), grads):
+        lr = hyper_lr.to(h.device) if isinstance(hyper_lr, Tensor) else hyper_lr
+        new.append(h.detach() - lr * g.to(h.dtype))
+    require_finite(new, names, "The updated value of", fix + " Lower hyper_lr.")
+    return new
