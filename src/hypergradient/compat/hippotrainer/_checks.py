@@ -125,22 +125,33 @@ def as_hyper_lr(value: Any, hyperparams: dict[str, Tensor]) -> float | Tensor:
 # ----------------------------------------------------------------------- stale captures
 
 
+def _module_children(obj: nn.Module, path: str) -> Iterator[tuple[str, Any]]:
+    for k, v in vars(obj).items():
+        if k not in _MODULE_INTERNALS:
+            yield f"{path}.{k}", v
+    for k, v in [*obj._buffers.items(), *obj._modules.items()]:
+        yield f"{path}.{k}", v
+
+
+def _function_children(obj: types.FunctionType, path: str) -> Iterator[tuple[str, Any]]:
+    for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ()):
+        try:
+            yield f"{path}:{name}", cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    for name in obj.__code__.co_names:  # globals the function reads (a notebook's lambd)
+        if name in obj.__globals__:
+            yield name, obj.__globals__[name]
+
+
 def _children(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
     """The objects ``obj`` holds that may hold tensors, with readable paths."""
     if isinstance(obj, nn.Module):
-        for k, v in vars(obj).items():
-            if k not in _MODULE_INTERNALS:
-                yield f"{path}.{k}", v
-        for k, v in obj._buffers.items():
-            yield f"{path}.{k}", v
-        for k, v in obj._modules.items():
-            yield f"{path}.{k}", v
+        yield from _module_children(obj, path)
     elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield f"{path}[{k!r}]", v
+        yield from ((f"{path}[{k!r}]", v) for k, v in obj.items())
     elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield f"{path}[{i}]", v
+        yield from ((f"{path}[{i}]", v) for i, v in enumerate(obj))
     elif isinstance(obj, functools.partial):
         yield f"{path}.func", obj.func
         yield from _children(tuple(obj.args), f"{path}.args")
@@ -149,18 +160,10 @@ def _children(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
         yield path, obj.__self__
         yield path, obj.__func__
     elif isinstance(obj, types.FunctionType):
-        names = obj.__code__.co_freevars
-        for name, cell in zip(names, obj.__closure__ or ()):
-            try:
-                yield f"{path}:{name}", cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-        for name in obj.__code__.co_names:  # globals the function reads (a notebook's lambd)
-            if name in obj.__globals__:
-                yield name, obj.__globals__[name]
+        yield from _function_children(obj, path)
     elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
-        for k, v in vars(obj).items():  # an instance of a user class (a callable criterion)
-            yield f"{path}.{k}", v
+        # an instance of a user class (a callable criterion object)
+        yield from ((f"{path}.{k}", v) for k, v in vars(obj).items())
 
 
 def _tensors(root: Any, path: str) -> Iterator[tuple[str, Tensor]]:
