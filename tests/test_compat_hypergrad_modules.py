@@ -191,6 +191,13 @@ def test_runs_without_functorch():
         import functools, torch
         from hypergradient.compat.hypergrad import approx_hypergrad, functorch, solver, utils
         import hypergrad_logistic_regression as ex
+        class OuterSGD:  # plain SGD; torch.optim's first use imports torch._dynamo (slow)
+            def __init__(self, params):
+                self.params = list(params)
+            def step(self):
+                with torch.no_grad():
+                    for p in self.params:
+                        p -= p.grad
         torch.manual_seed(0)
         train, val = ex.generate_data(40, 3)
         model = torch.nn.Linear(3, 1, bias=False)
@@ -200,7 +207,7 @@ def test_runs_without_functorch():
                       functools.partial(approx_hypergrad.conjugate_gradient, num_iters=3),
                       inner_optimizer=functools.partial(
                           ex.diff_sgd, momentum=0, weight_decay=0, lr=0.1),
-                      outer_optimizer=torch.optim.SGD(hyper.parameters(), lr=1.0),
+                      outer_optimizer=OuterSGD(hyper.parameters()),
                       num_iters=5, unroll_steps=2, device=torch.device("cpu"))
         s.run()
         assert s.outer_step == 2, s.outer_step

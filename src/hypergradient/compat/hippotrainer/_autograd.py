@@ -37,6 +37,7 @@ __all__ = [
     "flat",
     "grads_or_zeros",
     "implicit_by_reference",
+    "split_batch",
     "unflat",
     "vjp_or_zeros",
 ]
@@ -86,6 +87,18 @@ class _Joint(nn.Module):
         return self.criterion[0](self.model(inputs), targets)
 
 
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch, or an error saying what a batch must be."""
+    try:
+        inputs, targets = batch
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(
+            "A batch must be a pair (inputs, targets), as HippoTrainer's loaders yield; got "
+            f"{type(batch).__name__}."
+        ) from None
+    return inputs, targets
+
+
 def criterion_loss(
     model: nn.Module, criterion: Callable[..., Tensor], batch: Any
 ) -> Callable[[dict[str, Tensor], Any], Tensor]:
@@ -95,13 +108,7 @@ def criterion_loss(
     their values. The model's buffers are copies, so BatchNorm statistics are not changed.
     ``hparams`` is ignored: the criterion reads the hyperparameters by reference.
     """
-    try:
-        inputs, targets = batch
-    except (TypeError, ValueError):
-        raise ArgumentTypeError(
-            "A batch must be a pair (inputs, targets), as HippoTrainer's loaders yield; got "
-            f"{type(batch).__name__}."
-        ) from None
+    inputs, targets = split_batch(batch)
     joint = _Joint(model, criterion)
 
     def loss(params: dict[str, Tensor], hparams: Any = None) -> Tensor:

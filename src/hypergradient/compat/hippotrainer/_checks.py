@@ -183,7 +183,8 @@ def _tensors(root: Any, path: str) -> Iterator[tuple[str, Tensor]]:
 
 def _reaches(t: Tensor, targets: dict[int, str]) -> str | None:
     """The name of the first target leaf ``t``'s autograd graph reaches, if any."""
-    stack, seen = [t.grad_fn], set()
+    stack: list[Any] = [t.grad_fn]
+    seen: set[int] = set()
     while stack and len(seen) < _MAX_GRAPH_NODES:
         node = stack.pop()
         if node is None or id(node) in seen:

@@ -6,7 +6,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from ..._vocab import (
     as_int,
     require_finite,
 )
-from ._autograd import criterion_loss, grads_or_zeros, vjp_or_zeros
+from ._autograd import criterion_loss, grads_or_zeros, split_batch, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
     check_hyperparams,
@@ -94,7 +94,7 @@ class HyperOptimizer:
         criterion: Any = None,
     ):
         check_setup(model, optimizer, train_loader, val_loader, criterion)
-        assert isinstance(model, nn.Module)  # for the type checker: check_setup ensured it
+        model = cast(nn.Module, model)  # check_setup ensured it
         check_hyperparams(hyperparams, model)
         stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
         if stale is not None:
@@ -102,10 +102,13 @@ class HyperOptimizer:
         self.hyperparams = hyperparams
         self.hyper_lr = hyper_lr
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
-        self.model, self.optimizer, self.criterion = model, optimizer, criterion
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self._train = _Cycle(train_loader, "train_loader")  # type: ignore[arg-type]
-        self._val = _Cycle(val_loader, "val_loader")  # type: ignore[arg-type]
+        self.model: nn.Module = model
+        self.optimizer = cast(torch.optim.Optimizer, optimizer)
+        self.criterion = criterion
+        self.train_loader = cast(Iterable[Any], train_loader)
+        self.val_loader = cast(Iterable[Any], val_loader)
+        self._train = _Cycle(self.train_loader, "train_loader")
+        self._val = _Cycle(self.val_loader, "val_loader")
         self.step_count = 0
         self.history: list[dict[str, float]] = []
         self._hyperparams_requires_grad_(False)
@@ -227,7 +230,9 @@ class HyperOptimizer:
 
     def _uses_builtin_hooks(self) -> bool:
         """Whether this object's hooks are those of one of this package's classes."""
-        owner = next(c for c in type(self).__mro__ if c.__module__.startswith(_PACKAGE))
+        owner: type[HyperOptimizer] = next(
+            c for c in type(self).__mro__ if c.__module__.startswith(_PACKAGE)
+        )
         if owner is HyperOptimizer:
             return False
         return all(getattr(type(self), n) is getattr(owner, n) for n in owner._hooks)
@@ -235,7 +240,7 @@ class HyperOptimizer:
     def _losses(self, train_batch: Any, val_batch: Any) -> tuple[Tensor, Tensor]:
         losses = []
         for batch in (train_batch, val_batch):
-            inputs, targets = batch
+            inputs, targets = split_batch(batch)
             losses.append(self.criterion(self.model(inputs), targets))
         return losses[0], losses[1]
 

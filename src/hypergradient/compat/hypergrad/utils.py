@@ -30,7 +30,7 @@ def hvp(f: Callable[[Params], Tensor], primal: Params, tangent: Params, *, rev_o
         A tuple shaped like ``primal``.
     """
     if rev_only:
-        _, vjp_fn = torch.func.vjp(torch.func.grad(f), primal)
+        vjp_fn = torch.func.vjp(torch.func.grad(f), primal)[1]
         return vjp_fn(tangent)[0]
     return torch.func.jvp(torch.func.grad(f), (primal,), (tangent,))[1]
 
