@@ -223,3 +223,16 @@ def test_notebook_pattern_is_refused_with_the_fix():
         assert "criterion.lambd" in message and "hyperparams['theta']" in message
         assert "inside the criterion's forward" in message and "theta.exp()" in message
     assert theta.requires_grad  # refused before anything was changed
+
+
+def test_hippotrainers_own_test_fixture_is_refused_with_the_fix():
+    """HippoTrainer's tests/test_utils.py fixture, unmigrated (`lambd = theta.exp()`)."""
+    from hippotrainer_utils import setup_iris_data, setup_model_and_optimizer_original
+
+    train_loader, val_loader = setup_iris_data()
+    model, theta, lambd, criterion, optimizer = setup_model_and_optimizer_original(
+        train_loader, val_loader
+    )
+    with pytest.raises(ValueError, match="criterion.lambd was computed once") as info:
+        T1T2({"theta": theta}, 1e-3, 1, model, optimizer, train_loader, val_loader, criterion)
+    assert "inside the criterion's forward" in str(info.value)
