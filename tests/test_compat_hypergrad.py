@@ -138,7 +138,7 @@ def test_all_three_on_device(device):
     ],
 )
 def test_non_positive_budgets_are_rejected(call):
-    with pytest.raises(ValueError, match="maxiter|alpha|rank|rho"):
+    with pytest.raises(ValueError, match="`(num_iters|lr|rank|rho)`"):
         call()
 
 

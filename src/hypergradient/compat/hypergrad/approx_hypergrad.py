@@ -1,43 +1,46 @@
-"""``hypergrad.approx_hypergrad`` 0.0.1's functions, with its signatures, on our core.
+"""``hypergrad.approx_hypergrad`` 0.0.1's functions, with its signatures, on this package's core.
 
-The seed library's functions take ``(inner_obj, outer_obj, in_params, out_params, ...)``
-where the objectives are ``f(in_params, out_params) -> scalar`` and both parameter sets
-are tuples of tensors, and return a tuple of tensors shaped like ``out_params``. These
-replacements keep all of that. Differences, all deliberate:
+The functions take ``(inner_obj, outer_obj, in_params, out_params, ...)`` where the
+objectives are ``f(in_params, out_params) -> scalar`` and both parameter sets are tuples of
+tensors, and return a tuple of tensors shaped like ``out_params``: the hypergradient
+``d_phi g - (d_phi grad_theta f)^T x`` with ``x ~ H^{-1} grad_theta g`` (``hg.implicit``
+with the matching solver). Differences, all deliberate:
 
-- ``conjugate_gradient`` is textbook conjugate gradient on ``H x = grad_theta g``. The
-  seed divides CG's step by ``lr`` and rescales the result by ``lr``, which is not CG for
-  ``lr != 1`` and points the wrong way after a few iterations. ``lr`` is accepted for
-  compatibility and does not change the solution.
-- ``neumann`` is the same series as the seed's, ``lr * sum_{j=0}^{k} (I - lr H)^j b`` with
-  ``k = num_iters`` products, where each product is one backward pass through a retained
+- ``conjugate_gradient`` is textbook conjugate gradient on ``H x = grad_theta g``
+  (``hg.CG``). hypergrad builds each new direction from the previous residual and divides
+  the step by ``lr`` (then rescales by ``lr``): that is not conjugate gradient, and it
+  returns hypergradients 5-22x too large on its own logistic-regression example (see
+  ``docs/migration-hypergrad.md``). ``lr`` is accepted and does not change the solution.
+- ``neumann`` is the same series as hypergrad's, ``lr * sum_{j=0}^{k} (I - lr H)^j b`` with
+  ``k = num_iters`` products (``hg.Neumann``), each one backward pass through a retained
   graph instead of a fresh forward-over-reverse pass.
 - ``nystrom`` samples ``rank`` Hessian columns with ``torch.randperm`` on torch's global
-  generator as the seed does, and solves ``(H_nys + rho I) x = b`` in a numerically
-  stable eigen form instead of the subtractive Woodbury formula.
-- Non-positive ``num_iters`` / ``rank`` / ``rho`` raise ``ValueError``.
+  generator as hypergrad does, and solves ``(H_nys + rho I) x = b`` in a numerically
+  stable eigen form instead of the subtractive Woodbury formula (``hg.Nystrom``).
+- Arguments are validated (``num_iters``, ``rank`` >= 1; ``lr``, ``rho`` > 0).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
-from torch import Tensor
+from ... import CG, HessianOperator, Neumann, Nystrom, Solver, implicit
+from ..._tree import accumulator_dtype, cat
+from ..._tree import flatten as flatten_tree
+from ..._vocab import as_callable, as_float, as_int
+from .utils import Objective, Params
 
-from ...implicit import implicit
-from ...solvers import CG, Neumann, Nystrom, Solver
-
-Params = tuple[Tensor, ...]
-Objective = Callable[[Params, Params], Tensor]
-
-__all__ = ["conjugate_gradient", "neumann", "nystrom"]
+__all__ = ["conjugate_gradient", "implicit_grad", "neumann", "nystrom"]
 
 
 def _run(
     inner_obj: Objective, outer_obj: Objective, in_params: Params, out_params: Params, s: Solver
 ) -> Params:
-    result = implicit(inner_obj, outer_obj, tuple(in_params), tuple(out_params), s)
-    return tuple(result)
+    as_callable(inner_obj, "inner_obj", "(in_params, out_params) -> scalar tensor")
+    as_callable(outer_obj, "outer_obj", "(in_params, out_params) -> scalar tensor")
+    return tuple(implicit(inner_obj, outer_obj, tuple(in_params), tuple(out_params), s))
 
 
 def conjugate_gradient(
@@ -48,22 +51,23 @@ def conjugate_gradient(
     num_iters: int,
     lr: float = 1.0,
 ) -> Params:
-    """Implicit hypergradient with ``num_iters`` conjugate-gradient iterations.
+    """Implicit hypergradient with ``num_iters`` conjugate-gradient iterations (``hg.CG``).
 
     Args:
         inner_obj, outer_obj: ``f(in_params, out_params) -> scalar tensor``.
         in_params: inner parameters (tuple of tensors) at the inner optimum.
         out_params: hyperparameters (tuple of tensors).
-        num_iters: CG iterations (Hessian-vector products), > 0.
-        lr: accepted for compatibility; textbook CG has no step size, and the solution of
-            ``H x = grad_theta g`` does not depend on it.
+        num_iters: CG iterations (Hessian-vector products), >= 1.
+        lr: accepted for hypergrad's call shape; the solution of ``H x = grad_theta g``
+            does not depend on a step size.
 
     Returns:
-        The hypergradient, a tuple shaped like ``out_params``.
+        The hypergradient, a tuple shaped like ``out_params``. Cost: ``num_iters`` products
+        plus about three gradients (Pedregosa, 2016).
     """
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"`lr` must be a number, got {type(lr).__name__}.")
-    return _run(inner_obj, outer_obj, in_params, out_params, CG(maxiter=num_iters, tol=0.0))
+    as_float(lr, "lr", min=0.0, open_min=True)
+    num_iters = as_int(num_iters, "num_iters", min=1)
+    return _run(inner_obj, outer_obj, in_params, out_params, CG(num_iters, tol=0.0))
 
 
 def neumann(
@@ -74,11 +78,14 @@ def neumann(
     num_iters: int,
     lr: float,
 ) -> Params:
-    """Implicit hypergradient with the Neumann series ``lr * sum_{j<=num_iters} (I - lr H)^j``.
+    """Implicit hypergradient with the series ``lr * sum_{j<=num_iters} (I - lr H)^j``.
 
-    Lorraine et al. (2020). Converges when ``0 < lr < 2 / lambda_max(H)``.
+    Lorraine et al. (2020). Converges when ``0 < lr < 2 / lambda_max(H)``. Cost:
+    ``num_iters`` Hessian-vector products plus about three gradients.
     """
-    return _run(inner_obj, outer_obj, in_params, out_params, Neumann(iters=num_iters, alpha=lr))
+    lr = as_float(lr, "lr", min=0.0, open_min=True)
+    num_iters = as_int(num_iters, "num_iters", min=1)
+    return _run(inner_obj, outer_obj, in_params, out_params, Neumann(num_iters, alpha=lr))
 
 
 def nystrom(
@@ -91,6 +98,41 @@ def nystrom(
 ) -> Params:
     """Implicit hypergradient with a rank-``rank`` column-sampling Nystrom approximation.
 
-    Hataya & Yamada (2023): ``H^{-1} ~ (H_nys + rho I)^{-1}``, ``rank`` products.
+    Hataya & Yamada (2023): ``H^{-1} ~ (H_nys + rho I)^{-1}``; ``rank`` products, memory
+    ``rank`` vectors of the parameters' size.
     """
-    return _run(inner_obj, outer_obj, in_params, out_params, Nystrom(rank=rank, rho=rho))
+    rank = as_int(rank, "rank", min=1)
+    rho = as_float(rho, "rho", min=0.0, open_min=True)
+    return _run(inner_obj, outer_obj, in_params, out_params, Nystrom(rank, rho))
+
+
+def implicit_grad(f: Callable[..., tuple[Params, Params]]) -> Callable[..., Params]:
+    """hypergrad's decorator: turn ``(ihvp, d_phi g)`` into the implicit hypergradient.
+
+    ``f`` takes ``(inner_obj, outer_obj, in_params, out_params, ...)`` and returns
+    ``x ~ H^{-1} grad_theta g`` (a tuple like ``in_params``) and ``d_phi g`` (like
+    ``out_params``); the decorated function returns ``d_phi g - (d_phi grad_theta f)^T x``,
+    the mixed product taken by one backward pass (``hg.HessianOperator.mixed``).
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Params:
+        names = ("inner_obj", "outer_obj", "in_params", "out_params")
+        bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise TypeError(f"{f.__name__}() is missing {missing}.")
+        ihvp, direct = f(*args, **kwargs)
+        inner, in_params, out_params = (
+            bound["inner_obj"],
+            tuple(bound["in_params"]),
+            tuple(bound["out_params"]),
+        )
+        op = HessianOperator(inner, in_params, out_params)
+        leaves, spec = flatten_tree(in_params, "in_params")
+        x = cat(list(ihvp), spec, accumulator_dtype(leaves), leaves[0].device)
+        mixed = op.mixed(x)
+        op.release()
+        return tuple(d - (0 if m is None else m.to(d.dtype)) for d, m in zip(direct, mixed))
+
+    return wrapper

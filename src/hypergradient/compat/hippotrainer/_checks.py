@@ -1,0 +1,231 @@
+"""Argument checks of the HippoTrainer compat layer (through :mod:`hypergradient._vocab`).
+
+Besides the usual type and range checks, :func:`find_stale_capture` detects the one
+mistake HippoTrainer's own demo makes: a value computed *once* from a hyperparameter
+(``lambd = theta.exp()``) and held by the criterion. Such a tensor never changes when
+``theta`` is updated, so HippoTrainer silently never tuned it; here every hyper-step would
+backpropagate through its single, already freed graph ("Trying to backward through the
+graph a second time"). It is found by walking the objects the model and the criterion
+hold and following each non-leaf tensor's autograd graph back to its leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..._vocab import ArgumentTypeError, as_callable, as_float
+
+__all__ = [
+    "as_hyper_lr",
+    "check_hyperparams",
+    "check_setup",
+    "find_stale_capture",
+    "stale_capture_message",
+]
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # attributes every nn.Module has
+_MAX_DEPTH = 6
+_MAX_GRAPH_NODES = 100_000
+
+
+def check_setup(
+    model: Any, optimizer: Any, train_loader: Any, val_loader: Any, criterion: Any
+) -> None:
+    """The training set-up HippoTrainer's constructor takes: all required, right types."""
+    for name, value in (
+        ("model", model),
+        ("optimizer", optimizer),
+        ("train_loader", train_loader),
+        ("val_loader", val_loader),
+        ("criterion", criterion),
+    ):
+        if value is None:
+            raise ValueError(f"`{name}` is required (HippoTrainer's defaults of None do not run).")
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ArgumentTypeError(
+            f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
+    as_callable(criterion, "criterion", "(predictions, targets) -> scalar loss")
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if not hasattr(loader, "__iter__"):
+            raise ArgumentTypeError(
+                f"`{name}` must be an iterable of (inputs, targets) batches, such as a "
+                f"DataLoader or a list, got {type(loader).__name__}."
+            )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("`model` has no trainable parameters (none requires grad).")
+
+
+def check_hyperparams(hyperparams: Any, model: nn.Module) -> None:
+    """``{name: floating-point leaf tensor}``, not a model parameter, on the model's device."""
+    if not isinstance(hyperparams, dict) or not hyperparams:
+        raise ArgumentTypeError(
+            "`hyperparams` must be a non-empty dict {name: tensor}, got "
+            f"{type(hyperparams).__name__}."
+        )
+    params = {id(p): n for n, p in model.named_parameters()}
+    device = next(iter(model.parameters())).device
+    for name, h in hyperparams.items():
+        where = f"hyperparams[{name!r}]"
+        if not isinstance(h, Tensor) or not h.is_floating_point():
+            raise ArgumentTypeError(f"{where} must be a floating-point tensor, got {h!r}.")
+        if not h.is_leaf:
+            raise ValueError(
+                f"{where} is not a leaf tensor (it is computed from another tensor, grad_fn="
+                f"{type(h.grad_fn).__name__}). Pass the tensor it is computed from, created "
+                "with torch.tensor(...), and compute the derived value inside the criterion's "
+                "forward."
+            )
+        if id(h) in params:
+            raise ValueError(
+                f"{where} is the model parameter {params[id(h)]!r}; a hyperparameter must not "
+                "be trained by `optimizer`. Use a separate tensor."
+            )
+        if h.device != device:
+            raise ValueError(
+                f"{where} is on {h.device} and the model on {device}; put them on one device."
+            )
+
+
+def as_hyper_lr(value: Any, hyperparams: dict[str, Tensor]) -> float | Tensor:
+    """HippoTrainer's ``hyper_lr``: a number >= 0, or a tensor of them (one per coordinate).
+
+    A multi-element tensor must broadcast to every hyperparameter's shape, as HippoTrainer's
+    ``h -= hyper_lr * grad`` requires.
+    """
+    hint = " `hyper_lr` is the step of h <- h - hyper_lr * hypergradient."
+    if not isinstance(value, Tensor) or value.numel() == 1:
+        return as_float(value, "hyper_lr", min=0.0, hint=hint)
+    if value.dtype == torch.bool or not value.is_floating_point():
+        raise ArgumentTypeError(f"`hyper_lr` must be a floating-point tensor, got {value.dtype}.")
+    lr = value.detach().clone()
+    if not bool(torch.isfinite(lr).all()) or bool((lr < 0).any()):
+        raise ValueError(f"`hyper_lr` must hold finite numbers >= 0, got {lr}.{hint}")
+    for name, h in hyperparams.items():
+        try:
+            ok = torch.broadcast_shapes(lr.shape, h.shape) == h.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"`hyper_lr` of shape {tuple(lr.shape)} does not broadcast to "
+                f"hyperparams[{name!r}] of shape {tuple(h.shape)}.{hint}"
+            )
+    return lr
+
+
+# ----------------------------------------------------------------------- stale captures
+
+
+def _module_children(obj: nn.Module, path: str) -> Iterator[tuple[str, Any]]:
+    for k, v in vars(obj).items():
+        if k not in _MODULE_INTERNALS:
+            yield f"{path}.{k}", v
+    for k, v in [*obj._buffers.items(), *obj._modules.items()]:
+        yield f"{path}.{k}", v
+
+
+def _function_children(obj: types.FunctionType, path: str) -> Iterator[tuple[str, Any]]:
+    for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ()):
+        try:
+            yield f"{path}:{name}", cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    for name in obj.__code__.co_names:  # globals the function reads (a notebook's lambd)
+        if name in obj.__globals__:
+            yield name, obj.__globals__[name]
+
+
+def _children(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """The objects ``obj`` holds that may hold tensors, with readable paths."""
+    if isinstance(obj, nn.Module):
+        yield from _module_children(obj, path)
+    elif isinstance(obj, dict):
+        yield from ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        yield from ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    elif isinstance(obj, functools.partial):
+        yield f"{path}.func", obj.func
+        yield from _children(tuple(obj.args), f"{path}.args")
+        yield from _children(dict(obj.keywords), f"{path}.keywords")
+    elif isinstance(obj, types.MethodType):
+        yield path, obj.__self__
+        yield path, obj.__func__
+    elif isinstance(obj, types.FunctionType):
+        yield from _function_children(obj, path)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
+        # an instance of a user class (a callable criterion object)
+        yield from ((f"{path}.{k}", v) for k, v in vars(obj).items())
+
+
+def _tensors(root: Any, path: str) -> Iterator[tuple[str, Tensor]]:
+    seen: set[int] = set()
+    stack = [(root, path, 0)]
+    while stack:
+        obj, where, depth = stack.pop()
+        if id(obj) in seen or depth > _MAX_DEPTH:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Tensor):
+            yield where, obj
+            continue
+        for child_path, child in _children(obj, where):
+            stack.append((child, child_path, depth + 1))
+
+
+def _reaches(t: Tensor, targets: dict[int, str]) -> str | None:
+    """The name of the first target leaf ``t``'s autograd graph reaches, if any."""
+    stack: list[Any] = [t.grad_fn]
+    seen: set[int] = set()
+    while stack and len(seen) < _MAX_GRAPH_NODES:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor) and id(variable) in targets:
+            return targets[id(variable)]
+        stack.extend(fn for fn, _ in node.next_functions)
+    return None
+
+
+def find_stale_capture(
+    hyperparams: dict[str, Tensor], **roots: Any
+) -> tuple[str, str, Tensor] | None:
+    """A tensor held by one of ``roots`` and computed once from a hyperparameter.
+
+    Returns ``(path, hyperparameter name, tensor)`` for the first non-leaf tensor (one with
+    a ``grad_fn``) whose graph reaches one of ``hyperparams``, or None. ``roots`` are named
+    objects (``model=..., criterion=...``); their attributes, containers, closures and the
+    globals their functions read are searched to a small depth.
+    """
+    targets = {id(h): name for name, h in hyperparams.items()}
+    for root_name, root in roots.items():
+        for path, t in _tensors(root, root_name):
+            if t.grad_fn is None:
+                continue
+            name = _reaches(t, targets)
+            if name is not None:
+                return path, name, t
+    return None
+
+
+def stale_capture_message(path: str, name: str, t: Tensor) -> str:
+    """What :func:`find_stale_capture` found, why it cannot work, and the fix."""
+    return (
+        f"{path} was computed once from hyperparams[{name!r}] before training (it carries "
+        f"an autograd graph back to it, grad_fn={type(t.grad_fn).__name__}). A value "
+        f"computed once does not change when {name!r} is updated: HippoTrainer silently "
+        "never tuned it, and here every hyper-step would backpropagate through that one "
+        "stale graph again. Compute it inside the criterion's forward instead: hold the "
+        f"hyperparameter itself (e.g. `self.{name} = {name}`) and write e.g. "
+        f"`{name}.exp()` in forward()."
+    )

@@ -1,0 +1,226 @@
+"""HippoTrainer's implicit methods ``T1T2``, ``Neumann`` and ``HOAG`` on this package's solvers.
+
+Each class has two ways in, which agree to rounding (tested):
+
+- the hyper-step (``step``/``hyper_step``/``hyper_grad_on_batches``) calls
+  ``hg.implicit`` with the matching solver (``hg.Identity(lr)``, ``hg.Neumann(num_terms,
+  alpha=lr)``, ``hg.CG`` with HippoTrainer's stopping rule) on the criterion as a function
+  of the model's weights;
+- HippoTrainer's hook ``hyper_grad(train_loss, val_loss)`` and its public helpers
+  (``Neumann.approx_inverse_hvp``, ``HOAG.conjugate_gradient``,
+  ``HOAG.hessian_vector_product``) work on loss tensors, as documented upstream. A subclass
+  that overrides one of them is used by the hyper-step, as in HippoTrainer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ... import CG, Identity, Solver
+from ... import Neumann as NeumannSeries
+from ..._vocab import (
+    ArgumentTypeError,
+    HypergradientWarning,
+    Status,
+    as_callable,
+    as_float,
+    as_int,
+    require_finite,
+)
+from ._autograd import (
+    CallableOperator,
+    flat,
+    grads_or_zeros,
+    implicit_by_reference,
+    unflat,
+    vjp_or_zeros,
+)
+from .base import HyperOptimizer, is_batch
+
+__all__ = ["HOAG", "Neumann", "T1T2"]
+
+
+class _Implicit(HyperOptimizer):
+    """Shared hyper-step of the implicit methods: ``hg.implicit`` with ``self._solver()``."""
+
+    def _solver(self) -> Solver:
+        raise NotImplementedError
+
+    def _warm_start(self) -> Tensor | None:
+        return None
+
+    def _builtin_hyper_grad(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
+        hyper, info = implicit_by_reference(
+            self._loss(train_batch),
+            self._loss(val_batch),
+            self._params(),
+            self.hyperparams.values(),
+            self._solver(),
+            x0=self._warm_start(),
+        )
+        self._solved(info.solution)
+        return hyper
+
+    def _solved(self, solution: Tensor | None) -> None:
+        """Called with the flat solution of each solve (HOAG keeps it as its warm start)."""
+
+
+class T1T2(_Implicit):
+    """One-step look-ahead (Luketina et al., 2016, ICML): ``H^{-1} ~ lr * I``.
+
+    ``dg/dphi ~ d_phi g - lr (d_phi grad_theta f)^T grad_theta g`` at the current weights,
+    ``lr`` the optimizer's learning rate (the factor of the look-ahead step, which
+    HippoTrainer drops). Cost: two gradients and one mixed product; no Hessian products.
+    """
+
+    def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
+        """The T1-T2 hypergradient from the graphs of ``train_loss`` and ``val_loss``."""
+        if is_batch(train_loss):
+            return self._deprecated_batches(train_loss, val_loss)
+        lr = self._lr()
+        return self._graph_hyper_grad(train_loss, val_loss, lambda v, _: [lr * t for t in v])
+
+    def _solver(self) -> Solver:
+        return Identity(self._lr())
+
+
+class Neumann(_Implicit):
+    """Implicit differentiation with a Neumann series (Lorraine et al., 2020, AISTATS).
+
+    ``H^{-1} v ~ lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``lr`` the optimizer's
+    learning rate: ``num_terms`` Hessian-vector products. Converges to the implicit
+    hypergradient as ``num_terms`` grows when ``0 < lr < 2 / lambda_max(H)``.
+
+    Args:
+        num_terms: Hessian-vector products of the series (>= 1).
+        *args, **kwargs: those of :class:`HyperOptimizer`.
+    """
+
+    _hooks = ("hyper_grad", "approx_inverse_hvp")
+
+    def __init__(self, *args: Any, num_terms: int = 1, **kwargs: Any):
+        self.num_terms = as_int(num_terms, "num_terms", min=1)
+        super().__init__(*args, **kwargs)
+
+    def approx_inverse_hvp(self, v: Sequence[Tensor], f: Sequence[Tensor]) -> list[Tensor]:
+        """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``H u = d<f, u>/d params``.
+
+        Args:
+            v: the vector, one tensor per model parameter (``grad_theta g``).
+            f: the gradient of the training loss with respect to ``model.parameters()``,
+                computed with ``create_graph=True``; its graph gives the products.
+
+        Returns:
+            One tensor per entry of ``v``. (HippoTrainer rescaled the partial sum by ``lr``
+            at every term, which is not the series for ``num_terms > 1``.)
+        """
+        lr = self._lr()
+        _, params = self._named_params()
+        term, total = list(v), list(v)
+        for _ in range(self.num_terms):
+            hv = vjp_or_zeros(list(f), params, term)
+            term = [t - lr * h for t, h in zip(term, hv)]
+            total = [s + t for s, t in zip(total, term)]
+        return [lr * s for s in total]
+
+    def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
+        """The Neumann hypergradient from the graphs of ``train_loss`` and ``val_loss``."""
+        if is_batch(train_loss):
+            return self._deprecated_batches(train_loss, val_loss)
+        return self._graph_hyper_grad(train_loss, val_loss, self.approx_inverse_hvp)
+
+    def _solver(self) -> Solver:
+        return NeumannSeries(self.num_terms, alpha=self._lr())
+
+
+class HOAG(_Implicit):
+    """HOAG (Pedregosa, 2016, ICML): conjugate gradient on ``H x = grad_theta g``.
+
+    CG stops when ``||r||^2 < epsilon`` or after ``cg_max_iter`` Hessian-vector products,
+    warm-started from the previous hyper-step's solution (HippoTrainer starts from zero).
+
+    Args:
+        epsilon: tolerance on the squared residual norm (> 0).
+        cg_max_iter: maximum number of CG iterations (>= 1).
+        *args, **kwargs: those of :class:`HyperOptimizer`.
+    """
+
+    _hooks = ("hyper_grad", "conjugate_gradient", "hessian_vector_product")
+
+    def __init__(self, *args: Any, epsilon: float = 1e-4, cg_max_iter: int = 10, **kwargs: Any):
+        self.epsilon = as_float(epsilon, "epsilon", min=0.0, open_min=True)
+        self.cg_max_iter = as_int(cg_max_iter, "cg_max_iter", min=1)
+        self._x: Tensor | None = None
+        super().__init__(*args, **kwargs)
+
+    def _solver(self) -> Solver:
+        return CG(self.cg_max_iter, tol=0.0, atol=math.sqrt(self.epsilon))
+
+    def _warm_start(self) -> Tensor | None:
+        size = sum(p.numel() for p in self._named_params()[1])
+        return self._x if self._x is not None and self._x.numel() == size else None
+
+    def _solved(self, solution: Tensor | None) -> None:
+        self._x = None if solution is None else solution.detach()
+
+    def conjugate_gradient(
+        self, matvec_fn: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None
+    ) -> Tensor:
+        """Solve ``A x = b`` by conjugate gradient (``hg.CG``) with HOAG's stopping rule.
+
+        Args:
+            matvec_fn: ``v -> A v`` on 1-D tensors, ``A`` symmetric positive definite.
+            b: the right-hand side, 1-D.
+            x0: starting point (default zero).
+
+        Returns:
+            The approximate solution. Warns (``HypergradientWarning``) if ``A`` has
+            non-positive curvature along a search direction (the best iterate is returned).
+        """
+        as_callable(matvec_fn, "matvec_fn", "v -> A v on 1-D tensors")
+        if not isinstance(b, Tensor) or b.dim() != 1 or not b.is_floating_point():
+            raise ArgumentTypeError(f"`b` must be a 1-D floating-point tensor, got {b!r}.")
+        sol = self._solver().solve(
+            CallableOperator(matvec_fn, b), b.detach(), None if x0 is None else x0.detach()
+        )
+        require_finite([sol.value], ["the conjugate-gradient solution"], "", "Add damping.")
+        if sol.status == Status.NEGATIVE_CURVATURE:
+            warnings.warn(
+                f"HOAG.conjugate_gradient: {Status.NEGATIVE_CURVATURE.message}.",
+                HypergradientWarning,
+                stacklevel=2,
+            )
+        return sol.value
+
+    def hessian_vector_product(
+        self, loss: Tensor, params: Sequence[Tensor], vector: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """``H v`` for the Hessian of ``loss`` with respect to ``params`` (two backward passes).
+
+        Returns:
+            One detached tensor per parameter (zeros where ``loss`` does not use it).
+        """
+        params = list(params)
+        grads = grads_or_zeros(loss, params, create_graph=True)
+        return vjp_or_zeros(grads, params, list(vector))
+
+    def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
+        """The HOAG hypergradient from the graphs of ``train_loss`` and ``val_loss``."""
+        if is_batch(train_loss):
+            return self._deprecated_batches(train_loss, val_loss)
+        _, params = self._named_params()
+
+        def inverse(v1: list[Tensor], _: Any) -> list[Tensor]:
+            def matvec(vec: Tensor) -> Tensor:
+                return flat(self.hessian_vector_product(train_loss, params, unflat(vec, params)))
+
+            x = self.conjugate_gradient(matvec, flat(v1), self._warm_start())
+            self._solved(x)
+            return unflat(x, params)
+
+        return self._graph_hyper_grad(train_loss, val_loss, inverse)
