@@ -23,7 +23,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import _tree
 from .constraints import Constraint
-from .implicit import HypergradientWarning, NonFiniteHypergradientError
+from ._vocab import HypergradientWarning, NonFiniteHypergradientError
 from .methods import IFT, Method, Problem, Trajectory
 from .optim.functional import from_torch
 

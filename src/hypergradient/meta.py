@@ -100,11 +100,11 @@ from torch import Tensor, nn
 
 from . import _tree
 from ._tree import Tree, TreeSpec
-from .implicit import implicit
+from .methods import implicit
 from .operators import _check_scalar
 from .optim.functional import FunctionalOptimizer, sgd
 from .solvers import CG, Solver
-from .trajectory import unrolled
+from .methods import unrolled
 
 __all__ = [
     "IMAML",

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .._tree import wide_dtype
-from ..implicit import NonFiniteHypergradientError, implicit
+from ..methods import NonFiniteHypergradientError, implicit
 from ..operators import HessianOperator
 from ..solvers import (
     CG,
@@ -211,7 +211,7 @@ class HyperOptimizer:
             self._params(),
             tuple(self.hyperparams.values()),
             self._solver(),
-            _hparams_by_reference=True,
+            hparams_by_reference=True,
         )
         return list(hyper)
 
@@ -256,7 +256,7 @@ class HOAG(HyperOptimizer):
             self._solver(),
             x0=self._x,
             return_info=True,
-            _hparams_by_reference=True,
+            hparams_by_reference=True,
         )
         self._x = info.solution
         return list(hyper)

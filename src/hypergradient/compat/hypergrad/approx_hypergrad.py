@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ...implicit import implicit
+from ...methods import implicit
 from ...solvers import CG, Neumann, Nystrom, Solver
 
 Params = tuple[Tensor, ...]
