@@ -188,9 +188,7 @@ def mismatch(got: TreeSpec, got_name: str, want: TreeSpec, want_name: str) -> st
         return "; ".join(parts)
     for p, a, b in zip(have, got.shapes, want.shapes):
         if tuple(a) != tuple(b):
-            return (
-                f"{got_name}{p} has shape {tuple(a)} where {want_name}{p} has shape {tuple(b)}"
-            )
+            return f"{got_name}{p} has shape {tuple(a)} where {want_name}{p} has shape {tuple(b)}"
     if got.structure() != want.structure():
         return f"`{got_name}` nests its leaves in other containers than `{want_name}`"
     return None

@@ -100,11 +100,10 @@ from torch import Tensor, nn
 
 from . import _tree
 from ._tree import Tree, TreeSpec
-from .methods import implicit
+from .methods import implicit, unrolled
 from .operators import _check_scalar
 from .optim.functional import FunctionalOptimizer, sgd
 from .solvers import CG, Solver
-from .methods import unrolled
 
 __all__ = [
     "IMAML",
