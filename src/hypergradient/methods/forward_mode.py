@@ -21,9 +21,11 @@ from .replay import Run
 from .trajectory import (
     Sweep,
     TrajectoryMethod,
+    check_forward,
     forward_sweep,
     functional_problem,
     functional_result,
+    outer_gradients,
 )
 
 __all__ = ["ForwardMode", "forward_mode"]
@@ -60,7 +62,7 @@ def _propagate(run: Run, chunk_size: int | None) -> tuple[Any, ...]:
         with torch.no_grad():
             p, s = run.update(p, s, g, run.h, t)
         losses.append(loss.detach().reshape(()))
-    run.check_forward(losses, p)
+    check_forward(run, losses, p)
     return p, tp, losses
 
 
@@ -89,10 +91,10 @@ class ForwardMode(TrajectoryMethod):
         m = run.hspec.size
         if m == 0:  # nothing to propagate: only the (empty) direct term
             p, _, _, losses = forward_sweep(run, lambda t: False, run.steps)
-            _, gh, value = run.outer_grads(outer_loss, p)
+            _, gh, value = outer_gradients(run, outer_loss, p)
             return Sweep(list(gh), p, losses, value, run.steps, 0, 1)
         p, tp, losses = _propagate(run, self.chunk_size)
-        gp, gh, value = run.outer_grads(outer_loss, p)
+        gp, gh, value = outer_gradients(run, outer_loss, p)
         dtype = _tree.common_dtype(list(run.h))
         total = torch.zeros(m, dtype=dtype, device=run.device)
         for z, g in zip(tp, gp):

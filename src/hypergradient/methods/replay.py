@@ -22,16 +22,13 @@ from .. import _tree
 from .._vocab import (
     ArgumentTypeError,
     HypergradientWarning,
-    NonFiniteHypergradientError,
     as_callable,
     as_int,
     as_scalar_loss,
-    require_finite,
 )
 from ..distributed import guarded
 from ..optim.functional import FunctionalOptimizer
 from ._checks import (
-    all_finite,
     check_arity,
     check_inputs,
     check_problem,
@@ -309,68 +306,3 @@ class Run:
         """A re-evaluation of step ``t`` (reverse pass, recomputation): the same draws."""
         state = self.rngs[t]
         return contextlib.nullcontext() if state is None else replay_rng(state, self.device)
-
-    # -- the outer loss, checks, result -----------------------------------------------
-    def outer_grads(
-        self, outer_loss: Callable[[Any, Any], Tensor], p: tuple[Tensor, ...]
-    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], float]:
-        """``grad_theta g`` and ``d_phi g`` at ``theta_T`` (averaged), and ``g``."""
-
-        def local() -> list[Tensor]:
-            value, (gp, gh) = _tree.grad_at(
-                outer_loss,
-                [_tree.unflatten(self.pspec, p), _tree.unflatten(self.hspec, self.h)],
-                ["params", "hparams"],
-                "outer_loss",
-            )
-            zp = [torch.zeros_like(a) if d is None else d for a, d in zip(p, gp)]
-            zh = [torch.zeros_like(a) if d is None else d for a, d in zip(self.h, gh)]
-            return [*zp, *zh, value.reshape(1).to(self.loss_like.dtype)]
-
-        *both, value = self.reduce(local, [*p, *self.h, self.loss_like])
-        n = len(p)
-        if not all_finite(both):
-            paths = [q.replace("params0", "params", 1) for q in self.pspec.paths]
-            require_finite(
-                both,
-                paths + list(self.hspec.paths),
-                "the gradient of outer_loss with respect to",
-                "Check the validation batch and outer_loss at the end of the run.",
-            )
-        if not all_finite([value]):
-            require_finite(
-                [value], ["outer_loss at the end of the run"], "the value of", "Check outer_loss."
-            )
-        return tuple(both[:n]), tuple(both[n:]), float(value)
-
-    def check_forward(self, losses: list[Tensor], p: tuple[Tensor, ...]) -> None:
-        """Raise if a step's loss or the final parameters are not finite (first one named)."""
-        values = torch.stack(losses).reshape(-1) if losses else self.loss_like[:0]
-        if not all_finite([values]):
-            t = int(torch.nonzero(~torch.isfinite(values))[0, 0])
-            before = f" (step 0: {float(values[0]):.3g}, step {t - 1}: {float(values[t - 1]):.3g})"
-            raise NonFiniteHypergradientError(
-                f"inner_loss at step {t} is not finite (NaN or Inf). Check batch {t} (NaN or "
-                "Inf inputs or targets); if the losses before it grew"
-                f"{before if t > 0 else ''}, the inner run diverged: lower the learning rate "
-                "or the number of steps.",
-                f"inner_loss at step {t}",
-            )
-        if not all_finite(p):
-            require_finite(
-                p,
-                [q.replace("params0", "params", 1) for q in self.pspec.paths],
-                f"after {self.steps} steps,",
-                "The inner run diverged: lower the learning rate or the number of steps.",
-            )
-
-    def result(self, flat: Sequence[Tensor]) -> Any:
-        """The hypergradient as a tree like ``hparams`` (checked, detached)."""
-        if not all_finite(flat):
-            require_finite(
-                flat,
-                self.hspec.paths,
-                "the hypergradient of",
-                "The reverse pass overflowed: lower the learning rate or the number of steps.",
-            )
-        return _tree.unflatten(self.hspec, [t.detach() for t in flat])

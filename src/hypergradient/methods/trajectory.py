@@ -27,7 +27,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +36,16 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import ArgumentTypeError, HypergradientWarning, as_bool, as_callable, as_int
-from ._checks import check_arity
+from .._vocab import (
+    ArgumentTypeError,
+    HypergradientWarning,
+    NonFiniteHypergradientError,
+    as_bool,
+    as_callable,
+    as_int,
+    require_finite,
+)
+from ._checks import all_finite, check_arity
 from .base import Info, Method, Problem, Trajectory
 from .replay import Run, replay_rng, rng_state
 
@@ -46,9 +54,12 @@ __all__ = [
     "Sweep",
     "TrajectoryInfo",
     "TrajectoryMethod",
+    "check_forward",
     "forward_sweep",
     "functional_problem",
     "functional_result",
+    "hypergradient_tree",
+    "outer_gradients",
     "replay_rng",
     "reverse_sweep",
     "rng_state",
@@ -93,6 +104,73 @@ class Sweep:
     stored_states: int = 0
 
 
+def outer_gradients(
+    run: Run, outer_loss: Callable[[Any, Any], Tensor], p: tuple[Tensor, ...]
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], float]:
+    """``grad_theta g`` and ``d_phi g`` at ``theta_T`` (averaged), and ``g``."""
+
+    def local() -> list[Tensor]:
+        value, (gp, gh) = _tree.grad_at(
+            outer_loss,
+            [_tree.unflatten(run.pspec, p), _tree.unflatten(run.hspec, run.h)],
+            ["params", "hparams"],
+            "outer_loss",
+        )
+        zp = [torch.zeros_like(a) if d is None else d for a, d in zip(p, gp)]
+        zh = [torch.zeros_like(a) if d is None else d for a, d in zip(run.h, gh)]
+        return [*zp, *zh, value.reshape(1).to(run.loss_like.dtype)]
+
+    *both, value = run.reduce(local, [*p, *run.h, run.loss_like])
+    n = len(p)
+    if not all_finite(both):
+        paths = [q.replace("params0", "params", 1) for q in run.pspec.paths]
+        require_finite(
+            both,
+            paths + list(run.hspec.paths),
+            "the gradient of outer_loss with respect to",
+            "Check the validation batch and outer_loss at the end of the run.",
+        )
+    if not all_finite([value]):
+        require_finite(
+            [value], ["outer_loss at the end of the run"], "the value of", "Check outer_loss."
+        )
+    return tuple(both[:n]), tuple(both[n:]), float(value)
+
+
+def check_forward(run: Run, losses: list[Tensor], p: tuple[Tensor, ...]) -> None:
+    """Raise if a step's loss or the final parameters are not finite (first one named)."""
+    values = torch.stack(losses).reshape(-1) if losses else run.loss_like[:0]
+    if not all_finite([values]):
+        t = int(torch.nonzero(~torch.isfinite(values))[0, 0])
+        before = f" (step 0: {float(values[0]):.3g}, step {t - 1}: {float(values[t - 1]):.3g})"
+        raise NonFiniteHypergradientError(
+            f"inner_loss at step {t} is not finite (NaN or Inf). Check batch {t} (NaN or "
+            "Inf inputs or targets); if the losses before it grew"
+            f"{before if t > 0 else ''}, the inner run diverged: lower the learning rate "
+            "or the number of steps.",
+            f"inner_loss at step {t}",
+        )
+    if not all_finite(p):
+        require_finite(
+            p,
+            [q.replace("params0", "params", 1) for q in run.pspec.paths],
+            f"after {run.steps} steps,",
+            "The inner run diverged: lower the learning rate or the number of steps.",
+        )
+
+
+def hypergradient_tree(run: Run, flat: Sequence[Tensor]) -> Any:
+    """The hypergradient as a tree like ``hparams`` (checked, detached)."""
+    if not all_finite(flat):
+        require_finite(
+            flat,
+            run.hspec.paths,
+            "the hypergradient of",
+            "The reverse pass overflowed: lower the learning rate or the number of steps.",
+        )
+    return _tree.unflatten(run.hspec, [t.detach() for t in flat])
+
+
 def forward_sweep(
     run: Run, keep_state: Callable[[int], bool], first: int
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[int, Any], list[Tensor]]:
@@ -112,7 +190,7 @@ def forward_sweep(
             with run.first_pass(t, record=t >= first):
                 (p, s), loss = run.step(p, s, t)
             losses.append(loss.detach())
-    run.check_forward(losses, p)
+    check_forward(run, losses, p)
     return p, s, kept, losses
 
 
@@ -125,7 +203,7 @@ def reverse_sweep(
     first: int,
 ) -> tuple[list[Tensor], float]:
     """Adjoint recursion from step ``T-1`` down to ``first``; ``state_at(t)`` gives ``s_t``."""
-    gp, gh, value = run.outer_grads(outer_loss, p_T)
+    gp, gh, value = outer_gradients(run, outer_loss, p_T)
     adj = (gp, tuple(torch.zeros_like(x) for x in s_T))
     hyper = [x.clone() for x in gh]
     for t in range(run.steps - 1, first - 1, -1):
@@ -179,7 +257,7 @@ class TrajectoryMethod(Method):
         started = time.perf_counter()
         run = Run(problem, self)
         out = self.sweep(run, problem.outer_loss)
-        result = run.result(out.hyper)
+        result = hypergradient_tree(run, out.hyper)
         final = problem.trajectory.final_params if problem.trajectory is not None else None
         info = TrajectoryInfo(
             method=self.name,
