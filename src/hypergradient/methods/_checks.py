@@ -29,7 +29,9 @@ __all__ = [
     "all_finite",
     "check_arity",
     "check_inputs",
+    "check_no_alias",
     "check_problem",
+    "consistent_start",
     "fingerprint_config",
 ]
 
@@ -95,15 +97,7 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             f"{p_leaves[0].device}; move them to one device (hparams' tensors with "
             f".to({str(p_leaves[0].device)!r}))."
         )
-    for h, path in zip(h_leaves, h_spec.paths):
-        if any(_shares_memory(h, p) for p in p_leaves):
-            raise ValueError(
-                f"{path} of `hparams` is also a leaf of `{params_name}` (or a view of one). The "
-                "hypergradient with respect to a parameter is not defined (it would silently "
-                "be zero or wrong). To learn an initialization, train an offset: params0 = "
-                "zeros and inner_loss(init + delta, ...) with `init` in hparams (hg.meta.MAML "
-                "does this)."
-            )
+    check_no_alias(h_leaves, h_spec, p_leaves, params_name)
     bad = None if all_finite(h_leaves) else first_nonfinite(h_leaves, h_spec.paths)
     if bad is not None:
         raise ValueError(
@@ -114,7 +108,7 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
         require_finite(
             p_leaves,
             p_spec.paths,
-            "",
+            "the parameter",
             "The inner run diverged or was given non-finite values: lower the inner learning "
             "rate, or check the model's parameters.",
         )
@@ -125,6 +119,21 @@ def all_finite(leaves: Sequence[Tensor | None]) -> bool:
     """Whether every entry of every leaf is finite (one host synchronization in all)."""
     flags = [torch.isfinite(t).all() for t in leaves if t is not None and t.numel()]
     return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def check_no_alias(
+    h_leaves: Sequence[Tensor], h_spec: TreeSpec, p_leaves: Sequence[Tensor], params_name: str
+) -> None:
+    """Raise if a hyperparameter is a parameter (or a view overlapping one)."""
+    for h, path in zip(h_leaves, h_spec.paths):
+        if any(_shares_memory(h, p) for p in p_leaves):
+            raise ValueError(
+                f"{path} of `hparams` is also a leaf of `{params_name}` (or a view of one). The "
+                "hypergradient with respect to a parameter is not defined (it would silently "
+                "be zero or wrong). To learn an initialization, train an offset: params0 = "
+                "zeros and inner_loss(init + delta, ...) with `init` in hparams (hg.meta.MAML "
+                "does this)."
+            )
 
 
 def check_arity(fn: Callable[..., Any], n: int, name: str, signature: str, hint: str) -> None:

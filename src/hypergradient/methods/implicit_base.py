@@ -27,6 +27,7 @@ from ._checks import (
     Inputs,
     all_finite,
     check_inputs,
+    check_no_alias,
     check_problem,
     consistent_start,
     fingerprint_config,
@@ -128,6 +129,7 @@ class ImplicitMethod(Method):
             problem_text = _tree.mismatch(spec, "params", inputs.param_spec, "params")
             if problem_text is not None:
                 raise ValueError(f"`params` and `prev_params` differ: {problem_text}.")
+            check_no_alias(inputs.hparam_leaves, inputs.hparam_spec, outer_at, "params")
             if not all_finite(outer_at):
                 check_inputs(after, problem.hparams, "params")  # names the leaf
         _check_randomized_solver(solver, problem.process_group)
