@@ -258,3 +258,15 @@ def test_a_diverging_solver_is_named():
         with pytest.raises(hg.NonFiniteHypergradientError, match="diverged") as err:
             hg.IFT(maxiter=40)(problem)
     assert err.value.quantity == "the solution of H x = grad_theta g"
+
+
+def test_deprecated_names_warn_and_point_to_the_new_ones():
+    with pytest.warns(DeprecationWarning, match=r"hg\.Problem"):
+        assert hg.HyperContext is hg.Problem
+    with pytest.warns(DeprecationWarning, match=r"hg\.Method"):
+        assert hg.HyperMethod is hg.Method
+    with pytest.warns(DeprecationWarning, match=r"hg\.Method"):
+        assert hg.methods.HyperMethod is hg.Method
+    assert hg.HypergradInfo is hg.ImplicitInfo
+    with pytest.raises(AttributeError):
+        hg.NoSuchName  # noqa: B018
