@@ -151,13 +151,13 @@ def guarded(
     except Exception as exc:  # noqa: BLE001 - re-raised below, after the collective
         error, local = exc, [torch.zeros_like(t) for t in like]
     if error is None and [t.numel() for t in local] != [t.numel() for t in like]:
-        raise RuntimeError(f"guarded: the local result does not match `like` for {what}.")
+        error = RuntimeError(f"guarded: the local result does not match `like` for {what}.")
+        local = [torch.zeros_like(t) for t in like]
     device = like[0].device if like else torch.device("cpu")
     flag = torch.tensor([0.0 if error is None else 1.0], dtype=wide_dtype(device), device=device)
-    flat = torch.cat([_pack(local, device), flag])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    _raise_if_failed(float(flat[-1]), error, what)
-    return _unpack(flat[:-1].div_(group_size(group)), local)
+    *out, failed = mean_over_ranks([*local, flag], group)  # one all-reduce, flag included
+    _raise_if_failed(float(failed) * group_size(group), error, what)
+    return out
 
 
 # ----------------------------------------------------------------------------- fingerprints
