@@ -24,7 +24,11 @@ from .base import Problem
 
 T = TypeVar("T")
 
+#: The values of ``batched`` (how batched Hessian products run).
+BATCHED: tuple[bool | str, ...] = (True, False, "auto")
+
 __all__ = [
+    "BATCHED",
     "Inputs",
     "all_finite",
     "check_arity",
@@ -167,7 +171,7 @@ def fingerprint_config(method: Any, **extra: Any) -> dict[str, Any]:
 def consistent_start(
     prepare: Callable[[], T],
     group: Any,
-    checks: Callable[[T], list[tuple[Sequence[Tensor], str]]],
+    checks: Callable[[T], Sequence[tuple[Sequence[Tensor], str]]],
     config: Callable[[], Any],
 ) -> T:
     """Run ``prepare()`` (local validation), then the consistency check of every rank.
@@ -184,7 +188,7 @@ def consistent_start(
         prepared, error = prepare(), None
     except Exception as exc:  # noqa: BLE001 - raised by check_consistent after the collective
         prepared, error = None, exc
-    pairs = [] if error is not None else checks(prepared)  # type: ignore[arg-type]
+    pairs = [] if error is not None else list(checks(prepared))  # type: ignore[arg-type]
     values, what = pairs[0] if pairs else ([], "`hparams`")
     check_consistent(
         values,

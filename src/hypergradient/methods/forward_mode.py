@@ -56,8 +56,11 @@ def _propagate(run: Run, chunk_size: int | None) -> tuple[Any, ...]:
                 (dp, ds, dg, dh),
             )[1]
 
+        def tangents(tp: tuple[Tensor, ...] = tp) -> list[Tensor]:
+            return list(vmap(push_grad)(tp, th))
+
         with run.again(t):  # tangents of the averaged gradient, under the same draws
-            tg = run.reduce(lambda tp=tp: list(vmap(push_grad)(tp, th)), tp)
+            tg = run.reduce(tangents, tp)
         tp, ts = vmap(push_update)(tp, ts, tg, th)
         with torch.no_grad():
             p, s = run.update(p, s, g, run.h, t)

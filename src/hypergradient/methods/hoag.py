@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _tree
 from .._vocab import ArgumentTypeError, as_choice, as_float, as_int
 from ..solvers import CG, Solver
-from ._checks import Inputs, all_finite
+from ._checks import BATCHED, Inputs, all_finite
 from .base import Problem
 from .formula import ImplicitInfo
 from .implicit_base import ImplicitMethod, check_state_keys
@@ -57,7 +57,7 @@ class HOAG(ImplicitMethod):
         self.decay = as_float(decay, "decay", min=0.0, max=1.0, open_min=True)
         self.min_tol = as_float(min_tol, "min_tol", min=0.0)
         self.damping = as_float(damping, "damping", min=0.0)
-        self.batched = as_choice(batched, "batched", (True, False, "auto"))
+        self.batched = as_choice(batched, "batched", BATCHED)
         self._k = 0
         self._x: Tensor | None = None
 

@@ -32,7 +32,7 @@ from .._tree import Tree
 from .._vocab import as_bool, as_callable, as_choice, as_float, as_int
 from ..operators import FixedPointOperator
 from ..solvers import CG, Exact, FixedPoint, Neumann, Nystrom, Solver
-from ._checks import check_inputs
+from ._checks import BATCHED, check_inputs
 from .base import Problem
 from .formula import ImplicitInfo, implicit_hypergradient
 from .implicit_base import ImplicitMethod, as_solver, check_state_keys, solver_config
@@ -81,7 +81,7 @@ class Implicit(ImplicitMethod):
     ):
         self.solver = CG() if solver is None else as_solver(solver)
         self.damping = as_float(damping, "damping", min=0.0)
-        self.batched = as_choice(batched, "batched", (True, False, "auto"))
+        self.batched = as_choice(batched, "batched", BATCHED)
 
     def solver_for(self, problem: Problem) -> Solver:
         return self.solver
@@ -126,7 +126,7 @@ class IFT(Implicit):
     ):
         self.solver = None if solver is None else as_solver(solver)  # type: ignore[assignment]
         self.damping = as_float(damping, "damping", min=0.0)
-        self.batched = as_choice(batched, "batched", (True, False, "auto"))
+        self.batched = as_choice(batched, "batched", BATCHED)
         self.maxiter = as_int(maxiter, "maxiter", min=1)
         if alpha is not None and alpha != "auto":
             alpha = as_float(alpha, "alpha", min=0.0, open_min=True)
@@ -262,7 +262,7 @@ def implicit_fixed_point(
     as_callable(outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
     return_info = as_bool(return_info, "return_info")
     solver = FixedPoint() if solver is None else as_solver(solver)
-    batched = as_choice(batched, "batched", (True, False, "auto"))
+    batched = as_choice(batched, "batched", BATCHED)
     inputs = check_inputs(params, hparams)
     p = inputs.param_leaves
     flat = None

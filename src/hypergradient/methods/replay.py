@@ -229,7 +229,9 @@ class Run:
         """This rank's ``grad_theta f(theta, phi; batch_t)`` and the loss (composable)."""
         return torch.func.grad_and_value(lambda q: self._call(q, h, t))(p)
 
-    def update(self, p: Any, s: Any, g: Any, h: Any, t: int) -> tuple[tuple[Tensor, ...], ...]:
+    def update(
+        self, p: Any, s: Any, g: Any, h: Any, t: int
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The optimizer's update, with the settings that depend on ``h``."""
         settings = {name: h[i] for name, i in self.setting_index.items()}
         if self.setting_fns:
@@ -267,17 +269,17 @@ class Run:
         held: dict[str, Any] = {}
 
         def local_grad() -> list[Tensor]:
-            g, held["vjp"], _ = torch.func.vjp(
-                lambda pp, hh: self.grad(pp, hh, t), p, self.h, has_aux=True
-            )
-            return list(g)
+            out: Any = torch.func.vjp(lambda pp, hh: self.grad(pp, hh, t), p, self.h, has_aux=True)
+            held["vjp"] = out[1]
+            return list(out[0])
 
         g = self.reduce(local_grad, p)
 
         def local_back() -> list[Tensor]:
-            _, vjp_update = torch.func.vjp(
+            out: Any = torch.func.vjp(
                 lambda pp, ss, gg, hh: self.update(pp, ss, gg, hh, t), p, s, g, self.h
             )
+            vjp_update = out[1]
             held["u"] = vjp_update(adj)
             dp_g, dh_g = held["vjp"](held["u"][2])
             return [*dp_g, *dh_g]
