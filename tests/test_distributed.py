@@ -515,3 +515,26 @@ def _failures(rank: int, group) -> None:
         hg.Implicit()(problem)
     # and the group still works
     hg.Implicit()(dataclasses.replace(ridge.problem(rank, WORLD), process_group=group))
+
+
+def test_configuration_fingerprint_is_canonical_and_sensitive():
+    from hypergradient.distributed import config_fingerprint, plain_config
+
+    a = {"solver": {"type": "CG", "maxiter": 10, "tol": 1e-6}, "damping": 0.0, "f": len}
+    b = {"f": len, "damping": 0.0, "solver": {"tol": 1e-6, "maxiter": 10, "type": "CG"}}
+    assert torch.equal(config_fingerprint(a), config_fingerprint(b))  # key order is irrelevant
+    assert "0x" not in str(plain_config({"fn": lambda x: x, "obj": object()}))  # no addresses
+    for changed in (
+        {**a, "damping": 1e-300},
+        {**a, "solver": {**a["solver"], "maxiter": 11}},
+        {**a, "solver": {**a["solver"], "type": "Exact"}},
+        {**a, "state": torch.tensor([1.0, 2.0])},
+    ):
+        assert not torch.equal(config_fingerprint(a), config_fingerprint(changed)), changed
+    g0, g1 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    same = torch.Generator().manual_seed(0)
+    assert torch.equal(config_fingerprint({"g": g0}), config_fingerprint({"g": same}))
+    assert not torch.equal(config_fingerprint({"g": g0}), config_fingerprint({"g": g1}))
+    # a method's configuration covers its solver's settings
+    one, other = hg.IFT(hg.Nystrom(seed=0)), hg.IFT(hg.Nystrom(seed=1))
+    assert one.config() != other.config()

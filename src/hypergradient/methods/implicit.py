@@ -94,7 +94,9 @@ class Implicit(ImplicitMethod):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.solver is None else {"solver": self.solver.state_dict()}
+        """The solver's state (generator, cached sketch) under ``"solver"``; {} if none."""
+        state = {} if self.solver is None else self.solver.state_dict()
+        return {"solver": state} if state else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         state = check_state_keys(state, set(self.state_dict()), type(self).__name__)
