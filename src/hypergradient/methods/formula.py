@@ -106,6 +106,21 @@ class _Terms:
     unused_direct: list[bool]
 
 
+@dataclass
+class _Record:
+    """What the solve reports, as the info needs it."""
+
+    status: Status
+    converged: bool | None
+    residual: float | None
+    iterations: int
+    stats: dict[str, Any]
+
+
+_INNER_FIX = "Check the training batch (NaN or Inf inputs or targets) and inner_loss at `params`."
+_OUTER_FIX = "Check the validation batch and outer_loss at `params`."
+
+
 def _local_terms(
     build: Callable[[], Any],
     outer_loss: Callable[[Any, Any], Tensor],
@@ -178,10 +193,6 @@ def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
         require_finite([x0], ["x0"], "the warm start", "Pass a finite x0 (or x0=None).")
 
 
-_INNER_FIX = "Check the training batch (NaN or Inf inputs or targets) and inner_loss at `params`."
-_OUTER_FIX = "Check the validation batch and outer_loss at `params`."
-
-
 def _solve(
     t: _Terms, solver: Solver, damping: float, x0: Tensor | None, group: Any
 ) -> tuple[Tensor, Any, LinearOperator]:
@@ -210,15 +221,6 @@ def _solve(
             "the solution of H x = grad_theta g",
         )
     return sol.value, record, system
-
-
-@dataclass
-class _Record:
-    status: Status
-    converged: bool | None
-    residual: float | None
-    iterations: int
-    stats: dict[str, Any]
 
 
 def _warn_curvature(solver: Solver, record: _Record) -> None:

@@ -157,6 +157,11 @@ class Run:
         self.step0 = as_int(traj.step0, "step0", min=0)
         self.state0 = self._check_state0(traj.state0)
         self._settings(traj.settings, inputs.hparam_leaves)
+        if traj.final_params is not None:
+            spec = _tree.flatten(traj.final_params, "final_params")[1]
+            mismatch = _tree.mismatch(spec, "final_params", self.pspec, "params0")
+            if mismatch is not None:
+                raise ValueError(f"`final_params` does not match `params0`: {mismatch}.")
         self.given = traj.rng_states is not None
         self.rngs: list[Any] = self._check_rngs(traj.rng_states)
         self.loss_like = torch.zeros(1, dtype=_tree.common_dtype(list(self.p0)), device=self.device)
