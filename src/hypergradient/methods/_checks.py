@@ -67,6 +67,12 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
+def _storage_key(t: Tensor) -> tuple[str, int]:
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same tensor or views overlapping in memory."""
     if a is b:
@@ -129,8 +135,11 @@ def check_no_alias(
     h_leaves: Sequence[Tensor], h_spec: TreeSpec, p_leaves: Sequence[Tensor], params_name: str
 ) -> None:
     """Raise if a hyperparameter is a parameter (or a view overlapping one)."""
+    by_storage: dict[tuple[str, int], list[Tensor]] = {}
+    for p in p_leaves:
+        by_storage.setdefault(_storage_key(p), []).append(p)
     for h, path in zip(h_leaves, h_spec.paths):
-        if any(_shares_memory(h, p) for p in p_leaves):
+        if any(_shares_memory(h, p) for p in by_storage.get(_storage_key(h), [])):
             raise ValueError(
                 f"{path} of `hparams` is also a leaf of `{params_name}` (or a view of one). The "
                 "hypergradient with respect to a parameter is not defined (it would silently "
