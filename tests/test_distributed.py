@@ -1,10 +1,15 @@
-"""Data-parallel hg.implicit over 2 gloo processes equals the single-process hypergradient
-on the union of the shards."""
+"""Data-parallel methods over 2 gloo processes: equal to the single-process hypergradient
+on the union of the shards (every method of the registry), and safe: a mismatch of values or
+configuration between ranks raises a ValueError on every rank, and a rank whose loss raises
+stops every rank within seconds (no hang, no abort inside the backend)."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -142,8 +147,8 @@ def _worker(rank: int, port: int, results: dict) -> None:
                 hg.optim.sgd(lr=0.1),
                 process_group=group,
             )
-        with pytest.raises(ValueError, match="seed"):
-            hg.implicit(f, g, w, loglam, hg.Nystrom(rank=5), process_group=group)
+        with pytest.raises(ValueError, match="seed"):  # per-rank seeds: another sketch per rank
+            hg.implicit(f, g, w, loglam, hg.Nystrom(rank=5, seed=rank), process_group=group)
         only0 = dist.new_group([0])  # collective: every rank creates it
         if rank == 1:
             with pytest.raises(ValueError, match="not a member"):
@@ -321,3 +326,215 @@ def test_torchrun_example_prints_the_same_figures_on_every_rank(tmp_path):
     assert set(by_rank) == {"[rank 0/2", "[rank 1/2"}, logs
     assert by_rank["[rank 0/2"] == by_rank["[rank 1/2"]
     assert "checksum" in " ".join(by_rank["[rank 0/2"])
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def _spawn(worker) -> None:
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert results.get(rank) == "ok", results.get(rank)
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    # a short backend timeout: a rank left waiting fails the test instead of hanging it
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+
+
+def _registry_worker(rank: int, port: int, results: dict) -> None:
+    from registry import METHODS, rel
+
+    try:
+        _init(rank, port)
+        group = dist.group.WORLD
+        for row in METHODS:
+            case = row.case()
+            single, distributed = row.make(), row.make()
+            for _ in range(row.calls):
+                ref, ref_info = single(case.problem())
+                shard = dataclasses.replace(case.problem(rank, WORLD), process_group=group)
+                got, info = distributed(shard)
+            assert rel(got, ref) < 1e-10, (row.id, rel(got, ref))
+            assert info.outer_loss == pytest.approx(ref_info.outer_loss, rel=1e-12), row.id
+            for a in hg._tree.flatten(got, "got")[0]:  # every rank holds the same bits
+                same = a.clone()
+                dist.broadcast(same, src=0)
+                assert torch.equal(same, a), row.id
+        results[rank] = "ok"
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results[rank] = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_every_registry_method_on_two_ranks_equals_one_process():
+    _spawn(_registry_worker)
+
+
+def _mismatch_worker(rank: int, port: int, results: dict) -> None:
+    from registry import ridge_case, trajectory_case
+
+    try:
+        _init(rank, port)
+        group = dist.group.WORLD
+        ridge = dataclasses.replace(ridge_case().problem(rank, WORLD), process_group=group)
+        t1t2 = dataclasses.replace(ridge_case("t1t2").problem(rank, WORLD), process_group=group)
+        traj_case = trajectory_case()
+        traj = dataclasses.replace(traj_case.problem(rank, WORLD), process_group=group)
+        per_rank = [  # (what differs between the ranks, the call)
+            (
+                "T1T2 hparams",
+                lambda: hg.T1T2()(dataclasses.replace(t1t2, hparams=t1t2.hparams + rank)),
+            ),
+            ("Nystrom seed", lambda: hg.IFT(hg.Nystrom(rank=3, seed=rank))(ridge)),
+            ("NystromPCG seed", lambda: hg.Implicit(hg.NystromPCG(rank=3, seed=rank))(ridge)),
+            ("damping", lambda: hg.Implicit(hg.CG(), damping=0.1 * rank)(ridge)),
+            ("CG maxiter", lambda: hg.Implicit(hg.CG(maxiter=5 + rank))(ridge)),
+            ("solver type", lambda: hg.Implicit(hg.CG() if rank else hg.Exact())(ridge)),
+            ("method type", lambda: (hg.T1T2() if rank else hg.Implicit())(t1t2)),
+            ("HOAG tol", lambda: hg.HOAG(tol=0.1 * (rank + 1))(ridge)),
+            ("IFT lr", lambda: hg.IFT()(dataclasses.replace(ridge, lr=0.1 * (rank + 1)))),
+            ("truncate", lambda: hg.Unrolled(truncate=2 + rank)(traj)),
+            ("steps", lambda: hg.Unrolled()(_steps(traj, 4 + rank))),
+            ("optimizer lr", lambda: hg.Unrolled()(_optimizer(traj, lr=0.1 * (rank + 1)))),
+            (
+                "unrolled lr",
+                lambda: _functional_unrolled(traj_case, rank, group, lr=0.1 * (rank + 1)),
+            ),
+        ]
+        for what, call in per_rank:
+            started = time.perf_counter()
+            with pytest.raises(ValueError, match="differ"):
+                call()
+            assert time.perf_counter() - started < 20, what
+        # the group is still usable: an agreeing call works
+        hg.Implicit(hg.CG())(ridge)
+        _failures(rank, group)
+        results[rank] = "ok"
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results[rank] = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _steps(problem, steps):
+    t = problem.trajectory
+    return dataclasses.replace(problem, trajectory=dataclasses.replace(t, batches=[None] * steps))
+
+
+def _optimizer(problem, lr):
+    opt = hg.optim.sgd(lr=lr, momentum=0.7)
+    t = dataclasses.replace(problem.trajectory, optimizer=opt)
+    return dataclasses.replace(problem, trajectory=t)
+
+
+def _functional_unrolled(case, rank, group, lr):
+    from registry import shard, traj_losses
+
+    X, y, Xv, yv = (shard(t, rank, WORLD) for t in case.data)
+    f, g = traj_losses(X, y, Xv, yv)
+    h = {"decay": case.hparams()["decay"]}
+    w0 = torch.zeros(5, dtype=torch.float64)
+    return hg.unrolled(
+        lambda w, hh: f(w, hh), g, w0, h, 3, hg.optim.sgd(lr=lr), process_group=group
+    )
+
+
+def test_mismatches_and_failures_raise_on_every_rank_within_seconds():
+    """Per-rank values or configuration: ValueError on every rank; a loss that raises on
+    rank 1 only: its error there, RankFailedError on rank 0, within seconds."""
+    _spawn(_mismatch_worker)
+
+
+class _RankError(RuntimeError):
+    pass
+
+
+def _failures(rank: int, group) -> None:
+    """A loss raising on rank 1 only, at every collective of every method family."""
+    from registry import ridge_case, ridge_losses, traj_losses, trajectory_case
+
+    def failing(losses, where, after_calls=0):
+        """The losses, raising on rank 1 only: in `where` ("inner"/"outer"), after n calls."""
+
+        def make(*data):
+            inner, outer = losses(*data)
+            calls = {"n": 0}
+
+            def wrap(fn, name):
+                def loss(*args):
+                    calls["n"] += 1
+                    if rank == 1 and name == where and calls["n"] > after_calls:
+                        raise _RankError(f"{name} fails on rank 1")
+                    return fn(*args)
+
+                return loss
+
+            return wrap(inner, "inner"), wrap(outer, "outer")
+
+        return make
+
+    ridge, t1t2, traj = ridge_case(), ridge_case("t1t2"), trajectory_case()
+    cases = [
+        (hg.Implicit(hg.CG()), ridge, ridge_losses, "inner", 0),
+        (hg.Implicit(hg.CG()), ridge, ridge_losses, "outer", 0),
+        (hg.HOAG(), ridge, ridge_losses, "inner", 0),
+        (hg.T1T2(), t1t2, ridge_losses, "inner", 0),
+        (hg.T1T2(), t1t2, ridge_losses, "outer", 0),
+        (hg.Unrolled(), traj, traj_losses, "inner", 0),  # the first evaluation
+        (hg.Unrolled(), traj, traj_losses, "inner", 3),  # a forward step
+        (hg.Unrolled(), traj, traj_losses, "inner", 9),  # the reverse pass
+        (hg.Unrolled(), traj, traj_losses, "outer", 0),
+        (hg.ForwardMode(), traj, traj_losses, "inner", 4),
+        (hg.DrMAD(), traj, traj_losses, "inner", 8),
+    ]
+    for method, case, losses, where, after in cases:
+        problem = case.problem(rank, WORLD, make_inner=failing(losses, where, after))
+        problem = dataclasses.replace(problem, process_group=group)
+        started = time.perf_counter()
+        expected = _RankError if rank == 1 else hg.RankFailedError
+        with pytest.raises(expected):
+            method(problem)
+        assert time.perf_counter() - started < 10, (method, where, after)
+    # bad input on one rank only: that rank's error there, RankFailedError elsewhere
+    nan_h = ridge.hparams()
+    if rank == 1:
+        nan_h[0] = float("nan")
+    problem = dataclasses.replace(ridge.problem(rank, WORLD), hparams=nan_h, process_group=group)
+    with pytest.raises(ValueError if rank == 1 else hg.RankFailedError):
+        hg.Implicit()(problem)
+    # and the group still works
+    hg.Implicit()(dataclasses.replace(ridge.problem(rank, WORLD), process_group=group))
+
+
+def test_configuration_fingerprint_is_canonical_and_sensitive():
+    from hypergradient.distributed import config_fingerprint, plain_config
+
+    a = {"solver": {"type": "CG", "maxiter": 10, "tol": 1e-6}, "damping": 0.0, "f": len}
+    b = {"f": len, "damping": 0.0, "solver": {"tol": 1e-6, "maxiter": 10, "type": "CG"}}
+    assert torch.equal(config_fingerprint(a), config_fingerprint(b))  # key order is irrelevant
+    assert "0x" not in str(plain_config({"fn": lambda x: x, "obj": object()}))  # no addresses
+    for changed in (
+        {**a, "damping": 1e-300},
+        {**a, "solver": {**a["solver"], "maxiter": 11}},
+        {**a, "solver": {**a["solver"], "type": "Exact"}},
+        {**a, "state": torch.tensor([1.0, 2.0])},
+    ):
+        assert not torch.equal(config_fingerprint(a), config_fingerprint(changed)), changed
+    g0, g1 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    same = torch.Generator().manual_seed(0)
+    assert torch.equal(config_fingerprint({"g": g0}), config_fingerprint({"g": same}))
+    assert not torch.equal(config_fingerprint({"g": g0}), config_fingerprint({"g": g1}))
+    # a method's configuration covers its solver's settings
+    one, other = hg.IFT(hg.Nystrom(seed=0)), hg.IFT(hg.Nystrom(seed=1))
+    assert one.config() != other.config()

@@ -184,15 +184,12 @@ def test_trajectory_methods_replay_the_training_exactly():
     f, g = functional_losses(model, dec)
     fopt = hg.optim.sgd(lr=0.5, momentum=0.9)
     bufs = tuple(state["state"][i]["momentum_buffer"] for i in range(2))
-    ref = hg.unrolled(
-        f,
-        g,
-        tuple(start),
-        hopt._test_raw_before,
-        5,
-        fopt,
-        _resume=hg.trajectory._Resume(bufs, 1, {}),
+    # the window as a recorded trajectory: momentum buffers and step count at its start
+    trajectory = hg.Trajectory(
+        lambda p, h, b: f(p, h), tuple(start), fopt, [None] * 5, state0=bufs, step0=1
     )
+    problem = hg.Problem(f, g, tuple(start), hopt._test_raw_before, trajectory=trajectory)
+    ref, _ = hg.Unrolled()(problem)
     assert torch.allclose(got, ref, rtol=1e-10, atol=1e-15)
 
 

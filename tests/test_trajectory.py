@@ -333,3 +333,62 @@ def test_inputs_not_modified_and_result_detached():
     assert all(not v.requires_grad for v in out.values())
     assert set(out) == set(h) and out["lr"].shape == ()
     assert len(info.inner_losses) == 5 and info.inner_losses[-1] < info.inner_losses[0]
+
+
+def test_recorded_rng_states_replay_the_real_dropout_masks():
+    """Trajectory.rng_states: every replay of step t draws the real run's masks."""
+    h = {"decay": torch.full((5,), 0.1, dtype=DT), "lr": torch.tensor(0.2, dtype=DT)}
+
+    def loss(w, hh, batch):  # dropout-like mask from the global generator
+        mask = (torch.rand(5, dtype=DT) > 0.3).to(DT)
+        r = X @ (w * mask) - Y
+        return 0.5 * (r**2).mean() + 0.5 * (hh["decay"] * w**2).sum()
+
+    def real_run(hh, states=None):
+        opt = hg.optim.sgd(lr=hh["lr"], momentum=0.5)
+        p, st, seen = [W0.clone()], opt.init([W0]), []
+        for t in range(6):
+            seen.append(hg.methods.rng_state("cpu"))
+            if states is None:
+                g = torch.func.grad(loss)(p[0], hh, None)
+            else:
+                with hg.methods.replay_rng(states[t], "cpu"):
+                    g = torch.func.grad(loss)(p[0], hh, None)
+            p, st = opt.update(p, [g], st, t)
+        return p[0], seen
+
+    torch.manual_seed(5)
+    final, states = real_run(h)
+    fd = {}
+    for k in h:  # central differences of the real run, replaying its draws
+        e = torch.zeros_like(h[k]).reshape(-1)
+        fd[k] = torch.zeros_like(e)
+        for i in range(e.numel()):
+            e.zero_()
+            e[i] = 1e-6
+            plus = outer(real_run({**h, k: h[k] + e.reshape(h[k].shape)}, states)[0], h)
+            minus = outer(real_run({**h, k: h[k] - e.reshape(h[k].shape)}, states)[0], h)
+            fd[k][i] = (plus - minus) / 2e-6
+        fd[k] = fd[k].reshape(h[k].shape)
+    opt = hg.optim.sgd(lr=h["lr"], momentum=0.5)
+    for method in (hg.Unrolled(), hg.Unrolled(checkpoint_every=2), hg.ForwardMode()):
+        traj = hg.Trajectory(loss, W0, opt, [None] * 6, rng_states=states, final_params=final)
+        torch.manual_seed(99)  # the caller's generator: neither used nor advanced
+        before = torch.get_rng_state()
+        out, info = method(
+            hg.Problem(lambda w, hh: loss(w, hh, None), outer, W0, h, trajectory=traj)
+        )
+        assert torch.equal(torch.get_rng_state(), before)
+        assert info.replay_error == 0.0, method
+        assert rel(out, fd) < 1e-7, method
+    # DrMAD replays the same masks too (its forward sweep ends at the real parameters)
+    traj = hg.Trajectory(loss, W0, opt, [None] * 6, rng_states=states, final_params=final)
+    _, info = hg.DrMAD()(hg.Problem(lambda w, hh: loss(w, hh, None), outer, W0, h, trajectory=traj))
+    assert info.replay_error == 0.0
+    # without the states the replay draws other masks: another trajectory, and a warning
+    traj = hg.Trajectory(loss, W0, opt, [None] * 6, final_params=final)
+    with pytest.warns(hg.HypergradientWarning, match="replay"):
+        hg.Unrolled()(hg.Problem(lambda w, hh: loss(w, hh, None), outer, W0, h, trajectory=traj))
+    with pytest.raises(ValueError, match="rng_states"):
+        bad = hg.Trajectory(loss, W0, opt, [None] * 6, rng_states=states[:3])
+        hg.Unrolled()(hg.Problem(lambda w, hh: loss(w, hh, None), outer, W0, h, trajectory=bad))

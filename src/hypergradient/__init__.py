@@ -10,33 +10,42 @@ Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neuman
 :class:`Nystrom`, :class:`NystromPCG`, :class:`Identity`, :class:`FixedPoint`.
 """
 
-from . import distributed, meta, optim
+from . import distributed, meta, methods, optim
 from ._version import __version__ as __version__
+from ._vocab import (
+    ArgumentTypeError,
+    HypergradientWarning,
+    NonFiniteHypergradientError,
+    RankFailedError,
+    Status,
+)
 from .constraints import Constraint, Interval, Positive
 from .hyperoptimizer import HyperOptimizer, HyperStepRecord
-from .implicit import (
-    HypergradientWarning,
-    HypergradInfo,
-    NonFiniteHypergradientError,
-    cg,
-    exact,
-    implicit,
-    implicit_fixed_point,
-    neumann,
-    nystrom,
-)
 from .methods import (
     HOAG,
     IFT,
+    METHODS,
     T1T2,
     DrMAD,
     ForwardMode,
-    HyperMethod,
+    HypergradInfo,
+    Implicit,
+    ImplicitInfo,
     Info,
     Method,
     Problem,
     Trajectory,
+    TrajectoryInfo,
     Unrolled,
+    cg,
+    drmad,
+    exact,
+    forward_mode,
+    implicit,
+    implicit_fixed_point,
+    neumann,
+    nystrom,
+    unrolled,
 )
 from .operators import (
     DampedOperator,
@@ -59,44 +68,48 @@ from .solvers import (
     estimate_lambda_max,
     nystrom_sketch,
 )
-from .trajectory import TrajectoryInfo, drmad, forward_mode, unrolled
 
 __all__ = [
+    "ArgumentTypeError",
     "CG",
     "Constraint",
-    "DrMAD",
-    "ForwardMode",
-    "HOAG",
-    "Info",
-    "Method",
-    "Problem",
-    "Trajectory",
-    "HyperMethod",
-    "HyperOptimizer",
-    "HyperStepRecord",
-    "IFT",
-    "Interval",
-    "Positive",
-    "T1T2",
-    "Unrolled",
     "DampedOperator",
+    "DrMAD",
     "Exact",
     "FixedPoint",
     "FixedPointOperator",
+    "ForwardMode",
+    "HOAG",
     "HessianOperator",
+    "HyperOptimizer",
+    "HyperStepRecord",
     "HypergradInfo",
     "HypergradientWarning",
+    "IFT",
     "Identity",
+    "Implicit",
+    "ImplicitInfo",
+    "Info",
+    "Interval",
     "LinearOperator",
+    "METHODS",
     "MatrixOperator",
+    "Method",
     "Neumann",
     "NonFiniteHypergradientError",
     "Nystrom",
     "NystromApproximation",
     "NystromPCG",
+    "Positive",
+    "Problem",
+    "RankFailedError",
     "Solution",
     "Solver",
+    "Status",
+    "T1T2",
+    "Trajectory",
     "TrajectoryInfo",
+    "Unrolled",
     "cg",
     "distributed",
     "drmad",
@@ -106,9 +119,31 @@ __all__ = [
     "implicit",
     "implicit_fixed_point",
     "meta",
+    "methods",
     "neumann",
     "nystrom",
     "nystrom_sketch",
     "optim",
     "unrolled",
 ]
+
+
+_DEPRECATED = {
+    "HyperMethod": ("Method", "hg.HyperMethod is deprecated; use hg.Method."),
+    "HyperContext": (
+        "Problem",
+        "hg.HyperContext is deprecated; methods take a hg.Problem "
+        "(method(problem) -> (hypergradient, info)).",
+    ),
+}
+
+
+def __getattr__(name: str):
+    """Deprecated names (one release): a ``DeprecationWarning``, then the new object."""
+    if name in _DEPRECATED:
+        import warnings
+
+        target, message = _DEPRECATED[name]
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return globals()[target]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

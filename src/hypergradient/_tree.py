@@ -166,25 +166,48 @@ def split(vec: Tensor, spec: TreeSpec, dtypes: Sequence[torch.dtype] | None = No
     return out
 
 
+def _relative(spec: TreeSpec, name: str) -> list[str]:
+    return [p[len(name) :] for p in spec.paths]
+
+
+def mismatch(got: TreeSpec, got_name: str, want: TreeSpec, want_name: str) -> str | None:
+    """How the tree ``got`` differs from ``want`` in words (keys, kinds, shapes), or None.
+
+    Names the keys one has and the other lacks (``missing x0['b']; unexpected x0['c']``),
+    else the first leaf whose shape differs, else the container kinds.
+    """
+    have, need = _relative(got, got_name), _relative(want, want_name)
+    missing = [got_name + p for p in need if p not in have]
+    extra = [got_name + p for p in have if p not in need]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        if extra:
+            parts.append("unexpected " + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
+        return "; ".join(parts)
+    for p, a, b in zip(have, got.shapes, want.shapes):
+        if tuple(a) != tuple(b):
+            return f"{got_name}{p} has shape {tuple(a)} where {want_name}{p} has shape {tuple(b)}"
+    if got.structure() != want.structure():
+        return f"`{got_name}` nests its leaves in other containers than `{want_name}`"
+    return None
+
+
 def as_flat(x: Tree | Tensor, spec: TreeSpec, name: str, dtype, device) -> Tensor:
-    """Accept either a 1-D vector of the right size or a tree matching ``spec``."""
-    if (
-        isinstance(x, Tensor)
-        and spec.kind != "leaf"
-        or (isinstance(x, Tensor) and x.dim() == 1 and x.numel() == spec.size)
-    ):
-        if x.dim() != 1 or x.numel() != spec.size:
+    """Accept either a 1-D vector of the right size or a tree matching ``spec`` (``params``)."""
+    flat_vector = isinstance(x, Tensor) and x.dim() == 1 and x.numel() == spec.size
+    if isinstance(x, Tensor) and (spec.kind != "leaf" or flat_vector):
+        if not flat_vector:
             raise ValueError(
                 f"`{name}` has shape {tuple(x.shape)}; pass a 1-D vector of {spec.size} "
                 "elements or a tree with the structure of `params`."
             )
         return x.detach().to(dtype=dtype, device=device)
     leaves, xspec = flatten(x, name)
-    if xspec.structure() != spec.structure() or xspec.shapes != spec.shapes:
-        raise ValueError(
-            f"`{name}` does not match the structure of `params`: got shapes "
-            f"{[tuple(s) for s in xspec.shapes]}, expected {[tuple(s) for s in spec.shapes]}."
-        )
+    problem = mismatch(xspec, name, spec, spec.paths[0].split("[")[0] if spec.paths else "params")
+    if problem is not None:
+        raise ValueError(f"`{name}` does not match the structure of `params`: {problem}.")
     return cat([t.detach() for t in leaves], spec, dtype, device)
 
 
@@ -195,6 +218,7 @@ def grad_at(
     loss_name: str,
     *,
     create_graph: bool = False,
+    by_reference: Sequence[bool] = (),
 ) -> tuple[Tensor, list[list[Tensor | None]]]:
     """Gradient of the scalar ``fn(*trees)`` with respect to every leaf of every tree.
 
@@ -203,6 +227,9 @@ def grad_at(
     their ``.grad`` is untouched), ``fn`` is evaluated once, and one backward pass returns
     the gradients. A leaf the loss does not use gets ``None`` (the caller decides whether
     that means zero or "unused"). ``names`` are the trees' argument names for messages.
+    ``by_reference[i]``: use tree ``i``'s own leaves (tensors with ``requires_grad=True``,
+    for a loss that reads them by reference rather than through its argument); only
+    ``autograd.grad`` reads them, so their ``.grad`` stays untouched.
 
     Returns:
         ``(value, grads)``: the loss (detached unless ``create_graph``) and, per tree, the
@@ -210,9 +237,10 @@ def grad_at(
     """
     fresh: list[list[Tensor]] = []
     specs: list[TreeSpec] = []
-    for tree, name in zip(trees, names):
+    as_is = list(by_reference) + [False] * (len(trees) - len(by_reference))
+    for tree, name, own in zip(trees, names, as_is):
         leaves, spec = flatten(tree, name)
-        fresh.append([t.detach().requires_grad_(True) for t in leaves])
+        fresh.append(list(leaves) if own else [t.detach().requires_grad_(True) for t in leaves])
         specs.append(spec)
     with torch.enable_grad():
         value = as_scalar_loss(fn(*(unflatten(s, f) for s, f in zip(specs, fresh))), loss_name)

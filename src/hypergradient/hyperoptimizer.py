@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from . import _tree
+from ._vocab import HypergradientWarning, NonFiniteHypergradientError
 from .constraints import Constraint
-from .implicit import HypergradientWarning, NonFiniteHypergradientError
 from .methods import IFT, Method, Problem, Trajectory
 from .optim.functional import from_torch
 

@@ -97,6 +97,10 @@ class Problem:
             step); None: ``params``.
         trajectory: the recorded inner run (required by trajectory methods).
         process_group: a ``torch.distributed`` group for data-parallel use, or None.
+        hparams_by_reference: the losses read the ``hparams`` tensors themselves (leaves
+            with ``requires_grad=True``, e.g. held by a criterion module) rather than
+            through their ``hparams`` argument; implicit methods then differentiate with
+            respect to those very tensors (their ``.grad`` is left untouched).
     """
 
     inner_loss: Callable[[Any, Any], Tensor]
@@ -107,6 +111,7 @@ class Problem:
     prev_params: Tree | None = None
     trajectory: Trajectory | None = None
     process_group: Any = None
+    hparams_by_reference: bool = False
 
 
 @dataclass(kw_only=True)

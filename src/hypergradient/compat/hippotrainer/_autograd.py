@@ -7,7 +7,7 @@ things follow:
 - the hypergradient is taken with respect to those very leaf tensors; the library's
   method objects differentiate with respect to fresh copies of ``problem.hparams``, so the
   built-in hyper-steps go through :func:`implicit_by_reference`, **the one place** where
-  this package's by-reference mechanism is used (swap it there for a public one);
+  ``hg.implicit``'s public ``hparams_by_reference=True`` is used;
 - HippoTrainer's documented hook ``hyper_grad(train_loss, val_loss)`` receives loss
   *tensors*, whose graphs are differentiated as they are (:func:`grads_or_zeros`,
   :func:`vjp_or_zeros`). Solvers reach such graphs through :class:`CallableOperator`.
@@ -54,9 +54,7 @@ def implicit_by_reference(
     """``hg.implicit`` with respect to the caller's own hyperparameter leaves.
 
     The losses ignore their ``hparams`` argument and read the tensors of ``hparams`` by
-    reference (they must require grad). This is the only use of the package's private
-    by-reference keyword in the compat layer: when the method layer offers a public
-    mechanism, switch this function and nothing else.
+    reference (they must require grad): ``hg.implicit(..., hparams_by_reference=True)``.
 
     Returns:
         ``(hypergradients, info)``: a list aligned with ``hparams`` and ``hg.implicit``'s
@@ -70,7 +68,7 @@ def implicit_by_reference(
         solver,
         x0=x0,
         return_info=True,
-        _hparams_by_reference=True,
+        hparams_by_reference=True,
     )
     return list(hyper), info
 

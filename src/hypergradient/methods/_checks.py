@@ -1,0 +1,210 @@
+"""Validation shared by every method: the problem's inputs, checked before any computation.
+
+Every method starts with :func:`check_inputs` (through its engine), so the same bad input
+gets the same message whatever the method: ``hparams=None``, hyperparameters that are
+parameters, NaN in the hyperparameters, trees on two devices, a loss with the wrong
+number of arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .. import _tree
+from .._tree import TreeSpec
+from .._vocab import ArgumentTypeError, as_callable, first_nonfinite, require_finite
+from ..distributed import check_consistent, group_size
+from .base import Problem
+
+T = TypeVar("T")
+
+#: The values of ``batched`` (how batched Hessian products run).
+BATCHED: tuple[bool | str, ...] = (True, False, "auto")
+
+__all__ = [
+    "BATCHED",
+    "Inputs",
+    "all_finite",
+    "check_arity",
+    "check_inputs",
+    "check_no_alias",
+    "check_problem",
+    "consistent_start",
+    "fingerprint_config",
+]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Flattened, validated parameters and hyperparameters of a problem."""
+
+    param_leaves: list[Tensor]
+    param_spec: TreeSpec
+    hparam_leaves: list[Tensor]
+    hparam_spec: TreeSpec
+
+
+def check_problem(problem: Any, who: str) -> Problem:
+    """``problem`` if it is a :class:`Problem` whose losses are callables."""
+    if not isinstance(problem, Problem):
+        raise ArgumentTypeError(
+            f"{who} takes a hg.Problem (hg.methods.Problem), got {type(problem).__name__}; "
+            "the functional API (hg.implicit, hg.unrolled, ...) builds one for you."
+        )
+    as_callable(problem.inner_loss, "inner_loss", "(params, hparams) -> scalar tensor")
+    as_callable(problem.outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
+    return problem
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _storage_key(t: Tensor) -> tuple[str, int]:
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same tensor or views overlapping in memory."""
+    if a is b:
+        return True
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or a.device.type == "meta":
+        return False
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inputs:
+    """Flatten and validate ``params`` and ``hparams``.
+
+    Raises:
+        ValueError: ``hparams`` is None or empty, a hyperparameter is (a view of) a
+            parameter, the two trees are on different devices, or a hyperparameter holds
+            NaN/Inf.
+        ArgumentTypeError: a leaf is not a floating-point tensor.
+    """
+    if hparams is None:
+        raise ValueError(
+            "`hparams` is None; pass the hyperparameters to differentiate with respect to "
+            "(a tensor, or a tuple/list/dict of tensors)."
+        )
+    p_leaves, p_spec = _tree.flatten(params, params_name)
+    _tree.check_leaves(p_leaves, p_spec, params_name)
+    h_leaves, h_spec = _tree.flatten(hparams, "hparams")
+    _tree.check_leaves(h_leaves, h_spec, "hparams")
+    if h_leaves[0].device != p_leaves[0].device:
+        raise ValueError(
+            f"`hparams` is on {h_leaves[0].device} and `{params_name}` on "
+            f"{p_leaves[0].device}; move them to one device (hparams' tensors with "
+            f".to({str(p_leaves[0].device)!r}))."
+        )
+    check_no_alias(h_leaves, h_spec, p_leaves, params_name)
+    bad = None if all_finite(h_leaves) else first_nonfinite(h_leaves, h_spec.paths)
+    if bad is not None:
+        raise ValueError(
+            f"{bad} contains NaN or Inf; hyperparameters must be finite. Check the outer "
+            "optimizer's step (lower its learning rate) or the values passed in."
+        )
+    if not all_finite(p_leaves):
+        require_finite(
+            p_leaves,
+            p_spec.paths,
+            "the parameter",
+            "The inner run diverged or was given non-finite values: lower the inner learning "
+            "rate, or check the model's parameters.",
+        )
+    return Inputs(p_leaves, p_spec, h_leaves, h_spec)
+
+
+def all_finite(leaves: Sequence[Tensor | None]) -> bool:
+    """Whether every entry of every leaf is finite (one host synchronization in all)."""
+    flags = [torch.isfinite(t).all() for t in leaves if t is not None and t.numel()]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def check_no_alias(
+    h_leaves: Sequence[Tensor], h_spec: TreeSpec, p_leaves: Sequence[Tensor], params_name: str
+) -> None:
+    """Raise if a hyperparameter is a parameter (or a view overlapping one)."""
+    by_storage: dict[tuple[str, int], list[Tensor]] = {}
+    for p in p_leaves:
+        by_storage.setdefault(_storage_key(p), []).append(p)
+    for h, path in zip(h_leaves, h_spec.paths):
+        if any(_shares_memory(h, p) for p in by_storage.get(_storage_key(h), [])):
+            raise ValueError(
+                f"{path} of `hparams` is also a leaf of `{params_name}` (or a view of one). The "
+                "hypergradient with respect to a parameter is not defined (it would silently "
+                "be zero or wrong). To learn an initialization, train an offset: params0 = "
+                "zeros and inner_loss(init + delta, ...) with `init` in hparams (hg.meta.MAML "
+                "does this)."
+            )
+
+
+def check_arity(fn: Callable[..., Any], n: int, name: str, signature: str, hint: str) -> None:
+    """Raise if ``fn`` cannot be called with ``n`` positional arguments.
+
+    Functions whose signature Python cannot read (some builtins) are accepted as they are.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*([None] * n))
+    except TypeError:
+        raise ArgumentTypeError(
+            f"`{name}` must take {signature} ({n} arguments), but its signature is "
+            f"{name}{sig}. {hint}"
+        ) from None
+
+
+def fingerprint_config(method: Any, **extra: Any) -> dict[str, Any]:
+    """What ranks must agree on for ``method``: its type, config, state, and ``extra``."""
+    return {
+        "type": type(method).__name__,
+        "config": method.config(),
+        "state": method.state_dict(),
+        **extra,
+    }
+
+
+def consistent_start(
+    prepare: Callable[[], T],
+    group: Any,
+    checks: Callable[[T], Sequence[tuple[Sequence[Tensor], str]]],
+    config: Callable[[], Any],
+) -> T:
+    """Run ``prepare()`` (local validation), then the consistency check of every rank.
+
+    Without a group, ``prepare()``. With one, the check is the call's first collective: a
+    rank whose ``prepare`` raised still joins it (``error=``), so every rank raises at once
+    (that rank its own error, the others :class:`~hypergradient.RankFailedError`); then
+    the values ``checks(prepared)`` and the configuration ``config()`` are compared.
+    """
+    if group is None:
+        return prepare()
+    group_size(group)  # a misconfigured group raises here, on every rank alike
+    try:
+        prepared, error = prepare(), None
+    except Exception as exc:  # noqa: BLE001 - raised by check_consistent after the collective
+        prepared, error = None, exc
+    pairs = [] if error is not None else list(checks(prepared))  # type: ignore[arg-type]
+    values, what = pairs[0] if pairs else ([], "`hparams`")
+    check_consistent(
+        values,
+        group,
+        what,
+        *pairs[1:],
+        config=None if error is not None else config(),
+        error=error,
+    )
+    return prepared  # type: ignore[return-value]

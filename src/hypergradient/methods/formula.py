@@ -1,0 +1,373 @@
+"""The implicit hypergradient formula: the one implementation behind Implicit, HOAG and T1T2.
+
+For ``theta*(phi) = argmin_theta f(theta, phi)`` the implicit function theorem gives
+
+    dg/dphi = d_phi g - (d^2 f / d phi d theta) (H + lambda I)^{-1} grad_theta g,
+    H = d^2 f / d theta^2,
+
+evaluated at the given ``theta``. :func:`implicit_hypergradient` computes it in four steps,
+each one function: the local terms (``f``'s graph, ``g``'s gradients), the solve, the mixed
+product, the assembly. Every quantity is checked for finiteness in the order it is produced
+(inner loss and gradient, outer loss and gradient, ``x0``, solution, mixed product, result),
+so an error names the first one that went wrong. With a process group, the call's first
+collective compares values and configuration across ranks, and every later collective is
+guarded (:mod:`hypergradient.distributed`).
+
+T1T2 is this formula with ``Identity(lr)`` as the solver, the operator at the parameters
+before the last step and the outer gradient at the parameters after it; HOAG is it with CG
+to a decreasing tolerance and a warm start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _tree
+from .._tree import Tree
+from .._vocab import (
+    HypergradientWarning,
+    NonFiniteHypergradientError,
+    Status,
+    require_finite,
+)
+from ..distributed import AveragedOperator, guarded
+from ..operators import DampedOperator, LinearOperator
+from ..solvers import Solver
+from ._checks import Inputs, all_finite
+from .base import Info
+
+__all__ = ["ImplicitInfo", "autocast_off", "implicit_hypergradient"]
+
+
+@dataclass(kw_only=True)
+class ImplicitInfo(Info):
+    """Diagnostics of an implicit hypergradient (Implicit, IFT, HOAG, T1T2).
+
+    Attributes (besides :class:`~hypergradient.Info`'s):
+        residual_norm: ``||b - A x||`` of the linear solve (computed with one extra product,
+            counted in ``extra_hvps``, when the solver does not know it; None when not
+            asked for, as in T1T2).
+        relative_residual: ``residual_norm / ||b||``.
+        converged: whether the solver met its tolerance (None for fixed budgets).
+        iterations: solver iterations.
+        solver: ``repr`` of the solver.
+        inner_loss: ``f`` at ``params``.
+        inner_grad_norm: ``||grad_theta f||`` at ``params`` (fixed points:
+            ``||T(theta) - theta||``); large values mean ``params`` is not an inner optimum
+            and the implicit formula does not apply there.
+        extra_hvps: products spent on diagnostics.
+        solution: the flat solution ``x ~ A^{-1} grad_theta g`` (warm starts: ``x0=``).
+    """
+
+    residual_norm: float | None = None
+    relative_residual: float | None = None
+    converged: bool | None = None
+    iterations: int = 0
+    solver: str = ""
+    inner_loss: float = math.nan
+    inner_grad_norm: float = math.nan
+    extra_hvps: int = 0
+    solution: Tensor | None = field(default=None, repr=False)
+
+
+def autocast_off(device: torch.device) -> Any:
+    """A region without autocast on ``device``, for the solver's own arithmetic.
+
+    A call made under ``torch.autocast`` would otherwise run the solvers' float32 matrix
+    products (Nystrom's ``U^T b``, NystromPCG's preconditioner) in bfloat16/float16 and
+    return a half-precision solution. Products through the retained graph are backward
+    passes, which autocast does not change.
+    """
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast
+        return contextlib.nullcontext()
+
+
+@dataclass
+class _Terms:
+    """The averaged local terms: ``grad_theta g`` (b), ``d_phi g``, ``grad_theta f``, values."""
+
+    op: Any
+    b: Tensor
+    direct: Tensor
+    stationarity: Tensor
+    outer_value: float
+    inner_value: float
+    unused_direct: list[bool]
+
+
+@dataclass
+class _Record:
+    """What the solve reports, as the info needs it."""
+
+    status: Status
+    converged: bool | None
+    residual: float | None
+    iterations: int
+    stats: dict[str, Any]
+
+
+_INNER_FIX = "Check the training batch (NaN or Inf inputs or targets) and inner_loss at `params`."
+_OUTER_FIX = "Check the validation batch and outer_loss at `params`."
+
+
+def _local_terms(
+    build: Callable[[], Any],
+    outer_loss: Callable[[Any, Any], Tensor],
+    outer_at: Sequence[Tensor] | None,
+    by_reference: bool,
+    holder: dict[str, Any],
+) -> list[Tensor]:
+    """Build the operator (evaluates ``f``) and take ``g``'s gradients: this rank's terms."""
+    op = holder["op"] = build()
+    at = op.param_leaves if outer_at is None else list(outer_at)
+    value, (gp, gh) = _tree.grad_at(
+        outer_loss,
+        [_tree.unflatten(op.param_spec, at), _tree.unflatten(op.hparam_spec, op.hparam_leaves)],
+        ["params", "hparams"],
+        "outer_loss",
+        by_reference=[False, by_reference],
+    )
+    holder["unused_direct"] = [g is None for g in gh]
+    hdtype = _tree.common_dtype(op.hparam_leaves)
+    stationarity = getattr(op, "grad", None)
+    if stationarity is None:  # a fixed point: T(theta) - theta
+        stationarity = op.residual
+    wide = _tree.wide_dtype(op.device)
+    inner_value = getattr(op, "loss", torch.tensor(math.nan))
+    scalars = torch.stack([value.to(op.device, wide), inner_value.to(op.device, wide)])
+    return [
+        _tree.cat(gp, op.param_spec, op.dtype, op.device),
+        _tree.cat(gh, op.hparam_spec, hdtype, op.device),
+        stationarity,
+        scalars,
+    ]
+
+
+def _like(inputs: Inputs) -> list[Tensor]:
+    """Zeros shaped like :func:`_local_terms`'s result (for a rank whose terms failed)."""
+    p, h = inputs.param_leaves, inputs.hparam_leaves
+    dtype = _tree.accumulator_dtype(p)
+    device = p[0].device
+    return [
+        torch.zeros(inputs.param_spec.size, dtype=dtype, device=device),
+        torch.zeros(inputs.hparam_spec.size, dtype=_tree.common_dtype(h), device=device),
+        torch.zeros(inputs.param_spec.size, dtype=dtype, device=device),
+        torch.zeros(2, dtype=_tree.wide_dtype(device), device=device),
+    ]
+
+
+def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
+    """Finiteness of the terms, in the order they are produced (gradients before values)."""
+    spec, hspec = t.op.param_spec, t.op.hparam_spec
+    inner = (
+        "the fixed-point map's residual T(params) - params at"
+        if fixed_point
+        else "the gradient of inner_loss with respect to"
+    )
+    if not all_finite([t.stationarity]):
+        require_finite(_tree.split(t.stationarity, spec), spec.paths, inner, _INNER_FIX)
+    if not (fixed_point or math.isfinite(t.inner_value)):
+        require_finite(
+            [torch.tensor(t.inner_value)], ["inner_loss at `params`"], "the value of", _INNER_FIX
+        )
+    if not all_finite([t.b, t.direct]):
+        leaves = _tree.split(t.b, spec) + _tree.split(t.direct, hspec)
+        paths = spec.paths + hspec.paths
+        require_finite(leaves, paths, "the gradient of outer_loss with respect to", _OUTER_FIX)
+    if not math.isfinite(t.outer_value):
+        require_finite(
+            [torch.tensor(t.outer_value)], ["outer_loss at `params`"], "the value of", _OUTER_FIX
+        )
+    if x0 is not None and not all_finite([x0]):
+        require_finite([x0], ["x0"], "the warm start", "Pass a finite x0 (or x0=None).")
+
+
+def _solve(
+    t: _Terms, solver: Solver, damping: float, x0: Tensor | None, group: Any
+) -> tuple[Tensor, Any, LinearOperator]:
+    """``x = (H + damping I)^{-1} b`` by ``solver``; the solution, its record, the system."""
+    system: LinearOperator = t.op if group is None else AveragedOperator(t.op, group)
+    if damping:
+        system = DampedOperator(system, damping)
+    if not bool(t.b.any()):
+        # The outer loss does not depend on the parameters: only the direct term remains.
+        return torch.zeros_like(t.b), _Record(Status.CONVERGED, True, 0.0, 0, {}), system
+    with autocast_off(t.op.device):
+        sol = solver.solve(system, t.b, x0)
+    status = Status(str(sol.status))
+    record = _Record(status, sol.converged, sol.residual_norm, sol.iterations, dict(sol.stats))
+    if status == Status.DIVERGED:
+        raise NonFiniteHypergradientError(
+            f"{solver!r} diverged on the system H x = grad_theta g: {status.message}.",
+            "the solution of H x = grad_theta g",
+        )
+    if not all_finite([sol.value]):
+        raise NonFiniteHypergradientError(
+            f"The solution of H x = grad_theta g returned by {solver!r} (status "
+            f"{status.value!r}) is not finite (NaN or Inf): the Hessian products of "
+            "inner_loss at `params` overflowed or are not finite, or the solver diverged. "
+            "Add damping, or use hg.CG().",
+            "the solution of H x = grad_theta g",
+        )
+    return sol.value, record, system
+
+
+def _warn_curvature(solver: Solver, record: _Record) -> None:
+    if record.status == Status.NEGATIVE_CURVATURE:
+        warnings.warn(
+            f"{solver!r} met non-positive curvature p^T H p <= 0 after {record.iterations} "
+            "iteration(s): the Hessian is not positive definite at `params` (not a minimum, "
+            "or singular). The partial solution is used; pass damping=... to regularize.",
+            HypergradientWarning,
+            stacklevel=4,
+        )
+
+
+def _assemble(t: _Terms, x: Tensor, group: Any) -> Tree:
+    """``d_phi g - (d_phi grad_theta f)^T x`` per leaf; unused leaves warn and get zero."""
+    op = t.op
+    holder: dict[str, Any] = {}
+
+    def mixed() -> list[Tensor]:
+        parts = op.mixed(x)
+        holder["none"] = [m is None for m in parts]
+        return [_tree.cat(parts, op.hparam_spec, t.direct.dtype, op.device)]
+
+    flat = guarded(mixed, [t.direct], group, "the mixed product")[0]
+    if not all_finite([flat]):
+        require_finite(
+            _tree.split(flat, op.hparam_spec),
+            op.hparam_spec.paths,
+            "the mixed product (d_phi grad_theta f)^T x for",
+            "The second derivatives of inner_loss with respect to the hyperparameters "
+            "overflowed; check inner_loss at `params` (or add damping).",
+        )
+    dtypes = [leaf.dtype for leaf in op.hparam_leaves]
+    out = _tree.split(t.direct - flat, op.hparam_spec, dtypes)
+    unused = [d and m for d, m in zip(t.unused_direct, holder.get("none", []))]
+    for i, (leaf, path, idle) in enumerate(zip(op.hparam_leaves, op.hparam_spec.paths, unused)):
+        if idle and leaf.numel():
+            warnings.warn(
+                f"{path} influences the outer loss neither directly nor through the inner "
+                "problem; its hypergradient is zero. Check that inner_loss or outer_loss uses it.",
+                HypergradientWarning,
+                stacklevel=4,
+            )
+        out[i] = torch.zeros_like(leaf) if idle else out[i].detach().clone()
+    if not all_finite(out):
+        require_finite(
+            out,
+            op.hparam_spec.paths,
+            "the hypergradient of",
+            "Check that `params` is near a minimum of inner_loss with a positive-definite "
+            "Hessian, or add damping.",
+        )
+    return _tree.unflatten(op.hparam_spec, out)
+
+
+def implicit_hypergradient(
+    build: Callable[[], Any],
+    outer_loss: Callable[[Any, Any], Tensor],
+    inputs: Inputs,
+    solver: Solver,
+    *,
+    method: str,
+    damping: float = 0.0,
+    x0: Tensor | None = None,
+    outer_at: Sequence[Tensor] | None = None,
+    by_reference: bool = False,
+    group: Any = None,
+    residual: bool = True,
+    started: float | None = None,
+) -> tuple[Tree, ImplicitInfo]:
+    """``d_phi g - (d_phi grad_theta f)^T (H + damping I)^{-1} grad_theta g`` and its info.
+
+    The caller has validated ``inputs`` and, with a group, run the consistency check.
+
+    Args:
+        build: evaluates ``f`` at the point and returns its operator
+            (:class:`~hypergradient.HessianOperator` or
+            :class:`~hypergradient.FixedPointOperator`).
+        outer_loss: ``g(params, hparams)``.
+        inputs: the validated parameters and hyperparameters.
+        solver: applies ``(H + damping I)^{-1}``.
+        method: the method's name, for the info.
+        damping: ``lambda`` added to the diagonal.
+        x0: flat warm start (validated), or None.
+        outer_at: parameter leaves where ``g``'s gradient is taken (default: the
+            operator's point; T1T2: the parameters after the step).
+        by_reference: ``g`` reads the hyperparameter tensors themselves.
+        group: a process group (products and terms averaged over ranks), or None.
+        residual: compute ``||b - A x||`` when the solver does not report it (one product).
+        started: ``time.perf_counter()`` at the call's start.
+
+    Returns:
+        The hypergradient (structure, shapes, dtypes and device of ``hparams``, detached)
+        and an :class:`ImplicitInfo`.
+
+    Cost: ``f`` with a double-backward graph, ``g`` with its gradient, the solver's
+    products, one mixed product (and one product for the residual when asked). Memory: the
+    graph of ``f``'s double backward plus the solver's vectors.
+    """
+    started = time.perf_counter() if started is None else started
+    holder: dict[str, Any] = {}
+    b, direct, stat, scalars = guarded(
+        lambda: _local_terms(build, outer_loss, outer_at, by_reference, holder),
+        _like(inputs),
+        group,
+        "the losses and their gradients",
+    )
+    op = holder["op"]
+    terms = _Terms(
+        op,
+        b.to(op.dtype),
+        direct,
+        stat,
+        float(scalars[0]),
+        float(scalars[1]),
+        holder["unused_direct"],
+    )
+    fixed_point = not hasattr(op, "loss")
+    try:
+        _check_terms(terms, x0, fixed_point)
+        start = op.num_matvecs
+        x, record, system = _solve(terms, solver, damping, x0, group)
+        num_hvps = op.num_matvecs - start
+        extra = 0
+        if residual and record.residual is None:
+            record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
+            extra = 1
+        _warn_curvature(solver, record)
+        result = _assemble(terms, x, group)
+    finally:
+        op.release()
+    bnorm = float(torch.linalg.vector_norm(terms.b))
+    info = ImplicitInfo(
+        method=method,
+        seconds=time.perf_counter() - started,
+        outer_loss=terms.outer_value,
+        num_hvps=num_hvps,
+        status=record.status,
+        stats={k: v for k, v in record.stats.items() if k != "matrix"},
+        residual_norm=record.residual,
+        relative_residual=None if record.residual is None else record.residual / max(bnorm, 1e-300),
+        converged=record.converged,
+        iterations=record.iterations,
+        solver=repr(solver),
+        inner_loss=terms.inner_value,
+        inner_grad_norm=float(torch.linalg.vector_norm(terms.stationarity)),
+        extra_hvps=extra,
+        solution=x.detach(),
+    )
+    return result, info

@@ -1,0 +1,350 @@
+"""Implicit hypergradients: differentiate the outer loss through the inner optimum.
+
+For ``theta*(phi) = argmin_theta f(theta, phi)`` the implicit function theorem gives
+
+    dg/dphi = d_phi g - (d^2 f / d phi d theta) H^{-1} grad_theta g,    H = d^2 f / d theta^2
+
+evaluated at the given ``theta`` (which should be a good approximation of ``theta*``;
+``info.inner_grad_norm`` tells how stationary it is). The linear system
+``H x = grad_theta g`` is solved by any solver of :mod:`hypergradient.solvers`.
+
+- :class:`Implicit` (``IFT``: the same with the hyper-optimizer's default solver) is the
+  method object; :func:`implicit` and :func:`implicit_fixed_point` are the functional
+  forms, and :func:`exact`, :func:`cg`, :func:`neumann`, :func:`nystrom` shorthands.
+
+References: Bengio (2000), "Gradient-based optimization of hyperparameters"; Pedregosa
+(2016), "Hyperparameter optimization with approximate gradient" (HOAG); Lorraine et al.
+(2020), "Optimizing Millions of Hyperparameters by Implicit Differentiation", AISTATS;
+Blondel et al. (2022), "Efficient and modular implicit differentiation".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _tree
+from .._tree import Tree
+from .._vocab import as_bool, as_callable, as_choice, as_float, as_int
+from ..operators import FixedPointOperator
+from ..solvers import CG, Exact, FixedPoint, Neumann, Nystrom, Solver
+from ._checks import BATCHED, check_inputs
+from .base import Problem
+from .formula import ImplicitInfo, implicit_hypergradient
+from .implicit_base import ImplicitMethod, as_solver, check_state_keys, solver_config
+
+__all__ = [
+    "HypergradInfo",
+    "IFT",
+    "Implicit",
+    "ImplicitInfo",
+    "cg",
+    "exact",
+    "implicit",
+    "implicit_fixed_point",
+    "neumann",
+    "nystrom",
+]
+
+HypergradInfo = ImplicitInfo  # the name before the method layer; kept as an alias
+
+
+class Implicit(ImplicitMethod):
+    """Implicit differentiation at the current parameters, ``H^{-1}`` by any solver.
+
+    .. math::
+
+        \\frac{dg}{d\\phi} = \\partial_\\phi g - \\partial^2_{\\phi\\theta} f \\,
+        (H + \\lambda I)^{-1} \\nabla_\\theta g
+
+    Args:
+        solver: any :mod:`hypergradient.solvers` solver (default ``hg.CG()``).
+        damping: ``lambda`` added to the Hessian's diagonal.
+        batched: how batched products (Nystrom, Exact) run: one vmapped backward (True), a
+            loop (False), or "auto" (the faster, timed on the first batch).
+
+    Cost: ``f`` with a double-backward graph, ``g`` with its gradient, the solver's
+    products (each about one gradient), one mixed product, and one product for the
+    residual when the solver does not report it. Memory: ``f``'s double-backward graph
+    plus the solver's vectors. State: the solver's (a generator, a cached sketch), in
+    :meth:`state_dict`.
+    """
+
+    name = "implicit"
+
+    def __init__(
+        self, solver: Solver | None = None, damping: float = 0.0, *, batched: bool | str = "auto"
+    ):
+        self.solver = CG() if solver is None else as_solver(solver)
+        self.damping = as_float(damping, "damping", min=0.0)
+        self.batched = as_choice(batched, "batched", BATCHED)
+
+    def solver_for(self, problem: Problem) -> Solver:
+        return self.solver
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "solver": solver_config(self.solver),
+            "damping": self.damping,
+            "batched": self.batched,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The solver's state (generator, cached sketch) under ``"solver"``; {} if none."""
+        state = {} if self.solver is None else self.solver.state_dict()
+        return {"solver": state} if state else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = check_state_keys(state, set(self.state_dict()), type(self).__name__)
+        if "solver" in state:
+            self.solver.load_state_dict(dict(state["solver"]))
+
+
+class IFT(Implicit):
+    """:class:`Implicit` with the hyper-optimizer's default: a Neumann series (Lorraine
+    et al., 2020, AISTATS).
+
+    Args:
+        solver: any solver; default ``Neumann(maxiter, alpha)`` built at each call.
+        damping, batched: as :class:`Implicit`.
+        maxiter: products of the default Neumann series (it sums ``maxiter + 1`` terms).
+        alpha: its step; None (default) uses the inner optimizer's learning rate
+            ``problem.lr``, as in the paper (the series converges when
+            ``alpha < 2 / lambda_max``); a number or ``"auto"`` (power iteration) overrides.
+    """
+
+    def __init__(
+        self,
+        solver: Solver | None = None,
+        damping: float = 0.0,
+        *,
+        batched: bool | str = "auto",
+        maxiter: int = 10,
+        alpha: float | str | None = None,
+    ):
+        self.solver = None if solver is None else as_solver(solver)  # type: ignore[assignment]
+        self.damping = as_float(damping, "damping", min=0.0)
+        self.batched = as_choice(batched, "batched", BATCHED)
+        self.maxiter = as_int(maxiter, "maxiter", min=1)
+        if alpha is not None and alpha != "auto":
+            alpha = as_float(alpha, "alpha", min=0.0, open_min=True)
+        self.alpha = alpha
+
+    def solver_for(self, problem: Problem) -> Solver:
+        if self.solver is not None:
+            return self.solver
+        alpha = self.alpha
+        if alpha is None:
+            if problem.lr is None:
+                raise ValueError(
+                    "IFT's default Neumann solver steps by the inner learning rate: pass "
+                    "Problem(lr=...), or IFT(alpha=...), or a solver (IFT(hg.CG()))."
+                )
+            alpha = as_float(problem.lr, "lr", min=0.0, open_min=True)
+        return Neumann(self.maxiter, alpha)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "maxiter": self.maxiter, "alpha": self.alpha}
+
+
+def implicit(
+    inner_loss: Callable[[Any, Any], Tensor],
+    outer_loss: Callable[[Any, Any], Tensor],
+    params: Tree,
+    hparams: Tree,
+    solver: Solver | None = None,
+    *,
+    damping: float = 0.0,
+    x0: Tree | Tensor | None = None,
+    return_info: bool = False,
+    batched: bool | str = "auto",
+    process_group: Any = None,
+    hparams_by_reference: bool = False,
+) -> Any:
+    """Hypergradient of ``outer_loss`` through the minimum of ``inner_loss``.
+
+    .. math::
+
+        \\frac{dg}{d\\phi} = \\partial_\\phi g - \\partial^2_{\\phi\\theta} f \\,
+        (H + \\lambda I)^{-1} \\nabla_\\theta g, \\qquad H = \\nabla^2_{\\theta\\theta} f
+
+    evaluated at ``params`` (which should minimize ``inner_loss`` for the given
+    ``hparams``), with ``lambda = damping`` (default 0). Builds a :class:`Problem` and
+    calls :class:`Implicit`.
+
+    Args:
+        inner_loss: ``f(params, hparams) -> scalar tensor`` (training objective).
+        outer_loss: ``g(params, hparams) -> scalar tensor`` (validation objective). It may
+            ignore ``hparams``; the direct term is then zero.
+        params: the inner solution: a tensor, a tuple/list of tensors or a dict of tensors
+            (``dict(model.named_parameters())`` with ``torch.func.functional_call``).
+        hparams: hyperparameters, same kinds of structure.
+        solver: how to apply ``H^{-1}``: any of :mod:`hypergradient.solvers`
+            (default ``hg.CG()``).
+        damping: ``lambda`` added to the Hessian's diagonal.
+        x0: warm start for the solve (a tree like ``params`` or a flat vector, e.g. the
+            ``info.solution`` of a previous call).
+        return_info: also return an :class:`ImplicitInfo`.
+        batched: how batched products (Nystrom, Exact) run: one vmapped backward (True), a
+            loop (False), or "auto" (default: the faster, timed on the first batch).
+        process_group: a ``torch.distributed`` group for data-parallel use: each rank
+            passes the losses of its own shard (means over equal-sized shards) and the
+            same ``params``/``hparams``/solver; the result is the hypergradient of the
+            average objective, identical on every rank. One all-reduce per product.
+        hparams_by_reference: the losses read the ``hparams`` tensors themselves (leaves
+            with ``requires_grad=True``, e.g. held by a criterion) instead of their
+            argument; the hypergradient is then taken with respect to those tensors.
+
+    Returns:
+        The hypergradient, with the structure, shapes, dtypes and device of ``hparams``,
+        detached; with ``return_info=True`` a tuple ``(hypergradient, info)``.
+
+    Cost: ``k`` solver products cost about ``k + 3`` gradients (``f``'s graph, ``g``'s
+    gradient, the mixed product). Memory: ``f``'s double-backward graph plus the
+    solver's vectors. Nothing passed in is modified.
+
+    Raises:
+        TypeError / ValueError: bad structures, dtypes, non-scalar losses, bad solver,
+            NaN in ``hparams``.
+        NonFiniteHypergradientError: a quantity of the computation is NaN or Inf (the
+            message names the first one).
+    """
+    as_callable(inner_loss, "inner_loss", "(params, hparams) -> scalar tensor")
+    as_callable(outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
+    return_info = as_bool(return_info, "return_info")
+    method = Implicit(solver, damping, batched=batched)
+    problem = Problem(
+        inner_loss,
+        outer_loss,
+        params,
+        hparams,
+        process_group=process_group,
+        hparams_by_reference=as_bool(hparams_by_reference, "hparams_by_reference"),
+    )
+    result, info = method(problem, x0=x0)
+    return (result, info) if return_info else result
+
+
+def implicit_fixed_point(
+    fixed_point_map: Callable[[Any, Any], Any],
+    outer_loss: Callable[[Any, Any], Tensor],
+    params: Tree,
+    hparams: Tree,
+    solver: Solver | None = None,
+    *,
+    x0: Tree | Tensor | None = None,
+    return_info: bool = False,
+    batched: bool | str = "auto",
+) -> Any:
+    """Hypergradient through a fixed point ``theta* = T(theta*, phi)``.
+
+    .. math::
+
+        \\frac{dg}{d\\phi} = \\partial_\\phi g + (\\partial_\\phi T)^\\top x, \\qquad
+        (I - \\partial_\\theta T^\\top)\\, x = \\nabla_\\theta g
+
+    ``params`` should be (close to) a fixed point; ``info.inner_grad_norm`` reports
+    ``||T(theta) - theta||``. The default solver ``hg.FixedPoint()`` iterates
+    ``x <- grad_theta g + J^T x``, which converges when ``T`` is a contraction;
+    ``hg.Exact()`` works for small problems. CG and Nystrom need a symmetric system and are
+    refused. Examples of ``T``: one step of a training algorithm, a proximal-gradient
+    step, a message-passing update (Blondel et al., 2022; Bai et al., 2019, deep
+    equilibrium models).
+
+    Args, returns and cost as :func:`implicit`, with ``fixed_point_map(params, hparams)``
+    returning a tree like ``params``; the same formula (the one implementation) with the
+    operator ``I - J^T``.
+    """
+    started = time.perf_counter()
+    as_callable(fixed_point_map, "fixed_point_map", "(params, hparams) -> tree like params")
+    as_callable(outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
+    return_info = as_bool(return_info, "return_info")
+    solver = FixedPoint() if solver is None else as_solver(solver)
+    batched = as_choice(batched, "batched", BATCHED)
+    inputs = check_inputs(params, hparams)
+    p = inputs.param_leaves
+    flat = None
+    if x0 is not None:
+        dtype = _tree.accumulator_dtype(p)
+        flat = _tree.as_flat(x0, inputs.param_spec, "x0", dtype, p[0].device)
+    result, info = implicit_hypergradient(
+        lambda: FixedPointOperator(fixed_point_map, params, hparams, batched=batched),
+        outer_loss,
+        inputs,
+        solver,
+        method="implicit_fixed_point",
+        x0=flat,
+        started=started,
+    )
+    return (result, info) if return_info else result
+
+
+# ---------------------------------------------------------------- shorthands (seed order)
+
+
+def exact(f, g, theta, phi, *, damping: float = 0.0, return_info: bool = False):
+    """``implicit(f, g, theta, phi, solver=Exact())``: dense Hessian solve, the reference."""
+    return implicit(f, g, theta, phi, Exact(), damping=damping, return_info=return_info)
+
+
+def cg(
+    f,
+    g,
+    theta,
+    phi,
+    maxiter: int = 100,
+    tol: float = 1e-6,
+    *,
+    damping: float = 0.0,
+    x0=None,
+    return_info: bool = False,
+):
+    """``implicit(f, g, theta, phi, solver=CG(maxiter, tol))`` (Pedregosa, 2016)."""
+    return implicit(
+        f, g, theta, phi, CG(maxiter, tol), damping=damping, x0=x0, return_info=return_info
+    )
+
+
+def neumann(
+    f,
+    g,
+    theta,
+    phi,
+    iters: int = 20,
+    alpha: float | str = 1.0,
+    *,
+    damping: float = 0.0,
+    return_info: bool = False,
+):
+    """``implicit(f, g, theta, phi, solver=Neumann(iters, alpha))`` (Lorraine et al., 2020)."""
+    return implicit(
+        f, g, theta, phi, Neumann(iters, alpha), damping=damping, return_info=return_info
+    )
+
+
+def nystrom(
+    f,
+    g,
+    theta,
+    phi,
+    rank: int = 5,
+    rho: float = 0.1,
+    *,
+    sketch: str = "column",
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    return_info: bool = False,
+):
+    """``implicit(f, g, theta, phi, solver=Nystrom(rank, rho))`` (Hataya & Yamada, 2023).
+
+    The seed library's call ``nystrom(f, g, theta, phi, rank=5, rho=0.1)`` works as is.
+    """
+    solver = Nystrom(
+        rank, rho, sketch=sketch, seed=seed, generator=generator, chunk_size=chunk_size
+    )
+    return implicit(f, g, theta, phi, solver, return_info=return_info)

@@ -1,0 +1,139 @@
+"""Reverse mode through the inner run: exact, truncated, or checkpointed.
+
+``a_T = dg/ds_T``, then ``a_t = a_{t+1} dPhi_t/ds_t`` and
+``dg/dphi = d_phi g + sum_t a_{t+1} dPhi_t/dphi``. Exact; ``truncate=K`` keeps only the
+last K terms (Shaban et al., 2019, "Truncated Back-propagation for Bilevel
+Optimization", AISTATS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._tree import Tree
+from .._vocab import as_int, as_optional_int
+from ..optim.functional import FunctionalOptimizer
+from .replay import Run
+from .trajectory import (
+    Sweep,
+    TrajectoryMethod,
+    forward_sweep,
+    functional_problem,
+    functional_result,
+    reverse_sweep,
+)
+
+__all__ = ["Unrolled", "unrolled"]
+
+
+class Unrolled(TrajectoryMethod):
+    """Reverse mode through the recorded inner steps, replayed differentiably.
+
+    Args:
+        truncate: differentiate only the last ``K`` steps (Shaban et al., 2019); a window
+            shorter than ``K`` is differentiated whole.
+        checkpoint_every: keep one state every ``c`` steps and recompute the others during
+            the reverse pass.
+
+    Memory: ``K`` stored states (``P`` parameters plus optimizer buffers each); with
+    ``checkpoint_every=c``, about ``K / c + c`` states (``c ~ sqrt(K)`` minimizes it) at the
+    price of recomputing ``K - K/c`` forward steps. Never more than one step's autograd
+    graph at a time. Cost: ``T`` gradient steps forward, then per differentiated step one
+    recomputation under ``torch.func.vjp`` (about 3-4 gradients). No state.
+    """
+
+    name = "unrolled"
+
+    def __init__(self, truncate: int | None = None, checkpoint_every: int | None = None):
+        self.truncate = as_optional_int(truncate, "truncate", min=1)
+        self.checkpoint_every = as_optional_int(checkpoint_every, "checkpoint_every", min=1)
+
+    def sweep(self, run: Run, outer_loss: Callable[[Any, Any], Tensor]) -> Sweep:
+        T = run.steps
+        K = T if self.truncate is None else min(self.truncate, T)
+        first = T - K
+        full = self.checkpoint_every is None
+        c = T if self.checkpoint_every is None else self.checkpoint_every
+        p_T, s_T, kept, losses = forward_sweep(
+            run, lambda t: t >= first and (full or (t - first) % c == 0), first
+        )
+        segment: dict[int, Any] = {}
+        counters = {"recomputed": 0, "peak": len(kept)}
+
+        def state_at(t: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+            if full:
+                return kept.pop(t)
+            if t not in segment:  # rebuild the segment that ends at t from its checkpoint
+                start = first + ((t - first) // c) * c
+                p, s = segment[start] = kept.pop(start)
+                with torch.no_grad():
+                    for u in range(start, t):
+                        with run.again(u):
+                            (p, s), _ = run.step(p, s, u)
+                        segment[u + 1] = (p, s)
+                        counters["recomputed"] += 1
+                counters["peak"] = max(counters["peak"], len(kept) + len(segment))
+            return segment.pop(t)
+
+        hyper, value = reverse_sweep(run, outer_loss, p_T, s_T, state_at, first)
+        return Sweep(hyper, p_T, losses, value, K, counters["recomputed"], counters["peak"])
+
+
+def unrolled(
+    inner_loss: Callable[..., Tensor],
+    outer_loss: Callable[[Any, Any], Tensor],
+    params0: Tree,
+    hparams: Tree,
+    steps: int,
+    optimizer: FunctionalOptimizer,
+    *,
+    truncate: int | None = None,
+    batches: Iterable[Any] | None = None,
+    checkpoint_every: int | None = None,
+    return_info: bool = False,
+    process_group: Any = None,
+) -> Any:
+    """Reverse-mode hypergradient through ``steps`` optimizer steps (exact, or truncated).
+
+    Runs ``theta_{t+1} = update(theta_t, grad f(theta_t, phi; batch_t))`` from ``params0``
+    with the differentiable ``optimizer`` and returns ``d g(theta_T, phi) / d phi``,
+    including the dependence through optimizer settings that are ``hparams`` leaves
+    (learning rate, momentum, betas, weight decay). Builds a :class:`Problem` and calls
+    :class:`Unrolled`.
+
+    Args:
+        inner_loss: ``f(params, hparams)``, or ``f(params, hparams, batch)`` when
+            ``batches`` is given. Must be compatible with ``torch.func`` (no in-place
+            updates of inputs; use ``torch.func.functional_call`` for modules).
+        outer_loss: ``g(params, hparams)`` evaluated at ``theta_T``.
+        params0: initial parameters (tree); not modified.
+        hparams: hyperparameters (tree); optimizer settings that are these very tensors
+            receive hypergradients.
+        steps: ``T``.
+        optimizer: ``hg.optim.sgd(...)`` or ``hg.optim.adam(...)``.
+        truncate: ``K <= T``: differentiate only through the last ``K`` steps.
+        batches: a sequence or iterable of at least ``T`` batches (one per step).
+        checkpoint_every: keep one state every ``c`` steps, recompute the others.
+        return_info: also return a :class:`TrajectoryInfo` (with the trained ``params``).
+        process_group: a ``torch.distributed`` group for data-parallel training: each rank
+            passes its own shard's losses (means over equal-sized shards) and batches; every
+            step uses the gradient averaged over the ranks (as ``DistributedDataParallel``
+            does), and the hypergradient, identical on every rank, is that of the averaged
+            run. Two all-reduces per differentiated step (one per forward step).
+
+    Memory and cost: see :class:`Unrolled`. Random ops inside ``inner_loss`` (dropout)
+    draw the same numbers in the forward and the reverse pass.
+    """
+    problem = functional_problem(
+        inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
+    )
+    T = as_int(steps, "steps", min=1)
+    K = as_optional_int(truncate, "truncate", min=1)
+    if K is not None and K > T:
+        raise ValueError(f"`truncate` ({K}) cannot exceed `steps` ({T}).")
+    method = Unrolled(truncate=K, checkpoint_every=checkpoint_every)
+    return functional_result(method(problem), return_info)
