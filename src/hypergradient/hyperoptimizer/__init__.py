@@ -11,8 +11,8 @@
 
 from ..constraints import HyperparameterDomainError
 from .driver import HyperOptimizer
-from .hparams import HyperParameters
 from .history import History, HyperStepRecord
+from .hparams import HyperParameters
 from .model import ModelView
 from .sampler import BatchSampler
 from .window import TrajectoryWindow

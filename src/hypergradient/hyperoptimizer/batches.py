@@ -106,8 +106,13 @@ def pack(batch: Any, tensors: list[Tensor]) -> Any:
         cls = type(batch)
         names = _fields(batch)
         items = [pack(getattr(batch, n), tensors) for n in names]
-        return {"t": kind, "module": cls.__module__, "qualname": cls.__qualname__,
-                "fields": names, "items": items}  # fmt: skip
+        return {
+            "t": kind,
+            "module": cls.__module__,
+            "qualname": cls.__qualname__,
+            "fields": names,
+            "items": items,
+        }
     if isinstance(batch, (tuple, list)):
         kind = "tuple" if isinstance(batch, tuple) else "list"
         return {"t": kind, "items": [pack(v, tensors) for v in batch]}

@@ -14,7 +14,7 @@ import inspect
 import numbers
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,10 @@ from torch import Tensor
 
 from .. import distributed
 
-__all__ = ["check_group", "check_ranks", "encode"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["check_group", "check_ranks", "configuration", "encode"]
 
 
 def check_group(group: Any) -> None:
@@ -67,6 +70,21 @@ def encode(value: Any, out: list[float]) -> list[float]:
     else:  # an object without a plain description: its type
         out.append(_crc(type(value).__qualname__))
     return out
+
+
+def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
+    """What every rank must agree on: ``inner_steps``, the step count, the inner
+    optimizer's type and settings, the method's type and configuration, ``nonfinite``."""
+    groups = hopt.inner_optimizer.param_groups
+    return {
+        "inner_steps": hopt.inner_steps,
+        "step": hopt.loop.count,
+        "inner_optimizer": type(hopt.inner_optimizer).__name__,
+        "settings": [{k: v for k, v in g.items() if k != "params"} for g in groups],
+        "method": type(hopt.method).__name__,
+        "method_config": hopt.method.config(),
+        "nonfinite": hopt.nonfinite,
+    }
 
 
 def check_ranks(group: Any, hparams: list[Tensor], config: Mapping[str, Any]) -> None:

@@ -130,9 +130,10 @@ class TrajectoryWindow:
             "state0": None if self.state0 is None else [s.clone() for s in self.state0],
             "step0": self.step0,
             "batches": {"tensors": [t.clone() for t in tensors], "structure": structure},
-            "rng_states": [(s[0].clone(), None if s[1] is None else s[1].clone())
-                           for s in self.rng_states],
-        }  # fmt: skip
+            "rng_states": [
+                (s[0].clone(), None if s[1] is None else s[1].clone()) for s in self.rng_states
+            ],
+        }
 
     @classmethod
     def from_state_dict(
