@@ -10,9 +10,9 @@ when they differ.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-import numbers
-import zlib
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,34 +42,20 @@ def check_group(group: Any) -> None:
         )
 
 
-def _crc(text: str) -> float:
-    return float(zlib.crc32(text.encode()))
+def _plain(value: Any) -> Any:
+    """JSON's fallback: tensors as their values, other objects as their type's name."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().double().reshape(-1).tolist()
+    return f"<{type(value).__qualname__}>"
 
 
-def encode(value: Any, out: list[float]) -> list[float]:
-    """Append a numeric encoding of plain data (nested dicts, lists, numbers, strings,
-    tensors) to ``out``: equal configurations give equal lists on every process."""
-    if isinstance(value, Mapping):
-        out.append(float(len(value)))
-        for k, v in value.items():
-            out.append(_crc(str(k)))
-            encode(v, out)
-    elif isinstance(value, (list, tuple)):
-        out.append(float(len(value)))
-        for v in value:
-            encode(v, out)
-    elif isinstance(value, Tensor):
-        x = value.detach().to("cpu", torch.float64).reshape(-1)
-        out.extend([float(x.numel()), float(x.sum()), float((x * x).sum())])
-    elif isinstance(value, numbers.Real):
-        out.append(float(value))
-    elif value is None:
-        out.append(-7.0e300)
-    elif isinstance(value, str):
-        out.append(_crc(value))
-    else:  # an object without a plain description: its type
-        out.append(_crc(type(value).__qualname__))
-    return out
+def encode(config: Mapping[str, Any]) -> list[float]:
+    """A digest of plain data (nested dicts and lists of numbers, strings, tensors): eight
+    numbers below 2**32 (exact in float64), equal on every process exactly when the
+    configurations' texts are equal (floats are written exactly, by ``repr``)."""
+    text = json.dumps(config, default=_plain, allow_nan=True)
+    digest = hashlib.sha256(text.encode()).digest()
+    return [float(int.from_bytes(digest[i : i + 4], "big")) for i in range(0, 32, 4)]
 
 
 def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
@@ -99,6 +85,6 @@ def check_ranks(group: Any, hparams: list[Tensor], config: Mapping[str, Any]) ->
         distributed.check_consistent(hparams, group, "the hyperparameters", config=config)  # type: ignore[call-arg]
         return
     device = hparams[0].device if hparams else torch.device("cpu")
-    coded = torch.tensor(encode(config, []), dtype=torch.float64, device=device)
+    coded = torch.tensor(encode(config), dtype=torch.float64, device=device)
     what = "the hyper-optimizer's configuration (" + ", ".join(config) + ")"
     distributed.check_consistent(hparams, group, "the hyperparameters", ([coded], what))
