@@ -36,12 +36,27 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
+def _is_record(x: Any) -> bool:
+    """A namedtuple, a dataclass instance or a SimpleNamespace: named fields."""
+    dataclass = dataclasses.is_dataclass(x) and not isinstance(x, type)
+    return _is_namedtuple(x) or dataclass or isinstance(x, SimpleNamespace)
+
+
 def _fields(x: Any) -> list[str]:
     if _is_namedtuple(x):
         return list(type(x)._fields)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    if dataclasses.is_dataclass(x):
         return [f.name for f in dataclasses.fields(x)]
     return list(vars(x))  # SimpleNamespace
+
+
+def _copy_record(batch: Any) -> Any:
+    if _is_namedtuple(batch):
+        return type(batch)(*(copy_batch(v) for v in batch))
+    out = copy.copy(batch)
+    for name in _fields(batch):
+        object.__setattr__(out, name, copy_batch(getattr(batch, name)))
+    return out
 
 
 def copy_batch(batch: Any) -> Any:
@@ -50,10 +65,10 @@ def copy_batch(batch: Any) -> Any:
         return batch.detach().clone()
     if isinstance(batch, np.ndarray):
         return batch.copy()
-    if isinstance(batch, _PLAIN) or isinstance(batch, np.generic):
+    if isinstance(batch, (*_PLAIN, np.generic)):
         return batch
-    if _is_namedtuple(batch):
-        return type(batch)(*(copy_batch(v) for v in batch))
+    if _is_record(batch):
+        return _copy_record(batch)
     if isinstance(batch, (tuple, list)):
         return type(batch)(copy_batch(v) for v in batch)
     if type(batch) is dict:
@@ -63,22 +78,10 @@ def copy_batch(batch: Any) -> Any:
         for k, v in batch.items():
             out[k] = copy_batch(v)
         return out
-    if isinstance(batch, SimpleNamespace) or (
-        dataclasses.is_dataclass(batch) and not isinstance(batch, type)
-    ):
-        out = copy.copy(batch)
-        for name in _fields(batch):
-            object.__setattr__(out, name, copy_batch(getattr(batch, name)))
-        return out
     return copy.deepcopy(batch)
 
 
-def pack(batch: Any, tensors: list[Tensor]) -> Any:
-    """The plain-data description of ``batch``; its tensors are appended to ``tensors``.
-
-    Raises:
-        ValueError: the batch holds an object a checkpoint cannot store.
-    """
+def _pack_leaf(batch: Any, tensors: list[Tensor]) -> dict[str, Any] | None:
     if isinstance(batch, Tensor):
         tensors.append(batch.detach())
         return {"t": "tensor", "i": len(tensors) - 1, "device": str(batch.device)}
@@ -94,24 +97,31 @@ def pack(batch: Any, tensors: list[Tensor]) -> Any:
         return {"t": kind, "i": len(tensors) - 1}
     if isinstance(batch, _PLAIN):
         return {"t": "value", "v": batch}
+    return None
+
+
+def pack(batch: Any, tensors: list[Tensor]) -> Any:
+    """The plain-data description of ``batch``; its tensors are appended to ``tensors``.
+
+    Raises:
+        ValueError: the batch holds an object a checkpoint cannot store.
+    """
+    leaf = _pack_leaf(batch, tensors)
+    if leaf is not None:
+        return leaf
     if isinstance(batch, Mapping):
         keys = list(batch)
         if not all(isinstance(k, (str, int)) for k in keys):
             raise ValueError("A batch's dict keys must be strings or integers to be checkpointed.")
         return {"t": "dict", "keys": keys, "items": [pack(batch[k], tensors) for k in keys]}
-    record = _is_namedtuple(batch) or isinstance(batch, SimpleNamespace)
-    record = record or (dataclasses.is_dataclass(batch) and not isinstance(batch, type))
-    if record:
-        kind = "namedtuple" if _is_namedtuple(batch) else "record"
-        cls = type(batch)
-        names = _fields(batch)
-        items = [pack(getattr(batch, n), tensors) for n in names]
+    if _is_record(batch):
+        cls, names = type(batch), _fields(batch)
         return {
-            "t": kind,
+            "t": "namedtuple" if _is_namedtuple(batch) else "record",
             "module": cls.__module__,
             "qualname": cls.__qualname__,
             "fields": names,
-            "items": items,
+            "items": [pack(getattr(batch, n), tensors) for n in names],
         }
     if isinstance(batch, (tuple, list)):
         kind = "tuple" if isinstance(batch, tuple) else "list"

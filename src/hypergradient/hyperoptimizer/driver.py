@@ -244,17 +244,8 @@ class HyperOptimizer:
             need = "trajectory methods replay the inner steps" if trajectory else "hyper-steps do"
             raise ValueError(f"step() needs the training `batch` ({need}) or train_data=....")
         saved = Transaction(self) if (loop.count + 1) % self.inner_steps == 0 else None
-        copied = copy_batch(batch) if trajectory else None
-        rng = loop.rng_pending if loop.rng_pending is not None else loop.rng_next
         try:
-            if trajectory and loop.window is None:
-                loop.window = TrajectoryWindow.start(self.view, self.inner_optimizer)
-            if closure is not None:
-                rng = self._capture()
-            result = self.inner_optimizer.step(closure) if closure else self.inner_optimizer.step()
-            if loop.window is not None:
-                loop.window.record(copied, rng)
-            loop.count += 1
+            result = self._inner_step(batch, closure)
             if saved is not None:
                 self._hyper_step(batch, saved)
         except BaseException as err:
@@ -262,6 +253,21 @@ class HyperOptimizer:
                 raise
             self._undo(err, saved)
         self.loop.rng_pending, self.loop.rng_next = None, self._capture()
+        return result
+
+    def _inner_step(self, batch: Any, closure: Callable[[], Tensor] | None) -> Any:
+        """The torch optimizer's step, recorded in the window (trajectory methods)."""
+        loop = self.loop
+        rng = loop.rng_pending if loop.rng_pending is not None else loop.rng_next
+        if self.method.needs_trajectory and loop.window is None:
+            loop.window = TrajectoryWindow.start(self.view, self.inner_optimizer)
+        copied = None if loop.window is None else copy_batch(batch)
+        if closure is not None:
+            rng = self._capture()  # the closure's forward pass draws from here
+        result = self.inner_optimizer.step(closure) if closure else self.inner_optimizer.step()
+        if loop.window is not None:
+            loop.window.record(copied, rng)
+        loop.count += 1
         return result
 
     def _hyper_step(self, batch: Any, saved: Transaction) -> None:

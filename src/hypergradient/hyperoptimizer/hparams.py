@@ -15,6 +15,7 @@ param groups only after validation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,13 +49,12 @@ def _as_constraint(name: str, h: Any) -> Constraint:
 
 
 def _setting_error(setting: str, value: float) -> str | None:
-    low, high, low_open = SETTING_RANGES.get(setting, (-float("inf"), float("inf"), False))
-    if value != value or value < low or value > high or (low_open and value == low):
-        bound = f"{'>' if low_open else '>='} {low:g}" + (
-            f" and <= {high:g}" if high < 1e300 else ""
-        )
-        return f"must be {bound} as the inner optimizer's `{setting}`, got {value:g}"
-    return None
+    low, high, low_open = SETTING_RANGES.get(setting, (-math.inf, math.inf, False))
+    if math.isfinite(value) and low <= value <= high and not (low_open and value == low):
+        return None
+    bound = f"{'>' if low_open else '>='} {low:g}"
+    bound += "" if math.isinf(high) else f" and <= {high:g}"
+    return f"must be {bound} as the inner optimizer's `{setting}`, got {value:g}"
 
 
 class HyperParameters:
@@ -93,7 +93,9 @@ class HyperParameters:
         self.raw = {k: c.raw for k, c in self.constraints.items()}
         self._check_leaves(device, forbidden)
         self.links = self._check_links(links or {}, inner_optimizer)
-        self.check_domain(error=ValueError, when="initially")
+        bad = self.domain_error(self.raw)
+        if bad is not None:
+            raise ValueError(f"Initially, {bad[0]} {bad[1]}; start inside its domain.")
 
     def _check_leaves(self, device: torch.device, forbidden: list[Tensor]) -> None:
         storages = {p.untyped_storage().data_ptr() for p in forbidden if p.device.type != "meta"}
@@ -186,35 +188,32 @@ class HyperParameters:
         return lambda raw: constraint.transform(raw[name])
 
     # ------------------------------------------------------------------ checks and updates
-    def domain_error(self, raw: Mapping[str, Tensor]) -> str | None:
-        """The first reason why ``transform(raw)`` is not a valid value (None: all valid)."""
+    def domain_error(self, raw: Mapping[str, Tensor]) -> tuple[str, str] | None:
+        """``(quantity, reason)`` for the first value of ``transform(raw)`` outside its
+        domain (or outside the range of the optimizer setting it is linked to); None when
+        all are valid."""
         with torch.no_grad():
             values = self.transform(raw)
         for name, c in self.constraints.items():
             why = c.domain_error(values[name])
             if why is not None:
-                return f"hparams[{name!r}] {why}"
+                return f"hparams[{name!r}]", why
         for setting, name in self.links.items():
             why = _setting_error(setting, float(values[name]))
             if why is not None:
-                return f"hparams[{name!r}] {why}"
+                return f"hparams[{name!r}]", why
         return None
 
-    def check_domain(
-        self, error: type[Exception] = HyperparameterDomainError, when: str = ""
-    ) -> None:
-        """Raise ``error`` if a current value is outside its domain."""
-        why = self.domain_error(self.raw)
-        if why is None:
-            return
-        if error is HyperparameterDomainError:
+    def check_domain(self) -> None:
+        """Raise :class:`HyperparameterDomainError` if a current value left its domain."""
+        bad = self.domain_error(self.raw)
+        if bad is not None:
             raise HyperparameterDomainError(
-                f"After the outer step, {why}; the hyper-step was rolled back. Lower the outer "
-                "learning rate (or clip the hypergradient), or constrain the hyperparameter "
-                "(hg.Positive, hg.Interval).",
-                why.split(" ", 1)[0],
+                f"After the outer step, {bad[0]} {bad[1]}; the hyper-step was rolled back. "
+                "Lower the outer learning rate (or clip the hypergradient), or constrain the "
+                "hyperparameter (hg.Positive, hg.Interval).",
+                bad[0],
             )
-        raise error(f"{why} {when}.".replace("  ", " "))
 
     def apply(
         self, hypergrad: Mapping[str, Tensor], outer_optimizer: torch.optim.Optimizer
@@ -226,6 +225,11 @@ class HyperParameters:
             HyperparameterDomainError: the step left the domain (the caller rolls back).
         """
         names = list(self.raw)
+        if not isinstance(hypergrad, Mapping) or set(hypergrad) != set(names):
+            got = sorted(hypergrad) if isinstance(hypergrad, Mapping) else type(hypergrad)
+            raise ValueError(
+                f"The method returned a hypergradient for {got}; expected a dict over {names}."
+            )
         require_finite(
             [hypergrad[k] for k in names],
             [f"hparams[{k!r}]" for k in names],
@@ -277,9 +281,9 @@ class HyperParameters:
                 )
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"hparams[{k!r}] in the checkpoint is not finite (NaN or Inf).")
-        why = self.domain_error({k: saved[k].to(v.device) for k, v in self.raw.items()})
-        if why is not None:
-            raise ValueError(f"In the checkpoint, {why}.")
+        bad = self.domain_error({k: saved[k].to(v.device) for k, v in self.raw.items()})
+        if bad is not None:
+            raise ValueError(f"In the checkpoint, {bad[0]} {bad[1]}.")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state)

@@ -158,19 +158,7 @@ class TrajectoryWindow:
         _same_shapes(params0, view.params, view.names, "its start parameters")
         devices = [p.device for p in view.params]
         params0 = [p.to(d) for p, d in zip(params0, devices)]
-        state0 = state.get("state0")
-        if state0 is not None:  # buffers per parameter, in order (Adam: exp_avg, exp_avg_sq)
-            state0 = _tensors(state0, "state0")
-            n = len(view.params)
-            if not state0 or len(state0) % n:
-                raise ValueError(
-                    f"The checkpoint's window has {len(state0)} optimizer buffers for {n} "
-                    "parameters; it was saved with another model or inner optimizer."
-                )
-            like = [view.params[i % n] for i in range(len(state0))]
-            names = [view.names[i % n] for i in range(len(state0))]
-            _same_shapes(state0, like, names, "the inner optimizer's buffers")
-            state0 = [s.to(p.device) for s, p in zip(state0, like)]
+        state0 = _optimizer_state(state.get("state0"), view)
         step0 = state.get("step0")
         if isinstance(step0, bool) or not isinstance(step0, int) or step0 < 0:
             raise ValueError(f"The checkpoint's window step count is {step0!r}.")
@@ -183,6 +171,23 @@ class TrajectoryWindow:
                 "hyper-step)."
             )
         return cls(params0, fopt, state0, step0, batches, rngs)
+
+
+def _optimizer_state(state0: Any, view: ModelView) -> list[Tensor] | None:
+    """The window's optimizer buffers: per parameter, in order (Adam: exp_avg, exp_avg_sq)."""
+    if state0 is None:
+        return None
+    state0 = _tensors(state0, "state0")
+    n = len(view.params)
+    if not state0 or len(state0) % n:
+        raise ValueError(
+            f"The checkpoint's window has {len(state0)} optimizer buffers for {n} "
+            "parameters; it was saved with another model or inner optimizer."
+        )
+    like = [view.params[i % n] for i in range(len(state0))]
+    names = [view.names[i % n] for i in range(len(state0))]
+    _same_shapes(state0, like, names, "the inner optimizer's buffers")
+    return [s.to(p.device) for s, p in zip(state0, like)]
 
 
 def _same_shapes(
