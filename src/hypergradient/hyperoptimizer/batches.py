@@ -141,17 +141,18 @@ def _find_class(module: str, qualname: str) -> type | None:
 
 
 def _rebuild(desc: Mapping[str, Any], items: list[Any]) -> Any:
-    cls = _find_class(desc["module"], desc["qualname"])
+    found = _find_class(desc["module"], desc["qualname"])
     names = list(desc["fields"])
     if desc["t"] == "namedtuple":
-        if cls is None or not issubclass(cls, tuple) or list(getattr(cls, "_fields", ())) != names:
-            cls = collections.namedtuple(desc["qualname"].split(".")[-1], names)  # type: ignore[misc]
-        return cls(*items)
-    if cls is SimpleNamespace or cls is None or not dataclasses.is_dataclass(cls):
+        same = found is not None and issubclass(found, tuple)
+        if same and list(getattr(found, "_fields", ())) == names:
+            return found(*items)  # type: ignore[misc]
+        return collections.namedtuple(desc["qualname"].split(".")[-1], names)(*items)
+    if found is None or not dataclasses.is_dataclass(found):
         return SimpleNamespace(**dict(zip(names, items)))
-    if [f.name for f in dataclasses.fields(cls)] != names:
+    if [f.name for f in dataclasses.fields(found)] != names:
         return SimpleNamespace(**dict(zip(names, items)))
-    out = object.__new__(cls)
+    out = object.__new__(found)
     for n, v in zip(names, items):
         object.__setattr__(out, n, v)
     return out

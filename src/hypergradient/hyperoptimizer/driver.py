@@ -31,11 +31,10 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -67,12 +66,10 @@ __all__ = ["HyperOptimizer"]
 LossFn = Callable[[Any, dict[str, Tensor], Any], Tensor]
 
 
-def _sampler(data: Any, batch_size: Any, seed: int, name: str) -> BatchSampler | None:
-    size_name = name.replace("_data", "_batch_size")
-    size = as_optional_int(batch_size, size_name, min=1, hint=" Pass a positive row count.")
-    if data is None or isinstance(data, BatchSampler):
+def _sampler(data: Any, batch_size: Any, seed: int, name: str) -> BatchSampler:
+    if isinstance(data, BatchSampler):
         return data
-    return BatchSampler(data, size, seed, name)
+    return BatchSampler(data, batch_size, seed, name)
 
 
 def _method(method: Method | None, links: Mapping[str, str] | None) -> Method:
@@ -178,8 +175,13 @@ class HyperOptimizer:
         if process_group is not None:
             check_group(process_group)
         self.process_group = process_group
-        self.val_sampler = _sampler(val_data, val_batch_size, seed, "val_data")
-        self.train_sampler = _sampler(train_data, train_batch_size, seed + 1, "train_data")
+        hint = " Pass a positive number of rows."
+        val_size = as_optional_int(val_batch_size, "val_batch_size", min=1, hint=hint)
+        train_size = as_optional_int(train_batch_size, "train_batch_size", min=1, hint=hint)
+        self.val_sampler = _sampler(val_data, val_size, seed, "val_data")
+        self.train_sampler = (
+            None if train_data is None else _sampler(train_data, train_size, seed + 1, "train_data")
+        )
         self.inner_optimizer = inner_optimizer
         self.view = model if isinstance(model, ModelView) else ModelView(model, inner_optimizer)
         self.hyperparameters = _hyperparameters(
@@ -264,7 +266,8 @@ class HyperOptimizer:
         copied = None if loop.window is None else copy_batch(batch)
         if closure is not None:
             rng = self._capture()  # the closure's forward pass draws from here
-        result = self.inner_optimizer.step(closure) if closure else self.inner_optimizer.step()
+        step = self.inner_optimizer.step
+        result = step(closure) if closure else step()  # type: ignore[arg-type]
         if loop.window is not None:
             loop.window.record(copied, rng)
         loop.count += 1
@@ -276,21 +279,23 @@ class HyperOptimizer:
         val_batch = self.val_sampler.next()
         self._check_ranks()
         view, hp = self.view, self.hyperparameters
-        f = view.functional(self.train_loss_fn, hp.transform)
-        g = view.functional(self.val_loss_fn, hp.transform)
-        params = view.detached()
-        window = self.loop.window
+        params, window = view.detached(), self.loop.window
+        trajectory = None
+        if window is not None:
+            step_loss = view.functional(self.train_loss_fn, hp.transform)
+            trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
         problem = Problem(
-            inner_loss=functools.partial(f, batch=train_batch),
-            outer_loss=functools.partial(g, batch=val_batch),
+            inner_loss=view.at_batch(self.train_loss_fn, hp.transform, train_batch),
+            outer_loss=view.at_batch(self.val_loss_fn, hp.transform, val_batch),
             params=params,
             hparams=hp.detached_raw(),
             lr=float(self.inner_optimizer.param_groups[0]["lr"]),
             prev_params=view.tree(saved.params_before),
-            trajectory=window and window.to_trajectory(view, f, hp.setting_fns(), params),
+            trajectory=trajectory,
             process_group=self.process_group,
         )
-        hyper, info = self.method(problem)
+        result, info = self.method(problem)
+        hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
         hp.apply(hyper, self.outer_optimizer)
         hp.write_settings(self.inner_optimizer)
         self.loop.window = None

@@ -140,6 +140,13 @@ class ModelView:
 
         return f
 
+    def at_batch(
+        self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any], batch: Any
+    ) -> Callable[[Any, Mapping[str, Tensor]], Tensor]:
+        """``f(params, raw) = loss(model at params, transform(raw), batch)``."""
+        f = self.functional(loss, transform)
+        return lambda params, raw: f(params, raw, batch)
+
     # ------------------------------------------------------------------ state
     def buffers(self) -> list[Tensor]:
         return [] if self.module is None else list(self.module.buffers())

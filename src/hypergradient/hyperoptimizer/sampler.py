@@ -123,7 +123,7 @@ class BatchSampler:
         if self._recent is None:
             return
         self.drawn -= len(self._recent)
-        if self.tensors is not None:
+        if self._mark_state is not None:
             self.generator.set_state(self._mark_state)
         else:
             self._pushback.extendleft(reversed(self._recent))
@@ -146,8 +146,10 @@ class BatchSampler:
         if kind == "tensors":
             g = state.get("generator")
             try:
+                if not isinstance(g, Tensor):
+                    raise TypeError
                 torch.Generator().set_state(g.cpu())
-            except (AttributeError, TypeError, RuntimeError):
+            except (TypeError, RuntimeError):
                 raise ValueError(
                     f"The checkpoint's `{self.name}` sampler holds no valid generator state."
                 ) from None
