@@ -73,11 +73,14 @@ def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
     }
 
 
-def check_ranks(group: Any, hparams: list[Tensor], config: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` on every rank if the hyperparameters or ``config`` differ.
-
-    One collective (an all-reduce of a few numbers).
-    """
+def check_ranks(hopt: HyperOptimizer) -> None:
+    """Raise ``ValueError`` on every rank if the hyperparameters or the
+    :func:`configuration` differ between the ranks of ``hopt.process_group`` (nothing
+    without a group). One collective (an all-reduce of a few numbers)."""
+    group = hopt.process_group
+    if group is None:
+        return
+    hparams, config = hopt.raw_hparams(), configuration(hopt)
     # SHIM(lead): the methods helper is extending distributed.check_consistent with a
     # `config=` argument (values *and* configuration fingerprint). Until it lands on this
     # branch, the configuration is encoded here and checked as an extra list of values.

@@ -53,7 +53,7 @@ from ..methods import IFT, Method, Problem
 from ..optim.functional import from_torch
 from . import checkpoint, optimizers
 from .batches import copy_batch
-from .config import check_group, check_ranks, configuration
+from .config import check_group, check_ranks
 from .history import History, make_record
 from .hparams import HyperParameters
 from .model import ModelView
@@ -93,6 +93,28 @@ def _hyperparameters(
     forbidden = view.all_parameters()
     return HyperParameters(
         hparams, device=view.device, forbidden=forbidden, inner_optimizer=inner, links=links
+    )
+
+
+def _problem(
+    hopt: HyperOptimizer, train_batch: Any, val_batch: Any, before: list[Tensor]
+) -> Problem:
+    """The bilevel problem at a hyper-step (with the recorded window for trajectory methods)."""
+    view, hp, window = hopt.view, hopt.hyperparameters, hopt.loop.window
+    params = view.detached()
+    trajectory = None
+    if window is not None:
+        step_loss = view.functional(hopt.train_loss_fn, hp.transform)
+        trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
+    return Problem(
+        inner_loss=view.at_batch(hopt.train_loss_fn, hp.transform, train_batch),
+        outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
+        params=params,
+        hparams=hp.detached_raw(),
+        lr=float(hopt.inner_optimizer.param_groups[0]["lr"]),
+        prev_params=view.tree(before),
+        trajectory=trajectory,
+        process_group=hopt.process_group,
     )
 
 
@@ -137,6 +159,15 @@ class HyperOptimizer:
     state, the window, counters, history and torch's random-number state are as before the
     call. A hyper-step whose outer update leaves a hyperparameter's domain raises
     :class:`~hypergradient.constraints.HyperparameterDomainError`.
+
+    Trajectory methods replay the window's steps on copies of their batches, from torch's
+    random-number state before each step (dropout masks as in training): captured by
+    :meth:`train_loss`, else at the end of the previous step (at construction or load for
+    the first), or just before a ``closure``.
+
+    Cost per hyper-step, besides the method's: one copy of the trained parameters, the
+    buffers, both optimizers' states and the method's state (the rollback snapshot);
+    trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each).
     """
 
     def __init__(
@@ -171,7 +202,8 @@ class HyperOptimizer:
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         seed = as_int(seed, "seed", min=0)
         default = "skip" if process_group is not None else "raise"
-        self.nonfinite = as_choice(nonfinite or default, "nonfinite", ("raise", "skip"))
+        nonfinite = default if nonfinite is None else nonfinite
+        self.nonfinite = as_choice(nonfinite, "nonfinite", ("raise", "skip"))
         if process_group is not None:
             check_group(process_group)
         self.process_group = process_group
@@ -193,7 +225,7 @@ class HyperOptimizer:
         self.history = History(history_size, logger)
         self.loop = LoopState(rng_next=self._capture())
         self.hyperparameters.write_settings(inner_optimizer)
-        self._check_ranks()
+        check_ranks(self)
 
     # ------------------------------------------------------------------ public views
     @property
@@ -277,25 +309,11 @@ class HyperOptimizer:
         started = time.perf_counter()
         train_batch = batch if batch is not None else self.train_sampler.next()  # type: ignore[union-attr]
         val_batch = self.val_sampler.next()
-        self._check_ranks()
-        view, hp = self.view, self.hyperparameters
-        params, window = view.detached(), self.loop.window
-        trajectory = None
-        if window is not None:
-            step_loss = view.functional(self.train_loss_fn, hp.transform)
-            trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
-        problem = Problem(
-            inner_loss=view.at_batch(self.train_loss_fn, hp.transform, train_batch),
-            outer_loss=view.at_batch(self.val_loss_fn, hp.transform, val_batch),
-            params=params,
-            hparams=hp.detached_raw(),
-            lr=float(self.inner_optimizer.param_groups[0]["lr"]),
-            prev_params=view.tree(saved.params_before),
-            trajectory=trajectory,
-            process_group=self.process_group,
-        )
+        check_ranks(self)
+        problem = _problem(self, train_batch, val_batch, saved.params_before)
         result, info = self.method(problem)
         hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
+        hp = self.hyperparameters
         hp.apply(hyper, self.outer_optimizer)
         hp.write_settings(self.inner_optimizer)
         self.loop.window = None
@@ -328,10 +346,6 @@ class HyperOptimizer:
 
     def _capture(self) -> Any:
         return capture_rng(self.view.device) if self.method.needs_trajectory else None
-
-    def _check_ranks(self) -> None:
-        if self.process_group is not None:
-            check_ranks(self.process_group, self.raw_hparams(), configuration(self))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
