@@ -16,7 +16,7 @@ param groups only after validation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,7 +78,7 @@ class HyperParameters:
         hparams: Mapping[str, Tensor | Constraint],
         *,
         device: torch.device,
-        forbidden: list[Tensor] = (),  # type: ignore[assignment]
+        forbidden: Sequence[Tensor] = (),
         inner_optimizer: torch.optim.Optimizer | None = None,
         links: Mapping[str, str] | None = None,
     ):
@@ -97,7 +97,7 @@ class HyperParameters:
         if bad is not None:
             raise ValueError(f"Initially, {bad[0]} {bad[1]}; start inside its domain.")
 
-    def _check_leaves(self, device: torch.device, forbidden: list[Tensor]) -> None:
+    def _check_leaves(self, device: torch.device, forbidden: Sequence[Tensor]) -> None:
         storages = {p.untyped_storage().data_ptr() for p in forbidden if p.device.type != "meta"}
         seen: dict[int, str] = {}
         for name, raw in self.raw.items():
