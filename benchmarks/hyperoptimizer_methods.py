@@ -526,11 +526,11 @@ class Run:
     def step(self) -> None:
         started = time.perf_counter()
         if self.hopt is not None:
-            n = len(self.hopt.history)
+            n = self.hopt.hyper_steps
             self.hopt.zero_grad()
             self.hopt.train_loss(self.batch).backward()
             self.hopt.step(self.batch)
-            hyper = len(self.hopt.history) > n
+            hyper = self.hopt.hyper_steps > n
         else:
             assert self.optimizer is not None and self.plain_loss is not None
             self.optimizer.zero_grad()

@@ -83,9 +83,10 @@ def main() -> None:
     def val_loss(m, h, batch):
         return F.cross_entropy(m(batch[0]), batch[1])
 
-    hopt = hg.HyperOptimizer(
+    hopt = hg.HyperOptimizer(  # history_size=None: every hyper-step's record is kept
         net,
         decays,
+        history_size=None,
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
         outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
         train_loss=train_loss,
@@ -121,7 +122,7 @@ def main() -> None:
     first = hopt.history[0].val_loss if hopt.history else float("nan")
     last = hopt.history[-1].val_loss if hopt.history else float("nan")
     print(
-        f"[rank {rank}/{world}] {n_hparams} decays, {len(hopt.history)} hyper-steps "
+        f"[rank {rank}/{world}] {n_hparams} decays, {hopt.hyper_steps} hyper-steps "
         f"({hopt.skipped} skipped) in {elapsed:.1f} s\n"
         f"[rank {rank}/{world}] hyper-step val loss {first:.4f} -> {last:.4f}; "
         f"full val loss {val_l:.4f} (acc {val_a:.3f}), test loss {test_l:.4f} (acc {test_a:.3f})\n"

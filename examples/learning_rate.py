@@ -243,7 +243,7 @@ def train(
     run.lr = opt.param_groups[0]["lr"]
     run.momentum = opt.param_groups[0]["momentum"]
     if hopt is not None:
-        run.hyper_steps = len(hopt.history)
+        run.hyper_steps = hopt.hyper_steps
     return run
 
 

@@ -181,9 +181,10 @@ def tune_per_weight(
         k: hg.Positive(torch.full_like(model.get_submodule(k).weight, lam0)) for k in PENALIZED
     }
     alpha = args.neumann_alpha if args.neumann_alpha == "auto" else float(args.neumann_alpha)
-    hopt = hg.HyperOptimizer(
+    hopt = hg.HyperOptimizer(  # history_size=None: every hyper-step's record is kept
         model,
         decay,
+        history_size=None,
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
         outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=args.outer_lr),
         train_loss=train_loss,
@@ -211,10 +212,10 @@ def tune_per_weight(
             continue
         if t == args.warmup:
             record(0)
-        before = len(hopt.history)
+        before = hopt.hyper_steps
         hopt.step(train)
-        if len(hopt.history) > before:
-            record(len(hopt.history))
+        if hopt.hyper_steps > before:
+            record(hopt.hyper_steps)
             bar.set_postfix(val=f"{curve['val'][-1]:.4f}", test=f"{curve['test'][-1]:.4f}")
     return model, hopt, curve
 

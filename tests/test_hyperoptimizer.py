@@ -43,6 +43,7 @@ def val_loss(m, h, batch):
 def make(
     method, inner_steps=10, lr=0.5, momentum=0.0, decay=1e-2, outer_lr=0.1, device="cpu", **kw
 ):
+    method = Recording(method)
     torch.manual_seed(0)
     model = to_device(device, torch.nn.Linear(D, 1).double())
     with torch.no_grad():
@@ -56,7 +57,7 @@ def make(
         inner_optimizer=inner,
         outer_optimizer=kw.pop("outer", lambda hp: torch.optim.Adam(hp, lr=outer_lr)),
         train_loss=train_loss,
-        val_loss=val_loss,
+        val_loss=kw.pop("val_loss", val_loss),
         val_data=to_device(device, VAL),
         method=method,
         inner_steps=inner_steps,
@@ -153,20 +154,30 @@ def test_ift_default_is_neumann_with_the_inner_learning_rate():
 
 
 def _raw_at_last_step(hopt, dec):
-    """The raw hyperparameters the last hypergradient was taken at (see the fixture)."""
-    return hopt._test_raw_before
+    """The raw hyperparameters the last hypergradient was taken at (see ``Recording``)."""
+    return hopt.method.raw_before
 
 
-@pytest.fixture(autouse=True)
-def _record_raw(monkeypatch):
-    """Keep the raw hyperparameters as they were when each hypergradient was computed."""
-    original = hg.HyperOptimizer._hyper_step
+class Recording(hg.Method):
+    """Delegates to ``method``, keeping the raw hyperparameters of the last call (injected
+    through the constructor's ``method=``)."""
 
-    def wrapped(self, batch, prev):
-        self._test_raw_before = torch.stack([r.detach().clone() for r in self._raw.values()])[0]
-        return original(self, batch, prev)
+    def __init__(self, method):
+        self.method = method
+        self.name = method.name
+        self.needs_trajectory = method.needs_trajectory
+        self.tunes_optimizer = method.tunes_optimizer
+        self.raw_before = None
 
-    monkeypatch.setattr(hg.HyperOptimizer, "_hyper_step", wrapped)
+    def __call__(self, problem):
+        self.raw_before = torch.stack([r.detach().clone() for r in problem.hparams.values()])[0]
+        return self.method(problem)
+
+    def state_dict(self):
+        return self.method.state_dict()
+
+    def load_state_dict(self, state):
+        self.method.load_state_dict(state)
 
 
 def test_trajectory_methods_replay_the_training_exactly():
@@ -188,7 +199,7 @@ def test_trajectory_methods_replay_the_training_exactly():
     trajectory = hg.Trajectory(
         lambda p, h, b: f(p, h), tuple(start), fopt, [None] * 5, state0=bufs, step0=1
     )
-    problem = hg.Problem(f, g, tuple(start), hopt._test_raw_before, trajectory=trajectory)
+    problem = hg.Problem(f, g, tuple(start), hopt.method.raw_before, trajectory=trajectory)
     ref, _ = hg.Unrolled()(problem)
     assert torch.allclose(got, ref, rtol=1e-10, atol=1e-15)
 
@@ -379,8 +390,7 @@ def test_non_finite_hypergradient_rolls_the_step_back():
     def bad_val(m, h, batch):
         return val_loss(m, h, batch) * torch.tensor(float("nan"), dtype=DT)
 
-    model, dec, hopt = make(hg.IFT(), inner_steps=3)
-    hopt._val_loss_fn = bad_val
+    model, dec, hopt = make(hg.IFT(), inner_steps=3, val_loss=bad_val)
     train(hopt, 2)
     params = flat_params(model).clone()
     state = copy.deepcopy(hopt.inner_optimizer.state_dict())
@@ -392,7 +402,7 @@ def test_non_finite_hypergradient_rolls_the_step_back():
     assert torch.equal(flat_params(model), params)
     assert torch.equal(dec.raw, raw)
     assert hopt.inner_optimizer.state_dict()["state"] == state["state"]
-    assert hopt._count == 2
+    assert hopt.state_dict()["counters"]["count"] == 2
 
 
 # ------------------------------------------------------------------------ models

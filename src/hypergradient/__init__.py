@@ -19,7 +19,13 @@ from ._vocab import (
     RankFailedError,
     Status,
 )
-from .constraints import Constraint, Interval, Positive
+from .constraints import (
+    Constraint,
+    HyperparameterDomainError,
+    Interval,
+    Positive,
+    Unconstrained,
+)
 from .hyperoptimizer import HyperOptimizer, HyperStepRecord
 from .methods import (
     HOAG,
@@ -82,6 +88,7 @@ __all__ = [
     "HOAG",
     "HessianOperator",
     "HyperOptimizer",
+    "HyperparameterDomainError",
     "HyperStepRecord",
     "HypergradInfo",
     "HypergradientWarning",
@@ -109,6 +116,7 @@ __all__ = [
     "T1T2",
     "Trajectory",
     "TrajectoryInfo",
+    "Unconstrained",
     "Unrolled",
     "cg",
     "distributed",

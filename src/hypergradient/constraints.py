@@ -4,35 +4,95 @@ A tuned weight decay must stay positive, a dropout rate or a mixing weight insid
 interval. Instead of clipping after each outer step, the outer optimizer works on an
 unconstrained tensor ``raw`` and the losses see ``value = transform(raw)``:
 
+- :class:`Unconstrained`: ``value = raw`` (what a plain tensor in ``hparams`` becomes; the
+  tensor itself is the leaf the outer optimizer updates).
 - :class:`Positive`: ``exp(raw)`` (log-parametrization, scale-free steps) or
   ``softplus(raw)`` (about linear for large values).
 - :class:`Interval`: ``low + (high - low) * sigmoid(raw)``.
 
 The hyper-optimizer differentiates through the transform, so the hypergradient it writes
 to ``raw.grad`` is ``(d value / d raw) * d g / d value``.
+
+The transforms keep the value inside the open domain mathematically, but not in floating
+point: ``exp(-800)`` is exactly 0 in float64 and ``sigmoid(40)`` exactly 1. After every outer
+step the hyper-optimizer asks :meth:`Constraint.domain_error` and rolls the step back with
+:class:`HyperparameterDomainError` when the value left the domain.
 """
 
 from __future__ import annotations
 
-import math
+import numbers
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Constraint", "Positive", "Interval"]
+from ._vocab import ArgumentTypeError, NonFiniteHypergradientError, as_choice, as_float
+
+__all__ = ["Constraint", "HyperparameterDomainError", "Interval", "Positive", "Unconstrained"]
+
+
+class HyperparameterDomainError(NonFiniteHypergradientError):
+    """An outer step drove a hyperparameter out of its domain (0 or inf for a
+    :class:`Positive`, a bound for an :class:`Interval`, a negative learning rate, NaN).
+
+    A :class:`~hypergradient.NonFiniteHypergradientError`, so ``nonfinite="skip"`` skips the
+    hyper-step as it does for a non-finite hypergradient.
+    """
+
+
+def as_value(value: Any, name: str) -> Tensor:
+    """``value`` (a real number, a sequence or array of them, or a tensor) as a finite
+    floating-point tensor, detached (integers become the default dtype).
+
+    Raises:
+        ArgumentTypeError: not real numbers (a string, None, a bool, a complex number).
+        ValueError: NaN or infinite entries.
+    """
+    hint = " Pass a float or a floating-point tensor, e.g. torch.full((n,), 1e-3)."
+    complex_scalar = isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real)
+    if value is None or isinstance(value, (str, bytes, bool)) or complex_scalar:
+        raise ArgumentTypeError(f"`{name}` must be real numbers, got {value!r}.{hint}")
+    if isinstance(value, Tensor):
+        t = value.detach()
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentTypeError(
+                f"`{name}` must be real numbers, got {type(value).__name__}.{hint}"
+            ) from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise ArgumentTypeError(f"`{name}` must be real numbers, got dtype {t.dtype}.{hint}")
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"`{name}` must be finite, got {t}.")
+    return t
 
 
 class Constraint:
-    """A hyperparameter stored as an unconstrained leaf ``raw``, seen as ``transform(raw)``."""
+    """A hyperparameter stored as an unconstrained leaf ``raw``, seen as ``transform(raw)``.
+
+    Subclasses implement :meth:`transform`, :meth:`inverse` and :meth:`domain_error`.
+    """
 
     raw: Tensor
 
     def transform(self, raw: Tensor) -> Tensor:
+        """``value = transform(raw)`` (differentiable)."""
         raise NotImplementedError
 
     def inverse(self, value: Tensor) -> Tensor:
+        """``raw = inverse(value)``."""
         raise NotImplementedError
+
+    def domain_error(self, value: Tensor) -> str | None:
+        """Why ``value`` is outside the constraint's domain (None when it is inside)."""
+        if not bool(torch.isfinite(value).all()):
+            return "is not finite (NaN or Inf)"
+        return None
 
     @property
     def value(self) -> Tensor:
@@ -40,33 +100,57 @@ class Constraint:
         with torch.no_grad():
             return self.transform(self.raw)
 
-    def _init_raw(self, value: Tensor | float, name: str) -> None:
-        v = torch.as_tensor(value)
-        if not v.is_floating_point():
-            v = v.to(torch.get_default_dtype())
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"The initial value of {name} must be finite.")
-        self.raw = self.inverse(v.detach().clone()).requires_grad_(True)
+    def _init_raw(self, value: Tensor) -> None:
+        self.raw = self.inverse(value.clone()).requires_grad_(True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(value={self.value})"
+
+
+class Unconstrained(Constraint):
+    """``value = raw``: a plain tensor hyperparameter (what ``hparams={'w': tensor}`` means).
+
+    Args:
+        value: a floating-point leaf tensor, used as is (the outer optimizer updates it in
+            place, as with any ``torch.optim`` parameter), or numbers to build one from.
+    """
+
+    def __init__(self, value: Tensor | float):
+        if isinstance(value, Tensor):
+            if value.dtype == torch.bool or not value.is_floating_point():
+                raise ArgumentTypeError(
+                    f"A tensor hyperparameter must be floating point, got dtype {value.dtype}; "
+                    "convert it with .float() or .double()."
+                )
+            self.raw = value
+        else:
+            self.raw = as_value(value, "value").requires_grad_(True)
+
+    def transform(self, raw: Tensor) -> Tensor:
+        return raw
+
+    def inverse(self, value: Tensor) -> Tensor:
+        return value
+
+    @property
+    def value(self) -> Tensor:
+        return self.raw.detach()
 
 
 class Positive(Constraint):
     """``value = exp(raw)`` (default) or ``softplus(raw)``: always > 0.
 
     Args:
-        value: initial value(s), all > 0 (a float or a tensor of any shape).
+        value: initial value(s), all > 0 (a float, a sequence, an array or a tensor).
         transform: ``"exp"`` or ``"softplus"``.
     """
 
     def __init__(self, value: Tensor | float, transform: str = "exp"):
-        if transform not in ("exp", "softplus"):
-            raise ValueError(f"`transform` must be 'exp' or 'softplus', got {transform!r}.")
-        self.kind = transform
-        if not bool((torch.as_tensor(value) > 0).all()):
-            raise ValueError("Positive(value) needs every initial value > 0.")
-        self._init_raw(value, "Positive")
+        self.kind = as_choice(transform, "transform", ("exp", "softplus"))
+        v = as_value(value, "value")
+        if not bool((v > 0).all()):
+            raise ValueError(f"Positive(value) needs every initial value > 0, got {v}.")
+        self._init_raw(v)
 
     def transform(self, raw: Tensor) -> Tensor:
         return raw.exp() if self.kind == "exp" else F.softplus(raw)
@@ -76,23 +160,33 @@ class Positive(Constraint):
             return value.log()
         return value + torch.log(-torch.expm1(-value))  # softplus^{-1}, stable
 
+    def domain_error(self, value: Tensor) -> str | None:
+        if bool((value <= 0).any()):
+            return f"reached 0 ({self.kind}(raw) underflowed), outside Positive's domain (0, inf)"
+        if bool(torch.isinf(value).any()):
+            return f"reached inf ({self.kind}(raw) overflowed), outside Positive's domain"
+        return super().domain_error(value)
+
 
 class Interval(Constraint):
     """``value = low + (high - low) * sigmoid(raw)``: always in ``(low, high)``.
 
     Args:
         value: initial value(s), strictly inside ``(low, high)``.
-        low, high: the bounds, ``low < high``.
+        low, high: finite bounds, ``low < high``.
     """
 
     def __init__(self, value: Tensor | float, low: float = 0.0, high: float = 1.0):
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"Interval needs finite low < high, got low={low}, high={high}.")
-        self.low, self.high = float(low), float(high)
-        v = torch.as_tensor(value)
-        if not bool(((v > low) & (v < high)).all()):
-            raise ValueError(f"Interval(value) needs every initial value inside ({low}, {high}).")
-        self._init_raw(value, "Interval")
+        self.low = as_float(low, "low")
+        self.high = as_float(high, "high")
+        if not self.low < self.high:
+            raise ValueError(f"Interval needs low < high, got low={low}, high={high}.")
+        v = as_value(value, "value")
+        if not bool(((v > self.low) & (v < self.high)).all()):
+            raise ValueError(
+                f"Interval(value) needs every initial value inside ({low}, {high}), got {v}."
+            )
+        self._init_raw(v)
 
     def transform(self, raw: Tensor) -> Tensor:
         return self.low + (self.high - self.low) * torch.sigmoid(raw)
@@ -100,3 +194,14 @@ class Interval(Constraint):
     def inverse(self, value: Tensor) -> Tensor:
         u = (value - self.low) / (self.high - self.low)
         return torch.log(u) - torch.log1p(-u)
+
+    def domain_error(self, value: Tensor) -> str | None:
+        finite = super().domain_error(value)
+        if finite is not None:
+            return finite
+        if bool(((value <= self.low) | (value >= self.high)).any()):
+            return (
+                f"saturated to a bound of Interval({self.low:g}, {self.high:g}) "
+                "(sigmoid(raw) rounded to 0 or 1)"
+            )
+        return None

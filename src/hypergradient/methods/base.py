@@ -142,10 +142,14 @@ class Info:
     def as_dict(self) -> dict[str, Any]:
         """Plain data (numbers, strings, None): for logs, history and checkpoints.
 
-        Tensors and trees (``solution``, ``params``) are left out; the status is its string.
+        Bulk fields (declared with ``repr=False``: ``solution``, ``params``,
+        ``inner_losses``) and any other tensor or tree are left out, whatever their value,
+        so a record restored from a checkpoint has the same keys; the status is its string.
         """
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if not f.repr:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, Status):
                 out[f.name] = value.value

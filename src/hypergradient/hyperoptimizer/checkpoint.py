@@ -1,0 +1,144 @@
+"""Checkpoints of a hyper-optimizer: what :meth:`HyperOptimizer.state_dict` holds, and an
+atomic, validated :meth:`HyperOptimizer.load_state_dict`.
+
+The checkpoint holds tensors and plain data only (``torch.load(weights_only=True)`` reads
+it): the model's signature (names, shapes, dtypes of the trained parameters), the method's
+type and state, both optimizers' types and states, the raw hyperparameters, counters, the
+samplers' states, the current window (batches as tensors plus a plain description) and
+the bounded history, and torch's random-number state (CPU and the model's accelerator) at
+the time of the call. Loading restores that random-number state too, so a run resumed from a
+checkpoint draws the same dropout masks and random augmentations as the uninterrupted run
+without the caller saving the generator separately. Loading checks every entry against
+this hyper-optimizer first and assigns only when all of them fit, so a failing load changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .._vocab import ArgumentTypeError, as_int
+from ..optim.functional import from_torch
+from . import optimizers
+from .window import TrajectoryWindow, capture_rng, parse_rng_state, restore_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["FORMAT", "load_state_dict", "state_dict"]
+
+FORMAT = 2
+KEYS = (
+    "format",
+    "model",
+    "method",
+    "inner_optimizer",
+    "outer_optimizer",
+    "hparams",
+    "counters",
+    "val_sampler",
+    "train_sampler",
+    "window",
+    "history",
+)
+
+
+def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
+    """The checkpoint of ``hopt`` (see the module's docstring)."""
+    loop = hopt.loop
+    train = hopt.train_sampler
+    return {
+        "format": FORMAT,
+        "model": hopt.view.signature(),
+        "method": {"type": type(hopt.method).__name__, "state": hopt.method.state_dict()},
+        "inner_optimizer": optimizers.state(hopt.inner_optimizer),
+        "outer_optimizer": optimizers.state(hopt.outer_optimizer),
+        "hparams": hopt.hyperparameters.state_dict(),
+        "counters": {"count": loop.count, "skipped": loop.skipped},
+        "val_sampler": hopt.val_sampler.state_dict(),
+        "train_sampler": None if train is None else train.state_dict(),
+        "window": None if loop.window is None else loop.window.state_dict(),
+        "history": hopt.history.state_dict(),
+        "rng": list(capture_rng(hopt.view.device)),
+    }
+
+
+def _entries(state: Any, method: str) -> None:
+    if not isinstance(state, Mapping):
+        raise ArgumentTypeError(
+            f"`state` must be a dict from HyperOptimizer.state_dict(), got {type(state).__name__}."
+        )
+    missing = [k for k in KEYS if k not in state]
+    if missing or state["format"] != FORMAT:
+        raise ValueError(
+            f"The checkpoint lacks {missing or ['format 2']}; it was not written by this "
+            "version's HyperOptimizer.state_dict()."
+        )
+    saved = state["method"].get("type") if isinstance(state["method"], Mapping) else None
+    if saved != method:
+        raise ValueError(
+            f"The checkpoint was saved with the method {saved}, this hyper-optimizer uses "
+            f"{method}; resume with the same method."
+        )
+    if not isinstance(state["counters"], Mapping):
+        raise ValueError("The checkpoint's `counters` entry is malformed.")
+
+
+def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None, Any]:
+    """Check every entry of ``state``; returns the rebuilt window and history.
+
+    Raises:
+        ValueError: naming the first entry that does not fit ``hopt``.
+    """
+    _entries(state, type(hopt.method).__name__)
+    hopt.view.check_signature(state["model"])
+    hopt.hyperparameters.check_state(state["hparams"])
+    optimizers.check_state(hopt.inner_optimizer, state["inner_optimizer"], "inner_optimizer")
+    optimizers.check_state(hopt.outer_optimizer, state["outer_optimizer"], "outer_optimizer")
+    hopt.val_sampler.check_state(state["val_sampler"])
+    if hopt.train_sampler is not None and state["train_sampler"] is not None:
+        hopt.train_sampler.check_state(state["train_sampler"])
+    count = as_int(state["counters"].get("count"), "counters['count']", min=0)
+    as_int(state["counters"].get("skipped"), "counters['skipped']", min=0)
+    since = count % hopt.inner_steps  # steps since the last hyper-step
+    window = None
+    if state["window"] is not None or (hopt.method.needs_trajectory and since):
+        window = TrajectoryWindow.from_state_dict(
+            state["window"], hopt.view, hopt.inner_optimizer, since
+        )
+    if state.get("rng") is not None:
+        parse_rng_state(state["rng"])
+    return window, hopt.history.parse_state(state["history"])
+
+
+def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
+    """Validate ``state`` entirely, then assign it to ``hopt`` (the method first: if its
+    own ``load_state_dict`` raises, its previous state is put back)."""
+    window, history = validate(hopt, state)
+    before = copy.deepcopy(hopt.method.state_dict())
+    try:
+        hopt.method.load_state_dict(state["method"]["state"])
+    except Exception as err:
+        hopt.method.load_state_dict(before)
+        raise ValueError(f"The checkpoint's method state does not load: {err}") from err
+    hopt.hyperparameters.load_state_dict(state["hparams"])
+    hopt.inner_optimizer.load_state_dict(state["inner_optimizer"]["state_dict"])
+    hopt.outer_optimizer.load_state_dict(state["outer_optimizer"]["state_dict"])
+    hopt.val_sampler.load_state_dict(state["val_sampler"])
+    if hopt.train_sampler is not None and state["train_sampler"] is not None:
+        hopt.train_sampler.load_state_dict(state["train_sampler"])
+    if window is not None:  # the twin with the settings just loaded (those at its start)
+        window.optimizer = from_torch(hopt.inner_optimizer, hopt.view.params)[0]
+    loop = hopt.loop
+    loop.count = int(state["counters"]["count"])
+    loop.skipped = int(state["counters"]["skipped"])
+    loop.window = window
+    trajectory = hopt.method.needs_trajectory
+    loop.rng_pending = None
+    if state.get("rng") is not None:
+        restore_rng(parse_rng_state(state["rng"]), hopt.view.device)
+    loop.rng_next = capture_rng(hopt.view.device) if trajectory else None
+    hopt.history.restore(history)
+    hopt.hyperparameters.write_settings(hopt.inner_optimizer)

@@ -1,0 +1,62 @@
+"""The hyper-optimizer's configuration, and its consistency across data-parallel ranks.
+
+In data-parallel use every rank runs its own hyper-optimizer; they must agree on
+everything that decides when and how collectives run (``inner_steps``, the method and its
+settings, the inner optimizer's type and settings, batch sizes), or one rank waits in a
+collective the others never reach. :func:`check_ranks` compares a fingerprint of the
+configuration (and of the hyperparameters) across the ranks and raises on every rank
+when they differ.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from .. import distributed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["check_group", "check_ranks", "configuration"]
+
+
+def check_group(group: Any) -> None:
+    """Raise ``ValueError`` unless ``group`` is usable by this process."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "`process_group` was given but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group(...) first (e.g. under torchrun)."
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"This process (global rank {dist.get_rank()}) is not a member of "
+            "`process_group`; pass a group that contains every rank."
+        )
+
+
+def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
+    """What every rank must agree on: ``inner_steps``, the step count, the inner
+    optimizer's type and settings, the method's type and configuration, ``nonfinite``."""
+    groups = hopt.inner_optimizer.param_groups
+    return {
+        "inner_steps": hopt.inner_steps,
+        "step": hopt.loop.count,
+        "inner_optimizer": type(hopt.inner_optimizer).__name__,
+        "settings": [{k: v for k, v in g.items() if k != "params"} for g in groups],
+        "method": type(hopt.method).__name__,
+        "method_config": hopt.method.config(),
+        "nonfinite": hopt.nonfinite,
+    }
+
+
+def check_ranks(hopt: HyperOptimizer) -> None:
+    """Raise ``ValueError`` on every rank if the hyperparameters or the
+    :func:`configuration` differ between the ranks of ``hopt.process_group`` (nothing
+    without a group). One collective (an all-reduce of a few numbers)."""
+    group = hopt.process_group
+    if group is None:
+        return
+    hparams, config = hopt.raw_hparams(), configuration(hopt)
+    distributed.check_consistent(hparams, group, "the hyperparameters", config=config)

@@ -1,0 +1,240 @@
+"""``HyperStepRecord`` and the bounded ``History`` of a hyper-optimizer, with a logging sink.
+
+Every hyper-step produces one :class:`HyperStepRecord` holding the method's
+:class:`~hypergradient.methods.base.Info`. :class:`History` keeps the last ``maxlen`` of them
+(100 by default; None keeps all) and hands each to a logging sink, so that long runs keep
+bounded memory and bounded checkpoints while a logger sees everything.
+
+Per-hyperparameter tensors (values and hypergradients) are kept in a record only for
+hyperparameters of at most :data:`SMALL` elements; every hyperparameter gets summaries
+(norm, mean, min, max of its value, norm of its hypergradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .._tree import wide_dtype
+from .._vocab import ArgumentTypeError, Status, as_optional_int
+from ..methods.base import Info
+
+__all__ = ["SMALL", "History", "HyperStepRecord", "make_record"]
+
+#: Hyperparameters with at most this many elements keep their tensors in each record.
+SMALL = 1000
+
+_SCALARS = ("step", "hyper_step", "val_loss", "hypergrad_norm", "seconds", "method")
+
+
+@dataclass
+class HyperStepRecord:
+    """What happened at one hyper-step.
+
+    Attributes:
+        step: inner step count at the hyper-step.
+        hyper_step: index of the hyper-step (1 for the first).
+        val_loss: validation loss on the hyper-step's batch, before the update.
+        hypergrad_norm: norm of the hypergradient (raw parametrization).
+        seconds: wall time of the hyper-step.
+        method: the method's repr.
+        info: the method's :class:`~hypergradient.methods.base.Info` (status, products,
+            method-specific stats).
+        hparams: values after the update, for hyperparameters of at most :data:`SMALL`
+            elements (detached copies).
+        hypergrad: the hypergradient applied (raw parametrization), same hyperparameters.
+        summaries: per hyperparameter, ``{"norm", "mean", "min", "max"}`` of the value after
+            the update and ``"hypergrad_norm"``.
+    """
+
+    step: int
+    hyper_step: int
+    val_loss: float
+    hypergrad_norm: float
+    seconds: float
+    method: str
+    info: Info = field(default_factory=Info, repr=False)
+    hparams: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    hypergrad: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    summaries: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        """The method's info as one flat dict of plain data (its ``stats`` merged in)."""
+        out = self.info.as_dict()
+        out.update(out.pop("stats", {}))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data and small tensors (``torch.load(weights_only=True)`` reads it)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in _SCALARS}
+        out["info"] = self.info.as_dict()
+        out["info_type"] = type(self.info).__name__
+        out["hparams"] = {k: v.clone() for k, v in self.hparams.items()}
+        out["hypergrad"] = {k: v.clone() for k, v in self.hypergrad.items()}
+        out["summaries"] = {k: dict(v) for k, v in self.summaries.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HyperStepRecord:
+        """Inverse of :meth:`to_dict` (the info comes back as its own ``Info`` subclass, with
+        its plain-data fields; tensors such as ``solution`` are not kept in checkpoints).
+
+        Raises:
+            ValueError: malformed data.
+        """
+        try:
+            info = dict(data["info"])
+            kind = _info_class(data.get("info_type"))
+            base = {f.name for f in dataclasses.fields(kind)}
+            stats = {**{k: v for k, v in info.items() if k not in base}, **info.get("stats", {})}
+            kwargs = {k: v for k, v in info.items() if k in base and k != "stats"}
+            kwargs["status"] = Status(kwargs.get("status", Status.FIXED_BUDGET))
+            scalars = {k: data[k] for k in _SCALARS}
+            return cls(
+                **scalars,
+                info=kind(**kwargs, stats=stats),
+                hparams=dict(data["hparams"]),
+                hypergrad=dict(data["hypergrad"]),
+                summaries={k: dict(v) for k, v in data["summaries"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"The checkpoint's history holds a malformed record ({err!r})."
+            ) from None
+
+
+def _info_class(name: Any) -> type[Info]:
+    """The ``Info`` subclass called ``name`` (``Info`` itself when unknown)."""
+    todo: list[type[Info]] = [Info]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return Info
+
+
+def _norm(t: Tensor) -> float:
+    return float(t.detach().to(wide_dtype(t.device)).pow(2).sum().sqrt())
+
+
+def make_record(
+    *,
+    step: int,
+    hyper_step: int,
+    seconds: float,
+    method: str,
+    info: Info,
+    values: Mapping[str, Tensor],
+    hypergrad: Mapping[str, Tensor],
+) -> HyperStepRecord:
+    """A record with tensors for the small hyperparameters and summaries for all."""
+    summaries = {}
+    for k, v in values.items():
+        w = v.detach().to(wide_dtype(v.device))
+        summaries[k] = {
+            "norm": _norm(v),
+            "mean": float(w.mean()) if w.numel() else math.nan,
+            "min": float(w.min()) if w.numel() else math.nan,
+            "max": float(w.max()) if w.numel() else math.nan,
+            "hypergrad_norm": _norm(hypergrad[k]),
+        }
+    small = [k for k, v in values.items() if v.numel() <= SMALL]
+    total = math.sqrt(sum(s["hypergrad_norm"] ** 2 for s in summaries.values()))
+    return HyperStepRecord(
+        step=step,
+        hyper_step=hyper_step,
+        val_loss=float(info.outer_loss),
+        hypergrad_norm=total,
+        seconds=seconds,
+        method=method,
+        info=info,
+        hparams={k: values[k].detach().clone() for k in small},
+        hypergrad={k: hypergrad[k].detach().clone() for k in small},
+        summaries=summaries,
+    )
+
+
+def _as_sink(logger: Any) -> Callable[[HyperStepRecord], Any] | None:
+    if logger is None:
+        return None
+    log = getattr(logger, "log", None)
+    if callable(log):
+        return log
+    if callable(logger):
+        return logger
+    raise ArgumentTypeError(
+        f"`logger` must be a callable taking a HyperStepRecord or an object with a "
+        f"log(record) method, got {type(logger).__name__}."
+    )
+
+
+class History(Sequence[HyperStepRecord]):
+    """The last ``maxlen`` hyper-step records (a sequence: ``history[-1]``, ``len``, loops).
+
+    Args:
+        maxlen: how many records to keep (None: all).
+        logger: a sink that receives every record as it is appended: a callable
+            ``logger(record)`` or an object with ``logger.log(record)``.
+
+    Attributes:
+        total: how many records were ever appended (the hyper-steps taken).
+    """
+
+    def __init__(self, maxlen: int | None = 100, logger: Any = None):
+        self.maxlen = as_optional_int(maxlen, "history_size", min=0)
+        self.sink = _as_sink(logger)
+        self.records: deque[HyperStepRecord] = deque(maxlen=self.maxlen)
+        self.total = 0
+
+    def append(self, record: HyperStepRecord) -> None:
+        """Keep ``record`` (dropping the oldest beyond ``maxlen``) and log it."""
+        self.records.append(record)
+        self.total += 1
+        if self.sink is not None:
+            self.sink(record)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self.records)[index]
+        return self.records[index]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[HyperStepRecord]:
+        return iter(self.records)
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} of {self.total} records, maxlen={self.maxlen})"
+
+    def snapshot(self) -> tuple[list[HyperStepRecord], int]:
+        return list(self.records), self.total
+
+    def restore(self, snapshot: tuple[list[HyperStepRecord], int]) -> None:
+        self.records = deque(snapshot[0], maxlen=self.maxlen)
+        self.total = snapshot[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "records": [r.to_dict() for r in self.records]}
+
+    def parse_state(self, state: Any) -> tuple[list[HyperStepRecord], int]:
+        """Validate :meth:`state_dict` data; returns what :meth:`restore` takes."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("records"), list):
+            raise ValueError("The checkpoint's `history` is malformed.")
+        total = state.get("total")
+        if isinstance(total, bool) or not isinstance(total, int) or total < len(state["records"]):
+            raise ValueError(f"The checkpoint's history count {total!r} is invalid.")
+        records = [HyperStepRecord.from_dict(r) for r in state["records"]]
+        keep = len(records) if self.maxlen is None else self.maxlen
+        return records[len(records) - keep :] if keep else [], total
+
+    def load_state_dict(self, state: Any) -> None:
+        self.restore(self.parse_state(state))

@@ -1,0 +1,290 @@
+"""``HyperParameters``: names, constraints, raw leaves, domain checks, optimizer-setting links.
+
+Every hyperparameter is a :class:`~hypergradient.constraints.Constraint` (a plain tensor
+becomes :class:`~hypergradient.constraints.Unconstrained`), so the same code path serves
+all of them: the outer optimizer updates the unconstrained ``raw`` leaves, the losses see
+``transform(raw)``, and after every outer step :meth:`HyperParameters.check_domain` refuses
+a value that left its domain (a :class:`Positive` rounded to 0 or inf, an
+:class:`Interval` saturated to a bound, a tuned learning rate below 0, NaN).
+
+Optimizer-setting links (``optimizer_hparams={'lr': 'lr'}``) make a scalar hyperparameter
+the value of a setting of the inner ``torch.optim`` optimizer: validated against that
+optimizer's type (a setting it has, holding a number) and range, and written into its
+param groups only after validation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._vocab import ArgumentTypeError, require_finite
+from ..constraints import Constraint, HyperparameterDomainError, Unconstrained
+
+__all__ = ["HyperParameters", "SETTING_RANGES"]
+
+#: ``setting: (low, high, low_open)``: the values a linked optimizer setting may take.
+SETTING_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, float("inf"), False),
+    "momentum": (0.0, float("inf"), False),
+    "weight_decay": (0.0, float("inf"), False),
+    "dampening": (0.0, 1.0, False),
+    "eps": (0.0, float("inf"), True),
+}
+
+
+def _as_constraint(name: str, h: Any) -> Constraint:
+    if isinstance(h, Constraint):
+        return h
+    if isinstance(h, Tensor):
+        return Unconstrained(h)
+    raise ArgumentTypeError(
+        f"hparams[{name!r}] must be a tensor or a Constraint (hg.Positive, hg.Interval), got "
+        f"{type(h).__name__}."
+    )
+
+
+def _setting_error(setting: str, value: float) -> str | None:
+    low, high, low_open = SETTING_RANGES.get(setting, (-math.inf, math.inf, False))
+    if math.isfinite(value) and low <= value <= high and not (low_open and value == low):
+        return None
+    bound = f"{'>' if low_open else '>='} {low:g}"
+    bound += "" if math.isinf(high) else f" and <= {high:g}"
+    return f"must be {bound} as the inner optimizer's `{setting}`, got {value:g}"
+
+
+class HyperParameters:
+    """The hyperparameters of a :class:`~hypergradient.HyperOptimizer`.
+
+    Args:
+        hparams: ``{name: tensor or Constraint}``, non-empty; tensors must be floating-point
+            leaves (they are updated in place).
+        device: the model's device (every hyperparameter must be there).
+        forbidden: the model's parameters (a hyperparameter may not be, or share memory
+            with, one of them).
+        inner_optimizer: the optimizer whose settings ``links`` tune.
+        links: ``{setting: name}``, e.g. ``{"lr": "lr"}``.
+
+    Raises:
+        ArgumentTypeError, ValueError: at construction, naming the hyperparameter and the fix.
+    """
+
+    def __init__(
+        self,
+        hparams: Mapping[str, Tensor | Constraint],
+        *,
+        device: torch.device,
+        forbidden: Sequence[Tensor] = (),
+        inner_optimizer: torch.optim.Optimizer | None = None,
+        links: Mapping[str, str] | None = None,
+    ):
+        if not isinstance(hparams, Mapping):
+            raise ArgumentTypeError(
+                f"`hparams` must be a dict {{name: tensor or Constraint}}, got "
+                f"{type(hparams).__name__}."
+            )
+        if not hparams:
+            raise ValueError("`hparams` is empty; pass at least one hyperparameter.")
+        self.constraints = {str(k): _as_constraint(str(k), h) for k, h in hparams.items()}
+        self.raw = {k: c.raw for k, c in self.constraints.items()}
+        self._check_leaves(device, forbidden)
+        self.links = self._check_links(links or {}, inner_optimizer)
+        bad = self.domain_error(self.raw)
+        if bad is not None:
+            raise ValueError(f"Initially, {bad[0]} {bad[1]}; start inside its domain.")
+
+    def _check_leaves(self, device: torch.device, forbidden: Sequence[Tensor]) -> None:
+        storages = {p.untyped_storage().data_ptr() for p in forbidden if p.device.type != "meta"}
+        seen: dict[int, str] = {}
+        for name, raw in self.raw.items():
+            if not raw.is_floating_point():
+                raise ArgumentTypeError(
+                    f"hparams[{name!r}] has dtype {raw.dtype}; it must be floating point."
+                )
+            if not raw.is_leaf:
+                raise ValueError(
+                    f"hparams[{name!r}] is not a leaf tensor (it was computed from others); "
+                    "pass a leaf, e.g. torch.tensor(...) or x.detach().clone()."
+                )
+            if raw.device != device:
+                raise ValueError(
+                    f"hparams[{name!r}] is on {raw.device} but the model's parameters are on "
+                    f"{device}; create it there, e.g. torch.full(..., device={str(device)!r}) "
+                    "(for a Constraint, pass a tensor on that device)."
+                )
+            if any(raw is p for p in forbidden) or raw.untyped_storage().data_ptr() in storages:
+                raise ValueError(
+                    f"hparams[{name!r}] is (or shares memory with) a parameter of the model; "
+                    "hyperparameters must be separate tensors, e.g. torch.tensor(...)."
+                )
+            if id(raw) in seen:
+                raise ValueError(
+                    f"hparams[{name!r}] is the same tensor as hparams[{seen[id(raw)]!r}]."
+                )
+            seen[id(raw)] = name
+
+    def _check_links(
+        self, links: Mapping[str, str], optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, str]:
+        if not isinstance(links, Mapping):
+            raise ArgumentTypeError(
+                f"`optimizer_hparams` must be a dict {{setting: hparams name}}, got {links!r}."
+            )
+        out = {}
+        for setting, name in links.items():
+            group = {} if optimizer is None else optimizer.param_groups[0]
+            value = group.get(setting)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                kind = type(optimizer).__name__
+                numeric = sorted(
+                    k
+                    for k, v in group.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                )
+                raise ValueError(
+                    f"optimizer_hparams key {setting!r} is not a numeric setting of the inner "
+                    f"{kind} (its numeric settings: {numeric}); link one of those."
+                )
+            if name not in self.constraints:
+                raise ValueError(
+                    f"optimizer_hparams[{setting!r}] = {name!r} is not in hparams "
+                    f"({sorted(self.constraints)})."
+                )
+            if self.raw[name].numel() != 1:
+                raise ValueError(
+                    f"hparams[{name!r}] tunes `{setting}` and must be a scalar, got shape "
+                    f"{tuple(self.raw[name].shape)}."
+                )
+            out[str(setting)] = str(name)
+        return out
+
+    # ------------------------------------------------------------------ values
+    def leaves(self) -> list[Tensor]:
+        """The raw leaves the outer optimizer updates, in the names' order."""
+        return list(self.raw.values())
+
+    def detached_raw(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.raw.items()}
+
+    def transform(self, raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The constrained values of a raw dict (differentiable)."""
+        return {k: c.transform(raw[k]) for k, c in self.constraints.items()}
+
+    def values(self) -> dict[str, Tensor]:
+        """The current constrained values, detached."""
+        with torch.no_grad():
+            return {k: v.detach() for k, v in self.transform(self.raw).items()}
+
+    def setting_fns(self) -> dict[str, Callable[[Mapping[str, Tensor]], Tensor]]:
+        """``{setting: fn(raw) -> value}`` for the linked optimizer settings."""
+        return {s: self._setting_fn(name) for s, name in self.links.items()}
+
+    def _setting_fn(self, name: str) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        constraint = self.constraints[name]
+        return lambda raw: constraint.transform(raw[name])
+
+    # ------------------------------------------------------------------ checks and updates
+    def domain_error(self, raw: Mapping[str, Tensor]) -> tuple[str, str] | None:
+        """``(quantity, reason)`` for the first value of ``transform(raw)`` outside its
+        domain (or outside the range of the optimizer setting it is linked to); None when
+        all are valid."""
+        with torch.no_grad():
+            values = self.transform(raw)
+        for name, c in self.constraints.items():
+            why = c.domain_error(values[name])
+            if why is not None:
+                return f"hparams[{name!r}]", why
+        for setting, name in self.links.items():
+            why = _setting_error(setting, float(values[name]))
+            if why is not None:
+                return f"hparams[{name!r}]", why
+        return None
+
+    def check_domain(self) -> None:
+        """Raise :class:`HyperparameterDomainError` if a current value left its domain."""
+        bad = self.domain_error(self.raw)
+        if bad is not None:
+            raise HyperparameterDomainError(
+                f"After the outer step, {bad[0]} {bad[1]}; the hyper-step was rolled back. "
+                "Lower the outer learning rate (or clip the hypergradient), or constrain the "
+                "hyperparameter (hg.Positive, hg.Interval).",
+                bad[0],
+            )
+
+    def apply(
+        self, hypergrad: Mapping[str, Tensor], outer_optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Write ``hypergrad`` to the raw leaves' ``.grad``, step the outer optimizer, check.
+
+        Raises:
+            NonFiniteHypergradientError: a non-finite hypergradient (nothing changed yet).
+            HyperparameterDomainError: the step left the domain (the caller rolls back).
+        """
+        names = list(self.raw)
+        if not isinstance(hypergrad, Mapping) or set(hypergrad) != set(names):
+            got = sorted(hypergrad) if isinstance(hypergrad, Mapping) else type(hypergrad)
+            raise ValueError(
+                f"The method returned a hypergradient for {got}; expected a dict over {names}."
+            )
+        require_finite(
+            [hypergrad[k] for k in names],
+            [f"hparams[{k!r}]" for k in names],
+            "The hypergradient of",
+            "The step was rolled back; check the losses, lower the learning rates, or add damping.",
+        )
+        for k, leaf in self.raw.items():
+            leaf.grad = hypergrad[k].detach().to(dtype=leaf.dtype, device=leaf.device).clone()
+        outer_optimizer.step()
+        outer_optimizer.zero_grad(set_to_none=True)
+        self.check_domain()
+
+    def write_settings(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write the linked settings into every param group (after checking them)."""
+        self.check_domain()
+        values = self.values()
+        for setting, name in self.links.items():
+            for g in optimizer.param_groups:
+                g[setting] = float(values[name])
+
+    # ------------------------------------------------------------------ state
+    def snapshot(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.raw.items()}
+
+    def restore(self, snapshot: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.raw.items():
+                v.copy_(snapshot[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"raw": self.snapshot()}
+
+    def check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be loaded exactly (nothing is changed)."""
+        saved = state.get("raw") if isinstance(state, Mapping) else None
+        if not isinstance(saved, Mapping) or set(saved) != set(self.raw):
+            got = sorted(saved) if isinstance(saved, Mapping) else saved
+            raise ValueError(
+                f"The checkpoint's hyperparameters {got} differ from this hyper-optimizer's "
+                f"{sorted(self.raw)}."
+            )
+        for k, leaf in self.raw.items():
+            v = saved[k]
+            if not isinstance(v, Tensor) or v.shape != leaf.shape or v.dtype != leaf.dtype:
+                what = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else repr(v)
+                raise ValueError(
+                    f"hparams[{k!r}] is {what} in the checkpoint but {tuple(leaf.shape)} "
+                    f"{leaf.dtype} here; the checkpoint was saved with other hyperparameters."
+                )
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"hparams[{k!r}] in the checkpoint is not finite (NaN or Inf).")
+        bad = self.domain_error({k: saved[k].to(v.device) for k, v in self.raw.items()})
+        if bad is not None:
+            raise ValueError(f"In the checkpoint, {bad[0]} {bad[1]}.")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check_state(state)
+        self.restore({k: v.to(self.raw[k].device) for k, v in state["raw"].items()})

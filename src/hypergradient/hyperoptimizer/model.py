@@ -1,0 +1,190 @@
+"""``ModelView``: the model as the hyper-optimizer sees it.
+
+The user trains an ``nn.Module`` (possibly wrapped in ``DistributedDataParallel``) or a tree
+of parameter tensors; the methods want functions of a parameter tree. The view holds:
+
+- the parameters the inner optimizer trains (in a fixed order, with their names), and the
+  frozen ones (parameters of the module the inner optimizer does not train);
+- functional calls of the user's losses ``loss(model, hparams, batch)`` at any parameter
+  tree: for a module, through :func:`torch.func.functional_call` on a small wrapper module
+  whose ``forward`` calls the user's loss with the reparametrized submodule, so
+  ``model(x)``, ``model.weight`` and ``model.parameters()`` all see the given tensors;
+- buffers as copies during those calls: a hyper-step's forward passes never change
+  BatchNorm running statistics or ``num_batches_tracked`` (plain training does, in the
+  user's own forward passes, in whatever train/eval mode the module is in);
+- snapshots of weights and buffers for the hyper-optimizer's rollback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _tree
+
+__all__ = ["ModelView"]
+
+Loss = Callable[[Any, Any, Any], Tensor]
+
+
+class _LossCall(nn.Module):
+    """``forward(loss, hparams, batch) = loss(self.model, hparams, batch)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss: Loss, hparams: Any, batch: Any) -> Tensor:
+        return loss(self.model, hparams, batch)
+
+
+def trained_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The tensors ``optimizer`` updates, in its order."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+class ModelView:
+    """A module (DDP-unwrapped) or a tree of tensors, seen as a tree of trained parameters.
+
+    Args:
+        model: an ``nn.Module`` (losses receive the module, reparametrized during
+            hyper-steps), a ``DistributedDataParallel`` wrapper of one (hyper-steps use the
+            wrapped module; the user's loop keeps the wrapper), or a tree of tensors.
+        inner_optimizer: the ``torch.optim`` optimizer that trains it; its tensors are the
+            trained parameters, the module's other parameters are frozen.
+
+    Raises:
+        ValueError: the optimizer trains none of the model's parameters, or a leaf of a
+            tree model is not trained by it.
+    """
+
+    def __init__(self, model: Any, inner_optimizer: torch.optim.Optimizer):
+        self.user_model = model  # what the user's own loop calls (possibly DDP-wrapped)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Hyper-steps evaluate the wrapped module functionally; averaging across ranks is
+            # done by the methods, not by DDP's backward hooks.
+            model = model.module
+        in_opt = {id(p) for p in trained_tensors(inner_optimizer)}
+        self.module: nn.Module | None = model if isinstance(model, nn.Module) else None
+        if self.module is not None:
+            named = dict(self.module.named_parameters())
+            self.names = [k for k, p in named.items() if id(p) in in_opt]
+            self.frozen = [k for k in named if k not in set(self.names)]
+            self.params: list[Tensor] = [named[k] for k in self.names]
+            self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
+            self._call = _LossCall(self.module)
+        else:
+            self.params, self.spec = _tree.flatten(model, "model")
+            _tree.check_leaves(self.params, self.spec, "model")
+            self.names, self.frozen = list(self.spec.paths), []
+        if not self.params:
+            raise ValueError(
+                "`inner_optimizer` optimizes none of the model's parameters; build it from "
+                "model.parameters()."
+            )
+        for name, p in zip(self.names, self.params):
+            if id(p) not in in_opt:
+                raise ValueError(
+                    f"{name} is not optimized by `inner_optimizer`; pass the tensors it trains."
+                )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def all_parameters(self) -> list[Tensor]:
+        """Every parameter of the model, trained and frozen."""
+        if self.module is None:
+            return list(self.params)
+        return list(self.module.parameters())
+
+    def tree(self, leaves: Sequence[Tensor]) -> Any:
+        """The parameter tree with these leaves (the trained parameters' order)."""
+        return _tree.unflatten(self.spec, list(leaves))
+
+    def detached(self) -> Any:
+        """The current trained parameters as a tree of detached tensors."""
+        return self.tree([p.detach() for p in self.params])
+
+    def loop_model(self) -> Any:
+        """What the user's loss receives in the training loop (the module, or the tree)."""
+        if self.module is not None:
+            return self.user_model
+        return self.tree(self.params)
+
+    # ------------------------------------------------------------------ functional calls
+    def call(self, loss: Loss, params: Any, hparams: Any, batch: Any) -> Tensor:
+        """``loss(model, hparams, batch)`` with the trained parameters set to ``params``.
+
+        Frozen parameters are passed detached and buffers as copies, so nothing of the
+        module's state changes.
+        """
+        if self.module is None:
+            return loss(params, hparams, batch)
+        values = {f"model.{k}": v.detach() for k, v in self.module.named_parameters()}
+        values.update({f"model.{k}": b.clone() for k, b in self.module.named_buffers()})
+        values.update({f"model.{k}": v for k, v in params.items()})
+        return torch.func.functional_call(self._call, values, (loss, hparams, batch))
+
+    def functional(
+        self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any]
+    ) -> Callable[[Any, Mapping[str, Tensor], Any], Tensor]:
+        """``f(params, raw, batch) = loss(model at params, transform(raw), batch)``."""
+
+        def f(params: Any, raw: Mapping[str, Tensor], batch: Any) -> Tensor:
+            return self.call(loss, params, transform(raw), batch)
+
+        return f
+
+    def at_batch(
+        self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any], batch: Any
+    ) -> Callable[[Any, Mapping[str, Tensor]], Tensor]:
+        """``f(params, raw) = loss(model at params, transform(raw), batch)``."""
+        f = self.functional(loss, transform)
+        return lambda params, raw: f(params, raw, batch)
+
+    # ------------------------------------------------------------------ state
+    def buffers(self) -> list[Tensor]:
+        return [] if self.module is None else list(self.module.buffers())
+
+    def snapshot(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Copies of the trained parameters and of the buffers (for a rollback)."""
+        return [p.detach().clone() for p in self.params], [b.clone() for b in self.buffers()]
+
+    def restore(self, snapshot: tuple[list[Tensor], list[Tensor]]) -> None:
+        with torch.no_grad():
+            for p, old in zip(self.params, snapshot[0]):
+                p.copy_(old)
+            for b, old in zip(self.buffers(), snapshot[1]):
+                b.copy_(old)
+
+    def signature(self) -> dict[str, Any]:
+        """Names, shapes and dtypes of the trained parameters (plain data, for checkpoints)."""
+        return {
+            "names": list(self.names),
+            "shapes": [list(p.shape) for p in self.params],
+            "dtypes": [str(p.dtype) for p in self.params],
+        }
+
+    def check_signature(self, saved: Any) -> None:
+        """Raise ``ValueError`` naming the first parameter where ``saved`` differs."""
+        mine = self.signature()
+        if not isinstance(saved, Mapping) or set(saved) != set(mine):
+            raise ValueError("The checkpoint's `model` entry is malformed.")
+        if list(saved["names"]) != mine["names"]:
+            raise ValueError(
+                f"The checkpoint was saved from another model: its trained parameters are "
+                f"{list(saved['names'])}, this model's are {mine['names']}."
+            )
+        for name, s, m, sd, md in zip(
+            mine["names"], saved["shapes"], mine["shapes"], saved["dtypes"], mine["dtypes"]
+        ):
+            if list(s) != m or sd != md:
+                raise ValueError(
+                    f"The checkpoint was saved from another model: {name} was {tuple(s)} {sd}, "
+                    f"here it is {tuple(m)} {md}."
+                )

@@ -1,0 +1,100 @@
+"""The inner and outer ``torch.optim`` optimizers: construction checks and checkpoint checks.
+
+``torch.optim.Optimizer.load_state_dict`` checks the number of groups and of parameters,
+but not the type of the optimizer that saved the state nor the shapes of its buffers, so a
+checkpoint from Adam loads into SGD and one from a model of another width loads and fails
+at the next step. :func:`check_state` checks all of that before anything is assigned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._vocab import ArgumentTypeError
+
+__all__ = ["build_outer", "check_state", "state"]
+
+
+def build_outer(
+    outer: torch.optim.Optimizer | Callable[[list[Tensor]], torch.optim.Optimizer],
+    raws: Sequence[Tensor],
+) -> torch.optim.Optimizer:
+    """The outer optimizer: ``outer`` itself (it must optimize exactly ``raws``) or
+    ``outer(raws)`` for a factory."""
+    if not isinstance(outer, torch.optim.Optimizer):
+        if not callable(outer):
+            raise ArgumentTypeError(
+                "`outer_optimizer` must be a torch.optim.Optimizer over hopt.raw_hparams() or a "
+                f"factory params -> optimizer, got {type(outer).__name__}."
+            )
+        outer = outer(list(raws))
+        if not isinstance(outer, torch.optim.Optimizer):
+            raise ArgumentTypeError(
+                "The `outer_optimizer` factory must return a torch.optim.Optimizer, got "
+                f"{type(outer).__name__}."
+            )
+    ids = {id(p) for g in outer.param_groups for p in g["params"]}
+    if ids != {id(r) for r in raws}:
+        raise ValueError(
+            "`outer_optimizer` must optimize exactly the raw hyperparameters (the tensors of "
+            "hparams, and .raw of each Constraint); pass a factory, e.g. "
+            "outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.01)."
+        )
+    return outer
+
+
+def state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"type": class name, "state_dict": optimizer.state_dict()}``."""
+    return {"type": type(optimizer).__name__, "state_dict": optimizer.state_dict()}
+
+
+def _check_groups(optimizer: torch.optim.Optimizer, saved: Any, name: str) -> list[Any]:
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list) or not isinstance(saved.get("state"), Mapping):
+        raise ValueError(f"The checkpoint's `{name}` state is malformed.")
+    sizes = [len(g.get("params", ())) for g in groups]
+    mine = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != mine:
+        raise ValueError(
+            f"The checkpoint's `{name}` has param groups of sizes {sizes}, this one {mine}; it "
+            "was saved with another model or hyperparameters."
+        )
+    for g in groups:
+        for key, value in g.items():
+            bad = isinstance(value, float) and not math.isfinite(value)
+            if bad or (key == "lr" and isinstance(value, (int, float)) and value < 0):
+                raise ValueError(f"The checkpoint's `{name}` has the setting {key}={value}.")
+    return groups
+
+
+def check_state(optimizer: torch.optim.Optimizer, saved: Any, name: str) -> None:
+    """Raise ``ValueError`` if ``saved`` (from :func:`state`) does not fit ``optimizer``.
+
+    Checks the optimizer's type, its groups and parameter counts, and that every buffer
+    shaped like a parameter has that parameter's shape. Changes nothing.
+    """
+    if not isinstance(saved, Mapping) or "type" not in saved or "state_dict" not in saved:
+        raise ValueError(f"The checkpoint's `{name}` entry is malformed.")
+    if saved["type"] != type(optimizer).__name__:
+        raise ValueError(
+            f"The checkpoint's `{name}` is a {saved['type']}, this one a "
+            f"{type(optimizer).__name__}; resume with the same optimizer."
+        )
+    sd = saved["state_dict"]
+    groups = _check_groups(optimizer, sd, name)
+    for g, mine in zip(groups, optimizer.param_groups):
+        for key, p in zip(g["params"], mine["params"]):
+            entry = sd["state"].get(key, {})
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"The checkpoint's `{name}` state is malformed.")
+            for k, v in entry.items():
+                if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(
+                        f"The checkpoint's `{name}` holds {k} of shape {tuple(v.shape)} for a "
+                        f"parameter of shape {tuple(p.shape)}; it was saved with another model."
+                    )

@@ -1,0 +1,171 @@
+"""``BatchSampler``: where hyper-steps draw validation (and training) batches.
+
+Two sources:
+
+- **tensors** (a tensor or a tuple/list of tensors with a common first dimension): a
+  mini-batch of ``batch_size`` rows drawn without replacement by a seeded
+  ``torch.Generator`` at each draw (all rows when ``batch_size`` is None or at least the
+  number of rows). The generator's state is the sampler's state: a resumed run draws
+  exactly the batches the uninterrupted run would have drawn.
+- **an iterable of batches** (a ``DataLoader``, a list): cycled, a fresh pass starting
+  when one ends. Its position is *not* restored on resume: replaying the stream would
+  fetch every batch drawn before (a ``DataLoader`` has no cheap seek), so a resumed
+  sampler starts a fresh pass (with a shuffling ``DataLoader``, a new random order). The
+  state records how many batches were drawn, for information.
+
+A hyper-step that fails is undone: :meth:`BatchSampler.mark` / :meth:`BatchSampler.rollback`
+restore the generator, or push the drawn batches back so that they are drawn again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._vocab import ArgumentTypeError, as_int, as_optional_int
+
+__all__ = ["BatchSampler"]
+
+
+class BatchSampler:
+    """Mini-batches from in-memory tensors (seeded) or from an iterable (cycled).
+
+    Args:
+        data: a tensor or a tuple/list of tensors (sampled by rows), or an iterable of
+            batches such as a ``DataLoader``.
+        batch_size: rows per batch for tensors (None: all rows); must be None for an
+            iterable, which batches itself.
+        seed: seed of the row sampling.
+        name: the argument's name, for messages.
+
+    Raises:
+        ArgumentTypeError, ValueError: bad ``data``, ``batch_size`` or ``seed``.
+    """
+
+    def __init__(self, data: Any, batch_size: Any = None, seed: Any = 0, name: str = "data"):
+        self.name = name
+        hint = f" Pass a positive number of rows (or None for all of `{name}`)."
+        self.batch_size = as_optional_int(batch_size, f"{_size_name(name)}", min=1, hint=hint)
+        self.seed = as_int(seed, "seed", min=0)
+        self.drawn = 0
+        self._pushback: deque[Any] = deque()
+        self._recent: list[Any] | None = None
+        self._mark_state: Tensor | None = None
+        if isinstance(data, Tensor):
+            data = (data,)
+        self.tensors: tuple[Tensor, ...] | None = None
+        if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
+            self._init_tensors(tuple(data))
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+            if self.batch_size is not None:
+                raise ValueError(
+                    f"`{_size_name(name)}` applies to tensors; `{name}` is an iterable that "
+                    "batches itself (set the DataLoader's batch_size instead)."
+                )
+            self.iterable = data
+            self._iter: Iterator[Any] | None = None
+        else:
+            raise ArgumentTypeError(
+                f"`{name}` must be a tuple of tensors (sampled in mini-batches) or an iterable "
+                f"of batches such as a DataLoader, got {type(data).__name__}."
+            )
+
+    def _init_tensors(self, tensors: tuple[Tensor, ...]) -> None:
+        n = tensors[0].shape[0] if tensors[0].dim() else 0
+        if n == 0 or any(t.dim() == 0 or t.shape[0] != n for t in tensors):
+            raise ValueError(
+                f"The tensors of `{self.name}` must have the same, non-zero first dimension "
+                f"(rows), got shapes {[tuple(t.shape) for t in tensors]}."
+            )
+        self.tensors = tensors
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    # ------------------------------------------------------------------ drawing
+    def next(self) -> Any:
+        """The next batch."""
+        batch = self._pushback.popleft() if self._pushback else self._draw()
+        self.drawn += 1
+        if self._recent is not None:
+            self._recent.append(batch)
+        return batch
+
+    def _draw(self) -> Any:
+        if self.tensors is not None:
+            n = self.tensors[0].shape[0]
+            if self.batch_size is None or self.batch_size >= n:
+                return self.tensors
+            idx = torch.randperm(n, generator=self.generator)[: self.batch_size]
+            return tuple(t[idx.to(t.device)] for t in self.tensors)
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = iter(self.iterable)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+        raise ValueError(f"`{self.name}` yields no batches.")
+
+    def mark(self) -> None:
+        """Start recording draws, so that :meth:`rollback` can undo them."""
+        self._recent = []
+        self._mark_state = None if self.tensors is None else self.generator.get_state()
+
+    def commit(self) -> None:
+        """Stop recording: the draws since :meth:`mark` stand."""
+        self._recent = None
+
+    def rollback(self) -> None:
+        """Undo the draws since :meth:`mark` (they will be drawn again, in order)."""
+        if self._recent is None:
+            return
+        self.drawn -= len(self._recent)
+        if self._mark_state is not None:
+            self.generator.set_state(self._mark_state)
+        else:
+            self._pushback.extendleft(reversed(self._recent))
+        self._recent = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors: the generator's state (resumes exactly). Iterables: the draw count only."""
+        if self.tensors is not None:
+            return {"kind": "tensors", "drawn": self.drawn, "generator": self.generator.get_state()}
+        return {"kind": "iterable", "drawn": self.drawn}
+
+    def check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` if ``state`` does not fit this sampler (nothing changes)."""
+        kind = "tensors" if self.tensors is not None else "iterable"
+        if not isinstance(state, Mapping) or state.get("kind") != kind:
+            got = state.get("kind") if isinstance(state, Mapping) else state
+            raise ValueError(f"The checkpoint's `{self.name}` sampler is {got!r}, here {kind!r}.")
+        as_int(state.get("drawn"), f"{self.name} sampler's drawn", min=0)
+        if kind == "tensors":
+            g = state.get("generator")
+            try:
+                if not isinstance(g, Tensor):
+                    raise TypeError
+                torch.Generator().set_state(g.cpu())
+            except (TypeError, RuntimeError):
+                raise ValueError(
+                    f"The checkpoint's `{self.name}` sampler holds no valid generator state."
+                ) from None
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (an iterable restarts a fresh pass: nothing is re-fetched)."""
+        self.check_state(state)
+        self.drawn = int(state["drawn"])
+        self._pushback.clear()
+        self._recent = None
+        if self.tensors is not None:
+            # a CPU generator's state (torch.load(map_location=...) may have moved it)
+            self.generator.set_state(state["generator"].cpu())
+        else:
+            self._iter = None
+
+
+def _size_name(name: str) -> str:
+    return name.replace("_data", "_batch_size")

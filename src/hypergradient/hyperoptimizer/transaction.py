@@ -1,0 +1,99 @@
+"""The hyper-optimizer's loop state, and the snapshot that undoes a failed step.
+
+A step with a hyper-step is a transaction: :class:`Transaction` snapshots everything the
+step may change before it starts; if anything raises (``KeyboardInterrupt`` included),
+:meth:`Transaction.undo_hyper_step` restores the hyper-step's part (hyperparameters, outer
+optimizer, method state, samplers, history) and :meth:`Transaction.undo_inner_step` the
+inner step's part (weights and buffers, inner optimizer, counters, window, torch's
+random-number state), so the run continues as if the call had not happened.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from .window import TrajectoryWindow, capture_rng, restore_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["LoopState", "Transaction"]
+
+
+@dataclass
+class LoopState:
+    """Counters and recordings of the training loop.
+
+    Attributes:
+        count: inner steps taken.
+        skipped: hyper-steps skipped (``nonfinite="skip"``).
+        window: the steps since the last hyper-step (trajectory methods), or None.
+        rng_pending: torch's random-number state captured by ``hopt.train_loss``, for the
+            next step.
+        rng_next: the state at the end of the last step (used when ``train_loss`` was not).
+    """
+
+    count: int = 0
+    skipped: int = 0
+    window: TrajectoryWindow | None = None
+    rng_pending: Any = None
+    rng_next: Any = None
+
+
+class Transaction:
+    """A snapshot of a hyper-optimizer before a step that takes a hyper-step.
+
+    Costs one copy of the trained parameters, the buffers, both optimizers' states, the
+    raw hyperparameters and the method's state; the window and the history are kept by
+    reference (a step only appends to them).
+    """
+
+    def __init__(self, hopt: HyperOptimizer):
+        self.hopt = hopt
+        self.samplers = [s for s in (hopt.val_sampler, hopt.train_sampler) if s is not None]
+        for sampler in self.samplers:
+            sampler.mark()
+        loop = hopt.loop
+        self.loop = replace(loop)
+        self.window_len = 0 if loop.window is None else len(loop.window)
+        self.model = hopt.view.snapshot()
+        self.inner = copy.deepcopy(hopt.inner_optimizer.state_dict())
+        self.rng = capture_rng(hopt.view.device)
+        self.hparams = hopt.hyperparameters.snapshot()
+        self.outer = copy.deepcopy(hopt.outer_optimizer.state_dict())
+        self.method = copy.deepcopy(hopt.method.state_dict())
+        self.history = hopt.history.snapshot()
+
+    @property
+    def params_before(self) -> list[Any]:
+        """The trained parameters before the step (copies)."""
+        return self.model[0]
+
+    def commit(self) -> None:
+        """The step succeeded: the samplers' draws stand."""
+        for sampler in self.samplers:
+            sampler.commit()
+
+    def undo_hyper_step(self) -> None:
+        """Restore hyperparameters, outer optimizer, method state, samplers and history."""
+        hopt = self.hopt
+        for sampler in self.samplers:
+            sampler.rollback()
+        hopt.hyperparameters.restore(self.hparams)
+        hopt.outer_optimizer.load_state_dict(self.outer)
+        hopt.method.load_state_dict(self.method)
+        hopt.history.restore(self.history)
+        hopt.hyperparameters.write_settings(hopt.inner_optimizer)
+
+    def undo_inner_step(self) -> None:
+        """Restore weights, buffers, inner optimizer, counters, window and torch's RNG."""
+        hopt = self.hopt
+        hopt.view.restore(self.model)
+        hopt.inner_optimizer.load_state_dict(self.inner)
+        hopt.loop = self.loop
+        window = self.loop.window
+        if window is not None:
+            del window.batches[self.window_len :], window.rng_states[self.window_len :]
+        restore_rng(self.rng, hopt.view.device)

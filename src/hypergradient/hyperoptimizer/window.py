@@ -1,0 +1,209 @@
+"""``TrajectoryWindow``: the inner steps since the last hyper-step, recorded for a replay.
+
+Trajectory methods (``Unrolled``, ``ForwardMode``, ``DrMAD``) differentiate through the
+last ``inner_steps`` training steps. The window holds what a replay needs to reproduce
+them exactly: the parameters and the inner optimizer's buffers and step count at the
+window's start, a *copy* of every step's batch, and torch's random-number state before
+every step (so dropout masks are those of the real run). :meth:`TrajectoryWindow.to_trajectory`
+turns it into the :class:`~hypergradient.methods.base.Trajectory` methods consume.
+
+A checkpoint taken mid-window holds that window's batches (as tensors and plain data,
+see :mod:`.batches`), so that the first hyper-step after a resume replays the same steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..methods import rng_state
+from ..methods.base import Trajectory
+from ..optim.functional import FunctionalOptimizer, from_torch
+from .batches import pack, unpack
+from .model import ModelView
+
+__all__ = ["TrajectoryWindow", "capture_rng", "parse_rng_state", "restore_rng"]
+
+RngState = tuple[Tensor, "Tensor | None"]
+
+
+def capture_rng(device: torch.device) -> RngState:
+    """torch's random-number state: the CPU generator's and that of ``device``'s accelerator.
+
+    The format of ``Trajectory.rng_states`` (:func:`hypergradient.methods.rng_state`).
+    """
+    return rng_state(device)
+
+
+def restore_rng(state: RngState, device: torch.device) -> None:
+    """Set torch's random-number state to one from :func:`capture_rng`."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+    elif state[1] is not None and device.type == "mps":
+        torch.mps.set_rng_state(state[1])
+
+
+def _tensors(value: Any, name: str) -> list[Tensor]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, Tensor) for t in value):
+        raise ValueError(f"The checkpoint's window `{name}` is not a list of tensors.")
+    return list(value)
+
+
+def parse_rng_state(value: Any) -> RngState:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and isinstance(value[0], Tensor) and value[0].dtype == torch.uint8
+    if not ok or not (value[1] is None or isinstance(value[1], Tensor)):
+        raise ValueError("The checkpoint's window holds a malformed random-number state.")
+    return value[0].cpu(), None if value[1] is None else value[1].cpu()
+
+
+@dataclass
+class TrajectoryWindow:
+    """The recorded inner steps since the last hyper-step.
+
+    Attributes:
+        params0: the trained parameters at the window's start (copies).
+        optimizer: the inner optimizer's differentiable twin (its settings at the start).
+        state0: its buffers at the start (None: fresh).
+        step0: its step count at the start (Adam's bias correction).
+        batches: a copy of each step's training batch.
+        rng_states: torch's random-number state before each step.
+    """
+
+    params0: list[Tensor]
+    optimizer: FunctionalOptimizer
+    state0: list[Tensor] | None
+    step0: int
+    batches: list[Any] = field(default_factory=list)
+    rng_states: list[RngState] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, view: ModelView, inner_optimizer: torch.optim.Optimizer) -> TrajectoryWindow:
+        """A new, empty window at the model's and the optimizer's current state."""
+        fopt, state0, step0 = from_torch(inner_optimizer, view.params)
+        return cls([p.detach().clone() for p in view.params], fopt, state0, step0)
+
+    def record(self, batch_copy: Any, rng_state: RngState) -> None:
+        """Append one step (``batch_copy`` must already be a copy: see ``copy_batch``)."""
+        self.batches.append(batch_copy)
+        self.rng_states.append(rng_state)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def to_trajectory(
+        self,
+        view: ModelView,
+        step_loss: Callable[[Any, Any, Any], Tensor],
+        settings: Mapping[str, Callable[[Any], Tensor]],
+        final_params: Any,
+    ) -> Trajectory:
+        """The :class:`~hypergradient.methods.base.Trajectory` of the window's steps."""
+        return Trajectory(
+            step_loss=step_loss,
+            params0=view.tree(self.params0),
+            optimizer=self.optimizer,
+            batches=list(self.batches),
+            state0=None if self.state0 is None else tuple(self.state0),
+            step0=self.step0,
+            settings=dict(settings),
+            rng_states=list(self.rng_states),
+            final_params=final_params,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data only (``torch.load(weights_only=True)`` reads it)."""
+        tensors: list[Tensor] = []
+        structure = [pack(b, tensors) for b in self.batches]
+        return {
+            "params0": [p.clone() for p in self.params0],
+            "state0": None if self.state0 is None else [s.clone() for s in self.state0],
+            "step0": self.step0,
+            "batches": {"tensors": [t.clone() for t in tensors], "structure": structure},
+            "rng_states": [
+                (s[0].clone(), None if s[1] is None else s[1].clone()) for s in self.rng_states
+            ],
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: Any,
+        view: ModelView,
+        inner_optimizer: torch.optim.Optimizer,
+        steps: int,
+    ) -> TrajectoryWindow:
+        """Rebuild a window from :meth:`state_dict`, on the parameters' devices.
+
+        ``steps`` is the number of steps the window must hold (the inner steps since the
+        last hyper-step). Validates everything and changes nothing outside the new window.
+
+        Raises:
+            ValueError: a malformed window, or one saved from another model or optimizer.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError("The checkpoint's `window` is malformed.")
+        fopt = from_torch(inner_optimizer, view.params)[0]
+        params0 = _tensors(state.get("params0"), "params0")
+        _same_shapes(params0, view.params, view.names, "its start parameters")
+        devices = [p.device for p in view.params]
+        params0 = [p.to(d) for p, d in zip(params0, devices)]
+        state0 = _optimizer_state(state.get("state0"), view)
+        step0 = state.get("step0")
+        if isinstance(step0, bool) or not isinstance(step0, int) or step0 < 0:
+            raise ValueError(f"The checkpoint's window step count is {step0!r}.")
+        batches = _unpack_batches(state.get("batches"))
+        rngs = [parse_rng_state(r) for r in state.get("rng_states") or []]
+        if len(batches) != steps or len(rngs) != steps:
+            raise ValueError(
+                f"The checkpoint's window holds {len(batches)} batches and {len(rngs)} "
+                f"random-number states; {steps} were expected (the steps since the last "
+                "hyper-step)."
+            )
+        return cls(params0, fopt, state0, step0, batches, rngs)
+
+
+def _optimizer_state(state0: Any, view: ModelView) -> list[Tensor] | None:
+    """The window's optimizer buffers: per parameter, in order (Adam: exp_avg, exp_avg_sq)."""
+    if state0 is None:
+        return None
+    state0 = _tensors(state0, "state0")
+    n = len(view.params)
+    if not state0 or len(state0) % n:
+        raise ValueError(
+            f"The checkpoint's window has {len(state0)} optimizer buffers for {n} "
+            "parameters; it was saved with another model or inner optimizer."
+        )
+    like = [view.params[i % n] for i in range(len(state0))]
+    names = [view.names[i % n] for i in range(len(state0))]
+    _same_shapes(state0, like, names, "the inner optimizer's buffers")
+    return [s.to(p.device) for s, p in zip(state0, like)]
+
+
+def _same_shapes(
+    saved: Sequence[Tensor], mine: Sequence[Tensor], names: Sequence[str], what: str
+) -> None:
+    if len(saved) != len(mine):
+        raise ValueError(
+            f"The checkpoint's window has {len(saved)} tensors for {what}, {len(mine)} expected;"
+            " it was saved with another model or inner optimizer."
+        )
+    for s, m, n in zip(saved, mine, names):
+        if s.shape != m.shape or s.dtype != m.dtype:
+            raise ValueError(
+                f"The checkpoint's window has {what} for {n} of {tuple(s.shape)} {s.dtype}, "
+                f"here {tuple(m.shape)} {m.dtype}; it was saved with another model."
+            )
+
+
+def _unpack_batches(value: Any) -> list[Any]:
+    if not isinstance(value, Mapping) or not isinstance(value.get("structure"), list):
+        raise ValueError("The checkpoint's window batches are malformed.")
+    tensors = _tensors(value.get("tensors"), "batches")
+    return [unpack(desc, tensors) for desc in value["structure"]]
