@@ -13,8 +13,14 @@ CPU this costs about one gradient evaluation per product, where recomputing
 graph answers the mixed product ``v -> d/dphi <grad_theta f, v>`` that turns the solution of
 the linear system into a hypergradient.
 
+Products work with any model: ``mode="auto"`` (default) uses double backward and falls
+back, on torch's "derivative ... is not implemented" error (fused attention kernels, cuDNN
+RNNs), to the math kernels and then to first-order products (central differences of
+gradients, no double backward); see :mod:`hypergradient.operators.modes`.
+
 Modules: ``base`` (LinearOperator, MatrixOperator, DampedOperator), ``graph`` (the
-retained-graph machinery), ``hessian`` (HessianOperator, FixedPointOperator).
+retained-graph machinery and the mode fallback), ``hessian`` (HessianOperator,
+FixedPointOperator), ``modes`` (product modes, RNG replay, the first-order step).
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from __future__ import annotations
 from .._vocab import as_scalar_loss
 from .base import DampedOperator, LinearOperator, MatrixOperator
 from .hessian import FixedPointOperator, HessianOperator
+from .modes import MODES
 
 __all__ = [
     "DampedOperator",
     "FixedPointOperator",
     "HessianOperator",
     "LinearOperator",
+    "MODES",
     "MatrixOperator",
 ]
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
+from .._vocab import HypergradientWarning
 from .base import LinearOperator
+from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
 
-__all__ = ["BATCHED", "GraphOperator", "prepare_leaves"]
+__all__ = ["BATCHED", "GRAPH_MODES", "GraphOperator", "prepare_leaves"]
 
 BATCHED = (True, False, "auto")
+GRAPH_MODES = tuple(m for m in MODES if m != "first_order")
 
 
 def prepare_leaves(tree: Tree, name: str, as_is: bool = False) -> tuple[list[Tensor], TreeSpec]:
@@ -37,17 +44,114 @@ class GraphOperator(LinearOperator):
     ``outputs`` is a list aligned with the parameter leaves (a gradient, or a fixed-point
     map's value). ``_vjp(v, leaves)`` returns ``sum_i <outputs_i, v_i>`` differentiated
     with respect to ``leaves``, by one backward pass through the retained graph.
+
+    Product modes (see :mod:`hypergradient.operators.modes`): subclasses implement
+    ``_graph_outputs()`` (evaluate the function with its graph) and the products for the
+    current ``mode``; this class builds the graph (under the math kernels for
+    ``"double_math"``, replaying the captured random-number state on a rebuild) and, in
+    ``"auto"`` mode, falls back on torch's double-backward error and retries the product.
+
+    Attributes:
+        mode: the product mode in use (``"double"``, ``"double_math"`` or ``"first_order"``).
+        requested_mode: the mode asked for (``"auto"`` or one of the above).
+        fallback_reason: why ``"auto"`` left ``"double"`` (torch's error), or None.
     """
 
     param_leaves: list[Tensor]
     param_spec: TreeSpec
     hparam_leaves: list[Tensor]
     hparam_spec: TreeSpec
+    _fallbacks: tuple[str, ...] = ("double_math",)
 
-    def _setup_graph(self, outputs: list[Tensor | None], batched: bool | str) -> None:
-        self._batched: bool | str = _vocab.as_choice(batched, "batched", BATCHED)
+    def _start_modes(self, mode: str) -> None:
+        """Record the requested mode; capture the RNG state when products may replay it."""
+        self.requested_mode = mode
+        self.mode = "double" if mode == "auto" else mode
+        self.fallback_reason: str | None = None
+        self._reasons: list[str] = []
+        self._outputs: list[Tensor] = []
+        self._connected: list[int] = []
+        self._rng = RngState(self.device) if mode in ("auto", "first_order") else None
+
+    def _graph_outputs(self) -> list[Tensor | None]:
+        raise NotImplementedError
+
+    def _build(self, replay: bool = False) -> None:
+        """Evaluate the function with its graph for the current (double) mode."""
+        kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
+        rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
+        with rng, kernels, torch.enable_grad():
+            outputs = self._graph_outputs()
+        if delayed_error_in([o for o in outputs if o is not None and o.requires_grad]):
+            raise RuntimeError(
+                "trying to differentiate twice a function that was marked with "
+                "@once_differentiable: a custom autograd.Function in the gradient's graph has "
+                "no double backward, so products would miss its part of the Hessian. Use "
+                "mode='first_order' (or 'auto')."
+            )
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
-        self._outputs = [outputs[i] for i in self._connected]
+        self._outputs = [outputs[i] for i in self._connected]  # type: ignore[misc]
+
+    def _build_first(self) -> None:
+        """The construction's build; in "auto" mode a double-backward error falls back."""
+        try:
+            self._build()
+        except RuntimeError as error:
+            if not self._fall_back(error):
+                raise
+            self._finish_fallback()
+
+    def _fall_back(self, error: RuntimeError) -> bool:
+        """Move to the next mode after ``error``; False if there is none (re-raise it)."""
+        if self.requested_mode != "auto" or not is_double_backward_error(error):
+            return False
+        order = ("double", *self._fallbacks)
+        if self.mode not in order or order.index(self.mode) + 1 >= len(order):
+            return False
+        reason = str(error).strip().splitlines()[0][:200]
+        if reason not in self._reasons:
+            self._reasons.append(reason)
+        self.release()
+        self.mode = order[order.index(self.mode) + 1]
+        if self.mode != "first_order":
+            try:
+                self._build(replay=True)
+            except RuntimeError as again:  # the math kernels did not help at build time
+                return self._fall_back(again)
+        return True
+
+    def _finish_fallback(self) -> None:
+        self.fallback_reason = "; ".join(self._reasons)
+        cost = (
+            " (central differences of gradients: 2 gradient evaluations per product)"
+            if self.mode == "first_order"
+            else " (the graph was rebuilt with the math attention kernel and without cuDNN)"
+        )
+        warnings.warn(
+            f"{type(self).__name__}: double backward is not available for this function "
+            f"({self.fallback_reason}); products use mode={self.mode!r}{cost}. Pass "
+            f"mode={self.mode!r} to skip the failed attempt.",
+            HypergradientWarning,
+            stacklevel=4,
+        )
+
+    def _guarded(self, product: Callable[[Any], Any], arg: Any) -> Any:
+        """``product(arg)``; in "auto" mode, on a double-backward error, fall back and retry."""
+        fell_back = False
+        while True:
+            try:
+                out = product(arg)
+            except RuntimeError as error:
+                if not self._fall_back(error):
+                    raise
+                fell_back = True
+                continue
+            if fell_back:
+                self._finish_fallback()
+            return out
+
+    def _setup_graph(self, batched: bool | str) -> None:
+        self._batched: bool | str = _vocab.as_choice(batched, "batched", BATCHED)
         self._out_dtypes = [leaf.dtype for leaf in self.param_leaves]
 
     def _vjp(self, v: Tensor, leaves: list[Tensor], batched: bool = False) -> list[Tensor | None]:
@@ -72,7 +176,9 @@ class GraphOperator(LinearOperator):
         """All rows of ``V`` by one vmapped backward; ``None`` if an op has no batching rule."""
         try:
             grads = self._vjp(V, self.param_leaves, batched=True)
-        except RuntimeError:
+        except RuntimeError as error:
+            if is_double_backward_error(error):
+                raise  # not a batching problem: let the mode fallback handle it
             return None
         k = V.shape[0]
         parts = [
@@ -118,7 +224,7 @@ class GraphOperator(LinearOperator):
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path)."""
-        return self._vjp(v, self.hparam_leaves)
+        return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v)
 
     def release(self) -> None:
         """Free the retained graph."""
