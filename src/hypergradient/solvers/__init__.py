@@ -21,7 +21,8 @@ solver             approximation of ``A^{-1} b``                 products
 
 One module per family: ``base`` (Solution, Solver, shared checks), ``exact``, ``cg``,
 ``neumann``, ``sketch`` and ``nystrom``, ``simple`` (Identity, FixedPoint), ``spectrum``
-(power iteration and Lanczos estimates of extreme eigenvalues).
+(power iteration and Lanczos estimates of extreme eigenvalues), ``damping``
+(``auto_damping``: a damping chosen from a curvature estimate).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from .. import _vocab
 from .base import RandomizedSolver, Solution, Solver
 from .cg import CG
+from .damping import DampingEstimate, auto_damping
 from .exact import Exact
 from .neumann import Neumann
 from .nystrom import Nystrom, NystromPCG
@@ -41,6 +43,7 @@ from .spectrum import SpectrumEstimate, estimate_lambda_max, lanczos_extremes
 
 __all__ = [
     "CG",
+    "DampingEstimate",
     "Exact",
     "FixedPoint",
     "Identity",
@@ -52,6 +55,7 @@ __all__ = [
     "Solution",
     "Solver",
     "SpectrumEstimate",
+    "auto_damping",
     "estimate_lambda_max",
     "lanczos_extremes",
     "nystrom_sketch",

@@ -32,6 +32,7 @@ __all__ = [
     "check_tensor",
     "generator_state",
     "require_finite_product",
+    "require_finite_solution",
     "safe_norm",
 ]
 
@@ -210,6 +211,16 @@ def safe_norm(v: Tensor) -> float:
 def require_finite_product(w: Tensor) -> None:
     """Raise :class:`NonFiniteHypergradientError` if a product ``w = A v`` has NaN or Inf."""
     _vocab.require_finite([w], [PRODUCT], "", _PRODUCT_FIX)
+
+
+def require_finite_solution(x: Tensor) -> None:
+    """Raise :class:`NonFiniteHypergradientError` if the solution overflowed its dtype."""
+    _vocab.require_finite(
+        [x],
+        [f"the solution x (in {x.dtype})"],
+        "",
+        "A^{-1} b is beyond the range of the dtype: add damping, or rescale the losses.",
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
-from .base import PRODUCT, Solution, Solver
+from .base import PRODUCT, Solution, Solver, require_finite_solution
 
 __all__ = ["Exact"]
 
@@ -58,9 +58,9 @@ class Exact(Solver):
         x64 = _dense_solve(A64, b64, op.symmetric, self.rcond)
         residual = float(torch.linalg.vector_norm(b64 - A64 @ x64))
         stats: dict[str, Any] = {"matrix": A}
-        return Solution(
-            x64.to(b.dtype), op.num_matvecs - start, residual, True, Status.EXACT, 1, stats
-        )
+        x = x64.to(b.dtype)
+        require_finite_solution(x)
+        return Solution(x, op.num_matvecs - start, residual, True, Status.EXACT, 1, stats)
 
 
 def _dense_solve(A: Tensor, b: Tensor, symmetric: bool, rcond: float) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _vocab
-from .._vocab import Status
+from .._vocab import HypergradientWarning, Status
 from ..operators import LinearOperator
 from .base import (
     RandomizedSolver,
@@ -19,6 +20,7 @@ from .base import (
     check_tensor,
     generator_state,
     require_finite_product,
+    require_finite_solution,
 )
 from .cg import conjugate_gradient
 from .sketch import SKETCHES, NystromApproximation, nystrom_sketch
@@ -36,6 +38,11 @@ class Nystrom(RandomizedSolver):
     ``chunk_size`` columns). The solve uses the stable eigen form (see
     :class:`NystromApproximation`), so small ``rho`` is safe in float32. With
     ``rank >= n`` and tiny ``rho`` it returns ``A^{-1} b``.
+
+    On an indefinite operator (a saddle point) the sketch keeps its positive part ``A_+``
+    and the solve is ``(A_+ + rho I)^{-1} b``; with no positive direction at all it is
+    ``b / rho``. Both warn with a ``HypergradientWarning`` and set
+    ``stats["indefinite"]``.
 
     Args:
         rank: sketch size r (products).
@@ -85,8 +92,33 @@ class Nystrom(RandomizedSolver):
             x = x0.to(b.dtype) + approx.solve(b - Ax, self.rho)
         else:
             x = approx.solve(b, self.rho)
+        require_finite_solution(x)
         stats = {"eigenvalues": approx.eigenvalues.detach().cpu(), "rank": approx.U.shape[1]}
-        return Solution(x, op.num_matvecs - start, None, None, Status.FIXED_BUDGET, 1, stats)
+        message = ""
+        if approx.indefinite:
+            stats["indefinite"] = True
+            message = _warn_indefinite(approx, f"the solve is (A_+ + {self.rho:g} I)^-1 b")
+        return Solution(
+            x, op.num_matvecs - start, None, None, Status.FIXED_BUDGET, 1, stats, message
+        )
+
+
+def _warn_indefinite(approx: NystromApproximation, fallback: str) -> str:
+    """Warn that the sketch met non-positive curvature; the message says what was done."""
+    if approx.U.shape[1] == 0:
+        what = (
+            "the sketch found no positive curvature (the Hessian is negative or indefinite "
+            "along every sampled direction), so the approximation is 0 and "
+            + fallback.replace("A_+", "0")
+        )
+    else:
+        what = (
+            "the sketch found non-positive curvature (the Hessian is indefinite: not a "
+            f"minimum); the approximation keeps its positive part (A_+), and {fallback}"
+        )
+    message = f"{what}. Add damping (hg.implicit(..., damping=...)) or use hg.CG()."
+    warnings.warn(f"Nystrom: {message}", HypergradientWarning, stacklevel=3)
+    return message
 
 
 class NystromPCG(RandomizedSolver):
@@ -95,7 +127,10 @@ class NystromPCG(RandomizedSolver):
     Frangella, Tropp & Udell (2023), "Randomized Nystrom Preconditioning", SIAM J. Matrix
     Anal. Appl. With ``A_nys = U diag(lam) U^T`` the preconditioner is
     ``P^{-1} = (lam_r + mu) U (diag(lam) + mu I)^{-1} U^T + (I - U U^T)``, which maps the top
-    r eigenvalues of ``A`` close to ``lam_r`` and leaves the rest as they are.
+    r eigenvalues of ``A`` close to ``lam_r`` and leaves the rest as they are. On an
+    indefinite operator the sketch keeps its positive part (see :func:`nystrom_sketch`);
+    with no positive direction the preconditioner is the identity (a
+    ``HypergradientWarning`` says so) and CG reports the negative curvature it meets.
 
     The sketch costs ``rank`` products and is kept across calls: it is rebuilt every
     ``refresh_every`` calls (1: every call), which pays off while the Hessian changes
@@ -225,9 +260,13 @@ class NystromPCG(RandomizedSolver):
         start = op.num_matvecs
         approx = self._sketch(op)
         sketch_hvps = op.num_matvecs - start
+        if approx.indefinite and approx.U.shape[1] == 0 and sketch_hvps:
+            _warn_indefinite(approx, "the preconditioner is the identity (plain CG)")
         sol = conjugate_gradient(
             op, b, x0, self.maxiter, self.tol, self.atol, self._preconditioner(approx)
         )
         sol.num_hvps += sketch_hvps
         sol.stats["sketch_hvps"] = sketch_hvps
+        if approx.indefinite:
+            sol.stats["indefinite"] = True
         return sol

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
-from .base import Solution, Solver, require_finite_product, safe_norm
+from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
 
 __all__ = ["FixedPoint", "Identity"]
 
@@ -33,7 +33,9 @@ class Identity(Solver):
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
-        return Solution(self.scale * b, 0, None, None, Status.FIXED_BUDGET, 0)
+        x = self.scale * b
+        require_finite_solution(x)
+        return Solution(x, 0, None, None, Status.FIXED_BUDGET, 0)
 
 
 class FixedPoint(Solver):
@@ -44,7 +46,11 @@ class FixedPoint(Solver):
     is ``x <- b + J^T x``, the adjoint of the forward iteration, which converges whenever
     ``T`` is a contraction. For an argmin, ``omega`` plays the role of a step size
     (converges iff ``0 < omega < 2 / lambda_max``). The residual is known at every step, so
-    it stops at ``||b - A x|| <= max(tol * ||b||, atol)`` and reports divergence.
+    it stops at ``||b - A x|| <= max(tol * ||b||, atol)`` and reports divergence: for a
+    symmetric operator as soon as the residual grows (``(I - omega A)^k r_0`` has
+    non-decreasing norm ratios, so growth never stops), otherwise past ``1e8`` times the
+    starting residual. It iterates on ``b / ||b||`` (scale-safe) and returns the iterate
+    with the smallest residual, never one worse than the start.
 
     Args:
         maxiter: maximum products.
@@ -67,30 +73,43 @@ class FixedPoint(Solver):
         self.validate(op, b, x0)
         start = op.num_matvecs
         bnorm = safe_norm(b)
-        threshold = max(self.tol * bnorm, self.atol)
-        if x0 is None:
-            x, r = torch.zeros_like(b), b.clone()
-        else:
-            x = x0.to(b.dtype).clone()
-            r = b - self._product(op, x)
+        scale = bnorm if bnorm > 0.0 else 1.0  # iterate on b / ||b||: scale-safe
+        bh = b / scale if bnorm > 0.0 else b
+        threshold = max(self.tol * bnorm, self.atol) / scale
+        x = torch.zeros_like(b) if x0 is None else x0.to(b.dtype) / scale
+        r = bh.clone() if x0 is None else bh - self._product(op, x)
         rnorm = safe_norm(r)
-        scale = max(rnorm, bnorm, 1e-300)  # divergence is growth past the starting residual
+        best, best_norm, previous, improved = x, rnorm, rnorm, False
+        limit = 1e8 * max(rnorm, bnorm / scale, 1e-300)  # non-symmetric: growth past this
+        growth_tol = math.sqrt(torch.finfo(b.dtype).eps)
         status, it = Status.MAX_ITERATIONS, 0
-        for it in range(1, self.maxiter + 1):  # noqa: B007
-            if rnorm <= threshold:
-                status = Status.CONVERGED
-                it -= 1
-                break
+        while rnorm > threshold and it < self.maxiter:
+            it += 1
             x = x + self.omega * r
-            r = b - self._product(op, x)
+            r = bh - self._product(op, x)
             rnorm = safe_norm(r)
-            if not math.isfinite(rnorm) or rnorm > 1e8 * scale:
+            grew = rnorm > (1.0 + growth_tol) * previous if op.symmetric else rnorm > limit
+            if grew or not math.isfinite(rnorm):
                 status = Status.DIVERGED
                 break
-        else:
-            if rnorm <= threshold:
-                status = Status.CONVERGED
-        return Solution(x, op.num_matvecs - start, rnorm, status == Status.CONVERGED, status, it)
+            if rnorm < best_norm:
+                best, best_norm, improved = x, rnorm, True
+            previous = rnorm
+        if status != Status.DIVERGED and best_norm <= threshold:
+            status = Status.CONVERGED
+        if improved:
+            value = best * scale
+        else:  # the start is the best iterate: return it as given
+            value = torch.zeros_like(b) if x0 is None else x0.to(b.dtype).clone()
+        require_finite_solution(value)
+        return Solution(
+            value,
+            op.num_matvecs - start,
+            best_norm * scale,
+            status == Status.CONVERGED,
+            status,
+            it,
+        )
 
     @staticmethod
     def _product(op: LinearOperator, x: Tensor) -> Tensor:

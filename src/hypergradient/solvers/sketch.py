@@ -30,6 +30,10 @@ class NystromApproximation:
     U: Tensor
     eigenvalues: Tensor
     full_rank: bool
+    #: The sketch's core had non-positive curvature (``A`` is not positive semi-definite
+    #: along the sketch): the approximation is that of ``A``'s positive part seen by the
+    #: sketch, possibly of rank 0 (then ``A_nys = 0``).
+    indefinite: bool = False
 
     def solve(self, b: Tensor, rho: float) -> Tensor:
         """``(A_nys + rho I)^{-1} b``."""
@@ -64,6 +68,8 @@ def _eigen_form(B: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     ``n x k`` work happens in place in ``B``, so the memory is ``B`` plus the returned ``U``.
     """
     eps = torch.finfo(B.dtype).eps
+    if B.shape[1] == 0:
+        return B.new_zeros(B.shape[0], 0, dtype=out_dtype), B.new_zeros(0, dtype=out_dtype)
     s2, V = torch.linalg.eigh(B.T @ B)
     keep = s2 > 10 * B.shape[1] * eps * float(s2.max().clamp_min(0.0))
     if not bool(keep.any()):
@@ -141,6 +147,13 @@ def nystrom_sketch(
     inner problems). Everything after the products runs in float64. A ``rank`` at least the
     dimension is clamped to it, and then the approximation is ``A`` itself.
 
+    Indefinite operators (a saddle point, a non-convex inner problem): when the core
+    ``Omega^T A Omega`` has an eigenvalue below ``-nu`` the approximation is built from its
+    positive eigen-directions only, and flagged ``indefinite``; with no positive direction
+    at all (e.g. the 1 x 1 operator ``[[-1]]``) it is the zero approximation of rank 0, so
+    that a solve gives ``b / rho`` and a preconditioner is the identity. Eigenvalues that
+    overflow the operator's dtype are clamped to its largest finite value.
+
     Memory: the sketch ``Y = A Omega`` in float64 (``8 r n`` bytes; the Gaussian test matrix
     adds as much), the returned ``U`` (``r n`` numbers in the operator's dtype) and, while
     the products run, ``chunk_size`` rows of test vectors and results. The column sketch
@@ -184,14 +197,23 @@ def nystrom_sketch(
         del Om
         m, V = torch.linalg.eigh(core)
         keep = m > eps * r * m.abs().max()
+        if not bool(keep.any()):  # no positive curvature in the sketch at all
+            return _empty(op, indefinite=True)
         Z = _right_multiply_(Y, V[:, keep] / m[keep].sqrt())
         U, lam = _eigen_form(Z, op.dtype)
-    return NystromApproximation(U.contiguous(), lam.to(op.dtype), full_rank=bool(U.shape[1] >= n))
+    top = torch.finfo(op.dtype).max
+    return NystromApproximation(
+        U.contiguous(),
+        lam.clamp(max=top).to(op.dtype),
+        full_rank=bool(U.shape[1] >= n),
+        indefinite=int(info) != 0,
+    )
 
 
-def _empty(op: LinearOperator) -> NystromApproximation:
+def _empty(op: LinearOperator, indefinite: bool = False) -> NystromApproximation:
     return NystromApproximation(
         torch.zeros(op.size, 0, dtype=op.dtype, device=op.device),
         torch.zeros(0, dtype=op.dtype, device=op.device),
         full_rank=False,
+        indefinite=indefinite,
     )

@@ -83,12 +83,13 @@ def lanczos_extremes(
     process group whose operator averages products over ranks it is the same vector on
     every rank even if the ranks drew different ``v0``.
 
-    Cost: at most ``maxiter`` products, three vectors of memory.
+    Cost: at most ``min(maxiter, n)`` products, three vectors of memory.
 
     Raises:
         NonFiniteHypergradientError: a product holds NaN or Inf.
     """
-    maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
+    # n steps span the whole space: more would only repeat eigenvalues (ghosts)
+    maxiter = min(_vocab.as_int(maxiter, "maxiter", min=1), max(op.size, 1))
     start = op.num_matvecs
     v = _start_vector(op, generator)
     if power_start and maxiter > 1:
