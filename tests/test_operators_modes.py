@@ -92,10 +92,11 @@ NEEDS_FALLBACK = pytest.mark.skipif(
 # ----------------------------------------------------------------------------- accuracy
 
 
-@pytest.mark.parametrize(("dtype", "bound"), [(DT, 1e-8), (torch.float32, 5e-4)])
+@pytest.mark.parametrize(("dtype", "bound"), [(DT, 1e-8), (torch.float32, 1e-3)])
 def test_first_order_products_match_double_backward_on_an_mlp(dtype, bound):
-    # Measured: max relative error 5e-11 (float64) and 3e-5 (float32) over 4 directions;
-    # the reference is the float64 double-backward product of the same (cast) model.
+    # Measured (8 directions): max relative error of H v 1.1e-10 in float64 and 6.7e-5 in
+    # float32, of the mixed product 7e-10 and 4e-4; the reference is the float64
+    # double-backward product of the same (cast) model.
     f, params, lam = mlp_problem(dtype)
     f64, params64, lam64 = mlp_problem(DT)
     ref = hg.HessianOperator(f64, {k: v.to(DT) for k, v in params.items()}, lam64, mode="double")
@@ -247,7 +248,8 @@ def test_transformer_double_mode_raises_torchs_error():
 
 @NEEDS_FALLBACK
 def test_transformer_float32_first_order_agrees_with_the_math_kernels():
-    # Measured: relative error 1.7e-4 in float32 against float64 math-kernel products.
+    # Measured (8 directions): max relative error 2.5e-4 in float32 (3.1e-10 in float64)
+    # against float64 math-kernel products.
     f, params, lam = transformer_problem(torch.float32)
     f64, _, lam64 = transformer_problem(DT)
     ref = hg.HessianOperator(

@@ -38,9 +38,11 @@ class HessianOperator(GraphOperator):
     (:func:`~hypergradient.operators.modes.first_order_step`), and ``mixed(v)`` the same
     central difference of ``grad_phi f`` along ``v``. Each of these gradient evaluations
     replays the random-number state captured at construction (dropout draws the masks of
-    the graph the other modes keep). Measured relative error against double backward
-    (``tests/test_operators_modes.py``): ~1e-9 in float64 and ~1e-4 in float32 on a tanh
-    MLP.
+    the graph the other modes keep). Measured relative error of ``H v`` against float64
+    double backward (``tests/test_operators_modes.py``, worst of 8 directions): 1.1e-10
+    (float64) and 6.7e-5 (float32) on a tanh MLP, 3.1e-10 and 2.5e-4 on a
+    ``TransformerEncoderLayer``; the mixed product 7e-10 and 4e-4 on the MLP. Cost: two
+    gradient evaluations per product and no retained graph.
 
     Args:
         loss_fn: ``f(params, hparams) -> scalar tensor``.
