@@ -103,7 +103,7 @@ def _cg(n, lo, hi, steps=None):
 
 
 def _neumann(n, lo, hi, steps=None):
-    return hg.Neumann(iters=steps or richardson_iters(lo, hi), alpha=2.0 / (lo + hi))
+    return hg.Neumann(maxiter=steps or richardson_iters(lo, hi), alpha=2.0 / (lo + hi))
 
 
 def _nystrom_column(n, lo, hi, steps=None):
@@ -133,7 +133,7 @@ def _budget_cg(s, n):
 
 
 def _budget_neumann(s, n):
-    return s.iters, s.iters
+    return s.maxiter, s.maxiter
 
 
 def _budget_nystrom(s, n):
@@ -562,7 +562,7 @@ def test_neumann_error_decays_like_the_eigenvalue_prediction():
     errors = []
     for k in range(1, 31):
         op = hg.MatrixOperator(s.A)
-        sol = hg.Neumann(iters=k, alpha=alpha).solve(op, s.b)
+        sol = hg.Neumann(maxiter=k, alpha=alpha).solve(op, s.b)
         assert sol.num_hvps == k == op.num_matvecs and sol.iterations == k
         assert sol.status == "fixed_budget" and sol.converged is None
         assert sol.residual_norm is None
@@ -577,19 +577,27 @@ def test_neumann_error_decays_like_the_eigenvalue_prediction():
 def test_neumann_with_alpha_above_two_over_lambda_max_diverges():
     s = make_system(torch.tensor([1.0, 2.0, 4.0], dtype=DT), seed=32)
     alpha = 2.5 / 4.0  # |1 - alpha * 4| = 1.5
-    sol = hg.Neumann(iters=30, alpha=alpha).solve(hg.MatrixOperator(s.A), s.b)
+    sol = hg.Neumann(maxiter=30, alpha=alpha).solve(hg.MatrixOperator(s.A), s.b)
     assert sol.status == "diverged" and sol.converged is False
-    predicted = _neumann_error_prediction(s, alpha, 30)
-    assert rel(s.x - sol.value, predicted) < 1e-10
+    # It stops as soon as the residual grows (for a symmetric operator that proves
+    # divergence) and returns the partial sum with the smallest residual: the one before
+    # the growing term, with k = iterations - 2 products (x = 0 if k < 0).
+    assert sol.iterations < 30
+    k = sol.iterations - 2
+    if k >= 0:
+        assert rel(s.x - sol.value, _neumann_error_prediction(s, alpha, k)) < 1e-10
+    else:
+        assert torch.equal(sol.value, torch.zeros_like(s.b))
+    assert sol.residual_norm == pytest.approx(dense_residual(s.A, s.b, sol.value), rel=1e-10)
     # A stable alpha on the same system is not flagged.
-    ok = hg.Neumann(iters=30, alpha=0.45).solve(hg.MatrixOperator(s.A), s.b)
+    ok = hg.Neumann(maxiter=30, alpha=0.45).solve(hg.MatrixOperator(s.A), s.b)
     assert ok.status == "fixed_budget"
 
 
 def test_neumann_auto_alpha_estimates_lambda_max_and_converges():
     s = make_system(torch.logspace(0, 1, 30, dtype=DT), seed=33)
     op = hg.MatrixOperator(s.A)
-    sol = hg.Neumann(iters=400, alpha="auto", power_iters=20).solve(op, s.b)
+    sol = hg.Neumann(maxiter=400, alpha="auto", power_iters=20, seed=0).solve(op, s.b)
     lam = sol.stats["lambda_max"]
     assert sol.stats["power_hvps"] == 20
     assert sol.num_hvps == 420 == op.num_matvecs
@@ -598,7 +606,7 @@ def test_neumann_auto_alpha_estimates_lambda_max_and_converges():
     assert sol.stats["alpha"] == pytest.approx(1.0 / lam, rel=1e-15)
     assert rel(sol.value, s.x) < 1e-10
     # Seeded: a second solve estimates the same lambda_max.
-    again = hg.Neumann(iters=400, alpha="auto").solve(hg.MatrixOperator(s.A), s.b)
+    again = hg.Neumann(maxiter=400, alpha="auto", seed=0).solve(hg.MatrixOperator(s.A), s.b)
     assert again.stats["lambda_max"] == lam
 
 
@@ -622,7 +630,7 @@ def test_neumann_tol_stops_early_with_the_dense_residual():
     alpha = 1.0 / s.hi
     tol = 1e-6
     op = hg.MatrixOperator(s.A)
-    sol = hg.Neumann(iters=1000, alpha=alpha, tol=tol).solve(op, s.b)
+    sol = hg.Neumann(maxiter=1000, alpha=alpha, tol=tol).solve(op, s.b)
     bnorm = float(s.b.norm())
     assert sol.status == "converged" and sol.converged is True
     assert sol.iterations < 1000 and sol.num_hvps == sol.iterations == op.num_matvecs
@@ -633,11 +641,11 @@ def test_neumann_tol_stops_early_with_the_dense_residual():
     # fewer sums the same terms. And it stopped at the first partial sum meeting tol: the
     # sum with one term fewer does not.
     k = sol.iterations - 1
-    fixed = hg.Neumann(iters=k, alpha=alpha).solve(hg.MatrixOperator(s.A), s.b)
+    fixed = hg.Neumann(maxiter=k, alpha=alpha).solve(hg.MatrixOperator(s.A), s.b)
     assert rel(fixed.value, sol.value) < 1e-14
-    shorter = hg.Neumann(iters=k - 1, alpha=alpha).solve(hg.MatrixOperator(s.A), s.b)
+    shorter = hg.Neumann(maxiter=k - 1, alpha=alpha).solve(hg.MatrixOperator(s.A), s.b)
     assert dense_residual(s.A, s.b, shorter.value) > tol * bnorm
-    capped = hg.Neumann(iters=k - 1, alpha=alpha, tol=tol).solve(hg.MatrixOperator(s.A), s.b)
+    capped = hg.Neumann(maxiter=k - 1, alpha=alpha, tol=tol).solve(hg.MatrixOperator(s.A), s.b)
     assert capped.status == "max_iterations" and capped.converged is False
     assert capped.residual_norm is None
 
@@ -923,7 +931,7 @@ def _linear_contraction():
     [
         pytest.param(hg.FixedPoint(maxiter=200, tol=1e-14), id="FixedPoint"),
         pytest.param(hg.Exact(), id="Exact"),
-        pytest.param(hg.Neumann(iters=200, alpha=1.0), id="Neumann"),
+        pytest.param(hg.Neumann(maxiter=200, alpha=1.0), id="Neumann"),
     ],
 )
 def test_implicit_fixed_point_linear_contraction_closed_form(solver):
@@ -959,7 +967,7 @@ def test_fixed_point_richardson_matches_the_iteration_formula():
     s = random_spd(8, seed=62)
     omega = 1.0 / s.hi
     sol = hg.FixedPoint(maxiter=7, tol=0.0, omega=omega).solve(hg.MatrixOperator(s.A), s.b)
-    neu = hg.Neumann(iters=6, alpha=omega).solve(hg.MatrixOperator(s.A), s.b)
+    neu = hg.Neumann(maxiter=6, alpha=omega).solve(hg.MatrixOperator(s.A), s.b)
     assert sol.num_hvps == 7 and sol.iterations == 7 and sol.status == "max_iterations"
     assert rel(sol.value, neu.value) < 1e-14
 
@@ -1005,6 +1013,8 @@ BAD_ARGS = [
     (hg.CG, {"tol": "1e-6"}, TypeError, "tol"),
     (hg.CG, {"atol": -1.0}, ValueError, "atol"),
     (hg.CG, {"preconditioner": "jacobi"}, TypeError, "preconditioner"),
+    (hg.Neumann, {"maxiter": 0}, ValueError, "maxiter"),
+    (hg.Neumann, {"maxiter": True}, (ValueError, TypeError), "maxiter"),
     (hg.Neumann, {"iters": 0}, ValueError, "iters"),
     (hg.Neumann, {"iters": True}, (ValueError, TypeError), "iters"),
     (hg.Neumann, {"iters": 3.5}, (ValueError, TypeError), "iters"),
@@ -1072,7 +1082,7 @@ def test_numpy_float32_arguments_are_accepted():
 
 DTYPE_SOLVERS = [
     pytest.param(lambda n: hg.CG(maxiter=n, tol=1e-12), id="CG"),
-    pytest.param(lambda n: hg.Neumann(iters=60, alpha=0.4), id="Neumann"),
+    pytest.param(lambda n: hg.Neumann(maxiter=60, alpha=0.4), id="Neumann"),
     pytest.param(lambda n: hg.Nystrom(rank=n, rho=1e-13, sketch="column", seed=0), id="Nys-col"),
     pytest.param(lambda n: hg.Nystrom(rank=n, rho=1e-13, sketch="gaussian", seed=0), id="Nys-g"),
     pytest.param(lambda n: hg.NystromPCG(rank=n // 2, tol=1e-12, seed=0), id="NystromPCG"),
@@ -1118,14 +1128,14 @@ def test_lambda_max_estimate_and_auto_neumann_on_device(device):
     A, b = to_device(device, (s.A, s.b))
     lam = hg.estimate_lambda_max(hg.MatrixOperator(A), 200, gen(0))
     assert lam == pytest.approx(s.hi, rel=1e-6)
-    sol = hg.Neumann(iters=400, alpha="auto", tol=1e-13).solve(hg.MatrixOperator(A), b)
+    sol = hg.Neumann(maxiter=400, alpha="auto", tol=1e-13).solve(hg.MatrixOperator(A), b)
     assert sol.converged and sol.value.device.type == device.type
     assert rel(sol.value, s.x) < 1e-11
 
 
 @pytest.mark.parametrize(
     "solver",
-    [hg.Neumann(iters=3, alpha=0.1), hg.Nystrom(rank=2, rho=0.5, seed=0)],
+    [hg.Neumann(maxiter=3, alpha=0.1), hg.Nystrom(rank=2, rho=0.5, seed=0)],
     ids=["neumann", "nystrom"],
 )
 def test_warm_start_from_the_solution_returns_it(solver):

@@ -1,0 +1,141 @@
+"""Linear operators on flat vectors: the interface, an explicit matrix, and a damped shift."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _vocab
+from .._vocab import ArgumentTypeError
+
+__all__ = ["DampedOperator", "LinearOperator", "MatrixOperator"]
+
+
+class LinearOperator:
+    """A square linear operator acting on 1-D tensors of length ``size``.
+
+    Subclasses implement ``_matvec`` (and may override ``_matmat``). ``num_matvecs``
+    counts every product taken, batched ones included.
+
+    Attributes:
+        size: dimension n of the operator (the number of parameters).
+        dtype, device: of the vectors it acts on.
+        symmetric: whether the operator is symmetric (CG and Nystrom require it).
+    """
+
+    symmetric: bool = True
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
+        self.size = _vocab.as_int(size, "size", min=0)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_matvecs = 0
+
+    # -- products -------------------------------------------------------------------
+    def _matvec(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return torch.stack([self._matvec(v) for v in V])
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for a 1-D ``v``; one product."""
+        self.num_matvecs += 1
+        return self._matvec(v)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    def matmat(self, V: Tensor, chunk_size: int | None = None) -> Tensor:
+        """Products with each row of ``V`` (shape ``(k, n)``), returned as rows ``(k, n)``.
+
+        ``chunk_size`` bounds how many products are evaluated at once (memory grows
+        linearly with it); ``None`` does all ``k`` together.
+        """
+        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != self.size:
+            shape = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
+            raise ValueError(f"matmat expects a (k, {self.size}) tensor, got {shape}")
+        chunk_size = _vocab.as_optional_int(chunk_size, "chunk_size", min=1)
+        k = V.shape[0]
+        self.num_matvecs += k
+        if k == 0:
+            return V.clone()
+        step = k if chunk_size is None else chunk_size
+        return torch.cat([self._matmat(V[i : i + step]) for i in range(0, k, step)])
+
+    def dense(self, chunk_size: int | None = None) -> Tensor:
+        """Materialize the operator as an ``(n, n)`` matrix; costs ``n`` products."""
+        eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+        return self.matmat(eye, chunk_size).T.contiguous()
+
+
+class MatrixOperator(LinearOperator):
+    """An explicit matrix as an operator (tests, small problems, preconditioners).
+
+    Args:
+        matrix: a square floating-point tensor.
+        symmetric: whether to treat it as symmetric; ``None`` tests it (relative to its
+            largest finite entry; NaN/Inf entries do not make it non-symmetric, so that a
+            solver meets them in its products and reports them).
+    """
+
+    def __init__(self, matrix: Tensor, symmetric: bool | None = None):
+        if not isinstance(matrix, Tensor):
+            raise ArgumentTypeError(f"`matrix` must be a tensor, got {type(matrix).__name__}.")
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"`matrix` must be square, got shape {tuple(matrix.shape)}")
+        if not matrix.is_floating_point():
+            raise ArgumentTypeError(f"`matrix` must be floating point, got {matrix.dtype}.")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+        if symmetric is None:
+            symmetric = _is_symmetric(matrix)
+        self.symmetric = _vocab.as_bool(symmetric, "symmetric")
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self.matrix @ v
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return V @ self.matrix.T
+
+
+def _is_symmetric(matrix: Tensor) -> bool:
+    """Symmetric up to ``100 eps max|a_ij|`` on the finite entries (scale-invariant)."""
+    if matrix.numel() == 0:
+        return True
+    finite = torch.isfinite(matrix) & torch.isfinite(matrix.T)
+    safe = torch.where(finite, matrix, torch.zeros_like(matrix))
+    tol = 100 * torch.finfo(matrix.dtype).eps * float(safe.abs().max())
+    return bool((safe - safe.T).abs().max() <= tol)
+
+
+class DampedOperator(LinearOperator):
+    """``A + damping * I``. Products are counted on the wrapped operator.
+
+    Args:
+        base: the operator ``A``.
+        damping: the shift, a finite number >= 0.
+    """
+
+    def __init__(self, base: LinearOperator, damping: float):
+        if not isinstance(base, LinearOperator):
+            raise ArgumentTypeError(f"`base` must be a LinearOperator, got {type(base).__name__}.")
+        damping = _vocab.as_float(damping, "damping", min=0.0)
+        super().__init__(base.size, base.dtype, base.device)
+        self.base = base
+        self.damping = damping
+        self.symmetric = base.symmetric
+
+    @property  # type: ignore[override]
+    def num_matvecs(self) -> int:
+        return self.base.num_matvecs
+
+    @num_matvecs.setter
+    def num_matvecs(self, value: int) -> None:  # the base class __init__ sets it
+        pass
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.base.matvec(v) + self.damping * v
+
+    def matmat(self, V: Tensor, chunk_size: int | None = None) -> Tensor:
+        return self.base.matmat(V, chunk_size) + self.damping * V

@@ -1,0 +1,232 @@
+"""Operators answered by backward passes through a retained autograd graph."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _tree, _vocab
+from .._tree import Tree, TreeSpec
+from .._vocab import HypergradientWarning
+from .base import LinearOperator
+from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
+
+__all__ = ["BATCHED", "GRAPH_MODES", "GraphOperator", "prepare_leaves"]
+
+BATCHED = (True, False, "auto")
+GRAPH_MODES = tuple(m for m in MODES if m != "first_order")
+
+
+def prepare_leaves(tree: Tree, name: str, as_is: bool = False) -> tuple[list[Tensor], TreeSpec]:
+    """The leaves of ``tree`` as tensors that require grad (fresh copies unless ``as_is``)."""
+    leaves, spec = _tree.flatten(tree, name)
+    _tree.check_leaves(leaves, spec, name)
+    if as_is:
+        # The caller's own leaves (for losses that capture them by reference, as stateful
+        # criteria do); they must already require grad. Only autograd.grad reads them.
+        for t, path in zip(leaves, spec.paths):
+            if not (t.is_leaf and t.requires_grad):
+                raise ValueError(f"{path} must be a leaf tensor with requires_grad=True.")
+        return list(leaves), spec
+    # Fresh leaves: the caller's tensors are never modified, and their .grad stays as it was.
+    return [t.detach().requires_grad_(True) for t in leaves], spec
+
+
+class GraphOperator(LinearOperator):
+    """Shared machinery: a retained autograd graph from (params, hparams) to ``outputs``.
+
+    ``outputs`` is a list aligned with the parameter leaves (a gradient, or a fixed-point
+    map's value). ``_vjp(v, leaves)`` returns ``sum_i <outputs_i, v_i>`` differentiated
+    with respect to ``leaves``, by one backward pass through the retained graph.
+
+    Product modes (see :mod:`hypergradient.operators.modes`): subclasses implement
+    ``_graph_outputs()`` (evaluate the function with its graph) and the products for the
+    current ``mode``; this class builds the graph (under the math kernels for
+    ``"double_math"``, replaying the captured random-number state on a rebuild) and, in
+    ``"auto"`` mode, falls back on torch's double-backward error and retries the product.
+
+    Attributes:
+        mode: the product mode in use (``"double"``, ``"double_math"`` or ``"first_order"``).
+        requested_mode: the mode asked for (``"auto"`` or one of the above).
+        fallback_reason: why ``"auto"`` left ``"double"`` (torch's error), or None.
+    """
+
+    param_leaves: list[Tensor]
+    param_spec: TreeSpec
+    hparam_leaves: list[Tensor]
+    hparam_spec: TreeSpec
+    _fallbacks: tuple[str, ...] = ("double_math",)
+
+    def _start_modes(self, mode: str) -> None:
+        """Record the requested mode; capture the RNG state when products may replay it."""
+        self.requested_mode = mode
+        self.mode = "double" if mode == "auto" else mode
+        self.fallback_reason: str | None = None
+        self._reasons: list[str] = []
+        self._outputs: list[Tensor] = []
+        self._connected: list[int] = []
+        self._rng = RngState(self.device) if mode in ("auto", "first_order") else None
+
+    def _graph_outputs(self) -> list[Tensor | None]:
+        raise NotImplementedError
+
+    def _build(self, replay: bool = False) -> None:
+        """Evaluate the function with its graph for the current (double) mode."""
+        kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
+        rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
+        with rng, kernels, torch.enable_grad():
+            outputs = self._graph_outputs()
+        if delayed_error_in([o for o in outputs if o is not None and o.requires_grad]):
+            raise RuntimeError(
+                "trying to differentiate twice a function that was marked with "
+                "@once_differentiable: a custom autograd.Function in the gradient's graph has "
+                "no double backward, so products would miss its part of the Hessian. Use "
+                "mode='first_order' (or 'auto')."
+            )
+        self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
+        self._outputs = [outputs[i] for i in self._connected]  # type: ignore[misc]
+
+    def _build_first(self) -> None:
+        """The construction's build; in "auto" mode a double-backward error falls back."""
+        try:
+            self._build()
+        except RuntimeError as error:
+            if not self._fall_back(error):
+                raise
+            self._finish_fallback()
+
+    def _fall_back(self, error: RuntimeError) -> bool:
+        """Move to the next mode after ``error``; False if there is none (re-raise it)."""
+        if self.requested_mode != "auto" or not is_double_backward_error(error):
+            return False
+        order = ("double", *self._fallbacks)
+        if self.mode not in order or order.index(self.mode) + 1 >= len(order):
+            return False
+        reason = str(error).strip().splitlines()[0][:200]
+        if reason not in self._reasons:
+            self._reasons.append(reason)
+        self.release()
+        self.mode = order[order.index(self.mode) + 1]
+        if self.mode != "first_order":
+            try:
+                self._build(replay=True)
+            except RuntimeError as again:  # the math kernels did not help at build time
+                return self._fall_back(again)
+        return True
+
+    def _finish_fallback(self) -> None:
+        self.fallback_reason = "; ".join(self._reasons)
+        cost = (
+            " (central differences of gradients: 2 gradient evaluations per product)"
+            if self.mode == "first_order"
+            else " (the graph was rebuilt with the math attention kernel and without cuDNN)"
+        )
+        warnings.warn(
+            f"{type(self).__name__}: double backward is not available for this function "
+            f"({self.fallback_reason}); products use mode={self.mode!r}{cost}. Pass "
+            f"mode={self.mode!r} to skip the failed attempt.",
+            HypergradientWarning,
+            stacklevel=4,
+        )
+
+    def _guarded(self, product: Callable[[Any], Any], arg: Any) -> Any:
+        """``product(arg)``; in "auto" mode, on a double-backward error, fall back and retry."""
+        fell_back = False
+        while True:
+            try:
+                out = product(arg)
+            except RuntimeError as error:
+                if not self._fall_back(error):
+                    raise
+                fell_back = True
+                continue
+            if fell_back:
+                self._finish_fallback()
+            return out
+
+    def _setup_graph(self, batched: bool | str) -> None:
+        self._batched: bool | str = _vocab.as_choice(batched, "batched", BATCHED)
+        self._out_dtypes = [leaf.dtype for leaf in self.param_leaves]
+
+    def _vjp(self, v: Tensor, leaves: list[Tensor], batched: bool = False) -> list[Tensor | None]:
+        if not self._outputs:
+            return [None] * len(leaves)
+        parts = _tree.split(v, self.param_spec, self._out_dtypes)
+        grads = torch.autograd.grad(
+            self._outputs,
+            leaves,
+            grad_outputs=[parts[i] for i in self._connected],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return list(grads)
+
+    def _param_vjp_flat(self, v: Tensor) -> Tensor:
+        grads = self._vjp(v, self.param_leaves)
+        return _tree.cat(grads, self.param_spec, self.dtype, self.device)
+
+    def _vmapped(self, V: Tensor) -> Tensor | None:
+        """All rows of ``V`` by one vmapped backward; ``None`` if an op has no batching rule."""
+        try:
+            grads = self._vjp(V, self.param_leaves, batched=True)
+        except RuntimeError as error:
+            if is_double_backward_error(error):
+                raise  # not a batching problem: let the mode fallback handle it
+            return None
+        k = V.shape[0]
+        parts = [
+            torch.zeros(k, n, dtype=self.dtype, device=self.device)
+            if g is None
+            else g.reshape(k, -1).to(self.dtype)
+            for g, n in zip(grads, self.param_spec.numels)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _looped(self, V: Tensor) -> Tensor:
+        return torch.stack([self._param_vjp_flat(v) for v in V])
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _param_vjp_flat_batched(self, V: Tensor) -> Tensor:
+        if self._batched == "auto":
+            if V.shape[0] < 4:
+                return self._looped(V)
+            # Time two looped products against the vmapped rest and keep the faster per
+            # product: vmap is several times faster for most networks, but several times
+            # slower for some backward formulas (e.g. elementwise products with a
+            # matrix-vector product on CPU). Every product computed is used.
+            t0 = self._clock()
+            head = self._looped(V[:2])
+            t1 = self._clock()
+            tail = self._vmapped(V[2:])
+            t2 = self._clock()
+            if tail is None:
+                self._batched = False
+                return torch.cat([head, self._looped(V[2:])])
+            self._batched = (t2 - t1) / (V.shape[0] - 2) < (t1 - t0) / 2
+            return torch.cat([head, tail])
+        if self._batched:
+            out = self._vmapped(V)
+            if out is not None:
+                return out
+            self._batched = False  # some backward formula has no batching rule
+        return self._looped(V)
+
+    def mixed(self, v: Tensor) -> list[Tensor | None]:
+        """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path)."""
+        return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v)
+
+    def release(self) -> None:
+        """Free the retained graph."""
+        self._outputs = []
+        self._connected = []

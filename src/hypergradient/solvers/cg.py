@@ -1,0 +1,264 @@
+"""Conjugate gradient, and the CG kernel that the Nystrom-preconditioned solver reuses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _vocab
+from .._vocab import Status
+from ..operators import LinearOperator
+from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
+
+__all__ = ["CG", "conjugate_gradient"]
+
+#: Residual replacements (verifications that failed) before CG gives up on its tolerance.
+MAX_REPLACEMENTS = 3
+
+
+class _Run:
+    """One CG solve on the normalized system ``A y = b / ||b||`` (``x = ||b|| y``).
+
+    Normalizing makes the iteration scale-safe: ``||b||^2`` and ``r^T z`` cannot overflow
+    or underflow whatever the scale of ``b``. The run keeps the iterate with the smallest
+    known residual (``x = 0``, residual 1, to start with) and returns it on every exit.
+    """
+
+    def __init__(self, op, b, x0, maxiter, tol, atol, precondition):
+        self.op, self.maxiter, self.precondition = op, maxiter, precondition
+        self.start = op.num_matvecs
+        self.bnorm = safe_norm(b)
+        self.eps = torch.finfo(b.dtype).eps
+        top = float(b.abs().max())
+        self.b = (b / top) / (self.bnorm / top)  # two steps: b / ||b|| cannot overflow
+        # tolerance on the normalized residual; never below rounding level (past it the
+        # residual only shrinks by rounding noise until p^T A p underflows to 0, which would
+        # read as false negative curvature)
+        asked = max(tol, atol / self.bnorm)
+        self.threshold = max(asked, 10 * self.eps)
+        # a tolerance below rounding level asks for "as far as the precision goes": the
+        # updated residual at 10 eps is taken at its word (the true one is then at the
+        # rounding level of the system, about eps ||A|| ||x||)
+        self.to_rounding_level = asked < 10 * self.eps
+        self.stats: dict[str, Any] = {}
+        self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
+        self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
+        self._initial_guess(x0)
+
+    # -- setup --------------------------------------------------------------------------
+    def _product(self, v: Tensor) -> Tensor:
+        w = self.op.matvec(v)
+        require_finite_product(w)
+        return w
+
+    def _initial_guess(self, x0: Tensor | None) -> None:
+        self.y = torch.zeros_like(self.b)
+        self.r = self.b.clone()
+        self.rnorm = 1.0
+        self.x0: Tensor | None = None  # the warm start as given, returned if never improved
+        if x0 is not None and bool(x0.any()):
+            y0 = x0.to(self.b.dtype) / self.bnorm
+            r0 = self.b - self._product(y0)
+            r0norm = safe_norm(r0)
+            if r0norm <= 1.0:
+                self.y, self.r, self.rnorm = y0.clone(), r0, r0norm
+                self.xmax = safe_norm(y0)
+                self.x0 = x0.to(self.b.dtype)
+            else:  # worse than x = 0: drop it (its product is counted)
+                self.stats["warm_start_dropped"] = True
+        self.best, self.best_norm, self.improved = self.y.clone(), self.rnorm, False
+
+    def _restart_direction(self) -> None:
+        self.z = self.precondition(self.r) if self.precondition is not None else self.r
+        self.p = self.z.clone()
+        self.rz = torch.dot(self.r, self.z)
+
+    # -- iteration ----------------------------------------------------------------------
+    def _remember(self) -> None:
+        if self.rnorm < self.best_norm:
+            self.best_norm, self.improved = self.rnorm, True
+            self.best.copy_(self.y)
+
+    def _step(self) -> bool:
+        """One CG step; True when the run must stop (status set)."""
+        Ap = self._product(self.p)
+        pAp = torch.dot(self.p, Ap)
+        if not _vocab.is_finite(pAp):
+            self.status = Status.DIVERGED
+            return True
+        pap = float(pAp)
+        if pap <= 0.0:
+            # A is not positive definite along p: a CG step here would move uphill.
+            self.status = Status.NEGATIVE_CURVATURE
+            return True
+        self.lam_hat = max(self.lam_hat, safe_norm(Ap) / safe_norm(self.p))
+        alpha = self.rz / pAp
+        self.y.add_(self.p, alpha=alpha)
+        self.r.sub_(Ap, alpha=alpha)
+        self.iterations += 1
+        self.rnorm = safe_norm(self.r)
+        self.xmax = max(self.xmax, safe_norm(self.y))
+        self._remember()
+        if self.rnorm <= self.threshold and self._verified():
+            self.status = Status.CONVERGED
+            return True
+        z = self.precondition(self.r) if self.precondition is not None else self.r
+        rz_new = torch.dot(self.r, z)
+        self.p.mul_(rz_new / self.rz).add_(z)
+        self.rz = rz_new
+        return False
+
+    def _verified(self) -> bool:
+        """Whether the updated residual can be trusted; else replace it by ``b - A y``.
+
+        The recursively updated residual drifts from the true one by about
+        ``eps (||b|| + ||A|| max ||y_k||)`` (Greenbaum, 1997). When that drift could reach
+        the tolerance (ill-conditioned or low-precision systems), one product computes the
+        true residual; if it does not meet the tolerance the iteration restarts from it
+        (residual replacement), at most ``MAX_REPLACEMENTS`` times.
+        """
+        drift = self.eps * (1.0 + self.lam_hat * self.xmax)
+        if 2 * drift <= self.threshold or self.to_rounding_level:
+            return True
+        self.stats["verify_hvps"] = self.stats.get("verify_hvps", 0) + 1
+        true_r = self.b - self._product(self.y)
+        true_norm = safe_norm(true_r)
+        if self.best_norm == self.rnorm:  # y is the best iterate: record its true residual
+            self.best_norm = true_norm
+        self.r, self.rnorm = true_r, true_norm
+        if true_norm <= self.threshold:
+            return True
+        self.replacements += 1
+        self.stats["attainable_residual"] = true_norm * self.bnorm
+        if self.replacements >= MAX_REPLACEMENTS:
+            raise StopIteration
+        self._restart_direction()
+        return False
+
+    def run(self) -> Solution:
+        if self.rnorm <= self.threshold:
+            self.status = Status.CONVERGED
+        else:
+            self._restart_direction()
+            try:
+                while self.iterations < self.maxiter and not self._step():
+                    pass
+            except StopIteration:
+                self.status = Status.MAX_ITERATIONS
+        return self._solution()
+
+    def _solution(self) -> Solution:
+        residual = self.best_norm * self.bnorm
+        self.stats["relative_residual"] = self.best_norm
+        message = ""
+        if "attainable_residual" in self.stats and self.status == Status.MAX_ITERATIONS:
+            message = (
+                f"the updated residual met the tolerance but the true one was "
+                f"{self.stats['attainable_residual']:.3g}: the tolerance is near or below the "
+                f"rounding level of {self.b.dtype} for this system (about eps ||A|| ||x||); "
+                "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
+            )
+        if self.improved:
+            value = self.best * self.bnorm
+        else:  # the start is the best iterate: return it as given (0 or a copy of x0)
+            value = torch.zeros_like(self.b) if self.x0 is None else self.x0.clone()
+        return Solution(
+            value,
+            self.op.num_matvecs - self.start,
+            residual,
+            self.status == Status.CONVERGED,
+            self.status,
+            self.iterations,
+            self.stats,
+            message,
+        )
+
+
+def conjugate_gradient(
+    op: LinearOperator,
+    b: Tensor,
+    x0: Tensor | None,
+    maxiter: int,
+    tol: float,
+    atol: float,
+    precondition: Callable[[Tensor], Tensor] | None = None,
+) -> Solution:
+    """(Preconditioned) conjugate gradient on a validated system; see :class:`CG`."""
+    if safe_norm(b) == 0.0:  # A x = 0: x = 0
+        return Solution(torch.zeros_like(b), 0, 0.0, True, Status.CONVERGED, 0)
+    sol = _Run(op, b, x0, maxiter, tol, atol, precondition).run()
+    require_finite_solution(sol.value)
+    return sol
+
+
+class CG(Solver):
+    """Conjugate gradient for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952).
+
+    Stops when ``||b - A x|| <= max(tol * ||b||, atol)`` or after ``maxiter`` iterations
+    (and always once the residual is at rounding level, ``10 eps ||b||``, even with
+    ``tol=0``: then "converged" means "to rounding level"). Safe on the systems implicit
+    differentiation meets in practice:
+
+    - **never worse than x = 0**: CG's residual is not monotone (it minimizes the
+      ``A``-norm of the error), so the iterate with the smallest residual is kept and
+      returned on every exit; a warm start ``x0`` whose residual exceeds ``||b||`` is
+      dropped (``stats["warm_start_dropped"]``; its product is counted);
+    - **negative curvature**: if a search direction has ``p^T A p <= 0`` (not a minimum,
+      or ``A`` singular along ``p``) it stops with ``status="negative_curvature"`` and the
+      best iterate, instead of stepping uphill; add damping (``auto_damping``);
+    - **scale-safe**: it iterates on ``A y = b / ||b||`` and returns ``x = ||b|| y``, so
+      ``||b||^2``, ``A b`` and ``r^T z`` cannot overflow or underflow (float32 with
+      ``||b|| ~ 1e20`` used to report "converged" with ``x = 0``);
+    - **verified**: when the drift of the updated residual from ``b - A x`` (about
+      ``eps (||b|| + ||A|| ||x||)``) could reach the tolerance, "converged" is checked with
+      one product (``stats["verify_hvps"]``) and the iteration restarts from the true
+      residual if needed; if the tolerance is below what the precision can reach, it
+      stops with ``"max_iterations"`` and a message saying so.
+
+    Args:
+        maxiter: maximum number of iterations (one product each).
+        tol: relative residual tolerance.
+        atol: absolute residual tolerance.
+        preconditioner: optional callable ``r -> M^{-1} r`` for a symmetric positive-definite
+            ``M``.
+
+    Cost: one product and O(n) memory per iteration (four vectors and the best iterate),
+    plus one product for a warm start and one per verification. With exact arithmetic it
+    solves an ``n``-dimensional system in at most ``n`` iterations.
+
+    Raises:
+        NonFiniteHypergradientError: ``b``, ``x0`` or a product holds NaN or Inf, or the
+            solution overflows the dtype.
+    """
+
+    requires_symmetric = True
+
+    def __init__(
+        self,
+        maxiter: int = 100,
+        tol: float = 1e-6,
+        atol: float = 0.0,
+        preconditioner: Callable[[Tensor], Tensor] | None = None,
+    ):
+        self.maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
+        self.tol = _vocab.as_float(tol, "tol", min=0.0)
+        self.atol = _vocab.as_float(atol, "atol", min=0.0)
+        if preconditioner is not None:
+            _vocab.as_callable(preconditioner, "preconditioner", "r -> M^{-1} r")
+        self.preconditioner = preconditioner
+
+    def config(self) -> dict[str, object]:
+        pre = self.preconditioner
+        return {
+            "maxiter": self.maxiter,
+            "tol": self.tol,
+            "atol": self.atol,
+            "preconditioner": None if pre is None else getattr(pre, "__qualname__", repr(pre)),
+        }
+
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        self.validate(op, b, x0)
+        return conjugate_gradient(op, b, x0, self.maxiter, self.tol, self.atol, self.preconditioner)

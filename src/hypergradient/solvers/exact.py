@@ -1,0 +1,80 @@
+"""The reference solver: materialize the operator and solve densely."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _vocab
+from .._vocab import Status
+from ..operators import LinearOperator
+from .base import PRODUCT, Solution, Solver, require_finite_solution
+
+__all__ = ["Exact"]
+
+
+class Exact(Solver):
+    """Materialize ``A`` (``n`` products) and solve densely: the reference solver.
+
+    Symmetric operators are solved through an eigendecomposition in float64 with a
+    pseudo-inverse cut at ``rcond * max|lambda|`` (so parameters that do not enter ``f``,
+    whose Hessian rows are zero, get zero instead of NaN); others by LU with a least-squares
+    fallback. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||`` in float64
+    (non-zero when ``b`` has a part outside the range of a singular ``A``).
+
+    Args:
+        max_size: refuse operators larger than this (the matrix has ``n^2`` entries).
+        chunk_size: products evaluated together while materializing (bounds memory).
+        rcond: relative cut of the pseudo-inverse (symmetric operators).
+
+    Cost: ``n`` products, O(n^2) memory, O(n^3) time. A NaN or Inf in the matrix raises
+    :class:`~hypergradient.NonFiniteHypergradientError` (never a ``LinAlgError``).
+    """
+
+    def __init__(self, max_size: int = 20_000, chunk_size: int | None = None, rcond: float = 1e-13):
+        self.max_size = _vocab.as_int(max_size, "max_size", min=1)
+        self.chunk_size = _vocab.as_optional_int(chunk_size, "chunk_size", min=1)
+        self.rcond = _vocab.as_float(rcond, "rcond", min=0.0)
+
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        self.validate(op, b, x0)
+        if op.size > self.max_size:
+            raise ValueError(
+                f"Exact() would materialize a {op.size} x {op.size} matrix (max_size="
+                f"{self.max_size}); use hg.CG() or hg.NystromPCG(), or raise max_size."
+            )
+        start = op.num_matvecs
+        A = op.dense(self.chunk_size)
+        _vocab.require_finite(
+            [A],
+            [f"{PRODUCT} (a column of the dense matrix)"],
+            "",
+            "Check inner_loss at `params`: its Hessian holds NaN or Inf.",
+        )
+        work = torch.float64 if A.device.type != "mps" else A.dtype
+        A64, b64 = A.to(work), b.to(work)
+        x64 = _dense_solve(A64, b64, op.symmetric, self.rcond)
+        residual = float(torch.linalg.vector_norm(b64 - A64 @ x64))
+        stats: dict[str, Any] = {"matrix": A}
+        x = x64.to(b.dtype)
+        require_finite_solution(x)
+        return Solution(x, op.num_matvecs - start, residual, True, Status.EXACT, 1, stats)
+
+
+def _dense_solve(A: Tensor, b: Tensor, symmetric: bool, rcond: float) -> Tensor:
+    """``A^+ b`` by eigendecomposition (symmetric) or LU with a least-squares fallback."""
+    if symmetric:
+        A = 0.5 * (A + A.T)
+        evals, evecs = torch.linalg.eigh(A)
+        cut = rcond * evals.abs().max().clamp_min(torch.finfo(A.dtype).tiny)
+        inv = torch.where(evals.abs() > cut, 1.0 / evals, torch.zeros_like(evals))
+        return evecs @ (inv * (evecs.T @ b))
+    try:
+        x = torch.linalg.solve(A, b)
+        if _vocab.is_finite(x):
+            return x
+    except RuntimeError:  # singular (torch.linalg.LinAlgError)
+        pass
+    return torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)

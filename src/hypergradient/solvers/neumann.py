@@ -1,0 +1,244 @@
+"""The truncated Neumann series, and the power iteration that picks its step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _vocab
+from .._vocab import Status
+from ..operators import LinearOperator
+from .base import (
+    RandomizedSolver,
+    Solution,
+    require_finite_product,
+    require_finite_solution,
+    safe_norm,
+)
+from .spectrum import estimate_lambda_max, lanczos_extremes
+
+__all__ = ["Neumann"]
+
+
+class Neumann(RandomizedSolver):
+    """Truncated Neumann series ``x = alpha * sum_{j=0}^{k} (I - alpha A)^j b``.
+
+    This is the inverse-Hessian approximation of Lorraine et al. (2020), "Optimizing
+    Millions of Hyperparameters by Implicit Differentiation", AISTATS. With ``k = maxiter``
+    products it sums ``k + 1`` terms; the error contracts like ``|1 - alpha lambda|^(k+1)``
+    per eigen-direction, so it converges iff ``0 < alpha < 2 / lambda_max`` and ``A`` is
+    positive definite.
+
+    Args:
+        maxiter: number of products ``k`` (the series has ``k + 1`` terms). ``iters=`` is
+            the deprecated name.
+        alpha: step size, or ``"auto"``: ``1 / (s lambda_est)``. For a symmetric operator
+            ``lambda_est`` is the top Ritz value of ``power_iters`` products (one power step,
+            then Lanczos), a lower bound of ``lambda_max``, and ``s`` a safety factor from
+            the Kuczynski-Wozniakowski bound (:func:`lanczos_safety`) that makes
+            ``alpha < 2 / lambda_max`` with probability >= 0.999 for a PSD operator (``s = 1``
+            for ``power_iters >= 20`` whatever the size; exact if Lanczos finds an invariant
+            subspace). A non-symmetric operator uses power iterations and ``s = 1``. The
+            products are counted in ``num_hvps`` and ``stats["power_hvps"]``; the estimate,
+            ``s`` and the step are in ``stats["lambda_max"]``, ``["safety"]``, ``["alpha"]``.
+        tol: optional early stop once the partial sum's residual ``||(I - alpha A)^j b||``
+            (known for free) drops below ``tol * ||b||``.
+        power_iters: products of the ``lambda_max`` estimate for ``alpha="auto"``.
+        seed / generator: randomness of the power iteration's start vector (see
+            :class:`~hypergradient.solvers.base.RandomizedSolver`); only ``alpha="auto"``
+            draws.
+        divergence_factor: for a non-symmetric operator, the solve is reported
+            ``"diverged"`` (and ``hg.implicit`` raises) once a term's norm exceeds this
+            multiple of ``||b||``. For a symmetric one any growth of the residual proves
+            divergence: the solve stops there and returns the partial sum with the smallest
+            residual (``x = 0`` if the first term grows).
+
+    Cost: ``maxiter`` products (+ ``power_iters``), O(n) memory.
+    """
+
+    def __init__(
+        self,
+        maxiter: int | None = None,
+        alpha: float | str = 1.0,
+        tol: float | None = None,
+        power_iters: int = 20,
+        seed: int | None = None,
+        divergence_factor: float = 1e3,
+        *,
+        generator: torch.Generator | None = None,
+        iters: int | None = None,
+    ):
+        if iters is not None:
+            if maxiter is not None:
+                raise ValueError("Pass `maxiter` only (`iters` is its deprecated name).")
+            warnings.warn(
+                "Neumann(iters=...) is deprecated; use Neumann(maxiter=...).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.maxiter = _vocab.as_int(iters, "iters", min=1)
+        else:
+            self.maxiter = _vocab.as_int(20 if maxiter is None else maxiter, "maxiter", min=1)
+        if isinstance(alpha, str):
+            alpha = _vocab.as_choice(alpha, "alpha", ("auto",))
+        else:
+            alpha = _vocab.as_float(
+                alpha, "alpha", min=0.0, open_min=True, hint=" Or pass alpha='auto'."
+            )
+        self.alpha: float | str = alpha
+        self.tol = None if tol is None else _vocab.as_float(tol, "tol", min=0.0, open_min=True)
+        self.power_iters = _vocab.as_int(power_iters, "power_iters", min=1)
+        self.divergence_factor = _vocab.as_float(
+            divergence_factor, "divergence_factor", min=0.0, open_min=True
+        )
+        self.init_generator(seed, generator, needed=alpha == "auto")
+
+    @property
+    def iters(self) -> int:
+        """Deprecated name of :attr:`maxiter`."""
+        warnings.warn(
+            "Neumann.iters is deprecated; use Neumann.maxiter.", DeprecationWarning, stacklevel=2
+        )
+        return self.maxiter
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "maxiter": self.maxiter,
+            "alpha": self.alpha,
+            "tol": self.tol,
+            "power_iters": self.power_iters,
+            "seed": self.seed,
+            "divergence_factor": self.divergence_factor,
+        }
+
+    def _step(self, op: LinearOperator, stats: dict[str, Any]) -> float:
+        if self.alpha != "auto":
+            return float(self.alpha)
+        start = op.num_matvecs
+        if op.symmetric:
+            spectrum = lanczos_extremes(op, self.power_iters, self._rng, power_start=True)
+            lam, exact = spectrum.lambda_max, spectrum.num_hvps < self.power_iters
+            stats["lambda_min"] = spectrum.lambda_min
+            safety = 1.0 if exact else lanczos_safety(op.size, self.power_iters - 1)
+        else:
+            lam, safety = estimate_lambda_max(op, self.power_iters, self._rng), 1.0
+        stats.update(lambda_max=lam, power_hvps=op.num_matvecs - start, safety=safety)
+        if not lam > 0:
+            raise ValueError(
+                f"Neumann(alpha='auto') estimated lambda_max = {lam:.3g} <= 0: the operator "
+                "is not positive definite here. Add damping or pass alpha explicitly."
+            )
+        return 1.0 / (safety * lam)
+
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        self.validate(op, b, x0)
+        start = op.num_matvecs
+        stats: dict[str, Any] = {}
+        alpha = self._step(op, stats)
+        stats["alpha"] = alpha
+        base = None
+        if x0 is not None and bool(x0.any()):  # warm start: solve for the correction
+            base = x0.to(b.dtype)
+            Ax = op.matvec(base)
+            require_finite_product(Ax)
+            b = b - Ax
+        bnorm = safe_norm(b)
+        if bnorm == 0.0:
+            x = torch.zeros_like(b) if base is None else base.clone()
+            done = Status.FIXED_BUDGET if self.tol is None else Status.CONVERGED
+            ok = None if self.tol is None else True
+            return Solution(x, op.num_matvecs - start, 0.0, ok, done, 0, stats)
+        run = _Series(op, _unit(b, bnorm), alpha, self)
+        run.run()
+        stats.update(run.stats)
+        x = (alpha * bnorm) * run.total
+        x = x if base is None else base + x
+        require_finite_solution(x)
+        residual = None if run.residual is None else run.residual * bnorm
+        converged = None if run.status == Status.FIXED_BUDGET else run.status == Status.CONVERGED
+        return Solution(
+            x, op.num_matvecs - start, residual, converged, run.status, run.iterations, stats
+        )
+
+
+def _unit(b: Tensor, bnorm: float) -> Tensor:
+    """``b / ||b||`` in two steps, so that neither factor overflows."""
+    top = float(b.abs().max())
+    return (b / top) / (bnorm / top)
+
+
+def lanczos_safety(n: int, steps: int, delta: float = 1e-3) -> float:
+    """Safety factor ``s`` such that ``alpha = 1 / (s lambda_est)`` is below ``2 / lambda_max``.
+
+    For a PSD operator and a random start, Kuczynski & Wozniakowski (1992) bound the chance
+    that ``steps`` Lanczos steps underestimate ``lambda_max`` by a relative ``eps`` or more:
+    ``P <= 1.648 sqrt(n) exp(-sqrt(eps) (2 steps - 1))``. Setting it to ``delta`` gives
+    ``eps* = (ln(1.648 sqrt(n) / delta) / (2 steps - 1))^2``; with probability ``1 - delta``,
+    ``lambda_est >= (1 - eps*) lambda_max``, so ``s = 1 / (2 (1 - eps*))`` keeps
+    ``alpha lambda_max < 2``. ``s`` is at least 1 (the step ``1 / lambda_est`` is the
+    fastest for the top of the spectrum); 20 steps give ``s = 1`` up to ``n ~ 1e17``. With
+    too few steps for the bound (``eps* >= 0.9``) ``s = 5``, and only the divergence check
+    guards the series.
+    """
+    if steps < 1:
+        return 5.0
+    root = math.log(1.648 * math.sqrt(max(n, 1)) / delta) / (2 * steps - 1)
+    eps = root * root
+    if eps >= 0.9:
+        return 5.0
+    return max(1.0, 1.0 / (2.0 * (1.0 - eps)))
+
+
+class _Series:
+    """The partial sums ``S_k = sum_{j<=k} v_j``, ``v_j = (I - alpha A)^j b`` (``||b|| = 1``).
+
+    ``v_j`` is the residual of ``alpha S_{j-1}``, known for free. For a symmetric operator
+    the ratios ``||v_{j+1}|| / ||v_j||`` never decrease (``||M^j b||^2`` is log-convex in
+    ``j``), so one ratio above 1 proves that the series diverges: the run stops there (up
+    to a rounding allowance ``sqrt(eps)``) and keeps the partial sum with the smallest
+    residual (``x = 0`` if the first term already grows). A non-symmetric operator can
+    grow transiently; it is declared divergent past ``divergence_factor``.
+    """
+
+    def __init__(self, op: LinearOperator, b: Tensor, alpha: float, solver: Neumann):
+        self.op, self.alpha, self.solver = op, alpha, solver
+        self.v, self.total = b, b.clone()
+        self.best, self.best_norm = torch.zeros_like(b), 1.0
+        self.residual: float | None = None
+        self.status, self.iterations = Status.FIXED_BUDGET, 0
+        self.stats: dict[str, Any] = {}
+        self.growth_tol = math.sqrt(torch.finfo(b.dtype).eps)
+
+    def _diverged(self, vnorm: float, previous: float) -> bool:
+        if self.op.symmetric:
+            return vnorm > (1.0 + self.growth_tol) * previous
+        return not vnorm <= self.solver.divergence_factor
+
+    def run(self) -> None:
+        tol, previous = self.solver.tol, 1.0
+        for it in range(1, self.solver.maxiter + 1):
+            w = self.op.matvec(self.v)
+            require_finite_product(w)
+            v = self.v - self.alpha * w  # the residual of alpha * total
+            vnorm = safe_norm(v)
+            self.iterations = it
+            if tol is not None and vnorm <= tol:
+                self.residual, self.status = vnorm, Status.CONVERGED
+                return
+            if self._diverged(vnorm, previous):
+                self.status, self.total = Status.DIVERGED, self.best
+                self.residual = self.best_norm
+                self.stats["residual_growth"] = vnorm / previous
+                return
+            if vnorm < self.best_norm:
+                self.best_norm = vnorm
+                self.best.copy_(self.total)
+            self.total = self.total + v
+            self.v, previous = v, vnorm
+        if tol is not None:
+            self.status = Status.MAX_ITERATIONS
+        self.stats["residual_growth"] = previous

@@ -1,0 +1,118 @@
+"""The simplest solvers: a scaled identity, and Richardson's fixed-point iteration."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _vocab
+from .._vocab import Status
+from ..operators import LinearOperator
+from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
+
+__all__ = ["FixedPoint", "Identity"]
+
+
+class Identity(Solver):
+    """``A^{-1} ~ scale * I``: no products.
+
+    With ``scale`` equal to the inner learning rate this is the one-step look-ahead
+    hypergradient (T1-T2; Luketina et al., 2016, "Scalable Gradient-Based Tuning of
+    Continuous Regularization Hyperparameters", ICML).
+
+    Args:
+        scale: the factor, > 0.
+
+    Cost: no product, no memory beyond the result.
+    """
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = _vocab.as_float(scale, "scale", min=0.0, open_min=True)
+
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        self.validate(op, b, x0)
+        x = self.scale * b
+        require_finite_solution(x)
+        return Solution(x, 0, None, None, Status.FIXED_BUDGET, 0)
+
+
+class FixedPoint(Solver):
+    """Richardson / fixed-point iteration ``x <- x + omega (b - A x)``.
+
+    The natural solver for ``theta*`` defined as a fixed point ``theta = T(theta, phi)``
+    (``hg.implicit_fixed_point``): there ``A = I - J^T`` and with ``omega = 1`` the iteration
+    is ``x <- b + J^T x``, the adjoint of the forward iteration, which converges whenever
+    ``T`` is a contraction. For an argmin, ``omega`` plays the role of a step size
+    (converges iff ``0 < omega < 2 / lambda_max``). The residual is known at every step, so
+    it stops at ``||b - A x|| <= max(tol * ||b||, atol)`` and reports divergence: for a
+    symmetric operator as soon as the residual grows (``(I - omega A)^k r_0`` has
+    non-decreasing norm ratios, so growth never stops), otherwise past ``1e8`` times the
+    starting residual. It iterates on ``b / ||b||`` (scale-safe) and returns the iterate
+    with the smallest residual, never one worse than the start.
+
+    Args:
+        maxiter: maximum products.
+        tol: relative residual tolerance.
+        omega: relaxation (step size).
+        atol: absolute residual tolerance.
+
+    Cost: one product and O(n) memory per iteration.
+    """
+
+    def __init__(
+        self, maxiter: int = 100, tol: float = 1e-6, omega: float = 1.0, atol: float = 0.0
+    ):
+        self.maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
+        self.tol = _vocab.as_float(tol, "tol", min=0.0)
+        self.omega = _vocab.as_float(omega, "omega", min=0.0, open_min=True)
+        self.atol = _vocab.as_float(atol, "atol", min=0.0)
+
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        self.validate(op, b, x0)
+        start = op.num_matvecs
+        bnorm = safe_norm(b)
+        scale = bnorm if bnorm > 0.0 else 1.0  # iterate on b / ||b||: scale-safe
+        bh = b / scale if bnorm > 0.0 else b
+        threshold = max(self.tol * bnorm, self.atol) / scale
+        x = torch.zeros_like(b) if x0 is None else x0.to(b.dtype) / scale
+        r = bh.clone() if x0 is None else bh - self._product(op, x)
+        rnorm = safe_norm(r)
+        best, best_norm, previous, improved = x, rnorm, rnorm, False
+        limit = 1e8 * max(rnorm, bnorm / scale, 1e-300)  # non-symmetric: growth past this
+        growth_tol = math.sqrt(torch.finfo(b.dtype).eps)
+        status, it = Status.MAX_ITERATIONS, 0
+        while rnorm > threshold and it < self.maxiter:
+            it += 1
+            x = x + self.omega * r
+            r = bh - self._product(op, x)
+            rnorm = safe_norm(r)
+            grew = rnorm > (1.0 + growth_tol) * previous if op.symmetric else rnorm > limit
+            if grew or not math.isfinite(rnorm):
+                status = Status.DIVERGED
+                break
+            if rnorm < best_norm:
+                best, best_norm, improved = x, rnorm, True
+            previous = rnorm
+        if status != Status.DIVERGED and best_norm <= threshold:
+            status = Status.CONVERGED
+        if improved:
+            value = best * scale
+        else:  # the start is the best iterate: return it as given
+            value = torch.zeros_like(b) if x0 is None else x0.to(b.dtype).clone()
+        require_finite_solution(value)
+        return Solution(
+            value,
+            op.num_matvecs - start,
+            best_norm * scale,
+            status == Status.CONVERGED,
+            status,
+            it,
+        )
+
+    @staticmethod
+    def _product(op: LinearOperator, x: Tensor) -> Tensor:
+        w = op.matvec(x)
+        require_finite_product(w)
+        return w

@@ -1,0 +1,126 @@
+"""Extreme eigenvalues of an operator from a few products: power iteration and Lanczos."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _vocab
+from ..operators import LinearOperator
+from .base import require_finite_product, safe_norm
+
+__all__ = ["SpectrumEstimate", "estimate_lambda_max", "lanczos_extremes"]
+
+
+def _start_vector(op: LinearOperator, generator: torch.Generator | None) -> torch.Tensor:
+    """A Gaussian unit vector drawn on the generator's device (the same on every device)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    v = torch.randn(op.size, generator=generator, dtype=op.dtype, device=gen_device).to(op.device)
+    return v / torch.linalg.vector_norm(v)
+
+
+def estimate_lambda_max(
+    op: LinearOperator, iters: int = 20, generator: torch.Generator | None = None
+) -> float:
+    """Largest-magnitude eigenvalue of ``op`` by power iteration (``iters`` products).
+
+    Returns the Rayleigh quotient of the last iterate, a lower bound of ``lambda_max`` for
+    a symmetric positive semi-definite operator. The start vector is Gaussian, drawn from
+    ``generator`` (torch's global generator if None) on the generator's device.
+
+    Raises:
+        NonFiniteHypergradientError: a product holds NaN or Inf.
+    """
+    iters = _vocab.as_int(iters, "iters", min=1)
+    v = _start_vector(op, generator)
+    estimate = 0.0
+    for _ in range(iters):
+        w = op.matvec(v)
+        require_finite_product(w)
+        estimate = float(torch.dot(v, w))
+        wnorm = safe_norm(w)
+        if wnorm == 0.0:
+            break
+        v = w / wnorm
+    return estimate
+
+
+class SpectrumEstimate(NamedTuple):
+    """Extreme Ritz values of a symmetric operator (Lanczos).
+
+    ``lambda_max <= `` the largest eigenvalue and ``lambda_min >= `` the smallest (Cauchy
+    interlacing; up to rounding), both converging fast from inside the spectrum.
+    """
+
+    lambda_max: float
+    lambda_min: float
+    num_hvps: int
+
+
+def lanczos_extremes(
+    op: LinearOperator,
+    maxiter: int = 20,
+    generator: torch.Generator | None = None,
+    *,
+    power_start: bool = False,
+) -> SpectrumEstimate:
+    """The extreme eigenvalues of a symmetric ``op`` by ``maxiter`` Lanczos steps.
+
+    The three-term Lanczos recurrence (Lanczos, 1950) from a Gaussian start builds the
+    tridiagonal ``T_k = V_k^T A V_k``; its extreme eigenvalues (Ritz values) bound those of
+    ``A`` from inside and converge much faster than power iteration: for a random start
+    the relative error of ``lambda_max`` exceeds ``eps`` with probability at most
+    ``1.648 sqrt(n) exp(-sqrt(eps) (2k - 1))`` after ``k`` steps, against
+    ``0.824 sqrt(n) (1 - eps)^(k - 1/2)`` for power iteration (Kuczynski & Wozniakowski,
+    1992, "Estimating the largest eigenvalue by the power and Lanczos algorithms with a
+    random start", SIAM J. Matrix Anal. Appl.). No reorthogonalization: the extreme Ritz
+    values are reliable without it (Paige, 1976); the recurrence stops early when it finds
+    an invariant subspace (then the Ritz values are eigenvalues).
+
+    With ``power_start`` the recurrence starts from ``A v0 / ||A v0||`` (one power step,
+    counted in ``maxiter``): the start leans toward the top of the spectrum, and under a
+    process group whose operator averages products over ranks it is the same vector on
+    every rank even if the ranks drew different ``v0``.
+
+    Cost: at most ``min(maxiter, n)`` products, three vectors of memory.
+
+    Raises:
+        NonFiniteHypergradientError: a product holds NaN or Inf.
+    """
+    # n steps span the whole space: more would only repeat eigenvalues (ghosts)
+    maxiter = min(_vocab.as_int(maxiter, "maxiter", min=1), max(op.size, 1))
+    start = op.num_matvecs
+    v = _start_vector(op, generator)
+    if power_start and maxiter > 1:
+        w = op.matvec(v)
+        require_finite_product(w)
+        wnorm = safe_norm(w)
+        if wnorm == 0.0:  # A v0 = 0: no information beyond lambda = 0 along v0
+            return SpectrumEstimate(0.0, 0.0, op.num_matvecs - start)
+        v, maxiter = w / wnorm, maxiter - 1
+    v_prev = torch.zeros_like(v)
+    alphas: list[float] = []
+    betas: list[float] = []
+    beta, scale = 0.0, 0.0
+    eps = torch.finfo(op.dtype).eps
+    for _ in range(maxiter):
+        w = op.matvec(v)
+        require_finite_product(w)
+        w = w - beta * v_prev
+        a = float(torch.dot(w, v))
+        w = w - a * v
+        alphas.append(a)
+        beta = safe_norm(w)
+        scale = max(scale, abs(a), beta)
+        if beta <= 10 * eps * scale:  # invariant subspace (or the zero operator)
+            break
+        betas.append(beta)
+        v_prev, v = v, w / beta
+    k = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(T)
+    return SpectrumEstimate(float(ritz[-1]), float(ritz[0]), op.num_matvecs - start)
