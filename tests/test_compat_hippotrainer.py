@@ -83,7 +83,7 @@ def core_reference(model, hyper, solver):
     "cls,kw,solver",
     [
         (T1T2, {}, lambda: hg.Identity(0.5)),
-        (Neumann, {"num_terms": 5}, lambda: hg.Neumann(iters=5, alpha=0.5)),
+        (Neumann, {"num_terms": 5}, lambda: hg.Neumann(maxiter=5, alpha=0.5)),
         (HOAG, {"epsilon": 1e-20, "cg_max_iter": 7}, lambda: hg.CG(maxiter=7, tol=0.0)),
     ],
     ids=["t1t2", "neumann", "hoag"],

@@ -80,7 +80,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
             solvers = [
                 lambda: hg.Exact(),
                 lambda: hg.CG(maxiter=200, tol=1e-12),
-                lambda: hg.Neumann(iters=50, alpha="auto"),
+                lambda: hg.Neumann(maxiter=50, alpha="auto", seed=0),
                 lambda: hg.Nystrom(rank=10, rho=1e-2, seed=0),
                 lambda: hg.NystromPCG(rank=10, maxiter=100, tol=1e-12, seed=0),
             ]

@@ -538,7 +538,7 @@ def test_trajectory_methods_replay_batchnorm_models_exactly(mode, method):
     [
         hg.HOAG(maxiter=100, tol=1e-12, decay=1.0),
         hg.IFT(hg.CG(maxiter=100, tol=1e-12)),
-        hg.IFT(hg.Neumann(iters=3000, alpha="auto")),
+        hg.IFT(hg.Neumann(maxiter=3000, alpha="auto")),
     ],
     ids=["hoag", "ift-cg", "ift-neumann"],
 )

@@ -270,7 +270,7 @@ def test_structures_and_dtypes(pstruct, hstruct, dtype, tol):
 FAMILIES = {
     "exact": lambda: hg.Exact(),
     "cg": lambda: hg.CG(maxiter=50, tol=1e-13),
-    "neumann-auto": lambda: hg.Neumann(iters=300, alpha="auto", tol=1e-14),
+    "neumann-auto": lambda: hg.Neumann(maxiter=300, alpha="auto", tol=1e-14),
     "nystrom": lambda: hg.Nystrom(rank=7, rho=1e-12, sketch="gaussian", seed=0),
     "nystrom-pcg": lambda: hg.NystromPCG(rank=3, maxiter=50, tol=1e-13, seed=0),
     "fixed-point": lambda: hg.FixedPoint(maxiter=300, tol=1e-14, omega=2 / 79),

@@ -17,22 +17,9 @@ import torch
 import hypergradient as hg
 from registry import METHODS, rel
 
-# The solvers' side of bit-for-bit resume (generator state in Solver.state_dict) lands
-# with the solvers rebuild; until then, rows with a randomized solver cannot pass.
-SOLVER_STATE = bool(hg.Nystrom(seed=0).state_dict())
-needs_solver_state = pytest.mark.xfail(
-    not SOLVER_STATE,
-    reason="Solver.state_dict() does not yet hold the generator state (solvers rebuild)",
-    strict=False,
-)
 
-
-def _rows(with_marks: bool = True):
-    out = []
-    for row in METHODS:
-        marks = [needs_solver_state] if (with_marks and row.randomized) else []
-        out.append(pytest.param(row, id=row.id, marks=marks))
-    return out
+def _rows():
+    return [pytest.param(row, id=row.id) for row in METHODS]
 
 
 def _call(method, problem):
@@ -72,7 +59,7 @@ def _roundtrip(state):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("row", _rows(with_marks=False))
+@pytest.mark.parametrize("row", _rows())
 def test_matches_the_exact_reference(row):
     case = row.case()
     method = row.make()
@@ -171,7 +158,7 @@ def _plain(x) -> bool:
     return x is None or isinstance(x, (bool, int, float, str))
 
 
-@pytest.mark.parametrize("row", _rows(with_marks=False))
+@pytest.mark.parametrize("row", _rows())
 def test_config_and_repr_are_plain_data(row):
     method = row.make()
     config = method.config()
@@ -181,7 +168,7 @@ def test_config_and_repr_are_plain_data(row):
     assert type(method) in hg.METHODS.values()
 
 
-@pytest.mark.parametrize("row", _rows(with_marks=False))
+@pytest.mark.parametrize("row", _rows())
 def test_a_bad_checkpoint_is_refused_and_changes_nothing(row):
     case = row.case()
     method = row.make()
@@ -193,7 +180,7 @@ def test_a_bad_checkpoint_is_refused_and_changes_nothing(row):
         assert _same(method.state_dict(), before)
 
 
-@pytest.mark.parametrize("row", _rows(with_marks=False))
+@pytest.mark.parametrize("row", _rows())
 def test_zero_size_hyperparameters_get_empty_hypergradients(row):
     """Every method alike (forward mode crashed where unrolled returned an empty result)."""
     case = row.case()

@@ -256,7 +256,7 @@ def test_a_diverging_solver_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(hg.NonFiniteHypergradientError, match="diverged") as err:
-            hg.IFT(maxiter=40)(problem)
+            hg.IFT(maxiter=40, alpha=50.0)(problem)  # a fixed step far above 2 / lambda_max
     assert err.value.quantity == "the solution of H x = grad_theta g"
 
 

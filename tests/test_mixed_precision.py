@@ -176,7 +176,7 @@ def test_half_params_other_solvers(device, solver_name):
     p = problem(device, -1.0)
     solver = {
         "Exact": hg.Exact(),
-        "Neumann": hg.Neumann(iters=50, alpha="auto"),
+        "Neumann": hg.Neumann(maxiter=50, alpha="auto"),
         "Nystrom": hg.Nystrom(rank=D, rho=1e-6, seed=0),
     }[solver_name]
     out, info = p_implicit(p, p.w.bfloat16(), p.h.float(), solver)
@@ -206,7 +206,7 @@ def test_result_dtype_is_hparams_dtype(device, mode, hdtype):
 SOLVERS = {
     "CG": lambda: hg.CG(maxiter=100, tol=1e-6),
     "Exact": lambda: hg.Exact(),
-    "Neumann": lambda: hg.Neumann(iters=50, alpha="auto"),
+    "Neumann": lambda: hg.Neumann(maxiter=50, alpha="auto"),
     "Nystrom": lambda: hg.Nystrom(rank=D, rho=1e-6, seed=0),
     "Nystrom gaussian": lambda: hg.Nystrom(rank=D, rho=1e-6, sketch="gaussian", seed=0),
 }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hypergradient as hg
-from hypergradient._vocab import ArgumentTypeError, as_scalar_loss
+from hypergradient._vocab import ArgumentTypeError
 
 DT = torch.float64
 
@@ -107,10 +107,3 @@ def test_hessian_operator_checks_what_the_loss_returns():
         hg.HessianOperator(
             lambda w, h: torch.tensor(1, dtype=torch.int64), W, H, loss_name="my_loss"
         )
-
-
-def test_check_scalar_is_still_importable_from_operators():
-    from hypergradient.operators import _check_scalar
-
-    assert _check_scalar is as_scalar_loss
-    assert _check_scalar(torch.tensor([2.0]), "x").shape == ()

@@ -252,18 +252,3 @@ def test_solution_accepts_a_plain_string_status():
     assert sol.status is Status.CONVERGED and sol.message == Status.CONVERGED.message
     with pytest.raises(ValueError):
         hg.Solution(torch.zeros(2), 0, 0.0, True, "done")
-
-
-def test_deprecated_private_helpers_still_work_and_warn():
-    from hypergradient.solvers import _positive_float, _positive_int
-
-    with pytest.warns(DeprecationWarning):
-        assert _positive_int(np.int64(3), "steps") == 3
-    with pytest.warns(DeprecationWarning):
-        assert _positive_float(0.0, "damping", allow_zero=True) == 0.0
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="`steps`"):
-        _positive_int(0, "steps")
-    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="`lr`"):
-        _positive_float("a", "lr")
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="`lr`"):
-        _positive_float(0.0, "lr")

@@ -173,7 +173,7 @@ def test_unrolled_sgd_from_optimum_equals_neumann_series():
         if i == 1:
             neu = hg.implicit(quad, outer, w_star, lam, hg.Identity(lr))
         else:
-            neu = hg.implicit(quad, outer, w_star, lam, hg.Neumann(iters=i - 1, alpha=lr))
+            neu = hg.implicit(quad, outer, w_star, lam, hg.Neumann(maxiter=i - 1, alpha=lr))
         assert torch.allclose(unr, neu, rtol=1e-10, atol=1e-14), i
 
 

@@ -62,6 +62,7 @@ from .operators import (
 )
 from .solvers import (
     CG,
+    DampingEstimate,
     Exact,
     FixedPoint,
     Identity,
@@ -71,6 +72,7 @@ from .solvers import (
     NystromPCG,
     Solution,
     Solver,
+    auto_damping,
     estimate_lambda_max,
     nystrom_sketch,
 )
@@ -80,6 +82,7 @@ __all__ = [
     "CG",
     "Constraint",
     "DampedOperator",
+    "DampingEstimate",
     "DrMAD",
     "Exact",
     "FixedPoint",
@@ -118,6 +121,7 @@ __all__ = [
     "TrajectoryInfo",
     "Unconstrained",
     "Unrolled",
+    "auto_damping",
     "cg",
     "distributed",
     "drmad",

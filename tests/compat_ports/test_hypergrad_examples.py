@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 
 import hypergrad_dataset_distillation as distillation
 import hypergrad_logistic_regression as logreg
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 from torch.optim import SGD
 from torch.utils.data import DataLoader, random_split
 
+import hypergradient as hg
 from hypergradient.compat.hypergrad.approx_hypergrad import conjugate_gradient, neumann, nystrom
 from hypergradient.compat.hypergrad.functorch import grad_and_value, make_functional
 from hypergradient.compat.hypergrad.optimizers import diff_sgd
@@ -104,7 +106,6 @@ def test_logistic_regression_example(method):
 
 # LeNet at its random initialization is not at a minimum of the inner loss: CG meets
 # non-positive curvature and says so (HypergradientWarning); hypergrad stepped uphill.
-@pytest.mark.filterwarnings("ignore::hypergradient.HypergradientWarning")
 def test_dataset_distillation_example_on_digits():
     # the example's __main__ with num_iters 500_000 -> 9, unroll_steps 100 -> 4 (2 outer
     # updates), num_per_class 5 -> 1, batches of 1024 -> 256, cost 5 (CG)
@@ -145,12 +146,18 @@ def test_dataset_distillation_example_on_digits():
         val_loader=val_loader,
         device=CPU,
     )
-    solver.run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", hg.HypergradientWarning)
+        solver.run()
+    curvature = [w for w in caught if "non-positive curvature" in str(w.message)]
     archive = solver.recorder.archive
     assert solver.outer_step == 2 and len(archive["val_acc"]) == 2
     assert len(archive["inner_loss"]) == 9 and len(archive["outer_acc"]) == 2
     moved = (hyper.data.detach() - start).abs()
-    assert bool(torch.isfinite(hyper.data).all()) and float(moved.max()) > 0
+    assert bool(torch.isfinite(hyper.data).all())
+    # Either the hypergradient moved the data, or CG met negative curvature at its first
+    # direction (x = 0 is then its best iterate: the data's hypergradient is zero) and said so.
+    assert float(moved.max()) > 0 or curvature
     # Adam's first steps move every pixel with a nonzero hypergradient by ~lr
     assert float(moved.max()) <= 2.1e-3
     acc = distillation.test(solver.inner_func, solver.inner_params, val_loader)

@@ -21,7 +21,7 @@ Example::
         train_loss=lambda m, h, batch: ce(m(batch[0]), batch[1]) + penalty(m, h["decay"]),
         val_loss=lambda m, h, batch: ce(m(batch[0]), batch[1]),
         val_data=(x_val, y_val), val_batch_size=256,
-        method=hg.IFT(hg.Neumann(iters=20, alpha="auto")), inner_steps=50,
+        method=hg.IFT(hg.Neumann(maxiter=20, alpha="auto")), inner_steps=50,
     )
     for batch in loader:
         hopt.zero_grad()

@@ -106,15 +106,28 @@ class Implicit(ImplicitMethod):
 
 class IFT(Implicit):
     """:class:`Implicit` with the hyper-optimizer's default: a Neumann series (Lorraine
-    et al., 2020, AISTATS).
+    et al., 2020, AISTATS) with a step that is safe for the run it is in.
+
+    The paper steps the series by the inner learning rate, ``alpha = lr``; the series
+    diverges when ``lr lambda_max > 2``, which happens in healthy runs (momentum SGD is
+    stable up to ``lr lambda_max ~ 3.8``). The default therefore takes
+    ``alpha = min(lr, 1 / (s lambda_est))`` with ``lambda_est`` from a short Lanczos run
+    (``power_iters`` products, refreshed every ``refresh_every`` hyper-steps and at once if
+    the series diverges; ``s`` the safety factor of :class:`~hypergradient.Neumann`):
+    the paper's step whenever it is provably safe, a safe one otherwise.
 
     Args:
-        solver: any solver; default ``Neumann(maxiter, alpha)`` built at each call.
+        solver: any solver; default the Neumann series above (kept across calls: its
+            estimate, generator and counter are in :meth:`state_dict`).
         damping, batched: as :class:`Implicit`.
         maxiter: products of the default Neumann series (it sums ``maxiter + 1`` terms).
-        alpha: its step; None (default) uses the inner optimizer's learning rate
-            ``problem.lr``, as in the paper (the series converges when
-            ``alpha < 2 / lambda_max``); a number or ``"auto"`` (power iteration) overrides.
+        alpha: None (default): the safe step above; a number: that fixed step (no
+            estimate; the divergence check still stops the series); ``"auto"``:
+            ``1 / (s lambda_est)`` without the ``lr`` cap.
+        power_iters, refresh_every: the estimate's products and how often it is renewed.
+        seed: the estimate's random start (None: from torch's global generator).
+
+    Cost: ``maxiter`` products, plus ``power_iters`` every ``refresh_every`` calls.
     """
 
     def __init__(
@@ -125,30 +138,46 @@ class IFT(Implicit):
         batched: bool | str = "auto",
         maxiter: int = 10,
         alpha: float | str | None = None,
+        power_iters: int = 10,
+        refresh_every: int = 10,
+        seed: int | None = None,
     ):
-        self.solver = None if solver is None else as_solver(solver)  # type: ignore[assignment]
         self.damping = as_float(damping, "damping", min=0.0)
         self.batched = as_choice(batched, "batched", BATCHED)
         self.maxiter = as_int(maxiter, "maxiter", min=1)
         if alpha is not None and alpha != "auto":
             alpha = as_float(alpha, "alpha", min=0.0, open_min=True)
         self.alpha = alpha
+        self.power_iters = as_int(power_iters, "power_iters", min=1)
+        self.refresh_every = as_int(refresh_every, "refresh_every", min=1)
+        self.default = solver is None
+        if solver is not None:
+            self.solver = as_solver(solver)
+        else:
+            step = "auto" if alpha is None else alpha
+            self.solver = Neumann(
+                self.maxiter,
+                step,
+                power_iters=self.power_iters,
+                refresh_every=self.refresh_every,
+                seed=seed,
+            )
 
     def solver_for(self, problem: Problem) -> Solver:
-        if self.solver is not None:
-            return self.solver
-        alpha = self.alpha
-        if alpha is None:
+        if self.default and self.alpha is None:
             if problem.lr is None:
                 raise ValueError(
-                    "IFT's default Neumann solver steps by the inner learning rate: pass "
-                    "Problem(lr=...), or IFT(alpha=...), or a solver (IFT(hg.CG()))."
+                    "IFT's default Neumann solver caps its step at the inner learning rate: "
+                    "pass Problem(lr=...), or IFT(alpha=...), or a solver (IFT(hg.CG()))."
                 )
-            alpha = as_float(problem.lr, "lr", min=0.0, open_min=True)
-        return Neumann(self.maxiter, alpha)
+            lr = as_float(problem.lr, "lr", min=0.0, open_min=True)
+            self.solver.alpha_max = lr  # type: ignore[attr-defined]
+        return self.solver
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "maxiter": self.maxiter, "alpha": self.alpha}
+        out = {**super().config(), "maxiter": self.maxiter, "alpha": self.alpha}
+        out.update(power_iters=self.power_iters, refresh_every=self.refresh_every)
+        return out
 
 
 def implicit(

@@ -25,7 +25,6 @@ FixedPointOperator), ``modes`` (product modes, RNG replay, the first-order step)
 
 from __future__ import annotations
 
-from .._vocab import as_scalar_loss
 from .base import DampedOperator, LinearOperator, MatrixOperator
 from .hessian import FixedPointOperator, HessianOperator
 from .modes import MODES
@@ -38,7 +37,3 @@ __all__ = [
     "MODES",
     "MatrixOperator",
 ]
-
-#: Deprecated alias of ``_vocab.as_scalar_loss`` (other modules import it from here until
-#: they switch).
-_check_scalar = as_scalar_loss

@@ -27,10 +27,6 @@ One module per family: ``base`` (Solution, Solver, shared checks), ``exact``, ``
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
-from .. import _vocab
 from .base import RandomizedSolver, Solution, Solver
 from .cg import CG
 from .damping import DampingEstimate, auto_damping
@@ -60,25 +56,3 @@ __all__ = [
     "lanczos_extremes",
     "nystrom_sketch",
 ]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """Deprecated: use ``_vocab.as_int(value, name, min=1)``."""
-    warnings.warn(
-        "hypergradient.solvers._positive_int is deprecated; use "
-        "hypergradient._vocab.as_int(value, name, min=1).",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return _vocab.as_int(value, name, min=1)
-
-
-def _positive_float(value: Any, name: str, allow_zero: bool = False) -> float:
-    """Deprecated: use ``_vocab.as_float(value, name, min=0.0, open_min=not allow_zero)``."""
-    warnings.warn(
-        "hypergradient.solvers._positive_float is deprecated; use "
-        "hypergradient._vocab.as_float(value, name, min=0.0, open_min=...).",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return _vocab.as_float(value, name, min=0.0, open_min=not allow_zero)

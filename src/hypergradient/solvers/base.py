@@ -162,18 +162,11 @@ class RandomizedSolver(Solver):
         self._rng: torch.Generator | None = (
             _vocab.as_generator(self.seed, generator) if (needed or explicit) else None
         )
-        self._explicit_rng = explicit
 
     @property
     def generator(self) -> torch.Generator | None:
         """The generator the solver draws from (None if it draws nothing)."""
         return self._rng
-
-    @property
-    def _generator(self) -> torch.Generator | None:
-        # Deprecated: ``hg.implicit(process_group=...)`` reads it to insist on a seed. None
-        # when neither `seed` nor `generator` was passed.
-        return self._rng if self._explicit_rng else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": generator_state(self._rng)}

@@ -56,8 +56,16 @@ class Neumann(RandomizedSolver):
             multiple of ``||b||``. For a symmetric one any growth of the residual proves
             divergence: the solve stops there and returns the partial sum with the smallest
             residual (``x = 0`` if the first term grows).
+        alpha_max: with ``alpha="auto"``, an upper bound of the step (e.g. the inner
+            learning rate, Lorraine et al.'s choice): ``alpha = min(alpha_max, 1 / (s
+            lambda_est))``, the paper's step whenever it is provably safe.
+        refresh_every: with ``alpha="auto"``, solves between two estimates of
+            ``lambda_max`` (the Hessian changes slowly along an outer loop, so 10 costs
+            ``power_iters / 10`` products per solve). A solve that diverges with a cached
+            estimate re-estimates at once and solves again (``stats["refreshed"]``).
 
-    Cost: ``maxiter`` products (+ ``power_iters``), O(n) memory.
+    Cost: ``maxiter`` products (+ ``power_iters`` per estimate), O(n) memory. State (in
+    :meth:`state_dict`): the generator, the cached estimate and the solve counter.
     """
 
     def __init__(
@@ -71,6 +79,8 @@ class Neumann(RandomizedSolver):
         *,
         generator: torch.Generator | None = None,
         iters: int | None = None,
+        alpha_max: float | None = None,
+        refresh_every: int = 1,
     ):
         if iters is not None:
             if maxiter is not None:
@@ -95,7 +105,15 @@ class Neumann(RandomizedSolver):
         self.divergence_factor = _vocab.as_float(
             divergence_factor, "divergence_factor", min=0.0, open_min=True
         )
+        self.alpha_max = (
+            None
+            if alpha_max is None
+            else _vocab.as_float(alpha_max, "alpha_max", min=0.0, open_min=True)
+        )
+        self.refresh_every = _vocab.as_int(refresh_every, "refresh_every", min=1)
         self.init_generator(seed, generator, needed=alpha == "auto")
+        self._cached: tuple[float, float] | None = None  # (lambda_est, safety)
+        self._calls = 0
 
     @property
     def iters(self) -> int:
@@ -113,11 +131,47 @@ class Neumann(RandomizedSolver):
             "power_iters": self.power_iters,
             "seed": self.seed,
             "divergence_factor": self.divergence_factor,
+            "alpha_max": self.alpha_max,
+            "refresh_every": self.refresh_every,
         }
 
-    def _step(self, op: LinearOperator, stats: dict[str, Any]) -> float:
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.alpha == "auto":
+            lam, safety = self._cached if self._cached is not None else (0.0, 1.0)  # 0: none
+            state.update(calls=self._calls, lambda_est=lam, safety=safety)
+        return state
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.alpha != "auto":
+            super().load_state_dict(state)
+            return
+        extra = {k: state[k] for k in ("calls", "lambda_est", "safety") if k in state}
+        if len(extra) != 3:
+            raise ValueError(
+                f"{type(self).__name__}(alpha='auto') state needs 'calls', 'lambda_est' and "
+                f"'safety'; got {sorted(state)}."
+            )
+        calls = _vocab.as_int(extra["calls"], "state['calls']", min=0)
+        lam = _vocab.as_float(extra["lambda_est"], "state['lambda_est']", min=0.0)
+        safety = _vocab.as_float(extra["safety"], "state['safety']", min=1.0)
+        super().load_state_dict({k: v for k, v in state.items() if k not in extra})
+        self._calls = calls
+        self._cached = None if lam == 0.0 else (lam, safety)
+
+    def _step(self, op: LinearOperator, stats: dict[str, Any], fresh: bool = False) -> float:
         if self.alpha != "auto":
             return float(self.alpha)
+        stale = fresh or self._cached is None or self._calls % self.refresh_every == 0
+        if stale:
+            self._cached = self._estimate(op, stats)
+        lam, safety = self._cached
+        stats.update(lambda_max=lam, safety=safety, estimated=stale)
+        step = 1.0 / (safety * lam)
+        return step if self.alpha_max is None else min(step, self.alpha_max)
+
+    def _estimate(self, op: LinearOperator, stats: dict[str, Any]) -> tuple[float, float]:
+        """``(lambda_est, safety)`` from ``power_iters`` products (see ``alpha``)."""
         start = op.num_matvecs
         if op.symmetric:
             spectrum = lanczos_extremes(op, self.power_iters, self._rng, power_start=True)
@@ -126,19 +180,37 @@ class Neumann(RandomizedSolver):
             safety = 1.0 if exact else lanczos_safety(op.size, self.power_iters - 1)
         else:
             lam, safety = estimate_lambda_max(op, self.power_iters, self._rng), 1.0
-        stats.update(lambda_max=lam, power_hvps=op.num_matvecs - start, safety=safety)
+        stats["power_hvps"] = stats.get("power_hvps", 0) + op.num_matvecs - start
         if not lam > 0:
             raise ValueError(
                 f"Neumann(alpha='auto') estimated lambda_max = {lam:.3g} <= 0: the operator "
                 "is not positive definite here. Add damping or pass alpha explicitly."
             )
-        return 1.0 / (safety * lam)
+        return lam, safety
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
         start = op.num_matvecs
         stats: dict[str, Any] = {}
-        alpha = self._step(op, stats)
+        cached = self.alpha == "auto" and self._cached is not None
+        solution = self._solve(op, b, x0, stats, start, fresh=False)
+        if solution.status == Status.DIVERGED and cached and not stats.get("estimated"):
+            # The cached estimate is stale (the Hessian's top grew): estimate and solve again.
+            stats["refreshed"] = True
+            solution = self._solve(op, b, x0, stats, start, fresh=True)
+        self._calls += 1
+        return solution
+
+    def _solve(
+        self,
+        op: LinearOperator,
+        b: Tensor,
+        x0: Tensor | None,
+        stats: dict[str, Any],
+        start: int,
+        fresh: bool,
+    ) -> Solution:
+        alpha = self._step(op, stats, fresh)
         stats["alpha"] = alpha
         base = None
         if x0 is not None and bool(x0.any()):  # warm start: solve for the correction
@@ -152,7 +224,7 @@ class Neumann(RandomizedSolver):
             done = Status.FIXED_BUDGET if self.tol is None else Status.CONVERGED
             ok = None if self.tol is None else True
             return Solution(x, op.num_matvecs - start, 0.0, ok, done, 0, stats)
-        run = _Series(op, _unit(b, bnorm), alpha, self)
+        run = _Series(op, _unit(b, bnorm), alpha, self, dict(stats))
         run.run()
         stats.update(run.stats)
         x = (alpha * bnorm) * run.total
@@ -204,8 +276,16 @@ class _Series:
     grow transiently; it is declared divergent past ``divergence_factor``.
     """
 
-    def __init__(self, op: LinearOperator, b: Tensor, alpha: float, solver: Neumann):
+    def __init__(
+        self,
+        op: LinearOperator,
+        b: Tensor,
+        alpha: float,
+        solver: Neumann,
+        stats_in: dict[str, Any] | None = None,
+    ):
         self.op, self.alpha, self.solver = op, alpha, solver
+        self.stats_in = {} if stats_in is None else stats_in  # the step's estimate
         self.v, self.total = b, b.clone()
         self.best, self.best_norm = torch.zeros_like(b), 1.0
         self.residual: float | None = None
@@ -217,6 +297,26 @@ class _Series:
         if self.op.symmetric:
             return vnorm > (1.0 + self.growth_tol) * previous
         return not vnorm <= self.solver.divergence_factor
+
+    def _why(self, w: Tensor, vnorm: float) -> Status:
+        """Why the residual grew: negative curvature or a step too large for ``lambda_max``.
+
+        Along the growing residual ``v`` the Rayleigh quotient ``q = v^T A v / ||v||^2``
+        (one dot product with the product just taken) tells: ``q < 0`` means the series
+        grows along directions of negative curvature, which no step cures (the operator is
+        indefinite: not at a minimum), reported as ``negative_curvature`` with the best
+        partial sum; otherwise ``alpha`` is too large (``diverged``).
+        """
+        if not self.op.symmetric:
+            return Status.DIVERGED
+        q = float(torch.dot(self.v, w)) / max(vnorm * vnorm, 1e-300)
+        self.stats["rayleigh_quotient"] = q
+        # With a step from the operator's own lambda_max estimate (safe: alpha < 2 /
+        # lambda_max), a PSD operator cannot grow the residual, so growth proves negative
+        # curvature; so does a negative Lanczos lambda_min or Rayleigh quotient.
+        estimated = "lambda_max" in self.stats_in
+        indefinite = q < 0 or self.stats_in.get("lambda_min", 0.0) < 0 or estimated
+        return Status.NEGATIVE_CURVATURE if indefinite else Status.DIVERGED
 
     def run(self) -> None:
         tol, previous = self.solver.tol, 1.0
@@ -230,7 +330,7 @@ class _Series:
                 self.residual, self.status = vnorm, Status.CONVERGED
                 return
             if self._diverged(vnorm, previous):
-                self.status, self.total = Status.DIVERGED, self.best
+                self.status, self.total = self._why(w, previous), self.best
                 self.residual = self.best_norm
                 self.stats["residual_growth"] = vnorm / previous
                 return
