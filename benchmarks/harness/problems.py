@@ -66,6 +66,19 @@ def cosine(h: Any, ref: Any) -> float:
     return float(torch.dot(h, ref) / den) if float(den) > 0 else math.nan
 
 
+_CASTS: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, cached: the losses cast their data once per precision, not per call."""
+    if x.dtype == dtype:
+        return x
+    hit = _CASTS.get((id(x), dtype))
+    if hit is None or hit[0] is not x:
+        hit = _CASTS[(id(x), dtype)] = (x, x.to(dtype))
+    return hit[1]
+
+
 class NotPositiveDefinite(RuntimeError):
     """A dense Hessian met by :func:`newton` is not positive definite."""
 
@@ -264,11 +277,11 @@ def ridge(seed: int = 0, n: int = 200, d: int = 50) -> Bilevel:
     closed = -torch.linalg.solve(A, Xv.T @ (Xv @ w - yv) / n) * w
 
     def f(params: Params, hparams: Params) -> Tensor:
-        r = Xt.to(params[0].dtype) @ params[0] - yt.to(params[0].dtype)
+        r = cast(Xt, params[0].dtype) @ params[0] - cast(yt, params[0].dtype)
         return 0.5 * (r @ r) / n + 0.5 * torch.sum(hparams[0] * params[0] ** 2)
 
     def g_(params: Params, hparams: Params) -> Tensor:
-        r = Xv.to(params[0].dtype) @ params[0] - yv.to(params[0].dtype)
+        r = cast(Xv, params[0].dtype) @ params[0] - cast(yv, params[0].dtype)
         return 0.5 * (r @ r) / n
 
     setup = {
@@ -308,17 +321,17 @@ def logreg(
         loglam = torch.full((d,), float(log_decay), dtype=F64)
 
     def logits(params: Params, x: Tensor) -> Tensor:
-        z = x.to(params[0].dtype) @ params[0]
+        z = cast(x, params[0].dtype) @ params[0]
         return z + params[1] if bias else z
 
     def f(params: Params, hparams: Params) -> Tensor:
         z = logits(params, Xt)
-        bce = F.binary_cross_entropy_with_logits(z, yt.to(z.dtype))
+        bce = F.binary_cross_entropy_with_logits(z, cast(yt, z.dtype))
         return bce + 0.5 * torch.sum(torch.exp(hparams[0]) * params[0] ** 2)
 
     def g_(params: Params, hparams: Params) -> Tensor:
         z = logits(params, Xv)
-        return F.binary_cross_entropy_with_logits(z, yv.to(z.dtype))
+        return F.binary_cross_entropy_with_logits(z, cast(yv, z.dtype))
 
     like = (torch.zeros(d, dtype=F64),) + ((torch.zeros(1, dtype=F64),) if bias else ())
     started = time.perf_counter()
@@ -339,7 +352,7 @@ def logreg(
 
 def mlp_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
     """tanh MLP with ``params = (W1, b1, W2, b2, ...)``, ``W`` of shape (out, in)."""
-    x = x.to(params[0].dtype)
+    x = cast(x, params[0].dtype)
     for i in range(0, len(params) - 2, 2):
         x = torch.tanh(F.linear(x, params[i], params[i + 1]))
     return F.linear(x, params[-2], params[-1])
