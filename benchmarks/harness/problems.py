@@ -303,11 +303,13 @@ def logreg(
     bias: bool = True,
     log_decay: float | None = None,
     shuffle: bool = True,
+    solve: bool = True,
 ) -> Bilevel:
     """Per-feature L2 logistic regression on breast cancer, Newton inner solve.
 
     Defaults: shuffled with ``seed``, half train / half validation, weights + a bias of
     shape ``(1,)``, log decays drawn in [log 1e-3, log 1e-1]. ``log_decay`` fixes them all.
+    ``solve=False`` keeps ``params = 0`` (no ``torch.func``: the cold-start measurements).
     """
     g = torch.Generator().manual_seed(seed)
     X, y = load_sklearn("breast_cancer", generator=g if shuffle else None)
@@ -334,8 +336,9 @@ def logreg(
         return F.binary_cross_entropy_with_logits(z, cast(yv, z.dtype))
 
     like = (torch.zeros(d, dtype=F64),) + ((torch.zeros(1, dtype=F64),) if bias else ())
-    started = time.perf_counter()
-    theta, iters, gnorm = newton(lambda t: f(unflat(t, like), (loglam,)), flat(like), 1e-10)
+    started, theta, iters, gnorm = time.perf_counter(), flat(like), 0, math.nan
+    if solve:
+        theta, iters, gnorm = newton(lambda t: f(unflat(t, like), (loglam,)), theta, 1e-10)
     params = tuple(t.clone() for t in unflat(theta, like))
     setup = {
         "num_params": theta.numel(),
@@ -394,12 +397,14 @@ def digits_mlp(
     decay: tuple[float, float] = (1e-3, 1e-2),
     rounds: int = 20,
     require_pd: bool = True,
+    train: bool = True,
 ) -> Bilevel:
     """tanh MLP 64-hidden-10 on digits (1000 train / 797 validation), one log weight decay
     per parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished.
 
     With ``require_pd=False`` an inner point whose Hessian is not PD is kept and
     ``damping = 1e-3 lambda_max - lambda_min`` is set (the mixed-precision benchmark).
+    ``train=False`` leaves the initial weights (trajectory benchmarks start there).
     """
     g = torch.Generator().manual_seed(seed)
     X, y = load_sklearn("digits", y_dtype=torch.long, generator=g)
@@ -410,9 +415,11 @@ def digits_mlp(
     loglam = tuple(lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=F64) for t in init)
     f, g_ = mlp_losses((Xt, yt), (Xv, yv))
     started = time.perf_counter()
-    theta, iters, steps, polished = train_then_polish(
-        lambda t: f(unflat(t, init), loglam), flat(init), lbfgs_iters, rounds
-    )
+    theta, iters, steps, polished = flat(init), 0, 0, True
+    if train:
+        theta, iters, steps, polished = train_then_polish(
+            lambda t: f(unflat(t, init), loglam), theta, lbfgs_iters, rounds
+        )
     if not polished and require_pd:
         raise NotPositiveDefinite(f"no PD inner point after {iters} L-BFGS iterations")
     params = unflat(theta.clone(), init)
@@ -435,7 +442,7 @@ def digits_mlp(
         "inner_solver": f"{iters} L-BFGS iterations then "
         + (f"{steps} Newton steps" if polished else "Newton refused (H not PD)")
         + f" ({time.perf_counter() - started:.1f} s)",
-        "inner_grad_norm": float(torch.func.grad(pb.f_flat)(theta).norm()),
+        "inner_grad_norm": float(torch.func.grad(pb.f_flat)(theta).norm()) if train else None,
         "train_accuracy": accuracy(params, (Xt, yt)),
         "val_accuracy": accuracy(params, (Xv, yv)),
     }
