@@ -1,103 +1,19 @@
 """The HyperOptimizer's methods and the trajectory hypergradients: accuracy, cost, outcome.
 
-What is measured
-----------------
-One bilevel problem throughout: per-feature L2 logistic regression on scikit-learn's
-``load_breast_cancer`` in float64. The 569 examples are shuffled (seed), standardized with
-the statistics of the first 100, and split into 100 training, 200 validation and 269 test
-examples. Model ``nn.Linear(30, 1)`` (30 weights + 1 bias), hyperparameters the 30 log
-weight decays ``raw`` (``hg.Positive(decay)``, i.e. ``decay = exp(raw)``):
-
-    f(theta, raw) = BCE_train(theta) + 0.5 * sum_i exp(raw_i) * w_i^2     (inner loss)
-    g(theta, raw) = BCE_val(theta)                                         (outer loss)
-
-All hypergradients are with respect to ``raw``. Two hyperparameter points are used in
-Table 1: ``start`` (decay = 1e-2 everywhere, where the runs of Table 3 start) and
-``random`` (log-uniform in [1e-3, 1e-1], seeded).
-
-Table 1a: implicit methods against the exact implicit hypergradient
-    The inner problem is solved by Newton's method with the dense Hessian
-    (``||grad f|| < 1e-12``). A ``HyperOptimizer`` is built around a model set to that
-    optimum (inner SGD lr 0.5, ``inner_steps=1``, full training and validation batches)
-    and one ``hopt.step`` is taken: the hypergradient is ``hopt.history[-1].hypergrad``
-    and the time ``hopt.history[-1].seconds``. The one SGD step moves the parameters by
-    ``0.5 * ||grad f|| ~ 1e-15``, so this is the hypergradient each method computes at
-    the inner optimum. Methods: ``T1T2()``, ``IFT()`` (Neumann, 10 terms, alpha = inner
-    lr = 0.5), ``IFT(CG(maxiter=20))``, ``IFT(Nystrom(rank=10, rho=0.1, seed=s))`` (median
-    over seeds s = 0..repeats-1), ``HOAG(tol=1e-10, decay=1, maxiter=100)`` (CG to 1e-10)
-    and, for reference, ``HOAG()`` as at its first hyper-step (CG to tol 0.1). Reference:
-    ``hg.implicit(..., hg.Exact())`` at the Newton optimum, checked against an independent
-    dense computation (``torch.func`` Hessian and mixed Jacobian, ``torch.linalg.solve``).
-    Checks printed below the table: each method's ``method(Problem(...))`` on
-    plain functional losses equals the HyperOptimizer's hypergradient, and ``T1T2`` equals
-    ``hg.implicit(..., hg.Identity(0.5))`` at the optimum (where the pre-step parameters
-    equal the post-step ones). Times: median over repeats, methods interleaved.
-
-Table 1b: trajectory methods against finite differences
-    ``T`` steps (T = 10, 50; quick: 10) of SGD with momentum (lr 0.1, momentum 0.9, full
-    training batch) from theta = 0, outer loss ``g(theta_T)``. Functional API:
-    ``hg.unrolled`` (exact reverse mode), ``hg.unrolled(truncate=K)`` for K = 1, 5, T/2,
-    ``hg.forward_mode`` and ``hg.drmad``, all with ``hg.optim.sgd(lr=0.1, momentum=0.9)``.
-    Reference: central finite differences of the same loop run with ``torch.optim.SGD`` on
-    leaf tensors (independent of this library), for all 30 coordinates, fourth-order
-    stencil with step 1e-3 in ``raw``; its accuracy is estimated by the difference to a
-    second-order stencil with step 1e-4. Relative error ``||h - ref|| / ||ref||`` and
-    cosine against FD and against ``hg.unrolled``; time of one call (median over repeats,
-    methods interleaved).
-
-Tables 2 and 3: the HyperOptimizer in a training loop
-    The loop of ``tests/test_hyperoptimizer.py``: model initialized to zero, decay 1e-2,
-    inner ``torch.optim.SGD(lr=0.5)``, outer ``Adam(lr=0.1)``, ``inner_steps=10``, full
-    training batch at every step, full validation set at every hyper-step, ``--steps``
-    inner steps (300; quick 100), i.e. 30 hyper-steps. Methods: ``T1T2()``, ``IFT()``,
-    ``IFT(CG(20))``, ``IFT(Nystrom(rank=10, rho=0.1, seed=0))``, ``HOAG()``,
-    ``Unrolled()``, ``Unrolled(truncate=5)``, ``ForwardMode()``, ``DrMAD()``, and the
-    untuned run (same training, plain ``torch.optim.SGD``, no hyper-steps). All runs
-    advance in lockstep, one inner step each in a rotating order, so machine noise hits
-    them alike; the whole set is repeated ``--rounds`` times (the numbers other than
-    times are identical across rounds, which is checked).
-    Table 2: median of ``hopt.history[i].seconds`` over the hyper-steps of all rounds,
-    and the median time of a training step (``zero_grad``, forward, backward,
-    ``hopt.step``) over the steps of the same loop without a hyper-step; their ratio; and
-    the ratio to the plain ``torch.optim.SGD`` step of the untuned run, measured in the
-    same lockstep loop.
-    Table 3: validation loss (full validation set, no penalty) and test loss after the
-    last step; the wall time of a run (sum of its step times, median over rounds); the
-    gap closed ``(untuned - method) / (untuned - exact)``. ``exact`` is the outer loop of
-    ``_exact_optimum_val_loss`` in the tests: Adam(lr=0.1) on ``raw`` from decay 1e-2 with
-    exact hypergradients (``hg.exact``) at Newton inner solves, read after as many outer
-    iterations as the methods take hyper-steps (their last hyper-step comes after their
-    last training step, so both have applied one update less than they computed). The
-    same loop continued to ``--exact-steps`` iterations is reported too (and the gap
-    closed against it): with 30 hyperparameters and 200 validation examples it keeps
-    lowering the validation loss while the test loss rises.
-
-Table 4: learning-rate tuning
-    Hyperparameters ``{"lr": hg.Positive(1e-3)}`` with ``optimizer_hparams={"lr": "lr"}``,
-    fixed decay 1e-2, outer ``Adam(lr=0.2)``, ``inner_steps=10``, the same number of
-    inner steps as Table 3, methods ``ForwardMode()``, ``Unrolled()`` and ``DrMAD()``,
-    next to plain SGD at lr 1e-3 (the start) and at lr 0.5 (the setting of Table 3), in
-    lockstep as above. Reported: final lr, validation and test loss, median hyper-step
-    time, wall time.
-
-Run
----
-    .venv/bin/python benchmarks/hyperoptimizer_methods.py            # full run, ~1-2 min
-    .venv/bin/python benchmarks/hyperoptimizer_methods.py --quick    # smoke run, < 60 s
-
-It prints the machine and Markdown tables to stdout (progress on stderr) and writes
-``benchmarks/results/hyperoptimizer_methods.md`` and ``.json`` (``--out`` to change the
-folder); the JSON has every number, including per-step times and per-round results.
+Per-feature L2 logistic regression on breast cancer (float64): implicit methods at the inner
+optimum vs the exact hypergradient (1a), trajectory methods vs finite differences (1b), seconds
+per hyper-step in training steps (2), end to end vs the exact outer loop (3), learning-rate
+tuning (4). Settings: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,25 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hypergradient as hg
-from _common import (
-    Data,
-    add_common_arguments,
-    breast_cancer_data,
-    cosine,
-    jsonable,
-    log,
-    machine_info,
-    machine_line,
-    median,
-    newton,
-    recorded_warnings,
-    relative_error,
-    rotation,
-    start_run,
-    wall_footer,
-    warning_texts,
-    write_results,
-)
+from harness import Report, cli, log, median, problems, start
+from harness import report as rp
+from harness.problems import Data, breast_cancer_data, cosine, relative_error
+from harness.runner import recorded_warnings, rotation, warning_texts
+
+
+def newton(f: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
+    return problems.newton(f, theta, 1e-12)[0]
+
 
 F64 = torch.float64
 Params = tuple[Tensor, ...]
@@ -425,7 +331,7 @@ def trajectory_table(
             fd = finite_differences(f, g, raw, T, D, fourth_order=True, h=1e-3)
             fd2 = finite_differences(f, g, raw, T, D, fourth_order=False, h=1e-4)
             fd_seconds = time.perf_counter() - started
-            ks = sorted({1, 5, T // 2} - {T})
+            ks = sorted({k for k in (1, 5, T // 2) if 0 < k < T})
             calls: dict[str, Callable[[], Tensor]] = {
                 "hg.unrolled": lambda T=T, raw=raw: hg.unrolled(f, g, theta0, raw, T, opt)
             }
@@ -901,86 +807,83 @@ def markdown_lr(res: dict[str, Any]) -> str:
 # ============================================================================ main
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
-    p.add_argument("--steps", type=int, help="inner steps of Tables 2-4 (default 300, quick 100)")
-    p.add_argument("--rounds", type=int, help="repetitions of Tables 2-4 (default 3, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls in Table 1 (default 7, quick 3)")
-    p.add_argument(
-        "--exact-steps",
-        type=int,
-        help="iterations of the long exact outer loop (default 300, quick 30)",
-    )
-    add_common_arguments(p)
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = start_run(args.seed, args.threads)
-    steps = args.steps or (100 if args.quick else 300)
-    rounds = args.rounds or (1 if args.quick else 3)
-    repeats = args.repeats or (3 if args.quick else 7)
-    exact_steps = args.exact_steps or (30 if args.quick else 300)
-    horizons = (10,) if args.quick else (10, 50)
-
-    machine = machine_info()
-    header = [
-        "# HyperOptimizer methods and trajectory hypergradients",
-        "",
-        machine_line(machine),
-        f"- hypergradient {machine['hypergradient']}; float64; seed {args.seed}; "
-        f"{'quick' if args.quick else 'full'} run: Table 1 repeats {repeats}, horizons "
-        f"{', '.join(map(str, horizons))}; Tables 2-4: {steps} inner steps x {rounds} round(s)",
-        "- problem: per-feature L2 logistic regression on breast cancer (standardized; "
-        "100 train / 200 validation / 269 test), 30 log weight decays",
-        "- rel. err = ||h - ref|| / ||ref||, cos = cosine(h, ref)",
-    ]
-    print("\n".join(header), flush=True)
-
+    p = cli(__doc__)
+    p.add_argument("--steps", type=int, help="inner steps of Tables 2-4 (default 300, quick 20)")
+    p.add_argument("--rounds", type=int, help="repetitions of Tables 2-4 (default 3, quick 1)")
+    p.add_argument("--repeats", type=int, help="timed calls in Table 1 (default 7, quick 1)")
+    p.add_argument("--exact-steps", type=int, help="long exact outer loop (default 300, quick 3)")
+    args = p.parse_args(argv)
+    if rp.replot(args, "hyperoptimizer_methods", plot):
+        return 0
+    start(args)
+    q = args.quick
+    steps, rounds = args.steps or (20 if q else 300), args.rounds or (1 if q else 3)
+    repeats, exact_steps = args.repeats or (1 if q else 7), args.exact_steps or (3 if q else 300)
+    horizons = (3,) if q else (10, 50)
+    rep = Report(
+        "hyperoptimizer_methods", "HyperOptimizer methods and trajectory hypergradients", args
+    )
+    rep.note(
+        f"float64; Table 1 repeats {repeats}, horizons {', '.join(map(str, horizons))}; "
+        f"Tables 2-4: {steps} inner steps x {rounds} round(s)",
+        "problem: per-feature L2 logistic regression on breast cancer (standardized; 100 train / "
+        "200 validation / 269 test), 30 log weight decays",
+        "rel. err = ||h - ref|| / ||ref||, cos = cosine(h, ref)",
+    )
     data = breast_cancer_data(args.seed)
     points = hparam_points(data.dim, args.seed)
-    sections: list[str] = []
-
     res_1a = implicit_table(data, points, repeats)
-    sections.append(markdown_implicit(res_1a, repeats))
-    print("\n" + sections[-1], flush=True)
-
+    rep.section(markdown_implicit(res_1a, repeats))
     res_1b = trajectory_table(data, points, horizons, repeats)
-    sections.append(markdown_trajectory(res_1b, repeats))
-    print("\n" + sections[-1], flush=True)
-
+    rep.section(markdown_trajectory(res_1b, repeats))
     res_23 = hyperoptimizer_tables(data, steps, rounds, exact_steps)
-    sections.append(markdown_cost(res_23))
-    print("\n" + sections[-1], flush=True)
-    sections.append(markdown_outcome(res_23))
-    print("\n" + sections[-1], flush=True)
-
+    rep.section(markdown_cost(res_23))
+    rep.section(markdown_outcome(res_23))
     res_4 = lr_table(data, steps, rounds)
-    sections.append(markdown_lr(res_4))
-    print("\n" + sections[-1], flush=True)
-
-    total, footer = wall_footer(started)
-    report = {
-        "machine": machine,
-        "args": vars(args),
-        "settings": {
-            "steps": steps,
-            "rounds": rounds,
-            "repeats": repeats,
-            "exact_steps": exact_steps,
-            "horizons": list(horizons),
-            "hparam_points": {k: v.tolist() for k, v in points.items()},
-        },
-        "implicit": res_1a,
-        "trajectory": res_1b,
-        "hyperoptimizer": res_23,
-        "lr_tuning": res_4,
-        "total_seconds": total,
+    rep.section(markdown_lr(res_4))
+    settings = {
+        "steps": steps,
+        "rounds": rounds,
+        "repeats": repeats,
+        "exact_steps": exact_steps,
+        "horizons": list(horizons),
+        "hparam_points": {k: v.tolist() for k, v in points.items()},
     }
-    write_results(args.out, "hyperoptimizer_methods", header, sections, footer, jsonable(report))
+    rep.write(
+        {
+            "settings": settings,
+            "implicit": res_1a,
+            "trajectory": res_1b,
+            "hyperoptimizer": res_23,
+            "lr_tuning": res_4,
+        },
+        plot,
+    )
     return 0
+
+
+def plot(data: dict[str, Any], out: Path) -> Path:
+    """Per method: hyper-step cost in training steps, and validation loss reached."""
+    summary = data["hyperoptimizer"]["summary"]
+    names = [n for n, r in summary.items() if r.get("hyper_step_ms")]
+    fig, (ax1, ax2) = rp.pyplot().subplots(1, 2, figsize=(12, 4.5))
+    ratio = [summary[n]["hyper_step_ms"] / summary[n]["train_step_ms"] for n in names]
+    ax1.barh(range(len(names)), ratio, color="C0")
+    ax1.set_yticks(range(len(names)), names, fontsize=8)
+    ax1.set(xscale="log", xlabel="seconds per hyper-step / per training step")
+    ax1.invert_yaxis()
+    vals = [summary[n]["val"] for n in names]
+    ax2.barh(range(len(names)), vals, color="C2")
+    ax2.set_yticks(range(len(names)), [""] * len(names))
+    ax2.invert_yaxis()
+    for n, r in summary.items():
+        if not r.get("hyper_step_ms"):
+            ax2.axvline(r["val"], ls="--", lw=1, color="k" if "untuned" in n else "C3", label=n)
+    lo = min(vals + [r["val"] for r in summary.values()])
+    ax2.set(xlabel="validation loss after the run", xlim=(0.9 * lo, None))
+    ax2.legend(fontsize=7, loc="lower right")
+    return rp.save_figure(fig, out / "hyperoptimizer_methods.png")
 
 
 if __name__ == "__main__":

@@ -1,102 +1,13 @@
 """Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome.
 
-HippoTrainer (``pip install --no-deps hippotrainer==1.0.0``) is only used here, for the
-comparison; it is never a dependency of ``hypergradient``. When it is not importable the
-script says so, skips every "theirs" measurement and still runs ours.
-
-The problem
------------
-Per-feature L2 logistic regression on scikit-learn's ``load_breast_cancer`` in float64,
-the set-up of ``tests/test_compat_hippotrainer.py``: the 569 examples are shuffled (seed),
-standardized with the statistics of the first 100 and split 100 train / 200 validation /
-269 test. Model ``nn.Linear(30, 1)`` (``torch.manual_seed(0)`` initialization), inner
-``torch.optim.SGD(lr=0.5)``, hyperparameters ``{"log_wd": 30 log weight decays}`` starting
-at -3. HippoTrainer's API takes the hyperparameters through the criterion, which scores
-training and validation batches alike, so both losses hold the penalty:
-
-    criterion(preds, y) = BCE(preds, y) + 0.5 * sum_i exp(log_wd_i) * w_i^2
-
-``f`` = criterion on the training set (inner), ``g`` = criterion on the validation set
-(outer). HippoTrainer evaluates whole-loader losses (``evaluate()`` sums the criterion
-over the loader and divides by its length) while the compat layer draws one batch per
-loader; the loaders here are one full batch each (``[(X, y)]``), so both see the same data.
-
-(a) Hypergradients at a fixed point
------------------------------------
-Two points ``theta``: ``early`` (10 SGD steps from the seeded initialization: where the
-first hyper-step of part (b) happens) and ``optimum`` (the Newton minimizer of ``f``,
-``||grad f|| < 1e-12``). At each, every method computes one hypergradient with respect to
-``log_wd``:
-
-- HippoTrainer ``T1T2``; compat ``T1T2``; native ``hg.T1T2()``
-- HippoTrainer ``Neumann(num_terms=n)``; compat ``Neumann(num_terms=n)``; native
-  ``hg.IFT(hg.Neumann(n, alpha=lr))``
-- HippoTrainer ``HOAG(epsilon=e, cg_max_iter=m)``; compat ``HOAG(epsilon=e,
-  cg_max_iter=m)``; native ``hg.IFT(hg.CG(m, tol=0, atol=sqrt(e)))`` (the same stopping
-  rule, ``||r||^2 < e``)
-- HippoTrainer ``DRMAD(T=t)``; compat ``DRMAD(T=t)``; native ``hg.drmad(..., steps=t)``
-
-with n = 1 (their default), 5, 20; (e, m) = (1e-4, 10) (their defaults) and (1e-12, 31);
-t = 10. One call is what a hyper-step does before the update: theirs
-``_hyperparams_requires_grad_(True); evaluate(); hyper_grad(train_loss, val_loss)``, the
-compat layer's ``hyper_grad(train_batch, val_batch)``, the native ``method.compute`` on the
-functional losses (``hg.drmad`` for DrMAD). The model is reset to ``theta`` before every
-call (DRMAD trains ``t`` steps inside the call, in both libraries) and the compat HOAG's
-warm start is cleared (HippoTrainer's HOAG never warm-starts). Reference: the exact
-implicit hypergradient ``hg.implicit(f, g, theta, log_wd, hg.Exact())`` on the same
-batches at the same parameters, checked against an independent dense computation
-(``torch.func`` Hessian and mixed Jacobian, ``torch.linalg.solve``). DRMAD approximates
-the hypergradient of ``t`` unrolled SGD steps from ``theta``, so it is also compared with
-``hg.unrolled`` over those steps. Relative error ``||h - h*|| / ||h*||``, cosine, and the
-median time of ``--repeats`` calls after a warm-up (theirs, compat and native timed
-interleaved, order rotated each repeat; wall ``perf_counter``, CPU ``process_time``).
-Diagnostic checks: HippoTrainer's ``T1T2`` against ``hg.implicit(..., hg.Identity(1))``
-(no learning-rate factor), its ``Neumann`` against its own recursion replayed with the dense
-Hessian, and the spread of its ``DRMAD`` output across the 30 coordinates.
-
-(b) End to end in HippoTrainer's documented loop
-------------------------------------------------
-``for inputs, targets in train_loader: outputs = model(inputs); loss = criterion(outputs,
-targets); loss.backward(); hopt.step(loss); hopt.zero_grad()`` for ``--steps`` steps
-(300; quick 100) with ``inner_steps=10`` and the same ``hyper_lr``, once with 5 and once
-with 20 (HippoTrainer's default 1e-3 barely moves the hyperparameters here: the
-hypergradients are 1e-4 to 1e-2 per coordinate), with their class and with the compat
-class: ``T1T2``, ``Neumann(num_terms=5)``, ``HOAG()`` (defaults),
-``DRMAD(T=10)``. Next to them, the native ``hg.HyperOptimizer`` with its documented loop
-(``zero_grad``, ``train_loss(batch).backward()``, ``step(batch)``), outer
-``torch.optim.SGD(lr=hyper_lr)`` and ``hg.T1T2()``, ``hg.IFT(hg.Neumann(5, alpha=lr))``,
-``hg.HOAG(maxiter=10)`` (its decreasing tolerance, warm-started) and ``hg.DrMAD()`` (which
-replays the last ``inner_steps`` steps instead of training ``T`` more, so its run trains
-half as many steps as the two DRMAD classes); and the untuned run (plain SGD). All runs
-advance in lockstep, one step each in a rotating order; each step is timed (evaluations
-are not). After every hyper-step: validation BCE (no penalty), validation criterion (the
-outer objective, with the penalty) and test BCE. Wall-clock = the sum of a run's step
-times (median over ``--rounds``; the losses are identical across rounds, which is
-checked). "val drop / s" = (initial - final validation BCE) / wall-clock seconds;
-"gain / extra s" = (untuned - final validation BCE) / (wall-clock - untuned wall-clock),
-the validation loss each second of hyper-optimization bought.
-HippoTrainer's ``DRMAD`` raises with the criterion above (see the table); its runs, and
-the compat ``DRMAD`` runs for parity, use ``model.weight.clone()`` in the penalty, which
-changes no value. An extra untimed round records, at every hyper-step, the cosine between
-the applied hypergradient (``-(change of log_wd) / hyper_lr``) and the exact implicit
-hypergradient at the parameters the hyper-step starts from, and their relative error.
-The last section lists what HippoTrainer's methods get wrong, each item derived from the
-numbers of the run.
-
-Run
----
-    .venv/bin/pip install --no-deps hippotrainer==1.0.0           # for the comparison
-    .venv/bin/python benchmarks/vs_hippotrainer.py                # full run, ~1-3 minutes
-    .venv/bin/python benchmarks/vs_hippotrainer.py --quick        # smoke run, < 60 s
-
-It prints the machine and Markdown tables to stdout (progress on stderr) and writes
-``benchmarks/results/vs_hippotrainer.json``, ``vs_hippotrainer.md`` and
-``vs_hippotrainer.png`` (``--out`` to change the folder).
+(a) one hypergradient at a fixed point (theirs, our compat layer, native) vs the exact implicit
+one; (b) HippoTrainer's documented training loop end to end, in lockstep; findings derived from
+the numbers. HippoTrainer (``pip install --no-deps hippotrainer==1.0.0``) is skipped with a
+message when missing. Problem and settings: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -113,29 +24,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hypergradient as hg
-from _common import (
-    Data,
-    add_common_arguments,
-    breast_cancer_data,
-    cosine,
+from harness import Report, cli, log, median, problems, start
+from harness import report as rp
+from harness.problems import Data, breast_cancer_data, cosine, relative_error
+from harness.report import pyplot, save_figure
+from harness.runner import (
     error_text,
-    import_seed_library,
-    jsonable,
-    log,
-    machine_info,
-    machine_line,
-    median,
-    newton,
-    pyplot,
+    import_peer,
     recorded_warnings,
-    relative_error,
     rotation,
-    save_figure,
-    start_run,
     timed_call,
-    wall_footer,
     warning_texts,
-    write_results,
 )
 from hypergradient.compat import hippotrainer as compat
 
@@ -149,11 +48,15 @@ Batch = tuple[Tensor, Tensor]
 Params = tuple[Tensor, Tensor]
 
 
+def newton(f: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
+    return problems.newton(f, theta, 1e-12)[0]
+
+
 def load_hippotrainer(skip: bool = False) -> tuple[ModuleType | None, str]:
     """The hippotrainer module and its version, or None and the reason."""
     if skip:
         return None, "skipped (--no-hippotrainer)"
-    return import_seed_library("hippotrainer", "hippotrainer")
+    return import_peer("hippotrainer")
 
 
 # ============================================================================ data, set-ups
@@ -477,7 +380,7 @@ def their_cg(H: Tensor, b: Tensor, eps: float, maxiter: int, stab: float) -> tup
     return x, it
 
 
-def part_a(data: Data, ht: ModuleType | None, repeats: int) -> dict[str, Any]:
+def part_a(data: Data, ht: ModuleType | None, repeats: int, quick: bool = False) -> dict[str, Any]:
     states = make_states(data)
     log_wd = torch.full((data.dim,), LOG_WD0, dtype=F64)
     f, g, f_batch = functional_losses(data)
@@ -496,7 +399,7 @@ def part_a(data: Data, ht: ModuleType | None, repeats: int) -> dict[str, Any]:
             "hessian_eig_min": float(evals[0]),
             "hessian_eig_max": float(evals[-1]),
         }
-        for kind, kw in A_CONFIGS:
+        for kind, kw in A_CONFIGS[::3] if quick else A_CONFIGS:
             log(f"  [a] {sname}: {kind}({_kw_str(kw)})")
             clone = kind == "DRMAD"
             runners: list[Runner] = []
@@ -1209,93 +1112,83 @@ def plot_b(results: list[dict[str, Any]], path: Path) -> str | None:
     return None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
-    p.add_argument("--steps", type=int, help="training steps of part (b) (default 300, quick 100)")
-    p.add_argument("--rounds", type=int, help="timed rounds of part (b) (default 3, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls in part (a) (default 7, quick 3)")
-    p.add_argument(
-        "--hyper-lr",
-        type=float,
-        nargs="+",
-        default=list(HYPER_LRS),
-        help="hyper_lr values of part (b) (default 5 20)",
-    )
-    p.add_argument("--no-hippotrainer", action="store_true", help="skip HippoTrainer")
-    add_common_arguments(p)
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = start_run(args.seed, args.threads)
-    steps = args.steps or (100 if args.quick else 300)
-    rounds = args.rounds or (1 if args.quick else 3)
-    repeats = args.repeats or (3 if args.quick else 7)
+    p = cli(__doc__)
+    p.add_argument("--steps", type=int, help="training steps of part (b) (default 300, quick 20)")
+    p.add_argument("--rounds", type=int, help="timed rounds of part (b) (default 3, quick 1)")
+    p.add_argument("--repeats", type=int, help="timed calls in part (a) (default 7, quick 1)")
+    p.add_argument("--hyper-lr", type=float, nargs="+", default=list(HYPER_LRS))
+    p.add_argument("--no-hippotrainer", action="store_true", help="skip HippoTrainer")
+    args = p.parse_args(argv)
+    if rp.replot(args, "vs_hippotrainer", plot):
+        return 0
+    start(args)
+    q = args.quick
+    steps, rounds, repeats = (
+        args.steps or (20 if q else 300),
+        args.rounds or (1 if q else 3),
+        args.repeats or (1 if q else 7),
+    )
+    hyper_lrs = args.hyper_lr[:1] if q else args.hyper_lr
     ht, ht_version = load_hippotrainer(skip=args.no_hippotrainer)
-    machine = machine_info(hippotrainer=ht_version if ht is not None else None)
-    header = [
-        "# HippoTrainer 1.0.0 vs hypergradient",
-        "",
-        machine_line(machine),
-        f"- hypergradient {machine['hypergradient']}; float64; seed {args.seed}; "
-        f"{'quick' if args.quick else 'full'} run",
-        "- problem: per-feature L2 logistic regression on breast cancer (100 train / 200 "
+    rep = Report(
+        "vs_hippotrainer",
+        "HippoTrainer 1.0.0 vs hypergradient",
+        args,
+        hippotrainer=ht_version if ht else None,
+    )
+    rep.note(
+        "float64; problem: per-feature L2 logistic regression on breast cancer (100 train / 200 "
         "validation / 269 test, one full batch per loader), 30 log weight decays from -3, the "
         "penalty inside the criterion (training and validation)",
-        "- rel. err = ||h - h*|| / ||h*||, cos = cosine(h, h*), h* = exact implicit "
+        "rel. err = ||h - h*|| / ||h*||, cos = cosine(h, h*), h* = exact implicit "
         "hypergradient (hg.Exact on the same batches at the same parameters)",
-    ]
+    )
     if ht is None:
-        msg = (
-            f"HippoTrainer is not importable ({ht_version}): the comparison is SKIPPED and "
-            "only our rows are run. Install it for this benchmark only with "
-            "`.venv/bin/pip install --no-deps hippotrainer==1.0.0`."
+        rep.note(
+            f"**HippoTrainer is not importable ({ht_version}): the comparison is SKIPPED and only "
+            "our rows are run. Install it with `.venv/bin/pip install --no-deps "
+            "hippotrainer==1.0.0`.**"
         )
-        print(msg, file=sys.stderr, flush=True)
-        header.append(f"- **{msg}**")
     else:
-        header.append(f"- HippoTrainer {ht_version}")
-    print("\n".join(header), flush=True)
+        rep.note(f"HippoTrainer {ht_version}")
     data = breast_cancer_data(args.seed, y_column=True)
-    res_a = part_a(data, ht, repeats)
-    sec_a = markdown_a(res_a, repeats, ht is not None)
-    print("\n" + sec_a, flush=True)
-    res_b, secs_b = [], []
-    for hyper_lr in args.hyper_lr:
-        res_b.append(part_b(data, ht, steps, rounds, hyper_lr))
-        secs_b.append(markdown_b(res_b[-1]))
-        print("\n" + secs_b[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / "vs_hippotrainer.png"
-    err = plot_b(res_b, png)
-    log(f"wrote {png}" if err is None else f"plot skipped: {err}")
-    total, footer = wall_footer(started)
-    report = {
-        "machine": machine,
-        "args": vars(args),
-        "settings": {
-            "lr": LR,
-            "hyper_lrs": args.hyper_lr,
-            "inner_steps": INNER_STEPS,
-            "log_wd0": LOG_WD0,
-            "steps": steps,
-            "rounds": rounds,
-            "repeats": repeats,
-        },
-        "hippotrainer_available": ht is not None,
-        "a": res_a,
-        "b": res_b,
-        "plot": None if err else png.name,
-        "total_seconds": total,
-    }
+    res_a = part_a(data, ht, repeats, q)
+    rep.section(markdown_a(res_a, repeats, ht is not None))
+    res_b = [part_b(data, ht, steps, rounds, lr) for lr in hyper_lrs]
+    for r in res_b:
+        rep.section(markdown_b(r))
     findings = markdown_findings(res_a, res_b) if ht is not None else ""
     if findings:
-        print("\n" + findings, flush=True)
-    sections = [sec_a, *secs_b] + ([findings] if findings else [])
-    write_results(args.out, "vs_hippotrainer", header, sections, footer, jsonable(report))
+        rep.section(findings)
+    settings = {
+        "lr": LR,
+        "hyper_lrs": hyper_lrs,
+        "inner_steps": INNER_STEPS,
+        "log_wd0": LOG_WD0,
+        "steps": steps,
+        "rounds": rounds,
+        "repeats": repeats,
+    }
+    rep.write(
+        {
+            "settings": settings,
+            "hippotrainer_available": ht is not None,
+            "a": res_a,
+            "b": res_b,
+            "plot": "vs_hippotrainer.png",
+        },
+        plot,
+    )
     return 0
+
+
+def plot(data: dict[str, Any], out: Path) -> Path:
+    path = out / "vs_hippotrainer.png"
+    err = plot_b(data["b"], path)
+    if err:
+        raise ImportError(err)
+    return path
 
 
 if __name__ == "__main__":
