@@ -50,7 +50,6 @@ def full_cases() -> list[dict[str, Any]]:
 def quick_cases() -> list[dict[str, Any]]:
     return [
         dict(kind="implicit", hidden=4, batch=64, dtype="float32"),
-        dict(kind="hyperopt", hidden=4, batch=64, dtype="float64"),
         dict(kind="allreduce", hidden=0, batch=0, dtype="float32", sizes=[4]),
     ]
 
