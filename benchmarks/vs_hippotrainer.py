@@ -1185,6 +1185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def plot(data: dict[str, Any], out: Path) -> Path:
     path = out / "vs_hippotrainer.png"
+    for res in data["b"]:  # JSON null = NaN (a diverged run)
+        for r in res["summary"]:
+            r["val_bce"] = math.nan if r["val_bce"] is None else r["val_bce"]
+            for c in r["curve"]:
+                c["val_bce"] = math.nan if c["val_bce"] is None else c["val_bce"]
     err = plot_b(data["b"], path)
     if err:
         raise ImportError(err)
