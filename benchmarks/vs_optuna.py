@@ -363,7 +363,7 @@ class Run:
     final: dict[str, float] = field(default_factory=dict)
 
     def record(self, wall: float, cpu: float, val: float, phi: Tensor, budget: float) -> None:
-        if wall > budget:
+        if wall > budget and self.val:  # the first evaluation (the common start) is kept
             self.dropped += 1
             return
         if not math.isfinite(val):
@@ -873,7 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     start(args)
     optuna, version = import_peer("optuna")
-    budget_logreg = args.budget_logreg or (0.5 if args.quick else 90.0)
+    budget_logreg = args.budget_logreg or (1.0 if args.quick else 90.0)
     budget_mlp = args.budget_mlp or (1.0 if args.quick else 150.0)
     tasks = args.tasks or (["logreg"] if args.quick else ["logreg", "mlp", "mlp-layer"])
     rep = Report(
