@@ -1,29 +1,10 @@
-"""The benchmarks' shared harness: problems, an interleaved runner, one report writer."""
+"""The benchmarks' shared harness: problems, an interleaved runner, one report writer.
 
-from . import problems, report, runner
-from .problems import Bilevel, cosine, flat, relative_error, unflat
-from .report import Report, fix, ms, ratio, sci, table
-from .runner import Case, cli, interleave, log, median, start
+Every public name of :mod:`.problems`, :mod:`.report` and :mod:`.runner` is importable from
+here (``import harness as H; H.table(...)``).
+"""
 
-__all__ = [
-    "Bilevel",
-    "Case",
-    "Report",
-    "cli",
-    "cosine",
-    "fix",
-    "flat",
-    "interleave",
-    "log",
-    "median",
-    "ms",
-    "problems",
-    "ratio",
-    "relative_error",
-    "report",
-    "runner",
-    "sci",
-    "start",
-    "table",
-    "unflat",
-]
+from . import problems, report, runner  # noqa: F401
+from .problems import *  # noqa: F403
+from .report import *  # noqa: F403
+from .runner import *  # noqa: F403

@@ -92,7 +92,8 @@ def newton(
     damped: bool = True,
     symmetrize: bool = True,
 ) -> tuple[Tensor, int, float]:
-    """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking.
+    """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking
+    (full steps once the decrease ``g' H^-1 g`` is below 1e-12, round-off of ``f``).
 
     ``damped=False`` takes full steps. Returns ``(theta, steps, final ||grad f||)``; raises
     :class:`NotPositiveDefinite` if a Hessian on the way is not positive definite.
@@ -111,7 +112,7 @@ def newton(
             raise NotPositiveDefinite(f"Newton iteration {it}: Cholesky failed")
         step = torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
         t, slope = 1.0, float(g @ step)
-        while damped:  # Armijo backtracking; full steps near the minimum
+        while damped and slope >= 1e-12:  # Armijo backtracking; full steps near the minimum
             new_value = f(theta - t * step)
             if float(new_value) <= float(value) - 1e-4 * t * slope or t < 1e-8:
                 break
@@ -216,6 +217,30 @@ def breast_cancer_data(seed: int, y_column: bool = False) -> Data:
     y = y.unsqueeze(1) if y_column else y
     X = standardize(X, 100)
     return Data((X[:100], y[:100]), (X[100:300], y[100:300]), (X[300:], y[300:]))
+
+
+def linear_model(dim: int, state: Sequence[Tensor] | None = None) -> torch.nn.Linear:
+    """``nn.Linear(dim, 1)`` in float64 at ``state = (weight, bias)`` (default zeros)."""
+    model = torch.nn.Linear(dim, 1).double()
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), state or (torch.zeros(1, dim), torch.zeros(1))):
+            p.copy_(v)
+    return model
+
+
+def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
+    """``f``, ``g`` and ``f_batch(params, log_decay, batch)`` of per-feature L2 logistic
+    regression with ``params = (weight (1, D), bias (1,))`` (``nn.Linear``'s shapes):
+    ``BCE + 0.5 sum exp(log_decay) w^2``; ``g`` is the validation BCE (no penalty)."""
+
+    def bce(params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+        z = batch[0] @ params[0].reshape(-1) + params[1]
+        return F.binary_cross_entropy_with_logits(z, batch[1].reshape(-1))
+
+    def f_batch(params: Params, log_decay: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return bce(params, batch) + 0.5 * (log_decay.exp() * params[0].reshape(-1) ** 2).sum()
+
+    return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: bce(p, data.val)), f_batch
 
 
 # ============================================================================ problems
@@ -597,6 +622,17 @@ def dense_hessian(pb: Bilevel) -> Tensor:
         theta
     )
     return 0.5 * (H + H.T)
+
+
+def dense_pieces(f: Loss, g: Loss, params: Params, hparams: Tensor) -> dict[str, Tensor]:
+    """Dense ``H``, mixed ``J = d grad_theta f / d hparams``, ``g_theta``, ``g_phi`` and
+    ``h = g_phi - J' H^-1 g_theta`` by plain ``torch.func`` (one hyperparameter tensor)."""
+    t = flat(params)
+    H, J = torch.func.jacrev(torch.func.grad(lambda v, r: f(unflat(v, params), r)), argnums=(0, 1))(
+        t, hparams
+    )
+    gt, gp = torch.func.grad(lambda v, r: g(unflat(v, params), r), argnums=(0, 1))(t, hparams)
+    return {"H": H, "J": J, "g_theta": gt, "g_phi": gp, "h": gp - J.T @ torch.linalg.solve(H, gt)}
 
 
 def dense_hypergradient(pb: Bilevel, H: Tensor | None = None) -> Tensor:

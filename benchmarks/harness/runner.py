@@ -1,17 +1,14 @@
 """One way to time things: interleaved rounds after a warm-up, on one thread, in one process
 or in a fresh one.
 
-- :func:`cli` / :func:`start`: the options every benchmark shares (``--quick``, ``--out``,
-  ``--seed``, ``--threads``, ``--replot``), seeding and the thread count.
-- :func:`interleave`: warm up each :class:`Case` once (its output and warnings kept), then
-  time ``repeats`` rounds, one call of every case per round in an order rotated each round,
-  so that slow drifts of a shared machine spread over all cases; wall (``perf_counter``) and
-  CPU (``process_time``) milliseconds, medians reported. Paired ratios come from one call.
-- :func:`lockstep`: advance several training runs one step each, in rotating order.
-- :func:`peak_memory` (peak RSS increase of one call, Linux) and :func:`isolated` (a call in
-  a child process, so that no earlier allocation hides or inflates the peak); :func:`fresh`
-  (a snippet in a new interpreter: cold starts).
-- :func:`machine_info`, :func:`import_peer` (a compared library, or the reason it is skipped).
+- :func:`cli` / :func:`start`: the options every benchmark shares, seeding, the thread count.
+- :func:`interleave`: warm up each :class:`Case` once (output and warnings kept), then time
+  ``repeats`` rounds, one call of every case per round in an order rotated each round, so that
+  slow drifts of a shared machine spread over all cases; wall and CPU medians.
+- :func:`lockstep`: advance several training :class:`Run` s one step each, in rotating order.
+- :func:`peak_memory` (peak RSS increase of one call, Linux), :func:`isolated` (a call in a
+  child process, so that no earlier allocation hides or inflates the peak), :func:`fresh` (a
+  snippet in a new interpreter: cold starts).
 """
 
 from __future__ import annotations
@@ -58,7 +55,7 @@ def cli(doc: str | None, threads: int = 1) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default results/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and generators")
     p.add_argument("--threads", type=int, default=threads, help="torch threads (0: default)")
-    p.add_argument("--replot", action="store_true", help="only redraw the plots from the JSON")
+    p.add_argument("--replot", action="store_true", help="redraw tables and plots from the JSON")
     return p
 
 
@@ -81,22 +78,15 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average": os.getloadavg(),
         **extra,
         "hypergradient": hg.__version__,
     }
 
 
-def machine_line(m: dict[str, Any]) -> str:
-    return (
-        f"- machine: {m['platform']} ({m['processor']}), {m['cpu_count']} CPUs; python "
-        f"{m['python']}; torch {m['torch']} with {m['torch_threads']} intra-op / "
-        f"{m['torch_interop_threads']} inter-op threads; hypergradient {m['hypergradient']}"
-    )
-
-
 def error_text(exc: BaseException, limit: int | None = 300) -> str:
     text = f"{type(exc).__name__}: {exc}"
-    return text if limit is None else text.splitlines()[0][:limit] if text else text
+    return text if limit is None else text.splitlines()[0][:limit]
 
 
 def warning_texts(caught: Sequence[warnings.WarningMessage], limit: int = 300) -> list[str]:
@@ -104,13 +94,12 @@ def warning_texts(caught: Sequence[warnings.WarningMessage], limit: int = 300) -
 
 
 @contextmanager
-def recorded_warnings(ignore_deprecations: bool = True) -> Iterator[list[warnings.WarningMessage]]:
-    """Record every warning raised inside the block (torch's deprecation notices dropped)."""
+def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning raised inside the block (deprecation notices dropped)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if ignore_deprecations:
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         yield caught
 
 
@@ -131,8 +120,8 @@ def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]
         return mod, "unknown version"
 
 
-def median(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None]
+def median(xs: Sequence[float | None]) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(statistics.median(xs)) if xs else math.nan
 
 
@@ -185,6 +174,7 @@ class Timing:
     warnings: list[str] = field(default_factory=list)
     warned_calls: int = 0
     error: str | None = None
+    traceback: str | None = None
 
 
 def interleave(
@@ -195,8 +185,7 @@ def interleave(
     """Warm up each case (output in ``warm``), then ``repeats`` interleaved rounds.
 
     ``repeats`` may depend on the slowest warm-up (ms); ``keep(output)`` of every timed call
-    is stored in ``kept`` (e.g. its error against a reference). A case that raises in the
-    warm-up is reported (``error``) and not timed.
+    is stored in ``kept``. A case that raises in the warm-up is reported (``error``), not timed.
     """
     res = [Timing(c.key, dict(c.meta)) for c in cases]
     live = []
@@ -208,7 +197,7 @@ def interleave(
                 r.warm, r.warm_ms, _ = timed_call(c.info or (lambda c=c: c.call(10_000)))
                 live.append(i)
             except Exception as exc:  # reported in the table
-                r.error = error_text(exc)
+                r.error, r.traceback = error_text(exc), traceback.format_exc(limit=4)[-1500:]
         r.warnings = warning_texts(caught)
     n = repeats(max((res[i].warm_ms for i in live), default=0.0)) if callable(repeats) else repeats
     with recorded_warnings() as caught:
@@ -228,14 +217,54 @@ def interleave(
     return res
 
 
-def lockstep(steps: int, runs: Sequence[Callable[[], Any]]) -> list[str]:
-    """Call every run's step ``steps`` times, one each per round, in rotating order;
-    returns the distinct warnings raised."""
+@dataclass
+class Run:
+    """A training run advanced one step at a time by :func:`lockstep`; a step whose index is a
+    multiple of ``every`` holds a hyper-step (its time goes to ``hyper_s``)."""
+
+    label: str
+    step: Callable[[], Any]
+    every: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    hyper_s: list[float] = field(default_factory=list)
+    error: str | None = None
+    error_step: int | None = None
+    traceback: str | None = None
+
+
+def lockstep(
+    runs: Sequence[Run], steps: int, record: Callable[[Run, int], Any] | None = None
+) -> list[str]:
+    """Advance every run ``steps`` steps, one step each per round in rotating order, timing
+    each step (a failing run stops, its error kept); ``record(run, t)`` after every step,
+    untimed. Returns the distinct warnings raised."""
     with recorded_warnings() as caught:
-        for s in range(steps):
-            for step in rotation(runs, s):
-                step()
+        for t in range(1, steps + 1):
+            for r in rotation(runs, t - 1):
+                if r.error is not None:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    r.step()
+                except Exception as exc:  # reported in the table
+                    r.error, r.error_step = error_text(exc, 400), t
+                    r.traceback = traceback.format_exc(limit=6)[-2500:]
+                    continue
+                dt = time.perf_counter() - t0
+                r.seconds += dt
+                (r.hyper_s if r.every and t % r.every == 0 else r.step_s).append(dt)
+                if record is not None:
+                    record(r, t)
     return warning_texts(caught)
+
+
+def hopt_step(hopt: hg.HyperOptimizer, batch: Any) -> None:
+    """The documented loop body of a ``HyperOptimizer``: zero_grad, backward, step."""
+    hopt.zero_grad()
+    hopt.train_loss(batch).backward()
+    hopt.step(batch)
 
 
 # ============================================================================ memory, processes
@@ -301,20 +330,27 @@ def _child(fn: Callable[..., Any], args: tuple, conn: Any) -> None:
     conn.close()
 
 
-_CONTEXTS: dict[str, Any] = {}
+_CONTEXT: list[Any] = []
+
+
+def context() -> Any:
+    """The multiprocessing context of every child: a forkserver that imported torch,
+    ``torch._dynamo`` and hypergradient once, so that a child starts in milliseconds."""
+    if not _CONTEXT:
+        import multiprocessing as mp
+
+        _CONTEXT.append(mp.get_context("forkserver"))
+        _CONTEXT[0].set_forkserver_preload(
+            ["torch", "torch.func", "torch._dynamo", "hypergradient"]
+        )
+    return _CONTEXT[0]
 
 
 def isolated(fn: Callable[..., T], *args: Any, timeout: float = 600.0) -> T:
-    """``fn(*args)`` in a fresh child process (forkserver; torch, ``torch.func`` and
-    hypergradient preloaded once), on one thread; raises ``RuntimeError`` if it fails."""
-    import multiprocessing as mp
-
-    if "fs" not in _CONTEXTS:
-        _CONTEXTS["fs"] = ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.func", "torch._dynamo", "hypergradient"])
-    ctx = _CONTEXTS["fs"]
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn, args, send))
+    """``fn(*args)`` in a fresh child process (see :func:`context`), on one thread; raises
+    ``RuntimeError`` if it fails."""
+    recv, send = context().Pipe(duplex=False)
+    proc = context().Process(target=_child, args=(fn, args, send))
     proc.start()
     send.close()
     status, value = "error", f"timeout after {timeout:.0f} s"
