@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+import harness as H
 import hypergradient as hg
-from harness import Case, Report, cli, interleave, problems, start, table
-from harness import report as rp
+from harness import Case, interleave, problems
+
+NAME, TITLE = "hvp_cost", "Cost of a Hessian-vector product"
 
 
 def models(quick: bool) -> list[tuple[str, problems.Bilevel]]:
@@ -87,10 +89,15 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     ]
 
 
+def render(d: dict[str, Any]) -> list[str]:
+    cols = "what|ms:.3f|gradients:.2f|floor"
+    return [f"## {r['problem']}\n\n" + H.dict_table(r["rows"], cols) for r in d["results"]]
+
+
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Cost of one product and of whole hypergradients, in gradients of f."""
     res = data["results"]
-    fig, axes = rp.pyplot().subplots(1, len(res), figsize=(5 * len(res), 4), squeeze=False)
+    fig, axes = H.pyplot().subplots(1, len(res), figsize=(5 * len(res), 4), squeeze=False)
     for ax, r in zip(axes[0], res):
         rows = [x for x in r["rows"] if x["what"] != "grad"]
         ax.barh(range(len(rows)), [x["gradients"] for x in rows], color="C0")
@@ -103,27 +110,20 @@ def plot(data: dict[str, Any], out: Any) -> Any:
             xscale="log", title=r["problem"].replace(" (", "\n("), xlabel="cost in gradients of f"
         )
         ax.invert_yaxis()
-    return rp.save_figure(fig, out / "hvp_cost.png")
+    return H.save_figure(fig, out / f"{NAME}.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli(__doc__).parse_args(argv)
-    if rp.replot(args, "hvp_cost", plot):
+    args = H.cli(__doc__).parse_args(argv)
+    if H.replot(args, NAME, TITLE, render, plot):
         return 0
-    start(args)
+    H.start(args)
     rounds, ks = (3, [10]) if args.quick else (30, [10, 50])
-    rep, results = Report("hvp_cost", "Cost of a Hessian-vector product", args), []
-    for name, pb in models(args.quick):
-        results.append({"problem": name, "rows": measure(pb, rounds, ks)})
-        rows = [
-            [r["what"], f"{r['ms']:.3f}", f"{r['gradients']:.2f}", r["floor"] or ""]
-            for r in results[-1]["rows"]
-        ]
-        rep.section(
-            f"## {name}\n\n"
-            + table(["what", "ms:", "in gradients:", "floor (products + 3):"], rows)
-        )
-    rep.write({"results": results}, plot)
+    rep = H.Report(NAME, TITLE, args)
+    results = [
+        {"problem": name, "rows": measure(pb, rounds, ks)} for name, pb in models(args.quick)
+    ]
+    rep.write({"results": results}, render, plot)
     return 0
 
 

@@ -14,175 +14,142 @@ from typing import Any
 
 import torch
 
+import harness as H
 import hypergradient as hg
-from harness import Case, Report, cli, interleave, log, median, ms, problems, runner, sci, start
-from harness import report as rp
-from harness.problems import F64, Bilevel, cosine, flat, relative_error
+
+NAME, TITLE = "implicit_solvers", "Implicit hypergradient solvers: accuracy and cost"
 
 
-def reference(pb: Bilevel) -> dict[str, Any]:
-    """``h*`` (closed form or ``hg.Exact()``), checked against plain torch; the spectrum."""
-    t0 = time.perf_counter()
-    h, info = hg.implicit(*_args(pb), solver=hg.Exact(chunk_size=64), return_info=True)
-    exact_ms, h = 1e3 * (time.perf_counter() - t0), flat(h)
-    H = problems.dense_hessian(pb)
-    dense, evals = problems.dense_hypergradient(pb, H), torch.linalg.eigvalsh(H)
-    checks = {
-        "hg.Exact vs torch dense (rel. diff)": relative_error(h, dense),
-        "hg.Exact inner_grad_norm": info.inner_grad_norm,
-        "hg.Exact relative_residual": float(info.relative_residual or 0.0),
-    }
-    if pb.closed_form is not None:
-        checks["hg.Exact vs closed form (rel. diff)"] = relative_error(h, pb.closed_form)
-        checks["torch dense vs closed form (rel. diff)"] = relative_error(dense, pb.closed_form)
-        h = pb.closed_form
-    lam = [float(evals[0]), float(evals.median()), float(evals[-1])]
-    return {
-        "h": h,
-        "lambda_min": lam[0],
-        "lambda_median": lam[1],
-        "lambda_max": lam[2],
-        "reference_norm": float(h.norm()),
-        "reference_checks": checks,
-        "exact_ms": exact_ms,
-    }
-
-
-def _args(pb: Bilevel) -> tuple:
+def args_of(pb: H.Bilevel) -> tuple:
     return pb.inner_loss, pb.outer_loss, pb.params, pb.hparams
 
 
-def ours(pb: Bilevel, key: str, make: Callable[[int], hg.Solver]) -> Case:
+def reference(pb: H.Bilevel) -> dict[str, Any]:
+    """``h*`` (closed form or ``hg.Exact()``), checked against plain torch; the spectrum."""
+    t0 = time.perf_counter()
+    h, info = hg.implicit(*args_of(pb), solver=hg.Exact(chunk_size=64), return_info=True)
+    exact_ms, h, Hd = 1e3 * (time.perf_counter() - t0), H.flat(h), H.dense_hessian(pb)
+    dense, ev = H.dense_hypergradient(pb, Hd), torch.linalg.eigvalsh(Hd)
+    checks = {"hg.Exact vs torch dense (rel. diff)": H.relative_error(h, dense)}
+    checks |= {"hg.Exact inner_grad_norm": info.inner_grad_norm}
+    checks |= {"hg.Exact relative_residual": float(info.relative_residual or 0.0)}
+    if pb.closed_form is not None:
+        checks["hg.Exact vs closed form (rel. diff)"] = H.relative_error(h, pb.closed_form)
+        checks["torch dense vs closed form (rel. diff)"] = H.relative_error(dense, pb.closed_form)
+        h = pb.closed_form
+    out = {"h": h, "lambda_min": float(ev[0]), "lambda_median": float(ev.median())}
+    out |= {"lambda_max": float(ev[-1]), "reference_norm": float(h.norm())}
+    return out | {"reference_checks": checks, "exact_ms": exact_ms}
+
+
+def ours(pb: H.Bilevel, key: str, make: Callable[[int], hg.Solver]) -> H.Case:
     def info() -> tuple:
-        h, inf = hg.implicit(*_args(pb), solver=make(10_000), return_info=True)
-        return flat(h), inf.num_hvps, str(inf.status)
+        h, inf = hg.implicit(*args_of(pb), solver=make(10_000), return_info=True)
+        return H.flat(h), inf.num_hvps, str(inf.status)
 
-    return Case(
-        key,
-        lambda s: flat(hg.implicit(*_args(pb), solver=make(s))),
-        info,
-        meta={"impl": "hypergradient"},
-    )
+    call = lambda s: H.flat(hg.implicit(*args_of(pb), solver=make(s)))  # noqa: E731
+    return H.Case(key, call, info, meta={"impl": "hypergradient"})
 
 
-def theirs(pb: Bilevel, key: str, fn: Callable, k: int, arg: float, seeded: bool) -> Case:
+def theirs(pb: H.Bilevel, key: str, fn: Callable, k: int, arg: float, seeded: bool) -> H.Case:
     def call(s: int) -> torch.Tensor:
         if seeded:  # hypergrad's nystrom samples with the global generator
             torch.manual_seed(s)
-        return flat([t.detach() for t in fn(*_args(pb), k, arg)])
+        return H.flat([t.detach() for t in fn(*args_of(pb), k, arg)])
 
-    return Case(key, call, lambda: (call(10_000), k, ""), meta={"impl": "hypergrad"})
+    return H.Case(key, call, lambda: (call(10_000), k, ""), meta={"impl": "hypergrad"})
 
 
-def gradient(pb: Bilevel) -> Case:
+def gradient(pb: H.Bilevel) -> H.Case:
     ps = tuple(p.detach().clone().requires_grad_(True) for p in pb.params)
     call = lambda s: torch.autograd.grad(pb.inner_loss(ps, pb.hparams), ps)[0]  # noqa: E731
-    return Case(
-        "gradient of f",
-        call,
-        lambda: (None, None, ""),
-        inner=runner.calls_per_sample(lambda: call(0)),
-        meta={"impl": "autograd"},
+    n = H.calls_per_sample(lambda: call(0))
+    return H.Case(
+        "gradient of f", call, lambda: (None, None, ""), inner=n, meta={"impl": "autograd"}
     )
 
 
-def measure(cases: list[Case], repeats: int, h_ref: torch.Tensor) -> list[dict[str, Any]]:
+def measure(cases: list[H.Case], repeats: int, h_ref: torch.Tensor) -> list[dict[str, Any]]:
     """Interleaved timing; per case the measurement dict of the JSON (errors per seed)."""
     out = []
-    for t in interleave(cases, repeats, keep=lambda h: h if h.numel() > 1 else None):
-        rel = [relative_error(h, h_ref) for h in t.kept if h is not None]
-        cos = [cosine(h, h_ref) for h in t.kept if h is not None]
+    for t in H.interleave(cases, repeats, keep=lambda h: h if t_is_hyper(h, h_ref) else None):
+        rel = [H.relative_error(h, h_ref) for h in t.kept if h is not None]
+        cos = [H.cosine(h, h_ref) for h in t.kept if h is not None]
         warm = t.warm or (None, None, "")
-        out.append(
-            {
-                "key": t.key,
-                "impl": t.meta["impl"],
-                "rel_err": median(rel) if rel else None,
-                "cos": median(cos) if cos else None,
-                "rel_err_all": rel,
-                "num_hvps": warm[1],
-                "status": warm[2],
-                "ms": t.ms,
-                "ms_all": t.ms_all,
-                "cpu_ms": t.cpu_ms,
-                "cpu_ms_all": t.cpu_ms_all,
-                "warnings": t.warnings,
-                "warned_calls": t.warned_calls,
-                "error": t.error,
-            }
-        )
+        m = {"key": t.key, "impl": t.meta["impl"], "rel_err": H.median(rel), "cos": H.median(cos)}
+        m |= {
+            "rel_err_all": rel,
+            "num_hvps": warm[1],
+            "status": warm[2],
+            "ms": t.ms,
+            "ms_all": t.ms_all,
+        }
+        m |= {"cpu_ms": t.cpu_ms, "cpu_ms_all": t.cpu_ms_all, "warnings": t.warnings}
+        out.append(m | {"warned_calls": t.warned_calls, "error": t.error})
     return out
 
 
-def benchmark(pb: Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hgrad: Any) -> dict:
+def t_is_hyper(h: Any, ref: torch.Tensor) -> bool:
+    """A hypergradient (not the gradient of f timed alongside)."""
+    return isinstance(h, torch.Tensor) and h.shape == ref.shape
+
+
+def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hgrad: Any) -> dict:
     alpha, rhos, rows, costs = 1.0 / ref["lambda_max"], [0.1, ref["lambda_median"]], [], []
 
-    def row(k: int, solver: str, o: Any, t: Any = None, label: str = "") -> None:
-        rows.append(
-            {"k": k, "solver": solver, "ours": o, "theirs_label": label or None, "theirs": t}
-        )
+    def row(k: int, solver: str, o: Any, t: Any = None, label: str | None = None) -> None:
+        rows.append({"k": k, "solver": solver, "ours": o, "theirs_label": label, "theirs": t})
+
+    def group(k: int, key: str, make: Callable, peer: tuple | None = None) -> list:
+        cases = [ours(pb, key, make)]
+        if hgrad is not None and peer is not None:
+            cases.append(theirs(pb, peer[0], getattr(hgrad, peer[1]), k, peer[2], peer[3]))
+        return measure(cases, repeats, ref["h"])
 
     for k in budgets:
-        log(f"  [{pb.name}] k = {k}")
-        group = [ours(pb, "CG", lambda s, k=k: hg.CG(maxiter=k, tol=0))]
+        H.log(f"  [{pb.name}] k = {k}")
+        cases = [ours(pb, "CG", lambda s, k=k: hg.CG(maxiter=k, tol=0))]
         if hgrad is not None:
-            group += [
+            cases += [
                 theirs(pb, f"conjugate_gradient(lr={lr:g})", hgrad.conjugate_gradient, k, lr, False)
                 for lr in (1.0, 0.1)
             ]
-        cg, *th, grad = measure([*group, gradient(pb)], repeats, ref["h"])
+        cg, *th, grad = measure([*cases, gradient(pb)], repeats, ref["h"])
         row(k, f"CG(maxiter={k}, tol=0)", cg, *(th[:1] + ["conjugate_gradient lr=1"] if th else []))
         if th:
             row(k, "〃", None, th[1], "conjugate_gradient lr=0.1")
         if cg["ms"] and grad["ms"]:
+            c = {"k": k, "cg_ms": cg["ms"], "grad_ms": grad["ms"], "ratio": cg["ms"] / grad["ms"]}
+            c |= {"cg_cpu_ms": cg["cpu_ms"], "grad_cpu_ms": grad["cpu_ms"], "floor": k + 3}
             costs.append(
-                {
-                    "k": k,
-                    "cg_ms": cg["ms"],
-                    "grad_ms": grad["ms"],
-                    "ratio": cg["ms"] / grad["ms"],
-                    "cg_cpu_ms": cg["cpu_ms"],
-                    "grad_cpu_ms": grad["cpu_ms"],
-                    "cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"],
-                    "floor": k + 3,
-                    "num_hvps": cg["num_hvps"],
-                }
+                c | {"cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"], "num_hvps": cg["num_hvps"]}
             )
-        (m,) = measure(
-            [ours(pb, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto"))], repeats, ref["h"]
+        row(
+            k,
+            f'Neumann({k}, alpha="auto")',
+            *group(k, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto")),
         )
-        row(k, f'Neumann({k}, alpha="auto")', m)
-        group = [ours(pb, "Neumann 1/L", lambda s, k=k: hg.Neumann(k, alpha=alpha))]
-        if hgrad is not None:
-            group.append(theirs(pb, "neumann", hgrad.neumann, k, alpha, False))
-        o, *t = measure(group, repeats, ref["h"])
+        peer = ("neumann", "neumann", alpha, False)
+        o, *t = group(k, "Neumann 1/L", lambda s, k=k: hg.Neumann(k, alpha=alpha), peer)
         row(
             k,
             f"Neumann({k}, alpha=1/L={alpha:.3g})",
             o,
             *(t + [f"neumann lr={alpha:.3g}"] if t else []),
         )
-        for rho in rhos:
-            nys = lambda s, k=k, rho=rho: hg.Nystrom(rank=k, rho=rho, sketch="column", seed=s)  # noqa: E731
-            group = [ours(pb, "Nystrom col", nys)]
-            if hgrad is not None:
-                group.append(theirs(pb, "nystrom", hgrad.nystrom, k, rho, True))
-            o, *t = measure(group, repeats, ref["h"])
-            row(
-                k,
-                f"Nystrom(rank={k}, rho={rho:.3g}, column)",
-                o,
-                *(t + [f"nystrom rank={k} rho={rho:.3g}"] if t else []),
-            )
-        for rho in rhos:
-            gauss = lambda s, k=k, rho=rho: hg.Nystrom(rank=k, rho=rho, sketch="gaussian", seed=s)  # noqa: E731
-            (o,) = measure([ours(pb, "Nystrom gauss", gauss)], repeats, ref["h"])
-            row(k, f"Nystrom(rank={k}, rho={rho:.3g}, gaussian)", o)
+        for sketch in ("column", "gaussian"):
+            for rho in rhos:
+                make = lambda s, k=k, rho=rho, sk=sketch: hg.Nystrom(k, rho, sk, seed=s)  # noqa: E731
+                peer = ("nystrom", "nystrom", rho, True) if sketch == "column" else None
+                o, *t = group(
+                    k, f"Nystrom {sketch[:3] if sketch == 'column' else 'gauss'}", make, peer
+                )
+                label = [f"nystrom rank={k} rho={rho:.3g}"] if t else []
+                row(k, f"Nystrom(rank={k}, rho={rho:.3g}, {sketch})", o, *(t + label))
         r, it = k // 2, k - k // 2
         pcg = lambda s, r=r, it=it: hg.NystromPCG(r, maxiter=it, tol=0, seed=s)  # noqa: E731
-        (o,) = measure([ours(pb, "NystromPCG", pcg)], repeats, ref["h"])
-        row(k, f"NystromPCG(rank={r}, maxiter={it}, tol=0)", o)
-    (o,) = measure([ours(pb, "Identity", lambda s: hg.Identity(scale=alpha))], repeats, ref["h"])
+        row(k, f"NystromPCG(rank={r}, maxiter={it}, tol=0)", *group(k, "NystromPCG", pcg))
+    (o,) = group(0, "Identity", lambda s: hg.Identity(scale=alpha))
     rows.insert(
         0,
         {
@@ -202,123 +169,69 @@ def benchmark(pb: Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hgra
     }
 
 
-def _cells(m: dict | None) -> list[str]:
-    if m is None:
-        return [""] * 5
-    if m["error"]:
-        return ["", "", "error", "", ""]
-    flag = (
-        f" (warned in {m['warned_calls']}/{len(m['ms_all'])} timed calls)"
-        if m["warned_calls"]
-        else ""
-    )
-    return [
-        "" if m["num_hvps"] is None else str(m["num_hvps"]),
-        m["status"] + flag,
-        sci(m["rel_err"]),
-        rp.fix(m["cos"], 6),
-        ms(m["ms"]),
-    ]
-
-
-def markdown(name: str, pb: dict[str, Any]) -> str:
+def render_problem(name: str, pb: dict[str, Any]) -> str:
     s, checks = pb["setup"], "; ".join(f"{k} = {v:.2e}" for k, v in pb["reference_checks"].items())
-    bullets = [
-        f"{s['num_params']} parameters, {s['num_hparams']} hyperparameters, "
-        f"{s['n_train']} train / {s['n_val']} validation examples",
-        f"inner solve: {s['inner_solver']}; final inner gradient norm {s['inner_grad_norm']:.2e}",
-        f"exact Hessian: lambda_min = {pb['lambda_min']:.4g}, median eigenvalue = "
-        f"{pb['lambda_median']:.4g}, lambda_max = {pb['lambda_max']:.4g}, condition number "
-        f"{pb['lambda_max'] / pb['lambda_min']:.3g}",
-        f"reference h* = {'closed form' if name == 'ridge' else 'hg.Exact()'}, ||h*|| = "
-        f"{pb['reference_norm']:.4g}; hg.Exact() took {pb['exact_ms']:.0f} ms; checks: " + checks,
-        f"Neumann fixed alpha = 1/lambda_max = {pb['alpha']:.4g}; Nystrom rho in {{0.1, "
-        f"median eigenvalue = {pb['rhos'][1]:.3g}}}; one gradient of f = "
-        f"{ms(pb['grad_ms'])} ms",
+    facts = [
+        H.facts(s),
+        f"exact Hessian: lambda_min {pb['lambda_min']:.4g}, median {pb['lambda_median']:.4g}, "
+        f"lambda_max {pb['lambda_max']:.4g}; ||h*|| = {pb['reference_norm']:.4g}; hg.Exact() took "
+        f"{pb['exact_ms']:.0f} ms; checks: {checks}",
+        f"Neumann alpha = 1/lambda_max = {pb['alpha']:.4g}; Nystrom rho 0.1 and "
+        f"{pb['rhos'][1]:.3g}; one gradient of f = {H.ms(pb['grad_ms'])} ms",
     ]
-    if "train_accuracy" in s:
-        bullets.append(
-            f"trained MLP: train accuracy {s['train_accuracy']:.3f}, validation accuracy "
-            f"{s['val_accuracy']:.3f}"
-        )
-    lines = [f"### {name}: {pb['description']}", "", rp.bullets(bullets), ""]
-    head = ["k:", "solver (hypergradient)", "hvps:", "status", "rel. err:", "cos:", "ms:"]
-    theirs = any(r["theirs"] for r in pb["rows"])
-    if theirs:
-        head += [
-            "hypergrad 0.0.1",
-            "rel. err:",
-            "cos:",
-            "ms:",
-            "theirs/ours wall:",
-            "theirs/ours CPU:",
-        ]
-    rows, base = [], None
+    rows, base = [], {}
     for r in pb["rows"]:
+        o, t = r["ours"] or {}, r["theirs"] or {}
         base = r["ours"] or base
-        cells = [r["k"], r["solver"], *_cells(r["ours"])]
-        if theirs:
-            t = r["theirs"]
-            label = (r["theirs_label"] or "") + (" (error, see below)" if t and t["error"] else "")
-            c = _cells(t)[2:] if t else ["", "", ""]
-            cells += [
-                label,
-                *c,
-                rp.ratio(t and t["ms"], base["ms"]) if t else "",
-                rp.ratio(t and t["cpu_ms"], base["cpu_ms"]) if t else "",
-            ]
-        rows.append(cells)
-    lines += [
-        rp.table(head, rows),
-        "",
-        "CG cost ratio (time of one hg.implicit call with "
-        "CG(maxiter=k, tol=0) / time of one gradient of f):",
-        "",
-    ]
-    lines.append(
-        rp.table(
-            [
-                "k:",
-                "hvps:",
-                "CG ms:",
-                "gradient ms:",
-                "ratio (wall):",
-                "ratio (CPU):",
-                "floor k+3:",
-            ],
-            [
-                [
-                    c["k"],
-                    c["num_hvps"],
-                    ms(c["cg_ms"]),
-                    ms(c["grad_ms"]),
-                    f"{c['ratio']:.1f}",
-                    rp.fix(c["cpu_ratio"], 1),
-                    c["floor"],
-                ]
-                for c in pb["cg_cost_ratio"]
-            ],
+        x = {"k": r["k"], "solver": r["solver"], "theirs": r["theirs_label"]}
+        x |= {k: o.get(k) for k in ("num_hvps", "rel_err", "cos", "ms")}
+        x["status"] = (o.get("status") or "") + (" (error)" if o.get("error") else "")
+        if o.get("warned_calls"):
+            x["status"] += f" (warned in {o['warned_calls']}/{len(o['ms_all'])} timed calls)"
+        x |= {f"theirs {k}": t.get(k) for k in ("rel_err", "cos", "ms")} | {
+            "theirs error": t.get("error")
+        }
+        if t and not t.get("error"):
+            x |= {
+                "theirs/ours wall": t["ms"] / base["ms"],
+                "theirs/ours CPU": t["cpu_ms"] / base["cpu_ms"],
+            }
+        rows.append(x)
+    cols = "k:d|solver|num_hvps:d|status|rel_err:.2e|cos:.6f|ms:.3g"
+    if any(r["theirs"] for r in pb["rows"]):
+        cols += "|theirs|theirs rel_err:.2e|theirs cos:.6f|theirs ms:.3g"
+        cols += "|theirs/ours wall:.2f|theirs/ours CPU:.2f"
+    ms_ = [m for r in pb["rows"] for m in (r["ours"], r["theirs"]) if m]
+    notes = sorted({f"{m['key']}: {w}" for m in ms_ for w in m["warnings"]})
+    notes += sorted({f"{m['key']}: {m['error']}" for m in ms_ if m["error"]})
+    cost = "k:d|num_hvps:d|cg_ms:.3g|grad_ms:.3g|ratio:.1f|cpu_ratio:.1f|floor:d"
+    return (
+        f"### {name}: {pb['description']}\n\n{H.bullets(facts)}\n\n{H.dict_table(rows, cols)}\n\n"
+        "CG cost ratio (one hg.implicit call with CG(maxiter=k, tol=0) / one gradient of f):\n\n"
+        + H.dict_table(pb["cg_cost_ratio"], cost)
+        + (
+            "\n\nWarnings (of the warm-up calls) and errors:\n\n" + H.bullets(notes)
+            if notes
+            else ""
         )
     )
-    ms_ = [(r["solver"], m) for r in pb["rows"] for m in (r["ours"], r["theirs"]) if m]
-    warned = sorted({f"{s}: {w}" for s, m in ms_ for w in m["warnings"]})
-    errors = sorted({f"{m['key']}: {m['error']}" for _, m in ms_ if m["error"]})
-    if warned:
-        lines += [
-            "",
-            "Warnings raised by the warm-up calls (status is the warm-up's):",
-            "",
-            rp.bullets(warned),
-        ]
-    if errors:
-        lines += ["", "Errors:", "", rp.bullets(errors)]
-    return "\n".join(lines)
+
+
+def render(d: dict[str, Any]) -> list[str]:
+    a = d["args"]
+    notes = [
+        f"solvers in {a.get('dtype', 'float64')}, references in float64; budgets k = "
+        f"{d['budgets']}; median of {d['repeats']} timed calls after one warm-up",
+        "rel. err = ||h - h*|| / ||h*||; randomized solvers: median over seeds; hvps and status "
+        "from return_info=True; theirs/ours: ratio of median wall or CPU times, interleaved",
+    ]
+    return [H.bullets(notes), *(render_problem(n, pb) for n, pb in d["problems"].items())]
 
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Relative error vs products and vs milliseconds, per problem; ours solid, seed dashed."""
     probs = data["problems"]
-    fig, axes = rp.pyplot().subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
+    fig, axes = H.pyplot().subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
     for col, (name, pb) in enumerate(probs.items()):
         series: dict[tuple[str, str], list] = {}
         for r in pb["rows"]:
@@ -344,60 +257,45 @@ def plot(data: dict[str, Any], out: Any) -> Any:
             ax.set(yscale="log", ylabel="relative error vs exact")
             ax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=6, loc="lower left")
-    return rp.save_figure(fig, out / "implicit_solvers.png")
+    return H.save_figure(fig, out / f"{NAME}.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = cli(__doc__)
+    p = H.cli(__doc__)
     p.add_argument("--budgets", type=int, nargs="+", help="products per hypergradient")
-    p.add_argument("--repeats", type=int, help="timed calls per solver (default 9, quick 2)")
+    p.add_argument("--repeats", type=int, help="timed calls per solver (default 9, quick 1)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--problems", nargs="+", choices=("ridge", "logreg", "mlp"))
     p.add_argument("--no-hypergrad", action="store_true", help="skip the seed library")
     args = p.parse_args(argv)
-    if rp.replot(args, "implicit_solvers", plot):
+    if H.replot(args, NAME, TITLE, render, plot):
         return 0
-    start(args)
-    budgets = args.budgets or ([5] if args.quick else [5, 10, 20, 50, 100])
-    repeats = args.repeats or (1 if args.quick else 9)
+    H.start(args)
+    q = args.quick
+    budgets, repeats = (
+        args.budgets or ([2] if q else [5, 10, 20, 50, 100]),
+        args.repeats or (1 if q else 9),
+    )
     hgrad, version = (
-        (None, "skipped (--no-hypergrad)")
+        (None, "skipped")
         if args.no_hypergrad
-        else runner.import_peer("hypergrad.approx_hypergrad", "hypergrad")
+        else H.import_peer("hypergrad.approx_hypergrad", "hypergrad")
     )
-    rep = Report(
-        "implicit_solvers",
-        "Implicit hypergradient solvers: accuracy and cost",
-        args,
-        hypergrad=version if hgrad else None,
-    )
-    rep.note(
-        f"solvers run in {args.dtype}, references in float64; budgets k = "
-        f"{', '.join(map(str, budgets))}; median of {repeats} timed calls after one warm-up",
-        f"hypergrad {version} (seed library) run side by side"
-        if hgrad
-        else f"hypergrad (seed library) not importable, skipped: {version}",
-        "rel. err = ||h - h*|| / ||h*||, cos = cosine(h, h*); randomized solvers: median "
-        "over seeds 0..repeats-1; hvps and status from return_info=True; ms = median wall "
-        "time of one call; theirs/ours = ratio of median wall or CPU times, interleaved",
-    )
+    rep = H.Report(NAME, TITLE, args, hypergrad=version if hgrad else None)
     builders = {
-        "ridge": lambda: problems.ridge(args.seed),
-        "logreg": lambda: problems.logreg(args.seed),
+        "ridge": lambda: H.ridge(args.seed, 40 if q else 200, 10 if q else 50),
+        "logreg": lambda: H.logreg(args.seed),
         "mlp": lambda: (
-            problems.digits_mlp(args.seed, 4, 100, (1e-2, 1e-1))
-            if args.quick
-            else problems.digits_mlp(args.seed, 32, 1000)
+            H.digits_mlp(args.seed, 4, 100, (1e-2, 1e-1)) if q else H.digits_mlp(args.seed)
         ),
     }
-    names = args.problems or (["ridge", "logreg"] if args.quick else list(builders))
     out: dict[str, Any] = {}
-    for name in names:
-        log(f"[{name}] inner problem and reference ...")
+    for name in args.problems or (["ridge", "logreg"] if q else list(builders)):
+        H.log(f"[{name}] inner problem and reference ...")
         pb = builders[name]()
-        ref = reference(pb)
+        ref, dtype = reference(pb), getattr(torch, args.dtype)
         res = benchmark(
-            pb.cast(getattr(torch, args.dtype), F64 if args.dtype == "float64" else None),
+            pb.cast(dtype, torch.float64 if args.dtype == "float64" else None),
             ref,
             budgets,
             repeats,
@@ -405,8 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         ref.pop("h")
         out[name] = {"description": pb.description, "setup": pb.setup, **ref, **res}
-        rep.section(markdown(name, out[name]))
-    rep.write({"budgets": budgets, "repeats": repeats, "problems": out}, plot)
+    rep.write({"budgets": budgets, "repeats": repeats, "problems": out}, render, plot)
     return 0
 
 

@@ -79,11 +79,11 @@ def table(header: Sequence[str] | str, rows: Sequence[Sequence[Any]]) -> str:
 
 def dict_table(rows: Sequence[dict[str, Any]], columns: str) -> str:
     """A table of dicts: ``columns`` is ``key|key:format|...``; a column with a format is
-    right-aligned and its numbers formatted (``—`` where missing or non-finite)."""
+    right-aligned and its numbers formatted (empty where missing, ``—`` where non-finite)."""
     cols = [(c.split(":", 1) + [""])[:2] for c in columns.split("|")]
 
     def cell(v: Any, spec: str) -> Any:
-        if not spec or isinstance(v, str):
+        if v is None or not spec or isinstance(v, str):
             return "" if v is None else v
         return "—" if bad(v) else format(v, spec)
 
