@@ -14,10 +14,14 @@ from typing import Any
 
 import torch
 
+import harness as H
 import hypergradient as hg
-from harness import Case, Report, cli, interleave, log, median, ms, problems, sci, start, table
+from harness import Case, interleave, log, median, ms, problems, sci, table
 from harness import report as rp
 from harness.problems import F64, Quadratic, cosine, relative_error
+
+NAME = "quadratic_bilevel"
+TITLE = "Quadratic bilevel problem (benchopt's simulated quadratic): accuracy against cost"
 
 POWER_ITERS, NYSTROM_MAX_RANK = 20, 500
 TRUNCATIONS = (1, 2, 5, 10, 20, 50, 100, 200)
@@ -217,10 +221,10 @@ def _implicit_tables(res: list[dict], budgets: list[int]) -> list[str]:
     return lines
 
 
-def markdown(pb: Quadratic, e: dict[str, Any], budgets: list[int]) -> str:
+def markdown(name: str, e: dict[str, Any], budgets: list[int]) -> str:
     ex, bvs, tc = e["implicit_extra"], e["batched_vs_sequential"], e["trajectory_checks"]
     lines = [
-        f"## {pb.name}: d = {pb.d}, p = {pb.p}, cond(A) = {pb.cond:g}",
+        f"## {name}: d = {e['d']}, p = {e['p']}, cond(A) = {e['cond']:g}",
         "",
         rp.bullets(
             [
@@ -270,7 +274,7 @@ def markdown(pb: Quadratic, e: dict[str, Any], budgets: list[int]) -> str:
         [
             r["key"],
             r["meta"]["T"],
-            f"— ({r['meta']['T']} x {pb.p} tangents)"
+            f"— ({r['meta']['T']} x {e['p']} tangents)"
             if r["key"] == "forward_mode"
             else r["diagnostics"].get("reverse_steps", ""),
             f"{r['meta']['T_step_vs_implicit']:.3g}",
@@ -364,70 +368,49 @@ def plot(data: dict[str, Any], out: Any) -> Any:
     return paths
 
 
+def render(d: dict[str, Any]) -> list[str]:
+    st = d["settings"]
+    notes = [
+        f"float64; median of n timed calls after a warm-up, interleaved (n = {st['repeats']}, 5 "
+        "for groups of calls under 150 ms, 7 under 30 ms); randomized solvers: median over seeds",
+        "h* = d_phi g - C A^-1 grad_theta g at theta* = -A^-1 (C'phi + a) (two dense solves); "
+        f"p = {st['p']}; rel. err = ||h - h*|| / ||h*||; errors below 1e-17 drawn at 1e-17",
+    ]
+    return [H.bullets(notes)] + [markdown(n, e, st["budgets"]) for n, e in d["problems"].items()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = cli(__doc__)
+    p = H.cli(__doc__)
     p.add_argument("--repeats", type=int, help="timed calls per method (default 3, quick 1)")
     args = p.parse_args(argv)
-    if rp.replot(args, "quadratic_bilevel", plot):
+    if H.replot(args, NAME, TITLE, render, plot):
         return 0
-    start(args)
-    specs = ((30, 10.0),) if args.quick else ((100, 10.0), (100, 1e4), (1000, 1e2), (1000, 1e4))
-    budgets = [1, 5] if args.quick else [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
-    horizons, repeats = (
-        ((5,), args.repeats or 1) if args.quick else ((10, 30, 100), args.repeats or 3)
-    )
-    rep = Report(
-        "quadratic_bilevel",
-        "Quadratic bilevel problem (benchopt's simulated quadratic): accuracy against cost",
-        args,
-    )
-    rep.note(
-        f"float64; median of n timed calls after a warm-up, interleaved (n = {repeats}, 5 for "
-        "groups of calls "
-        "under 150 ms, 7 under 30 ms); randomized solvers: median error over seeds 0..n-1",
-        "f = 1/2 t'At + 1/2 p'B_f p + p'Ct + a't + b_f'p, g likewise with (A_g, B_g, C_g, a_g, "
-        "b_g); "
-        "h* = d_phi g - C A^-1 grad_theta g at theta* = -A^-1 (C'phi + a) (two dense solves); p = "
-        "10",
-        "rel. err = ||h - h*|| / ||h*||, cos = cosine(h, h*); errors below 1e-17 are drawn at "
-        "1e-17",
-    )
+    H.start(args)
+    q, rep = args.quick, H.Report(NAME, TITLE, args)
+    specs = ((20, 10.0),) if q else ((100, 10.0), (100, 1e4), (1000, 1e2), (1000, 1e4))
+    budgets = [1, 2] if q else [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+    horizons, repeats = ((3,), args.repeats or 1) if q else ((10, 30, 100), args.repeats or 3)
     out: dict[str, Any] = {}
     for d, cond in specs:
         pb = problems.quadratic(d, cond, args.seed)
         log(f"[{pb.name}] reference and checks ...")
         grad_f = torch.func.grad(pb.f)(pb.theta_star, pb.phi)
-        e: dict[str, Any] = {
-            "d": d,
-            "p": pb.p,
-            "cond": cond,
-            "h_star_norm": float(pb.h_star.norm()),
-            "direct_ratio": float(pb.direct.norm() / pb.h_star.norm()),
-            "theta_star_norm": float(pb.theta_star.norm()),
-            "checks": {
-                "hg.Exact vs closed form": relative_error(
-                    hg.implicit(pb.f, pb.g, pb.theta_star, pb.phi, hg.Exact()), pb.h_star
-                ),
-                "||grad_theta f(theta*)||": float(grad_f.norm()),
-                "cond(A) measured": float(pb.evals[-1] / pb.evals[0]),
-            },
-        }
+        exact = hg.implicit(pb.f, pb.g, pb.theta_star, pb.phi, hg.Exact())
+        e = {"d": d, "p": pb.p, "cond": cond, "h_star_norm": float(pb.h_star.norm())}
+        e |= {"direct_ratio": float(pb.direct.norm() / pb.h_star.norm())}
+        e |= {"theta_star_norm": float(pb.theta_star.norm())}
+        e["checks"] = {"hg.Exact vs closed form": relative_error(exact, pb.h_star)}
+        e["checks"] |= {"||grad_theta f(theta*)||": float(grad_f.norm())}
+        e["checks"] |= {"cond(A) measured": float(pb.evals[-1] / pb.evals[0])}
         e["implicit_results"], e["implicit_extra"] = implicit_part(pb, budgets, repeats)
         e["batched_vs_sequential"] = batched_vs_sequential(pb, min(pb.d, 100), max(repeats, 5))
         e["trajectory_results"], e["trajectory_checks"] = trajectory_part(pb, horizons, repeats)
         out[pb.name] = e
-        rep.section(markdown(pb, e, budgets))
-    settings = {
-        "budgets": budgets,
-        "horizons": list(horizons),
-        "repeats": repeats,
-        "p": 10,
-        "mu": 0.1,
-        "L_cross": 1.0,
-        "nystrom_max_rank": NYSTROM_MAX_RANK,
-        "truncations": list(TRUNCATIONS),
-    }
-    rep.write({"settings": settings, "problems": out}, plot)
+    settings = {"budgets": budgets, "horizons": list(horizons), "repeats": repeats, "p": 10}
+    settings |= {"mu": 0.1, "L_cross": 1.0, "nystrom_max_rank": NYSTROM_MAX_RANK}
+    rep.write(
+        {"settings": settings | {"truncations": list(TRUNCATIONS)}, "problems": out}, render, plot
+    )
     return 0
 
 
