@@ -24,10 +24,13 @@ from typing import Any
 
 import torch
 
+import harness as H
 import hypergradient as hg
-from harness import Case, Report, cli, interleave, log, ms, problems, runner, sci, start, table
+from harness import Case, interleave, log, ms, problems, runner, sci, table
 from harness import report as rp
 from harness.problems import F64, Bilevel, flat, relative_error, unflat
+
+NAME, TITLE = "vs_torchopt", "TorchOpt 0.7.3 and plain autograd vs hypergradient"
 
 TORCHOPT: list[Any] = []
 
@@ -63,12 +66,18 @@ def torchopt_implicit(pb: Bilevel, solve: Any) -> Callable[[int], torch.Tensor]:
 
 def implicit_problems(quick: bool, seed: int) -> list[tuple[Bilevel, torch.Tensor]]:
     """(problem, reference) pairs; the 100k MLP's reference is CG converged in float64."""
-    out = [(pb, pb.closed_form) for pb in [problems.ridge(seed)]]
+    ridge = problems.ridge(seed, 40, 10) if quick else problems.ridge(seed)
     lr = problems.logreg(seed)
-    out.append((lr, problems.dense_hypergradient(lr)))
-    mlp = problems.digits_mlp(seed, 4, 100, (1e-2, 1e-1)) if quick else problems.digits_mlp(seed)
-    out.append((mlp, problems.dense_hypergradient(mlp)))
-    big = problems.mnist_mlp(8 if quick else 110, 256, 256, F64, train_iters=20 if quick else 200)
+    out = [(ridge, ridge.closed_form), (lr, problems.dense_hypergradient(lr))]
+    if not quick:  # (the same code path as logreg)
+        mlp = problems.digits_mlp(seed)
+        out.append((mlp, problems.dense_hypergradient(mlp)))
+    big = problems.mnist_mlp(
+        4 if quick else 110,
+        *(64, 64) if quick else (256, 256),
+        F64,
+        train_iters=5 if quick else 200,
+    )
     big.damping, big.name = 1e-2, f"mnist_mlp ({big.num_params:,} params, float32)"
     ref = hg.implicit(*_args(big), hg.CG(maxiter=2000, tol=1e-10), damping=big.damping)
     out.append((big.cast(torch.float32), flat(ref)))
@@ -207,7 +216,7 @@ def unrolled_part(quick: bool, T: int, repeats: int) -> list[dict]:
         ref = res[1].warm
         for m, t in zip(methods, res):
             mem = {"seconds": None, "cpu_seconds": None, "peak_mb": None}
-            if not quick or name == "logreg":  # quick: fewer child processes
+            if not quick or (name, m) == ("logreg", "hg"):  # quick: one child process
                 mem = runner.isolated(peak_child, m, name, T, quick)
             rows.append(
                 {
@@ -300,7 +309,7 @@ def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
 # ============================================================================ report
 
 
-def markdown(data: dict[str, Any]) -> list[str]:
+def render(data: dict[str, Any]) -> list[str]:
     imp = [
         [
             r["problem"],
@@ -343,7 +352,11 @@ def markdown(data: dict[str, Any]) -> list[str]:
         [who, f"{o[who]['fixed_ms']:.3f}", f"{1e3 * o[who]['per_product_ms']:.0f}"]
         for who in ("hg.implicit", "minimal loop")
     ]
+    note = (
+        f"- TorchOpt {data['machine'].get('torchopt') or 'not importable: its columns are empty'}"
+    )
     return [
+        note,
         "## 1. Implicit hypergradients at equal products\n\n"
         + table(
             [
@@ -385,32 +398,21 @@ def markdown(data: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli(__doc__).parse_args(argv)
-    start(args)
-    q = args.quick
-    to = torchopt()
-    rep = Report(
-        "vs_torchopt",
-        "TorchOpt 0.7.3 and plain autograd vs hypergradient",
-        args,
-        torchopt=getattr(to, "__version__", None),
-    )
-    rep.note(
-        "TorchOpt not importable: its columns are empty"
-        if to is None
-        else "TorchOpt pure-Python path"
-    )
-    repeats = 2 if q else 9
+    args = H.cli(__doc__).parse_args(argv)
+    if H.replot(args, NAME, TITLE, render):
+        return 0
+    H.start(args)
+    q, to = args.quick, torchopt()
+    rep = H.Report(NAME, TITLE, args, torchopt=getattr(to, "__version__", None))
+    repeats = 1 if q else 9
     data: dict[str, Any] = {
-        "implicit": implicit_part(q, args.seed, [5] if q else [10, 50], repeats)
+        "implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)
     }
-    data["unrolled"] = unrolled_part(q, 10 if q else 100, repeats)
+    data["unrolled"] = unrolled_part(q, 3 if q else 100, repeats)
     whats = ["hg.implicit"] if q else ["hg.implicit", "hg.unrolled"] + ["torchopt"] * bool(to)
     data["cold_start"] = {w: runner.fresh(COLD.format(what=w)) for w in whats}
-    data["overhead"] = overhead_part([2, 6] if q else [10, 30], 3 if q else 15)
-    for s in markdown(data):
-        rep.section(s)
-    rep.write(data)
+    data["overhead"] = overhead_part([2, 6] if q else [10, 30], 2 if q else 15)
+    rep.write(data, render)
     return 0
 
 
