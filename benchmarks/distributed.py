@@ -150,7 +150,7 @@ def hyperopt(
         else torch.nn.parallel.DistributedDataParallel(model, process_group=group)
     )
 
-    def hook(state: Any, bucket: Any) -> Any:
+    def hook(state, bucket):  # noqa: ANN001 - DDP checks the annotations: none
         buf = bucket.buffer()
         STATS["ddp_calls"] += 1
         STATS["ddp_bytes"] += buf.numel() * buf.element_size()
@@ -209,14 +209,14 @@ def hyperopt(
     return run
 
 
-def setup(case: dict, w0: torch.Tensor, rank: int, world: int, group: Any, original: Any) -> Any:
+def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, original: Any) -> Any:
     """This rank's call of a case: a function returning the hypergradient and diagnostics
     (``group`` None: each rank computes its own shard's hypergradient, the control)."""
     if case["kind"] == "allreduce":
         return allreduce_latency(case, group)
     dtype, h, size = getattr(torch, case["dtype"]), case["hidden"], case["batch"] // world
     mine = slice(rank * size, (rank + 1) * size)
-    shard = tuple((X[mine].to(dtype), y[mine]) for X, y in batches(case["batch"]))
+    shard = tuple((X[mine].to(dtype), y[mine]) for X, y in data)
     if case["kind"] == "hyperopt":
         return hyperopt(case, w0.to(dtype), shard, group, world, original)
     w, p0 = w0.to(dtype), like(h)
@@ -273,9 +273,9 @@ def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any)
             dist.all_reduce = counting(original)
         while (msg := inbox.get())[0] != "stop":
             if msg[0] == "setup":
-                calls = {"run": setup(msg[1], msg[2], rank, world, group, original)}
+                calls = {"run": setup(*msg[1:], rank, world, group, original)}
                 if group is not None and msg[1]["kind"] != "allreduce":
-                    calls["nocomm"] = setup(msg[1], msg[2], rank, world, None, original)
+                    calls["nocomm"] = setup(*msg[1:], rank, world, None, original)
                 outbox.put((role, rank, "ready", None))
                 continue
             want_hyper, want_f64, mode = msg[1:]
@@ -289,7 +289,7 @@ def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any)
                 {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0} | out | STATS
             )
             out["hyper"] = out["hyper"].double().numpy() if want_hyper and "hyper" in out else None
-            if want_f64:
+            if want_f64 and hasattr(fn, "float64"):
                 out["hyper64"] = fn.float64()["hyper"].double().numpy()
             outbox.put((role, rank, "done", out))
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -368,7 +368,8 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> dict[str, Any]:
     """A warm-up round, then ``reps`` rounds of the four configurations in rotating order
     (a round with background load above BUSY is repeated, within the budget)."""
-    pool.ask(SOLO + PAIR, ("setup", case, w0))
+    data = batches(case["batch"]) if "batch" in case else None  # the workers load no data
+    pool.ask(SOLO + PAIR, ("setup", case, w0, data))
     if case["kind"] == "allreduce":
         lat = [pool.ask(PAIR, ("run", False, False, "world2")) for _ in range(3)]
         names = lat[0][PAIR[0]]["latency"]

@@ -185,13 +185,13 @@ def measure(
         if cfg.malloc == "mmap":
             H.mmap_every_block()
         call = make_call(cfg, problem(cfg, X, y, trained))
-        out, wall, cpu, res.first_peak_mb = H.peak_memory(lambda: call(True))
+        out, wall, cpu, res.first_peak_mb = H.peak_memory(lambda: call(True), child)
         res.first_call, res.info = wall, summary(out)
         del out
         if wall > LONG_CALL:  # the first call is the measurement
             res.wall, res.cpu, res.peak_mb = [wall], [cpu], res.first_peak_mb
         else:
-            _, wall, cpu, res.peak_mb = H.peak_memory(lambda: call(False))
+            _, wall, cpu, res.peak_mb = H.peak_memory(lambda: call(False), child)
             res.wall, res.cpu = [wall], [cpu]
             while len(res.wall) < cfg.repeats and sum(res.wall) + res.wall[-1] <= cfg.budget:
                 _, wall, cpu = H.timed_call(lambda: call(False))

