@@ -490,7 +490,9 @@ def render(d: dict[str, Any]) -> list[str]:
         "case|params:,|batch:,|dtype|half/w1:.2f|nocomm/half:.2f|comm_s:.3f|comm_cpu_s_per_rank:.3f"
     )
     cols2 += "|ms_per_all-reduce:.1f|comm_share:.0%|w1/nocomm:.2f|bg:.2f"
-    hvps = sorted({str((r["kind"], r["num_hvps_world1"], r["num_hvps_world2"])) for r in rows})
+    hvps = sorted(
+        {f"{r['kind']} {r['num_hvps_world1'] or 0}/{r['num_hvps_world2'] or 0}" for r in rows}
+    )
     notes = [f"{n} (float32): {1e3 * s:.3f} ms per gloo all-reduce" for n, s in latency.items()]
     notes += [
         f"products per call (kind, 1 proc, 2 procs): {hvps}; both ranks bit-identical: {same}"
