@@ -25,15 +25,9 @@ from hypergradient.compat import hippotrainer as compat
 
 F64, NAME, TITLE = torch.float64, "vs_hippotrainer", "HippoTrainer 1.0.0 vs hypergradient"
 LR, HYPER_LR, INNER_STEPS, LOG_WD0 = 0.5, 0.5, 10, -3.0  # HYPER_LR: part (a), stored only
-A_CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("T1T2", {}),
-    ("Neumann", {"num_terms": 1}),
-    ("Neumann", {"num_terms": 5}),
-    ("Neumann", {"num_terms": 20}),
-    ("HOAG", {"epsilon": 1e-4, "cg_max_iter": 10}),
-    ("HOAG", {"epsilon": 1e-12, "cg_max_iter": 31}),
-    ("DRMAD", {"T": 10}),
-]
+A_CONFIGS = [("T1T2", {})] + [("Neumann", {"num_terms": n}) for n in (1, 5, 20)]
+A_CONFIGS += [("HOAG", {"epsilon": e, "cg_max_iter": m}) for e, m in ((1e-4, 10), (1e-12, 31))]
+A_CONFIGS += [("DRMAD", {"T": 10})]
 B_CONFIGS = [("T1T2", {}), ("Neumann", {"num_terms": 5}), ("HOAG", {}), ("DRMAD", {"T": 10})]
 IMPL_NAMES = {"theirs": "HippoTrainer", "compat": "hypergradient.compat"}
 
@@ -68,15 +62,8 @@ def setup(module: Any, cls: str, kw: dict, data: H.Data, state: Any, hyper_lr: f
 
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     loaders = {"train_loader": [data.train], "val_loader": [data.val], "criterion": criterion}
-    hopt = getattr(module, cls)(
-        hyper,
-        hyper_lr=hyper_lr,
-        inner_steps=INNER_STEPS,
-        model=model,
-        optimizer=opt,
-        **loaders,
-        **kw,
-    )
+    kw = kw | {"hyper_lr": hyper_lr, "inner_steps": INNER_STEPS, "model": model, "optimizer": opt}
+    hopt = getattr(module, cls)(hyper, **loaders, **kw)
     return SimpleNamespace(model=model, hyper=hyper, opt=opt, criterion=criterion, hopt=hopt)
 
 
@@ -228,12 +215,8 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
                 )
             for t in res:
                 r = {"point": sname, "method": kind, "kw": kw, **t.meta, "error": t.error}
-                r |= {
-                    "ms": t.ms,
-                    "cpu_ms": t.cpu_ms,
-                    "ms_all": t.ms_all,
-                    "cpu_ms_all": t.cpu_ms_all,
-                }
+                r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all}
+                r |= {"cpu_ms_all": t.cpu_ms_all}
                 r |= {"traceback": t.traceback, "warnings": t.warnings, "h": t.warm}
                 if t.error is None:
                     r |= {
@@ -291,24 +274,14 @@ def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
             runs.append(hippo_run(pair, impl, s, f"{IMPL_NAMES[impl]} {pair}"))
         model, log_wd = H.linear_model(data.dim, init), torch.full((data.dim,), LOG_WD0, dtype=F64)
         label, method = native(kind, kw if kind != "HOAG" else {})
+        kw = {"train_loss": native_loss, "val_loss": native_loss, "val_data": [data.val]}
+        kw |= {"outer_optimizer": lambda hp, lr=hyper_lr: torch.optim.SGD(hp, lr=lr)}
+        sgd = torch.optim.SGD(model.parameters(), lr=LR)
         hopt = hg.HyperOptimizer(
-            model,
-            {"log_wd": log_wd},
-            inner_optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-            outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=hyper_lr),
-            train_loss=native_loss,
-            val_loss=native_loss,
-            val_data=[data.val],
-            method=method,
-            inner_steps=INNER_STEPS,
+            model, {"log_wd": log_wd}, inner_optimizer=sgd, method=method, **kw
         )
-        meta = {
-            "pair": pair,
-            "impl": "native",
-            "model": model,
-            "hyper": {"log_wd": log_wd},
-            "hopt": hopt,
-        }
+        meta = {"pair": pair, "impl": "native", "model": model, "hyper": {"log_wd": log_wd}}
+        meta["hopt"] = hopt
         runs.append(
             H.Run(f"hg.HyperOptimizer {label}", lambda h=hopt: H.hopt_step(h, data.train), 10, meta)
         )
@@ -345,13 +318,8 @@ def record(run: H.Run, data: H.Data, t: int) -> None:
             for b in (data.val, data.test)
         )
         pen = 0.5 * float((lw.exp() * m.weight[0] ** 2).sum())
-    c = {
-        "step": t,
-        "seconds": run.seconds,
-        "val_bce": val,
-        "val_criterion": val + pen,
-        "test_bce": test,
-    }
+    c = {"step": t, "seconds": run.seconds, "val_bce": val, "val_criterion": val + pen}
+    c["test_bce"] = test
     run.meta.setdefault("curve", []).append(c | {"log_wd_mean": float(lw.mean())})
 
 
@@ -479,31 +447,24 @@ def render_b(res: dict[str, Any]) -> str:
     rows = []
     for r in s:
         t, finite = theirs.get(r["pair"]), [c for c in r["cos_exact"] if not H.bad(c)]
-        neg = f"{r['negative_cos']}/{len(r['cos_exact'])}" + (
-            f" ({r['nonfinite_cos']} NaN)" if r["nonfinite_cos"] else ""
-        )
+        neg = f"{r['negative_cos']}/{len(r['cos_exact'])}"
+        neg += f" ({r['nonfinite_cos']} NaN)" if r["nonfinite_cos"] else ""
         row = r | {"cos < 0": neg, "median_cos": H.median(finite)}
         row |= {"median_rel_err": H.median([x for x in r["rel_err_exact"] if not H.bad(x)])}
         if r["error"]:
-            row = {
-                "label": r["label"],
-                "val_bce": f"crashed at step {r['error_step']}: {r['error'][:90]}",
-            }
+            row = {"label": r["label"], "val_bce": f"crashed at step {r['error_step']}: "}
+            row["val_bce"] += r["error"][:90]
         elif r["diverged_at_step"] is not None:
             row["val_bce"] = f"NaN from step {r['diverged_at_step']}"
         if untuned is not None and r is not untuned and not r["error"]:
-            extra, gain = (
-                r["seconds"] - untuned["seconds"],
-                untuned["val_bce"] - (r["val_bce"] or math.nan),
-            )
+            extra = r["seconds"] - untuned["seconds"]
+            gain = untuned["val_bce"] - (r["val_bce"] or math.nan)
             row["gain_per_extra_s"] = gain / extra if extra > 0 else None
         if t is not None and r["impl"] in ("compat", "native") and not r["error"]:
             row["theirs/ours"] = t["seconds"] / r["seconds"]
         rows.append(row)
-    cols = (
-        "label|val_bce:.4f|val_criterion:.4f|test_bce:.4f|log_wd_mean:.3f|seconds:.3f|step_ms:.3g"
-    )
-    cols += "|hyper_step_ms:.3g|val_drop_per_s:.2e|gain_per_extra_s:.2e|cos < 0|median_cos:.3f"
+    cols = "label|val_bce:.4f|val_criterion:.4f|test_bce:.4f|log_wd_mean:.3f|seconds:.3f"
+    cols += "|step_ms:.3g|hyper_step_ms:.3g|val_drop_per_s:.2e|gain_per_extra_s:.2e|cos < 0|median_cos:.3f"
     return (
         f"## (b) End to end: {res['steps']} steps of HippoTrainer's documented loop, inner_steps="
         f"{INNER_STEPS}, hyper_lr={res['hyper_lr']}, inner SGD lr {LR}\n\nMedian of {res['rounds']}"
@@ -543,11 +504,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
                 xy = [c["seconds"] for c in pts], [c["val_bce"] for c in pts]
                 ax.plot(*xy, color=col, marker=mk, ls=ls, ms=3, label=r["label"])
             ax.set_ylim(0.97 * min(lows), 1.6 * max(finals))  # the start (0.69) is off-scale
-            ax.set(
-                title=f"{pair}, hyper_lr={b['hyper_lr']:g}",
-                xlabel="seconds (sum of step times)",
-                ylabel="validation BCE",
-            )
+            ax.set(title=f"{pair}, hyper_lr={b['hyper_lr']:g}", xlabel="seconds (sum of steps)")
+            ax.set(ylabel="validation BCE")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
     fig.suptitle(
@@ -562,35 +520,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps of part (b) (default 300, quick 20)")
     p.add_argument("--rounds", type=int, help="timed rounds of part (b) (default 3, quick 1)")
     p.add_argument("--repeats", type=int, help="timed calls in part (a) (default 7, quick 1)")
-    p.add_argument("--hyper-lr", type=float, nargs="+", default=[5.0, 20.0])
-    p.add_argument("--no-hippotrainer", action="store_true", help="skip HippoTrainer")
+    p.add_argument("--hyper-lr", type=float, nargs="+", help="part (b) (default 5 20, quick 5)")
     args = p.parse_args(argv)
     if H.replot(args, NAME, TITLE, render, plot):
         return 0
     H.start(args)
-    q = args.quick
-    steps, rounds, repeats = (
-        args.steps or (20 if q else 300),
-        args.rounds or (1 if q else 3),
-        args.repeats or (1 if q else 7),
-    )
-    ht, version = (
-        (None, "skipped (--no-hippotrainer)")
-        if args.no_hippotrainer
-        else H.import_peer("hippotrainer")
-    )
-    rep, data = (
-        H.Report(NAME, TITLE, args, hippotrainer=version if ht else None),
-        H.breast_cancer_data(args.seed, True),
-    )
-    hyper_lrs = args.hyper_lr[:1] if q else args.hyper_lr
-    settings = {"lr": LR, "hyper_lrs": hyper_lrs, "inner_steps": INNER_STEPS, "log_wd0": LOG_WD0}
-    result = {
-        "settings": settings | {"steps": steps, "rounds": rounds, "repeats": repeats},
-        "hippotrainer_available": ht is not None,
+    H.defaults(args, steps=(20, 300), rounds=(1, 3), repeats=(1, 7))
+    H.defaults(args, hyper_lr=([5.0], [5.0, 20.0]))
+    (ht, version), data = H.import_peer("hippotrainer"), H.breast_cancer_data(args.seed, True)
+    rep = H.Report(NAME, TITLE, args, hippotrainer=version if ht else None)
+    settings = {
+        "lr": LR,
+        "hyper_lrs": args.hyper_lr,
+        "inner_steps": INNER_STEPS,
+        "log_wd0": LOG_WD0,
     }
-    result["a"] = part_a(data, ht, repeats, q)
-    result["b"] = [part_b(data, ht, steps, rounds, lr) for lr in hyper_lrs]
+    settings |= {"steps": args.steps, "rounds": args.rounds, "repeats": args.repeats}
+    result = {"settings": settings, "hippotrainer_available": ht is not None}
+    result["a"] = part_a(data, ht, args.repeats, args.quick)
+    result["b"] = [part_b(data, ht, args.steps, args.rounds, lr) for lr in args.hyper_lr]
     rep.write(result, render, plot)
     return 0
 

@@ -51,6 +51,13 @@ def cli(doc: str | None, threads: int = 1) -> argparse.ArgumentParser:
     return p
 
 
+def defaults(args: argparse.Namespace, **values: tuple[Any, Any]) -> None:
+    """``args.<name> = (quick, full)[not args.quick]`` for every option the user left unset."""
+    for name, (quick, full) in values.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
 def start(args: argparse.Namespace) -> None:
     """Seed torch's global generator and set the intra-op thread count."""
     torch.manual_seed(args.seed)
