@@ -178,18 +178,12 @@ def hyperopt(
                 p.copy_(v)
             for k, d in decays.items():
                 d.raw.copy_(raw0[k])
-        hopt = hg.HyperOptimizer(
-            net,
-            decays,
-            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
-            train_loss=train_loss,
-            val_loss=lambda m, hp, b: F.cross_entropy(m(b[0]), b[1]),
-            val_data=shard[1],
-            method=hg.IFT(hg.Neumann(iters=20, alpha="auto")),
-            inner_steps=1,
-            process_group=group,
-        )
+        kw = {"train_loss": train_loss, "val_loss": lambda m, hp, b: F.cross_entropy(m(b[0]), b[1])}
+        kw |= {"val_data": shard[1], "inner_steps": 1, "process_group": group}
+        kw |= {"method": hg.IFT(hg.Neumann(iters=20, alpha="auto"))}
+        kw |= {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05)}
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        hopt = hg.HyperOptimizer(net, decays, inner_optimizer=sgd, **kw)
         hopt.zero_grad()
         hopt.train_loss(shard[0]).backward()
         reset_stats()
@@ -467,21 +461,9 @@ def render(d: dict[str, Any]) -> list[str]:
             statistics.median(r["world2_cpu_seconds_sum_ranks"])
             - statistics.median(r["nocomm_cpu_seconds_sum_ranks"])
         ) / 2
-        x |= {
-            "half/w1": half / w1,
-            "nocomm/half": nc / half,
-            "comm_s": w2 - nc,
-            "comm_cpu_s_per_rank": cpu,
-        }
-        parts.append(
-            r
-            | x
-            | {
-                "ms_per_all-reduce": 1e3 * (w2 - nc) / calls,
-                "comm_share": (w2 - nc) / w2,
-                "w1/nocomm": w1 / nc,
-            }
-        )
+        x |= {"half/w1": half / w1, "nocomm/half": nc / half, "comm_s": w2 - nc}
+        x |= {"comm_cpu_s_per_rank": cpu, "ms_per_all-reduce": 1e3 * (w2 - nc) / calls}
+        parts.append(r | x | {"comm_share": (w2 - nc) / w2, "w1/nocomm": w1 / nc})
     same = all(r["ranks_bit_identical"] for r in rows)
     cols = "case|params:,|batch:,|dtype|world1_median_s:.3f|world2_median_s:.3f|speedup:.2f"
     cols += "|half_median_s:.3f|nocomm_median_s:.3f|all-reduces|MB:.1f|allreduce_seconds_rank0:.3f"
@@ -516,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     if H.replot(args, NAME, TITLE, render):
         return 0
     H.start(args)
-    reps = args.repeats or (1 if args.quick else 5)
+    H.defaults(args, repeats=(1, 5))
+    reps = args.repeats
     QUIET["budget"] = QUIET["redo"] = 0.0 if args.quick else 60.0
     os.environ["OMP_NUM_THREADS"] = "1"
     rep, pool, weights, results = H.Report(NAME, TITLE, args), Pool(), {}, []
@@ -524,9 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases(args.quick):
             key = (case.get("hidden"), case.get("batch"))
             if key not in weights and case["kind"] != "allreduce":
-                weights[key] = pretrain(
-                    *key, iters=10 if args.quick else 100 if key[0] < 400 else 60
-                )
+                iters = 10 if args.quick else 100 if key[0] < 400 else 60
+                weights[key] = pretrain(*key, iters=iters)
             results.append(r := measure(pool, case, weights.get(key), reps))
             H.log(f"{case}: " + (f"speedup {r['speedup']:.2f}" if "speedup" in r else "latency"))
     finally:

@@ -65,15 +65,8 @@ def make_hopt(label: str, data: H.Data, hparams: dict, method: hg.Method, **kw: 
     model = H.linear_model(data.dim)
     kw = {"inner_steps": 10, "train_loss": train_loss, **kw}
     sgd = torch.optim.SGD(model.parameters(), lr=kw.pop("inner_lr", HOPT_LR))
-    hopt = hg.HyperOptimizer(
-        model,
-        hparams,
-        inner_optimizer=sgd,
-        val_loss=val_loss,
-        val_data=data.val,
-        method=method,
-        **kw,
-    )
+    kw |= {"inner_optimizer": sgd, "val_loss": val_loss, "val_data": data.val, "method": method}
+    hopt = hg.HyperOptimizer(model, hparams, **kw)
     return H.Run(label, lambda: H.hopt_step(hopt, data.train), 10, {"model": model, "hopt": hopt})
 
 
@@ -507,13 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if H.replot(args, NAME, TITLE, render, plot):
         return 0
     H.start(args)
+    H.defaults(args, steps=(20, 300), rounds=(1, 3), repeats=(1, 7), exact_steps=(3, 300))
     q, rep, data = args.quick, H.Report(NAME, TITLE, args), H.breast_cancer_data(args.seed)
-    st = {"steps": args.steps or (20 if q else 300), "rounds": args.rounds or (1 if q else 3)}
-    st |= {
-        "repeats": args.repeats or (1 if q else 7),
-        "exact_steps": args.exact_steps or (3 if q else 300),
-    }
-    st |= {"horizons": [2] if q else [10, 50]}
+    st = {k: getattr(args, k) for k in ("steps", "rounds", "repeats", "exact_steps")}
+    st["horizons"] = [2] if q else [10, 50]
     g, lo, hi = torch.Generator().manual_seed(args.seed + 1), math.log(1e-3), math.log(1e-1)
     points = {"random": lo + (hi - lo) * torch.rand(data.dim, generator=g, dtype=F64)}
     if not q:

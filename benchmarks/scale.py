@@ -393,15 +393,9 @@ def plot(d: dict[str, Any], out: Path) -> Path:
             xs = [r[x] if x else r["config"]["steps"] for r in pts]
             ls = ":" if malloc == "mmap" else "--" if m in TRAJECTORY else "-"
             for ax, y in zip(axes, ("seconds", "peak_mb")):
-                getattr(ax, scale)(
-                    xs,
-                    [max(r[y] or 0.0, 0.05) for r in pts],
-                    marker="o",
-                    ms=3,
-                    ls=ls,
-                    color=colors[m],
-                    label=f"{m} ({malloc})" if exp == "steps" else m,
-                )
+                ys, label = [max(r[y] or 0.0, 0.05) for r in pts], f"{m} ({malloc})"
+                kw = {"marker": "o", "ms": 3, "ls": ls, "color": colors[m]}
+                getattr(ax, scale)(xs, ys, label=label if exp == "steps" else m, **kw)
         P = rows[0]["params"]
         if exp == "params":
             xs = sorted({r["params"] for r in rows})
@@ -425,39 +419,33 @@ def main(argv: list[str] | None = None) -> int:
     p = H.cli(__doc__)
     p.add_argument("--cap", type=float, default=None, help="forward-mode time cap (s)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration")
-    p.add_argument(
-        "--experiments",
-        nargs="+",
-        choices=["params", "hparams", "steps"],
-        default=["params", "hparams", "steps"],
-    )
+    exps = ["params", "hparams", "steps"]
+    p.add_argument("--experiments", nargs="+", choices=exps, default=exps)
     p.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
     args = p.parse_args(argv)
     if H.replot(args, NAME, TITLE, render, plot):
         return 0
     H.start(args)
-    q, rep = args.quick, H.Report(NAME, TITLE, args, threads_in_children=1)
-    cap = args.cap if args.cap is not None else (2.0 if q else 60.0)
-    common = {"repeats": args.repeats or (1 if q else 5), "budget": 0.2 if q else 3.0}
+    H.defaults(args, cap=(2.0, 60.0), repeats=(1, 5), sizes=([3e3], [1e4, 3e4, 1e5, 3e5, 1e6]))
+    q, cap, rep = args.quick, args.cap, H.Report(NAME, TITLE, args, threads_in_children=1)
+    common = {"repeats": args.repeats, "budget": 0.2 if q else 3.0}
     X, y = H.mnist()
     mid = width_for(3e3 if q else 1e5)
     cfgs = {"params": [], "hparams": [], "steps": []}
-    for w in [width_for(t) for t in args.sizes or ([3e3] if q else [1e4, 3e4, 1e5, 3e5, 1e6])]:
+    for w in [width_for(t) for t in args.sizes]:
         for m in ("gradient",) + IMPLICIT + TRAJECTORY:
-            hp = "per-layer" if m == "forward" else "per-weight"
-            cfgs["params"].append(
-                Config("params", m, w, hp, checkpoint_every=round(math.sqrt(20)), **common)
-            )
+            hp, c = "per-layer" if m == "forward" else "per-weight", round(math.sqrt(20))
+            cfgs["params"].append(Config("params", m, w, hp, checkpoint_every=c, **common))
     methods = ("CG", "forward") if q else IMPLICIT + ("unrolled", "DrMAD", "forward")
     for m in [4] if q else [1, 10, 100, 1000, 10_000, param_count(mid)]:
         cfgs["hparams"] += [Config("hparams", k, mid, m, **common) for k in methods]
     for malloc in ("default",) if q else ("default", "mmap"):
         for T in [2] if q else [10, 20, 40, 80, 160]:
             c = max(1, round(math.sqrt(T)))
-            cfgs["steps"] += [
-                Config("steps", k, mid, "per-weight", T, c, malloc=malloc, **common)
-                for k in ("unrolled", "unrolled ckpt", "DrMAD")
-            ]
+            for k in ("unrolled", "unrolled ckpt", "DrMAD"):
+                cfgs["steps"].append(
+                    Config("steps", k, mid, "per-weight", T, c, malloc=malloc, **common)
+                )
     widths = {c.width for e in args.experiments for c in cfgs[e] if c.method in IMPLICIT}
     pre = {w: pretrain(w, X, y, 20 if q else 300) for w in sorted(widths)}
     first = []

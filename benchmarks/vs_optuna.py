@@ -237,15 +237,8 @@ class Hypergradient:
             return known
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", hg.HypergradientWarning)
-            hyper, info = hg.implicit(
-                t.inner_loss,
-                t.outer_loss,
-                params,
-                phi,
-                t.solver(),
-                x0=self.state.get("x0"),
-                return_info=True,
-            )
+            args = (t.inner_loss, t.outer_loss, params, phi, t.solver())
+            hyper, info = hg.implicit(*args, x0=self.state.get("x0"), return_info=True)
         self.state["x0"], self.phi.grad = info.solution, hyper
         self.opt.step()
         with torch.no_grad():
@@ -309,25 +302,11 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
             "is_start": runs[owner].val.index(target) == 0,
             "hypergradient_at_target": at,
         }
-    res = {
-        "key": task.key,
-        "title": task.title,
-        "n_hparams": task.n_hparams,
-        "box": [task.lo, task.hi],
-    }
-    res |= {"lam0": task.lam0, "outer_lr": task.outer_lr, "solver": task.solver_text}
-    res |= {
-        "training": task.training_text,
-        "budget": budget,
-        "schedule": schedule,
-        "real_seconds": real,
-    }
-    return res | {
-        "load": [load0, os.getloadavg()[0]],
-        "start": start,
-        "runs": runs,
-        "targets": targets,
-    }
+    res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams}
+    res |= {"box": [task.lo, task.hi], "lam0": task.lam0, "outer_lr": task.outer_lr}
+    res |= {"solver": task.solver_text, "training": task.training_text, "budget": budget}
+    res |= {"schedule": schedule, "real_seconds": real, "load": [load0, os.getloadavg()[0]]}
+    return res | {"start": start, "runs": runs, "targets": targets}
 
 
 # ============================================================================ output
@@ -451,13 +430,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
             ax.axhline(res["targets"][owner]["value"], color=colors[owner], ls=":", lw=0.8)
         left = min(min(res["runs"][m]["wall"]) for m in METHODS) * 0.8
         title = f"{res['key']}: {res['n_hparams']:,} hyperparameters"
-        ax.set(
-            xscale="log",
-            xlim=(left, res["budget"]),
-            xlabel="wall time (s)",
-            ylabel="best validation loss so far",
-            title=title,
-        )
+        ax.set(xscale="log", xlim=(left, res["budget"]), xlabel="wall time (s)", title=title)
+        ax.set(ylabel="best validation loss so far")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="method (evaluations)", title_fontsize=8)
     fig.suptitle(
@@ -477,23 +451,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if H.replot(args, NAME, TITLE, render, plot):
         return 0
     H.start(args)
+    H.defaults(args, budget_logreg=(1.0, 90.0), budget_mlp=(1.0, 150.0))
+    H.defaults(args, tasks=(["logreg"], ["logreg", "mlp", "mlp-layer"]))
     optuna, version = H.import_peer("optuna")
-    rep, q = H.Report(NAME, TITLE, args, optuna=version if optuna else None), args.quick
-    budgets = {"logreg": args.budget_logreg or (1.0 if q else 90.0)}
-    budgets["mlp"] = args.budget_mlp or (1.0 if q else 150.0)
-    tasks = (
-        []
-        if optuna is None
-        else args.tasks or (["logreg"] if q else ["logreg", "mlp", "mlp-layer"])
-    )
+    rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
+    budgets = {"logreg": args.budget_logreg, "mlp": args.budget_mlp}
+    task = lambda k: Task(k, args.seed, args.lbfgs_iters)  # noqa: E731
     results = [
-        run_task(
-            Task(k, args.seed, args.lbfgs_iters),
-            budgets[k if k == "logreg" else "mlp"],
-            args.seed,
-            args.schedule,
-        )
-        for k in tasks
+        run_task(task(k), budgets["logreg" if k == "logreg" else "mlp"], args.seed, args.schedule)
+        for k in args.tasks * (optuna is not None)
     ]
     for res in results:
         res["runs"] = {k: r.json() for k, r in res["runs"].items()}
