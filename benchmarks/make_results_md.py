@@ -130,10 +130,8 @@ def vs_optuna(d: dict) -> dict[str, str]:
             elif hgr is None:
                 cells.append("not reached by the hypergradient")
             elif owner == "tpe":
-                cells.append(
                 msg = f"{mine[0]:.1f} s / {hgr[0]:.1f} s = {mine[0] / hgr[0]:.1f}x"
                 cells.append(f"{msg} (CPU {mine[1] / hgr[1]:.1f}x)")
-                )
             else:
                 cells.append(f"{mine[0] / hgr[0]:.1f}x")
         out.append(cells)
