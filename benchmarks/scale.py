@@ -393,10 +393,11 @@ def plot(d: dict[str, Any], out: Path) -> Path:
             xs = [r[x] if x else r["config"]["steps"] for r in pts]
             ls = ":" if malloc == "mmap" else "--" if m in TRAJECTORY else "-"
             for ax, y in zip(axes, ("seconds", "peak_mb")):
-                ys, label = [max(r[y] or 0.0, 0.05) for r in pts], f"{m} ({malloc})"
+                ys = [max(r[y] or 0.0, 0.05) if y == "peak_mb" else r[y] for r in pts]
+                name = f"{m} ({malloc})"
                 kw = {"marker": "o", "ms": 3, "ls": ls, "color": colors[m]}
-                getattr(ax, scale)(xs, ys, label=label if exp == "steps" else m, **kw)
-        P = rows[0]["params"]
+                getattr(ax, scale)(xs, ys, label=name if exp == "steps" else m, **kw)
+        P = "" if exp == "params" else f" (P = {rows[0]['params']:,})"
         if exp == "params":
             xs = sorted({r["params"] for r in rows})
             axes[1].loglog(
@@ -404,9 +405,7 @@ def plot(d: dict[str, Any], out: Path) -> Path:
             )
         if exp == "hparams":
             axes[0].axhline(d["cap_seconds"], color="k", lw=0.8, ls="-.", label="forward-mode cap")
-        axes[0].set(
-            xlabel=label, ylabel="seconds (median wall)", title=f"one hypergradient (P = {P:,})"
-        )
+        axes[0].set(xlabel=label, ylabel="seconds (median wall)", title=f"one hypergradient{P}")
         axes[1].set(xlabel=label, ylabel="peak RSS increase (MB)", title="peak memory")
         axes[0].legend(fontsize=7, ncol=2)
         for ax in axes:

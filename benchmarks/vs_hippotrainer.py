@@ -503,7 +503,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
                 finals += [r["val_bce"]] if not H.bad(r["val_bce"]) else []
                 col, mk, ls = style[r["impl"]]
                 xy = [c["seconds"] for c in pts], [c["val_bce"] for c in pts]
-                ax.plot(*xy, color=col, marker=mk, ls=ls, ms=3, label=r["label"])
+                nan = f" (NaN from step {r['diverged_at_step']})" if r["diverged_at_step"] else ""
+                ax.plot(*xy, color=col, marker=mk, ls=ls, ms=3, label=r["label"] + nan)
             ax.set_ylim(0.97 * min(lows), 1.6 * max(finals))  # the start (0.69) is off-scale
             ax.set(title=f"{pair}, hyper_lr={b['hyper_lr']:g}", xlabel="seconds (sum of steps)")
             ax.set(ylabel="validation BCE")
