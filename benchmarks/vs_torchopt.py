@@ -65,7 +65,10 @@ def implicit_problems(quick: bool, seed: int) -> list[tuple[H.Bilevel, torch.Ten
         out.append((mlp, H.dense_hypergradient(mlp)))
     size = (4, 64, 64, F64, 0, 5) if quick else (110, 256, 256, F64, 0, 200)
     big = H.mnist_mlp(*size)
-    big.damping, big.name = 1e-2, f"mnist_mlp ({big.num_params:,} params, float32)"
+    big.damping, big.name = (
+        0.1 if quick else 1e-2,
+        f"mnist_mlp ({big.num_params:,} params, float32)",
+    )
     ref = hg.implicit(*args_of(big), hg.CG(maxiter=2000, tol=1e-10), damping=big.damping)
     return out + [(big.cast(torch.float32), H.flat(ref))]
 
