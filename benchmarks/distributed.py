@@ -367,22 +367,12 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
     if case["kind"] == "allreduce":
         lat = [pool.ask(PAIR, ("run", False, False, "world2")) for _ in range(3)]
         names = lat[0][PAIR[0]]["latency"]
-        return case | {
-            "latency_s": {
-                n: statistics.median(max(a[k]["latency"][n] for k in PAIR) for a in lat)
-                for n in names
-            }
-        }
-    times, cpus, kept, dropped, names = (
-        {c: [] for c in CONFIGS},
-        {c: [] for c in CONFIGS},
-        [],
-        [],
-        list(CONFIGS),
-    )
-    for rnd in range(10**6):
-        if len(kept) >= reps:
-            break
+        slowest = lambda n: [max(a[k]["latency"][n] for k in PAIR) for a in lat]  # noqa: E731
+        return case | {"latency_s": {n: statistics.median(slowest(n)) for n in names}}
+    times, cpus = {c: [] for c in CONFIGS}, {c: [] for c in CONFIGS}
+    kept, dropped, names, rnd = [], [], list(CONFIGS), -1
+    while len(kept) < reps:
+        rnd += 1
         if rnd:
             wait_quiet()
         got, busy0, wall0, own0 = {}, busy_seconds(), time.perf_counter(), 0.0
@@ -406,17 +396,13 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
     ans = pool.ask(PAIR, ("run", True, False, "world2"))  # untimed: the hypergradients
     p0, p1 = ans[PAIR[0]], ans[PAIR[1]]
     med = {c: statistics.median(t) for c, t in times.items()}
-    out = case | {
-        "params": H.flat(like(case["hidden"])).numel(),
-        "speedup": med["world1"] / med["world2"],
-    }
+    out = case | {"params": H.flat(like(case["hidden"])).numel()}
+    out["speedup"] = med["world1"] / med["world2"]
     out |= {f"{c}_seconds": times[c] for c in CONFIGS} | {f"{c}_median_s": med[c] for c in CONFIGS}
     out |= {f"{c}_cpu_seconds_sum_ranks": cpus[c] for c in CONFIGS}
     out |= {"background_cores_kept_rounds": kept, "background_cores_dropped_rounds": dropped}
-    out |= {
-        "speedup_half_alone": med["world1"] / med["half"],
-        "speedup_without_communication": med["world1"] / med["nocomm"],
-    }
+    out["speedup_half_alone"] = med["world1"] / med["half"]
+    out["speedup_without_communication"] = med["world1"] / med["nocomm"]
     out |= {"allreduce_calls": p0["calls"], "allreduce_bytes_per_rank": p0["bytes"]}
     out |= {
         "allreduce_seconds_rank0": p0["ar_seconds"],
@@ -448,19 +434,16 @@ def render(d: dict[str, Any]) -> list[str]:
         w1, half, nc, w2 = (r[f"{c}_median_s"] for c in ("world1", "half", "nocomm", "world2"))
         calls = r["allreduce_calls"] + r["ddp_allreduce_calls"]
         x = {"case": NAMES[r["kind"]], "bg": statistics.mean(r["background_cores_kept_rounds"])}
+        ddp = f" + {r['ddp_allreduce_calls']} DDP" if r["kind"] == "hyperopt" else ""
         x |= {
-            "all-reduces": f"{r['allreduce_calls']}"
-            + (f" + {r['ddp_allreduce_calls']} DDP" if r["kind"] == "hyperopt" else "")
-        }
-        x |= {
+            "all-reduces": f"{r['allreduce_calls']}{ddp}",
             "MB": r["allreduce_bytes_per_rank"] / 1e6,
-            "f32_vs_f64": r.get("rel_diff_world1_float32_vs_float64"),
         }
-        table.append(r | x)
-        cpu = (
-            statistics.median(r["world2_cpu_seconds_sum_ranks"])
-            - statistics.median(r["nocomm_cpu_seconds_sum_ranks"])
-        ) / 2
+        table.append(r | x | {"f32_vs_f64": r.get("rel_diff_world1_float32_vs_float64")})
+        cpu2, cpu0 = (
+            statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in ("world2", "nocomm")
+        )
+        cpu = (cpu2 - cpu0) / 2
         x |= {"half/w1": half / w1, "nocomm/half": nc / half, "comm_s": w2 - nc}
         x |= {"comm_cpu_s_per_rank": cpu, "ms_per_all-reduce": 1e3 * (w2 - nc) / calls}
         parts.append(r | x | {"comm_share": (w2 - nc) / w2, "w1/nocomm": w1 / nc})
@@ -468,20 +451,13 @@ def render(d: dict[str, Any]) -> list[str]:
     cols = "case|params:,|batch:,|dtype|world1_median_s:.3f|world2_median_s:.3f|speedup:.2f"
     cols += "|half_median_s:.3f|nocomm_median_s:.3f|all-reduces|MB:.1f|allreduce_seconds_rank0:.3f"
     cols += "|bg:.2f|rel_diff_world2_vs_world1:.1e|f32_vs_f64:.1e"
-    cols2 = (
-        "case|params:,|batch:,|dtype|half/w1:.2f|nocomm/half:.2f|comm_s:.3f|comm_cpu_s_per_rank:.3f"
-    )
-    cols2 += "|ms_per_all-reduce:.1f|comm_share:.0%|w1/nocomm:.2f|bg:.2f"
-    hvps = sorted(
-        {f"{r['kind']} {r['num_hvps_world1'] or 0}/{r['num_hvps_world2'] or 0}" for r in rows}
-    )
+    cols2 = "case|params:,|batch:,|dtype|half/w1:.2f|nocomm/half:.2f|comm_s:.3f"
+    cols2 += "|comm_cpu_s_per_rank:.3f|ms_per_all-reduce:.1f|comm_share:.0%|w1/nocomm:.2f|bg:.2f"
+    hvps = {f"{r['kind']} {r['num_hvps_world1'] or 0}/{r['num_hvps_world2'] or 0}" for r in rows}
     notes = [f"{n} (float32): {1e3 * s:.3f} ms per gloo all-reduce" for n, s in latency.items()]
-    notes += [
-        f"products per call (kind, 1 proc, 2 procs): {hvps}; both ranks bit-identical: {same}"
-    ]
-    notes += [
-        f"warnings: {w}" for w in sorted({w for r in rows for w in r.get("warnings_world1") or []})
-    ]
+    notes += [f"products per call (1 proc/2 procs): {', '.join(sorted(hvps))}"]
+    notes += [f"both ranks bit-identical: {same}"]
+    notes += sorted({f"warning: {w}" for r in rows for w in r.get("warnings_world1") or []})
     return [
         f"Medians of {d['repeats']} interleaved rounds after a warm-up; seconds per hypergradient; "
         "`bg` = cores used by other processes during the kept rounds.\n\n"
