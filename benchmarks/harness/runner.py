@@ -1,0 +1,370 @@
+"""One way to time things: interleaved rounds after a warm-up (:func:`interleave`), training
+runs in lockstep (:func:`lockstep`), peak memory (:func:`peak_memory`) in a child process
+(:func:`isolated`), cold starts in a new interpreter (:func:`fresh`); the shared options."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+import hypergradient as hg
+
+T = TypeVar("T")
+BENCHMARKS = Path(__file__).resolve().parent.parent
+RESULTS = BENCHMARKS / "results"
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout carries the Markdown report)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cli(doc: str | None, threads: int = 1) -> argparse.ArgumentParser:
+    """An argument parser with ``--quick``, ``--out``, ``--seed``, ``--threads``, ``--replot``."""
+    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few seconds")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default results/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and generators")
+    p.add_argument("--threads", type=int, default=threads, help="torch threads (0: default)")
+    p.add_argument("--replot", action="store_true", help="redraw tables and plots from the JSON")
+    return p
+
+
+def defaults(args: argparse.Namespace, **values: tuple[Any, Any]) -> None:
+    """``args.<name> = (quick, full)[not args.quick]`` for every option the user left unset."""
+    for name, (quick, full) in values.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
+def start(args: argparse.Namespace) -> None:
+    """Seed torch's global generator and set the intra-op thread count."""
+    torch.manual_seed(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """Platform, CPUs, RAM, versions and thread counts (call after :func:`start`)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    m |= {
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "ram_gib": round(ram, 1),
+    }
+    m |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    m |= {"torch_interop_threads": torch.get_num_interop_threads(), "load_average": os.getloadavg()}
+    return m | extra | {"hypergradient": hg.__version__}
+
+
+def error_text(exc: BaseException, limit: int | None = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if limit is None else text.splitlines()[0][:limit]
+
+
+def warning_texts(caught: Sequence[warnings.WarningMessage], limit: int = 300) -> list[str]:
+    return sorted({f"{w.category.__name__}: {str(w.message)[:limit]}" for w in caught})
+
+
+@contextmanager
+def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning raised inside the block (deprecation notices dropped)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield caught
+
+
+def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]:
+    """``(module, "version (path)")`` of a compared library, or ``(None, why it is skipped)``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = importlib.import_module(module)
+    except Exception as exc:  # any import failure means "skip"
+        log(f"{distribution or module} not importable, skipped: {error_text(exc)}")
+        return None, error_text(exc)
+    try:
+        from importlib.metadata import version
+
+        return mod, f"{version(distribution or module)} ({Path(mod.__file__ or '?').parent})"
+    except Exception:
+        return mod, "unknown version"
+
+
+def median(xs: Sequence[float | None]) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(statistics.median(xs)) if xs else math.nan
+
+
+def rotation(items: Sequence[T], k: int) -> list[T]:
+    """``items`` rotated left by ``k``: the order of round ``k`` of interleaved timing."""
+    shift = k % max(1, len(items))
+    return [*items[shift:], *items[:shift]]
+
+
+def timed_call(fn: Callable[[], T], times: int = 1) -> tuple[T, float, float]:
+    """``(last output, wall ms, CPU ms)`` per call of ``times`` calls in a row."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(times):
+        out = fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return out, 1e3 * wall / times, 1e3 * cpu / times
+
+
+def calls_per_sample(fn: Callable[[], Any], seconds: float = 0.005) -> int:
+    """How many calls of ``fn`` make one timing sample of at least ``seconds`` (max 2000)."""
+    _, ms, _ = timed_call(fn, 5)
+    return max(1, min(2000, math.ceil(1e3 * seconds / max(ms, 1e-4))))
+
+
+@dataclass
+class Case:
+    """A callable timed in a group: ``call(i)`` with ``i`` the round (a seed)."""
+
+    key: str
+    call: Callable[[int], Any]
+    info: Callable[[], Any] | None = None  # warm-up with diagnostics (default call(10_000))
+    prepare: Callable[[], None] | None = None  # untimed, before every call
+    inner: int = 1  # calls per timing sample (sub-millisecond callables)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    """What :func:`interleave` recorded for one case (times in milliseconds)."""
+
+    key: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    warm: Any = None
+    warm_ms: float = math.nan
+    ms: float | None = None
+    cpu_ms: float | None = None
+    ms_all: list[float] = field(default_factory=list)
+    cpu_ms_all: list[float] = field(default_factory=list)
+    kept: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    warned_calls: int = 0
+    error: str | None = None
+    traceback: str | None = None
+
+
+def interleave(
+    cases: Sequence[Case],
+    repeats: int | Callable[[float], int],
+    keep: Callable[[Any], Any] | None = None,
+) -> list[Timing]:
+    """Warm up each case (output in ``warm``), then ``repeats`` rounds, one call of every case
+    per round in an order rotated each round (slow drifts of a shared machine spread over all
+    cases). ``repeats`` may depend on the slowest warm-up (ms); ``keep(output)`` of every timed
+    call is stored in ``kept``; a case that raises in the warm-up is reported, not timed."""
+    res = [Timing(c.key, dict(c.meta)) for c in cases]
+    live = []
+    for i, (c, r) in enumerate(zip(cases, res)):
+        with recorded_warnings() as caught:
+            try:
+                if c.prepare:
+                    c.prepare()
+                r.warm, r.warm_ms, _ = timed_call(c.info or (lambda c=c: c.call(10_000)))
+                live.append(i)
+            except Exception as exc:  # reported in the table
+                r.error, r.traceback = error_text(exc), traceback.format_exc(limit=4)[-1500:]
+        r.warnings = warning_texts(caught)
+    n = repeats(max((res[i].warm_ms for i in live), default=0.0)) if callable(repeats) else repeats
+    with recorded_warnings() as caught:
+        for k in range(n):
+            for i in rotation(live, k):
+                c, r, seen = cases[i], res[i], len(caught)
+                if c.prepare:
+                    c.prepare()
+                out, ms, cpu = timed_call(lambda c=c, k=k: c.call(k), c.inner)
+                r.ms_all.append(ms)
+                r.cpu_ms_all.append(cpu)
+                r.warned_calls += len(caught) > seen
+                if keep is not None:
+                    r.kept.append(keep(out))
+    for i in live:
+        res[i].ms, res[i].cpu_ms = median(res[i].ms_all), median(res[i].cpu_ms_all)
+    return res
+
+
+@dataclass
+class Run:
+    """A training run advanced one step at a time by :func:`lockstep`; a step whose index is a
+    multiple of ``every`` holds a hyper-step (its time goes to ``hyper_s``)."""
+
+    label: str
+    step: Callable[[], Any]
+    every: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    hyper_s: list[float] = field(default_factory=list)
+    error: str | None = None
+    error_step: int | None = None
+    traceback: str | None = None
+
+
+def lockstep(
+    runs: Sequence[Run], steps: int, record: Callable[[Run, int], Any] | None = None
+) -> list[str]:
+    """Advance every run ``steps`` steps, one step each per round in rotating order, timed (a
+    failing run stops, its error kept); ``record(run, t)`` after every step, untimed. Returns
+    the distinct warnings raised."""
+    with recorded_warnings() as caught:
+        for t in range(1, steps + 1):
+            for r in rotation(runs, t - 1):
+                if r.error is not None:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    r.step()
+                except Exception as exc:  # reported in the table
+                    r.error, r.error_step = error_text(exc, 400), t
+                    r.traceback = traceback.format_exc(limit=6)[-2500:]
+                    continue
+                dt = time.perf_counter() - t0
+                r.seconds += dt
+                (r.hyper_s if r.every and t % r.every == 0 else r.step_s).append(dt)
+                if record is not None:
+                    record(r, t)
+    return warning_texts(caught)
+
+
+def hopt_step(hopt: hg.HyperOptimizer, batch: Any) -> None:
+    """The documented loop body of a ``HyperOptimizer``: zero_grad, backward, step."""
+    hopt.zero_grad()
+    hopt.train_loss(batch).backward()
+    hopt.step(batch)
+
+
+# ============================================================================ memory, processes
+
+_LIBC: Any = None
+
+
+def settle() -> None:
+    """Collect garbage and give the allocator's free pages back (``malloc_trim``)."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def mmap_every_block() -> None:
+    """``mallopt(M_MMAP_THRESHOLD, 4096)``: RSS then follows the live tensors."""
+    settle()
+    if not _LIBC or not _LIBC.mallopt(-3, 4096):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) is not available")
+
+
+def _rss_mb() -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(text.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def peak_memory(call: Callable[[], T], settled: bool = True) -> tuple[T, float, float, float]:
+    """``(output, wall s, CPU s, peak RSS increase in MB)`` of one call.
+
+    Settles the heap, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads
+    the RSS, calls, and subtracts it from ``getrusage``'s peak: everything the call held at
+    its peak plus fragmentation. Meaningful in a process of its own (:func:`isolated`);
+    ``settled=False`` skips the (slow in a large process) garbage collection.
+    """
+    if settled:
+        settle()
+    rss0 = _rss_mb()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = call()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return out, wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+
+
+def _child(fn: Callable[..., Any], args: tuple, conn: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        conn.send(("ok", fn(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        traceback.print_exc()
+        conn.send(("error", error_text(exc)))
+    conn.close()
+
+
+_CONTEXT: list[Any] = []
+
+
+def context() -> Any:
+    """The multiprocessing context of every child: a forkserver that imported torch,
+    ``torch._dynamo`` and hypergradient once, so that a child starts in milliseconds."""
+    if not _CONTEXT:
+        import multiprocessing as mp
+
+        _CONTEXT.append(mp.get_context("forkserver"))
+        _CONTEXT[0].set_forkserver_preload(
+            ["torch", "torch.func", "torch._dynamo", "hypergradient"]
+        )
+    return _CONTEXT[0]
+
+
+def isolated(fn: Callable[..., T], *args: Any, timeout: float = 600.0) -> T:
+    """``fn(*args)`` in a fresh child process (see :func:`context`), on one thread; raises
+    ``RuntimeError`` if it fails."""
+    recv, send = context().Pipe(duplex=False)
+    proc = context().Process(target=_child, args=(fn, args, send))
+    proc.start()
+    send.close()
+    status, value = "error", f"timeout after {timeout:.0f} s"
+    if recv.poll(timeout):
+        with contextlib.suppress(EOFError):
+            status, value = "error", "the child died"
+            status, value = recv.recv()
+    proc.join(5.0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(value)
+    return value
+
+
+def fresh(code: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Run ``code`` in a new interpreter (benchmarks folder importable); it must print one
+    JSON object as its last line, which is returned."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), *sys.path])}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

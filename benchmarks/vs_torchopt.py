@@ -1,0 +1,308 @@
+"""Against TorchOpt 0.7.3 and plain autograd: implicit hypergradients at equal products,
+unrolled ones through T SGD steps (time, and peak memory in fresh processes), cold start in a
+fresh interpreter, per-call overhead against a minimal retained-graph CG loop. TorchOpt
+(``pip install --no-deps torchopt==0.7.3 optree graphviz``) is skipped if missing. Settings:
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+import harness as H
+import hypergradient as hg
+
+F64, NAME, TITLE = (
+    torch.float64,
+    "vs_torchopt",
+    "TorchOpt 0.7.3 and plain autograd vs hypergradient",
+)
+TORCHOPT: list[Any] = []
+
+
+def torchopt() -> Any:
+    if not TORCHOPT:
+        TORCHOPT.append(H.import_peer("torchopt")[0])
+    return TORCHOPT[0]
+
+
+def args_of(pb: H.Bilevel) -> tuple:
+    return pb.inner_loss, pb.outer_loss, pb.params, pb.hparams
+
+
+# ============================================================================ 1. implicit
+
+
+def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor]:
+    """TorchOpt's ``custom_root`` around a solver that returns the given optimum."""
+    f, g = pb.inner_loss, pb.outer_loss
+
+    @torchopt().diff.implicit.custom_root(
+        lambda p, h: torch.func.grad(f)(p, h), argnums=1, solve=solve
+    )
+    def solver(params: Any, hparams: Any) -> Any:
+        return params
+
+    def call(s: int) -> torch.Tensor:
+        hp = tuple(h.detach().requires_grad_(True) for h in pb.hparams)
+        sol = solver(tuple(p.detach() for p in pb.params), hp)
+        return H.flat(torch.autograd.grad(g(sol, hp), hp, allow_unused=True))
+
+    return call
+
+
+def implicit_problems(quick: bool, seed: int) -> list[tuple[H.Bilevel, torch.Tensor]]:
+    """(problem, reference) pairs: ridge (closed form), logistic regression and the digits MLP
+    (dense solves), a float32 MNIST MLP (~100k parameters; CG converged in float64)."""
+    ridge, lr = H.ridge(seed, 40, 10) if quick else H.ridge(seed), H.logreg(seed)
+    out = [(ridge, ridge.closed_form), (lr, H.dense_hypergradient(lr))]
+    if not quick:  # (the same code path as logreg)
+        mlp = H.digits_mlp(seed)
+        out.append((mlp, H.dense_hypergradient(mlp)))
+    size = (4, 64, 64, F64, 0, 5) if quick else (110, 256, 256, F64, 0, 200)
+    big = H.mnist_mlp(*size)
+    big.damping, big.name = (
+        0.1 if quick else 1e-2,
+        f"mnist_mlp ({big.num_params:,} params, float32)",
+    )
+    ref = hg.implicit(*args_of(big), hg.CG(maxiter=2000, tol=1e-10), damping=big.damping)
+    return out + [(big.cast(torch.float32), H.flat(ref))]
+
+
+def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) -> list[dict]:
+    to, rows = torchopt(), []
+    for pb, ref in implicit_problems(quick, seed):
+        op = hg.HessianOperator(pb.inner_loss, pb.params, pb.hparams)
+        lam = hg.estimate_lambda_max(op, iters=30, generator=torch.Generator().manual_seed(0))
+        op.release()
+        alpha, d = 1.0 / (float(lam) + pb.damping), pb.damping or None
+        for k in budgets:
+            H.log(f"[implicit] {pb.name}, k = {k}")
+            ours = {"CG": hg.CG(maxiter=k, tol=0.0), "Neumann": hg.Neumann(k, alpha=alpha)}
+            cases = [
+                H.Case(
+                    f"hg {n}",
+                    lambda s, sv=sv, pb=pb: H.flat(
+                        hg.implicit(*args_of(pb), sv, damping=pb.damping)
+                    ),
+                    lambda sv=sv, pb=pb: hg.implicit(
+                        *args_of(pb), sv, damping=pb.damping, return_info=True
+                    ),
+                )
+                for n, sv in ours.items()
+            ]
+            if to is not None:
+                cg = to.linear_solve.solve_cg(maxiter=k, rtol=0.0, atol=0.0, ridge=d)
+                ns = to.linear_solve.solve_inv(ns=True, maxiter=k, alpha=alpha, ridge=d)
+                cases += [
+                    H.Case(f"torchopt {n}", torchopt_implicit(pb, sv))
+                    for n, sv in (("CG", cg), ("Neumann", ns))
+                ]
+            res = {t.key: t for t in H.interleave(cases, repeats, keep=lambda h: h)}
+            for name in ours:
+                o, t = res[f"hg {name}"], res.get(f"torchopt {name}")
+                err = lambda r, ref=ref: H.relative_error(r.kept[-1], ref) if r and r.kept else None  # noqa: E731
+                row = {"problem": pb.name, "params": pb.num_params, "solver": name, "k": k}
+                row |= {"hvps": o.warm[1].num_hvps if o.warm else None, "ours_ms": o.ms}
+                row |= {
+                    "theirs_ms": t.ms if t else None,
+                    "ours_rel_err": err(o),
+                    "theirs_rel_err": err(t),
+                }
+                rows.append(row | {"error": o.error or (t.error if t else None)})
+    return rows
+
+
+# ============================================================================ 2. unrolled
+
+
+def unrolled_call(method: str, name: str, T: int, quick: bool) -> Callable[[], torch.Tensor]:
+    """One hypergradient through T SGD steps of learning rate and per-feature decays by
+    ``method``: ``hg`` (``hg.unrolled``), ``autograd`` (a ``create_graph=True`` loop) or
+    ``torchopt`` (its functional SGD)."""
+    pb = (
+        H.logreg(0, solve=False)
+        if name == "logreg"
+        else H.digits_mlp(0, 4 if quick else 32, train=False)
+    )
+    lr, p0 = torch.tensor(0.5 if name == "logreg" else 0.1, dtype=F64), tuple(pb.params0)
+    f, g = (lambda p, h: pb.inner_loss(p, h["decay"])), (lambda p, h: pb.outer_loss(p, None))
+
+    def call() -> torch.Tensor:
+        h = {
+            "lr": lr.detach().requires_grad_(True),
+            "decay": tuple(t.detach().requires_grad_(True) for t in pb.hparams),
+        }
+        if method == "hg":
+            return H.flat(hg.unrolled(f, g, p0, h, T, hg.optim.sgd(lr=h["lr"])))
+        p = tuple(t.detach().requires_grad_(True) for t in p0)
+        if method == "torchopt":
+            opt = torchopt().sgd(lr=h["lr"])
+            state = opt.init(p)
+        for _ in range(T):
+            grads = torch.autograd.grad(f(p, h), p, create_graph=True)
+            if method == "torchopt":
+                updates, state = opt.update(grads, state, inplace=False)
+                p = torchopt().apply_updates(p, updates, inplace=False)
+            else:
+                p = tuple(x - h["lr"] * gx for x, gx in zip(p, grads))
+        return H.flat(torch.autograd.grad(g(p, h), [h["lr"], *h["decay"]], allow_unused=True))
+
+    return call
+
+
+def peak_child(method: str, name: str, T: int, quick: bool) -> dict[str, float]:
+    """In a fresh process: a warm-up call, then the measured one (seconds, peak MB)."""
+    call = unrolled_call(method, name, T, quick)
+    call()
+    _, wall, cpu, peak = H.peak_memory(call)
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_mb": peak}
+
+
+def unrolled_part(quick: bool, T: int, repeats: int) -> list[dict]:
+    methods, rows = ["hg", "autograd"] + ["torchopt"] * (torchopt() is not None), []
+    for name in ("logreg", "mlp"):
+        H.log(f"[unrolled] {name}, T = {T}")
+        calls = [unrolled_call(m, name, T, quick) for m in methods]
+        cases = [H.Case(m, lambda s, c=c: c()) for m, c in zip(methods, calls)]
+        res = H.interleave(cases, repeats)
+        for m, t in zip(methods, res):
+            mem = {"seconds": None, "cpu_seconds": None, "peak_mb": None}
+            if not quick or (name, m) == ("logreg", "hg"):  # quick: one child process
+                mem = H.isolated(peak_child, m, name, T, quick)
+            diff = H.relative_error(t.warm, res[1].warm) if t.warm is not None else None
+            row = {"problem": name, "T": T, "method": m, "ms": t.ms, "cpu_ms": t.cpu_ms}
+            rows.append(row | {"vs_autograd_rel_diff": diff, "error": t.error} | mem)
+    return rows
+
+
+# ============================================================ 3. cold start, 4. overhead
+
+COLD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, hypergradient
+imported = time.perf_counter() - t0
+import vs_torchopt as B
+call = B.cold_call({what!r})
+t1 = time.perf_counter(); call(); first = time.perf_counter() - t1
+t2 = time.perf_counter(); call(); second = time.perf_counter() - t2
+print(json.dumps({{"import_s": imported, "first_s": first, "second_s": second,
+                  "dynamo_imported": "torch._dynamo" in sys.modules}}))
+"""
+
+
+def cold_call(what: str) -> Callable[[], Any]:
+    """The first call measured by the cold-start snippet (problem built untimed, no torch.func)."""
+    pb = H.logreg(0, solve=False)
+    if what == "hg.implicit":
+        return lambda: hg.implicit(*args_of(pb), hg.CG(maxiter=10, tol=0.0))
+    if what == "hg.unrolled":
+        return lambda: hg.unrolled(
+            *args_of(pb)[:2], pb.params0, pb.hparams, 10, hg.optim.sgd(lr=0.5)
+        )
+    torchopt()  # imported before the clock starts
+    return lambda: torchopt_implicit(pb, torchopt().linear_solve.solve_cg(maxiter=10, rtol=0.0))(0)
+
+
+def minimal_cg(f: Callable, g: Callable, params: tuple, hparams: tuple, k: int) -> torch.Tensor:
+    """The reference loop: one retained double-backward graph, k CG products, mixed term."""
+    ps = [p.detach().requires_grad_(True) for p in params]
+    hs = [h.detach().requires_grad_(True) for h in hparams]
+    gf = torch.autograd.grad(f(ps, hs), ps, create_graph=True)
+    b = H.flat(torch.autograd.grad(g(ps, hs), ps))
+    x, r = torch.zeros_like(b), b.clone()
+    d, rs = r.clone(), r @ r
+    for _ in range(k):
+        Ad = H.flat(torch.autograd.grad(gf, ps, H.unflat(d, ps), retain_graph=True))
+        a = rs / (d @ Ad)
+        x, r = x + a * d, r - a * Ad
+        rs, rs_old = r @ r, rs
+        d = r + (rs / rs_old) * d
+    return -H.flat(torch.autograd.grad(gf, hs, H.unflat(x, ps)))
+
+
+def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
+    """CG(k) at two budgets against the minimal loop: fixed cost and cost per product."""
+    pb, cases = H.logreg(0), []
+    for k in ks:
+        cases.append(
+            H.Case(
+                f"hg.implicit CG({k})",
+                lambda s, k=k: hg.implicit(*args_of(pb), hg.CG(maxiter=k, tol=0.0)),
+            )
+        )
+        cases.append(H.Case(f"minimal loop CG({k})", lambda s, k=k: minimal_cg(*args_of(pb), k)))
+    for c in cases:
+        c.inner = H.calls_per_sample(lambda c=c: c.call(0), 0.02)
+    res = {t.key: t for t in H.interleave(cases, repeats)}
+    out: dict[str, Any] = {"ks": list(ks), "ms": {k: t.ms for k, t in res.items()}}
+    for who in ("hg.implicit", "minimal loop"):
+        (k0, k1), t = ks, [res[f"{who} CG({k})"].ms for k in ks]
+        slope = (t[1] - t[0]) / (k1 - k0)
+        out[who] = {"fixed_ms": t[0] - slope * k0, "per_product_ms": slope}
+    ours = H.flat(hg.implicit(*args_of(pb), hg.CG(maxiter=ks[0], tol=0.0)))
+    out["rel_diff"] = H.relative_error(ours, minimal_cg(*args_of(pb), ks[0]))
+    return out | {"ratio": res[f"hg.implicit CG({ks[0]})"].ms / res[f"minimal loop CG({ks[0]})"].ms}
+
+
+# ============================================================================ report
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    o, imp = (
+        data["overhead"],
+        [r | {"theirs/ours": H.ratio(r["theirs_ms"], r["ours_ms"])} for r in data["implicit"]],
+    )
+    cold = [c | {"first call": w} for w, c in data["cold_start"].items()]
+    ovh = [
+        o[w] | {"implementation": w, "per_product_us": 1e3 * o[w]["per_product_ms"]}
+        for w in ("hg.implicit", "minimal loop")
+    ]
+    icols = "problem|params:,|solver|k:d|hvps:d|ours_ms:.3g|theirs_ms:.3g|theirs/ours"
+    icols += "|ours_rel_err:.2e|theirs_rel_err:.2e|error"
+    ucols = "problem|T:d|method|ms:.3g|cpu_ms:.3g|peak_mb:.1f|vs_autograd_rel_diff:.2e|error"
+    return [
+        f"- TorchOpt {data['machine'].get('torchopt') or 'not importable: its columns are empty'}",
+        "## 1. Implicit hypergradients at equal products (theirs = TorchOpt)\n\n"
+        + H.dict_table(imp, icols),
+        "## 2. Through T SGD steps (lr + per-feature decay)\n\nms: interleaved in this process; "
+        "peak MB: "
+        "peak RSS increase of the call, each method alone in a fresh process.\n\n"
+        + H.dict_table(data["unrolled"], ucols),
+        "## 3. Cold start (fresh interpreter, after `import torch, hypergradient`)\n\n"
+        + H.dict_table(cold, "first call|import_s:.2f|first_s:.3f|second_s:.4f|dynamo_imported"),
+        f"## 4. Per-call overhead, logistic regression (31 parameters)\n\nCG(k) for k = {o['ks']}; "
+        f"hg / minimal at k = {o['ks'][0]}: {o['ratio']:.2f} (results agree to "
+        f"{o['rel_diff']:.1e}).\n\n"
+        + H.dict_table(ovh, "implementation|fixed_ms:.3f|per_product_us:.0f"),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = H.cli(__doc__).parse_args(argv)
+    if H.replot(args, NAME, TITLE, render):
+        return 0
+    H.start(args)
+    q, to = args.quick, torchopt()
+    rep, repeats = (
+        H.Report(NAME, TITLE, args, torchopt=getattr(to, "__version__", None)),
+        1 if q else 9,
+    )
+    data: dict[str, Any] = {
+        "implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)
+    }
+    data["unrolled"] = unrolled_part(q, 3 if q else 100, repeats)
+    whats = ["hg.implicit"] if q else ["hg.implicit", "hg.unrolled"] + ["torchopt"] * bool(to)
+    data["cold_start"] = {w: H.fresh(COLD.format(what=w)) for w in whats}
+    data["overhead"] = overhead_part([2, 6] if q else [10, 30], 2 if q else 15)
+    rep.write(data, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
