@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) -m pip install --quiet --no-deps hypergrad==0.0.1 hippotrainer==1.0.0 rich
+	$(PY) -m pip install --quiet --no-deps hypergrad==0.0.1 hippotrainer==1.0.0 rich torchopt==0.7.3 optree graphviz
 	$(PY) benchmarks/implicit_solvers.py
 	$(PY) benchmarks/hvp_cost.py
 	$(PY) benchmarks/quadratic_bilevel.py
@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/vs_optuna.py
+	$(PY) benchmarks/vs_torchopt.py
+	$(PY) benchmarks/make_results_md.py
 
 # The documentation site (mkdocs-material + mkdocstrings): the docs extra goes into .venv once.
 $(DOCS_STAMP): $(STAMP) pyproject.toml
