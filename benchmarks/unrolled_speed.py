@@ -17,15 +17,16 @@ rotates from round to round so that a shared machine's drifts spread evenly):
 - ``torchopt``: TorchOpt's functional SGD with the same loop, when TorchOpt is installed.
 
 Reported: the median time of each, the median over rounds of the per-round ratio to
-``hand``, the peak memory increase of one call (in a fresh subprocess per competitor:
-``VmHWM`` reset through ``/proc/self/clear_refs`` before the call, minus ``VmRSS`` before
-it), and the cold start (the first ``hg.unrolled`` call in a fresh interpreter, beyond
-``import torch, hypergradient``, and whether it imported ``torch._dynamo``).
+``hand``, the peak memory increase of one call at T = 100 (in a fresh subprocess per
+competitor: ``VmHWM`` reset through ``/proc/self/clear_refs`` before the call, minus
+``VmRSS`` before it, with glibc's mmap threshold fixed at 64 KiB so that freed memory is
+returned), and the cold start (the first ``hg.unrolled`` call in a fresh interpreter,
+beyond ``import torch, hypergradient``, and whether it imported ``torch._dynamo``).
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/unrolled_speed.py            # T=100, 15 rounds
-    .venv/bin/python benchmarks/unrolled_speed.py --quick    # T=20, 3 rounds (smoke test)
+    .venv/bin/python benchmarks/unrolled_speed.py --quick    # T=20, 2 rounds (smoke test)
 """
 
 from __future__ import annotations
@@ -156,14 +157,16 @@ def run_torchopt(pb: dict[str, Any], T: int) -> dict[str, Tensor]:
     return dict(zip(h, grads))
 
 
-def competitors() -> dict[str, Callable[[dict[str, Any], int], dict[str, Tensor]]]:
+def competitors(peers: bool = True) -> dict[str, Callable[[dict[str, Any], int], Any]]:
+    """``unrolled`` and ``hand``, and TorchOpt's loop when ``peers`` and it is installed."""
     out = {"unrolled": run_unrolled, "hand": run_hand}
     try:
         import torchopt  # noqa: F401
     except ImportError:
         pass
     else:
-        out["torchopt"] = run_torchopt
+        if peers:
+            out["torchopt"] = run_torchopt
     return out
 
 
@@ -198,7 +201,12 @@ def peak(name: str, who: str, T: int) -> float:
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " + (
         f"import unrolled_speed as b; b.peak_child({name!r}, {who!r}, {T})"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # A fixed mmap threshold: glibc's adaptive one keeps freed blocks in the heap, so the
+    # resident size would count what the allocator keeps, not what the call uses.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
 
 
@@ -207,24 +215,35 @@ import sys, time
 t0 = time.perf_counter()
 import torch, hypergradient as hg
 torch.set_num_threads(1)
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 w0, h = torch.zeros(3), {"d": torch.ones(3), "lr": torch.tensor(0.1)}
 f = lambda w, h: ((w - 1) ** 2).sum() + (h["d"] * w**2).sum()
 hg.unrolled(f, lambda w, h: (w**2).sum(), w0, h, 3, hg.optim.sgd(lr=h["lr"]))
-t2 = time.perf_counter()
-print(t1 - t0, t2 - t1, "torch._dynamo" in sys.modules)
+t2, c2 = time.perf_counter(), time.process_time()
+hg.drmad(f, lambda w, h: (w**2).sum(), w0, h, 3, hg.optim.sgd(lr=h["lr"]))
+t3 = time.perf_counter()
+print(t1 - t0, t2 - t1, c2 - c1, t3 - t2, "torch._dynamo" in sys.modules)
 """
 
 
 def cold_start() -> dict[str, Any]:
+    """The first ``hg.unrolled`` (then ``hg.drmad``) call in a fresh interpreter."""
     out = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, check=True)
-    imp, first, dynamo = out.stdout.split()
-    return {"import_s": float(imp), "first_call_s": float(first), "dynamo": dynamo == "True"}
+    imp, first, first_cpu, drmad, dynamo = out.stdout.split()
+    return {
+        "import_s": float(imp),
+        "first_call_s": float(first),
+        "first_call_cpu_s": float(first_cpu),
+        "first_drmad_s": float(drmad),
+        "dynamo": dynamo == "True",
+    }
 
 
-def time_problem(name: str, T: int, rounds: int) -> dict[str, Any]:
+def time_problem(name: str, T: int, rounds: int, quick: bool = False) -> dict[str, Any]:
+    """Interleaved timings of every competitor on ``name``; peak memory in subprocesses
+    (with ``quick``: no peers, and memory of the MLP only)."""
     pb = problem(name)
-    fns = competitors()
+    fns = competitors(peers=not quick)
     for fn in fns.values():  # warm-up, and the answers agree
         fn(pb, 2)
     ref = run_hand(pb, T)
@@ -247,7 +266,7 @@ def time_problem(name: str, T: int, rounds: int) -> dict[str, Any]:
         "params": sum(v.numel() for v in pb["params0"].values()),
         "median_ms": {who: statistics.median(ts) for who, ts in times.items()},
         "ratio_to_hand": ratios,
-        "peak_mb": {who: peak(name, who, T) for who in names},
+        "peak_mb": {who: peak(name, who, 100) for who in names if name == "mlp" or not quick},
         "times_ms": times,
     }
 
@@ -264,16 +283,20 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for name, r in res["problems"].items():
         for who in r["median_ms"]:
+            mb = r["peak_mb"].get(who)
             lines.append(
                 f"| {name} | {r['params']} | {who} | {r['median_ms'][who]:.1f} | "
-                f"{r['ratio_to_hand'][who]:.2f} | {r['peak_mb'][who]:.1f} |"
+                f"{r['ratio_to_hand'][who]:.2f} | {'-' if mb is None else f'{mb:.2f}'} |"
             )
     c = res["cold"]
     lines += [
         "",
         f"Cold start: `import torch, hypergradient` {c['import_s']:.2f} s; the first "
-        f"`hg.unrolled` call {c['first_call_s']:.2f} s more; torch._dynamo imported: "
-        f"{c['dynamo']}.",
+        f"`hg.unrolled` call {c['first_call_s']:.2f} s more ({c['first_call_cpu_s']:.2f} s "
+        f"CPU), then the first `hg.drmad` {c['first_drmad_s']:.2f} s; torch._dynamo "
+        f"imported: {c['dynamo']}.",
+        "",
+        "Peak memory: the increase during one call at T = 100, in a fresh subprocess.",
         "",
     ]
     return "\n".join(lines)
@@ -281,7 +304,9 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="T=20, 3 rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="T=20, 2 rounds, no peers, memory of the MLP only"
+    )
     parser.add_argument("--steps", type=int, default=None, help="T (default 100)")
     parser.add_argument("--rounds", type=int, default=None, help="default 15")
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
@@ -289,13 +314,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     T = args.steps or (20 if args.quick else 100)
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (2 if args.quick else 15)
     res: dict[str, Any] = {
         "T": T,
         "rounds": rounds,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "problems": {name: time_problem(name, T, rounds) for name in args.problems},
+        "problems": {name: time_problem(name, T, rounds, args.quick) for name in args.problems},
         "cold": cold_start(),
     }
     text = markdown(res)

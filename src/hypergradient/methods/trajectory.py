@@ -120,6 +120,7 @@ def outer_gradients(
             [_tree.unflatten(run.pspec, p), _tree.unflatten(run.hspec, run.h)],
             ["params", "hparams"],
             "outer_loss",
+            by_reference=[False, run.by_reference],
         )
         zp = [torch.zeros_like(a) if d is None else d for a, d in zip(p, gp)]
         zh = [torch.zeros_like(a) if d is None else d for a, d in zip(run.h, gh)]
