@@ -14,6 +14,10 @@ rotates from round to round so that a shared machine's drifts spread evenly):
 - ``unrolled``: ``hg.unrolled`` (store-and-recompute: ``T`` stored states);
 - ``hand``: the hand-written loop that keeps every step's graph
   (``autograd.grad(..., create_graph=True)`` per step, one backward at the end);
+- ``recompute``: the floor of ``hg.unrolled``'s algorithm, store-and-recompute written in
+  20 lines of plain autograd for plain SGD (no validation, no RNG replay, no modes): the
+  forward pass costs one extra gradient per step over ``hand``, which bounds the ratio
+  from below at about ``1 + (forward + backward) / (hand's cost per step)``;
 - ``torchopt``: TorchOpt's functional SGD with the same loop, when TorchOpt is installed.
 
 Reported: the median time of each, the median over rounds of the per-round ratio to
@@ -27,6 +31,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/unrolled_speed.py            # T=100, 15 rounds
     .venv/bin/python benchmarks/unrolled_speed.py --quick    # T=20, 2 rounds (smoke test)
+    .venv/bin/python benchmarks/unrolled_speed.py --compile  # and torch.compile's figures
 """
 
 from __future__ import annotations
@@ -141,6 +146,38 @@ def run_hand(pb: dict[str, Any], T: int) -> dict[str, Tensor]:
     return dict(zip(h, grads))
 
 
+def run_recompute(pb: dict[str, Any], T: int) -> dict[str, Tensor]:
+    """The floor of store-and-recompute: ``hg.unrolled``'s algorithm, minimal, for SGD.
+
+    Forward without graphs storing the ``T`` states, then per step in reverse: the gradient
+    with ``create_graph=True`` and one backward pass of the update against the adjoint.
+    """
+    fixed = {k: v.detach() for k, v in pb["hparams"].items()}
+    h = {k: v.detach().requires_grad_(True) for k, v in pb["hparams"].items()}
+    keys = list(pb["params0"])
+    p, states = dict(pb["params0"]), []
+    for _ in range(T):
+        states.append(p)
+        leaves = [v.detach().requires_grad_(True) for v in p.values()]
+        g = torch.autograd.grad(pb["inner"](dict(zip(keys, leaves)), fixed), leaves)
+        p = {k: v - fixed["lr"] * gk for (k, v), gk in zip(p.items(), g)}
+    leaves = [v.detach().requires_grad_(True) for v in p.values()]
+    out = torch.autograd.grad(
+        pb["outer"](dict(zip(keys, leaves)), h), leaves + list(h.values()), allow_unused=True
+    )
+    a = out[: len(keys)]
+    hyper = [torch.zeros_like(v) if d is None else d for v, d in zip(h.values(), out[len(keys) :])]
+    for p in reversed(states):
+        leaves = [v.detach().requires_grad_(True) for v in p.values()]
+        g = torch.autograd.grad(pb["inner"](dict(zip(keys, leaves)), h), leaves, create_graph=True)
+        new = [x - h["lr"] * gk for x, gk in zip(leaves, g)]
+        out = torch.autograd.grad(new, leaves + list(h.values()), a)
+        a = out[: len(keys)]
+        for acc, d in zip(hyper, out[len(keys) :]):
+            acc.add_(d)
+    return dict(zip(h, hyper))
+
+
 def run_torchopt(pb: dict[str, Any], T: int) -> dict[str, Tensor]:
     """TorchOpt's functional SGD in the same loop (its ``lr`` a differentiable tensor)."""
     import torchopt
@@ -158,8 +195,9 @@ def run_torchopt(pb: dict[str, Any], T: int) -> dict[str, Tensor]:
 
 
 def competitors(peers: bool = True) -> dict[str, Callable[[dict[str, Any], int], Any]]:
-    """``unrolled`` and ``hand``, and TorchOpt's loop when ``peers`` and it is installed."""
-    out = {"unrolled": run_unrolled, "hand": run_hand}
+    """``unrolled``, ``hand``, ``recompute``, and TorchOpt's loop when ``peers`` and it is
+    installed."""
+    out = {"unrolled": run_unrolled, "hand": run_hand, "recompute": run_recompute}
     try:
         import torchopt  # noqa: F401
     except ImportError:
@@ -266,8 +304,50 @@ def time_problem(name: str, T: int, rounds: int, quick: bool = False) -> dict[st
         "params": sum(v.numel() for v in pb["params0"].values()),
         "median_ms": {who: statistics.median(ts) for who, ts in times.items()},
         "ratio_to_hand": ratios,
-        "peak_mb": {who: peak(name, who, 100) for who in names if name == "mlp" or not quick},
+        "peak_mb": {
+            who: peak(name, who, 100)
+            for who in names
+            if not quick or (name == "mlp" and who in ("unrolled", "hand"))
+        },
         "times_ms": times,
+    }
+
+
+def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
+    """``torch.compile`` of the inner loss: compile time, ``T`` plain gradient steps (the
+    forward sweep) eager vs compiled, and whether double backward (the reverse step) goes
+    through the compiled graph."""
+    pb = problem(name)
+    h = {k: v.detach() for k, v in pb["hparams"].items()}
+
+    def sweep(loss: Callable[..., Tensor], steps: int) -> None:
+        p = dict(pb["params0"])
+        for _ in range(steps):
+            leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+            g = torch.autograd.grad(loss(leaves, h), list(leaves.values()))
+            p = {k: v.detach() - h["lr"] * gk for (k, v), gk in zip(leaves.items(), g)}
+
+    started = time.perf_counter()
+    compiled = torch.compile(pb["inner"], dynamic=False)
+    sweep(compiled, 2)
+    compile_s = time.perf_counter() - started
+    leaves = {k: v.detach().requires_grad_(True) for k, v in pb["params0"].items()}
+    try:
+        g = torch.autograd.grad(compiled(leaves, h), list(leaves.values()), create_graph=True)
+        torch.autograd.grad(g, list(leaves.values()), [torch.ones_like(x) for x in g])
+        double = "works"
+    except RuntimeError as error:
+        double = str(error).splitlines()[0][:120]
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        for who, fn in (("eager", pb["inner"]), ("compiled", compiled)):
+            started = time.perf_counter()
+            sweep(fn, T)
+            times[who].append(1e3 * (time.perf_counter() - started))
+    return {
+        "compile_s": compile_s,
+        "sweep_ms": {k: statistics.median(v) for k, v in times.items()},
+        "double_backward": double,
     }
 
 
@@ -298,7 +378,15 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "Peak memory: the increase during one call at T = 100, in a fresh subprocess.",
         "",
+        "",
     ]
+    for name, c in res.get("compile", {}).items():
+        lines.append(
+            f"torch.compile on {name}: compiled in {c['compile_s']:.1f} s; {res['T']} plain "
+            f"gradient steps (the forward sweep) {c['sweep_ms']['eager']:.1f} ms eager, "
+            f"{c['sweep_ms']['compiled']:.1f} ms compiled; double backward through the "
+            f"compiled graph (the reverse step): {c['double_backward']}."
+        )
     return "\n".join(lines)
 
 
@@ -311,6 +399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=None, help="default 15")
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--compile", action="store_true", help="also try torch.compile (slow: ~1 min)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     T = args.steps or (20 if args.quick else 100)
@@ -323,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "problems": {name: time_problem(name, T, rounds, args.quick) for name in args.problems},
         "cold": cold_start(),
     }
+    if args.compile:
+        res["compile"] = {name: compile_trial(name, T, rounds) for name in args.problems}
     text = markdown(res)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

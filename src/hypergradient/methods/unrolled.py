@@ -47,8 +47,9 @@ class Unrolled(TrajectoryMethod):
             ``F.scaled_dot_product_attention``, cuDNN RNNs); ``"double"``;
             ``"double_math"`` (the math attention kernel, no cuDNN); ``"first_order"``
             (central differences of gradients along the adjoint, no double backward;
-            relative error ~``eps^(2/3)``: ~1e-10 in float64, ~1e-4 in float32). The mode
-            used is ``info.stats["hvp"]``.
+            relative error ~``eps^(2/3)``: measured 1e-11 in float64 and 5e-5 in float32 on
+            12 momentum steps of a tanh MLP). The mode used is ``info.stats["hvp"]``, and
+            why ``"auto"`` left double backward ``info.stats["hvp_fallback"]``.
 
     Memory: ``K`` stored states (``P`` parameters plus optimizer buffers each); with
     ``checkpoint_every=c``, about ``K / c + c`` states (``c ~ sqrt(K)`` minimizes it) at the

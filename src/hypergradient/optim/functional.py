@@ -95,8 +95,10 @@ class FunctionalOptimizer:
 
 
 def _setting_on(value: Setting, like: Tensor) -> Setting:
-    if isinstance(value, Tensor):
-        return value.to(dtype=like.dtype).reshape(())
+    if isinstance(value, Tensor):  # converted only if needed: each op is a node to backprop
+        if value.dtype != like.dtype:
+            value = value.to(dtype=like.dtype)
+        return value if value.dim() == 0 else value.reshape(())
     return value
 
 
