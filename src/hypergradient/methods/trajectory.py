@@ -198,8 +198,7 @@ def forward_sweep(
             kept[t] = (p, s)
         if visit is not None:
             visit(t, p, s)
-        with run.first_pass(t, record=t >= first):
-            (p, s), loss = run.step(p, s, t)
+        (p, s), loss = run.first_step(p, s, t, t >= first)
         losses.append(loss)
     if visit is not None:
         visit(run.steps, p, s)
