@@ -260,7 +260,7 @@ hg.unrolled(f, lambda w, h: (w**2).sum(), w0, h, 3, hg.optim.sgd(lr=h["lr"]))
 t2, c2 = time.perf_counter(), time.process_time()
 hg.drmad(f, lambda w, h: (w**2).sum(), w0, h, 3, hg.optim.sgd(lr=h["lr"]))
 t3 = time.perf_counter()
-print(t1 - t0, t2 - t1, c2 - c1, t3 - t2, "torch._dynamo" in sys.modules)
+print(t1 - t0, t2 - t1, c2 - c1, t3 - t2, "torch._dynamo" in sys.modules or "sympy" in sys.modules)
 """
 
 
@@ -373,7 +373,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Cold start: `import torch, hypergradient` {c['import_s']:.2f} s; the first "
         f"`hg.unrolled` call {c['first_call_s']:.2f} s more ({c['first_call_cpu_s']:.2f} s "
-        f"CPU), then the first `hg.drmad` {c['first_drmad_s']:.2f} s; torch._dynamo "
+        f"CPU), then the first `hg.drmad` {c['first_drmad_s']:.2f} s; torch._dynamo or sympy "
         f"imported: {c['dynamo']}.",
         "",
         "Peak memory: the increase during one call at T = 100, in a fresh subprocess.",

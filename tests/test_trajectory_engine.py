@@ -98,7 +98,9 @@ def test_benchmark_quick_run_memory_and_cold_start(tmp_path):
     loop (checked inside), uses at most a fifth of its peak memory at T = 100 on the
     2,410-parameter MLP (measured 2.6 MB vs 41 MB) and at most 4 MB in all (the stored
     states are 0.96 MB), and its first call in a fresh interpreter does not import
-    torch._dynamo and takes under a second of CPU time (measured 0.3-0.4 s)."""
+    torch._dynamo (nor sympy) and takes well under a second of CPU time (measured 0.01 s;
+    0.4 s when its vector-Jacobian products passed tensor grad_outputs, 1.6-3 s through
+    torch.func)."""
     sys.path.insert(0, str(BENCH))
     try:
         import unrolled_speed
@@ -108,6 +110,6 @@ def test_benchmark_quick_run_memory_and_cold_start(tmp_path):
     mem = res["problems"]["mlp"]["peak_mb"]
     assert mem["unrolled"] <= 0.2 * mem["hand"] and mem["unrolled"] <= 4.0, mem
     assert not res["cold"]["dynamo"]
-    assert res["cold"]["first_call_cpu_s"] < 1.0, res["cold"]
+    assert res["cold"]["first_call_cpu_s"] < 0.5, res["cold"]
     saved = json.loads((tmp_path / "unrolled_speed.json").read_text())
     assert saved["T"] == 20 and (tmp_path / "unrolled_speed.md").read_text().startswith("#")

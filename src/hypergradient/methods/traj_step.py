@@ -67,11 +67,19 @@ def _connected(outs: Sequence[Tensor], cots: Sequence[Tensor]) -> tuple[list[Ten
 def _grad(
     outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor]
 ) -> Sequence[Tensor | None]:
-    """``sum_i cots_i^T d outs_i / d inputs`` (None where an input is unused)."""
+    """``sum_i cots_i^T d outs_i / d inputs`` (None where an input is unused).
+
+    Taken as the gradient of the scalar ``sum_i <outs_i, cots_i>`` (bit for bit the same
+    products): ``autograd.grad`` with tensor ``grad_outputs`` imports torch's symbolic-shape
+    machinery and sympy on its first call (~0.4 s of cold start), a scalar output does not.
+    """
     outs, cots = _connected(outs, cots)
     if not outs:
         return (None,) * len(inputs)
-    return torch.autograd.grad(outs, inputs, cots, allow_unused=True)
+    total = (outs[0] * cots[0]).sum()
+    for o, c in zip(outs[1:], cots[1:]):
+        total = total + (o * c).sum()
+    return torch.autograd.grad(total, inputs, allow_unused=True)
 
 
 class ReverseStep:
