@@ -317,6 +317,7 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
     """``torch.compile`` of the inner loss: compile time, ``T`` plain gradient steps (the
     forward sweep) eager vs compiled, and whether double backward (the reverse step) goes
     through the compiled graph."""
+    os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # a cold compile
     pb = problem(name)
     h = {k: v.detach() for k, v in pb["hparams"].items()}
 
