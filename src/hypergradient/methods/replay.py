@@ -293,10 +293,9 @@ class Run:
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in p]
             loss = self.loss(leaves, self.htree, t)
+            grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            else:
-                grads = (None,) * len(leaves)
         return [torch.zeros_like(x) if d is None else d for x, d in zip(p, grads)], loss.detach()
 
     def reduce(self, fn: Callable[[], Sequence[Tensor]], like: Sequence[Tensor]) -> tuple:

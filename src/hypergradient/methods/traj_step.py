@@ -125,10 +125,9 @@ class ReverseStep:
         kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
         with run.again(t), kernels, torch.enable_grad():
             loss = run.loss(pp, self.htree, t)
+            g: Sequence[Tensor | None] = (None,) * len(pp)
             if loss.requires_grad:
                 g = torch.autograd.grad(loss, pp, create_graph=True, allow_unused=True)
-            else:
-                g = (None,) * len(pp)
         if not self._checked:  # once per sweep: the graph's structure does not change
             self._checked = True
             if has_error_node([d for d in g if d is not None and d.requires_grad]):

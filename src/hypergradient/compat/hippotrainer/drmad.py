@@ -26,7 +26,7 @@ Differentiation for Optimizing Hyperparameters of Deep Neural Networks", IJCAI.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -126,10 +126,10 @@ class DRMAD(HyperOptimizer):
         model, criterion = self.model, self.criterion
 
         def step_loss(params: Any, hparams: Any, batch: Any) -> Tensor:
-            return criterion_loss(model, criterion, batch)(params)
+            return criterion_loss(model, criterion, batch)(params, None)
 
         def outer_loss(params: Any, hparams: Any) -> Tensor:
-            return criterion_loss(model, criterion, val_batch)(params)
+            return criterion_loss(model, criterion, val_batch)(params, None)
 
         end = dict(zip(names, wT))
         trajectory = Trajectory(
@@ -151,4 +151,4 @@ class DRMAD(HyperOptimizer):
             hyper, _ = DrMAD(replay=False, max_deviation=None)(problem)
         except NonFiniteHypergradientError as error:
             raise NonFiniteHypergradientError(f"{error} {_FIX}", error.quantity) from None
-        return [x.detach() for x in hyper]
+        return [x.detach() for x in cast(tuple[Tensor, ...], hyper)]
