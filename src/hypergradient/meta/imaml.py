@@ -7,11 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-import hypergradient as hg
-
 from .. import _tree
 from .._tree import Tree, TreeSpec
 from .._vocab import as_float
+from ..methods.implicit import implicit
 from ..optim.functional import FunctionalOptimizer
 from ..solvers import Solver
 from ._common import (
@@ -149,7 +148,7 @@ class IMAML(MetaLearner):
 
         phi = descend(f_at_theta, batch.start(theta), spec, self.inner_steps, self.inner_optimizer)
         require_finite_phi(phi, spec)
-        grad, info = hg.implicit(
+        grad, info = implicit(
             f,
             g,
             _tree.unflatten(spec, phi),

@@ -8,11 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import hypergradient as hg
-
 from .. import _tree
 from .._tree import Tree, TreeSpec
 from .._vocab import as_bool, as_optional_int, require_finite
+from ..methods.unrolled import unrolled
 from ..optim.functional import FunctionalOptimizer
 from ._common import LossFn, Task, adapt, descend, gradient, require_finite_phi
 from .base import MetaLearner
@@ -145,7 +144,7 @@ class MAML(MetaLearner):
             return batch.query_loss(shifted(delta, h))
 
         delta0 = _tree.unflatten(spec, [torch.zeros_like(t) for t in start])
-        grad, info = hg.unrolled(
+        grad, info = unrolled(
             inner,
             outer,
             delta0,
