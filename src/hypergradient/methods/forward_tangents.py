@@ -76,19 +76,33 @@ class GradientTangents:
 
     # -- double backward ----------------------------------------------------------------
     def _double(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:
-        run = self.run
         pp = [x.detach().requires_grad_(True) for x in p]
+        outs, cots = self._graph(pp, t, [*dp, *dh])
+        if not outs:
+            return [torch.zeros_like(x) for x in dp]
+        m = dp[0].shape[0] if dp else 0
+        step = m if self.chunk is None else self.chunk
+        pieces = [
+            self._backward(outs, pp, [c[lo : lo + step] for c in cots], retain=lo + step < m)
+            for lo in range(0, m, step)
+        ]
+        return [torch.cat([piece[i] for piece in pieces]) for i in range(len(pp))]
+
+    def _graph(
+        self, pp: list[Tensor], t: int, directions: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The gradients in ``theta`` and ``phi`` with their graph, paired with the direction
+        rows as cotangents (only the gradients that depend on ``theta``)."""
+        run = self.run
         hh = [x.detach().requires_grad_(True) for x in run.h]
         kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
         with run.again(t), kernels, torch.enable_grad():
             loss = run.loss(pp, run.htree_of(hh), t)
             if not loss.requires_grad:
-                return [torch.zeros_like(x) for x in dp]
+                return [], []
             grads = torch.autograd.grad(loss, [*pp, *hh], create_graph=True, allow_unused=True)
-        pairs = [(g, c) for g, c in zip(grads, [*dp, *dh]) if g is not None and g.requires_grad]
-        if not pairs:
-            return [torch.zeros_like(x) for x in dp]
-        if not self.checked:  # once per sweep: the graph's structure does not change
+        pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]
+        if pairs and not self.checked:  # once per sweep: the graph's structure is fixed
             self.checked = True
             if has_error_node([g for g, _ in pairs]):
                 raise RuntimeError(
@@ -96,15 +110,7 @@ class GradientTangents:
                     "@once_differentiable: forward mode would miss its part of the Hessian. "
                     "Use hvp='first_order' (or 'auto')."
                 )
-        outs, cots = [g for g, _ in pairs], [c.to(g.dtype) for g, c in pairs]
-        m = dp[0].shape[0] if dp else 0
-        step = m if self.chunk is None else self.chunk
-        pieces = []
-        for lo in range(0, m, step):
-            rows = [c[lo : lo + step] for c in cots]
-            last = lo + step >= m
-            pieces.append(self._backward(outs, pp, rows, retain=not last))
-        return [torch.cat([piece[i] for piece in pieces]) for i in range(len(pp))]
+        return [g for g, _ in pairs], [c.to(g.dtype) for g, c in pairs]
 
     def _backward(
         self, outs: list[Tensor], pp: list[Tensor], rows: list[Tensor], retain: bool
