@@ -150,7 +150,7 @@ _DEPRECATED = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     """Deprecated names (one release): a ``DeprecationWarning``, then the new object."""
     if name in _DEPRECATED:
         import warnings

@@ -141,7 +141,12 @@ def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     return torch.promote_types(common_dtype(leaves), torch.float32)
 
 
-def cat(leaves: Sequence[Tensor | None], spec: TreeSpec, dtype: torch.dtype, device) -> Tensor:
+def cat(
+    leaves: Sequence[Tensor | None],
+    spec: TreeSpec,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> Tensor:
     """Concatenate leaves (``None`` meaning zeros) into one 1-D vector."""
     parts = []
     for t, n in zip(leaves, spec.numels):
@@ -194,7 +199,13 @@ def mismatch(got: TreeSpec, got_name: str, want: TreeSpec, want_name: str) -> st
     return None
 
 
-def as_flat(x: Tree | Tensor, spec: TreeSpec, name: str, dtype, device) -> Tensor:
+def as_flat(
+    x: Tree | Tensor,
+    spec: TreeSpec,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> Tensor:
     """Accept either a 1-D vector of the right size or a tree matching ``spec`` (``params``)."""
     flat_vector = isinstance(x, Tensor) and x.dim() == 1 and x.numel() == spec.size
     if isinstance(x, Tensor) and (spec.kind != "leaf" or flat_vector):

@@ -302,7 +302,7 @@ class AveragedOperator(LinearOperator):
         self.group = group
         self.symmetric = base.symmetric
 
-    @property  # type: ignore[override]
+    @property
     def num_matvecs(self) -> int:
         return self.base.num_matvecs
 

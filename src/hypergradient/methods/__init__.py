@@ -93,7 +93,7 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def __getattr__(name: str):  # deprecated names, kept for one release
+def __getattr__(name: str) -> type[Method]:  # deprecated names, kept for one release
     import warnings
 
     if name == "HyperMethod":

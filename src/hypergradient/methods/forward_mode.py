@@ -56,15 +56,19 @@ def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
         with torch.no_grad(), run.first_pass(t):  # the primal draws from the global RNG
             g, loss = run.mean_grad(p, t)
 
-        def push_update(dp, ds, dg, dh, p=p, s=s, g=g, t=t):
-            return torch.func.jvp(
-                lambda pp, ss, gg, hh: run.update_h(pp, ss, gg, hh, t),
-                (p, s, g, run.h),
-                (dp, ds, dg, dh),
-            )[1]
+        def push_update(
+            dp: Any, ds: Any, dg: Any, dh: Any, p: Any = p, s: Any = s, g: Any = g, t: int = t
+        ) -> Any:
+            def update(pp: Any, ss: Any, gg: Any, hh: Any) -> Any:
+                return run.update_h(pp, ss, gg, hh, t)
+
+            return torch.func.jvp(update, (p, s, g, run.h), (dp, ds, dg, dh))[1]
 
         # tangents of the averaged gradient (under the step's draws), then of the update
-        tg = run.reduce(lambda tp=tp, p=p, t=t: tangents(p, t, tp, th), tp)
+        def local(tp: Any = tp, p: Any = p, t: int = t) -> list[Tensor]:
+            return tangents(p, t, tp, th)
+
+        tg = run.reduce(local, tp)
         tp, ts = vmap(push_update)(tp, ts, tg, th)
         with torch.no_grad():
             p, s = run.update(p, s, g, run.settings, t)

@@ -134,7 +134,7 @@ class GradientTangents:
         out: list[list[Tensor]] = [[] for _ in pp]
         n = rows[0].shape[0]
         for k in range(n):
-            total = sum((o * r[k]).sum() for o, r in zip(outs, rows))
+            total = torch.stack([(o * r[k]).sum() for o, r in zip(outs, rows)]).sum()
             got = torch.autograd.grad(total, pp, retain_graph=True, allow_unused=True)
             for i, (x, d) in enumerate(zip(pp, got)):
                 out[i].append(torch.zeros_like(x) if d is None else d)
@@ -164,7 +164,9 @@ class GradientTangents:
                 out[i].append((a - b) / (2 * e))
         return [torch.stack(o) for o in out]
 
-    def _gradient(self, p: Leaves, vp: list[Tensor], vh: list[Tensor], e: float, t: int):
+    def _gradient(
+        self, p: Leaves, vp: list[Tensor], vh: list[Tensor], e: float, t: int
+    ) -> list[Tensor]:
         run = self.run
         q = [(x + e * v.to(x.dtype)).requires_grad_(True) for x, v in zip(p, vp)]
         h = [x + e * v.to(x.dtype) for x, v in zip(run.h, vh)]

@@ -168,7 +168,14 @@ class SGD(FunctionalOptimizer):
             return []
         return [torch.zeros_like(p) for p in params]
 
-    def update(self, params, grads, state, step, settings=None):
+    def update(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: Sequence[Tensor],
+        step: int,
+        settings: Mapping[str, Setting] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
         on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"))
         decay, damped = not _is_zero(s["weight_decay"]), not _is_zero(s["dampening"])
@@ -222,7 +229,14 @@ class Adam(FunctionalOptimizer):
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
         return [torch.zeros_like(p) for p in params] + [torch.zeros_like(p) for p in params]
 
-    def update(self, params, grads, state, step, settings=None):
+    def update(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: Sequence[Tensor],
+        step: int,
+        settings: Mapping[str, Setting] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
         n = len(params)
         new_params, ms, vs = [], [], []

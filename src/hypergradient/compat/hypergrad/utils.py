@@ -18,7 +18,9 @@ Params: TypeAlias = tuple[Tensor, ...]  # a functional model's parameters
 Objective: TypeAlias = Callable[[Params, Params], Tensor]  # f(in_params, out_params) -> loss
 
 
-def hvp(f: Callable[[Params], Tensor], primal: Params, tangent: Params, *, rev_only: bool = False):
+def hvp(
+    f: Callable[[Params], Tensor], primal: Params, tangent: Params, *, rev_only: bool = False
+) -> Params:
     """Hessian-vector product ``H(primal) tangent`` of the scalar ``f(primal)``.
 
     Forward-over-reverse (``jvp`` of ``grad``) by default; reverse-over-reverse (``vjp``
