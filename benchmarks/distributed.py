@@ -13,7 +13,6 @@ import os
 import queue
 import socket
 import statistics
-import sys
 import time
 import traceback
 import warnings
@@ -467,31 +466,27 @@ def render(d: dict[str, Any]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 1)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render):
-        return 0
-    H.start(args)
-    H.defaults(args, repeats=(1, 5))
-    reps = args.repeats
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     QUIET["budget"] = QUIET["redo"] = 0.0 if args.quick else 60.0
     os.environ["OMP_NUM_THREADS"] = "1"
-    rep, pool, weights, results = H.Report(NAME, TITLE, args), Pool(), {}, []
+    pool, weights, results = Pool(), {}, []
     try:
         for case in cases(args.quick):
             key = (case.get("hidden"), case.get("batch"))
             if key not in weights and case["kind"] != "allreduce":
                 iters = 10 if args.quick else 100 if key[0] < 400 else 60
                 weights[key] = pretrain(*key, iters=iters)
-            results.append(r := measure(pool, case, weights.get(key), reps))
+            results.append(r := measure(pool, case, weights.get(key), args.repeats))
             H.log(f"{case}: " + (f"speedup {r['speedup']:.2f}" if "speedup" in r else "latency"))
     finally:
         pool.close()
-    rep.write({"repeats": reps, "results": results}, render)
-    return 0
+    return {"repeats": args.repeats, "results": results}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    opts = [H.option("--repeats", 1, 5, type=int, help="timed rounds")]
+    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv, options=opts)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

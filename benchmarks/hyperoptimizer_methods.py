@@ -9,7 +9,6 @@ tuning (4). Settings: benchmarks/README.md.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -490,35 +489,35 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--steps", type=int, help="inner steps of Tables 2-4 (default 300, quick 20)")
-    p.add_argument("--rounds", type=int, help="repetitions of Tables 2-4 (default 3, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls in Table 1 (default 7, quick 1)")
-    p.add_argument("--exact-steps", type=int, help="long exact outer loop (default 300, quick 3)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, steps=(20, 300), rounds=(1, 3), repeats=(1, 7), exact_steps=(3, 300))
-    q, rep, data = args.quick, H.Report(NAME, TITLE, args), H.breast_cancer_data(args.seed)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    q, data = args.quick, H.breast_cancer_data(args.seed)
     st = {k: getattr(args, k) for k in ("steps", "rounds", "repeats", "exact_steps")}
     st["horizons"] = [2] if q else [10, 50]
     g, lo, hi = torch.Generator().manual_seed(args.seed + 1), math.log(1e-3), math.log(1e-1)
     points = {"random": lo + (hi - lo) * torch.rand(data.dim, generator=g, dtype=F64)}
     if not q:
         points = {"start": torch.full((data.dim,), math.log(START_DECAY), dtype=F64)} | points
-    steps, rounds = st["steps"], st["rounds"]
-    result = {
+    steps, rounds, reps = st["steps"], st["rounds"], st["repeats"]
+    return {
         "settings": st | {"hparam_points": points},
-        "implicit": implicit_table(data, points, st["repeats"]),
-        "trajectory": trajectory_table(data, points, st["horizons"], st["repeats"]),
+        "implicit": implicit_table(data, points, reps),
+        "trajectory": trajectory_table(data, points, st["horizons"], reps),
         "hyperoptimizer": hyperoptimizer_tables(data, steps, rounds, st["exact_steps"]),
         "lr_tuning": lr_table(data, steps, rounds),
     }
-    rep.write(result, render, plot)
-    return 0
+
+
+OPTIONS = [
+    H.option("--steps", 20, 300, type=int, help="inner steps of Tables 2-4"),
+    H.option("--rounds", 1, 3, type=int, help="repetitions of Tables 2-4"),
+    H.option("--repeats", 1, 7, type=int, help="timed calls in Table 1"),
+    H.option("--exact-steps", 3, 300, type=int, help="long exact outer loop"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,7 +7,6 @@ solver is given and how the references and times are computed: benchmarks/README
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -247,47 +246,40 @@ def plot(data: dict[str, Any], out: Any) -> Any:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--budgets", type=int, nargs="+", help="products per hypergradient")
-    p.add_argument("--repeats", type=int, help="timed calls per solver (default 9, quick 1)")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--problems", nargs="+", choices=("ridge", "logreg", "mlp"))
-    p.add_argument("--no-hypergrad", action="store_true", help="skip the seed library")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    q = args.quick
-    budgets, repeats = (
-        args.budgets or ([2] if q else [5, 10, 20, 50, 100]),
-        args.repeats or (1 if q else 9),
-    )
-    hgrad, version = (
-        (None, "skipped")
-        if args.no_hypergrad
-        else H.import_peer("hypergrad.approx_hypergrad", "hypergrad")
-    )
-    rep = H.Report(NAME, TITLE, args, hypergrad=version if hgrad else None)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    q, hgrad, version = args.quick, None, "skipped"
+    if not args.no_hypergrad:
+        hgrad, version = H.import_peer("hypergrad.approx_hypergrad", "hypergrad")
+    rep.machine["hypergrad"] = version if hgrad else None
     builders = {
         "ridge": lambda: H.ridge(args.seed, 40 if q else 200, 10 if q else 50),
         "logreg": lambda: H.logreg(args.seed),
-        "mlp": lambda: (
-            H.digits_mlp(args.seed, 4, 100, (1e-2, 1e-1)) if q else H.digits_mlp(args.seed)
-        ),
+        "mlp": lambda: H.digits_mlp(args.seed, *((4, 100, (1e-2, 1e-1)) if q else ())),
     }
     out: dict[str, Any] = {}
-    for name in args.problems or (["ridge", "logreg"] if q else list(builders)):
+    for name in args.problems:
         H.log(f"[{name}] inner problem and reference ...")
         pb = builders[name]()
         ref, dtype = reference(pb), getattr(torch, args.dtype)
         cast = pb.cast(dtype, torch.float64 if args.dtype == "float64" else None)
-        res = benchmark(cast, ref, budgets, repeats, hgrad)
+        res = benchmark(cast, ref, args.budgets, args.repeats, hgrad)
         ref.pop("h")
         out[name] = {"description": pb.description, "setup": pb.setup, **ref, **res}
-    rep.write({"budgets": budgets, "repeats": repeats, "problems": out}, render, plot)
-    return 0
+    return {"budgets": args.budgets, "repeats": args.repeats, "problems": out}
+
+
+OPTIONS = [
+    H.option("--budgets", [2], [5, 10, 20, 50, 100], type=int, nargs="+", help="products"),
+    H.option("--repeats", 1, 9, type=int, help="timed calls per solver"),
+    H.option("--dtype", choices=("float64", "float32"), default="float64"),
+    H.option("--problems", ["ridge", "logreg"], ["ridge", "logreg", "mlp"], nargs="+"),
+    H.option("--no-hypergrad", action="store_true", help="skip the seed library"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

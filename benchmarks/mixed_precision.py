@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -240,55 +239,38 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--repeats", type=int, help="timed calls per mode (default 5, quick 1)")
-    p.add_argument("--hidden", type=int, default=16, help="MLP hidden width (default 16)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    repeats, steps = (
-        args.repeats if args.repeats is not None else (1 if args.quick else 5),
-        5 if args.quick else 20,
-    )
-    flags = ""
+def problem(p: H.Bilevel, repeats: int, steps: int) -> dict[str, Any]:
+    H.log(f"[{p.name}] {p.setup['inner_solver']}")
+    Hd, args = H.dense_hessian(p), (p.inner_loss, p.outer_loss, p.params, p.hparams)
+    ev, ref = torch.linalg.eigvalsh(Hd), H.flat(hg.implicit(*args, hg.Exact(), damping=p.damping))
+    ac_params, ac = autocast_trained(p, Hd)
+    info = {"lambda_min": float(ev[0]), "lambda_max": float(ev[-1]), "ac": ac}
+    info |= {"cond": float((ev[-1] + p.damping) / (ev[0] + p.damping)), "ref_norm": ref.norm()}
+    info |= {"ref_check": H.relative_error(ref, H.dense_hypergradient(p, Hd))}
+    rows, urows = problem_rows(p, ref, ac_params, repeats, steps, 1.0 / float(ev[-1]))
+    info |= {"grad_ms": gradient_ms(p, repeats), "unrolled_lr": 1.0 / float(ev[-1])}
+    info |= {"implicit": rows, "unrolled": urows}
+    return {"description": p.description, "setup": p.setup, "damping": p.damping} | info
+
+
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    flags, steps = "", 5 if args.quick else 20
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
         flags = " ".join(f for f in ("avx2", "avx512_bf16", "avx512f", "amx_bf16") if f in text)
-    rep = H.Report(
-        NAME, TITLE, args, cpu_flags=flags, cpu_capability=torch.backends.cpu.get_cpu_capability()
-    )
+    rep.machine |= {"cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     hidden, iters = (4, 100) if args.quick else (args.hidden, 1000)
     builders = [lambda: logreg(-1.0)] + [lambda: logreg(-3.0)] * (not args.quick)
     builders.append(lambda: H.digits_mlp(args.seed, hidden, iters, rounds=10, require_pd=False))
-    out = {}
-    for build in builders:
-        p = build()
-        H.log(f"[{p.name}] {p.setup['inner_solver']}")
-        Hd = H.dense_hessian(p)
-        ev = torch.linalg.eigvalsh(Hd)
-        ref = H.flat(
-            hg.implicit(
-                p.inner_loss, p.outer_loss, p.params, p.hparams, hg.Exact(), damping=p.damping
-            )
-        )
-        ac_params, ac = autocast_trained(p, Hd)
-        info = {"lambda_min": float(ev[0]), "lambda_max": float(ev[-1]), "ac": ac}
-        info |= {
-            "cond": float((ev[-1] + p.damping) / (ev[0] + p.damping)),
-            "ref_norm": float(ref.norm()),
-        }
-        info |= {
-            "ref_check": H.relative_error(ref, H.dense_hypergradient(p, Hd)),
-            "grad_ms": gradient_ms(p, repeats),
-        }
-        rows, urows = problem_rows(p, ref, ac_params, repeats, steps, 1.0 / float(ev[-1]))
-        info |= {"unrolled_lr": 1.0 / float(ev[-1]), "implicit": rows, "unrolled": urows}
-        out[p.name] = {"description": p.description, "setup": p.setup, "damping": p.damping} | info
-    rep.write({"repeats": repeats, "unrolled_steps": steps, "problems": out}, render, plot)
-    return 0
+    out = {p.name: problem(p, args.repeats, steps) for p in (b() for b in builders)}
+    return {"repeats": args.repeats, "unrolled_steps": steps, "problems": out}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    opts = [H.option("--repeats", 1, 5, type=int, help="timed calls per mode")]
+    opts.append(H.option("--hidden", type=int, default=16, help="MLP hidden width"))
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=opts)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

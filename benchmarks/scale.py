@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -414,42 +413,32 @@ def plot(d: dict[str, Any], out: Path) -> Path:
     return out / "scale_params.png"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--cap", type=float, default=None, help="forward-mode time cap (s)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration")
-    exps = ["params", "hparams", "steps"]
-    p.add_argument("--experiments", nargs="+", choices=exps, default=exps)
-    p.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, cap=(2.0, 60.0), repeats=(1, 5), sizes=([3e3], [1e4, 3e4, 1e5, 3e5, 1e6]))
-    q, cap, rep = args.quick, args.cap, H.Report(NAME, TITLE, args, threads_in_children=1)
-    common = {"repeats": args.repeats, "budget": 0.2 if q else 3.0}
-    X, y = H.mnist()
-    mid = width_for(3e3 if q else 1e5)
-    cfgs = {"params": [], "hparams": [], "steps": []}
-    for w in [width_for(t) for t in args.sizes]:
+def configs(q: bool, sizes: list[float], common: dict[str, Any]) -> dict[str, list[Config]]:
+    mid, c20 = width_for(3e3 if q else 1e5), round(math.sqrt(20))
+    cfgs: dict[str, list[Config]] = {"params": [], "hparams": [], "steps": []}
+    for w in [width_for(t) for t in sizes]:
         for m in ("gradient",) + IMPLICIT + TRAJECTORY:
-            hp, c = "per-layer" if m == "forward" else "per-weight", round(math.sqrt(20))
-            cfgs["params"].append(Config("params", m, w, hp, checkpoint_every=c, **common))
+            hp = "per-layer" if m == "forward" else "per-weight"
+            cfgs["params"].append(Config("params", m, w, hp, checkpoint_every=c20, **common))
     methods = ("CG", "forward") if q else IMPLICIT + ("unrolled", "DrMAD", "forward")
     for m in [4] if q else [1, 10, 100, 1000, 10_000, param_count(mid)]:
         cfgs["hparams"] += [Config("hparams", k, mid, m, **common) for k in methods]
     for malloc in ("default",) if q else ("default", "mmap"):
         for T in [2] if q else [10, 20, 40, 80, 160]:
-            c = max(1, round(math.sqrt(T)))
+            c, kw = max(1, round(math.sqrt(T))), {"malloc": malloc, **common}
             for k in ("unrolled", "unrolled ckpt", "DrMAD"):
-                cfgs["steps"].append(
-                    Config("steps", k, mid, "per-weight", T, c, malloc=malloc, **common)
-                )
+                cfgs["steps"].append(Config("steps", k, mid, "per-weight", T, c, **kw))
+    return cfgs
+
+
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    q, cap, (X, y), first = args.quick, args.cap, H.mnist(), []
+    rep.machine["threads_in_children"] = 1
+    cfgs = configs(q, args.sizes, {"repeats": args.repeats, "budget": 0.2 if q else 3.0})
     widths = {c.width for e in args.experiments for c in cfgs[e] if c.method in IMPLICIT}
     pre = {w: pretrain(w, X, y, 20 if q else 300) for w in sorted(widths)}
-    first = []
 
-    def run(cfg: Config) -> Result:
+    def one(cfg: Config) -> Result:
         cfg.steps = min(cfg.steps, 4) if q else cfg.steps
         trained = pre[cfg.width]["trained"] if cfg.width in pre else None
         if q and first:  # quick: one child process, the rest in this one
@@ -462,22 +451,26 @@ def main(argv: list[str] | None = None) -> int:
 
     results, stopped = {}, ""
     for e in args.experiments:
-        results[e], why = sweep(run, cfgs[e], cap)
+        results[e], why = sweep(one, cfgs[e], cap)
         stopped = stopped or why
     pretrained = {str(param_count(w)): v["info"] for w, v in pre.items()}
-    data = {
-        "mode": "quick" if q else "full",
-        "cap_seconds": cap,
-        "forward_stopped": stopped,
-        "pretrained": pretrained,
-    }
-    rep.write(
-        data | {"results": {e: [r.row() for r in rows] for e, rows in results.items()}},
-        render,
-        plot,
-    )
-    return 0
+    data = {"mode": "quick" if q else "full", "cap_seconds": cap, "forward_stopped": stopped}
+    rows = {e: [r.row() for r in rs] for e, rs in results.items()}
+    return data | {"pretrained": pretrained, "results": rows}
+
+
+EXPERIMENTS = ["params", "hparams", "steps"]
+OPTIONS = [
+    H.option("--cap", 2.0, 60.0, type=float, help="forward-mode time cap (s)"),
+    H.option("--repeats", 1, 5, type=int, help="timed calls per configuration"),
+    H.option("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS),
+    H.option("--sizes", [3e3], [1e4, 3e4, 1e5, 3e5, 1e6], nargs="+", type=float, help="P values"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,7 +9,6 @@ skipped with a message when missing. Problem, settings and findings: benchmarks/
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -520,33 +519,29 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--steps", type=int, help="training steps of part (b) (default 300, quick 20)")
-    p.add_argument("--rounds", type=int, help="timed rounds of part (b) (default 3, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls in part (a) (default 7, quick 1)")
-    p.add_argument("--hyper-lr", type=float, nargs="+", help="part (b) (default 5 20, quick 5)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, steps=(20, 300), rounds=(1, 3), repeats=(1, 7))
-    H.defaults(args, hyper_lr=([5.0], [5.0, 20.0]))
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     (ht, version), data = H.import_peer("hippotrainer"), H.breast_cancer_data(args.seed, True)
-    rep = H.Report(NAME, TITLE, args, hippotrainer=version if ht else None)
-    settings = {
-        "lr": LR,
-        "hyper_lrs": args.hyper_lr,
-        "inner_steps": INNER_STEPS,
-        "log_wd0": LOG_WD0,
-    }
-    settings |= {"steps": args.steps, "rounds": args.rounds, "repeats": args.repeats}
-    result = {"settings": settings, "hippotrainer_available": ht is not None}
+    rep.machine["hippotrainer"] = version if ht else None
+    settings = {"lr": LR, "hyper_lrs": args.hyper_lr, "inner_steps": INNER_STEPS}
+    settings |= {"log_wd0": LOG_WD0, "steps": args.steps, "rounds": args.rounds}
+    result = {"settings": settings | {"repeats": args.repeats}}
+    result |= {"hippotrainer_available": ht is not None}
     result["a"] = part_a(data, ht, args.repeats, args.quick)
     result["b"] = [part_b(data, ht, args.steps, args.rounds, lr) for lr in args.hyper_lr]
-    rep.write(result, render, plot)
-    return 0
+    return result
+
+
+OPTIONS = [
+    H.option("--steps", 20, 300, type=int, help="training steps of part (b)"),
+    H.option("--rounds", 1, 3, type=int, help="timed rounds of part (b)"),
+    H.option("--repeats", 1, 7, type=int, help="timed calls in part (a)"),
+    H.option("--hyper-lr", [5.0], [5.0, 20.0], type=float, nargs="+", help="part (b)"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import hypergradient as hg
 
 F64, NAME = torch.float64, "vs_optuna"
 TITLE = "Against black-box search: Optuna (TPE, random) vs hypergradient descent"
-METHODS = ("tpe", "random", "hypergradient")
+METHODS, TASKS = ("tpe", "random", "hypergradient"), ("logreg", "mlp", "mlp-layer")
 LAMBDAS = ("best_lambda_min", "best_lambda_median", "best_lambda_max")
 SPLIT = ("train_seconds", "sampler_seconds", "hyper_seconds", "dropped")
 LABELS = {"tpe": "Optuna TPE", "random": "Optuna random", "hypergradient": "hypergradient"}
@@ -409,6 +408,8 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Path) -> Path:
     """Best validation loss so far against each method's wall clock, per task."""
+    if not data["tasks"]:
+        return None
     colors, tasks = (
         {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"},
         data["tasks"],
@@ -440,32 +441,32 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--budget-logreg", type=float, help="seconds per method, task 1 (default 90)")
-    p.add_argument("--budget-mlp", type=float, help="seconds per method, task 2 (default 150)")
-    p.add_argument("--tasks", nargs="+", choices=("logreg", "mlp", "mlp-layer"))
-    p.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved")
-    p.add_argument("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, budget_logreg=(1.0, 90.0), budget_mlp=(1.0, 150.0))
-    H.defaults(args, tasks=(["logreg"], ["logreg", "mlp", "mlp-layer"]))
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     optuna, version = H.import_peer("optuna")
-    rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
+    rep.machine["optuna"] = version if optuna else None
     budgets = {"logreg": args.budget_logreg, "mlp": args.budget_mlp}
-    task = lambda k: Task(k, args.seed, args.lbfgs_iters)  # noqa: E731
-    results = [
-        run_task(task(k), budgets["logreg" if k == "logreg" else "mlp"], args.seed, args.schedule)
-        for k in args.tasks * (optuna is not None)
-    ]
-    for res in results:
-        res["runs"] = {k: r.json() for k, r in res["runs"].items()}
-    rep.write({"budgets": budgets, "tasks": results}, render, plot if results else None)
-    return 0
+    results = []
+    for k in args.tasks * (optuna is not None):
+        budget = budgets["logreg" if k == "logreg" else "mlp"]
+        results.append(
+            run_task(Task(k, args.seed, args.lbfgs_iters), budget, args.seed, args.schedule)
+        )
+        results[-1]["runs"] = {m: r.json() for m, r in results[-1]["runs"].items()}
+    return {"budgets": budgets, "tasks": results}
+
+
+OPTIONS = [
+    H.option("--budget-logreg", 1.0, 90.0, type=float, help="seconds per method, task 1"),
+    H.option("--budget-mlp", 1.0, 150.0, type=float, help="seconds per method, task 2"),
+    H.option("--tasks", ["logreg"], list(TASKS), nargs="+", choices=TASKS),
+    H.option("--schedule", choices=("interleaved", "sequential"), default="interleaved"),
+    H.option("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,7 +7,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -283,26 +282,20 @@ def render(data: dict[str, Any]) -> list[str]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = H.cli(__doc__).parse_args(argv)
-    if H.replot(args, NAME, TITLE, render):
-        return 0
-    H.start(args)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     q, to = args.quick, torchopt()
-    rep, repeats = (
-        H.Report(NAME, TITLE, args, torchopt=getattr(to, "__version__", None)),
-        1 if q else 9,
-    )
-    data: dict[str, Any] = {
-        "implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)
-    }
+    rep.machine["torchopt"], repeats = getattr(to, "__version__", None), 1 if q else 9
+    data = {"implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)}
     data["unrolled"] = unrolled_part(q, 3 if q else 100, repeats)
     whats = ["hg.implicit"] if q else ["hg.implicit", "hg.unrolled"] + ["torchopt"] * bool(to)
     data["cold_start"] = {w: H.fresh(COLD.format(what=w)) for w in whats}
     data["overhead"] = overhead_part([2, 6] if q else [10, 30], 2 if q else 15)
-    rep.write(data, render)
-    return 0
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -75,7 +75,7 @@ def _numbers(obj) -> int:
 def test_quick_run_writes_json_tables_and_plots(name: str, tmp_path: Path, capsys) -> None:
     if name == "vs_optuna":  # without Optuna it writes a note and no table
         pytest.importorskip("optuna")
-    assert _module(name).main(["--quick", "--out", str(tmp_path)]) == 0
+    assert isinstance(_module(name).main(["--quick", "--out", str(tmp_path)]), dict)
     data = json.loads((tmp_path / f"{name}.json").read_text())
     md = (tmp_path / f"{name}.md").read_text()
     assert md.startswith("# ") and "|---" in md and "Traceback" not in md, md[:500]
@@ -86,7 +86,7 @@ def test_quick_run_writes_json_tables_and_plots(name: str, tmp_path: Path, capsy
     assert "Traceback" not in capsys.readouterr().out
     # --replot rewrites the same tables from the JSON alone
     (tmp_path / f"{name}.md").unlink()
-    assert _module(name).main(["--replot", "--out", str(tmp_path)]) == 0
+    assert isinstance(_module(name).main(["--replot", "--out", str(tmp_path)]), dict)
     assert (tmp_path / f"{name}.md").read_text().split("Total wall time")[0] == md.split("Total")[0]
 
 
