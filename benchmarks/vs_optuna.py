@@ -47,33 +47,26 @@ class Task:
         X_t, X_r, y_t, y_r = train_test_split(
             X, y, train_size=n_train, stratify=y, random_state=seed
         )
-        X_v, X_s, y_v, y_s = train_test_split(
-            X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1
-        )
+        split = train_test_split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
+        X_v, X_s, y_v, y_s = split
         mean, std = X_t.mean(0), X_t.std(0)
         std[std == 0] = 1.0
+        sets = {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}
+        ydt = F64 if logreg else torch.long
         self.data = {
-            k: (
-                torch.tensor((a - mean) / std, dtype=F64),
-                torch.tensor(b, dtype=F64 if logreg else torch.long),
-            )
-            for k, (a, b) in {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}.items()
+            k: (torch.tensor((a - mean) / std, dtype=F64), torch.tensor(b, dtype=ydt))
+            for k, (a, b) in sets.items()
         }
         g = torch.Generator().manual_seed(seed)
-        self.init = (
-            (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
-            if logreg
-            else H.mlp_init((64, 32, 10), g)
-        )
+        zeros = (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
+        self.init = zeros if logreg else H.mlp_init((64, 32, 10), g)
         self.shapes = [t.shape for t in self.init]
         n = 30 if logreg else 4 if key == "mlp-layer" else sum(t.numel() for t in self.init)
         self.n_hparams, self.names = n, [f"lam_{i:04d}" for i in range(n)]
-        self.lo, self.hi, self.lam0, self.outer_lr = (
-            (1e-5, 10.0, 1e-2, 0.05) if logreg else (1e-6, 1.0, 1e-3, 0.1)
-        )
-        self.solver = lambda: (
-            hg.CG(maxiter=100, tol=1e-8) if logreg else hg.CG(maxiter=50, tol=1e-4)
-        )
+        box = (1e-5, 10.0, 1e-2, 0.05) if logreg else (1e-6, 1.0, 1e-3, 0.1)
+        self.lo, self.hi, self.lam0, self.outer_lr = box
+        cg = {"maxiter": 100, "tol": 1e-8} if logreg else {"maxiter": 50, "tol": 1e-4}
+        self.solver = lambda: hg.CG(**cg)
         self.solver_text = (
             "hg.CG(maxiter=100, tol=1e-8)" if logreg else "hg.CG(maxiter=50, tol=1e-4)"
         )
@@ -110,9 +103,8 @@ class Task:
         return list(H.unflat(phi, self.init))
 
     def inner_loss(self, params: tuple, phi: Tensor) -> Tensor:
-        return self.loss(params, "train") + 0.5 * sum(
-            (d.exp() * p**2).sum() for p, d in zip(params, self.decays(phi))
-        )
+        pen = sum((d.exp() * p**2).sum() for p, d in zip(params, self.decays(phi)))
+        return self.loss(params, "train") + 0.5 * pen
 
     def outer_loss(self, params: tuple, phi: Tensor) -> Tensor:
         return self.loss(params, "val")

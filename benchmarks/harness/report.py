@@ -223,3 +223,8 @@ def bench_main(doc: str | None, name: str, title: str, run: Run, render: Render,
     defaults(args, **unset)
     rep = Report(name, title, args)
     return rep.write(run(args, rep), render, plot)
+
+
+def subplots(rows: int, cols: int, width: float, height: float) -> tuple[Any, Any]:
+    """A figure of ``rows x cols`` axes (a 2-d array), each ``width x height`` inches."""
+    return pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import json
@@ -98,6 +99,7 @@ def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
         yield caught
 
 
+@functools.cache
 def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]:
     """``(module, "version (path)")`` of a compared library, or ``(None, why it is skipped)``."""
     try:
