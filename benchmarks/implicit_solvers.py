@@ -269,7 +269,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
 
 
 OPTIONS = [
-    H.option("--budgets", [2], [5, 10, 20, 50, 100], type=int, nargs="+", help="products"),
+    H.option("--budgets", [10], [5, 10, 20, 50, 100], type=int, nargs="+", help="products"),
     H.option("--repeats", 1, 9, type=int, help="timed calls per solver"),
     H.option("--dtype", choices=("float64", "float32"), default="float64"),
     H.option("--problems", ["ridge", "logreg"], ["ridge", "logreg", "mlp"], nargs="+"),

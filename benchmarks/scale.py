@@ -92,10 +92,7 @@ class Result:
 def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None) -> dict:
     """Losses, weights, hyperparameters and batches of one configuration."""
     n_train, P = len(y) - 1000, param_count(cfg.width)
-    batch, val = (
-        (X[:BATCH], y[:BATCH]),
-        (X[n_train : n_train + BATCH], y[n_train : n_train + BATCH]),
-    )
+    batch, val = (X[:BATCH], y[:BATCH]), (X[n_train:][:BATCH], y[n_train:][:BATCH])
     params = H.mlp_init(
         (IN, cfg.width, cfg.width, OUT), torch.Generator().manual_seed(0), torch.float32
     )
@@ -123,11 +120,8 @@ def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None)
         return F.cross_entropy(H.mlp_forward(p, b[0]), b[1]) + penalty(p, h)
 
     starts = [(t * BATCH) % (n_train - BATCH) for t in range(cfg.steps)]
-    pb |= {
-        "hparams": h,
-        "inner_batch": inner_batch,
-        "batches": [(X[s : s + BATCH], y[s : s + BATCH]) for s in starts],
-    }
+    pb |= {"hparams": h, "inner_batch": inner_batch}
+    pb["batches"] = [(X[s : s + BATCH], y[s : s + BATCH]) for s in starts]
     pb |= {"inner": lambda p, h: inner_batch(p, h, batch)}
     return pb | {"outer": lambda p, h: F.cross_entropy(H.mlp_forward(p, val[0]), val[1])}
 
@@ -223,20 +217,17 @@ def pretrain(width: int, X: torch.Tensor, y: torch.Tensor, steps: int) -> dict[s
     while pb["damping"] < lam:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hg.HypergradientWarning)
+            kw = {"damping": pb["damping"], "return_info": True}
             statuses = [
-                hg.implicit(
-                    f, g, params, h, solver(s, pb), damping=pb["damping"], return_info=True
-                )[1].status
+                hg.implicit(f, g, params, h, solver(s, pb), **kw)[1].status
                 for s in ("CG", "NystromPCG")
             ]
         if "negative_curvature" not in statuses:
             break
         pb["damping"] *= 2
     info = {"seconds": time.perf_counter() - t0, "grad_norm": grad_norm, "lambda_max": float(lam)}
-    return {
-        "info": info | {"damping": pb["damping"]},
-        "trained": {k: pb[k] for k in ("params", "lam_max", "damping")},
-    }
+    trained = {k: pb[k] for k in ("params", "lam_max", "damping")}
+    return {"info": info | {"damping": pb["damping"]}, "trained": trained}
 
 
 def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tuple[list, str]:
@@ -293,26 +284,16 @@ def slopes(rows: list[dict], x: str, top: float) -> str:
         for part, sub in (("all", ok), (f">= {top:g}", [r for r in ok if r[x] >= top])):
             for y in ("seconds", "cpu_seconds", "peak_mb"):
                 pts = [(r[x], r[y]) for r in sub if not H.bad(r[y])]
-                fit = (
-                    np.polyfit(
-                        np.log([p[0] for p in pts]), np.log([max(p[1], 1e-9) for p in pts]), 1
-                    )[0]
-                    if len(pts) > 1
-                    else None
-                )
+                xs, ys = np.log([p[0] for p in pts]), np.log([max(p[1], 1e-9) for p in pts])
+                fit = np.polyfit(xs, ys, 1)[0] if len(pts) > 1 else None
                 s[f"{y}, {part}"] = fit
         out.append(s)
-    cols = "|".join(
-        ["method"]
-        + [
-            f"{y}, {p}:.2f"
-            for p in ("all", f">= {top:g}")
-            for y in ("seconds", "cpu_seconds", "peak_mb")
-        ]
-    )
+    parts = ("all", f">= {top:g}")
+    cols = "|".join(["method"] + [f"{y}, {p}:.2f" for p in parts for y in YS])
     return f"Log-log slopes against {x} (0 = flat, 1 = linear):\n\n" + H.dict_table(out, cols)
 
 
+YS = ("seconds", "cpu_seconds", "peak_mb")
 COLS = "{}|method|num_hparams:,|seconds:.4g|cpu_seconds:.4g|in_grads:.1f|peak_mb:.1f|xP:.1f|notes"
 
 
@@ -324,11 +305,8 @@ def render(d: dict[str, Any]) -> list[str]:
         "trained weights with the smallest damping without negative curvature:\n\n" + H.bullets(pre)
     )
     if res.get("params"):
-        unit = {
-            r["params"]: r["cpu_seconds"]
-            for r in res["params"]
-            if r["config"]["method"] == "gradient" and r["ok"]
-        }
+        grads = [r for r in res["params"] if r["config"]["method"] == "gradient" and r["ok"]]
+        unit = {r["params"]: r["cpu_seconds"] for r in grads}
         rows = [cells(r, ("P", f"{r['params']:,}"), unit.get(r["params"])) for r in res["params"]]
         out.append(
             "## Time and memory vs number of parameters P (one decay per parameter)\n\n"
@@ -352,11 +330,8 @@ def render(d: dict[str, Any]) -> list[str]:
             state_mb = 8 * rows[0]["params"] / 2**20  # parameters + momentum, float32
             fits = []
             for m in ("unrolled", "unrolled ckpt", "DrMAD"):
-                pts = [
-                    (r["config"]["steps"], r["peak_mb"])
-                    for r in rows
-                    if r["ok"] and r["config"]["method"] == m
-                ]
+                ok = [r for r in rows if r["ok"] and r["config"]["method"] == m]
+                pts = [(r["config"]["steps"], r["peak_mb"]) for r in ok]
                 if len(pts) > 1:
                     s = float(np.polyfit(*zip(*pts), 1)[0])
                     fits.append(f"{m} {s:.3f} MB/step ({s / state_mb:.2f} states)")
@@ -377,10 +352,8 @@ def plot(d: dict[str, Any], out: Path) -> Path:
         H.pyplot(),
         {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)},
     )
-    specs = [
-        ("params", "params", "parameters P", "loglog"),
-        ("hparams", "num_hparams", "hyperparameters m", "loglog"),
-    ]
+    specs = [("params", "params", "parameters P", "loglog")]
+    specs.append(("hparams", "num_hparams", "hyperparameters m", "loglog"))
     for exp, x, label, scale in specs + [("steps", None, "inner steps T", "plot")]:
         rows = [r for r in d["results"].get(exp, []) if r["ok"]]
         if not rows:

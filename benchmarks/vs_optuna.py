@@ -87,11 +87,8 @@ class Task:
 
     def loss(self, params: tuple, split: str) -> Tensor:
         z, y = self.logits(params, split), self.data[split][1]
-        return (
-            F.binary_cross_entropy_with_logits(z, y)
-            if self.key == "logreg"
-            else F.cross_entropy(z, y)
-        )
+        loss = F.binary_cross_entropy_with_logits if self.key == "logreg" else F.cross_entropy
+        return loss(z, y)
 
     def decays(self, phi: Tensor) -> list[Tensor]:
         """The log decay of every parameter, one tensor per parameter tensor (bias of the
@@ -243,10 +240,11 @@ class Hypergradient:
         counts = {s: status.count(s) for s in sorted(set(status))}
         e = {"outer_steps": len(its), "cg_iterations_mean": sum(its) / max(len(its), 1)}
         e |= {"cg_status_counts": counts, "hypergradient_warnings": sum(warned)}
-        self.run.extras |= e | {
+        e |= {
             "inner_grad_norm_median": H.median(norms),
             "inner_grad_norm_max": max(norms, default=None),
         }
+        self.run.extras |= e
 
 
 def race(methods: list[Any], budget: float, schedule: str) -> None:
@@ -289,10 +287,8 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
         target, i = min(runs[owner].val), runs["hypergradient"].first_below(min(runs[owner].val))
         at = None if i is None else task.evaluate(task.train(runs["hypergradient"].phis[i], {}))
         t = {"value": target, "reached": {k: runs[k].time_to(target) for k in METHODS}}
-        targets[owner] = t | {
-            "is_start": runs[owner].val.index(target) == 0,
-            "hypergradient_at_target": at,
-        }
+        t["is_start"] = runs[owner].val.index(target) == 0
+        targets[owner] = t | {"hypergradient_at_target": at}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams}
     res |= {"box": [task.lo, task.hi], "lam0": task.lam0, "outer_lr": task.outer_lr}
     res |= {"solver": task.solver_text, "training": task.training_text, "budget": budget}
@@ -305,13 +301,9 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
 
 def ratio(reach: dict, owner: str, i: int) -> str:
     a, b = reach[owner], reach["hypergradient"]
-    return (
-        "-"
-        if a is None
-        else "hypergradient did not reach it"
-        if b is None
-        else f"{a[i] / max(b[i], 1e-9):.1f}x"
-    )
+    if a is None or b is None:
+        return "-" if a is None else "hypergradient did not reach it"
+    return f"{a[i] / max(b[i], 1e-9):.1f}x"
 
 
 def render_task(res: dict[str, Any]) -> str:
@@ -325,11 +317,9 @@ def render_task(res: dict[str, Any]) -> str:
         found = r["wall"][r["val"].index(min(r["val"]))]
         x = {"method": LABELS[m], "evaluations": n, "best": min(r["val"]), "found_at_s": found}
         x |= {"s_per_evaluation": r["clock_wall"] / max(n + r["dropped"] + r["failed"], 1)}
-        x |= {
-            "sampler_share": r["sampler_seconds"] / r["clock_wall"]
-            if m != "hypergradient"
-            else None
-        }
+        x["sampler_share"] = (
+            r["sampler_seconds"] / r["clock_wall"] if m != "hypergradient" else None
+        )
         rows.append(x | r["final"] | {"cpu/wall": r["clock_cpu"] / r["clock_wall"]})
     targets = []
     for owner, t in res["targets"].items():
@@ -384,14 +374,8 @@ def render(d: dict[str, Any]) -> list[str]:
                 r[f"vs {owner} ({clock})"] = (
                     "n/a (start)" if t["is_start"] else ratio(t["reached"], owner, i)
                 )
-        rows.append(
-            r
-            | {
-                "best val (TPE / random / hypergradient)": " / ".join(
-                    f"{min(res['runs'][m]['val']):.4f}" for m in METHODS
-                )
-            }
-        )
+        best = " / ".join(f"{min(res['runs'][m]['val']):.4f}" for m in METHODS)
+        rows.append(r | {"best val (TPE / random / hypergradient)": best})
     cols = "task|hyperparameters:,|vs tpe (wall)|vs tpe (CPU)|vs random (wall)|vs random (CPU)"
     cols += "|best val (TPE / random / hypergradient)"
     summary = "## Summary: Optuna's time to its best / hypergradient's time to the same value\n\n"
@@ -411,13 +395,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
         for m in METHODS:
             r, best = res["runs"][m], min(res["runs"][m]["val"])
             label = f"{LABELS[m]} ({len(r['val'])})"
-            ax.step(
-                [*r["wall"], res["budget"]],
-                [*r["best_so_far"], best],
-                where="post",
-                color=colors[m],
-                label=label,
-            )
+            xy = [*r["wall"], res["budget"]], [*r["best_so_far"], best]
+            ax.step(*xy, where="post", color=colors[m], label=label)
             ax.plot([r["wall"][r["val"].index(best)]], [best], "o", ms=4, color=colors[m])
         for owner in ("tpe", "random"):
             ax.axhline(res["targets"][owner]["value"], color=colors[owner], ls=":", lw=0.8)
