@@ -104,9 +104,9 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
         H.log(f"  [{pb.name}] k = {k}")
         cases = [ours(pb, "CG", lambda s, k=k: hg.CG(maxiter=k, tol=0))]
         if hgrad is not None:
+            cg = hgrad.conjugate_gradient
             cases += [
-                theirs(pb, f"conjugate_gradient(lr={lr:g})", hgrad.conjugate_gradient, k, lr, False)
-                for lr in (1.0, 0.1)
+                theirs(pb, f"conjugate_gradient(lr={lr:g})", cg, k, lr, False) for lr in (1.0, 0.1)
             ]
         cg, *th, grad = measure([*cases, gradient(pb)], repeats, ref["h"])
         row(k, f"CG(maxiter={k}, tol=0)", cg, *(th[:1] + ["conjugate_gradient lr=1"] if th else []))
@@ -118,11 +118,8 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
             costs.append(
                 c | {"cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"], "num_hvps": cg["num_hvps"]}
             )
-        row(
-            k,
-            f'Neumann({k}, alpha="auto")',
-            *group(k, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto")),
-        )
+        auto = group(k, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto"))
+        row(k, f'Neumann({k}, alpha="auto")', *auto)
         peer = ("neumann", "neumann", alpha, False)
         o, *t = group(k, "Neumann 1/L", lambda s, k=k: hg.Neumann(k, alpha=alpha), peer)
         row(
@@ -230,13 +227,8 @@ def plot(data: dict[str, Any], out: Any) -> Any:
             pts.sort()
             label = key if side == "ours" else f"hypergrad 0.0.1 {key}"
             for j in (0, 1):
-                axes[j][col].plot(
-                    [p[j] for p in pts],
-                    [p[2] for p in pts],
-                    "-o" if side == "ours" else "--x",
-                    ms=3,
-                    label=label,
-                )
+                xy = [p[j] for p in pts], [p[2] for p in pts]
+                axes[j][col].plot(*xy, "-o" if side == "ours" else "--x", ms=3, label=label)
         axes[0][col].set(title=name, xlabel="Hessian-vector products", xscale="log")
         axes[1][col].set(xlabel="ms per hypergradient", xscale="log")
         for ax in axes[:, col]:

@@ -80,20 +80,13 @@ def batched_vs_sequential(pb: H.Quadratic, r: int, repeats: int) -> dict[str, An
     """Time of r products: batched (``matmat``, vmapped backward) vs r ``matvec`` calls."""
     op = hg.HessianOperator(pb.f, pb.theta_star, pb.phi)
     V = torch.randn(r, pb.d, generator=torch.Generator().manual_seed(1), dtype=F64)
-    cases = [
-        H.Case("b", lambda s: op.matmat(V)),
-        H.Case("s", lambda s: torch.stack([op.matvec(v) for v in V])),
-    ]
+    cases = [H.Case("b", lambda s: op.matmat(V))]
+    cases.append(H.Case("s", lambda s: torch.stack([op.matvec(v) for v in V])))
     b, s = H.interleave(cases, repeats)
     op.release()
     diff = float((b.warm - s.warm).abs().max() / s.warm.abs().max())
-    return {
-        "r": r,
-        "batched_ms": b.ms,
-        "sequential_ms": s.ms,
-        "ratio": b.ms / s.ms,
-        "max_rel_diff": diff,
-    }
+    out = {"r": r, "batched_ms": b.ms, "sequential_ms": s.ms, "ratio": b.ms / s.ms}
+    return out | {"max_rel_diff": diff}
 
 
 def trajectory_part(pb: H.Quadratic, horizons: Sequence[int], repeats: int) -> tuple[list, dict]:
@@ -113,11 +106,8 @@ def trajectory_part(pb: H.Quadratic, horizons: Sequence[int], repeats: int) -> t
             m = meta | {"x": kw.get("truncate", T)} | ({"K": kw["truncate"]} if kw else {})
             return H.Case(key, lambda s: fn(pb.f, pb.g, theta0, pb.phi, T, opt, **kw), info, meta=m)
 
-        group = [
-            case("unrolled", hg.unrolled),
-            case("forward_mode", hg.forward_mode),
-            case("drmad", hg.drmad),
-        ]
+        group = [case("unrolled", hg.unrolled), case("forward_mode", hg.forward_mode)]
+        group.append(case("drmad", hg.drmad))
         if T == max(horizons):
             group += [
                 case(f"truncated (T={T})", hg.unrolled, truncate=K) for K in TRUNCATIONS if K < T
@@ -156,34 +146,25 @@ def markdown(name: str, e: dict[str, Any], budgets: list[int]) -> str:
     by = {(r["key"], r["meta"].get("k")): r for r in res}
     ks = [k for k in budgets if any((key, k) in by for key in keys)]
     tables = []
-    for title, col in (("relative error", "rel_err:.2e"), ("cosine", "cos:.6f"), ("ms", "ms:.3g")):
+    for title, col in (
+        ("relative error by budget k", "rel_err:.2e"),
+        ("cosine by budget k", "cos:.6f"),
+        ("ms by budget k", "ms:.3g"),
+        ("products reported (num_hvps)", "num_hvps:d"),
+    ):
         key, spec = col.split(":")
+        get = lambda r, key=key: r[key] if key in r else r["diagnostics"].get(key)  # noqa: E731
         rows = [
-            {"solver": s} | {f"k={k}": by[(s, k)][key] for k in ks if (s, k) in by} for s in keys
+            {"solver": s} | {f"k={k}": get(by[(s, k)]) for k in ks if (s, k) in by} for s in keys
         ]
-        tables.append(
-            f"{title} by budget k:\n\n"
-            + H.dict_table(rows, "|".join(["solver"] + [f"k={k}:{spec}" for k in ks]))
-        )
-    rows = [
-        {"solver": s}
-        | {f"k={k}": by[(s, k)]["diagnostics"].get("num_hvps") for k in ks if (s, k) in by}
-        for s in keys
-    ]
-    tables.append(
-        "products reported (num_hvps):\n\n"
-        + H.dict_table(rows, "|".join(["solver"] + [f"k={k}:d" for k in ks]))
-    )
-    traj = [
-        r
-        | {"method": r["key"], "T": r["meta"]["T"], "gap": r["meta"]["T_step_vs_implicit"]}
-        | {
-            "reverse_steps": r["diagnostics"].get("reverse_steps")
-            if r["key"] != "forward_mode"
-            else f"{r['meta']['T']} x {e['p']} tangents"
-        }
-        for r in e["trajectory_results"]
-    ]
+        table = H.dict_table(rows, "|".join(["solver"] + [f"k={k}:{spec}" for k in ks]))
+        tables.append(f"{title}:\n\n{table}")
+    traj = []
+    for r in e["trajectory_results"]:
+        rev = r["diagnostics"].get("reverse_steps")
+        rev = f"{r['meta']['T']} x {e['p']} tangents" if r["key"] == "forward_mode" else rev
+        x = {"method": r["key"], "T": r["meta"]["T"], "gap": r["meta"]["T_step_vs_implicit"]}
+        traj.append(r | x | {"reverse_steps": rev})
     cols = "method|T:d|reverse_steps|gap:.3g|rel_err:.2e|cos:.6f|ms:.3g|cpu_ms:.3g|error"
     return (
         f"## {name}: d = {e['d']}, p = {e['p']}, cond(A) = {e['cond']:g}\n\n{H.bullets(facts)}\n\n"
