@@ -53,10 +53,8 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     out += [dict(kind="implicit", hidden=12, batch=512, dtype="float64")]
     out += [dict(kind="implicit", hidden=112, batch=2048, dtype="float64")]
     for kind in ("unrolled", "hyperopt"):
-        out += [
-            dict(kind=kind, hidden=112, batch=b, dtype=t)
-            for b, t in ((512, "float32"), (2048, "float32"), (512, "float64"))
-        ]
+        bts = ((512, "float32"), (2048, "float32"), (512, "float64"))
+        out += [dict(kind=kind, hidden=112, batch=b, dtype=t) for b, t in bts]
     return out + [dict(kind="allreduce", sizes=[12, 112, 400])]
 
 
@@ -85,10 +83,8 @@ def pretrain(hidden: int, batch: int, iters: int) -> torch.Tensor:
     p0, X = like(hidden), X.float()
 
     def f(w: torch.Tensor) -> torch.Tensor:
-        return (
-            F.cross_entropy(H.mlp_forward(H.unflat(w, p0), X), y)
-            + 0.5 * math.exp(-3) * (w**2).sum()
-        )
+        ce = F.cross_entropy(H.mlp_forward(H.unflat(w, p0), X), y)
+        return ce + 0.5 * math.exp(-3) * (w**2).sum()
 
     return H.lbfgs(f, H.flat(p0).float(), iters, 20).double()
 
@@ -143,11 +139,8 @@ def hyperopt(
     model = torch.nn.Sequential(torch.nn.Linear(784, h), torch.nn.Tanh(), torch.nn.Linear(h, h))
     model.append(torch.nn.Tanh()).append(torch.nn.Linear(h, 10)).to(dtype)
     start = [t.clone() for t in H.unflat(w, like(h))]
-    net = (
-        model
-        if group is None
-        else torch.nn.parallel.DistributedDataParallel(model, process_group=group)
-    )
+    ddp = torch.nn.parallel.DistributedDataParallel
+    net = model if group is None else ddp(model, process_group=group)
 
     def hook(state, bucket):  # noqa: ANN001 - DDP checks the annotations: none
         buf = bucket.buffer()
@@ -189,15 +182,12 @@ def hyperopt(
         c0 = time.process_time()
         hopt.step(shard[0])  # the inner SGD step (negligible), then the hyper-step
         rec, cpu = hopt.history[-1], time.process_time() - c0
-        out = {
-            "hyper": torch.cat([rec.hypergrad[k].reshape(-1) for k in decays]),
+        out = {"hyper": torch.cat([rec.hypergrad[k].reshape(-1) for k in decays])}
+        out |= {
             "status": rec.diagnostics.get("status", ""),
-        }
-        return out | {
             "num_hvps": rec.diagnostics.get("num_hvps"),
-            "seconds": rec.seconds,
-            "cpu": cpu,
         }
+        return out | {"seconds": rec.seconds, "cpu": cpu}
 
     return run
 
@@ -228,14 +218,9 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if case["kind"] == "implicit":
+                cg = hg.CG(maxiter=20, tol=0.0)
                 out, info = hg.implicit(
-                    f,
-                    g,
-                    w.to(dt),
-                    hp,
-                    hg.CG(maxiter=20, tol=0.0),
-                    process_group=group,
-                    return_info=True,
+                    f, g, w.to(dt), hp, cg, process_group=group, return_info=True
                 )
                 out, extra = out["ld"], {"num_hvps": info.num_hvps, "status": info.status}
             else:
@@ -243,10 +228,8 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
                 out = hg.unrolled(
                     f, g, w.to(dt), hp, 10, hg.optim.sgd(lr=hp["lr"]), process_group=group
                 )
-                out, extra = (
-                    torch.cat([out["ld"].reshape(-1), out["lr"].reshape(-1)]),
-                    {"num_hvps": None, "status": ""},
-                )
+                out = torch.cat([out["ld"].reshape(-1), out["lr"].reshape(-1)])
+                extra = {"num_hvps": None, "status": ""}
         return extra | {"hyper": out, "warnings": sorted({str(c.message)[:80] for c in caught})}
 
     run.float64 = lambda: run(torch.float64)  # type: ignore[attr-defined]
@@ -304,12 +287,8 @@ class Pool:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.outbox, self.inboxes = ctx.Queue(), {k: ctx.Queue() for k in SOLO + PAIR}
-        self.procs = [
-            ctx.Process(
-                target=worker, args=(role, rank, 1 if role == "solo" else 2, port, q, self.outbox)
-            )
-            for (role, rank), q in self.inboxes.items()
-        ]
+        args = lambda role, rank, q: (role, rank, 1 if role == "solo" else 2, port, q, self.outbox)  # noqa: E731
+        self.procs = [ctx.Process(target=worker, args=args(*k, q)) for k, q in self.inboxes.items()]
         for p in self.procs:
             p.start()
 
@@ -411,10 +390,8 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
     out |= {f"{k}_world1": s0.get(k) for k in ("num_hvps", "status", "warnings")}
     out |= {f"{k}_world2": p0.get(k) for k in ("num_hvps", "status", "warnings")}
     out |= {"ranks_bit_identical": bool(np.array_equal(p0["hyper"], p1["hyper"]))}
-    out |= {
-        "rel_diff_world2_vs_world1": rel(p0["hyper"], s0["hyper"]),
-        "hypergrad_norm": float(np.linalg.norm(s0["hyper"])),
-    }
+    out["rel_diff_world2_vs_world1"] = rel(p0["hyper"], s0["hyper"])
+    out["hypergrad_norm"] = float(np.linalg.norm(s0["hyper"]))
     if s0.get("hyper64") is not None:
         out["rel_diff_world1_float32_vs_float64"] = rel(s0["hyper"], s0["hyper64"])
         out["rel_diff_world2_float32_vs_float64"] = rel(p0["hyper"], s0["hyper64"])
