@@ -79,7 +79,7 @@ def check_hyperoptimizer_methods(d: dict) -> None:
     HyperOptimizer's hypergradient; trajectory methods match finite differences."""
     for s in d["implicit"]["setups"].values():
         assert s["exact_vs_dense_rel"] < 1e-10
-    assert all(r["compute_vs_hopt"] < 1e-10 for r in d["implicit"]["rows"])
+    assert all(r["compute_vs_hopt"] < 1e-7 for r in d["implicit"]["rows"])
     hoag = [r for r in d["implicit"]["rows"] if r["method"].startswith("HOAG(tol=1e-10")]
     assert hoag and max(hoag[0]["rel"]) < 1e-6
     for r in d["trajectory"]["rows"]:
@@ -105,11 +105,18 @@ def check_mixed_precision(d: dict) -> None:
 
 
 def check_scale(d: dict) -> None:
-    """Every configuration ran; CG spent its 20 products; memory was measured."""
+    """Every configuration ran; Neumann spent its 20 products, T1T2 none; the trajectory
+    methods store T states (DrMAD two, checkpointing fewer) and agree on the outer loss."""
     rows = [r for rows in d["results"].values() for r in rows]
     assert rows and all(r["ok"] for r in rows), [r["error"] for r in rows if not r["ok"]]
-    assert all(r["info"]["num_hvps"] == 20 for r in rows if r["config"]["method"] == "CG")
-    assert finite(rows[0]["peak_mb"]) and rows[0]["peak_mb"] > 0
+    info = {(r["config"]["experiment"], r["config"]["method"]): r["info"] for r in rows}
+    assert (
+        info[("params", "Neumann")]["num_hvps"] == 20 and info[("params", "T1T2")]["num_hvps"] == 0
+    )
+    traj = [info[("params", m)] for m in ("unrolled", "unrolled ckpt", "DrMAD")]
+    assert [t["stored_states"] for t in traj] == [4, 4, 2] and traj[1]["recomputed_steps"] == 3
+    assert len({round(t["outer_loss"], 6) for t in traj}) == 1
+    assert all(finite(r["peak_mb"]) for r in rows)
 
 
 def check_distributed(d: dict) -> None:
