@@ -49,7 +49,7 @@ def check_implicit_solvers(d: dict) -> None:
         ours = {r["solver"].split("(")[0]: r["ours"] for r in pb["rows"] if r["ours"]}
         assert ours["CG"]["rel_err"] < ours["Identity"]["rel_err"], name
         if name == "ridge":
-            assert ours["CG"]["rel_err"] < 1e-8 and ours["CG"]["num_hvps"] <= 10
+            assert ours["CG"]["rel_err"] < 1e-6 and ours["CG"]["num_hvps"] <= 10
     assert set(d["problems"]) == {"ridge", "logreg"}
 
 
