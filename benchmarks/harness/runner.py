@@ -331,6 +331,9 @@ def context() -> Any:
     if not _CONTEXT:
         import multiprocessing as mp
 
+        if str(BENCHMARKS) not in sys.path:  # the children unpickle functions of the scripts
+            sys.path.append(str(BENCHMARKS))
+
         _CONTEXT.append(mp.get_context("forkserver"))
         _CONTEXT[0].set_forkserver_preload(
             ["torch", "torch.func", "torch._dynamo", "hypergradient"]
