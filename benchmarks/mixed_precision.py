@@ -235,7 +235,8 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     rep.machine |= {"cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     hidden, iters = (4, 100) if args.quick else (args.hidden, 1000)
     builders = [lambda: logreg(-1.0)] + [lambda: logreg(-3.0)] * (not args.quick)
-    builders.append(lambda: H.digits_mlp(args.seed, hidden, iters, rounds=10, require_pd=False))
+    rounds = 1 if args.quick else 10
+    builders.append(lambda: H.digits_mlp(args.seed, hidden, iters, rounds=rounds, require_pd=False))
     out = {p.name: problem(p, args.repeats, steps) for p in (b() for b in builders)}
     return {"repeats": args.repeats, "unrolled_steps": steps, "problems": out}
 
