@@ -131,13 +131,10 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
 
 
 def render_1a(res: dict[str, Any], repeats: int) -> str:
-    rows = [
-        r
-        | {"hvps": "/".join(map(str, sorted(set(r["num_hvps"])))), "ms": H.median(r["ms"])}
-        | {"status": "/".join(sorted(set(r["status"]))), "rel_err": H.median(r["rel"])}
-        | {"cos": H.median(r["cos"])}
-        for r in res["rows"]
-    ]
+    join = lambda xs: "/".join(map(str, sorted(set(xs))))  # noqa: E731
+    rows = [r | {"hvps": join(r["num_hvps"]), "status": join(r["status"])} for r in res["rows"]]
+    for r in rows:
+        r |= {"ms": H.median(r["ms"]), "rel_err": H.median(r["rel"]), "cos": H.median(r["cos"])}
     return (
         "## 1a. Implicit methods at the inner optimum vs the exact implicit hypergradient\n\n"
         f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls.\n\n"
@@ -152,10 +149,7 @@ def render_1a(res: dict[str, Any], repeats: int) -> str:
 
 def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> float:
     """``g(theta_T)`` after T steps of ``torch.optim.SGD`` (lr 0.1, momentum 0.9) from 0."""
-    p = (
-        torch.zeros(1, dim, dtype=F64).requires_grad_(),
-        torch.zeros(1, dtype=F64).requires_grad_(),
-    )
+    p = tuple(torch.zeros(*s, dtype=F64).requires_grad_() for s in ((1, dim), (1,)))
     opt = torch.optim.SGD(p, lr=TRAJ_LR, momentum=TRAJ_MOMENTUM)
     for _ in range(T):
         opt.zero_grad()

@@ -76,11 +76,9 @@ def native(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
     if kind == "HOAG" and kw:
         m, e = kw["cg_max_iter"], kw["epsilon"]
         return f"hg.IFT(hg.CG({m}, tol=0, atol=sqrt({e:g})))", hg.IFT(hg.CG(m, 0.0, math.sqrt(e)))
-    return (
-        ("hg.HOAG(maxiter=10)", hg.HOAG(maxiter=10))
-        if kind == "HOAG"
-        else ("hg.DrMAD()", hg.DrMAD())
-    )
+    if kind == "HOAG":
+        return "hg.HOAG(maxiter=10)", hg.HOAG(maxiter=10)
+    return "hg.DrMAD()", hg.DrMAD()
 
 
 # ============================================================================ (a)
@@ -190,10 +188,8 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
         H.log(f"[a] point {sname}")
         exact, info = hg.implicit(f, g, state, log_wd, hg.Exact(), return_info=True)
         exact, d = exact.reshape(-1), H.dense_pieces(f, g, state, log_wd)
-        ev, ident = (
-            torch.linalg.eigvalsh(d["H"]),
-            hg.implicit(f, g, state, log_wd, hg.Identity(1.0)),
-        )
+        ev = torch.linalg.eigvalsh(d["H"])
+        ident = hg.implicit(f, g, state, log_wd, hg.Identity(1.0))
         st = {"inner_grad_norm": info.inner_grad_norm, "val_criterion": info.outer_loss}
         st |= {"exact_norm": float(exact.norm()), "exact_vs_dense": H.relative_error(exact, d["h"])}
         out["states"][sname] = st | {"hessian_eig_min": ev[0], "hessian_eig_max": ev[-1]}
@@ -202,9 +198,8 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
             res = H.interleave(cases + [native_case(kind, kw, data, state, log_wd)], repeats)
             T, unr = kw.get("T"), None
             if kind == "DRMAD":
-                unr = hg.unrolled(
-                    f_batch, g, state, log_wd, T, hg.optim.sgd(lr=LR), batches=[data.train] * T
-                )
+                sgd, batches = hg.optim.sgd(lr=LR), [data.train] * T
+                unr = hg.unrolled(f_batch, g, state, log_wd, T, sgd, batches=batches)
             for t in res:
                 r = {"point": sname, "method": kind, "kw": kw, **t.meta, "error": t.error}
                 r |= {
@@ -267,17 +262,15 @@ def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
         kw = {"train_loss": native_loss, "val_loss": native_loss, "val_data": [data.val]}
         kw |= {"outer_optimizer": lambda hp, lr=hyper_lr: torch.optim.SGD(hp, lr=lr)}
         sgd = torch.optim.SGD(model.parameters(), lr=LR)
-        hopt = hg.HyperOptimizer(
-            model, {"log_wd": log_wd}, inner_optimizer=sgd, method=method, **kw
-        )
+        kw |= {"inner_optimizer": sgd, "method": method}
+        hopt = hg.HyperOptimizer(model, {"log_wd": log_wd}, **kw)
         meta = {"pair": pair, "impl": "native", "model": model, "hyper": {"log_wd": log_wd}}
         step = lambda h=hopt: H.hopt_step(h, data.train)  # noqa: E731
         runs.append(H.Run(f"hg.HyperOptimizer {label}", step, 10, meta | {"hopt": hopt}))
     if ht is not None:  # their DRMAD with the plain criterion: does it run?
         s = setup(ht, "DRMAD", {"T": 10}, data, init, hyper_lr, clone=False)
-        runs.append(
-            hippo_run("DRMAD(T=10)", "theirs", s, "HippoTrainer DRMAD(T=10), plain criterion")
-        )
+        label = "HippoTrainer DRMAD(T=10), plain criterion"
+        runs.append(hippo_run("DRMAD(T=10)", "theirs", s, label))
     s = setup(compat, "T1T2", {}, data, init, hyper_lr, False)
 
     def untuned() -> None:
@@ -356,24 +349,15 @@ def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> d
         per_round.append(runs)
     summary, inst = [], per_round.pop()
     for i, r in enumerate(per_round[0]):
-        rs, ins, c0, c1 = (
-            [x[i] for x in per_round],
-            inst[i],
-            r.meta["curve"][0],
-            r.meta["curve"][-1],
-        )
-        secs, finals = (
-            H.median([x.seconds for x in rs]),
-            [x.meta["curve"][-1]["val_bce"] for x in rs],
-        )
+        rs, ins = [x[i] for x in per_round], inst[i]
+        c0, c1 = r.meta["curve"][0], r.meta["curve"][-1]
+        secs = H.median([x.seconds for x in rs])
+        finals = [x.meta["curve"][-1]["val_bce"] for x in rs]
         s = {"pair": r.meta["pair"], "impl": r.meta["impl"], "label": r.label, "error": r.error}
         s |= {"error_step": r.error_step, "traceback": r.traceback, "steps_done": c1["step"]}
         s |= {k: c1[k] for k in ("val_bce", "val_criterion", "test_bce", "log_wd_mean")}
-        s |= {
-            "val_bce_start": c0["val_bce"],
-            "seconds": secs,
-            "seconds_all": [x.seconds for x in rs],
-        }
+        s |= {"val_bce_start": c0["val_bce"], "seconds": secs}
+        s["seconds_all"] = [x.seconds for x in rs]
         s |= {"step_ms": 1e3 * H.median([t for x in rs for t in x.step_s])}
         s |= {"hyper_step_ms": 1e3 * H.median([t for x in rs for t in x.hyper_s])}
         s |= {"val_drop_per_s": (c0["val_bce"] - c1["val_bce"]) / secs if secs > 0 else None}
