@@ -104,10 +104,9 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
         H.log(f"  [{pb.name}] k = {k}")
         cases = [ours(pb, "CG", lambda s, k=k: hg.CG(maxiter=k, tol=0))]
         if hgrad is not None:
-            cg = hgrad.conjugate_gradient
-            cases += [
-                theirs(pb, f"conjugate_gradient(lr={lr:g})", cg, k, lr, False) for lr in (1.0, 0.1)
-            ]
+            for lr in (1.0, 0.1):
+                key, cg = f"conjugate_gradient(lr={lr:g})", hgrad.conjugate_gradient
+                cases.append(theirs(pb, key, cg, k, lr, False))
         cg, *th, grad = measure([*cases, gradient(pb)], repeats, ref["h"])
         row(k, f"CG(maxiter={k}, tol=0)", cg, *(th[:1] + ["conjugate_gradient lr=1"] if th else []))
         if th:
@@ -115,26 +114,20 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
         if cg["ms"] and grad["ms"]:
             c = {"k": k, "cg_ms": cg["ms"], "grad_ms": grad["ms"], "ratio": cg["ms"] / grad["ms"]}
             c |= {"cg_cpu_ms": cg["cpu_ms"], "grad_cpu_ms": grad["cpu_ms"], "floor": k + 3}
-            costs.append(
-                c | {"cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"], "num_hvps": cg["num_hvps"]}
-            )
+            c |= {"cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"], "num_hvps": cg["num_hvps"]}
+            costs.append(c)
         auto = group(k, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto"))
         row(k, f'Neumann({k}, alpha="auto")', *auto)
         peer = ("neumann", "neumann", alpha, False)
         o, *t = group(k, "Neumann 1/L", lambda s, k=k: hg.Neumann(k, alpha=alpha), peer)
-        row(
-            k,
-            f"Neumann({k}, alpha=1/L={alpha:.3g})",
-            o,
-            *(t + [f"neumann lr={alpha:.3g}"] if t else []),
-        )
+        label = [f"neumann lr={alpha:.3g}"] if t else []
+        row(k, f"Neumann({k}, alpha=1/L={alpha:.3g})", o, *(t + label))
         for sketch in ("column", "gaussian"):
             for rho in rhos:
                 make = lambda s, k=k, rho=rho, sk=sketch: hg.Nystrom(k, rho, sk, seed=s)  # noqa: E731
                 peer = ("nystrom", "nystrom", rho, True) if sketch == "column" else None
-                o, *t = group(
-                    k, f"Nystrom {sketch[:3] if sketch == 'column' else 'gauss'}", make, peer
-                )
+                key = f"Nystrom {sketch[:3] if sketch == 'column' else 'gauss'}"
+                o, *t = group(k, key, make, peer)
                 label = [f"nystrom rank={k} rho={rho:.3g}"] if t else []
                 row(k, f"Nystrom(rank={k}, rho={rho:.3g}, {sketch})", o, *(t + label))
         r, it = k // 2, k - k // 2
@@ -143,13 +136,8 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
     (o,) = group(0, "Identity", lambda s: hg.Identity(scale=alpha))
     row(0, f"Identity(scale=1/L={alpha:.3g})", o)
     rows.insert(0, rows.pop())
-    return {
-        "alpha": alpha,
-        "rhos": rhos,
-        "grad_ms": grad["ms"],
-        "rows": rows,
-        "cg_cost_ratio": costs,
-    }
+    out = {"alpha": alpha, "rhos": rhos, "grad_ms": grad["ms"], "rows": rows}
+    return out | {"cg_cost_ratio": costs}
 
 
 def render_problem(name: str, pb: dict[str, Any]) -> str:
