@@ -266,9 +266,8 @@ def cells(r: dict[str, Any], key: tuple[str, str], unit: float | None = None) ->
     if "num_hvps" in i:
         notes = f"{i['num_hvps']} hvps, {i['status']}"
     elif "stored_states" in i:
-        notes = f"{i['stored_states']} states" + (
-            f", {i['recomputed_steps']} recomputed" if i.get("recomputed_steps") else ""
-        )
+        more = f", {i['recomputed_steps']} recomputed" if i.get("recomputed_steps") else ""
+        notes = f"{i['stored_states']} states{more}"
     out = r | {key[0]: key[1], "method": r["config"]["method"], "notes": notes, "in_grads": None}
     if unit and r["ok"]:
         out["in_grads"] = r["cpu_seconds"] / unit
@@ -282,7 +281,7 @@ def slopes(rows: list[dict], x: str, top: float) -> str:
         ok = [r for r in rows if r["ok"] and r["config"]["method"] == method]
         s = {"method": method}
         for part, sub in (("all", ok), (f">= {top:g}", [r for r in ok if r[x] >= top])):
-            for y in ("seconds", "cpu_seconds", "peak_mb"):
+            for y in YS:
                 pts = [(r[x], r[y]) for r in sub if not H.bad(r[y])]
                 xs, ys = np.log([p[0] for p in pts]), np.log([max(p[1], 1e-9) for p in pts])
                 fit = np.polyfit(xs, ys, 1)[0] if len(pts) > 1 else None
@@ -320,8 +319,7 @@ def render(d: dict[str, Any]) -> list[str]:
             f"## Time and memory vs number of hyperparameters m (P = "
             f"{res['hparams'][0]['params']:,})\n\nm contiguous groups of weights share a decay; "
             f"forward-mode cap {d['cap_seconds']:.0f} s. {d['forward_stopped']}\n\n"
-            + H.dict_table(rows, COLS.format("m"))
-            + "\n\n"
+            + f"{H.dict_table(rows, COLS.format('m'))}\n\n"
             + slopes(res["hparams"], "num_hparams", 10)
         )
     for malloc in ("default", "mmap"):
@@ -335,9 +333,8 @@ def render(d: dict[str, Any]) -> list[str]:
                 if len(pts) > 1:
                     s = float(np.polyfit(*zip(*pts), 1)[0])
                     fits.append(f"{m} {s:.3f} MB/step ({s / state_mb:.2f} states)")
-            table = H.dict_table(
-                [cells(r, ("T", r["config"]["steps"])) for r in rows], COLS.format("T")
-            )
+            table = [cells(r, ("T", r["config"]["steps"])) for r in rows]
+            table = H.dict_table(table, COLS.format("T"))
             out.append(
                 f"## Memory vs inner steps T, {malloc} malloc (P = {rows[0]['params']:,})\n\n"
                 f"A stored state is 2P floats ({state_mb:.2f} MB); `mmap`: "
