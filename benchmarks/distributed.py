@@ -26,14 +26,13 @@ import torch.nn.functional as F
 import harness as H
 import hypergradient as hg
 
-NAME, TITLE = (
-    "distributed",
-    "Distributed hyper-steps: 2 gloo processes against 1, same global batch",
-)
+NAME = "distributed"
+TITLE = "Distributed hyper-steps: 2 gloo processes against 1, same global batch"
 SOLO, PAIR = [("solo", 0)], [("pair", 0), ("pair", 1)]
 # world1: the whole batch in one process; half: rank 0 alone on its half; nocomm: both ranks
 # on their halves without communicating; world2: process_group=WORLD.
 CONFIGS = {"world1": SOLO, "half": PAIR[:1], "nocomm": PAIR, "world2": PAIR}
+CONFIGS_COMM = ("world2", "nocomm")
 BUSY = 0.3  # a round during which other processes used more cores than this is repeated
 QUIET = {"budget": 60.0, "redo": 60.0}  # seconds to wait for a quiet machine / to repeat rounds
 STATS = {"calls": 0, "bytes": 0, "ar_seconds": 0.0, "ddp_calls": 0, "ddp_bytes": 0}
@@ -45,11 +44,8 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     if quick:  # every kind, tiny
         out = [dict(kind=k, hidden=4, batch=64, dtype="float32") for k in NAMES]
         return out + [dict(kind="allreduce", sizes=[4])]
-    out = [
-        dict(kind="implicit", hidden=h, batch=b, dtype="float32")
-        for h in (12, 112, 400)
-        for b in (512, 2048)
-    ]
+    hbs = [(h, b) for h in (12, 112, 400) for b in (512, 2048)]
+    out = [dict(kind="implicit", hidden=h, batch=b, dtype="float32") for h, b in hbs]
     out += [dict(kind="implicit", hidden=12, batch=512, dtype="float64")]
     out += [dict(kind="implicit", hidden=112, batch=2048, dtype="float64")]
     for kind in ("unrolled", "hyperopt"):
@@ -112,9 +108,8 @@ def counting(original: Any) -> Any:
 
 
 def allreduce_latency(case: dict, group: Any) -> Any:
-    sizes = {"1 value": 1} | {
-        f"P = {n:,} values": n for n in (H.flat(like(h)).numel() for h in case["sizes"])
-    }
+    counts = [H.flat(like(h)).numel() for h in case["sizes"]]
+    sizes = {"1 value": 1} | {f"P = {n:,} values": n for n in counts}
 
     def run() -> dict[str, Any]:
         out = {}
@@ -151,18 +146,14 @@ def hyperopt(
 
     if group is not None:
         net.register_comm_hook(None, hook)
-    decays = {
-        n.replace(".", "_"): hg.Positive(torch.full_like(p, math.exp(-3)))
-        for n, p in model.named_parameters()
-        if p.dim() == 2
-    }
+    weights = [(n.replace(".", "_"), p) for n, p in model.named_parameters() if p.dim() == 2]
+    decays = {n: hg.Positive(torch.full_like(p, math.exp(-3))) for n, p in weights}
     raw0 = {k: d.raw.detach().clone() for k, d in decays.items()}
 
     def train_loss(m: Any, hp: dict, b: Any) -> torch.Tensor:
         ws = [p for p in m.parameters() if p.dim() == 2]
-        return F.cross_entropy(m(b[0]), b[1]) + 0.5 * sum(
-            (d * v**2).sum() for d, v in zip(hp.values(), ws)
-        )
+        pen = sum((d * v**2).sum() for d, v in zip(hp.values(), ws))
+        return F.cross_entropy(m(b[0]), b[1]) + 0.5 * pen
 
     def run() -> dict[str, Any]:
         with torch.no_grad():  # the same state before every call
@@ -183,10 +174,8 @@ def hyperopt(
         hopt.step(shard[0])  # the inner SGD step (negligible), then the hyper-step
         rec, cpu = hopt.history[-1], time.process_time() - c0
         out = {"hyper": torch.cat([rec.hypergrad[k].reshape(-1) for k in decays])}
-        out |= {
-            "status": rec.diagnostics.get("status", ""),
-            "num_hvps": rec.diagnostics.get("num_hvps"),
-        }
+        diag = rec.diagnostics
+        out |= {"status": diag.get("status", ""), "num_hvps": diag.get("num_hvps")}
         return out | {"seconds": rec.seconds, "cpu": cpu}
 
     return run
@@ -210,10 +199,8 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
         return ce + 0.5 * (ld.exp() * p**2).sum() if penalty else ce
 
     def run(dt: torch.dtype = dtype) -> dict[str, Any]:
-        f, g = (
-            (lambda p, hp: loss(p, hp["ld"], shard[0])),
-            (lambda p, hp: loss(p, 0, shard[1], False)),
-        )
+        f = lambda p, hp: loss(p, hp["ld"], shard[0])  # noqa: E731
+        g = lambda p, hp: loss(p, 0, shard[1], False)  # noqa: E731
         hp = {"ld": log_decay.to(dt)}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -382,10 +369,7 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
     out["speedup_half_alone"] = med["world1"] / med["half"]
     out["speedup_without_communication"] = med["world1"] / med["nocomm"]
     out |= {"allreduce_calls": p0["calls"], "allreduce_bytes_per_rank": p0["bytes"]}
-    out |= {
-        "allreduce_seconds_rank0": p0["ar_seconds"],
-        "allreduce_seconds_rank1": p1["ar_seconds"],
-    }
+    out |= {f"allreduce_seconds_rank{i}": p["ar_seconds"] for i, p in enumerate((p0, p1))}
     out |= {"ddp_allreduce_calls": p0["ddp_calls"], "ddp_allreduce_bytes_per_rank": p0["ddp_bytes"]}
     out |= {f"{k}_world1": s0.get(k) for k in ("num_hvps", "status", "warnings")}
     out |= {f"{k}_world2": p0.get(k) for k in ("num_hvps", "status", "warnings")}
@@ -411,14 +395,10 @@ def render(d: dict[str, Any]) -> list[str]:
         calls = r["allreduce_calls"] + r["ddp_allreduce_calls"]
         x = {"case": NAMES[r["kind"]], "bg": statistics.mean(r["background_cores_kept_rounds"])}
         ddp = f" + {r['ddp_allreduce_calls']} DDP" if r["kind"] == "hyperopt" else ""
-        x |= {
-            "all-reduces": f"{r['allreduce_calls']}{ddp}",
-            "MB": r["allreduce_bytes_per_rank"] / 1e6,
-        }
+        x["all-reduces"] = f"{r['allreduce_calls']}{ddp}"
+        x["MB"] = r["allreduce_bytes_per_rank"] / 1e6
         table.append(r | x | {"f32_vs_f64": r.get("rel_diff_world1_float32_vs_float64")})
-        cpu2, cpu0 = (
-            statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in ("world2", "nocomm")
-        )
+        cpu2, cpu0 = (statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in CONFIGS_COMM)
         cpu = (cpu2 - cpu0) / 2
         x |= {"half/w1": half / w1, "nocomm/half": nc / half, "comm_s": w2 - nc}
         x |= {"comm_cpu_s_per_rank": cpu, "ms_per_all-reduce": 1e3 * (w2 - nc) / calls}

@@ -44,9 +44,8 @@ class Task:
         self.key, self.iters, logreg = key, lbfgs_iters, key == "logreg"
         X, y = (load_breast_cancer if logreg else load_digits)(return_X_y=True)
         n_train, n_val = (100, 300) if logreg else (500, 400)
-        X_t, X_r, y_t, y_r = train_test_split(
-            X, y, train_size=n_train, stratify=y, random_state=seed
-        )
+        split = train_test_split(X, y, train_size=n_train, stratify=y, random_state=seed)
+        X_t, X_r, y_t, y_r = split
         split = train_test_split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
         X_v, X_s, y_v, y_s = split
         mean, std = X_t.mean(0), X_t.std(0)
@@ -66,10 +65,9 @@ class Task:
         box = (1e-5, 10.0, 1e-2, 0.05) if logreg else (1e-6, 1.0, 1e-3, 0.1)
         self.lo, self.hi, self.lam0, self.outer_lr = box
         cg = {"maxiter": 100, "tol": 1e-8} if logreg else {"maxiter": 50, "tol": 1e-4}
+        text = "maxiter=100, tol=1e-8" if logreg else "maxiter=50, tol=1e-4"
         self.solver = lambda: hg.CG(**cg)
-        self.solver_text = (
-            "hg.CG(maxiter=100, tol=1e-8)" if logreg else "hg.CG(maxiter=50, tol=1e-4)"
-        )
+        self.solver_text = f"hg.CG({text})"
         self.training_text = (
             "damped Newton to ||grad f|| <= 1e-10, warm-started from the previous evaluation"
             if logreg
@@ -308,9 +306,8 @@ def ratio(reach: dict, owner: str, i: int) -> str:
 
 def render_task(res: dict[str, Any]) -> str:
     runs, rows, s = res["runs"], [], res["start"]
-    rows.append(
-        {"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1, "best": s["val_loss"]}
-    )
+    rows.append({"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1})
+    rows[-1]["best"] = s["val_loss"]
     rows[-1] |= {"test_loss": s["test_loss"], "test_acc": s["test_acc"]}
     for m in METHODS:
         r, n = runs[m], len(runs[m]["val"])
@@ -386,10 +383,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     """Best validation loss so far against each method's wall clock, per task."""
     if not data["tasks"]:
         return None
-    colors, tasks = (
-        {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"},
-        data["tasks"],
-    )
+    colors = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
+    tasks = data["tasks"]
     fig, axes = H.pyplot().subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     for ax, res in zip(axes[0], tasks):
         for m in METHODS:
@@ -406,9 +401,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
         ax.set(ylabel="best validation loss so far")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="method (evaluations)", title_fontsize=8)
-    fig.suptitle(
-        "Best validation loss so far against wall time, same budget per method", fontsize=10
-    )
+    title = "Best validation loss so far against wall time, same budget per method"
+    fig.suptitle(title, fontsize=10)
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
