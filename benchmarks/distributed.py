@@ -13,7 +13,6 @@ import os
 import queue
 import socket
 import statistics
-import sys
 import time
 import traceback
 import warnings
@@ -27,14 +26,13 @@ import torch.nn.functional as F
 import harness as H
 import hypergradient as hg
 
-NAME, TITLE = (
-    "distributed",
-    "Distributed hyper-steps: 2 gloo processes against 1, same global batch",
-)
+NAME = "distributed"
+TITLE = "Distributed hyper-steps: 2 gloo processes against 1, same global batch"
 SOLO, PAIR = [("solo", 0)], [("pair", 0), ("pair", 1)]
 # world1: the whole batch in one process; half: rank 0 alone on its half; nocomm: both ranks
 # on their halves without communicating; world2: process_group=WORLD.
 CONFIGS = {"world1": SOLO, "half": PAIR[:1], "nocomm": PAIR, "world2": PAIR}
+CONFIGS_COMM = ("world2", "nocomm")
 BUSY = 0.3  # a round during which other processes used more cores than this is repeated
 QUIET = {"budget": 60.0, "redo": 60.0}  # seconds to wait for a quiet machine / to repeat rounds
 STATS = {"calls": 0, "bytes": 0, "ar_seconds": 0.0, "ddp_calls": 0, "ddp_bytes": 0}
@@ -46,18 +44,13 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     if quick:  # every kind, tiny
         out = [dict(kind=k, hidden=4, batch=64, dtype="float32") for k in NAMES]
         return out + [dict(kind="allreduce", sizes=[4])]
-    out = [
-        dict(kind="implicit", hidden=h, batch=b, dtype="float32")
-        for h in (12, 112, 400)
-        for b in (512, 2048)
-    ]
+    hbs = [(h, b) for h in (12, 112, 400) for b in (512, 2048)]
+    out = [dict(kind="implicit", hidden=h, batch=b, dtype="float32") for h, b in hbs]
     out += [dict(kind="implicit", hidden=12, batch=512, dtype="float64")]
     out += [dict(kind="implicit", hidden=112, batch=2048, dtype="float64")]
     for kind in ("unrolled", "hyperopt"):
-        out += [
-            dict(kind=kind, hidden=112, batch=b, dtype=t)
-            for b, t in ((512, "float32"), (2048, "float32"), (512, "float64"))
-        ]
+        bts = ((512, "float32"), (2048, "float32"), (512, "float64"))
+        out += [dict(kind=kind, hidden=112, batch=b, dtype=t) for b, t in bts]
     return out + [dict(kind="allreduce", sizes=[12, 112, 400])]
 
 
@@ -86,10 +79,8 @@ def pretrain(hidden: int, batch: int, iters: int) -> torch.Tensor:
     p0, X = like(hidden), X.float()
 
     def f(w: torch.Tensor) -> torch.Tensor:
-        return (
-            F.cross_entropy(H.mlp_forward(H.unflat(w, p0), X), y)
-            + 0.5 * math.exp(-3) * (w**2).sum()
-        )
+        ce = F.cross_entropy(H.mlp_forward(H.unflat(w, p0), X), y)
+        return ce + 0.5 * math.exp(-3) * (w**2).sum()
 
     return H.lbfgs(f, H.flat(p0).float(), iters, 20).double()
 
@@ -117,9 +108,8 @@ def counting(original: Any) -> Any:
 
 
 def allreduce_latency(case: dict, group: Any) -> Any:
-    sizes = {"1 value": 1} | {
-        f"P = {n:,} values": n for n in (H.flat(like(h)).numel() for h in case["sizes"])
-    }
+    counts = [H.flat(like(h)).numel() for h in case["sizes"]]
+    sizes = {"1 value": 1} | {f"P = {n:,} values": n for n in counts}
 
     def run() -> dict[str, Any]:
         out = {}
@@ -144,11 +134,8 @@ def hyperopt(
     model = torch.nn.Sequential(torch.nn.Linear(784, h), torch.nn.Tanh(), torch.nn.Linear(h, h))
     model.append(torch.nn.Tanh()).append(torch.nn.Linear(h, 10)).to(dtype)
     start = [t.clone() for t in H.unflat(w, like(h))]
-    net = (
-        model
-        if group is None
-        else torch.nn.parallel.DistributedDataParallel(model, process_group=group)
-    )
+    ddp = torch.nn.parallel.DistributedDataParallel
+    net = model if group is None else ddp(model, process_group=group)
 
     def hook(state, bucket):  # noqa: ANN001 - DDP checks the annotations: none
         buf = bucket.buffer()
@@ -159,18 +146,14 @@ def hyperopt(
 
     if group is not None:
         net.register_comm_hook(None, hook)
-    decays = {
-        n.replace(".", "_"): hg.Positive(torch.full_like(p, math.exp(-3)))
-        for n, p in model.named_parameters()
-        if p.dim() == 2
-    }
+    weights = [(n.replace(".", "_"), p) for n, p in model.named_parameters() if p.dim() == 2]
+    decays = {n: hg.Positive(torch.full_like(p, math.exp(-3))) for n, p in weights}
     raw0 = {k: d.raw.detach().clone() for k, d in decays.items()}
 
     def train_loss(m: Any, hp: dict, b: Any) -> torch.Tensor:
         ws = [p for p in m.parameters() if p.dim() == 2]
-        return F.cross_entropy(m(b[0]), b[1]) + 0.5 * sum(
-            (d * v**2).sum() for d, v in zip(hp.values(), ws)
-        )
+        pen = sum((d * v**2).sum() for d, v in zip(hp.values(), ws))
+        return F.cross_entropy(m(b[0]), b[1]) + 0.5 * pen
 
     def run() -> dict[str, Any]:
         with torch.no_grad():  # the same state before every call
@@ -190,15 +173,10 @@ def hyperopt(
         c0 = time.process_time()
         hopt.step(shard[0])  # the inner SGD step (negligible), then the hyper-step
         rec, cpu = hopt.history[-1], time.process_time() - c0
-        out = {
-            "hyper": torch.cat([rec.hypergrad[k].reshape(-1) for k in decays]),
-            "status": rec.diagnostics.get("status", ""),
-        }
-        return out | {
-            "num_hvps": rec.diagnostics.get("num_hvps"),
-            "seconds": rec.seconds,
-            "cpu": cpu,
-        }
+        out = {"hyper": torch.cat([rec.hypergrad[k].reshape(-1) for k in decays])}
+        diag = rec.diagnostics
+        out |= {"status": diag.get("status", ""), "num_hvps": diag.get("num_hvps")}
+        return out | {"seconds": rec.seconds, "cpu": cpu}
 
     return run
 
@@ -221,22 +199,15 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
         return ce + 0.5 * (ld.exp() * p**2).sum() if penalty else ce
 
     def run(dt: torch.dtype = dtype) -> dict[str, Any]:
-        f, g = (
-            (lambda p, hp: loss(p, hp["ld"], shard[0])),
-            (lambda p, hp: loss(p, 0, shard[1], False)),
-        )
+        f = lambda p, hp: loss(p, hp["ld"], shard[0])  # noqa: E731
+        g = lambda p, hp: loss(p, 0, shard[1], False)  # noqa: E731
         hp = {"ld": log_decay.to(dt)}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if case["kind"] == "implicit":
+                cg = hg.CG(maxiter=20, tol=0.0)
                 out, info = hg.implicit(
-                    f,
-                    g,
-                    w.to(dt),
-                    hp,
-                    hg.CG(maxiter=20, tol=0.0),
-                    process_group=group,
-                    return_info=True,
+                    f, g, w.to(dt), hp, cg, process_group=group, return_info=True
                 )
                 out, extra = out["ld"], {"num_hvps": info.num_hvps, "status": info.status}
             else:
@@ -244,10 +215,8 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
                 out = hg.unrolled(
                     f, g, w.to(dt), hp, 10, hg.optim.sgd(lr=hp["lr"]), process_group=group
                 )
-                out, extra = (
-                    torch.cat([out["ld"].reshape(-1), out["lr"].reshape(-1)]),
-                    {"num_hvps": None, "status": ""},
-                )
+                out = torch.cat([out["ld"].reshape(-1), out["lr"].reshape(-1)])
+                extra = {"num_hvps": None, "status": ""}
         return extra | {"hyper": out, "warnings": sorted({str(c.message)[:80] for c in caught})}
 
     run.float64 = lambda: run(torch.float64)  # type: ignore[attr-defined]
@@ -305,12 +274,8 @@ class Pool:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.outbox, self.inboxes = ctx.Queue(), {k: ctx.Queue() for k in SOLO + PAIR}
-        self.procs = [
-            ctx.Process(
-                target=worker, args=(role, rank, 1 if role == "solo" else 2, port, q, self.outbox)
-            )
-            for (role, rank), q in self.inboxes.items()
-        ]
+        args = lambda role, rank, q: (role, rank, 1 if role == "solo" else 2, port, q, self.outbox)  # noqa: E731
+        self.procs = [ctx.Process(target=worker, args=args(*k, q)) for k, q in self.inboxes.items()]
         for p in self.procs:
             p.start()
 
@@ -404,18 +369,13 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
     out["speedup_half_alone"] = med["world1"] / med["half"]
     out["speedup_without_communication"] = med["world1"] / med["nocomm"]
     out |= {"allreduce_calls": p0["calls"], "allreduce_bytes_per_rank": p0["bytes"]}
-    out |= {
-        "allreduce_seconds_rank0": p0["ar_seconds"],
-        "allreduce_seconds_rank1": p1["ar_seconds"],
-    }
+    out |= {f"allreduce_seconds_rank{i}": p["ar_seconds"] for i, p in enumerate((p0, p1))}
     out |= {"ddp_allreduce_calls": p0["ddp_calls"], "ddp_allreduce_bytes_per_rank": p0["ddp_bytes"]}
     out |= {f"{k}_world1": s0.get(k) for k in ("num_hvps", "status", "warnings")}
     out |= {f"{k}_world2": p0.get(k) for k in ("num_hvps", "status", "warnings")}
     out |= {"ranks_bit_identical": bool(np.array_equal(p0["hyper"], p1["hyper"]))}
-    out |= {
-        "rel_diff_world2_vs_world1": rel(p0["hyper"], s0["hyper"]),
-        "hypergrad_norm": float(np.linalg.norm(s0["hyper"])),
-    }
+    out["rel_diff_world2_vs_world1"] = rel(p0["hyper"], s0["hyper"])
+    out["hypergrad_norm"] = float(np.linalg.norm(s0["hyper"]))
     if s0.get("hyper64") is not None:
         out["rel_diff_world1_float32_vs_float64"] = rel(s0["hyper"], s0["hyper64"])
         out["rel_diff_world2_float32_vs_float64"] = rel(p0["hyper"], s0["hyper64"])
@@ -435,14 +395,10 @@ def render(d: dict[str, Any]) -> list[str]:
         calls = r["allreduce_calls"] + r["ddp_allreduce_calls"]
         x = {"case": NAMES[r["kind"]], "bg": statistics.mean(r["background_cores_kept_rounds"])}
         ddp = f" + {r['ddp_allreduce_calls']} DDP" if r["kind"] == "hyperopt" else ""
-        x |= {
-            "all-reduces": f"{r['allreduce_calls']}{ddp}",
-            "MB": r["allreduce_bytes_per_rank"] / 1e6,
-        }
+        x["all-reduces"] = f"{r['allreduce_calls']}{ddp}"
+        x["MB"] = r["allreduce_bytes_per_rank"] / 1e6
         table.append(r | x | {"f32_vs_f64": r.get("rel_diff_world1_float32_vs_float64")})
-        cpu2, cpu0 = (
-            statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in ("world2", "nocomm")
-        )
+        cpu2, cpu0 = (statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in CONFIGS_COMM)
         cpu = (cpu2 - cpu0) / 2
         x |= {"half/w1": half / w1, "nocomm/half": nc / half, "comm_s": w2 - nc}
         x |= {"comm_cpu_s_per_rank": cpu, "ms_per_all-reduce": 1e3 * (w2 - nc) / calls}
@@ -467,31 +423,27 @@ def render(d: dict[str, Any]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 1)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render):
-        return 0
-    H.start(args)
-    H.defaults(args, repeats=(1, 5))
-    reps = args.repeats
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     QUIET["budget"] = QUIET["redo"] = 0.0 if args.quick else 60.0
     os.environ["OMP_NUM_THREADS"] = "1"
-    rep, pool, weights, results = H.Report(NAME, TITLE, args), Pool(), {}, []
+    pool, weights, results = Pool(), {}, []
     try:
         for case in cases(args.quick):
             key = (case.get("hidden"), case.get("batch"))
             if key not in weights and case["kind"] != "allreduce":
                 iters = 10 if args.quick else 100 if key[0] < 400 else 60
                 weights[key] = pretrain(*key, iters=iters)
-            results.append(r := measure(pool, case, weights.get(key), reps))
+            results.append(r := measure(pool, case, weights.get(key), args.repeats))
             H.log(f"{case}: " + (f"speedup {r['speedup']:.2f}" if "speedup" in r else "latency"))
     finally:
         pool.close()
-    rep.write({"repeats": reps, "results": results}, render)
-    return 0
+    return {"repeats": args.repeats, "results": results}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    opts = [H.option("--repeats", 1, 5, type=int, help="timed rounds")]
+    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv, options=opts)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,7 +8,6 @@ products (``hg.Neumann(maxiter=k)``) against the floor of k + 3 gradients. Inter
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,43 +49,32 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     def outer(p: Any, h: Any) -> torch.Tensor:
         return 0.5 * sum((t**2).sum() for t in p)
 
+    def grad_f(q: Any) -> Any:
+        return torch.func.grad(lambda q: f(q, lam))(q)
+
     def vjp_fresh(s: int) -> Any:
-        return torch.func.vjp(torch.func.grad(lambda q: f(q, lam)), w)[1](v)
+        return torch.func.vjp(grad_f, w)[1](v)
 
     calls = {
         "grad": lambda s: torch.autograd.grad(f(wl, lam), wl),
         "build": lambda s: hg.HessianOperator(f, w, lam).release(),
         "hvp (retained graph)": lambda s: op.matvec(vf),
-        "jvp(grad) fresh": lambda s: torch.func.jvp(
-            torch.func.grad(lambda q: f(q, lam)), (w,), (v,)
-        ),
+        "jvp(grad) fresh": lambda s: torch.func.jvp(grad_f, (w,), (v,)),
         "vjp(grad) fresh": vjp_fresh,
     }
     # Neumann spends exactly k products whatever the curvature (random weights: H may be
     # indefinite and CG would stop early); the floor uses the products reported.
-    cases = [Case(k, c) for k, c in calls.items()] + [
-        Case(
-            f"implicit, {k} products",
-            lambda s, k=k: hg.implicit(f, outer, w, lam, hg.Neumann(k, alpha=1e-3)),
-            lambda k=k: (
-                hg.implicit(f, outer, w, lam, hg.Neumann(k, alpha=1e-3), return_info=True)[
-                    1
-                ].num_hvps
-            ),
-        )
-        for k in ks
-    ]
+    cases = [Case(k, c) for k, c in calls.items()]
+    for k in ks:
+        neumann = hg.Neumann(k, alpha=1e-3)
+        call = lambda s, n=neumann: hg.implicit(f, outer, w, lam, n)  # noqa: E731
+        hvps = lambda n=neumann: hg.implicit(f, outer, w, lam, n, return_info=True)[1].num_hvps  # noqa: E731
+        cases.append(Case(f"implicit, {k} products", call, hvps))
     res = interleave(cases, rounds)
-    unit = res[0].ms
-    return [
-        {
-            "what": t.key,
-            "ms": t.ms,
-            "gradients": t.ms / unit,
-            "floor": t.warm + 3 if t.key.startswith("implicit") else None,
-        }
-        for t in res
-    ]
+    out = [{"what": t.key, "ms": t.ms, "gradients": t.ms / res[0].ms, "floor": None} for t in res]
+    for r, t in zip(out, res):
+        r["floor"] = t.warm + 3 if t.key.startswith("implicit") else None
+    return out
 
 
 def render(d: dict[str, Any]) -> list[str]:
@@ -113,19 +101,16 @@ def plot(data: dict[str, Any], out: Any) -> Any:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = H.cli(__doc__).parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     rounds, ks = (3, [10]) if args.quick else (30, [10, 50])
-    rep = H.Report(NAME, TITLE, args)
-    results = [
-        {"problem": name, "rows": measure(pb, rounds, ks)} for name, pb in models(args.quick)
-    ]
-    rep.write({"results": results}, render, plot)
-    return 0
+    return {
+        "results": [{"problem": n, "rows": measure(pb, rounds, ks)} for n, pb in models(args.quick)]
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,7 +9,6 @@ tuning (4). Settings: benchmarks/README.md.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,14 +97,11 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
         s |= {"inner_grad_norm": info.inner_grad_norm, "val_loss_at_optimum": info.outer_loss}
         s |= {"hessian_lambda_min": float(eig[0]), "hessian_lambda_max": float(eig[-1])}
         setups[point] = s | {"exact_vs_dense_rel": H.relative_error(exact, dense["h"])}
-        ctx = hg.Problem(
-            inner_loss=f, outer_loss=g, params=theta, hparams=raw, lr=HOPT_LR, prev_params=theta
-        )
+        ctx = hg.Problem(f, g, theta, raw, lr=HOPT_LR, prev_params=theta)
 
         def call(s: int, make: Callable, theta=theta, raw=raw, ctx=ctx) -> tuple:
-            run = make_hopt(
-                "", data, decays(data.dim, raw), make(s), inner_steps=1, outer_optimizer=sgd0
-            )
+            kw = {"inner_steps": 1, "outer_optimizer": sgd0}
+            run = make_hopt("", data, decays(data.dim, raw), make(s), **kw)
             with torch.no_grad():
                 for p, v in zip(run.meta["model"].parameters(), theta):
                     p.copy_(v)
@@ -118,22 +114,13 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
         for c in H.interleave(cases, repeats, keep=lambda o: o):
             h, sec, diag, direct = zip(*c.kept)
             r = {"point": point, "method": c.key, "compute_vs_hopt": max(direct)}
-            r |= {
-                "num_hvps": [int(d.get("num_hvps", 0)) for d in diag],
-                "ms": [1e3 * x for x in sec],
-            }
-            r |= {"status": [str(d.get("status", "")) for d in diag]}
-            rows.append(
-                r
-                | {
-                    "rel": [H.relative_error(x, exact) for x in h],
-                    "cos": [H.cosine(x, exact) for x in h],
-                }
-            )
+            r |= {"num_hvps": [int(d.get("num_hvps", 0)) for d in diag]}
+            r |= {"ms": [1e3 * x for x in sec], "status": [str(d.get("status", "")) for d in diag]}
+            r |= {"rel": [H.relative_error(x, exact) for x in h]}
+            rows.append(r | {"cos": [H.cosine(x, exact) for x in h]})
         worst = max(rows[-len(cases) :], key=lambda r: r["compute_vs_hopt"])
-        ident = H.relative_error(
-            hg.T1T2()(ctx)[0], hg.implicit(f, g, theta, raw, hg.Identity(HOPT_LR))
-        )
+        ident = hg.implicit(f, g, theta, raw, hg.Identity(HOPT_LR))
+        ident = H.relative_error(hg.T1T2()(ctx)[0], ident)
         exact_vs_dense, worst_rel = setups[point]["exact_vs_dense_rel"], worst["compute_vs_hopt"]
         checks.append(
             f"{point}: hg.Exact vs independent dense solve {exact_vs_dense:.1e}; method(Problem) "
@@ -144,13 +131,10 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
 
 
 def render_1a(res: dict[str, Any], repeats: int) -> str:
-    rows = [
-        r
-        | {"hvps": "/".join(map(str, sorted(set(r["num_hvps"])))), "ms": H.median(r["ms"])}
-        | {"status": "/".join(sorted(set(r["status"]))), "rel_err": H.median(r["rel"])}
-        | {"cos": H.median(r["cos"])}
-        for r in res["rows"]
-    ]
+    join = lambda xs: "/".join(map(str, sorted(set(xs))))  # noqa: E731
+    rows = [r | {"hvps": join(r["num_hvps"]), "status": join(r["status"])} for r in res["rows"]]
+    for r in rows:
+        r |= {"ms": H.median(r["ms"]), "rel_err": H.median(r["rel"]), "cos": H.median(r["cos"])}
     return (
         "## 1a. Implicit methods at the inner optimum vs the exact implicit hypergradient\n\n"
         f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls.\n\n"
@@ -165,10 +149,7 @@ def render_1a(res: dict[str, Any], repeats: int) -> str:
 
 def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> float:
     """``g(theta_T)`` after T steps of ``torch.optim.SGD`` (lr 0.1, momentum 0.9) from 0."""
-    p = (
-        torch.zeros(1, dim, dtype=F64).requires_grad_(),
-        torch.zeros(1, dtype=F64).requires_grad_(),
-    )
+    p = tuple(torch.zeros(*s, dtype=F64).requires_grad_() for s in ((1, dim), (1,)))
     opt = torch.optim.SGD(p, lr=TRAJ_LR, momentum=TRAJ_MOMENTUM)
     for _ in range(T):
         opt.zero_grad()
@@ -199,10 +180,7 @@ def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeat
         for T in horizons:
             H.log(f"[1b] {point}, T={T}: finite differences ...")
             t0, loss = time.perf_counter(), lambda r, T=T: sgd_loop_loss(f, g, r, T, data.dim)
-            fd, fd2 = (
-                finite_differences(loss, raw, 1e-3, FD4),
-                finite_differences(loss, raw, 1e-4, FD2),
-            )
+            fd, fd2 = (finite_differences(loss, raw, h, st) for h, st in ((1e-3, FD4), (1e-4, FD2)))
             ref = {"fd_norm": float(fd.norm()), "fd4_vs_fd2_rel": H.relative_error(fd2, fd)}
             args = (f, g, theta0, raw, T, opt)
             calls = {"hg.unrolled": lambda s, a=args: hg.unrolled(*a)}
@@ -223,13 +201,8 @@ def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeat
             for c in res:
                 r = {"point": point, "T": T, "method": c.key, "ms": c.ms, "ms_all": c.ms_all}
                 r |= {"rel_fd": H.relative_error(c.warm, fd), "cos_fd": H.cosine(c.warm, fd)}
-                rows.append(
-                    r
-                    | {
-                        "rel_unrolled": H.relative_error(c.warm, un),
-                        "cos_unrolled": H.cosine(c.warm, un),
-                    }
-                )
+                r |= {"rel_unrolled": H.relative_error(c.warm, un)}
+                rows.append(r | {"cos_unrolled": H.cosine(c.warm, un)})
     return {"rows": rows, "references": refs}
 
 
@@ -273,9 +246,8 @@ def outcome(run: H.Run, data: H.Data) -> dict[str, Any]:
     r |= {"replay_error": [x.diagnostics.get("replay_error") for x in hist]}
     r |= {"final_decay": hp["decay"].tolist() if "decay" in hp else [START_DECAY] * data.dim}
     r |= {"lr_history": [float(x.hparams["lr"]) for x in hist if "lr" in x.hparams]}
-    return r | {
-        "final_lr": float((hopt.inner_optimizer if hopt else run.meta["opt"]).param_groups[0]["lr"])
-    }
+    opt = hopt.inner_optimizer if hopt else run.meta["opt"]
+    return r | {"final_lr": float(opt.param_groups[0]["lr"])}
 
 
 def rounds_of(make_runs: Callable[[], list[H.Run]], data: H.Data, steps: int, rounds: int) -> dict:
@@ -289,10 +261,8 @@ def rounds_of(make_runs: Callable[[], list[H.Run]], data: H.Data, steps: int, ro
     summary = {}
     for label, r0 in per_round[0].items():
         rs = [r[label] for r in per_round]
-        s = {
-            k: r0[k]
-            for k in ("val", "test", "hyper_steps", "final_decay", "final_lr", "lr_history")
-        }
+        s = {k: r0[k] for k in ("val", "test", "hyper_steps", "final_decay", "final_lr")}
+        s["lr_history"] = r0["lr_history"]
         s |= {"max_round_diff": max(abs(r["val"] - r0["val"]) for r in rs)}
         s |= {"seconds": H.median([r["seconds"] for r in rs]), "num_hvps": H.median(r0["num_hvps"])}
         s |= {"hyper_step_ms": 1e3 * H.median([x for r in rs for x in r["hyper_step_s"]])}
@@ -335,10 +305,8 @@ def hyperoptimizer_tables(data: H.Data, steps: int, rounds: int, exact_steps: in
 
     def runs() -> list[H.Run]:
         out = [plain_run(data, "untuned (plain SGD, no hyper-steps)", HOPT_LR)]
-        return out + [
-            make_hopt(k, data, decays(data.dim), m(), outer_optimizer=adam)
-            for k, m in HOPT_METHODS.items()
-        ]
+        hopt = lambda k, m: make_hopt(k, data, decays(data.dim), m(), outer_optimizer=adam)  # noqa: E731
+        return out + [hopt(k, m) for k, m in HOPT_METHODS.items()]
 
     H.log("[2-3] HyperOptimizer runs")
     res, keep = rounds_of(runs, data, steps, rounds), max(steps // 10 - 1, 0)
@@ -361,11 +329,8 @@ def lr_table(data: H.Data, steps: int, rounds: int) -> dict[str, Any]:
             "Unrolled()": hg.Unrolled,
             "DrMAD()": hg.DrMAD,
         }.items():
-            out.append(
-                make_hopt(
-                    k, data, {"lr": hg.Positive(torch.tensor(LR_START, dtype=F64))}, m(), **kw
-                )
-            )
+            lr = {"lr": hg.Positive(torch.tensor(LR_START, dtype=F64))}
+            out.append(make_hopt(k, data, lr, m(), **kw))
         return out
 
     H.log("[4] learning-rate tuning")
@@ -375,13 +340,10 @@ def lr_table(data: H.Data, steps: int, rounds: int) -> dict[str, Any]:
 def render_cost(res: dict[str, Any]) -> str:
     s = res["summary"]
     plain = next(r for k, r in s.items() if k.startswith("untuned"))["train_step_ms"]
-    rows = [
-        r
-        | {"method": k, "per_training_step": r["hyper_step_ms"] / r["train_step_ms"]}
-        | {"per_plain_step": r["hyper_step_ms"] / plain}
-        for k, r in s.items()
-        if not k.startswith("untuned")
-    ]
+    rows = [r | {"method": k} for k, r in s.items() if not k.startswith("untuned")]
+    for r in rows:
+        r["per_training_step"] = r["hyper_step_ms"] / r["train_step_ms"]
+        r["per_plain_step"] = r["hyper_step_ms"] / plain
     cols = "method|hyper_steps:d|num_hvps:g|hyper_step_ms:.2f|train_step_ms:.3f"
     return (
         "## 2. Seconds per hyper-step relative to one training step (inner_steps=10)\n\n"
@@ -490,35 +452,35 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--steps", type=int, help="inner steps of Tables 2-4 (default 300, quick 20)")
-    p.add_argument("--rounds", type=int, help="repetitions of Tables 2-4 (default 3, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls in Table 1 (default 7, quick 1)")
-    p.add_argument("--exact-steps", type=int, help="long exact outer loop (default 300, quick 3)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, steps=(20, 300), rounds=(1, 3), repeats=(1, 7), exact_steps=(3, 300))
-    q, rep, data = args.quick, H.Report(NAME, TITLE, args), H.breast_cancer_data(args.seed)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    q, data = args.quick, H.breast_cancer_data(args.seed)
     st = {k: getattr(args, k) for k in ("steps", "rounds", "repeats", "exact_steps")}
     st["horizons"] = [2] if q else [10, 50]
     g, lo, hi = torch.Generator().manual_seed(args.seed + 1), math.log(1e-3), math.log(1e-1)
     points = {"random": lo + (hi - lo) * torch.rand(data.dim, generator=g, dtype=F64)}
     if not q:
         points = {"start": torch.full((data.dim,), math.log(START_DECAY), dtype=F64)} | points
-    steps, rounds = st["steps"], st["rounds"]
-    result = {
+    steps, rounds, reps = st["steps"], st["rounds"], st["repeats"]
+    return {
         "settings": st | {"hparam_points": points},
-        "implicit": implicit_table(data, points, st["repeats"]),
-        "trajectory": trajectory_table(data, points, st["horizons"], st["repeats"]),
+        "implicit": implicit_table(data, points, reps),
+        "trajectory": trajectory_table(data, points, st["horizons"], reps),
         "hyperoptimizer": hyperoptimizer_tables(data, steps, rounds, st["exact_steps"]),
         "lr_tuning": lr_table(data, steps, rounds),
     }
-    rep.write(result, render, plot)
-    return 0
+
+
+OPTIONS = [
+    H.option("--steps", 20, 300, type=int, help="inner steps of Tables 2-4"),
+    H.option("--rounds", 1, 3, type=int, help="repetitions of Tables 2-4"),
+    H.option("--repeats", 1, 7, type=int, help="timed calls in Table 1"),
+    H.option("--exact-steps", 3, 300, type=int, help="long exact outer loop"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

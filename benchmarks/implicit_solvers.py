@@ -7,7 +7,6 @@ solver is given and how the references and times are computed: benchmarks/README
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,10 +104,9 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
         H.log(f"  [{pb.name}] k = {k}")
         cases = [ours(pb, "CG", lambda s, k=k: hg.CG(maxiter=k, tol=0))]
         if hgrad is not None:
-            cases += [
-                theirs(pb, f"conjugate_gradient(lr={lr:g})", hgrad.conjugate_gradient, k, lr, False)
-                for lr in (1.0, 0.1)
-            ]
+            for lr in (1.0, 0.1):
+                key, cg = f"conjugate_gradient(lr={lr:g})", hgrad.conjugate_gradient
+                cases.append(theirs(pb, key, cg, k, lr, False))
         cg, *th, grad = measure([*cases, gradient(pb)], repeats, ref["h"])
         row(k, f"CG(maxiter={k}, tol=0)", cg, *(th[:1] + ["conjugate_gradient lr=1"] if th else []))
         if th:
@@ -116,29 +114,20 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
         if cg["ms"] and grad["ms"]:
             c = {"k": k, "cg_ms": cg["ms"], "grad_ms": grad["ms"], "ratio": cg["ms"] / grad["ms"]}
             c |= {"cg_cpu_ms": cg["cpu_ms"], "grad_cpu_ms": grad["cpu_ms"], "floor": k + 3}
-            costs.append(
-                c | {"cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"], "num_hvps": cg["num_hvps"]}
-            )
-        row(
-            k,
-            f'Neumann({k}, alpha="auto")',
-            *group(k, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto")),
-        )
+            c |= {"cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"], "num_hvps": cg["num_hvps"]}
+            costs.append(c)
+        auto = group(k, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto"))
+        row(k, f'Neumann({k}, alpha="auto")', *auto)
         peer = ("neumann", "neumann", alpha, False)
         o, *t = group(k, "Neumann 1/L", lambda s, k=k: hg.Neumann(k, alpha=alpha), peer)
-        row(
-            k,
-            f"Neumann({k}, alpha=1/L={alpha:.3g})",
-            o,
-            *(t + [f"neumann lr={alpha:.3g}"] if t else []),
-        )
+        label = [f"neumann lr={alpha:.3g}"] if t else []
+        row(k, f"Neumann({k}, alpha=1/L={alpha:.3g})", o, *(t + label))
         for sketch in ("column", "gaussian"):
             for rho in rhos:
                 make = lambda s, k=k, rho=rho, sk=sketch: hg.Nystrom(k, rho, sk, seed=s)  # noqa: E731
                 peer = ("nystrom", "nystrom", rho, True) if sketch == "column" else None
-                o, *t = group(
-                    k, f"Nystrom {sketch[:3] if sketch == 'column' else 'gauss'}", make, peer
-                )
+                key = f"Nystrom {sketch[:3] if sketch == 'column' else 'gauss'}"
+                o, *t = group(k, key, make, peer)
                 label = [f"nystrom rank={k} rho={rho:.3g}"] if t else []
                 row(k, f"Nystrom(rank={k}, rho={rho:.3g}, {sketch})", o, *(t + label))
         r, it = k // 2, k - k // 2
@@ -147,13 +136,8 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
     (o,) = group(0, "Identity", lambda s: hg.Identity(scale=alpha))
     row(0, f"Identity(scale=1/L={alpha:.3g})", o)
     rows.insert(0, rows.pop())
-    return {
-        "alpha": alpha,
-        "rhos": rhos,
-        "grad_ms": grad["ms"],
-        "rows": rows,
-        "cg_cost_ratio": costs,
-    }
+    out = {"alpha": alpha, "rhos": rhos, "grad_ms": grad["ms"], "rows": rows}
+    return out | {"cg_cost_ratio": costs}
 
 
 def render_problem(name: str, pb: dict[str, Any]) -> str:
@@ -231,13 +215,8 @@ def plot(data: dict[str, Any], out: Any) -> Any:
             pts.sort()
             label = key if side == "ours" else f"hypergrad 0.0.1 {key}"
             for j in (0, 1):
-                axes[j][col].plot(
-                    [p[j] for p in pts],
-                    [p[2] for p in pts],
-                    "-o" if side == "ours" else "--x",
-                    ms=3,
-                    label=label,
-                )
+                xy = [p[j] for p in pts], [p[2] for p in pts]
+                axes[j][col].plot(*xy, "-o" if side == "ours" else "--x", ms=3, label=label)
         axes[0][col].set(title=name, xlabel="Hessian-vector products", xscale="log")
         axes[1][col].set(xlabel="ms per hypergradient", xscale="log")
         for ax in axes[:, col]:
@@ -247,47 +226,40 @@ def plot(data: dict[str, Any], out: Any) -> Any:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--budgets", type=int, nargs="+", help="products per hypergradient")
-    p.add_argument("--repeats", type=int, help="timed calls per solver (default 9, quick 1)")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--problems", nargs="+", choices=("ridge", "logreg", "mlp"))
-    p.add_argument("--no-hypergrad", action="store_true", help="skip the seed library")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    q = args.quick
-    budgets, repeats = (
-        args.budgets or ([2] if q else [5, 10, 20, 50, 100]),
-        args.repeats or (1 if q else 9),
-    )
-    hgrad, version = (
-        (None, "skipped")
-        if args.no_hypergrad
-        else H.import_peer("hypergrad.approx_hypergrad", "hypergrad")
-    )
-    rep = H.Report(NAME, TITLE, args, hypergrad=version if hgrad else None)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    q, hgrad, version = args.quick, None, "skipped"
+    if not args.no_hypergrad:
+        hgrad, version = H.import_peer("hypergrad.approx_hypergrad", "hypergrad")
+    rep.machine["hypergrad"] = version if hgrad else None
     builders = {
         "ridge": lambda: H.ridge(args.seed, 40 if q else 200, 10 if q else 50),
         "logreg": lambda: H.logreg(args.seed),
-        "mlp": lambda: (
-            H.digits_mlp(args.seed, 4, 100, (1e-2, 1e-1)) if q else H.digits_mlp(args.seed)
-        ),
+        "mlp": lambda: H.digits_mlp(args.seed, *((4, 100, (1e-2, 1e-1)) if q else ())),
     }
     out: dict[str, Any] = {}
-    for name in args.problems or (["ridge", "logreg"] if q else list(builders)):
+    for name in args.problems:
         H.log(f"[{name}] inner problem and reference ...")
         pb = builders[name]()
         ref, dtype = reference(pb), getattr(torch, args.dtype)
         cast = pb.cast(dtype, torch.float64 if args.dtype == "float64" else None)
-        res = benchmark(cast, ref, budgets, repeats, hgrad)
+        res = benchmark(cast, ref, args.budgets, args.repeats, hgrad)
         ref.pop("h")
         out[name] = {"description": pb.description, "setup": pb.setup, **ref, **res}
-    rep.write({"budgets": budgets, "repeats": repeats, "problems": out}, render, plot)
-    return 0
+    return {"budgets": args.budgets, "repeats": args.repeats, "problems": out}
+
+
+OPTIONS = [
+    H.option("--budgets", [10], [5, 10, 20, 50, 100], type=int, nargs="+", help="products"),
+    H.option("--repeats", 1, 9, type=int, help="timed calls per solver"),
+    H.option("--dtype", choices=("float64", "float32"), default="float64"),
+    H.option("--problems", ["ridge", "logreg"], ["ridge", "logreg", "mlp"], nargs="+"),
+    H.option("--no-hypergrad", action="store_true", help="skip the seed library"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

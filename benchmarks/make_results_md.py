@@ -39,11 +39,8 @@ def implicit_solvers(d: dict) -> dict[str, str]:
         for k in ks:
             at = [r for r in pb["rows"] if r["k"] == k]
             by = {r["solver"].split("(")[0]: r for r in at if r["ours"]}
-            nys = next(
-                r
-                for r in at
-                if r["solver"].startswith("Nystrom(rank=") and "rho=0.1, col" in r["solver"]
-            )
+            nys = [r for r in at if r["solver"].startswith("Nystrom(rank=")]
+            nys = next(r for r in nys if "rho=0.1, col" in r["solver"])
             cg, ne, o = by["CG"], by["Neumann"], by["CG"]["ours"]
             ours = f"{o['rel_err']:.2f}" if o["rel_err"] >= 0.1 else e(o["rel_err"])
             if o["num_hvps"] < k:
@@ -68,10 +65,8 @@ def hvp_cost(d: dict) -> dict[str, str]:
         zip(labels + ["tanh MLP on MNIST, 269,322 params"], d["results"])
     ):
         by = {r["what"]: r for r in res["rows"]}
-        cells = [label] + [
-            f"{by[w]['gradients']:.2f}"
-            for w in ("hvp (retained graph)", "jvp(grad) fresh", "vjp(grad) fresh")
-        ]
+        whats = ("hvp (retained graph)", "jvp(grad) fresh", "vjp(grad) fresh")
+        cells = [label] + [f"{by[w]['gradients']:.2f}" for w in whats]
         for k in (10, 50):
             r = by[f"implicit, {k} products"]
             cells.append(f"{r['gradients']:.1f}" + (f" (floor {r['floor']})" if i else ""))
@@ -101,9 +96,8 @@ def hyperoptimizer_methods(d: dict) -> dict[str, str]:
             [label, f"{ratio:.1f}" if ratio < 100 else f"{ratio:.0f}", f"{s[key]['val']:.4f}"]
         )
     untuned = next(v for k, v in s.items() if k.startswith("untuned"))
-    return {
-        "hopt_table": rows(out),
-        "hopt_steps": str(h["steps"]),
+    out = {"hopt_table": rows(out), "hopt_steps": str(h["steps"])}
+    return out | {
         "hopt_untuned": f"{untuned['val']:.4f}",
         "hopt_exact": f"{h['exact']['val'][h['exact_at']]:.4f}",
     }
@@ -122,11 +116,8 @@ def vs_optuna(d: dict) -> dict[str, str]:
             tg = t["targets"][owner]
             mine, hgr = tg["reached"][owner], tg["reached"]["hypergradient"]
             if tg["is_start"]:
-                cells.append(
-                    f"Optuna never improved on the start in {t['budget']:.0f} s"
-                    if owner == "tpe"
-                    else ""
-                )
+                never = f"Optuna never improved on the start in {t['budget']:.0f} s"
+                cells.append(never if owner == "tpe" else "")
             elif hgr is None:
                 cells.append("not reached by the hypergradient")
             elif owner == "tpe":
@@ -209,21 +200,14 @@ def distributed(d: dict) -> dict[str, str]:
         if r["kind"] != "allreduce"
         for b in r["background_cores_kept_rounds"]
     ]
-    return {
-        "dist_table": rows(out),
-        "dist_repeats": str(d["repeats"]),
-        "dist_bg": f"{min(bg):.2f}-{max(bg):.2f}",
-    }
+    out = {"dist_table": rows(out), "dist_repeats": str(d["repeats"])}
+    return out | {"dist_bg": f"{min(bg):.2f}-{max(bg):.2f}"}
 
 
 SECTIONS: dict[str, Callable[[dict], dict[str, str]]] = {
-    "implicit_solvers": implicit_solvers,
-    "hvp_cost": hvp_cost,
-    "hyperoptimizer_methods": hyperoptimizer_methods,
-    "vs_optuna": vs_optuna,
-    "scale": scale,
-    "mixed_precision": mixed_precision,
-    "distributed": distributed,
+    f.__name__: f
+    for f in (implicit_solvers, hvp_cost, hyperoptimizer_methods, vs_optuna, scale)
+    + (mixed_precision, distributed)
 }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,59 +58,45 @@ def autocast_trained(p: H.Bilevel, Hd: Tensor, iters: int = 20) -> tuple[tuple, 
     g64 = torch.func.grad(lambda t: p.inner_loss(H.unflat(t, p.params), p.hparams))(theta.double())
     info = {"autocast_grad_norm_last": norms[-1], "autocast_grad_norm_min": min(norms)}
     info |= {"float64_grad_norm": float(g64.norm())}
-    return H.unflat(theta, p.params), info | {
-        "distance_to_theta_star_rel": H.relative_error(theta, H.flat(p.params))
-    }
+    info["distance_to_theta_star_rel"] = H.relative_error(theta, H.flat(p.params))
+    return H.unflat(theta, p.params), info
 
 
 def inputs(p: H.Bilevel, mode: str, ac_params: tuple, start: tuple | None = None) -> tuple:
     """(params, hparams, autocast?) of a mode; ``start`` replaces the inner optimum."""
     params = start or p.params
-    params = (
-        ac_params
-        if mode.startswith("ac-")
-        else tuple(t.to(BF16 if "bf16" in mode else torch.float32) for t in params)
-    )
+    params = tuple(t.to(BF16 if "bf16" in mode else torch.float32) for t in params)
+    params = ac_params if mode.startswith("ac-") else params
     return params, tuple(h.float() for h in p.hparams), mode.endswith("autocast")
 
 
-def measure(
-    row: dict, call: Callable[[bool], Any], ref: Tensor, same64: Tensor | None, repeats: int
-) -> dict:
+def measure(row: dict, call: Callable, ref: Tensor, same64: Tensor | None, repeats: int) -> dict:
     """Accuracy of ``call(True) = (h, info or None)``, then ``repeats`` timed ``call(False)``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hg.HypergradientWarning)
             h, info = call(True)
             h = H.flat(h)
-            row |= {
-                "rel_err": H.relative_error(h, ref),
-                "cos": H.cosine(h, ref),
-                "out_dtype": str(h.dtype)[6:],
-            }
+            row |= {"rel_err": H.relative_error(h, ref), "cos": H.cosine(h, ref)}
+            row["out_dtype"] = str(h.dtype)[6:]
             if same64 is not None:
                 row["vs_same_f64"] = H.relative_error(h, same64)
             if info is not None:
-                row |= {
-                    "status": info.status,
-                    "num_hvps": info.num_hvps,
-                    "inner_grad_norm": info.inner_grad_norm,
-                }
+                row |= {"status": info.status, "num_hvps": info.num_hvps}
+                row["inner_grad_norm"] = info.inner_grad_norm
             if row["mode"] in TIMED and repeats > 0:
                 t = [H.timed_call(lambda: call(False))[1:] for _ in range(repeats)]
-                row |= {
-                    "ms": H.median([w for w, _ in t]),
-                    "cpu_ms": H.median([c for _, c in t]),
-                    "ms_all": [w for w, _ in t],
-                }
+                row |= {"ms": H.median([w for w, _ in t]), "cpu_ms": H.median([c for _, c in t])}
+                row["ms_all"] = [w for w, _ in t]
     except Exception as exc:  # reported in the table
         row["error"] = H.error_text(exc, 160)
     return row
 
 
 def problem_rows(
-    p: H.Bilevel, ref: Tensor, ac_params: tuple, repeats: int, steps: int, lr: float
+    p: H.Bilevel, ref: Tensor, ac: tuple, repeats: int, steps: int, lr: float
 ) -> tuple:
+    ac_params = ac
     f, g, rows = p.inner_loss, p.outer_loss, []
     for sname, make in SOLVERS.items():
         same64 = H.flat(hg.implicit(f, g, p.params, p.hparams, make(), damping=p.damping))
@@ -135,11 +120,8 @@ def problem_rows(
             with autocast(ac):
                 return hg.unrolled(f, g, a, b, steps, hg.optim.sgd(lr)), None
 
-        unr.append(
-            measure(
-                {"solver": f"unrolled SGD T={steps}", "mode": mode}, call_u, ref_u, None, repeats
-            )
-        )
+        row = {"solver": f"unrolled SGD T={steps}", "mode": mode}
+        unr.append(measure(row, call_u, ref_u, None, repeats))
     return rows, unr
 
 
@@ -174,10 +156,8 @@ def render(d: dict[str, Any]) -> list[str]:
             }
             x |= {m: by[(s, m)].get("rel_err") for m in MODES}
             if s == "CG":
-                x |= {
-                    "unrolled autocast": ub["autocast"].get("rel_err"),
-                    "unrolled bf16": ub["bf16 params"].get("rel_err"),
-                }
+                x["unrolled autocast"] = ub["autocast"].get("rel_err")
+                x["unrolled bf16"] = ub["bf16 params"].get("rel_err")
             summary.append(x)
         notes = [
             H.facts(pb["setup"]),
@@ -190,10 +170,8 @@ def render(d: dict[str, Any]) -> list[str]:
         ]
         cols = "solver|mode|rel_err:.2e|cos:.6f|vs_same_f64:.2e|status|num_hvps:d|out_dtype"
         cols += "|ms:.3g|cpu_ms:.3g|error"
-        sections.append(
-            f"### {name}: {pb['description']}\n\n{H.bullets(notes)}\n\n"
-            + H.dict_table(pb["implicit"] + pb["unrolled"], cols)
-        )
+        table = H.dict_table(pb["implicit"] + pb["unrolled"], cols)
+        sections.append(f"### {name}: {pb['description']}\n\n{H.bullets(notes)}\n\n{table}")
     notes = [
         f"CPU flags: {d['machine'].get('cpu_flags')}; reference h* = hg.Exact() in float64; "
         f"median of {d['repeats']} timed calls; unrolled: {d['unrolled_steps']} SGD steps, "
@@ -216,79 +194,58 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     fig, axes = H.pyplot().subplots(1, len(probs), figsize=(5.5 * len(probs), 4.5), squeeze=False)
     for ax, (name, pb) in zip(axes[0], probs.items()):
         rows = [r for r in pb["implicit"] + pb["unrolled"] if r.get("rel_err") is not None]
-        solvers, modes = (
-            list(dict.fromkeys(r["solver"] for r in rows)),
-            list(dict.fromkeys(r["mode"] for r in rows)),
-        )
+        solvers, modes = (list(dict.fromkeys(r[k] for r in rows)) for k in ("solver", "mode"))
         width = 0.8 / max(len(modes), 1)
         for j, mode in enumerate(modes):
-            pts = [
-                (i + j * width, max(r["rel_err"], 1e-17))
+            at = [
+                (i, r)
                 for i, s in enumerate(solvers)
                 for r in rows
                 if (r["solver"], r["mode"]) == (s, mode)
             ]
+            pts = [(i + j * width, max(r["rel_err"], 1e-17)) for i, r in at]
             ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=mode)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(solvers))], solvers, fontsize=7)
-        ax.set(
-            yscale="log",
-            ylabel="relative error vs float64 exact",
-            title=f"{name} (condition number {pb['cond']:.3g})",
-        )
+        title = f"{name} (condition number {pb['cond']:.3g})"
+        ax.set(yscale="log", ylabel="relative error vs float64 exact", title=title)
         ax.axhline(2.0**-8, color="k", ls=":", lw=1)
     axes[0][0].legend(fontsize=7)
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--repeats", type=int, help="timed calls per mode (default 5, quick 1)")
-    p.add_argument("--hidden", type=int, default=16, help="MLP hidden width (default 16)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    repeats, steps = (
-        args.repeats if args.repeats is not None else (1 if args.quick else 5),
-        5 if args.quick else 20,
-    )
-    flags = ""
+def problem(p: H.Bilevel, repeats: int, steps: int) -> dict[str, Any]:
+    H.log(f"[{p.name}] {p.setup['inner_solver']}")
+    Hd, args = H.dense_hessian(p), (p.inner_loss, p.outer_loss, p.params, p.hparams)
+    ev, ref = torch.linalg.eigvalsh(Hd), H.flat(hg.implicit(*args, hg.Exact(), damping=p.damping))
+    ac_params, ac = autocast_trained(p, Hd)
+    info = {"lambda_min": float(ev[0]), "lambda_max": float(ev[-1]), "ac": ac}
+    info |= {"cond": float((ev[-1] + p.damping) / (ev[0] + p.damping)), "ref_norm": ref.norm()}
+    info |= {"ref_check": H.relative_error(ref, H.dense_hypergradient(p, Hd))}
+    rows, urows = problem_rows(p, ref, ac_params, repeats, steps, 1.0 / float(ev[-1]))
+    info |= {"grad_ms": gradient_ms(p, repeats), "unrolled_lr": 1.0 / float(ev[-1])}
+    info |= {"implicit": rows, "unrolled": urows}
+    return {"description": p.description, "setup": p.setup, "damping": p.damping} | info
+
+
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    flags, steps = "", 5 if args.quick else 20
     with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
         flags = " ".join(f for f in ("avx2", "avx512_bf16", "avx512f", "amx_bf16") if f in text)
-    rep = H.Report(
-        NAME, TITLE, args, cpu_flags=flags, cpu_capability=torch.backends.cpu.get_cpu_capability()
-    )
+    rep.machine |= {"cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     hidden, iters = (4, 100) if args.quick else (args.hidden, 1000)
     builders = [lambda: logreg(-1.0)] + [lambda: logreg(-3.0)] * (not args.quick)
-    builders.append(lambda: H.digits_mlp(args.seed, hidden, iters, rounds=10, require_pd=False))
-    out = {}
-    for build in builders:
-        p = build()
-        H.log(f"[{p.name}] {p.setup['inner_solver']}")
-        Hd = H.dense_hessian(p)
-        ev = torch.linalg.eigvalsh(Hd)
-        ref = H.flat(
-            hg.implicit(
-                p.inner_loss, p.outer_loss, p.params, p.hparams, hg.Exact(), damping=p.damping
-            )
-        )
-        ac_params, ac = autocast_trained(p, Hd)
-        info = {"lambda_min": float(ev[0]), "lambda_max": float(ev[-1]), "ac": ac}
-        info |= {
-            "cond": float((ev[-1] + p.damping) / (ev[0] + p.damping)),
-            "ref_norm": float(ref.norm()),
-        }
-        info |= {
-            "ref_check": H.relative_error(ref, H.dense_hypergradient(p, Hd)),
-            "grad_ms": gradient_ms(p, repeats),
-        }
-        rows, urows = problem_rows(p, ref, ac_params, repeats, steps, 1.0 / float(ev[-1]))
-        info |= {"unrolled_lr": 1.0 / float(ev[-1]), "implicit": rows, "unrolled": urows}
-        out[p.name] = {"description": p.description, "setup": p.setup, "damping": p.damping} | info
-    rep.write({"repeats": repeats, "unrolled_steps": steps, "problems": out}, render, plot)
-    return 0
+    rounds = 1 if args.quick else 10
+    builders.append(lambda: H.digits_mlp(args.seed, hidden, iters, rounds=rounds, require_pd=False))
+    out = {p.name: problem(p, args.repeats, steps) for p in (b() for b in builders)}
+    return {"repeats": args.repeats, "unrolled_steps": steps, "problems": out}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    opts = [H.option("--repeats", 1, 5, type=int, help="timed calls per mode")]
+    opts.append(H.option("--hidden", type=int, default=16, help="MLP hidden width"))
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=opts)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

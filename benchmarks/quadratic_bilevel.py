@@ -8,7 +8,6 @@ Problem, solvers and settings: benchmarks/README.md.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ POWER_ITERS, NYSTROM_MAX_RANK = 20, 500
 TRUNCATIONS = (1, 2, 5, 10, 20, 50, 100, 200)
 
 
-def run(cases: list[H.Case], repeats: int, ref: torch.Tensor) -> list[dict[str, Any]]:
+def timed(cases: list[H.Case], repeats: int, ref: torch.Tensor) -> list[dict[str, Any]]:
     """Interleaved; more timed calls for cheap groups (short calls are the noisiest)."""
     n = lambda w: max(repeats, 7) if w < 30 else max(repeats, 5) if w < 150 else repeats  # noqa: E731
     out = []
@@ -58,7 +57,9 @@ def implicit_part(pb: H.Quadratic, budgets: Sequence[int], repeats: int) -> tupl
     extra = {"lambda_min": lmin, "lambda_max": lmax, "rho_median": rmed, "rho_low": lmin / 100}
     H.log(f"  [{pb.name}] Identity, Exact")
     ident = implicit_case(pb, "Identity(1/L)", 0, lambda s: hg.Identity(scale=1.0 / lmax))
-    res = run([ident, implicit_case(pb, "Exact()", pb.d, lambda s: hg.Exact())], repeats, pb.h_star)
+    res = timed(
+        [ident, implicit_case(pb, "Exact()", pb.d, lambda s: hg.Exact())], repeats, pb.h_star
+    )
     for k in [k for k in budgets if k <= 5 * pb.d]:
         H.log(f"  [{pb.name}] k = {k}")
         group = [implicit_case(pb, "CG", k, lambda s, k=k: hg.CG(maxiter=k, tol=0.0), k=k)]
@@ -71,7 +72,7 @@ def implicit_part(pb: H.Quadratic, budgets: Sequence[int], repeats: int) -> tupl
         if k >= 2:
             pcg = lambda s, r=k // 2, it=k - k // 2: hg.NystromPCG(r, maxiter=it, tol=0.0, seed=s)  # noqa: E731
             group.append(implicit_case(pb, "NystromPCG", k, pcg, k=k))
-        res += run(group, repeats, pb.h_star)
+        res += timed(group, repeats, pb.h_star)
     return res, extra
 
 
@@ -79,20 +80,13 @@ def batched_vs_sequential(pb: H.Quadratic, r: int, repeats: int) -> dict[str, An
     """Time of r products: batched (``matmat``, vmapped backward) vs r ``matvec`` calls."""
     op = hg.HessianOperator(pb.f, pb.theta_star, pb.phi)
     V = torch.randn(r, pb.d, generator=torch.Generator().manual_seed(1), dtype=F64)
-    cases = [
-        H.Case("b", lambda s: op.matmat(V)),
-        H.Case("s", lambda s: torch.stack([op.matvec(v) for v in V])),
-    ]
+    cases = [H.Case("b", lambda s: op.matmat(V))]
+    cases.append(H.Case("s", lambda s: torch.stack([op.matvec(v) for v in V])))
     b, s = H.interleave(cases, repeats)
     op.release()
     diff = float((b.warm - s.warm).abs().max() / s.warm.abs().max())
-    return {
-        "r": r,
-        "batched_ms": b.ms,
-        "sequential_ms": s.ms,
-        "ratio": b.ms / s.ms,
-        "max_rel_diff": diff,
-    }
+    out = {"r": r, "batched_ms": b.ms, "sequential_ms": s.ms, "ratio": b.ms / s.ms}
+    return out | {"max_rel_diff": diff}
 
 
 def trajectory_part(pb: H.Quadratic, horizons: Sequence[int], repeats: int) -> tuple[list, dict]:
@@ -112,16 +106,13 @@ def trajectory_part(pb: H.Quadratic, horizons: Sequence[int], repeats: int) -> t
             m = meta | {"x": kw.get("truncate", T)} | ({"K": kw["truncate"]} if kw else {})
             return H.Case(key, lambda s: fn(pb.f, pb.g, theta0, pb.phi, T, opt, **kw), info, meta=m)
 
-        group = [
-            case("unrolled", hg.unrolled),
-            case("forward_mode", hg.forward_mode),
-            case("drmad", hg.drmad),
-        ]
+        group = [case("unrolled", hg.unrolled), case("forward_mode", hg.forward_mode)]
+        group.append(case("drmad", hg.drmad))
         if T == max(horizons):
             group += [
                 case(f"truncated (T={T})", hg.unrolled, truncate=K) for K in TRUNCATIONS if K < T
             ]
-        res += [r | {"x": r["meta"].get("K", T)} for r in run(group, repeats, ref)]
+        res += [r | {"x": r["meta"].get("K", T)} for r in timed(group, repeats, ref)]
         unrolled = hg.unrolled(pb.f, pb.g, theta0, pb.phi, T, opt)
         checks[f"T={T}: hg.unrolled vs closed form"] = H.relative_error(unrolled, ref)
     return res, checks
@@ -155,34 +146,25 @@ def markdown(name: str, e: dict[str, Any], budgets: list[int]) -> str:
     by = {(r["key"], r["meta"].get("k")): r for r in res}
     ks = [k for k in budgets if any((key, k) in by for key in keys)]
     tables = []
-    for title, col in (("relative error", "rel_err:.2e"), ("cosine", "cos:.6f"), ("ms", "ms:.3g")):
+    for title, col in (
+        ("relative error by budget k", "rel_err:.2e"),
+        ("cosine by budget k", "cos:.6f"),
+        ("ms by budget k", "ms:.3g"),
+        ("products reported (num_hvps)", "num_hvps:d"),
+    ):
         key, spec = col.split(":")
+        get = lambda r, key=key: r[key] if key in r else r["diagnostics"].get(key)  # noqa: E731
         rows = [
-            {"solver": s} | {f"k={k}": by[(s, k)][key] for k in ks if (s, k) in by} for s in keys
+            {"solver": s} | {f"k={k}": get(by[(s, k)]) for k in ks if (s, k) in by} for s in keys
         ]
-        tables.append(
-            f"{title} by budget k:\n\n"
-            + H.dict_table(rows, "|".join(["solver"] + [f"k={k}:{spec}" for k in ks]))
-        )
-    rows = [
-        {"solver": s}
-        | {f"k={k}": by[(s, k)]["diagnostics"].get("num_hvps") for k in ks if (s, k) in by}
-        for s in keys
-    ]
-    tables.append(
-        "products reported (num_hvps):\n\n"
-        + H.dict_table(rows, "|".join(["solver"] + [f"k={k}:d" for k in ks]))
-    )
-    traj = [
-        r
-        | {"method": r["key"], "T": r["meta"]["T"], "gap": r["meta"]["T_step_vs_implicit"]}
-        | {
-            "reverse_steps": r["diagnostics"].get("reverse_steps")
-            if r["key"] != "forward_mode"
-            else f"{r['meta']['T']} x {e['p']} tangents"
-        }
-        for r in e["trajectory_results"]
-    ]
+        table = H.dict_table(rows, "|".join(["solver"] + [f"k={k}:{spec}" for k in ks]))
+        tables.append(f"{title}:\n\n{table}")
+    traj = []
+    for r in e["trajectory_results"]:
+        rev = r["diagnostics"].get("reverse_steps")
+        rev = f"{r['meta']['T']} x {e['p']} tangents" if r["key"] == "forward_mode" else rev
+        x = {"method": r["key"], "T": r["meta"]["T"], "gap": r["meta"]["T_step_vs_implicit"]}
+        traj.append(r | x | {"reverse_steps": rev})
     cols = "method|T:d|reverse_steps|gap:.3g|rel_err:.2e|cos:.6f|ms:.3g|cpu_ms:.3g|error"
     return (
         f"## {name}: d = {e['d']}, p = {e['p']}, cond(A) = {e['cond']:g}\n\n{H.bullets(facts)}\n\n"
@@ -239,40 +221,38 @@ def render(d: dict[str, Any]) -> list[str]:
     return [H.bullets(notes)] + [markdown(n, e, st["budgets"]) for n, e in d["problems"].items()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--repeats", type=int, help="timed calls per method (default 3, quick 1)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    q, rep = args.quick, H.Report(NAME, TITLE, args)
+def problem(d: int, cond: float, seed: int, budgets: list, horizons: tuple, repeats: int) -> tuple:
+    pb = H.quadratic(d, cond, seed)
+    H.log(f"[{pb.name}] reference and checks ...")
+    grad_f = torch.func.grad(pb.f)(pb.theta_star, pb.phi)
+    exact = hg.implicit(pb.f, pb.g, pb.theta_star, pb.phi, hg.Exact())
+    e = {"d": d, "p": pb.p, "cond": cond, "h_star_norm": float(pb.h_star.norm())}
+    e |= {"direct_ratio": float(pb.direct.norm() / pb.h_star.norm())}
+    e |= {"theta_star_norm": float(pb.theta_star.norm())}
+    e["checks"] = {"hg.Exact vs closed form": H.relative_error(exact, pb.h_star)}
+    e["checks"] |= {"||grad_theta f(theta*)||": float(grad_f.norm())}
+    e["checks"] |= {"cond(A) measured": float(pb.evals[-1] / pb.evals[0])}
+    e["implicit_results"], e["implicit_extra"] = implicit_part(pb, budgets, repeats)
+    e["batched_vs_sequential"] = batched_vs_sequential(pb, min(pb.d, 100), max(repeats, 5))
+    e["trajectory_results"], e["trajectory_checks"] = trajectory_part(pb, horizons, repeats)
+    return pb.name, e
+
+
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    q = args.quick
     specs = ((20, 10.0),) if q else ((100, 10.0), (100, 1e4), (1000, 1e2), (1000, 1e4))
     budgets = [1, 2] if q else [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
-    horizons, repeats = ((3,), args.repeats or 1) if q else ((10, 30, 100), args.repeats or 3)
-    out: dict[str, Any] = {}
-    for d, cond in specs:
-        pb = H.quadratic(d, cond, args.seed)
-        H.log(f"[{pb.name}] reference and checks ...")
-        grad_f = torch.func.grad(pb.f)(pb.theta_star, pb.phi)
-        exact = hg.implicit(pb.f, pb.g, pb.theta_star, pb.phi, hg.Exact())
-        e = {"d": d, "p": pb.p, "cond": cond, "h_star_norm": float(pb.h_star.norm())}
-        e |= {"direct_ratio": float(pb.direct.norm() / pb.h_star.norm())}
-        e |= {"theta_star_norm": float(pb.theta_star.norm())}
-        e["checks"] = {"hg.Exact vs closed form": H.relative_error(exact, pb.h_star)}
-        e["checks"] |= {"||grad_theta f(theta*)||": float(grad_f.norm())}
-        e["checks"] |= {"cond(A) measured": float(pb.evals[-1] / pb.evals[0])}
-        e["implicit_results"], e["implicit_extra"] = implicit_part(pb, budgets, repeats)
-        e["batched_vs_sequential"] = batched_vs_sequential(pb, min(pb.d, 100), max(repeats, 5))
-        e["trajectory_results"], e["trajectory_checks"] = trajectory_part(pb, horizons, repeats)
-        out[pb.name] = e
-    settings = {"budgets": budgets, "horizons": list(horizons), "repeats": repeats, "p": 10}
+    horizons, reps = ((3,), args.repeats) if q else ((10, 30, 100), args.repeats)
+    out = dict(problem(d, cond, args.seed, budgets, horizons, reps) for d, cond in specs)
+    settings = {"budgets": budgets, "horizons": list(horizons), "repeats": reps, "p": 10}
     settings |= {"mu": 0.1, "L_cross": 1.0, "nystrom_max_rank": NYSTROM_MAX_RANK}
-    rep.write(
-        {"settings": settings | {"truncations": list(TRUNCATIONS)}, "problems": out}, render, plot
-    )
-    return 0
+    return {"settings": settings | {"truncations": list(TRUNCATIONS)}, "problems": out}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    opts = [H.option("--repeats", 1, 3, type=int, help="timed calls per method")]
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=opts)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

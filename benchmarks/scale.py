@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,10 +92,7 @@ class Result:
 def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None) -> dict:
     """Losses, weights, hyperparameters and batches of one configuration."""
     n_train, P = len(y) - 1000, param_count(cfg.width)
-    batch, val = (
-        (X[:BATCH], y[:BATCH]),
-        (X[n_train : n_train + BATCH], y[n_train : n_train + BATCH]),
-    )
+    batch, val = (X[:BATCH], y[:BATCH]), (X[n_train:][:BATCH], y[n_train:][:BATCH])
     params = H.mlp_init(
         (IN, cfg.width, cfg.width, OUT), torch.Generator().manual_seed(0), torch.float32
     )
@@ -124,11 +120,8 @@ def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None)
         return F.cross_entropy(H.mlp_forward(p, b[0]), b[1]) + penalty(p, h)
 
     starts = [(t * BATCH) % (n_train - BATCH) for t in range(cfg.steps)]
-    pb |= {
-        "hparams": h,
-        "inner_batch": inner_batch,
-        "batches": [(X[s : s + BATCH], y[s : s + BATCH]) for s in starts],
-    }
+    pb |= {"hparams": h, "inner_batch": inner_batch}
+    pb["batches"] = [(X[s : s + BATCH], y[s : s + BATCH]) for s in starts]
     pb |= {"inner": lambda p, h: inner_batch(p, h, batch)}
     return pb | {"outer": lambda p, h: F.cross_entropy(H.mlp_forward(p, val[0]), val[1])}
 
@@ -224,20 +217,17 @@ def pretrain(width: int, X: torch.Tensor, y: torch.Tensor, steps: int) -> dict[s
     while pb["damping"] < lam:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hg.HypergradientWarning)
+            kw = {"damping": pb["damping"], "return_info": True}
             statuses = [
-                hg.implicit(
-                    f, g, params, h, solver(s, pb), damping=pb["damping"], return_info=True
-                )[1].status
+                hg.implicit(f, g, params, h, solver(s, pb), **kw)[1].status
                 for s in ("CG", "NystromPCG")
             ]
         if "negative_curvature" not in statuses:
             break
         pb["damping"] *= 2
     info = {"seconds": time.perf_counter() - t0, "grad_norm": grad_norm, "lambda_max": float(lam)}
-    return {
-        "info": info | {"damping": pb["damping"]},
-        "trained": {k: pb[k] for k in ("params", "lam_max", "damping")},
-    }
+    trained = {k: pb[k] for k in ("params", "lam_max", "damping")}
+    return {"info": info | {"damping": pb["damping"]}, "trained": trained}
 
 
 def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tuple[list, str]:
@@ -276,9 +266,8 @@ def cells(r: dict[str, Any], key: tuple[str, str], unit: float | None = None) ->
     if "num_hvps" in i:
         notes = f"{i['num_hvps']} hvps, {i['status']}"
     elif "stored_states" in i:
-        notes = f"{i['stored_states']} states" + (
-            f", {i['recomputed_steps']} recomputed" if i.get("recomputed_steps") else ""
-        )
+        more = f", {i['recomputed_steps']} recomputed" if i.get("recomputed_steps") else ""
+        notes = f"{i['stored_states']} states{more}"
     out = r | {key[0]: key[1], "method": r["config"]["method"], "notes": notes, "in_grads": None}
     if unit and r["ok"]:
         out["in_grads"] = r["cpu_seconds"] / unit
@@ -292,28 +281,18 @@ def slopes(rows: list[dict], x: str, top: float) -> str:
         ok = [r for r in rows if r["ok"] and r["config"]["method"] == method]
         s = {"method": method}
         for part, sub in (("all", ok), (f">= {top:g}", [r for r in ok if r[x] >= top])):
-            for y in ("seconds", "cpu_seconds", "peak_mb"):
+            for y in YS:
                 pts = [(r[x], r[y]) for r in sub if not H.bad(r[y])]
-                fit = (
-                    np.polyfit(
-                        np.log([p[0] for p in pts]), np.log([max(p[1], 1e-9) for p in pts]), 1
-                    )[0]
-                    if len(pts) > 1
-                    else None
-                )
+                xs, ys = np.log([p[0] for p in pts]), np.log([max(p[1], 1e-9) for p in pts])
+                fit = np.polyfit(xs, ys, 1)[0] if len(pts) > 1 else None
                 s[f"{y}, {part}"] = fit
         out.append(s)
-    cols = "|".join(
-        ["method"]
-        + [
-            f"{y}, {p}:.2f"
-            for p in ("all", f">= {top:g}")
-            for y in ("seconds", "cpu_seconds", "peak_mb")
-        ]
-    )
+    parts = ("all", f">= {top:g}")
+    cols = "|".join(["method"] + [f"{y}, {p}:.2f" for p in parts for y in YS])
     return f"Log-log slopes against {x} (0 = flat, 1 = linear):\n\n" + H.dict_table(out, cols)
 
 
+YS = ("seconds", "cpu_seconds", "peak_mb")
 COLS = "{}|method|num_hparams:,|seconds:.4g|cpu_seconds:.4g|in_grads:.1f|peak_mb:.1f|xP:.1f|notes"
 
 
@@ -325,11 +304,8 @@ def render(d: dict[str, Any]) -> list[str]:
         "trained weights with the smallest damping without negative curvature:\n\n" + H.bullets(pre)
     )
     if res.get("params"):
-        unit = {
-            r["params"]: r["cpu_seconds"]
-            for r in res["params"]
-            if r["config"]["method"] == "gradient" and r["ok"]
-        }
+        grads = [r for r in res["params"] if r["config"]["method"] == "gradient" and r["ok"]]
+        unit = {r["params"]: r["cpu_seconds"] for r in grads}
         rows = [cells(r, ("P", f"{r['params']:,}"), unit.get(r["params"])) for r in res["params"]]
         out.append(
             "## Time and memory vs number of parameters P (one decay per parameter)\n\n"
@@ -343,8 +319,7 @@ def render(d: dict[str, Any]) -> list[str]:
             f"## Time and memory vs number of hyperparameters m (P = "
             f"{res['hparams'][0]['params']:,})\n\nm contiguous groups of weights share a decay; "
             f"forward-mode cap {d['cap_seconds']:.0f} s. {d['forward_stopped']}\n\n"
-            + H.dict_table(rows, COLS.format("m"))
-            + "\n\n"
+            + f"{H.dict_table(rows, COLS.format('m'))}\n\n"
             + slopes(res["hparams"], "num_hparams", 10)
         )
     for malloc in ("default", "mmap"):
@@ -353,17 +328,13 @@ def render(d: dict[str, Any]) -> list[str]:
             state_mb = 8 * rows[0]["params"] / 2**20  # parameters + momentum, float32
             fits = []
             for m in ("unrolled", "unrolled ckpt", "DrMAD"):
-                pts = [
-                    (r["config"]["steps"], r["peak_mb"])
-                    for r in rows
-                    if r["ok"] and r["config"]["method"] == m
-                ]
+                ok = [r for r in rows if r["ok"] and r["config"]["method"] == m]
+                pts = [(r["config"]["steps"], r["peak_mb"]) for r in ok]
                 if len(pts) > 1:
                     s = float(np.polyfit(*zip(*pts), 1)[0])
                     fits.append(f"{m} {s:.3f} MB/step ({s / state_mb:.2f} states)")
-            table = H.dict_table(
-                [cells(r, ("T", r["config"]["steps"])) for r in rows], COLS.format("T")
-            )
+            table = [cells(r, ("T", r["config"]["steps"])) for r in rows]
+            table = H.dict_table(table, COLS.format("T"))
             out.append(
                 f"## Memory vs inner steps T, {malloc} malloc (P = {rows[0]['params']:,})\n\n"
                 f"A stored state is 2P floats ({state_mb:.2f} MB); `mmap`: "
@@ -378,10 +349,8 @@ def plot(d: dict[str, Any], out: Path) -> Path:
         H.pyplot(),
         {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)},
     )
-    specs = [
-        ("params", "params", "parameters P", "loglog"),
-        ("hparams", "num_hparams", "hyperparameters m", "loglog"),
-    ]
+    specs = [("params", "params", "parameters P", "loglog")]
+    specs.append(("hparams", "num_hparams", "hyperparameters m", "loglog"))
     for exp, x, label, scale in specs + [("steps", None, "inner steps T", "plot")]:
         rows = [r for r in d["results"].get(exp, []) if r["ok"]]
         if not rows:
@@ -414,42 +383,32 @@ def plot(d: dict[str, Any], out: Path) -> Path:
     return out / "scale_params.png"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--cap", type=float, default=None, help="forward-mode time cap (s)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration")
-    exps = ["params", "hparams", "steps"]
-    p.add_argument("--experiments", nargs="+", choices=exps, default=exps)
-    p.add_argument("--sizes", nargs="+", type=float, default=None, help="target P values")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, cap=(2.0, 60.0), repeats=(1, 5), sizes=([3e3], [1e4, 3e4, 1e5, 3e5, 1e6]))
-    q, cap, rep = args.quick, args.cap, H.Report(NAME, TITLE, args, threads_in_children=1)
-    common = {"repeats": args.repeats, "budget": 0.2 if q else 3.0}
-    X, y = H.mnist()
-    mid = width_for(3e3 if q else 1e5)
-    cfgs = {"params": [], "hparams": [], "steps": []}
-    for w in [width_for(t) for t in args.sizes]:
+def configs(q: bool, sizes: list[float], common: dict[str, Any]) -> dict[str, list[Config]]:
+    mid, c20 = width_for(3e3 if q else 1e5), round(math.sqrt(20))
+    cfgs: dict[str, list[Config]] = {"params": [], "hparams": [], "steps": []}
+    for w in [width_for(t) for t in sizes]:
         for m in ("gradient",) + IMPLICIT + TRAJECTORY:
-            hp, c = "per-layer" if m == "forward" else "per-weight", round(math.sqrt(20))
-            cfgs["params"].append(Config("params", m, w, hp, checkpoint_every=c, **common))
+            hp = "per-layer" if m == "forward" else "per-weight"
+            cfgs["params"].append(Config("params", m, w, hp, checkpoint_every=c20, **common))
     methods = ("CG", "forward") if q else IMPLICIT + ("unrolled", "DrMAD", "forward")
     for m in [4] if q else [1, 10, 100, 1000, 10_000, param_count(mid)]:
         cfgs["hparams"] += [Config("hparams", k, mid, m, **common) for k in methods]
     for malloc in ("default",) if q else ("default", "mmap"):
         for T in [2] if q else [10, 20, 40, 80, 160]:
-            c = max(1, round(math.sqrt(T)))
+            c, kw = max(1, round(math.sqrt(T))), {"malloc": malloc, **common}
             for k in ("unrolled", "unrolled ckpt", "DrMAD"):
-                cfgs["steps"].append(
-                    Config("steps", k, mid, "per-weight", T, c, malloc=malloc, **common)
-                )
+                cfgs["steps"].append(Config("steps", k, mid, "per-weight", T, c, **kw))
+    return cfgs
+
+
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    q, cap, (X, y), first = args.quick, args.cap, H.mnist(), []
+    rep.machine["threads_in_children"] = 1
+    cfgs = configs(q, args.sizes, {"repeats": args.repeats, "budget": 0.2 if q else 3.0})
     widths = {c.width for e in args.experiments for c in cfgs[e] if c.method in IMPLICIT}
     pre = {w: pretrain(w, X, y, 20 if q else 300) for w in sorted(widths)}
-    first = []
 
-    def run(cfg: Config) -> Result:
+    def one(cfg: Config) -> Result:
         cfg.steps = min(cfg.steps, 4) if q else cfg.steps
         trained = pre[cfg.width]["trained"] if cfg.width in pre else None
         if q and first:  # quick: one child process, the rest in this one
@@ -462,22 +421,26 @@ def main(argv: list[str] | None = None) -> int:
 
     results, stopped = {}, ""
     for e in args.experiments:
-        results[e], why = sweep(run, cfgs[e], cap)
+        results[e], why = sweep(one, cfgs[e], cap)
         stopped = stopped or why
     pretrained = {str(param_count(w)): v["info"] for w, v in pre.items()}
-    data = {
-        "mode": "quick" if q else "full",
-        "cap_seconds": cap,
-        "forward_stopped": stopped,
-        "pretrained": pretrained,
-    }
-    rep.write(
-        data | {"results": {e: [r.row() for r in rows] for e, rows in results.items()}},
-        render,
-        plot,
-    )
-    return 0
+    data = {"mode": "quick" if q else "full", "cap_seconds": cap, "forward_stopped": stopped}
+    rows = {e: [r.row() for r in rs] for e, rs in results.items()}
+    return data | {"pretrained": pretrained, "results": rows}
+
+
+EXPERIMENTS = ["params", "hparams", "steps"]
+OPTIONS = [
+    H.option("--cap", 2.0, 60.0, type=float, help="forward-mode time cap (s)"),
+    H.option("--repeats", 1, 5, type=int, help="timed calls per configuration"),
+    H.option("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS),
+    H.option("--sizes", [3e3], [1e4, 3e4, 1e5, 3e5, 1e6], nargs="+", type=float, help="P values"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,7 +9,6 @@ skipped with a message when missing. Problem, settings and findings: benchmarks/
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,11 +76,9 @@ def native(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
     if kind == "HOAG" and kw:
         m, e = kw["cg_max_iter"], kw["epsilon"]
         return f"hg.IFT(hg.CG({m}, tol=0, atol=sqrt({e:g})))", hg.IFT(hg.CG(m, 0.0, math.sqrt(e)))
-    return (
-        ("hg.HOAG(maxiter=10)", hg.HOAG(maxiter=10))
-        if kind == "HOAG"
-        else ("hg.DrMAD()", hg.DrMAD())
-    )
+    if kind == "HOAG":
+        return "hg.HOAG(maxiter=10)", hg.HOAG(maxiter=10)
+    return "hg.DrMAD()", hg.DrMAD()
 
 
 # ============================================================================ (a)
@@ -103,9 +100,7 @@ def their_cg(Hm: Tensor, b: Tensor, eps: float, maxiter: int, stab: float) -> tu
     return x, it
 
 
-def checks(
-    kind: str, kw: dict, h: Tensor, d: dict[str, Tensor], exact: Tensor, ident: Tensor
-) -> str:
+def checks(kind: str, kw: dict, h: Tensor, d: dict, exact: Tensor, ident: Tensor) -> str:
     """HippoTrainer's output against a dense replay of its own algorithm."""
     rel, J, gp = H.relative_error, d["J"], d["g_phi"]
     if kind == "T1T2":
@@ -115,10 +110,9 @@ def checks(
         for _ in range(kw["num_terms"]):  # their recursion, and the textbook partial sum
             v, term = v - LR * d["H"] @ v, term - LR * d["H"] @ term
             p, series = LR * (p + v), series + term
-        return (
-            f"{kw_str(kind, kw)} vs its recursion p <- lr (p + v) replayed "
-            f"{rel(h, gp - J.T @ p):.1e}"
-            f"; vs the Neumann partial sum {rel(h, gp - J.T @ (LR * series)):.1e}"
+        a, b = rel(h, gp - J.T @ p), rel(h, gp - J.T @ (LR * series))
+        return f"{kw_str(kind, kw)} vs its recursion p <- lr (p + v) replayed {a:.1e}; " + (
+            f"vs the Neumann partial sum {b:.1e}"
         )
     if kind == "HOAG":
         out, replay = [], math.nan
@@ -128,10 +122,10 @@ def checks(
             out.append(f"+{stab:g}: {it} iterations, ||r|| {r:.1e}, rel. err {e:.1e}")
             replay = rel(h, gp - J.T @ x) if stab else replay  # theirs
         return f"{kw_str(kind, kw)} vs its CG replayed {replay:.1e}; " + "; ".join(out)
+    spread, lo, hi = float(h.max() - h.min()), float(exact.min()), float(exact.max())
     return (
-        f"DRMAD output: all entries equal {float(h[0]):.6g} (max - min "
-        f"{float(h.max() - h.min()):.1e}); "
-        f"exact entries in [{float(exact.min()):.3g}, {float(exact.max()):.3g}]"
+        f"DRMAD output: all entries equal {float(h[0]):.6g} (max - min {spread:.1e}); "
+        f"exact entries in [{lo:.3g}, {hi:.3g}]"
     )
 
 
@@ -159,9 +153,8 @@ def hippo_case(module: Any, impl: str, kind: str, kw: dict, data: H.Data, state:
         finally:
             s.hopt._hyperparams_requires_grad_(False)
 
-    return H.Case(
-        kw_str(kind, kw), call, prepare=prepare, meta={"impl": impl, "label": IMPL_NAMES[impl]}
-    )
+    meta = {"impl": impl, "label": IMPL_NAMES[impl]}
+    return H.Case(kw_str(kind, kw), call, prepare=prepare, meta=meta)
 
 
 def native_case(kind: str, kw: dict, data: H.Data, state: Any, log_wd: Tensor) -> H.Case:
@@ -172,9 +165,7 @@ def native_case(kind: str, kw: dict, data: H.Data, state: Any, log_wd: Tensor) -
         call = lambda i: hg.drmad(f_batch, g, state, log_wd, T, sgd, batches=[data.train] * T)  # noqa: E731
     else:
         label, method = native(kind, kw)
-        ctx = hg.Problem(
-            inner_loss=f, outer_loss=g, params=state, hparams=log_wd, lr=LR, prev_params=state
-        )
+        ctx = hg.Problem(f, g, state, log_wd, lr=LR, prev_params=state)
         call = lambda i: method(ctx)[0].reshape(-1)  # noqa: E731
     return H.Case(kw_str(kind, kw), call, meta={"impl": "native", "label": label})
 
@@ -197,29 +188,26 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
         H.log(f"[a] point {sname}")
         exact, info = hg.implicit(f, g, state, log_wd, hg.Exact(), return_info=True)
         exact, d = exact.reshape(-1), H.dense_pieces(f, g, state, log_wd)
-        ev, ident = (
-            torch.linalg.eigvalsh(d["H"]),
-            hg.implicit(f, g, state, log_wd, hg.Identity(1.0)),
-        )
+        ev = torch.linalg.eigvalsh(d["H"])
+        ident = hg.implicit(f, g, state, log_wd, hg.Identity(1.0))
         st = {"inner_grad_norm": info.inner_grad_norm, "val_criterion": info.outer_loss}
         st |= {"exact_norm": float(exact.norm()), "exact_vs_dense": H.relative_error(exact, d["h"])}
-        out["states"][sname] = st | {
-            "hessian_eig_min": float(ev[0]),
-            "hessian_eig_max": float(ev[-1]),
-        }
+        out["states"][sname] = st | {"hessian_eig_min": ev[0], "hessian_eig_max": ev[-1]}
         for kind, kw in A_CONFIGS[::2] if quick else A_CONFIGS:
             cases = [hippo_case(m, impl, kind, kw, data, state) for impl, m in impls]
             res = H.interleave(cases + [native_case(kind, kw, data, state, log_wd)], repeats)
-            unr = None
+            T, unr = kw.get("T"), None
             if kind == "DRMAD":
-                T = kw["T"]
-                unr = hg.unrolled(
-                    f_batch, g, state, log_wd, T, hg.optim.sgd(lr=LR), batches=[data.train] * T
-                )
+                sgd, batches = hg.optim.sgd(lr=LR), [data.train] * T
+                unr = hg.unrolled(f_batch, g, state, log_wd, T, sgd, batches=batches)
             for t in res:
                 r = {"point": sname, "method": kind, "kw": kw, **t.meta, "error": t.error}
-                r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all}
-                r |= {"cpu_ms_all": t.cpu_ms_all}
+                r |= {
+                    "ms": t.ms,
+                    "cpu_ms": t.cpu_ms,
+                    "ms_all": t.ms_all,
+                    "cpu_ms_all": t.cpu_ms_all,
+                }
                 r |= {"traceback": t.traceback, "warnings": t.warnings, "h": t.warm}
                 if t.error is None:
                     r |= {
@@ -227,24 +215,18 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
                         "cos": H.cosine(t.warm, exact),
                     }
                 if t.error is None and unr is not None:
-                    r |= {
-                        "rel_err_unrolled": H.relative_error(t.warm, unr),
-                        "cos_unrolled": H.cosine(t.warm, unr),
-                    }
+                    r |= {"rel_err_unrolled": H.relative_error(t.warm, unr)}
+                    r |= {"cos_unrolled": H.cosine(t.warm, unr)}
                 out["rows"].append(r)
             if ht is not None and res[0].error is None:
                 out["checks"].append(f"{sname}: " + checks(kind, kw, res[0].warm, d, exact, ident))
         if ht is not None and sname == "early":  # their DRMAD with the plain criterion
             s = setup(ht, "DRMAD", {"T": 10}, data, state, HYPER_LR, clone=False)
             s.hopt._hyperparams_requires_grad_(True)
-            probe = H.interleave(
-                [H.Case("probe", lambda i, s=s: s.hopt.hyper_grad(*s.hopt.evaluate()))], 0
-            )[0]
-            out["crash_probe"] = {
-                "crashed": probe.error is not None,
-                "error": probe.error,
-                "traceback": probe.traceback,
-            }
+            call = lambda i, s=s: s.hopt.hyper_grad(*s.hopt.evaluate())  # noqa: E731
+            probe = H.interleave([H.Case("probe", call)], 0)[0]
+            out["crash_probe"] = {"crashed": probe.error is not None, "error": probe.error}
+            out["crash_probe"]["traceback"] = probe.traceback
     return out
 
 
@@ -280,19 +262,15 @@ def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
         kw = {"train_loss": native_loss, "val_loss": native_loss, "val_data": [data.val]}
         kw |= {"outer_optimizer": lambda hp, lr=hyper_lr: torch.optim.SGD(hp, lr=lr)}
         sgd = torch.optim.SGD(model.parameters(), lr=LR)
-        hopt = hg.HyperOptimizer(
-            model, {"log_wd": log_wd}, inner_optimizer=sgd, method=method, **kw
-        )
+        kw |= {"inner_optimizer": sgd, "method": method}
+        hopt = hg.HyperOptimizer(model, {"log_wd": log_wd}, **kw)
         meta = {"pair": pair, "impl": "native", "model": model, "hyper": {"log_wd": log_wd}}
-        meta["hopt"] = hopt
-        runs.append(
-            H.Run(f"hg.HyperOptimizer {label}", lambda h=hopt: H.hopt_step(h, data.train), 10, meta)
-        )
+        step = lambda h=hopt: H.hopt_step(h, data.train)  # noqa: E731
+        runs.append(H.Run(f"hg.HyperOptimizer {label}", step, 10, meta | {"hopt": hopt}))
     if ht is not None:  # their DRMAD with the plain criterion: does it run?
         s = setup(ht, "DRMAD", {"T": 10}, data, init, hyper_lr, clone=False)
-        runs.append(
-            hippo_run("DRMAD(T=10)", "theirs", s, "HippoTrainer DRMAD(T=10), plain criterion")
-        )
+        label = "HippoTrainer DRMAD(T=10), plain criterion"
+        runs.append(hippo_run("DRMAD(T=10)", "theirs", s, label))
     s = setup(compat, "T1T2", {}, data, init, hyper_lr, False)
 
     def untuned() -> None:
@@ -300,14 +278,8 @@ def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
         s.criterion(s.model(x), y).backward()
         s.opt.step()
 
-    return runs + [
-        H.Run(
-            "untuned (plain SGD, log_wd = -3)",
-            untuned,
-            INNER_STEPS,
-            {"pair": "-", "impl": "untuned", **vars(s)},
-        )
-    ]
+    meta = {"pair": "-", "impl": "untuned", **vars(s)}
+    return runs + [H.Run("untuned (plain SGD, log_wd = -3)", untuned, INNER_STEPS, meta)]
 
 
 def record(run: H.Run, data: H.Data, t: int) -> None:
@@ -316,10 +288,8 @@ def record(run: H.Run, data: H.Data, t: int) -> None:
         return
     m, lw = run.meta["model"], run.meta["hyper"]["log_wd"].detach()
     with torch.no_grad():
-        val, test = (
-            float(torch.nn.functional.binary_cross_entropy_with_logits(m(b[0]), b[1]))
-            for b in (data.val, data.test)
-        )
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        val, test = (float(bce(m(b[0]), b[1])) for b in (data.val, data.test))
         pen = 0.5 * float((lw.exp() * m.weight[0] ** 2).sum())
     c = {"step": t, "seconds": run.seconds, "val_bce": val, "val_criterion": val + pen}
     c["test_bce"] = test
@@ -379,39 +349,26 @@ def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> d
         per_round.append(runs)
     summary, inst = [], per_round.pop()
     for i, r in enumerate(per_round[0]):
-        rs, ins, c0, c1 = (
-            [x[i] for x in per_round],
-            inst[i],
-            r.meta["curve"][0],
-            r.meta["curve"][-1],
-        )
-        secs, finals = (
-            H.median([x.seconds for x in rs]),
-            [x.meta["curve"][-1]["val_bce"] for x in rs],
-        )
+        rs, ins = [x[i] for x in per_round], inst[i]
+        c0, c1 = r.meta["curve"][0], r.meta["curve"][-1]
+        secs = H.median([x.seconds for x in rs])
+        finals = [x.meta["curve"][-1]["val_bce"] for x in rs]
         s = {"pair": r.meta["pair"], "impl": r.meta["impl"], "label": r.label, "error": r.error}
         s |= {"error_step": r.error_step, "traceback": r.traceback, "steps_done": c1["step"]}
         s |= {k: c1[k] for k in ("val_bce", "val_criterion", "test_bce", "log_wd_mean")}
-        s |= {
-            "val_bce_start": c0["val_bce"],
-            "seconds": secs,
-            "seconds_all": [x.seconds for x in rs],
-        }
+        s |= {"val_bce_start": c0["val_bce"], "seconds": secs}
+        s["seconds_all"] = [x.seconds for x in rs]
         s |= {"step_ms": 1e3 * H.median([t for x in rs for t in x.step_s])}
         s |= {"hyper_step_ms": 1e3 * H.median([t for x in rs for t in x.hyper_s])}
         s |= {"val_drop_per_s": (c0["val_bce"] - c1["val_bce"]) / secs if secs > 0 else None}
-        s |= {
-            "diverged_at_step": next(
-                (c["step"] for c in r.meta["curve"] if not math.isfinite(c["val_bce"])), None
-            )
-        }
+        bad = [c["step"] for c in r.meta["curve"] if not math.isfinite(c["val_bce"])]
+        s |= {"diverged_at_step": bad[0] if bad else None}
         s |= {"max_round_diff": max(diff(v, finals[0]) for v in finals)}
         s |= {"instrumented_matches": diff(ins.meta["curve"][-1]["val_bce"], finals[0]) <= 1e-12}
         cos, rel = ins.meta.get("cos", []), ins.meta.get("rel", [])
         s |= {"cos_exact": cos, "rel_err_exact": rel, "negative_cos": sum(c < 0 for c in cos)}
-        summary.append(
-            s | {"nonfinite_cos": sum(not math.isfinite(c) for c in cos), "curve": r.meta["curve"]}
-        )
+        s |= {"nonfinite_cos": sum(not math.isfinite(c) for c in cos), "curve": r.meta["curve"]}
+        summary.append(s)
     return {"steps": steps, "rounds": rounds, "hyper_lr": hyper_lr, "summary": summary}
 
 
@@ -490,9 +447,7 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     """Validation loss against wall-clock per method pair and hyper_lr."""
     res = data["b"]
     pairs = [p for p in dict.fromkeys(r["pair"] for r in res[0]["summary"]) if p != "-"]
-    fig, axes = H.pyplot().subplots(
-        len(res), len(pairs), figsize=(4.6 * len(pairs), 4 * len(res)), squeeze=False
-    )
+    fig, axes = H.subplots(len(res), len(pairs), 4.6, 4)
     style = {"theirs": ("C3", "o", "-"), "compat": ("C0", "s", "-"), "native": ("C2", "^", "--")}
     style["untuned"] = ("0.5", "", ":")
     for row, b in zip(axes, res):
@@ -513,40 +468,34 @@ def plot(data: dict[str, Any], out: Path) -> Path:
             ax.set(ylabel="validation BCE")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
-    fig.suptitle(
-        f"HippoTrainer 1.0.0 (red) vs hypergradient (compat: blue, native: green), "
-        f"{res[0]['steps']} steps"
-    )
+    title = "HippoTrainer 1.0.0 (red) vs hypergradient (compat: blue, native: green)"
+    fig.suptitle(f"{title}, {res[0]['steps']} steps")
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--steps", type=int, help="training steps of part (b) (default 300, quick 20)")
-    p.add_argument("--rounds", type=int, help="timed rounds of part (b) (default 3, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls in part (a) (default 7, quick 1)")
-    p.add_argument("--hyper-lr", type=float, nargs="+", help="part (b) (default 5 20, quick 5)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, steps=(20, 300), rounds=(1, 3), repeats=(1, 7))
-    H.defaults(args, hyper_lr=([5.0], [5.0, 20.0]))
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     (ht, version), data = H.import_peer("hippotrainer"), H.breast_cancer_data(args.seed, True)
-    rep = H.Report(NAME, TITLE, args, hippotrainer=version if ht else None)
-    settings = {
-        "lr": LR,
-        "hyper_lrs": args.hyper_lr,
-        "inner_steps": INNER_STEPS,
-        "log_wd0": LOG_WD0,
-    }
-    settings |= {"steps": args.steps, "rounds": args.rounds, "repeats": args.repeats}
-    result = {"settings": settings, "hippotrainer_available": ht is not None}
+    rep.machine["hippotrainer"] = version if ht else None
+    settings = {"lr": LR, "hyper_lrs": args.hyper_lr, "inner_steps": INNER_STEPS}
+    settings |= {"log_wd0": LOG_WD0, "steps": args.steps, "rounds": args.rounds}
+    result = {"settings": settings | {"repeats": args.repeats}}
+    result |= {"hippotrainer_available": ht is not None}
     result["a"] = part_a(data, ht, args.repeats, args.quick)
     result["b"] = [part_b(data, ht, args.steps, args.rounds, lr) for lr in args.hyper_lr]
-    rep.write(result, render, plot)
-    return 0
+    return result
+
+
+OPTIONS = [
+    H.option("--steps", 20, 300, type=int, help="training steps of part (b)"),
+    H.option("--rounds", 1, 3, type=int, help="timed rounds of part (b)"),
+    H.option("--repeats", 1, 7, type=int, help="timed calls in part (a)"),
+    H.option("--hyper-lr", [5.0], [5.0, 20.0], type=float, nargs="+", help="part (b)"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

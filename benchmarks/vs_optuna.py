@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import hypergradient as hg
 
 F64, NAME = torch.float64, "vs_optuna"
 TITLE = "Against black-box search: Optuna (TPE, random) vs hypergradient descent"
-METHODS = ("tpe", "random", "hypergradient")
+METHODS, TASKS = ("tpe", "random", "hypergradient"), ("logreg", "mlp", "mlp-layer")
 LAMBDAS = ("best_lambda_min", "best_lambda_median", "best_lambda_max")
 SPLIT = ("train_seconds", "sampler_seconds", "hyper_seconds", "dropped")
 LABELS = {"tpe": "Optuna TPE", "random": "Optuna random", "hypergradient": "hypergradient"}
@@ -45,39 +44,30 @@ class Task:
         self.key, self.iters, logreg = key, lbfgs_iters, key == "logreg"
         X, y = (load_breast_cancer if logreg else load_digits)(return_X_y=True)
         n_train, n_val = (100, 300) if logreg else (500, 400)
-        X_t, X_r, y_t, y_r = train_test_split(
-            X, y, train_size=n_train, stratify=y, random_state=seed
-        )
-        X_v, X_s, y_v, y_s = train_test_split(
-            X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1
-        )
+        split = train_test_split(X, y, train_size=n_train, stratify=y, random_state=seed)
+        X_t, X_r, y_t, y_r = split
+        split = train_test_split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
+        X_v, X_s, y_v, y_s = split
         mean, std = X_t.mean(0), X_t.std(0)
         std[std == 0] = 1.0
+        sets = {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}
+        ydt = F64 if logreg else torch.long
         self.data = {
-            k: (
-                torch.tensor((a - mean) / std, dtype=F64),
-                torch.tensor(b, dtype=F64 if logreg else torch.long),
-            )
-            for k, (a, b) in {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}.items()
+            k: (torch.tensor((a - mean) / std, dtype=F64), torch.tensor(b, dtype=ydt))
+            for k, (a, b) in sets.items()
         }
         g = torch.Generator().manual_seed(seed)
-        self.init = (
-            (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
-            if logreg
-            else H.mlp_init((64, 32, 10), g)
-        )
+        zeros = (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
+        self.init = zeros if logreg else H.mlp_init((64, 32, 10), g)
         self.shapes = [t.shape for t in self.init]
         n = 30 if logreg else 4 if key == "mlp-layer" else sum(t.numel() for t in self.init)
         self.n_hparams, self.names = n, [f"lam_{i:04d}" for i in range(n)]
-        self.lo, self.hi, self.lam0, self.outer_lr = (
-            (1e-5, 10.0, 1e-2, 0.05) if logreg else (1e-6, 1.0, 1e-3, 0.1)
-        )
-        self.solver = lambda: (
-            hg.CG(maxiter=100, tol=1e-8) if logreg else hg.CG(maxiter=50, tol=1e-4)
-        )
-        self.solver_text = (
-            "hg.CG(maxiter=100, tol=1e-8)" if logreg else "hg.CG(maxiter=50, tol=1e-4)"
-        )
+        box = (1e-5, 10.0, 1e-2, 0.05) if logreg else (1e-6, 1.0, 1e-3, 0.1)
+        self.lo, self.hi, self.lam0, self.outer_lr = box
+        cg = {"maxiter": 100, "tol": 1e-8} if logreg else {"maxiter": 50, "tol": 1e-4}
+        text = "maxiter=100, tol=1e-8" if logreg else "maxiter=50, tol=1e-4"
+        self.solver = lambda: hg.CG(**cg)
+        self.solver_text = f"hg.CG({text})"
         self.training_text = (
             "damped Newton to ||grad f|| <= 1e-10, warm-started from the previous evaluation"
             if logreg
@@ -95,11 +85,8 @@ class Task:
 
     def loss(self, params: tuple, split: str) -> Tensor:
         z, y = self.logits(params, split), self.data[split][1]
-        return (
-            F.binary_cross_entropy_with_logits(z, y)
-            if self.key == "logreg"
-            else F.cross_entropy(z, y)
-        )
+        loss = F.binary_cross_entropy_with_logits if self.key == "logreg" else F.cross_entropy
+        return loss(z, y)
 
     def decays(self, phi: Tensor) -> list[Tensor]:
         """The log decay of every parameter, one tensor per parameter tensor (bias of the
@@ -111,9 +98,8 @@ class Task:
         return list(H.unflat(phi, self.init))
 
     def inner_loss(self, params: tuple, phi: Tensor) -> Tensor:
-        return self.loss(params, "train") + 0.5 * sum(
-            (d.exp() * p**2).sum() for p, d in zip(params, self.decays(phi))
-        )
+        pen = sum((d.exp() * p**2).sum() for p, d in zip(params, self.decays(phi)))
+        return self.loss(params, "train") + 0.5 * pen
 
     def outer_loss(self, params: tuple, phi: Tensor) -> Tensor:
         return self.loss(params, "val")
@@ -252,10 +238,11 @@ class Hypergradient:
         counts = {s: status.count(s) for s in sorted(set(status))}
         e = {"outer_steps": len(its), "cg_iterations_mean": sum(its) / max(len(its), 1)}
         e |= {"cg_status_counts": counts, "hypergradient_warnings": sum(warned)}
-        self.run.extras |= e | {
+        e |= {
             "inner_grad_norm_median": H.median(norms),
             "inner_grad_norm_max": max(norms, default=None),
         }
+        self.run.extras |= e
 
 
 def race(methods: list[Any], budget: float, schedule: str) -> None:
@@ -298,10 +285,8 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
         target, i = min(runs[owner].val), runs["hypergradient"].first_below(min(runs[owner].val))
         at = None if i is None else task.evaluate(task.train(runs["hypergradient"].phis[i], {}))
         t = {"value": target, "reached": {k: runs[k].time_to(target) for k in METHODS}}
-        targets[owner] = t | {
-            "is_start": runs[owner].val.index(target) == 0,
-            "hypergradient_at_target": at,
-        }
+        t["is_start"] = runs[owner].val.index(target) == 0
+        targets[owner] = t | {"hypergradient_at_target": at}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams}
     res |= {"box": [task.lo, task.hi], "lam0": task.lam0, "outer_lr": task.outer_lr}
     res |= {"solver": task.solver_text, "training": task.training_text, "budget": budget}
@@ -314,31 +299,24 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
 
 def ratio(reach: dict, owner: str, i: int) -> str:
     a, b = reach[owner], reach["hypergradient"]
-    return (
-        "-"
-        if a is None
-        else "hypergradient did not reach it"
-        if b is None
-        else f"{a[i] / max(b[i], 1e-9):.1f}x"
-    )
+    if a is None or b is None:
+        return "-" if a is None else "hypergradient did not reach it"
+    return f"{a[i] / max(b[i], 1e-9):.1f}x"
 
 
 def render_task(res: dict[str, Any]) -> str:
     runs, rows, s = res["runs"], [], res["start"]
-    rows.append(
-        {"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1, "best": s["val_loss"]}
-    )
+    rows.append({"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1})
+    rows[-1]["best"] = s["val_loss"]
     rows[-1] |= {"test_loss": s["test_loss"], "test_acc": s["test_acc"]}
     for m in METHODS:
         r, n = runs[m], len(runs[m]["val"])
         found = r["wall"][r["val"].index(min(r["val"]))]
         x = {"method": LABELS[m], "evaluations": n, "best": min(r["val"]), "found_at_s": found}
         x |= {"s_per_evaluation": r["clock_wall"] / max(n + r["dropped"] + r["failed"], 1)}
-        x |= {
-            "sampler_share": r["sampler_seconds"] / r["clock_wall"]
-            if m != "hypergradient"
-            else None
-        }
+        x["sampler_share"] = (
+            r["sampler_seconds"] / r["clock_wall"] if m != "hypergradient" else None
+        )
         rows.append(x | r["final"] | {"cpu/wall": r["clock_cpu"] / r["clock_wall"]})
     targets = []
     for owner, t in res["targets"].items():
@@ -393,14 +371,8 @@ def render(d: dict[str, Any]) -> list[str]:
                 r[f"vs {owner} ({clock})"] = (
                     "n/a (start)" if t["is_start"] else ratio(t["reached"], owner, i)
                 )
-        rows.append(
-            r
-            | {
-                "best val (TPE / random / hypergradient)": " / ".join(
-                    f"{min(res['runs'][m]['val']):.4f}" for m in METHODS
-                )
-            }
-        )
+        best = " / ".join(f"{min(res['runs'][m]['val']):.4f}" for m in METHODS)
+        rows.append(r | {"best val (TPE / random / hypergradient)": best})
     cols = "task|hyperparameters:,|vs tpe (wall)|vs tpe (CPU)|vs random (wall)|vs random (CPU)"
     cols += "|best val (TPE / random / hypergradient)"
     summary = "## Summary: Optuna's time to its best / hypergradient's time to the same value\n\n"
@@ -409,22 +381,17 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Path) -> Path:
     """Best validation loss so far against each method's wall clock, per task."""
-    colors, tasks = (
-        {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"},
-        data["tasks"],
-    )
+    if not data["tasks"]:
+        return None
+    colors = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
+    tasks = data["tasks"]
     fig, axes = H.pyplot().subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     for ax, res in zip(axes[0], tasks):
         for m in METHODS:
             r, best = res["runs"][m], min(res["runs"][m]["val"])
             label = f"{LABELS[m]} ({len(r['val'])})"
-            ax.step(
-                [*r["wall"], res["budget"]],
-                [*r["best_so_far"], best],
-                where="post",
-                color=colors[m],
-                label=label,
-            )
+            xy = [*r["wall"], res["budget"]], [*r["best_so_far"], best]
+            ax.step(*xy, where="post", color=colors[m], label=label)
             ax.plot([r["wall"][r["val"].index(best)]], [best], "o", ms=4, color=colors[m])
         for owner in ("tpe", "random"):
             ax.axhline(res["targets"][owner]["value"], color=colors[owner], ls=":", lw=0.8)
@@ -434,38 +401,37 @@ def plot(data: dict[str, Any], out: Path) -> Path:
         ax.set(ylabel="best validation loss so far")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, title="method (evaluations)", title_fontsize=8)
-    fig.suptitle(
-        "Best validation loss so far against wall time, same budget per method", fontsize=10
-    )
+    title = "Best validation loss so far against wall time, same budget per method"
+    fig.suptitle(title, fontsize=10)
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--budget-logreg", type=float, help="seconds per method, task 1 (default 90)")
-    p.add_argument("--budget-mlp", type=float, help="seconds per method, task 2 (default 150)")
-    p.add_argument("--tasks", nargs="+", choices=("logreg", "mlp", "mlp-layer"))
-    p.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved")
-    p.add_argument("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, budget_logreg=(1.0, 90.0), budget_mlp=(1.0, 150.0))
-    H.defaults(args, tasks=(["logreg"], ["logreg", "mlp", "mlp-layer"]))
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     optuna, version = H.import_peer("optuna")
-    rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
+    rep.machine["optuna"] = version if optuna else None
     budgets = {"logreg": args.budget_logreg, "mlp": args.budget_mlp}
-    task = lambda k: Task(k, args.seed, args.lbfgs_iters)  # noqa: E731
-    results = [
-        run_task(task(k), budgets["logreg" if k == "logreg" else "mlp"], args.seed, args.schedule)
-        for k in args.tasks * (optuna is not None)
-    ]
-    for res in results:
-        res["runs"] = {k: r.json() for k, r in res["runs"].items()}
-    rep.write({"budgets": budgets, "tasks": results}, render, plot if results else None)
-    return 0
+    results = []
+    for k in args.tasks * (optuna is not None):
+        budget = budgets["logreg" if k == "logreg" else "mlp"]
+        results.append(
+            run_task(Task(k, args.seed, args.lbfgs_iters), budget, args.seed, args.schedule)
+        )
+        results[-1]["runs"] = {m: r.json() for m, r in results[-1]["runs"].items()}
+    return {"budgets": budgets, "tasks": results}
+
+
+OPTIONS = [
+    H.option("--budget-logreg", 1.0, 90.0, type=float, help="seconds per method, task 1"),
+    H.option("--budget-mlp", 1.0, 150.0, type=float, help="seconds per method, task 2"),
+    H.option("--tasks", ["logreg"], list(TASKS), nargs="+", choices=TASKS),
+    H.option("--schedule", choices=("interleaved", "sequential"), default="interleaved"),
+    H.option("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,7 +7,6 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,19 +14,17 @@ import torch
 
 import harness as H
 import hypergradient as hg
+import unrolled_speed as U
 
 F64, NAME, TITLE = (
     torch.float64,
     "vs_torchopt",
     "TorchOpt 0.7.3 and plain autograd vs hypergradient",
 )
-TORCHOPT: list[Any] = []
 
 
 def torchopt() -> Any:
-    if not TORCHOPT:
-        TORCHOPT.append(H.import_peer("torchopt")[0])
-    return TORCHOPT[0]
+    return H.import_peer("torchopt")[0]
 
 
 def args_of(pb: H.Bilevel) -> tuple:
@@ -41,9 +38,7 @@ def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor
     """TorchOpt's ``custom_root`` around a solver that returns the given optimum."""
     f, g = pb.inner_loss, pb.outer_loss
 
-    @torchopt().diff.implicit.custom_root(
-        lambda p, h: torch.func.grad(f)(p, h), argnums=1, solve=solve
-    )
+    @torchopt().diff.implicit.custom_root(torch.func.grad(f), argnums=1, solve=solve)
     def solver(params: Any, hparams: Any) -> Any:
         return params
 
@@ -73,6 +68,14 @@ def implicit_problems(quick: bool, seed: int) -> list[tuple[H.Bilevel, torch.Ten
     return out + [(big.cast(torch.float32), H.flat(ref))]
 
 
+def ours_call(pb: H.Bilevel, solver: hg.Solver) -> Callable[..., Any]:
+    def call(s: int, info: bool = False) -> Any:
+        out = hg.implicit(*args_of(pb), solver, damping=pb.damping, return_info=info)
+        return out if info else H.flat(out)
+
+    return call
+
+
 def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) -> list[dict]:
     to, rows = torchopt(), []
     for pb, ref in implicit_problems(quick, seed):
@@ -83,18 +86,9 @@ def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) 
         for k in budgets:
             H.log(f"[implicit] {pb.name}, k = {k}")
             ours = {"CG": hg.CG(maxiter=k, tol=0.0), "Neumann": hg.Neumann(k, alpha=alpha)}
-            cases = [
-                H.Case(
-                    f"hg {n}",
-                    lambda s, sv=sv, pb=pb: H.flat(
-                        hg.implicit(*args_of(pb), sv, damping=pb.damping)
-                    ),
-                    lambda sv=sv, pb=pb: hg.implicit(
-                        *args_of(pb), sv, damping=pb.damping, return_info=True
-                    ),
-                )
-                for n, sv in ours.items()
-            ]
+            cases = [H.Case(f"hg {n}", ours_call(pb, sv)) for n, sv in ours.items()]
+            for c in cases:
+                c.info = lambda c=c: c.call(0, True)
             if to is not None:
                 cg = to.linear_solve.solve_cg(maxiter=k, rtol=0.0, atol=0.0, ridge=d)
                 ns = to.linear_solve.solve_inv(ns=True, maxiter=k, alpha=alpha, ridge=d)
@@ -120,60 +114,21 @@ def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) 
 # ============================================================================ 2. unrolled
 
 
-def unrolled_call(method: str, name: str, T: int, quick: bool) -> Callable[[], torch.Tensor]:
-    """One hypergradient through T SGD steps of learning rate and per-feature decays by
-    ``method``: ``hg`` (``hg.unrolled``), ``autograd`` (a ``create_graph=True`` loop) or
-    ``torchopt`` (its functional SGD)."""
-    pb = (
-        H.logreg(0, solve=False)
-        if name == "logreg"
-        else H.digits_mlp(0, 4 if quick else 32, train=False)
-    )
-    lr, p0 = torch.tensor(0.5 if name == "logreg" else 0.1, dtype=F64), tuple(pb.params0)
-    f, g = (lambda p, h: pb.inner_loss(p, h["decay"])), (lambda p, h: pb.outer_loss(p, None))
-
-    def call() -> torch.Tensor:
-        h = {
-            "lr": lr.detach().requires_grad_(True),
-            "decay": tuple(t.detach().requires_grad_(True) for t in pb.hparams),
-        }
-        if method == "hg":
-            return H.flat(hg.unrolled(f, g, p0, h, T, hg.optim.sgd(lr=h["lr"])))
-        p = tuple(t.detach().requires_grad_(True) for t in p0)
-        if method == "torchopt":
-            opt = torchopt().sgd(lr=h["lr"])
-            state = opt.init(p)
-        for _ in range(T):
-            grads = torch.autograd.grad(f(p, h), p, create_graph=True)
-            if method == "torchopt":
-                updates, state = opt.update(grads, state, inplace=False)
-                p = torchopt().apply_updates(p, updates, inplace=False)
-            else:
-                p = tuple(x - h["lr"] * gx for x, gx in zip(p, grads))
-        return H.flat(torch.autograd.grad(g(p, h), [h["lr"], *h["decay"]], allow_unused=True))
-
-    return call
-
-
-def peak_child(method: str, name: str, T: int, quick: bool) -> dict[str, float]:
-    """In a fresh process: a warm-up call, then the measured one (seconds, peak MB)."""
-    call = unrolled_call(method, name, T, quick)
-    call()
-    _, wall, cpu, peak = H.peak_memory(call)
-    return {"seconds": wall, "cpu_seconds": cpu, "peak_mb": peak}
+WHO = {"hg": "unrolled", "autograd": "hand", "torchopt": "torchopt"}  # unrolled_speed's names
 
 
 def unrolled_part(quick: bool, T: int, repeats: int) -> list[dict]:
-    methods, rows = ["hg", "autograd"] + ["torchopt"] * (torchopt() is not None), []
-    for name in ("logreg", "mlp"):
+    """``unrolled_speed``'s competitors: time here, peak memory in a child process each."""
+    methods, rows, hidden = ["hg", "autograd"] + ["torchopt"] * (torchopt() is not None), [], 32
+    for name in U.PROBLEMS:
         H.log(f"[unrolled] {name}, T = {T}")
-        calls = [unrolled_call(m, name, T, quick) for m in methods]
-        cases = [H.Case(m, lambda s, c=c: c()) for m, c in zip(methods, calls)]
-        res = H.interleave(cases, repeats)
+        hidden = 4 if quick and name == "mlp" else 32
+        calls = [U.competitor(WHO[m], name, T, hidden) for m in methods]
+        res = H.interleave([H.Case(m, lambda s, c=c: c()) for m, c in zip(methods, calls)], repeats)
         for m, t in zip(methods, res):
             mem = {"seconds": None, "cpu_seconds": None, "peak_mb": None}
             if not quick or (name, m) == ("logreg", "hg"):  # quick: one child process
-                mem = H.isolated(peak_child, m, name, T, quick)
+                mem = H.isolated(U.peak_child, WHO[m], name, T, hidden)
             diff = H.relative_error(t.warm, res[1].warm) if t.warm is not None else None
             row = {"problem": name, "T": T, "method": m, "ms": t.ms, "cpu_ms": t.cpu_ms}
             rows.append(row | {"vs_autograd_rel_diff": diff, "error": t.error} | mem)
@@ -202,9 +157,8 @@ def cold_call(what: str) -> Callable[[], Any]:
     if what == "hg.implicit":
         return lambda: hg.implicit(*args_of(pb), hg.CG(maxiter=10, tol=0.0))
     if what == "hg.unrolled":
-        return lambda: hg.unrolled(
-            *args_of(pb)[:2], pb.params0, pb.hparams, 10, hg.optim.sgd(lr=0.5)
-        )
+        sgd = hg.optim.sgd(lr=0.5)
+        return lambda: hg.unrolled(pb.inner_loss, pb.outer_loss, pb.params0, pb.hparams, 10, sgd)
     torchopt()  # imported before the clock starts
     return lambda: torchopt_implicit(pb, torchopt().linear_solve.solve_cg(maxiter=10, rtol=0.0))(0)
 
@@ -230,12 +184,8 @@ def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
     """CG(k) at two budgets against the minimal loop: fixed cost and cost per product."""
     pb, cases = H.logreg(0), []
     for k in ks:
-        cases.append(
-            H.Case(
-                f"hg.implicit CG({k})",
-                lambda s, k=k: hg.implicit(*args_of(pb), hg.CG(maxiter=k, tol=0.0)),
-            )
-        )
+        ours = lambda s, k=k: hg.implicit(*args_of(pb), hg.CG(maxiter=k, tol=0.0))  # noqa: E731
+        cases.append(H.Case(f"hg.implicit CG({k})", ours))
         cases.append(H.Case(f"minimal loop CG({k})", lambda s, k=k: minimal_cg(*args_of(pb), k)))
     for c in cases:
         c.inner = H.calls_per_sample(lambda c=c: c.call(0), 0.02)
@@ -254,10 +204,8 @@ def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
 
 
 def render(data: dict[str, Any]) -> list[str]:
-    o, imp = (
-        data["overhead"],
-        [r | {"theirs/ours": H.ratio(r["theirs_ms"], r["ours_ms"])} for r in data["implicit"]],
-    )
+    o, imp = data["overhead"], data["implicit"]
+    imp = [r | {"theirs/ours": H.ratio(r["theirs_ms"], r["ours_ms"])} for r in imp]
     cold = [c | {"first call": w} for w, c in data["cold_start"].items()]
     ovh = [
         o[w] | {"implementation": w, "per_product_us": 1e3 * o[w]["per_product_ms"]}
@@ -271,8 +219,7 @@ def render(data: dict[str, Any]) -> list[str]:
         "## 1. Implicit hypergradients at equal products (theirs = TorchOpt)\n\n"
         + H.dict_table(imp, icols),
         "## 2. Through T SGD steps (lr + per-feature decay)\n\nms: interleaved in this process; "
-        "peak MB: "
-        "peak RSS increase of the call, each method alone in a fresh process.\n\n"
+        "peak MB: peak RSS increase of the call, each method alone in a fresh process.\n\n"
         + H.dict_table(data["unrolled"], ucols),
         "## 3. Cold start (fresh interpreter, after `import torch, hypergradient`)\n\n"
         + H.dict_table(cold, "first call|import_s:.2f|first_s:.3f|second_s:.4f|dynamo_imported"),
@@ -283,26 +230,20 @@ def render(data: dict[str, Any]) -> list[str]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = H.cli(__doc__).parse_args(argv)
-    if H.replot(args, NAME, TITLE, render):
-        return 0
-    H.start(args)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     q, to = args.quick, torchopt()
-    rep, repeats = (
-        H.Report(NAME, TITLE, args, torchopt=getattr(to, "__version__", None)),
-        1 if q else 9,
-    )
-    data: dict[str, Any] = {
-        "implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)
-    }
+    rep.machine["torchopt"], repeats = getattr(to, "__version__", None), 1 if q else 9
+    data = {"implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)}
     data["unrolled"] = unrolled_part(q, 3 if q else 100, repeats)
     whats = ["hg.implicit"] if q else ["hg.implicit", "hg.unrolled"] + ["torchopt"] * bool(to)
     data["cold_start"] = {w: H.fresh(COLD.format(what=w)) for w in whats}
     data["overhead"] = overhead_part([2, 6] if q else [10, 30], 2 if q else 15)
-    rep.write(data, render)
-    return 0
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

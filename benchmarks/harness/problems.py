@@ -381,9 +381,8 @@ def digits_mlp(
     started = time.perf_counter()
     theta, iters, steps, polished = flat(init), 0, 0, True
     if train:
-        theta, iters, steps, polished = train_then_polish(
-            lambda t: f(unflat(t, init), loglam), theta, lbfgs_iters, rounds
-        )
+        f_flat = lambda t: f(unflat(t, init), loglam)  # noqa: E731
+        theta, iters, steps, polished = train_then_polish(f_flat, theta, lbfgs_iters, rounds)
     if not polished and require_pd:
         raise NotPositiveDefinite(f"no PD inner point after {iters} L-BFGS iterations")
     params = unflat(theta.clone(), init)
@@ -449,13 +448,8 @@ class Quadratic:
 
     @staticmethod
     def value(theta: Tensor, phi: Tensor, A: Tensor, B: Tensor, C: Tensor, a: Tensor, b: Tensor):
-        return (
-            0.5 * theta @ (A @ theta)
-            + 0.5 * phi @ (B @ phi)
-            + phi @ (C @ theta)
-            + a @ theta
-            + b @ phi
-        )
+        quad = 0.5 * theta @ (A @ theta) + 0.5 * phi @ (B @ phi) + phi @ (C @ theta)
+        return quad + a @ theta + b @ phi
 
     def f(self, theta: Tensor, phi: Tensor) -> Tensor:
         return self.value(theta, phi, *self.inner)
@@ -526,9 +520,8 @@ def dense_pieces(f: Loss, g: Loss, params: Params, hparams: Tensor) -> dict[str,
     """Dense ``H``, mixed ``J = d grad_theta f / d hparams``, ``g_theta``, ``g_phi`` and
     ``h = g_phi - J' H^-1 g_theta`` by plain ``torch.func`` (one hyperparameter tensor)."""
     t = flat(params)
-    H, J = torch.func.jacrev(torch.func.grad(lambda v, r: f(unflat(v, params), r)), argnums=(0, 1))(
-        t, hparams
-    )
+    grad_f = torch.func.grad(lambda v, r: f(unflat(v, params), r))
+    H, J = torch.func.jacrev(grad_f, argnums=(0, 1))(t, hparams)
     gt, gp = torch.func.grad(lambda v, r: g(unflat(v, params), r), argnums=(0, 1))(t, hparams)
     return {"H": H, "J": J, "g_theta": gt, "g_phi": gp, "h": gp - J.T @ torch.linalg.solve(H, gt)}
 
@@ -545,8 +538,6 @@ def dense_hypergradient(pb: Bilevel, H: Tensor | None = None) -> Tensor:
     gf = torch.autograd.grad(pb.inner_loss(ps, hs), ps, create_graph=True)
     mixed = torch.autograd.grad(torch.dot(flat(gf), v), hs, allow_unused=True)
     z = torch.zeros_like
-    parts = [
-        (z(h) if d is None else d) - (z(h) if m is None else m)
-        for d, m, h in zip(grads[len(ps) :], mixed, hs)
-    ]
+    pairs = zip(grads[len(ps) :], mixed, hs)
+    parts = [(z(h) if d is None else d) - (z(h) if m is None else m) for d, m, h in pairs]
     return flat(parts).detach()

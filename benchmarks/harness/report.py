@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .runner import log, machine_info
+from .runner import cli, defaults, log, machine_info, start
 
 Render = Callable[[dict[str, Any]], Sequence[str]]
 Plot = Callable[[dict[str, Any], Path], Any]
@@ -198,3 +198,33 @@ def replot(
         if plot is not None:
             draw(plot, data, args.out)
     return bool(args.replot)
+
+
+Run = Callable[[argparse.Namespace, "Report"], dict[str, Any]]
+
+
+def option(flag: str, quick: Any = None, full: Any = None, **kw: Any) -> tuple:
+    """An option of :func:`bench_main`: ``--flag`` whose unset value is ``quick`` or ``full``."""
+    return flag, (quick, full), kw
+
+
+def bench_main(doc: str | None, name: str, title: str, run: Run, render: Render, **kw) -> dict:
+    """The entry point of every benchmark: the shared options (:func:`cli`) and
+    ``kw["options"]`` (:func:`option`), ``--replot``, then ``run(args, report)`` (which may add
+    to ``report.machine``) written by :class:`Report` with ``kw["plot"]``. Returns the JSON."""
+    p, plot, options = cli(doc), kw.get("plot"), kw.get("options", ())
+    for flag, _, extra in options:
+        p.add_argument(flag, **({"default": None} | extra))
+    args = p.parse_args(kw.get("argv"))
+    if replot(args, name, title, render, plot):
+        return json.loads((args.out / f"{name}.json").read_text())
+    start(args)
+    unset = {f[2:].replace("-", "_"): qf for f, qf, _ in options if qf != (None, None)}
+    defaults(args, **unset)
+    rep = Report(name, title, args)
+    return rep.write(run(args, rep), render, plot)
+
+
+def subplots(rows: int, cols: int, width: float, height: float) -> tuple[Any, Any]:
+    """A figure of ``rows x cols`` axes (a 2-d array), each ``width x height`` inches."""
+    return pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)

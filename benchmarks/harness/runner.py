@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import json
@@ -98,6 +99,7 @@ def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
         yield caught
 
 
+@functools.cache
 def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]:
     """``(module, "version (path)")`` of a compared library, or ``(None, why it is skipped)``."""
     try:
@@ -329,6 +331,9 @@ def context() -> Any:
     if not _CONTEXT:
         import multiprocessing as mp
 
+        if str(BENCHMARKS) not in sys.path:  # the children unpickle functions of the scripts
+            sys.path.append(str(BENCHMARKS))
+
         _CONTEXT.append(mp.get_context("forkserver"))
         _CONTEXT[0].set_forkserver_preload(
             ["torch", "torch.func", "torch._dynamo", "hypergradient"]
@@ -362,9 +367,8 @@ def fresh(code: str, timeout: float = 300.0) -> dict[str, Any]:
     JSON object as its last line, which is returned."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), *sys.path])}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    cmd = [sys.executable, "-c", code]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
