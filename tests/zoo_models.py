@@ -65,37 +65,43 @@ class _Mean(nn.Module):
         return x.mean(self.dim)
 
 
-def _module(name: str, p: float) -> tuple[nn.Module, Callable[[torch.Generator, int], Tensor]]:
-    """The module and a sampler of its inputs."""
+def _module(
+    name: str, p: float, w: int = 1
+) -> tuple[nn.Module, Callable[[torch.Generator, int], Tensor]]:
+    """The module (hidden sizes times ``w``) and a sampler of its inputs."""
     if name == "mlp":
-        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(p), nn.Linear(6, CLASSES))
+        net = nn.Sequential(
+            nn.Linear(4, 6 * w), nn.Tanh(), nn.Dropout(p), nn.Linear(6 * w, CLASSES)
+        )
         return net, lambda g, n: torch.randn(n, 4, generator=g, dtype=DT)
     if name == "cnn_bn":
         net = nn.Sequential(
-            nn.Conv2d(1, 2, 3),
-            nn.BatchNorm2d(2),
+            nn.Conv2d(1, 2 * w, 3),
+            nn.BatchNorm2d(2 * w),
             nn.Tanh(),
             nn.Dropout(p),
             nn.Flatten(),
-            nn.Linear(18, CLASSES),
+            nn.Linear(18 * w, CLASSES),
         )
         return net, lambda g, n: torch.randn(n, 1, 5, 5, generator=g, dtype=DT)
     if name == "transformer":
+        d = 4 * w
         layer = nn.TransformerEncoderLayer(
-            d_model=4, nhead=2, dim_feedforward=8, dropout=p, batch_first=True
+            d_model=d, nhead=2, dim_feedforward=2 * d, dropout=p, batch_first=True
         )
-        net = nn.Sequential(layer, _Mean(1), nn.Linear(4, CLASSES))
-        return net, lambda g, n: torch.randn(n, 4, 4, generator=g, dtype=DT)
+        net = nn.Sequential(layer, _Mean(1), nn.Linear(d, CLASSES))
+        return net, lambda g, n: torch.randn(n, 4, d, generator=g, dtype=DT)
     if name == "gru":
-        net = nn.Sequential(_Last(nn.GRU(3, 5, batch_first=True)), nn.Dropout(p), nn.Linear(5, 3))
+        gru = nn.GRU(3, 5 * w, batch_first=True)
+        net = nn.Sequential(_Last(gru), nn.Dropout(p), nn.Linear(5 * w, CLASSES))
         return net, lambda g, n: torch.randn(n, 4, 3, generator=g, dtype=DT)
     if name == "text":
         net = nn.Sequential(
-            nn.Embedding(12, 6),
-            nn.LayerNorm(6),
+            nn.Embedding(12, 6 * w),
+            nn.LayerNorm(6 * w),
             _Mean(1),
             nn.Dropout(p),
-            nn.Linear(6, CLASSES),
+            nn.Linear(6 * w, CLASSES),
         )
         return net, lambda g, n: torch.randint(0, 12, (n, 5), generator=g)
     raise ValueError(name)
@@ -159,11 +165,12 @@ class Zoo:
         ]
 
 
-def make(name: str, dropout: bool = False, seed: int = 0, n: int = 16) -> Zoo:
-    """A zoo model (float64, initialized from ``seed``) with ``n`` training and validation rows."""
+def make(name: str, dropout: bool = False, seed: int = 0, n: int = 16, width: int = 1) -> Zoo:
+    """A zoo model (float64, initialized from ``seed``) with ``n`` training and validation
+    rows; ``width`` multiplies its hidden sizes (the benchmark's larger versions)."""
     p = 0.25 if dropout else 0.0
     torch.manual_seed(seed)
-    module, sample = _module(name, p)
+    module, sample = _module(name, p, width)
     module = module.to(DT)
     g = torch.Generator().manual_seed(seed + 100)
     X, Xv = sample(g, n), sample(g, n)
