@@ -23,11 +23,27 @@ def _restore_torch_state():
     torch.set_rng_state(rng)
 
 
-def test_product_modes_quick_run(tmp_path):
+def _module():
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
     import product_modes
 
+    return product_modes
+
+
+def check_accuracy(result):
+    rows = {(a["dtype"], a["mode"]): a for a in result["accuracy"]}
+    # float64: the first-order mode is accurate to ~1e-10 (bound 1e-7), the double
+    # backward is the reference itself
+    assert rows["float64", "first_order"]["hvp_error"] < 1e-7
+    assert rows["float64", "first_order"]["unrolled_error"] < 1e-7
+    assert rows["float64", "double_math"]["hvp_error"] < 1e-12
+    assert rows["float32", "double_math"]["hvp_error"] < 1e-5
+    assert all(c["product_ms"] > 0 for c in result["cost"])
+
+
+def test_product_modes_quick_run(tmp_path):
+    product_modes = _module()
     assert product_modes.main(["--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "product_modes.json").read_text())
     md = (tmp_path / "product_modes.md").read_text()
@@ -35,16 +51,13 @@ def test_product_modes_quick_run(tmp_path):
     assert (tmp_path / "product_modes.png").stat().st_size > 1000
     assert len(data["results"]) == 2  # quick: the MLP and the transformer
     for result in data["results"]:
-        rows = {(a["dtype"], a["mode"]): a for a in result["accuracy"]}
-        # float64: the first-order mode is accurate to ~1e-10 (bound 1e-7), the double
-        # backward is the reference itself
-        assert rows["float64", "first_order"]["hvp_error"] < 1e-7
-        assert rows["float64", "first_order"]["unrolled_error"] < 1e-7
-        assert rows["float64", "double_math"]["hvp_error"] < 1e-12
-        assert rows["float32", "double_math"]["hvp_error"] < 1e-5
-        assert all(c["product_ms"] > 0 for c in result["cost"])
-    # committed results render from their JSON alone
-    committed = BENCHMARKS / "results" / "product_modes.json"
-    if committed.exists():
-        text = "\n".join(product_modes.render(json.loads(committed.read_text())))
-        assert "|---" in text
+        check_accuracy(result)
+
+
+def test_committed_product_modes_results_render_and_hold():
+    product_modes = _module()
+    data = json.loads((BENCHMARKS / "results" / "product_modes.json").read_text())
+    assert data["args"]["quick"] is False
+    assert "|---" in "\n".join(product_modes.render(data))
+    for result in data["results"]:
+        check_accuracy(result)
