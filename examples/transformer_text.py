@@ -20,8 +20,10 @@ of ``nn.TransformerEncoderLayer`` runs the fused CPU kernel, which has no double
 the first-order mode gets the reverse steps' second-order products from central
 differences of gradients, ``(grad f(theta + h v) - grad f(theta - h v)) / 2h``, which work
 with any kernel, keep no double-backward graph, and cost two gradients per step (relative
-error ~1e-10 in float64 and ~1e-4 in float32: ``docs/guide/modes.md``). ``hvp="auto"``
-would instead fall back to the math attention kernel with one warning.
+error ~1e-9 in float64, ``docs/guide/modes.md``). The model runs in float64: in float32
+the difference's step crosses the kinks of the feed-forward block's ReLU and the products
+lose their accuracy (measured there). ``hvp="auto"`` would instead fall back to the math
+attention kernel with one warning.
 
 What the script does
 --------------------
