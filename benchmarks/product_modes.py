@@ -1,0 +1,214 @@
+"""Accuracy and cost of the first-order product mode against double backward, on the zoo.
+
+The models are the test-suite's zoo (``tests/zoo_models.py``: tanh MLP, CNN with
+BatchNorm, ``nn.TransformerEncoderLayer`` classifier, GRU, Embedding + LayerNorm), without
+dropout, at their initial weights, at width ``w`` (hidden sizes times ``w``). For each:
+
+- accuracy: relative error of ``H v`` and of the mixed product ``d/dphi <grad f, v>`` of
+  ``hg.HessianOperator(mode=...)`` in float32 and float64 against the float64
+  double-backward product (math attention kernel) of the same weights, worst of 4 random
+  directions; and of a whole ``hg.unrolled`` hypergradient (5 momentum steps, hvp
+  ``"first_order"`` vs ``"double_math"``);
+- cost (float32): median wall time of one gradient, of building the operator and of one
+  product (interleaved rounds), products expressed in gradients, and the peak RSS increase
+  of building the operator and taking 3 products, each measured in a fresh process.
+
+``transformer_gelu`` is the transformer with GELU in its feed-forward block: ReLU's kinks
+inside the central difference's step make float32 first-order products of the ReLU
+transformer inaccurate (the difference straddles kinks that double backward ignores).
+
+``"double"`` is the retained-graph product (the transformer's fused CPU attention kernel
+has none: there ``"double_math"``, the math kernel, is the double-backward mode).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import harness as H
+import hypergradient as hg
+from harness import Case, interleave
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import zoo_models as Z  # noqa: E402
+
+NAME, TITLE = "product_modes", "First-order products against double backward (model zoo)"
+MODES = ("double_math", "first_order")
+MODELS = (*Z.NAMES[:3], "transformer_gelu", *Z.NAMES[3:])
+
+
+def zoo(name: str, width: int, n: int, dtype: torch.dtype) -> Any:
+    """A zoo model cast to ``dtype`` (float64 weights drawn first: same values in both).
+
+    ``"transformer_gelu"`` is the transformer with GELU instead of ReLU in its feed-forward
+    block: smooth, where ReLU's kinks inside the central difference's step spoil float32.
+    """
+    z = Z.make(name.replace("_gelu", ""), False, n=n, width=width)
+    if name.endswith("_gelu"):
+        z.module[0].activation = torch.nn.functional.gelu
+        z.module[0].activation_relu_or_gelu = 2
+    z.module.to(dtype)
+    z.X, z.Xv = (x.to(dtype) if x.is_floating_point() else x for x in (z.X, z.Xv))
+    z.buffers = {k: b.to(dtype) if b.is_floating_point() else b for k, b in z.buffers.items()}
+    return z
+
+
+def operator(z: Any, mode: str) -> hg.HessianOperator:
+    h = {k: v.to(next(z.module.parameters()).dtype) for k, v in z.hparams0().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
+        return hg.HessianOperator(z.inner, z.params0(), h, mode=mode)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
+    ref = operator(zoo(name, width, n, torch.float64), "double_math")
+    g = torch.Generator().manual_seed(1)
+    vs = [torch.randn(ref.size, generator=g, dtype=torch.float64) for _ in range(4)]
+    expected = [(ref.matvec(v), ref.mixed(v)[0]) for v in vs]
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        for mode in MODES:
+            op = operator(zoo(name, width, n, dtype), mode)
+            errs = [
+                (rel(op.matvec(v.to(dtype)), hv), rel(op.mixed(v.to(dtype))[0], m))
+                for v, (hv, m) in zip(vs, expected)
+            ]
+            rows.append(
+                {
+                    "dtype": str(dtype)[6:],
+                    "mode": mode,
+                    "hvp_error": max(e[0] for e in errs),
+                    "mixed_error": max(e[1] for e in errs),
+                    "unrolled_error": unrolled_error(name, width, n, dtype, mode),
+                }
+            )
+    return rows
+
+
+def unrolled_error(name: str, width: int, n: int, dtype: torch.dtype, mode: str) -> float:
+    """Relative error of a 5-step hypergradient against float64 double backward."""
+
+    def run(dt: torch.dtype, hvp: str) -> torch.Tensor:
+        z = zoo(name, width, n, dt)
+        h = {k: v.to(dt) for k, v in z.hparams0().items()}
+        opt = hg.optim.sgd(lr=0.1, momentum=0.9)
+        return hg.unrolled(z.inner, z.outer, z.params0(), h, 5, opt, hvp=hvp)["decay"]
+
+    return rel(run(dtype, mode), run(torch.float64, "double_math").double())
+
+
+def memory_child(name: str, width: int, n: int, mode: str) -> float:
+    """Peak RSS increase (MB) of building the operator and taking 3 products."""
+    z = zoo(name, width, n, torch.float32)
+    v = torch.randn(sum(p.numel() for p in z.params0().values()))
+
+    def call() -> None:
+        op = operator(z, mode)
+        for _ in range(3):
+            op.matvec(v)
+
+    call()  # warm-up: allocator pools and kernels, not the measured peak
+    return H.peak_memory(call)[3]
+
+
+def cost(name: str, width: int, n: int, rounds: int, memory: bool) -> list[dict[str, Any]]:
+    z = zoo(name, width, n, torch.float32)
+    p = {k: v.requires_grad_(True) for k, v in z.params0().items()}
+    h = {k: v.float() for k, v in z.hparams0().items()}
+    ops = {m: operator(z, m) for m in MODES}
+    v = torch.randn(ops["first_order"].size)
+    cases = [Case("gradient", lambda s: torch.autograd.grad(z.inner(p, h), list(p.values())))]
+    for m in MODES:
+        cases.append(Case(f"build {m}", lambda s, m=m: operator(z, m)))
+        cases.append(Case(f"product {m}", lambda s, m=m: ops[m].matvec(v)))
+    timing = {t.key: t.ms for t in interleave(cases, rounds)}
+    unit = timing["gradient"]
+    rows = []
+    for m in MODES:
+        mb = H.isolated(memory_child, name, width, n, m) if memory else None
+        rows.append(
+            {
+                "mode": m,
+                "gradient_ms": unit,
+                "build_ms": timing[f"build {m}"],
+                "product_ms": timing[f"product {m}"],
+                "gradients_per_product": timing[f"product {m}"] / unit,
+                "peak_mb": mb,
+            }
+        )
+    return rows
+
+
+def render(d: dict[str, Any]) -> list[str]:
+    acc = "model|dtype|mode|hvp_error:.1e|mixed_error:.1e|unrolled_error:.1e"
+    cst = "model|mode|gradient_ms:.2f|build_ms:.2f|product_ms:.2f|"
+    cst += "gradients_per_product:.2f|peak_mb:.1f"
+    acc_rows = [{"model": r["model"], **a} for r in d["results"] for a in r["accuracy"]]
+    cst_rows = [{"model": r["model"], **c} for r in d["results"] for c in r["cost"]]
+    return [
+        "## Accuracy (relative error against float64 double backward; worst of 4 directions)\n\n"
+        + H.dict_table(acc_rows, acc),
+        "## Cost (float32; ms medians of interleaved rounds; peak RSS increase of build + 3 "
+        "products, fresh process)\n\n" + H.dict_table(cst_rows, cst),
+    ]
+
+
+def plot(data: dict[str, Any], out: Path) -> Path:
+    """Relative error of H v per model, dtype and mode."""
+    res = data["results"]
+    fig, ax = H.pyplot().subplots(figsize=(8, 4))
+    labels = [r["model"] for r in res]
+    for i, (dt, mode) in enumerate([(d, m) for d in ("float64", "float32") for m in MODES]):
+        ys = [
+            next(a["hvp_error"] for a in r["accuracy"] if a["dtype"] == dt and a["mode"] == mode)
+            for r in res
+        ]
+        ax.bar(
+            [j + 0.2 * i for j in range(len(res))],
+            [max(y, 1e-17) for y in ys],
+            0.2,
+            label=f"{mode} {dt}",
+        )
+    ax.set(yscale="log", ylabel="relative error of H v", title=TITLE)
+    ax.set_xticks([j + 0.3 for j in range(len(res))], labels, fontsize=8)
+    ax.legend(fontsize=8)
+    return H.save_figure(fig, out / f"{NAME}.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = H.cli(__doc__)
+    parser.add_argument("--width", type=int, default=None, help="hidden sizes times w")
+    args = parser.parse_args(argv)
+    if H.replot(args, NAME, TITLE, render, plot):
+        return 0
+    H.defaults(args, width=(1, 16))
+    H.start(args)
+    n, rounds = (16, 3) if args.quick else (256, 15)
+    rep = H.Report(NAME, TITLE, args)
+    results = []
+    for name in ("mlp", "transformer") if args.quick else MODELS:
+        H.log(f"{name} (width {args.width})")
+        size = sum(p.numel() for p in zoo(name, args.width, 2, torch.float64).params0().values())
+        results.append(
+            {
+                "model": f"{name} ({size:,} params)",
+                "accuracy": accuracy(name, args.width, n),
+                "cost": cost(name, args.width, n, rounds, memory=not args.quick),
+            }
+        )
+    rep.write({"results": results, "notes": [f"width {args.width}, {n} examples"]}, render, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
