@@ -38,18 +38,12 @@ RNG_BUG = (
     "the hyper-step does not restore (trajectory replays are forked), so every later dropout "
     "mask differs from plain training's; fix: fork the RNG around HyperOptimizer._hyper_step"
 )
-FORWARD_BUG = (
-    "ForwardMode on nn.TransformerEncoderLayer: no forward AD for "
-    "_scaled_dot_product_flash_attention_for_cpu and no math-kernel fallback"
-)
 
 
 def case(name, dropout, method):
     marks = []
     if dropout and method not in TRAJECTORY:
         marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=RNG_BUG))
-    if name == "transformer" and not dropout and method == "forward":
-        marks.append(pytest.mark.xfail(strict=True, reason=FORWARD_BUG))
     tag = "dropout" if dropout else "nodrop"
     return pytest.param(name, dropout, method, id=f"{name}-{tag}-{method}", marks=marks)
 

@@ -85,29 +85,7 @@ def test_unrolled_matches_central_differences_in_both_product_modes(name, dropou
         assert abs(float(other["decay"] @ u) - fd) > 1e3 * ATOL
 
 
-FORWARD_BUGS = {
-    ("transformer", False): (
-        "ForwardMode on nn.TransformerEncoderLayer without dropout: torch.func.jvp raises "
-        "NotImplementedError (no forward AD for _scaled_dot_product_flash_attention_for_cpu); "
-        "ForwardMode has no math-kernel fallback like Unrolled's hvp='auto'"
-    ),
-    ("transformer", True): (
-        "ForwardMode on nn.TransformerEncoderLayer with attention dropout is silently wrong: "
-        "u.hg = -0.0552 where central differences of the same loop (and Unrolled) give "
-        "-0.0428; the vmapped jvp's dropout masks are not those of the primal step"
-    ),
-}
-
-FORWARD_CASES = [
-    pytest.param(
-        *c.values,
-        id=c.id,
-        marks=pytest.mark.xfail(strict=True, reason=FORWARD_BUGS[tuple(c.values)]),
-    )
-    if tuple(c.values) in FORWARD_BUGS
-    else c
-    for c in CASES
-]
+FORWARD_CASES = CASES  # forward mode works on every model (transformer: math-kernel fallback)
 
 
 @pytest.mark.parametrize(("name", "dropout"), FORWARD_CASES)
