@@ -72,3 +72,11 @@ def to_device(device: torch.device | str, tree: Any) -> Any:
     if isinstance(tree, (tuple, list)):
         return type(tree)(to_device(device, v) for v in tree)
     return tree
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread for the whole suite: its problems are tiny, and on a shared
+    2-core machine a second thread mostly waits (measured: the model zoo ran many times
+    faster single-threaded under load). Subprocesses (examples, benchmarks, gloo ranks) set
+    their own."""
+    torch.set_num_threads(1)
