@@ -93,6 +93,8 @@ class _Run:
         if pap <= 0.0:
             # A is not positive definite along p: a CG step here would move uphill.
             self.status = Status.NEGATIVE_CURVATURE
+            pnorm = safe_norm(self.p)
+            self.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
             return True
         self.lam_hat = max(self.lam_hat, safe_norm(Ap) / safe_norm(self.p))
         alpha = self.rz / pAp
