@@ -282,6 +282,17 @@ METHODS = [
         "closed-form dense solve of the damped system",
     ),
     MethodRow(
+        "implicit-cg-auto-damping",
+        lambda: hg.Implicit(
+            hg.CG(maxiter=50, tol=1e-13), damping=hg.solvers.AutoDamping(seed=0, refresh_every=2)
+        ),
+        # Lanczos on 6 unknowns finds the spectrum exactly: damping = 1e-3 lambda_max
+        lambda: ridge_case(damping=1e-3 * _ridge_lambda_max()),
+        1e-10,
+        "closed-form dense solve of the system damped by 1e-3 lambda_max (auto damping)",
+        randomized=True,
+    ),
+    MethodRow(
         "ift-default-neumann",
         lambda: hg.IFT(seed=0),  # the default solver; seeded: its estimate draws a start
         # lr = 0.5 converges (lr lambda_max = 1.25) but exceeds 1 / lambda_max = 0.4, so the

@@ -17,6 +17,9 @@ from .spectrum import lanczos_extremes
 
 __all__ = ["AutoDamping", "DampingEstimate", "auto_damping", "damped_solve"]
 
+#: Solves repeated with a larger damping after negative curvature (:func:`damped_solve`).
+RETRIES = 3
+
 
 class DampingEstimate(NamedTuple):
     """The damping :func:`auto_damping` picked, what it cost and what it saw.
@@ -101,9 +104,11 @@ class AutoDamping:
     products) is renewed every ``refresh_every`` calls, and at once when a solve with the
     cached damping meets negative curvature (the Hessian's smallest eigenvalue moved
     below ``-damping``). A solve that meets negative curvature with a fresh estimate (the
-    Ritz value ``lambda_min`` over-estimates the smallest eigenvalue) raises the damping
-    past the curvature the solver saw, ``lambda = -q + rel * radius`` with ``q`` the
-    Rayleigh quotient of ``H`` along the offending direction, and solves once more.
+    Ritz value ``lambda_min`` over-estimates the smallest eigenvalue) is re-estimated with
+    ``max(4 maxiter, 20)`` Lanczos steps, and any new damping exceeds the curvature the solver
+    saw, ``lambda >= -q + rel * radius`` with ``q`` the Rayleigh quotient of ``H`` along
+    the offending direction; then it solves again (at most three more solves:
+    :func:`damped_solve`).
 
     Bias: as :func:`auto_damping` (the solution of the damped system; relative bias
     ``lambda / (mu + lambda)`` along an eigen-direction of eigenvalue ``mu``).
@@ -163,32 +168,38 @@ class AutoDamping:
         stats.update(damping=self._cached.damping)
         return self._cached.damping
 
-    def _estimate(self, op: LinearOperator, stats: dict[str, Any]) -> None:
-        est = auto_damping(op, self.maxiter, self.rel, generator=self._rng)
+    def _estimate(self, op: LinearOperator, stats: dict[str, Any], steps: int = 0) -> None:
+        est = auto_damping(op, steps or self.maxiter, self.rel, generator=self._rng)
         self._cached = est
         stats["damping_hvps"] = stats.get("damping_hvps", 0) + est.num_hvps
         stats.update(lambda_max=est.lambda_max, lambda_min=est.lambda_min)
 
     def retry(self, op: LinearOperator, used: float, curvature: float | None, stats: dict) -> float:
-        """The damping of a second solve after ``used`` met negative curvature.
+        """The damping of another solve after ``used`` met negative curvature.
 
-        ``curvature``: the Rayleigh quotient ``p^T (H + used I) p / ||p||^2 <= 0`` the solver
-        saw (None if unknown). Re-estimates a cached damping; raises a fresh one past it.
+        ``curvature``: the Rayleigh quotient ``q = p^T (H + used I) p / ||p||^2 <= 0`` along
+        the direction the solver met (None if unknown). A cached damping is re-estimated
+        (``maxiter`` products); a fresh one that missed is re-estimated with
+        ``max(4 maxiter, 20)`` Lanczos steps; later retries double the shift. Each new damping is at least
+        ``used - q + rel * radius``, past the curvature met.
         """
-        fresh = bool(stats.get("damping_estimated"))
-        if not fresh:
+        if not stats.get("damping_estimated"):
             self._estimate(op, stats)
             stats["damping_estimated"] = True
+        elif not stats.get("damping_thorough"):
+            self._estimate(op, stats, steps=max(4 * self.maxiter, 20))
+            stats["damping_thorough"] = True
         assert self._cached is not None
         est = self._cached
         radius = max(est.lambda_max, abs(est.lambda_min), 0.0)
+        margin = max(self.rel * radius, 1e-3 * abs(used))
         damping = est.damping
         if curvature is not None and math.isfinite(curvature):
-            damping = max(damping, used - curvature + max(self.rel * radius, 1e-3 * abs(used)))
-        if damping <= used:
-            damping = max(2.0 * used, used + self.rel * radius, 1e-12)
+            damping = max(damping, used - curvature + margin)
+        if damping <= used:  # the estimates saw nothing new: double the shift
+            damping = max(2.0 * used, used + margin, 1e-12)
         self._cached = est._replace(damping=float(damping))
-        stats.update(damping=float(damping), damping_retried=True)
+        stats["damping"] = float(damping)
         return float(damping)
 
     # -- checkpoints --------------------------------------------------------------------
@@ -239,19 +250,25 @@ def damped_solve(
     """``(H + damping I)^{-1} b`` by ``solver``: the solution, the system, and stats.
 
     With an :class:`AutoDamping`, the damping comes from its (cached) estimate; a solve
-    that meets negative curvature is repeated once with the damping it returns from
-    :meth:`AutoDamping.retry`. ``stats["damping"]`` is the damping of the returned solve.
+    that meets negative curvature is repeated with the damping :meth:`AutoDamping.retry`
+    returns (a fresh estimate, then past the curvature met), at most :data:`RETRIES` times.
+    ``stats["damping"]`` is the damping of the returned solve; ``stats["damping_retries"]``
+    counts the repeated solves.
     """
     stats: dict[str, Any] = {}
     auto = damping if isinstance(damping, AutoDamping) else None
     value = auto.damping(op, stats) if auto is not None else float(damping)  # type: ignore[arg-type]
     system = DampedOperator(op, value) if value else op
     sol = solver.solve(system, b, x0)
-    if auto is not None and sol.status == Status.NEGATIVE_CURVATURE:
+    first = sol.num_hvps
+    retries = 0
+    while auto is not None and sol.status == Status.NEGATIVE_CURVATURE and retries < RETRIES:
         curvature = sol.stats.get("curvature", sol.stats.get("rayleigh_quotient"))
-        stats["first_solve_hvps"] = sol.num_hvps
         value = auto.retry(op, value, curvature, stats)
         system = DampedOperator(op, value)
         sol = solver.solve(system, b, x0)
+        retries += 1
+    if retries:
+        stats.update(first_solve_hvps=first, damping_retries=retries)
     stats["damping"] = value
     return sol, system, stats
