@@ -127,20 +127,23 @@ def test_negative_curvature_drops_the_warm_start():
 def test_max_iterations_drops_the_warm_start_unless_asked_to_keep_it():
     problem, A, b, w, h = _ridge_problem()
     exact = torch.linalg.solve(A, b)
-    # condition number ~1e2 x scales: 2 CG steps cannot reach 1e-12
-    default, kept = hg.HOAG(maxiter=2, tol=1e-12), hg.HOAG(maxiter=2, tol=1e-12, reset_on=[])
+    # condition number ~1e2 x scales: 3 CG steps cannot reach 1e-12
+    default, kept = hg.HOAG(maxiter=3, tol=1e-12), hg.HOAG(maxiter=3, tol=1e-12, reset_on=[])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hg.HypergradientWarning)
-        for _ in range(3):
+        for _ in range(6):
             _, dinfo = default(problem)
             _, kinfo = kept(problem)
     assert dinfo.status == kinfo.status == "max_iterations"
     assert dinfo.stats["warm_start_reset"] == "max_iterations"
     assert default.state_dict()["x"] is None and dinfo.stats["warm_start"] == "none"
     assert "warm_start_reset" not in kinfo.stats and kinfo.stats["warm_start"] == "used"
-    # cold restarts stay at the 2-step error; warm restarts make progress (6 CG steps)
+    # cold restarts stay at the 3-step error (measured 0.98); six warm restarts make
+    # progress (measured 0.17). With 2 steps per call the restarted iterate's residual
+    # exceeds ||b|| and CG keeps the start: warm restarts need a few steps per call.
     err = lambda x: float((x - exact).norm() / exact.norm())  # noqa: E731
-    assert err(kinfo.solution) < 0.1 * err(dinfo.solution)
+    assert err(dinfo.solution) > 0.9
+    assert err(kinfo.solution) < 0.25 * err(dinfo.solution)
 
 
 def test_a_warm_start_worse_than_zero_is_dropped_by_cg():

@@ -136,9 +136,9 @@ def test_cg_returns_its_last_iterate_unless_worse_than_zero(seed):
 
 
 def test_warm_restarts_of_cg_make_progress_where_the_residual_rises():
-    # From the 1-step iterate, two more steps raise the residual but lower the A-norm error;
-    # returning the smallest residual would return the start again and stall a warm-started
-    # loop (HOAG's) forever.
+    # From x0 = exact / 2 (residual ||b|| / 2), restarts of two steps raise the residual
+    # (measured 0.28 -> 0.55 relative) but lower the A-norm error every time; returning the
+    # smallest residual would return the start again and stall a warm-started loop (HOAG's).
     A, b = system(torch.logspace(0, 4, 10).tolist(), seed=1)
     exact = torch.linalg.solve(A, b)
 
@@ -146,13 +146,16 @@ def test_warm_restarts_of_cg_make_progress_where_the_residual_rises():
         e = x - exact
         return float(e @ A @ e)
 
-    x = torch.zeros_like(b)
-    errors = [energy(x)]
+    x = 0.5 * exact
+    errors, residuals = [energy(x)], [0.5]
     for _ in range(6):
         x = hg.CG(maxiter=2, tol=0.0).solve(hg.MatrixOperator(A), b, x).value
         errors.append(energy(x))
+        residuals.append(float((b - A @ x).norm() / b.norm()))
     assert all(e1 < e0 for e0, e1 in zip(errors, errors[1:]))
-    assert errors[-1] < 0.05 * errors[0]
+    assert errors[-1] < 0.75 * errors[0]  # measured 0.68
+    assert any(r1 > r0 for r0, r1 in zip(residuals, residuals[1:]))  # the case in point
+    assert max(residuals) <= 1.0  # never worse than x = 0
 
 
 def test_negative_curvature_returns_the_best_iterate_not_the_last():
