@@ -10,13 +10,12 @@ from typing import Any
 
 from torch import Tensor
 
-from .. import _tree
 from .._vocab import ArgumentTypeError, Status, as_float, as_int
 from ..solvers import CG, AutoDamping, Solver
-from ._checks import Inputs, all_finite
+from ._checks import Inputs
 from .base import Problem
 from .formula import ImplicitInfo
-from .implicit_base import ImplicitMethod
+from .implicit_base import ImplicitMethod, check_warm_state, warm_vector
 
 __all__ = ["HOAG"]
 
@@ -96,11 +95,7 @@ class HOAG(ImplicitMethod):
         return CG(self.maxiter, self.current_tol())
 
     def warm_start(self, inputs: Inputs) -> Tensor | None:
-        x = self._x
-        if x is None or x.numel() != inputs.param_spec.size:  # the model changed size
-            return None
-        p = inputs.param_leaves
-        return x.to(dtype=_tree.accumulator_dtype(p), device=p[0].device)
+        return warm_vector(self._x, inputs)
 
     def commit(self, solver: Solver, info: ImplicitInfo) -> None:
         info.stats["tol"] = self.current_tol()
@@ -122,17 +117,7 @@ class HOAG(ImplicitMethod):
 
     def load_own_state(self, state: Mapping[str, Any]) -> None:
         k = as_int(state["k"], "state['k']", min=0)
-        x = state["x"]
-        if x is not None:
-            if not isinstance(x, Tensor) or x.dim() != 1 or not x.is_floating_point():
-                raise ArgumentTypeError(
-                    "HOAG's checkpoint holds a warm start `x` that is not a 1-D floating-point "
-                    f"tensor ({type(x).__name__}); it was saved from another method."
-                )
-            if not all_finite([x]):
-                raise ValueError("HOAG's checkpoint holds a warm start with NaN or Inf.")
-            x = x.detach().clone()
-        self._k, self._x = k, x
+        self._k, self._x = k, check_warm_state(state["x"], "HOAG")
 
 
 def _as_resets(value: Any) -> tuple[str, ...]:

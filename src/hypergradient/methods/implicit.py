@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,13 +31,14 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import HypergradientWarning, as_bool, as_callable, as_choice, as_float, as_int
+from .._vocab import HypergradientWarning, as_bool, as_callable, as_choice, as_float
 from ..operators import FixedPointOperator
 from ..solvers import CG, AutoDamping, Exact, FixedPoint, Neumann, Nystrom, Solver
 from ._checks import BATCHED, check_inputs
 from .base import Problem
 from .formula import ImplicitInfo, implicit_hypergradient
-from .implicit_base import ImplicitMethod, as_hvp, as_solver, solver_config
+from .implicit_base import as_hvp, as_solver
+from .implicit_methods import IFT, Implicit
 
 __all__ = [
     "HypergradInfo",
@@ -56,143 +57,6 @@ HypergradInfo = ImplicitInfo  # the name before the method layer; kept as an ali
 
 #: Default ``stationarity`` ratio of :func:`implicit` (see its docstring).
 STATIONARITY = 0.05
-
-
-class Implicit(ImplicitMethod):
-    """Implicit differentiation at the current parameters, ``H^{-1}`` by any solver.
-
-    .. math::
-
-        \\frac{dg}{d\\phi} = \\partial_\\phi g - \\partial^2_{\\phi\\theta} f \\,
-        (H + \\lambda I)^{-1} \\nabla_\\theta g
-
-    Args:
-        solver: any :mod:`hypergradient.solvers` solver (default ``hg.CG()``).
-        damping: ``lambda`` added to the Hessian's diagonal; ``"auto"`` (or an
-            :class:`~hypergradient.solvers.AutoDamping`): chosen from a Lanczos estimate of
-            the extreme eigenvalues, cached across calls (biased: see ``AutoDamping``).
-        batched: how batched products (Nystrom, Exact) run: one vmapped backward (True), a
-            loop (False), or "auto" (the faster, timed on the first batch).
-        hvp: the product mode (:mod:`hypergradient.operators.modes`): ``"auto"`` (double
-            backward; on torch's "not implemented" error, the math attention kernels, then
-            first-order products; the mode found is kept for the later calls),
-            ``"double"``, ``"double_math"`` or ``"first_order"`` (central differences of
-            gradients: no double backward, no retained graph, 2 gradients per product).
-            ``info.stats["hvp"]`` is the mode used.
-
-    Cost: ``f`` with a double-backward graph, ``g`` with its gradient, the solver's
-    products (each about one gradient), one mixed product, and one product for the
-    residual when the solver does not report it. Memory: ``f``'s double-backward graph
-    plus the solver's vectors. State: the solver's (a generator, a cached sketch), the
-    damping estimate, the product mode found, in :meth:`state_dict`.
-    """
-
-    name = "implicit"
-
-    def __init__(
-        self,
-        solver: Solver | None = None,
-        damping: float | str | AutoDamping = 0.0,
-        *,
-        batched: bool | str = "auto",
-        hvp: str = "auto",
-    ):
-        self.solver = CG() if solver is None else as_solver(solver)
-        self.setup(damping, batched, hvp)
-
-    def solver_for(self, problem: Problem) -> Solver:
-        return self.solver
-
-    def kept_solver(self) -> Solver | None:
-        return self.solver
-
-    def config(self) -> dict[str, Any]:
-        return {"solver": solver_config(self.solver), **self.common_config()}
-
-    def own_state(self) -> dict[str, Any]:
-        """The solver's state (generator, cached sketch) under ``"solver"``; {} if none."""
-        state = self.solver.state_dict()
-        return {"solver": state} if state else {}
-
-    def load_own_state(self, state: Mapping[str, Any]) -> None:
-        if "solver" in state:
-            self.solver.load_state_dict(dict(state["solver"]))
-
-
-class IFT(Implicit):
-    """:class:`Implicit` with the hyper-optimizer's default: a Neumann series (Lorraine
-    et al., 2020, AISTATS) with a step that is safe for the run it is in.
-
-    The paper steps the series by the inner learning rate, ``alpha = lr``; the series
-    diverges when ``lr lambda_max > 2``, which happens in healthy runs (momentum SGD is
-    stable up to ``lr lambda_max ~ 3.8``). The default therefore takes
-    ``alpha = min(lr, 1 / (s lambda_est))`` with ``lambda_est`` from a short Lanczos run
-    (``power_iters`` products, refreshed every ``refresh_every`` hyper-steps and at once if
-    the series diverges; ``s`` the safety factor of :class:`~hypergradient.Neumann`):
-    the paper's step whenever it is provably safe, a safe one otherwise.
-
-    Args:
-        solver: any solver; default the Neumann series above (kept across calls: its
-            estimate, generator and counter are in :meth:`state_dict`).
-        damping, batched, hvp: as :class:`Implicit`.
-        maxiter: products of the default Neumann series (it sums ``maxiter + 1`` terms).
-        alpha: None (default): the safe step above; a number: that fixed step (no
-            estimate; the divergence check still stops the series); ``"auto"``:
-            ``1 / (s lambda_est)`` without the ``lr`` cap.
-        power_iters, refresh_every: the estimate's products and how often it is renewed.
-        seed: the estimate's random start (None: from torch's global generator).
-
-    Cost: ``maxiter`` products, plus ``power_iters`` every ``refresh_every`` calls.
-    """
-
-    def __init__(
-        self,
-        solver: Solver | None = None,
-        damping: float | str | AutoDamping = 0.0,
-        *,
-        batched: bool | str = "auto",
-        hvp: str = "auto",
-        maxiter: int = 10,
-        alpha: float | str | None = None,
-        power_iters: int = 10,
-        refresh_every: int = 10,
-        seed: int | None = None,
-    ):
-        self.setup(damping, batched, hvp)
-        self.maxiter = as_int(maxiter, "maxiter", min=1)
-        if alpha is not None and alpha != "auto":
-            alpha = as_float(alpha, "alpha", min=0.0, open_min=True)
-        self.alpha = alpha
-        self.power_iters = as_int(power_iters, "power_iters", min=1)
-        self.refresh_every = as_int(refresh_every, "refresh_every", min=1)
-        self.default = solver is None
-        if solver is not None:
-            self.solver = as_solver(solver)
-        else:
-            step = "auto" if alpha is None else alpha
-            self.solver = Neumann(
-                self.maxiter,
-                step,
-                power_iters=self.power_iters,
-                refresh_every=self.refresh_every,
-                seed=seed,
-            )
-
-    def solver_for(self, problem: Problem) -> Solver:
-        if self.default and self.alpha is None:
-            if problem.lr is None:
-                raise ValueError(
-                    "IFT's default Neumann solver caps its step at the inner learning rate: "
-                    "pass Problem(lr=...), or IFT(alpha=...), or a solver (IFT(hg.CG()))."
-                )
-            lr = as_float(problem.lr, "lr", min=0.0, open_min=True)
-            self.solver.alpha_max = lr  # type: ignore[attr-defined]
-        return self.solver
-
-    def config(self) -> dict[str, Any]:
-        out = {**super().config(), "maxiter": self.maxiter, "alpha": self.alpha}
-        out.update(power_iters=self.power_iters, refresh_every=self.refresh_every)
-        return out
 
 
 def implicit(

@@ -48,8 +48,10 @@ __all__ = [
     "as_hvp",
     "as_solver",
     "check_state_keys",
+    "check_warm_state",
     "damping_config",
     "solver_config",
+    "warm_vector",
 ]
 
 
@@ -109,6 +111,29 @@ def check_state_keys(
             f"{extra}; it was saved from another method or solver."
         )
     return state
+
+
+def warm_vector(x: Tensor | None, inputs: Inputs) -> Tensor | None:
+    """A kept solution as the next call's start: None if there is none or the model
+    changed size; else in the parameters' accumulator dtype and device."""
+    if x is None or x.numel() != inputs.param_spec.size:
+        return None
+    p = inputs.param_leaves
+    return x.to(dtype=_tree.accumulator_dtype(p), device=p[0].device)
+
+
+def check_warm_state(x: Any, who: str) -> Tensor | None:
+    """A warm start read from a checkpoint: None, or a finite 1-D float tensor (copied)."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor) or x.dim() != 1 or not x.is_floating_point():
+        raise ArgumentTypeError(
+            f"{who}'s checkpoint holds a warm start `x` that is not a 1-D floating-point "
+            f"tensor ({type(x).__name__}); it was saved from another method."
+        )
+    if not all_finite([x]):
+        raise ValueError(f"{who}'s checkpoint holds a warm start with NaN or Inf.")
+    return x.detach().clone()
 
 
 def _check_found_mode(value: Any, who: str) -> tuple[str, str | None] | None:

@@ -180,8 +180,8 @@ class AutoDamping:
         ``curvature``: the Rayleigh quotient ``q = p^T (H + used I) p / ||p||^2 <= 0`` along
         the direction the solver met (None if unknown). A cached damping is re-estimated
         (``maxiter`` products); a fresh one that missed is re-estimated with
-        ``max(4 maxiter, 20)`` Lanczos steps; later retries double the shift. Each new damping is at least
-        ``used - q + rel * radius``, past the curvature met.
+        ``max(4 maxiter, 20)`` Lanczos steps; later retries double the shift. Each new
+        damping is at least ``used - q + rel * radius``, past the curvature met.
         """
         if not stats.get("damping_estimated"):
             self._estimate(op, stats)
