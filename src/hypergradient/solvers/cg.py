@@ -92,8 +92,8 @@ class _Run:
         """
         wide = _tree.wide_dtype(self.b.device)
         vectors = (Ap, self.p, self.r, self.y)
-        norms = [torch.linalg.vector_norm(v, dtype=wide) for v in vectors]
-        values = torch.stack([pAp.to(wide), *norms]).tolist()
+        norms = torch.linalg.vector_norm(torch.stack(vectors), dim=1, dtype=wide)
+        values = torch.cat([pAp.to(wide).reshape(1), norms]).tolist()
         for i, v in enumerate(vectors, start=1):
             if not 0.0 < values[i] < math.inf:
                 values[i] = safe_norm(v)
