@@ -2,7 +2,8 @@
 
 30 hyper-steps of per-weight decay on the digits MLP (tanh 64-32-10, 2,410 parameters and as
 many log decays): each hyper-step moves the decays by Adam along the exact hypergradient and
-retrains the weights by L-BFGS from the previous ones, so consecutive hyper-steps solve nearly
+retrains the weights by ``--inner`` (10) L-BFGS iterations from the previous ones (a
+HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly
 the same system. Reference at every hyper-step: a dense float64 solve (damped by
 ``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite). For each strategy
 the smallest CG budget whose hypergradient is within ``--target`` (relative error) is found by
@@ -89,7 +90,8 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
     for step in range(args.steps):
         hp = H.unflat(raw.detach(), pb.hparams)
         if step:
-            theta = H.lbfgs(lambda t, hp=hp: pb.inner_loss(H.unflat(t, pb.params), hp), theta, 50)
+            f = lambda t, hp=hp: pb.inner_loss(H.unflat(t, pb.params), hp)  # noqa: E731
+            theta = H.lbfgs(f, theta, args.inner)
         cur = replace(pb, params=H.unflat(theta, pb.params), hparams=hp)
         ref, w = reference(cur), weights(cur)
         exact = -w * ref["x"]
@@ -152,7 +154,8 @@ def render(d: dict[str, Any]) -> list[str]:
     s, rows = d["settings"], d["rows"]
     notes = [
         f"{s['steps']} hyper-steps, target relative error {s['target']:g}, CG cap {s['cap']}, "
-        f"Nystrom rank {s['rank']}, outer Adam lr {s['outer_lr']}, {s['rounds']} timed "
+        f"Nystrom rank {s['rank']}, outer Adam lr {s['outer_lr']}, {s['inner']} L-BFGS "
+        f"iterations per hyper-step, {s['rounds']} timed "
         f"round(s) per hyper-step; load average at the start {d['machine']['load_average']}",
         "fewer_products, less_time: the baseline's totals (TorchOpt's cold solve_cg if "
         "importable, else hg's cold CG) over the strategy's; products include sketches and "
@@ -177,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = H.cli(__doc__)
     p.add_argument("--steps", type=int, help="hyper-steps (default 30, quick 3)")
     p.add_argument("--hidden", type=int, help="hidden units (default 32, quick 4)")
-    p.add_argument("--lbfgs", type=int, help="initial L-BFGS iterations (default 1000, quick 50)")
+    p.add_argument("--lbfgs", type=int, help="initial L-BFGS iterations (default 300, quick 50)")
+    p.add_argument("--inner", type=int, default=10, help="L-BFGS iterations per hyper-step")
     p.add_argument("--rounds", type=int, help="timed rounds per hyper-step (default 3, quick 1)")
     p.add_argument("--rank", type=int, help="Nystrom rank (default 40, quick 4)")
     p.add_argument("--target", type=float, default=1e-2, help="relative error (default 1e-2)")
@@ -187,11 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if H.replot(args, NAME, TITLE, render):
         return 0
     H.start(args)
-    H.defaults(args, steps=(3, 30), hidden=(4, 32), lbfgs=(50, 1000), rounds=(1, 3), rank=(4, 40))
+    H.defaults(args, steps=(3, 30), hidden=(4, 32), lbfgs=(50, 300), rounds=(1, 3), rank=(4, 40))
     rep = H.Report(NAME, TITLE, args)
     rows = hyper_steps(args)
     pb_text = f"tanh MLP 64-{args.hidden}-10 on digits, one log decay per parameter"
-    keys = ("steps", "target", "cap", "rank", "outer_lr", "rounds")
+    keys = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs")
     data = {"settings": {k: getattr(args, k) for k in keys}, "problem": pb_text, "rows": rows}
     rep.write(data | {"summary": summary(rows)}, render)
     return 0

@@ -35,7 +35,7 @@ class HOAG(ImplicitMethod):
     that exits on negative curvature (or at ``maxiter``, far from its tolerance) leaves a
     partial solution that can be a poor start for the next system, and chaining such
     starts made the residual grow geometrically (hypergradient norms of 4e8 after 50
-    hyper-steps on a tanh MLP, ``tests/test_implicit_warnings.py``). So:
+    hyper-steps on a tanh MLP, ``tests/test_implicit_hoag.py``). So:
 
     - a warm start whose residual exceeds ``||b||`` (worse than ``x = 0``) is dropped by
       CG (``stats["warm_start"] = "dropped"``, one product);
