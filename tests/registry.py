@@ -336,6 +336,15 @@ METHODS = [
         calls=10,
     ),
     MethodRow(
+        "implicit-cg-warm-start",
+        # reuse across calls: 2 CG steps per call from the previous call's solution
+        lambda: hg.Implicit(hg.CG(maxiter=2, tol=0.0), warm_start=True),
+        ridge_case,
+        1e-9,
+        "closed-form dense solve, reached over 10 calls of 2 CG steps each (warm starts)",
+        calls=10,
+    ),
+    MethodRow(
         "hoag-default-resets",
         # the default drops the warm start after a max-iterations exit: each call converges
         # (CG on 6 unknowns) and the third starts from the second's solution
