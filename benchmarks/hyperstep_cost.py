@@ -11,6 +11,7 @@ hyperparameters.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -126,7 +127,11 @@ def measure(name: str, pb: dict[str, Any], steps: int, lr: float) -> list[dict[s
 def render(d: dict[str, Any]) -> list[str]:
     s = d["settings"]
     rows = [r for r in d["rows"] if "method" in r]
-    warned = sorted({w for r in d["rows"] for w in r.get("warnings", [])})
+    kinds: dict[str, int] = {}  # distinct warnings, told apart by their first words
+    for w in (w for r in d["rows"] for w in r.get("warnings", [])):
+        tail = re.sub(r"[0-9]+", "#", w.split(" met ")[-1])[:70]
+        key = " ".join(w.replace("(", " ").split()[:2]) + " ... " + tail
+        kinds[key] = kinds.get(key, 0) + 1
     notes = [
         f"{s['steps']} training steps per run (a hyper-step every {K}), SGD lr {s['lr']}; "
         f"load average at the start {d['machine']['load_average']}",
@@ -135,7 +140,7 @@ def render(d: dict[str, Any]) -> list[str]:
         "(products k = median num_hvps of the hyper-steps; m hyperparameters)",
         "hopt_step_ms: median HyperOptimizer step without a hyper-step (its overhead over the "
         "bare step)",
-        *[f"warning: {w}" for w in warned],
+        *[f"warning ({n} distinct texts): {k}" for k, n in kinds.items()],
     ]
     cols = "problem|method|hyper_steps:d|products:g|cost:.2f|goal:g|met|plain_step_ms:.3f"
     return [H.bullets(notes), H.dict_table(rows, cols + "|hopt_step_ms:.3f|hyper_step_ms:.2f")]
