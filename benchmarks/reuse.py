@@ -82,7 +82,7 @@ def budget(
 
 
 def hyper_steps(args: Any) -> list[dict[str, Any]]:
-    pb = H.digits_mlp(args.seed, args.hidden, args.lbfgs, require_pd=False)
+    pb = H.digits_mlp(args.seed, args.hidden, args.lbfgs, rounds=1, require_pd=False)
     theta, raw = H.flat(pb.params), H.flat(pb.hparams).clone().requires_grad_(True)
     adam, methods = torch.optim.Adam([raw], lr=args.outer_lr), make_methods(args.rank)
     to = torchopt()

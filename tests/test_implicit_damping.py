@@ -59,7 +59,13 @@ def test_hg_implicit_auto_damping_on_an_indefinite_hessian():
     diag = [-0.5, 0.01, 0.3, 1.0, 2.0, 4.0]
     f, g, w, h, H, reference = quadratic(diag)
     out, info = hg.implicit(
-        f, g, w, h, hg.CG(maxiter=50, tol=1e-13), damping="auto", return_info=True,
+        f,
+        g,
+        w,
+        h,
+        hg.CG(maxiter=50, tol=1e-13),
+        damping="auto",
+        return_info=True,
         stationarity=None,
     )
     d = closed_damping(diag)  # 0.5 + 1e-3 * 4

@@ -37,9 +37,8 @@ def hoag_run(seed, hidden, hyper_steps, n=128, batch=32):
     one log weight decay tuned by Adam, a hyper-step every 10 steps with plain HOAG()."""
     torch.manual_seed(seed)
     (Xt, yt), (Xv, yv) = _digits(n)
-    model = nn.Sequential(
-        nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10)
-    )
+    layers = [nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(hidden, 10))
 
     def penalty(m, h):
         return 0.5 * sum(h["log_decay"].exp() * (p**2).sum() for p in m.parameters())

@@ -41,9 +41,10 @@ def logreg():
     h = torch.linspace(-7.0, -2.0, 30, dtype=DT)
 
     def f(p, h):
-        return F.binary_cross_entropy_with_logits(Xt @ p[0] + p[1], yt) + 0.5 * (
-            h.exp() * p[0] ** 2
-        ).sum()
+        return (
+            F.binary_cross_entropy_with_logits(Xt @ p[0] + p[1], yt)
+            + 0.5 * (h.exp() * p[0] ** 2).sum()
+        )
 
     def g(p, h):
         return F.binary_cross_entropy_with_logits(Xv @ p[0] + p[1], yv)

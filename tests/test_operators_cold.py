@@ -49,9 +49,7 @@ def test_the_dot_form_and_grad_outputs_give_the_same_bits(monkeypatch, dtype):
     for form, name in (("dot", "no.such.module"), ("grad_outputs", "sys")):
         monkeypatch.setattr(graph, "SYMBOLIC_SHAPES", name)
         op = hg.HessianOperator(f, params, lam, mode="double")
-        results[form] = [
-            (op.matvec(v.to(op.dtype)), op.mixed(v.to(op.dtype))[0]) for v in vs
-        ]
+        results[form] = [(op.matvec(v.to(op.dtype)), op.mixed(v.to(op.dtype))[0]) for v in vs]
     for (a, ma), (b, mb) in zip(results["dot"], results["grad_outputs"]):
         assert torch.equal(a, b) and torch.equal(ma, mb)
 
