@@ -282,6 +282,17 @@ METHODS = [
         "closed-form dense solve of the damped system",
     ),
     MethodRow(
+        "implicit-cg-auto-damping",
+        lambda: hg.Implicit(
+            hg.CG(maxiter=50, tol=1e-13), damping=hg.solvers.AutoDamping(seed=0, refresh_every=2)
+        ),
+        # Lanczos on 6 unknowns finds the spectrum exactly: damping = 1e-3 lambda_max
+        lambda: ridge_case(damping=1e-3 * _ridge_lambda_max()),
+        1e-10,
+        "closed-form dense solve of the system damped by 1e-3 lambda_max (auto damping)",
+        randomized=True,
+    ),
+    MethodRow(
         "ift-default-neumann",
         lambda: hg.IFT(seed=0),  # the default solver; seeded: its estimate draws a start
         # lr = 0.5 converges (lr lambda_max = 1.25) but exceeds 1 / lambda_max = 0.4, so the
@@ -317,11 +328,31 @@ METHODS = [
     ),
     MethodRow(
         "hoag",
-        lambda: hg.HOAG(maxiter=2, tol=1e-13, decay=0.9),
+        # warm restarts kept after max-iterations exits (the paper's HOAG on a convex problem)
+        lambda: hg.HOAG(maxiter=2, tol=1e-13, decay=0.9, reset_on=("negative_curvature",)),
         ridge_case,
         1e-9,
         "closed-form dense solve, reached over 10 calls of 2 CG steps each (warm starts)",
         calls=10,
+    ),
+    MethodRow(
+        "implicit-cg-warm-start",
+        # reuse across calls: 2 CG steps per call from the previous call's solution
+        lambda: hg.Implicit(hg.CG(maxiter=2, tol=0.0), warm_start=True),
+        ridge_case,
+        1e-9,
+        "closed-form dense solve, reached over 10 calls of 2 CG steps each (warm starts)",
+        calls=10,
+    ),
+    MethodRow(
+        "hoag-default-resets",
+        # the default drops the warm start after a max-iterations exit: each call converges
+        # (CG on 6 unknowns) and the third starts from the second's solution
+        lambda: hg.HOAG(tol=1e-12, min_tol=1e-12),
+        ridge_case,
+        1e-9,
+        "closed-form dense solve (CG to relative residual 1e-12, warm-started)",
+        calls=3,
     ),
     MethodRow(
         "unrolled",

@@ -115,15 +115,47 @@ def test_cg_residual_can_grow_and_cg_keeps_the_best_iterate():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_cg_returns_the_best_of_its_iterates(seed):
+def test_cg_returns_its_last_iterate_unless_worse_than_zero(seed):
+    # The last iterate has the smallest A-norm error; it is returned when its residual is
+    # at most ||b|| (that of x = 0), else the iterate with the smallest residual.
     A, b = system(torch.logspace(0, 5, 12).tolist(), seed=seed)
     xs = textbook_cg(A, b, 8)
+    zero = residual(A, b, torch.zeros_like(b))
+    kinds = set()
     for k in range(1, 9):
         sol = hg.CG(maxiter=k, tol=0.0).solve(hg.MatrixOperator(A), b)
         norms = [residual(A, b, x) for x in xs[: k + 1]]
         best = min(range(k + 1), key=norms.__getitem__)
-        assert residual(A, b, sol.value) == pytest.approx(norms[best], rel=1e-6)
-        assert residual(A, b, sol.value) <= residual(A, b, torch.zeros_like(b))
+        want = k if norms[k] <= zero else best
+        kinds.add(want == k)
+        assert residual(A, b, sol.value) == pytest.approx(norms[want], rel=1e-6)
+        # the same iterate up to rounding (condition number 1e5: measured 3.6e-8 relative)
+        assert float((sol.value - xs[want]).norm()) <= 1e-6 * float(xs[-1].norm())
+        assert residual(A, b, sol.value) <= zero
+    assert kinds == {True, False} or seed  # seed 0 meets both cases
+
+
+def test_warm_restarts_of_cg_make_progress_where_the_residual_rises():
+    # From x0 = exact / 2 (residual ||b|| / 2), restarts of two steps raise the residual
+    # (measured 0.28 -> 0.55 relative) but lower the A-norm error every time; returning the
+    # smallest residual would return the start again and stall a warm-started loop (HOAG's).
+    A, b = system(torch.logspace(0, 4, 10).tolist(), seed=1)
+    exact = torch.linalg.solve(A, b)
+
+    def energy(x):
+        e = x - exact
+        return float(e @ A @ e)
+
+    x = 0.5 * exact
+    errors, residuals = [energy(x)], [0.5]
+    for _ in range(6):
+        x = hg.CG(maxiter=2, tol=0.0).solve(hg.MatrixOperator(A), b, x).value
+        errors.append(energy(x))
+        residuals.append(float((b - A @ x).norm() / b.norm()))
+    assert all(e1 < e0 for e0, e1 in zip(errors, errors[1:]))
+    assert errors[-1] < 0.75 * errors[0]  # measured 0.68
+    assert any(r1 > r0 for r0, r1 in zip(residuals, residuals[1:]))  # the case in point
+    assert max(residuals) <= 1.0  # never worse than x = 0
 
 
 def test_negative_curvature_returns_the_best_iterate_not_the_last():

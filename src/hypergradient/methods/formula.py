@@ -40,8 +40,8 @@ from .._vocab import (
     require_finite,
 )
 from ..distributed import AveragedOperator, guarded
-from ..operators import DampedOperator, LinearOperator
-from ..solvers import Solver
+from ..operators import LinearOperator
+from ..solvers import AutoDamping, Solver, damped_solve
 from ._checks import Inputs, all_finite
 from .base import Info
 
@@ -64,8 +64,15 @@ class ImplicitInfo(Info):
         inner_grad_norm: ``||grad_theta f||`` at ``params`` (fixed points:
             ``||T(theta) - theta||``); large values mean ``params`` is not an inner optimum
             and the implicit formula does not apply there.
+        outer_grad_norm: ``||grad_theta g||`` (the right-hand side ``b``), the scale
+            ``inner_grad_norm`` is compared with.
         extra_hvps: products spent on diagnostics.
         solution: the flat solution ``x ~ A^{-1} grad_theta g`` (warm starts: ``x0=``).
+
+    ``stats`` holds the solver's extras and ``"damping"`` (the damping used: with
+    ``damping="auto"`` also ``"damping_estimated"``, ``"damping_hvps"``, ``"lambda_max"``,
+    ``"lambda_min"``), ``"hvp"`` (the product mode used) and ``"hvp_fallback"`` (why
+    ``hvp="auto"`` left double backward, or None).
     """
 
     residual_norm: float | None = None
@@ -75,6 +82,7 @@ class ImplicitInfo(Info):
     solver: str = ""
     inner_loss: float = math.nan
     inner_grad_norm: float = math.nan
+    outer_grad_norm: float = math.nan
     extra_hvps: int = 0
     solution: Tensor | None = field(default=None, repr=False)
 
@@ -194,19 +202,20 @@ def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
 
 
 def _solve(
-    t: _Terms, solver: Solver, damping: float, x0: Tensor | None, group: Any
+    t: _Terms, solver: Solver, damping: float | AutoDamping, x0: Tensor | None, group: Any
 ) -> tuple[Tensor, Any, LinearOperator]:
     """``x = (H + damping I)^{-1} b`` by ``solver``; the solution, its record, the system."""
     system: LinearOperator = t.op if group is None else AveragedOperator(t.op, group)
-    if damping:
-        system = DampedOperator(system, damping)
     if not bool(t.b.any()):
         # The outer loss does not depend on the parameters: only the direct term remains.
-        return torch.zeros_like(t.b), _Record(Status.CONVERGED, True, 0.0, 0, {}), system
+        done = _Record(Status.CONVERGED, True, 0.0, 0, {"damping": _damping_value(damping)})
+        return torch.zeros_like(t.b), done, system
     with autocast_off(t.op.device):
-        sol = solver.solve(system, t.b, x0)
+        sol, system, extra = damped_solve(solver, system, t.b, x0, damping)
     status = Status(str(sol.status))
-    record = _Record(status, sol.converged, sol.residual_norm, sol.iterations, dict(sol.stats))
+    record = _Record(
+        status, sol.converged, sol.residual_norm, sol.iterations, {**sol.stats, **extra}
+    )
     if status == Status.DIVERGED:
         raise NonFiniteHypergradientError(
             f"{solver!r} diverged on the system H x = grad_theta g: {status.message}.",
@@ -223,14 +232,43 @@ def _solve(
     return sol.value, record, system
 
 
-def _warn_curvature(solver: Solver, record: _Record) -> None:
+def _damping_value(damping: float | AutoDamping) -> float | None:
+    if isinstance(damping, AutoDamping):
+        est = damping.estimate
+        return None if est is None else est.damping
+    return float(damping)
+
+
+def _warn_solve(solver: Solver, record: _Record, bnorm: float) -> None:
+    """Warn when the solve cannot vouch for its answer: negative curvature, or a stop at
+    ``maxiter`` far (10x) from the solver's tolerance. Fixed budgets (a solver without a
+    tolerance, or ``tol=0`` and ``atol=0``) never warn."""
     if record.status == Status.NEGATIVE_CURVATURE:
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {record.iterations} "
             "iteration(s): the Hessian is not positive definite at `params` (not a minimum, "
-            "or singular). The partial solution is used; pass damping=... to regularize.",
+            "or singular). The partial solution is used; pass damping=... (or "
+            "damping='auto') to regularize.",
             HypergradientWarning,
-            stacklevel=4,
+            stacklevel=5,
+        )
+        return
+    if record.status != Status.MAX_ITERATIONS or record.residual is None:
+        return
+    tol, atol = getattr(solver, "tol", None) or 0.0, getattr(solver, "atol", None) or 0.0
+    if not (tol or atol):  # tol=0: a fixed budget asked for ("as far as maxiter goes")
+        return
+    relative = record.residual / max(bnorm, 1e-300)
+    allowed = max(float(tol), float(atol) / max(bnorm, 1e-300))
+    if relative > 10 * allowed:
+        maxiter = getattr(solver, "maxiter", None)
+        warnings.warn(
+            f"{solver!r} stopped at maxiter={maxiter} with relative residual "
+            f"{relative:.3g}, more than 10x its tolerance {allowed:.3g}: the solution (and "
+            "the hypergradient) is inaccurate. Raise maxiter, loosen tol, add damping, or "
+            "precondition (hg.NystromPCG).",
+            HypergradientWarning,
+            stacklevel=5,
         )
 
 
@@ -283,7 +321,7 @@ def implicit_hypergradient(
     solver: Solver,
     *,
     method: str,
-    damping: float = 0.0,
+    damping: float | AutoDamping = 0.0,
     x0: Tensor | None = None,
     outer_at: Sequence[Tensor] | None = None,
     by_reference: bool = False,
@@ -303,7 +341,8 @@ def implicit_hypergradient(
         inputs: the validated parameters and hyperparameters.
         solver: applies ``(H + damping I)^{-1}``.
         method: the method's name, for the info.
-        damping: ``lambda`` added to the diagonal.
+        damping: ``lambda`` added to the diagonal, or an
+            :class:`~hypergradient.solvers.AutoDamping` that chooses it.
         x0: flat warm start (validated), or None.
         outer_at: parameter leaves where ``g``'s gradient is taken (default: the
             operator's point; T1T2: the parameters after the step).
@@ -348,11 +387,13 @@ def implicit_hypergradient(
         if residual and record.residual is None:
             record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
             extra = 1
-        _warn_curvature(solver, record)
+        bnorm = float(torch.linalg.vector_norm(terms.b))
+        _warn_solve(solver, record, bnorm)
         result = _assemble(terms, x, group)
     finally:
         op.release()
-    bnorm = float(torch.linalg.vector_norm(terms.b))
+    record.stats["hvp"] = getattr(op, "mode", None)
+    record.stats["hvp_fallback"] = getattr(op, "fallback_reason", None)
     info = ImplicitInfo(
         method=method,
         seconds=time.perf_counter() - started,
@@ -367,6 +408,7 @@ def implicit_hypergradient(
         solver=repr(solver),
         inner_loss=terms.inner_value,
         inner_grad_norm=float(torch.linalg.vector_norm(terms.stationarity)),
+        outer_grad_norm=bnorm,
         extra_hvps=extra,
         solution=x.detach(),
     )

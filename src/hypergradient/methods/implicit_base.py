@@ -3,10 +3,16 @@
 :class:`ImplicitMethod` owns the sequence every such call follows, so no subclass can
 forget a step: validate the problem, run the distributed consistency check (values and
 the whole configuration), compute the formula, and on failure restore the solver's state
-(its generator, a cached sketch), so a call that raises changes nothing. Subclasses say
-which solver (:meth:`~ImplicitMethod.solver_for`), at which points
+(its generator, a cached sketch) and the damping estimate, so a call that raises changes
+nothing. Subclasses say which solver (:meth:`~ImplicitMethod.solver_for`), at which points
 (:meth:`~ImplicitMethod.points`), with which warm start, and what to keep afterwards
 (:meth:`~ImplicitMethod.commit`).
+
+Settings every implicit method shares: ``damping`` (a number, ``"auto"`` or an
+:class:`~hypergradient.solvers.AutoDamping`), ``hvp`` (the product mode of
+:mod:`hypergradient.operators.modes`; in ``"auto"`` the mode found on the first call is
+kept for the later ones, so the failed double-backward attempt is made once) and
+``batched``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import ArgumentTypeError
-from ..operators import HessianOperator
-from ..solvers import Solver
+from .._vocab import ArgumentTypeError, as_choice, as_float
+from ..operators import MODES, HessianOperator
+from ..solvers import AutoDamping, Solver
 from ._checks import (
+    BATCHED,
     Inputs,
     all_finite,
     check_inputs,
@@ -35,7 +42,17 @@ from ._checks import (
 from .base import Method, Problem
 from .formula import ImplicitInfo, implicit_hypergradient
 
-__all__ = ["ImplicitMethod", "as_solver", "check_state_keys", "solver_config"]
+__all__ = [
+    "ImplicitMethod",
+    "as_damping",
+    "as_hvp",
+    "as_solver",
+    "check_state_keys",
+    "check_warm_state",
+    "damping_config",
+    "solver_config",
+    "warm_vector",
+]
 
 
 def as_solver(solver: Any, name: str = "solver") -> Solver:
@@ -45,6 +62,28 @@ def as_solver(solver: Any, name: str = "solver") -> Solver:
             f"`{name}` must be a hypergradient solver such as hg.CG(), got {type(solver).__name__}."
         )
     return solver
+
+
+def as_damping(value: Any, name: str = "damping") -> float | AutoDamping:
+    """A number >= 0, or an :class:`AutoDamping` (``"auto"`` makes a default one)."""
+    if isinstance(value, AutoDamping):
+        return value
+    if isinstance(value, str):
+        as_choice(value, name, ("auto",))
+        return AutoDamping()
+    return as_float(value, name, min=0.0, hint=" Or pass damping='auto'.")
+
+
+def as_hvp(value: Any, name: str = "hvp") -> str:
+    """A product mode: ``"auto"``, ``"double"``, ``"double_math"`` or ``"first_order"``."""
+    return as_choice(value, name, MODES)
+
+
+def damping_config(damping: float | AutoDamping) -> float | dict[str, Any]:
+    """The damping as plain data."""
+    if isinstance(damping, AutoDamping):
+        return {"type": "AutoDamping", **damping.config()}
+    return damping
 
 
 def solver_config(solver: Solver | None) -> dict[str, Any] | None:
@@ -58,17 +97,58 @@ def solver_config(solver: Solver | None) -> dict[str, Any] | None:
     return {"type": type(solver).__name__, **cfg}
 
 
-def check_state_keys(state: Any, expected: set[str], who: str) -> Mapping[str, Any]:
-    """``state`` if it is a mapping with exactly the keys ``expected``."""
+def check_state_keys(
+    state: Any, expected: set[str], who: str, optional: set[str] | frozenset[str] = frozenset()
+) -> Mapping[str, Any]:
+    """``state`` if it is a mapping with the keys ``expected`` (and maybe some ``optional``)."""
     if not isinstance(state, Mapping):
         raise ArgumentTypeError(f"{who}.load_state_dict takes a dict, got {type(state).__name__}.")
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing = sorted(expected - set(state))
+    extra = sorted(set(state) - expected - set(optional))
     if missing or extra:
         raise ValueError(
             f"{who}'s checkpoint does not match: missing keys {missing}, unexpected keys "
             f"{extra}; it was saved from another method or solver."
         )
     return state
+
+
+def warm_vector(x: Tensor | None, inputs: Inputs) -> Tensor | None:
+    """A kept solution as the next call's start: None if there is none or the model
+    changed size; else in the parameters' accumulator dtype and device."""
+    if x is None or x.numel() != inputs.param_spec.size:
+        return None
+    p = inputs.param_leaves
+    return x.to(dtype=_tree.accumulator_dtype(p), device=p[0].device)
+
+
+def check_warm_state(x: Any, who: str) -> Tensor | None:
+    """A warm start read from a checkpoint: None, or a finite 1-D float tensor (copied)."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor) or x.dim() != 1 or not x.is_floating_point():
+        raise ArgumentTypeError(
+            f"{who}'s checkpoint holds a warm start `x` that is not a 1-D floating-point "
+            f"tensor ({type(x).__name__}); it was saved from another method."
+        )
+    if not all_finite([x]):
+        raise ValueError(f"{who}'s checkpoint holds a warm start with NaN or Inf.")
+    return x.detach().clone()
+
+
+def _check_found_mode(value: Any, who: str) -> tuple[str, str | None] | None:
+    """The ``"hvp"`` entry of a checkpoint: ``{"mode": ..., "reason": ...}``."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != {"mode", "reason"}:
+        raise ValueError(
+            f"{who}'s checkpoint: `hvp` must be {{'mode': ..., 'reason': ...}}, got {value!r}."
+        )
+    mode = as_choice(value["mode"], "state['hvp']['mode']", MODES[1:])
+    reason = value["reason"]
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError(f"{who}'s checkpoint: `hvp['reason']` must be a string or None.")
+    return mode, reason
 
 
 def _check_randomized_solver(solver: Solver, group: Any) -> None:
@@ -94,13 +174,23 @@ class _Prepared:
 class ImplicitMethod(Method):
     """Base class of the methods that evaluate the implicit formula.
 
-    Attributes every subclass sets: ``damping`` (float >= 0) and ``batched`` (how batched
-    products run: True, False or "auto").
+    Attributes every subclass sets (through :meth:`setup`): ``damping`` (a float >= 0 or
+    an :class:`~hypergradient.solvers.AutoDamping`), ``batched`` (True, False or "auto")
+    and ``hvp`` (the requested product mode).
     """
 
-    damping: float = 0.0
+    damping: float | AutoDamping = 0.0
     batched: bool | str = "auto"
+    hvp: str = "auto"
     residual = True  # compute ||b - A x|| when the solver does not report it
+    _found: tuple[str, str | None] | None = None  # the mode "auto" settled on, and why
+
+    def setup(self, damping: Any = 0.0, batched: Any = "auto", hvp: Any = "auto") -> None:
+        """Validate and store the shared settings."""
+        self.damping = as_damping(damping)
+        self.batched = as_choice(batched, "batched", BATCHED)
+        self.hvp = as_hvp(hvp)
+        self._found = None
 
     # -- hooks ------------------------------------------------------------------------
     def solver_for(self, problem: Problem) -> Solver:
@@ -117,6 +207,63 @@ class ImplicitMethod(Method):
 
     def commit(self, solver: Solver, info: ImplicitInfo) -> None:
         """Keep what the next call needs (called only after a successful call)."""
+
+    def own_state(self) -> dict[str, Any]:
+        """The subclass's part of :meth:`state_dict`."""
+        return {}
+
+    def load_own_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`own_state` (keys checked); validate before assigning."""
+
+    def kept_solver(self) -> Solver | None:
+        """The solver object kept across calls (its state is rolled back on failure)."""
+        return None
+
+    # -- state --------------------------------------------------------------------------
+    def product_mode(self) -> str:
+        """The mode of the next call: the one ``"auto"`` found, else the requested one."""
+        return self._found[0] if self._found is not None else self.hvp
+
+    def common_config(self) -> dict[str, Any]:
+        return {"damping": damping_config(self.damping), "batched": self.batched, "hvp": self.hvp}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The subclass's state, the damping estimate (``"damping"``, with
+        ``damping="auto"``) and the product mode "auto" settled on (``"hvp"``, once found)."""
+        out = dict(self.own_state())
+        if isinstance(self.damping, AutoDamping):
+            out["damping"] = self.damping.state_dict()
+        if self._found is not None:
+            out["hvp"] = {"mode": self._found[0], "reason": self._found[1]}
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        who = type(self).__name__
+        own = set(self.own_state())
+        auto = isinstance(self.damping, AutoDamping)
+        state = check_state_keys(state, own | ({"damping"} if auto else set()), who, {"hvp"})
+        found = _check_found_mode(state.get("hvp"), who)
+        snap = self._snapshot()
+        try:
+            if auto:
+                self.damping.load_state_dict(state["damping"])  # type: ignore[union-attr]
+            self.load_own_state({k: state[k] for k in own})
+        except BaseException:
+            self._restore(snap)
+            raise
+        self._found = found
+
+    def _snapshot(self) -> tuple[Any, Any]:
+        solver = self.kept_solver()
+        damping = self.damping.snapshot() if isinstance(self.damping, AutoDamping) else None
+        return (None if solver is None else solver.snapshot(), damping)
+
+    def _restore(self, snap: tuple[Any, Any]) -> None:
+        solver = self.kept_solver()
+        if solver is not None and snap[0] is not None:
+            solver.restore(snap[0])
+        if isinstance(self.damping, AutoDamping) and snap[1] is not None:
+            self.damping.restore(snap[1])
 
     # -- the call ---------------------------------------------------------------------
     def _prepare(self, problem: Problem, x0: Any) -> _Prepared:
@@ -148,6 +295,14 @@ class ImplicitMethod(Method):
             pairs.append((prep.outer_at, "`params`"))
         return pairs
 
+    def _note_mode(self, info: ImplicitInfo) -> None:
+        """Keep the mode "auto" settled on; report the reason on the later calls too."""
+        mode = info.stats.get("hvp")
+        if self._found is not None:
+            info.stats["hvp_fallback"] = self._found[1]
+        elif self.hvp == "auto" and mode not in (None, "double"):
+            self._found = (mode, info.stats.get("hvp_fallback"))
+
     def __call__(self, problem: Problem, *, x0: Tree | Tensor | None = None) -> tuple[Tree, Any]:
         """The hypergradient of ``problem`` and an :class:`ImplicitInfo`.
 
@@ -166,6 +321,7 @@ class ImplicitMethod(Method):
             ),
         )
         at, _ = self.points(problem)
+        mode = self.product_mode()
 
         def build() -> HessianOperator:
             return HessianOperator(
@@ -174,9 +330,12 @@ class ImplicitMethod(Method):
                 problem.hparams,
                 batched=self.batched,
                 hparams_by_reference=bool(problem.hparams_by_reference),
+                mode=mode,
             )
 
-        saved = prep.solver.state_dict()
+        snap = self._snapshot()
+        if self.kept_solver() is not prep.solver:
+            snap = (prep.solver.snapshot(), snap[1])
         try:
             result, info = implicit_hypergradient(
                 build,
@@ -193,8 +352,13 @@ class ImplicitMethod(Method):
                 started=started,
             )
         except BaseException:
-            if saved:  # a failed call leaves the solver's generator and sketch as they were
-                prep.solver.load_state_dict(saved)
+            # a failed call leaves the solver's generator and sketch, and the damping, as
+            # they were
+            if snap[0] is not None:
+                prep.solver.restore(snap[0])
+            if isinstance(self.damping, AutoDamping) and snap[1] is not None:
+                self.damping.restore(snap[1])
             raise
+        self._note_mode(info)
         self.commit(prep.solver, info)
         return result, info

@@ -12,7 +12,7 @@ from .._tree import Tree
 from .._vocab import as_float
 from ..solvers import Identity, Solver
 from .base import Problem
-from .implicit_base import ImplicitMethod
+from .implicit_base import ImplicitMethod, as_hvp
 
 __all__ = ["T1T2"]
 
@@ -31,12 +31,21 @@ class T1T2(ImplicitMethod):
     ``problem.prev_params`` (``theta``) and the outer gradient at ``problem.params``
     (``theta'``); ``problem.lr`` is required.
 
+    Args:
+        hvp: how the mixed product is taken (as :class:`~hypergradient.Implicit`):
+            ``"first_order"`` differences ``grad_phi f`` along the outer gradient (two
+            gradients, no double backward, no retained graph).
+
     Cost: ``f``'s gradient graph, one gradient of ``g`` and one mixed product (no
-    Hessian-vector product). No state.
+    Hessian-vector product). State: the product mode ``"auto"`` settled on.
     """
 
     name = "t1t2"
     residual = False
+
+    def __init__(self, *, hvp: str = "auto"):
+        self.hvp = as_hvp(hvp)
+        self._found = None
 
     def solver_for(self, problem: Problem) -> Solver:
         if problem.lr is None:
@@ -49,4 +58,4 @@ class T1T2(ImplicitMethod):
         return problem.prev_params, problem.params
 
     def config(self) -> dict[str, Any]:
-        return {}
+        return {"hvp": self.hvp}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -17,7 +18,10 @@ from .._vocab import HypergradientWarning
 from .base import LinearOperator
 from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
 
-__all__ = ["BATCHED", "GRAPH_MODES", "GraphOperator", "prepare_leaves"]
+__all__ = ["BATCHED", "GRAPH_MODES", "SYMBOLIC_SHAPES", "GraphOperator", "prepare_leaves"]
+
+#: The module torch.autograd.grad imports on its first call with ``grad_outputs``.
+SYMBOLIC_SHAPES = "torch.fx.experimental.symbolic_shapes"
 
 BATCHED = (True, False, "auto")
 GRAPH_MODES = tuple(m for m in MODES if m != "first_order")
@@ -153,15 +157,41 @@ class GraphOperator(LinearOperator):
     def _setup_graph(self, batched: bool | str) -> None:
         self._batched: bool | str = _vocab.as_choice(batched, "batched", BATCHED)
         self._out_dtypes = [leaf.dtype for leaf in self.param_leaves]
+        # (start, stop, shape, dtype) of each leaf in a flat vector: products slice it
+        # directly (torch.split goes through symbolic-shape checks, ~10 us per leaf)
+        bounds, start = [], 0
+        for leaf in self.param_leaves:
+            bounds.append((start, start + leaf.numel(), leaf.shape, leaf.dtype))
+            start += leaf.numel()
+        self._bounds = bounds
+
+    def _pieces(self, v: Tensor) -> list[Tensor]:
+        """The connected outputs' parts of ``v`` (1-D, or a batch ``(k, n)``)."""
+        lead = tuple(v.shape[:-1])
+        out = []
+        for i in self._connected:
+            a, b, shape, dtype = self._bounds[i]
+            piece = v[..., a:b].reshape(lead + tuple(shape))
+            out.append(piece if piece.dtype == dtype else piece.to(dtype))
+        return out
 
     def _vjp(self, v: Tensor, leaves: list[Tensor], batched: bool = False) -> list[Tensor | None]:
         if not self._outputs:
             return [None] * len(leaves)
-        parts = _tree.split(v, self.param_spec, self._out_dtypes)
+        parts = self._pieces(v)
+        if not batched and SYMBOLIC_SHAPES not in sys.modules:
+            # The same product as the dot <outputs, v>'s gradient (bit for bit: the backward
+            # of the sum hands each output exactly its part of v). torch.autograd.grad with
+            # grad_outputs would first import torch.fx.experimental.symbolic_shapes and
+            # sympy (1-3 s, the bulk of a first call); once anything has imported them the
+            # grad_outputs form is used, which saves the dot's few operations.
+            dot = sum((o * p).sum() for o, p in zip(self._outputs, parts))
+            grads = torch.autograd.grad(dot, leaves, retain_graph=True, allow_unused=True)
+            return list(grads)
         grads = torch.autograd.grad(
             self._outputs,
             leaves,
-            grad_outputs=[parts[i] for i in self._connected],
+            grad_outputs=parts,
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=batched,
@@ -170,6 +200,8 @@ class GraphOperator(LinearOperator):
 
     def _param_vjp_flat(self, v: Tensor) -> Tensor:
         grads = self._vjp(v, self.param_leaves)
+        if all(g is not None and g.dtype == self.dtype for g in grads):
+            return torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
         return _tree.cat(grads, self.param_spec, self.dtype, self.device)
 
     def _vmapped(self, V: Tensor) -> Tensor | None:

@@ -22,14 +22,15 @@ solver             approximation of ``A^{-1} b``                 products
 One module per family: ``base`` (Solution, Solver, shared checks), ``exact``, ``cg``,
 ``neumann``, ``sketch`` and ``nystrom``, ``simple`` (Identity, FixedPoint), ``spectrum``
 (power iteration and Lanczos estimates of extreme eigenvalues), ``damping``
-(``auto_damping``: a damping chosen from a curvature estimate).
+(``auto_damping``: a damping chosen from a curvature estimate; ``AutoDamping``: the same,
+cached across the calls of a method, ``damping="auto"``).
 """
 
 from __future__ import annotations
 
 from .base import RandomizedSolver, Solution, Solver
 from .cg import CG
-from .damping import DampingEstimate, auto_damping
+from .damping import AutoDamping, DampingEstimate, auto_damping, damped_solve
 from .exact import Exact
 from .neumann import Neumann
 from .nystrom import Nystrom, NystromPCG
@@ -38,6 +39,7 @@ from .sketch import NystromApproximation, nystrom_sketch
 from .spectrum import SpectrumEstimate, estimate_lambda_max, lanczos_extremes
 
 __all__ = [
+    "AutoDamping",
     "CG",
     "DampingEstimate",
     "Exact",
@@ -52,6 +54,7 @@ __all__ = [
     "Solver",
     "SpectrumEstimate",
     "auto_damping",
+    "damped_solve",
     "estimate_lambda_max",
     "lanczos_extremes",
     "nystrom_sketch",

@@ -137,6 +137,19 @@ class Solver:
         """Restore :meth:`state_dict`; validates everything before assigning anything."""
         check_keys(state, (), self)
 
+    def snapshot(self) -> Any:
+        """An opaque copy of the state, for :meth:`restore` after a failed call (rollback).
+
+        Default: :meth:`state_dict`. Solvers whose state is large and replaced rather than
+        modified in place (a sketch) override it with a cheaper one.
+        """
+        return self.state_dict()
+
+    def restore(self, snapshot: Any) -> None:
+        """Return to the state of :meth:`snapshot`."""
+        if snapshot:
+            self.load_state_dict(snapshot)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import _vocab
+from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
@@ -24,7 +25,8 @@ class _Run:
 
     Normalizing makes the iteration scale-safe: ``||b||^2`` and ``r^T z`` cannot overflow
     or underflow whatever the scale of ``b``. The run keeps the iterate with the smallest
-    known residual (``x = 0``, residual 1, to start with) and returns it on every exit.
+    known residual (``x = 0``, residual 1, to start with); see :meth:`_solution` for which
+    iterate it returns.
     """
 
     def __init__(self, op, b, x0, maxiter, tol, atol, precondition):
@@ -82,25 +84,47 @@ class _Run:
             self.best_norm, self.improved = self.rnorm, True
             self.best.copy_(self.y)
 
+    def _norms(self, Ap: Tensor, pAp: Tensor) -> list[float]:
+        """``[p^T A p, ||A p||, ||p||, ||r||, ||y||]`` with one host synchronization.
+
+        Norms accumulate in float64 (float32 on MPS); the rare ones that over- or
+        underflow there are recomputed by :func:`safe_norm`.
+        """
+        wide = _tree.wide_dtype(self.b.device)
+        vectors = (Ap, self.p, self.r, self.y)
+        norms = torch.linalg.vector_norm(torch.stack(vectors), dim=1, dtype=wide)
+        values = torch.cat([pAp.to(wide).reshape(1), norms]).tolist()
+        for i, v in enumerate(vectors, start=1):
+            if not 0.0 < values[i] < math.inf:
+                values[i] = safe_norm(v)
+        return values
+
     def _step(self) -> bool:
-        """One CG step; True when the run must stop (status set)."""
-        Ap = self._product(self.p)
+        """One CG step; True when the run must stop (status set).
+
+        The updates use ``alpha = r^T z / p^T A p`` as a tensor, so that the step costs one
+        host synchronization (:meth:`_norms`); when ``p^T A p`` turns out non-finite or
+        non-positive the run stops and the updated ``y`` and ``r`` are never used.
+        """
+        Ap = self.op.matvec(self.p)
         pAp = torch.dot(self.p, Ap)
-        if not _vocab.is_finite(pAp):
+        alpha = self.rz / pAp
+        self.y.addcmul_(self.p, alpha)
+        self.r.addcmul_(Ap, alpha, value=-1.0)
+        pap, apnorm, pnorm, rnorm, ynorm = self._norms(Ap, pAp)
+        if not math.isfinite(pap):  # a non-finite product, or an overflow
+            require_finite_product(Ap)
             self.status = Status.DIVERGED
             return True
-        pap = float(pAp)
         if pap <= 0.0:
             # A is not positive definite along p: a CG step here would move uphill.
             self.status = Status.NEGATIVE_CURVATURE
+            self.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
             return True
-        self.lam_hat = max(self.lam_hat, safe_norm(Ap) / safe_norm(self.p))
-        alpha = self.rz / pAp
-        self.y.add_(self.p, alpha=alpha)
-        self.r.sub_(Ap, alpha=alpha)
+        self.lam_hat = max(self.lam_hat, apnorm / pnorm)
         self.iterations += 1
-        self.rnorm = safe_norm(self.r)
-        self.xmax = max(self.xmax, safe_norm(self.y))
+        self.rnorm = rnorm
+        self.xmax = max(self.xmax, ynorm)
         self._remember()
         if self.rnorm <= self.threshold and self._verified():
             self.status = Status.CONVERGED
@@ -151,8 +175,19 @@ class _Run:
         return self._solution()
 
     def _solution(self) -> Solution:
-        residual = self.best_norm * self.bnorm
-        self.stats["relative_residual"] = self.best_norm
+        # On a positive-definite exit the last iterate is CG's answer (the smallest A-norm
+        # error over the Krylov space: warm restarts make progress even where the residual
+        # rose); it is returned unless its residual exceeds that of x = 0. Otherwise (negative
+        # curvature, divergence, a last iterate worse than 0) the iterate with the smallest
+        # residual.
+        last = (
+            self.status in (Status.CONVERGED, Status.MAX_ITERATIONS)
+            and self.iterations > 0
+            and self.rnorm <= 1.0
+        )
+        chosen = self.rnorm if last else self.best_norm
+        residual = chosen * self.bnorm
+        self.stats["relative_residual"] = chosen
         message = ""
         if "attainable_residual" in self.stats and self.status == Status.MAX_ITERATIONS:
             message = (
@@ -161,7 +196,9 @@ class _Run:
                 f"rounding level of {self.b.dtype} for this system (about eps ||A|| ||x||); "
                 "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
             )
-        if self.improved:
+        if last:
+            value = self.y * self.bnorm
+        elif self.improved:
             value = self.best * self.bnorm
         else:  # the start is the best iterate: return it as given (0 or a copy of x0)
             value = torch.zeros_like(self.b) if self.x0 is None else self.x0.clone()
@@ -203,8 +240,11 @@ class CG(Solver):
     differentiation meets in practice:
 
     - **never worse than x = 0**: CG's residual is not monotone (it minimizes the
-      ``A``-norm of the error), so the iterate with the smallest residual is kept and
-      returned on every exit; a warm start ``x0`` whose residual exceeds ``||b||`` is
+      ``A``-norm of the error), so the iterate with the smallest residual is kept. On a
+      positive-definite exit (converged, or ``maxiter``) the last iterate is returned if
+      its residual is at most ``||b||`` (it has the smallest ``A``-norm error, so warm
+      restarts make progress even where the residual rose), else the kept one; on any
+      other exit the kept one. A warm start ``x0`` whose residual exceeds ``||b||`` is
       dropped (``stats["warm_start_dropped"]``; its product is counted);
     - **negative curvature**: if a search direction has ``p^T A p <= 0`` (not a minimum,
       or ``A`` singular along ``p``) it stops with ``status="negative_curvature"`` and the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +26,11 @@ from .base import (
 from .cg import conjugate_gradient
 from .sketch import SKETCHES, NystromApproximation, nystrom_sketch
 
-__all__ = ["Nystrom", "NystromPCG"]
+__all__ = ["STALE_GROWTH", "Nystrom", "NystromPCG"]
+
+#: ``NystromPCG(refresh_every="auto")`` sketches again once a solve converges this many
+#: times slower (in ``-log(residual)`` per iteration) than the first solve with the sketch.
+STALE_GROWTH = 1.5
 
 
 class Nystrom(RandomizedSolver):
@@ -134,14 +139,19 @@ class NystromPCG(RandomizedSolver):
 
     The sketch costs ``rank`` products and is kept across calls: it is rebuilt every
     ``refresh_every`` calls (1: every call), which pays off while the Hessian changes
-    slowly, as in an outer optimization loop. ``reset()`` forces a rebuild. The stored
-    sketch, the call counter and the generator are in :meth:`state_dict`.
+    slowly, as in an outer optimization loop. With ``refresh_every="auto"`` it is rebuilt
+    only when it stops helping: when a solve's convergence rate, ``-log(relative residual)``
+    per CG iteration, falls below ``1 / STALE_GROWTH`` (1/1.5) of the rate of the first solve
+    with the current sketch (``stats["sketch_stale"]``; the next call sketches again). This
+    works with a tolerance and with a fixed budget alike. ``reset()`` forces a rebuild. The
+    stored sketch, the call counter, the reference rate and the generator are in
+    :meth:`state_dict`.
 
     Args:
         rank, maxiter, tol, atol: sketch size and CG settings.
         mu: preconditioner regularization (default 0: the sketch's own eigenvalues).
         sketch, seed, generator, chunk_size: as in :class:`Nystrom` (default Gaussian).
-        refresh_every: calls between sketches.
+        refresh_every: calls between sketches, or ``"auto"`` (rebuilt when it stops helping).
 
     Cost: ``rank`` products per sketch plus one per CG iteration; O(r n) memory.
     """
@@ -159,7 +169,7 @@ class NystromPCG(RandomizedSolver):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         chunk_size: int | None = None,
-        refresh_every: int = 1,
+        refresh_every: int | str = 1,
     ):
         self.rank = _vocab.as_int(rank, "rank", min=1)
         self.maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
@@ -168,7 +178,11 @@ class NystromPCG(RandomizedSolver):
         self.mu = _vocab.as_float(mu, "mu", min=0.0)
         self.sketch = _vocab.as_choice(sketch, "sketch", SKETCHES)
         self.chunk_size = _vocab.as_optional_int(chunk_size, "chunk_size", min=1)
-        self.refresh_every = _vocab.as_int(refresh_every, "refresh_every", min=1)
+        self.refresh_every: int | str = (
+            "auto"
+            if refresh_every == "auto"
+            else _vocab.as_int(refresh_every, "refresh_every", min=1)
+        )
         self.init_generator(seed, generator)
         self.reset()
 
@@ -180,27 +194,34 @@ class NystromPCG(RandomizedSolver):
         """Forget the stored sketch; the next call builds a new one."""
         self._approx: NystromApproximation | None = None
         self._calls = 0
+        self._base: float | None = None  # convergence rate of the first solve with the sketch
 
     # -- checkpoints ------------------------------------------------------------------
-    _KEYS = ("generator", "calls", "U", "eigenvalues", "full_rank")
+    _KEYS = ("generator", "calls", "U", "eigenvalues", "full_rank", "base_rate")
 
     def state_dict(self) -> dict[str, Any]:
         a = self._approx
         return {
             "generator": generator_state(self._rng),
             "calls": self._calls,
+            "base_rate": self._base,
             "U": None if a is None else a.U.detach().clone(),
             "eigenvalues": None if a is None else a.eigenvalues.detach().clone(),
             "full_rank": None if a is None else bool(a.full_rank),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if isinstance(state, Mapping) and "base_rate" not in state:
+            state = {**state, "base_rate": None}  # a checkpoint from before "auto"
         check_keys(state, self._KEYS, self)
         check_generator_state(state["generator"], self._rng, "generator", self)
         calls = _vocab.as_int(state["calls"], "calls", min=0)
+        base = state["base_rate"]
+        if base is not None:
+            base = _vocab.as_float(base, "base_rate", min=0.0)
         approx = self._check_sketch(state)
         self.set_generator_state(state["generator"])
-        self._calls = calls
+        self._calls, self._base = calls, base
         self._approx = approx
 
     def _check_sketch(self, state: Mapping[str, Any]) -> NystromApproximation | None:
@@ -237,9 +258,10 @@ class NystromPCG(RandomizedSolver):
 
     def _sketch(self, op: LinearOperator) -> NystromApproximation:
         stale = self._approx is None or self._approx.U.shape[0] != op.size
-        if stale or self._calls % self.refresh_every == 0:
+        every = self.refresh_every
+        if stale or (isinstance(every, int) and self._calls % every == 0):
             self._approx = nystrom_sketch(op, self.rank, self.sketch, self._rng, self.chunk_size)
-            self._calls = 0
+            self._calls, self._base = 0, None
         self._calls += 1
         approx = self._approx
         assert approx is not None
@@ -250,6 +272,18 @@ class NystromPCG(RandomizedSolver):
                 approx.full_rank,
             )
         return approx
+
+    def _judge(self, sol: Solution) -> None:
+        """``refresh_every="auto"``: drop the sketch once it stops helping."""
+        if not sol.iterations:
+            return
+        relative = sol.stats.get("relative_residual", 1.0)
+        rate = -math.log(max(relative, 1e-300)) / sol.iterations
+        if self._base is None:
+            self._base = rate
+        elif rate * STALE_GROWTH < self._base:
+            self._approx = None  # the next call sketches again
+            sol.stats["sketch_stale"] = True
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
@@ -267,6 +301,8 @@ class NystromPCG(RandomizedSolver):
         )
         sol.num_hvps += sketch_hvps
         sol.stats["sketch_hvps"] = sketch_hvps
+        if self.refresh_every == "auto":
+            self._judge(sol)
         if approx.indefinite:
             sol.stats["indefinite"] = True
         return sol

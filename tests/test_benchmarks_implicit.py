@@ -1,0 +1,73 @@
+"""Smoke tests of the implicit benchmarks (``--quick``, into a temporary folder): reuse
+across hyper-steps and the hyper-step cost table. Their numbers are checked against what
+the benchmark itself can verify: every strategy reached the target error on the dense system,
+the real-product call is close to it, products add up, and every method has a cost row."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
+def _module(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def test_reuse_quick(tmp_path: Path, capsys) -> None:
+    assert _module("reuse").main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "reuse.json").read_text())
+    assert "Totals over the hyper-steps" in (tmp_path / "reuse.md").read_text()
+    rows, target = data["rows"], data["settings"]["target"]
+    assert len(rows) == data["settings"]["steps"] == 3
+    for row in rows:
+        for name in ("cold CG", "warm CG", "warm NystromPCG(auto refresh)"):
+            r = row[name]
+            assert r["failed"] is None
+            assert r["dense_error"] <= target and r["hvps"] >= r["budget"] >= 1
+            # the real call (autograd products) lands where the dense bisection said
+            assert r["error"] <= 1.5 * target
+    # the first hyper-step has nothing to reuse: warm CG does what cold CG does; the
+    # Nystrom strategy pays its sketch (rank 4) once; later warm starts cost one product
+    # (their residual) unless CG drops them
+    assert rows[0]["warm CG"]["hvps"] == rows[0]["cold CG"]["hvps"]
+    pcg = [r["warm NystromPCG(auto refresh)"] for r in rows]
+    assert pcg[0]["hvps"] == pcg[0]["budget"] + 4
+    assert all(r["warm CG"]["hvps"] - r["warm CG"]["budget"] in (0, 1) for r in rows[1:])
+    assert all(r["cold CG"]["hvps"] == r["cold CG"]["budget"] for r in rows)
+    totals = {s["strategy"]: s for s in data["summary"]}
+    assert totals["cold CG"]["hvps"] == sum(r["cold CG"]["hvps"] for r in rows)
+
+
+def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
+    mod = _module("hyperstep_cost")
+    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "hyperstep_cost.json").read_text())
+    rows = [r for r in data["rows"] if "method" in r]
+    assert {(r["problem"], r["method"]) for r in rows} == {
+        (p, m) for p in ("logreg", "mlp") for m in mod.METHODS
+    }
+    for r in rows:
+        assert r["error"] is None and r["hyper_steps"] == 2 and r["cost"] > 0
+    by = {(r["problem"], r["method"]): r for r in rows}
+    assert by[("logreg", "IFT(CG(maxiter=10, tol=0))")]["products"] == 10
+    assert by[("logreg", "ForwardMode()")]["goal"] == (2 + 30) * 10
+    assert by[("logreg", "T1T2()")]["goal"] == 2
