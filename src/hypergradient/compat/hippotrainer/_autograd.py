@@ -69,6 +69,7 @@ def implicit_by_reference(
         x0=x0,
         return_info=True,
         hparams_by_reference=True,
+        stationarity=None,  # HippoTrainer differentiates mid-training by design
     )
     return list(hyper), info
 

@@ -40,7 +40,9 @@ def _run(
 ) -> Params:
     as_callable(inner_obj, "inner_obj", "(in_params, out_params) -> scalar tensor")
     as_callable(outer_obj, "outer_obj", "(in_params, out_params) -> scalar tensor")
-    return tuple(implicit(inner_obj, outer_obj, tuple(in_params), tuple(out_params), s))
+    return tuple(  # hypergrad differentiates mid-training by design: no stationarity warning
+        implicit(inner_obj, outer_obj, tuple(in_params), tuple(out_params), s, stationarity=None)
+    )
 
 
 def conjugate_gradient(
