@@ -1,0 +1,309 @@
+"""Hybrid search: Optuna TPE chooses where hypergradient descent starts, by wall clock.
+
+The tasks and the three-way race of ``vs_optuna.py`` (same training code, same budget per
+method, interleaved clocks, best validation loss so far, retrained test loss of each
+method's best hyperparameters), with three methods:
+
+* ``Optuna TPE``: every trial one training at the sampled decays (``vs_optuna.Optuna``).
+* ``hypergradient``: one long run of Adam on ``log lambda`` from ``lambda_0``, with implicit
+  hypergradients after each training (``vs_optuna.Hypergradient``).
+* ``hybrid``: an Optuna study (TPE, multivariate, seeded; ``MedianPruner``) whose trials
+  each sample a *starting point* and the outer learning rate, then take up to
+  ``--trial-steps`` hypergradient steps from there (the hypergradient method's code),
+  reporting the validation loss of every training through
+  :class:`hypergradient.integrations.optuna.TrialReporter` (intermediate values for the
+  pruner, the best refined decays stored on the trial, the trial's value its best). The
+  starting point is one log decay per hyperparameter when there are at most 8 (TPE
+  searches few dimensions well), one shared log decay otherwise (30 features); the outer
+  learning rate is log-uniform in [0.3, 3] times the hypergradient method's. Its first
+  trial is the hypergradient method's start and learning rate (``enqueue_trial``).
+
+Every evaluation of every method (a training at some decays and its validation loss) is a
+candidate: a method's best is its lowest validation loss within its budget, retrained from
+a fresh state and scored on the test set.
+
+Run::
+
+    .venv/bin/python benchmarks/hybrid_optuna.py            # ~12 min (90 s and 150 s budgets)
+    .venv/bin/python benchmarks/hybrid_optuna.py --quick    # smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import harness as H
+import hypergradient as hg
+import vs_optuna as V
+from hypergradient.integrations.optuna import TrialReporter
+
+NAME = "hybrid_optuna"
+TITLE = "Hybrid search: Optuna TPE samples starting points, hypergradient descent refines"
+METHODS = ("tpe", "hypergradient", "hybrid")
+LABELS = {"tpe": "Optuna TPE", "hypergradient": "hypergradient", "hybrid": "hybrid (TPE + HG)"}
+SHARED_ABOVE = 8  # more hyperparameters than this: one shared starting decay
+
+
+class Hybrid:
+    """TPE trials of up to ``trial_steps`` hypergradient steps each, pruned by the median."""
+
+    def __init__(self, task: V.Task, seed: int, trial_steps: int):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna, self.task, self.trial_steps = optuna, task, trial_steps
+        warmup = max(trial_steps // 4, 1)
+        self.study = optuna.create_study(
+            sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup),
+        )
+        self.shared = task.n_hparams > SHARED_ABOVE
+        start = {"outer_lr": task.outer_lr}
+        names = ["log_lam0"] if self.shared else [f"log_lam0_{i}" for i in range(task.n_hparams)]
+        self.names = names
+        start |= {n: math.log(task.lam0) for n in names}
+        self.study.enqueue_trial(start)  # the hypergradient method's start
+        self.state: dict[str, Any] = {}
+        self.run, self.trial, self.diag = V.Run("hybrid"), None, []
+        self.counts = {"trials": 0, "pruned": 0, "completed": 0}
+
+    def _start_trial(self) -> None:
+        t, lo, hi = self.task, math.log(self.task.lo), math.log(self.task.hi)
+        self.trial = trial = self.study.ask()
+        starts = [trial.suggest_float(n, lo, hi) for n in self.names]
+        lr = trial.suggest_float("outer_lr", 0.3 * t.outer_lr, 3 * t.outer_lr, log=True)
+        values = starts * t.n_hparams if self.shared else starts
+        self.phi = torch.tensor(values, dtype=V.F64).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.phi], lr=lr)
+        self.reporter, self.k, self.x0 = TrialReporter(trial), 0, None
+        self.counts["trials"] += 1
+
+    def _end_trial(self, pruned: bool) -> None:
+        if pruned:
+            self.study.tell(self.trial, state=self.optuna.trial.TrialState.PRUNED)
+            self.counts["pruned"] += 1
+        else:
+            try:
+                self.study.tell(self.trial, self.reporter.finish())
+                self.counts["completed"] += 1
+            except self.optuna.TrialPruned:  # nothing finite was reported
+                self.study.tell(self.trial, state=self.optuna.trial.TrialState.PRUNED)
+                self.counts["pruned"] += 1
+        self.trial = None
+
+    def step(self) -> tuple[float, torch.Tensor, float, float]:
+        a, t = time.perf_counter(), self.task
+        if self.trial is None:
+            self._start_trial()
+        b, phi = time.perf_counter(), self.phi.detach().clone()
+        params = t.train(phi, self.state)
+        with torch.no_grad():
+            val = float(t.outer_loss(params, phi))
+        known = (val, phi, time.perf_counter(), time.process_time())
+        self.run.train_seconds += known[2] - b
+        try:
+            self.reporter.report(val, {"phi": phi}, self.k)
+        except self.optuna.TrialPruned:
+            self._end_trial(pruned=True)
+            self.run.sampler_seconds += (b - a) + (time.perf_counter() - known[2])
+            return known
+        self.k += 1
+        if self.k >= self.trial_steps or not math.isfinite(val):
+            self._end_trial(pruned=False)
+            self.run.sampler_seconds += (b - a) + (time.perf_counter() - known[2])
+            return known
+        self.run.sampler_seconds += b - a
+        c = time.perf_counter()
+        self._hyper_step(params, phi)
+        self.run.hyper_seconds += time.perf_counter() - c
+        return known
+
+    def _hyper_step(self, params: Any, phi: torch.Tensor) -> None:
+        t = self.task
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", hg.HypergradientWarning)
+            args = (t.inner_loss, t.outer_loss, params, phi, t.solver())
+            hyper, info = hg.implicit(*args, x0=self.x0, return_info=True)
+        self.x0, self.phi.grad = info.solution, hyper
+        self.opt.step()
+        with torch.no_grad():
+            self.phi.clamp_(math.log(t.lo), math.log(t.hi))
+        self.diag.append((str(info.status), len(caught)))
+
+    def finish(self) -> None:
+        best = self.study.best_trial
+        self.run.extras |= dict(self.counts)
+        self.run.extras |= {
+            "best_trial": best.number,
+            "best_trial_start": {k: round(v, 4) for k, v in best.params.items()},
+            "best_trial_step": best.user_attrs.get("refined_step"),
+            "hypergradient_warnings": sum(w for _, w in self.diag),
+            "outer_steps": len(self.diag),
+        }
+
+
+def run_task(task: V.Task, budget: float, seed: int, trial_steps: int) -> dict[str, Any]:
+    H.log(f"{task.title}: budget {budget:.0f} s per method")
+    phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=V.F64)
+    start = task.evaluate(task.train(phi0, {}))
+    methods = [V.Optuna(task, "tpe", seed), V.Hypergradient(task), Hybrid(task, seed, trial_steps)]
+    load0, real0 = os.getloadavg()[0], time.perf_counter()
+    V.race(methods, budget, "interleaved")
+    runs = {m.run.method: m.run for m in methods}
+    for r in runs.values():  # retrain with the best decays from a fresh state
+        best = r.phis[r.val.index(min(r.val))]
+        r.final = task.evaluate(task.train(best, {}))
+        lam = best.exp()
+        r.extras |= {"best_lambda_min": float(lam.min()), "best_lambda_max": float(lam.max())}
+        r.extras["best_lambda_median"] = float(lam.median())
+    reached = {}
+    for owner in ("tpe", "hypergradient"):
+        target = min(runs[owner].val)
+        reached[owner] = {"value": target} | {m: runs[m].time_to(target) for m in METHODS}
+    res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams, "budget": budget}
+    res |= {"lam0": task.lam0, "outer_lr": task.outer_lr, "trial_steps": trial_steps}
+    res |= {"solver": task.solver_text, "training": task.training_text, "box": [task.lo, task.hi]}
+    res |= {"real_seconds": time.perf_counter() - real0, "load": [load0, os.getloadavg()[0]]}
+    return res | {"start": start, "runs": runs, "reached": reached}
+
+
+# ============================================================================ output
+
+
+def render_task(res: dict[str, Any]) -> str:
+    runs, s = res["runs"], res["start"]
+    rows = [
+        {"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1, "best": s["val_loss"]}
+    ]
+    rows[-1] |= {"test_loss": s["test_loss"], "test_acc": s["test_acc"]}
+    for m in METHODS:
+        r, n = runs[m], len(runs[m]["val"])
+        x = {"method": LABELS[m], "evaluations": n, "best": min(r["val"])}
+        x |= {"found_at_s": r["wall"][r["val"].index(min(r["val"]))]}
+        x |= {"trials": r["extras"].get("trials"), "pruned": r["extras"].get("pruned")}
+        rows.append(x | r["final"])
+    times = []
+    for owner, t in res["reached"].items():
+        x = {"target": f"{LABELS[owner]}'s best", "value": t["value"]}
+        for m in METHODS:
+            x[LABELS[m]] = "not reached" if t[m] is None else f"{t[m][0]:.2f} s"
+        times.append(x)
+    h = runs["hybrid"]["extras"]
+    notes = [
+        f"budget {res['budget']:.0f} s per method, interleaved; lambda in {res['box']}; "
+        f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda "
+        f"from lambda = {res['lam0']:g}, hg.implicit with {res['solver']}",
+        f"hybrid: trials of up to {res['trial_steps']} hypergradient steps; "
+        + H.facts({k: h[k] for k in ("trials", "completed", "pruned", "best_trial")})
+        + f"; best trial's start (log lambda_0) and outer lr {h['best_trial_start']}, "
+        f"its best at step {h['best_trial_step']}",
+        f"{res['real_seconds']:.0f} s of real time; 1-min load average {res['load'][0]:.1f} "
+        f"before, {res['load'][1]:.1f} after",
+        "best lambdas (min / median / max): "
+        + "; ".join(
+            f"{LABELS[m]} {runs[m]['extras']['best_lambda_min']:.3g} / "
+            f"{runs[m]['extras']['best_lambda_median']:.3g} / "
+            f"{runs[m]['extras']['best_lambda_max']:.3g}"
+            for m in METHODS
+        ),
+    ]
+    cols = "method|evaluations:d|trials:d|pruned:d|best:.4f|found_at_s:.2f|val_loss:.4f"
+    cols += "|test_loss:.4f|test_acc:.3f"
+    tcols = "target|value:.4f|" + "|".join(LABELS[m] for m in METHODS)
+    return (
+        f"## {res['title']}\n\n{H.bullets(notes)}\n\n{H.dict_table(rows, cols)}\n\n"
+        + "Time to reach each single method's best (wall clock):\n\n"
+        + H.dict_table(times, tcols)
+    )
+
+
+def render(d: dict[str, Any]) -> list[str]:
+    if not d["tasks"]:
+        return ["Optuna not importable: the comparison is SKIPPED."]
+    rows = []
+    for res in d["tasks"]:
+        r = {"task": res["key"], "hyperparameters": res["n_hparams"]}
+        for m in METHODS:
+            run = res["runs"][m]
+            r[f"{LABELS[m]} val / test"] = (
+                f"{min(run['val']):.4f} / {run['final']['test_loss']:.4f}"
+            )
+        rows.append(r)
+    cols = "task|hyperparameters:,|" + "|".join(f"{LABELS[m]} val / test" for m in METHODS)
+    notes = (
+        "Columns: the best validation loss within the budget / the test loss after "
+        "retraining with those decays. `best` in the tables below is that validation loss; "
+        "`val_loss` is the retrained model's (equal up to the retraining's warm start)."
+    )
+    summary = f"## Summary\n\n{notes}\n\n{H.dict_table(rows, cols)}"
+    return [summary, *map(render_task, d["tasks"])]
+
+
+def plot(data: dict[str, Any], out: Path) -> Path:
+    """Best validation loss so far against each method's wall clock, per task."""
+    colors = {"tpe": "tab:blue", "hypergradient": "tab:green", "hybrid": "tab:red"}
+    tasks = data["tasks"]
+    fig, axes = H.pyplot().subplots(1, len(tasks), figsize=(5.4 * len(tasks), 4.2), squeeze=False)
+    for ax, res in zip(axes[0], tasks):
+        for m in METHODS:
+            r = res["runs"][m]
+            best = min(r["val"])
+            ax.step(
+                [*r["wall"], res["budget"]],
+                [*r["best_so_far"], best],
+                where="post",
+                color=colors[m],
+                label=f"{LABELS[m]}: {best:.4f} (test {r['final']['test_loss']:.4f})",
+            )
+        left = min(min(res["runs"][m]["wall"]) for m in METHODS) * 0.8
+        title = f"{res['key']}: {res['n_hparams']:,} decays"
+        ax.set(xscale="log", xlim=(left, res["budget"]), xlabel="wall time (s)", title=title)
+        ax.set(ylabel="best validation loss so far")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, title="best val (retrained test)", title_fontsize=8)
+    fig.suptitle("Same wall-clock budget per method, interleaved", fontsize=10)
+    return H.save_figure(fig, out / f"{NAME}.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = H.cli(__doc__)
+    p.add_argument("--budget-logreg", type=float, help="seconds per method (default 90)")
+    p.add_argument("--budget-mlp", type=float, help="seconds per method (default 150)")
+    p.add_argument("--trial-steps-logreg", type=int, help="hybrid trial length (default 150)")
+    p.add_argument("--trial-steps-mlp", type=int, help="hybrid trial length (default 15)")
+    p.add_argument("--lbfgs-iters", type=int, help="inner L-BFGS iterations (default 200)")
+    p.add_argument("--tasks", nargs="+", choices=("logreg", "mlp-layer"))
+    args = p.parse_args(argv)
+    if H.replot(args, NAME, TITLE, render, plot):
+        return 0
+    H.start(args)
+    H.defaults(args, budget_logreg=(1.0, 90.0), budget_mlp=(1.5, 150.0), lbfgs_iters=(20, 200))
+    H.defaults(args, trial_steps_logreg=(3, 150), trial_steps_mlp=(2, 15))
+    H.defaults(args, tasks=(["logreg", "mlp-layer"], ["logreg", "mlp-layer"]))
+    optuna, version = H.import_peer("optuna")
+    rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
+    settings = {
+        "logreg": (args.budget_logreg, args.trial_steps_logreg),
+        "mlp-layer": (args.budget_mlp, args.trial_steps_mlp),
+    }
+    results = []
+    for key in args.tasks * (optuna is not None):
+        budget, steps = settings[key]
+        results.append(run_task(V.Task(key, args.seed, args.lbfgs_iters), budget, args.seed, steps))
+    for res in results:
+        res["runs"] = {k: r.json() for k, r in res["runs"].items()}
+    rep.write({"tasks": results}, render, plot if results else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
