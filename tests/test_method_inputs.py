@@ -193,7 +193,7 @@ def test_hparams_by_reference_is_public_and_exact():
     assert float((out - case.reference).norm() / case.reference.norm()) < 1e-11
     assert h.grad is None
     with pytest.raises(ValueError, match="hparams_by_reference is for the implicit"):
-        hg.Unrolled()(
+        hg.ForwardMode()(
             dataclasses.replace(
                 __import__("registry").trajectory_case().problem(), hparams_by_reference=True
             )

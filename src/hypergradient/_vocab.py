@@ -176,6 +176,29 @@ def as_optional_int(value: Any, name: str, *, min: int | None = None, hint: str 
     return None if value is None else as_int(value, name, min=min, hint=hint)
 
 
+def _real(value: Any, name: str, hint: str) -> float:
+    """``value`` as a Python float if it is a real number (not a bool), else raise."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise ArgumentTypeError(f"`{name}` must be a number, got the bool {value!r}.{hint}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ArgumentTypeError(
+                f"`{name}` must be a real number, got a tensor of shape {tuple(value.shape)}.{hint}"
+            )
+        value = value.detach().item()
+    if not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"`{name}` must be a real number, got {type(value).__name__} {_got(value)}.{hint}"
+        )
+    return float(value)
+
+
+def _bounds_text(min: float | None, max: float | None, open_min: bool, open_max: bool) -> str:
+    lo = "" if min is None else ("> " if open_min else ">= ") + f"{min:g}"
+    hi = "" if max is None else ("< " if open_max else "<= ") + f"{max:g}"
+    return " and ".join(b for b in (lo, hi) if b)
+
+
 def as_float(
     value: Any,
     name: str,
@@ -196,27 +219,13 @@ def as_float(
         ArgumentTypeError: not a real number.
         ValueError: NaN, infinite, or out of range.
     """
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        raise ArgumentTypeError(f"`{name}` must be a number, got the bool {value!r}.{hint}")
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise ArgumentTypeError(
-                f"`{name}` must be a real number, got a tensor of shape {tuple(value.shape)}.{hint}"
-            )
-        value = value.detach().item()
-    if not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(
-            f"`{name}` must be a real number, got {type(value).__name__} {_got(value)}.{hint}"
-        )
-    v = float(value)
+    v = _real(value, name, hint)
     if math.isnan(v) or (finite and math.isinf(v)):
         raise ValueError(f"`{name}` must be a finite number, got {v}.{hint}")
     low_bad = min is not None and (v <= min if open_min else v < min)
     high_bad = max is not None and (v >= max if open_max else v > max)
     if low_bad or high_bad:
-        lo = "" if min is None else ("> " if open_min else ">= ") + f"{min:g}"
-        hi = "" if max is None else ("< " if open_max else "<= ") + f"{max:g}"
-        bound = " and ".join(b for b in (lo, hi) if b)
+        bound = _bounds_text(min, max, open_min, open_max)
         raise ValueError(f"`{name}` must be a number {bound}, got {v:g}.{hint}")
     return v
 

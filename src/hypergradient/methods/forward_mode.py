@@ -2,6 +2,10 @@
 
 Franceschi et al. (2017), "Forward and Reverse Gradient-Based Hyperparameter
 Optimization", ICML.
+
+Forward mode is where ``torch.func`` is the right tool (``jvp`` of the gradient, ``vmap``
+over the directions); its first transform imports ``torch._dynamo`` (~2 s, once per
+process), which the reverse-mode methods never do.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from .. import _tree
 from .._tree import Tree
 from .._vocab import as_optional_int
 from ..optim.functional import FunctionalOptimizer
+from .base import Problem
 from .replay import Run
 from .trajectory import (
     Sweep,
+    TrajectoryInfo,
     TrajectoryMethod,
     check_forward,
     forward_sweep,
@@ -51,7 +57,7 @@ def _propagate(run: Run, chunk_size: int | None) -> tuple[Any, ...]:
 
         def push_update(dp, ds, dg, dh, p=p, s=s, g=g, t=t):
             return torch.func.jvp(
-                lambda pp, ss, gg, hh: run.update(pp, ss, gg, hh, t),
+                lambda pp, ss, gg, hh: run.update_h(pp, ss, gg, hh, t),
                 (p, s, g, run.h),
                 (dp, ds, dg, dh),
             )[1]
@@ -63,7 +69,7 @@ def _propagate(run: Run, chunk_size: int | None) -> tuple[Any, ...]:
             tg = run.reduce(tangents, tp)
         tp, ts = vmap(push_update)(tp, ts, tg, th)
         with torch.no_grad():
-            p, s = run.update(p, s, g, run.h, t)
+            p, s = run.update(p, s, g, run.settings, t)
         losses.append(loss.detach().reshape(()))
     check_forward(run, losses, p)
     return p, tp, losses
@@ -90,12 +96,21 @@ class ForwardMode(TrajectoryMethod):
     def __init__(self, chunk_size: int | None = None):
         self.chunk_size = as_optional_int(chunk_size, "chunk_size", min=1)
 
+    def __call__(self, problem: Problem) -> tuple[Tree, TrajectoryInfo]:
+        if isinstance(problem, Problem) and problem.hparams_by_reference:
+            raise ValueError(
+                "ForwardMode pushes tangents through the steps with torch.func: the losses "
+                "must read the hyperparameters through their `hparams` argument "
+                "(hparams_by_reference is for the implicit methods, Unrolled and DrMAD)."
+            )
+        return super().__call__(problem)
+
     def sweep(self, run: Run, outer_loss: Callable[[Any, Any], Tensor]) -> Sweep:
         m = run.hspec.size
         if m == 0:  # nothing to propagate: only the (empty) direct term
             p, _, _, losses = forward_sweep(run, lambda t: False, run.steps)
             _, gh, value = outer_gradients(run, outer_loss, p)
-            return Sweep(list(gh), p, losses, value, run.steps, 0, 1)
+            return Sweep(list(gh), p, losses, value, run.steps, 0, 1, {"products": 0})
         p, tp, losses = _propagate(run, self.chunk_size)
         gp, gh, value = outer_gradients(run, outer_loss, p)
         dtype = _tree.common_dtype(list(run.h))
@@ -104,7 +119,7 @@ class ForwardMode(TrajectoryMethod):
             total = total + z.reshape(m, -1).to(dtype) @ g.reshape(-1).to(dtype)
         flat = _tree.cat(list(gh), run.hspec, dtype, run.device) + total
         hyper = _tree.split(flat, run.hspec, [h.dtype for h in run.h])
-        return Sweep(list(hyper), p, losses, value, run.steps, 0, 1)
+        return Sweep(list(hyper), p, losses, value, run.steps, 0, 1, {"products": m * run.steps})
 
 
 def forward_mode(

@@ -2,10 +2,14 @@
 
 :class:`Run` validates a :class:`~hypergradient.methods.Problem`'s trajectory once and
 exposes the step ``Phi_t`` in the forms the trajectory methods need: without derivatives
-(:meth:`Run.step`), with a vector-Jacobian product (:meth:`Run.step_vjp`), and as the two
-halves ``grad`` / ``update`` that forward mode pushes tangents through. With a process
-group the gradient half is averaged over the ranks (as ``DistributedDataParallel`` does)
-through guarded collectives, so a rank whose loss raises stops every rank at once.
+(:meth:`Run.step`, plain ``torch.autograd``), its pieces for the reverse step
+(:meth:`Run.loss`, :meth:`Run.update`, :meth:`Run.settings_of`; the vector-Jacobian
+product itself is :class:`~hypergradient.methods.traj_step.ReverseStep`), and the
+``torch.func``-composable halves ``grad`` / ``update_h`` that forward mode pushes tangents
+through (``torch.func`` is used there only: its transforms import ``torch._dynamo``,
+~2 s). With a process group the gradient half is averaged over the ranks (as
+``DistributedDataParallel`` does) through guarded collectives, so a rank whose loss raises
+stops every rank at once.
 """
 
 from __future__ import annotations
@@ -79,6 +83,39 @@ def replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device | str) 
                 torch.mps.set_rng_state(saved)
 
 
+def tree_builder(spec: _tree.TreeSpec) -> Callable[[Sequence[Tensor]], Any]:
+    """``leaves -> tree`` for ``spec``: :func:`~hypergradient._tree.unflatten`, with direct
+    builders for a tensor and flat containers of tensors (the common cases, per step)."""
+    if spec.kind == "leaf":
+        return lambda leaves: leaves[0]
+    if all(c.kind == "leaf" for c in spec.children):
+        if spec.kind == "dict":
+            keys = spec.keys
+            return lambda leaves: dict(zip(keys, leaves))
+        return tuple if spec.kind == "tuple" else list
+    return lambda leaves: _tree.unflatten(spec, leaves)
+
+
+def _check_by_reference(leaves: Sequence[Tensor], spec: _tree.TreeSpec) -> list[Tensor]:
+    """The caller's own hyperparameter tensors: they must require grad."""
+    for leaf, path in zip(leaves, spec.paths):
+        if not leaf.requires_grad:
+            raise ValueError(
+                f"{path} does not require grad, but hparams_by_reference=True differentiates "
+                "with respect to the caller's own tensors; call .requires_grad_(True) on it "
+                "(its .grad is left untouched)."
+            )
+    return list(leaves)
+
+
+def _same_state(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
+    """Whether two states from :func:`rng_state` are equal (host byte tensors: compared as
+    bytes, a few times cheaper than ``torch.equal``)."""
+    if a[0].numpy().tobytes() != b[0].numpy().tobytes():
+        return False
+    return a[1] is None or b[1] is None or a[1].numpy().tobytes() == b[1].numpy().tobytes()
+
+
 def optimizer_config(optimizer: FunctionalOptimizer) -> dict[str, Any]:
     """The optimizer's type and settings (tensor settings as their values), plain data."""
     out: dict[str, Any] = {"type": type(optimizer).__name__}
@@ -132,12 +169,7 @@ class Run:
                 "`trajectory` (hg.methods.Trajectory); the functional API (hg.unrolled, "
                 "...) builds one."
             )
-        if problem.hparams_by_reference:
-            raise ValueError(
-                f"{who} replays the run with torch.func: the losses must read the "
-                "hyperparameters through their `hparams` argument (hparams_by_reference is "
-                "for the implicit methods)."
-            )
+        self.by_reference = bool(problem.hparams_by_reference)
         as_callable(traj.step_loss, "inner_loss", "(params, hparams, batch) -> scalar tensor")
         check_arity(traj.step_loss, 3, "inner_loss", "(params, hparams, batch)", "")
         if not isinstance(traj.optimizer, FunctionalOptimizer):
@@ -150,24 +182,37 @@ class Run:
         self.pspec, self.hspec = inputs.param_spec, inputs.hparam_spec
         self.device = inputs.param_leaves[0].device
         self.p0 = tuple(t.detach().clone() for t in inputs.param_leaves)
-        self.h = tuple(t.detach().clone() for t in inputs.hparam_leaves)
+        if self.by_reference:
+            self.h = tuple(_check_by_reference(inputs.hparam_leaves, self.hspec))
+        else:
+            self.h = tuple(t.detach().clone() for t in inputs.hparam_leaves)
+        self.ptree = tree_builder(self.pspec)
+        self.htree_of = tree_builder(self.hspec)
+        self.htree = self.htree_of(self.h)
         self.optimizer = traj.optimizer
         self.step_loss = traj.step_loss
         self.batches = list(traj.batches)
         self.step0 = as_int(traj.step0, "step0", min=0)
         self.state0 = self._check_state0(traj.state0)
         self._settings(traj.settings, inputs.hparam_leaves)
+        self.final_leaves: list[Tensor] | None = None
         if traj.final_params is not None:
-            spec = _tree.flatten(traj.final_params, "final_params")[1]
+            self.final_leaves, spec = _tree.flatten(traj.final_params, "final_params")
             mismatch = _tree.mismatch(spec, "final_params", self.pspec, "params0")
             if mismatch is not None:
                 raise ValueError(f"`final_params` does not match `params0`: {mismatch}.")
         self.given = traj.rng_states is not None
+        self._after: tuple[int, Any] | None = None
         self.rngs: list[Any] = self._check_rngs(traj.rng_states)
         self.loss_like = torch.zeros(1, dtype=_tree.common_dtype(list(self.p0)), device=self.device)
         first = self.rngs[0] if self.given else rng_state(self.device)
         with replay_rng(first, self.device), torch.no_grad():  # a clear message, no draws
-            as_scalar_loss(self._call(self.p0, self.h, 0), "inner_loss")
+            as_scalar_loss(self.loss(self.p0, self.htree, 0), "inner_loss")
+            # Constants of the run (numbers: the optimizer's cheapest path, no conversions).
+            self.settings = {
+                k: float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
+                for k, v in self.settings_of(self.h, self.htree).items()
+            }
 
     def _check_state0(self, state0: Sequence[Tensor] | None) -> tuple[Tensor, ...] | None:
         if state0 is None:
@@ -222,38 +267,51 @@ class Run:
         return checks
 
     # -- the step function ------------------------------------------------------------
-    def _call(self, p: tuple[Tensor, ...], h: tuple[Tensor, ...], t: int) -> Tensor:
-        return self.step_loss(
-            _tree.unflatten(self.pspec, p), _tree.unflatten(self.hspec, h), self.batches[t]
-        )
+    def loss(self, p: Sequence[Tensor], htree: Any, t: int) -> Tensor:
+        """``f(theta, phi; batch_t)`` with ``theta``'s leaves ``p`` and the tree ``htree``."""
+        return self.step_loss(self.ptree(p), htree, self.batches[t])
 
     def init_state(self) -> tuple[Tensor, ...]:
         return self.state0 if self.state0 is not None else tuple(self.optimizer.init(list(self.p0)))
 
-    def grad(self, p: tuple[Tensor, ...], h: tuple[Tensor, ...], t: int) -> Any:
-        """This rank's ``grad_theta f(theta, phi; batch_t)`` and the loss (composable)."""
-        return torch.func.grad_and_value(lambda q: self._call(q, h, t))(p)
+    def settings_of(self, h: Sequence[Tensor], htree: Any) -> dict[str, Any]:
+        """The optimizer settings that depend on the hyperparameters ``h`` (tree ``htree``)."""
+        settings: dict[str, Any] = {name: h[i] for name, i in self.setting_index.items()}
+        for name, fn in self.setting_fns.items():
+            settings[name] = fn(htree)
+        return settings
 
     def update(
-        self, p: Any, s: Any, g: Any, h: Any, t: int
+        self, p: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tensor], settings: Any, t: int
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """The optimizer's update, with the settings that depend on ``h``."""
-        settings = {name: h[i] for name, i in self.setting_index.items()}
-        if self.setting_fns:
-            tree = _tree.unflatten(self.hspec, h)
-            settings.update({name: fn(tree) for name, fn in self.setting_fns.items()})
-        new_p, new_s = self.optimizer.update(list(p), list(g), list(s), self.step0 + t, settings)
+        """The optimizer's update with the given settings (see :meth:`settings_of`)."""
+        new_p, new_s = self.optimizer.update(p, g, s, self.step0 + t, settings)
         return tuple(new_p), tuple(new_s)
+
+    def local_grad(self, p: Sequence[Tensor], t: int) -> tuple[list[Tensor], Tensor]:
+        """This rank's ``grad_theta f(theta, phi; batch_t)`` and the loss (no graph kept)."""
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in p]
+            loss = self.loss(leaves, self.htree, t)
+            grads: Sequence[Tensor | None] = (None,) * len(leaves)
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return [torch.zeros_like(x) if d is None else d for x, d in zip(p, grads)], loss.detach()
 
     def reduce(self, fn: Callable[[], Sequence[Tensor]], like: Sequence[Tensor]) -> tuple:
         """``fn()`` averaged over the ranks (one guarded all-reduce); ``fn()`` alone."""
+        if self.group is None:
+            return tuple(fn())
         return tuple(guarded(fn, like, self.group, "a step of the inner run"))
 
-    def mean_grad(self, p: tuple[Tensor, ...], t: int) -> tuple[tuple[Tensor, ...], Tensor]:
+    def mean_grad(self, p: Sequence[Tensor], t: int) -> tuple[tuple[Tensor, ...], Tensor]:
         """``grad_theta f`` at step ``t`` averaged over the ranks, and the loss."""
+        if self.group is None:
+            g, loss = self.local_grad(p, t)
+            return tuple(g), loss
 
         def local() -> list[Tensor]:
-            g, loss = self.grad(p, self.h, t)
+            g, loss = self.local_grad(p, t)
             return [*g, loss.reshape(1)]
 
         *g, loss = self.reduce(local, [*p, self.loss_like])
@@ -262,52 +320,56 @@ class Run:
     def step(self, p: Any, s: Any, t: int) -> tuple[tuple[Any, Any], Tensor]:
         """``Phi_t`` without derivatives. Returns ``((params, state), loss)``."""
         g, loss = self.mean_grad(p, t)
-        return self.update(p, s, g, self.h, t), loss
+        with torch.no_grad():
+            return self.update(p, s, g, self.settings, t), loss
 
-    def step_vjp(self, p: Any, s: Any, t: int, adj: Any) -> tuple[Any, Any, Any]:
-        """Cotangents of ``(theta_t, state_t, phi)`` given the cotangent of step t's output.
+    # -- composable forms (torch.func, forward mode) ----------------------------------
+    def grad(self, p: tuple[Tensor, ...], h: tuple[Tensor, ...], t: int) -> Any:
+        """This rank's ``grad_theta f`` and the loss, composable with ``torch.func`` (whose
+        transforms import ``torch._dynamo``: forward mode only)."""
+        return torch.func.grad_and_value(lambda q: self.loss(q, self.htree_of(h), t))(p)
 
-        The step is ``update(theta, mean_r grad f_r(theta), state)``: the gradient half is
-        local to each rank's shard and the update half identical on every rank, so the
-        average sits between their two vector-Jacobian products.
-        """
-        held: dict[str, Any] = {}
+    def update_h(
+        self, p: Any, s: Any, g: Any, h: Any, t: int
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The optimizer's update with the settings computed from ``h`` (composable)."""
+        return self.update(list(p), list(s), list(g), self.settings_of(h, self.htree_of(h)), t)
 
-        def local_grad() -> list[Tensor]:
-            out: Any = torch.func.vjp(lambda pp, hh: self.grad(pp, hh, t), p, self.h, has_aux=True)
-            held["vjp"] = out[1]
-            return list(out[0])
-
-        g = self.reduce(local_grad, p)
-
-        def local_back() -> list[Tensor]:
-            out: Any = torch.func.vjp(
-                lambda pp, ss, gg, hh: self.update(pp, ss, gg, hh, t), p, s, g, self.h
-            )
-            vjp_update = out[1]
-            held["u"] = vjp_update(adj)
-            dp_g, dh_g = held["vjp"](held["u"][2])
-            return [*dp_g, *dh_g]
-
-        both = self.reduce(local_back, [*p, *self.h])  # the transpose of an average
-        dp_u, ds, _, dh_u = held["u"]
-        n = len(p)
-        return (
-            tuple(a + b for a, b in zip(dp_u, both[:n])),
-            ds,
-            tuple(a + b for a, b in zip(dh_u, both[n:])),
-        )
+    def first_step(self, p: Any, s: Any, t: int, record: bool) -> tuple[tuple[Any, Any], Tensor]:
+        """The first evaluation of step ``t`` (:meth:`step`): under its recorded random-number
+        state, or recording the state it starts from (when ``record``)."""
+        if self.given:
+            with replay_rng(self.rngs[t], self.device):
+                return self.step(p, s, t)
+        if not record:
+            return self.step(p, s, t)
+        before = self.draws_from(t)
+        out = self.step(p, s, t)
+        self.record(t, before)
+        return out
 
     @contextlib.contextmanager
     def first_pass(self, t: int, record: bool = True) -> Iterator[None]:
-        """The first evaluation of step ``t``: under its recorded state, or recording it."""
+        """The block as the first evaluation of step ``t`` (see :meth:`first_step`)."""
         if self.given:
             with replay_rng(self.rngs[t], self.device):
                 yield
             return
-        if record:
-            self.rngs[t] = rng_state(self.device)
+        before = self.draws_from(t) if record else None
         yield
+        if before is not None:
+            self.record(t, before)
+
+    def draws_from(self, t: int) -> tuple[Tensor, Tensor | None]:
+        """The state step ``t`` starts from: the end of step ``t - 1`` when just recorded."""
+        last = self._after
+        return last[1] if last is not None and last[0] == t - 1 else rng_state(self.device)
+
+    def record(self, t: int, before: tuple[Tensor, Tensor | None]) -> None:
+        """Keep ``before`` as step ``t``'s state, unless the step drew nothing (5 KB saved)."""
+        after = rng_state(self.device)
+        self._after = (t, after)  # the next step starts from it (nothing draws in between)
+        self.rngs[t] = None if _same_state(before, after) else before
 
     def again(self, t: int) -> Any:
         """A re-evaluation of step ``t`` (reverse pass, recomputation): the same draws."""

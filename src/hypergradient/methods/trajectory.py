@@ -13,8 +13,11 @@ the forward sweep (:func:`forward_sweep`, no graphs) and the reverse sweep
 ``dg/dphi = d_phi g + sum_t a_{t+1} dPhi_t/dphi``), and :class:`TrajectoryMethod`, the base
 class whose call validates, sweeps and reports.
 
-Each reverse step recomputes ``Phi_t`` from a stored state under ``torch.func.vjp``, so
-what is stored is states, never autograd graphs. Step ``t`` always draws its random numbers
+Each reverse step recomputes ``Phi_t`` from a stored state with plain ``torch.autograd``
+(:class:`~hypergradient.methods.traj_step.ReverseStep`: the gradient with
+``create_graph=True``, then one backward pass of the update against the adjoint), so what
+is stored is states, never autograd graphs, and ``torch.func`` (whose transforms import
+``torch._dynamo``) stays out of the reverse-mode methods. Step ``t`` always draws its random numbers
 from the same state: ``trajectory.rng_states[t]`` when the caller recorded the real run's
 (the hyper-optimizer does, so dropout in the replay draws the real masks), otherwise the
 state the forward sweep found before step ``t`` (the functional API: the sweep draws
@@ -48,6 +51,7 @@ from .._vocab import (
 from ._checks import all_finite, check_arity
 from .base import Info, Method, Problem, Trajectory
 from .replay import Run, replay_rng, rng_state
+from .traj_step import ReverseStep
 
 __all__ = [
     "Run",
@@ -102,6 +106,7 @@ class Sweep:
     reverse_steps: int
     recomputed_steps: int = 0
     stored_states: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def outer_gradients(
@@ -115,6 +120,7 @@ def outer_gradients(
             [_tree.unflatten(run.pspec, p), _tree.unflatten(run.hspec, run.h)],
             ["params", "hparams"],
             "outer_loss",
+            by_reference=[False, run.by_reference],
         )
         zp = [torch.zeros_like(a) if d is None else d for a, d in zip(p, gp)]
         zh = [torch.zeros_like(a) if d is None else d for a, d in zip(run.h, gh)]
@@ -172,24 +178,30 @@ def hypergradient_tree(run: Run, flat: Sequence[Tensor]) -> Any:
 
 
 def forward_sweep(
-    run: Run, keep_state: Callable[[int], bool], first: int
+    run: Run,
+    keep_state: Callable[[int], bool],
+    first: int,
+    visit: Callable[[int, tuple[Tensor, ...], tuple[Tensor, ...]], None] | None = None,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[int, Any], list[Tensor]]:
     """Run the ``T`` steps without graphs.
 
     Keeps the states ``keep_state(t)`` asks for, and the random-number state of every step
-    from ``first`` on, so that any of them can be replayed exactly. Returns ``(theta_T,
-    state_T, kept, losses)``; the losses and ``theta_T`` are checked for finiteness.
+    from ``first`` on, so that any of them can be replayed exactly; ``visit(t, theta_t,
+    state_t)``, if given, sees every state ``t = 0..T``. Returns ``(theta_T, state_T,
+    kept, losses)``; the losses and ``theta_T`` are checked for finiteness.
     """
     p, s = run.p0, run.init_state()
     kept: dict[int, Any] = {}
     losses = []
-    with torch.no_grad():
-        for t in range(run.steps):
-            if keep_state(t):
-                kept[t] = (p, s)
-            with run.first_pass(t, record=t >= first):
-                (p, s), loss = run.step(p, s, t)
-            losses.append(loss.detach())
+    for t in range(run.steps):
+        if keep_state(t):
+            kept[t] = (p, s)
+        if visit is not None:
+            visit(t, p, s)
+        (p, s), loss = run.first_step(p, s, t, t >= first)
+        losses.append(loss)
+    if visit is not None:
+        visit(run.steps, p, s)
     check_forward(run, losses, p)
     return p, s, kept, losses
 
@@ -201,19 +213,25 @@ def reverse_sweep(
     s_T: tuple[Tensor, ...],
     state_at: Callable[[int], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]],
     first: int,
-) -> tuple[list[Tensor], float]:
-    """Adjoint recursion from step ``T-1`` down to ``first``; ``state_at(t)`` gives ``s_t``."""
+    hvp: str = "auto",
+) -> tuple[list[Tensor], float, dict[str, Any]]:
+    """Adjoint recursion from step ``T-1`` down to ``first``; ``state_at(t)`` gives ``s_t``.
+
+    Returns the flat hypergradient, ``g`` and the product mode's report (``hvp``,
+    ``hvp_fallback``).
+    """
     gp, gh, value = outer_gradients(run, outer_loss, p_T)
     adj = (gp, tuple(torch.zeros_like(x) for x in s_T))
     hyper = [x.clone() for x in gh]
+    step = ReverseStep(run, hvp)
     for t in range(run.steps - 1, first - 1, -1):
         p, s = state_at(t)
-        with run.again(t):
-            dp, ds, dh = run.step_vjp(p, s, t, adj)
+        dp, ds, dh = step(p, s, t, adj)
         adj = (dp, ds)
         for acc, d in zip(hyper, dh):
-            acc.add_(d)
-    return hyper, value
+            if d is not None:
+                acc.add_(d)
+    return hyper, value, step.finish()
 
 
 def _replay_error(replayed: tuple[Tensor, ...], real: Tree, steps: int) -> float:
@@ -274,6 +292,8 @@ class TrajectoryMethod(Method):
         if info.replay_error is not None:
             info.stats["replay_error"] = info.replay_error
         info.stats["stored_states"] = out.stored_states
+        info.stats.update(out.stats)
+        info.num_hvps = int(out.stats.get("products", 0))
         return result, info
 
 

@@ -22,7 +22,7 @@ be a ``bool``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -95,9 +95,30 @@ class FunctionalOptimizer:
 
 
 def _setting_on(value: Setting, like: Tensor) -> Setting:
-    if isinstance(value, Tensor):
-        return value.to(dtype=like.dtype).reshape(())
+    if isinstance(value, Tensor):  # converted only if needed: each op is a node to backprop
+        if value.dtype != like.dtype:
+            value = value.to(dtype=like.dtype)
+        return value if value.dim() == 0 else value.reshape(())
     return value
+
+
+def _per_dtype(
+    s: Mapping[str, Setting], keys: Sequence[str]
+) -> Callable[[Tensor], tuple[Setting, ...]]:
+    """``like -> (setting on like's dtype, ...)`` for ``keys``, converted once per dtype.
+
+    Tensor settings become 0-d tensors of the parameter's dtype (differentiably); numbers
+    stay numbers. One conversion per dtype and call instead of one per parameter.
+    """
+    cache: dict[torch.dtype, tuple[Setting, ...]] = {}
+
+    def on(like: Tensor) -> tuple[Setting, ...]:
+        got = cache.get(like.dtype)
+        if got is None:
+            got = cache[like.dtype] = tuple(_setting_on(s[k], like) for k in keys)
+        return got
+
+    return on
 
 
 def _is_zero(value: Setting) -> bool:
@@ -149,15 +170,18 @@ class SGD(FunctionalOptimizer):
 
     def update(self, params, grads, state, step, settings=None):
         s = self._resolve(settings)
+        on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"))
+        decay, damped = not _is_zero(s["weight_decay"]), not _is_zero(s["dampening"])
         new_params, new_state = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
-            lr, mom, damp, wd = (
-                _setting_on(s[k], p) for k in ("lr", "momentum", "dampening", "weight_decay")
-            )
-            if not _is_zero(wd):
+            lr, mom, damp, wd = on(p)
+            if decay:
                 g = g + wd * p
             if self.uses_momentum:
-                buf = g if step == 0 else mom * state[i] + (1 - damp) * g
+                if step == 0:
+                    buf = g
+                else:
+                    buf = mom * state[i] + ((1 - damp) * g if damped else g)
                 new_state.append(buf)
                 g = g + mom * buf if self.nesterov else buf
             new_params.append(p - lr * g)
@@ -202,21 +226,26 @@ class Adam(FunctionalOptimizer):
         s = self._resolve(settings)
         n = len(params)
         new_params, ms, vs = [], [], []
+        on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"))
+        decay = not _is_zero(s["weight_decay"])
+        corrections: dict[torch.dtype, tuple[Any, Any]] = {}
         for i, (p, g) in enumerate(zip(params, grads)):
-            lr, b1, b2, eps, wd = (
-                _setting_on(s[k], p) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")
-            )
-            if not _is_zero(wd):
+            lr, b1, b2, eps, wd = on(p)
+            if decay:
                 g = g + wd * p
             m = b1 * state[i] + (1 - b1) * g
             v = b2 * state[n + i] + (1 - b2) * g * g
-            bc1 = 1 - b1 ** (step + 1)
-            bc2 = 1 - b2 ** (step + 1)
+            if p.dtype not in corrections:  # lr / (1 - b1^(t+1)) and sqrt(1 - b2^(t+1))
+                bc2 = 1 - b2 ** (step + 1)
+                corrections[p.dtype] = (
+                    lr / (1 - b1 ** (step + 1)),
+                    bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2),
+                )
+            step_size, bc2_root = corrections[p.dtype]
             positive = v > 0
             root = torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
-            bc2_root = bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2)
             denom = root / bc2_root + eps
-            new_params.append(p - (lr / bc1) * m / denom)
+            new_params.append(p - step_size * m / denom)
             ms.append(m)
             vs.append(v)
         return new_params, ms + vs

@@ -1,19 +1,23 @@
 """HippoTrainer's ``DRMAD``: DrMAD (Fu et al., 2016) over ``T`` training steps.
 
 The hyper-step trains ``T`` more steps with the model's own optimizer (as HippoTrainer's
-DRMAD does), keeping the weights before and after (``w0``, ``wT``), then runs the reverse
-pass of SGD on the straight line between them:
+DRMAD does), keeping the weights before and after (``w0``, ``wT``), then computes the
+hypergradient with the library's :class:`hypergradient.DrMAD` on a
+:class:`hypergradient.methods.Trajectory` of those steps: plain SGD with the optimizer's
+learning rate and ``weight_decay`` (momentum ignored, as HippoTrainer does), the recorded
+end ``wT`` (``DrMAD(replay=False)``: no forward replay), and the criterion's
+hyperparameters held by reference (``hparams_by_reference=True``). Its reverse pass is
 
     a_T = grad_theta g(theta_T),   dphi = d_phi g(theta_T)
     for t = T-1, ..., 0:   theta_t = (1 - t/T) w0 + (t/T) wT
         dphi -= lr (d_phi grad_theta f_t(theta_t))^T a
         a    <- a - lr (H_t(theta_t) a + weight_decay a)
 
-Each reverse step is one double-backward graph of the criterion at ``theta_t``, answering
-``H_t a`` and the mixed product in one backward pass. Memory: two copies of the weights
+one double-backward pass of the criterion per step (``hvp="auto"``: central differences
+of gradients where a kernel has no double backward). Memory: two copies of the weights
 (no stored trajectory). A non-finite quantity (training loss, gradient or weight of a
-training step, or the reverse pass) raises ``NonFiniteHypergradientError`` naming it, and
-the model and optimizer are restored to their state before the hyper-step.
+training step, or the hypergradient) raises ``NonFiniteHypergradientError`` naming it,
+and the model and optimizer are restored to their state before the hyper-step.
 
 Reference: Fu, Luo, Bai, Ding, Feng, Ren (2016), "DrMAD: Distilling Reverse-Mode Automatic
 Differentiation for Optimizing Hyperparameters of Deep Neural Networks", IJCAI.
@@ -22,13 +26,15 @@ Differentiation for Optimizing Hyperparameters of Deep Neural Networks", IJCAI.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
-import torch
 from torch import Tensor
 
-from ..._vocab import as_float, as_int, require_finite
-from ._autograd import grads_or_zeros, vjp_or_zeros
+from ..._vocab import NonFiniteHypergradientError, as_float, as_int, require_finite
+from ...methods.base import Problem, Trajectory
+from ...methods.drmad import DrMAD
+from ...optim.functional import sgd
+from ._autograd import criterion_loss
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["DRMAD"]
@@ -116,23 +122,33 @@ class DRMAD(HyperOptimizer):
         w0: list[Tensor],
         wT: list[Tensor],
     ) -> list[Tensor]:
-        hyper = list(self.hyperparams.values())
-        n, lr = len(names), self._lr()
-        leaves = [w.clone().requires_grad_(True) for w in wT]
-        with torch.enable_grad():
-            val = self._loss(val_batch)(dict(zip(names, leaves)))
-        grads = grads_or_zeros(val, leaves + hyper)
-        a, total = grads[:n], grads[n:]
-        labels = [f"model parameter {k!r}" for k in names]
-        require_finite(a, labels, "The gradient of the validation loss with respect to", _FIX)
-        for t in range(self.T - 1, -1, -1):
-            beta = t / self.T
-            point = [((1 - beta) * x + beta * y).requires_grad_(True) for x, y in zip(w0, wT)]
-            with torch.enable_grad():
-                loss = self._loss(batches[t])(dict(zip(names, point)))
-                g = grads_or_zeros(loss, point, create_graph=True)
-            products = vjp_or_zeros(g, point + hyper, a)  # H_t a and the mixed product
-            total = [acc - lr * m for acc, m in zip(total, products[n:])]
-            a = [x - lr * (h + self.weight_decay * x) for x, h in zip(a, products[:n])]
-            require_finite(a, labels, f"At DrMAD's reverse step {t}, the adjoint of", _FIX)
-        return [x.detach() for x in total]
+        """``hg.DrMAD(replay=False)`` between ``w0`` and the trained ``wT``."""
+        model, criterion = self.model, self.criterion
+
+        def step_loss(params: Any, hparams: Any, batch: Any) -> Tensor:
+            return criterion_loss(model, criterion, batch)(params, None)
+
+        def outer_loss(params: Any, hparams: Any) -> Tensor:
+            return criterion_loss(model, criterion, val_batch)(params, None)
+
+        end = dict(zip(names, wT))
+        trajectory = Trajectory(
+            step_loss=step_loss,
+            params0=dict(zip(names, w0)),
+            optimizer=sgd(lr=self._lr(), weight_decay=self.weight_decay),
+            batches=batches,
+            final_params=end,
+        )
+        problem = Problem(
+            inner_loss=lambda p, h: step_loss(p, h, batches[-1]),
+            outer_loss=outer_loss,
+            params=end,
+            hparams=tuple(self.hyperparams.values()),
+            trajectory=trajectory,
+            hparams_by_reference=True,
+        )
+        try:
+            hyper, _ = DrMAD(replay=False, max_deviation=None)(problem)
+        except NonFiniteHypergradientError as error:
+            raise NonFiniteHypergradientError(f"{error} {_FIX}", error.quantity) from None
+        return [x.detach() for x in cast(tuple[Tensor, ...], hyper)]
