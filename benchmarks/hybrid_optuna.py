@@ -1,31 +1,13 @@
 """Hybrid search: Optuna TPE chooses where hypergradient descent starts, by wall clock.
 
-The tasks and the three-way race of ``vs_optuna.py`` (same training code, same budget per
-method, interleaved clocks, best validation loss so far, retrained test loss of each
-method's best hyperparameters), with three methods:
+The race of ``vs_optuna.py`` (same tasks, training code and budget per method, interleaved
+clocks; a method's best validation loss is retrained and scored on the test set) between
+Optuna TPE, hypergradient descent, and a hybrid: TPE trials (``MedianPruner``) that sample a
+starting point (a log decay per hyperparameter up to 8, one shared above) and the outer lr
+(x[0.3, 3] the hypergradient method's), then refine it for up to ``--trial-steps``
+hypergradient steps reported through :class:`~hypergradient.integrations.optuna.TrialReporter`.
 
-* ``Optuna TPE``: every trial one training at the sampled decays (``vs_optuna.Optuna``).
-* ``hypergradient``: one long run of Adam on ``log lambda`` from ``lambda_0``, with implicit
-  hypergradients after each training (``vs_optuna.Hypergradient``).
-* ``hybrid``: an Optuna study (TPE, multivariate, seeded; ``MedianPruner``) whose trials
-  each sample a *starting point* and the outer learning rate, then take up to
-  ``--trial-steps`` hypergradient steps from there (the hypergradient method's code),
-  reporting the validation loss of every training through
-  :class:`hypergradient.integrations.optuna.TrialReporter` (intermediate values for the
-  pruner, the best refined decays stored on the trial, the trial's value its best). The
-  starting point is one log decay per hyperparameter when there are at most 8 (TPE
-  searches few dimensions well), one shared log decay otherwise (30 features); the outer
-  learning rate is log-uniform in [0.3, 3] times the hypergradient method's. Its first
-  trial is the hypergradient method's start and learning rate (``enqueue_trial``).
-
-Every evaluation of every method (a training at some decays and its validation loss) is a
-candidate: a method's best is its lowest validation loss within its budget, retrained from
-a fresh state and scored on the test set.
-
-Run::
-
-    .venv/bin/python benchmarks/hybrid_optuna.py            # ~12 min (90 s and 150 s budgets)
-    .venv/bin/python benchmarks/hybrid_optuna.py --quick    # smoke run, seconds
+    .venv/bin/python benchmarks/hybrid_optuna.py  # ~12 min (90 s and 150 s budgets); --quick
 """
 
 from __future__ import annotations
@@ -51,6 +33,7 @@ TITLE = "Hybrid search: Optuna TPE samples starting points, hypergradient descen
 METHODS = ("tpe", "hypergradient", "hybrid")
 LABELS = {"tpe": "Optuna TPE", "hypergradient": "hypergradient", "hybrid": "hybrid (TPE + HG)"}
 SHARED_ABOVE = 8  # more hyperparameters than this: one shared starting decay
+STATS = ("min", "median", "max")
 
 
 class Hybrid:
@@ -67,10 +50,9 @@ class Hybrid:
             pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup),
         )
         self.shared = task.n_hparams > SHARED_ABOVE
-        start = {"outer_lr": task.outer_lr}
-        names = ["log_lam0"] if self.shared else [f"log_lam0_{i}" for i in range(task.n_hparams)]
-        self.names = names
-        start |= {n: math.log(task.lam0) for n in names}
+        n = 1 if self.shared else task.n_hparams
+        self.names = ["log_lam0"] if self.shared else [f"log_lam0_{i}" for i in range(n)]
+        start = {"outer_lr": task.outer_lr} | {k: math.log(task.lam0) for k in self.names}
         self.study.enqueue_trial(start)  # the hypergradient method's start
         self.state: dict[str, Any] = {}
         self.run, self.trial, self.diag = V.Run("hybrid"), None, []
@@ -88,16 +70,14 @@ class Hybrid:
         self.counts["trials"] += 1
 
     def _end_trial(self, pruned: bool) -> None:
+        try:
+            if not pruned:
+                self.study.tell(self.trial, self.reporter.finish())
+        except self.optuna.TrialPruned:  # nothing finite was reported
+            pruned = True
         if pruned:
             self.study.tell(self.trial, state=self.optuna.trial.TrialState.PRUNED)
-            self.counts["pruned"] += 1
-        else:
-            try:
-                self.study.tell(self.trial, self.reporter.finish())
-                self.counts["completed"] += 1
-            except self.optuna.TrialPruned:  # nothing finite was reported
-                self.study.tell(self.trial, state=self.optuna.trial.TrialState.PRUNED)
-                self.counts["pruned"] += 1
+        self.counts["pruned" if pruned else "completed"] += 1
         self.trial = None
 
     def step(self) -> tuple[float, torch.Tensor, float, float]:
@@ -112,23 +92,15 @@ class Hybrid:
         self.run.train_seconds += known[2] - b
         try:
             self.reporter.report(val, {"phi": phi}, self.k)
+            self.k += 1
+            done, pruned = self.k >= self.trial_steps or not math.isfinite(val), False
         except self.optuna.TrialPruned:
-            self._end_trial(pruned=True)
+            done = pruned = True
+        if done:
+            self._end_trial(pruned)
             self.run.sampler_seconds += (b - a) + (time.perf_counter() - known[2])
             return known
-        self.k += 1
-        if self.k >= self.trial_steps or not math.isfinite(val):
-            self._end_trial(pruned=False)
-            self.run.sampler_seconds += (b - a) + (time.perf_counter() - known[2])
-            return known
-        self.run.sampler_seconds += b - a
-        c = time.perf_counter()
-        self._hyper_step(params, phi)
-        self.run.hyper_seconds += time.perf_counter() - c
-        return known
-
-    def _hyper_step(self, params: Any, phi: torch.Tensor) -> None:
-        t = self.task
+        self.run.sampler_seconds, c = self.run.sampler_seconds + b - a, time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", hg.HypergradientWarning)
             args = (t.inner_loss, t.outer_loss, params, phi, t.solver())
@@ -138,17 +110,16 @@ class Hybrid:
         with torch.no_grad():
             self.phi.clamp_(math.log(t.lo), math.log(t.hi))
         self.diag.append((str(info.status), len(caught)))
+        self.run.hyper_seconds += time.perf_counter() - c
+        return known
 
     def finish(self) -> None:
-        best = self.study.best_trial
-        self.run.extras |= dict(self.counts)
-        self.run.extras |= {
-            "best_trial": best.number,
-            "best_trial_start": {k: round(v, 4) for k, v in best.params.items()},
-            "best_trial_step": best.user_attrs.get("refined_step"),
-            "hypergradient_warnings": sum(w for _, w in self.diag),
-            "outer_steps": len(self.diag),
-        }
+        done = self.study.get_trials(states=(self.optuna.trial.TrialState.COMPLETE,))
+        best, x = min(done, key=lambda tr: tr.value, default=None), self.run.extras
+        x |= self.counts | {"best_trial": best and best.number, "outer_steps": len(self.diag)}
+        x["best_trial_start"] = best and {k: round(v, 4) for k, v in best.params.items()}
+        x["best_trial_step"] = best and best.user_attrs.get("refined_step")
+        x["hypergradient_warnings"] = sum(w for _, w in self.diag)
 
 
 def run_task(task: V.Task, budget: float, seed: int, trial_steps: int) -> dict[str, Any]:
@@ -162,13 +133,10 @@ def run_task(task: V.Task, budget: float, seed: int, trial_steps: int) -> dict[s
     for r in runs.values():  # retrain with the best decays from a fresh state
         best = r.phis[r.val.index(min(r.val))]
         r.final = task.evaluate(task.train(best, {}))
-        lam = best.exp()
-        r.extras |= {"best_lambda_min": float(lam.min()), "best_lambda_max": float(lam.max())}
-        r.extras["best_lambda_median"] = float(lam.median())
-    reached = {}
-    for owner in ("tpe", "hypergradient"):
-        target = min(runs[owner].val)
-        reached[owner] = {"value": target} | {m: runs[m].time_to(target) for m in METHODS}
+        r.extras |= {f"best_lambda_{k}": float(getattr(best.exp(), k)()) for k in STATS}
+    reached = {o: {"value": min(runs[o].val)} for o in ("tpe", "hypergradient")}
+    for t in reached.values():  # each method's wall time to each single method's best
+        t |= {m: runs[m].time_to(t["value"]) for m in METHODS}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams, "budget": budget}
     res |= {"lam0": task.lam0, "outer_lr": task.outer_lr, "trial_steps": trial_steps}
     res |= {"solver": task.solver_text, "training": task.training_text, "box": [task.lo, task.hi]}
@@ -176,28 +144,21 @@ def run_task(task: V.Task, budget: float, seed: int, trial_steps: int) -> dict[s
     return res | {"start": start, "runs": runs, "reached": reached}
 
 
-# ============================================================================ output
+def best_of(run: dict[str, Any]) -> str:
+    """``best validation / retrained test`` of one method's run."""
+    return f"{min(run['val']):.4f} / {run['final']['test_loss']:.4f}"
 
 
 def render_task(res: dict[str, Any]) -> str:
-    runs, s = res["runs"], res["start"]
-    rows = [
-        {"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1, "best": s["val_loss"]}
-    ]
-    rows[-1] |= {"test_loss": s["test_loss"], "test_acc": s["test_acc"]}
-    for m in METHODS:
-        r, n = runs[m], len(runs[m]["val"])
-        x = {"method": LABELS[m], "evaluations": n, "best": min(r["val"])}
+    runs, s, h = res["runs"], res["start"], res["runs"]["hybrid"]["extras"]
+    rows = [{"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1} | s]
+    rows[0]["best"] = s["val_loss"]
+    for m, r in ((m, runs[m]) for m in METHODS):
+        x = {"method": LABELS[m], "evaluations": len(r["val"]), "best": min(r["val"])}
         x |= {"found_at_s": r["wall"][r["val"].index(min(r["val"]))]}
-        x |= {"trials": r["extras"].get("trials"), "pruned": r["extras"].get("pruned")}
-        rows.append(x | r["final"])
-    times = []
-    for owner, t in res["reached"].items():
-        x = {"target": f"{LABELS[owner]}'s best", "value": t["value"]}
-        for m in METHODS:
-            x[LABELS[m]] = "not reached" if t[m] is None else f"{t[m][0]:.2f} s"
-        times.append(x)
-    h = runs["hybrid"]["extras"]
+        rows.append(x | {k: r["extras"].get(k) for k in ("trials", "pruned")} | r["final"])
+    ex = {m: runs[m]["extras"] for m in METHODS}
+    lams = [" / ".join(f"{ex[m][f'best_lambda_{k}']:.3g}" for k in STATS) for m in METHODS]
     notes = [
         f"budget {res['budget']:.0f} s per method, interleaved; lambda in {res['box']}; "
         f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda "
@@ -209,35 +170,22 @@ def render_task(res: dict[str, Any]) -> str:
         f"{res['real_seconds']:.0f} s of real time; 1-min load average {res['load'][0]:.1f} "
         f"before, {res['load'][1]:.1f} after",
         "best lambdas (min / median / max): "
-        + "; ".join(
-            f"{LABELS[m]} {runs[m]['extras']['best_lambda_min']:.3g} / "
-            f"{runs[m]['extras']['best_lambda_median']:.3g} / "
-            f"{runs[m]['extras']['best_lambda_max']:.3g}"
-            for m in METHODS
-        ),
+        + "; ".join(f"{LABELS[m]} {t}" for m, t in zip(METHODS, lams)),
     ]
     cols = "method|evaluations:d|trials:d|pruned:d|best:.4f|found_at_s:.2f|val_loss:.4f"
-    cols += "|test_loss:.4f|test_acc:.3f"
-    tcols = "target|value:.4f|" + "|".join(LABELS[m] for m in METHODS)
-    return (
-        f"## {res['title']}\n\n{H.bullets(notes)}\n\n{H.dict_table(rows, cols)}\n\n"
-        + "Time to reach each single method's best (wall clock):\n\n"
-        + H.dict_table(times, tcols)
-    )
+    for o, t in res["reached"].items():
+        at = [f"{LABELS[m]} {'never' if t[m] is None else f'{t[m][0]:.2f} s'}" for m in METHODS]
+        notes.append(f"wall time to reach {LABELS[o]}'s best ({t['value']:.4f}): {', '.join(at)}")
+    table = H.dict_table(rows, cols + "|test_loss:.4f|test_acc:.3f")
+    return f"## {res['title']}\n\n{H.bullets(notes)}\n\n{table}"
 
 
 def render(d: dict[str, Any]) -> list[str]:
     if not d["tasks"]:
         return ["Optuna not importable: the comparison is SKIPPED."]
-    rows = []
-    for res in d["tasks"]:
-        r = {"task": res["key"], "hyperparameters": res["n_hparams"]}
-        for m in METHODS:
-            run = res["runs"][m]
-            r[f"{LABELS[m]} val / test"] = (
-                f"{min(run['val']):.4f} / {run['final']['test_loss']:.4f}"
-            )
-        rows.append(r)
+    rows = [{"task": r["key"], "hyperparameters": r["n_hparams"]} for r in d["tasks"]]
+    for row, res in zip(rows, d["tasks"]):
+        row |= {f"{LABELS[m]} val / test": best_of(res["runs"][m]) for m in METHODS}
     cols = "task|hyperparameters:,|" + "|".join(f"{LABELS[m]} val / test" for m in METHODS)
     notes = (
         "Columns: the best validation loss within the budget / the test loss after "
@@ -254,16 +202,10 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     tasks = data["tasks"]
     fig, axes = H.pyplot().subplots(1, len(tasks), figsize=(5.4 * len(tasks), 4.2), squeeze=False)
     for ax, res in zip(axes[0], tasks):
-        for m in METHODS:
-            r = res["runs"][m]
-            best = min(r["val"])
-            ax.step(
-                [*r["wall"], res["budget"]],
-                [*r["best_so_far"], best],
-                where="post",
-                color=colors[m],
-                label=f"{LABELS[m]}: {best:.4f} (test {r['final']['test_loss']:.4f})",
-            )
+        for m, r in ((m, res["runs"][m]) for m in METHODS):
+            x, y = [*r["wall"], res["budget"]], [*r["best_so_far"], min(r["val"])]
+            label = f"{LABELS[m]}: {best_of(r).replace(' / ', ' (test ')})"
+            ax.step(x, y, where="post", color=colors[m], label=label)
         left = min(min(res["runs"][m]["wall"]) for m in METHODS) * 0.8
         title = f"{res['key']}: {res['n_hparams']:,} decays"
         ax.set(xscale="log", xlim=(left, res["budget"]), xlabel="wall time (s)", title=title)
@@ -291,10 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     H.defaults(args, tasks=(["logreg", "mlp-layer"], ["logreg", "mlp-layer"]))
     optuna, version = H.import_peer("optuna")
     rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
-    settings = {
-        "logreg": (args.budget_logreg, args.trial_steps_logreg),
-        "mlp-layer": (args.budget_mlp, args.trial_steps_mlp),
-    }
+    settings = {"logreg": (args.budget_logreg, args.trial_steps_logreg)}
+    settings["mlp-layer"] = (args.budget_mlp, args.trial_steps_mlp)
     results = []
     for key in args.tasks * (optuna is not None):
         budget, steps = settings[key]

@@ -98,6 +98,17 @@ class HyperOptimizer:
             (:attr:`best_hparams`, :meth:`restore_best`; restored when hyper-steps stop).
         patience: stop the hyper-steps (training goes on) after this many holdout scores
             in a row without an improvement larger than ``min_delta`` (None: never).
+        on_divergence: when the inner run diverges (finite but growing geometrically):
+            ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
+            back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
+
+    A diverging inner run is never differentiated silently: before each hyper-step the
+    parameter norms and training losses (from :meth:`train_loss`) of the last steps are
+    checked (:mod:`~.divergence`); non-finite ones raise
+    :class:`~hypergradient.NonFiniteHypergradientError` (or skip, ``nonfinite="skip"``);
+    sustained geometric growth raises a ``HypergradientWarning`` naming the knobs (a lower
+    inner learning rate, clipping, damping) and, with ``on_divergence="skip"``, skips the
+    hyper-step (counted in :attr:`skipped`).
 
     A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
     undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's
@@ -143,6 +154,7 @@ class HyperOptimizer:
         keep_best: bool = True,
         patience: int | None = None,
         min_delta: float = 0.0,
+        on_divergence: str = "warn",
     ):
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise ArgumentTypeError("`inner_optimizer` must be a torch.optim.Optimizer.")
@@ -156,6 +168,7 @@ class HyperOptimizer:
         default = "skip" if process_group is not None else "raise"
         nonfinite = default if nonfinite is None else nonfinite
         self.nonfinite = as_choice(nonfinite, "nonfinite", ("raise", "skip"))
+        self.on_divergence = as_choice(on_divergence, "on_divergence", ("warn", "skip"))
         if process_group is not None:
             check_group(process_group)
         self.process_group = process_group
@@ -201,7 +214,8 @@ class HyperOptimizer:
 
     @property
     def skipped(self) -> int:
-        """Hyper-steps skipped because of non-finite values (``nonfinite="skip"``)."""
+        """Hyper-steps skipped: non-finite values (``nonfinite="skip"``) or a diverging
+        inner run (see the class notes)."""
         return self.loop.skipped
 
     @property
@@ -234,7 +248,9 @@ class HyperOptimizer:
         that dropout masks are those of this forward pass.
         """
         self.loop.rng_pending = stepping.capture(self)
-        return self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
+        loss = self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
+        self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of the model's parameters (as ``inner_optimizer.zero_grad``)."""
@@ -279,13 +295,17 @@ class HyperOptimizer:
         stepping.start_window(self)
         self._begun, self._pending = True, Transaction(self) if self._due() else None
 
-    def end_step(self, batch: Any = None) -> None:
+    def end_step(self, batch: Any = None, loss: Tensor | None = None) -> None:
         """Account for the inner step announced by :meth:`begin_step`, now taken; every
         ``inner_steps`` steps, take a hyper-step (as :meth:`step` does after its own).
 
         A hyper-step that raises is undone (hyperparameters, outer optimizer, method state,
         samplers, history, guard) and its window dropped; the inner step, taken outside,
         stands.
+
+        Args:
+            batch: the step's training batch (as for :meth:`step`).
+            loss: the step's training loss, if known (watched for divergence).
 
         Raises:
             ValueError: no :meth:`begin_step` before, or no ``batch`` where one is needed.
@@ -294,6 +314,8 @@ class HyperOptimizer:
             raise ValueError("end_step() needs a begin_step() before the inner step.")
         self._check_batch(batch)
         saved, self._begun, self._pending = self._pending, False, None
+        if isinstance(loss, Tensor):
+            self.loop.loss_pending = loss.detach()
         stepping.record_step(self, batch, self.loop.rng_pending)
         if saved is not None:
             try:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 from torch import Tensor
 
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
+from . import divergence
 from .batches import copy_batch
 from .build import make_problem
 from .config import check_ranks
@@ -22,7 +23,16 @@ from .window import TrajectoryWindow, capture_rng
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["capture", "hyper_step", "inner_step", "record_step", "start_window", "undo"]
+__all__ = [
+    "capture",
+    "diverged",
+    "hyper_step",
+    "inner_step",
+    "record_step",
+    "start_window",
+    "undo",
+    "watch",
+]
 
 
 def capture(hopt: HyperOptimizer) -> Any:
@@ -46,7 +56,46 @@ def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
     loop = hopt.loop
     if loop.window is not None:
         loop.window.record(copy_batch(batch), rng)
+    watch(hopt)
     loop.count += 1
+
+
+def watch(hopt: HyperOptimizer) -> None:
+    """Record the parameter norm and training loss of a step near the next hyper-step."""
+    loop = hopt.loop
+    if divergence.due(loop.count, hopt.inner_steps):
+        loop.norms = divergence.push(loop.norms, divergence.norm(hopt.view.params))
+        if loop.loss_pending is not None:
+            loop.losses = divergence.push(loop.losses, loop.loss_pending)
+    loop.loss_pending = None
+
+
+def diverged(hopt: HyperOptimizer, saved: Transaction) -> bool:
+    """Check the inner run before a hyper-step (:mod:`.divergence`): non-finite values raise
+    :class:`NonFiniteHypergradientError` (undone as any hyper-step error); finite growth
+    warns with a :class:`HypergradientWarning`, and with ``on_divergence="skip"`` skips the
+    hyper-step (returns True)."""
+    # Under a process group only the parameters (equal on every rank) are read: the ranks'
+    # shard losses differ, and every rank must take the same decision.
+    losses = hopt.loop.losses if hopt.process_group is None else ()
+    found = divergence.diagnose(hopt.loop.norms, losses)
+    if found is None:
+        return False
+    finite, message = found
+    if not finite:
+        raise NonFiniteHypergradientError(message)
+    skip = hopt.on_divergence == "skip"
+    then = (
+        "This hyper-step is skipped (on_divergence='skip')."
+        if skip
+        else "Its hypergradient is applied (on_divergence='warn'; 'skip' skips it)."
+    )
+    warnings.warn(f"Step {hopt.loop.count}: {message} {then}", HypergradientWarning, stacklevel=4)
+    if skip:
+        hopt.loop.window = None
+        hopt.loop.skipped += 1
+        saved.commit()
+    return skip
 
 
 def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> Any:
@@ -61,13 +110,17 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     if loop.window is not None:
         loop.window.record(copied, rng)
+    watch(hopt)
     loop.count += 1
     return result
 
 
 def hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
-    """Score the holdout, ask the method, step the outer optimizer, record; commit."""
+    """Check the inner run, score the holdout, ask the method, step the outer optimizer,
+    record; commit."""
     started = time.perf_counter()
+    if diverged(hopt, saved):
+        return
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()
     val_batch = hopt.val_sampler.next()

@@ -15,6 +15,8 @@ import copy
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
+
 from .window import TrajectoryWindow, capture_rng, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +36,9 @@ class LoopState:
         rng_pending: torch's random-number state captured by ``hopt.train_loss``, for the
             next step.
         rng_next: the state at the end of the last step (used when ``train_loss`` was not).
+        norms, losses: parameter norms and training losses of the last steps before a
+            hyper-step (:mod:`.divergence`).
+        loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
     """
 
     count: int = 0
@@ -41,6 +46,9 @@ class LoopState:
     window: TrajectoryWindow | None = None
     rng_pending: Any = None
     rng_next: Any = None
+    norms: tuple[Tensor, ...] = ()
+    losses: tuple[Tensor, ...] = ()
+    loss_pending: Tensor | None = None
 
 
 class Transaction:

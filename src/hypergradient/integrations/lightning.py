@@ -283,7 +283,8 @@ class HypergradientCallback(pl.Callback):
             return  # no optimizer step (gradient accumulation, a skipped batch)
         hopt = self._require_hopt()
         before = hopt.hyper_steps
-        hopt.end_step(batch)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
         if hopt.hyper_steps > before and self.log_records:
             self._log(pl_module, hopt.history[-1])
 
