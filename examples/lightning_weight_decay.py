@@ -138,7 +138,7 @@ def fit(data, args, tune: bool) -> tuple[LogReg, HypergradientCallback | None]:
             patience=args.patience,
             method=hg.IFT(hg.CG(maxiter=20), damping=1e-3),
             every_n_steps=10,
-            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=args.outer_lr),
+            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=args.hyper_lr),
         )
         callbacks.append(callback)
     ds = torch.utils.data.TensorDataset(*data["train"])
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 4 epochs")
     p.add_argument("--epochs", type=int, default=None, help="default 100 (quick: 4)")
     p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    p.add_argument("--outer-lr", type=float, default=0.1, help="Adam on log lambda")
+    p.add_argument("--hyper-lr", type=float, default=0.1, help="Adam on log lambda")
     p.add_argument("--patience", type=int, default=8, help="hyper-steps without improvement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default=None, help="where the Trainer's loggers write")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -226,6 +227,20 @@ def test_gradient_accumulation_counts_optimizer_steps_and_refuses_replays():
         trainer(max_steps=6, callbacks=[callback(hg.Unrolled())], gradient_clip_val=1.0).fit(
             LogReg(), loader()
         )
+
+
+def test_a_diverging_trainer_run_is_warned_with_the_trainers_losses():
+    """lr = 1e3 with decay 1e-2: the penalty's gradient step multiplies the weights by
+    |1 - 1e3 * 1e-2| = 9 per step. The warning quotes the training losses that the Trainer's
+    ``training_step`` returned (the callback passes them on), and the hyper-step is skipped."""
+    module, cb = LogReg(lr=1e3), callback(on_divergence="skip")
+    with pytest.warns(hg.HypergradientWarning, match=r"diverging.*training losses \[") as got:
+        trainer(max_steps=6, callbacks=[cb]).fit(module, loader())
+    assert cb.hopt.skipped == 1 and cb.hopt.hyper_steps == 1
+    (w,) = [w for w in got if "diverging" in str(w.message)]
+    norms = re.search(r"parameter norms \[([^\]]*)\]", str(w.message)).group(1).split(", ")
+    flat = torch.cat([p.detach().reshape(-1) for p in module.linear.parameters()])
+    assert float(norms[-1]) == pytest.approx(float(flat.norm()), rel=5e-3)  # 3 digits quoted
 
 
 def test_a_module_without_declarations_is_refused_naming_the_fix():
