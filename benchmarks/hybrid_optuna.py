@@ -1,13 +1,12 @@
 """Hybrid search: Optuna TPE chooses where hypergradient descent starts, by wall clock.
 
-The race of ``vs_optuna.py`` (same tasks, training code and budget per method, interleaved
-clocks; a method's best validation loss is retrained and scored on the test set) between
-Optuna TPE, hypergradient descent, and a hybrid: TPE trials (``MedianPruner``) that sample a
-starting point (a log decay per hyperparameter up to 8, one shared above) and the outer lr
-(x[0.3, 3] the hypergradient method's), then refine it for up to ``--trial-steps``
-hypergradient steps reported through :class:`~hypergradient.integrations.optuna.TrialReporter`.
-
-    .venv/bin/python benchmarks/hybrid_optuna.py  # ~12 min (90 s and 150 s budgets); --quick
+The race of ``vs_optuna.py`` (same tasks, training and budget per method, interleaved clocks;
+each method's best validation loss retrained and scored on the test set) between TPE,
+hypergradient descent and a hybrid: TPE trials (``MedianPruner``) sample the outer lr
+(x[0.3, 3] the hypergradient method's) and a start (a log decay per hyperparameter up to 8,
+one shared above; with ``--continue-best`` possibly the best decays so far), then take up to
+``--trial-steps`` hypergradient steps reported through ``integrations.optuna.TrialReporter``.
+Run: ``.venv/bin/python benchmarks/hybrid_optuna.py`` (~12 min; ``--quick``: seconds).
 """
 
 from __future__ import annotations
@@ -33,17 +32,16 @@ TITLE = "Hybrid search: Optuna TPE samples starting points, hypergradient descen
 METHODS = ("tpe", "hypergradient", "hybrid")
 LABELS = {"tpe": "Optuna TPE", "hypergradient": "hypergradient", "hybrid": "hybrid (TPE + HG)"}
 SHARED_ABOVE = 8  # more hyperparameters than this: one shared starting decay
-STATS = ("min", "median", "max")
+STATS, FROM, TASKS = ("min", "median", "max"), ("new", "best"), ("logreg", "mlp-layer")
 
 
 class Hybrid:
     """TPE trials of up to ``trial_steps`` hypergradient steps each, pruned by the median."""
 
-    def __init__(self, task: V.Task, seed: int, trial_steps: int):
-        import optuna
-
+    def __init__(self, task: V.Task, seed: int, trial_steps: int, resume: bool = False):
+        optuna = H.import_peer("optuna")[0]
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.optuna, self.task, self.trial_steps = optuna, task, trial_steps
+        self.optuna, self.task, self.trial_steps, self.resume = optuna, task, trial_steps, resume
         warmup = max(trial_steps // 4, 1)
         self.study = optuna.create_study(
             sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
@@ -54,16 +52,18 @@ class Hybrid:
         self.names = ["log_lam0"] if self.shared else [f"log_lam0_{i}" for i in range(n)]
         start = {"outer_lr": task.outer_lr} | {k: math.log(task.lam0) for k in self.names}
         self.study.enqueue_trial(start)  # the hypergradient method's start
-        self.state: dict[str, Any] = {}
-        self.run, self.trial, self.diag = V.Run("hybrid"), None, []
+        self.run, self.trial, self.steps, self.state = V.Run("hybrid"), None, 0, {}
         self.counts = {"trials": 0, "pruned": 0, "completed": 0}
 
     def _start_trial(self) -> None:
         t, lo, hi = self.task, math.log(self.task.lo), math.log(self.task.hi)
         self.trial = trial = self.study.ask()
-        starts = [trial.suggest_float(n, lo, hi) for n in self.names]
         lr = trial.suggest_float("outer_lr", 0.3 * t.outer_lr, 3 * t.outer_lr, log=True)
-        values = starts * t.n_hparams if self.shared else starts
+        if self.resume and self.run.val and trial.suggest_categorical("from", FROM) == "best":
+            values = self.run.phis[self.run.val.index(min(self.run.val))].tolist()
+        else:
+            starts = [trial.suggest_float(n, lo, hi) for n in self.names]
+            values = starts * t.n_hparams if self.shared else starts
         self.phi = torch.tensor(values, dtype=V.F64).requires_grad_(True)
         self.opt = torch.optim.Adam([self.phi], lr=lr)
         self.reporter, self.k, self.x0 = TrialReporter(trial), 0, None
@@ -101,32 +101,30 @@ class Hybrid:
             self.run.sampler_seconds += (b - a) + (time.perf_counter() - known[2])
             return known
         self.run.sampler_seconds, c = self.run.sampler_seconds + b - a, time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", hg.HypergradientWarning)
-            args = (t.inner_loss, t.outer_loss, params, phi, t.solver())
-            hyper, info = hg.implicit(*args, x0=self.x0, return_info=True)
+        args = (t.inner_loss, t.outer_loss, params, phi, t.solver())  # warnings: silenced
+        hyper, info = hg.implicit(*args, x0=self.x0, return_info=True)
         self.x0, self.phi.grad = info.solution, hyper
         self.opt.step()
         with torch.no_grad():
             self.phi.clamp_(math.log(t.lo), math.log(t.hi))
-        self.diag.append((str(info.status), len(caught)))
+        self.steps += 1
         self.run.hyper_seconds += time.perf_counter() - c
         return known
 
     def finish(self) -> None:
         done = self.study.get_trials(states=(self.optuna.trial.TrialState.COMPLETE,))
         best, x = min(done, key=lambda tr: tr.value, default=None), self.run.extras
-        x |= self.counts | {"best_trial": best and best.number, "outer_steps": len(self.diag)}
-        x["best_trial_start"] = best and {k: round(v, 4) for k, v in best.params.items()}
+        x |= self.counts | {"best_trial": best and best.number, "outer_steps": self.steps}
+        x["best_trial_start"] = best and best.params
         x["best_trial_step"] = best and best.user_attrs.get("refined_step")
-        x["hypergradient_warnings"] = sum(w for _, w in self.diag)
 
 
-def run_task(task: V.Task, budget: float, seed: int, trial_steps: int) -> dict[str, Any]:
+def run_task(task: V.Task, budget: float, seed: int, trial_steps: int, resume: bool) -> dict:
     H.log(f"{task.title}: budget {budget:.0f} s per method")
     phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=V.F64)
     start = task.evaluate(task.train(phi0, {}))
-    methods = [V.Optuna(task, "tpe", seed), V.Hypergradient(task), Hybrid(task, seed, trial_steps)]
+    hybrid = Hybrid(task, seed, trial_steps, resume)
+    methods = [V.Optuna(task, "tpe", seed), V.Hypergradient(task), hybrid]
     load0, real0 = os.getloadavg()[0], time.perf_counter()
     V.race(methods, budget, "interleaved")
     runs = {m.run.method: m.run for m in methods}
@@ -139,9 +137,11 @@ def run_task(task: V.Task, budget: float, seed: int, trial_steps: int) -> dict[s
         t |= {m: runs[m].time_to(t["value"]) for m in METHODS}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams, "budget": budget}
     res |= {"lam0": task.lam0, "outer_lr": task.outer_lr, "trial_steps": trial_steps}
+    res["continue_best"] = resume
     res |= {"solver": task.solver_text, "training": task.training_text, "box": [task.lo, task.hi]}
     res |= {"real_seconds": time.perf_counter() - real0, "load": [load0, os.getloadavg()[0]]}
-    return res | {"start": start, "runs": runs, "reached": reached}
+    res |= {"start": start, "reached": reached}
+    return res | {"runs": {k: r.json() for k, r in runs.items()}}
 
 
 def best_of(run: dict[str, Any]) -> str:
@@ -163,7 +163,8 @@ def render_task(res: dict[str, Any]) -> str:
         f"budget {res['budget']:.0f} s per method, interleaved; lambda in {res['box']}; "
         f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda "
         f"from lambda = {res['lam0']:g}, hg.implicit with {res['solver']}",
-        f"hybrid: trials of up to {res['trial_steps']} hypergradient steps; "
+        f"hybrid: trials of up to {res['trial_steps']} hypergradient steps"
+        + (", from a sampled point or the best so far; " if res.get("continue_best") else "; ")
         + H.facts({k: h[k] for k in ("trials", "completed", "pruned", "best_trial")})
         + f"; best trial's start (log lambda_0) and outer lr {h['best_trial_start']}, "
         f"its best at step {h['best_trial_step']}",
@@ -188,9 +189,8 @@ def render(d: dict[str, Any]) -> list[str]:
         row |= {f"{LABELS[m]} val / test": best_of(res["runs"][m]) for m in METHODS}
     cols = "task|hyperparameters:,|" + "|".join(f"{LABELS[m]} val / test" for m in METHODS)
     notes = (
-        "Columns: the best validation loss within the budget / the test loss after "
-        "retraining with those decays. `best` in the tables below is that validation loss; "
-        "`val_loss` is the retrained model's (equal up to the retraining's warm start)."
+        "Columns: the best validation loss within the budget / the test loss after retraining"
+        " with those decays (`best` below; `val_loss`: the retrained model's)."
     )
     summary = f"## Summary\n\n{notes}\n\n{H.dict_table(rows, cols)}"
     return [summary, *map(render_task, d["tasks"])]
@@ -223,14 +223,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trial-steps-logreg", type=int, help="hybrid trial length (default 150)")
     p.add_argument("--trial-steps-mlp", type=int, help="hybrid trial length (default 15)")
     p.add_argument("--lbfgs-iters", type=int, help="inner L-BFGS iterations (default 200)")
-    p.add_argument("--tasks", nargs="+", choices=("logreg", "mlp-layer"))
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--continue-best", action="store_true", help="trials may resume the best")
     args = p.parse_args(argv)
     if H.replot(args, NAME, TITLE, render, plot):
         return 0
     H.start(args)
+    warnings.filterwarnings("ignore", category=hg.HypergradientWarning)  # counted by vs_optuna
     H.defaults(args, budget_logreg=(1.0, 90.0), budget_mlp=(1.5, 150.0), lbfgs_iters=(20, 200))
     H.defaults(args, trial_steps_logreg=(3, 150), trial_steps_mlp=(2, 15))
-    H.defaults(args, tasks=(["logreg", "mlp-layer"], ["logreg", "mlp-layer"]))
     optuna, version = H.import_peer("optuna")
     rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
     settings = {"logreg": (args.budget_logreg, args.trial_steps_logreg)}
@@ -238,9 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for key in args.tasks * (optuna is not None):
         budget, steps = settings[key]
-        results.append(run_task(V.Task(key, args.seed, args.lbfgs_iters), budget, args.seed, steps))
-    for res in results:
-        res["runs"] = {k: r.json() for k, r in res["runs"].items()}
+        task = V.Task(key, args.seed, args.lbfgs_iters)
+        results.append(run_task(task, budget, args.seed, steps, args.continue_best))
     rep.write({"tasks": results}, render, plot if results else None)
     return 0
 
