@@ -11,7 +11,7 @@ the default and skipping it an option).
 :func:`observe` records, at the last :data:`KEEP` inner steps of every window, the norm of
 the trained parameters after the step and the training loss of the step (when
 ``hopt.train_loss`` computed it, or the caller passed it): 0-dim tensors, no device
-synchronisation. :func:`diagnose` reads them at the hyper-step (one synchronisation) and
+synchronisation. :func:`diagnose` reads them at the hyper-step (a few synchronisations) and
 reports a divergence when
 
 * a recorded norm or loss is not finite; or
@@ -54,15 +54,18 @@ def due(count: int, inner_steps: int) -> bool:
 
 
 def norm(params: Sequence[Tensor]) -> Tensor:
-    """The Euclidean norm of all trained parameters together (a 0-dim float64 tensor)."""
+    """The Euclidean norm of all trained parameters together (a 0-dim tensor on the first
+    parameter's device; accumulated in float64, float32 where the device has no float64)."""
+    device = params[0].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     with torch.no_grad():
-        squares = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) ** 2 for p in params]
-        return torch.stack(squares).sum().sqrt()
+        norms = [torch.linalg.vector_norm(p.detach(), dtype=dtype).to(device) for p in params]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def push(values: tuple[Tensor, ...], value: Tensor) -> tuple[Tensor, ...]:
     """``values`` with ``value`` appended, keeping the last :data:`KEEP`."""
-    return (*values, value.detach().reshape(()).to(torch.float64))[-KEEP:]
+    return (*values, value.detach().reshape(()))[-KEEP:]
 
 
 def _grows(xs: list[float], factor: float) -> bool:
@@ -82,8 +85,7 @@ def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, s
     """
     if not norms and not losses:
         return None
-    both = [*norms, *losses]
-    values = torch.stack(both).tolist()
+    values = [float(v) for v in (*norms, *losses)]  # a few synchronisations per hyper-step
     ns, ls = values[: len(norms)], values[len(norms) :]
     seen = f"parameter norms {_fmt(ns)}" + (f", training losses {_fmt(ls)}" if ls else "")
     if not all(map(math.isfinite, values)):
