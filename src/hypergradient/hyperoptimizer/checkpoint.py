@@ -4,8 +4,9 @@ atomic, validated :meth:`HyperOptimizer.load_state_dict`.
 The checkpoint holds tensors and plain data only (``torch.load(weights_only=True)`` reads
 it): the model's signature (names, shapes, dtypes of the trained parameters), the method's
 type and state, both optimizers' types and states, the raw hyperparameters, counters, the
-samplers' states, the current window (batches as tensors plus a plain description) and
-the bounded history, and torch's random-number state (CPU and the model's accelerator) at
+samplers' states, the current window (batches as tensors plus a plain description), the
+bounded history, the holdout guard's state (sampler, best score and values, patience
+counter, stop flag), and torch's random-number state (CPU and the model's accelerator) at
 the time of the call. Loading restores that random-number state too, so a run resumed from a
 checkpoint draws the same dropout masks and random augmentations as the uninterrupted run
 without the caller saving the generator separately. Loading checks every entry against
@@ -62,6 +63,7 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
         "window": None if loop.window is None else loop.window.state_dict(),
         "history": hopt.history.state_dict(),
         "rng": list(capture_rng(hopt.view.device)),
+        "holdout": None if hopt.guard is None else hopt.guard.state_dict(),
     }
 
 
@@ -86,8 +88,8 @@ def _entries(state: Any, method: str) -> None:
         raise ValueError("The checkpoint's `counters` entry is malformed.")
 
 
-def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None, Any]:
-    """Check every entry of ``state``; returns the rebuilt window and history.
+def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None, Any, Any]:
+    """Check every entry of ``state``; returns the rebuilt window, history and guard state.
 
     Raises:
         ValueError: naming the first entry that does not fit ``hopt``.
@@ -110,13 +112,16 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
         )
     if state.get("rng") is not None:
         parse_rng_state(state["rng"])
-    return window, hopt.history.parse_state(state["history"])
+    guard = None  # a checkpoint without the guard's state (or from before it) starts it fresh
+    if hopt.guard is not None and state.get("holdout") is not None:
+        guard = hopt.guard.parse_state(state["holdout"], hopt.hyperparameters)
+    return window, hopt.history.parse_state(state["history"]), guard
 
 
 def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     """Validate ``state`` entirely, then assign it to ``hopt`` (the method first: if its
     own ``load_state_dict`` raises, its previous state is put back)."""
-    window, history = validate(hopt, state)
+    window, history, guard = validate(hopt, state)
     before = copy.deepcopy(hopt.method.state_dict())
     try:
         hopt.method.load_state_dict(state["method"]["state"])
@@ -141,4 +146,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
         restore_rng(parse_rng_state(state["rng"]), hopt.view.device)
     loop.rng_next = capture_rng(hopt.view.device) if trajectory else None
     hopt.history.restore(history)
+    if guard is not None and hopt.guard is not None:
+        hopt.guard.sampler.load_state_dict(state["holdout"]["sampler"])
+        hopt.guard.restore(guard)
     hopt.hyperparameters.write_settings(hopt.inner_optimizer)

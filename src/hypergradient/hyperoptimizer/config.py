@@ -38,7 +38,8 @@ def check_group(group: Any) -> None:
 
 def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
     """What every rank must agree on: ``inner_steps``, the step count, the inner
-    optimizer's type and settings, the method's type and configuration, ``nonfinite``."""
+    optimizer's type and settings, the method's type and configuration, ``nonfinite``, the
+    holdout guard's settings."""
     groups = hopt.inner_optimizer.param_groups
     return {
         "inner_steps": hopt.inner_steps,
@@ -48,6 +49,7 @@ def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
         "method": type(hopt.method).__name__,
         "method_config": hopt.method.config(),
         "nonfinite": hopt.nonfinite,
+        "holdout": None if hopt.guard is None else hopt.guard.config(),
     }
 
 

@@ -31,91 +31,26 @@ Example::
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._vocab import (
-    ArgumentTypeError,
-    HypergradientWarning,
-    NonFiniteHypergradientError,
-    as_callable,
-    as_choice,
-    as_int,
-    as_optional_int,
-)
+from .._vocab import ArgumentTypeError, as_callable, as_choice, as_int
 from ..constraints import Constraint
-from ..methods import IFT, Method, Problem
+from ..methods import Method
 from ..optim.functional import from_torch
-from . import checkpoint, optimizers
-from .batches import copy_batch
+from . import checkpoint, optimizers, stepping
+from .build import LossFn, check_method, make_guard, make_hyperparameters, make_sampler
 from .config import check_group, check_ranks
-from .history import History, make_record
+from .history import History
+from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
-from .sampler import BatchSampler
 from .transaction import LoopState, Transaction
-from .window import TrajectoryWindow, capture_rng
 
 __all__ = ["HyperOptimizer"]
-
-LossFn = Callable[[Any, dict[str, Tensor], Any], Tensor]
-
-
-def _sampler(data: Any, batch_size: Any, seed: int, name: str) -> BatchSampler:
-    if isinstance(data, BatchSampler):
-        return data
-    return BatchSampler(data, batch_size, seed, name)
-
-
-def _method(method: Method | None, links: Mapping[str, str] | None) -> Method:
-    method = IFT() if method is None else method
-    if not isinstance(method, Method):
-        raise ArgumentTypeError(f"`method` must be a method such as hg.IFT(), got {method!r}.")
-    if links and not method.tunes_optimizer:
-        raise ValueError(
-            f"{type(method).__name__} differentiates at the current parameters, where the "
-            "optimizer's settings have no effect; tune them with hg.Unrolled(), "
-            "hg.ForwardMode() or hg.DrMAD()."
-        )
-    return method
-
-
-def _hyperparameters(
-    hparams: Any, view: ModelView, inner: torch.optim.Optimizer, links: Any
-) -> HyperParameters:
-    if isinstance(hparams, HyperParameters):
-        return hparams
-    forbidden = view.all_parameters()
-    return HyperParameters(
-        hparams, device=view.device, forbidden=forbidden, inner_optimizer=inner, links=links
-    )
-
-
-def _problem(
-    hopt: HyperOptimizer, train_batch: Any, val_batch: Any, before: list[Tensor]
-) -> Problem:
-    """The bilevel problem at a hyper-step (with the recorded window for trajectory methods)."""
-    view, hp, window = hopt.view, hopt.hyperparameters, hopt.loop.window
-    params = view.detached()
-    trajectory = None
-    if window is not None:
-        step_loss = view.functional(hopt.train_loss_fn, hp.transform)
-        trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
-    return Problem(
-        inner_loss=view.at_batch(hopt.train_loss_fn, hp.transform, train_batch),
-        outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
-        params=params,
-        hparams=hp.detached_raw(),
-        lr=float(hopt.inner_optimizer.param_groups[0]["lr"]),
-        prev_params=view.tree(before),
-        trajectory=trajectory,
-        process_group=hopt.process_group,
-    )
 
 
 class HyperOptimizer:
@@ -151,14 +86,35 @@ class HyperOptimizer:
             ``"skip"`` (default with ``process_group``) keeps the inner step, skips the
             hyper-step with a warning, on every rank together.
         history_size: records kept in ``hopt.history`` (None: all).
-        logger: receives every :class:`~.history.HyperStepRecord`: ``logger(record)`` or
-            ``logger.log(record)``.
+        logger: receives every :class:`~.history.HyperStepRecord`: ``logger(record)``,
+            ``logger.log(record)`` (:mod:`hypergradient.integrations` has TensorBoard, CSV
+            and progress-bar loggers), or a list of those.
+        holdout_data, holdout_batch_size: a held-out split, *not* the validation data, that
+            the :class:`~.holdout.HoldoutGuard` scores at every hyper-step (same forms as
+            ``val_data``): with many hyperparameters the validation loss is fitted, and the
+            holdout loss tells when that stops helping (``record.holdout_loss``).
+        holdout_loss: ``loss(model, hparams, batch)`` scored on it (default ``val_loss``).
+        keep_best: keep the hyperparameters with the best holdout score
+            (:attr:`best_hparams`, :meth:`restore_best`; restored when hyper-steps stop).
+        patience: stop the hyper-steps (training goes on) after this many holdout scores
+            in a row without an improvement larger than ``min_delta`` (None: never).
+        on_divergence: when the inner run diverges (finite but growing geometrically):
+            ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
+            back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
+
+    A diverging inner run is never differentiated silently: before each hyper-step the
+    parameter norms and training losses (from :meth:`train_loss`) of the last steps are
+    checked (:mod:`~.divergence`); non-finite ones raise
+    :class:`~hypergradient.NonFiniteHypergradientError` (or skip, ``nonfinite="skip"``);
+    sustained geometric growth raises a ``HypergradientWarning`` naming the knobs (a lower
+    inner learning rate, clipping, damping) and, with ``on_divergence="skip"``, skips the
+    hyper-step (counted in :attr:`skipped`).
 
     A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
     undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's
-    state, the window, counters, history and torch's random-number state are as before the
-    call. A hyper-step whose outer update leaves a hyperparameter's domain raises
-    :class:`~hypergradient.constraints.HyperparameterDomainError`.
+    state, the window, counters, history, the holdout guard and torch's random-number state
+    are as before the call. A hyper-step whose outer update leaves a hyperparameter's domain
+    raises :class:`~hypergradient.constraints.HyperparameterDomainError`.
 
     Trajectory methods replay the window's steps on copies of their batches, from torch's
     random-number state before each step (dropout masks as in training): captured by
@@ -167,7 +123,8 @@ class HyperOptimizer:
 
     Cost per hyper-step, besides the method's: one copy of the trained parameters, the
     buffers, both optimizers' states and the method's state (the rollback snapshot);
-    trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each).
+    trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each);
+    the holdout guard one forward pass on a held-out batch.
     """
 
     def __init__(
@@ -191,6 +148,13 @@ class HyperOptimizer:
         nonfinite: str | None = None,
         history_size: int | None = 100,
         logger: Any = None,
+        holdout_data: Any = None,
+        holdout_batch_size: int | None = None,
+        holdout_loss: LossFn | None = None,
+        keep_best: bool = True,
+        patience: int | None = None,
+        min_delta: float = 0.0,
+        on_divergence: str = "warn",
     ):
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise ArgumentTypeError("`inner_optimizer` must be a torch.optim.Optimizer.")
@@ -198,32 +162,38 @@ class HyperOptimizer:
         self.val_loss_fn = as_callable(val_loss, "val_loss", "(model, hparams, batch)")
         if val_data is None:
             raise ValueError("`val_data` is required: hyper-steps need validation batches.")
-        self.method = _method(method, optimizer_hparams)
+        self.method = check_method(method, optimizer_hparams)
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         seed = as_int(seed, "seed", min=0)
         default = "skip" if process_group is not None else "raise"
         nonfinite = default if nonfinite is None else nonfinite
         self.nonfinite = as_choice(nonfinite, "nonfinite", ("raise", "skip"))
+        self.on_divergence = as_choice(on_divergence, "on_divergence", ("warn", "skip"))
         if process_group is not None:
             check_group(process_group)
         self.process_group = process_group
-        hint = " Pass a positive number of rows."
-        val_size = as_optional_int(val_batch_size, "val_batch_size", min=1, hint=hint)
-        train_size = as_optional_int(train_batch_size, "train_batch_size", min=1, hint=hint)
-        self.val_sampler = _sampler(val_data, val_size, seed, "val_data")
+        self.val_sampler = make_sampler(val_data, val_batch_size, seed, "val_data")
         self.train_sampler = (
-            None if train_data is None else _sampler(train_data, train_size, seed + 1, "train_data")
+            None
+            if train_data is None
+            else make_sampler(train_data, train_batch_size, seed + 1, "train_data")
+        )
+        options = {"keep_best": keep_best, "patience": patience, "min_delta": min_delta}
+        self.guard: HoldoutGuard | None = make_guard(
+            holdout_data, holdout_batch_size, holdout_loss, self.val_loss_fn, seed, **options
         )
         self.inner_optimizer = inner_optimizer
         self.view = model if isinstance(model, ModelView) else ModelView(model, inner_optimizer)
-        self.hyperparameters = _hyperparameters(
+        self.hyperparameters = make_hyperparameters(
             hparams, self.view, inner_optimizer, optimizer_hparams
         )
         self.outer_optimizer = optimizers.build_outer(outer_optimizer, self.raw_hparams())
         if self.method.needs_trajectory:
             from_torch(inner_optimizer, self.view.params)  # raises for unsupported ones
         self.history = History(history_size, logger)
-        self.loop = LoopState(rng_next=self._capture())
+        self.loop = LoopState(rng_next=stepping.capture(self))
+        self._pending: Transaction | None = None  # begin_step's snapshot
+        self._begun = False
         self.hyperparameters.write_settings(inner_optimizer)
         check_ranks(self)
 
@@ -244,8 +214,32 @@ class HyperOptimizer:
 
     @property
     def skipped(self) -> int:
-        """Hyper-steps skipped because of non-finite values (``nonfinite="skip"``)."""
+        """Hyper-steps skipped: non-finite values (``nonfinite="skip"``) or a diverging
+        inner run (see the class notes)."""
         return self.loop.skipped
+
+    @property
+    def stopped(self) -> bool:
+        """True once the holdout guard's ``patience`` ran out: steps no longer hyper-step."""
+        return self.guard is not None and self.guard.state.stopped
+
+    @property
+    def best_hparams(self) -> dict[str, Tensor] | None:
+        """The hyperparameter values with the best holdout score so far (detached copies;
+        None without ``holdout_data`` and ``keep_best``, or before the first hyper-step)."""
+        return None if self.guard is None else self.guard.best_values(self.hyperparameters)
+
+    @property
+    def best_holdout_loss(self) -> float | None:
+        """The best holdout score so far (None without ``holdout_data`` or before any)."""
+        return None if self.guard is None else self.guard.best_loss
+
+    def restore_best(self) -> dict[str, Tensor]:
+        """Set the hyperparameters to :attr:`best_hparams` (the outer optimizer's state is
+        kept); returns the values. Raises ``ValueError`` when none is kept (no
+        ``holdout_data``, ``keep_best=False``, or no hyper-step yet)."""
+        HoldoutGuard.restore_best(self.guard, self.hyperparameters, self.inner_optimizer)
+        return self.hparams
 
     def train_loss(self, batch: Any) -> Tensor:
         """The training loss on ``batch`` with the current hyperparameters (for backward).
@@ -253,8 +247,10 @@ class HyperOptimizer:
         Records torch's random-number state first: the next step's replay uses it, so
         that dropout masks are those of this forward pass.
         """
-        self.loop.rng_pending = self._capture()
-        return self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
+        self.loop.rng_pending = stepping.capture(self)
+        loss = self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
+        self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of the model's parameters (as ``inner_optimizer.zero_grad``)."""
@@ -273,79 +269,69 @@ class HyperOptimizer:
         Returns:
             What ``inner_optimizer.step`` returns.
         """
-        trajectory, loop = self.method.needs_trajectory, self.loop
-        if batch is None and (trajectory or self.train_sampler is None):
-            need = "trajectory methods replay the inner steps" if trajectory else "hyper-steps do"
-            raise ValueError(f"step() needs the training `batch` ({need}) or train_data=....")
-        saved = Transaction(self) if (loop.count + 1) % self.inner_steps == 0 else None
+        self._check_batch(batch)
+        saved = Transaction(self) if self._due() else None
         try:
-            result = self._inner_step(batch, closure)
+            result = stepping.inner_step(self, batch, closure)
             if saved is not None:
-                self._hyper_step(batch, saved)
+                stepping.hyper_step(self, batch, saved)
         except BaseException as err:
             if saved is None:
                 raise
-            self._undo(err, saved)
-        self.loop.rng_pending, self.loop.rng_next = None, self._capture()
+            stepping.undo(self, err, saved, inner=True)
+        self.loop.rng_pending, self.loop.rng_next = None, stepping.capture(self)
         return result
 
-    def _inner_step(self, batch: Any, closure: Callable[[], Tensor] | None) -> Any:
-        """The torch optimizer's step, recorded in the window (trajectory methods)."""
-        loop = self.loop
-        rng = loop.rng_pending if loop.rng_pending is not None else loop.rng_next
-        if self.method.needs_trajectory and loop.window is None:
-            loop.window = TrajectoryWindow.start(self.view, self.inner_optimizer)
-        copied = None if loop.window is None else copy_batch(batch)
-        if closure is not None:
-            rng = self._capture()  # the closure's forward pass draws from here
-        step = self.inner_optimizer.step
-        result = step(closure) if closure else step()  # type: ignore[arg-type]
-        if loop.window is not None:
-            loop.window.record(copied, rng)
-        loop.count += 1
-        return result
+    def begin_step(self) -> None:
+        """Announce an inner step that someone else takes (a Lightning ``Trainer``, a loop
+        whose optimizer must be stepped directly); call it before that step's forward pass.
 
-    def _hyper_step(self, batch: Any, saved: Transaction) -> None:
-        started = time.perf_counter()
-        train_batch = batch if batch is not None else self.train_sampler.next()  # type: ignore[union-attr]
-        val_batch = self.val_sampler.next()
-        check_ranks(self)
-        problem = _problem(self, train_batch, val_batch, saved.params_before)
-        result, info = self.method(problem)
-        hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
-        hp = self.hyperparameters
-        hp.apply(hyper, self.outer_optimizer)
-        hp.write_settings(self.inner_optimizer)
-        self.loop.window = None
-        seconds = time.perf_counter() - started
-        self.history.append(
-            make_record(
-                step=self.loop.count,
-                hyper_step=self.history.total + 1,
-                seconds=seconds,
-                method=repr(self.method),
-                info=info,
-                values=hp.values(),
-                hypergrad=hyper,
-            )
-        )
-        saved.commit()
+        Takes what :meth:`step` takes before the optimizer's step: torch's random-number
+        state (trajectory methods replay the step from it), the window's start, and the
+        rollback snapshot when a hyper-step is due. Calling it again replaces the previous
+        unfinished call (a step that did not happen, e.g. under gradient accumulation).
+        """
+        self.loop.rng_pending = stepping.capture(self)
+        stepping.start_window(self)
+        self._begun, self._pending = True, Transaction(self) if self._due() else None
 
-    def _undo(self, err: BaseException, saved: Transaction) -> None:
-        """Undo the hyper-step and, unless it is skipped, the inner step; re-raise."""
-        saved.undo_hyper_step()
-        if not (isinstance(err, NonFiniteHypergradientError) and self.nonfinite == "skip"):
-            saved.undo_inner_step()
-            raise err
-        # Every rank sees the same (averaged) non-finite values, so every rank skips this
-        # hyper-step together and the hyperparameters stay identical.
-        self.loop.window = None
-        self.loop.skipped += 1
-        message = f"Hyper-step at step {self.loop.count} skipped: {err}"
-        warnings.warn(message, HypergradientWarning, stacklevel=3)
+    def end_step(self, batch: Any = None, loss: Tensor | None = None) -> None:
+        """Account for the inner step announced by :meth:`begin_step`, now taken; every
+        ``inner_steps`` steps, take a hyper-step (as :meth:`step` does after its own).
 
-    def _capture(self) -> Any:
-        return capture_rng(self.view.device) if self.method.needs_trajectory else None
+        A hyper-step that raises is undone (hyperparameters, outer optimizer, method state,
+        samplers, history, guard) and its window dropped; the inner step, taken outside,
+        stands.
+
+        Args:
+            batch: the step's training batch (as for :meth:`step`).
+            loss: the step's training loss, if known (watched for divergence).
+
+        Raises:
+            ValueError: no :meth:`begin_step` before, or no ``batch`` where one is needed.
+        """
+        if not self._begun:
+            raise ValueError("end_step() needs a begin_step() before the inner step.")
+        self._check_batch(batch)
+        saved, self._begun, self._pending = self._pending, False, None
+        if isinstance(loss, Tensor):
+            self.loop.loss_pending = loss.detach()
+        stepping.record_step(self, batch, self.loop.rng_pending)
+        if saved is not None:
+            try:
+                stepping.hyper_step(self, batch, saved)
+            except BaseException as err:
+                stepping.undo(self, err, saved, inner=False)
+        self.loop.rng_pending, self.loop.rng_next = None, stepping.capture(self)
+
+    def _due(self) -> bool:
+        return not self.stopped and (self.loop.count + 1) % self.inner_steps == 0
+
+    def _check_batch(self, batch: Any) -> None:
+        trajectory = self.method.needs_trajectory
+        if batch is None and (trajectory or self.train_sampler is None):
+            need = "trajectory methods replay the inner steps" if trajectory else "hyper-steps do"
+            raise ValueError(f"step() needs the training `batch` ({need}) or train_data=....")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -366,6 +352,7 @@ class HyperOptimizer:
         re-fetched); tensor data resumes exactly.
         """
         checkpoint.load_state_dict(self, state)
+        self._begun, self._pending = False, None
 
     def __repr__(self) -> str:
         names = list(self.hyperparameters.raw)

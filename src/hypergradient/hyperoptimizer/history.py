@@ -18,7 +18,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -32,6 +32,7 @@ __all__ = ["SMALL", "History", "HyperStepRecord", "make_record"]
 SMALL = 1000
 
 _SCALARS = ("step", "hyper_step", "val_loss", "hypergrad_norm", "seconds", "method")
+_OPTIONAL = {"holdout_loss": math.nan}  # absent from checkpoints of older versions
 
 
 @dataclass
@@ -52,6 +53,8 @@ class HyperStepRecord:
         hypergrad: the hypergradient applied (raw parametrization), same hyperparameters.
         summaries: per hyperparameter, ``{"norm", "mean", "min", "max"}`` of the value after
             the update and ``"hypergrad_norm"``.
+        holdout_loss: the holdout guard's score at this hyper-step (the held-out loss with
+            the hyperparameters before the update; NaN without ``holdout_data``).
     """
 
     step: int
@@ -64,6 +67,7 @@ class HyperStepRecord:
     hparams: dict[str, Tensor] = field(default_factory=dict, repr=False)
     hypergrad: dict[str, Tensor] = field(default_factory=dict, repr=False)
     summaries: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
+    holdout_loss: float = math.nan
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -83,7 +87,7 @@ class HyperStepRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data and small tensors (``torch.load(weights_only=True)`` reads it)."""
-        out: dict[str, Any] = {k: getattr(self, k) for k in _SCALARS}
+        out: dict[str, Any] = {k: getattr(self, k) for k in (*_SCALARS, *_OPTIONAL)}
         out["info"] = self.info.as_dict()
         out["info_type"] = type(self.info).__name__
         out["hparams"] = {k: v.clone() for k, v in self.hparams.items()}
@@ -107,6 +111,7 @@ class HyperStepRecord:
             kwargs = {k: v for k, v in info.items() if k in base and k != "stats"}
             kwargs["status"] = Status(kwargs.get("status", Status.FIXED_BUDGET))
             scalars = {k: data[k] for k in _SCALARS}
+            scalars |= {k: data.get(k, default) for k, default in _OPTIONAL.items()}
             return cls(
                 **scalars,
                 info=kind(**kwargs, stats=stats),
@@ -144,6 +149,7 @@ def make_record(
     info: Info,
     values: Mapping[str, Tensor],
     hypergrad: Mapping[str, Tensor],
+    holdout_loss: float = math.nan,
 ) -> HyperStepRecord:
     """A record with every hyperparameter and hypergradient, and summaries for all
     (:meth:`History.append` lightens it once a newer record arrives)."""
@@ -169,21 +175,34 @@ def make_record(
         hparams={k: v.detach().clone() for k, v in values.items()},
         hypergrad={k: v.detach().clone() for k, v in hypergrad.items()},
         summaries=summaries,
+        holdout_loss=holdout_loss,
+    )
+
+
+def _one_sink(logger: Any) -> Callable[[HyperStepRecord], Any]:
+    log = getattr(logger, "log", None)
+    if callable(log):
+        return cast(Callable[[HyperStepRecord], Any], log)
+    if callable(logger):
+        return cast(Callable[[HyperStepRecord], Any], logger)
+    raise ArgumentTypeError(
+        f"`logger` must be a callable taking a HyperStepRecord, an object with a log(record) "
+        f"method, or a list of those, got {type(logger).__name__}."
     )
 
 
 def _as_sink(logger: Any) -> Callable[[HyperStepRecord], Any] | None:
     if logger is None:
         return None
-    log = getattr(logger, "log", None)
-    if callable(log):
-        return log
-    if callable(logger):
-        return logger
-    raise ArgumentTypeError(
-        f"`logger` must be a callable taking a HyperStepRecord or an object with a "
-        f"log(record) method, got {type(logger).__name__}."
-    )
+    if not isinstance(logger, (list, tuple)):
+        return _one_sink(logger)
+    sinks = [_one_sink(one) for one in logger]
+
+    def fan_out(record: HyperStepRecord) -> None:
+        for sink in sinks:
+            sink(record)
+
+    return fan_out
 
 
 class History(Sequence[HyperStepRecord]):
@@ -192,7 +211,8 @@ class History(Sequence[HyperStepRecord]):
     Args:
         maxlen: how many records to keep (None: all).
         logger: a sink that receives every record as it is appended: a callable
-            ``logger(record)`` or an object with ``logger.log(record)``.
+            ``logger(record)``, an object with ``logger.log(record)`` (e.g.
+            :class:`hypergradient.integrations.TensorBoardLogger`), or a list of those.
 
     Attributes:
         total: how many records were ever appended (the hyper-steps taken).

@@ -3,9 +3,10 @@
 A step with a hyper-step is a transaction: :class:`Transaction` snapshots everything the
 step may change before it starts; if anything raises (``KeyboardInterrupt`` included),
 :meth:`Transaction.undo_hyper_step` restores the hyper-step's part (hyperparameters, outer
-optimizer, method state, samplers, history) and :meth:`Transaction.undo_inner_step` the
-inner step's part (weights and buffers, inner optimizer, counters, window, torch's
-random-number state), so the run continues as if the call had not happened.
+optimizer, method state, samplers, history, holdout guard) and
+:meth:`Transaction.undo_inner_step` the inner step's part (weights and buffers, inner
+optimizer, counters, window, torch's random-number state), so the run continues as if the
+call had not happened.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
 
 from .window import TrajectoryWindow, capture_rng, restore_rng
 
@@ -33,6 +36,9 @@ class LoopState:
         rng_pending: torch's random-number state captured by ``hopt.train_loss``, for the
             next step.
         rng_next: the state at the end of the last step (used when ``train_loss`` was not).
+        norms, losses: parameter norms and training losses of the last steps before a
+            hyper-step (:mod:`.divergence`).
+        loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
     """
 
     count: int = 0
@@ -40,19 +46,25 @@ class LoopState:
     window: TrajectoryWindow | None = None
     rng_pending: Any = None
     rng_next: Any = None
+    norms: tuple[Tensor, ...] = ()
+    losses: tuple[Tensor, ...] = ()
+    loss_pending: Tensor | None = None
 
 
 class Transaction:
     """A snapshot of a hyper-optimizer before a step that takes a hyper-step.
 
     Costs one copy of the trained parameters, the buffers, both optimizers' states, the
-    raw hyperparameters and the method's state; the window and the history are kept by
-    reference (a step only appends to them).
+    raw hyperparameters and the method's state; the window, the history and the guard's
+    best values are kept by reference (a step only appends to them or replaces them).
     """
 
     def __init__(self, hopt: HyperOptimizer):
         self.hopt = hopt
-        self.samplers = [s for s in (hopt.val_sampler, hopt.train_sampler) if s is not None]
+        guard = hopt.guard
+        holdout = None if guard is None else guard.sampler
+        samplers = (hopt.val_sampler, hopt.train_sampler, holdout)
+        self.samplers = [s for s in samplers if s is not None]
         for sampler in self.samplers:
             sampler.mark()
         loop = hopt.loop
@@ -65,6 +77,7 @@ class Transaction:
         self.outer = copy.deepcopy(hopt.outer_optimizer.state_dict())
         self.method = copy.deepcopy(hopt.method.state_dict())
         self.history = hopt.history.snapshot()
+        self.guard = None if guard is None else guard.snapshot()
 
     @property
     def params_before(self) -> list[Any]:
@@ -77,7 +90,7 @@ class Transaction:
             sampler.commit()
 
     def undo_hyper_step(self) -> None:
-        """Restore hyperparameters, outer optimizer, method state, samplers and history."""
+        """Restore hyperparameters, outer optimizer, method state, samplers, history, guard."""
         hopt = self.hopt
         for sampler in self.samplers:
             sampler.rollback()
@@ -85,6 +98,8 @@ class Transaction:
         hopt.outer_optimizer.load_state_dict(self.outer)
         hopt.method.load_state_dict(self.method)
         hopt.history.restore(self.history)
+        if hopt.guard is not None and self.guard is not None:
+            hopt.guard.restore(self.guard)
         hopt.hyperparameters.write_settings(hopt.inner_optimizer)
 
     def undo_inner_step(self) -> None:

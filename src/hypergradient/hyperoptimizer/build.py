@@ -1,0 +1,97 @@
+"""How the hyper-optimizer turns its constructor's arguments into collaborators, and the
+bilevel :class:`~hypergradient.methods.base.Problem` it hands its method at a hyper-step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .._vocab import ArgumentTypeError, as_callable, as_optional_int
+from ..methods import IFT, Method, Problem
+from .holdout import HoldoutGuard
+from .hparams import HyperParameters
+from .model import ModelView
+from .sampler import BatchSampler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["LossFn", "make_guard", "make_hyperparameters", "make_problem", "make_sampler"]
+
+LossFn = Callable[[Any, dict[str, Tensor], Any], Tensor]
+
+_ROWS = " Pass a positive number of rows."
+
+
+def make_sampler(data: Any, batch_size: Any, seed: int, name: str) -> BatchSampler:
+    """``data`` itself if it is a :class:`BatchSampler`, else a sampler over it."""
+    size = as_optional_int(batch_size, name.replace("_data", "_batch_size"), min=1, hint=_ROWS)
+    if isinstance(data, BatchSampler):
+        return data
+    return BatchSampler(data, size, seed, name)
+
+
+def check_method(method: Method | None, links: Mapping[str, str] | None) -> Method:
+    """The method (``IFT()`` by default), checked against the optimizer-setting links."""
+    method = IFT() if method is None else method
+    if not isinstance(method, Method):
+        raise ArgumentTypeError(f"`method` must be a method such as hg.IFT(), got {method!r}.")
+    if links and not method.tunes_optimizer:
+        raise ValueError(
+            f"{type(method).__name__} differentiates at the current parameters, where the "
+            "optimizer's settings have no effect; tune them with hg.Unrolled(), "
+            "hg.ForwardMode() or hg.DrMAD()."
+        )
+    return method
+
+
+def make_hyperparameters(
+    hparams: Any, view: ModelView, inner: torch.optim.Optimizer, links: Any
+) -> HyperParameters:
+    if isinstance(hparams, HyperParameters):
+        return hparams
+    forbidden = view.all_parameters()
+    return HyperParameters(
+        hparams, device=view.device, forbidden=forbidden, inner_optimizer=inner, links=links
+    )
+
+
+def make_guard(
+    data: Any, batch_size: Any, loss: Any, val_loss: LossFn, seed: int, **options: Any
+) -> HoldoutGuard | None:
+    """The :class:`HoldoutGuard` over ``data`` (None without held-out data)."""
+    if data is None:
+        if batch_size is not None or loss is not None or options.get("patience") is not None:
+            raise ValueError(
+                "`holdout_batch_size`, `holdout_loss` and `patience` need `holdout_data`: pass "
+                "a held-out split (not the validation data) to score at each hyper-step."
+            )
+        return None
+    loss = val_loss if loss is None else loss
+    as_callable(loss, "holdout_loss", "(model, hparams, batch)")
+    return HoldoutGuard(make_sampler(data, batch_size, seed + 2, "holdout_data"), loss, **options)
+
+
+def make_problem(
+    hopt: HyperOptimizer, train_batch: Any, val_batch: Any, before: list[Tensor]
+) -> Problem:
+    """The bilevel problem at a hyper-step (with the recorded window for trajectory methods)."""
+    view, hp, window = hopt.view, hopt.hyperparameters, hopt.loop.window
+    params = view.detached()
+    trajectory = None
+    if window is not None:
+        step_loss = view.functional(hopt.train_loss_fn, hp.transform)
+        trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
+    return Problem(
+        inner_loss=view.at_batch(hopt.train_loss_fn, hp.transform, train_batch),
+        outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
+        params=params,
+        hparams=hp.detached_raw(),
+        lr=float(hopt.inner_optimizer.param_groups[0]["lr"]),
+        prev_params=view.tree(before),
+        trajectory=trajectory,
+        process_group=hopt.process_group,
+    )

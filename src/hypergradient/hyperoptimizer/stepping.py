@@ -1,0 +1,171 @@
+"""The hyper-optimizer's step machinery: the recorded inner step, the hyper-step, and the
+undo of a failed one (the driver's public methods are thin wrappers of these)."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+from torch import Tensor
+
+from .._vocab import HypergradientWarning, NonFiniteHypergradientError
+from . import divergence
+from .batches import copy_batch
+from .build import make_problem
+from .config import check_ranks
+from .history import make_record
+from .transaction import Transaction
+from .window import TrajectoryWindow, capture_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = [
+    "capture",
+    "diverged",
+    "hyper_step",
+    "inner_step",
+    "record_step",
+    "start_window",
+    "undo",
+    "watch",
+]
+
+
+def capture(hopt: HyperOptimizer) -> Any:
+    """torch's random-number state, when trajectory methods will replay the next step."""
+    return capture_rng(hopt.view.device) if records_window(hopt) else None
+
+
+def records_window(hopt: HyperOptimizer) -> bool:
+    """Trajectory methods record the inner steps (until the holdout guard stops hyper-steps)."""
+    return hopt.method.needs_trajectory and not hopt.stopped
+
+
+def start_window(hopt: HyperOptimizer) -> None:
+    """Open a window at the current weights and optimizer state, if one is needed."""
+    if records_window(hopt) and hopt.loop.window is None:
+        hopt.loop.window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer)
+
+
+def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
+    """Account for one inner step taken on ``batch`` from the RNG state ``rng``."""
+    loop = hopt.loop
+    if loop.window is not None:
+        loop.window.record(copy_batch(batch), rng)
+    watch(hopt)
+    loop.count += 1
+
+
+def watch(hopt: HyperOptimizer) -> None:
+    """Record the parameter norm and training loss of a step near the next hyper-step."""
+    loop = hopt.loop
+    if divergence.due(loop.count, hopt.inner_steps):
+        loop.norms = divergence.push(loop.norms, divergence.norm(hopt.view.params))
+        if loop.loss_pending is not None:
+            loop.losses = divergence.push(loop.losses, loop.loss_pending)
+    loop.loss_pending = None
+
+
+def diverged(hopt: HyperOptimizer, saved: Transaction) -> bool:
+    """Check the inner run before a hyper-step (:mod:`.divergence`): non-finite values raise
+    :class:`NonFiniteHypergradientError` (undone as any hyper-step error); finite growth
+    warns with a :class:`HypergradientWarning`, and with ``on_divergence="skip"`` skips the
+    hyper-step (returns True)."""
+    # Under a process group only the parameters (equal on every rank) are read: the ranks'
+    # shard losses differ, and every rank must take the same decision.
+    losses = hopt.loop.losses if hopt.process_group is None else ()
+    found = divergence.diagnose(hopt.loop.norms, losses)
+    if found is None:
+        return False
+    finite, message = found
+    if not finite:
+        raise NonFiniteHypergradientError(message)
+    skip = hopt.on_divergence == "skip"
+    then = (
+        "This hyper-step is skipped (on_divergence='skip')."
+        if skip
+        else "Its hypergradient is applied (on_divergence='warn'; 'skip' skips it)."
+    )
+    warnings.warn(f"Step {hopt.loop.count}: {message} {then}", HypergradientWarning, stacklevel=4)
+    if skip:
+        hopt.loop.window = None
+        hopt.loop.skipped += 1
+        saved.commit()
+    return skip
+
+
+def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> Any:
+    """The torch optimizer's step, recorded in the window (trajectory methods)."""
+    loop = hopt.loop
+    rng = loop.rng_pending if loop.rng_pending is not None else loop.rng_next
+    start_window(hopt)
+    copied = None if loop.window is None else copy_batch(batch)
+    if closure is not None:
+        rng = capture(hopt)  # the closure's forward pass draws from here
+    step = hopt.inner_optimizer.step
+    result = step(closure) if closure else step()  # type: ignore[arg-type]
+    if loop.window is not None:
+        loop.window.record(copied, rng)
+    watch(hopt)
+    loop.count += 1
+    return result
+
+
+def hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
+    """Check the inner run, score the holdout, ask the method, step the outer optimizer,
+    record; commit."""
+    started = time.perf_counter()
+    if diverged(hopt, saved):
+        return
+    sampler = hopt.train_sampler
+    train_batch = batch if batch is not None or sampler is None else sampler.next()
+    val_batch = hopt.val_sampler.next()
+    check_ranks(hopt)
+    hp, guard = hopt.hyperparameters, hopt.guard
+    holdout = math.nan
+    if guard is not None:
+        holdout = guard.score(hopt.view, hp, hopt.process_group)
+    result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
+    hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
+    hp.apply(hyper, hopt.outer_optimizer)
+    hp.write_settings(hopt.inner_optimizer)
+    hopt.loop.window = None
+    if guard is not None:
+        stop = guard.update(holdout, hopt.history.total + 1, saved.hparams)
+        if stop and guard.state.best_raw is not None:
+            guard.restore_best(guard, hp, hopt.inner_optimizer)
+    record = make_record(
+        step=hopt.loop.count,
+        hyper_step=hopt.history.total + 1,
+        seconds=time.perf_counter() - started,
+        method=repr(hopt.method),
+        info=info,
+        values=hp.values(),
+        hypergrad=hyper,
+        holdout_loss=holdout,
+    )
+    hopt.history.append(record)
+    saved.commit()
+
+
+def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bool) -> None:
+    """Undo the hyper-step and, unless it is skipped, the inner step (``inner``: it was
+    taken by :meth:`HyperOptimizer.step`, not outside); re-raise unless skipped."""
+    saved.undo_hyper_step()
+    skip = isinstance(err, NonFiniteHypergradientError) and hopt.nonfinite == "skip"
+    if not skip:
+        if inner:
+            saved.undo_inner_step()
+        else:  # the step stands; its window is dropped with the hyper-step it was for
+            hopt.loop.window = None
+        raise err
+    # Every rank sees the same (averaged) non-finite values, so every rank skips this
+    # hyper-step together and the hyperparameters stay identical.
+    hopt.loop.window = None
+    hopt.loop.skipped += 1
+    message = f"Hyper-step at step {hopt.loop.count} skipped: {err}"
+    warnings.warn(message, HypergradientWarning, stacklevel=3)

@@ -1,0 +1,351 @@
+"""Tune hyperparameters of a ``LightningModule`` trained by an unmodified ``lightning.Trainer``.
+
+The Trainer keeps its loop, its optimizer and its optimizer step; the
+:class:`HypergradientCallback` watches the steps and, every ``every_n_steps`` of them, takes
+a hyper-step: it asks its method (any :mod:`hypergradient.methods` object) for the
+hypergradient of the validation loss and steps its own outer optimizer over the
+hyperparameters. The module declares what is tuned and the two losses::
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(30, 1)
+            self.decay = hg.Positive(torch.full((30,), 1e-2))      # tuned by the callback
+
+        def hyperparameters_to_tune(self):                         # name -> tensor/Constraint
+            return {"decay": self.decay}
+
+        def training_loss(self, batch, hparams):                   # differentiable in both
+            x, y = batch
+            w = self.net.weight.squeeze(0)
+            return bce(self.net(x).squeeze(1), y) + 0.5 * (hparams["decay"] * w**2).sum()
+
+        def validation_loss(self, batch, hparams):
+            x, y = batch
+            return bce(self.net(x).squeeze(1), y)
+
+        def training_step(self, batch, batch_idx):                 # the Trainer's usual hook
+            return self.training_loss(batch, tuned_values(self))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    tuner = HypergradientCallback(val_data=(x_val, y_val), every_n_steps=10,
+                                  method=hg.IFT(hg.CG(maxiter=20)))
+    L.Trainer(callbacks=[tuner], max_epochs=5).fit(Net(), train_loader)
+
+During a hyper-step the losses are called on the module with its parameters replaced
+functionally (``torch.func.functional_call``): they must compute from ``batch`` and
+``hparams`` only (no ``self.log`` inside them; log in ``training_step``). The hyperparameters
+are plain tensors or :class:`~hypergradient.constraints.Constraint` objects held by the module
+(not ``nn.Parameter``: the Trainer's optimizer must not train them); the callback moves them
+to the module's device at the start of fitting.
+
+**Checkpoints.** The callback's state (hyperparameters, outer optimizer, method state,
+samplers, history, holdout guard, trajectory window) is saved in the Trainer's checkpoint
+under ``checkpoint["callbacks"]["HypergradientCallback"]``; ``Trainer.fit(ckpt_path=...)``
+resumes it.
+
+**Logging.** After each hyper-step, through ``pl_module.log_dict`` (so to the Trainer's
+logger): ``hypergradient/loss/val``, ``hypergradient/hparams/<name>``, hypergradient norms and
+solver diagnostics, as :func:`~hypergradient.integrations.record_scalars` names them.
+
+**Data-parallel.** Under ``strategy="ddp"`` (any backend, gloo on CPU) every rank runs the
+callback: the hypergradient is that of the losses averaged over the ranks (each rank's
+training batch is its own shard; tensor ``val_data`` is split by rows between the ranks), and
+the hyperparameters stay identical on every rank.
+
+**Methods.** Implicit methods (``hg.IFT``, ``hg.T1T2``, ``hg.HOAG``) work everywhere.
+Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay the Trainer's
+steps differentiably, which is exact only for a plain step: one device, one SGD or Adam
+optimizer, no gradient accumulation or clipping, no learning-rate scheduler, full precision;
+otherwise the callback raises at the start of fitting, saying which setting prevents it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._vocab import ArgumentTypeError, as_bool, as_callable, as_int
+from ..constraints import Constraint
+from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
+from ..methods import Method
+from .loggers import record_scalars
+
+__all__ = ["HypergradientCallback", "tuned_values"]
+
+LossFn = Callable[[Any, dict[str, Tensor], Any], Tensor]
+OuterFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
+
+
+def tuned_values(module: Any) -> dict[str, Tensor]:
+    """The current values of ``module.hyperparameters_to_tune()`` (detached): what
+    ``training_step`` passes its loss."""
+    out = {}
+    for name, h in _declared(module).items():
+        out[name] = h.value if isinstance(h, Constraint) else h.detach()
+    return out
+
+
+def _declared(module: Any) -> dict[str, Tensor | Constraint]:
+    declare = getattr(module, "hyperparameters_to_tune", None)
+    if not callable(declare):
+        raise ValueError(
+            f"{type(module).__name__} declares no hyperparameters: define "
+            "hyperparameters_to_tune(self) -> {name: tensor or hg.Positive(...)}, or pass "
+            "hparams=... to HypergradientCallback."
+        )
+    hparams = declare()
+    if not isinstance(hparams, Mapping) or not hparams:
+        raise ValueError(
+            "hyperparameters_to_tune() must return a non-empty dict {name: tensor or Constraint}."
+        )
+    return dict(hparams)
+
+
+def _module_loss(name: str) -> LossFn:
+    def loss(module: Any, hparams: dict[str, Tensor], batch: Any) -> Tensor:
+        return getattr(module, name)(batch, hparams)
+
+    loss.__qualname__ = f"module.{name}"
+    return loss
+
+
+def _default_outer(params: list[Tensor]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=0.01)
+
+
+class HypergradientCallback(pl.Callback):
+    """Take hyper-steps while a ``lightning.Trainer`` trains (see the module's docstring).
+
+    Args:
+        val_data: validation data: a tuple of tensors (sampled by ``val_batch_size`` rows,
+            split by rows between data-parallel ranks), or an iterable of batches such as
+            a ``DataLoader`` (each rank iterates its own; give each its shard).
+        val_batch_size: rows per validation batch (None: all rows of the rank's part).
+        method: a :mod:`hypergradient.methods` method (default ``hg.IFT()``).
+        every_n_steps: optimizer steps of the Trainer between hyper-steps.
+        outer_optimizer: a factory ``params -> torch.optim optimizer`` over the raw
+            hyperparameters (default ``Adam(lr=0.01)``).
+        hparams: ``{name: tensor or Constraint}`` instead of the module's
+            ``hyperparameters_to_tune()``.
+        train_loss, val_loss: ``loss(module, hparams, batch)`` instead of the module's
+            ``training_loss(batch, hparams)`` / ``validation_loss(batch, hparams)``.
+        holdout_data, holdout_batch_size, patience, keep_best: the validation-overfit
+            guard of :class:`~hypergradient.HyperOptimizer` (held-out split, early stop of
+            the hyper-steps, best hyperparameters by holdout score).
+        log_elements: hyperparameters with at most this many elements are logged element
+            by element (larger ones as mean, min, max, norm).
+        log: log through ``pl_module.log_dict`` (the Trainer's logger).
+        logger: extra sinks for the records (e.g. a
+            :class:`~hypergradient.integrations.TensorBoardLogger`), as in ``HyperOptimizer``.
+        **options: other ``HyperOptimizer`` arguments (``seed``, ``nonfinite``,
+            ``history_size``, ``train_data``, ``holdout_loss``, ``min_delta``).
+
+    Attributes:
+        hopt: the :class:`~hypergradient.HyperOptimizer` behind it (from the start of
+            training): ``hopt.hparams``, ``hopt.history``, ``hopt.best_hparams``.
+
+    Cost: that of the method every ``every_n_steps`` steps, plus one copy of the trained
+    parameters and optimizer state per hyper-step (the rollback snapshot).
+    """
+
+    def __init__(
+        self,
+        *,
+        val_data: Any,
+        val_batch_size: int | None = None,
+        method: Method | None = None,
+        every_n_steps: int = 10,
+        outer_optimizer: OuterFactory | None = None,
+        hparams: Mapping[str, Tensor | Constraint] | None = None,
+        train_loss: LossFn | None = None,
+        val_loss: LossFn | None = None,
+        holdout_data: Any = None,
+        holdout_batch_size: int | None = None,
+        patience: int | None = None,
+        keep_best: bool = True,
+        log_elements: int = 8,
+        log: bool = True,
+        logger: Any = None,
+        **options: Any,
+    ):
+        if val_data is None:
+            raise ValueError("`val_data` is required: hyper-steps need validation batches.")
+        if method is not None and not isinstance(method, Method):
+            raise ArgumentTypeError(f"`method` must be a method such as hg.IFT(), got {method!r}.")
+        self.every_n_steps = as_int(every_n_steps, "every_n_steps", min=1)
+        self.log_elements = as_int(log_elements, "log_elements", min=1)
+        self.log_records = as_bool(log, "log")
+        for name, fn in (("train_loss", train_loss), ("val_loss", val_loss)):
+            if fn is not None:
+                as_callable(fn, name, "(module, hparams, batch)")
+        outer = _default_outer if outer_optimizer is None else outer_optimizer
+        self.outer_factory = as_callable(outer, "outer_optimizer", "(params) -> optimizer")
+        self.hparams_arg = None if hparams is None else dict(hparams)
+        self.losses = (train_loss, val_loss)
+        self.method = method
+        self.data = {
+            "val": (val_data, val_batch_size),
+            "holdout": (holdout_data, holdout_batch_size),
+        }
+        self.options = dict(options, patience=patience, keep_best=keep_best, logger=logger)
+        self.hopt: HyperOptimizer | None = None
+        self._loaded: Mapping[str, Any] | None = None
+        self._steps_before = 0
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the module's declarations and, for trajectory methods, the Trainer."""
+        if stage != "fit":
+            return
+        self._hparams(pl_module)
+        names = (("training_loss", "train_loss"), ("validation_loss", "val_loss"))
+        for fn, (name, arg) in zip(self.losses, names):
+            if fn is None and not callable(getattr(pl_module, name, None)):
+                raise ValueError(
+                    f"{type(pl_module).__name__} has no {name}(batch, hparams); define it or "
+                    f"pass {arg}=... to the callback."
+                )
+        if self.method is not None and self.method.needs_trajectory:
+            _check_replayable(trainer, self.method)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Move the hyperparameters to the module's device (the strategy placed it)."""
+        device = pl_module.device
+        for h in self._hparams(pl_module).values():
+            raw = h.raw if isinstance(h, Constraint) else h
+            if raw.device != device:
+                raw.data = raw.data.to(device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the hyper-optimizer over the Trainer's optimizer; resume a checkpoint."""
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"HypergradientCallback needs exactly one optimizer, the module configures "
+                f"{len(optimizers)}."
+            )
+        if self.method is not None and self.method.needs_trajectory:
+            _check_schedulers(trainer)
+        self.hopt = self._build(trainer, pl_module, optimizers[0])
+        if self._loaded is not None:
+            self.hopt.load_state_dict(self._loaded)
+            self._loaded = None
+
+    def _hparams(self, pl_module: Any) -> dict[str, Tensor | Constraint]:
+        return self.hparams_arg if self.hparams_arg is not None else _declared(pl_module)
+
+    def _build(self, trainer: pl.Trainer, pl_module: Any, inner: Any) -> HyperOptimizer:
+        world, rank = trainer.world_size, trainer.global_rank
+        group = dist.group.WORLD if world > 1 and dist.is_initialized() else None
+        train_loss, val_loss = self.losses
+        (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
+        return HyperOptimizer(
+            pl_module,
+            self._hparams(pl_module),
+            inner_optimizer=inner,
+            outer_optimizer=self.outer_factory,
+            train_loss=train_loss or _module_loss("training_loss"),
+            val_loss=val_loss or _module_loss("validation_loss"),
+            val_data=_shard(val, rank, world, pl_module.device),
+            val_batch_size=val_size,
+            holdout_data=_shard(holdout, rank, world, pl_module.device),
+            holdout_batch_size=holdout_size,
+            method=self.method,
+            inner_steps=self.every_n_steps,
+            process_group=group,
+            **self.options,
+        )
+
+    # ------------------------------------------------------------------ steps
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._steps_before = trainer.global_step
+        self._require_hopt().begin_step()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step == self._steps_before:
+            return  # no optimizer step (gradient accumulation, a skipped batch)
+        hopt = self._require_hopt()
+        before = hopt.hyper_steps
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
+        if hopt.hyper_steps > before and self.log_records:
+            self._log(pl_module, hopt.history[-1])
+
+    def _log(self, pl_module: pl.LightningModule, record: HyperStepRecord) -> None:
+        scalars = record_scalars(record, self.log_elements)
+        values = {f"hypergradient/{k}": v for k, v in scalars.items() if k != "time/seconds"}
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+
+    def _require_hopt(self) -> HyperOptimizer:
+        if self.hopt is None:
+            raise RuntimeError("HypergradientCallback was not set up by a Trainer.fit() call.")
+        return self.hopt
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The hyper-optimizer's checkpoint (saved by the Trainer with its own)."""
+        if self.hopt is not None:
+            return {"hopt": self.hopt.state_dict()}
+        return {} if self._loaded is None else {"hopt": self._loaded}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the state until training starts (the optimizer does not exist yet)."""
+        if state_dict:
+            if not isinstance(state_dict, Mapping) or "hopt" not in state_dict:
+                raise ValueError("The checkpoint's HypergradientCallback state is malformed.")
+            self._loaded = state_dict["hopt"]
+
+
+def _shard(data: Any, rank: int, world: int, device: torch.device) -> Any:
+    """Tensor data: this rank's rows (``rank::world``), on ``device``; anything else as is."""
+    tensors = (data,) if isinstance(data, Tensor) else data
+    if not isinstance(tensors, (tuple, list)) or not all(isinstance(t, Tensor) for t in tensors):
+        return data
+    return tuple(t[rank::world].to(device) for t in tensors)
+
+
+def _check_replayable(trainer: pl.Trainer, method: Method) -> None:
+    """Raise unless the Trainer's step is one a trajectory method can replay exactly."""
+    why = None
+    if trainer.world_size > 1:
+        why = (
+            f"the Trainer runs on {trainer.world_size} processes: each step uses gradients "
+            "averaged across them inside backward, which a per-rank replay cannot reproduce"
+        )
+    elif trainer.accumulate_grad_batches != 1:
+        why = f"accumulate_grad_batches={trainer.accumulate_grad_batches} (one step spans batches)"
+    elif trainer.gradient_clip_val:
+        why = f"gradient_clip_val={trainer.gradient_clip_val} (the replay does not clip)"
+    elif str(trainer.precision) not in ("32-true", "64-true", "32", "64"):
+        why = f"precision={trainer.precision!r} (the replay runs in full precision)"
+    if why is not None:
+        raise ValueError(
+            f"{type(method).__name__} replays the Trainer's optimizer steps, which is not exact "
+            f"here: {why}. Use an implicit method (hg.IFT(), hg.T1T2()) or change the setting."
+        )
+
+
+def _check_schedulers(trainer: pl.Trainer) -> None:
+    if trainer.lr_scheduler_configs:
+        raise ValueError(
+            "Trajectory methods replay the optimizer with the settings at the start of each "
+            "window, but the module configures a learning-rate scheduler that changes them "
+            "in between; drop the scheduler or use an implicit method (hg.IFT(), hg.T1T2())."
+        )

@@ -1,0 +1,278 @@
+"""Logging sinks for :class:`~hypergradient.HyperOptimizer`: TensorBoard, CSV, a progress bar.
+
+Pass one (or a list) as ``HyperOptimizer(..., logger=...)``; each receives every
+:class:`~hypergradient.HyperStepRecord` as the hyper-step that made it commits (a
+rolled-back hyper-step is never logged). What is written, under the same names everywhere
+(:func:`record_scalars`):
+
+- ``loss/val``, ``loss/holdout`` (with ``holdout_data``): the validation batch's loss and
+  the holdout guard's score;
+- ``hypergrad/norm`` and ``hypergrad/<name>``: norms of the hypergradient, in total and
+  per hyperparameter (raw parametrization);
+- ``hparams/<name>`` for a scalar hyperparameter, ``hparams/<name>/<i>`` per element for a
+  small one (at most ``scalar_limit`` elements), ``hparams/<name>/{mean,min,max,norm}`` for
+  a larger one (TensorBoard also gets a histogram of its values and of its hypergradient);
+- ``solver/num_hvps``, ``solver/ok`` (1 when the method vouches for its answer) and the
+  method's numeric diagnostics (``solver/residual``, ``solver/iterations``,
+  ``solver/inner_grad_norm``, ...); the status itself as text;
+- ``time/seconds``: wall time of the hyper-step.
+
+The x axis is the inner step count (``record.step``), so the curves line up with training
+curves logged by the same loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .._vocab import ArgumentTypeError, as_bool, as_int
+from ..hyperoptimizer import HyperStepRecord
+
+__all__ = ["CSVLogger", "ProgressBar", "TensorBoardLogger", "record_scalars"]
+
+#: Diagnostics that are not solver statistics (they have their own names, or are text).
+_NOT_SOLVER = {"method", "seconds", "outer_loss", "status", "num_hvps"}
+
+
+def _check_record(record: Any) -> HyperStepRecord:
+    if not isinstance(record, HyperStepRecord):
+        raise ArgumentTypeError(
+            f"A logger receives HyperStepRecord objects, got {type(record).__name__}."
+        )
+    return record
+
+
+def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, float]:
+    """Every number of a hyper-step record, by the names in the module's docstring.
+
+    Args:
+        record: what the hyper-optimizer passes its logger.
+        scalar_limit: hyperparameters with at most this many elements are written element
+            by element; larger ones as mean, min, max and norm.
+
+    Returns:
+        ``{name: float}``, in a stable order.
+    """
+    out = {"loss/val": float(record.val_loss)}
+    if not math.isnan(record.holdout_loss):
+        out["loss/holdout"] = float(record.holdout_loss)
+    out["hypergrad/norm"] = float(record.hypergrad_norm)
+    for name, summary in record.summaries.items():
+        out[f"hypergrad/{name}"] = float(summary["hypergrad_norm"])
+    for name, summary in record.summaries.items():
+        value = record.hparams.get(name)
+        if value is not None and value.numel() == 1:
+            out[f"hparams/{name}"] = float(value.reshape(()))
+        elif value is not None and value.numel() <= scalar_limit:
+            for i, v in enumerate(value.detach().reshape(-1).tolist()):
+                out[f"hparams/{name}/{i}"] = float(v)
+        else:
+            for stat in ("mean", "min", "max", "norm"):
+                out[f"hparams/{name}/{stat}"] = float(summary[stat])
+    out["solver/num_hvps"] = float(record.info.num_hvps)
+    out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
+    for key, value in record.diagnostics.items():
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key not in _NOT_SOLVER and numeric:
+            out[f"solver/{key}"] = float(value)
+    out["time/seconds"] = float(record.seconds)
+    return out
+
+
+class TensorBoardLogger:
+    """Write hyper-step records to TensorBoard through ``torch.utils.tensorboard``.
+
+    Args:
+        log_dir: the run's directory (``SummaryWriter(log_dir)``; None: ``runs/<date>``).
+        writer: an existing ``SummaryWriter`` to write into instead (not closed by
+            :meth:`close`).
+        prefix: prepended to every tag (``"hypergradient/loss/val"``).
+        scalar_limit: see :func:`record_scalars`.
+        histograms: also write histograms of the values and hypergradients of the
+            hyperparameters larger than ``scalar_limit``.
+
+    Example::
+
+        with TensorBoardLogger("runs/decay") as tb:
+            hopt = hg.HyperOptimizer(..., logger=tb)
+            ...                                  # then: tensorboard --logdir runs
+
+    Cost per record: a few dozen scalars, and a histogram per large hyperparameter (one
+    pass over its values); nothing is kept in memory.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | Path | None = None,
+        *,
+        writer: Any = None,
+        prefix: str = "hypergradient",
+        scalar_limit: int = 8,
+        histograms: bool = True,
+    ):
+        self.scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
+        self.histograms = as_bool(histograms, "histograms")
+        if not isinstance(prefix, str):
+            raise ArgumentTypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
+        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        self.owns_writer = writer is None
+        if writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # tensorboard is an optional dependency
+                raise ImportError(
+                    "TensorBoardLogger needs the tensorboard package: "
+                    "pip install 'hypergradient[integrations]' (or pip install tensorboard)."
+                ) from err
+            writer = SummaryWriter(None if log_dir is None else str(log_dir))
+        elif not callable(getattr(writer, "add_scalar", None)):
+            raise ArgumentTypeError(
+                f"`writer` must be a torch.utils.tensorboard.SummaryWriter, got "
+                f"{type(writer).__name__}."
+            )
+        self.writer = writer
+        self.last_status: str | None = None
+
+    def log(self, record: HyperStepRecord) -> None:
+        """Write one record (the sink the hyper-optimizer calls)."""
+        record = _check_record(record)
+        step, tag = record.step, self.prefix
+        for name, value in record_scalars(record, self.scalar_limit).items():
+            self.writer.add_scalar(tag + name, value, step)
+        if self.histograms:
+            for kind, tensors in (("hparams", record.hparams), ("hypergrad", record.hypergrad)):
+                for name, t in tensors.items():
+                    if t.numel() > self.scalar_limit:
+                        self.writer.add_histogram(f"{tag}{kind}/{name}", _cpu(t), step)
+        status = record.info.status
+        if status.value != self.last_status:  # text only when it changes
+            self.writer.add_text(tag + "solver/status", f"{status.value}: {status.message}", step)
+            self.last_status = status.value
+
+    __call__ = log
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush; close the writer if this logger created it."""
+        self.writer.flush()
+        if self.owns_writer:
+            self.writer.close()
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().float().cpu()
+
+
+class CSVLogger:
+    """Write one row per hyper-step to a CSV file (flushed after every row).
+
+    Columns: ``step``, ``hyper_step``, ``status``, then the names of
+    :func:`record_scalars`. A record with a name not seen before (a diagnostic that
+    appears later) widens the file: it is rewritten once with the new column, earlier rows
+    empty there.
+
+    Args:
+        path: the file (its folder is created).
+        scalar_limit: see :func:`record_scalars`.
+        append: continue an existing file (a resumed run) instead of starting a new one.
+
+    Read it back with ``csv.DictReader`` or ``pandas.read_csv``.
+    """
+
+    def __init__(self, path: str | Path, *, scalar_limit: int = 8, append: bool = False):
+        if not isinstance(path, (str, Path)):
+            raise ArgumentTypeError(f"`path` must be a file path, got {type(path).__name__}.")
+        self.path = Path(path)
+        self.scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
+        append = as_bool(append, "append")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns: list[str] = []
+        if append and self.path.exists() and self.path.stat().st_size:
+            with self.path.open(newline="") as f:
+                self.columns = next(csv.reader(f), [])
+        else:
+            self.path.write_text("")
+
+    def log(self, record: HyperStepRecord) -> None:
+        """Append one row (the sink the hyper-optimizer calls)."""
+        record = _check_record(record)
+        row: dict[str, Any] = {"step": record.step, "hyper_step": record.hyper_step}
+        row["status"] = record.info.status.value
+        row.update({k: repr(v) for k, v in record_scalars(record, self.scalar_limit).items()})
+        new = [k for k in row if k not in self.columns]
+        if new or not self.columns:
+            self._widen(new)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.columns, restval="").writerow(row)
+
+    __call__ = log
+
+    def _widen(self, new: Iterable[str]) -> None:
+        rows: list[dict[str, str]] = []
+        if self.columns:
+            with self.path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        self.columns = self.columns + list(new)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+    def rows(self) -> list[dict[str, str]]:
+        """The rows written so far, as ``csv.DictReader`` reads them."""
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+
+class ProgressBar:
+    """A ``tqdm`` progress bar over hyper-steps, showing the latest losses.
+
+    Args:
+        total: the number of hyper-steps expected (None: unknown).
+        desc: the bar's label.
+        **tqdm_kwargs: passed to ``tqdm.tqdm`` (``disable=True`` to silence it, ``file=``).
+    """
+
+    def __init__(self, total: int | None = None, *, desc: str = "hyper-steps", **tqdm_kwargs: Any):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as err:  # tqdm is an optional dependency
+            raise ImportError("ProgressBar needs tqdm: pip install tqdm.") from err
+        self.bar = tqdm(total=total, desc=desc, **tqdm_kwargs)
+
+    def log(self, record: HyperStepRecord) -> None:
+        record = _check_record(record)
+        shown = {"val": f"{record.val_loss:.4g}"}
+        if not math.isnan(record.holdout_loss):
+            shown["holdout"] = f"{record.holdout_loss:.4g}"
+        if not record.info.status.ok:
+            shown["status"] = record.info.status.value
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    __call__ = log
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,233 @@
+"""Hybrid search: Optuna for the discrete choices and starting values, hypergradient descent
+for the continuous hyperparameters inside each trial.
+
+Black-box search and hypergradients are complementary. Optuna's samplers handle what has no
+gradient (a width, a solver, an optimizer, an outer learning rate) and explore several
+basins; hypergradient descent moves many continuous hyperparameters at once, but only
+downhill from where it starts. In the hybrid, each Optuna trial samples the structure and
+the *starting* values, then refines the continuous hyperparameters by hypergradient steps,
+reporting the validation loss along the way (Optuna's pruners stop hopeless trials early)
+and storing the refined values on the trial::
+
+    import optuna
+    from hypergradient.integrations.optuna import refine, refined_hparams
+
+    def objective(trial):
+        width = trial.suggest_categorical("width", [16, 32, 64])          # structure
+        decay0 = trial.suggest_float("decay0", 1e-5, 1e-1, log=True)     # starting value
+        model, hopt = make_run(width, decay0)                           # your HyperOptimizer
+        return refine(trial, hopt, train_batches, epochs=5, score=lambda: val_loss(model))
+
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner())
+    study.optimize(objective, n_trials=30)
+    decay = refined_hparams(study.best_trial)["decay"]                 # the refined tensor
+
+:func:`refine` runs the documented ``HyperOptimizer`` loop; a loop of your own (a functional
+``hg.implicit`` outer loop, a Lightning ``Trainer``) reports through a
+:class:`TrialReporter` instead: ``reporter.report(value, hparams, step)`` after each
+evaluation, ``return reporter.finish()`` at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import optuna
+import torch
+from torch import Tensor
+
+from .._vocab import ArgumentTypeError, as_bool, as_int
+from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
+
+__all__ = ["TrialReporter", "refine", "refined_hparams"]
+
+#: User attributes written on the trial.
+REFINED, BEST_STEP, STEPS = "refined_hparams", "refined_step", "refinement_steps"
+
+
+def _plain(values: Mapping[str, Tensor], limit: int) -> dict[str, Any]:
+    """JSON-ready values: ``{"shape", "values"}`` per tensor (summaries beyond ``limit``)."""
+    out: dict[str, Any] = {}
+    for name, t in values.items():
+        t = t.detach().to(torch.float64).cpu()
+        entry: dict[str, Any] = {"shape": list(t.shape)}
+        if t.numel() <= limit:
+            entry["values"] = t.reshape(-1).tolist()
+        else:
+            entry |= {"mean": float(t.mean()), "min": float(t.min()), "max": float(t.max())}
+        out[name] = entry
+    return out
+
+
+class TrialReporter:
+    """Report a hypergradient refinement to an Optuna trial.
+
+    Every :meth:`report` passes the value to ``trial.report`` (for the study's pruner), keeps
+    the lowest value and the hyperparameters that produced it, and raises
+    ``optuna.TrialPruned`` when the pruner says so (after writing the best values found so
+    far on the trial). :meth:`finish` writes them and returns the value to give Optuna.
+
+    Args:
+        trial: the ``optuna.trial.Trial`` being run.
+        prune: ask ``trial.should_prune()`` after each report.
+        max_elements: hyperparameters up to this size are stored element by element (as
+            JSON lists: :func:`refined_hparams` reads them back); larger ones as a summary.
+
+    User attributes written: ``refined_hparams`` (``{name: {"shape", "values"}}``),
+    ``refined_step`` (the step of the best value), ``refinement_steps`` (reports made).
+    A value that is not finite is not reported (Optuna's pruners would take it as the
+    worst); the trial is pruned if nothing finite was ever reported.
+    """
+
+    def __init__(
+        self, trial: optuna.trial.Trial, *, prune: bool = True, max_elements: int = 10_000
+    ):
+        methods = (getattr(trial, "report", None), getattr(trial, "set_user_attr", None))
+        if not all(callable(m) for m in methods):
+            raise ArgumentTypeError(
+                f"`trial` must be an optuna.trial.Trial (the objective's argument or "
+                f"study.ask()), got {type(trial).__name__}."
+            )
+        self.trial = trial
+        self.prune = as_bool(prune, "prune")
+        self.max_elements = as_int(max_elements, "max_elements", min=0)
+        self.best_value = math.inf
+        self.best_hparams: dict[str, Tensor] | None = None
+        self.best_step: int | None = None
+        self.steps = 0
+
+    def report(
+        self, value: float, hparams: Mapping[str, Tensor] | None = None, step: int | None = None
+    ) -> None:
+        """Report ``value`` (lower is better) measured with ``hparams`` at ``step``.
+
+        Args:
+            value: the validation (or holdout) loss of this evaluation.
+            hparams: the hyperparameter values that produced it (kept if it is the best).
+            step: the step index for the pruner (default: the number of reports so far).
+
+        Raises:
+            optuna.TrialPruned: the study's pruner stops this trial.
+        """
+        value = float(value)
+        step = self.steps if step is None else as_int(step, "step", min=0)
+        self.steps += 1
+        if not math.isfinite(value):
+            return
+        if value < self.best_value:
+            self.best_value, self.best_step = value, step
+            if hparams is not None:
+                self.best_hparams = {k: v.detach().clone() for k, v in hparams.items()}
+        self.trial.report(value, step)
+        if self.prune and self.trial.should_prune():
+            self._write()
+            raise optuna.TrialPruned(f"pruned at step {step} (value {value:.6g})")
+
+    def log(self, record: HyperStepRecord, hparams: Mapping[str, Tensor] | None = None) -> None:
+        """Report a hyper-step record: its holdout loss when scored, else its validation
+        loss, at step ``record.hyper_step`` (``hparams``: the values it scored)."""
+        value = record.val_loss if math.isnan(record.holdout_loss) else record.holdout_loss
+        self.report(value, hparams, record.hyper_step)
+
+    def _write(self) -> None:
+        if self.best_hparams is not None:
+            self.trial.set_user_attr(REFINED, _plain(self.best_hparams, self.max_elements))
+        self.trial.set_user_attr(BEST_STEP, self.best_step)
+        self.trial.set_user_attr(STEPS, self.steps)
+
+    def finish(self) -> float:
+        """Write the best values on the trial; returns the best reported value.
+
+        Raises:
+            optuna.TrialPruned: no finite value was reported (the refinement diverged).
+        """
+        self._write()
+        if not math.isfinite(self.best_value):
+            raise optuna.TrialPruned("no finite value was reported")
+        return self.best_value
+
+
+def refine(
+    trial: optuna.trial.Trial,
+    hopt: HyperOptimizer,
+    data: Iterable[Any],
+    *,
+    epochs: int = 1,
+    score: Callable[[], float] | None = None,
+    prune: bool = True,
+    progress: bool = False,
+) -> float:
+    """Run the ``HyperOptimizer`` loop over ``data`` inside an Optuna trial, reporting to it.
+
+    The loop is the documented one (``hopt.zero_grad()``,
+    ``hopt.train_loss(batch).backward()``, ``hopt.step(batch)``) for ``epochs`` passes over
+    ``data``. Reported values: ``score()`` after every epoch when given (e.g. the loss on
+    the whole validation set), else after every hyper-step its holdout loss (with
+    ``holdout_data``) or its validation batch's loss.
+
+    Args:
+        trial: the trial the objective received.
+        hopt: a hyper-optimizer built with the trial's sampled choices and starting values.
+        data: the training batches (re-iterated every epoch; a ``DataLoader``).
+        epochs: passes over ``data``.
+        score: ``() -> float``, lower is better, evaluated at the current model.
+        prune: let the study's pruner stop the trial (``optuna.TrialPruned``).
+        progress: show a ``tqdm`` bar over the epochs' batches.
+
+    Returns:
+        The best reported value (the objective's value). The trial's ``refined_hparams``
+        attribute holds the hyperparameters that produced it: the values each epoch ended
+        with (``score``), or the ones a hyper-step's validation batch was evaluated with.
+
+    Raises:
+        optuna.TrialPruned: pruned, or no finite value.
+    """
+    if not isinstance(hopt, HyperOptimizer):
+        raise ArgumentTypeError(f"`hopt` must be a hg.HyperOptimizer, got {type(hopt).__name__}.")
+    epochs = as_int(epochs, "epochs", min=1)
+    reporter = TrialReporter(trial, prune=prune)
+    for epoch in range(epochs):
+        batches = _progress(data, f"trial {trial.number}, epoch {epoch + 1}") if progress else data
+        for batch in batches:
+            before, done = hopt.hparams, hopt.hyper_steps
+            hopt.zero_grad()
+            hopt.train_loss(batch).backward()
+            hopt.step(batch)
+            if score is None and hopt.hyper_steps > done:
+                reporter.log(hopt.history[-1], before)
+        if score is not None:
+            reporter.report(float(score()), hopt.hparams, epoch)
+    return reporter.finish()
+
+
+def _progress(data: Iterable[Any], desc: str) -> Iterable[Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm(data, desc=desc, leave=False)
+
+
+def refined_hparams(trial: optuna.trial.FrozenTrial, device: Any = None) -> dict[str, Tensor]:
+    """The refined hyperparameters stored on a finished trial, as float64 tensors.
+
+    Raises:
+        ValueError: the trial holds none (it did not report through a
+            :class:`TrialReporter`), or only summaries (larger than ``max_elements``).
+    """
+    stored = trial.user_attrs.get(REFINED)
+    if not isinstance(stored, Mapping):
+        raise ValueError(
+            f"Trial {trial.number} holds no refined hyperparameters; report through "
+            "hypergradient.integrations.optuna.refine or TrialReporter."
+        )
+    out = {}
+    for name, entry in stored.items():
+        if "values" not in entry:
+            raise ValueError(
+                f"Trial {trial.number} stored only a summary of {name!r} (shape "
+                f"{entry['shape']}); raise TrialReporter's max_elements to keep its values."
+            )
+        values = torch.tensor(entry["values"], dtype=torch.float64, device=device)
+        out[name] = values.reshape(entry["shape"])
+    return out
