@@ -134,7 +134,10 @@ class GradientTangents:
         out: list[list[Tensor]] = [[] for _ in pp]
         n = rows[0].shape[0]
         for k in range(n):
-            total = torch.stack([(o * r[k]).sum() for o, r in zip(outs, rows)]).sum()
+            terms = [(o * r[k]).sum() for o, r in zip(outs, rows)]
+            total = terms[0]
+            for term in terms[1:]:
+                total = total + term
             got = torch.autograd.grad(total, pp, retain_graph=True, allow_unused=True)
             for i, (x, d) in enumerate(zip(pp, got)):
                 out[i].append(torch.zeros_like(x) if d is None else d)

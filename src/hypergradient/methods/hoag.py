@@ -87,7 +87,7 @@ class HOAG(ImplicitMethod):
         return max(self.tol * self.decay**self._k, self.min_tol)
 
     def config(self) -> dict[str, Any]:
-        out = {"maxiter": self.maxiter, "tol": self.tol, "decay": self.decay}
+        out: dict[str, Any] = {"maxiter": self.maxiter, "tol": self.tol, "decay": self.decay}
         out |= {"min_tol": self.min_tol, "reset_on": list(self.reset_on)}
         return out | self.common_config()
 

@@ -240,23 +240,31 @@ def implicit_fixed_point(
 # ---------------------------------------------------------------- shorthands (seed order)
 
 
-def exact(f, g, theta, phi, *, damping: float = 0.0, return_info: bool = False):
+def exact(
+    f: Callable[..., Tensor],
+    g: Callable[..., Tensor],
+    theta: Tree,
+    phi: Tree,
+    *,
+    damping: float = 0.0,
+    return_info: bool = False,
+) -> Any:
     """``implicit(f, g, theta, phi, solver=Exact())``: dense Hessian solve, the reference."""
     return implicit(f, g, theta, phi, Exact(), damping=damping, return_info=return_info)
 
 
 def cg(
-    f,
-    g,
-    theta,
-    phi,
+    f: Callable[..., Tensor],
+    g: Callable[..., Tensor],
+    theta: Tree,
+    phi: Tree,
     maxiter: int = 100,
     tol: float = 1e-6,
     *,
     damping: float = 0.0,
-    x0=None,
+    x0: Tree | None = None,
     return_info: bool = False,
-):
+) -> Any:
     """``implicit(f, g, theta, phi, solver=CG(maxiter, tol))`` (Pedregosa, 2016)."""
     return implicit(
         f, g, theta, phi, CG(maxiter, tol), damping=damping, x0=x0, return_info=return_info
@@ -264,16 +272,16 @@ def cg(
 
 
 def neumann(
-    f,
-    g,
-    theta,
-    phi,
+    f: Callable[..., Tensor],
+    g: Callable[..., Tensor],
+    theta: Tree,
+    phi: Tree,
     iters: int = 20,
     alpha: float | str = 1.0,
     *,
     damping: float = 0.0,
     return_info: bool = False,
-):
+) -> Any:
     """``implicit(f, g, theta, phi, solver=Neumann(iters, alpha))`` (Lorraine et al., 2020)."""
     return implicit(
         f, g, theta, phi, Neumann(iters, alpha), damping=damping, return_info=return_info
@@ -281,10 +289,10 @@ def neumann(
 
 
 def nystrom(
-    f,
-    g,
-    theta,
-    phi,
+    f: Callable[..., Tensor],
+    g: Callable[..., Tensor],
+    theta: Tree,
+    phi: Tree,
     rank: int = 5,
     rho: float = 0.1,
     *,
@@ -293,7 +301,7 @@ def nystrom(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     return_info: bool = False,
-):
+) -> Any:
     """``implicit(f, g, theta, phi, solver=Nystrom(rank, rho))`` (Hataya & Yamada, 2023).
 
     The seed library's call ``nystrom(f, g, theta, phi, rank=5, rho=0.1)`` works as is.

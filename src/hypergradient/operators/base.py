@@ -126,7 +126,7 @@ class DampedOperator(LinearOperator):
         self.damping = damping
         self.symmetric = base.symmetric
 
-    @property  # type: ignore[override]
+    @property
     def num_matvecs(self) -> int:
         return self.base.num_matvecs
 

@@ -23,7 +23,7 @@ __all__ = ["BATCHED", "GRAPH_MODES", "SYMBOLIC_SHAPES", "GraphOperator", "prepar
 #: The module torch.autograd.grad imports on its first call with ``grad_outputs``.
 SYMBOLIC_SHAPES = "torch.fx.experimental.symbolic_shapes"
 
-BATCHED = (True, False, "auto")
+BATCHED: tuple[bool | str, ...] = (True, False, "auto")
 GRAPH_MODES = tuple(m for m in MODES if m != "first_order")
 
 
@@ -185,7 +185,10 @@ class GraphOperator(LinearOperator):
             # grad_outputs would first import torch.fx.experimental.symbolic_shapes and
             # sympy (1-3 s, the bulk of a first call); once anything has imported them the
             # grad_outputs form is used, which saves the dot's few operations.
-            dot = sum((o * p).sum() for o, p in zip(self._outputs, parts))
+            terms = [(o * p).sum() for o, p in zip(self._outputs, parts)]
+            dot = terms[0]
+            for term in terms[1:]:  # mixed dtypes promote as in ``sum``
+                dot = dot + term
             grads = torch.autograd.grad(dot, leaves, retain_graph=True, allow_unused=True)
             return list(grads)
         grads = torch.autograd.grad(

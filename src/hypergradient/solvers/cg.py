@@ -29,7 +29,16 @@ class _Run:
     iterate it returns.
     """
 
-    def __init__(self, op, b, x0, maxiter, tol, atol, precondition):
+    def __init__(
+        self,
+        op: LinearOperator,
+        b: Tensor,
+        x0: Tensor | None,
+        maxiter: int,
+        tol: float,
+        atol: float,
+        precondition: Callable[[Tensor], Tensor] | None,
+    ) -> None:
         self.op, self.maxiter, self.precondition = op, maxiter, precondition
         self.start = op.num_matvecs
         self.bnorm = safe_norm(b)

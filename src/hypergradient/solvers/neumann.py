@@ -163,7 +163,7 @@ class Neumann(RandomizedSolver):
         if self.alpha != "auto":
             return float(self.alpha)
         stale = fresh or self._cached is None or self._calls % self.refresh_every == 0
-        if stale:
+        if stale or self._cached is None:
             self._cached = self._estimate(op, stats)
         lam, safety = self._cached
         stats.update(lambda_max=lam, safety=safety, estimated=stale)

@@ -174,7 +174,11 @@ def nystrom_sketch(
     nu = eps * float(torch.linalg.matrix_norm(Y, ord="fro")) * math.sqrt(n)
     if nu == 0.0:  # A Omega = 0
         return _empty(op)
-    core = Y[idx] if idx is not None else Om.T @ Y  # Omega^T Y
+    if idx is None:
+        assert Om is not None  # the Gaussian sketch has a test matrix
+        core = Om.T @ Y  # Omega^T Y
+    else:
+        core = Y[idx]
     core = 0.5 * (core + core.T)
     shifted = core + nu * torch.eye(r, dtype=work, device=op.device)  # Omega^T (Y + nu Omega)
     L, info = torch.linalg.cholesky_ex(shifted)
@@ -182,7 +186,7 @@ def nystrom_sketch(
         # Y_nu = Y + nu Omega; B = Y_nu L^{-T}, so B B^T = Y_nu (Omega^T Y_nu)^{-1} Y_nu^T.
         if idx is not None:
             Y[idx, torch.arange(r, device=op.device)] += nu
-        else:
+        elif Om is not None:
             Y.add_(Om, alpha=nu)
         del Om
         rows = _rows_per_block(r)
