@@ -27,6 +27,32 @@ Example::
         hopt.zero_grad()
         hopt.train_loss(batch).backward()     # or your own loss with hopt.hparams
         hopt.step(batch)
+
+Notes:
+
+A diverging inner run is never differentiated silently: before each hyper-step the
+parameter norms and training losses (from :meth:`train_loss`) of the last steps are
+checked (:mod:`~.divergence`); non-finite ones raise
+:class:`~hypergradient.NonFiniteHypergradientError` (or skip, ``nonfinite="skip"``);
+sustained geometric growth raises a ``HypergradientWarning`` naming the knobs (a lower
+inner learning rate, clipping, damping) and, with ``on_divergence="skip"``, skips the
+hyper-step (counted in :attr:`skipped`).
+
+A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
+undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's
+state, the window, counters, history, the holdout guard and torch's random-number state
+are as before the call. A hyper-step whose outer update leaves a hyperparameter's domain
+raises :class:`~hypergradient.constraints.HyperparameterDomainError`.
+
+Trajectory methods replay the window's steps on copies of their batches, from torch's
+random-number state before each step (dropout masks as in training): captured by
+:meth:`train_loss`, else at the end of the previous step (at construction or load for
+the first), or just before a ``closure``.
+
+Cost per hyper-step, besides the method's: one copy of the trained parameters, the
+buffers, both optimizers' states and the method's state (the rollback snapshot);
+trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each);
+the holdout guard one forward pass on a held-out batch.
 """
 
 from __future__ import annotations
@@ -45,7 +71,7 @@ from . import checkpoint, optimizers, stepping
 from .build import LossFn, check_method, make_guard, make_hyperparameters, make_sampler
 from .config import check_group, check_ranks
 from .history import History
-from .holdout import HoldoutGuard
+from .holdout import HoldoutGuard, HoldoutViews
 from .hparams import HyperParameters
 from .model import ModelView
 from .transaction import LoopState, Transaction
@@ -53,7 +79,7 @@ from .transaction import LoopState, Transaction
 __all__ = ["HyperOptimizer"]
 
 
-class HyperOptimizer:
+class HyperOptimizer(HoldoutViews):
     """Tune hyperparameters by hypergradient descent while the model trains.
 
     Args:
@@ -102,29 +128,7 @@ class HyperOptimizer:
             ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
             back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
 
-    A diverging inner run is never differentiated silently: before each hyper-step the
-    parameter norms and training losses (from :meth:`train_loss`) of the last steps are
-    checked (:mod:`~.divergence`); non-finite ones raise
-    :class:`~hypergradient.NonFiniteHypergradientError` (or skip, ``nonfinite="skip"``);
-    sustained geometric growth raises a ``HypergradientWarning`` naming the knobs (a lower
-    inner learning rate, clipping, damping) and, with ``on_divergence="skip"``, skips the
-    hyper-step (counted in :attr:`skipped`).
-
-    A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
-    undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's
-    state, the window, counters, history, the holdout guard and torch's random-number state
-    are as before the call. A hyper-step whose outer update leaves a hyperparameter's domain
-    raises :class:`~hypergradient.constraints.HyperparameterDomainError`.
-
-    Trajectory methods replay the window's steps on copies of their batches, from torch's
-    random-number state before each step (dropout masks as in training): captured by
-    :meth:`train_loss`, else at the end of the previous step (at construction or load for
-    the first), or just before a ``closure``.
-
-    Cost per hyper-step, besides the method's: one copy of the trained parameters, the
-    buffers, both optimizers' states and the method's state (the rollback snapshot);
-    trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each);
-    the holdout guard one forward pass on a held-out batch.
+    Divergence checks, rollback, replays and cost: :mod:`hypergradient.hyperoptimizer.driver`.
     """
 
     def __init__(
@@ -218,29 +222,6 @@ class HyperOptimizer:
         inner run (see the class notes)."""
         return self.loop.skipped
 
-    @property
-    def stopped(self) -> bool:
-        """True once the holdout guard's ``patience`` ran out: steps no longer hyper-step."""
-        return self.guard is not None and self.guard.state.stopped
-
-    @property
-    def best_hparams(self) -> dict[str, Tensor] | None:
-        """The hyperparameter values with the best holdout score so far (detached copies;
-        None without ``holdout_data`` and ``keep_best``, or before the first hyper-step)."""
-        return None if self.guard is None else self.guard.best_values(self.hyperparameters)
-
-    @property
-    def best_holdout_loss(self) -> float | None:
-        """The best holdout score so far (None without ``holdout_data`` or before any)."""
-        return None if self.guard is None else self.guard.best_loss
-
-    def restore_best(self) -> dict[str, Tensor]:
-        """Set the hyperparameters to :attr:`best_hparams` (the outer optimizer's state is
-        kept); returns the values. Raises ``ValueError`` when none is kept (no
-        ``holdout_data``, ``keep_best=False``, or no hyper-step yet)."""
-        HoldoutGuard.restore_best(self.guard, self.hyperparameters, self.inner_optimizer)
-        return self.hparams
-
     def train_loss(self, batch: Any) -> Tensor:
         """The training loss on ``batch`` with the current hyperparameters (for backward).
 
@@ -269,8 +250,8 @@ class HyperOptimizer:
         Returns:
             What ``inner_optimizer.step`` returns.
         """
-        self._check_batch(batch)
-        saved = Transaction(self) if self._due() else None
+        stepping.check_batch(self, batch)
+        saved = Transaction(self) if stepping.due(self) else None
         try:
             result = stepping.inner_step(self, batch, closure)
             if saved is not None:
@@ -293,7 +274,7 @@ class HyperOptimizer:
         """
         self.loop.rng_pending = stepping.capture(self)
         stepping.start_window(self)
-        self._begun, self._pending = True, Transaction(self) if self._due() else None
+        self._begun, self._pending = True, Transaction(self) if stepping.due(self) else None
 
     def end_step(self, batch: Any = None, loss: Tensor | None = None) -> None:
         """Account for the inner step announced by :meth:`begin_step`, now taken; every
@@ -312,7 +293,7 @@ class HyperOptimizer:
         """
         if not self._begun:
             raise ValueError("end_step() needs a begin_step() before the inner step.")
-        self._check_batch(batch)
+        stepping.check_batch(self, batch)
         saved, self._begun, self._pending = self._pending, False, None
         if isinstance(loss, Tensor):
             self.loop.loss_pending = loss.detach()
@@ -323,15 +304,6 @@ class HyperOptimizer:
             except BaseException as err:
                 stepping.undo(self, err, saved, inner=False)
         self.loop.rng_pending, self.loop.rng_next = None, stepping.capture(self)
-
-    def _due(self) -> bool:
-        return not self.stopped and (self.loop.count + 1) % self.inner_steps == 0
-
-    def _check_batch(self, batch: Any) -> None:
-        trajectory = self.method.needs_trajectory
-        if batch is None and (trajectory or self.train_sampler is None):
-            need = "trajectory methods replay the inner steps" if trajectory else "hyper-steps do"
-            raise ValueError(f"step() needs the training `batch` ({need}) or train_data=....")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -195,3 +195,36 @@ class HoldoutGuard:
         parsed = self.parse_state(state, hp)
         self.sampler.load_state_dict(state["sampler"])
         self.state = parsed
+
+
+class HoldoutViews:
+    """The holdout guard's results as the hyper-optimizer shows them (a mixin of
+    :class:`~hypergradient.HyperOptimizer`, which sets ``guard``, ``hyperparameters`` and
+    ``inner_optimizer``)."""
+
+    guard: HoldoutGuard | None
+    hyperparameters: HyperParameters
+    inner_optimizer: torch.optim.Optimizer
+
+    @property
+    def stopped(self) -> bool:
+        """True once the holdout guard's ``patience`` ran out: steps no longer hyper-step."""
+        return self.guard is not None and self.guard.state.stopped
+
+    @property
+    def best_hparams(self) -> dict[str, Tensor] | None:
+        """The hyperparameter values with the best holdout score so far (detached copies;
+        None without ``holdout_data`` and ``keep_best``, or before the first hyper-step)."""
+        return None if self.guard is None else self.guard.best_values(self.hyperparameters)
+
+    @property
+    def best_holdout_loss(self) -> float | None:
+        """The best holdout score so far (None without ``holdout_data`` or before any)."""
+        return None if self.guard is None else self.guard.best_loss
+
+    def restore_best(self) -> dict[str, Tensor]:
+        """Set the hyperparameters to :attr:`best_hparams` (the outer optimizer's state is
+        kept); returns the values. Raises ``ValueError`` when none is kept (no
+        ``holdout_data``, ``keep_best=False``, or no hyper-step yet)."""
+        HoldoutGuard.restore_best(self.guard, self.hyperparameters, self.inner_optimizer)
+        return self.hyperparameters.values()

@@ -169,3 +169,16 @@ def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bo
     hopt.loop.skipped += 1
     message = f"Hyper-step at step {hopt.loop.count} skipped: {err}"
     warnings.warn(message, HypergradientWarning, stacklevel=3)
+
+
+def due(hopt: HyperOptimizer) -> bool:
+    """Whether the next inner step ends with a hyper-step."""
+    return not hopt.stopped and (hopt.loop.count + 1) % hopt.inner_steps == 0
+
+
+def check_batch(hopt: HyperOptimizer, batch: Any) -> None:
+    """A step's batch is required by trajectory methods, and without ``train_data``."""
+    trajectory = hopt.method.needs_trajectory
+    if batch is None and (trajectory or hopt.train_sampler is None):
+        need = "trajectory methods replay the inner steps" if trajectory else "hyper-steps do"
+        raise ValueError(f"step() needs the training `batch` ({need}) or train_data=....")
