@@ -1,5 +1,6 @@
 """``mypy src`` is clean under the project's configuration (``[tool.mypy]`` in pyproject.toml:
-every function annotated, bodies checked, no implicit Optional, no stale ignores). The whole of ``src`` is clean: a new error anywhere fails.
+every function annotated, bodies checked, no implicit Optional, no stale ignores).
+The whole of ``src`` is clean: a new error anywhere fails.
 """
 
 from __future__ import annotations

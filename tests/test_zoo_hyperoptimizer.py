@@ -32,20 +32,10 @@ METHODS = {
 }
 TRAJECTORY = {"unrolled", "drmad", "forward"}
 
-RNG_BUG = (
-    "a hyper-step's own forward passes with random ops (the implicit methods' inner loss; "
-    "any method's outer loss evaluated in train mode) draw from torch's global stream, which "
-    "the hyper-step does not restore (trajectory replays are forked), so every later dropout "
-    "mask differs from plain training's; fix: fork the RNG around HyperOptimizer._hyper_step"
-)
-
 
 def case(name, dropout, method):
-    marks = []
-    if dropout and method not in TRAJECTORY:
-        marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=RNG_BUG))
     tag = "dropout" if dropout else "nodrop"
-    return pytest.param(name, dropout, method, id=f"{name}-{tag}-{method}", marks=marks)
+    return pytest.param(name, dropout, method, id=f"{name}-{tag}-{method}")
 
 
 CASES = [case(n, d, m) for n in NAMES for d in (False, True) for m in METHODS]
@@ -105,7 +95,6 @@ def test_a_hyper_step_leaves_training_as_plain_training(name, dropout, method):
         assert torch.equal(mine[key], value), key
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RNG_BUG)
 @pytest.mark.parametrize("method", ["drmad"])
 def test_an_outer_loss_with_dropout_leaves_the_training_stream_alone(method):
     """The outer loss evaluated in train mode (dropout on) inside a trajectory method's

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+import torch
 from torch import Tensor
 
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
@@ -117,7 +118,27 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
 
 def hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     """Check the inner run, score the holdout, ask the method, step the outer optimizer,
-    record; commit."""
+    record; commit.
+
+    Under a fork of torch's random-number state (CPU and the model's device): forward
+    passes of the hyper-step that draw random numbers (dropout in an implicit method's
+    inner loss, an outer loss evaluated in train mode) leave the training stream as it
+    was, so training after a hyper-step draws the masks plain training draws.
+    """
+    with forked_rng(hopt.view.device):
+        _hyper_step(hopt, batch, saved)
+
+
+def forked_rng(device: torch.device) -> Any:
+    """``torch.random.fork_rng`` over the CPU generator and ``device``'s (if not the CPU)."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    backend = getattr(torch, device.type)
+    index = device.index if device.index is not None else backend.current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
+def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     started = time.perf_counter()
     if diverged(hopt, saved):
         return
