@@ -136,7 +136,7 @@ def fit(data, args, tune: bool) -> tuple[LogReg, HypergradientCallback | None]:
             val_batch_size=None,  # all 150 rows
             holdout_data=data["holdout"],
             patience=args.patience,
-            method=hg.IFT(hg.CG(maxiter=20), damping=1e-3),
+            method=hg.IFT(hg.CG(maxiter=20), damping=1e-2),
             every_n_steps=10,
             outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=args.hyper_lr),
         )

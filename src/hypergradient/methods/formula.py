@@ -200,10 +200,17 @@ def _damping_value(damping: float | AutoDamping) -> float | None:
     return float(damping)
 
 
+#: Relative residual below which a solver stopped at ``maxiter`` does not warn (see
+#: ``_warn_solve``).
+FAR_RESIDUAL = 1e-3
+
+
 def _warn_solve(solver: Solver, record: _Record, bnorm: float) -> None:
     """Warn when the solve cannot vouch for its answer: negative curvature, or a stop at
-    ``maxiter`` far (10x) from the solver's tolerance. Fixed budgets (a solver without a
-    tolerance, or ``tol=0`` and ``atol=0``) never warn."""
+    ``maxiter`` far from the solver's tolerance (a relative residual above 10x the
+    tolerance *and* above :data:`FAR_RESIDUAL`: a budget that ends at a residual of 1e-5
+    against a tolerance of 1e-6 is a usable answer, not a warning). Fixed budgets (a solver
+    without a tolerance, or ``tol=0`` and ``atol=0``) never warn."""
     if record.status == Status.NEGATIVE_CURVATURE:
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {record.iterations} "
@@ -221,11 +228,11 @@ def _warn_solve(solver: Solver, record: _Record, bnorm: float) -> None:
         return
     relative = record.residual / max(bnorm, 1e-300)
     allowed = max(float(tol), float(atol) / max(bnorm, 1e-300))
-    if relative > 10 * allowed:
+    if relative > max(10 * allowed, FAR_RESIDUAL):
         maxiter = getattr(solver, "maxiter", None)
         warnings.warn(
             f"{solver!r} stopped at maxiter={maxiter} with relative residual "
-            f"{relative:.3g}, more than 10x its tolerance {allowed:.3g}: the solution (and "
+            f"{relative:.3g}, far above its tolerance {allowed:.3g}: the solution (and "
             "the hypergradient) is inaccurate. Raise maxiter, loosen tol, add damping, or "
             "precondition (hg.NystromPCG).",
             HypergradientWarning,
