@@ -63,7 +63,7 @@ def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     data = json.loads((tmp_path / "hyperstep_cost.json").read_text())
     rows = [r for r in data["rows"] if "method" in r]
     assert {(r["problem"], r["method"]) for r in rows} == {
-        (p, m) for p in ("logreg", "mlp") for m in mod.METHODS
+        (p, m) for p in ("logreg", "mlp", "mnist-mlp") for m in mod.METHODS
     }
     for r in rows:
         assert r["error"] is None and r["hyper_steps"] == 2 and r["cost"] > 0
@@ -71,3 +71,6 @@ def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     assert by[("logreg", "IFT(CG(maxiter=10, tol=0))")]["products"] == 10
     assert by[("logreg", "ForwardMode()")]["goal"] == (2 + 30) * 10
     assert by[("logreg", "T1T2()")]["goal"] == 2
+    assert by[("mnist-mlp", "ForwardMode()")]["goal"] == (2 + 1) * 10
+    for r in rows:  # the end-to-end ratio of a run with a hyper-step every K = 10 steps
+        assert r["e2e"] == 1.0 + r["cost"] / 10
