@@ -36,10 +36,23 @@ STATS, FROM, TASKS = ("min", "median", "max"), ("new", "best"), ("logreg", "mlp-
 
 
 class Hybrid:
-    """TPE trials of up to ``trial_steps`` hypergradient steps each, pruned by the median."""
+    """TPE trials of up to ``trial_steps`` hypergradient steps each, pruned by the median.
 
-    def __init__(self, task: V.Task, seed: int, trial_steps: int, resume: bool = False):
+    With ``explore`` > 0: for that fraction of the budget every trial is one evaluation (TPE
+    explores), then trials refine the best point found by hypergradient steps until the
+    budget ends."""
+
+    def __init__(
+        self,
+        task: V.Task,
+        seed: int,
+        trial_steps: int,
+        resume: bool = False,
+        explore: float = 0.0,
+        budget: float = math.inf,
+    ):
         optuna = H.import_peer("optuna")[0]
+        self.explore_s, self.limit = explore * budget, trial_steps
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna, self.task, self.trial_steps, self.resume = optuna, task, trial_steps, resume
         warmup = max(trial_steps // 4, 1)
@@ -59,7 +72,11 @@ class Hybrid:
         t, lo, hi = self.task, math.log(self.task.lo), math.log(self.task.hi)
         self.trial = trial = self.study.ask()
         lr = trial.suggest_float("outer_lr", 0.3 * t.outer_lr, 3 * t.outer_lr, log=True)
-        if self.resume and self.run.val and trial.suggest_categorical("from", FROM) == "best":
+        refine = 0 < self.explore_s <= self.run.clock_wall and bool(self.run.val)
+        self.limit = (1 if self.explore_s > 0 else self.trial_steps) if not refine else 10**9
+        if refine:  # the exploration is over: hypergradient steps from the best point
+            values = self.run.phis[self.run.val.index(min(self.run.val))].tolist()
+        elif self.resume and self.run.val and trial.suggest_categorical("from", FROM) == "best":
             values = self.run.phis[self.run.val.index(min(self.run.val))].tolist()
         else:
             starts = [trial.suggest_float(n, lo, hi) for n in self.names]
@@ -93,7 +110,7 @@ class Hybrid:
         try:
             self.reporter.report(val, {"phi": phi}, self.k)
             self.k += 1
-            done, pruned = self.k >= self.trial_steps or not math.isfinite(val), False
+            done, pruned = self.k >= self.limit or not math.isfinite(val), False
         except self.optuna.TrialPruned:
             done = pruned = True
         if done:
@@ -119,11 +136,13 @@ class Hybrid:
         x["best_trial_step"] = best and best.user_attrs.get("refined_step")
 
 
-def run_task(task: V.Task, budget: float, seed: int, trial_steps: int, resume: bool) -> dict:
+def run_task(
+    task: V.Task, budget: float, seed: int, trial_steps: int, resume: bool, explore: float
+) -> dict:
     H.log(f"{task.title}: budget {budget:.0f} s per method")
     phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=V.F64)
     start = task.evaluate(task.train(phi0, {}))
-    hybrid = Hybrid(task, seed, trial_steps, resume)
+    hybrid = Hybrid(task, seed, trial_steps, resume, explore, budget)
     methods = [V.Optuna(task, "tpe", seed), V.Hypergradient(task), hybrid]
     load0, real0 = os.getloadavg()[0], time.perf_counter()
     V.race(methods, budget, "interleaved")
@@ -137,7 +156,7 @@ def run_task(task: V.Task, budget: float, seed: int, trial_steps: int, resume: b
         t |= {m: runs[m].time_to(t["value"]) for m in METHODS}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams, "budget": budget}
     res |= {"lam0": task.lam0, "outer_lr": task.outer_lr, "trial_steps": trial_steps}
-    res["continue_best"] = resume
+    res["continue_best"], res["explore"] = resume, explore
     res |= {"solver": task.solver_text, "training": task.training_text, "box": [task.lo, task.hi]}
     res |= {"real_seconds": time.perf_counter() - real0, "load": [load0, os.getloadavg()[0]]}
     res |= {"start": start, "reached": reached}
@@ -163,8 +182,13 @@ def render_task(res: dict[str, Any]) -> str:
         f"budget {res['budget']:.0f} s per method, interleaved; lambda in {res['box']}; "
         f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda "
         f"from lambda = {res['lam0']:g}, hg.implicit with {res['solver']}",
-        f"hybrid: trials of up to {res['trial_steps']} hypergradient steps"
-        + (", from a sampled point or the best so far; " if res.get("continue_best") else "; ")
+        (
+            f"hybrid: TPE evaluations for {res['explore']:.0%} of the budget, then "
+            "hypergradient steps from the best point; "
+            if res.get("explore")
+            else f"hybrid: trials of up to {res['trial_steps']} hypergradient steps"
+            + (", from a sampled point or the best so far; " if res.get("continue_best") else "; ")
+        )
         + H.facts({k: h[k] for k in ("trials", "completed", "pruned", "best_trial")})
         + f"; best trial's start (log lambda_0) and outer lr {h['best_trial_start']}, "
         f"its best at step {h['best_trial_step']}",
@@ -225,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lbfgs-iters", type=int, help="inner L-BFGS iterations (default 200)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--continue-best", action="store_true", help="trials may resume the best")
+    p.add_argument("--explore-logreg", type=float, default=0.0, help="TPE-only budget share")
+    p.add_argument("--explore-mlp", type=float, default=0.0, help="TPE-only budget share")
     args = p.parse_args(argv)
     if H.replot(args, NAME, TITLE, render, plot):
         return 0
@@ -234,13 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     H.defaults(args, trial_steps_logreg=(3, 150), trial_steps_mlp=(2, 15))
     optuna, version = H.import_peer("optuna")
     rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
-    settings = {"logreg": (args.budget_logreg, args.trial_steps_logreg)}
-    settings["mlp-layer"] = (args.budget_mlp, args.trial_steps_mlp)
+    settings = {"logreg": (args.budget_logreg, args.trial_steps_logreg, args.explore_logreg)}
+    settings["mlp-layer"] = (args.budget_mlp, args.trial_steps_mlp, args.explore_mlp)
     results = []
     for key in args.tasks * (optuna is not None):
-        budget, steps = settings[key]
+        budget, steps, explore = settings[key]
         task = V.Task(key, args.seed, args.lbfgs_iters)
-        results.append(run_task(task, budget, args.seed, steps, args.continue_best))
+        results.append(run_task(task, budget, args.seed, steps, args.continue_best, explore))
     rep.write({"tasks": results}, render, plot if results else None)
     return 0
 
