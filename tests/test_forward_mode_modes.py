@@ -13,6 +13,7 @@ import hypergradient as hg
 from test_trajectory_modes import (
     _Cube,
     central_differences,
+    cube_problem,
     loop,
     mlp_problem,
     rel,
@@ -91,20 +92,7 @@ def test_transformer_forward_mode_falls_back_and_agrees_with_first_order():
 
 
 def test_once_differentiable_functions_fall_back_to_first_order_in_forward_mode():
-    g = torch.Generator().manual_seed(2)
-    X, y = torch.randn(20, 4, generator=g, dtype=DT), torch.randn(20, generator=g, dtype=DT)
-    w0 = 0.3 * torch.randn(4, generator=g, dtype=DT)
-
-    def make(cube):
-        def inner(w, h):
-            return ((X @ w - y) ** 2).mean() + 0.1 * cube(w).sum() ** 2 / 4 + (h * w**2).sum()
-
-        return inner
-
-    def outer(w, h):
-        return ((X @ w) ** 2).mean()
-
-    h = torch.full((4,), 0.05, dtype=DT)
+    make, outer, w0, h = cube_problem()
     opt = hg.optim.sgd(lr=0.1)
     exact = hg.forward_mode(make(lambda w: w**3), outer, w0, h, 6, opt, hvp="double")
     with pytest.raises(RuntimeError, match="once_differentiable"):

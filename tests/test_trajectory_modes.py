@@ -203,7 +203,9 @@ class _Cube(torch.autograd.Function):
         return 3 * x**2 * grad
 
 
-def test_once_differentiable_functions_fall_back_to_first_order():
+def cube_problem():
+    """``(make, outer, w0, h)``: a least-squares inner loss with a cube term,
+    ``make(cube)`` building it from ``cube`` (``w**3`` or the once-differentiable one)."""
     g = torch.Generator().manual_seed(2)
     X, y = torch.randn(20, 4, generator=g, dtype=DT), torch.randn(20, generator=g, dtype=DT)
     w0 = 0.3 * torch.randn(4, generator=g, dtype=DT)
@@ -217,7 +219,11 @@ def test_once_differentiable_functions_fall_back_to_first_order():
     def outer(w, h):
         return ((X @ w) ** 2).mean()
 
-    h = torch.full((4,), 0.05, dtype=DT)
+    return make, outer, w0, torch.full((4,), 0.05, dtype=DT)
+
+
+def test_once_differentiable_functions_fall_back_to_first_order():
+    make, outer, w0, h = cube_problem()
     opt = hg.optim.sgd(lr=0.1)
     exact = hg.unrolled(make(lambda w: w**3), outer, w0, h, 6, opt, hvp="double")
     with pytest.raises(RuntimeError, match="once_differentiable"):

@@ -133,8 +133,10 @@ def forked_rng(device: torch.device) -> Any:
     """``torch.random.fork_rng`` over the CPU generator and ``device``'s (if not the CPU)."""
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
-    backend = getattr(torch, device.type)
-    index = device.index if device.index is not None else backend.current_device()
+    index = device.index
+    if index is None:  # the current device (MPS has one, without ``current_device``)
+        current = getattr(getattr(torch, device.type, None), "current_device", None)
+        index = current() if current is not None else 0
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
