@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,50 +99,33 @@ class AdamHD(HypergradientOptimizer):
         out["maximize"] = as_bool(group["maximize"], "maximize")
         return out
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Adapt each group's learning rate, then take one Adam step.
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """One Adam step of ``group`` at its adapted learning rate."""
+        lr: float = group["lr"]
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps: float = group["eps"]
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step: int = state["step"]
+            exp_avg: Tensor = state["exp_avg"]
+            exp_avg_sq: Tensor = state["exp_avg_sq"]
 
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss
-                (run with gradients enabled).
+            # Same operations, in the same order, as torch.optim.Adam (single tensor).
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size = lr / bias_correction1
+            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-step_size)
 
-        Returns:
-            The closure's loss, or None without closure.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        self._check_grads()
-        for group in self.param_groups:
-            params, grads = self._gather(group)
-            self._adapt_lr(group, params, grads)
-            lr: float = group["lr"]
-            beta1, beta2 = (float(b) for b in group["betas"])
-            eps: float = group["eps"]
-            for p, grad in zip(params, grads):
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step: int = state["step"]
-                exp_avg: Tensor = state["exp_avg"]
-                exp_avg_sq: Tensor = state["exp_avg_sq"]
-
-                # Same operations, in the same order, as torch.optim.Adam (single tensor).
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1**step
-                bias_correction2 = 1 - beta2**step
-                step_size = lr / bias_correction1
-                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-step_size)
-
-                # u_t = m_hat / (sqrt(v_hat) + eps): d theta_t / d alpha_t = -u_t.
-                direction = self._direction_buffer(state, p)
-                torch.div(exp_avg, denom, out=direction).div_(bias_correction1)
-        return loss
+            # u_t = m_hat / (sqrt(v_hat) + eps): d theta_t / d alpha_t = -u_t.
+            direction = self._direction_buffer(state, p)
+            torch.div(exp_avg, denom, out=direction).div_(bias_correction1)

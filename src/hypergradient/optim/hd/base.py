@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,34 @@ class HypergradientOptimizer(Optimizer):
     """Shared machinery: validation of every group, gradient gathering and the lr update."""
 
     _name = "HD"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Adapt each group's learning rate, then take one step of the optimizer.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss
+                (run with gradients enabled).
+
+        Returns:
+            The closure's loss, or None without closure.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads = self._gather(group)
+            self._adapt_lr(group, params, grads)
+            self._update_group(group, params, grads)
+        return loss
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """The optimizer's own step of ``group`` (its ``lr`` already adapted)."""
+        raise NotImplementedError
 
     def _validate_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters, checked through ``_vocab`` and normalized."""

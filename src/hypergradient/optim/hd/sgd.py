@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import torch
+from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ..._vocab import as_bool, as_float
@@ -111,40 +110,23 @@ class SGDHD(HypergradientOptimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Adapt each group's learning rate, then take one SGD step.
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss
-                (run with gradients enabled).
-
-        Returns:
-            The closure's loss, or None without closure.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        self._check_grads()
-        for group in self.param_groups:
-            params, grads = self._gather(group)
-            self._adapt_lr(group, params, grads)
-            lr: float = group["lr"]
-            momentum: float = group["momentum"]
-            dampening: float = group["dampening"]
-            for p, grad in zip(params, grads):
-                state = self.state[p]
-                if momentum != 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = grad.detach().clone()
-                    else:
-                        buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                    if group["nesterov"]:
-                        grad = grad.add(buf, alpha=momentum)
-                    else:
-                        grad = buf
-                p.add_(self._direction_buffer(state, p).copy_(grad), alpha=-lr)
-        return loss
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """One SGD step of ``group`` at its adapted learning rate."""
+        lr: float = group["lr"]
+        momentum: float = group["momentum"]
+        dampening: float = group["dampening"]
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if momentum != 0:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                if group["nesterov"]:
+                    grad = grad.add(buf, alpha=momentum)
+                else:
+                    grad = buf
+            p.add_(self._direction_buffer(state, p).copy_(grad), alpha=-lr)
