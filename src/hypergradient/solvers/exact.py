@@ -20,14 +20,15 @@ class Exact(Solver):
 
     Symmetric operators are solved through an eigendecomposition in float64 with a
     pseudo-inverse cut at ``rcond * max|lambda|`` (so parameters that do not enter ``f``,
-    whose Hessian rows are zero, get zero instead of NaN); others by LU with a least-squares
-    fallback. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||`` in float64
+    whose Hessian rows are zero, get zero instead of NaN); others by LU, falling back to the
+    minimum-norm least-squares solution (SVD pseudo-inverse cut at ``rcond * max sigma``)
+    when ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||`` in float64
     (non-zero when ``b`` has a part outside the range of a singular ``A``).
 
     Args:
         max_size: refuse operators larger than this (the matrix has ``n^2`` entries).
         chunk_size: products evaluated together while materializing (bounds memory).
-        rcond: relative cut of the pseudo-inverse (symmetric operators).
+        rcond: relative cut of the pseudo-inverse.
 
     Cost: ``n`` products, O(n^2) memory, O(n^3) time. A NaN or Inf in the matrix raises
     :class:`~hypergradient.NonFiniteHypergradientError` (never a ``LinAlgError``).
@@ -77,4 +78,7 @@ def _dense_solve(A: Tensor, b: Tensor, symmetric: bool, rcond: float) -> Tensor:
             return x
     except RuntimeError:  # singular (torch.linalg.LinAlgError)
         pass
-    return torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
+    # Minimum-norm least squares through the SVD: ``torch.linalg.lstsq``'s default driver
+    # returns zeros on rank-deficient input on some builds, and CUDA offers only "gels",
+    # which needs full rank.
+    return torch.linalg.pinv(A, rtol=rcond) @ b
