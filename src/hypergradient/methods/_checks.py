@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from .. import _tree
+from .. import _tree, _vocab
 from .._tree import TreeSpec
 from .._vocab import ArgumentTypeError, as_callable, first_nonfinite, require_finite
 from ..distributed import check_consistent, group_size
@@ -108,6 +108,8 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             f".to({str(p_leaves[0].device)!r}))."
         )
     check_no_alias(h_leaves, h_spec, p_leaves, params_name)
+    if all_finite([*h_leaves, *p_leaves]):  # one host synchronization in the usual case
+        return Inputs(p_leaves, p_spec, h_leaves, h_spec)
     bad = None if all_finite(h_leaves) else first_nonfinite(h_leaves, h_spec.paths)
     if bad is not None:
         raise ValueError(
@@ -127,8 +129,14 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
 
 def all_finite(leaves: Sequence[Tensor | None]) -> bool:
     """Whether every entry of every leaf is finite (one host synchronization in all)."""
-    flags = [torch.isfinite(t).all() for t in leaves if t is not None and t.numel()]
-    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    present = [t for t in leaves if t is not None and t.numel()]
+    if not present:
+        return True
+    device = present[0].device
+    probes = torch.stack([_vocab.finite_probe(t).to(device) for t in present])
+    if bool(torch.isfinite(probes).all()):
+        return True
+    return all(_vocab.is_finite(t) for t in present)  # an overflowing sum, or a NaN/Inf
 
 
 def check_no_alias(

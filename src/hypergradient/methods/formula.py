@@ -37,13 +37,14 @@ from .._vocab import (
     HypergradientWarning,
     NonFiniteHypergradientError,
     Status,
+    finite_probe,
     require_finite,
 )
 from ..distributed import AveragedOperator, guarded
 from ..operators import LinearOperator
 from ..solvers import AutoDamping, Solver, damped_solve
 from ._checks import Inputs, all_finite
-from .implicit_info import ImplicitInfo
+from .implicit_info import ImplicitInfo, warn_solve
 
 __all__ = ["ImplicitInfo", "autocast_off", "implicit_hypergradient"]
 
@@ -73,6 +74,8 @@ class _Terms:
     outer_value: float
     inner_value: float
     unused_direct: list[bool]
+    bnorm: float = math.nan  # ||b||, set by _check_terms
+    stat_norm: float = math.nan  # ||grad_theta f|| (or the fixed point's residual)
 
 
 @dataclass
@@ -137,7 +140,20 @@ def _like(inputs: Inputs) -> list[Tensor]:
 
 
 def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
-    """Finiteness of the terms, in the order they are produced (gradients before values)."""
+    """Finiteness of the terms, in the order they are produced (gradients before values).
+
+    The usual case costs one host synchronization: the norms of ``grad_theta f`` and
+    ``b`` (kept on ``t`` for the info) and a sum probe of ``d_phi g`` are finite. Else each
+    term is checked on its own, and the first non-finite one is named.
+    """
+    wide = _tree.wide_dtype(t.op.device)
+    probes = [torch.linalg.vector_norm(v, dtype=wide) for v in (t.stationarity, t.b)]
+    probes += [finite_probe(v).to(wide) for v in (t.direct, x0) if v is not None]
+    values = torch.stack(probes).tolist()
+    t.stat_norm, t.bnorm = values[0], values[1]
+    values += [t.outer_value] if fixed_point else [t.outer_value, t.inner_value]
+    if all(math.isfinite(v) for v in values):
+        return
     spec, hspec = t.op.param_spec, t.op.hparam_spec
     inner = (
         "the fixed-point map's residual T(params) - params at"
@@ -167,7 +183,7 @@ def _solve(
 ) -> tuple[Tensor, Any, LinearOperator]:
     """``x = (H + damping I)^{-1} b`` by ``solver``; the solution, its record, the system."""
     system: LinearOperator = t.op if group is None else AveragedOperator(t.op, group)
-    if not bool(t.b.any()):
+    if t.bnorm == 0.0 and not bool(t.b.any()):
         # The outer loss does not depend on the parameters: only the direct term remains.
         done = _Record(Status.CONVERGED, True, 0.0, 0, {"damping": _damping_value(damping)})
         return torch.zeros_like(t.b), done, system
@@ -182,7 +198,11 @@ def _solve(
             f"{solver!r} diverged on the system H x = grad_theta g: {status.message}.",
             "the solution of H x = grad_theta g",
         )
-    if not all_finite([sol.value]):
+    return sol.value, record, system
+
+
+def _require_finite_solution(x: Tensor, solver: Solver, status: Status) -> None:
+    if not all_finite([x]):
         raise NonFiniteHypergradientError(
             f"The solution of H x = grad_theta g returned by {solver!r} (status "
             f"{status.value!r}) is not finite (NaN or Inf): the Hessian products of "
@@ -190,7 +210,6 @@ def _solve(
             "Add damping, or use hg.CG().",
             "the solution of H x = grad_theta g",
         )
-    return sol.value, record, system
 
 
 def _damping_value(damping: float | AutoDamping) -> float | None:
@@ -200,48 +219,13 @@ def _damping_value(damping: float | AutoDamping) -> float | None:
     return float(damping)
 
 
-#: Relative residual below which a solver stopped at ``maxiter`` does not warn (see
-#: ``_warn_solve``).
-FAR_RESIDUAL = 1e-3
+def _assemble(t: _Terms, x: Tensor, group: Any, solver: Solver, status: Status) -> Tree:
+    """``d_phi g - (d_phi grad_theta f)^T x`` per leaf; unused leaves warn and get zero.
 
-
-def _warn_solve(solver: Solver, record: _Record, bnorm: float) -> None:
-    """Warn when the solve cannot vouch for its answer: negative curvature, or a stop at
-    ``maxiter`` far from the solver's tolerance (a relative residual above 10x the
-    tolerance *and* above :data:`FAR_RESIDUAL`: a budget that ends at a residual of 1e-5
-    against a tolerance of 1e-6 is a usable answer, not a warning). Fixed budgets (a solver
-    without a tolerance, or ``tol=0`` and ``atol=0``) never warn."""
-    if record.status == Status.NEGATIVE_CURVATURE:
-        warnings.warn(
-            f"{solver!r} met non-positive curvature p^T H p <= 0 after {record.iterations} "
-            "iteration(s): the Hessian is not positive definite at `params` (not a minimum, "
-            "or singular). The partial solution is used; pass damping=... (or "
-            "damping='auto') to regularize.",
-            HypergradientWarning,
-            stacklevel=5,
-        )
-        return
-    if record.status != Status.MAX_ITERATIONS or record.residual is None:
-        return
-    tol, atol = getattr(solver, "tol", None) or 0.0, getattr(solver, "atol", None) or 0.0
-    if not (tol or atol):  # tol=0: a fixed budget asked for ("as far as maxiter goes")
-        return
-    relative = record.residual / max(bnorm, 1e-300)
-    allowed = max(float(tol), float(atol) / max(bnorm, 1e-300))
-    if relative > max(10 * allowed, FAR_RESIDUAL):
-        maxiter = getattr(solver, "maxiter", None)
-        warnings.warn(
-            f"{solver!r} stopped at maxiter={maxiter} with relative residual "
-            f"{relative:.3g}, far above its tolerance {allowed:.3g}: the solution (and "
-            "the hypergradient) is inaccurate. Raise maxiter, loosen tol, add damping, or "
-            "precondition (hg.NystromPCG).",
-            HypergradientWarning,
-            stacklevel=5,
-        )
-
-
-def _assemble(t: _Terms, x: Tensor, group: Any) -> Tree:
-    """``d_phi g - (d_phi grad_theta f)^T x`` per leaf; unused leaves warn and get zero."""
+    A finite result (the usual case, one host synchronization) vouches for ``x`` and the
+    mixed product; otherwise the first non-finite of ``x``, the mixed product and the
+    result is named.
+    """
     op = t.op
     holder: dict[str, Any] = {}
 
@@ -251,7 +235,11 @@ def _assemble(t: _Terms, x: Tensor, group: Any) -> Tree:
         return [_tree.cat(parts, op.hparam_spec, t.direct.dtype, op.device)]
 
     flat = guarded(mixed, [t.direct], group, "the mixed product")[0]
-    if not all_finite([flat]):
+    diff = t.direct - flat
+    finite = all_finite([diff])
+    if not finite:
+        _require_finite_solution(x, solver, status)
+    if not (finite or all_finite([flat])):
         require_finite(
             _tree.split(flat, op.hparam_spec),
             op.hparam_spec.paths,
@@ -260,7 +248,7 @@ def _assemble(t: _Terms, x: Tensor, group: Any) -> Tree:
             "overflowed; check inner_loss at `params` (or add damping).",
         )
     dtypes = [leaf.dtype for leaf in op.hparam_leaves]
-    out = _tree.split(t.direct - flat, op.hparam_spec, dtypes)
+    out = _tree.split(diff, op.hparam_spec, dtypes)
     unused = [d and m for d, m in zip(t.unused_direct, holder.get("none", []))]
     for i, (leaf, path, idle) in enumerate(zip(op.hparam_leaves, op.hparam_spec.paths, unused)):
         if idle and leaf.numel():
@@ -271,7 +259,7 @@ def _assemble(t: _Terms, x: Tensor, group: Any) -> Tree:
                 stacklevel=4,
             )
         out[i] = torch.zeros_like(leaf) if idle else out[i].detach().clone()
-    if not all_finite(out):
+    if not (finite or all_finite(out)):
         require_finite(
             out,
             op.hparam_spec.paths,
@@ -331,7 +319,7 @@ def implicit_hypergradient(
     holder: dict[str, Any] = {}
     b, direct, stat, scalars = guarded(
         lambda: _local_terms(build, outer_loss, outer_at, by_reference, holder),
-        _like(inputs),
+        [] if group is None else _like(inputs),
         group,
         "the losses and their gradients",
     )
@@ -355,9 +343,9 @@ def implicit_hypergradient(
         if residual and record.residual is None:
             record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
             extra = 1
-        bnorm = float(torch.linalg.vector_norm(terms.b))
-        _warn_solve(solver, record, bnorm)
-        result = _assemble(terms, x, group)
+        bnorm = terms.bnorm
+        warn_solve(solver, record.status, record.iterations, record.residual, bnorm)
+        result = _assemble(terms, x, group, solver, record.status)
     finally:
         op.release()
     record.stats["hvp"] = getattr(op, "mode", None)
@@ -375,7 +363,7 @@ def implicit_hypergradient(
         iterations=record.iterations,
         solver=repr(solver),
         inner_loss=terms.inner_value,
-        inner_grad_norm=float(torch.linalg.vector_norm(terms.stationarity)),
+        inner_grad_norm=terms.stat_norm,
         outer_grad_norm=bnorm,
         extra_hvps=extra,
         solution=x.detach(),

@@ -1,15 +1,18 @@
-"""Diagnostics of the implicit methods: :class:`ImplicitInfo`."""
+"""Diagnostics of the implicit methods: :class:`ImplicitInfo` and the solve's warnings."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .._vocab import HypergradientWarning, Status
+from ..solvers import Solver
 from .base import Info
 
-__all__ = ["ImplicitInfo"]
+__all__ = ["FAR_RESIDUAL", "ImplicitInfo", "warn_solve"]
 
 
 @dataclass(kw_only=True)
@@ -49,3 +52,45 @@ class ImplicitInfo(Info):
     outer_grad_norm: float = math.nan
     extra_hvps: int = 0
     solution: Tensor | None = field(default=None, repr=False)
+
+
+#: Relative residual below which a solver stopped at ``maxiter`` does not warn (see
+#: ``warn_solve``).
+FAR_RESIDUAL = 1e-3
+
+
+def warn_solve(
+    solver: Solver, status: Status, iterations: int, residual: float | None, bnorm: float
+) -> None:
+    """Warn when the solve cannot vouch for its answer: negative curvature, or a stop at
+    ``maxiter`` far from the solver's tolerance (a relative residual above 10x the
+    tolerance *and* above :data:`FAR_RESIDUAL`: a budget that ends at a residual of 1e-5
+    against a tolerance of 1e-6 is a usable answer, not a warning). Fixed budgets (a solver
+    without a tolerance, or ``tol=0`` and ``atol=0``) never warn."""
+    if status == Status.NEGATIVE_CURVATURE:
+        warnings.warn(
+            f"{solver!r} met non-positive curvature p^T H p <= 0 after {iterations} "
+            "iteration(s): the Hessian is not positive definite at `params` (not a minimum, "
+            "or singular). The partial solution is used; pass damping=... (or "
+            "damping='auto') to regularize.",
+            HypergradientWarning,
+            stacklevel=5,
+        )
+        return
+    if status != Status.MAX_ITERATIONS or residual is None:
+        return
+    tol, atol = getattr(solver, "tol", None) or 0.0, getattr(solver, "atol", None) or 0.0
+    if not (tol or atol):  # tol=0: a fixed budget asked for ("as far as maxiter goes")
+        return
+    relative = residual / max(bnorm, 1e-300)
+    allowed = max(float(tol), float(atol) / max(bnorm, 1e-300))
+    if relative > max(10 * allowed, FAR_RESIDUAL):
+        maxiter = getattr(solver, "maxiter", None)
+        warnings.warn(
+            f"{solver!r} stopped at maxiter={maxiter} with relative residual "
+            f"{relative:.3g}, far above its tolerance {allowed:.3g}: the solution (and "
+            "the hypergradient) is inaccurate. Raise maxiter, loosen tol, add damping, or "
+            "precondition (hg.NystromPCG).",
+            HypergradientWarning,
+            stacklevel=5,
+        )
