@@ -41,7 +41,7 @@ from ._checks import (
 )
 from .base import Method, Problem, Trajectory
 
-__all__ = ["Run", "optimizer_config", "replay_rng", "rng_state"]
+__all__ = ["Run", "optimizer_config", "replay_rng", "rng_state", "same_state"]
 
 
 def _accelerator(device: torch.device) -> str | None:
@@ -108,7 +108,7 @@ def _check_by_reference(leaves: Sequence[Tensor], spec: _tree.TreeSpec) -> list[
     return list(leaves)
 
 
-def _same_state(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
+def same_state(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
     """Whether two states from :func:`rng_state` are equal (host byte tensors: compared as
     bytes, a few times cheaper than ``torch.equal``)."""
     if a[0].numpy().tobytes() != b[0].numpy().tobytes():
@@ -181,6 +181,8 @@ class Run:
         inputs = check_inputs(traj.params0, problem.hparams, "params0")
         self.pspec, self.hspec = inputs.param_spec, inputs.hparam_spec
         self.device = inputs.param_leaves[0].device
+        #: replaces ``step_loss`` in the gradients without a graph (``compile=True``)
+        self.forward_loss: Callable[[Any, Any, Any], Tensor] | None = None
         self.p0 = tuple(t.detach().clone() for t in inputs.param_leaves)
         if self.by_reference:
             self.h = tuple(_check_by_reference(inputs.hparam_leaves, self.hspec))
@@ -292,7 +294,10 @@ class Run:
         """This rank's ``grad_theta f(theta, phi; batch_t)`` and the loss (no graph kept)."""
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in p]
-            loss = self.loss(leaves, self.htree, t)
+            if self.forward_loss is None:
+                loss = self.loss(leaves, self.htree, t)
+            else:
+                loss = self.forward_loss(self.ptree(leaves), self.htree, self.batches[t])
             grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -369,7 +374,7 @@ class Run:
         """Keep ``before`` as step ``t``'s state, unless the step drew nothing (5 KB saved)."""
         after = rng_state(self.device)
         self._after = (t, after)  # the next step starts from it (nothing draws in between)
-        self.rngs[t] = None if _same_state(before, after) else before
+        self.rngs[t] = None if same_state(before, after) else before
 
     def again(self, t: int) -> Any:
         """A re-evaluation of step ``t`` (reverse pass, recomputation): the same draws."""

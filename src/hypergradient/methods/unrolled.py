@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .._tree import Tree
-from .._vocab import as_int, as_optional_int
+from .._vocab import as_bool, as_int, as_optional_int
 from ..optim.functional import FunctionalOptimizer
+from .compiled import CompiledLoss
 from .replay import Run
 from .traj_modes import as_mode
 from .trajectory import (
@@ -50,6 +51,12 @@ class Unrolled(TrajectoryMethod):
             relative error ~``eps^(2/3)``: measured 1e-11 in float64 and 5e-5 in float32 on
             12 momentum steps of a tanh MLP). The mode used is ``info.stats["hvp"]``, and
             why ``"auto"`` left double backward ``info.stats["hvp_fallback"]``.
+        compile: take the forward sweep's gradients (no graph) through
+            ``torch.compile`` (:class:`~hypergradient.methods.compiled.CompiledLoss`; the
+            reverse steps stay eager). Pays off on networks whose steps dominate the
+            Python overhead (measured 127 -> 91 ms for 100 steps of a 2.4k-parameter MLP
+            on a CPU, slower on logistic regression) after a one-off compilation of 8-16 s;
+            ignored, with a warning, for an inner loss that draws random numbers.
 
     Memory: ``K`` stored states (``P`` parameters plus optimizer buffers each); with
     ``checkpoint_every=c``, about ``K / c + c`` states (``c ~ sqrt(K)`` minimizes it) at the
@@ -66,10 +73,13 @@ class Unrolled(TrajectoryMethod):
         truncate: int | None = None,
         checkpoint_every: int | None = None,
         hvp: str = "auto",
+        compile: bool = False,
     ):
         self.truncate = as_optional_int(truncate, "truncate", min=1)
         self.checkpoint_every = as_optional_int(checkpoint_every, "checkpoint_every", min=1)
         self.hvp = as_mode(hvp)
+        self.compile = as_bool(compile, "compile")
+        self._compiled: CompiledLoss | None = None
 
     def sweep(self, run: Run, outer_loss: Callable[[Any, Any], Tensor]) -> Sweep:
         T = run.steps
@@ -77,6 +87,10 @@ class Unrolled(TrajectoryMethod):
         first = T - K
         full = self.checkpoint_every is None
         c = T if self.checkpoint_every is None else self.checkpoint_every
+        if self.compile:
+            if self._compiled is None or self._compiled.loss is not run.step_loss:
+                self._compiled = CompiledLoss(run.step_loss, run.device)
+            run.forward_loss = self._compiled
         p_T, s_T, kept, losses = forward_sweep(
             run, lambda t: t >= first and (full or (t - first) % c == 0), first
         )
@@ -115,6 +129,7 @@ def unrolled(
     batches: Iterable[Any] | None = None,
     checkpoint_every: int | None = None,
     hvp: str = "auto",
+    compile: bool = False,
     return_info: bool = False,
     process_group: Any = None,
 ) -> Any:
@@ -141,6 +156,9 @@ def unrolled(
         checkpoint_every: keep one state every ``c`` steps, recompute the others.
         hvp: ``"auto"`` (default), ``"double"``, ``"double_math"`` or ``"first_order"``:
             how the reverse steps get their second-order products (see :class:`Unrolled`).
+        compile: the forward sweep's gradients through ``torch.compile`` (see
+            :class:`Unrolled`; reuse one ``inner_loss`` function across calls so that its
+            compilation is reused).
         return_info: also return a :class:`TrajectoryInfo` (with the trained ``params``).
         process_group: a ``torch.distributed`` group for data-parallel training: each rank
             passes its own shard's losses (means over equal-sized shards) and batches; every
@@ -158,5 +176,5 @@ def unrolled(
     K = as_optional_int(truncate, "truncate", min=1)
     if K is not None and K > T:
         raise ValueError(f"`truncate` ({K}) cannot exceed `steps` ({T}).")
-    method = Unrolled(truncate=K, checkpoint_every=checkpoint_every, hvp=hvp)
+    method = Unrolled(truncate=K, checkpoint_every=checkpoint_every, hvp=hvp, compile=compile)
     return functional_result(method(problem), return_info)
