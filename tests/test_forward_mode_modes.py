@@ -106,3 +106,42 @@ def test_once_differentiable_functions_fall_back_to_first_order_in_forward_mode(
 def test_bad_hvp_is_refused_by_forward_mode():
     with pytest.raises(ValueError, match="`hvp` must be one of 'auto', 'double'"):
         hg.ForwardMode(hvp="jvp")
+
+
+def test_one_inner_evaluation_per_step_after_the_first_and_dropout_masks_shared():
+    # From step 1 on, the gradient is read off the tangents' double-backward graph (one
+    # evaluation of inner_loss per step, not two); under dropout the step's one evaluation
+    # draws the masks the reverse mode's steps draw from the same seed.
+    for dropout in (0.0, 0.3):
+        inner, outer, params0, h = mlp_problem(dropout=dropout)
+        calls = []
+
+        def counted(p, hh, inner=inner, calls=calls):
+            calls.append(1)
+            return inner(p, hh)
+
+        opt = hg.optim.sgd(lr=h["lr"], momentum=0.9)
+        torch.manual_seed(5)
+        fwd = hg.forward_mode(counted, outer, params0, h, 8, opt, hvp="double")
+        assert len(calls) == 1 + 8 + 1  # the set-up check, step 0 twice, one per later step
+        torch.manual_seed(5)
+        rev = hg.unrolled(inner, outer, params0, h, 8, opt, hvp="double")
+        assert rel(fwd, rev) < 1e-10
+
+
+def test_many_hyperparameters_take_the_vmapped_update_and_agree():
+    # 6 x 10 + 1 = 61 hyperparameters: above DUAL_MAX the update's tangents are vmapped.
+    inner0, outer, params0, _ = mlp_problem()
+    h = {"decay": torch.full((6, 10), 1e-2, dtype=DT), "lr": torch.tensor(0.3, dtype=DT)}
+
+    def inner(p, hh):
+        return (
+            inner0(p, {"decay": torch.zeros(3, dtype=DT), "lr": hh["lr"]})
+            + 0.5 * (hh["decay"] * p["W1"] ** 2).sum()
+        )
+
+    opt = hg.optim.sgd(lr=h["lr"], momentum=0.5)
+    fwd = hg.forward_mode(inner, outer, params0, h, 6, opt)
+    rev = hg.unrolled(inner, outer, params0, h, 6, opt)
+    assert rel(fwd, rev) < 1e-10
+    assert float(fwd["decay"].abs().min()) > 0

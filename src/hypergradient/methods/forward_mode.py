@@ -28,8 +28,8 @@ from .._vocab import as_optional_int
 from ..optim.functional import FunctionalOptimizer
 from .base import Problem
 from .forward_tangents import GradientTangents
-from .replay import Run
-from .traj_modes import as_mode
+from .replay import Run, rng_state
+from .traj_modes import as_mode, is_double_backward_error
 from .trajectory import (
     Sweep,
     TrajectoryInfo,
@@ -65,12 +65,47 @@ def _push_dual(run: Run, primal: tuple[Any, Any, Any], tangent: tuple[Any, ...],
                 tuple(fwAD.make_dual(x, d[j]) for x, d in zip(xs, ds))
                 for xs, ds in zip((*primal, run.h), tangent)
             ]
-            new_p, new_s = run.update_h(*duals, t)
+            dual_p, dual_s, dual_g, dual_h = duals
+            new_p, new_s = run.update_h(dual_p, dual_s, dual_g, dual_h, t)
             for acc, outs, like in ((out_p, new_p, primal[0]), (out_s, new_s, primal[1])):
                 for lst, x, ref in zip(acc, outs, like):
                     d = fwAD.unpack_dual(x).tangent
                     lst.append(torch.zeros_like(ref) if d is None else d)
     return tuple(torch.stack(v) for v in out_p), tuple(torch.stack(v) for v in out_s)
+
+
+def _fused_step(
+    run: Run, tangents: GradientTangents, p: Any, t: int, tp: Any, th: Any
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor] | None:
+    """Step ``t``'s gradient tangents and its gradient from one graph, or None.
+
+    Once double backward has worked on this run (step 0 takes the separate path), the
+    gradient that the tangents' graph holds is the step's gradient: one gradient per step
+    saved. The graph's evaluation is the step's first (it records the step's random
+    numbers); should it fail, the step is redone the separate way from the same random
+    state. Without a process group only (the separate path averages over the ranks).
+    """
+    if run.group is not None or tangents.mode != "double" or not tangents.checked:
+        return None
+    before = rng_state(run.device)
+    try:
+        with run.first_pass(t):
+            tg = tangents.double(p, t, tp, th)
+    except RuntimeError as error:
+        if not is_double_backward_error(error):
+            raise
+        _set_rng(before, run.device)  # the separate path draws what the failed pass drew
+        return None
+    g, loss = tangents.primal
+    return tuple(tg), tuple(g), loss
+
+
+def _set_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+    elif state[1] is not None and device.type == "mps":
+        torch.mps.set_rng_state(state[1])
 
 
 def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
@@ -85,8 +120,18 @@ def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
     losses = []
     vmap = functools.partial(torch.func.vmap, randomness="same")
     for t in range(run.steps):
-        with torch.no_grad(), run.first_pass(t):  # the primal draws from the global RNG
-            g, loss = run.mean_grad(p, t)
+        fused = _fused_step(run, tangents, p, t, tp, th)
+        if fused is not None:
+            tg, g, loss = fused
+        else:
+            with torch.no_grad(), run.first_pass(t):  # the primal draws from the global RNG
+                g, loss = run.mean_grad(p, t)
+
+            # tangents of the averaged gradient (under the step's draws), then of the update
+            def local(tp: Any = tp, p: Any = p, t: int = t) -> list[Tensor]:
+                return tangents(p, t, tp, th)
+
+            tg = run.reduce(local, tp)
 
         def push_update(
             dp: Any, ds: Any, dg: Any, dh: Any, p: Any = p, s: Any = s, g: Any = g, t: int = t
@@ -96,11 +141,6 @@ def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
 
             return torch.func.jvp(update, (p, s, g, run.h), (dp, ds, dg, dh))[1]
 
-        # tangents of the averaged gradient (under the step's draws), then of the update
-        def local(tp: Any = tp, p: Any = p, t: int = t) -> list[Tensor]:
-            return tangents(p, t, tp, th)
-
-        tg = run.reduce(local, tp)
         if m <= DUAL_MAX:
             tp, ts = _push_dual(run, (p, s, g), (tp, ts, tg, th), t)
         else:

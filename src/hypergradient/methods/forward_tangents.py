@@ -63,19 +63,23 @@ class GradientTangents:
         self.fallback: str | None = None
         self.batched = True
         self.checked = False
+        #: ``(grad_theta f, f)`` from the last double-backward graph (see :meth:`double`)
+        self.primal: tuple[list[Tensor], Tensor] = ([], torch.zeros(()))
 
     def __call__(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:
         while True:
             try:
                 if self.mode == "first_order":
                     return self._differences(p, t, dp, dh)
-                return self._double(p, t, dp, dh)
+                return self.double(p, t, dp, dh)
             except RuntimeError as error:
                 if not self._fall_back(error):
                     raise
 
     # -- double backward ----------------------------------------------------------------
-    def _double(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:
+    def double(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:
+        """The tangents by double backward (no fallback); the graph's gradient in ``theta``
+        and the loss are left in :attr:`primal`."""
         pp = [x.detach().requires_grad_(True) for x in p]
         outs, cots = self._graph(pp, t, [*dp, *dh])
         if not outs:
@@ -99,8 +103,13 @@ class GradientTangents:
         with run.again(t), kernels, torch.enable_grad():
             loss = run.loss(pp, run.htree_of(hh), t)
             if not loss.requires_grad:
+                self.primal = ([torch.zeros_like(x) for x in pp], loss.detach())
                 return [], []
             grads = torch.autograd.grad(loss, [*pp, *hh], create_graph=True, allow_unused=True)
+        self.primal = (
+            [torch.zeros_like(x) if d is None else d.detach() for x, d in zip(pp, grads)],
+            loss.detach(),
+        )
         pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]
         if pairs and not self.checked:  # once per sweep: the graph's structure is fixed
             self.checked = True

@@ -22,8 +22,8 @@ class Exact(Solver):
     pseudo-inverse cut at ``rcond * max|lambda|`` (so parameters that do not enter ``f``,
     whose Hessian rows are zero, get zero instead of NaN); others by LU, falling back to the
     minimum-norm least-squares solution (SVD pseudo-inverse cut at ``rcond * max sigma``)
-    when ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||`` in float64
-    (non-zero when ``b`` has a part outside the range of a singular ``A``).
+    when ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||``
+    in float64 (non-zero when ``b`` has a part outside the range of a singular ``A``).
 
     Args:
         max_size: refuse operators larger than this (the matrix has ``n^2`` entries).
