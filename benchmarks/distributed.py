@@ -1,10 +1,4 @@
-"""Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch.
-
-``hg.implicit`` (CG 20), ``hg.unrolled`` (10 SGD steps) and a ``HyperOptimizer`` step with DDP
-on an MNIST MLP, each in one process on the whole batch and in two gloo processes with half
-each, plus the controls ``half`` (one rank alone) and ``nocomm`` (both ranks, no all-reduce);
-all-reduces counted and timed. Cases, controls and settings: benchmarks/README.md.
-"""
+"""Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch."""
 
 from __future__ import annotations
 

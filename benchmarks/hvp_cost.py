@@ -1,10 +1,4 @@
-"""Cost of one Hessian-vector product, in gradients of the inner loss.
-
-Median wall time of: one gradient of f (the unit); building the operator (forward + backward
-with create_graph=True); one product on the retained graph; torch.func's jvp(grad) and
-vjp(grad) recomputed per product (what hypergrad 0.0.1 does); whole hypergradients with k
-products (``hg.Neumann(maxiter=k)``) against the floor of k + 3 gradients. Interleaved rounds.
-"""
+"""Cost of one Hessian-vector product, in gradients of the inner loss."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""The HyperOptimizer's methods and the trajectory hypergradients: accuracy, cost, outcome.
-
-Per-feature L2 logistic regression on breast cancer (float64): implicit methods at the inner
-optimum vs the exact hypergradient (1a), trajectory methods vs finite differences (1b), seconds
-per hyper-step in training steps (2), end to end vs the exact outer loop (3), learning-rate
-tuning (4). Settings: benchmarks/README.md.
-"""
+"""The HyperOptimizer's methods and the trajectory hypergradients: accuracy, cost, outcome."""
 
 from __future__ import annotations
 

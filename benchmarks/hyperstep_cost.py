@@ -1,15 +1,4 @@
-"""What a hyper-step costs in training steps, for every method of the HyperOptimizer.
-
-Per-feature weight decay of logistic regression (breast cancer, 30 decays) and a decay per
-hidden unit of the first layer of a tanh MLP on digits (64-32-10, 32 decays), ``inner_steps=10``,
-SGD; each method's run and a bare ``torch.optim.SGD`` loop advance in lockstep (one torch
-thread, rotating order). Cost = median ``history[i].seconds`` of the hyper-steps over the
-median bare training step. The goals of issue 11 (goal 5): T1T2 <= 2, IFT with k products
-<= k + 3, Unrolled and DrMAD over a window of K steps <= 4K, ForwardMode <= (2 + m) K for m
-hyperparameters. ``e2e`` = 1 + cost / K is the wall time of the tuned run over the plain run
-(goal 5's end-to-end figure, <= 1.5 for T1T2 or IFT), measured on an MNIST-sized MLP too
-(784-256-10, mini-batches of 128 from synthetic data: no download).
-"""
+"""What a hyper-step costs in training steps, for every method of the HyperOptimizer."""
 
 from __future__ import annotations
 

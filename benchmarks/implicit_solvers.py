@@ -1,9 +1,4 @@
-"""Accuracy and cost of the implicit-hypergradient solvers, against an exact reference.
-
-Ridge (closed form), logistic regression and a digits MLP (dense float64 solves) at budgets of
-k Hessian-vector products, side by side with hypergrad 0.0.1 when it is installed. What each
-solver is given and how the references and times are computed: benchmarks/README.md.
-"""
+"""Accuracy and cost of the implicit-hypergradient solvers, against an exact reference."""
 
 from __future__ import annotations
 

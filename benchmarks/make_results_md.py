@@ -1,10 +1,4 @@
-"""Write docs/results.md from the JSON results and the narrative template.
-
-``results_template.md`` holds the text; every ``{name}`` in it is filled from the committed
-JSON in ``benchmarks/results`` by the functions below (one per section)::
-
-    .venv/bin/python benchmarks/make_results_md.py [--results DIR] [--out docs/results.md]
-"""
+"""Write docs/results.md from the JSON results and the narrative template."""
 
 from __future__ import annotations
 

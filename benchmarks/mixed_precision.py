@@ -1,9 +1,4 @@
-"""Mixed precision: hypergradients when the inner objective runs in bfloat16.
-
-Logistic regression (two decays) and a digits MLP; the implicit solvers and ``hg.unrolled``
-in fp32, under bf16 autocast, with bf16 parameters and at autocast-trained weights, against
-the float64 exact hypergradient. Modes, solvers and settings: benchmarks/README.md.
-"""
+"""Mixed precision: hypergradients when the inner objective runs in bfloat16."""
 
 from __future__ import annotations
 

@@ -1,25 +1,4 @@
-"""Accuracy and cost of the first-order product mode against double backward, on the zoo.
-
-The models are the test-suite's zoo (``tests/zoo_models.py``: tanh MLP, CNN with
-BatchNorm, ``nn.TransformerEncoderLayer`` classifier, GRU, Embedding + LayerNorm), without
-dropout, at their initial weights, at width ``w`` (hidden sizes times ``w``). For each:
-
-- accuracy: relative error of ``H v`` and of the mixed product ``d/dphi <grad f, v>`` of
-  ``hg.HessianOperator(mode=...)`` in float32 and float64 against the float64
-  double-backward product (math attention kernel) of the same weights, worst of 4 random
-  directions; and of a whole ``hg.unrolled`` hypergradient (5 momentum steps, hvp
-  ``"first_order"`` vs ``"double_math"``);
-- cost (float32): median wall time of one gradient, of building the operator and of one
-  product (interleaved rounds), products expressed in gradients, and the peak RSS increase
-  of building the operator and taking 3 products, each measured in a fresh process.
-
-``transformer_gelu`` is the transformer with GELU in its feed-forward block: ReLU's kinks
-inside the central difference's step make float32 first-order products of the ReLU
-transformer inaccurate (the difference straddles kinks that double backward ignores).
-
-``"double"`` is the retained-graph product (the transformer's fused CPU attention kernel
-has none: there ``"double_math"``, the math kernel, is the double-backward mode).
-"""
+"""Accuracy and cost of the first-order product mode against double backward, on the zoo."""
 
 from __future__ import annotations
 
@@ -44,11 +23,7 @@ MODELS = (*Z.NAMES[:3], "transformer_gelu", *Z.NAMES[3:])
 
 
 def zoo(name: str, width: int, n: int, dtype: torch.dtype) -> Any:
-    """A zoo model cast to ``dtype`` (float64 weights drawn first: same values in both).
-
-    ``"transformer_gelu"`` is the transformer with GELU instead of ReLU in its feed-forward
-    block: smooth, where ReLU's kinks inside the central difference's step spoil float32.
-    """
+    """A zoo model cast to ``dtype`` (float64 weights drawn first: same values in both)."""
     z = Z.make(name.replace("_gelu", ""), False, n=n, width=width)
     if name.endswith("_gelu"):
         z.module[0].activation = torch.nn.functional.gelu

@@ -1,10 +1,4 @@
-"""Accuracy against cost on benchopt's simulated quadratic bilevel problem (closed forms).
-
-Part 1: the implicit solvers at theta* against the closed-form h*, budgets of k products.
-Part 2: unrolled / truncated / forward-mode / DrMAD through T SGD steps against the
-closed-form hypergradient of the unrolled loop. Also: r products batched vs sequential.
-Problem, solvers and settings: benchmarks/README.md.
-"""
+"""Accuracy against cost on benchopt's simulated quadratic bilevel problem (closed forms)."""
 
 from __future__ import annotations
 

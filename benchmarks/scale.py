@@ -1,10 +1,4 @@
-"""Seconds and peak memory of one hypergradient as the model and the hyperparameters grow.
-
-A tanh MLP 784-h-h-10 on MNIST: (1) P from ~1e4 to ~1e6 parameters with one decay each, (2) m
-hyperparameters from 1 to P at ~1e5 parameters, (3) memory vs inner steps T (with glibc's default
-malloc and with every block mmapped). Every configuration runs alone in a fresh child process
-(harness.runner.isolated) and its peak is harness.runner.peak_memory. Settings: README.md.
-"""
+"""Seconds and peak memory of one hypergradient as the model and the hyperparameters grow."""
 
 from __future__ import annotations
 
@@ -46,9 +40,7 @@ def width_for(target: float) -> int:
 
 @dataclass
 class Config:
-    """One measurement. ``hparams``: "per-weight" (one decay per parameter, plus lr and
-    momentum for the trajectory methods), "per-layer" (one decay per tensor, plus lr and
-    momentum) or an int m (m groups of weights sharing a decay; lr and momentum fixed)."""
+    """One measurement."""
 
     experiment: str
     method: str

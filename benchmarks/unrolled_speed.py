@@ -1,15 +1,4 @@
-"""``hg.unrolled`` against plain autograd: time, peak memory, cold start, torch.compile.
-
-T full-batch SGD steps with the learning rate and per-weight log decays as hyperparameters, on
-``logreg`` (breast cancer, 31 parameters, float64) and ``mlp`` (64-32-10 tanh on digits, 2,410
-parameters, float32). Competitors, interleaved in rotating order: ``unrolled``
-(``hg.unrolled``: T stored states), ``hand`` (every step's graph kept, one backward),
-``recompute`` (store-and-recompute in plain autograd: the floor of ``hg.unrolled``'s
-algorithm) and ``torchopt`` (its functional SGD, when installed). Reported: median ms, the
-median per-round ratio to ``hand``, the peak memory increase of one call at T = 100 (each
-alone in a child process, every block mmapped), the first call in a fresh interpreter and,
-with ``--compile``, torch.compile's figures.
-"""
+"""``hg.unrolled`` against plain autograd: time, peak memory, cold start, torch.compile."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome.
-
-(a) one hypergradient at a fixed point (theirs, our compat layer, native) vs the exact implicit
-one, with checks that replay their algorithms densely; (b) HippoTrainer's documented training
-loop end to end, in lockstep. HippoTrainer (``pip install --no-deps hippotrainer==1.0.0``) is
-skipped with a message when missing. Problem, settings and findings: benchmarks/README.md.
-"""
+"""Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome."""
 
 from __future__ import annotations
 
@@ -49,9 +43,8 @@ def init_state(dim: int) -> tuple[Tensor, Tensor]:
 
 
 def setup(module: Any, cls: str, kw: dict, data: H.Data, state: Any, hyper_lr: float, clone: bool):
-    """A HippoTrainer-API object (theirs or the compat layer's) on an ``nn.Linear``; the
-    criterion holds the hyperparameters and the model (HippoTrainer's pattern). ``clone=True``
-    reads the weight through ``model.weight.clone()``, which lets their DRMAD run."""
+    """A HippoTrainer-API object (theirs or the compat layer's) on an ``nn.Linear``; the criterion
+    holds the hyperparameters and the model (HippoTrainer's pattern)."""
     model, bce = H.linear_model(data.dim, state), torch.nn.BCEWithLogitsLoss()
     hyper = {"log_wd": torch.full((data.dim,), LOG_WD0, dtype=F64)}
 

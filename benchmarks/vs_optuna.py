@@ -1,11 +1,4 @@
-"""Against black-box search: Optuna (TPE, random) versus hypergradient descent, by wall clock.
-
-Each method tunes the same hyperparameters for the same wall-clock budget in this process,
-interleaved (the method whose own clock is furthest behind steps next), with the same training
-code; time to reach each Optuna sampler's best validation loss, and the retrained test loss of
-the best hyperparameters. Tasks, timing rules and settings: benchmarks/README.md. Optuna is a
-bench-only dependency; without it the benchmark is skipped with a message.
-"""
+"""Against black-box search: Optuna (TPE, random) versus hypergradient descent, by wall clock."""
 
 from __future__ import annotations
 

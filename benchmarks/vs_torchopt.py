@@ -1,9 +1,5 @@
-"""Against TorchOpt 0.7.3 and plain autograd: implicit hypergradients at equal products,
-unrolled ones through T SGD steps (time, and peak memory in fresh processes), cold start in a
-fresh interpreter, per-call overhead against a minimal retained-graph CG loop. TorchOpt
-(``pip install --no-deps torchopt==0.7.3 optree graphviz``) is skipped if missing. Settings:
-benchmarks/README.md.
-"""
+"""Against TorchOpt 0.7.3 and plain autograd: implicit and unrolled hypergradients, cold start,
+per-call overhead."""
 
 from __future__ import annotations
 

