@@ -79,9 +79,6 @@ def pretrain(hidden: int, batch: int, iters: int) -> torch.Tensor:
     return H.lbfgs(f, H.flat(p0).float(), iters, 20).double()
 
 
-# ============================================================================ worker side
-
-
 def reset_stats() -> None:
     STATS.update({k: 0.0 if k == "ar_seconds" else 0 for k in STATS})
 
@@ -256,9 +253,6 @@ def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any)
             dist.destroy_process_group()
 
 
-# ============================================================================ parent side
-
-
 class Pool:
     """Three workers for the whole run: one for world 1, two for world 2 (and the controls)."""
 
@@ -374,9 +368,6 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
         out["rel_diff_world1_float32_vs_float64"] = rel(s0["hyper"], s0["hyper64"])
         out["rel_diff_world2_float32_vs_float64"] = rel(p0["hyper"], s0["hyper64"])
     return out
-
-
-# ============================================================================ output
 
 
 def render(d: dict[str, Any]) -> list[str]:

@@ -110,9 +110,6 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
     return out
 
 
-# ============================================================================ output
-
-
 def render(d: dict[str, Any]) -> list[str]:
     rows = []
     start = d["start"]

@@ -70,9 +70,6 @@ def decays(dim: int, raw: Tensor | None = None) -> dict[str, hg.Positive]:
     return {"decay": d}
 
 
-# ============================================================================ Table 1a
-
-
 def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dict[str, Any]:
     f, g, _ = H.linear_losses(data)
     like = (torch.zeros(1, data.dim, dtype=F64), torch.zeros(1, dtype=F64))
@@ -136,9 +133,6 @@ def render_1a(res: dict[str, Any], repeats: int) -> str:
         + "\n\n"
         + H.dict_table(rows, "point|method|hvps|status|rel_err:.2e|cos:.6f|ms:.2f")
     )
-
-
-# ============================================================================ Table 1b
 
 
 def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> float:
@@ -208,9 +202,6 @@ def render_1b(res: dict[str, Any], repeats: int) -> str:
         f"ms = median of {repeats} interleaved calls.\n\n{H.bullets(refs)}\n\n"
         + H.dict_table(res["rows"], cols)
     )
-
-
-# ============================================================================ Tables 2-4
 
 
 def plain_run(data: H.Data, label: str, lr: float) -> H.Run:

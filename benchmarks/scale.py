@@ -249,9 +249,6 @@ def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tu
     return rows, stopped
 
 
-# ============================================================================ output
-
-
 def cells(r: dict[str, Any], key: tuple[str, str], unit: float | None = None) -> dict[str, Any]:
     """A table row: the time, peak and notes of one JSON row."""
     i, notes = r["info"], r["error"]

@@ -74,9 +74,6 @@ def native(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
     return "hg.DrMAD()", hg.DrMAD()
 
 
-# ============================================================================ (a)
-
-
 def their_cg(Hm: Tensor, b: Tensor, eps: float, maxiter: int, stab: float) -> tuple[Tensor, int]:
     """HippoTrainer 1.0.0's ``HOAG.conjugate_gradient`` on a dense matrix (``stab`` = its
     ``1e-8`` added to ``p'Ap`` and to ``||r||^2`` in the denominators)."""
@@ -223,9 +220,6 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-# ============================================================================ (b)
-
-
 def native_loss(m: Any, h: dict[str, Tensor], batch: Any) -> Tensor:
     w = dict(m.named_parameters())["weight"][0]
     bce = torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0]), batch[1])
@@ -363,9 +357,6 @@ def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> d
         s |= {"nonfinite_cos": sum(not math.isfinite(c) for c in cos), "curve": r.meta["curve"]}
         summary.append(s)
     return {"steps": steps, "rounds": rounds, "hyper_lr": hyper_lr, "summary": summary}
-
-
-# ============================================================================ output
 
 
 def render_a(res: dict[str, Any], repeats: int) -> str:

@@ -287,9 +287,6 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
     return res | {"start": start, "runs": runs, "targets": targets}
 
 
-# ============================================================================ output
-
-
 def ratio(reach: dict, owner: str, i: int) -> str:
     a, b = reach[owner], reach["hypergradient"]
     if a is None or b is None:

@@ -27,9 +27,6 @@ def args_of(pb: H.Bilevel) -> tuple:
     return pb.inner_loss, pb.outer_loss, pb.params, pb.hparams
 
 
-# ============================================================================ 1. implicit
-
-
 def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor]:
     """TorchOpt's ``custom_root`` around a solver that returns the given optimum."""
     f, g = pb.inner_loss, pb.outer_loss
@@ -107,9 +104,6 @@ def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) 
     return rows
 
 
-# ============================================================================ 2. unrolled
-
-
 WHO = {"hg": "unrolled", "autograd": "hand", "torchopt": "torchopt"}  # unrolled_speed's names
 
 
@@ -130,8 +124,6 @@ def unrolled_part(quick: bool, T: int, repeats: int) -> list[dict]:
             rows.append(row | {"vs_autograd_rel_diff": diff, "error": t.error} | mem)
     return rows
 
-
-# ============================================================ 3. cold start, 4. overhead
 
 COLD = """
 import json, sys, time
@@ -194,9 +186,6 @@ def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
     ours = H.flat(hg.implicit(*args_of(pb), hg.CG(maxiter=ks[0], tol=0.0)))
     out["rel_diff"] = H.relative_error(ours, minimal_cg(*args_of(pb), ks[0]))
     return out | {"ratio": res[f"hg.implicit CG({ks[0]})"].ms / res[f"minimal loop CG({ks[0]})"].ms}
-
-
-# ============================================================================ report
 
 
 def render(data: dict[str, Any]) -> list[str]:

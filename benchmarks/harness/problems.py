@@ -17,8 +17,6 @@ Params = tuple[Tensor, ...]
 Loss = Callable[[Any, Any], Tensor]
 DENSE_CHUNK = 64  # batched products per chunk of the dense references (bounds memory)
 
-# ============================================================================ numerics
-
 
 def flat(tree: Sequence[Tensor] | Tensor) -> Tensor:
     """The tensors of ``tree`` flattened and concatenated into one vector."""
@@ -126,9 +124,6 @@ def train_then_polish(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, 
     return theta, rounds * iters, 0, False
 
 
-# ============================================================================ data
-
-
 def load_sklearn(name: str, dtype=F64, y_dtype=None, generator=None) -> tuple[Tensor, Tensor]:
     """``X, y`` of scikit-learn's ``"breast_cancer"`` or ``"digits"`` (shuffled by
     ``generator``)."""
@@ -209,9 +204,6 @@ def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
         return bce(params, batch) + 0.5 * (log_decay.exp() * params[0].reshape(-1) ** 2).sum()
 
     return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: bce(p, data.val)), f_batch
-
-
-# ============================================================================ problems
 
 
 @dataclass
@@ -485,9 +477,6 @@ def quadratic(d: int, cond: float, seed: int = 0, p: int = 10, mu: float = 0.1) 
     b_f, b_g, phi = (torch.randn(p, generator=gen, dtype=F64) for _ in range(3))
     name = f"d{d}_k{cond:.0e}".replace("e+0", "e").replace("e+", "e")
     return Quadratic(name, cond, (A, B_f, C, a, b_f), (A_g, B_g, C_g, a_g, b_g), phi)
-
-
-# ============================================================================ references
 
 
 def dense_hessian(pb: Bilevel) -> Tensor:

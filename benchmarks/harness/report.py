@@ -20,8 +20,6 @@ from .runner import cli, defaults, log, machine_info, start
 Render = Callable[[dict[str, Any]], Sequence[str]]
 Plot = Callable[[dict[str, Any], Path], Any]
 
-# ============================================================================ numbers
-
 
 def bad(x: Any) -> bool:
     """Missing or non-finite (NaN/inf are written to the JSON as null)."""
@@ -86,9 +84,6 @@ def dict_table(rows: Sequence[dict[str, Any]], columns: str) -> str:
 
 def bullets(items: Sequence[str]) -> str:
     return "\n".join(f"- {x}" for x in items)
-
-
-# ============================================================================ files
 
 
 def jsonable(obj: Any) -> Any:

@@ -259,8 +259,6 @@ def hopt_step(hopt: hg.HyperOptimizer, batch: Any) -> None:
     hopt.step(batch)
 
 
-# ============================================================================ memory, processes
-
 _LIBC: Any = None
 
 
