@@ -59,8 +59,9 @@ def test_reuse_quick(tmp_path: Path, capsys) -> None:
 
 def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     mod = _module("hyperstep_cost")
-    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
+    returned = mod.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "hyperstep_cost.json").read_text())
+    assert returned == data
     rows = [r for r in data["rows"] if "method" in r]
     assert {(r["problem"], r["method"]) for r in rows} == {
         (p, m) for p in ("logreg", "mlp", "mnist-mlp") for m in mod.METHODS
