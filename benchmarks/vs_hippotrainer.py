@@ -101,9 +101,8 @@ def checks(kind: str, kw: dict, h: Tensor, d: dict, exact: Tensor, ident: Tensor
             v, term = v - LR * d["H"] @ v, term - LR * d["H"] @ term
             p, series = LR * (p + v), series + term
         a, b = rel(h, gp - J.T @ p), rel(h, gp - J.T @ (LR * series))
-        return f"{kw_str(kind, kw)} vs its recursion p <- lr (p + v) replayed {a:.1e}; " + (
-            f"vs the Neumann partial sum {b:.1e}"
-        )
+        text = f"{kw_str(kind, kw)} vs its recursion p <- lr (p + v) replayed {a:.1e}; "
+        return text + f"vs the Neumann partial sum {b:.1e}"
     if kind == "HOAG":
         out, replay = [], math.nan
         for stab in (1e-8, 0.0):  # theirs, and without its stabilizer
@@ -113,10 +112,8 @@ def checks(kind: str, kw: dict, h: Tensor, d: dict, exact: Tensor, ident: Tensor
             replay = rel(h, gp - J.T @ x) if stab else replay  # theirs
         return f"{kw_str(kind, kw)} vs its CG replayed {replay:.1e}; " + "; ".join(out)
     spread, lo, hi = float(h.max() - h.min()), float(exact.min()), float(exact.max())
-    return (
-        f"DRMAD output: all entries equal {float(h[0]):.6g} (max - min {spread:.1e}); "
-        f"exact entries in [{lo:.3g}, {hi:.3g}]"
-    )
+    text = f"DRMAD output: all entries equal {float(h[0]):.6g} (max - min {spread:.1e}); "
+    return text + f"exact entries in [{lo:.3g}, {hi:.3g}]"
 
 
 def hippo_case(module: Any, impl: str, kind: str, kw: dict, data: H.Data, state: Any) -> H.Case:
@@ -200,10 +197,8 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
                 }
                 r |= {"traceback": t.traceback, "warnings": t.warnings, "h": t.warm}
                 if t.error is None:
-                    r |= {
-                        "rel_err": H.relative_error(t.warm, exact),
-                        "cos": H.cosine(t.warm, exact),
-                    }
+                    r["rel_err"] = H.relative_error(t.warm, exact)
+                    r["cos"] = H.cosine(t.warm, exact)
                 if t.error is None and unr is not None:
                     r |= {"rel_err_unrolled": H.relative_error(t.warm, unr)}
                     r |= {"cos_unrolled": H.cosine(t.warm, unr)}
