@@ -54,19 +54,11 @@ def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
     for dtype in (torch.float64, torch.float32):
         for mode in MODES:
             op = operator(zoo(name, width, n, dtype), mode)
-            errs = [
-                (rel(op.matvec(v.to(dtype)), hv), rel(op.mixed(v.to(dtype))[0], m))
-                for v, (hv, m) in zip(vs, expected)
-            ]
-            rows.append(
-                {
-                    "dtype": str(dtype)[6:],
-                    "mode": mode,
-                    "hvp_error": max(e[0] for e in errs),
-                    "mixed_error": max(e[1] for e in errs),
-                    "unrolled_error": unrolled_error(name, width, n, dtype, mode),
-                }
-            )
+            ws = [v.to(dtype) for v in vs]
+            hvp = max(rel(op.matvec(w), hv) for w, (hv, _) in zip(ws, expected))
+            mixed = max(rel(op.mixed(w)[0], m) for w, (_, m) in zip(ws, expected))
+            row = {"dtype": str(dtype)[6:], "mode": mode, "hvp_error": hvp, "mixed_error": mixed}
+            rows.append(row | {"unrolled_error": unrolled_error(name, width, n, dtype, mode)})
     return rows
 
 
@@ -111,16 +103,9 @@ def cost(name: str, width: int, n: int, rounds: int, memory: bool) -> list[dict[
     rows = []
     for m in MODES:
         mb = H.isolated(memory_child, name, width, n, m) if memory else None
-        rows.append(
-            {
-                "mode": m,
-                "gradient_ms": unit,
-                "build_ms": timing[f"build {m}"],
-                "product_ms": timing[f"product {m}"],
-                "gradients_per_product": timing[f"product {m}"] / unit,
-                "peak_mb": mb,
-            }
-        )
+        row = {"mode": m, "gradient_ms": unit, "build_ms": timing[f"build {m}"]}
+        row |= {"product_ms": timing[f"product {m}"], "peak_mb": mb}
+        rows.append(row | {"gradients_per_product": timing[f"product {m}"] / unit})
     return rows
 
 
@@ -144,16 +129,9 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     fig, ax = H.pyplot().subplots(figsize=(8, 4))
     labels = [r["model"] for r in res]
     for i, (dt, mode) in enumerate([(d, m) for d in ("float64", "float32") for m in MODES]):
-        ys = [
-            next(a["hvp_error"] for a in r["accuracy"] if a["dtype"] == dt and a["mode"] == mode)
-            for r in res
-        ]
-        ax.bar(
-            [j + 0.2 * i for j in range(len(res))],
-            [max(y, 1e-17) for y in ys],
-            0.2,
-            label=f"{mode} {dt}",
-        )
+        err = [{(a["dtype"], a["mode"]): a["hvp_error"] for a in r["accuracy"]} for r in res]
+        ys = [max(e[dt, mode], 1e-17) for e in err]
+        ax.bar([j + 0.2 * i for j in range(len(res))], ys, 0.2, label=f"{mode} {dt}")
     ax.set(yscale="log", ylabel="relative error of H v", title=TITLE)
     ax.set_xticks([j + 0.3 for j in range(len(res))], labels, fontsize=8)
     ax.legend(fontsize=8)
@@ -174,13 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("mlp", "transformer") if args.quick else MODELS:
         H.log(f"{name} (width {args.width})")
         size = sum(p.numel() for p in zoo(name, args.width, 2, torch.float64).params0().values())
-        results.append(
-            {
-                "model": f"{name} ({size:,} params)",
-                "accuracy": accuracy(name, args.width, n),
-                "cost": cost(name, args.width, n, rounds, memory=not args.quick),
-            }
-        )
+        r = {"model": f"{name} ({size:,} params)", "accuracy": accuracy(name, args.width, n)}
+        results.append(r | {"cost": cost(name, args.width, n, rounds, memory=not args.quick)})
     rep.write({"results": results, "notes": [f"width {args.width}, {n} examples"]}, render, plot)
     return 0
 
