@@ -197,15 +197,13 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
             warnings.simplefilter("always")
             if case["kind"] == "implicit":
                 cg = hg.CG(maxiter=20, tol=0.0)
-                out, info = hg.implicit(
-                    f, g, w.to(dt), hp, cg, process_group=group, return_info=True
-                )
+                kw = {"process_group": group, "return_info": True}
+                out, info = hg.implicit(f, g, w.to(dt), hp, cg, **kw)
                 out, extra = out["ld"], {"num_hvps": info.num_hvps, "status": info.status}
             else:
                 hp["lr"] = lr.to(dt)
-                out = hg.unrolled(
-                    f, g, w.to(dt), hp, 10, hg.optim.sgd(lr=hp["lr"]), process_group=group
-                )
+                sgd = hg.optim.sgd(lr=hp["lr"])
+                out = hg.unrolled(f, g, w.to(dt), hp, 10, sgd, process_group=group)
                 out = torch.cat([out["ld"].reshape(-1), out["lr"].reshape(-1)])
                 extra = {"num_hvps": None, "status": ""}
         return extra | {"hyper": out, "warnings": sorted({str(c.message)[:80] for c in caught})}
@@ -239,9 +237,8 @@ def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any)
             reset_stats()
             c0, t0 = time.process_time(), time.perf_counter()
             out = fn()
-            out = (
-                {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0} | out | STATS
-            )
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            out = {"seconds": wall, "cpu": cpu} | out | STATS
             out["hyper"] = out["hyper"].double().numpy() if want_hyper and "hyper" in out else None
             if want_f64 and hasattr(fn, "float64"):
                 out["hyper64"] = fn.float64()["hyper"].double().numpy()

@@ -61,19 +61,11 @@ def hyperoptimizer(task: V.Task, run: str, iters: int, patience: int) -> tuple[A
     if run == "merged":
         val = tuple(torch.cat([a, b]) for a, b in zip(task.data["val"], task.data["holdout"]))
     guard = {"holdout_data": task.data["holdout"], "patience": patience} if run == "guard" else {}
-    hopt = hg.HyperOptimizer(
-        {"theta": theta},
-        {"decay": hg.Positive(torch.full_like(theta.detach(), task.lam0))},
-        inner_optimizer=inner,
-        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=task.outer_lr),
-        train_loss=train_loss,
-        val_loss=val_loss,
-        val_data=val,
-        method=hg.IFT(hg.CG(maxiter=50, tol=1e-4)),
-        inner_steps=1,
-        history_size=None,
-        **guard,
-    )
+    kw = {"inner_optimizer": inner, "train_loss": train_loss, "val_loss": val_loss}
+    kw |= {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=task.outer_lr), "val_data": val}
+    kw |= {"method": hg.IFT(hg.CG(maxiter=50, tol=1e-4)), "inner_steps": 1, "history_size": None}
+    decay = {"decay": hg.Positive(torch.full_like(theta.detach(), task.lam0))}
+    hopt = hg.HyperOptimizer({"theta": theta}, decay, **kw, **guard)
     return theta, hopt
 
 
@@ -91,9 +83,8 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
     for _ in range(steps):
         hopt.step(train, closure)
         live = losses(task, H.unflat(theta.detach(), task.init))
-        curve.append(
-            live | {"hyper_step": hopt.hyper_steps, "val_batch": hopt.history[-1].val_loss}
-        )
+        live |= {"hyper_step": hopt.hyper_steps, "val_batch": hopt.history[-1].val_loss}
+        curve.append(live)
         if hopt.stopped:
             break
     seconds = time.perf_counter() - started
@@ -104,8 +95,10 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
     out |= {"seconds": seconds, "live_end": curve[-1], "refit": refit, "curve": curve}
     out |= {"best_hyper_step": None if hopt.guard is None else hopt.guard.state.best_hyper_step}
     lam = decay
-    out |= {
-        "lambda": {"min": float(lam.min()), "median": float(lam.median()), "max": float(lam.max())}
+    out["lambda"] = {
+        "min": float(lam.min()),
+        "median": float(lam.median()),
+        "max": float(lam.max()),
     }
     return out
 

@@ -88,18 +88,15 @@ def plot(data: dict[str, Any], out: Any) -> Any:
             ax.plot([f for _, f in floors], [i for i, _ in floors], "k|", ms=14, label="k + 3")
             ax.legend(fontsize=8)
         ax.set_yticks(range(len(rows)), [x["what"] for x in rows], fontsize=8)
-        ax.set(
-            xscale="log", title=r["problem"].replace(" (", "\n("), xlabel="cost in gradients of f"
-        )
+        ax.set(xscale="log", xlabel="cost in gradients of f")
+        ax.set_title(r["problem"].replace(" (", "\n("))
         ax.invert_yaxis()
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
-    rounds, ks = (3, [10]) if args.quick else (30, [10, 50])
-    return {
-        "results": [{"problem": n, "rows": measure(pb, rounds, ks)} for n, pb in models(args.quick)]
-    }
+    r, ks = (3, [10]) if args.quick else (30, [10, 50])
+    return {"results": [{"problem": n, "rows": measure(pb, r, ks)} for n, pb in models(args.quick)]}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
