@@ -189,12 +189,8 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
                 unr = hg.unrolled(f_batch, g, state, log_wd, T, sgd, batches=batches)
             for t in res:
                 r = {"point": sname, "method": kind, "kw": kw, **t.meta, "error": t.error}
-                r |= {
-                    "ms": t.ms,
-                    "cpu_ms": t.cpu_ms,
-                    "ms_all": t.ms_all,
-                    "cpu_ms_all": t.cpu_ms_all,
-                }
+                r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all}
+                r["cpu_ms_all"] = t.cpu_ms_all
                 r |= {"traceback": t.traceback, "warnings": t.warnings, "h": t.warm}
                 if t.error is None:
                     r["rel_err"] = H.relative_error(t.warm, exact)

@@ -75,3 +75,11 @@ def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     assert by[("mnist-mlp", "ForwardMode()")]["goal"] == (2 + 1) * 10
     for r in rows:  # the end-to-end ratio of a run with a hyper-step every K = 10 steps
         assert r["e2e"] == 1.0 + r["cost"] / 10
+
+
+def test_hyperstep_cost_committed_results_render() -> None:
+    """The committed Markdown is what the renderer makes of the committed JSON."""
+    results = BENCHMARKS / "results"
+    data = json.loads((results / "hyperstep_cost.json").read_text())
+    text = "\n\n".join(_module("hyperstep_cost").render(data))
+    assert "|---" in text and text in (results / "hyperstep_cost.md").read_text()

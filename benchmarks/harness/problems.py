@@ -319,10 +319,8 @@ def mlp_init(sizes: Sequence[int], gen: torch.Generator, dtype=F64) -> Params:
     """``W ~ N(0, 1/fan_in)``, ``b = 0`` for the layer sizes ``(in, h, ..., out)``."""
     out: list[Tensor] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        out += [
-            torch.randn(b, a, generator=gen, dtype=F64) / math.sqrt(a),
-            torch.zeros(b, dtype=F64),
-        ]
+        out += [torch.randn(b, a, generator=gen, dtype=F64) / math.sqrt(a)]
+        out += [torch.zeros(b, dtype=F64)]
     return tuple(t.to(dtype) for t in out)
 
 
@@ -373,10 +371,8 @@ def digits_mlp(
     pb.setup["inner_solver"] = f"{iters} L-BFGS iterations then {newton_text}"
     pb.setup["inner_solver"] += f" ({time.perf_counter() - started:.1f} s)"
     pb.setup["inner_grad_norm"] = float(torch.func.grad(pb.f_flat)(theta).norm()) if train else None
-    pb.setup |= {
-        "train_accuracy": accuracy(params, (Xt, yt)),
-        "val_accuracy": accuracy(params, (Xv, yv)),
-    }
+    pb.setup["train_accuracy"] = accuracy(params, (Xt, yt))
+    pb.setup["val_accuracy"] = accuracy(params, (Xv, yv))
     if not polished:
         evals = torch.linalg.eigvalsh(dense_hessian(pb))
         pb.damping = float(1e-3 * evals[-1] - evals[0]) if evals[0] <= 0 else 0.0
@@ -467,12 +463,8 @@ def quadratic(d: int, cond: float, seed: int = 0, p: int = 10, mu: float = 0.1) 
     A = spd(d, logspace(1.0 / cond, 1.0, d))
     C = rect()
     zero_first = torch.cat([torch.zeros(1, dtype=F64), logspace(mu, 1.0, p - 1)])
-    B_f, A_g, C_g, B_g = (
-        spd(p, zero_first),
-        spd(d, logspace(mu, 1.0, d)),
-        rect(),
-        spd(p, zero_first),
-    )
+    B_f, A_g = spd(p, zero_first), spd(d, logspace(mu, 1.0, d))
+    C_g, B_g = rect(), spd(p, zero_first)
     a, a_g = (torch.randn(d, generator=gen, dtype=F64) for _ in range(2))
     b_f, b_g, phi = (torch.randn(p, generator=gen, dtype=F64) for _ in range(3))
     name = f"d{d}_k{cond:.0e}".replace("e+0", "e").replace("e+", "e")

@@ -157,9 +157,8 @@ class Report:
         out: Path = self.args.out
         out.mkdir(parents=True, exist_ok=True)
         total = time.perf_counter() - self.started
-        payload = jsonable(
-            {"machine": self.machine, "args": vars(self.args), **data, "total_seconds": total}
-        )
+        payload = {"machine": self.machine, "args": vars(self.args), **data}
+        payload = jsonable(payload | {"total_seconds": total})
         write_atomic(out / f"{self.name}.json", json.dumps(payload, indent=1) + "\n")
         render_markdown(self.name, self.title, payload, render, out)
         log(f"wrote {out / self.name}.md and .json")

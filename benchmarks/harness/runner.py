@@ -69,11 +69,8 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     """Platform, CPUs, RAM, versions and thread counts (call after :func:`start`)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
-    m |= {
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "ram_gib": round(ram, 1),
-    }
+    m |= {"python": platform.python_version(), "cpu_count": os.cpu_count()}
+    m["ram_gib"] = round(ram, 1)
     m |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     m |= {"torch_interop_threads": torch.get_num_interop_threads(), "load_average": os.getloadavg()}
     return m | extra | {"hypergradient": hg.__version__}
@@ -323,9 +320,8 @@ def context() -> Any:
             sys.path.append(str(BENCHMARKS))
 
         _CONTEXT.append(mp.get_context("forkserver"))
-        _CONTEXT[0].set_forkserver_preload(
-            ["torch", "torch.func", "torch._dynamo", "hypergradient"]
-        )
+        preload = ["torch", "torch.func", "torch._dynamo", "hypergradient"]
+        _CONTEXT[0].set_forkserver_preload(preload)
     return _CONTEXT[0]
 
 
