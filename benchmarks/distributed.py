@@ -1,10 +1,4 @@
-"""Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch.
-
-``hg.implicit`` (CG 20), ``hg.unrolled`` (10 SGD steps) and a ``HyperOptimizer`` step with DDP
-on an MNIST MLP, each in one process on the whole batch and in two gloo processes with half
-each, plus the controls ``half`` (one rank alone) and ``nocomm`` (both ranks, no all-reduce);
-all-reduces counted and timed. Cases, controls and settings: benchmarks/README.md.
-"""
+"""Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch."""
 
 from __future__ import annotations
 
@@ -83,9 +77,6 @@ def pretrain(hidden: int, batch: int, iters: int) -> torch.Tensor:
         return ce + 0.5 * math.exp(-3) * (w**2).sum()
 
     return H.lbfgs(f, H.flat(p0).float(), iters, 20).double()
-
-
-# ============================================================================ worker side
 
 
 def reset_stats() -> None:
@@ -206,15 +197,13 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
             warnings.simplefilter("always")
             if case["kind"] == "implicit":
                 cg = hg.CG(maxiter=20, tol=0.0)
-                out, info = hg.implicit(
-                    f, g, w.to(dt), hp, cg, process_group=group, return_info=True
-                )
+                kw = {"process_group": group, "return_info": True}
+                out, info = hg.implicit(f, g, w.to(dt), hp, cg, **kw)
                 out, extra = out["ld"], {"num_hvps": info.num_hvps, "status": info.status}
             else:
                 hp["lr"] = lr.to(dt)
-                out = hg.unrolled(
-                    f, g, w.to(dt), hp, 10, hg.optim.sgd(lr=hp["lr"]), process_group=group
-                )
+                sgd = hg.optim.sgd(lr=hp["lr"])
+                out = hg.unrolled(f, g, w.to(dt), hp, 10, sgd, process_group=group)
                 out = torch.cat([out["ld"].reshape(-1), out["lr"].reshape(-1)])
                 extra = {"num_hvps": None, "status": ""}
         return extra | {"hyper": out, "warnings": sorted({str(c.message)[:80] for c in caught})}
@@ -248,9 +237,8 @@ def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any)
             reset_stats()
             c0, t0 = time.process_time(), time.perf_counter()
             out = fn()
-            out = (
-                {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0} | out | STATS
-            )
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            out = {"seconds": wall, "cpu": cpu} | out | STATS
             out["hyper"] = out["hyper"].double().numpy() if want_hyper and "hyper" in out else None
             if want_f64 and hasattr(fn, "float64"):
                 out["hyper64"] = fn.float64()["hyper"].double().numpy()
@@ -260,9 +248,6 @@ def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-# ============================================================================ parent side
 
 
 class Pool:
@@ -380,9 +365,6 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
         out["rel_diff_world1_float32_vs_float64"] = rel(s0["hyper"], s0["hyper64"])
         out["rel_diff_world2_float32_vs_float64"] = rel(p0["hyper"], s0["hyper64"])
     return out
-
-
-# ============================================================================ output
 
 
 def render(d: dict[str, Any]) -> list[str]:

@@ -1,36 +1,4 @@
-"""The validation-overfit guard on 2,410 per-weight decays: test loss with and without it.
-
-The per-parameter task of ``vs_optuna.py`` (tanh MLP 64-32-10 on digits, one decay per
-weight and bias, 500 train / 400 validation rows, float64), where hypergradient descent
-drove the validation loss to 0.0111 while the test loss stayed at 0.103. Its 897 test rows
-are split (stratified, seeded) into a 300-row *holdout* and 597 test rows; every run is
-scored on those same 597 test rows.
-
-Each run is the documented ``HyperOptimizer`` loop on the whole training set: at every
-step one ``torch.optim.LBFGS`` call of ``--lbfgs-iters`` iterations (strong Wolfe, history
-20; warm-started: the model keeps training), then a hyper-step (``inner_steps=1``):
-``hg.IFT(hg.CG(maxiter=50, tol=1e-4))`` and Adam(lr 0.1) on ``log lambda``
-(``hg.Positive``), from ``lambda = 1e-3`` (the settings of ``vs_optuna.py``), for at most
-``--steps`` hyper-steps.
-
-* ``no guard``: validation data only; the decays it ends with.
-* ``guard``: ``holdout_data=`` the 300 holdout rows, ``patience=--patience``,
-  ``keep_best=True``: the holdout loss is scored at every hyper-step; when it has not
-  improved for ``patience`` hyper-steps the hyper-steps stop and the best decays are
-  restored (``hopt.best_hparams``).
-* ``merged``: no guard, the holdout rows added to the validation data (700 rows): whether
-  the guard's gain is only that of more validation data.
-
-Every run's decays are then judged as ``vs_optuna.py`` judges any method's: the model is
-retrained from the seeded initialization with them (``--lbfgs-iters`` L-BFGS iterations)
-and scored on the validation, holdout and test rows. The live model's losses at every
-hyper-step are plotted.
-
-Run::
-
-    .venv/bin/python benchmarks/holdout_guard.py            # ~10 min
-    .venv/bin/python benchmarks/holdout_guard.py --quick    # smoke run
-"""
+"""The validation-overfit guard on 2,410 per-weight decays: test loss with and without it."""
 
 from __future__ import annotations
 
@@ -93,19 +61,11 @@ def hyperoptimizer(task: V.Task, run: str, iters: int, patience: int) -> tuple[A
     if run == "merged":
         val = tuple(torch.cat([a, b]) for a, b in zip(task.data["val"], task.data["holdout"]))
     guard = {"holdout_data": task.data["holdout"], "patience": patience} if run == "guard" else {}
-    hopt = hg.HyperOptimizer(
-        {"theta": theta},
-        {"decay": hg.Positive(torch.full_like(theta.detach(), task.lam0))},
-        inner_optimizer=inner,
-        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=task.outer_lr),
-        train_loss=train_loss,
-        val_loss=val_loss,
-        val_data=val,
-        method=hg.IFT(hg.CG(maxiter=50, tol=1e-4)),
-        inner_steps=1,
-        history_size=None,
-        **guard,
-    )
+    kw = {"inner_optimizer": inner, "train_loss": train_loss, "val_loss": val_loss}
+    kw |= {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=task.outer_lr), "val_data": val}
+    kw |= {"method": hg.IFT(hg.CG(maxiter=50, tol=1e-4)), "inner_steps": 1, "history_size": None}
+    decay = {"decay": hg.Positive(torch.full_like(theta.detach(), task.lam0))}
+    hopt = hg.HyperOptimizer({"theta": theta}, decay, **kw, **guard)
     return theta, hopt
 
 
@@ -123,9 +83,8 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
     for _ in range(steps):
         hopt.step(train, closure)
         live = losses(task, H.unflat(theta.detach(), task.init))
-        curve.append(
-            live | {"hyper_step": hopt.hyper_steps, "val_batch": hopt.history[-1].val_loss}
-        )
+        live |= {"hyper_step": hopt.hyper_steps, "val_batch": hopt.history[-1].val_loss}
+        curve.append(live)
         if hopt.stopped:
             break
     seconds = time.perf_counter() - started
@@ -136,13 +95,12 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
     out |= {"seconds": seconds, "live_end": curve[-1], "refit": refit, "curve": curve}
     out |= {"best_hyper_step": None if hopt.guard is None else hopt.guard.state.best_hyper_step}
     lam = decay
-    out |= {
-        "lambda": {"min": float(lam.min()), "median": float(lam.median()), "max": float(lam.max())}
+    out["lambda"] = {
+        "min": float(lam.min()),
+        "median": float(lam.median()),
+        "max": float(lam.max()),
     }
     return out
-
-
-# ============================================================================ output
 
 
 def render(d: dict[str, Any]) -> list[str]:

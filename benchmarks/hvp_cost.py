@@ -1,10 +1,4 @@
-"""Cost of one Hessian-vector product, in gradients of the inner loss.
-
-Median wall time of: one gradient of f (the unit); building the operator (forward + backward
-with create_graph=True); one product on the retained graph; torch.func's jvp(grad) and
-vjp(grad) recomputed per product (what hypergrad 0.0.1 does); whole hypergradients with k
-products (``hg.Neumann(maxiter=k)``) against the floor of k + 3 gradients. Interleaved rounds.
-"""
+"""Cost of one Hessian-vector product, in gradients of the inner loss."""
 
 from __future__ import annotations
 
@@ -94,18 +88,15 @@ def plot(data: dict[str, Any], out: Any) -> Any:
             ax.plot([f for _, f in floors], [i for i, _ in floors], "k|", ms=14, label="k + 3")
             ax.legend(fontsize=8)
         ax.set_yticks(range(len(rows)), [x["what"] for x in rows], fontsize=8)
-        ax.set(
-            xscale="log", title=r["problem"].replace(" (", "\n("), xlabel="cost in gradients of f"
-        )
+        ax.set(xscale="log", xlabel="cost in gradients of f")
+        ax.set_title(r["problem"].replace(" (", "\n("))
         ax.invert_yaxis()
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
-    rounds, ks = (3, [10]) if args.quick else (30, [10, 50])
-    return {
-        "results": [{"problem": n, "rows": measure(pb, rounds, ks)} for n, pb in models(args.quick)]
-    }
+    r, ks = (3, [10]) if args.quick else (30, [10, 50])
+    return {"results": [{"problem": n, "rows": measure(pb, r, ks)} for n, pb in models(args.quick)]}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,10 +1,4 @@
-"""The HyperOptimizer's methods and the trajectory hypergradients: accuracy, cost, outcome.
-
-Per-feature L2 logistic regression on breast cancer (float64): implicit methods at the inner
-optimum vs the exact hypergradient (1a), trajectory methods vs finite differences (1b), seconds
-per hyper-step in training steps (2), end to end vs the exact outer loop (3), learning-rate
-tuning (4). Settings: benchmarks/README.md.
-"""
+"""The HyperOptimizer's methods and the trajectory hypergradients: accuracy, cost, outcome."""
 
 from __future__ import annotations
 
@@ -26,27 +20,19 @@ NAME, TITLE = "hyperoptimizer_methods", "HyperOptimizer methods and trajectory h
 HOPT_LR, OUTER_LR, START_DECAY = 0.5, 0.1, 1e-2  # Tables 1a, 2, 3
 TRAJ_LR, TRAJ_MOMENTUM = 0.1, 0.9  # Table 1b
 LR_START, LR_OUTER_LR = 1e-3, 0.2  # Table 4
-IMPLICIT: dict[str, Callable[[int], hg.Method]] = {  # factories of seed s
-    "T1T2()": lambda s: hg.T1T2(),
-    "IFT() = Neumann(10, alpha=lr=0.5)": lambda s: hg.IFT(),
-    "IFT(CG(maxiter=20))": lambda s: hg.IFT(hg.CG(maxiter=20)),
-    "IFT(Nystrom(rank=10, rho=0.1)), median of seeds": lambda s: hg.IFT(
-        hg.Nystrom(10, 0.1, seed=s)
-    ),
-    "HOAG(tol=1e-10, decay=1, maxiter=100)": lambda s: hg.HOAG(100, 1e-10, 1.0, 1e-10),
-    "HOAG() at its first hyper-step (tol 0.1)": lambda s: hg.HOAG(),
-}
-HOPT_METHODS: dict[str, Callable[[], hg.Method]] = {
-    "T1T2()": hg.T1T2,
-    "IFT() (Neumann 10, alpha=lr)": hg.IFT,
-    "IFT(CG(maxiter=20))": lambda: hg.IFT(hg.CG(maxiter=20)),
-    "IFT(Nystrom(rank=10, rho=0.1, seed=0))": lambda: hg.IFT(hg.Nystrom(10, 0.1, seed=0)),
-    "HOAG()": hg.HOAG,
-    "Unrolled()": hg.Unrolled,
-    "Unrolled(truncate=5)": lambda: hg.Unrolled(truncate=5),
-    "ForwardMode()": hg.ForwardMode,
-    "DrMAD()": hg.DrMAD,
-}
+IMPLICIT: dict[str, Callable[[int], hg.Method]] = {"T1T2()": lambda s: hg.T1T2()}  # seed s
+IMPLICIT |= {"IFT() = Neumann(10, alpha=lr=0.5)": lambda s: hg.IFT()}
+IMPLICIT |= {"IFT(CG(maxiter=20))": lambda s: hg.IFT(hg.CG(maxiter=20))}
+NYSTROM = lambda s=0: hg.IFT(hg.Nystrom(10, 0.1, seed=s))  # noqa: E731
+IMPLICIT |= {"IFT(Nystrom(rank=10, rho=0.1)), median of seeds": NYSTROM}
+IMPLICIT |= {"HOAG(tol=1e-10, decay=1, maxiter=100)": lambda s: hg.HOAG(100, 1e-10, 1.0, 1e-10)}
+IMPLICIT |= {"HOAG() at its first hyper-step (tol 0.1)": lambda s: hg.HOAG()}
+HOPT_METHODS = {"T1T2()": hg.T1T2, "IFT() (Neumann 10, alpha=lr)": hg.IFT}
+HOPT_METHODS |= {"IFT(CG(maxiter=20))": lambda: hg.IFT(hg.CG(maxiter=20))}
+HOPT_METHODS |= {"IFT(Nystrom(rank=10, rho=0.1, seed=0))": NYSTROM}
+HOPT_METHODS |= {"HOAG()": hg.HOAG, "Unrolled()": hg.Unrolled}
+HOPT_METHODS |= {"Unrolled(truncate=5)": lambda: hg.Unrolled(truncate=5)}
+HOPT_METHODS |= {"ForwardMode()": hg.ForwardMode, "DrMAD()": hg.DrMAD}
 
 
 def train_loss(m: Any, h: dict[str, Tensor], batch: Any) -> Tensor:
@@ -74,9 +60,6 @@ def decays(dim: int, raw: Tensor | None = None) -> dict[str, hg.Positive]:
     with torch.no_grad():
         d.raw.copy_(d.raw if raw is None else raw)
     return {"decay": d}
-
-
-# ============================================================================ Table 1a
 
 
 def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dict[str, Any]:
@@ -144,9 +127,6 @@ def render_1a(res: dict[str, Any], repeats: int) -> str:
     )
 
 
-# ============================================================================ Table 1b
-
-
 def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> float:
     """``g(theta_T)`` after T steps of ``torch.optim.SGD`` (lr 0.1, momentum 0.9) from 0."""
     p = tuple(torch.zeros(*s, dtype=F64).requires_grad_() for s in ((1, dim), (1,)))
@@ -185,19 +165,15 @@ def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeat
             args = (f, g, theta0, raw, T, opt)
             calls = {"hg.unrolled": lambda s, a=args: hg.unrolled(*a)}
             for K in sorted({k for k in (1, 5, T // 2) if 0 < k < T}):
-                calls[f"hg.unrolled(truncate={K})"] = lambda s, a=args, K=K: hg.unrolled(
-                    *a, truncate=K
-                )
+                trunc = lambda s, a=args, K=K: hg.unrolled(*a, truncate=K)  # noqa: E731
+                calls[f"hg.unrolled(truncate={K})"] = trunc
             calls["hg.forward_mode"] = lambda s, a=args: hg.forward_mode(*a)
             calls["hg.drmad"] = lambda s, a=args: hg.drmad(*a)
             res = H.interleave([H.Case(k, c) for k, c in calls.items()], repeats)
             un, (_, info) = res[0].warm, hg.unrolled(*args, return_info=True)
             ref |= {"fd_seconds": time.perf_counter() - t0, "outer_loss_hg": info.outer_loss}
-            refs[f"{point}/T={T}"] = ref | {
-                "outer_loss_torch_sgd": loss(raw),
-                "fd": fd,
-                "unrolled": un,
-            }
+            ref |= {"outer_loss_torch_sgd": loss(raw), "fd": fd}
+            refs[f"{point}/T={T}"] = ref | {"unrolled": un}
             for c in res:
                 r = {"point": point, "T": T, "method": c.key, "ms": c.ms, "ms_all": c.ms_all}
                 r |= {"rel_fd": H.relative_error(c.warm, fd), "cos_fd": H.cosine(c.warm, fd)}
@@ -216,9 +192,6 @@ def render_1b(res: dict[str, Any], repeats: int) -> str:
     )
 
 
-# ============================================================================ Tables 2-4
-
-
 def plain_run(data: H.Data, label: str, lr: float) -> H.Run:
     model, d = H.linear_model(data.dim), {"decay": torch.full((data.dim,), START_DECAY, dtype=F64)}
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -235,10 +208,8 @@ def outcome(run: H.Run, data: H.Data) -> dict[str, Any]:
     hopt, model = run.meta.get("hopt"), run.meta["model"]
     hist, hp = (hopt.history, hopt.hparams) if hopt else ([], {})
     with torch.no_grad():
-        r = {
-            "val": float(val_loss(model, 0, data.val)),
-            "test": float(val_loss(model, 0, data.test)),
-        }
+        r = {"val": float(val_loss(model, 0, data.val))}
+        r["test"] = float(val_loss(model, 0, data.test))
     r |= {"method": repr(hopt.method) if hopt else None, "seconds": run.seconds}
     r |= {"train_step_s": run.step_s, "hyper_step_total_s": run.hyper_s, "hyper_steps": len(hist)}
     r |= {"hyper_step_s": [x.seconds for x in hist], "hist_val_loss": [x.val_loss for x in hist]}
@@ -324,11 +295,8 @@ def lr_table(data: H.Data, steps: int, rounds: int) -> dict[str, Any]:
     def runs() -> list[H.Run]:
         out = [plain_run(data, f"plain SGD, lr {LR_START:g}", LR_START)]
         out += [plain_run(data, f"plain SGD, lr {HOPT_LR:g} (Table 3's)", HOPT_LR)]
-        for k, m in {
-            "ForwardMode()": hg.ForwardMode,
-            "Unrolled()": hg.Unrolled,
-            "DrMAD()": hg.DrMAD,
-        }.items():
+        for k in ("ForwardMode()", "Unrolled()", "DrMAD()"):
+            m = HOPT_METHODS[k]
             lr = {"lr": hg.Positive(torch.tensor(LR_START, dtype=F64))}
             out.append(make_hopt(k, data, lr, m(), **kw))
         return out
@@ -359,18 +327,13 @@ def render_outcome(res: dict[str, Any]) -> str:
     rows = [r | {"run": lbl, "decays": r["final_decay"]} for lbl, r in s.items()]
     for i in (k, len(ex["val"]) - 1):
         rows.append({"run": f"exact outer loop (Newton inner), {i} updates", "val": ex["val"][i]})
-        rows[-1] |= {
-            "test": ex["test"][i],
-            "decays": ex["decays"][i],
-            "seconds": ex["elapsed_s"][i],
-        }
+        rows[-1] |= {"test": ex["test"][i], "decays": ex["decays"][i]}
+        rows[-1] |= {"seconds": ex["elapsed_s"][i]}
     for r in rows:
         r["gap_closed"] = (u - r["val"]) / (u - ex["val"][k])
         r["gap_closed_vs_long"] = (u - r["val"]) / (u - ex["val"][-1])
-        d = r["decays"]
-        r["decays"] = (
-            f"{min(d):.2g} / {math.exp(sum(map(math.log, d)) / len(d)):.2g} / {max(d):.2g}"
-        )
+        d, mean = r["decays"], math.exp(sum(map(math.log, r["decays"])) / len(r["decays"]))
+        r["decays"] = f"{min(d):.2g} / {mean:.2g} / {max(d):.2g}"
     best, test = min(ex["val"]), min(ex["test"])
     replays = [r["max_replay_error"] for r in s.values() if r["max_replay_error"] is not None]
     notes = [
@@ -396,9 +359,8 @@ def render_lr(res: dict[str, Any]) -> str:
     rows, notes = [], [f"a step of the full Adam lr {LR_OUTER_LR} is x{math.exp(LR_OUTER_LR):.3f}"]
     for label, r in res["summary"].items():
         h = r["lr_history"]
-        rows.append(
-            r | {"run": label, "lr_1": h[0] if h else None, "lr_10": h[9] if h[9:] else None}
-        )
+        rows.append(r | {"run": label, "lr_1": h[0] if h else None})
+        rows[-1]["lr_10"] = h[9] if h[9:] else None
         notes += [f"{label}: lr x{h[-1] / h[-2]:.3f} at the last hyper-step"] if h[1:] else []
     diff = max(r["max_round_diff"] for r in res["summary"].values())
     notes += [f"largest difference of a final val loss between rounds: {diff:.1e}"]
@@ -419,10 +381,10 @@ def render(d: dict[str, Any]) -> list[str]:
         "per-feature L2 logistic regression on breast cancer (100 train / 200 validation / "
         "269 test), 30 log weight decays; rel. err = ||h - ref|| / ||ref||",
     ]
+    r1 = [render_1a(d["implicit"], st["repeats"]), render_1b(d["trajectory"], st["repeats"])]
     return [
         H.bullets(notes),
-        render_1a(d["implicit"], st["repeats"]),
-        render_1b(d["trajectory"], st["repeats"]),
+        *r1,
         render_cost(hopt),
         render_outcome(hopt),
         render_lr(d["lr_tuning"]),
@@ -461,13 +423,11 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     if not q:
         points = {"start": torch.full((data.dim,), math.log(START_DECAY), dtype=F64)} | points
     steps, rounds, reps = st["steps"], st["rounds"], st["repeats"]
-    return {
-        "settings": st | {"hparam_points": points},
-        "implicit": implicit_table(data, points, reps),
-        "trajectory": trajectory_table(data, points, st["horizons"], reps),
-        "hyperoptimizer": hyperoptimizer_tables(data, steps, rounds, st["exact_steps"]),
-        "lr_tuning": lr_table(data, steps, rounds),
-    }
+    out = {"settings": st | {"hparam_points": points}}
+    out |= {"implicit": implicit_table(data, points, reps)}
+    out |= {"trajectory": trajectory_table(data, points, st["horizons"], reps)}
+    out |= {"hyperoptimizer": hyperoptimizer_tables(data, steps, rounds, st["exact_steps"])}
+    return out | {"lr_tuning": lr_table(data, steps, rounds)}
 
 
 OPTIONS = [

@@ -1,150 +1,98 @@
-"""What a hyper-step costs in training steps, for every method of the HyperOptimizer.
-
-Per-feature weight decay of logistic regression (breast cancer, 30 decays) and a decay per
-hidden unit of the first layer of a tanh MLP on digits (64-32-10, 32 decays), ``inner_steps=10``,
-SGD; each method's run and a bare ``torch.optim.SGD`` loop advance in lockstep (one torch
-thread, rotating order). Cost = median ``history[i].seconds`` of the hyper-steps over the
-median bare training step. The goals of issue 11 (goal 5): T1T2 <= 2, IFT with k products
-<= k + 3, Unrolled and DrMAD over a window of K steps <= 4K, ForwardMode <= (2 + m) K for m
-hyperparameters. ``e2e`` = 1 + cost / K is the wall time of the tuned run over the plain run
-(goal 5's end-to-end figure, <= 1.5 for T1T2 or IFT), measured on an MNIST-sized MLP too
-(784-256-10, mini-batches of 128 from synthetic data: no download).
-"""
+"""What a hyper-step costs in training steps, for every method of the HyperOptimizer."""
 
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import harness as H
 import hypergradient as hg
 
 NAME, TITLE = "hyperstep_cost", "Hyper-step cost in training steps, every HyperOptimizer method"
 K = 10  # inner_steps
-METHODS: dict[str, tuple[Callable[[], hg.Method], Callable[[int, int], float]]] = {
-    # name: (factory, goal in training steps as a function of (products k, hyperparameters m))
+IFT_GOAL = lambda k, m: k + 3.0  # noqa: E731
+METHODS = {  # name: (factory, goal in training steps for k products and m hyperparameters)
     "T1T2()": (hg.T1T2, lambda k, m: 2.0),
-    "IFT() (Neumann, 10 products)": (hg.IFT, lambda k, m: k + 3.0),
-    "IFT(CG(maxiter=10, tol=0))": (
-        lambda: hg.IFT(hg.CG(maxiter=10, tol=0.0)),
-        lambda k, m: k + 3.0,
-    ),
-    "HOAG(maxiter=10)": (lambda: hg.HOAG(maxiter=10), lambda k, m: k + 3.0),
+    "IFT() (Neumann, 10 products)": (hg.IFT, IFT_GOAL),
+    "IFT(CG(maxiter=10, tol=0))": (lambda: hg.IFT(hg.CG(maxiter=10, tol=0.0)), IFT_GOAL),
+    "HOAG(maxiter=10)": (lambda: hg.HOAG(maxiter=10), IFT_GOAL),
     "Unrolled()": (hg.Unrolled, lambda k, m: 4.0 * K),
     "DrMAD()": (hg.DrMAD, lambda k, m: 4.0 * K),
     "ForwardMode()": (hg.ForwardMode, lambda k, m: (2.0 + m) * K),
 }
 
 
-def problems(seed: int, quick: bool) -> dict[str, dict[str, Any]]:
-    """``{name: {model factory, data, decay shape, penalty}}``."""
-    bc = H.breast_cancer_data(seed)
+def problems(seed: int, quick: bool) -> dict[str, tuple]:
+    """``{name: (model factory, train, val, loss, decay shape)}``."""
+    bc, g = H.breast_cancer_data(seed), torch.Generator().manual_seed(seed)
     X, y = H.load_sklearn("digits", torch.float32, torch.long, torch.Generator().manual_seed(seed))
-    X = H.standardize(X, 1000)
-    hidden = 2 if quick else 32
-    g = torch.Generator().manual_seed(seed)
+    X, hidden = H.standardize(X, 1000), 2 if quick else 32
     width, rows = (8, 64) if quick else (256, 128)
-    Xm = torch.randn(rows + 2 * rows, 784, generator=g)
-    ym = (Xm @ torch.randn(784, 10, generator=g)).argmax(1)
-    return {
-        "logreg": {
-            "model": lambda: H.linear_model(bc.dim).float(),
-            "train": (bc.train[0].float(), bc.train[1].float()),
-            "val": (bc.val[0].float(), bc.val[1].float()),
-            "loss": lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(-1), y),
-            "decay": (1, bc.dim),
-        },
-        "mlp": {
-            "model": lambda: torch.nn.Sequential(
-                torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)
-            ),
-            "train": (X[:1000], y[:1000]),
-            "val": (X[1000:], y[1000:]),
-            "loss": F.cross_entropy,
-            "decay": (hidden, 1),  # one decay per hidden unit (its incoming weights)
-        },
-        "mnist-mlp": {
-            "model": lambda: torch.nn.Sequential(
-                torch.nn.Linear(784, width), torch.nn.ReLU(), torch.nn.Linear(width, 10)
-            ),
-            "train": (Xm[:rows], ym[:rows]),
-            "val": (Xm[rows:], ym[rows:]),
-            "loss": F.cross_entropy,
-            "decay": (1, 1),  # one decay for the first layer
-        },
+    Xm = torch.randn(3 * rows, 784, generator=g)
+    ym, ce = (Xm @ torch.randn(784, 10, generator=g)).argmax(1), F.cross_entropy
+    bce = lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(-1), y)  # noqa: E731
+    mlp = lambda i, h, act: lambda: nn.Sequential(nn.Linear(i, h), act(), nn.Linear(h, 10))  # noqa: E731
+    tr, va = (bc.train[0].float(), bc.train[1].float()), (bc.val[0].float(), bc.val[1].float())
+    digits = ((X[:1000], y[:1000]), (X[1000:], y[1000:]))
+    synthetic = ((Xm[:rows], ym[:rows]), (Xm[rows:], ym[rows:]))
+    return {  # decays: per feature; per hidden unit (its incoming weights); one for layer 1
+        "logreg": (lambda: H.linear_model(bc.dim).float(), tr, va, bce, (1, bc.dim)),
+        "mlp": (mlp(64, hidden, nn.Tanh), *digits, ce, (hidden, 1)),
+        "mnist-mlp": (mlp(784, width, nn.ReLU), *synthetic, ce, (1, 1)),
     }
 
 
-def runs(pb: dict[str, Any], lr: float) -> list[H.Run]:
+def runs(pb: tuple, lr: float) -> list[H.Run]:
     """A bare SGD loop, then one HyperOptimizer run per method (same start, same data)."""
+    model, train, val, loss, shape = pb
     torch.manual_seed(0)
-    first = pb["model"]()
-    state, loss = first.state_dict(), pb["loss"]
-    decay0 = torch.full(pb["decay"], 1e-2)
-
-    def penalty(m: torch.nn.Module, d: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (d * next(m.parameters()) ** 2).sum()
-
+    first, decay0 = model(), torch.full(shape, 1e-2)
+    penalty = lambda m, d: 0.5 * (d * next(m.parameters()) ** 2).sum()  # noqa: E731
     sgd = torch.optim.SGD(first.parameters(), lr=lr)
 
     def plain_step() -> None:
         sgd.zero_grad()
-        (loss(first(pb["train"][0]), pb["train"][1]) + penalty(first, decay0)).backward()
+        (loss(first(train[0]), train[1]) + penalty(first, decay0)).backward()
         sgd.step()
 
     out = [H.Run("bare torch.optim.SGD step", plain_step)]
     for name, (make, _) in METHODS.items():
-        model = pb["model"]()
-        model.load_state_dict(state)
-        hopt = hg.HyperOptimizer(
-            model,
-            {"decay": hg.Positive(decay0.clone())},
-            inner_optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
-            train_loss=lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"]),
-            val_loss=lambda m, h, b: loss(m(b[0]), b[1]),
-            val_data=pb["val"],
-            method=make(),
-            inner_steps=K,
-            history_size=None,
-        )
-        step = lambda hopt=hopt: H.hopt_step(hopt, pb["train"])  # noqa: E731
-        out.append(H.Run(name, step, K, {"hopt": hopt}))
+        m = model()
+        m.load_state_dict(first.state_dict())
+        kw = {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05), "val_data": val}
+        kw |= {"train_loss": lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"])}
+        kw |= {"val_loss": lambda m, h, b: loss(m(b[0]), b[1]), "method": make()}
+        kw |= {"inner_optimizer": torch.optim.SGD(m.parameters(), lr=lr), "inner_steps": K}
+        hopt = hg.HyperOptimizer(m, {"decay": hg.Positive(decay0.clone())}, history_size=None, **kw)
+        out.append(H.Run(name, lambda hopt=hopt: H.hopt_step(hopt, train), K, {"hopt": hopt}))
     return out
 
 
-def measure(name: str, pb: dict[str, Any], steps: int, lr: float) -> list[dict[str, Any]]:
+def measure(name: str, pb: tuple, steps: int, lr: float) -> list[dict[str, Any]]:
     H.log(f"[{name}] {len(METHODS)} methods x {steps} steps in lockstep ...")
     rs = runs(pb, lr)
-    warned = H.lockstep(rs, steps)
-    plain = H.median(rs[0].step_s)
-    m = int(torch.Size(pb["decay"]).numel())
-    rows = []
+    warned, plain, m, rows = H.lockstep(rs, steps), H.median(rs[0].step_s), pb[4][0] * pb[4][1], []
     for r in rs[1:]:
         hist = r.meta["hopt"].history
         k = H.median([x.diagnostics.get("num_hvps") for x in hist[1:] or hist])
         cost = H.median([x.seconds for x in hist[1:] or hist]) / plain
         goal = METHODS[r.label][1](int(k) if k == k else 0, m)
-        rows.append(
-            {"problem": name, "method": r.label, "hyper_steps": len(hist), "products": k}
-            | {"cost": cost, "goal": goal, "met": "yes" if cost <= goal else "no"}
-            | {"e2e": 1.0 + cost / K}
-            | {"plain_step_ms": 1e3 * plain, "hopt_step_ms": 1e3 * H.median(r.step_s)}
-            | {"hyper_step_ms": 1e3 * H.median([x.seconds for x in hist]), "error": r.error}
-        )
+        row = {"problem": name, "method": r.label, "hyper_steps": len(hist), "products": k}
+        row |= {"cost": cost, "goal": goal, "met": "yes" if cost <= goal else "no"}
+        row |= {"e2e": 1.0 + cost / K, "plain_step_ms": 1e3 * plain, "error": r.error}
+        row |= {"hopt_step_ms": 1e3 * H.median(r.step_s)}
+        rows.append(row | {"hyper_step_ms": 1e3 * H.median([x.seconds for x in hist])})
     return rows + [{"problem": name, "warnings": warned}]
 
 
 def render(d: dict[str, Any]) -> list[str]:
-    s = d["settings"]
-    rows = [r for r in d["rows"] if "method" in r]
-    kinds: dict[str, int] = {}  # distinct warnings, told apart by their first words
-    for w in (w for r in d["rows"] for w in r.get("warnings", [])):
+    s, rows, kinds = d["settings"], [r for r in d["rows"] if "method" in r], {}
+    for w in (w for r in d["rows"] for w in r.get("warnings", [])):  # told apart by first words
         tail = re.sub(r"[0-9]+", "#", w.split(" met ")[-1])[:70]
         key = " ".join(w.replace("(", " ").split()[:2]) + " ... " + tail
         kinds[key] = kinds.get(key, 0) + 1
@@ -162,22 +110,21 @@ def render(d: dict[str, Any]) -> list[str]:
     return [H.bullets(notes), H.dict_table(rows, cols + "|hopt_step_ms:.3f|hyper_step_ms:.2f")]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--steps", type=int, help="training steps per run (default 300, quick 20)")
-    p.add_argument("--lr", type=float, default=0.1, help="inner SGD learning rate")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render):
-        return 0
-    H.start(args)
-    H.defaults(args, steps=(20, 300))
-    rep = H.Report(NAME, TITLE, args)
-    rows = []
-    for name, pb in problems(args.seed, args.quick).items():
-        rows += measure(name, pb, args.steps, args.lr)
-    rep.write({"settings": {"steps": args.steps, "lr": args.lr}, "rows": rows}, render)
-    return 0
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    pbs = problems(args.seed, args.quick)
+    rows = [r for name, pb in pbs.items() for r in measure(name, pb, args.steps, args.lr)]
+    return {"settings": {"steps": args.steps, "lr": args.lr}, "rows": rows}
+
+
+OPTIONS = [
+    H.option("--steps", 20, 300, type=int, help="training steps per run"),
+    H.option("--lr", type=float, default=0.1, help="inner SGD learning rate"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv, options=OPTIONS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

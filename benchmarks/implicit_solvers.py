@@ -1,9 +1,4 @@
-"""Accuracy and cost of the implicit-hypergradient solvers, against an exact reference.
-
-Ridge (closed form), logistic regression and a digits MLP (dense float64 solves) at budgets of
-k Hessian-vector products, side by side with hypergrad 0.0.1 when it is installed. What each
-solver is given and how the references and times are computed: benchmarks/README.md.
-"""
+"""Accuracy and cost of the implicit-hypergradient solvers, against an exact reference."""
 
 from __future__ import annotations
 
@@ -63,9 +58,8 @@ def gradient(pb: H.Bilevel) -> H.Case:
     ps = tuple(p.detach().clone().requires_grad_(True) for p in pb.params)
     call = lambda s: torch.autograd.grad(pb.inner_loss(ps, pb.hparams), ps)[0]  # noqa: E731
     n = H.calls_per_sample(lambda: call(0))
-    return H.Case(
-        "gradient of f", call, lambda: (None, None, ""), inner=n, meta={"impl": "autograd"}
-    )
+    meta = {"impl": "autograd"}
+    return H.Case("gradient of f", call, lambda: (None, None, ""), inner=n, meta=meta)
 
 
 def measure(cases: list[H.Case], repeats: int, h_ref: torch.Tensor) -> list[dict[str, Any]]:
@@ -159,14 +153,10 @@ def render_problem(name: str, pb: dict[str, Any]) -> str:
         x["status"] = (o.get("status") or "") + (" (error)" if o.get("error") else "")
         if o.get("warned_calls"):
             x["status"] += f" (warned in {o['warned_calls']}/{len(o['ms_all'])} timed calls)"
-        x |= {f"theirs {k}": t.get(k) for k in ("rel_err", "cos", "ms")} | {
-            "theirs error": t.get("error")
-        }
+        x |= {f"theirs {k}": t.get(k) for k in ("rel_err", "cos", "ms", "error")}
         if t and not t.get("error"):
-            x |= {
-                "theirs/ours wall": t["ms"] / base["ms"],
-                "theirs/ours CPU": t["cpu_ms"] / base["cpu_ms"],
-            }
+            x["theirs/ours wall"] = t["ms"] / base["ms"]
+            x["theirs/ours CPU"] = t["cpu_ms"] / base["cpu_ms"]
         rows.append(x)
     cols = "k:d|solver|num_hvps:d|status|rel_err:.2e|cos:.6f|ms:.3g"
     if any(r["theirs"] for r in pb["rows"]):
@@ -176,15 +166,12 @@ def render_problem(name: str, pb: dict[str, Any]) -> str:
     notes = sorted({f"{m['key']}: {w}" for m in ms_ for w in m["warnings"]})
     notes += sorted({f"{m['key']}: {m['error']}" for m in ms_ if m["error"]})
     cost = "k:d|num_hvps:d|cg_ms:.3g|grad_ms:.3g|ratio:.1f|cpu_ratio:.1f|floor:d"
+    warned = "\n\nWarnings (of the warm-up calls) and errors:\n\n" + H.bullets(notes)
     return (
         f"### {name}: {pb['description']}\n\n{H.bullets(facts)}\n\n{H.dict_table(rows, cols)}\n\n"
         "CG cost ratio (one hg.implicit call with CG(maxiter=k, tol=0) / one gradient of f):\n\n"
         + H.dict_table(pb["cg_cost_ratio"], cost)
-        + (
-            "\n\nWarnings (of the warm-up calls) and errors:\n\n" + H.bullets(notes)
-            if notes
-            else ""
-        )
+        + (warned if notes else "")
     )
 
 

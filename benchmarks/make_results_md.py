@@ -1,10 +1,4 @@
-"""Write docs/results.md from the JSON results and the narrative template.
-
-``results_template.md`` holds the text; every ``{name}`` in it is filled from the committed
-JSON in ``benchmarks/results`` by the functions below (one per section)::
-
-    .venv/bin/python benchmarks/make_results_md.py [--results DIR] [--out docs/results.md]
-"""
+"""Write docs/results.md from the JSON results and the narrative template."""
 
 from __future__ import annotations
 
@@ -60,10 +54,8 @@ def implicit_solvers(d: dict) -> dict[str, str]:
 
 def hvp_cost(d: dict) -> dict[str, str]:
     labels = ["logistic regression, 31 params", "tanh MLP on digits, 3,466 params"]
-    out = []
-    for i, (label, res) in enumerate(
-        zip(labels + ["tanh MLP on MNIST, 269,322 params"], d["results"])
-    ):
+    out, labels = [], labels + ["tanh MLP on MNIST, 269,322 params"]
+    for i, (label, res) in enumerate(zip(labels, d["results"])):
         by = {r["what"]: r for r in res["rows"]}
         whats = ("hvp (retained graph)", "jvp(grad) fresh", "vjp(grad) fresh")
         cells = [label] + [f"{by[w]['gradients']:.2f}" for w in whats]
@@ -75,15 +67,9 @@ def hvp_cost(d: dict) -> dict[str, str]:
 
 
 HOPT = {"T1T2()": "T1T2", "IFT() (Neumann 10, alpha=lr)": "IFT (Neumann 10)"}
-HOPT |= {
-    "IFT(CG(maxiter=20))": "IFT (CG 20)",
-    "IFT(Nystrom(rank=10, rho=0.1, seed=0))": "IFT (Nyström 10)",
-}
-HOPT |= {
-    "HOAG()": "HOAG",
-    "Unrolled()": "Unrolled",
-    "Unrolled(truncate=5)": "Unrolled (truncate 5)",
-}
+HOPT |= {"IFT(CG(maxiter=20))": "IFT (CG 20)"}
+HOPT |= {"IFT(Nystrom(rank=10, rho=0.1, seed=0))": "IFT (Nyström 10)", "HOAG()": "HOAG"}
+HOPT |= {"Unrolled()": "Unrolled", "Unrolled(truncate=5)": "Unrolled (truncate 5)"}
 HOPT |= {"ForwardMode()": "ForwardMode", "DrMAD()": "DrMAD"}
 
 
@@ -92,15 +78,11 @@ def hyperoptimizer_methods(d: dict) -> dict[str, str]:
     s, out = h["summary"], []
     for key, label in HOPT.items():
         ratio = s[key]["hyper_step_ms"] / s[key]["train_step_ms"]
-        out.append(
-            [label, f"{ratio:.1f}" if ratio < 100 else f"{ratio:.0f}", f"{s[key]['val']:.4f}"]
-        )
+        out.append([label, f"{ratio:.{1 if ratio < 100 else 0}f}", f"{s[key]['val']:.4f}"])
     untuned = next(v for k, v in s.items() if k.startswith("untuned"))
     out = {"hopt_table": rows(out), "hopt_steps": str(h["steps"])}
-    return out | {
-        "hopt_untuned": f"{untuned['val']:.4f}",
-        "hopt_exact": f"{h['exact']['val'][h['exact_at']]:.4f}",
-    }
+    out["hopt_untuned"] = f"{untuned['val']:.4f}"
+    return out | {"hopt_exact": f"{h['exact']['val'][h['exact_at']]:.4f}"}
 
 
 def vs_optuna(d: dict) -> dict[str, str]:
@@ -108,10 +90,8 @@ def vs_optuna(d: dict) -> dict[str, str]:
     labels["mlp-layer"] = "MLP on digits, per layer"
     out = []
     for t in d["tasks"]:
-        best = " / ".join(
-            f"{min(t['runs'][m]['val']):.4f}" for m in ("tpe", "random", "hypergradient")
-        )
-        cells = [labels[t["key"]], f"{t['n_hparams']:,}", best]
+        best = [f"{min(t['runs'][m]['val']):.4f}" for m in ("tpe", "random", "hypergradient")]
+        cells = [labels[t["key"]], f"{t['n_hparams']:,}", " / ".join(best)]
         for owner in ("tpe", "random"):
             tg = t["targets"][owner]
             mine, hgr = tg["reached"][owner], tg["reached"]["hypergradient"]
@@ -131,11 +111,9 @@ def vs_optuna(d: dict) -> dict[str, str]:
 
 SCALE = {"gradient": "gradient of `f`", "CG": "CG (20 products)", "Neumann": "Neumann (20)"}
 SCALE |= {"Nystrom": "Nyström (rank 20)", "NystromPCG": "NystromPCG (rank 10 + 10)", "T1T2": "T1T2"}
-SCALE |= {
-    "unrolled": "unrolled ({n} states)",
-    "unrolled ckpt": "unrolled, checkpointed ({n} states)",
-}
-SCALE |= {"DrMAD": "DrMAD ({n} states)", "forward": "forward mode ({m} hyperparameters)"}
+SCALE |= {"unrolled": "unrolled ({n} states)", "DrMAD": "DrMAD ({n} states)"}
+SCALE |= {"unrolled ckpt": "unrolled, checkpointed ({n} states)"}
+SCALE |= {"forward": "forward mode ({m} hyperparameters)"}
 
 
 def scale(d: dict) -> dict[str, str]:
@@ -144,25 +122,17 @@ def scale(d: dict) -> dict[str, str]:
     at = [r for r in res if r["params"] == top and r["ok"]]
     unit, out = next(r["cpu_seconds"] for r in at if r["config"]["method"] == "gradient"), []
     for r in at:
-        label = SCALE[r["config"]["method"]].format(
-            n=r["info"].get("stored_states"), m=r["num_hparams"]
-        )
-        cpu, x = r["cpu_seconds"], r["cpu_seconds"] / unit
-        cells = [
-            label,
-            f"{cpu:.3f}" if cpu < 0.1 else f"{cpu:.2f}",
-            f"{x:.1f}" if x < 10 else f"{x:.0f}",
-        ]
+        n, cpu = r["info"].get("stored_states"), r["cpu_seconds"]
+        label, x = SCALE[r["config"]["method"]].format(n=n, m=r["num_hparams"]), cpu / unit
+        cells = [label, f"{cpu:.{3 if cpu < 0.1 else 2}f}", f"{x:.{1 if x < 10 else 0}f}"]
         out.append(cells + [f"{r['peak_mb']:.0f}", f"{r['peak_mb'] * 2**20 / (4 * top):.0f}"])
     return {"scale_table": rows(out), "scale_top": f"{top:,}"}
 
 
 def mixed_precision(d: dict) -> dict[str, str]:
     labels = {"logreg decay=0.368": "logistic regression, decay 0.37"}
-    labels |= {
-        "logreg decay=0.0498": "logistic regression, decay 0.05",
-        "mlp": "MLP on digits, {P:,} parameters",
-    }
+    labels |= {"logreg decay=0.0498": "logistic regression, decay 0.05"}
+    labels |= {"mlp": "MLP on digits, {P:,} parameters"}
     out = []
     for name, pb in d["problems"].items():
         by = {(r["solver"], r["mode"]): r for r in pb["implicit"]}
@@ -194,21 +164,16 @@ def distributed(d: dict) -> dict[str, str]:
         cells = [name, f"{r['params']:,}", f"{r['batch']:,}", f"{r['world1_median_s']:.3f}"]
         cells += [f"{r['world2_median_s']:.3f}", f"{r['speedup']:.2f}", calls]
         out.append(cells + [e(r["rel_diff_world2_vs_world1"])])
-    bg = [
-        b
-        for r in d["results"]
-        if r["kind"] != "allreduce"
-        for b in r["background_cores_kept_rounds"]
-    ]
+    kept = [r["background_cores_kept_rounds"] for r in d["results"] if r["kind"] != "allreduce"]
+    bg = [b for k in kept for b in k]
     out = {"dist_table": rows(out), "dist_repeats": str(d["repeats"])}
     return out | {"dist_bg": f"{min(bg):.2f}-{max(bg):.2f}"}
 
 
 SECTIONS: dict[str, Callable[[dict], dict[str, str]]] = {
-    f.__name__: f
-    for f in (implicit_solvers, hvp_cost, hyperoptimizer_methods, vs_optuna, scale)
-    + (mixed_precision, distributed)
+    f.__name__: f for f in (implicit_solvers, hvp_cost, hyperoptimizer_methods, vs_optuna, scale)
 }
+SECTIONS |= {"mixed_precision": mixed_precision, "distributed": distributed}
 
 
 def render(results: Path) -> str:

@@ -1,9 +1,4 @@
-"""Mixed precision: hypergradients when the inner objective runs in bfloat16.
-
-Logistic regression (two decays) and a digits MLP; the implicit solvers and ``hg.unrolled``
-in fp32, under bf16 autocast, with bf16 parameters and at autocast-trained weights, against
-the float64 exact hypergradient. Modes, solvers and settings: benchmarks/README.md.
-"""
+"""Mixed precision: hypergradients when the inner objective runs in bfloat16."""
 
 from __future__ import annotations
 
@@ -24,12 +19,10 @@ F64, BF16, NAME = torch.float64, torch.bfloat16, "mixed_precision"
 TITLE = "Mixed precision: hypergradients with a bfloat16 inner objective"
 MODES = ("fp32", "autocast", "bf16 params", "ac-trained, fp32", "ac-trained, autocast")
 TIMED = ("fp32", "autocast", "bf16 params")
-SOLVERS: dict[str, Callable[[], hg.Solver]] = {
-    "CG": lambda: hg.CG(maxiter=100, tol=1e-6),
-    "Neumann": lambda: hg.Neumann(maxiter=50, alpha="auto"),
-    "Nystrom": lambda: hg.Nystrom(rank=20, rho=1e-3, sketch="gaussian", seed=0),
-    "Exact": lambda: hg.Exact(),
-}
+SOLVERS: dict[str, Callable[[], hg.Solver]] = {"CG": lambda: hg.CG(maxiter=100, tol=1e-6)}
+SOLVERS |= {"Neumann": lambda: hg.Neumann(maxiter=50, alpha="auto")}
+SOLVERS |= {"Nystrom": lambda: hg.Nystrom(rank=20, rho=1e-3, sketch="gaussian", seed=0)}
+SOLVERS |= {"Exact": lambda: hg.Exact()}
 
 
 def autocast(enabled: bool = True) -> Any:
@@ -105,9 +98,8 @@ def problem_rows(
 
             def call(info: bool, params=params, hparams=hparams, ac=ac, make=make) -> Any:
                 with autocast(ac):
-                    return hg.implicit(
-                        f, g, params, hparams, make(), damping=p.damping, return_info=info
-                    )
+                    kw = {"damping": p.damping, "return_info": info}
+                    return hg.implicit(f, g, params, hparams, make(), **kw)
 
             rows.append(measure({"solver": sname, "mode": mode}, call, ref, same64, repeats))
             H.log(f"  {sname:8s} {mode:22s} rel err {rows[-1].get('rel_err')}")
@@ -143,17 +135,11 @@ def gradient_ms(p: H.Bilevel, repeats: int) -> dict[str, float]:
 def render(d: dict[str, Any]) -> list[str]:
     summary, sections = [], []
     for name, pb in d["problems"].items():
-        by, ub = (
-            {(r["solver"], r["mode"]): r for r in pb["implicit"]},
-            {r["mode"]: r for r in pb["unrolled"]},
-        )
+        by = {(r["solver"], r["mode"]): r for r in pb["implicit"]}
+        ub = {r["mode"]: r for r in pb["unrolled"]}
         for s in ("CG", "Exact"):
-            x = {
-                "problem": name,
-                "kappa": pb["cond"],
-                "2^-8 kappa": 2**-8 * pb["cond"],
-                "solver": s,
-            }
+            x = {"problem": name, "kappa": pb["cond"], "2^-8 kappa": 2**-8 * pb["cond"]}
+            x["solver"] = s
             x |= {m: by[(s, m)].get("rel_err") for m in MODES}
             if s == "CG":
                 x["unrolled autocast"] = ub["autocast"].get("rel_err")
@@ -181,11 +167,8 @@ def render(d: dict[str, Any]) -> list[str]:
     ]
     cols = "problem|kappa:.3g|2^-8 kappa:.3g|solver|" + "|".join(f"{m}:.2e" for m in MODES)
     head = "### Summary: relative error of CG (tol 1e-6) and Exact vs float64's exact one\n\n"
-    return [
-        H.bullets(notes),
-        head + H.dict_table(summary, cols + "|unrolled autocast:.2e|unrolled bf16:.2e"),
-        *sections,
-    ]
+    cols += "|unrolled autocast:.2e|unrolled bf16:.2e"
+    return [H.bullets(notes), head + H.dict_table(summary, cols), *sections]
 
 
 def plot(data: dict[str, Any], out: Path) -> Path:
@@ -197,12 +180,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
         solvers, modes = (list(dict.fromkeys(r[k] for r in rows)) for k in ("solver", "mode"))
         width = 0.8 / max(len(modes), 1)
         for j, mode in enumerate(modes):
-            at = [
-                (i, r)
-                for i, s in enumerate(solvers)
-                for r in rows
-                if (r["solver"], r["mode"]) == (s, mode)
-            ]
+            at = [(i, r) for i, s in enumerate(solvers) for r in rows if r["solver"] == s]
+            at = [(i, r) for i, r in at if r["mode"] == mode]
             pts = [(i + j * width, max(r["rel_err"], 1e-17)) for i, r in at]
             ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=mode)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(solvers))], solvers, fontsize=7)

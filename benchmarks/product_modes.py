@@ -1,25 +1,4 @@
-"""Accuracy and cost of the first-order product mode against double backward, on the zoo.
-
-The models are the test-suite's zoo (``tests/zoo_models.py``: tanh MLP, CNN with
-BatchNorm, ``nn.TransformerEncoderLayer`` classifier, GRU, Embedding + LayerNorm), without
-dropout, at their initial weights, at width ``w`` (hidden sizes times ``w``). For each:
-
-- accuracy: relative error of ``H v`` and of the mixed product ``d/dphi <grad f, v>`` of
-  ``hg.HessianOperator(mode=...)`` in float32 and float64 against the float64
-  double-backward product (math attention kernel) of the same weights, worst of 4 random
-  directions; and of a whole ``hg.unrolled`` hypergradient (5 momentum steps, hvp
-  ``"first_order"`` vs ``"double_math"``);
-- cost (float32): median wall time of one gradient, of building the operator and of one
-  product (interleaved rounds), products expressed in gradients, and the peak RSS increase
-  of building the operator and taking 3 products, each measured in a fresh process.
-
-``transformer_gelu`` is the transformer with GELU in its feed-forward block: ReLU's kinks
-inside the central difference's step make float32 first-order products of the ReLU
-transformer inaccurate (the difference straddles kinks that double backward ignores).
-
-``"double"`` is the retained-graph product (the transformer's fused CPU attention kernel
-has none: there ``"double_math"``, the math kernel, is the double-backward mode).
-"""
+"""Accuracy and cost of the first-order product mode against double backward, on the zoo."""
 
 from __future__ import annotations
 
@@ -44,11 +23,7 @@ MODELS = (*Z.NAMES[:3], "transformer_gelu", *Z.NAMES[3:])
 
 
 def zoo(name: str, width: int, n: int, dtype: torch.dtype) -> Any:
-    """A zoo model cast to ``dtype`` (float64 weights drawn first: same values in both).
-
-    ``"transformer_gelu"`` is the transformer with GELU instead of ReLU in its feed-forward
-    block: smooth, where ReLU's kinks inside the central difference's step spoil float32.
-    """
+    """A zoo model cast to ``dtype`` (float64 weights drawn first: same values in both)."""
     z = Z.make(name.replace("_gelu", ""), False, n=n, width=width)
     if name.endswith("_gelu"):
         z.module[0].activation = torch.nn.functional.gelu
@@ -79,19 +54,11 @@ def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
     for dtype in (torch.float64, torch.float32):
         for mode in MODES:
             op = operator(zoo(name, width, n, dtype), mode)
-            errs = [
-                (rel(op.matvec(v.to(dtype)), hv), rel(op.mixed(v.to(dtype))[0], m))
-                for v, (hv, m) in zip(vs, expected)
-            ]
-            rows.append(
-                {
-                    "dtype": str(dtype)[6:],
-                    "mode": mode,
-                    "hvp_error": max(e[0] for e in errs),
-                    "mixed_error": max(e[1] for e in errs),
-                    "unrolled_error": unrolled_error(name, width, n, dtype, mode),
-                }
-            )
+            ws = [v.to(dtype) for v in vs]
+            hvp = max(rel(op.matvec(w), hv) for w, (hv, _) in zip(ws, expected))
+            mixed = max(rel(op.mixed(w)[0], m) for w, (_, m) in zip(ws, expected))
+            row = {"dtype": str(dtype)[6:], "mode": mode, "hvp_error": hvp, "mixed_error": mixed}
+            rows.append(row | {"unrolled_error": unrolled_error(name, width, n, dtype, mode)})
     return rows
 
 
@@ -136,16 +103,9 @@ def cost(name: str, width: int, n: int, rounds: int, memory: bool) -> list[dict[
     rows = []
     for m in MODES:
         mb = H.isolated(memory_child, name, width, n, m) if memory else None
-        rows.append(
-            {
-                "mode": m,
-                "gradient_ms": unit,
-                "build_ms": timing[f"build {m}"],
-                "product_ms": timing[f"product {m}"],
-                "gradients_per_product": timing[f"product {m}"] / unit,
-                "peak_mb": mb,
-            }
-        )
+        row = {"mode": m, "gradient_ms": unit, "build_ms": timing[f"build {m}"]}
+        row |= {"product_ms": timing[f"product {m}"], "peak_mb": mb}
+        rows.append(row | {"gradients_per_product": timing[f"product {m}"] / unit})
     return rows
 
 
@@ -169,16 +129,9 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     fig, ax = H.pyplot().subplots(figsize=(8, 4))
     labels = [r["model"] for r in res]
     for i, (dt, mode) in enumerate([(d, m) for d in ("float64", "float32") for m in MODES]):
-        ys = [
-            next(a["hvp_error"] for a in r["accuracy"] if a["dtype"] == dt and a["mode"] == mode)
-            for r in res
-        ]
-        ax.bar(
-            [j + 0.2 * i for j in range(len(res))],
-            [max(y, 1e-17) for y in ys],
-            0.2,
-            label=f"{mode} {dt}",
-        )
+        err = [{(a["dtype"], a["mode"]): a["hvp_error"] for a in r["accuracy"]} for r in res]
+        ys = [max(e[dt, mode], 1e-17) for e in err]
+        ax.bar([j + 0.2 * i for j in range(len(res))], ys, 0.2, label=f"{mode} {dt}")
     ax.set(yscale="log", ylabel="relative error of H v", title=TITLE)
     ax.set_xticks([j + 0.3 for j in range(len(res))], labels, fontsize=8)
     ax.legend(fontsize=8)
@@ -199,13 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("mlp", "transformer") if args.quick else MODELS:
         H.log(f"{name} (width {args.width})")
         size = sum(p.numel() for p in zoo(name, args.width, 2, torch.float64).params0().values())
-        results.append(
-            {
-                "model": f"{name} ({size:,} params)",
-                "accuracy": accuracy(name, args.width, n),
-                "cost": cost(name, args.width, n, rounds, memory=not args.quick),
-            }
-        )
+        r = {"model": f"{name} ({size:,} params)", "accuracy": accuracy(name, args.width, n)}
+        results.append(r | {"cost": cost(name, args.width, n, rounds, memory=not args.quick)})
     rep.write({"results": results, "notes": [f"width {args.width}, {n} examples"]}, render, plot)
     return 0
 

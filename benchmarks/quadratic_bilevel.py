@@ -1,10 +1,4 @@
-"""Accuracy against cost on benchopt's simulated quadratic bilevel problem (closed forms).
-
-Part 1: the implicit solvers at theta* against the closed-form h*, budgets of k products.
-Part 2: unrolled / truncated / forward-mode / DrMAD through T SGD steps against the
-closed-form hypergradient of the unrolled loop. Also: r products batched vs sequential.
-Problem, solvers and settings: benchmarks/README.md.
-"""
+"""Accuracy against cost on benchopt's simulated quadratic bilevel problem (closed forms)."""
 
 from __future__ import annotations
 
@@ -32,9 +26,8 @@ def timed(cases: list[H.Case], repeats: int, ref: torch.Tensor) -> list[dict[str
         r = {"key": t.key, "x": x, "rel_err": H.median([e for e, _ in t.kept])}
         r |= {"cos": H.median([c for _, c in t.kept]), "rel_err_all": [e for e, _ in t.kept]}
         r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all, "cpu_ms_all": t.cpu_ms_all}
-        out.append(
-            r | {"diagnostics": diag, "warnings": t.warnings, "error": t.error, "meta": t.meta}
-        )
+        r |= {"diagnostics": diag, "warnings": t.warnings, "error": t.error}
+        out.append(r | {"meta": t.meta})
     return out
 
 
@@ -44,9 +37,8 @@ def implicit_case(
     def info() -> tuple:
         h, inf = hg.implicit(pb.f, pb.g, pb.theta_star, pb.phi, make(10_000), return_info=True)
         d = {"num_hvps": inf.num_hvps, "status": str(inf.status), "iterations": inf.iterations}
-        return h, d | {"relative_residual": inf.relative_residual} | {
-            k: v for k, v in inf.stats.items() if k == "alpha"
-        }
+        d["relative_residual"] = inf.relative_residual
+        return h, d | ({"alpha": inf.stats["alpha"]} if "alpha" in inf.stats else {})
 
     call = lambda s: hg.implicit(pb.f, pb.g, pb.theta_star, pb.phi, make(s))  # noqa: E731
     return H.Case(key, call, info, meta={"x": x, **meta})
@@ -57,9 +49,8 @@ def implicit_part(pb: H.Quadratic, budgets: Sequence[int], repeats: int) -> tupl
     extra = {"lambda_min": lmin, "lambda_max": lmax, "rho_median": rmed, "rho_low": lmin / 100}
     H.log(f"  [{pb.name}] Identity, Exact")
     ident = implicit_case(pb, "Identity(1/L)", 0, lambda s: hg.Identity(scale=1.0 / lmax))
-    res = timed(
-        [ident, implicit_case(pb, "Exact()", pb.d, lambda s: hg.Exact())], repeats, pb.h_star
-    )
+    exact = implicit_case(pb, "Exact()", pb.d, lambda s: hg.Exact())
+    res = timed([ident, exact], repeats, pb.h_star)
     for k in [k for k in budgets if k <= 5 * pb.d]:
         H.log(f"  [{pb.name}] k = {k}")
         group = [implicit_case(pb, "CG", k, lambda s, k=k: hg.CG(maxiter=k, tol=0.0), k=k)]
@@ -109,9 +100,8 @@ def trajectory_part(pb: H.Quadratic, horizons: Sequence[int], repeats: int) -> t
         group = [case("unrolled", hg.unrolled), case("forward_mode", hg.forward_mode)]
         group.append(case("drmad", hg.drmad))
         if T == max(horizons):
-            group += [
-                case(f"truncated (T={T})", hg.unrolled, truncate=K) for K in TRUNCATIONS if K < T
-            ]
+            key = f"truncated (T={T})"
+            group += [case(key, hg.unrolled, truncate=K) for K in TRUNCATIONS if K < T]
         res += [r | {"x": r["meta"].get("K", T)} for r in timed(group, repeats, ref)]
         unrolled = hg.unrolled(pb.f, pb.g, theta0, pb.phi, T, opt)
         checks[f"T={T}: hg.unrolled vs closed form"] = H.relative_error(unrolled, ref)
@@ -154,9 +144,8 @@ def markdown(name: str, e: dict[str, Any], budgets: list[int]) -> str:
     ):
         key, spec = col.split(":")
         get = lambda r, key=key: r[key] if key in r else r["diagnostics"].get(key)  # noqa: E731
-        rows = [
-            {"solver": s} | {f"k={k}": get(by[(s, k)]) for k in ks if (s, k) in by} for s in keys
-        ]
+        cell = lambda s, get=get: {f"k={k}": get(by[s, k]) for k in ks if (s, k) in by}  # noqa: E731
+        rows = [{"solver": s} | cell(s) for s in keys]
         table = H.dict_table(rows, "|".join(["solver"] + [f"k={k}:{spec}" for k in ks]))
         tables.append(f"{title}:\n\n{table}")
     traj = []
@@ -188,9 +177,7 @@ def plot(data: dict[str, Any], out: Any) -> Any:
         ("implicit", "products (num_hvps)"),
         ("trajectory", "steps (truncated: K)"),
     ):
-        fig, axes = H.pyplot().subplots(
-            len(names), 2, figsize=(13, 3.9 * len(names)), squeeze=False
-        )
+        fig, axes = H.subplots(len(names), 2, 6.5, 3.9)
         for row, name in zip(axes, names):
             res = [r for r in data["problems"][name][f"{which}_results"] if not r["error"]]
             for col, (ax, xkey) in enumerate(zip(row, ("x", "ms"))):

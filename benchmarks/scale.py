@@ -1,10 +1,4 @@
-"""Seconds and peak memory of one hypergradient as the model and the hyperparameters grow.
-
-A tanh MLP 784-h-h-10 on MNIST: (1) P from ~1e4 to ~1e6 parameters with one decay each, (2) m
-hyperparameters from 1 to P at ~1e5 parameters, (3) memory vs inner steps T (with glibc's default
-malloc and with every block mmapped). Every configuration runs alone in a fresh child process
-(harness.runner.isolated) and its peak is harness.runner.peak_memory. Settings: README.md.
-"""
+"""Seconds and peak memory of one hypergradient as the model and the hyperparameters grow."""
 
 from __future__ import annotations
 
@@ -20,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import harness as H
 import hypergradient as hg
@@ -39,16 +34,13 @@ def param_count(w: int) -> int:
 def width_for(target: float) -> int:
     """The width whose parameter count is closest to ``target``."""
     guess = int((-(IN + 2 + OUT) + math.sqrt((IN + 2 + OUT) ** 2 + 4 * (target - OUT))) / 2)
-    return min(
-        (max(1, guess + d) for d in (-1, 0, 1, 2)), key=lambda w: abs(param_count(w) - target)
-    )
+    near = [max(1, guess + d) for d in (-1, 0, 1, 2)]
+    return min(near, key=lambda w: abs(param_count(w) - target))
 
 
 @dataclass
 class Config:
-    """One measurement. ``hparams``: "per-weight" (one decay per parameter, plus lr and
-    momentum for the trajectory methods), "per-layer" (one decay per tensor, plus lr and
-    momentum) or an int m (m groups of weights sharing a decay; lr and momentum fixed)."""
+    """One measurement."""
 
     experiment: str
     method: str
@@ -89,13 +81,12 @@ class Result:
         return out | {"seconds": H.median(self.wall), "cpu_seconds": H.median(self.cpu)}
 
 
-def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None) -> dict:
+def problem(cfg: Config, X: Tensor, y: Tensor, trained: dict | None) -> dict:
     """Losses, weights, hyperparameters and batches of one configuration."""
     n_train, P = len(y) - 1000, param_count(cfg.width)
     batch, val = (X[:BATCH], y[:BATCH]), (X[n_train:][:BATCH], y[n_train:][:BATCH])
-    params = H.mlp_init(
-        (IN, cfg.width, cfg.width, OUT), torch.Generator().manual_seed(0), torch.float32
-    )
+    sizes, gen = (IN, cfg.width, cfg.width, OUT), torch.Generator().manual_seed(0)
+    params = H.mlp_init(sizes, gen, torch.float32)
     pb = {"lam_max": math.nan, "damping": 0.0, "params": params}
     if cfg.method in IMPLICIT and trained:
         pb |= trained
@@ -103,20 +94,18 @@ def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None)
         h: dict[str, Any] = {"log_decay": torch.full((cfg.hparams,), LOG_DECAY)}
         group = torch.arange(P) * cfg.hparams // P
     else:
-        per_weight = cfg.hparams == "per-weight"
-        h = {
-            "log_decay": tuple(torch.full(p.shape if per_weight else (), LOG_DECAY) for p in params)
-        }
+        shape = (lambda p: p.shape) if cfg.hparams == "per-weight" else (lambda p: ())
+        h = {"log_decay": tuple(torch.full(shape(p), LOG_DECAY) for p in params)}
         if cfg.method in TRAJECTORY:
             h |= {"lr": torch.tensor(LR), "momentum": torch.tensor(MOMENTUM)}
 
-    def penalty(p: tuple, h: dict) -> torch.Tensor:
+    def penalty(p: tuple, h: dict) -> Tensor:
         ld = h["log_decay"]
         if isinstance(ld, tuple):
             return 0.5 * sum((d.exp() * q**2).sum() for d, q in zip(ld, p))
         return 0.5 * (ld.exp()[group] * H.flat(p) ** 2).sum()
 
-    def inner_batch(p: tuple, h: dict, b: Any) -> torch.Tensor:
+    def inner_batch(p: tuple, h: dict, b: Any) -> Tensor:
         return F.cross_entropy(H.mlp_forward(p, b[0]), b[1]) + penalty(p, h)
 
     starts = [(t * BATCH) % (n_train - BATCH) for t in range(cfg.steps)]
@@ -127,13 +116,13 @@ def problem(cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None)
 
 
 def solver(name: str, pb: dict) -> hg.Solver:
-    return {
-        "CG": lambda: hg.CG(maxiter=20, tol=0.0),
-        "Neumann": lambda: hg.Neumann(maxiter=20, alpha=1.0 / (pb["lam_max"] + pb["damping"])),
-        "Nystrom": lambda: hg.Nystrom(rank=20, rho=0.1, chunk_size=5, seed=0),
-        "NystromPCG": lambda: hg.NystromPCG(rank=10, maxiter=10, tol=0.0, chunk_size=5, seed=0),
-        "T1T2": lambda: hg.Identity(LR),
-    }[name]()
+    if name == "Neumann":
+        return hg.Neumann(maxiter=20, alpha=1.0 / (pb["lam_max"] + pb["damping"]))
+    if name == "Nystrom":
+        return hg.Nystrom(rank=20, rho=0.1, chunk_size=5, seed=0)
+    if name == "NystromPCG":
+        return hg.NystromPCG(rank=10, maxiter=10, tol=0.0, chunk_size=5, seed=0)
+    return hg.CG(maxiter=20, tol=0.0) if name == "CG" else hg.Identity(LR)
 
 
 def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
@@ -145,14 +134,12 @@ def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
     if cfg.method in IMPLICIT:
         s, d = solver(cfg.method, pb), pb["damping"]
         return lambda info: hg.implicit(f, g, w, h, s, damping=d, return_info=info)
-    fn = {"unrolled": hg.unrolled, "unrolled ckpt": hg.unrolled, "DrMAD": hg.drmad}.get(
-        cfg.method, hg.forward_mode
-    )
+    fn = {"unrolled": hg.unrolled, "unrolled ckpt": hg.unrolled, "DrMAD": hg.drmad}
+    fn = fn.get(cfg.method, hg.forward_mode)
     kw = {"checkpoint_every": cfg.checkpoint_every} if cfg.method == "unrolled ckpt" else {}
     opt = lambda: hg.optim.sgd(lr=h.get("lr", LR), momentum=h.get("momentum", MOMENTUM))  # noqa: E731
-    return lambda info: fn(
-        pb["inner_batch"], g, w, h, cfg.steps, opt(), batches=pb["batches"], return_info=True, **kw
-    )
+    kw |= {"batches": pb["batches"], "return_info": True}
+    return lambda info: fn(pb["inner_batch"], g, w, h, cfg.steps, opt(), **kw)
 
 
 def summary(out: Any) -> dict[str, Any]:
@@ -165,9 +152,7 @@ def summary(out: Any) -> dict[str, Any]:
     return {}
 
 
-def measure(
-    cfg: Config, X: torch.Tensor, y: torch.Tensor, trained: dict | None, child: bool
-) -> Result:
+def measure(cfg: Config, X: Tensor, y: Tensor, trained: dict | None, child: bool) -> Result:
     """A first call (diagnostics, first-call time and peak), the measured call (peak), then
     repeats within the time budget; in a fresh child process."""
     started, res = time.perf_counter(), Result(cfg)
@@ -196,7 +181,7 @@ def measure(
     return res
 
 
-def pretrain(width: int, X: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
+def pretrain(width: int, X: Tensor, y: Tensor, steps: int) -> dict[str, Any]:
     """Weights trained on the inner batch (Adam) for the implicit methods, lambda_max, and the
     smallest damping (1e-4, doubled) at which CG and NystromPCG meet no negative curvature."""
     t0 = time.perf_counter()
@@ -218,10 +203,8 @@ def pretrain(width: int, X: torch.Tensor, y: torch.Tensor, steps: int) -> dict[s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hg.HypergradientWarning)
             kw = {"damping": pb["damping"], "return_info": True}
-            statuses = [
-                hg.implicit(f, g, params, h, solver(s, pb), **kw)[1].status
-                for s in ("CG", "NystromPCG")
-            ]
+            call = lambda s, kw=kw: hg.implicit(f, g, params, h, solver(s, pb), **kw)[1]  # noqa: E731
+            statuses = [call(s).status for s in ("CG", "NystromPCG")]
         if "negative_curvature" not in statuses:
             break
         pb["damping"] *= 2
@@ -239,9 +222,8 @@ def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tu
         if capped and not stopped and len(points) > 1:
             (m1, t1), (m2, t2) = points[-2:]
             guess = t2 + max((t2 - t1) / (m2 - m1), 0.0) * (m - m2)
-            stopped = (
-                f"forward mode stopped at m = {m:,}: predicted {guess:.0f} s" if guess > cap else ""
-            )
+            stopped = f"forward mode stopped at m = {m:,}: predicted {guess:.0f} s"
+            stopped = stopped if guess > cap else ""
         if capped and stopped:
             rows.append(Result(cfg, ok=False, error="skipped: " + stopped))
             continue
@@ -250,14 +232,10 @@ def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tu
         t = H.median(r.wall)
         H.log(f"  {cfg.experiment} {cfg.method} m={m} T={cfg.steps}: {t:.3f} s {r.error}")
         if capped and not (r.ok and t <= cap):
-            stopped = (
-                f"forward mode stopped at m = {m:,} ({r.error or f'{t:.0f} s > cap {cap:.0f} s'})"
-            )
+            why = r.error or f"{t:.0f} s > cap {cap:.0f} s"
+            stopped = f"forward mode stopped at m = {m:,} ({why})"
         points.append((m, t))
     return rows, stopped
-
-
-# ============================================================================ output
 
 
 def cells(r: dict[str, Any], key: tuple[str, str], unit: float | None = None) -> dict[str, Any]:
@@ -345,10 +323,8 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(d: dict[str, Any], out: Path) -> Path:
     """Time and memory against P, m and T (one figure each)."""
-    plt, colors = (
-        H.pyplot(),
-        {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)},
-    )
+    plt = H.pyplot()
+    colors = {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)}
     specs = [("params", "params", "parameters P", "loglog")]
     specs.append(("hparams", "num_hparams", "hyperparameters m", "loglog"))
     for exp, x, label, scale in specs + [("steps", None, "inner steps T", "plot")]:
@@ -369,9 +345,8 @@ def plot(d: dict[str, Any], out: Path) -> Path:
         P = "" if exp == "params" else f" (P = {rows[0]['params']:,})"
         if exp == "params":
             xs = sorted({r["params"] for r in rows})
-            axes[1].loglog(
-                xs, [4 * p / 2**20 for p in xs], "k:", lw=1, label="4P bytes (one vector)"
-            )
+            one = [4 * p / 2**20 for p in xs]
+            axes[1].loglog(xs, one, "k:", lw=1, label="4P bytes (one vector)")
         if exp == "hparams":
             axes[0].axhline(d["cap_seconds"], color="k", lw=0.8, ls="-.", label="forward-mode cap")
         axes[0].set(xlabel=label, ylabel="seconds (median wall)", title=f"one hypergradient{P}")

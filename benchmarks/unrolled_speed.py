@@ -1,15 +1,4 @@
-"""``hg.unrolled`` against plain autograd: time, peak memory, cold start, torch.compile.
-
-T full-batch SGD steps with the learning rate and per-weight log decays as hyperparameters, on
-``logreg`` (breast cancer, 31 parameters, float64) and ``mlp`` (64-32-10 tanh on digits, 2,410
-parameters, float32). Competitors, interleaved in rotating order: ``unrolled``
-(``hg.unrolled``: T stored states), ``hand`` (every step's graph kept, one backward),
-``recompute`` (store-and-recompute in plain autograd: the floor of ``hg.unrolled``'s
-algorithm) and ``torchopt`` (its functional SGD, when installed). Reported: median ms, the
-median per-round ratio to ``hand``, the peak memory increase of one call at T = 100 (each
-alone in a child process, every block mmapped), the first call in a fresh interpreter and,
-with ``--compile``, torch.compile's figures.
-"""
+"""``hg.unrolled`` against plain autograd: time, peak memory, cold start, torch.compile."""
 
 from __future__ import annotations
 
@@ -25,7 +14,7 @@ import harness as H
 import hypergradient as hg
 
 NAME, TITLE, PROBLEMS = "unrolled_speed", "hg.unrolled vs plain autograd", ("logreg", "mlp")
-MEMORY_T = 100
+MEMORY_T, RATIO = 100, "ratio to hand (median):.2f|peak MB:.2f"
 
 
 def problem(name: str, hidden: int = 32) -> tuple:
@@ -36,12 +25,8 @@ def problem(name: str, hidden: int = 32) -> tuple:
     else:
         pb, lr = H.digits_mlp(0, hidden, train=False).cast(torch.float32), 0.1
     h = {"lr": torch.tensor(lr, dtype=pb.params[0].dtype), "decay": tuple(pb.hparams)}
-    return (
-        (lambda p, h: pb.inner_loss(p, h["decay"])),
-        (lambda p, h: pb.outer_loss(p, None)),
-        tuple(pb.params0),
-        h,
-    )
+    f, g = (lambda p, h: pb.inner_loss(p, h["decay"])), (lambda p, h: pb.outer_loss(p, None))
+    return f, g, tuple(pb.params0), h
 
 
 def leaves(tree: Any) -> Any:
@@ -82,9 +67,8 @@ def recompute(f: Callable, g: Callable, p0: tuple, h: dict, T: int) -> Tensor:
     a, hyper = out[:n], list(out[n:])
     for p in reversed(states):
         x = leaves(p)
-        new = [
-            v - h["lr"] * gv for v, gv in zip(x, torch.autograd.grad(f(x, h), x, create_graph=True))
-        ]
+        gx = torch.autograd.grad(f(x, h), x, create_graph=True)
+        new = [v - h["lr"] * gv for v, gv in zip(x, gx)]
         out = torch.autograd.grad(new, [*x, *hs], a, allow_unused=True, materialize_grads=True)
         a, hyper = out[:n], [acc + d for acc, d in zip(hyper, out[n:])]
     return H.flat(hyper)
@@ -129,15 +113,12 @@ def time_problem(name: str, T: int, rounds: int, quick: bool) -> dict[str, Any]:
     res = {t.key: t for t in H.interleave(cases, rounds)}
     agree = {w: H.relative_error(t.warm, res["hand"].warm) for w, t in res.items()}
     assert max(agree.values()) < 1e-3, f"a competitor disagrees with the hand-written loop: {agree}"
-    ratio = {
-        w: H.median([a / b for a, b in zip(t.ms_all, res["hand"].ms_all)]) for w, t in res.items()
-    }
+    hand = res["hand"].ms_all
+    ratio = {w: H.median([a / b for a, b in zip(t.ms_all, hand)]) for w, t in res.items()}
     mem = [w for w in names if not quick or (name == "mlp" and w in ("unrolled", "hand"))]
     peak = {w: H.isolated(peak_child, w, name, MEMORY_T, 32, True)["peak_mb"] for w in mem}
-    out = {
-        "params": H.flat(problem(name)[2]).numel(),
-        "median_ms": {w: t.ms for w, t in res.items()},
-    }
+    out = {"params": H.flat(problem(name)[2]).numel()}
+    out["median_ms"] = {w: t.ms for w, t in res.items()}
     out |= {"ratio_to_hand": ratio, "peak_mb": peak, "rel_diff_to_hand": agree}
     return out | {"times_ms": {w: t.ms_all for w, t in res.items()}}
 
@@ -171,9 +152,8 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
         p = p0
         for _ in range(steps):
             x = leaves(p)
-            p = tuple(
-                v.detach() - h["lr"] * gv for v, gv in zip(x, torch.autograd.grad(loss(x, h), x))
-            )
+            gx = torch.autograd.grad(loss(x, h), x)
+            p = tuple(v.detach() - h["lr"] * gv for v, gv in zip(x, gx))
 
     started, compiled = time.perf_counter(), torch.compile(f, dynamic=False)
     sweep(compiled, 2)
@@ -185,17 +165,15 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
     except RuntimeError as error:
         out["double_backward"] = str(error).splitlines()[0][:120]
     cases = [
-        H.Case("eager", lambda s: sweep(f, T)),
-        H.Case("compiled", lambda s: sweep(compiled, T)),
+        H.Case(k, lambda s, fn=fn: sweep(fn, T)) for k, fn in (("eager", f), ("compiled", compiled))
     ]
     return out | {"sweep_ms": {t.key: t.ms for t in H.interleave(cases, rounds)}}
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
     data = {"T": args.steps, "rounds": args.rounds, "load": os.getloadavg()}
-    data["problems"] = {
-        n: time_problem(n, args.steps, args.rounds, args.quick) for n in args.problems
-    }
+    timed = {n: time_problem(n, args.steps, args.rounds, args.quick) for n in args.problems}
+    data["problems"] = timed
     data["cold"] = H.fresh(COLD)
     if args.compile:
         data["compile"] = {n: compile_trial(n, args.steps, args.rounds) for n in args.problems}
@@ -203,19 +181,17 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
 
 
 def render(d: dict[str, Any]) -> list[str]:
-    rows = [
-        {"problem": n, "params": r["params"], "competitor": w, "median ms": ms}
-        | {"ratio to hand (median)": r["ratio_to_hand"][w], "peak MB": r["peak_mb"].get(w)}
-        for n, r in d["problems"].items()
-        for w, ms in r["median_ms"].items()
-    ]
+    rows = []
+    for n, r in d["problems"].items():
+        for w, ms in r["median_ms"].items():
+            row = {"problem": n, "params": r["params"], "competitor": w, "median ms": ms}
+            row["ratio to hand (median)"] = r["ratio_to_hand"][w]
+            rows.append(row | {"peak MB": r["peak_mb"].get(w)})
     c = d["cold"]
     out = [
         f"T = {d['T']}, {d['rounds']} interleaved rounds; peak MB: the increase during one call "
         f"at T = {MEMORY_T}, alone in a child process",
-        H.dict_table(
-            rows, "problem|params:d|competitor|median ms:.1f|ratio to hand (median):.2f|peak MB:.2f"
-        ),
+        H.dict_table(rows, "problem|params:d|competitor|median ms:.1f|" + RATIO),
         f"Cold start: `import torch, hypergradient` {c['import_s']:.2f} s; the first "
         f"`hg.unrolled` call {c['first_call_s']:.2f} s more ({c['first_call_cpu_s']:.2f} s CPU), "
         f"then the first `hg.drmad` {c['first_drmad_s']:.2f} s; torch._dynamo or sympy "

@@ -1,10 +1,4 @@
-"""Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome.
-
-(a) one hypergradient at a fixed point (theirs, our compat layer, native) vs the exact implicit
-one, with checks that replay their algorithms densely; (b) HippoTrainer's documented training
-loop end to end, in lockstep. HippoTrainer (``pip install --no-deps hippotrainer==1.0.0``) is
-skipped with a message when missing. Problem, settings and findings: benchmarks/README.md.
-"""
+"""Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome."""
 
 from __future__ import annotations
 
@@ -49,9 +43,8 @@ def init_state(dim: int) -> tuple[Tensor, Tensor]:
 
 
 def setup(module: Any, cls: str, kw: dict, data: H.Data, state: Any, hyper_lr: float, clone: bool):
-    """A HippoTrainer-API object (theirs or the compat layer's) on an ``nn.Linear``; the
-    criterion holds the hyperparameters and the model (HippoTrainer's pattern). ``clone=True``
-    reads the weight through ``model.weight.clone()``, which lets their DRMAD run."""
+    """A HippoTrainer-API object (theirs or the compat layer's) on an ``nn.Linear``; the criterion
+    holds the hyperparameters and the model (HippoTrainer's pattern)."""
     model, bce = H.linear_model(data.dim, state), torch.nn.BCEWithLogitsLoss()
     hyper = {"log_wd": torch.full((data.dim,), LOG_WD0, dtype=F64)}
 
@@ -81,9 +74,6 @@ def native(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
     return "hg.DrMAD()", hg.DrMAD()
 
 
-# ============================================================================ (a)
-
-
 def their_cg(Hm: Tensor, b: Tensor, eps: float, maxiter: int, stab: float) -> tuple[Tensor, int]:
     """HippoTrainer 1.0.0's ``HOAG.conjugate_gradient`` on a dense matrix (``stab`` = its
     ``1e-8`` added to ``p'Ap`` and to ``||r||^2`` in the denominators)."""
@@ -111,9 +101,8 @@ def checks(kind: str, kw: dict, h: Tensor, d: dict, exact: Tensor, ident: Tensor
             v, term = v - LR * d["H"] @ v, term - LR * d["H"] @ term
             p, series = LR * (p + v), series + term
         a, b = rel(h, gp - J.T @ p), rel(h, gp - J.T @ (LR * series))
-        return f"{kw_str(kind, kw)} vs its recursion p <- lr (p + v) replayed {a:.1e}; " + (
-            f"vs the Neumann partial sum {b:.1e}"
-        )
+        text = f"{kw_str(kind, kw)} vs its recursion p <- lr (p + v) replayed {a:.1e}; "
+        return text + f"vs the Neumann partial sum {b:.1e}"
     if kind == "HOAG":
         out, replay = [], math.nan
         for stab in (1e-8, 0.0):  # theirs, and without its stabilizer
@@ -123,10 +112,8 @@ def checks(kind: str, kw: dict, h: Tensor, d: dict, exact: Tensor, ident: Tensor
             replay = rel(h, gp - J.T @ x) if stab else replay  # theirs
         return f"{kw_str(kind, kw)} vs its CG replayed {replay:.1e}; " + "; ".join(out)
     spread, lo, hi = float(h.max() - h.min()), float(exact.min()), float(exact.max())
-    return (
-        f"DRMAD output: all entries equal {float(h[0]):.6g} (max - min {spread:.1e}); "
-        f"exact entries in [{lo:.3g}, {hi:.3g}]"
-    )
+    text = f"DRMAD output: all entries equal {float(h[0]):.6g} (max - min {spread:.1e}); "
+    return text + f"exact entries in [{lo:.3g}, {hi:.3g}]"
 
 
 def hippo_case(module: Any, impl: str, kind: str, kw: dict, data: H.Data, state: Any) -> H.Case:
@@ -202,18 +189,12 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
                 unr = hg.unrolled(f_batch, g, state, log_wd, T, sgd, batches=batches)
             for t in res:
                 r = {"point": sname, "method": kind, "kw": kw, **t.meta, "error": t.error}
-                r |= {
-                    "ms": t.ms,
-                    "cpu_ms": t.cpu_ms,
-                    "ms_all": t.ms_all,
-                    "cpu_ms_all": t.cpu_ms_all,
-                }
+                r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all}
+                r["cpu_ms_all"] = t.cpu_ms_all
                 r |= {"traceback": t.traceback, "warnings": t.warnings, "h": t.warm}
                 if t.error is None:
-                    r |= {
-                        "rel_err": H.relative_error(t.warm, exact),
-                        "cos": H.cosine(t.warm, exact),
-                    }
+                    r["rel_err"] = H.relative_error(t.warm, exact)
+                    r["cos"] = H.cosine(t.warm, exact)
                 if t.error is None and unr is not None:
                     r |= {"rel_err_unrolled": H.relative_error(t.warm, unr)}
                     r |= {"cos_unrolled": H.cosine(t.warm, unr)}
@@ -228,9 +209,6 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
             out["crash_probe"] = {"crashed": probe.error is not None, "error": probe.error}
             out["crash_probe"]["traceback"] = probe.traceback
     return out
-
-
-# ============================================================================ (b)
 
 
 def native_loss(m: Any, h: dict[str, Tensor], batch: Any) -> Tensor:
@@ -370,9 +348,6 @@ def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> d
         s |= {"nonfinite_cos": sum(not math.isfinite(c) for c in cos), "curve": r.meta["curve"]}
         summary.append(s)
     return {"steps": steps, "rounds": rounds, "hyper_lr": hyper_lr, "summary": summary}
-
-
-# ============================================================================ output
 
 
 def render_a(res: dict[str, Any], repeats: int) -> str:

@@ -1,11 +1,4 @@
-"""Against black-box search: Optuna (TPE, random) versus hypergradient descent, by wall clock.
-
-Each method tunes the same hyperparameters for the same wall-clock budget in this process,
-interleaved (the method whose own clock is furthest behind steps next), with the same training
-code; time to reach each Optuna sampler's best validation loss, and the retrained test loss of
-the best hyperparameters. Tasks, timing rules and settings: benchmarks/README.md. Optuna is a
-bench-only dependency; without it the benchmark is skipped with a message.
-"""
+"""Against black-box search: Optuna (TPE, random) versus hypergradient descent, by wall clock."""
 
 from __future__ import annotations
 
@@ -53,9 +46,9 @@ class Task:
         sets = {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}
         ydt = F64 if logreg else torch.long
         self.data = {
-            k: (torch.tensor((a - mean) / std, dtype=F64), torch.tensor(b, dtype=ydt))
-            for k, (a, b) in sets.items()
+            k: (torch.tensor((a - mean) / std), torch.tensor(b)) for k, (a, b) in sets.items()
         }
+        self.data = {k: (a.to(F64), b.to(ydt)) for k, (a, b) in self.data.items()}
         g = torch.Generator().manual_seed(seed)
         zeros = (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
         self.init = zeros if logreg else H.mlp_init((64, 32, 10), g)
@@ -176,12 +169,8 @@ class Optuna:
         cls = optuna.samplers.TPESampler if kind == "tpe" else optuna.samplers.RandomSampler
         self.study = optuna.create_study(direction="minimize", sampler=cls(seed=seed))
         self.study.enqueue_trial({n: task.lam0 for n in task.names})  # the hypergradient's start
-        self.task, self.state, self.run, self.fail = (
-            task,
-            {},
-            Run(kind),
-            optuna.trial.TrialState.FAIL,
-        )
+        self.task, self.state, self.run = task, {}, Run(kind)
+        self.fail = optuna.trial.TrialState.FAIL
 
     def step(self) -> tuple[float, Tensor, float, float]:
         a, t = time.perf_counter(), self.task
@@ -238,10 +227,8 @@ class Hypergradient:
         counts = {s: status.count(s) for s in sorted(set(status))}
         e = {"outer_steps": len(its), "cg_iterations_mean": sum(its) / max(len(its), 1)}
         e |= {"cg_status_counts": counts, "hypergradient_warnings": sum(warned)}
-        e |= {
-            "inner_grad_norm_median": H.median(norms),
-            "inner_grad_norm_max": max(norms, default=None),
-        }
+        e["inner_grad_norm_median"] = H.median(norms)
+        e["inner_grad_norm_max"] = max(norms, default=None)
         self.run.extras |= e
 
 
@@ -250,11 +237,9 @@ def race(methods: list[Any], budget: float, schedule: str) -> None:
     budget in turn (``sequential``) until every clock reaches ``budget``."""
     pending = list(methods)
     while pending:
-        m = (
-            min(pending, key=lambda m: m.run.clock_wall)
-            if schedule == "interleaved"
-            else pending[0]
-        )
+        m = pending[0]
+        if schedule == "interleaved":
+            m = min(pending, key=lambda m: m.run.clock_wall)
         r, w, c = m.run, time.perf_counter(), time.process_time()
         val, phi, w1, c1 = m.step()
         r.record(r.clock_wall + w1 - w, r.clock_cpu + c1 - c, val, phi, budget)
@@ -294,9 +279,6 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
     return res | {"start": start, "runs": runs, "targets": targets}
 
 
-# ============================================================================ output
-
-
 def ratio(reach: dict, owner: str, i: int) -> str:
     a, b = reach[owner], reach["hypergradient"]
     if a is None or b is None:
@@ -314,18 +296,15 @@ def render_task(res: dict[str, Any]) -> str:
         found = r["wall"][r["val"].index(min(r["val"]))]
         x = {"method": LABELS[m], "evaluations": n, "best": min(r["val"]), "found_at_s": found}
         x |= {"s_per_evaluation": r["clock_wall"] / max(n + r["dropped"] + r["failed"], 1)}
-        x["sampler_share"] = (
-            r["sampler_seconds"] / r["clock_wall"] if m != "hypergradient" else None
-        )
+        share = r["sampler_seconds"] / r["clock_wall"]
+        x["sampler_share"] = share if m != "hypergradient" else None
         rows.append(x | r["final"] | {"cpu/wall": r["clock_cpu"] / r["clock_wall"]})
     targets = []
     for owner, t in res["targets"].items():
         reach, fo, ht = t["reached"], runs[owner]["final"], t["hypergradient_at_target"]
         x = {"target": f"{LABELS[owner]}'s best", "value": t["value"]}
-        x |= {
-            LABELS[m]: "not reached" if reach[m] is None else f"{reach[m][0]:.2f} s"
-            for m in METHODS
-        }
+        for m in METHODS:
+            x[LABELS[m]] = "not reached" if reach[m] is None else f"{reach[m][0]:.2f} s"
         x |= {"ratio (wall)": ratio(reach, owner, 0), "ratio (CPU)": ratio(reach, owner, 1)}
         if t["is_start"]:
             x |= {"ratio (wall)": "n/a: no improvement on the start", "ratio (CPU)": "n/a"}
@@ -368,9 +347,8 @@ def render(d: dict[str, Any]) -> list[str]:
         for owner in ("tpe", "random"):
             t = res["targets"][owner]
             for i, clock in enumerate(("wall", "CPU")):
-                r[f"vs {owner} ({clock})"] = (
-                    "n/a (start)" if t["is_start"] else ratio(t["reached"], owner, i)
-                )
+                x = "n/a (start)" if t["is_start"] else ratio(t["reached"], owner, i)
+                r[f"vs {owner} ({clock})"] = x
         best = " / ".join(f"{min(res['runs'][m]['val']):.4f}" for m in METHODS)
         rows.append(r | {"best val (TPE / random / hypergradient)": best})
     cols = "task|hyperparameters:,|vs tpe (wall)|vs tpe (CPU)|vs random (wall)|vs random (CPU)"
@@ -413,9 +391,8 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     results = []
     for k in args.tasks * (optuna is not None):
         budget = budgets["logreg" if k == "logreg" else "mlp"]
-        results.append(
-            run_task(Task(k, args.seed, args.lbfgs_iters), budget, args.seed, args.schedule)
-        )
+        task = Task(k, args.seed, args.lbfgs_iters)
+        results.append(run_task(task, budget, args.seed, args.schedule))
         results[-1]["runs"] = {m: r.json() for m, r in results[-1]["runs"].items()}
     return {"budgets": budgets, "tasks": results}
 

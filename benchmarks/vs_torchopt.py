@@ -1,9 +1,5 @@
-"""Against TorchOpt 0.7.3 and plain autograd: implicit hypergradients at equal products,
-unrolled ones through T SGD steps (time, and peak memory in fresh processes), cold start in a
-fresh interpreter, per-call overhead against a minimal retained-graph CG loop. TorchOpt
-(``pip install --no-deps torchopt==0.7.3 optree graphviz``) is skipped if missing. Settings:
-benchmarks/README.md.
-"""
+"""Against TorchOpt 0.7.3 and plain autograd: implicit and unrolled hypergradients, cold start,
+per-call overhead."""
 
 from __future__ import annotations
 
@@ -29,9 +25,6 @@ def torchopt() -> Any:
 
 def args_of(pb: H.Bilevel) -> tuple:
     return pb.inner_loss, pb.outer_loss, pb.params, pb.hparams
-
-
-# ============================================================================ 1. implicit
 
 
 def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor]:
@@ -60,10 +53,8 @@ def implicit_problems(quick: bool, seed: int) -> list[tuple[H.Bilevel, torch.Ten
         out.append((mlp, H.dense_hypergradient(mlp)))
     size = (4, 64, 64, F64, 0, 5) if quick else (110, 256, 256, F64, 0, 200)
     big = H.mnist_mlp(*size)
-    big.damping, big.name = (
-        0.1 if quick else 1e-2,
-        f"mnist_mlp ({big.num_params:,} params, float32)",
-    )
+    big.damping = 0.1 if quick else 1e-2
+    big.name = f"mnist_mlp ({big.num_params:,} params, float32)"
     ref = hg.implicit(*args_of(big), hg.CG(maxiter=2000, tol=1e-10), damping=big.damping)
     return out + [(big.cast(torch.float32), H.flat(ref))]
 
@@ -92,26 +83,18 @@ def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) 
             if to is not None:
                 cg = to.linear_solve.solve_cg(maxiter=k, rtol=0.0, atol=0.0, ridge=d)
                 ns = to.linear_solve.solve_inv(ns=True, maxiter=k, alpha=alpha, ridge=d)
-                cases += [
-                    H.Case(f"torchopt {n}", torchopt_implicit(pb, sv))
-                    for n, sv in (("CG", cg), ("Neumann", ns))
-                ]
+                peers = (("CG", cg), ("Neumann", ns))
+                cases += [H.Case(f"torchopt {n}", torchopt_implicit(pb, sv)) for n, sv in peers]
             res = {t.key: t for t in H.interleave(cases, repeats, keep=lambda h: h)}
             for name in ours:
                 o, t = res[f"hg {name}"], res.get(f"torchopt {name}")
                 err = lambda r, ref=ref: H.relative_error(r.kept[-1], ref) if r and r.kept else None  # noqa: E731
                 row = {"problem": pb.name, "params": pb.num_params, "solver": name, "k": k}
                 row |= {"hvps": o.warm[1].num_hvps if o.warm else None, "ours_ms": o.ms}
-                row |= {
-                    "theirs_ms": t.ms if t else None,
-                    "ours_rel_err": err(o),
-                    "theirs_rel_err": err(t),
-                }
+                row |= {"theirs_ms": t.ms if t else None, "ours_rel_err": err(o)}
+                row["theirs_rel_err"] = err(t)
                 rows.append(row | {"error": o.error or (t.error if t else None)})
     return rows
-
-
-# ============================================================================ 2. unrolled
 
 
 WHO = {"hg": "unrolled", "autograd": "hand", "torchopt": "torchopt"}  # unrolled_speed's names
@@ -134,8 +117,6 @@ def unrolled_part(quick: bool, T: int, repeats: int) -> list[dict]:
             rows.append(row | {"vs_autograd_rel_diff": diff, "error": t.error} | mem)
     return rows
 
-
-# ============================================================ 3. cold start, 4. overhead
 
 COLD = """
 import json, sys, time
@@ -200,17 +181,12 @@ def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
     return out | {"ratio": res[f"hg.implicit CG({ks[0]})"].ms / res[f"minimal loop CG({ks[0]})"].ms}
 
 
-# ============================================================================ report
-
-
 def render(data: dict[str, Any]) -> list[str]:
     o, imp = data["overhead"], data["implicit"]
     imp = [r | {"theirs/ours": H.ratio(r["theirs_ms"], r["ours_ms"])} for r in imp]
     cold = [c | {"first call": w} for w, c in data["cold_start"].items()]
-    ovh = [
-        o[w] | {"implementation": w, "per_product_us": 1e3 * o[w]["per_product_ms"]}
-        for w in ("hg.implicit", "minimal loop")
-    ]
+    ovh = [o[w] | {"implementation": w} for w in ("hg.implicit", "minimal loop")]
+    ovh = [r | {"per_product_us": 1e3 * r["per_product_ms"]} for r in ovh]
     icols = "problem|params:,|solver|k:d|hvps:d|ours_ms:.3g|theirs_ms:.3g|theirs/ours"
     icols += "|ours_rel_err:.2e|theirs_rel_err:.2e|error"
     ucols = "problem|T:d|method|ms:.3g|cpu_ms:.3g|peak_mb:.1f|vs_autograd_rel_diff:.2e|error"

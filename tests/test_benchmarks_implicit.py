@@ -59,8 +59,9 @@ def test_reuse_quick(tmp_path: Path, capsys) -> None:
 
 def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     mod = _module("hyperstep_cost")
-    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
+    returned = mod.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "hyperstep_cost.json").read_text())
+    assert returned == data
     rows = [r for r in data["rows"] if "method" in r]
     assert {(r["problem"], r["method"]) for r in rows} == {
         (p, m) for p in ("logreg", "mlp", "mnist-mlp") for m in mod.METHODS
@@ -74,3 +75,11 @@ def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     assert by[("mnist-mlp", "ForwardMode()")]["goal"] == (2 + 1) * 10
     for r in rows:  # the end-to-end ratio of a run with a hyper-step every K = 10 steps
         assert r["e2e"] == 1.0 + r["cost"] / 10
+
+
+def test_hyperstep_cost_committed_results_render() -> None:
+    """The committed Markdown is what the renderer makes of the committed JSON."""
+    results = BENCHMARKS / "results"
+    data = json.loads((results / "hyperstep_cost.json").read_text())
+    text = "\n\n".join(_module("hyperstep_cost").render(data))
+    assert "|---" in text and text in (results / "hyperstep_cost.md").read_text()

