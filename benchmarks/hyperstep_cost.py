@@ -47,6 +47,42 @@ def problems(seed: int, quick: bool) -> dict[str, tuple]:
     }
 
 
+def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
+    """The maths' floor of a hyper-step, written in bare ``torch.autograd`` on the same model
+    and batches: T1T2 takes the gradient with its graph at theta_t, the validation gradient
+    at theta_{t+1} and the mixed product; IFT the same at one point plus k Hessian-vector
+    products (Neumann's recursion with the inner learning rate)."""
+    model, (xt, yt), (xv, yv), loss, shape = pb
+    net = model()
+    names, ps = [n for n, _ in net.named_parameters()], [p.detach() for p in net.parameters()]
+    decay = torch.full(shape, 1e-2, requires_grad=True)
+    call = lambda p, x: torch.func.functional_call(net, dict(zip(names, p)), (x,))  # noqa: E731
+    f = lambda p: loss(call(p, xt), yt) + 0.5 * (decay * p[0] ** 2).sum()  # noqa: E731
+
+    def start() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        p = [x.clone().requires_grad_() for x in ps]
+        return p, torch.autograd.grad(f(p), p, create_graph=True)
+
+    def g_grad(p: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        q = [x.detach().requires_grad_() for x in p]
+        return torch.autograd.grad(loss(call(q, xv), yv), q)
+
+    def t1t2() -> Any:
+        p, gf = start()
+        v = g_grad([a - lr * b for a, b in zip(p, gf)])
+        return torch.autograd.grad(gf, decay, [-lr * x for x in v])
+
+    def ift() -> Any:
+        p, gf = start()
+        v = acc = g_grad(p)
+        for _ in range(k):
+            v = [a - lr * c for a, c in zip(v, torch.autograd.grad(gf, p, v, retain_graph=True))]
+            acc = [a + c for a, c in zip(acc, v)]
+        return torch.autograd.grad(gf, decay, [-lr * x for x in acc])
+
+    return {"T1T2()": t1t2, "IFT() (Neumann, 10 products)": ift}
+
+
 def runs(pb: tuple, lr: float) -> list[H.Run]:
     """A bare SGD loop, then one HyperOptimizer run per method (same start, same data)."""
     model, train, val, loss, shape = pb
@@ -70,14 +106,15 @@ def runs(pb: tuple, lr: float) -> list[H.Run]:
         kw |= {"inner_optimizer": torch.optim.SGD(m.parameters(), lr=lr), "inner_steps": K}
         hopt = hg.HyperOptimizer(m, {"decay": hg.Positive(decay0.clone())}, history_size=None, **kw)
         out.append(H.Run(name, lambda hopt=hopt: H.hopt_step(hopt, train), K, {"hopt": hopt}))
-    return out
+    return out + [H.Run(f"floor {n}", fn) for n, fn in floors(pb, lr).items()]
 
 
 def measure(name: str, pb: tuple, steps: int, lr: float) -> list[dict[str, Any]]:
     H.log(f"[{name}] {len(METHODS)} methods x {steps} steps in lockstep ...")
     rs = runs(pb, lr)
     warned, plain, m, rows = H.lockstep(rs, steps), H.median(rs[0].step_s), pb[4][0] * pb[4][1], []
-    for r in rs[1:]:
+    floor = {r.label[6:]: H.median(r.step_s) / plain for r in rs if r.label.startswith("floor ")}
+    for r in (r for r in rs[1:] if "hopt" in r.meta):
         hist = r.meta["hopt"].history
         k = H.median([x.diagnostics.get("num_hvps") for x in hist[1:] or hist])
         cost = H.median([x.seconds for x in hist[1:] or hist]) / plain
@@ -85,7 +122,8 @@ def measure(name: str, pb: tuple, steps: int, lr: float) -> list[dict[str, Any]]
         row = {"problem": name, "method": r.label, "hyper_steps": len(hist), "products": k}
         row |= {"cost": cost, "goal": goal, "met": "yes" if cost <= goal else "no"}
         row |= {"e2e": 1.0 + cost / K, "plain_step_ms": 1e3 * plain, "error": r.error}
-        row |= {"hopt_step_ms": 1e3 * H.median(r.step_s)}
+        row |= {"hopt_step_ms": 1e3 * H.median(r.step_s), "floor": floor.get(r.label)}
+        row |= {"over_floor": cost / floor[r.label] if r.label in floor else None}
         rows.append(row | {"hyper_step_ms": 1e3 * H.median([x.seconds for x in hist])})
     return rows + [{"problem": name, "warnings": warned}]
 
@@ -104,9 +142,13 @@ def render(d: dict[str, Any]) -> list[str]:
         "(products k = median num_hvps of the hyper-steps; m hyperparameters)",
         "hopt_step_ms: median HyperOptimizer step without a hyper-step (its overhead over the "
         "bare step)",
+        "floor: the same hyper-step written by hand in bare torch.autograd (same model and "
+        "batches; the validation batch is the whole validation set, as in the runs), in "
+        "training steps; over_floor = cost / floor",
         *[f"warning ({n} distinct texts): {k}" for k, n in kinds.items()],
     ]
-    cols = "problem|method|hyper_steps:d|products:g|cost:.2f|goal:g|met|e2e:.2f|plain_step_ms:.3f"
+    cols = "problem|method|hyper_steps:d|products:g|cost:.2f|goal:g|met|floor:.2f|over_floor:.2f"
+    cols += "|e2e:.2f|plain_step_ms:.3f"
     return [H.bullets(notes), H.dict_table(rows, cols + "|hopt_step_ms:.3f|hyper_step_ms:.2f")]
 
 
