@@ -167,7 +167,12 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
     cases = [
         H.Case(k, lambda s, fn=fn: sweep(fn, T)) for k, fn in (("eager", f), ("compiled", compiled))
     ]
-    return out | {"sweep_ms": {t.key: t.ms for t in H.interleave(cases, rounds)}}
+    out["sweep_ms"] = {t.key: t.ms for t in H.interleave(cases, rounds)}
+    g, sgd = problem(name)[1], hg.optim.sgd(lr=h["lr"])  # the option, end to end
+    calls = {c: lambda s, c=c: hg.unrolled(f, g, p0, h, T, sgd, compile=c) for c in (False, True)}
+    calls[True](0)  # compiles (this process already compiled f: mostly a cache hit)
+    cases = [H.Case(f"compile={c}", fn) for c, fn in calls.items()]
+    return out | {"unrolled_ms": {t.key: t.ms for t in H.interleave(cases, rounds)}}
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
@@ -202,6 +207,12 @@ def render(d: dict[str, Any]) -> list[str]:
         f"steps (the forward sweep) {c['sweep_ms']['eager']:.1f} ms eager, "
         f"{c['sweep_ms']['compiled']:.1f} ms compiled; double backward through the compiled "
         f"graph (the reverse step): {c['double_backward']}."
+        + (
+            f" `hg.unrolled` end to end: {c['unrolled_ms']['compile=False']:.1f} ms eager, "
+            f"{c['unrolled_ms']['compile=True']:.1f} ms with `compile=True`."
+            if "unrolled_ms" in c
+            else ""
+        )
         for n, c in d.get("compile", {}).items()
     ]
     return out
