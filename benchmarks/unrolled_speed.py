@@ -172,6 +172,7 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
     calls = {c: lambda s, c=c: hg.unrolled(f, g, p0, h, T, sgd, compile=c) for c in (False, True)}
     calls[True](0)  # compiles (this process already compiled f: mostly a cache hit)
     cases = [H.Case(f"compile={c}", fn) for c, fn in calls.items()]
+    cases.append(H.Case("hand", lambda s: hand(f, g, p0, leaves(h), T)))
     return out | {"unrolled_ms": {t.key: t.ms for t in H.interleave(cases, rounds)}}
 
 
@@ -209,7 +210,9 @@ def render(d: dict[str, Any]) -> list[str]:
         f"graph (the reverse step): {c['double_backward']}."
         + (
             f" `hg.unrolled` end to end: {c['unrolled_ms']['compile=False']:.1f} ms eager, "
-            f"{c['unrolled_ms']['compile=True']:.1f} ms with `compile=True`."
+            f"{c['unrolled_ms']['compile=True']:.1f} ms with `compile=True`, hand-written "
+            f"loop {c['unrolled_ms']['hand']:.1f} ms (ratio "
+            f"{c['unrolled_ms']['compile=True'] / c['unrolled_ms']['hand']:.2f})."
             if "unrolled_ms" in c
             else ""
         )
