@@ -38,6 +38,11 @@ __all__ = ["GradientTangents"]
 Leaves = tuple[Tensor, ...]
 
 
+def _detached(grads: Any, like: list[Tensor]) -> list[Tensor]:
+    """The first ``len(like)`` gradients, detached (zeros for None)."""
+    return [torch.zeros_like(x) if d is None else d.detach() for x, d in zip(like, grads)]
+
+
 class GradientTangents:
     """``(theta_t, t, dtheta, dphi) -> J`` with ``J[k] = H_tt dtheta[k] + H_tp dphi[k]``.
 
@@ -102,14 +107,10 @@ class GradientTangents:
         kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
         with run.again(t), kernels, torch.enable_grad():
             loss = run.loss(pp, run.htree_of(hh), t)
-            if not loss.requires_grad:
-                self.primal = ([torch.zeros_like(x) for x in pp], loss.detach())
-                return [], []
-            grads = torch.autograd.grad(loss, [*pp, *hh], create_graph=True, allow_unused=True)
-        self.primal = (
-            [torch.zeros_like(x) if d is None else d.detach() for x, d in zip(pp, grads)],
-            loss.detach(),
-        )
+            grads: tuple[Tensor | None, ...] = (None,) * (len(pp) + len(hh))
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, [*pp, *hh], create_graph=True, allow_unused=True)
+        self.primal = (_detached(grads, pp), loss.detach())
         pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]
         if pairs and not self.checked:  # once per sweep: the graph's structure is fixed
             self.checked = True

@@ -294,10 +294,8 @@ class Run:
         """This rank's ``grad_theta f(theta, phi; batch_t)`` and the loss (no graph kept)."""
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in p]
-            if self.forward_loss is None:
-                loss = self.loss(leaves, self.htree, t)
-            else:
-                loss = self.forward_loss(self.ptree(leaves), self.htree, self.batches[t])
+            fn = self.step_loss if self.forward_loss is None else self.forward_loss
+            loss = fn(self.ptree(leaves), self.htree, self.batches[t])
             grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
