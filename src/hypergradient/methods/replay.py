@@ -181,8 +181,7 @@ class Run:
         inputs = check_inputs(traj.params0, problem.hparams, "params0")
         self.pspec, self.hspec = inputs.param_spec, inputs.hparam_spec
         self.device = inputs.param_leaves[0].device
-        #: replaces ``step_loss`` in the gradients without a graph (``compile=True``)
-        self.forward_loss: Callable[[Any, Any, Any], Tensor] | None = None
+        self.forward_loss: Callable[[Any, Any, Any], Tensor] | None = None  # compile=True
         self.p0 = tuple(t.detach().clone() for t in inputs.param_leaves)
         if self.by_reference:
             self.h = tuple(_check_by_reference(inputs.hparam_leaves, self.hspec))
