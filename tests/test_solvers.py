@@ -1158,3 +1158,27 @@ def test_cg_with_zero_tolerance_stops_at_rounding_level_not_at_false_curvature()
         assert sol.status == "converged", sol.status
         assert sol.iterations < 100
         assert rel(sol.value, s.x) < 1e-12
+
+
+def test_residual_false_skips_the_diagnostic_product():
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(30, 4, generator=g, dtype=DT), torch.randn(30, generator=g, dtype=DT)
+    lam = torch.full((4,), 0.5, dtype=DT)
+    w = torch.linalg.solve(X.T @ X + torch.diag(lam), X.T @ y)
+
+    def inner(w, lam):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (lam * w**2).sum()
+
+    def outer(w, lam):
+        return 0.5 * ((X[:10] @ w - y[:10]) ** 2).sum()
+
+    solver = hg.Neumann(6, alpha=0.01)
+    on, info_on = hg.implicit(inner, outer, w, lam, solver, return_info=True)
+    off, info_off = hg.implicit(inner, outer, w, lam, solver, return_info=True, residual=False)
+    assert torch.equal(on, off)
+    assert info_on.extra_hvps == 1 and info_on.residual_norm is not None
+    assert info_off.extra_hvps == 0 and info_off.residual_norm is None
+    assert info_on.num_hvps == info_off.num_hvps == 6
+    assert hg.Implicit(residual=False).config()["residual"] is False
+    with pytest.raises(TypeError, match="residual"):
+        hg.Implicit(residual="no")

@@ -74,6 +74,7 @@ def implicit(
     hparams_by_reference: bool = False,
     hvp: str = "auto",
     stationarity: float | None = STATIONARITY,
+    residual: bool = True,
 ) -> Any:
     """Hypergradient of ``outer_loss`` through the minimum of ``inner_loss``.
 
@@ -118,6 +119,10 @@ def implicit(
             ``inner_loss`` for the implicit formula (measured on logistic regression: above
             0.05 the hypergradient's relative error was 0.2 to 1; see
             ``tests/test_implicit_warnings.py``). None: no check.
+        residual: when the solver does not report ``||b - A x||`` (fixed budgets:
+            ``hg.Neumann(k)``, ``hg.Identity``), compute it with one more product for
+            ``info.residual_norm`` (default). False: skip it (``residual_norm`` None), so
+            that a call costs exactly the solver's products.
 
     Returns:
         The hypergradient, with the structure, shapes, dtypes and device of ``hparams``,
@@ -137,7 +142,7 @@ def implicit(
     as_callable(outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
     return_info = as_bool(return_info, "return_info")
     ratio = None if stationarity is None else as_float(stationarity, "stationarity", min=0.0)
-    method = Implicit(solver, damping, batched=batched, hvp=hvp)
+    method = Implicit(solver, damping, batched=batched, hvp=hvp, residual=residual)
     problem = Problem(
         inner_loss,
         outer_loss,

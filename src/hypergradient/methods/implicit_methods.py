@@ -56,12 +56,14 @@ class Implicit(ImplicitMethod):
             CG, and a model of another size starts from 0. ``info.stats["warm_start"]``:
             ``"used"``, ``"dropped"`` or ``"none"``. The kept solution (``P`` numbers) is in
             :meth:`state_dict`.
+        residual: compute ``||b - A x||`` with one more product when the solver does not
+            report it (fixed budgets); False: ``info.residual_norm`` is None instead.
 
     Cost: ``f`` with a double-backward graph, ``g`` with its gradient, the solver's
     products (each about one gradient), one mixed product, and one product for the
-    residual when the solver does not report it. Memory: ``f``'s double-backward graph
-    plus the solver's vectors. State: the solver's (a generator, a cached sketch), the
-    damping estimate, the product mode found, in :meth:`state_dict`.
+    residual when the solver does not report it (``residual=True``). Memory: ``f``'s
+    double-backward graph plus the solver's vectors. State: the solver's (a generator, a
+    cached sketch), the damping estimate, the product mode found, in :meth:`state_dict`.
     """
 
     name = "implicit"
@@ -76,10 +78,12 @@ class Implicit(ImplicitMethod):
         batched: bool | str = "auto",
         hvp: str = "auto",
         warm_start: bool = False,
+        residual: bool = True,
     ):
         self.solver = CG() if solver is None else as_solver(solver)
         self.setup(damping, batched, hvp)
         self.keep = as_bool(warm_start, "warm_start")
+        self.residual = as_bool(residual, "residual")
         self._x: Tensor | None = None
 
     def solver_for(self, problem: Problem) -> Solver:
@@ -90,7 +94,8 @@ class Implicit(ImplicitMethod):
 
     def config(self) -> dict[str, Any]:
         out = {"solver": solver_config(self.solver), **self.common_config()}
-        return out | ({"warm_start": True} if self.keep else {})
+        out |= {"warm_start": True} if self.keep else {}
+        return out | ({"residual": False} if not self.residual else {})
 
     def warm_start(self, inputs: Inputs) -> Tensor | None:
         return warm_vector(self._x, inputs) if self.keep else None
