@@ -101,7 +101,7 @@ class HessianOperator(GraphOperator):
         self._start_modes(mode)
         self._setup_graph(batched)
         self._fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
-        self._theta_norm = _norm(self.param_leaves)
+        self._theta_norm: float | None = None  # first order only: computed on first use
         self.gradient_evaluations = 0
         self._first: tuple[Tensor, list[Tensor | None]] | None = None
         if mode == "first_order":
@@ -167,6 +167,8 @@ class HessianOperator(GraphOperator):
         vnorm = _norm([v])
         if vnorm == 0.0:
             return None
+        if self._theta_norm is None:
+            self._theta_norm = _norm(self.param_leaves)
         h = first_order_step(self._theta_norm, vnorm, self.size, self._fd_dtype)
         _, plus = self._gradients(h * v, wrt)
         _, minus = self._gradients(-h * v, wrt)
