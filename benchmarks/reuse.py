@@ -208,6 +208,9 @@ def render(d: dict[str, Any]) -> list[str]:
         "fewer_products, less_time: the baseline's totals (TorchOpt's cold solve_cg if "
         "importable, else hg's cold CG) over the strategy's; products include sketches and "
         "warm-start residuals; worst_error: largest error of the timed real-product call",
+        "validation loss (the outer loop follows the exact hypergradient; every strategy is "
+        f"within the target of it at every step): {rows[0].get('val_loss', 0):.4f} at step 0, "
+        f"{rows[-1].get('val_loss', 0):.4f} at the last step",
     ]
     cols = "strategy|hvps:d|hvps_last10:.0f|seconds:.3f|fewer_products:.2f|less_time:.2f"
     cols += "|worst_error:.2e"
@@ -240,13 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smallest", type=int, help="RecycledCG smallest (default 10, quick 2)")
     p.add_argument("--harvest", type=int, default=64, help="RecycledCG harvest")
     args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render):
+    big = args.size == "100k"
+    name, title = NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else "")
+    if H.replot(args, name, title, render):
         return 0
     H.start(args)
-    big = args.size == "100k"
     H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 32), lbfgs=(50, 300), rounds=(1, 3))
     H.defaults(args, rank=(4, 40), recycle=(8, 100), smallest=(2, 10))
-    rep = H.Report(NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else ""), args)
+    rep = H.Report(name, title, args)
     rows = hyper_steps(args)
     pb_text = f"tanh MLP 64-{args.hidden}-10 on digits, one log decay per parameter"
     if big:
