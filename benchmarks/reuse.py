@@ -3,21 +3,20 @@
 30 hyper-steps of per-weight decay on the digits MLP (tanh 64-32-10, 2,410 parameters and as
 many log decays): each hyper-step moves the decays by Adam along the exact hypergradient and
 retrains the weights by ``--inner`` (10) L-BFGS iterations from the previous ones (a
-HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly
-the same system. Reference at every hyper-step: a dense float64 solve (damped by
+HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly the same
+system. Reference at every hyper-step: a dense float64 solve (damped by
 ``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite). For each strategy
 the smallest CG budget whose hypergradient is within ``--target`` (relative error) is found by
 bisection on the dense matrix (state restored between trials); the real call with that budget
 (Hessian-vector products through autograd) is then timed in interleaved rounds and advances
 the strategy's state. Strategies: cold ``CG`` (what TorchOpt and Betty do), the warm start of
-``Implicit(warm_start=True)``, and warm ``NystromPCG(refresh_every="auto")``; TorchOpt's cold
-``solve_cg`` through ``custom_root`` with the cold CG budget, when TorchOpt is importable;
-and warm :class:`~hypergradient.RecycledCG` (Ritz pairs of past solves as a preconditioner).
+``Implicit(warm_start=True)``, warm ``NystromPCG(refresh_every="auto")``, warm ``RecycledCG``
+(Ritz pairs of past solves as preconditioner); TorchOpt's cold ``solve_cg`` through
+``custom_root`` with the cold CG budget, when TorchOpt is importable.
 
-``--size 100k``: the tanh MLP 784-110-110-10 on MNIST (99,670 weights and as many log
-decays, float32, 256 training and 256 validation rows); the reference is a converged
-float64 NystromPCG solve (relative residual 1e-7) and the bisection runs on the real
-products, so it defaults to 10 hyper-steps.
+``--size 100k``: tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights and decays, 256
+training and 256 validation rows); reference: a converged float64 NystromPCG solve (relative
+residual 1e-7); the bisection runs on real products, so it defaults to 10 hyper-steps.
 """
 
 from __future__ import annotations
@@ -82,11 +81,9 @@ def converged_reference(pb: H.Bilevel) -> dict[str, Any]:
     H64 = hg.HessianOperator(p64.inner_loss, p64.params, p64.hparams)
     ext = hg.solvers.lanczos_extremes(H64, 100, torch.Generator().manual_seed(0))
     lo, hi = float(ext.lambda_min), float(ext.lambda_max)
-    d = damping(lo, hi)
-    ps = tuple(p.detach().requires_grad_(True) for p in p64.params)
+    d, ps = damping(lo, hi), tuple(p.detach().requires_grad_(True) for p in p64.params)
     b = H.flat(torch.autograd.grad(p64.outer_loss(ps, p64.hparams), ps))
-    pcg = hg.NystromPCG(rank=100, maxiter=5000, tol=1e-7, seed=0)
-    x = pcg.solve(system(H64, d), b).value
+    x = hg.NystromPCG(rank=100, maxiter=5000, tol=1e-7, seed=0).solve(system(H64, d), b).value
     op = system(hg.HessianOperator(pb.inner_loss, pb.params, pb.hparams), d)
     return {"op": op, "b": b.to(op.dtype), "x": x, "damping": d, "lambda": (lo, hi)}
 
@@ -94,7 +91,7 @@ def converged_reference(pb: H.Bilevel) -> dict[str, Any]:
 def budget(
     method: hg.Implicit, ref: dict, err: Callable[[torch.Tensor], float], target: float, cap: int
 ) -> tuple[int, int, float]:
-    """Smallest CG budget reaching ``target`` on the dense system: (budget, products, error)."""
+    """Smallest budget reaching ``target`` on ``ref["op"]``: (budget, products, error)."""
     solver, state = method.solver, method.state_dict()
     x0 = state.get("x")
     op, dt = ref["op"], ref["op"].dtype
@@ -119,8 +116,7 @@ def make_problem(args: Any) -> H.Bilevel:
     if args.size == "digits":
         return H.digits_mlp(args.seed, args.hidden, args.lbfgs, rounds=1, require_pd=False)
     pb = H.mnist_mlp(train_iters=args.lbfgs, seed=args.seed)  # float32, then per-weight decays
-    g = torch.Generator().manual_seed(args.seed)
-    lo, hi = math.log(1e-3), math.log(1e-2)
+    g, lo, hi = torch.Generator().manual_seed(args.seed), math.log(1e-3), math.log(1e-2)
     hp = tuple(lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=F64) for t in pb.params)
     return replace(pb, hparams=tuple(h.to(pb.params[0].dtype) for h in hp))
 
