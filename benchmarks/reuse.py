@@ -235,9 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cap", type=int, default=4000, help="largest CG budget tried")
     p.add_argument("--outer-lr", type=float, default=0.05, help="Adam lr on the log decays")
     p.add_argument("--size", choices=("digits", "100k"), default="digits", help="the MLP")
-    p.add_argument("--recycle", type=int, help="RecycledCG rank (default 100, quick 8)")
-    p.add_argument("--smallest", type=int, help="RecycledCG smallest (default 10, quick 2)")
-    p.add_argument("--harvest", type=int, default=64, help="RecycledCG harvest")
+    p.add_argument("--recycle", type=int, help="RecycledCG rank (200; 100k: 16; quick 8)")
+    p.add_argument("--smallest", type=int, help="RecycledCG smallest (20; 100k: 4; quick 2)")
+    p.add_argument("--harvest", type=int, help="RecycledCG harvest (64; 100k: 32)")
     args = p.parse_args(argv)
     big = args.size == "100k"
     name, title = NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else "")
@@ -245,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     H.start(args)
     H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 32), lbfgs=(50, 300), rounds=(1, 3))
-    H.defaults(args, rank=(4, 40), recycle=(8, 100), smallest=(2, 10))
+    H.defaults(args, rank=(4, 40), recycle=(8, 16 if big else 200), harvest=(32, 32 if big else 64))
+    H.defaults(args, smallest=(2, 4 if big else 20))
     rep = H.Report(name, title, args)
     rows = hyper_steps(args)
     pb_text = f"tanh MLP 64-{args.hidden}-10 on digits, one log decay per parameter"
