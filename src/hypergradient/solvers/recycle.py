@@ -170,9 +170,7 @@ class RecycledCG(Solver):
                     f"rank + smallest = {self.rank + self.smallest}; the checkpoint is from "
                     "another solver."
                 )
-            th = check_tensor(
-                th, "theta", self, dtype=U.dtype, shape=(U.shape[1],), floating=True
-            )
+            th = check_tensor(th, "theta", self, dtype=U.dtype, shape=(U.shape[1],), floating=True)
             U, th = U.clone(), th.clone()
         self._U, self._theta, self._base = U, th, base
 
