@@ -3,19 +3,25 @@
 30 hyper-steps of per-weight decay on the digits MLP (tanh 64-32-10, 2,410 parameters and as
 many log decays): each hyper-step moves the decays by Adam along the exact hypergradient and
 retrains the weights by ``--inner`` (10) L-BFGS iterations from the previous ones (a
-HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly
-the same system. Reference at every hyper-step: a dense float64 solve (damped by
+HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly the same
+system. Reference at every hyper-step: a dense float64 solve (damped by
 ``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite). For each strategy
 the smallest CG budget whose hypergradient is within ``--target`` (relative error) is found by
 bisection on the dense matrix (state restored between trials); the real call with that budget
 (Hessian-vector products through autograd) is then timed in interleaved rounds and advances
 the strategy's state. Strategies: cold ``CG`` (what TorchOpt and Betty do), the warm start of
-``Implicit(warm_start=True)``, and warm ``NystromPCG(refresh_every="auto")``; TorchOpt's cold
-``solve_cg`` through ``custom_root`` with the cold CG budget, when TorchOpt is importable.
+``Implicit(warm_start=True)``, warm ``NystromPCG(refresh_every="auto")``, warm ``RecycledCG``
+(Ritz pairs of past solves as preconditioner); TorchOpt's cold ``solve_cg`` through
+``custom_root`` with the cold CG budget, when TorchOpt is importable.
+
+``--size 100k``: tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights and decays, 256
+training and 256 validation rows); reference: a converged float64 NystromPCG solve (relative
+residual 1e-7); the bisection runs on real products, so it defaults to 10 hyper-steps.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -28,15 +34,17 @@ import hypergradient as hg
 from vs_torchopt import torchopt, torchopt_implicit
 
 F64, NAME, TITLE = torch.float64, "reuse", "Reuse across hyper-steps: products and seconds to 1e-2"
-STRATEGIES = ("cold CG", "warm CG", "warm NystromPCG(auto refresh)")
+STRATEGIES = ("cold CG", "warm CG", "warm NystromPCG(auto refresh)", "warm RecycledCG")
 
 
-def make_methods(rank: int) -> dict[str, hg.Implicit]:
-    pcg = hg.NystromPCG(rank=rank, tol=0.0, seed=0, refresh_every="auto")
+def make_methods(args: Any) -> dict[str, hg.Implicit]:
+    pcg = hg.NystromPCG(rank=args.rank, tol=0.0, seed=0, refresh_every="auto")
+    rcg = hg.RecycledCG(args.recycle, args.smallest, tol=0.0, harvest=args.harvest)
     return {
         "cold CG": hg.Implicit(hg.CG(tol=0.0)),
         "warm CG": hg.Implicit(hg.CG(tol=0.0), warm_start=True),
         "warm NystromPCG(auto refresh)": hg.Implicit(pcg, warm_start=True),
+        "warm RecycledCG": hg.Implicit(rcg, warm_start=True),
     }
 
 
@@ -45,30 +53,53 @@ def weights(pb: H.Bilevel) -> torch.Tensor:
     return H.flat(pb.hparams).exp() * H.flat(pb.params)
 
 
+def damping(lo: float, hi: float) -> float:
+    """``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite, else 0."""
+    return 1e-3 * hi - lo if lo <= 1e-8 * hi else 0.0
+
+
+def system(H: hg.LinearOperator, d: float) -> hg.LinearOperator:
+    return hg.DampedOperator(H, d) if d else H  # as hg.Implicit(damping=d) builds it
+
+
 def reference(pb: H.Bilevel) -> dict[str, Any]:
     """Dense Hessian, damping, ``b = grad_theta g`` and the exact solution (float64)."""
     A = H.dense_hessian(pb)
     lam = torch.linalg.eigvalsh(A)
-    d = float(1e-3 * lam[-1] - lam[0]) if float(lam[0]) <= 1e-8 * float(lam[-1]) else 0.0
-    A = A + d * torch.eye(len(A), dtype=F64)
+    d = damping(float(lam[0]), float(lam[-1]))
     ps = tuple(p.detach().requires_grad_(True) for p in pb.params)
     b = H.flat(torch.autograd.grad(pb.outer_loss(ps, pb.hparams), ps))
-    x = torch.linalg.solve(A, b)
-    return {"A": A, "b": b, "x": x, "damping": d, "lambda": (float(lam[0]), float(lam[-1]))}
+    x = torch.linalg.solve(A + d * torch.eye(len(A), dtype=F64), b)
+    op = system(hg.MatrixOperator(A), d)
+    return {"op": op, "b": b, "x": x, "damping": d, "lambda": (float(lam[0]), float(lam[-1]))}
+
+
+def converged_reference(pb: H.Bilevel) -> dict[str, Any]:
+    """100k: Lanczos extremes, then a float64 NystromPCG solve to relative residual 1e-7;
+    the bisection runs on the float32 Hessian products of the real call."""
+    p64 = pb.cast(F64)
+    H64 = hg.HessianOperator(p64.inner_loss, p64.params, p64.hparams)
+    ext = hg.solvers.lanczos_extremes(H64, 100, torch.Generator().manual_seed(0))
+    lo, hi = float(ext.lambda_min), float(ext.lambda_max)
+    d, ps = damping(lo, hi), tuple(p.detach().requires_grad_(True) for p in p64.params)
+    b = H.flat(torch.autograd.grad(p64.outer_loss(ps, p64.hparams), ps))
+    x = hg.NystromPCG(rank=100, maxiter=5000, tol=1e-7, seed=0).solve(system(H64, d), b).value
+    op = system(hg.HessianOperator(pb.inner_loss, pb.params, pb.hparams), d)
+    return {"op": op, "b": b.to(op.dtype), "x": x, "damping": d, "lambda": (lo, hi)}
 
 
 def budget(
     method: hg.Implicit, ref: dict, err: Callable[[torch.Tensor], float], target: float, cap: int
 ) -> tuple[int, int, float]:
-    """Smallest CG budget reaching ``target`` on the dense system: (budget, products, error)."""
+    """Smallest budget reaching ``target`` on ``ref["op"]``: (budget, products, error)."""
     solver, state = method.solver, method.state_dict()
     x0 = state.get("x")
-    op = hg.MatrixOperator(ref["A"])
+    op, dt = ref["op"], ref["op"].dtype
 
     def trial(k: int) -> tuple[int, float]:
         snap = solver.snapshot()
         solver.maxiter = k
-        sol = solver.solve(op, ref["b"], None if x0 is None else x0.to(F64))
+        sol = solver.solve(op, ref["b"], None if x0 is None else x0.to(dt))
         solver.restore(snap)
         return sol.num_hvps, err(sol.value)
 
@@ -81,10 +112,19 @@ def budget(
     return (hi, *trial(hi))
 
 
+def make_problem(args: Any) -> H.Bilevel:
+    if args.size == "digits":
+        return H.digits_mlp(args.seed, args.hidden, args.lbfgs, rounds=1, require_pd=False)
+    pb = H.mnist_mlp(train_iters=args.lbfgs, seed=args.seed)  # float32, then per-weight decays
+    g, lo, hi = torch.Generator().manual_seed(args.seed), math.log(1e-3), math.log(1e-2)
+    hp = tuple(lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=F64) for t in pb.params)
+    return replace(pb, hparams=tuple(h.to(pb.params[0].dtype) for h in hp))
+
+
 def hyper_steps(args: Any) -> list[dict[str, Any]]:
-    pb = H.digits_mlp(args.seed, args.hidden, args.lbfgs, rounds=1, require_pd=False)
+    pb, big = make_problem(args), args.size == "100k"
     theta, raw = H.flat(pb.params), H.flat(pb.hparams).clone().requires_grad_(True)
-    adam, methods = torch.optim.Adam([raw], lr=args.outer_lr), make_methods(args.rank)
+    adam, methods = torch.optim.Adam([raw], lr=args.outer_lr), make_methods(args)
     to = torchopt()
     rows = []
     for step in range(args.steps):
@@ -93,10 +133,11 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
             f = lambda t, hp=hp: pb.inner_loss(H.unflat(t, pb.params), hp)  # noqa: E731
             theta = H.lbfgs(f, theta, args.inner)
         cur = replace(pb, params=H.unflat(theta, pb.params), hparams=hp)
-        ref, w = reference(cur), weights(cur)
+        ref, w = (converged_reference if big else reference)(cur), weights(cur).to(F64)
         exact = -w * ref["x"]
         err = lambda x, w=w, e=exact: H.relative_error(-w * x.to(F64), e)  # noqa: E731
         row: dict[str, Any] = {"step": step, "damping": ref["damping"], "lambda": ref["lambda"]}
+        row["val_loss"] = float(cur.outer_loss(cur.params, cur.hparams))
         problem = hg.Problem(cur.inner_loss, cur.outer_loss, cur.params, cur.hparams)
         cases = []
         for name, m in methods.items():
@@ -121,12 +162,13 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
             c.prepare = rewind
         timings = H.interleave(cases, args.rounds, keep=lambda h: h)
         for t in timings:
-            e = H.relative_error(t.kept[-1], exact) if t.kept else None
+            e = H.relative_error(t.kept[-1].to(F64), exact) if t.kept else None
             row[t.key] |= {"ms": t.ms, "error": e, "failed": t.error}
         rewind()
         for m in methods.values():  # the state after this hyper-step: one call from it
             m(problem)
         raw.grad = exact.reshape(raw.shape).to(raw.dtype)
+        del ref  # the 100k Hessian operators hold graphs
         adam.step()
         H.log(f"hyper-step {step}: " + ", ".join(f"{n} {row[n]['hvps']}" for n in STRATEGIES))
         rows.append(row)
@@ -154,12 +196,17 @@ def render(d: dict[str, Any]) -> list[str]:
     s, rows = d["settings"], d["rows"]
     notes = [
         f"{s['steps']} hyper-steps, target relative error {s['target']:g}, CG cap {s['cap']}, "
-        f"Nystrom rank {s['rank']}, outer Adam lr {s['outer_lr']}, {s['inner']} L-BFGS "
+        f"Nystrom rank {s['rank']}, RecycledCG rank {s.get('recycle')} + smallest "
+        f"{s.get('smallest')} (harvest {s.get('harvest')}), outer Adam lr {s['outer_lr']}, "
+        f"{s['inner']} L-BFGS "
         f"iterations per hyper-step, {s['rounds']} timed "
         f"round(s) per hyper-step; load average at the start {d['machine']['load_average']}",
         "fewer_products, less_time: the baseline's totals (TorchOpt's cold solve_cg if "
         "importable, else hg's cold CG) over the strategy's; products include sketches and "
         "warm-start residuals; worst_error: largest error of the timed real-product call",
+        "validation loss (the outer loop follows the exact hypergradient; every strategy is "
+        f"within the target of it at every step): {rows[0].get('val_loss', 0):.4f} at step 0, "
+        f"{rows[-1].get('val_loss', 0):.4f} at the last step",
     ]
     cols = "strategy|hvps:d|hvps_last10:.0f|seconds:.3f|fewer_products:.2f|less_time:.2f"
     cols += "|worst_error:.2e"
@@ -187,15 +234,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=1e-2, help="relative error (default 1e-2)")
     p.add_argument("--cap", type=int, default=4000, help="largest CG budget tried")
     p.add_argument("--outer-lr", type=float, default=0.05, help="Adam lr on the log decays")
+    p.add_argument("--size", choices=("digits", "100k"), default="digits", help="the MLP")
+    p.add_argument("--recycle", type=int, help="RecycledCG rank (200; 100k: 16; quick 8)")
+    p.add_argument("--smallest", type=int, help="RecycledCG smallest (20; 100k: 4; quick 2)")
+    p.add_argument("--harvest", type=int, help="RecycledCG harvest (64; 100k: 32)")
     args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render):
+    big = args.size == "100k"
+    name, title = NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else "")
+    if H.replot(args, name, title, render):
         return 0
     H.start(args)
-    H.defaults(args, steps=(3, 30), hidden=(4, 32), lbfgs=(50, 300), rounds=(1, 3), rank=(4, 40))
-    rep = H.Report(NAME, TITLE, args)
+    H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 32), lbfgs=(50, 300), rounds=(1, 3))
+    H.defaults(args, rank=(4, 40), recycle=(8, 16 if big else 200), harvest=(32, 32 if big else 64))
+    H.defaults(args, smallest=(2, 4 if big else 20))
+    rep = H.Report(name, title, args)
     rows = hyper_steps(args)
     pb_text = f"tanh MLP 64-{args.hidden}-10 on digits, one log decay per parameter"
-    keys = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs")
+    if big:
+        pb_text = "tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights), a decay each"
+    keys = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs", "size")
+    keys += ("recycle", "smallest", "harvest")
     data = {"settings": {k: getattr(args, k) for k in keys}, "problem": pb_text, "rows": rows}
     rep.write(data | {"summary": summary(rows)}, render)
     return 0

@@ -15,12 +15,13 @@ solver             approximation of ``A^{-1} b``                 products
 ``Neumann``        ``alpha sum_{j<=k} (I - alpha A)^j b``          k (+ power iters)
 ``Nystrom``        ``(A_nys + rho I)^{-1} b``, rank-r sketch       r
 ``NystromPCG``     CG preconditioned by a Nystrom sketch           r (per refresh) + it
+``RecycledCG``     CG preconditioned by Ritz pairs of past solves  it (recycling is free)
 ``Identity``       ``scale * b`` (one-step / T1-T2)               0
 ``FixedPoint``     ``x <- x + omega (b - A x)`` (Richardson)       <= maxiter
 =================  ============================================  ====================
 
 One module per family: ``base`` (Solution, Solver, shared checks), ``exact``, ``cg``,
-``neumann``, ``sketch`` and ``nystrom``, ``simple`` (Identity, FixedPoint), ``spectrum``
+``neumann``, ``sketch``, ``nystrom``, ``recycle``, ``simple`` (Identity, FixedPoint), ``spectrum``
 (power iteration and Lanczos estimates of extreme eigenvalues), ``damping``
 (``auto_damping``: a damping chosen from a curvature estimate; ``AutoDamping``: the same,
 cached across the calls of a method, ``damping="auto"``).
@@ -34,6 +35,7 @@ from .damping import AutoDamping, DampingEstimate, auto_damping, damped_solve
 from .exact import Exact
 from .neumann import Neumann
 from .nystrom import Nystrom, NystromPCG
+from .recycle import RecycledCG
 from .simple import FixedPoint, Identity
 from .sketch import NystromApproximation, nystrom_sketch
 from .spectrum import SpectrumEstimate, estimate_lambda_max, lanczos_extremes
@@ -50,6 +52,7 @@ __all__ = [
     "NystromApproximation",
     "NystromPCG",
     "RandomizedSolver",
+    "RecycledCG",
     "Solution",
     "Solver",
     "SpectrumEstimate",
