@@ -121,6 +121,8 @@ class Hybrid:
         return known
 
     def finish(self) -> None:
+        if self.source is not None:  # a polish the budget ended
+            self.counts["improved_by_polish"] += self.polisher.accepted > self.accepted0
         best = self.study.best_trial
         x = self.run.extras
         x |= self.counts | {"best_trial": best.number, "study_trials": len(self.study.trials)}
