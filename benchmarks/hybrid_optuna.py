@@ -205,16 +205,18 @@ def render(d: dict[str, Any]) -> list[str]:
             row = {"task": key, "seed": str(res.get("seed", 0))}
             rows.append(row | {LABELS[m]: best_of(res["runs"][m]) for m in METHODS})
         if len(group) > 1:
+            val = {m: H.median([min(r["runs"][m]["val"]) for r in group]) for m in METHODS}
             med = {"task": key, "seed": "**median**"}
             for m in METHODS:
-                val = H.median([min(r["runs"][m]["val"]) for r in group])
                 test = H.median([r["runs"][m]["final"]["test_loss"] for r in group])
-                med[LABELS[m]] = f"**{val:.4f}** / {test:.4f}"
+                bold = "**" if val[m] == min(val.values()) else ""
+                med[LABELS[m]] = f"{bold}{val[m]:.4f}{bold} / {test:.4f}"
             rows.append(med)
     cols = "task|seed|" + "|".join(LABELS[m] for m in METHODS)
     notes = (
         "Each cell: the best validation loss within the budget / the test loss after "
-        "retraining with those decays (per seed: its own data split and initialization)."
+        "retraining with those decays (per seed: its own data split and initialization); "
+        "median rows: the medians of each, the lowest median validation loss in bold."
     )
     summary = f"## Summary\n\n{notes}\n\n{H.dict_table(rows, cols)}"
     return [summary, *map(render_task, d["tasks"])]

@@ -139,6 +139,9 @@ def test_bad_arguments_raise_naming_them():
         p.start(torch.zeros(2, dtype=DT), 0.0, torch.tensor([0.0, math.nan], dtype=DT))
     with pytest.raises(ValueError, match="`value`"):
         p.start(torch.zeros(2, dtype=DT), math.inf, torch.zeros(2, dtype=DT))
+    with pytest.raises(ValueError, match="below `upper`"):
+        Polisher(1.0, 0.0).start(torch.zeros(2, dtype=DT), 0.0, torch.zeros(2, dtype=DT))
+    assert p.ask() is None  # the failed starts changed nothing
 
 
 class PruneFrom(optuna.pruners.BasePruner):

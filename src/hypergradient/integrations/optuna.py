@@ -26,6 +26,13 @@ and storing the refined values on the trial::
 ``hg.implicit`` outer loop, a Lightning ``Trainer``) reports through a
 :class:`TrialReporter` instead: ``reporter.report(value, hparams, step)`` after each
 evaluation, ``return reporter.finish()`` at the end.
+
+When a trial is one training (as in TPE alone), refine only the promising starts: a
+``TrialReporter(trial, prune_until=0)`` lets a ``PercentilePruner`` judge the start, a
+:class:`Polisher` refines the starts it passes by hypergradient line searches that keep only
+improving steps, and :func:`add_refined_trial` tells the study each polished point as a
+trial of its own (the sampler models every evaluated point; the best polished point is
+``study.best_trial``).
 """
 
 from __future__ import annotations
@@ -268,6 +275,10 @@ def add_refined_trial(
         value: the loss measured at them (finite).
         source: the trial whose start was refined (its distributions define the space);
             its number is stored as the user attribute ``refined_from``.
+
+    Cost: one ``study.add_trial`` (no training, no product); the sampler's later
+    suggestions cost what one more trial costs it (TPE: Bergstra, Bardenet, Bengio & Kégl,
+    *Algorithms for Hyper-Parameter Optimization*, NeurIPS 2011).
 
     Raises:
         ValueError: a name ``source`` did not suggest, or a non-finite value.

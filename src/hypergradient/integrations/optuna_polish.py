@@ -86,7 +86,7 @@ class Polisher:
         self.shrink = as_float(shrink, "shrink", min=0.0, max=1.0, open_min=True, open_max=True)
         self.max_rejects = as_int(max_rejects, "max_rejects", min=1)
         self.tol = as_float(tol, "tol", min=0.0)
-        self.x: Tensor | None = None
+        self.x = self.g = self.lo = self.hi = torch.empty(0)  # set by start()
         self.candidate: Tensor | None = None
         self.value, self.done = math.inf, True
         self.accepted = self.rejected = 0
@@ -99,14 +99,20 @@ class Polisher:
         require_finite([grad], ["grad"], "The hypergradient", "Start where it is finite.")
         if not math.isfinite(float(value)):
             raise ValueError(f"`value` must be finite, got {value}; start from a trained point.")
-        self.x = torch.clamp(x.detach(), self.lower, self.upper).clone()
+        self.lo, self.hi = (
+            torch.as_tensor(b, dtype=x.dtype, device=x.device).expand_as(x)
+            for b in (self.lower, self.upper)
+        )
+        if not bool((self.lo < self.hi).all()):
+            raise ValueError("`lower` must be below `upper` everywhere (an empty box).")
+        self.x = torch.clamp(x.detach(), self.lo, self.hi).clone()
         self.g, self.value = grad.detach().clone(), float(value)
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.t, self.rejects, self.done, self.candidate = 1.0, 0, False, None
 
     def _free(self) -> Tensor:
         x, g = self.x, self.g
-        held = ((x <= self.lower) & (g > 0)) | ((x >= self.upper) & (g < 0))
+        held = ((x <= self.lo) & (g > 0)) | ((x >= self.hi) & (g < 0))
         return ~held
 
     def _direction(self) -> Tensor:
@@ -128,9 +134,9 @@ class Polisher:
 
     def ask(self) -> Tensor | None:
         """The next candidate (a new tensor), or ``None`` when the polish is done."""
-        if self.done or self.x is None:
+        if self.done:
             return None
-        candidate = torch.clamp(self.x + self.t * self._direction(), self.lower, self.upper)
+        candidate = torch.clamp(self.x + self.t * self._direction(), self.lo, self.hi)
         if torch.equal(candidate, self.x):  # no move left inside the box
             self.done = True
             return None
