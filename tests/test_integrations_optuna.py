@@ -212,7 +212,12 @@ def test_the_hybrid_benchmark_quick_run_writes_its_results(tmp_path):
         for r in runs.values():
             assert r["val"] and all(math.isfinite(v) for v in r["val"])
             assert math.isfinite(r["final"]["test_loss"])
-        assert runs["hybrid"]["extras"]["trials"] >= 1
+        h = runs["hybrid"]
+        x = h["extras"]
+        assert x["trials"] >= 1 and x["polished"] >= 1 and task["seed"] == 0
+        # every evaluation is a trial's start or a polisher candidate, accepted or not
+        assert x["trials"] + x["accepted"] + x["rejected"] == len(h["val"]) + h["dropped"]
+        assert x["hypergradients"] == x["polished"] + x["accepted"]
     md = (tmp_path / "hybrid_optuna.md").read_text()
     assert "hybrid" in md and "test_loss" in md
     assert (tmp_path / "hybrid_optuna.png").stat().st_size > 10_000

@@ -26,6 +26,13 @@ and storing the refined values on the trial::
 ``hg.implicit`` outer loop, a Lightning ``Trainer``) reports through a
 :class:`TrialReporter` instead: ``reporter.report(value, hparams, step)`` after each
 evaluation, ``return reporter.finish()`` at the end.
+
+When a trial is one training (as in TPE alone), refine only the promising starts: a
+``TrialReporter(trial, prune_until=0)`` lets a ``PercentilePruner`` judge the start, a
+:class:`Polisher` refines the starts it passes by hypergradient line searches that keep only
+improving steps, and :func:`add_refined_trial` tells the study each polished point as a
+trial of its own (the sampler models every evaluated point; the best polished point is
+``study.best_trial``).
 """
 
 from __future__ import annotations
@@ -38,13 +45,16 @@ import optuna
 import torch
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_bool, as_int
+from .._vocab import ArgumentTypeError, as_bool, as_int, as_optional_int
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
+from .optuna_polish import Polisher
 
-__all__ = ["TrialReporter", "refine", "refined_hparams"]
+__all__ = ["Polisher", "TrialReporter", "add_refined_trial", "refine", "refined_hparams"]
 
 #: User attributes written on the trial.
 REFINED, BEST_STEP, STEPS = "refined_hparams", "refined_step", "refinement_steps"
+#: User attribute of a trial added by :func:`add_refined_trial`: the source trial's number.
+REFINED_FROM = "refined_from"
 
 
 def _plain(values: Mapping[str, Tensor], limit: int) -> dict[str, Any]:
@@ -72,6 +82,10 @@ class TrialReporter:
     Args:
         trial: the ``optuna.trial.Trial`` being run.
         prune: ask ``trial.should_prune()`` after each report.
+        prune_until: ask it only after reports at steps up to this one (``None``: every
+            step). ``prune_until=0`` lets the pruner judge a trial's starting point and then
+            lets its refinement run (pruning a refinement that only improves is rarely
+            worth the lost steps).
         max_elements: hyperparameters up to this size are stored element by element (as
             JSON lists: :func:`refined_hparams` reads them back); larger ones as a summary.
 
@@ -82,7 +96,12 @@ class TrialReporter:
     """
 
     def __init__(
-        self, trial: optuna.trial.Trial, *, prune: bool = True, max_elements: int = 10_000
+        self,
+        trial: optuna.trial.Trial,
+        *,
+        prune: bool = True,
+        prune_until: int | None = None,
+        max_elements: int = 10_000,
     ):
         methods = (getattr(trial, "report", None), getattr(trial, "set_user_attr", None))
         if not all(callable(m) for m in methods):
@@ -92,6 +111,7 @@ class TrialReporter:
             )
         self.trial = trial
         self.prune = as_bool(prune, "prune")
+        self.prune_until = as_optional_int(prune_until, "prune_until", min=0)
         self.max_elements = as_int(max_elements, "max_elements", min=0)
         self.best_value = math.inf
         self.best_hparams: dict[str, Tensor] | None = None
@@ -121,7 +141,8 @@ class TrialReporter:
             if hparams is not None:
                 self.best_hparams = {k: v.detach().clone() for k, v in hparams.items()}
         self.trial.report(value, step)
-        if self.prune and self.trial.should_prune():
+        judged = self.prune_until is None or step <= self.prune_until
+        if self.prune and judged and self.trial.should_prune():
             self._write()
             raise optuna.TrialPruned(f"pruned at step {step} (value {value:.6g})")
 
@@ -231,3 +252,53 @@ def refined_hparams(trial: optuna.trial.FrozenTrial, device: Any = None) -> dict
         values = torch.tensor(entry["values"], dtype=torch.float64, device=device)
         out[name] = values.reshape(entry["shape"])
     return out
+
+
+def add_refined_trial(
+    study: optuna.study.Study,
+    params: Mapping[str, float],
+    value: float,
+    source: optuna.trial.Trial | optuna.trial.FrozenTrial,
+) -> None:
+    """Tell ``study`` a refined point as a completed trial of its own, with its exact value.
+
+    A refinement (hypergradient steps from a trial's sampled start) evaluates points the
+    sampler never proposed. Added as trials, those exact ``(params, value)`` pairs inform
+    the sampler's model (TPE's densities) like its own trials, and the best refined point
+    becomes ``study.best_trial`` with its refined ``best_params``. Parameters not in
+    ``params`` (structural choices) are copied from ``source``; float and int values are
+    clipped into ``source``'s distributions (a step in ``log`` space may round past a bound).
+
+    Args:
+        study: the study.
+        params: the refined values by parameter name (a subset of ``source``'s).
+        value: the loss measured at them (finite).
+        source: the trial whose start was refined (its distributions define the space);
+            its number is stored as the user attribute ``refined_from``.
+
+    Cost: one ``study.add_trial`` (no training, no product); the sampler's later
+    suggestions cost what one more trial costs it (TPE: Bergstra, Bardenet, Bengio & Kégl,
+    *Algorithms for Hyper-Parameter Optimization*, NeurIPS 2011).
+
+    Raises:
+        ValueError: a name ``source`` did not suggest, or a non-finite value.
+    """
+    dists = dict(source.distributions)
+    unknown = sorted(set(params) - set(dists))
+    if unknown:
+        raise ValueError(f"`params` names {unknown} that trial {source.number} did not suggest.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`value` must be finite, got {value}.")
+    values = dict(source.params)
+    for name, v in params.items():
+        d = dists[name]
+        if isinstance(
+            d, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
+        ):
+            v = min(max(v, d.low), d.high)
+        values[name] = v
+    trial = optuna.trial.create_trial(
+        params=values, distributions=dists, value=value, user_attrs={REFINED_FROM: source.number}
+    )
+    study.add_trial(trial)
