@@ -322,9 +322,10 @@ class _Series:
         tol, previous = self.solver.tol, 1.0
         for it in range(1, self.solver.maxiter + 1):
             w = self.op.matvec(self.v)
-            require_finite_product(w)
             v = self.v - self.alpha * w  # the residual of alpha * total
             vnorm = safe_norm(v)
+            if not math.isfinite(vnorm):  # a NaN or Inf in w makes ||v|| non-finite
+                require_finite_product(w)
             self.iterations = it
             if tol is not None and vnorm <= tol:
                 self.residual, self.status = vnorm, Status.CONVERGED
