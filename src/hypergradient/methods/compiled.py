@@ -2,8 +2,9 @@
 
 Measured on this project's CPU benchmarks (``benchmarks/unrolled_speed.py --compile``):
 compiling the inner loss makes the plain gradient steps of the forward sweep faster on an
-MLP (127 -> 91 ms for 100 steps of a 2.4k-parameter MLP) but slower on logistic
-regression (26.8 -> 32.2 ms), after a compilation of 8-16 s; the reverse steps (double
+MLP (96 -> 61 ms for 100 steps of a 2.4k-parameter MLP; the whole ``hg.unrolled`` call
+1.62x -> 1.51x a hand-written ``create_graph`` loop) but slower on logistic regression
+(24 -> 29 ms), after a compilation of seconds; the reverse steps (double
 backward) cannot go through a compiled graph (torch refuses ``create_graph=True`` through
 a compiled backward with donated buffers), so they stay eager. Hence an option, off by
 default, and only for the gradients the forward sweep takes without a graph.

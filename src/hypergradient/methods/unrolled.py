@@ -54,8 +54,8 @@ class Unrolled(TrajectoryMethod):
         compile: take the forward sweep's gradients (no graph) through
             ``torch.compile`` (:class:`~hypergradient.methods.compiled.CompiledLoss`; the
             reverse steps stay eager). Pays off on networks whose steps dominate the
-            Python overhead (measured 127 -> 91 ms for 100 steps of a 2.4k-parameter MLP
-            on a CPU, slower on logistic regression) after a one-off compilation of 8-16 s;
+            Python overhead (measured 96 -> 61 ms for 100 steps of a 2.4k-parameter MLP
+            on a CPU, slower on logistic regression) after a one-off compilation of seconds;
             ignored, with a warning, for an inner loss that draws random numbers.
 
     Memory: ``K`` stored states (``P`` parameters plus optimizer buffers each); with
