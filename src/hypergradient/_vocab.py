@@ -43,6 +43,8 @@ __all__ = [
     "as_int",
     "as_optional_int",
     "as_scalar_loss",
+    "all_finite",
+    "finite_probe",
     "first_nonfinite",
     "require_finite",
 ]
@@ -310,22 +312,26 @@ def is_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def first_nonfinite(leaves: Iterable[Tensor | None], names: Iterable[str]) -> str | None:
-    """The name of the first leaf with a NaN or Inf entry, or None if all are finite.
-
-    One host synchronization when every leaf is finite (a stacked :func:`finite_probe`).
-    """
-    pairs = [(t, n) for t, n in zip(leaves, names) if t is not None and t.numel()]
-    if not pairs:
-        return None
-    device = pairs[0][0].device
-    probes = torch.stack([finite_probe(t).to(device) for t, _ in pairs])
+def all_finite(leaves: Iterable[Tensor | None]) -> bool:
+    """Whether every entry of every leaf is finite: one host sync (a stacked
+    :func:`finite_probe`) in the usual case, each leaf's own check otherwise."""
+    present = [t for t in leaves if t is not None and t.numel()]
+    if not present:
+        return True
+    device = present[0].device
+    probes = torch.stack([finite_probe(t).to(device) for t in present])
     if bool(torch.isfinite(probes).all()):
+        return True
+    return all(is_finite(t) for t in present)  # an overflowing sum, or a NaN/Inf
+
+
+def first_nonfinite(leaves: Iterable[Tensor | None], names: Iterable[str]) -> str | None:
+    """The name of the first leaf with a NaN or Inf entry, or None if all are finite
+    (one host sync when they are, see :func:`all_finite`)."""
+    pairs = [(t, n) for t, n in zip(leaves, names) if t is not None and t.numel()]
+    if all_finite([t for t, _ in pairs]):
         return None
-    for t, n in pairs:
-        if not is_finite(t):
-            return n
-    return None
+    return next((n for t, n in pairs if not is_finite(t)), None)
 
 
 def require_finite(

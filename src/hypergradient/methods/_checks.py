@@ -13,12 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 from torch import Tensor
 
-from .. import _tree, _vocab
+from .. import _tree
 from .._tree import TreeSpec
-from .._vocab import ArgumentTypeError, as_callable, first_nonfinite, require_finite
+from .._vocab import (
+    ArgumentTypeError,
+    all_finite,
+    as_callable,
+    first_nonfinite,
+    require_finite,
+)
 from ..distributed import check_consistent, group_size
 from .base import Problem
 
@@ -125,18 +130,6 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             "rate, or check the model's parameters.",
         )
     return Inputs(p_leaves, p_spec, h_leaves, h_spec)
-
-
-def all_finite(leaves: Sequence[Tensor | None]) -> bool:
-    """Whether every entry of every leaf is finite (one host synchronization in all)."""
-    present = [t for t in leaves if t is not None and t.numel()]
-    if not present:
-        return True
-    device = present[0].device
-    probes = torch.stack([_vocab.finite_probe(t).to(device) for t in present])
-    if bool(torch.isfinite(probes).all()):
-        return True
-    return all(_vocab.is_finite(t) for t in present)  # an overflowing sum, or a NaN/Inf
 
 
 def check_no_alias(

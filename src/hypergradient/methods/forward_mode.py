@@ -14,7 +14,6 @@ per process; the reverse-mode methods never do).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,7 +27,7 @@ from .._vocab import as_optional_int
 from ..optim.functional import FunctionalOptimizer
 from .base import Problem
 from .forward_tangents import GradientTangents
-from .replay import Run, rng_state
+from .replay import Run, rng_state, set_rng_state
 from .traj_modes import as_mode, is_double_backward_error
 from .trajectory import (
     Sweep,
@@ -74,6 +73,18 @@ def _push_dual(run: Run, primal: tuple[Any, Any, Any], tangent: tuple[Any, ...],
     return tuple(torch.stack(v) for v in out_p), tuple(torch.stack(v) for v in out_s)
 
 
+def _push_vmapped(run: Run, primal: tuple[Any, Any, Any], tangent: tuple[Any, ...], t: int) -> Any:
+    """As :func:`_push_dual`, by ``torch.func.jvp`` vmapped over the ``m`` directions."""
+
+    def push(dp: Any, ds: Any, dg: Any, dh: Any) -> Any:
+        def update(pp: Any, ss: Any, gg: Any, hh: Any) -> Any:
+            return run.update_h(pp, ss, gg, hh, t)
+
+        return torch.func.jvp(update, (*primal, run.h), (dp, ds, dg, dh))[1]
+
+    return torch.func.vmap(push, randomness="same")(*tangent)
+
+
 def _fused_step(
     run: Run, tangents: GradientTangents, p: Any, t: int, tp: Any, th: Any
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor] | None:
@@ -94,18 +105,10 @@ def _fused_step(
     except RuntimeError as error:
         if not is_double_backward_error(error):
             raise
-        _set_rng(before, run.device)  # the separate path draws what the failed pass drew
+        set_rng_state(before, run.device)  # the separate path draws what the failed pass drew
         return None
     g, loss = tangents.primal
     return tuple(tg), tuple(g), loss
-
-
-def _set_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
-    elif state[1] is not None and device.type == "mps":
-        torch.mps.set_rng_state(state[1])
 
 
 def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
@@ -118,7 +121,6 @@ def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
     tp = tuple(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) for x in p)
     ts = tuple(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) for x in s)
     losses = []
-    vmap = functools.partial(torch.func.vmap, randomness="same")
     for t in range(run.steps):
         fused = _fused_step(run, tangents, p, t, tp, th)
         if fused is not None:
@@ -133,18 +135,8 @@ def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
 
             tg = run.reduce(local, tp)
 
-        def push_update(
-            dp: Any, ds: Any, dg: Any, dh: Any, p: Any = p, s: Any = s, g: Any = g, t: int = t
-        ) -> Any:
-            def update(pp: Any, ss: Any, gg: Any, hh: Any) -> Any:
-                return run.update_h(pp, ss, gg, hh, t)
-
-            return torch.func.jvp(update, (p, s, g, run.h), (dp, ds, dg, dh))[1]
-
-        if m <= DUAL_MAX:
-            tp, ts = _push_dual(run, (p, s, g), (tp, ts, tg, th), t)
-        else:
-            tp, ts = vmap(push_update)(tp, ts, tg, th)
+        push = _push_dual if m <= DUAL_MAX else _push_vmapped
+        tp, ts = push(run, (p, s, g), (tp, ts, tg, th), t)
         with torch.no_grad():
             p, s = run.update(p, s, g, run.settings, t)
         losses.append(loss.detach().reshape(()))

@@ -41,7 +41,7 @@ from ._checks import (
 )
 from .base import Method, Problem, Trajectory
 
-__all__ = ["Run", "optimizer_config", "replay_rng", "rng_state", "same_state"]
+__all__ = ["Run", "optimizer_config", "replay_rng", "rng_state", "same_state", "set_rng_state"]
 
 
 def _accelerator(device: torch.device) -> str | None:
@@ -64,6 +64,17 @@ def rng_state(device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None
     return torch.get_rng_state(), None
 
 
+def set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device | str) -> None:
+    """Make ``state`` (from :func:`rng_state`) the current random-number state."""
+    device = torch.device(device)
+    accel = _accelerator(device)
+    torch.set_rng_state(state[0])
+    if state[1] is not None and accel == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+    elif state[1] is not None and accel == "mps":
+        torch.mps.set_rng_state(state[1])
+
+
 @contextlib.contextmanager
 def replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device | str) -> Iterator[None]:
     """Run the block under ``state`` (from :func:`rng_state`); the caller's state is restored."""
@@ -71,11 +82,7 @@ def replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device | str) 
     accel = _accelerator(device)
     with torch.random.fork_rng(devices=[device] if accel == "cuda" else []):
         saved = torch.mps.get_rng_state() if accel == "mps" else None
-        torch.set_rng_state(state[0])
-        if state[1] is not None and accel == "cuda":
-            torch.cuda.set_rng_state(state[1], device)
-        elif state[1] is not None and accel == "mps":
-            torch.mps.set_rng_state(state[1])
+        set_rng_state(state, device)
         try:
             yield
         finally:
