@@ -2,10 +2,13 @@
 
 The race of ``vs_optuna.py`` (same tasks, training and budget per method, interleaved clocks;
 each method's best validation loss retrained and scored on the test set) between TPE,
-hypergradient descent and a hybrid: TPE trials sample a start in TPE's own search space; a
-``PercentilePruner`` at step 0 keeps the best ``--percentile`` % of starts, which
-``integrations.optuna.Polisher`` refines (projected L-BFGS on the implicit hypergradient,
-a step kept only if the exact validation loss falls), the trial told its best refined loss.
+hypergradient descent and a hybrid whose TPE proposes starts that
+``integrations.optuna.Polisher`` refines (projected L-BFGS on the implicit hypergradient, a
+step kept only if the exact validation loss falls). ``--space``: with tens of decays
+(``start``) a trial samples one starting decay shared by all, polished to the end and told
+its best polished loss (TPE searches a 1-D space, the hypergradient the 30-D one); with a
+few (``full``) a trial samples every decay, a ``PercentilePruner`` at step 0 keeps the best
+``--percentile`` % of starts for polishing, every polished point told as a trial of its own.
 Several ``--seeds`` (each its own data split and initialization) give a median per task.
 Run: ``.venv/bin/python benchmarks/hybrid_optuna.py --seeds 0 1 2`` (~12 min per seed;
 ``--quick``: seconds).
@@ -35,29 +38,40 @@ TITLE = (
 )
 METHODS = ("tpe", "hypergradient", "hybrid")
 LABELS = {"tpe": "Optuna TPE", "hypergradient": "hypergradient", "hybrid": "hybrid (TPE + HG)"}
+AUTO_FULL = 10  # --space auto: TPE samples every decay up to this many
 STATS, TASKS = ("min", "median", "max"), ("logreg", "mlp-layer")
 
 
 class Hybrid:
-    """TPE proposes starting points; the promising ones are polished by hypergradient line
-    searches (``integrations.optuna.Polisher``, accept-only), every evaluation told to Optuna.
+    """TPE proposes starting points; hypergradient line searches polish them
+    (``integrations.optuna.Polisher``, accept-only).
 
-    A trial is TPE-alone's: its search space (a log-uniform decay per hyperparameter), one
-    training, its value. It reports it at step 0 through a ``TrialReporter`` whose
-    ``PercentilePruner`` passes only the best ``percentile`` % of starts; a passed start is
-    polished until the polisher is done (or ``max_evals`` evaluations), each candidate added
-    to the study as a trial of its own with its exact loss (``add_refined_trial``), so that
-    TPE models every point evaluated and the best refined point is the study's best."""
+    ``space="start"``: a trial samples one log-uniform decay shared by every hyperparameter;
+    the start is polished until the polisher is done (or ``max_evals`` evaluations), each
+    evaluation reported to the trial (``TrialReporter``, refined values stored on it), the
+    trial told its best. ``space="full"``: a trial is TPE-alone's (a log-uniform decay per
+    hyperparameter, one training), reported at step 0 to a ``PercentilePruner`` that passes
+    the best ``percentile`` % of starts; a passed start is polished, each candidate added to
+    the study as a trial of its own (``add_refined_trial``), so that TPE models every point
+    evaluated. ``auto``: ``full`` up to ``AUTO_FULL`` hyperparameters."""
 
-    def __init__(self, task: V.Task, seed: int, percentile: float, max_evals: int, rejects: int):
+    def __init__(self, task: V.Task, seed: int, polish: tuple, space: str = "auto"):
         optuna = H.import_peer("optuna")[0]
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.optuna, self.task, self.max_evals = optuna, task, max_evals
-        pruner = optuna.pruners.PercentilePruner(percentile, n_startup_trials=2)
-        sampler = optuna.samplers.TPESampler(seed=seed)
+        percentile, self.max_evals, rejects, memory = polish
+        if space == "auto":  # TPE samples a few decays well, tens of them poorly
+            space = "start" if task.n_hparams > AUTO_FULL else "full"
+        self.optuna, self.task, self.space = optuna, task, space
+        if space == "start":  # a trial: one shared starting decay, polished to the end
+            pruner, self.names = optuna.pruners.NopPruner(), ["lam_start"]
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+        else:
+            pruner = optuna.pruners.PercentilePruner(percentile, n_startup_trials=2)
+            sampler, self.names = optuna.samplers.TPESampler(seed=seed), task.names
         self.study = optuna.create_study(sampler=sampler, pruner=pruner)
-        self.study.enqueue_trial({n: task.lam0 for n in task.names})  # the common start
-        self.polisher = Polisher(math.log(task.lo), math.log(task.hi), max_rejects=rejects)
+        self.study.enqueue_trial(dict.fromkeys(self.names, task.lam0))  # the common start
+        lo, hi = math.log(task.lo), math.log(task.hi)
+        self.polisher = Polisher(lo, hi, max_rejects=rejects, memory=memory)
         self.run, self.source, self.state, self.x0 = V.Run("hybrid"), None, {}, None
         self.counts = {"trials": 0, "polished": 0, "accepted": 0, "rejected": 0}
         self.counts |= {"hypergradients": 0, "improved_by_polish": 0}
@@ -77,13 +91,18 @@ class Hybrid:
             if x is not None:
                 self.evals += 1
                 return x
-        if self.source is not None:
-            self.counts["improved_by_polish"] += self.polisher.accepted > self.accepted0
+        self._end_polish()
         t, self.source, self.evals = self.task, None, 0
         self.trial = self.study.ask()
-        lam = [self.trial.suggest_float(n, t.lo, t.hi, log=True) for n in t.names]
+        lam = [self.trial.suggest_float(n, t.lo, t.hi, log=True) for n in self.names]
         self.counts["trials"] += 1
-        return torch.tensor(lam, dtype=V.F64).log()
+        return torch.tensor(lam, dtype=V.F64).log().expand(t.n_hparams).clone()
+
+    def _end_polish(self) -> None:
+        if self.source is not None:
+            self.counts["improved_by_polish"] += self.polisher.accepted > self.accepted0
+            if self.space == "start":  # the trial's value: its best polished loss
+                self.study.tell(self.source, self.reporter.finish())
 
     def _start(self, params: tuple, phi: torch.Tensor, val: float) -> None:
         """Tell the trial its start's loss; polish it if the pruner lets it through."""
@@ -93,7 +112,10 @@ class Hybrid:
         except self.optuna.TrialPruned:
             self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
             return
-        self.study.tell(trial, reporter.finish())
+        if self.space == "start":
+            self.reporter = reporter  # told when its polish ends
+        else:
+            self.study.tell(trial, reporter.finish())
         self.source, self.accepted0 = trial, self.polisher.accepted
         self.polisher.start(phi, val, self.hypergradient(params, phi))
         self.counts["polished"] += 1
@@ -113,7 +135,9 @@ class Hybrid:
         else:
             accepted = self.polisher.tell(val, lambda: self.hypergradient(params, phi))
             self.counts["accepted" if accepted else "rejected"] += 1
-            if math.isfinite(val):
+            if self.space == "start" and math.isfinite(val):
+                self.reporter.report(val, {"phi": phi})
+            elif math.isfinite(val):
                 lam = dict(zip(self.task.names, phi.exp().tolist()))
                 add_refined_trial(self.study, lam, val, self.source)
         spent = time.perf_counter() - known[2] - (self.run.hyper_seconds - hyper0)
@@ -121,19 +145,18 @@ class Hybrid:
         return known
 
     def finish(self) -> None:
-        if self.source is not None:  # a polish the budget ended
-            self.counts["improved_by_polish"] += self.polisher.accepted > self.accepted0
+        self._end_polish()  # a polish the budget ended
         best = self.study.best_trial
         x = self.run.extras
         x |= self.counts | {"best_trial": best.number, "study_trials": len(self.study.trials)}
         x["best_refined_from"] = best.user_attrs.get("refined_from")
 
 
-def run_task(task: V.Task, budget: float, seed: int, polish: tuple[float, int, int]) -> dict:
+def run_task(task: V.Task, budget: float, seed: int, polish: tuple, space: str) -> dict:
     H.log(f"{task.title}, seed {seed}: budget {budget:.0f} s per method")
     phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=V.F64)
     start = task.evaluate(task.train(phi0, {}))
-    hybrid = Hybrid(task, seed, *polish)
+    hybrid = Hybrid(task, seed, polish, space)
     methods = [V.Optuna(task, "tpe", seed), V.Hypergradient(task), hybrid]
     load0, real0 = os.getloadavg()[0], time.perf_counter()
     V.race(methods, budget, "interleaved")
@@ -147,7 +170,8 @@ def run_task(task: V.Task, budget: float, seed: int, polish: tuple[float, int, i
         t |= {m: runs[m].time_to(t["value"]) for m in METHODS}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams, "budget": budget}
     res |= {"seed": seed, "lam0": task.lam0, "outer_lr": task.outer_lr}
-    res |= dict(zip(("percentile", "polish_evals", "max_rejects"), polish))
+    res |= dict(zip(("percentile", "polish_evals", "max_rejects", "memory"), polish))
+    res["space"] = hybrid.space
     res |= {"solver": task.solver_text, "training": task.training_text, "box": [task.lo, task.hi]}
     res |= {"real_seconds": time.perf_counter() - real0, "load": [load0, os.getloadavg()[0]]}
     res |= {"start": start, "reached": reached}
@@ -174,8 +198,13 @@ def render_task(res: dict[str, Any]) -> str:
         f"budget {res['budget']:.0f} s per method, interleaved; lambda in {res['box']}; "
         f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda "
         f"from lambda = {res['lam0']:g}, hg.implicit with {res['solver']}",
-        f"hybrid: TPE starts, the best {res['percentile']:g} % polished (Polisher, "
-        f"max_rejects={res['max_rejects']}, up to {res['polish_evals']} evaluations); "
+        (
+            "hybrid: TPE samples one starting decay shared by all, every start polished "
+            if res.get("space") == "start"
+            else f"hybrid: TPE starts, the best {res['percentile']:g} % polished "
+        )
+        + f"(Polisher, memory={res.get('memory', 5)}, max_rejects={res['max_rejects']}, up to "
+        f"{res['polish_evals']} evaluations); "
         + H.facts(
             {
                 k: h[k]
@@ -261,6 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--percentile", type=float, default=10.0, help="starts polished (%%)")
     p.add_argument("--polish-evals", type=int, help="evaluations per polish (default 1000)")
     p.add_argument("--max-rejects", type=int, default=3, help="rejections ending a polish")
+    p.add_argument("--memory", type=int, default=15, help="the polisher's L-BFGS memory")
+    p.add_argument(
+        "--space",
+        choices=("auto", "start", "full"),
+        default="auto",
+        help="what TPE samples: one shared starting decay per trial, polished to the end "
+        "(start), or every decay, the best --percentile %% of starts polished (full); auto: "
+        f"full up to {AUTO_FULL} decays",
+    )
     args = p.parse_args(argv)
     if H.replot(args, NAME, TITLE, render, plot):
         return 0
@@ -271,13 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     optuna, version = H.import_peer("optuna")
     rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
     budgets = {"logreg": args.budget_logreg, "mlp-layer": args.budget_mlp}
-    polish = (args.percentile, args.polish_evals, args.max_rejects)
+    polish = (args.percentile, args.polish_evals, args.max_rejects, args.memory)
     results = []
     for key in args.tasks * (optuna is not None):
         for seed in args.seeds:
             torch.manual_seed(seed)
             task = V.Task(key, seed, args.lbfgs_iters)
-            results.append(run_task(task, budgets[key], seed, polish))
+            results.append(run_task(task, budgets[key], seed, polish, args.space))
     rep.write({"tasks": results}, render, plot if results else None)
     return 0
 
