@@ -180,7 +180,7 @@ def run_task(task: V.Task, budget: float, seed: int, polish: tuple, space: str) 
 
 def best_of(run: dict[str, Any]) -> str:
     """``best validation / retrained test`` of one method's run."""
-    return f"{min(run['val']):.4f} / {run['final']['test_loss']:.4f}"
+    return f"{min(run['val']):.5f} / {run['final']['test_loss']:.4f}"
 
 
 def render_task(res: dict[str, Any]) -> str:
@@ -216,7 +216,7 @@ def render_task(res: dict[str, Any]) -> str:
         "best lambdas (min / median / max): "
         + "; ".join(f"{LABELS[m]} {t}" for m, t in zip(METHODS, lams)),
     ]
-    cols = "method|evaluations:d|trials:d|polished:d|best:.4f|found_at_s:.2f|val_loss:.4f"
+    cols = "method|evaluations:d|trials:d|polished:d|best:.5f|found_at_s:.2f|val_loss:.4f"
     for o, t in res["reached"].items():
         at = [f"{LABELS[m]} {'never' if t[m] is None else f'{t[m][0]:.2f} s'}" for m in METHODS]
         notes.append(f"wall time to reach {LABELS[o]}'s best ({t['value']:.4f}): {', '.join(at)}")
@@ -239,7 +239,7 @@ def render(d: dict[str, Any]) -> list[str]:
             for m in METHODS:
                 test = H.median([r["runs"][m]["final"]["test_loss"] for r in group])
                 bold = "**" if val[m] == min(val.values()) else ""
-                med[LABELS[m]] = f"{bold}{val[m]:.4f}{bold} / {test:.4f}"
+                med[LABELS[m]] = f"{bold}{val[m]:.5f}{bold} / {test:.4f}"
             rows.append(med)
     cols = "task|seed|" + "|".join(LABELS[m] for m in METHODS)
     notes = (
