@@ -206,6 +206,21 @@ def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
     return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: bce(p, data.val)), f_batch
 
 
+def linear_loss(decay: str | None = None, log: bool = False) -> Callable[[Any, Any, Any], Tensor]:
+    """``loss(model, hparams, batch)`` of an ``nn.Linear`` logistic regression (a
+    HyperOptimizer's loss): BCE plus ``0.5 sum d w^2``, ``d = hparams[decay]`` (its exp if
+    ``log``); no penalty if ``decay`` is None."""
+
+    def loss(m: Any, h: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+        out = F.binary_cross_entropy_with_logits(m(batch[0]).reshape(-1), batch[1].reshape(-1))
+        if decay is None:
+            return out
+        w, d = dict(m.named_parameters())["weight"].reshape(-1), h[decay]
+        return out + 0.5 * ((d.exp() if log else d) * w**2).sum()
+
+    return loss
+
+
 @dataclass
 class Bilevel:
     """A bilevel problem at its inner optimum (float64), with an optional closed form."""
@@ -226,6 +241,11 @@ class Bilevel:
         p0 = None if self.params0 is None else tuple(p.to(dtype) for p in self.params0)
         hp = tuple(h.to(hparams_dtype or dtype) for h in self.hparams)
         return replace(self, params=tuple(p.to(dtype) for p in self.params), hparams=hp, params0=p0)
+
+    @property
+    def args(self) -> tuple[Loss, Loss, Params, Params]:
+        """``(inner_loss, outer_loss, params, hparams)``: the arguments of ``hg.implicit``."""
+        return self.inner_loss, self.outer_loss, self.params, self.hparams
 
     @property
     def num_params(self) -> int:

@@ -212,6 +212,11 @@ def bench_main(doc: str | None, name: str, title: str, run: Run, render: Render,
     return rep.write(run(args, rep), render, plot)
 
 
+def entry(doc: str | None, name: str, title: str, run: Run, render: Render, **kw: Any):
+    """The ``main(argv)`` of a benchmark: :func:`bench_main` with these arguments."""
+    return lambda argv=None: bench_main(doc, name, title, run, render, argv=argv, **kw)
+
+
 def subplots(rows: int, cols: int, width: float, height: float) -> tuple[Any, Any]:
     """A figure of ``rows x cols`` axes (a 2-d array), each ``width x height`` inches."""
     return pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
