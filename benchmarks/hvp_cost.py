@@ -9,7 +9,7 @@ import torch
 
 import harness as H
 import hypergradient as hg
-from harness import Case, interleave, problems
+from harness import problems
 
 NAME, TITLE = "hvp_cost", "Cost of a Hessian-vector product"
 
@@ -58,13 +58,13 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     }
     # Neumann spends exactly k products whatever the curvature (random weights: H may be
     # indefinite and CG would stop early); the floor uses the products reported.
-    cases = [Case(k, c) for k, c in calls.items()]
+    cases = [H.Case(k, c) for k, c in calls.items()]
     for k in ks:
         neumann = hg.Neumann(k, alpha=1e-3)
         call = lambda s, n=neumann: hg.implicit(f, outer, w, lam, n)  # noqa: E731
         hvps = lambda n=neumann: hg.implicit(f, outer, w, lam, n, return_info=True)[1].num_hvps  # noqa: E731
-        cases.append(Case(f"implicit, {k} products", call, hvps))
-    res = interleave(cases, rounds)
+        cases.append(H.Case(f"implicit, {k} products", call, hvps))
+    res = H.interleave(cases, rounds)
     out = [{"what": t.key, "ms": t.ms, "gradients": t.ms / res[0].ms, "floor": None} for t in res]
     for r, t in zip(out, res):
         r["floor"] = t.warm + 3 if t.key.startswith("implicit") else None
@@ -99,9 +99,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return {"results": [{"problem": n, "rows": measure(pb, r, ks)} for n, pb in models(args.quick)]}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot)
 
 if __name__ == "__main__":
     main()

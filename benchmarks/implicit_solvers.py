@@ -242,11 +242,7 @@ OPTIONS = [
     H.option("--problems", ["ridge", "logreg"], ["ridge", "logreg", "mlp"], nargs="+"),
     H.option("--no-hypergrad", action="store_true", help="skip the seed library"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

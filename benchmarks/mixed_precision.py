@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,11 +220,9 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return {"repeats": args.repeats, "unrolled_steps": steps, "problems": out}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    opts = [H.option("--repeats", 1, 5, type=int, help="timed calls per mode")]
-    opts.append(H.option("--hidden", type=int, default=16, help="MLP hidden width"))
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=opts)
-
+OPTIONS = [H.option("--repeats", 1, 5, type=int, help="timed calls per mode")]
+OPTIONS.append(H.option("--hidden", type=int, default=16, help="MLP hidden width"))
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

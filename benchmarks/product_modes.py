@@ -12,7 +12,6 @@ import torch
 
 import harness as H
 import hypergradient as hg
-from harness import Case, interleave
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import zoo_models as Z  # noqa: E402
@@ -94,11 +93,11 @@ def cost(name: str, width: int, n: int, rounds: int, memory: bool) -> list[dict[
     h = {k: v.float() for k, v in z.hparams0().items()}
     ops = {m: operator(z, m) for m in MODES}
     v = torch.randn(ops["first_order"].size)
-    cases = [Case("gradient", lambda s: torch.autograd.grad(z.inner(p, h), list(p.values())))]
+    cases = [H.Case("gradient", lambda s: torch.autograd.grad(z.inner(p, h), list(p.values())))]
     for m in MODES:
-        cases.append(Case(f"build {m}", lambda s, m=m: operator(z, m)))
-        cases.append(Case(f"product {m}", lambda s, m=m: ops[m].matvec(v)))
-    timing = {t.key: t.ms for t in interleave(cases, rounds)}
+        cases.append(H.Case(f"build {m}", lambda s, m=m: operator(z, m)))
+        cases.append(H.Case(f"product {m}", lambda s, m=m: ops[m].matvec(v)))
+    timing = {t.key: t.ms for t in H.interleave(cases, rounds)}
     unit = timing["gradient"]
     rows = []
     for m in MODES:
@@ -138,23 +137,21 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = H.cli(__doc__)
-    parser.add_argument("--width", type=int, default=None, help="hidden sizes times w")
-    args = parser.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.defaults(args, width=(1, 16))
-    H.start(args)
-    n, rounds = (16, 3) if args.quick else (256, 15)
-    rep = H.Report(NAME, TITLE, args)
-    results = []
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    n, rounds, results = (16, 3, []) if args.quick else (256, 15, [])
     for name in ("mlp", "transformer") if args.quick else MODELS:
         H.log(f"{name} (width {args.width})")
         size = sum(p.numel() for p in zoo(name, args.width, 2, torch.float64).params0().values())
         r = {"model": f"{name} ({size:,} params)", "accuracy": accuracy(name, args.width, n)}
         results.append(r | {"cost": cost(name, args.width, n, rounds, memory=not args.quick)})
-    rep.write({"results": results, "notes": [f"width {args.width}, {n} examples"]}, render, plot)
+    return {"results": results, "notes": [f"width {args.width}, {n} examples"]}
+
+
+OPTIONS = [H.option("--width", 1, 16, type=int, help="hidden sizes times w")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
     return 0
 
 

@@ -236,10 +236,8 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return {"settings": settings | {"truncations": list(TRUNCATIONS)}, "problems": out}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    opts = [H.option("--repeats", 1, 3, type=int, help="timed calls per method")]
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=opts)
-
+OPTIONS = [H.option("--repeats", 1, 3, type=int, help="timed calls per method")]
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

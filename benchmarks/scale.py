@@ -6,7 +6,7 @@ import gc
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,11 +411,7 @@ OPTIONS = [
     H.option("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS),
     H.option("--sizes", [3e3], [1e4, 3e4, 1e5, 3e5, 1e6], nargs="+", type=float, help="P values"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

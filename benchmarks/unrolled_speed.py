@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -227,11 +227,7 @@ OPTIONS = [
     H.option("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS),
     H.option("--compile", action="store_true", help="also try torch.compile (~1 min)"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

@@ -220,9 +220,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv)
-
+main = H.entry(__doc__, NAME, TITLE, run, render)
 
 if __name__ == "__main__":
     main()
