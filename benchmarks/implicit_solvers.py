@@ -14,14 +14,10 @@ import hypergradient as hg
 NAME, TITLE = "implicit_solvers", "Implicit hypergradient solvers: accuracy and cost"
 
 
-def args_of(pb: H.Bilevel) -> tuple:
-    return pb.inner_loss, pb.outer_loss, pb.params, pb.hparams
-
-
 def reference(pb: H.Bilevel) -> dict[str, Any]:
     """``h*`` (closed form or ``hg.Exact()``), checked against plain torch; the spectrum."""
     t0 = time.perf_counter()
-    h, info = hg.implicit(*args_of(pb), solver=hg.Exact(chunk_size=64), return_info=True)
+    h, info = hg.implicit(*pb.args, solver=hg.Exact(chunk_size=64), return_info=True)
     exact_ms, h, Hd = 1e3 * (time.perf_counter() - t0), H.flat(h), H.dense_hessian(pb)
     dense, ev = H.dense_hypergradient(pb, Hd), torch.linalg.eigvalsh(Hd)
     checks = {"hg.Exact vs torch dense (rel. diff)": H.relative_error(h, dense)}
@@ -38,10 +34,10 @@ def reference(pb: H.Bilevel) -> dict[str, Any]:
 
 def ours(pb: H.Bilevel, key: str, make: Callable[[int], hg.Solver]) -> H.Case:
     def info() -> tuple:
-        h, inf = hg.implicit(*args_of(pb), solver=make(10_000), return_info=True)
+        h, inf = hg.implicit(*pb.args, solver=make(10_000), return_info=True)
         return H.flat(h), inf.num_hvps, str(inf.status)
 
-    call = lambda s: H.flat(hg.implicit(*args_of(pb), solver=make(s)))  # noqa: E731
+    call = lambda s: H.flat(hg.implicit(*pb.args, solver=make(s)))  # noqa: E731
     return H.Case(key, call, info, meta={"impl": "hypergradient"})
 
 
@@ -49,7 +45,7 @@ def theirs(pb: H.Bilevel, key: str, fn: Callable, k: int, arg: float, seeded: bo
     def call(s: int) -> torch.Tensor:
         if seeded:  # hypergrad's nystrom samples with the global generator
             torch.manual_seed(s)
-        return H.flat([t.detach() for t in fn(*args_of(pb), k, arg)])
+        return H.flat([t.detach() for t in fn(*pb.args, k, arg)])
 
     return H.Case(key, call, lambda: (call(10_000), k, ""), meta={"impl": "hypergrad"})
 

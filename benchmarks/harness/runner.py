@@ -391,6 +391,29 @@ def isolated(fn: Callable[..., T], *args: Any, timeout: float = 600.0) -> T:
     return value
 
 
+COLD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, hypergradient
+out = {{"import_s": time.perf_counter() - t0}}
+torch.set_num_threads(1)
+import {module} as B
+for key, call in B.cold_calls({what!r}).items():
+    t, c = time.perf_counter(), time.process_time()
+    call()
+    out |= {{key + "_s": time.perf_counter() - t, key + "_cpu_s": time.process_time() - c}}
+out["dynamo"] = "torch._dynamo" in sys.modules
+print(json.dumps(out | {{"sympy": "sympy" in sys.modules}}))
+"""
+
+
+def cold_start(module: str, what: str = "") -> dict[str, Any]:
+    """In a new interpreter: ``import_s`` of ``import torch, hypergradient``, then ``<key>_s``
+    and ``<key>_cpu_s`` of each call of ``module.cold_calls(what)`` in turn (built untimed),
+    and whether ``torch._dynamo`` (``dynamo``) or ``sympy`` got imported."""
+    return fresh(COLD.format(module=module, what=what))
+
+
 def fresh(code: str, timeout: float = 300.0) -> dict[str, Any]:
     """Run ``code`` in a new interpreter (benchmarks folder importable); it must print one
     JSON object as its last line, which is returned."""
