@@ -122,20 +122,17 @@ def render(d: dict[str, Any]) -> list[str]:
 
 
 def plot(data: dict[str, Any], out: Path) -> Path:
-    fig, axes = H.pyplot().subplots(1, 3, figsize=(14, 4), sharey=True)
-    for ax, r in zip(axes, data["runs"]):
-        steps = [c["hyper_step"] for c in r["curve"]]
-        for key, color in (("val_loss", "tab:green"), ("holdout_loss", "tab:orange")):
-            ax.plot(steps, [c[key] for c in r["curve"]], color=color, label=key.split("_")[0])
-        ax.plot(steps, [c["test_loss"] for c in r["curve"]], color="tab:red", label="test")
-        if r["best_hyper_step"]:
-            ax.axvline(r["best_hyper_step"], color="k", ls=":", lw=1, label="kept (best holdout)")
-        ax.set(title=r["run"], xlabel="hyper-step", yscale="log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("loss of the live model")
-    fig.suptitle("2,410 per-weight decays: the live model's losses along the hyper-steps")
-    return H.save_figure(fig, out / f"{NAME}.png")
+    panels = []
+    for r in data["runs"]:
+        keys = ("val_loss", "holdout_loss", "test_loss")
+        lines = {k.split("_")[0]: [(c["hyper_step"], c[k]) for c in r["curve"]] for k in keys}
+        best = {"kept (best holdout)": r["best_hyper_step"]} if r["best_hyper_step"] else {}
+        axes = {"title": r["run"], "xlabel": "hyper-step", "yscale": "log"}
+        panels.append(
+            {"lines": lines, "fmt": dict.fromkeys(lines, "-"), "vlines": best, "set": axes}
+        )
+    title = "2,410 per-weight decays: the live model's losses along the hyper-steps"
+    return H.figure(out / f"{NAME}.png", panels, 3, (4.7, 4), title)
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:

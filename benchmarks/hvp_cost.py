@@ -78,20 +78,19 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Cost of one product and of whole hypergradients, in gradients of f."""
-    res = data["results"]
-    fig, axes = H.pyplot().subplots(1, len(res), figsize=(5 * len(res), 4), squeeze=False)
-    for ax, r in zip(axes[0], res):
+    panels = []
+    for r in data["results"]:
         rows = [x for x in r["rows"] if x["what"] != "grad"]
-        ax.barh(range(len(rows)), [x["gradients"] for x in rows], color="C0")
-        floors = [(i, x["floor"]) for i, x in enumerate(rows) if x.get("floor")]
-        if floors:
-            ax.plot([f for _, f in floors], [i for i, _ in floors], "k|", ms=14, label="k + 3")
-            ax.legend(fontsize=8)
-        ax.set_yticks(range(len(rows)), [x["what"] for x in rows], fontsize=8)
-        ax.set(xscale="log", xlabel="cost in gradients of f")
-        ax.set_title(r["problem"].replace(" (", "\n("))
-        ax.invert_yaxis()
-    return H.save_figure(fig, out / f"{NAME}.png")
+        floors = [(x["floor"], i) for i, x in enumerate(rows) if x.get("floor")]
+        axes = {"xscale": "log", "xlabel": "cost in gradients of f"}
+        panel = {"bars": {"": [x["gradients"] for x in rows]}, "ticks": [x["what"] for x in rows]}
+        lines = {"lines": {"k + 3": floors}, "fmt": {"k + 3": "k|"}, "ms": 14}
+        panels.append(
+            panel
+            | lines
+            | {"barh": True, "set": axes | {"title": r["problem"].replace(" (", "\n(")}}
+        )
+    return H.figure(out / f"{NAME}.png", panels, len(panels))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:

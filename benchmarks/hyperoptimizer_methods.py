@@ -376,23 +376,17 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     """Per method: hyper-step cost in training steps, and validation loss reached."""
     summary = data["hyperoptimizer"]["summary"]
     names = [n for n, r in summary.items() if r.get("hyper_step_ms")]
-    fig, (ax1, ax2) = H.pyplot().subplots(1, 2, figsize=(12, 4.5))
     ratio = [summary[n]["hyper_step_ms"] / summary[n]["train_step_ms"] for n in names]
-    ax1.barh(range(len(names)), ratio, color="C0")
-    ax1.set_yticks(range(len(names)), names, fontsize=8)
-    ax1.set(xscale="log", xlabel="seconds per hyper-step / per training step")
-    vals = [summary[n]["val"] for n in names]
-    ax2.barh(range(len(names)), vals, color="C2")
-    ax2.set_yticks(range(len(names)), [""] * len(names))
-    for ax in (ax1, ax2):
-        ax.invert_yaxis()
-    for n, r in summary.items():
-        if not r.get("hyper_step_ms"):
-            ax2.axvline(r["val"], ls="--", lw=1, color="k" if "untuned" in n else "C3", label=n)
-    lo = min(vals + [r["val"] for r in summary.values()])
-    ax2.set(xlabel="validation loss after the run", xlim=(0.9 * lo, None))
-    ax2.legend(fontsize=7, loc="lower right")
-    return H.save_figure(fig, out / f"{NAME}.png")
+    cost = {"bars": {"": ratio}, "ticks": names, "barh": True}
+    cost["set"] = {"xscale": "log", "xlabel": "seconds per hyper-step / per training step"}
+    plain = {n: r["val"] for n, r in summary.items() if not r.get("hyper_step_ms")}
+    val = {"bars": {"": [summary[n]["val"] for n in names]}, "ticks": names, "barh": True}
+    lo = min(r["val"] for r in summary.values())
+    val |= {
+        "vlines": plain,
+        "set": {"xlabel": "validation loss after the run", "xlim": (0.9 * lo, None)},
+    }
+    return H.figure(out / f"{NAME}.png", [cost, val], 2, (6, 4.5))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:

@@ -184,29 +184,21 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Relative error vs products and vs milliseconds, per problem; ours solid, seed dashed."""
-    probs = data["problems"]
-    fig, axes = H.pyplot().subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
-    for col, (name, pb) in enumerate(probs.items()):
-        series: dict[tuple[str, str], list] = {}
-        for r in pb["rows"]:
-            for side in ("ours", "theirs"):
+    panels = []
+    for j, xlabel in enumerate(("Hessian-vector products", "ms per hypergradient")):
+        for name, pb in data["problems"].items():
+            lines: dict[str, list] = {}
+            for r, side in [(r, s) for r in pb["rows"] for s in ("ours", "theirs")]:
                 m = r.get(side)
                 if m and not m.get("error") and m.get("rel_err") is not None:
-                    pt = (max(m.get("num_hvps") or r["k"], 1), m["ms"], max(m["rel_err"], 1e-17))
-                    series.setdefault((side, m["key"]), []).append(pt)
-        for (side, key), pts in sorted(series.items()):
-            pts.sort()
-            label = key if side == "ours" else f"hypergrad 0.0.1 {key}"
-            for j in (0, 1):
-                xy = [p[j] for p in pts], [p[2] for p in pts]
-                axes[j][col].plot(*xy, "-o" if side == "ours" else "--x", ms=3, label=label)
-        axes[0][col].set(title=name, xlabel="Hessian-vector products", xscale="log")
-        axes[1][col].set(xlabel="ms per hypergradient", xscale="log")
-        for ax in axes[:, col]:
-            ax.set(yscale="log", ylabel="relative error vs exact")
-            ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="lower left")
-    return H.save_figure(fig, out / f"{NAME}.png")
+                    x = (max(m.get("num_hvps") or r["k"], 1), m["ms"])[j]
+                    label = m["key"] if side == "ours" else f"hypergrad 0.0.1 {m['key']}"
+                    lines.setdefault(label, []).append((x, max(m["rel_err"], 1e-17)))
+            axes = {"xscale": "log", "yscale": "log", "ylabel": "relative error vs exact"}
+            panel = {"lines": {k: sorted(v) for k, v in lines.items()}, "set": axes}
+            panel["fmt"] = {k: "--x" for k in lines if k.startswith("hypergrad ")}
+            panels.append(panel | {"set": axes | {"title": name, "xlabel": xlabel}})
+    return H.figure(out / f"{NAME}.png", panels, len(data["problems"]))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:

@@ -124,17 +124,12 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Path) -> Path:
     """Relative error of H v per model, dtype and mode."""
-    res = data["results"]
-    fig, ax = H.pyplot().subplots(figsize=(8, 4))
-    labels = [r["model"] for r in res]
-    for i, (dt, mode) in enumerate([(d, m) for d in ("float64", "float32") for m in MODES]):
-        err = [{(a["dtype"], a["mode"]): a["hvp_error"] for a in r["accuracy"]} for r in res]
-        ys = [max(e[dt, mode], 1e-17) for e in err]
-        ax.bar([j + 0.2 * i for j in range(len(res))], ys, 0.2, label=f"{mode} {dt}")
-    ax.set(yscale="log", ylabel="relative error of H v", title=TITLE)
-    ax.set_xticks([j + 0.3 for j in range(len(res))], labels, fontsize=8)
-    ax.legend(fontsize=8)
-    return H.save_figure(fig, out / f"{NAME}.png")
+    res, keys = data["results"], [(d, m) for d in ("float64", "float32") for m in MODES]
+    err = [{(a["dtype"], a["mode"]): a["hvp_error"] for a in r["accuracy"]} for r in res]
+    bars = {f"{m} {d}": [max(e[d, m], 1e-17) for e in err] for d, m in keys}
+    axes = {"yscale": "log", "ylabel": "relative error of H v", "title": TITLE}
+    panel = {"bars": bars, "ticks": [r["model"] for r in res], "set": axes}
+    return H.figure(out / f"{NAME}.png", [panel], 1, (8, 4))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:

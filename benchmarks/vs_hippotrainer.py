@@ -415,25 +415,22 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Validation loss against wall-clock per method pair and hyper_lr."""
-    res = data["b"]
+    res, panels = data["b"], []
     pairs = [p for p in dict.fromkeys(r["pair"] for r in res[0]["summary"]) if p != "-"]
-    fig, axes = H.subplots(len(res), len(pairs), 4.6, 4)
-    style = {"theirs": ("C3", "-"), "compat": ("C0", "-"), "native": ("C2", "--")}
-    style["untuned"] = ("0.5", ":")
-    for row, b in zip(axes, res):
-        for ax, pair in zip(row, pairs):
-            lows, finals = [], []
-            for r in [r for r in b["summary"] if not r["error"] and r["pair"] in (pair, "-")]:
-                pts = [c for c in r["curve"] if not H.bad(c["val_bce"])]
-                lows += [c["val_bce"] for c in pts]
-                finals += [r["val_bce"]] if not H.bad(r["val_bce"]) else []
-                xy = [c["seconds"] for c in pts], [c["val_bce"] for c in pts]
-                ax.plot(*xy, color=style[r["impl"]][0], ls=style[r["impl"]][1], label=r["label"])
-            ax.set_ylim(0.97 * min(lows), 1.6 * max(finals))  # the start (0.69) is off-scale
-            ax.set(title=f"{pair}, hyper_lr={b['hyper_lr']:g}", xlabel="seconds (sum of steps)")
-            ax.legend(fontsize=6)
-    fig.suptitle("HippoTrainer 1.0.0 (red) vs hypergradient (compat: blue, native: green)")
-    return H.save_figure(fig, out / f"{NAME}.png")
+    fmt = {"theirs": "C3-", "compat": "C0-", "native": "C2--", "untuned": ":"}
+    for b, pair in [(b, pair) for b in res for pair in pairs]:
+        runs = [r for r in b["summary"] if not r["error"] and r["pair"] in (pair, "-")]
+        pts = {r["label"]: [(c["seconds"], c["val_bce"]) for c in r["curve"]] for r in runs}
+        pts = {k: [(x, y) for x, y in v if not H.bad(y)] for k, v in pts.items()}
+        lows = [y for v in pts.values() for _, y in v]
+        finals = [r["val_bce"] for r in runs if not H.bad(r["val_bce"])]
+        axes = {"title": f"{pair}, hyper_lr={b['hyper_lr']:g}", "xlabel": "seconds (sum of steps)"}
+        axes |= {"ylabel": "validation BCE", "ylim": (0.97 * min(lows), 1.6 * max(finals))}
+        panels.append(
+            {"lines": pts, "fmt": {r["label"]: fmt[r["impl"]] for r in runs}, "set": axes}
+        )
+    title = "HippoTrainer 1.0.0 (red) vs hypergradient (compat: blue, native: green)"
+    return H.figure(out / f"{NAME}.png", panels, len(pairs), (4.6, 4), title)
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
