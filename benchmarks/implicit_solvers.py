@@ -61,21 +61,11 @@ def gradient(pb: H.Bilevel) -> H.Case:
 def measure(cases: list[H.Case], repeats: int, h_ref: torch.Tensor) -> list[dict[str, Any]]:
     """Interleaved timing; per case the measurement dict of the JSON (errors per seed)."""
     out = []
-    for t in H.interleave(cases, repeats, keep=lambda h: h if t_is_hyper(h, h_ref) else None):
-        rel = [H.relative_error(h, h_ref) for h in t.kept if h is not None]
-        cos = [H.cosine(h, h_ref) for h in t.kept if h is not None]
-        warm = t.warm or (None, None, "")
-        m = {"key": t.key, "impl": t.meta["impl"], "rel_err": H.median(rel), "cos": H.median(cos)}
-        m |= {"rel_err_all": rel, "num_hvps": warm[1], "status": warm[2], "ms": t.ms}
-        m["ms_all"] = t.ms_all
-        m |= {"cpu_ms": t.cpu_ms, "cpu_ms_all": t.cpu_ms_all, "warnings": t.warnings}
-        out.append(m | {"warned_calls": t.warned_calls, "error": t.error})
+    for t, row in H.scored(cases, repeats, h_ref):
+        _, hvps, status = t.warm or (None, None, "")
+        row |= {"impl": t.meta["impl"], "num_hvps": hvps, "status": status}
+        out.append(row | {"warned_calls": t.warned_calls})
     return out
-
-
-def t_is_hyper(h: Any, ref: torch.Tensor) -> bool:
-    """A hypergradient (not the gradient of f timed alongside)."""
-    return isinstance(h, torch.Tensor) and h.shape == ref.shape
 
 
 def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hgrad: Any) -> dict:

@@ -40,10 +40,6 @@ def operator(z: Any, mode: str) -> hg.HessianOperator:
         return hg.HessianOperator(z.inner, z.params0(), h, mode=mode)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm())
-
-
 def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
     ref = operator(zoo(name, width, n, torch.float64), "double_math")
     g = torch.Generator().manual_seed(1)
@@ -54,8 +50,8 @@ def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
         for mode in MODES:
             op = operator(zoo(name, width, n, dtype), mode)
             ws = [v.to(dtype) for v in vs]
-            hvp = max(rel(op.matvec(w), hv) for w, (hv, _) in zip(ws, expected))
-            mixed = max(rel(op.mixed(w)[0], m) for w, (_, m) in zip(ws, expected))
+            hvp = max(H.relative_error(op.matvec(w), hv) for w, (hv, _) in zip(ws, expected))
+            mixed = max(H.relative_error(op.mixed(w)[0], m) for w, (_, m) in zip(ws, expected))
             row = {"dtype": str(dtype)[6:], "mode": mode, "hvp_error": hvp, "mixed_error": mixed}
             rows.append(row | {"unrolled_error": unrolled_error(name, width, n, dtype, mode)})
     return rows
@@ -70,7 +66,7 @@ def unrolled_error(name: str, width: int, n: int, dtype: torch.dtype, mode: str)
         opt = hg.optim.sgd(lr=0.1, momentum=0.9)
         return hg.unrolled(z.inner, z.outer, z.params0(), h, 5, opt, hvp=hvp)["decay"]
 
-    return rel(run(dtype, mode), run(torch.float64, "double_math").double())
+    return H.relative_error(run(dtype, mode), run(torch.float64, "double_math").double())
 
 
 def memory_child(name: str, width: int, n: int, mode: str) -> float:

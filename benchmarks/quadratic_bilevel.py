@@ -20,14 +20,10 @@ def timed(cases: list[H.Case], repeats: int, ref: torch.Tensor) -> list[dict[str
     """Interleaved; more timed calls for cheap groups (short calls are the noisiest)."""
     n = lambda w: max(repeats, 7) if w < 30 else max(repeats, 5) if w < 150 else repeats  # noqa: E731
     out = []
-    for t in H.interleave(cases, n, keep=lambda h: (H.relative_error(h, ref), H.cosine(h, ref))):
+    for t, r in H.scored(cases, n, ref):
         diag, x = t.warm[1] if t.warm else {}, t.meta.pop("x")
         x = diag["num_hvps"] if isinstance(diag.get("num_hvps"), int) else x
-        r = {"key": t.key, "x": x, "rel_err": H.median([e for e, _ in t.kept])}
-        r |= {"cos": H.median([c for _, c in t.kept]), "rel_err_all": [e for e, _ in t.kept]}
-        r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all, "cpu_ms_all": t.cpu_ms_all}
-        r |= {"diagnostics": diag, "warnings": t.warnings, "error": t.error}
-        out.append(r | {"meta": t.meta})
+        out.append(r | {"x": x, "diagnostics": diag, "meta": t.meta})
     return out
 
 

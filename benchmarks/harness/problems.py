@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .runner import Case, Timing, interleave, median
+
 F64 = torch.float64
 Params = tuple[Tensor, ...]
 Loss = Callable[[Any, Any], Tensor]
@@ -47,6 +49,22 @@ def cosine(h: Any, ref: Any) -> float:
     h, ref = flat(h).to(F64), flat(ref).to(F64)
     den = torch.linalg.vector_norm(h) * torch.linalg.vector_norm(ref)
     return float(torch.dot(h, ref) / den) if float(den) > 0 else math.nan
+
+
+def scored(cases: Sequence[Case], repeats: Any, ref: Tensor) -> list[tuple[Timing, dict]]:
+    """:func:`interleave` keeping the relative error and cosine to ``ref`` of every output shaped
+    like it: per case its timing and a row with the medians ``rel_err``, ``cos`` and every
+    ``rel_err_all`` (``Timing.row``)."""
+
+    def keep(h: Any) -> tuple[float, float] | None:
+        hyper = isinstance(h, Tensor) and h.shape == ref.shape
+        return (relative_error(h, ref), cosine(h, ref)) if hyper else None
+
+    out = []
+    for t in interleave(cases, repeats, keep):
+        rel, cos = [k[0] for k in t.kept if k], [k[1] for k in t.kept if k]
+        out.append((t, t.row(key=t.key, rel_err=median(rel), cos=median(cos), rel_err_all=rel)))
+    return out
 
 
 _CASTS: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
