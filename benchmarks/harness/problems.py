@@ -209,18 +209,28 @@ def linear_model(dim: int, state: Sequence[Tensor] | None = None) -> torch.nn.Li
     return model
 
 
-def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
-    """``f``, ``g`` and ``f_batch(params, log_decay, batch)`` of per-feature L2 logistic
-    regression with ``params = (weight (1, D), bias (1,))`` (``nn.Linear``'s shapes):
-    ``BCE + 0.5 sum exp(log_decay) w^2``; ``g`` is the validation BCE (no penalty)."""
+def logistic(bias: bool = True) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """``bce(params, batch)`` and ``f_batch(params, log_decay, batch) = bce + 0.5 sum
+    exp(log_decay) w^2`` of per-feature L2 logistic regression, ``params = (w, b)`` (``w`` of
+    shape (D,) or ``nn.Linear``'s (1, D); no ``b`` if not ``bias``); data cast to ``w``'s dtype."""
 
     def bce(params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
-        z = batch[0] @ params[0].reshape(-1) + params[1]
-        return F.binary_cross_entropy_with_logits(z, batch[1].reshape(-1))
+        z = cast(batch[0], params[0].dtype) @ params[0].reshape(-1)
+        z = z + params[1] if bias else z
+        return F.binary_cross_entropy_with_logits(z, cast(batch[1], z.dtype).reshape(-1))
 
     def f_batch(params: Params, log_decay: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
-        return bce(params, batch) + 0.5 * (log_decay.exp() * params[0].reshape(-1) ** 2).sum()
+        return bce(params, batch) + 0.5 * torch.sum(
+            torch.exp(log_decay) * params[0].reshape(-1) ** 2
+        )
 
+    return bce, f_batch
+
+
+def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
+    """``f``, ``g`` (validation BCE, no penalty) and ``f_batch`` of :func:`logistic` on
+    ``data``, ``params = (weight (1, D), bias (1,))``."""
+    bce, f_batch = logistic()
     return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: bce(p, data.val)), f_batch
 
 
@@ -320,19 +330,9 @@ def logreg(seed: int = 0, *, n_train=None, bias=True, log_decay=None, shuffle=Tr
     else:
         loglam = torch.full((d,), float(log_decay), dtype=F64)
 
-    def logits(params: Params, x: Tensor) -> Tensor:
-        z = cast(x, params[0].dtype) @ params[0]
-        return z + params[1] if bias else z
-
-    def f(params: Params, hparams: Params) -> Tensor:
-        z = logits(params, Xt)
-        bce = F.binary_cross_entropy_with_logits(z, cast(yt, z.dtype))
-        return bce + 0.5 * torch.sum(torch.exp(hparams[0]) * params[0] ** 2)
-
-    def g_(params: Params, hparams: Params) -> Tensor:
-        z = logits(params, Xv)
-        return F.binary_cross_entropy_with_logits(z, cast(yv, z.dtype))
-
+    bce, f_batch = logistic(bias)
+    f = lambda params, hparams: f_batch(params, hparams[0], (Xt, yt))  # noqa: E731
+    g_ = lambda params, hparams: bce(params, (Xv, yv))  # noqa: E731
     like = (torch.zeros(d, dtype=F64),) + ((torch.zeros(1, dtype=F64),) if bias else ())
     started, theta, iters, gnorm = time.perf_counter(), flat(like), 0, math.nan
     if solve:
