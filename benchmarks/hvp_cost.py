@@ -38,7 +38,7 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     f, w, lam = pb.inner_loss, pb.params, pb.hparams
     v = tuple(torch.randn_like(t) for t in w)
     op, vf = hg.HessianOperator(f, w, lam), problems.flat(v)
-    wl = tuple(t.detach().requires_grad_(True) for t in w)
+    wl = H.leaves(w)
 
     def outer(p: Any, h: Any) -> torch.Tensor:
         return 0.5 * sum((t**2).sum() for t in p)

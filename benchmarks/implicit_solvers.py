@@ -51,7 +51,7 @@ def theirs(pb: H.Bilevel, key: str, fn: Callable, k: int, arg: float, seeded: bo
 
 
 def gradient(pb: H.Bilevel) -> H.Case:
-    ps = tuple(p.detach().clone().requires_grad_(True) for p in pb.params)
+    ps = H.leaves(pb.params)
     call = lambda s: torch.autograd.grad(pb.inner_loss(ps, pb.hparams), ps)[0]  # noqa: E731
     n = H.calls_per_sample(lambda: call(0))
     meta = {"impl": "autograd"}

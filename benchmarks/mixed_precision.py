@@ -42,7 +42,7 @@ def autocast_trained(p: H.Bilevel, Hd: Tensor, iters: int = 20) -> tuple[tuple, 
     L = torch.linalg.cholesky(Hd + p.damping * torch.eye(Hd.shape[0], dtype=F64))
     theta, hp, norms = H.flat(p.params).float(), tuple(h.float() for h in p.hparams), []
     for _ in range(iters):
-        leaves = tuple(t.detach().requires_grad_(True) for t in H.unflat(theta, p.params))
+        leaves = H.leaves(H.unflat(theta, p.params))
         with autocast():
             loss = p.inner_loss(leaves, hp)
         g = H.flat(torch.autograd.grad(loss, leaves)).double()
@@ -122,7 +122,7 @@ def gradient_ms(p: H.Bilevel, repeats: int) -> dict[str, float]:
     out = {}
     for mode in TIMED:
         params, hparams, ac = inputs(p, mode, ())
-        leaves = tuple(t.detach().requires_grad_(True) for t in params)
+        leaves = H.leaves(params)
 
         def grad(leaves=leaves, hparams=hparams, ac=ac) -> Any:
             with autocast(ac):

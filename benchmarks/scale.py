@@ -129,7 +129,7 @@ def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
     """``call(info)`` computes one hypergradient (``info``: with diagnostics)."""
     f, g, w, h = pb["inner"], pb["outer"], pb["params"], pb["hparams"]
     if cfg.method == "gradient":
-        leaves = tuple(p.detach().requires_grad_(True) for p in w)
+        leaves = H.leaves(w)
         return lambda info: torch.autograd.grad(f(leaves, h), leaves)
     if cfg.method in IMPLICIT:
         s, d = solver(cfg.method, pb), pb["damping"]

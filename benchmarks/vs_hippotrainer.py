@@ -417,7 +417,7 @@ def plot(data: dict[str, Any], out: Any) -> Any:
     """Validation loss against wall-clock per method pair and hyper_lr."""
     res, panels = data["b"], []
     pairs = [p for p in dict.fromkeys(r["pair"] for r in res[0]["summary"]) if p != "-"]
-    fmt = {"theirs": "C3-", "compat": "C0-", "native": "C2--", "untuned": ":"}
+    fmt = {"theirs": "C3-", "compat": "C0-", "native": "C2--", "untuned": "k:"}
     for b, pair in [(b, pair) for b in res for pair in pairs]:
         runs = [r for r in b["summary"] if not r["error"] and r["pair"] in (pair, "-")]
         pts = {r["label"]: [(c["seconds"], c["val_bce"]) for c in r["curve"]] for r in runs}

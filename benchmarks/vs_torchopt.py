@@ -32,7 +32,7 @@ def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor
         return params
 
     def call(s: int) -> torch.Tensor:
-        hp = tuple(h.detach().requires_grad_(True) for h in pb.hparams)
+        hp = H.leaves(pb.hparams)
         sol = solver(tuple(p.detach() for p in pb.params), hp)
         return H.flat(torch.autograd.grad(g(sol, hp), hp, allow_unused=True))
 
