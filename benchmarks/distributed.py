@@ -422,10 +422,8 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return {"repeats": args.repeats, "results": results}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    opts = [H.option("--repeats", 1, 5, type=int, help="timed rounds")]
-    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv, options=opts)
-
+OPTIONS = [H.option("--repeats", 1, 5, type=int, help="timed rounds")]
+main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

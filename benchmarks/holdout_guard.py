@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,15 +46,13 @@ def hyperoptimizer(task: V.Task, run: str, iters: int, patience: int) -> tuple[A
         tolerance_grad=1e-12, tolerance_change=0.0,
     )  # fmt: skip
 
-    def train_loss(model: dict, h: dict, batch: Any) -> Tensor:
-        params = H.unflat(model["theta"], task.init)
-        x, y = batch
-        fit = F.cross_entropy(H.mlp_forward(params, x), y)
-        return fit + 0.5 * (h["decay"] * model["theta"] ** 2).sum()
-
     def val_loss(model: dict, h: dict, batch: Any) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(H.mlp_forward(H.unflat(model["theta"], task.init), x), y)
+        return F.cross_entropy(
+            H.mlp_forward(H.unflat(model["theta"], task.init), batch[0]), batch[1]
+        )
+
+    def train_loss(model: dict, h: dict, batch: Any) -> Tensor:
+        return val_loss(model, h, batch) + 0.5 * (h["decay"] * model["theta"] ** 2).sum()
 
     val = task.data["val"]
     if run == "merged":
@@ -94,13 +91,7 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
     out = {"run": run, "hyper_steps": hopt.hyper_steps, "stopped": hopt.stopped}
     out |= {"seconds": seconds, "live_end": curve[-1], "refit": refit, "curve": curve}
     out |= {"best_hyper_step": None if hopt.guard is None else hopt.guard.state.best_hyper_step}
-    lam = decay
-    out["lambda"] = {
-        "min": float(lam.min()),
-        "median": float(lam.median()),
-        "max": float(lam.max()),
-    }
-    return out
+    return out | {"lambda": {k: float(getattr(decay, k)()) for k in ("min", "median", "max")}}
 
 
 def render(d: dict[str, Any]) -> list[str]:
@@ -131,43 +122,37 @@ def render(d: dict[str, Any]) -> list[str]:
 
 
 def plot(data: dict[str, Any], out: Path) -> Path:
-    fig, axes = H.pyplot().subplots(1, 3, figsize=(14, 4), sharey=True)
-    for ax, r in zip(axes, data["runs"]):
-        steps = [c["hyper_step"] for c in r["curve"]]
-        for key, color in (("val_loss", "tab:green"), ("holdout_loss", "tab:orange")):
-            ax.plot(steps, [c[key] for c in r["curve"]], color=color, label=key.split("_")[0])
-        ax.plot(steps, [c["test_loss"] for c in r["curve"]], color="tab:red", label="test")
-        if r["best_hyper_step"]:
-            ax.axvline(r["best_hyper_step"], color="k", ls=":", lw=1, label="kept (best holdout)")
-        ax.set(title=r["run"], xlabel="hyper-step", yscale="log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("loss of the live model")
-    fig.suptitle("2,410 per-weight decays: the live model's losses along the hyper-steps")
-    return H.save_figure(fig, out / f"{NAME}.png")
+    panels = []
+    for r in data["runs"]:
+        keys = ("val_loss", "holdout_loss", "test_loss")
+        lines = {k.split("_")[0]: [(c["hyper_step"], c[k]) for c in r["curve"]] for k in keys}
+        best = {"kept (best holdout)": r["best_hyper_step"]} if r["best_hyper_step"] else {}
+        axes = {"title": r["run"], "xlabel": "hyper-step", "yscale": "log"}
+        panels.append(
+            {"lines": lines, "fmt": dict.fromkeys(lines, "-"), "vlines": best, "set": axes}
+        )
+    title = "2,410 per-weight decays: the live model's losses along the hyper-steps"
+    return H.figure(out / f"{NAME}.png", panels, 3, (4.7, 4), title)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--steps", type=int, help="hyper-steps at most (default 150)")
-    p.add_argument("--patience", type=int, help="holdout scores without improvement (10)")
-    p.add_argument("--lbfgs-iters", type=int, help="L-BFGS iterations per step (200)")
-    p.add_argument("--holdout", type=int, default=300, help="test rows moved to the holdout")
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, steps=(4, 150), patience=(2, 10), lbfgs_iters=(10, 200))
-    rep = H.Report(NAME, TITLE, args)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     task = V.Task("mlp", args.seed, args.lbfgs_iters)
     split_test(task, args.seed, args.holdout)
-    sizes = {k: len(v[1]) for k, v in task.data.items()}
     phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=V.F64)
-    start = losses(task, task.train(phi0, {}))
-    runs = [run_one(task, r, args.steps, args.lbfgs_iters, args.patience) for r in RUNS]
-    rep.write({"sizes": sizes, "start": start, "runs": runs}, render, plot)
-    return 0
+    out = {"sizes": {k: len(v[1]) for k, v in task.data.items()}}
+    out["start"] = losses(task, task.train(phi0, {}))
+    return out | {
+        "runs": [run_one(task, r, args.steps, args.lbfgs_iters, args.patience) for r in RUNS]
+    }
 
+
+OPTIONS = [
+    H.option("--steps", 4, 150, type=int, help="hyper-steps at most (default 150)"),
+    H.option("--patience", 2, 10, type=int, help="holdout scores without improvement (10)"),
+    H.option("--lbfgs-iters", 10, 200, type=int, help="L-BFGS iterations per step (200)"),
+    H.option("--holdout", type=int, default=300, help="test rows moved to the holdout"),
+]
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,7 +9,7 @@ import torch
 
 import harness as H
 import hypergradient as hg
-from harness import Case, interleave, problems
+from harness import problems
 
 NAME, TITLE = "hvp_cost", "Cost of a Hessian-vector product"
 
@@ -38,7 +38,7 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     f, w, lam = pb.inner_loss, pb.params, pb.hparams
     v = tuple(torch.randn_like(t) for t in w)
     op, vf = hg.HessianOperator(f, w, lam), problems.flat(v)
-    wl = tuple(t.detach().requires_grad_(True) for t in w)
+    wl = H.leaves(w)
 
     def outer(p: Any, h: Any) -> torch.Tensor:
         return 0.5 * sum((t**2).sum() for t in p)
@@ -58,13 +58,13 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     }
     # Neumann spends exactly k products whatever the curvature (random weights: H may be
     # indefinite and CG would stop early); the floor uses the products reported.
-    cases = [Case(k, c) for k, c in calls.items()]
+    cases = [H.Case(k, c) for k, c in calls.items()]
     for k in ks:
         neumann = hg.Neumann(k, alpha=1e-3)
         call = lambda s, n=neumann: hg.implicit(f, outer, w, lam, n)  # noqa: E731
         hvps = lambda n=neumann: hg.implicit(f, outer, w, lam, n, return_info=True)[1].num_hvps  # noqa: E731
-        cases.append(Case(f"implicit, {k} products", call, hvps))
-    res = interleave(cases, rounds)
+        cases.append(H.Case(f"implicit, {k} products", call, hvps))
+    res = H.interleave(cases, rounds)
     out = [{"what": t.key, "ms": t.ms, "gradients": t.ms / res[0].ms, "floor": None} for t in res]
     for r, t in zip(out, res):
         r["floor"] = t.warm + 3 if t.key.startswith("implicit") else None
@@ -78,20 +78,19 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Cost of one product and of whole hypergradients, in gradients of f."""
-    res = data["results"]
-    fig, axes = H.pyplot().subplots(1, len(res), figsize=(5 * len(res), 4), squeeze=False)
-    for ax, r in zip(axes[0], res):
+    panels = []
+    for r in data["results"]:
         rows = [x for x in r["rows"] if x["what"] != "grad"]
-        ax.barh(range(len(rows)), [x["gradients"] for x in rows], color="C0")
-        floors = [(i, x["floor"]) for i, x in enumerate(rows) if x.get("floor")]
-        if floors:
-            ax.plot([f for _, f in floors], [i for i, _ in floors], "k|", ms=14, label="k + 3")
-            ax.legend(fontsize=8)
-        ax.set_yticks(range(len(rows)), [x["what"] for x in rows], fontsize=8)
-        ax.set(xscale="log", xlabel="cost in gradients of f")
-        ax.set_title(r["problem"].replace(" (", "\n("))
-        ax.invert_yaxis()
-    return H.save_figure(fig, out / f"{NAME}.png")
+        floors = [(x["floor"], i) for i, x in enumerate(rows) if x.get("floor")]
+        axes = {"xscale": "log", "xlabel": "cost in gradients of f"}
+        panel = {"bars": {"": [x["gradients"] for x in rows]}, "ticks": [x["what"] for x in rows]}
+        lines = {"lines": {"k + 3": floors}, "fmt": {"k + 3": "k|"}, "ms": 14}
+        panels.append(
+            panel
+            | lines
+            | {"barh": True, "set": axes | {"title": r["problem"].replace(" (", "\n(")}}
+        )
+    return H.figure(out / f"{NAME}.png", panels, len(panels))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
@@ -99,9 +98,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return {"results": [{"problem": n, "rows": measure(pb, r, ks)} for n, pb in models(args.quick)]}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot)
 
 if __name__ == "__main__":
     main()

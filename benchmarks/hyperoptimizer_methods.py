@@ -35,24 +35,16 @@ HOPT_METHODS |= {"Unrolled(truncate=5)": lambda: hg.Unrolled(truncate=5)}
 HOPT_METHODS |= {"ForwardMode()": hg.ForwardMode, "DrMAD()": hg.DrMAD}
 
 
-def train_loss(m: Any, h: dict[str, Tensor], batch: Any) -> Tensor:
-    """BCE plus the per-feature penalty ``h["decay"]`` (the HyperOptimizer's training loss)."""
-    w = dict(m.named_parameters())["weight"].reshape(-1)
-    return BCE(m(batch[0]).reshape(-1), batch[1]) + 0.5 * (h["decay"] * w**2).sum()
-
-
-def val_loss(m: Any, h: Any, batch: Any) -> Tensor:
-    return BCE(m(batch[0]).reshape(-1), batch[1])
+train_loss, val_loss = H.linear_loss("decay"), H.linear_loss()
 
 
 def make_hopt(label: str, data: H.Data, hparams: dict, method: hg.Method, **kw: Any) -> H.Run:
     """A HyperOptimizer on a zero ``nn.Linear`` as a lockstep run (a hyper-step every 10)."""
     model = H.linear_model(data.dim)
-    kw = {"inner_steps": 10, "train_loss": train_loss, **kw}
+    kw = {"inner_steps": 10, "train_loss": train_loss, "history_size": None, **kw}
     sgd = torch.optim.SGD(model.parameters(), lr=kw.pop("inner_lr", HOPT_LR))
     kw |= {"inner_optimizer": sgd, "val_loss": val_loss, "val_data": data.val, "method": method}
-    hopt = hg.HyperOptimizer(model, hparams, history_size=None, **kw)
-    return H.Run(label, lambda: H.hopt_step(hopt, data.train), 10, {"model": model, "hopt": hopt})
+    return H.hopt_run(label, model, hparams, data.train, 10, **kw)
 
 
 def decays(dim: int, raw: Tensor | None = None) -> dict[str, hg.Positive]:
@@ -194,14 +186,8 @@ def render_1b(res: dict[str, Any], repeats: int) -> str:
 
 def plain_run(data: H.Data, label: str, lr: float) -> H.Run:
     model, d = H.linear_model(data.dim), {"decay": torch.full((data.dim,), START_DECAY, dtype=F64)}
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def step() -> None:
-        opt.zero_grad()
-        train_loss(model, d, data.train).backward()
-        opt.step()
-
-    return H.Run(label, step, meta={"model": model, "opt": opt})
+    loss = lambda: train_loss(model, d, data.train)  # noqa: E731
+    return H.sgd_run(label, model.parameters(), loss, lr, model=model)
 
 
 def outcome(run: H.Run, data: H.Data) -> dict[str, Any]:
@@ -223,13 +209,8 @@ def outcome(run: H.Run, data: H.Data) -> dict[str, Any]:
 
 def rounds_of(make_runs: Callable[[], list[H.Run]], data: H.Data, steps: int, rounds: int) -> dict:
     """``rounds`` repetitions of the runs in lockstep; per round and a summary per run."""
-    per_round, warned = [], set()
-    for rnd in range(rounds):
-        runs = make_runs()
-        H.log(f"  round {rnd + 1}/{rounds}: {len(runs)} runs x {steps} steps ...")
-        warned.update(H.lockstep(runs, steps))
-        per_round.append({r.label: outcome(r, data) for r in runs})
-    summary = {}
+    runs, warned = H.rounds_of(make_runs, steps, rounds)
+    per_round, summary = [{r.label: outcome(r, data) for r in rs} for rs in runs], {}
     for label, r0 in per_round[0].items():
         rs = [r[label] for r in per_round]
         s = {k: r0[k] for k in ("val", "test", "hyper_steps", "final_decay", "final_lr")}
@@ -240,7 +221,7 @@ def rounds_of(make_runs: Callable[[], list[H.Run]], data: H.Data, steps: int, ro
         s |= {"train_step_ms": 1e3 * H.median([x for r in rs for x in r["train_step_s"]])}
         replay = [e for e in r0["replay_error"] if e is not None]
         summary[label] = s | {"max_replay_error": max(replay, default=None)}
-    return {"per_round": per_round, "summary": summary, "warnings": sorted(warned), "steps": steps}
+    return {"per_round": per_round, "summary": summary, "warnings": warned, "steps": steps}
 
 
 def exact_outer_loop(data: H.Data, iterations: int, keep_at: int) -> dict[str, Any]:
@@ -395,23 +376,17 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     """Per method: hyper-step cost in training steps, and validation loss reached."""
     summary = data["hyperoptimizer"]["summary"]
     names = [n for n, r in summary.items() if r.get("hyper_step_ms")]
-    fig, (ax1, ax2) = H.pyplot().subplots(1, 2, figsize=(12, 4.5))
     ratio = [summary[n]["hyper_step_ms"] / summary[n]["train_step_ms"] for n in names]
-    ax1.barh(range(len(names)), ratio, color="C0")
-    ax1.set_yticks(range(len(names)), names, fontsize=8)
-    ax1.set(xscale="log", xlabel="seconds per hyper-step / per training step")
-    vals = [summary[n]["val"] for n in names]
-    ax2.barh(range(len(names)), vals, color="C2")
-    ax2.set_yticks(range(len(names)), [""] * len(names))
-    for ax in (ax1, ax2):
-        ax.invert_yaxis()
-    for n, r in summary.items():
-        if not r.get("hyper_step_ms"):
-            ax2.axvline(r["val"], ls="--", lw=1, color="k" if "untuned" in n else "C3", label=n)
-    lo = min(vals + [r["val"] for r in summary.values()])
-    ax2.set(xlabel="validation loss after the run", xlim=(0.9 * lo, None))
-    ax2.legend(fontsize=7, loc="lower right")
-    return H.save_figure(fig, out / f"{NAME}.png")
+    cost = {"bars": {"": ratio}, "ticks": names, "barh": True}
+    cost["set"] = {"xscale": "log", "xlabel": "seconds per hyper-step / per training step"}
+    plain = {n: r["val"] for n, r in summary.items() if not r.get("hyper_step_ms")}
+    val = {"bars": {"": [summary[n]["val"] for n in names]}, "ticks": names, "barh": True}
+    lo = min(r["val"] for r in summary.values())
+    val |= {
+        "vlines": plain,
+        "set": {"xlabel": "validation loss after the run", "xlim": (0.9 * lo, None)},
+    }
+    return H.figure(out / f"{NAME}.png", [cost, val], 2, (6, 4.5))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
@@ -436,11 +411,7 @@ OPTIONS = [
     H.option("--repeats", 1, 7, type=int, help="timed calls in Table 1"),
     H.option("--exact-steps", 3, 300, type=int, help="long exact outer loop"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,10 @@ import hypergradient as hg
 NAME, TITLE = "implicit_solvers", "Implicit hypergradient solvers: accuracy and cost"
 
 
-def args_of(pb: H.Bilevel) -> tuple:
-    return pb.inner_loss, pb.outer_loss, pb.params, pb.hparams
-
-
 def reference(pb: H.Bilevel) -> dict[str, Any]:
     """``h*`` (closed form or ``hg.Exact()``), checked against plain torch; the spectrum."""
     t0 = time.perf_counter()
-    h, info = hg.implicit(*args_of(pb), solver=hg.Exact(chunk_size=64), return_info=True)
+    h, info = hg.implicit(*pb.args, solver=hg.Exact(chunk_size=64), return_info=True)
     exact_ms, h, Hd = 1e3 * (time.perf_counter() - t0), H.flat(h), H.dense_hessian(pb)
     dense, ev = H.dense_hypergradient(pb, Hd), torch.linalg.eigvalsh(Hd)
     checks = {"hg.Exact vs torch dense (rel. diff)": H.relative_error(h, dense)}
@@ -38,10 +34,10 @@ def reference(pb: H.Bilevel) -> dict[str, Any]:
 
 def ours(pb: H.Bilevel, key: str, make: Callable[[int], hg.Solver]) -> H.Case:
     def info() -> tuple:
-        h, inf = hg.implicit(*args_of(pb), solver=make(10_000), return_info=True)
+        h, inf = hg.implicit(*pb.args, solver=make(10_000), return_info=True)
         return H.flat(h), inf.num_hvps, str(inf.status)
 
-    call = lambda s: H.flat(hg.implicit(*args_of(pb), solver=make(s)))  # noqa: E731
+    call = lambda s: H.flat(hg.implicit(*pb.args, solver=make(s)))  # noqa: E731
     return H.Case(key, call, info, meta={"impl": "hypergradient"})
 
 
@@ -49,13 +45,13 @@ def theirs(pb: H.Bilevel, key: str, fn: Callable, k: int, arg: float, seeded: bo
     def call(s: int) -> torch.Tensor:
         if seeded:  # hypergrad's nystrom samples with the global generator
             torch.manual_seed(s)
-        return H.flat([t.detach() for t in fn(*args_of(pb), k, arg)])
+        return H.flat([t.detach() for t in fn(*pb.args, k, arg)])
 
     return H.Case(key, call, lambda: (call(10_000), k, ""), meta={"impl": "hypergrad"})
 
 
 def gradient(pb: H.Bilevel) -> H.Case:
-    ps = tuple(p.detach().clone().requires_grad_(True) for p in pb.params)
+    ps = H.leaves(pb.params)
     call = lambda s: torch.autograd.grad(pb.inner_loss(ps, pb.hparams), ps)[0]  # noqa: E731
     n = H.calls_per_sample(lambda: call(0))
     meta = {"impl": "autograd"}
@@ -65,21 +61,11 @@ def gradient(pb: H.Bilevel) -> H.Case:
 def measure(cases: list[H.Case], repeats: int, h_ref: torch.Tensor) -> list[dict[str, Any]]:
     """Interleaved timing; per case the measurement dict of the JSON (errors per seed)."""
     out = []
-    for t in H.interleave(cases, repeats, keep=lambda h: h if t_is_hyper(h, h_ref) else None):
-        rel = [H.relative_error(h, h_ref) for h in t.kept if h is not None]
-        cos = [H.cosine(h, h_ref) for h in t.kept if h is not None]
-        warm = t.warm or (None, None, "")
-        m = {"key": t.key, "impl": t.meta["impl"], "rel_err": H.median(rel), "cos": H.median(cos)}
-        m |= {"rel_err_all": rel, "num_hvps": warm[1], "status": warm[2], "ms": t.ms}
-        m["ms_all"] = t.ms_all
-        m |= {"cpu_ms": t.cpu_ms, "cpu_ms_all": t.cpu_ms_all, "warnings": t.warnings}
-        out.append(m | {"warned_calls": t.warned_calls, "error": t.error})
+    for t, row in H.scored(cases, repeats, h_ref):
+        _, hvps, status = t.warm or (None, None, "")
+        row |= {"impl": t.meta["impl"], "num_hvps": hvps, "status": status}
+        out.append(row | {"warned_calls": t.warned_calls})
     return out
-
-
-def t_is_hyper(h: Any, ref: torch.Tensor) -> bool:
-    """A hypergradient (not the gradient of f timed alongside)."""
-    return isinstance(h, torch.Tensor) and h.shape == ref.shape
 
 
 def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hgrad: Any) -> dict:
@@ -188,29 +174,21 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Relative error vs products and vs milliseconds, per problem; ours solid, seed dashed."""
-    probs = data["problems"]
-    fig, axes = H.pyplot().subplots(2, len(probs), figsize=(5.2 * len(probs), 8), squeeze=False)
-    for col, (name, pb) in enumerate(probs.items()):
-        series: dict[tuple[str, str], list] = {}
-        for r in pb["rows"]:
-            for side in ("ours", "theirs"):
+    panels = []
+    for j, xlabel in enumerate(("Hessian-vector products", "ms per hypergradient")):
+        for name, pb in data["problems"].items():
+            lines: dict[str, list] = {}
+            for r, side in [(r, s) for r in pb["rows"] for s in ("ours", "theirs")]:
                 m = r.get(side)
                 if m and not m.get("error") and m.get("rel_err") is not None:
-                    pt = (max(m.get("num_hvps") or r["k"], 1), m["ms"], max(m["rel_err"], 1e-17))
-                    series.setdefault((side, m["key"]), []).append(pt)
-        for (side, key), pts in sorted(series.items()):
-            pts.sort()
-            label = key if side == "ours" else f"hypergrad 0.0.1 {key}"
-            for j in (0, 1):
-                xy = [p[j] for p in pts], [p[2] for p in pts]
-                axes[j][col].plot(*xy, "-o" if side == "ours" else "--x", ms=3, label=label)
-        axes[0][col].set(title=name, xlabel="Hessian-vector products", xscale="log")
-        axes[1][col].set(xlabel="ms per hypergradient", xscale="log")
-        for ax in axes[:, col]:
-            ax.set(yscale="log", ylabel="relative error vs exact")
-            ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="lower left")
-    return H.save_figure(fig, out / f"{NAME}.png")
+                    x = (max(m.get("num_hvps") or r["k"], 1), m["ms"])[j]
+                    label = m["key"] if side == "ours" else f"hypergrad 0.0.1 {m['key']}"
+                    lines.setdefault(label, []).append((x, max(m["rel_err"], 1e-17)))
+            axes = {"xscale": "log", "yscale": "log", "ylabel": "relative error vs exact"}
+            panel = {"lines": {k: sorted(v) for k, v in lines.items()}, "set": axes}
+            panel["fmt"] = {k: "--x" for k in lines if k.startswith("hypergrad ")}
+            panels.append(panel | {"set": axes | {"title": name, "xlabel": xlabel}})
+    return H.figure(out / f"{NAME}.png", panels, len(data["problems"]))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
@@ -242,11 +220,7 @@ OPTIONS = [
     H.option("--problems", ["ridge", "logreg"], ["ridge", "logreg", "mlp"], nargs="+"),
     H.option("--no-hypergrad", action="store_true", help="skip the seed library"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

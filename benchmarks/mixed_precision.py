@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ def autocast_trained(p: H.Bilevel, Hd: Tensor, iters: int = 20) -> tuple[tuple, 
     L = torch.linalg.cholesky(Hd + p.damping * torch.eye(Hd.shape[0], dtype=F64))
     theta, hp, norms = H.flat(p.params).float(), tuple(h.float() for h in p.hparams), []
     for _ in range(iters):
-        leaves = tuple(t.detach().requires_grad_(True) for t in H.unflat(theta, p.params))
+        leaves = H.leaves(H.unflat(theta, p.params))
         with autocast():
             loss = p.inner_loss(leaves, hp)
         g = H.flat(torch.autograd.grad(loss, leaves)).double()
@@ -122,7 +122,7 @@ def gradient_ms(p: H.Bilevel, repeats: int) -> dict[str, float]:
     out = {}
     for mode in TIMED:
         params, hparams, ac = inputs(p, mode, ())
-        leaves = tuple(t.detach().requires_grad_(True) for t in params)
+        leaves = H.leaves(params)
 
         def grad(leaves=leaves, hparams=hparams, ac=ac) -> Any:
             with autocast(ac):
@@ -173,23 +173,16 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Path) -> Path:
     """Relative error vs float64, per solver and precision mode, per problem."""
-    probs = data["problems"]
-    fig, axes = H.pyplot().subplots(1, len(probs), figsize=(5.5 * len(probs), 4.5), squeeze=False)
-    for ax, (name, pb) in zip(axes[0], probs.items()):
+    panels = []
+    for name, pb in data["problems"].items():
         rows = [r for r in pb["implicit"] + pb["unrolled"] if r.get("rel_err") is not None]
         solvers, modes = (list(dict.fromkeys(r[k] for r in rows)) for k in ("solver", "mode"))
-        width = 0.8 / max(len(modes), 1)
-        for j, mode in enumerate(modes):
-            at = [(i, r) for i, s in enumerate(solvers) for r in rows if r["solver"] == s]
-            at = [(i, r) for i, r in at if r["mode"] == mode]
-            pts = [(i + j * width, max(r["rel_err"], 1e-17)) for i, r in at]
-            ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=mode)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(solvers))], solvers, fontsize=7)
-        title = f"{name} (condition number {pb['cond']:.3g})"
-        ax.set(yscale="log", ylabel="relative error vs float64 exact", title=title)
-        ax.axhline(2.0**-8, color="k", ls=":", lw=1)
-    axes[0][0].legend(fontsize=7)
-    return H.save_figure(fig, out / f"{NAME}.png")
+        by = {(r["solver"], r["mode"]): max(r["rel_err"], 1e-17) for r in rows}
+        bars = {m: [by.get((s, m), math.nan) for s in solvers] for m in modes}
+        axes = {"yscale": "log", "ylabel": "relative error vs float64 exact"}
+        axes["title"] = f"{name} (condition number {pb['cond']:.3g})"
+        panels.append({"bars": bars, "ticks": solvers, "hlines": {"2^-8": 2.0**-8}, "set": axes})
+    return H.figure(out / f"{NAME}.png", panels, len(panels), (5.5, 4.5))
 
 
 def problem(p: H.Bilevel, repeats: int, steps: int) -> dict[str, Any]:
@@ -220,11 +213,9 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return {"repeats": args.repeats, "unrolled_steps": steps, "problems": out}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    opts = [H.option("--repeats", 1, 5, type=int, help="timed calls per mode")]
-    opts.append(H.option("--hidden", type=int, default=16, help="MLP hidden width"))
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=opts)
-
+OPTIONS = [H.option("--repeats", 1, 5, type=int, help="timed calls per mode")]
+OPTIONS.append(H.option("--hidden", type=int, default=16, help="MLP hidden width"))
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ import torch
 
 import harness as H
 import hypergradient as hg
-from harness import Case, interleave
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import zoo_models as Z  # noqa: E402
@@ -41,10 +40,6 @@ def operator(z: Any, mode: str) -> hg.HessianOperator:
         return hg.HessianOperator(z.inner, z.params0(), h, mode=mode)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm())
-
-
 def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
     ref = operator(zoo(name, width, n, torch.float64), "double_math")
     g = torch.Generator().manual_seed(1)
@@ -55,8 +50,8 @@ def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
         for mode in MODES:
             op = operator(zoo(name, width, n, dtype), mode)
             ws = [v.to(dtype) for v in vs]
-            hvp = max(rel(op.matvec(w), hv) for w, (hv, _) in zip(ws, expected))
-            mixed = max(rel(op.mixed(w)[0], m) for w, (_, m) in zip(ws, expected))
+            hvp = max(H.relative_error(op.matvec(w), hv) for w, (hv, _) in zip(ws, expected))
+            mixed = max(H.relative_error(op.mixed(w)[0], m) for w, (_, m) in zip(ws, expected))
             row = {"dtype": str(dtype)[6:], "mode": mode, "hvp_error": hvp, "mixed_error": mixed}
             rows.append(row | {"unrolled_error": unrolled_error(name, width, n, dtype, mode)})
     return rows
@@ -71,7 +66,7 @@ def unrolled_error(name: str, width: int, n: int, dtype: torch.dtype, mode: str)
         opt = hg.optim.sgd(lr=0.1, momentum=0.9)
         return hg.unrolled(z.inner, z.outer, z.params0(), h, 5, opt, hvp=hvp)["decay"]
 
-    return rel(run(dtype, mode), run(torch.float64, "double_math").double())
+    return H.relative_error(run(dtype, mode), run(torch.float64, "double_math").double())
 
 
 def memory_child(name: str, width: int, n: int, mode: str) -> float:
@@ -94,11 +89,11 @@ def cost(name: str, width: int, n: int, rounds: int, memory: bool) -> list[dict[
     h = {k: v.float() for k, v in z.hparams0().items()}
     ops = {m: operator(z, m) for m in MODES}
     v = torch.randn(ops["first_order"].size)
-    cases = [Case("gradient", lambda s: torch.autograd.grad(z.inner(p, h), list(p.values())))]
+    cases = [H.Case("gradient", lambda s: torch.autograd.grad(z.inner(p, h), list(p.values())))]
     for m in MODES:
-        cases.append(Case(f"build {m}", lambda s, m=m: operator(z, m)))
-        cases.append(Case(f"product {m}", lambda s, m=m: ops[m].matvec(v)))
-    timing = {t.key: t.ms for t in interleave(cases, rounds)}
+        cases.append(H.Case(f"build {m}", lambda s, m=m: operator(z, m)))
+        cases.append(H.Case(f"product {m}", lambda s, m=m: ops[m].matvec(v)))
+    timing = {t.key: t.ms for t in H.interleave(cases, rounds)}
     unit = timing["gradient"]
     rows = []
     for m in MODES:
@@ -125,36 +120,29 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(data: dict[str, Any], out: Path) -> Path:
     """Relative error of H v per model, dtype and mode."""
-    res = data["results"]
-    fig, ax = H.pyplot().subplots(figsize=(8, 4))
-    labels = [r["model"] for r in res]
-    for i, (dt, mode) in enumerate([(d, m) for d in ("float64", "float32") for m in MODES]):
-        err = [{(a["dtype"], a["mode"]): a["hvp_error"] for a in r["accuracy"]} for r in res]
-        ys = [max(e[dt, mode], 1e-17) for e in err]
-        ax.bar([j + 0.2 * i for j in range(len(res))], ys, 0.2, label=f"{mode} {dt}")
-    ax.set(yscale="log", ylabel="relative error of H v", title=TITLE)
-    ax.set_xticks([j + 0.3 for j in range(len(res))], labels, fontsize=8)
-    ax.legend(fontsize=8)
-    return H.save_figure(fig, out / f"{NAME}.png")
+    res, keys = data["results"], [(d, m) for d in ("float64", "float32") for m in MODES]
+    err = [{(a["dtype"], a["mode"]): a["hvp_error"] for a in r["accuracy"]} for r in res]
+    bars = {f"{m} {d}": [max(e[d, m], 1e-17) for e in err] for d, m in keys}
+    axes = {"yscale": "log", "ylabel": "relative error of H v", "title": TITLE}
+    panel = {"bars": bars, "ticks": [r["model"] for r in res], "set": axes}
+    return H.figure(out / f"{NAME}.png", [panel], 1, (8, 4))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = H.cli(__doc__)
-    parser.add_argument("--width", type=int, default=None, help="hidden sizes times w")
-    args = parser.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.defaults(args, width=(1, 16))
-    H.start(args)
-    n, rounds = (16, 3) if args.quick else (256, 15)
-    rep = H.Report(NAME, TITLE, args)
-    results = []
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    n, rounds, results = (16, 3, []) if args.quick else (256, 15, [])
     for name in ("mlp", "transformer") if args.quick else MODELS:
         H.log(f"{name} (width {args.width})")
         size = sum(p.numel() for p in zoo(name, args.width, 2, torch.float64).params0().values())
         r = {"model": f"{name} ({size:,} params)", "accuracy": accuracy(name, args.width, n)}
         results.append(r | {"cost": cost(name, args.width, n, rounds, memory=not args.quick)})
-    rep.write({"results": results, "notes": [f"width {args.width}, {n} examples"]}, render, plot)
+    return {"results": results, "notes": [f"width {args.width}, {n} examples"]}
+
+
+OPTIONS = [H.option("--width", 1, 16, type=int, help="hidden sizes times w")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
     return 0
 
 

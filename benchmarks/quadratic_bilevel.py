@@ -20,14 +20,10 @@ def timed(cases: list[H.Case], repeats: int, ref: torch.Tensor) -> list[dict[str
     """Interleaved; more timed calls for cheap groups (short calls are the noisiest)."""
     n = lambda w: max(repeats, 7) if w < 30 else max(repeats, 5) if w < 150 else repeats  # noqa: E731
     out = []
-    for t in H.interleave(cases, n, keep=lambda h: (H.relative_error(h, ref), H.cosine(h, ref))):
+    for t, r in H.scored(cases, n, ref):
         diag, x = t.warm[1] if t.warm else {}, t.meta.pop("x")
         x = diag["num_hvps"] if isinstance(diag.get("num_hvps"), int) else x
-        r = {"key": t.key, "x": x, "rel_err": H.median([e for e, _ in t.kept])}
-        r |= {"cos": H.median([c for _, c in t.kept]), "rel_err_all": [e for e, _ in t.kept]}
-        r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all, "cpu_ms_all": t.cpu_ms_all}
-        r |= {"diagnostics": diag, "warnings": t.warnings, "error": t.error}
-        out.append(r | {"meta": t.meta})
+        out.append(r | {"x": x, "diagnostics": diag, "meta": t.meta})
     return out
 
 
@@ -172,28 +168,28 @@ STYLES |= {"unrolled": "C0o-", "forward_mode": "C1s-", "drmad": "C3D-", "Identit
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Relative error against products (or steps) and against time, per problem."""
-    paths, names = [], list(data["problems"])
+    paths = []
     for which, what in (
         ("implicit", "products (num_hvps)"),
         ("trajectory", "steps (truncated: K)"),
     ):
-        fig, axes = H.subplots(len(names), 2, 6.5, 3.9)
-        for row, name in zip(axes, names):
-            res = [r for r in data["problems"][name][f"{which}_results"] if not r["error"]]
-            for col, (ax, xkey) in enumerate(zip(row, ("x", "ms"))):
-                for key in dict.fromkeys(r["key"] for r in res):
-                    pts = sorted((r for r in res if r["key"] == key), key=lambda r: r["x"])
-                    ys = [max(r["rel_err"] or 1e-17, 1e-17) for r in pts]
-                    if key == "Identity(1/L)" and xkey == "x":
-                        ax.axhline(ys[0], color="C7", ls=":", label=f"{key} (0 products)")
-                    else:
-                        ax.plot([r[xkey] for r in pts], ys, STYLES.get(key, "C5x"), ms=4, label=key)
-                ax.set(xscale="log", yscale="log", ylabel="relative error", title=name)
-                ax.set(xlabel=what if col == 0 else "wall ms per call")
-                ax.grid(True, which="both", alpha=0.3)
-            row[1].legend(fontsize=7)
-        fig.suptitle(f"{which}: relative error against the closed form")
-        paths.append(H.save_figure(fig, out / f"{NAME}_{which}.png"))
+        panels = []
+        for name, e in data["problems"].items():
+            res = [r for r in e[f"{which}_results"] if not r["error"]]
+            for xkey in ("x", "ms"):
+                lines: dict[str, list] = {}
+                for r in sorted(res, key=lambda r: r["x"]):
+                    pt = (r[xkey], max(r["rel_err"] or 1e-17, 1e-17))
+                    lines.setdefault(r["key"], []).append(pt)
+                ident = lines.pop("Identity(1/L)", []) if xkey == "x" else []
+                axes = {"xscale": "log", "yscale": "log", "ylabel": "relative error"}
+                axes |= {"title": name, "xlabel": what if xkey == "x" else "wall ms per call"}
+                panel = {"lines": lines, "fmt": STYLES, "set": axes}
+                panels.append(
+                    panel | {"hlines": {"Identity(1/L) (0 products)": ident[0][1]} if ident else {}}
+                )
+        title = f"{which}: relative error against the closed form"
+        paths.append(H.figure(out / f"{NAME}_{which}.png", panels, 2, (6.5, 3.9), title))
     return paths
 
 
@@ -236,10 +232,8 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return {"settings": settings | {"truncations": list(TRUNCATIONS)}, "problems": out}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    opts = [H.option("--repeats", 1, 3, type=int, help="timed calls per method")]
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=opts)
-
+OPTIONS = [H.option("--repeats", 1, 3, type=int, help="timed calls per method")]
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

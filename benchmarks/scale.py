@@ -6,7 +6,7 @@ import gc
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
     """``call(info)`` computes one hypergradient (``info``: with diagnostics)."""
     f, g, w, h = pb["inner"], pb["outer"], pb["params"], pb["hparams"]
     if cfg.method == "gradient":
-        leaves = tuple(p.detach().requires_grad_(True) for p in w)
+        leaves = H.leaves(w)
         return lambda info: torch.autograd.grad(f(leaves, h), leaves)
     if cfg.method in IMPLICIT:
         s, d = solver(cfg.method, pb), pb["damping"]
@@ -321,40 +321,38 @@ def render(d: dict[str, Any]) -> list[str]:
     return [head, *out]
 
 
+PLOTS = {"params": ("params", "parameters P"), "hparams": ("num_hparams", "hyperparameters m")}
+PLOTS["steps"] = (None, "inner steps T")
+
+
 def plot(d: dict[str, Any], out: Path) -> Path:
     """Time and memory against P, m and T (one figure each)."""
-    plt = H.pyplot()
     colors = {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)}
-    specs = [("params", "params", "parameters P", "loglog")]
-    specs.append(("hparams", "num_hparams", "hyperparameters m", "loglog"))
-    for exp, x, label, scale in specs + [("steps", None, "inner steps T", "plot")]:
+    for exp, (x, label) in PLOTS.items():
         rows = [r for r in d["results"].get(exp, []) if r["ok"]]
         if not rows:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
-        for r0 in {(r["config"]["method"], r["config"]["malloc"]): r for r in rows}.values():
-            m, malloc = r0["config"]["method"], r0["config"]["malloc"]
-            pts = [r for r in rows if (r["config"]["method"], r["config"]["malloc"]) == (m, malloc)]
-            xs = [r[x] if x else r["config"]["steps"] for r in pts]
-            ls = ":" if malloc == "mmap" else "--" if m in TRAJECTORY else "-"
-            for ax, y in zip(axes, ("seconds", "peak_mb")):
-                ys = [max(r[y] or 0.0, 0.05) if y == "peak_mb" else r[y] for r in pts]
-                name = f"{m} ({malloc})"
-                kw = {"marker": "o", "ms": 3, "ls": ls, "color": colors[m]}
-                getattr(ax, scale)(xs, ys, label=name if exp == "steps" else m, **kw)
-        P = "" if exp == "params" else f" (P = {rows[0]['params']:,})"
+        time, mem, fmt = {}, {}, {"4P bytes (one vector)": "k:"}
+        for r in rows:
+            m, malloc = r["config"]["method"], r["config"]["malloc"]
+            key, ls = f"{m} ({malloc})" if exp == "steps" else m, "--" if m in TRAJECTORY else "-"
+            fmt[key] = colors[m] + "o" + (":" if malloc == "mmap" else ls)
+            at = r[x] if x else r["config"]["steps"]
+            time.setdefault(key, []).append((at, r["seconds"]))
+            mem.setdefault(key, []).append((at, max(r["peak_mb"] or 0.0, 0.05)))
         if exp == "params":
-            xs = sorted({r["params"] for r in rows})
-            one = [4 * p / 2**20 for p in xs]
-            axes[1].loglog(xs, one, "k:", lw=1, label="4P bytes (one vector)")
+            ps = sorted({r["params"] for r in rows})
+            mem["4P bytes (one vector)"] = [(p, 4 * p / 2**20) for p in ps]
+        scale = "linear" if exp == "steps" else "log"
+        axes = {"xlabel": label, "xscale": scale, "yscale": scale}
+        P = "" if exp == "params" else f" (P = {rows[0]['params']:,})"
+        left = {"title": f"one hypergradient{P}", "ylabel": "seconds (median wall)"}
+        left = {"lines": time, "fmt": fmt, "set": axes | left}
         if exp == "hparams":
-            axes[0].axhline(d["cap_seconds"], color="k", lw=0.8, ls="-.", label="forward-mode cap")
-        axes[0].set(xlabel=label, ylabel="seconds (median wall)", title=f"one hypergradient{P}")
-        axes[1].set(xlabel=label, ylabel="peak RSS increase (MB)", title="peak memory")
-        axes[0].legend(fontsize=7, ncol=2)
-        for ax in axes:
-            ax.grid(True, which="both", alpha=0.3)
-        H.save_figure(fig, out / f"scale_{exp}.png", dpi=120)
+            left["hlines"] = {"forward-mode cap": d["cap_seconds"]}
+        right = {"title": "peak memory", "ylabel": "peak RSS increase (MB)"}
+        right = {"lines": mem, "fmt": fmt, "set": axes | right}
+        H.figure(out / f"scale_{exp}.png", [left, right], 2, (5.75, 4.4))
     return out / "scale_params.png"
 
 
@@ -411,11 +409,7 @@ OPTIONS = [
     H.option("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS),
     H.option("--sizes", [3e3], [1e4, 3e4, 1e5, 3e5, 1e6], nargs="+", type=float, help="P values"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

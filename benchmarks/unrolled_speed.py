@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,17 +29,9 @@ def problem(name: str, hidden: int = 32) -> tuple:
     return f, g, tuple(pb.params0), h
 
 
-def leaves(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: leaves(v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return tuple(leaves(v) for v in tree)
-    return tree.detach().requires_grad_(True)
-
-
 def hand(f: Callable, g: Callable, p0: tuple, h: dict, T: int, peer: Any = None) -> Tensor:
     """Plain autograd (or TorchOpt's functional SGD): every step's graph kept."""
-    p, hs = leaves(p0), [h["lr"], *h["decay"]]
+    p, hs = H.leaves(p0), [h["lr"], *h["decay"]]
     if peer is not None:
         opt = peer.sgd(lr=h["lr"])
         state = opt.init(p)
@@ -57,16 +49,16 @@ def recompute(f: Callable, g: Callable, p0: tuple, h: dict, T: int) -> Tensor:
     """Store-and-recompute for plain SGD, minimal: a forward pass without graphs storing the
     T states, then per step in reverse the gradient with ``create_graph=True`` and one
     backward pass of the update against the adjoint."""
-    fixed, hs, p, states, n = leaves(h), [h["lr"], *h["decay"]], tuple(p0), [], len(p0)
+    fixed, hs, p, states, n = H.leaves(h), [h["lr"], *h["decay"]], tuple(p0), [], len(p0)
     for _ in range(T):
         states.append(p)
-        x = leaves(p)
+        x = H.leaves(p)
         p = tuple(v - fixed["lr"] * gv for v, gv in zip(p, torch.autograd.grad(f(x, fixed), x)))
-    x = leaves(p)
+    x = H.leaves(p)
     out = torch.autograd.grad(g(x, h), [*x, *hs], allow_unused=True, materialize_grads=True)
     a, hyper = out[:n], list(out[n:])
     for p in reversed(states):
-        x = leaves(p)
+        x = H.leaves(p)
         gx = torch.autograd.grad(f(x, h), x, create_graph=True)
         new = [v - h["lr"] * gv for v, gv in zip(x, gx)]
         out = torch.autograd.grad(new, [*x, *hs], a, allow_unused=True, materialize_grads=True)
@@ -84,7 +76,7 @@ def competitor(who: str, name: str, T: int, hidden: int = 32) -> Callable[[], Te
     f, g, p0, h0 = problem(name, hidden)
 
     def call() -> Tensor:
-        h = leaves(h0)
+        h = H.leaves(h0)
         if who == "unrolled":
             return H.flat(hg.unrolled(f, g, p0, h, T, hg.optim.sgd(lr=h["lr"])))
         if who == "recompute":
@@ -123,22 +115,12 @@ def time_problem(name: str, T: int, rounds: int, quick: bool) -> dict[str, Any]:
     return out | {"times_ms": {w: t.ms_all for w, t in res.items()}}
 
 
-COLD = """
-import json, sys, time
-t0 = time.perf_counter()
-import torch, hypergradient as hg
-torch.set_num_threads(1)
-t1, c1 = time.perf_counter(), time.process_time()
-w0, h = torch.zeros(3), {"d": torch.ones(3), "lr": torch.tensor(0.1)}
-f = lambda w, h: ((w - 1) ** 2).sum() + (h["d"] * w**2).sum()
-hg.unrolled(f, lambda w, h: (w**2).sum(), w0, h, 3, hg.optim.sgd(lr=h["lr"]))
-t2, c2 = time.perf_counter(), time.process_time()
-hg.drmad(f, lambda w, h: (w**2).sum(), w0, h, 3, hg.optim.sgd(lr=h["lr"]))
-t3 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "first_call_s": t2 - t1, "first_call_cpu_s": c2 - c1,
-                  "first_drmad_s": t3 - t2,
-                  "dynamo": "torch._dynamo" in sys.modules or "sympy" in sys.modules}))
-"""
+def cold_calls(what: str) -> dict[str, Callable[[], Any]]:
+    """The first ``hg.unrolled`` call, then the first ``hg.drmad`` (3 steps, 3 weights)."""
+    w0, h = torch.zeros(3), {"d": torch.ones(3), "lr": torch.tensor(0.1)}
+    f, g = (lambda w, h: ((w - 1) ** 2).sum() + (h["d"] * w**2).sum()), lambda w, h: (w**2).sum()
+    args = (f, g, w0, h, 3, hg.optim.sgd(lr=h["lr"]))
+    return {"first_call": lambda: hg.unrolled(*args), "first_drmad": lambda: hg.drmad(*args)}
 
 
 def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
@@ -151,13 +133,13 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
     def sweep(loss: Callable[..., Tensor], steps: int) -> None:
         p = p0
         for _ in range(steps):
-            x = leaves(p)
+            x = H.leaves(p)
             gx = torch.autograd.grad(loss(x, h), x)
             p = tuple(v.detach() - h["lr"] * gv for v, gv in zip(x, gx))
 
     started, compiled = time.perf_counter(), torch.compile(f, dynamic=False)
     sweep(compiled, 2)
-    out, x = {"compile_s": time.perf_counter() - started}, leaves(p0)
+    out, x = {"compile_s": time.perf_counter() - started}, H.leaves(p0)
     try:
         gx = torch.autograd.grad(compiled(x, h), x, create_graph=True)
         torch.autograd.grad(gx, x, [torch.ones_like(v) for v in gx])
@@ -172,7 +154,7 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
     calls = {c: lambda s, c=c: hg.unrolled(f, g, p0, h, T, sgd, compile=c) for c in (False, True)}
     calls[True](0)  # compiles (this process already compiled f: mostly a cache hit)
     cases = [H.Case(f"compile={c}", fn) for c, fn in calls.items()]
-    cases.append(H.Case("hand", lambda s: hand(f, g, p0, leaves(h), T)))
+    cases.append(H.Case("hand", lambda s: hand(f, g, p0, H.leaves(h), T)))
     return out | {"unrolled_ms": {t.key: t.ms for t in H.interleave(cases, rounds)}}
 
 
@@ -180,7 +162,9 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     data = {"T": args.steps, "rounds": args.rounds, "load": os.getloadavg()}
     timed = {n: time_problem(n, args.steps, args.rounds, args.quick) for n in args.problems}
     data["problems"] = timed
-    data["cold"] = H.fresh(COLD)
+    cold = H.cold_start(NAME)
+    sympy, _ = cold.pop("sympy"), cold.pop("first_drmad_cpu_s")
+    data["cold"] = cold | {"dynamo": cold["dynamo"] or sympy}
     if args.compile:
         data["compile"] = {n: compile_trial(n, args.steps, args.rounds) for n in args.problems}
     return data
@@ -227,11 +211,7 @@ OPTIONS = [
     H.option("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS),
     H.option("--compile", action="store_true", help="also try torch.compile (~1 min)"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

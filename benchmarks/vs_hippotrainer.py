@@ -1,11 +1,15 @@
-"""Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome."""
+"""Head-to-head with HippoTrainer 1.0.0: hypergradient accuracy, cost and training outcome.
+
+(a) one hypergradient at two fixed points against the exact implicit one, every HippoTrainer
+method against its own dense replay, its compat-layer twin and our native method; (b)
+HippoTrainer's documented training loop end to end, in lockstep rounds. Run:
+``python benchmarks/vs_hippotrainer.py [--quick]`` (HippoTrainer optional: its rows are skipped).
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,6 +27,7 @@ A_CONFIGS += [("HOAG", {"epsilon": e, "cg_max_iter": m}) for e, m in ((1e-4, 10)
 A_CONFIGS += [("DRMAD", {"T": 10})]
 B_CONFIGS = [("T1T2", {}), ("Neumann", {"num_terms": 5}), ("HOAG", {}), ("DRMAD", {"T": 10})]
 IMPL_NAMES = {"theirs": "HippoTrainer", "compat": "hypergradient.compat"}
+LOSS, BCE = H.linear_loss("log_wd", log=True), H.linear_loss()
 
 
 def kw_str(kind: str, kw: dict[str, Any]) -> str:
@@ -61,17 +66,15 @@ def setup(module: Any, cls: str, kw: dict, data: H.Data, state: Any, hyper_lr: f
 
 def native(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
     """Our method for one of HippoTrainer's (part (a) labels)."""
-    if kind == "T1T2":
-        return "hg.T1T2()", hg.T1T2()
     if kind == "Neumann":
         n = kw["num_terms"]
         return f"hg.IFT(hg.Neumann({n}, alpha=lr={LR}))", hg.IFT(hg.Neumann(n, alpha=LR))
     if kind == "HOAG" and kw:
         m, e = kw["cg_max_iter"], kw["epsilon"]
         return f"hg.IFT(hg.CG({m}, tol=0, atol=sqrt({e:g})))", hg.IFT(hg.CG(m, 0.0, math.sqrt(e)))
-    if kind == "HOAG":
-        return "hg.HOAG(maxiter=10)", hg.HOAG(maxiter=10)
-    return "hg.DrMAD()", hg.DrMAD()
+    label = {"T1T2": "T1T2()", "HOAG": "HOAG(maxiter=10)", "DRMAD": "DrMAD()"}[kind]
+    make = {"T1T2": hg.T1T2, "HOAG": lambda: hg.HOAG(maxiter=10), "DRMAD": hg.DrMAD}[kind]
+    return f"hg.{label}", make()
 
 
 def their_cg(Hm: Tensor, b: Tensor, eps: float, maxiter: int, stab: float) -> tuple[Tensor, int]:
@@ -133,10 +136,8 @@ def hippo_case(module: Any, impl: str, kind: str, kw: dict, data: H.Data, state:
         s.hopt._hyperparams_requires_grad_(True)
         try:
             if impl == "theirs":
-                grads = s.hopt.hyper_grad(*s.hopt.evaluate())
-            else:
-                grads = s.hopt.hyper_grad_on_batches(data.train, data.val)
-            return torch.cat([g.detach().reshape(-1) for g in grads])
+                return H.flat([g.detach() for g in s.hopt.hyper_grad(*s.hopt.evaluate())])
+            return H.flat([g.detach() for g in s.hopt.hyper_grad_on_batches(data.train, data.val)])
         finally:
             s.hopt._hyperparams_requires_grad_(False)
 
@@ -157,21 +158,25 @@ def native_case(kind: str, kw: dict, data: H.Data, state: Any, log_wd: Tensor) -
     return H.Case(kw_str(kind, kw), call, meta={"impl": "native", "label": label})
 
 
+def points(data: H.Data) -> dict[str, tuple[Tensor, ...]]:
+    """``early``: 10 SGD steps from the initialization; ``optimum``: Newton's inner optimum."""
+    f, s = losses(data)[0], setup(compat, "T1T2", {}, data, init_state(data.dim), HYPER_LR, False)
+    crit = lambda: s.criterion(s.model(data.train[0]), data.train[1])  # noqa: E731
+    for _ in range(INNER_STEPS):
+        H.sgd_run("", s.model.parameters(), crit, LR).step()
+    like = (torch.zeros(1, data.dim, dtype=F64), torch.zeros(1, dtype=F64))
+    log_wd = torch.full((data.dim,), LOG_WD0, dtype=F64)
+    t = H.newton(lambda v: f(H.unflat(v, like), log_wd), H.flat(like), 1e-12)[0]
+    early = tuple(p.detach().clone() for p in s.model.parameters())
+    return {"early": early, "optimum": tuple(x.clone() for x in H.unflat(t, like))}
+
+
 def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
     f, g, f_batch = losses(data)
-    log_wd, init = torch.full((data.dim,), LOG_WD0, dtype=F64), init_state(data.dim)
-    s = setup(compat, "T1T2", {}, data, init, HYPER_LR, False)
-    for _ in range(INNER_STEPS):  # `early`: 10 SGD steps from the initialization
-        s.opt.zero_grad()
-        s.criterion(s.model(data.train[0]), data.train[1]).backward()
-        s.opt.step()
-    like = (torch.zeros(1, data.dim, dtype=F64), torch.zeros(1, dtype=F64))
-    t = H.newton(lambda v: f(H.unflat(v, like), log_wd), H.flat(like), 1e-12)[0]
-    states = {"early": tuple(p.detach().clone() for p in s.model.parameters())}
-    states["optimum"] = tuple(x.clone() for x in H.unflat(t, like))
+    log_wd = torch.full((data.dim,), LOG_WD0, dtype=F64)
     out: dict[str, Any] = {"states": {}, "rows": [], "crash_probe": None, "checks": []}
     impls = [("theirs", ht)] * (ht is not None) + [("compat", compat)]
-    for sname, state in states.items():
+    for sname, state in points(data).items():
         H.log(f"[a] point {sname}")
         exact, info = hg.implicit(f, g, state, log_wd, hg.Exact(), return_info=True)
         exact, d = exact.reshape(-1), H.dense_pieces(f, g, state, log_wd)
@@ -183,21 +188,22 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
         for kind, kw in A_CONFIGS[::2] if quick else A_CONFIGS:
             cases = [hippo_case(m, impl, kind, kw, data, state) for impl, m in impls]
             res = H.interleave(cases + [native_case(kind, kw, data, state, log_wd)], repeats)
-            T, unr = kw.get("T"), None
+            unr = None
             if kind == "DRMAD":
-                sgd, batches = hg.optim.sgd(lr=LR), [data.train] * T
-                unr = hg.unrolled(f_batch, g, state, log_wd, T, sgd, batches=batches)
+                sgd, batches = hg.optim.sgd(lr=LR), [data.train] * kw["T"]
+                unr = hg.unrolled(f_batch, g, state, log_wd, kw["T"], sgd, batches=batches)
             for t in res:
-                r = {"point": sname, "method": kind, "kw": kw, **t.meta, "error": t.error}
-                r |= {"ms": t.ms, "cpu_ms": t.cpu_ms, "ms_all": t.ms_all}
-                r["cpu_ms_all"] = t.cpu_ms_all
-                r |= {"traceback": t.traceback, "warnings": t.warnings, "h": t.warm}
+                r = t.row(
+                    point=sname, method=kind, kw=kw, **t.meta, traceback=t.traceback, h=t.warm
+                )
                 if t.error is None:
-                    r["rel_err"] = H.relative_error(t.warm, exact)
-                    r["cos"] = H.cosine(t.warm, exact)
+                    r |= {
+                        "rel_err": H.relative_error(t.warm, exact),
+                        "cos": H.cosine(t.warm, exact),
+                    }
                 if t.error is None and unr is not None:
-                    r |= {"rel_err_unrolled": H.relative_error(t.warm, unr)}
-                    r |= {"cos_unrolled": H.cosine(t.warm, unr)}
+                    r["rel_err_unrolled"] = H.relative_error(t.warm, unr)
+                    r["cos_unrolled"] = H.cosine(t.warm, unr)
                 out["rows"].append(r)
             if ht is not None and res[0].error is None:
                 out["checks"].append(f"{sname}: " + checks(kind, kw, res[0].warm, d, exact, ident))
@@ -209,12 +215,6 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
             out["crash_probe"] = {"crashed": probe.error is not None, "error": probe.error}
             out["crash_probe"]["traceback"] = probe.traceback
     return out
-
-
-def native_loss(m: Any, h: dict[str, Tensor], batch: Any) -> Tensor:
-    w = dict(m.named_parameters())["weight"][0]
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0]), batch[1])
-    return bce + 0.5 * (h["log_wd"].exp() * w**2).sum()
 
 
 def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
@@ -237,27 +237,22 @@ def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
             runs.append(hippo_run(pair, impl, s, f"{IMPL_NAMES[impl]} {pair}"))
         model, log_wd = H.linear_model(data.dim, init), torch.full((data.dim,), LOG_WD0, dtype=F64)
         label, method = native(kind, kw if kind != "HOAG" else {})
-        kw = {"train_loss": native_loss, "val_loss": native_loss, "val_data": [data.val]}
+        kw = {"train_loss": LOSS, "val_loss": LOSS, "val_data": [data.val], "method": method}
         kw |= {"outer_optimizer": lambda hp, lr=hyper_lr: torch.optim.SGD(hp, lr=lr)}
-        sgd = torch.optim.SGD(model.parameters(), lr=LR)
-        kw |= {"inner_optimizer": sgd, "method": method}
-        hopt = hg.HyperOptimizer(model, {"log_wd": log_wd}, **kw)
-        meta = {"pair": pair, "impl": "native", "model": model, "hyper": {"log_wd": log_wd}}
-        step = lambda h=hopt: H.hopt_step(h, data.train)  # noqa: E731
-        runs.append(H.Run(f"hg.HyperOptimizer {label}", step, 10, meta | {"hopt": hopt}))
+        kw["inner_optimizer"] = torch.optim.SGD(model.parameters(), lr=LR)
+        r = H.hopt_run(
+            f"hg.HyperOptimizer {label}", model, {"log_wd": log_wd}, data.train, 10, **kw
+        )
+        runs.append(r)
+        r.meta |= {"pair": pair, "impl": "native", "hyper": {"log_wd": log_wd}}
     if ht is not None:  # their DRMAD with the plain criterion: does it run?
         s = setup(ht, "DRMAD", {"T": 10}, data, init, hyper_lr, clone=False)
         label = "HippoTrainer DRMAD(T=10), plain criterion"
         runs.append(hippo_run("DRMAD(T=10)", "theirs", s, label))
     s = setup(compat, "T1T2", {}, data, init, hyper_lr, False)
-
-    def untuned() -> None:
-        s.opt.zero_grad()
-        s.criterion(s.model(x), y).backward()
-        s.opt.step()
-
     meta = {"pair": "-", "impl": "untuned", **vars(s)}
-    return runs + [H.Run("untuned (plain SGD, log_wd = -3)", untuned, INNER_STEPS, meta)]
+    loss, label = lambda: s.criterion(s.model(x), y), "untuned (plain SGD, log_wd = -3)"
+    return runs + [H.sgd_run(label, s.model.parameters(), loss, LR, INNER_STEPS, **meta)]
 
 
 def record(run: H.Run, data: H.Data, t: int) -> None:
@@ -266,8 +261,7 @@ def record(run: H.Run, data: H.Data, t: int) -> None:
         return
     m, lw = run.meta["model"], run.meta["hyper"]["log_wd"].detach()
     with torch.no_grad():
-        bce = torch.nn.functional.binary_cross_entropy_with_logits
-        val, test = (float(bce(m(b[0]), b[1])) for b in (data.val, data.test))
+        val, test = (float(BCE(m, None, b)) for b in (data.val, data.test))
         pen = 0.5 * float((lw.exp() * m.weight[0] ** 2).sum())
     c = {"step": t, "seconds": run.seconds, "val_bce": val, "val_criterion": val + pen}
     c["test_bce"] = test
@@ -315,16 +309,16 @@ def diff(a: float | None, b: float | None) -> float:
 
 
 def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> dict[str, Any]:
-    per_round = []
-    for rnd in range(rounds + 1):  # the last round is instrumented (cosines), untimed
-        runs = make_runs(data, ht, hyper_lr)
-        H.log(f"[b] hyper_lr {hyper_lr}, round {rnd + 1}/{rounds + 1}: {len(runs)} runs")
-        for r in runs:
-            record(r, data, 0)
-            if rnd == rounds:
-                instrument(r, data, hyper_lr)
-        H.lockstep(runs, steps, lambda r, t: record(r, data, t))
-        per_round.append(runs)
+    made = []
+
+    def runs() -> list[H.Run]:  # the last round is instrumented (cosines), untimed
+        made.append(make_runs(data, ht, hyper_lr))
+        for r in made[-1] if len(made) == rounds + 1 else ():
+            instrument(r, data, hyper_lr)
+        return made[-1]
+
+    H.log(f"[b] hyper_lr {hyper_lr}")
+    per_round = H.rounds_of(runs, steps, rounds + 1, lambda r, t: record(r, data, t))[0]
     summary, inst = [], per_round.pop()
     for i, r in enumerate(per_round[0]):
         rs, ins = [x[i] for x in per_round], inst[i]
@@ -334,8 +328,11 @@ def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> d
         s = {"pair": r.meta["pair"], "impl": r.meta["impl"], "label": r.label, "error": r.error}
         s |= {"error_step": r.error_step, "traceback": r.traceback, "steps_done": c1["step"]}
         s |= {k: c1[k] for k in ("val_bce", "val_criterion", "test_bce", "log_wd_mean")}
-        s |= {"val_bce_start": c0["val_bce"], "seconds": secs}
-        s["seconds_all"] = [x.seconds for x in rs]
+        s |= {
+            "val_bce_start": c0["val_bce"],
+            "seconds": secs,
+            "seconds_all": [x.seconds for x in rs],
+        }
         s |= {"step_ms": 1e3 * H.median([t for x in rs for t in x.step_s])}
         s |= {"hyper_step_ms": 1e3 * H.median([t for x in rs for t in x.hyper_s])}
         s |= {"val_drop_per_s": (c0["val_bce"] - c1["val_bce"]) / secs if secs > 0 else None}
@@ -366,12 +363,11 @@ def render_a(res: dict[str, Any], repeats: int) -> str:
     if probe.get("crashed"):
         text.append(f"their DRMAD with the plain criterion at `early` raises: {probe['error']}")
     cols = "point|method|label|rel_err:.2e|cos:.6f|rel_err_unrolled:.2e|cos_unrolled:.4f|ms:.3g"
-    cols += "|theirs/ours|error"
     return (
         "## (a) One hypergradient at a fixed point vs the exact implicit hypergradient\n\n"
         f"ms = median of {repeats} interleaved calls; theirs/ours = ratio of median wall (CPU) "
         "times; `unrolled` = `hg.unrolled` through the same T steps.\n\n"
-        f"{H.bullets(text)}\n\n{H.dict_table(rows, cols)}"
+        f"{H.bullets(text)}\n\n{H.dict_table(rows, cols + '|theirs/ours|error')}"
     )
 
 
@@ -400,13 +396,12 @@ def render_b(res: dict[str, Any]) -> str:
         rows.append(row)
     cols = "label|val_bce:.4f|val_criterion:.4f|test_bce:.4f|log_wd_mean:.3f|seconds:.3f"
     cols += "|step_ms:.3g|hyper_step_ms:.3g|val_drop_per_s:.2e|gain_per_extra_s:.2e"
-    cols += "|cos < 0|median_cos:.3f"
+    cols += "|cos < 0|median_cos:.3f|median_rel_err:.2e|theirs/ours:.2f"
     return (
         f"## (b) End to end: {res['steps']} steps of HippoTrainer's documented loop, inner_steps="
         f"{INNER_STEPS}, hyper_lr={res['hyper_lr']}, inner SGD lr {LR}\n\nMedian of {res['rounds']}"
         " round(s) in lockstep; cosines and errors against the exact implicit hypergradient per "
-        "hyper-step (an extra, instrumented round).\n\n"
-        + H.dict_table(rows, cols + "|median_rel_err:.2e|theirs/ours:.2f")
+        f"hyper-step (an extra, instrumented round).\n\n{H.dict_table(rows, cols)}"
     )
 
 
@@ -418,34 +413,24 @@ def render(d: dict[str, Any]) -> list[str]:
     return [note, render_a(d["a"], d["settings"]["repeats"]), *map(render_b, d["b"])]
 
 
-def plot(data: dict[str, Any], out: Path) -> Path:
+def plot(data: dict[str, Any], out: Any) -> Any:
     """Validation loss against wall-clock per method pair and hyper_lr."""
-    res = data["b"]
+    res, panels = data["b"], []
     pairs = [p for p in dict.fromkeys(r["pair"] for r in res[0]["summary"]) if p != "-"]
-    fig, axes = H.subplots(len(res), len(pairs), 4.6, 4)
-    style = {"theirs": ("C3", "o", "-"), "compat": ("C0", "s", "-"), "native": ("C2", "^", "--")}
-    style["untuned"] = ("0.5", "", ":")
-    for row, b in zip(axes, res):
-        for ax, pair in zip(row, pairs):
-            lows, finals = [], []
-            for r in b["summary"]:
-                if r["error"] or r["pair"] not in (pair, "-"):
-                    continue
-                pts = [c for c in r["curve"] if not H.bad(c["val_bce"])]
-                lows += [c["val_bce"] for c in pts]
-                finals += [r["val_bce"]] if not H.bad(r["val_bce"]) else []
-                col, mk, ls = style[r["impl"]]
-                xy = [c["seconds"] for c in pts], [c["val_bce"] for c in pts]
-                nan = f" (NaN from step {r['diverged_at_step']})" if r["diverged_at_step"] else ""
-                ax.plot(*xy, color=col, marker=mk, ls=ls, ms=3, label=r["label"] + nan)
-            ax.set_ylim(0.97 * min(lows), 1.6 * max(finals))  # the start (0.69) is off-scale
-            ax.set(title=f"{pair}, hyper_lr={b['hyper_lr']:g}", xlabel="seconds (sum of steps)")
-            ax.set(ylabel="validation BCE")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=6)
+    fmt = {"theirs": "C3-", "compat": "C0-", "native": "C2--", "untuned": "k:"}
+    for b, pair in [(b, pair) for b in res for pair in pairs]:
+        runs = [r for r in b["summary"] if not r["error"] and r["pair"] in (pair, "-")]
+        pts = {r["label"]: [(c["seconds"], c["val_bce"]) for c in r["curve"]] for r in runs}
+        pts = {k: [(x, y) for x, y in v if not H.bad(y)] for k, v in pts.items()}
+        lows = [y for v in pts.values() for _, y in v]
+        finals = [r["val_bce"] for r in runs if not H.bad(r["val_bce"])]
+        axes = {"title": f"{pair}, hyper_lr={b['hyper_lr']:g}", "xlabel": "seconds (sum of steps)"}
+        axes |= {"ylabel": "validation BCE", "ylim": (0.97 * min(lows), 1.6 * max(finals))}
+        panels.append(
+            {"lines": pts, "fmt": {r["label"]: fmt[r["impl"]] for r in runs}, "set": axes}
+        )
     title = "HippoTrainer 1.0.0 (red) vs hypergradient (compat: blue, native: green)"
-    fig.suptitle(f"{title}, {res[0]['steps']} steps")
-    return H.save_figure(fig, out / f"{NAME}.png")
+    return H.figure(out / f"{NAME}.png", panels, len(pairs), (4.6, 4), title)
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
@@ -466,11 +451,7 @@ OPTIONS = [
     H.option("--repeats", 1, 7, type=int, help="timed calls in part (a)"),
     H.option("--hyper-lr", [5.0], [5.0, 20.0], type=float, nargs="+", help="part (b)"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

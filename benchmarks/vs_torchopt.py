@@ -23,10 +23,6 @@ def torchopt() -> Any:
     return H.import_peer("torchopt")[0]
 
 
-def args_of(pb: H.Bilevel) -> tuple:
-    return pb.inner_loss, pb.outer_loss, pb.params, pb.hparams
-
-
 def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor]:
     """TorchOpt's ``custom_root`` around a solver that returns the given optimum."""
     f, g = pb.inner_loss, pb.outer_loss
@@ -36,7 +32,7 @@ def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor
         return params
 
     def call(s: int) -> torch.Tensor:
-        hp = tuple(h.detach().requires_grad_(True) for h in pb.hparams)
+        hp = H.leaves(pb.hparams)
         sol = solver(tuple(p.detach() for p in pb.params), hp)
         return H.flat(torch.autograd.grad(g(sol, hp), hp, allow_unused=True))
 
@@ -55,15 +51,13 @@ def implicit_problems(quick: bool, seed: int) -> list[tuple[H.Bilevel, torch.Ten
     big = H.mnist_mlp(*size)
     big.damping = 0.1 if quick else 1e-2
     big.name = f"mnist_mlp ({big.num_params:,} params, float32)"
-    ref = hg.implicit(*args_of(big), hg.CG(maxiter=2000, tol=1e-10), damping=big.damping)
+    ref = hg.implicit(*big.args, hg.CG(maxiter=2000, tol=1e-10), damping=big.damping)
     return out + [(big.cast(torch.float32), H.flat(ref))]
 
 
 def ours_call(pb: H.Bilevel, solver: hg.Solver) -> Callable[..., Any]:
     def call(s: int, info: bool = False) -> Any:
-        out = hg.implicit(
-            *args_of(pb), solver, damping=pb.damping, return_info=info, residual=False
-        )
+        out = hg.implicit(*pb.args, solver, damping=pb.damping, return_info=info, residual=False)
         return out if info else H.flat(out)
 
     return call
@@ -120,36 +114,29 @@ def unrolled_part(quick: bool, T: int, repeats: int) -> list[dict]:
     return rows
 
 
-COLD = """
-import json, sys, time
-t0 = time.perf_counter()
-import torch, hypergradient
-imported = time.perf_counter() - t0
-import vs_torchopt as B
-call = B.cold_call({what!r})
-t1 = time.perf_counter(); call(); first = time.perf_counter() - t1
-t2 = time.perf_counter(); call(); second = time.perf_counter() - t2
-print(json.dumps({{"import_s": imported, "first_s": first, "second_s": second,
-                  "dynamo_imported": "torch._dynamo" in sys.modules}}))
-"""
-
-
-def cold_call(what: str) -> Callable[[], Any]:
-    """The first call measured by the cold-start snippet (problem built untimed, no torch.func)."""
+def cold_calls(what: str) -> dict[str, Callable[[], Any]]:
+    """A first and a second call of ``what`` on logistic regression (built untimed, no
+    torch.func), for the cold-start measurement."""
     pb = H.logreg(0, solve=False)
     if what == "hg.implicit":
-        return lambda: hg.implicit(*args_of(pb), hg.CG(maxiter=10, tol=0.0))
-    if what == "hg.unrolled":
+        call = lambda: hg.implicit(*pb.args, hg.CG(maxiter=10, tol=0.0))  # noqa: E731
+    elif what == "hg.unrolled":
         sgd = hg.optim.sgd(lr=0.5)
-        return lambda: hg.unrolled(pb.inner_loss, pb.outer_loss, pb.params0, pb.hparams, 10, sgd)
-    torchopt()  # imported before the clock starts
-    return lambda: torchopt_implicit(pb, torchopt().linear_solve.solve_cg(maxiter=10, rtol=0.0))(0)
+        call = lambda: hg.unrolled(*pb.args[:2], pb.params0, pb.hparams, 10, sgd)  # noqa: E731
+    else:  # TorchOpt, imported before the clock starts
+        to = torchopt()
+        call = lambda: torchopt_implicit(pb, to.linear_solve.solve_cg(maxiter=10, rtol=0.0))(0)  # noqa: E731
+    return {"first": call, "second": call}
+
+
+def cold_start(what: str) -> dict[str, Any]:
+    c = H.cold_start(NAME, what)
+    return {k: c[k] for k in ("import_s", "first_s", "second_s")} | {"dynamo_imported": c["dynamo"]}
 
 
 def minimal_cg(f: Callable, g: Callable, params: tuple, hparams: tuple, k: int) -> torch.Tensor:
     """The reference loop: one retained double-backward graph, k CG products, mixed term."""
-    ps = [p.detach().requires_grad_(True) for p in params]
-    hs = [h.detach().requires_grad_(True) for h in hparams]
+    ps, hs = H.leaves(params), H.leaves(hparams)
     gf = torch.autograd.grad(f(ps, hs), ps, create_graph=True)
     b = H.flat(torch.autograd.grad(g(ps, hs), ps))
     x, r = torch.zeros_like(b), b.clone()
@@ -167,9 +154,9 @@ def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
     """CG(k) at two budgets against the minimal loop: fixed cost and cost per product."""
     pb, cases = H.logreg(0), []
     for k in ks:
-        ours = lambda s, k=k: hg.implicit(*args_of(pb), hg.CG(maxiter=k, tol=0.0))  # noqa: E731
+        ours = lambda s, k=k: hg.implicit(*pb.args, hg.CG(maxiter=k, tol=0.0))  # noqa: E731
         cases.append(H.Case(f"hg.implicit CG({k})", ours))
-        cases.append(H.Case(f"minimal loop CG({k})", lambda s, k=k: minimal_cg(*args_of(pb), k)))
+        cases.append(H.Case(f"minimal loop CG({k})", lambda s, k=k: minimal_cg(*pb.args, k)))
     for c in cases:
         c.inner = H.calls_per_sample(lambda c=c: c.call(0), 0.02)
     res = {t.key: t for t in H.interleave(cases, repeats)}
@@ -178,8 +165,8 @@ def overhead_part(ks: Sequence[int], repeats: int) -> dict[str, Any]:
         (k0, k1), t = ks, [res[f"{who} CG({k})"].ms for k in ks]
         slope = (t[1] - t[0]) / (k1 - k0)
         out[who] = {"fixed_ms": t[0] - slope * k0, "per_product_ms": slope}
-    ours = H.flat(hg.implicit(*args_of(pb), hg.CG(maxiter=ks[0], tol=0.0)))
-    out["rel_diff"] = H.relative_error(ours, minimal_cg(*args_of(pb), ks[0]))
+    ours = H.flat(hg.implicit(*pb.args, hg.CG(maxiter=ks[0], tol=0.0)))
+    out["rel_diff"] = H.relative_error(ours, minimal_cg(*pb.args, ks[0]))
     return out | {"ratio": res[f"hg.implicit CG({ks[0]})"].ms / res[f"minimal loop CG({ks[0]})"].ms}
 
 
@@ -215,14 +202,12 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     data = {"implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)}
     data["unrolled"] = unrolled_part(q, 3 if q else 100, repeats)
     whats = ["hg.implicit"] if q else ["hg.implicit", "hg.unrolled"] + ["torchopt"] * bool(to)
-    data["cold_start"] = {w: H.fresh(COLD.format(what=w)) for w in whats}
+    data["cold_start"] = {w: cold_start(w) for w in whats}
     data["overhead"] = overhead_part([2, 6] if q else [10, 30], 2 if q else 15)
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv)
-
+main = H.entry(__doc__, NAME, TITLE, run, render)
 
 if __name__ == "__main__":
     main()

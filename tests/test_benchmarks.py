@@ -150,6 +150,19 @@ def check_unrolled_speed(d: dict) -> None:
     assert mem["unrolled"] < 0.2 * mem["hand"] and not d["cold"]["dynamo"]
 
 
+def check_holdout_guard(d: dict) -> None:
+    """The splits partition the 1,797 digits; every run refits and scores; a guard that kept
+    its last hyper-step ends with the unguarded run's decays, so the same refit."""
+    assert sum(d["sizes"].values()) == 1797 and d["sizes"]["holdout"] == 300
+    runs = {r["run"]: r for r in d["runs"]}
+    assert list(runs) == ["no guard", "guard", "merged"]
+    assert all(finite(v) for r in runs.values() for v in r["refit"].values())
+    guard, plain = runs["guard"], runs["no guard"]
+    assert 1 <= guard["best_hyper_step"] <= guard["hyper_steps"]
+    if guard["best_hyper_step"] == guard["hyper_steps"] == plain["hyper_steps"]:
+        assert guard["refit"] == plain["refit"]
+
+
 CHECKS = {name[6:]: fn for name, fn in globals().items() if name.startswith("check_")}
 NAMES = list(CHECKS)
 

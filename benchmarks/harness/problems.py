@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .runner import Case, Timing, interleave, median
+
 F64 = torch.float64
 Params = tuple[Tensor, ...]
 Loss = Callable[[Any, Any], Tensor]
@@ -47,6 +49,22 @@ def cosine(h: Any, ref: Any) -> float:
     h, ref = flat(h).to(F64), flat(ref).to(F64)
     den = torch.linalg.vector_norm(h) * torch.linalg.vector_norm(ref)
     return float(torch.dot(h, ref) / den) if float(den) > 0 else math.nan
+
+
+def scored(cases: Sequence[Case], repeats: Any, ref: Tensor) -> list[tuple[Timing, dict]]:
+    """:func:`interleave` keeping the relative error and cosine to ``ref`` of every output shaped
+    like it: per case its timing and a row with the medians ``rel_err``, ``cos`` and every
+    ``rel_err_all`` (``Timing.row``)."""
+
+    def keep(h: Any) -> tuple[float, float] | None:
+        hyper = isinstance(h, Tensor) and h.shape == ref.shape
+        return (relative_error(h, ref), cosine(h, ref)) if hyper else None
+
+    out = []
+    for t in interleave(cases, repeats, keep):
+        rel, cos = [k[0] for k in t.kept if k], [k[1] for k in t.kept if k]
+        out.append((t, t.row(key=t.key, rel_err=median(rel), cos=median(cos), rel_err_all=rel)))
+    return out
 
 
 _CASTS: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
@@ -191,19 +209,44 @@ def linear_model(dim: int, state: Sequence[Tensor] | None = None) -> torch.nn.Li
     return model
 
 
-def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
-    """``f``, ``g`` and ``f_batch(params, log_decay, batch)`` of per-feature L2 logistic
-    regression with ``params = (weight (1, D), bias (1,))`` (``nn.Linear``'s shapes):
-    ``BCE + 0.5 sum exp(log_decay) w^2``; ``g`` is the validation BCE (no penalty)."""
+def logistic(bias: bool = True) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """``bce(params, batch)`` and ``f_batch(params, log_decay, batch) = bce + 0.5 sum
+    exp(log_decay) w^2`` of per-feature L2 logistic regression, ``params = (w, b)`` (``w`` of
+    shape (D,) or ``nn.Linear``'s (1, D); no ``b`` if not ``bias``); data cast to ``w``'s dtype."""
 
     def bce(params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
-        z = batch[0] @ params[0].reshape(-1) + params[1]
-        return F.binary_cross_entropy_with_logits(z, batch[1].reshape(-1))
+        z = cast(batch[0], params[0].dtype) @ params[0].reshape(-1)
+        z = z + params[1] if bias else z
+        return F.binary_cross_entropy_with_logits(z, cast(batch[1], z.dtype).reshape(-1))
 
     def f_batch(params: Params, log_decay: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
-        return bce(params, batch) + 0.5 * (log_decay.exp() * params[0].reshape(-1) ** 2).sum()
+        return bce(params, batch) + 0.5 * torch.sum(
+            torch.exp(log_decay) * params[0].reshape(-1) ** 2
+        )
 
+    return bce, f_batch
+
+
+def linear_losses(data: Data) -> tuple[Loss, Loss, Callable[..., Tensor]]:
+    """``f``, ``g`` (validation BCE, no penalty) and ``f_batch`` of :func:`logistic` on
+    ``data``, ``params = (weight (1, D), bias (1,))``."""
+    bce, f_batch = logistic()
     return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: bce(p, data.val)), f_batch
+
+
+def linear_loss(decay: str | None = None, log: bool = False) -> Callable[[Any, Any, Any], Tensor]:
+    """``loss(model, hparams, batch)`` of an ``nn.Linear`` logistic regression (a
+    HyperOptimizer's loss): BCE plus ``0.5 sum d w^2``, ``d = hparams[decay]`` (its exp if
+    ``log``); no penalty if ``decay`` is None."""
+
+    def loss(m: Any, h: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+        out = F.binary_cross_entropy_with_logits(m(batch[0]).reshape(-1), batch[1].reshape(-1))
+        if decay is None:
+            return out
+        w, d = dict(m.named_parameters())["weight"].reshape(-1), h[decay]
+        return out + 0.5 * ((d.exp() if log else d) * w**2).sum()
+
+    return loss
 
 
 @dataclass
@@ -226,6 +269,11 @@ class Bilevel:
         p0 = None if self.params0 is None else tuple(p.to(dtype) for p in self.params0)
         hp = tuple(h.to(hparams_dtype or dtype) for h in self.hparams)
         return replace(self, params=tuple(p.to(dtype) for p in self.params), hparams=hp, params0=p0)
+
+    @property
+    def args(self) -> tuple[Loss, Loss, Params, Params]:
+        """``(inner_loss, outer_loss, params, hparams)``: the arguments of ``hg.implicit``."""
+        return self.inner_loss, self.outer_loss, self.params, self.hparams
 
     @property
     def num_params(self) -> int:
@@ -282,19 +330,9 @@ def logreg(seed: int = 0, *, n_train=None, bias=True, log_decay=None, shuffle=Tr
     else:
         loglam = torch.full((d,), float(log_decay), dtype=F64)
 
-    def logits(params: Params, x: Tensor) -> Tensor:
-        z = cast(x, params[0].dtype) @ params[0]
-        return z + params[1] if bias else z
-
-    def f(params: Params, hparams: Params) -> Tensor:
-        z = logits(params, Xt)
-        bce = F.binary_cross_entropy_with_logits(z, cast(yt, z.dtype))
-        return bce + 0.5 * torch.sum(torch.exp(hparams[0]) * params[0] ** 2)
-
-    def g_(params: Params, hparams: Params) -> Tensor:
-        z = logits(params, Xv)
-        return F.binary_cross_entropy_with_logits(z, cast(yv, z.dtype))
-
+    bce, f_batch = logistic(bias)
+    f = lambda params, hparams: f_batch(params, hparams[0], (Xt, yt))  # noqa: E731
+    g_ = lambda params, hparams: bce(params, (Xv, yv))  # noqa: E731
     like = (torch.zeros(d, dtype=F64),) + ((torch.zeros(1, dtype=F64),) if bias else ())
     started, theta, iters, gnorm = time.perf_counter(), flat(like), 0, math.nan
     if solve:

@@ -212,6 +212,42 @@ def bench_main(doc: str | None, name: str, title: str, run: Run, render: Render,
     return rep.write(run(args, rep), render, plot)
 
 
+def entry(doc: str | None, name: str, title: str, run: Run, render: Render, **kw: Any):
+    """The ``main(argv)`` of a benchmark: :func:`bench_main` with these arguments."""
+    return lambda argv=None: bench_main(doc, name, title, run, render, argv=argv, **kw)
+
+
 def subplots(rows: int, cols: int, width: float, height: float) -> tuple[Any, Any]:
     """A figure of ``rows x cols`` axes (a 2-d array), each ``width x height`` inches."""
     return pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def figure(path: Path, panels: Sequence[dict], cols: int, size=(5.0, 4.0), title=None) -> Path:
+    """Draw one axes per panel, row by row, and save it to ``path``. A panel holds ``lines``
+    ``{label: [(x, y), ...]}`` (``fmt``: ``{label: "C0o-"}``, ``ms``: marker size), or
+    ``bars`` ``{label: heights}`` side by side at ``ticks`` (horizontal if ``barh``), ``hlines``
+    / ``vlines`` ``{label: at}``, and ``set``: keyword arguments of ``ax.set``."""
+    fig, axes = subplots(-(-len(panels) // cols), cols, *size)
+    for ax, p in zip(axes.flat, panels):
+        for label, pts in p.get("lines", {}).items():
+            xs, ys = zip(*pts) if pts else ((), ())
+            ax.plot(xs, ys, p.get("fmt", {}).get(label, "-o"), ms=p.get("ms", 3), label=label)
+        bars, width = p.get("bars", {}), 0.8 / max(len(p.get("bars", {})), 1)
+        for i, (label, hs) in enumerate(bars.items()):
+            at = [j + i * width for j in range(len(hs))]
+            (ax.barh if p.get("barh") else ax.bar)(at, hs, width, label=label)
+        if bars:
+            at = [j + (len(bars) - 1) * width / 2 for j in range(len(p["ticks"]))]
+            (ax.set_yticks if p.get("barh") else ax.set_xticks)(at, p["ticks"], fontsize=7)
+        for i, (label, at) in enumerate(p.get("hlines", {}).items()):
+            ax.axhline(at, color=f"C{i + 7}", ls=":", label=label)
+        for i, (label, at) in enumerate(p.get("vlines", {}).items()):
+            ax.axvline(at, color=f"C{i + 7}", ls="--", label=label)
+        ax.set(**p.get("set", {}))
+        ax.grid(True, which="both", alpha=0.3)
+        if p.get("barh"):
+            ax.invert_yaxis()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle(title or "")
+    return save_figure(fig, path)

@@ -169,6 +169,11 @@ class Timing:
     error: str | None = None
     traceback: str | None = None
 
+    def row(self, **extra: Any) -> dict[str, Any]:
+        """``extra``, the times, warnings and error: a row of a benchmark's JSON."""
+        keys = ("ms", "cpu_ms", "ms_all", "cpu_ms_all", "warnings", "error")
+        return extra | {k: getattr(self, k) for k in keys}
+
 
 def interleave(
     cases: Sequence[Case],
@@ -254,6 +259,46 @@ def hopt_step(hopt: hg.HyperOptimizer, batch: Any) -> None:
     hopt.zero_grad()
     hopt.train_loss(batch).backward()
     hopt.step(batch)
+
+
+def sgd_run(label: str, params: Any, loss: Callable[[], Any], lr: float, every: int = 0, **meta):
+    """A :class:`Run` of plain ``torch.optim.SGD`` steps on ``loss()`` (``meta["opt"]``)."""
+    opt = torch.optim.SGD(params, lr=lr)
+
+    def step() -> None:
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+
+    return Run(label, step, every, meta | {"opt": opt})
+
+
+def hopt_run(label: str, model: Any, hparams: Any, batch: Any, every: int, **kw: Any) -> Run:
+    """A :class:`Run` of a ``HyperOptimizer(model, hparams, **kw)`` (``meta["hopt"]``)."""
+    hopt = hg.HyperOptimizer(model, hparams, **kw)
+    return Run(label, lambda: hopt_step(hopt, batch), every, {"model": model, "hopt": hopt})
+
+
+def rounds_of(make_runs: Callable[[], list[Run]], steps: int, rounds: int, record=None):
+    """``rounds`` repetitions of fresh runs in :func:`lockstep`: (runs per round, warnings)."""
+    out, warned = [], set()
+    for rnd in range(rounds):
+        runs = make_runs()
+        log(f"  round {rnd + 1}/{rounds}: {len(runs)} runs x {steps} steps ...")
+        for r in runs if record else ():
+            record(r, 0)
+        warned.update(lockstep(runs, steps, record))
+        out.append(runs)
+    return out, sorted(warned)
+
+
+def leaves(tree: Any) -> Any:
+    """``tree`` (tensors in tuples, lists, dicts) detached, each a leaf that requires grad."""
+    if isinstance(tree, dict):
+        return {k: leaves(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return tuple(leaves(v) for v in tree)
+    return tree.detach().requires_grad_(True)
 
 
 _LIBC: Any = None
@@ -344,6 +389,29 @@ def isolated(fn: Callable[..., T], *args: Any, timeout: float = 600.0) -> T:
     if status != "ok":
         raise RuntimeError(value)
     return value
+
+
+COLD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, hypergradient
+out = {{"import_s": time.perf_counter() - t0}}
+torch.set_num_threads(1)
+import {module} as B
+for key, call in B.cold_calls({what!r}).items():
+    t, c = time.perf_counter(), time.process_time()
+    call()
+    out |= {{key + "_s": time.perf_counter() - t, key + "_cpu_s": time.process_time() - c}}
+out["dynamo"] = "torch._dynamo" in sys.modules
+print(json.dumps(out | {{"sympy": "sympy" in sys.modules}}))
+"""
+
+
+def cold_start(module: str, what: str = "") -> dict[str, Any]:
+    """In a new interpreter: ``import_s`` of ``import torch, hypergradient``, then ``<key>_s``
+    and ``<key>_cpu_s`` of each call of ``module.cold_calls(what)`` in turn (built untimed),
+    and whether ``torch._dynamo`` (``dynamo``) or ``sympy`` got imported."""
+    return fresh(COLD.format(module=module, what=what))
 
 
 def fresh(code: str, timeout: float = 300.0) -> dict[str, Any]:
