@@ -223,9 +223,11 @@ class _Run:
         else:  # the start is the best iterate: return it as given (0 or a copy of x0)
             value = torch.zeros_like(self.b) if self.x0 is None else self.x0.clone()
             ynorm = 0.0  # finite: zeros, or the validated warm start
-        # ||y|| ||b|| bounds every entry of the solution: below the dtype's largest value it
-        # is finite (the usual case, no synchronization); else check it entry by entry
-        if not ynorm * self.bnorm < torch.finfo(value.dtype).max:
+        # ||y|| ||b|| bounds every entry of the solution: well below the dtype's largest
+        # value (and ||b|| too, which the product with y is taken in) it is finite, the usual
+        # case, without a synchronization; else it is checked entry by entry
+        big = 0.5 * torch.finfo(value.dtype).max
+        if not (self.bnorm < big and ynorm * self.bnorm < big):
             require_finite_solution(value)
         return Solution(
             value,
