@@ -138,6 +138,19 @@ def _nan(dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((), math.nan, dtype=dtype, device=device)
 
 
+def _like(inputs: Inputs) -> list[Tensor]:
+    """Zeros shaped like :func:`_local_terms`'s result (for a rank whose terms failed)."""
+    p, h = inputs.param_leaves, inputs.hparam_leaves
+    dtype = _tree.accumulator_dtype(p)
+    device = p[0].device
+    return [
+        torch.zeros(inputs.param_spec.size, dtype=dtype, device=device),
+        torch.zeros(inputs.hparam_spec.size, dtype=_tree.common_dtype(h), device=device),
+        torch.zeros(inputs.param_spec.size, dtype=dtype, device=device),
+        torch.zeros(2, dtype=_tree.wide_dtype(device), device=device),
+    ]
+
+
 def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
     """Finiteness of the terms, in the order they are produced (gradients before values).
 
