@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Union
 
 import torch
@@ -39,11 +40,19 @@ class TreeSpec:
 
     @property
     def numels(self) -> list[int]:
-        return [int(torch.Size(s).numel()) for s in self.shapes]
+        return list(self._numels)
 
     @property
     def size(self) -> int:
-        return sum(self.numels)
+        return self._size
+
+    @cached_property
+    def _numels(self) -> tuple[int, ...]:  # a spec is immutable: computed once
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @cached_property
+    def _size(self) -> int:
+        return sum(self._numels)
 
     def structure(self) -> Any:
         """A hashable description ignoring shapes, to compare structures."""
@@ -153,11 +162,12 @@ def cat(
 ) -> Tensor:
     """Concatenate leaves (``None`` meaning zeros) into one 1-D vector."""
     parts = []
-    for t, n in zip(leaves, spec.numels):
+    for t, n in zip(leaves, spec._numels):
         if t is None:
             parts.append(torch.zeros(n, dtype=dtype, device=device))
         else:
-            parts.append(t.reshape(-1).to(dtype))
+            t = t if t.dim() == 1 else t.reshape(-1)
+            parts.append(t if t.dtype == dtype else t.to(dtype))
     if not parts:
         return torch.zeros(0, dtype=dtype, device=device)
     return torch.cat(parts)

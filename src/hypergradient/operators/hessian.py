@@ -138,7 +138,6 @@ class HessianOperator(GraphOperator):
         super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
         self._start_modes(mode)
         self._setup_graph(batched)
-        self._fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
         self._theta_norm: float | None = None  # first order only: computed on first use
         self.gradient_evaluations = 0
         self._first: tuple[Tensor, list[Tensor | None]] | None = None
@@ -207,7 +206,8 @@ class HessianOperator(GraphOperator):
             return None
         if self._theta_norm is None:
             self._theta_norm = _norm(self.param_leaves)
-        h = first_order_step(self._theta_norm, vnorm, self.size, self._fd_dtype)
+        fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
+        h = first_order_step(self._theta_norm, vnorm, self.size, fd_dtype)
         _, plus = self._gradients(h * v, wrt)
         _, minus = self._gradients(-h * v, wrt)
         out: list[Tensor | None] = []

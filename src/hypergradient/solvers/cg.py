@@ -65,6 +65,7 @@ class _Run:
         self.rows = torch.empty((4, b.numel()), dtype=b.dtype, device=b.device)
         self.host = torch.empty(5, dtype=self.wide, device=b.device)  # p^T A p, the 4 norms
         self.host_pap, self.host_norms = self.host[0], self.host[1:]
+        self.on_host = b.device.type == "cpu"
         self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
         self._initial_guess(x0)
 
@@ -89,7 +90,9 @@ class _Run:
                 self.x0 = x0.to(self.b.dtype)
             else:  # worse than x = 0: drop it (its product is counted)
                 self.stats["warm_start_dropped"] = True
-        self.best, self.best_norm, self.improved = self.y.clone(), self.rnorm, False
+        # the best iterate is copied out at its first improvement (until then it is the start)
+        self.best: Tensor | None = None
+        self.best_norm = self.rnorm
 
     def _restart_direction(self) -> None:
         self.z = self.precondition(self.r) if self.precondition is not None else self.r
@@ -99,9 +102,12 @@ class _Run:
     # -- iteration ----------------------------------------------------------------------
     def _remember(self) -> None:
         if self.rnorm < self.best_norm:
-            self.best_norm, self.improved = self.rnorm, True
+            self.best_norm = self.rnorm
             self.best_ynorm = self.ynorm
-            self.best.copy_(self.y)
+            if self.best is None:
+                self.best = self.y.clone()
+            else:
+                self.best.copy_(self.y)
 
     def _norms(self, Ap: Tensor, pAp: Tensor) -> list[float]:
         """``[p^T A p, ||A p||, ||p||, ||r||, ||y||]`` with one host synchronization.
@@ -112,8 +118,11 @@ class _Run:
         vectors = (Ap, self.p, self.r, self.y)
         torch.stack(vectors, out=self.rows)
         torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
-        self.host_pap.copy_(pAp)
-        values = self.host.tolist()
+        if self.on_host:  # reading p^T A p on its own costs nothing on the CPU
+            values = [float(pAp), *self.host_norms.tolist()]
+        else:  # one synchronization for the five numbers
+            self.host_pap.copy_(pAp)
+            values = self.host.tolist()
         for i, v in enumerate(vectors, start=1):
             if not 0.0 < values[i] < math.inf:
                 values[i] = safe_norm(v)
@@ -218,7 +227,7 @@ class _Run:
             )
         if last:
             value, ynorm = self.y * self.bnorm, self.ynorm
-        elif self.improved:
+        elif self.best is not None:  # improved
             value, ynorm = self.best * self.bnorm, self.best_ynorm
         else:  # the start is the best iterate: return it as given (0 or a copy of x0)
             value = torch.zeros_like(self.b) if self.x0 is None else self.x0.clone()
