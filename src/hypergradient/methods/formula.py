@@ -37,7 +37,6 @@ from .._vocab import (
     HypergradientWarning,
     NonFiniteHypergradientError,
     Status,
-    finite_probe,
     require_finite,
 )
 from ..distributed import AveragedOperator, guarded
@@ -162,7 +161,9 @@ def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
     wide = _tree.wide_dtype(t.op.device)
     probes = list(t.values)
     probes += [torch.linalg.vector_norm(v, dtype=wide) for v in (t.stationarity, t.b)]
-    probes += [finite_probe(v).to(wide) for v in (t.direct, x0) if v is not None]
+    # sum probes: a NaN or Inf entry makes them non-finite (an overflowing sum of finite
+    # entries too, which the checks below then clear)
+    probes += [v.sum(dtype=wide) for v in (t.direct, x0) if v is not None and v.numel()]
     values = torch.stack(probes).tolist()
     t.outer_value, t.inner_value, t.stat_norm, t.bnorm = values[:4]
     if fixed_point:

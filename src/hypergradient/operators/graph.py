@@ -82,10 +82,14 @@ class GraphOperator(LinearOperator):
 
     def _build(self, replay: bool = False) -> None:
         """Evaluate the function with its graph for the current (double) mode."""
-        kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
-        rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
-        with rng, kernels, torch.enable_grad():
-            outputs = self._graph_outputs()
+        if self.mode == "double_math" or (replay and self._rng is not None):
+            kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
+            rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
+            with rng, kernels, torch.enable_grad():
+                outputs = self._graph_outputs()
+        else:  # the usual first build: no context but grad mode
+            with torch.enable_grad():
+                outputs = self._graph_outputs()
         if delayed_error_in([o for o in outputs if o is not None and o.requires_grad]):
             raise RuntimeError(
                 "trying to differentiate twice a function that was marked with "

@@ -47,7 +47,7 @@ class _Run:
         self.start = op.num_matvecs
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
         self.eps = torch.finfo(b.dtype).eps
-        top = float(b.abs().max())
+        top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
         self.b = (b / top) / (self.bnorm / top)  # two steps: b / ||b|| cannot overflow
         # tolerance on the normalized residual; never below rounding level (past it the
         # residual only shrinks by rounding noise until p^T A p underflows to 0, which would
@@ -63,9 +63,10 @@ class _Run:
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
         self.wide = _tree.wide_dtype(b.device)
         self.rows = torch.empty((4, b.numel()), dtype=b.dtype, device=b.device)
-        self.host = torch.empty(5, dtype=self.wide, device=b.device)  # p^T A p, the 4 norms
-        self.host_pap, self.host_norms = self.host[0], self.host[1:]
-        self.on_host = b.device.type == "cpu"
+        self.on_host = b.device.type == "cpu"  # reading p^T A p on its own costs nothing
+        if not self.on_host:  # p^T A p and the 4 norms, read with one synchronization
+            self.host = torch.empty(5, dtype=self.wide, device=b.device)
+            self.host_pap, self.host_norms = self.host[0], self.host[1:]
         self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
         self._initial_guess(x0)
 
@@ -117,10 +118,11 @@ class _Run:
         """
         vectors = (Ap, self.p, self.r, self.y)
         torch.stack(vectors, out=self.rows)
-        torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
-        if self.on_host:  # reading p^T A p on its own costs nothing on the CPU
-            values = [float(pAp), *self.host_norms.tolist()]
-        else:  # one synchronization for the five numbers
+        if self.on_host:
+            norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide)
+            values = [float(pAp), *norms.tolist()]
+        else:
+            torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
             self.host_pap.copy_(pAp)
             values = self.host.tolist()
         for i, v in enumerate(vectors, start=1):
