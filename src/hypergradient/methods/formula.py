@@ -150,6 +150,21 @@ def _like(inputs: Inputs) -> list[Tensor]:
     ]
 
 
+def _host_values(t: _Terms, x0: Tensor | None, fixed_point: bool) -> bool:
+    """Read the values and norms onto ``t`` (one synchronization); True if all are finite."""
+    wide = _tree.wide_dtype(t.op.device)
+    probes = list(t.values)
+    probes += [torch.linalg.vector_norm(v, dtype=wide) for v in (t.stationarity, t.b)]
+    # sum probes: a NaN or Inf entry makes them non-finite (an overflowing sum of finite
+    # entries too, which the checks of _check_terms then clear)
+    probes += [v.sum(dtype=wide) for v in (t.direct, x0) if v is not None and v.numel()]
+    values = torch.stack(probes).tolist()
+    t.outer_value, t.inner_value, t.stat_norm, t.bnorm = values[:4]
+    if fixed_point:
+        values[1] = 0.0  # no inner loss
+    return all(math.isfinite(v) for v in values)
+
+
 def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
     """Finiteness of the terms, in the order they are produced (gradients before values).
 
@@ -158,17 +173,7 @@ def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
     and ``x0`` are finite. Else each term is checked on its own, and the first non-finite
     one is named.
     """
-    wide = _tree.wide_dtype(t.op.device)
-    probes = list(t.values)
-    probes += [torch.linalg.vector_norm(v, dtype=wide) for v in (t.stationarity, t.b)]
-    # sum probes: a NaN or Inf entry makes them non-finite (an overflowing sum of finite
-    # entries too, which the checks below then clear)
-    probes += [v.sum(dtype=wide) for v in (t.direct, x0) if v is not None and v.numel()]
-    values = torch.stack(probes).tolist()
-    t.outer_value, t.inner_value, t.stat_norm, t.bnorm = values[:4]
-    if fixed_point:
-        values[1] = 0.0  # no inner loss
-    if all(math.isfinite(v) for v in values):
+    if _host_values(t, x0, fixed_point):
         return
     spec, hspec = t.op.param_spec, t.op.hparam_spec
     inner = (

@@ -82,9 +82,12 @@ class GraphOperator(LinearOperator):
 
     def _build(self, replay: bool = False) -> None:
         """Evaluate the function with its graph for the current (double) mode."""
-        if self.mode == "double_math" or (replay and self._rng is not None):
+        replaying = replay and self._rng is not None
+        if self.mode == "double_math" or replaying:
             kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
-            rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
+            rng = (
+                self._rng.replay() if self._rng is not None and replay else contextlib.nullcontext()
+            )
             with rng, kernels, torch.enable_grad():
                 outputs = self._graph_outputs()
         else:  # the usual first build: no context but grad mode
@@ -212,9 +215,10 @@ class GraphOperator(LinearOperator):
 
     def _param_vjp_flat(self, v: Tensor) -> Tensor:
         grads = self._vjp(v, self.param_leaves)
-        if all(g is not None and g.dtype == self.dtype for g in grads):
+        flat = [g for g in grads if g is not None and g.dtype == self.dtype]
+        if len(flat) == len(grads):
             # a copy even for one leaf: a gradient may be (a view of) v itself
-            return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+            return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in flat])
         return _tree.cat(grads, self.param_spec, self.dtype, self.device)
 
     def _vmapped(self, V: Tensor) -> Tensor | None:
