@@ -10,8 +10,10 @@ offending leaf (``params['fc.weight']``, ``hparams[1]``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Union
 
 import torch
@@ -38,11 +40,19 @@ class TreeSpec:
 
     @property
     def numels(self) -> list[int]:
-        return [int(torch.Size(s).numel()) for s in self.shapes]
+        return list(self._numels)
 
     @property
     def size(self) -> int:
-        return sum(self.numels)
+        return self._size
+
+    @cached_property
+    def _numels(self) -> tuple[int, ...]:  # a spec is immutable: computed once
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @cached_property
+    def _size(self) -> int:
+        return sum(self._numels)
 
     def structure(self) -> Any:
         """A hashable description ignoring shapes, to compare structures."""
@@ -55,7 +65,7 @@ def _flatten(tree: Any, path: str, name: str, leaves: list[Tensor], paths: list[
     if isinstance(tree, Tensor):
         leaves.append(tree)
         paths.append(path)
-        return TreeSpec("leaf")
+        return _LEAF
     if isinstance(tree, Mapping):
         keys = tuple(tree.keys())
         children = tuple(_flatten(tree[k], f"{path}[{k!r}]", name, leaves, paths) for k in keys)
@@ -69,6 +79,9 @@ def _flatten(tree: Any, path: str, name: str, leaves: list[Tensor], paths: list[
         f"{path} is a {type(tree).__name__}; `{name}` must be a tensor, a tuple or list of "
         "tensors, or a dict of tensors (for a module: dict(model.named_parameters()))."
     )
+
+
+_LEAF = TreeSpec("leaf")  # immutable: one instance serves every leaf
 
 
 def flatten(tree: Tree, name: str) -> tuple[list[Tensor], TreeSpec]:
@@ -149,11 +162,12 @@ def cat(
 ) -> Tensor:
     """Concatenate leaves (``None`` meaning zeros) into one 1-D vector."""
     parts = []
-    for t, n in zip(leaves, spec.numels):
+    for t, n in zip(leaves, spec._numels):
         if t is None:
             parts.append(torch.zeros(n, dtype=dtype, device=device))
         else:
-            parts.append(t.reshape(-1).to(dtype))
+            t = t if t.dim() == 1 else t.reshape(-1)
+            parts.append(t if t.dtype == dtype else t.to(dtype))
     if not parts:
         return torch.zeros(0, dtype=dtype, device=device)
     return torch.cat(parts)
@@ -161,14 +175,39 @@ def cat(
 
 def split(vec: Tensor, spec: TreeSpec, dtypes: Sequence[torch.dtype] | None = None) -> list[Tensor]:
     """Views of a 1-D vector (or of the last dim of a batch) shaped like the leaves."""
-    lead = vec.shape[:-1]
+    lead = tuple(vec.shape[:-1])
     out = []
-    for i, (piece, shape) in enumerate(zip(torch.split(vec, spec.numels, dim=-1), spec.shapes)):
-        piece = piece.reshape(tuple(lead) + tuple(shape))
+    # split_with_sizes: the views torch.split makes, without its symbolic-shape checks
+    pieces = vec.split_with_sizes(spec.numels, dim=-1)
+    for i, (piece, shape) in enumerate(zip(pieces, spec.shapes)):
+        if lead or len(shape) != 1:
+            piece = piece.reshape(lead + tuple(shape))
         if dtypes is not None and piece.dtype != dtypes[i]:
             piece = piece.to(dtypes[i])
         out.append(piece)
     return out
+
+
+def all_finite(leaves: Sequence[Tensor | None]) -> bool:
+    """Whether every entry of every leaf is finite, with one host synchronization.
+
+    The same answer as :func:`hypergradient._vocab.all_finite`, cheaper: the leaves' sums
+    (float32 accumulation for half precision) are added into one probe, which a NaN or Inf
+    entry always makes non-finite; a non-finite probe (which may also be an overflowing sum
+    of finite entries) is confirmed leaf by leaf with :func:`torch.isfinite`.
+    """
+    total: Tensor | None = None
+    present = []
+    for t in leaves:
+        if t is None or not t.numel() or not (t.is_floating_point() or t.is_complex()):
+            continue
+        present.append(t)
+        v = torch.view_as_real(t) if t.is_complex() else t
+        probe = v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
+        total = probe if total is None else total + probe.to(total.device)
+    if total is None or math.isfinite(float(total)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in present)
 
 
 def _relative(spec: TreeSpec, name: str) -> list[str]:
@@ -246,13 +285,33 @@ def grad_at(
         ``(value, grads)``: the loss (detached unless ``create_graph``) and, per tree, the
         list of its leaves' gradients (with the graph kept when ``create_graph``).
     """
+    flat = [flatten(tree, name) for tree, name in zip(trees, names)]
+    return grad_at_leaves(
+        fn,
+        [leaves for leaves, _ in flat],
+        [spec for _, spec in flat],
+        loss_name,
+        create_graph=create_graph,
+        by_reference=by_reference,
+    )
+
+
+def grad_at_leaves(
+    fn: Callable[..., Tensor],
+    leaves: Sequence[Sequence[Tensor]],
+    specs: Sequence[TreeSpec],
+    loss_name: str,
+    *,
+    create_graph: bool = False,
+    by_reference: Sequence[bool] = (),
+) -> tuple[Tensor, list[list[Tensor | None]]]:
+    """:func:`grad_at` with the trees given flattened (their leaves and specs)."""
     fresh: list[list[Tensor]] = []
-    specs: list[TreeSpec] = []
-    as_is = list(by_reference) + [False] * (len(trees) - len(by_reference))
-    for tree, name, own in zip(trees, names, as_is):
-        leaves, spec = flatten(tree, name)
-        fresh.append(list(leaves) if own else [t.detach().requires_grad_(True) for t in leaves])
-        specs.append(spec)
+    as_is = list(by_reference) + [False] * (len(leaves) - len(by_reference))
+    for tree_leaves, own in zip(leaves, as_is):
+        fresh.append(
+            list(tree_leaves) if own else [t.detach().requires_grad_(True) for t in tree_leaves]
+        )
     with torch.enable_grad():
         value = as_scalar_loss(fn(*(unflatten(s, f) for s, f in zip(specs, fresh))), loss_name)
         flat = [t for f in fresh for t in f]

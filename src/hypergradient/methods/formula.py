@@ -37,7 +37,6 @@ from .._vocab import (
     HypergradientWarning,
     NonFiniteHypergradientError,
     Status,
-    finite_probe,
     require_finite,
 )
 from ..distributed import AveragedOperator, guarded
@@ -71,9 +70,10 @@ class _Terms:
     b: Tensor
     direct: Tensor
     stationarity: Tensor
-    outer_value: float
-    inner_value: float
+    values: list[Tensor]  # g and f at the point (0-d); read on the host by _check_terms
     unused_direct: list[bool]
+    outer_value: float = math.nan  # set by _check_terms
+    inner_value: float = math.nan
     bnorm: float = math.nan  # ||b||, set by _check_terms
     stat_norm: float = math.nan  # ||grad_theta f|| (or the fixed point's residual)
 
@@ -99,16 +99,22 @@ def _local_terms(
     outer_at: Sequence[Tensor] | None,
     by_reference: bool,
     holder: dict[str, Any],
+    group: Any,
 ) -> list[Tensor]:
-    """Build the operator (evaluates ``f``) and take ``g``'s gradients: this rank's terms."""
+    """Build the operator (evaluates ``f``) and take ``g``'s gradients: this rank's terms.
+
+    ``g`` is differentiated at the operator's own leaves (fresh copies of the caller's,
+    or the hyperparameters themselves when ``by_reference``), or at fresh copies of
+    ``outer_at``. With a group the two values are stacked, for the all-reduce.
+    """
     op = holder["op"] = build()
     at = op.param_leaves if outer_at is None else list(outer_at)
-    value, (gp, gh) = _tree.grad_at(
+    value, (gp, gh) = _tree.grad_at_leaves(
         outer_loss,
-        [_tree.unflatten(op.param_spec, at), _tree.unflatten(op.hparam_spec, op.hparam_leaves)],
-        ["params", "hparams"],
+        [at, op.hparam_leaves],
+        [op.param_spec, op.hparam_spec],
         "outer_loss",
-        by_reference=[False, by_reference],
+        by_reference=[outer_at is None, True],
     )
     holder["unused_direct"] = [g is None for g in gh]
     hdtype = _tree.common_dtype(op.hparam_leaves)
@@ -116,14 +122,19 @@ def _local_terms(
     if stationarity is None:  # a fixed point: T(theta) - theta
         stationarity = op.residual
     wide = _tree.wide_dtype(op.device)
-    inner_value = getattr(op, "loss", torch.tensor(math.nan))
-    scalars = torch.stack([value.to(op.device, wide), inner_value.to(op.device, wide)])
-    return [
+    inner = getattr(op, "loss", None)
+    values = [value.to(op.device, wide), _nan(wide, op.device) if inner is None else inner]
+    values[1] = values[1].to(op.device, wide)
+    terms = [
         _tree.cat(gp, op.param_spec, op.dtype, op.device),
         _tree.cat(gh, op.hparam_spec, hdtype, op.device),
         stationarity,
-        scalars,
     ]
+    return terms + ([torch.stack(values)] if group is not None else values)
+
+
+def _nan(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((), math.nan, dtype=dtype, device=device)
 
 
 def _like(inputs: Inputs) -> list[Tensor]:
@@ -139,20 +150,30 @@ def _like(inputs: Inputs) -> list[Tensor]:
     ]
 
 
+def _host_values(t: _Terms, x0: Tensor | None, fixed_point: bool) -> bool:
+    """Read the values and norms onto ``t`` (one synchronization); True if all are finite."""
+    wide = _tree.wide_dtype(t.op.device)
+    probes = list(t.values)
+    probes += [torch.linalg.vector_norm(v, dtype=wide) for v in (t.stationarity, t.b)]
+    # sum probes: a NaN or Inf entry makes them non-finite (an overflowing sum of finite
+    # entries too, which the checks of _check_terms then clear)
+    probes += [v.sum(dtype=wide) for v in (t.direct, x0) if v is not None and v.numel()]
+    values = torch.stack(probes).tolist()
+    t.outer_value, t.inner_value, t.stat_norm, t.bnorm = values[:4]
+    if fixed_point:
+        values[1] = 0.0  # no inner loss
+    return all(math.isfinite(v) for v in values)
+
+
 def _check_terms(t: _Terms, x0: Tensor | None, fixed_point: bool) -> None:
     """Finiteness of the terms, in the order they are produced (gradients before values).
 
-    The usual case costs one host synchronization: the norms of ``grad_theta f`` and
-    ``b`` (kept on ``t`` for the info) and a sum probe of ``d_phi g`` are finite. Else each
-    term is checked on its own, and the first non-finite one is named.
+    The usual case costs one host synchronization: the two values, the norms of
+    ``grad_theta f`` and ``b`` (kept on ``t`` for the info) and sum probes of ``d_phi g``
+    and ``x0`` are finite. Else each term is checked on its own, and the first non-finite
+    one is named.
     """
-    wide = _tree.wide_dtype(t.op.device)
-    probes = [torch.linalg.vector_norm(v, dtype=wide) for v in (t.stationarity, t.b)]
-    probes += [finite_probe(v).to(wide) for v in (t.direct, x0) if v is not None]
-    values = torch.stack(probes).tolist()
-    t.stat_norm, t.bnorm = values[0], values[1]
-    values += [t.outer_value] if fixed_point else [t.outer_value, t.inner_value]
-    if all(math.isfinite(v) for v in values):
+    if _host_values(t, x0, fixed_point):
         return
     spec, hspec = t.op.param_spec, t.op.hparam_spec
     inner = (
@@ -187,9 +208,12 @@ def _solve(
         # The outer loss does not depend on the parameters: only the direct term remains.
         done = _Record(Status.CONVERGED, True, 0.0, 0, {"damping": _damping_value(damping)})
         return torch.zeros_like(t.b), done, system
-    with autocast_off(t.op.device):
+    if torch.is_autocast_enabled(t.op.device.type):
+        with autocast_off(t.op.device):
+            sol, system, extra = damped_solve(solver, system, t.b, x0, damping)
+    else:
         sol, system, extra = damped_solve(solver, system, t.b, x0, damping)
-    status = Status(str(sol.status))
+    status = Status(sol.status)
     record = _Record(
         status, sol.converged, sol.residual_norm, sol.iterations, {**sol.stats, **extra}
     )
@@ -317,22 +341,16 @@ def implicit_hypergradient(
     """
     started = time.perf_counter() if started is None else started
     holder: dict[str, Any] = {}
-    b, direct, stat, scalars = guarded(
-        lambda: _local_terms(build, outer_loss, outer_at, by_reference, holder),
+    b, direct, stat, *values = guarded(
+        lambda: _local_terms(build, outer_loss, outer_at, by_reference, holder, group),
         [] if group is None else _like(inputs),
         group,
         "the losses and their gradients",
     )
     op = holder["op"]
-    terms = _Terms(
-        op,
-        b.to(op.dtype),
-        direct,
-        stat,
-        float(scalars[0]),
-        float(scalars[1]),
-        holder["unused_direct"],
-    )
+    if group is not None:  # the stacked values, averaged
+        values = [values[0][0], values[0][1]]
+    terms = _Terms(op, b.to(op.dtype), direct, stat, values, holder["unused_direct"])
     fixed_point = not hasattr(op, "loss")
     try:
         _check_terms(terms, x0, fixed_point)

@@ -320,14 +320,14 @@ class ImplicitMethod(Method):
                 self, lr=problem.lr, by_reference=bool(problem.hparams_by_reference)
             ),
         )
-        at, _ = self.points(problem)
         mode = self.product_mode()
+        inputs = prep.inputs
 
         def build() -> HessianOperator:
-            return HessianOperator(
+            return HessianOperator.from_leaves(
                 problem.inner_loss,
-                at,
-                problem.hparams,
+                (inputs.param_leaves, inputs.param_spec),
+                (inputs.hparam_leaves, inputs.hparam_spec),
                 batched=self.batched,
                 hparams_by_reference=bool(problem.hparams_by_reference),
                 mode=mode,

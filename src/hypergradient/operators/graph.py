@@ -82,10 +82,17 @@ class GraphOperator(LinearOperator):
 
     def _build(self, replay: bool = False) -> None:
         """Evaluate the function with its graph for the current (double) mode."""
-        kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
-        rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
-        with rng, kernels, torch.enable_grad():
-            outputs = self._graph_outputs()
+        replaying = replay and self._rng is not None
+        if self.mode == "double_math" or replaying:
+            kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
+            rng = (
+                self._rng.replay() if self._rng is not None and replay else contextlib.nullcontext()
+            )
+            with rng, kernels, torch.enable_grad():
+                outputs = self._graph_outputs()
+        else:  # the usual first build: no context but grad mode
+            with torch.enable_grad():
+                outputs = self._graph_outputs()
         if delayed_error_in([o for o in outputs if o is not None and o.requires_grad]):
             raise RuntimeError(
                 "trying to differentiate twice a function that was marked with "
@@ -157,21 +164,26 @@ class GraphOperator(LinearOperator):
     def _setup_graph(self, batched: bool | str) -> None:
         self._batched: bool | str = _vocab.as_choice(batched, "batched", BATCHED)
         self._out_dtypes = [leaf.dtype for leaf in self.param_leaves]
-        # (start, stop, shape, dtype) of each leaf in a flat vector: products slice it
-        # directly (torch.split goes through symbolic-shape checks, ~10 us per leaf)
+        # (start, stop, shape, dtype) of each leaf in a flat vector: products cut it with
+        # one split_with_sizes (torch.split goes through symbolic-shape checks, ~10 us per
+        # leaf) and reshape only the leaves that are not 1-D
         bounds, start = [], 0
         for leaf in self.param_leaves:
             bounds.append((start, start + leaf.numel(), leaf.shape, leaf.dtype))
             start += leaf.numel()
         self._bounds = bounds
+        self._sizes = [b - a for a, b, _, _ in bounds]
+        self._flat_leaf = [leaf.dim() == 1 for leaf in self.param_leaves]
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
         """The connected outputs' parts of ``v`` (1-D, or a batch ``(k, n)``)."""
         lead = tuple(v.shape[:-1])
+        parts = v.split_with_sizes(self._sizes, dim=-1)
         out = []
         for i in self._connected:
-            a, b, shape, dtype = self._bounds[i]
-            piece = v[..., a:b].reshape(lead + tuple(shape))
+            piece, (_, _, shape, dtype) = parts[i], self._bounds[i]
+            if lead or not self._flat_leaf[i]:
+                piece = piece.reshape(lead + tuple(shape))
             out.append(piece if piece.dtype == dtype else piece.to(dtype))
         return out
 
@@ -203,8 +215,10 @@ class GraphOperator(LinearOperator):
 
     def _param_vjp_flat(self, v: Tensor) -> Tensor:
         grads = self._vjp(v, self.param_leaves)
-        if all(g is not None and g.dtype == self.dtype for g in grads):
-            return torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+        flat = [g for g in grads if g is not None and g.dtype == self.dtype]
+        if len(flat) == len(grads):
+            # a copy even for one leaf: a gradient may be (a view of) v itself
+            return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in flat])
         return _tree.cat(grads, self.param_spec, self.dtype, self.device)
 
     def _vmapped(self, V: Tensor) -> Tensor | None:

@@ -96,11 +96,48 @@ class HessianOperator(GraphOperator):
         self.param_leaves, self.param_spec = prepare_leaves(params, "params")
         self.hparam_leaves, self.hparam_spec = _hparams(hparams, by_reference)
         self._has_hparams = hparams is not None
+        self._start(batched, mode)
+
+    @classmethod
+    def from_leaves(
+        cls,
+        loss_fn: Callable[[Tree, Tree], Tensor],
+        params: tuple[Sequence[Tensor], TreeSpec],
+        hparams: tuple[Sequence[Tensor], TreeSpec],
+        *,
+        batched: bool | str = "auto",
+        loss_name: str = "inner_loss",
+        hparams_by_reference: bool = False,
+        mode: str = "auto",
+    ) -> HessianOperator:
+        """The operator at trees given flattened, as ``(leaves, spec)`` pairs that
+        :func:`hypergradient._tree.flatten` made and :func:`~hypergradient._tree.check_leaves`
+        accepted (the implicit methods validate their inputs first); the same operator as
+        the constructor's, without flattening and checking the trees again."""
+        op = cls.__new__(cls)
+        op._loss_fn = _vocab.as_callable(loss_fn, "loss_fn", "(params, hparams) -> scalar")
+        batched = _vocab.as_choice(batched, "batched", BATCHED)
+        mode = _vocab.as_choice(mode, "mode", MODES)
+        by_reference = _vocab.as_bool(hparams_by_reference, "hparams_by_reference")
+        op._loss_name = loss_name
+        op.param_leaves = [t.detach().requires_grad_(True) for t in params[0]]
+        op.param_spec = params[1]
+        h_leaves, op.hparam_spec = hparams
+        if by_reference:
+            prepare_leaves(_tree.unflatten(op.hparam_spec, h_leaves), "hparams", True)
+            op.hparam_leaves = list(h_leaves)
+        else:
+            op.hparam_leaves = [t.detach().requires_grad_(True) for t in h_leaves]
+        op._has_hparams = True
+        op._start(batched, mode)
+        return op
+
+    def _start(self, batched: bool | str, mode: str) -> None:
+        """Set up the products and evaluate ``f`` (and its gradient) at the point."""
         dtype = _tree.accumulator_dtype(self.param_leaves)
         super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
         self._start_modes(mode)
         self._setup_graph(batched)
-        self._fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
         self._theta_norm: float | None = None  # first order only: computed on first use
         self.gradient_evaluations = 0
         self._first: tuple[Tensor, list[Tensor | None]] | None = None
@@ -169,7 +206,8 @@ class HessianOperator(GraphOperator):
             return None
         if self._theta_norm is None:
             self._theta_norm = _norm(self.param_leaves)
-        h = first_order_step(self._theta_norm, vnorm, self.size, self._fd_dtype)
+        fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
+        h = first_order_step(self._theta_norm, vnorm, self.size, fd_dtype)
         _, plus = self._gradients(h * v, wrt)
         _, minus = self._gradients(-h * v, wrt)
         out: list[Tensor | None] = []

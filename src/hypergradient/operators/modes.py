@@ -104,16 +104,26 @@ def delayed_error_in(outputs: list[torch.Tensor]) -> bool:
     once (at most ``200_000``).
     """
     stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
-    seen: set[int] = set()
+    seen = set(stack)  # the nodes themselves (kept alive: an id could be reused)
+    known = _IS_ERROR
     while stack and len(seen) < 200_000:
         node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.name() in ("torch::autograd::Error", "torch::autograd::DelayedError"):
+        error = known.get(type(node))
+        if error is None:  # a node class met for the first time: ask its name once
+            error = known[type(node)] = node.name() in _ERROR_NAMES
+        if error:
             return True
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        for fn, _ in node.next_functions:
+            if fn is not None and fn not in seen:
+                seen.add(fn)
+                stack.append(fn)
     return False
+
+
+_ERROR_NAMES = ("torch::autograd::Error", "torch::autograd::DelayedError")
+#: Whether the autograd nodes of a class are error nodes: a node's ``name()`` is fixed by its
+#: class (a C++ node type, or a custom Function's backward class), so each class is asked once.
+_IS_ERROR: dict[type, bool] = {}
 
 
 class RngState:

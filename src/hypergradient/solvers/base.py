@@ -10,6 +10,7 @@ finiteness check of products, norms that cannot overflow, and the validation of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,8 +93,11 @@ class Solver:
         """Approximate ``A^{-1} b`` (warm-started from ``x0`` when given)."""
         raise NotImplementedError
 
-    def validate(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> None:
+    def validate(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> float:
         """Check the system before any product: types, shapes, symmetry, finite ``b``/``x0``.
+
+        Returns ``||b||`` (as :func:`safe_norm`): its finiteness is the check of ``b`` in
+        the usual case (one host synchronization).
 
         Raises:
             ArgumentTypeError: ``op`` is not a LinearOperator or ``b``/``x0`` not tensors.
@@ -118,12 +122,17 @@ class Solver:
                 f"{type(self).__name__} needs a symmetric operator, and this one is not "
                 "(a fixed-point map's I - J^T). Use hg.FixedPoint(), hg.Exact() or hg.Neumann()."
             )
-        _vocab.require_finite(
-            [b], [RHS], "the right-hand side", "Check outer_loss at `params` and its gradient."
-        )
-        _vocab.require_finite(
-            [x0], ["x0"], "the warm start", "Pass a finite warm start, or x0=None."
-        )
+        bnorm = float(torch.linalg.vector_norm(b, dtype=_tree.wide_dtype(b.device)))
+        if not 0.0 < bnorm < math.inf:  # NaN or Inf in b, or a norm that over/underflows
+            _vocab.require_finite(
+                [b], [RHS], "the right-hand side", "Check outer_loss at `params` and its gradient."
+            )
+            bnorm = safe_norm(b)
+        if x0 is not None:
+            _vocab.require_finite(
+                [x0], ["x0"], "the warm start", "Pass a finite warm start, or x0=None."
+            )
+        return bnorm
 
     def config(self) -> dict[str, Any]:
         """Every setting as plain data (for repr, logs and distributed consistency checks)."""

@@ -27,6 +27,9 @@ class _Run:
     or underflow whatever the scale of ``b``. The run keeps the iterate with the smallest
     known residual (``x = 0``, residual 1, to start with); see :meth:`_solution` for which
     iterate it returns.
+
+    The norms of ``A p``, ``p``, ``r`` and ``y`` take one reduction over a reused ``(4, n)``
+    buffer and, with ``p^T A p``, one host synchronization per step (:meth:`_norms`).
     """
 
     def __init__(
@@ -38,12 +41,13 @@ class _Run:
         tol: float,
         atol: float,
         precondition: Callable[[Tensor], Tensor] | None,
+        bnorm: float | None = None,
     ) -> None:
         self.op, self.maxiter, self.precondition = op, maxiter, precondition
         self.start = op.num_matvecs
-        self.bnorm = safe_norm(b)
+        self.bnorm = safe_norm(b) if bnorm is None else bnorm
         self.eps = torch.finfo(b.dtype).eps
-        top = float(b.abs().max())
+        top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
         self.b = (b / top) / (self.bnorm / top)  # two steps: b / ||b|| cannot overflow
         # tolerance on the normalized residual; never below rounding level (past it the
         # residual only shrinks by rounding noise until p^T A p underflows to 0, which would
@@ -57,6 +61,13 @@ class _Run:
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
+        self.wide = _tree.wide_dtype(b.device)
+        self.rows = torch.empty((4, b.numel()), dtype=b.dtype, device=b.device)
+        self.on_host = b.device.type == "cpu"  # reading p^T A p on its own costs nothing
+        if not self.on_host:  # p^T A p and the 4 norms, read with one synchronization
+            self.host = torch.empty(5, dtype=self.wide, device=b.device)
+            self.host_pap, self.host_norms = self.host[0], self.host[1:]
+        self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
         self._initial_guess(x0)
 
     # -- setup --------------------------------------------------------------------------
@@ -76,11 +87,13 @@ class _Run:
             r0norm = safe_norm(r0)
             if r0norm <= 1.0:
                 self.y, self.r, self.rnorm = y0.clone(), r0, r0norm
-                self.xmax = safe_norm(y0)
+                self.xmax = self.ynorm = self.best_ynorm = safe_norm(y0)
                 self.x0 = x0.to(self.b.dtype)
             else:  # worse than x = 0: drop it (its product is counted)
                 self.stats["warm_start_dropped"] = True
-        self.best, self.best_norm, self.improved = self.y.clone(), self.rnorm, False
+        # the best iterate is copied out at its first improvement (until then it is the start)
+        self.best: Tensor | None = None
+        self.best_norm = self.rnorm
 
     def _restart_direction(self) -> None:
         self.z = self.precondition(self.r) if self.precondition is not None else self.r
@@ -90,8 +103,12 @@ class _Run:
     # -- iteration ----------------------------------------------------------------------
     def _remember(self) -> None:
         if self.rnorm < self.best_norm:
-            self.best_norm, self.improved = self.rnorm, True
-            self.best.copy_(self.y)
+            self.best_norm = self.rnorm
+            self.best_ynorm = self.ynorm
+            if self.best is None:
+                self.best = self.y.clone()
+            else:
+                self.best.copy_(self.y)
 
     def _norms(self, Ap: Tensor, pAp: Tensor) -> list[float]:
         """``[p^T A p, ||A p||, ||p||, ||r||, ||y||]`` with one host synchronization.
@@ -99,10 +116,15 @@ class _Run:
         Norms accumulate in float64 (float32 on MPS); the rare ones that over- or
         underflow there are recomputed by :func:`safe_norm`.
         """
-        wide = _tree.wide_dtype(self.b.device)
         vectors = (Ap, self.p, self.r, self.y)
-        norms = torch.linalg.vector_norm(torch.stack(vectors), dim=1, dtype=wide)
-        values = torch.cat([pAp.to(wide).reshape(1), norms]).tolist()
+        torch.stack(vectors, out=self.rows)
+        if self.on_host:
+            norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide)
+            values = [float(pAp), *norms.tolist()]
+        else:
+            torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
+            self.host_pap.copy_(pAp)
+            values = self.host.tolist()
         for i, v in enumerate(vectors, start=1):
             if not 0.0 < values[i] < math.inf:
                 values[i] = safe_norm(v)
@@ -132,10 +154,10 @@ class _Run:
             return True
         self.lam_hat = max(self.lam_hat, apnorm / pnorm)
         self.iterations += 1
-        self.rnorm = rnorm
+        self.rnorm, self.ynorm = rnorm, ynorm
         self.xmax = max(self.xmax, ynorm)
         self._remember()
-        if self.rnorm <= self.threshold and self._verified():
+        if rnorm <= self.threshold and self._verified():
             self.status = Status.CONVERGED
             return True
         z = self.precondition(self.r) if self.precondition is not None else self.r
@@ -206,11 +228,18 @@ class _Run:
                 "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
             )
         if last:
-            value = self.y * self.bnorm
-        elif self.improved:
-            value = self.best * self.bnorm
+            value, ynorm = self.y * self.bnorm, self.ynorm
+        elif self.best is not None:  # improved
+            value, ynorm = self.best * self.bnorm, self.best_ynorm
         else:  # the start is the best iterate: return it as given (0 or a copy of x0)
             value = torch.zeros_like(self.b) if self.x0 is None else self.x0.clone()
+            ynorm = 0.0  # finite: zeros, or the validated warm start
+        # ||y|| ||b|| bounds every entry of the solution: well below the dtype's largest
+        # value (and ||b|| too, which the product with y is taken in) it is finite, the usual
+        # case, without a synchronization; else it is checked entry by entry
+        big = 0.5 * torch.finfo(value.dtype).max
+        if not (self.bnorm < big and ynorm * self.bnorm < big):
+            require_finite_solution(value)
         return Solution(
             value,
             self.op.num_matvecs - self.start,
@@ -231,13 +260,16 @@ def conjugate_gradient(
     tol: float,
     atol: float,
     precondition: Callable[[Tensor], Tensor] | None = None,
+    bnorm: float | None = None,
 ) -> Solution:
-    """(Preconditioned) conjugate gradient on a validated system; see :class:`CG`."""
-    if safe_norm(b) == 0.0:  # A x = 0: x = 0
+    """(Preconditioned) conjugate gradient on a validated system; see :class:`CG`.
+
+    ``bnorm``: ``||b||`` when the caller has it (as :func:`safe_norm` computes it).
+    """
+    bnorm = safe_norm(b) if bnorm is None else bnorm
+    if bnorm == 0.0:  # A x = 0: x = 0
         return Solution(torch.zeros_like(b), 0, 0.0, True, Status.CONVERGED, 0)
-    sol = _Run(op, b, x0, maxiter, tol, atol, precondition).run()
-    require_finite_solution(sol.value)
-    return sol
+    return _Run(op, b, x0, maxiter, tol, atol, precondition, bnorm).run()
 
 
 class CG(Solver):
@@ -309,5 +341,6 @@ class CG(Solver):
         }
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
-        self.validate(op, b, x0)
-        return conjugate_gradient(op, b, x0, self.maxiter, self.tol, self.atol, self.preconditioner)
+        bnorm = self.validate(op, b, x0)
+        pre = self.preconditioner
+        return conjugate_gradient(op, b, x0, self.maxiter, self.tol, self.atol, pre, bnorm)
