@@ -231,14 +231,13 @@ def _cases():
     yield []
 
 
-def test_tree_all_finite_agrees_with_the_exact_check():
+def test_all_finite_agrees_with_the_exact_check():
     for leaves in _cases():
         exact = all(
             bool(torch.isfinite(t).all())
             for t in leaves
             if t is not None and (t.is_floating_point() or t.is_complex())
         )
-        assert _tree.all_finite(leaves) is exact
         assert _vocab.all_finite(leaves) is exact
 
 

@@ -10,7 +10,6 @@ offending leaf (``params['fc.weight']``, ``hparams[1]``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -186,28 +185,6 @@ def split(vec: Tensor, spec: TreeSpec, dtypes: Sequence[torch.dtype] | None = No
             piece = piece.to(dtypes[i])
         out.append(piece)
     return out
-
-
-def all_finite(leaves: Sequence[Tensor | None]) -> bool:
-    """Whether every entry of every leaf is finite, with one host synchronization.
-
-    The same answer as :func:`hypergradient._vocab.all_finite`, cheaper: the leaves' sums
-    (float32 accumulation for half precision) are added into one probe, which a NaN or Inf
-    entry always makes non-finite; a non-finite probe (which may also be an overflowing sum
-    of finite entries) is confirmed leaf by leaf with :func:`torch.isfinite`.
-    """
-    total: Tensor | None = None
-    present = []
-    for t in leaves:
-        if t is None or not t.numel() or not (t.is_floating_point() or t.is_complex()):
-            continue
-        present.append(t)
-        v = torch.view_as_real(t) if t.is_complex() else t
-        probe = v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
-        total = probe if total is None else total + probe.to(total.device)
-    if total is None or math.isfinite(float(total)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in present)
 
 
 def _relative(spec: TreeSpec, name: str) -> list[str]:

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from torch import Tensor
 
 from .. import _tree
-from .._tree import TreeSpec, all_finite
-from .._vocab import ArgumentTypeError, as_callable, first_nonfinite, require_finite
+from .._tree import TreeSpec
+from .._vocab import ArgumentTypeError, all_finite, as_callable, first_nonfinite, require_finite
 from ..distributed import check_consistent, group_size
 from .base import Problem
 
