@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from .. import _tree
 from .._tree import Tree
 from .._vocab import Status, as_float, as_scalar_loss, finite_probe
 from ..operators.graph import SYMBOLIC_SHAPES
-from ..operators.modes import is_double_backward_error
+from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
 from ._checks import Inputs, check_problem
 from .base import Problem
@@ -49,9 +49,10 @@ class T1T2(ImplicitMethod):
     arguments) the call takes the formula's three backward passes directly
     (:func:`look_ahead`) with one host synchronization for every finiteness check; any
     other case (a process group, ``hvp="first_order"`` or a fallback from double backward,
-    ``hparams_by_reference``, a non-finite quantity to name, an unused hyperparameter to
-    warn about, ``grad_theta g = 0``) runs the general implicit formula, which gives the
-    same hypergradient and diagnostics.
+    ``hparams_by_reference``, a once-differentiable function in ``f``'s gradient, a
+    non-finite quantity to name, an unused hyperparameter to warn about,
+    ``grad_theta g = 0``) runs the general implicit formula (from the same random-number
+    state), which gives the same hypergradient and diagnostics.
 
     Args:
         hvp: how the mixed product is taken (as :class:`~hypergradient.Implicit`):
@@ -68,6 +69,7 @@ class T1T2(ImplicitMethod):
     def __init__(self, *, hvp: str = "auto"):
         self.hvp = as_hvp(hvp)
         self._found = None
+        self._solver_text: tuple[float, str] | None = None
 
     def solver_for(self, problem: Problem) -> Solver:
         if problem.lr is None:
@@ -100,10 +102,14 @@ class T1T2(ImplicitMethod):
         if x0 is not None or not self.direct(problem):
             return super().__call__(problem, x0=x0)
         prep = self._prepare(problem, None)
+        lr = cast(Identity, prep.solver).scale
+        text = getattr(self, "_solver_text", None)  # repr(Identity(lr)), once per lr
+        if text is None or text[0] != lr:
+            text = self._solver_text = (lr, repr(prep.solver))
         device = prep.inputs.param_leaves[0].device
         before = rng_state(device)
         try:
-            out = look_ahead(problem, prep.inputs, prep.outer_at, prep.solver.scale)
+            out = look_ahead(problem, prep.inputs, prep.outer_at, lr)
         except RuntimeError as err:  # no double backward here: "auto" falls back in there
             if not is_double_backward_error(err):
                 raise
@@ -119,7 +125,7 @@ class T1T2(ImplicitMethod):
             num_hvps=0,
             status=Status.FIXED_BUDGET,
             stats={"damping": 0.0, "hvp": "double", "hvp_fallback": None},
-            solver=repr(prep.solver),
+            solver=text[1],
             inner_loss=terms.inner_value,
             inner_grad_norm=terms.stat_norm,
             outer_grad_norm=terms.bnorm,
@@ -172,8 +178,9 @@ def look_ahead(
     problem: Problem, inputs: Inputs, outer_at: Sequence[Tensor] | None, lr: float
 ) -> tuple[Tree, LookAheadTerms] | None:
     """``d_phi g(theta') - lr (d_phi grad_theta f(theta))^T grad_theta g(theta')`` by three
-    backward passes; None when the general formula must answer (a non-finite quantity,
-    ``grad_theta g = 0``, or a hyperparameter with no influence).
+    backward passes; None when the general formula must answer (a once-differentiable
+    function in ``f``'s gradient, a non-finite quantity, ``grad_theta g = 0``, or a
+    hyperparameter with no influence).
 
     ``inputs`` are the validated leaves at ``theta`` (and the hyperparameters);
     ``outer_at`` the leaves of ``theta'`` (None: ``theta``). The arithmetic is the
@@ -190,6 +197,8 @@ def look_ahead(
             problem.inner_loss(_tree.unflatten(p_spec, p), _tree.unflatten(h_spec, h)), "inner_loss"
         )
         gf = _grads(f, p, create_graph=True)
+        if delayed_error_in([t for t in gf if t is not None and t.requires_grad]):
+            return None  # a once-differentiable function: the general formula falls back
         g = as_scalar_loss(
             problem.outer_loss(_tree.unflatten(p_spec, q), _tree.unflatten(h_spec, h_outer)),
             "outer_loss",
