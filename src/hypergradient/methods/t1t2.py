@@ -174,6 +174,21 @@ def _mixed(grads: list[Tensor | None], x: Tensor, inputs: Inputs, h: list[Tensor
     return list(torch.autograd.grad(dot, h, allow_unused=True))
 
 
+def _read(gf: list[Tensor | None], b: Tensor, more: tuple[Tensor, ...]) -> list[float]:
+    """``[||grad_theta f||, ||b||, f, g, probe(direct), probe(result)]`` in the device's
+    wide dtype, read in one host synchronization (the norm of ``grad_theta f`` from its
+    leaves' norms: no flat copy)."""
+    wide = _tree.wide_dtype(b.device)
+    norms = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in gf if t is not None]
+    probes = [
+        torch.linalg.vector_norm(torch.stack(norms)) if norms else b.new_zeros((), dtype=wide)
+    ]
+    probes += [torch.linalg.vector_norm(b, dtype=wide)]
+    probes += [t.detach().to(b.device, wide) for t in more[:2]]
+    probes += [finite_probe(t).to(wide) for t in more[2:]]
+    return torch.stack(probes).tolist()
+
+
 def look_ahead(
     problem: Problem, inputs: Inputs, outer_at: Sequence[Tensor] | None, lr: float
 ) -> tuple[Tree, LookAheadTerms] | None:
@@ -185,7 +200,8 @@ def look_ahead(
     ``inputs`` are the validated leaves at ``theta`` (and the hyperparameters);
     ``outer_at`` the leaves of ``theta'`` (None: ``theta``). The arithmetic is the
     formula's (flat vectors in the accumulator dtype, the mixed product as the gradient of
-    one inner product), and every finiteness check is one stacked probe read once.
+    one inner product), and every finiteness check is one stacked probe read once (the
+    solution's from ``lr ||grad_theta g||``, ``||grad_theta f||`` from the leaves' norms).
     """
     p_spec, h_spec = inputs.param_spec, inputs.hparam_spec
     p, h = _fresh(inputs.param_leaves), _fresh(inputs.hparam_leaves)
@@ -212,13 +228,10 @@ def look_ahead(
         return None
     flat_direct = _tree.cat(direct, h_spec, hdtype, device)
     diff = flat_direct - _tree.cat(mixed, h_spec, hdtype, device)
-    stat = _tree.cat([None if t is None else t.detach() for t in gf], p_spec, dtype, device)
-    wide = _tree.wide_dtype(device)
-    probes = [torch.linalg.vector_norm(v, dtype=wide) for v in (stat, b)]
-    probes += [f.detach().to(device, wide), g.detach().to(device, wide)]
-    probes += [finite_probe(v).to(wide) for v in (flat_direct, x, diff)]
-    values = torch.stack(probes).tolist()
-    if not all(math.isfinite(v) for v in values) or values[1] == 0.0:
+    values = _read(gf, b, (f, g, flat_direct, diff))
+    # |x_i| = lr |b_i| <= lr ||b||: x is finite when that bound is (no pass over x)
+    bound = values[1] * lr < torch.finfo(x.dtype).max
+    if not (all(math.isfinite(v) for v in values) and bound) or values[1] == 0.0:
         return None
     out, start = [], 0
     for leaf, n in zip(inputs.hparam_leaves, h_spec.numels):
