@@ -76,11 +76,7 @@ class ModelView:
             self.params: list[Tensor] = [named[k] for k in self.names]
             self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
             self._call = _LossCall(self.module)
-            # keys of the wrapper's state, built once: a functional call's dict costs no walk
-            # of the module when nothing is frozen and there are no buffers
-            self._keys = {k: f"model.{k}" for k in self.names}
-            self._frozen_keys = [(k, f"model.{k}") for k in self.frozen]
-            self._buffer_keys = [(k, f"model.{k}") for k, _ in self.module.named_buffers()]
+            self._cache_keys(self.module)
         else:
             self.params, self.spec = _tree.flatten(model, "model")
             _tree.check_leaves(self.params, self.spec, "model")
@@ -95,6 +91,13 @@ class ModelView:
                 raise ValueError(
                     f"{name} is not optimized by `inner_optimizer`; pass the tensors it trains."
                 )
+
+    def _cache_keys(self, module: nn.Module) -> None:
+        """The keys of the wrapper's state, built once: a functional call's dict then costs
+        no walk of the module when nothing is frozen and there are no buffers."""
+        self._keys = {k: f"model.{k}" for k in self.names}
+        self._frozen_keys = [(k, f"model.{k}") for k in self.frozen]
+        self._buffer_keys = [(k, f"model.{k}") for k, _ in module.named_buffers()]
 
     # ------------------------------------------------------------------ views
     @property
