@@ -27,8 +27,10 @@ METHODS = {  # name: (factory, goal in training steps for k products and m hyper
 }
 
 
-def problems(seed: int, quick: bool) -> dict[str, tuple]:
-    """``{name: (model factory, train, val, loss, decay shape)}``."""
+def problems(seed: int, quick: bool) -> list[tuple[str, tuple]]:
+    """``[(name, (model factory, train, val, loss, decay shape))]``; mnist-mlp twice: with
+    its whole validation split as the validation batch (twice the training batch), and with
+    a validation batch of the training batch's size (the maths' count of equal batches)."""
     bc, g = H.breast_cancer_data(seed), torch.Generator().manual_seed(seed)
     X, y = H.load_sklearn("digits", torch.float32, torch.long, torch.Generator().manual_seed(seed))
     X, hidden = H.standardize(X, 1000), 2 if quick else 32
@@ -40,11 +42,13 @@ def problems(seed: int, quick: bool) -> dict[str, tuple]:
     tr, va = (bc.train[0].float(), bc.train[1].float()), (bc.val[0].float(), bc.val[1].float())
     digits = ((X[:1000], y[:1000]), (X[1000:], y[1000:]))
     synthetic = ((Xm[:rows], ym[:rows]), (Xm[rows:], ym[rows:]))
-    return {  # decays: per feature; per hidden unit (its incoming weights); one for layer 1
-        "logreg": (lambda: H.linear_model(bc.dim).float(), tr, va, bce, (1, bc.dim)),
-        "mlp": (mlp(64, hidden, nn.Tanh), *digits, ce, (hidden, 1)),
-        "mnist-mlp": (mlp(784, width, nn.ReLU), *synthetic, ce, (1, 1)),
-    }
+    same_size = (Xm[rows : 2 * rows], ym[rows : 2 * rows])  # a val batch of `rows` rows
+    return [  # decays: per feature; per hidden unit (its incoming weights); one for layer 1
+        ("logreg", (lambda: H.linear_model(bc.dim).float(), tr, va, bce, (1, bc.dim))),
+        ("mlp", (mlp(64, hidden, nn.Tanh), *digits, ce, (hidden, 1))),
+        ("mnist-mlp", (mlp(784, width, nn.ReLU), *synthetic, ce, (1, 1))),
+        ("mnist-mlp", (mlp(784, width, nn.ReLU), synthetic[0], same_size, ce, (1, 1))),
+    ]
 
 
 def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
@@ -124,6 +128,9 @@ def measure(name: str, pb: tuple, steps: int, lr: float) -> list[dict[str, Any]]
         row |= {"e2e": 1.0 + cost / K, "plain_step_ms": 1e3 * plain, "error": r.error}
         row |= {"hopt_step_ms": 1e3 * H.median(r.step_s), "floor": floor.get(r.label)}
         row |= {"over_floor": cost / floor[r.label] if r.label in floor else None}
+        row |= {"train_rows": len(pb[1][0]), "val_rows": len(pb[2][0])}
+        full = (H.median(r.hyper_s) - H.median(r.step_s)) / plain if r.hyper_s else None
+        row |= {"full_cost": full}
         rows.append(row | {"hyper_step_ms": 1e3 * H.median([x.seconds for x in hist])})
     return rows + [{"problem": name, "warnings": warned}]
 
@@ -143,18 +150,24 @@ def render(d: dict[str, Any]) -> list[str]:
         "hopt_step_ms: median HyperOptimizer step without a hyper-step (its overhead over the "
         "bare step)",
         "floor: the same hyper-step written by hand in bare torch.autograd (same model and "
-        "batches; the validation batch is the whole validation set, as in the runs), in "
-        "training steps; over_floor = cost / floor",
+        "batches, as in the runs), in training steps; over_floor = cost / floor",
+        "train_rows, val_rows: rows of the training batch and of the validation batch; "
+        "mnist-mlp runs twice: with its whole validation split (twice the training batch) "
+        "and with a validation batch of the training batch's size (the goal's maths counts "
+        "equal batches)",
+        "full_cost: median HyperOptimizer step with a hyper-step minus median step without "
+        "one, in training steps: cost plus the rollback snapshot, the forked random-number "
+        "state and the record",
         *[f"warning ({n} distinct texts): {k}" for k, n in kinds.items()],
     ]
-    cols = "problem|method|hyper_steps:d|products:g|cost:.2f|goal:g|met|floor:.2f|over_floor:.2f"
-    cols += "|e2e:.2f|plain_step_ms:.3f"
+    cols = "problem|val_rows:d|method|hyper_steps:d|products:g|cost:.2f|goal:g|met|floor:.2f"
+    cols += "|over_floor:.2f|full_cost:.2f|e2e:.2f|plain_step_ms:.3f"
     return [H.bullets(notes), H.dict_table(rows, cols + "|hopt_step_ms:.3f|hyper_step_ms:.2f")]
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
     pbs = problems(args.seed, args.quick)
-    rows = [r for name, pb in pbs.items() for r in measure(name, pb, args.steps, args.lr)]
+    rows = [r for name, pb in pbs for r in measure(name, pb, args.steps, args.lr)]
     return {"settings": {"steps": args.steps, "lr": args.lr}, "rows": rows}
 
 

@@ -95,6 +95,15 @@ class Constraint:
             return "is not finite (NaN or Inf)"
         return None
 
+    def in_domain(self, value: Tensor) -> Tensor | None:
+        """A 0-d boolean tensor, True exactly when :meth:`domain_error` is None, computed
+        without a host synchronization (so many checks are read at once); None when the
+        constraint has no such test (a subclass that only overrides :meth:`domain_error`),
+        and :meth:`domain_error` must be asked."""
+        if type(self).domain_error is not Constraint.domain_error:
+            return None
+        return torch.isfinite(value).all()
+
     @property
     def value(self) -> Tensor:
         """The current constrained value (detached)."""
@@ -168,6 +177,11 @@ class Positive(Constraint):
             return f"reached inf ({self.kind}(raw) overflowed), outside Positive's domain"
         return super().domain_error(value)
 
+    def in_domain(self, value: Tensor) -> Tensor | None:
+        if type(self).domain_error is not Positive.domain_error:
+            return None
+        return ((value > 0) & torch.isfinite(value)).all()  # NaN fails ``> 0``
+
 
 class Interval(Constraint):
     """``value = low + (high - low) * sigmoid(raw)``: always in ``(low, high)``.
@@ -206,3 +220,8 @@ class Interval(Constraint):
                 "(sigmoid(raw) rounded to 0 or 1)"
             )
         return None
+
+    def in_domain(self, value: Tensor) -> Tensor | None:
+        if type(self).domain_error is not Interval.domain_error:
+            return None
+        return ((value > self.low) & (value < self.high)).all()  # NaN and inf fail

@@ -85,7 +85,9 @@ def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, s
     """
     if not norms and not losses:
         return None
-    values = [float(v) for v in (*norms, *losses)]  # a few synchronisations per hyper-step
+    recorded = [v.detach().reshape(()).to(torch.float64) for v in (*norms, *losses)]
+    device = recorded[0].device
+    values = torch.stack([v.to(device) for v in recorded]).tolist()  # one synchronisation
     ns, ls = values[: len(norms)], values[len(norms) :]
     seen = f"parameter norms {_fmt(ns)}" + (f", training losses {_fmt(ls)}" if ls else "")
     if not all(map(math.isfinite, values)):

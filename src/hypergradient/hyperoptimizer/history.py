@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import torch
 from torch import Tensor
 
 from .._tree import wide_dtype
@@ -125,6 +126,16 @@ class HyperStepRecord:
             ) from None
 
 
+@dataclass(frozen=True)
+class HistoryMark:
+    """A :class:`History`'s length, count, and oldest and newest records at one time."""
+
+    length: int
+    total: int
+    first: HyperStepRecord | None
+    last: HyperStepRecord | None
+
+
 def _info_class(name: Any) -> type[Info]:
     """The ``Info`` subclass called ``name`` (``Info`` itself when unknown)."""
     todo: list[type[Info]] = [Info]
@@ -136,8 +147,29 @@ def _info_class(name: Any) -> type[Info]:
     return Info
 
 
-def _norm(t: Tensor) -> float:
-    return float(t.detach().to(wide_dtype(t.device)).pow(2).sum().sqrt())
+def _norm(t: Tensor) -> Tensor:
+    return t.pow(2).sum().sqrt()
+
+
+def _summaries(
+    values: Mapping[str, Tensor], hypergrad: Mapping[str, Tensor]
+) -> dict[str, dict[str, float]]:
+    """Norm, mean, min and max of each value and the norm of its hypergradient, computed in
+    the device's wide dtype and read in one host synchronization."""
+    stats, keys = [], ("norm", "mean", "min", "max", "hypergrad_norm")
+    for k, v in values.items():
+        w = v.detach().to(wide_dtype(v.device))
+        g = hypergrad[k].detach().to(w)
+        if w.numel():
+            stats.append(torch.stack([_norm(w), w.mean(), w.min(), w.max(), _norm(g)]))
+        else:
+            nan = torch.tensor(math.nan, dtype=w.dtype, device=w.device)
+            stats.append(torch.stack([_norm(w), nan, nan, nan, _norm(g)]))
+    if not stats:
+        return {}
+    device = stats[0].device
+    rows = torch.stack([s.to(device) for s in stats]).tolist()
+    return {k: dict(zip(keys, row)) for k, row in zip(values, rows)}
 
 
 def make_record(
@@ -153,16 +185,7 @@ def make_record(
 ) -> HyperStepRecord:
     """A record with every hyperparameter and hypergradient, and summaries for all
     (:meth:`History.append` lightens it once a newer record arrives)."""
-    summaries = {}
-    for k, v in values.items():
-        w = v.detach().to(wide_dtype(v.device))
-        summaries[k] = {
-            "norm": _norm(v),
-            "mean": float(w.mean()) if w.numel() else math.nan,
-            "min": float(w.min()) if w.numel() else math.nan,
-            "max": float(w.max()) if w.numel() else math.nan,
-            "hypergrad_norm": _norm(hypergrad[k]),
-        }
+    summaries = _summaries(values, hypergrad)
     total = math.sqrt(sum(s["hypergrad_norm"] ** 2 for s in summaries.values()))
     return HyperStepRecord(
         step=step,
@@ -253,12 +276,29 @@ class History(Sequence[HyperStepRecord]):
     def __repr__(self) -> str:
         return f"History({len(self)} of {self.total} records, maxlen={self.maxlen})"
 
-    def snapshot(self) -> tuple[list[HyperStepRecord], int]:
-        return list(self.records), self.total
+    def snapshot(self) -> HistoryMark:
+        """What :meth:`restore` needs to undo the next append: O(1), whatever the length
+        (the oldest record, which an append to a full history drops, and the newest, which
+        an append replaces by a lighter copy)."""
+        records = self.records
+        first = records[0] if records else None
+        return HistoryMark(len(records), self.total, first, records[-1] if records else None)
 
-    def restore(self, snapshot: tuple[list[HyperStepRecord], int]) -> None:
-        self.records = deque(snapshot[0], maxlen=self.maxlen)
-        self.total = snapshot[1]
+    def restore(self, snapshot: HistoryMark | tuple[list[HyperStepRecord], int]) -> None:
+        """Undo the append (a hyper-step's) made since ``snapshot`` (from :meth:`snapshot`),
+        or replace the records by a ``(records, total)`` pair."""
+        if not isinstance(snapshot, HistoryMark):
+            self.records = deque(snapshot[0], maxlen=self.maxlen)
+            self.total = snapshot[1]
+            return
+        records = self.records
+        if self.total > snapshot.total and records:
+            records.pop()
+        if len(records) < snapshot.length and snapshot.first is not None:
+            records.appendleft(snapshot.first)  # the append dropped it from a full history
+        if records and snapshot.last is not None:
+            records[-1] = snapshot.last
+        self.total = snapshot.total
 
     def state_dict(self) -> dict[str, Any]:
         return {"total": self.total, "records": [r.to_dict() for r in self.records]}

@@ -58,6 +58,16 @@ def _setting_error(setting: str, value: float) -> str | None:
     return f"must be {bound} as the inner optimizer's `{setting}`, got {value:g}"
 
 
+def _all_inside(constraints: Mapping[str, Constraint], values: Mapping[str, Tensor]) -> bool:
+    """Whether every value is in its constraint's domain, read in one host synchronization
+    (False also when a constraint has no such test: then ask each one)."""
+    probes = [c.in_domain(values[k]) for k, c in constraints.items()]
+    if any(p is None for p in probes):
+        return False
+    device = next(iter(values.values())).device
+    return bool(torch.stack([p.to(device) for p in probes if p is not None]).all())
+
+
 class HyperParameters:
     """The hyperparameters of a :class:`~hypergradient.HyperOptimizer`.
 
@@ -195,12 +205,19 @@ class HyperParameters:
         all are valid."""
         with torch.no_grad():
             values = self.transform(raw)
-        for name, c in self.constraints.items():
-            why = c.domain_error(values[name])
-            if why is not None:
-                return f"hparams[{name!r}]", why
+            inside = _all_inside(self.constraints, values)
+        bad = None if inside else self._first_outside(values)
+        if bad is not None:
+            return bad
         for setting, name in self.links.items():
             why = _setting_error(setting, float(values[name]))
+            if why is not None:
+                return f"hparams[{name!r}]", why
+        return None
+
+    def _first_outside(self, values: Mapping[str, Tensor]) -> tuple[str, str] | None:
+        for name, c in self.constraints.items():
+            why = c.domain_error(values[name])
             if why is not None:
                 return f"hparams[{name!r}]", why
         return None
@@ -244,7 +261,10 @@ class HyperParameters:
         self.check_domain()
 
     def write_settings(self, optimizer: torch.optim.Optimizer) -> None:
-        """Write the linked settings into every param group (after checking them)."""
+        """Write the linked settings into every param group (after checking them); nothing
+        to do without links."""
+        if not self.links:
+            return
         self.check_domain()
         values = self.values()
         for setting, name in self.links.items():

@@ -76,6 +76,7 @@ class ModelView:
             self.params: list[Tensor] = [named[k] for k in self.names]
             self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
             self._call = _LossCall(self.module)
+            self._cache_keys(self.module)
         else:
             self.params, self.spec = _tree.flatten(model, "model")
             _tree.check_leaves(self.params, self.spec, "model")
@@ -90,6 +91,13 @@ class ModelView:
                 raise ValueError(
                     f"{name} is not optimized by `inner_optimizer`; pass the tensors it trains."
                 )
+
+    def _cache_keys(self, module: nn.Module) -> None:
+        """The keys of the wrapper's state, built once: a functional call's dict then costs
+        no walk of the module when nothing is frozen and there are no buffers."""
+        self._keys = {k: f"model.{k}" for k in self.names}
+        self._frozen_keys = [(k, f"model.{k}") for k in self.frozen]
+        self._buffer_keys = [(k, f"model.{k}") for k, _ in module.named_buffers()]
 
     # ------------------------------------------------------------------ views
     @property
@@ -125,9 +133,10 @@ class ModelView:
         """
         if self.module is None:
             return loss(params, hparams, batch)
-        values = {f"model.{k}": v.detach() for k, v in self.module.named_parameters()}
-        values.update({f"model.{k}": b.clone() for k, b in self.module.named_buffers()})
-        values.update({f"model.{k}": v for k, v in params.items()})
+        module, keys = self.module, self._keys
+        values = {key: module.get_parameter(k).detach() for k, key in self._frozen_keys}
+        values.update({key: module.get_buffer(k).clone() for k, key in self._buffer_keys})
+        values.update({keys.get(k) or f"model.{k}": v for k, v in params.items()})
         return torch.func.functional_call(self._call, values, (loss, hparams, batch))
 
     def functional(
