@@ -19,7 +19,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 import hypergradient as hg
 from hypergradient.constraints import Constraint
@@ -27,6 +26,7 @@ from hypergradient.hyperoptimizer.history import make_record
 from hypergradient.hyperoptimizer.hparams import HyperParameters
 from hypergradient.hyperoptimizer.transaction import clone_state
 from hypergradient.methods.implicit_base import ImplicitMethod
+from once_diff import Cube as _Cube
 from registry import rel, ridge_case
 
 DT = torch.float64
@@ -182,21 +182,6 @@ def test_an_unused_hyperparameter_warns_and_gets_zero_as_before():
     with pytest.warns(hg.HypergradientWarning, match="idle"):
         out, _ = hg.T1T2()(problem)
     assert torch.equal(out["idle"], torch.zeros(3, dtype=DT))
-
-
-class _Cube(torch.autograd.Function):
-    """``x^3 / 3`` with a backward that cannot be differentiated again."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**3 / 3
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * x**2
 
 
 def test_a_once_differentiable_function_falls_back_as_in_the_general_formula():

@@ -14,12 +14,12 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 import hypergradient as hg
 from hypergradient._vocab import HypergradientWarning
 from hypergradient.operators.modes import first_order_step, is_double_backward_error
+from once_diff import Cube as _Cube
 
 DT = torch.float64
 
@@ -275,21 +275,6 @@ def test_transformer_with_dropout_in_auto_mode_keeps_the_masks():
     fo = hg.HessianOperator(f, params, lam, mode="first_order")
     assert float(op.loss) == float(fo.loss)
     assert rel(hv, fo.matvec(v)) < 1e-7
-
-
-class _Cube(torch.autograd.Function):
-    """``x^3 / 3`` with a backward that cannot be differentiated again."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**3 / 3
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * x**2
 
 
 def test_auto_falls_back_to_first_order_when_the_math_kernels_do_not_help():

@@ -13,13 +13,13 @@ import math
 
 import pytest
 import torch
-from torch.autograd.function import once_differentiable
 
 import hypergradient as hg
 from hypergradient import _tree, _vocab
 from hypergradient._vocab import NonFiniteHypergradientError
 from hypergradient.operators.modes import delayed_error_in
 from hypergradient.solvers.base import safe_norm
+from once_diff import Cube as _Cube
 
 DT = torch.float64
 
@@ -270,19 +270,6 @@ def test_tree_cat_copies_and_casts():
     flat = _tree.cat([b], one, DT, "cpu")
     flat[0] = 5.0
     assert b[0] == 0  # a copy, never the leaf itself
-
-
-class _Cube(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x**3 / 3
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * x**2
 
 
 def test_once_differentiable_nodes_are_found_deep_in_a_large_graph():
