@@ -1,6 +1,6 @@
 """Reuse across hyper-steps: products and seconds to a 1e-2 hypergradient, hyper-step by step.
 
-30 hyper-steps of per-weight decay on the digits MLP (tanh 64-32-10, 2,410 parameters and as
+30 hyper-steps of per-weight decay on the digits MLP (tanh 64-16-10, 1,210 parameters and as
 many log decays): each hyper-step moves the decays by Adam along the exact hypergradient and
 retrains the weights by ``--inner`` (10) L-BFGS iterations from the previous ones (a
 HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly the same
@@ -226,8 +226,8 @@ def render(d: dict[str, Any]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = H.cli(__doc__)
     p.add_argument("--steps", type=int, help="hyper-steps (default 30, quick 3)")
-    p.add_argument("--hidden", type=int, help="hidden units (default 32, quick 4)")
-    p.add_argument("--lbfgs", type=int, help="initial L-BFGS iterations (default 300, quick 50)")
+    p.add_argument("--hidden", type=int, help="hidden units (default 16, quick 4)")
+    p.add_argument("--lbfgs", type=int, help="initial L-BFGS iterations (200; 100k: 300; quick 50)")
     p.add_argument("--inner", type=int, default=10, help="L-BFGS iterations per hyper-step")
     p.add_argument("--rounds", type=int, help="timed rounds per hyper-step (default 3, quick 1)")
     p.add_argument("--rank", type=int, help="Nystrom rank (default 40, quick 4)")
@@ -244,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if H.replot(args, name, title, render):
         return 0
     H.start(args)
-    H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 32), lbfgs=(50, 300), rounds=(1, 3))
+    H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 16), rounds=(1, 3))
+    H.defaults(args, lbfgs=(50, 300 if big else 200))
     H.defaults(args, rank=(4, 40), recycle=(8, 16 if big else 200), harvest=(32, 32 if big else 64))
     H.defaults(args, smallest=(2, 4 if big else 20))
     rep = H.Report(name, title, args)

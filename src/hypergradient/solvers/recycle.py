@@ -24,6 +24,7 @@ STALE_SLOWDOWN = 1.5
 #: The Rayleigh-Ritz step drops the combinations of ``[U, P]`` whose squared norm is below
 #: this (nearly dependent columns).
 DEPENDENT = 1e-4
+INSIDE = 1e-3
 
 
 class _Recorder(LinearOperator):
@@ -251,34 +252,51 @@ class RecycledCG(Solver):
     def _rayleigh_ritz(
         self, space: tuple[Tensor, Tensor] | None, P: Tensor, AP: Tensor, shift: float
     ) -> None:
-        """New ``(U, Theta)`` from ``Z = [U, P^T]`` (``P``: the kept vectors as rows)."""
+        """New ``(U, Theta)`` from ``span[U, P^T]`` (``P``: the kept vectors as rows)."""
         wide = _tree.wide_dtype(P.device)
-        G, H = P @ P.T, P @ AP.T
+        G, D = (P @ P.T).to(wide), (P @ AP.T).to(wide)
+        G, D = 0.5 * (G + G.T), 0.5 * (D + D.T)
+        eps = torch.finfo(P.dtype).eps
+        floor = max(DEPENDENT, 10 * math.sqrt(eps))
+        k = 0
         if space is not None:
             U, th = space
-            UP, UAP = (P @ U).T, (AP @ U).T  # U^T P^T, U^T (A P^T): exact, current operator
-            eye = torch.eye(U.shape[1], dtype=P.dtype, device=P.device)
-            G = torch.cat([torch.cat([eye, UP], 1), torch.cat([UP.T, G], 1)])
-            H = torch.cat([torch.cat([torch.diag(th), UAP], 1), torch.cat([UAP.T, H], 1)])
-        G, H = G.to(wide), H.to(wide)
+            C, UAP = (P @ U).T.to(wide), (AP @ U).T.to(wide)  # exact, current operator
+            s, V = torch.linalg.eigh(G - C.T @ C)
+            inside = s < INSIDE
+            N = None
+            Th = torch.diag(th.to(wide))
+            if bool(inside.any()):
+                a = C @ V[:, inside]
+                Qc, _ = torch.linalg.qr(a, mode="complete")
+                N = Qc[:, a.shape[1] :]
+                C, UAP, Th = N.T @ C, N.T @ UAP, N.T @ Th @ N
+            k = C.shape[0]
+            B = UAP - Th @ C
+            G = G - C.T @ C
+            D = D - C.T @ UAP - UAP.T @ C + C.T @ Th @ C
         s, V = torch.linalg.eigh(0.5 * (G + G.T))
-        # Z's columns have unit norm; nearly dependent combinations are dropped, since the
-        # stale block Theta would give them meaningless Rayleigh quotients
-        eps = torch.finfo(P.dtype).eps
-        keep = s > max(DEPENDENT, 10 * math.sqrt(eps) * float(s.max()))
-        T = V[:, keep] / s[keep].sqrt()  # Z T is orthonormal
-        lam, Y = torch.linalg.eigh(T.T @ (0.5 * (H + H.T)) @ T)
+        keep = s > floor * max(1.0, float(s.max()))
+        R = V[:, keep] / s[keep].sqrt()
+        Hq = R.T @ (0.5 * (D + D.T)) @ R
+        if space is not None:
+            Bq = B @ R
+            Hq = torch.cat([torch.cat([Th, Bq], 1), torch.cat([Bq.T, Hq], 1)])
+        lam, Y = torch.linalg.eigh(0.5 * (Hq + Hq.T))
         n = lam.numel()
         idx = sorted(set(range(min(self.smallest, n))) | set(range(max(0, n - self.rank), n)))
         pick = torch.tensor(idx, dtype=torch.long, device=lam.device)
-        lam, Y = lam[pick], (T @ Y)[:, pick]
+        lam, Y = lam[pick], Y[:, pick]
         positive = lam > 0
-        lam, Y = lam[positive], Y[:, positive].to(P.dtype)
+        lam, Y = lam[positive], Y[:, positive]
         if not lam.numel():
             self.reset()
             return
-        k = 0 if space is None else space[0].shape[1]
-        U_new = P.T @ Y[k:]
+        M2 = R @ Y[k:]
+        U_new = P.T @ M2.to(P.dtype)
         if space is not None:
-            U_new.addmm_(space[0], Y[:k])
+            M1 = Y[:k] - C @ M2
+            if N is not None:
+                M1 = N @ M1
+            U_new.addmm_(space[0], M1.to(P.dtype))
         self._U, self._theta = U_new, (lam - shift).to(P.dtype)
