@@ -26,6 +26,9 @@ STALE_SLOWDOWN = 1.5
 DEPENDENT = 1e-4
 INSIDE = 1e-3
 
+#: ``Basis`` multiplies its rotations out once its blocks are this fraction of ``k`` wider.
+LAZY = 0.25
+
 
 class _Recorder(LinearOperator):
     """Forwards products to ``op`` and keeps the first ``limit`` pairs ``(v, A v) / ||v||``
@@ -61,6 +64,78 @@ class _Recorder(LinearOperator):
     def pairs(self) -> tuple[Tensor, Tensor]:
         """``(P, A P)`` with the kept vectors as rows."""
         return self.V[: self.count], self.AV[: self.count]
+
+
+class Basis:
+    """The recycled basis ``U = [W_1 ... W_j] M`` (``n x k``) with its rotations deferred.
+
+    A Rayleigh-Ritz step rotates ``[U, P^T]`` into the new ``U``; doing it at once costs
+    ``n (k + m) k`` flops per solve. Kept as blocks and a small coefficient matrix ``M``,
+    the rotation costs ``(k + m) k^2`` until the blocks are ``LAZY`` (a quarter of ``k``)
+    wider than ``k``, when they are multiplied out. ``U^T X`` and ``U y`` go block by
+    block (``n`` times the blocks' width)."""
+
+    def __init__(self, blocks: tuple[Tensor, ...], M: Tensor | None = None):
+        self.blocks, self.M = blocks, M
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.blocks[0].shape[0]
+        return (n, self.blocks[0].shape[1] if self.M is None else self.M.shape[1])
+
+    @property
+    def width(self) -> int:
+        return sum(B.shape[1] for B in self.blocks)
+
+    def rows_t(self, X: Tensor) -> Tensor:
+        """``X U`` for ``X`` with ``n`` columns (so ``U^T X^T`` transposed)."""
+        Y = (
+            torch.cat([X @ B for B in self.blocks], -1)
+            if len(self.blocks) > 1
+            else X @ self.blocks[0]
+        )
+        return Y if self.M is None else Y @ self.M
+
+    def mul(self, y: Tensor) -> Tensor:
+        """``U y``."""
+        if self.M is None:
+            return self.blocks[0] @ y
+        c, out, at = self.M @ y, None, 0
+        for B in self.blocks:
+            part = B @ c[at : at + B.shape[1]]
+            out, at = part if out is None else out.add_(part), at + B.shape[1]
+        assert out is not None
+        return out
+
+    def dense(self) -> Tensor:
+        """``U`` multiplied out (``n x k``)."""
+        if self.M is None:
+            return self.blocks[0]
+        out, at = None, 0
+        for B in self.blocks:
+            part = B @ self.M[at : at + B.shape[1]]
+            out, at = part if out is None else out.add_(part), at + B.shape[1]
+        assert out is not None
+        return out
+
+    def select(self, keep: Tensor) -> Basis:
+        if self.M is None:
+            return Basis((self.blocks[0][:, keep],))
+        return Basis(self.blocks, self.M[:, keep])
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Basis:
+        M = None if self.M is None else self.M.to(device, dtype)
+        return Basis(tuple(B.to(device, dtype) for B in self.blocks), M)
+
+    def rotated(self, M1: Tensor, P: Tensor, M2: Tensor) -> Basis:
+        """The basis ``U M1 + P^T M2``, multiplied out once it is ``LAZY`` too wide."""
+        head = M1 if self.M is None else self.M @ M1
+        return Basis((*self.blocks, P.T), torch.cat([head, M2])).settled()
+
+    def settled(self) -> Basis:
+        """This basis, multiplied out if its blocks are ``LAZY`` wider than ``k``."""
+        k = self.shape[1]
+        return Basis((self.dense(),)) if self.width > k + LAZY * k else self
 
 
 class RecycledCG(Solver):
@@ -139,7 +214,7 @@ class RecycledCG(Solver):
 
     def reset(self) -> None:
         """Forget the recycled space; the next solve is plain CG (and starts a new one)."""
-        self._U: Tensor | None = None
+        self._U: Basis | None = None
         self._theta: Tensor | None = None  # Ritz values of the undamped operator
         self._base: float | None = None  # convergence rate of the solve that started U
 
@@ -149,7 +224,7 @@ class RecycledCG(Solver):
     def state_dict(self) -> dict[str, Any]:
         U, th = self._U, self._theta
         return {
-            "U": None if U is None else U.detach().clone(),
+            "U": None if U is None else U.dense().detach().clone(),
             "theta": None if th is None else th.detach().clone(),
             "base_rate": self._base,
         }
@@ -172,7 +247,7 @@ class RecycledCG(Solver):
                     "another solver."
                 )
             th = check_tensor(th, "theta", self, dtype=U.dtype, shape=(U.shape[1],), floating=True)
-            U, th = U.clone(), th.clone()
+            U, th = Basis((U.clone(),)), th.clone()
         self._U, self._theta, self._base = U, th, base
 
     def snapshot(self) -> Any:
@@ -183,7 +258,7 @@ class RecycledCG(Solver):
         self._U, self._theta, self._base = snapshot
 
     # -- solve ------------------------------------------------------------------------
-    def _space(self, op: LinearOperator, shift: float) -> tuple[Tensor, Tensor] | None:
+    def _space(self, op: LinearOperator, shift: float) -> tuple[Basis, Tensor] | None:
         """The kept ``(U, Theta)`` for this operator (``Theta`` shifted by its damping)."""
         U, th = self._U, self._theta
         if U is None or th is None or U.shape[0] != op.size:
@@ -192,16 +267,16 @@ class RecycledCG(Solver):
         U, th = U.to(op.device, op.dtype), th.to(op.device, op.dtype) + shift
         keep = th > 0
         if not bool(keep.all()):
-            U, th = U[:, keep], th[keep]
+            U, th = U.select(keep), th[keep]
         return (U, th) if th.numel() else None
 
-    def _preconditioner(self, U: Tensor, th: Tensor) -> Any:
+    def _preconditioner(self, U: Basis, th: Tensor) -> Any:
         bottom = self.smallest if th.numel() > self.smallest else 0
         sigma = torch.sort(th).values[bottom]
         scale = sigma / th - 1.0
 
         def apply(r: Tensor) -> Tensor:
-            return r + U @ (scale * (U.T @ r))
+            return r + U.mul(scale * U.rows_t(r))
 
         return apply
 
@@ -235,8 +310,8 @@ class RecycledCG(Solver):
         return better
 
     def _judge(
-        self, sol: Solution, space: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, Tensor] | None:
+        self, sol: Solution, space: tuple[Basis, Tensor] | None
+    ) -> tuple[Basis, Tensor] | None:
         """Drop the space once it stops helping (see :data:`STALE_SLOWDOWN`)."""
         if not sol.iterations:
             return space
@@ -250,7 +325,7 @@ class RecycledCG(Solver):
         return space
 
     def _rayleigh_ritz(
-        self, space: tuple[Tensor, Tensor] | None, P: Tensor, AP: Tensor, shift: float
+        self, space: tuple[Basis, Tensor] | None, P: Tensor, AP: Tensor, shift: float
     ) -> None:
         """New ``(U, Theta)`` from ``span[U, P^T]`` (``P``: the kept vectors as rows)."""
         wide = _tree.wide_dtype(P.device)
@@ -261,7 +336,7 @@ class RecycledCG(Solver):
         k = 0
         if space is not None:
             U, th = space
-            C, UAP = (P @ U).T.to(wide), (AP @ U).T.to(wide)  # exact, current operator
+            C, UAP = U.rows_t(P).T.to(wide), U.rows_t(AP).T.to(wide)  # exact, current operator
             s, V = torch.linalg.eigh(G - C.T @ C)
             inside = s < INSIDE
             N = None
@@ -292,11 +367,12 @@ class RecycledCG(Solver):
         if not lam.numel():
             self.reset()
             return
-        M2 = R @ Y[k:]
-        U_new = P.T @ M2.to(P.dtype)
-        if space is not None:
+        M2, P = R @ Y[k:], P.clone()
+        if space is None:
+            self._U = Basis((P.T,), M2.to(P.dtype)).settled()
+        else:
             M1 = Y[:k] - C @ M2
             if N is not None:
                 M1 = N @ M1
-            U_new.addmm_(space[0], M1.to(P.dtype))
-        self._U, self._theta = U_new, (lam - shift).to(P.dtype)
+            self._U = space[0].rotated(M1.to(P.dtype), P, M2.to(P.dtype))
+        self._theta = (lam - shift).to(P.dtype)
