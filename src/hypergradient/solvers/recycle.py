@@ -222,6 +222,10 @@ class RecycledCG(Solver):
     _KEYS = ("U", "theta", "base_rate")
 
     def state_dict(self) -> dict[str, Any]:
+        """``U`` (its deferred rotations multiplied out, also in the solver, so that a
+        resumed copy continues bit for bit), ``theta`` and ``base_rate``."""
+        if self._U is not None:
+            self._U = Basis((self._U.dense(),))
         U, th = self._U, self._theta
         return {
             "U": None if U is None else U.dense().detach().clone(),
