@@ -216,11 +216,35 @@ def render(d: dict[str, Any]) -> list[str]:
         for r in rows
     ]
     per_cols = "step:d|" + "|".join(f"{n}:d" for n in per[0] if n not in ("step", "damping"))
+    ms = [
+        {"step": r["step"], **{n: r[n].get("ms") for n in r if isinstance(r[n], dict)}}
+        for r in rows
+    ]
+    ms_cols = "step:d|" + "|".join(f"{n}:.1f" for n in ms[0] if n != "step")
     return [
         H.bullets(notes + [f"problem: {d['problem']}"]),
         "## Totals over the hyper-steps\n\n" + H.dict_table(d["summary"], cols),
         "## Products per hyper-step\n\n" + H.dict_table(per, per_cols + "|damping:.2e"),
+        "## Milliseconds per hyper-step (median of the interleaved rounds)\n\n"
+        + H.dict_table(ms, ms_cols),
     ]
+
+
+def plot(d: dict[str, Any], out: Any) -> Any:
+    """Products and milliseconds per hyper-step, one line per strategy."""
+    rows = d["rows"]
+    names = [n for n in rows[0] if isinstance(rows[0][n], dict)]
+    fig, axes = H.subplots(1, 2, 5.5, 3.8)
+    steps = [r["step"] for r in rows]
+    for n in names:
+        style = "k--" if n.startswith("TorchOpt") else "-"
+        axes[0, 0].plot(steps, [r[n]["hvps"] for r in rows], style, label=n)
+        axes[0, 1].plot(steps, [r[n].get("ms") or float("nan") for r in rows], style, label=n)
+    axes[0, 0].set(xlabel="hyper-step", ylabel="products to the target", yscale="log")
+    axes[0, 1].set(xlabel="hyper-step", ylabel="ms per hypergradient", yscale="log")
+    axes[0, 0].legend(fontsize=7)
+    name = NAME + ("_100k" if d["settings"].get("size") == "100k" else "")
+    return H.save_figure(fig, out / f"{name}.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     big = args.size == "100k"
     name, title = NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else "")
-    if H.replot(args, name, title, render):
+    if H.replot(args, name, title, render, plot):
         return 0
     H.start(args)
     H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 16), rounds=(1, 3))
@@ -256,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs", "size")
     keys += ("recycle", "smallest", "harvest")
     data = {"settings": {k: getattr(args, k) for k in keys}, "problem": pb_text, "rows": rows}
-    rep.write(data | {"summary": summary(rows)}, render)
+    rep.write(data | {"summary": summary(rows)}, render, plot)
     return 0
 
 
