@@ -154,18 +154,20 @@ def test_deferred_rotations_match_the_multiplied_out_basis():
     from hypergradient.solvers.recycle import Basis
 
     g = torch.Generator().manual_seed(3)
-    W, P = torch.randn(50, 8, generator=g, dtype=DT), torch.randn(2, 50, generator=g, dtype=DT)
+    W, P = torch.randn(8, 50, generator=g, dtype=DT), torch.randn(2, 50, generator=g, dtype=DT)
     M1, M2 = torch.randn(8, 8, generator=g, dtype=DT), torch.randn(2, 8, generator=g, dtype=DT)
-    lazy = Basis((W,)).rotated(M1, P, M2)  # 10 columns for k = 8: deferred
+    lazy = Basis((W,)).rotated(M1, P, M2)  # 10 rows for k = 8: deferred
     assert len(lazy.blocks) == 2 and lazy.shape == (50, 8)
-    U = W @ M1 + P.T @ M2
+    U = W.T @ M1 + P.T @ M2
     x, y = torch.randn(50, generator=g, dtype=DT), torch.randn(8, generator=g, dtype=DT)
-    assert torch.allclose(lazy.dense(), U) and torch.allclose(lazy.mul(y), U @ y)
-    assert torch.allclose(lazy.rows_t(P), P @ U) and torch.allclose(lazy.rows_t(x), x @ U)
+    assert torch.allclose(lazy.rows(), U.T) and torch.allclose(lazy.mul(y), U @ y)
+    assert torch.allclose(lazy.tmul(P.T), U.T @ P.T) and torch.allclose(lazy.tmul(x), U.T @ x)
+    keep = torch.tensor([True, False] * 4)
+    assert torch.allclose(lazy.select(keep).rows(), U.T[keep])
     wide = Basis((W,)).rotated(
         M1, torch.randn(6, 50, generator=g, dtype=DT), torch.eye(6, 8, dtype=DT)
     )
-    assert len(wide.blocks) == 1  # 14 > 8 + 8 / 4 columns: multiplied out
+    assert len(wide.blocks) == 1  # 14 > 8 + 8 / 4 rows: multiplied out
 
 
 def test_damping_shift_is_tracked():
