@@ -194,13 +194,10 @@ class RecycledCG(Solver):
     ``U``, ``Theta`` and reference rate are in :meth:`state_dict`.
 
     Limits: ``Theta`` is never refreshed by products, so its error grows as the operator
-    drifts (with exact eigenvectors the digits sequence below would need about half the
-    products), and a rank beyond the well-resolved Ritz pairs keeps poor ones. Measured on
-    ``benchmarks/reuse.py`` (digits MLP, 30 hyper-steps): 641 products to a 1e-2
-    hypergradient with ``rank=200, smallest=20`` against 1,777 for cold CG, in 1.97x less
-    time than TorchOpt's cold ``solve_cg``; on its dense replay (632 products there),
-    ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30 gave 650/647, ``harvest=32``
-    675, and a Rayleigh-Ritz step only every other solve 708.
+    drifts (exact eigenvectors would halve the products below). ``benchmarks/reuse.py``
+    (digits MLP, 30 hyper-steps, ``rank=200, smallest=20``): 641 products to a 1e-2
+    hypergradient against 1,777 for cold CG; on its dense replay (632 there) ranks
+    100/150/250 gave 767/679/650, ``smallest`` 10/30 650/647, ``harvest=32`` 675.
     """
 
     requires_symmetric = True
