@@ -1,6 +1,6 @@
 """Reuse across hyper-steps: products and seconds to a 1e-2 hypergradient, hyper-step by step.
 
-30 hyper-steps of per-weight decay on the digits MLP (tanh 64-32-10, 2,410 parameters and as
+30 hyper-steps of per-weight decay on the digits MLP (tanh 64-16-10, 1,210 parameters and as
 many log decays): each hyper-step moves the decays by Adam along the exact hypergradient and
 retrains the weights by ``--inner`` (10) L-BFGS iterations from the previous ones (a
 HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly the same
@@ -216,18 +216,42 @@ def render(d: dict[str, Any]) -> list[str]:
         for r in rows
     ]
     per_cols = "step:d|" + "|".join(f"{n}:d" for n in per[0] if n not in ("step", "damping"))
+    ms = [
+        {"step": r["step"], **{n: r[n].get("ms") for n in r if isinstance(r[n], dict)}}
+        for r in rows
+    ]
+    ms_cols = "step:d|" + "|".join(f"{n}:.1f" for n in ms[0] if n != "step")
     return [
         H.bullets(notes + [f"problem: {d['problem']}"]),
         "## Totals over the hyper-steps\n\n" + H.dict_table(d["summary"], cols),
         "## Products per hyper-step\n\n" + H.dict_table(per, per_cols + "|damping:.2e"),
+        "## Milliseconds per hyper-step (median of the interleaved rounds)\n\n"
+        + H.dict_table(ms, ms_cols),
     ]
+
+
+def plot(d: dict[str, Any], out: Any) -> Any:
+    """Products and milliseconds per hyper-step, one line per strategy."""
+    rows = d["rows"]
+    names = [n for n in rows[0] if isinstance(rows[0][n], dict)]
+    fig, axes = H.subplots(1, 2, 5.5, 3.8)
+    steps = [r["step"] for r in rows]
+    for n in names:
+        style = "k--" if n.startswith("TorchOpt") else "-"
+        axes[0, 0].plot(steps, [r[n]["hvps"] for r in rows], style, label=n)
+        axes[0, 1].plot(steps, [r[n].get("ms") or float("nan") for r in rows], style, label=n)
+    axes[0, 0].set(xlabel="hyper-step", ylabel="products to the target", yscale="log")
+    axes[0, 1].set(xlabel="hyper-step", ylabel="ms per hypergradient", yscale="log")
+    axes[0, 0].legend(fontsize=7)
+    name = NAME + ("_100k" if d["settings"].get("size") == "100k" else "")
+    return H.save_figure(fig, out / f"{name}.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = H.cli(__doc__)
     p.add_argument("--steps", type=int, help="hyper-steps (default 30, quick 3)")
-    p.add_argument("--hidden", type=int, help="hidden units (default 32, quick 4)")
-    p.add_argument("--lbfgs", type=int, help="initial L-BFGS iterations (default 300, quick 50)")
+    p.add_argument("--hidden", type=int, help="hidden units (default 16, quick 4)")
+    p.add_argument("--lbfgs", type=int, help="initial L-BFGS iterations (200; 100k: 300; quick 50)")
     p.add_argument("--inner", type=int, default=10, help="L-BFGS iterations per hyper-step")
     p.add_argument("--rounds", type=int, help="timed rounds per hyper-step (default 3, quick 1)")
     p.add_argument("--rank", type=int, help="Nystrom rank (default 40, quick 4)")
@@ -241,10 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     big = args.size == "100k"
     name, title = NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else "")
-    if H.replot(args, name, title, render):
+    if H.replot(args, name, title, render, plot):
         return 0
     H.start(args)
-    H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 32), lbfgs=(50, 300), rounds=(1, 3))
+    H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 16), rounds=(1, 3))
+    H.defaults(args, lbfgs=(50, 300 if big else 200))
     H.defaults(args, rank=(4, 40), recycle=(8, 16 if big else 200), harvest=(32, 32 if big else 64))
     H.defaults(args, smallest=(2, 4 if big else 20))
     rep = H.Report(name, title, args)
@@ -255,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs", "size")
     keys += ("recycle", "smallest", "harvest")
     data = {"settings": {k: getattr(args, k) for k in keys}, "problem": pb_text, "rows": rows}
-    rep.write(data | {"summary": summary(rows)}, render)
+    rep.write(data | {"summary": summary(rows)}, render, plot)
     return 0
 
 

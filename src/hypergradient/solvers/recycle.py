@@ -15,15 +15,22 @@ from ..operators import DampedOperator, LinearOperator
 from .base import Solution, Solver, check_keys, check_tensor
 from .cg import conjugate_gradient
 
-__all__ = ["STALE_SLOWDOWN", "RecycledCG"]
+__all__ = ["STALE_SLOWDOWN", "Basis", "RecycledCG"]
 
 #: ``RecycledCG`` forgets its recycled space once a solve converges this many times slower
 #: (in ``-log(relative residual)`` per iteration) than the plain CG solve that started it.
 STALE_SLOWDOWN = 1.5
 
-#: The Rayleigh-Ritz step drops the combinations of ``[U, P]`` whose squared norm is below
-#: this (nearly dependent columns).
+#: The Rayleigh-Ritz step drops the combinations of the harvest ``P`` whose part off
+#: ``span[U]`` has a squared norm below this (nearly dependent columns).
 DEPENDENT = 1e-4
+
+#: A harvested combination whose part off ``span[U]`` has a squared norm below this replaces
+#: the direction of ``U`` it covers (its Rayleigh quotients are exact, ``Theta`` is stale).
+INSIDE = 1e-3
+
+#: ``Basis`` multiplies its rotations out once its blocks are this fraction of ``k`` wider.
+LAZY = 0.25
 
 
 class _Recorder(LinearOperator):
@@ -46,7 +53,9 @@ class _Recorder(LinearOperator):
     def matvec(self, v: Tensor) -> Tensor:
         w = self.op.matvec(v)
         if self.count < self.limit:
-            scale = float(torch.linalg.vector_norm(v))
+            scale = math.sqrt(float(torch.dot(v, v)))  # 15x faster than vector_norm
+            if not 0.0 < scale < math.inf:
+                scale = float(torch.linalg.vector_norm(v))  # dot over/underflowed
             if 0.0 < scale < math.inf:
                 if not self.V.shape[0]:
                     self.V, self.AV = torch.empty(
@@ -60,6 +69,78 @@ class _Recorder(LinearOperator):
     def pairs(self) -> tuple[Tensor, Tensor]:
         """``(P, A P)`` with the kept vectors as rows."""
         return self.V[: self.count], self.AV[: self.count]
+
+
+class Basis:
+    """The recycled basis ``U`` (``n x k``) as rows, ``U^T = M^T [W_1; ...; W_j]``, with its
+    rotations deferred.
+
+    A Rayleigh-Ritz step rotates ``[U, P^T]`` into the new ``U``; doing it at once costs
+    ``n (k + m) k`` flops per solve. Kept as blocks of rows and a small coefficient matrix
+    ``M``, the rotation costs ``(k + m) k^2`` until the blocks are ``LAZY`` (a quarter of
+    ``k``) wider than ``k``, when they are multiplied out. Rows make ``U^T r`` and ``U y``
+    one contiguous pass each (at ``n = 1e5`` in float32, ``U^T r`` is 4x faster than on
+    an ``n x k`` column block)."""
+
+    def __init__(self, blocks: tuple[Tensor, ...], M: Tensor | None = None):
+        self.blocks, self.M = blocks, M
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, k)``."""
+        n = self.blocks[0].shape[1]
+        return (n, self.blocks[0].shape[0] if self.M is None else self.M.shape[1])
+
+    @property
+    def width(self) -> int:
+        """The blocks' total number of rows (``k`` once multiplied out)."""
+        return sum(B.shape[0] for B in self.blocks)
+
+    def tmul(self, X: Tensor) -> Tensor:
+        """``U^T X`` for ``X`` of ``n`` rows (a vector or a matrix)."""
+        Y = torch.cat([B @ X for B in self.blocks])
+        return Y if self.M is None else self.M.T @ Y
+
+    def mul(self, y: Tensor) -> Tensor:
+        """``U y``."""
+        if self.M is None:
+            return self.blocks[0].T @ y
+        c = (self.M @ y).split([B.shape[0] for B in self.blocks])
+        out = self.blocks[0].T @ c[0]
+        for B, part in zip(self.blocks[1:], c[1:]):
+            out.add_(B.T @ part)
+        return out
+
+    def rows(self) -> Tensor:
+        """``U^T`` multiplied out (``k x n``)."""
+        if self.M is None:
+            return self.blocks[0]
+        parts = self.M.split([B.shape[0] for B in self.blocks])
+        out = parts[0].T @ self.blocks[0]
+        for B, part in zip(self.blocks[1:], parts[1:]):
+            out.addmm_(part.T, B)
+        return out
+
+    def select(self, keep: Tensor) -> Basis:
+        """The columns of ``U`` where ``keep`` (a boolean mask) is true."""
+        if self.M is None:
+            return Basis((self.blocks[0][keep],))
+        return Basis(self.blocks, self.M[:, keep])
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Basis:
+        """This basis on ``device`` in ``dtype`` (no copy when it already is)."""
+        M = None if self.M is None else self.M.to(device, dtype)
+        return Basis(tuple(B.to(device, dtype) for B in self.blocks), M)
+
+    def rotated(self, M1: Tensor, P: Tensor, M2: Tensor) -> Basis:
+        """The basis ``U M1 + P^T M2`` (``P``: rows), multiplied out once ``LAZY`` too wide."""
+        head = M1 if self.M is None else self.M @ M1
+        return Basis((*self.blocks, P), torch.cat([head, M2])).settled()
+
+    def settled(self) -> Basis:
+        """This basis, multiplied out if its blocks are ``LAZY`` wider than ``k``."""
+        k = self.shape[1]
+        return Basis((self.rows(),)) if self.width > k + LAZY * k else self
 
 
 class RecycledCG(Solver):
@@ -78,10 +159,16 @@ class RecycledCG(Solver):
 
     which maps each kept eigen-direction of ``A`` near ``sigma``: the largest eigenvalues
     come down and the smallest go up, so the condition number of what CG sees is that of
-    the rest of the spectrum. The Rayleigh-Ritz step needs ``Z^T A Z`` for
-    ``Z = [U, P]``: the block ``P^T A P`` and the cross block ``U^T (A P)`` are exact
-    (current operator, from the stored products); only ``U^T A U`` is the previous one,
-    ``Theta``. No product is spent on recycling.
+    the rest of the spectrum. The Rayleigh-Ritz step needs ``Z^T A Z`` on
+    ``span[U, P]``: ``P^T A P`` and ``U^T (A P)`` are exact (current operator, from the
+    stored products); only ``U^T A U`` is the previous one, ``Theta``. No product is spent
+    on recycling. The harvest is projected off ``U`` in small matrices only (Gram
+    ``P^T P - C^T C`` with ``C = U^T P``, an ``m x m`` eigen-decomposition); where a
+    harvested direction lies (nearly, :data:`INSIDE`) in ``span[U]``, the direction of
+    ``U`` it covers is dropped in its favour, since its products are exact and ``Theta``
+    is stale there (on ``benchmarks/reuse.py`` this took the digits sequence from 1,132
+    to 632 products against keeping ``U`` whole). The new ``U = U M_1 + P M_2`` is kept as
+    blocks and a coefficient matrix (:class:`Basis`) until it is :data:`LAZY` too wide.
 
     Safeguards: ``M`` is symmetric positive definite whatever the kept pairs (``theta > 0``,
     ``U`` orthonormal), so CG converges on a positive-definite operator whatever the
@@ -107,10 +194,10 @@ class RecycledCG(Solver):
     ``U``, ``Theta`` and reference rate are in :meth:`state_dict`.
 
     Limits: ``Theta`` is never refreshed by products, so its error grows as the operator
-    drifts, and a rank beyond the well-resolved Ritz pairs keeps poor ones. Measured on
-    ``benchmarks/reuse.py`` (digits MLP, 30 hyper-steps): 638 products to a 1e-2
-    hypergradient with ``rank=200, smallest=20`` against 1,777 for cold CG, 765 with the
-    defaults; ``rank=300`` or ``smallest=40`` gave 830-1,000.
+    drifts (exact eigenvectors would halve the products below). ``benchmarks/reuse.py``
+    (digits MLP, 30 hyper-steps, ``rank=200, smallest=20``): 641 products to a 1e-2
+    hypergradient against 1,777 for cold CG; on its dense replay (632 there) ranks
+    100/150/250 gave 767/679/650, ``smallest`` 10/30 650/647, ``harvest=32`` 675.
     """
 
     requires_symmetric = True
@@ -138,7 +225,7 @@ class RecycledCG(Solver):
 
     def reset(self) -> None:
         """Forget the recycled space; the next solve is plain CG (and starts a new one)."""
-        self._U: Tensor | None = None
+        self._U: Basis | None = None
         self._theta: Tensor | None = None  # Ritz values of the undamped operator
         self._base: float | None = None  # convergence rate of the solve that started U
 
@@ -146,9 +233,15 @@ class RecycledCG(Solver):
     _KEYS = ("U", "theta", "base_rate")
 
     def state_dict(self) -> dict[str, Any]:
+        """``U`` (its deferred rotations multiplied out, also in the solver, so that a
+        resumed copy continues bit for bit), ``theta`` and ``base_rate``."""
+        if self._U is not None:
+            self._U = Basis((self._U.rows(),))
         U, th = self._U, self._theta
         return {
-            "U": None if U is None else U.detach().clone(),
+            "U": None
+            if U is None
+            else U.rows().detach().T.clone(memory_format=torch.contiguous_format),
             "theta": None if th is None else th.detach().clone(),
             "base_rate": self._base,
         }
@@ -171,7 +264,7 @@ class RecycledCG(Solver):
                     "another solver."
                 )
             th = check_tensor(th, "theta", self, dtype=U.dtype, shape=(U.shape[1],), floating=True)
-            U, th = U.clone(), th.clone()
+            U, th = Basis((U.T.clone(memory_format=torch.contiguous_format),)), th.clone()
         self._U, self._theta, self._base = U, th, base
 
     def snapshot(self) -> Any:
@@ -182,7 +275,7 @@ class RecycledCG(Solver):
         self._U, self._theta, self._base = snapshot
 
     # -- solve ------------------------------------------------------------------------
-    def _space(self, op: LinearOperator, shift: float) -> tuple[Tensor, Tensor] | None:
+    def _space(self, op: LinearOperator, shift: float) -> tuple[Basis, Tensor] | None:
         """The kept ``(U, Theta)`` for this operator (``Theta`` shifted by its damping)."""
         U, th = self._U, self._theta
         if U is None or th is None or U.shape[0] != op.size:
@@ -191,16 +284,16 @@ class RecycledCG(Solver):
         U, th = U.to(op.device, op.dtype), th.to(op.device, op.dtype) + shift
         keep = th > 0
         if not bool(keep.all()):
-            U, th = U[:, keep], th[keep]
+            U, th = U.select(keep), th[keep]
         return (U, th) if th.numel() else None
 
-    def _preconditioner(self, U: Tensor, th: Tensor) -> Any:
+    def _preconditioner(self, U: Basis, th: Tensor) -> Any:
         bottom = self.smallest if th.numel() > self.smallest else 0
         sigma = torch.sort(th).values[bottom]
         scale = sigma / th - 1.0
 
         def apply(r: Tensor) -> Tensor:
-            return r + U @ (scale * (U.T @ r))
+            return r + U.mul(scale * U.tmul(r))
 
         return apply
 
@@ -234,8 +327,8 @@ class RecycledCG(Solver):
         return better
 
     def _judge(
-        self, sol: Solution, space: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, Tensor] | None:
+        self, sol: Solution, space: tuple[Basis, Tensor] | None
+    ) -> tuple[Basis, Tensor] | None:
         """Drop the space once it stops helping (see :data:`STALE_SLOWDOWN`)."""
         if not sol.iterations:
             return space
@@ -249,36 +342,54 @@ class RecycledCG(Solver):
         return space
 
     def _rayleigh_ritz(
-        self, space: tuple[Tensor, Tensor] | None, P: Tensor, AP: Tensor, shift: float
+        self, space: tuple[Basis, Tensor] | None, P: Tensor, AP: Tensor, shift: float
     ) -> None:
-        """New ``(U, Theta)`` from ``Z = [U, P^T]`` (``P``: the kept vectors as rows)."""
+        """New ``(U, Theta)`` from ``span[U, P^T]`` (``P``: the kept vectors as rows)."""
         wide = _tree.wide_dtype(P.device)
-        G, H = P @ P.T, P @ AP.T
+        G, D = (P @ P.T).to(wide), (P @ AP.T).to(wide)
+        G, D = 0.5 * (G + G.T), 0.5 * (D + D.T)
+        eps = torch.finfo(P.dtype).eps
+        floor = max(DEPENDENT, 10 * math.sqrt(eps))
+        k = 0
         if space is not None:
             U, th = space
-            UP, UAP = (P @ U).T, (AP @ U).T  # U^T P^T, U^T (A P^T): exact, current operator
-            eye = torch.eye(U.shape[1], dtype=P.dtype, device=P.device)
-            G = torch.cat([torch.cat([eye, UP], 1), torch.cat([UP.T, G], 1)])
-            H = torch.cat([torch.cat([torch.diag(th), UAP], 1), torch.cat([UAP.T, H], 1)])
-        G, H = G.to(wide), H.to(wide)
+            C, UAP = U.tmul(P.T).to(wide), U.tmul(AP.T).to(wide)  # exact, current operator
+            s, V = torch.linalg.eigh(G - C.T @ C)
+            inside = s < INSIDE
+            N = None
+            Th = torch.diag(th.to(wide))
+            if bool(inside.any()):
+                a = C @ V[:, inside]
+                Qc, _ = torch.linalg.qr(a, mode="complete")
+                N = Qc[:, a.shape[1] :]
+                C, UAP, Th = N.T @ C, N.T @ UAP, N.T @ Th @ N
+            k = C.shape[0]
+            B = UAP - Th @ C
+            G = G - C.T @ C
+            D = D - C.T @ UAP - UAP.T @ C + C.T @ Th @ C
         s, V = torch.linalg.eigh(0.5 * (G + G.T))
-        # Z's columns have unit norm; nearly dependent combinations are dropped, since the
-        # stale block Theta would give them meaningless Rayleigh quotients
-        eps = torch.finfo(P.dtype).eps
-        keep = s > max(DEPENDENT, 10 * math.sqrt(eps) * float(s.max()))
-        T = V[:, keep] / s[keep].sqrt()  # Z T is orthonormal
-        lam, Y = torch.linalg.eigh(T.T @ (0.5 * (H + H.T)) @ T)
+        keep = s > floor * max(1.0, float(s.max()))
+        R = V[:, keep] / s[keep].sqrt()
+        Hq = R.T @ (0.5 * (D + D.T)) @ R
+        if space is not None:
+            Bq = B @ R
+            Hq = torch.cat([torch.cat([Th, Bq], 1), torch.cat([Bq.T, Hq], 1)])
+        lam, Y = torch.linalg.eigh(0.5 * (Hq + Hq.T))
         n = lam.numel()
         idx = sorted(set(range(min(self.smallest, n))) | set(range(max(0, n - self.rank), n)))
         pick = torch.tensor(idx, dtype=torch.long, device=lam.device)
-        lam, Y = lam[pick], (T @ Y)[:, pick]
+        lam, Y = lam[pick], Y[:, pick]
         positive = lam > 0
-        lam, Y = lam[positive], Y[:, positive].to(P.dtype)
+        lam, Y = lam[positive], Y[:, positive]
         if not lam.numel():
             self.reset()
             return
-        k = 0 if space is None else space[0].shape[1]
-        U_new = P.T @ Y[k:]
-        if space is not None:
-            U_new.addmm_(space[0], Y[:k])
-        self._U, self._theta = U_new, (lam - shift).to(P.dtype)
+        M2, P = R @ Y[k:], P.clone()
+        if space is None:
+            self._U = Basis((P,), M2.to(P.dtype)).settled()
+        else:
+            M1 = Y[:k] - C @ M2
+            if N is not None:
+                M1 = N @ M1
+            self._U = space[0].rotated(M1.to(P.dtype), P, M2.to(P.dtype))
+        self._theta = (lam - shift).to(P.dtype)
