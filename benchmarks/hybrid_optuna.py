@@ -135,9 +135,9 @@ class Hybrid:
         else:
             accepted = self.polisher.tell(val, lambda: self.hypergradient(params, phi))
             self.counts["accepted" if accepted else "rejected"] += 1
-            if self.space == "start" and math.isfinite(val):
-                self.reporter.report(val, {"phi": phi})
-            elif math.isfinite(val):
+            if math.isfinite(val) and self.space == "start":
+                self.reporter.report(val, {"phi": phi})  # the trial's own refinement
+            elif math.isfinite(val):  # a trial of its own
                 lam = dict(zip(self.task.names, phi.exp().tolist()))
                 add_refined_trial(self.study, lam, val, self.source)
         spent = time.perf_counter() - known[2] - (self.run.hyper_seconds - hyper0)

@@ -299,10 +299,14 @@ def finite_probe(t: Tensor) -> Tensor:
     """
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=t.device)
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    wide = torch.float32 if t.element_size() < 4 else None
-    return t.sum(dtype=wide).to(torch.float32)
+    return _sum(t).to(torch.float32)
+
+
+def _sum(t: Tensor) -> Tensor:
+    """The sum of a floating or complex ``t``'s entries (real and imaginary parts), in
+    float32 for half precision, else in ``t``'s own precision."""
+    v = torch.view_as_real(t) if t.is_complex() else t
+    return v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
 
 
 def is_finite(t: Tensor) -> bool:
@@ -326,8 +330,7 @@ def all_finite(leaves: Iterable[Tensor | None]) -> bool:
         if t is None or not t.numel() or not (t.is_floating_point() or t.is_complex()):
             continue
         present.append(t)
-        v = torch.view_as_real(t) if t.is_complex() else t
-        probe = v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
+        probe = _sum(t)
         total = probe if total is None else total + probe.to(total.device)
     if total is None or math.isfinite(float(total)):
         return True

@@ -122,19 +122,15 @@ def _local_terms(
     if stationarity is None:  # a fixed point: T(theta) - theta
         stationarity = op.residual
     wide = _tree.wide_dtype(op.device)
-    inner = getattr(op, "loss", None)
-    values = [value.to(op.device, wide), _nan(wide, op.device) if inner is None else inner]
-    values[1] = values[1].to(op.device, wide)
+    inner = getattr(op, "loss", None)  # a fixed point has none
+    inner = torch.full((), math.nan) if inner is None else inner
+    values = [value.to(op.device, wide), inner.to(op.device, wide)]
     terms = [
         _tree.cat(gp, op.param_spec, op.dtype, op.device),
         _tree.cat(gh, op.hparam_spec, hdtype, op.device),
         stationarity,
     ]
     return terms + ([torch.stack(values)] if group is not None else values)
-
-
-def _nan(dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.full((), math.nan, dtype=dtype, device=device)
 
 
 def _like(inputs: Inputs) -> list[Tensor]:

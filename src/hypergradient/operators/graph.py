@@ -82,13 +82,10 @@ class GraphOperator(LinearOperator):
 
     def _build(self, replay: bool = False) -> None:
         """Evaluate the function with its graph for the current (double) mode."""
-        replaying = replay and self._rng is not None
-        if self.mode == "double_math" or replaying:
+        rng = self._rng.replay() if replay and self._rng is not None else None
+        if self.mode == "double_math" or rng is not None:
             kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
-            rng = (
-                self._rng.replay() if self._rng is not None and replay else contextlib.nullcontext()
-            )
-            with rng, kernels, torch.enable_grad():
+            with rng or contextlib.nullcontext(), kernels, torch.enable_grad():
                 outputs = self._graph_outputs()
         else:  # the usual first build: no context but grad mode
             with torch.enable_grad():
