@@ -29,9 +29,9 @@ SGDS = {
 }
 
 
-def decay_problem(dtype=DT):
+def decay_problem(dtype=DT, dropout=0.0):
     """The MLP of test_trajectory_modes with its three decays as the only hyperparameters."""
-    inner0, outer, params0, h = mlp_problem(dtype)
+    inner0, outer, params0, h = mlp_problem(dtype, dropout=dropout)
 
     def inner(p, hh):
         return inner0(p, {"decay": hh["decay"], "lr": h["lr"]})
@@ -101,3 +101,16 @@ def test_only_sgd_without_tuned_settings_takes_the_linear_path(make, linear, mon
     fwd = hg.forward_mode(inner, outer, params0, h, 6, opt)
     rev = hg.unrolled(inner, outer, params0, h, 6, opt, hvp="double")
     assert seen == [linear] and rel(fwd, rev) < 1e-10
+
+
+def test_the_linear_update_under_dropout_uses_each_steps_masks():
+    inner, outer, params0, h = decay_problem(dropout=0.3)
+    opt = hg.optim.sgd(lr=0.3, momentum=0.5)
+    torch.manual_seed(3)
+    rev = hg.unrolled(inner, outer, params0, h, 6, opt, hvp="double")
+    torch.manual_seed(3)
+    fwd = hg.forward_mode(inner, outer, params0, h, 6, opt)
+    torch.manual_seed(4)
+    other = hg.forward_mode(inner, outer, params0, h, 6, opt)
+    assert rel(fwd, rev) < 1e-10
+    assert rel(other, rev) > 1e-6  # other masks, another hypergradient: the test can fail
