@@ -109,8 +109,8 @@ def test_bad_hvp_is_refused_by_forward_mode():
 
 
 def test_one_inner_evaluation_per_step_after_the_first_and_dropout_masks_shared():
-    # From step 1 on, the gradient is read off the tangents' double-backward graph (one
-    # evaluation of inner_loss per step, not two); under dropout the step's one evaluation
+    # The gradient is read off the tangents' double-backward graph (one evaluation of
+    # inner_loss per step, not two); under dropout the step's one evaluation
     # draws the masks the reverse mode's steps draw from the same seed.
     for dropout in (0.0, 0.3):
         inner, outer, params0, h = mlp_problem(dropout=dropout)
@@ -123,7 +123,7 @@ def test_one_inner_evaluation_per_step_after_the_first_and_dropout_masks_shared(
         opt = hg.optim.sgd(lr=h["lr"], momentum=0.9)
         torch.manual_seed(5)
         fwd = hg.forward_mode(counted, outer, params0, h, 8, opt, hvp="double")
-        assert len(calls) == 1 + 8 + 1  # the set-up check, step 0 twice, one per later step
+        assert len(calls) == 1 + 8  # the set-up check, then one per step
         torch.manual_seed(5)
         rev = hg.unrolled(inner, outer, params0, h, 8, opt, hvp="double")
         assert rel(fwd, rev) < 1e-10

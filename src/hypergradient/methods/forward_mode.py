@@ -111,13 +111,14 @@ def _fused_step(
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor] | None:
     """Step ``t``'s gradient tangents and its gradient from one graph, or None.
 
-    Once double backward has worked on this run (step 0 takes the separate path), the
-    gradient that the tangents' graph holds is the step's gradient: one gradient per step
-    saved. The graph's evaluation is the step's first (it records the step's random
-    numbers); should it fail, the step is redone the separate way from the same random
-    state. Without a process group only (the separate path averages over the ranks).
+    While double backward works on this run, the gradient that the tangents' graph holds
+    is the step's gradient: one gradient per step saved. The graph's evaluation is the
+    step's first (it records the step's random numbers); should it fail, the step is redone
+    the separate way from the same random state, which checks the graph again (a
+    ``@once_differentiable`` node) and falls back as ``hvp`` allows. Without a process
+    group only (the separate path averages over the ranks).
     """
-    if run.group is not None or tangents.mode != "double" or not tangents.checked:
+    if run.group is not None or tangents.mode != "double":
         return None
     before = rng_state(run.device)
     try:
@@ -127,6 +128,7 @@ def _fused_step(
         if not is_double_backward_error(error):
             raise
         set_rng_state(before, run.device)  # the separate path draws what the failed pass drew
+        tangents.checked = False  # and inspects the graph it builds again
         return None
     g, loss = tangents.primal
     return tuple(tg), tuple(g), loss
