@@ -240,18 +240,21 @@ class RecycledCG(Solver):
         return space
 
     def _rayleigh_ritz(
-        self, space: tuple[Basis, Tensor] | None, P: Tensor, AP: Tensor, shift: float
+        self, space: tuple[Basis, Tensor] | None, P: Tensor, AP: Tensor, X: Tensor, shift: float
     ) -> None:
-        """New ``(U, Theta)`` from ``span[U, P^T]`` (``P``: the kept vectors as rows)."""
+        """New ``(U, Theta)`` from ``span[U, P^T]`` (``P``: the kept vectors as rows, ``X``
+        the block of ``P`` and ``A P`` interleaved)."""
         wide = _tree.wide_dtype(P.device)
-        G, D = (P @ P.T).to(wide), (P @ AP.T).to(wide)
+        PX = (P @ X.T).to(wide)
+        G, D = PX[:, 0::2], PX[:, 1::2]
         G, D = 0.5 * (G + G.T), 0.5 * (D + D.T)
         eps = torch.finfo(P.dtype).eps
         floor = max(DEPENDENT, 10 * math.sqrt(eps))
         k = 0
         if space is not None:
             U, th = space
-            C, UAP = U.tmul(P.T).to(wide), U.tmul(AP.T).to(wide)  # exact, current operator
+            UX = U.tmul(X.T).to(wide)
+            C, UAP = UX[:, 0::2], UX[:, 1::2]  # exact, current operator
             s, V = torch.linalg.eigh(G - C.T @ C)
             inside = s < INSIDE
             N, thw = None, th.to(wide)
@@ -285,7 +288,7 @@ class RecycledCG(Solver):
         if not lam.numel():
             self.reset()
             return
-        M2, P = R @ Y[k:], P.clone()
+        M2, P = R @ Y[k:], P.clone(memory_format=torch.contiguous_format)
         if space is None:
             self._U = Basis((P,), M2.to(P.dtype)).settled()
         else:

@@ -17,13 +17,14 @@ LAZY = 0.25
 
 
 class Recorder(LinearOperator):
-    """Forwards products to ``op`` and keeps the first ``limit`` pairs ``(v, A v) / ||v||``
-    as rows of ``V`` and ``AV`` (allocated at the first product)."""
+    """Forwards products to ``op`` and keeps the first ``limit`` pairs ``(v, A v) / ||v||``,
+    interleaved as rows ``2 i`` and ``2 i + 1`` of one buffer (allocated at the first
+    product), so that ``Z [P; A P]^T`` is one matrix product over a contiguous block."""
 
     def __init__(self, op: LinearOperator, limit: int):
         super().__init__(op.size, op.dtype, op.device)
         self.op, self.limit, self.count = op, limit, 0
-        self.V = self.AV = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
+        self.X = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
 
     @property
     def num_matvecs(self) -> int:
@@ -40,18 +41,19 @@ class Recorder(LinearOperator):
             if not 0.0 < scale < math.inf:
                 scale = float(torch.linalg.vector_norm(v))  # dot over/underflowed
             if 0.0 < scale < math.inf:
-                if not self.V.shape[0]:
-                    self.V, self.AV = torch.empty(
-                        2, self.limit, self.size, dtype=v.dtype, device=v.device
-                    )
-                torch.div(v, scale, out=self.V[self.count])
-                torch.div(w, scale, out=self.AV[self.count])
+                if not self.X.shape[0]:
+                    self.X = torch.empty(2 * self.limit, self.size, dtype=v.dtype, device=v.device)
+                torch.div(v, scale, out=self.X[2 * self.count])
+                torch.div(w, scale, out=self.X[2 * self.count + 1])
                 self.count += 1
         return w
 
-    def pairs(self) -> tuple[Tensor, Tensor]:
-        """``(P, A P)`` with the kept vectors as rows."""
-        return self.V[: self.count], self.AV[: self.count]
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(P, A P, X)``: the kept vectors and their products as rows, and ``X``, the
+        contiguous block of both (row ``2 i`` of ``X`` is ``p_i``, row ``2 i + 1``
+        ``A p_i``)."""
+        X = self.X[: 2 * self.count]
+        return X[0::2], X[1::2], X
 
 
 class Basis:
