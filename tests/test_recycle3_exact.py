@@ -68,7 +68,7 @@ def test_kept_pairs_are_exact_ritz_pairs_on_a_fixed_operator():
     A, b = next(drifting(120, 1, 5))
     solver, x0 = hg.RecycledCG(rank=20, smallest=4, tol=0.0, maxiter=10, harvest=16), None
     g = torch.Generator().manual_seed(1)
-    for step in range(6):
+    for _ in range(6):
         rhs = b + 0.1 * torch.randn(120, generator=g, dtype=DT)
         op = hg.MatrixOperator(A)
         sol = solver.solve(op, rhs, x0)
