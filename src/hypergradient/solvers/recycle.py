@@ -75,17 +75,27 @@ class RecycledCG(Solver):
         maxiter, tol, atol: as :class:`~hypergradient.solvers.CG`.
         harvest: products of a solve kept for the next Rayleigh-Ritz step (memory).
 
-    Cost: the products of CG (one per iteration, plus the warm start's), nothing more;
-    ``O(n k)`` flops per iteration for ``M^{-1}`` and ``O(n k (k + m))`` per solve for
-    the Rayleigh-Ritz step (``k = rank + smallest``, ``m <= harvest``). Memory: ``U``
-    (``n k``) across solves, ``2 n m`` during a solve. ``reset()`` forgets ``U``. The kept
-    ``U``, ``Theta`` and reference rate are in :meth:`state_dict`.
+    Cost: the products of CG (one per iteration, plus the warm start's), nothing more.
+    Per iteration ``M^{-1} r = r + W^T K W r``: two passes over the stacked blocks ``W`` of
+    ``U`` (``K = M diag(sigma / Theta - 1) M^T``, formed once per solve), ``4 n k`` flops.
+    Per solve, the Rayleigh-Ritz step: ``P X^T`` and ``W X^T`` on the recorder's
+    interleaved block ``X = [p_1; A p_1; ...]`` (``2 n m (m + k)`` flops), an eigenproblem
+    of order ``k + m`` and, every few solves, the multiplied-out rotation (``n k^2``);
+    ``k = rank + smallest``, ``m <= harvest``. Memory: ``U`` (``n k``) across solves,
+    ``2 n m`` during a solve. ``reset()`` forgets ``U``. The kept ``U``, ``Theta`` and
+    reference rate are in :meth:`state_dict`.
 
     Limits: ``Theta`` is never refreshed by products, so its error grows as the operator
-    drifts (exact eigenvectors would halve the products below). ``benchmarks/reuse.py``
-    (digits MLP, 30 hyper-steps, ``rank=200, smallest=20``): 641 products to a 1e-2
-    hypergradient against 1,777 for cold CG; on its dense replay (632 there) ranks
-    100/150/250 gave 767/679/650, ``smallest`` 10/30 650/647, ``harvest=32`` 675.
+    drifts. On the dense replay of ``benchmarks/reuse.py`` (digits MLP, 30 hyper-steps,
+    ``rank=200, smallest=20``: 635 products to a 1e-2 hypergradient against 1,777 for
+    cold CG), the exact eigenpairs of each operator would need 236, those of the previous
+    operator 334, the kept ``U`` with exact current ``U^T A U`` (k products a step, not
+    spent) 543, and exact bottom eigenvectors with the recycled top 456: most of the gap
+    is the quality of the ``smallest`` group, whose stale Ritz values are 2-3x too small.
+    Refreshing a few of them with products (2 or 5 a solve), a Galerkin-deflated initial
+    guess, a different bottom scaling, ``INSIDE`` 1e-2/1e-4 and ranks 300/400 did not
+    help (635 -> 630-1,072). Ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30
+    650/647, ``harvest=32`` 675.
     """
 
     requires_symmetric = True
