@@ -1,4 +1,17 @@
-"""Conjugate gradient that recycles spectral information from one solve to the next."""
+"""Conjugate gradient that recycles spectral information from one solve to the next.
+
+Where the products go (``Theta`` is never refreshed by products, so its error grows as
+the operator drifts). On the dense replay of ``benchmarks/reuse.py`` (digits MLP, 30 hyper-steps,
+``rank=200, smallest=20``: 635 products to a 1e-2 hypergradient against 1,777 for
+cold CG), the exact eigenpairs of each operator would need 236, those of the previous
+operator 334, the kept ``U`` with exact current ``U^T A U`` (k products a step, not
+spent) 543, and exact bottom eigenvectors with the recycled top 456: most of the gap
+is the quality of the ``smallest`` group, whose stale Ritz values are 2-3x too small.
+Refreshing a few of them with products (2 or 5 a solve), a Galerkin-deflated initial
+guess, a different bottom scaling, ``INSIDE`` 1e-2/1e-4 and ranks 300/400 did not
+help (635 -> 630-1,072). Ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30
+650/647, ``harvest=32`` 675.
+"""
 
 from __future__ import annotations
 
@@ -76,26 +89,16 @@ class RecycledCG(Solver):
         harvest: products of a solve kept for the next Rayleigh-Ritz step (memory).
 
     Cost: the products of CG (one per iteration, plus the warm start's), nothing more.
-    Per iteration ``M^{-1} r = r + W^T K W r``: two passes over the stacked blocks ``W`` of
-    ``U`` (``K = M diag(sigma / Theta - 1) M^T``, formed once per solve), ``4 n k`` flops.
-    Per solve, the Rayleigh-Ritz step: ``P X^T`` and ``W X^T`` on the recorder's
+    Per iteration ``M^{-1} r = r + W^T K W r`` (:meth:`Basis.preconditioner`), ``4 n k``
+    flops. Per solve, the Rayleigh-Ritz step: ``P X^T`` and ``W X^T`` on the recorder's
     interleaved block ``X = [p_1; A p_1; ...]`` (``2 n m (m + k)`` flops), an eigenproblem
     of order ``k + m`` and, every few solves, the multiplied-out rotation (``n k^2``);
     ``k = rank + smallest``, ``m <= harvest``. Memory: ``U`` (``n k``) across solves,
-    ``2 n m`` during a solve. ``reset()`` forgets ``U``. The kept ``U``, ``Theta`` and
+    ``2 n m`` during a solve. ``reset()`` forgets ``U``; ``U``, ``Theta`` and the
     reference rate are in :meth:`state_dict`.
 
     Limits: ``Theta`` is never refreshed by products, so its error grows as the operator
-    drifts. On the dense replay of ``benchmarks/reuse.py`` (digits MLP, 30 hyper-steps,
-    ``rank=200, smallest=20``: 635 products to a 1e-2 hypergradient against 1,777 for
-    cold CG), the exact eigenpairs of each operator would need 236, those of the previous
-    operator 334, the kept ``U`` with exact current ``U^T A U`` (k products a step, not
-    spent) 543, and exact bottom eigenvectors with the recycled top 456: most of the gap
-    is the quality of the ``smallest`` group, whose stale Ritz values are 2-3x too small.
-    Refreshing a few of them with products (2 or 5 a solve), a Galerkin-deflated initial
-    guess, a different bottom scaling, ``INSIDE`` 1e-2/1e-4 and ranks 300/400 did not
-    help (635 -> 630-1,072). Ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30
-    650/647, ``harvest=32`` 675.
+    drifts; the module docstring says where the products go on ``benchmarks/reuse.py``.
     """
 
     requires_symmetric = True
@@ -186,24 +189,8 @@ class RecycledCG(Solver):
         return (U, th) if th.numel() else None
 
     def _preconditioner(self, U: Basis, th: Tensor) -> Any:
-        """``r -> r + U diag(sigma / Theta - 1) U^T r`` as two passes over the stacked blocks
-        ``W`` (``U = W^T M``): ``r + W^T K W r`` with ``K = M diag(.) M^T`` (width x width)."""
         bottom = self.smallest if th.numel() > self.smallest else 0
-        sigma = torch.sort(th).values[bottom]
-        scale = sigma / th - 1.0
-        W = U.blocks[0] if len(U.blocks) == 1 else torch.cat(U.blocks)
-        if U.M is None:
-
-            def apply(r: Tensor) -> Tensor:
-                return torch.addmv(r, W.T, scale * torch.mv(W, r))
-
-            return apply
-        K = (U.M * scale) @ U.M.T
-
-        def apply_k(r: Tensor) -> Tensor:
-            return torch.addmv(r, W.T, torch.mv(K, torch.mv(W, r)))
-
-        return apply_k
+        return U.preconditioner(torch.sort(th).values[bottom] / th - 1.0)
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
