@@ -1,4 +1,17 @@
-"""Conjugate gradient that recycles spectral information from one solve to the next."""
+"""Conjugate gradient that recycles spectral information from one solve to the next.
+
+Where the products go (``Theta`` is never refreshed by products, so its error grows as
+the operator drifts). On the dense replay of ``benchmarks/reuse.py`` (digits MLP, 30 hyper-steps,
+``rank=200, smallest=20``: 635 products to a 1e-2 hypergradient against 1,777 for
+cold CG), the exact eigenpairs of each operator would need 236, those of the previous
+operator 334, the kept ``U`` with exact current ``U^T A U`` (k products a step, not
+spent) 543, and exact bottom eigenvectors with the recycled top 456: most of the gap
+is the quality of the ``smallest`` group, whose stale Ritz values are 2-3x too small.
+Refreshing a few of them with products (2 or 5 a solve), a Galerkin-deflated initial
+guess, a different bottom scaling, ``INSIDE`` 1e-2/1e-4 and ranks 300/400 did not
+help (635 -> 630-1,072). Ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30
+650/647, ``harvest=32`` 675.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +27,9 @@ from .._vocab import Status
 from ..operators import DampedOperator, LinearOperator
 from .base import Solution, Solver, check_keys, check_tensor
 from .cg import conjugate_gradient
+from .recycle_basis import Basis, Recorder
 
-__all__ = ["STALE_SLOWDOWN", "Basis", "RecycledCG"]
+__all__ = ["STALE_SLOWDOWN", "Basis", "RecycledCG"]  # Basis: from recycle_basis
 
 #: ``RecycledCG`` forgets its recycled space once a solve converges this many times slower
 #: (in ``-log(relative residual)`` per iteration) than the plain CG solve that started it.
@@ -28,119 +42,6 @@ DEPENDENT = 1e-4
 #: A harvested combination whose part off ``span[U]`` has a squared norm below this replaces
 #: the direction of ``U`` it covers (its Rayleigh quotients are exact, ``Theta`` is stale).
 INSIDE = 1e-3
-
-#: ``Basis`` multiplies its rotations out once its blocks are this fraction of ``k`` wider.
-LAZY = 0.25
-
-
-class _Recorder(LinearOperator):
-    """Forwards products to ``op`` and keeps the first ``limit`` pairs ``(v, A v) / ||v||``
-    as rows of ``V`` and ``AV`` (allocated at the first product)."""
-
-    def __init__(self, op: LinearOperator, limit: int):
-        super().__init__(op.size, op.dtype, op.device)
-        self.op, self.limit, self.count = op, limit, 0
-        self.V = self.AV = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
-
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    @num_matvecs.setter
-    def num_matvecs(self, value: int) -> None:  # the base class __init__ sets it
-        pass
-
-    def matvec(self, v: Tensor) -> Tensor:
-        w = self.op.matvec(v)
-        if self.count < self.limit:
-            scale = math.sqrt(float(torch.dot(v, v)))  # 15x faster than vector_norm
-            if not 0.0 < scale < math.inf:
-                scale = float(torch.linalg.vector_norm(v))  # dot over/underflowed
-            if 0.0 < scale < math.inf:
-                if not self.V.shape[0]:
-                    self.V, self.AV = torch.empty(
-                        2, self.limit, self.size, dtype=v.dtype, device=v.device
-                    )
-                torch.div(v, scale, out=self.V[self.count])
-                torch.div(w, scale, out=self.AV[self.count])
-                self.count += 1
-        return w
-
-    def pairs(self) -> tuple[Tensor, Tensor]:
-        """``(P, A P)`` with the kept vectors as rows."""
-        return self.V[: self.count], self.AV[: self.count]
-
-
-class Basis:
-    """The recycled basis ``U`` (``n x k``) as rows, ``U^T = M^T [W_1; ...; W_j]``, with its
-    rotations deferred.
-
-    A Rayleigh-Ritz step rotates ``[U, P^T]`` into the new ``U``; doing it at once costs
-    ``n (k + m) k`` flops per solve. Kept as blocks of rows and a small coefficient matrix
-    ``M``, the rotation costs ``(k + m) k^2`` until the blocks are ``LAZY`` (a quarter of
-    ``k``) wider than ``k``, when they are multiplied out. Rows make ``U^T r`` and ``U y``
-    one contiguous pass each (at ``n = 1e5`` in float32, ``U^T r`` is 4x faster than on
-    an ``n x k`` column block)."""
-
-    def __init__(self, blocks: tuple[Tensor, ...], M: Tensor | None = None):
-        self.blocks, self.M = blocks, M
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(n, k)``."""
-        n = self.blocks[0].shape[1]
-        return (n, self.blocks[0].shape[0] if self.M is None else self.M.shape[1])
-
-    @property
-    def width(self) -> int:
-        """The blocks' total number of rows (``k`` once multiplied out)."""
-        return sum(B.shape[0] for B in self.blocks)
-
-    def tmul(self, X: Tensor) -> Tensor:
-        """``U^T X`` for ``X`` of ``n`` rows (a vector or a matrix)."""
-        Y = torch.cat([B @ X for B in self.blocks])
-        return Y if self.M is None else self.M.T @ Y
-
-    def mul(self, y: Tensor) -> Tensor:
-        """``U y``."""
-        if self.M is None:
-            return self.blocks[0].T @ y
-        c = (self.M @ y).split([B.shape[0] for B in self.blocks])
-        out = self.blocks[0].T @ c[0]
-        for B, part in zip(self.blocks[1:], c[1:]):
-            out.add_(B.T @ part)
-        return out
-
-    def rows(self) -> Tensor:
-        """``U^T`` multiplied out (``k x n``)."""
-        if self.M is None:
-            return self.blocks[0]
-        parts = self.M.split([B.shape[0] for B in self.blocks])
-        out = parts[0].T @ self.blocks[0]
-        for B, part in zip(self.blocks[1:], parts[1:]):
-            out.addmm_(part.T, B)
-        return out
-
-    def select(self, keep: Tensor) -> Basis:
-        """The columns of ``U`` where ``keep`` (a boolean mask) is true."""
-        if self.M is None:
-            return Basis((self.blocks[0][keep],))
-        return Basis(self.blocks, self.M[:, keep])
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> Basis:
-        """This basis on ``device`` in ``dtype`` (no copy when it already is)."""
-        M = None if self.M is None else self.M.to(device, dtype)
-        return Basis(tuple(B.to(device, dtype) for B in self.blocks), M)
-
-    def rotated(self, M1: Tensor, P: Tensor, M2: Tensor) -> Basis:
-        """The basis ``U M1 + P^T M2`` (``P``: rows), multiplied out once ``LAZY`` too wide."""
-        head = M1 if self.M is None else self.M @ M1
-        return Basis((*self.blocks, P), torch.cat([head, M2])).settled()
-
-    def settled(self) -> Basis:
-        """This basis, multiplied out if its blocks are ``LAZY`` wider than ``k``."""
-        k = self.shape[1]
-        return Basis((self.rows(),)) if self.width > k + LAZY * k else self
 
 
 class RecycledCG(Solver):
@@ -187,17 +88,17 @@ class RecycledCG(Solver):
         maxiter, tol, atol: as :class:`~hypergradient.solvers.CG`.
         harvest: products of a solve kept for the next Rayleigh-Ritz step (memory).
 
-    Cost: the products of CG (one per iteration, plus the warm start's), nothing more;
-    ``O(n k)`` flops per iteration for ``M^{-1}`` and ``O(n k (k + m))`` per solve for
-    the Rayleigh-Ritz step (``k = rank + smallest``, ``m <= harvest``). Memory: ``U``
-    (``n k``) across solves, ``2 n m`` during a solve. ``reset()`` forgets ``U``. The kept
-    ``U``, ``Theta`` and reference rate are in :meth:`state_dict`.
+    Cost: the products of CG (one per iteration, plus the warm start's), nothing more.
+    Per iteration ``M^{-1} r = r + W^T K W r`` (:meth:`Basis.preconditioner`), ``4 n k``
+    flops. Per solve, the Rayleigh-Ritz step: ``P X^T`` and ``W X^T`` on the recorder's
+    interleaved block ``X = [p_1; A p_1; ...]`` (``2 n m (m + k)`` flops), an eigenproblem
+    of order ``k + m`` and, every few solves, the multiplied-out rotation (``n k^2``);
+    ``k = rank + smallest``, ``m <= harvest``. Memory: ``U`` (``n k``) across solves,
+    ``2 n m`` during a solve. ``reset()`` forgets ``U``; ``U``, ``Theta`` and the
+    reference rate are in :meth:`state_dict`.
 
     Limits: ``Theta`` is never refreshed by products, so its error grows as the operator
-    drifts (exact eigenvectors would halve the products below). ``benchmarks/reuse.py``
-    (digits MLP, 30 hyper-steps, ``rank=200, smallest=20``): 641 products to a 1e-2
-    hypergradient against 1,777 for cold CG; on its dense replay (632 there) ranks
-    100/150/250 gave 767/679/650, ``smallest`` 10/30 650/647, ``harvest=32`` 675.
+    drifts; the module docstring says where the products go on ``benchmarks/reuse.py``.
     """
 
     requires_symmetric = True
@@ -289,21 +190,15 @@ class RecycledCG(Solver):
 
     def _preconditioner(self, U: Basis, th: Tensor) -> Any:
         bottom = self.smallest if th.numel() > self.smallest else 0
-        sigma = torch.sort(th).values[bottom]
-        scale = sigma / th - 1.0
-
-        def apply(r: Tensor) -> Tensor:
-            return r + U.mul(scale * U.tmul(r))
-
-        return apply
+        return U.preconditioner(torch.sort(th).values[bottom] / th - 1.0)
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
         shift = float(op.damping) if isinstance(op, DampedOperator) else 0.0
         space = self._space(op, shift)
-        rec = _Recorder(op, self.harvest)
-        pre = None if space is None else self._preconditioner(*space)
+        rec = Recorder(op, self.harvest)
         start = op.num_matvecs
+        pre = None if space is None else self._preconditioner(*space)
         sol = conjugate_gradient(rec, b, x0, self.maxiter, self.tol, self.atol, pre)
         sol.stats["recycled"] = 0 if space is None else int(space[1].numel())
         if space is not None and sol.status in (Status.NEGATIVE_CURVATURE, Status.DIVERGED):
@@ -342,31 +237,37 @@ class RecycledCG(Solver):
         return space
 
     def _rayleigh_ritz(
-        self, space: tuple[Basis, Tensor] | None, P: Tensor, AP: Tensor, shift: float
+        self, space: tuple[Basis, Tensor] | None, P: Tensor, AP: Tensor, X: Tensor, shift: float
     ) -> None:
-        """New ``(U, Theta)`` from ``span[U, P^T]`` (``P``: the kept vectors as rows)."""
+        """New ``(U, Theta)`` from ``span[U, P^T]`` (``P``: the kept vectors as rows, ``X``
+        the block of ``P`` and ``A P`` interleaved)."""
         wide = _tree.wide_dtype(P.device)
-        G, D = (P @ P.T).to(wide), (P @ AP.T).to(wide)
+        PX = (P @ X.T).to(wide)
+        G, D = PX[:, 0::2], PX[:, 1::2]
         G, D = 0.5 * (G + G.T), 0.5 * (D + D.T)
         eps = torch.finfo(P.dtype).eps
         floor = max(DEPENDENT, 10 * math.sqrt(eps))
         k = 0
         if space is not None:
             U, th = space
-            C, UAP = U.tmul(P.T).to(wide), U.tmul(AP.T).to(wide)  # exact, current operator
+            UX = U.tmul(X.T).to(wide)
+            C, UAP = UX[:, 0::2], UX[:, 1::2]  # exact, current operator
             s, V = torch.linalg.eigh(G - C.T @ C)
             inside = s < INSIDE
-            N = None
-            Th = torch.diag(th.to(wide))
+            N, thw = None, th.to(wide)
             if bool(inside.any()):
                 a = C @ V[:, inside]
                 Qc, _ = torch.linalg.qr(a, mode="complete")
                 N = Qc[:, a.shape[1] :]
-                C, UAP, Th = N.T @ C, N.T @ UAP, N.T @ Th @ N
+                C, UAP, Th = N.T @ C, N.T @ UAP, (N.T * thw) @ N
+                ThC = Th @ C
+            else:
+                Th, ThC = torch.diag(thw), thw[:, None] * C
             k = C.shape[0]
-            B = UAP - Th @ C
+            B = UAP - ThC
             G = G - C.T @ C
-            D = D - C.T @ UAP - UAP.T @ C + C.T @ Th @ C
+            CtU = C.T @ UAP
+            D = D - CtU - CtU.T + C.T @ ThC
         s, V = torch.linalg.eigh(0.5 * (G + G.T))
         keep = s > floor * max(1.0, float(s.max()))
         R = V[:, keep] / s[keep].sqrt()
@@ -384,7 +285,7 @@ class RecycledCG(Solver):
         if not lam.numel():
             self.reset()
             return
-        M2, P = R @ Y[k:], P.clone()
+        M2, P = R @ Y[k:], P.clone(memory_format=torch.contiguous_format)
         if space is None:
             self._U = Basis((P,), M2.to(P.dtype)).settled()
         else:
