@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,11 @@ from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
 
 __all__ = ["CG", "conjugate_gradient"]
+
+
+@functools.cache
+def _finfo(dtype: torch.dtype) -> torch.finfo:
+    return torch.finfo(dtype)
 
 #: Residual replacements (verifications that failed) before CG gives up on its tolerance.
 MAX_REPLACEMENTS = 3
@@ -46,7 +52,7 @@ class _Run:
         self.op, self.maxiter, self.precondition = op, maxiter, precondition
         self.start = op.num_matvecs
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
-        self.eps = torch.finfo(b.dtype).eps
+        self.eps = _finfo(b.dtype).eps
         top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
         self.b = (b / top) / (self.bnorm / top)  # two steps: b / ||b|| cannot overflow
         # tolerance on the normalized residual; never below rounding level (past it the
@@ -63,8 +69,11 @@ class _Run:
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
         self.wide = _tree.wide_dtype(b.device)
         self.rows = torch.empty((4, b.numel()), dtype=b.dtype, device=b.device)
-        self.on_host = b.device.type == "cpu"  # reading p^T A p on its own costs nothing
-        if not self.on_host:  # p^T A p and the 4 norms, read with one synchronization
+        # on the CPU reading p^T A p on its own costs nothing: a step whose curvature is not
+        # positive stops before its update; on an accelerator a step reads p^T A p and the 4
+        # norms with one synchronization
+        self.on_host = b.device.type == "cpu"
+        if not self.on_host:
             self.host = torch.empty(5, dtype=self.wide, device=b.device)
             self.host_pap, self.host_norms = self.host[0], self.host[1:]
         self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
@@ -105,22 +114,20 @@ class _Run:
         if self.rnorm < self.best_norm:
             self.best_norm = self.rnorm
             self.best_ynorm = self.ynorm
-            if self.best is None:
-                self.best = self.y.clone()
-            else:
-                self.best.copy_(self.y)
+            self.best = self.y  # y is replaced by each step, never modified in place
 
-    def _norms(self, Ap: Tensor, pAp: Tensor) -> list[float]:
-        """``[p^T A p, ||A p||, ||p||, ||r||, ||y||]`` with one host synchronization.
+    def _norms(self, Ap: Tensor, pAp: Tensor | None) -> list[float]:
+        """``[p^T A p, ||A p||, ||p||, ||r||, ||y||]`` with one host synchronization
+        (``pAp`` None: ``p^T A p`` was read already, NaN here).
 
         Norms accumulate in float64 (float32 on MPS); the rare ones that over- or
         underflow there are recomputed by :func:`safe_norm`.
         """
         vectors = (Ap, self.p, self.r, self.y)
         torch.stack(vectors, out=self.rows)
-        if self.on_host:
+        if pAp is None:
             norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide)
-            values = [float(pAp), *norms.tolist()]
+            values = [math.nan, *norms.tolist()]
         else:
             torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
             self.host_pap.copy_(pAp)
@@ -130,28 +137,45 @@ class _Run:
                 values[i] = safe_norm(v)
         return values
 
-    def _step(self) -> bool:
-        """One CG step; True when the run must stop (status set).
+    def _update(self, Ap: Tensor) -> tuple[float, list[float]]:
+        """``y += alpha p``, ``r -= alpha A p`` with ``alpha = r^T z / p^T A p``; returns
+        ``p^T A p`` and the norms ``[||A p||, ||p||, ||r||, ||y||]``.
 
-        The updates use ``alpha = r^T z / p^T A p`` as a tensor, so that the step costs one
-        host synchronization (:meth:`_norms`); when ``p^T A p`` turns out non-finite or
-        non-positive the run stops and the updated ``y`` and ``r`` are never used.
+        ``alpha`` stays a tensor. On the CPU ``p^T A p`` is read first, and a step whose
+        curvature is not positive and finite stops before its update (no norms); on an
+        accelerator it is read with the norms (one synchronization) and the updated ``y``
+        and ``r`` of such a step are never used. ``y`` is replaced, not modified in place,
+        so the kept best iterate is a reference, not a copy.
         """
-        Ap = self.op.matvec(self.p)
         pAp = torch.dot(self.p, Ap)
+        pap = float(pAp) if self.on_host else math.nan
+        if self.on_host and not 0.0 < pap < math.inf:
+            return pap, []
         alpha = self.rz / pAp
-        self.y.addcmul_(self.p, alpha)
+        self.y = torch.addcmul(self.y, self.p, alpha)
         self.r.addcmul_(Ap, alpha, value=-1.0)
-        pap, apnorm, pnorm, rnorm, ynorm = self._norms(Ap, pAp)
+        values = self._norms(Ap, None if self.on_host else pAp)
+        return (pap if self.on_host else values[0]), values[1:]
+
+    def _stop_on_curvature(self, Ap: Tensor, pap: float) -> None:
+        """Set the status of a step whose ``p^T A p`` is not positive and finite."""
         if not math.isfinite(pap):  # a non-finite product, or an overflow
             require_finite_product(Ap)
             self.status = Status.DIVERGED
+            return
+        # A is not positive definite along p: a CG step here would move uphill.
+        self.status = Status.NEGATIVE_CURVATURE
+        pnorm = safe_norm(self.p)
+        self.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
+
+    def _step(self) -> bool:
+        """One CG step; True when the run must stop (status set)."""
+        Ap = self.op.matvec(self.p)
+        pap, norms = self._update(Ap)
+        if not 0.0 < pap < math.inf:
+            self._stop_on_curvature(Ap, pap)
             return True
-        if pap <= 0.0:
-            # A is not positive definite along p: a CG step here would move uphill.
-            self.status = Status.NEGATIVE_CURVATURE
-            self.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
-            return True
+        apnorm, pnorm, rnorm, ynorm = norms
         self.lam_hat = max(self.lam_hat, apnorm / pnorm)
         self.iterations += 1
         self.rnorm, self.ynorm = rnorm, ynorm
@@ -160,11 +184,15 @@ class _Run:
         if rnorm <= self.threshold and self._verified():
             self.status = Status.CONVERGED
             return True
+        self._next_direction()
+        return False
+
+    def _next_direction(self) -> None:
+        """``p = z + (r^T z / r_old^T z_old) p`` with ``z = M^{-1} r``."""
         z = self.precondition(self.r) if self.precondition is not None else self.r
         rz_new = torch.dot(self.r, z)
         self.p.mul_(rz_new / self.rz).add_(z)
         self.rz = rz_new
-        return False
 
     def _verified(self) -> bool:
         """Whether the updated residual can be trusted; else replace it by ``b - A y``.
