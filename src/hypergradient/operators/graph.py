@@ -99,6 +99,7 @@ class GraphOperator(LinearOperator):
             )
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
         self._outputs = [outputs[i] for i in self._connected]  # type: ignore[misc]
+        self._direct = self._uniform and len(self._outputs) == len(self.param_leaves)
 
     def _build_first(self) -> None:
         """The construction's build; in "auto" mode a double-backward error falls back."""
@@ -171,6 +172,10 @@ class GraphOperator(LinearOperator):
         self._bounds = bounds
         self._sizes = [b - a for a, b, _, _ in bounds]
         self._flat_leaf = [leaf.dim() == 1 for leaf in self.param_leaves]
+        self._shapes = [leaf.shape for leaf in self.param_leaves]
+        # every leaf in the operator's dtype: products may take the direct path
+        self._uniform = all(leaf.dtype == self.dtype for leaf in self.param_leaves)
+        self._direct = False  # set by _build: the graph connects every leaf
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
         """The connected outputs' parts of ``v`` (1-D, or a batch ``(k, n)``)."""
@@ -209,6 +214,31 @@ class GraphOperator(LinearOperator):
             is_grads_batched=batched,
         )
         return list(grads)
+
+    def _direct_vjp(self, v: Tensor) -> Tensor | None:
+        """``_param_vjp_flat(v)`` by the shortest path, or None where it does not apply.
+
+        It applies when the graph connects every parameter leaf, all in the operator's
+        dtype, and the ``grad_outputs`` form is in use (see :meth:`_vjp`): one split of
+        ``v``, one backward pass, one concatenation. An error of the backward pass returns
+        None, so that the caller's guarded path retries the product and, in ``"auto"``
+        mode, falls back.
+        """
+        if not self._direct or SYMBOLIC_SHAPES not in sys.modules:
+            return None
+        parts = v.split_with_sizes(self._sizes)
+        if not all(self._flat_leaf):
+            parts = tuple(part.view(shape) for part, shape in zip(parts, self._shapes))
+        try:
+            grads = torch.autograd.grad(
+                self._outputs, self.param_leaves, parts, retain_graph=True, allow_unused=True
+            )
+        except RuntimeError:
+            return None
+        if any(g is None for g in grads):  # a leaf the gradient does not depend on
+            return _tree.cat(list(grads), self.param_spec, self.dtype, self.device)
+        # a copy even for one leaf: a gradient may be (a view of) v itself
+        return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])
 
     def _param_vjp_flat(self, v: Tensor) -> Tensor:
         grads = self._vjp(v, self.param_leaves)
@@ -276,3 +306,4 @@ class GraphOperator(LinearOperator):
         """Free the retained graph."""
         self._outputs = []
         self._connected = []
+        self._direct = False

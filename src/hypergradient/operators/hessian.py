@@ -236,7 +236,8 @@ class HessianOperator(GraphOperator):
         return self._param_vjp_flat_batched(V)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        return self._guarded(self._matvec_now, v)
+        out = self._direct_vjp(v) if self._direct else None
+        return self._guarded(self._matvec_now, v) if out is None else out
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self._guarded(self._matmat_now, V)
@@ -343,7 +344,8 @@ class FixedPointOperator(GraphOperator):
         return list(out_leaves)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        return v - self._guarded(self._param_vjp_flat, v)
+        out = self._direct_vjp(v) if self._direct else None
+        return v - (self._guarded(self._param_vjp_flat, v) if out is None else out)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return V - self._guarded(self._param_vjp_flat_batched, V)

@@ -126,15 +126,17 @@ class _Run:
         vectors = (Ap, self.p, self.r, self.y)
         torch.stack(vectors, out=self.rows)
         if pAp is None:
-            norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide)
-            values = [math.nan, *norms.tolist()]
+            values = [math.nan]
+            values += torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide).tolist()
         else:
             torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
             self.host_pap.copy_(pAp)
             values = self.host.tolist()
-        for i, v in enumerate(vectors, start=1):
-            if not 0.0 < values[i] < math.inf:
-                values[i] = safe_norm(v)
+        norms = values[1:]
+        if not (min(norms) > 0.0 and math.isfinite(sum(norms))):  # NaN or Inf fail too
+            for i, v in enumerate(vectors, start=1):
+                if not 0.0 < values[i] < math.inf:
+                    values[i] = safe_norm(v)
         return values
 
     def _update(self, Ap: Tensor) -> tuple[float, list[float]]:
@@ -148,14 +150,17 @@ class _Run:
         so the kept best iterate is a reference, not a copy.
         """
         pAp = torch.dot(self.p, Ap)
-        pap = float(pAp) if self.on_host else math.nan
-        if self.on_host and not 0.0 < pap < math.inf:
-            return pap, []
+        if self.on_host:
+            pap = float(pAp)
+            if not 0.0 < pap < math.inf:
+                return pap, []
         alpha = self.rz / pAp
         self.y = torch.addcmul(self.y, self.p, alpha)
         self.r.addcmul_(Ap, alpha, value=-1.0)
-        values = self._norms(Ap, None if self.on_host else pAp)
-        return (pap if self.on_host else values[0]), values[1:]
+        if self.on_host:
+            return pap, self._norms(Ap, None)[1:]
+        values = self._norms(Ap, pAp)
+        return values[0], values[1:]
 
     def _stop_on_curvature(self, Ap: Tensor, pap: float) -> None:
         """Set the status of a step whose ``p^T A p`` is not positive and finite."""
