@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Union
 
 import torch
@@ -45,13 +44,21 @@ class TreeSpec:
     def size(self) -> int:
         return self._size
 
-    @cached_property
+    @property
     def _numels(self) -> tuple[int, ...]:  # a spec is immutable: computed once
-        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+        cached = self.__dict__.get("_numels_value")
+        if cached is None:
+            cached = tuple(int(torch.Size(s).numel()) for s in self.shapes)
+            object.__setattr__(self, "_numels_value", cached)
+        return cached
 
-    @cached_property
+    @property
     def _size(self) -> int:
-        return sum(self._numels)
+        cached = self.__dict__.get("_size_value")
+        if cached is None:
+            cached = sum(self._numels)
+            object.__setattr__(self, "_size_value", cached)
+        return cached
 
     def structure(self) -> Any:
         """A hashable description ignoring shapes, to compare structures."""
@@ -91,11 +98,17 @@ def flatten(tree: Tree, name: str) -> tuple[list[Tensor], TreeSpec]:
     leaves: list[Tensor] = []
     paths: list[str] = []
     spec = _flatten(tree, name, name, leaves, paths)
-    return leaves, _with_leaf_info(spec, tuple(paths), tuple(t.shape for t in leaves))
+    shapes = tuple(t.shape for t in leaves)
+    return leaves, _with_leaf_info(spec, tuple(paths), shapes, tuple(t.numel() for t in leaves))
 
 
-def _with_leaf_info(spec: TreeSpec, paths: tuple[str, ...], shapes: tuple) -> TreeSpec:
-    return TreeSpec(spec.kind, spec.children, spec.keys, paths, shapes)
+def _with_leaf_info(
+    spec: TreeSpec, paths: tuple[str, ...], shapes: tuple, numels: tuple[int, ...]
+) -> TreeSpec:
+    out = TreeSpec(spec.kind, spec.children, spec.keys, paths, shapes)
+    object.__setattr__(out, "_numels_value", numels)  # what the properties would compute
+    object.__setattr__(out, "_size_value", sum(numels))
+    return out
 
 
 def unflatten(spec: TreeSpec, leaves: Sequence[Tensor]) -> Tree:
@@ -134,13 +147,15 @@ def check_leaves(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
 def common_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     dtype = leaves[0].dtype
     for t in leaves[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:
     """float64 for sums and norms read on the host; float32 on MPS, which has no float64."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return torch.float32 if kind == "mps" else torch.float64
 
 
 def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
@@ -150,7 +165,11 @@ def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     (the backward pass runs on them as they are), but sums, inner products and iterates of
     the solvers are float32: accumulating in 8 or 11 mantissa bits loses the solution.
     """
-    return torch.promote_types(common_dtype(leaves), torch.float32)
+    dtype = common_dtype(leaves)
+    return dtype if dtype in _WIDE_ENOUGH else torch.promote_types(dtype, torch.float32)
+
+
+_WIDE_ENOUGH = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
 def cat(

@@ -107,7 +107,8 @@ class _Run:
     def _restart_direction(self) -> None:
         self.z = self.precondition(self.r) if self.precondition is not None else self.r
         self.p = self.z.clone()
-        self.rz = torch.dot(self.r, self.z)
+        rz = torch.dot(self.r, self.z)
+        self.rz: Tensor | float = float(rz) if self.on_host else rz
 
     # -- iteration ----------------------------------------------------------------------
     def _remember(self) -> None:
@@ -143,22 +144,27 @@ class _Run:
         """``y += alpha p``, ``r -= alpha A p`` with ``alpha = r^T z / p^T A p``; returns
         ``p^T A p`` and the norms ``[||A p||, ||p||, ||r||, ||y||]``.
 
-        ``alpha`` stays a tensor. On the CPU ``p^T A p`` is read first, and a step whose
-        curvature is not positive and finite stops before its update (no norms); on an
-        accelerator it is read with the norms (one synchronization) and the updated ``y``
-        and ``r`` of such a step are never used. ``y`` is replaced, not modified in place,
+        On the CPU ``p^T A p`` is read first, a step whose curvature is not positive and
+        finite stops before its update (no norms), and ``alpha`` is a Python float (the
+        division and the updates round exactly as with 0-d tensors: ``y + alpha p`` is one
+        fused multiply-add either way, and a float32 quotient computed in float64 rounds to
+        the float32 quotient). On an accelerator ``alpha`` stays a tensor, ``p^T A p`` is
+        read with the norms (one synchronization) and the updated ``y`` and ``r`` of a step
+        that stops there are never used. ``y`` is replaced, not modified in place,
         so the kept best iterate is a reference, not a copy.
         """
-        pAp = torch.dot(self.p, Ap)
-        if self.on_host:
-            pap = float(pAp)
+        if self.on_host:  # Python scalars: the same roundings as 0-d tensors, fewer kernels
+            pap = float(torch.dot(self.p, Ap))
             if not 0.0 < pap < math.inf:
                 return pap, []
-        alpha = self.rz / pAp
-        self.y = torch.addcmul(self.y, self.p, alpha)
-        self.r.addcmul_(Ap, alpha, value=-1.0)
-        if self.on_host:
+            alpha = float(self.rz) / pap
+            self.y = torch.add(self.y, self.p, alpha=alpha)
+            self.r.add_(Ap, alpha=-alpha)
             return pap, self._norms(Ap, None)[1:]
+        pAp = torch.dot(self.p, Ap)
+        alpha_t = self.rz / pAp
+        self.y = torch.addcmul(self.y, self.p, alpha_t)
+        self.r.addcmul_(Ap, alpha_t, value=-1.0)
         values = self._norms(Ap, pAp)
         return values[0], values[1:]
 
@@ -195,6 +201,11 @@ class _Run:
     def _next_direction(self) -> None:
         """``p = z + (r^T z / r_old^T z_old) p`` with ``z = M^{-1} r``."""
         z = self.precondition(self.r) if self.precondition is not None else self.r
+        if self.on_host:
+            rz = float(torch.dot(self.r, z))
+            self.p.mul_(rz / float(self.rz)).add_(z)
+            self.rz = rz
+            return
         rz_new = torch.dot(self.r, z)
         self.p.mul_(rz_new / self.rz).add_(z)
         self.rz = rz_new
