@@ -178,7 +178,9 @@ def cat(
     dtype: torch.dtype,
     device: torch.device | str | None,
 ) -> Tensor:
-    """Concatenate leaves (``None`` meaning zeros) into one 1-D vector."""
+    """Concatenate leaves (``None`` meaning zeros) into one 1-D vector (always a new tensor)."""
+    if all(t is None for t in leaves):
+        return torch.zeros(spec._size, dtype=dtype, device=device)
     parts = []
     for t, n in zip(leaves, spec._numels):
         if t is None:

@@ -18,7 +18,14 @@ from .._vocab import HypergradientWarning
 from .base import LinearOperator
 from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
 
-__all__ = ["BATCHED", "GRAPH_MODES", "SYMBOLIC_SHAPES", "GraphOperator", "prepare_leaves"]
+__all__ = [
+    "BATCHED",
+    "GRAPH_MODES",
+    "SYMBOLIC_SHAPES",
+    "GraphOperator",
+    "direct_vjp",
+    "prepare_leaves",
+]
 
 #: The module torch.autograd.grad imports on its first call with ``grad_outputs``.
 SYMBOLIC_SHAPES = "torch.fx.experimental.symbolic_shapes"
@@ -97,6 +104,10 @@ class GraphOperator(LinearOperator):
                 "no double backward, so products would miss its part of the Hessian. Use "
                 "mode='first_order' (or 'auto')."
             )
+        self._keep(outputs)
+
+    def _keep(self, outputs: list[Tensor | None]) -> None:
+        """Keep the outputs the graph connects (and whether products take the direct path)."""
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
         self._outputs = [outputs[i] for i in self._connected]  # type: ignore[misc]
         self._direct = self._uniform and len(self._outputs) == len(self.param_leaves)
@@ -215,31 +226,6 @@ class GraphOperator(LinearOperator):
         )
         return list(grads)
 
-    def _direct_vjp(self, v: Tensor) -> Tensor | None:
-        """``_param_vjp_flat(v)`` by the shortest path, or None where it does not apply.
-
-        It applies when the graph connects every parameter leaf, all in the operator's
-        dtype, and the ``grad_outputs`` form is in use (see :meth:`_vjp`): one split of
-        ``v``, one backward pass, one concatenation. An error of the backward pass returns
-        None, so that the caller's guarded path retries the product and, in ``"auto"``
-        mode, falls back.
-        """
-        if not self._direct or SYMBOLIC_SHAPES not in sys.modules:
-            return None
-        parts = v.split_with_sizes(self._sizes)
-        if not all(self._flat_leaf):
-            parts = tuple(part.view(shape) for part, shape in zip(parts, self._shapes))
-        try:
-            grads = torch.autograd.grad(
-                self._outputs, self.param_leaves, parts, retain_graph=True, allow_unused=True
-            )
-        except RuntimeError:
-            return None
-        if any(g is None for g in grads):  # a leaf the gradient does not depend on
-            return _tree.cat(list(grads), self.param_spec, self.dtype, self.device)
-        # a copy even for one leaf: a gradient may be (a view of) v itself
-        return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])
-
     def _param_vjp_flat(self, v: Tensor) -> Tensor:
         grads = self._vjp(v, self.param_leaves)
         flat = [g for g in grads if g is not None and g.dtype == self.dtype]
@@ -307,3 +293,29 @@ class GraphOperator(LinearOperator):
         self._outputs = []
         self._connected = []
         self._direct = False
+
+
+def direct_vjp(op: GraphOperator, v: Tensor) -> Tensor | None:
+    """``op._param_vjp_flat(v)`` by the shortest path, or None where it does not apply.
+
+    It applies when the graph connects every parameter leaf, all in the operator's dtype,
+    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`): one split of
+    ``v``, one backward pass, one concatenation. An error of the backward pass returns None,
+    so that the caller's guarded path retries the product and, in ``"auto"`` mode, falls
+    back.
+    """
+    if not op._direct or SYMBOLIC_SHAPES not in sys.modules:
+        return None
+    parts = v.split_with_sizes(op._sizes)
+    if not all(op._flat_leaf):
+        parts = tuple(part.view(shape) for part, shape in zip(parts, op._shapes))
+    try:
+        grads = torch.autograd.grad(
+            op._outputs, op.param_leaves, parts, retain_graph=True, allow_unused=True
+        )
+    except RuntimeError:
+        return None
+    if any(g is None for g in grads):  # a leaf the gradient does not depend on
+        return _tree.cat(list(grads), op.param_spec, op.dtype, op.device)
+    # a copy even for one leaf: a gradient may be (a view of) v itself
+    return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
-from .graph import BATCHED, GRAPH_MODES, GraphOperator, prepare_leaves
+from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, prepare_leaves
 from .modes import MODES, first_order_step
 
 __all__ = ["FixedPointOperator", "HessianOperator"]
@@ -236,7 +236,7 @@ class HessianOperator(GraphOperator):
         return self._param_vjp_flat_batched(V)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        out = self._direct_vjp(v) if self._direct else None
+        out = direct_vjp(self, v) if self._direct else None
         return self._guarded(self._matvec_now, v) if out is None else out
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -344,7 +344,7 @@ class FixedPointOperator(GraphOperator):
         return list(out_leaves)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        out = self._direct_vjp(v) if self._direct else None
+        out = direct_vjp(self, v) if self._direct else None
         return v - (self._guarded(self._param_vjp_flat, v) if out is None else out)
 
     def _matmat(self, V: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ __all__ = ["CG", "conjugate_gradient"]
 def _finfo(dtype: torch.dtype) -> torch.finfo:
     return torch.finfo(dtype)
 
+
 #: Residual replacements (verifications that failed) before CG gives up on its tolerance.
 MAX_REPLACEMENTS = 3
 
@@ -168,23 +169,12 @@ class _Run:
         values = self._norms(Ap, pAp)
         return values[0], values[1:]
 
-    def _stop_on_curvature(self, Ap: Tensor, pap: float) -> None:
-        """Set the status of a step whose ``p^T A p`` is not positive and finite."""
-        if not math.isfinite(pap):  # a non-finite product, or an overflow
-            require_finite_product(Ap)
-            self.status = Status.DIVERGED
-            return
-        # A is not positive definite along p: a CG step here would move uphill.
-        self.status = Status.NEGATIVE_CURVATURE
-        pnorm = safe_norm(self.p)
-        self.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
-
     def _step(self) -> bool:
         """One CG step; True when the run must stop (status set)."""
         Ap = self.op.matvec(self.p)
         pap, norms = self._update(Ap)
         if not 0.0 < pap < math.inf:
-            self._stop_on_curvature(Ap, pap)
+            self.status = _curvature_status(self, Ap, pap)
             return True
         apnorm, pnorm, rnorm, ynorm = norms
         self.lam_hat = max(self.lam_hat, apnorm / pnorm)
@@ -263,14 +253,7 @@ class _Run:
         chosen = self.rnorm if last else self.best_norm
         residual = chosen * self.bnorm
         self.stats["relative_residual"] = chosen
-        message = ""
-        if "attainable_residual" in self.stats and self.status == Status.MAX_ITERATIONS:
-            message = (
-                f"the updated residual met the tolerance but the true one was "
-                f"{self.stats['attainable_residual']:.3g}: the tolerance is near or below the "
-                f"rounding level of {self.b.dtype} for this system (about eps ||A|| ||x||); "
-                "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
-            )
+        message = _attainable_message(self) if self.status == Status.MAX_ITERATIONS else ""
         if last:
             value, ynorm = self.y * self.bnorm, self.ynorm
         elif self.best is not None:  # improved
@@ -294,6 +277,29 @@ class _Run:
             self.stats,
             message,
         )
+
+
+def _attainable_message(run: _Run) -> str:
+    """Why a run that met its tolerance on the updated residual stopped at maxiter."""
+    if "attainable_residual" not in run.stats:
+        return ""
+    return (
+        f"the updated residual met the tolerance but the true one was "
+        f"{run.stats['attainable_residual']:.3g}: the tolerance is near or below the "
+        f"rounding level of {run.b.dtype} for this system (about eps ||A|| ||x||); "
+        "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
+    )
+
+
+def _curvature_status(run: _Run, Ap: Tensor, pap: float) -> Status:
+    """The status of a step whose ``p^T A p`` is not positive and finite."""
+    if not math.isfinite(pap):  # a non-finite product, or an overflow
+        require_finite_product(Ap)
+        return Status.DIVERGED
+    # A is not positive definite along p: a CG step here would move uphill.
+    pnorm = safe_norm(run.p)
+    run.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
+    return Status.NEGATIVE_CURVATURE
 
 
 def conjugate_gradient(
