@@ -113,6 +113,13 @@ def _with_leaf_info(
 
 def unflatten(spec: TreeSpec, leaves: Sequence[Tensor]) -> Tree:
     """Inverse of :func:`flatten`."""
+    kind = spec.kind
+    if kind == "leaf":
+        return leaves[0]
+    if all(c is _LEAF for c in spec.children):  # one level (the usual case)
+        if kind == "tuple":
+            return tuple(leaves)
+        return list(leaves) if kind == "list" else dict(zip(spec.keys, leaves))
     it = iter(leaves)
 
     def build(s: TreeSpec) -> Any:

@@ -112,31 +112,25 @@ class _Run:
         self.rz: Tensor | float = float(rz) if self.on_host else rz
 
     # -- iteration ----------------------------------------------------------------------
-    def _remember(self) -> None:
-        if self.rnorm < self.best_norm:
-            self.best_norm = self.rnorm
-            self.best_ynorm = self.ynorm
-            self.best = self.y  # y is replaced by each step, never modified in place
-
-    def _norms(self, Ap: Tensor, pAp: Tensor | None) -> list[float]:
-        """``[p^T A p, ||A p||, ||p||, ||r||, ||y||]`` with one host synchronization
-        (``pAp`` None: ``p^T A p`` was read already, NaN here).
+    def _norms(self, vectors: tuple[Tensor, ...], pAp: Tensor | None) -> list[float]:
+        """The norms of ``vectors`` (``A p``, ``p``, ``r``, ``y``) over the reused ``(4, n)``
+        buffer; on an accelerator ``pAp`` is read with them (one synchronization) and
+        returned first.
 
         Norms accumulate in float64 (float32 on MPS); the rare ones that over- or
         underflow there are recomputed by :func:`safe_norm`.
         """
-        vectors = (Ap, self.p, self.r, self.y)
         torch.stack(vectors, out=self.rows)
         if pAp is None:
-            values = [math.nan]
-            values += torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide).tolist()
+            values = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide).tolist()
+            norms, first = values, 0
         else:
             torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
             self.host_pap.copy_(pAp)
             values = self.host.tolist()
-        norms = values[1:]
+            norms, first = values[1:], 1
         if not (min(norms) > 0.0 and math.isfinite(sum(norms))):  # NaN or Inf fail too
-            for i, v in enumerate(vectors, start=1):
+            for i, v in enumerate(vectors, start=first):
                 if not 0.0 < values[i] < math.inf:
                     values[i] = safe_norm(v)
         return values
@@ -154,19 +148,20 @@ class _Run:
         that stops there are never used. ``y`` is replaced, not modified in place,
         so the kept best iterate is a reference, not a copy.
         """
+        p, r = self.p, self.r
         if self.on_host:  # Python scalars: the same roundings as 0-d tensors, fewer kernels
-            pap = float(torch.dot(self.p, Ap))
+            pap = float(torch.dot(p, Ap))
             if not 0.0 < pap < math.inf:
                 return pap, []
             alpha = float(self.rz) / pap
-            self.y = torch.add(self.y, self.p, alpha=alpha)
-            self.r.add_(Ap, alpha=-alpha)
-            return pap, self._norms(Ap, None)[1:]
-        pAp = torch.dot(self.p, Ap)
+            self.y = y = torch.add(self.y, p, alpha=alpha)
+            r.add_(Ap, alpha=-alpha)
+            return pap, self._norms((Ap, p, r, y), None)
+        pAp = torch.dot(p, Ap)
         alpha_t = self.rz / pAp
-        self.y = torch.addcmul(self.y, self.p, alpha_t)
-        self.r.addcmul_(Ap, alpha_t, value=-1.0)
-        values = self._norms(Ap, pAp)
+        self.y = y = torch.addcmul(self.y, p, alpha_t)
+        r.addcmul_(Ap, alpha_t, value=-1.0)
+        values = self._norms((Ap, p, r, y), pAp)
         return values[0], values[1:]
 
     def _step(self) -> bool:
@@ -181,7 +176,8 @@ class _Run:
         self.iterations += 1
         self.rnorm, self.ynorm = rnorm, ynorm
         self.xmax = max(self.xmax, ynorm)
-        self._remember()
+        if rnorm < self.best_norm:  # y is replaced by each step, never modified in place
+            self.best_norm, self.best_ynorm, self.best = rnorm, ynorm, self.y
         if rnorm <= self.threshold and self._verified():
             self.status = Status.CONVERGED
             return True
