@@ -383,4 +383,4 @@ def as_scalar_loss(value: Any, name: str) -> Tensor:
         raise ArgumentTypeError(
             f"`{name}` returned dtype {value.dtype}; it must be floating point."
         )
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())
