@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Union
 
 import torch
@@ -45,13 +44,21 @@ class TreeSpec:
     def size(self) -> int:
         return self._size
 
-    @cached_property
+    @property
     def _numels(self) -> tuple[int, ...]:  # a spec is immutable: computed once
-        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+        cached = self.__dict__.get("_numels_value")
+        if cached is None:
+            cached = tuple(int(torch.Size(s).numel()) for s in self.shapes)
+            object.__setattr__(self, "_numels_value", cached)
+        return cached
 
-    @cached_property
+    @property
     def _size(self) -> int:
-        return sum(self._numels)
+        cached = self.__dict__.get("_size_value")
+        if cached is None:
+            cached = sum(self._numels)
+            object.__setattr__(self, "_size_value", cached)
+        return cached
 
     def structure(self) -> Any:
         """A hashable description ignoring shapes, to compare structures."""
@@ -91,15 +98,28 @@ def flatten(tree: Tree, name: str) -> tuple[list[Tensor], TreeSpec]:
     leaves: list[Tensor] = []
     paths: list[str] = []
     spec = _flatten(tree, name, name, leaves, paths)
-    return leaves, _with_leaf_info(spec, tuple(paths), tuple(t.shape for t in leaves))
+    shapes = tuple(t.shape for t in leaves)
+    return leaves, _with_leaf_info(spec, tuple(paths), shapes, tuple(t.numel() for t in leaves))
 
 
-def _with_leaf_info(spec: TreeSpec, paths: tuple[str, ...], shapes: tuple) -> TreeSpec:
-    return TreeSpec(spec.kind, spec.children, spec.keys, paths, shapes)
+def _with_leaf_info(
+    spec: TreeSpec, paths: tuple[str, ...], shapes: tuple, numels: tuple[int, ...]
+) -> TreeSpec:
+    out = TreeSpec(spec.kind, spec.children, spec.keys, paths, shapes)
+    object.__setattr__(out, "_numels_value", numels)  # what the properties would compute
+    object.__setattr__(out, "_size_value", sum(numels))
+    return out
 
 
 def unflatten(spec: TreeSpec, leaves: Sequence[Tensor]) -> Tree:
     """Inverse of :func:`flatten`."""
+    kind = spec.kind
+    if kind == "leaf":
+        return leaves[0]
+    if all(c is _LEAF for c in spec.children):  # one level (the usual case)
+        if kind == "tuple":
+            return tuple(leaves)
+        return list(leaves) if kind == "list" else dict(zip(spec.keys, leaves))
     it = iter(leaves)
 
     def build(s: TreeSpec) -> Any:
@@ -134,13 +154,15 @@ def check_leaves(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
 def common_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     dtype = leaves[0].dtype
     for t in leaves[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:
     """float64 for sums and norms read on the host; float32 on MPS, which has no float64."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return torch.float32 if kind == "mps" else torch.float64
 
 
 def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
@@ -150,7 +172,11 @@ def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
     (the backward pass runs on them as they are), but sums, inner products and iterates of
     the solvers are float32: accumulating in 8 or 11 mantissa bits loses the solution.
     """
-    return torch.promote_types(common_dtype(leaves), torch.float32)
+    dtype = common_dtype(leaves)
+    return dtype if dtype in _WIDE_ENOUGH else torch.promote_types(dtype, torch.float32)
+
+
+_WIDE_ENOUGH = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
 def cat(
@@ -159,7 +185,9 @@ def cat(
     dtype: torch.dtype,
     device: torch.device | str | None,
 ) -> Tensor:
-    """Concatenate leaves (``None`` meaning zeros) into one 1-D vector."""
+    """Concatenate leaves (``None`` meaning zeros) into one 1-D vector (always a new tensor)."""
+    if all(t is None for t in leaves):
+        return torch.zeros(spec._size, dtype=dtype, device=device)
     parts = []
     for t, n in zip(leaves, spec._numels):
         if t is None:

@@ -322,17 +322,22 @@ def all_finite(leaves: Iterable[Tensor | None]) -> bool:
     The leaves' sums (float32 accumulation for half precision, see :func:`finite_probe`)
     are added into one probe, which a NaN or Inf entry always makes non-finite; a
     non-finite probe (which may also be an overflowing sum of finite entries) is confirmed
-    leaf by leaf with :func:`torch.isfinite`. Integer and empty leaves are finite.
+    leaf by leaf with :func:`torch.isfinite`. Integer and empty leaves are finite. The sums
+    of CPU leaves are read and added on the host (reading them costs no synchronization).
     """
     total: Tensor | None = None
+    host = 0.0
     present = []
     for t in leaves:
         if t is None or not t.numel() or not (t.is_floating_point() or t.is_complex()):
             continue
         present.append(t)
         probe = _sum(t)
-        total = probe if total is None else total + probe.to(total.device)
-    if total is None or math.isfinite(float(total)):
+        if t.is_cpu:
+            host += float(probe)
+        else:
+            total = probe if total is None else total + probe.to(total.device)
+    if math.isfinite(host) and (total is None or math.isfinite(float(total))):
         return True
     return all(bool(torch.isfinite(t).all()) for t in present)
 
@@ -378,4 +383,4 @@ def as_scalar_loss(value: Any, name: str) -> Tensor:
         raise ArgumentTypeError(
             f"`{name}` returned dtype {value.dtype}; it must be floating point."
         )
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())

@@ -267,18 +267,12 @@ def _assemble(t: _Terms, x: Tensor, group: Any, solver: Solver, status: Status) 
             "The second derivatives of inner_loss with respect to the hyperparameters "
             "overflowed; check inner_loss at `params` (or add damping).",
         )
-    dtypes = [leaf.dtype for leaf in op.hparam_leaves]
-    out = _tree.split(diff, op.hparam_spec, dtypes)
     unused = [d and m for d, m in zip(t.unused_direct, holder.get("none", []))]
-    for i, (leaf, path, idle) in enumerate(zip(op.hparam_leaves, op.hparam_spec.paths, unused)):
-        if idle and leaf.numel():
-            warnings.warn(
-                f"{path} influences the outer loss neither directly nor through the inner "
-                "problem; its hypergradient is zero. Check that inner_loss or outer_loss uses it.",
-                HypergradientWarning,
-                stacklevel=4,
-            )
-        out[i] = torch.zeros_like(leaf) if idle else out[i].detach().clone()
+    one = op.hparam_leaves[0] if len(op.hparam_leaves) == 1 else None
+    if one is not None and unused == [False] and (one.shape, one.dtype) == (diff.shape, diff.dtype):
+        out = [diff.detach()]  # one leaf: ``diff`` itself (a new tensor nothing else holds)
+    else:
+        out = _per_leaf(op, diff, unused)
     if not (finite or all_finite(out)):
         require_finite(
             out,
@@ -288,6 +282,21 @@ def _assemble(t: _Terms, x: Tensor, group: Any, solver: Solver, status: Status) 
             "Hessian, or add damping.",
         )
     return _tree.unflatten(op.hparam_spec, out)
+
+
+def _per_leaf(op: Any, diff: Tensor, unused: list[bool]) -> list[Tensor]:
+    """``diff`` cut into the hyperparameters' leaves (copies); unused leaves warn, get zero."""
+    out = _tree.split(diff, op.hparam_spec, [leaf.dtype for leaf in op.hparam_leaves])
+    for i, (leaf, path, idle) in enumerate(zip(op.hparam_leaves, op.hparam_spec.paths, unused)):
+        if idle and leaf.numel():
+            warnings.warn(
+                f"{path} influences the outer loss neither directly nor through the inner "
+                "problem; its hypergradient is zero. Check that inner_loss or outer_loss uses it.",
+                HypergradientWarning,
+                stacklevel=5,
+            )
+        out[i] = torch.zeros_like(leaf) if idle else out[i].detach().clone()
+    return out
 
 
 def implicit_hypergradient(
@@ -346,7 +355,8 @@ def implicit_hypergradient(
     op = holder["op"]
     if group is not None:  # the stacked values, averaged
         values = [values[0][0], values[0][1]]
-    terms = _Terms(op, b.to(op.dtype), direct, stat, values, holder["unused_direct"])
+    b = b if b.dtype == op.dtype else b.to(op.dtype)
+    terms = _Terms(op, b, direct, stat, values, holder["unused_direct"])
     fixed_point = not hasattr(op, "loss")
     try:
         _check_terms(terms, x0, fixed_point)

@@ -18,7 +18,14 @@ from .._vocab import HypergradientWarning
 from .base import LinearOperator
 from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
 
-__all__ = ["BATCHED", "GRAPH_MODES", "SYMBOLIC_SHAPES", "GraphOperator", "prepare_leaves"]
+__all__ = [
+    "BATCHED",
+    "GRAPH_MODES",
+    "SYMBOLIC_SHAPES",
+    "GraphOperator",
+    "direct_vjp",
+    "prepare_leaves",
+]
 
 #: The module torch.autograd.grad imports on its first call with ``grad_outputs``.
 SYMBOLIC_SHAPES = "torch.fx.experimental.symbolic_shapes"
@@ -97,8 +104,13 @@ class GraphOperator(LinearOperator):
                 "no double backward, so products would miss its part of the Hessian. Use "
                 "mode='first_order' (or 'auto')."
             )
+        self._keep(outputs)
+
+    def _keep(self, outputs: list[Tensor | None]) -> None:
+        """Keep the outputs the graph connects (and whether products take the direct path)."""
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
         self._outputs = [outputs[i] for i in self._connected]  # type: ignore[misc]
+        self._direct = self._uniform and len(self._outputs) == len(self.param_leaves)
 
     def _build_first(self) -> None:
         """The construction's build; in "auto" mode a double-backward error falls back."""
@@ -171,6 +183,10 @@ class GraphOperator(LinearOperator):
         self._bounds = bounds
         self._sizes = [b - a for a, b, _, _ in bounds]
         self._flat_leaf = [leaf.dim() == 1 for leaf in self.param_leaves]
+        self._shapes = [leaf.shape for leaf in self.param_leaves]
+        # every leaf in the operator's dtype: products may take the direct path
+        self._uniform = all(leaf.dtype == self.dtype for leaf in self.param_leaves)
+        self._direct = False  # set by _build: the graph connects every leaf
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
         """The connected outputs' parts of ``v`` (1-D, or a batch ``(k, n)``)."""
@@ -276,3 +292,30 @@ class GraphOperator(LinearOperator):
         """Free the retained graph."""
         self._outputs = []
         self._connected = []
+        self._direct = False
+
+
+def direct_vjp(op: GraphOperator, v: Tensor) -> Tensor | None:
+    """``op._param_vjp_flat(v)`` by the shortest path, or None where it does not apply.
+
+    It applies when the graph connects every parameter leaf, all in the operator's dtype,
+    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`): one split of
+    ``v``, one backward pass, one concatenation. An error of the backward pass returns None,
+    so that the caller's guarded path retries the product and, in ``"auto"`` mode, falls
+    back.
+    """
+    if not op._direct or SYMBOLIC_SHAPES not in sys.modules:
+        return None
+    parts = v.split_with_sizes(op._sizes)
+    if not all(op._flat_leaf):
+        parts = tuple(part.view(shape) for part, shape in zip(parts, op._shapes))
+    try:
+        grads = torch.autograd.grad(
+            op._outputs, op.param_leaves, parts, retain_graph=True, allow_unused=True
+        )
+    except RuntimeError:
+        return None
+    if any(g is None for g in grads):  # a leaf the gradient does not depend on
+        return _tree.cat(list(grads), op.param_spec, op.dtype, op.device)
+    # a copy even for one leaf: a gradient may be (a view of) v itself
+    return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])

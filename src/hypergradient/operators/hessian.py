@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
-from .graph import BATCHED, GRAPH_MODES, GraphOperator, prepare_leaves
+from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, prepare_leaves
 from .modes import MODES, first_order_step
 
 __all__ = ["FixedPointOperator", "HessianOperator"]
@@ -236,7 +236,8 @@ class HessianOperator(GraphOperator):
         return self._param_vjp_flat_batched(V)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        return self._guarded(self._matvec_now, v)
+        out = direct_vjp(self, v) if self._direct else None
+        return self._guarded(self._matvec_now, v) if out is None else out
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self._guarded(self._matmat_now, V)
@@ -343,7 +344,8 @@ class FixedPointOperator(GraphOperator):
         return list(out_leaves)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        return v - self._guarded(self._param_vjp_flat, v)
+        out = direct_vjp(self, v) if self._direct else None
+        return v - (self._guarded(self._param_vjp_flat, v) if out is None else out)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return V - self._guarded(self._param_vjp_flat_batched, V)

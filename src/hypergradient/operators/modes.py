@@ -105,25 +105,26 @@ def delayed_error_in(outputs: list[torch.Tensor]) -> bool:
     """
     stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
     seen = set(stack)  # the nodes themselves (kept alive: an id could be reused)
-    known = _IS_ERROR
+    safe, names = _SAFE, _ERROR_NAMES
+    add, push, pop = seen.add, stack.append, stack.pop
     while stack and len(seen) < 200_000:
-        node = stack.pop()
-        error = known.get(type(node))
-        if error is None:  # a node class met for the first time: ask its name once
-            error = known[type(node)] = node.name() in _ERROR_NAMES
-        if error:
-            return True
+        node = pop()
+        kind = type(node)
+        if kind not in safe:  # a node class not known to be safe: ask its name
+            if node.name() in names:
+                return True
+            safe.add(kind)
         for fn, _ in node.next_functions:
             if fn is not None and fn not in seen:
-                seen.add(fn)
-                stack.append(fn)
+                add(fn)
+                push(fn)
     return False
 
 
 _ERROR_NAMES = ("torch::autograd::Error", "torch::autograd::DelayedError")
-#: Whether the autograd nodes of a class are error nodes: a node's ``name()`` is fixed by its
+#: The autograd node classes known not to be error nodes: a node's ``name()`` is fixed by its
 #: class (a C++ node type, or a custom Function's backward class), so each class is asked once.
-_IS_ERROR: dict[type, bool] = {}
+_SAFE: set[type] = set()
 
 
 class RngState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,12 @@ from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
 
 __all__ = ["CG", "conjugate_gradient"]
+
+
+@functools.cache
+def _finfo(dtype: torch.dtype) -> torch.finfo:
+    return torch.finfo(dtype)
+
 
 #: Residual replacements (verifications that failed) before CG gives up on its tolerance.
 MAX_REPLACEMENTS = 3
@@ -46,7 +53,7 @@ class _Run:
         self.op, self.maxiter, self.precondition = op, maxiter, precondition
         self.start = op.num_matvecs
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
-        self.eps = torch.finfo(b.dtype).eps
+        self.eps = _finfo(b.dtype).eps
         top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
         self.b = (b / top) / (self.bnorm / top)  # two steps: b / ||b|| cannot overflow
         # tolerance on the normalized residual; never below rounding level (past it the
@@ -63,8 +70,11 @@ class _Run:
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
         self.wide = _tree.wide_dtype(b.device)
         self.rows = torch.empty((4, b.numel()), dtype=b.dtype, device=b.device)
-        self.on_host = b.device.type == "cpu"  # reading p^T A p on its own costs nothing
-        if not self.on_host:  # p^T A p and the 4 norms, read with one synchronization
+        # on the CPU reading p^T A p on its own costs nothing: a step whose curvature is not
+        # positive stops before its update; on an accelerator a step reads p^T A p and the 4
+        # norms with one synchronization
+        self.on_host = b.device.type == "cpu"
+        if not self.on_host:
             self.host = torch.empty(5, dtype=self.wide, device=b.device)
             self.host_pap, self.host_norms = self.host[0], self.host[1:]
         self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
@@ -98,73 +108,93 @@ class _Run:
     def _restart_direction(self) -> None:
         self.z = self.precondition(self.r) if self.precondition is not None else self.r
         self.p = self.z.clone()
-        self.rz = torch.dot(self.r, self.z)
+        rz = torch.dot(self.r, self.z)
+        self.rz: Tensor | float = float(rz) if self.on_host else rz
 
     # -- iteration ----------------------------------------------------------------------
-    def _remember(self) -> None:
-        if self.rnorm < self.best_norm:
-            self.best_norm = self.rnorm
-            self.best_ynorm = self.ynorm
-            if self.best is None:
-                self.best = self.y.clone()
-            else:
-                self.best.copy_(self.y)
-
-    def _norms(self, Ap: Tensor, pAp: Tensor) -> list[float]:
-        """``[p^T A p, ||A p||, ||p||, ||r||, ||y||]`` with one host synchronization.
+    def _norms(self, vectors: tuple[Tensor, ...], pAp: Tensor | None) -> list[float]:
+        """The norms of ``vectors`` (``A p``, ``p``, ``r``, ``y``) over the reused ``(4, n)``
+        buffer; on an accelerator ``pAp`` is read with them (one synchronization) and
+        returned first.
 
         Norms accumulate in float64 (float32 on MPS); the rare ones that over- or
         underflow there are recomputed by :func:`safe_norm`.
         """
-        vectors = (Ap, self.p, self.r, self.y)
         torch.stack(vectors, out=self.rows)
-        if self.on_host:
-            norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide)
-            values = [float(pAp), *norms.tolist()]
+        if pAp is None:
+            values = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide).tolist()
+            norms, first = values, 0
         else:
             torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide, out=self.host_norms)
             self.host_pap.copy_(pAp)
             values = self.host.tolist()
-        for i, v in enumerate(vectors, start=1):
-            if not 0.0 < values[i] < math.inf:
-                values[i] = safe_norm(v)
+            norms, first = values[1:], 1
+        if not (min(norms) > 0.0 and math.isfinite(sum(norms))):  # NaN or Inf fail too
+            for i, v in enumerate(vectors, start=first):
+                if not 0.0 < values[i] < math.inf:
+                    values[i] = safe_norm(v)
         return values
 
-    def _step(self) -> bool:
-        """One CG step; True when the run must stop (status set).
+    def _update(self, Ap: Tensor) -> tuple[float, list[float]]:
+        """``y += alpha p``, ``r -= alpha A p`` with ``alpha = r^T z / p^T A p``; returns
+        ``p^T A p`` and the norms ``[||A p||, ||p||, ||r||, ||y||]``.
 
-        The updates use ``alpha = r^T z / p^T A p`` as a tensor, so that the step costs one
-        host synchronization (:meth:`_norms`); when ``p^T A p`` turns out non-finite or
-        non-positive the run stops and the updated ``y`` and ``r`` are never used.
+        On the CPU ``p^T A p`` is read first, a step whose curvature is not positive and
+        finite stops before its update (no norms), and ``alpha`` is a Python float (the
+        division and the updates round exactly as with 0-d tensors: ``y + alpha p`` is one
+        fused multiply-add either way, and a float32 quotient computed in float64 rounds to
+        the float32 quotient). On an accelerator ``alpha`` stays a tensor, ``p^T A p`` is
+        read with the norms (one synchronization) and the updated ``y`` and ``r`` of a step
+        that stops there are never used. ``y`` is replaced, not modified in place,
+        so the kept best iterate is a reference, not a copy.
         """
+        p, r = self.p, self.r
+        if self.on_host:  # Python scalars: the same roundings as 0-d tensors, fewer kernels
+            pap = float(torch.dot(p, Ap))
+            if not 0.0 < pap < math.inf:
+                return pap, []
+            alpha = float(self.rz) / pap
+            self.y = y = torch.add(self.y, p, alpha=alpha)
+            r.add_(Ap, alpha=-alpha)
+            return pap, self._norms((Ap, p, r, y), None)
+        pAp = torch.dot(p, Ap)
+        alpha_t = self.rz / pAp
+        self.y = y = torch.addcmul(self.y, p, alpha_t)
+        r.addcmul_(Ap, alpha_t, value=-1.0)
+        values = self._norms((Ap, p, r, y), pAp)
+        return values[0], values[1:]
+
+    def _step(self) -> bool:
+        """One CG step; True when the run must stop (status set)."""
         Ap = self.op.matvec(self.p)
-        pAp = torch.dot(self.p, Ap)
-        alpha = self.rz / pAp
-        self.y.addcmul_(self.p, alpha)
-        self.r.addcmul_(Ap, alpha, value=-1.0)
-        pap, apnorm, pnorm, rnorm, ynorm = self._norms(Ap, pAp)
-        if not math.isfinite(pap):  # a non-finite product, or an overflow
-            require_finite_product(Ap)
-            self.status = Status.DIVERGED
+        pap, norms = self._update(Ap)
+        if not 0.0 < pap < math.inf:
+            self.status = _curvature_status(self, Ap, pap)
             return True
-        if pap <= 0.0:
-            # A is not positive definite along p: a CG step here would move uphill.
-            self.status = Status.NEGATIVE_CURVATURE
-            self.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
-            return True
+        apnorm, pnorm, rnorm, ynorm = norms
         self.lam_hat = max(self.lam_hat, apnorm / pnorm)
         self.iterations += 1
         self.rnorm, self.ynorm = rnorm, ynorm
         self.xmax = max(self.xmax, ynorm)
-        self._remember()
+        if rnorm < self.best_norm:  # y is replaced by each step, never modified in place
+            self.best_norm, self.best_ynorm, self.best = rnorm, ynorm, self.y
         if rnorm <= self.threshold and self._verified():
             self.status = Status.CONVERGED
             return True
+        self._next_direction()
+        return False
+
+    def _next_direction(self) -> None:
+        """``p = z + (r^T z / r_old^T z_old) p`` with ``z = M^{-1} r``."""
         z = self.precondition(self.r) if self.precondition is not None else self.r
+        if self.on_host:
+            rz = float(torch.dot(self.r, z))
+            self.p.mul_(rz / float(self.rz)).add_(z)
+            self.rz = rz
+            return
         rz_new = torch.dot(self.r, z)
         self.p.mul_(rz_new / self.rz).add_(z)
         self.rz = rz_new
-        return False
 
     def _verified(self) -> bool:
         """Whether the updated residual can be trusted; else replace it by ``b - A y``.
@@ -219,14 +249,7 @@ class _Run:
         chosen = self.rnorm if last else self.best_norm
         residual = chosen * self.bnorm
         self.stats["relative_residual"] = chosen
-        message = ""
-        if "attainable_residual" in self.stats and self.status == Status.MAX_ITERATIONS:
-            message = (
-                f"the updated residual met the tolerance but the true one was "
-                f"{self.stats['attainable_residual']:.3g}: the tolerance is near or below the "
-                f"rounding level of {self.b.dtype} for this system (about eps ||A|| ||x||); "
-                "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
-            )
+        message = _attainable_message(self) if self.status == Status.MAX_ITERATIONS else ""
         if last:
             value, ynorm = self.y * self.bnorm, self.ynorm
         elif self.best is not None:  # improved
@@ -250,6 +273,29 @@ class _Run:
             self.stats,
             message,
         )
+
+
+def _attainable_message(run: _Run) -> str:
+    """Why a run that met its tolerance on the updated residual stopped at maxiter."""
+    if "attainable_residual" not in run.stats:
+        return ""
+    return (
+        f"the updated residual met the tolerance but the true one was "
+        f"{run.stats['attainable_residual']:.3g}: the tolerance is near or below the "
+        f"rounding level of {run.b.dtype} for this system (about eps ||A|| ||x||); "
+        "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
+    )
+
+
+def _curvature_status(run: _Run, Ap: Tensor, pap: float) -> Status:
+    """The status of a step whose ``p^T A p`` is not positive and finite."""
+    if not math.isfinite(pap):  # a non-finite product, or an overflow
+        require_finite_product(Ap)
+        return Status.DIVERGED
+    # A is not positive definite along p: a CG step here would move uphill.
+    pnorm = safe_norm(run.p)
+    run.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
+    return Status.NEGATIVE_CURVATURE
 
 
 def conjugate_gradient(
