@@ -214,6 +214,40 @@ def test_cg_stops_on_negative_curvature_with_the_best_iterate():
     assert float((b - A @ sol.value).norm()) <= float(b.norm())
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e-170])
+def test_neumann_is_linear_in_b_where_its_norms_over_or_underflow(scale):
+    # the series runs on b / ||b||; its residual norms, read in float64 each term, fall
+    # back to the rescaled norm only on over- or underflow: the partial sums are s x(b)
+    A = torch.diag(torch.linspace(1.0, 4.0, 6, dtype=DT))
+    b = torch.linspace(-1.0, 2.0, 6, dtype=DT)
+    op = hg.MatrixOperator(A, symmetric=True)
+    one = hg.Neumann(30, alpha=0.2).solve(op, b)
+    big = hg.Neumann(30, alpha=0.2).solve(op, b * scale)
+    torch.testing.assert_close(big.value / scale, one.value, rtol=1e-13, atol=0.0)
+    # in closed form: alpha sum_{j <= 30} (I - alpha A)^j b (the term j = 0 is b itself)
+    M = torch.eye(6, dtype=DT) - 0.2 * A
+    exact = 0.2 * sum(torch.linalg.matrix_power(M, j) @ b for j in range(31))  # 30 products
+    torch.testing.assert_close(one.value, exact, rtol=1e-12, atol=1e-14)
+
+
+def test_neumann_keeps_the_partial_sum_with_the_smallest_residual_when_it_diverges():
+    # alpha = 0.5 > 2 / lambda_max = 0.4 on the top direction: the residual first shrinks
+    # (the other directions), then grows; the returned sum is the one with the smallest
+    # residual, and that residual is the reported one
+    A = torch.diag(torch.tensor([1.0, 1.2, 5.0], dtype=DT))
+    b = torch.tensor([1.0, 1.0, 1e-3], dtype=DT)
+    op = hg.MatrixOperator(A, symmetric=True)
+    sol = hg.Neumann(60, alpha=0.5).solve(op, b)
+    assert sol.status == "diverged"
+    M = torch.eye(3, dtype=DT) - 0.5 * A
+    terms = [torch.linalg.matrix_power(M, j) @ b for j in range(60)]
+    sums = [0.5 * sum(terms[:k], torch.zeros(3, dtype=DT)) for k in range(61)]
+    residuals = [float((b - A @ x).norm()) for x in sums[:-1]]
+    best = min(range(len(residuals)), key=residuals.__getitem__)
+    torch.testing.assert_close(sol.value, sums[best], rtol=1e-12, atol=1e-15)
+    assert sol.residual_norm == pytest.approx(residuals[best], rel=1e-10)
+
+
 # ------------------------------------------------------------------------------- helpers
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _vocab
+from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import (
@@ -292,6 +292,7 @@ class _Series:
         self.status, self.iterations = Status.FIXED_BUDGET, 0
         self.stats: dict[str, Any] = {}
         self.growth_tol = math.sqrt(torch.finfo(b.dtype).eps)
+        self.wide = _tree.wide_dtype(b.device)  # safe_norm's accumulator, chosen once
 
     def _diverged(self, vnorm: float, previous: float) -> bool:
         if self.op.symmetric:
@@ -323,7 +324,9 @@ class _Series:
         for it in range(1, self.solver.maxiter + 1):
             w = self.op.matvec(self.v)
             v = self.v - self.alpha * w  # the residual of alpha * total
-            vnorm = safe_norm(v)
+            vnorm = float(torch.linalg.vector_norm(v, dtype=self.wide))
+            if not 0.0 < vnorm < math.inf:  # over- or underflow: safe_norm rescales
+                vnorm = safe_norm(v)
             if not math.isfinite(vnorm):  # a NaN or Inf in w makes ||v|| non-finite
                 require_finite_product(w)
             self.iterations = it
@@ -337,7 +340,7 @@ class _Series:
                 return
             if vnorm < self.best_norm:
                 self.best_norm = vnorm
-                self.best.copy_(self.total)
+                self.best = self.total  # never modified in place: replaced below
             self.total = self.total + v
             self.v, previous = v, vnorm
         if tol is not None:
