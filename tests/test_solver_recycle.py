@@ -15,6 +15,7 @@ import torch
 
 import hypergradient as hg
 from hypergradient import ArgumentTypeError
+from spd_sequences import drifting
 
 DT = torch.float64
 N = 60
@@ -91,22 +92,6 @@ def test_recycling_needs_fewer_products_than_cold_cg_on_a_changing_sequence():
     assert warm[0] == cold[0]
     # 8 outliers and 3 small eigenvalues deflated: the bulk [0.1, 1] is what CG sees
     assert sum(warm[1:]) < 0.6 * sum(cold[1:]), (warm, cold)
-
-
-def drifting(n: int, steps: int, seed: int):
-    """Hyper-step-like systems: ``A_t = Q_t diag(lam_t) Q_t^T`` (spectrum log-uniform in
-    [1e-3, 1]) whose eigenvectors turn by a small random rotation and eigenvalues move by
-    ~2% per step, and a right-hand side that drifts by ~2%."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
-    lam, b = torch.logspace(-3, 0, n, dtype=DT), torch.randn(n, generator=g, dtype=DT)
-    for _ in range(steps):
-        S = 1e-3 * torch.randn(n, n, generator=g, dtype=DT)
-        Q = Q @ torch.linalg.matrix_exp(S - S.T)
-        lam = lam * (1 + 0.02 * torch.randn(n, generator=g, dtype=DT))
-        b = b + 0.02 * float(b.norm()) / n**0.5 * torch.randn(n, generator=g, dtype=DT)
-        A = (Q * lam) @ Q.T
-        yield 0.5 * (A + A.T), b.clone()
 
 
 def smallest_budget(solver, A, b, x0, exact, target=1e-2):
