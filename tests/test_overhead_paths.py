@@ -10,6 +10,7 @@ solves, the errors and their order, and the helpers' contracts against their ref
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -263,6 +264,16 @@ def _cases():
     yield [torch.tensor([1 + 1j, complex(math.nan, 0)])]
     yield [torch.arange(3), torch.ones(2)]
     yield []
+
+
+def test_finiteness_probes_of_leaves_that_require_grad_warn_nothing_and_record_nothing():
+    w = torch.linspace(-1.0, 1.0, 5, dtype=DT, requires_grad=True)
+    y = w * 2  # a non-leaf in a graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor needing grad is read
+        assert _vocab.all_finite([w, y]) and _vocab.is_finite(y)
+        assert not _vocab.all_finite([w, y * math.inf])
+    assert not _vocab.finite_probe(y).requires_grad
 
 
 def test_all_finite_agrees_with_the_exact_check():

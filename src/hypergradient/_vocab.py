@@ -304,7 +304,8 @@ def finite_probe(t: Tensor) -> Tensor:
 
 def _sum(t: Tensor) -> Tensor:
     """The sum of a floating or complex ``t``'s entries (real and imaginary parts), in
-    float32 for half precision, else in ``t``'s own precision."""
+    float32 for half precision, else in ``t``'s own precision; no autograd graph (a probe)."""
+    t = t.detach()
     v = torch.view_as_real(t) if t.is_complex() else t
     return v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
 
