@@ -203,7 +203,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     data["unrolled"] = unrolled_part(q, 3 if q else 100, repeats)
     whats = ["hg.implicit"] if q else ["hg.implicit", "hg.unrolled"] + ["torchopt"] * bool(to)
     data["cold_start"] = {w: cold_start(w) for w in whats}
-    data["overhead"] = overhead_part([2, 6] if q else [10, 30], 2 if q else 41)  # ~4 s
+    data["overhead"] = overhead_part([2, 6] if q else [10, 30], 2 if q else 41)
     return data
 
 

@@ -236,7 +236,7 @@ class HessianOperator(GraphOperator):
         return self._param_vjp_flat_batched(V)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        out = direct_vjp(self, v) if self._direct else None
+        out = direct_vjp(self, v)
         return self._guarded(self._matvec_now, v) if out is None else out
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -344,7 +344,7 @@ class FixedPointOperator(GraphOperator):
         return list(out_leaves)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        out = direct_vjp(self, v) if self._direct else None
+        out = direct_vjp(self, v)
         return v - (self._guarded(self._param_vjp_flat, v) if out is None else out)
 
     def _matmat(self, V: Tensor) -> Tensor:

@@ -207,13 +207,14 @@ class RandomizedSolver(Solver):
 # ----------------------------------------------------------------------------- numerics
 
 
-def safe_norm(v: Tensor) -> float:
+def safe_norm(v: Tensor, wide: torch.dtype | None = None) -> float:
     """``||v||_2`` as a Python float that neither overflows nor underflows.
 
-    Accumulates in float64 (float32 on MPS); if that still overflows or underflows (float64
-    entries beyond 1e154 or below 1e-154), rescales by ``max |v_i|`` first.
+    Accumulates in ``wide`` (default :func:`_tree.wide_dtype`: float64, float32 on MPS;
+    a loop passes it once); if that still overflows or underflows (float64 entries beyond
+    1e154 or below 1e-154), rescales by ``max |v_i|`` first.
     """
-    wide = _tree.wide_dtype(v.device)
+    wide = _tree.wide_dtype(v.device) if wide is None else wide
     value = float(torch.linalg.vector_norm(v, dtype=wide))
     if 0.0 < value < float("inf"):
         return value

@@ -324,9 +324,7 @@ class _Series:
         for it in range(1, self.solver.maxiter + 1):
             w = self.op.matvec(self.v)
             v = self.v - self.alpha * w  # the residual of alpha * total
-            vnorm = float(torch.linalg.vector_norm(v, dtype=self.wide))
-            if not 0.0 < vnorm < math.inf:  # over- or underflow: safe_norm rescales
-                vnorm = safe_norm(v)
+            vnorm = safe_norm(v, self.wide)
             if not math.isfinite(vnorm):  # a NaN or Inf in w makes ||v|| non-finite
                 require_finite_product(w)
             self.iterations = it
