@@ -1,7 +1,14 @@
-"""Cost of one Hessian-vector product, in gradients of the inner loss."""
+"""Cost of one Hessian-vector product, in gradients of the inner loss.
+
+``--compile`` adds issue 11's goal 6 for the product graph: ``torch.compile`` of the
+reverse-over-reverse product ``vjp(grad f)(v)`` and of the forward-over-reverse one
+``jvp(grad f)(v)``, with the weights, decays and ``v`` as inputs (so that one compiled graph
+serves every hyper-step), against the retained-graph product of ``hg.HessianOperator``;
+``break_even`` is the number of products after which the compile time is paid back."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,9 +78,52 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     return out
 
 
+def compiled_products(pb: problems.Bilevel, rounds: int) -> list[dict[str, Any]]:
+    """Goal 6 for the product graph: compile time, ms per product against the retained
+    graph's, relative difference and the products that pay the compile time back."""
+    f, w, lam = pb.inner_loss, H.leaves(pb.params), H.leaves(pb.hparams)
+    op, sizes = hg.HessianOperator(f, w, lam), [t.numel() for t in w]
+    v = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(1), dtype=w[0].dtype)
+
+    def parts(v: torch.Tensor) -> tuple:
+        return tuple(x.view(t.shape) for x, t in zip(v.split(sizes), w))
+
+    def rev(p: Any, h: Any, v: torch.Tensor) -> Any:
+        return torch.func.vjp(torch.func.grad(lambda q: f(q, h)), p)[1](parts(v))[0]
+
+    def fwd(p: Any, h: Any, v: torch.Tensor) -> Any:
+        return torch.func.jvp(torch.func.grad(lambda q: f(q, h)), (p,), (parts(v),))[1]
+
+    ref, out = op.matvec(v), []
+    cases = [H.Case("retained graph (eager)", lambda s: op.matvec(v))]
+    for what, fn in (("compiled vjp(grad)", rev), ("compiled jvp(grad)", fwd)):
+        started, compiled = time.perf_counter(), torch.compile(fn, dynamic=False)
+        got = problems.flat(compiled(tuple(w), tuple(lam), v))
+        row = {"what": what, "compile_s": time.perf_counter() - started}
+        out.append(row | {"rel_diff": H.relative_error(got, ref)})
+        cases.append(H.Case(what, lambda s, c=compiled: c(tuple(w), tuple(lam), v)))
+    res = H.interleave(cases, rounds)
+    eager = res[0].ms
+    rows = [{"what": res[0].key, "ms": eager, "vs_eager": 1.0}]
+    for row, t in zip(out, res[1:]):
+        gain = eager - t.ms
+        row |= {"ms": t.ms, "vs_eager": t.ms / eager}
+        rows.append(row | {"break_even": 1e3 * row["compile_s"] / gain if gain > 0 else None})
+    return rows
+
+
 def render(d: dict[str, Any]) -> list[str]:
     cols = "what|ms:.3f|gradients:.2f|floor"
-    return [f"## {r['problem']}\n\n" + H.dict_table(r["rows"], cols) for r in d["results"]]
+    out = [f"## {r['problem']}\n\n" + H.dict_table(r["rows"], cols) for r in d["results"]]
+    if d.get("compiled"):
+        cols = "what|compile_s:.1f|ms:.3f|vs_eager:.2f|rel_diff:.1e|break_even:,.0f"
+        out.append(
+            "## torch.compile of the product graph (issue 11, goal 6)\n\nms per product, "
+            "interleaved; vs_eager: compiled / retained graph; break_even: products after "
+            "which the compile time is paid back (empty: never)."
+        )
+        out += [f"### {r['problem']}\n\n" + H.dict_table(r["rows"], cols) for r in d["compiled"]]
+    return out
 
 
 def plot(data: dict[str, Any], out: Any) -> Any:
@@ -95,10 +145,15 @@ def plot(data: dict[str, Any], out: Any) -> Any:
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
     r, ks = (3, [10]) if args.quick else (30, [10, 50])
-    return {"results": [{"problem": n, "rows": measure(pb, r, ks)} for n, pb in models(args.quick)]}
+    pbs = models(args.quick)
+    out = {"results": [{"problem": n, "rows": measure(pb, r, ks)} for n, pb in pbs]}
+    if args.compile:
+        out["compiled"] = [{"problem": n, "rows": compiled_products(pb, r)} for n, pb in pbs]
+    return out
 
 
-main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot)
+OPTIONS = [H.option("--compile", action="store_true", help="goal 6: compiled product graphs")]
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()

@@ -231,3 +231,20 @@ def test_results_doc_generated_from_committed_json() -> None:
         if (RESULTS / f"{name}.json").exists() and name in _module("make_results_md").SECTIONS:
             assert f"benchmarks/{name}.py" in text
     assert text == (BENCHMARKS.parent / "docs" / "results.md").read_text()
+
+
+def test_compiled_product_graph_agrees_with_the_retained_graph() -> None:
+    """``hvp_cost --compile`` (issue 11, goal 6): both compiled products of the logistic
+    regression's Hessian equal the retained graph's to float32 rounding, and the break-even
+    count is the compile time over the per-product gain (or absent where nothing is gained).
+    """
+    mod = _module("hvp_cost")
+    pb = mod.models(quick=True)[0][1]
+    rows = {r["what"]: r for r in mod.compiled_products(pb, rounds=2)}
+    assert set(rows) == {"retained graph (eager)", "compiled vjp(grad)", "compiled jvp(grad)"}
+    for what in ("compiled vjp(grad)", "compiled jvp(grad)"):
+        r = rows[what]
+        assert r["rel_diff"] < 1e-5 and r["compile_s"] > 0 and r["ms"] > 0, r
+        gain = rows["retained graph (eager)"]["ms"] - r["ms"]
+        expected = 1e3 * r["compile_s"] / gain if gain > 0 else None
+        assert r["break_even"] == expected
