@@ -63,7 +63,22 @@ def hvp_cost(d: dict) -> dict[str, str]:
             r = by[f"implicit, {k} products"]
             cells.append(f"{r['gradients']:.1f}" + (f" (floor {r['floor']})" if i else ""))
         out.append(cells)
-    return {"hvp_table": rows(out)}
+    return {"hvp_table": rows(out), "compile_summary": compile_summary(d, labels)}
+
+
+def compile_summary(d: dict, labels: list[str]) -> str:
+    """One clause per model: compiled / eager time of a product and the break-even count."""
+    if not d.get("compiled"):
+        return "not measured in the committed run (run `hvp_cost.py --compile`)."
+    parts = []
+    for label, res in zip(labels, d["compiled"]):
+        by = {r["what"]: r for r in res["rows"]}
+        best = min((by["compiled vjp(grad)"], by["compiled jvp(grad)"]), key=lambda r: r["ms"])
+        paid = best["break_even"]
+        paid = f"paid back after {paid:,.0f} products" if paid else "never paid back"
+        text = f"{best['vs_eager']:.2f}x the retained graph's time ({best['compile_s']:.0f} s"
+        parts.append(f"{label}: {text} to compile, {paid})")
+    return "; ".join(parts) + ". It is measured, not offered as an option."
 
 
 HOPT = {"T1T2()": "T1T2", "IFT() (Neumann 10, alpha=lr)": "IFT (Neumann 10)"}
