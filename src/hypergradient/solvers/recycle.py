@@ -285,7 +285,7 @@ class RecycledCG(Solver):
         if not lam.numel():
             self.reset()
             return
-        M2, P = R @ Y[k:], P.clone(memory_format=torch.contiguous_format)
+        M2 = R @ Y[k:]  # P: a view of the recorder's block, copied only if kept (settled)
         if space is None:
             self._U = Basis((P,), M2.to(P.dtype)).settled()
         else:

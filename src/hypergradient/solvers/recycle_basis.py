@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..operators import LinearOperator
 
-__all__ = ["LAZY", "Basis", "Recorder"]
+__all__ = ["LAZY", "Basis", "Recorder", "owned"]
 
 #: ``Basis`` multiplies its rotations out once its blocks are this fraction of ``k`` wider.
 LAZY = 0.25
@@ -144,6 +144,17 @@ class Basis:
         return Basis((*self.blocks, P), torch.cat([head, M2])).settled()
 
     def settled(self) -> Basis:
-        """This basis, multiplied out if its blocks are ``LAZY`` wider than ``k``."""
+        """This basis, multiplied out if its blocks are ``LAZY`` wider than ``k``; else with
+        its blocks made contiguous (a block may be a strided view of a solve's recorder,
+        which is then copied only when kept)."""
         k = self.shape[1]
-        return Basis((self.rows(),)) if self.width > k + LAZY * k else self
+        if self.width > k + LAZY * k:
+            return Basis((self.rows(),))
+        return Basis(tuple(map(owned, self.blocks)), self.M)
+
+
+def owned(B: Tensor) -> Tensor:
+    """``B`` itself if it is contiguous and its whole storage, else a contiguous copy (a
+    kept block never holds a solve's recorder buffer alive)."""
+    whole = B.untyped_storage().nbytes() == B.numel() * B.element_size()
+    return B if B.is_contiguous() and whole else B.clone(memory_format=torch.contiguous_format)
