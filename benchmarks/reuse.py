@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", choices=("digits", "100k"), default="digits", help="the MLP")
     p.add_argument("--recycle", type=int, help="RecycledCG rank (200; 100k: 16; quick 8)")
     p.add_argument("--smallest", type=int, help="RecycledCG smallest (20; 100k: 4; quick 2)")
-    p.add_argument("--harvest", type=int, help="RecycledCG harvest (64; 100k: 16)")
+    p.add_argument("--harvest", type=int, help="RecycledCG harvest (64; 100k: 8)")
     args = p.parse_args(argv)
     big = args.size == "100k"
     name, title = NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else "")
@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     H.start(args)
     H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 16), rounds=(1, 3))
     H.defaults(args, lbfgs=(50, 300 if big else 200))
-    H.defaults(args, rank=(4, 40), recycle=(8, 16 if big else 200), harvest=(32, 16 if big else 64))
+    H.defaults(args, rank=(4, 40), recycle=(8, 16 if big else 200), harvest=(32, 8 if big else 64))
     H.defaults(args, smallest=(2, 4 if big else 20))
     rep = H.Report(name, title, args)
     rows = hyper_steps(args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 import hypergradient as hg
+from hypergradient.solvers.recycle_basis import Basis
 from spd_sequences import drifting
 
 DT = torch.float64
@@ -71,3 +72,26 @@ def test_kept_pairs_are_exact_ritz_pairs_on_a_fixed_operator():
     exact = torch.linalg.solve(A, b)
     assert sol.converged
     assert torch.allclose(sol.value, exact, rtol=1e-8, atol=1e-9 * float(exact.norm()))
+
+
+def test_deferred_preconditioner_is_the_dense_spectral_update():
+    """``Basis.preconditioner`` over deferred blocks (``U = W^T M``, strided and kept blocks)
+    applies ``r + U diag(scale) U^T r`` of the multiplied-out ``U``; kept blocks own their
+    storage (a strided view of a recorder buffer is copied when kept)."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 40, 8  # width 10 <= k + LAZY k: the rotation stays deferred
+    buf = torch.randn(2 * 2, n, generator=g, dtype=DT)  # a recorder-like interleaved block
+    W1, P = torch.randn(k, n, generator=g, dtype=DT), buf[0::2]
+    M = torch.randn(k + 2, k, generator=g, dtype=DT)
+    basis = Basis((W1, P), M).settled()
+    assert basis.M is not None and basis.blocks[1].is_contiguous()
+    assert basis.blocks[1].untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+    U = basis.rows().T
+    assert torch.allclose(U, torch.cat([W1, P]).T @ M, rtol=0, atol=1e-12)
+    scale = torch.linspace(-0.9, 3.0, k, dtype=DT)
+    r = torch.randn(n, generator=g, dtype=DT)
+    expect = r + U @ (scale * (U.T @ r))
+    got = basis.preconditioner(scale)(r)
+    assert torch.allclose(got, expect, rtol=0, atol=1e-12 * float(expect.abs().max()))
+    settled = Basis((U.T.contiguous(),))  # multiplied out: the one-block path
+    assert torch.allclose(settled.preconditioner(scale)(r), expect, rtol=0, atol=1e-11)

@@ -10,7 +10,16 @@ is the quality of the ``smallest`` group, whose stale Ritz values are 2-3x too s
 Refreshing a few of them with products (2 or 5 a solve), a Galerkin-deflated initial
 guess, a different bottom scaling, ``INSIDE`` 1e-2/1e-4 and ranks 300/400 did not
 help (635 -> 630-1,072). Ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30
-650/647, ``harvest=32`` 675.
+650/647, ``harvest=32`` 675. Bottom vectors from the same quantities with a stale ``A U``
+kept alongside ``U`` (no products): harmonic Ritz vectors 639 (rr 633 in that replay),
+refined Ritz vectors 615 (one eigenproblem of order ``k + m`` per bottom pair, ~20x the
+Rayleigh-Ritz cost), neither kept; a Rayleigh-Ritz step every other solve 776-781; an
+extrapolated warm start ``x_t + c (x_t - x_{t-1})`` 647 (c = 0.5) and 826 (c = 1).
+
+Time. At ``n = 1e5`` (float32, ``k = 20``, ``m = 16``) a solve's work beyond its products
+is 20-25 ms on one core (Rayleigh-Ritz ~13, the preconditioner ~0.5 a call, the recorder's
+copies ~0.2 a product), about five Hessian-vector products of ``reuse.py --size 100k``;
+on digits (``k = 220``) the eigenproblem of order ``k + m`` is about half of it.
 """
 
 from __future__ import annotations
@@ -89,13 +98,13 @@ class RecycledCG(Solver):
         harvest: products of a solve kept for the next Rayleigh-Ritz step (memory).
 
     Cost: the products of CG (one per iteration, plus the warm start's), nothing more.
-    Per iteration ``M^{-1} r = r + W^T K W r`` (:meth:`Basis.preconditioner`), ``4 n k``
-    flops. Per solve, the Rayleigh-Ritz step: ``P X^T`` and ``W X^T`` on the recorder's
-    interleaved block ``X = [p_1; A p_1; ...]`` (``2 n m (m + k)`` flops), an eigenproblem
-    of order ``k + m`` and, every few solves, the multiplied-out rotation (``n k^2``);
-    ``k = rank + smallest``, ``m <= harvest``. Memory: ``U`` (``n k``) across solves,
-    ``2 n m`` during a solve. ``reset()`` forgets ``U``; ``U``, ``Theta`` and the
-    reference rate are in :meth:`state_dict`.
+    Per iteration ``M^{-1} r`` (:meth:`Basis.preconditioner`), ``4 n w`` flops for the
+    deferred blocks' width ``w`` in ``[k, 1.25 k]``. Per solve, the Rayleigh-Ritz step:
+    ``P X^T``, ``W X^T`` on the block ``X = [p_1; A p_1; ...]`` (``2 n m (m + k)`` flops),
+    an eigenproblem of order ``k + m`` and, every few solves, the multiplied-out rotation
+    (``2 n k w``); ``k = rank + smallest``, ``m <= harvest`` (timings: module docstring).
+    Memory: ``U`` (``n k``) across solves, ``2 n m`` during a solve. ``reset()`` forgets
+    ``U``; ``U``, ``Theta`` and the reference rate are in :meth:`state_dict`.
 
     Limits: ``Theta`` is never refreshed by products, so its error grows as the operator
     drifts; the module docstring says where the products go on ``benchmarks/reuse.py``.
@@ -285,7 +294,7 @@ class RecycledCG(Solver):
         if not lam.numel():
             self.reset()
             return
-        M2, P = R @ Y[k:], P.clone(memory_format=torch.contiguous_format)
+        M2 = R @ Y[k:]  # P: a view of the recorder's block, copied only if kept (settled)
         if space is None:
             self._U = Basis((P,), M2.to(P.dtype)).settled()
         else:
