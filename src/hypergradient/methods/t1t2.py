@@ -174,19 +174,54 @@ def _mixed(grads: list[Tensor | None], x: Tensor, inputs: Inputs, h: list[Tensor
     return list(torch.autograd.grad(dot, h, allow_unused=True))
 
 
-def _read(gf: list[Tensor | None], b: Tensor, more: tuple[Tensor, ...]) -> list[float]:
-    """``[||grad_theta f||, ||b||, f, g, probe(direct), probe(result)]`` in the device's
-    wide dtype, read in one host synchronization (the norm of ``grad_theta f`` from its
-    leaves' norms: no flat copy)."""
-    wide = _tree.wide_dtype(b.device)
-    norms = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in gf if t is not None]
-    probes = [
-        torch.linalg.vector_norm(torch.stack(norms)) if norms else b.new_zeros((), dtype=wide)
-    ]
-    probes += [torch.linalg.vector_norm(b, dtype=wide)]
-    probes += [t.detach().to(b.device, wide) for t in more[:2]]
-    probes += [finite_probe(t).to(wide) for t in more[2:]]
-    return torch.stack(probes).tolist()
+def _scaled(gq: Sequence[Tensor | None], lr: float, inputs: Inputs, dtype: torch.dtype) -> Tensor:
+    """``x = lr * b`` as one flat vector in ``dtype``, written leaf by leaf (``b``, the flat
+    ``grad_theta g``, is never built: one pass over the gradient instead of a copy and a
+    product); a leaf ``g`` does not reach is zero."""
+    x = torch.empty(inputs.param_spec.size, dtype=dtype, device=inputs.param_leaves[0].device)
+    start = 0
+    for g, n in zip(gq, inputs.param_spec.numels):
+        part = x[start : start + n]
+        if g is None:
+            part.zero_()
+        else:
+            g = g if g.dtype == dtype else g.to(dtype)  # multiplied in dtype, as lr * b
+            torch.mul(g.reshape(-1), lr, out=part)
+        start += n
+    return x
+
+
+def _difference(direct: Sequence[Tensor | None], mixed: Sequence[Any]) -> list[Tensor]:
+    """``d_phi g - mixed`` per hyperparameter leaf (a missing term is zero; the caller
+    has ruled out leaves with neither), rounded as the formula's flat difference."""
+    out = []
+    for d, m in zip(direct, mixed):
+        if m is None:
+            out.append(cast(Tensor, d).detach().clone(memory_format=torch.contiguous_format))
+        elif d is None:
+            out.append(torch.rsub(m.detach(), 0))  # 0 - m: +0 where m = 0, as the formula
+        else:
+            out.append(torch.sub(d.detach(), m.detach()))
+    return out
+
+
+def _read(
+    gf: list[Tensor | None], x: Tensor, values: tuple[Tensor, Tensor], out: list[Tensor]
+) -> list[float] | None:
+    """``[||grad_theta f||, ||x||, f, g]`` in the device's wide dtype, read in one host
+    synchronization with a sum probe of every leaf of ``out``; None when one of them is
+    not finite (``||grad_theta f||`` from its leaves' norms, combined on the host: no flat
+    copy). ``out`` finite means both of its terms are (``inf - inf`` is NaN)."""
+    wide = _tree.wide_dtype(x.device)
+    probes = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in gf if t is not None]
+    count = len(probes)
+    probes.append(torch.linalg.vector_norm(x, dtype=wide))
+    probes += [v.detach().to(x.device, wide) for v in values]
+    probes += [t.sum(dtype=wide) if t.is_floating_point() else finite_probe(t) for t in out]
+    read = torch.stack([p if p.dtype == wide else p.to(wide) for p in probes]).tolist()
+    if not all(math.isfinite(v) for v in read):
+        return None
+    return [math.hypot(*read[:count]), *read[count : count + 3]]
 
 
 def look_ahead(
@@ -199,15 +234,18 @@ def look_ahead(
 
     ``inputs`` are the validated leaves at ``theta`` (and the hyperparameters);
     ``outer_at`` the leaves of ``theta'`` (None: ``theta``). The arithmetic is the
-    formula's (flat vectors in the accumulator dtype, the mixed product as the gradient of
-    one inner product), and every finiteness check is one stacked probe read once (the
-    solution's from ``lr ||grad_theta g||``, ``||grad_theta f||`` from the leaves' norms).
+    formula's: ``x = lr * b`` in the accumulator dtype (written leaf by leaf from
+    ``grad_theta g``), the mixed product as the gradient of one inner product, the
+    difference per hyperparameter leaf. Every finiteness check is one stacked probe read
+    once: ``||x||`` (in the wide dtype, where it cannot overflow: finite exactly when
+    ``x`` is, and ``||b|| = ||x|| / lr`` to the rounding of ``x``), ``||grad_theta f||``
+    from its leaves' norms, ``f``, ``g`` and a sum of each hypergradient leaf.
     """
     p_spec, h_spec = inputs.param_spec, inputs.hparam_spec
     p, h = _fresh(inputs.param_leaves), _fresh(inputs.hparam_leaves)
     q = _fresh(inputs.param_leaves if outer_at is None else outer_at)
     h_outer = _fresh(inputs.hparam_leaves)
-    device, dtype = p[0].device, _tree.accumulator_dtype(p)
+    dtype = _tree.accumulator_dtype(p)
     with torch.enable_grad():
         f = as_scalar_loss(
             problem.inner_loss(_tree.unflatten(p_spec, p), _tree.unflatten(h_spec, h)), "inner_loss"
@@ -220,23 +258,17 @@ def look_ahead(
             "outer_loss",
         )
         gq = _grads(g, q + h_outer)
-        b = _tree.cat(gq[: len(q)], p_spec, dtype, device)
-        x = lr * b
+        x = _scaled(gq[: len(q)], lr, inputs, dtype)
         mixed = _mixed(gf, x, inputs, h)
-    direct, hdtype = gq[len(q) :], _tree.common_dtype(inputs.hparam_leaves)
+    direct = gq[len(q) :]
     if any(d is None and m is None for d, m in zip(direct, mixed)):
         return None
-    flat_direct = _tree.cat(direct, h_spec, hdtype, device)
-    diff = flat_direct - _tree.cat(mixed, h_spec, hdtype, device)
-    values = _read(gf, b, (f, g, flat_direct, diff))
-    # |x_i| = lr |b_i| <= lr ||b||: x is finite when that bound is (no pass over x)
-    bound = values[1] * lr < torch.finfo(x.dtype).max
-    if not (all(math.isfinite(v) for v in values) and bound) or values[1] == 0.0:
+    out = _difference(direct, mixed)
+    read = _read(gf, x, (f, g), out)
+    # x = 0 (b = 0, or lr b underflowed) or so small that its subnormal entries could make
+    # ||x|| / lr more than a rounding away from ||b||: the general formula reads b itself
+    if read is None or read[1] < math.sqrt(x.numel()) * torch.finfo(x.dtype).tiny:
         return None
-    out, start = [], 0
-    for leaf, n in zip(inputs.hparam_leaves, h_spec.numels):
-        piece = diff[start : start + n].reshape(leaf.shape)
-        out.append((piece if piece.dtype == leaf.dtype else piece.to(leaf.dtype)).clone())
-        start += n
-    terms = LookAheadTerms(values[3], values[2], values[0], values[1], x.detach())
+    stat_norm, xnorm, inner_value, outer_value = read
+    terms = LookAheadTerms(outer_value, inner_value, stat_norm, xnorm / lr, x.detach())
     return _tree.unflatten(h_spec, out), terms
