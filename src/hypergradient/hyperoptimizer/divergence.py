@@ -112,7 +112,7 @@ def _read(recorded: list[Tensor]) -> list[float]:
     of consecutive values of one dtype and device is stacked, then converted once (the
     usual case, parameter norms then training losses, costs two stacks and two
     conversions, not a conversion per value). Exact (a widening conversion)."""
-    device, runs = recorded[0].device, []
+    device, runs = recorded[0].device, list[list[Tensor]]()
     for v in recorded:
         if v.dim() or v.requires_grad:  # push() stores detached 0-dim values already
             v = v.detach().reshape(())

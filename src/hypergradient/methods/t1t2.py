@@ -52,7 +52,9 @@ class T1T2(ImplicitMethod):
     ``hparams_by_reference``, a once-differentiable function in ``f``'s gradient, a
     non-finite quantity to name, an unused hyperparameter to warn about,
     ``grad_theta g = 0``) runs the general implicit formula (from the same random-number
-    state), which gives the same hypergradient and diagnostics.
+    state), which gives the same hypergradient and diagnostics (the direct path reads
+    ``info.outer_grad_norm`` as ``||lr b|| / lr``: ``||b||`` to the rounding of ``lr b``,
+    2^-24 relative in float32; an ``lr b`` too small for that goes the general way).
 
     Args:
         hvp: how the mixed product is taken (as :class:`~hypergradient.Implicit`):
@@ -224,6 +226,16 @@ def _read(
     return [math.hypot(*read[:count]), *read[count : count + 3]]
 
 
+def _smallest_norm(x: Tensor) -> float:
+    """The smallest ``||x||`` that is ``||lr b||`` to rounding: below it subnormal entries of
+    ``x`` (absolute error up to ``finfo(x.dtype).tiny``), or squares that underflow in the
+    wide dtype (each ``finfo(wide).tiny``), could move the norm by more than a rounding; the
+    general formula then reads ``b`` itself (``x = 0`` included)."""
+    wide = torch.finfo(_tree.wide_dtype(x.device))
+    squares = math.sqrt(wide.tiny / wide.eps)
+    return math.sqrt(x.numel()) * max(torch.finfo(x.dtype).tiny, squares)
+
+
 def look_ahead(
     problem: Problem, inputs: Inputs, outer_at: Sequence[Tensor] | None, lr: float
 ) -> tuple[Tree, LookAheadTerms] | None:
@@ -265,9 +277,7 @@ def look_ahead(
         return None
     out = _difference(direct, mixed)
     read = _read(gf, x, (f, g), out)
-    # x = 0 (b = 0, or lr b underflowed) or so small that its subnormal entries could make
-    # ||x|| / lr more than a rounding away from ||b||: the general formula reads b itself
-    if read is None or read[1] < math.sqrt(x.numel()) * torch.finfo(x.dtype).tiny:
+    if read is None or read[1] < _smallest_norm(x):
         return None
     stat_norm, xnorm, inner_value, outer_value = read
     terms = LookAheadTerms(outer_value, inner_value, stat_norm, xnorm / lr, x.detach())
