@@ -241,3 +241,51 @@ def test_a_single_hyperparameter_domain_test(raw, inside):
     if not inside:
         with pytest.raises(hg.constraints.HyperparameterDomainError, match=r"hparams\['d'\]"):
             hp.check_domain()
+
+
+def wide_problem(scale=1.0, outer_scale=1.0):
+    """float32, a first layer of 41 x 30 = 1230 entries (four rows of 256 and a remainder):
+    the norms read by float32 rows."""
+    g = torch.Generator().manual_seed(11)
+    X, Xv = torch.randn(50, 30, generator=g), torch.randn(40, 30, generator=g)
+    y, yv = torch.randn(50, generator=g), torch.randn(40, generator=g)
+    W, v = 0.2 * torch.randn(41, 30, generator=g), 0.2 * torch.randn(41, generator=g)
+
+    def f(p, h):
+        fit = 0.5 * ((torch.tanh(X @ p["W"].T) @ p["v"] - y) ** 2).mean()
+        return scale * (fit + 0.5 * (h.exp() * p["W"] ** 2).sum())
+
+    def g_(p, h):
+        return outer_scale * 0.5 * ((torch.tanh(Xv @ p["W"].T) @ p["v"] - yv) ** 2).mean()
+
+    lr, h = 0.3, torch.full((41, 1), -2.0)
+    before = {"W": W, "v": v}
+    grads = torch.func.grad(f)(before, h)
+    after = {k: before[k] - lr * grads[k] for k in before}
+    return hg.Problem(f, g_, after, h, lr=lr, prev_params=before)
+
+
+def test_float32_norms_by_rows_are_the_float64_norms_to_float32_rounding():
+    problem = wide_problem()
+    out, info = hg.T1T2()(problem)
+    ref, ref_info = general(problem)
+    assert torch.equal(out, ref) and torch.equal(info.solution, ref_info.solution)
+    assert info.inner_grad_norm == pytest.approx(ref_info.inner_grad_norm, rel=1e-6, abs=0.0)
+    assert info.outer_grad_norm == pytest.approx(ref_info.outer_grad_norm, rel=1e-6, abs=0.0)
+    # and the norms are those of the flat float64 vectors, not of one leaf or one row
+    gf = torch.func.grad(problem.inner_loss)(problem.prev_params, problem.hparams)
+    flat = torch.cat([t.double().reshape(-1) for t in gf.values()])
+    assert info.inner_grad_norm == pytest.approx(float(flat.norm()), rel=1e-6, abs=0.0)
+
+
+@pytest.mark.parametrize("where", ["inner", "outer"])
+def test_float32_norms_too_small_for_rows_are_read_by_the_general_formula(where):
+    """Gradients near 1e-24: their float32 squares underflow, so a norm by rows would be 0
+    or digits off; the general formula reads them in float64."""
+    problem = wide_problem(**({"scale": 1e-22} if where == "inner" else {"outer_scale": 1e-22}))
+    out, info = hg.T1T2()(problem)
+    ref, ref_info = general(problem)
+    assert ref_info.inner_grad_norm > 0.0 and ref_info.outer_grad_norm > 0.0
+    assert info.inner_grad_norm == ref_info.inner_grad_norm
+    assert info.outer_grad_norm == ref_info.outer_grad_norm
+    assert torch.equal(out, ref)
