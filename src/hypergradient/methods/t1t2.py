@@ -210,18 +210,21 @@ def _difference(direct: Sequence[Tensor | None], mixed: Sequence[Any]) -> list[T
 
 
 def _read(
-    gf: list[Tensor | None], x: Tensor, values: tuple[Tensor, Tensor], out: list[Tensor]
+    norms: tuple[list[Tensor], list[Tensor]],
+    gf: list[Tensor | None],
+    x: Tensor,
+    values: tuple[Tensor, Tensor],
+    out: list[Tensor],
 ) -> list[float] | None:
     """``[||grad_theta f||, ||x||, f, g]`` in the device's wide dtype, read in one host
     synchronization with a sum probe of every leaf of ``out``; None when one of them is
     not finite or a norm is too small to be read to rounding. The norms come in parts
-    (:func:`_norm_parts`: per leaf, float32 leaves by rows) combined on the host: no flat
+    (``norms``: the parts of :func:`_norm_parts` for ``grad_theta f``'s leaves and for
+    ``x``, taken as each was computed, while in cache) combined on the host: no flat
     copy. ``out`` finite means both of its terms are (``inf - inf`` is NaN)."""
     wide = _tree.wide_dtype(x.device)
-    probes = [part for t in gf if t is not None for part in _norm_parts(t.detach(), wide)]
-    count = len(probes)
-    probes += _norm_parts(x, wide)
-    count_x = len(probes)
+    probes = [*norms[0], *norms[1]]
+    count, count_x = len(norms[0]), len(probes)
     probes += [v.detach().to(x.device, wide) for v in values]
     probes += [t.sum(dtype=wide) if t.is_floating_point() else finite_probe(t) for t in out]
     read = torch.stack([p if p.dtype == wide else p.to(wide) for p in probes]).tolist()
@@ -323,18 +326,21 @@ def look_ahead(
         gf = _grads(f, p, create_graph=True)
         if delayed_error_in([t for t in gf if t is not None and t.requires_grad]):
             return None  # a once-differentiable function: the general formula falls back
+        wide = _tree.wide_dtype(p[0].device)
+        stat = [part for t in gf if t is not None for part in _norm_parts(t.detach(), wide)]
         g = as_scalar_loss(
             problem.outer_loss(_tree.unflatten(p_spec, q), _tree.unflatten(h_spec, h_outer)),
             "outer_loss",
         )
         gq = _grads(g, q + h_outer)
         x = _scaled(gq[: len(q)], lr, inputs, dtype)
+        xparts = _norm_parts(x, wide)
         mixed = _mixed(gf, x, inputs, h)
     direct = gq[len(q) :]
     if any(d is None and m is None for d, m in zip(direct, mixed)):
         return None
     out = _difference(direct, mixed)
-    read = _read(gf, x, (f, g), out)
+    read = _read((stat, xparts), gf, x, (f, g), out)
     if read is None:
         return None
     stat_norm, xnorm, inner_value, outer_value = read
