@@ -54,8 +54,8 @@ class T1T2(ImplicitMethod):
     ``grad_theta g = 0``) runs the general implicit formula (from the same random-number
     state), which gives the same hypergradient and diagnostics (the direct path reads
     ``info.outer_grad_norm`` as ``||lr b|| / lr``: ``||b||`` to the rounding of ``lr b``,
-    2^-24 relative in float32; float32 norms of at least 512 entries are read by rows of
-    256 in float32, about 1e-7 relative instead of float64's 1e-16; norms too small for
+    2^-24 relative in float32; float32 norms of at least 32768 entries are read by rows
+    of 256 in float32, about 1e-7 relative instead of float64's 1e-16; norms too small for
     either go the general way).
 
     Args:
@@ -178,11 +178,22 @@ def _mixed(grads: list[Tensor | None], x: Tensor, inputs: Inputs, h: list[Tensor
     return list(torch.autograd.grad(dot, h, allow_unused=True))
 
 
+#: Vectors of at least this many entries take the passes that save memory traffic (``x``
+#: written leaf by leaf, float32 norms by rows); smaller ones the fewest kernels.
+LARGE = 1 << 15
+
+
 def _scaled(gq: Sequence[Tensor | None], lr: float, inputs: Inputs, dtype: torch.dtype) -> Tensor:
-    """``x = lr * b`` as one flat vector in ``dtype``, written leaf by leaf (``b``, the flat
+    """``x = lr * b`` as one flat vector in ``dtype``; a leaf ``g`` does not reach is zero.
+
+    From :data:`LARGE` entries it is written leaf by leaf (``b``, the flat
     ``grad_theta g``, is never built: one pass over the gradient instead of a copy and a
-    product); a leaf ``g`` does not reach is zero."""
-    x = torch.empty(inputs.param_spec.size, dtype=dtype, device=inputs.param_leaves[0].device)
+    product); below, ``lr * cat(leaves)`` (two kernels, whatever the number of leaves).
+    Both round as the formula's ``lr * b``."""
+    device = inputs.param_leaves[0].device
+    if inputs.param_spec.size < LARGE:
+        return lr * _tree.cat(gq, inputs.param_spec, dtype, device)
+    x = torch.empty(inputs.param_spec.size, dtype=dtype, device=device)
     start = 0
     for g, n in zip(gq, inputs.param_spec.numels):
         part = x[start : start + n]
@@ -248,7 +259,7 @@ def _in_rows(t: Tensor, wide: torch.dtype) -> bool:
     return (
         t.dtype == torch.float32
         and wide == torch.float64
-        and t.numel() >= 2 * ROW
+        and t.numel() >= LARGE
         and t.is_contiguous()
     )
 
@@ -256,13 +267,14 @@ def _in_rows(t: Tensor, wide: torch.dtype) -> bool:
 def _norm_parts(t: Tensor, wide: torch.dtype) -> list[Tensor]:
     """0-d tensors in ``wide`` whose Euclidean combination is ``||t||``.
 
-    A contiguous float32 ``t`` of at least two rows of :data:`ROW` entries is read once in
-    float32: one norm per row (at most :data:`ROW` squares summed in float32: a relative
-    error of a few float32 roundings, about 1e-7 measured, where float64 would give 1e-16),
-    the row norms combined in ``wide``, the remainder in ``wide``: a third of the time of
-    a float64 norm. Any other ``t`` is normed in ``wide``. Squares below float32's range
-    (entries under ~1e-19) underflow there: norms below ``sqrt(n) ROW_SQUARES`` go to the
-    general formula (:func:`_smallest_stat`, :func:`_smallest_norm`), which reads float64."""
+    A contiguous float32 ``t`` of at least :data:`LARGE` entries is read once in float32:
+    one norm per row of :data:`ROW` entries (at most :data:`ROW` squares summed in
+    float32: a relative error of a few float32 roundings, about 1e-7 measured, where
+    float64 would give 1e-16), the row norms combined in ``wide``, the remainder in
+    ``wide``: a third of the time of a float64 norm. Any other ``t`` is normed in
+    ``wide``. Squares below float32's range (entries under ~1e-19) underflow there: norms
+    below ``sqrt(n) ROW_SQUARES`` go to the general formula (:func:`_smallest_stat`,
+    :func:`_smallest_norm`), which reads float64."""
     if not _in_rows(t, wide):
         return [torch.linalg.vector_norm(t, dtype=wide)]
     n = t.numel()
