@@ -85,27 +85,43 @@ def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, s
     """
     if not norms and not losses:
         return None
-    recorded = [v.detach().reshape(()).to(torch.float64) for v in (*norms, *losses)]
-    device = recorded[0].device
-    values = torch.stack([v.to(device) for v in recorded]).tolist()  # one synchronisation
+    values = _read([*norms, *losses])  # one synchronisation
     ns, ls = values[: len(norms)], values[len(norms) :]
+    finite = all(map(math.isfinite, values))
+    norm_up = finite and _grows(ns, PARAM_GROWTH)
+    loss_up = finite and _grows(ls, LOSS_GROWTH) and _grows(ns, 1.0)
+    if finite and not (norm_up or loss_up):
+        return None  # the usual case: no message to format
     seen = f"parameter norms {_fmt(ns)}" + (f", training losses {_fmt(ls)}" if ls else "")
-    if not all(map(math.isfinite, values)):
+    if not finite:
         first = "parameter norm" if not all(map(math.isfinite, ns)) else "training loss"
         return False, (
             f"The inner run diverged: the {first} is not finite over its last steps ({seen}). "
             + KNOB
         )
-    norm_up = _grows(ns, PARAM_GROWTH)
-    loss_up = _grows(ls, LOSS_GROWTH) and _grows(ns, 1.0)
-    if not (norm_up or loss_up):
-        return None
     what = "parameter norm" if norm_up else "training loss"
     factor = PARAM_GROWTH if norm_up else LOSS_GROWTH
     return True, (
         f"The inner run is diverging: the {what} grew by at least {factor:g}x at each of "
         f"its last {KEEP - 1} steps ({seen}). {KNOB}"
     )
+
+
+def _read(recorded: list[Tensor]) -> list[float]:
+    """The recorded 0-dim values as float64 numbers, read in one synchronisation: each run
+    of consecutive values of one dtype and device is stacked, then converted once (the
+    usual case, parameter norms then training losses, costs two stacks and two
+    conversions, not a conversion per value). Exact (a widening conversion)."""
+    device, runs = recorded[0].device, list[list[Tensor]]()
+    for v in recorded:
+        if v.dim() or v.requires_grad:  # push() stores detached 0-dim values already
+            v = v.detach().reshape(())
+        if runs and runs[-1][0].dtype == v.dtype and runs[-1][0].device == v.device:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    parts = [torch.stack(r).to(device, torch.float64) for r in runs]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
 
 
 def _fmt(xs: list[float]) -> str:

@@ -64,6 +64,8 @@ def _all_inside(constraints: Mapping[str, Constraint], values: Mapping[str, Tens
     probes = [c.in_domain(values[k]) for k, c in constraints.items()]
     if any(p is None for p in probes):
         return False
+    if len(probes) == 1:  # the usual single hyperparameter: its own 0-d test
+        return bool(probes[0])
     device = next(iter(values.values())).device
     return bool(torch.stack([p.to(device) for p in probes if p is not None]).all())
 

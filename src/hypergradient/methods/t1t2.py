@@ -52,7 +52,11 @@ class T1T2(ImplicitMethod):
     ``hparams_by_reference``, a once-differentiable function in ``f``'s gradient, a
     non-finite quantity to name, an unused hyperparameter to warn about,
     ``grad_theta g = 0``) runs the general implicit formula (from the same random-number
-    state), which gives the same hypergradient and diagnostics.
+    state), which gives the same hypergradient and diagnostics (the direct path reads
+    ``info.outer_grad_norm`` as ``||lr b|| / lr``: ``||b||`` to the rounding of ``lr b``,
+    2^-24 relative in float32; float32 norms of at least 32768 entries are read by rows
+    of 256 in float32, about 1e-7 relative instead of float64's 1e-16; norms too small for
+    either go the general way).
 
     Args:
         hvp: how the mixed product is taken (as :class:`~hypergradient.Implicit`):
@@ -174,19 +178,134 @@ def _mixed(grads: list[Tensor | None], x: Tensor, inputs: Inputs, h: list[Tensor
     return list(torch.autograd.grad(dot, h, allow_unused=True))
 
 
-def _read(gf: list[Tensor | None], b: Tensor, more: tuple[Tensor, ...]) -> list[float]:
-    """``[||grad_theta f||, ||b||, f, g, probe(direct), probe(result)]`` in the device's
-    wide dtype, read in one host synchronization (the norm of ``grad_theta f`` from its
-    leaves' norms: no flat copy)."""
-    wide = _tree.wide_dtype(b.device)
-    norms = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in gf if t is not None]
-    probes = [
-        torch.linalg.vector_norm(torch.stack(norms)) if norms else b.new_zeros((), dtype=wide)
-    ]
-    probes += [torch.linalg.vector_norm(b, dtype=wide)]
-    probes += [t.detach().to(b.device, wide) for t in more[:2]]
-    probes += [finite_probe(t).to(wide) for t in more[2:]]
-    return torch.stack(probes).tolist()
+#: Vectors of at least this many entries take the passes that save memory traffic (``x``
+#: written leaf by leaf, float32 norms by rows); smaller ones the fewest kernels.
+LARGE = 1 << 15
+
+
+def _scaled(gq: Sequence[Tensor | None], lr: float, inputs: Inputs, dtype: torch.dtype) -> Tensor:
+    """``x = lr * b`` as one flat vector in ``dtype``; a leaf ``g`` does not reach is zero.
+
+    From :data:`LARGE` entries it is written leaf by leaf (``b``, the flat
+    ``grad_theta g``, is never built: one pass over the gradient instead of a copy and a
+    product); below, ``lr * cat(leaves)`` (two kernels, whatever the number of leaves).
+    Both round as the formula's ``lr * b``."""
+    device = inputs.param_leaves[0].device
+    if inputs.param_spec.size < LARGE:
+        return lr * _tree.cat(gq, inputs.param_spec, dtype, device)
+    x = torch.empty(inputs.param_spec.size, dtype=dtype, device=device)
+    start = 0
+    for g, n in zip(gq, inputs.param_spec.numels):
+        part = x[start : start + n]
+        if g is None:
+            part.zero_()
+        else:
+            g = g if g.dtype == dtype else g.to(dtype)  # multiplied in dtype, as lr * b
+            torch.mul(g.reshape(-1), lr, out=part)
+        start += n
+    return x
+
+
+def _difference(direct: Sequence[Tensor | None], mixed: Sequence[Any]) -> list[Tensor]:
+    """``d_phi g - mixed`` per hyperparameter leaf (a missing term is zero; the caller
+    has ruled out leaves with neither), rounded as the formula's flat difference."""
+    out = []
+    for d, m in zip(direct, mixed):
+        if m is None:
+            out.append(cast(Tensor, d).detach().clone(memory_format=torch.contiguous_format))
+        elif d is None:
+            out.append(torch.rsub(m.detach(), 0))  # 0 - m: +0 where m = 0, as the formula
+        else:
+            out.append(torch.sub(d.detach(), m.detach()))
+    return out
+
+
+def _read(
+    norms: tuple[list[Tensor], list[Tensor]],
+    gf: list[Tensor | None],
+    x: Tensor,
+    values: tuple[Tensor, Tensor],
+    out: list[Tensor],
+) -> list[float] | None:
+    """``[||grad_theta f||, ||x||, f, g]`` in the device's wide dtype, read in one host
+    synchronization with a sum probe of every leaf of ``out``; None when one of them is
+    not finite or a norm is too small to be read to rounding. The norms come in parts
+    (``norms``: the parts of :func:`_norm_parts` for ``grad_theta f``'s leaves and for
+    ``x``, taken as each was computed, while in cache) combined on the host: no flat
+    copy. ``out`` finite means both of its terms are (``inf - inf`` is NaN)."""
+    wide = _tree.wide_dtype(x.device)
+    probes = [*norms[0], *norms[1]]
+    count, count_x = len(norms[0]), len(probes)
+    probes += [v.detach().to(x.device, wide) for v in values]
+    probes += [t.sum(dtype=wide) if t.is_floating_point() else finite_probe(t) for t in out]
+    read = torch.stack([p if p.dtype == wide else p.to(wide) for p in probes]).tolist()
+    if not all(math.isfinite(v) for v in read):
+        return None
+    stat, xnorm = math.hypot(*read[:count]), math.hypot(*read[count:count_x])
+    if stat < _smallest_stat(gf, wide) or xnorm < _smallest_norm(x, wide):
+        return None  # a norm that may be more than a rounding off: the general formula
+    return [stat, xnorm, *read[count_x : count_x + 2]]
+
+
+#: Rows of float32 entries whose norms :func:`_norm_parts` takes in float32.
+ROW = 256
+_F32 = torch.finfo(torch.float32)
+#: Below ``sqrt(n)`` times this, float32 squares underflow by more than a rounding.
+ROW_SQUARES = math.sqrt(_F32.tiny / _F32.eps)
+
+
+def _in_rows(t: Tensor, wide: torch.dtype) -> bool:
+    """Whether :func:`_norm_parts` reads ``t`` by float32 rows."""
+    return (
+        t.dtype == torch.float32
+        and wide == torch.float64
+        and t.numel() >= LARGE
+        and t.is_contiguous()
+    )
+
+
+def _norm_parts(t: Tensor, wide: torch.dtype) -> list[Tensor]:
+    """0-d tensors in ``wide`` whose Euclidean combination is ``||t||``.
+
+    A contiguous float32 ``t`` of at least :data:`LARGE` entries is read once in float32:
+    one norm per row of :data:`ROW` entries (at most :data:`ROW` squares summed in
+    float32: a relative error of a few float32 roundings, about 1e-7 measured, where
+    float64 would give 1e-16), the row norms combined in ``wide``, the remainder in
+    ``wide``: a third of the time of a float64 norm. Any other ``t`` is normed in
+    ``wide``. Squares below float32's range (entries under ~1e-19) underflow there: norms
+    below ``sqrt(n) ROW_SQUARES`` go to the general formula (:func:`_smallest_stat`,
+    :func:`_smallest_norm`), which reads float64."""
+    if not _in_rows(t, wide):
+        return [torch.linalg.vector_norm(t, dtype=wide)]
+    n = t.numel()
+    flat, m = t.view(-1), n - n % ROW
+    rows = torch.linalg.vector_norm(flat[:m].view(-1, ROW), dim=1)
+    parts = [torch.linalg.vector_norm(rows, dtype=wide)]
+    if m < n:
+        parts.append(torch.linalg.vector_norm(flat[m:], dtype=wide))
+    return parts
+
+
+def _smallest_stat(gf: Sequence[Tensor | None], wide: torch.dtype) -> float:
+    """The smallest ``||grad_theta f||`` read to rounding by float32 rows (0 when no leaf
+    is read that way)."""
+    leaves = [t for t in gf if t is not None]
+    if not any(_in_rows(t, wide) for t in leaves):
+        return 0.0
+    return math.sqrt(sum(t.numel() for t in leaves)) * ROW_SQUARES
+
+
+def _smallest_norm(x: Tensor, wide: torch.dtype) -> float:
+    """The smallest ``||x||`` that is ``||lr b||`` to rounding: below it subnormal entries of
+    ``x`` (absolute error up to ``finfo(x.dtype).tiny``), or squares that underflow in the
+    wide dtype (each ``finfo(wide).tiny``) or in float32 rows (:func:`_norm_parts`), could
+    move the norm by more than a rounding; the general formula then reads ``b`` itself
+    (``x = 0`` included)."""
+    w = torch.finfo(wide)
+    low = max(torch.finfo(x.dtype).tiny, math.sqrt(w.tiny / w.eps))
+    if _in_rows(x, wide):
+        low = max(low, ROW_SQUARES)
+    return math.sqrt(x.numel()) * low
 
 
 def look_ahead(
@@ -199,15 +318,19 @@ def look_ahead(
 
     ``inputs`` are the validated leaves at ``theta`` (and the hyperparameters);
     ``outer_at`` the leaves of ``theta'`` (None: ``theta``). The arithmetic is the
-    formula's (flat vectors in the accumulator dtype, the mixed product as the gradient of
-    one inner product), and every finiteness check is one stacked probe read once (the
-    solution's from ``lr ||grad_theta g||``, ``||grad_theta f||`` from the leaves' norms).
+    formula's: ``x = lr * b`` in the accumulator dtype (written leaf by leaf from
+    ``grad_theta g``), the mixed product as the gradient of one inner product, the
+    difference per hyperparameter leaf. Every finiteness check is one stacked probe read
+    once: ``||x||`` (``||b|| = ||x|| / lr`` to the rounding of ``x``) and
+    ``||grad_theta f||`` (:func:`_norm_parts`; a non-finite norm means a non-finite entry
+    or a float32 row too large to square, either way the general formula answers),
+    ``f``, ``g`` and a sum of each hypergradient leaf.
     """
     p_spec, h_spec = inputs.param_spec, inputs.hparam_spec
     p, h = _fresh(inputs.param_leaves), _fresh(inputs.hparam_leaves)
     q = _fresh(inputs.param_leaves if outer_at is None else outer_at)
     h_outer = _fresh(inputs.hparam_leaves)
-    device, dtype = p[0].device, _tree.accumulator_dtype(p)
+    dtype = _tree.accumulator_dtype(p)
     with torch.enable_grad():
         f = as_scalar_loss(
             problem.inner_loss(_tree.unflatten(p_spec, p), _tree.unflatten(h_spec, h)), "inner_loss"
@@ -215,28 +338,23 @@ def look_ahead(
         gf = _grads(f, p, create_graph=True)
         if delayed_error_in([t for t in gf if t is not None and t.requires_grad]):
             return None  # a once-differentiable function: the general formula falls back
+        wide = _tree.wide_dtype(p[0].device)
+        stat = [part for t in gf if t is not None for part in _norm_parts(t.detach(), wide)]
         g = as_scalar_loss(
             problem.outer_loss(_tree.unflatten(p_spec, q), _tree.unflatten(h_spec, h_outer)),
             "outer_loss",
         )
         gq = _grads(g, q + h_outer)
-        b = _tree.cat(gq[: len(q)], p_spec, dtype, device)
-        x = lr * b
+        x = _scaled(gq[: len(q)], lr, inputs, dtype)
+        xparts = _norm_parts(x, wide)
         mixed = _mixed(gf, x, inputs, h)
-    direct, hdtype = gq[len(q) :], _tree.common_dtype(inputs.hparam_leaves)
+    direct = gq[len(q) :]
     if any(d is None and m is None for d, m in zip(direct, mixed)):
         return None
-    flat_direct = _tree.cat(direct, h_spec, hdtype, device)
-    diff = flat_direct - _tree.cat(mixed, h_spec, hdtype, device)
-    values = _read(gf, b, (f, g, flat_direct, diff))
-    # |x_i| = lr |b_i| <= lr ||b||: x is finite when that bound is (no pass over x)
-    bound = values[1] * lr < torch.finfo(x.dtype).max
-    if not (all(math.isfinite(v) for v in values) and bound) or values[1] == 0.0:
+    out = _difference(direct, mixed)
+    read = _read((stat, xparts), gf, x, (f, g), out)
+    if read is None:
         return None
-    out, start = [], 0
-    for leaf, n in zip(inputs.hparam_leaves, h_spec.numels):
-        piece = diff[start : start + n].reshape(leaf.shape)
-        out.append((piece if piece.dtype == leaf.dtype else piece.to(leaf.dtype)).clone())
-        start += n
-    terms = LookAheadTerms(values[3], values[2], values[0], values[1], x.detach())
+    stat_norm, xnorm, inner_value, outer_value = read
+    terms = LookAheadTerms(outer_value, inner_value, stat_norm, xnorm / lr, x.detach())
     return _tree.unflatten(h_spec, out), terms
