@@ -22,6 +22,7 @@ from .._vocab import Status, as_float, as_scalar_loss, finite_probe
 from ..operators.graph import SYMBOLIC_SHAPES
 from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
+from ..solvers.norms import ROW_SQUARES, ROWS_FROM, in_rows, norm_parts
 from ._checks import Inputs, check_problem
 from .base import Problem
 from .implicit_base import ImplicitMethod, as_hvp
@@ -180,7 +181,7 @@ def _mixed(grads: list[Tensor | None], x: Tensor, inputs: Inputs, h: list[Tensor
 
 #: Vectors of at least this many entries take the passes that save memory traffic (``x``
 #: written leaf by leaf, float32 norms by rows); smaller ones the fewest kernels.
-LARGE = 1 << 15
+LARGE = ROWS_FROM
 
 
 def _scaled(gq: Sequence[Tensor | None], lr: float, inputs: Inputs, dtype: torch.dtype) -> Tensor:
@@ -230,7 +231,7 @@ def _read(
     """``[||grad_theta f||, ||x||, f, g]`` in the device's wide dtype, read in one host
     synchronization with a sum probe of every leaf of ``out``; None when one of them is
     not finite or a norm is too small to be read to rounding. The norms come in parts
-    (``norms``: the parts of :func:`_norm_parts` for ``grad_theta f``'s leaves and for
+    (``norms``: the parts of :func:`norm_parts` for ``grad_theta f``'s leaves and for
     ``x``, taken as each was computed, while in cache) combined on the host: no flat
     copy. ``out`` finite means both of its terms are (``inf - inf`` is NaN)."""
     wide = _tree.wide_dtype(x.device)
@@ -247,50 +248,11 @@ def _read(
     return [stat, xnorm, *read[count_x : count_x + 2]]
 
 
-#: Rows of float32 entries whose norms :func:`_norm_parts` takes in float32.
-ROW = 256
-_F32 = torch.finfo(torch.float32)
-#: Below ``sqrt(n)`` times this, float32 squares underflow by more than a rounding.
-ROW_SQUARES = math.sqrt(_F32.tiny / _F32.eps)
-
-
-def _in_rows(t: Tensor, wide: torch.dtype) -> bool:
-    """Whether :func:`_norm_parts` reads ``t`` by float32 rows."""
-    return (
-        t.dtype == torch.float32
-        and wide == torch.float64
-        and t.numel() >= LARGE
-        and t.is_contiguous()
-    )
-
-
-def _norm_parts(t: Tensor, wide: torch.dtype) -> list[Tensor]:
-    """0-d tensors in ``wide`` whose Euclidean combination is ``||t||``.
-
-    A contiguous float32 ``t`` of at least :data:`LARGE` entries is read once in float32:
-    one norm per row of :data:`ROW` entries (at most :data:`ROW` squares summed in
-    float32: a relative error of a few float32 roundings, about 1e-7 measured, where
-    float64 would give 1e-16), the row norms combined in ``wide``, the remainder in
-    ``wide``: a third of the time of a float64 norm. Any other ``t`` is normed in
-    ``wide``. Squares below float32's range (entries under ~1e-19) underflow there: norms
-    below ``sqrt(n) ROW_SQUARES`` go to the general formula (:func:`_smallest_stat`,
-    :func:`_smallest_norm`), which reads float64."""
-    if not _in_rows(t, wide):
-        return [torch.linalg.vector_norm(t, dtype=wide)]
-    n = t.numel()
-    flat, m = t.view(-1), n - n % ROW
-    rows = torch.linalg.vector_norm(flat[:m].view(-1, ROW), dim=1)
-    parts = [torch.linalg.vector_norm(rows, dtype=wide)]
-    if m < n:
-        parts.append(torch.linalg.vector_norm(flat[m:], dtype=wide))
-    return parts
-
-
 def _smallest_stat(gf: Sequence[Tensor | None], wide: torch.dtype) -> float:
     """The smallest ``||grad_theta f||`` read to rounding by float32 rows (0 when no leaf
     is read that way)."""
     leaves = [t for t in gf if t is not None]
-    if not any(_in_rows(t, wide) for t in leaves):
+    if not any(in_rows(t, wide) for t in leaves):
         return 0.0
     return math.sqrt(sum(t.numel() for t in leaves)) * ROW_SQUARES
 
@@ -298,12 +260,12 @@ def _smallest_stat(gf: Sequence[Tensor | None], wide: torch.dtype) -> float:
 def _smallest_norm(x: Tensor, wide: torch.dtype) -> float:
     """The smallest ``||x||`` that is ``||lr b||`` to rounding: below it subnormal entries of
     ``x`` (absolute error up to ``finfo(x.dtype).tiny``), or squares that underflow in the
-    wide dtype (each ``finfo(wide).tiny``) or in float32 rows (:func:`_norm_parts`), could
+    wide dtype (each ``finfo(wide).tiny``) or in float32 rows (:func:`norm_parts`), could
     move the norm by more than a rounding; the general formula then reads ``b`` itself
     (``x = 0`` included)."""
     w = torch.finfo(wide)
     low = max(torch.finfo(x.dtype).tiny, math.sqrt(w.tiny / w.eps))
-    if _in_rows(x, wide):
+    if in_rows(x, wide):
         low = max(low, ROW_SQUARES)
     return math.sqrt(x.numel()) * low
 
@@ -322,7 +284,7 @@ def look_ahead(
     ``grad_theta g``), the mixed product as the gradient of one inner product, the
     difference per hyperparameter leaf. Every finiteness check is one stacked probe read
     once: ``||x||`` (``||b|| = ||x|| / lr`` to the rounding of ``x``) and
-    ``||grad_theta f||`` (:func:`_norm_parts`; a non-finite norm means a non-finite entry
+    ``||grad_theta f||`` (:func:`norm_parts`; a non-finite norm means a non-finite entry
     or a float32 row too large to square, either way the general formula answers),
     ``f``, ``g`` and a sum of each hypergradient leaf.
     """
@@ -339,14 +301,14 @@ def look_ahead(
         if delayed_error_in([t for t in gf if t is not None and t.requires_grad]):
             return None  # a once-differentiable function: the general formula falls back
         wide = _tree.wide_dtype(p[0].device)
-        stat = [part for t in gf if t is not None for part in _norm_parts(t.detach(), wide)]
+        stat = [part for t in gf if t is not None for part in norm_parts(t.detach(), wide)]
         g = as_scalar_loss(
             problem.outer_loss(_tree.unflatten(p_spec, q), _tree.unflatten(h_spec, h_outer)),
             "outer_loss",
         )
         gq = _grads(g, q + h_outer)
         x = _scaled(gq[: len(q)], lr, inputs, dtype)
-        xparts = _norm_parts(x, wide)
+        xparts = norm_parts(x, wide)
         mixed = _mixed(gf, x, inputs, h)
     direct = gq[len(q) :]
     if any(d is None and m is None for d, m in zip(direct, mixed)):

@@ -14,6 +14,7 @@ from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
+from .norms import in_rows, row_norms
 
 __all__ = ["CG", "conjugate_gradient"]
 
@@ -36,7 +37,8 @@ class _Run:
     iterate it returns.
 
     The norms of ``A p``, ``p``, ``r`` and ``y`` take one reduction over a reused ``(4, n)``
-    buffer and, with ``p^T A p``, one host synchronization per step (:meth:`_norms`).
+    buffer and, with ``p^T A p``, one host synchronization per step (:meth:`_norms`); on
+    the CPU large float32 systems read them by float32 rows (:mod:`.norms`, ~1e-7 relative).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class _Run:
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
         self.wide = _tree.wide_dtype(b.device)
         self.rows = torch.empty((4, b.numel()), dtype=b.dtype, device=b.device)
+        self.by_rows = b.device.type == "cpu" and in_rows(self.b, self.wide)
         # on the CPU reading p^T A p on its own costs nothing: a step whose curvature is not
         # positive stops before its update; on an accelerator a step reads p^T A p and the 4
         # norms with one synchronization
@@ -156,7 +159,8 @@ class _Run:
             alpha = float(self.rz) / pap
             self.y = y = torch.add(self.y, p, alpha=alpha)
             r.add_(Ap, alpha=-alpha)
-            return pap, self._norms((Ap, p, r, y), None)
+            norms = row_norms((Ap, p, r, y), self.wide) if self.by_rows else None  # no copy
+            return pap, norms if norms is not None else self._norms((Ap, p, r, y), None)
         pAp = torch.dot(p, Ap)
         alpha_t = self.rz / pAp
         self.y = y = torch.addcmul(self.y, p, alpha_t)

@@ -1,0 +1,76 @@
+"""Norms of large float32 vectors read by float32 rows: a third of a float64 norm's time.
+
+A float64 norm of a float32 vector converts every entry; summing at most :data:`ROW`
+squares per row in float32 and combining the row norms in float64 reads the vector once,
+to a few float32 roundings (about 1e-7 relative). Solvers and the T1T2 direct path read
+their per-iteration norms this way from :data:`ROWS_FROM` entries, and exactly
+(:func:`~hypergradient.solvers.base.safe_norm`) wherever this may be more than a rounding off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["ROW", "ROWS_FROM", "ROW_SQUARES", "in_rows", "norm_parts", "row_norms"]
+
+#: Float32 vectors of at least this many entries may have their norms read by rows.
+ROWS_FROM = 1 << 15
+#: Entries per float32 row: at most ``ROW`` squares are summed in float32.
+ROW = 256
+_F32 = torch.finfo(torch.float32)
+#: Below ``sqrt(n)`` times this, float32 squares underflow by more than a rounding.
+ROW_SQUARES = math.sqrt(_F32.tiny / _F32.eps)
+
+
+def in_rows(t: Tensor, wide: torch.dtype) -> bool:
+    """Whether :func:`norm_parts` reads ``t`` by float32 rows."""
+    return (
+        t.dtype == torch.float32
+        and wide == torch.float64
+        and t.numel() >= ROWS_FROM
+        and t.is_contiguous()
+    )
+
+
+def norm_parts(t: Tensor, wide: torch.dtype) -> list[Tensor]:
+    """0-d tensors in ``wide`` whose Euclidean combination is ``||t||``.
+
+    A contiguous float32 ``t`` of at least :data:`ROWS_FROM` entries is read once in
+    float32: one norm per row of :data:`ROW` entries (at most ``ROW`` squares summed in
+    float32: a relative error of a few float32 roundings, about 1e-7, where float64 gives
+    1e-16), the row norms combined in ``wide``, the remainder in ``wide``. Any other ``t``
+    is normed in ``wide``. Squares below float32's range (entries under ~1e-19) underflow
+    there: callers treat norms below ``sqrt(n) ROW_SQUARES`` as unread (:func:`row_norms`).
+    """
+    if not in_rows(t, wide):
+        return [torch.linalg.vector_norm(t, dtype=wide)]
+    n = t.numel()
+    flat, m = t.view(-1), n - n % ROW
+    rows = torch.linalg.vector_norm(flat[:m].view(-1, ROW), dim=1)
+    parts = [torch.linalg.vector_norm(rows, dtype=wide)]
+    if m < n:
+        parts.append(torch.linalg.vector_norm(flat[m:], dtype=wide))
+    return parts
+
+
+def row_norms(vectors: tuple[Tensor, ...], wide: torch.dtype) -> list[float] | None:
+    """``[||v|| for v in vectors]`` read by :func:`norm_parts` with one synchronization, or
+    None where one of them may be more than a few float32 roundings off (not finite, or
+    below ``sqrt(n) ROW_SQUARES``): the caller then reads them exactly. Cost: one pass over
+    each vector, no copy."""
+    counts, parts = [], []
+    for v in vectors:
+        got = norm_parts(v, wide)
+        counts.append(len(got))
+        parts.extend(got)
+    read, out, i = torch.stack(parts).tolist(), [], 0
+    for v, c in zip(vectors, counts):
+        value = read[i] if c == 1 else math.hypot(*read[i : i + c])
+        i += c
+        if not math.sqrt(v.numel()) * ROW_SQUARES <= value < math.inf:  # NaN fails too
+            return None
+        out.append(value)
+    return out
