@@ -186,6 +186,12 @@ def cat(
     device: torch.device | str | None,
 ) -> Tensor:
     """Concatenate leaves (``None`` meaning zeros) into one 1-D vector (always a new tensor)."""
+    for t in leaves:  # the usual case: 1-D leaves of the dtype, all present
+        if t is None or t.dtype != dtype or t.dim() != 1:
+            break
+    else:
+        if leaves:
+            return torch.cat(leaves)  # type: ignore[arg-type]
     if all(t is None for t in leaves):
         return torch.zeros(spec._size, dtype=dtype, device=device)
     parts = []

@@ -209,7 +209,7 @@ def _solve(
             sol, system, extra = damped_solve(solver, system, t.b, x0, damping)
     else:
         sol, system, extra = damped_solve(solver, system, t.b, x0, damping)
-    status = Status(sol.status)
+    status = sol.status if type(sol.status) is Status else Status(sol.status)
     record = _Record(
         status, sol.converged, sol.residual_norm, sol.iterations, {**sol.stats, **extra}
     )

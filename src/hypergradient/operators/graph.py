@@ -31,6 +31,7 @@ __all__ = [
 SYMBOLIC_SHAPES = "torch.fx.experimental.symbolic_shapes"
 
 BATCHED: tuple[bool | str, ...] = (True, False, "auto")
+_NONE = id(None)
 GRAPH_MODES = tuple(m for m in MODES if m != "first_order")
 
 
@@ -97,20 +98,22 @@ class GraphOperator(LinearOperator):
         else:  # the usual first build: no context but grad mode
             with torch.enable_grad():
                 outputs = self._graph_outputs()
-        if delayed_error_in([o for o in outputs if o is not None and o.requires_grad]):
+        connected = [o for o in outputs if o is not None and o.requires_grad]
+        if delayed_error_in(connected):
             raise RuntimeError(
                 "trying to differentiate twice a function that was marked with "
                 "@once_differentiable: a custom autograd.Function in the gradient's graph has "
                 "no double backward, so products would miss its part of the Hessian. Use "
                 "mode='first_order' (or 'auto')."
             )
-        self._keep(outputs)
+        self._keep(outputs, connected)
 
-    def _keep(self, outputs: list[Tensor | None]) -> None:
-        """Keep the outputs the graph connects (and whether products take the direct path)."""
+    def _keep(self, outputs: list[Tensor | None], connected: list[Tensor]) -> None:
+        """Keep the outputs the graph connects (``connected``, in order) and whether products
+        take the direct path."""
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
-        self._outputs = [outputs[i] for i in self._connected]  # type: ignore[misc]
-        self._direct = self._uniform and len(self._outputs) == len(self.param_leaves)
+        self._outputs = connected
+        self._direct = self._uniform and len(connected) == len(self.param_leaves)
 
     def _build_first(self) -> None:
         """The construction's build; in "auto" mode a double-backward error falls back."""
@@ -172,20 +175,22 @@ class GraphOperator(LinearOperator):
 
     def _setup_graph(self, batched: bool | str) -> None:
         self._batched: bool | str = _vocab.as_choice(batched, "batched", BATCHED)
-        self._out_dtypes = [leaf.dtype for leaf in self.param_leaves]
         # (start, stop, shape, dtype) of each leaf in a flat vector: products cut it with
         # one split_with_sizes (torch.split goes through symbolic-shape checks, ~10 us per
         # leaf) and reshape only the leaves that are not 1-D
-        bounds, start = [], 0
+        bounds, sizes, flat, shapes, dtypes, start = [], [], [], [], [], 0
         for leaf in self.param_leaves:
-            bounds.append((start, start + leaf.numel(), leaf.shape, leaf.dtype))
-            start += leaf.numel()
-        self._bounds = bounds
-        self._sizes = [b - a for a, b, _, _ in bounds]
-        self._flat_leaf = [leaf.dim() == 1 for leaf in self.param_leaves]
-        self._shapes = [leaf.shape for leaf in self.param_leaves]
+            n, shape, dtype = leaf.numel(), leaf.shape, leaf.dtype
+            bounds.append((start, start + n, shape, dtype))
+            sizes.append(n)
+            flat.append(len(shape) == 1)
+            shapes.append(shape)
+            dtypes.append(dtype)
+            start += n
+        self._bounds, self._sizes, self._flat_leaf, self._shapes = bounds, sizes, flat, shapes
+        self._all_flat = all(flat)
         # every leaf in the operator's dtype: products may take the direct path
-        self._uniform = all(leaf.dtype == self.dtype for leaf in self.param_leaves)
+        self._uniform = all(d == self.dtype for d in dtypes)
         self._direct = False  # set by _build: the graph connects every leaf
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
@@ -307,7 +312,7 @@ def direct_vjp(op: GraphOperator, v: Tensor) -> Tensor | None:
     if not op._direct or SYMBOLIC_SHAPES not in sys.modules:
         return None
     parts = v.split_with_sizes(op._sizes)
-    if not all(op._flat_leaf):
+    if not op._all_flat:
         parts = tuple(part.view(shape) for part, shape in zip(parts, op._shapes))
     try:
         grads = torch.autograd.grad(
@@ -315,7 +320,8 @@ def direct_vjp(op: GraphOperator, v: Tensor) -> Tensor | None:
         )
     except RuntimeError:
         return None
+    if op._all_flat and _NONE not in map(id, grads):  # (ids: no tensor comparison)
+        return torch.cat(grads)  # a copy even for one leaf: a gradient may be (a view of) v
     if any(g is None for g in grads):  # a leaf the gradient does not depend on
         return _tree.cat(list(grads), op.param_spec, op.dtype, op.device)
-    # a copy even for one leaf: a gradient may be (a view of) v itself
     return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])

@@ -55,7 +55,7 @@ class _Run:
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
         self.eps = _finfo(b.dtype).eps
         top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
-        self.b = (b / top) / (self.bnorm / top)  # two steps: b / ||b|| cannot overflow
+        self.b = torch.div(b, top).div_(self.bnorm / top)  # two steps: no overflow
         # tolerance on the normalized residual; never below rounding level (past it the
         # residual only shrinks by rounding noise until p^T A p underflows to 0, which would
         # read as false negative curvature)
@@ -150,12 +150,16 @@ class _Run:
         """
         p, r = self.p, self.r
         if self.on_host:  # Python scalars: the same roundings as 0-d tensors, fewer kernels
-            pap = float(torch.dot(p, Ap))
+            pap = torch.dot(p, Ap).item()
             if not 0.0 < pap < math.inf:
                 return pap, []
             alpha = float(self.rz) / pap
             self.y = y = torch.add(self.y, p, alpha=alpha)
             r.add_(Ap, alpha=-alpha)
+            torch.stack((Ap, p, r, y), out=self.rows)
+            norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide).tolist()
+            if min(norms) > 0.0 and sum(norms) < math.inf:  # NaN and Inf fail too
+                return pap, norms
             return pap, self._norms((Ap, p, r, y), None)
         pAp = torch.dot(p, Ap)
         alpha_t = self.rz / pAp
@@ -188,8 +192,8 @@ class _Run:
         """``p = z + (r^T z / r_old^T z_old) p`` with ``z = M^{-1} r``."""
         z = self.precondition(self.r) if self.precondition is not None else self.r
         if self.on_host:
-            rz = float(torch.dot(self.r, z))
-            self.p.mul_(rz / float(self.rz)).add_(z)
+            rz = torch.dot(self.r, z).item()
+            self.p.mul_(rz / self.rz).add_(z)
             self.rz = rz
             return
         rz_new = torch.dot(self.r, z)
@@ -260,7 +264,7 @@ class _Run:
         # ||y|| ||b|| bounds every entry of the solution: well below the dtype's largest
         # value (and ||b|| too, which the product with y is taken in) it is finite, the usual
         # case, without a synchronization; else it is checked entry by entry
-        big = 0.5 * torch.finfo(value.dtype).max
+        big = 0.5 * _finfo(value.dtype).max
         if not (self.bnorm < big and ynorm * self.bnorm < big):
             require_finite_solution(value)
         return Solution(
