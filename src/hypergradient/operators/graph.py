@@ -74,6 +74,7 @@ class GraphOperator(LinearOperator):
     hparam_leaves: list[Tensor]
     hparam_spec: TreeSpec
     _fallbacks: tuple[str, ...] = ("double_math",)
+    _flat: Tensor | None = None  # the outputs as one vector (flat_output)
 
     def _start_modes(self, mode: str) -> None:
         """Record the requested mode; capture the RNG state when products may replay it."""
@@ -112,7 +113,7 @@ class GraphOperator(LinearOperator):
         """Keep the outputs the graph connects (``connected``, in order) and whether products
         take the direct path."""
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
-        self._outputs = connected
+        self._outputs, self._flat = connected, None
         self._direct = self._uniform and len(connected) == len(self.param_leaves)
 
     def _build_first(self) -> None:
@@ -291,35 +292,56 @@ class GraphOperator(LinearOperator):
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path)."""
-        return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v)
+        out = direct_vjp(self, v, self.hparam_leaves)
+        return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v) if out is None else out
 
     def release(self) -> None:
         """Free the retained graph."""
-        self._outputs = []
+        self._outputs, self._flat = [], None
         self._connected = []
         self._direct = False
 
 
-def direct_vjp(op: GraphOperator, v: Tensor) -> Tensor | None:
-    """``op._param_vjp_flat(v)`` by the shortest path, or None where it does not apply.
+def flat_output(op: GraphOperator) -> Tensor:
+    """The connected outputs concatenated into one vector, in the graph (made once).
+
+    A product through it hands ``v`` whole to one output (torch checks one
+    ``grad_outputs`` pair instead of one per leaf, and no split is made in Python); the
+    backward of the concatenation cuts ``v`` into the views ``split`` would make, so
+    every product is the same to the last bit.
+    """
+    flat = op._flat
+    if flat is None:
+        with torch.enable_grad():  # products may run under no_grad
+            parts = [o if o.dim() == 1 else o.reshape(-1) for o in op._outputs]
+            flat = op._flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return flat
+
+
+def direct_vjp(op: GraphOperator, v: Tensor, leaves: list[Tensor] | None = None) -> Any:
+    """``op._param_vjp_flat(v)`` by the shortest path (with ``leaves``: ``op._vjp(v, leaves)``,
+    the per-leaf gradients), or None where it does not apply.
 
     It applies when the graph connects every parameter leaf, all in the operator's dtype,
-    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`): one split of
-    ``v``, one backward pass, one concatenation. An error of the backward pass returns None,
-    so that the caller's guarded path retries the product and, in ``"auto"`` mode, falls
-    back.
+    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`): one backward
+    pass through :func:`flat_output`, one concatenation. An error of the backward pass
+    returns None, so that the caller's guarded path retries the product and, in ``"auto"``
+    mode, falls back.
     """
     if not op._direct or SYMBOLIC_SHAPES not in sys.modules:
         return None
-    parts = v.split_with_sizes(op._sizes)
-    if not op._all_flat:
-        parts = tuple(part.view(shape) for part, shape in zip(parts, op._shapes))
     try:
         grads = torch.autograd.grad(
-            op._outputs, op.param_leaves, parts, retain_graph=True, allow_unused=True
+            flat_output(op),
+            op.param_leaves if leaves is None else leaves,
+            v,
+            retain_graph=True,
+            allow_unused=True,
         )
     except RuntimeError:
         return None
+    if leaves is not None:
+        return list(grads)
     if op._all_flat and _NONE not in map(id, grads):  # (ids: no tensor comparison)
         return torch.cat(grads)  # a copy even for one leaf: a gradient may be (a view of) v
     if any(g is None for g in grads):  # a leaf the gradient does not depend on
