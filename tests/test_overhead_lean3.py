@@ -345,3 +345,24 @@ def test_cg_norms_that_overflow_in_float64_take_the_safe_path(scale):
     assert sol.iterations == ref.iterations
     torch.testing.assert_close(sol.value, ref.value, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(sol.value, torch.linalg.solve(a, b), rtol=1e-9, atol=1e-12)
+
+
+def test_one_leaf_mixed_product_that_is_the_solution_itself():
+    """f = |theta|^2 / 2 + <theta, phi>: the mixed product is x itself (autograd may hand
+    back v); the result -x is a new tensor and the solution in the info is left as it was."""
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+    phi = torch.tensor([0.3, 0.1, -0.2], dtype=DT)
+    theta = -phi  # the minimum
+
+    def f(p, h):
+        return 0.5 * (p[0] ** 2).sum() + (p[0] * h).sum()
+
+    def g(p, h):
+        return 0.5 * ((p[0] - c) ** 2).sum()
+
+    out, info = hg.implicit(f, g, (theta,), phi, hg.CG(tol=0.0), return_info=True)
+    x = theta - c  # H = I
+    assert torch.equal(info.solution, x) and torch.equal(out, -x)
+    assert out.data_ptr() != info.solution.data_ptr()
+    out.add_(1.0)
+    assert torch.equal(info.solution, x)

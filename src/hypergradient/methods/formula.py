@@ -252,6 +252,9 @@ def _assemble(t: _Terms, x: Tensor, group: Any, solver: Solver, status: Status) 
     def mixed() -> list[Tensor]:
         parts = op.mixed(x)
         holder["none"] = [m is None for m in parts]
+        one = parts[0] if len(parts) == 1 and group is None else None  # (nothing in place)
+        if one is not None and one.dim() == 1 and one.dtype == t.direct.dtype:
+            return [one]  # only read: no copy
         return [_tree.cat(parts, op.hparam_spec, t.direct.dtype, op.device)]
 
     flat = guarded(mixed, [t.direct], group, "the mixed product")[0]
