@@ -24,6 +24,7 @@ __all__ = [
     "SYMBOLIC_SHAPES",
     "GraphOperator",
     "direct_vjp",
+    "flat_output",
     "prepare_leaves",
 ]
 
