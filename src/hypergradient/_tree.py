@@ -95,19 +95,35 @@ def flatten(tree: Tree, name: str) -> tuple[list[Tensor], TreeSpec]:
 
     ``name`` is the argument's name, used in error messages.
     """
-    leaves: list[Tensor] = []
-    paths: list[str] = []
-    spec = _flatten(tree, name, name, leaves, paths)
-    shapes = tuple(t.shape for t in leaves)
-    return leaves, _with_leaf_info(spec, tuple(paths), shapes, tuple(t.numel() for t in leaves))
+    kind = type(tree)
+    if kind is tuple or kind is list:  # the usual case: a flat tuple or list of tensors
+        leaves = list(tree)
+        if all(isinstance(t, Tensor) for t in leaves):
+            paths = tuple([f"{name}[{i}]" for i in range(len(leaves))])
+            children = (_LEAF,) * len(leaves)
+            return leaves, _spec(kind.__name__, children, (), paths, leaves)
+    leaves = []
+    found: list[str] = []
+    spec = _flatten(tree, name, name, leaves, found)
+    return leaves, _spec(spec.kind, spec.children, spec.keys, tuple(found), leaves)
 
 
-def _with_leaf_info(
-    spec: TreeSpec, paths: tuple[str, ...], shapes: tuple, numels: tuple[int, ...]
+def _spec(
+    kind: str, children: tuple[TreeSpec, ...], keys: tuple, paths: tuple, leaves: list[Tensor]
 ) -> TreeSpec:
-    out = TreeSpec(spec.kind, spec.children, spec.keys, paths, shapes)
-    object.__setattr__(out, "_numels_value", numels)  # what the properties would compute
-    object.__setattr__(out, "_size_value", sum(numels))
+    """The spec of a flattened tree, with its leaves' shapes and sizes (what the
+    properties would compute), built without the frozen dataclass's per-field calls."""
+    out = object.__new__(TreeSpec)
+    numels = tuple([t.numel() for t in leaves])
+    out.__dict__.update(
+        kind=kind,
+        children=children,
+        keys=keys,
+        paths=paths,
+        shapes=tuple([t.shape for t in leaves]),
+        _numels_value=numels,
+        _size_value=sum(numels),
+    )
     return out
 
 
@@ -186,6 +202,12 @@ def cat(
     device: torch.device | str | None,
 ) -> Tensor:
     """Concatenate leaves (``None`` meaning zeros) into one 1-D vector (always a new tensor)."""
+    for t in leaves:  # the usual case: 1-D leaves of the dtype, all present
+        if t is None or t.dtype != dtype or t.dim() != 1:
+            break
+    else:
+        if leaves:
+            return torch.cat(leaves)  # type: ignore[arg-type]
     if all(t is None for t in leaves):
         return torch.zeros(spec._size, dtype=dtype, device=device)
     parts = []

@@ -154,6 +154,12 @@ def as_int(
         ArgumentTypeError: not an integer.
         ValueError: outside ``[min, max]``.
     """
+    if type(value) is int and (min is None or value >= min) and (max is None or value <= max):
+        return value  # the usual case
+    return _as_int(value, name, min, max, hint)
+
+
+def _as_int(value: Any, name: str, min: int | None, max: int | None, hint: str) -> int:
     if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         raise ArgumentTypeError(f"`{name}` must be an integer, got the bool {value!r}.{hint}")
     if isinstance(value, Tensor):
@@ -221,7 +227,7 @@ def as_float(
         ArgumentTypeError: not a real number.
         ValueError: NaN, infinite, or out of range.
     """
-    v = _real(value, name, hint)
+    v = float(value) if type(value) is float or type(value) is int else _real(value, name, hint)
     if math.isnan(v) or (finite and math.isinf(v)):
         raise ValueError(f"`{name}` must be a finite number, got {v}.{hint}")
     low_bad = min is not None and (v <= min if open_min else v < min)
@@ -305,7 +311,8 @@ def finite_probe(t: Tensor) -> Tensor:
 def _sum(t: Tensor) -> Tensor:
     """The sum of a floating or complex ``t``'s entries (real and imaginary parts), in
     float32 for half precision, else in ``t``'s own precision; no autograd graph (a probe)."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     v = torch.view_as_real(t) if t.is_complex() else t
     return v.sum(dtype=torch.float32) if v.element_size() < 4 else v.sum()
 

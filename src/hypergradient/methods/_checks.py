@@ -66,10 +66,11 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
-def _storage_key(t: Tensor) -> tuple[str, int]:
-    if t.device.type == "meta":
+def _storage_key(t: Tensor) -> tuple[Any, int]:
+    device = t.device
+    if device.type == "meta":
         return ("meta", id(t))
-    return (str(t.device), t.untyped_storage().data_ptr())
+    return (device, t.untyped_storage().data_ptr())
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -130,7 +131,7 @@ def check_no_alias(
     h_leaves: Sequence[Tensor], h_spec: TreeSpec, p_leaves: Sequence[Tensor], params_name: str
 ) -> None:
     """Raise if a hyperparameter is a parameter (or a view overlapping one)."""
-    by_storage: dict[tuple[str, int], list[Tensor]] = {}
+    by_storage: dict[tuple[Any, int], list[Tensor]] = {}
     for p in p_leaves:
         by_storage.setdefault(_storage_key(p), []).append(p)
     for h, path in zip(h_leaves, h_spec.paths):

@@ -209,7 +209,7 @@ def _solve(
             sol, system, extra = damped_solve(solver, system, t.b, x0, damping)
     else:
         sol, system, extra = damped_solve(solver, system, t.b, x0, damping)
-    status = Status(sol.status)
+    status = sol.status if type(sol.status) is Status else Status(sol.status)
     record = _Record(
         status, sol.converged, sol.residual_norm, sol.iterations, {**sol.stats, **extra}
     )
@@ -252,6 +252,9 @@ def _assemble(t: _Terms, x: Tensor, group: Any, solver: Solver, status: Status) 
     def mixed() -> list[Tensor]:
         parts = op.mixed(x)
         holder["none"] = [m is None for m in parts]
+        one = parts[0] if len(parts) == 1 and group is None else None  # (nothing in place)
+        if one is not None and one.dim() == 1 and one.dtype == t.direct.dtype:
+            return [one]  # only read: no copy
         return [_tree.cat(parts, op.hparam_spec, t.direct.dtype, op.device)]
 
     flat = guarded(mixed, [t.direct], group, "the mixed product")[0]

@@ -26,9 +26,9 @@ class LinearOperator:
     symmetric: bool = True
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
-        self.size = _vocab.as_int(size, "size", min=0)
+        self.size = size if type(size) is int and size >= 0 else _vocab.as_int(size, "size", min=0)
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = device if type(device) is torch.device else torch.device(device)
         self.num_matvecs = 0
 
     # -- products -------------------------------------------------------------------

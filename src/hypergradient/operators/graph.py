@@ -24,6 +24,7 @@ __all__ = [
     "SYMBOLIC_SHAPES",
     "GraphOperator",
     "direct_vjp",
+    "flat_output",
     "prepare_leaves",
 ]
 
@@ -31,6 +32,7 @@ __all__ = [
 SYMBOLIC_SHAPES = "torch.fx.experimental.symbolic_shapes"
 
 BATCHED: tuple[bool | str, ...] = (True, False, "auto")
+_NONE = id(None)
 GRAPH_MODES = tuple(m for m in MODES if m != "first_order")
 
 
@@ -73,6 +75,7 @@ class GraphOperator(LinearOperator):
     hparam_leaves: list[Tensor]
     hparam_spec: TreeSpec
     _fallbacks: tuple[str, ...] = ("double_math",)
+    _flat: Tensor | None = None  # the outputs as one vector (flat_output)
 
     def _start_modes(self, mode: str) -> None:
         """Record the requested mode; capture the RNG state when products may replay it."""
@@ -97,20 +100,22 @@ class GraphOperator(LinearOperator):
         else:  # the usual first build: no context but grad mode
             with torch.enable_grad():
                 outputs = self._graph_outputs()
-        if delayed_error_in([o for o in outputs if o is not None and o.requires_grad]):
+        connected = [o for o in outputs if o is not None and o.requires_grad]
+        if delayed_error_in(connected):
             raise RuntimeError(
                 "trying to differentiate twice a function that was marked with "
                 "@once_differentiable: a custom autograd.Function in the gradient's graph has "
                 "no double backward, so products would miss its part of the Hessian. Use "
                 "mode='first_order' (or 'auto')."
             )
-        self._keep(outputs)
+        self._keep(outputs, connected)
 
-    def _keep(self, outputs: list[Tensor | None]) -> None:
-        """Keep the outputs the graph connects (and whether products take the direct path)."""
+    def _keep(self, outputs: list[Tensor | None], connected: list[Tensor]) -> None:
+        """Keep the outputs the graph connects (``connected``, in order) and whether products
+        take the direct path."""
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
-        self._outputs = [outputs[i] for i in self._connected]  # type: ignore[misc]
-        self._direct = self._uniform and len(self._outputs) == len(self.param_leaves)
+        self._outputs, self._flat = connected, None
+        self._direct = self._uniform and len(connected) == len(self.param_leaves)
 
     def _build_first(self) -> None:
         """The construction's build; in "auto" mode a double-backward error falls back."""
@@ -172,20 +177,22 @@ class GraphOperator(LinearOperator):
 
     def _setup_graph(self, batched: bool | str) -> None:
         self._batched: bool | str = _vocab.as_choice(batched, "batched", BATCHED)
-        self._out_dtypes = [leaf.dtype for leaf in self.param_leaves]
         # (start, stop, shape, dtype) of each leaf in a flat vector: products cut it with
         # one split_with_sizes (torch.split goes through symbolic-shape checks, ~10 us per
         # leaf) and reshape only the leaves that are not 1-D
-        bounds, start = [], 0
+        bounds, sizes, flat, shapes, dtypes, start = [], [], [], [], [], 0
         for leaf in self.param_leaves:
-            bounds.append((start, start + leaf.numel(), leaf.shape, leaf.dtype))
-            start += leaf.numel()
-        self._bounds = bounds
-        self._sizes = [b - a for a, b, _, _ in bounds]
-        self._flat_leaf = [leaf.dim() == 1 for leaf in self.param_leaves]
-        self._shapes = [leaf.shape for leaf in self.param_leaves]
+            n, shape, dtype = leaf.numel(), leaf.shape, leaf.dtype
+            bounds.append((start, start + n, shape, dtype))
+            sizes.append(n)
+            flat.append(len(shape) == 1)
+            shapes.append(shape)
+            dtypes.append(dtype)
+            start += n
+        self._bounds, self._sizes, self._flat_leaf, self._shapes = bounds, sizes, flat, shapes
+        self._all_flat = all(flat)
         # every leaf in the operator's dtype: products may take the direct path
-        self._uniform = all(leaf.dtype == self.dtype for leaf in self.param_leaves)
+        self._uniform = all(d == self.dtype for d in dtypes)
         self._direct = False  # set by _build: the graph connects every leaf
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
@@ -286,36 +293,58 @@ class GraphOperator(LinearOperator):
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path)."""
-        return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v)
+        out = direct_vjp(self, v, self.hparam_leaves)
+        return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v) if out is None else out
 
     def release(self) -> None:
         """Free the retained graph."""
-        self._outputs = []
+        self._outputs, self._flat = [], None
         self._connected = []
         self._direct = False
 
 
-def direct_vjp(op: GraphOperator, v: Tensor) -> Tensor | None:
-    """``op._param_vjp_flat(v)`` by the shortest path, or None where it does not apply.
+def flat_output(op: GraphOperator) -> Tensor:
+    """The connected outputs concatenated into one vector, in the graph (made once).
+
+    A product through it hands ``v`` whole to one output (torch checks one
+    ``grad_outputs`` pair instead of one per leaf, and no split is made in Python); the
+    backward of the concatenation cuts ``v`` into the views ``split`` would make, so
+    every product is the same to the last bit.
+    """
+    flat = op._flat
+    if flat is None:
+        with torch.enable_grad():  # products may run under no_grad
+            parts = [o if o.dim() == 1 else o.reshape(-1) for o in op._outputs]
+            flat = op._flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return flat
+
+
+def direct_vjp(op: GraphOperator, v: Tensor, leaves: list[Tensor] | None = None) -> Any:
+    """``op._param_vjp_flat(v)`` by the shortest path (with ``leaves``: ``op._vjp(v, leaves)``,
+    the per-leaf gradients), or None where it does not apply.
 
     It applies when the graph connects every parameter leaf, all in the operator's dtype,
-    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`): one split of
-    ``v``, one backward pass, one concatenation. An error of the backward pass returns None,
-    so that the caller's guarded path retries the product and, in ``"auto"`` mode, falls
-    back.
+    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`): one backward
+    pass through :func:`flat_output`, one concatenation. An error of the backward pass
+    returns None, so that the caller's guarded path retries the product and, in ``"auto"``
+    mode, falls back.
     """
     if not op._direct or SYMBOLIC_SHAPES not in sys.modules:
         return None
-    parts = v.split_with_sizes(op._sizes)
-    if not all(op._flat_leaf):
-        parts = tuple(part.view(shape) for part, shape in zip(parts, op._shapes))
     try:
         grads = torch.autograd.grad(
-            op._outputs, op.param_leaves, parts, retain_graph=True, allow_unused=True
+            flat_output(op),
+            op.param_leaves if leaves is None else leaves,
+            v,
+            retain_graph=True,
+            allow_unused=True,
         )
     except RuntimeError:
         return None
+    if leaves is not None:
+        return list(grads)
+    if op._all_flat and _NONE not in map(id, grads):  # (ids: no tensor comparison)
+        return torch.cat(grads)  # a copy even for one leaf: a gradient may be (a view of) v
     if any(g is None for g in grads):  # a leaf the gradient does not depend on
         return _tree.cat(list(grads), op.param_spec, op.dtype, op.device)
-    # a copy even for one leaf: a gradient may be (a view of) v itself
     return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in grads])

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
-from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, prepare_leaves
+from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, flat_output, prepare_leaves
 from .modes import MODES, first_order_step
 
 __all__ = ["FixedPointOperator", "HessianOperator"]
@@ -149,9 +149,11 @@ class HessianOperator(GraphOperator):
         loss, grads = self._first
         self._first = None
         self.loss = loss.detach()
-        self.grad = _tree.cat(
-            [None if g is None else g.detach() for g in grads], self.param_spec, dtype, self.device
-        )
+        if self._direct:  # the products' concatenated output is the gradient
+            self.grad = flat_output(self).detach()
+        else:
+            parts = [None if g is None else g.detach() for g in grads]
+            self.grad = _tree.cat(parts, self.param_spec, dtype, self.device)
 
     # -- evaluation -----------------------------------------------------------------
     def _point(self, params: list[Tensor]) -> tuple[Tree, Tree | None]:

@@ -135,13 +135,23 @@ class RngState:
     """
 
     def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.cpu = torch.get_rng_state()
+        self.device = device if type(device) is torch.device else torch.device(device)
+        # a copy of the CPU generator (cheaper than its state as a tensor, which only a
+        # replay needs: most operators are never rebuilt)
+        self._cpu_generator = torch.default_generator.clone_state()
+        self._cpu: torch.Tensor | None = None
         self.accelerator: torch.Tensor | None = None
         if self.device.type == "cuda":
             self.accelerator = torch.cuda.get_rng_state(self.device)
         elif self.device.type == "mps":
             self.accelerator = torch.mps.get_rng_state()
+
+    @property
+    def cpu(self) -> torch.Tensor:
+        """The captured CPU random-number state (as ``torch.get_rng_state()`` returns it)."""
+        if self._cpu is None:
+            self._cpu = self._cpu_generator.get_state()
+        return self._cpu
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:

@@ -74,7 +74,8 @@ class Solution:
     message: str = ""
 
     def __post_init__(self) -> None:
-        self.status = Status(self.status)
+        if type(self.status) is not Status:
+            self.status = Status(self.status)
         if not self.message:
             self.message = self.status.message
 
@@ -160,8 +161,35 @@ class Solver:
             self.load_state_dict(snapshot)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({args})"
+        config = self.config()
+        key = _repr_key(self, config)  # every info reads the text: kept per configuration
+        text = None if key is None else _REPRS.get(key)
+        if text is None:
+            args = ", ".join(f"{k}={v!r}" for k, v in config.items())
+            text = f"{type(self).__name__}({args})"
+            if key is not None and len(_REPRS) < 256:
+                _REPRS[key] = text
+        return text
+
+
+#: ``repr`` texts of solver configurations (type and settings), at most 256.
+_REPRS: dict[Any, str] = {}
+_PLAIN = (int, bool, str, type(None))
+
+
+def _repr_key(solver: Solver, config: dict[str, Any]) -> tuple[Any, ...] | None:
+    """A key that determines ``repr(solver)``: its type and each setting with its type (floats
+    by their exact hex text, so that 0.0 and -0.0 differ); None if a setting is not a plain
+    number, string or None (its text could change while the object stays equal)."""
+    parts = []
+    for k, v in config.items():
+        kind = type(v)
+        if kind is float:
+            v = v.hex()
+        elif kind not in _PLAIN:
+            return None
+        parts.append((k, kind, v))
+    return (type(solver), tuple(parts))
 
 
 class RandomizedSolver(Solver):

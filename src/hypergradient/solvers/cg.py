@@ -57,15 +57,13 @@ class _Run:
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
         self.eps = _finfo(b.dtype).eps
         top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
-        self.b = (b / top) / (self.bnorm / top)  # two steps: b / ||b|| cannot overflow
-        # tolerance on the normalized residual; never below rounding level (past it the
-        # residual only shrinks by rounding noise until p^T A p underflows to 0, which would
-        # read as false negative curvature)
+        self.b = torch.div(b, top).div_(self.bnorm / top)  # two steps: no overflow
+        # tolerance on the normalized residual; never below rounding level (past it the residual
+        # only shrinks by noise until p^T A p underflows to 0: false negative curvature)
         asked = max(tol, atol / self.bnorm)
         self.threshold = max(asked, 10 * self.eps)
-        # a tolerance below rounding level asks for "as far as the precision goes": the
-        # updated residual at 10 eps is taken at its word (the true one is then at the
-        # rounding level of the system, about eps ||A|| ||x||)
+        # a tolerance below rounding level asks for "as far as the precision goes": the updated
+        # residual at 10 eps is taken at its word (the true one is then about eps ||A|| ||x||)
         self.to_rounding_level = asked < 10 * self.eps
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
@@ -153,7 +151,7 @@ class _Run:
         """
         p, r = self.p, self.r
         if self.on_host:  # Python scalars: the same roundings as 0-d tensors, fewer kernels
-            pap = float(torch.dot(p, Ap))
+            pap = torch.dot(p, Ap).item()
             if not 0.0 < pap < math.inf:
                 return pap, []
             alpha = float(self.rz) / pap
@@ -192,8 +190,8 @@ class _Run:
         """``p = z + (r^T z / r_old^T z_old) p`` with ``z = M^{-1} r``."""
         z = self.precondition(self.r) if self.precondition is not None else self.r
         if self.on_host:
-            rz = float(torch.dot(self.r, z))
-            self.p.mul_(rz / float(self.rz)).add_(z)
+            rz = torch.dot(self.r, z).item()
+            self.p.mul_(rz / self.rz).add_(z)
             self.rz = rz
             return
         rz_new = torch.dot(self.r, z)
@@ -264,7 +262,7 @@ class _Run:
         # ||y|| ||b|| bounds every entry of the solution: well below the dtype's largest
         # value (and ||b|| too, which the product with y is taken in) it is finite, the usual
         # case, without a synchronization; else it is checked entry by entry
-        big = 0.5 * torch.finfo(value.dtype).max
+        big = 0.5 * _finfo(value.dtype).max
         if not (self.bnorm < big and ynorm * self.bnorm < big):
             require_finite_solution(value)
         return Solution(
