@@ -12,6 +12,7 @@ import torch
 import hypergradient as hg
 from hypergradient.operators import LinearOperator
 from hypergradient.solvers import cg as cg_module
+from hypergradient.solvers import neumann as neumann_module
 from hypergradient.solvers.norms import ROW, ROW_SQUARES, ROWS_FROM, in_rows, row_norms
 
 F64 = torch.float64
@@ -113,3 +114,29 @@ def test_cg_reads_exactly_where_rows_could_underflow(monkeypatch):
     slow = hg.CG(maxiter=10, tol=0.0).solve(op, b)
     assert torch.equal(fast.value, slow.value) and fast.residual_norm == slow.residual_norm
     assert fast.stats == slow.stats
+
+
+@pytest.mark.parametrize("tol", [None, 0.05])
+def test_neumann_by_rows_sums_the_same_series_as_the_float64_reads(monkeypatch, tol):
+    """Neumann on the float32 system of 40,000 unknowns: the same partial sum bit for bit, the
+    same number of terms and status, its residual within float32 roundings of the exact read,
+    and the answer at the series' float64 closed form."""
+    op, b = system(40_000)
+    alpha = 1.0 / 12.0  # lambda_max <= 10 + ||u||^2 ~ 11
+    fast = hg.Neumann(40, alpha=alpha, tol=tol).solve(op, b)
+    monkeypatch.setattr(neumann_module, "in_rows", lambda t, wide: False)
+    slow = hg.Neumann(40, alpha=alpha, tol=tol).solve(op, b)
+    assert torch.equal(fast.value, slow.value)
+    assert (fast.iterations, fast.status) == (slow.iterations, slow.status)
+    if tol is None:
+        assert fast.residual_norm == slow.residual_norm  # the fixed budget reports None
+    else:
+        assert fast.status == "converged" and fast.iterations < 40
+        assert fast.residual_norm == pytest.approx(slow.residual_norm, rel=1e-6)
+    term, total = b.to(F64), b.to(F64).clone()
+    d, u = op.d.to(F64), op.u.to(F64)
+    for _ in range(fast.iterations - (tol is not None)):  # a converged last term is not added
+        term = term - alpha * (d * term + u * torch.dot(u, term))
+        total = total + term
+    ref = alpha * total
+    assert (fast.value.to(F64) - ref).norm() / ref.norm() < 1e-5

@@ -19,6 +19,7 @@ from .base import (
     require_finite_solution,
     safe_norm,
 )
+from .norms import in_rows, row_norms
 from .spectrum import estimate_lambda_max, lanczos_extremes
 
 __all__ = ["Neumann"]
@@ -273,7 +274,8 @@ class _Series:
     ``j``), so one ratio above 1 proves that the series diverges: the run stops there (up
     to a rounding allowance ``sqrt(eps)``) and keeps the partial sum with the smallest
     residual (``x = 0`` if the first term already grows). A non-symmetric operator can
-    grow transiently; it is declared divergent past ``divergence_factor``.
+    grow transiently; it is declared divergent past ``divergence_factor``. On the CPU the
+    norms of large float32 terms are read by float32 rows (:mod:`.norms`, ~1e-7 relative).
     """
 
     def __init__(
@@ -293,6 +295,7 @@ class _Series:
         self.stats: dict[str, Any] = {}
         self.growth_tol = math.sqrt(torch.finfo(b.dtype).eps)
         self.wide = _tree.wide_dtype(b.device)  # safe_norm's accumulator, chosen once
+        self.by_rows = b.device.type == "cpu" and in_rows(b, self.wide)  # see norms.py
 
     def _diverged(self, vnorm: float, previous: float) -> bool:
         if self.op.symmetric:
@@ -324,7 +327,8 @@ class _Series:
         for it in range(1, self.solver.maxiter + 1):
             w = self.op.matvec(self.v)
             v = self.v - self.alpha * w  # the residual of alpha * total
-            vnorm = safe_norm(v, self.wide)
+            read = row_norms((v,), self.wide) if self.by_rows else None
+            vnorm = read[0] if read is not None else safe_norm(v, self.wide)
             if not math.isfinite(vnorm):  # a NaN or Inf in w makes ||v|| non-finite
                 require_finite_product(w)
             self.iterations = it
