@@ -83,6 +83,7 @@ def compiled_products(pb: problems.Bilevel, rounds: int) -> list[dict[str, Any]]
     graph's, relative difference and the products that pay the compile time back."""
     f, w, lam = pb.inner_loss, H.leaves(pb.params), H.leaves(pb.hparams)
     op, sizes = hg.HessianOperator(f, w, lam), [t.numel() for t in w]
+    w, lam = [t.detach() for t in w], [t.detach() for t in lam]  # the products need no graph
     v = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(1), dtype=w[0].dtype)
 
     def parts(v: torch.Tensor) -> tuple:
