@@ -180,19 +180,17 @@ class GraphOperator(LinearOperator):
         # (start, stop, shape, dtype) of each leaf in a flat vector: products cut it with
         # one split_with_sizes (torch.split goes through symbolic-shape checks, ~10 us per
         # leaf) and reshape only the leaves that are not 1-D
-        bounds, sizes, flat, shapes, dtypes, start = [], [], [], [], [], 0
+        bounds, sizes, flat, start = [], [], [], 0
         for leaf in self.param_leaves:
-            n, shape, dtype = leaf.numel(), leaf.shape, leaf.dtype
-            bounds.append((start, start + n, shape, dtype))
+            n, shape = leaf.numel(), leaf.shape
+            bounds.append((start, start + n, shape, leaf.dtype))
             sizes.append(n)
             flat.append(len(shape) == 1)
-            shapes.append(shape)
-            dtypes.append(dtype)
             start += n
-        self._bounds, self._sizes, self._flat_leaf, self._shapes = bounds, sizes, flat, shapes
+        self._bounds, self._sizes, self._flat_leaf = bounds, sizes, flat
         self._all_flat = all(flat)
         # every leaf in the operator's dtype: products may take the direct path
-        self._uniform = all(d == self.dtype for d in dtypes)
+        self._uniform = all(b[3] == self.dtype for b in bounds)
         self._direct = False  # set by _build: the graph connects every leaf
 
     def _pieces(self, v: Tensor) -> list[Tensor]:
