@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +116,11 @@ def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]
 def median(xs: Sequence[float | None]) -> float:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(statistics.median(xs)) if xs else math.nan
+
+
+def pooled_ms(samples: Iterable[Sequence[float]]) -> float:
+    """The median, in milliseconds, of every sample in seconds of every list."""
+    return 1e3 * median([x for xs in samples for x in xs])
 
 
 def rotation(items: Sequence[T], k: int) -> list[T]:
