@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
 import harness as H
 import hypergradient as hg
@@ -116,9 +117,7 @@ def allreduce_latency(case: dict, group: Any) -> Any:
     return run
 
 
-def hyperopt(
-    case: dict, w: torch.Tensor, shard: tuple, group: Any, world: int, original: Any
-) -> Any:
+def hyperopt(case: dict, w: Tensor, shard: tuple, group: Any, world: int, original: Any) -> Any:
     """One ``HyperOptimizer`` step (inner SGD, then IFT/Neumann 20) on the MLP as an
     ``nn.Sequential`` (DDP-wrapped with a counting comm hook when ``group`` is given)."""
     dtype, h = getattr(torch, case["dtype"]), case["hidden"]

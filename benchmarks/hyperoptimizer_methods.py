@@ -33,8 +33,7 @@ HOPT_METHODS |= {"IFT(Nystrom(rank=10, rho=0.1, seed=0))": NYSTROM}
 HOPT_METHODS |= {"HOAG()": hg.HOAG, "Unrolled()": hg.Unrolled}
 HOPT_METHODS |= {"Unrolled(truncate=5)": lambda: hg.Unrolled(truncate=5)}
 HOPT_METHODS |= {"ForwardMode()": hg.ForwardMode, "DrMAD()": hg.DrMAD}
-
-
+FD4, FD2 = ((-2, 1 / 12), (-1, -8 / 12), (1, 8 / 12), (2, -1 / 12)), ((-1, -0.5), (1, 0.5))
 train_loss, val_loss = H.linear_loss("decay"), H.linear_loss()
 
 
@@ -58,12 +57,11 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
     f, g, _ = H.linear_losses(data)
     like = (torch.zeros(1, data.dim, dtype=F64), torch.zeros(1, dtype=F64))
     sgd0 = lambda hp: torch.optim.SGD(hp, lr=0.0)  # noqa: E731
-    setups, rows, checks = {}, [], []
+    res: dict[str, Any] = {"setups": {}, "rows": [], "checks": []}
     for point, raw in points.items():
         H.log(f"[1a] {point}: Newton inner solve, exact reference ...")
         t = H.newton(lambda v, raw=raw: f(H.unflat(v, like), raw), H.flat(like), 1e-12)[0]
-        theta = tuple(x.clone() for x in H.unflat(t, like))
-        t0 = time.perf_counter()
+        theta, t0 = tuple(x.clone() for x in H.unflat(t, like)), time.perf_counter()
         exact, info = hg.implicit(f, g, theta, raw, hg.Exact(), return_info=True)
         s = {"exact_ms": 1e3 * (time.perf_counter() - t0), "exact_norm": float(exact.norm())}
         dense = H.dense_pieces(f, g, theta, raw)
@@ -71,19 +69,19 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
         s |= {"decay_min": float(raw.exp().min()), "decay_max": float(raw.exp().max())}
         s |= {"inner_grad_norm": info.inner_grad_norm, "val_loss_at_optimum": info.outer_loss}
         s |= {"hessian_lambda_min": float(eig[0]), "hessian_lambda_max": float(eig[-1])}
-        setups[point] = s | {"exact_vs_dense_rel": H.relative_error(exact, dense["h"])}
-        ctx = hg.Problem(f, g, theta, raw, lr=HOPT_LR, prev_params=theta)
+        s["exact_vs_dense_rel"] = H.relative_error(exact, dense["h"])
+        res["setups"][point], ctx = s, hg.Problem(f, g, theta, raw, lr=HOPT_LR, prev_params=theta)
 
-        def call(s: int, make: Callable, theta=theta, raw=raw, ctx=ctx) -> tuple:
+        def call(seed: int, make: Callable, theta=theta, raw=raw, ctx=ctx) -> tuple:
             kw = {"inner_steps": 1, "outer_optimizer": sgd0}
-            run = make_hopt("", data, decays(data.dim, raw), make(s), **kw)
+            run = make_hopt("", data, decays(data.dim, raw), make(seed), **kw)
             with torch.no_grad():
                 for p, v in zip(run.meta["model"].parameters(), theta):
                     p.copy_(v)
             run.step()
             rec = run.meta["hopt"].history[-1]
             h = rec.hypergrad["decay"].detach().clone()
-            return h, rec.seconds, rec.diagnostics, H.relative_error(make(s)(ctx)[0], h)
+            return h, rec.seconds, rec.diagnostics, H.relative_error(make(seed)(ctx)[0], h)
 
         cases = [H.Case(k, lambda s, m=m: call(s, m)) for k, m in IMPLICIT.items()]
         for c in H.interleave(cases, repeats, keep=lambda o: o):
@@ -92,17 +90,17 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
             r |= {"num_hvps": [int(d.get("num_hvps", 0)) for d in diag]}
             r |= {"ms": [1e3 * x for x in sec], "status": [str(d.get("status", "")) for d in diag]}
             r |= {"rel": [H.relative_error(x, exact) for x in h]}
-            rows.append(r | {"cos": [H.cosine(x, exact) for x in h]})
-        worst = max(rows[-len(cases) :], key=lambda r: r["compute_vs_hopt"])
+            res["rows"].append(r | {"cos": [H.cosine(x, exact) for x in h]})
+        worst = max(res["rows"][-len(cases) :], key=lambda r: r["compute_vs_hopt"])
         ident = hg.implicit(f, g, theta, raw, hg.Identity(HOPT_LR))
         ident = H.relative_error(hg.T1T2()(ctx)[0], ident)
-        exact_vs_dense, worst_rel = setups[point]["exact_vs_dense_rel"], worst["compute_vs_hopt"]
-        checks.append(
-            f"{point}: hg.Exact vs independent dense solve {exact_vs_dense:.1e}; method(Problem) "
-            f"vs the HyperOptimizer's hypergradient: worst rel. diff {worst_rel:.1e} "
-            f"({worst['method']}); T1T2 vs hg.implicit(Identity(0.5)) {ident:.1e}"
+        res["checks"].append(
+            f"{point}: hg.Exact vs independent dense solve {s['exact_vs_dense_rel']:.1e}; "
+            f"method(Problem) vs the HyperOptimizer's hypergradient: worst rel. diff "
+            f"{worst['compute_vs_hopt']:.1e} ({worst['method']}); T1T2 vs "
+            f"hg.implicit(Identity(0.5)) {ident:.1e}"
         )
-    return {"setups": setups, "rows": rows, "checks": checks}
+    return res
 
 
 def render_1a(res: dict[str, Any], repeats: int) -> str:
@@ -110,12 +108,11 @@ def render_1a(res: dict[str, Any], repeats: int) -> str:
     rows = [r | {"hvps": join(r["num_hvps"]), "status": join(r["status"])} for r in res["rows"]]
     for r in rows:
         r |= {"ms": H.median(r["ms"]), "rel_err": H.median(r["rel"]), "cos": H.median(r["cos"])}
-    return (
-        "## 1a. Implicit methods at the inner optimum vs the exact implicit hypergradient\n\n"
-        f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls.\n\n"
-        + H.bullets([f"`{p}`: {H.facts(s)}" for p, s in res["setups"].items()] + res["checks"])
-        + "\n\n"
-        + H.dict_table(rows, "point|method|hvps|status|rel_err:.2e|cos:.6f|ms:.2f")
+    return H.section(
+        "1a. Implicit methods at the inner optimum vs the exact implicit hypergradient",
+        f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls.",
+        H.bullets([f"`{p}`: {H.facts(s)}" for p, s in res["setups"].items()] + res["checks"]),
+        H.dict_table(rows, "point|method|hvps|status|rel_err:.2e|cos:.6f|ms:.2f"),
     )
 
 
@@ -139,9 +136,6 @@ def finite_differences(loss: Callable[[Tensor], float], raw: Tensor, h: float, s
         e[i] = h
         out[i] = sum(c * loss(raw + k * e) for k, c in stencil) / h
     return out
-
-
-FD4, FD2 = ((-2, 1 / 12), (-1, -8 / 12), (1, 8 / 12), (2, -1 / 12)), ((-1, -0.5), (1, 0.5))
 
 
 def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeats: int) -> dict:
@@ -177,10 +171,11 @@ def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeat
 def render_1b(res: dict[str, Any], repeats: int) -> str:
     refs = [f"`{k}`: {H.facts(r, ('fd', 'unrolled'))}" for k, r in res["references"].items()]
     cols = "point|T|method|rel_fd:.2e|cos_fd:.6f|rel_unrolled:.2e|cos_unrolled:.6f|ms:.1f"
-    return (
-        "## 1b. Trajectory methods vs 4th-order finite differences of the same SGD loop\n\n"
-        f"ms = median of {repeats} interleaved calls.\n\n{H.bullets(refs)}\n\n"
-        + H.dict_table(res["rows"], cols)
+    return H.section(
+        "1b. Trajectory methods vs 4th-order finite differences of the same SGD loop",
+        f"ms = median of {repeats} interleaved calls.",
+        H.bullets(refs),
+        H.dict_table(res["rows"], cols),
     )
 
 
@@ -217,8 +212,8 @@ def rounds_of(make_runs: Callable[[], list[H.Run]], data: H.Data, steps: int, ro
         s["lr_history"] = r0["lr_history"]
         s |= {"max_round_diff": max(abs(r["val"] - r0["val"]) for r in rs)}
         s |= {"seconds": H.median([r["seconds"] for r in rs]), "num_hvps": H.median(r0["num_hvps"])}
-        s |= {"hyper_step_ms": 1e3 * H.median([x for r in rs for x in r["hyper_step_s"]])}
-        s |= {"train_step_ms": 1e3 * H.median([x for r in rs for x in r["train_step_s"]])}
+        s |= {"hyper_step_ms": H.pooled_ms(r["hyper_step_s"] for r in rs)}
+        s |= {"train_step_ms": H.pooled_ms(r["train_step_s"] for r in rs)}
         replay = [e for e in r0["replay_error"] if e is not None]
         summary[label] = s | {"max_replay_error": max(replay, default=None)}
     return {"per_round": per_round, "summary": summary, "warnings": warned, "steps": steps}
@@ -235,17 +230,17 @@ def exact_outer_loop(data: H.Data, iterations: int, keep_at: int) -> dict[str, A
     def g(w: Tensor, r: Tensor, x: Tensor = xv, y: Tensor = yv) -> Tensor:
         return BCE(x @ w[:-1] + w[-1], y)
 
-    t0 = time.perf_counter()
+    t0, out = time.perf_counter(), {"val": [], "test": [], "decays": [], "elapsed_s": []}
     raw = torch.full((D,), math.log(START_DECAY), dtype=F64).requires_grad_(True)
-    opt, w, out = torch.optim.Adam([raw], lr=OUTER_LR), torch.zeros(D + 1, dtype=F64), {}
+    opt, w = torch.optim.Adam([raw], lr=OUTER_LR), torch.zeros(D + 1, dtype=F64)
     for k in range(iterations + 1):
         w = H.newton(lambda v: f(v, raw.detach()), w, 1e-12)[0]
         with torch.no_grad():
-            out.setdefault("val", []).append(float(g(w, raw)))
-            out.setdefault("test", []).append(float(g(w, raw, xs, ys)))
+            out["val"].append(float(g(w, raw)))
+            out["test"].append(float(g(w, raw, xs, ys)))
             keep = k % 10 == 0 or k in (keep_at, iterations)
-            out.setdefault("decays", []).append(raw.exp().tolist() if keep else None)
-        out.setdefault("elapsed_s", []).append(time.perf_counter() - t0)
+            out["decays"].append(raw.exp().tolist() if keep else None)
+        out["elapsed_s"].append(time.perf_counter() - t0)
         if k < iterations:
             raw.grad = hg.exact(f, g, w, raw.detach())
             opt.step()
@@ -277,9 +272,8 @@ def lr_table(data: H.Data, steps: int, rounds: int) -> dict[str, Any]:
         out = [plain_run(data, f"plain SGD, lr {LR_START:g}", LR_START)]
         out += [plain_run(data, f"plain SGD, lr {HOPT_LR:g} (Table 3's)", HOPT_LR)]
         for k in ("ForwardMode()", "Unrolled()", "DrMAD()"):
-            m = HOPT_METHODS[k]
             lr = {"lr": hg.Positive(torch.tensor(LR_START, dtype=F64))}
-            out.append(make_hopt(k, data, lr, m(), **kw))
+            out.append(make_hopt(k, data, lr, HOPT_METHODS[k](), **kw))
         return out
 
     H.log("[4] learning-rate tuning")
@@ -294,11 +288,11 @@ def render_cost(res: dict[str, Any]) -> str:
         r["per_training_step"] = r["hyper_step_ms"] / r["train_step_ms"]
         r["per_plain_step"] = r["hyper_step_ms"] / plain
     cols = "method|hyper_steps:d|num_hvps:g|hyper_step_ms:.2f|train_step_ms:.3f"
-    return (
-        "## 2. Seconds per hyper-step relative to one training step (inner_steps=10)\n\n"
+    return H.section(
+        "2. Seconds per hyper-step relative to one training step (inner_steps=10)",
         f"{res['steps']} inner steps x {res['rounds']} round(s) in lockstep; plain step (bare "
-        f"torch.optim.SGD): {H.fix(plain, 3)} ms.\n\n"
-        + H.dict_table(rows, cols + "|per_training_step:.1f|per_plain_step:.1f")
+        f"torch.optim.SGD): {H.fix(plain, 3)} ms.",
+        H.dict_table(rows, cols + "|per_training_step:.1f|per_plain_step:.1f"),
     )
 
 
@@ -308,8 +302,11 @@ def render_outcome(res: dict[str, Any]) -> str:
     rows = [r | {"run": lbl, "decays": r["final_decay"]} for lbl, r in s.items()]
     for i in (k, len(ex["val"]) - 1):
         rows.append({"run": f"exact outer loop (Newton inner), {i} updates", "val": ex["val"][i]})
-        rows[-1] |= {"test": ex["test"][i], "decays": ex["decays"][i]}
-        rows[-1] |= {"seconds": ex["elapsed_s"][i]}
+        rows[-1] |= {
+            "test": ex["test"][i],
+            "decays": ex["decays"][i],
+            "seconds": ex["elapsed_s"][i],
+        }
     for r in rows:
         r["gap_closed"] = (u - r["val"]) / (u - ex["val"][k])
         r["gap_closed_vs_long"] = (u - r["val"]) / (u - ex["val"][-1])
@@ -327,12 +324,13 @@ def render_outcome(res: dict[str, Any]) -> str:
         *[f"warning: {w}" for w in res["warnings"]],
     ]
     cols = "run|val:.5f|test:.5f|gap_closed:.2f|gap_closed_vs_long:.2f|decays|seconds:.2f"
-    return (
-        f"## 3. End to end: {res['steps']} inner steps (SGD lr {HOPT_LR}, inner_steps=10, outer "
-        f"Adam lr {OUTER_LR}, decay from {START_DECAY})\n\ngap closed = (untuned - run) / "
-        f"(untuned - exact outer loop after {k} updates, the same outer budget); `vs long`: "
-        f"after all updates; decays: min / geometric mean / max.\n\n{H.dict_table(rows, cols)}"
-        f"\n\n{H.bullets(notes)}"
+    return H.section(
+        f"3. End to end: {res['steps']} inner steps (SGD lr {HOPT_LR}, inner_steps=10, outer "
+        f"Adam lr {OUTER_LR}, decay from {START_DECAY})",
+        f"gap closed = (untuned - run) / (untuned - exact outer loop after {k} updates, the same "
+        "outer budget); `vs long`: after all updates; decays: min / geometric mean / max.",
+        H.dict_table(rows, cols),
+        H.bullets(notes),
     )
 
 
@@ -340,17 +338,19 @@ def render_lr(res: dict[str, Any]) -> str:
     rows, notes = [], [f"a step of the full Adam lr {LR_OUTER_LR} is x{math.exp(LR_OUTER_LR):.3f}"]
     for label, r in res["summary"].items():
         h = r["lr_history"]
-        rows.append(r | {"run": label, "lr_1": h[0] if h else None})
-        rows[-1]["lr_10"] = h[9] if h[9:] else None
+        rows.append(
+            r | {"run": label, "lr_1": h[0] if h else None, "lr_10": h[9] if h[9:] else None}
+        )
         notes += [f"{label}: lr x{h[-1] / h[-2]:.3f} at the last hyper-step"] if h[1:] else []
     diff = max(r["max_round_diff"] for r in res["summary"].values())
     notes += [f"largest difference of a final val loss between rounds: {diff:.1e}"]
     cols = "run|final_lr:.6g|lr_1:.3g|lr_10:.3g|val:.5f|test:.5f|hyper_step_ms:.2f|seconds:.2f"
-    return (
-        f"## 4. Learning-rate tuning from lr {LR_START:g} ({res['steps']} inner steps, "
+    return H.section(
+        f"4. Learning-rate tuning from lr {LR_START:g} ({res['steps']} inner steps, "
         f"inner_steps=10, outer Adam lr {LR_OUTER_LR}, decay fixed at {START_DECAY}); lr_1, "
-        f"lr_10: after 1 and 10 hyper-steps\n\n{H.dict_table(rows, cols)}\n\n"
-        + H.bullets(notes + [f"warning: {w}" for w in res["warnings"]])
+        "lr_10: after 1 and 10 hyper-steps",
+        H.dict_table(rows, cols),
+        H.bullets(notes + [f"warning: {w}" for w in res["warnings"]]),
     )
 
 
@@ -379,13 +379,10 @@ def plot(data: dict[str, Any], out: Path) -> Path:
     ratio = [summary[n]["hyper_step_ms"] / summary[n]["train_step_ms"] for n in names]
     cost = {"bars": {"": ratio}, "ticks": names, "barh": True}
     cost["set"] = {"xscale": "log", "xlabel": "seconds per hyper-step / per training step"}
-    plain = {n: r["val"] for n, r in summary.items() if not r.get("hyper_step_ms")}
     val = {"bars": {"": [summary[n]["val"] for n in names]}, "ticks": names, "barh": True}
+    val["vlines"] = {n: r["val"] for n, r in summary.items() if not r.get("hyper_step_ms")}
     lo = min(r["val"] for r in summary.values())
-    val |= {
-        "vlines": plain,
-        "set": {"xlabel": "validation loss after the run", "xlim": (0.9 * lo, None)},
-    }
+    val["set"] = {"xlabel": "validation loss after the run", "xlim": (0.9 * lo, None)}
     return H.figure(out / f"{NAME}.png", [cost, val], 2, (6, 4.5))
 
 

@@ -108,8 +108,8 @@ def runs(pb: tuple, lr: float) -> list[H.Run]:
         kw |= {"train_loss": lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"])}
         kw |= {"val_loss": lambda m, h, b: loss(m(b[0]), b[1]), "method": make()}
         kw |= {"inner_optimizer": torch.optim.SGD(m.parameters(), lr=lr), "inner_steps": K}
-        hopt = hg.HyperOptimizer(m, {"decay": hg.Positive(decay0.clone())}, history_size=None, **kw)
-        out.append(H.Run(name, lambda hopt=hopt: H.hopt_step(hopt, train), K, {"hopt": hopt}))
+        hp = {"decay": hg.Positive(decay0.clone())}
+        out.append(H.hopt_run(name, m, hp, train, K, history_size=None, **kw))
     raw = torch.zeros(shape, requires_grad=True)  # the user's outer step alone, as the driver
     adam, grad = torch.optim.Adam([raw], lr=0.05), torch.full(shape, 1e-3)  # takes it
 
@@ -188,10 +188,7 @@ OPTIONS = [
     H.option("--steps", 20, 300, type=int, help="training steps per run"),
     H.option("--lr", type=float, default=0.1, help="inner SGD learning rate"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, argv=argv, options=OPTIONS)
+main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)
 
 
 if __name__ == "__main__":

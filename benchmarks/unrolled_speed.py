@@ -146,9 +146,8 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
         out["double_backward"] = "works"
     except RuntimeError as error:
         out["double_backward"] = str(error).splitlines()[0][:120]
-    cases = [
-        H.Case(k, lambda s, fn=fn: sweep(fn, T)) for k, fn in (("eager", f), ("compiled", compiled))
-    ]
+    sweeps = {"eager": f, "compiled": compiled}
+    cases = [H.Case(k, lambda s, fn=fn: sweep(fn, T)) for k, fn in sweeps.items()]
     out["sweep_ms"] = {t.key: t.ms for t in H.interleave(cases, rounds)}
     g, sgd = problem(name)[1], hg.optim.sgd(lr=h["lr"])  # the option, end to end
     calls = {c: lambda s, c=c: hg.unrolled(f, g, p0, h, T, sgd, compile=c) for c in (False, True)}
@@ -187,21 +186,19 @@ def render(d: dict[str, Any]) -> list[str]:
         f"then the first `hg.drmad` {c['first_drmad_s']:.2f} s; torch._dynamo or sympy "
         f"imported: {c['dynamo']}.",
     ]
-    out += [
-        f"torch.compile on {n}: compiled in {c['compile_s']:.1f} s; {d['T']} plain gradient "
-        f"steps (the forward sweep) {c['sweep_ms']['eager']:.1f} ms eager, "
-        f"{c['sweep_ms']['compiled']:.1f} ms compiled; double backward through the compiled "
-        f"graph (the reverse step): {c['double_backward']}."
-        + (
-            f" `hg.unrolled` end to end: {c['unrolled_ms']['compile=False']:.1f} ms eager, "
-            f"{c['unrolled_ms']['compile=True']:.1f} ms with `compile=True`, hand-written "
-            f"loop {c['unrolled_ms']['hand']:.1f} ms (ratio "
-            f"{c['unrolled_ms']['compile=True'] / c['unrolled_ms']['hand']:.2f})."
-            if "unrolled_ms" in c
-            else ""
+    for n, c in d.get("compile", {}).items():
+        out.append(
+            f"torch.compile on {n}: compiled in {c['compile_s']:.1f} s; {d['T']} plain gradient "
+            f"steps (the forward sweep) {c['sweep_ms']['eager']:.1f} ms eager, "
+            f"{c['sweep_ms']['compiled']:.1f} ms compiled; double backward through the compiled "
+            f"graph (the reverse step): {c['double_backward']}."
         )
-        for n, c in d.get("compile", {}).items()
-    ]
+        if u := c.get("unrolled_ms"):
+            out[-1] += (
+                f" `hg.unrolled` end to end: {u['compile=False']:.1f} ms eager, "
+                f"{u['compile=True']:.1f} ms with `compile=True`, hand-written loop "
+                f"{u['hand']:.1f} ms (ratio {u['compile=True'] / u['hand']:.2f})."
+            )
     return out
 
 

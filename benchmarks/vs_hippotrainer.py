@@ -28,6 +28,8 @@ A_CONFIGS += [("DRMAD", {"T": 10})]
 B_CONFIGS = [("T1T2", {}), ("Neumann", {"num_terms": 5}), ("HOAG", {}), ("DRMAD", {"T": 10})]
 IMPL_NAMES = {"theirs": "HippoTrainer", "compat": "hypergradient.compat"}
 LOSS, BCE = H.linear_loss("log_wd", log=True), H.linear_loss()
+NATIVE = {"T1T2": ("T1T2()", hg.T1T2), "HOAG": ("HOAG(maxiter=10)", lambda: hg.HOAG(maxiter=10))}
+NATIVE["DRMAD"] = ("DrMAD()", hg.DrMAD)
 
 
 def kw_str(kind: str, kw: dict[str, Any]) -> str:
@@ -72,8 +74,7 @@ def native(kind: str, kw: dict[str, Any]) -> tuple[str, hg.Method]:
     if kind == "HOAG" and kw:
         m, e = kw["cg_max_iter"], kw["epsilon"]
         return f"hg.IFT(hg.CG({m}, tol=0, atol=sqrt({e:g})))", hg.IFT(hg.CG(m, 0.0, math.sqrt(e)))
-    label = {"T1T2": "T1T2()", "HOAG": "HOAG(maxiter=10)", "DRMAD": "DrMAD()"}[kind]
-    make = {"T1T2": hg.T1T2, "HOAG": lambda: hg.HOAG(maxiter=10), "DRMAD": hg.DrMAD}[kind]
+    label, make = NATIVE[kind]
     return f"hg.{label}", make()
 
 
@@ -193,18 +194,12 @@ def part_a(data: H.Data, ht: Any, repeats: int, quick: bool) -> dict[str, Any]:
                 sgd, batches = hg.optim.sgd(lr=LR), [data.train] * kw["T"]
                 unr = hg.unrolled(f_batch, g, state, log_wd, kw["T"], sgd, batches=batches)
             for t in res:
-                r = t.row(
-                    point=sname, method=kind, kw=kw, **t.meta, traceback=t.traceback, h=t.warm
-                )
-                if t.error is None:
-                    r |= {
-                        "rel_err": H.relative_error(t.warm, exact),
-                        "cos": H.cosine(t.warm, exact),
-                    }
-                if t.error is None and unr is not None:
-                    r["rel_err_unrolled"] = H.relative_error(t.warm, unr)
-                    r["cos_unrolled"] = H.cosine(t.warm, unr)
-                out["rows"].append(r)
+                r = t.row(point=sname, method=kind, kw=kw, **t.meta, traceback=t.traceback)
+                for suffix, ref in [("", exact), ("_unrolled", unr)] if t.error is None else []:
+                    if ref is not None:
+                        r[f"rel_err{suffix}"] = H.relative_error(t.warm, ref)
+                        r[f"cos{suffix}"] = H.cosine(t.warm, ref)
+                out["rows"].append(r | {"h": t.warm})
             if ht is not None and res[0].error is None:
                 out["checks"].append(f"{sname}: " + checks(kind, kw, res[0].warm, d, exact, ident))
         if ht is not None and sname == "early":  # their DRMAD with the plain criterion
@@ -240,11 +235,9 @@ def make_runs(data: H.Data, ht: Any, hyper_lr: float) -> list[H.Run]:
         kw = {"train_loss": LOSS, "val_loss": LOSS, "val_data": [data.val], "method": method}
         kw |= {"outer_optimizer": lambda hp, lr=hyper_lr: torch.optim.SGD(hp, lr=lr)}
         kw["inner_optimizer"] = torch.optim.SGD(model.parameters(), lr=LR)
-        r = H.hopt_run(
-            f"hg.HyperOptimizer {label}", model, {"log_wd": log_wd}, data.train, 10, **kw
-        )
-        runs.append(r)
-        r.meta |= {"pair": pair, "impl": "native", "hyper": {"log_wd": log_wd}}
+        label = f"hg.HyperOptimizer {label}"
+        runs.append(H.hopt_run(label, model, {"log_wd": log_wd}, data.train, INNER_STEPS, **kw))
+        runs[-1].meta |= {"pair": pair, "impl": "native", "hyper": {"log_wd": log_wd}}
     if ht is not None:  # their DRMAD with the plain criterion: does it run?
         s = setup(ht, "DRMAD", {"T": 10}, data, init, hyper_lr, clone=False)
         label = "HippoTrainer DRMAD(T=10), plain criterion"
@@ -328,13 +321,9 @@ def part_b(data: H.Data, ht: Any, steps: int, rounds: int, hyper_lr: float) -> d
         s = {"pair": r.meta["pair"], "impl": r.meta["impl"], "label": r.label, "error": r.error}
         s |= {"error_step": r.error_step, "traceback": r.traceback, "steps_done": c1["step"]}
         s |= {k: c1[k] for k in ("val_bce", "val_criterion", "test_bce", "log_wd_mean")}
-        s |= {
-            "val_bce_start": c0["val_bce"],
-            "seconds": secs,
-            "seconds_all": [x.seconds for x in rs],
-        }
-        s |= {"step_ms": 1e3 * H.median([t for x in rs for t in x.step_s])}
-        s |= {"hyper_step_ms": 1e3 * H.median([t for x in rs for t in x.hyper_s])}
+        s |= {"val_bce_start": c0["val_bce"], "seconds": secs}
+        s |= {"seconds_all": [x.seconds for x in rs], "step_ms": H.pooled_ms(x.step_s for x in rs)}
+        s |= {"hyper_step_ms": H.pooled_ms(x.hyper_s for x in rs)}
         s |= {"val_drop_per_s": (c0["val_bce"] - c1["val_bce"]) / secs if secs > 0 else None}
         bad = [c["step"] for c in r.meta["curve"] if not math.isfinite(c["val_bce"])]
         s |= {"diverged_at_step": bad[0] if bad else None}
@@ -426,9 +415,8 @@ def plot(data: dict[str, Any], out: Any) -> Any:
         finals = [r["val_bce"] for r in runs if not H.bad(r["val_bce"])]
         axes = {"title": f"{pair}, hyper_lr={b['hyper_lr']:g}", "xlabel": "seconds (sum of steps)"}
         axes |= {"ylabel": "validation BCE", "ylim": (0.97 * min(lows), 1.6 * max(finals))}
-        panels.append(
-            {"lines": pts, "fmt": {r["label"]: fmt[r["impl"]] for r in runs}, "set": axes}
-        )
+        fmts = {r["label"]: fmt[r["impl"]] for r in runs}
+        panels.append({"lines": pts, "fmt": fmts, "set": axes})
     title = "HippoTrainer 1.0.0 (red) vs hypergradient (compat: blue, native: green)"
     return H.figure(out / f"{NAME}.png", panels, len(pairs), (4.6, 4), title)
 

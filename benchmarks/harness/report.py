@@ -86,6 +86,11 @@ def bullets(items: Sequence[str]) -> str:
     return "\n".join(f"- {x}" for x in items)
 
 
+def section(title: str, *parts: str) -> str:
+    """``## title`` and the non-empty ``parts``, separated by blank lines."""
+    return "\n\n".join([f"## {title}", *(p for p in parts if p)])
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` as plain JSON data: dataclasses -> dicts, tensors -> lists, NaN/inf -> None."""
     if is_dataclass(obj) and not isinstance(obj, type):

@@ -11,6 +11,7 @@ import gc
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -20,9 +21,10 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,8 +108,6 @@ def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]
         log(f"{distribution or module} not importable, skipped: {error_text(exc)}")
         return None, error_text(exc)
     try:
-        from importlib.metadata import version
-
         return mod, f"{version(distribution or module)} ({Path(mod.__file__ or '?').parent})"
     except Exception:
         return mod, "unknown version"
@@ -116,6 +116,11 @@ def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]
 def median(xs: Sequence[float | None]) -> float:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(statistics.median(xs)) if xs else math.nan
+
+
+def pooled_ms(samples: Iterable[Sequence[float]]) -> float:
+    """The median, in milliseconds, of every sample in seconds of every list."""
+    return 1e3 * median([x for xs in samples for x in xs])
 
 
 def rotation(items: Sequence[T], k: int) -> list[T]:
@@ -352,22 +357,15 @@ def _child(fn: Callable[..., Any], args: tuple, conn: Any) -> None:
     conn.close()
 
 
-_CONTEXT: list[Any] = []
-
-
+@functools.cache
 def context() -> Any:
     """The multiprocessing context of every child: a forkserver that imported torch,
     ``torch._dynamo`` and hypergradient once, so that a child starts in milliseconds."""
-    if not _CONTEXT:
-        import multiprocessing as mp
-
-        if str(BENCHMARKS) not in sys.path:  # the children unpickle functions of the scripts
-            sys.path.append(str(BENCHMARKS))
-
-        _CONTEXT.append(mp.get_context("forkserver"))
-        preload = ["torch", "torch.func", "torch._dynamo", "hypergradient"]
-        _CONTEXT[0].set_forkserver_preload(preload)
-    return _CONTEXT[0]
+    if str(BENCHMARKS) not in sys.path:  # the children unpickle functions of the scripts
+        sys.path.append(str(BENCHMARKS))
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.func", "torch._dynamo", "hypergradient"])
+    return ctx
 
 
 def isolated(fn: Callable[..., T], *args: Any, timeout: float = 600.0) -> T:
