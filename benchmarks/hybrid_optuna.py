@@ -44,17 +44,12 @@ TASKS = ("logreg", "mlp-layer")
 
 
 class Hybrid:
-    """TPE proposes starting points; hypergradient line searches polish them
-    (``integrations.optuna.Polisher``, accept-only).
-
-    ``space="start"``: a trial samples one log-uniform decay shared by every hyperparameter;
-    the start is polished until the polisher is done (or ``max_evals`` evaluations), each
-    evaluation reported to the trial (``TrialReporter``, refined values stored on it), the
-    trial told its best. ``space="full"``: a trial is TPE-alone's (a log-uniform decay per
-    hyperparameter, one training), reported at step 0 to a ``PercentilePruner`` that passes
-    the best ``percentile`` % of starts; a passed start is polished, each candidate added to
-    the study as a trial of its own (``add_refined_trial``), so that TPE models every point
-    evaluated. ``auto``: ``full`` up to ``AUTO_FULL`` hyperparameters."""
+    """TPE proposes starting points; ``integrations.optuna.Polisher`` polishes them, accept-only
+    (the ``--space`` modes of the module docstring). ``start``: one shared decay per trial,
+    polished to the end, each evaluation reported to the trial (``TrialReporter``), the trial
+    told its best. ``full``: a decay per hyperparameter, the best ``percentile`` % of starts
+    (``PercentilePruner`` at step 0) polished, each candidate a trial of its own
+    (``add_refined_trial``) so that TPE models every point evaluated."""
 
     def __init__(self, task: V.Task, seed: int, polish: tuple, space: str = "auto"):
         optuna = H.import_peer("optuna")[0]

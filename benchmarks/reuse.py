@@ -92,7 +92,8 @@ def budget(
     method: hg.Implicit, ref: dict, err: Callable[[torch.Tensor], float], target: float, cap: int
 ) -> tuple[int, int, float]:
     """Smallest budget reaching ``target`` on ``ref["op"]``: (budget, products, error)."""
-    solver, x0, op = method.solver, method.state_dict().get("x"), ref["op"]
+    solver, state, op = method.solver, method.state_dict(), ref["op"]
+    x0 = state.get("x")
 
     def trial(k: int) -> tuple[int, float]:
         snap = solver.snapshot()
