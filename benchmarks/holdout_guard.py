@@ -31,10 +31,7 @@ def split_test(task: V.Task, seed: int, n_holdout: int) -> None:
 
 
 def losses(task: V.Task, params: Sequence[Tensor]) -> dict[str, float]:
-    with torch.no_grad():
-        out = {f"{s}_loss": float(task.loss(tuple(params), s)) for s in ("val", "holdout", "test")}
-        hits = task.logits(tuple(params), "test").argmax(1) == task.data["test"][1]
-    return out | {"test_acc": float(hits.to(V.F64).mean())}
+    return task.evaluate(tuple(params), ("val", "holdout", "test"))
 
 
 def hyperoptimizer(task: V.Task, run: str, iters: int, patience: int) -> tuple[Any, Any]:

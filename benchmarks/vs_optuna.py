@@ -109,11 +109,12 @@ class Task:
         state["max_inner_grad_norm"] = max(state.get("max_inner_grad_norm", 0.0), gnorm)
         return params
 
-    def evaluate(self, params: tuple) -> dict[str, float]:
+    def evaluate(self, params: tuple, splits=("train", "val", "test")) -> dict[str, float]:
+        """The loss on each of ``splits`` and the test accuracy."""
         with torch.no_grad():
             z, y = self.logits(params, "test"), self.data["test"][1]
             hit = (z > 0).to(F64) == y if self.key == "logreg" else z.argmax(1) == y
-            out = {f"{s}_loss": float(self.loss(params, s)) for s in ("train", "val", "test")}
+            out = {f"{s}_loss": float(self.loss(params, s)) for s in splits}
             return out | {"test_acc": float(hit.to(F64).mean())}
 
 
