@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +287,12 @@ OPTIONS = [
     H.option("--memory", type=int, default=15, help="the polisher's L-BFGS memory"),
     H.option("--space", choices=("auto", "start", "full"), default="auto", help=SPACE),
 ]
-main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,12 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
 
 
 OPTIONS = [H.option("--width", 1, 16, type=int, help="hidden sizes times w")]
-main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
