@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,28 +27,21 @@ def split_test(task: V.Task, seed: int, n_holdout: int) -> None:
     x, y = task.data["test"]
     idx = torch.arange(len(y)).numpy()
     hold, test = train_test_split(idx, train_size=n_holdout, stratify=y.numpy(), random_state=seed)
-    task.data["holdout"] = (x[hold], y[hold])
-    task.data["test"] = (x[test], y[test])
+    task.data |= {"holdout": (x[hold], y[hold]), "test": (x[test], y[test])}
 
 
 def losses(task: V.Task, params: Sequence[Tensor]) -> dict[str, float]:
-    with torch.no_grad():
-        out = {f"{s}_loss": float(task.loss(tuple(params), s)) for s in ("val", "holdout", "test")}
-        hits = task.logits(tuple(params), "test").argmax(1) == task.data["test"][1]
-    return out | {"test_acc": float(hits.to(V.F64).mean())}
+    return task.evaluate(tuple(params), ("val", "holdout", "test"))
 
 
 def hyperoptimizer(task: V.Task, run: str, iters: int, patience: int) -> tuple[Any, Any]:
     theta = H.flat(task.init).clone().requires_grad_(True)
-    inner = torch.optim.LBFGS(
-        [theta], max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-12, tolerance_change=0.0,
-    )  # fmt: skip
+    kw = {"max_iter": iters, "history_size": 20, "line_search_fn": "strong_wolfe"}
+    inner = torch.optim.LBFGS([theta], tolerance_grad=1e-12, tolerance_change=0.0, **kw)
 
     def val_loss(model: dict, h: dict, batch: Any) -> Tensor:
-        return F.cross_entropy(
-            H.mlp_forward(H.unflat(model["theta"], task.init), batch[0]), batch[1]
-        )
+        logits = H.mlp_forward(H.unflat(model["theta"], task.init), batch[0])
+        return F.cross_entropy(logits, batch[1])
 
     def train_loss(model: dict, h: dict, batch: Any) -> Tensor:
         return val_loss(model, h, batch) + 0.5 * (h["decay"] * model["theta"] ** 2).sum()
@@ -84,8 +76,7 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
         curve.append(live)
         if hopt.stopped:
             break
-    seconds = time.perf_counter() - started
-    decay = hopt.hparams["decay"]
+    seconds, decay = time.perf_counter() - started, hopt.hparams["decay"]
     refit = losses(task, task.train(decay.log(), {}))
     H.log(f"{run}: {hopt.hyper_steps} hyper-steps, refit {refit}")
     out = {"run": run, "hyper_steps": hopt.hyper_steps, "stopped": hopt.stopped}
@@ -95,15 +86,13 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
 
 
 def render(d: dict[str, Any]) -> list[str]:
-    rows = []
-    start = d["start"]
-    rows.append({"run": "start (lambda = 1e-3)", "hyper-steps": 0} | start)
+    rows = [{"run": "start (lambda = 1e-3)", "hyper-steps": 0} | d["start"]]
     for r in d["runs"]:
         x = {"run": r["run"], "hyper-steps": r["hyper_steps"], "best_at": r["best_hyper_step"]}
         rows.append(x | r["refit"] | {"live test_loss": r["live_end"]["test_loss"]})
     cols = "run|hyper-steps:d|best_at:d|val_loss:.4f|holdout_loss:.4f|test_loss:.4f"
     cols += "|test_acc:.3f|live test_loss:.4f"
-    a = d["args"]
+    a, lam = d["args"], [" / ".join(f"{v:.3g}" for v in r["lambda"].values()) for r in d["runs"]]
     notes = [
         f"split: {d['sizes']}; at most {a['steps']} hyper-steps, patience {a['patience']}, "
         f"L-BFGS {a['lbfgs_iters']} iterations per step",
@@ -112,11 +101,7 @@ def render(d: dict[str, Any]) -> list[str]:
         "hyper-step whose decays the guard kept; `live test_loss`: the run's own model at its "
         "last hyper-step",
         "decays (min / median / max): "
-        + "; ".join(
-            f"{r['run']} {r['lambda']['min']:.3g} / {r['lambda']['median']:.3g} / "
-            f"{r['lambda']['max']:.3g}"
-            for r in d["runs"]
-        ),
+        + "; ".join(f"{r['run']} {x}" for r, x in zip(d["runs"], lam)),
     ]
     return [H.bullets(notes), H.dict_table(rows, cols)]
 
@@ -128,9 +113,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
         lines = {k.split("_")[0]: [(c["hyper_step"], c[k]) for c in r["curve"]] for k in keys}
         best = {"kept (best holdout)": r["best_hyper_step"]} if r["best_hyper_step"] else {}
         axes = {"title": r["run"], "xlabel": "hyper-step", "yscale": "log"}
-        panels.append(
-            {"lines": lines, "fmt": dict.fromkeys(lines, "-"), "vlines": best, "set": axes}
-        )
+        panels.append({"lines": lines, "fmt": dict.fromkeys(lines, "-"), "vlines": best})
+        panels[-1]["set"] = axes
     title = "2,410 per-weight decays: the live model's losses along the hyper-steps"
     return H.figure(out / f"{NAME}.png", panels, 3, (4.7, 4), title)
 
@@ -138,12 +122,10 @@ def plot(data: dict[str, Any], out: Path) -> Path:
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
     task = V.Task("mlp", args.seed, args.lbfgs_iters)
     split_test(task, args.seed, args.holdout)
-    phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=V.F64)
     out = {"sizes": {k: len(v[1]) for k, v in task.data.items()}}
-    out["start"] = losses(task, task.train(phi0, {}))
-    return out | {
-        "runs": [run_one(task, r, args.steps, args.lbfgs_iters, args.patience) for r in RUNS]
-    }
+    out["start"] = losses(task, task.train(task.start(), {}))
+    out["runs"] = [run_one(task, r, args.steps, args.lbfgs_iters, args.patience) for r in RUNS]
+    return out
 
 
 OPTIONS = [

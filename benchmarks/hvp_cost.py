@@ -44,24 +44,15 @@ def models(quick: bool) -> list[tuple[str, problems.Bilevel]]:
 def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[str, Any]]:
     f, w, lam = pb.inner_loss, pb.params, pb.hparams
     v = tuple(torch.randn_like(t) for t in w)
-    op, vf = hg.HessianOperator(f, w, lam), problems.flat(v)
-    wl = H.leaves(w)
-
-    def outer(p: Any, h: Any) -> torch.Tensor:
-        return 0.5 * sum((t**2).sum() for t in p)
-
-    def grad_f(q: Any) -> Any:
-        return torch.func.grad(lambda q: f(q, lam))(q)
-
-    def vjp_fresh(s: int) -> Any:
-        return torch.func.vjp(grad_f, w)[1](v)
-
+    op, vf, wl = hg.HessianOperator(f, w, lam), problems.flat(v), H.leaves(w)
+    outer = lambda p, h: 0.5 * sum((t**2).sum() for t in p)  # noqa: E731
+    grad_f = lambda q: torch.func.grad(lambda q: f(q, lam))(q)  # noqa: E731
     calls = {
         "grad": lambda s: torch.autograd.grad(f(wl, lam), wl),
         "build": lambda s: hg.HessianOperator(f, w, lam).release(),
         "hvp (retained graph)": lambda s: op.matvec(vf),
         "jvp(grad) fresh": lambda s: torch.func.jvp(grad_f, (w,), (v,)),
-        "vjp(grad) fresh": vjp_fresh,
+        "vjp(grad) fresh": lambda s: torch.func.vjp(grad_f, w)[1](v),
     }
     # Neumann spends exactly k products whatever the curvature (random weights: H may be
     # indefinite and CG would stop early); the floor uses the products reported.
@@ -72,10 +63,10 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
         hvps = lambda n=neumann: hg.implicit(f, outer, w, lam, n, return_info=True)[1].num_hvps  # noqa: E731
         cases.append(H.Case(f"implicit, {k} products", call, hvps))
     res = H.interleave(cases, rounds)
-    out = [{"what": t.key, "ms": t.ms, "gradients": t.ms / res[0].ms, "floor": None} for t in res]
-    for r, t in zip(out, res):
-        r["floor"] = t.warm + 3 if t.key.startswith("implicit") else None
-    return out
+    floor = lambda t: t.warm + 3 if t.key.startswith("implicit") else None  # noqa: E731
+    return [
+        {"what": t.key, "ms": t.ms, "gradients": t.ms / res[0].ms, "floor": floor(t)} for t in res
+    ]
 
 
 def compiled_products(pb: problems.Bilevel, rounds: int) -> list[dict[str, Any]]:
@@ -104,11 +95,9 @@ def compiled_products(pb: problems.Bilevel, rounds: int) -> list[dict[str, Any]]
         out.append(row | {"rel_diff": H.relative_error(got, ref)})
         cases.append(H.Case(what, lambda s, c=compiled: c(tuple(w), tuple(lam), v)))
     res = H.interleave(cases, rounds)
-    eager = res[0].ms
-    rows = [{"what": res[0].key, "ms": eager, "vs_eager": 1.0}]
+    eager, rows = res[0].ms, [{"what": res[0].key, "ms": res[0].ms, "vs_eager": 1.0}]
     for row, t in zip(out, res[1:]):
-        gain = eager - t.ms
-        row |= {"ms": t.ms, "vs_eager": t.ms / eager}
+        gain, row = eager - t.ms, row | {"ms": t.ms, "vs_eager": t.ms / eager}
         rows.append(row | {"break_even": 1e3 * row["compile_s"] / gain if gain > 0 else None})
     return rows
 
@@ -134,19 +123,15 @@ def plot(data: dict[str, Any], out: Any) -> Any:
         rows = [x for x in r["rows"] if x["what"] != "grad"]
         floors = [(x["floor"], i) for i, x in enumerate(rows) if x.get("floor")]
         axes = {"xscale": "log", "xlabel": "cost in gradients of f"}
+        axes["title"] = r["problem"].replace(" (", "\n(")
         panel = {"bars": {"": [x["gradients"] for x in rows]}, "ticks": [x["what"] for x in rows]}
         lines = {"lines": {"k + 3": floors}, "fmt": {"k + 3": "k|"}, "ms": 14}
-        panels.append(
-            panel
-            | lines
-            | {"barh": True, "set": axes | {"title": r["problem"].replace(" (", "\n(")}}
-        )
+        panels.append(panel | lines | {"barh": True, "set": axes})
     return H.figure(out / f"{NAME}.png", panels, len(panels))
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
-    r, ks = (3, [10]) if args.quick else (30, [10, 50])
-    pbs = models(args.quick)
+    r, ks, pbs = *((3, [10]) if args.quick else (30, [10, 50])), models(args.quick)
     out = {"results": [{"problem": n, "rows": measure(pb, r, ks)} for n, pb in pbs]}
     if args.compile:
         out["compiled"] = [{"problem": n, "rows": compiled_products(pb, r)} for n, pb in pbs]

@@ -38,22 +38,20 @@ TITLE = (
 )
 METHODS = ("tpe", "hypergradient", "hybrid")
 LABELS = {"tpe": "Optuna TPE", "hypergradient": "hypergradient", "hybrid": "hybrid (TPE + HG)"}
+COLORS = {"tpe": "tab:blue", "hypergradient": "tab:green", "hybrid": "tab:red"}
 AUTO_FULL = 10  # --space auto: TPE samples every decay up to this many
-STATS, TASKS = ("min", "median", "max"), ("logreg", "mlp-layer")
+COUNTS = ("trials", "polished", "accepted", "rejected", "hypergradients", "improved_by_polish")
+NOTED = (*COUNTS[:2], COUNTS[-1], *COUNTS[2:-1], "study_trials", "best_trial", "best_refined_from")
+TASKS = ("logreg", "mlp-layer")
 
 
 class Hybrid:
-    """TPE proposes starting points; hypergradient line searches polish them
-    (``integrations.optuna.Polisher``, accept-only).
-
-    ``space="start"``: a trial samples one log-uniform decay shared by every hyperparameter;
-    the start is polished until the polisher is done (or ``max_evals`` evaluations), each
-    evaluation reported to the trial (``TrialReporter``, refined values stored on it), the
-    trial told its best. ``space="full"``: a trial is TPE-alone's (a log-uniform decay per
-    hyperparameter, one training), reported at step 0 to a ``PercentilePruner`` that passes
-    the best ``percentile`` % of starts; a passed start is polished, each candidate added to
-    the study as a trial of its own (``add_refined_trial``), so that TPE models every point
-    evaluated. ``auto``: ``full`` up to ``AUTO_FULL`` hyperparameters."""
+    """TPE proposes starting points; ``integrations.optuna.Polisher`` polishes them, accept-only
+    (the ``--space`` modes of the module docstring). ``start``: one shared decay per trial,
+    polished to the end, each evaluation reported to the trial (``TrialReporter``), the trial
+    told its best. ``full``: a decay per hyperparameter, the best ``percentile`` % of starts
+    (``PercentilePruner`` at step 0) polished, each candidate a trial of its own
+    (``add_refined_trial``) so that TPE models every point evaluated."""
 
     def __init__(self, task: V.Task, seed: int, polish: tuple, space: str = "auto"):
         optuna = H.import_peer("optuna")[0]
@@ -73,8 +71,7 @@ class Hybrid:
         lo, hi = math.log(task.lo), math.log(task.hi)
         self.polisher = Polisher(lo, hi, max_rejects=rejects, memory=memory)
         self.run, self.source, self.state, self.x0 = V.Run("hybrid"), None, {}, None
-        self.counts = {"trials": 0, "polished": 0, "accepted": 0, "rejected": 0}
-        self.counts |= {"hypergradients": 0, "improved_by_polish": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
 
     def hypergradient(self, params: tuple, phi: torch.Tensor) -> torch.Tensor:
         t, c = self.task, time.perf_counter()
@@ -154,27 +151,23 @@ class Hybrid:
 
 def run_task(task: V.Task, budget: float, seed: int, polish: tuple, space: str) -> dict:
     H.log(f"{task.title}, seed {seed}: budget {budget:.0f} s per method")
-    phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=V.F64)
-    start = task.evaluate(task.train(phi0, {}))
-    hybrid = Hybrid(task, seed, polish, space)
-    methods = [V.Optuna(task, "tpe", seed), V.Hypergradient(task), hybrid]
-    load0, real0 = os.getloadavg()[0], time.perf_counter()
-    V.race(methods, budget, "interleaved")
-    runs = {m.run.method: m.run for m in methods}
-    for r in runs.values():  # retrain with the best decays from a fresh state
-        best = r.phis[r.val.index(min(r.val))]
-        r.final = task.evaluate(task.train(best, {}))
-        r.extras |= {f"best_lambda_{k}": float(getattr(best.exp(), k)()) for k in STATS}
+
+    def methods() -> list:
+        hybrid = Hybrid(task, seed, polish, space)
+        return [V.Optuna(task, "tpe", seed), V.Hypergradient(task), hybrid]
+
+    c = V.contest(task, methods, budget, "interleaved")
+    runs = c["runs"]
     reached = {o: {"value": min(runs[o].val)} for o in ("tpe", "hypergradient")}
     for t in reached.values():  # each method's wall time to each single method's best
         t |= {m: runs[m].time_to(t["value"]) for m in METHODS}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams, "budget": budget}
     res |= {"seed": seed, "lam0": task.lam0, "outer_lr": task.outer_lr}
     res |= dict(zip(("percentile", "polish_evals", "max_rejects", "memory"), polish))
-    res["space"] = hybrid.space
+    res["space"] = c["methods"][-1].space
     res |= {"solver": task.solver_text, "training": task.training_text, "box": [task.lo, task.hi]}
-    res |= {"real_seconds": time.perf_counter() - real0, "load": [load0, os.getloadavg()[0]]}
-    res |= {"start": start, "reached": reached}
+    res["real_seconds"] = time.perf_counter() - c["real0"]  # with the retraining
+    res |= {"load": [c["load0"], os.getloadavg()[0]], "start": c["start"], "reached": reached}
     return res | {"runs": {k: r.json() for k, r in runs.items()}}
 
 
@@ -184,42 +177,30 @@ def best_of(run: dict[str, Any]) -> str:
 
 
 def render_task(res: dict[str, Any]) -> str:
-    runs, s, h = res["runs"], res["start"], res["runs"]["hybrid"]["extras"]
-    rows = [{"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1} | s]
-    rows[0]["best"] = s["val_loss"]
-    for m, r in ((m, runs[m]) for m in METHODS):
-        x = {"method": LABELS[m], "evaluations": len(r["val"]), "best": min(r["val"])}
-        x |= {"found_at_s": r["wall"][r["val"].index(min(r["val"]))]}
-        rows.append(x | {k: r["extras"].get(k) for k in ("trials", "polished")} | r["final"])
-    ex = {m: runs[m]["extras"] for m in METHODS}
-    lams = [" / ".join(f"{ex[m][f'best_lambda_{k}']:.3g}" for k in STATS) for m in METHODS]
-    counts = ("polished", "improved_by_polish", "accepted", "rejected", "hypergradients")
+    runs, h = res["runs"], res["runs"]["hybrid"]["extras"]
+    counts = lambda r: {k: r["extras"].get(k) for k in COUNTS[:2]}  # noqa: E731
+    rows = V.method_rows(res, METHODS, LABELS, counts)
+    lams = [" / ".join(f"{v:.3g}" for v in V.lambdas(runs[m]).values()) for m in METHODS]
+    space = (
+        "hybrid: TPE samples one starting decay shared by all, every start polished "
+        if res.get("space") == "start"
+        else f"hybrid: TPE starts, the best {res['percentile']:g} % polished "
+    )
     notes = [
         f"budget {res['budget']:.0f} s per method, interleaved; lambda in {res['box']}; "
         f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda "
         f"from lambda = {res['lam0']:g}, hg.implicit with {res['solver']}",
-        (
-            "hybrid: TPE samples one starting decay shared by all, every start polished "
-            if res.get("space") == "start"
-            else f"hybrid: TPE starts, the best {res['percentile']:g} % polished "
-        )
-        + f"(Polisher, memory={res.get('memory', 5)}, max_rejects={res['max_rejects']}, up to "
-        f"{res['polish_evals']} evaluations); "
-        + H.facts(
-            {
-                k: h[k]
-                for k in ("trials", *counts, "study_trials", "best_trial", "best_refined_from")
-            }
-        ),
+        f"{space}(Polisher, memory={res.get('memory', 5)}, max_rejects={res['max_rejects']}, up "
+        f"to {res['polish_evals']} evaluations); " + H.facts({k: h[k] for k in NOTED}),
         f"{res['real_seconds']:.0f} s of real time; 1-min load average {res['load'][0]:.1f} "
         f"before, {res['load'][1]:.1f} after",
         "best lambdas (min / median / max): "
         + "; ".join(f"{LABELS[m]} {t}" for m, t in zip(METHODS, lams)),
     ]
-    cols = "method|evaluations:d|trials:d|polished:d|best:.5f|found_at_s:.2f|val_loss:.4f"
     for o, t in res["reached"].items():
         at = [f"{LABELS[m]} {'never' if t[m] is None else f'{t[m][0]:.2f} s'}" for m in METHODS]
         notes.append(f"wall time to reach {LABELS[o]}'s best ({t['value']:.4f}): {', '.join(at)}")
+    cols = "method|evaluations:d|trials:d|polished:d|best:.5f|found_at_s:.2f|val_loss:.4f"
     table = H.dict_table(rows, cols + "|test_loss:.4f|test_acc:.3f")
     return f"## {res['title']}, seed {res.get('seed', 0)}\n\n{H.bullets(notes)}\n\n{table}"
 
@@ -251,63 +232,33 @@ def render(d: dict[str, Any]) -> list[str]:
     return [summary, *map(render_task, d["tasks"])]
 
 
-def plot(data: dict[str, Any], out: Path) -> Path:
+def plot(data: dict[str, Any], out: Path) -> Path | None:
     """Best validation loss so far against each method's wall clock: a row per task, a
     column per seed."""
-    colors = {"tpe": "tab:blue", "hypergradient": "tab:green", "hybrid": "tab:red"}
+    if not data["tasks"]:
+        return None
     tasks, keys = data["tasks"], list(dict.fromkeys(r["key"] for r in data["tasks"]))
     cols = max(sum(r["key"] == k for r in tasks) for k in keys)
-    fig, axes = H.pyplot().subplots(
-        len(keys), cols, figsize=(4.6 * cols, 3.8 * len(keys)), squeeze=False
-    )
+    fig, axes = H.subplots(len(keys), cols, 4.6, 3.8)
     for ax in axes.flat:
         ax.set_visible(False)
     done = dict.fromkeys(keys, 0)
     for res in tasks:
         ax, done[res["key"]] = axes[keys.index(res["key"])][done[res["key"]]], done[res["key"]] + 1
         ax.set_visible(True)
-        for m, r in ((m, res["runs"][m]) for m in METHODS):
-            x, y = [*r["wall"], res["budget"]], [*r["best_so_far"], min(r["val"])]
-            label = f"{LABELS[m]}: {best_of(r).replace(' / ', ' (test ')})"
-            ax.step(x, y, where="post", color=colors[m], label=label)
-        left = min(min(res["runs"][m]["wall"]) for m in METHODS) * 0.8
-        title = f"{res['key']} ({res['n_hparams']:,} decays), seed {res.get('seed', 0)}"
-        ax.set(xscale="log", xlim=(left, res["budget"]), xlabel="wall time (s)", title=title)
-        ax.set(ylabel="best validation loss so far")
-        ax.grid(True, which="both", alpha=0.3)
+        label = lambda m, r: f"{LABELS[m]}: {best_of(r).replace(' / ', ' (test ')})"  # noqa: E731
+        V.race_axes(ax, res, COLORS, label)
+        ax.set(title=f"{res['key']} ({res['n_hparams']:,} decays), seed {res.get('seed', 0)}")
         ax.legend(fontsize=7, title="best val (retrained test)", title_fontsize=7)
     fig.suptitle("Same wall-clock budget per method, interleaved", fontsize=10)
     return H.save_figure(fig, out / f"{NAME}.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--budget-logreg", type=float, help="seconds per method (default 90)")
-    p.add_argument("--budget-mlp", type=float, help="seconds per method (default 150)")
-    p.add_argument("--lbfgs-iters", type=int, help="inner L-BFGS iterations (default 200)")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: --seed's)")
-    p.add_argument("--percentile", type=float, default=10.0, help="starts polished (%%)")
-    p.add_argument("--polish-evals", type=int, help="evaluations per polish (default 1000)")
-    p.add_argument("--max-rejects", type=int, default=3, help="rejections ending a polish")
-    p.add_argument("--memory", type=int, default=15, help="the polisher's L-BFGS memory")
-    p.add_argument(
-        "--space",
-        choices=("auto", "start", "full"),
-        default="auto",
-        help="what TPE samples: one shared starting decay per trial, polished to the end "
-        "(start), or every decay, the best --percentile %% of starts polished (full); auto: "
-        f"full up to {AUTO_FULL} decays",
-    )
-    args = p.parse_args(argv)
-    if H.replot(args, NAME, TITLE, render, plot):
-        return 0
-    H.start(args)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=hg.HypergradientWarning)  # counted by vs_optuna
-    H.defaults(args, budget_logreg=(1.0, 90.0), budget_mlp=(1.5, 150.0), lbfgs_iters=(20, 200))
-    H.defaults(args, polish_evals=(3, 1000), seeds=([args.seed], [args.seed]))
     optuna, version = H.import_peer("optuna")
-    rep = H.Report(NAME, TITLE, args, optuna=version if optuna else None)
+    rep.machine["optuna"] = version if optuna else None
+    args.seeds = args.seeds or [args.seed]
     budgets = {"logreg": args.budget_logreg, "mlp-layer": args.budget_mlp}
     polish = (args.percentile, args.polish_evals, args.max_rejects, args.memory)
     results = []
@@ -316,7 +267,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.manual_seed(seed)
             task = V.Task(key, seed, args.lbfgs_iters)
             results.append(run_task(task, budgets[key], seed, polish, args.space))
-    rep.write({"tasks": results}, render, plot if results else None)
+    return {"tasks": results}
+
+
+SPACE = (
+    "what TPE samples: one shared starting decay per trial, polished to the end (start), or "
+    "every decay, the best --percentile %% of starts polished (full); auto: full up to "
+    f"{AUTO_FULL} decays"
+)
+OPTIONS = [
+    H.option("--budget-logreg", 1.0, 90.0, type=float, help="seconds per method (default 90)"),
+    H.option("--budget-mlp", 1.5, 150.0, type=float, help="seconds per method (default 150)"),
+    H.option("--lbfgs-iters", 20, 200, type=int, help="inner L-BFGS iterations (default 200)"),
+    H.option("--tasks", nargs="+", choices=TASKS, default=list(TASKS)),
+    H.option("--seeds", type=int, nargs="+", help="seeds (default: --seed's)"),
+    H.option("--percentile", type=float, default=10.0, help="starts polished (%%)"),
+    H.option("--polish-evals", 3, 1000, type=int, help="evaluations per polish (default 1000)"),
+    H.option("--max-rejects", type=int, default=3, help="rejections ending a polish"),
+    H.option("--memory", type=int, default=15, help="the polisher's L-BFGS memory"),
+    H.option("--space", choices=("auto", "start", "full"), default="auto", help=SPACE),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
     return 0
 
 

@@ -86,10 +86,7 @@ def measure(row: dict, call: Callable, ref: Tensor, same64: Tensor | None, repea
     return row
 
 
-def problem_rows(
-    p: H.Bilevel, ref: Tensor, ac: tuple, repeats: int, steps: int, lr: float
-) -> tuple:
-    ac_params = ac
+def problem_rows(p: H.Bilevel, ref: Tensor, ac_params: tuple, repeats: int, steps: int, lr: float):
     f, g, rows = p.inner_loss, p.outer_loss, []
     for sname, make in SOLVERS.items():
         same64 = H.flat(hg.implicit(f, g, p.params, p.hparams, make(), damping=p.damping))
@@ -103,8 +100,7 @@ def problem_rows(
 
             rows.append(measure({"solver": sname, "mode": mode}, call, ref, same64, repeats))
             H.log(f"  {sname:8s} {mode:22s} rel err {rows[-1].get('rel_err')}")
-    unr = []
-    ref_u = H.flat(hg.unrolled(f, g, p.params0, p.hparams, steps, hg.optim.sgd(lr)))
+    unr, ref_u = [], H.flat(hg.unrolled(f, g, p.params0, p.hparams, steps, hg.optim.sgd(lr)))
     for mode in TIMED:
         params0, hparams, ac = inputs(p, mode, (), p.params0)
 
@@ -132,6 +128,10 @@ def gradient_ms(p: H.Bilevel, repeats: int) -> dict[str, float]:
     return out
 
 
+COLUMNS = "solver|mode|rel_err:.2e|cos:.6f|vs_same_f64:.2e|status|num_hvps:d|out_dtype|ms:.3g"
+COLUMNS += "|cpu_ms:.3g|error"
+
+
 def render(d: dict[str, Any]) -> list[str]:
     summary, sections = [], []
     for name, pb in d["problems"].items():
@@ -154,9 +154,7 @@ def render(d: dict[str, Any]) -> list[str]:
             f"one gradient of f (ms): {H.facts(pb['grad_ms'])}; unrolled lr = 1/lambda_max = "
             f"{pb['unrolled_lr']:.3g}",
         ]
-        cols = "solver|mode|rel_err:.2e|cos:.6f|vs_same_f64:.2e|status|num_hvps:d|out_dtype"
-        cols += "|ms:.3g|cpu_ms:.3g|error"
-        table = H.dict_table(pb["implicit"] + pb["unrolled"], cols)
+        table = H.dict_table(pb["implicit"] + pb["unrolled"], COLUMNS)
         sections.append(f"### {name}: {pb['description']}\n\n{H.bullets(notes)}\n\n{table}")
     notes = [
         f"CPU flags: {d['machine'].get('cpu_flags')}; reference h* = hg.Exact() in float64; "
@@ -187,8 +185,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
 
 def problem(p: H.Bilevel, repeats: int, steps: int) -> dict[str, Any]:
     H.log(f"[{p.name}] {p.setup['inner_solver']}")
-    Hd, args = H.dense_hessian(p), (p.inner_loss, p.outer_loss, p.params, p.hparams)
-    ev, ref = torch.linalg.eigvalsh(Hd), H.flat(hg.implicit(*args, hg.Exact(), damping=p.damping))
+    Hd = H.dense_hessian(p)
+    ev, ref = torch.linalg.eigvalsh(Hd), H.flat(hg.implicit(*p.args, hg.Exact(), damping=p.damping))
     ac_params, ac = autocast_trained(p, Hd)
     info = {"lambda_min": float(ev[0]), "lambda_max": float(ev[-1]), "ac": ac}
     info |= {"cond": float((ev[-1] + p.damping) / (ev[0] + p.damping)), "ref_norm": ref.norm()}

@@ -48,8 +48,7 @@ def accuracy(name: str, width: int, n: int) -> list[dict[str, Any]]:
     rows = []
     for dtype in (torch.float64, torch.float32):
         for mode in MODES:
-            op = operator(zoo(name, width, n, dtype), mode)
-            ws = [v.to(dtype) for v in vs]
+            op, ws = operator(zoo(name, width, n, dtype), mode), [v.to(dtype) for v in vs]
             hvp = max(H.relative_error(op.matvec(w), hv) for w, (hv, _) in zip(ws, expected))
             mixed = max(H.relative_error(op.mixed(w)[0], m) for w, (_, m) in zip(ws, expected))
             row = {"dtype": str(dtype)[6:], "mode": mode, "hvp_error": hvp, "mixed_error": mixed}
@@ -86,35 +85,33 @@ def memory_child(name: str, width: int, n: int, mode: str) -> float:
 def cost(name: str, width: int, n: int, rounds: int, memory: bool) -> list[dict[str, Any]]:
     z = zoo(name, width, n, torch.float32)
     p = {k: v.requires_grad_(True) for k, v in z.params0().items()}
-    h = {k: v.float() for k, v in z.hparams0().items()}
-    ops = {m: operator(z, m) for m in MODES}
+    h, ops = {k: v.float() for k, v in z.hparams0().items()}, {m: operator(z, m) for m in MODES}
     v = torch.randn(ops["first_order"].size)
     cases = [H.Case("gradient", lambda s: torch.autograd.grad(z.inner(p, h), list(p.values())))]
     for m in MODES:
         cases.append(H.Case(f"build {m}", lambda s, m=m: operator(z, m)))
         cases.append(H.Case(f"product {m}", lambda s, m=m: ops[m].matvec(v)))
-    timing = {t.key: t.ms for t in H.interleave(cases, rounds)}
-    unit = timing["gradient"]
-    rows = []
+    timing, rows = {t.key: t.ms for t in H.interleave(cases, rounds)}, []
     for m in MODES:
         mb = H.isolated(memory_child, name, width, n, m) if memory else None
-        row = {"mode": m, "gradient_ms": unit, "build_ms": timing[f"build {m}"]}
+        row = {"mode": m, "gradient_ms": timing["gradient"], "build_ms": timing[f"build {m}"]}
         row |= {"product_ms": timing[f"product {m}"], "peak_mb": mb}
-        rows.append(row | {"gradients_per_product": timing[f"product {m}"] / unit})
+        rows.append(row | {"gradients_per_product": row["product_ms"] / row["gradient_ms"]})
     return rows
 
 
 def render(d: dict[str, Any]) -> list[str]:
     acc = "model|dtype|mode|hvp_error:.1e|mixed_error:.1e|unrolled_error:.1e"
-    cst = "model|mode|gradient_ms:.2f|build_ms:.2f|product_ms:.2f|"
-    cst += "gradients_per_product:.2f|peak_mb:.1f"
-    acc_rows = [{"model": r["model"], **a} for r in d["results"] for a in r["accuracy"]]
-    cst_rows = [{"model": r["model"], **c} for r in d["results"] for c in r["cost"]]
+    cst = "model|mode|gradient_ms:.2f|build_ms:.2f|product_ms:.2f|gradients_per_product:.2f"
+    acc_rows, cst_rows = (
+        [{"model": r["model"], **x} for r in d["results"] for x in r[k]]
+        for k in ("accuracy", "cost")
+    )
     return [
         "## Accuracy (relative error against float64 double backward; worst of 4 directions)\n\n"
         + H.dict_table(acc_rows, acc),
         "## Cost (float32; ms medians of interleaved rounds; peak RSS increase of build + 3 "
-        "products, fresh process)\n\n" + H.dict_table(cst_rows, cst),
+        "products, fresh process)\n\n" + H.dict_table(cst_rows, cst + "|peak_mb:.1f"),
     ]
 
 

@@ -104,9 +104,13 @@ def trajectory_part(pb: H.Quadratic, horizons: Sequence[int], repeats: int) -> t
     return res, checks
 
 
+TABLES = {"relative error by budget k": "rel_err:.2e", "cosine by budget k": "cos:.6f"}
+TABLES |= {"ms by budget k": "ms:.3g", "products reported (num_hvps)": "num_hvps:d"}
+
+
 def markdown(name: str, e: dict[str, Any], budgets: list[int]) -> str:
     ex, bvs, tc = e["implicit_extra"], e["batched_vs_sequential"], e["trajectory_checks"]
-    res = e["implicit_results"]
+    res, tables = e["implicit_results"], []
     facts = [
         f"A: eigenvalues in [{ex['lambda_min']:.3g}, {ex['lambda_max']:.3g}]; ||h*|| = "
         f"{e['h_star_norm']:.4g}; ||direct term|| / ||h*|| = {e['direct_ratio']:.3g}; "
@@ -131,13 +135,7 @@ def markdown(name: str, e: dict[str, Any], budgets: list[int]) -> str:
     keys = list(dict.fromkeys(r["key"] for r in res if "k" in r["meta"]))
     by = {(r["key"], r["meta"].get("k")): r for r in res}
     ks = [k for k in budgets if any((key, k) in by for key in keys)]
-    tables = []
-    for title, col in (
-        ("relative error by budget k", "rel_err:.2e"),
-        ("cosine by budget k", "cos:.6f"),
-        ("ms by budget k", "ms:.3g"),
-        ("products reported (num_hvps)", "num_hvps:d"),
-    ):
+    for title, col in TABLES.items():
         key, spec = col.split(":")
         get = lambda r, key=key: r[key] if key in r else r["diagnostics"].get(key)  # noqa: E731
         cell = lambda s, get=get: {f"k={k}": get(by[s, k]) for k in ks if (s, k) in by}  # noqa: E731
@@ -146,10 +144,9 @@ def markdown(name: str, e: dict[str, Any], budgets: list[int]) -> str:
         tables.append(f"{title}:\n\n{table}")
     traj = []
     for r in e["trajectory_results"]:
-        rev = r["diagnostics"].get("reverse_steps")
-        rev = f"{r['meta']['T']} x {e['p']} tangents" if r["key"] == "forward_mode" else rev
+        rev = f"{r['meta']['T']} x {e['p']} tangents" if r["key"] == "forward_mode" else None
         x = {"method": r["key"], "T": r["meta"]["T"], "gap": r["meta"]["T_step_vs_implicit"]}
-        traj.append(r | x | {"reverse_steps": rev})
+        traj.append(r | x | {"reverse_steps": rev or r["diagnostics"].get("reverse_steps")})
     cols = "method|T:d|reverse_steps|gap:.3g|rel_err:.2e|cos:.6f|ms:.3g|cpu_ms:.3g|error"
     return (
         f"## {name}: d = {e['d']}, p = {e['p']}, cond(A) = {e['cond']:g}\n\n{H.bullets(facts)}\n\n"
@@ -169,10 +166,10 @@ STYLES |= {"unrolled": "C0o-", "forward_mode": "C1s-", "drmad": "C3D-", "Identit
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Relative error against products (or steps) and against time, per problem."""
     paths = []
-    for which, what in (
-        ("implicit", "products (num_hvps)"),
-        ("trajectory", "steps (truncated: K)"),
-    ):
+    for which, what in {
+        "implicit": "products (num_hvps)",
+        "trajectory": "steps (truncated: K)",
+    }.items():
         panels = []
         for name, e in data["problems"].items():
             res = [r for r in e[f"{which}_results"] if not r["error"]]
@@ -184,10 +181,8 @@ def plot(data: dict[str, Any], out: Any) -> Any:
                 ident = lines.pop("Identity(1/L)", []) if xkey == "x" else []
                 axes = {"xscale": "log", "yscale": "log", "ylabel": "relative error"}
                 axes |= {"title": name, "xlabel": what if xkey == "x" else "wall ms per call"}
-                panel = {"lines": lines, "fmt": STYLES, "set": axes}
-                panels.append(
-                    panel | {"hlines": {"Identity(1/L) (0 products)": ident[0][1]} if ident else {}}
-                )
+                hlines = {"Identity(1/L) (0 products)": ident[0][1]} if ident else {}
+                panels.append({"lines": lines, "fmt": STYLES, "set": axes, "hlines": hlines})
         title = f"{which}: relative error against the closed form"
         paths.append(H.figure(out / f"{NAME}_{which}.png", panels, 2, (6.5, 3.9), title))
     return paths

@@ -92,14 +92,13 @@ def budget(
     method: hg.Implicit, ref: dict, err: Callable[[torch.Tensor], float], target: float, cap: int
 ) -> tuple[int, int, float]:
     """Smallest budget reaching ``target`` on ``ref["op"]``: (budget, products, error)."""
-    solver, state = method.solver, method.state_dict()
+    solver, state, op = method.solver, method.state_dict(), ref["op"]
     x0 = state.get("x")
-    op, dt = ref["op"], ref["op"].dtype
 
     def trial(k: int) -> tuple[int, float]:
         snap = solver.snapshot()
         solver.maxiter = k
-        sol = solver.solve(op, ref["b"], None if x0 is None else x0.to(dt))
+        sol = solver.solve(op, ref["b"], None if x0 is None else x0.to(op.dtype))
         solver.restore(snap)
         return sol.num_hvps, err(sol.value)
 
@@ -125,8 +124,7 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
     pb, big = make_problem(args), args.size == "100k"
     theta, raw = H.flat(pb.params), H.flat(pb.hparams).clone().requires_grad_(True)
     adam, methods = torch.optim.Adam([raw], lr=args.outer_lr), make_methods(args)
-    to = torchopt()
-    rows = []
+    to, rows = torchopt(), []
     for step in range(args.steps):
         hp = H.unflat(raw.detach(), pb.hparams)
         if step:
@@ -147,8 +145,7 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
             row[name] = {"budget": k, "hvps": hvps, "dense_error": e}
             cases.append(H.Case(name, lambda s, m=m, pr=problem: H.flat(m(pr)[0])))
         if to is not None:
-            k = row["cold CG"]["budget"]
-            ridge = ref["damping"] or None
+            k, ridge = row["cold CG"]["budget"], ref["damping"] or None
             solve = to.linear_solve.solve_cg(maxiter=k, rtol=0.0, atol=0.0, ridge=ridge)
             cases.append(H.Case("TorchOpt solve_cg", torchopt_implicit(cur, solve)))
             row["TorchOpt solve_cg"] = {"budget": k, "hvps": k}
@@ -160,8 +157,7 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
 
         for c in cases:
             c.prepare = rewind
-        timings = H.interleave(cases, args.rounds, keep=lambda h: h)
-        for t in timings:
+        for t in H.interleave(cases, args.rounds, keep=lambda h: h):
             e = H.relative_error(t.kept[-1].to(F64), exact) if t.kept else None
             row[t.key] |= {"ms": t.ms, "error": e, "failed": t.error}
         rewind()
@@ -176,20 +172,20 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    names = [n for n in rows[0] if isinstance(rows[0][n], dict)]
     base = rows[0].get("TorchOpt solve_cg") and "TorchOpt solve_cg" or "cold CG"
+    bh, bms = sum(r[base]["hvps"] for r in rows), sum(r[base].get("ms") or 0 for r in rows)
     out = []
-    for n in names:
-        hv, ms = [r[n]["hvps"] for r in rows], [r[n].get("ms") for r in rows]
-        bh, bms = sum(r[base]["hvps"] for r in rows), sum(r[base].get("ms") or 0 for r in rows)
-        worst = max(r[n].get("error") or 0.0 for r in rows)
-        total_ms = sum(x or 0.0 for x in ms)
-        out.append(
-            {"strategy": n, "hvps": sum(hv), "seconds": total_ms / 1e3, "worst_error": worst}
-            | {"fewer_products": bh / max(sum(hv), 1), "less_time": bms / max(total_ms, 1e-9)}
-            | {"hvps_last10": H.median(hv[-10:])}
-        )
+    for n in strategies(rows):
+        hv, total_ms = [r[n]["hvps"] for r in rows], sum(r[n].get("ms") or 0.0 for r in rows)
+        x = {"strategy": n, "hvps": sum(hv), "seconds": total_ms / 1e3}
+        x["worst_error"] = max(r[n].get("error") or 0.0 for r in rows)
+        x |= {"fewer_products": bh / max(sum(hv), 1), "less_time": bms / max(total_ms, 1e-9)}
+        out.append(x | {"hvps_last10": H.median(hv[-10:])})
     return out
+
+
+def strategies(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [n for n in rows[0] if isinstance(rows[0][n], dict)]
 
 
 def render(d: dict[str, Any]) -> list[str]:
@@ -198,9 +194,8 @@ def render(d: dict[str, Any]) -> list[str]:
         f"{s['steps']} hyper-steps, target relative error {s['target']:g}, CG cap {s['cap']}, "
         f"Nystrom rank {s['rank']}, RecycledCG rank {s.get('recycle')} + smallest "
         f"{s.get('smallest')} (harvest {s.get('harvest')}), outer Adam lr {s['outer_lr']}, "
-        f"{s['inner']} L-BFGS "
-        f"iterations per hyper-step, {s['rounds']} timed "
-        f"round(s) per hyper-step; load average at the start {d['machine']['load_average']}",
+        f"{s['inner']} L-BFGS iterations per hyper-step, {s['rounds']} timed round(s) per "
+        f"hyper-step; load average at the start {d['machine']['load_average']}",
         "fewer_products, less_time: the baseline's totals (TorchOpt's cold solve_cg if "
         "importable, else hg's cold CG) over the strategy's; products include sketches and "
         "warm-start residuals; worst_error: largest error of the timed real-product call",
@@ -210,17 +205,13 @@ def render(d: dict[str, Any]) -> list[str]:
     ]
     cols = "strategy|hvps:d|hvps_last10:.0f|seconds:.3f|fewer_products:.2f|less_time:.2f"
     cols += "|worst_error:.2e"
+    names = strategies(rows)
     per = [
-        {"step": r["step"], **{n: r[n]["hvps"] for n in r if isinstance(r[n], dict)}}
-        | {"damping": r["damping"]}
+        {"step": r["step"], "damping": r["damping"]} | {n: r[n]["hvps"] for n in names}
         for r in rows
     ]
-    per_cols = "step:d|" + "|".join(f"{n}:d" for n in per[0] if n not in ("step", "damping"))
-    ms = [
-        {"step": r["step"], **{n: r[n].get("ms") for n in r if isinstance(r[n], dict)}}
-        for r in rows
-    ]
-    ms_cols = "step:d|" + "|".join(f"{n}:.1f" for n in ms[0] if n != "step")
+    ms = [{"step": r["step"]} | {n: r[n].get("ms") for n in names} for r in rows]
+    per_cols, ms_cols = ("step:d|" + "|".join(f"{n}:{f}" for n in names) for f in ("d", ".1f"))
     return [
         H.bullets(notes + [f"problem: {d['problem']}"]),
         "## Totals over the hyper-steps\n\n" + H.dict_table(d["summary"], cols),
@@ -232,11 +223,9 @@ def render(d: dict[str, Any]) -> list[str]:
 
 def plot(d: dict[str, Any], out: Any) -> Any:
     """Products and milliseconds per hyper-step, one line per strategy."""
-    rows = d["rows"]
-    names = [n for n in rows[0] if isinstance(rows[0][n], dict)]
-    fig, axes = H.subplots(1, 2, 5.5, 3.8)
+    rows, (fig, axes) = d["rows"], H.subplots(1, 2, 5.5, 3.8)
     steps = [r["step"] for r in rows]
-    for n in names:
+    for n in strategies(rows):
         style = "k--" if n.startswith("TorchOpt") else "-"
         axes[0, 0].plot(steps, [r[n]["hvps"] for r in rows], style, label=n)
         axes[0, 1].plot(steps, [r[n].get("ms") or float("nan") for r in rows], style, label=n)
@@ -245,6 +234,13 @@ def plot(d: dict[str, Any], out: Any) -> Any:
     axes[0, 0].legend(fontsize=7)
     name = NAME + ("_100k" if d["settings"].get("size") == "100k" else "")
     return H.save_figure(fig, out / f"{name}.png")
+
+
+DEFAULTS = {"steps": (3, 30, 10), "hidden": (4, 16, 16), "rounds": (1, 3, 3)}  # quick, full, 100k
+DEFAULTS |= {"lbfgs": (50, 200, 300), "rank": (4, 40, 40), "recycle": (8, 200, 16)}
+DEFAULTS |= {"harvest": (32, 64, 8), "smallest": (2, 20, 4)}
+SETTINGS = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs", "size")
+SETTINGS += ("recycle", "smallest", "harvest")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,18 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if H.replot(args, name, title, render, plot):
         return 0
     H.start(args)
-    H.defaults(args, steps=(3, 10 if big else 30), hidden=(4, 16), rounds=(1, 3))
-    H.defaults(args, lbfgs=(50, 300 if big else 200))
-    H.defaults(args, rank=(4, 40), recycle=(8, 16 if big else 200), harvest=(32, 8 if big else 64))
-    H.defaults(args, smallest=(2, 4 if big else 20))
-    rep = H.Report(name, title, args)
-    rows = hyper_steps(args)
+    H.defaults(args, **{k: (q, big_v if big else full) for k, (q, full, big_v) in DEFAULTS.items()})
+    rep, rows = H.Report(name, title, args), hyper_steps(args)
     pb_text = f"tanh MLP 64-{args.hidden}-10 on digits, one log decay per parameter"
     if big:
         pb_text = "tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights), a decay each"
-    keys = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs", "size")
-    keys += ("recycle", "smallest", "harvest")
-    data = {"settings": {k: getattr(args, k) for k in keys}, "problem": pb_text, "rows": rows}
+    data = {"settings": {k: getattr(args, k) for k in SETTINGS}, "problem": pb_text, "rows": rows}
     rep.write(data | {"summary": summary(rows)}, render, plot)
     return 0
 

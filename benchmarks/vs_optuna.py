@@ -6,7 +6,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,18 @@ import hypergradient as hg
 F64, NAME = torch.float64, "vs_optuna"
 TITLE = "Against black-box search: Optuna (TPE, random) vs hypergradient descent"
 METHODS, TASKS = ("tpe", "random", "hypergradient"), ("logreg", "mlp", "mlp-layer")
-LAMBDAS = ("best_lambda_min", "best_lambda_median", "best_lambda_max")
-SPLIT = ("train_seconds", "sampler_seconds", "hyper_seconds", "dropped")
+STATS, SPLIT = ("min", "median", "max"), ("train_seconds", "sampler_seconds", "hyper_seconds")
 LABELS = {"tpe": "Optuna TPE", "random": "Optuna random", "hypergradient": "hypergradient"}
+COLORS = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
+TITLES = {
+    "logreg": "Task 1: per-feature L2 logistic regression, breast cancer (30 decays)",
+    "mlp": "Task 2: tanh MLP 64-32-10 on digits, one decay per parameter ({:,} decays)",
+    "mlp-layer": "Task 2b: tanh MLP 64-32-10 on digits, one decay per tensor (4 decays)",
+}
+# logistic regression / MLP: the box (lo, hi), the common start lam0, the outer lr; the CG
+SETTINGS = {True: (1e-5, 10.0, 1e-2, 0.05), False: (1e-6, 1.0, 1e-3, 0.1)}
+CG = {True: {"maxiter": 100, "tol": 1e-8}, False: {"maxiter": 50, "tol": 1e-4}}
+CG_TEXT = {True: "maxiter=100, tol=1e-8", False: "maxiter=50, tol=1e-4"}
 
 
 class Task:
@@ -32,45 +41,34 @@ class Task:
 
     def __init__(self, key: str, seed: int, lbfgs_iters: int):
         from sklearn.datasets import load_breast_cancer, load_digits
-        from sklearn.model_selection import train_test_split
+        from sklearn.model_selection import train_test_split as split
 
         self.key, self.iters, logreg = key, lbfgs_iters, key == "logreg"
         X, y = (load_breast_cancer if logreg else load_digits)(return_X_y=True)
         n_train, n_val = (100, 300) if logreg else (500, 400)
-        split = train_test_split(X, y, train_size=n_train, stratify=y, random_state=seed)
-        X_t, X_r, y_t, y_r = split
-        split = train_test_split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
-        X_v, X_s, y_v, y_s = split
-        mean, std = X_t.mean(0), X_t.std(0)
+        X_t, X_r, y_t, y_r = split(X, y, train_size=n_train, stratify=y, random_state=seed)
+        X_v, X_s, y_v, y_s = split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
+        mean, std, ydt = X_t.mean(0), X_t.std(0), F64 if logreg else torch.long
         std[std == 0] = 1.0
         sets = {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}
-        ydt = F64 if logreg else torch.long
         self.data = {
-            k: (torch.tensor((a - mean) / std), torch.tensor(b)) for k, (a, b) in sets.items()
+            k: (torch.tensor((a - mean) / std).to(F64), torch.tensor(b).to(ydt))
+            for k, (a, b) in sets.items()
         }
-        self.data = {k: (a.to(F64), b.to(ydt)) for k, (a, b) in self.data.items()}
-        g = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
         zeros = (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
-        self.init = zeros if logreg else H.mlp_init((64, 32, 10), g)
+        self.init = zeros if logreg else H.mlp_init((64, 32, 10), gen)
         self.shapes = [t.shape for t in self.init]
         n = 30 if logreg else 4 if key == "mlp-layer" else sum(t.numel() for t in self.init)
         self.n_hparams, self.names = n, [f"lam_{i:04d}" for i in range(n)]
-        box = (1e-5, 10.0, 1e-2, 0.05) if logreg else (1e-6, 1.0, 1e-3, 0.1)
-        self.lo, self.hi, self.lam0, self.outer_lr = box
-        cg = {"maxiter": 100, "tol": 1e-8} if logreg else {"maxiter": 50, "tol": 1e-4}
-        text = "maxiter=100, tol=1e-8" if logreg else "maxiter=50, tol=1e-4"
-        self.solver = lambda: hg.CG(**cg)
-        self.solver_text = f"hg.CG({text})"
+        self.lo, self.hi, self.lam0, self.outer_lr = SETTINGS[logreg]
+        self.solver, self.solver_text = lambda: hg.CG(**CG[logreg]), f"hg.CG({CG_TEXT[logreg]})"
         self.training_text = (
             "damped Newton to ||grad f|| <= 1e-10, warm-started from the previous evaluation"
             if logreg
             else f"torch.optim.LBFGS, {lbfgs_iters} iterations (strong Wolfe, history 20)"
         )
-        self.title = {
-            "logreg": "Task 1: per-feature L2 logistic regression, breast cancer (30 decays)",
-            "mlp": f"Task 2: tanh MLP 64-32-10 on digits, one decay per parameter ({n:,} decays)",
-            "mlp-layer": "Task 2b: tanh MLP 64-32-10 on digits, one decay per tensor (4 decays)",
-        }[key]
+        self.title = TITLES[key].format(n)
 
     def logits(self, params: tuple, split: str) -> Tensor:
         x = self.data[split][0]
@@ -97,6 +95,9 @@ class Task:
     def outer_loss(self, params: tuple, phi: Tensor) -> Tensor:
         return self.loss(params, "val")
 
+    def start(self) -> Tensor:
+        return torch.full((self.n_hparams,), math.log(self.lam0), dtype=F64)
+
     def train(self, phi: Tensor, state: dict[str, Any]) -> tuple:
         """The inner training: the same code for an Optuna trial and an outer step."""
         phi, like = phi.detach(), self.init
@@ -108,11 +109,12 @@ class Task:
         state["max_inner_grad_norm"] = max(state.get("max_inner_grad_norm", 0.0), gnorm)
         return params
 
-    def evaluate(self, params: tuple) -> dict[str, float]:
+    def evaluate(self, params: tuple, splits=("train", "val", "test")) -> dict[str, float]:
+        """The loss on each of ``splits`` and the test accuracy."""
         with torch.no_grad():
             z, y = self.logits(params, "test"), self.data["test"][1]
             hit = (z > 0).to(F64) == y if self.key == "logreg" else z.argmax(1) == y
-            out = {f"{s}_loss": float(self.loss(params, s)) for s in ("train", "val", "test")}
+            out = {f"{s}_loss": float(self.loss(params, s)) for s in splits}
             return out | {"test_acc": float(hit.to(F64).mean())}
 
 
@@ -145,18 +147,18 @@ class Run:
             self.wall, self.cpu, self.val = self.wall + [wall], self.cpu + [cpu], self.val + [val]
             self.phis.append(phi.detach().clone())
 
-    def first_below(self, target: float) -> int | None:
-        return next((i for i, v in enumerate(self.val) if v <= target), None)
+    def best(self) -> Tensor:
+        return self.phis[self.val.index(min(self.val))]
 
     def time_to(self, target: float) -> list[float] | None:
-        i = self.first_below(target)
+        i = next((i for i, v in enumerate(self.val) if v <= target), None)
         return None if i is None else [self.wall[i], self.cpu[i]]
 
     def json(self) -> dict[str, Any]:
         """Its best-so-far curve and best lambdas, not every phi."""
         best = [min(self.val[: i + 1]) for i in range(len(self.val))]
         out = {k: v for k, v in vars(self).items() if k != "phis"} | {"best_so_far": best}
-        return out | {"best_lambda": self.phis[self.val.index(min(self.val))].exp()}
+        return out | {"best_lambda": self.best().exp()}
 
 
 class Optuna:
@@ -197,7 +199,7 @@ class Hypergradient:
 
     def __init__(self, task: Task):
         self.task, self.state, self.run, self.diag = task, {}, Run("hypergradient"), []
-        self.phi = torch.full((task.n_hparams,), math.log(task.lam0), dtype=F64, requires_grad=True)
+        self.phi = task.start().requires_grad_(True)
         self.opt, self.stopped = torch.optim.Adam([self.phi], lr=task.outer_lr), False
 
     def step(self) -> tuple[float, Tensor, float, float]:
@@ -251,32 +253,40 @@ def race(methods: list[Any], budget: float, schedule: str) -> None:
         m.finish()
 
 
-def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, Any]:
-    H.log(f"{task.title}: budget {budget:.0f} s per method, {schedule}")
-    phi0 = torch.full((task.n_hparams,), math.log(task.lam0), dtype=F64)
-    start = task.evaluate(task.train(phi0, {}))
-    methods = [Optuna(task, "tpe", seed), Optuna(task, "random", seed), Hypergradient(task)]
+def contest(task: Task, methods: Callable[[], list], budget: float, schedule: str) -> dict:
+    """The common start scored, the race of ``methods()``, then every method's best lambdas
+    retrained from a fresh state and scored: the fields of a task's result."""
+    start = task.evaluate(task.train(task.start(), {}))
+    methods = methods()
     load0, real0 = os.getloadavg()[0], time.perf_counter()
     race(methods, budget, schedule)
-    real, runs = time.perf_counter() - real0, {m.run.method: m.run for m in methods}
-    for r in runs.values():  # retrain with the best hyperparameters from a fresh state
-        best = r.phis[r.val.index(min(r.val))]
+    out = {"real_seconds": time.perf_counter() - real0, "real0": real0, "load0": load0}
+    runs = {m.run.method: m.run for m in methods}
+    for r in runs.values():
+        best = r.best()
         r.final = task.evaluate(task.train(best, {}))
-        lam = best.exp()
-        r.extras |= {"best_lambda_min": float(lam.min()), "best_lambda_median": float(lam.median())}
-        r.extras["best_lambda_max"] = float(lam.max())
-    targets = {}
+        r.extras |= {f"best_lambda_{k}": float(getattr(best.exp(), k)()) for k in STATS}
+    return out | {"start": start, "runs": runs, "methods": methods}
+
+
+def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, Any]:
+    H.log(f"{task.title}: budget {budget:.0f} s per method, {schedule}")
+    make = lambda: [Optuna(task, "tpe", seed), Optuna(task, "random", seed), Hypergradient(task)]  # noqa: E731
+    c = contest(task, make, budget, schedule)
+    runs, targets = c["runs"], {}
     for owner in ("tpe", "random"):
-        target, i = min(runs[owner].val), runs["hypergradient"].first_below(min(runs[owner].val))
-        at = None if i is None else task.evaluate(task.train(runs["hypergradient"].phis[i], {}))
+        target, hyper = min(runs[owner].val), runs["hypergradient"]
+        i = next((i for i, v in enumerate(hyper.val) if v <= target), None)
+        at = None if i is None else task.evaluate(task.train(hyper.phis[i], {}))
         t = {"value": target, "reached": {k: runs[k].time_to(target) for k in METHODS}}
         t["is_start"] = runs[owner].val.index(target) == 0
         targets[owner] = t | {"hypergradient_at_target": at}
     res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams}
     res |= {"box": [task.lo, task.hi], "lam0": task.lam0, "outer_lr": task.outer_lr}
     res |= {"solver": task.solver_text, "training": task.training_text, "budget": budget}
-    res |= {"schedule": schedule, "real_seconds": real, "load": [load0, os.getloadavg()[0]]}
-    return res | {"start": start, "runs": runs, "targets": targets}
+    res |= {"schedule": schedule, "real_seconds": c["real_seconds"]}
+    res |= {"load": [c["load0"], os.getloadavg()[0]], "start": c["start"]}
+    return res | {"runs": {m: r.json() for m, r in runs.items()}, "targets": targets}
 
 
 def ratio(reach: dict, owner: str, i: int) -> str:
@@ -286,20 +296,32 @@ def ratio(reach: dict, owner: str, i: int) -> str:
     return f"{a[i] / max(b[i], 1e-9):.1f}x"
 
 
+def method_rows(res: dict, methods: Any, labels: dict, extra: Callable[[dict], dict]) -> list:
+    """The common start and each method's row: evaluations, best, when found, final scores."""
+    s, start = res["start"], f"start (lambda = {res['lam0']:g})"
+    rows = [{"method": start, "evaluations": 1, "best": s["val_loss"]} | s]
+    for m, r in ((m, res["runs"][m]) for m in methods):
+        x = {"method": labels[m], "evaluations": len(r["val"]), "best": min(r["val"])}
+        x["found_at_s"] = r["wall"][r["val"].index(x["best"])]
+        rows.append(x | r["final"] | extra(r))
+    return rows
+
+
+def lambdas(r: dict) -> dict[str, float]:
+    return {f"best_lambda_{k}": r["extras"][f"best_lambda_{k}"] for k in STATS}
+
+
+def evaluation_share(r: dict) -> dict[str, Any]:
+    """Seconds per evaluation, the sampler's share of the clock (Optuna), CPU over wall."""
+    n, wall = len(r["val"]) + r["dropped"] + r["failed"], r["clock_wall"]
+    share = r["sampler_seconds"] / wall if r["method"] != "hypergradient" else None
+    x = {"s_per_evaluation": wall / max(n, 1), "sampler_share": share}
+    return x | {"cpu/wall": r["clock_cpu"] / wall}
+
+
 def render_task(res: dict[str, Any]) -> str:
-    runs, rows, s = res["runs"], [], res["start"]
-    rows.append({"method": f"start (lambda = {res['lam0']:g})", "evaluations": 1})
-    rows[-1]["best"] = s["val_loss"]
-    rows[-1] |= {"test_loss": s["test_loss"], "test_acc": s["test_acc"]}
-    for m in METHODS:
-        r, n = runs[m], len(runs[m]["val"])
-        found = r["wall"][r["val"].index(min(r["val"]))]
-        x = {"method": LABELS[m], "evaluations": n, "best": min(r["val"]), "found_at_s": found}
-        x |= {"s_per_evaluation": r["clock_wall"] / max(n + r["dropped"] + r["failed"], 1)}
-        share = r["sampler_seconds"] / r["clock_wall"]
-        x["sampler_share"] = share if m != "hypergradient" else None
-        rows.append(x | r["final"] | {"cpu/wall": r["clock_cpu"] / r["clock_wall"]})
-    targets = []
+    runs, targets = res["runs"], []
+    rows = method_rows(res, METHODS, LABELS, evaluation_share)
     for owner, t in res["targets"].items():
         reach, fo, ht = t["reached"], runs[owner]["final"], t["hypergradient_at_target"]
         x = {"target": f"{LABELS[owner]}'s best", "value": t["value"]}
@@ -311,31 +333,30 @@ def render_task(res: dict[str, Any]) -> str:
         x |= {"Optuna's best (test loss / acc)": f"{fo['test_loss']:.4f} / {fo['test_acc']:.3f}"}
         at = f"{ht['test_loss']:.4f} / {ht['test_acc']:.3f}" if ht else "-"
         targets.append(x | {"hypergradient at the target": at})
-    e = runs["hypergradient"]["extras"]
+    split = [
+        f"{LABELS[m]} {H.facts({k: runs[m][k] for k in (*SPLIT, 'dropped')})}" for m in METHODS
+    ]
+    best = [
+        f"{LABELS[m]} {H.facts(lambdas(runs[m]))}, "
+        f"{runs[m]['final']['val_loss']:.6f} ({min(runs[m]['val']):.6f})"
+        for m in METHODS
+    ]
     notes = [
         f"budget {res['budget']:.0f} s per method; lambda in {res['box']}; "
         f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda, "
         f"hg.implicit with {res['solver']}, x0 = previous solution",
         f"schedule {res['schedule']}; {res['real_seconds']:.0f} s of real time; 1-min load "
         f"average {res['load'][0]:.1f} before, {res['load'][1]:.1f} after",
-        f"hypergradient: {H.facts(e)}",
-        "time split: "
-        + "; ".join(f"{LABELS[m]} " + H.facts({k: runs[m][k] for k in SPLIT}) for m in METHODS),
-        "best lambdas (min / median / max), refit val loss (recorded): "
-        + "; ".join(
-            f"{LABELS[m]} {H.facts({k: runs[m]['extras'][k] for k in LAMBDAS})}, "
-            f"{runs[m]['final']['val_loss']:.6f} ({min(runs[m]['val']):.6f})"
-            for m in METHODS
-        ),
+        f"hypergradient: {H.facts(runs['hypergradient']['extras'])}",
+        "time split: " + "; ".join(split),
+        "best lambdas (min / median / max), refit val loss (recorded): " + "; ".join(best),
     ]
     cols = "method|evaluations:d|s_per_evaluation:.3f|sampler_share:.0%|best:.4f|found_at_s:.2f"
     cols += "|test_loss:.4f|test_acc:.3f|cpu/wall:.2f"
     tcols = "target|value:.4f|Optuna TPE|Optuna random|hypergradient|ratio (wall)|ratio (CPU)"
     tcols += "|Optuna's best (test loss / acc)|hypergradient at the target"
-    return (
-        f"## {res['title']}\n\n{H.bullets(notes)}\n\n{H.dict_table(rows, cols)}\n\n"
-        + H.dict_table(targets, tcols)
-    )
+    tables = f"{H.dict_table(rows, cols)}\n\n{H.dict_table(targets, tcols)}"
+    return f"## {res['title']}\n\n{H.bullets(notes)}\n\n{tables}"
 
 
 def render(d: dict[str, Any]) -> list[str]:
@@ -357,27 +378,30 @@ def render(d: dict[str, Any]) -> list[str]:
     return [*map(render_task, d["tasks"]), summary + H.dict_table(rows, cols)]
 
 
-def plot(data: dict[str, Any], out: Path) -> Path:
+def race_axes(ax: Any, res: dict, colors: dict, label: Callable[[str, dict], str]) -> None:
+    """Best validation loss so far against each method's wall clock (a step per evaluation)."""
+    for m, r in ((m, res["runs"][m]) for m in colors):
+        x, y = [*r["wall"], res["budget"]], [*r["best_so_far"], min(r["val"])]
+        ax.step(x, y, where="post", color=colors[m], label=label(m, r))
+    left = min(min(res["runs"][m]["wall"]) for m in colors) * 0.8
+    ax.set(xscale="log", xlim=(left, res["budget"]), xlabel="wall time (s)")
+    ax.set(ylabel="best validation loss so far")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot(data: dict[str, Any], out: Path) -> Path | None:
     """Best validation loss so far against each method's wall clock, per task."""
     if not data["tasks"]:
         return None
-    colors = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
-    tasks = data["tasks"]
-    fig, axes = H.pyplot().subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
-    for ax, res in zip(axes[0], tasks):
-        for m in METHODS:
-            r, best = res["runs"][m], min(res["runs"][m]["val"])
-            label = f"{LABELS[m]} ({len(r['val'])})"
-            xy = [*r["wall"], res["budget"]], [*r["best_so_far"], best]
-            ax.step(*xy, where="post", color=colors[m], label=label)
-            ax.plot([r["wall"][r["val"].index(best)]], [best], "o", ms=4, color=colors[m])
+    fig, axes = H.subplots(1, len(data["tasks"]), 5.2, 4.2)
+    for ax, res in zip(axes[0], data["tasks"]):
+        race_axes(ax, res, COLORS, lambda m, r: f"{LABELS[m]} ({len(r['val'])})")
+        for m, r in res["runs"].items():
+            best = min(r["val"])
+            ax.plot([r["wall"][r["val"].index(best)]], [best], "o", ms=4, color=COLORS[m])
         for owner in ("tpe", "random"):
-            ax.axhline(res["targets"][owner]["value"], color=colors[owner], ls=":", lw=0.8)
-        left = min(min(res["runs"][m]["wall"]) for m in METHODS) * 0.8
-        title = f"{res['key']}: {res['n_hparams']:,} hyperparameters"
-        ax.set(xscale="log", xlim=(left, res["budget"]), xlabel="wall time (s)", title=title)
-        ax.set(ylabel="best validation loss so far")
-        ax.grid(True, which="both", alpha=0.3)
+            ax.axhline(res["targets"][owner]["value"], color=COLORS[owner], ls=":", lw=0.8)
+        ax.set(title=f"{res['key']}: {res['n_hparams']:,} hyperparameters")
         ax.legend(fontsize=8, title="method (evaluations)", title_fontsize=8)
     title = "Best validation loss so far against wall time, same budget per method"
     fig.suptitle(title, fontsize=10)
@@ -390,10 +414,9 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     budgets = {"logreg": args.budget_logreg, "mlp": args.budget_mlp}
     results = []
     for k in args.tasks * (optuna is not None):
-        budget = budgets["logreg" if k == "logreg" else "mlp"]
         task = Task(k, args.seed, args.lbfgs_iters)
+        budget = budgets["logreg" if k == "logreg" else "mlp"]
         results.append(run_task(task, budget, args.seed, args.schedule))
-        results[-1]["runs"] = {m: r.json() for m, r in results[-1]["runs"].items()}
     return {"budgets": budgets, "tasks": results}
 
 
@@ -404,11 +427,7 @@ OPTIONS = [
     H.option("--schedule", choices=("interleaved", "sequential"), default="interleaved"),
     H.option("--lbfgs-iters", type=int, default=200, help="inner L-BFGS iterations (MLP)"),
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
     main()
