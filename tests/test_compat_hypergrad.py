@@ -165,3 +165,27 @@ def test_matches_the_seed_library_where_the_seed_is_right():
     theirs = seed.conjugate_gradient(inner_obj, outer_obj, IN_PARAMS, OUT_PARAMS, 7, 1.0)[0]
     ours = conjugate_gradient(inner_obj, outer_obj, IN_PARAMS, OUT_PARAMS, 7, 1.0)[0]
     assert _rel(ours, EXACT) < 1e-10 and _rel(theirs, EXACT) > 1e-3
+
+
+@pytest.mark.parametrize("seed", [3, 4, 17])
+def test_nystrom_samples_the_columns_hypergrad_samples(seed):
+    """hypergrad's nystrom draws ``torch.randperm(n)[:rank]`` from torch's global generator
+    and applies the Woodbury form of ``(H_nys + rho I)^{-1}`` with those Hessian rows: after
+    the same ``torch.manual_seed`` the compat call uses the same columns (its hypergradient
+    equals that formula, written here on the dense Hessian), and the global stream moves on
+    by the same draw."""
+    rank, rho, n = 4, 0.1, A.shape[0]
+    torch.manual_seed(seed)
+    idx = torch.randperm(n)[:rank]
+    after = torch.rand(3)
+    C = A[idx]  # the sampled rows of H (= columns, H symmetric)
+    x = GRAD_W / rho - C.T @ torch.linalg.solve(C[:, idx] + C @ C.T / rho, C @ GRAD_W) / rho**2
+    reference = -x[:6] * W
+    torch.manual_seed(seed)
+    (ours,) = nystrom(inner_obj, outer_obj, IN_PARAMS, OUT_PARAMS, rank, rho)
+    assert _rel(ours, reference) < 1e-8
+    assert torch.equal(torch.rand(3), after)
+    # another seed draws other columns: the comparison above can fail
+    torch.manual_seed(seed + 1000)
+    (other,) = nystrom(inner_obj, outer_obj, IN_PARAMS, OUT_PARAMS, rank, rho)
+    assert _rel(other, reference) > 1e-6

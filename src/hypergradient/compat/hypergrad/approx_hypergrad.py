@@ -14,9 +14,11 @@ with the matching solver). Differences, all deliberate:
 - ``neumann`` is the same series as hypergrad's, ``lr * sum_{j=0}^{k} (I - lr H)^j b`` with
   ``k = num_iters`` products (``hg.Neumann``), each one backward pass through a retained
   graph instead of a fresh forward-over-reverse pass.
-- ``nystrom`` samples ``rank`` Hessian columns with ``torch.randperm`` on torch's global
-  generator as hypergrad does, and solves ``(H_nys + rho I) x = b`` in a numerically
-  stable eigen form instead of the subtractive Woodbury formula (``hg.Nystrom``).
+- ``nystrom`` samples ``rank`` Hessian columns with ``torch.randperm`` from torch's global
+  generator's stream as hypergrad does (the same columns after the same seed, and the
+  global stream moves on by the same draw), and solves ``(H_nys + rho I) x = b`` in a
+  numerically stable eigen form instead of the subtractive Woodbury formula
+  (``hg.Nystrom``).
 - Arguments are validated (``num_iters``, ``rank`` >= 1; ``lr``, ``rho`` > 0).
 """
 
@@ -25,6 +27,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from ... import CG, HessianOperator, Neumann, Nystrom, Solver, implicit
 from ..._tree import accumulator_dtype, cat
@@ -105,7 +109,25 @@ def nystrom(
     """
     rank = as_int(rank, "rank", min=1)
     rho = as_float(rho, "rho", min=0.0, open_min=True)
-    return _run(inner_obj, outer_obj, in_params, out_params, Nystrom(rank, rho))
+    device = in_params[0].device if len(in_params) else torch.device("cpu")
+    columns = _global_stream(device)
+    torch.randperm(sum(p.numel() for p in in_params), device=device)  # moves on as hypergrad's
+    return _run(inner_obj, outer_obj, in_params, out_params, Nystrom(rank, rho, generator=columns))
+
+
+def _global_stream(device: torch.device) -> torch.Generator:
+    """A generator in the state of torch's global one for ``device``: the columns the solver
+    samples with it (one ``torch.randperm``) are those hypergrad's
+    ``torch.randperm(n, device=device)`` draws after the same ``torch.manual_seed``."""
+    if device.type == "cuda":
+        state = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state = torch.mps.get_rng_state()
+    else:
+        state = torch.get_rng_state()
+    g = torch.Generator(device=device)
+    g.set_state(state)
+    return g
 
 
 def implicit_grad(f: Callable[..., tuple[Params, Params]]) -> Callable[..., Params]:
