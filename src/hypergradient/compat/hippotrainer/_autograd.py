@@ -56,6 +56,9 @@ def implicit_by_reference(
     The losses ignore their ``hparams`` argument and read the tensors of ``hparams`` by
     reference (they must require grad): ``hg.implicit(..., hparams_by_reference=True)``.
 
+    Only the solver's products are spent: the residual of a fixed-budget solve (T1T2's
+    ``Identity``, ``Neumann``), which would cost one more, is not computed.
+
     Returns:
         ``(hypergradients, info)``: a list aligned with ``hparams`` and ``hg.implicit``'s
         info (``info.solution`` is the warm start of the next solve).
@@ -70,6 +73,7 @@ def implicit_by_reference(
         return_info=True,
         hparams_by_reference=True,
         stationarity=None,  # HippoTrainer differentiates mid-training by design
+        residual=False,  # nothing reads info.residual_norm here: no diagnostic product
     )
     return list(hyper), info
 

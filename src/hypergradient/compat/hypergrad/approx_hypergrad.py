@@ -44,9 +44,18 @@ def _run(
 ) -> Params:
     as_callable(inner_obj, "inner_obj", "(in_params, out_params) -> scalar tensor")
     as_callable(outer_obj, "outer_obj", "(in_params, out_params) -> scalar tensor")
-    return tuple(  # hypergrad differentiates mid-training by design: no stationarity warning
-        implicit(inner_obj, outer_obj, tuple(in_params), tuple(out_params), s, stationarity=None)
+    # hypergrad differentiates mid-training by design: no stationarity warning; its calls
+    # return the hypergradient alone, so no product is spent on a residual
+    hyper = implicit(
+        inner_obj,
+        outer_obj,
+        tuple(in_params),
+        tuple(out_params),
+        s,
+        stationarity=None,
+        residual=False,
     )
+    return tuple(hyper)
 
 
 def conjugate_gradient(
