@@ -168,7 +168,8 @@ def distributed(d: dict) -> dict[str, str]:
     picks += [("unrolled", 112, 2048, "float32"), ("hyperopt", 112, 2048, "float32")]
     names = {"implicit": "`hg.implicit`, CG 20", "unrolled": "`hg.unrolled`, 10 SGD steps"}
     names["hyperopt"] = "`HyperOptimizer` + DDP, IFT/Neumann"
-    by = {(r["kind"], r["hidden"], r["batch"], r["dtype"]): r for r in d["results"]}
+    runs = [r for r in d["results"] if "hidden" in r]  # not the all-reduce latency row
+    by = {(r["kind"], r["hidden"], r["batch"], r["dtype"]): r for r in runs}
     out, last = [], None
     for key in picks:
         r = by[key]

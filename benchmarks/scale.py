@@ -234,7 +234,8 @@ def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tu
         if capped and not (r.ok and t <= cap):
             why = r.error or f"{t:.0f} s > cap {cap:.0f} s"
             stopped = f"forward mode stopped at m = {m:,} ({why})"
-        points.append((m, t))
+        elif capped:  # the line is drawn through forward mode's own times
+            points.append((m, t))
     return rows, stopped
 
 

@@ -219,7 +219,7 @@ def test_committed_results_render(name: str) -> None:
     """The committed Markdown is what the renderer makes of the committed JSON."""
     module, data = _module(name), json.loads((RESULTS / f"{name}.json").read_text())
     text = "\n\n".join(module.render(data))
-    assert "|---" in text and "None" not in text.replace("NoneType", "")
+    assert "|---" in text and "None" not in text.replace("NoneType", "").replace("=None", "")
     assert text in (RESULTS / f"{name}.md").read_text()
 
 
@@ -248,3 +248,22 @@ def test_compiled_product_graph_agrees_with_the_retained_graph() -> None:
         gain = rows["retained graph (eager)"]["ms"] - r["ms"]
         expected = 1e3 * r["compile_s"] / gain if gain > 0 else None
         assert r["break_even"] == expected
+
+
+def test_scale_forward_mode_cap_extrapolates_from_its_own_times() -> None:
+    """scale.py's hparams sweep stops forward mode once the line through its last two times
+    predicts more than the cap; the other methods' times (all at m = 1 before forward mode
+    starts) do not enter the line (they made it divide by m2 - m1 = 0)."""
+    scale = _module("scale")
+    times = {("CG", 1): 0.1, ("CG", 10): 0.1, ("forward", 1): 1.0, ("forward", 10): 10.0}
+    cfgs = [scale.Config("hparams", meth, 8, m) for m in (1, 10, 100) for meth in ("CG", "forward")]
+    ran = []
+
+    def run(cfg):
+        ran.append((cfg.method, cfg.hparams))
+        return scale.Result(cfg, wall=[times.get((cfg.method, cfg.hparams), 0.1)])
+
+    rows, stopped = scale.sweep(run, cfgs, cap=50.0)
+    assert ("forward", 100) not in ran and ("CG", 100) in ran  # 10 + 1 * 90 = 100 s > 50 s
+    assert stopped.startswith("forward mode stopped at m = 100: predicted 100 s")
+    assert [r.ok for r in rows] == [True] * 5 + [False]
