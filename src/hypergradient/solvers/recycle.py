@@ -15,6 +15,13 @@ kept alongside ``U`` (no products): harmonic Ritz vectors 639 (rr 633 in that re
 refined Ritz vectors 615 (one eigenproblem of order ``k + m`` per bottom pair, ~20x the
 Rayleigh-Ritz cost), neither kept; a Rayleigh-Ritz step every other solve 776-781; an
 extrapolated warm start ``x_t + c (x_t - x_{t-1})`` 647 (c = 0.5) and 826 (c = 1).
+The stale bottom ``Theta`` are biased low (the smallest of noisy values are picked each
+step); correcting them from the harvest's Petrov-Galerkin estimates (672-1,012), or
+estimating the whole ``U^T A U`` from it (709-1,397), is worse. With exact values put in
+(k or 20 products a step, not spent): the diagonal of ``U^T A U`` 681, its bottom block 633,
+its bottom rows and columns 613, all of it 545: the gain is in the current off-diagonal
+coupling. Mapping the bottom group to 2 or 4 sigma gave 702 / 938, the top to 0.5 or 2
+sigma 829 / 670; a scaled warm start ``(x_0^T b / x_0^T A x_0) x_0`` 639.
 
 Time. At ``n = 1e5`` (float32, ``k = 20``, ``m = 16``) a solve's work beyond its products
 is 20-25 ms on one core (Rayleigh-Ritz ~13, the preconditioner ~0.5 a call, the recorder's
