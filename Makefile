@@ -44,6 +44,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/vs_optuna.py
 	$(PY) benchmarks/vs_torchopt.py
+	$(PY) benchmarks/unrolled_speed.py
+	$(PY) benchmarks/hyperstep_cost.py
+	$(PY) benchmarks/reuse.py
+	$(PY) benchmarks/reuse.py --size 100k
+	$(PY) benchmarks/product_modes.py
+	$(PY) benchmarks/holdout_guard.py
+	$(PY) benchmarks/hybrid_optuna.py --seeds 0 1 2
 	$(PY) benchmarks/make_results_md.py
 
 # The documentation site (mkdocs-material + mkdocstrings): the docs extra goes into .venv once.
