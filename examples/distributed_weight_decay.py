@@ -92,7 +92,7 @@ def main() -> None:
         train_loss=train_loss,
         val_loss=val_loss,
         val_data=val_shard,
-        method=hg.IFT(hg.Neumann(iters=20, alpha="auto")),
+        method=hg.IFT(hg.Neumann(maxiter=20, alpha="auto")),
         inner_steps=10,
         process_group=group,
     )

@@ -190,7 +190,7 @@ def tune_per_weight(
         train_loss=train_loss,
         val_loss=val_loss,
         val_data=splits["val"],  # the whole validation set at every hyper-step
-        method=hg.IFT(hg.Neumann(iters=args.neumann_iters, alpha=alpha)),
+        method=hg.IFT(hg.Neumann(maxiter=args.neumann_iters, alpha=alpha)),
         inner_steps=args.inner_steps,
         seed=args.seed,
     )

@@ -2,8 +2,8 @@
 the examples' own sanity checks and quoted in the README).
 
 Quick mode must also be honest and readable: the script says its figures are a smoke run
-(not the documented results), prints no ``nan`` in place of a number, and saves its plots
-at a readable resolution.
+(not the documented results), prints no ``nan`` in place of a number, uses no deprecated
+name of the API, and saves its plots at a readable resolution.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def test_example_runs_quick(script, tmp_path):
     assert done.stdout.strip(), "the example printed nothing"
     assert "quick mode" in done.stdout.lower(), "quick mode must say it is a smoke run"
     assert not re.search(r"\bnan\b", done.stdout, re.IGNORECASE), done.stdout[-2000:]
+    # an example calls the current API: a deprecated alias it uses warns from its own lines
+    assert "DeprecationWarning" not in done.stderr, done.stderr[-2000:]
     if "--out" in script.read_text():
         from PIL import Image  # matplotlib's own dependency
 
