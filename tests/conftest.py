@@ -52,6 +52,28 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture
+def products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``products[0]``: the Hessian-vector products every operator takes while the test
+    runs (``matvec`` one each, ``matmat`` one per row)."""
+    from hypergradient.operators.base import LinearOperator
+
+    count = [0]
+    matvec, matmat = LinearOperator.matvec, LinearOperator.matmat
+
+    def counted(self: Any, v: torch.Tensor) -> torch.Tensor:
+        count[0] += 1
+        return matvec(self, v)
+
+    def counted_mat(self: Any, V: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        count[0] += V.shape[0]
+        return matmat(self, V, chunk_size)
+
+    monkeypatch.setattr(LinearOperator, "matvec", counted)
+    monkeypatch.setattr(LinearOperator, "matmat", counted_mat)
+    return count
+
+
 def to_device(device: torch.device | str, tree: Any) -> Any:
     """Move a tree of tensors (tensor, tuple, list, dict) or a module to ``device``.
 

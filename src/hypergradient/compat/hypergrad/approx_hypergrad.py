@@ -34,6 +34,7 @@ from ... import CG, HessianOperator, Neumann, Nystrom, Solver, implicit
 from ..._tree import accumulator_dtype, cat
 from ..._tree import flatten as flatten_tree
 from ..._vocab import as_callable, as_float, as_int
+from ...methods.replay import rng_state
 from .utils import Objective, Params
 
 __all__ = ["conjugate_gradient", "implicit_grad", "neumann", "nystrom"]
@@ -128,14 +129,9 @@ def _global_stream(device: torch.device) -> torch.Generator:
     """A generator in the state of torch's global one for ``device``: the columns the solver
     samples with it (one ``torch.randperm``) are those hypergrad's
     ``torch.randperm(n, device=device)`` draws after the same ``torch.manual_seed``."""
-    if device.type == "cuda":
-        state = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state = torch.mps.get_rng_state()
-    else:
-        state = torch.get_rng_state()
+    cpu, accelerator = rng_state(device)
     g = torch.Generator(device=device)
-    g.set_state(state)
+    g.set_state(cpu if accelerator is None else accelerator)
     return g
 
 
