@@ -116,6 +116,22 @@ def test_cg_reads_exactly_where_rows_could_underflow(monkeypatch):
     assert fast.stats == slow.stats
 
 
+def test_cg_by_rows_allocates_no_norm_buffer(monkeypatch):
+    """The float32-rows path reads the norms in place: the ``(4, n)`` buffer of the stacked
+    read (16 bytes per unknown) is allocated only on the path that uses it."""
+    runs = []
+    init = cg_module._Run.__init__
+    monkeypatch.setattr(
+        cg_module._Run, "__init__", lambda s, *a, **k: init(s, *a, **k) or runs.append(s)
+    )
+    op, b = system(40_000)
+    hg.CG(maxiter=5, tol=0.0).solve(op, b)
+    assert runs[-1].by_rows and runs[-1].rows is None
+    monkeypatch.setattr(cg_module, "in_rows", lambda t, wide: False)
+    hg.CG(maxiter=5, tol=0.0).solve(op, b)
+    assert runs[-1].rows is not None and runs[-1].rows.shape == (4, 40_000)
+
+
 @pytest.mark.parametrize("tol", [None, 0.05])
 def test_neumann_by_rows_sums_the_same_series_as_the_float64_reads(monkeypatch, tol):
     """Neumann on the float32 system of 40,000 unknowns: the same partial sum bit for bit, the

@@ -69,7 +69,7 @@ class _Run:
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
         self.wide = _tree.wide_dtype(b.device)
-        self.rows = torch.empty((4, b.numel()), dtype=b.dtype, device=b.device)
+        self.rows: Tensor | None = None  # the (4, n) buffer, allocated at first use
         self.by_rows = b.device.type == "cpu" and in_rows(self.b, self.wide)
         # on the CPU reading p^T A p on its own costs nothing: a step whose curvature is not
         # positive stops before its update; on an accelerator a step reads p^T A p and the 4
@@ -121,6 +121,8 @@ class _Run:
         Norms accumulate in float64 (float32 on MPS); the rare ones that over- or
         underflow there are recomputed by :func:`safe_norm`.
         """
+        if self.rows is None:  # not on the float32-rows path (which reads them in place)
+            self.rows = torch.empty((4, self.b.numel()), dtype=self.b.dtype, device=self.b.device)
         torch.stack(vectors, out=self.rows)
         if pAp is None:
             values = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide).tolist()
