@@ -91,7 +91,9 @@ class HyperOptimizer(HoldoutViews):
             :class:`~hypergradient.constraints.Unconstrained` floating-point leaf), or a
             :class:`~.hparams.HyperParameters`.
         inner_optimizer: the ``torch.optim`` optimizer training the model (SGD or Adam for
-            trajectory methods, which replay it differentiably).
+            trajectory methods, which replay it differentiably). Its ``weight_decay``
+            (an L2 term for SGD, Adam, RMSprop, ...; not AdamW's decoupled decay) is part
+            of the inner objective implicit methods differentiate.
         outer_optimizer: a ``torch.optim`` optimizer over ``hopt.raw_hparams()`` or a
             factory ``params -> optimizer``.
         train_loss, val_loss: ``loss(model_or_params, hparams, batch) -> scalar``.
