@@ -6,12 +6,13 @@ it): the model's signature (names, shapes, dtypes of the trained parameters), th
 type and state, both optimizers' types and states, the raw hyperparameters, counters, the
 samplers' states, the current window (batches as tensors plus a plain description), the
 bounded history, the holdout guard's state (sampler, best score and values, patience
-counter, stop flag), and torch's random-number state (CPU and the model's accelerator) at
-the time of the call. Loading restores that random-number state too, so a run resumed from a
-checkpoint draws the same dropout masks and random augmentations as the uninterrupted run
-without the caller saving the generator separately. Loading checks every entry against
-this hyper-optimizer first and assigns only when all of them fit, so a failing load changes
-nothing.
+counter, stop flag), the divergence watch's last parameter norms and training losses (a
+resumed run takes the same skip decisions), and torch's random-number state (CPU and the
+model's accelerator) at the time of the call. Loading restores that random-number state
+too, so a run resumed from a checkpoint draws the same dropout masks and random
+augmentations as the uninterrupted run without the caller saving the generator separately.
+Loading checks every entry against this hyper-optimizer first and assigns only when all of
+them fit, so a failing load changes nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
+
 from .._vocab import ArgumentTypeError, as_int
 from ..optim.functional import from_torch
-from . import optimizers
+from . import divergence, optimizers
 from .window import TrajectoryWindow, capture_rng, parse_rng_state, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,7 +67,23 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
         "history": hopt.history.state_dict(),
         "rng": list(capture_rng(hopt.view.device)),
         "holdout": None if hopt.guard is None else hopt.guard.state_dict(),
+        "watch": {
+            "norms": [t.clone() for t in loop.norms],
+            "losses": [t.clone() for t in loop.losses],
+        },
     }
+
+
+def _watch(value: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The divergence watch's recorded norms and losses (empty in older checkpoints)."""
+    if value is None:
+        return (), ()
+    parts = [value.get(k) if isinstance(value, Mapping) else None for k in ("norms", "losses")]
+    for part in parts:
+        ok = isinstance(part, (list, tuple)) and len(part) <= divergence.KEEP
+        if not ok or not all(isinstance(t, Tensor) and t.dim() == 0 for t in part):
+            raise ValueError("The checkpoint's divergence `watch` entry is malformed.")
+    return tuple(parts[0]), tuple(parts[1])
 
 
 def _entries(state: Any, method: str) -> None:
@@ -95,6 +114,7 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
         ValueError: naming the first entry that does not fit ``hopt``.
     """
     _entries(state, type(hopt.method).__name__)
+    _watch(state.get("watch"))
     hopt.view.check_signature(state["model"])
     hopt.hyperparameters.check_state(state["hparams"])
     optimizers.check_state(hopt.inner_optimizer, state["inner_optimizer"], "inner_optimizer")
@@ -140,6 +160,10 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.count = int(state["counters"]["count"])
     loop.skipped = int(state["counters"]["skipped"])
     loop.window = window
+    norms, losses = _watch(state.get("watch"))
+    loop.norms = tuple(t.to(hopt.view.device) for t in norms)
+    loop.losses = tuple(t.to(hopt.view.device) for t in losses)
+    loop.loss_pending = None
     trajectory = hopt.method.needs_trajectory
     loop.rng_pending = None
     if state.get("rng") is not None:

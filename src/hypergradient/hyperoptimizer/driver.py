@@ -91,9 +91,7 @@ class HyperOptimizer(HoldoutViews):
             :class:`~hypergradient.constraints.Unconstrained` floating-point leaf), or a
             :class:`~.hparams.HyperParameters`.
         inner_optimizer: the ``torch.optim`` optimizer training the model (SGD or Adam for
-            trajectory methods, which replay it differentiably). Its ``weight_decay``
-            (an L2 term for SGD, Adam, RMSprop, ...; not AdamW's decoupled decay) is part
-            of the inner objective implicit methods differentiate.
+            trajectory methods, which replay it); implicit ones add its L2 ``weight_decay``.
         outer_optimizer: a ``torch.optim`` optimizer over ``hopt.raw_hparams()`` or a
             factory ``params -> optimizer``.
         train_loss, val_loss: ``loss(model_or_params, hparams, batch) -> scalar``.

@@ -1,0 +1,134 @@
+"""Driver state a client loop can reach and the other tests do not: a checkpoint taken in the
+last steps before a hyper-step (the divergence watch's recordings), and hyperparameters
+whose elements share memory (refused at construction, before a hyper-step fails to update
+them in place and its undo fails too).
+
+References: the uninterrupted run (bit-for-bit), and the state before the call.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hypergradient as hg
+
+DT = torch.float64
+N, D = 40, 5
+_g = torch.Generator().manual_seed(0)
+X = torch.randn(N, D, generator=_g, dtype=DT)
+TRAIN = (X, X @ torch.randn(D, generator=_g, dtype=DT))
+VAL = (torch.randn(N, D, generator=_g, dtype=DT), torch.randn(N, generator=_g, dtype=DT))
+DECAY = torch.full((D,), 0.1, dtype=DT)
+LAMBDA_MAX = float(torch.linalg.eigvalsh(X.T @ X / N + torch.diag(DECAY)).max())
+
+
+def train_loss(m, h, batch):
+    x, y = batch
+    return 0.5 * ((m(x).squeeze(1) - y) ** 2).mean() + 0.5 * (h["decay"] * m.weight[0] ** 2).sum()
+
+
+def val_loss(m, h, batch):
+    x, y = batch
+    return 0.5 * ((m(x).squeeze(1) - y) ** 2).mean()
+
+
+def build(lr, decay=None):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(D, 1, bias=False).double()
+    hopt = hg.HyperOptimizer(
+        m,
+        {"decay": hg.Positive(DECAY.clone()) if decay is None else decay},
+        inner_optimizer=torch.optim.SGD(m.parameters(), lr=lr),
+        outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.1),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_data=VAL,
+        method=hg.IFT(hg.CG(maxiter=D, tol=1e-12)),
+        inner_steps=8,
+        on_divergence="skip",
+    )
+    return m, hopt
+
+
+def run(hopt, steps):
+    for _ in range(steps):
+        hopt.zero_grad()
+        hopt.train_loss(TRAIN).backward()
+        hopt.step(TRAIN)
+
+
+@pytest.mark.parametrize("saved_at", [5, 6, 7])
+def test_a_resume_in_the_last_steps_of_a_window_takes_the_same_divergence_decision(saved_at):
+    """lr = 5 / lambda_max: the norm grows 4x per step, and the first hyper-step (step 8) is
+    skipped. A checkpoint at step 5, 6 or 7 (inside the watched last four steps) used to
+    drop the recorded norms: the resumed run saw fewer than four and applied it."""
+    lr = 5 / LAMBDA_MAX
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
+        m, hopt = build(lr)
+        run(hopt, saved_at)
+        state = torch.load(_roundtrip(hopt.state_dict()), weights_only=True)
+        weights = {k: v.clone() for k, v in m.state_dict().items()}
+        run(hopt, 8 - saved_at)
+        m2, resumed = build(lr)
+        m2.load_state_dict(weights)
+        resumed.load_state_dict(state)
+        run(resumed, 8 - saved_at)
+    assert (hopt.skipped, hopt.hyper_steps) == (1, 0)
+    assert (resumed.skipped, resumed.hyper_steps) == (1, 0)
+    assert torch.equal(resumed.raw_hparams()[0], hopt.raw_hparams()[0])
+    assert torch.equal(m2.weight, m.weight)
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_malformed_watch_entry_is_refused_and_changes_nothing():
+    m, hopt = build(0.1)
+    run(hopt, 3)
+    state = hopt.state_dict()
+    state["watch"] = {"norms": [torch.ones(2)], "losses": []}
+    raw = hopt.raw_hparams()[0].detach().clone()
+    count = hopt.loop.count
+    run(hopt, 1)
+    with pytest.raises(ValueError, match="watch"):
+        hopt.load_state_dict(state)
+    assert hopt.loop.count == count + 1 and torch.equal(hopt.raw_hparams()[0], raw)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.full((1,), 0.1, dtype=DT).expand(D),
+        lambda: torch.full((1,), 0.1, dtype=DT).as_strided((D,), (0,)),
+        lambda: hg.Unconstrained(torch.tensor(0.1, dtype=DT).expand(D)),
+    ],
+    ids=["expand", "as_strided", "unconstrained"],
+)
+def test_a_hyperparameter_whose_elements_share_memory_is_refused(make):
+    """Before: accepted; the first hyper-step's in-place outer update raised, and so did
+    the undo's copy into it, leaving the inner step and the counters advanced."""
+    with pytest.raises(ValueError, match=r"hparams\['decay'\] has elements sharing memory"):
+        build(0.1, decay=make())
+
+
+def test_a_hyperparameter_that_is_a_strided_view_without_overlap_is_tuned():
+    """A transposed or sliced (non-contiguous, non-overlapping) tensor is a valid leaf: the
+    outer SGD step on it is the plain one."""
+    base = torch.full((D, 2), 0.1, dtype=DT)
+    decay = base[:, 1]  # stride 2
+    assert not decay.is_contiguous()
+    m, hopt = build(0.1, decay=decay)
+    run(hopt, 8)
+    applied = hopt.history[-1].hypergrad["decay"]
+    assert torch.equal(decay, torch.full((D,), 0.1, dtype=DT).add(applied, alpha=-0.1))
+    assert torch.equal(base[:, 0], torch.full((D,), 0.1, dtype=DT))
