@@ -78,12 +78,15 @@ def _watch(value: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """The divergence watch's recorded norms and losses (empty in older checkpoints)."""
     if value is None:
         return (), ()
-    parts = [value.get(k) if isinstance(value, Mapping) else None for k in ("norms", "losses")]
-    for part in parts:
-        ok = isinstance(part, (list, tuple)) and len(part) <= divergence.KEEP
-        if not ok or not all(isinstance(t, Tensor) and t.dim() == 0 for t in part):
+    parts: list[tuple[Tensor, ...]] = []
+    for key in ("norms", "losses"):
+        part: Any = value.get(key) if isinstance(value, Mapping) else None
+        if not isinstance(part, (list, tuple)) or len(part) > divergence.KEEP:
+            part = [None]  # malformed
+        if not all(isinstance(t, Tensor) and t.dim() == 0 for t in part):
             raise ValueError("The checkpoint's divergence `watch` entry is malformed.")
-    return tuple(parts[0]), tuple(parts[1])
+        parts.append(tuple(part))
+    return parts[0], parts[1]
 
 
 def _entries(state: Any, method: str) -> None:

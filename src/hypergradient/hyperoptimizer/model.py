@@ -53,8 +53,10 @@ class ModelView:
         model: an ``nn.Module`` (losses receive the module, reparametrized during
             hyper-steps), a ``DistributedDataParallel`` wrapper of one (hyper-steps use the
             wrapped module; the user's loop keeps the wrapper), or a tree of tensors.
-        inner_optimizer: the ``torch.optim`` optimizer that trains it; its tensors are the
-            trained parameters, the module's other parameters are frozen.
+        inner_optimizer: the ``torch.optim`` optimizer that trains it; its tensors that
+            require grad are the trained parameters, the module's other parameters are
+            frozen (a parameter with ``requires_grad=False`` gets no gradient, so the
+            optimizer never moves it, even when it holds it).
 
     Raises:
         ValueError: the optimizer trains none of the model's parameters, or a leaf of a
@@ -69,28 +71,51 @@ class ModelView:
             model = model.module
         in_opt = {id(p) for p in trained_tensors(inner_optimizer)}
         self.module: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self.params: list[Tensor]
+        self.names: list[str]
+        self.frozen: list[str]
+        self.held: list[str]
         if self.module is not None:
-            named = dict(self.module.named_parameters())
-            self.names = [k for k, p in named.items() if id(p) in in_opt]
-            self.frozen = [k for k in named if k not in set(self.names)]
-            self.params: list[Tensor] = [named[k] for k in self.names]
-            self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
-            self._call = _LossCall(self.module)
-            self._cache_keys(self.module)
+            self._init_module(self.module, in_opt)
         else:
             self.params, self.spec = _tree.flatten(model, "model")
             _tree.check_leaves(self.params, self.spec, "model")
-            self.names, self.frozen = list(self.spec.paths), []
+            self.names, self.frozen, self.held = list(self.spec.paths), [], []
         if not self.params:
             raise ValueError(
-                "`inner_optimizer` optimizes none of the model's parameters; build it from "
-                "model.parameters()."
+                "`inner_optimizer` optimizes none of the model's parameters (that require "
+                "grad); build it from model.parameters()."
             )
         for name, p in zip(self.names, self.params):
             if id(p) not in in_opt:
                 raise ValueError(
                     f"{name} is not optimized by `inner_optimizer`; pass the tensors it trains."
                 )
+
+    def _init_module(self, module: nn.Module, in_opt: set[int]) -> None:
+        named = dict(module.named_parameters())
+        self.names = [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
+        self.frozen = [k for k in named if k not in set(self.names)]
+        # held by the optimizer but frozen by requires_grad=False: torch never steps them
+        self.held = [k for k in self.frozen if id(named[k]) in in_opt]
+        self.params = [named[k] for k in self.names]
+        self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
+        self._call = _LossCall(module)
+        self._cache_keys(module)
+
+    def check_trained(self) -> None:
+        """Raise ``ValueError`` if ``requires_grad`` of a module's parameter held by the
+        inner optimizer changed since construction (the trained set is fixed then)."""
+        if self.module is None:
+            return
+        changed = [k for k, p in zip(self.names, self.params) if not p.requires_grad]
+        changed += [k for k in self.held if self.module.get_parameter(k).requires_grad]
+        if changed:
+            raise ValueError(
+                f"requires_grad of {changed} changed since the HyperOptimizer was built; its "
+                "trained parameters are those requiring grad then. After freezing or "
+                "unfreezing, build a new HyperOptimizer (its hyperparameters can be reused)."
+            )
 
     def _cache_keys(self, module: nn.Module) -> None:
         """The keys of the wrapper's state, built once: a functional call's dict then costs
