@@ -96,7 +96,7 @@ def test_a_malformed_watch_entry_is_refused_and_changes_nothing():
     m, hopt = build(0.1)
     run(hopt, 3)
     state = hopt.state_dict()
-    state["watch"] = {"norms": [torch.ones(2)], "losses": []}
+    state["watch"] = {"norms": [torch.ones(2)]}
     raw = hopt.raw_hparams()[0].detach().clone()
     count = hopt.loop.count
     run(hopt, 1)

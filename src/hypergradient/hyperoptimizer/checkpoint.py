@@ -6,8 +6,8 @@ it): the model's signature (names, shapes, dtypes of the trained parameters), th
 type and state, both optimizers' types and states, the raw hyperparameters, counters, the
 samplers' states, the current window (batches as tensors plus a plain description), the
 bounded history, the holdout guard's state (sampler, best score and values, patience
-counter, stop flag), the divergence watch's last parameter norms and training losses (a
-resumed run takes the same skip decisions), and torch's random-number state (CPU and the
+counter, stop flag), the divergence watch's last parameter norms (a resumed run takes
+the same skip decisions by the norm rule), and torch's random-number state (CPU and the
 model's accelerator) at the time of the call. Loading restores that random-number state
 too, so a run resumed from a checkpoint draws the same dropout masks and random
 augmentations as the uninterrupted run without the caller saving the generator separately.
@@ -67,26 +67,22 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
         "history": hopt.history.state_dict(),
         "rng": list(capture_rng(hopt.view.device)),
         "holdout": None if hopt.guard is None else hopt.guard.state_dict(),
-        "watch": {
-            "norms": [t.clone() for t in loop.norms],
-            "losses": [t.clone() for t in loop.losses],
-        },
+        # the parameter norms only: the losses depend on whether the loop reports them
+        # (hopt.train_loss, end_step(loss=)), and a checkpoint is the run's state whichever
+        "watch": {"norms": [t.clone() for t in loop.norms]},
     }
 
 
-def _watch(value: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """The divergence watch's recorded norms and losses (empty in older checkpoints)."""
+def _watch(value: Any) -> tuple[Tensor, ...]:
+    """The divergence watch's recorded parameter norms (none in older checkpoints)."""
     if value is None:
-        return (), ()
-    parts: list[tuple[Tensor, ...]] = []
-    for key in ("norms", "losses"):
-        part: Any = value.get(key) if isinstance(value, Mapping) else None
-        if not isinstance(part, (list, tuple)) or len(part) > divergence.KEEP:
-            part = [None]  # malformed
-        if not all(isinstance(t, Tensor) and t.dim() == 0 for t in part):
-            raise ValueError("The checkpoint's divergence `watch` entry is malformed.")
-        parts.append(tuple(part))
-    return parts[0], parts[1]
+        return ()
+    norms: Any = value.get("norms") if isinstance(value, Mapping) else None
+    if not isinstance(norms, (list, tuple)) or len(norms) > divergence.KEEP:
+        norms = [None]  # malformed
+    if not all(isinstance(t, Tensor) and t.dim() == 0 for t in norms):
+        raise ValueError("The checkpoint's divergence `watch` entry is malformed.")
+    return tuple(norms)
 
 
 def _entries(state: Any, method: str) -> None:
@@ -163,9 +159,8 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.count = int(state["counters"]["count"])
     loop.skipped = int(state["counters"]["skipped"])
     loop.window = window
-    norms, losses = _watch(state.get("watch"))
-    loop.norms = tuple(t.to(hopt.view.device) for t in norms)
-    loop.losses = tuple(t.to(hopt.view.device) for t in losses)
+    loop.norms = tuple(t.to(hopt.view.device) for t in _watch(state.get("watch")))
+    loop.losses = ()
     loop.loss_pending = None
     trajectory = hopt.method.needs_trajectory
     loop.rng_pending = None
