@@ -107,3 +107,69 @@ def test_a_decoupled_decay_is_no_l2_term():
     model = torch.nn.Linear(D, 1).double()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.5)
     assert hg.hyperoptimizer.build.coupled_decays(inner, list(model.parameters())) is None
+
+
+def test_t1t2_stays_the_exact_one_step_hypergradient_with_weight_decay():
+    """The decay term has no mixed derivative: T1T2 is still the exact derivative of one
+    decayed SGD step (autograd through ``theta - lr (grad f + wd theta)``)."""
+    lr, wd = 0.2, 0.4
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, 1).double()
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    hopt = hg.HyperOptimizer(
+        model,
+        {"lam": hg.Positive(LAM.clone())},
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd),
+        outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=1e-12),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_data=(XV, YV),
+        method=hg.T1T2(),
+        inner_steps=1,
+    )
+    hopt.zero_grad()
+    hopt.train_loss((X, Y)).backward()
+    hopt.step((X, Y))
+    raw = LAM.log().requires_grad_(True)
+    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    f = 0.5 * ((X @ w.T + b).reshape(-1) - Y).pow(2).mean() + 0.5 * (raw.exp() * w[0] ** 2).sum()
+    gw, gb = torch.autograd.grad(f, (w, b), create_graph=True)
+    w1, b1 = w - lr * (gw + wd * w), b - lr * (gb + wd * b)
+    g = 0.5 * ((XV @ w1.T + b1).reshape(-1) - YV).pow(2).mean()
+    (exact,) = torch.autograd.grad(g, raw)
+    assert torch.allclose(hopt.history[-1].hypergrad["lam"], exact, rtol=1e-10, atol=1e-16)
+
+
+def test_a_tree_model_gets_the_decay_of_each_leafs_group():
+    """A dict of tensors as the model, groups in another order than the dict's."""
+    z, ref = reference(0.25, 0.6)
+    params = {"w": z[:D].clone().requires_grad_(True), "b": z[D:].clone().requires_grad_(True)}
+    inner = torch.optim.SGD(
+        [{"params": [params["b"]], "weight_decay": 0.6}, {"params": [params["w"]]}],
+        lr=1e-15,
+        weight_decay=0.25,
+    )
+
+    def tl(p, h, batch):
+        x, y = batch
+        return 0.5 * ((x @ p["w"] + p["b"] - y) ** 2).mean() + 0.5 * (h["lam"] * p["w"] ** 2).sum()
+
+    def vl(p, h, batch):
+        x, y = batch
+        return 0.5 * ((x @ p["w"] + p["b"] - y) ** 2).mean()
+
+    hopt = hg.HyperOptimizer(
+        params,
+        {"lam": hg.Positive(LAM.clone())},
+        inner_optimizer=inner,
+        outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=1e-12),
+        train_loss=tl,
+        val_loss=vl,
+        val_data=(XV, YV),
+        method=hg.IFT(hg.CG(maxiter=50, tol=1e-13)),
+        inner_steps=1,
+    )
+    inner.zero_grad()
+    tl(params, hopt.hparams, (X, Y)).backward()
+    hopt.step((X, Y))
+    assert torch.allclose(hopt.history[-1].hypergrad["lam"], ref, rtol=1e-9, atol=1e-14)
