@@ -46,6 +46,19 @@ def trained_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def _changes(before: Mapping[str, Tensor], named: Mapping[str, Tensor], now: list[str]) -> str:
+    """The message naming the trained parameters added, removed and replaced."""
+    added = [k for k in now if k not in before]
+    removed = [k for k in before if k not in set(now)]
+    replaced = [k for k in now if k in before and named[k] is not before[k]]
+    return (
+        f"The trained parameters changed since the HyperOptimizer was built (newly trained: "
+        f"{added}, no longer trained: {removed}, replaced: {replaced}), by requires_grad, "
+        "inner_optimizer.add_param_group or a new submodule. After such a change build a new "
+        "HyperOptimizer (the hyperparameters can be reused)."
+    )
+
+
 class ModelView:
     """A module (DDP-unwrapped) or a tree of tensors, seen as a tree of trained parameters.
 
@@ -74,13 +87,12 @@ class ModelView:
         self.params: list[Tensor]
         self.names: list[str]
         self.frozen: list[str]
-        self.held: list[str]
         if self.module is not None:
             self._init_module(self.module, in_opt)
         else:
             self.params, self.spec = _tree.flatten(model, "model")
             _tree.check_leaves(self.params, self.spec, "model")
-            self.names, self.frozen, self.held = list(self.spec.paths), [], []
+            self.names, self.frozen = list(self.spec.paths), []
         if not self.params:
             raise ValueError(
                 "`inner_optimizer` optimizes none of the model's parameters (that require "
@@ -96,26 +108,27 @@ class ModelView:
         named = dict(module.named_parameters())
         self.names = [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
         self.frozen = [k for k in named if k not in set(self.names)]
-        # held by the optimizer but frozen by requires_grad=False: torch never steps them
-        self.held = [k for k in self.frozen if id(named[k]) in in_opt]
         self.params = [named[k] for k in self.names]
         self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
         self._call = _LossCall(module)
         self._cache_keys(module)
 
-    def check_trained(self) -> None:
-        """Raise ``ValueError`` if ``requires_grad`` of a module's parameter held by the
-        inner optimizer changed since construction (the trained set is fixed then)."""
+    def check_trained(self, inner_optimizer: torch.optim.Optimizer) -> None:
+        """Raise ``ValueError`` if the module's parameters that ``inner_optimizer`` trains
+        changed since construction: ``requires_grad`` toggled, ``add_param_group``, a
+        replaced submodule. The trained set is fixed at construction (the rollback
+        snapshot, the window and the methods' parameter tree are built on it).
+
+        Cost: one walk of the module's parameters.
+        """
         if self.module is None:
             return
-        changed = [k for k, p in zip(self.names, self.params) if not p.requires_grad]
-        changed += [k for k in self.held if self.module.get_parameter(k).requires_grad]
-        if changed:
-            raise ValueError(
-                f"requires_grad of {changed} changed since the HyperOptimizer was built; its "
-                "trained parameters are those requiring grad then. After freezing or "
-                "unfreezing, build a new HyperOptimizer (its hyperparameters can be reused)."
-            )
+        named = dict(self.module.named_parameters())
+        in_opt = {id(p) for p in trained_tensors(inner_optimizer)}
+        now = [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
+        if now == self.names and all(named[k] is p for k, p in zip(self.names, self.params)):
+            return
+        raise ValueError(_changes(dict(zip(self.names, self.params)), named, now))
 
     def _cache_keys(self, module: nn.Module) -> None:
         """The keys of the wrapper's state, built once: a functional call's dict then costs

@@ -80,7 +80,7 @@ class Transaction:
     """
 
     def __init__(self, hopt: HyperOptimizer):
-        hopt.view.check_trained()  # before anything changes: the snapshot covers those
+        hopt.view.check_trained(hopt.inner_optimizer)  # the snapshot covers those
         self.hopt = hopt
         guard = hopt.guard
         holdout = None if guard is None else guard.sampler
