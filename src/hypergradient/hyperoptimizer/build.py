@@ -82,9 +82,18 @@ def check_method(method: Method | None, links: Mapping[str, str] | None) -> Meth
 
 
 def make_hyperparameters(
-    hparams: Any, view: ModelView, inner: torch.optim.Optimizer, links: Any
+    hparams: Any, view: ModelView, inner: torch.optim.Optimizer, links: Any, method: Method
 ) -> HyperParameters:
+    """The :class:`HyperParameters`: ``hparams`` itself if it is one (its links are the
+    optimizer-setting links: ``links`` must be None or the same), else built from the dict."""
     if isinstance(hparams, HyperParameters):
+        if links is not None and dict(links) != hparams.links:
+            raise ValueError(
+                f"optimizer_hparams={dict(links)!r} differs from the links of the given "
+                f"HyperParameters ({hparams.links!r}); pass them once, to "
+                "HyperParameters(links=...)."
+            )
+        check_method(method, hparams.links)
         return hparams
     forbidden = view.all_parameters()
     return HyperParameters(

@@ -189,7 +189,7 @@ class HyperOptimizer(HoldoutViews):
         self.inner_optimizer = inner_optimizer
         self.view = model if isinstance(model, ModelView) else ModelView(model, inner_optimizer)
         self.hyperparameters = make_hyperparameters(
-            hparams, self.view, inner_optimizer, optimizer_hparams
+            hparams, self.view, inner_optimizer, optimizer_hparams, self.method
         )
         self.outer_optimizer = optimizers.build_outer(outer_optimizer, self.raw_hparams())
         if self.method.needs_trajectory:
