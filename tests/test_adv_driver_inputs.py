@@ -64,3 +64,29 @@ def test_the_same_links_or_none_are_accepted_and_written():
         inner, build = make(hg.Unrolled(), **kw)
         build()
         assert inner.param_groups[0]["lr"] == float(torch.tensor(0.3).log().exp())
+
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda: hg.Positive(torch.tensor([1.0, F32_MAX])), "reached inf"),
+        (lambda: hg.Interval(0.5, 0.0, 1e308), "is not finite"),
+        (lambda: hg.Interval(torch.tensor([0.0]), -1e38, 3e38), "is not finite"),
+    ],
+    ids=["positive-float32-max", "interval-tiny-ratio", "interval-overflowing-width"],
+)
+def test_a_constraint_refuses_a_value_its_dtype_cannot_hold(make, what):
+    """Before: built with raw = inf or -inf and value inf or NaN; the error came later, from
+    the HyperOptimizer, as 'Initially, ... start inside its domain' (it was inside)."""
+    with pytest.raises(ValueError, match=f"cannot hold .* in torch.float32: .*{what}"):
+        make()
+
+
+def test_the_same_values_in_float64_are_held_exactly():
+    big = torch.tensor([1.0, F32_MAX], dtype=torch.float64)
+    assert torch.allclose(hg.Positive(big).value, big, rtol=1e-13, atol=0)
+    c = hg.Interval(torch.tensor([0.0, 1e30], dtype=torch.float64), -1e38, 3e38)
+    assert torch.allclose(c.value, torch.tensor([0.0, 1e30], dtype=torch.float64), atol=1e23)
