@@ -132,3 +132,58 @@ def test_a_hyperparameter_that_is_a_strided_view_without_overlap_is_tuned():
     applied = hopt.history[-1].hypergrad["decay"]
     assert torch.equal(decay, torch.full((D,), 0.1, dtype=DT).add(applied, alpha=-0.1))
     assert torch.equal(base[:, 0], torch.full((D,), 0.1, dtype=DT))
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_rolled_back_step_keeps_the_optimizers_group_dicts_a_loop_holds():
+    """A hand-written schedule holding ``group = inner.param_groups[0]``: after a failed
+    hyper-step (undone) it must still drive the optimizer. Before, the undo's
+    ``load_state_dict`` replaced the group dicts and the schedule silently stopped acting.
+    Reference: the same run in which the failed call never happened."""
+    fail = {"now": False}
+
+    def flaky_val_loss(m, h, batch):
+        if fail["now"]:
+            fail["now"] = False
+            raise Boom
+        return val_loss(m, h, batch)
+
+    def schedule_run(fail_at):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(D, 1, bias=False).double()
+        inner = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        hopt = hg.HyperOptimizer(
+            m,
+            {"decay": hg.Positive(DECAY.clone())},
+            inner_optimizer=inner,
+            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+            train_loss=train_loss,
+            val_loss=flaky_val_loss,
+            val_data=VAL,
+            method=hg.IFT(hg.CG(maxiter=D, tol=1e-12)),
+            inner_steps=4,
+        )
+        group, outer_group = inner.param_groups[0], hopt.outer_optimizer.param_groups[0]
+        for step in range(12):
+            group["lr"] = 0.1 / (1 + step)  # the loop's own schedule, through its reference
+            outer_group["lr"] = 0.1 / (1 + step)
+            for attempt in range(2):
+                fail["now"] = attempt == 0 and step == fail_at
+                hopt.zero_grad()
+                hopt.train_loss(TRAIN).backward()
+                try:
+                    hopt.step(TRAIN)
+                    break
+                except Boom:
+                    assert step == fail_at
+        return m, hopt
+
+    m_ref, ref = schedule_run(fail_at=None)
+    m, hopt = schedule_run(fail_at=3)
+    assert hopt.hyper_steps == ref.hyper_steps == 3
+    assert torch.equal(m.weight, m_ref.weight)
+    assert torch.equal(hopt.raw_hparams()[0], ref.raw_hparams()[0])
+    assert hopt.inner_optimizer.param_groups[0]["lr"] == 0.1 / 12

@@ -12,9 +12,11 @@ call had not happened.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from .window import TrajectoryWindow, capture_rng, restore_rng
@@ -22,7 +24,7 @@ from .window import TrajectoryWindow, capture_rng, restore_rng
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["LoopState", "Transaction", "clone_state"]
+__all__ = ["LoopState", "Transaction", "clone_state", "restore_optimizer"]
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
 
@@ -43,6 +45,22 @@ def clone_state(state: Any) -> Any:
     if kind is tuple:
         return tuple(clone_state(v) for v in state)
     return copy.deepcopy(state)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Put back ``saved`` (a :func:`clone_state` of ``optimizer.state_dict()`` taken by this
+    transaction) in place: the param-group dicts and the state mapping stay the objects the
+    caller may hold (``group = opt.param_groups[0]`` for a hand-written schedule), which
+    ``load_state_dict`` would replace by new ones."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for group, settings in zip(optimizer.param_groups, saved["param_groups"]):
+        held = group["params"]
+        group.clear()
+        group.update({k: v for k, v in settings.items() if k != "params"})
+        group["params"] = held
+    optimizer.state.clear()
+    for index, state in saved["state"].items():
+        optimizer.state[params[index]] = dict(state)
 
 
 @dataclass
@@ -116,7 +134,7 @@ class Transaction:
         for sampler in self.samplers:
             sampler.rollback()
         hopt.hyperparameters.restore(self.hparams)
-        hopt.outer_optimizer.load_state_dict(self.outer)
+        restore_optimizer(hopt.outer_optimizer, self.outer)
         hopt.method.load_state_dict(self.method)
         hopt.history.restore(self.history)
         if hopt.guard is not None and self.guard is not None:
@@ -127,7 +145,7 @@ class Transaction:
         """Restore weights, buffers, inner optimizer, counters, window and torch's RNG."""
         hopt = self.hopt
         hopt.view.restore(self.model)
-        hopt.inner_optimizer.load_state_dict(self.inner)
+        restore_optimizer(hopt.inner_optimizer, self.inner)
         hopt.loop = self.loop
         window = self.loop.window
         if window is not None:
