@@ -90,3 +90,75 @@ def test_the_same_values_in_float64_are_held_exactly():
     assert torch.allclose(hg.Positive(big).value, big, rtol=1e-13, atol=0)
     c = hg.Interval(torch.tensor([0.0, 1e30], dtype=torch.float64), -1e38, 3e38)
     assert torch.allclose(c.value, torch.tensor([0.0, 1e30], dtype=torch.float64), atol=1e23)
+
+
+DT = torch.float64
+_g = torch.Generator().manual_seed(0)
+XT, YT = torch.randn(40, 4, generator=_g, dtype=DT), torch.randn(40, generator=_g, dtype=DT)
+XV, YV = torch.randn(30, 4, generator=_g, dtype=DT), torch.randn(30, generator=_g, dtype=DT)
+
+
+def _ridge(method):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 1).double()
+
+    def tl(m, h, b):
+        penalty = 0.5 * (h["d"] * m.weight.reshape(-1) ** 2).sum()
+        return 0.5 * ((m(b[0]).reshape(-1) - b[1]) ** 2).mean() + penalty
+
+    def vl(m, h, b):
+        return 0.5 * ((m(b[0]).reshape(-1) - b[1]) ** 2).mean()
+
+    hopt = hg.HyperOptimizer(
+        m,
+        {"d": hg.Positive(torch.full((4,), 0.1, dtype=DT))},
+        inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+        train_loss=tl,
+        val_loss=vl,
+        val_data=(XV, YV),
+        method=method,
+        inner_steps=3,
+    )
+    return m, hopt
+
+
+@pytest.mark.parametrize("method", [hg.IFT, hg.Unrolled], ids=["ift", "unrolled"])
+def test_a_hyper_step_under_inference_mode_is_refused_before_anything_changes(method):
+    """Before: autograd saw inference tensors, every hypergradient was exactly zero, and
+    the zero was applied (Adam's momentum still moved the hyperparameters)."""
+    m, hopt = _ridge(method())
+    for _ in range(2):
+        hopt.zero_grad()
+        hopt.train_loss((XT, YT)).backward()
+        hopt.step((XT, YT))
+    weights, raw = m.weight.detach().clone(), hopt.raw_hparams()[0].detach().clone()
+    hopt.zero_grad()
+    hopt.train_loss((XT, YT)).backward()
+    with torch.inference_mode(), pytest.raises(ValueError, match="torch.inference_mode"):
+        hopt.step((XT, YT))
+    assert hopt.loop.count == 2 and hopt.hyper_steps == 0
+    assert torch.equal(m.weight, weights) and torch.equal(hopt.raw_hparams()[0], raw)
+
+
+def test_end_step_under_inference_mode_takes_the_plain_loops_hyper_step():
+    """begin_step outside, the optimizer's step and end_step under inference mode (a loop
+    that wraps its update in it): the hyper-step is the plain loop's (an identity between
+    the two loops; before, it was zero)."""
+    runs = []
+    for wrapped in (False, True):
+        m, hopt = _ridge(hg.IFT(hg.CG(maxiter=10, tol=1e-12)))
+        for _ in range(3):
+            hopt.zero_grad()
+            hopt.begin_step()
+            hopt.train_loss((XT, YT)).backward()
+            if wrapped:
+                with torch.inference_mode():
+                    hopt.inner_optimizer.step()
+                    hopt.end_step((XT, YT))
+            else:
+                hopt.inner_optimizer.step()
+                hopt.end_step((XT, YT))
+        runs.append(hopt.history[-1].hypergrad["d"])
+    assert runs[0].abs().min() > 0
+    assert torch.equal(runs[0], runs[1])
