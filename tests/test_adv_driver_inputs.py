@@ -162,3 +162,46 @@ def test_end_step_under_inference_mode_takes_the_plain_loops_hyper_step():
         runs.append(hopt.history[-1].hypergrad["d"])
     assert runs[0].abs().min() > 0
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_a_single_tensor_as_data_gives_tensor_batches(batch_size):
+    """An autoencoder's ``val_data=X`` (one tensor): the losses get tensors, as the training
+    loop passes them, not 1-tuples (before: ``m(batch)`` failed at the first hyper-step
+    with "linear(): argument 'input' must be Tensor, not tuple"). Reference: the same rows
+    as ``val_data=(X,)`` and the same hyper-step as its loss on ``batch[0]``."""
+    from hypergradient.hyperoptimizer import BatchSampler
+
+    bare, wrapped = BatchSampler(XV, batch_size, 3), BatchSampler((XV,), batch_size, 3)
+    for _ in range(3):
+        a, (b,) = bare.next(), wrapped.next()
+        assert isinstance(a, torch.Tensor) and torch.equal(a, b)
+
+    def run(data, unwrap):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Tanh(), torch.nn.Linear(2, 4))
+        m = m.double()
+
+        def loss(m, h, b):
+            b = b[0] if unwrap else b
+            return ((m(b) - b) ** 2).mean() + (h["d"] * m[0].weight ** 2).sum()
+
+        hopt = hg.HyperOptimizer(
+            m,
+            {"d": hg.Positive(torch.full((2, 4), 0.1, dtype=DT))},
+            inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+            outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.1),
+            train_loss=loss,
+            val_loss=loss,
+            val_data=data,
+            val_batch_size=batch_size,
+            method=hg.IFT(hg.CG(maxiter=5)),
+            inner_steps=2,
+        )
+        for _ in range(4):
+            hopt.zero_grad()
+            hopt.train_loss(data).backward()
+            hopt.step(data)
+        return hopt.history[-1].hypergrad["d"]
+
+    assert torch.equal(run(XV, False), run((XV,), True))
