@@ -195,7 +195,7 @@ def test_a_single_tensor_as_data_gives_tensor_batches(batch_size):
             val_loss=loss,
             val_data=data,
             val_batch_size=batch_size,
-            method=hg.IFT(hg.CG(maxiter=5), damping=1.0),
+            method=hg.IFT(hg.CG(maxiter=40), damping=1.0),
             inner_steps=2,
         )
         for _ in range(4):
