@@ -59,8 +59,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
         group.update({k: v for k, v in settings.items() if k != "params"})
         group["params"] = held
     optimizer.state.clear()
-    for index, state in saved["state"].items():
-        optimizer.state[params[index]] = dict(state)
+    for key, state in saved["state"].items():
+        # a parameter's index, or a key of the optimizer's own (kept as torch does)
+        held = isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(params)
+        optimizer.state[params[key] if held else key] = state
 
 
 @dataclass
