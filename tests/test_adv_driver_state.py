@@ -138,10 +138,12 @@ class Boom(Exception):
     pass
 
 
-def test_a_rolled_back_step_keeps_the_optimizers_group_dicts_a_loop_holds():
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["group-dict", "tensor-lr"])
+def test_a_rolled_back_step_keeps_the_optimizers_group_dicts_a_loop_holds(tensor_lr):
     """A hand-written schedule holding ``group = inner.param_groups[0]``: after a failed
     hyper-step (undone) it must still drive the optimizer. Before, the undo's
     ``load_state_dict`` replaced the group dicts and the schedule silently stopped acting.
+    Likewise a tensor learning rate the loop fills in place (as torch.compile users do).
     Reference: the same run in which the failed call never happened."""
     fail = {"now": False}
 
@@ -154,7 +156,8 @@ def test_a_rolled_back_step_keeps_the_optimizers_group_dicts_a_loop_holds():
     def schedule_run(fail_at):
         torch.manual_seed(0)
         m = torch.nn.Linear(D, 1, bias=False).double()
-        inner = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        lr = torch.tensor(0.1, dtype=DT) if tensor_lr else 0.1
+        inner = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
         hopt = hg.HyperOptimizer(
             m,
             {"decay": hg.Positive(DECAY.clone())},
@@ -168,7 +171,10 @@ def test_a_rolled_back_step_keeps_the_optimizers_group_dicts_a_loop_holds():
         )
         group, outer_group = inner.param_groups[0], hopt.outer_optimizer.param_groups[0]
         for step in range(12):
-            group["lr"] = 0.1 / (1 + step)  # the loop's own schedule, through its reference
+            if tensor_lr:
+                lr.fill_(0.1 / (1 + step))  # the loop's own schedule, through its reference
+            else:
+                group["lr"] = 0.1 / (1 + step)
             outer_group["lr"] = 0.1 / (1 + step)
             for attempt in range(2):
                 fail["now"] = attempt == 0 and step == fail_at
@@ -186,4 +192,4 @@ def test_a_rolled_back_step_keeps_the_optimizers_group_dicts_a_loop_holds():
     assert hopt.hyper_steps == ref.hyper_steps == 3
     assert torch.equal(m.weight, m_ref.weight)
     assert torch.equal(hopt.raw_hparams()[0], ref.raw_hparams()[0])
-    assert hopt.inner_optimizer.param_groups[0]["lr"] == 0.1 / 12
+    assert float(hopt.inner_optimizer.param_groups[0]["lr"]) == 0.1 / 12

@@ -49,15 +49,20 @@ def clone_state(state: Any) -> Any:
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
     """Put back ``saved`` (a :func:`clone_state` of ``optimizer.state_dict()`` taken by this
-    transaction) in place: the param-group dicts and the state mapping stay the objects the
-    caller may hold (``group = opt.param_groups[0]`` for a hand-written schedule), which
-    ``load_state_dict`` would replace by new ones."""
+    transaction) in place: the param-group dicts, their tensor settings and the state mapping
+    stay the objects the caller may hold (``group = opt.param_groups[0]`` for a hand-written
+    schedule, a tensor ``lr`` it fills), which ``load_state_dict`` would replace."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for group, settings in zip(optimizer.param_groups, saved["param_groups"]):
-        held = group["params"]
+        old = dict(group)
         group.clear()
-        group.update({k: v for k, v in settings.items() if k != "params"})
-        group["params"] = held
+        for key, value in settings.items():
+            now = old.get(key)
+            if isinstance(now, Tensor) and isinstance(value, Tensor) and now.shape == value.shape:
+                with torch.no_grad():  # a tensor setting (lr=torch.tensor(...)) stays itself
+                    value = now.copy_(value)
+            group[key] = value
+        group["params"] = old["params"]
     optimizer.state.clear()
     for key, state in saved["state"].items():
         # a parameter's index, or a key of the optimizer's own (kept as torch does)
