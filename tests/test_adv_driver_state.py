@@ -193,3 +193,45 @@ def test_a_rolled_back_step_keeps_the_optimizers_group_dicts_a_loop_holds(tensor
     assert torch.equal(m.weight, m_ref.weight)
     assert torch.equal(hopt.raw_hparams()[0], ref.raw_hparams()[0])
     assert float(hopt.inner_optimizer.param_groups[0]["lr"]) == 0.1 / 12
+
+
+def test_a_trajectory_run_stopped_by_its_holdout_guard_resumes_mid_window():
+    """patience ran out (hyper-steps stopped, no window recorded any more), saved at a step
+    count that is not a multiple of inner_steps. Before: the load expected that window and
+    refused the checkpoint ("The checkpoint's `window` is malformed."). Reference: the
+    uninterrupted run, bit for bit."""
+    holdout = (VAL[0], VAL[1] + 5.0)
+
+    def build_stopping():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(D, 1, bias=False).double()
+        hopt = hg.HyperOptimizer(
+            m,
+            {"decay": hg.Positive(DECAY.clone())},
+            inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5),
+            outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.1),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_data=VAL,
+            holdout_data=holdout,
+            patience=1,
+            min_delta=10.0,  # no score improves enough: stop at the second hyper-step
+            method=hg.Unrolled(),
+            inner_steps=3,
+        )
+        return m, hopt
+
+    m, hopt = build_stopping()
+    run(hopt, 7)
+    assert hopt.stopped and hopt.hyper_steps == 2 and hopt.loop.window is None
+    state = torch.load(_roundtrip(hopt.state_dict()), weights_only=True)
+    weights = {k: v.clone() for k, v in m.state_dict().items()}
+    run(hopt, 5)
+    m2, resumed = build_stopping()
+    m2.load_state_dict(weights)
+    resumed.load_state_dict(state)
+    assert resumed.stopped
+    run(resumed, 5)
+    assert torch.equal(m2.weight, m.weight)
+    assert torch.equal(resumed.raw_hparams()[0], hopt.raw_hparams()[0])
+    assert resumed.hyper_steps == hopt.hyper_steps == 2

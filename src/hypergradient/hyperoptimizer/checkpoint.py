@@ -124,8 +124,11 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     count = as_int(state["counters"].get("count"), "counters['count']", min=0)
     as_int(state["counters"].get("skipped"), "counters['skipped']", min=0)
     since = count % hopt.inner_steps  # steps since the last hyper-step
+    # a run whose holdout guard stopped the hyper-steps records no window any more
+    holdout = state.get("holdout")
+    recording = not (isinstance(holdout, Mapping) and holdout.get("stopped") is True)
     window = None
-    if state["window"] is not None or (hopt.method.needs_trajectory and since):
+    if state["window"] is not None or (hopt.method.needs_trajectory and since and recording):
         window = TrajectoryWindow.from_state_dict(
             state["window"], hopt.view, hopt.inner_optimizer, since
         )
