@@ -235,3 +235,45 @@ def test_a_trajectory_run_stopped_by_its_holdout_guard_resumes_mid_window():
     assert torch.equal(m2.weight, m.weight)
     assert torch.equal(resumed.raw_hparams()[0], hopt.raw_hparams()[0])
     assert resumed.hyper_steps == hopt.hyper_steps == 2
+
+
+def test_a_checkpoint_without_guard_state_starts_the_live_guard_fresh():
+    """Loading a checkpoint saved without holdout data into a hyper-optimizer whose guard
+    has stopped: the guard starts fresh (as documented), not stopped with the later run's
+    best values. Before, hyper-steps never resumed. Reference: a new hyper-optimizer
+    loading the same checkpoint."""
+    holdout = (VAL[0], VAL[1] + 5.0)
+
+    def make(with_holdout):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(D, 1, bias=False).double()
+        extra = {"holdout_data": holdout, "patience": 1, "min_delta": 10.0} if with_holdout else {}
+        hopt = hg.HyperOptimizer(
+            m,
+            {"decay": hg.Positive(DECAY.clone())},
+            inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+            outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.1),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_data=VAL,
+            method=hg.IFT(hg.CG(maxiter=D, tol=1e-12)),
+            inner_steps=2,
+            **extra,
+        )
+        return m, hopt
+
+    m_plain, plain = make(False)
+    run(plain, 4)
+    state, weights = plain.state_dict(), {k: v.clone() for k, v in m_plain.state_dict().items()}
+    m_live, live = make(True)
+    run(live, 6)
+    assert live.stopped and live.best_holdout_loss is not None
+    m_new, new = make(True)
+    for m, hopt in ((m_live, live), (m_new, new)):
+        m.load_state_dict(weights)
+        hopt.load_state_dict(state)
+        assert not hopt.stopped and hopt.best_holdout_loss is None
+        run(hopt, 4)
+    assert live.hyper_steps == new.hyper_steps == 4
+    assert torch.equal(live.raw_hparams()[0], new.raw_hparams()[0])
+    assert live.best_holdout_loss == new.best_holdout_loss

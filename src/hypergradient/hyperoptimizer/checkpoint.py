@@ -26,6 +26,7 @@ from torch import Tensor
 from .._vocab import ArgumentTypeError, as_int
 from ..optim.functional import from_torch
 from . import divergence, optimizers
+from .holdout import GuardState
 from .window import TrajectoryWindow, capture_rng, parse_rng_state, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,4 +175,6 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     if guard is not None and hopt.guard is not None:
         hopt.guard.sampler.load_state_dict(state["holdout"]["sampler"])
         hopt.guard.restore(guard)
+    elif hopt.guard is not None:  # not this hyper-optimizer's later scores, best, stop
+        hopt.guard.restore(GuardState())
     hopt.hyperparameters.write_settings(hopt.inner_optimizer)
