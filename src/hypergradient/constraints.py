@@ -111,7 +111,20 @@ class Constraint:
             return self.transform(self.raw)
 
     def _init_raw(self, value: Tensor) -> None:
-        self.raw = self.inverse(value.clone()).requires_grad_(True)
+        """``raw = inverse(value)``, refused when its dtype cannot represent ``value`` through
+        the transform (``Positive`` of float32's largest value: ``exp`` overflows;
+        ``Interval`` bounds too wide for the dtype: ``(high - low) * sigmoid`` overflows)."""
+        with torch.no_grad():
+            raw = self.inverse(value.clone())
+            why = "is not finite" if not _vocab.is_finite(raw) else None
+            why = why or self.domain_error(self.transform(raw))
+        if why is not None:
+            raise ValueError(
+                f"{type(self).__name__}(value) cannot hold {value} in {value.dtype}: "
+                f"transform(inverse(value)) {why}. Pass the value in float64 (e.g. "
+                "torch.tensor(..., dtype=torch.float64)) or narrower bounds."
+            )
+        self.raw = raw.requires_grad_(True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(value={self.value})"

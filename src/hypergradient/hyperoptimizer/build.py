@@ -1,5 +1,15 @@
 """How the hyper-optimizer turns its constructor's arguments into collaborators, and the
-bilevel :class:`~hypergradient.methods.base.Problem` it hands its method at a hyper-step."""
+bilevel :class:`~hypergradient.methods.base.Problem` it hands its method at a hyper-step.
+
+The inner objective of that problem is the one the inner optimizer minimizes: the user's
+``train_loss`` plus, for an optimizer whose ``weight_decay`` is an L2 term added to the
+gradient (``torch.optim.SGD``, ``Adam``, ``RMSprop``, ...: :data:`COUPLED_DECAY`), the
+penalty ``sum_i weight_decay_i / 2 * ||theta_i||^2`` of each parameter's group. Its fixed
+points are the stationary points of that sum, not of ``train_loss`` alone, so implicit
+methods need it (the Hessian is ``H + weight_decay I``). Trajectory methods replay the
+optimizer's own update, decay included. A decoupled decay (``AdamW``) is no L2 term and
+is left out.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .. import _tree
 from .._vocab import ArgumentTypeError, as_callable, as_optional_int
 from ..methods import IFT, Method, Problem
 from .holdout import HoldoutGuard
@@ -19,11 +30,33 @@ from .sampler import BatchSampler
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["LossFn", "make_guard", "make_hyperparameters", "make_problem", "make_sampler"]
+__all__ = [
+    "COUPLED_DECAY",
+    "LossFn",
+    "coupled_decays",
+    "make_guard",
+    "make_hyperparameters",
+    "make_problem",
+    "make_sampler",
+]
 
 LossFn = Callable[[Any, dict[str, Tensor], Any], Tensor]
 
 _ROWS = " Pass a positive number of rows."
+
+#: torch optimizers whose ``weight_decay`` adds ``weight_decay * theta`` to the gradient
+#: (unless the group sets ``decoupled_weight_decay``, as ``AdamW`` does).
+COUPLED_DECAY: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.Adamax,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.ASGD,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
 
 
 def make_sampler(data: Any, batch_size: Any, seed: int, name: str) -> BatchSampler:
@@ -49,9 +82,18 @@ def check_method(method: Method | None, links: Mapping[str, str] | None) -> Meth
 
 
 def make_hyperparameters(
-    hparams: Any, view: ModelView, inner: torch.optim.Optimizer, links: Any
+    hparams: Any, view: ModelView, inner: torch.optim.Optimizer, links: Any, method: Method
 ) -> HyperParameters:
+    """The :class:`HyperParameters`: ``hparams`` itself if it is one (its links are the
+    optimizer-setting links: ``links`` must be None or the same), else built from the dict."""
     if isinstance(hparams, HyperParameters):
+        if links is not None and dict(links) != hparams.links:
+            raise ValueError(
+                f"optimizer_hparams={dict(links)!r} differs from the links of the given "
+                f"HyperParameters ({hparams.links!r}); pass them once, to "
+                "HyperParameters(links=...)."
+            )
+        check_method(method, hparams.links)
         return hparams
     forbidden = view.all_parameters()
     return HyperParameters(
@@ -85,8 +127,12 @@ def make_problem(
     if window is not None:
         step_loss = view.functional(hopt.train_loss_fn, hp.transform)
         trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
+    inner_loss = view.at_batch(hopt.train_loss_fn, hp.transform, train_batch)
+    decays = coupled_decays(hopt.inner_optimizer, view.params)
+    if decays is not None:
+        inner_loss = with_decay(inner_loss, decays)
     return Problem(
-        inner_loss=view.at_batch(hopt.train_loss_fn, hp.transform, train_batch),
+        inner_loss=inner_loss,
         outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
         params=params,
         hparams=hp.detached_raw(),
@@ -95,3 +141,34 @@ def make_problem(
         trajectory=trajectory,
         process_group=hopt.process_group,
     )
+
+
+def coupled_decays(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:
+    """Per trained parameter, the L2 coefficient the inner optimizer adds to its gradient
+    (its group's ``weight_decay`` for a :data:`COUPLED_DECAY` optimizer; 0 for a decoupled
+    decay); None when all are 0 or the optimizer is not one of those."""
+    if not isinstance(optimizer, COUPLED_DECAY):
+        return None
+    by_id: dict[int, float] = {}
+    for group in optimizer.param_groups:
+        decay = 0.0 if group.get("decoupled_weight_decay", False) else group.get("weight_decay")
+        for p in group["params"]:
+            by_id[id(p)] = float(decay or 0.0)
+    decays = [by_id.get(id(p), 0.0) for p in params]
+    return decays if any(decays) else None
+
+
+def with_decay(
+    loss: Callable[[Any, Any], Tensor], decays: list[float]
+) -> Callable[[Any, Any], Tensor]:
+    """``f(params, raw) = loss(params, raw) + sum_i decays[i] / 2 * ||params_i||^2`` (the
+    leaves in the trained parameters' order)."""
+
+    def f(params: Any, raw: Any) -> Tensor:
+        out = loss(params, raw)
+        for d, p in zip(decays, _tree.flatten(params, "params")[0]):
+            if d:
+                out = out + 0.5 * d * p.pow(2).sum()
+        return out
+
+    return f

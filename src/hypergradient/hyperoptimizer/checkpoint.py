@@ -6,12 +6,13 @@ it): the model's signature (names, shapes, dtypes of the trained parameters), th
 type and state, both optimizers' types and states, the raw hyperparameters, counters, the
 samplers' states, the current window (batches as tensors plus a plain description), the
 bounded history, the holdout guard's state (sampler, best score and values, patience
-counter, stop flag), and torch's random-number state (CPU and the model's accelerator) at
-the time of the call. Loading restores that random-number state too, so a run resumed from a
-checkpoint draws the same dropout masks and random augmentations as the uninterrupted run
-without the caller saving the generator separately. Loading checks every entry against
-this hyper-optimizer first and assigns only when all of them fit, so a failing load changes
-nothing.
+counter, stop flag), the divergence watch's last parameter norms (a resumed run takes
+the same skip decisions by the norm rule), and torch's random-number state (CPU and the
+model's accelerator) at the time of the call. Loading restores that random-number state
+too, so a run resumed from a checkpoint draws the same dropout masks and random
+augmentations as the uninterrupted run without the caller saving the generator separately.
+Loading checks every entry against this hyper-optimizer first and assigns only when all of
+them fit, so a failing load changes nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
+
 from .._vocab import ArgumentTypeError, as_int
 from ..optim.functional import from_torch
-from . import optimizers
+from . import divergence, optimizers
+from .holdout import GuardState
 from .window import TrajectoryWindow, capture_rng, parse_rng_state, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,7 +68,22 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
         "history": hopt.history.state_dict(),
         "rng": list(capture_rng(hopt.view.device)),
         "holdout": None if hopt.guard is None else hopt.guard.state_dict(),
+        # the parameter norms only: the losses depend on whether the loop reports them
+        # (hopt.train_loss, end_step(loss=)), and a checkpoint is the run's state whichever
+        "watch": {"norms": [t.clone() for t in loop.norms]},
     }
+
+
+def _watch(value: Any) -> tuple[Tensor, ...]:
+    """The divergence watch's recorded parameter norms (none in older checkpoints)."""
+    if value is None:
+        return ()
+    norms: Any = value.get("norms") if isinstance(value, Mapping) else None
+    if not isinstance(norms, (list, tuple)) or len(norms) > divergence.KEEP:
+        norms = [None]  # malformed
+    if not all(isinstance(t, Tensor) and t.dim() == 0 for t in norms):
+        raise ValueError("The checkpoint's divergence `watch` entry is malformed.")
+    return tuple(norms)
 
 
 def _entries(state: Any, method: str) -> None:
@@ -95,6 +114,7 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
         ValueError: naming the first entry that does not fit ``hopt``.
     """
     _entries(state, type(hopt.method).__name__)
+    _watch(state.get("watch"))
     hopt.view.check_signature(state["model"])
     hopt.hyperparameters.check_state(state["hparams"])
     optimizers.check_state(hopt.inner_optimizer, state["inner_optimizer"], "inner_optimizer")
@@ -105,8 +125,11 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     count = as_int(state["counters"].get("count"), "counters['count']", min=0)
     as_int(state["counters"].get("skipped"), "counters['skipped']", min=0)
     since = count % hopt.inner_steps  # steps since the last hyper-step
+    # a run whose holdout guard stopped the hyper-steps records no window any more
+    holdout = state.get("holdout")
+    recording = not (isinstance(holdout, Mapping) and holdout.get("stopped") is True)
     window = None
-    if state["window"] is not None or (hopt.method.needs_trajectory and since):
+    if state["window"] is not None or (hopt.method.needs_trajectory and since and recording):
         window = TrajectoryWindow.from_state_dict(
             state["window"], hopt.view, hopt.inner_optimizer, since
         )
@@ -140,6 +163,9 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.count = int(state["counters"]["count"])
     loop.skipped = int(state["counters"]["skipped"])
     loop.window = window
+    loop.norms = tuple(t.to(hopt.view.device) for t in _watch(state.get("watch")))
+    loop.losses = ()
+    loop.loss_pending = None
     trajectory = hopt.method.needs_trajectory
     loop.rng_pending = None
     if state.get("rng") is not None:
@@ -149,4 +175,6 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     if guard is not None and hopt.guard is not None:
         hopt.guard.sampler.load_state_dict(state["holdout"]["sampler"])
         hopt.guard.restore(guard)
+    elif hopt.guard is not None:  # not this hyper-optimizer's later scores, best, stop
+        hopt.guard.restore(GuardState())
     hopt.hyperparameters.write_settings(hopt.inner_optimizer)

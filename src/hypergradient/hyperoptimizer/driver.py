@@ -91,7 +91,7 @@ class HyperOptimizer(HoldoutViews):
             :class:`~hypergradient.constraints.Unconstrained` floating-point leaf), or a
             :class:`~.hparams.HyperParameters`.
         inner_optimizer: the ``torch.optim`` optimizer training the model (SGD or Adam for
-            trajectory methods, which replay it differentiably).
+            trajectory methods, which replay it); implicit ones add its L2 ``weight_decay``.
         outer_optimizer: a ``torch.optim`` optimizer over ``hopt.raw_hparams()`` or a
             factory ``params -> optimizer``.
         train_loss, val_loss: ``loss(model_or_params, hparams, batch) -> scalar``.
@@ -189,7 +189,7 @@ class HyperOptimizer(HoldoutViews):
         self.inner_optimizer = inner_optimizer
         self.view = model if isinstance(model, ModelView) else ModelView(model, inner_optimizer)
         self.hyperparameters = make_hyperparameters(
-            hparams, self.view, inner_optimizer, optimizer_hparams
+            hparams, self.view, inner_optimizer, optimizer_hparams, self.method
         )
         self.outer_optimizer = optimizers.build_outer(outer_optimizer, self.raw_hparams())
         if self.method.needs_trajectory:

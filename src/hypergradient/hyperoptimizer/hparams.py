@@ -70,6 +70,20 @@ def _all_inside(constraints: Mapping[str, Constraint], values: Mapping[str, Tens
     return bool(torch.stack([p.to(device) for p in probes if p is not None]).all())
 
 
+def _overlapping(t: Tensor) -> bool:
+    """Whether two elements of a strided tensor may share memory (an ``expand``: a stride
+    of 0; conservative for exotic ``as_strided`` layouts): its dimensions by increasing
+    stride must each step past the span of the smaller ones."""
+    if t.layout != torch.strided:
+        return False
+    span = 0
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 class HyperParameters:
     """The hyperparameters of a :class:`~hypergradient.HyperOptimizer`.
 
@@ -122,6 +136,12 @@ class HyperParameters:
                 raise ValueError(
                     f"hparams[{name!r}] is not a leaf tensor (it was computed from others); "
                     "pass a leaf, e.g. torch.tensor(...) or x.detach().clone()."
+                )
+            if _overlapping(raw):
+                raise ValueError(
+                    f"hparams[{name!r}] has elements sharing memory (an expand()ed or "
+                    f"as_strided tensor, strides {raw.stride()}); the outer optimizer updates it "
+                    "in place, which torch refuses. Pass a copy, e.g. value.clone()."
                 )
             if raw.device != device:
                 raise ValueError(

@@ -46,6 +46,19 @@ def trained_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def _changes(before: Mapping[str, Tensor], named: Mapping[str, Tensor], now: list[str]) -> str:
+    """The message naming the trained parameters added, removed and replaced."""
+    added = [k for k in now if k not in before]
+    removed = [k for k in before if k not in set(now)]
+    replaced = [k for k in now if k in before and named[k] is not before[k]]
+    return (
+        f"The trained parameters changed since the HyperOptimizer was built (newly trained: "
+        f"{added}, no longer trained: {removed}, replaced: {replaced}), by requires_grad, "
+        "inner_optimizer.add_param_group or a new submodule. After such a change build a new "
+        "HyperOptimizer (the hyperparameters can be reused)."
+    )
+
+
 class ModelView:
     """A module (DDP-unwrapped) or a tree of tensors, seen as a tree of trained parameters.
 
@@ -53,8 +66,10 @@ class ModelView:
         model: an ``nn.Module`` (losses receive the module, reparametrized during
             hyper-steps), a ``DistributedDataParallel`` wrapper of one (hyper-steps use the
             wrapped module; the user's loop keeps the wrapper), or a tree of tensors.
-        inner_optimizer: the ``torch.optim`` optimizer that trains it; its tensors are the
-            trained parameters, the module's other parameters are frozen.
+        inner_optimizer: the ``torch.optim`` optimizer that trains it; its tensors that
+            require grad are the trained parameters, the module's other parameters are
+            frozen (a parameter with ``requires_grad=False`` gets no gradient, so the
+            optimizer never moves it, even when it holds it).
 
     Raises:
         ValueError: the optimizer trains none of the model's parameters, or a leaf of a
@@ -69,28 +84,51 @@ class ModelView:
             model = model.module
         in_opt = {id(p) for p in trained_tensors(inner_optimizer)}
         self.module: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self.params: list[Tensor]
+        self.names: list[str]
+        self.frozen: list[str]
         if self.module is not None:
-            named = dict(self.module.named_parameters())
-            self.names = [k for k, p in named.items() if id(p) in in_opt]
-            self.frozen = [k for k in named if k not in set(self.names)]
-            self.params: list[Tensor] = [named[k] for k in self.names]
-            self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
-            self._call = _LossCall(self.module)
-            self._cache_keys(self.module)
+            self._init_module(self.module, in_opt)
         else:
             self.params, self.spec = _tree.flatten(model, "model")
             _tree.check_leaves(self.params, self.spec, "model")
             self.names, self.frozen = list(self.spec.paths), []
         if not self.params:
             raise ValueError(
-                "`inner_optimizer` optimizes none of the model's parameters; build it from "
-                "model.parameters()."
+                "`inner_optimizer` optimizes none of the model's parameters (that require "
+                "grad); build it from model.parameters()."
             )
         for name, p in zip(self.names, self.params):
             if id(p) not in in_opt:
                 raise ValueError(
                     f"{name} is not optimized by `inner_optimizer`; pass the tensors it trains."
                 )
+
+    def _init_module(self, module: nn.Module, in_opt: set[int]) -> None:
+        named = dict(module.named_parameters())
+        self.names = [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
+        self.frozen = [k for k in named if k not in set(self.names)]
+        self.params = [named[k] for k in self.names]
+        self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
+        self._call = _LossCall(module)
+        self._cache_keys(module)
+
+    def check_trained(self, inner_optimizer: torch.optim.Optimizer) -> None:
+        """Raise ``ValueError`` if the module's parameters that ``inner_optimizer`` trains
+        changed since construction: ``requires_grad`` toggled, ``add_param_group``, a
+        replaced submodule. The trained set is fixed at construction (the rollback
+        snapshot, the window and the methods' parameter tree are built on it).
+
+        Cost: one walk of the module's parameters.
+        """
+        if self.module is None:
+            return
+        named = dict(self.module.named_parameters())
+        in_opt = {id(p) for p in trained_tensors(inner_optimizer)}
+        now = [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
+        if now == self.names and all(named[k] is p for k, p in zip(self.names, self.params)):
+            return
+        raise ValueError(_changes(dict(zip(self.names, self.params)), named, now))
 
     def _cache_keys(self, module: nn.Module) -> None:
         """The keys of the wrapper's state, built once: a functional call's dict then costs

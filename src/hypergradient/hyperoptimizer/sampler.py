@@ -35,8 +35,9 @@ class BatchSampler:
     """Mini-batches from in-memory tensors (seeded) or from an iterable (cycled).
 
     Args:
-        data: a tensor or a tuple/list of tensors (sampled by rows), or an iterable of
-            batches such as a ``DataLoader``.
+        data: a tensor or a tuple/list of tensors (sampled by rows; a batch of a tensor is
+            a tensor, of a tuple or list a tuple), or an iterable of batches such as a
+            ``DataLoader``.
         batch_size: rows per batch for tensors (None: all rows); must be None for an
             iterable, which batches itself.
         seed: seed of the row sampling.
@@ -55,7 +56,8 @@ class BatchSampler:
         self._pushback: deque[Any] = deque()
         self._recent: list[Any] | None = None
         self._mark_state: Tensor | None = None
-        if isinstance(data, Tensor):
+        self.bare = isinstance(data, Tensor)  # batches are tensors too, not 1-tuples
+        if self.bare:
             data = (data,)
         self.tensors: tuple[Tensor, ...] | None = None
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
@@ -97,9 +99,11 @@ class BatchSampler:
         if self.tensors is not None:
             n = self.tensors[0].shape[0]
             if self.batch_size is None or self.batch_size >= n:
-                return self.tensors
-            idx = torch.randperm(n, generator=self.generator)[: self.batch_size]
-            return tuple(t[idx.to(t.device)] for t in self.tensors)
+                rows = self.tensors
+            else:
+                idx = torch.randperm(n, generator=self.generator)[: self.batch_size]
+                rows = tuple(t[idx.to(t.device)] for t in self.tensors)
+            return rows[0] if self.bare else rows
         for _ in range(2):
             if self._iter is None:
                 self._iter = iter(self.iterable)

@@ -125,7 +125,7 @@ def hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     inner loss, an outer loss evaluated in train mode) leave the training stream as it
     was, so training after a hyper-step draws the masks plain training draws.
     """
-    with forked_rng(hopt.view.device):
+    with forked_rng(hopt.view.device), torch.inference_mode(False):
         _hyper_step(hopt, batch, saved)
 
 
@@ -195,8 +195,21 @@ def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bo
 
 
 def due(hopt: HyperOptimizer) -> bool:
-    """Whether the next inner step ends with a hyper-step."""
-    return not hopt.stopped and (hopt.loop.count + 1) % hopt.inner_steps == 0
+    """Whether the next inner step ends with a hyper-step.
+
+    Raises:
+        ValueError: it does, under ``torch.inference_mode()`` (whose tensors autograd
+            cannot differentiate: every hypergradient would be zero), before anything
+            changes.
+    """
+    if hopt.stopped or (hopt.loop.count + 1) % hopt.inner_steps:
+        return False
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            "This step takes a hyper-step, which needs autograd, but it runs under "
+            "torch.inference_mode(); call hopt.step() outside it (torch.no_grad() is fine)."
+        )
+    return True
 
 
 def check_batch(hopt: HyperOptimizer, batch: Any) -> None:

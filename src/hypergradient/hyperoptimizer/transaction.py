@@ -12,9 +12,11 @@ call had not happened.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from .window import TrajectoryWindow, capture_rng, restore_rng
@@ -22,7 +24,7 @@ from .window import TrajectoryWindow, capture_rng, restore_rng
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["LoopState", "Transaction", "clone_state"]
+__all__ = ["LoopState", "Transaction", "clone_state", "restore_optimizer"]
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
 
@@ -43,6 +45,29 @@ def clone_state(state: Any) -> Any:
     if kind is tuple:
         return tuple(clone_state(v) for v in state)
     return copy.deepcopy(state)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Put back ``saved`` (a :func:`clone_state` of ``optimizer.state_dict()`` taken by this
+    transaction) in place: the param-group dicts, their tensor settings and the state mapping
+    stay the objects the caller may hold (``group = opt.param_groups[0]`` for a hand-written
+    schedule, a tensor ``lr`` it fills), which ``load_state_dict`` would replace."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for group, settings in zip(optimizer.param_groups, saved["param_groups"]):
+        old = dict(group)
+        group.clear()
+        for key, value in settings.items():
+            now = old.get(key)
+            if isinstance(now, Tensor) and isinstance(value, Tensor) and now.shape == value.shape:
+                with torch.no_grad():  # a tensor setting (lr=torch.tensor(...)) stays itself
+                    value = now.copy_(value)
+            group[key] = value
+        group["params"] = old["params"]
+    optimizer.state.clear()
+    for key, state in saved["state"].items():
+        # a parameter's index, or a key of the optimizer's own (kept as torch does)
+        held = isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(params)
+        optimizer.state[params[key] if held else key] = state
 
 
 @dataclass
@@ -80,6 +105,7 @@ class Transaction:
     """
 
     def __init__(self, hopt: HyperOptimizer):
+        hopt.view.check_trained(hopt.inner_optimizer)  # the snapshot covers those
         self.hopt = hopt
         guard = hopt.guard
         holdout = None if guard is None else guard.sampler
@@ -115,7 +141,7 @@ class Transaction:
         for sampler in self.samplers:
             sampler.rollback()
         hopt.hyperparameters.restore(self.hparams)
-        hopt.outer_optimizer.load_state_dict(self.outer)
+        restore_optimizer(hopt.outer_optimizer, self.outer)
         hopt.method.load_state_dict(self.method)
         hopt.history.restore(self.history)
         if hopt.guard is not None and self.guard is not None:
@@ -126,7 +152,7 @@ class Transaction:
         """Restore weights, buffers, inner optimizer, counters, window and torch's RNG."""
         hopt = self.hopt
         hopt.view.restore(self.model)
-        hopt.inner_optimizer.load_state_dict(self.inner)
+        restore_optimizer(hopt.inner_optimizer, self.inner)
         hopt.loop = self.loop
         window = self.loop.window
         if window is not None:
