@@ -75,6 +75,7 @@ from torch import Tensor
 from .._vocab import ArgumentTypeError, as_bool, as_callable, as_int
 from ..constraints import Constraint
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
+from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
 from .loggers import record_scalars
 
@@ -236,7 +237,10 @@ class HypergradientCallback(pl.Callback):
             _check_schedulers(trainer)
         self.hopt = self._build(trainer, pl_module, optimizers[0])
         if self._loaded is not None:
-            self.hopt.load_state_dict(self._loaded)
+            state = dict(self._loaded)
+            if state.get("rng") is not None:  # the CPU generator was restored on loading
+                state["rng"] = [torch.get_rng_state(), parse_rng_state(state["rng"])[1]]
+            self.hopt.load_state_dict(state)
             self._loaded = None
 
     def _hparams(self, pl_module: Any) -> dict[str, Tensor | Constraint]:
@@ -306,11 +310,20 @@ class HypergradientCallback(pl.Callback):
         return {} if self._loaded is None else {"hopt": self._loaded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the state until training starts (the optimizer does not exist yet)."""
+        """Keep the state until training starts (the optimizer does not exist yet).
+
+        torch's CPU random-number state is restored now, before the Trainer creates the
+        epoch's data iterator: in the uninterrupted run, that iterator (its worker seed, a
+        shuffling sampler's permutation) drew from the generator *after* the checkpoint was
+        saved, so the resumed run draws the same data order and dropout masks.
+        """
         if state_dict:
-            if not isinstance(state_dict, Mapping) or "hopt" not in state_dict:
+            hopt = state_dict.get("hopt") if isinstance(state_dict, Mapping) else None
+            if not isinstance(hopt, Mapping):
                 raise ValueError("The checkpoint's HypergradientCallback state is malformed.")
-            self._loaded = state_dict["hopt"]
+            if hopt.get("rng") is not None:
+                torch.set_rng_state(parse_rng_state(hopt["rng"])[0])
+            self._loaded = hopt
 
 
 def _shard(data: Any, rank: int, world: int, device: torch.device) -> Any:
