@@ -127,3 +127,71 @@ def test_resuming_with_dropout_and_shuffling_reproduces_the_uninterrupted_run(tm
     assert [r.val_loss for r in late.hopt.history] == [r.val_loss for r in cb.hopt.history]
     assert torch.equal(resumed.decay.raw, straight.decay.raw)
     assert torch.equal(resumed.linear.weight, straight.linear.weight)
+
+
+class Manual(Net):
+    """Manual optimization: ``steps`` optimizer steps per batch, or one step every
+    ``every`` batches with the gradients accumulated in between."""
+
+    def __init__(self, steps=1, every=1):
+        super().__init__(dropout=0.0)
+        self.automatic_optimization = False
+        self.steps, self.every = steps, every
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for _ in range(self.steps):
+            loss = self.training_loss(batch, tuned_values(self)) / self.every
+            self.manual_backward(loss)
+            if (batch_idx + 1) % self.every == 0:
+                opt.step()
+                opt.zero_grad()
+
+
+def ordered():
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*TRAIN), batch_size=16)
+
+
+def test_manual_optimization_counts_optimizer_steps_and_refuses_what_replays_cannot():
+    """Two optimizer steps per batch: every_n_steps counts optimizer steps (18 steps, 6
+    hyper-steps; it counted batches: 3). A trajectory method cannot replay two steps from
+    one recorded batch, nor a step on gradients accumulated over batches: it raises naming
+    the reason (it used to replay wrongly, 0.2 relative off, with a warning blaming
+    train_loss)."""
+    warnings.simplefilter("ignore", hg.HypergradientWarning)
+    cb = callback(METHODS["ift"]())
+    run = trainer(max_steps=18, callbacks=[cb])
+    run.fit(Manual(steps=2), ordered())
+    assert run.global_step == cb.hopt.loop.count == 18 and cb.hopt.hyper_steps == 6
+    with pytest.raises(ValueError, match="took 2 optimizer steps on one batch"):
+        trainer(max_steps=6, callbacks=[callback(hg.Unrolled())]).fit(Manual(steps=2), ordered())
+    with pytest.raises(ValueError, match="without an optimizer step under manual optimization"):
+        trainer(max_steps=6, callbacks=[callback(hg.Unrolled())]).fit(Manual(every=2), ordered())
+
+
+class Skips(Net):
+    """Automatic optimization skipping the second batch of each epoch (returns None)."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
+def test_a_batch_skipped_by_returning_none_is_not_an_inner_step():
+    """Lightning still counts an optimizer step for a batch whose training_step returned
+    None, but nothing moved (no backward; gradients None). The run must be the run on the
+    other batches alone; the callback used to record the skipped batch as a step (the
+    Unrolled replay then moved the weights along its gradient: replay error ~0.3)."""
+    rows = torch.cat([torch.arange(16), torch.arange(32, 64)])  # all but the second batch
+    kept = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*(t[rows] for t in TRAIN)), batch_size=16
+    )
+    for method in ("unrolled", "ift"):
+        skipping, cb = Skips(), callback(METHODS[method]())
+        torch.manual_seed(7)
+        trainer(max_epochs=2, callbacks=[cb]).fit(skipping, ordered())
+        plain, ref = Net(), callback(METHODS[method]())
+        torch.manual_seed(7)
+        trainer(max_epochs=2, callbacks=[ref]).fit(plain, kept)
+        assert cb.hopt.loop.count == ref.hopt.loop.count == 6 and cb.hopt.hyper_steps == 2
+        assert torch.equal(skipping.decay.raw, plain.decay.raw)
+        assert torch.equal(skipping.linear.weight, plain.linear.weight)

@@ -60,6 +60,12 @@ Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay th
 steps differentiably, which is exact only for a plain step: one device, one SGD or Adam
 optimizer, no gradient accumulation or clipping, no learning-rate scheduler, full precision;
 otherwise the callback raises at the start of fitting, saying which setting prevents it.
+Under manual optimization they also need one optimizer step per training batch (the
+callback raises at the first batch that takes several, or none).
+
+**Steps.** ``every_n_steps`` counts the Trainer's optimizer steps (several per batch under
+manual optimization are counted each). A batch whose ``training_step`` returned None is
+skipped by Lightning (no backward, nothing moves): it is not an inner step.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ from ..constraints import Constraint
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
+from ._lightning_checks import check_replayable, check_schedulers, check_steps, shard, skipped
 from .loggers import record_scalars
 
 __all__ = ["HypergradientCallback", "tuned_values"]
@@ -215,7 +222,7 @@ class HypergradientCallback(pl.Callback):
                     f"pass {arg}=... to the callback."
                 )
         if self.method is not None and self.method.needs_trajectory:
-            _check_replayable(trainer, self.method)
+            check_replayable(trainer, self.method)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Move the hyperparameters to the module's device (the strategy placed it)."""
@@ -234,7 +241,7 @@ class HypergradientCallback(pl.Callback):
                 f"{len(optimizers)}."
             )
         if self.method is not None and self.method.needs_trajectory:
-            _check_schedulers(trainer)
+            check_schedulers(trainer)
         self.hopt = self._build(trainer, pl_module, optimizers[0])
         if self._loaded is not None:
             state = dict(self._loaded)
@@ -258,9 +265,9 @@ class HypergradientCallback(pl.Callback):
             outer_optimizer=self.outer_factory,
             train_loss=train_loss or _module_loss("training_loss"),
             val_loss=val_loss or _module_loss("validation_loss"),
-            val_data=_shard(val, rank, world, pl_module.device),
+            val_data=shard(val, rank, world, pl_module.device),
             val_batch_size=val_size,
-            holdout_data=_shard(holdout, rank, world, pl_module.device),
+            holdout_data=shard(holdout, rank, world, pl_module.device),
             holdout_batch_size=holdout_size,
             method=self.method,
             inner_steps=self.every_n_steps,
@@ -283,14 +290,22 @@ class HypergradientCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if trainer.global_step == self._steps_before:
-            return  # no optimizer step (gradient accumulation, a skipped batch)
+        steps = trainer.global_step - self._steps_before
+        if skipped(trainer, pl_module, outputs):
+            steps = 0  # training_step returned None: the optimizer step moved nothing
         hopt = self._require_hopt()
+        check_steps(steps, pl_module, hopt.method)
+        if steps == 0:
+            return  # no optimizer step (gradient accumulation, a skipped batch)
         before = hopt.hyper_steps
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
-        if hopt.hyper_steps > before and self.log_records:
-            self._log(pl_module, hopt.history[-1])
+        for _ in range(steps - 1):  # manual optimization stepped more than once (implicit)
+            hopt.begin_step()
+            hopt.end_step(batch)
+        if self.log_records:
+            for i in range(min(hopt.hyper_steps - before, len(hopt.history)), 0, -1):
+                self._log(pl_module, hopt.history[-i])
 
     def _log(self, pl_module: pl.LightningModule, record: HyperStepRecord) -> None:
         scalars = record_scalars(record, self.log_elements)
@@ -324,41 +339,3 @@ class HypergradientCallback(pl.Callback):
             if hopt.get("rng") is not None:
                 torch.set_rng_state(parse_rng_state(hopt["rng"])[0])
             self._loaded = hopt
-
-
-def _shard(data: Any, rank: int, world: int, device: torch.device) -> Any:
-    """Tensor data: this rank's rows (``rank::world``), on ``device``; anything else as is."""
-    tensors = (data,) if isinstance(data, Tensor) else data
-    if not isinstance(tensors, (tuple, list)) or not all(isinstance(t, Tensor) for t in tensors):
-        return data
-    return tuple(t[rank::world].to(device) for t in tensors)
-
-
-def _check_replayable(trainer: pl.Trainer, method: Method) -> None:
-    """Raise unless the Trainer's step is one a trajectory method can replay exactly."""
-    why = None
-    if trainer.world_size > 1:
-        why = (
-            f"the Trainer runs on {trainer.world_size} processes: each step uses gradients "
-            "averaged across them inside backward, which a per-rank replay cannot reproduce"
-        )
-    elif trainer.accumulate_grad_batches != 1:
-        why = f"accumulate_grad_batches={trainer.accumulate_grad_batches} (one step spans batches)"
-    elif trainer.gradient_clip_val:
-        why = f"gradient_clip_val={trainer.gradient_clip_val} (the replay does not clip)"
-    elif str(trainer.precision) not in ("32-true", "64-true", "32", "64"):
-        why = f"precision={trainer.precision!r} (the replay runs in full precision)"
-    if why is not None:
-        raise ValueError(
-            f"{type(method).__name__} replays the Trainer's optimizer steps, which is not exact "
-            f"here: {why}. Use an implicit method (hg.IFT(), hg.T1T2()) or change the setting."
-        )
-
-
-def _check_schedulers(trainer: pl.Trainer) -> None:
-    if trainer.lr_scheduler_configs:
-        raise ValueError(
-            "Trajectory methods replay the optimizer with the settings at the start of each "
-            "window, but the module configures a learning-rate scheduler that changes them "
-            "in between; drop the scheduler or use an implicit method (hg.IFT(), hg.T1T2())."
-        )
