@@ -195,3 +195,26 @@ def test_a_batch_skipped_by_returning_none_is_not_an_inner_step():
         assert cb.hopt.loop.count == ref.hopt.loop.count == 6 and cb.hopt.hyper_steps == 2
         assert torch.equal(skipping.decay.raw, plain.decay.raw)
         assert torch.equal(skipping.linear.weight, plain.linear.weight)
+
+
+def test_every_hyper_step_reaches_the_logger_with_lightnings_default_logging_interval(tmp_path):
+    """With the Trainer's default log_every_n_steps=50 and a hyper-step every 3 steps,
+    pl_module.log_dict alone wrote only at Lightning's logging steps (here none of the 4
+    hyper-steps). Each record must reach the logger, at the row of its batch (x = step - 1,
+    where Lightning puts that batch's training_step metrics), with its values unrounded;
+    and stay monitorable through trainer.callback_metrics."""
+    import csv
+
+    log = L.loggers.CSVLogger(tmp_path, name="run")
+    cb = callback(METHODS["ift"]())
+    run = trainer(max_steps=12, callbacks=[cb], logger=log)
+    warnings.simplefilter("ignore", hg.HypergradientWarning)
+    run.fit(Net(), ordered())
+    with open(f"{log.log_dir}/metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("hypergradient/loss/val")]
+    assert [int(r["step"]) for r in rows] == [2, 5, 8, 11]
+    for row, record in zip(rows, cb.hopt.history):
+        assert float(row["hypergradient/loss/val"]) == record.val_loss
+        assert float(row["hypergradient/hparams/decay/4"]) == float(record.hparams["decay"][4])
+    last = float(run.callback_metrics["hypergradient/loss/val"])
+    assert last == pytest.approx(cb.hopt.history[-1].val_loss, rel=1e-6)

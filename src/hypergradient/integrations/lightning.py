@@ -46,9 +46,13 @@ samplers, history, holdout guard, trajectory window) is saved in the Trainer's c
 under ``checkpoint["callbacks"]["HypergradientCallback"]``; ``Trainer.fit(ckpt_path=...)``
 resumes it.
 
-**Logging.** After each hyper-step, through ``pl_module.log_dict`` (so to the Trainer's
-logger): ``hypergradient/loss/val``, ``hypergradient/hparams/<name>``, hypergradient norms and
-solver diagnostics, as :func:`~hypergradient.integrations.record_scalars` names them.
+**Logging.** After each hyper-step, to every logger of the Trainer (``logger.log_metrics``,
+at the step Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
+hyper-step is an event, not a sample of a curve), and through ``pl_module.log_dict(...,
+logger=False)`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or
+``EarlyStopping`` can monitor them): ``hypergradient/loss/val``,
+``hypergradient/hparams/<name>``, hypergradient norms and solver diagnostics, as
+:func:`~hypergradient.integrations.record_scalars` names them.
 
 **Data-parallel.** Under ``strategy="ddp"`` (any backend, gloo on CPU) every rank runs the
 callback: the hypergradient is that of the losses averaged over the ranks (each rank's
@@ -305,12 +309,18 @@ class HypergradientCallback(pl.Callback):
             hopt.end_step(batch)
         if self.log_records:
             for i in range(min(hopt.hyper_steps - before, len(hopt.history)), 0, -1):
-                self._log(pl_module, hopt.history[-i])
+                self._log(trainer, pl_module, hopt.history[-i])
 
-    def _log(self, pl_module: pl.LightningModule, record: HyperStepRecord) -> None:
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: HyperStepRecord
+    ) -> None:
         scalars = record_scalars(record, self.log_elements)
         values = {f"hypergradient/{k}": v for k, v in scalars.items() if k != "time/seconds"}
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+        # Through log_dict alone, Lightning would write them only at its logging steps
+        # (every log_every_n_steps batches): most hyper-steps would never reach the logger.
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=max(trainer.global_step - 1, 0))
 
     def _require_hopt(self) -> HyperOptimizer:
         if self.hopt is None:
