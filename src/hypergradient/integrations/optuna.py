@@ -38,7 +38,8 @@ trial of its own (the sampler models every evaluated point; the best polished po
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import optuna
@@ -93,6 +94,10 @@ class TrialReporter:
     ``refined_step`` (the step of the best value), ``refinement_steps`` (reports made).
     A value that is not finite is not reported (Optuna's pruners would take it as the
     worst); the trial is pruned if nothing finite was ever reported.
+
+    The best value is the lowest one, or the highest in a study created with
+    ``direction="maximize"`` (e.g. a reported accuracy). In a multi-objective study, whose
+    trials Optuna cannot prune, the values are kept (lowest best) but not reported.
     """
 
     def __init__(
@@ -113,7 +118,10 @@ class TrialReporter:
         self.prune = as_bool(prune, "prune")
         self.prune_until = as_optional_int(prune_until, "prune_until", min=0)
         self.max_elements = as_int(max_elements, "max_elements", min=0)
-        self.best_value = math.inf
+        directions = _directions(trial)
+        self.sign = -1.0 if directions == [optuna.study.StudyDirection.MAXIMIZE] else 1.0
+        self.reports = len(directions) <= 1  # Optuna cannot prune multi-objective trials
+        self.best_value = self.sign * math.inf
         self.best_hparams: dict[str, Tensor] | None = None
         self.best_step: int | None = None
         self.steps = 0
@@ -136,10 +144,12 @@ class TrialReporter:
         self.steps += 1
         if not math.isfinite(value):
             return
-        if value < self.best_value:
+        if self.sign * value < self.sign * self.best_value:
             self.best_value, self.best_step = value, step
             if hparams is not None:
                 self.best_hparams = {k: v.detach().clone() for k, v in hparams.items()}
+        if not self.reports:
+            return
         self.trial.report(value, step)
         judged = self.prune_until is None or step <= self.prune_until
         if self.prune and judged and self.trial.should_prune():
@@ -168,6 +178,12 @@ class TrialReporter:
         if not math.isfinite(self.best_value):
             raise optuna.TrialPruned("no finite value was reported")
         return self.best_value
+
+
+def _directions(trial: Any) -> list[Any]:
+    """The directions of the trial's study (none known for a ``FixedTrial``)."""
+    study = getattr(trial, "study", None)
+    return list(getattr(study, "directions", None) or [])
 
 
 def refine(
@@ -204,15 +220,30 @@ def refine(
 
     Raises:
         optuna.TrialPruned: pruned, or no finite value.
+        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``.
+        ValueError: the study maximizes and no ``score`` is given (losses are reported).
     """
     if not isinstance(hopt, HyperOptimizer):
         raise ArgumentTypeError(f"`hopt` must be a hg.HyperOptimizer, got {type(hopt).__name__}.")
     epochs = as_int(epochs, "epochs", min=1)
+    if epochs > 1 and isinstance(data, Iterator):
+        raise ArgumentTypeError(
+            f"`data` is an iterator ({type(data).__name__}): it would be exhausted after the "
+            f"first of the {epochs} epochs. Pass a list or a DataLoader."
+        )
     reporter = TrialReporter(trial, prune=prune)
+    if score is None and reporter.sign < 0:
+        raise ValueError(
+            "The study maximizes, but without `score` refine reports validation losses "
+            "(lower is better); pass score=... (e.g. an accuracy) or minimize the loss."
+        )
     for epoch in range(epochs):
         batches = _progress(data, f"trial {trial.number}, epoch {epoch + 1}") if progress else data
         for batch in batches:
-            before, done = hopt.hparams, hopt.hyper_steps
+            done = hopt.hyper_steps
+            # Copies: an unconstrained hyperparameter's value is its raw leaf, which the
+            # hyper-step updates in place.
+            before = {k: v.clone() for k, v in hopt.hparams.items()} if score is None else None
             hopt.zero_grad()
             hopt.train_loss(batch).backward()
             hopt.step(batch)
@@ -266,8 +297,10 @@ def add_refined_trial(
     sampler never proposed. Added as trials, those exact ``(params, value)`` pairs inform
     the sampler's model (TPE's densities) like its own trials, and the best refined point
     becomes ``study.best_trial`` with its refined ``best_params``. Parameters not in
-    ``params`` (structural choices) are copied from ``source``; float and int values are
-    clipped into ``source``'s distributions (a step in ``log`` space may round past a bound).
+    ``params`` (structural choices) are copied from ``source``; float and int values
+    (Python, numpy or 0-d tensors) are clipped into ``source``'s distributions (a step in
+    ``log`` space may round past a bound) and rounded to their grid (an integer, a
+    ``step``).
 
     Args:
         study: the study.
@@ -292,13 +325,25 @@ def add_refined_trial(
         raise ValueError(f"`value` must be finite, got {value}.")
     values = dict(source.params)
     for name, v in params.items():
-        d = dists[name]
-        if isinstance(
-            d, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
-        ):
-            v = min(max(v, d.low), d.high)
-        values[name] = v
+        values[name] = _into(dists[name], v, name)
     trial = optuna.trial.create_trial(
         params=values, distributions=dists, value=value, user_attrs={REFINED_FROM: source.number}
     )
     study.add_trial(trial)
+
+
+def _into(dist: Any, value: Any, name: str) -> Any:
+    """``value`` as a number inside a float or int distribution (clipped, on its grid)."""
+    numeric = (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
+    if not isinstance(dist, numeric):
+        return value  # categorical: Optuna checks the choice
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"params[{name!r}] must be a number, got {value!r}.")
+    v = float(value)
+    step = getattr(dist, "step", None)
+    if step is not None:  # int distributions have step 1
+        v = dist.low + round((v - dist.low) / step) * step
+    v = min(max(v, dist.low), dist.high)
+    return int(round(v)) if isinstance(dist, numeric[1]) else v

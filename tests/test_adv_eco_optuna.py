@@ -1,0 +1,120 @@
+"""Adversarial checks of the Optuna integration in study set-ups the other tests do not
+reach: unconstrained hyperparameters, maximizing and multi-objective studies, refined points
+on integer and stepped distributions, one-pass iterators.
+
+References: the hyper-optimizer's own records (the values each validation loss was measured
+with), the values reported, and Optuna's grids."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hypergradient as hg
+from test_hyperoptimizer_support import DT, batches, build
+
+optuna = pytest.importorskip("optuna")
+from hypergradient.integrations.optuna import (  # noqa: E402
+    TrialReporter,
+    add_refined_trial,
+    refine,
+    refined_hparams,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_refine_stores_the_unconstrained_values_the_best_loss_was_measured_with():
+    """A plain tensor hyperparameter is its own raw leaf: hopt.hparams returned it, and the
+    hyper-step updated it in place before the report copied it, so the trial stored the
+    values *after* the best hyper-step (those of the next record), not the ones scored."""
+    start = torch.full((4, 6), 0.05, dtype=DT)
+    seen = {}
+
+    def objective(trial):
+        model, hopt = build(decay=start.clone(), outer_lr=0.5, inner_steps=2)
+        value = refine(trial, hopt, batches(12))
+        seen["history"] = [r.hparams["decay"].clone() for r in hopt.history]
+        return value
+
+    study = optuna.create_study()
+    warnings.simplefilter("ignore", hg.HypergradientWarning)
+    study.optimize(objective, n_trials=1)
+    trial, history = study.best_trial, seen["history"]
+    step = trial.user_attrs["refined_step"]  # hyper-step k was measured with record k-1's
+    expected = start if step == 1 else history[step - 2]
+    assert len(history) == 6 and not torch.equal(history[0], start)
+    assert torch.equal(refined_hparams(trial)["decay"], expected)
+
+
+def test_a_maximizing_study_keeps_the_highest_score_and_refuses_losses():
+    """TrialReporter kept the lowest value whatever the study's direction: a study
+    maximizing an accuracy got the worst one as the trial's value."""
+    study = optuna.create_study(direction="maximize")
+
+    def objective(trial):
+        reporter = TrialReporter(trial)
+        for i, v in enumerate([0.5, 0.9, 0.7]):
+            reporter.report(v, {"p": torch.tensor([float(i)], dtype=DT)})
+        return reporter.finish()
+
+    study.optimize(objective, n_trials=1)
+    trial = study.best_trial
+    assert trial.value == 0.9 and trial.user_attrs["refined_step"] == 1
+    assert torch.equal(refined_hparams(trial)["p"], torch.tensor([1.0], dtype=DT))
+    _, hopt = build()
+    with pytest.raises(ValueError, match="maximizes"):
+        refine(study.ask(), hopt, batches(3))  # validation losses: lower is better
+
+
+def test_a_multi_objective_trial_keeps_its_best_without_reporting():
+    """Optuna's Trial.report raises NotImplementedError in a multi-objective study."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+
+    def objective(trial):
+        reporter = TrialReporter(trial)
+        for i, v in enumerate([0.5, 0.3, 0.7]):
+            reporter.report(v, {"p": torch.tensor([float(i)], dtype=DT)})
+        return reporter.finish(), 2.0
+
+    study.optimize(objective, n_trials=1)
+    (trial,) = study.trials
+    assert trial.values == [0.3, 2.0] and trial.intermediate_values == {}
+    assert torch.equal(refined_hparams(trial)["p"], torch.tensor([1.0], dtype=DT))
+
+
+def test_refined_points_are_rounded_onto_integer_and_stepped_grids():
+    """A refined width of 10.6, a rate of 0.3333 on a 0.1 grid: Optuna refused both
+    (ValueError: not contained in the distribution); a 0-d tensor was stored as a tensor."""
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_int("width", 4, 64, log=True)
+    trial.suggest_float("rate", 0.0, 1.0, step=0.1)
+    trial.suggest_float("decay", 1e-5, 1e-1, log=True)
+    study.tell(trial, 1.0)
+    source = study.trials[0]
+    add_refined_trial(
+        study, {"width": 10.6, "rate": 0.3333, "decay": torch.tensor(0.01)}, 0.5, source
+    )
+    add_refined_trial(study, {"width": 100, "rate": -3.0}, 0.25, source)
+    first, second = study.trials[1].params, study.trials[2].params
+    assert first["width"] == 11 and type(first["width"]) is int
+    assert first["rate"] == pytest.approx(0.3, abs=1e-12)
+    assert type(first["decay"]) is float and first["decay"] == float(torch.tensor(0.01))
+    assert second["width"] == 64 and second["rate"] == 0.0
+    assert study.best_trial.number == 2
+    with pytest.raises(hg.ArgumentTypeError, match="params\\['rate'\\]"):
+        add_refined_trial(study, {"rate": "high"}, 0.5, source)
+    assert len(study.trials) == 3
+
+
+def test_refine_refuses_a_one_pass_iterator_for_several_epochs():
+    """A generator was silently exhausted after the first epoch (the other epochs trained
+    nothing)."""
+    _, hopt = build()
+    study = optuna.create_study()
+    with pytest.raises(hg.ArgumentTypeError, match="exhausted"):
+        refine(study.ask(), hopt, iter(batches(3)), epochs=2)
+    assert hopt.hyper_steps == 0 and hopt.loop.count == 0  # nothing ran
