@@ -1,0 +1,86 @@
+"""Adversarial checks of the compat layers with argument forms their users write: a bare
+tensor for hypergrad's ``Params``, generators (``model.parameters()``) where tuples are
+expected.
+
+References: the same call with tuples, and a dense float64 implicit hypergradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hypergradient as hg
+from hypergradient.compat.hypergrad.approx_hypergrad import (
+    conjugate_gradient,
+    implicit_grad,
+    neumann,
+    nystrom,
+)
+
+DT = torch.float64
+g = torch.Generator().manual_seed(0)
+X, Y = torch.randn(100, 10, generator=g, dtype=DT), torch.randn(100, generator=g, dtype=DT)
+XV, YV = torch.randn(50, 10, generator=g, dtype=DT), torch.randn(50, generator=g, dtype=DT)
+LAM = (torch.full((10,), 0.1, dtype=DT),)
+W = (torch.linalg.solve(X.T @ X / 100 + torch.diag(LAM[0]), X.T @ Y / 100),)
+
+
+def inner_obj(in_params, out_params):
+    (w,), (lam,) = in_params, out_params
+    return 0.5 * ((X @ w - Y) ** 2).mean() + 0.5 * (lam * w**2).sum()
+
+
+def outer_obj(in_params, out_params):
+    (w,) = in_params
+    return 0.5 * ((XV @ w - YV) ** 2).mean()
+
+
+def dense():
+    """d_lam g - (d_lam grad_w f)^T H^{-1} grad_w g, H = X^T X / n + diag(lam)."""
+    H = X.T @ X / 100 + torch.diag(LAM[0])
+    x = torch.linalg.solve(H, XV.T @ (XV @ W[0] - YV) / 50)
+    return -(W[0] * x)  # d_lam grad_w f = diag(w)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w, lam: conjugate_gradient(inner_obj, outer_obj, w, lam, 10, 0.1),
+        lambda w, lam: neumann(inner_obj, outer_obj, w, lam, 5, 0.5),
+        lambda w, lam: nystrom(inner_obj, outer_obj, w, lam, 10, 1e-9),
+    ],
+    ids=["conjugate_gradient", "neumann", "nystrom"],
+)
+def test_a_bare_tensor_for_params_is_refused_naming_the_argument(call):
+    """tuple(w) split a tensor into its rows: the user's objective got ten scalars and
+    failed inside with 'too many values to unpack'."""
+    with pytest.raises(hg.ArgumentTypeError, match=r"`in_params` must be a tuple.*\(w,\)"):
+        call(W[0], LAM)
+    with pytest.raises(hg.ArgumentTypeError, match="`out_params`"):
+        call(W, LAM[0])
+    with pytest.raises(hg.ArgumentTypeError, match="non-empty"):
+        call((), LAM)
+
+
+def test_generators_of_parameters_are_read_once_and_give_the_tuples_result():
+    """nystrom called len() on a generator (TypeError); a function decorated with
+    implicit_grad consumed it, and the decorator then took the mixed product over nothing
+    (the hypergradient lost its implicit term)."""
+    torch.manual_seed(3)
+    want = nystrom(inner_obj, outer_obj, W, LAM, 10, 1e-9)
+    torch.manual_seed(3)
+    got = nystrom(inner_obj, outer_obj, (w for w in W), (lam for lam in LAM), 10, 1e-9)
+    assert torch.equal(got[0], want[0])
+    assert torch.allclose(got[0], dense(), rtol=1e-7, atol=0)
+
+    @implicit_grad
+    def exact_ihvp(inner_obj, outer_obj, in_params, out_params):
+        (w,), (lam,) = tuple(in_params), tuple(out_params)
+        H = X.T @ X / 100 + torch.diag(lam)
+        x = torch.linalg.solve(H, XV.T @ (XV @ w - YV) / 50)
+        return (x,), (torch.zeros_like(lam),)
+
+    from_tuples = exact_ihvp(inner_obj, outer_obj, W, LAM)
+    from_generators = exact_ihvp(inner_obj, outer_obj, iter(W), out_params=iter(LAM))
+    assert torch.allclose(from_tuples[0], dense(), rtol=1e-12, atol=0)
+    assert torch.equal(from_generators[0], from_tuples[0])
