@@ -84,3 +84,24 @@ def test_generators_of_parameters_are_read_once_and_give_the_tuples_result():
     from_generators = exact_ihvp(inner_obj, outer_obj, iter(W), out_params=iter(LAM))
     assert torch.allclose(from_tuples[0], dense(), rtol=1e-12, atol=0)
     assert torch.equal(from_generators[0], from_tuples[0])
+
+
+def test_hippotrainer_refuses_a_hyperparameter_that_is_an_optimizer_setting_or_parameter():
+    """A tensor learning rate passed as a hyperparameter (HippoTrainer: "learning rate
+    tuning is not supported") was accepted, and every method returned a hypergradient of
+    exactly 0 for it: the run looked tuned and never was."""
+    from torch import nn
+
+    from hypergradient.compat.hippotrainer import DRMAD, HOAG, T1T2, Neumann
+
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    for cls in (T1T2, Neumann, HOAG, DRMAD):
+        model, lr, theta = nn.Linear(4, 2), torch.tensor(0.1), torch.zeros(1)
+        setup = {"model": model, "train_loader": data, "val_loader": data}
+        setup["criterion"] = nn.CrossEntropyLoss()
+        tensor_lr = torch.optim.SGD(model.parameters(), lr=lr)
+        with pytest.raises(ValueError, match=r"hyperparams\['lr'\] is the optimizer's `lr`"):
+            cls({"lr": lr}, optimizer=tensor_lr, **setup)
+        trains_theta = torch.optim.SGD([*model.parameters(), theta], lr=0.1)
+        with pytest.raises(ValueError, match=r"hyperparams\['theta'\] is trained by"):
+            cls({"theta": theta}, optimizer=trains_theta, **setup)

@@ -23,6 +23,7 @@ from ._autograd import criterion_loss, grads_or_zeros, split_batch, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
     check_hyperparams,
+    check_optimizer,
     check_setup,
     find_stale_capture,
     stale_capture_message,
@@ -96,6 +97,7 @@ class HyperOptimizer:
         check_setup(model, optimizer, train_loader, val_loader, criterion)
         model = cast(nn.Module, model)  # check_setup ensured it
         check_hyperparams(hyperparams, model)
+        check_optimizer(hyperparams, cast(torch.optim.Optimizer, optimizer))
         stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
         if stale is not None:
             raise ValueError(stale_capture_message(*stale))
