@@ -118,3 +118,15 @@ def test_refine_refuses_a_one_pass_iterator_for_several_epochs():
     with pytest.raises(hg.ArgumentTypeError, match="exhausted"):
         refine(study.ask(), hopt, iter(batches(3)), epochs=2)
     assert hopt.hyper_steps == 0 and hopt.loop.count == 0  # nothing ran
+
+
+def test_refine_without_a_history_says_what_it_needs():
+    """history_size=0 (no record kept): refine failed with IndexError: deque index out of
+    range after the first hyper-step's training."""
+    _, hopt = build(history_size=0)
+    study = optuna.create_study()
+    with pytest.raises(ValueError, match="history_size"):
+        refine(study.ask(), hopt, batches(6))
+    assert hopt.loop.count == 0  # refused before training
+    value = refine(study.ask(), hopt, batches(6), score=lambda: 0.25)
+    assert value == 0.25 and hopt.hyper_steps == 2

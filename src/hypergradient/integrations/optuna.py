@@ -221,7 +221,8 @@ def refine(
     Raises:
         optuna.TrialPruned: pruned, or no finite value.
         ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``.
-        ValueError: the study maximizes and no ``score`` is given (losses are reported).
+        ValueError: no ``score`` is given and the study maximizes (losses are reported) or
+            ``hopt`` keeps no history (``history_size=0``).
     """
     if not isinstance(hopt, HyperOptimizer):
         raise ArgumentTypeError(f"`hopt` must be a hg.HyperOptimizer, got {type(hopt).__name__}.")
@@ -230,6 +231,12 @@ def refine(
         raise ArgumentTypeError(
             f"`data` is an iterator ({type(data).__name__}): it would be exhausted after the "
             f"first of the {epochs} epochs. Pass a list or a DataLoader."
+        )
+    if score is None and hopt.history.maxlen == 0:
+        raise ValueError(
+            "refine reports each hyper-step's record from hopt.history, but the "
+            "hyper-optimizer keeps none (history_size=0); build it with history_size >= 1 "
+            "or pass score=...."
         )
     reporter = TrialReporter(trial, prune=prune)
     if score is None and reporter.sign < 0:
