@@ -218,3 +218,26 @@ def test_every_hyper_step_reaches_the_logger_with_lightnings_default_logging_int
         assert float(row["hypergradient/hparams/decay/4"]) == float(record.hparams["decay"][4])
     last = float(run.callback_metrics["hypergradient/loss/val"])
     assert last == pytest.approx(cb.hopt.history[-1].val_loss, rel=1e-6)
+
+
+def test_records_are_logged_whatever_history_size_and_the_users_sinks_still_receive(tmp_path):
+    """history_size=0 keeps no record: the callback read hopt.history after each step and
+    logged nothing at all. It now receives each committed record as a sink, after the
+    user's own ones."""
+    import csv
+
+    log, seen = L.loggers.CSVLogger(tmp_path, name="run"), []
+    cb = HypergradientCallback(
+        val_data=VAL,
+        val_batch_size=16,
+        every_n_steps=3,
+        method=METHODS["ift"](),
+        history_size=0,
+        logger=seen.append,
+    )
+    warnings.simplefilter("ignore", hg.HypergradientWarning)
+    trainer(max_steps=12, callbacks=[cb], logger=log).fit(Net(), ordered())
+    assert len(cb.hopt.history) == 0 and cb.hopt.hyper_steps == len(seen) == 4
+    with open(f"{log.log_dir}/metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("hypergradient/loss/val")]
+    assert [float(r["hypergradient/loss/val"]) for r in rows] == [r.val_loss for r in seen]

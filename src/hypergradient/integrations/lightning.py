@@ -211,6 +211,7 @@ class HypergradientCallback(pl.Callback):
         self.hopt: HyperOptimizer | None = None
         self._loaded: Mapping[str, Any] | None = None
         self._steps_before = 0
+        self._records: list[HyperStepRecord] = []  # committed during the current batch
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -276,8 +277,15 @@ class HypergradientCallback(pl.Callback):
             method=self.method,
             inner_steps=self.every_n_steps,
             process_group=group,
-            **self.options,
+            **(self.options | {"logger": self._sinks()}),
         )
+
+    def _sinks(self) -> list[Any]:
+        """The user's sinks, then the callback's own: every committed record reaches it
+        (whatever ``history_size``: ``history_size=0`` keeps none to read back)."""
+        user = self.options["logger"]
+        user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
+        return [*user, self._records.append]  # last: reached only if the others succeeded
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(
@@ -301,15 +309,16 @@ class HypergradientCallback(pl.Callback):
         check_steps(steps, pl_module, hopt.method)
         if steps == 0:
             return  # no optimizer step (gradient accumulation, a skipped batch)
-        before = hopt.hyper_steps
+        self._records.clear()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
         for _ in range(steps - 1):  # manual optimization stepped more than once (implicit)
             hopt.begin_step()
             hopt.end_step(batch)
         if self.log_records:
-            for i in range(min(hopt.hyper_steps - before, len(hopt.history)), 0, -1):
-                self._log(trainer, pl_module, hopt.history[-i])
+            for record in self._records:
+                self._log(trainer, pl_module, record)
+        self._records.clear()
 
     def _log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: HyperStepRecord
