@@ -241,3 +241,12 @@ def test_records_are_logged_whatever_history_size_and_the_users_sinks_still_rece
     with open(f"{log.log_dir}/metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("hypergradient/loss/val")]
     assert [float(r["hypergradient/loss/val"]) for r in rows] == [r.val_loss for r in seen]
+
+
+def test_a_lightning_logger_given_as_a_sink_is_refused_at_construction(tmp_path):
+    """Lightning's own TensorBoardLogger passed as the callback's `logger` was accepted and
+    only failed when fitting started, without saying where it belongs."""
+    lightning_logger = L.loggers.TensorBoardLogger(tmp_path)
+    for value in (lightning_logger, [print, lightning_logger]):
+        with pytest.raises(hg.ArgumentTypeError, match=r"Trainer\(logger=\.\.\.\)"):
+            HypergradientCallback(val_data=VAL, logger=value)

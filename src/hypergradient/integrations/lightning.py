@@ -207,6 +207,13 @@ class HypergradientCallback(pl.Callback):
             "val": (val_data, val_batch_size),
             "holdout": (holdout_data, holdout_batch_size),
         }
+        for sink in logger if isinstance(logger, (list, tuple)) else [logger]:
+            if isinstance(sink, pl.loggers.Logger):
+                raise ArgumentTypeError(
+                    f"`logger` takes hypergradient sinks (e.g. hypergradient.integrations."
+                    f"TensorBoardLogger), got Lightning's {type(sink).__name__}: pass it as "
+                    "Trainer(logger=...), where the callback writes every hyper-step."
+                )
         self.options = dict(options, patience=patience, keep_best=keep_best, logger=logger)
         self.hopt: HyperOptimizer | None = None
         self._loaded: Mapping[str, Any] | None = None
