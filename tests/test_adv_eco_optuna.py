@@ -130,3 +130,19 @@ def test_refine_without_a_history_says_what_it_needs():
     assert hopt.loop.count == 0  # refused before training
     value = refine(study.ask(), hopt, batches(6), score=lambda: 0.25)
     assert value == 0.25 and hopt.hyper_steps == 2
+
+
+def test_polisher_box_errors_name_the_bound_and_change_nothing():
+    """A box of the wrong shape raised torch's RuntimeError from expand_as; an empty box
+    raised after the bounds of the previous polish had been overwritten."""
+    from hypergradient.integrations.optuna import Polisher
+
+    polisher = Polisher(torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match=r"`lower` has shape \(3,\).*\(4,\)"):
+        polisher.start(torch.zeros(4, dtype=DT), 1.0, torch.ones(4, dtype=DT))
+    polisher.start(torch.full((3,), 0.5, dtype=DT), 1.0, torch.ones(3, dtype=DT))
+    polisher.lower = 2.0  # an empty box for the next start
+    with pytest.raises(ValueError, match="empty box"):
+        polisher.start(torch.zeros(3, dtype=DT), 1.0, torch.ones(3, dtype=DT))
+    assert torch.equal(polisher.lo, torch.zeros(3, dtype=DT))  # the running polish's box
+    assert torch.equal(polisher.x, torch.full((3,), 0.5, dtype=DT))

@@ -99,16 +99,26 @@ class Polisher:
         require_finite([grad], ["grad"], "The hypergradient", "Start where it is finite.")
         if not math.isfinite(float(value)):
             raise ValueError(f"`value` must be finite, got {value}; start from a trained point.")
-        self.lo, self.hi = (
-            torch.as_tensor(b, dtype=x.dtype, device=x.device).expand_as(x)
-            for b in (self.lower, self.upper)
-        )
-        if not bool((self.lo < self.hi).all()):
+        lo, hi = self._bound(self.lower, "lower", x), self._bound(self.upper, "upper", x)
+        if not bool((lo < hi).all()):
             raise ValueError("`lower` must be below `upper` everywhere (an empty box).")
+        self.lo, self.hi = lo, hi
         self.x = torch.clamp(x.detach(), self.lo, self.hi).clone()
         self.g, self.value = grad.detach().clone(), float(value)
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.t, self.rejects, self.done, self.candidate = 1.0, 0, False, None
+
+    @staticmethod
+    def _bound(b: Tensor | float, name: str, x: Tensor) -> Tensor:
+        """``b`` as a tensor of ``x``'s shape (broadcast), or a ``ValueError`` naming it."""
+        t = torch.as_tensor(b, dtype=x.dtype, device=x.device)
+        try:
+            return t.expand_as(x)
+        except RuntimeError:
+            raise ValueError(
+                f"`{name}` has shape {tuple(t.shape)}, which does not broadcast to x's "
+                f"{tuple(x.shape)}; pass a float or a tensor shaped like x."
+            ) from None
 
     def _free(self) -> Tensor:
         x, g = self.x, self.g
