@@ -105,3 +105,28 @@ def test_hippotrainer_refuses_a_hyperparameter_that_is_an_optimizer_setting_or_p
         trains_theta = torch.optim.SGD([*model.parameters(), theta], lr=0.1)
         with pytest.raises(ValueError, match=r"hyperparams\['theta'\] is trained by"):
             cls({"theta": theta}, optimizer=trains_theta, **setup)
+
+
+def test_hippotrainer_drmad_over_one_step_is_the_exact_unrolled_hypergradient():
+    """With T=1 the line w0 -> wT passes through the only step's start, so DrMAD's reverse
+    pass is exact reverse mode through one SGD step, here from trained weights (w0 != wT;
+    the other tests use a stationary start or a cosine)."""
+    from test_compat_hippotrainer import DRMAD, TRAIN, VAL, documented_loop, setup
+
+    model, hyper, _, criterion, hopt = setup(DRMAD, T=1)
+    documented_loop(model, criterion, hopt, 3)
+    w0 = (model.weight.detach().clone(), model.bias.detach().clone())
+    h0 = hyper["log_wd"].detach().clone()
+    got = hopt.hyper_grad_on_batches(TRAIN[0], VAL[0])[0]
+    assert not torch.equal(hopt.wT[0], w0[0])
+    (xt, yt), (xv, yv) = TRAIN[0], VAL[0]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def f(p, h):
+        return bce(xt @ p[0].T + p[1], yt) + 0.5 * (h.exp() * p[0][0] ** 2).sum()
+
+    def g(p, h):
+        return bce(xv @ p[0].T + p[1], yv) + 0.5 * (h.exp() * p[0][0] ** 2).sum()
+
+    exact = hg.unrolled(f, g, w0, h0, 1, hg.optim.sgd(lr=0.5))
+    assert torch.allclose(got, exact, rtol=1e-12, atol=1e-15)
