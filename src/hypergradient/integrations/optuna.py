@@ -224,20 +224,7 @@ def refine(
         ValueError: no ``score`` is given and the study maximizes (losses are reported) or
             ``hopt`` keeps no history (``history_size=0``).
     """
-    if not isinstance(hopt, HyperOptimizer):
-        raise ArgumentTypeError(f"`hopt` must be a hg.HyperOptimizer, got {type(hopt).__name__}.")
-    epochs = as_int(epochs, "epochs", min=1)
-    if epochs > 1 and isinstance(data, Iterator):
-        raise ArgumentTypeError(
-            f"`data` is an iterator ({type(data).__name__}): it would be exhausted after the "
-            f"first of the {epochs} epochs. Pass a list or a DataLoader."
-        )
-    if score is None and hopt.history.maxlen == 0:
-        raise ValueError(
-            "refine reports each hyper-step's record from hopt.history, but the "
-            "hyper-optimizer keeps none (history_size=0); build it with history_size >= 1 "
-            "or pass score=...."
-        )
+    epochs = _check_refine(hopt, data, epochs, score is None)
     reporter = TrialReporter(trial, prune=prune)
     if score is None and reporter.sign < 0:
         raise ValueError(
@@ -259,6 +246,25 @@ def refine(
         if score is not None:
             reporter.report(float(score()), hopt.hparams, epoch)
     return reporter.finish()
+
+
+def _check_refine(hopt: Any, data: Any, epochs: Any, from_history: bool) -> int:
+    """:func:`refine`'s argument checks; returns ``epochs``."""
+    if not isinstance(hopt, HyperOptimizer):
+        raise ArgumentTypeError(f"`hopt` must be a hg.HyperOptimizer, got {type(hopt).__name__}.")
+    epochs = as_int(epochs, "epochs", min=1)
+    if epochs > 1 and isinstance(data, Iterator):
+        raise ArgumentTypeError(
+            f"`data` is an iterator ({type(data).__name__}): it would be exhausted after the "
+            f"first of the {epochs} epochs. Pass a list or a DataLoader."
+        )
+    if from_history and hopt.history.maxlen == 0:
+        raise ValueError(
+            "refine reports each hyper-step's record from hopt.history, but the "
+            "hyper-optimizer keeps none (history_size=0); build it with history_size >= 1 "
+            "or pass score=...."
+        )
+    return epochs
 
 
 def _progress(data: Iterable[Any], desc: str) -> Iterable[Any]:
