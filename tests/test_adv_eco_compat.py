@@ -130,3 +130,48 @@ def test_hippotrainer_drmad_over_one_step_is_the_exact_unrolled_hypergradient():
 
     exact = hg.unrolled(f, g, w0, h0, 1, hg.optim.sgd(lr=0.5))
     assert torch.allclose(got, exact, rtol=1e-12, atol=1e-15)
+
+
+def test_hippotrainer_differentiates_only_what_the_optimizer_trains():
+    """An optimizer over the head only, the body left requiring grad (fine-tuning without
+    requires_grad_(False)): the body is a constant of the inner problem. The compat layer
+    took every parameter requiring grad as trained, so HOAG solved with the body's Hessian
+    too (non-positive curvature, a hypergradient of the wrong sign: 0.036 for -0.0117)."""
+    from torch import nn
+
+    from hypergradient.compat.hippotrainer import HOAG, T1T2
+
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 4, dtype=DT), torch.randn(60, 1, dtype=DT)
+    train, val = (x[:40], y[:40]), (x[40:], y[40:])
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    decay = torch.tensor([0.1], dtype=DT)
+
+    def criterion(out, target):
+        return ((out - target) ** 2).mean() + (decay * model[2].weight.square()).sum()
+
+    head = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    for _ in range(200):
+        head.zero_grad()
+        criterion(model(train[0]), train[1]).backward()
+        head.step()
+
+    def loss(batch):
+        def f(p, h):
+            out = torch.func.functional_call(model, {"2.weight": p[0], "2.bias": p[1]}, batch[0])
+            return ((out - batch[1]) ** 2).mean() + (h * p[0].square()).sum()
+
+        return f
+
+    params = (model[2].weight.detach(), model[2].bias.detach())
+    setup = {"model": model, "optimizer": head, "train_loader": [train], "val_loader": [val]}
+    for cls, kw, solver in (
+        (HOAG, {"epsilon": 1e-30, "cg_max_iter": 50}, hg.Exact()),
+        (T1T2, {}, hg.Identity(0.1)),
+    ):
+        want = hg.implicit(loss(train), loss(val), params, decay, solver, stationarity=None)
+        got = cls({"decay": decay}, criterion=criterion, **setup, **kw)
+        assert torch.allclose(got.hyper_grad_on_batches(train, val)[0], want, rtol=1e-10)
+    elsewhere = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="trains none of the model's parameters"):
+        T1T2({"decay": decay}, criterion=criterion, **(setup | {"optimizer": elsewhere}))

@@ -63,6 +63,12 @@ def check_setup(
             )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("`model` has no trainable parameters (none requires grad).")
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(p.requires_grad and id(p) in stepped for p in model.parameters()):
+        raise ValueError(
+            "`optimizer` trains none of the model's parameters that require grad; build it "
+            "from model.parameters()."
+        )
 
 
 def check_hyperparams(hyperparams: Any, model: nn.Module) -> None:

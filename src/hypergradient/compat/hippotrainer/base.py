@@ -247,7 +247,12 @@ class HyperOptimizer:
         return losses[0], losses[1]
 
     def _named_params(self) -> tuple[list[str], list[Tensor]]:
-        named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        """The trained parameters: those ``optimizer`` steps that require grad (a parameter
+        left out of the optimizer is a constant of the inner problem, as a frozen one)."""
+        stepped = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        named = [
+            (k, p) for k, p in self.model.named_parameters() if p.requires_grad and id(p) in stepped
+        ]
         return [k for k, _ in named], [p for _, p in named]
 
     def _params(self) -> dict[str, Tensor]:
