@@ -250,3 +250,38 @@ def test_a_lightning_logger_given_as_a_sink_is_refused_at_construction(tmp_path)
     for value in (lightning_logger, [print, lightning_logger]):
         with pytest.raises(hg.ArgumentTypeError, match=r"Trainer\(logger=\.\.\.\)"):
             HypergradientCallback(val_data=VAL, logger=value)
+
+
+class FrozenBias(Net):
+    """The bias frozen; the optimizer built from self.parameters() (Lightning's usual
+    configure_optimizers) or, as the reference, from the trained weight alone."""
+
+    def __init__(self, all_parameters):
+        super().__init__(dropout=0.0)
+        self.linear.bias.requires_grad_(False)
+        self.all_parameters = all_parameters
+
+    def configure_optimizers(self):
+        params = self.parameters() if self.all_parameters else [self.linear.weight]
+        return torch.optim.SGD(params, lr=self.lr)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_frozen_parameter_inside_the_optimizer_is_not_a_trained_one(method):
+    """torch's optimizer never moves a tensor without gradient, but the hyper-optimizer took
+    every tensor of its param groups as trained: Unrolled replayed steps of the frozen bias
+    (replay error 0.2) and IFT solved with the bias's Hessian rows. The run must be the run
+    whose optimizer holds the weight alone."""
+    warnings.simplefilter("ignore", hg.HypergradientWarning)
+    runs = []
+    for all_parameters in (True, False):
+        module, cb = FrozenBias(all_parameters), callback(METHODS[method]())
+        trainer(max_steps=9, callbacks=[cb]).fit(module, ordered())
+        runs.append((module, cb))
+    (a, cb_a), (b, cb_b) = runs
+    assert cb_a.hopt.hyper_steps == cb_b.hopt.hyper_steps == 3
+    assert [r.val_loss for r in cb_a.hopt.history] == [r.val_loss for r in cb_b.hopt.history]
+    assert torch.equal(a.decay.raw, b.decay.raw)
+    assert torch.equal(a.linear.weight, b.linear.weight)
+    if method == "unrolled":
+        assert max(r.info.replay_error for r in cb_a.hopt.history) < 1e-14

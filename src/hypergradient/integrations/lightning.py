@@ -67,6 +67,10 @@ otherwise the callback raises at the start of fitting, saying which setting prev
 Under manual optimization they also need one optimizer step per training batch (the
 callback raises at the first batch that takes several, or none).
 
+**Frozen parameters.** Tensors of the optimizer that do not require grad (a frozen
+backbone in ``Adam(self.parameters())``) are constants of the inner problem: torch's
+optimizer never moves them, and hyper-steps neither differentiate nor replay them.
+
 **Steps.** ``every_n_steps`` counts the Trainer's optimizer steps (several per batch under
 manual optimization are counted each). A batch whose ``training_step`` returned None is
 skipped by Lightning (no backward, nothing moves): it is not an inner step.
@@ -87,7 +91,14 @@ from ..constraints import Constraint
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
-from ._lightning_checks import check_replayable, check_schedulers, check_steps, shard, skipped
+from ._lightning_checks import (
+    check_replayable,
+    check_schedulers,
+    check_steps,
+    shard,
+    skipped,
+    trained_view,
+)
 from .loggers import record_scalars
 
 __all__ = ["HypergradientCallback", "tuned_values"]
@@ -271,7 +282,7 @@ class HypergradientCallback(pl.Callback):
         train_loss, val_loss = self.losses
         (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
         return HyperOptimizer(
-            pl_module,
+            trained_view(pl_module, inner),
             self._hparams(pl_module),
             inner_optimizer=inner,
             outer_optimizer=self.outer_factory,
