@@ -146,3 +146,19 @@ def test_polisher_box_errors_name_the_bound_and_change_nothing():
         polisher.start(torch.zeros(3, dtype=DT), 1.0, torch.ones(3, dtype=DT))
     assert torch.equal(polisher.lo, torch.zeros(3, dtype=DT))  # the running polish's box
     assert torch.equal(polisher.x, torch.full((3,), 0.5, dtype=DT))
+
+
+def test_the_reporter_takes_numbers_as_hyperparameters_and_refuses_other_values_first():
+    """A float in `hparams` (a learning rate reported next to tensors) raised
+    AttributeError ('float' object has no attribute 'detach') after the best value had
+    been replaced, leaving the values of the previous best attributed to it."""
+    study = optuna.create_study()
+    trial = study.ask()
+    reporter = TrialReporter(trial)
+    reporter.report(0.5, {"lr": 0.1, "decay": torch.ones(2, dtype=DT)})
+    with pytest.raises(hg.ArgumentTypeError, match=r"hparams\['lr'\]"):
+        reporter.report(0.25, {"lr": "high"})
+    assert reporter.best_value == 0.5 and reporter.steps == 1
+    study.tell(trial, reporter.finish())
+    stored = refined_hparams(study.best_trial)
+    assert stored["lr"].item() == 0.1 and torch.equal(stored["decay"], torch.ones(2, dtype=DT))

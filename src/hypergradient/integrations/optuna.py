@@ -141,13 +141,14 @@ class TrialReporter:
         """
         value = float(value)
         step = self.steps if step is None else as_int(step, "step", min=0)
+        best = math.isfinite(value) and self.sign * value < self.sign * self.best_value
+        copies = {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
         self.steps += 1
         if not math.isfinite(value):
             return
-        if self.sign * value < self.sign * self.best_value:
+        if best:
             self.best_value, self.best_step = value, step
-            if hparams is not None:
-                self.best_hparams = {k: v.detach().clone() for k, v in hparams.items()}
+            self.best_hparams = self.best_hparams if copies is None else copies
         if not self.reports:
             return
         self.trial.report(value, step)
@@ -178,6 +179,17 @@ class TrialReporter:
         if not math.isfinite(self.best_value):
             raise optuna.TrialPruned("no finite value was reported")
         return self.best_value
+
+
+def _copy(value: Any, name: str) -> Tensor:
+    """A detached copy of a reported hyperparameter (a tensor or a number)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"hparams[{name!r}] must be a tensor or a number, got {type(value).__name__}."
+        )
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def _directions(trial: Any) -> list[Any]:
