@@ -175,3 +175,44 @@ def test_hippotrainer_differentiates_only_what_the_optimizer_trains():
     elsewhere = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with pytest.raises(ValueError, match="trains none of the model's parameters"):
         T1T2({"decay": decay}, criterion=criterion, **(setup | {"optimizer": elsewhere}))
+
+
+def test_a_one_pass_loader_is_named_as_such_when_it_runs_out():
+    """A generator of batches gave its batches once; the next pass found none and the error
+    said the loader 'yields no batches' (hypergrad itself looped forever there)."""
+    from torch import nn
+
+    from hypergradient.compat.hippotrainer import T1T2
+    from hypergradient.compat.hypergrad.solver import BaseSolver
+
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    model = nn.Linear(4, 2)
+    hopt = T1T2(
+        {"theta": torch.zeros(1)},
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=(b for b in [batch]),
+        val_loader=[batch],
+        criterion=nn.CrossEntropyLoss(),
+    )
+    hopt.hyper_step()
+    with pytest.raises(ValueError, match="`train_loader` .* one-pass iterator"):
+        hopt.hyper_step()
+
+    class Solver(BaseSolver):
+        inner_forward = outer_forward = inner_update = outer_update = None
+
+    solver = Solver(
+        nn.Linear(4, 2),
+        nn.Linear(1, 1),
+        (b for b in [batch]),
+        [batch],
+        1,
+        1,
+        None,
+        None,
+        device=torch.device("cpu"),
+    )
+    next(solver.inner_loader)
+    with pytest.raises(ValueError, match="`inner_loader` .* one-pass iterator"):
+        next(solver.inner_loader)

@@ -40,15 +40,23 @@ class _Cycle:
     def __init__(self, loader: Iterable[Any], name: str):
         self.loader, self.name = loader, name
         self._it: Iterator[Any] | None = None
+        self.served = False  # whether a batch was ever drawn
 
     def next(self) -> Any:
         for _ in range(2):
             if self._it is None:
                 self._it = iter(self.loader)
             try:
-                return next(self._it)
+                batch = next(self._it)
+                self.served = True
+                return batch
             except StopIteration:
                 self._it = None
+        if self.served:
+            raise ValueError(
+                f"`{self.name}` yields no batches on its second pass: it is a one-pass "
+                "iterator (a generator?); pass a re-iterable such as a list or a DataLoader."
+            )
         raise ValueError(f"`{self.name}` yields no batches.")
 
 
