@@ -7,7 +7,9 @@ trained (`hyperoptimizer/model.py`, `trained_tensors` / `ModelView.__init__`), s
 replay moves the bias and ends 0.40 (relative) away from the real weights, with a warning
 that blames the user's train_loss. Implicit methods differentiate through the bias too.
 Expected: replay_error ~ 1e-16 (the same run with the bias left out of the optimizer gives
-0.0). Fix belongs in hyperoptimizer/model.py (skip tensors with requires_grad=False)."""
+0.0). Fix belongs in hyperoptimizer/model.py (skip tensors with requires_grad=False).
+The Lightning callback works around it (integrations/_lightning_checks.trained_view); plain
+HyperOptimizer users and the Optuna `refine` path still meet it."""
 
 import warnings
 
