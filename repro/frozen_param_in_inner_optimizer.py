@@ -33,10 +33,15 @@ def run(frozen_in_optimizer):
         return ((m(b[0]).squeeze(1) - b[1]) ** 2).mean()
 
     hopt = hg.HyperOptimizer(
-        model, {"decay": decay}, inner_optimizer=opt,
+        model,
+        {"decay": decay},
+        inner_optimizer=opt,
         outer_optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
         train_loss=lambda m, h, b: fit(m, h, b) + 0.5 * (h["decay"] * m.weight[0] ** 2).sum(),
-        val_loss=fit, val_data=(x, y), method=hg.Unrolled(), inner_steps=3,
+        val_loss=fit,
+        val_data=(x, y),
+        method=hg.Unrolled(),
+        inner_steps=3,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

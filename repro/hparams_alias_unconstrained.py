@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_hyperoptimizer_support import DT, batches, build  # noqa: E402
-
 import hypergradient as hg  # noqa: E402
+from test_hyperoptimizer_support import DT, batches, build  # noqa: E402
 
 for decay in (torch.full((4, 6), 0.05, dtype=DT), hg.Positive(torch.full((4, 6), 0.05, dtype=DT))):
     _, hopt = build(decay=decay, outer_lr=0.5, inner_steps=1)
@@ -25,6 +24,10 @@ for decay in (torch.full((4, 6), 0.05, dtype=DT), hg.Positive(torch.full((4, 6),
     hopt.zero_grad()
     hopt.train_loss(b).backward()
     hopt.step(b)
-    print(type(decay).__name__, "value kept from before the step changed:", not torch.equal(before, kept))
+    print(
+        type(decay).__name__,
+        "value kept from before the step changed:",
+        not torch.equal(before, kept),
+    )
 # Tensor   -> True  (a live view)
 # Positive -> False (a snapshot)
