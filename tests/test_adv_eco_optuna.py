@@ -162,3 +162,23 @@ def test_the_reporter_takes_numbers_as_hyperparameters_and_refuses_other_values_
     study.tell(trial, reporter.finish())
     stored = refined_hparams(study.best_trial)
     assert stored["lr"].item() == 0.1 and torch.equal(stored["decay"], torch.ones(2, dtype=DT))
+
+
+def test_a_diverging_trial_is_pruned_and_the_study_goes_on():
+    """A sampled inner learning rate of 1e30 makes the run non-finite: the
+    NonFiniteHypergradientError ended study.optimize (the other trials never ran)."""
+    study = optuna.create_study()
+    study.enqueue_trial({"lr": 1e30})
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e-3, 1e30, log=True)
+        _, hopt = build()
+        for group in hopt.inner_optimizer.param_groups:
+            group["lr"] = lr
+        return refine(trial, hopt, batches(12))
+
+    warnings.simplefilter("ignore", hg.HypergradientWarning)
+    study.optimize(objective, n_trials=2)
+    first, second = study.trials
+    assert first.state == optuna.trial.TrialState.PRUNED and "refined_step" in first.user_attrs
+    assert second.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

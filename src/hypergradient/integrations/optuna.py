@@ -46,16 +46,27 @@ import optuna
 import torch
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_bool, as_int, as_optional_int
+from .._vocab import (
+    ArgumentTypeError,
+    NonFiniteHypergradientError,
+    as_bool,
+    as_int,
+    as_optional_int,
+)
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
-from .optuna_polish import Polisher
+from .optuna_polish import REFINED_FROM, Polisher, add_refined_trial
 
-__all__ = ["Polisher", "TrialReporter", "add_refined_trial", "refine", "refined_hparams"]
+__all__ = [
+    "REFINED_FROM",
+    "Polisher",
+    "TrialReporter",
+    "add_refined_trial",
+    "refine",
+    "refined_hparams",
+]
 
 #: User attributes written on the trial.
 REFINED, BEST_STEP, STEPS = "refined_hparams", "refined_step", "refinement_steps"
-#: User attribute of a trial added by :func:`add_refined_trial`: the source trial's number.
-REFINED_FROM = "refined_from"
 
 
 def _plain(values: Mapping[str, Tensor], limit: int) -> dict[str, Any]:
@@ -169,6 +180,10 @@ class TrialReporter:
         self.trial.set_user_attr(BEST_STEP, self.best_step)
         self.trial.set_user_attr(STEPS, self.steps)
 
+    def finish_pruned(self) -> None:
+        """Write the best values found so far on the trial (before it is pruned)."""
+        self._write()
+
     def finish(self) -> float:
         """Write the best values on the trial; returns the best reported value.
 
@@ -230,8 +245,13 @@ def refine(
         attribute holds the hyperparameters that produced it: the values each epoch ended
         with (``score``), or the ones a hyper-step's validation batch was evaluated with.
 
+    A refinement that diverges (``NonFiniteHypergradientError``, or
+    ``HyperparameterDomainError`` when an outer step leaves a domain) is a sampled setting
+    that does not train: the trial is pruned, with the best values so far written on it,
+    and the study goes on (the error used to end ``study.optimize``).
+
     Raises:
-        optuna.TrialPruned: pruned, or no finite value.
+        optuna.TrialPruned: pruned, diverged, or no finite value.
         ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``.
         ValueError: no ``score`` is given and the study maximizes (losses are reported) or
             ``hopt`` keeps no history (``history_size=0``).
@@ -243,21 +263,30 @@ def refine(
             "The study maximizes, but without `score` refine reports validation losses "
             "(lower is better); pass score=... (e.g. an accuracy) or minimize the loss."
         )
-    for epoch in range(epochs):
-        batches = _progress(data, f"trial {trial.number}, epoch {epoch + 1}") if progress else data
-        for batch in batches:
-            done = hopt.hyper_steps
-            # Copies: an unconstrained hyperparameter's value is its raw leaf, which the
-            # hyper-step updates in place.
-            before = {k: v.clone() for k, v in hopt.hparams.items()} if score is None else None
-            hopt.zero_grad()
-            hopt.train_loss(batch).backward()
-            hopt.step(batch)
-            if score is None and hopt.hyper_steps > done:
-                reporter.log(hopt.history[-1], before)
-        if score is not None:
-            reporter.report(float(score()), hopt.hparams, epoch)
+    try:
+        for epoch in range(epochs):
+            desc = f"trial {trial.number}, epoch {epoch + 1}"
+            _epoch(hopt, _progress(data, desc) if progress else data, reporter, score is None)
+            if score is not None:
+                reporter.report(float(score()), hopt.hparams, epoch)
+    except NonFiniteHypergradientError as err:  # a sampled setting that does not train
+        reporter.finish_pruned()
+        raise optuna.TrialPruned(f"the refinement diverged: {err}") from err
     return reporter.finish()
+
+
+def _epoch(hopt: HyperOptimizer, batches: Iterable[Any], reporter: Any, log: bool) -> None:
+    """One pass of the documented loop; each hyper-step's record reported when ``log``."""
+    for batch in batches:
+        done = hopt.hyper_steps
+        # Copies: an unconstrained hyperparameter's value is its raw leaf, which the
+        # hyper-step updates in place.
+        before = {k: v.clone() for k, v in hopt.hparams.items()} if log else None
+        hopt.zero_grad()
+        hopt.train_loss(batch).backward()
+        hopt.step(batch)
+        if log and hopt.hyper_steps > done:
+            reporter.log(hopt.history[-1], before)
 
 
 def _check_refine(hopt: Any, data: Any, epochs: Any, from_history: bool) -> int:
@@ -308,67 +337,3 @@ def refined_hparams(trial: optuna.trial.FrozenTrial, device: Any = None) -> dict
         values = torch.tensor(entry["values"], dtype=torch.float64, device=device)
         out[name] = values.reshape(entry["shape"])
     return out
-
-
-def add_refined_trial(
-    study: optuna.study.Study,
-    params: Mapping[str, float],
-    value: float,
-    source: optuna.trial.Trial | optuna.trial.FrozenTrial,
-) -> None:
-    """Tell ``study`` a refined point as a completed trial of its own, with its exact value.
-
-    A refinement (hypergradient steps from a trial's sampled start) evaluates points the
-    sampler never proposed. Added as trials, those exact ``(params, value)`` pairs inform
-    the sampler's model (TPE's densities) like its own trials, and the best refined point
-    becomes ``study.best_trial`` with its refined ``best_params``. Parameters not in
-    ``params`` (structural choices) are copied from ``source``; float and int values
-    (Python, numpy or 0-d tensors) are clipped into ``source``'s distributions (a step in
-    ``log`` space may round past a bound) and rounded to their grid (an integer, a
-    ``step``).
-
-    Args:
-        study: the study.
-        params: the refined values by parameter name (a subset of ``source``'s).
-        value: the loss measured at them (finite).
-        source: the trial whose start was refined (its distributions define the space);
-            its number is stored as the user attribute ``refined_from``.
-
-    Cost: one ``study.add_trial`` (no training, no product); the sampler's later
-    suggestions cost what one more trial costs it (TPE: Bergstra, Bardenet, Bengio & Kégl,
-    *Algorithms for Hyper-Parameter Optimization*, NeurIPS 2011).
-
-    Raises:
-        ValueError: a name ``source`` did not suggest, or a non-finite value.
-    """
-    dists = dict(source.distributions)
-    unknown = sorted(set(params) - set(dists))
-    if unknown:
-        raise ValueError(f"`params` names {unknown} that trial {source.number} did not suggest.")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"`value` must be finite, got {value}.")
-    values = dict(source.params)
-    for name, v in params.items():
-        values[name] = _into(dists[name], v, name)
-    trial = optuna.trial.create_trial(
-        params=values, distributions=dists, value=value, user_attrs={REFINED_FROM: source.number}
-    )
-    study.add_trial(trial)
-
-
-def _into(dist: Any, value: Any, name: str) -> Any:
-    """``value`` as a number inside a float or int distribution (clipped, on its grid)."""
-    numeric = (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
-    if not isinstance(dist, numeric):
-        return value  # categorical: Optuna checks the choice
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(f"params[{name!r}] must be a number, got {value!r}.")
-    v = float(value)
-    step = getattr(dist, "step", None)
-    if step is not None:  # int distributions have step 1
-        v = dist.low + round((v - dist.low) / step) * step
-    v = min(max(v, dist.low), dist.high)
-    return int(round(v)) if isinstance(dist, numeric[1]) else v
