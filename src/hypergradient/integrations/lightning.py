@@ -46,9 +46,13 @@ samplers, history, holdout guard, trajectory window) is saved in the Trainer's c
 under ``checkpoint["callbacks"]["HypergradientCallback"]``; ``Trainer.fit(ckpt_path=...)``
 resumes it.
 
-**Logging.** After each hyper-step, through ``pl_module.log_dict`` (so to the Trainer's
-logger): ``hypergradient/loss/val``, ``hypergradient/hparams/<name>``, hypergradient norms and
-solver diagnostics, as :func:`~hypergradient.integrations.record_scalars` names them.
+**Logging.** After each hyper-step, to every logger of the Trainer (``logger.log_metrics``,
+at the step Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
+hyper-step is an event, not a sample of a curve), and through ``pl_module.log_dict(...,
+logger=False)`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or
+``EarlyStopping`` can monitor them): ``hypergradient/loss/val``,
+``hypergradient/hparams/<name>``, hypergradient norms and solver diagnostics, as
+:func:`~hypergradient.integrations.record_scalars` names them.
 
 **Data-parallel.** Under ``strategy="ddp"`` (any backend, gloo on CPU) every rank runs the
 callback: the hypergradient is that of the losses averaged over the ranks (each rank's
@@ -60,6 +64,16 @@ Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay th
 steps differentiably, which is exact only for a plain step: one device, one SGD or Adam
 optimizer, no gradient accumulation or clipping, no learning-rate scheduler, full precision;
 otherwise the callback raises at the start of fitting, saying which setting prevents it.
+Under manual optimization they also need one optimizer step per training batch (the
+callback raises at the first batch that takes several, or none).
+
+**Frozen parameters.** Tensors of the optimizer that do not require grad (a frozen
+backbone in ``Adam(self.parameters())``) are constants of the inner problem: torch's
+optimizer never moves them, and hyper-steps neither differentiate nor replay them.
+
+**Steps.** ``every_n_steps`` counts the Trainer's optimizer steps (several per batch under
+manual optimization are counted each). A batch whose ``training_step`` returned None is
+skipped by Lightning (no backward, nothing moves): it is not an inner step.
 """
 
 from __future__ import annotations
@@ -75,7 +89,16 @@ from torch import Tensor
 from .._vocab import ArgumentTypeError, as_bool, as_callable, as_int
 from ..constraints import Constraint
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
+from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
+from ._lightning_checks import (
+    check_replayable,
+    check_schedulers,
+    check_steps,
+    shard,
+    skipped,
+    trained_view,
+)
 from .loggers import record_scalars
 
 __all__ = ["HypergradientCallback", "tuned_values"]
@@ -195,10 +218,18 @@ class HypergradientCallback(pl.Callback):
             "val": (val_data, val_batch_size),
             "holdout": (holdout_data, holdout_batch_size),
         }
+        for sink in logger if isinstance(logger, (list, tuple)) else [logger]:
+            if isinstance(sink, pl.loggers.Logger):
+                raise ArgumentTypeError(
+                    f"`logger` takes hypergradient sinks (e.g. hypergradient.integrations."
+                    f"TensorBoardLogger), got Lightning's {type(sink).__name__}: pass it as "
+                    "Trainer(logger=...), where the callback writes every hyper-step."
+                )
         self.options = dict(options, patience=patience, keep_best=keep_best, logger=logger)
         self.hopt: HyperOptimizer | None = None
         self._loaded: Mapping[str, Any] | None = None
         self._steps_before = 0
+        self._records: list[HyperStepRecord] = []  # committed during the current batch
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -214,7 +245,7 @@ class HypergradientCallback(pl.Callback):
                     f"pass {arg}=... to the callback."
                 )
         if self.method is not None and self.method.needs_trajectory:
-            _check_replayable(trainer, self.method)
+            check_replayable(trainer, self.method)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Move the hyperparameters to the module's device (the strategy placed it)."""
@@ -233,10 +264,13 @@ class HypergradientCallback(pl.Callback):
                 f"{len(optimizers)}."
             )
         if self.method is not None and self.method.needs_trajectory:
-            _check_schedulers(trainer)
+            check_schedulers(trainer)
         self.hopt = self._build(trainer, pl_module, optimizers[0])
         if self._loaded is not None:
-            self.hopt.load_state_dict(self._loaded)
+            state = dict(self._loaded)
+            if state.get("rng") is not None:  # the CPU generator was restored on loading
+                state["rng"] = [torch.get_rng_state(), parse_rng_state(state["rng"])[1]]
+            self.hopt.load_state_dict(state)
             self._loaded = None
 
     def _hparams(self, pl_module: Any) -> dict[str, Tensor | Constraint]:
@@ -248,21 +282,28 @@ class HypergradientCallback(pl.Callback):
         train_loss, val_loss = self.losses
         (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
         return HyperOptimizer(
-            pl_module,
+            trained_view(pl_module, inner),
             self._hparams(pl_module),
             inner_optimizer=inner,
             outer_optimizer=self.outer_factory,
             train_loss=train_loss or _module_loss("training_loss"),
             val_loss=val_loss or _module_loss("validation_loss"),
-            val_data=_shard(val, rank, world, pl_module.device),
+            val_data=shard(val, rank, world, pl_module.device),
             val_batch_size=val_size,
-            holdout_data=_shard(holdout, rank, world, pl_module.device),
+            holdout_data=shard(holdout, rank, world, pl_module.device),
             holdout_batch_size=holdout_size,
             method=self.method,
             inner_steps=self.every_n_steps,
             process_group=group,
-            **self.options,
+            **(self.options | {"logger": self._sinks()}),
         )
+
+    def _sinks(self) -> list[Any]:
+        """The user's sinks, then the callback's own: every committed record reaches it
+        (whatever ``history_size``: ``history_size=0`` keeps none to read back)."""
+        user = self.options["logger"]
+        user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
+        return [*user, self._records.append]  # last: reached only if the others succeeded
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(
@@ -279,19 +320,34 @@ class HypergradientCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if trainer.global_step == self._steps_before:
-            return  # no optimizer step (gradient accumulation, a skipped batch)
+        steps = trainer.global_step - self._steps_before
+        if skipped(trainer, pl_module, outputs):
+            steps = 0  # training_step returned None: the optimizer step moved nothing
         hopt = self._require_hopt()
-        before = hopt.hyper_steps
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        check_steps(steps, pl_module, hopt.method)
+        if steps == 0:
+            return  # no optimizer step (gradient accumulation, a skipped batch)
+        self._records.clear()
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
-        if hopt.hyper_steps > before and self.log_records:
-            self._log(pl_module, hopt.history[-1])
+        for _ in range(steps - 1):  # manual optimization stepped more than once (implicit)
+            hopt.begin_step()
+            hopt.end_step(batch)
+        if self.log_records:
+            for record in self._records:
+                self._log(trainer, pl_module, record)
+        self._records.clear()
 
-    def _log(self, pl_module: pl.LightningModule, record: HyperStepRecord) -> None:
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: HyperStepRecord
+    ) -> None:
         scalars = record_scalars(record, self.log_elements)
         values = {f"hypergradient/{k}": v for k, v in scalars.items() if k != "time/seconds"}
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+        # Through log_dict alone, Lightning would write them only at its logging steps
+        # (every log_every_n_steps batches): most hyper-steps would never reach the logger.
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=max(trainer.global_step - 1, 0))
 
     def _require_hopt(self) -> HyperOptimizer:
         if self.hopt is None:
@@ -306,46 +362,17 @@ class HypergradientCallback(pl.Callback):
         return {} if self._loaded is None else {"hopt": self._loaded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the state until training starts (the optimizer does not exist yet)."""
+        """Keep the state until training starts (the optimizer does not exist yet).
+
+        torch's CPU random-number state is restored now, before the Trainer creates the
+        epoch's data iterator: in the uninterrupted run, that iterator (its worker seed, a
+        shuffling sampler's permutation) drew from the generator *after* the checkpoint was
+        saved, so the resumed run draws the same data order and dropout masks.
+        """
         if state_dict:
-            if not isinstance(state_dict, Mapping) or "hopt" not in state_dict:
+            hopt = state_dict.get("hopt") if isinstance(state_dict, Mapping) else None
+            if not isinstance(hopt, Mapping):
                 raise ValueError("The checkpoint's HypergradientCallback state is malformed.")
-            self._loaded = state_dict["hopt"]
-
-
-def _shard(data: Any, rank: int, world: int, device: torch.device) -> Any:
-    """Tensor data: this rank's rows (``rank::world``), on ``device``; anything else as is."""
-    tensors = (data,) if isinstance(data, Tensor) else data
-    if not isinstance(tensors, (tuple, list)) or not all(isinstance(t, Tensor) for t in tensors):
-        return data
-    return tuple(t[rank::world].to(device) for t in tensors)
-
-
-def _check_replayable(trainer: pl.Trainer, method: Method) -> None:
-    """Raise unless the Trainer's step is one a trajectory method can replay exactly."""
-    why = None
-    if trainer.world_size > 1:
-        why = (
-            f"the Trainer runs on {trainer.world_size} processes: each step uses gradients "
-            "averaged across them inside backward, which a per-rank replay cannot reproduce"
-        )
-    elif trainer.accumulate_grad_batches != 1:
-        why = f"accumulate_grad_batches={trainer.accumulate_grad_batches} (one step spans batches)"
-    elif trainer.gradient_clip_val:
-        why = f"gradient_clip_val={trainer.gradient_clip_val} (the replay does not clip)"
-    elif str(trainer.precision) not in ("32-true", "64-true", "32", "64"):
-        why = f"precision={trainer.precision!r} (the replay runs in full precision)"
-    if why is not None:
-        raise ValueError(
-            f"{type(method).__name__} replays the Trainer's optimizer steps, which is not exact "
-            f"here: {why}. Use an implicit method (hg.IFT(), hg.T1T2()) or change the setting."
-        )
-
-
-def _check_schedulers(trainer: pl.Trainer) -> None:
-    if trainer.lr_scheduler_configs:
-        raise ValueError(
-            "Trajectory methods replay the optimizer with the settings at the start of each "
-            "window, but the module configures a learning-rate scheduler that changes them "
-            "in between; drop the scheduler or use an implicit method (hg.IFT(), hg.T1T2())."
-        )
+            if hopt.get("rng") is not None:
+                torch.set_rng_state(parse_rng_state(hopt["rng"])[0])
+            self._loaded = hopt

@@ -38,23 +38,35 @@ trial of its own (the sampler models every evaluated point; the best polished po
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import optuna
 import torch
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_bool, as_int, as_optional_int
+from .._vocab import (
+    ArgumentTypeError,
+    NonFiniteHypergradientError,
+    as_bool,
+    as_int,
+    as_optional_int,
+)
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
-from .optuna_polish import Polisher
+from .optuna_polish import REFINED_FROM, Polisher, add_refined_trial
 
-__all__ = ["Polisher", "TrialReporter", "add_refined_trial", "refine", "refined_hparams"]
+__all__ = [
+    "REFINED_FROM",
+    "Polisher",
+    "TrialReporter",
+    "add_refined_trial",
+    "refine",
+    "refined_hparams",
+]
 
 #: User attributes written on the trial.
 REFINED, BEST_STEP, STEPS = "refined_hparams", "refined_step", "refinement_steps"
-#: User attribute of a trial added by :func:`add_refined_trial`: the source trial's number.
-REFINED_FROM = "refined_from"
 
 
 def _plain(values: Mapping[str, Tensor], limit: int) -> dict[str, Any]:
@@ -93,6 +105,10 @@ class TrialReporter:
     ``refined_step`` (the step of the best value), ``refinement_steps`` (reports made).
     A value that is not finite is not reported (Optuna's pruners would take it as the
     worst); the trial is pruned if nothing finite was ever reported.
+
+    The best value is the lowest one, or the highest in a study created with
+    ``direction="maximize"`` (e.g. a reported accuracy). In a multi-objective study, whose
+    trials Optuna cannot prune, the values are kept (lowest best) but not reported.
     """
 
     def __init__(
@@ -113,7 +129,10 @@ class TrialReporter:
         self.prune = as_bool(prune, "prune")
         self.prune_until = as_optional_int(prune_until, "prune_until", min=0)
         self.max_elements = as_int(max_elements, "max_elements", min=0)
-        self.best_value = math.inf
+        directions = _directions(trial)
+        self.sign = -1.0 if directions == [optuna.study.StudyDirection.MAXIMIZE] else 1.0
+        self.reports = len(directions) <= 1  # Optuna cannot prune multi-objective trials
+        self.best_value = self.sign * math.inf
         self.best_hparams: dict[str, Tensor] | None = None
         self.best_step: int | None = None
         self.steps = 0
@@ -133,13 +152,16 @@ class TrialReporter:
         """
         value = float(value)
         step = self.steps if step is None else as_int(step, "step", min=0)
+        best = math.isfinite(value) and self.sign * value < self.sign * self.best_value
+        copies = {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
         self.steps += 1
         if not math.isfinite(value):
             return
-        if value < self.best_value:
+        if best:
             self.best_value, self.best_step = value, step
-            if hparams is not None:
-                self.best_hparams = {k: v.detach().clone() for k, v in hparams.items()}
+            self.best_hparams = self.best_hparams if copies is None else copies
+        if not self.reports:
+            return
         self.trial.report(value, step)
         judged = self.prune_until is None or step <= self.prune_until
         if self.prune and judged and self.trial.should_prune():
@@ -158,6 +180,10 @@ class TrialReporter:
         self.trial.set_user_attr(BEST_STEP, self.best_step)
         self.trial.set_user_attr(STEPS, self.steps)
 
+    def finish_pruned(self) -> None:
+        """Write the best values found so far on the trial (before it is pruned)."""
+        self._write()
+
     def finish(self) -> float:
         """Write the best values on the trial; returns the best reported value.
 
@@ -168,6 +194,23 @@ class TrialReporter:
         if not math.isfinite(self.best_value):
             raise optuna.TrialPruned("no finite value was reported")
         return self.best_value
+
+
+def _copy(value: Any, name: str) -> Tensor:
+    """A detached copy of a reported hyperparameter (a tensor or a number)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(
+            f"hparams[{name!r}] must be a tensor or a number, got {type(value).__name__}."
+        )
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def _directions(trial: Any) -> list[Any]:
+    """The directions of the trial's study (none known for a ``FixedTrial``)."""
+    study = getattr(trial, "study", None)
+    return list(getattr(study, "directions", None) or [])
 
 
 def refine(
@@ -202,25 +245,67 @@ def refine(
         attribute holds the hyperparameters that produced it: the values each epoch ended
         with (``score``), or the ones a hyper-step's validation batch was evaluated with.
 
+    A refinement that diverges (``NonFiniteHypergradientError``, or
+    ``HyperparameterDomainError`` when an outer step leaves a domain) is a sampled setting
+    that does not train: the trial is pruned, with the best values so far written on it,
+    and the study goes on (the error used to end ``study.optimize``).
+
     Raises:
-        optuna.TrialPruned: pruned, or no finite value.
+        optuna.TrialPruned: pruned, diverged, or no finite value.
+        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``.
+        ValueError: no ``score`` is given and the study maximizes (losses are reported) or
+            ``hopt`` keeps no history (``history_size=0``).
     """
+    epochs = _check_refine(hopt, data, epochs, score is None)
+    reporter = TrialReporter(trial, prune=prune)
+    if score is None and reporter.sign < 0:
+        raise ValueError(
+            "The study maximizes, but without `score` refine reports validation losses "
+            "(lower is better); pass score=... (e.g. an accuracy) or minimize the loss."
+        )
+    try:
+        for epoch in range(epochs):
+            desc = f"trial {trial.number}, epoch {epoch + 1}"
+            _epoch(hopt, _progress(data, desc) if progress else data, reporter, score is None)
+            if score is not None:
+                reporter.report(float(score()), hopt.hparams, epoch)
+    except NonFiniteHypergradientError as err:  # a sampled setting that does not train
+        reporter.finish_pruned()
+        raise optuna.TrialPruned(f"the refinement diverged: {err}") from err
+    return reporter.finish()
+
+
+def _epoch(hopt: HyperOptimizer, batches: Iterable[Any], reporter: Any, log: bool) -> None:
+    """One pass of the documented loop; each hyper-step's record reported when ``log``."""
+    for batch in batches:
+        done = hopt.hyper_steps
+        # Copies: an unconstrained hyperparameter's value is its raw leaf, which the
+        # hyper-step updates in place.
+        before = {k: v.clone() for k, v in hopt.hparams.items()} if log else None
+        hopt.zero_grad()
+        hopt.train_loss(batch).backward()
+        hopt.step(batch)
+        if log and hopt.hyper_steps > done:
+            reporter.log(hopt.history[-1], before)
+
+
+def _check_refine(hopt: Any, data: Any, epochs: Any, from_history: bool) -> int:
+    """:func:`refine`'s argument checks; returns ``epochs``."""
     if not isinstance(hopt, HyperOptimizer):
         raise ArgumentTypeError(f"`hopt` must be a hg.HyperOptimizer, got {type(hopt).__name__}.")
     epochs = as_int(epochs, "epochs", min=1)
-    reporter = TrialReporter(trial, prune=prune)
-    for epoch in range(epochs):
-        batches = _progress(data, f"trial {trial.number}, epoch {epoch + 1}") if progress else data
-        for batch in batches:
-            before, done = hopt.hparams, hopt.hyper_steps
-            hopt.zero_grad()
-            hopt.train_loss(batch).backward()
-            hopt.step(batch)
-            if score is None and hopt.hyper_steps > done:
-                reporter.log(hopt.history[-1], before)
-        if score is not None:
-            reporter.report(float(score()), hopt.hparams, epoch)
-    return reporter.finish()
+    if epochs > 1 and isinstance(data, Iterator):
+        raise ArgumentTypeError(
+            f"`data` is an iterator ({type(data).__name__}): it would be exhausted after the "
+            f"first of the {epochs} epochs. Pass a list or a DataLoader."
+        )
+    if from_history and hopt.history.maxlen == 0:
+        raise ValueError(
+            "refine reports each hyper-step's record from hopt.history, but the "
+            "hyper-optimizer keeps none (history_size=0); build it with history_size >= 1 "
+            "or pass score=...."
+        )
+    return epochs
 
 
 def _progress(data: Iterable[Any], desc: str) -> Iterable[Any]:
@@ -252,53 +337,3 @@ def refined_hparams(trial: optuna.trial.FrozenTrial, device: Any = None) -> dict
         values = torch.tensor(entry["values"], dtype=torch.float64, device=device)
         out[name] = values.reshape(entry["shape"])
     return out
-
-
-def add_refined_trial(
-    study: optuna.study.Study,
-    params: Mapping[str, float],
-    value: float,
-    source: optuna.trial.Trial | optuna.trial.FrozenTrial,
-) -> None:
-    """Tell ``study`` a refined point as a completed trial of its own, with its exact value.
-
-    A refinement (hypergradient steps from a trial's sampled start) evaluates points the
-    sampler never proposed. Added as trials, those exact ``(params, value)`` pairs inform
-    the sampler's model (TPE's densities) like its own trials, and the best refined point
-    becomes ``study.best_trial`` with its refined ``best_params``. Parameters not in
-    ``params`` (structural choices) are copied from ``source``; float and int values are
-    clipped into ``source``'s distributions (a step in ``log`` space may round past a bound).
-
-    Args:
-        study: the study.
-        params: the refined values by parameter name (a subset of ``source``'s).
-        value: the loss measured at them (finite).
-        source: the trial whose start was refined (its distributions define the space);
-            its number is stored as the user attribute ``refined_from``.
-
-    Cost: one ``study.add_trial`` (no training, no product); the sampler's later
-    suggestions cost what one more trial costs it (TPE: Bergstra, Bardenet, Bengio & Kégl,
-    *Algorithms for Hyper-Parameter Optimization*, NeurIPS 2011).
-
-    Raises:
-        ValueError: a name ``source`` did not suggest, or a non-finite value.
-    """
-    dists = dict(source.distributions)
-    unknown = sorted(set(params) - set(dists))
-    if unknown:
-        raise ValueError(f"`params` names {unknown} that trial {source.number} did not suggest.")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"`value` must be finite, got {value}.")
-    values = dict(source.params)
-    for name, v in params.items():
-        d = dists[name]
-        if isinstance(
-            d, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
-        ):
-            v = min(max(v, d.low), d.high)
-        values[name] = v
-    trial = optuna.trial.create_trial(
-        params=values, distributions=dists, value=value, user_attrs={REFINED_FROM: source.number}
-    )
-    study.add_trial(trial)

@@ -6,20 +6,27 @@ local half of such a hybrid, driven ask/tell so that any loop can interleave it 
 search: it proposes a projected quasi-Newton step from the incumbent along its
 hypergradient, the caller evaluates the exact validation loss there, and the step is kept
 only if that loss is lower (a backtracking line search otherwise). Its incumbent never gets
-worse, so polishing can only cost time, not quality.
+worse, so polishing can only cost time, not quality. :func:`add_refined_trial` tells the
+study each polished point as a trial of its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import optuna
 import torch
 from torch import Tensor
 
 from .._vocab import ArgumentTypeError, as_float, as_int, require_finite
 
-__all__ = ["Polisher"]
+__all__ = ["REFINED_FROM", "Polisher", "add_refined_trial"]
+
+#: User attribute of a trial added by :func:`add_refined_trial`: the source trial's number.
+REFINED_FROM = "refined_from"
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -99,16 +106,26 @@ class Polisher:
         require_finite([grad], ["grad"], "The hypergradient", "Start where it is finite.")
         if not math.isfinite(float(value)):
             raise ValueError(f"`value` must be finite, got {value}; start from a trained point.")
-        self.lo, self.hi = (
-            torch.as_tensor(b, dtype=x.dtype, device=x.device).expand_as(x)
-            for b in (self.lower, self.upper)
-        )
-        if not bool((self.lo < self.hi).all()):
+        lo, hi = self._bound(self.lower, "lower", x), self._bound(self.upper, "upper", x)
+        if not bool((lo < hi).all()):
             raise ValueError("`lower` must be below `upper` everywhere (an empty box).")
+        self.lo, self.hi = lo, hi
         self.x = torch.clamp(x.detach(), self.lo, self.hi).clone()
         self.g, self.value = grad.detach().clone(), float(value)
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.t, self.rejects, self.done, self.candidate = 1.0, 0, False, None
+
+    @staticmethod
+    def _bound(b: Tensor | float, name: str, x: Tensor) -> Tensor:
+        """``b`` as a tensor of ``x``'s shape (broadcast), or a ``ValueError`` naming it."""
+        t = torch.as_tensor(b, dtype=x.dtype, device=x.device)
+        try:
+            return t.expand_as(x)
+        except RuntimeError:
+            raise ValueError(
+                f"`{name}` has shape {tuple(t.shape)}, which does not broadcast to x's "
+                f"{tuple(x.shape)}; pass a float or a tensor shaped like x."
+            ) from None
 
     def _free(self) -> Tensor:
         x, g = self.x, self.g
@@ -163,3 +180,67 @@ class Polisher:
         self.x, self.g, self.value = candidate, g.clone(), value
         self.accepted, self.rejects, self.t = self.accepted + 1, 0, min(1.0, self.t / self.shrink)
         return True
+
+
+def add_refined_trial(
+    study: optuna.study.Study,
+    params: Mapping[str, float],
+    value: float,
+    source: optuna.trial.Trial | optuna.trial.FrozenTrial,
+) -> None:
+    """Tell ``study`` a refined point as a completed trial of its own, with its exact value.
+
+    A refinement (hypergradient steps from a trial's sampled start) evaluates points the
+    sampler never proposed. Added as trials, those exact ``(params, value)`` pairs inform
+    the sampler's model (TPE's densities) like its own trials, and the best refined point
+    becomes ``study.best_trial`` with its refined ``best_params``. Parameters not in
+    ``params`` (structural choices) are copied from ``source``; float and int values
+    (Python, numpy or 0-d tensors) are clipped into ``source``'s distributions (a step in
+    ``log`` space may round past a bound) and rounded to their grid (an integer, a
+    ``step``).
+
+    Args:
+        study: the study.
+        params: the refined values by parameter name (a subset of ``source``'s).
+        value: the loss measured at them (finite).
+        source: the trial whose start was refined (its distributions define the space);
+            its number is stored as the user attribute ``refined_from``.
+
+    Cost: one ``study.add_trial`` (no training, no product); the sampler's later
+    suggestions cost what one more trial costs it (TPE: Bergstra, Bardenet, Bengio & Kégl,
+    *Algorithms for Hyper-Parameter Optimization*, NeurIPS 2011).
+
+    Raises:
+        ValueError: a name ``source`` did not suggest, or a non-finite value.
+    """
+    dists = dict(source.distributions)
+    unknown = sorted(set(params) - set(dists))
+    if unknown:
+        raise ValueError(f"`params` names {unknown} that trial {source.number} did not suggest.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`value` must be finite, got {value}.")
+    values = dict(source.params)
+    for name, v in params.items():
+        values[name] = _into(dists[name], v, name)
+    trial = optuna.trial.create_trial(
+        params=values, distributions=dists, value=value, user_attrs={REFINED_FROM: source.number}
+    )
+    study.add_trial(trial)
+
+
+def _into(dist: Any, value: Any, name: str) -> Any:
+    """``value`` as a number inside a float or int distribution (clipped, on its grid)."""
+    numeric = (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution)
+    if not isinstance(dist, numeric):
+        return value  # categorical: Optuna checks the choice
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"params[{name!r}] must be a number, got {value!r}.")
+    v = float(value)
+    step = getattr(dist, "step", None)
+    if step is not None:  # int distributions have step 1
+        v = dist.low + round((v - dist.low) / step) * step
+    v = min(max(v, dist.low), dist.high)
+    return int(round(v)) if isinstance(dist, numeric[1]) else v

@@ -24,6 +24,7 @@ from ..._vocab import ArgumentTypeError, as_callable, as_float
 __all__ = [
     "as_hyper_lr",
     "check_hyperparams",
+    "check_optimizer",
     "check_setup",
     "find_stale_capture",
     "stale_capture_message",
@@ -62,6 +63,12 @@ def check_setup(
             )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("`model` has no trainable parameters (none requires grad).")
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(p.requires_grad and id(p) in stepped for p in model.parameters()):
+        raise ValueError(
+            "`optimizer` trains none of the model's parameters that require grad; build it "
+            "from model.parameters()."
+        )
 
 
 def check_hyperparams(hyperparams: Any, model: nn.Module) -> None:
@@ -93,6 +100,29 @@ def check_hyperparams(hyperparams: Any, model: nn.Module) -> None:
             raise ValueError(
                 f"{where} is on {h.device} and the model on {device}; put them on one device."
             )
+
+
+def check_optimizer(hyperparams: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """No hyperparameter is trained by ``optimizer`` or is one of its settings (a tensor
+    ``lr``): the compat classes differentiate the criterion only, so a setting's
+    hypergradient would silently be zero; a trained one would also be stepped by the
+    optimizer (inside DRMAD's training steps, where it requires grad)."""
+    for name, h in hyperparams.items():
+        for i, group in enumerate(optimizer.param_groups):
+            if any(p is h for p in group["params"]):
+                raise ValueError(
+                    f"hyperparams[{name!r}] is trained by `optimizer` (param_groups[{i}]); a "
+                    "hyperparameter must not be: build the optimizer from model.parameters()."
+                )
+            setting = next((k for k, v in group.items() if k != "params" and v is h), None)
+            if setting is not None:
+                raise ValueError(
+                    f"hyperparams[{name!r}] is the optimizer's `{setting}` (param_groups[{i}]): "
+                    "these classes treat the optimizer's settings as constants (its "
+                    "hypergradient would be 0; HippoTrainer does not support tuning them). "
+                    f"Tune it with hg.HyperOptimizer(..., optimizer_hparams={{{setting!r}: "
+                    f"{name!r}}}, method=hg.Unrolled())."
+                )
 
 
 def as_hyper_lr(value: Any, hyperparams: dict[str, Tensor]) -> float | Tensor:

@@ -23,6 +23,7 @@ from ._autograd import criterion_loss, grads_or_zeros, split_batch, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
     check_hyperparams,
+    check_optimizer,
     check_setup,
     find_stale_capture,
     stale_capture_message,
@@ -39,15 +40,23 @@ class _Cycle:
     def __init__(self, loader: Iterable[Any], name: str):
         self.loader, self.name = loader, name
         self._it: Iterator[Any] | None = None
+        self.served = False  # whether a batch was ever drawn
 
     def next(self) -> Any:
         for _ in range(2):
             if self._it is None:
                 self._it = iter(self.loader)
             try:
-                return next(self._it)
+                batch = next(self._it)
+                self.served = True
+                return batch
             except StopIteration:
                 self._it = None
+        if self.served:
+            raise ValueError(
+                f"`{self.name}` yields no batches on its second pass: it is a one-pass "
+                "iterator (a generator?); pass a re-iterable such as a list or a DataLoader."
+            )
         raise ValueError(f"`{self.name}` yields no batches.")
 
 
@@ -96,6 +105,7 @@ class HyperOptimizer:
         check_setup(model, optimizer, train_loader, val_loader, criterion)
         model = cast(nn.Module, model)  # check_setup ensured it
         check_hyperparams(hyperparams, model)
+        check_optimizer(hyperparams, cast(torch.optim.Optimizer, optimizer))
         stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
         if stale is not None:
             raise ValueError(stale_capture_message(*stale))
@@ -245,7 +255,12 @@ class HyperOptimizer:
         return losses[0], losses[1]
 
     def _named_params(self) -> tuple[list[str], list[Tensor]]:
-        named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        """The trained parameters: those ``optimizer`` steps that require grad (a parameter
+        left out of the optimizer is a constant of the inner problem, as a frozen one)."""
+        stepped = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        named = [
+            (k, p) for k, p in self.model.named_parameters() if p.requires_grad and id(p) in stepped
+        ]
         return [k for k, _ in named], [p for _, p in named]
 
     def _params(self) -> dict[str, Tensor]:

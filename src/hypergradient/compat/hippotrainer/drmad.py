@@ -55,7 +55,8 @@ class DRMAD(HyperOptimizer):
         *args, **kwargs: those of :class:`HyperOptimizer`.
 
     Attributes:
-        w0, wT: the weights (one tensor per ``model.parameters()`` entry) before and after
+        w0, wT: the trained weights (one tensor per parameter that requires grad and
+            that the optimizer steps, in ``model.parameters()`` order) before and after
             the last hyper-step's ``T`` training steps; None before the first.
 
     Momentum of the real optimizer is ignored in the reverse pass (the approximation DrMAD

@@ -29,15 +29,38 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ... import CG, HessianOperator, Neumann, Nystrom, Solver, implicit
 from ..._tree import accumulator_dtype, cat
 from ..._tree import flatten as flatten_tree
-from ..._vocab import as_callable, as_float, as_int
+from ..._vocab import ArgumentTypeError, as_callable, as_float, as_int
 from ...methods.replay import rng_state
 from .utils import Objective, Params
 
 __all__ = ["conjugate_gradient", "implicit_grad", "neumann", "nystrom"]
+
+
+def as_params(value: Any, name: str) -> Params:
+    """``value`` (a tuple, list or generator of tensors) as hypergrad's ``Params`` tuple.
+
+    Raises:
+        ArgumentTypeError: a bare tensor (``tuple()`` would split it into rows), or
+            anything else than a non-empty sequence of tensors.
+    """
+    fix = f"pass a tuple of tensors, e.g. `{name}=(w,)` or `tuple(model.parameters())`"
+    if isinstance(value, Tensor):
+        raise ArgumentTypeError(f"`{name}` must be a tuple of tensors, got one Tensor; {fix}.")
+    try:
+        params = tuple(value)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"`{name}` must be a tuple of tensors, got {type(value).__name__}; {fix}."
+        ) from None
+    if not params or not all(isinstance(p, Tensor) for p in params):
+        got = "nothing" if not params else [type(p).__name__ for p in params]
+        raise ArgumentTypeError(f"`{name}` must be a non-empty tuple of tensors, got {got}.")
+    return params
 
 
 def _run(
@@ -45,13 +68,14 @@ def _run(
 ) -> Params:
     as_callable(inner_obj, "inner_obj", "(in_params, out_params) -> scalar tensor")
     as_callable(outer_obj, "outer_obj", "(in_params, out_params) -> scalar tensor")
+    in_params, out_params = as_params(in_params, "in_params"), as_params(out_params, "out_params")
     # hypergrad differentiates mid-training by design: no stationarity warning; its calls
     # return the hypergradient alone, so no product is spent on a residual
     hyper = implicit(
         inner_obj,
         outer_obj,
-        tuple(in_params),
-        tuple(out_params),
+        in_params,
+        out_params,
         s,
         stationarity=None,
         residual=False,
@@ -119,7 +143,8 @@ def nystrom(
     """
     rank = as_int(rank, "rank", min=1)
     rho = as_float(rho, "rho", min=0.0, open_min=True)
-    device = in_params[0].device if len(in_params) else torch.device("cpu")
+    in_params, out_params = as_params(in_params, "in_params"), as_params(out_params, "out_params")
+    device = in_params[0].device
     columns = _global_stream(device)
     torch.randperm(sum(p.numel() for p in in_params), device=device)  # moves on as hypergrad's
     return _run(inner_obj, outer_obj, in_params, out_params, Nystrom(rank, rho, generator=columns))
@@ -151,12 +176,12 @@ def implicit_grad(f: Callable[..., tuple[Params, Params]]) -> Callable[..., Para
         missing = [n for n in names if n not in bound]
         if missing:
             raise TypeError(f"{f.__name__}() is missing {missing}.")
+        for key in ("in_params", "out_params"):  # once: a generator is read by f too
+            bound[key] = as_params(bound[key], key)
+        args = tuple(bound[n] for n in names[: len(args)]) + args[len(names) :]
+        kwargs = {k: bound[k] if k in names else v for k, v in kwargs.items()}
         ihvp, direct = f(*args, **kwargs)
-        inner, in_params, out_params = (
-            bound["inner_obj"],
-            tuple(bound["in_params"]),
-            tuple(bound["out_params"]),
-        )
+        inner, in_params, out_params = bound["inner_obj"], bound["in_params"], bound["out_params"]
         op = HessianOperator(inner, in_params, out_params)
         leaves, spec = flatten_tree(in_params, "in_params")
         x = cat(list(ihvp), spec, accumulator_dtype(leaves), leaves[0].device)

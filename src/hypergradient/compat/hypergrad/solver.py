@@ -74,13 +74,23 @@ class ForwardOutput:
 
 def _cycle(loader: Iterable[Any], device: torch.device, name: str) -> Iterator[list[Any]]:
     """Batches of ``loader`` forever (tensors moved to ``device``)."""
+    passes = 0
     while True:
         empty = True
         for data in loader:
             empty = False
             yield [d.to(device, non_blocking=True) if isinstance(d, Tensor) else d for d in data]
         if empty:
-            raise ValueError(f"`{name}` yields no batches.")
+            raise ValueError(_exhausted(name) if passes else f"`{name}` yields no batches.")
+        passes += 1
+
+
+def _exhausted(name: str) -> str:
+    """The error for a loader that gave batches once and none when iterated again."""
+    return (
+        f"`{name}` yields no batches on its second pass: it is a one-pass iterator (a "
+        "generator?); pass a re-iterable such as a list or a DataLoader."
+    )
 
 
 class BaseSolver(abc.ABC):

@@ -1,0 +1,117 @@
+"""Checks of a Lightning Trainer's steps for :class:`~.lightning.HypergradientCallback`:
+which settings a trajectory method can replay, which batches are inner steps, and the
+validation data's shard of each rank."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from ..hyperoptimizer import ModelView
+from ..methods import Method
+
+__all__ = [
+    "check_replayable",
+    "check_schedulers",
+    "check_steps",
+    "shard",
+    "skipped",
+    "trained_view",
+]
+
+
+def shard(data: Any, rank: int, world: int, device: torch.device) -> Any:
+    """Tensor data: this rank's rows (``rank::world``), on ``device``; anything else as is."""
+    tensors = (data,) if isinstance(data, Tensor) else data
+    if not isinstance(tensors, (tuple, list)) or not all(isinstance(t, Tensor) for t in tensors):
+        return data
+    return tuple(t[rank::world].to(device) for t in tensors)
+
+
+def check_replayable(trainer: pl.Trainer, method: Method) -> None:
+    """Raise unless the Trainer's step is one a trajectory method can replay exactly."""
+    why = None
+    if trainer.world_size > 1:
+        why = (
+            f"the Trainer runs on {trainer.world_size} processes: each step uses gradients "
+            "averaged across them inside backward, which a per-rank replay cannot reproduce"
+        )
+    elif trainer.accumulate_grad_batches != 1:
+        why = f"accumulate_grad_batches={trainer.accumulate_grad_batches} (one step spans batches)"
+    elif trainer.gradient_clip_val:
+        why = f"gradient_clip_val={trainer.gradient_clip_val} (the replay does not clip)"
+    elif str(trainer.precision) not in ("32-true", "64-true", "32", "64"):
+        why = f"precision={trainer.precision!r} (the replay runs in full precision)"
+    if why is not None:
+        raise ValueError(
+            f"{type(method).__name__} replays the Trainer's optimizer steps, which is not exact "
+            f"here: {why}. Use an implicit method (hg.IFT(), hg.T1T2()) or change the setting."
+        )
+
+
+def skipped(trainer: pl.Trainer, pl_module: Any, outputs: Any) -> bool:
+    """Whether automatic optimization skipped the batch: ``training_step`` returned None
+    (Lightning then passes ``{}``), so no backward ran and the optimizer's step, taken on
+    gradients just set to None, moved nothing (under accumulation it steps on the earlier
+    batches' gradients: not skipped)."""
+    automatic = getattr(pl_module, "automatic_optimization", True)
+    empty = isinstance(outputs, Mapping) and outputs.get("loss") is None
+    return automatic and empty and trainer.accumulate_grad_batches == 1
+
+
+def check_steps(steps: int, pl_module: Any, method: Method) -> None:
+    """Raise when a batch's optimizer steps are not one a trajectory method can replay:
+    several steps on one batch, or (manual optimization) a batch whose gradients may be
+    accumulated into a later step."""
+    if not method.needs_trajectory or steps == 1:
+        return
+    if steps > 1:
+        why = f"training_step took {steps} optimizer steps on one batch"
+    elif getattr(pl_module, "automatic_optimization", True):
+        return  # automatic optimization without accumulation: the batch was skipped
+    else:
+        why = (
+            "a batch ended without an optimizer step under manual optimization (its "
+            "gradients would be accumulated into a later step)"
+        )
+    raise ValueError(
+        f"{type(method).__name__} replays one optimizer step per training batch, but {why}. "
+        "Take one optimizer step per training_step, or use an implicit method (hg.IFT(), "
+        "hg.T1T2())."
+    )
+
+
+def check_schedulers(trainer: pl.Trainer) -> None:
+    if trainer.lr_scheduler_configs:
+        raise ValueError(
+            "Trajectory methods replay the optimizer with the settings at the start of each "
+            "window, but the module configures a learning-rate scheduler that changes them "
+            "in between; drop the scheduler or use an implicit method (hg.IFT(), hg.T1T2())."
+        )
+
+
+class _Stepped:
+    """The param groups of an optimizer restricted to the tensors that require grad."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.param_groups = [
+            {"params": [p for p in g["params"] if p.requires_grad]} for g in optimizer.param_groups
+        ]
+
+
+def trained_view(pl_module: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """The module, or (when the optimizer holds frozen tensors) a view of it whose trained
+    parameters are the ones the optimizer moves.
+
+    ``configure_optimizers`` usually returns ``Adam(self.parameters())`` also when a part
+    of the module is frozen (``requires_grad=False``, ``self.backbone.freeze()``): torch's
+    optimizer never moves those tensors (their gradient stays None), so they are constants
+    of the inner problem, not trained parameters to differentiate or replay.
+    """
+    if all(p.requires_grad for g in optimizer.param_groups for p in g["params"]):
+        return pl_module
+    return ModelView(pl_module, cast(torch.optim.Optimizer, _Stepped(optimizer)))
