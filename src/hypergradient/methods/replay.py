@@ -137,8 +137,10 @@ def optimizer_config(optimizer: FunctionalOptimizer) -> dict[str, Any]:
 class Run:
     """The inner run of ``problem.trajectory``, validated, with its step function ``Phi_t``.
 
-    Construction validates everything (the problem, the trajectory, the hyperparameters,
-    a first evaluation of the loss that consumes no random numbers) and, with a process
+    Construction validates everything but the loss (the problem, the trajectory, the
+    hyperparameters; the loss is evaluated first by the first step, so that a loss that
+    updates state, as BatchNorm's running statistics, sees the batches training sees, and
+    a loss that does not return a scalar is named there) and, with a process
     group, runs the consistency check of values (``hparams``, ``params0``, ``state0``) and
     configuration (the method's, ``steps``, ``step0``, the optimizer's settings) as the
     call's first collective.
@@ -213,9 +215,10 @@ class Run:
         self._after: tuple[int, Any] | None = None
         self.rngs: list[Any] = self._check_rngs(traj.rng_states)
         self.loss_like = torch.zeros(1, dtype=_tree.common_dtype(list(self.p0)), device=self.device)
-        first = self.rngs[0] if self.given else rng_state(self.device)
-        with replay_rng(first, self.device), torch.no_grad():  # a clear message, no draws
-            as_scalar_loss(self.loss(self.p0, self.htree, 0), "inner_loss")
+        # No evaluation of the loss here: a loss that updates state in place (BatchNorm's
+        # running statistics through functional_call) would see one batch more than
+        # training does. A bad loss is named by the first step (Run.loss, local_grad).
+        with torch.no_grad():
             # Constants of the run (numbers: the optimizer's cheapest path, no conversions).
             self.settings = {
                 k: float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
@@ -277,7 +280,7 @@ class Run:
     # -- the step function ------------------------------------------------------------
     def loss(self, p: Sequence[Tensor], htree: Any, t: int) -> Tensor:
         """``f(theta, phi; batch_t)`` with ``theta``'s leaves ``p`` and the tree ``htree``."""
-        return self.step_loss(self.ptree(p), htree, self.batches[t])
+        return as_scalar_loss(self.step_loss(self.ptree(p), htree, self.batches[t]), "inner_loss")
 
     def init_state(self) -> tuple[Tensor, ...]:
         return self.state0 if self.state0 is not None else tuple(self.optimizer.init(list(self.p0)))
@@ -301,7 +304,7 @@ class Run:
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in p]
             fn = self.step_loss if self.forward_loss is None else self.forward_loss
-            loss = fn(self.ptree(leaves), self.htree, self.batches[t])
+            loss = as_scalar_loss(fn(self.ptree(leaves), self.htree, self.batches[t]), "inner_loss")
             grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
