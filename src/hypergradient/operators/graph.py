@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .._vocab import HypergradientWarning
-from .base import LinearOperator
+from .base import LinearOperator, check_vector
 from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
 
 __all__ = [
@@ -290,7 +290,13 @@ class GraphOperator(LinearOperator):
         return self._looped(V)
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
-        """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path)."""
+        """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path).
+
+        Raises:
+            ArgumentTypeError / ValueError: ``v`` is not a 1-D floating-point tensor of
+                ``size`` elements.
+        """
+        check_vector(v, self.size, "v")
         out = direct_vjp(self, v, self.hparam_leaves)
         return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v) if out is None else out
 
