@@ -137,10 +137,8 @@ def optimizer_config(optimizer: FunctionalOptimizer) -> dict[str, Any]:
 class Run:
     """The inner run of ``problem.trajectory``, validated, with its step function ``Phi_t``.
 
-    Construction validates everything but the loss (the problem, the trajectory, the
-    hyperparameters; the loss is evaluated first by the first step, so that a loss that
-    updates state, as BatchNorm's running statistics, sees the batches training sees, and
-    a loss that does not return a scalar is named there) and, with a process
+    Construction validates everything but the loss, which the first step evaluates (a
+    BatchNorm's running statistics see the batches training sees) and, with a process
     group, runs the consistency check of values (``hparams``, ``params0``, ``state0``) and
     configuration (the method's, ``steps``, ``step0``, the optimizer's settings) as the
     call's first collective.
@@ -215,9 +213,8 @@ class Run:
         self._after: tuple[int, Any] | None = None
         self.rngs: list[Any] = self._check_rngs(traj.rng_states)
         self.loss_like = torch.zeros(1, dtype=_tree.common_dtype(list(self.p0)), device=self.device)
-        # No evaluation of the loss here: a loss that updates state in place (BatchNorm's
-        # running statistics through functional_call) would see one batch more than
-        # training does. A bad loss is named by the first step (Run.loss, local_grad).
+        # No evaluation of the loss here (state it updates would see one batch too many);
+        # the first step names a bad loss (Run.loss, local_grad).
         with torch.no_grad():
             # Constants of the run (numbers: the optimizer's cheapest path, no conversions).
             self.settings = {

@@ -290,12 +290,8 @@ class GraphOperator(LinearOperator):
         return self._looped(V)
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
-        """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path).
-
-        Raises:
-            ArgumentTypeError / ValueError: ``v`` is not a 1-D floating-point tensor of
-                ``size`` elements.
-        """
+        """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path);
+        ``v`` is checked as by ``matvec``."""
         check_vector(v, self.size, "v")
         out = direct_vjp(self, v, self.hparam_leaves)
         return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v) if out is None else out
