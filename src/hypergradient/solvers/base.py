@@ -31,6 +31,7 @@ __all__ = [
     "check_generator_state",
     "check_keys",
     "check_tensor",
+    "convergence_rate",
     "generator_state",
     "require_finite_product",
     "require_finite_solution",
@@ -265,6 +266,20 @@ def require_finite_solution(x: Tensor) -> None:
         "",
         "A^{-1} b is beyond the range of the dtype: add damping, or rescale the losses.",
     )
+
+
+def convergence_rate(sol: Solution) -> float | None:
+    """``-log(final / start) / iterations``: the solve's convergence rate per iteration.
+
+    ``final`` is the relative residual it returned and ``start`` that of its starting point
+    (1 for ``x = 0``; a warm start's own, ``stats["start_residual"]``), so that a warm start
+    does not count as progress of the iterations. None for a solve without iterations.
+    """
+    if not sol.iterations:
+        return None
+    final = max(sol.stats.get("relative_residual", 1.0), 1e-300)
+    start = max(sol.stats.get("start_residual", 1.0), 1e-300)
+    return -math.log(final / start) / sol.iterations
 
 
 # ----------------------------------------------------------------------------- checkpoints
