@@ -9,6 +9,7 @@ number of arguments.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,7 +18,14 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import TreeSpec
-from .._vocab import ArgumentTypeError, all_finite, as_callable, first_nonfinite, require_finite
+from .._vocab import (
+    ArgumentTypeError,
+    HypergradientWarning,
+    all_finite,
+    as_callable,
+    first_nonfinite,
+    require_finite,
+)
 from ..distributed import check_consistent, group_size
 from .base import Problem
 
@@ -36,6 +44,8 @@ __all__ = [
     "check_problem",
     "consistent_start",
     "fingerprint_config",
+    "unused_leaves",
+    "warn_unused",
 ]
 
 
@@ -204,3 +214,23 @@ def consistent_start(
         error=error,
     )
     return prepared  # type: ignore[return-value]
+
+
+def unused_leaves(
+    paths: Sequence[str], leaves: Sequence[Tensor], touched: Sequence[bool]
+) -> list[str]:
+    """The paths of the non-empty leaves not ``touched`` (no quantity depended on them)."""
+    return [p for p, t, used in zip(paths, leaves, touched) if not used and t.numel()]
+
+
+def warn_unused(paths: Sequence[str]) -> None:
+    """Warn, per path, that a hyperparameter reaches the outer loss by no path (zero)."""
+    for path in paths:
+        warnings.warn(
+            f"{path} influences the outer loss neither directly nor through the inner run; "
+            "its hypergradient is zero. Check that inner_loss, outer_loss or the optimizer's "
+            "settings use it through their `hparams` argument (a tensor read by reference "
+            "needs hparams_by_reference=True).",
+            HypergradientWarning,
+            stacklevel=4,
+        )
