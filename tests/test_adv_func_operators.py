@@ -83,3 +83,16 @@ def test_matmat_refuses_an_integer_batch():
     assert ops["double"].num_matvecs == 0
     V = torch.eye(4, dtype=DT)
     assert torch.allclose(ops["double"].matmat(V), A, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["auto", "double", "double_math", "first_order"])
+def test_mixed_of_an_operator_without_hyperparameters_is_empty_in_every_mode(mode):
+    # was torch's "`inputs` argument to `grad()` cannot be empty" in the double modes
+    p = torch.linspace(-1, 1, 3, dtype=DT)
+    op = hg.HessianOperator(lambda q, h: (q**4).sum(), p, mode=mode)
+    assert op.mixed(torch.ones(3, dtype=DT)) == []
+    assert torch.allclose(op.matvec(torch.ones(3, dtype=DT)), 12 * p**2, atol=1e-7)
+    if mode != "first_order":
+        fp = hg.FixedPointOperator(lambda q, h: 0.5 * q, p, mode=mode)
+        assert fp.mixed(torch.ones(3, dtype=DT)) == []
+        assert torch.equal(fp.matvec(torch.ones(3, dtype=DT)), torch.full((3,), 0.5, dtype=DT))

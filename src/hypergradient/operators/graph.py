@@ -206,7 +206,7 @@ class GraphOperator(LinearOperator):
         return out
 
     def _vjp(self, v: Tensor, leaves: list[Tensor], batched: bool = False) -> list[Tensor | None]:
-        if not self._outputs:
+        if not self._outputs or not leaves:
             return [None] * len(leaves)
         parts = self._pieces(v)
         if not batched and SYMBOLIC_SHAPES not in sys.modules:
