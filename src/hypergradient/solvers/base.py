@@ -10,6 +10,7 @@ finiteness check of products, norms that cannot overflow, and the validation of
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -245,12 +246,22 @@ def safe_norm(v: Tensor, wide: torch.dtype | None = None) -> float:
     """
     wide = _tree.wide_dtype(v.device) if wide is None else wide
     value = float(torch.linalg.vector_norm(v, dtype=wide))
-    if 0.0 < value < float("inf"):
+    if _exact_from(wide) * math.sqrt(v.numel()) <= value < float("inf"):
         return value
+    # zero, not finite, or so small that squares of its entries are subnormal in ``wide``
+    # (1e-160 in float64 read 2e-5 off, 1e-162 22 % off): rescaled by its largest entry
     top = float(v.abs().max()) if v.numel() else 0.0
     if top == 0.0 or top != top or top == float("inf"):
         return value if top == 0.0 else top
     return top * float(torch.linalg.vector_norm((v / top).to(wide)))
+
+
+@functools.cache
+def _exact_from(wide: torch.dtype) -> float:
+    """Norms at least ``sqrt(n)`` times this are read exactly in ``wide`` (no subnormal
+    squares): ``sqrt(tiny / eps)``, 1e-146 in float64."""
+    info = torch.finfo(wide)
+    return math.sqrt(info.tiny / info.eps)
 
 
 def require_finite_product(w: Tensor) -> None:
