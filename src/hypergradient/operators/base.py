@@ -31,6 +31,16 @@ class LinearOperator:
         self.device = device if type(device) is torch.device else torch.device(device)
         self.num_matvecs = 0
 
+    @property
+    def product_eps(self) -> float:
+        """Machine epsilon of the products' arithmetic: that of ``dtype`` or of the least
+        precise parameter (half-precision models), or the wrapped operator's."""
+        base = getattr(self, "base", None) or getattr(self, "op", None)
+        if isinstance(base, LinearOperator):
+            return base.product_eps
+        dtypes = {self.dtype, *(t.dtype for t in getattr(self, "param_leaves", ()))}
+        return max(torch.finfo(d).eps for d in dtypes)
+
     # -- products -------------------------------------------------------------------
     def _matvec(self, v: Tensor) -> Tensor:
         raise NotImplementedError

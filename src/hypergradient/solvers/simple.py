@@ -50,7 +50,8 @@ class FixedPoint(Solver):
     rounding level means "as far as the precision goes", as for CG) and reports
     divergence: for a symmetric operator as soon as the residual grows (``(I - omega A)^k
     r_0`` has non-decreasing norm ratios, so growth never stops) unless the best residual
-    is already at rounding level (at most ``sqrt(eps) ||b||``: the true residual then moves
+    is already at rounding level (at most ``sqrt(eps) ||b||``, ``eps`` that of the operator's
+    products, e.g. bfloat16 for a bfloat16 model: the true residual then moves
     by noise; the run stops, ``stats["stagnated"]``, "converged" if the tolerance asked
     for is below rounding level), otherwise past ``1e8`` times the
     starting residual. It iterates on ``b / ||b||`` (scale-safe) and returns the iterate
@@ -90,8 +91,14 @@ class FixedPoint(Solver):
         best, best_norm, improved, status, it, stagnated = self._iterate(
             op, bh, x, r, rnorm, threshold, limit
         )
+        message = ""
+        if stagnated:
+            message = (
+                f"the residual stopped decreasing at {best_norm:.3g} of ||b||, the rounding level "
+                "of the operator's products; the best iterate is returned"
+            )
         if status != Status.DIVERGED and (
-            best_norm <= threshold or stagnated and asked < threshold
+            best_norm <= threshold or stagnated and asked < 10 * max(eps, op.product_eps)
         ):
             status = Status.CONVERGED  # (stagnated: to rounding level, which was asked for)
         if improved:
@@ -107,6 +114,7 @@ class FixedPoint(Solver):
             status,
             it,
             {"stagnated": True} if stagnated else {},
+            message,
         )
 
     def _iterate(
@@ -123,6 +131,7 @@ class FixedPoint(Solver):
         it improved on the start, the status, the iterations, and whether it stagnated."""
         best, best_norm, previous, improved = x, rnorm, rnorm, False
         growth_tol = math.sqrt(torch.finfo(bh.dtype).eps)
+        floor = math.sqrt(max(torch.finfo(bh.dtype).eps, op.product_eps))  # rounding level
         status, it = Status.MAX_ITERATIONS, 0
         while rnorm > threshold and it < self.maxiter:
             it += 1
@@ -130,7 +139,7 @@ class FixedPoint(Solver):
             r = bh - self._product(op, x)
             rnorm = safe_norm(r)
             grew = rnorm > (1.0 + growth_tol) * previous if op.symmetric else rnorm > limit
-            if grew and op.symmetric and best_norm <= growth_tol:
+            if grew and op.symmetric and best_norm <= floor:
                 # the true residual at its rounding floor moves by noise, not divergence
                 return best, best_norm, improved, status, it, True
             if grew or not math.isfinite(rnorm):
