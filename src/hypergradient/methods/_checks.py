@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import TreeSpec
@@ -45,6 +45,7 @@ __all__ = [
     "consistent_start",
     "fingerprint_config",
     "unused_leaves",
+    "warn_frozen",
     "warn_unused",
 ]
 
@@ -109,6 +110,7 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
         )
     p_leaves, p_spec = _tree.flatten(params, params_name)
     _tree.check_leaves(p_leaves, p_spec, params_name)
+    warn_frozen(p_leaves, p_spec, params_name)
     h_leaves, h_spec = _tree.flatten(hparams, "hparams")
     _tree.check_leaves(h_leaves, h_spec, "hparams")
     if h_leaves[0].device != p_leaves[0].device:
@@ -233,4 +235,28 @@ def warn_unused(paths: Sequence[str]) -> None:
             "needs hparams_by_reference=True).",
             HypergradientWarning,
             stacklevel=4,
+        )
+
+
+def warn_frozen(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
+    """Warn when ``name`` holds frozen ``nn.Parameter``s (``requires_grad=False``).
+
+    Every leaf of ``params`` is a variable of the inner problem (differentiated, and
+    trained by trajectory methods); a frozen backbone passed with
+    ``dict(model.named_parameters())`` silently changes the problem (measured: a
+    hypergradient of the wrong sign, 10x off).
+    """
+    frozen = [
+        p for t, p in zip(leaves, spec.paths) if isinstance(t, nn.Parameter) and not t.requires_grad
+    ]
+    if frozen:
+        more = f" and {len(frozen) - 1} more" if len(frozen) > 1 else ""
+        warnings.warn(
+            f"{frozen[0]}{more} of `{name}` is a frozen nn.Parameter (requires_grad=False), "
+            f"but every leaf of `{name}` is a variable of the inner problem (differentiated, "
+            "and trained by trajectory methods). Pass only the trained parameters, e.g. "
+            "{k: v for k, v in model.named_parameters() if v.requires_grad} (functional_call "
+            "reads the others from the module).",
+            HypergradientWarning,
+            stacklevel=5,
         )
