@@ -27,6 +27,7 @@ from .._vocab import (
     require_finite,
 )
 from ..distributed import check_consistent, group_size
+from ..optim.functional import FunctionalOptimizer
 from .base import Problem
 
 T = TypeVar("T")
@@ -42,6 +43,7 @@ __all__ = [
     "check_inputs",
     "check_no_alias",
     "check_problem",
+    "check_state0",
     "consistent_start",
     "fingerprint_config",
     "unused_leaves",
@@ -260,3 +262,36 @@ def warn_frozen(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
             HypergradientWarning,
             stacklevel=5,
         )
+
+
+def check_state0(
+    state0: Sequence[Tensor] | None, optimizer: FunctionalOptimizer, p0: Sequence[Tensor]
+) -> tuple[Tensor, ...] | None:
+    """``state0`` as the optimizer's buffers for ``p0``: shapes checked, finite, in the
+    dtype and on the device of the buffers ``optimizer.init(p0)`` makes (a float64
+    momentum buffer of a float32 model is converted, as torch keeps it)."""
+    if state0 is None:
+        return None
+    want = optimizer.init(list(p0))
+    got = tuple(state0)
+    if len(got) != len(want) or any(
+        not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(got, want)
+    ):
+        raise ValueError(
+            f"`state0` must hold the optimizer's {len(want)} buffer(s) with the "
+            f"parameters' shapes, got {len(got)}; it belongs to another optimizer."
+        )
+    for i, t in enumerate(got):
+        if not t.is_floating_point():
+            raise ArgumentTypeError(
+                f"state0[{i}] has dtype {t.dtype}; the optimizer's buffers are floating point."
+            )
+    out = tuple(t.detach().to(device=b.device, dtype=b.dtype) for t, b in zip(got, want))
+    if not all_finite(list(out)):
+        require_finite(
+            list(out),
+            [f"state0[{i}]" for i in range(len(out))],
+            "the optimizer's buffer",
+            "Pass finite buffers (the inner optimizer's state diverged?).",
+        )
+    return out

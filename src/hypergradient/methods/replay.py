@@ -36,12 +36,20 @@ from ._checks import (
     check_arity,
     check_inputs,
     check_problem,
+    check_state0,
     consistent_start,
     fingerprint_config,
 )
 from .base import Method, Problem, Trajectory
 
-__all__ = ["Run", "optimizer_config", "replay_rng", "rng_state", "same_state", "set_rng_state"]
+__all__ = [
+    "Run",
+    "optimizer_config",
+    "replay_rng",
+    "rng_state",
+    "same_state",
+    "set_rng_state",
+]
 
 
 def _accelerator(device: torch.device) -> str | None:
@@ -201,7 +209,7 @@ class Run:
         self.step_loss = traj.step_loss
         self.batches = list(traj.batches)
         self.step0 = as_int(traj.step0, "step0", min=0)
-        self.state0 = self._check_state0(traj.state0)
+        self.state0 = check_state0(traj.state0, self.optimizer, self.p0)
         self._settings(traj.settings, inputs.hparam_leaves)
         self.final_leaves: list[Tensor] | None = None
         if traj.final_params is not None:
@@ -221,20 +229,6 @@ class Run:
                 k: float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
                 for k, v in self.settings_of(self.h, self.htree).items()
             }
-
-    def _check_state0(self, state0: Sequence[Tensor] | None) -> tuple[Tensor, ...] | None:
-        if state0 is None:
-            return None
-        want = self.optimizer.init(list(self.p0))
-        got = tuple(state0)
-        if len(got) != len(want) or any(
-            not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(got, want)
-        ):
-            raise ValueError(
-                f"`state0` must hold the optimizer's {len(want)} buffer(s) with the "
-                f"parameters' shapes, got {len(got)}; it belongs to another optimizer."
-            )
-        return tuple(t.detach().to(self.device) for t in got)
 
     def _settings(self, settings: Mapping[str, Any], leaves: list[Tensor]) -> None:
         """Optimizer settings that depend on ``hparams``: functions, or leaves themselves."""
