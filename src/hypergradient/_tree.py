@@ -17,7 +17,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from ._vocab import as_scalar_loss
+from ._vocab import ArgumentTypeError, as_scalar_loss
 
 Tree = Union[Tensor, Sequence["Tree"], Mapping[str, "Tree"]]
 
@@ -81,7 +81,7 @@ def _flatten(tree: Any, path: str, name: str, leaves: list[Tensor], paths: list[
             _flatten(t, f"{path}[{i}]", name, leaves, paths) for i, t in enumerate(tree)
         )
         return TreeSpec("tuple" if isinstance(tree, tuple) else "list", children)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"{path} is a {type(tree).__name__}; `{name}` must be a tensor, a tuple or list of "
         "tensors, or a dict of tensors (for a module: dict(model.named_parameters()))."
     )
@@ -156,7 +156,7 @@ def check_leaves(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
     device = leaves[0].device
     for t, p in zip(leaves, spec.paths):
         if not t.is_floating_point():
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{p} has dtype {t.dtype}; hypergradients need real floating-point tensors. "
                 "Convert it with .float() or .double()."
             )

@@ -9,16 +9,25 @@ number of arguments.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import TreeSpec
-from .._vocab import ArgumentTypeError, all_finite, as_callable, first_nonfinite, require_finite
+from .._vocab import (
+    ArgumentTypeError,
+    HypergradientWarning,
+    all_finite,
+    as_callable,
+    first_nonfinite,
+    require_finite,
+)
 from ..distributed import check_consistent, group_size
+from ..optim.functional import FunctionalOptimizer
 from .base import Problem
 
 T = TypeVar("T")
@@ -34,8 +43,12 @@ __all__ = [
     "check_inputs",
     "check_no_alias",
     "check_problem",
+    "check_state0",
     "consistent_start",
     "fingerprint_config",
+    "unused_leaves",
+    "warn_frozen",
+    "warn_unused",
 ]
 
 
@@ -99,6 +112,7 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
         )
     p_leaves, p_spec = _tree.flatten(params, params_name)
     _tree.check_leaves(p_leaves, p_spec, params_name)
+    warn_frozen(p_leaves, p_spec, params_name)
     h_leaves, h_spec = _tree.flatten(hparams, "hparams")
     _tree.check_leaves(h_leaves, h_spec, "hparams")
     if h_leaves[0].device != p_leaves[0].device:
@@ -204,3 +218,80 @@ def consistent_start(
         error=error,
     )
     return prepared  # type: ignore[return-value]
+
+
+def unused_leaves(
+    paths: Sequence[str], leaves: Sequence[Tensor], touched: Sequence[bool]
+) -> list[str]:
+    """The paths of the non-empty leaves not ``touched`` (no quantity depended on them)."""
+    return [p for p, t, used in zip(paths, leaves, touched) if not used and t.numel()]
+
+
+def warn_unused(paths: Sequence[str]) -> None:
+    """Warn, per path, that a hyperparameter reaches the outer loss by no path (zero)."""
+    for path in paths:
+        warnings.warn(
+            f"{path} influences the outer loss neither directly nor through the inner run; "
+            "its hypergradient is zero. Check that inner_loss, outer_loss or the optimizer's "
+            "settings use it through their `hparams` argument (a tensor read by reference "
+            "needs hparams_by_reference=True).",
+            HypergradientWarning,
+            stacklevel=4,
+        )
+
+
+def warn_frozen(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
+    """Warn when ``name`` holds frozen ``nn.Parameter``s (``requires_grad=False``).
+
+    Every leaf of ``params`` is a variable of the inner problem (differentiated, and
+    trained by trajectory methods); a frozen backbone passed with
+    ``dict(model.named_parameters())`` silently changes the problem (measured: a
+    hypergradient of the wrong sign, 10x off).
+    """
+    frozen = [
+        p for t, p in zip(leaves, spec.paths) if isinstance(t, nn.Parameter) and not t.requires_grad
+    ]
+    if frozen:
+        more = f" and {len(frozen) - 1} more" if len(frozen) > 1 else ""
+        warnings.warn(
+            f"{frozen[0]}{more} of `{name}` is a frozen nn.Parameter (requires_grad=False), "
+            f"but every leaf of `{name}` is a variable of the inner problem (differentiated, "
+            "and trained by trajectory methods). Pass only the trained parameters, e.g. "
+            "{k: v for k, v in model.named_parameters() if v.requires_grad} (functional_call "
+            "reads the others from the module).",
+            HypergradientWarning,
+            stacklevel=5,
+        )
+
+
+def check_state0(
+    state0: Sequence[Tensor] | None, optimizer: FunctionalOptimizer, p0: Sequence[Tensor]
+) -> tuple[Tensor, ...] | None:
+    """``state0`` as the optimizer's buffers for ``p0``: shapes checked, finite, in the
+    dtype and on the device of the buffers ``optimizer.init(p0)`` makes (a float64
+    momentum buffer of a float32 model is converted, as torch keeps it)."""
+    if state0 is None:
+        return None
+    want = optimizer.init(list(p0))
+    got = tuple(state0)
+    if len(got) != len(want) or any(
+        not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(got, want)
+    ):
+        raise ValueError(
+            f"`state0` must hold the optimizer's {len(want)} buffer(s) with the "
+            f"parameters' shapes, got {len(got)}; it belongs to another optimizer."
+        )
+    for i, t in enumerate(got):
+        if not t.is_floating_point():
+            raise ArgumentTypeError(
+                f"state0[{i}] has dtype {t.dtype}; the optimizer's buffers are floating point."
+            )
+    out = tuple(t.detach().to(device=b.device, dtype=b.dtype) for t, b in zip(got, want))
+    if not all_finite(list(out)):
+        require_finite(
+            list(out),
+            [f"state0[{i}]" for i in range(len(out))],
+            "the optimizer's buffer",
+            "Pass finite buffers (the inner optimizer's state diverged?).",
+        )
+    return out

@@ -27,6 +27,7 @@ from .. import _tree
 from .._tree import Tree
 from .._vocab import as_optional_int
 from ..optim.functional import SGD, FunctionalOptimizer
+from ._checks import unused_leaves
 from .base import Problem
 from .forward_tangents import GradientTangents
 from .replay import Run, rng_state, set_rng_state
@@ -217,7 +218,8 @@ class ForwardMode(TrajectoryMethod):
             return Sweep(list(gh), p, losses, value, run.steps, 0, 1, {"products": 0})
         tangents = GradientTangents(run, self.hvp, self.chunk_size)
         p, tp, losses = _propagate(run, tangents)
-        gp, gh, value = outer_gradients(run, outer_loss, p)
+        direct = [False] * len(run.h)
+        gp, gh, value = outer_gradients(run, outer_loss, p, direct)
         dtype = _tree.common_dtype(list(run.h))
         total = torch.zeros(m, dtype=dtype, device=run.device)
         for z, g in zip(tp, gp):
@@ -225,6 +227,13 @@ class ForwardMode(TrajectoryMethod):
         flat = _tree.cat(list(gh), run.hspec, dtype, run.device) + total
         hyper = _tree.split(flat, run.hspec, [h.dtype for h in run.h])
         stats = {"products": m * run.steps, **tangents.report()}
+        if tangents.mode != "first_order" and not run.setting_fns:  # else: cannot tell
+            settings = set(run.setting_index.values())
+            used = [
+                d or u or i in settings for i, (d, u) in enumerate(zip(direct, tangents.used_h))
+            ]
+            unused = unused_leaves(run.hspec.paths, run.h, used)
+            stats |= {"unused_hparams": unused} if unused else {}
         return Sweep(list(hyper), p, losses, value, run.steps, 0, 1, stats)
 
 

@@ -70,6 +70,8 @@ class GradientTangents:
         self.checked = False
         #: ``(grad_theta f, f)`` from the last double-backward graph (see :meth:`double`)
         self.primal: tuple[list[Tensor], Tensor] = ([], torch.zeros(()))
+        #: whether ``grad_phi f`` had a path to each hyperparameter leaf (double backward)
+        self.used_h = [False] * len(run.h)
 
     def __call__(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:
         while True:
@@ -111,6 +113,7 @@ class GradientTangents:
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, [*pp, *hh], create_graph=True, allow_unused=True)
         self.primal = (_detached(grads, pp), loss.detach())
+        self.used_h = [u or g is not None for u, g in zip(self.used_h, grads[len(pp) :])]
         pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]
         if pairs and not self.checked:  # once per sweep: the graph's structure is fixed
             self.checked = True

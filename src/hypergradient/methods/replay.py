@@ -36,12 +36,20 @@ from ._checks import (
     check_arity,
     check_inputs,
     check_problem,
+    check_state0,
     consistent_start,
     fingerprint_config,
 )
 from .base import Method, Problem, Trajectory
 
-__all__ = ["Run", "optimizer_config", "replay_rng", "rng_state", "same_state", "set_rng_state"]
+__all__ = [
+    "Run",
+    "optimizer_config",
+    "replay_rng",
+    "rng_state",
+    "same_state",
+    "set_rng_state",
+]
 
 
 def _accelerator(device: torch.device) -> str | None:
@@ -137,8 +145,8 @@ def optimizer_config(optimizer: FunctionalOptimizer) -> dict[str, Any]:
 class Run:
     """The inner run of ``problem.trajectory``, validated, with its step function ``Phi_t``.
 
-    Construction validates everything (the problem, the trajectory, the hyperparameters,
-    a first evaluation of the loss that consumes no random numbers) and, with a process
+    Construction validates everything but the loss, which the first step evaluates (a
+    BatchNorm's running statistics see the batches training sees) and, with a process
     group, runs the consistency check of values (``hparams``, ``params0``, ``state0``) and
     configuration (the method's, ``steps``, ``step0``, the optimizer's settings) as the
     call's first collective.
@@ -201,7 +209,7 @@ class Run:
         self.step_loss = traj.step_loss
         self.batches = list(traj.batches)
         self.step0 = as_int(traj.step0, "step0", min=0)
-        self.state0 = self._check_state0(traj.state0)
+        self.state0 = check_state0(traj.state0, self.optimizer, self.p0)
         self._settings(traj.settings, inputs.hparam_leaves)
         self.final_leaves: list[Tensor] | None = None
         if traj.final_params is not None:
@@ -213,28 +221,14 @@ class Run:
         self._after: tuple[int, Any] | None = None
         self.rngs: list[Any] = self._check_rngs(traj.rng_states)
         self.loss_like = torch.zeros(1, dtype=_tree.common_dtype(list(self.p0)), device=self.device)
-        first = self.rngs[0] if self.given else rng_state(self.device)
-        with replay_rng(first, self.device), torch.no_grad():  # a clear message, no draws
-            as_scalar_loss(self.loss(self.p0, self.htree, 0), "inner_loss")
+        # No evaluation of the loss here (state it updates would see one batch too many);
+        # the first step names a bad loss (Run.loss, local_grad).
+        with torch.no_grad():
             # Constants of the run (numbers: the optimizer's cheapest path, no conversions).
             self.settings = {
                 k: float(v) if isinstance(v, Tensor) and v.numel() == 1 else v
                 for k, v in self.settings_of(self.h, self.htree).items()
             }
-
-    def _check_state0(self, state0: Sequence[Tensor] | None) -> tuple[Tensor, ...] | None:
-        if state0 is None:
-            return None
-        want = self.optimizer.init(list(self.p0))
-        got = tuple(state0)
-        if len(got) != len(want) or any(
-            not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(got, want)
-        ):
-            raise ValueError(
-                f"`state0` must hold the optimizer's {len(want)} buffer(s) with the "
-                f"parameters' shapes, got {len(got)}; it belongs to another optimizer."
-            )
-        return tuple(t.detach().to(self.device) for t in got)
 
     def _settings(self, settings: Mapping[str, Any], leaves: list[Tensor]) -> None:
         """Optimizer settings that depend on ``hparams``: functions, or leaves themselves."""
@@ -277,7 +271,7 @@ class Run:
     # -- the step function ------------------------------------------------------------
     def loss(self, p: Sequence[Tensor], htree: Any, t: int) -> Tensor:
         """``f(theta, phi; batch_t)`` with ``theta``'s leaves ``p`` and the tree ``htree``."""
-        return self.step_loss(self.ptree(p), htree, self.batches[t])
+        return as_scalar_loss(self.step_loss(self.ptree(p), htree, self.batches[t]), "inner_loss")
 
     def init_state(self) -> tuple[Tensor, ...]:
         return self.state0 if self.state0 is not None else tuple(self.optimizer.init(list(self.p0)))
@@ -301,7 +295,7 @@ class Run:
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in p]
             fn = self.step_loss if self.forward_loss is None else self.forward_loss
-            loss = fn(self.ptree(leaves), self.htree, self.batches[t])
+            loss = as_scalar_loss(fn(self.ptree(leaves), self.htree, self.batches[t]), "inner_loss")
             grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)

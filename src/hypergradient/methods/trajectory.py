@@ -48,7 +48,7 @@ from .._vocab import (
     as_int,
     require_finite,
 )
-from ._checks import all_finite, check_arity
+from ._checks import all_finite, check_arity, unused_leaves, warn_unused
 from .base import Info, Method, Problem, Trajectory
 from .replay import Run, replay_rng, rng_state
 from .traj_step import ReverseStep
@@ -110,9 +110,15 @@ class Sweep:
 
 
 def outer_gradients(
-    run: Run, outer_loss: Callable[[Any, Any], Tensor], p: tuple[Tensor, ...]
+    run: Run,
+    outer_loss: Callable[[Any, Any], Tensor],
+    p: tuple[Tensor, ...],
+    direct: list[bool] | None = None,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], float]:
-    """``grad_theta g`` and ``d_phi g`` at ``theta_T`` (averaged), and ``g``."""
+    """``grad_theta g`` and ``d_phi g`` at ``theta_T`` (averaged), and ``g``.
+
+    ``direct``, if given, is filled with whether ``g`` depends on each hyperparameter leaf.
+    """
 
     def local() -> list[Tensor]:
         value, (gp, gh) = _tree.grad_at(
@@ -122,6 +128,8 @@ def outer_gradients(
             "outer_loss",
             by_reference=[False, run.by_reference],
         )
+        if direct is not None:
+            direct[:] = [d is not None for d in gh]
         zp = [torch.zeros_like(a) if d is None else d for a, d in zip(p, gp)]
         zh = [torch.zeros_like(a) if d is None else d for a, d in zip(run.h, gh)]
         return [*zp, *zh, value.reshape(1).to(run.loss_like.dtype)]
@@ -218,9 +226,10 @@ def reverse_sweep(
     """Adjoint recursion from step ``T-1`` down to ``first``; ``state_at(t)`` gives ``s_t``.
 
     Returns the flat hypergradient, ``g`` and the product mode's report (``hvp``,
-    ``hvp_fallback``).
+    ``hvp_fallback``; ``unused_hparams``: the leaves no step or ``g`` depended on).
     """
-    gp, gh, value = outer_gradients(run, outer_loss, p_T)
+    touched = [False] * len(run.h)
+    gp, gh, value = outer_gradients(run, outer_loss, p_T, touched)
     adj = (gp, tuple(torch.zeros_like(x) for x in s_T))
     hyper = [x.clone() for x in gh]
     step = ReverseStep(run, hvp)
@@ -228,10 +237,12 @@ def reverse_sweep(
         p, s = state_at(t)
         dp, ds, dh = step(p, s, t, adj)
         adj = (dp, ds)
-        for acc, d in zip(hyper, dh):
+        for i, (acc, d) in enumerate(zip(hyper, dh)):
             if d is not None:
                 acc.add_(d)
-    return hyper, value, step.finish()
+                touched[i] = True
+    unused = unused_leaves(run.hspec.paths, run.h, touched)
+    return hyper, value, {**step.finish(), **({"unused_hparams": unused} if unused else {})}
 
 
 def _replay_error(replayed: tuple[Tensor, ...], real: Tree, steps: int) -> float:
@@ -291,6 +302,7 @@ class TrajectoryMethod(Method):
         )
         if info.replay_error is not None:
             info.stats["replay_error"] = info.replay_error
+        warn_unused(out.stats.get("unused_hparams", []))
         info.stats["stored_states"] = out.stored_states
         info.stats.update(out.stats)
         info.num_hvps = int(out.stats.get("products", 0))

@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _vocab
 from .._vocab import ArgumentTypeError
 
-__all__ = ["DampedOperator", "LinearOperator", "MatrixOperator"]
+__all__ = ["DampedOperator", "LinearOperator", "MatrixOperator", "check_vector"]
 
 
 class LinearOperator:
@@ -31,6 +31,16 @@ class LinearOperator:
         self.device = device if type(device) is torch.device else torch.device(device)
         self.num_matvecs = 0
 
+    @property
+    def product_eps(self) -> float:
+        """Machine epsilon of the products' arithmetic: that of ``dtype`` or of the least
+        precise parameter (half-precision models), or the wrapped operator's."""
+        base = getattr(self, "base", None) or getattr(self, "op", None)
+        if isinstance(base, LinearOperator):
+            return base.product_eps
+        dtypes = {self.dtype, *(t.dtype for t in getattr(self, "param_leaves", ()))}
+        return max(torch.finfo(d).eps for d in dtypes)
+
     # -- products -------------------------------------------------------------------
     def _matvec(self, v: Tensor) -> Tensor:
         raise NotImplementedError
@@ -39,7 +49,19 @@ class LinearOperator:
         return torch.stack([self._matvec(v) for v in V])
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``A v`` for a 1-D ``v``; one product."""
+        """``A v`` for a 1-D floating-point ``v`` of ``size`` elements; one product.
+
+        Raises:
+            ArgumentTypeError: ``v`` is not a floating-point tensor.
+            ValueError: ``v`` is not 1-D with ``size`` elements (nothing is counted).
+        """
+        if not (
+            isinstance(v, Tensor)
+            and v.dim() == 1
+            and v.shape[0] == self.size
+            and v.is_floating_point()
+        ):
+            check_vector(v, self.size, "v")
         self.num_matvecs += 1
         return self._matvec(v)
 
@@ -55,6 +77,8 @@ class LinearOperator:
         if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != self.size:
             shape = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
             raise ValueError(f"matmat expects a (k, {self.size}) tensor, got {shape}")
+        if not V.is_floating_point():
+            raise ArgumentTypeError(f"matmat expects a floating-point tensor, got {V.dtype}.")
         chunk_size = _vocab.as_optional_int(chunk_size, "chunk_size", min=1)
         k = V.shape[0]
         self.num_matvecs += k
@@ -97,6 +121,26 @@ class MatrixOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return V @ self.matrix.T
+
+
+def check_vector(v: object, size: int, name: str) -> None:
+    """Raise unless ``v`` is a 1-D floating-point tensor of ``size`` elements.
+
+    Raises:
+        ArgumentTypeError: ``v`` is not a tensor, or not floating point.
+        ValueError: ``v`` has another shape.
+    """
+    if not isinstance(v, Tensor):
+        raise ArgumentTypeError(
+            f"`{name}` must be a 1-D tensor of {size} elements, got {type(v).__name__}."
+        )
+    if v.dim() != 1 or v.shape[0] != size:
+        raise ValueError(
+            f"`{name}` must be a 1-D tensor of {size} elements (one per parameter), got shape "
+            f"{tuple(v.shape)}."
+        )
+    if not v.is_floating_point():
+        raise ArgumentTypeError(f"`{name}` must be a floating-point tensor, got {v.dtype}.")
 
 
 def _is_symmetric(matrix: Tensor) -> bool:

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .._vocab import HypergradientWarning
-from .base import LinearOperator
+from .base import LinearOperator, check_vector
 from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
 
 __all__ = [
@@ -206,7 +206,7 @@ class GraphOperator(LinearOperator):
         return out
 
     def _vjp(self, v: Tensor, leaves: list[Tensor], batched: bool = False) -> list[Tensor | None]:
-        if not self._outputs:
+        if not self._outputs or not leaves:
             return [None] * len(leaves)
         parts = self._pieces(v)
         if not batched and SYMBOLIC_SHAPES not in sys.modules:
@@ -290,7 +290,9 @@ class GraphOperator(LinearOperator):
         return self._looped(V)
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
-        """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path)."""
+        """``d/dphi <outputs(theta, phi), v>`` per hyperparameter leaf (``None``: no path);
+        ``v`` is checked as by ``matvec``."""
+        check_vector(v, self.size, "v")
         out = direct_vjp(self, v, self.hparam_leaves)
         return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v) if out is None else out
 

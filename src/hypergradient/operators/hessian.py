@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
+from .base import check_vector
 from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, flat_output, prepare_leaves
 from .modes import MODES, first_order_step
 
@@ -246,6 +247,7 @@ class HessianOperator(GraphOperator):
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <grad_theta f, v>`` per hyperparameter leaf (``None``: no path)."""
+        check_vector(v, self.size, "v")
         if self.mode != "first_order":
             return super().mixed(v)
         diff = self._difference(v, None)

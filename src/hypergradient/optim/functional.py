@@ -320,12 +320,14 @@ def from_torch(
     """
     for flag in ("maximize", "amsgrad"):
         if any(g.get(flag, False) for g in optimizer.param_groups):
-            raise TypeError(f"`{flag}=True` has no differentiable twin in hypergradient.optim.")
+            raise ArgumentTypeError(
+                f"`{flag}=True` has no differentiable twin in hypergradient.optim."
+            )
     if type(optimizer) is torch.optim.SGD:
         return _sgd_twin(optimizer, params)
     if type(optimizer) is torch.optim.Adam:
         return _adam_twin(optimizer, params)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"Trajectory methods replay the inner optimizer differentiably; {type(optimizer).__name__} "
         "has no functional twin. Use torch.optim.SGD or torch.optim.Adam, or an implicit method "
         "(hg.IFT, hg.HOAG, hg.T1T2)."

@@ -98,6 +98,7 @@ class _Run:
             r0norm = safe_norm(r0)
             if r0norm <= 1.0:
                 self.y, self.r, self.rnorm = y0.clone(), r0, r0norm
+                self.stats["start_residual"] = r0norm  # relative: the rate's starting point
                 self.xmax = self.ynorm = self.best_ynorm = safe_norm(y0)
                 self.x0 = x0.to(self.b.dtype)
             else:  # worse than x = 0: drop it (its product is counted)
@@ -336,7 +337,8 @@ class CG(Solver):
       its residual is at most ``||b||`` (it has the smallest ``A``-norm error, so warm
       restarts make progress even where the residual rose), else the kept one; on any
       other exit the kept one. A warm start ``x0`` whose residual exceeds ``||b||`` is
-      dropped (``stats["warm_start_dropped"]``; its product is counted);
+      dropped (``stats["warm_start_dropped"]``; its product is counted); an accepted one's
+      relative residual is ``stats["start_residual"]``;
     - **negative curvature**: if a search direction has ``p^T A p <= 0`` (not a minimum,
       or ``A`` singular along ``p``) it stops with ``status="negative_curvature"`` and the
       best iterate, instead of stepping uphill; add damping (``auto_damping``);

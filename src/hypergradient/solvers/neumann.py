@@ -272,7 +272,8 @@ class _Series:
     ``v_j`` is the residual of ``alpha S_{j-1}``, known for free. For a symmetric operator
     the ratios ``||v_{j+1}|| / ||v_j||`` never decrease (``||M^j b||^2`` is log-convex in
     ``j``), so one ratio above 1 proves that the series diverges: the run stops there (up
-    to a rounding allowance ``sqrt(eps)``) and keeps the partial sum with the smallest
+    to a rounding allowance ``sqrt(eps)``; not tested once ``||v_j||`` is near the subnormal
+    range, where rounding is no longer relative) and keeps the partial sum with the smallest
     residual (``x = 0`` if the first term already grows). A non-symmetric operator can
     grow transiently; it is declared divergent past ``divergence_factor``. On the CPU the
     norms of large float32 terms are read by float32 rows (:mod:`.norms`, ~1e-7 relative).
@@ -293,7 +294,11 @@ class _Series:
         self.residual: float | None = None
         self.status, self.iterations = Status.FIXED_BUDGET, 0
         self.stats: dict[str, Any] = {}
-        self.growth_tol = math.sqrt(torch.finfo(b.dtype).eps)
+        info = torch.finfo(b.dtype)
+        self.growth_tol = math.sqrt(info.eps)
+        # below this norm the terms' entries are near or below the subnormal range of their
+        # dtype, too imprecise for the growth test (false "diverged" after 1855 float32 steps)
+        self.floor = math.sqrt(b.numel()) * info.tiny / self.growth_tol
         self.wide = _tree.wide_dtype(b.device)  # safe_norm's accumulator, chosen once
         self.by_rows = b.device.type == "cpu" and in_rows(b, self.wide)  # see norms.py
 
@@ -335,7 +340,7 @@ class _Series:
             if tol is not None and vnorm <= tol:
                 self.residual, self.status = vnorm, Status.CONVERGED
                 return
-            if self._diverged(vnorm, previous):
+            if vnorm > self.floor and self._diverged(vnorm, previous):
                 self.status, self.total = self._why(w, previous), self.best
                 self.residual = self.best_norm
                 self.stats["residual_growth"] = vnorm / previous

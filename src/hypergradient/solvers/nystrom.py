@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +18,7 @@ from .base import (
     check_generator_state,
     check_keys,
     check_tensor,
+    convergence_rate,
     generator_state,
     require_finite_product,
     require_finite_solution,
@@ -140,8 +140,9 @@ class NystromPCG(RandomizedSolver):
     The sketch costs ``rank`` products and is kept across calls: it is rebuilt every
     ``refresh_every`` calls (1: every call), which pays off while the Hessian changes
     slowly, as in an outer optimization loop. With ``refresh_every="auto"`` it is rebuilt
-    only when it stops helping: when a solve's convergence rate, ``-log(relative residual)``
-    per CG iteration, falls below ``1 / STALE_GROWTH`` (1/1.5) of the rate of the first solve
+    only when it stops helping: when a solve's convergence rate (``-log(final / start)`` of
+    the relative residual per CG iteration, ``convergence_rate``: a warm start's head start
+    is not counted) falls below ``1 / STALE_GROWTH`` (1/1.5) of the rate of the first solve
     with the current sketch (``stats["sketch_stale"]``; the next call sketches again). This
     works with a tolerance and with a fixed budget alike. ``reset()`` forces a rebuild. The
     stored sketch, the call counter, the reference rate and the generator are in
@@ -275,10 +276,9 @@ class NystromPCG(RandomizedSolver):
 
     def _judge(self, sol: Solution) -> None:
         """``refresh_every="auto"``: drop the sketch once it stops helping."""
-        if not sol.iterations:
+        rate = convergence_rate(sol)
+        if rate is None:
             return
-        relative = sol.stats.get("relative_residual", 1.0)
-        rate = -math.log(max(relative, 1e-300)) / sol.iterations
         if self._base is None:
             self._base = rate
         elif rate * STALE_GROWTH < self._base:

@@ -44,14 +44,15 @@ from torch import Tensor
 from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import DampedOperator, LinearOperator
-from .base import Solution, Solver, check_keys, check_tensor
+from .base import Solution, Solver, check_keys, check_tensor, convergence_rate
 from .cg import conjugate_gradient
 from .recycle_basis import Basis, Recorder
 
 __all__ = ["STALE_SLOWDOWN", "Basis", "RecycledCG"]  # Basis: from recycle_basis
 
 #: ``RecycledCG`` forgets its recycled space once a solve converges this many times slower
-#: (in ``-log(relative residual)`` per iteration) than the plain CG solve that started it.
+#: (``base.convergence_rate``: ``-log(final / start residual)`` per iteration) than the plain CG
+#: solve that started it.
 STALE_SLOWDOWN = 1.5
 
 #: The Rayleigh-Ritz step drops the combinations of the harvest ``P`` whose part off
@@ -244,10 +245,9 @@ class RecycledCG(Solver):
         self, sol: Solution, space: tuple[Basis, Tensor] | None
     ) -> tuple[Basis, Tensor] | None:
         """Drop the space once it stops helping (see :data:`STALE_SLOWDOWN`)."""
-        if not sol.iterations:
+        rate = convergence_rate(sol)
+        if rate is None:
             return space
-        relative = sol.stats.get("relative_residual", 1.0)
-        rate = -math.log(max(relative, 1e-300)) / sol.iterations
         if space is None:
             self._base = rate
         elif self._base is not None and rate * STALE_SLOWDOWN < self._base:

@@ -46,9 +46,14 @@ class FixedPoint(Solver):
     is ``x <- b + J^T x``, the adjoint of the forward iteration, which converges whenever
     ``T`` is a contraction. For an argmin, ``omega`` plays the role of a step size
     (converges iff ``0 < omega < 2 / lambda_max``). The residual is known at every step, so
-    it stops at ``||b - A x|| <= max(tol * ||b||, atol)`` and reports divergence: for a
-    symmetric operator as soon as the residual grows (``(I - omega A)^k r_0`` has
-    non-decreasing norm ratios, so growth never stops), otherwise past ``1e8`` times the
+    it stops at ``||b - A x|| <= max(tol * ||b||, atol, 10 eps ||b||)`` (a tolerance below
+    rounding level means "as far as the precision goes", as for CG) and reports
+    divergence: for a symmetric operator as soon as the residual grows (``(I - omega A)^k
+    r_0`` has non-decreasing norm ratios, so growth never stops) unless the best residual
+    is already at rounding level (at most ``sqrt(eps) ||b||``, ``eps`` that of the operator's
+    products, e.g. bfloat16 for a bfloat16 model: the true residual then moves
+    by noise; the run stops, ``stats["stagnated"]``, "converged" if the tolerance asked
+    for is below rounding level), otherwise past ``1e8`` times the
     starting residual. It iterates on ``b / ||b||`` (scale-safe) and returns the iterate
     with the smallest residual, never one worse than the start.
 
@@ -75,28 +80,27 @@ class FixedPoint(Solver):
         bnorm = safe_norm(b)
         scale = bnorm if bnorm > 0.0 else 1.0  # iterate on b / ||b||: scale-safe
         bh = b / scale if bnorm > 0.0 else b
-        threshold = max(self.tol * bnorm, self.atol) / scale
+        eps = torch.finfo(b.dtype).eps
+        # never below rounding level (as CG): tol=0 means "as far as the precision goes"
+        asked = max(self.tol * bnorm / scale, self.atol / scale)
+        threshold = max(asked, 10 * eps)
         x = torch.zeros_like(b) if x0 is None else x0.to(b.dtype) / scale
         r = bh.clone() if x0 is None else bh - self._product(op, x)
         rnorm = safe_norm(r)
-        best, best_norm, previous, improved = x, rnorm, rnorm, False
         limit = 1e8 * max(rnorm, bnorm / scale, 1e-300)  # non-symmetric: growth past this
-        growth_tol = math.sqrt(torch.finfo(b.dtype).eps)
-        status, it = Status.MAX_ITERATIONS, 0
-        while rnorm > threshold and it < self.maxiter:
-            it += 1
-            x = x + self.omega * r
-            r = bh - self._product(op, x)
-            rnorm = safe_norm(r)
-            grew = rnorm > (1.0 + growth_tol) * previous if op.symmetric else rnorm > limit
-            if grew or not math.isfinite(rnorm):
-                status = Status.DIVERGED
-                break
-            if rnorm < best_norm:
-                best, best_norm, improved = x, rnorm, True
-            previous = rnorm
-        if status != Status.DIVERGED and best_norm <= threshold:
-            status = Status.CONVERGED
+        best, best_norm, improved, status, it, stagnated = self._iterate(
+            op, bh, x, r, rnorm, threshold, limit
+        )
+        message = ""
+        if stagnated:
+            message = (
+                f"the residual stopped decreasing at {best_norm:.3g} of ||b||, the rounding level "
+                "of the operator's products; the best iterate is returned"
+            )
+        if status != Status.DIVERGED and (
+            best_norm <= threshold or stagnated and asked < 10 * max(eps, op.product_eps)
+        ):
+            status = Status.CONVERGED  # (stagnated: to rounding level, which was asked for)
         if improved:
             value = best * scale
         else:  # the start is the best iterate: return it as given
@@ -109,7 +113,41 @@ class FixedPoint(Solver):
             status == Status.CONVERGED,
             status,
             it,
+            {"stagnated": True} if stagnated else {},
+            message,
         )
+
+    def _iterate(
+        self,
+        op: LinearOperator,
+        bh: Tensor,
+        x: Tensor,
+        r: Tensor,
+        rnorm: float,
+        threshold: float,
+        limit: float,
+    ) -> tuple[Tensor, float, bool, Status, int, bool]:
+        """The iteration from ``x`` (residual ``r``): the best iterate, its residual, whether
+        it improved on the start, the status, the iterations, and whether it stagnated."""
+        best, best_norm, previous, improved = x, rnorm, rnorm, False
+        growth_tol = math.sqrt(torch.finfo(bh.dtype).eps)
+        floor = math.sqrt(max(torch.finfo(bh.dtype).eps, op.product_eps))  # rounding level
+        status, it = Status.MAX_ITERATIONS, 0
+        while rnorm > threshold and it < self.maxiter:
+            it += 1
+            x = x + self.omega * r
+            r = bh - self._product(op, x)
+            rnorm = safe_norm(r)
+            grew = rnorm > (1.0 + growth_tol) * previous if op.symmetric else rnorm > limit
+            if grew and op.symmetric and best_norm <= floor:
+                # the true residual at its rounding floor moves by noise, not divergence
+                return best, best_norm, improved, status, it, True
+            if grew or not math.isfinite(rnorm):
+                return best, best_norm, improved, Status.DIVERGED, it, False
+            if rnorm < best_norm:
+                best, best_norm, improved = x, rnorm, True
+            previous = rnorm
+        return best, best_norm, improved, status, it, False
 
     @staticmethod
     def _product(op: LinearOperator, x: Tensor) -> Tensor:
