@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .. import _tree
 from .._vocab import ArgumentTypeError, as_callable, as_optional_int
-from ..methods import IFT, Method, Problem
+from ..methods import IFT, T1T2, Method, Problem
+from ..optim.functional import from_torch
 from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
@@ -33,7 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "COUPLED_DECAY",
     "LossFn",
+    "check_inner",
     "coupled_decays",
+    "inner_lr",
     "make_guard",
     "make_hyperparameters",
     "make_problem",
@@ -136,11 +139,42 @@ def make_problem(
         outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
         params=params,
         hparams=hp.detached_raw(),
-        lr=float(hopt.inner_optimizer.param_groups[0]["lr"]),
+        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method),
         prev_params=view.tree(before),
         trajectory=trajectory,
         process_group=hopt.process_group,
     )
+
+
+def check_inner(optimizer: torch.optim.Optimizer, params: list[Tensor], method: Method) -> None:
+    """Refuse, at construction, an inner optimizer the method cannot differentiate: one
+    without a functional twin (trajectory methods), param groups of several learning rates
+    (T1T2)."""
+    inner_lr(optimizer, params, method)
+    if method.needs_trajectory:
+        from_torch(optimizer, params)
+
+
+def inner_lr(optimizer: torch.optim.Optimizer, params: list[Tensor], method: Method) -> float:
+    """``Problem.lr``: the learning rate of the param groups that hold trained parameters
+    (the smallest if they differ: IFT's default Neumann caps its step there).
+
+    Raises:
+        ValueError: they differ and ``method`` is :class:`~hypergradient.methods.T1T2`,
+            which differentiates one step ``theta - lr * grad`` with a single ``lr``.
+    """
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return float(groups[0]["lr"])
+    ids = {id(p) for p in params}
+    lrs = sorted({float(g["lr"]) for g in groups if any(id(p) in ids for p in g["params"])})
+    if len(lrs) > 1 and isinstance(method, T1T2):
+        raise ValueError(
+            "T1T2 differentiates one inner step theta - lr * grad with a single learning "
+            f"rate, but the inner optimizer's param groups use lr = {lrs}; give them one lr, "
+            "or use hg.IFT(), which does not need it."
+        )
+    return lrs[0] if lrs else float(groups[0]["lr"])
 
 
 def coupled_decays(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:

@@ -36,7 +36,10 @@ checked (:mod:`~.divergence`); non-finite ones raise
 :class:`~hypergradient.NonFiniteHypergradientError` (or skip, ``nonfinite="skip"``);
 sustained geometric growth raises a ``HypergradientWarning`` naming the knobs (a lower
 inner learning rate, clipping, damping) and, with ``on_divergence="skip"``, skips the
-hyper-step (counted in :attr:`skipped`).
+hyper-step (counted in :attr:`skipped`). Trajectory methods replay a window with the inner
+optimizer's settings at its start: a setting changed inside it (a learning-rate scheduler
+stepped every step) skips that hyper-step with a warning naming it; step schedulers right
+after a hyper-step. T1T2 refuses param groups with different learning rates.
 
 A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
 undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's
@@ -66,9 +69,15 @@ from torch import Tensor, nn
 from .._vocab import ArgumentTypeError, as_callable, as_choice, as_int
 from ..constraints import Constraint
 from ..methods import Method
-from ..optim.functional import from_torch
 from . import checkpoint, optimizers, stepping
-from .build import LossFn, check_method, make_guard, make_hyperparameters, make_sampler
+from .build import (
+    LossFn,
+    check_inner,
+    check_method,
+    make_guard,
+    make_hyperparameters,
+    make_sampler,
+)
 from .config import check_group, check_ranks
 from .history import History
 from .holdout import HoldoutGuard, HoldoutViews
@@ -191,9 +200,8 @@ class HyperOptimizer(HoldoutViews):
         self.hyperparameters = make_hyperparameters(
             hparams, self.view, inner_optimizer, optimizer_hparams, self.method
         )
+        check_inner(inner_optimizer, self.view.params, self.method)
         self.outer_optimizer = optimizers.build_outer(outer_optimizer, self.raw_hparams())
-        if self.method.needs_trajectory:
-            from_torch(inner_optimizer, self.view.params)  # raises for unsupported ones
         self.history = History(history_size, logger)
         self.loop = LoopState(rng_next=stepping.capture(self))
         self._pending: Transaction | None = None  # begin_step's snapshot
@@ -218,8 +226,9 @@ class HyperOptimizer(HoldoutViews):
 
     @property
     def skipped(self) -> int:
-        """Hyper-steps skipped: non-finite values (``nonfinite="skip"``) or a diverging
-        inner run (see the class notes)."""
+        """Hyper-steps skipped: non-finite values (``nonfinite="skip"``), a diverging inner
+        run, a trajectory window inside which the inner optimizer's settings changed (see
+        the class notes)."""
         return self.loop.skipped
 
     def train_loss(self, batch: Any) -> Tensor:

@@ -30,6 +30,7 @@ __all__ = [
     "hyper_step",
     "inner_step",
     "record_step",
+    "settings_changed",
     "start_window",
     "undo",
     "watch",
@@ -47,9 +48,14 @@ def records_window(hopt: HyperOptimizer) -> bool:
 
 
 def start_window(hopt: HyperOptimizer) -> None:
-    """Open a window at the current weights and optimizer state, if one is needed."""
-    if records_window(hopt) and hopt.loop.window is None:
+    """Open a window at the current weights and optimizer state, if one is needed; before
+    each later step of the window, note a change of the optimizer's settings."""
+    if not records_window(hopt):
+        return
+    if hopt.loop.window is None:
         hopt.loop.window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer)
+    else:
+        hopt.loop.window.check_settings(hopt.inner_optimizer)
 
 
 def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
@@ -142,7 +148,7 @@ def forked_rng(device: torch.device) -> Any:
 
 def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     started = time.perf_counter()
-    if diverged(hopt, saved):
+    if diverged(hopt, saved) or settings_changed(hopt, saved):
         return
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()
@@ -173,6 +179,28 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     )
     hopt.history.append(record)
     saved.commit()
+
+
+def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
+    """Skip (with a warning) the hyper-step of a window inside which the inner optimizer's
+    settings changed: its replay, stepped with the settings at the window's start, would
+    differentiate steps the optimizer did not take."""
+    window = hopt.loop.window
+    if window is None or window.changed is None:
+        return False
+    warnings.warn(
+        f"Step {hopt.loop.count}: hyper-step skipped: {window.changed}, and "
+        f"{type(hopt.method).__name__} replays the window with the settings at its start. "
+        "Change them only right after a hyper-step (step a learning-rate scheduler once "
+        "every inner_steps steps, after the step that took the hyper-step), or use a "
+        "method that does not replay (hg.IFT(), hg.T1T2()).",
+        HypergradientWarning,
+        stacklevel=4,
+    )
+    hopt.loop.window = None
+    hopt.loop.skipped += 1
+    saved.commit()
+    return True
 
 
 def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bool) -> None:

@@ -26,7 +26,13 @@ from ..optim.functional import FunctionalOptimizer, from_torch
 from .batches import pack, unpack
 from .model import ModelView
 
-__all__ = ["TrajectoryWindow", "capture_rng", "parse_rng_state", "restore_rng"]
+__all__ = [
+    "TrajectoryWindow",
+    "capture_rng",
+    "optimizer_settings",
+    "parse_rng_state",
+    "restore_rng",
+]
 
 RngState = tuple[Tensor, "Tensor | None"]
 
@@ -73,6 +79,10 @@ class TrajectoryWindow:
         step0: its step count at the start (Adam's bias correction).
         batches: a copy of each step's training batch.
         rng_states: torch's random-number state before each step.
+        settings0: the inner optimizer's settings at the start (:func:`optimizer_settings`;
+            None: read at the next check, after a resume).
+        changed: the first setting that differed from ``settings0`` before a step of the
+            window (the replay, which steps with ``settings0``, would not be this run).
     """
 
     params0: list[Tensor]
@@ -81,12 +91,36 @@ class TrajectoryWindow:
     step0: int
     batches: list[Any] = field(default_factory=list)
     rng_states: list[RngState] = field(default_factory=list)
+    settings0: list[dict[str, Any]] | None = None
+    changed: str | None = None
 
     @classmethod
     def start(cls, view: ModelView, inner_optimizer: torch.optim.Optimizer) -> TrajectoryWindow:
         """A new, empty window at the model's and the optimizer's current state."""
         fopt, state0, step0 = from_torch(inner_optimizer, view.params)
-        return cls([p.detach().clone() for p in view.params], fopt, state0, step0)
+        window = cls([p.detach().clone() for p in view.params], fopt, state0, step0)
+        window.settings0 = optimizer_settings(inner_optimizer)
+        return window
+
+    def check_settings(self, inner_optimizer: torch.optim.Optimizer) -> None:
+        """Before a step of the window: note (``changed``) the first setting of the inner
+        optimizer that differs from the window's start (a learning-rate scheduler stepped
+        inside the window, a warm-up written into ``param_groups``)."""
+        if self.changed is not None:
+            return
+        now = optimizer_settings(inner_optimizer)
+        if self.settings0 is None or len(now) != len(self.settings0):
+            self.settings0 = now
+            return
+        for i, (old, new) in enumerate(zip(self.settings0, now)):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    self.changed = (
+                        f"the inner optimizer's {key!r} (param group {i}) changed from "
+                        f"{old.get(key)!r} to {new.get(key)!r} at step {len(self) + 1} of "
+                        "the window"
+                    )
+                    return
 
     def record(self, batch_copy: Any, rng_state: RngState) -> None:
         """Append one step (``batch_copy`` must already be a copy: see ``copy_batch``)."""
@@ -129,6 +163,7 @@ class TrajectoryWindow:
             "rng_states": [
                 (s[0].clone(), None if s[1] is None else s[1].clone()) for s in self.rng_states
             ],
+            "changed": self.changed,
         }
 
     @classmethod
@@ -166,7 +201,24 @@ class TrajectoryWindow:
                 f"random-number states; {steps} were expected (the steps since the last "
                 "hyper-step)."
             )
-        return cls(params0, fopt, state0, step0, batches, rngs)
+        changed = state.get("changed")
+        if changed is not None and not isinstance(changed, str):
+            raise ValueError(f"The checkpoint's window `changed` is {changed!r}.")
+        return cls(params0, fopt, state0, step0, batches, rngs, None, changed)
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Per param group, the settings a step reads, as plain values (a tensor setting, such
+    as ``lr=torch.tensor(...)`` filled in place, as its value: one read per tensor)."""
+    return [{k: _plain(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().tolist()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def _optimizer_state(state0: Any, view: ModelView) -> list[Tensor] | None:

@@ -1,0 +1,116 @@
+"""Trajectory methods replay a window with the inner optimizer's settings at its start: a
+setting changed inside the window (a learning-rate scheduler stepped every step, a warm-up
+written into ``param_groups``, a tensor ``lr`` filled in place) skips that hyper-step with
+a warning instead of applying the hypergradient of steps the optimizer did not take; a
+scheduler stepped right after each hyper-step keeps every replay exact."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hypergradient as hg
+from test_hyperoptimizer_support import assert_same, batches, build, roundtrip
+
+METHODS = [hg.Unrolled, hg.ForwardMode, hg.DrMAD]
+
+
+def _run(hopt, data, after=None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, b in enumerate(data):
+            hopt.zero_grad()
+            hopt.train_loss(b).backward()
+            hopt.step(b)
+            if after is not None:
+                after(i)
+    return [str(w.message) for w in caught if issubclass(w.category, hg.HypergradientWarning)]
+
+
+@pytest.mark.parametrize("make", METHODS)
+def test_a_scheduler_stepped_inside_the_window_skips_the_hyper_step(make):
+    model, hopt = build(make(), inner_steps=3)
+    sched = torch.optim.lr_scheduler.StepLR(hopt.inner_optimizer, 1, 0.5)
+    decay0 = hopt.hparams["decay"].clone()
+    # the same training without a hyper-optimizer: the inner steps stand
+    ref_model, ref = build(make(), inner_steps=3)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref.inner_optimizer, 1, 0.5)
+    texts = _run(hopt, batches(6), after=lambda i: sched.step())
+    for b in batches(6):
+        ref.inner_optimizer.zero_grad()
+        ref.train_loss(b).backward()
+        ref.inner_optimizer.step()
+        ref_sched.step()
+    skipped = [t for t in texts if "hyper-step skipped" in t]
+    assert len(skipped) == 2 and "'lr' (param group 0) changed from 0.3 to 0.15" in skipped[0]
+    assert hopt.loop.skipped == 2 and len(hopt.history) == 0
+    assert torch.equal(hopt.hparams["decay"], decay0)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("make", METHODS)
+def test_a_scheduler_stepped_after_each_hyper_step_keeps_the_replay_exact(make):
+    model, hopt = build(make(), inner_steps=3)
+    sched = torch.optim.lr_scheduler.StepLR(hopt.inner_optimizer, 1, 0.5)
+    texts = _run(hopt, batches(9), after=lambda i: sched.step() if (i + 1) % 3 == 0 else None)
+    assert not [t for t in texts if "skipped" in t or "replay" in t]
+    assert len(hopt.history) == 3 and hopt.loop.skipped == 0
+    assert hopt.inner_optimizer.param_groups[0]["lr"] == pytest.approx(0.3 / 8)
+    errors = [r.info.replay_error for r in hopt.history]
+    assert all(e is not None and e < 1e-12 for e in errors)
+
+
+def test_a_tensor_lr_filled_in_place_inside_the_window_is_seen():
+    model, hopt = build(hg.Unrolled(), inner_steps=3)
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    hopt.inner_optimizer.param_groups[0]["lr"] = lr
+    texts = _run(hopt, batches(3), after=lambda i: lr.fill_(0.1) if i == 0 else None)
+    assert any("changed from 0.3" in t and "to 0.1" in t for t in texts)
+    assert len(hopt.history) == 0
+
+
+def test_begin_end_step_sees_a_warm_up_written_between_steps():
+    model, hopt = build(hg.Unrolled(), inner_steps=3)
+    opt = hopt.inner_optimizer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, b in enumerate(batches(3)):
+            for g in opt.param_groups:  # Lightning's warm-up idiom in optimizer_step
+                g["lr"] = 0.3 * min(1.0, (i + 1) / 2)
+            hopt.begin_step()
+            opt.zero_grad()
+            loss = hopt.train_loss(b)
+            loss.backward()
+            opt.step()
+            hopt.end_step(b, loss)
+    assert any("hyper-step skipped" in str(w.message) for w in caught)
+    assert len(hopt.history) == 0 and hopt.loop.skipped == 1
+
+
+def test_a_change_before_a_checkpoint_is_kept_by_the_resume():
+    """A checkpoint between the change and the hyper-step: the resumed run skips that
+    hyper-step as the uninterrupted one does, and the next windows are exact."""
+    data = batches(6)
+    model, hopt = build(hg.Unrolled(), inner_steps=3)
+
+    def change(i):
+        if i == 0:
+            hopt.inner_optimizer.param_groups[0]["lr"] = 0.2
+
+    _run(hopt, data[:2], after=change)
+    saved = roundtrip({"model": model.state_dict(), "hopt": hopt.state_dict()})
+    assert saved["hopt"]["window"]["changed"].startswith("the inner optimizer's 'lr'")
+    rest = _run(hopt, data[2:])
+    model2, hopt2 = build(hg.Unrolled(), inner_steps=3)
+    model2.load_state_dict(saved["model"])
+    hopt2.load_state_dict(saved["hopt"])
+    rest2 = _run(hopt2, data[2:])
+    assert rest == rest2 and sum("hyper-step skipped" in t for t in rest) == 1
+    assert hopt.loop.skipped == hopt2.loop.skipped == 1
+    assert len(hopt.history) == len(hopt2.history) == 1
+    assert_same(model.state_dict(), model2.state_dict())
+    assert_same(hopt.state_dict(), hopt2.state_dict())
+    assert hopt2.history[-1].info.replay_error < 1e-12
