@@ -126,3 +126,6 @@ def test_nystrom_pcg_auto_refresh_sketches_again_only_when_the_sketch_stops_help
     assert fresh.state_dict()["base_rate"] is None
     with pytest.raises(ValueError, match="refresh_every"):
         hg.NystromPCG(refresh_every=0)
+    for text in ("AUTO", "never"):  # a string other than "auto" names the choice
+        with pytest.raises(ValueError, match=r'refresh_every.* or "auto", got'):
+            hg.NystromPCG(refresh_every=text)

@@ -49,8 +49,8 @@ class Trajectory:
         step_loss: ``f(params, hparams, batch) -> scalar tensor``.
         params0: parameters at the start of the run (tree); a constant of the run.
         optimizer: a differentiable optimizer from :mod:`hypergradient.optim`.
-        batches: one batch per step (copies: refilling the caller's buffer in place cannot
-            change them).
+        batches: one batch per step, held by reference: a caller that refills one buffer in
+            place must pass copies (the hyper-optimizer records copies).
         state0: the optimizer's buffers at the start (None: fresh, ``optimizer.init``).
         step0: the optimizer's step count at the start (Adam's bias correction).
         settings: optimizer settings computed from the hyperparameters, ``{"lr": fn}``

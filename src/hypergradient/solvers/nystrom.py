@@ -179,6 +179,10 @@ class NystromPCG(RandomizedSolver):
         self.mu = _vocab.as_float(mu, "mu", min=0.0)
         self.sketch = _vocab.as_choice(sketch, "sketch", SKETCHES)
         self.chunk_size = _vocab.as_optional_int(chunk_size, "chunk_size", min=1)
+        if isinstance(refresh_every, str) and refresh_every != "auto":
+            raise ValueError(
+                f'`refresh_every` must be an integer >= 1 or "auto", got {refresh_every!r}.'
+            )
         self.refresh_every: int | str = (
             "auto"
             if refresh_every == "auto"
