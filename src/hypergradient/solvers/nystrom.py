@@ -180,7 +180,7 @@ class NystromPCG(RandomizedSolver):
         self.sketch = _vocab.as_choice(sketch, "sketch", SKETCHES)
         self.chunk_size = _vocab.as_optional_int(chunk_size, "chunk_size", min=1)
         if isinstance(refresh_every, str) and refresh_every != "auto":
-            raise ValueError(
+            raise _vocab.ArgumentTypeError(
                 f'`refresh_every` must be an integer >= 1 or "auto", got {refresh_every!r}.'
             )
         self.refresh_every: int | str = (
