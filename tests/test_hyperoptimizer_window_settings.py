@@ -114,3 +114,19 @@ def test_a_change_before_a_checkpoint_is_kept_by_the_resume():
     assert_same(model.state_dict(), model2.state_dict())
     assert_same(hopt.state_dict(), hopt2.state_dict())
     assert hopt2.history[-1].info.replay_error < 1e-12
+
+
+def test_step_supersedes_an_unfinished_begin_step():
+    """``begin_step()`` then ``step()``: the full step supersedes the announcement, so a later
+    ``end_step()`` without its own ``begin_step()`` raises instead of counting a step that
+    never happened (and replaying it in the window)."""
+    model, hopt = build(hg.Unrolled(), inner_steps=3)
+    b = batches(1)[0]
+    hopt.begin_step()
+    hopt.zero_grad()
+    hopt.train_loss(b).backward()
+    hopt.step(b)
+    count, recorded = hopt.loop.count, len(hopt.loop.window)
+    with pytest.raises(ValueError, match="end_step\\(\\) needs a begin_step\\(\\)"):
+        hopt.end_step(b)
+    assert (hopt.loop.count, len(hopt.loop.window)) == (count, recorded) == (1, 1)

@@ -227,8 +227,7 @@ class HyperOptimizer(HoldoutViews):
     @property
     def skipped(self) -> int:
         """Hyper-steps skipped: non-finite values (``nonfinite="skip"``), a diverging inner
-        run, a trajectory window inside which the inner optimizer's settings changed (see
-        the class notes)."""
+        run, a window whose inner optimizer settings changed (see the class notes)."""
         return self.loop.skipped
 
     def train_loss(self, batch: Any) -> Tensor:
@@ -261,6 +260,7 @@ class HyperOptimizer(HoldoutViews):
         """
         stepping.check_batch(self, batch)
         saved = Transaction(self) if stepping.due(self) else None
+        self._begun, self._pending = False, None  # supersedes an unfinished begin_step()
         try:
             result = stepping.inner_step(self, batch, closure)
             if saved is not None:
