@@ -182,3 +182,22 @@ def test_a_diverging_trial_is_pruned_and_the_study_goes_on():
     first, second = study.trials
     assert first.state == optuna.trial.TrialState.PRUNED and "refined_step" in first.user_attrs
     assert second.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def test_a_best_reported_without_hyperparameters_does_not_inherit_the_previous_ones():
+    """The values written on the trial are those the best value was measured with: a new
+    best without ``hparams`` kept the previous best's values, stored under the new step."""
+    study = optuna.create_study()
+    trial = study.ask()
+    reporter = TrialReporter(trial)
+    reporter.report(0.5, {"decay": torch.ones(2, dtype=DT)})
+    reporter.report(0.25)
+    assert reporter.best_value == 0.25 and reporter.best_step == 1
+    assert reporter.best_hparams is None
+    study.tell(trial, reporter.finish())
+    attrs = study.best_trial.user_attrs
+    assert "refined_hparams" not in attrs and attrs["refined_step"] == 1
+    reporter2 = TrialReporter(study.ask())
+    reporter2.report(0.5)
+    reporter2.report(0.25, {"decay": torch.zeros(2, dtype=DT)})
+    assert torch.equal(reporter2.best_hparams["decay"], torch.zeros(2, dtype=DT))

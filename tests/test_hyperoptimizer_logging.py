@@ -66,6 +66,36 @@ def test_record_scalars_are_the_records_numbers():
     assert small["hparams/decay/23"] == pytest.approx(0.01 * math.exp(-0.05), rel=1e-12)
 
 
+def test_a_hyperparameter_named_norm_does_not_overwrite_the_total():
+    from test_hyperoptimizer_support import BCE, mlp, val_loss, weights
+
+    model, records = mlp(), []
+    hopt = hg.HyperOptimizer(
+        model,
+        {
+            "norm": hg.Positive(torch.full((4, 6), 1e-2, dtype=DT)),
+            "scale": torch.tensor([1.0, 2.0, 3.0], dtype=DT, requires_grad=True),
+        },
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
+        outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.1),
+        train_loss=lambda m, h, b: (
+            BCE(m(b[0]).reshape(-1), b[1])
+            + 0.5 * (h["norm"] * weights(m) ** 2).sum()
+            + 1e-3 * h["scale"].sum() * m[0].bias.sum()
+        ),
+        val_loss=val_loss,
+        val_data=HOLD,
+        method=Constant({"norm": 0.5, "scale": -2.0}),
+        inner_steps=3,
+        logger=records.append,
+    )
+    run(hopt, batches(3))
+    got = record_scalars(records[-1])
+    assert got["hypergrad/norm"] == pytest.approx(math.sqrt(0.25 * 24 + 4 * 3), rel=1e-15)
+    assert got["hypergrad/norm/norm"] == pytest.approx(0.5 * math.sqrt(24), rel=1e-15)
+    assert got["hypergrad/scale"] == pytest.approx(2.0 * math.sqrt(3), rel=1e-15)
+
+
 def test_tensorboard_event_files_hold_the_records(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

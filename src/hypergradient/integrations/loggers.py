@@ -8,7 +8,8 @@ rolled-back hyper-step is never logged). What is written, under the same names e
 - ``loss/val``, ``loss/holdout`` (with ``holdout_data``): the validation batch's loss and
   the holdout guard's score;
 - ``hypergrad/norm`` and ``hypergrad/<name>``: norms of the hypergradient, in total and
-  per hyperparameter (raw parametrization);
+  per hyperparameter (raw parametrization; a hyperparameter named ``norm`` gets
+  ``hypergrad/norm/norm``, the total keeps its name);
 - ``hparams/<name>`` for a scalar hyperparameter, ``hparams/<name>/<i>`` per element for a
   small one (at most ``scalar_limit`` elements), ``hparams/<name>/{mean,min,max,norm}`` for
   a larger one (TensorBoard also gets a histogram of its values and of its hypergradient);
@@ -48,6 +49,11 @@ def _check_record(record: Any) -> HyperStepRecord:
     return record
 
 
+def _hypergrad_key(name: str) -> str:
+    """``hypergrad/<name>``; ``hypergrad/norm`` is the total's, so ``norm`` gets one more."""
+    return "hypergrad/norm/norm" if name == "norm" else f"hypergrad/{name}"
+
+
 def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, float]:
     """Every number of a hyper-step record, by the names in the module's docstring.
 
@@ -64,7 +70,7 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
         out["loss/holdout"] = float(record.holdout_loss)
     out["hypergrad/norm"] = float(record.hypergrad_norm)
     for name, summary in record.summaries.items():
-        out[f"hypergrad/{name}"] = float(summary["hypergrad_norm"])
+        out[_hypergrad_key(name)] = float(summary["hypergrad_norm"])
     for name, summary in record.summaries.items():
         value = record.hparams.get(name)
         if value is not None and value.numel() == 1:

@@ -144,7 +144,9 @@ class TrialReporter:
 
         Args:
             value: the validation (or holdout) loss of this evaluation.
-            hparams: the hyperparameter values that produced it (kept if it is the best).
+            hparams: the hyperparameter values that produced it (kept if it is the best; a
+                best reported without them leaves the best values unknown: none are
+                written on the trial).
             step: the step index for the pruner (default: the number of reports so far).
 
         Raises:
@@ -159,7 +161,7 @@ class TrialReporter:
             return
         if best:
             self.best_value, self.best_step = value, step
-            self.best_hparams = self.best_hparams if copies is None else copies
+            self.best_hparams = copies  # None: unknown (not the previous best's values)
         if not self.reports:
             return
         self.trial.report(value, step)
