@@ -14,53 +14,19 @@ import hypergradient as hg
 
 L = pytest.importorskip("lightning.pytorch")
 from hypergradient.integrations.lightning import HypergradientCallback, tuned_values  # noqa: E402
-
-DT = torch.float64
-BCE = torch.nn.functional.binary_cross_entropy_with_logits
+from test_integrations_lightning import TRAIN, VAL, LogReg  # noqa: E402
 
 
-def data(n, seed, d=5):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=DT)
-    w = torch.randn(d, generator=g, dtype=DT)
-    return x, (x @ w + 0.7 * torch.randn(n, generator=g, dtype=DT) > 0).to(DT)
-
-
-TRAIN, VAL = data(64, 0), data(40, 1)
-
-
-class Net(L.LightningModule):
-    """Logistic regression on dropped-out inputs, one tuned L2 decay per feature."""
+class Net(LogReg):
+    """The suite's logistic regression with dropout on the inputs (its weights drawn without
+    moving torch's global stream), and a validation loop."""
 
     def __init__(self, dropout=0.5, lr=0.5):
-        super().__init__()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.linear = torch.nn.Linear(5, 1).double()
-        self.drop, self.lr = torch.nn.Dropout(dropout), lr
-        self.decay = hg.Positive(torch.full((5,), 1e-2, dtype=DT))
-
-    def hyperparameters_to_tune(self):
-        return {"decay": self.decay}
-
-    def training_loss(self, batch, hparams):
-        x, y = batch
-        w = self.linear.weight.squeeze(0)
-        fit = BCE(self.linear(self.drop(x)).squeeze(1), y)
-        return fit + 0.5 * (hparams["decay"] * w**2).sum()
-
-    def validation_loss(self, batch, hparams):
-        x, y = batch
-        return BCE(self.linear(x).squeeze(1), y)
-
-    def training_step(self, batch, batch_idx):
-        return self.training_loss(batch, tuned_values(self))
+            super().__init__(dropout, lr)
 
     def validation_step(self, batch, batch_idx):
         self.log("val", self.validation_loss(batch, tuned_values(self)))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def loaders():

@@ -46,6 +46,11 @@ def trained_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def _trained_names(named: Mapping[str, Tensor], in_opt: set[int]) -> list[str]:
+    """The names of the parameters the optimizer holds (ids ``in_opt``) that require grad."""
+    return [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
+
+
 def _changes(before: Mapping[str, Tensor], named: Mapping[str, Tensor], now: list[str]) -> str:
     """The message naming the trained parameters added, removed and replaced."""
     added = [k for k in now if k not in before]
@@ -106,7 +111,7 @@ class ModelView:
 
     def _init_module(self, module: nn.Module, in_opt: set[int]) -> None:
         named = dict(module.named_parameters())
-        self.names = [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
+        self.names = _trained_names(named, in_opt)
         self.frozen = [k for k in named if k not in set(self.names)]
         self.params = [named[k] for k in self.names]
         self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
@@ -124,8 +129,7 @@ class ModelView:
         if self.module is None:
             return
         named = dict(self.module.named_parameters())
-        in_opt = {id(p) for p in trained_tensors(inner_optimizer)}
-        now = [k for k, p in named.items() if id(p) in in_opt and p.requires_grad]
+        now = _trained_names(named, {id(p) for p in trained_tensors(inner_optimizer)})
         if now == self.names and all(named[k] is p for k, p in zip(self.names, self.params)):
             return
         raise ValueError(_changes(dict(zip(self.names, self.params)), named, now))

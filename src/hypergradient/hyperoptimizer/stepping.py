@@ -31,6 +31,7 @@ __all__ = [
     "inner_step",
     "record_step",
     "settings_changed",
+    "skipped",
     "start_window",
     "undo",
     "watch",
@@ -99,10 +100,15 @@ def diverged(hopt: HyperOptimizer, saved: Transaction) -> bool:
     )
     warnings.warn(f"Step {hopt.loop.count}: {message} {then}", HypergradientWarning, stacklevel=4)
     if skip:
-        hopt.loop.window = None
-        hopt.loop.skipped += 1
+        skipped(hopt)
         saved.commit()
     return skip
+
+
+def skipped(hopt: HyperOptimizer) -> None:
+    """Count a skipped hyper-step; its window is dropped (the next one starts afresh)."""
+    hopt.loop.window = None
+    hopt.loop.skipped += 1
 
 
 def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> Any:
@@ -197,8 +203,7 @@ def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
         HypergradientWarning,
         stacklevel=4,
     )
-    hopt.loop.window = None
-    hopt.loop.skipped += 1
+    skipped(hopt)
     saved.commit()
     return True
 
@@ -216,8 +221,7 @@ def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bo
         raise err
     # Every rank sees the same (averaged) non-finite values, so every rank skips this
     # hyper-step together and the hyperparameters stay identical.
-    hopt.loop.window = None
-    hopt.loop.skipped += 1
+    skipped(hopt)
     message = f"Hyper-step at step {hopt.loop.count} skipped: {err}"
     warnings.warn(message, HypergradientWarning, stacklevel=3)
 

@@ -5,13 +5,12 @@ validation data's shard of each rank."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ..hyperoptimizer import ModelView
 from ..methods import Method
 
 __all__ = [
@@ -20,7 +19,6 @@ __all__ = [
     "check_steps",
     "shard",
     "skipped",
-    "trained_view",
 ]
 
 
@@ -92,26 +90,3 @@ def check_schedulers(trainer: pl.Trainer) -> None:
             "window, but the module configures a learning-rate scheduler that changes them "
             "in between; drop the scheduler or use an implicit method (hg.IFT(), hg.T1T2())."
         )
-
-
-class _Stepped:
-    """The param groups of an optimizer restricted to the tensors that require grad."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.param_groups = [
-            {"params": [p for p in g["params"] if p.requires_grad]} for g in optimizer.param_groups
-        ]
-
-
-def trained_view(pl_module: Any, optimizer: torch.optim.Optimizer) -> Any:
-    """The module, or (when the optimizer holds frozen tensors) a view of it whose trained
-    parameters are the ones the optimizer moves.
-
-    ``configure_optimizers`` usually returns ``Adam(self.parameters())`` also when a part
-    of the module is frozen (``requires_grad=False``, ``self.backbone.freeze()``): torch's
-    optimizer never moves those tensors (their gradient stays None), so they are constants
-    of the inner problem, not trained parameters to differentiate or replay.
-    """
-    if all(p.requires_grad for g in optimizer.param_groups for p in g["params"]):
-        return pl_module
-    return ModelView(pl_module, cast(torch.optim.Optimizer, _Stepped(optimizer)))

@@ -97,7 +97,6 @@ from ._lightning_checks import (
     check_steps,
     shard,
     skipped,
-    trained_view,
 )
 from .loggers import record_scalars
 
@@ -282,7 +281,7 @@ class HypergradientCallback(pl.Callback):
         train_loss, val_loss = self.losses
         (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
         return HyperOptimizer(
-            trained_view(pl_module, inner),
+            pl_module,
             self._hparams(pl_module),
             inner_optimizer=inner,
             outer_optimizer=self.outer_factory,

@@ -46,6 +46,7 @@ __all__ = [
     "check_state0",
     "consistent_start",
     "fingerprint_config",
+    "UNUSED_HINTS",
     "unused_leaves",
     "warn_frozen",
     "warn_unused",
@@ -227,16 +228,23 @@ def unused_leaves(
     return [p for p, t, used in zip(paths, leaves, touched) if not used and t.numel()]
 
 
-def warn_unused(paths: Sequence[str]) -> None:
-    """Warn, per path, that a hyperparameter reaches the outer loss by no path (zero)."""
+#: What :func:`warn_unused` tells to check, by the route the hyperparameter could take.
+UNUSED_HINTS = {
+    "run": "inner_loss, outer_loss or the optimizer's settings use it through their `hparams` "
+    "argument (a tensor read by reference needs hparams_by_reference=True)",
+    "problem": "inner_loss or outer_loss uses it",
+}
+
+
+def warn_unused(paths: Sequence[str], through: str = "run", stacklevel: int = 4) -> None:
+    """Warn, per path, that a hyperparameter reaches the outer loss by no path (zero):
+    neither directly nor through the inner ``through`` ("run" or "problem")."""
     for path in paths:
         warnings.warn(
-            f"{path} influences the outer loss neither directly nor through the inner run; "
-            "its hypergradient is zero. Check that inner_loss, outer_loss or the optimizer's "
-            "settings use it through their `hparams` argument (a tensor read by reference "
-            "needs hparams_by_reference=True).",
+            f"{path} influences the outer loss neither directly nor through the inner "
+            f"{through}; its hypergradient is zero. Check that {UNUSED_HINTS[through]}.",
             HypergradientWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
 

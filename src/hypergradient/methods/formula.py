@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,6 @@ from torch import Tensor
 from .. import _tree
 from .._tree import Tree
 from .._vocab import (
-    HypergradientWarning,
     NonFiniteHypergradientError,
     Status,
     require_finite,
@@ -42,7 +40,7 @@ from .._vocab import (
 from ..distributed import AveragedOperator, guarded
 from ..operators import LinearOperator
 from ..solvers import AutoDamping, Solver, damped_solve
-from ._checks import Inputs, all_finite
+from ._checks import Inputs, all_finite, unused_leaves, warn_unused
 from .implicit_info import ImplicitInfo, warn_solve
 
 __all__ = ["ImplicitInfo", "autocast_off", "implicit_hypergradient"]
@@ -290,14 +288,9 @@ def _assemble(t: _Terms, x: Tensor, group: Any, solver: Solver, status: Status) 
 def _per_leaf(op: Any, diff: Tensor, unused: list[bool]) -> list[Tensor]:
     """``diff`` cut into the hyperparameters' leaves (copies); unused leaves warn, get zero."""
     out = _tree.split(diff, op.hparam_spec, [leaf.dtype for leaf in op.hparam_leaves])
-    for i, (leaf, path, idle) in enumerate(zip(op.hparam_leaves, op.hparam_spec.paths, unused)):
-        if idle and leaf.numel():
-            warnings.warn(
-                f"{path} influences the outer loss neither directly nor through the inner "
-                "problem; its hypergradient is zero. Check that inner_loss or outer_loss uses it.",
-                HypergradientWarning,
-                stacklevel=5,
-            )
+    used = [not idle for idle in unused]
+    warn_unused(unused_leaves(op.hparam_spec.paths, op.hparam_leaves, used), "problem", 6)
+    for i, (leaf, idle) in enumerate(zip(op.hparam_leaves, unused)):
         out[i] = torch.zeros_like(leaf) if idle else out[i].detach().clone()
     return out
 

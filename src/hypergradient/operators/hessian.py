@@ -247,9 +247,9 @@ class HessianOperator(GraphOperator):
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <grad_theta f, v>`` per hyperparameter leaf (``None``: no path)."""
-        check_vector(v, self.size, "v")
         if self.mode != "first_order":
-            return super().mixed(v)
+            return super().mixed(v)  # checks v
+        check_vector(v, self.size, "v")
         diff = self._difference(v, None)
         if diff is None:  # v = 0: zeros where a path exists (one gradient tells which)
             paths = self._gradients(None, None)[1]

@@ -22,9 +22,9 @@ estimating the whole ``U^T A U`` from it (709-1,397), is worse. With exact value
 its bottom rows and columns 613, all of it 545: the gain is in the current off-diagonal
 coupling. Mapping the bottom group to 2 or 4 sigma gave 702 / 938, the top to 0.5 or 2
 sigma 829 / 670; a scaled warm start ``(x_0^T b / x_0^T A x_0) x_0`` 639. The inner
-L-BFGS's secant pairs ``(s, y)`` (free, 2-8% from ``A s`` there) as extra harvest after the
-solve or in a Rayleigh-Ritz step before it: 940 / 1,008 (replay 625): their error swamps
-the bottom eigenvalues they would inform.
+L-BFGS's secant pairs ``(s, y)`` (free; per hyper-step a median 2-18% from ``A s``) as
+extra harvest after the solve or in a Rayleigh-Ritz step before it: 940 / 1,008 (replay
+625): their error swamps the bottom eigenvalues they would inform.
 
 Time. At ``n = 1e5`` (float32, ``k = 20``, ``m = 16``) a solve's work beyond its products
 is 20-25 ms on one core (Rayleigh-Ritz ~13, the preconditioner ~0.5 a call, the recorder's
