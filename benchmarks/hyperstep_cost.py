@@ -53,10 +53,12 @@ def problems(seed: int, quick: bool) -> list[tuple[str, tuple]]:
 
 def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
     """The maths' floor of a hyper-step, written in bare ``torch.autograd`` on the same model
-    and batches: T1T2 takes the gradient with its graph at theta_t, the validation gradient
-    at theta_{t+1} and the mixed product; IFT the same at one point plus k Hessian-vector
-    products (Neumann's recursion with the inner learning rate) and the product of the
-    residual ``||b - H x||`` it reports."""
+    and batches: T1T2 (as ``T1T2()`` takes it for a penalty: hyperparameters first) the
+    training loss at theta_t, the validation gradient at theta_{t+1} (the step's result,
+    given) and the mixed product as the derivative of ``grad_decay f`` along it; IFT the
+    gradient with its graph at one point, the validation gradient there, k Hessian-vector
+    products (Neumann's recursion with the inner learning rate), the product of the residual
+    ``||b - H x||`` it reports and the mixed product."""
     model, (xt, yt), (xv, yv), loss, shape = pb
     net = model()
     names, ps = [n for n, _ in net.named_parameters()], [p.detach() for p in net.parameters()]
@@ -72,10 +74,15 @@ def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
         q = [x.detach().requires_grad_() for x in p]
         return torch.autograd.grad(loss(call(q, xv), yv), q)
 
+    p0 = [x.clone().requires_grad_() for x in ps]
+    after = [(a - lr * b).detach() for a, b in zip(p0, torch.autograd.grad(f(p0), p0))]
+
     def t1t2() -> Any:
-        p, gf = start()
-        v = g_grad([a - lr * b for a, b in zip(p, gf)])
-        return torch.autograd.grad(gf, decay, [-lr * x for x in v])
+        p = [x.clone().requires_grad_() for x in ps]
+        (gh,) = torch.autograd.grad(f(p), decay, create_graph=True)
+        v, u = g_grad(after), torch.zeros_like(gh, requires_grad=True)
+        (s,) = torch.autograd.grad((gh * u).sum(), p[0], create_graph=True)
+        return torch.autograd.grad((s * v[0]).sum(), u)
 
     def ift() -> Any:
         p, gf = start()

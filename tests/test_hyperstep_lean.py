@@ -100,10 +100,11 @@ INFO_FIELDS = (
 )
 
 
+@pytest.mark.parametrize("mixed", ["params", "hparams", "auto"])
 @pytest.mark.parametrize("prev", [True, False], ids=["look-ahead", "same-point"])
-def test_direct_path_equals_the_general_formula_and_the_exact_derivative(prev):
+def test_direct_path_equals_the_general_formula_and_the_exact_derivative(prev, mixed):
     problem = mlp_problem(prev=prev)
-    method = hg.T1T2()
+    method = hg.T1T2(mixed=mixed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, info = method(problem)
@@ -113,6 +114,11 @@ def test_direct_path_equals_the_general_formula_and_the_exact_derivative(prev):
         assert rel(out[k], exact[k]) < 1e-12, k
         assert rel(out[k], ref_out[k]) < 1e-14, k
         assert out[k].dtype == problem.hparams[k].dtype and not out[k].requires_grad
+    order = "params" if mixed == "params" else "hparams"  # "auto": penalties only here
+    assert info.stats.pop("mixed") == order
+    if order == "hparams":  # nothing computes grad_theta f
+        assert math.isnan(info.inner_grad_norm) and ref_info.inner_grad_norm > 0
+        info.inner_grad_norm = ref_info.inner_grad_norm
     for name in INFO_FIELDS:
         a, b = getattr(info, name), getattr(ref_info, name)
         if isinstance(a, float) and isinstance(b, float):

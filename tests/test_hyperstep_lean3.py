@@ -9,6 +9,8 @@ rounds as the formula's flat difference), reads ``||x||`` (``outer_grad_norm = |
 in one synchronisation, and hands a non-finite read, or an ``x`` too small for ``||x|| / lr``
 to be ``||b||`` to rounding, to the general formula. Each test compares with the general
 formula (what T1T2 computed before the direct path) and with autograd through the step.
+These are the parameters-first order's (``mixed="params"``: it computes ``grad_theta f``);
+``tests/test_t1t2_mixed_order.py`` checks the hyperparameters-first order.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def make_problem(dtype=DT, outer_scale=1.0, lr=0.3, features=4):
 def test_every_leaf_case_equals_the_general_formula_and_autograd_through_the_step(features):
     problem = make_problem(features=features)
     assert (problem.params["W"].numel() >= t1t2.LARGE) == (features == LARGE_FEATURES)
-    out, info = hg.T1T2()(problem)
+    out, info = hg.T1T2(mixed="params")(problem)
     ref, ref_info = general(problem)
     exact = through_the_step(problem)
     for k in exact:
@@ -106,6 +108,7 @@ def test_every_leaf_case_equals_the_general_formula_and_autograd_through_the_ste
     assert info.outer_grad_norm == pytest.approx(ref_info.outer_grad_norm, rel=1e-15, abs=0.0)
     assert info.inner_grad_norm == pytest.approx(ref_info.inner_grad_norm, rel=1e-15, abs=0.0)
     assert (info.outer_loss, info.inner_loss) == (ref_info.outer_loss, ref_info.inner_loss)
+    assert info.stats.pop("mixed") == "params"
     assert info.stats == ref_info.stats and info.solver == ref_info.solver
 
 
@@ -125,7 +128,7 @@ def test_a_missing_direct_term_is_zero_minus_the_mixed_one():
     grads = torch.func.grad(f)(before, hparams)
     after = {k: before[k] - lr * grads[k] for k in before}
     problem = hg.Problem(f, g, after, hparams, lr=lr, prev_params=before)
-    out, _ = hg.T1T2()(problem)
+    out, _ = hg.T1T2(mixed="params")(problem)
     ref, _ = general(problem)
     assert float(out["a"]) == 0.0 and float(ref["a"]) == 0.0
     assert bool(torch.signbit(out["a"])) == bool(torch.signbit(ref["a"]))
@@ -135,7 +138,7 @@ def test_a_missing_direct_term_is_zero_minus_the_mixed_one():
 @pytest.mark.parametrize("features", [4, LARGE_FEATURES], ids=["small", "large"])
 def test_float32_outer_grad_norm_is_b_norm_to_the_rounding_of_x(features):
     problem = make_problem(torch.float32, features=features)
-    out, info = hg.T1T2()(problem)
+    out, info = hg.T1T2(mixed="params")(problem)
     ref, ref_info = general(problem)
     assert torch.equal(info.solution, ref_info.solution)  # x = lr * b in float32, as before
     # ||x|| / lr with x = fl(lr b): within 2^-24 (relative) of ||b||, plus the division
@@ -165,7 +168,7 @@ def test_half_precision_gradients_are_widened_before_the_product(features):
     h = torch.full((features,), 0.7, dtype=torch.bfloat16)
     after = (w0 - lr * torch.func.grad(f)(w0, h)).to(torch.bfloat16)
     problem = hg.Problem(f, g, after, h, lr=lr, prev_params=w0)
-    out, info = hg.T1T2()(problem)
+    out, info = hg.T1T2(mixed="params")(problem)
     ref, ref_info = general(problem)
     assert info.solution.dtype == torch.float32
     assert torch.equal(info.solution, ref_info.solution)
@@ -176,7 +179,7 @@ def test_an_x_too_small_for_its_norm_is_read_by_the_general_formula():
     """``g`` scaled to subnormal gradients: ``||lr b|| / lr`` would lose digits there, so
     the general formula answers (its ``||b||`` exactly, same hypergradient)."""
     problem = make_problem(outer_scale=1e-158)
-    out, info = hg.T1T2()(problem)
+    out, info = hg.T1T2(mixed="params")(problem)
     ref, ref_info = general(problem)
     assert ref_info.outer_grad_norm > 0.0
     assert info.outer_grad_norm == ref_info.outer_grad_norm
@@ -196,7 +199,7 @@ def test_an_outer_loss_without_the_parameters_is_read_by_the_general_formula():
     w0, lr, h = W[0], 0.1, torch.tensor(0.4, dtype=DT)
     after = w0 - lr * torch.func.grad(f)(w0, h)
     problem = hg.Problem(f, g, after, h, lr=lr, prev_params=w0)
-    out, info = hg.T1T2()(problem)
+    out, info = hg.T1T2(mixed="params")(problem)
     ref, ref_info = general(problem)
     assert torch.equal(out, ref) and float(out) == pytest.approx(2 * (0.4 - 2.0), rel=1e-15)
     assert info.status == ref_info.status and info.outer_grad_norm == 0.0
@@ -281,7 +284,7 @@ def wide_problem(scale=1.0, outer_scale=1.0):
 
 def test_float32_norms_by_rows_are_the_float64_norms_to_float32_rounding():
     problem = wide_problem()
-    out, info = hg.T1T2()(problem)
+    out, info = hg.T1T2(mixed="params")(problem)
     ref, ref_info = general(problem)
     assert torch.equal(out, ref) and torch.equal(info.solution, ref_info.solution)
     assert info.inner_grad_norm == pytest.approx(ref_info.inner_grad_norm, rel=1e-6, abs=0.0)
@@ -297,7 +300,7 @@ def test_float32_norms_too_small_for_rows_are_read_by_the_general_formula(where)
     """Gradients near 1e-24: their float32 squares underflow, so a norm by rows would be 0
     or digits off; the general formula reads them in float64."""
     problem = wide_problem(**({"scale": 1e-22} if where == "inner" else {"outer_scale": 1e-22}))
-    out, info = hg.T1T2()(problem)
+    out, info = hg.T1T2(mixed="params")(problem)
     ref, ref_info = general(problem)
     assert ref_info.inner_grad_norm > 0.0 and ref_info.outer_grad_norm > 0.0
     assert info.inner_grad_norm == ref_info.inner_grad_norm

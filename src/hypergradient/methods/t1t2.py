@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import Status, as_float, as_scalar_loss, finite_probe
+from .._vocab import Status, as_choice, as_float, as_scalar_loss, finite_probe
 from ..operators.graph import SYMBOLIC_SHAPES
 from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
@@ -27,6 +27,7 @@ from ._checks import Inputs, check_problem
 from .base import Problem
 from .implicit_base import ImplicitMethod, as_hvp
 from .implicit_info import ImplicitInfo
+from .mixed_order import HPARAMS_FIRST_SHARE, MIXED_ORDERS, hparams_first, on_path_share
 from .replay import rng_state, set_rng_state
 
 __all__ = ["T1T2", "look_ahead"]
@@ -63,18 +64,34 @@ class T1T2(ImplicitMethod):
         hvp: how the mixed product is taken (as :class:`~hypergradient.Implicit`):
             ``"first_order"`` differences ``grad_phi f`` along the outer gradient (two
             gradients, no double backward, no retained graph).
+        mixed: the order of the mixed product on the direct path
+            (:mod:`~hypergradient.methods.mixed_order`): ``"params"`` records
+            ``grad_theta f`` (a backward pass over ``f``'s graph) and differentiates
+            ``<grad_theta f, x>`` in ``phi``; ``"hparams"`` records ``grad_phi f`` and
+            differentiates it along ``x`` (two backward passes over ``grad_phi f``'s graph
+            alone: for a penalty hyperparameter a few elementwise operations, so the
+            hyper-step skips the recorded backward over the network); ``"auto"`` (default)
+            takes the hyperparameters first when at most half of ``f``'s autograd nodes lie
+            on a path to ``phi`` (a penalty, per-example weights), decided once per problem
+            shape. The hypergradient is the same to rounding; with the hyperparameters
+            first nothing computes ``grad_theta f``, so ``info.inner_grad_norm`` is NaN
+            (``info.stats["mixed"]`` says which order ran).
 
-    Cost: ``f``'s gradient graph, one gradient of ``g`` and one mixed product (no
-    Hessian-vector product). State: the product mode ``"auto"`` settled on.
+    Cost: ``f``'s forward pass and one gradient of ``g``, plus (parameters first) a
+    recorded backward over ``f`` and a double backward to ``phi``, or (hyperparameters
+    first) three backward passes over ``grad_phi f``'s graph; no Hessian-vector product.
+    State: the product mode ``"auto"`` settled on.
     """
 
     name = "t1t2"
     residual = False
 
-    def __init__(self, *, hvp: str = "auto"):
+    def __init__(self, *, hvp: str = "auto", mixed: str = "auto"):
         self.hvp = as_hvp(hvp)
+        self.mixed = as_choice(mixed, "mixed", MIXED_ORDERS)
         self._found = None
         self._solver_text: tuple[float, str] | None = None
+        self._orders: dict[tuple, str] = {}  # "auto"'s choice per problem shape
 
     def solver_for(self, problem: Problem) -> Solver:
         if problem.lr is None:
@@ -87,7 +104,24 @@ class T1T2(ImplicitMethod):
         return problem.prev_params, problem.params
 
     def config(self) -> dict[str, Any]:
-        return {"hvp": self.hvp}
+        return {"hvp": self.hvp, "mixed": self.mixed}
+
+    def _general(self, problem: Problem, x0: Tree | Tensor | None) -> tuple[Tree, Any]:
+        """The general implicit formula (its mixed product takes the parameters first)."""
+        out, info = super().__call__(problem, x0=x0)
+        info.stats["mixed"] = "params"
+        return out, info
+
+    def _order(self, inputs: Inputs) -> tuple[tuple, str]:
+        """The problem's shape key and the order to take (``"auto"``: not yet decided)."""
+        if self.mixed != "auto":
+            return (), self.mixed
+        key = (
+            *(t.shape for t in inputs.param_leaves),
+            None,
+            *(t.shape for t in inputs.hparam_leaves),
+        )
+        return key, self._orders.get(key, "auto")
 
     def direct(self, problem: Problem) -> bool:
         """Whether :func:`look_ahead` serves ``problem`` (else the general formula does)."""
@@ -105,7 +139,7 @@ class T1T2(ImplicitMethod):
         started = time.perf_counter()
         problem = check_problem(problem, type(self).__name__)
         if x0 is not None or not self.direct(problem):
-            return super().__call__(problem, x0=x0)
+            return self._general(problem, x0)
         prep = self._prepare(problem, None)
         lr = cast(Identity, prep.solver).scale
         text = getattr(self, "_solver_text", None)  # repr(Identity(lr)), once per lr
@@ -113,23 +147,26 @@ class T1T2(ImplicitMethod):
             text = self._solver_text = (lr, repr(prep.solver))
         device = prep.inputs.param_leaves[0].device
         before = rng_state(device)
+        key, order = self._order(prep.inputs)
         try:
-            out = look_ahead(problem, prep.inputs, prep.outer_at, lr)
+            out = look_ahead(problem, prep.inputs, prep.outer_at, lr, order)
         except RuntimeError as err:  # no double backward here: "auto" falls back in there
             if not is_double_backward_error(err):
                 raise
             out = None
         if out is None:  # the general formula names, warns, falls back (same draws)
             set_rng_state(before, device)
-            return super().__call__(problem)
+            return self._general(problem, None)
         result, terms = out
+        if order == "auto":
+            self._orders[key] = terms.order
         info = ImplicitInfo(
             method=self.name,
             seconds=time.perf_counter() - started,
             outer_loss=terms.outer_value,
             num_hvps=0,
             status=Status.FIXED_BUDGET,
-            stats={"damping": 0.0, "hvp": "double", "hvp_fallback": None},
+            stats={"damping": 0.0, "hvp": "double", "hvp_fallback": None, "mixed": terms.order},
             solver=text[1],
             inner_loss=terms.inner_value,
             inner_grad_norm=terms.stat_norm,
@@ -148,6 +185,7 @@ class LookAheadTerms:
     stat_norm: float
     bnorm: float
     solution: Tensor
+    order: str = "params"
 
 
 def _fresh(leaves: Sequence[Tensor]) -> list[Tensor]:
@@ -158,6 +196,16 @@ def _grads(value: Tensor, wrt: list[Tensor], **kw: Any) -> list[Tensor | None]:
     if not value.requires_grad:
         return [None] * len(wrt)
     return list(torch.autograd.grad(value, wrt, allow_unused=True, **kw))
+
+
+def _pieces(x: Tensor, inputs: Inputs) -> list[Tensor]:
+    """``x`` cut into the parameter leaves' shapes, each in its leaf's dtype."""
+    out, start = [], 0
+    for leaf, n in zip(inputs.param_leaves, inputs.param_spec.numels):
+        piece = x[start : start + n].reshape(leaf.shape)
+        out.append(piece if piece.dtype == leaf.dtype else piece.to(leaf.dtype))
+        start += n
+    return out
 
 
 def _mixed(grads: list[Tensor | None], x: Tensor, inputs: Inputs, h: list[Tensor]) -> list[Any]:
@@ -270,8 +318,29 @@ def _smallest_norm(x: Tensor, wide: torch.dtype) -> float:
     return math.sqrt(x.numel()) * low
 
 
+def _first_pass(
+    f: Tensor, p: list[Tensor], h: list[Tensor], order: str
+) -> tuple[str, list[Tensor | None] | None]:
+    """The order taken (``"auto"`` decided from ``f``'s graph; ``"params"`` when ``f`` has
+    none) and, parameters first, ``grad_theta f`` with its graph (hyperparameters first: no
+    gradient, ``[]``); None for the gradient when a once-differentiable function is in it."""
+    if order == "auto" or not f.requires_grad:
+        share = on_path_share(f.grad_fn, h)
+        order = "hparams" if share <= HPARAMS_FIRST_SHARE else "params"
+    if order == "hparams":
+        return order, []
+    gf = _grads(f, p, create_graph=True)
+    if delayed_error_in([t for t in gf if t is not None and t.requires_grad]):
+        return order, None
+    return order, gf
+
+
 def look_ahead(
-    problem: Problem, inputs: Inputs, outer_at: Sequence[Tensor] | None, lr: float
+    problem: Problem,
+    inputs: Inputs,
+    outer_at: Sequence[Tensor] | None,
+    lr: float,
+    order: str = "params",
 ) -> tuple[Tree, LookAheadTerms] | None:
     """``d_phi g(theta') - lr (d_phi grad_theta f(theta))^T grad_theta g(theta')`` by three
     backward passes; None when the general formula must answer (a once-differentiable
@@ -286,7 +355,9 @@ def look_ahead(
     once: ``||x||`` (``||b|| = ||x|| / lr`` to the rounding of ``x``) and
     ``||grad_theta f||`` (:func:`norm_parts`; a non-finite norm means a non-finite entry
     or a float32 row too large to square, either way the general formula answers),
-    ``f``, ``g`` and a sum of each hypergradient leaf.
+    ``f``, ``g`` and a sum of each hypergradient leaf. ``order`` is the mixed product's
+    (:mod:`~hypergradient.methods.mixed_order`; ``"auto"`` measures ``f``'s graph); with
+    the hyperparameters first ``grad_theta f`` is not computed (its norm is NaN).
     """
     p_spec, h_spec = inputs.param_spec, inputs.hparam_spec
     p, h = _fresh(inputs.param_leaves), _fresh(inputs.hparam_leaves)
@@ -297,8 +368,8 @@ def look_ahead(
         f = as_scalar_loss(
             problem.inner_loss(_tree.unflatten(p_spec, p), _tree.unflatten(h_spec, h)), "inner_loss"
         )
-        gf = _grads(f, p, create_graph=True)
-        if delayed_error_in([t for t in gf if t is not None and t.requires_grad]):
+        order, gf = _first_pass(f, p, h, order)
+        if gf is None:
             return None  # a once-differentiable function: the general formula falls back
         wide = _tree.wide_dtype(p[0].device)
         stat = [part for t in gf if t is not None for part in norm_parts(t.detach(), wide)]
@@ -309,7 +380,12 @@ def look_ahead(
         gq = _grads(g, q + h_outer)
         x = _scaled(gq[: len(q)], lr, inputs, dtype)
         xparts = norm_parts(x, wide)
-        mixed = _mixed(gf, x, inputs, h)
+        if order == "params":
+            mixed: list[Any] | None = _mixed(gf, x, inputs, h)
+        else:
+            mixed = hparams_first(f, p, h, _pieces(x, inputs))
+        if mixed is None:
+            return None
     direct = gq[len(q) :]
     if any(d is None and m is None for d, m in zip(direct, mixed)):
         return None
@@ -318,5 +394,6 @@ def look_ahead(
     if read is None:
         return None
     stat_norm, xnorm, inner_value, outer_value = read
-    terms = LookAheadTerms(outer_value, inner_value, stat_norm, xnorm / lr, x.detach())
+    stat_norm = stat_norm if order == "params" else math.nan
+    terms = LookAheadTerms(outer_value, inner_value, stat_norm, xnorm / lr, x.detach(), order)
     return _tree.unflatten(h_spec, out), terms
