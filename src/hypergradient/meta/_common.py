@@ -5,6 +5,7 @@ An underscore module: its members are the package's internal (but public-named) 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "LossFn",
     "Task",
     "adapt",
+    "autograd_on",
     "as_loss",
     "as_solver",
     "descend",
@@ -45,6 +47,7 @@ __all__ = [
     "proximal_term",
     "require_finite_losses",
     "require_finite_phi",
+    "running_stats_off",
 ]
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -71,6 +74,11 @@ def module_loss(
     parameters are not used, only its architecture (and its buffers). ``criterion(outputs,
     targets)`` defaults to ``torch.nn.functional.mse_loss``. Cost: one forward pass.
 
+    The module is not modified: a normalization layer in training mode (``BatchNorm`` with
+    ``track_running_stats``) normalizes with the batch's statistics, as in training, but
+    its running statistics are not updated (:func:`running_stats_off`); in eval mode it
+    uses them. Random layers (dropout) draw from torch's global generator.
+
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``criterion`` not callable.
     """
@@ -86,13 +94,44 @@ def module_loss(
                 f"(inputs, targets); got {type(batch).__name__}."
             )
         inputs, targets = batch
+        if isinstance(params, dict):
+            params = {**params, **running_stats_off(model)}
         return crit(torch.func.functional_call(model, params, (inputs,)), targets)
 
     return loss_fn
 
 
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def running_stats_off(model: nn.Module) -> dict[str, None]:
+    """The running-statistics buffers a forward pass would update, each mapped to None.
+
+    A normalization layer in training mode with ``track_running_stats`` (``BatchNorm``,
+    ``InstanceNorm``) normalizes with the batch's statistics and updates its running
+    statistics in place. Meta-gradients and adaptation evaluate the loss many times (inner
+    steps, their replay, diagnostics), so the updates would pile up in the module, and under
+    ``vmap`` (``vectorize=True``) torch refuses them. Passed to ``functional_call``, None
+    buffers make such a layer normalize with the batch's statistics (the same outputs) and
+    leave its buffers untouched. Layers in eval mode keep (and use) their buffers.
+    """
+    off: dict[str, None] = {}
+    for prefix, module in model.named_modules():
+        if not (module.training and getattr(module, "track_running_stats", False) is True):
+            continue
+        for name, buf in module.named_buffers(recurse=False):
+            if name in RUNNING_STATS and buf is not None:
+                off[f"{prefix}.{name}" if prefix else name] = None
+    return off
+
+
 def parameters_of(model: nn.Module, *, copy: bool = False) -> dict[str, Tensor]:
-    """The module's parameters as a dict name -> tensor: a ``meta_params`` to train.
+    """The module's trained parameters as a dict name -> tensor: a ``meta_params`` to train.
+
+    Frozen parameters (``requires_grad=False``) are left out: :func:`module_loss` then uses
+    the module's own tensors for them, so the inner loop does not adapt them and an outer
+    optimizer built on the dict does not train them (shared parameters appear once, under
+    their first name, as in ``named_parameters()``).
 
     With ``copy=False`` (the default) the tensors are the module's own parameters, detached:
     they share the parameters' storage, so an optimizer that steps them (in place, as every
@@ -117,7 +156,11 @@ def parameters_of(model: nn.Module, *, copy: bool = False) -> dict[str, Tensor]:
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     copy = as_bool(copy, "copy")
-    return {k: (v.detach().clone() if copy else v.detach()) for k, v in model.named_parameters()}
+    return {
+        k: (v.detach().clone() if copy else v.detach())
+        for k, v in model.named_parameters()
+        if v.requires_grad
+    }
 
 
 def as_loss(model_or_loss: Any, criterion: Any) -> LossFn:
@@ -183,6 +226,23 @@ def flatten_meta_params(
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
     return [t.detach() for t in leaves], spec
+
+
+def autograd_on(call: str) -> contextlib.AbstractContextManager[None]:
+    """``torch.enable_grad()``, after refusing ``torch.inference_mode()``.
+
+    Meta-gradients and adaptation differentiate the loss, so they run with autograd on
+    whatever the caller's grad mode (``torch.no_grad()`` around a call is fine, as for
+    ``torch.optim``'s closures). Under ``torch.inference_mode()`` autograd records nothing
+    and every gradient would silently be zero, so that raises ``ValueError`` naming ``call``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{call} differentiates the loss, which needs autograd, but it runs under "
+            "torch.inference_mode() (every gradient would be zero); call it outside "
+            "inference_mode (torch.no_grad() is fine)."
+        )
+    return torch.enable_grad()
 
 
 # ----------------------------------------------------------------------------- finiteness
@@ -280,6 +340,7 @@ def adapt(
 
     Cost: ``steps`` gradients of the support loss; memory O(P).
     """
+    grad_mode = autograd_on("hg.meta.adapt()")
     loss_fn = as_loss(model_or_loss, criterion)
     steps = as_int(steps, "steps", min=1)
     opt = as_inner_optimizer(lr, optimizer, "lr", "optimizer")
@@ -291,4 +352,5 @@ def adapt(
         loss = loss_fn(phi, support)
         return loss + 0.5 * lam * proximal_term(phi, theta) if lam > 0 else loss
 
-    return _tree.unflatten(spec, descend(objective, leaves, spec, steps, opt))
+    with grad_mode:
+        return _tree.unflatten(spec, descend(objective, leaves, spec, steps, opt))

@@ -25,6 +25,7 @@ from ._common import (
     Task,
     as_inner_optimizer,
     as_loss,
+    autograd_on,
     flatten_meta_params,
     require_finite_losses,
 )
@@ -99,9 +100,11 @@ class MetaLearner:
 
     def meta_gradient(self, meta_params: Tree, task: Task) -> tuple[Tree, TaskInfo]:
         """Meta-gradient of one task ``(support, query)`` and its diagnostics."""
+        grad_mode = autograd_on(f"{type(self).__name__}.meta_gradient()")
         theta, spec = flatten_meta_params(meta_params)
         batch = SingleTask(self.loss_fn, check_task(task))
-        grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
+        with grad_mode:
+            grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
         return grad, info.tasks[0]
 
     def step(self, meta_params: Tree, tasks: Sequence[Task]) -> tuple[Tree, MetaInfo]:
@@ -114,11 +117,14 @@ class MetaLearner:
             NonFiniteHypergradientError: naming the first non-finite quantity: a task's
                 support loss at ``meta_params``, the adapted parameters, a query gradient,
                 or the meta-gradient.
+            ValueError: under ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
         """
+        grad_mode = autograd_on(f"{type(self).__name__}.step()")
         theta, spec = flatten_meta_params(meta_params)
         batches = task_batches(self.loss_fn, tasks, self.vectorize)
         names = [f"tasks[{i}]" for i in range(sum(b.num_tasks for b in batches))]
-        return self._run(theta, spec, batches, vectorized=self.vectorize, names=names)
+        with grad_mode:
+            return self._run(theta, spec, batches, vectorized=self.vectorize, names=names)
 
     def _run(
         self,

@@ -315,13 +315,15 @@ def from_torch(
 
     Raises:
         TypeError: for other optimizers (their update rules are not implemented here) or
-            options without a functional twin (amsgrad, maximize, foreach-only variants are
-            fine).
+            options without a functional twin (``amsgrad``, ``maximize``, Adam's
+            ``decoupled_weight_decay``; ``foreach``-only variants are fine).
     """
-    for flag in ("maximize", "amsgrad"):
+    for flag in ("maximize", "amsgrad", "decoupled_weight_decay"):
         if any(g.get(flag, False) for g in optimizer.param_groups):
             raise ArgumentTypeError(
-                f"`{flag}=True` has no differentiable twin in hypergradient.optim."
+                f"`{flag}=True` has no differentiable twin in hypergradient.optim; use "
+                "torch.optim.SGD or torch.optim.Adam without it (an L2 weight_decay is "
+                "fine), or an implicit method (hg.IFT, hg.HOAG, hg.T1T2)."
             )
     if type(optimizer) is torch.optim.SGD:
         return _sgd_twin(optimizer, params)
