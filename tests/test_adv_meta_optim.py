@@ -54,3 +54,87 @@ def test_the_coupled_adam_twin_steps_as_torch(wd):
     assert state is None and step == 0
     (mine,), _ = twin.update([p.detach().clone()], [g], twin.init([p]), 0)
     assert float((mine - one_step(opt, p, g)).abs().max()) < 1e-15
+
+
+# ----------------------------------------------------------------------------- partial state
+
+
+class WithUnused(torch.nn.Module):
+    """A linear model and, optionally, a head the loss never uses (as a pretrained
+    model's pooler): the torch optimizer keeps no state for it."""
+
+    def __init__(self, unused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 1).double()
+        if unused:
+            self.head2 = torch.nn.Linear(4, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+GEN = torch.Generator().manual_seed(0)
+X, Y = torch.randn(40, 4, generator=GEN, dtype=DT), torch.randn(40, 1, generator=GEN, dtype=DT)
+XV, YV = torch.randn(30, 4, generator=GEN, dtype=DT), torch.randn(30, 1, generator=GEN, dtype=DT)
+
+
+def unrolled_hypergradient(model: torch.nn.Module, make_inner) -> torch.Tensor:
+    hopt = hg.HyperOptimizer(
+        model,
+        {"d": hg.Positive(torch.tensor(0.1, dtype=DT))},
+        inner_optimizer=make_inner(model.parameters()),
+        outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.0),
+        train_loss=lambda m, h, b: (
+            ((m(b[0]) - b[1]) ** 2).mean() + h["d"] * m.lin.weight.square().sum()
+        ),
+        val_loss=lambda m, h, b: ((m(b[0]) - b[1]) ** 2).mean(),
+        val_data=(XV, YV),
+        method=hg.Unrolled(),
+        inner_steps=3,
+    )
+    for _ in range(9):  # the third window starts with optimizer state
+        hopt.zero_grad()
+        hopt.train_loss((X, Y)).backward()
+        hopt.step((X, Y))
+    return hopt.history[-1].hypergrad["d"]
+
+
+@pytest.mark.parametrize(
+    "make_inner",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, lr=0.05),
+    ],
+    ids=["sgd-momentum", "adam"],
+)
+def test_an_unused_parameter_does_not_reset_the_replayed_state(make_inner):
+    """The identity: an extra, unused parameter changes nothing. The twin restarted every
+    parameter's state when one had none (measured: -0.108 instead of -0.196 with momentum,
+    -0.0009 instead of -0.0031 with Adam)."""
+    plain = unrolled_hypergradient(WithUnused(False), make_inner)
+    extra = unrolled_hypergradient(WithUnused(True), make_inner)
+    assert abs(float(plain)) > 1e-3
+    assert float((extra - plain).abs()) <= 1e-14 * float(plain.abs())
+
+
+def test_the_twin_takes_the_buffers_it_has_and_zeros_for_the_rest():
+    a, b = (torch.ones(3, dtype=DT, requires_grad=True) for _ in range(2))
+    opt = torch.optim.Adam([a, b], lr=0.1)
+    for _ in range(2):
+        a.grad = torch.tensor([0.2, -0.1, 0.3], dtype=DT)
+        opt.step()
+    twin, state, step = hg.optim.from_torch(opt, [a, b])
+    assert step == 2 and state is not None
+    assert torch.equal(state[0], opt.state[a]["exp_avg"]) and not state[1].any()
+    assert torch.equal(state[2], opt.state[a]["exp_avg_sq"]) and not state[3].any()
+    c = torch.ones(3, dtype=DT, requires_grad=True)
+    opt2 = torch.optim.Adam([a, c], lr=0.1)
+    c.grad = torch.ones(3, dtype=DT)
+    opt2.step()
+    for _ in range(2):
+        a.grad = torch.ones(3, dtype=DT)
+        c.grad = None
+        opt2.step()
+    with pytest.raises(ValueError, match=r"different numbers of steps \(\[1, 3\]\)"):
+        hg.optim.from_torch(opt2, [a, c])

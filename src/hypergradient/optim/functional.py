@@ -310,8 +310,8 @@ def from_torch(
 
     Returns ``(functional_optimizer, state, step)``: the same update rule and settings,
     the optimizer's current buffers for ``params`` (in that order; None before the first
-    step) and how many steps it has taken, so a differentiable replay continues exactly
-    where the torch optimizer is.
+    step; zeros for a parameter that never had a gradient) and how many steps it has
+    taken, so a differentiable replay continues exactly where the torch optimizer is.
 
     Raises:
         TypeError: for other optimizers (their update rules are not implemented here) or
@@ -342,9 +342,11 @@ def _sgd_twin(
     s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
     fopt = SGD(s["lr"], s["momentum"], s["dampening"], s["weight_decay"], s["nesterov"])
     bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-    if not fopt.uses_momentum or any(b is None for b in bufs):
+    if not fopt.uses_momentum or all(b is None for b in bufs):
         return fopt, None, 0
-    return fopt, [b.detach().clone() for b in bufs], 1
+    # A parameter that never had a gradient (unused by the loss) has no buffer: zeros, not
+    # a fresh start for every parameter (that dropped the others' momentum).
+    return fopt, [zeros_or_copy(b, p) for b, p in zip(bufs, params)], 1
 
 
 def _adam_twin(
@@ -353,11 +355,22 @@ def _adam_twin(
     s = _group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
     fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
     st = [optimizer.state.get(p, {}) for p in params]
-    if any("exp_avg" not in x for x in st):
+    if all("exp_avg" not in x for x in st):
         return fopt, None, 0
-    steps = {int(x["step"]) for x in st}
+    steps = {int(x["step"]) for x in st if "exp_avg" in x}
     if len(steps) != 1:
-        raise ValueError("The inner Adam's parameters have taken different numbers of steps.")
-    avg = [x["exp_avg"].detach().clone() for x in st]
-    sq = [x["exp_avg_sq"].detach().clone() for x in st]
+        raise ValueError(
+            "The inner Adam's parameters have taken different numbers of steps "
+            f"({sorted(steps)}): the functional Adam has one step count. Give every trained "
+            "parameter a gradient at every step (or use an implicit method, hg.IFT)."
+        )
+    # A parameter that never had a gradient (unused by the loss) has no moments: zeros,
+    # not a fresh start for every parameter (that dropped the others' moments).
+    avg = [zeros_or_copy(x.get("exp_avg"), p) for x, p in zip(st, params)]
+    sq = [zeros_or_copy(x.get("exp_avg_sq"), p) for x, p in zip(st, params)]
     return fopt, avg + sq, steps.pop()
+
+
+def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
+    """A detached copy of an optimizer buffer, or zeros shaped like ``like`` if it is None."""
+    return torch.zeros_like(like.detach()) if buffer is None else buffer.detach().clone()
