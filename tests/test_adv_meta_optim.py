@@ -138,3 +138,21 @@ def test_the_twin_takes_the_buffers_it_has_and_zeros_for_the_rest():
         opt2.step()
     with pytest.raises(ValueError, match=r"different numbers of steps \(\[1, 3\]\)"):
         hg.optim.from_torch(opt2, [a, c])
+
+
+# ----------------------------------------------------------------------------- HD warnings
+
+
+@pytest.mark.parametrize("cls", [hg.optim.SGDHD, hg.optim.AdamHD])
+def test_a_skipped_learning_rate_step_warns_at_the_callers_line(cls):
+    """The warning pointed into torch/optim/optimizer.py (its step hooks), not at the
+    ``opt.step()`` that a user's warning filters and logs should name."""
+    p = torch.ones(2, dtype=DT, requires_grad=True)
+    opt = cls([p], lr=0.1, hypergrad_lr=0.1)
+    p.grad = torch.ones(2, dtype=DT)
+    opt.step()
+    p.grad = torch.full((2,), float("nan"), dtype=DT)
+    with pytest.warns(hg.HypergradientWarning, match="not finite") as caught:
+        opt.step()
+    assert opt.param_groups[0]["lr"] == 0.1  # the first step had no previous direction
+    assert [w.filename for w in caught] == [__file__]

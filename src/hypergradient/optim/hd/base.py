@@ -155,7 +155,7 @@ class HypergradientOptimizer(Optimizer):
                 f"learning rate keeps its value {group['lr']!r} for this step; check the loss "
                 "and gradients (or lower hypergrad_lr).",
                 HypergradientWarning,
-                stacklevel=4,
+                stacklevel=5,  # _adapt_lr, step, no_grad, torch's step hooks, caller
             )
             return
         group["lr"] = lr
