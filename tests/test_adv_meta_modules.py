@@ -214,3 +214,19 @@ def test_no_grad_gives_the_same_numbers_and_inference_mode_raises(call):
     assert max(float(v.abs().max()) for v in moved.values()) > 1e-3  # not a no-op
     with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
         CALLS[call](model, theta, tasks)
+
+
+def test_a_frozen_parameter_passed_as_a_meta_parameter_is_refused():
+    """``dict(model.named_parameters())`` with a frozen layer: the frozen weight was adapted
+    by the inner loop and got a meta-gradient (which the README loop then applied)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[0].weight.requires_grad_(False)
+    theta, task = dict(model.named_parameters()), tasks_of(1, 9)[0]
+    with pytest.raises(ValueError, match=r"meta_params\['0.weight'\]` is a frozen parameter"):
+        meta.maml_step(model, theta, [task], inner_steps=1, inner_lr=0.1)
+    with pytest.raises(ValueError, match=r"params\['0.weight'\]` is a frozen parameter"):
+        meta.adapt(model, theta, task[0], steps=1, lr=0.1)
+    trained = {k: v for k, v in theta.items() if v.requires_grad}
+    got, _ = meta.maml_step(model, trained, [task], inner_steps=2, inner_lr=0.1)
+    assert max_err(got, by_hand(model, trained, [task], 2, 0.1)) < 1e-13

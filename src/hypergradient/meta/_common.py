@@ -222,9 +222,22 @@ def as_solver(solver: Any) -> Solver:
 def flatten_meta_params(
     meta_params: Tree, name: str = "meta_params"
 ) -> tuple[list[Tensor], TreeSpec]:
-    """Detached leaves of ``meta_params`` (validated: floating point, one device) and spec."""
+    """Detached leaves of ``meta_params`` (validated: floating point, one device) and spec.
+
+    Raises:
+        ValueError: a leaf is a frozen ``nn.Parameter`` (``requires_grad=False``): it would
+            be adapted and get a meta-gradient; the fix is to leave it out (the module's own
+            tensor is then used, as :func:`parameters_of` arranges).
+    """
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
+    for leaf, path in zip(leaves, spec.paths):
+        if isinstance(leaf, nn.Parameter) and not leaf.requires_grad:
+            raise ValueError(
+                f"`{path}` is a frozen parameter (requires_grad=False): it would be "
+                f"adapted by the inner loop and get a meta-gradient. Leave it out of `{name}` "
+                "(hg.meta.parameters_of(model) does; an nn.Module then uses its own tensor)."
+            )
     return [t.detach() for t in leaves], spec
 
 
