@@ -230,3 +230,30 @@ def test_a_frozen_parameter_passed_as_a_meta_parameter_is_refused():
     trained = {k: v for k, v in theta.items() if v.requires_grad}
     got, _ = meta.maml_step(model, trained, [task], inner_steps=2, inner_lr=0.1)
     assert max_err(got, by_hand(model, trained, [task], 2, 0.1)) < 1e-13
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize(
+    "learner",
+    [
+        lambda v: meta.MAML(
+            lambda p, b: mse(b[0] @ p["w"], b[1]), inner_steps=2, inner_lr=0.1, vectorize=v
+        ),
+        lambda v: meta.IMAML(
+            lambda p, b: mse(b[0] @ p["w"], b[1]), lam=1.0, inner_steps=2, inner_lr=0.1, vectorize=v
+        ),
+    ],
+    ids=["maml", "imaml"],
+)
+def test_a_nan_query_batch_names_its_task(learner, vectorize):
+    """The second-order MAML and iMAML errors spoke of "outer_loss" and "the validation
+    batch" at ``params``, without saying which task of the meta-batch."""
+    tasks = tasks_of(3, 10, dout=1)
+    (xs, ys), (xq, yq) = tasks[2]
+    xq = xq.clone()
+    xq[1, 0] = float("nan")
+    tasks[2] = ((xs, ys), (xq, yq))
+    theta = {"w": torch.zeros(3, 1, dtype=DT)}
+    with pytest.raises(hg.NonFiniteHypergradientError, match=r"query loss .* of tasks\[2\]") as err:
+        learner(vectorize).step(theta, tasks)
+    assert "['w']" in err.value.quantity  # the first non-finite quantity: a gradient
