@@ -257,3 +257,27 @@ def test_a_nan_query_batch_names_its_task(learner, vectorize):
     with pytest.raises(hg.NonFiniteHypergradientError, match=r"query loss .* of tasks\[2\]") as err:
         learner(vectorize).step(theta, tasks)
     assert "['w']" in err.value.quantity  # the first non-finite quantity: a gradient
+
+
+def test_a_learned_inner_learning_rate_is_refused_not_silently_ignored():
+    """Meta-SGD style: a tensor lr that requires grad got no gradient (``lr.grad`` stayed
+    None) and ``inner_lr`` as such a tensor was turned into a float, silently."""
+    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    model = nn.Linear(3, 2).double()
+    with pytest.raises(ValueError, match=r"`inner_lr` is a tensor that requires grad"):
+        meta.MAML(model, inner_steps=1, inner_lr=lr)
+    with pytest.raises(ValueError, match=r"`inner_optimizer.settings\['lr'\]` is a tensor"):
+        meta.IMAML(model, lam=1.0, inner_steps=1, inner_optimizer=hg.optim.sgd(lr=lr))
+    with pytest.raises(ValueError, match=r"`optimizer.settings\['beta1'\]` is a tensor"):
+        meta.adapt(
+            model,
+            meta.parameters_of(model),
+            tasks_of(1, 11)[0][0],
+            steps=1,
+            optimizer=hg.optim.adam(betas=(lr, 0.9)),
+        )
+    theta, tasks = meta.parameters_of(model, copy=True), tasks_of(2, 12)
+    detached, _ = meta.maml_step(
+        model, theta, tasks, inner_steps=2, inner_optimizer=hg.optim.sgd(lr=lr.detach())
+    )
+    assert max_err(detached, by_hand(model, theta, tasks, 2, 0.1)) < 1e-13

@@ -45,6 +45,7 @@ __all__ = [
     "module_loss",
     "parameters_of",
     "proximal_term",
+    "refuse_learned_setting",
     "require_finite_losses",
     "require_finite_phi",
     "running_stats_off",
@@ -192,12 +193,15 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
             "(hg.optim.sgd(...) or hg.optim.adam(...))."
         )
     if optimizer is None:
+        refuse_learned_setting(lr, lr_name)
         return sgd(lr=as_float(lr, lr_name, min=0.0, open_min=True))
     if not isinstance(optimizer, FunctionalOptimizer):
         raise ArgumentTypeError(
             f"`{opt_name}` must be a functional optimizer from hypergradient.optim "
             f"(hg.optim.sgd(...), hg.optim.adam(...)), got {type(optimizer).__name__}."
         )
+    for key, value in optimizer.settings.items():
+        refuse_learned_setting(value, f"{opt_name}.settings['{key}']")
     wd = optimizer.settings.get("weight_decay", 0.0)
     if isinstance(wd, Tensor) or wd != 0:
         raise ValueError(
@@ -206,6 +210,21 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
             "the loss instead."
         )
     return optimizer
+
+
+def refuse_learned_setting(value: Any, name: str) -> None:
+    """Refuse a tensor setting that requires grad: it would silently get no gradient.
+
+    The meta-gradients are with respect to ``meta_params`` only; a learned inner learning
+    rate (Meta-SGD) is a hyperparameter of the inner run: ``hg.unrolled`` differentiates it.
+    """
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(
+            f"`{name}` is a tensor that requires grad, but hg.meta differentiates with "
+            "respect to meta_params only: it would get no gradient. Pass a number (or a "
+            "detached tensor); to learn it (Meta-SGD), differentiate the inner run with "
+            "hg.unrolled, listing it in hparams."
+        )
 
 
 def as_solver(solver: Any) -> Solver:
