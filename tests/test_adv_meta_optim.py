@@ -8,6 +8,8 @@ It is refused now, naming the flag; the coupled twin still steps exactly as torc
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -156,3 +158,18 @@ def test_a_skipped_learning_rate_step_warns_at_the_callers_line(cls):
         opt.step()
     assert opt.param_groups[0]["lr"] == 0.1  # the first step had no previous direction
     assert [w.filename for w in caught] == [__file__]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_dot_products_do_not_overflow(dtype):
+    """100k float16 entries with gradient 3: ``g . u = 9e5`` overflowed float16's 65504, so
+    every learning-rate step was skipped (with a warning) and the lr never moved; bfloat16
+    rounded it. Closed form: ``lr_t = lr_{t-1} + beta * 9e5`` from the second step."""
+    p = torch.zeros(100_000, dtype=dtype, requires_grad=True)
+    opt = hg.optim.SGDHD([p], lr=1e-3, hypergrad_lr=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.HypergradientWarning)
+        for _ in range(3):
+            p.grad = torch.full_like(p, 3.0)
+            opt.step()
+    assert opt.param_groups[0]["lr"] == 1e-3 + 1e-9 * 9e5 + 1e-9 * 9e5
