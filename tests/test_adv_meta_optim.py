@@ -173,3 +173,51 @@ def test_half_precision_dot_products_do_not_overflow(dtype):
             p.grad = torch.full_like(p, 3.0)
             opt.step()
     assert opt.param_groups[0]["lr"] == 1e-3 + 1e-9 * 9e5 + 1e-9 * 9e5
+
+
+# ----------------------------------------------------------------------------- momentum from 0
+
+A = torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=DT)
+B = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+
+
+def quad_grad(p: torch.Tensor) -> torch.Tensor:
+    return A @ p - B + 0.1 * torch.sin(p)
+
+
+def torch_run(momentum: float, steps: int = 4) -> torch.Tensor:
+    """``torch.optim.SGD`` itself, on the gradient field above, from ones."""
+    p = torch.ones(3, dtype=DT, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.3, momentum=momentum)
+    for _ in range(steps):
+        p.grad = quad_grad(p.detach())
+        opt.step()
+    return p.detach()
+
+
+def test_momentum_tuned_from_zero_keeps_its_buffers_and_hypergradient():
+    """Tuning an SGD momentum that starts at 0 (a linked hyperparameter): the twin of
+    ``SGD(momentum=0)`` kept no buffers and its ``update`` ignored the momentum it was
+    given, so the hypergradient was exactly 0 (the driver reported 0.0 where momentum
+    1e-12 gives -0.047). Now that raises, and ``tuned=("momentum",)`` keeps the buffers:
+    d(objective)/d(momentum) at 0 equals finite differences of torch's own SGD."""
+    p = torch.ones(3, dtype=DT, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.3, momentum=0.0)
+    mom = torch.zeros((), dtype=DT, requires_grad=True)
+
+    plain, _, _ = hg.optim.from_torch(opt, [p])
+    with pytest.raises(ValueError, match="momentum=0, so it keeps no momentum buffers"):
+        plain.update([p.detach()], [quad_grad(p.detach())], plain.init([p]), 1, {"momentum": mom})
+
+    twin, state, step = hg.optim.from_torch(opt, [p], tuned=("momentum",))
+    x, s = [p.detach()], twin.init([p]) if state is None else state
+    for t in range(4):
+        x, s = twin.update(x, [quad_grad(x[0])], s, step + t, {"momentum": mom})
+    objective = lambda q: (q * q).sum()  # noqa: E731
+    (grad,) = torch.autograd.grad(objective(x[0]), mom)
+    assert float((x[0].detach() - torch_run(0.0)).abs().max()) < 1e-15
+    h = 1e-5  # one-sided, second order (torch refuses a negative momentum)
+    f0, f1, f2 = (objective(torch_run(k * h)) for k in (0, 1, 2))
+    fd = (-3 * f0 + 4 * f1 - f2) / (2 * h)
+    assert abs(float(grad) - float(fd)) <= 1e-8 * abs(float(fd))
+    assert abs(float(fd)) > 1e-2

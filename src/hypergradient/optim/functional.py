@@ -177,6 +177,14 @@ class SGD(FunctionalOptimizer):
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
+        if not self.uses_momentum and not _is_zero(s["momentum"]):
+            raise ValueError(
+                "This SGD was built with momentum=0, so it keeps no momentum buffers, but "
+                f"update() got momentum={s['momentum']!r}: its effect (and hypergradient) "
+                "would be dropped. Build it with the momentum as a tensor (hg.optim.sgd(lr, "
+                "momentum=torch.tensor(0.0))), or from_torch(..., tuned=('momentum',)) "
+                "(a momentum linked to a hyperparameter: start it above 0)."
+            )
         on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"))
         decay, damped = not _is_zero(s["weight_decay"]), not _is_zero(s["dampening"])
         new_params, new_state = [], []
@@ -304,7 +312,7 @@ def _group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> di
 
 
 def from_torch(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *, tuned: Sequence[str] = ()
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     """The functional twin of a ``torch.optim.SGD`` or ``torch.optim.Adam`` and its state.
 
@@ -312,6 +320,11 @@ def from_torch(
     the optimizer's current buffers for ``params`` (in that order; None before the first
     step; zeros for a parameter that never had a gradient) and how many steps it has
     taken, so a differentiable replay continues exactly where the torch optimizer is.
+
+    ``tuned`` names the settings a replay will supply as tensors (``update(...,
+    settings=...)``, e.g. hyperparameters linked to the optimizer): an SGD whose
+    ``momentum`` is tuned keeps momentum buffers even while its value is 0 (without them
+    the momentum's effect, and its hypergradient, would be lost).
 
     Raises:
         TypeError: for other optimizers (their update rules are not implemented here) or
@@ -326,7 +339,7 @@ def from_torch(
                 "fine), or an implicit method (hg.IFT, hg.HOAG, hg.T1T2)."
             )
     if type(optimizer) is torch.optim.SGD:
-        return _sgd_twin(optimizer, params)
+        return _sgd_twin(optimizer, params, "momentum" in tuned)
     if type(optimizer) is torch.optim.Adam:
         return _adam_twin(optimizer, params)
     raise ArgumentTypeError(
@@ -337,10 +350,13 @@ def from_torch(
 
 
 def _sgd_twin(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], tuned_momentum: bool
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
-    fopt = SGD(s["lr"], s["momentum"], s["dampening"], s["weight_decay"], s["nesterov"])
+    momentum = s["momentum"]
+    if tuned_momentum and not isinstance(momentum, Tensor) and momentum == 0:
+        momentum = torch.zeros(())  # a tensor setting: buffers kept, value supplied by replay
+    fopt = SGD(s["lr"], momentum, s["dampening"], s["weight_decay"], s["nesterov"])
     bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
     if not fopt.uses_momentum or all(b is None for b in bufs):
         return fopt, None, 0
