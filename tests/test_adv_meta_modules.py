@@ -69,9 +69,12 @@ def max_err(a: dict, b: dict) -> float:
     )
 
 
-def bn_model() -> nn.Module:
+def bn_model(norm: type[nn.Module] = nn.BatchNorm1d) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    return nn.Sequential(nn.Linear(3, 4), norm(4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+NORMS = [nn.BatchNorm1d, nn.SyncBatchNorm]  # SyncBatchNorm needs its batch counter
 
 
 @pytest.mark.parametrize("vectorize", [False, True])
@@ -84,8 +87,9 @@ def bn_model() -> nn.Module:
     ],
     ids=["maml", "fomaml", "imaml"],
 )
-def test_batchnorm_running_statistics_are_left_alone(learner, vectorize):
-    model = bn_model()
+@pytest.mark.parametrize("norm", NORMS)
+def test_batchnorm_running_statistics_are_left_alone(learner, vectorize, norm):
+    model = bn_model(norm)
     with torch.no_grad():  # non-trivial statistics, which a train-mode pass ignores
         model[1].running_mean.fill_(0.5)
         model[1].running_var.fill_(2.0)
@@ -102,8 +106,9 @@ def test_batchnorm_running_statistics_are_left_alone(learner, vectorize):
 
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("vectorize", [False, True])
-def test_maml_through_a_train_mode_batchnorm_matches_autograd(first_order, vectorize):
-    model = bn_model()
+@pytest.mark.parametrize("norm", NORMS)
+def test_maml_through_a_train_mode_batchnorm_matches_autograd(first_order, vectorize, norm):
+    model = bn_model(norm)
     theta, tasks = meta.parameters_of(model, copy=True), tasks_of(3, 3)
     got, _ = meta.maml_step(
         model,

@@ -105,24 +105,27 @@ def module_loss(
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def running_stats_off(model: nn.Module) -> dict[str, None]:
-    """The running-statistics buffers a forward pass would update, each mapped to None.
+def running_stats_off(model: nn.Module) -> dict[str, Tensor | None]:
+    """The running-statistics buffers a forward pass would update, mapped to stand-ins.
 
     A normalization layer in training mode with ``track_running_stats`` (``BatchNorm``,
     ``InstanceNorm``) normalizes with the batch's statistics and updates its running
     statistics in place. Meta-gradients and adaptation evaluate the loss many times (inner
     steps, their replay, diagnostics), so the updates would pile up in the module, and under
     ``vmap`` (``vectorize=True``) torch refuses them. Passed to ``functional_call``, None
-    buffers make such a layer normalize with the batch's statistics (the same outputs) and
-    leave its buffers untouched. Layers in eval mode keep (and use) their buffers.
+    statistics make such a layer normalize with the batch's statistics (the same outputs)
+    and leave its buffers untouched; the batch counter ``num_batches_tracked`` becomes a
+    throwaway copy (``SyncBatchNorm`` requires one). Layers in eval mode keep (and use)
+    their buffers.
     """
-    off: dict[str, None] = {}
+    off: dict[str, Tensor | None] = {}
     for prefix, module in model.named_modules():
         if not (module.training and getattr(module, "track_running_stats", False) is True):
             continue
         for name, buf in module.named_buffers(recurse=False):
             if name in RUNNING_STATS and buf is not None:
-                off[f"{prefix}.{name}" if prefix else name] = None
+                key = f"{prefix}.{name}" if prefix else name
+                off[key] = buf.detach().clone() if name == "num_batches_tracked" else None
     return off
 
 
