@@ -286,3 +286,9 @@ def test_a_learned_inner_learning_rate_is_refused_not_silently_ignored():
         model, theta, tasks, inner_steps=2, inner_optimizer=hg.optim.sgd(lr=lr.detach())
     )
     assert max_err(detached, by_hand(model, theta, tasks, 2, 0.1)) < 1e-13
+
+
+def test_parameters_of_a_fully_frozen_model_says_so():
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="Every parameter of `model` is frozen"):
+        meta.parameters_of(model)

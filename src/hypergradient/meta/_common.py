@@ -156,15 +156,22 @@ def parameters_of(model: nn.Module, *, copy: bool = False) -> dict[str, Tensor]:
 
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``copy`` not a bool.
+        ValueError: every parameter of ``model`` is frozen.
     """
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     copy = as_bool(copy, "copy")
-    return {
+    trained = {
         k: (v.detach().clone() if copy else v.detach())
         for k, v in model.named_parameters()
         if v.requires_grad
     }
+    if not trained and any(True for _ in model.parameters()):
+        raise ValueError(
+            "Every parameter of `model` is frozen (requires_grad=False), so it has nothing "
+            "to meta-train; unfreeze the ones to learn (model.requires_grad_(True))."
+        )
+    return trained
 
 
 def as_loss(model_or_loss: Any, criterion: Any) -> LossFn:
