@@ -292,3 +292,24 @@ def test_parameters_of_a_fully_frozen_model_says_so():
     model = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="Every parameter of `model` is frozen"):
         meta.parameters_of(model)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_meta_parameter_the_module_does_not_have_is_named(first_order):
+    """A misspelt key (``0.weights``) became a new attribute nobody reads: the module's own
+    weight was used, unadapted, and the key got an exactly zero meta-gradient."""
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    theta = {"0.weights": torch.ones(2, 3, dtype=DT), "0.bias": torch.zeros(2, dtype=DT)}
+    with pytest.raises(ValueError, match=r"meta_params has \['0.weights'\]"):
+        meta.maml_step(
+            model, theta, tasks_of(1, 13), inner_steps=1, inner_lr=0.1, first_order=first_order
+        )
+    tied = nn.Linear(3, 3).double()
+    shared = nn.Sequential(tied, nn.Tanh(), tied)  # tied weights: every name is known
+    theta = {k: v.detach() for k, v in shared.named_parameters(remove_duplicate=False)}
+    task = tasks_of(1, 14, dout=3)
+    got, _ = meta.maml_step(
+        shared, {k: theta[k] for k in ("0.weight", "0.bias")}, task, inner_steps=1, inner_lr=0.1
+    )
+    ref = by_hand(shared, {k: theta[k] for k in ("0.weight", "0.bias")}, task, 1, 0.1)
+    assert max_err(got, ref) < 1e-13
