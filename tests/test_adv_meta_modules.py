@@ -16,6 +16,10 @@ Each test failed on the code before the review:
   wrong (autograd records nothing: zero gradients); iMAML under ``torch.no_grad()``
   crashed. Now inference mode raises before anything runs and ``no_grad`` gives the same
   numbers as a plain call.
+- A frozen ``nn.Parameter`` among the meta-parameters, a meta-parameter name the module
+  does not have, and an inner learning rate that requires grad (Meta-SGD) were used
+  silently (adapted / ignored / zero gradient); they raise, naming the fix. A NaN query
+  batch names its task.
 """
 
 from __future__ import annotations

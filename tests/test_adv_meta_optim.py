@@ -1,9 +1,16 @@
-"""Adversarial review of ``hg.optim``: functional twins of torch optimizers.
+"""Adversarial review of ``hg.optim``: functional twins of torch optimizers, SGD-HD/Adam-HD.
 
-``from_torch(torch.optim.Adam(..., decoupled_weight_decay=True))`` returned a twin with an
-L2 (coupled) decay, so a trajectory method replayed another update rule than the one that
-ran (one step from ones with lr 0.1, decay 0.5: 0.90 instead of torch's 0.85), silently.
-It is refused now, naming the flag; the coupled twin still steps exactly as torch.
+Each test failed on the code before the review:
+
+- ``from_torch(torch.optim.Adam(..., decoupled_weight_decay=True))`` returned a twin with an
+  L2 (coupled) decay, so a trajectory method replayed another update rule than the one that
+  ran (one step from ones with lr 0.1, decay 0.5: 0.90 instead of torch's 0.85). Refused now.
+- A parameter without optimizer state (never had a gradient: an unused head) made
+  ``from_torch`` restart every parameter's momentum/Adam moments in the replay.
+- The SGD twin of ``momentum=0`` ignored a momentum supplied at replay (a momentum tuned
+  from 0 got an exactly zero hypergradient).
+- SGD-HD/Adam-HD: the skipped-lr warning pointed into torch; float16 dot products
+  overflowed (the learning rate never adapted).
 """
 
 from __future__ import annotations
