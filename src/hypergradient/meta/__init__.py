@@ -64,11 +64,12 @@ an independent copy instead)::
         opt.step()                              # model.parameters() move
 """
 
-from ._common import adapt, module_loss, parameters_of
+from ._common import adapt
 from .base import MetaLearner
 from .imaml import IMAML, imaml_step
 from .info import MetaInfo, TaskInfo
 from .maml import MAML, maml_step
+from .modules import module_loss, parameters_of
 from .tasks import SingleTask, StackedTasks, TaskBatch, task_batches
 
 __all__ = [

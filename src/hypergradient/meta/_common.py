@@ -5,6 +5,7 @@ An underscore module: its members are the package's internal (but public-named) 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,6 @@ from .._tree import Tree, TreeSpec
 from .._vocab import (
     ArgumentTypeError,
     NonFiniteHypergradientError,
-    as_bool,
     as_callable,
     as_float,
     as_int,
@@ -26,6 +26,7 @@ from .._vocab import (
 )
 from ..optim.functional import FunctionalOptimizer, sgd
 from ..solvers import CG, Solver
+from .modules import LossFn, module_loss
 
 __all__ = [
     "LOSS_SIGNATURE",
@@ -33,6 +34,7 @@ __all__ = [
     "LossFn",
     "Task",
     "adapt",
+    "autograd_on",
     "as_loss",
     "as_solver",
     "descend",
@@ -40,14 +42,12 @@ __all__ = [
     "gradient",
     "as_inner_optimizer",
     "loss_value",
-    "module_loss",
-    "parameters_of",
     "proximal_term",
+    "refuse_learned_setting",
     "require_finite_losses",
     "require_finite_phi",
 ]
 
-LossFn = Callable[[Any, Any], Tensor]
 Task = tuple[Any, Any]
 
 LOSS_SIGNATURE = "loss_fn(params, batch) -> scalar tensor, or an nn.Module"
@@ -59,65 +59,6 @@ NONFINITE_FIX = (
 
 
 # ----------------------------------------------------------------------------- losses
-
-
-def module_loss(
-    model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor] | None = None
-) -> LossFn:
-    """``loss_fn(params, (inputs, targets))`` of a module, through ``functional_call``.
-
-    ``loss_fn(params, (x, y)) = criterion(torch.func.functional_call(model, params, (x,)), y)``
-    with ``params`` a dict name -> tensor (see :func:`parameters_of`); the module's own
-    parameters are not used, only its architecture (and its buffers). ``criterion(outputs,
-    targets)`` defaults to ``torch.nn.functional.mse_loss``. Cost: one forward pass.
-
-    Raises:
-        ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``criterion`` not callable.
-    """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    crit = torch.nn.functional.mse_loss if criterion is None else criterion
-    crit = as_callable(crit, "criterion", "criterion(outputs, targets) -> scalar tensor")
-
-    def loss_fn(params: Any, batch: Any) -> Tensor:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ArgumentTypeError(
-                "With an nn.Module, each batch (support or query) must be a pair "
-                f"(inputs, targets); got {type(batch).__name__}."
-            )
-        inputs, targets = batch
-        return crit(torch.func.functional_call(model, params, (inputs,)), targets)
-
-    return loss_fn
-
-
-def parameters_of(model: nn.Module, *, copy: bool = False) -> dict[str, Tensor]:
-    """The module's parameters as a dict name -> tensor: a ``meta_params`` to train.
-
-    With ``copy=False`` (the default) the tensors are the module's own parameters, detached:
-    they share the parameters' storage, so an optimizer that steps them (in place, as every
-    ``torch.optim`` optimizer does) trains the module itself. This is what a meta-training
-    loop wants::
-
-        theta = hg.meta.parameters_of(model)          # the model's own parameters
-        opt = torch.optim.Adam(theta.values(), lr=1e-3)
-        for tasks in meta_batches:
-            grad, info = maml.step(theta, tasks)
-            for k in theta:
-                theta[k].grad = grad[k]
-            opt.step()                                # updates model.parameters()
-
-    With ``copy=True`` they are independent copies (a snapshot of the initialization that
-    later training of either side leaves alone). The meta-gradient functions never modify
-    ``meta_params`` and never build a graph to them, in either case.
-
-    Raises:
-        ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``copy`` not a bool.
-    """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    copy = as_bool(copy, "copy")
-    return {k: (v.detach().clone() if copy else v.detach()) for k, v in model.named_parameters()}
 
 
 def as_loss(model_or_loss: Any, criterion: Any) -> LossFn:
@@ -149,12 +90,15 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
             "(hg.optim.sgd(...) or hg.optim.adam(...))."
         )
     if optimizer is None:
+        refuse_learned_setting(lr, lr_name)
         return sgd(lr=as_float(lr, lr_name, min=0.0, open_min=True))
     if not isinstance(optimizer, FunctionalOptimizer):
         raise ArgumentTypeError(
             f"`{opt_name}` must be a functional optimizer from hypergradient.optim "
             f"(hg.optim.sgd(...), hg.optim.adam(...)), got {type(optimizer).__name__}."
         )
+    for key, value in optimizer.settings.items():
+        refuse_learned_setting(value, f"{opt_name}.settings['{key}']")
     wd = optimizer.settings.get("weight_decay", 0.0)
     if isinstance(wd, Tensor) or wd != 0:
         raise ValueError(
@@ -163,6 +107,21 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
             "the loss instead."
         )
     return optimizer
+
+
+def refuse_learned_setting(value: Any, name: str) -> None:
+    """Refuse a tensor setting that requires grad: it would silently get no gradient.
+
+    The meta-gradients are with respect to ``meta_params`` only; a learned inner learning
+    rate (Meta-SGD) is a hyperparameter of the inner run: ``hg.unrolled`` differentiates it.
+    """
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(
+            f"`{name}` is a tensor that requires grad, but hg.meta differentiates with "
+            "respect to meta_params only: it would get no gradient. Pass a number (or a "
+            "detached tensor); to learn it (Meta-SGD), differentiate the inner run with "
+            "hg.unrolled, listing it in hparams."
+        )
 
 
 def as_solver(solver: Any) -> Solver:
@@ -179,10 +138,40 @@ def as_solver(solver: Any) -> Solver:
 def flatten_meta_params(
     meta_params: Tree, name: str = "meta_params"
 ) -> tuple[list[Tensor], TreeSpec]:
-    """Detached leaves of ``meta_params`` (validated: floating point, one device) and spec."""
+    """Detached leaves of ``meta_params`` (validated: floating point, one device) and spec.
+
+    Raises:
+        ValueError: a leaf is a frozen ``nn.Parameter`` (``requires_grad=False``): it would
+            be adapted and get a meta-gradient; the fix is to leave it out (the module's own
+            tensor is then used, as :func:`parameters_of` arranges).
+    """
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
+    for leaf, path in zip(leaves, spec.paths):
+        if isinstance(leaf, nn.Parameter) and not leaf.requires_grad:
+            raise ValueError(
+                f"`{path}` is a frozen parameter (requires_grad=False): it would be "
+                f"adapted by the inner loop and get a meta-gradient. Leave it out of `{name}` "
+                "(hg.meta.parameters_of(model) does; an nn.Module then uses its own tensor)."
+            )
     return [t.detach() for t in leaves], spec
+
+
+def autograd_on(call: str) -> contextlib.AbstractContextManager[None]:
+    """``torch.enable_grad()``, after refusing ``torch.inference_mode()``.
+
+    Meta-gradients and adaptation differentiate the loss, so they run with autograd on
+    whatever the caller's grad mode (``torch.no_grad()`` around a call is fine, as for
+    ``torch.optim``'s closures). Under ``torch.inference_mode()`` autograd records nothing
+    and every gradient would silently be zero, so that raises ``ValueError`` naming ``call``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{call} differentiates the loss, which needs autograd, but it runs under "
+            "torch.inference_mode() (every gradient would be zero); call it outside "
+            "inference_mode (torch.no_grad() is fine)."
+        )
+    return torch.enable_grad()
 
 
 # ----------------------------------------------------------------------------- finiteness
@@ -280,6 +269,7 @@ def adapt(
 
     Cost: ``steps`` gradients of the support loss; memory O(P).
     """
+    grad_mode = autograd_on("hg.meta.adapt()")
     loss_fn = as_loss(model_or_loss, criterion)
     steps = as_int(steps, "steps", min=1)
     opt = as_inner_optimizer(lr, optimizer, "lr", "optimizer")
@@ -291,4 +281,5 @@ def adapt(
         loss = loss_fn(phi, support)
         return loss + 0.5 * lam * proximal_term(phi, theta) if lam > 0 else loss
 
-    return _tree.unflatten(spec, descend(objective, leaves, spec, steps, opt))
+    with grad_mode:
+        return _tree.unflatten(spec, descend(objective, leaves, spec, steps, opt))

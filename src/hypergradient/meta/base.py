@@ -8,6 +8,7 @@ stack of them) and their diagnostics. :meth:`MetaLearner.step` splits the meta-b
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import as_bool, as_int, require_finite
+from .._vocab import NonFiniteHypergradientError, as_bool, as_int, require_finite
 from ..optim.functional import FunctionalOptimizer
 from ._common import (
     NONFINITE_FIX,
@@ -25,13 +26,14 @@ from ._common import (
     Task,
     as_inner_optimizer,
     as_loss,
+    autograd_on,
     flatten_meta_params,
     require_finite_losses,
 )
 from .info import BatchResult, MetaInfo, TaskInfo, summarize
 from .tasks import SingleTask, TaskBatch, check_task, task_batches
 
-__all__ = ["MetaLearner", "task_records"]
+__all__ = ["MetaLearner", "name_the_task", "task_records"]
 
 
 def task_records(
@@ -57,6 +59,32 @@ def task_records(
         )
         for b, a, q, n in zip(before, after, query, norms)
     ]
+
+
+def name_the_task(
+    err: NonFiniteHypergradientError,
+    batch: TaskBatch,
+    theta: list[Tensor],
+    spec: TreeSpec,
+    names: list[str],
+) -> NonFiniteHypergradientError:
+    """``err`` (raised by the method on the whole batch) with the task it comes from.
+
+    A task whose query loss at ``meta_params`` is not finite is named as that; otherwise a
+    single task is named in front of the method's message (a stack of tasks cannot be
+    told apart: the message is kept). The quantity stays the one the method found.
+    """
+    query = batch.task_losses(_tree.unflatten(spec, batch.start(theta)), "query")
+    for name, value in zip(names, query):
+        if not math.isfinite(value):
+            return NonFiniteHypergradientError(
+                f"The query loss at meta_params of {name} is not finite ({value}). Check "
+                f"{name}'s query batch and loss_fn. ({err})",
+                err.quantity,
+            )
+    if len(names) == 1:
+        return NonFiniteHypergradientError(f"{names[0]}: {err}", err.quantity)
+    return err
 
 
 class MetaLearner:
@@ -99,9 +127,11 @@ class MetaLearner:
 
     def meta_gradient(self, meta_params: Tree, task: Task) -> tuple[Tree, TaskInfo]:
         """Meta-gradient of one task ``(support, query)`` and its diagnostics."""
+        grad_mode = autograd_on(f"{type(self).__name__}.meta_gradient()")
         theta, spec = flatten_meta_params(meta_params)
         batch = SingleTask(self.loss_fn, check_task(task))
-        grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
+        with grad_mode:
+            grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
         return grad, info.tasks[0]
 
     def step(self, meta_params: Tree, tasks: Sequence[Task]) -> tuple[Tree, MetaInfo]:
@@ -114,11 +144,14 @@ class MetaLearner:
             NonFiniteHypergradientError: naming the first non-finite quantity: a task's
                 support loss at ``meta_params``, the adapted parameters, a query gradient,
                 or the meta-gradient.
+            ValueError: under ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
         """
+        grad_mode = autograd_on(f"{type(self).__name__}.step()")
         theta, spec = flatten_meta_params(meta_params)
         batches = task_batches(self.loss_fn, tasks, self.vectorize)
         names = [f"tasks[{i}]" for i in range(sum(b.num_tasks for b in batches))]
-        return self._run(theta, spec, batches, vectorized=self.vectorize, names=names)
+        with grad_mode:
+            return self._run(theta, spec, batches, vectorized=self.vectorize, names=names)
 
     def _run(
         self,
@@ -137,7 +170,10 @@ class MetaLearner:
             before = batch.task_losses(_tree.unflatten(spec, batch.start(theta)), "support")
             here = names[done : done + batch.num_tasks]
             require_finite_losses(before, here, "the support loss at meta_params of", "support")
-            result = self.batch_gradient(theta, spec, batch)
+            try:
+                result = self.batch_gradient(theta, spec, batch)
+            except NonFiniteHypergradientError as err:
+                raise name_the_task(err, batch, theta, spec, here) from err
             result.tasks = task_records(batch, before, _tree.unflatten(spec, result.phi), result)
             share = (time.perf_counter() - t0) / batch.num_tasks
             for t in result.tasks:

@@ -151,7 +151,7 @@ class StackedTasks:
         self.num_tasks = len(tasks)
         self.support = stack_batches([s for s, _ in tasks], "support")
         self.query = stack_batches([q for _, q in tasks], "query")
-        self.per_task = torch.func.vmap(loss_fn)
+        self.per_task = torch.func.vmap(loss_fn, randomness="different")
 
     def losses(self, phi: Tree, split: Split) -> Tensor:
         """Per-task losses, shape ``(B,)``."""

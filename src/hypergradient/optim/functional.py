@@ -177,6 +177,14 @@ class SGD(FunctionalOptimizer):
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
+        if not self.uses_momentum and not _is_zero(s["momentum"]):
+            raise ValueError(
+                "This SGD was built with momentum=0, so it keeps no momentum buffers, but "
+                f"update() got momentum={s['momentum']!r}: its effect (and hypergradient) "
+                "would be dropped. Build it with the momentum as a tensor (hg.optim.sgd(lr, "
+                "momentum=torch.tensor(0.0))), or from_torch(..., tuned=('momentum',)) "
+                "(a momentum linked to a hyperparameter: start it above 0)."
+            )
         on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"))
         decay, damped = not _is_zero(s["weight_decay"]), not _is_zero(s["dampening"])
         new_params, new_state = [], []
@@ -304,27 +312,34 @@ def _group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> di
 
 
 def from_torch(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *, tuned: Sequence[str] = ()
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     """The functional twin of a ``torch.optim.SGD`` or ``torch.optim.Adam`` and its state.
 
     Returns ``(functional_optimizer, state, step)``: the same update rule and settings,
     the optimizer's current buffers for ``params`` (in that order; None before the first
-    step) and how many steps it has taken, so a differentiable replay continues exactly
-    where the torch optimizer is.
+    step; zeros for a parameter that never had a gradient) and how many steps it has
+    taken, so a differentiable replay continues exactly where the torch optimizer is.
+
+    ``tuned`` names the settings a replay will supply as tensors (``update(...,
+    settings=...)``, e.g. hyperparameters linked to the optimizer): an SGD whose
+    ``momentum`` is tuned keeps momentum buffers even while its value is 0 (without them
+    the momentum's effect, and its hypergradient, would be lost).
 
     Raises:
         TypeError: for other optimizers (their update rules are not implemented here) or
-            options without a functional twin (amsgrad, maximize, foreach-only variants are
-            fine).
+            options without a functional twin (``amsgrad``, ``maximize``, Adam's
+            ``decoupled_weight_decay``; ``foreach``-only variants are fine).
     """
-    for flag in ("maximize", "amsgrad"):
+    for flag in ("maximize", "amsgrad", "decoupled_weight_decay"):
         if any(g.get(flag, False) for g in optimizer.param_groups):
             raise ArgumentTypeError(
-                f"`{flag}=True` has no differentiable twin in hypergradient.optim."
+                f"`{flag}=True` has no differentiable twin in hypergradient.optim; use "
+                "torch.optim.SGD or torch.optim.Adam without it (an L2 weight_decay is "
+                "fine), or an implicit method (hg.IFT, hg.HOAG, hg.T1T2)."
             )
     if type(optimizer) is torch.optim.SGD:
-        return _sgd_twin(optimizer, params)
+        return _sgd_twin(optimizer, params, "momentum" in tuned)
     if type(optimizer) is torch.optim.Adam:
         return _adam_twin(optimizer, params)
     raise ArgumentTypeError(
@@ -335,14 +350,19 @@ def from_torch(
 
 
 def _sgd_twin(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], tuned_momentum: bool
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
-    fopt = SGD(s["lr"], s["momentum"], s["dampening"], s["weight_decay"], s["nesterov"])
+    momentum = s["momentum"]
+    if tuned_momentum and not isinstance(momentum, Tensor) and momentum == 0:
+        momentum = torch.zeros(())  # a tensor setting: buffers kept, value supplied by replay
+    fopt = SGD(s["lr"], momentum, s["dampening"], s["weight_decay"], s["nesterov"])
     bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-    if not fopt.uses_momentum or any(b is None for b in bufs):
+    if not fopt.uses_momentum or all(b is None for b in bufs):
         return fopt, None, 0
-    return fopt, [b.detach().clone() for b in bufs], 1
+    # A parameter that never had a gradient (unused by the loss) has no buffer: zeros, not
+    # a fresh start for every parameter (that dropped the others' momentum).
+    return fopt, [zeros_or_copy(b, p) for b, p in zip(bufs, params)], 1
 
 
 def _adam_twin(
@@ -351,11 +371,22 @@ def _adam_twin(
     s = _group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
     fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
     st = [optimizer.state.get(p, {}) for p in params]
-    if any("exp_avg" not in x for x in st):
+    if all("exp_avg" not in x for x in st):
         return fopt, None, 0
-    steps = {int(x["step"]) for x in st}
+    steps = {int(x["step"]) for x in st if "exp_avg" in x}
     if len(steps) != 1:
-        raise ValueError("The inner Adam's parameters have taken different numbers of steps.")
-    avg = [x["exp_avg"].detach().clone() for x in st]
-    sq = [x["exp_avg_sq"].detach().clone() for x in st]
+        raise ValueError(
+            "The inner Adam's parameters have taken different numbers of steps "
+            f"({sorted(steps)}): the functional Adam has one step count. Give every trained "
+            "parameter a gradient at every step (or use an implicit method, hg.IFT)."
+        )
+    # A parameter that never had a gradient (unused by the loss) has no moments: zeros,
+    # not a fresh start for every parameter (that dropped the others' moments).
+    avg = [zeros_or_copy(x.get("exp_avg"), p) for x, p in zip(st, params)]
+    sq = [zeros_or_copy(x.get("exp_avg_sq"), p) for x, p in zip(st, params)]
     return fopt, avg + sq, steps.pop()
+
+
+def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
+    """A detached copy of an optimizer buffer, or zeros shaped like ``like`` if it is None."""
+    return torch.zeros_like(like.detach()) if buffer is None else buffer.detach().clone()

@@ -14,7 +14,7 @@ from torch.optim.optimizer import Optimizer
 from ..._tree import wide_dtype
 from ..._vocab import ArgumentTypeError, HypergradientWarning, as_float
 
-__all__ = ["DIRECTION", "HypergradientOptimizer", "betas_pair", "nonneg", "sum_dots"]
+__all__ = ["DIRECTION", "HypergradientOptimizer", "betas_pair", "flat_dot", "nonneg", "sum_dots"]
 
 DIRECTION = "prev_direction"
 
@@ -40,6 +40,20 @@ def sum_dots(dots: list[Tensor]) -> float:
     for d in dots:
         by_device.setdefault(d.device, []).append(d.to(wide_dtype(d.device)))
     return sum(float(torch.stack(ds).sum()) for ds in by_device.values())
+
+
+def flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``a . b`` over all entries, accumulated in at least float32.
+
+    A half-precision dot product is returned in half precision, whose range (65504 for
+    float16) a gradient's dot product with the previous direction exceeds as soon as the
+    parameter has some ten thousand entries of order 1: the learning rate would never
+    adapt. Such tensors are widened to float32 first (a temporary copy of each).
+    """
+    wide = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype != wide:
+        a, b = a.to(wide), b.to(wide)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 class HypergradientOptimizer(Optimizer):
@@ -140,7 +154,7 @@ class HypergradientOptimizer(Optimizer):
         if group["hypergrad_lr"] == 0:
             return
         dots = [
-            torch.dot(g.reshape(-1), self.state[p][DIRECTION].reshape(-1))
+            flat_dot(g, self.state[p][DIRECTION])
             for p, g in zip(params, grads)
             if DIRECTION in self.state[p]
         ]
@@ -155,7 +169,7 @@ class HypergradientOptimizer(Optimizer):
                 f"learning rate keeps its value {group['lr']!r} for this step; check the loss "
                 "and gradients (or lower hypergrad_lr).",
                 HypergradientWarning,
-                stacklevel=4,
+                stacklevel=5,  # _adapt_lr, step, no_grad, torch's step hooks, caller
             )
             return
         group["lr"] = lr

@@ -1,0 +1,163 @@
+"""Modules as losses: ``module_loss``, ``parameters_of`` and what they keep intact.
+
+An ``nn.Module`` is used through ``torch.func.functional_call``: its architecture and
+buffers, with the meta-parameters (or the adapted parameters) in place of its own
+trainable ones. Nothing of the module is modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._vocab import ArgumentTypeError, as_bool, as_callable
+
+__all__ = [
+    "RUNNING_STATS",
+    "check_names",
+    "module_loss",
+    "parameters_of",
+    "running_stats_off",
+    "tensor_names",
+]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def module_loss(
+    model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor] | None = None
+) -> LossFn:
+    """``loss_fn(params, (inputs, targets))`` of a module, through ``functional_call``.
+
+    ``loss_fn(params, (x, y)) = criterion(torch.func.functional_call(model, params, (x,)), y)``
+    with ``params`` a dict name -> tensor (see :func:`parameters_of`); the module's own
+    parameters are not used, only its architecture (and its buffers). ``criterion(outputs,
+    targets)`` defaults to ``torch.nn.functional.mse_loss``. Cost: one forward pass.
+
+    The module is not modified: a normalization layer in training mode (``BatchNorm`` with
+    ``track_running_stats``) normalizes with the batch's statistics, as in training, but
+    its running statistics are not updated (:func:`running_stats_off`); in eval mode it
+    uses them. Random layers (dropout) draw from torch's global generator.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``criterion`` not callable.
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    crit = torch.nn.functional.mse_loss if criterion is None else criterion
+    crit = as_callable(crit, "criterion", "criterion(outputs, targets) -> scalar tensor")
+
+    def loss_fn(params: Any, batch: Any) -> Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ArgumentTypeError(
+                "With an nn.Module, each batch (support or query) must be a pair "
+                f"(inputs, targets); got {type(batch).__name__}."
+            )
+        inputs, targets = batch
+        if isinstance(params, dict):
+            if not known.issuperset(params):
+                known.update(tensor_names(model))  # the module may have changed since
+                check_names(params, known)
+            params = {**params, **running_stats_off(model)}
+        return crit(torch.func.functional_call(model, params, (inputs,)), targets)
+
+    known = tensor_names(model)
+    return loss_fn
+
+
+def tensor_names(model: nn.Module) -> set[str]:
+    """The names ``functional_call`` replaces: parameters and buffers, shared ones by
+    every name."""
+    names = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    return names | {k for k, _ in model.named_buffers(remove_duplicate=False)}
+
+
+def check_names(params: dict[str, Any], known: set[str]) -> None:
+    """Raise ``ValueError`` naming a key of ``params`` that is no tensor of the module.
+
+    ``functional_call`` would set it as a new attribute that nothing reads: the module's
+    own tensor would be used instead and the key would get a zero meta-gradient.
+    """
+    unknown = sorted(k for k in params if k not in known)
+    if unknown:
+        raise ValueError(
+            f"meta_params has {unknown[:3]} (of {len(unknown)} unknown names), which the "
+            f"module has no parameter or buffer of; its names are e.g. {sorted(known)[:4]}. "
+            "Build the meta-parameters with hg.meta.parameters_of(model) from the same "
+            "module."
+        )
+
+
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def running_stats_off(model: nn.Module) -> dict[str, Tensor | None]:
+    """The running-statistics buffers a forward pass would update, mapped to stand-ins.
+
+    A normalization layer in training mode with ``track_running_stats`` (``BatchNorm``,
+    ``InstanceNorm``) normalizes with the batch's statistics and updates its running
+    statistics in place. Meta-gradients and adaptation evaluate the loss many times (inner
+    steps, their replay, diagnostics), so the updates would pile up in the module, and under
+    ``vmap`` (``vectorize=True``) torch refuses them. Passed to ``functional_call``, None
+    statistics make such a layer normalize with the batch's statistics (the same outputs)
+    and leave its buffers untouched; the batch counter ``num_batches_tracked`` becomes a
+    throwaway copy (``SyncBatchNorm`` requires one). Layers in eval mode keep (and use)
+    their buffers.
+    """
+    off: dict[str, Tensor | None] = {}
+    for prefix, module in model.named_modules():
+        if not (module.training and getattr(module, "track_running_stats", False) is True):
+            continue
+        for name, buf in module.named_buffers(recurse=False):
+            if name in RUNNING_STATS and buf is not None:
+                key = f"{prefix}.{name}" if prefix else name
+                off[key] = buf.detach().clone() if name == "num_batches_tracked" else None
+    return off
+
+
+def parameters_of(model: nn.Module, *, copy: bool = False) -> dict[str, Tensor]:
+    """The module's trained parameters as a dict name -> tensor: a ``meta_params`` to train.
+
+    Frozen parameters (``requires_grad=False``) are left out: :func:`module_loss` then uses
+    the module's own tensors for them, so the inner loop does not adapt them and an outer
+    optimizer built on the dict does not train them (shared parameters appear once, under
+    their first name, as in ``named_parameters()``).
+
+    With ``copy=False`` (the default) the tensors are the module's own parameters, detached:
+    they share the parameters' storage, so an optimizer that steps them (in place, as every
+    ``torch.optim`` optimizer does) trains the module itself. This is what a meta-training
+    loop wants::
+
+        theta = hg.meta.parameters_of(model)          # the model's own parameters
+        opt = torch.optim.Adam(theta.values(), lr=1e-3)
+        for tasks in meta_batches:
+            grad, info = maml.step(theta, tasks)
+            for k in theta:
+                theta[k].grad = grad[k]
+            opt.step()                                # updates model.parameters()
+
+    With ``copy=True`` they are independent copies (a snapshot of the initialization that
+    later training of either side leaves alone). The meta-gradient functions never modify
+    ``meta_params`` and never build a graph to them, in either case.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``copy`` not a bool.
+        ValueError: every parameter of ``model`` is frozen.
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    copy = as_bool(copy, "copy")
+    trained = {
+        k: (v.detach().clone() if copy else v.detach())
+        for k, v in model.named_parameters()
+        if v.requires_grad
+    }
+    if not trained and any(True for _ in model.parameters()):
+        raise ValueError(
+            "Every parameter of `model` is frozen (requires_grad=False), so it has nothing "
+            "to meta-train; unfreeze the ones to learn (model.requires_grad_(True))."
+        )
+    return trained
