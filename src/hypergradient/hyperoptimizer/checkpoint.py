@@ -18,12 +18,13 @@ them fit, so a failing load changes nothing.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_int
+from .._vocab import ArgumentTypeError, HypergradientWarning, as_int
 from ..optim.functional import from_torch
 from . import divergence, optimizers
 from .holdout import GuardState
@@ -141,6 +142,28 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     return window, hopt.history.parse_state(state["history"]), guard
 
 
+def _load_train_sampler(hopt: HyperOptimizer, saved: Any) -> None:
+    """Restore the train sampler; a checkpoint saved without ``train_data`` starts it
+    afresh (as a new hyper-optimizer's, not where this one's earlier draws left it), with
+    a warning: hyper-steps given no batch draw from ``train_data``, which the saving run
+    did not have, so they cannot continue it exactly."""
+    sampler = hopt.train_sampler
+    if sampler is None:
+        return
+    if saved is not None:
+        sampler.load_state_dict(saved)
+        return
+    sampler.reset()
+    warnings.warn(
+        "The checkpoint holds no `train_data` sampler state (it was saved by a "
+        "HyperOptimizer without train_data); this one's train sampler starts afresh from "
+        "its seed. A hyper-step given no batch draws its training batch from there, which "
+        "the saving run did not do.",
+        HypergradientWarning,
+        stacklevel=4,
+    )
+
+
 def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     """Validate ``state`` entirely, then assign it to ``hopt`` (the method first: if its
     own ``load_state_dict`` raises, its previous state is put back)."""
@@ -155,8 +178,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     hopt.inner_optimizer.load_state_dict(state["inner_optimizer"]["state_dict"])
     hopt.outer_optimizer.load_state_dict(state["outer_optimizer"]["state_dict"])
     hopt.val_sampler.load_state_dict(state["val_sampler"])
-    if hopt.train_sampler is not None and state["train_sampler"] is not None:
-        hopt.train_sampler.load_state_dict(state["train_sampler"])
+    _load_train_sampler(hopt, state["train_sampler"])
     if window is not None:  # the twin with the settings just loaded (those at its start)
         window.optimizer = from_torch(hopt.inner_optimizer, hopt.view.params)[0]
     loop = hopt.loop

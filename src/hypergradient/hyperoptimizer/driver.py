@@ -206,8 +206,16 @@ class HyperOptimizer(HoldoutViews):
         self.loop = LoopState(rng_next=stepping.capture(self))
         self._pending: Transaction | None = None  # begin_step's snapshot
         self._begun = False
+        # the ranks compare the settings as written; a refusal puts the user's back
+        settings = [dict(g) for g in inner_optimizer.param_groups]
         self.hyperparameters.write_settings(inner_optimizer)
-        check_ranks(self)
+        try:
+            check_ranks(self)
+        except BaseException:
+            for group, before in zip(inner_optimizer.param_groups, settings):
+                group.clear()
+                group.update(before)
+            raise
 
     # ------------------------------------------------------------------ public views
     @property
