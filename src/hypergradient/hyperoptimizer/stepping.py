@@ -56,7 +56,7 @@ def start_window(hopt: HyperOptimizer) -> None:
     if hopt.loop.window is None:
         hopt.loop.window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer)
     else:
-        hopt.loop.window.check_settings(hopt.inner_optimizer)
+        hopt.loop.window.check_settings(hopt.inner_optimizer, hopt.view.params)
 
 
 def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
