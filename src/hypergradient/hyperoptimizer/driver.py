@@ -269,6 +269,7 @@ class HyperOptimizer(HoldoutViews):
         stepping.check_batch(self, batch)
         saved = Transaction(self) if stepping.due(self) else None
         self._begun, self._pending = False, None  # supersedes an unfinished begin_step()
+        self.loop.lrs = None  # the step is taken here: its rates are the current ones
         try:
             result = stepping.inner_step(self, batch, closure)
             if saved is not None:
@@ -285,11 +286,15 @@ class HyperOptimizer(HoldoutViews):
         whose optimizer must be stepped directly); call it before that step's forward pass.
 
         Takes what :meth:`step` takes before the optimizer's step: torch's random-number
-        state (trajectory methods replay the step from it), the window's start, and the
-        rollback snapshot when a hyper-step is due. Calling it again replaces the previous
-        unfinished call (a step that did not happen, e.g. under gradient accumulation).
+        state (trajectory methods replay the step from it), the learning rates the step
+        uses (what T1T2 differentiates and IFT's default Neumann steps with, even when a
+        scheduler moves them on before :meth:`end_step`, as Lightning's do), the window's
+        start, and the rollback snapshot when a hyper-step is due. Calling it again
+        replaces the previous unfinished call (a step that did not happen, e.g. under
+        gradient accumulation).
         """
         self.loop.rng_pending = stepping.capture(self)
+        self.loop.lrs = tuple(float(g["lr"]) for g in self.inner_optimizer.param_groups)
         stepping.start_window(self)
         self._begun, self._pending = True, Transaction(self) if stepping.due(self) else None
 
@@ -315,11 +320,14 @@ class HyperOptimizer(HoldoutViews):
         if isinstance(loss, Tensor):
             self.loop.loss_pending = loss.detach()
         stepping.record_step(self, batch, self.loop.rng_pending)
-        if saved is not None:
-            try:
-                stepping.hyper_step(self, batch, saved)
-            except BaseException as err:
-                stepping.undo(self, err, saved, inner=False)
+        try:
+            if saved is not None:
+                try:
+                    stepping.hyper_step(self, batch, saved)
+                except BaseException as err:
+                    stepping.undo(self, err, saved, inner=False)
+        finally:
+            self.loop.lrs = None
         self.loop.rng_pending, self.loop.rng_next = None, stepping.capture(self)
 
     # ------------------------------------------------------------------ checkpoints

@@ -84,6 +84,9 @@ class LoopState:
         norms, losses: parameter norms and training losses of the last steps before a
             hyper-step (:mod:`.divergence`).
         loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
+        lrs: the param groups' learning rates when ``begin_step`` announced the step (the
+            ones that step uses: a scheduler stepped before ``end_step``, as Lightning's
+            are, has moved them on); None for a step taken by ``step()``.
     """
 
     count: int = 0
@@ -94,6 +97,7 @@ class LoopState:
     norms: tuple[Tensor, ...] = ()
     losses: tuple[Tensor, ...] = ()
     loss_pending: Tensor | None = None
+    lrs: tuple[float, ...] | None = None
 
 
 class Transaction:
