@@ -188,6 +188,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.norms = tuple(t.to(hopt.view.device) for t in _watch(state.get("watch")))
     loop.losses = ()
     loop.loss_pending = None
+    loop.lrs = None
     trajectory = hopt.method.needs_trajectory
     loop.rng_pending = None
     if state.get("rng") is not None:
