@@ -96,3 +96,30 @@ def test_refused_construction_leaves_the_linked_settings_unwritten():
         assert results[(rank, "settings")][0]["lr"] == 0.05  # not the linked 0.1 * (1 + rank)
         assert results[(rank, "same groups")] and results[(rank, "params lists")]
         assert results[(rank, "weights")]
+
+
+def test_begin_step_refused_changes_nothing():
+    """begin_step() of a step that takes a hyper-step, under torch.inference_mode(), or
+    after add_param_group: raises before it opens a window or records anything."""
+    import pytest
+
+    from test_hyperoptimizer_support import assert_same, batches, build, everything, run
+
+    for make_bad in ("inference", "add_param_group"):
+        model, hopt = build(hg.Unrolled(), inner_steps=1)
+        run(hopt, batches(2))  # hyper-steps: the next window opens at the next step
+        assert hopt.hyper_steps == 2 and hopt.loop.window is None
+        before = everything(model, hopt)
+        if make_bad == "inference":
+            with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+                hopt.begin_step()
+        else:
+            extra = torch.nn.Parameter(torch.zeros(2, dtype=DT))
+            model.register_parameter("extra", extra)
+            hopt.inner_optimizer.add_param_group({"params": [extra]})
+            with pytest.raises(ValueError, match="newly trained: \\['extra'\\]"):
+                hopt.begin_step()
+            hopt.inner_optimizer.param_groups.pop()
+            del model.extra
+        assert hopt.loop.window is None and hopt.loop.rng_pending is None
+        assert_same(before, everything(model, hopt))

@@ -293,10 +293,12 @@ class HyperOptimizer(HoldoutViews):
         replaces the previous unfinished call (a step that did not happen, e.g. under
         gradient accumulation).
         """
+        # the checks (inference mode, changed trained parameters) raise before any change
+        pending = Transaction(self) if stepping.due(self) else None
         self.loop.rng_pending = stepping.capture(self)
         self.loop.lrs = tuple(float(g["lr"]) for g in self.inner_optimizer.param_groups)
         stepping.start_window(self)
-        self._begun, self._pending = True, Transaction(self) if stepping.due(self) else None
+        self._begun, self._pending = True, pending
 
     def end_step(self, batch: Any = None, loss: Tensor | None = None) -> None:
         """Account for the inner step announced by :meth:`begin_step`, now taken; every
