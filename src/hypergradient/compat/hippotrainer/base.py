@@ -157,14 +157,17 @@ class HyperOptimizer:
         Returns:
             ``(train_loss, val_loss)``, scalar tensors.
         """
-        was_training = self.model.training
+        # each submodule's own flag: a fine-tune keeps frozen BatchNorm layers in eval mode
+        # inside a model in train mode, which model.train(was_training) would undo
+        modes = [(m, m.training) for m in self.model.modules()]
         try:
             self.model.train()
             train = mean_loss(self.model, self.criterion, self.train_loader, "train_loader")
             self.model.eval()
             val = mean_loss(self.model, self.criterion, self.val_loader, "val_loader")
         finally:
-            self.model.train(was_training)
+            for m, training in modes:
+                m.training = training
         return train, val
 
     def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
