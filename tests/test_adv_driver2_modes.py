@@ -17,7 +17,16 @@ import torch
 from torch.func import functional_call
 
 import hypergradient as hg
-from test_hyperoptimizer_support import BCE, DT, VAL, batches, mlp, train_loss
+from test_hyperoptimizer_support import (
+    BCE,
+    DT,
+    VAL,
+    assert_same,
+    batches,
+    everything,
+    mlp,
+    train_loss,
+)
 
 LR = 0.1
 
@@ -137,3 +146,21 @@ def test_eval_mode_of_the_loop_is_kept_too():
             hopt.step(b)
     assert hopt.hyper_steps == 1
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("method", [hg.Unrolled(), hg.IFT(hg.CG(maxiter=5), damping=1.0)])
+def test_a_hyper_step_that_raises_after_eval_is_undone_with_the_modes(method):
+    def val_raises(m, h, b):
+        m.eval()
+        raise RuntimeError("validation failed")
+
+    model, hopt, _, _ = _run(val_eval_restored, method, steps=2)
+    hopt.val_loss_fn = val_raises
+    b = batches(3)[2]
+    hopt.zero_grad()
+    hopt.train_loss(b).backward()
+    before = everything(model, hopt)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        hopt.step(b)
+    assert all(m.training for m in model.modules())
+    assert_same(before, everything(model, hopt))
