@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
 __all__ = [
+    "announce",
     "capture",
     "diverged",
     "hyper_step",
@@ -46,6 +47,17 @@ def capture(hopt: HyperOptimizer) -> Any:
 def records_window(hopt: HyperOptimizer) -> bool:
     """Trajectory methods record the inner steps (until the holdout guard stops hyper-steps)."""
     return hopt.method.needs_trajectory and not hopt.stopped
+
+
+def announce(hopt: HyperOptimizer) -> Transaction | None:
+    """``begin_step``'s work: check (inference mode, trained parameters changed: raised
+    before any change), record torch's RNG state and the learning rates the announced step
+    uses, open the window; returns the rollback snapshot when a hyper-step is due."""
+    pending = Transaction(hopt) if due(hopt) else None
+    hopt.loop.rng_pending = capture(hopt)
+    hopt.loop.lrs = tuple(float(g["lr"]) for g in hopt.inner_optimizer.param_groups)
+    start_window(hopt)
+    return pending
 
 
 def start_window(hopt: HyperOptimizer) -> None:

@@ -152,13 +152,11 @@ class HyperOptimizer:
 
         Differentiable, as HippoTrainer's: the losses keep their graphs to the model's
         parameters and to the hyperparameters that require grad. Wrap the call in
-        ``torch.no_grad()`` when only the values are needed. The model's mode is restored.
+        ``torch.no_grad()`` when only the values are needed. Each submodule's mode is restored.
 
         Returns:
             ``(train_loss, val_loss)``, scalar tensors.
         """
-        # each submodule's own flag: a fine-tune keeps frozen BatchNorm layers in eval mode
-        # inside a model in train mode, which model.train(was_training) would undo
         modes = [(m, m.training) for m in self.model.modules()]
         try:
             self.model.train()
