@@ -86,3 +86,26 @@ def test_checkpoint_with_train_data_needs_no_warning_and_resumes_exactly():
     assert hopt.train_sampler.drawn == 3
     assert_same(everything(model, hopt), everything(model2, hopt2))
     assert torch.equal(hopt.raw_hparams()[0], hopt2.raw_hparams()[0])
+
+
+def test_under_warnings_as_errors_the_refused_load_changes_nothing():
+    """The warning comes before anything is assigned: with warnings turned into errors
+    (a test suite's filterwarnings=error), the load raises and the hyper-optimizer is as it
+    was (it used to warn halfway through the assignment: method, hyperparameters and
+    optimizers loaded, counters and samplers not)."""
+    weights, ck = _checkpoint_without_train_data()
+    model, hopt = build(train_data=TRAIN, train_batch_size=8)
+    step_batch = batches(1, seed=5)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
+        for _ in range(3):
+            hopt.zero_grad()
+            hopt.train_loss(step_batch).backward()
+            hopt.step()
+    hopt.zero_grad()
+    before = everything(model, hopt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.HypergradientWarning)
+        with pytest.raises(hg.HypergradientWarning, match="no `train_data` sampler state"):
+            hopt.load_state_dict(copy.deepcopy(ck))
+    assert_same(before, everything(model, hopt))
