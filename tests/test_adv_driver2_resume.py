@@ -11,13 +11,14 @@ hyper-steps), and neither was the fresh one's run.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
 import torch
 
 import hypergradient as hg
-from test_hyperoptimizer_support import TRAIN, assert_same, batches, build, everything, run
+from test_hyperoptimizer_support import TRAIN, VAL, assert_same, batches, build, everything, run
 
 
 def _checkpoint_without_train_data():
@@ -109,3 +110,30 @@ def test_under_warnings_as_errors_the_refused_load_changes_nothing():
         with pytest.raises(hg.HypergradientWarning, match="no `train_data` sampler state"):
             hopt.load_state_dict(copy.deepcopy(ck))
     assert_same(before, everything(model, hopt))
+
+
+def _resumed_with_holdout(weights, ck, used_before):
+    model, hopt = build(holdout_data=VAL, holdout_batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)  # CG's maxiter
+        run(hopt, batches(used_before, seed=5))  # its guard draws holdout batches
+        model.load_state_dict(copy.deepcopy(weights))
+        hopt.load_state_dict(copy.deepcopy(ck))
+        hopt.zero_grad()
+        loaded = everything(model, hopt)
+        run(hopt, batches(6, seed=6))
+    losses = [r.holdout_loss for r in hopt.history][-2:]
+    return loaded, everything(model, hopt), losses
+
+
+def test_checkpoint_without_holdout_starts_the_holdout_sampler_afresh():
+    """The guard of a checkpoint saved without holdout data starts fresh: its sampler too
+    (it kept the position of the guard's earlier draws, so the holdout batches, scores,
+    best values of the resumed run depended on what ran before the load)."""
+    weights, ck = _checkpoint_without_train_data()
+    assert ck["holdout"] is None
+    fresh_loaded, fresh, fresh_losses = _resumed_with_holdout(weights, ck, used_before=0)
+    used_loaded, used, used_losses = _resumed_with_holdout(weights, ck, used_before=3)
+    assert_same(fresh_loaded, used_loaded)
+    assert_same(fresh, used)
+    assert fresh_losses == used_losses and all(math.isfinite(v) for v in fresh_losses)

@@ -200,5 +200,6 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
         hopt.guard.sampler.load_state_dict(state["holdout"]["sampler"])
         hopt.guard.restore(guard)
     elif hopt.guard is not None:  # not this hyper-optimizer's later scores, best, stop
+        hopt.guard.sampler.reset()  # nor where its earlier draws left the holdout batches
         hopt.guard.restore(GuardState())
     hopt.hyperparameters.write_settings(hopt.inner_optimizer)
