@@ -162,8 +162,9 @@ def inner_lr(
     lrs: tuple[float, ...] | None = None,
 ) -> float:
     """``Problem.lr``: the learning rate of the param groups that hold trained parameters
-    (the smallest if they differ: IFT's default Neumann caps its step there); ``lrs``: the
-    groups' rates the step used, if they may have moved on since (``begin_step``).
+    (the smallest positive one if they differ: IFT's default Neumann caps its step there;
+    a group at ``lr=0`` is frozen); ``lrs``: the groups' rates the step used, if they may
+    have moved on since (``begin_step``). 0 when every group's rate is 0.
 
     Raises:
         ValueError: they differ and ``method`` is :class:`~hypergradient.methods.T1T2`,
@@ -184,7 +185,8 @@ def inner_lr(
             f"rate, but the inner optimizer's param groups use lr = {distinct}; give them one "
             "lr, or use hg.IFT(), which does not need it."
         )
-    return distinct[0] if distinct else rates[0]
+    positive = [r for r in distinct if r > 0]
+    return positive[0] if positive else distinct[0] if distinct else rates[0]
 
 
 def coupled_decays(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
+from ..methods import IFT, T1T2
 from . import divergence
 from .batches import copy_batch
-from .build import make_problem
+from .build import inner_lr, make_problem
 from .config import check_ranks
 from .history import make_record
 from .transaction import Transaction
@@ -36,6 +37,7 @@ __all__ = [
     "start_window",
     "undo",
     "watch",
+    "zero_rate",
 ]
 
 
@@ -166,7 +168,7 @@ def forked_rng(device: torch.device) -> Any:
 
 def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     started = time.perf_counter()
-    if diverged(hopt, saved) or settings_changed(hopt, saved):
+    if diverged(hopt, saved) or settings_changed(hopt, saved) or zero_rate(hopt, saved):
         return
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()
@@ -197,6 +199,29 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     )
     hopt.history.append(record)
     saved.commit()
+
+
+def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
+    """Skip (with a warning) the hyper-step of a step taken at learning rate 0 (a linear
+    warm-up's first step, a decay's last) when the method needs that rate: T1T2
+    differentiates that step, IFT's default Neumann series steps with it."""
+    method = hopt.method
+    needs = isinstance(method, T1T2) or (
+        isinstance(method, IFT) and method.default and method.alpha is None
+    )
+    if not needs or inner_lr(hopt.inner_optimizer, hopt.view.params, method, hopt.loop.lrs):
+        return False
+    warnings.warn(
+        f"Step {hopt.loop.count}: hyper-step skipped: the inner step was taken at learning "
+        f"rate 0 (a warm-up's first step, a schedule's end), which {type(method).__name__} "
+        "needs positive (T1T2 differentiates that step; IFT's default Neumann series steps "
+        "with it). Take hyper-steps at other steps, or use hg.IFT(hg.CG()).",
+        HypergradientWarning,
+        stacklevel=4,
+    )
+    skipped(hopt)
+    saved.commit()
+    return True
 
 
 def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
