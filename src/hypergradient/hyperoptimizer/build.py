@@ -139,7 +139,7 @@ def make_problem(
         outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
         params=params,
         hparams=hp.detached_raw(),
-        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method),
+        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method, hopt.loop.lrs),
         prev_params=view.tree(before),
         trajectory=trajectory,
         process_group=hopt.process_group,
@@ -155,26 +155,38 @@ def check_inner(optimizer: torch.optim.Optimizer, params: list[Tensor], method: 
         from_torch(optimizer, params)
 
 
-def inner_lr(optimizer: torch.optim.Optimizer, params: list[Tensor], method: Method) -> float:
+def inner_lr(
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    method: Method,
+    lrs: tuple[float, ...] | None = None,
+) -> float:
     """``Problem.lr``: the learning rate of the param groups that hold trained parameters
-    (the smallest if they differ: IFT's default Neumann caps its step there).
+    (the smallest positive one if they differ: IFT's default Neumann caps its step there;
+    a group at ``lr=0`` is frozen); ``lrs``: the groups' rates the step used, if they may
+    have moved on since (``begin_step``). 0 when every group's rate is 0.
 
     Raises:
         ValueError: they differ and ``method`` is :class:`~hypergradient.methods.T1T2`,
             which differentiates one step ``theta - lr * grad`` with a single ``lr``.
     """
     groups = optimizer.param_groups
+    rates = [float(g["lr"]) for g in groups]
+    if lrs is not None and len(lrs) == len(groups):
+        rates = list(lrs)
     if len(groups) == 1:
-        return float(groups[0]["lr"])
+        return rates[0]
     ids = {id(p) for p in params}
-    lrs = sorted({float(g["lr"]) for g in groups if any(id(p) in ids for p in g["params"])})
-    if len(lrs) > 1 and isinstance(method, T1T2):
+    held = [r for r, g in zip(rates, groups) if any(id(p) in ids for p in g["params"])]
+    distinct = sorted(set(held))
+    if len(distinct) > 1 and isinstance(method, T1T2):
         raise ValueError(
             "T1T2 differentiates one inner step theta - lr * grad with a single learning "
-            f"rate, but the inner optimizer's param groups use lr = {lrs}; give them one lr, "
-            "or use hg.IFT(), which does not need it."
+            f"rate, but the inner optimizer's param groups use lr = {distinct}; give them one "
+            "lr, or use hg.IFT(), which does not need it."
         )
-    return lrs[0] if lrs else float(groups[0]["lr"])
+    positive = [r for r in distinct if r > 0]
+    return positive[0] if positive else distinct[0] if distinct else rates[0]
 
 
 def coupled_decays(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:

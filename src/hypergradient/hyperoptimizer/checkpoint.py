@@ -18,12 +18,13 @@ them fit, so a failing load changes nothing.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_int
+from .._vocab import ArgumentTypeError, HypergradientWarning, as_int
 from ..optim.functional import from_torch
 from . import divergence, optimizers
 from .holdout import GuardState
@@ -120,8 +121,6 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     optimizers.check_state(hopt.inner_optimizer, state["inner_optimizer"], "inner_optimizer")
     optimizers.check_state(hopt.outer_optimizer, state["outer_optimizer"], "outer_optimizer")
     hopt.val_sampler.check_state(state["val_sampler"])
-    if hopt.train_sampler is not None and state["train_sampler"] is not None:
-        hopt.train_sampler.check_state(state["train_sampler"])
     count = as_int(state["counters"].get("count"), "counters['count']", min=0)
     as_int(state["counters"].get("skipped"), "counters['skipped']", min=0)
     since = count % hopt.inner_steps  # steps since the last hyper-step
@@ -138,7 +137,29 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     guard = None  # a checkpoint without the guard's state (or from before it) starts it fresh
     if hopt.guard is not None and state.get("holdout") is not None:
         guard = hopt.guard.parse_state(state["holdout"], hopt.hyperparameters)
-    return window, hopt.history.parse_state(state["history"]), guard
+    history = hopt.history.parse_state(state["history"])
+    _check_train_sampler(hopt, state["train_sampler"])  # last: it may warn
+    return window, history, guard
+
+
+def _check_train_sampler(hopt: HyperOptimizer, saved: Any) -> None:
+    """Warn, before anything is assigned (under warnings-as-errors the load then changes
+    nothing), when a checkpoint saved without ``train_data`` meets a train sampler: it
+    starts afresh (as a new hyper-optimizer's, not where this one's earlier draws left
+    it), and a hyper-step given no batch draws from data the saving run did not have."""
+    if hopt.train_sampler is None:
+        return
+    if saved is not None:
+        hopt.train_sampler.check_state(saved)
+        return
+    warnings.warn(
+        "The checkpoint holds no `train_data` sampler state (it was saved by a "
+        "HyperOptimizer without train_data); this one's train sampler starts afresh from "
+        "its seed. A hyper-step given no batch draws its training batch from there, which "
+        "the saving run did not do.",
+        HypergradientWarning,
+        stacklevel=5,
+    )
 
 
 def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
@@ -157,6 +178,8 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     hopt.val_sampler.load_state_dict(state["val_sampler"])
     if hopt.train_sampler is not None and state["train_sampler"] is not None:
         hopt.train_sampler.load_state_dict(state["train_sampler"])
+    elif hopt.train_sampler is not None:  # warned by validate
+        hopt.train_sampler.reset()
     if window is not None:  # the twin with the settings just loaded (those at its start)
         window.optimizer = from_torch(hopt.inner_optimizer, hopt.view.params)[0]
     loop = hopt.loop
@@ -166,6 +189,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.norms = tuple(t.to(hopt.view.device) for t in _watch(state.get("watch")))
     loop.losses = ()
     loop.loss_pending = None
+    loop.lrs = None
     trajectory = hopt.method.needs_trajectory
     loop.rng_pending = None
     if state.get("rng") is not None:
@@ -176,5 +200,6 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
         hopt.guard.sampler.load_state_dict(state["holdout"]["sampler"])
         hopt.guard.restore(guard)
     elif hopt.guard is not None:  # not this hyper-optimizer's later scores, best, stop
+        hopt.guard.sampler.reset()  # nor where its earlier draws left the holdout batches
         hopt.guard.restore(GuardState())
     hopt.hyperparameters.write_settings(hopt.inner_optimizer)

@@ -19,7 +19,7 @@ from .. import distributed
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["check_group", "check_ranks", "configuration"]
+__all__ = ["check_group", "check_ranks", "configuration", "write_checked"]
 
 
 def check_group(group: Any) -> None:
@@ -62,3 +62,19 @@ def check_ranks(hopt: HyperOptimizer) -> None:
         return
     hparams, config = hopt.raw_hparams(), configuration(hopt)
     distributed.check_consistent(hparams, group, "the hyperparameters", config=config)
+
+
+def write_checked(hopt: HyperOptimizer) -> None:
+    """Write the linked optimizer settings, then :func:`check_ranks` (the ranks compare the
+    settings as written); if the check raises, the inner optimizer's param groups are put
+    back as they were (the same objects), so a refused construction changes nothing."""
+    optimizer = hopt.inner_optimizer
+    before = [dict(g) for g in optimizer.param_groups]
+    hopt.hyperparameters.write_settings(optimizer)
+    try:
+        check_ranks(hopt)
+    except BaseException:
+        for group, settings in zip(optimizer.param_groups, before):
+            group.clear()
+            group.update(settings)
+        raise

@@ -78,7 +78,7 @@ from .build import (
     make_hyperparameters,
     make_sampler,
 )
-from .config import check_group, check_ranks
+from .config import check_group, write_checked
 from .history import History
 from .holdout import HoldoutGuard, HoldoutViews
 from .hparams import HyperParameters
@@ -206,8 +206,7 @@ class HyperOptimizer(HoldoutViews):
         self.loop = LoopState(rng_next=stepping.capture(self))
         self._pending: Transaction | None = None  # begin_step's snapshot
         self._begun = False
-        self.hyperparameters.write_settings(inner_optimizer)
-        check_ranks(self)
+        write_checked(self)
 
     # ------------------------------------------------------------------ public views
     @property
@@ -260,7 +259,7 @@ class HyperOptimizer(HoldoutViews):
         """
         stepping.check_batch(self, batch)
         saved = Transaction(self) if stepping.due(self) else None
-        self._begun, self._pending = False, None  # supersedes an unfinished begin_step()
+        self._begun, self._pending, self.loop.lrs = False, None, None  # supersedes begin_step
         try:
             result = stepping.inner_step(self, batch, closure)
             if saved is not None:
@@ -276,14 +275,13 @@ class HyperOptimizer(HoldoutViews):
         """Announce an inner step that someone else takes (a Lightning ``Trainer``, a loop
         whose optimizer must be stepped directly); call it before that step's forward pass.
 
-        Takes what :meth:`step` takes before the optimizer's step: torch's random-number
-        state (trajectory methods replay the step from it), the window's start, and the
-        rollback snapshot when a hyper-step is due. Calling it again replaces the previous
-        unfinished call (a step that did not happen, e.g. under gradient accumulation).
+        Takes torch's random-number state (trajectory methods replay the step from it),
+        the step's learning rates (a scheduler stepped before :meth:`end_step`, as
+        Lightning's are, does not change them for T1T2), the window's start and the
+        rollback snapshot when a hyper-step is due. A new call replaces an unfinished one
+        (a step that did not happen, e.g. under gradient accumulation).
         """
-        self.loop.rng_pending = stepping.capture(self)
-        stepping.start_window(self)
-        self._begun, self._pending = True, Transaction(self) if stepping.due(self) else None
+        self._begun, self._pending = True, stepping.announce(self)
 
     def end_step(self, batch: Any = None, loss: Tensor | None = None) -> None:
         """Account for the inner step announced by :meth:`begin_step`, now taken; every
@@ -313,6 +311,7 @@ class HyperOptimizer(HoldoutViews):
             except BaseException as err:
                 stepping.undo(self, err, saved, inner=False)
         self.loop.rng_pending, self.loop.rng_next = None, stepping.capture(self)
+        self.loop.lrs = None  # (a raise leaves them to the next begin_step or step)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -330,7 +329,8 @@ class HyperOptimizer(HoldoutViews):
         method, inner optimizer, model or set of hyperparameters, with a missing entry or
         non-finite hyperparameters raises ``ValueError`` naming the difference and changes
         nothing. A ``DataLoader`` given as ``val_data`` restarts a fresh pass (nothing is
-        re-fetched); tensor data resumes exactly.
+        re-fetched); tensor data resumes exactly; one saved without ``train_data`` starts
+        the train sampler afresh (with a ``HypergradientWarning``).
         """
         checkpoint.load_state_dict(self, state)
         self._begun, self._pending = False, None

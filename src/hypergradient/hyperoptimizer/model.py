@@ -170,8 +170,10 @@ class ModelView:
     def call(self, loss: Loss, params: Any, hparams: Any, batch: Any) -> Tensor:
         """``loss(model, hparams, batch)`` with the trained parameters set to ``params``.
 
-        Frozen parameters are passed detached and buffers as copies, so nothing of the
-        module's state changes.
+        Frozen parameters are passed detached and buffers as copies, and every submodule's
+        train/eval flag is put back afterwards (a ``val_loss`` written as validation code,
+        ``model.eval()`` first, would leave the training loop, and the rest of the
+        hyper-step, in eval mode), so nothing of the module's state changes.
         """
         if self.module is None:
             return loss(params, hparams, batch)
@@ -179,7 +181,13 @@ class ModelView:
         values = {key: module.get_parameter(k).detach() for k, key in self._frozen_keys}
         values.update({key: module.get_buffer(k).clone() for k, key in self._buffer_keys})
         values.update({keys.get(k) or f"model.{k}": v for k, v in params.items()})
-        return torch.func.functional_call(self._call, values, (loss, hparams, batch))
+        modes = [(m, m.training) for m in module.modules()]
+        try:
+            return torch.func.functional_call(self._call, values, (loss, hparams, batch))
+        finally:
+            for m, training in modes:
+                if m.training is not training:
+                    m.training = training
 
     def functional(
         self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any]

@@ -158,6 +158,17 @@ class BatchSampler:
                     f"The checkpoint's `{self.name}` sampler holds no valid generator state."
                 ) from None
 
+    def reset(self) -> None:
+        """Start afresh, as just constructed: the seeded generator (tensors) or a new pass
+        (an iterable), no draws counted, nothing pushed back."""
+        self.drawn = 0
+        self._pushback.clear()
+        self._recent = None
+        if self.tensors is not None:
+            self.generator.manual_seed(self.seed)
+        else:
+            self._iter = None
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (an iterable restarts a fresh pass: nothing is re-fetched)."""
         self.check_state(state)

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
+from ..methods import IFT, T1T2
 from . import divergence
 from .batches import copy_batch
-from .build import make_problem
+from .build import inner_lr, make_problem
 from .config import check_ranks
 from .history import make_record
 from .transaction import Transaction
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
 __all__ = [
+    "announce",
     "capture",
     "diverged",
     "hyper_step",
@@ -35,6 +37,7 @@ __all__ = [
     "start_window",
     "undo",
     "watch",
+    "zero_rate",
 ]
 
 
@@ -48,6 +51,17 @@ def records_window(hopt: HyperOptimizer) -> bool:
     return hopt.method.needs_trajectory and not hopt.stopped
 
 
+def announce(hopt: HyperOptimizer) -> Transaction | None:
+    """``begin_step``'s work: check (inference mode, trained parameters changed: raised
+    before any change), record torch's RNG state and the learning rates the announced step
+    uses, open the window; returns the rollback snapshot when a hyper-step is due."""
+    pending = Transaction(hopt) if due(hopt) else None
+    hopt.loop.rng_pending = capture(hopt)
+    hopt.loop.lrs = tuple(float(g["lr"]) for g in hopt.inner_optimizer.param_groups)
+    start_window(hopt)
+    return pending
+
+
 def start_window(hopt: HyperOptimizer) -> None:
     """Open a window at the current weights and optimizer state, if one is needed; before
     each later step of the window, note a change of the optimizer's settings."""
@@ -56,7 +70,7 @@ def start_window(hopt: HyperOptimizer) -> None:
     if hopt.loop.window is None:
         hopt.loop.window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer)
     else:
-        hopt.loop.window.check_settings(hopt.inner_optimizer)
+        hopt.loop.window.check_settings(hopt.inner_optimizer, hopt.view.params)
 
 
 def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
@@ -154,7 +168,7 @@ def forked_rng(device: torch.device) -> Any:
 
 def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     started = time.perf_counter()
-    if diverged(hopt, saved) or settings_changed(hopt, saved):
+    if diverged(hopt, saved) or settings_changed(hopt, saved) or zero_rate(hopt, saved):
         return
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()
@@ -185,6 +199,29 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     )
     hopt.history.append(record)
     saved.commit()
+
+
+def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
+    """Skip (with a warning) the hyper-step of a step taken at learning rate 0 (a linear
+    warm-up's first step, a decay's last) when the method needs that rate: T1T2
+    differentiates that step, IFT's default Neumann series steps with it."""
+    method = hopt.method
+    needs = isinstance(method, T1T2) or (
+        isinstance(method, IFT) and method.default and method.alpha is None
+    )
+    if not needs or inner_lr(hopt.inner_optimizer, hopt.view.params, method, hopt.loop.lrs):
+        return False
+    warnings.warn(
+        f"Step {hopt.loop.count}: hyper-step skipped: the inner step was taken at learning "
+        f"rate 0 (a warm-up's first step, a schedule's end), which {type(method).__name__} "
+        "needs positive (T1T2 differentiates that step; IFT's default Neumann series steps "
+        "with it). Take hyper-steps at other steps, or use hg.IFT(hg.CG()).",
+        HypergradientWarning,
+        stacklevel=4,
+    )
+    skipped(hopt)
+    saved.commit()
+    return True
 
 
 def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:

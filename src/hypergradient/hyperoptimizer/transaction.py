@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .model import trained_tensors
 from .window import TrajectoryWindow, capture_rng, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,6 +85,9 @@ class LoopState:
         norms, losses: parameter norms and training losses of the last steps before a
             hyper-step (:mod:`.divergence`).
         loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
+        lrs: the param groups' learning rates when ``begin_step`` announced the step (the
+            ones that step uses: a scheduler stepped before ``end_step``, as Lightning's
+            are, has moved them on); None for a step taken by ``step()``.
     """
 
     count: int = 0
@@ -94,13 +98,15 @@ class LoopState:
     norms: tuple[Tensor, ...] = ()
     losses: tuple[Tensor, ...] = ()
     loss_pending: Tensor | None = None
+    lrs: tuple[float, ...] | None = None
 
 
 class Transaction:
     """A snapshot of a hyper-optimizer before a step that takes a hyper-step.
 
-    Costs one copy of the trained parameters, the buffers, both optimizers' states, the
-    raw hyperparameters and the method's state; the window, the history and the guard's
+    Costs one copy of the trained parameters (and of any other tensor the inner optimizer
+    steps), the buffers, both optimizers' states, the raw hyperparameters and the method's
+    state; the window, the history and the guard's
     best values are kept by reference (a step only appends to them or replaces them).
     """
 
@@ -117,6 +123,11 @@ class Transaction:
         self.loop = copy.copy(loop)  # shallow, as dataclasses.replace
         self.window_len = 0 if loop.window is None else len(loop.window)
         self.model = hopt.view.snapshot()
+        # tensors the inner optimizer steps outside the model (a criterion's learnable
+        # temperature): the inner step moves them too
+        mine = {id(p) for p in hopt.view.params}
+        extra = [p for p in trained_tensors(hopt.inner_optimizer) if id(p) not in mine]
+        self.extra = [(p, p.detach().clone()) for p in extra if p.requires_grad]
         self.inner = clone_state(hopt.inner_optimizer.state_dict())
         self.rng = capture_rng(hopt.view.device)
         self.hparams = hopt.hyperparameters.snapshot()
@@ -152,6 +163,9 @@ class Transaction:
         """Restore weights, buffers, inner optimizer, counters, window and torch's RNG."""
         hopt = self.hopt
         hopt.view.restore(self.model)
+        with torch.no_grad():
+            for tensor, value in self.extra:
+                tensor.copy_(value)
         restore_optimizer(hopt.inner_optimizer, self.inner)
         hopt.loop = self.loop
         window = self.loop.window

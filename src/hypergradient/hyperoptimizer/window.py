@@ -102,12 +102,24 @@ class TrajectoryWindow:
         window.settings0 = optimizer_settings(inner_optimizer)
         return window
 
-    def check_settings(self, inner_optimizer: torch.optim.Optimizer) -> None:
+    def check_settings(
+        self, inner_optimizer: torch.optim.Optimizer, params: Sequence[Tensor] = ()
+    ) -> None:
         """Before a step of the window: note (``changed``) the first setting of the inner
         optimizer that differs from the window's start (a learning-rate scheduler stepped
-        inside the window, a warm-up written into ``param_groups``)."""
+        inside the window, a warm-up written into ``param_groups``), or the first of the
+        trained ``params`` whose dtype or device is no longer that of the window's start
+        (``model.to(...)``: the replay would start from the old copies)."""
         if self.changed is not None:
             return
+        for i, (p0, p) in enumerate(zip(self.params0, params)):
+            if p.dtype != p0.dtype or p.device != p0.device:
+                self.changed = (
+                    f"the trained parameter {i} moved from {p0.dtype} on {p0.device} to "
+                    f"{p.dtype} on {p.device} (model.to(...)) before step {len(self) + 1} "
+                    "of the window"
+                )
+                return
         now = optimizer_settings(inner_optimizer)
         if self.settings0 is None or len(now) != len(self.settings0):
             self.settings0 = now

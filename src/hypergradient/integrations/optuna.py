@@ -270,11 +270,24 @@ def refine(
             desc = f"trial {trial.number}, epoch {epoch + 1}"
             _epoch(hopt, _progress(data, desc) if progress else data, reporter, score is None)
             if score is not None:
-                reporter.report(float(score()), hopt.hparams, epoch)
+                reporter.report(_score(hopt, score), hopt.hparams, epoch)
     except NonFiniteHypergradientError as err:  # a sampled setting that does not train
         reporter.finish_pruned()
         raise optuna.TrialPruned(f"the refinement diverged: {err}") from err
     return reporter.finish()
+
+
+def _score(hopt: HyperOptimizer, score: Callable[[], float]) -> float:
+    """``score()``, with the model's train/eval flags put back afterwards: an evaluation
+    function calls ``model.eval()``, and the next epoch of the loop refine runs for the
+    user (who cannot call ``model.train()`` in it) would train in eval mode."""
+    module = hopt.view.module
+    modes = [] if module is None else [(m, m.training) for m in module.modules()]
+    try:
+        return float(score())
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _epoch(hopt: HyperOptimizer, batches: Iterable[Any], reporter: Any, log: bool) -> None:

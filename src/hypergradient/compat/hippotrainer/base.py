@@ -152,19 +152,20 @@ class HyperOptimizer:
 
         Differentiable, as HippoTrainer's: the losses keep their graphs to the model's
         parameters and to the hyperparameters that require grad. Wrap the call in
-        ``torch.no_grad()`` when only the values are needed. The model's mode is restored.
+        ``torch.no_grad()`` when only the values are needed. Each submodule's mode is restored.
 
         Returns:
             ``(train_loss, val_loss)``, scalar tensors.
         """
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]
         try:
             self.model.train()
             train = mean_loss(self.model, self.criterion, self.train_loader, "train_loader")
             self.model.eval()
             val = mean_loss(self.model, self.criterion, self.val_loader, "val_loader")
         finally:
-            self.model.train(was_training)
+            for m, training in modes:
+                m.training = training
         return train, val
 
     def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
