@@ -13,7 +13,7 @@ is left out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -146,13 +146,20 @@ def make_problem(
     )
 
 
-def check_inner(optimizer: torch.optim.Optimizer, params: list[Tensor], method: Method) -> None:
+def check_inner(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], method: Method, tuned: Iterable[str]
+) -> None:
     """Refuse, at construction, an inner optimizer the method cannot differentiate: one
-    without a functional twin (trajectory methods), param groups of several learning rates
-    (T1T2)."""
+    without a functional twin (trajectory methods; ``tuned``: the settings linked to
+    hyperparameters), param groups of several learning rates (T1T2)."""
     inner_lr(optimizer, params, method)
     if method.needs_trajectory:
-        from_torch(optimizer, params)
+        from_torch(optimizer, params, tuned=tuple(tuned))
+
+
+def tuned(hopt: HyperOptimizer) -> tuple[str, ...]:
+    """The inner optimizer's settings linked to hyperparameters (``optimizer_hparams``)."""
+    return tuple(hopt.hyperparameters.links)
 
 
 def inner_lr(

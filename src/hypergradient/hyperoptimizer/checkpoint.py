@@ -27,6 +27,7 @@ from torch import Tensor
 from .._vocab import ArgumentTypeError, HypergradientWarning, as_int
 from ..optim.functional import from_torch
 from . import divergence, optimizers
+from .build import tuned
 from .holdout import GuardState
 from .window import TrajectoryWindow, capture_rng, parse_rng_state, restore_rng
 
@@ -130,7 +131,7 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     window = None
     if state["window"] is not None or (hopt.method.needs_trajectory and since and recording):
         window = TrajectoryWindow.from_state_dict(
-            state["window"], hopt.view, hopt.inner_optimizer, since
+            state["window"], hopt.view, hopt.inner_optimizer, since, tuned(hopt)
         )
     if state.get("rng") is not None:
         parse_rng_state(state["rng"])
@@ -181,7 +182,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     elif hopt.train_sampler is not None:  # warned by validate
         hopt.train_sampler.reset()
     if window is not None:  # the twin with the settings just loaded (those at its start)
-        window.optimizer = from_torch(hopt.inner_optimizer, hopt.view.params)[0]
+        window.optimizer = from_torch(hopt.inner_optimizer, hopt.view.params, tuned=tuned(hopt))[0]
     loop = hopt.loop
     loop.count = int(state["counters"]["count"])
     loop.skipped = int(state["counters"]["skipped"])

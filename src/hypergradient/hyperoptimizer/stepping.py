@@ -16,7 +16,7 @@ from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from . import divergence
 from .batches import copy_batch
-from .build import inner_lr, make_problem
+from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
 from .history import make_record
 from .transaction import Transaction
@@ -68,7 +68,7 @@ def start_window(hopt: HyperOptimizer) -> None:
     if not records_window(hopt):
         return
     if hopt.loop.window is None:
-        hopt.loop.window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer)
+        hopt.loop.window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer, tuned(hopt))
     else:
         hopt.loop.window.check_settings(hopt.inner_optimizer, hopt.view.params)
 

@@ -95,9 +95,12 @@ class TrajectoryWindow:
     changed: str | None = None
 
     @classmethod
-    def start(cls, view: ModelView, inner_optimizer: torch.optim.Optimizer) -> TrajectoryWindow:
-        """A new, empty window at the model's and the optimizer's current state."""
-        fopt, state0, step0 = from_torch(inner_optimizer, view.params)
+    def start(
+        cls, view: ModelView, inner_optimizer: torch.optim.Optimizer, tuned: Sequence[str] = ()
+    ) -> TrajectoryWindow:
+        """A new, empty window at the model's and the optimizer's current state (``tuned``:
+        the optimizer settings linked to hyperparameters, as ``from_torch`` takes them)."""
+        fopt, state0, step0 = from_torch(inner_optimizer, view.params, tuned=tuned)
         window = cls([p.detach().clone() for p in view.params], fopt, state0, step0)
         window.settings0 = optimizer_settings(inner_optimizer)
         return window
@@ -185,6 +188,7 @@ class TrajectoryWindow:
         view: ModelView,
         inner_optimizer: torch.optim.Optimizer,
         steps: int,
+        tuned: Sequence[str] = (),
     ) -> TrajectoryWindow:
         """Rebuild a window from :meth:`state_dict`, on the parameters' devices.
 
@@ -196,7 +200,7 @@ class TrajectoryWindow:
         """
         if not isinstance(state, Mapping):
             raise ValueError("The checkpoint's `window` is malformed.")
-        fopt = from_torch(inner_optimizer, view.params)[0]
+        fopt = from_torch(inner_optimizer, view.params, tuned=tuned)[0]
         params0 = _tensors(state.get("params0"), "params0")
         _same_shapes(params0, view.params, view.names, "its start parameters")
         devices = [p.device for p in view.params]
