@@ -364,7 +364,7 @@ def implicit_hypergradient(
             record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
             extra = 1
         bnorm = terms.bnorm
-        warn_solve(solver, record.status, record.iterations, record.residual, bnorm)
+        warn_solve(solver, record.status, record.iterations, record.residual, bnorm, record.stats)
         result = _assemble(terms, x, group, solver, record.status)
     finally:
         op.release()

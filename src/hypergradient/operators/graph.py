@@ -86,6 +86,11 @@ class GraphOperator(LinearOperator):
         self._outputs: list[Tensor] = []
         self._connected: list[int] = []
         self._rng = RngState(self.device) if mode in ("auto", "first_order") else None
+        # a graph built under autocast runs its products in the autocast dtype
+        kind = self.device.type
+        self.autocast_dtype = (
+            torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        )
 
     def _graph_outputs(self) -> list[Tensor | None]:
         raise NotImplementedError
