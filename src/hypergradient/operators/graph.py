@@ -16,7 +16,13 @@ from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .._vocab import HypergradientWarning
 from .base import LinearOperator, check_vector
-from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
+from .modes import (
+    MODES,
+    RngState,
+    delayed_error_in,
+    is_double_backward_error,
+    math_kernels,
+)
 
 __all__ = [
     "BATCHED",
@@ -86,11 +92,6 @@ class GraphOperator(LinearOperator):
         self._outputs: list[Tensor] = []
         self._connected: list[int] = []
         self._rng = RngState(self.device) if mode in ("auto", "first_order") else None
-        # a graph built under autocast runs its products in the autocast dtype
-        kind = self.device.type
-        self.autocast_dtype = (
-            torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        )
 
     def _graph_outputs(self) -> list[Tensor | None]:
         raise NotImplementedError

@@ -14,6 +14,7 @@ from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
+from .cg_status import attainable_message, product_eps
 from .norms import in_rows, row_norms
 
 __all__ = ["CG", "conjugate_gradient"]
@@ -56,10 +57,7 @@ class _Run:
         self.start = op.num_matvecs
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
         self.eps = _finfo(b.dtype).eps
-        # products of a half-precision model round at its epsilon (bf16: 3.9e-3), whatever
-        # the dtype of the iterates: the updated residual's drift from b - A x is then
-        # bounded with that epsilon, so "converged" is verified with a true residual
-        self.product_eps = max(self.eps, _product_eps(op))
+        self.product_eps = max(self.eps, product_eps(op))  # bf16 products: 3.9e-3 (_verified)
         top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
         self.b = torch.div(b, top).div_(self.bnorm / top)  # two steps: no overflow
         # tolerance on the normalized residual; never below rounding level (past it the residual
@@ -69,7 +67,6 @@ class _Run:
         # a tolerance below rounding level asks for "as far as the precision goes": the updated
         # residual at 10 eps is taken at its word (the true one is then about eps ||A|| ||x||)
         self.to_rounding_level = asked < 10 * self.eps
-        self.half = self.product_eps > self.eps  # products rounded coarser than the iterates
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
@@ -209,14 +206,13 @@ class _Run:
     def _verified(self) -> bool:
         """Whether the updated residual can be trusted; else replace it by ``b - A y``.
 
-        The recursively updated residual drifts from the true one by about
-        ``eps (||b|| + ||A|| max ||y_k||)`` (Greenbaum, 1997). When that drift could reach
-        the tolerance (ill-conditioned or low-precision systems), one product computes the
-        true residual; if it does not meet the tolerance the iteration restarts from it
-        (residual replacement), at most ``MAX_REPLACEMENTS`` times.
+        The updated residual drifts from the true one by ``eps (||b|| + ||A|| max ||y_k||)``
+        (Greenbaum, 1997; ``eps`` the products'). When that could reach the tolerance, one
+        product computes the true residual; if it does not meet the tolerance the iteration
+        restarts from it (residual replacement), at most ``MAX_REPLACEMENTS`` times.
         """
         drift = self.product_eps * (1.0 + self.lam_hat * self.xmax)
-        if 2 * drift <= self.threshold or (self.to_rounding_level and not self.half):
+        if 2 * drift <= self.threshold or (self.to_rounding_level and self.product_eps == self.eps):
             return True
         self.stats["verify_hvps"] = self.stats.get("verify_hvps", 0) + 1
         true_r = self.b - self._product(self.y)
@@ -259,7 +255,7 @@ class _Run:
         chosen = self.rnorm if last else self.best_norm
         residual = chosen * self.bnorm
         self.stats["relative_residual"] = chosen
-        message = _attainable_message(self) if self.status == Status.MAX_ITERATIONS else ""
+        message = attainable_message(self) if self.status == Status.MAX_ITERATIONS else ""
         if last:
             value, ynorm = self.y * self.bnorm, self.ynorm
         elif self.best is not None:  # improved
@@ -283,35 +279,6 @@ class _Run:
             self.stats,
             message,
         )
-
-
-def _product_eps(op: LinearOperator) -> float:
-    eps = getattr(op, "product_eps", 0.0)
-    return eps if isinstance(eps, float) else 0.0
-
-
-def _attainable_message(run: _Run) -> str:
-    """Why a run that met its tolerance on the updated residual stopped at maxiter."""
-    if "attainable_residual" not in run.stats:
-        return ""
-    if run.half:
-        run.stats["precision_limited"] = True
-        run.stats["product_eps"] = run.product_eps
-        return (
-            f"the updated residual met the tolerance but the true one was "
-            f"{run.stats['attainable_residual']:.3g} ({run.rnorm:.3g} relative): the "
-            f"Hessian products round at eps = {run.product_eps:.3g} (half-precision "
-            "parameters or autocast), "
-            "which limits the attainable residual to about eps ||A|| ||x||; the answer is "
-            "as accurate as the products allow. Loosen tol to that level, or compute the "
-            "products in float32 (a float32 copy of the model) for a tighter solve"
-        )
-    return (
-        f"the updated residual met the tolerance but the true one was "
-        f"{run.stats['attainable_residual']:.3g}: the tolerance is near or below the "
-        f"rounding level of {run.b.dtype} for this system (about eps ||A|| ||x||); "
-        "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
-    )
 
 
 def _curvature_status(run: _Run, Ap: Tensor, pap: float) -> Status:
