@@ -300,7 +300,7 @@ class Run:
             loss = as_scalar_loss(fn(self.ptree(leaves), self.htree, self.batches[t]), "inner_loss")
             grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                grads = _tree.dense_grad(loss, leaves, "inner_loss", self.pspec.paths)
         return [torch.zeros_like(x) if d is None else d for x, d in zip(p, grads)], loss.detach()
 
     def reduce(self, fn: Callable[[], Sequence[Tensor]], like: Sequence[Tensor]) -> tuple:

@@ -172,9 +172,13 @@ class HessianOperator(GraphOperator):
         if not loss.requires_grad:
             grads: list[Tensor | None] = [None] * len(self.param_leaves)
         else:
-            grads = list(
-                torch.autograd.grad(loss, self.param_leaves, create_graph=True, allow_unused=True)
-            )
+            with _tree.dense_gradients(self._loss_name):
+                grads = list(
+                    torch.autograd.grad(
+                        loss, self.param_leaves, create_graph=True, allow_unused=True
+                    )
+                )
+            _tree.require_dense(grads, self.param_spec.paths, self._loss_name)
         if self._first is None:
             self._first = (loss, grads)
         return grads
@@ -202,7 +206,10 @@ class HessianOperator(GraphOperator):
             if not targets or not loss.requires_grad:
                 grads: list[Tensor | None] = [None] * len(targets)
             else:
-                grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
+                with _tree.dense_gradients(self._loss_name):
+                    grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
+                paths = self.param_spec.paths if wrt is not None else self.hparam_spec.paths
+                _tree.require_dense(grads, paths, self._loss_name)
         return loss.detach(), grads
 
     def _difference(self, v: Tensor, wrt: list[Tensor] | None) -> list[Tensor | None] | None:
