@@ -72,7 +72,9 @@ def warn_solve(
     ``maxiter`` far from the solver's tolerance (a relative residual above 10x the
     tolerance *and* above :data:`FAR_RESIDUAL`: a budget that ends at a residual of 1e-5
     against a tolerance of 1e-6 is a usable answer, not a warning). Fixed budgets (a solver
-    without a tolerance, or ``tol=0`` and ``atol=0``) never warn."""
+    without a tolerance, or ``tol=0`` and ``atol=0``) warn only when their answer is worse
+    than ``x = 0`` (``||b - A x|| > ||b||``: Nystrom on an indefinite Hessian whose negative
+    curvature its sketch missed gave 2.3 at an exact saddle, with no warning)."""
     if status == Status.NEGATIVE_CURVATURE:
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {iterations} "
@@ -82,6 +84,9 @@ def warn_solve(
             HypergradientWarning,
             stacklevel=5,
         )
+        return
+    if status == Status.FIXED_BUDGET and residual is not None and residual > bnorm > 0:
+        _warn_worse_than_zero(solver, residual / bnorm)
         return
     if status != Status.MAX_ITERATIONS or residual is None:
         return
@@ -118,6 +123,18 @@ def _warn_precision(solver: Solver, relative: float, stats: dict[str, Any]) -> N
         "hypergradient is as accurate as the products allow; for a tighter solve compute the "
         "products in float32 (pass a float32 copy of the parameters), or loosen tol to "
         "silence this.",
+        HypergradientWarning,
+        stacklevel=6,
+    )
+
+
+def _warn_worse_than_zero(solver: Solver, relative: float) -> None:
+    warnings.warn(
+        f"{solver!r} returned a solution with relative residual ||b - H x|| / ||b|| = "
+        f"{relative:.3g} > 1, worse than x = 0: the Hessian is likely indefinite at `params` "
+        "(not a minimum) or the approximation too coarse. The hypergradient is unreliable; "
+        "use hg.CG() (it reports negative curvature), pass damping=... (or damping='auto'), "
+        "or raise the solver's rank / maxiter.",
         HypergradientWarning,
         stacklevel=6,
     )
