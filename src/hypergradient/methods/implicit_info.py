@@ -116,7 +116,8 @@ def _warn_precision(solver: Solver, relative: float, stats: dict[str, Any]) -> N
     relative residual on a well-conditioned logistic regression)."""
     warnings.warn(
         f"{solver!r} cannot reach its tolerance {getattr(solver, 'tol', None)}: the Hessian "
-        "products (half-precision parameters or autocast) round at eps = "
+        "products (parameters in a lower precision than the solve, e.g. bfloat16, or "
+        "autocast) round at eps = "
         f"{stats.get('product_eps', 0):.3g}, and the true relative residual "
         "||b - H x|| / ||b|| of the answer is "
         f"{relative:.3g} (status 'max_iterations', stats['precision_limited']). The "

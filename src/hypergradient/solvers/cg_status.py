@@ -30,7 +30,7 @@ def attainable_message(run: Any) -> str:
         return (
             f"the updated residual met the tolerance but the true one was "
             f"{run.stats['attainable_residual']:.3g} ({run.rnorm:.3g} relative): the "
-            f"Hessian products round at eps = {run.product_eps:.3g} (half-precision "
+            f"Hessian products round at eps = {run.product_eps:.3g} (low-precision "
             "parameters or autocast), "
             "which limits the attainable residual to about eps ||A|| ||x||; the answer is "
             "as accurate as the products allow. Loosen tol to that level, or compute the "
