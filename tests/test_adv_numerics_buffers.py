@@ -159,3 +159,12 @@ def test_buffers_of_a_failing_pass_are_restored():
     NET(BATCHES[0][0])
     assert int(NET[1].num_batches_tracked) == 1
     _reset()
+
+
+@pytest.mark.parametrize("kw", [{"checkpoint_every": 2}, {"truncate": 2}])
+def test_unrolled_recomputation_leaves_training_buffers(kw):
+    inner, outer = _losses(copies=False)
+    want = _plain_training_buffers(inner)
+    hg.unrolled(inner, outer, P0, H, T, hg.optim.sgd(LR, momentum=MOMENTUM), batches=BATCHES, **kw)
+    _assert_bit_equal(_buffers(), want)
+    _reset()
