@@ -114,3 +114,20 @@ def test_autocast_products_not_reported_converged():
     assert info.status == "max_iterations" and info.stats["precision_limited"]
     assert any("cannot reach its tolerance" in str(r.message) for r in rec)
     assert true_residual(w, info.solution) > 1e-4
+
+
+def test_hoag_keeps_a_precision_limited_warm_start():
+    # bf16 products: from the third call HOAG's tolerance is out of reach; the answer is as
+    # good as the products allow, so it stays the next warm start (a reset would restart
+    # every later solve from 0)
+    w = W.bfloat16()
+    method = hg.HOAG(tol=1e-4, maxiter=100)
+    problem = hg.Problem(inner_loss=f, outer_loss=g, params=w, hparams=H_LOG.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
+        _, first = method(problem)
+        _, second = method(problem)
+    assert first.status == "max_iterations" and first.stats["precision_limited"]
+    assert "warm_start_reset" not in first.stats
+    assert second.stats["warm_start"] == "used"
+    assert true_residual(w, second.solution) < 1e-2
