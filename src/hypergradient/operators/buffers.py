@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
+from torch.nn.parameter import UninitializedBuffer
 
 __all__ = ["keep_buffers"]
 
@@ -44,7 +45,11 @@ def _pre(module: nn.Module, args: Any) -> None:
     swaps = _swaps()
     if swaps is None:
         return
-    own = [(k, b) for k, b in module.named_buffers(recurse=False) if b is not None]
+    own = [
+        (k, b)
+        for k, b in module.named_buffers(recurse=False)
+        if b is not None and not isinstance(b, UninitializedBuffer)  # lazy modules
+    ]
     if not own:
         return
     for name, buf in own:
