@@ -145,10 +145,13 @@ def test_half_params_cg_accumulates_in_float32(device, dtype, bound):
     # With bf16 (fp16) solver vectors CG's error was 8.1e-2 (1.3e-2); float32: 5.4e-3 (9.1e-4).
     p = problem(device, -1.0)
     h32 = p.h.float()
-    out, info = p_implicit(p, p.w.to(dtype), h32, hg.CG(maxiter=100, tol=1e-6))
+    with pytest.warns(hg.HypergradientWarning, match="cannot reach its tolerance"):
+        out, info = p_implicit(p, p.w.to(dtype), h32, hg.CG(maxiter=100, tol=1e-6))
     assert p.err(out) < bound
     assert cosine(out, p.ref) > 1 - bound**2
-    assert info.status == "converged"
+    # the products round at the half dtype's epsilon: tol=1e-6 is out of reach, and the
+    # status says so (it said "converged" with a true residual of 2.7e-3 in bf16)
+    assert info.status == "max_iterations" and info.stats["precision_limited"]
     assert info.solution.dtype == torch.float32
     assert out.dtype == torch.float32 and out.device.type == device.type
 
@@ -225,12 +228,13 @@ def test_autocast_solvers_accurate(device, solver_name, ac_dtype, bound):
     if ac_dtype == torch.float16 and device.type == "cpu" and not _cpu_fp16_autocast():
         pytest.skip("this torch has no float16 CPU autocast")
     p = problem(device, -3.0)
-    with torch.autocast(device.type, dtype=ac_dtype):
+    with torch.autocast(device.type, dtype=ac_dtype), warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
         out, info = p_implicit(p, p.w.float(), p.h.float(), SOLVERS[solver_name]())
     assert out.dtype == torch.float32
     assert info.solution.dtype == torch.float32
-    if solver_name == "CG":
-        assert info.status == "converged"
+    if solver_name == "CG":  # tol=1e-6 is out of reach of autocast products: said so
+        assert info.status == "max_iterations" and info.stats["precision_limited"]
     assert p.err(out) < bound
     assert cosine(out, p.ref) > 1 - bound**2
     # The same call outside autocast is float32-accurate: the error above is bf16's.

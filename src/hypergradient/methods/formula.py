@@ -39,6 +39,7 @@ from .._vocab import (
 )
 from ..distributed import AveragedOperator, guarded
 from ..operators import LinearOperator
+from ..operators.buffers import keep_buffers
 from ..solvers import AutoDamping, Solver, damped_solve
 from ._checks import Inputs, all_finite, unused_leaves, warn_unused
 from .implicit_info import ImplicitInfo, warn_solve
@@ -107,13 +108,14 @@ def _local_terms(
     """
     op = holder["op"] = build()
     at = op.param_leaves if outer_at is None else list(outer_at)
-    value, (gp, gh) = _tree.grad_at_leaves(
-        outer_loss,
-        [at, op.hparam_leaves],
-        [op.param_spec, op.hparam_spec],
-        "outer_loss",
-        by_reference=[outer_at is None, True],
-    )
+    with keep_buffers():  # a train-mode outer loss leaves the running statistics alone
+        value, (gp, gh) = _tree.grad_at_leaves(
+            outer_loss,
+            [at, op.hparam_leaves],
+            [op.param_spec, op.hparam_spec],
+            "outer_loss",
+            by_reference=[outer_at is None, True],
+        )
     holder["unused_direct"] = [g is None for g in gh]
     hdtype = _tree.common_dtype(op.hparam_leaves)
     stationarity = getattr(op, "grad", None)
@@ -364,7 +366,7 @@ def implicit_hypergradient(
             record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
             extra = 1
         bnorm = terms.bnorm
-        warn_solve(solver, record.status, record.iterations, record.residual, bnorm)
+        warn_solve(solver, record.status, record.iterations, record.residual, bnorm, record.stats)
         result = _assemble(terms, x, group, solver, record.status)
     finally:
         op.release()

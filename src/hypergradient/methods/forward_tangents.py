@@ -111,7 +111,12 @@ class GradientTangents:
             loss = run.loss(pp, run.htree_of(hh), t)
             grads: tuple[Tensor | None, ...] = (None,) * (len(pp) + len(hh))
             if loss.requires_grad:
-                grads = torch.autograd.grad(loss, [*pp, *hh], create_graph=True, allow_unused=True)
+                with _tree.dense_gradients("inner_loss"):
+                    grads = torch.autograd.grad(
+                        loss, [*pp, *hh], create_graph=True, allow_unused=True
+                    )
+                paths = run.pspec.paths + run.hspec.paths
+                _tree.require_dense(grads, paths, "inner_loss")
         self.primal = (_detached(grads, pp), loss.detach())
         self.used_h = [u or g is not None for u, g in zip(self.used_h, grads[len(pp) :])]
         pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]

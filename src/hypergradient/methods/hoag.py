@@ -105,7 +105,9 @@ class HOAG(ImplicitMethod):
         else:
             info.stats["warm_start"] = "used" if started else "none"
         status = Status(info.status)
-        if status.value in self.reset_on:
+        # a solve limited by the products' precision (bfloat16) is as good as it gets: a
+        # safe start, not a partial one
+        if status.value in self.reset_on and not info.stats.get("precision_limited"):
             info.stats["warm_start_reset"] = status.value
             self._x = None
         else:

@@ -31,6 +31,7 @@ from .._vocab import (
     as_scalar_loss,
 )
 from ..distributed import guarded
+from ..operators.buffers import keep_buffers
 from ..optim.functional import FunctionalOptimizer
 from ._checks import (
     check_arity,
@@ -161,6 +162,7 @@ class Run:
     def __init__(self, problem: Problem, method: Method):
         problem = check_problem(problem, type(method).__name__)
         self.group = problem.process_group
+        self.in_first_pass = False
         traj = problem.trajectory
         consistent_start(
             lambda: self._setup(problem, traj, type(method).__name__),
@@ -298,7 +300,7 @@ class Run:
             loss = as_scalar_loss(fn(self.ptree(leaves), self.htree, self.batches[t]), "inner_loss")
             grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                grads = _tree.dense_grad(loss, leaves, "inner_loss", self.pspec.paths)
         return [torch.zeros_like(x) if d is None else d for x, d in zip(p, grads)], loss.detach()
 
     def reduce(self, fn: Callable[[], Sequence[Tensor]], like: Sequence[Tensor]) -> tuple:
@@ -354,14 +356,18 @@ class Run:
     @contextlib.contextmanager
     def first_pass(self, t: int, record: bool = True) -> Iterator[None]:
         """The block as the first evaluation of step ``t`` (see :meth:`first_step`)."""
-        if self.given:
-            with replay_rng(self.rngs[t], self.device):
-                yield
-            return
-        before = self.draws_from(t) if record else None
-        yield
-        if before is not None:
-            self.record(t, before)
+        self.in_first_pass = True  # an again() inside is this first evaluation
+        try:
+            if self.given:
+                with replay_rng(self.rngs[t], self.device):
+                    yield
+                return
+            before = self.draws_from(t) if record else None
+            yield
+            if before is not None:
+                self.record(t, before)
+        finally:
+            self.in_first_pass = False
 
     def draws_from(self, t: int) -> tuple[Tensor, Tensor | None]:
         """The state step ``t`` starts from: the end of step ``t - 1`` when just recorded."""
@@ -374,7 +380,15 @@ class Run:
         self._after = (t, after)  # the next step starts from it (nothing draws in between)
         self.rngs[t] = None if same_state(before, after) else before
 
-    def again(self, t: int) -> Any:
-        """A re-evaluation of step ``t`` (reverse pass, recomputation): the same draws."""
+    @contextlib.contextmanager
+    def again(self, t: int) -> Iterator[None]:
+        """A re-evaluation of step ``t`` (reverse pass, recomputation, first-order
+        differences): the same draws, and the modules' buffers (BatchNorm running
+        statistics) left as the run's real steps made them (``operators.buffers``). Inside
+        :meth:`first_pass` it is the step's first evaluation: the buffers update as in
+        training."""
         state = self.rngs[t]
-        return contextlib.nullcontext() if state is None else replay_rng(state, self.device)
+        rng = contextlib.nullcontext() if state is None else replay_rng(state, self.device)
+        keep = contextlib.nullcontext() if self.in_first_pass else keep_buffers()
+        with rng, keep:
+            yield

@@ -127,7 +127,8 @@ class ReverseStep:
             loss = run.loss(pp, self.htree, t)
             g: Sequence[Tensor | None] = (None,) * len(pp)
             if loss.requires_grad:
-                g = torch.autograd.grad(loss, pp, create_graph=True, allow_unused=True)
+                with _tree.dense_gradients("inner_loss"):
+                    g = torch.autograd.grad(loss, pp, create_graph=True, allow_unused=True)
         if not self._checked:  # once per sweep: the graph's structure does not change
             self._checked = True
             if has_error_node([d for d in g if d is not None and d.requires_grad]):

@@ -33,12 +33,16 @@ class LinearOperator:
 
     @property
     def product_eps(self) -> float:
-        """Machine epsilon of the products' arithmetic: that of ``dtype`` or of the least
-        precise parameter (half-precision models), or the wrapped operator's."""
+        """Machine epsilon of the products' arithmetic: that of ``dtype``, of the least
+        precise parameter (half-precision models) or of the autocast dtype the operator was
+        built under, or the wrapped operator's."""
         base = getattr(self, "base", None) or getattr(self, "op", None)
         if isinstance(base, LinearOperator):
             return base.product_eps
         dtypes = {self.dtype, *(t.dtype for t in getattr(self, "param_leaves", ()))}
+        autocast = getattr(self, "autocast_dtype", None)
+        if isinstance(autocast, torch.dtype):
+            dtypes.add(autocast)
         return max(torch.finfo(d).eps for d in dtypes)
 
     # -- products -------------------------------------------------------------------

@@ -16,7 +16,13 @@ from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .._vocab import HypergradientWarning
 from .base import LinearOperator, check_vector
-from .modes import MODES, RngState, delayed_error_in, is_double_backward_error, math_kernels
+from .modes import (
+    MODES,
+    RngState,
+    delayed_error_in,
+    is_double_backward_error,
+    math_kernels,
+)
 
 __all__ = [
     "BATCHED",

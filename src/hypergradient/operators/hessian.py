@@ -11,8 +11,9 @@ from torch import Tensor
 from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .base import check_vector
+from .buffers import keep_buffers
 from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, flat_output, prepare_leaves
-from .modes import MODES, first_order_step
+from .modes import MODES, autocast_dtype, first_order_step
 
 __all__ = ["FixedPointOperator", "HessianOperator"]
 
@@ -138,6 +139,7 @@ class HessianOperator(GraphOperator):
         dtype = _tree.accumulator_dtype(self.param_leaves)
         super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
         self._start_modes(mode)
+        self.autocast_dtype = autocast_dtype(self.device)  # the products' (product_eps)
         self._setup_graph(batched)
         self._theta_norm: float | None = None  # first order only: computed on first use
         self.gradient_evaluations = 0
@@ -163,15 +165,20 @@ class HessianOperator(GraphOperator):
         return p, h
 
     def _graph_outputs(self) -> list[Tensor | None]:
-        loss = _vocab.as_scalar_loss(
-            self._loss_fn(*self._point(self.param_leaves)), self._loss_name
-        )
+        with keep_buffers():  # BatchNorm running statistics: untouched (operators.buffers)
+            loss = _vocab.as_scalar_loss(
+                self._loss_fn(*self._point(self.param_leaves)), self._loss_name
+            )
         if not loss.requires_grad:
             grads: list[Tensor | None] = [None] * len(self.param_leaves)
         else:
-            grads = list(
-                torch.autograd.grad(loss, self.param_leaves, create_graph=True, allow_unused=True)
-            )
+            with _tree.dense_gradients(self._loss_name):
+                grads = list(
+                    torch.autograd.grad(
+                        loss, self.param_leaves, create_graph=True, allow_unused=True
+                    )
+                )
+            _tree.require_dense(grads, self.param_spec.paths, self._loss_name)
         if self._first is None:
             self._first = (loss, grads)
         return grads
@@ -194,12 +201,15 @@ class HessianOperator(GraphOperator):
         if replay:
             self.gradient_evaluations += 1
         rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
-        with rng, torch.enable_grad():
+        with rng, torch.enable_grad(), keep_buffers():
             loss = _vocab.as_scalar_loss(self._loss_fn(*self._point(params)), self._loss_name)
             if not targets or not loss.requires_grad:
                 grads: list[Tensor | None] = [None] * len(targets)
             else:
-                grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
+                with _tree.dense_gradients(self._loss_name):
+                    grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
+                paths = self.param_spec.paths if wrt is not None else self.hparam_spec.paths
+                _tree.require_dense(grads, paths, self._loss_name)
         return loss.detach(), grads
 
     def _difference(self, v: Tensor, wrt: list[Tensor] | None) -> list[Tensor | None] | None:
@@ -320,6 +330,7 @@ class FixedPointOperator(GraphOperator):
         dtype = _tree.accumulator_dtype(self.param_leaves)
         super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
         self._start_modes(mode)
+        self.autocast_dtype = autocast_dtype(self.device)  # the products' (product_eps)
         self._setup_graph(batched)
         self._out_leaves: list[Tensor] | None = None
         self._build_first()
@@ -334,7 +345,9 @@ class FixedPointOperator(GraphOperator):
     def _graph_outputs(self) -> list[Tensor | None]:
         p = _tree.unflatten(self.param_spec, self.param_leaves)
         h = _tree.unflatten(self.hparam_spec, self.hparam_leaves) if self._has_hparams else None
-        out_leaves, out_spec = _tree.flatten(self._map_fn(p, h), "fixed_point_map(params, hparams)")
+        with keep_buffers():
+            out = self._map_fn(p, h)
+        out_leaves, out_spec = _tree.flatten(out, "fixed_point_map(params, hparams)")
         if out_spec.structure() != self.param_spec.structure() or out_spec.shapes != tuple(
             t.shape for t in self.param_leaves
         ):

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 __all__ = [
     "MODES",
     "RngState",
+    "autocast_dtype",
     "delayed_error_in",
     "first_order_step",
     "is_double_backward_error",
@@ -171,3 +172,10 @@ class RngState:
             elif self.accelerator is not None:
                 torch.mps.set_rng_state(self.accelerator)
             yield
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` now (None when it is off): a graph
+    built under autocast answers its products in that dtype."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _vocab
 from .._vocab import HypergradientWarning, Status
-from ..operators import LinearOperator
+from ..operators import DampedOperator, LinearOperator
 from .base import (
     RandomizedSolver,
     Solution,
@@ -200,9 +200,10 @@ class NystromPCG(RandomizedSolver):
         self._approx: NystromApproximation | None = None
         self._calls = 0
         self._base: float | None = None  # convergence rate of the first solve with the sketch
+        self._damping: float | None = None  # of the sketched operator (None: unknown)
 
     # -- checkpoints ------------------------------------------------------------------
-    _KEYS = ("generator", "calls", "U", "eigenvalues", "full_rank", "base_rate")
+    _KEYS = ("generator", "calls", "U", "eigenvalues", "full_rank", "base_rate", "damping")
 
     def state_dict(self) -> dict[str, Any]:
         a = self._approx
@@ -213,20 +214,24 @@ class NystromPCG(RandomizedSolver):
             "U": None if a is None else a.U.detach().clone(),
             "eigenvalues": None if a is None else a.eigenvalues.detach().clone(),
             "full_rank": None if a is None else bool(a.full_rank),
+            "damping": self._damping,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if isinstance(state, Mapping) and "base_rate" not in state:
-            state = {**state, "base_rate": None}  # a checkpoint from before "auto"
+        if isinstance(state, Mapping):  # checkpoints from before "auto" and damping shifts
+            state = {"base_rate": None, "damping": None, **state}
         check_keys(state, self._KEYS, self)
         check_generator_state(state["generator"], self._rng, "generator", self)
         calls = _vocab.as_int(state["calls"], "calls", min=0)
         base = state["base_rate"]
         if base is not None:
             base = _vocab.as_float(base, "base_rate", min=0.0)
+        damping = state["damping"]
+        if damping is not None:
+            damping = _vocab.as_float(damping, "damping", min=0.0)
         approx = self._check_sketch(state)
         self.set_generator_state(state["generator"])
-        self._calls, self._base = calls, base
+        self._calls, self._base, self._damping = calls, base, damping
         self._approx = approx
 
     def _check_sketch(self, state: Mapping[str, Any]) -> NystromApproximation | None:
@@ -249,7 +254,7 @@ class NystromPCG(RandomizedSolver):
     # -- solve ------------------------------------------------------------------------
     def _preconditioner(self, approx: NystromApproximation) -> Callable[[Tensor], Tensor]:
         lam = approx.eigenvalues
-        keep = lam > 1e-10 * lam.max() if lam.numel() else lam.bool()
+        keep = lam > 1e-10 * lam.max().clamp(min=0.0) if lam.numel() else lam.bool()
         U, lam = approx.U[:, keep], lam[keep]
         if lam.numel() == 0:
             return lambda r: r
@@ -264,17 +269,24 @@ class NystromPCG(RandomizedSolver):
     def _sketch(self, op: LinearOperator) -> NystromApproximation:
         stale = self._approx is None or self._approx.U.shape[0] != op.size
         every = self.refresh_every
+        damping = float(op.damping) if isinstance(op, DampedOperator) else 0.0
+        # a kept sketch of A + d0 I serves A + d I, d > d0, shifted by d - d0 (measured: fewer
+        # iterations than a fresh sketch); for d < d0 the shifted one is worse than stale
+        # (4x the iterations of a fresh sketch), so a lower damping sketches again
+        stale = stale or (self._damping is not None and damping < self._damping)
         if stale or (isinstance(every, int) and self._calls % every == 0):
             self._approx = nystrom_sketch(op, self.rank, self.sketch, self._rng, self.chunk_size)
-            self._calls, self._base = 0, None
+            self._calls, self._base, self._damping = 0, None, damping
         self._calls += 1
         approx = self._approx
         assert approx is not None
-        if approx.U.dtype != op.dtype or approx.U.device != op.device:
+        shift = 0.0 if self._damping is None else damping - self._damping
+        if shift or approx.U.dtype != op.dtype or approx.U.device != op.device:
             approx = NystromApproximation(
                 approx.U.to(op.device, op.dtype),
-                approx.eigenvalues.to(op.device, op.dtype),
+                approx.eigenvalues.to(op.device, op.dtype) + shift,
                 approx.full_rank,
+                approx.indefinite,
             )
         return approx
 
