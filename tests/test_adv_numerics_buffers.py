@@ -117,6 +117,23 @@ def test_implicit_methods_leave_buffers_bit_equal(method):
     _assert_bit_equal(_buffers(), B0)
 
 
+@pytest.mark.parametrize("mixed", ["params", "hparams"])
+def test_t1t2_leaves_buffers_bit_equal(mixed):
+    """T1T2's direct path (both orders of its mixed product) evaluates ``f`` and ``g`` once
+    more than training: neither pass may touch the running statistics."""
+    _reset()
+    inner, outer = _losses(copies=False)
+    after = {k: v - LR * 0.1 for k, v in P0.items()}  # a look-ahead point
+    problem = hg.Problem(inner, outer, after, H, lr=LR, prev_params=P0)
+    out, info = hg.T1T2(mixed=mixed)(problem)
+    _assert_bit_equal(_buffers(), B0)
+    assert info.stats["hvp"] == "double" and info.stats["mixed"] == mixed
+    safe_inner, safe_outer = _losses(copies=True)
+    safe = hg.Problem(safe_inner, safe_outer, after, H, lr=LR, prev_params=P0)
+    ref, _ = hg.T1T2(mixed=mixed)(safe)
+    assert float(out["decay"]) == pytest.approx(float(ref["decay"]), rel=1e-12, abs=1e-15)
+
+
 def _plain_training_buffers(inner) -> dict[str, torch.Tensor]:
     """Momentum SGD for T steps with the user's closure: the buffers training leaves."""
     _reset()

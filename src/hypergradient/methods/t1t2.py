@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _tree
 from .._tree import Tree
 from .._vocab import Status, as_choice, as_float, as_scalar_loss, finite_probe
+from ..operators.buffers import keep_buffers
 from ..operators.graph import SYMBOLIC_SHAPES
 from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
@@ -364,7 +365,7 @@ def look_ahead(
     q = _fresh(inputs.param_leaves if outer_at is None else outer_at)
     h_outer = _fresh(inputs.hparam_leaves)
     dtype = _tree.accumulator_dtype(p)
-    with torch.enable_grad():
+    with torch.enable_grad(), keep_buffers():  # BatchNorm statistics: untouched
         f = as_scalar_loss(
             problem.inner_loss(_tree.unflatten(p_spec, p), _tree.unflatten(h_spec, h)), "inner_loss"
         )
