@@ -39,7 +39,9 @@ inner learning rate, clipping, damping) and, with ``on_divergence="skip"``, skip
 hyper-step (counted in :attr:`skipped`). Trajectory methods replay a window with the inner
 optimizer's settings at its start: a setting changed inside it (a learning-rate scheduler
 stepped every step) skips that hyper-step with a warning naming it; step schedulers right
-after a hyper-step. T1T2 refuses param groups with different learning rates.
+after a hyper-step. A replay that ends more than 10% (relative) from the trained parameters
+(gradient clipping in the loop, another loss) skips its hyper-step with a warning: its
+hypergradient is another run's. T1T2 refuses param groups with different learning rates.
 
 A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
 undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's
@@ -226,7 +228,7 @@ class HyperOptimizer(HoldoutViews):
     @property
     def skipped(self) -> int:
         """Hyper-steps skipped: non-finite values (``nonfinite="skip"``), a diverging inner
-        run, a window whose inner optimizer settings changed (see the class notes)."""
+        run, changed inner settings, a replay that is not the run (see the class notes)."""
         return self.loop.skipped
 
     def train_loss(self, batch: Any) -> Tensor:

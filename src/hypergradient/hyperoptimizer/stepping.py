@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from . import divergence
@@ -179,6 +180,8 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     if guard is not None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
     result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
+    if replay_off(hopt, getattr(info, "replay_error", None), saved):
+        return
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
     hp.apply(hyper, hopt.outer_optimizer)
     hp.write_settings(hopt.inner_optimizer)
@@ -216,6 +219,40 @@ def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
         f"rate 0 (a warm-up's first step, a schedule's end), which {type(method).__name__} "
         "needs positive (T1T2 differentiates that step; IFT's default Neumann series steps "
         "with it). Take hyper-steps at other steps, or use hg.IFT(hg.CG()).",
+        HypergradientWarning,
+        stacklevel=4,
+    )
+    skipped(hopt)
+    saved.commit()
+    return True
+
+
+#: A trajectory method's hyper-step is skipped when its replay of the window ends farther
+#: than this (relative) from the model's parameters: the replay is not the run that was
+#: trained (gradient clipping or another loss in the loop, a changed random stream), so its
+#: hypergradient is another run's. Rounding stays far below (float32 ~1e-6; bfloat16
+#: autocast ~1e-2 over 64 steps); the method warns from 1e-4 on.
+REPLAY_SKIP = 0.1
+
+
+def replay_off(hopt: HyperOptimizer, error: float | None, saved: Transaction) -> bool:
+    """Skip (with a warning) the hyper-step of a replay farther than :data:`REPLAY_SKIP`
+    from the run (on every rank when one rank's is: the hyperparameters stay identical)."""
+    if error is None:
+        return False
+    off = not error <= REPLAY_SKIP  # NaN included
+    if hopt.process_group is not None:
+        flag = torch.tensor([float(off)], dtype=torch.float64, device=hopt.view.device)
+        off = float(distributed.mean_over_ranks([flag], hopt.process_group)[0]) > 0.0
+    if not off:
+        return False
+    warnings.warn(
+        f"Step {hopt.loop.count}: hyper-step skipped: the replay of the window ended "
+        f"{error:.3g} (relative) away from the model's parameters (on this rank; the bound "
+        f"is {REPLAY_SKIP:g}), so its hypergradient would be another run's. The loop must "
+        "train with train_loss alone on the batches passed to step(), without changing "
+        "gradients between backward() and step() (gradient clipping, accumulation into "
+        "other batches); or use a method that does not replay (hg.IFT(), hg.T1T2()).",
         HypergradientWarning,
         stacklevel=4,
     )
