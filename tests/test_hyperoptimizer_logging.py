@@ -213,3 +213,20 @@ def test_bad_arguments_raise_naming_them(tmp_path):
         CSVLogger(tmp_path / "y.csv").log({"val_loss": 1.0})
     with pytest.raises(hg.ArgumentTypeError, match="`logger`"):
         build(logger=[print, 3])
+
+
+@pytest.mark.parametrize("mixed", ["hparams", "params"])
+def test_a_diagnostic_the_method_did_not_compute_is_not_logged(mixed):
+    """T1T2 with its hyperparameters-first product computes no ``grad_theta f``: its
+    ``inner_grad_norm`` is NaN and no sink receives it; the other order logs the norm."""
+    records = []
+    _, hopt = build_two(hg.T1T2(mixed=mixed), records.append)
+    run(hopt, batches(3))
+    info = records[-1].info
+    got = record_scalars(records[-1], scalar_limit=8)
+    assert all(not math.isnan(v) for v in got.values())
+    assert info.stats["mixed"] == mixed
+    if mixed == "hparams":
+        assert math.isnan(info.inner_grad_norm) and "solver/inner_grad_norm" not in got
+    else:
+        assert got["solver/inner_grad_norm"] == info.inner_grad_norm > 0

@@ -15,7 +15,9 @@ rolled-back hyper-step is never logged). What is written, under the same names e
   a larger one (TensorBoard also gets a histogram of its values and of its hypergradient);
 - ``solver/num_hvps``, ``solver/ok`` (1 when the method vouches for its answer) and the
   method's numeric diagnostics (``solver/residual``, ``solver/iterations``,
-  ``solver/inner_grad_norm``, ...); the status itself as text;
+  ``solver/inner_grad_norm``, ...; a NaN diagnostic, one the method did not compute, such
+  as T1T2's ``inner_grad_norm`` with its hyperparameters-first product, is left out); the
+  status itself as text;
 - ``time/seconds``: wall time of the hyper-step.
 
 The x axis is the inner step count (``record.step``), so the curves line up with training
@@ -85,7 +87,7 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
     out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
     for key, value in record.diagnostics.items():
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key not in _NOT_SOLVER and numeric:
+        if key not in _NOT_SOLVER and numeric and not math.isnan(value):  # NaN: not computed
             out[f"solver/{key}"] = float(value)
     out["time/seconds"] = float(record.seconds)
     return out
