@@ -132,7 +132,8 @@ def main() -> None:
     )
     if args.quick and rank == 0:
         print("quick mode: a smoke run; the documented figures come from the full run")
-    if distributed:
+    if distributed:  # every rank done before any closes its connections (gloo aborted a
+        dist.barrier()  # rank whose peer tore down first: "terminate called ...", SIGABRT)
         dist.destroy_process_group()
 
 
