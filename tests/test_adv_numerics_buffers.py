@@ -162,6 +162,24 @@ def test_trajectory_methods_leave_training_buffers(method, hvp):
     _reset()
 
 
+@pytest.mark.parametrize("method", ["unrolled", "forward_mode", "drmad"])
+def test_a_train_mode_outer_loss_leaves_training_buffers(method):
+    """The outer loss evaluated in train mode (no ``NET.eval()``): its pass at the final
+    parameters is extra to training too (it made one more update before)."""
+    inner, _ = _losses(copies=False)
+
+    def outer_train_mode(p, h):
+        return ((functional_call(NET, p, (XV,)) - YV) ** 2).mean()
+
+    want = _plain_training_buffers(inner)
+    fn = getattr(hg, method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
+        fn(inner, outer_train_mode, P0, H, T, hg.optim.sgd(LR, momentum=MOMENTUM), batches=BATCHES)
+    _assert_bit_equal(_buffers(), want)
+    _reset()
+
+
 def test_buffers_of_a_failing_pass_are_restored():
     from hypergradient.operators.buffers import keep_buffers
 

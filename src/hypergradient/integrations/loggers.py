@@ -56,6 +56,13 @@ def _hypergrad_key(name: str) -> str:
     return "hypergrad/norm/norm" if name == "norm" else f"hypergrad/{name}"
 
 
+def _loggable(key: str, value: Any) -> bool:
+    """A numeric diagnostic the method computed (NaN: not computed, e.g. T1T2's
+    ``inner_grad_norm`` with its hyperparameters-first product)."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return key not in _NOT_SOLVER and numeric and not math.isnan(value)
+
+
 def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, float]:
     """Every number of a hyper-step record, by the names in the module's docstring.
 
@@ -86,8 +93,7 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
     out["solver/num_hvps"] = float(record.info.num_hvps)
     out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
     for key, value in record.diagnostics.items():
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key not in _NOT_SOLVER and numeric and not math.isnan(value):  # NaN: not computed
+        if _loggable(key, value):
             out[f"solver/{key}"] = float(value)
     out["time/seconds"] = float(record.seconds)
     return out

@@ -344,32 +344,35 @@ def implicit_hypergradient(
     """
     started = time.perf_counter() if started is None else started
     holder: dict[str, Any] = {}
-    b, direct, stat, *values = guarded(
-        lambda: _local_terms(build, outer_loss, outer_at, by_reference, holder, group),
-        [] if group is None else _like(inputs),
-        group,
-        "the losses and their gradients",
-    )
-    op = holder["op"]
-    if group is not None:  # the stacked values, averaged
-        values = [values[0][0], values[0][1]]
-    b = b if b.dtype == op.dtype else b.to(op.dtype)
-    terms = _Terms(op, b, direct, stat, values, holder["unused_direct"])
-    fixed_point = not hasattr(op, "loss")
-    try:
-        _check_terms(terms, x0, fixed_point)
-        start = op.num_matvecs
-        x, record, system = _solve(terms, solver, damping, x0, group)
-        num_hvps = op.num_matvecs - start
-        extra = 0
-        if residual and record.residual is None:
-            record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
-            extra = 1
-        bnorm = terms.bnorm
-        warn_solve(solver, record.status, record.iterations, record.residual, bnorm, record.stats)
-        result = _assemble(terms, x, group, solver, record.status)
-    finally:
-        op.release()
+    with keep_buffers():  # every pass here is extra to training: buffers untouched
+        b, direct, stat, *values = guarded(
+            lambda: _local_terms(build, outer_loss, outer_at, by_reference, holder, group),
+            [] if group is None else _like(inputs),
+            group,
+            "the losses and their gradients",
+        )
+        op = holder["op"]
+        if group is not None:  # the stacked values, averaged
+            values = [values[0][0], values[0][1]]
+        b = b if b.dtype == op.dtype else b.to(op.dtype)
+        terms = _Terms(op, b, direct, stat, values, holder["unused_direct"])
+        fixed_point = not hasattr(op, "loss")
+        try:
+            _check_terms(terms, x0, fixed_point)
+            start = op.num_matvecs
+            x, record, system = _solve(terms, solver, damping, x0, group)
+            num_hvps = op.num_matvecs - start
+            extra = 0
+            if residual and record.residual is None:
+                record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
+                extra = 1
+            bnorm = terms.bnorm
+            warn_solve(
+                solver, record.status, record.iterations, record.residual, bnorm, record.stats
+            )
+            result = _assemble(terms, x, group, solver, record.status)
+        finally:
+            op.release()
     record.stats["hvp"] = getattr(op, "mode", None)
     record.stats["hvp_fallback"] = getattr(op, "fallback_reason", None)
     info = ImplicitInfo(

@@ -52,6 +52,14 @@ __all__ = [
     "set_rng_state",
 ]
 
+_NO_BLOCK = contextlib.nullcontext()  # reusable
+
+
+@contextlib.contextmanager
+def _both(first: Any, second: Any) -> Iterator[None]:
+    with first, second:
+        yield
+
 
 def _accelerator(device: torch.device) -> str | None:
     return device.type if device.type in ("cuda", "mps") else None
@@ -380,15 +388,12 @@ class Run:
         self._after = (t, after)  # the next step starts from it (nothing draws in between)
         self.rngs[t] = None if same_state(before, after) else before
 
-    @contextlib.contextmanager
-    def again(self, t: int) -> Iterator[None]:
+    def again(self, t: int) -> contextlib.AbstractContextManager[Any]:
         """A re-evaluation of step ``t`` (reverse pass, recomputation, first-order
-        differences): the same draws, and the modules' buffers (BatchNorm running
-        statistics) left as the run's real steps made them (``operators.buffers``). Inside
-        :meth:`first_pass` it is the step's first evaluation: the buffers update as in
-        training."""
+        differences): the same draws, the modules' buffers left as the real steps made them
+        (``operators.buffers``); inside :meth:`first_pass`, the step's first evaluation."""
         state = self.rngs[t]
-        rng = contextlib.nullcontext() if state is None else replay_rng(state, self.device)
-        keep = contextlib.nullcontext() if self.in_first_pass else keep_buffers()
-        with rng, keep:
-            yield
+        keep = _NO_BLOCK if self.in_first_pass else keep_buffers()
+        if state is None:
+            return keep
+        return _both(replay_rng(state, self.device), keep)

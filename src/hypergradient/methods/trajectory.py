@@ -48,6 +48,7 @@ from .._vocab import (
     as_int,
     require_finite,
 )
+from ..operators.buffers import keep_buffers
 from ._checks import all_finite, check_arity, unused_leaves, warn_unused
 from .base import Info, Method, Problem, Trajectory
 from .replay import Run, replay_rng, rng_state
@@ -121,13 +122,14 @@ def outer_gradients(
     """
 
     def local() -> list[Tensor]:
-        value, (gp, gh) = _tree.grad_at(
-            outer_loss,
-            [_tree.unflatten(run.pspec, p), _tree.unflatten(run.hspec, run.h)],
-            ["params", "hparams"],
-            "outer_loss",
-            by_reference=[False, run.by_reference],
-        )
+        with keep_buffers():  # an extra pass: a train-mode outer loss leaves the statistics
+            value, (gp, gh) = _tree.grad_at(
+                outer_loss,
+                [_tree.unflatten(run.pspec, p), _tree.unflatten(run.hspec, run.h)],
+                ["params", "hparams"],
+                "outer_loss",
+                by_reference=[False, run.by_reference],
+            )
         if direct is not None:
             direct[:] = [d is not None for d in gh]
         zp = [torch.zeros_like(a) if d is None else d for a, d in zip(p, gp)]
@@ -229,18 +231,21 @@ def reverse_sweep(
     ``hvp_fallback``; ``unused_hparams``: the leaves no step or ``g`` depended on).
     """
     touched = [False] * len(run.h)
-    gp, gh, value = outer_gradients(run, outer_loss, p_T, touched)
-    adj = (gp, tuple(torch.zeros_like(x) for x in s_T))
-    hyper = [x.clone() for x in gh]
-    step = ReverseStep(run, hvp)
-    for t in range(run.steps - 1, first - 1, -1):
-        p, s = state_at(t)
-        dp, ds, dh = step(p, s, t, adj)
-        adj = (dp, ds)
-        for i, (acc, d) in enumerate(zip(hyper, dh)):
-            if d is not None:
-                acc.add_(d)
-                touched[i] = True
+    # every evaluation from here is extra to the run: one block keeps the modules' buffers
+    # (the steps' again() blocks nest in it for free)
+    with keep_buffers():
+        gp, gh, value = outer_gradients(run, outer_loss, p_T, touched)
+        adj = (gp, tuple(torch.zeros_like(x) for x in s_T))
+        hyper = [x.clone() for x in gh]
+        step = ReverseStep(run, hvp)
+        for t in range(run.steps - 1, first - 1, -1):
+            p, s = state_at(t)
+            dp, ds, dh = step(p, s, t, adj)
+            adj = (dp, ds)
+            for i, (acc, d) in enumerate(zip(hyper, dh)):
+                if d is not None:
+                    acc.add_(d)
+                    touched[i] = True
     unused = unused_leaves(run.hspec.paths, run.h, touched)
     return hyper, value, {**step.finish(), **({"unused_hparams": unused} if unused else {})}
 

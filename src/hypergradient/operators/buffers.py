@@ -19,9 +19,7 @@ counter).
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -73,25 +71,29 @@ def _restore(entry: tuple[nn.Module, list[tuple[str, Tensor]]]) -> None:
         setattr(module, name, buf)
 
 
-@contextlib.contextmanager
-def keep_buffers() -> Iterator[None]:
+class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
     """A block whose ``nn.Module`` forward passes change no module's buffers (this thread).
 
-    Passes that raise are undone when the block exits.
+    Passes that raise are undone when the block exits. A block inside another costs one
+    attribute read (a class, not a generator: the implicit formula enters a few per call).
     """
-    outer = _swaps()
-    if outer is not None:  # nested: the outer block already keeps them
-        yield
-        return
-    _LOCAL.swaps = []
-    with _LOCK:
-        if _USERS[0] == 0:
-            _HOOKS.append(nn_module.register_module_forward_pre_hook(_pre))
-            _HOOKS.append(nn_module.register_module_forward_hook(_post, always_call=True))
-        _USERS[0] += 1
-    try:
-        yield
-    finally:
+
+    __slots__ = ("outer",)
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_LOCAL, "swaps", None) is None
+        if not self.outer:  # nested: the outer block already keeps them
+            return
+        _LOCAL.swaps = []
+        with _LOCK:
+            if _USERS[0] == 0:
+                _HOOKS.append(nn_module.register_module_forward_pre_hook(_pre))
+                _HOOKS.append(nn_module.register_module_forward_hook(_post, always_call=True))
+            _USERS[0] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.outer:
+            return
         swaps = _LOCAL.swaps
         while swaps:
             _restore(swaps.pop())
