@@ -242,7 +242,7 @@ def replay_off(hopt: HyperOptimizer, error: float | None, saved: Transaction) ->
         return False
     off = not error <= REPLAY_SKIP  # NaN included
     if hopt.process_group is not None:
-        flag = torch.tensor([float(off)], dtype=torch.float64, device=hopt.view.device)
+        flag = torch.tensor([float(off)], dtype=torch.float32, device=hopt.view.device)
         off = float(distributed.mean_over_ranks([flag], hopt.process_group)[0]) > 0.0
     if not off:
         return False
