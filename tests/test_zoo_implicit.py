@@ -103,7 +103,7 @@ def test_implicit_with_each_solver_matches_the_dense_float64_solve(name, dropout
         assert info.status.ok
 
 
-METHOD_CASES = ["implicit", "ift", "hoag", "t1t2"]
+METHOD_CASES = ["implicit", "ift", "hoag", "t1t2", "t1t2_params"]
 
 
 def method_for(kind: str, ref):
@@ -114,6 +114,8 @@ def method_for(kind: str, ref):
         return hg.IFT(hg.NystromPCG(rank=8, maxiter=4 * n, tol=1e-12, seed=1), damping=damping)
     if kind == "hoag":
         return hg.HOAG(maxiter=4 * n, tol=1e-12, decay=1.0, damping=damping)
+    if kind == "t1t2_params":  # the default takes a penalty's hyperparameters first
+        return hg.T1T2(mixed="params")
     return hg.T1T2()
 
 
@@ -127,8 +129,9 @@ def test_implicit_method_objects_match_the_dense_formula(name, dropout, kind):
     problem = hg.Problem(zoo.inner, zoo.outer, p0, h, lr=lr)
     got, info = quiet(method_for(kind, ref), problem)
     expected = ref["expected"]
-    if kind == "t1t2":
+    if kind.startswith("t1t2"):
         expected = ref["g_phi"] - lr * ref["M"].T @ ref["g_theta"]
+        assert info.stats["mixed"] == ("params" if kind == "t1t2_params" else "hparams")
     assert rel(got["decay"], expected) < 1e-9
 
 
