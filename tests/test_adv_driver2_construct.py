@@ -9,9 +9,6 @@ to leave each rank's optimizer with its own linked learning rate written in: the
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 import traceback
 
 import torch
@@ -19,15 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hypergradient as hg
+from ranks import WORLD, free_port, init_gloo
 
-WORLD = 2
 DT = torch.float64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss(m, h, b):
@@ -36,12 +27,7 @@ def _loss(m, h, b):
 
 def _worker(rank, port, results):
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-        )
+        init_gloo(rank, port)
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1).double()
         x, y = torch.randn(8, 3, dtype=DT), torch.randn(8, dtype=DT)
@@ -88,7 +74,7 @@ def _worker(rank, port, results):
 
 def test_refused_construction_leaves_the_linked_settings_unwritten():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         assert (rank, "crash") not in results, results[(rank, "crash")]
         assert "differ" in results.get((rank, "error"), ""), results

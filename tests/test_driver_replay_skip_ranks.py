@@ -6,8 +6,6 @@ bound (its replay error replaced by 0.5), the case only the collective decision 
 
 from __future__ import annotations
 
-import datetime
-import os
 import traceback
 import warnings
 
@@ -17,7 +15,7 @@ import torch.multiprocessing as mp
 
 import hypergradient as hg
 from hypergradient.methods import trajectory
-from test_hyperoptimizer_distributed import WORLD, _free_port
+from ranks import WORLD, free_port, init_gloo
 
 DT = torch.float64
 
@@ -62,12 +60,7 @@ def _run(rank: int, clip_on: int | None, fake_on: int | None = None) -> tuple[in
 
 def _worker(rank, port, results):
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-        )
+        init_gloo(rank, port)
         results[(rank, "clip1")] = _run(rank, clip_on=1)
         results[(rank, "none")] = _run(rank, clip_on=None)
         results[(rank, "fake1")] = _run(rank, clip_on=None, fake_on=1)
@@ -81,7 +74,7 @@ def _worker(rank, port, results):
 
 def test_one_ranks_bad_replay_skips_the_hyper_step_on_every_rank():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]
     (s0, k0, d0), (s1, k1, d1) = results[(0, "clip1")], results[(1, "clip1")]

@@ -285,7 +285,7 @@ def _worker(rank, port, results):
 
 
 def test_under_a_process_group_the_score_is_the_mean_over_ranks():
-    from test_hyperoptimizer_distributed import _free_port
+    from ranks import free_port as _free_port
 
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)

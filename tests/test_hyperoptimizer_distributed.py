@@ -5,9 +5,6 @@ changes on one rank), instead of deadlocking in mismatched collectives."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 import traceback
 
 import torch
@@ -15,15 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hypergradient as hg
+from ranks import WORLD, free_port, init_gloo
 
-WORLD = 2
 DT = torch.float64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make(rank, inner_steps=2, lr=0.1, maxiter=5):
@@ -60,12 +51,7 @@ def _expect_error(fn, results, key):
 
 def _worker(rank, port, results):
     try:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-        )
+        init_gloo(rank, port)
         _expect_error(lambda: _make(rank, inner_steps=2 + rank), results, (rank, "inner_steps"))
         _expect_error(lambda: _make(rank, lr=0.1 * (1 + rank)), results, (rank, "lr"))
         _expect_error(lambda: _make(rank, maxiter=5 + rank), results, (rank, "maxiter"))
@@ -92,7 +78,7 @@ def _worker(rank, port, results):
 
 def test_ranks_with_different_configurations_all_raise():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]
         for case in ("inner_steps", "lr", "maxiter", "changed"):

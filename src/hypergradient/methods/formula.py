@@ -108,14 +108,13 @@ def _local_terms(
     """
     op = holder["op"] = build()
     at = op.param_leaves if outer_at is None else list(outer_at)
-    with keep_buffers():  # a train-mode outer loss leaves the running statistics alone
-        value, (gp, gh) = _tree.grad_at_leaves(
-            outer_loss,
-            [at, op.hparam_leaves],
-            [op.param_spec, op.hparam_spec],
-            "outer_loss",
-            by_reference=[outer_at is None, True],
-        )
+    value, (gp, gh) = _tree.grad_at_leaves(  # inside implicit_hypergradient's keep_buffers
+        outer_loss,
+        [at, op.hparam_leaves],
+        [op.param_spec, op.hparam_spec],
+        "outer_loss",
+        by_reference=[outer_at is None, True],
+    )
     holder["unused_direct"] = [g is None for g in gh]
     hdtype = _tree.common_dtype(op.hparam_leaves)
     stationarity = getattr(op, "grad", None)

@@ -7,7 +7,6 @@ Hyperparameters", ICML.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from .. import _tree
 from .._tree import Tree
 from .._vocab import Status, as_choice, as_float, as_scalar_loss, finite_probe
 from ..operators.buffers import keep_buffers
-from ..operators.graph import SYMBOLIC_SHAPES
 from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
 from ..solvers.norms import ROW_SQUARES, ROWS_FROM, in_rows, norm_parts
@@ -28,7 +26,13 @@ from ._checks import Inputs, check_problem
 from .base import Problem
 from .implicit_base import ImplicitMethod, as_hvp
 from .implicit_info import ImplicitInfo
-from .mixed_order import HPARAMS_FIRST_SHARE, MIXED_ORDERS, hparams_first, on_path_share
+from .mixed_order import (
+    HPARAMS_FIRST_SHARE,
+    MIXED_ORDERS,
+    grad_along,
+    hparams_first,
+    on_path_share,
+)
 from .replay import rng_state, set_rng_state
 
 __all__ = ["T1T2", "look_ahead"]
@@ -209,23 +213,12 @@ def _pieces(x: Tensor, inputs: Inputs) -> list[Tensor]:
     return out
 
 
-def _mixed(grads: list[Tensor | None], x: Tensor, inputs: Inputs, h: list[Tensor]) -> list[Any]:
+def _mixed(grads: list[Tensor | None], pieces: list[Tensor], h: list[Tensor]) -> list[Any]:
     """``d/dphi <grad_theta f, x>`` per hyperparameter leaf (None: no path)."""
-    outputs, pieces, start = [], [], 0
-    for g, leaf, n in zip(grads, inputs.param_leaves, inputs.param_spec.numels):
-        if g is not None and g.requires_grad:
-            piece = x[start : start + n].reshape(leaf.shape)
-            outputs.append(g)
-            pieces.append(piece if piece.dtype == leaf.dtype else piece.to(leaf.dtype))
-        start += n
-    if not outputs:
+    pairs = [(g, v) for g, v in zip(grads, pieces) if g is not None and g.requires_grad]
+    if not pairs:
         return [None] * len(h)
-    if SYMBOLIC_SHAPES in sys.modules:
-        return list(torch.autograd.grad(outputs, h, grad_outputs=pieces, allow_unused=True))
-    dot = (outputs[0] * pieces[0]).sum()  # grad_outputs would import sympy (cold start)
-    for o, p in zip(outputs[1:], pieces[1:]):
-        dot = dot + (o * p).sum()
-    return list(torch.autograd.grad(dot, h, allow_unused=True))
+    return list(grad_along([g for g, _ in pairs], h, [v for _, v in pairs]))
 
 
 #: Vectors of at least this many entries take the passes that save memory traffic (``x``
@@ -381,10 +374,11 @@ def look_ahead(
         gq = _grads(g, q + h_outer)
         x = _scaled(gq[: len(q)], lr, inputs, dtype)
         xparts = norm_parts(x, wide)
+        pieces = _pieces(x, inputs)
         if order == "params":
-            mixed: list[Any] | None = _mixed(gf, x, inputs, h)
+            mixed: list[Any] | None = _mixed(gf, pieces, h)
         else:
-            mixed = hparams_first(f, p, h, _pieces(x, inputs))
+            mixed = hparams_first(f, p, h, pieces)
         if mixed is None:
             return None
     direct = gq[len(q) :]

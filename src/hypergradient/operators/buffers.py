@@ -81,7 +81,7 @@ class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
     __slots__ = ("outer",)
 
     def __enter__(self) -> None:
-        self.outer = getattr(_LOCAL, "swaps", None) is None
+        self.outer = _swaps() is None
         if not self.outer:  # nested: the outer block already keeps them
             return
         _LOCAL.swaps = []
