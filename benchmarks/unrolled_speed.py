@@ -15,6 +15,7 @@ import hypergradient as hg
 
 NAME, TITLE, PROBLEMS = "unrolled_speed", "hg.unrolled vs plain autograd", ("logreg", "mlp")
 MEMORY_T, RATIO = 100, "ratio to hand (median):.2f|peak MB:.2f"
+MEMORY_SHARE, MEM_QUICK = 0.2, ("unrolled", "hand")  # issue 11, goal 1: peak <= 0.2x hand's
 
 
 def problem(name: str, hidden: int = 32) -> tuple:
@@ -68,7 +69,17 @@ def recompute(f: Callable, g: Callable, p0: tuple, h: dict, T: int) -> Tensor:
 
 def competitors(peers: bool = True) -> list[str]:
     peer = peers and H.import_peer("torchopt")[0] is not None
-    return ["unrolled", "hand", "recompute"] + ["torchopt"] * peer
+    return ["unrolled", "hand", "recompute"] + ["torchopt"] * peer + ["sweep"]
+
+
+def sweep(f: Callable, p0: tuple, h: dict, T: int) -> Tensor:
+    """The forward sweep alone: T plain SGD steps, no graph kept (what any method that does
+    not keep a step's graph computes twice for it)."""
+    fixed, p = H.leaves(h), tuple(p0)
+    for _ in range(T):
+        x = H.leaves(p)
+        p = tuple(v - fixed["lr"] * gv for v, gv in zip(p, torch.autograd.grad(f(x, fixed), x)))
+    return H.flat(p)
 
 
 def competitor(who: str, name: str, T: int, hidden: int = 32) -> Callable[[], Tensor]:
@@ -81,6 +92,8 @@ def competitor(who: str, name: str, T: int, hidden: int = 32) -> Callable[[], Te
             return H.flat(hg.unrolled(f, g, p0, h, T, hg.optim.sgd(lr=h["lr"])))
         if who == "recompute":
             return recompute(f, g, p0, h, T)
+        if who == "sweep":
+            return sweep(f, p0, h, T)
         return hand(f, g, p0, h, T, H.import_peer("torchopt")[0] if who == "torchopt" else None)
 
     return call
@@ -103,15 +116,16 @@ def time_problem(name: str, T: int, rounds: int, quick: bool) -> dict[str, Any]:
     names = competitors(not quick)
     cases = [H.Case(w, lambda s, c=competitor(w, name, T): c()) for w in names]  # noqa: B008
     res = {t.key: t for t in H.interleave(cases, rounds)}
-    agree = {w: H.relative_error(t.warm, res["hand"].warm) for w, t in res.items()}
+    agree = {w: H.relative_error(t.warm, res["hand"].warm) for w, t in res.items() if w != "sweep"}
     assert max(agree.values()) < 1e-3, f"a competitor disagrees with the hand-written loop: {agree}"
     hand = res["hand"].ms_all
     ratio = {w: H.median([a / b for a, b in zip(t.ms_all, hand)]) for w, t in res.items()}
-    mem = [w for w in names if not quick or (name == "mlp" and w in ("unrolled", "hand"))]
+    mem = [w for w in names if w != "sweep" and (not quick or name == "mlp" and w in MEM_QUICK)]
     peak = {w: H.isolated(peak_child, w, name, MEMORY_T, 32, True)["peak_mb"] for w in mem}
     out = {"params": H.flat(problem(name)[2]).numel()}
     out["median_ms"] = {w: t.ms for w, t in res.items()}
     out |= {"ratio_to_hand": ratio, "peak_mb": peak, "rel_diff_to_hand": agree}
+    out["bound"] = 1.0 + (1.0 - MEMORY_SHARE) * ratio["sweep"]  # see render
     return out | {"times_ms": {w: t.ms_all for w, t in res.items()}}
 
 
@@ -159,6 +173,7 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
     data = {"T": args.steps, "rounds": args.rounds, "load": os.getloadavg()}
+    data["memory_share"] = MEMORY_SHARE
     timed = {n: time_problem(n, args.steps, args.rounds, args.quick) for n in args.problems}
     data["problems"] = timed
     cold = H.cold_start(NAME)
@@ -176,11 +191,18 @@ def render(d: dict[str, Any]) -> list[str]:
             row = {"problem": n, "params": r["params"], "competitor": w, "median ms": ms}
             row["ratio to hand (median)"] = r["ratio_to_hand"][w]
             rows.append(row | {"peak MB": r["peak_mb"].get(w)})
-    c = d["cold"]
+    c, share = d["cold"], d.get("memory_share", MEMORY_SHARE)
+    bounds = ", ".join(f"{n} {r['bound']:.2f}" for n, r in d["problems"].items() if "bound" in r)
     out = [
         f"T = {d['T']}, {d['rounds']} interleaved rounds; peak MB: the increase during one call "
-        f"at T = {MEMORY_T}, alone in a child process",
+        f"at T = {MEMORY_T}, alone in a child process; sweep: the T plain SGD steps alone (no "
+        "graph kept, no hypergradient)",
         H.dict_table(rows, "problem|params:d|competitor|median ms:.1f|" + RATIO),
+        f"Least ratio to hand at a peak of at most {share:g}x hand's: such a run keeps at most "
+        f"a fraction {share:g} of the steps' graphs, so it computes the gradient of at least "
+        f"{1 - share:g} T steps twice (once plain in the forward sweep, once with its graph in "
+        "the reverse sweep), on top of the hand loop's graph building and backward passes: "
+        f"ratio >= 1 + {1 - share:g} x (sweep / hand) = {bounds}.",
         f"Cold start: `import torch, hypergradient` {c['import_s']:.2f} s; the first "
         f"`hg.unrolled` call {c['first_call_s']:.2f} s more ({c['first_call_cpu_s']:.2f} s CPU), "
         f"then the first `hg.drmad` {c['first_drmad_s']:.2f} s; torch._dynamo or sympy "

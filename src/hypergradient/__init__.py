@@ -60,6 +60,7 @@ from .operators import (
     LinearOperator,
     MatrixOperator,
 )
+from .operators.modes import NonSmoothLossError
 from .solvers import (
     CG,
     DampingEstimate,
@@ -108,6 +109,7 @@ __all__ = [
     "Method",
     "Neumann",
     "NonFiniteHypergradientError",
+    "NonSmoothLossError",
     "Nystrom",
     "NystromApproximation",
     "NystromPCG",

@@ -31,7 +31,13 @@ from torch import Tensor
 from .. import _tree
 from .._vocab import HypergradientWarning
 from .replay import Run
-from .traj_modes import first_order_step, has_error_node, is_double_backward_error, math_kernels
+from .traj_modes import (
+    central_difference,
+    first_order_step,
+    has_error_node,
+    is_double_backward_error,
+    math_kernels,
+)
 
 __all__ = ["GradientTangents"]
 
@@ -171,6 +177,7 @@ class GradientTangents:
         size = sum(x.numel() for x in p)
         m = dp[0].shape[0] if dp else 0
         out: list[list[Tensor]] = [[] for _ in p]
+        center: list[Tensor] | None = None  # grad f at the point, with the step's draws
         for k in range(m):
             vp, vh = [d[k] for d in dp], [d[k] for d in dh]
             v_norm = math.sqrt(sum(float(x.to(wide).pow(2).sum()) for x in (*vp, *vh)))
@@ -178,12 +185,25 @@ class GradientTangents:
                 for i, x in enumerate(p):
                     out[i].append(torch.zeros_like(x))
                 continue
+            if center is None:
+                center = self._gradient(p, vp, vh, 0.0, t)
             e = first_order_step(theta_norm, v_norm, size, least)
-            plus = self._gradient(p, vp, vh, e, t)
-            minus = self._gradient(p, vp, vh, -e, t)
-            for i, (a, b) in enumerate(zip(plus, minus)):
-                out[i].append((a - b) / (2 * e))
+            for i, d in enumerate(self._central(p, vp, vh, e, t, center)):
+                out[i].append(d)
         return [torch.stack(o) for o in out]
+
+    def _central(
+        self, p: Leaves, vp: list[Tensor], vh: list[Tensor], e: float, t: int, center: list
+    ) -> list[Tensor]:
+        """One direction's central difference, checked for kinks (``central_difference``)."""
+
+        def evaluate(step: float) -> tuple[list[Tensor], list[Tensor]]:
+            plus = self._gradient(p, vp, vh, step, t)
+            return plus, self._gradient(p, vp, vh, -step, t)
+
+        what = f"inner_loss at step {t} of the window"
+        got = central_difference(evaluate, center, e, what)
+        return [torch.zeros_like(x) if d is None else d for x, d in zip(p, got)]
 
     def _gradient(
         self, p: Leaves, vp: list[Tensor], vh: list[Tensor], e: float, t: int

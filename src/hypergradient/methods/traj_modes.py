@@ -9,8 +9,9 @@ mode               products                                                     
 ``"double"``       backward through the graph of ``grad f`` (double backward)   ~3
 ``"double_math"``  the same, the graph built with the math attention kernel     ~3
                    and without cuDNN (fused kernels without double backward)
-``"first_order"``  ``(grad f(theta + e u) - grad f(theta - e u)) / 2e`` with    3
-                   respect to ``theta`` and ``phi``: no double backward
+``"first_order"``  ``(grad f(theta + e u) - grad f(theta - e u)) / 2e`` with    4
+                   respect to ``theta`` and ``phi``: no double backward (and
+                   ``grad f(theta)``, the kink check's centre)
 ``"auto"``         ``"double"``; on torch's "derivative ... is not implemented"  as chosen
                    error, ``"double_math"``, then ``"first_order"`` (one warning)
 =================  ===========================================================  ==========
@@ -25,6 +26,7 @@ from __future__ import annotations
 from .._vocab import as_choice
 from ..operators.modes import (
     MODES,
+    central_difference,
     first_order_step,
     is_double_backward_error,
     math_kernels,
@@ -34,6 +36,7 @@ from ..operators.modes import delayed_error_in as has_error_node
 __all__ = [
     "MODES",
     "as_mode",
+    "central_difference",
     "first_order_step",
     "has_error_node",
     "is_double_backward_error",

@@ -33,6 +33,7 @@ from .. import _tree
 from .._vocab import HypergradientWarning
 from .replay import Run
 from .traj_modes import (
+    central_difference,
     first_order_step,
     has_error_node,
     is_double_backward_error,
@@ -204,9 +205,14 @@ class ReverseStep:
         least = min((x.dtype for x in p), key=lambda d: torch.finfo(d).bits)
         size = sum(x.numel() for x in p)
         e = first_order_step(theta_norm, u_norm, size, least)
-        plus = self._gradients([x + e * d for x, d in zip(p, u)], t)
-        minus = self._gradients([x - e * d for x, d in zip(p, u)], t)
-        return [(a - b) / (2 * e) for a, b in zip(plus, minus)]
+
+        def evaluate(step: float) -> tuple[list[Tensor], list[Tensor]]:
+            plus = self._gradients([x + step * d for x, d in zip(p, u)], t)
+            return plus, self._gradients([x - step * d for x, d in zip(p, u)], t)
+
+        center = self._gradients(list(p), t)
+        out = central_difference(evaluate, center, e, f"inner_loss at step {t} of the window")
+        return [d for d in out if d is not None]
 
     def _gradients(self, q: list[Tensor], t: int) -> list[Tensor]:
         """``grad_theta f`` and ``grad_phi f`` at ``q``, under step ``t``'s draws."""

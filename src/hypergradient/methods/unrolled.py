@@ -63,7 +63,7 @@ class Unrolled(TrajectoryMethod):
     price of recomputing ``K - K/c`` forward steps. Never more than one step's autograd
     graph at a time. Cost: ``T`` gradient steps forward, then per differentiated step one
     recomputation of the gradient with its graph and one backward pass through it (about
-    3-4 gradients; ``"first_order"``: 3 gradients). No state.
+    3-4 gradients; ``"first_order"``: 4 gradients, the kink check's included). No state.
     """
 
     name = "unrolled"

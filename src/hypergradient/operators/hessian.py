@@ -13,7 +13,7 @@ from .._tree import Tree, TreeSpec
 from .base import check_vector
 from .buffers import keep_buffers
 from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, flat_output, prepare_leaves
-from .modes import MODES, autocast_dtype, first_order_step
+from .modes import MODES, autocast_dtype, central_difference, first_order_step
 
 __all__ = ["FixedPointOperator", "HessianOperator"]
 
@@ -142,6 +142,7 @@ class HessianOperator(GraphOperator):
         self.autocast_dtype = autocast_dtype(self.device)  # the products' (product_eps)
         self._setup_graph(batched)
         self._theta_norm: float | None = None  # first order only: computed on first use
+        self._centers: dict[bool, list[Tensor | None]] = {}  # first order: see _center
         self.gradient_evaluations = 0
         self._first: tuple[Tensor, list[Tensor | None]] | None = None
         if mode == "first_order":
@@ -221,15 +222,22 @@ class HessianOperator(GraphOperator):
             self._theta_norm = _norm(self.param_leaves)
         fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
         h = first_order_step(self._theta_norm, vnorm, self.size, fd_dtype)
-        _, plus = self._gradients(h * v, wrt)
-        _, minus = self._gradients(-h * v, wrt)
-        out: list[Tensor | None] = []
-        for gp, gm in zip(plus, minus):
-            if gp is None or gm is None:
-                out.append(None)
-            else:
-                out.append((gp.to(self.dtype) - gm.to(self.dtype)) / (2.0 * h))
-        return out
+
+        def evaluate(step: float) -> tuple[list[Tensor | None], list[Tensor | None]]:
+            return self._gradients(step * v, wrt)[1], self._gradients(-step * v, wrt)[1]
+
+        what = self._loss_name + ("" if wrt is not None else " (the mixed product)")
+        out = central_difference(evaluate, self._center(wrt), h, what)
+        return [None if d is None else d.to(self.dtype) for d in out]
+
+    def _center(self, wrt: list[Tensor] | None) -> list[Tensor | None]:
+        """The gradient at the point with the products' random numbers (made once per
+        ``wrt``: the parameters, or the hyperparameters for the mixed product)."""
+        key = wrt is None
+        got = self._centers.get(key)
+        if got is None:
+            got = self._centers[key] = self._gradients(None, wrt)[1]
+        return got
 
     # -- products -------------------------------------------------------------------
     def _first_order_matvec(self, v: Tensor) -> Tensor:

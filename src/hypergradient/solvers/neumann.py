@@ -331,7 +331,7 @@ class _Series:
         tol, previous = self.solver.tol, 1.0
         for it in range(1, self.solver.maxiter + 1):
             w = self.op.matvec(self.v)
-            v = self.v - self.alpha * w  # the residual of alpha * total
+            v = torch.add(self.v, w, alpha=-self.alpha)  # the residual of alpha * total
             read = row_norms((v,), self.wide) if self.by_rows else None
             vnorm = read[0] if read is not None else safe_norm(v, self.wide)
             if not math.isfinite(vnorm):  # a NaN or Inf in w makes ||v|| non-finite
