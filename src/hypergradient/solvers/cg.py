@@ -14,7 +14,7 @@ from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
-from .cg_status import attainable_message, product_eps
+from .cg_status import attainable_message, product_eps, recheck_exit, restore_start
 from .norms import in_rows, row_norms
 
 __all__ = ["CG", "conjugate_gradient"]
@@ -34,13 +34,10 @@ class _Run:
 
     Normalizing makes the iteration scale-safe: ``||b||^2`` and ``r^T z`` cannot overflow
     or underflow whatever the scale of ``b``. The run keeps the iterate with the smallest
-    known residual (``x = 0``, residual 1, to start with); see :meth:`_solution` for which
-    iterate it returns.
-
-    The norms of ``A p``, ``p``, ``r`` and ``y`` take one reduction over a reused ``(4, n)``
-    buffer and, with ``p^T A p``, one host synchronization per step (:meth:`_norms`); on
-    the CPU large float32 systems read them by float32 rows (:mod:`.norms`, ~1e-7 relative).
-    """
+    known residual (``x = 0``, residual 1, to start with; :meth:`_solution` says which it
+    returns). The norms of ``A p``, ``p``, ``r``, ``y`` take one reduction and, with ``p^T A
+    p``, one host synchronization per step (:meth:`_norms`; on the CPU large float32 systems
+    read by float32 rows, :mod:`.norms`, ~1e-7 relative)."""
 
     def __init__(
         self,
@@ -107,7 +104,8 @@ class _Run:
                 self.stats["warm_start_dropped"] = True
         # the best iterate is copied out at its first improvement (until then it is the start)
         self.best: Tensor | None = None
-        self.best_norm = self.rnorm
+        self.best_norm = self.start_norm = self.rnorm
+        self.start_ynorm = self.ynorm
 
     def _restart_direction(self) -> None:
         self.z = self.precondition(self.r) if self.precondition is not None else self.r
@@ -219,6 +217,7 @@ class _Run:
         true_norm = safe_norm(true_r)
         if self.best_norm == self.rnorm:  # y is the best iterate: record its true residual
             self.best_norm = true_norm
+            restore_start(self)  # worse than the start: the start is the best again
         self.r, self.rnorm = true_r, true_norm
         if true_norm <= self.threshold:
             return True
@@ -239,6 +238,7 @@ class _Run:
                     pass
             except StopIteration:
                 self.status = Status.MAX_ITERATIONS
+        recheck_exit(self)
         return self._solution()
 
     def _solution(self) -> Solution:

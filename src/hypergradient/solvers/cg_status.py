@@ -7,11 +7,14 @@ bfloat16 model's Hessian products round at 3.9e-3 even though the iterates are f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from .._vocab import Status
 from ..operators import LinearOperator
+from .base import require_finite_product, safe_norm
 
-__all__ = ["attainable_message", "product_eps"]
+__all__ = ["attainable_message", "product_eps", "recheck_exit", "restore_start"]
 
 
 def product_eps(op: LinearOperator) -> float:
@@ -42,3 +45,49 @@ def attainable_message(run: Any) -> str:
         f"rounding level of {run.b.dtype} for this system (about eps ||A|| ||x||); "
         "loosen tol, add damping, use a preconditioner (hg.NystromPCG) or float64"
     )
+
+
+def recheck_exit(run: Any) -> None:
+    """Never return an iterate worse than the start after a ``maxiter`` or negative-curvature
+    exit whose updated residuals may have drifted (Greenbaum's bound ``eps (1 + ||A||
+    max ||y_k||)`` above 1% of the start's residual).
+
+    On a singular system with ``b`` partly outside the range of ``A``, CG's steps along
+    the null space blow up (``p^T A p`` at rounding level) while its updated residual stays
+    small: ``hg.CG(maxiter=50)`` returned ``||x|| ~ 3e32``. Where the bound exceeds the
+    start's residual, the iterates' products round by more than ``b`` itself and no
+    residual of theirs means anything: the start is returned (``stats["unreliable"]``).
+    Below that, the true residuals of the last and best iterates are read (one product
+    each) and an iterate worse than the start is forgotten.
+    """
+    exits = (Status.MAX_ITERATIONS, Status.NEGATIVE_CURVATURE)
+    if run.status not in exits or not run.iterations:
+        return
+    drift = run.product_eps * (1.0 + run.lam_hat * run.xmax)
+    if drift <= 0.01 * run.start_norm:
+        return
+    if drift >= run.start_norm:
+        run.stats["unreliable"] = True
+        run.rnorm, run.best_norm = math.inf, math.inf
+        restore_start(run)
+        return
+
+    def true_norm(y: Any) -> float:
+        w = run.op.matvec(y)
+        require_finite_product(w)
+        run.stats["verify_hvps"] = run.stats.get("verify_hvps", 0) + 1
+        return safe_norm(run.b - w)
+
+    last_is_best = run.best is run.y
+    run.rnorm = true_norm(run.y)
+    if last_is_best:
+        run.best_norm = run.rnorm
+    elif run.best is not None:
+        run.best_norm = true_norm(run.best)
+    restore_start(run)
+
+
+def restore_start(run: Any) -> None:
+    """Make the start the best iterate again if the best one's residual is worse."""
+    if run.best_norm > run.start_norm:
+        run.best, run.best_norm, run.best_ynorm = None, run.start_norm, run.start_ynorm

@@ -1,0 +1,91 @@
+"""CG on singular systems whose right-hand side is partly outside the range of ``A``.
+
+Such systems come with overparameterized models (a direction the training loss does not
+see, that the validation loss does). CG's steps then blow up along the null space while its
+updated residual stays small: ``hg.CG(maxiter=50)`` returned ``||x|| ~ 3e32`` with a true
+residual 4e16 times ``||b||`` (and ``hg.implicit`` a 1e32 hypergradient), against CG's
+promise never to be worse than its start. Exits are now rechecked on the true residual.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hypergradient as hg
+
+DT = torch.float64
+
+
+def singular(n: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A PSD ``A`` of the given rank, ``b`` with a part outside its range, and the part in it."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    evals = torch.zeros(n, dtype=DT)
+    evals[:rank] = torch.logspace(-2, 1, rank, dtype=DT)
+    A = (Q * evals) @ Q.T
+    b = torch.randn(n, generator=g, dtype=DT)
+    inside = Q[:, :rank] @ (Q[:, :rank].T @ b)
+    return A, b, inside
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(3, 30),
+    seed=st.integers(0, 10_000),
+    maxiter=st.sampled_from([1, 2, 5, 20, 50, 200]),
+    data=st.data(),
+)
+def test_cg_never_returns_worse_than_its_start_on_singular_systems(n, seed, maxiter, data):
+    rank = data.draw(st.integers(1, n - 1))
+    A, b, _ = singular(n, rank, seed)
+    sol = hg.CG(maxiter=maxiter, tol=0.0).solve(hg.MatrixOperator(A), b)
+    true = float((b - A @ sol.value).norm())
+    assert true <= float(b.norm()) * (1 + 1e-9)
+    assert float(sol.value.norm()) < 1e6 * float(b.norm())  # no blow-up along the null space
+
+
+def test_cg_on_the_coupled_rank_one_system_returns_its_start():
+    # Before: maxiter=50 returned ||x|| 2.8e32, true residual 4.0e16 (||b|| = 1.04).
+    A = torch.tensor([[2.0, 1.0], [1.0, 0.5]], dtype=DT)
+    b = torch.tensor([-0.3, 1.0], dtype=DT)
+    for maxiter in (1, 2, 10, 50, 200):
+        sol = hg.CG(maxiter=maxiter).solve(hg.MatrixOperator(A), b)
+        assert float(sol.value.norm()) == 0.0
+        assert sol.residual_norm == pytest.approx(float(b.norm()))
+        assert sol.status == hg.Status.MAX_ITERATIONS
+    # a warm start stays the answer when nothing improves on it
+    x0 = torch.tensor([0.1, 0.0], dtype=DT)
+    sol = hg.CG(maxiter=50).solve(hg.MatrixOperator(A), b, x0)
+    assert float((b - A @ sol.value).norm()) <= float((b - A @ x0).norm()) * (1 + 1e-12)
+
+
+def test_consistent_singular_systems_still_reach_the_minimum_norm_solution():
+    A, _, inside = singular(12, 7, 3)
+    sol = hg.CG(maxiter=100, tol=1e-12).solve(hg.MatrixOperator(A), inside)
+    exact = torch.linalg.pinv(A) @ inside
+    assert float((sol.value - exact).norm() / exact.norm()) < 1e-8
+    assert sol.status == hg.Status.CONVERGED
+
+
+def test_implicit_hypergradient_of_a_singular_inner_problem_is_not_blown_up():
+    A = torch.tensor([[2.0, 1.0], [1.0, 0.5]], dtype=DT)
+    theta, lam = torch.tensor([1.0, 2.0], dtype=DT), torch.tensor(0.5, dtype=DT)
+
+    def f(t, h):
+        return 0.5 * t @ (A @ t) + h * t[0]
+
+    def g(t, h):
+        return t[1] - 0.3 * t[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
+        out, info = hg.implicit(
+            f, g, theta, lam, hg.CG(maxiter=50), return_info=True, stationarity=None
+        )
+    assert float(out) == 0.0  # x = 0: the direct term (0) alone, never 1e32
+    assert info.status == hg.Status.MAX_ITERATIONS
