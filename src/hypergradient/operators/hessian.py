@@ -149,7 +149,8 @@ class HessianOperator(GraphOperator):
             self._first = self._gradients(None, self.param_leaves, replay=False)
         else:
             self._build_first()
-        assert self._first is not None
+            if self._first is None:  # fell back to first order at build time (compiled model)
+                self._first = self._gradients(None, self.param_leaves)
         loss, grads = self._first
         self._first = None
         self.loss = loss.detach()

@@ -164,7 +164,9 @@ def _checked(
 
 _DOUBLE_BACKWARD = re.compile(
     r"derivative for .+ is not implemented|double backwards? (is )?(not|un)|"
-    r"differentiate twice|once_differentiable",
+    r"differentiate twice|once_differentiable|"
+    # a torch.compile'd model: AOTAutograd's backward takes no create_graph/retain_graph
+    r"donated buffers which requires create_graph=False|not currently support double backward",
     re.IGNORECASE,
 )
 
@@ -174,7 +176,9 @@ def is_double_backward_error(error: BaseException) -> bool:
 
     Matches ``"derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
     not implemented"``, ``"Double backwards is not supported for CuDNN RNNs"``, ``"... Double
-    backward is unsupported ..."`` and the ``@once_differentiable`` error of custom functions.
+    backward is unsupported ..."``, the ``@once_differentiable`` error of custom functions
+    and the two refusals of a ``torch.compile``'d model's backward (donated buffers, or
+    "does not currently support double backward").
     """
     return isinstance(error, RuntimeError) and bool(_DOUBLE_BACKWARD.search(str(error)))
 
