@@ -85,6 +85,7 @@ class DRMAD(HyperOptimizer):
             return self._builtin_hyper_grad(self._train.next(), self._val.next())
 
     def _builtin_hyper_grad(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
+        self._check_one_lr()
         batches = [train_batch] + [self._train.next() for _ in range(self.T - 1)]
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer_state = copy.deepcopy(self.optimizer.state_dict())
@@ -102,8 +103,29 @@ class DRMAD(HyperOptimizer):
         self.w0, self.wT = w0, wT
         return hyper
 
+    def _check_one_lr(self) -> None:
+        """The reverse pass is SGD with one learning rate: refuse param groups that differ
+        (before any training step or change)."""
+        stepped = {id(p) for p in self._named_params()[1]}
+        lrs = {
+            i: g["lr"]
+            for i, g in enumerate(self.optimizer.param_groups)
+            if any(id(p) in stepped for p in g["params"])
+        }
+        if len({float(v) for v in lrs.values()}) > 1:
+            raise ValueError(
+                f"DRMAD's reverse pass takes one learning rate, and the optimizer's param groups "
+                f"have several ({lrs}): its hypergradient would be that of other training "
+                "steps. Use one learning rate for the trained parameters (T1T2, Neumann and "
+                "HOAG take each group's own)."
+            )
+
     def _train_steps(self, batches: list[Any], names: list[str], params: list[Tensor]) -> None:
+        """``T`` steps of the optimizer; the hyperparameters do not require grad meanwhile,
+        so the steps' ``backward()`` leaves their ``.grad`` alone (HippoTrainer's added the
+        training losses' gradients to it)."""
         labels = [f"model parameter {k!r}" for k in names]
+        self._hyperparams_requires_grad_(False)  # _requiring_grad() restores the flags
         for t, (inputs, targets) in enumerate(batches, 1):
             where = f"DRMAD's training step {t} of {self.T} (inside the hyper-step)"
             self.optimizer.zero_grad()
@@ -130,7 +152,7 @@ class DRMAD(HyperOptimizer):
             return criterion_loss(model, criterion, batch)(params, None)
 
         def outer_loss(params: Any, hparams: Any) -> Tensor:
-            return criterion_loss(model, criterion, val_batch)(params, None)
+            return criterion_loss(model, criterion, val_batch, validation=True)(params, None)
 
         end = dict(zip(names, wT))
         trajectory = Trajectory(
@@ -140,6 +162,7 @@ class DRMAD(HyperOptimizer):
             batches=batches,
             final_params=end,
         )
+        self._hyperparams_requires_grad_(True)
         problem = Problem(
             inner_loss=lambda p, h: step_loss(p, h, batches[-1]),
             outer_loss=outer_loss,

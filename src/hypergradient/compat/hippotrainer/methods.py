@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ... import CG, Identity, Solver
@@ -32,6 +33,8 @@ from ..._vocab import (
     as_int,
     require_finite,
 )
+from ...operators import LinearOperator
+from ...solvers import Solution
 from ._autograd import (
     CallableOperator,
     flat,
@@ -57,7 +60,7 @@ class _Implicit(HyperOptimizer):
     def _builtin_hyper_grad(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
         hyper, info = implicit_by_reference(
             self._loss(train_batch),
-            self._loss(val_batch),
+            self._loss(val_batch, validation=True),
             self._params(),
             self.hyperparams.values(),
             self._solver(),
@@ -70,23 +73,58 @@ class _Implicit(HyperOptimizer):
         """Called with the flat solution of each solve (HOAG keeps it as its warm start)."""
 
 
+class _LookAhead(Solver):
+    """``A^{-1} ~ diag(lr)``: the look-ahead step with each coordinate's learning rate."""
+
+    def __init__(self, scale: Tensor):
+        self.scale = scale
+
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        self.validate(op, b, x0)
+        x = self.scale.to(device=b.device, dtype=b.dtype) * b
+        return Solution(x, 0, None, None, Status.FIXED_BUDGET, 0)
+
+
 class T1T2(_Implicit):
     """One-step look-ahead (Luketina et al., 2016, ICML): ``H^{-1} ~ lr * I``.
 
-    ``dg/dphi ~ d_phi g - lr (d_phi grad_theta f)^T grad_theta g`` at the current weights,
-    ``lr`` the optimizer's learning rate (the factor of the look-ahead step, which
-    HippoTrainer drops). Cost: two gradients and one mixed product; no Hessian products.
+    ``dg/dphi ~ d_phi g - (d_phi grad_theta f)^T (lr * grad_theta g)`` at the current
+    weights, ``lr`` the optimizer's learning rate (the factor of the look-ahead step, which
+    HippoTrainer drops); with param groups of different learning rates, each parameter's
+    own (the look-ahead step ``theta - lr_group * grad f`` the optimizer takes). Cost: two
+    gradients and one mixed product; no Hessian products.
     """
 
     def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
         """The T1-T2 hypergradient from the graphs of ``train_loss`` and ``val_loss``."""
         if is_batch(train_loss):
             return self._deprecated_batches(train_loss, val_loss)
-        lr = self._lr()
-        return self._graph_hyper_grad(train_loss, val_loss, lambda v, _: [lr * t for t in v])
+        lrs = self._group_lrs()
+        return self._graph_hyper_grad(
+            train_loss, val_loss, lambda v, _: [lr * t for lr, t in zip(lrs, v)]
+        )
+
+    def _group_lrs(self) -> list[float]:
+        """The learning rate of each trained parameter's param group (all group 0's, checked
+        > 0, when they are equal; each >= 0 otherwise: a group at lr 0 is frozen)."""
+        groups = enumerate(self.optimizer.param_groups)
+        lr_of = {id(p): (i, g["lr"]) for i, g in groups for p in g["params"]}
+        _, params = self._named_params()
+        lrs = [
+            as_float(lr_of[id(p)][1], f"optimizer.param_groups[{lr_of[id(p)][0]}]['lr']", min=0.0)
+            for p in params
+        ]
+        if len(set(lrs)) == 1:
+            return [self._lr()] * len(lrs)
+        return lrs
 
     def _solver(self) -> Solver:
-        return Identity(self._lr())
+        lrs = self._group_lrs()
+        if len(set(lrs)) == 1:
+            return Identity(lrs[0])
+        _, params = self._named_params()
+        scale = [torch.full((p.numel(),), lr, dtype=torch.float64) for lr, p in zip(lrs, params)]
+        return _LookAhead(torch.cat(scale))
 
 
 class Neumann(_Implicit):

@@ -33,8 +33,7 @@ def default_hook(fn: _F) -> _F:
 
 def overridden(obj: object, name: str) -> bool:
     """Whether ``type(obj)`` defines the hook ``name`` itself (not a delegating default)."""
-    fn = getattr(type(obj), name, None)
-    return fn is not None and not getattr(fn, "compat_default", False)
+    return not getattr(getattr(type(obj), name), "compat_default", False)
 
 
 class ReleaseNames:
