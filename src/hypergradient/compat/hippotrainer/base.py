@@ -104,9 +104,9 @@ class HyperOptimizer:
         criterion: Any = None,
     ):
         check_setup(model, optimizer, train_loader, val_loader, criterion)
-        model = cast(nn.Module, model)  # check_setup ensured it
-        check_hyperparams(hyperparams, model)
-        check_optimizer(hyperparams, cast(torch.optim.Optimizer, optimizer))
+        model, optimizer = cast(nn.Module, model), cast(torch.optim.Optimizer, optimizer)
+        check_hyperparams(hyperparams, model, optimizer)
+        check_optimizer(hyperparams, optimizer)
         stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
         if stale is not None:
             raise ValueError(stale_capture_message(*stale))
@@ -114,7 +114,7 @@ class HyperOptimizer:
         self.hyper_lr = hyper_lr
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         self.model: nn.Module = model
-        self.optimizer = cast(torch.optim.Optimizer, optimizer)
+        self.optimizer = optimizer
         self.criterion = criterion
         self.train_loader = cast(Iterable[Any], train_loader)
         self.val_loader = cast(Iterable[Any], val_loader)

@@ -35,6 +35,7 @@ from ...methods.base import Problem, Trajectory
 from ...methods.drmad import DrMAD
 from ...optim.functional import sgd
 from ._autograd import criterion_loss
+from ._checks import reads_by_reference
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["DRMAD"]
@@ -93,6 +94,7 @@ class DRMAD(HyperOptimizer):
             names, params = self._named_params()
             w0 = [p.detach().clone() for p in params]
             self._train_steps(batches, names, params)
+            self._check_no_reference(train_batch, names, params)  # (restored if it raises)
             wT = [p.detach().clone() for p in params]
             hyper = self._reverse(batches, val_batch, names, w0, wT)
         except BaseException:
@@ -118,6 +120,23 @@ class DRMAD(HyperOptimizer):
                 f"have several ({lrs}): its hypergradient would be that of other training "
                 "steps. Use one learning rate for the trained parameters (T1T2, Neumann and "
                 "HOAG take each group's own)."
+            )
+
+    _reference: str | None | bool = False  # reads_by_reference's answer (False: not asked)
+
+    def _check_no_reference(self, batch: Any, names: list[str], params: list[Tensor]) -> None:
+        """Refuse a criterion that reads a weight through a reference of its own (the
+        reverse pass differentiates at copies swapped into the model); asked once."""
+        if self._reference is False:
+            self._reference = reads_by_reference(self.model, self.criterion, batch, names, params)
+        if self._reference is not None:
+            raise ValueError(
+                f"The criterion (or the model) reads the model parameter {self._reference!r} "
+                "through a reference of its own (e.g. a list made with list(model.parameters()) "
+                "before training): DRMAD's reverse pass would take it as a constant. Read the "
+                "weights through the model inside the criterion (self.model.parameters(), "
+                "model.layer.weight); T1T2, Neumann and HOAG accept it. The model and optimizer "
+                "were restored to their state before the hyper-step."
             )
 
     def _train_steps(self, batches: list[Any], names: list[str], params: list[Tensor]) -> None:

@@ -5,7 +5,9 @@ Each class has two ways in, which agree to rounding (tested):
 - the hyper-step (``step``/``hyper_step``/``hyper_grad_on_batches``) calls
   ``hg.implicit`` with the matching solver (``hg.Identity(lr)``, ``hg.Neumann(num_terms,
   alpha=lr)``, ``hg.CG`` with HippoTrainer's stopping rule) on the criterion as a function
-  of the model's weights;
+  of the model's weights (at copies swapped into the model's attributes; a criterion that
+  reads a weight through a reference of its own, ``weights = list(model.parameters())``,
+  is found at the first hyper-step and then differentiated on its graphs, as the hook);
 - HippoTrainer's hook ``hyper_grad(train_loss, val_loss)`` and its public helpers
   (``Neumann.approx_inverse_hvp``, ``HOAG.conjugate_gradient``,
   ``HOAG.hessian_vector_product``) work on loss tensors, as documented upstream. A subclass
@@ -43,6 +45,7 @@ from ._autograd import (
     unflat,
     vjp_or_zeros,
 )
+from ._checks import reads_by_reference
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["HOAG", "Neumann", "T1T2"]
@@ -57,7 +60,19 @@ class _Implicit(HyperOptimizer):
     def _warm_start(self) -> Tensor | None:
         return None
 
+    _reference: str | None | bool = False  # reads_by_reference's answer (False: not asked)
+
     def _builtin_hyper_grad(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
+        if self._reference is False:  # asked once, at the first hyper-step
+            names, params = self._named_params()
+            self._reference = reads_by_reference(
+                self.model, self.criterion, train_batch, names, params
+            )
+        if self._reference is not None:
+            # the criterion reads a weight through a reference of its own, which the copies
+            # hg.implicit differentiates at do not reach: differentiate the losses' graphs at
+            # the real parameters instead (HippoTrainer's hook; the same mathematics)
+            return self.hyper_grad(*self._losses(train_batch, val_batch))
         hyper, info = implicit_by_reference(
             self._loss(train_batch),
             self._loss(val_batch, validation=True),
