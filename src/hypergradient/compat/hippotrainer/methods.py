@@ -96,7 +96,7 @@ class _LookAhead(Solver):
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
-        x = self.scale.to(device=b.device, dtype=b.dtype) * b
+        x = self.scale.to(dtype=b.dtype).to(b.device) * b  # cast first: MPS has no float64
         return Solution(x, 0, None, None, Status.FIXED_BUDGET, 0)
 
 
