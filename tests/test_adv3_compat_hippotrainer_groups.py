@@ -107,3 +107,68 @@ def test_drmad_refuses_different_rates_before_anything_changes():
     assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
     assert torch.equal(theta, h0) and hopt.w0 is None and not opt.state
     assert all(p.grad is not None for p in model.parameters())  # the user's gradients kept
+
+
+def _frozen_first_group(cls, **kw):
+    """Group 0: a frozen body (requires_grad=False) at lr 0.001; group 1: the head at 0.1."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, generator=g, dtype=DT), torch.randint(0, 3, (40,), generator=g)
+    xv, yv = torch.randn(20, 5, generator=g, dtype=DT), torch.randint(0, 3, (20,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model[0].requires_grad_(False)
+    theta = torch.tensor([-1.0], dtype=DT)
+
+    def criterion(out, target):
+        return F.cross_entropy(out, target) + theta.exp() * model[2].weight.square().sum()
+
+    groups = [
+        {"params": model[0].parameters(), "lr": 0.001},
+        {"params": model[2].parameters(), "lr": 0.1},
+    ]
+    hopt = cls(
+        {"theta": theta},
+        hyper_lr=0.1,
+        model=model,
+        optimizer=torch.optim.SGD(groups),
+        train_loader=[(x, y)],
+        val_loader=[(xv, yv)],
+        criterion=criterion,
+        **kw,
+    )
+    return model, theta, hopt, (x, y), (xv, yv)
+
+
+def _head_loss(model, batch):
+    def loss(w, b, t):
+        out = torch.tanh(model[0](batch[0])) @ w.T + b
+        return F.cross_entropy(out, batch[1]) + t.exp() * w.square().sum()
+
+    return loss
+
+
+def test_a_frozen_first_group_does_not_set_the_rate():
+    """The compat layer read param_groups[0]['lr'] (0.001, the frozen body's) as the
+    look-ahead and DRMAD's step: T1-T2's implicit term 100x too small, DRMAD's reverse pass
+    that of other steps."""
+    model, theta, hopt, train, val = _frozen_first_group(T1T2)
+    w, b = (model[2].weight.detach().clone().requires_grad_(True), model[2].bias.detach().clone())
+    b.requires_grad_(True)
+    th = theta.clone().requires_grad_(True)
+    f, g = _head_loss(model, train), _head_loss(model, val)
+    gv = g(w, b, th)
+    gw = torch.autograd.grad(gv, (w, b), retain_graph=True)
+    gth = torch.autograd.grad(gv, th)[0]
+    fw = torch.autograd.grad(f(w, b, th), (w, b), create_graph=True)
+    ref = gth - torch.autograd.grad(fw, th, grad_outputs=[0.1 * v for v in gw])[0]
+    assert torch.allclose(hopt.hyper_grad_on_batches(train, val)[0], ref, rtol=1e-12, atol=1e-15)
+
+    model, theta, hopt, train, val = _frozen_first_group(DRMAD, T=1)
+    w0, b0 = model[2].weight.detach().clone(), model[2].bias.detach().clone()
+    got = hopt.hyper_grad_on_batches(train, val)[0]
+    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    th = theta.clone().requires_grad_(True)
+    f, g = _head_loss(model, train), _head_loss(model, val)
+    gw, gb = torch.autograd.grad(f(w, b, th), (w, b), create_graph=True)
+    ref = torch.autograd.grad(g(w - 0.1 * gw, b - 0.1 * gb, th), th)[0]
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-15)

@@ -30,6 +30,7 @@ __all__ = [
     "find_stale_capture",
     "reads_by_reference",
     "stale_capture_message",
+    "trained_lr",
 ]
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # attributes every nn.Module has
@@ -129,6 +130,24 @@ def check_optimizer(hyperparams: dict[str, Tensor], optimizer: torch.optim.Optim
                     f"Tune it with hg.HyperOptimizer(..., optimizer_hparams={{{setting!r}: "
                     f"{name!r}}}, method=hg.Unrolled())."
                 )
+
+
+def trained_lr(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> float:
+    """The learning rate of the first param group holding a trained parameter (> 0).
+
+    A group of frozen parameters (``requires_grad=False``) or of parameters the model does
+    not hold says nothing about the steps the trained weights take, whatever its place.
+    """
+    trained = {id(p) for p in params}
+    groups = optimizer.param_groups
+    i = next((i for i, g in enumerate(groups) if any(id(p) in trained for p in g["params"])), 0)
+    return as_float(
+        groups[i]["lr"],
+        f"optimizer.param_groups[{i}]['lr']",
+        min=0.0,
+        open_min=True,
+        hint=" The hypergradient's look-ahead and series step is the inner learning rate.",
+    )
 
 
 def as_hyper_lr(value: Any, hyperparams: dict[str, Tensor]) -> float | Tensor:

@@ -15,7 +15,6 @@ from ..._tree import wide_dtype
 from ..._vocab import (
     ArgumentTypeError,
     NonFiniteHypergradientError,
-    as_float,
     as_int,
     require_finite,
 )
@@ -27,6 +26,7 @@ from ._checks import (
     check_setup,
     find_stale_capture,
     stale_capture_message,
+    trained_lr,
 )
 
 __all__ = ["HyperOptimizer"]
@@ -273,13 +273,7 @@ class HyperOptimizer:
         return criterion_loss(self.model, self.criterion, batch, validation=validation)
 
     def _lr(self) -> float:
-        return as_float(
-            self.optimizer.param_groups[0]["lr"],
-            "optimizer.param_groups[0]['lr']",
-            min=0.0,
-            open_min=True,
-            hint=" The hypergradient's look-ahead and series step is the inner learning rate.",
-        )
+        return trained_lr(self.optimizer, self._named_params()[1])
 
     def _graph_hyper_grad(self, train_loss: Any, val_loss: Any, inverse: Any) -> list[Tensor]:
         """``d_phi g - (d_phi grad_theta f)^T inverse(grad_theta g, grad_theta f)`` on graphs."""

@@ -130,7 +130,7 @@ class T1T2(_Implicit):
             for p in params
         ]
         if len(set(lrs)) == 1:
-            return [self._lr()] * len(lrs)
+            return [self._lr()] * len(lrs)  # (checked > 0)
         return lrs
 
     def _solver(self) -> Solver:
