@@ -120,8 +120,8 @@ class T1T2(_Implicit):
         )
 
     def _group_lrs(self) -> list[float]:
-        """The learning rate of each trained parameter's param group (all group 0's, checked
-        > 0, when they are equal; each >= 0 otherwise: a group at lr 0 is frozen)."""
+        """The learning rate of each trained parameter's param group (checked > 0 when they
+        are all equal; each >= 0 otherwise: a group at lr 0 is frozen)."""
         groups = enumerate(self.optimizer.param_groups)
         lr_of = {id(p): (i, g["lr"]) for i, g in groups for p in g["params"]}
         _, params = self._named_params()
