@@ -103,13 +103,18 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 def criterion_loss(
-    model: nn.Module, criterion: Callable[..., Tensor], batch: Any
+    model: nn.Module, criterion: Callable[..., Tensor], batch: Any, *, validation: bool = False
 ) -> Callable[[dict[str, Tensor], Any], Tensor]:
     """``f(params, hparams) = criterion(model_params(inputs), targets)`` on one batch.
 
     ``params`` maps the model's parameter names to tensors; parameters not in it keep
     their values. The model's buffers are copies, so BatchNorm statistics are not changed.
     ``hparams`` is ignored: the criterion reads the hyperparameters by reference.
+
+    A training loss runs the model in its current mode (that of the training steps); a
+    ``validation`` loss in eval mode (no dropout, BatchNorm's running statistics), as
+    HippoTrainer's ``evaluate()`` scores the validation set. Each submodule's mode is put
+    back after every call.
     """
     inputs, targets = split_batch(batch)
     joint = _Joint(model, criterion)
@@ -118,7 +123,15 @@ def criterion_loss(
         state = {f"model.{k}": v for k, v in params.items()}
         for k, b in model.named_buffers():
             state[f"model.{k}"] = b.clone()
-        return torch.func.functional_call(joint, state, (inputs, targets))
+        if not validation:
+            return torch.func.functional_call(joint, state, (inputs, targets))
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return torch.func.functional_call(joint, state, (inputs, targets))
+        finally:
+            for m, training in modes:
+                m.training = training
 
     return loss
 

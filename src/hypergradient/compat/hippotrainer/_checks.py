@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._vocab import ArgumentTypeError, as_callable, as_float
+from ._autograd import criterion_loss
 
 __all__ = [
     "as_hyper_lr",
@@ -27,7 +28,9 @@ __all__ = [
     "check_optimizer",
     "check_setup",
     "find_stale_capture",
+    "reads_by_reference",
     "stale_capture_message",
+    "trained_lr",
 ]
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # attributes every nn.Module has
@@ -71,14 +74,17 @@ def check_setup(
         )
 
 
-def check_hyperparams(hyperparams: Any, model: nn.Module) -> None:
-    """``{name: floating-point leaf tensor}``, not a model parameter, on the model's device."""
+def check_hyperparams(hyperparams: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """``{name: floating-point leaf tensor}`` on the model's device, not a model parameter
+    that ``optimizer`` trains (a model parameter left out of the optimizer, e.g. a gate
+    coefficient, is a hyperparameter the model holds: accepted)."""
     if not isinstance(hyperparams, dict) or not hyperparams:
         raise ArgumentTypeError(
             "`hyperparams` must be a non-empty dict {name: tensor}, got "
             f"{type(hyperparams).__name__}."
         )
-    params = {id(p): n for n, p in model.named_parameters()}
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params = {id(p): n for n, p in model.named_parameters() if id(p) in stepped}
     device = next(iter(model.parameters())).device
     for name, h in hyperparams.items():
         where = f"hyperparams[{name!r}]"
@@ -93,8 +99,9 @@ def check_hyperparams(hyperparams: Any, model: nn.Module) -> None:
             )
         if id(h) in params:
             raise ValueError(
-                f"{where} is the model parameter {params[id(h)]!r}; a hyperparameter must not "
-                "be trained by `optimizer`. Use a separate tensor."
+                f"{where} is the model parameter {params[id(h)]!r}, which `optimizer` trains; a "
+                "hyperparameter must not be trained: build the optimizer without it (e.g. from "
+                "the other named_parameters()), or use a separate tensor."
             )
         if h.device != device:
             raise ValueError(
@@ -123,6 +130,24 @@ def check_optimizer(hyperparams: dict[str, Tensor], optimizer: torch.optim.Optim
                     f"Tune it with hg.HyperOptimizer(..., optimizer_hparams={{{setting!r}: "
                     f"{name!r}}}, method=hg.Unrolled())."
                 )
+
+
+def trained_lr(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> float:
+    """The learning rate of the first param group holding a trained parameter (> 0).
+
+    A group of frozen parameters (``requires_grad=False``) or of parameters the model does
+    not hold says nothing about the steps the trained weights take, whatever its place.
+    """
+    trained = {id(p) for p in params}
+    groups = optimizer.param_groups
+    i = next((i for i, g in enumerate(groups) if any(id(p) in trained for p in g["params"])), 0)
+    return as_float(
+        groups[i]["lr"],
+        f"optimizer.param_groups[{i}]['lr']",
+        min=0.0,
+        open_min=True,
+        hint=" The hypergradient's look-ahead and series step is the inner learning rate.",
+    )
 
 
 def as_hyper_lr(value: Any, hyperparams: dict[str, Tensor]) -> float | Tensor:
@@ -259,3 +284,24 @@ def stale_capture_message(path: str, name: str, t: Tensor) -> str:
         f"hyperparameter itself (e.g. `self.{name} = {name}`) and write e.g. "
         f"`{name}.exp()` in forward()."
     )
+
+
+def reads_by_reference(
+    model: nn.Module, criterion: Any, batch: Any, names: list[str], params: list[Tensor]
+) -> str | None:
+    """The name of a trained parameter the criterion (or the model) reads through a
+    reference of its own, or None.
+
+    The hyper-steps evaluate ``criterion(model(inputs), targets)`` at copies of the
+    weights swapped into the model's attributes (``torch.func.functional_call``). A tensor
+    read through another reference (``weights = list(model.parameters())`` made before
+    training and summed in the criterion) is not swapped: the copies' loss still depends on
+    the real parameter, which is what this finds, by evaluating the loss once at detached
+    copies and following its graph to the parameters (they require grad).
+    """
+    leaves = {k: p.detach() for k, p in zip(names, params)}
+    with torch.enable_grad():
+        loss = criterion_loss(model, criterion, batch)(leaves, None)
+    if not isinstance(loss, Tensor) or loss.grad_fn is None:
+        return None
+    return _reaches(loss, {id(p): k for k, p in zip(names, params)})

@@ -15,11 +15,10 @@ from ..._tree import wide_dtype
 from ..._vocab import (
     ArgumentTypeError,
     NonFiniteHypergradientError,
-    as_float,
     as_int,
     require_finite,
 )
-from ._autograd import criterion_loss, grads_or_zeros, split_batch, vjp_or_zeros
+from ._autograd import criterion_loss, grads_or_zeros, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
     check_hyperparams,
@@ -27,6 +26,7 @@ from ._checks import (
     check_setup,
     find_stale_capture,
     stale_capture_message,
+    trained_lr,
 )
 
 __all__ = ["HyperOptimizer"]
@@ -69,11 +69,12 @@ class HyperOptimizer:
 
     The hyperparameters enter through ``model`` or ``criterion``, which hold them by
     reference; the same ``criterion`` scores training and validation batches. A hyper-step
-    computes the hypergradient on one fresh training and one fresh validation batch and
-    takes ``h <- h - hyper_lr * hypergradient``. Subclasses implement HippoTrainer's hook
-    ``hyper_grad(train_loss, val_loss)`` (this base class raises ``NotImplementedError``,
-    as HippoTrainer's does); the library's classes (:class:`T1T2`, :class:`Neumann`,
-    :class:`HOAG`, :class:`DRMAD`) compute it with this package's solvers.
+    computes the hypergradient on one fresh training batch (the model in its current mode)
+    and one fresh validation batch (in eval mode, as ``evaluate()``), without updating the
+    model's buffers, and takes ``h <- h - hyper_lr * hypergradient``. Subclasses implement
+    HippoTrainer's hook ``hyper_grad(train_loss, val_loss)`` (this base class raises
+    ``NotImplementedError``, as HippoTrainer's does); the library's classes (:class:`T1T2`,
+    :class:`Neumann`, :class:`HOAG`, :class:`DRMAD`) compute it with this package's solvers.
 
     Args:
         hyperparams: ``{name: tensor}``, floating-point leaf tensors read by ``model`` or
@@ -103,9 +104,9 @@ class HyperOptimizer:
         criterion: Any = None,
     ):
         check_setup(model, optimizer, train_loader, val_loader, criterion)
-        model = cast(nn.Module, model)  # check_setup ensured it
-        check_hyperparams(hyperparams, model)
-        check_optimizer(hyperparams, cast(torch.optim.Optimizer, optimizer))
+        model, optimizer = cast(nn.Module, model), cast(torch.optim.Optimizer, optimizer)
+        check_hyperparams(hyperparams, model, optimizer)
+        check_optimizer(hyperparams, optimizer)
         stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
         if stale is not None:
             raise ValueError(stale_capture_message(*stale))
@@ -113,7 +114,7 @@ class HyperOptimizer:
         self.hyper_lr = hyper_lr
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         self.model: nn.Module = model
-        self.optimizer = cast(torch.optim.Optimizer, optimizer)
+        self.optimizer = optimizer
         self.criterion = criterion
         self.train_loader = cast(Iterable[Any], train_loader)
         self.val_loader = cast(Iterable[Any], val_loader)
@@ -249,11 +250,11 @@ class HyperOptimizer:
         return all(getattr(type(self), n) is getattr(owner, n) for n in owner._hooks)
 
     def _losses(self, train_batch: Any, val_batch: Any) -> tuple[Tensor, Tensor]:
-        losses = []
-        for batch in (train_batch, val_batch):
-            inputs, targets = split_batch(batch)
-            losses.append(self.criterion(self.model(inputs), targets))
-        return losses[0], losses[1]
+        """The hook's losses (graphs to the model's own parameters), as the hyper-step's."""
+        params: dict[str, Tensor] = dict(self.model.named_parameters())
+        train = criterion_loss(self.model, self.criterion, train_batch)(params, None)
+        val = criterion_loss(self.model, self.criterion, val_batch, validation=True)(params, None)
+        return train, val
 
     def _named_params(self) -> tuple[list[str], list[Tensor]]:
         """The trained parameters: those ``optimizer`` steps that require grad (a parameter
@@ -268,17 +269,11 @@ class HyperOptimizer:
         names, params = self._named_params()
         return {k: p.detach() for k, p in zip(names, params)}
 
-    def _loss(self, batch: Any) -> Any:
-        return criterion_loss(self.model, self.criterion, batch)
+    def _loss(self, batch: Any, validation: bool = False) -> Any:
+        return criterion_loss(self.model, self.criterion, batch, validation=validation)
 
     def _lr(self) -> float:
-        return as_float(
-            self.optimizer.param_groups[0]["lr"],
-            "optimizer.param_groups[0]['lr']",
-            min=0.0,
-            open_min=True,
-            hint=" The hypergradient's look-ahead and series step is the inner learning rate.",
-        )
+        return trained_lr(self.optimizer, self._named_params()[1])
 
     def _graph_hyper_grad(self, train_loss: Any, val_loss: Any, inverse: Any) -> list[Tensor]:
         """``d_phi g - (d_phi grad_theta f)^T inverse(grad_theta g, grad_theta f)`` on graphs."""

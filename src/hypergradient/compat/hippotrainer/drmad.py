@@ -35,6 +35,7 @@ from ...methods.base import Problem, Trajectory
 from ...methods.drmad import DrMAD
 from ...optim.functional import sgd
 from ._autograd import criterion_loss
+from ._checks import reads_by_reference
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["DRMAD"]
@@ -85,6 +86,7 @@ class DRMAD(HyperOptimizer):
             return self._builtin_hyper_grad(self._train.next(), self._val.next())
 
     def _builtin_hyper_grad(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
+        self._check_one_lr()
         batches = [train_batch] + [self._train.next() for _ in range(self.T - 1)]
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer_state = copy.deepcopy(self.optimizer.state_dict())
@@ -92,6 +94,7 @@ class DRMAD(HyperOptimizer):
             names, params = self._named_params()
             w0 = [p.detach().clone() for p in params]
             self._train_steps(batches, names, params)
+            self._check_no_reference(train_batch, names, params)  # (restored if it raises)
             wT = [p.detach().clone() for p in params]
             hyper = self._reverse(batches, val_batch, names, w0, wT)
         except BaseException:
@@ -102,8 +105,46 @@ class DRMAD(HyperOptimizer):
         self.w0, self.wT = w0, wT
         return hyper
 
+    def _check_one_lr(self) -> None:
+        """The reverse pass is SGD with one learning rate: refuse param groups that differ
+        (before any training step or change)."""
+        stepped = {id(p) for p in self._named_params()[1]}
+        lrs = {
+            i: g["lr"]
+            for i, g in enumerate(self.optimizer.param_groups)
+            if any(id(p) in stepped for p in g["params"])
+        }
+        if len({float(v) for v in lrs.values()}) > 1:
+            raise ValueError(
+                f"DRMAD's reverse pass takes one learning rate, and the optimizer's param groups "
+                f"have several ({lrs}): its hypergradient would be that of other training "
+                "steps. Use one learning rate for the trained parameters (T1T2, Neumann and "
+                "HOAG take each group's own)."
+            )
+
+    _reference: str | None | bool = False  # reads_by_reference's answer (False: not asked)
+
+    def _check_no_reference(self, batch: Any, names: list[str], params: list[Tensor]) -> None:
+        """Refuse a criterion that reads a weight through a reference of its own (the
+        reverse pass differentiates at copies swapped into the model); asked once."""
+        if self._reference is False:
+            self._reference = reads_by_reference(self.model, self.criterion, batch, names, params)
+        if self._reference is not None:
+            raise ValueError(
+                f"The criterion (or the model) reads the model parameter {self._reference!r} "
+                "through a reference of its own (e.g. a list made with list(model.parameters()) "
+                "before training): DRMAD's reverse pass would take it as a constant. Read the "
+                "weights through the model inside the criterion (self.model.parameters(), "
+                "model.layer.weight); T1T2, Neumann and HOAG accept it. The model and optimizer "
+                "were restored to their state before the hyper-step."
+            )
+
     def _train_steps(self, batches: list[Any], names: list[str], params: list[Tensor]) -> None:
+        """``T`` steps of the optimizer; the hyperparameters do not require grad meanwhile,
+        so the steps' ``backward()`` leaves their ``.grad`` alone (HippoTrainer's added the
+        training losses' gradients to it)."""
         labels = [f"model parameter {k!r}" for k in names]
+        self._hyperparams_requires_grad_(False)  # _requiring_grad() restores the flags
         for t, (inputs, targets) in enumerate(batches, 1):
             where = f"DRMAD's training step {t} of {self.T} (inside the hyper-step)"
             self.optimizer.zero_grad()
@@ -130,7 +171,7 @@ class DRMAD(HyperOptimizer):
             return criterion_loss(model, criterion, batch)(params, None)
 
         def outer_loss(params: Any, hparams: Any) -> Tensor:
-            return criterion_loss(model, criterion, val_batch)(params, None)
+            return criterion_loss(model, criterion, val_batch, validation=True)(params, None)
 
         end = dict(zip(names, wT))
         trajectory = Trajectory(
@@ -140,6 +181,7 @@ class DRMAD(HyperOptimizer):
             batches=batches,
             final_params=end,
         )
+        self._hyperparams_requires_grad_(True)
         problem = Problem(
             inner_loss=lambda p, h: step_loss(p, h, batches[-1]),
             outer_loss=outer_loss,

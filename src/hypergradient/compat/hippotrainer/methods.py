@@ -5,7 +5,9 @@ Each class has two ways in, which agree to rounding (tested):
 - the hyper-step (``step``/``hyper_step``/``hyper_grad_on_batches``) calls
   ``hg.implicit`` with the matching solver (``hg.Identity(lr)``, ``hg.Neumann(num_terms,
   alpha=lr)``, ``hg.CG`` with HippoTrainer's stopping rule) on the criterion as a function
-  of the model's weights;
+  of the model's weights (at copies swapped into the model's attributes; a criterion that
+  reads a weight through a reference of its own, ``weights = list(model.parameters())``,
+  is found at the first hyper-step and then differentiated on its graphs, as the hook);
 - HippoTrainer's hook ``hyper_grad(train_loss, val_loss)`` and its public helpers
   (``Neumann.approx_inverse_hvp``, ``HOAG.conjugate_gradient``,
   ``HOAG.hessian_vector_product``) work on loss tensors, as documented upstream. A subclass
@@ -19,6 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ... import CG, Identity, Solver
@@ -32,6 +35,8 @@ from ..._vocab import (
     as_int,
     require_finite,
 )
+from ...operators import LinearOperator
+from ...solvers import Solution
 from ._autograd import (
     CallableOperator,
     flat,
@@ -40,6 +45,7 @@ from ._autograd import (
     unflat,
     vjp_or_zeros,
 )
+from ._checks import reads_by_reference
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["HOAG", "Neumann", "T1T2"]
@@ -54,10 +60,22 @@ class _Implicit(HyperOptimizer):
     def _warm_start(self) -> Tensor | None:
         return None
 
+    _reference: str | None | bool = False  # reads_by_reference's answer (False: not asked)
+
     def _builtin_hyper_grad(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
+        if self._reference is False:  # asked once, at the first hyper-step
+            names, params = self._named_params()
+            self._reference = reads_by_reference(
+                self.model, self.criterion, train_batch, names, params
+            )
+        if self._reference is not None:
+            # the criterion reads a weight through a reference of its own, which the copies
+            # hg.implicit differentiates at do not reach: differentiate the losses' graphs at
+            # the real parameters instead (HippoTrainer's hook; the same mathematics)
+            return self.hyper_grad(*self._losses(train_batch, val_batch))
         hyper, info = implicit_by_reference(
             self._loss(train_batch),
-            self._loss(val_batch),
+            self._loss(val_batch, validation=True),
             self._params(),
             self.hyperparams.values(),
             self._solver(),
@@ -70,23 +88,58 @@ class _Implicit(HyperOptimizer):
         """Called with the flat solution of each solve (HOAG keeps it as its warm start)."""
 
 
+class _LookAhead(Solver):
+    """``A^{-1} ~ diag(lr)``: the look-ahead step with each coordinate's learning rate."""
+
+    def __init__(self, scale: Tensor):
+        self.scale = scale
+
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        self.validate(op, b, x0)
+        x = self.scale.to(dtype=b.dtype).to(b.device) * b  # cast first: MPS has no float64
+        return Solution(x, 0, None, None, Status.FIXED_BUDGET, 0)
+
+
 class T1T2(_Implicit):
     """One-step look-ahead (Luketina et al., 2016, ICML): ``H^{-1} ~ lr * I``.
 
-    ``dg/dphi ~ d_phi g - lr (d_phi grad_theta f)^T grad_theta g`` at the current weights,
-    ``lr`` the optimizer's learning rate (the factor of the look-ahead step, which
-    HippoTrainer drops). Cost: two gradients and one mixed product; no Hessian products.
+    ``dg/dphi ~ d_phi g - (d_phi grad_theta f)^T (lr * grad_theta g)`` at the current
+    weights, ``lr`` the optimizer's learning rate (the factor of the look-ahead step, which
+    HippoTrainer drops); with param groups of different learning rates, each parameter's
+    own (the look-ahead step ``theta - lr_group * grad f`` the optimizer takes). Cost: two
+    gradients and one mixed product; no Hessian products.
     """
 
     def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
         """The T1-T2 hypergradient from the graphs of ``train_loss`` and ``val_loss``."""
         if is_batch(train_loss):
             return self._deprecated_batches(train_loss, val_loss)
-        lr = self._lr()
-        return self._graph_hyper_grad(train_loss, val_loss, lambda v, _: [lr * t for t in v])
+        lrs = self._group_lrs()
+        return self._graph_hyper_grad(
+            train_loss, val_loss, lambda v, _: [lr * t for lr, t in zip(lrs, v)]
+        )
+
+    def _group_lrs(self) -> list[float]:
+        """The learning rate of each trained parameter's param group (checked > 0 when they
+        are all equal; each >= 0 otherwise: a group at lr 0 is frozen)."""
+        groups = enumerate(self.optimizer.param_groups)
+        lr_of = {id(p): (i, g["lr"]) for i, g in groups for p in g["params"]}
+        _, params = self._named_params()
+        lrs = [
+            as_float(lr_of[id(p)][1], f"optimizer.param_groups[{lr_of[id(p)][0]}]['lr']", min=0.0)
+            for p in params
+        ]
+        if len(set(lrs)) == 1:
+            return [self._lr()] * len(lrs)  # (checked > 0)
+        return lrs
 
     def _solver(self) -> Solver:
-        return Identity(self._lr())
+        lrs = self._group_lrs()
+        if len(set(lrs)) == 1:
+            return Identity(lrs[0])
+        _, params = self._named_params()
+        scale = [torch.full((p.numel(),), lr, dtype=torch.float64) for lr, p in zip(lrs, params)]
+        return _LookAhead(torch.cat(scale))
 
 
 class Neumann(_Implicit):

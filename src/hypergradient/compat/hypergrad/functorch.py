@@ -10,7 +10,6 @@ it. ``grad``, ``grad_and_value``, ``jvp``, ``vjp``, ``vmap``, ``jacrev``, ``jacf
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch.func import grad, grad_and_value, hessian, jacfwd, jacrev, jvp, vjp, 
 from ..._vocab import ArgumentTypeError, as_bool
 
 __all__ = [
+    "FunctionalModule",
     "grad",
     "grad_and_value",
     "hessian",
@@ -32,16 +32,61 @@ __all__ = [
 ]
 
 
+class FunctionalModule(nn.Module):
+    """``fmodel(params, *args, **kwargs)``: ``model`` evaluated at ``params``.
+
+    As ``functorch``'s: an ``nn.Module`` with its own train/eval mode, which starts as the
+    model's modes at :func:`make_functional` and changes only through ``fmodel.train()`` /
+    ``fmodel.eval()`` (functorch runs a copy of the model; here each call runs the model
+    itself in those modes and then puts the model's own modes back). It has no parameters
+    of its own (``fmodel.parameters()`` is empty, as functorch's).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.stateless = [model]  # in a list: not a registered submodule
+        self.names = names
+        self.modes = [m.training for m in model.modules()]
+        self.training = model.training
+
+    def train(self, mode: bool = True) -> FunctionalModule:
+        """Set the mode of every submodule of the functional model (not of ``model``)."""
+        self.training = as_bool(mode, "mode")
+        self.modes = [self.training] * len(self.modes)
+        return self
+
+    def forward(self, new_params: Any, *args: Any, **kwargs: Any) -> Any:
+        new_params = tuple(new_params)
+        if len(new_params) != len(self.names):
+            raise ValueError(
+                f"The functional model takes {len(self.names)} parameter tensors "
+                f"({self.names}), got {len(new_params)}."
+            )
+        model = self.stateless[0]
+        modules = list(model.modules())
+        own = [m.training for m in modules]
+        for m, mode in zip(modules, self.modes):
+            m.training = mode
+        try:
+            return torch.func.functional_call(
+                model, dict(zip(self.names, new_params)), args, kwargs
+            )
+        finally:
+            for m, mode in zip(modules, own):
+                m.training = mode
+
+
 def make_functional(
     model: nn.Module, disable_autograd_tracking: bool = False
-) -> tuple[Callable[..., Any], tuple[Tensor, ...]]:
+) -> tuple[FunctionalModule, tuple[Tensor, ...]]:
     """``(fmodel, params)`` with ``fmodel(params, *args, **kwargs) == model(*args, **kwargs)``
     evaluated at ``params`` instead of the module's own parameters.
 
     As ``functorch.make_functional``: ``params`` is the tuple of ``model.parameters()``
-    (detached, sharing storage, with ``disable_autograd_tracking=True``). Unlike it, a
-    module with buffers is accepted; its own buffers are used (BatchNorm in training mode
-    updates them).
+    (detached, sharing storage, with ``disable_autograd_tracking=True``) and ``fmodel`` a
+    :class:`FunctionalModule` (``fmodel.eval()`` / ``fmodel.train()`` switch its mode, e.g.
+    dropout off for a test pass). Unlike it, a module with buffers is accepted; its own
+    buffers are used (BatchNorm in training mode updates them).
 
     Args:
         model: the module.
@@ -51,16 +96,5 @@ def make_functional(
         raise ArgumentTypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     detach = as_bool(disable_autograd_tracking, "disable_autograd_tracking")
     named = list(model.named_parameters())
-    names = [n for n, _ in named]
     params = tuple(p.detach() if detach else p for _, p in named)
-
-    def fmodel(new_params: Any, *args: Any, **kwargs: Any) -> Any:
-        new_params = tuple(new_params)
-        if len(new_params) != len(names):
-            raise ValueError(
-                f"The functional model takes {len(names)} parameter tensors ({names}), got "
-                f"{len(new_params)}."
-            )
-        return torch.func.functional_call(model, dict(zip(names, new_params)), args, kwargs)
-
-    return fmodel, params
+    return FunctionalModule(model, [n for n, _ in named]), params

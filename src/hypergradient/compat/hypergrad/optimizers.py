@@ -33,6 +33,10 @@ def diff_sgd(
 
     Returns:
         ``(new_params, new_state)``, tuples; ``new_state`` holds ``None`` without momentum.
+        The arguments are not modified (as in hypergrad's repository). The release on PyPI
+        wrote the new tensors into the ``params`` and ``state`` lists it was given and
+        returned those lists; read the returned values instead (``params, state =
+        diff_sgd(params, grads, state, ...)``, as hypergrad's examples do).
     """
     params, grads = tuple(params), tuple(grads)
     if len(params) != len(grads):

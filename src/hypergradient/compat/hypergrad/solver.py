@@ -7,6 +7,10 @@ outer update every ``unroll_steps`` of them. The inner model is functional
 The hypergradient itself comes from ``approx_ihvp`` (``approx_hypergrad.conjugate_gradient``,
 ``neumann`` or ``nystrom``, which run on ``hg.implicit``).
 
+The names of the release on PyPI (``f_model``, ``f_params``, ``f_optim_state``,
+``functorch_requires_grad``, ``global_step``, ``inner_obj``/``outer_obj``, ``set_out_grad``;
+the repository's head renamed them) work too, as aliases (:mod:`._release`).
+
 Differences from hypergrad, all deliberate: ``inner_loader``/``outer_loader`` continue
 through their loader (hypergrad restarted it at every ``next(...)``, so a list always gave
 its first batch and a DataLoader a new epoch iterator each time); an empty loader raises
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..._vocab import ArgumentTypeError, as_bool, as_int
+from ._release import ReleaseNames, default_hook
 from .functorch import make_functional
 from .utils import Params
 
@@ -93,7 +98,7 @@ def _exhausted(name: str) -> str:
     )
 
 
-class BaseSolver(abc.ABC):
+class BaseSolver(ReleaseNames, abc.ABC):
     """A bilevel problem's training loop: ``run()`` alternates inner and outer updates.
 
     Args:
@@ -110,6 +115,7 @@ class BaseSolver(abc.ABC):
             gradients and whether ``outer``'s parameters require grad.
         skip_sync_inner: do not copy the functional parameters back into ``inner``.
         device: default CUDA when available, else CPU (as hypergrad); the models are moved.
+        functorch_requires_grad: the released name of ``inner_requires_grad`` (overrides it).
     """
 
     def __init__(
@@ -129,7 +135,11 @@ class BaseSolver(abc.ABC):
         outer_requires_grad: bool = False,
         skip_sync_inner: bool = False,
         device: torch.device | None = None,
+        functorch_requires_grad: bool | None = None,
     ):
+        self.check_objectives()
+        if functorch_requires_grad is not None:  # the released name of inner_requires_grad
+            inner_requires_grad = as_bool(functorch_requires_grad, "functorch_requires_grad")
         self._num_iters = as_int(num_iters, "num_iters", min=1)
         self._unroll_steps = as_int(
             unroll_steps, "unroll_steps", min=1, max=self._num_iters, hint=" (<= num_iters)"
@@ -162,6 +172,7 @@ class BaseSolver(abc.ABC):
         self.recorder = Recorder()
         self._inner_step = 0
         self._outer_step = 0
+        self._global_step = 0
 
     @property
     def inner_step(self) -> int:
@@ -210,6 +221,7 @@ class BaseSolver(abc.ABC):
                 self._outer_step += 1
             if i > 0 and i % self._log_freq == 0:
                 self.stdout_results(self.recorder.flush())
+            self._global_step += 1
 
     def reset_inner_model(self) -> None:
         """(Re)build ``inner_func`` and ``inner_params`` from the ``inner`` module."""
@@ -217,21 +229,39 @@ class BaseSolver(abc.ABC):
             self.inner, not self._inner_requires_grad
         )
 
-    @abc.abstractmethod
+    @default_hook
     def inner_forward(
         self, in_params: Params, out_params: Params, input: Tensor, target: Tensor
     ) -> Any:
-        """The inner objective on a batch (a loss, or a :class:`ForwardOutput`)."""
+        """The inner objective on a batch (a loss, or a :class:`ForwardOutput`); a subclass
+        defines it, or ``inner_obj`` (the released name)."""
+        return self.inner_obj(in_params, out_params, input, target)
 
     @abc.abstractmethod
     def inner_update(self) -> None:
         """One update of ``self.inner_params``."""
 
-    @abc.abstractmethod
+    @default_hook
     def outer_forward(
         self, in_params: Params, out_params: Params, input: Tensor, target: Tensor
     ) -> Any:
-        """The outer objective on a batch (a loss, or a :class:`ForwardOutput`)."""
+        """The outer objective on a batch (a loss, or a :class:`ForwardOutput`); a subclass
+        defines it, or ``outer_obj`` (the released name)."""
+        return self.outer_obj(in_params, out_params, input, target)
+
+    @default_hook
+    def inner_obj(
+        self, in_params: Params, out_params: Params, input: Tensor, target: Tensor
+    ) -> Any:
+        """The released name of ``inner_forward``."""
+        return self.inner_forward(in_params, out_params, input, target)
+
+    @default_hook
+    def outer_obj(
+        self, in_params: Params, out_params: Params, input: Tensor, target: Tensor
+    ) -> Any:
+        """The released name of ``outer_forward``."""
+        return self.outer_forward(in_params, out_params, input, target)
 
     @abc.abstractmethod
     def outer_update(self) -> None:
@@ -274,6 +304,7 @@ class BaseImplicitSolver(BaseSolver):
         inner_requires_grad: bool = False,
         skip_sync_inner: bool = False,
         device: torch.device | None = None,
+        functorch_requires_grad: bool | None = None,
     ):
         super().__init__(
             inner,
@@ -291,6 +322,7 @@ class BaseImplicitSolver(BaseSolver):
             outer_requires_grad=False,
             skip_sync_inner=skip_sync_inner,
             device=device,
+            functorch_requires_grad=functorch_requires_grad,
         )
         self.approx_ihvp = approx_ihvp
 
@@ -305,3 +337,7 @@ class BaseImplicitSolver(BaseSolver):
         """Add ``grads`` to the ``.grad`` of ``outer``'s parameters (set where None)."""
         for p, g in zip(self.outer.parameters(), grads):
             p.grad = g if p.grad is None else p.grad + g
+
+    def set_out_grad(self, grads: Params) -> None:
+        """The released name of the ``outer_grad`` setter: add ``grads`` to the ``.grad``."""
+        self.outer_grad = grads

@@ -1,7 +1,8 @@
 """``hypergrad.utils`` 0.0.1: parameter tuples and Hessian-vector products, on ``torch.func``.
 
 Same names and call shapes: ``Params`` and ``Objective`` (type aliases), ``hvp``,
-``foreach`` and ``vector_to_params``; ``functorch`` is not needed.
+``foreach`` and ``vector_to_params`` (``vector_to_tree``, its name in the release on PyPI);
+``functorch`` is not needed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TypeAlias
 import torch
 from torch import Tensor
 
-__all__ = ["Objective", "Params", "foreach", "hvp", "vector_to_params"]
+__all__ = ["Objective", "Params", "foreach", "hvp", "vector_to_params", "vector_to_tree"]
 
 Params: TypeAlias = tuple[Tensor, ...]  # a functional model's parameters
 Objective: TypeAlias = Callable[[Params, Params], Tensor]  # f(in_params, out_params) -> loss
@@ -61,3 +62,8 @@ def vector_to_params(vec: Tensor, params: Params) -> Params:
         out.append(vec[start : start + p.numel()].view_as(p))
         start += p.numel()
     return tuple(out)
+
+
+def vector_to_tree(vec: Tensor, tree: Params) -> Params:
+    """:func:`vector_to_params` under its name in hypergrad 0.0.1 as released on PyPI."""
+    return vector_to_params(vec, tree)
