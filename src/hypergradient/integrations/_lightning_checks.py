@@ -18,7 +18,9 @@ __all__ = [
     "check_schedulers",
     "check_steps",
     "shard",
+    "shard_weight",
     "skipped",
+    "weighted",
 ]
 
 
@@ -28,6 +30,38 @@ def shard(data: Any, rank: int, world: int, device: torch.device) -> Any:
     if not isinstance(tensors, (tuple, list)) or not all(isinstance(t, Tensor) for t in tensors):
         return data
     return tuple(t[rank::world].to(device) for t in tensors)
+
+
+def shard_weight(data: Any, rank: int, world: int) -> float:
+    """``world * n_rank / n``: the weight that makes the average over the ranks of this
+    rank's mean loss (over its ``n_rank`` of the ``n`` rows :func:`shard` gives it) the
+    mean over all ``n`` rows. 1.0 when the rows split evenly, or the data is not tensors.
+
+    With 41 rows on 2 ranks (21 and 20), unweighted means would count rank 0's rows as
+    1/42 each and rank 1's as 1/40: the hypergradient of another validation loss.
+    """
+    tensors = (data,) if isinstance(data, Tensor) else data
+    if world <= 1 or not isinstance(tensors, (tuple, list)) or not tensors:
+        return 1.0
+    if not all(isinstance(t, Tensor) and t.dim() > 0 for t in tensors):
+        return 1.0
+    n = tensors[0].shape[0]
+    if n == 0 or n % world == 0:
+        return 1.0
+    mine = len(range(rank, n, world))
+    return world * mine / n
+
+
+def weighted(loss: Any, weight: float) -> Any:
+    """``loss`` multiplied by ``weight`` (``loss`` itself when the weight is 1)."""
+    if weight == 1.0:
+        return loss
+
+    def scaled(module: Any, hparams: Any, batch: Any) -> Tensor:
+        return loss(module, hparams, batch) * weight
+
+    scaled.__qualname__ = getattr(loss, "__qualname__", "loss")  # the same on every rank
+    return scaled
 
 
 def check_replayable(trainer: pl.Trainer, method: Method) -> None:

@@ -57,7 +57,9 @@ logger=False)`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or
 **Data-parallel.** Under ``strategy="ddp"`` (any backend, gloo on CPU) every rank runs the
 callback: the hypergradient is that of the losses averaged over the ranks (each rank's
 training batch is its own shard; tensor ``val_data`` is split by rows between the ranks), and
-the hyperparameters stay identical on every rank.
+the hyperparameters stay identical on every rank. When the rows do not split evenly (41 rows
+on 2 ranks: 21 and 20), each rank's validation (and holdout) loss, a mean over its rows, is
+weighted by its share of the rows, so the average is the mean over all rows.
 
 **Methods.** Implicit methods (``hg.IFT``, ``hg.T1T2``, ``hg.HOAG``) work everywhere.
 Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay the Trainer's
@@ -96,7 +98,9 @@ from ._lightning_checks import (
     check_schedulers,
     check_steps,
     shard,
+    shard_weight,
     skipped,
+    weighted,
 )
 from .loggers import record_scalars
 
@@ -280,13 +284,19 @@ class HypergradientCallback(pl.Callback):
         group = dist.group.WORLD if world > 1 and dist.is_initialized() else None
         train_loss, val_loss = self.losses
         (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
+        val_loss = val_loss or _module_loss("validation_loss")
+        # Uneven shards of tensor data: each rank's mean weighted by its share of the rows.
+        options = self.options | {"logger": self._sinks()}
+        if holdout is not None:
+            base = options.get("holdout_loss") or val_loss
+            options["holdout_loss"] = weighted(base, shard_weight(holdout, rank, world))
         return HyperOptimizer(
             pl_module,
             self._hparams(pl_module),
             inner_optimizer=inner,
             outer_optimizer=self.outer_factory,
             train_loss=train_loss or _module_loss("training_loss"),
-            val_loss=val_loss or _module_loss("validation_loss"),
+            val_loss=weighted(val_loss, shard_weight(val, rank, world)),
             val_data=shard(val, rank, world, pl_module.device),
             val_batch_size=val_size,
             holdout_data=shard(holdout, rank, world, pl_module.device),
@@ -294,7 +304,7 @@ class HypergradientCallback(pl.Callback):
             method=self.method,
             inner_steps=self.every_n_steps,
             process_group=group,
-            **(self.options | {"logger": self._sinks()}),
+            **options,
         )
 
     def _sinks(self) -> list[Any]:

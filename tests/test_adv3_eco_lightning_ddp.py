@@ -1,0 +1,80 @@
+"""The Lightning callback under ``strategy="ddp"`` (2 gloo ranks on CPU) with validation and
+holdout rows that do not split evenly between the ranks.
+
+Reference: one process on the whole batches and all the rows. 41 validation rows split
+21/20 and 31 holdout rows 16/15: the average of the ranks' mean losses weighed rank 0's rows
+1/42 and rank 1's 1/40, so the hypergradient was 0.6% off and the reported validation and
+holdout losses differed in the third digit; each rank's mean is now weighted by its share
+of the rows, and the run agrees with the single process to float64 rounding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning.pytorch")
+
+SCRIPT = """
+import json, sys
+import torch
+import lightning.pytorch as L
+sys.path.insert(0, {tests!r})
+import test_integrations_lightning as T
+
+val, hold = T.data(41, 1), T.data(31, 2)
+module = T.LogReg()
+cb = T.HypergradientCallback(
+    val_data=val, val_batch_size=None, every_n_steps=3, holdout_data=hold,
+    method=T.hg.IFT(T.hg.CG(maxiter=5), damping=0.1),
+    outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+)
+trainer = L.Trainer(
+    strategy={strategy!r}, accelerator="cpu", devices={devices}, max_steps=6, logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cb], use_distributed_sampler=False,
+)
+trainer.fit(module, T.loader({batch_size}, sharded={devices} > 1))
+out = {{
+    "raw": module.decay.raw.tolist(),
+    "val": [r.val_loss for r in cb.hopt.history],
+    "holdout": [r.holdout_loss for r in cb.hopt.history],
+    "hypergrad": [r.hypergrad["decay"].tolist() for r in cb.hopt.history],
+}}
+with open({out!r} + f".{{trainer.global_rank}}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def run(tmp_path, name, **kw):
+    out = str(tmp_path / name)
+    tests = str(Path(__file__).resolve().parent)
+    script = tmp_path / f"{name}.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(tests=tests, out=out, **kw)))
+    env = dict(os.environ, PYTHONPATH=tests, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = [Path(f"{out}.{rank}.json") for rank in range(2)]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def test_uneven_validation_and_holdout_shards_match_one_process_on_all_rows(tmp_path):
+    ddp = run(tmp_path, "ddp", strategy="ddp", devices=2, batch_size=16)
+    (single,) = run(tmp_path, "single", strategy="auto", devices=1, batch_size=32)
+    assert len(ddp) == 2 and len(single["hypergrad"]) == 2
+    want = torch.tensor(single["hypergrad"], dtype=torch.float64)
+    for rank in ddp:
+        got = torch.tensor(rank["hypergrad"], dtype=torch.float64)
+        assert float((got - want).norm() / want.norm()) < 1e-12  # was 5.8e-3
+        assert rank["val"] == pytest.approx(single["val"], rel=1e-12, abs=0)
+        assert rank["holdout"] == pytest.approx(single["holdout"], rel=1e-12, abs=0)
+        assert rank["raw"] == pytest.approx(single["raw"], rel=1e-12, abs=0)
+    assert ddp[0]["raw"] == ddp[1]["raw"]
