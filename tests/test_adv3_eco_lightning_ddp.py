@@ -5,10 +5,16 @@ Reference: one process on the whole batches and all the rows. 41 validation rows
 21/20 and 31 holdout rows 16/15: the average of the ranks' mean losses weighed rank 0's rows
 1/42 and rank 1's 1/40, so the hypergradient was 0.6% off and the reported validation and
 holdout losses differed in the third digit; each rank's mean is now weighted by its share
-of the rows, and the run agrees with the single process to float64 rounding."""
+of the rows, and the run agrees with the single process to float64 rounding.
+
+The callback's own sinks (``logger=[CSVLogger(path)]``) were called on every rank: two
+processes rewriting one CSV file crashed the run (``FileNotFoundError`` on its temporary
+file) or wrote each record twice. Only global rank 0 writes them now, as Lightning's
+loggers: one row per hyper-step, equal to the records."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -27,6 +33,7 @@ import torch
 import lightning.pytorch as L
 sys.path.insert(0, {tests!r})
 import test_integrations_lightning as T
+from hypergradient.integrations import CSVLogger
 
 val, hold = T.data(41, 1), T.data(31, 2)
 module = T.LogReg()
@@ -34,6 +41,7 @@ cb = T.HypergradientCallback(
     val_data=val, val_batch_size=None, every_n_steps=3, holdout_data=hold,
     method=T.hg.IFT(T.hg.CG(maxiter=5), damping=0.1),
     outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+    logger=CSVLogger({out!r} + ".csv"),
 )
 trainer = L.Trainer(
     strategy={strategy!r}, accelerator="cpu", devices={devices}, max_steps=6, logger=False,
@@ -66,9 +74,16 @@ def run(tmp_path, name, **kw):
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
-def test_uneven_validation_and_holdout_shards_match_one_process_on_all_rows(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
     ddp = run(tmp_path, "ddp", strategy="ddp", devices=2, batch_size=16)
     (single,) = run(tmp_path, "single", strategy="auto", devices=1, batch_size=32)
+    return ddp, single, tmp_path
+
+
+def test_uneven_validation_and_holdout_shards_match_one_process_on_all_rows(runs):
+    ddp, single, _ = runs
     assert len(ddp) == 2 and len(single["hypergrad"]) == 2
     want = torch.tensor(single["hypergrad"], dtype=torch.float64)
     for rank in ddp:
@@ -78,3 +93,12 @@ def test_uneven_validation_and_holdout_shards_match_one_process_on_all_rows(tmp_
         assert rank["holdout"] == pytest.approx(single["holdout"], rel=1e-12, abs=0)
         assert rank["raw"] == pytest.approx(single["raw"], rel=1e-12, abs=0)
     assert ddp[0]["raw"] == ddp[1]["raw"]
+
+
+def test_the_callbacks_own_sinks_are_written_once_by_rank_zero(runs):
+    ddp, _, tmp_path = runs
+    with open(tmp_path / "ddp.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["hyper_step"]) for r in rows] == [1, 2]  # was a crash, or each row twice
+    assert [float(r["loss/val"]) for r in rows] == ddp[0]["val"]  # written as repr: exact
+    assert [float(r["loss/holdout"]) for r in rows] == ddp[0]["holdout"]

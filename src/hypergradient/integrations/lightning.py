@@ -170,7 +170,9 @@ class HypergradientCallback(pl.Callback):
             by element (larger ones as mean, min, max, norm).
         log: log through ``pl_module.log_dict`` (the Trainer's logger).
         logger: extra sinks for the records (e.g. a
-            :class:`~hypergradient.integrations.TensorBoardLogger`), as in ``HyperOptimizer``.
+            :class:`~hypergradient.integrations.TensorBoardLogger`), as in ``HyperOptimizer``;
+            under a data-parallel strategy only global rank 0 writes to them (as Lightning's
+            own loggers: the records are the same on every rank).
         **options: other ``HyperOptimizer`` arguments (``seed``, ``nonfinite``,
             ``history_size``, ``train_data``, ``holdout_loss``, ``min_delta``).
 
@@ -286,7 +288,7 @@ class HypergradientCallback(pl.Callback):
         (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
         val_loss = val_loss or _module_loss("validation_loss")
         # Uneven shards of tensor data: each rank's mean weighted by its share of the rows.
-        options = self.options | {"logger": self._sinks()}
+        options = self.options | {"logger": self._sinks(rank)}
         if holdout is not None:
             base = options.get("holdout_loss") or val_loss
             options["holdout_loss"] = weighted(base, shard_weight(holdout, rank, world))
@@ -307,10 +309,12 @@ class HypergradientCallback(pl.Callback):
             **options,
         )
 
-    def _sinks(self) -> list[Any]:
-        """The user's sinks, then the callback's own: every committed record reaches it
-        (whatever ``history_size``: ``history_size=0`` keeps none to read back)."""
-        user = self.options["logger"]
+    def _sinks(self, rank: int) -> list[Any]:
+        """The user's sinks (on global rank 0 only: every rank writing one CSV file or one
+        TensorBoard directory duplicated each record, or crashed on the file), then the
+        callback's own: every committed record reaches it (whatever ``history_size``:
+        ``history_size=0`` keeps none to read back)."""
+        user = self.options["logger"] if rank == 0 else None
         user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
         return [*user, self._records.append]  # last: reached only if the others succeeded
 
