@@ -11,9 +11,12 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from .._vocab import ArgumentTypeError
+from ..constraints import Constraint
 from ..methods import Method
 
 __all__ = [
+    "check_hparams",
     "check_replayable",
     "check_schedulers",
     "check_steps",
@@ -62,6 +65,19 @@ def weighted(loss: Any, weight: float) -> Any:
 
     scaled.__qualname__ = getattr(loss, "__qualname__", "loss")  # the same on every rank
     return scaled
+
+
+def check_hparams(hparams: Mapping[str, Any], source: str) -> dict[str, Tensor | Constraint]:
+    """``hparams`` as a dict, after checking that every value is a tensor or a Constraint
+    (a float or a NumPy array used to crash later in ``on_fit_start``)."""
+    for name, h in hparams.items():
+        if not isinstance(h, (Tensor, Constraint)):
+            raise ArgumentTypeError(
+                f"{source}[{name!r}] must be a floating-point tensor or a Constraint such as "
+                f"hg.Positive(...), got {type(h).__name__}; wrap it, e.g. "
+                f"torch.tensor(value, dtype=torch.float64), and keep it on the module."
+            )
+    return dict(hparams)
 
 
 def check_replayable(trainer: pl.Trainer, method: Method) -> None:

@@ -94,6 +94,7 @@ from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
 from ._lightning_checks import (
+    check_hparams,
     check_replayable,
     check_schedulers,
     check_steps,
@@ -132,7 +133,7 @@ def _declared(module: Any) -> dict[str, Tensor | Constraint]:
         raise ValueError(
             "hyperparameters_to_tune() must return a non-empty dict {name: tensor or Constraint}."
         )
-    return dict(hparams)
+    return check_hparams(hparams, "hyperparameters_to_tune()")
 
 
 def _module_loss(name: str) -> LossFn:
@@ -216,7 +217,12 @@ class HypergradientCallback(pl.Callback):
                 as_callable(fn, name, "(module, hparams, batch)")
         outer = _default_outer if outer_optimizer is None else outer_optimizer
         self.outer_factory = as_callable(outer, "outer_optimizer", "(params) -> optimizer")
-        self.hparams_arg = None if hparams is None else dict(hparams)
+        if hparams is not None and not isinstance(hparams, Mapping):
+            raise ArgumentTypeError(
+                f"`hparams` must be a dict {{name: tensor or Constraint}}, got "
+                f"{type(hparams).__name__}."
+            )
+        self.hparams_arg = None if hparams is None else check_hparams(hparams, "hparams")
         self.losses = (train_loss, val_loss)
         self.method = method
         self.data = {
