@@ -10,7 +10,14 @@ of the rows, and the run agrees with the single process to float64 rounding.
 The callback's own sinks (``logger=[CSVLogger(path)]``) were called on every rank: two
 processes rewriting one CSV file crashed the run (``FileNotFoundError`` on its temporary
 file) or wrote each record twice. Only global rank 0 writes them now, as Lightning's
-loggers: one row per hyper-step, equal to the records."""
+loggers: one row per hyper-step, equal to the records.
+
+Resuming under DDP: every rank loads rank 0's checkpoint, and with shards of 21 and 20 rows
+rank 1 took over rank 0's validation sampler, whose draws (``randperm(21)``) had advanced its
+generator otherwise: the resumed run drew other validation rows than the uninterrupted one
+(in repro/lt_ddp_resume.py, a second hyper-step's validation loss of 1.028 instead of
+0.896). Each rank now redraws its own sampler's position; the resumed run is the
+uninterrupted one, bit for bit."""
 
 from __future__ import annotations
 
@@ -60,14 +67,14 @@ with open({out!r} + f".{{trainer.global_rank}}.json", "w") as f:
 """
 
 
-def run(tmp_path, name, **kw):
+def run(tmp_path, name, script=SCRIPT, **kw):
     out = str(tmp_path / name)
     tests = str(Path(__file__).resolve().parent)
-    script = tmp_path / f"{name}.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=tests, out=out, **kw)))
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(script.format(tests=tests, out=out, **kw)))
     env = dict(os.environ, PYTHONPATH=tests, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     paths = [Path(f"{out}.{rank}.json") for rank in range(2)]
@@ -102,3 +109,53 @@ def test_the_callbacks_own_sinks_are_written_once_by_rank_zero(runs):
     assert [int(r["hyper_step"]) for r in rows] == [1, 2]  # was a crash, or each row twice
     assert [float(r["loss/val"]) for r in rows] == ddp[0]["val"]  # written as repr: exact
     assert [float(r["loss/holdout"]) for r in rows] == ddp[0]["holdout"]
+
+
+RESUME = """
+import json, sys
+import torch
+import lightning.pytorch as L
+sys.path.insert(0, {tests!r})
+import test_integrations_lightning as T
+
+
+def fit(epochs, save=False, ckpt=None):
+    module = T.LogReg(dropout=0.3)
+    cb = T.HypergradientCallback(
+        val_data=T.data(41, 1), val_batch_size=8, every_n_steps=3,
+        method=T.hg.IFT(T.hg.CG(maxiter=5), damping=0.1),
+        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+    )
+    saving = [L.callbacks.ModelCheckpoint(dirpath={tmp!r}, filename="last")] if save else []
+    trainer = L.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=epochs, logger=False,
+        enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cb, *saving],
+        use_distributed_sampler=False,
+    )
+    torch.manual_seed(0)
+    trainer.fit(module, T.loader(16, sharded=True), ckpt_path=ckpt)
+    return trainer.global_rank, {{
+        "raw": module.decay.raw.tolist(),
+        "weight": module.linear.weight.reshape(-1).tolist(),
+        "val": [r.val_loss for r in cb.hopt.history],
+    }}
+
+
+rank, straight = fit(3)
+fit(2, save=True)
+_, resumed = fit(3, ckpt={tmp!r} + "/last.ckpt")
+with open({out!r} + f".{{rank}}.json", "w") as f:
+    json.dump({{"straight": straight, "resumed": resumed}}, f)
+"""
+
+
+def test_resuming_with_uneven_shards_reproduces_the_uninterrupted_run(tmp_path):
+    """Three epochs of 2 steps per rank straight, or two (checkpoint in the middle of the
+    second window) and a resumed third; dropout in the training loss."""
+    ranks = run(tmp_path, "resume", script=RESUME, tmp=str(tmp_path))
+    assert len(ranks) == 2
+    for both in ranks:
+        a, b = both["straight"], both["resumed"]
+        assert len(a["val"]) == 2 and b["val"] == a["val"]  # the 2nd used other rows
+        assert b["raw"] == a["raw"] and b["weight"] == a["weight"]

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from .._vocab import ArgumentTypeError
 from ..constraints import Constraint
+from ..hyperoptimizer import HyperOptimizer
+from ..hyperoptimizer.sampler import BatchSampler
 from ..methods import Method
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "check_replayable",
     "check_schedulers",
     "check_steps",
+    "redraw_samplers",
     "shard",
     "shard_weight",
     "skipped",
@@ -140,3 +143,28 @@ def check_schedulers(trainer: pl.Trainer) -> None:
             "window, but the module configures a learning-rate scheduler that changes them "
             "in between; drop the scheduler or use an implicit method (hg.IFT(), hg.T1T2())."
         )
+
+
+def redraw_samplers(hopt: HyperOptimizer, shards: list[Any], rank: int, world: int) -> None:
+    """Put this rank's own state into ``hopt``'s tensor samplers after a checkpoint load,
+    when the ranks' shards of the tensor data ``shards`` (:func:`shard`) differ in size.
+
+    Lightning saves rank 0's callback state, and every rank loads it. A sampler's state is
+    its generator's, which its draws advance by an amount that depends on the number of
+    rows (``randperm(n)``): with uneven shards (21 and 20 rows), rank 1 took over rank 0's
+    generator and drew other rows than in the uninterrupted run. A seeded sampler's state
+    is a function of its seed, rows, batch size and number of draws (a rolled-back draw is
+    undone), so each rank redraws its own ``drawn`` batches from a fresh sampler.
+
+    Cost: ``drawn`` draws of a batch per sampler (no loss, no product).
+    """
+    if all(shard_weight(data, rank, world) == 1.0 for data in shards):
+        return  # even shards: every rank's draws advanced its generator alike
+    guard = hopt.guard
+    for sampler in (hopt.val_sampler, None if guard is None else guard.sampler):
+        if sampler is None or sampler.tensors is None:
+            continue
+        fresh = BatchSampler(sampler.tensors, sampler.batch_size, sampler.seed, sampler.name)
+        for _ in range(sampler.drawn):
+            fresh.next()
+        sampler.load_state_dict(fresh.state_dict())

@@ -44,7 +44,7 @@ to the module's device at the start of fitting.
 **Checkpoints.** The callback's state (hyperparameters, outer optimizer, method state,
 samplers, history, holdout guard, trajectory window) is saved in the Trainer's checkpoint
 under ``checkpoint["callbacks"]["HypergradientCallback"]``; ``Trainer.fit(ckpt_path=...)``
-resumes it.
+resumes it (under DDP every rank loads rank 0's; uneven shards redraw their own samplers).
 
 **Logging.** After each hyper-step, to every logger of the Trainer (``logger.log_metrics``,
 at the step Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
@@ -98,6 +98,7 @@ from ._lightning_checks import (
     check_replayable,
     check_schedulers,
     check_steps,
+    redraw_samplers,
     shard,
     shard_weight,
     skipped,
@@ -283,6 +284,8 @@ class HypergradientCallback(pl.Callback):
                 state["rng"] = [torch.get_rng_state(), parse_rng_state(state["rng"])[1]]
             self.hopt.load_state_dict(state)
             self._loaded = None
+            shards = [data for data, _ in self.data.values()]
+            redraw_samplers(self.hopt, shards, trainer.global_rank, trainer.world_size)
 
     def _hparams(self, pl_module: Any) -> dict[str, Tensor | Constraint]:
         return self.hparams_arg if self.hparams_arg is not None else _declared(pl_module)
