@@ -22,6 +22,7 @@ __all__ = [
     "check_replayable",
     "check_schedulers",
     "check_steps",
+    "log_step",
     "redraw_samplers",
     "shard",
     "shard_weight",
@@ -134,6 +135,18 @@ def check_steps(steps: int, pl_module: Any, method: Method) -> None:
         "Take one optimizer step per training_step, or use an implicit method (hg.IFT(), "
         "hg.T1T2())."
     )
+
+
+def log_step(trainer: pl.Trainer, pl_module: Any) -> int:
+    """The x at which Lightning's loggers receive the current batch's metrics (read in
+    ``on_train_batch_end``): the batches that stepped before this one. Automatic
+    optimization: the optimizer steps before this batch's (one per stepping batch, under
+    gradient accumulation too). Manual optimization: the batches before this one, however
+    many steps each took (``global_step`` counted those: with one step every 2 batches the
+    records landed at half the x of their batches, with 2 steps per batch at twice)."""
+    if getattr(pl_module, "automatic_optimization", True):
+        return max(trainer.global_step - 1, 0)
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
 
 
 def check_schedulers(trainer: pl.Trainer) -> None:

@@ -47,7 +47,7 @@ under ``checkpoint["callbacks"]["HypergradientCallback"]``; ``Trainer.fit(ckpt_p
 resumes it (under DDP every rank loads rank 0's; uneven shards redraw their own samplers).
 
 **Logging.** After each hyper-step, to every logger of the Trainer (``logger.log_metrics``,
-at the step Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
+at the x Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
 hyper-step is an event, not a sample of a curve), and through ``pl_module.log_dict(...,
 logger=False)`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or
 ``EarlyStopping`` can monitor them): ``hypergradient/loss/val``,
@@ -98,6 +98,7 @@ from ._lightning_checks import (
     check_replayable,
     check_schedulers,
     check_steps,
+    log_step,
     redraw_samplers,
     shard,
     shard_weight,
@@ -365,11 +366,10 @@ class HypergradientCallback(pl.Callback):
     ) -> None:
         scalars = record_scalars(record, self.log_elements)
         values = {f"hypergradient/{k}": v for k, v in scalars.items() if k != "time/seconds"}
-        # Through log_dict alone, Lightning would write them only at its logging steps
-        # (every log_every_n_steps batches): most hyper-steps would never reach the logger.
+        # log_dict alone writes every log_every_n_steps batches: most records would be lost
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
         for logger in trainer.loggers:
-            logger.log_metrics(values, step=max(trainer.global_step - 1, 0))
+            logger.log_metrics(values, step=log_step(trainer, pl_module))
 
     def _require_hopt(self) -> HyperOptimizer:
         if self.hopt is None:
