@@ -44,10 +44,10 @@ to the module's device at the start of fitting.
 **Checkpoints.** The callback's state (hyperparameters, outer optimizer, method state,
 samplers, history, holdout guard, trajectory window) is saved in the Trainer's checkpoint
 under ``checkpoint["callbacks"]["HypergradientCallback"]``; ``Trainer.fit(ckpt_path=...)``
-resumes it.
+resumes it (under DDP every rank loads rank 0's; uneven shards redraw their own samplers).
 
 **Logging.** After each hyper-step, to every logger of the Trainer (``logger.log_metrics``,
-at the step Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
+at the x Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
 hyper-step is an event, not a sample of a curve), and through ``pl_module.log_dict(...,
 logger=False)`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or
 ``EarlyStopping`` can monitor them): ``hypergradient/loss/val``,
@@ -57,7 +57,9 @@ logger=False)`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or
 **Data-parallel.** Under ``strategy="ddp"`` (any backend, gloo on CPU) every rank runs the
 callback: the hypergradient is that of the losses averaged over the ranks (each rank's
 training batch is its own shard; tensor ``val_data`` is split by rows between the ranks), and
-the hyperparameters stay identical on every rank.
+the hyperparameters stay identical on every rank. When the rows do not split evenly (41 rows
+on 2 ranks: 21 and 20), each rank's validation (and holdout) loss, a mean over its rows, is
+weighted by its share of the rows, so the average is the mean over all rows.
 
 **Methods.** Implicit methods (``hg.IFT``, ``hg.T1T2``, ``hg.HOAG``) work everywhere.
 Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay the Trainer's
@@ -92,11 +94,16 @@ from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
 from ._lightning_checks import (
+    check_hparams,
     check_replayable,
     check_schedulers,
     check_steps,
+    log_step,
+    redraw_samplers,
     shard,
+    shard_weight,
     skipped,
+    weighted,
 )
 from .loggers import record_scalars
 
@@ -128,7 +135,7 @@ def _declared(module: Any) -> dict[str, Tensor | Constraint]:
         raise ValueError(
             "hyperparameters_to_tune() must return a non-empty dict {name: tensor or Constraint}."
         )
-    return dict(hparams)
+    return check_hparams(hparams, "hyperparameters_to_tune()")
 
 
 def _module_loss(name: str) -> LossFn:
@@ -166,7 +173,9 @@ class HypergradientCallback(pl.Callback):
             by element (larger ones as mean, min, max, norm).
         log: log through ``pl_module.log_dict`` (the Trainer's logger).
         logger: extra sinks for the records (e.g. a
-            :class:`~hypergradient.integrations.TensorBoardLogger`), as in ``HyperOptimizer``.
+            :class:`~hypergradient.integrations.TensorBoardLogger`), as in ``HyperOptimizer``;
+            under a data-parallel strategy only global rank 0 writes to them (as Lightning's
+            own loggers: the records are the same on every rank).
         **options: other ``HyperOptimizer`` arguments (``seed``, ``nonfinite``,
             ``history_size``, ``train_data``, ``holdout_loss``, ``min_delta``).
 
@@ -210,7 +219,12 @@ class HypergradientCallback(pl.Callback):
                 as_callable(fn, name, "(module, hparams, batch)")
         outer = _default_outer if outer_optimizer is None else outer_optimizer
         self.outer_factory = as_callable(outer, "outer_optimizer", "(params) -> optimizer")
-        self.hparams_arg = None if hparams is None else dict(hparams)
+        if hparams is not None and not isinstance(hparams, Mapping):
+            raise ArgumentTypeError(
+                f"`hparams` must be a dict {{name: tensor or Constraint}}, got "
+                f"{type(hparams).__name__}."
+            )
+        self.hparams_arg = None if hparams is None else check_hparams(hparams, "hparams")
         self.losses = (train_loss, val_loss)
         self.method = method
         self.data = {
@@ -271,6 +285,8 @@ class HypergradientCallback(pl.Callback):
                 state["rng"] = [torch.get_rng_state(), parse_rng_state(state["rng"])[1]]
             self.hopt.load_state_dict(state)
             self._loaded = None
+            shards = [data for data, _ in self.data.values()]
+            redraw_samplers(self.hopt, shards, trainer.global_rank, trainer.world_size)
 
     def _hparams(self, pl_module: Any) -> dict[str, Tensor | Constraint]:
         return self.hparams_arg if self.hparams_arg is not None else _declared(pl_module)
@@ -280,13 +296,19 @@ class HypergradientCallback(pl.Callback):
         group = dist.group.WORLD if world > 1 and dist.is_initialized() else None
         train_loss, val_loss = self.losses
         (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
+        val_loss = val_loss or _module_loss("validation_loss")
+        # Uneven shards of tensor data: each rank's mean weighted by its share of the rows.
+        options = self.options | {"logger": self._sinks(rank)}
+        if holdout is not None:
+            base = options.get("holdout_loss") or val_loss
+            options["holdout_loss"] = weighted(base, shard_weight(holdout, rank, world))
         return HyperOptimizer(
             pl_module,
             self._hparams(pl_module),
             inner_optimizer=inner,
             outer_optimizer=self.outer_factory,
             train_loss=train_loss or _module_loss("training_loss"),
-            val_loss=val_loss or _module_loss("validation_loss"),
+            val_loss=weighted(val_loss, shard_weight(val, rank, world)),
             val_data=shard(val, rank, world, pl_module.device),
             val_batch_size=val_size,
             holdout_data=shard(holdout, rank, world, pl_module.device),
@@ -294,13 +316,15 @@ class HypergradientCallback(pl.Callback):
             method=self.method,
             inner_steps=self.every_n_steps,
             process_group=group,
-            **(self.options | {"logger": self._sinks()}),
+            **options,
         )
 
-    def _sinks(self) -> list[Any]:
-        """The user's sinks, then the callback's own: every committed record reaches it
-        (whatever ``history_size``: ``history_size=0`` keeps none to read back)."""
-        user = self.options["logger"]
+    def _sinks(self, rank: int) -> list[Any]:
+        """The user's sinks (on global rank 0 only: every rank writing one CSV file or one
+        TensorBoard directory duplicated each record, or crashed on the file), then the
+        callback's own: every committed record reaches it (whatever ``history_size``:
+        ``history_size=0`` keeps none to read back)."""
+        user = self.options["logger"] if rank == 0 else None
         user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
         return [*user, self._records.append]  # last: reached only if the others succeeded
 
@@ -342,11 +366,10 @@ class HypergradientCallback(pl.Callback):
     ) -> None:
         scalars = record_scalars(record, self.log_elements)
         values = {f"hypergradient/{k}": v for k, v in scalars.items() if k != "time/seconds"}
-        # Through log_dict alone, Lightning would write them only at its logging steps
-        # (every log_every_n_steps batches): most hyper-steps would never reach the logger.
+        # log_dict alone writes every log_every_n_steps batches: most records would be lost
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
         for logger in trainer.loggers:
-            logger.log_metrics(values, step=max(trainer.global_step - 1, 0))
+            logger.log_metrics(values, step=log_step(trainer, pl_module))
 
     def _require_hopt(self) -> HyperOptimizer:
         if self.hopt is None:
