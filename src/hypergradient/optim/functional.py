@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .._vocab import ArgumentTypeError, as_bool, as_float
 
-__all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch"]
+__all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch", "zeros_or_copy"]
 
 Setting = float | Tensor
 
@@ -58,9 +58,12 @@ def _check_betas(betas: Any) -> tuple[Any, Any]:
 
 
 class FunctionalOptimizer:
-    """Base class: ``settings`` maps names to floats or scalar tensors."""
+    """Base class: ``settings`` maps names to floats or scalar tensors; ``offsets``, if
+    not None, each parameter's own step count minus the step count a replay starts from
+    (:func:`from_torch` of an optimizer whose parameters took different numbers of steps)."""
 
     settings: dict[str, Setting]
+    offsets: list[int] | None = None
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -68,11 +71,18 @@ class FunctionalOptimizer:
     def update(
         self,
         params: Sequence[Tensor],
-        grads: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
         state: Sequence[Tensor],
-        step: int,
+        step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """One step: the new parameters and state.
+
+        ``step`` is the number of updates taken before this one: one count, or one per
+        parameter (``torch.optim`` counts per parameter). A None gradient leaves its
+        parameter and its buffers as they are, as ``torch.optim`` skips a parameter whose
+        ``.grad`` is None (unused by the step's loss, after ``zero_grad()``).
+        """
         raise NotImplementedError
 
     def tensor_settings(self) -> dict[str, Tensor]:
@@ -125,6 +135,11 @@ def _is_zero(value: Setting) -> bool:
     return not isinstance(value, Tensor) and value == 0
 
 
+def _count(step: int | Sequence[int], i: int) -> int:
+    """Parameter ``i``'s count of updates before this one."""
+    return step if isinstance(step, int) else step[i]
+
+
 class SGD(FunctionalOptimizer):
     """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
 
@@ -171,9 +186,9 @@ class SGD(FunctionalOptimizer):
     def update(
         self,
         params: Sequence[Tensor],
-        grads: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
         state: Sequence[Tensor],
-        step: int,
+        step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
@@ -189,11 +204,15 @@ class SGD(FunctionalOptimizer):
         decay, damped = not _is_zero(s["weight_decay"]), not _is_zero(s["dampening"])
         new_params, new_state = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:  # torch.optim skips a parameter whose .grad is None
+                new_params.append(p)
+                new_state.extend(state[i : i + 1] if self.uses_momentum else ())
+                continue
             lr, mom, damp, wd = on(p)
             if decay:
                 g = g + wd * p
             if self.uses_momentum:
-                if step == 0:
+                if _count(step, i) == 0:
                     buf = g
                 else:
                     buf = mom * state[i] + ((1 - damp) * g if damped else g)
@@ -240,9 +259,9 @@ class Adam(FunctionalOptimizer):
     def update(
         self,
         params: Sequence[Tensor],
-        grads: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
         state: Sequence[Tensor],
-        step: int,
+        step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
@@ -250,20 +269,26 @@ class Adam(FunctionalOptimizer):
         new_params, ms, vs = [], [], []
         on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"))
         decay = not _is_zero(s["weight_decay"])
-        corrections: dict[torch.dtype, tuple[Any, Any]] = {}
+        corrections: dict[tuple[torch.dtype, int], tuple[Any, Any]] = {}
         for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:  # torch.optim skips a parameter whose .grad is None
+                new_params.append(p)
+                ms.append(state[i])
+                vs.append(state[n + i])
+                continue
             lr, b1, b2, eps, wd = on(p)
             if decay:
                 g = g + wd * p
             m = b1 * state[i] + (1 - b1) * g
             v = b2 * state[n + i] + (1 - b2) * g * g
-            if p.dtype not in corrections:  # lr / (1 - b1^(t+1)) and sqrt(1 - b2^(t+1))
-                bc2 = 1 - b2 ** (step + 1)
-                corrections[p.dtype] = (
-                    lr / (1 - b1 ** (step + 1)),
+            t = _count(step, i)
+            if (p.dtype, t) not in corrections:  # lr / (1 - b1^(t+1)) and sqrt(1 - b2^(t+1))
+                bc2 = 1 - b2 ** (t + 1)
+                corrections[p.dtype, t] = (
+                    lr / (1 - b1 ** (t + 1)),
                     bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2),
                 )
-            step_size, bc2_root = corrections[p.dtype]
+            step_size, bc2_root = corrections[p.dtype, t]
             positive = v > 0
             root = torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
             denom = root / bc2_root + eps
@@ -296,97 +321,5 @@ def adam(
     return Adam(lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def _group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> dict[str, Any]:
-    groups = optimizer.param_groups
-    first = {k: groups[0][k] for k in keys}
-    for g in groups[1:]:
-        for k in keys:
-            a, b = g[k], first[k]
-            same = a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b
-            if not same:
-                raise ValueError(
-                    f"The inner optimizer's param groups differ in `{k}`; trajectory methods "
-                    "support one setting for all parameters. Use one param group."
-                )
-    return first
-
-
-def from_torch(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *, tuned: Sequence[str] = ()
-) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
-    """The functional twin of a ``torch.optim.SGD`` or ``torch.optim.Adam`` and its state.
-
-    Returns ``(functional_optimizer, state, step)``: the same update rule and settings,
-    the optimizer's current buffers for ``params`` (in that order; None before the first
-    step; zeros for a parameter that never had a gradient) and how many steps it has
-    taken, so a differentiable replay continues exactly where the torch optimizer is.
-
-    ``tuned`` names the settings a replay will supply as tensors (``update(...,
-    settings=...)``, e.g. hyperparameters linked to the optimizer): an SGD whose
-    ``momentum`` is tuned keeps momentum buffers even while its value is 0 (without them
-    the momentum's effect, and its hypergradient, would be lost).
-
-    Raises:
-        TypeError: for other optimizers (their update rules are not implemented here) or
-            options without a functional twin (``amsgrad``, ``maximize``, Adam's
-            ``decoupled_weight_decay``; ``foreach``-only variants are fine).
-    """
-    for flag in ("maximize", "amsgrad", "decoupled_weight_decay"):
-        if any(g.get(flag, False) for g in optimizer.param_groups):
-            raise ArgumentTypeError(
-                f"`{flag}=True` has no differentiable twin in hypergradient.optim; use "
-                "torch.optim.SGD or torch.optim.Adam without it (an L2 weight_decay is "
-                "fine), or an implicit method (hg.IFT, hg.HOAG, hg.T1T2)."
-            )
-    if type(optimizer) is torch.optim.SGD:
-        return _sgd_twin(optimizer, params, "momentum" in tuned)
-    if type(optimizer) is torch.optim.Adam:
-        return _adam_twin(optimizer, params)
-    raise ArgumentTypeError(
-        f"Trajectory methods replay the inner optimizer differentiably; {type(optimizer).__name__} "
-        "has no functional twin. Use torch.optim.SGD or torch.optim.Adam, or an implicit method "
-        "(hg.IFT, hg.HOAG, hg.T1T2)."
-    )
-
-
-def _sgd_twin(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], tuned_momentum: bool
-) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
-    s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
-    momentum = s["momentum"]
-    if tuned_momentum and not isinstance(momentum, Tensor) and momentum == 0:
-        momentum = torch.zeros(())  # a tensor setting: buffers kept, value supplied by replay
-    fopt = SGD(s["lr"], momentum, s["dampening"], s["weight_decay"], s["nesterov"])
-    bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-    if not fopt.uses_momentum or all(b is None for b in bufs):
-        return fopt, None, 0
-    # A parameter that never had a gradient (unused by the loss) has no buffer: zeros, not
-    # a fresh start for every parameter (that dropped the others' momentum).
-    return fopt, [zeros_or_copy(b, p) for b, p in zip(bufs, params)], 1
-
-
-def _adam_twin(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
-) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
-    s = _group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
-    fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
-    st = [optimizer.state.get(p, {}) for p in params]
-    if all("exp_avg" not in x for x in st):
-        return fopt, None, 0
-    steps = {int(x["step"]) for x in st if "exp_avg" in x}
-    if len(steps) != 1:
-        raise ValueError(
-            "The inner Adam's parameters have taken different numbers of steps "
-            f"({sorted(steps)}): the functional Adam has one step count. Give every trained "
-            "parameter a gradient at every step (or use an implicit method, hg.IFT)."
-        )
-    # A parameter that never had a gradient (unused by the loss) has no moments: zeros,
-    # not a fresh start for every parameter (that dropped the others' moments).
-    avg = [zeros_or_copy(x.get("exp_avg"), p) for x, p in zip(st, params)]
-    sq = [zeros_or_copy(x.get("exp_avg_sq"), p) for x, p in zip(st, params)]
-    return fopt, avg + sq, steps.pop()
-
-
-def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
-    """A detached copy of an optimizer buffer, or zeros shaped like ``like`` if it is None."""
-    return torch.zeros_like(like.detach()) if buffer is None else buffer.detach().clone()
+# The torch.optim twins live in .twins (re-exported here: their historical home).
+from .twins import from_torch, zeros_or_copy  # noqa: E402
