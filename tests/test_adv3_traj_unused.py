@@ -63,7 +63,8 @@ OPTIMIZERS = {
 
 def batches(use):
     x, y, _ = data()
-    return [(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8], torch.tensor(u)) for i, u in enumerate(use)]
+    rows = [slice(8 * i, 8 * i + 8) for i in range(len(use))]
+    return [(x[r], y[r], torch.tensor(u)) for r, u in zip(rows, use)]
 
 
 def reference(model0, make, use, window):
