@@ -179,3 +179,47 @@ def test_from_torch_keeps_each_parameters_adam_count():
     new, _ = twin.update(start, [a.grad, b.grad], state, counts)
     for x, y in zip(new, (a, b)):
         torch.testing.assert_close(x, y.detach(), rtol=1e-14, atol=1e-15)
+
+
+def test_a_checkpoint_mid_window_keeps_the_windows_step_counts(tmp_path):
+    """The window starts at step 3 (branch counts: body 3, branch 2); the checkpoint after
+    step 5 (body 5, branch 3): the resumed replay must use the start's per-parameter Adam
+    counts, not the live optimizer's. Hypergradients bit-equal to an uninterrupted run."""
+    torch.manual_seed(0)
+    model0 = Net().double()
+    make = OPTIMIZERS["adam_wd"]
+    straight = tuned(model0, make, USE, hg.Unrolled())
+
+    def build():
+        m = copy.deepcopy(model0)
+        return m, hg.HyperOptimizer(
+            m,
+            {"pen": torch.tensor(1e-2, dtype=DT)},
+            inner_optimizer=make(m),
+            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_data=[data()[2]],
+            method=hg.Unrolled(),
+            inner_steps=W,
+        )
+
+    def steps(hopt, bs):
+        for b in bs:
+            hopt.zero_grad()
+            hopt.train_loss(b).backward()
+            hopt.step(b)
+
+    model_a, hopt_a = build()
+    steps(hopt_a, batches(USE)[:5])
+    torch.save({"model": model_a.state_dict(), "hopt": hopt_a.state_dict()}, tmp_path / "ck")
+    ck = torch.load(tmp_path / "ck", weights_only=True)
+    model_b, hopt_b = build()
+    model_b.load_state_dict(ck["model"])
+    hopt_b.load_state_dict(ck["hopt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.HypergradientWarning)
+        steps(hopt_b, batches(USE)[5:])
+    got = [float(r.hypergrad["pen"]) for r in hopt_b.history]
+    want = [float(r.hypergrad["pen"]) for r in straight.history]
+    assert got == want and len(got) == 3
