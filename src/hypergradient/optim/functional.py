@@ -64,6 +64,15 @@ class FunctionalOptimizer:
 
     settings: dict[str, Setting]
     offsets: list[int] | None = None
+    #: per param group after the first, its settings that differ (``from_torch``); and per
+    #: parameter, its group (None: one group)
+    groups: list[dict[str, float]] = []
+    group_of: list[int] | None = None
+
+    def own_settings(self, group: int, given: Mapping[str, Setting] | None) -> dict[str, float]:
+        """Param group ``group``'s own settings, but those ``given`` to the update."""
+        own = self.groups[group - 1]
+        return {k: v for k, v in own.items() if not given or k not in given}
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -113,19 +122,29 @@ def _setting_on(value: Setting, like: Tensor) -> Setting:
 
 
 def _per_dtype(
-    s: Mapping[str, Setting], keys: Sequence[str]
-) -> Callable[[Tensor], tuple[Setting, ...]]:
-    """``like -> (setting on like's dtype, ...)`` for ``keys``, converted once per dtype.
+    s: Mapping[str, Setting],
+    keys: Sequence[str],
+    opt: FunctionalOptimizer | None = None,
+    given: Mapping[str, Setting] | None = None,
+) -> Callable[[Tensor, int], tuple[Setting, ...]]:
+    """``(like, i) -> (setting on like's dtype, ...)`` for ``keys`` and parameter ``i``,
+    converted once per dtype and param group.
 
     Tensor settings become 0-d tensors of the parameter's dtype (differentiably); numbers
-    stay numbers. One conversion per dtype and call instead of one per parameter.
+    stay numbers. One conversion per dtype and call instead of one per parameter. A param
+    group's own values (``opt.groups``) replace ``s``'s, except for the settings ``given``
+    to the update (tuned: one value for every group).
     """
-    cache: dict[torch.dtype, tuple[Setting, ...]] = {}
+    cache: dict[tuple[torch.dtype, int], tuple[Setting, ...]] = {}
+    group_of = None if opt is None else opt.group_of
 
-    def on(like: Tensor) -> tuple[Setting, ...]:
-        got = cache.get(like.dtype)
+    def on(like: Tensor, i: int = 0) -> tuple[Setting, ...]:
+        group = 0 if group_of is None else group_of[i]
+        got = cache.get((like.dtype, group))
         if got is None:
-            got = cache[like.dtype] = tuple(_setting_on(s[k], like) for k in keys)
+            own = {} if group == 0 or opt is None else opt.own_settings(group, given)
+            values = [own.get(k, s[k]) for k in keys]
+            got = cache[like.dtype, group] = tuple(_setting_on(v, like) for v in values)
         return got
 
     return on
@@ -200,15 +219,16 @@ class SGD(FunctionalOptimizer):
                 "momentum=torch.tensor(0.0))), or from_torch(..., tuned=('momentum',)) "
                 "(a momentum linked to a hyperparameter: start it above 0)."
             )
-        on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"))
-        decay, damped = not _is_zero(s["weight_decay"]), not _is_zero(s["dampening"])
+        on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"), self, settings)
+        decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
+        damped = not _is_zero(s["dampening"])
         new_params, new_state = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:  # torch.optim skips a parameter whose .grad is None
                 new_params.append(p)
                 new_state.extend(state[i : i + 1] if self.uses_momentum else ())
                 continue
-            lr, mom, damp, wd = on(p)
+            lr, mom, damp, wd = on(p, i)
             if decay:
                 g = g + wd * p
             if self.uses_momentum:
@@ -267,28 +287,29 @@ class Adam(FunctionalOptimizer):
         s = self._resolve(settings)
         n = len(params)
         new_params, ms, vs = [], [], []
-        on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"))
-        decay = not _is_zero(s["weight_decay"])
-        corrections: dict[tuple[torch.dtype, int], tuple[Any, Any]] = {}
+        on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"), self, settings)
+        decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
+        corrections: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:  # torch.optim skips a parameter whose .grad is None
                 new_params.append(p)
                 ms.append(state[i])
                 vs.append(state[n + i])
                 continue
-            lr, b1, b2, eps, wd = on(p)
+            lr, b1, b2, eps, wd = on(p, i)
             if decay:
                 g = g + wd * p
             m = b1 * state[i] + (1 - b1) * g
             v = b2 * state[n + i] + (1 - b2) * g * g
             t = _count(step, i)
-            if (p.dtype, t) not in corrections:  # lr / (1 - b1^(t+1)) and sqrt(1 - b2^(t+1))
+            key = (p.dtype, t, 0 if self.group_of is None else self.group_of[i])
+            if key not in corrections:  # lr / (1 - b1^(t+1)) and sqrt(1 - b2^(t+1))
                 bc2 = 1 - b2 ** (t + 1)
-                corrections[p.dtype, t] = (
+                corrections[key] = (
                     lr / (1 - b1 ** (t + 1)),
                     bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2),
                 )
-            step_size, bc2_root = corrections[p.dtype, t]
+            step_size, bc2_root = corrections[key]
             positive = v > 0
             root = torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
             denom = root / bc2_root + eps

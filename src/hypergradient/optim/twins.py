@@ -16,22 +16,53 @@ from torch import Tensor
 from .._vocab import ArgumentTypeError
 from .functional import SGD, Adam, FunctionalOptimizer
 
-__all__ = ["adam_twin", "from_torch", "group_settings", "sgd_twin", "zeros_or_copy"]
+__all__ = [
+    "PER_GROUP",
+    "adam_twin",
+    "from_torch",
+    "group_settings",
+    "sgd_twin",
+    "with_groups",
+    "zeros_or_copy",
+]
+
+
+#: Settings that may differ between param groups (each parameter steps with its group's).
+PER_GROUP = ("lr", "weight_decay")
 
 
 def group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> dict[str, Any]:
+    """The first param group's ``keys``; the others must agree but in :data:`PER_GROUP`."""
     groups = optimizer.param_groups
     first = {k: groups[0][k] for k in keys}
     for g in groups[1:]:
         for k in keys:
             a, b = g[k], first[k]
             same = a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b
-            if not same:
+            if not same and (k not in PER_GROUP or isinstance(a, Tensor)):
                 raise ValueError(
                     f"The inner optimizer's param groups differ in `{k}`; trajectory methods "
-                    "support one setting for all parameters. Use one param group."
+                    f"support per-group {' and '.join(PER_GROUP)} (numbers) only: give the "
+                    f"groups one `{k}`."
                 )
     return first
+
+
+def with_groups(
+    fopt: FunctionalOptimizer, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+) -> FunctionalOptimizer:
+    """Give ``fopt`` the param groups' own :data:`PER_GROUP` settings (``fopt.groups``,
+    ``fopt.group_of``) where they differ from the first group's."""
+    groups = optimizer.param_groups
+    own = [
+        {k: float(g[k]) for k in PER_GROUP if k in g and g[k] != groups[0][k]} for g in groups[1:]
+    ]
+    if not any(own):
+        return fopt
+    index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    fopt.groups = own
+    fopt.group_of = [index.get(id(p), 0) for p in params]
+    return fopt
 
 
 def from_torch(
@@ -84,6 +115,7 @@ def sgd_twin(
     if tuned_momentum and not isinstance(momentum, Tensor) and momentum == 0:
         momentum = torch.zeros(())  # a tensor setting: buffers kept, value supplied by replay
     fopt = SGD(s["lr"], momentum, s["dampening"], s["weight_decay"], s["nesterov"])
+    fopt = with_groups(fopt, optimizer, params)
     bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
     if not fopt.uses_momentum or all(b is None for b in bufs):
         return fopt, None, 0
@@ -99,7 +131,9 @@ def adam_twin(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     s = group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
-    fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
+    fopt = with_groups(
+        Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"]), optimizer, params
+    )
     st = [optimizer.state.get(p, {}) for p in params]
     if all("exp_avg" not in x for x in st):
         return fopt, None, 0
