@@ -252,6 +252,9 @@ class Adam(FunctionalOptimizer):
         \\theta_{t+1} = \\theta_t - \\frac{\\eta}{1-\\beta_1^{t+1}}
         \\frac{m_t}{\\sqrt{v_t / (1-\\beta_2^{t+1})} + \\epsilon}
 
+    With ``decoupled=True`` (``torch.optim.AdamW``; Loshchilov & Hutter, 2019) the weight
+    decay is no gradient term: ``theta_t`` is first scaled by ``1 - eta lambda``.
+
     ``sqrt`` has a zero derivative where ``v_t = 0`` (a coordinate that never had a
     gradient) instead of an infinite one, so such coordinates do not turn hypergradients
     into NaN. State: two buffers per parameter (O(2P) memory).
@@ -263,8 +266,10 @@ class Adam(FunctionalOptimizer):
         betas: tuple[Setting, Setting] = (0.9, 0.999),
         eps: Setting = 1e-8,
         weight_decay: Setting = 0.0,
+        decoupled: bool = False,
     ):
         beta1, beta2 = _check_betas(betas)
+        self.decoupled = as_bool(decoupled, "decoupled")
         self.settings = {
             "lr": _check_setting(lr, "lr", 0.0),
             "beta1": _check_setting(beta1, "betas[0]", 0.0, 1.0),
@@ -297,7 +302,9 @@ class Adam(FunctionalOptimizer):
                 vs.append(state[n + i])
                 continue
             lr, b1, b2, eps, wd = on(p, i)
-            if decay:
+            if decay and self.decoupled:  # AdamW: p (1 - lr wd), then the step
+                p = p * (1 - lr * wd)
+            elif decay:
                 g = g + wd * p
             m = b1 * state[i] + (1 - b1) * g
             v = b2 * state[n + i] + (1 - b2) * g * g
@@ -337,9 +344,10 @@ def adam(
     betas: tuple[Setting, Setting] = (0.9, 0.999),
     eps: Setting = 1e-8,
     weight_decay: Setting = 0.0,
+    decoupled: bool = False,
 ) -> Adam:
-    """Differentiable Adam (see :class:`Adam`)."""
-    return Adam(lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    """Differentiable Adam, or AdamW with ``decoupled=True`` (see :class:`Adam`)."""
+    return Adam(lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
 
 
 # The torch.optim twins live in .twins (re-exported here: their historical home).

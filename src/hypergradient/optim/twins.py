@@ -68,7 +68,7 @@ def with_groups(
 def from_torch(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *, tuned: Sequence[str] = ()
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
-    """The functional twin of a ``torch.optim.SGD`` or ``torch.optim.Adam`` and its state.
+    """The functional twin of a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` and its state.
 
     Returns ``(functional_optimizer, state, step)``: the same update rule and settings,
     the optimizer's current buffers for ``params`` (in that order; None before the first
@@ -86,23 +86,23 @@ def from_torch(
 
     Raises:
         TypeError: for other optimizers (their update rules are not implemented here) or
-            options without a functional twin (``amsgrad``, ``maximize``, Adam's
-            ``decoupled_weight_decay``; ``foreach``-only variants are fine).
+            options without a functional twin (``amsgrad``, ``maximize``; ``foreach`` and
+            ``fused`` variants are fine; ``AdamW`` is Adam with ``decoupled=True``).
     """
-    for flag in ("maximize", "amsgrad", "decoupled_weight_decay"):
+    for flag in ("maximize", "amsgrad"):
         if any(g.get(flag, False) for g in optimizer.param_groups):
             raise ArgumentTypeError(
                 f"`{flag}=True` has no differentiable twin in hypergradient.optim; use "
-                "torch.optim.SGD or torch.optim.Adam without it (an L2 weight_decay is "
+                "torch.optim.SGD, Adam or AdamW without it (a weight_decay is "
                 "fine), or an implicit method (hg.IFT, hg.HOAG, hg.T1T2)."
             )
     if type(optimizer) is torch.optim.SGD:
         return sgd_twin(optimizer, params, "momentum" in tuned)
-    if type(optimizer) is torch.optim.Adam:
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         return adam_twin(optimizer, params)
     raise ArgumentTypeError(
         f"Trajectory methods replay the inner optimizer differentiably; {type(optimizer).__name__} "
-        "has no functional twin. Use torch.optim.SGD or torch.optim.Adam, or an implicit method "
+        "has no functional twin. Use torch.optim.SGD, Adam or AdamW, or an implicit method "
         "(hg.IFT, hg.HOAG, hg.T1T2)."
     )
 
@@ -131,9 +131,14 @@ def adam_twin(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     s = group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
-    fopt = with_groups(
-        Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"]), optimizer, params
-    )
+    decoupled = {bool(g.get("decoupled_weight_decay", False)) for g in optimizer.param_groups}
+    if len(decoupled) > 1:
+        raise ValueError(
+            "The inner optimizer's param groups differ in `decoupled_weight_decay`; give them "
+            "one (trajectory methods replay one Adam update rule)."
+        )
+    adam = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"], decoupled.pop())
+    fopt = with_groups(adam, optimizer, params)
     st = [optimizer.state.get(p, {}) for p in params]
     if all("exp_avg" not in x for x in st):
         return fopt, None, 0
