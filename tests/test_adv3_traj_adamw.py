@@ -1,9 +1,10 @@
 """Trajectory methods replay AdamW (``torch.optim.AdamW``, ``Adam(decoupled_weight_decay=
-True)``), the default optimizer of transformers, instead of refusing it.
+True)``), the default optimizer of transformers, and AMSGrad, instead of refusing them.
 
 The decoupled decay scales theta by ``1 - lr * wd`` before the Adam step (no gradient
-term). Reference: central finite differences of the real loop in float64, with the weight
-decay and the learning rate themselves tuned, and a no-decay param group.
+term); AMSGrad divides by the largest second moment so far (a third buffer). Reference:
+central finite differences of the real loop in float64, with the weight decay and the
+learning rate themselves tuned, and a no-decay param group.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ CASES = {
         ),
         {"lr": "lr"},
     ),
+    "amsgrad": (
+        lambda m, h: torch.optim.Adam(m.parameters(), lr=0.05, eps=1e-3, amsgrad=True),
+        None,
+    ),
+    "adamw_amsgrad_foreach": (
+        lambda m, h: torch.optim.AdamW(
+            m.parameters(), lr=0.05, eps=1e-3, weight_decay=0.1, amsgrad=True, foreach=True
+        ),
+        None,
+    ),
     "fused_no_decay_group": (
         lambda m, h: torch.optim.AdamW(
             no_decay_groups(m), lr=0.01, eps=1e-3, weight_decay=0.1, fused=True
@@ -123,3 +134,23 @@ def test_adamw_is_replayed_exactly(case, method):
         up = val_after(model0, make, {**h, k: v + 1e-6}, batches, val)
         down = val_after(model0, make, {**h, k: v - 1e-6}, batches, val)
         assert float(record.hypergrad[k]) == pytest.approx((up - down) / 2e-6, rel=1e-6)
+
+
+def test_an_amsgrad_twin_continues_torch_from_its_state():
+    """from_torch of a trained AMSGrad Adam (max_exp_avg_sq held) continues bit-close."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(4, generator=g, dtype=DT, requires_grad=True)
+    grads = [torch.randn(4, generator=g, dtype=DT) * s for s in (3.0, 0.1, 2.0, 0.2, 0.1)]
+    opt = torch.optim.Adam([p], lr=0.1, amsgrad=True)
+    for grad in grads[:3]:
+        p.grad = grad.clone()
+        opt.step()
+    twin, state, step0 = hg.optim.from_torch(opt, [p])
+    assert twin.amsgrad and len(state) == 3 and step0 == 3
+    q = [p.detach().clone()]
+    for t, grad in enumerate(grads[3:]):
+        p.grad = grad.clone()
+        opt.step()
+        q, state = twin.update(q, [grad], state, step0 + t)
+        torch.testing.assert_close(q[0], p.detach(), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(state[2], opt.state[p]["max_exp_avg_sq"], rtol=0, atol=0)

@@ -243,7 +243,7 @@ class SGD(FunctionalOptimizer):
 
 
 class Adam(FunctionalOptimizer):
-    """Adam, as ``torch.optim.Adam`` (Kingma & Ba, 2015), without AMSGrad.
+    """Adam, as ``torch.optim.Adam`` (Kingma & Ba, 2015).
 
     .. math::
 
@@ -253,11 +253,13 @@ class Adam(FunctionalOptimizer):
         \\frac{m_t}{\\sqrt{v_t / (1-\\beta_2^{t+1})} + \\epsilon}
 
     With ``decoupled=True`` (``torch.optim.AdamW``; Loshchilov & Hutter, 2019) the weight
-    decay is no gradient term: ``theta_t`` is first scaled by ``1 - eta lambda``.
+    decay is no gradient term: ``theta_t`` is first scaled by ``1 - eta lambda``. With
+    ``amsgrad=True`` (Reddi et al., 2018) the denominator takes the largest ``v`` so far
+    (a third buffer).
 
     ``sqrt`` has a zero derivative where ``v_t = 0`` (a coordinate that never had a
     gradient) instead of an infinite one, so such coordinates do not turn hypergradients
-    into NaN. State: two buffers per parameter (O(2P) memory).
+    into NaN. State: two buffers per parameter (three with AMSGrad).
     """
 
     def __init__(
@@ -267,9 +269,11 @@ class Adam(FunctionalOptimizer):
         eps: Setting = 1e-8,
         weight_decay: Setting = 0.0,
         decoupled: bool = False,
+        amsgrad: bool = False,
     ):
         beta1, beta2 = _check_betas(betas)
         self.decoupled = as_bool(decoupled, "decoupled")
+        self.amsgrad = as_bool(amsgrad, "amsgrad")
         self.settings = {
             "lr": _check_setting(lr, "lr", 0.0),
             "beta1": _check_setting(beta1, "betas[0]", 0.0, 1.0),
@@ -279,7 +283,8 @@ class Adam(FunctionalOptimizer):
         }
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
-        return [torch.zeros_like(p) for p in params] + [torch.zeros_like(p) for p in params]
+        buffers = 3 if self.amsgrad else 2  # m, v (and max v)
+        return [torch.zeros_like(p) for _ in range(buffers) for p in params]
 
     def update(
         self,
@@ -291,7 +296,7 @@ class Adam(FunctionalOptimizer):
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
         n = len(params)
-        new_params, ms, vs = [], [], []
+        new_params, ms, vs, highs = [], [], [], []
         on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"), self, settings)
         decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
         corrections: dict[tuple[Any, ...], tuple[Any, Any]] = {}
@@ -300,6 +305,7 @@ class Adam(FunctionalOptimizer):
                 new_params.append(p)
                 ms.append(state[i])
                 vs.append(state[n + i])
+                highs.extend(state[2 * n + i : 2 * n + i + 1])
                 continue
             lr, b1, b2, eps, wd = on(p, i)
             if decay and self.decoupled:  # AdamW: p (1 - lr wd), then the step
@@ -317,13 +323,16 @@ class Adam(FunctionalOptimizer):
                     bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2),
                 )
             step_size, bc2_root = corrections[key]
+            ms.append(m)
+            vs.append(v)
+            if self.amsgrad:  # the largest v so far in the denominator
+                v = torch.maximum(state[2 * n + i], v)
+                highs.append(v)
             positive = v > 0
             root = torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
             denom = root / bc2_root + eps
             new_params.append(p - step_size * m / denom)
-            ms.append(m)
-            vs.append(v)
-        return new_params, ms + vs
+        return new_params, ms + vs + highs
 
 
 def sgd(
@@ -345,9 +354,10 @@ def adam(
     eps: Setting = 1e-8,
     weight_decay: Setting = 0.0,
     decoupled: bool = False,
+    amsgrad: bool = False,
 ) -> Adam:
     """Differentiable Adam, or AdamW with ``decoupled=True`` (see :class:`Adam`)."""
-    return Adam(lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
+    return Adam(lr, betas, eps, weight_decay, decoupled=decoupled, amsgrad=amsgrad)
 
 
 # The torch.optim twins live in .twins (re-exported here: their historical home).

@@ -86,10 +86,10 @@ def from_torch(
 
     Raises:
         TypeError: for other optimizers (their update rules are not implemented here) or
-            options without a functional twin (``amsgrad``, ``maximize``; ``foreach`` and
+            options without a functional twin (``maximize``; ``amsgrad``, ``foreach`` and
             ``fused`` variants are fine; ``AdamW`` is Adam with ``decoupled=True``).
     """
-    for flag in ("maximize", "amsgrad"):
+    for flag in ("maximize",):
         if any(g.get(flag, False) for g in optimizer.param_groups):
             raise ArgumentTypeError(
                 f"`{flag}=True` has no differentiable twin in hypergradient.optim; use "
@@ -137,7 +137,8 @@ def adam_twin(
             "The inner optimizer's param groups differ in `decoupled_weight_decay`; give them "
             "one (trajectory methods replay one Adam update rule)."
         )
-    adam = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"], decoupled.pop())
+    amsgrad = bool(group_settings(optimizer, ("amsgrad",))["amsgrad"])
+    adam = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"], decoupled.pop(), amsgrad)
     fopt = with_groups(adam, optimizer, params)
     st = [optimizer.state.get(p, {}) for p in params]
     if all("exp_avg" not in x for x in st):
@@ -152,7 +153,8 @@ def adam_twin(
     # not a fresh start for every parameter (that dropped the others' moments).
     avg = [zeros_or_copy(x.get("exp_avg"), p) for x, p in zip(st, params)]
     sq = [zeros_or_copy(x.get("exp_avg_sq"), p) for x, p in zip(st, params)]
-    return fopt, avg + sq, step0
+    high = [zeros_or_copy(x.get("max_exp_avg_sq"), p) for x, p in zip(st, params) if amsgrad]
+    return fopt, avg + sq + high, step0
 
 
 def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
