@@ -222,7 +222,8 @@ class SGD(FunctionalOptimizer):
         on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"), self, settings)
         decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
         damped = not _is_zero(s["dampening"])
-        new_params, new_state = [], []
+        new_params: list[Tensor] = []
+        new_state: list[Tensor] = []
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:  # torch.optim skips a parameter whose .grad is None
                 new_params.append(p)
@@ -296,7 +297,10 @@ class Adam(FunctionalOptimizer):
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
         n = len(params)
-        new_params, ms, vs, highs = [], [], [], []
+        new_params: list[Tensor] = []
+        ms: list[Tensor] = []
+        vs: list[Tensor] = []
+        highs: list[Tensor] = []
         on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"), self, settings)
         decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
         corrections: dict[tuple[Any, ...], tuple[Any, Any]] = {}

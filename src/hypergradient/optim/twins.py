@@ -115,7 +115,7 @@ def sgd_twin(
     if tuned_momentum and not isinstance(momentum, Tensor) and momentum == 0:
         momentum = torch.zeros(())  # a tensor setting: buffers kept, value supplied by replay
     fopt = SGD(s["lr"], momentum, s["dampening"], s["weight_decay"], s["nesterov"])
-    fopt = with_groups(fopt, optimizer, params)
+    with_groups(fopt, optimizer, params)
     bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
     if not fopt.uses_momentum or all(b is None for b in bufs):
         return fopt, None, 0
