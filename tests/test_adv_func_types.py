@@ -59,5 +59,5 @@ def test_bad_params_type_and_untwinned_optimizer():
     w = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="no functional twin"):
         hg.optim.from_torch(torch.optim.RMSprop([w]), [w])
-    with pytest.raises(ValueError, match="amsgrad"):
-        hg.optim.from_torch(torch.optim.Adam([w], amsgrad=True), [w])
+    with pytest.raises(ValueError, match="maximize"):  # (amsgrad has a twin now)
+        hg.optim.from_torch(torch.optim.Adam([w], maximize=True), [w])

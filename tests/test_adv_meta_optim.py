@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import hypergradient as hg
-from hypergradient._vocab import ArgumentTypeError
 
 DT = torch.float64
 
@@ -32,26 +31,22 @@ def one_step(opt: torch.optim.Optimizer, p: torch.Tensor, g: torch.Tensor) -> to
     return p.detach().clone()
 
 
-def test_adam_with_decoupled_decay_has_no_twin():
+@pytest.mark.parametrize("kind", ["adamw", "adam_decoupled"])
+def test_adam_with_decoupled_decay_has_a_twin_that_steps_as_torch(kind):
+    """AdamW (and Adam(decoupled_weight_decay=True)) was refused; its twin scales theta by
+    1 - lr * wd before the step, as torch does (3 steps, 1e-15)."""
     p = torch.ones(3, dtype=DT, requires_grad=True)
-    opt = torch.optim.Adam([p], lr=0.1, weight_decay=0.5, decoupled_weight_decay=True)
-    with pytest.raises(ArgumentTypeError, match="decoupled_weight_decay"):
-        hg.optim.from_torch(opt, [p])
-    inner = torch.nn.Linear(2, 1).double()
-    with pytest.raises(ValueError, match="decoupled_weight_decay"):
-        hg.HyperOptimizer(
-            inner,
-            {"d": hg.Positive(0.1)},
-            inner_optimizer=torch.optim.Adam(
-                inner.parameters(), lr=0.1, weight_decay=0.5, decoupled_weight_decay=True
-            ),
-            outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.1),
-            train_loss=lambda m, h, b: (m(b[0]) - b[1]).pow(2).mean() * h["d"],
-            val_loss=lambda m, h, b: (m(b[0]) - b[1]).pow(2).mean(),
-            val_data=(torch.ones(4, 2, dtype=DT), torch.ones(4, 1, dtype=DT)),
-            method=hg.Unrolled(),
-            inner_steps=2,
-        )
+    if kind == "adamw":
+        opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.5)
+    else:
+        opt = torch.optim.Adam([p], lr=0.1, weight_decay=0.5, decoupled_weight_decay=True)
+    twin, state, step = hg.optim.from_torch(opt, [p])
+    assert twin.decoupled and state is None and step == 0
+    q, state = [p.detach().clone()], twin.init([p])
+    for t, g in enumerate(torch.tensor([[0.2, -0.1, 0.3], [0.5, 0.1, -0.2], [0.0, 0.3, 0.1]])):
+        one_step(opt, p, g.to(DT))
+        q, state = twin.update(q, [g.to(DT)], state, t)
+        torch.testing.assert_close(q[0], p.detach(), rtol=1e-15, atol=1e-15)
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.5])
@@ -145,8 +140,9 @@ def test_the_twin_takes_the_buffers_it_has_and_zeros_for_the_rest():
         a.grad = torch.ones(3, dtype=DT)
         c.grad = None
         opt2.step()
-    with pytest.raises(ValueError, match=r"different numbers of steps \(\[1, 3\]\)"):
-        hg.optim.from_torch(opt2, [a, c])
+    # torch counts per parameter (c skipped twice): the twin keeps each count as an offset
+    twin2, _, step2 = hg.optim.from_torch(opt2, [a, c])
+    assert step2 == 3 and twin2.offsets == [0, -2] and twin.offsets == [0, -2]
 
 
 # ----------------------------------------------------------------------------- HD warnings

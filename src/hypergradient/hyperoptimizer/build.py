@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._vocab import ArgumentTypeError, as_callable, as_optional_int
-from ..methods import IFT, T1T2, Method, Problem
+from ..methods import IFT, T1T2, Method, Problem, replay_rng
 from ..optim.functional import from_torch
 from .holdout import HoldoutGuard
 from .hparams import HyperParameters
@@ -131,6 +131,8 @@ def make_problem(
         step_loss = view.functional(hopt.train_loss_fn, hp.transform)
         trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
     inner_loss = view.at_batch(hopt.train_loss_fn, hp.transform, train_batch)
+    if isinstance(hopt.method, T1T2) and hopt.loop.step_rng is not None:
+        inner_loss = replayed(inner_loss, hopt.loop.step_rng, view.device)
     decays = coupled_decays(hopt.inner_optimizer, view.params)
     if decays is not None:
         inner_loss = with_decay(inner_loss, decays)
@@ -209,6 +211,18 @@ def coupled_decays(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> li
             by_id[id(p)] = float(decay or 0.0)
     decays = [by_id.get(id(p), 0.0) for p in params]
     return decays if any(decays) else None
+
+
+def replayed(
+    loss: Callable[[Any, Any], Tensor], state: Any, device: torch.device
+) -> Callable[[Any, Any], Tensor]:
+    """``loss`` evaluated under the random-number ``state`` (the step's dropout masks)."""
+
+    def f(params: Any, raw: Any) -> Tensor:
+        with replay_rng(state, device):
+            return loss(params, raw)
+
+    return f
 
 
 def with_decay(

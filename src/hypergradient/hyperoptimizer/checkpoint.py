@@ -182,7 +182,9 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     elif hopt.train_sampler is not None:  # warned by validate
         hopt.train_sampler.reset()
     if window is not None:  # the twin with the settings just loaded (those at its start)
-        window.optimizer = from_torch(hopt.inner_optimizer, hopt.view.params, tuned=tuned(hopt))[0]
+        twin = from_torch(hopt.inner_optimizer, hopt.view.params, tuned=tuned(hopt))[0]
+        twin.offsets = window.optimizer.offsets  # the start's per-parameter step counts
+        window.optimizer = twin
     loop = hopt.loop
     loop.count = int(state["counters"]["count"])
     loop.skipped = int(state["counters"]["skipped"])

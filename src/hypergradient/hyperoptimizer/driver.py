@@ -101,7 +101,7 @@ class HyperOptimizer(HoldoutViews):
         hparams: ``{name: tensor or Constraint}`` (a tensor is an
             :class:`~hypergradient.constraints.Unconstrained` floating-point leaf), or a
             :class:`~.hparams.HyperParameters`.
-        inner_optimizer: the ``torch.optim`` optimizer training the model (SGD or Adam for
+        inner_optimizer: the ``torch.optim`` optimizer training the model (SGD, Adam or AdamW for
             trajectory methods, which replay it); implicit ones add its L2 ``weight_decay``.
         outer_optimizer: a ``torch.optim`` optimizer over ``hopt.raw_hparams()`` or a
             factory ``params -> optimizer``.

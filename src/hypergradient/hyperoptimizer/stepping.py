@@ -44,7 +44,8 @@ __all__ = [
 
 def capture(hopt: HyperOptimizer) -> Any:
     """torch's random-number state, when trajectory methods will replay the next step."""
-    return capture_rng(hopt.view.device) if records_window(hopt) else None
+    needed = records_window(hopt) or isinstance(hopt.method, T1T2)  # T1T2: the step's draws
+    return capture_rng(hopt.view.device) if needed else None
 
 
 def records_window(hopt: HyperOptimizer) -> bool:
@@ -77,6 +78,7 @@ def start_window(hopt: HyperOptimizer) -> None:
 def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
     """Account for one inner step taken on ``batch`` from the RNG state ``rng``."""
     loop = hopt.loop
+    loop.step_rng = rng
     if loop.window is not None:
         loop.window.record(copy_batch(batch), rng)
     watch(hopt)
@@ -136,6 +138,7 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
         rng = capture(hopt)  # the closure's forward pass draws from here
     step = hopt.inner_optimizer.step
     result = step(closure) if closure else step()  # type: ignore[arg-type]
+    loop.step_rng = rng
     if loop.window is not None:
         loop.window.record(copied, rng)
     watch(hopt)

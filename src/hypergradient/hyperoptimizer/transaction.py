@@ -82,6 +82,8 @@ class LoopState:
         rng_pending: torch's random-number state captured by ``hopt.train_loss``, for the
             next step.
         rng_next: the state at the end of the last step (used when ``train_loss`` was not).
+        step_rng: the state the last step drew from (T1T2 differentiates that step with its
+            dropout masks).
         norms, losses: parameter norms and training losses of the last steps before a
             hyper-step (:mod:`.divergence`).
         loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
@@ -95,6 +97,7 @@ class LoopState:
     window: TrajectoryWindow | None = None
     rng_pending: Any = None
     rng_next: Any = None
+    step_rng: Any = None
     norms: tuple[Tensor, ...] = ()
     losses: tuple[Tensor, ...] = ()
     loss_pending: Tensor | None = None

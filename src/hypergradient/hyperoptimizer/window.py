@@ -179,6 +179,7 @@ class TrajectoryWindow:
                 (s[0].clone(), None if s[1] is None else s[1].clone()) for s in self.rng_states
             ],
             "changed": self.changed,
+            "offsets": self.optimizer.offsets,  # per-parameter step counts at the start
         }
 
     @classmethod
@@ -220,6 +221,7 @@ class TrajectoryWindow:
         changed = state.get("changed")
         if changed is not None and not isinstance(changed, str):
             raise ValueError(f"The checkpoint's window `changed` is {changed!r}.")
+        fopt.offsets = _offsets(state.get("offsets"), len(params0))  # the start's counts
         return cls(params0, fopt, state0, step0, batches, rngs, None, changed)
 
 
@@ -235,6 +237,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
     return value
+
+
+def _offsets(offsets: Any, n: int) -> list[int] | None:
+    """The window's per-parameter step-count offsets (``FunctionalOptimizer.offsets``)."""
+    ok = offsets is None or isinstance(offsets, list) and len(offsets) == n
+    if not ok or not all(isinstance(o, int) and o <= 0 for o in offsets or ()):
+        raise ValueError(f"The checkpoint's window step offsets are {offsets!r}.")
+    return offsets
 
 
 def _optimizer_state(state0: Any, view: ModelView) -> list[Tensor] | None:

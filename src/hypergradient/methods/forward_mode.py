@@ -132,6 +132,7 @@ def _fused_step(
         tangents.checked = False  # and inspects the graph it builds again
         return None
     g, loss = tangents.primal
+    run.skips.note(t, tangents.seen)  # torch skips a .grad None
     return tuple(tg), tuple(g), loss
 
 

@@ -44,6 +44,10 @@ __all__ = ["GradientTangents"]
 Leaves = tuple[Tensor, ...]
 
 
+def _present(grads: Any) -> list[bool]:
+    return [g is not None for g in grads]
+
+
 def _detached(grads: Any, like: list[Tensor]) -> list[Tensor]:
     """The first ``len(like)`` gradients, detached (zeros for None)."""
     return [torch.zeros_like(x) if d is None else d.detach() for x, d in zip(like, grads)]
@@ -78,6 +82,7 @@ class GradientTangents:
         self.primal: tuple[list[Tensor], Tensor] = ([], torch.zeros(()))
         #: whether ``grad_phi f`` had a path to each hyperparameter leaf (double backward)
         self.used_h = [False] * len(run.h)
+        self.seen: list[bool] = []
 
     def __call__(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:
         while True:
@@ -124,6 +129,7 @@ class GradientTangents:
                 paths = run.pspec.paths + run.hspec.paths
                 _tree.require_dense(grads, paths, "inner_loss")
         self.primal = (_detached(grads, pp), loss.detach())
+        self.seen = _present(grads[: len(pp)])  # leaves with a gradient (a fused step's skips)
         self.used_h = [u or g is not None for u, g in zip(self.used_h, grads[len(pp) :])]
         pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]
         if pairs and not self.checked:  # once per sweep: the graph's structure is fixed

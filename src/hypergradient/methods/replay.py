@@ -42,6 +42,8 @@ from ._checks import (
     fingerprint_config,
 )
 from .base import Method, Problem, Trajectory
+from .rng import replay_rng, rng_state, same_state, set_rng_state
+from .skips import Skips
 
 __all__ = [
     "Run",
@@ -59,52 +61,6 @@ _NO_BLOCK = contextlib.nullcontext()  # reusable
 def _both(first: Any, second: Any) -> Iterator[None]:
     with first, second:
         yield
-
-
-def _accelerator(device: torch.device) -> str | None:
-    return device.type if device.type in ("cuda", "mps") else None
-
-
-def rng_state(device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
-    """The random-number state that random ops on ``device`` draw from.
-
-    The CPU generator's state and, for a CUDA or MPS device, that accelerator's. Capture
-    it before each real training step and pass the list as ``Trajectory.rng_states``: the
-    replay then draws the same dropout masks. Plain tensors (checkpoint-safe).
-    """
-    device = torch.device(device)
-    accel = _accelerator(device)
-    if accel == "cuda":
-        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
-    if accel == "mps":
-        return torch.get_rng_state(), torch.mps.get_rng_state()
-    return torch.get_rng_state(), None
-
-
-def set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device | str) -> None:
-    """Make ``state`` (from :func:`rng_state`) the current random-number state."""
-    device = torch.device(device)
-    accel = _accelerator(device)
-    torch.set_rng_state(state[0])
-    if state[1] is not None and accel == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
-    elif state[1] is not None and accel == "mps":
-        torch.mps.set_rng_state(state[1])
-
-
-@contextlib.contextmanager
-def replay_rng(state: tuple[Tensor, Tensor | None], device: torch.device | str) -> Iterator[None]:
-    """Run the block under ``state`` (from :func:`rng_state`); the caller's state is restored."""
-    device = torch.device(device)
-    accel = _accelerator(device)
-    with torch.random.fork_rng(devices=[device] if accel == "cuda" else []):
-        saved = torch.mps.get_rng_state() if accel == "mps" else None
-        set_rng_state(state, device)
-        try:
-            yield
-        finally:
-            if saved is not None:
-                torch.mps.set_rng_state(saved)
 
 
 def tree_builder(spec: _tree.TreeSpec) -> Callable[[Sequence[Tensor]], Any]:
@@ -132,14 +88,6 @@ def _check_by_reference(leaves: Sequence[Tensor], spec: _tree.TreeSpec) -> list[
     return list(leaves)
 
 
-def same_state(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None]) -> bool:
-    """Whether two states from :func:`rng_state` are equal (host byte tensors: compared as
-    bytes, a few times cheaper than ``torch.equal``)."""
-    if a[0].numpy().tobytes() != b[0].numpy().tobytes():
-        return False
-    return a[1] is None or b[1] is None or a[1].numpy().tobytes() == b[1].numpy().tobytes()
-
-
 def optimizer_config(optimizer: FunctionalOptimizer) -> dict[str, Any]:
     """The optimizer's type and settings (tensor settings as their values), plain data."""
     out: dict[str, Any] = {"type": type(optimizer).__name__}
@@ -160,11 +108,9 @@ class Run:
     configuration (the method's, ``steps``, ``step0``, the optimizer's settings) as the
     call's first collective.
 
-    Attributes:
-        steps: ``T``.
-        p0, h: the leaves of ``params0`` and ``hparams`` (detached copies).
-        pspec, hspec: their tree specs.
-        device: where they live.
+    Attributes: ``steps`` (``T``); ``p0``, ``h``: the leaves of ``params0`` and ``hparams``
+    (detached copies); ``pspec``, ``hspec``: their tree specs; ``device``: where they live;
+    ``skips``: the leaves each step does not train (:mod:`~hypergradient.methods.skips`).
     """
 
     def __init__(self, problem: Problem, method: Method):
@@ -220,6 +166,7 @@ class Run:
         self.batches = list(traj.batches)
         self.step0 = as_int(traj.step0, "step0", min=0)
         self.state0 = check_state0(traj.state0, self.optimizer, self.p0)
+        self.skips = Skips(self.steps, self.step0, self.optimizer.offsets)  # .grad None
         self._settings(traj.settings, inputs.hparam_leaves)
         self.final_leaves: list[Tensor] | None = None
         if traj.final_params is not None:
@@ -297,7 +244,8 @@ class Run:
         self, p: Sequence[Tensor], s: Sequence[Tensor], g: Sequence[Tensor], settings: Any, t: int
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The optimizer's update with the given settings (see :meth:`settings_of`)."""
-        new_p, new_s = self.optimizer.update(p, g, s, self.step0 + t, settings)
+        grads, step = self.skips.step_inputs(t, g)  # torch.optim skips .grad None
+        new_p, new_s = self.optimizer.update(p, grads, s, step, settings)
         return tuple(new_p), tuple(new_s)
 
     def local_grad(self, p: Sequence[Tensor], t: int) -> tuple[list[Tensor], Tensor]:
@@ -309,6 +257,7 @@ class Run:
             grads: Sequence[Tensor | None] = (None,) * len(leaves)
             if loss.requires_grad:
                 grads = _tree.dense_grad(loss, leaves, "inner_loss", self.pspec.paths)
+        self.used = [d is not None for d in grads]  # (mean_grad notes it for step t)
         return [torch.zeros_like(x) if d is None else d for x, d in zip(p, grads)], loss.detach()
 
     def reduce(self, fn: Callable[[], Sequence[Tensor]], like: Sequence[Tensor]) -> tuple:
@@ -321,13 +270,15 @@ class Run:
         """``grad_theta f`` at step ``t`` averaged over the ranks, and the loss."""
         if self.group is None:
             g, loss = self.local_grad(p, t)
+            self.skips.note(t, self.used)
             return tuple(g), loss
 
         def local() -> list[Tensor]:
             g, loss = self.local_grad(p, t)
-            return [*g, loss.reshape(1)]
+            return [*g, loss.reshape(1), self.loss_like.new_tensor(self.used)]
 
-        *g, loss = self.reduce(local, [*p, self.loss_like])
+        *g, loss, used = self.reduce(local, [*p, self.loss_like, self.loss_like.new_ones(len(p))])
+        self.skips.note(t, (used > 0).tolist())  # skipped: no gradient on any rank
         return tuple(g), loss.reshape(())
 
     def step(self, p: Any, s: Any, t: int) -> tuple[tuple[Any, Any], Tensor]:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .._vocab import ArgumentTypeError, as_bool, as_float
 
-__all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch"]
+__all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch", "zeros_or_copy"]
 
 Setting = float | Tensor
 
@@ -58,9 +58,21 @@ def _check_betas(betas: Any) -> tuple[Any, Any]:
 
 
 class FunctionalOptimizer:
-    """Base class: ``settings`` maps names to floats or scalar tensors."""
+    """Base class: ``settings`` maps names to floats or scalar tensors; ``offsets``, if
+    not None, each parameter's own step count minus the step count a replay starts from
+    (:func:`from_torch` of an optimizer whose parameters took different numbers of steps)."""
 
     settings: dict[str, Setting]
+    offsets: list[int] | None = None
+    #: per param group after the first, its settings that differ (``from_torch``); and per
+    #: parameter, its group (None: one group)
+    groups: list[dict[str, float]] = []
+    group_of: list[int] | None = None
+
+    def own_settings(self, group: int, given: Mapping[str, Setting] | None) -> dict[str, float]:
+        """Param group ``group``'s own settings, but those ``given`` to the update."""
+        own = self.groups[group - 1]
+        return {k: v for k, v in own.items() if not given or k not in given}
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -68,11 +80,18 @@ class FunctionalOptimizer:
     def update(
         self,
         params: Sequence[Tensor],
-        grads: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
         state: Sequence[Tensor],
-        step: int,
+        step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """One step: the new parameters and state.
+
+        ``step`` is the number of updates taken before this one: one count, or one per
+        parameter (``torch.optim`` counts per parameter). A None gradient leaves its
+        parameter and its buffers as they are, as ``torch.optim`` skips a parameter whose
+        ``.grad`` is None (unused by the step's loss, after ``zero_grad()``).
+        """
         raise NotImplementedError
 
     def tensor_settings(self) -> dict[str, Tensor]:
@@ -103,19 +122,29 @@ def _setting_on(value: Setting, like: Tensor) -> Setting:
 
 
 def _per_dtype(
-    s: Mapping[str, Setting], keys: Sequence[str]
-) -> Callable[[Tensor], tuple[Setting, ...]]:
-    """``like -> (setting on like's dtype, ...)`` for ``keys``, converted once per dtype.
+    s: Mapping[str, Setting],
+    keys: Sequence[str],
+    opt: FunctionalOptimizer | None = None,
+    given: Mapping[str, Setting] | None = None,
+) -> Callable[[Tensor, int], tuple[Setting, ...]]:
+    """``(like, i) -> (setting on like's dtype, ...)`` for ``keys`` and parameter ``i``,
+    converted once per dtype and param group.
 
     Tensor settings become 0-d tensors of the parameter's dtype (differentiably); numbers
-    stay numbers. One conversion per dtype and call instead of one per parameter.
+    stay numbers. One conversion per dtype and call instead of one per parameter. A param
+    group's own values (``opt.groups``) replace ``s``'s, except for the settings ``given``
+    to the update (tuned: one value for every group).
     """
-    cache: dict[torch.dtype, tuple[Setting, ...]] = {}
+    cache: dict[tuple[torch.dtype, int], tuple[Setting, ...]] = {}
+    group_of = None if opt is None else opt.group_of
 
-    def on(like: Tensor) -> tuple[Setting, ...]:
-        got = cache.get(like.dtype)
+    def on(like: Tensor, i: int = 0) -> tuple[Setting, ...]:
+        group = 0 if group_of is None else group_of[i]
+        got = cache.get((like.dtype, group))
         if got is None:
-            got = cache[like.dtype] = tuple(_setting_on(s[k], like) for k in keys)
+            own = {} if group == 0 or opt is None else opt.own_settings(group, given)
+            values = [own.get(k, s[k]) for k in keys]
+            got = cache[like.dtype, group] = tuple(_setting_on(v, like) for v in values)
         return got
 
     return on
@@ -123,6 +152,11 @@ def _per_dtype(
 
 def _is_zero(value: Setting) -> bool:
     return not isinstance(value, Tensor) and value == 0
+
+
+def _count(step: int | Sequence[int], i: int) -> int:
+    """Parameter ``i``'s count of updates before this one."""
+    return step if isinstance(step, int) else step[i]
 
 
 class SGD(FunctionalOptimizer):
@@ -171,9 +205,9 @@ class SGD(FunctionalOptimizer):
     def update(
         self,
         params: Sequence[Tensor],
-        grads: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
         state: Sequence[Tensor],
-        step: int,
+        step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
@@ -185,15 +219,21 @@ class SGD(FunctionalOptimizer):
                 "momentum=torch.tensor(0.0))), or from_torch(..., tuned=('momentum',)) "
                 "(a momentum linked to a hyperparameter: start it above 0)."
             )
-        on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"))
-        decay, damped = not _is_zero(s["weight_decay"]), not _is_zero(s["dampening"])
-        new_params, new_state = [], []
+        on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"), self, settings)
+        decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
+        damped = not _is_zero(s["dampening"])
+        new_params: list[Tensor] = []
+        new_state: list[Tensor] = []
         for i, (p, g) in enumerate(zip(params, grads)):
-            lr, mom, damp, wd = on(p)
+            if g is None:  # torch.optim skips a parameter whose .grad is None
+                new_params.append(p)
+                new_state.extend(state[i : i + 1] if self.uses_momentum else ())
+                continue
+            lr, mom, damp, wd = on(p, i)
             if decay:
                 g = g + wd * p
             if self.uses_momentum:
-                if step == 0:
+                if _count(step, i) == 0:
                     buf = g
                 else:
                     buf = mom * state[i] + ((1 - damp) * g if damped else g)
@@ -204,7 +244,7 @@ class SGD(FunctionalOptimizer):
 
 
 class Adam(FunctionalOptimizer):
-    """Adam, as ``torch.optim.Adam`` (Kingma & Ba, 2015), without AMSGrad.
+    """Adam, as ``torch.optim.Adam`` (Kingma & Ba, 2015).
 
     .. math::
 
@@ -213,9 +253,14 @@ class Adam(FunctionalOptimizer):
         \\theta_{t+1} = \\theta_t - \\frac{\\eta}{1-\\beta_1^{t+1}}
         \\frac{m_t}{\\sqrt{v_t / (1-\\beta_2^{t+1})} + \\epsilon}
 
+    With ``decoupled=True`` (``torch.optim.AdamW``; Loshchilov & Hutter, 2019) the weight
+    decay is no gradient term: ``theta_t`` is first scaled by ``1 - eta lambda``. With
+    ``amsgrad=True`` (Reddi et al., 2018) the denominator takes the largest ``v`` so far
+    (a third buffer).
+
     ``sqrt`` has a zero derivative where ``v_t = 0`` (a coordinate that never had a
     gradient) instead of an infinite one, so such coordinates do not turn hypergradients
-    into NaN. State: two buffers per parameter (O(2P) memory).
+    into NaN. State: two buffers per parameter (three with AMSGrad).
     """
 
     def __init__(
@@ -224,8 +269,12 @@ class Adam(FunctionalOptimizer):
         betas: tuple[Setting, Setting] = (0.9, 0.999),
         eps: Setting = 1e-8,
         weight_decay: Setting = 0.0,
+        decoupled: bool = False,
+        amsgrad: bool = False,
     ):
         beta1, beta2 = _check_betas(betas)
+        self.decoupled = as_bool(decoupled, "decoupled")
+        self.amsgrad = as_bool(amsgrad, "amsgrad")
         self.settings = {
             "lr": _check_setting(lr, "lr", 0.0),
             "beta1": _check_setting(beta1, "betas[0]", 0.0, 1.0),
@@ -235,42 +284,59 @@ class Adam(FunctionalOptimizer):
         }
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
-        return [torch.zeros_like(p) for p in params] + [torch.zeros_like(p) for p in params]
+        buffers = 3 if self.amsgrad else 2  # m, v (and max v)
+        return [torch.zeros_like(p) for _ in range(buffers) for p in params]
 
     def update(
         self,
         params: Sequence[Tensor],
-        grads: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
         state: Sequence[Tensor],
-        step: int,
+        step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         s = self._resolve(settings)
         n = len(params)
-        new_params, ms, vs = [], [], []
-        on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"))
-        decay = not _is_zero(s["weight_decay"])
-        corrections: dict[torch.dtype, tuple[Any, Any]] = {}
+        new_params: list[Tensor] = []
+        ms: list[Tensor] = []
+        vs: list[Tensor] = []
+        highs: list[Tensor] = []
+        on = _per_dtype(s, ("lr", "beta1", "beta2", "eps", "weight_decay"), self, settings)
+        decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
+        corrections: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         for i, (p, g) in enumerate(zip(params, grads)):
-            lr, b1, b2, eps, wd = on(p)
-            if decay:
+            if g is None:  # torch.optim skips a parameter whose .grad is None
+                new_params.append(p)
+                ms.append(state[i])
+                vs.append(state[n + i])
+                highs.extend(state[2 * n + i : 2 * n + i + 1])
+                continue
+            lr, b1, b2, eps, wd = on(p, i)
+            if decay and self.decoupled:  # AdamW: p (1 - lr wd), then the step
+                p = p * (1 - lr * wd)
+            elif decay:
                 g = g + wd * p
             m = b1 * state[i] + (1 - b1) * g
             v = b2 * state[n + i] + (1 - b2) * g * g
-            if p.dtype not in corrections:  # lr / (1 - b1^(t+1)) and sqrt(1 - b2^(t+1))
-                bc2 = 1 - b2 ** (step + 1)
-                corrections[p.dtype] = (
-                    lr / (1 - b1 ** (step + 1)),
+            t = _count(step, i)
+            key = (p.dtype, t, 0 if self.group_of is None else self.group_of[i])
+            if key not in corrections:  # lr / (1 - b1^(t+1)) and sqrt(1 - b2^(t+1))
+                bc2 = 1 - b2 ** (t + 1)
+                corrections[key] = (
+                    lr / (1 - b1 ** (t + 1)),
                     bc2.sqrt() if isinstance(bc2, Tensor) else math.sqrt(bc2),
                 )
-            step_size, bc2_root = corrections[p.dtype]
+            step_size, bc2_root = corrections[key]
+            ms.append(m)
+            vs.append(v)
+            if self.amsgrad:  # the largest v so far in the denominator
+                v = torch.maximum(state[2 * n + i], v)
+                highs.append(v)
             positive = v > 0
             root = torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
             denom = root / bc2_root + eps
             new_params.append(p - step_size * m / denom)
-            ms.append(m)
-            vs.append(v)
-        return new_params, ms + vs
+        return new_params, ms + vs + highs
 
 
 def sgd(
@@ -291,102 +357,12 @@ def adam(
     betas: tuple[Setting, Setting] = (0.9, 0.999),
     eps: Setting = 1e-8,
     weight_decay: Setting = 0.0,
+    decoupled: bool = False,
+    amsgrad: bool = False,
 ) -> Adam:
-    """Differentiable Adam (see :class:`Adam`)."""
-    return Adam(lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    """Differentiable Adam, or AdamW with ``decoupled=True`` (see :class:`Adam`)."""
+    return Adam(lr, betas, eps, weight_decay, decoupled=decoupled, amsgrad=amsgrad)
 
 
-def _group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> dict[str, Any]:
-    groups = optimizer.param_groups
-    first = {k: groups[0][k] for k in keys}
-    for g in groups[1:]:
-        for k in keys:
-            a, b = g[k], first[k]
-            same = a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b
-            if not same:
-                raise ValueError(
-                    f"The inner optimizer's param groups differ in `{k}`; trajectory methods "
-                    "support one setting for all parameters. Use one param group."
-                )
-    return first
-
-
-def from_torch(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *, tuned: Sequence[str] = ()
-) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
-    """The functional twin of a ``torch.optim.SGD`` or ``torch.optim.Adam`` and its state.
-
-    Returns ``(functional_optimizer, state, step)``: the same update rule and settings,
-    the optimizer's current buffers for ``params`` (in that order; None before the first
-    step; zeros for a parameter that never had a gradient) and how many steps it has
-    taken, so a differentiable replay continues exactly where the torch optimizer is.
-
-    ``tuned`` names the settings a replay will supply as tensors (``update(...,
-    settings=...)``, e.g. hyperparameters linked to the optimizer): an SGD whose
-    ``momentum`` is tuned keeps momentum buffers even while its value is 0 (without them
-    the momentum's effect, and its hypergradient, would be lost).
-
-    Raises:
-        TypeError: for other optimizers (their update rules are not implemented here) or
-            options without a functional twin (``amsgrad``, ``maximize``, Adam's
-            ``decoupled_weight_decay``; ``foreach``-only variants are fine).
-    """
-    for flag in ("maximize", "amsgrad", "decoupled_weight_decay"):
-        if any(g.get(flag, False) for g in optimizer.param_groups):
-            raise ArgumentTypeError(
-                f"`{flag}=True` has no differentiable twin in hypergradient.optim; use "
-                "torch.optim.SGD or torch.optim.Adam without it (an L2 weight_decay is "
-                "fine), or an implicit method (hg.IFT, hg.HOAG, hg.T1T2)."
-            )
-    if type(optimizer) is torch.optim.SGD:
-        return _sgd_twin(optimizer, params, "momentum" in tuned)
-    if type(optimizer) is torch.optim.Adam:
-        return _adam_twin(optimizer, params)
-    raise ArgumentTypeError(
-        f"Trajectory methods replay the inner optimizer differentiably; {type(optimizer).__name__} "
-        "has no functional twin. Use torch.optim.SGD or torch.optim.Adam, or an implicit method "
-        "(hg.IFT, hg.HOAG, hg.T1T2)."
-    )
-
-
-def _sgd_twin(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], tuned_momentum: bool
-) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
-    s = _group_settings(optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
-    momentum = s["momentum"]
-    if tuned_momentum and not isinstance(momentum, Tensor) and momentum == 0:
-        momentum = torch.zeros(())  # a tensor setting: buffers kept, value supplied by replay
-    fopt = SGD(s["lr"], momentum, s["dampening"], s["weight_decay"], s["nesterov"])
-    bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-    if not fopt.uses_momentum or all(b is None for b in bufs):
-        return fopt, None, 0
-    # A parameter that never had a gradient (unused by the loss) has no buffer: zeros, not
-    # a fresh start for every parameter (that dropped the others' momentum).
-    return fopt, [zeros_or_copy(b, p) for b, p in zip(bufs, params)], 1
-
-
-def _adam_twin(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
-) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
-    s = _group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
-    fopt = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"])
-    st = [optimizer.state.get(p, {}) for p in params]
-    if all("exp_avg" not in x for x in st):
-        return fopt, None, 0
-    steps = {int(x["step"]) for x in st if "exp_avg" in x}
-    if len(steps) != 1:
-        raise ValueError(
-            "The inner Adam's parameters have taken different numbers of steps "
-            f"({sorted(steps)}): the functional Adam has one step count. Give every trained "
-            "parameter a gradient at every step (or use an implicit method, hg.IFT)."
-        )
-    # A parameter that never had a gradient (unused by the loss) has no moments: zeros,
-    # not a fresh start for every parameter (that dropped the others' moments).
-    avg = [zeros_or_copy(x.get("exp_avg"), p) for x, p in zip(st, params)]
-    sq = [zeros_or_copy(x.get("exp_avg_sq"), p) for x, p in zip(st, params)]
-    return fopt, avg + sq, steps.pop()
-
-
-def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
-    """A detached copy of an optimizer buffer, or zeros shaped like ``like`` if it is None."""
-    return torch.zeros_like(like.detach()) if buffer is None else buffer.detach().clone()
+# The torch.optim twins live in .twins (re-exported here: their historical home).
+from .twins import from_torch, zeros_or_copy  # noqa: E402
