@@ -246,7 +246,9 @@ class ReverseStep:
             warnings.warn(
                 f"Double backward is not available for this inner loss ({self.fallback}); "
                 "the reverse steps use hvp='first_order' (central differences of gradients: "
-                "3 gradient evaluations per step, relative error ~eps^(2/3)). Pass "
+                "4 gradient evaluations per step, relative error ~eps^(2/3) per product; "
+                "Adam's reverse step divides by sqrt(v), which can amplify it: measured 52% "
+                "off on a float32 transformer under Adam, 9e-5 in float64). Pass "
                 "hvp='first_order' to skip the failed attempt.",
                 HypergradientWarning,
                 stacklevel=6,
