@@ -17,7 +17,8 @@ per layer, whatever the network), ``grad_phi f`` and its graph are a few element
 operations: the hyperparameters-first order skips the recorded backward pass over the
 network, and the look-ahead costs ``f``'s forward pass plus the outer gradient (on the
 MNIST-sized MLP of ``benchmarks/hyperstep_cost.py``, equal batches: a hand-written floor of
-1.42 training steps, a ``HyperOptimizer`` hyper-step of 1.89, 2.28 parameters first).
+1.42-1.44 training steps, a ``HyperOptimizer`` hyper-step of 1.89-1.97, 2.28 parameters
+first).
 When ``phi`` enters next to the loss (per-example weights) both orders run one recorded
 backward and one double backward over the network: a tie. When ``phi`` enters at the input
 (augmentation), the hyperparameters-first order runs one double backward more.
