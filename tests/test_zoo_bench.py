@@ -39,7 +39,13 @@ def check_accuracy(result):
     assert rows["float64", "first_order"]["unrolled_error"] < 1e-7
     assert rows["float64", "double_math"]["hvp_error"] < 1e-12
     assert rows["float32", "double_math"]["hvp_error"] < 1e-5
-    assert all(c["product_ms"] > 0 for c in result["cost"])
+    # float32 first order: accurate, or refused where a ReLU switches inside the step (the
+    # full run's ReLU transformer: 6.7x off before the kink check); never in between
+    f32 = rows["float32", "first_order"]["hvp_error"]
+    assert f32 == "refused (kink)" or f32 < 1e-2
+    if result["model"].startswith(("mlp", "transformer_gelu")):  # smooth: never refused
+        assert f32 != "refused (kink)"
+    assert all(c["product_ms"] == "refused (kink)" or c["product_ms"] > 0 for c in result["cost"])
 
 
 def test_product_modes_quick_run(tmp_path):

@@ -99,30 +99,43 @@ def central_difference(
     ``||g_+ + g_- - 2 g_0|| <= KINK_TOLERANCE ||g_+ - g_-||`` (plus a rounding allowance).
     On a smooth loss that ratio is ``O(h)``; a kink inside the step makes it about
     ``e / (1 + e)`` for a product ``e`` off. A step that fails is halved (at most
-    :data:`KINK_RETRIES` times): the ratio of a smooth loss halves with it (accepted once it
-    is below ``4 KINK_TOLERANCE`` and 0.6 of the previous one), and a kink either leaves
-    the step (the ratio drops) or stays (it does not); then :class:`NonSmoothLossError`
-    naming ``what`` is raised. Cost: two gradients per attempt, three
-    norms, one synchronization.
+    :data:`KINK_RETRIES` times) and the halved difference is accepted when the ratio passes
+    or when it agrees with the previous difference to :data:`KINK_TOLERANCE` (a smooth loss
+    whose one-sided differences part by more than that: the central ones differ by
+    ``O(h^2)``); a kink that stays inside the step changes the central difference with the
+    step, and :class:`NonSmoothLossError` naming ``what`` is raised. Cost: two gradients
+    per attempt, three norms and one synchronization.
     """
-    previous = math.inf
+    previous: list[Tensor | None] | None = None
+    ratio = math.inf
     for _ in range(KINK_RETRIES + 1):
         plus, minus = evaluate(h)
         out, ratio = _checked(plus, minus, center, h)
-        if ratio <= KINK_TOLERANCE or ratio <= min(0.6 * previous, 4 * KINK_TOLERANCE):
+        if ratio <= KINK_TOLERANCE or (previous is not None and _agree(previous, out)):
             return out
-        previous, h = ratio, 0.5 * h
+        previous, h = out, 0.5 * h
     raise NonSmoothLossError(
         f"First-order products of {what} are not its Hessian's: the loss has a kink within "
-        f"the finite-difference step (the one-sided differences disagree by {previous:.3g} "
+        f"the finite-difference step (the one-sided differences disagree by {ratio:.3g} "
         f"of the central one at {KINK_RETRIES + 1} steps down to {2 * h:.3g}; smooth losses "
         f"stay below {KINK_TOLERANCE:g}). A ReLU, max-pool, abs or clamp switches inside "
         "the step, and a central difference divides that jump by the step. Use products "
         "through autograd (hvp='double' or 'double_math': make the model twice "
         "differentiable, e.g. replace a custom once-differentiable function), or smooth "
         "activations (GELU, SiLU, Softplus) with hvp='first_order'.",
-        previous,
+        ratio,
     )
+
+
+def _agree(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> bool:
+    """Whether two central differences agree to ``KINK_TOLERANCE`` (relative, together)."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:
+        return True
+    gap, size = torch.stack(
+        [_norm([x - y for x, y in pairs]), _norm([y for _, y in pairs])]
+    ).tolist()
+    return gap <= KINK_TOLERANCE * size
 
 
 #: Halvings of a finite-difference step that failed the kink check before raising.
