@@ -60,6 +60,24 @@ class ImplicitInfo(Info):
 FAR_RESIDUAL = 1e-3
 
 
+def _warned_singular(solver: Solver, status: Status, residual: float | None, bnorm: float) -> bool:
+    """Warn (and say so) when Exact's answer leaves part of ``b`` outside ``A``'s range."""
+    if status != Status.EXACT or residual is None or not residual > 1e-6 * bnorm > 0:
+        return False
+    relative = residual / bnorm
+    warnings.warn(
+        f"{solver!r}: the Hessian is singular and the outer gradient has a part outside "
+        f"its range (relative residual {relative:.3g}): the answer is the minimum-norm "
+        "(pseudo-inverse) solution, which takes no hypergradient through the Hessian's null "
+        "space (directions the inner loss does not determine). Add damping=... to choose "
+        "otherwise, or check that the outer loss uses no parameter the inner loss leaves "
+        "free.",
+        HypergradientWarning,
+        stacklevel=6,
+    )
+    return True
+
+
 def warn_solve(
     solver: Solver,
     status: Status,
@@ -84,6 +102,8 @@ def warn_solve(
             HypergradientWarning,
             stacklevel=5,
         )
+        return
+    if _warned_singular(solver, status, residual, bnorm):
         return
     if status == Status.FIXED_BUDGET and residual is not None and residual > bnorm > 0:
         _warn_worse_than_zero(solver, residual / bnorm)

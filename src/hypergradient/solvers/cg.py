@@ -14,7 +14,13 @@ from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
-from .cg_status import attainable_message, product_eps, recheck_exit, restore_start
+from .cg_status import (
+    attainable_message,
+    null_direction,
+    product_eps,
+    recheck_exit,
+    restore_start,
+)
 from .norms import in_rows, row_norms
 
 __all__ = ["CG", "conjugate_gradient"]
@@ -62,8 +68,8 @@ class _Run:
         asked = max(tol, atol / self.bnorm)
         self.threshold = max(asked, 10 * self.eps)
         # a tolerance below rounding level asks for "as far as the precision goes": the updated
-        # residual at 10 eps is taken at its word (the true one is then about eps ||A|| ||x||)
-        self.to_rounding_level = asked < 10 * self.eps
+        # residual at 10 eps is taken at its word (unless the iterates are huge: _verified)
+        self.to_rounding_level = asked < 10 * self.eps and self.product_eps == self.eps
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
@@ -102,10 +108,8 @@ class _Run:
                 self.x0 = x0.to(self.b.dtype)
             else:  # worse than x = 0: drop it (its product is counted)
                 self.stats["warm_start_dropped"] = True
-        # the best iterate is copied out at its first improvement (until then it is the start)
-        self.best: Tensor | None = None
-        self.best_norm = self.start_norm = self.rnorm
-        self.start_ynorm = self.ynorm
+        self.best: Tensor | None = None  # copied out at its first improvement (the start)
+        self.best_norm, self.start_norm, self.start_ynorm = self.rnorm, self.rnorm, self.ynorm
 
     def _restart_direction(self) -> None:
         self.z = self.precondition(self.r) if self.precondition is not None else self.r
@@ -177,6 +181,8 @@ class _Run:
             self.status = _curvature_status(self, Ap, pap)
             return True
         apnorm, pnorm, rnorm, ynorm = norms
+        if pap <= self.product_eps * self.lam_hat * pnorm * pnorm:
+            return null_direction(self, pap / (pnorm * pnorm))
         self.lam_hat = max(self.lam_hat, apnorm / pnorm)
         self.iterations += 1
         self.rnorm, self.ynorm = rnorm, ynorm
@@ -209,8 +215,8 @@ class _Run:
         product computes the true residual; if it does not meet the tolerance the iteration
         restarts from it (residual replacement), at most ``MAX_REPLACEMENTS`` times.
         """
-        drift = self.product_eps * (1.0 + self.lam_hat * self.xmax)
-        if 2 * drift <= self.threshold or (self.to_rounding_level and self.product_eps == self.eps):
+        drift = self.product_eps * (1.0 + self.lam_hat * self.xmax)  # huge iterates: checked
+        if 2 * drift <= self.threshold or (self.to_rounding_level and drift <= 0.01):
             return True
         self.stats["verify_hvps"] = self.stats.get("verify_hvps", 0) + 1
         true_r = self.b - self._product(self.y)
