@@ -100,7 +100,7 @@ def cost(name: str, width: int, n: int, rounds: int, memory: bool) -> list[dict[
     for m in modes:
         cases.append(H.Case(f"build {m}", lambda s, m=m: operator(z, m)))
         cases.append(H.Case(f"product {m}", lambda s, m=m: ops[m].matvec(v)))
-    timing, rows = {t.key: t.ms for t in H.interleave(cases, rounds)}, []
+    timing = {t.key: t.ms for t in H.interleave(cases, rounds)}
     rows = [{"mode": m, "product_ms": REFUSED} for m in MODES if m not in modes]
     for m in modes:
         mb = H.isolated(memory_child, name, width, n, m) if memory else None

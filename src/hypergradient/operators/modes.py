@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import _tree
+
 __all__ = [
     "KINK_RETRIES",
     "KINK_TOLERANCE",
@@ -79,8 +81,8 @@ class NonSmoothLossError(RuntimeError):
 
 
 def _norm(xs: list[Tensor]) -> Tensor:
-    """The Euclidean norm of several tensors together, accumulated in float64 (0-d)."""
-    wide = torch.float64 if xs[0].device.type != "mps" else torch.float32
+    """The Euclidean norm of several tensors together, in ``_tree.wide_dtype`` (0-d)."""
+    wide = _tree.wide_dtype(xs[0].device)
     parts = [torch.linalg.vector_norm(x, dtype=wide) for x in xs]
     return torch.linalg.vector_norm(torch.stack(parts))
 
