@@ -153,8 +153,7 @@ def check_inner(
 ) -> None:
     """Refuse, at construction, an inner optimizer the method cannot differentiate: one
     without a functional twin (trajectory methods; ``tuned``: the settings linked to
-    hyperparameters), param groups of several learning rates (T1T2)."""
-    inner_lr(optimizer, params, method)
+    hyperparameters)."""
     if method.needs_trajectory:
         from_torch(optimizer, params, tuned=tuple(tuned))
 
@@ -169,33 +168,39 @@ def inner_lr(
     params: list[Tensor],
     method: Method,
     lrs: tuple[float, ...] | None = None,
-) -> float:
-    """``Problem.lr``: the learning rate of the param groups that hold trained parameters
-    (the smallest positive one if they differ: IFT's default Neumann caps its step there;
-    a group at ``lr=0`` is frozen); ``lrs``: the groups' rates the step used, if they may
-    have moved on since (``begin_step``). 0 when every group's rate is 0.
-
-    Raises:
-        ValueError: they differ and ``method`` is :class:`~hypergradient.methods.T1T2`,
-            which differentiates one step ``theta - lr * grad`` with a single ``lr``.
+) -> float | tuple[float, ...]:
+    """``Problem.lr``: the learning rate of the param groups that hold trained parameters;
+    ``lrs``: the groups' rates the step used, if they may have moved on since
+    (``begin_step``). Where the groups' rates differ: for
+    :class:`~hypergradient.methods.T1T2`, one rate per trained parameter (its group's: T1T2
+    differentiates the step ``theta - Lambda grad``); for the other methods the smallest
+    positive one (IFT's default Neumann caps its step there; a group at ``lr=0`` is frozen).
+    0 when every group's rate is 0.
     """
-    groups = optimizer.param_groups
-    rates = [float(g["lr"]) for g in groups]
-    if lrs is not None and len(lrs) == len(groups):
-        rates = list(lrs)
+    groups, rates = optimizer.param_groups, _rates(optimizer, lrs)
     if len(groups) == 1:
         return rates[0]
     ids = {id(p) for p in params}
     held = [r for r, g in zip(rates, groups) if any(id(p) in ids for p in g["params"])]
     distinct = sorted(set(held))
-    if len(distinct) > 1 and isinstance(method, T1T2):
-        raise ValueError(
-            "T1T2 differentiates one inner step theta - lr * grad with a single learning "
-            f"rate, but the inner optimizer's param groups use lr = {distinct}; give them one "
-            "lr, or use hg.IFT(), which does not need it."
-        )
+    if len(distinct) > 1 and isinstance(method, T1T2) and any(held):
+        return _per_parameter(groups, rates, params)
     positive = [r for r in distinct if r > 0]
     return positive[0] if positive else distinct[0] if distinct else rates[0]
+
+
+def _per_parameter(groups: list[dict], rates: list[float], params: list[Tensor]) -> tuple:
+    """Each trained parameter's group rate, in the trained parameters' order."""
+    by_id = {id(p): r for r, g in zip(rates, groups) for p in g["params"]}
+    return tuple(by_id[id(p)] for p in params)
+
+
+def _rates(optimizer: torch.optim.Optimizer, lrs: tuple[float, ...] | None) -> list[float]:
+    """The param groups' rates: ``lrs`` (those the step used) when it has one per group."""
+    groups = optimizer.param_groups
+    if lrs is not None and len(lrs) == len(groups):
+        return list(lrs)
+    return [float(g["lr"]) for g in groups]
 
 
 def coupled_decays(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:

@@ -41,7 +41,8 @@ optimizer's settings at its start: a setting changed inside it (a learning-rate 
 stepped every step) skips that hyper-step with a warning naming it; step schedulers right
 after a hyper-step. A replay that ends more than 10% (relative) from the trained parameters
 (gradient clipping in the loop, another loss) skips its hyper-step with a warning: its
-hypergradient is another run's. T1T2 refuses param groups with different learning rates.
+hypergradient is another run's. With param groups of different learning rates T1T2
+differentiates the step each group took (``Problem.lr``, one rate per trained parameter).
 
 A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
 undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's

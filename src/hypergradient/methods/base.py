@@ -92,7 +92,10 @@ class Problem:
             run (``trajectory.final_params`` when recorded).
         hparams: the hyperparameters (tree); the hypergradient is taken with respect to them.
         lr: the inner optimizer's learning rate at the last step, when known (T1T2's
-            look-ahead factor; the default step of ``IFT``'s Neumann series).
+            look-ahead factor; the default step of ``IFT``'s Neumann series): a number, or
+            one rate per leaf of ``params`` in the order ``params`` flattens (param groups
+            of several rates; T1T2 differentiates ``theta - Lambda grad f``, IFT steps at
+            the smallest positive one; :mod:`~hypergradient.methods.leaf_rates`).
         prev_params: the parameters before the last inner step (T1T2 differentiates that
             step); None: ``params``.
         trajectory: the recorded inner run (required by trajectory methods).
@@ -107,7 +110,7 @@ class Problem:
     outer_loss: Callable[[Any, Any], Tensor]
     params: Tree
     hparams: Tree
-    lr: float | None = None
+    lr: float | Sequence[float] | None = None
     prev_params: Tree | None = None
     trajectory: Trajectory | None = None
     process_group: Any = None

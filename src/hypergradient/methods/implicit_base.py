@@ -41,6 +41,7 @@ from ._checks import (
 )
 from .base import Method, Problem
 from .formula import ImplicitInfo, implicit_hypergradient
+from .leaf_rates import check_rate_count
 
 __all__ = [
     "ImplicitMethod",
@@ -270,6 +271,7 @@ class ImplicitMethod(Method):
         solver = self.solver_for(problem)
         at, after = self.points(problem)
         inputs = check_inputs(at, problem.hparams, "params")
+        check_rate_count(problem.lr, len(inputs.param_leaves))
         outer_at = None
         if after is not None:
             outer_at, spec = _tree.flatten(after, "params")

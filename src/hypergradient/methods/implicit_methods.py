@@ -24,6 +24,7 @@ from .implicit_base import (
     solver_config,
     warm_vector,
 )
+from .leaf_rates import smallest_rate
 
 __all__ = ["IFT", "Implicit"]
 
@@ -192,7 +193,7 @@ class IFT(Implicit):
                     "IFT's default Neumann solver caps its step at the inner learning rate: "
                     "pass Problem(lr=...), or IFT(alpha=...), or a solver (IFT(hg.CG()))."
                 )
-            lr = as_float(problem.lr, "lr", min=0.0, open_min=True)
+            lr = smallest_rate(problem.lr)  # param groups of several rates: the smallest
             self.solver.alpha_max = lr  # type: ignore[attr-defined]
         return self.solver
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import Status, as_choice, as_float, as_scalar_loss, finite_probe
+from .._vocab import Status, as_choice, as_scalar_loss, finite_probe
 from ..operators.buffers import keep_buffers
 from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
@@ -26,6 +26,7 @@ from ._checks import Inputs, check_problem
 from .base import Problem
 from .implicit_base import ImplicitMethod, as_hvp
 from .implicit_info import ImplicitInfo
+from .leaf_rates import LeafRates, look_ahead_solver, uniform
 from .mixed_order import (
     HPARAMS_FIRST_SHARE,
     MIXED_ORDERS,
@@ -50,7 +51,7 @@ class T1T2(ImplicitMethod):
     usual approximation that keeps only the learning-rate factor. It is the implicit
     formula with ``H^{-1} ~ lr I`` (``hg.Identity(lr)``), the operator at
     ``problem.prev_params`` (``theta``) and the outer gradient at ``problem.params``
-    (``theta'``); ``problem.lr`` is required.
+    (``theta'``); ``problem.lr`` is required (per leaf: ``H^{-1} ~ Lambda``, generally).
 
     In the usual case (one process, double backward, hyperparameters passed as
     arguments) the call takes the formula's three backward passes directly
@@ -101,7 +102,13 @@ class T1T2(ImplicitMethod):
     def solver_for(self, problem: Problem) -> Solver:
         if problem.lr is None:
             raise ValueError("T1T2 needs the inner learning rate: pass Problem(lr=...).")
-        return Identity(as_float(problem.lr, "lr", min=0.0, open_min=True))
+        return look_ahead_solver(problem.lr)
+
+    def _prepare(self, problem: Problem, x0: Any) -> Any:
+        prep = super()._prepare(problem, x0)  # per-leaf rates: laid out over the leaves
+        if isinstance(prep.solver, LeafRates):
+            prep.solver.bind(prep.inputs.param_leaves)
+        return prep
 
     def points(self, problem: Problem) -> tuple[Tree, Tree | None]:
         if problem.prev_params is None:
@@ -121,11 +128,8 @@ class T1T2(ImplicitMethod):
         """The problem's shape key and the order to take (``"auto"``: not yet decided)."""
         if self.mixed != "auto":
             return (), self.mixed
-        key = (
-            *(t.shape for t in inputs.param_leaves),
-            None,
-            *(t.shape for t in inputs.hparam_leaves),
-        )
+        key = (*(t.shape for t in inputs.param_leaves), None)
+        key += tuple(t.shape for t in inputs.hparam_leaves)
         return key, self._orders.get(key, "auto")
 
     def direct(self, problem: Problem) -> bool:
@@ -134,8 +138,8 @@ class T1T2(ImplicitMethod):
             problem.process_group is None
             and not problem.hparams_by_reference
             and self.product_mode() in ("auto", "double")
-            and isinstance(self.damping, float)
-            and self.damping == 0.0
+            and self.damping == 0.0  # a float 0 (AutoDamping is not ==)
+            and uniform(problem.lr)
         )
 
     def __call__(self, problem: Problem, *, x0: Tree | Tensor | None = None) -> tuple[Tree, Any]:
