@@ -1,17 +1,15 @@
 """Hybrid search: Optuna TPE proposes starting points, hypergradient line searches polish them.
 
 The race of ``vs_optuna.py`` (same tasks, training and budget per method, interleaved clocks;
-each method's best validation loss retrained and scored on the test set) between TPE,
-hypergradient descent and a hybrid whose TPE proposes starts that
-``integrations.optuna.Polisher`` refines (projected L-BFGS on the implicit hypergradient, a
-step kept only if the exact validation loss falls). ``--space``: with tens of decays
-(``start``) a trial samples one starting decay shared by all, polished to the end and told
-its best polished loss (TPE searches a 1-D space, the hypergradient the 30-D one); with a
-few (``full``) a trial samples every decay, a ``PercentilePruner`` at step 0 keeps the best
-``--percentile`` % of starts for polishing, every polished point told as a trial of its own.
-Several ``--seeds`` (each its own data split and initialization) give a median per task.
-Run: ``.venv/bin/python benchmarks/hybrid_optuna.py --seeds 0 1 2`` (~12 min per seed;
-``--quick``: seconds).
+each method's best decays retrained and tested) between TPE, hypergradient descent and a hybrid:
+TPE proposes starts that ``integrations.optuna.Polisher`` refines (projected L-BFGS on the
+implicit hypergradient, a step kept only if the exact validation loss falls). ``--space start``
+(tens of decays): a trial samples one decay shared by all, polished to the end and told its best
+polished loss (TPE searches 1-D, the hypergradient 30-D); ``full`` (a few decays): a trial
+samples every decay, a ``PercentilePruner`` at step 0 passes the best ``--percentile`` % of
+starts to polishing, every polished point a trial of its own. A median per task over ``--seeds``
+(each its own data split and initialization). Run: ``.venv/bin/python
+benchmarks/hybrid_optuna.py --seeds 0 1 2`` (~12 min per seed; ``--quick``: seconds).
 """
 
 from __future__ import annotations
@@ -32,10 +30,7 @@ import hypergradient as hg
 import vs_optuna as V
 from hypergradient.integrations.optuna import Polisher, TrialReporter, add_refined_trial
 
-NAME = "hybrid_optuna"
-TITLE = (
-    "Hybrid search: Optuna TPE proposes starting points, hypergradient line searches polish them"
-)
+NAME, TITLE = "hybrid_optuna", __doc__.splitlines()[0].rstrip(".")  # the first line
 METHODS = ("tpe", "hypergradient", "hybrid")
 LABELS = {"tpe": "Optuna TPE", "hypergradient": "hypergradient", "hybrid": "hybrid (TPE + HG)"}
 COLORS = {"tpe": "tab:blue", "hypergradient": "tab:green", "hybrid": "tab:red"}
@@ -217,19 +212,17 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
     column per seed."""
     if not data["tasks"]:
         return None
-    tasks, keys = data["tasks"], list(dict.fromkeys(r["key"] for r in data["tasks"]))
-    cols = max(sum(r["key"] == k for r in tasks) for k in keys)
-    fig, axes = H.subplots(len(keys), cols, 4.6, 3.8)
-    for ax in axes.flat:
-        ax.set_visible(False)
-    done = dict.fromkeys(keys, 0)
-    for res in tasks:
-        ax, done[res["key"]] = axes[keys.index(res["key"])][done[res["key"]]], done[res["key"]] + 1
-        ax.set_visible(True)
-        label = lambda m, r: f"{LABELS[m]}: {best_of(r).replace(' / ', ' (test ')})"  # noqa: E731
-        V.race_axes(ax, res, COLORS, label)
-        ax.set(title=f"{res['key']} ({res['n_hparams']:,} decays), seed {res.get('seed', 0)}")
-        ax.legend(fontsize=7, title="best val (retrained test)", title_fontsize=7)
+    keys = dict.fromkeys(r["key"] for r in data["tasks"])
+    groups = [[r for r in data["tasks"] if r["key"] == k] for k in keys]
+    fig, axes = H.subplots(len(groups), max(map(len, groups)), 4.6, 3.8)
+    label = lambda m, r: f"{LABELS[m]}: {best_of(r).replace(' / ', ' (test ')})"  # noqa: E731
+    for row, group in zip(axes, groups):
+        for ax in row[len(group) :]:
+            ax.set_visible(False)
+        for ax, res in zip(row, group):
+            V.race_axes(ax, res, COLORS, label)
+            ax.set(title=f"{res['key']} ({res['n_hparams']:,} decays), seed {res['seed']}")
+            ax.legend(fontsize=7, title="best val (retrained test)", title_fontsize=7)
     fig.suptitle("Same wall-clock budget per method, interleaved", fontsize=10)
     return H.save_figure(fig, out / f"{NAME}.png")
 
