@@ -292,9 +292,8 @@ def instrument(run: H.Run, data: H.Data, hyper_lr: float) -> None:
         original, run.step = run.step, step
 
 
-def diff(a: float | None, b: float | None) -> float:
-    """``|a - b|``, with two NaNs (nulls) counting as equal."""
-    a, b = (math.nan if v is None else v for v in (a, b))
+def diff(a: float, b: float) -> float:
+    """``|a - b|``, with two NaNs counting as equal."""
     return 0.0 if (math.isnan(a) and math.isnan(b)) or a == b else abs(a - b)
 
 
