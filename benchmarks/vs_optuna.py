@@ -56,11 +56,9 @@ class Task:
         X_v, X_s, y_v, y_s = split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
         mean, std, ydt = X_t.mean(0), X_t.std(0), F64 if logreg else torch.long
         std[std == 0] = 1.0
+        scaled = lambda a: torch.tensor((a - mean) / std).to(F64)  # noqa: E731
         sets = {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}
-        self.data = {
-            k: (torch.tensor((a - mean) / std).to(F64), torch.tensor(b).to(ydt))
-            for k, (a, b) in sets.items()
-        }
+        self.data = {k: (scaled(a), torch.tensor(b).to(ydt)) for k, (a, b) in sets.items()}
         gen = torch.Generator().manual_seed(seed)
         zeros = (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
         self.init = zeros if logreg else H.mlp_init((64, 32, 10), gen)
