@@ -27,38 +27,38 @@ SOLO, PAIR = [("solo", 0)], [("pair", 0), ("pair", 1)]
 # world1: the whole batch in one process; half: rank 0 alone on its half; nocomm: both ranks
 # on their halves without communicating; world2: process_group=WORLD.
 CONFIGS = {"world1": SOLO, "half": PAIR[:1], "nocomm": PAIR, "world2": PAIR}
-CONFIGS_COMM = ("world2", "nocomm")
 BUSY = 0.3  # a round during which other processes used more cores than this is repeated
 QUIET = {"budget": 60.0, "redo": 60.0}  # seconds to wait for a quiet machine / to repeat rounds
-STATS = {"calls": 0, "bytes": 0, "ar_seconds": 0.0, "ddp_calls": 0, "ddp_bytes": 0}
+ZERO = {"calls": 0, "bytes": 0, "ar_seconds": 0.0, "ddp_calls": 0, "ddp_bytes": 0}
+STATS = dict(ZERO)  # the all-reduces of this process since the last call began
 NAMES = {"implicit": "implicit, CG 20", "unrolled": "unrolled, 10 SGD steps"}
 NAMES["hyperopt"] = "HyperOptimizer + DDP, IFT/Neumann 20+20"
+DIAGNOSTICS = ("num_hvps", "status", "warnings")
 
 
 def cases(quick: bool) -> list[dict[str, Any]]:
-    if quick:  # every kind, tiny
-        out = [dict(kind=k, hidden=4, batch=64, dtype="float32") for k in NAMES]
-        return out + [dict(kind="allreduce", sizes=[4])]
-    hbs = [(h, b) for h in (12, 112, 400) for b in (512, 2048)]
-    out = [dict(kind="implicit", hidden=h, batch=b, dtype="float32") for h, b in hbs]
-    out += [dict(kind="implicit", hidden=12, batch=512, dtype="float64")]
-    out += [dict(kind="implicit", hidden=112, batch=2048, dtype="float64")]
-    for kind in ("unrolled", "hyperopt"):
+    """Every kind at h = 4 (quick); else implicit at every size, the others at h = 112."""
+    if quick:
+        kinds = [(k, 4, 64, "float32") for k in NAMES]
+    else:
+        kinds = [("implicit", h, b, "float32") for h in (12, 112, 400) for b in (512, 2048)]
+        kinds += [("implicit", 12, 512, "float64"), ("implicit", 112, 2048, "float64")]
         bts = ((512, "float32"), (2048, "float32"), (512, "float64"))
-        out += [dict(kind=kind, hidden=112, batch=b, dtype=t) for b, t in bts]
-    return out + [dict(kind="allreduce", sizes=[12, 112, 400])]
+        kinds += [(k, 112, b, t) for k in ("unrolled", "hyperopt") for b, t in bts]
+    out = [dict(zip(("kind", "hidden", "batch", "dtype"), c)) for c in kinds]
+    return out + [dict(kind="allreduce", sizes=[4] if quick else [12, 112, 400])]
 
 
-def like(hidden: int) -> tuple[torch.Tensor, ...]:
+def like(hidden: int) -> tuple[Tensor, ...]:
     """Parameters of nn.Sequential(Linear(784, h), Tanh, Linear(h, h), Tanh, Linear(h, 10)),
     ``W ~ N(0, 1/fan_in)`` with seed ``hidden``, zero biases (float64)."""
     return H.mlp_init((784, hidden, hidden, 10), torch.Generator().manual_seed(hidden))
 
 
-_DATA: list[tuple[torch.Tensor, torch.Tensor]] = []
+_DATA: list[tuple[Tensor, Tensor]] = []
 
 
-def batches(batch: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+def batches(batch: int) -> tuple[tuple[Tensor, Tensor], ...]:
     """The training batch (the first ``batch`` shuffled digits) and the validation batch."""
     if not _DATA:
         X, y = H.mnist(torch.float64)
@@ -68,26 +68,22 @@ def batches(batch: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     return (X[:batch], y[:batch]), (X[-batch:], y[-batch:])
 
 
-def pretrain(hidden: int, batch: int, iters: int) -> torch.Tensor:
+def pretrain(hidden: int, batch: int, iters: int) -> Tensor:
     """Weights at a minimum of the training loss on the global training batch (L-BFGS, float32)."""
     (X, y), _ = batches(batch)
     p0, X = like(hidden), X.float()
 
-    def f(w: torch.Tensor) -> torch.Tensor:
+    def f(w: Tensor) -> Tensor:
         ce = F.cross_entropy(H.mlp_forward(H.unflat(w, p0), X), y)
         return ce + 0.5 * math.exp(-3) * (w**2).sum()
 
     return H.lbfgs(f, H.flat(p0).float(), iters, 20).double()
 
 
-def reset_stats() -> None:
-    STATS.update({k: 0.0 if k == "ar_seconds" else 0 for k in STATS})
-
-
 def counting(original: Any) -> Any:
     """``dist.all_reduce`` counting the calls, bytes and seconds of the library's all-reduces."""
 
-    def all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def all_reduce(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
         STATS["calls"] += 1
         STATS["bytes"] += tensor.numel() * tensor.element_size()
         t0 = time.perf_counter()
@@ -100,21 +96,16 @@ def counting(original: Any) -> Any:
 
 
 def allreduce_latency(case: dict, group: Any) -> Any:
+    """Median seconds of 40 back-to-back all-reduces (after 5 more) of 1 value and of P values."""
     counts = [H.flat(like(h)).numel() for h in case["sizes"]]
     sizes = {"1 value": 1} | {f"P = {n:,} values": n for n in counts}
 
-    def run() -> dict[str, Any]:
-        out = {}
-        for name, n in sizes.items():  # back to back
-            t, times = torch.ones(n), []
-            for _ in range(45):
-                t0 = time.perf_counter()
-                dist.all_reduce(t, group=group)
-                times.append(time.perf_counter() - t0)
-            out[name] = statistics.median(times[5:])
-        return {"latency": out}
+    def latency(n: int) -> float:
+        t = torch.ones(n)
+        times = [H.timed_call(lambda: dist.all_reduce(t, group=group))[1] for _ in range(45)]
+        return statistics.median(times[5:]) / 1e3
 
-    return run
+    return lambda: {"latency": {name: latency(n) for name, n in sizes.items()}}
 
 
 def hyperopt(case: dict, w: Tensor, shard: tuple, group: Any, world: int, original: Any) -> Any:
@@ -137,10 +128,8 @@ def hyperopt(case: dict, w: Tensor, shard: tuple, group: Any, world: int, origin
     if group is not None:
         net.register_comm_hook(None, hook)
     weights = [(n.replace(".", "_"), p) for n, p in model.named_parameters() if p.dim() == 2]
-    decays = {n: hg.Positive(torch.full_like(p, math.exp(-3))) for n, p in weights}
-    raw0 = {k: d.raw.detach().clone() for k, d in decays.items()}
 
-    def train_loss(m: Any, hp: dict, b: Any) -> torch.Tensor:
+    def train_loss(m: Any, hp: dict, b: Any) -> Tensor:
         ws = [p for p in m.parameters() if p.dim() == 2]
         pen = sum((d * v**2).sum() for d, v in zip(hp.values(), ws))
         return F.cross_entropy(m(b[0]), b[1]) + 0.5 * pen
@@ -149,8 +138,7 @@ def hyperopt(case: dict, w: Tensor, shard: tuple, group: Any, world: int, origin
         with torch.no_grad():  # the same state before every call
             for p, v in zip(model.parameters(), start):
                 p.copy_(v)
-            for k, d in decays.items():
-                d.raw.copy_(raw0[k])
+        decays = {n: hg.Positive(torch.full_like(p, math.exp(-3))) for n, p in weights}
         kw = {"train_loss": train_loss, "val_loss": lambda m, hp, b: F.cross_entropy(m(b[0]), b[1])}
         kw |= {"val_data": shard[1], "inner_steps": 1, "process_group": group}
         kw |= {"method": hg.IFT(hg.Neumann(maxiter=20, alpha="auto", seed=0))}
@@ -159,7 +147,7 @@ def hyperopt(case: dict, w: Tensor, shard: tuple, group: Any, world: int, origin
         hopt = hg.HyperOptimizer(net, decays, inner_optimizer=sgd, history_size=None, **kw)
         hopt.zero_grad()
         hopt.train_loss(shard[0]).backward()
-        reset_stats()
+        STATS.update(ZERO)
         c0 = time.process_time()
         hopt.step(shard[0])  # the inner SGD step (negligible), then the hyper-step
         rec, cpu = hopt.history[-1], time.process_time() - c0
@@ -176,28 +164,25 @@ def setup(case: dict, w0: Any, data: Any, rank: int, world: int, group: Any, ori
     (``group`` None: each rank computes its own shard's hypergradient, the control)."""
     if case["kind"] == "allreduce":
         return allreduce_latency(case, group)
-    dtype, h, size = getattr(torch, case["dtype"]), case["hidden"], case["batch"] // world
-    mine = slice(rank * size, (rank + 1) * size)
+    dtype, size = getattr(torch, case["dtype"]), case["batch"] // world
+    mine, w, p0 = slice(rank * size, (rank + 1) * size), w0.to(dtype), like(case["hidden"])
     shard = tuple((X[mine].to(dtype), y[mine]) for X, y in data)
     if case["kind"] == "hyperopt":
-        return hyperopt(case, w0.to(dtype), shard, group, world, original)
-    w, p0 = w0.to(dtype), like(h)
+        return hyperopt(case, w, shard, group, world, original)
     log_decay, lr = torch.full_like(w, -3.0), torch.tensor(0.05, dtype=dtype)
 
-    def loss(p: torch.Tensor, ld: torch.Tensor, b: tuple, penalty: bool = True) -> torch.Tensor:
-        ce = F.cross_entropy(H.mlp_forward(H.unflat(p, p0), b[0].to(p.dtype)), b[1])
-        return ce + 0.5 * (ld.exp() * p**2).sum() if penalty else ce
+    def ce(p: Tensor, b: tuple) -> Tensor:
+        return F.cross_entropy(H.mlp_forward(H.unflat(p, p0), b[0].to(p.dtype)), b[1])
 
     def run(dt: torch.dtype = dtype) -> dict[str, Any]:
-        f = lambda p, hp: loss(p, hp["ld"], shard[0])  # noqa: E731
-        g = lambda p, hp: loss(p, 0, shard[1], False)  # noqa: E731
+        f = lambda p, hp: ce(p, shard[0]) + 0.5 * (hp["ld"].exp() * p**2).sum()  # noqa: E731
+        g = lambda p, hp: ce(p, shard[1])  # noqa: E731
         hp = {"ld": log_decay.to(dt)}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if case["kind"] == "implicit":
-                cg = hg.CG(maxiter=20, tol=0.0)
                 kw = {"process_group": group, "return_info": True}
-                out, info = hg.implicit(f, g, w.to(dt), hp, cg, **kw)
+                out, info = hg.implicit(f, g, w.to(dt), hp, hg.CG(maxiter=20, tol=0.0), **kw)
                 out, extra = out["ld"], {"num_hvps": info.num_hvps, "status": info.status}
             else:
                 hp["lr"] = lr.to(dt)
@@ -233,11 +218,9 @@ def worker(role: str, rank: int, world: int, port: int, inbox: Any, outbox: Any)
             fn = calls["nocomm" if mode in ("nocomm", "half") else "run"]
             if group is not None and mode != "half":
                 dist.barrier(group)
-            reset_stats()
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = fn()
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            out = {"seconds": wall, "cpu": cpu} | out | STATS
+            STATS.update(ZERO)
+            out, wall, cpu = H.timed_call(fn)
+            out = {"seconds": wall / 1e3, "cpu": cpu / 1e3} | out | STATS
             out["hyper"] = out["hyper"].double().numpy() if want_hyper and "hyper" in out else None
             if want_f64 and hasattr(fn, "float64"):
                 out["hyper64"] = fn.float64()["hyper"].double().numpy()
@@ -308,24 +291,24 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> dict[str, Any]:
+def measure(pool: Pool, case: dict[str, Any], w0: Tensor, reps: int) -> dict[str, Any]:
     """A warm-up round, then ``reps`` rounds of the four configurations in rotating order
     (a round with background load above BUSY is repeated, within the budget)."""
     data = batches(case["batch"]) if "batch" in case else None  # the workers load no data
     pool.ask(SOLO + PAIR, ("setup", case, w0, data))
     if case["kind"] == "allreduce":
         lat = [pool.ask(PAIR, ("run", False, False, "world2")) for _ in range(3)]
-        names = lat[0][PAIR[0]]["latency"]
         slowest = lambda n: [max(a[k]["latency"][n] for k in PAIR) for a in lat]  # noqa: E731
+        names = lat[0][PAIR[0]]["latency"]
         return case | {"latency_s": {n: statistics.median(slowest(n)) for n in names}}
     times, cpus = {c: [] for c in CONFIGS}, {c: [] for c in CONFIGS}
-    kept, dropped, names, rnd = [], [], list(CONFIGS), -1
+    kept, dropped, rnd = [], [], -1
     while len(kept) < reps:
         rnd += 1
         if rnd:
             wait_quiet()
         got, busy0, wall0, own0 = {}, busy_seconds(), time.perf_counter(), 0.0
-        for config in H.rotation(names, rnd):
+        for config in H.rotation(list(CONFIGS), rnd):
             own = time.process_time()
             got[config] = pool.ask(CONFIGS[config], ("run", False, False, config))
             own0 += time.process_time() - own + sum(a["cpu"] for a in got[config].values())
@@ -355,8 +338,7 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
     out |= {"allreduce_calls": p0["calls"], "allreduce_bytes_per_rank": p0["bytes"]}
     out |= {f"allreduce_seconds_rank{i}": p["ar_seconds"] for i, p in enumerate((p0, p1))}
     out |= {"ddp_allreduce_calls": p0["ddp_calls"], "ddp_allreduce_bytes_per_rank": p0["ddp_bytes"]}
-    out |= {f"{k}_world1": s0.get(k) for k in ("num_hvps", "status", "warnings")}
-    out |= {f"{k}_world2": p0.get(k) for k in ("num_hvps", "status", "warnings")}
+    out |= {f"{k}_world{i}": a.get(k) for i, a in ((1, s0), (2, p0)) for k in DIAGNOSTICS}
     out |= {"ranks_bit_identical": bool(np.array_equal(p0["hyper"], p1["hyper"]))}
     out["rel_diff_world2_vs_world1"] = rel(p0["hyper"], s0["hyper"])
     out["hypergrad_norm"] = float(np.linalg.norm(s0["hyper"]))
@@ -367,24 +349,22 @@ def measure(pool: Pool, case: dict[str, Any], w0: torch.Tensor, reps: int) -> di
 
 
 def render(d: dict[str, Any]) -> list[str]:
-    rows, latency = [r for r in d["results"] if r["kind"] != "allreduce"], {}
-    for r in d["results"]:
-        latency |= r.get("latency_s", {})
-    table, parts = [], []
-    for r in rows:
-        w1, half, nc, w2 = (r[f"{c}_median_s"] for c in ("world1", "half", "nocomm", "world2"))
+    rows = [r for r in d["results"] if r["kind"] != "allreduce"]
+    latency = {k: v for r in d["results"] for k, v in r.get("latency_s", {}).items()}
+    table = []
+    for r in rows:  # the derived columns of both tables
+        w1, half, nc, w2 = (r[f"{c}_median_s"] for c in CONFIGS)
+        cpu = {c: statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in CONFIGS}
+        ddp = f" + {r['ddp_allreduce_calls']} DDP" if r["kind"] == "hyperopt" else ""
         calls = r["allreduce_calls"] + r["ddp_allreduce_calls"]
         x = {"case": NAMES[r["kind"]], "bg": statistics.mean(r["background_cores_kept_rounds"])}
-        ddp = f" + {r['ddp_allreduce_calls']} DDP" if r["kind"] == "hyperopt" else ""
-        x["all-reduces"] = f"{r['allreduce_calls']}{ddp}"
-        x["MB"] = r["allreduce_bytes_per_rank"] / 1e6
-        table.append(r | x | {"f32_vs_f64": r.get("rel_diff_world1_float32_vs_float64")})
-        cpu2, cpu0 = (statistics.median(r[f"{c}_cpu_seconds_sum_ranks"]) for c in CONFIGS_COMM)
-        cpu = (cpu2 - cpu0) / 2
-        x |= {"half/w1": half / w1, "nocomm/half": nc / half, "comm_s": w2 - nc}
-        x |= {"comm_cpu_s_per_rank": cpu, "ms_per_all-reduce": 1e3 * (w2 - nc) / calls}
-        parts.append(r | x | {"comm_share": (w2 - nc) / w2, "w1/nocomm": w1 / nc})
-    same = all(r["ranks_bit_identical"] for r in rows)
+        x |= {"all-reduces": f"{r['allreduce_calls']}{ddp}", "half/w1": half / w1}
+        x |= {"MB": r["allreduce_bytes_per_rank"] / 1e6}
+        x |= {"f32_vs_f64": r.get("rel_diff_world1_float32_vs_float64")}
+        x |= {"nocomm/half": nc / half, "comm_s": w2 - nc, "w1/nocomm": w1 / nc}
+        x["comm_cpu_s_per_rank"] = (cpu["world2"] - cpu["nocomm"]) / 2
+        x |= {"ms_per_all-reduce": 1e3 * (w2 - nc) / calls, "comm_share": (w2 - nc) / w2}
+        table.append(r | x)
     cols = "case|params:,|batch:,|dtype|world1_median_s:.3f|world2_median_s:.3f|speedup:.2f"
     cols += "|half_median_s:.3f|nocomm_median_s:.3f|all-reduces|MB:.1f|allreduce_seconds_rank0:.3f"
     cols += "|bg:.2f|rel_diff_world2_vs_world1:.1e|f32_vs_f64:.1e"
@@ -393,14 +373,14 @@ def render(d: dict[str, Any]) -> list[str]:
     hvps = {f"{r['kind']} {r['num_hvps_world1'] or 0}/{r['num_hvps_world2'] or 0}" for r in rows}
     notes = [f"{n} (float32): {1e3 * s:.3f} ms per gloo all-reduce" for n, s in latency.items()]
     notes += [f"products per call (1 proc/2 procs): {', '.join(sorted(hvps))}"]
-    notes += [f"both ranks bit-identical: {same}"]
+    notes += [f"both ranks bit-identical: {all(r['ranks_bit_identical'] for r in rows)}"]
     notes += sorted({f"warning: {w}" for r in rows for w in r.get("warnings_world1") or []})
     return [
         f"Medians of {d['repeats']} interleaved rounds after a warm-up; seconds per hypergradient; "
         "`bg` = cores used by other processes during the kept rounds.\n\n"
         + H.dict_table(table, cols),
         H.bullets(notes),
-        "## Where the time goes\n\n" + H.dict_table(parts, cols2),
+        "## Where the time goes\n\n" + H.dict_table(table, cols2),
     ]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,12 @@ import vs_optuna as V
 
 NAME = "holdout_guard"
 TITLE = "Validation-overfit guard: 2,410 per-weight decays, test loss with and without it"
-RUNS = ("no guard", "guard", "merged")
+RUNS, SPLITS = ("no guard", "guard", "merged"), ("val", "holdout", "test")
 
 
-def split_test(task: V.Task, seed: int, n_holdout: int) -> None:
-    """Move ``n_holdout`` stratified rows of the task's test set into ``task.data["holdout"]``."""
-    from sklearn.model_selection import train_test_split
-
-    x, y = task.data["test"]
-    idx = torch.arange(len(y)).numpy()
-    hold, test = train_test_split(idx, train_size=n_holdout, stratify=y.numpy(), random_state=seed)
-    task.data |= {"holdout": (x[hold], y[hold]), "test": (x[test], y[test])}
-
-
-def losses(task: V.Task, params: Sequence[Tensor]) -> dict[str, float]:
-    return task.evaluate(tuple(params), ("val", "holdout", "test"))
-
-
-def hyperoptimizer(task: V.Task, run: str, iters: int, patience: int) -> tuple[Any, Any]:
+def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> dict[str, Any]:
+    """The documented ``HyperOptimizer`` loop (L-BFGS inner steps, IFT/CG hyper-steps) on the
+    flat MLP weights; ``guard``: guarded by the holdout rows; ``merged``: they join validation."""
     theta = H.flat(task.init).clone().requires_grad_(True)
     kw = {"max_iter": iters, "history_size": 20, "line_search_fn": "strong_wolfe"}
     inner = torch.optim.LBFGS([theta], tolerance_grad=1e-12, tolerance_change=0.0, **kw)
@@ -46,21 +33,15 @@ def hyperoptimizer(task: V.Task, run: str, iters: int, patience: int) -> tuple[A
     def train_loss(model: dict, h: dict, batch: Any) -> Tensor:
         return val_loss(model, h, batch) + 0.5 * (h["decay"] * model["theta"] ** 2).sum()
 
-    val = task.data["val"]
+    train, val, hold = (task.data[k] for k in ("train", "val", "holdout"))
     if run == "merged":
-        val = tuple(torch.cat([a, b]) for a, b in zip(task.data["val"], task.data["holdout"]))
-    guard = {"holdout_data": task.data["holdout"], "patience": patience} if run == "guard" else {}
+        val = tuple(torch.cat([a, b]) for a, b in zip(val, hold))
     kw = {"inner_optimizer": inner, "train_loss": train_loss, "val_loss": val_loss}
     kw |= {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=task.outer_lr), "val_data": val}
     kw |= {"method": hg.IFT(hg.CG(maxiter=50, tol=1e-4)), "inner_steps": 1, "history_size": None}
+    kw |= {"holdout_data": hold, "patience": patience} if run == "guard" else {}
     decay = {"decay": hg.Positive(torch.full_like(theta.detach(), task.lam0))}
-    hopt = hg.HyperOptimizer({"theta": theta}, decay, **kw, **guard)
-    return theta, hopt
-
-
-def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> dict[str, Any]:
-    theta, hopt = hyperoptimizer(task, run, iters, patience)
-    train = task.data["train"]
+    hopt = hg.HyperOptimizer({"theta": theta}, decay, **kw)
 
     def closure() -> Tensor:
         hopt.zero_grad()
@@ -69,15 +50,12 @@ def run_one(task: V.Task, run: str, steps: int, iters: int, patience: int) -> di
         return loss
 
     curve, started = [], time.perf_counter()
-    for _ in range(steps):
+    while len(curve) < steps and not hopt.stopped:
         hopt.step(train, closure)
-        live = losses(task, H.unflat(theta.detach(), task.init))
-        live |= {"hyper_step": hopt.hyper_steps, "val_batch": hopt.history[-1].val_loss}
-        curve.append(live)
-        if hopt.stopped:
-            break
+        live = {"hyper_step": hopt.hyper_steps, "val_batch": hopt.history[-1].val_loss}
+        curve.append(task.evaluate(H.unflat(theta.detach(), task.init), SPLITS) | live)
     seconds, decay = time.perf_counter() - started, hopt.hparams["decay"]
-    refit = losses(task, task.train(decay.log(), {}))
+    refit = task.evaluate(task.train(decay.log(), {}), SPLITS)
     H.log(f"{run}: {hopt.hyper_steps} hyper-steps, refit {refit}")
     out = {"run": run, "hyper_steps": hopt.hyper_steps, "stopped": hopt.stopped}
     out |= {"seconds": seconds, "live_end": curve[-1], "refit": refit, "curve": curve}
@@ -109,21 +87,27 @@ def render(d: dict[str, Any]) -> list[str]:
 def plot(data: dict[str, Any], out: Path) -> Path:
     panels = []
     for r in data["runs"]:
-        keys = ("val_loss", "holdout_loss", "test_loss")
-        lines = {k.split("_")[0]: [(c["hyper_step"], c[k]) for c in r["curve"]] for k in keys}
+        lines = {k: [(c["hyper_step"], c[f"{k}_loss"]) for c in r["curve"]] for k in SPLITS}
         best = {"kept (best holdout)": r["best_hyper_step"]} if r["best_hyper_step"] else {}
         axes = {"title": r["run"], "xlabel": "hyper-step", "yscale": "log"}
-        panels.append({"lines": lines, "fmt": dict.fromkeys(lines, "-"), "vlines": best})
-        panels[-1]["set"] = axes
+        panels.append(
+            {"lines": lines, "fmt": dict.fromkeys(lines, "-"), "vlines": best, "set": axes}
+        )
     title = "2,410 per-weight decays: the live model's losses along the hyper-steps"
     return H.figure(out / f"{NAME}.png", panels, 3, (4.7, 4), title)
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
+    """The MLP task of ``vs_optuna`` with ``--holdout`` stratified test rows moved to a holdout."""
+    from sklearn.model_selection import train_test_split
+
     task = V.Task("mlp", args.seed, args.lbfgs_iters)
-    split_test(task, args.seed, args.holdout)
+    (x, y), idx = task.data["test"], torch.arange(len(task.data["test"][1])).numpy()
+    kw = {"train_size": args.holdout, "stratify": y.numpy(), "random_state": args.seed}
+    hold, test = train_test_split(idx, **kw)
+    task.data |= {"holdout": (x[hold], y[hold]), "test": (x[test], y[test])}
     out = {"sizes": {k: len(v[1]) for k, v in task.data.items()}}
-    out["start"] = losses(task, task.train(task.start(), {}))
+    out["start"] = task.evaluate(task.train(task.start(), {}), SPLITS)
     out["runs"] = [run_one(task, r, args.steps, args.lbfgs_iters, args.patience) for r in RUNS]
     return out
 

@@ -1,17 +1,15 @@
 """Hybrid search: Optuna TPE proposes starting points, hypergradient line searches polish them.
 
 The race of ``vs_optuna.py`` (same tasks, training and budget per method, interleaved clocks;
-each method's best validation loss retrained and scored on the test set) between TPE,
-hypergradient descent and a hybrid whose TPE proposes starts that
-``integrations.optuna.Polisher`` refines (projected L-BFGS on the implicit hypergradient, a
-step kept only if the exact validation loss falls). ``--space``: with tens of decays
-(``start``) a trial samples one starting decay shared by all, polished to the end and told
-its best polished loss (TPE searches a 1-D space, the hypergradient the 30-D one); with a
-few (``full``) a trial samples every decay, a ``PercentilePruner`` at step 0 keeps the best
-``--percentile`` % of starts for polishing, every polished point told as a trial of its own.
-Several ``--seeds`` (each its own data split and initialization) give a median per task.
-Run: ``.venv/bin/python benchmarks/hybrid_optuna.py --seeds 0 1 2`` (~12 min per seed;
-``--quick``: seconds).
+each method's best decays retrained and tested) between TPE, hypergradient descent and a hybrid:
+TPE proposes starts that ``integrations.optuna.Polisher`` refines (projected L-BFGS on the
+implicit hypergradient, a step kept only if the exact validation loss falls). ``--space start``
+(tens of decays): a trial samples one decay shared by all, polished to the end and told its best
+polished loss (TPE searches 1-D, the hypergradient 30-D); ``full`` (a few decays): a trial
+samples every decay, a ``PercentilePruner`` at step 0 passes the best ``--percentile`` % of
+starts to polishing, every polished point a trial of its own. A median per task over ``--seeds``
+(each its own data split and initialization). Run: ``.venv/bin/python
+benchmarks/hybrid_optuna.py --seeds 0 1 2`` (~12 min per seed; ``--quick``: seconds).
 """
 
 from __future__ import annotations
@@ -32,10 +30,7 @@ import hypergradient as hg
 import vs_optuna as V
 from hypergradient.integrations.optuna import Polisher, TrialReporter, add_refined_trial
 
-NAME = "hybrid_optuna"
-TITLE = (
-    "Hybrid search: Optuna TPE proposes starting points, hypergradient line searches polish them"
-)
+NAME, TITLE = "hybrid_optuna", __doc__.splitlines()[0].rstrip(".")  # the first line
 METHODS = ("tpe", "hypergradient", "hybrid")
 LABELS = {"tpe": "Optuna TPE", "hypergradient": "hypergradient", "hybrid": "hybrid (TPE + HG)"}
 COLORS = {"tpe": "tab:blue", "hypergradient": "tab:green", "hybrid": "tab:red"}
@@ -46,12 +41,10 @@ TASKS = ("logreg", "mlp-layer")
 
 
 class Hybrid:
-    """TPE proposes starting points; ``integrations.optuna.Polisher`` polishes them, accept-only
-    (the ``--space`` modes of the module docstring). ``start``: one shared decay per trial,
-    polished to the end, each evaluation reported to the trial (``TrialReporter``), the trial
-    told its best. ``full``: a decay per hyperparameter, the best ``percentile`` % of starts
-    (``PercentilePruner`` at step 0) polished, each candidate a trial of its own
-    (``add_refined_trial``) so that TPE models every point evaluated."""
+    """TPE proposes starting points, ``integrations.optuna.Polisher`` polishes them, accept-only,
+    in one of the ``--space`` modes of the module docstring (a method of ``V.race``)."""
+
+    overhead = "sampler_seconds"  # besides the hypergradients, timed apart
 
     def __init__(self, task: V.Task, seed: int, polish: tuple, space: str = "auto"):
         optuna = H.import_peer("optuna")[0]
@@ -81,7 +74,7 @@ class Hybrid:
         self.run.hyper_seconds += time.perf_counter() - c
         return hyper
 
-    def _ask(self) -> torch.Tensor:
+    def propose(self) -> torch.Tensor:
         """The polisher's next candidate, or (when it is done) a new trial's start."""
         if self.source is not None and self.evals < self.max_evals:
             x = self.polisher.ask()
@@ -101,6 +94,19 @@ class Hybrid:
             if self.space == "start":  # the trial's value: its best polished loss
                 self.study.tell(self.source, self.reporter.finish())
 
+    def update(self, params: tuple, phi: torch.Tensor, val: float) -> None:
+        """A polished candidate: accepted or not, told to the study; else a trial's start."""
+        if self.source is None:
+            self._start(params, phi, val)
+            return
+        accepted = self.polisher.tell(val, lambda: self.hypergradient(params, phi))
+        self.counts["accepted" if accepted else "rejected"] += 1
+        if math.isfinite(val) and self.space == "start":
+            self.reporter.report(val, {"phi": phi})  # the trial's own refinement
+        elif math.isfinite(val):  # a trial of its own
+            lam = dict(zip(self.task.names, phi.exp().tolist()))
+            add_refined_trial(self.study, lam, val, self.source)
+
     def _start(self, params: tuple, phi: torch.Tensor, val: float) -> None:
         """Tell the trial its start's loss; polish it if the pruner lets it through."""
         reporter, trial = TrialReporter(self.trial, prune_until=0), self.trial
@@ -117,30 +123,6 @@ class Hybrid:
         self.polisher.start(phi, val, self.hypergradient(params, phi))
         self.counts["polished"] += 1
 
-    def step(self) -> tuple[float, torch.Tensor, float, float]:
-        a, hyper0, polishing = time.perf_counter(), self.run.hyper_seconds, self.source is not None
-        phi = self._ask()
-        polishing &= self.source is not None
-        b = time.perf_counter()
-        params = self.task.train(phi, self.state)
-        with torch.no_grad():
-            val = float(self.task.outer_loss(params, phi))
-        known = (val, phi, time.perf_counter(), time.process_time())
-        self.run.train_seconds += known[2] - b
-        if not polishing:
-            self._start(params, phi, val)
-        else:
-            accepted = self.polisher.tell(val, lambda: self.hypergradient(params, phi))
-            self.counts["accepted" if accepted else "rejected"] += 1
-            if math.isfinite(val) and self.space == "start":
-                self.reporter.report(val, {"phi": phi})  # the trial's own refinement
-            elif math.isfinite(val):  # a trial of its own
-                lam = dict(zip(self.task.names, phi.exp().tolist()))
-                add_refined_trial(self.study, lam, val, self.source)
-        spent = time.perf_counter() - known[2] - (self.run.hyper_seconds - hyper0)
-        self.run.sampler_seconds += (b - a) + spent
-        return known
-
     def finish(self) -> None:
         self._end_polish()  # a polish the budget ended
         best = self.study.best_trial
@@ -151,24 +133,17 @@ class Hybrid:
 
 def run_task(task: V.Task, budget: float, seed: int, polish: tuple, space: str) -> dict:
     H.log(f"{task.title}, seed {seed}: budget {budget:.0f} s per method")
-
-    def methods() -> list:
-        hybrid = Hybrid(task, seed, polish, space)
-        return [V.Optuna(task, "tpe", seed), V.Hypergradient(task), hybrid]
-
-    c = V.contest(task, methods, budget, "interleaved")
-    runs = c["runs"]
+    hybrid = Hybrid(task, seed, polish, space)
+    methods = [V.Optuna(task, "tpe", seed), V.Hypergradient(task), hybrid]
+    res, runs, real0 = V.contest(task, methods, budget, "interleaved")
     reached = {o: {"value": min(runs[o].val)} for o in ("tpe", "hypergradient")}
     for t in reached.values():  # each method's wall time to each single method's best
         t |= {m: runs[m].time_to(t["value"]) for m in METHODS}
-    res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams, "budget": budget}
-    res |= {"seed": seed, "lam0": task.lam0, "outer_lr": task.outer_lr}
+    res |= {"seed": seed, "space": hybrid.space}
     res |= dict(zip(("percentile", "polish_evals", "max_rejects", "memory"), polish))
-    res["space"] = c["methods"][-1].space
-    res |= {"solver": task.solver_text, "training": task.training_text, "box": [task.lo, task.hi]}
-    res["real_seconds"] = time.perf_counter() - c["real0"]  # with the retraining
-    res |= {"load": [c["load0"], os.getloadavg()[0]], "start": c["start"], "reached": reached}
-    return res | {"runs": {k: r.json() for k, r in runs.items()}}
+    res["real_seconds"] = time.perf_counter() - real0  # with the retraining
+    res["load"].append(os.getloadavg()[0])
+    return res | {"reached": reached, "runs": {k: r.json() for k, r in runs.items()}}
 
 
 def best_of(run: dict[str, Any]) -> str:
@@ -237,19 +212,17 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
     column per seed."""
     if not data["tasks"]:
         return None
-    tasks, keys = data["tasks"], list(dict.fromkeys(r["key"] for r in data["tasks"]))
-    cols = max(sum(r["key"] == k for r in tasks) for k in keys)
-    fig, axes = H.subplots(len(keys), cols, 4.6, 3.8)
-    for ax in axes.flat:
-        ax.set_visible(False)
-    done = dict.fromkeys(keys, 0)
-    for res in tasks:
-        ax, done[res["key"]] = axes[keys.index(res["key"])][done[res["key"]]], done[res["key"]] + 1
-        ax.set_visible(True)
-        label = lambda m, r: f"{LABELS[m]}: {best_of(r).replace(' / ', ' (test ')})"  # noqa: E731
-        V.race_axes(ax, res, COLORS, label)
-        ax.set(title=f"{res['key']} ({res['n_hparams']:,} decays), seed {res.get('seed', 0)}")
-        ax.legend(fontsize=7, title="best val (retrained test)", title_fontsize=7)
+    keys = dict.fromkeys(r["key"] for r in data["tasks"])
+    groups = [[r for r in data["tasks"] if r["key"] == k] for k in keys]
+    fig, axes = H.subplots(len(groups), max(map(len, groups)), 4.6, 3.8)
+    label = lambda m, r: f"{LABELS[m]}: {best_of(r).replace(' / ', ' (test ')})"  # noqa: E731
+    for row, group in zip(axes, groups):
+        for ax in row[len(group) :]:
+            ax.set_visible(False)
+        for ax, res in zip(row, group):
+            V.race_axes(ax, res, COLORS, label)
+            ax.set(title=f"{res['key']} ({res['n_hparams']:,} decays), seed {res['seed']}")
+            ax.legend(fontsize=7, title="best val (retrained test)", title_fontsize=7)
     fig.suptitle("Same wall-clock budget per method, interleaved", fontsize=10)
     return H.save_figure(fig, out / f"{NAME}.png")
 

@@ -9,7 +9,6 @@ HippoTrainer's documented training loop end to end, in lockstep rounds. Run:
 from __future__ import annotations
 
 import math
-import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -257,8 +256,7 @@ def record(run: H.Run, data: H.Data, t: int) -> None:
         val, test = (float(BCE(m, None, b)) for b in (data.val, data.test))
         pen = 0.5 * float((lw.exp() * m.weight[0] ** 2).sum())
     c = {"step": t, "seconds": run.seconds, "val_bce": val, "val_criterion": val + pen}
-    c["test_bce"] = test
-    run.meta.setdefault("curve", []).append(c | {"log_wd_mean": float(lw.mean())})
+    run.meta.setdefault("curve", []).append(c | {"test_bce": test, "log_wd_mean": float(lw.mean())})
 
 
 def instrument(run: H.Run, data: H.Data, hyper_lr: float) -> None:
@@ -268,8 +266,7 @@ def instrument(run: H.Run, data: H.Data, hyper_lr: float) -> None:
 
     def note(h: Tensor, log_wd: Tensor) -> None:
         try:  # at the current parameters
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with H.recorded_warnings():  # silenced
                 state = tuple(p.detach().clone() for p in m.parameters())
                 ref = hg.implicit(f, g, state, log_wd, hg.Exact()).reshape(-1)
         except (hg.NonFiniteHypergradientError, RuntimeError, ValueError):
@@ -295,9 +292,8 @@ def instrument(run: H.Run, data: H.Data, hyper_lr: float) -> None:
         original, run.step = run.step, step
 
 
-def diff(a: float | None, b: float | None) -> float:
-    """``|a - b|``, with two NaNs (nulls) counting as equal."""
-    a, b = (math.nan if v is None else v for v in (a, b))
+def diff(a: float, b: float) -> float:
+    """``|a - b|``, with two NaNs counting as equal."""
     return 0.0 if (math.isnan(a) and math.isnan(b)) or a == b else abs(a - b)
 
 
@@ -366,21 +362,21 @@ def render_b(res: dict[str, Any]) -> str:
     theirs = {r["pair"]: r for r in s if r["impl"] == "theirs" and not r["error"]}
     rows = []
     for r in s:
-        t, finite = theirs.get(r["pair"]), [c for c in r["cos_exact"] if not H.bad(c)]
-        neg = f"{r['negative_cos']}/{len(r['cos_exact'])}"
-        neg += f" ({r['nonfinite_cos']} NaN)" if r["nonfinite_cos"] else ""
-        row = r | {"cos < 0": neg, "median_cos": H.median(finite)}
-        row |= {"median_rel_err": H.median([x for x in r["rel_err_exact"] if not H.bad(x)])}
         if r["error"]:
-            row = {"label": r["label"], "val_bce": f"crashed at step {r['error_step']}: "}
-            row["val_bce"] += r["error"][:90]
-        elif r["diverged_at_step"] is not None:
+            crash = f"crashed at step {r['error_step']}: {r['error'][:90]}"
+            rows.append({"label": r["label"], "val_bce": crash})
+            continue
+        t, neg = theirs.get(r["pair"]), f"{r['negative_cos']}/{len(r['cos_exact'])}"
+        neg += f" ({r['nonfinite_cos']} NaN)" if r["nonfinite_cos"] else ""
+        row = r | {"cos < 0": neg, "median_cos": H.median(r["cos_exact"])}  # nulls skipped
+        row["median_rel_err"] = H.median(r["rel_err_exact"])
+        if r["diverged_at_step"] is not None:
             row["val_bce"] = f"NaN from step {r['diverged_at_step']}"
-        if untuned is not None and r is not untuned and not r["error"]:
+        if untuned is not None and r is not untuned:
             extra = r["seconds"] - untuned["seconds"]
             gain = untuned["val_bce"] - (r["val_bce"] or math.nan)
             row["gain_per_extra_s"] = gain / extra if extra > 0 else None
-        if t is not None and r["impl"] in ("compat", "native") and not r["error"]:
+        if t is not None and r["impl"] in ("compat", "native"):
             row["theirs/ours"] = t["seconds"] / r["seconds"]
         rows.append(row)
     cols = "label|val_bce:.4f|val_criterion:.4f|test_bce:.4f|log_wd_mean:.3f|seconds:.3f"

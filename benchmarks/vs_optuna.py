@@ -22,6 +22,7 @@ F64, NAME = torch.float64, "vs_optuna"
 TITLE = "Against black-box search: Optuna (TPE, random) vs hypergradient descent"
 METHODS, TASKS = ("tpe", "random", "hypergradient"), ("logreg", "mlp", "mlp-layer")
 STATS, SPLIT = ("min", "median", "max"), ("train_seconds", "sampler_seconds", "hyper_seconds")
+SPLIT += ("dropped",)
 LABELS = {"tpe": "Optuna TPE", "random": "Optuna random", "hypergradient": "hypergradient"}
 COLORS = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
 TITLES = {
@@ -29,10 +30,15 @@ TITLES = {
     "mlp": "Task 2: tanh MLP 64-32-10 on digits, one decay per parameter ({:,} decays)",
     "mlp-layer": "Task 2b: tanh MLP 64-32-10 on digits, one decay per tensor (4 decays)",
 }
-# logistic regression / MLP: the box (lo, hi), the common start lam0, the outer lr; the CG
+# logistic regression / MLP: the box (lo, hi), the common start lam0, the outer lr; the CG;
+# the inner training
 SETTINGS = {True: (1e-5, 10.0, 1e-2, 0.05), False: (1e-6, 1.0, 1e-3, 0.1)}
 CG = {True: {"maxiter": 100, "tol": 1e-8}, False: {"maxiter": 50, "tol": 1e-4}}
 CG_TEXT = {True: "maxiter=100, tol=1e-8", False: "maxiter=50, tol=1e-4"}
+TRAINING = {
+    True: "damped Newton to ||grad f|| <= 1e-10, warm-started from the previous evaluation",
+    False: "torch.optim.LBFGS, {} iterations (strong Wolfe, history 20)",
+}
 
 
 class Task:
@@ -50,34 +56,23 @@ class Task:
         X_v, X_s, y_v, y_s = split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
         mean, std, ydt = X_t.mean(0), X_t.std(0), F64 if logreg else torch.long
         std[std == 0] = 1.0
+        scaled = lambda a: torch.tensor((a - mean) / std).to(F64)  # noqa: E731
         sets = {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}
-        self.data = {
-            k: (torch.tensor((a - mean) / std).to(F64), torch.tensor(b).to(ydt))
-            for k, (a, b) in sets.items()
-        }
+        self.data = {k: (scaled(a), torch.tensor(b).to(ydt)) for k, (a, b) in sets.items()}
         gen = torch.Generator().manual_seed(seed)
         zeros = (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
         self.init = zeros if logreg else H.mlp_init((64, 32, 10), gen)
-        self.shapes = [t.shape for t in self.init]
+        self.forward = (lambda p, x: x @ p[0] + p[1]) if logreg else H.mlp_forward
+        self.criterion = F.binary_cross_entropy_with_logits if logreg else F.cross_entropy
         n = 30 if logreg else 4 if key == "mlp-layer" else sum(t.numel() for t in self.init)
         self.n_hparams, self.names = n, [f"lam_{i:04d}" for i in range(n)]
         self.lo, self.hi, self.lam0, self.outer_lr = SETTINGS[logreg]
         self.solver, self.solver_text = lambda: hg.CG(**CG[logreg]), f"hg.CG({CG_TEXT[logreg]})"
-        self.training_text = (
-            "damped Newton to ||grad f|| <= 1e-10, warm-started from the previous evaluation"
-            if logreg
-            else f"torch.optim.LBFGS, {lbfgs_iters} iterations (strong Wolfe, history 20)"
-        )
-        self.title = TITLES[key].format(n)
-
-    def logits(self, params: tuple, split: str) -> Tensor:
-        x = self.data[split][0]
-        return x @ params[0] + params[1] if self.key == "logreg" else H.mlp_forward(params, x)
+        self.training_text, self.title = TRAINING[logreg].format(lbfgs_iters), TITLES[key].format(n)
 
     def loss(self, params: tuple, split: str) -> Tensor:
-        z, y = self.logits(params, split), self.data[split][1]
-        loss = F.binary_cross_entropy_with_logits if self.key == "logreg" else F.cross_entropy
-        return loss(z, y)
+        x, y = self.data[split]
+        return self.criterion(self.forward(params, x), y)
 
     def decays(self, phi: Tensor) -> list[Tensor]:
         """The log decay of every parameter, one tensor per parameter tensor (bias of the
@@ -85,7 +80,7 @@ class Task:
         if self.key == "logreg":
             return [phi, torch.full((1,), -math.inf, dtype=F64)]
         if self.key == "mlp-layer":
-            return [phi[i].expand(s) for i, s in enumerate(self.shapes)]
+            return [phi[i].expand(t.shape) for i, t in enumerate(self.init)]
         return list(H.unflat(phi, self.init))
 
     def inner_loss(self, params: tuple, phi: Tensor) -> Tensor:
@@ -104,15 +99,15 @@ class Task:
         f = lambda t: self.inner_loss(H.unflat(t, like), phi)  # noqa: E731
         if self.key != "logreg":  # always from the same initialization
             return H.unflat(H.lbfgs(f, H.flat(like), self.iters, 20), like)
-        theta, iters, gnorm = H.newton(f, H.flat(state.get("params", like)), 1e-10, damped=True)
-        state["params"] = params = tuple(t.clone() for t in H.unflat(theta, like))
-        state["max_inner_grad_norm"] = max(state.get("max_inner_grad_norm", 0.0), gnorm)
-        return params
+        theta = H.newton(f, H.flat(state.get("params", like)), 1e-10, damped=True)[0]
+        state["params"] = tuple(t.clone() for t in H.unflat(theta, like))
+        return state["params"]
 
     def evaluate(self, params: tuple, splits=("train", "val", "test")) -> dict[str, float]:
         """The loss on each of ``splits`` and the test accuracy."""
         with torch.no_grad():
-            z, y = self.logits(params, "test"), self.data["test"][1]
+            x, y = self.data["test"]
+            z = self.forward(params, x)
             hit = (z > 0).to(F64) == y if self.key == "logreg" else z.argmax(1) == y
             out = {f"{s}_loss": float(self.loss(params, s)) for s in splits}
             return out | {"test_acc": float(hit.to(F64).mean())}
@@ -133,7 +128,7 @@ class Run:
     failed: int = 0  # non-finite validation losses (Optuna: told as failed)
     sampler_seconds: float = 0.0  # Optuna: ask + suggest_float + tell
     train_seconds: float = 0.0  # Task.train + validation loss
-    hyper_seconds: float = 0.0  # hypergradient + Adam step
+    hyper_seconds: float = 0.0  # hypergradients + Adam steps
     extras: dict[str, Any] = field(default_factory=dict)
     final: dict[str, float] = field(default_factory=dict)
     phis: list[Tensor] = field(default_factory=list, repr=False)
@@ -164,6 +159,8 @@ class Run:
 class Optuna:
     """Optuna ask/tell; each trial is one ``task.train`` with the trial's lambdas."""
 
+    overhead = "sampler_seconds"
+
     def __init__(self, task: Task, kind: str, seed: int):
         import optuna
 
@@ -174,21 +171,16 @@ class Optuna:
         self.task, self.state, self.run = task, {}, Run(kind)
         self.fail = optuna.trial.TrialState.FAIL
 
-    def step(self) -> tuple[float, Tensor, float, float]:
-        a, t = time.perf_counter(), self.task
-        trial = self.study.ask()
-        lam = [trial.suggest_float(n, t.lo, t.hi, log=True) for n in t.names]
-        b, phi = time.perf_counter(), torch.tensor(lam, dtype=F64).log()
-        with torch.no_grad():
-            val = float(t.outer_loss(t.train(phi, self.state), phi))
-        known = (val, phi, time.perf_counter(), time.process_time())
+    def propose(self) -> Tensor:
+        self.trial, t = self.study.ask(), self.task
+        lam = [self.trial.suggest_float(n, t.lo, t.hi, log=True) for n in t.names]
+        return torch.tensor(lam, dtype=F64).log()
+
+    def update(self, params: tuple, phi: Tensor, val: float) -> None:
         if math.isfinite(val):
-            self.study.tell(trial, val)
+            self.study.tell(self.trial, val)
         else:
-            self.study.tell(trial, state=self.fail)
-        self.run.sampler_seconds += (b - a) + (time.perf_counter() - known[2])
-        self.run.train_seconds += known[2] - b
-        return known
+            self.study.tell(self.trial, state=self.fail)
 
     def finish(self) -> None:
         self.run.extras["trials_told"] = len(self.study.trials)
@@ -197,21 +189,20 @@ class Optuna:
 class Hypergradient:
     """Adam on phi = log lambda with implicit hypergradients after each ``task.train``."""
 
+    overhead = "hyper_seconds"
+
     def __init__(self, task: Task):
         self.task, self.state, self.run, self.diag = task, {}, Run("hypergradient"), []
         self.phi = task.start().requires_grad_(True)
         self.opt, self.stopped = torch.optim.Adam([self.phi], lr=task.outer_lr), False
 
-    def step(self) -> tuple[float, Tensor, float, float]:
-        a, t, phi = time.perf_counter(), self.task, self.phi.detach().clone()
-        params = t.train(phi, self.state)
-        with torch.no_grad():
-            val = float(t.outer_loss(params, phi))
-        known = (val, phi, time.perf_counter(), time.process_time())
-        self.run.train_seconds += known[2] - a
-        if not math.isfinite(val):
-            self.stopped = True
-            return known
+    def propose(self) -> Tensor:
+        return self.phi.detach().clone()
+
+    def update(self, params: tuple, phi: Tensor, val: float) -> None:
+        t, self.stopped = self.task, not math.isfinite(val)
+        if self.stopped:
+            return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", hg.HypergradientWarning)
             args = (t.inner_loss, t.outer_loss, params, phi, t.solver())
@@ -220,9 +211,7 @@ class Hypergradient:
         self.opt.step()
         with torch.no_grad():
             self.phi.clamp_(math.log(t.lo), math.log(t.hi))
-        self.run.hyper_seconds += time.perf_counter() - known[2]
         self.diag.append((info.iterations, str(info.status), len(caught), info.inner_grad_norm))
-        return known
 
     def finish(self) -> None:
         its, status, warned, norms = zip(*self.diag) if self.diag else ((),) * 4
@@ -236,14 +225,26 @@ class Hypergradient:
 
 def race(methods: list[Any], budget: float, schedule: str) -> None:
     """Step the method whose clock is furthest behind (``interleaved``) or each method's whole
-    budget in turn (``sequential``) until every clock reaches ``budget``."""
+    budget in turn (``sequential``) until every clock reaches ``budget``. A step: the method
+    proposes ``phi``, ``task.train`` trains there (the same code for every method), the
+    validation loss is stamped and the method updates on it; the step's time besides the
+    training (and the hypergradients the method timed itself) goes to ``method.overhead``."""
     pending = list(methods)
     while pending:
         m = pending[0]
         if schedule == "interleaved":
             m = min(pending, key=lambda m: m.run.clock_wall)
         r, w, c = m.run, time.perf_counter(), time.process_time()
-        val, phi, w1, c1 = m.step()
+        hyper0, phi = r.hyper_seconds, m.propose()
+        b = time.perf_counter()
+        params = m.task.train(phi, m.state)
+        with torch.no_grad():
+            val = float(m.task.outer_loss(params, phi))
+        w1, c1 = time.perf_counter(), time.process_time()
+        m.update(params, phi, val)
+        spent = (b - w) + (time.perf_counter() - w1) - (r.hyper_seconds - hyper0)
+        setattr(r, m.overhead, getattr(r, m.overhead) + spent)
+        r.train_seconds += w1 - b
         r.record(r.clock_wall + w1 - w, r.clock_cpu + c1 - c, val, phi, budget)
         r.clock_wall += time.perf_counter() - w
         r.clock_cpu += time.process_time() - c
@@ -253,27 +254,30 @@ def race(methods: list[Any], budget: float, schedule: str) -> None:
         m.finish()
 
 
-def contest(task: Task, methods: Callable[[], list], budget: float, schedule: str) -> dict:
-    """The common start scored, the race of ``methods()``, then every method's best lambdas
-    retrained from a fresh state and scored: the fields of a task's result."""
+def contest(task: Task, methods: list, budget: float, schedule: str) -> tuple[dict, dict, float]:
+    """The common start scored, the race of ``methods``, then every method's best lambdas
+    retrained from a fresh state and scored: the fields every task's result has (``load``: the
+    load average before), the runs by method, when the race started."""
     start = task.evaluate(task.train(task.start(), {}))
-    methods = methods()
     load0, real0 = os.getloadavg()[0], time.perf_counter()
     race(methods, budget, schedule)
-    out = {"real_seconds": time.perf_counter() - real0, "real0": real0, "load0": load0}
+    res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams}
+    res |= {"box": [task.lo, task.hi], "lam0": task.lam0, "outer_lr": task.outer_lr}
+    res |= {"solver": task.solver_text, "training": task.training_text, "budget": budget}
+    res |= {"real_seconds": time.perf_counter() - real0, "load": [load0], "start": start}
     runs = {m.run.method: m.run for m in methods}
     for r in runs.values():
         best = r.best()
         r.final = task.evaluate(task.train(best, {}))
         r.extras |= {f"best_lambda_{k}": float(getattr(best.exp(), k)()) for k in STATS}
-    return out | {"start": start, "runs": runs, "methods": methods}
+    return res, runs, real0
 
 
 def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, Any]:
     H.log(f"{task.title}: budget {budget:.0f} s per method, {schedule}")
-    make = lambda: [Optuna(task, "tpe", seed), Optuna(task, "random", seed), Hypergradient(task)]  # noqa: E731
-    c = contest(task, make, budget, schedule)
-    runs, targets = c["runs"], {}
+    methods = [Optuna(task, "tpe", seed), Optuna(task, "random", seed), Hypergradient(task)]
+    res, runs, _ = contest(task, methods, budget, schedule)
+    targets = {}
     for owner in ("tpe", "random"):
         target, hyper = min(runs[owner].val), runs["hypergradient"]
         i = next((i for i, v in enumerate(hyper.val) if v <= target), None)
@@ -281,12 +285,9 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
         t = {"value": target, "reached": {k: runs[k].time_to(target) for k in METHODS}}
         t["is_start"] = runs[owner].val.index(target) == 0
         targets[owner] = t | {"hypergradient_at_target": at}
-    res = {"key": task.key, "title": task.title, "n_hparams": task.n_hparams}
-    res |= {"box": [task.lo, task.hi], "lam0": task.lam0, "outer_lr": task.outer_lr}
-    res |= {"solver": task.solver_text, "training": task.training_text, "budget": budget}
-    res |= {"schedule": schedule, "real_seconds": c["real_seconds"]}
-    res |= {"load": [c["load0"], os.getloadavg()[0]], "start": c["start"]}
-    return res | {"runs": {m: r.json() for m, r in runs.items()}, "targets": targets}
+    res["load"].append(os.getloadavg()[0])
+    res |= {"schedule": schedule, "runs": {m: r.json() for m, r in runs.items()}}
+    return res | {"targets": targets}
 
 
 def ratio(reach: dict, owner: str, i: int) -> str:
@@ -333,9 +334,7 @@ def render_task(res: dict[str, Any]) -> str:
         x |= {"Optuna's best (test loss / acc)": f"{fo['test_loss']:.4f} / {fo['test_acc']:.3f}"}
         at = f"{ht['test_loss']:.4f} / {ht['test_acc']:.3f}" if ht else "-"
         targets.append(x | {"hypergradient at the target": at})
-    split = [
-        f"{LABELS[m]} {H.facts({k: runs[m][k] for k in (*SPLIT, 'dropped')})}" for m in METHODS
-    ]
+    split = [f"{LABELS[m]} {H.facts({k: runs[m][k] for k in SPLIT})}" for m in METHODS]
     best = [
         f"{LABELS[m]} {H.facts(lambdas(runs[m]))}, "
         f"{runs[m]['final']['val_loss']:.6f} ({min(runs[m]['val']):.6f})"
@@ -412,12 +411,9 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     optuna, version = H.import_peer("optuna")
     rep.machine["optuna"] = version if optuna else None
     budgets = {"logreg": args.budget_logreg, "mlp": args.budget_mlp}
-    results = []
-    for k in args.tasks * (optuna is not None):
-        task = Task(k, args.seed, args.lbfgs_iters)
-        budget = budgets["logreg" if k == "logreg" else "mlp"]
-        results.append(run_task(task, budget, args.seed, args.schedule))
-    return {"budgets": budgets, "tasks": results}
+    tasks = [Task(k, args.seed, args.lbfgs_iters) for k in args.tasks * (optuna is not None)]
+    run = [run_task(t, budgets[t.key.split("-")[0]], args.seed, args.schedule) for t in tasks]
+    return {"budgets": budgets, "tasks": run}
 
 
 OPTIONS = [
