@@ -1,7 +1,5 @@
 """What a hyper-step costs in training steps, for every method of the HyperOptimizer."""
 
-from __future__ import annotations
-
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -52,13 +50,11 @@ def problems(seed: int, quick: bool) -> list[tuple[str, tuple]]:
 
 
 def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
-    """The maths' floor of a hyper-step, written in bare ``torch.autograd`` on the same model
-    and batches: T1T2 (as ``T1T2()`` takes it for a penalty: hyperparameters first) the
-    training loss at theta_t, the validation gradient at theta_{t+1} (the step's result,
-    given) and the mixed product as the derivative of ``grad_decay f`` along it; IFT the
-    gradient with its graph at one point, the validation gradient there, k Hessian-vector
-    products (Neumann's recursion with the inner learning rate), the product of the residual
-    ``||b - H x||`` it reports and the mixed product."""
+    """The maths' floor of a hyper-step in bare ``torch.autograd`` (same model and batches).
+    T1T2 (hyperparameters first, as ``T1T2()`` takes a penalty): the training loss at theta_t,
+    the validation gradient at theta_{t+1} (given) and the mixed product as the derivative of
+    ``grad_decay f`` along it. IFT: the gradient with its graph, the validation gradient, k
+    products (Neumann with the inner lr), the product of its residual and the mixed one."""
     model, (xt, yt), (xv, yv), loss, shape = pb
     net = model()
     names, ps = [n for n, _ in net.named_parameters()], [p.detach() for p in net.parameters()]
@@ -112,15 +108,14 @@ def runs(pb: tuple, lr: float) -> list[H.Run]:
         sgd.step()
 
     out = [H.Run("bare torch.optim.SGD step", plain_step)]
+    kw = {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05), "val_data": val}
+    kw |= {"train_loss": lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"])}
+    kw |= {"val_loss": lambda m, h, b: loss(m(b[0]), b[1]), "inner_steps": K, "history_size": None}
     for name, (make, _) in METHODS.items():
         m = model()
         m.load_state_dict(first.state_dict())
-        kw = {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05), "val_data": val}
-        kw |= {"train_loss": lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"])}
-        kw |= {"val_loss": lambda m, h, b: loss(m(b[0]), b[1]), "method": make()}
-        kw |= {"inner_optimizer": torch.optim.SGD(m.parameters(), lr=lr), "inner_steps": K}
-        hp = {"decay": hg.Positive(decay0.clone())}
-        out.append(H.hopt_run(name, m, hp, train, K, history_size=None, **kw))
+        hp, sgd = {"decay": hg.Positive(decay0.clone())}, torch.optim.SGD(m.parameters(), lr=lr)
+        out.append(H.hopt_run(name, m, hp, train, K, method=make(), inner_optimizer=sgd, **kw))
     raw = torch.zeros(shape, requires_grad=True)  # the user's outer step alone, as the driver
     adam, grad = torch.optim.Adam([raw], lr=0.05), torch.full(shape, 1e-3)  # takes it
 
