@@ -106,12 +106,11 @@ def render_1a(res: dict[str, Any], repeats: int) -> str:
     rows = [r | {"hvps": join(r["num_hvps"]), "status": join(r["status"])} for r in res["rows"]]
     for r in rows:
         r |= {"ms": H.median(r["ms"]), "rel_err": H.median(r["rel"]), "cos": H.median(r["cos"])}
-    return H.section(
-        "1a. Implicit methods at the inner optimum vs the exact implicit hypergradient",
-        f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls.",
-        H.bullets([f"`{p}`: {H.facts(s)}" for p, s in res["setups"].items()] + res["checks"]),
-        H.dict_table(rows, "point|method|hvps|status|rel_err:.2e|cos:.6f|ms:.2f"),
-    )
+    title = "1a. Implicit methods at the inner optimum vs the exact implicit hypergradient"
+    what = f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls."
+    facts = H.bullets([f"`{p}`: {H.facts(s)}" for p, s in res["setups"].items()] + res["checks"])
+    table = H.dict_table(rows, "point|method|hvps|status|rel_err:.2e|cos:.6f|ms:.2f")
+    return H.section(title, what, facts, table)
 
 
 def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> float:
@@ -166,12 +165,9 @@ def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeat
 def render_1b(res: dict[str, Any], repeats: int) -> str:
     refs = [f"`{k}`: {H.facts(r, ('fd', 'unrolled'))}" for k, r in res["references"].items()]
     cols = "point|T|method|rel_fd:.2e|cos_fd:.6f|rel_unrolled:.2e|cos_unrolled:.6f|ms:.1f"
-    return H.section(
-        "1b. Trajectory methods vs 4th-order finite differences of the same SGD loop",
-        f"ms = median of {repeats} interleaved calls.",
-        H.bullets(refs),
-        H.dict_table(res["rows"], cols),
-    )
+    title = "1b. Trajectory methods vs 4th-order finite differences of the same SGD loop"
+    what = f"ms = median of {repeats} interleaved calls."
+    return H.section(title, what, H.bullets(refs), H.dict_table(res["rows"], cols))
 
 
 def plain_run(data: H.Data, label: str, lr: float) -> H.Run:
