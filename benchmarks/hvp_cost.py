@@ -1,10 +1,8 @@
 """Cost of one Hessian-vector product, in gradients of the inner loss.
 
-``--compile`` adds issue 11's goal 6 for the product graph: ``torch.compile`` of the
-reverse-over-reverse product ``vjp(grad f)(v)`` and of the forward-over-reverse one
-``jvp(grad f)(v)``, with the weights, decays and ``v`` as inputs (so that one compiled graph
-serves every hyper-step), against the retained-graph product of ``hg.HessianOperator``;
-``break_even`` is the number of products after which the compile time is paid back."""
+``--compile`` (issue 11, goal 6): ``torch.compile`` of the products ``vjp(grad f)(v)`` and
+``jvp(grad f)(v)``, weights, decays and ``v`` as inputs (one graph serves every hyper-step),
+against ``hg.HessianOperator``'s retained graph; ``break_even``: products to repay the compile."""
 
 import time
 from collections.abc import Sequence
