@@ -62,10 +62,6 @@ def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
     call = lambda p, x: torch.func.functional_call(net, dict(zip(names, p)), (x,))  # noqa: E731
     f = lambda p: loss(call(p, xt), yt) + 0.5 * (decay * p[0] ** 2).sum()  # noqa: E731
 
-    def start() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-        p = [x.clone().requires_grad_() for x in ps]
-        return p, torch.autograd.grad(f(p), p, create_graph=True)
-
     def g_grad(p: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         q = [x.detach().requires_grad_() for x in p]
         return torch.autograd.grad(loss(call(q, xv), yv), q)
@@ -81,7 +77,8 @@ def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
         return torch.autograd.grad((s * v[0]).sum(), u)
 
     def ift() -> Any:
-        p, gf = start()
+        p = [x.clone().requires_grad_() for x in ps]
+        gf = torch.autograd.grad(f(p), p, create_graph=True)
         v = acc = b = g_grad(p)
         for _ in range(k):
             v = [a - lr * c for a, c in zip(v, torch.autograd.grad(gf, p, v, retain_graph=True))]
@@ -138,9 +135,8 @@ def e2e(r: H.Run, plain: float, steps: int) -> float:
     """The run's wall time over the bare loop's for the same steps: steps without a
     hyper-step at their median, hyper-steps at their mean after the first (which builds
     caches; the mean keeps the occasional dearer one, e.g. a step-size estimate)."""
-    hyper = r.hyper_s[1:] or r.hyper_s
+    hyper, n = r.hyper_s[1:] or r.hyper_s, len(r.hyper_s)
     mean = sum(hyper) / len(hyper) if hyper else 0.0
-    n = len(r.hyper_s)
     return ((steps - n) * H.median(r.step_s) + n * mean) / (steps * plain)
 
 
@@ -214,7 +210,6 @@ OPTIONS = [
     H.option("--lr", type=float, default=0.1, help="inner SGD learning rate"),
 ]
 main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)
-
 
 if __name__ == "__main__":
     main()
