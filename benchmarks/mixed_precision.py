@@ -55,8 +55,7 @@ def autocast_trained(p: H.Bilevel, Hd: Tensor, iters: int = 20) -> tuple[tuple, 
 
 def inputs(p: H.Bilevel, mode: str, ac_params: tuple, start: tuple | None = None) -> tuple:
     """(params, hparams, autocast?) of a mode; ``start`` replaces the inner optimum."""
-    params = start or p.params
-    params = tuple(t.to(BF16 if "bf16" in mode else torch.float32) for t in params)
+    params = tuple(t.to(BF16 if "bf16" in mode else torch.float32) for t in start or p.params)
     params = ac_params if mode.startswith("ac-") else params
     return params, tuple(h.float() for h in p.hparams), mode.endswith("autocast")
 
