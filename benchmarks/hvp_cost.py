@@ -1,12 +1,8 @@
 """Cost of one Hessian-vector product, in gradients of the inner loss.
 
-``--compile`` adds issue 11's goal 6 for the product graph: ``torch.compile`` of the
-reverse-over-reverse product ``vjp(grad f)(v)`` and of the forward-over-reverse one
-``jvp(grad f)(v)``, with the weights, decays and ``v`` as inputs (so that one compiled graph
-serves every hyper-step), against the retained-graph product of ``hg.HessianOperator``;
-``break_even`` is the number of products after which the compile time is paid back."""
-
-from __future__ import annotations
+``--compile`` (issue 11, goal 6): ``torch.compile`` of the products ``vjp(grad f)(v)`` and
+``jvp(grad f)(v)``, weights, decays and ``v`` as inputs (one graph serves every hyper-step),
+against ``hg.HessianOperator``'s retained graph; ``break_even``: products to repay the compile."""
 
 import time
 from collections.abc import Sequence
@@ -16,35 +12,31 @@ import torch
 
 import harness as H
 import hypergradient as hg
-from harness import problems
 
 NAME, TITLE = "hvp_cost", "Cost of a Hessian-vector product"
 
 
-def models(quick: bool) -> list[tuple[str, problems.Bilevel]]:
+def models(quick: bool) -> list[tuple[str, H.Bilevel]]:
     """Float32 models at random weights (the cost does not depend on training)."""
     gen = torch.Generator().manual_seed(0)
-    lr = problems.logreg(0).cast(torch.float32)
-    X, y = problems.load_sklearn("digits", torch.float32, torch.long)
-    out = [("logreg (breast cancer, 31 params)", lr)]
-    sets = [("digits", problems.standardize(X, eps=1e-6), y, 32 if not quick else 8)]
+    out = [("logreg (breast cancer, 31 params)", H.logreg(0).cast(torch.float32))]
+    X, y = H.load_sklearn("digits", torch.float32, torch.long)
+    sets = [("digits", H.standardize(X, eps=1e-6), y, 8 if quick else 32)]
     if not quick:
-        Xm, ym = problems.mnist()
-        sets.append(("mnist", problems.standardize(Xm[:2000], eps=1e-6), ym[:2000], 256))
+        Xm, ym = H.mnist()
+        sets.append(("mnist", H.standardize(Xm[:2000], eps=1e-6), ym[:2000], 256))
     for data, X, y, h in sets:
-        init = problems.mlp_init((X.shape[1], h, h, 10), gen, torch.float32)
-        f, g = problems.mlp_losses((X, y), (X, y))
-        P = sum(t.numel() for t in init)
+        init = H.mlp_init((X.shape[1], h, h, 10), gen, torch.float32)
+        P, decays = sum(t.numel() for t in init), tuple(torch.full_like(t, -6.0) for t in init)
         name = f"tanh MLP {X.shape[1]}-{h}-{h}-10 on {data} ({P:,} params, {len(y)} examples)"
-        decays = tuple(torch.full_like(t, -6.0) for t in init)
-        out.append((name, problems.Bilevel(name, name, f, g, init, decays)))
+        out.append((name, H.Bilevel(name, name, *H.mlp_losses((X, y), (X, y)), init, decays)))
     return out
 
 
-def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[str, Any]]:
+def measure(pb: H.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[str, Any]]:
     f, w, lam = pb.inner_loss, pb.params, pb.hparams
     v = tuple(torch.randn_like(t) for t in w)
-    op, vf, wl = hg.HessianOperator(f, w, lam), problems.flat(v), H.leaves(w)
+    op, vf, wl = hg.HessianOperator(f, w, lam), H.flat(v), H.leaves(w)
     outer = lambda p, h: 0.5 * sum((t**2).sum() for t in p)  # noqa: E731
     grad_f = lambda q: torch.func.grad(lambda q: f(q, lam))(q)  # noqa: E731
     calls = {
@@ -69,31 +61,27 @@ def measure(pb: problems.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[s
     ]
 
 
-def compiled_products(pb: problems.Bilevel, rounds: int) -> list[dict[str, Any]]:
+def compiled_products(pb: H.Bilevel, rounds: int) -> list[dict[str, Any]]:
     """Goal 6 for the product graph: compile time, ms per product against the retained
     graph's, relative difference and the products that pay the compile time back."""
     f, w, lam = pb.inner_loss, H.leaves(pb.params), H.leaves(pb.hparams)
     op, sizes = hg.HessianOperator(f, w, lam), [t.numel() for t in w]
-    w, lam = [t.detach() for t in w], [t.detach() for t in lam]  # the products need no graph
+    w, lam = tuple(t.detach() for t in w), tuple(t.detach() for t in lam)  # no graph needed
     v = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(1), dtype=w[0].dtype)
-
-    def parts(v: torch.Tensor) -> tuple:
-        return tuple(x.view(t.shape) for x, t in zip(v.split(sizes), w))
-
-    def rev(p: Any, h: Any, v: torch.Tensor) -> Any:
-        return torch.func.vjp(torch.func.grad(lambda q: f(q, h)), p)[1](parts(v))[0]
-
-    def fwd(p: Any, h: Any, v: torch.Tensor) -> Any:
-        return torch.func.jvp(torch.func.grad(lambda q: f(q, h)), (p,), (parts(v),))[1]
-
+    parts = lambda v: tuple(x.view(t.shape) for x, t in zip(v.split(sizes), w))  # noqa: E731
+    grad = lambda h: torch.func.grad(lambda q: f(q, h))  # noqa: E731
+    products = {  # reverse over reverse, forward over reverse
+        "compiled vjp(grad)": lambda p, h, v: torch.func.vjp(grad(h), p)[1](parts(v))[0],
+        "compiled jvp(grad)": lambda p, h, v: torch.func.jvp(grad(h), (p,), (parts(v),))[1],
+    }
     ref, out = op.matvec(v), []
     cases = [H.Case("retained graph (eager)", lambda s: op.matvec(v))]
-    for what, fn in (("compiled vjp(grad)", rev), ("compiled jvp(grad)", fwd)):
+    for what, fn in products.items():
         started, compiled = time.perf_counter(), torch.compile(fn, dynamic=False)
-        got = problems.flat(compiled(tuple(w), tuple(lam), v))
+        got = H.flat(compiled(w, lam, v))
         row = {"what": what, "compile_s": time.perf_counter() - started}
         out.append(row | {"rel_diff": H.relative_error(got, ref)})
-        cases.append(H.Case(what, lambda s, c=compiled: c(tuple(w), tuple(lam), v)))
+        cases.append(H.Case(what, lambda s, c=compiled: c(w, lam, v)))
     res = H.interleave(cases, rounds)
     eager, rows = res[0].ms, [{"what": res[0].key, "ms": res[0].ms, "vs_eager": 1.0}]
     for row, t in zip(out, res[1:]):

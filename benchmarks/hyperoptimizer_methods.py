@@ -1,7 +1,5 @@
 """The HyperOptimizer's methods and the trajectory hypergradients: accuracy, cost, outcome."""
 
-from __future__ import annotations
-
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -108,12 +106,11 @@ def render_1a(res: dict[str, Any], repeats: int) -> str:
     rows = [r | {"hvps": join(r["num_hvps"]), "status": join(r["status"])} for r in res["rows"]]
     for r in rows:
         r |= {"ms": H.median(r["ms"]), "rel_err": H.median(r["rel"]), "cos": H.median(r["cos"])}
-    return H.section(
-        "1a. Implicit methods at the inner optimum vs the exact implicit hypergradient",
-        f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls.",
-        H.bullets([f"`{p}`: {H.facts(s)}" for p, s in res["setups"].items()] + res["checks"]),
-        H.dict_table(rows, "point|method|hvps|status|rel_err:.2e|cos:.6f|ms:.2f"),
-    )
+    title = "1a. Implicit methods at the inner optimum vs the exact implicit hypergradient"
+    what = f"ms = median `history[-1].seconds` of {repeats} interleaved `hopt.step` calls."
+    facts = H.bullets([f"`{p}`: {H.facts(s)}" for p, s in res["setups"].items()] + res["checks"])
+    table = H.dict_table(rows, "point|method|hvps|status|rel_err:.2e|cos:.6f|ms:.2f")
+    return H.section(title, what, facts, table)
 
 
 def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> float:
@@ -130,12 +127,9 @@ def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> fl
 
 def finite_differences(loss: Callable[[Tensor], float], raw: Tensor, h: float, stencil) -> Tensor:
     """``sum_k c_k loss(raw + k h e_i) / h`` for every coordinate ``i``."""
-    out = torch.zeros_like(raw)
-    for i in range(raw.numel()):
-        e = torch.zeros_like(raw)
-        e[i] = h
-        out[i] = sum(c * loss(raw + k * e) for k, c in stencil) / h
-    return out
+    steps = h * torch.eye(raw.numel(), dtype=raw.dtype)  # row i: h e_i
+    fd = [sum(c * loss(raw + k * e) for k, c in stencil) / h for e in steps]
+    return torch.tensor(fd, dtype=raw.dtype)
 
 
 def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeats: int) -> dict:
@@ -171,12 +165,9 @@ def trajectory_table(data: H.Data, points: dict, horizons: Sequence[int], repeat
 def render_1b(res: dict[str, Any], repeats: int) -> str:
     refs = [f"`{k}`: {H.facts(r, ('fd', 'unrolled'))}" for k, r in res["references"].items()]
     cols = "point|T|method|rel_fd:.2e|cos_fd:.6f|rel_unrolled:.2e|cos_unrolled:.6f|ms:.1f"
-    return H.section(
-        "1b. Trajectory methods vs 4th-order finite differences of the same SGD loop",
-        f"ms = median of {repeats} interleaved calls.",
-        H.bullets(refs),
-        H.dict_table(res["rows"], cols),
-    )
+    title = "1b. Trajectory methods vs 4th-order finite differences of the same SGD loop"
+    what = f"ms = median of {repeats} interleaved calls."
+    return H.section(title, what, H.bullets(refs), H.dict_table(res["rows"], cols))
 
 
 def plain_run(data: H.Data, label: str, lr: float) -> H.Run:
@@ -301,12 +292,9 @@ def render_outcome(res: dict[str, Any]) -> str:
     u = next(r for lbl, r in s.items() if lbl.startswith("untuned"))["val"]
     rows = [r | {"run": lbl, "decays": r["final_decay"]} for lbl, r in s.items()]
     for i in (k, len(ex["val"]) - 1):
-        rows.append({"run": f"exact outer loop (Newton inner), {i} updates", "val": ex["val"][i]})
-        rows[-1] |= {
-            "test": ex["test"][i],
-            "decays": ex["decays"][i],
-            "seconds": ex["elapsed_s"][i],
-        }
+        row = {"run": f"exact outer loop (Newton inner), {i} updates", "val": ex["val"][i]}
+        rows.append(row | {"test": ex["test"][i], "decays": ex["decays"][i]})
+        rows[-1]["seconds"] = ex["elapsed_s"][i]
     for r in rows:
         r["gap_closed"] = (u - r["val"]) / (u - ex["val"][k])
         r["gap_closed_vs_long"] = (u - r["val"]) / (u - ex["val"][-1])
@@ -362,14 +350,9 @@ def render(d: dict[str, Any]) -> list[str]:
         "per-feature L2 logistic regression on breast cancer (100 train / 200 validation / "
         "269 test), 30 log weight decays; rel. err = ||h - ref|| / ||ref||",
     ]
-    r1 = [render_1a(d["implicit"], st["repeats"]), render_1b(d["trajectory"], st["repeats"])]
-    return [
-        H.bullets(notes),
-        *r1,
-        render_cost(hopt),
-        render_outcome(hopt),
-        render_lr(d["lr_tuning"]),
-    ]
+    out = [H.bullets(notes), render_1a(d["implicit"], st["repeats"])]
+    out += [render_1b(d["trajectory"], st["repeats"]), render_cost(hopt), render_outcome(hopt)]
+    return out + [render_lr(d["lr_tuning"])]
 
 
 def plot(data: dict[str, Any], out: Path) -> Path:

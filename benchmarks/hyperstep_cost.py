@@ -1,7 +1,5 @@
 """What a hyper-step costs in training steps, for every method of the HyperOptimizer."""
 
-from __future__ import annotations
-
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -52,23 +50,17 @@ def problems(seed: int, quick: bool) -> list[tuple[str, tuple]]:
 
 
 def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
-    """The maths' floor of a hyper-step, written in bare ``torch.autograd`` on the same model
-    and batches: T1T2 (as ``T1T2()`` takes it for a penalty: hyperparameters first) the
-    training loss at theta_t, the validation gradient at theta_{t+1} (the step's result,
-    given) and the mixed product as the derivative of ``grad_decay f`` along it; IFT the
-    gradient with its graph at one point, the validation gradient there, k Hessian-vector
-    products (Neumann's recursion with the inner learning rate), the product of the residual
-    ``||b - H x||`` it reports and the mixed product."""
+    """The maths' floor of a hyper-step in bare ``torch.autograd`` (same model and batches).
+    T1T2 (hyperparameters first, as ``T1T2()`` takes a penalty): the training loss at theta_t,
+    the validation gradient at theta_{t+1} (given) and the mixed product as the derivative of
+    ``grad_decay f`` along it. IFT: the gradient with its graph, the validation gradient, k
+    products (Neumann with the inner lr), the product of its residual and the mixed one."""
     model, (xt, yt), (xv, yv), loss, shape = pb
     net = model()
     names, ps = [n for n, _ in net.named_parameters()], [p.detach() for p in net.parameters()]
     decay = torch.full(shape, 1e-2, requires_grad=True)
     call = lambda p, x: torch.func.functional_call(net, dict(zip(names, p)), (x,))  # noqa: E731
     f = lambda p: loss(call(p, xt), yt) + 0.5 * (decay * p[0] ** 2).sum()  # noqa: E731
-
-    def start() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-        p = [x.clone().requires_grad_() for x in ps]
-        return p, torch.autograd.grad(f(p), p, create_graph=True)
 
     def g_grad(p: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         q = [x.detach().requires_grad_() for x in p]
@@ -85,7 +77,8 @@ def floors(pb: tuple, lr: float, k: int = 10) -> dict[str, Any]:
         return torch.autograd.grad((s * v[0]).sum(), u)
 
     def ift() -> Any:
-        p, gf = start()
+        p = [x.clone().requires_grad_() for x in ps]
+        gf = torch.autograd.grad(f(p), p, create_graph=True)
         v = acc = b = g_grad(p)
         for _ in range(k):
             v = [a - lr * c for a, c in zip(v, torch.autograd.grad(gf, p, v, retain_graph=True))]
@@ -112,15 +105,14 @@ def runs(pb: tuple, lr: float) -> list[H.Run]:
         sgd.step()
 
     out = [H.Run("bare torch.optim.SGD step", plain_step)]
+    kw = {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05), "val_data": val}
+    kw |= {"train_loss": lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"])}
+    kw |= {"val_loss": lambda m, h, b: loss(m(b[0]), b[1]), "inner_steps": K, "history_size": None}
     for name, (make, _) in METHODS.items():
         m = model()
         m.load_state_dict(first.state_dict())
-        kw = {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05), "val_data": val}
-        kw |= {"train_loss": lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"])}
-        kw |= {"val_loss": lambda m, h, b: loss(m(b[0]), b[1]), "method": make()}
-        kw |= {"inner_optimizer": torch.optim.SGD(m.parameters(), lr=lr), "inner_steps": K}
-        hp = {"decay": hg.Positive(decay0.clone())}
-        out.append(H.hopt_run(name, m, hp, train, K, history_size=None, **kw))
+        hp, sgd = {"decay": hg.Positive(decay0.clone())}, torch.optim.SGD(m.parameters(), lr=lr)
+        out.append(H.hopt_run(name, m, hp, train, K, method=make(), inner_optimizer=sgd, **kw))
     raw = torch.zeros(shape, requires_grad=True)  # the user's outer step alone, as the driver
     adam, grad = torch.optim.Adam([raw], lr=0.05), torch.full(shape, 1e-3)  # takes it
 
@@ -143,9 +135,8 @@ def e2e(r: H.Run, plain: float, steps: int) -> float:
     """The run's wall time over the bare loop's for the same steps: steps without a
     hyper-step at their median, hyper-steps at their mean after the first (which builds
     caches; the mean keeps the occasional dearer one, e.g. a step-size estimate)."""
-    hyper = r.hyper_s[1:] or r.hyper_s
+    hyper, n = r.hyper_s[1:] or r.hyper_s, len(r.hyper_s)
     mean = sum(hyper) / len(hyper) if hyper else 0.0
-    n = len(r.hyper_s)
     return ((steps - n) * H.median(r.step_s) + n * mean) / (steps * plain)
 
 
@@ -219,7 +210,6 @@ OPTIONS = [
     H.option("--lr", type=float, default=0.1, help="inner SGD learning rate"),
 ]
 main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)
-
 
 if __name__ == "__main__":
     main()

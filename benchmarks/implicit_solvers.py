@@ -1,7 +1,5 @@
 """Accuracy and cost of the implicit-hypergradient solvers, against an exact reference."""
 
-from __future__ import annotations
-
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,19 +72,20 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
     def row(k: int, solver: str, o: Any, t: Any = None, label: str | None = None) -> None:
         rows.append({"k": k, "solver": solver, "ours": o, "theirs_label": label, "theirs": t})
 
-    def group(k: int, key: str, make: Callable, peer: tuple | None = None) -> list:
+    def group(k: int, solver: str, key: str, make: Callable, peer: tuple = (), label=None) -> None:
+        """A row: ours and, given ``peer = (hypergrad's function, argument, seeded)``, theirs."""
         cases = [ours(pb, key, make)]
-        if hgrad is not None and peer is not None:
-            cases.append(theirs(pb, peer[0], getattr(hgrad, peer[1]), k, peer[2], peer[3]))
-        return measure(cases, repeats, ref["h"])
+        if hgrad is not None and peer:
+            cases.append(theirs(pb, peer[0], getattr(hgrad, peer[0]), k, *peer[1:]))
+        o, *t = measure(cases, repeats, ref["h"])
+        row(k, solver, o, *(t + [label] if t else []))
 
     for k in budgets:
         H.log(f"  [{pb.name}] k = {k}")
         cases = [ours(pb, "CG", lambda s, k=k: hg.CG(maxiter=k, tol=0))]
-        if hgrad is not None:
-            for lr in (1.0, 0.1):
-                key, cg = f"conjugate_gradient(lr={lr:g})", hgrad.conjugate_gradient
-                cases.append(theirs(pb, key, cg, k, lr, False))
+        for lr in (1.0, 0.1) if hgrad is not None else ():
+            key, cg = f"conjugate_gradient(lr={lr:g})", hgrad.conjugate_gradient
+            cases.append(theirs(pb, key, cg, k, lr, False))
         cg, *th, grad = measure([*cases, gradient(pb)], repeats, ref["h"])
         row(k, f"CG(maxiter={k}, tol=0)", cg, *(th[:1] + ["conjugate_gradient lr=1"] if th else []))
         if th:
@@ -96,25 +95,22 @@ def benchmark(pb: H.Bilevel, ref: dict, budgets: Sequence[int], repeats: int, hg
             c |= {"cg_cpu_ms": cg["cpu_ms"], "grad_cpu_ms": grad["cpu_ms"], "floor": k + 3}
             c |= {"cpu_ratio": cg["cpu_ms"] / grad["cpu_ms"], "num_hvps": cg["num_hvps"]}
             costs.append(c)
-        auto = group(k, "Neumann auto", lambda s, k=k: hg.Neumann(k, "auto"))
-        row(k, f'Neumann({k}, alpha="auto")', *auto)
-        peer = ("neumann", "neumann", alpha, False)
-        o, *t = group(k, "Neumann 1/L", lambda s, k=k: hg.Neumann(k, alpha=alpha), peer)
-        label = [f"neumann lr={alpha:.3g}"] if t else []
-        row(k, f"Neumann({k}, alpha=1/L={alpha:.3g})", o, *(t + label))
+        auto = lambda s, k=k: hg.Neumann(k, "auto")  # noqa: E731
+        group(k, f'Neumann({k}, alpha="auto")', "Neumann auto", auto)
+        neumann = lambda s, k=k: hg.Neumann(k, alpha=alpha)  # noqa: E731
+        peer, label = ("neumann", alpha, False), f"neumann lr={alpha:.3g}"
+        group(k, f"Neumann({k}, alpha=1/L={alpha:.3g})", "Neumann 1/L", neumann, peer, label)
         for sketch in ("column", "gaussian"):
             for rho in rhos:
                 make = lambda s, k=k, rho=rho, sk=sketch: hg.Nystrom(k, rho, sk, seed=s)  # noqa: E731
-                peer = ("nystrom", "nystrom", rho, True) if sketch == "column" else None
+                peer = ("nystrom", rho, True) if sketch == "column" else ()
                 key = f"Nystrom {sketch[:3] if sketch == 'column' else 'gauss'}"
-                o, *t = group(k, key, make, peer)
-                label = [f"nystrom rank={k} rho={rho:.3g}"] if t else []
-                row(k, f"Nystrom(rank={k}, rho={rho:.3g}, {sketch})", o, *(t + label))
+                label = f"nystrom rank={k} rho={rho:.3g}"
+                group(k, f"Nystrom(rank={k}, rho={rho:.3g}, {sketch})", key, make, peer, label)
         r, it = k // 2, k - k // 2
         pcg = lambda s, r=r, it=it: hg.NystromPCG(r, maxiter=it, tol=0, seed=s)  # noqa: E731
-        row(k, f"NystromPCG(rank={r}, maxiter={it}, tol=0)", *group(k, "NystromPCG", pcg))
-    (o,) = group(0, "Identity", lambda s: hg.Identity(scale=alpha))
-    row(0, f"Identity(scale=1/L={alpha:.3g})", o)
+        group(k, f"NystromPCG(rank={r}, maxiter={it}, tol=0)", "NystromPCG", pcg)
+    group(0, f"Identity(scale=1/L={alpha:.3g})", "Identity", lambda s: hg.Identity(scale=alpha))
     rows.insert(0, rows.pop())
     out = {"alpha": alpha, "rhos": rhos, "grad_ms": grad["ms"], "rows": rows}
     return out | {"cg_cost_ratio": costs}

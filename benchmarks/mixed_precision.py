@@ -1,7 +1,5 @@
 """Mixed precision: hypergradients when the inner objective runs in bfloat16."""
 
-from __future__ import annotations
-
 import contextlib
 import math
 import warnings
@@ -57,8 +55,7 @@ def autocast_trained(p: H.Bilevel, Hd: Tensor, iters: int = 20) -> tuple[tuple, 
 
 def inputs(p: H.Bilevel, mode: str, ac_params: tuple, start: tuple | None = None) -> tuple:
     """(params, hparams, autocast?) of a mode; ``start`` replaces the inner optimum."""
-    params = start or p.params
-    params = tuple(t.to(BF16 if "bf16" in mode else torch.float32) for t in params)
+    params = tuple(t.to(BF16 if "bf16" in mode else torch.float32) for t in start or p.params)
     params = ac_params if mode.startswith("ac-") else params
     return params, tuple(h.float() for h in p.hparams), mode.endswith("autocast")
 
@@ -136,10 +133,9 @@ def render(d: dict[str, Any]) -> list[str]:
     summary, sections = [], []
     for name, pb in d["problems"].items():
         by = {(r["solver"], r["mode"]): r for r in pb["implicit"]}
-        ub = {r["mode"]: r for r in pb["unrolled"]}
+        ub, kappa = {r["mode"]: r for r in pb["unrolled"]}, pb["cond"]
         for s in ("CG", "Exact"):
-            x = {"problem": name, "kappa": pb["cond"], "2^-8 kappa": 2**-8 * pb["cond"]}
-            x["solver"] = s
+            x = {"problem": name, "kappa": kappa, "2^-8 kappa": 2**-8 * kappa, "solver": s}
             x |= {m: by[(s, m)].get("rel_err") for m in MODES}
             if s == "CG":
                 x["unrolled autocast"] = ub["autocast"].get("rel_err")
@@ -203,9 +199,8 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
         text = Path("/proc/cpuinfo").read_text()
         flags = " ".join(f for f in ("avx2", "avx512_bf16", "avx512f", "amx_bf16") if f in text)
     rep.machine |= {"cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    hidden, iters = (4, 100) if args.quick else (args.hidden, 1000)
+    hidden, iters, rounds = (4, 100, 1) if args.quick else (args.hidden, 1000, 10)
     builders = [lambda: logreg(-1.0)] + [lambda: logreg(-3.0)] * (not args.quick)
-    rounds = 1 if args.quick else 10
     builders.append(lambda: H.digits_mlp(args.seed, hidden, iters, rounds=rounds, require_pd=False))
     out = {p.name: problem(p, args.repeats, steps) for p in (b() for b in builders)}
     return {"repeats": args.repeats, "unrolled_steps": steps, "problems": out}

@@ -1,7 +1,5 @@
 """Accuracy against cost on benchopt's simulated quadratic bilevel problem (closed forms)."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,9 +25,7 @@ def timed(cases: list[H.Case], repeats: int, ref: torch.Tensor) -> list[dict[str
     return out
 
 
-def implicit_case(
-    pb: H.Quadratic, key: str, x: float, make: Callable[[int], hg.Solver], **meta: Any
-) -> H.Case:
+def implicit_case(pb: H.Quadratic, key: str, x: float, make: Callable, **meta: Any) -> H.Case:
     def info() -> tuple:
         h, inf = hg.implicit(pb.f, pb.g, pb.theta_star, pb.phi, make(10_000), return_info=True)
         d = {"num_hvps": inf.num_hvps, "status": str(inf.status), "iterations": inf.iterations}
@@ -98,7 +94,7 @@ def trajectory_part(pb: H.Quadratic, horizons: Sequence[int], repeats: int) -> t
         if T == max(horizons):
             key = f"truncated (T={T})"
             group += [case(key, hg.unrolled, truncate=K) for K in TRUNCATIONS if K < T]
-        res += [r | {"x": r["meta"].get("K", T)} for r in timed(group, repeats, ref)]
+        res += timed(group, repeats, ref)
         unrolled = hg.unrolled(pb.f, pb.g, theta0, pb.phi, T, opt)
         checks[f"T={T}: hg.unrolled vs closed form"] = H.relative_error(unrolled, ref)
     return res, checks
@@ -161,15 +157,13 @@ STYLES = {"CG": "C0o-", "Neumann auto": "C1s-", "NystromPCG": "C4D-", "Exact()":
 STYLES |= {"Nystrom column, rho=median": "C2^-", "Nystrom column, rho=lmin/100": "C2v--"}
 STYLES |= {"Nystrom gaussian, rho=median": "C3^-", "Nystrom gaussian, rho=lmin/100": "C3v--"}
 STYLES |= {"unrolled": "C0o-", "forward_mode": "C1s-", "drmad": "C3D-", "Identity(1/L)": "C7x"}
+XLABELS = {"implicit": "products (num_hvps)", "trajectory": "steps (truncated: K)"}
 
 
 def plot(data: dict[str, Any], out: Any) -> Any:
     """Relative error against products (or steps) and against time, per problem."""
     paths = []
-    for which, what in {
-        "implicit": "products (num_hvps)",
-        "trajectory": "steps (truncated: K)",
-    }.items():
+    for which, what in XLABELS.items():
         panels = []
         for name, e in data["problems"].items():
             res = [r for r in e[f"{which}_results"] if not r["error"]]

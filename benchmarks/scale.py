@@ -1,7 +1,5 @@
 """Seconds and peak memory of one hypergradient as the model and the hyperparameters grow."""
 
-from __future__ import annotations
-
 import gc
 import math
 import time
@@ -22,8 +20,16 @@ import hypergradient as hg
 NAME, TITLE = "scale", "Seconds and peak memory of one hypergradient"
 IN, OUT, BATCH = 784, 10, 256
 LR, MOMENTUM, LOG_DECAY = 0.05, 0.9, math.log(1e-3)
-IMPLICIT = ("CG", "Neumann", "Nystrom", "NystromPCG", "T1T2")
-TRAJECTORY = ("unrolled", "unrolled ckpt", "DrMAD", "forward")
+SOLVERS = {  # the implicit methods: their solver at a problem ``pb`` (T1T2: Identity)
+    "CG": lambda pb: hg.CG(maxiter=20, tol=0.0),
+    "Neumann": lambda pb: hg.Neumann(maxiter=20, alpha=1.0 / (pb["lam_max"] + pb["damping"])),
+    "Nystrom": lambda pb: hg.Nystrom(rank=20, rho=0.1, chunk_size=5, seed=0),
+    "NystromPCG": lambda pb: hg.NystromPCG(rank=10, maxiter=10, tol=0.0, chunk_size=5, seed=0),
+    "T1T2": lambda pb: hg.Identity(LR),
+}
+TRAJ = {"unrolled": hg.unrolled, "unrolled ckpt": hg.unrolled, "DrMAD": hg.drmad}
+TRAJ["forward"] = hg.forward_mode
+IMPLICIT, TRAJECTORY = tuple(SOLVERS), tuple(TRAJ)
 LONG_CALL = 15.0  # seconds: a slower first call is the only one (no warm-up)
 
 
@@ -55,9 +61,9 @@ class Config:
 
     @property
     def num_hparams(self) -> int:
-        extra = 0 if self.method in IMPLICIT + ("gradient",) else 2
         if isinstance(self.hparams, int):
             return self.hparams
+        extra = 0 if self.method in IMPLICIT + ("gradient",) else 2  # lr and momentum
         return (param_count(self.width) if self.hparams == "per-weight" else 6) + extra
 
 
@@ -85,8 +91,8 @@ def problem(cfg: Config, X: Tensor, y: Tensor, trained: dict | None) -> dict:
     """Losses, weights, hyperparameters and batches of one configuration."""
     n_train, P = len(y) - 1000, param_count(cfg.width)
     batch, val = (X[:BATCH], y[:BATCH]), (X[n_train:][:BATCH], y[n_train:][:BATCH])
-    sizes, gen = (IN, cfg.width, cfg.width, OUT), torch.Generator().manual_seed(0)
-    params = H.mlp_init(sizes, gen, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    params = H.mlp_init((IN, cfg.width, cfg.width, OUT), gen, torch.float32)
     pb = {"lam_max": math.nan, "damping": 0.0, "params": params}
     if cfg.method in IMPLICIT and trained:
         pb |= trained
@@ -99,30 +105,16 @@ def problem(cfg: Config, X: Tensor, y: Tensor, trained: dict | None) -> dict:
         if cfg.method in TRAJECTORY:
             h |= {"lr": torch.tensor(LR), "momentum": torch.tensor(MOMENTUM)}
 
-    def penalty(p: tuple, h: dict) -> Tensor:
-        ld = h["log_decay"]
-        if isinstance(ld, tuple):
-            return 0.5 * sum((d.exp() * q**2).sum() for d, q in zip(ld, p))
-        return 0.5 * (ld.exp()[group] * H.flat(p) ** 2).sum()
-
     def inner_batch(p: tuple, h: dict, b: Any) -> Tensor:
-        return F.cross_entropy(H.mlp_forward(p, b[0]), b[1]) + penalty(p, h)
+        ld, ce = h["log_decay"], F.cross_entropy(H.mlp_forward(p, b[0]), b[1])
+        if isinstance(ld, tuple):
+            return ce + 0.5 * sum((d.exp() * q**2).sum() for d, q in zip(ld, p))
+        return ce + 0.5 * (ld.exp()[group] * H.flat(p) ** 2).sum()
 
     starts = [(t * BATCH) % (n_train - BATCH) for t in range(cfg.steps)]
-    pb |= {"hparams": h, "inner_batch": inner_batch}
+    pb |= {"hparams": h, "inner_batch": inner_batch, "inner": lambda p, h: inner_batch(p, h, batch)}
     pb["batches"] = [(X[s : s + BATCH], y[s : s + BATCH]) for s in starts]
-    pb |= {"inner": lambda p, h: inner_batch(p, h, batch)}
     return pb | {"outer": lambda p, h: F.cross_entropy(H.mlp_forward(p, val[0]), val[1])}
-
-
-def solver(name: str, pb: dict) -> hg.Solver:
-    if name == "Neumann":
-        return hg.Neumann(maxiter=20, alpha=1.0 / (pb["lam_max"] + pb["damping"]))
-    if name == "Nystrom":
-        return hg.Nystrom(rank=20, rho=0.1, chunk_size=5, seed=0)
-    if name == "NystromPCG":
-        return hg.NystromPCG(rank=10, maxiter=10, tol=0.0, chunk_size=5, seed=0)
-    return hg.CG(maxiter=20, tol=0.0) if name == "CG" else hg.Identity(LR)
 
 
 def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
@@ -132,24 +124,20 @@ def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
         leaves = H.leaves(w)
         return lambda info: torch.autograd.grad(f(leaves, h), leaves)
     if cfg.method in IMPLICIT:
-        s, d = solver(cfg.method, pb), pb["damping"]
+        s, d = SOLVERS[cfg.method](pb), pb["damping"]
         return lambda info: hg.implicit(f, g, w, h, s, damping=d, return_info=info)
-    fn = {"unrolled": hg.unrolled, "unrolled ckpt": hg.unrolled, "DrMAD": hg.drmad}
-    fn = fn.get(cfg.method, hg.forward_mode)
     kw = {"checkpoint_every": cfg.checkpoint_every} if cfg.method == "unrolled ckpt" else {}
     opt = lambda: hg.optim.sgd(lr=h.get("lr", LR), momentum=h.get("momentum", MOMENTUM))  # noqa: E731
     kw |= {"batches": pb["batches"], "return_info": True}
-    return lambda info: fn(pb["inner_batch"], g, w, h, cfg.steps, opt(), **kw)
+    return lambda info: TRAJ[cfg.method](pb["inner_batch"], g, w, h, cfg.steps, opt(), **kw)
 
 
 def summary(out: Any) -> dict[str, Any]:
     info = out[1] if isinstance(out, tuple) and len(out) == 2 else None
     if isinstance(info, hg.HypergradInfo):
         return {"num_hvps": info.num_hvps, "status": info.status}
-    if isinstance(info, hg.TrajectoryInfo):
-        keys = ("stored_states", "recomputed_steps", "outer_loss")
-        return {k: getattr(info, k) for k in keys}
-    return {}
+    keys = ("stored_states", "recomputed_steps", "outer_loss")
+    return {k: getattr(info, k) for k in keys} if isinstance(info, hg.TrajectoryInfo) else {}
 
 
 def measure(cfg: Config, X: Tensor, y: Tensor, trained: dict | None, child: bool) -> Result:
@@ -203,7 +191,7 @@ def pretrain(width: int, X: Tensor, y: Tensor, steps: int) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hg.HypergradientWarning)
             kw = {"damping": pb["damping"], "return_info": True}
-            call = lambda s, kw=kw: hg.implicit(f, g, params, h, solver(s, pb), **kw)[1]  # noqa: E731
+            call = lambda s, kw=kw: hg.implicit(f, g, params, h, SOLVERS[s](pb), **kw)[1]  # noqa: E731
             statuses = [call(s).status for s in ("CG", "NystromPCG")]
         if "negative_curvature" not in statuses:
             break
@@ -239,7 +227,7 @@ def sweep(run: Callable[[Config], Result], cfgs: list[Config], cap: float) -> tu
     return rows, stopped
 
 
-def cells(r: dict[str, Any], key: tuple[str, str], unit: float | None = None) -> dict[str, Any]:
+def cells(r: dict[str, Any], key: str, value: Any, unit: float | None = None) -> dict[str, Any]:
     """A table row: the time, peak and notes of one JSON row."""
     i, notes = r["info"], r["error"]
     if "num_hvps" in i:
@@ -247,26 +235,23 @@ def cells(r: dict[str, Any], key: tuple[str, str], unit: float | None = None) ->
     elif "stored_states" in i:
         more = f", {i['recomputed_steps']} recomputed" if i.get("recomputed_steps") else ""
         notes = f"{i['stored_states']} states{more}"
-    out = r | {key[0]: key[1], "method": r["config"]["method"], "notes": notes, "in_grads": None}
-    if unit and r["ok"]:
-        out["in_grads"] = r["cpu_seconds"] / unit
+    out = r | {key: value, "method": r["config"]["method"], "notes": notes}
+    out["in_grads"] = r["cpu_seconds"] / unit if unit and r["ok"] else None
     return out | {"xP": None if H.bad(r["peak_mb"]) else r["peak_mb"] * 2**20 / (4 * r["params"])}
 
 
 def slopes(rows: list[dict], x: str, top: float) -> str:
     """Least-squares log-log slopes of time and memory against ``x`` (0 flat, 1 linear)."""
-    out = []
+    out, parts = [], ("all", f">= {top:g}")
     for method in dict.fromkeys(r["config"]["method"] for r in rows):
         ok = [r for r in rows if r["ok"] and r["config"]["method"] == method]
         s = {"method": method}
-        for part, sub in (("all", ok), (f">= {top:g}", [r for r in ok if r[x] >= top])):
+        for part, sub in zip(parts, (ok, [r for r in ok if r[x] >= top])):
             for y in YS:
                 pts = [(r[x], r[y]) for r in sub if not H.bad(r[y])]
                 xs, ys = np.log([p[0] for p in pts]), np.log([max(p[1], 1e-9) for p in pts])
-                fit = np.polyfit(xs, ys, 1)[0] if len(pts) > 1 else None
-                s[f"{y}, {part}"] = fit
+                s[f"{y}, {part}"] = np.polyfit(xs, ys, 1)[0] if len(pts) > 1 else None
         out.append(s)
-    parts = ("all", f">= {top:g}")
     cols = "|".join(["method"] + [f"{y}, {p}:.2f" for p in parts for y in YS])
     return f"Log-log slopes against {x} (0 = flat, 1 = linear):\n\n" + H.dict_table(out, cols)
 
@@ -276,16 +261,15 @@ COLS = "{}|method|num_hparams:,|seconds:.4g|cpu_seconds:.4g|in_grads:.1f|peak_mb
 
 
 def render(d: dict[str, Any]) -> list[str]:
-    res, out = d["results"], []
-    pre = [f"P = {int(p):,}: {H.facts(v)}" for p, v in d.get("pretrained", {}).items()]
-    head = (
+    res, pre = d["results"], [f"P = {int(p):,}: {H.facts(v)}" for p, v in d["pretrained"].items()]
+    out = [
         "tanh MLP 784-h-h-10 on MNIST, batch 256; implicit methods: 20 products (T1T2: 0) at "
         "trained weights with the smallest damping without negative curvature:\n\n" + H.bullets(pre)
-    )
+    ]
     if res.get("params"):
-        grads = [r for r in res["params"] if r["config"]["method"] == "gradient" and r["ok"]]
-        unit = {r["params"]: r["cpu_seconds"] for r in grads}
-        rows = [cells(r, ("P", f"{r['params']:,}"), unit.get(r["params"])) for r in res["params"]]
+        ok = [r for r in res["params"] if r["config"]["method"] == "gradient" and r["ok"]]
+        unit = {r["params"]: r["cpu_seconds"] for r in ok}
+        rows = [cells(r, "P", f"{r['params']:,}", unit.get(r["params"])) for r in res["params"]]
         out.append(
             "## Time and memory vs number of parameters P (one decay per parameter)\n\n"
             "Trajectory: T = 20 SGD-momentum steps, decays + lr + momentum (forward mode: "
@@ -293,7 +277,7 @@ def render(d: dict[str, Any]) -> list[str]:
             f"\n\n{H.dict_table(rows, COLS.format('P'))}\n\n" + slopes(res["params"], "params", 1e5)
         )
     if res.get("hparams"):
-        rows = [cells(r, ("m", f"{r['num_hparams']:,}")) for r in res["hparams"]]
+        rows = [cells(r, "m", f"{r['num_hparams']:,}") for r in res["hparams"]]
         out.append(
             f"## Time and memory vs number of hyperparameters m (P = "
             f"{res['hparams'][0]['params']:,})\n\nm contiguous groups of weights share a decay; "
@@ -303,23 +287,22 @@ def render(d: dict[str, Any]) -> list[str]:
         )
     for malloc in ("default", "mmap"):
         rows = [r for r in res.get("steps", []) if r["config"]["malloc"] == malloc]
-        if rows:
-            state_mb = 8 * rows[0]["params"] / 2**20  # parameters + momentum, float32
-            fits = []
-            for m in ("unrolled", "unrolled ckpt", "DrMAD"):
-                ok = [r for r in rows if r["ok"] and r["config"]["method"] == m]
-                pts = [(r["config"]["steps"], r["peak_mb"]) for r in ok]
-                if len(pts) > 1:
-                    s = float(np.polyfit(*zip(*pts), 1)[0])
-                    fits.append(f"{m} {s:.3f} MB/step ({s / state_mb:.2f} states)")
-            table = [cells(r, ("T", r["config"]["steps"])) for r in rows]
-            table = H.dict_table(table, COLS.format("T"))
-            out.append(
-                f"## Memory vs inner steps T, {malloc} malloc (P = {rows[0]['params']:,})\n\n"
-                f"A stored state is 2P floats ({state_mb:.2f} MB); `mmap`: "
-                f"mallopt(M_MMAP_THRESHOLD, 4096).\n\n{table}\n\nMB/step: {'; '.join(fits)}"
-            )
-    return [head, *out]
+        if not rows:
+            continue
+        state_mb, fits = 8 * rows[0]["params"] / 2**20, []  # parameters + momentum, float32
+        for m in ("unrolled", "unrolled ckpt", "DrMAD"):
+            ok = [r for r in rows if r["ok"] and r["config"]["method"] == m]
+            pts = [(r["config"]["steps"], r["peak_mb"]) for r in ok]
+            if len(pts) > 1:
+                s = float(np.polyfit(*zip(*pts), 1)[0])
+                fits.append(f"{m} {s:.3f} MB/step ({s / state_mb:.2f} states)")
+        table = H.dict_table([cells(r, "T", r["config"]["steps"]) for r in rows], COLS.format("T"))
+        out.append(
+            f"## Memory vs inner steps T, {malloc} malloc (P = {rows[0]['params']:,})\n\n"
+            f"A stored state is 2P floats ({state_mb:.2f} MB); `mmap`: "
+            f"mallopt(M_MMAP_THRESHOLD, 4096).\n\n{table}\n\nMB/step: {'; '.join(fits)}"
+        )
+    return out
 
 
 PLOTS = {"params": ("params", "parameters P"), "hparams": ("num_hparams", "hyperparameters m")}
@@ -395,12 +378,11 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
 
     results, stopped = {}, ""
     for e in args.experiments:
-        results[e], why = sweep(one, cfgs[e], cap)
-        stopped = stopped or why
+        rows, why = sweep(one, cfgs[e], cap)
+        results[e], stopped = [r.row() for r in rows], stopped or why
     pretrained = {str(param_count(w)): v["info"] for w, v in pre.items()}
     data = {"mode": "quick" if q else "full", "cap_seconds": cap, "forward_stopped": stopped}
-    rows = {e: [r.row() for r in rs] for e, rs in results.items()}
-    return data | {"pretrained": pretrained, "results": rows}
+    return data | {"pretrained": pretrained, "results": results}
 
 
 EXPERIMENTS = ["params", "hparams", "steps"]

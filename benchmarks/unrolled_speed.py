@@ -1,7 +1,5 @@
 """``hg.unrolled`` against plain autograd: time, peak memory, cold start, torch.compile."""
 
-from __future__ import annotations
-
 import os
 import time
 from collections.abc import Callable
@@ -50,11 +48,7 @@ def recompute(f: Callable, g: Callable, p0: tuple, h: dict, T: int) -> Tensor:
     """Store-and-recompute for plain SGD, minimal: a forward pass without graphs storing the
     T states, then per step in reverse the gradient with ``create_graph=True`` and one
     backward pass of the update against the adjoint."""
-    fixed, hs, p, states, n = H.leaves(h), [h["lr"], *h["decay"]], tuple(p0), [], len(p0)
-    for _ in range(T):
-        states.append(p)
-        x = H.leaves(p)
-        p = tuple(v - fixed["lr"] * gv for v, gv in zip(p, torch.autograd.grad(f(x, fixed), x)))
+    (*states, p), hs, n = sweep(f, p0, h, T), [h["lr"], *h["decay"]], len(p0)
     x = H.leaves(p)
     out = torch.autograd.grad(g(x, h), [*x, *hs], allow_unused=True, materialize_grads=True)
     a, hyper = out[:n], list(out[n:])
@@ -72,31 +66,28 @@ def competitors(peers: bool = True) -> list[str]:
     return ["unrolled", "hand", "recompute"] + ["torchopt"] * peer + ["sweep"]
 
 
-def sweep(f: Callable, p0: tuple, h: dict, T: int) -> Tensor:
-    """The forward sweep alone: T plain SGD steps, no graph kept (what any method that does
-    not keep a step's graph computes twice for it)."""
-    fixed, p = H.leaves(h), tuple(p0)
+def sweep(f: Callable, p0: tuple, h: dict, T: int) -> list[tuple]:
+    """The forward sweep: the T + 1 states of T plain SGD steps, no graph kept (what any method
+    that does not keep a step's graph computes twice for it)."""
+    fixed, states = H.leaves(h), [tuple(p0)]
     for _ in range(T):
-        x = H.leaves(p)
-        p = tuple(v - fixed["lr"] * gv for v, gv in zip(p, torch.autograd.grad(f(x, fixed), x)))
-    return H.flat(p)
+        x = H.leaves(states[-1])
+        gx = torch.autograd.grad(f(x, fixed), x)
+        states.append(tuple(v - fixed["lr"] * gv for v, gv in zip(states[-1], gx)))
+    return states
 
 
 def competitor(who: str, name: str, T: int, hidden: int = 32) -> Callable[[], Tensor]:
     """One hypergradient (lr, then the decays) through T SGD steps by ``who``."""
     f, g, p0, h0 = problem(name, hidden)
-
-    def call() -> Tensor:
-        h = H.leaves(h0)
-        if who == "unrolled":
-            return H.flat(hg.unrolled(f, g, p0, h, T, hg.optim.sgd(lr=h["lr"])))
-        if who == "recompute":
-            return recompute(f, g, p0, h, T)
-        if who == "sweep":
-            return sweep(f, p0, h, T)
-        return hand(f, g, p0, h, T, H.import_peer("torchopt")[0] if who == "torchopt" else None)
-
-    return call
+    calls = {
+        "unrolled": lambda h: H.flat(hg.unrolled(f, g, p0, h, T, hg.optim.sgd(lr=h["lr"]))),
+        "hand": lambda h: hand(f, g, p0, h, T),
+        "recompute": lambda h: recompute(f, g, p0, h, T),
+        "torchopt": lambda h: hand(f, g, p0, h, T, H.import_peer("torchopt")[0]),
+        "sweep": lambda h: H.flat(sweep(f, p0, h, T)[-1]),
+    }
+    return lambda: calls[who](H.leaves(h0))
 
 
 def peak_child(who: str, name: str, T: int, hidden: int = 32, mmap: bool = False) -> dict:
@@ -172,15 +163,14 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
-    data = {"T": args.steps, "rounds": args.rounds, "load": os.getloadavg()}
-    data["memory_share"] = MEMORY_SHARE
-    timed = {n: time_problem(n, args.steps, args.rounds, args.quick) for n in args.problems}
-    data["problems"] = timed
+    T, rounds = args.steps, args.rounds
+    data = {"T": T, "rounds": rounds, "load": os.getloadavg(), "memory_share": MEMORY_SHARE}
+    data["problems"] = {n: time_problem(n, T, rounds, args.quick) for n in args.problems}
     cold = H.cold_start(NAME)
     sympy, _ = cold.pop("sympy"), cold.pop("first_drmad_cpu_s")
     data["cold"] = cold | {"dynamo": cold["dynamo"] or sympy}
     if args.compile:
-        data["compile"] = {n: compile_trial(n, args.steps, args.rounds) for n in args.problems}
+        data["compile"] = {n: compile_trial(n, T, rounds) for n in args.problems}
     return data
 
 
