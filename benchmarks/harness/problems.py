@@ -513,12 +513,8 @@ def dense_hypergradient(pb: Bilevel, H: Tensor | None = None) -> Tensor:
     H = dense_hessian(pb) if H is None else H
     ps = tuple(p.detach().to(F64).requires_grad_(True) for p in pb.params)
     hs = tuple(h.detach().to(F64).requires_grad_(True) for h in pb.hparams)
-    grads = torch.autograd.grad(pb.outer_loss(ps, hs), ps + hs, allow_unused=True)
-    g_theta = flat([torch.zeros_like(p) if gr is None else gr for p, gr in zip(ps, grads)])
-    v = torch.linalg.solve(H + pb.damping * torch.eye(len(H), dtype=F64), g_theta)
+    grads = torch.autograd.grad(pb.outer_loss(ps, hs), ps + hs, materialize_grads=True)
+    v = torch.linalg.solve(H + pb.damping * torch.eye(len(H), dtype=F64), flat(grads[: len(ps)]))
     gf = torch.autograd.grad(pb.inner_loss(ps, hs), ps, create_graph=True)
-    mixed = torch.autograd.grad(torch.dot(flat(gf), v), hs, allow_unused=True)
-    z = torch.zeros_like
-    pairs = zip(grads[len(ps) :], mixed, hs)
-    parts = [(z(h) if d is None else d) - (z(h) if m is None else m) for d, m, h in pairs]
-    return flat(parts).detach()
+    mixed = torch.autograd.grad(torch.dot(flat(gf), v), hs, materialize_grads=True)
+    return flat([d - m for d, m in zip(grads[len(ps) :], mixed)]).detach()
