@@ -1,7 +1,5 @@
 """Write docs/results.md from the JSON results and the narrative template."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys

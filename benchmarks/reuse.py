@@ -17,8 +17,6 @@ and 256 validation rows); reference: float64 NystromPCG to relative residual 1e-
 runs on real products; 10 hyper-steps by default.
 """
 
-from __future__ import annotations
-
 import math
 import sys
 from collections.abc import Callable, Sequence

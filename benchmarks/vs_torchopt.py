@@ -1,8 +1,6 @@
 """Against TorchOpt 0.7.3 and plain autograd: implicit and unrolled hypergradients, cold start,
 per-call overhead."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any
 

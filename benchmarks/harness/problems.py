@@ -1,7 +1,5 @@
 """The problems every benchmark uses, each defined once, with its exact reference."""
 
-from __future__ import annotations
-
 import contextlib
 import math
 import time
@@ -245,7 +243,7 @@ class Bilevel:
     params0: Params | None = None  # the start of an inner run (trajectory benchmarks)
     damping: float = 0.0
 
-    def cast(self, dtype: torch.dtype, hparams_dtype: torch.dtype | None = None) -> Bilevel:
+    def cast(self, dtype: torch.dtype, hparams_dtype: torch.dtype | None = None) -> "Bilevel":
         """The same problem with params in ``dtype`` (hparams in ``hparams_dtype`` or it)."""
         p0 = None if self.params0 is None else tuple(p.to(dtype) for p in self.params0)
         hp = tuple(h.to(hparams_dtype or dtype) for h in self.hparams)

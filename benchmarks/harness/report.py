@@ -1,7 +1,5 @@
 """One writer of results: the JSON file, the Markdown tables rendered from it, the plots."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import math

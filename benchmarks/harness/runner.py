@@ -1,8 +1,6 @@
 """One way to time things: interleaved rounds, runs in lockstep, peak memory in a child process,
 cold starts in a new interpreter; the shared options."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import ctypes
@@ -103,11 +101,10 @@ def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]
     except Exception as exc:  # any import failure means "skip"
         log(f"{distribution or module} not importable, skipped: {error_text(exc)}")
         return None, error_text(exc)
-    try:
+    with contextlib.suppress(Exception):  # no distribution metadata
         version = importlib.metadata.version(distribution or module)
         return mod, f"{version} ({Path(mod.__file__ or '?').parent})"
-    except Exception:
-        return mod, "unknown version"
+    return mod, "unknown version"
 
 
 def median(xs: Sequence[float | None]) -> float:
