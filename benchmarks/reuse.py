@@ -1,25 +1,21 @@
 """Reuse across hyper-steps: products and seconds to a 1e-2 hypergradient, hyper-step by step.
 
-30 hyper-steps of per-weight decay on the digits MLP (tanh 64-16-10, 1,210 parameters and as
-many log decays): each hyper-step moves the decays by Adam along the exact hypergradient and
-retrains the weights by ``--inner`` (10) L-BFGS iterations from the previous ones (a
-HyperOptimizer's window of 10 steps), so consecutive hyper-steps solve nearly the same
-system. Reference at every hyper-step: a dense float64 solve (damped by
-``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite). For each strategy
-the smallest CG budget whose hypergradient is within ``--target`` (relative error) is found by
-bisection on the dense matrix (state restored between trials); the real call with that budget
-(Hessian-vector products through autograd) is then timed in interleaved rounds and advances
-the strategy's state. Strategies: cold ``CG`` (what TorchOpt and Betty do), the warm start of
-``Implicit(warm_start=True)``, warm ``NystromPCG(refresh_every="auto")``, warm ``RecycledCG``
-(Ritz pairs of past solves as preconditioner); TorchOpt's cold ``solve_cg`` through
-``custom_root`` with the cold CG budget, when TorchOpt is importable.
+30 hyper-steps of per-weight decay on the digits MLP (tanh 64-16-10, 1,210 weights and as many
+log decays): each moves the decays by Adam along the exact hypergradient and retrains the weights
+by ``--inner`` (10) L-BFGS iterations from the previous ones (a HyperOptimizer's window), so
+consecutive hyper-steps solve nearly the same system. Reference: a dense float64 solve (damped by
+``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite). Per strategy, a
+bisection on the dense matrix (state restored between trials) finds the smallest CG budget within
+``--target`` (relative error); the real call with that budget (autograd products) is then timed
+in interleaved rounds and advances the strategy's state. Strategies: cold ``CG`` (as TorchOpt and
+Betty), warm ``CG`` (``Implicit(warm_start=True)``), warm ``NystromPCG(refresh_every="auto")``,
+warm ``RecycledCG`` (Ritz pairs of past solves as preconditioner); TorchOpt's cold ``solve_cg``
+through ``custom_root`` at the cold CG budget, when importable.
 
-``--size 100k``: tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights and decays, 256
-training and 256 validation rows); reference: a converged float64 NystromPCG solve (relative
-residual 1e-7); the bisection runs on real products, so it defaults to 10 hyper-steps.
+``--size 100k``: tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights and decays, 256 train
+and 256 validation rows); reference: float64 NystromPCG to relative residual 1e-7; the bisection
+runs on real products; 10 hyper-steps by default.
 """
-
-from __future__ import annotations
 
 import math
 import sys
@@ -34,7 +30,6 @@ import hypergradient as hg
 from vs_torchopt import torchopt, torchopt_implicit
 
 F64, NAME, TITLE = torch.float64, "reuse", "Reuse across hyper-steps: products and seconds to 1e-2"
-STRATEGIES = ("cold CG", "warm CG", "warm NystromPCG(auto refresh)", "warm RecycledCG")
 
 
 def make_methods(args: Any) -> dict[str, hg.Implicit]:
@@ -48,11 +43,6 @@ def make_methods(args: Any) -> dict[str, hg.Implicit]:
     }
 
 
-def weights(pb: H.Bilevel) -> torch.Tensor:
-    """``exp(h) theta``: the hypergradient of the decays is ``-exp(h) theta x`` elementwise."""
-    return H.flat(pb.hparams).exp() * H.flat(pb.params)
-
-
 def damping(lo: float, hi: float) -> float:
     """``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite, else 0."""
     return 1e-3 * hi - lo if lo <= 1e-8 * hi else 0.0
@@ -62,38 +52,35 @@ def system(H: hg.LinearOperator, d: float) -> hg.LinearOperator:
     return hg.DampedOperator(H, d) if d else H  # as hg.Implicit(damping=d) builds it
 
 
-def reference(pb: H.Bilevel) -> dict[str, Any]:
-    """Dense Hessian, damping, ``b = grad_theta g`` and the exact solution (float64)."""
-    A = H.dense_hessian(pb)
-    lam = torch.linalg.eigvalsh(A)
-    d = damping(float(lam[0]), float(lam[-1]))
-    ps = tuple(p.detach().requires_grad_(True) for p in pb.params)
-    b = H.flat(torch.autograd.grad(pb.outer_loss(ps, pb.hparams), ps))
-    x = torch.linalg.solve(A + d * torch.eye(len(A), dtype=F64), b)
-    op = system(hg.MatrixOperator(A), d)
-    return {"op": op, "b": b, "x": x, "damping": d, "lambda": (float(lam[0]), float(lam[-1]))}
-
-
-def converged_reference(pb: H.Bilevel) -> dict[str, Any]:
-    """100k: Lanczos extremes, then a float64 NystromPCG solve to relative residual 1e-7;
-    the bisection runs on the float32 Hessian products of the real call."""
+def reference(pb: H.Bilevel, big: bool) -> dict[str, Any]:
+    """The system the bisection runs on (``op``), its damping, ``b = grad_theta g`` and the
+    exact solution ``x`` in float64: digits, a dense solve; 100k, Lanczos extremes, then a
+    NystromPCG solve to relative residual 1e-7 (``op``: the float32 products of the real call)."""
     p64 = pb.cast(F64)
-    H64 = hg.HessianOperator(p64.inner_loss, p64.params, p64.hparams)
-    ext = hg.solvers.lanczos_extremes(H64, 100, torch.Generator().manual_seed(0))
-    lo, hi = float(ext.lambda_min), float(ext.lambda_max)
-    d, ps = damping(lo, hi), tuple(p.detach().requires_grad_(True) for p in p64.params)
+    ps = tuple(p.detach().requires_grad_(True) for p in p64.params)
     b = H.flat(torch.autograd.grad(p64.outer_loss(ps, p64.hparams), ps))
-    x = hg.NystromPCG(rank=100, maxiter=5000, tol=1e-7, seed=0).solve(system(H64, d), b).value
-    op = system(hg.HessianOperator(pb.inner_loss, pb.params, pb.hparams), d)
-    return {"op": op, "b": b.to(op.dtype), "x": x, "damping": d, "lambda": (lo, hi)}
+    if big:
+        H64 = hg.HessianOperator(p64.inner_loss, p64.params, p64.hparams)
+        ext = hg.solvers.lanczos_extremes(H64, 100, torch.Generator().manual_seed(0))
+        lam = (float(ext.lambda_min), float(ext.lambda_max))
+        pcg, d = hg.NystromPCG(rank=100, maxiter=5000, tol=1e-7, seed=0), damping(*lam)
+        x = pcg.solve(system(H64, d), b).value
+        op = system(hg.HessianOperator(pb.inner_loss, pb.params, pb.hparams), d)
+    else:
+        A = H.dense_hessian(pb)
+        ev = torch.linalg.eigvalsh(A)
+        lam = (float(ev[0]), float(ev[-1]))
+        d = damping(*lam)
+        x = torch.linalg.solve(A + d * torch.eye(len(A), dtype=F64), b)
+        op = system(hg.MatrixOperator(A), d)
+    return {"op": op, "b": b.to(op.dtype), "x": x, "damping": d, "lambda": lam}
 
 
 def budget(
     method: hg.Implicit, ref: dict, err: Callable[[torch.Tensor], float], target: float, cap: int
 ) -> tuple[int, int, float]:
     """Smallest budget reaching ``target`` on ``ref["op"]``: (budget, products, error)."""
-    solver, state, op = method.solver, method.state_dict(), ref["op"]
-    x0 = state.get("x")
+    solver, op, x0 = method.solver, ref["op"], method.state_dict().get("x")
 
     def trial(k: int) -> tuple[int, float]:
         snap = solver.snapshot()
@@ -121,7 +108,7 @@ def make_problem(args: Any) -> H.Bilevel:
 
 
 def hyper_steps(args: Any) -> list[dict[str, Any]]:
-    pb, big = make_problem(args), args.size == "100k"
+    pb = make_problem(args)
     theta, raw = H.flat(pb.params), H.flat(pb.hparams).clone().requires_grad_(True)
     adam, methods = torch.optim.Adam([raw], lr=args.outer_lr), make_methods(args)
     to, rows = torchopt(), []
@@ -131,7 +118,8 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
             f = lambda t, hp=hp: pb.inner_loss(H.unflat(t, pb.params), hp)  # noqa: E731
             theta = H.lbfgs(f, theta, args.inner)
         cur = replace(pb, params=H.unflat(theta, pb.params), hparams=hp)
-        ref, w = (converged_reference if big else reference)(cur), weights(cur).to(F64)
+        ref = reference(cur, args.size == "100k")
+        w = (H.flat(cur.hparams).exp() * H.flat(cur.params)).to(F64)  # h = -exp(h) theta x
         exact = -w * ref["x"]
         err = lambda x, w=w, e=exact: H.relative_error(-w * x.to(F64), e)  # noqa: E731
         row: dict[str, Any] = {"step": step, "damping": ref["damping"], "lambda": ref["lambda"]}
@@ -166,7 +154,7 @@ def hyper_steps(args: Any) -> list[dict[str, Any]]:
         raw.grad = exact.reshape(raw.shape).to(raw.dtype)
         del ref  # the 100k Hessian operators hold graphs
         adam.step()
-        H.log(f"hyper-step {step}: " + ", ".join(f"{n} {row[n]['hvps']}" for n in STRATEGIES))
+        H.log(f"hyper-step {step}: " + ", ".join(f"{n} {row[n]['hvps']}" for n in methods))
         rows.append(row)
     return rows
 
@@ -206,11 +194,8 @@ def render(d: dict[str, Any]) -> list[str]:
     cols = "strategy|hvps:d|hvps_last10:.0f|seconds:.3f|fewer_products:.2f|less_time:.2f"
     cols += "|worst_error:.2e"
     names = strategies(rows)
-    per = [
-        {"step": r["step"], "damping": r["damping"]} | {n: r[n]["hvps"] for n in names}
-        for r in rows
-    ]
-    ms = [{"step": r["step"]} | {n: r[n].get("ms") for n in names} for r in rows]
+    per = [r | {n: r[n]["hvps"] for n in names} for r in rows]  # step, damping, products
+    ms = [r | {n: r[n].get("ms") for n in names} for r in rows]
     per_cols, ms_cols = ("step:d|" + "|".join(f"{n}:{f}" for n in names) for f in ("d", ".1f"))
     return [
         H.bullets(notes + [f"problem: {d['problem']}"]),
@@ -228,7 +213,7 @@ def plot(d: dict[str, Any], out: Any) -> Any:
     for n in strategies(rows):
         style = "k--" if n.startswith("TorchOpt") else "-"
         axes[0, 0].plot(steps, [r[n]["hvps"] for r in rows], style, label=n)
-        axes[0, 1].plot(steps, [r[n].get("ms") or float("nan") for r in rows], style, label=n)
+        axes[0, 1].plot(steps, [r[n].get("ms") or math.nan for r in rows], style, label=n)
     axes[0, 0].set(xlabel="hyper-step", ylabel="products to the target", yscale="log")
     axes[0, 1].set(xlabel="hyper-step", ylabel="ms per hypergradient", yscale="log")
     axes[0, 0].legend(fontsize=7)

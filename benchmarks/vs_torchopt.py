@@ -1,8 +1,6 @@
 """Against TorchOpt 0.7.3 and plain autograd: implicit and unrolled hypergradients, cold start,
 per-call overhead."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,11 +10,9 @@ import harness as H
 import hypergradient as hg
 import unrolled_speed as U
 
-F64, NAME, TITLE = (
-    torch.float64,
-    "vs_torchopt",
-    "TorchOpt 0.7.3 and plain autograd vs hypergradient",
-)
+F64, NAME = torch.float64, "vs_torchopt"
+TITLE = "TorchOpt 0.7.3 and plain autograd vs hypergradient"
+WHO = {"hg": "unrolled", "autograd": "hand", "torchopt": "torchopt"}  # unrolled_speed's names
 
 
 def torchopt() -> Any:
@@ -25,16 +21,15 @@ def torchopt() -> Any:
 
 def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor]:
     """TorchOpt's ``custom_root`` around a solver that returns the given optimum."""
-    f, g = pb.inner_loss, pb.outer_loss
 
-    @torchopt().diff.implicit.custom_root(torch.func.grad(f), argnums=1, solve=solve)
+    @torchopt().diff.implicit.custom_root(torch.func.grad(pb.inner_loss), argnums=1, solve=solve)
     def solver(params: Any, hparams: Any) -> Any:
         return params
 
     def call(s: int) -> torch.Tensor:
         hp = H.leaves(pb.hparams)
         sol = solver(tuple(p.detach() for p in pb.params), hp)
-        return H.flat(torch.autograd.grad(g(sol, hp), hp, allow_unused=True))
+        return H.flat(torch.autograd.grad(pb.outer_loss(sol, hp), hp, allow_unused=True))
 
     return call
 
@@ -42,25 +37,24 @@ def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor
 def implicit_problems(quick: bool, seed: int) -> list[tuple[H.Bilevel, torch.Tensor]]:
     """(problem, reference) pairs: ridge (closed form), logistic regression and the digits MLP
     (dense solves), a float32 MNIST MLP (~100k parameters; CG converged in float64)."""
-    ridge, lr = H.ridge(seed, 40, 10) if quick else H.ridge(seed), H.logreg(seed)
-    out = [(ridge, ridge.closed_form), (lr, H.dense_hypergradient(lr))]
-    if not quick:  # (the same code path as logreg)
-        mlp = H.digits_mlp(seed)
-        out.append((mlp, H.dense_hypergradient(mlp)))
-    size = (4, 64, 64, F64, 0, 5) if quick else (110, 256, 256, F64, 0, 200)
-    big = H.mnist_mlp(*size)
+    ridge = H.ridge(seed, 40, 10) if quick else H.ridge(seed)
+    dense = [H.logreg(seed)] + ([] if quick else [H.digits_mlp(seed)])  # quick: no MLP (as logreg)
+    out = [(ridge, ridge.closed_form)] + [(pb, H.dense_hypergradient(pb)) for pb in dense]
+    big = H.mnist_mlp(4, 64, 64, F64, 0, 5) if quick else H.mnist_mlp(110, 256, 256, F64, 0, 200)
     big.damping = 0.1 if quick else 1e-2
     big.name = f"mnist_mlp ({big.num_params:,} params, float32)"
     ref = hg.implicit(*big.args, hg.CG(maxiter=2000, tol=1e-10), damping=big.damping)
     return out + [(big.cast(torch.float32), H.flat(ref))]
 
 
-def ours_call(pb: H.Bilevel, solver: hg.Solver) -> Callable[..., Any]:
+def ours(name: str, pb: H.Bilevel, solver: hg.Solver) -> H.Case:
+    """``hg.implicit``, its info (products) in the warm-up output."""
+
     def call(s: int, info: bool = False) -> Any:
         out = hg.implicit(*pb.args, solver, damping=pb.damping, return_info=info, residual=False)
         return out if info else H.flat(out)
 
-    return call
+    return H.Case(f"hg {name}", call, lambda: call(0, True))
 
 
 def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) -> list[dict]:
@@ -72,17 +66,15 @@ def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) 
         alpha, d = 1.0 / (float(lam) + pb.damping), pb.damping or None
         for k in budgets:
             H.log(f"[implicit] {pb.name}, k = {k}")
-            ours = {"CG": hg.CG(maxiter=k, tol=0.0), "Neumann": hg.Neumann(k, alpha=alpha)}
-            cases = [H.Case(f"hg {n}", ours_call(pb, sv)) for n, sv in ours.items()]
-            for c in cases:
-                c.info = lambda c=c: c.call(0, True)
+            solvers = {"CG": hg.CG(maxiter=k, tol=0.0), "Neumann": hg.Neumann(k, alpha=alpha)}
+            cases = [ours(n, pb, sv) for n, sv in solvers.items()]
             if to is not None:
                 cg = to.linear_solve.solve_cg(maxiter=k, rtol=0.0, atol=0.0, ridge=d)
                 ns = to.linear_solve.solve_inv(ns=True, maxiter=k, alpha=alpha, ridge=d)
                 peers = (("CG", cg), ("Neumann", ns))
                 cases += [H.Case(f"torchopt {n}", torchopt_implicit(pb, sv)) for n, sv in peers]
             res = {t.key: t for t in H.interleave(cases, repeats, keep=lambda h: h)}
-            for name in ours:
+            for name in solvers:
                 o, t = res[f"hg {name}"], res.get(f"torchopt {name}")
                 err = lambda r, ref=ref: H.relative_error(r.kept[-1], ref) if r and r.kept else None  # noqa: E731
                 row = {"problem": pb.name, "params": pb.num_params, "solver": name, "k": k}
@@ -93,12 +85,9 @@ def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) 
     return rows
 
 
-WHO = {"hg": "unrolled", "autograd": "hand", "torchopt": "torchopt"}  # unrolled_speed's names
-
-
 def unrolled_part(quick: bool, T: int, repeats: int) -> list[dict]:
     """``unrolled_speed``'s competitors: time here, peak memory in a child process each."""
-    methods, rows, hidden = ["hg", "autograd"] + ["torchopt"] * (torchopt() is not None), [], 32
+    methods, rows = ["hg", "autograd"] + ["torchopt"] * (torchopt() is not None), []
     for name in U.PROBLEMS:
         H.log(f"[unrolled] {name}, T = {T}")
         hidden = 4 if quick and name == "mlp" else 32

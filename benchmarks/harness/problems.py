@@ -1,7 +1,6 @@
 """The problems every benchmark uses, each defined once, with its exact reference."""
 
-from __future__ import annotations
-
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -80,15 +79,12 @@ def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     return hit[1]
 
 
-class NotPositiveDefinite(RuntimeError):
-    """A dense Hessian met by :func:`newton` is not positive definite."""
-
-
 def newton(
     f: Callable, theta: Tensor, tol: float = 1e-10, maxiter: int = 50, *, damped: bool = True
 ):
-    """Newton's method on a flat vector with the dense Hessian (Cholesky), Armijo backtracking (full
-    steps once the decrease ``g' H^-1 g`` is below 1e-12, round-off of ``f``)."""
+    """Newton's method on a flat vector with the dense Hessian (Cholesky: ``LinAlgError`` if it is
+    not positive definite), Armijo backtracking (full steps once the decrease ``g' H^-1 g`` is
+    below 1e-12, round-off of ``f``)."""
     grad_f = torch.func.grad(f)
     hess_f = torch.func.jacrev(grad_f, chunk_size=DENSE_CHUNK)
     value, it = f(theta), 0
@@ -98,14 +94,11 @@ def newton(
             it -= 1
             break
         H = hess_f(theta)
-        L, info = torch.linalg.cholesky_ex(0.5 * (H + H.T))
-        if int(info) != 0:
-            raise NotPositiveDefinite(f"Newton iteration {it}: Cholesky failed")
+        L = torch.linalg.cholesky(0.5 * (H + H.T))
         step = torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
         t, slope = 1.0, float(g @ step)
         while damped and slope >= 1e-12:  # Armijo backtracking; full steps near the minimum
-            new_value = f(theta - t * step)
-            if float(new_value) <= float(value) - 1e-4 * t * slope or t < 1e-8:
+            if float(f(theta - t * step)) <= float(value) - 1e-4 * t * slope or t < 1e-8:
                 break
             t *= 0.5
         theta = (theta - t * step).detach()
@@ -127,19 +120,6 @@ def lbfgs(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, history: int
 
     opt.step(closure)
     return x.detach()
-
-
-def train_then_polish(f: Callable[[Tensor], Tensor], theta: Tensor, iters: int, rounds: int):
-    """L-BFGS rounds, each followed by a Newton polish kept only if the Hessian stays PD:
-    ``(theta, L-BFGS iterations, Newton steps, polished)``."""
-    for r in range(1, rounds + 1):
-        theta = lbfgs(f, theta, iters)
-        try:
-            theta, steps, _ = newton(f, theta, 1e-10, 20)
-            return theta, r * iters, steps, True
-        except NotPositiveDefinite:
-            continue
-    return theta, rounds * iters, 0, False
 
 
 def load_sklearn(name: str, dtype=F64, y_dtype=None, generator=None) -> tuple[Tensor, Tensor]:
@@ -220,9 +200,8 @@ def logistic(bias: bool = True) -> tuple[Callable[..., Tensor], Callable[..., Te
         return F.binary_cross_entropy_with_logits(z, cast(batch[1], z.dtype).reshape(-1))
 
     def f_batch(params: Params, log_decay: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
-        return bce(params, batch) + 0.5 * torch.sum(
-            torch.exp(log_decay) * params[0].reshape(-1) ** 2
-        )
+        penalty = torch.sum(torch.exp(log_decay) * params[0].reshape(-1) ** 2)
+        return bce(params, batch) + 0.5 * penalty
 
     return bce, f_batch
 
@@ -264,7 +243,7 @@ class Bilevel:
     params0: Params | None = None  # the start of an inner run (trajectory benchmarks)
     damping: float = 0.0
 
-    def cast(self, dtype: torch.dtype, hparams_dtype: torch.dtype | None = None) -> Bilevel:
+    def cast(self, dtype: torch.dtype, hparams_dtype: torch.dtype | None = None) -> "Bilevel":
         """The same problem with params in ``dtype`` (hparams in ``hparams_dtype`` or it)."""
         p0 = None if self.params0 is None else tuple(p.to(dtype) for p in self.params0)
         hp = tuple(h.to(hparams_dtype or dtype) for h in self.hparams)
@@ -283,10 +262,6 @@ class Bilevel:
         return self.inner_loss(unflat(theta, self.params), hparams or self.hparams)
 
 
-def _split(X: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return X[:n], y[:n], X[n:], y[n:]
-
-
 def ridge(seed: int = 0, n: int = 200, d: int = 50) -> Bilevel:
     """Per-feature ridge on generated data (columns scaled e^-1..e^1); closed-form reference
     ``dg/dlam = -(A^-1 grad_w g) * w``."""
@@ -295,7 +270,7 @@ def ridge(seed: int = 0, n: int = 200, d: int = 50) -> Bilevel:
     y = X @ torch.randn(d, generator=g, dtype=F64)
     y = y + 0.5 * torch.randn(2 * n, generator=g, dtype=F64)
     lam = 10.0 ** (-3.0 + 2.0 * torch.rand(d, generator=g, dtype=F64))
-    Xt, yt, Xv, yv = _split(X, y, n)
+    Xt, yt, Xv, yv = X[:n], y[:n], X[n:], y[n:]
     A = Xt.T @ Xt / n + torch.diag(lam)
     w = torch.linalg.solve(A, Xt.T @ yt / n)
     closed = -torch.linalg.solve(A, Xv.T @ (Xv @ w - yv) / n) * w
@@ -323,7 +298,7 @@ def logreg(seed: int = 0, *, n_train=None, bias=True, log_decay=None, shuffle=Tr
     X, y = load_sklearn("breast_cancer", generator=g if shuffle else None)
     n = n_train or len(y) // 2
     X = standardize(X, n)
-    Xt, yt, Xv, yv = _split(X, y, n)
+    Xt, yt, Xv, yv = X[:n], y[:n], X[n:], y[n:]
     d = X.shape[1]
     if log_decay is None:
         loglam = math.log(1e-3) + math.log(100.0) * torch.rand(d, generator=g, dtype=F64)
@@ -384,33 +359,36 @@ def digits_mlp(
     seed=0, hidden=32, lbfgs_iters=1000, decay=(1e-3, 1e-2), rounds=20, require_pd=True, train=True
 ):
     """tanh MLP 64-hidden-10 on digits (1000 train / 797 validation), one log weight decay per
-    parameter drawn in ``log(decay)``; trained by L-BFGS then Newton-polished."""
+    parameter drawn in ``log(decay)``; up to ``rounds`` rounds of L-BFGS, each followed by a
+    Newton polish kept once the Hessian is positive definite (else damped if not
+    ``require_pd``)."""
     g = torch.Generator().manual_seed(seed)
     X, y = load_sklearn("digits", y_dtype=torch.long, generator=g)
     X = standardize(X, 1000)
-    Xt, yt, Xv, yv = _split(X, y, 1000)
+    (Xt, yt), val = (X[:1000], y[:1000]), (X[1000:], y[1000:])
     init = mlp_init((64, hidden, 10), g)
     lo, hi = (math.log(v) for v in decay)
     loglam = tuple(lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=F64) for t in init)
-    f, g_ = mlp_losses((Xt, yt), (Xv, yv))
-    started = time.perf_counter()
-    theta, iters, steps, polished = flat(init), 0, 0, True
-    if train:
-        f_flat = lambda t: f(unflat(t, init), loglam)  # noqa: E731
-        theta, iters, steps, polished = train_then_polish(f_flat, theta, lbfgs_iters, rounds)
+    f, g_ = mlp_losses((Xt, yt), val)
+    started, f_flat = time.perf_counter(), lambda t: f(unflat(t, init), loglam)
+    theta, iters, steps, polished = flat(init), 0, 0, not train
+    while not polished and iters < rounds * lbfgs_iters:
+        theta, iters = lbfgs(f_flat, theta, lbfgs_iters), iters + lbfgs_iters
+        with contextlib.suppress(torch.linalg.LinAlgError):  # not positive definite
+            theta, steps, _ = newton(f_flat, theta, 1e-10, 20)
+            polished = True
     if not polished and require_pd:
-        raise NotPositiveDefinite(f"no PD inner point after {iters} L-BFGS iterations")
+        raise torch.linalg.LinAlgError(f"no PD inner point after {iters} L-BFGS iterations")
     params = unflat(theta.clone(), init)
     P, span = theta.numel(), f"exp in [{decay[0]:g}, {decay[1]:g}]"
     desc = f"tanh MLP 64-{hidden}-10 ({P} parameters), digits, one log decay per weight ({span})"
-    pb = Bilevel("mlp", desc, f, g_, params, loglam, params0=init)
     newton_text = f"{steps} Newton steps" if polished else "Newton refused (H not PD)"
-    pb.setup = {"num_params": P, "num_hparams": P, "n_train": 1000, "n_val": len(y) - 1000}
-    pb.setup["inner_solver"] = f"{iters} L-BFGS iterations then {newton_text}"
-    pb.setup["inner_solver"] += f" ({time.perf_counter() - started:.1f} s)"
-    pb.setup["inner_grad_norm"] = float(torch.func.grad(pb.f_flat)(theta).norm()) if train else None
-    pb.setup["train_accuracy"] = accuracy(params, (Xt, yt))
-    pb.setup["val_accuracy"] = accuracy(params, (Xv, yv))
+    solver = f"{iters} L-BFGS iterations then {newton_text} ({time.perf_counter() - started:.1f} s)"
+    gnorm = float(torch.func.grad(f_flat)(theta).norm()) if train else None
+    setup = {"num_params": P, "num_hparams": P, "n_train": 1000, "n_val": len(y) - 1000}
+    setup |= {"inner_solver": solver, "inner_grad_norm": gnorm}
+    setup |= {"train_accuracy": accuracy(params, (Xt, yt)), "val_accuracy": accuracy(params, val)}
+    pb = Bilevel("mlp", desc, f, g_, params, loglam, setup, params0=init)
     if not polished:
         evals = torch.linalg.eigvalsh(dense_hessian(pb))
         pb.damping = float(1e-3 * evals[-1] - evals[0]) if evals[0] <= 0 else 0.0
@@ -533,12 +511,8 @@ def dense_hypergradient(pb: Bilevel, H: Tensor | None = None) -> Tensor:
     H = dense_hessian(pb) if H is None else H
     ps = tuple(p.detach().to(F64).requires_grad_(True) for p in pb.params)
     hs = tuple(h.detach().to(F64).requires_grad_(True) for h in pb.hparams)
-    grads = torch.autograd.grad(pb.outer_loss(ps, hs), ps + hs, allow_unused=True)
-    g_theta = flat([torch.zeros_like(p) if gr is None else gr for p, gr in zip(ps, grads)])
-    v = torch.linalg.solve(H + pb.damping * torch.eye(len(H), dtype=F64), g_theta)
+    grads = torch.autograd.grad(pb.outer_loss(ps, hs), ps + hs, materialize_grads=True)
+    v = torch.linalg.solve(H + pb.damping * torch.eye(len(H), dtype=F64), flat(grads[: len(ps)]))
     gf = torch.autograd.grad(pb.inner_loss(ps, hs), ps, create_graph=True)
-    mixed = torch.autograd.grad(torch.dot(flat(gf), v), hs, allow_unused=True)
-    z = torch.zeros_like
-    pairs = zip(grads[len(ps) :], mixed, hs)
-    parts = [(z(h) if d is None else d) - (z(h) if m is None else m) for d, m, h in pairs]
-    return flat(parts).detach()
+    mixed = torch.autograd.grad(torch.dot(flat(gf), v), hs, materialize_grads=True)
+    return flat([d - m for d, m in zip(grads[len(ps) :], mixed)]).detach()

@@ -1,7 +1,5 @@
 """One writer of results: the JSON file, the Markdown tables rendered from it, the plots."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import math
@@ -133,22 +131,23 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def header(title: str, data: dict[str, Any]) -> str:
-    """Title, machine, run mode and the notes of a result file."""
-    m, args = data.get("machine", "?"), data.get("args") or {}
-    machine = m if isinstance(m, str) else "; ".join(f"{k} {v}" for k, v in m.items())
-    quick = args.get("quick", data.get("mode") == "quick")
-    lines = [f"# {title}", "", f"- machine: {machine}"]
-    lines.append(f"- {'quick' if quick else 'full'} run; seed {args.get('seed', 0)}")
-    return "\n".join(lines + [f"- {n}" for n in data.get("notes", [])])
-
-
-def render_markdown(name: str, title: str, data: dict[str, Any], render: Render, out: Path) -> None:
-    total = data.get("total_seconds")
+def publish(name: str, title: str, data: dict, render: Render, plot: Plot | None, out: Path):
+    """Print and write ``<name>.md``: title, machine, run mode, notes, the sections of
+    ``render(data)``, wall time; then draw ``plot(data, out)`` (skipped without matplotlib)."""
+    args, total = data["args"], data.get("total_seconds")
+    machine = "; ".join(f"{k} {v}" for k, v in data["machine"].items())
+    mode = f"{'quick' if args['quick'] else 'full'} run; seed {args['seed']}"
+    head = [f"# {title}", "", f"- machine: {machine}", f"- {mode}"]
+    head += [f"- {n}" for n in data.get("notes", [])]
     footer = f"Total wall time: {total:.0f} s" if total is not None else ""
-    md = "\n\n".join([header(title, data), *render(data), footer]).rstrip() + "\n"
+    md = "\n\n".join(["\n".join(head), *render(data), footer]).rstrip() + "\n"
     print(md, flush=True)
     write_atomic(out / f"{name}.md", md)
+    if plot is not None:
+        try:
+            log(f"wrote {plot(data, out)}")
+        except ImportError as exc:  # no matplotlib
+            log(f"plot skipped: {exc}")
 
 
 class Report:
@@ -161,23 +160,11 @@ class Report:
     def write(self, data: dict[str, Any], render: Render, plot: Plot | None = None) -> dict:
         out: Path = self.args.out
         out.mkdir(parents=True, exist_ok=True)
-        total = time.perf_counter() - self.started
         payload = {"machine": self.machine, "args": vars(self.args), **data}
-        payload = jsonable(payload | {"total_seconds": total})
+        payload = jsonable(payload | {"total_seconds": time.perf_counter() - self.started})
         write_atomic(out / f"{self.name}.json", json.dumps(payload, indent=1) + "\n")
-        render_markdown(self.name, self.title, payload, render, out)
-        log(f"wrote {out / self.name}.md and .json")
-        if plot is not None:
-            draw(plot, payload, out)
+        publish(self.name, self.title, payload, render, plot, out)
         return payload
-
-
-def draw(plot: Plot, data: dict[str, Any], out: Path) -> None:
-    """Draw a benchmark's plots; a missing matplotlib is reported, not raised."""
-    try:
-        log(f"wrote {plot(data, out)}")
-    except ImportError as exc:
-        log(f"plot skipped: {exc}")
 
 
 def replot(
@@ -186,13 +173,8 @@ def replot(
     """With ``--replot``: rewrite ``name``'s Markdown and plots from its JSON; True if so."""
     if args.replot:
         data = json.loads((args.out / f"{name}.json").read_text())
-        render_markdown(name, title, data, render, args.out)
-        if plot is not None:
-            draw(plot, data, args.out)
+        publish(name, title, data, render, plot, args.out)
     return bool(args.replot)
-
-
-Run = Callable[[argparse.Namespace, "Report"], dict[str, Any]]
 
 
 def option(flag: str, quick: Any = None, full: Any = None, **kw: Any) -> tuple:
@@ -200,7 +182,7 @@ def option(flag: str, quick: Any = None, full: Any = None, **kw: Any) -> tuple:
     return flag, (quick, full), kw
 
 
-def bench_main(doc: str | None, name: str, title: str, run: Run, render: Render, **kw) -> dict:
+def bench_main(doc: str | None, name: str, title: str, run: Callable, render: Render, **kw) -> dict:
     """The entry point of every benchmark: the shared options (:func:`cli`) and
     ``kw["options"]`` (:func:`option`), ``--replot``, then ``run(args, report)`` (which may add
     to ``report.machine``) written by :class:`Report` with ``kw["plot"]``. Returns the JSON."""
@@ -211,13 +193,12 @@ def bench_main(doc: str | None, name: str, title: str, run: Run, render: Render,
     if replot(args, name, title, render, plot):
         return json.loads((args.out / f"{name}.json").read_text())
     start(args)
-    unset = {f[2:].replace("-", "_"): qf for f, qf, _ in options if qf != (None, None)}
-    defaults(args, **unset)
+    defaults(args, **{flag[2:].replace("-", "_"): qf for flag, qf, _ in options})
     rep = Report(name, title, args)
     return rep.write(run(args, rep), render, plot)
 
 
-def entry(doc: str | None, name: str, title: str, run: Run, render: Render, **kw: Any):
+def entry(doc: str | None, name: str, title: str, run: Callable, render: Render, **kw: Any):
     """The ``main(argv)`` of a benchmark: :func:`bench_main` with these arguments."""
     return lambda argv=None: bench_main(doc, name, title, run, render, argv=argv, **kw)
 

@@ -1,14 +1,12 @@
 """One way to time things: interleaved rounds, runs in lockstep, peak memory in a child process,
 cold starts in a new interpreter; the shared options."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import ctypes
 import functools
 import gc
-import importlib
+import importlib.metadata
 import json
 import math
 import multiprocessing
@@ -22,9 +20,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,25 +65,23 @@ def start(args: argparse.Namespace) -> None:
 
 def machine_info(**extra: Any) -> dict[str, Any]:
     """Platform, CPUs, RAM, versions and thread counts (call after :func:`start`)."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
-    m |= {"python": platform.python_version(), "cpu_count": os.cpu_count()}
-    m["ram_gib"] = round(ram, 1)
+    m |= {"python": platform.python_version(), "cpu_count": os.cpu_count(), "ram_gib": ram}
     m |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     m |= {"torch_interop_threads": torch.get_num_interop_threads(), "load_average": os.getloadavg()}
     return m | extra | {"hypergradient": hg.__version__}
 
 
-def error_text(exc: BaseException, limit: int | None = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if limit is None else text.splitlines()[0][:limit]
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:limit]
 
 
 def warning_texts(caught: Sequence[warnings.WarningMessage], limit: int = 300) -> list[str]:
     return sorted({f"{w.category.__name__}: {str(w.message)[:limit]}" for w in caught})
 
 
-@contextmanager
+@contextlib.contextmanager
 def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
     """Record every warning raised inside the block (deprecation notices dropped)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -107,10 +101,10 @@ def import_peer(module: str, distribution: str | None = None) -> tuple[Any, str]
     except Exception as exc:  # any import failure means "skip"
         log(f"{distribution or module} not importable, skipped: {error_text(exc)}")
         return None, error_text(exc)
-    try:
-        return mod, f"{version(distribution or module)} ({Path(mod.__file__ or '?').parent})"
-    except Exception:
-        return mod, "unknown version"
+    with contextlib.suppress(Exception):  # no distribution metadata
+        version = importlib.metadata.version(distribution or module)
+        return mod, f"{version} ({Path(mod.__file__ or '?').parent})"
+    return mod, "unknown version"
 
 
 def median(xs: Sequence[float | None]) -> float:
@@ -151,7 +145,7 @@ class Case:
     key: str
     call: Callable[[int], Any]
     info: Callable[[], Any] | None = None  # warm-up with diagnostics (default call(10_000))
-    prepare: Callable[[], None] | None = None  # untimed, before every call
+    prepare: Callable[[], None] = lambda: None  # untimed, before every call
     inner: int = 1  # calls per timing sample (sub-millisecond callables)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -187,33 +181,30 @@ def interleave(
 ) -> list[Timing]:
     """Warm up each case (output in ``warm``), then ``repeats`` rounds, one call of every case per
     round in an order rotated each round (slow drifts of a shared machine spread over all cases)."""
-    res = [Timing(c.key, dict(c.meta)) for c in cases]
-    live = []
-    for i, (c, r) in enumerate(zip(cases, res)):
+    res, live = [Timing(c.key, dict(c.meta)) for c in cases], []
+    for c, r in zip(cases, res):
         with recorded_warnings() as caught:
             try:
-                if c.prepare:
-                    c.prepare()
+                c.prepare()
                 r.warm, r.warm_ms, _ = timed_call(c.info or (lambda c=c: c.call(10_000)))
-                live.append(i)
+                live.append((c, r))
             except Exception as exc:  # reported in the table
                 r.error, r.traceback = error_text(exc), traceback.format_exc(limit=4)[-1500:]
         r.warnings = warning_texts(caught)
-    n = repeats(max((res[i].warm_ms for i in live), default=0.0)) if callable(repeats) else repeats
+    n = repeats(max((r.warm_ms for _, r in live), default=0.0)) if callable(repeats) else repeats
     with recorded_warnings() as caught:
         for k in range(n):
-            for i in rotation(live, k):
-                c, r, seen = cases[i], res[i], len(caught)
-                if c.prepare:
-                    c.prepare()
+            for c, r in rotation(live, k):
+                seen = len(caught)
+                c.prepare()
                 out, ms, cpu = timed_call(lambda c=c, k=k: c.call(k), c.inner)
                 r.ms_all.append(ms)
                 r.cpu_ms_all.append(cpu)
                 r.warned_calls += len(caught) > seen
                 if keep is not None:
                     r.kept.append(keep(out))
-    for i in live:
-        res[i].ms, res[i].cpu_ms = median(res[i].ms_all), median(res[i].cpu_ms_all)
+    for _, r in live:
+        r.ms, r.cpu_ms = median(r.ms_all), median(r.cpu_ms_all)
     return res
 
 
@@ -259,29 +250,25 @@ def lockstep(
     return warning_texts(caught)
 
 
-def hopt_step(hopt: hg.HyperOptimizer, batch: Any) -> None:
-    """The documented loop body of a ``HyperOptimizer``: zero_grad, backward, step."""
-    hopt.zero_grad()
-    hopt.train_loss(batch).backward()
-    hopt.step(batch)
+def loop_step(opt: Any, loss: Callable[[], Any], *args: Any) -> None:
+    """The documented loop body of a torch optimizer or a ``HyperOptimizer``: zero_grad,
+    backward, step."""
+    opt.zero_grad()
+    loss().backward()
+    opt.step(*args)
 
 
 def sgd_run(label: str, params: Any, loss: Callable[[], Any], lr: float, every: int = 0, **meta):
     """A :class:`Run` of plain ``torch.optim.SGD`` steps on ``loss()`` (``meta["opt"]``)."""
     opt = torch.optim.SGD(params, lr=lr)
-
-    def step() -> None:
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-
-    return Run(label, step, every, meta | {"opt": opt})
+    return Run(label, lambda: loop_step(opt, loss), every, meta | {"opt": opt})
 
 
 def hopt_run(label: str, model: Any, hparams: Any, batch: Any, every: int, **kw: Any) -> Run:
     """A :class:`Run` of a ``HyperOptimizer(model, hparams, **kw)`` (``meta["hopt"]``)."""
     hopt = hg.HyperOptimizer(model, hparams, **kw)
-    return Run(label, lambda: hopt_step(hopt, batch), every, {"model": model, "hopt": hopt})
+    step = lambda: loop_step(hopt, lambda: hopt.train_loss(batch), batch)  # noqa: E731
+    return Run(label, step, every, {"model": model, "hopt": hopt})
 
 
 def rounds_of(make_runs: Callable[[], list[Run]], steps: int, rounds: int, record=None):
@@ -306,18 +293,15 @@ def leaves(tree: Any) -> Any:
     return tree.detach().requires_grad_(True)
 
 
-_LIBC: Any = None
+try:
+    _LIBC: Any = ctypes.CDLL("libc.so.6")  # malloc_trim, mallopt
+except OSError:
+    _LIBC = None
 
 
 def settle() -> None:
     """Collect garbage and give the allocator's free pages back (``malloc_trim``)."""
-    global _LIBC
     gc.collect()
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
 
@@ -329,16 +313,11 @@ def mmap_every_block() -> None:
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) is not available")
 
 
-def _rss_mb() -> float:
-    text = Path("/proc/self/status").read_text()
-    return int(text.split("VmRSS:")[1].split()[0]) / 1024
-
-
 def peak_memory(call: Callable[[], T], settled: bool = True) -> tuple[T, float, float, float]:
     """``(output, wall s, CPU s, peak RSS increase in MB)`` of one call."""
     if settled:
         settle()
-    rss0 = _rss_mb()
+    rss0 = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     c0, t0 = time.process_time(), time.perf_counter()
@@ -409,16 +388,10 @@ def cold_start(module: str, what: str = "") -> dict[str, Any]:
     """In a new interpreter: ``import_s`` of ``import torch, hypergradient``, then ``<key>_s``
     and ``<key>_cpu_s`` of each call of ``module.cold_calls(what)`` in turn (built untimed),
     and whether ``torch._dynamo`` (``dynamo``) or ``sympy`` got imported."""
-    return fresh(COLD.format(module=module, what=what))
-
-
-def fresh(code: str, timeout: float = 300.0) -> dict[str, Any]:
-    """Run ``code`` in a new interpreter (benchmarks folder importable); it must print one
-    JSON object as its last line, which is returned."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), *sys.path])}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-c", code]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    path = os.pathsep.join([str(BENCHMARKS), *sys.path])
+    env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", COLD.format(module=module, what=what)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
