@@ -80,9 +80,15 @@ def test_t1t2_is_autograd_through_a_step_of_per_leaf_rates(kind, rates):
     f, g, h = make(kind, batches)
     exact, after = through_the_step(f, g, theta, h, rates)
     problem = hg.Problem(f, g, after, h, lr=list(rates), prev_params=theta)
-    got, info = hg.T1T2()(problem)
-    torch.testing.assert_close(got[0], exact[0], rtol=1e-12, atol=1e-14)
-    assert info.stats["mixed"] == "params" and "LeafRates" in info.solver
+    q = tuple(t.clone().requires_grad_(True) for t in after)
+    b = torch.cat([t.reshape(-1) for t in torch.autograd.grad(g(q, h), q)])  # ||b||: the info's
+    for mixed in ("auto", "params", "hparams"):
+        got, info = hg.T1T2(mixed=mixed)(problem)
+        torch.testing.assert_close(got[0], exact[0], rtol=1e-12, atol=1e-14)
+        assert "LeafRates" in info.solver and info.stats["mixed"] in ("params", "hparams")
+        assert info.outer_grad_norm == pytest.approx(float(b.norm()), rel=1e-12)
+    general, _ = hg.T1T2()._general(problem, None)  # the formula's path: the same numbers
+    torch.testing.assert_close(general[0], exact[0], rtol=1e-12, atol=1e-14)
     if kind == "penalty":  # it touches the first leaf alone: that leaf's rate decides
         if rates[0] > 0:
             alone, _ = hg.T1T2()(hg.Problem(f, g, after, h, lr=rates[0], prev_params=theta))
@@ -112,6 +118,38 @@ def test_dict_params_take_their_rates_in_key_order():
     )
     got, _ = hg.T1T2()(problem)
     torch.testing.assert_close(got[0], exact[0], rtol=1e-12, atol=1e-14)
+
+
+def test_large_leaves_take_the_leaf_by_leaf_pass():
+    """From 32,768 entries ``x = Lambda b`` is written leaf by leaf (float32: its norms by
+    rows); against autograd through the step in float64, and in float32 to its rounding."""
+    g0 = torch.Generator().manual_seed(5)
+    X, y = torch.randn(64, 256, generator=g0, dtype=DT), torch.randn(64, generator=g0, dtype=DT)
+    Xv = torch.randn(48, 256, generator=g0, dtype=DT)
+    yv = torch.randn(48, generator=g0, dtype=DT)
+    W = 0.05 * torch.randn(160, 256, generator=g0, dtype=DT)
+    theta = (W, 0.1 * torch.randn(160, generator=g0, dtype=DT))
+    h = (torch.full((160, 1), 1e-2, dtype=DT), torch.tensor(1e-2, dtype=DT))
+
+    def out(p, x):
+        return torch.tanh(x.to(p[0].dtype) @ p[0].T).sum(1) + p[1].sum()
+
+    def f(p, h):
+        fit = ((out(p, X) - y.to(p[0].dtype)) ** 2).mean()
+        return fit + 0.5 * (h[0] * p[0] ** 2).sum() + 0.5 * h[1] * (p[1] ** 2).sum()
+
+    def g(p, h):
+        return ((out(p, Xv) - yv.to(p[0].dtype)) ** 2).mean()
+
+    rates = (0.02, 0.5)
+    exact, after = through_the_step(f, g, theta, h, rates)
+    for dtype, tol in ((DT, 1e-12), (torch.float32, 1e-4)):
+        args = [tuple(t.to(dtype) for t in tree) for tree in (after, h, theta)]
+        problem = hg.Problem(f, g, args[0], args[1], lr=rates, prev_params=args[2])
+        got, info = hg.T1T2()(problem)
+        assert "LeafRates" in info.solver and info.stats["mixed"] == "hparams"
+        for a, e in zip(got, exact):
+            torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * float(e.abs().max()))
 
 
 def test_equal_rates_are_the_single_rate_problem():

@@ -117,6 +117,13 @@ class LeafRates(Solver):
         self._scale = torch.repeat_interleave(rates, sizes)
         return self
 
+    @property
+    def diagonal(self) -> Tensor:
+        """The rates laid out over the entries (after :meth:`bind`)."""
+        if self._scale is None:
+            raise ValueError("LeafRates: call bind(leaves) with the parameter leaves first.")
+        return self._scale
+
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
         if self._scale is None or self._scale.numel() != b.numel():

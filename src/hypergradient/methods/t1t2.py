@@ -17,16 +17,16 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import Status, as_choice, as_scalar_loss, finite_probe
+from .._vocab import Status, as_choice, as_scalar_loss
 from ..operators.buffers import keep_buffers
 from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
-from ..solvers.norms import ROW_SQUARES, ROWS_FROM, in_rows, norm_parts
+from ..solvers.norms import ROWS_FROM, norm_parts
 from ._checks import Inputs, check_problem
 from .base import Problem
 from .implicit_base import ImplicitMethod, as_hvp
 from .implicit_info import ImplicitInfo
-from .leaf_rates import LeafRates, look_ahead_solver, uniform
+from .leaf_rates import LeafRates, look_ahead_solver
 from .mixed_order import (
     HPARAMS_FIRST_SHARE,
     MIXED_ORDERS,
@@ -35,6 +35,7 @@ from .mixed_order import (
     on_path_share,
 )
 from .replay import rng_state, set_rng_state
+from .t1t2_read import b_parts, read_look_ahead
 
 __all__ = ["T1T2", "look_ahead"]
 
@@ -51,7 +52,7 @@ class T1T2(ImplicitMethod):
     usual approximation that keeps only the learning-rate factor. It is the implicit
     formula with ``H^{-1} ~ lr I`` (``hg.Identity(lr)``), the operator at
     ``problem.prev_params`` (``theta``) and the outer gradient at ``problem.params``
-    (``theta'``); ``problem.lr`` is required (per leaf: ``H^{-1} ~ Lambda``, generally).
+    (``theta'``); ``problem.lr`` is required (one per leaf: ``H^{-1} ~ Lambda``).
 
     In the usual case (one process, double backward, hyperparameters passed as
     arguments) the call takes the formula's three backward passes directly
@@ -138,8 +139,8 @@ class T1T2(ImplicitMethod):
             problem.process_group is None
             and not problem.hparams_by_reference
             and self.product_mode() in ("auto", "double")
-            and self.damping == 0.0  # a float 0 (AutoDamping is not ==)
-            and uniform(problem.lr)
+            and isinstance(self.damping, float)
+            and self.damping == 0.0
         )
 
     def __call__(self, problem: Problem, *, x0: Tree | Tensor | None = None) -> tuple[Tree, Any]:
@@ -150,10 +151,15 @@ class T1T2(ImplicitMethod):
         if x0 is not None or not self.direct(problem):
             return self._general(problem, x0)
         prep = self._prepare(problem, None)
-        lr = cast(Identity, prep.solver).scale
-        text = getattr(self, "_solver_text", None)  # repr(Identity(lr)), once per lr
-        if text is None or text[0] != lr:
-            text = self._solver_text = (lr, repr(prep.solver))
+        lr: float | Tensor
+        if isinstance(prep.solver, LeafRates):  # one rate per leaf: its diagonal
+            lr, solver_text = prep.solver.diagonal, repr(prep.solver)
+        else:
+            lr = cast(Identity, prep.solver).scale
+            text = getattr(self, "_solver_text", None)  # repr(Identity(lr)), once per lr
+            if text is None or text[0] != lr:
+                text = self._solver_text = (lr, repr(prep.solver))
+            solver_text = text[1]
         device = prep.inputs.param_leaves[0].device
         before = rng_state(device)
         key, order = self._order(prep.inputs)
@@ -176,7 +182,7 @@ class T1T2(ImplicitMethod):
             num_hvps=0,
             status=Status.FIXED_BUDGET,
             stats={"damping": 0.0, "hvp": "double", "hvp_fallback": None, "mixed": terms.order},
-            solver=text[1],
+            solver=solver_text,
             inner_loss=terms.inner_value,
             inner_grad_norm=terms.stat_norm,
             outer_grad_norm=terms.bnorm,
@@ -230,8 +236,11 @@ def _mixed(grads: list[Tensor | None], pieces: list[Tensor], h: list[Tensor]) ->
 LARGE = ROWS_FROM
 
 
-def _scaled(gq: Sequence[Tensor | None], lr: float, inputs: Inputs, dtype: torch.dtype) -> Tensor:
-    """``x = lr * b`` as one flat vector in ``dtype``; a leaf ``g`` does not reach is zero.
+def _scaled(
+    gq: Sequence[Tensor | None], lr: float | Tensor, inputs: Inputs, dtype: torch.dtype
+) -> Tensor:
+    """``x = lr * b`` as one flat vector in ``dtype`` (``lr`` a number or the flat diagonal of
+    per-leaf rates, in ``dtype``); a leaf ``g`` does not reach is zero.
 
     From :data:`LARGE` entries it is written leaf by leaf (``b``, the flat
     ``grad_theta g``, is never built: one pass over the gradient instead of a copy and a
@@ -241,14 +250,15 @@ def _scaled(gq: Sequence[Tensor | None], lr: float, inputs: Inputs, dtype: torch
     if inputs.param_spec.size < LARGE:
         return lr * _tree.cat(gq, inputs.param_spec, dtype, device)
     x = torch.empty(inputs.param_spec.size, dtype=dtype, device=device)
-    start = 0
+    start, per_leaf = 0, isinstance(lr, Tensor)
     for g, n in zip(gq, inputs.param_spec.numels):
         part = x[start : start + n]
         if g is None:
             part.zero_()
         else:
             g = g if g.dtype == dtype else g.to(dtype)  # multiplied in dtype, as lr * b
-            torch.mul(g.reshape(-1), lr, out=part)
+            factor = cast(Tensor, lr)[start : start + n] if per_leaf else lr
+            torch.mul(g.reshape(-1), factor, out=part)
         start += n
     return x
 
@@ -265,55 +275,6 @@ def _difference(direct: Sequence[Tensor | None], mixed: Sequence[Any]) -> list[T
         else:
             out.append(torch.sub(d.detach(), m.detach()))
     return out
-
-
-def _read(
-    norms: tuple[list[Tensor], list[Tensor]],
-    gf: list[Tensor | None],
-    x: Tensor,
-    values: tuple[Tensor, Tensor],
-    out: list[Tensor],
-) -> list[float] | None:
-    """``[||grad_theta f||, ||x||, f, g]`` in the device's wide dtype, read in one host
-    synchronization with a sum probe of every leaf of ``out``; None when one of them is
-    not finite or a norm is too small to be read to rounding. The norms come in parts
-    (``norms``: the parts of :func:`norm_parts` for ``grad_theta f``'s leaves and for
-    ``x``, taken as each was computed, while in cache) combined on the host: no flat
-    copy. ``out`` finite means both of its terms are (``inf - inf`` is NaN)."""
-    wide = _tree.wide_dtype(x.device)
-    probes = [*norms[0], *norms[1]]
-    count, count_x = len(norms[0]), len(probes)
-    probes += [v.detach().to(x.device, wide) for v in values]
-    probes += [t.sum(dtype=wide) if t.is_floating_point() else finite_probe(t) for t in out]
-    read = torch.stack([p if p.dtype == wide else p.to(wide) for p in probes]).tolist()
-    if not all(math.isfinite(v) for v in read):
-        return None
-    stat, xnorm = math.hypot(*read[:count]), math.hypot(*read[count:count_x])
-    if stat < _smallest_stat(gf, wide) or xnorm < _smallest_norm(x, wide):
-        return None  # a norm that may be more than a rounding off: the general formula
-    return [stat, xnorm, *read[count_x : count_x + 2]]
-
-
-def _smallest_stat(gf: Sequence[Tensor | None], wide: torch.dtype) -> float:
-    """The smallest ``||grad_theta f||`` read to rounding by float32 rows (0 when no leaf
-    is read that way)."""
-    leaves = [t for t in gf if t is not None]
-    if not any(in_rows(t, wide) for t in leaves):
-        return 0.0
-    return math.sqrt(sum(t.numel() for t in leaves)) * ROW_SQUARES
-
-
-def _smallest_norm(x: Tensor, wide: torch.dtype) -> float:
-    """The smallest ``||x||`` that is ``||lr b||`` to rounding: below it subnormal entries of
-    ``x`` (absolute error up to ``finfo(x.dtype).tiny``), or squares that underflow in the
-    wide dtype (each ``finfo(wide).tiny``) or in float32 rows (:func:`norm_parts`), could
-    move the norm by more than a rounding; the general formula then reads ``b`` itself
-    (``x = 0`` included)."""
-    w = torch.finfo(wide)
-    low = max(torch.finfo(x.dtype).tiny, math.sqrt(w.tiny / w.eps))
-    if in_rows(x, wide):
-        low = max(low, ROW_SQUARES)
-    return math.sqrt(x.numel()) * low
 
 
 def _first_pass(
@@ -337,7 +298,7 @@ def look_ahead(
     problem: Problem,
     inputs: Inputs,
     outer_at: Sequence[Tensor] | None,
-    lr: float,
+    lr: float | Tensor,
     order: str = "params",
 ) -> tuple[Tree, LookAheadTerms] | None:
     """``d_phi g(theta') - lr (d_phi grad_theta f(theta))^T grad_theta g(theta')`` by three
@@ -350,7 +311,8 @@ def look_ahead(
     formula's: ``x = lr * b`` in the accumulator dtype (written leaf by leaf from
     ``grad_theta g``), the mixed product as the gradient of one inner product, the
     difference per hyperparameter leaf. Every finiteness check is one stacked probe read
-    once: ``||x||`` (``||b|| = ||x|| / lr`` to the rounding of ``x``) and
+    once: ``||x||`` (``||b|| = ||x|| / lr`` to the rounding of ``x``; with one rate per
+    leaf, ``lr`` the flat diagonal, ``||b||`` from ``b``'s leaves) and
     ``||grad_theta f||`` (:func:`norm_parts`; a non-finite norm means a non-finite entry
     or a float32 row too large to square, either way the general formula answers),
     ``f``, ``g`` and a sum of each hypergradient leaf. ``order`` is the mixed product's
@@ -378,6 +340,7 @@ def look_ahead(
         gq = _grads(g, q + h_outer)
         x = _scaled(gq[: len(q)], lr, inputs, dtype)
         xparts = norm_parts(x, wide)
+        b = b_parts(lr, gq[: len(q)], wide)  # per-leaf rates: ||b|| from b's leaves
         pieces = _pieces(x, inputs)
         if order == "params":
             mixed: list[Any] | None = _mixed(gf, pieces, h)
@@ -389,10 +352,10 @@ def look_ahead(
     if any(d is None and m is None for d, m in zip(direct, mixed)):
         return None
     out = _difference(direct, mixed)
-    read = _read((stat, xparts), gf, x, (f, g), out)
+    read = read_look_ahead((stat, xparts), gf, x, (f, g), out, lr, b)
     if read is None:
         return None
-    stat_norm, xnorm, inner_value, outer_value = read
+    stat_norm, bnorm, inner_value, outer_value = read
     stat_norm = stat_norm if order == "params" else math.nan
-    terms = LookAheadTerms(outer_value, inner_value, stat_norm, xnorm / lr, x.detach(), order)
+    terms = LookAheadTerms(outer_value, inner_value, stat_norm, bnorm, x.detach(), order)
     return _tree.unflatten(h_spec, out), terms
