@@ -29,7 +29,6 @@ __all__ = [
     "check_rate_count",
     "look_ahead_solver",
     "smallest_rate",
-    "uniform",
 ]
 
 
@@ -72,11 +71,6 @@ def look_ahead_solver(lr: Any) -> Solver:
     if isinstance(rates, float):
         return Identity(rates)
     return Identity(rates[0]) if len(set(rates)) == 1 else LeafRates(rates)
-
-
-def uniform(lr: Any) -> bool:
-    """Whether ``Problem.lr`` is one rate (a number, or a sequence of equal rates)."""
-    return not isinstance(lr, (list, tuple)) or len(set(lr)) <= 1
 
 
 def check_rate_count(lr: Any, leaves: int) -> None:
