@@ -107,3 +107,14 @@ def test_ift_takes_groups_with_different_learning_rates():
     grad_g = XVb.T @ (XVb @ z - YV) / 30
     exact = -z @ torch.linalg.solve(H, grad_g)
     assert float(hopt.history[-1].hypergrad["lam"]) == pytest.approx(float(exact), rel=1e-8)
+
+
+def test_a_negative_group_rate_is_named_by_its_group_and_nothing_changes():
+    m, hopt = build((0.2, 0.1), hg.T1T2(), inner_steps=2)
+    step(hopt)
+    hopt.inner_optimizer.param_groups[1]["lr"] = -0.1
+    before = [p.detach().clone() for p in m.parameters()], hopt.hparams["lam"].clone()
+    with pytest.raises(ValueError, match=r"inner_optimizer\.param_groups\[1\]\['lr'\]"):
+        step(hopt)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before[0]))
+    assert torch.equal(hopt.hparams["lam"], before[1]) and len(hopt.history) == 0

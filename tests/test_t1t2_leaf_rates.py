@@ -216,3 +216,28 @@ def test_leaf_rates_solver_lays_out_the_diagonal_and_refuses_unbound_use():
     assert torch.equal(x, torch.tensor([0.5, 1.0, 0.0, 8.0, 10.0], dtype=DT))
     with pytest.raises(ValueError, match="2 learning rates|3 learning rates"):
         LeafRates([0.5, 0.0, 2.0]).bind([torch.zeros(2, dtype=DT), torch.zeros(3, dtype=DT)])
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        lambda r: torch.tensor(r, dtype=DT),
+        lambda r: __import__("numpy").array(r),
+        lambda r: __import__("collections").UserList(r),
+    ],
+)
+def test_rates_as_a_tensor_an_array_or_any_sequence(rates):
+    batches, theta = data(4)
+    f, g, h = make("per_example", batches)
+    exact, after = through_the_step(f, g, theta, h, (0.3, 0.0, 0.1))
+    problem = hg.Problem(f, g, after, h, lr=rates([0.3, 0.0, 0.1]), prev_params=theta)
+    got, _ = hg.T1T2()(problem)
+    torch.testing.assert_close(got[0], exact[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("lr", [(r for r in (0.1, 0.2, 0.3)), torch.ones(3, 1), {"a": 0.1}])
+def test_other_forms_are_refused_saying_what_lr_may_be(lr):
+    batches, theta = data()
+    f, g, h = make("penalty", batches)
+    with pytest.raises(TypeError, match=r"one rate per leaf of `params` \(a list, tuple or 1-D"):
+        hg.T1T2()(hg.Problem(f, g, theta, h, lr=lr, prev_params=theta))

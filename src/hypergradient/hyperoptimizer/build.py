@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from .._vocab import ArgumentTypeError, as_callable, as_optional_int
+from .._vocab import ArgumentTypeError, as_callable, as_float, as_optional_int
 from ..methods import IFT, T1T2, Method, Problem, replay_rng
 from ..optim.functional import from_torch
 from .holdout import HoldoutGuard
@@ -198,9 +198,9 @@ def _per_parameter(groups: list[dict], rates: list[float], params: list[Tensor])
 def _rates(optimizer: torch.optim.Optimizer, lrs: tuple[float, ...] | None) -> list[float]:
     """The param groups' rates: ``lrs`` (those the step used) when it has one per group."""
     groups = optimizer.param_groups
-    if lrs is not None and len(lrs) == len(groups):
-        return list(lrs)
-    return [float(g["lr"]) for g in groups]
+    raw = list(lrs) if lrs is not None and len(lrs) == len(groups) else [g["lr"] for g in groups]
+    name = "inner_optimizer.param_groups[{}]['lr']"
+    return [as_float(r, name.format(i), min=0.0) for i, r in enumerate(raw)]
 
 
 def coupled_decays(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[float] | None:

@@ -28,8 +28,19 @@ __all__ = [
     "as_rates",
     "check_rate_count",
     "look_ahead_solver",
+    "rate_items",
     "smallest_rate",
 ]
+
+
+def rate_items(lr: Any) -> tuple[Any, ...] | None:
+    """The items of a ``Problem.lr`` that gives one rate per leaf (a list, tuple or other
+    sequence, a 1-D tensor or array), unvalidated; None for anything else (a number)."""
+    if getattr(lr, "ndim", 0) == 1 and hasattr(lr, "tolist"):  # a tensor or array of rates
+        return tuple(lr.tolist())
+    if isinstance(lr, Sequence) and not isinstance(lr, (str, bytes)):
+        return tuple(lr)
+    return None
 
 
 def as_rates(lr: Any) -> float | tuple[float, ...]:
@@ -40,20 +51,27 @@ def as_rates(lr: Any) -> float | tuple[float, ...]:
         ArgumentTypeError: a rate is not a real number.
         ValueError: a rate is negative, NaN or infinite; the sequence is empty or all 0.
     """
-    if not isinstance(lr, (list, tuple)):
-        return as_float(lr, "lr", min=0.0, open_min=True)
-    if not lr:
+    items = rate_items(lr)
+    if items is None:
+        return as_float(lr, "lr", min=0.0, open_min=True, hint=_FORMS)
+    if not items:
         raise ValueError(
             "`lr` is an empty sequence; pass the inner learning rate, or one rate per leaf "
             "of `params`."
         )
-    rates = tuple(as_float(r, f"lr[{i}]", min=0.0) for i, r in enumerate(lr))
+    rates = tuple(as_float(r, f"lr[{i}]", min=0.0) for i, r in enumerate(items))
     if not any(r > 0.0 for r in rates):
         raise ValueError(
             f"every rate in `lr` is 0 ({len(rates)} leaves): no parameter moved in the inner "
             "step, so there is nothing to differentiate. Pass the rates the step used."
         )
     return rates
+
+
+_FORMS = (
+    " `lr` is the inner learning rate (a number), or one rate per leaf of `params` (a list, "
+    "tuple or 1-D tensor, in the order `params` flattens)."
+)
 
 
 def smallest_rate(lr: Any) -> float:
@@ -75,9 +93,10 @@ def look_ahead_solver(lr: Any) -> Solver:
 
 def check_rate_count(lr: Any, leaves: int) -> None:
     """Raise unless a sequence ``lr`` has one rate per parameter leaf (a number: nothing)."""
-    if isinstance(lr, (list, tuple)) and len(lr) != leaves:
+    items = rate_items(lr)
+    if items is not None and len(items) != leaves:
         raise ValueError(
-            f"`lr` gives {len(lr)} learning rates but `params` has {leaves} leaves; pass one "
+            f"`lr` gives {len(items)} learning rates but `params` has {leaves} leaves; pass one "
             "rate per leaf, in the order `params` flattens (a dict's keys, a sequence's "
             "items), or a single number."
         )
