@@ -77,7 +77,9 @@ def test_consistent_singular_systems_still_reach_the_minimum_norm_solution():
     assert sol.status == hg.Status.CONVERGED
 
 
-def test_implicit_hypergradient_of_a_singular_inner_problem_is_not_blown_up():
+def singular_inner():
+    """A rank-1 inner Hessian ``A``; ``f = t^T A t / 2 + lam t_0``, ``g = t_1 - 0.3 t_0``:
+    ``b = (-0.3, 1)`` is partly outside the range of ``A``."""
     A = torch.tensor([[2.0, 1.0], [1.0, 0.5]], dtype=DT)
     theta, lam = torch.tensor([1.0, 2.0], dtype=DT), torch.tensor(0.5, dtype=DT)
 
@@ -86,6 +88,12 @@ def test_implicit_hypergradient_of_a_singular_inner_problem_is_not_blown_up():
 
     def g(t, h):
         return t[1] - 0.3 * t[0]
+
+    return A, f, g, theta, lam
+
+
+def test_implicit_hypergradient_of_a_singular_inner_problem_is_not_blown_up():
+    _, f, g, theta, lam = singular_inner()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hg.HypergradientWarning)
@@ -98,14 +106,7 @@ def test_implicit_hypergradient_of_a_singular_inner_problem_is_not_blown_up():
 
 def test_exact_says_when_b_leaves_the_range_of_a_singular_hessian():
     # Before: status "exact", residual 1.03 of ||b|| = 1.04, and no warning.
-    A = torch.tensor([[2.0, 1.0], [1.0, 0.5]], dtype=DT)
-    theta, lam = torch.tensor([1.0, 2.0], dtype=DT), torch.tensor(0.5, dtype=DT)
-
-    def f(t, h):
-        return 0.5 * t @ (A @ t) + h * t[0]
-
-    def g(t, h):
-        return t[1] - 0.3 * t[0]
+    A, f, g, theta, lam = singular_inner()
 
     def g_inside(t, h):  # b = (1, 0.5) A-range direction: consistent
         return t[0] + 0.5 * t[1]

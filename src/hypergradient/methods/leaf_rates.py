@@ -12,7 +12,7 @@ default Neumann series caps its step at the smallest positive rate.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -116,8 +116,7 @@ class LeafRates(Solver):
     """
 
     def __init__(self, rates: Sequence[float]):
-        checked = as_rates(tuple(rates))
-        self.rates = (checked,) if isinstance(checked, float) else checked
+        self.rates = cast(tuple[float, ...], as_rates(tuple(rates)))  # a tuple stays one
         self._scale: Tensor | None = None
 
     def bind(self, leaves: Sequence[Tensor]) -> LeafRates:
@@ -139,13 +138,13 @@ class LeafRates(Solver):
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
-        if self._scale is None or self._scale.numel() != b.numel():
+        scale = self.diagonal
+        if scale.numel() != b.numel():
             raise ValueError(
-                "LeafRates.solve: the rates are not laid out over this system's leaves; call "
-                "bind(leaves) with the parameter leaves first."
+                f"LeafRates.solve: the rates are laid out over {scale.numel()} entries and the "
+                f"system has {b.numel()}; bind(leaves) with this system's parameter leaves."
             )
-        scale = self._scale if self._scale.dtype == b.dtype else self._scale.to(b.dtype)
-        x = scale * b
+        x = (scale if scale.dtype == b.dtype else scale.to(b.dtype)) * b
         require_finite_solution(x)
         return Solution(x, 0, None, None, Status.FIXED_BUDGET, 0)
 
