@@ -9,11 +9,12 @@ spent) 543, and exact bottom eigenvectors with the recycled top 456: most of the
 is the quality of the ``smallest`` group, whose stale Ritz values are 2-3x too small.
 Refreshing a few of them with products (2 or 5 a solve), a Galerkin-deflated initial
 guess, a different bottom scaling, ``INSIDE`` 1e-2/1e-4 and ranks 300/400 did not
-help (635 -> 630-1,072). Ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30
-650/647, ``harvest=32`` 675. Bottom vectors from the same quantities with a stale ``A U``
-kept alongside ``U`` (no products): harmonic Ritz vectors 639 (rr 633 in that replay),
-refined Ritz vectors 615 (one eigenproblem of order ``k + m`` per bottom pair, ~20x the
-Rayleigh-Ritz cost), neither kept; a Rayleigh-Ritz step every other solve 776-781; an
+help (635 -> 630-1,072). Ranks 100/150/250 gave 767/679/650, ``smallest`` 10/30/40
+650/647/666, ``harvest=32`` 675 (128: unchanged, no solve is longer than 56 products).
+Bottom vectors from the same quantities with a stale ``A U`` kept alongside ``U`` (no
+products): harmonic Ritz vectors 639 (rr 633 in that replay), refined Ritz vectors 615
+(one eigenproblem of order ``k + m`` per bottom pair, ~20x the Rayleigh-Ritz cost),
+neither kept; a Rayleigh-Ritz step every other solve 776-781; an
 extrapolated warm start ``x_t + c (x_t - x_{t-1})`` 647 (c = 0.5) and 826 (c = 1).
 The stale bottom ``Theta`` are biased low (the smallest of noisy values are picked each
 step); correcting them from the harvest's Petrov-Galerkin estimates (672-1,012), or
@@ -25,6 +26,13 @@ sigma 829 / 670; a scaled warm start ``(x_0^T b / x_0^T A x_0) x_0`` 639. The in
 L-BFGS's secant pairs ``(s, y)`` (free; per hyper-step a median 2-18% from ``A s``) as
 extra harvest after the solve or in a Rayleigh-Ritz step before it: 940 / 1,008 (replay
 625): their error swamps the bottom eigenvalues they would inform.
+
+On ``reuse.py --size 100k`` (10 hyper-steps, cold CG 250 products): ``(rank, smallest,
+harvest)`` = (16, 4, 8) 132, (32, 4, 16) 118, (32, 8, 16) 121, (64, 8, 32) 123, (100, 10,
+64) 133, (32, 0, 16) 174, (200, 20, 64) 191; the same preconditioner from Ritz pairs of the
+current operator (300 reorthogonalized Lanczos steps, not counted) 87-88, about 91 with the
+first solve cold: the spectral preconditioner, however refreshed, stays above 83 (3x).
+A diagonal fitted to the harvested pairs for the rest of the spectrum: 141-287.
 
 Time. At ``n = 1e5`` (float32, ``k = 20``, ``m = 16``) a solve's work beyond its products
 is 20-25 ms on one core (Rayleigh-Ritz ~13, the preconditioner ~0.5 a call, the recorder's
