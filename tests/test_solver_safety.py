@@ -200,6 +200,23 @@ def test_cg_in_float32_does_not_claim_an_unverified_tolerance(seed):
         assert sol.status == "max_iterations" and true > 1e-4
 
 
+@pytest.mark.parametrize("tol", [1e-6, 1e-7, 0.0])
+@pytest.mark.parametrize("kappa", [1e3, 1e4, 1e5, 1e6])
+def test_cg_in_float32_at_rounding_level_claims_only_what_it_checked(kappa, tol):
+    # float32 at the default tol=1e-6 (below 10 eps = 1.2e-6) or tol=0: the updated residual
+    # reaches 10 eps while the true one is eps * kappa. The old CG took it at its word while
+    # its drift bound stayed under 1%: "converged", residual 1e-6, true 2e-4 to 6e-2.
+    for seed in range(2):
+        A, b = system(torch.logspace(0, math.log10(kappa), 60).tolist(), seed, torch.float32)
+        sol = hg.CG(maxiter=1000, tol=tol).solve(hg.MatrixOperator(A), b)
+        bnorm = float(b.double().norm())
+        true = residual(A, b, sol.value)
+        floor = 30 * torch.finfo(torch.float32).eps * bnorm  # the products' own rounding
+        if sol.status == "converged":
+            assert true <= max(tol, 10 * torch.finfo(torch.float32).eps) * bnorm + floor
+        assert sol.residual_norm == pytest.approx(true, rel=0.2, abs=floor)
+
+
 def test_cg_says_when_the_tolerance_is_below_the_rounding_level():
     A, b = system(torch.logspace(0, 4, 40).tolist(), seed=0, dtype=torch.float32)
     sol = hg.CG(maxiter=400, tol=1e-5).solve(hg.MatrixOperator(A), b)

@@ -9,6 +9,7 @@ then assign, so a failing load changes nothing.
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -86,6 +87,31 @@ def test_nystrom_pcg_checkpoint_carries_the_sketch_and_the_call_counter():
     assert state["calls"] == 2
 
 
+def test_nystrom_pcg_checkpoint_keeps_the_sketch_indefinite_flag():
+    # A saddle: the sketch keeps the positive part and says so in every solve that uses it.
+    # The flag was not checkpointed: a resumed copy's next solve reported no indefiniteness.
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=DT))
+    A = (Q * torch.linspace(-1.0, 5.0, N, dtype=DT)) @ Q.T
+    A, b = 0.5 * (A + A.T), torch.randn(N, generator=g, dtype=DT)
+    solver = hg.NystromPCG(rank=N, seed=0, refresh_every=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert solver.solve(hg.MatrixOperator(A), b).stats.get("indefinite") is True
+        state = roundtrip(solver.state_dict())
+        assert state["indefinite"] is True
+        resumed = hg.NystromPCG(rank=N, seed=1, refresh_every=100)
+        resumed.load_state_dict(state)
+        again = solver.solve(hg.MatrixOperator(A), b)
+        got = resumed.solve(hg.MatrixOperator(A), b)
+    assert again.stats.get("indefinite") is True and got.stats.get("indefinite") is True
+    assert torch.equal(again.value, got.value)
+    # a checkpoint written before the flag was kept loads, as positive definite
+    old = {k: v for k, v in state.items() if k != "indefinite"}
+    resumed.load_state_dict(old)
+    assert resumed.state_dict()["indefinite"] is False
+
+
 def test_unseeded_solvers_checkpoint_their_generator_too():
     A, bs = system()
     torch.manual_seed(0)
@@ -159,6 +185,7 @@ BAD = {
         "eigenvalues",
     ),
     "full_rank-int": (_corrupt("full_rank", 1), "full_rank"),
+    "indefinite-int": (_corrupt("indefinite", 1), "indefinite"),
 }
 
 

@@ -67,9 +67,6 @@ class _Run:
         # only shrinks by noise until p^T A p underflows to 0: false negative curvature)
         asked = max(tol, atol / self.bnorm)
         self.threshold = max(asked, 10 * self.eps)
-        # a tolerance below rounding level asks for "as far as the precision goes": the updated
-        # residual at 10 eps is taken at its word (unless the iterates are huge: _verified)
-        self.to_rounding_level = asked < 10 * self.eps and self.product_eps == self.eps
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
@@ -216,7 +213,7 @@ class _Run:
         restarts from it (residual replacement), at most ``MAX_REPLACEMENTS`` times.
         """
         drift = self.product_eps * (1.0 + self.lam_hat * self.xmax)  # huge iterates: checked
-        if 2 * drift <= self.threshold or (self.to_rounding_level and drift <= 0.01):
+        if 2 * drift <= self.threshold:
             return True
         self.stats["verify_hvps"] = self.stats.get("verify_hvps", 0) + 1
         true_r = self.b - self._product(self.y)

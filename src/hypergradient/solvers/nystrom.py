@@ -203,7 +203,8 @@ class NystromPCG(RandomizedSolver):
         self._damping: float | None = None  # of the sketched operator (None: unknown)
 
     # -- checkpoints ------------------------------------------------------------------
-    _KEYS = ("generator", "calls", "U", "eigenvalues", "full_rank", "base_rate", "damping")
+    _KEYS: tuple[str, ...] = ("generator", "calls", "U", "eigenvalues", "full_rank")
+    _KEYS += ("indefinite", "base_rate", "damping")
 
     def state_dict(self) -> dict[str, Any]:
         a = self._approx
@@ -214,12 +215,16 @@ class NystromPCG(RandomizedSolver):
             "U": None if a is None else a.U.detach().clone(),
             "eigenvalues": None if a is None else a.eigenvalues.detach().clone(),
             "full_rank": None if a is None else bool(a.full_rank),
+            "indefinite": None if a is None else bool(a.indefinite),
             "damping": self._damping,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if isinstance(state, Mapping):  # checkpoints from before "auto" and damping shifts
-            state = {"base_rate": None, "damping": None, **state}
+        if isinstance(state, Mapping):  # checkpoints from before "auto", damping, indefinite
+            old: dict[str, Any] = {"base_rate": None, "damping": None}
+            if "indefinite" not in state:
+                old["indefinite"] = None if state.get("full_rank") is None else False
+            state = {**old, **state}
         check_keys(state, self._KEYS, self)
         check_generator_state(state["generator"], self._rng, "generator", self)
         calls = _vocab.as_int(state["calls"], "calls", min=0)
@@ -249,7 +254,12 @@ class NystromPCG(RandomizedSolver):
             raise ValueError(
                 f"NystromPCG.load_state_dict: `full_rank` must be a bool, got {full!r}."
             )
-        return NystromApproximation(U.clone(), lam.clone(), full)
+        indefinite = state["indefinite"]
+        if not isinstance(indefinite, bool):
+            raise ValueError(
+                f"NystromPCG.load_state_dict: `indefinite` must be a bool, got {indefinite!r}."
+            )
+        return NystromApproximation(U.clone(), lam.clone(), full, indefinite)
 
     # -- solve ------------------------------------------------------------------------
     def _preconditioner(self, approx: NystromApproximation) -> Callable[[Tensor], Tensor]:
