@@ -137,3 +137,21 @@ def test_groups_differing_in_another_setting_are_refused_naming_it():
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"differ in `momentum`.*lr and weight_decay"):
         hg.optim.from_torch(opt, list(model0.parameters()))
+
+
+@pytest.mark.parametrize("tensor_first", [True, False])
+def test_a_tensor_setting_in_one_group_and_a_number_in_another_is_refused(tensor_first):
+    # A tuned lr (a tensor) in the first group and 0.01 in the second: the replay stepped the
+    # second group with the tensor too (its own rate dropped, d/dlr -11.3 against -4.77
+    # through the real run), silently; the other order was already refused.
+    w, v = (
+        torch.zeros(3, dtype=DT, requires_grad=True),
+        torch.zeros(2, dtype=DT, requires_grad=True),
+    )
+    lr = torch.tensor(0.05, dtype=DT)
+    rates = [lr, 0.01] if tensor_first else [0.01, lr]
+    opt = torch.optim.SGD([{"params": [w], "lr": rates[0]}, {"params": [v], "lr": rates[1]}])
+    with pytest.raises(ValueError, match=r"differ in `lr`.*same tensor in every group"):
+        hg.optim.from_torch(opt, [w, v])
+    same = torch.optim.SGD([{"params": [w], "lr": lr}, {"params": [v], "lr": lr}])
+    hg.optim.from_torch(same, [w, v])  # one tensor shared by the groups: accepted

@@ -38,12 +38,14 @@ def group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> dic
     for g in groups[1:]:
         for k in keys:
             a, b = g[k], first[k]
-            same = a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b
-            if not same and (k not in PER_GROUP or isinstance(a, Tensor)):
+            tensor = isinstance(a, Tensor) or isinstance(b, Tensor)
+            same = a is b if tensor else a == b
+            if not same and (k not in PER_GROUP or tensor):  # a tensor in any group: refused
                 raise ValueError(
                     f"The inner optimizer's param groups differ in `{k}`; trajectory methods "
-                    f"support per-group {' and '.join(PER_GROUP)} (numbers) only: give the "
-                    f"groups one `{k}`."
+                    f"support per-group {' and '.join(PER_GROUP)} as numbers only (a tensor "
+                    f"setting, e.g. a tuned learning rate, must be the same tensor in every "
+                    f"group): give the groups one `{k}`."
                 )
     return first
 
