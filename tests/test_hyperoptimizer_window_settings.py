@@ -12,7 +12,17 @@ import pytest
 import torch
 
 import hypergradient as hg
-from test_hyperoptimizer_support import assert_same, batches, build, roundtrip
+from test_hyperoptimizer_support import (
+    VAL,
+    assert_same,
+    batches,
+    build,
+    mlp,
+    roundtrip,
+    train_loss,
+    val_loss,
+    weights,
+)
 
 METHODS = [hg.Unrolled, hg.ForwardMode, hg.DrMAD]
 
@@ -130,3 +140,34 @@ def test_step_supersedes_an_unfinished_begin_step():
     with pytest.raises(ValueError, match="end_step\\(\\) needs a begin_step\\(\\)"):
         hopt.end_step(b)
     assert (hopt.loop.count, len(hopt.loop.window)) == (count, recorded) == (1, 1)
+
+
+@pytest.mark.parametrize("make", METHODS)
+def test_a_scheduler_on_a_linked_lr_skips_the_hyper_step_it_would_falsify(make):
+    # The lr linked to a hyperparameter, a scheduler stepped right after each hyper-step: the
+    # window trained at the scheduler's rate while the replay steps with the hyperparameter's.
+    # The replay error stayed under the skip threshold (7-10%) and the hypergradient (d/dlr
+    # 6x, d/dlog-decay 2x that through the real run) was applied.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    decay = hg.Positive(torch.full(tuple(weights(model).shape), 1e-2, dtype=torch.float64))
+    lr = hg.Positive(torch.tensor(0.3, dtype=torch.float64))
+    hopt = hg.HyperOptimizer(
+        model,
+        {"decay": decay, "lr": lr},
+        inner_optimizer=opt,
+        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_data=VAL,
+        val_batch_size=16,
+        method=make(),
+        inner_steps=3,
+        optimizer_hparams={"lr": "lr"},
+    )
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    texts = _run(hopt, batches(9), after=lambda i: sched.step() if (i + 1) % 3 == 0 else None)
+    skipped = [t for t in texts if "hyper-step skipped" in t]
+    assert len(hopt.history) == 1 and hopt.loop.skipped == 2 and len(skipped) == 2
+    assert "linked to (optimizer_hparams)" in skipped[0] and "learning-rate scheduler" in skipped[0]
+    assert hopt.history[0].info.replay_error < 1e-12  # the first window was trained as replayed

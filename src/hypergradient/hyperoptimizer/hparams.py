@@ -26,7 +26,7 @@ from .. import _vocab
 from .._vocab import ArgumentTypeError, require_finite
 from ..constraints import Constraint, HyperparameterDomainError, Unconstrained
 
-__all__ = ["HyperParameters", "SETTING_RANGES"]
+__all__ = ["HyperParameters", "SETTING_RANGES", "link_conflict"]
 
 #: ``setting: (low, high, low_open)``: the values a linked optimizer setting may take.
 SETTING_RANGES: dict[str, tuple[float, float, bool]] = {
@@ -331,3 +331,24 @@ class HyperParameters:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state)
         self.restore({k: v.to(self.raw[k].device) for k, v in state["raw"].items()})
+
+
+def link_conflict(hp: HyperParameters, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why a linked setting of ``hp`` in ``optimizer`` is not the hyperparameter's value (it was
+    written after the driver: a learning-rate scheduler, a warm-up), or None."""
+    if not hp.links:
+        return None
+    values = hp.values()
+    for setting, name in hp.links.items():
+        want = float(values[name])
+        for i, g in enumerate(optimizer.param_groups):
+            if g.get(setting) != want:
+                return (
+                    f"the inner optimizer's {setting!r} (param group {i}) is "
+                    f"{g.get(setting)!r} at the window's start, not {want!r}, the value of "
+                    f"the hyperparameter {name!r} it is linked to (optimizer_hparams): the "
+                    "replay would step with the hyperparameter, the training did not. A "
+                    "linked setting is the hyperparameter's: do not step a learning-rate "
+                    "scheduler on it (tune an unlinked setting instead, or unlink it)"
+                )
+    return None

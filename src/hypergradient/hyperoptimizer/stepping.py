@@ -20,6 +20,7 @@ from .batches import copy_batch
 from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
 from .history import make_record
+from .hparams import link_conflict
 from .transaction import Transaction
 from .window import TrajectoryWindow, capture_rng
 
@@ -70,7 +71,9 @@ def start_window(hopt: HyperOptimizer) -> None:
     if not records_window(hopt):
         return
     if hopt.loop.window is None:
-        hopt.loop.window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer, tuned(hopt))
+        window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer, tuned(hopt))
+        window.changed = link_conflict(hopt.hyperparameters, hopt.inner_optimizer)
+        hopt.loop.window = window
     else:
         hopt.loop.window.check_settings(hopt.inner_optimizer, hopt.view.params)
 
@@ -271,12 +274,16 @@ def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
     window = hopt.loop.window
     if window is None or window.changed is None:
         return False
+    advice = (
+        "."
+        if "optimizer_hparams" in window.changed
+        else f", and {type(hopt.method).__name__} replays the window with the settings at its "
+        "start. Change them only right after a hyper-step (step a learning-rate scheduler "
+        "once every inner_steps steps, after the step that took the hyper-step), or use a "
+        "method that does not replay (hg.IFT(), hg.T1T2())."
+    )
     warnings.warn(
-        f"Step {hopt.loop.count}: hyper-step skipped: {window.changed}, and "
-        f"{type(hopt.method).__name__} replays the window with the settings at its start. "
-        "Change them only right after a hyper-step (step a learning-rate scheduler once "
-        "every inner_steps steps, after the step that took the hyper-step), or use a "
-        "method that does not replay (hg.IFT(), hg.T1T2()).",
+        f"Step {hopt.loop.count}: hyper-step skipped: {window.changed}{advice}",
         HypergradientWarning,
         stacklevel=4,
     )
