@@ -171,3 +171,36 @@ def test_a_scheduler_on_a_linked_lr_skips_the_hyper_step_it_would_falsify(make):
     assert len(hopt.history) == 1 and hopt.loop.skipped == 2 and len(skipped) == 2
     assert "linked to (optimizer_hparams)" in skipped[0] and "learning-rate scheduler" in skipped[0]
     assert hopt.history[0].info.replay_error < 1e-12  # the first window was trained as replayed
+
+
+def test_linking_a_setting_the_groups_hold_apart_says_it_replaces_them():
+    model = mlp()
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.01}])
+    with pytest.warns(hg.HypergradientWarning, match=r"groups' own values \[0\.1, 0\.01\]"):
+        hg.HyperOptimizer(
+            model,
+            {"lr": hg.Positive(torch.tensor(0.05, dtype=torch.float64))},
+            inner_optimizer=opt,
+            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_data=VAL,
+            method=hg.Unrolled(),
+            optimizer_hparams={"lr": "lr"},
+        )
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.05], rel=1e-12)
+    one = torch.optim.SGD(mlp().parameters(), lr=0.1)  # one group: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.HypergradientWarning)
+        hg.HyperOptimizer(
+            mlp(),
+            {"lr": hg.Positive(torch.tensor(0.05, dtype=torch.float64))},
+            inner_optimizer=one,
+            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_data=VAL,
+            method=hg.Unrolled(),
+            optimizer_hparams={"lr": "lr"},
+        )

@@ -232,3 +232,56 @@ def test_optim_imports_no_private_names_and_modules_stay_small() -> None:
                 private = [n for n in private if n not in ("_tree", "_vocab")]  # modules
                 assert not private, f"{path.name} imports private names {private}"
         assert len(path.read_text().splitlines()) < 400, path.name
+
+
+# ------------------------------------------------- functional optimizers: structure of inputs
+# Found by an adversarial probe: zip() dropped the parameters without a gradient (SGD returned
+# one of two; Adam returned 2 state tensors where 4 are needed, so the next update read v as
+# the second parameter's m), and an unknown setting name (torch's ``betas`` for Adam's
+# ``beta1``/``beta2``, a typo) was ignored: a zero hypergradient.
+
+
+@pytest.mark.parametrize(
+    "opt", [hg.optim.sgd(0.1), hg.optim.sgd(0.1, momentum=0.9), hg.optim.adam(0.1)]
+)
+def test_functional_update_refuses_missing_grads_state_and_wrong_shapes(opt):
+    params = [torch.ones(3, dtype=DT), torch.ones(2, dtype=DT)]
+    state = opt.init(params)
+    assert len(state) == opt.buffers * 2
+    grads = [torch.full((3,), 0.5, dtype=DT), torch.full((2,), 0.5, dtype=DT)]
+    new, new_state = opt.update(params, grads, state, 0)
+    assert len(new) == 2 and len(new_state) == len(state)
+    with pytest.raises(ValueError, match=r"2 params need 2 grads"):
+        opt.update(params, grads[:1], state, 0)
+    if state:
+        with pytest.raises(ValueError, match=r"state tensors"):
+            opt.update(params, grads, state[:-1], 0)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(3,\), params\[1\] \(2,\)"):
+        opt.update(params, [grads[0], grads[0]], state, 0)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)
+
+
+def test_unknown_setting_names_are_refused_naming_the_known_ones():
+    adam = hg.optim.adam(0.1)
+    params, grads = [torch.ones(2, dtype=DT)], [torch.ones(2, dtype=DT)]
+    with pytest.raises(ValueError, match=r"'betas'.*'beta1', 'beta2'"):
+        adam.update(params, grads, adam.init(params), 0, {"betas": (0.8, 0.9)})
+    p0, h = {"w": torch.tensor([0.5, -1.0], dtype=DT)}, {"b1": torch.tensor(0.8, dtype=DT)}
+
+    def f(p, h, batch=None):
+        return ((p["w"] - 1.0) ** 2).sum()
+
+    def g(p, h):
+        return ((p["w"] - 0.3) ** 2).sum()
+
+    traj = hg.methods.Trajectory(f, p0, adam, [None] * 3, settings={"beta": lambda h: h["b1"]})
+    problem = hg.Problem(f, g, p0, h, trajectory=traj)
+    with pytest.raises(ValueError, match=r"\['beta'\].*'beta1'"):
+        hg.Unrolled()(problem)
+
+
+def test_from_torch_refuses_a_parameter_the_optimizer_does_not_step():
+    w, stray = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[1\] is not a parameter of the optimizer"):
+        hg.optim.from_torch(opt, [w, stray])

@@ -10,11 +10,13 @@ when they differ.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from .. import distributed
+from .._vocab import HypergradientWarning
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
@@ -71,6 +73,17 @@ def write_checked(hopt: HyperOptimizer) -> None:
     optimizer = hopt.inner_optimizer
     before = [dict(g) for g in optimizer.param_groups]
     hopt.hyperparameters.write_settings(optimizer)
+    for setting, name in hopt.hyperparameters.links.items():
+        own = [g.get(setting) for g in before]
+        if any(v != own[0] for v in own):
+            warnings.warn(
+                f"optimizer_hparams links {setting!r} to the hyperparameter {name!r}: every "
+                f"param group now steps with its value, {optimizer.param_groups[0][setting]!r}; "
+                f"the groups' own values {own} are replaced (a linked setting is one value "
+                "for every group; link another setting, or keep the groups' and tune others).",
+                HypergradientWarning,
+                stacklevel=4,
+            )
     try:
         check_ranks(hopt)
     except BaseException:

@@ -33,6 +33,7 @@ from .._vocab import (
 from ..distributed import guarded
 from ..operators.buffers import keep_buffers
 from ..optim.functional import FunctionalOptimizer
+from ..optim.twins import check_setting_names
 from ._checks import (
     check_arity,
     check_inputs,
@@ -189,6 +190,7 @@ class Run:
 
     def _settings(self, settings: Mapping[str, Any], leaves: list[Tensor]) -> None:
         """Optimizer settings that depend on ``hparams``: functions, or leaves themselves."""
+        check_setting_names(self.optimizer, settings)
         self.setting_fns: dict[str, Callable[[Any], Tensor]] = {}
         for name, fn in dict(settings).items():
             self.setting_fns[name] = as_callable(fn, f"settings[{name!r}]", "(hparams) -> tensor")

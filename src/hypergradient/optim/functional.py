@@ -63,6 +63,8 @@ class FunctionalOptimizer:
     (:func:`from_torch` of an optimizer whose parameters took different numbers of steps)."""
 
     settings: dict[str, Setting]
+    #: state tensors per parameter (momentum buffers, Adam's moments)
+    buffers: int = 0
     offsets: list[int] | None = None
     #: per param group after the first, its settings that differ (``from_torch``); and per
     #: parameter, its group (None: one group)
@@ -101,8 +103,29 @@ class FunctionalOptimizer:
     def _resolve(self, settings: Mapping[str, Setting] | None) -> dict[str, Setting]:
         out = dict(self.settings)
         if settings:
+            if not out.keys() >= settings.keys():
+                from .twins import check_setting_names  # (twins imports this module)
+
+                check_setting_names(self, settings)
             out.update(settings)
         return out
+
+    def check_update(self, params: Sequence[Tensor], grads: Sequence[Any], state: Any) -> None:
+        """``ValueError`` unless there is a gradient (or None) of each parameter's shape and
+        ``buffers`` state tensors per parameter (``zip`` would drop the rest)."""
+        n = len(params)
+        if len(grads) != n or len(state) != self.buffers * n:
+            raise ValueError(
+                f"{type(self).__name__}.update: {n} params need {n} grads and "
+                f"{self.buffers * n} state tensors ({self.buffers} per parameter, as init() "
+                f"makes them); got {len(grads)} and {len(state)}."
+            )
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is not None and g.shape != p.shape:
+                raise ValueError(
+                    f"{type(self).__name__}.update: grads[{i}] has shape {tuple(g.shape)}, "
+                    f"params[{i}] {tuple(p.shape)}."
+                )
 
     def __repr__(self) -> str:
         args = ", ".join(
@@ -196,6 +219,7 @@ class SGD(FunctionalOptimizer):
             raise ValueError("`nesterov=True` requires a momentum > 0 and zero dampening.")
         self.nesterov = nesterov
         self.uses_momentum = not _is_zero(momentum)
+        self.buffers = int(self.uses_momentum)
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
         if not self.uses_momentum:
@@ -210,6 +234,7 @@ class SGD(FunctionalOptimizer):
         step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
+        self.check_update(params, grads, state)
         s = self._resolve(settings)
         if not self.uses_momentum and not _is_zero(s["momentum"]):
             raise ValueError(
@@ -275,6 +300,7 @@ class Adam(FunctionalOptimizer):
         beta1, beta2 = _check_betas(betas)
         self.decoupled = as_bool(decoupled, "decoupled")
         self.amsgrad = as_bool(amsgrad, "amsgrad")
+        self.buffers = 3 if self.amsgrad else 2  # m, v (and the largest v)
         self.settings = {
             "lr": _check_setting(lr, "lr", 0.0),
             "beta1": _check_setting(beta1, "betas[0]", 0.0, 1.0),
@@ -284,8 +310,7 @@ class Adam(FunctionalOptimizer):
         }
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
-        buffers = 3 if self.amsgrad else 2  # m, v (and max v)
-        return [torch.zeros_like(p) for _ in range(buffers) for p in params]
+        return [torch.zeros_like(p) for _ in range(self.buffers) for p in params]
 
     def update(
         self,
@@ -295,6 +320,7 @@ class Adam(FunctionalOptimizer):
         step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
+        self.check_update(params, grads, state)
         s = self._resolve(settings)
         n = len(params)
         new_params: list[Tensor] = []

@@ -7,7 +7,7 @@ differentiable replay continues exactly where the torch optimizer is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from .._vocab import ArgumentTypeError
 from .functional import SGD, Adam, FunctionalOptimizer
 
 __all__ = [
+    "check_setting_names",
     "PER_GROUP",
     "adam_twin",
     "from_torch",
@@ -98,6 +99,13 @@ def from_torch(
                 "torch.optim.SGD, Adam or AdamW without it (a weight_decay is "
                 "fine), or an implicit method (hg.IFT, hg.HOAG, hg.T1T2)."
             )
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    stray = [i for i, p in enumerate(params) if id(p) not in owned]
+    if stray:
+        raise ValueError(
+            f"params[{stray[0]}] is not a parameter of the optimizer, whose settings and "
+            "buffers the twin takes; pass the parameters the optimizer steps."
+        )
     if type(optimizer) is torch.optim.SGD:
         return sgd_twin(optimizer, params, "momentum" in tuned)
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
@@ -162,3 +170,15 @@ def adam_twin(
 def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
     """A detached copy of an optimizer buffer, or zeros shaped like ``like`` if it is None."""
     return torch.zeros_like(like.detach()) if buffer is None else buffer.detach().clone()
+
+
+def check_setting_names(optimizer: Any, settings: Mapping[str, Any]) -> None:
+    """Refuse ``settings`` that name no setting of ``optimizer`` (a typo, or torch's ``betas``
+    for Adam's ``beta1``/``beta2``: silently a zero hypergradient)."""
+    known = getattr(optimizer, "settings", None)
+    if isinstance(known, Mapping) and not known.keys() >= dict(settings).keys():
+        bad = sorted(set(settings) - set(known))
+        raise ValueError(
+            f"`settings` names {bad}, which {type(optimizer).__name__} does not have: its "
+            f"settings are {sorted(known)} (Adam's betas are 'beta1' and 'beta2')."
+        )
