@@ -190,11 +190,12 @@ def test_linking_a_setting_the_groups_hold_apart_says_it_replaces_them():
             optimizer_hparams={"lr": "lr"},
         )
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.05], rel=1e-12)
-    one = torch.optim.SGD(mlp().parameters(), lr=0.1)  # one group: nothing to say
+    other = mlp()
+    one = torch.optim.SGD(other.parameters(), lr=0.1)  # one group: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error", hg.HypergradientWarning)
         hg.HyperOptimizer(
-            mlp(),
+            other,
             {"lr": hg.Positive(torch.tensor(0.05, dtype=torch.float64))},
             inner_optimizer=one,
             outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
