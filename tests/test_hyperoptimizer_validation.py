@@ -236,3 +236,37 @@ def test_hyperparameters_that_are_not_separate_leaves_on_the_device_are_refused(
     model = mlp()
     with pytest.raises(error, match=match):
         _with_hparams(hparams(model), model)
+
+
+@pytest.mark.parametrize("method", [hg.T1T2, hg.IFT])
+def test_an_ascending_inner_optimizer_is_refused(method):
+    # maximize=True: T1T2 applied the hypergradient of the opposite step (cosine -1 with the
+    # one-step reference, silently); the implicit solvers met negative curvature every time.
+    from test_hyperoptimizer_support import VAL, batches, build, mlp, train_loss, val_loss, weights
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['maximize'\] is True"):
+        hg.HyperOptimizer(
+            model,
+            {
+                "decay": hg.Positive(
+                    torch.full(tuple(weights(model).shape), 1e-2, dtype=torch.float64)
+                )
+            },
+            inner_optimizer=opt,
+            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_data=VAL,
+            method=method(),
+        )
+    model, hopt = build(method(), inner_steps=1)  # set after construction: refused at the step
+    hopt.inner_optimizer.param_groups[0]["maximize"] = True
+    before = {k: v.clone() for k, v in hopt.hparams.items()}
+    b = batches(1)[0]
+    hopt.zero_grad()
+    hopt.train_loss(b).backward()
+    with pytest.raises(ValueError, match="maximize"):
+        hopt.step(b)
+    assert all(torch.equal(before[k], v) for k, v in hopt.hparams.items())

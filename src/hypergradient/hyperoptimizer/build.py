@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "COUPLED_DECAY",
     "LossFn",
+    "check_descent",
     "check_inner",
     "coupled_decays",
     "inner_lr",
@@ -153,9 +154,22 @@ def check_inner(
 ) -> None:
     """Refuse, at construction, an inner optimizer the method cannot differentiate: one
     without a functional twin (trajectory methods; ``tuned``: the settings linked to
-    hyperparameters)."""
+    hyperparameters), or one that ascends (``maximize=True``)."""
+    check_descent(optimizer)
     if method.needs_trajectory:
         from_torch(optimizer, params, tuned=tuple(tuned))
+
+
+def check_descent(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse ``maximize=True``: every method differentiates descent on ``train_loss`` (T1T2
+    applied the hypergradient of the opposite step: the opposite sign, silently)."""
+    for i, g in enumerate(optimizer.param_groups):
+        if g.get("maximize", False):
+            raise ValueError(
+                f"inner_optimizer.param_groups[{i}]['maximize'] is True: the methods "
+                "differentiate a descent on train_loss. Return the negated objective from "
+                "train_loss and build the optimizer with maximize=False."
+            )
 
 
 def tuned(hopt: HyperOptimizer) -> tuple[str, ...]:
@@ -177,6 +191,7 @@ def inner_lr(
     positive one (IFT's default Neumann caps its step there; a group at ``lr=0`` is frozen).
     0 when every group's rate is 0.
     """
+    check_descent(optimizer)
     groups, rates = optimizer.param_groups, _rates(optimizer, lrs)
     if len(groups) == 1:
         return rates[0]
