@@ -391,3 +391,28 @@ def test_statuses_are_vocabulary_members():
     A, b = system([1.0, -1.0], seed=12)
     sol = hg.CG().solve(hg.MatrixOperator(A), b)
     assert sol.status in set(Status)
+
+
+def test_neumann_reports_the_negative_curvature_its_estimate_found():
+    # IFT's default: an indefinite Hessian whose negative direction holds too little of b
+    # for the residual to grow within 10 terms. The Lanczos estimate's Ritz value was
+    # negative (a negative eigenvalue: Ritz values lie in the spectrum), yet the series said
+    # "fixed_budget" and nothing warned (3 of 4 hyper-steps of the tutorial's loop).
+    evals = [-0.5] + torch.linspace(1.0, 4.0, 29).tolist()
+    A, b = system(evals, seed=3)
+    Q = torch.linalg.eigh(A).eigenvectors
+    b = b - (Q[:, 0] @ b) * Q[:, 0] + 1e-3 * Q[:, 0]  # almost nothing along the negative one
+    solver = hg.Neumann(10, alpha="auto", power_iters=30, refresh_every=10, seed=0)
+    sol = solver.solve(hg.MatrixOperator(A), b)
+    assert sol.stats["lambda_min"] < -0.4 and sol.status == "negative_curvature"
+    assert sol.converged is False
+    # the next call re-estimates (the cached estimate would say nothing about the new system)
+    again = solver.solve(hg.MatrixOperator(A), b)
+    assert again.stats["estimated"] and again.status == "negative_curvature"
+    resumed = hg.Neumann(10, alpha="auto", power_iters=30, refresh_every=10, seed=0)
+    resumed.load_state_dict(solver.state_dict())
+    assert resumed.state_dict()["indefinite"] is True
+    # positive definite: no false alarm
+    P, c = system(torch.linspace(0.5, 4.0, 30).tolist(), seed=3)
+    ok = hg.Neumann(10, alpha="auto", power_iters=30, seed=0).solve(hg.MatrixOperator(P), c)
+    assert ok.status == "fixed_budget"

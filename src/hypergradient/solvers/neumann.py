@@ -115,6 +115,7 @@ class Neumann(RandomizedSolver):
         self.init_generator(seed, generator, needed=alpha == "auto")
         self._cached: tuple[float, float] | None = None  # (lambda_est, safety)
         self._calls = 0
+        self._indefinite = False  # the last estimate's Ritz value was negative
 
     @property
     def iters(self) -> int:
@@ -141,12 +142,15 @@ class Neumann(RandomizedSolver):
         if self.alpha == "auto":
             lam, safety = self._cached if self._cached is not None else (0.0, 1.0)  # 0: none
             state.update(calls=self._calls, lambda_est=lam, safety=safety)
+            state["indefinite"] = self._indefinite
         return state
 
     def load_state_dict(self, state: Any) -> None:
         if self.alpha != "auto":
             super().load_state_dict(state)
             return
+        indefinite = _vocab.as_bool(state.get("indefinite", False), "state['indefinite']")
+        state = {k: v for k, v in state.items() if k != "indefinite"}  # (older: absent)
         extra = {k: state[k] for k in ("calls", "lambda_est", "safety") if k in state}
         if len(extra) != 3:
             raise ValueError(
@@ -157,13 +161,14 @@ class Neumann(RandomizedSolver):
         lam = _vocab.as_float(extra["lambda_est"], "state['lambda_est']", min=0.0)
         safety = _vocab.as_float(extra["safety"], "state['safety']", min=1.0)
         super().load_state_dict({k: v for k, v in state.items() if k not in extra})
-        self._calls = calls
+        self._calls, self._indefinite = calls, indefinite
         self._cached = None if lam == 0.0 else (lam, safety)
 
     def _step(self, op: LinearOperator, stats: dict[str, Any], fresh: bool = False) -> float:
         if self.alpha != "auto":
             return float(self.alpha)
         stale = fresh or self._cached is None or self._calls % self.refresh_every == 0
+        stale = stale or self._indefinite  # while indefinite, each call proves it anew
         if stale or self._cached is None:
             self._cached = self._estimate(op, stats)
         lam, safety = self._cached
@@ -178,6 +183,10 @@ class Neumann(RandomizedSolver):
             spectrum = lanczos_extremes(op, self.power_iters, self._rng, power_start=True)
             lam, exact = spectrum.lambda_max, spectrum.num_hvps < self.power_iters
             stats["lambda_min"] = spectrum.lambda_min
+            # a Ritz value below rounding is a negative eigenvalue (Ritz values lie inside the
+            # spectrum): the series cannot approximate H^-1 along it, however short
+            eps = torch.finfo(op.dtype).eps
+            self._indefinite = bool(spectrum.lambda_min < -100 * eps * abs(lam))
             safety = 1.0 if exact else lanczos_safety(op.size, self.power_iters - 1)
         else:
             lam, safety = estimate_lambda_max(op, self.power_iters, self._rng), 1.0
@@ -228,6 +237,9 @@ class Neumann(RandomizedSolver):
         run = _Series(op, _unit(b, bnorm), alpha, self, dict(stats))
         run.run()
         stats.update(run.stats)
+        budget = (Status.FIXED_BUDGET, Status.MAX_ITERATIONS)
+        if run.status in budget and stats.get("estimated") and self._indefinite:
+            run.status = Status.NEGATIVE_CURVATURE  # the estimate's Ritz value proves it
         x = (alpha * bnorm) * run.total
         x = x if base is None else base + x
         require_finite_solution(x)
