@@ -483,3 +483,36 @@ def test_imaml_warns_on_an_indefinite_system():
         _, info = im.meta_gradient(THETA, TASKS[0])
     assert info.status == "negative_curvature"
     assert any(issubclass(w.category, hg.HypergradientWarning) for w in caught)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_first_order_maml_refuses_a_diverged_adaptation_with_finite_parameters(vectorize):
+    # float32: ten steps at lr 0.5 on x = 10 put w near 1e19, finite, and its gradient
+    # finite too, but the losses overflow. First-order MAML returned a meta-gradient of
+    # -1.8e21 (one Adam step on it left exp_avg_sq = inf); second order and iMAML raised.
+    def loss_fn(p, batch):
+        x, y = batch
+        return ((x @ p["w"] - y) ** 2).mean()
+
+    x, y = torch.tensor([[10.0]]), torch.tensor([1.0])
+    theta = {"w": torch.tensor([0.0])}
+    for first_order in (True, False):
+        with pytest.raises(hg.NonFiniteHypergradientError, match="not finite"):
+            meta.maml_step(
+                loss_fn,
+                theta,
+                [((x, y), (x, y))],
+                inner_steps=10,
+                inner_lr=0.5,
+                first_order=first_order,
+                vectorize=vectorize,
+            )
+    assert torch.equal(theta["w"], torch.tensor([0.0]))
+
+
+def test_imaml_refuses_a_lam_that_requires_grad():
+    # a learned lam got grad None, silently (inner_lr was already refused the same way)
+    lam = torch.tensor(1.0, requires_grad=True)
+    with pytest.raises(ValueError, match="`lam` is a tensor that requires grad"):
+        meta.IMAML(lambda p, b: (p["w"] ** 2).sum(), lam=lam, inner_steps=3, inner_lr=0.1)
+    meta.IMAML(lambda p, b: (p["w"] ** 2).sum(), lam=lam.detach(), inner_steps=3, inner_lr=0.1)

@@ -21,6 +21,7 @@ from ._common import (
     descend,
     gradient,
     proximal_term,
+    refuse_learned_setting,
     require_finite_phi,
 )
 from .base import MetaLearner
@@ -103,6 +104,7 @@ class IMAML(MetaLearner):
             vectorize=vectorize,
             criterion=criterion,
         )
+        refuse_learned_setting(lam, "lam")
         self.lam = as_float(lam, "lam", min=0.0, open_min=True)
         self.solver = as_solver(solver)
         self.damping = as_float(damping, "damping", min=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import as_bool, as_optional_int, require_finite
+from .._vocab import NonFiniteHypergradientError, as_bool, as_optional_int, require_finite
 from ..methods.unrolled import unrolled
 from ..optim.functional import FunctionalOptimizer
 from ._common import LossFn, Task, adapt, descend, gradient, require_finite_phi
@@ -118,13 +119,20 @@ class MAML(MetaLearner):
             return BatchResult(grad, phi, "unrolled")
         phi = descend(batch.support_loss, start, spec, self.inner_steps, self.inner_optimizer)
         require_finite_phi(phi, spec)
-        g, _ = gradient(batch.query_loss, phi, spec)
+        g, value = gradient(batch.query_loss, phi, spec)
         require_finite(
             g,
             spec.paths,
             "The gradient of the query loss with respect to the adapted",
             "Check the query batches and loss_fn.",
         )
+        if not math.isfinite(float(value)):  # finite phi and gradient, overflowed loss
+            raise NonFiniteHypergradientError(
+                f"The query loss at the adapted parameters is not finite ({float(value)}): "
+                "the adaptation on the support batches diverged. Lower inner_lr (or the "
+                "inner optimizer's lr) or inner_steps, or check the support batches.",
+                "the query loss at the adapted parameters",
+            )
         return BatchResult(batch.reduce(g), phi, "first_order")
 
     def _through_the_steps(
