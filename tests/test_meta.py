@@ -516,3 +516,18 @@ def test_imaml_refuses_a_lam_that_requires_grad():
     with pytest.raises(ValueError, match="`lam` is a tensor that requires grad"):
         meta.IMAML(lambda p, b: (p["w"] ** 2).sum(), lam=lam, inner_steps=3, inner_lr=0.1)
     meta.IMAML(lambda p, b: (p["w"] ** 2).sum(), lam=lam.detach(), inner_steps=3, inner_lr=0.1)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_running_statistic_in_meta_params_is_refused_naming_it(train):
+    # train mode: its value was ignored and its meta-gradient zero, silently; eval mode: a
+    # raw torch error (native_batch_norm is not differentiable w.r.t. running_mean)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).train(train)
+    theta = meta.parameters_of(model)
+    theta["1.running_mean"] = model[1].running_mean.clone()
+    x, y = torch.randn(8, 2), torch.randn(8, 1)
+    with pytest.raises(ValueError, match=r"'1.running_mean', a normalization layer's running"):
+        meta.maml_step(model, theta, [((x, y), (x, y))], inner_steps=1, inner_lr=0.1)
+    del theta["1.running_mean"]
+    meta.maml_step(model, theta, [((x, y), (x, y))], inner_steps=1, inner_lr=0.1)

@@ -69,10 +69,11 @@ def module_loss(
 
 
 def tensor_names(model: nn.Module) -> set[str]:
-    """The names ``functional_call`` replaces: parameters and buffers, shared ones by
-    every name."""
+    """The names ``functional_call`` replaces: parameters and buffers (but running
+    statistics, which are not learned), shared ones by every name."""
     names = {k for k, _ in model.named_parameters(remove_duplicate=False)}
-    return names | {k for k, _ in model.named_buffers(remove_duplicate=False)}
+    buffers = model.named_buffers(remove_duplicate=False)
+    return names | {k for k, _ in buffers if k.rsplit(".", 1)[-1] not in RUNNING_STATS}
 
 
 def check_names(params: dict[str, Any], known: set[str]) -> None:
@@ -82,6 +83,14 @@ def check_names(params: dict[str, Any], known: set[str]) -> None:
     own tensor would be used instead and the key would get a zero meta-gradient.
     """
     unknown = sorted(k for k in params if k not in known)
+    stats = [k for k in unknown if k.rsplit(".", 1)[-1] in RUNNING_STATS]
+    if stats:
+        raise ValueError(
+            f"meta_params has {stats[0]!r}, a normalization layer's running statistic: it is "
+            "not learned (in training mode the layer normalizes with the batch's statistics "
+            "and never reads it; in eval mode torch does not differentiate it). Leave it "
+            "out: hg.meta.parameters_of(model)."
+        )
     if unknown:
         raise ValueError(
             f"meta_params has {unknown[:3]} (of {len(unknown)} unknown names), which the "
