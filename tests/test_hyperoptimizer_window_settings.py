@@ -205,3 +205,29 @@ def test_linking_a_setting_the_groups_hold_apart_says_it_replaces_them():
             method=hg.Unrolled(),
             optimizer_hparams={"lr": "lr"},
         )
+
+
+@pytest.mark.parametrize("dropout", [0.5, 0.0])
+def test_t1t2_skips_a_step_accumulated_over_random_forward_passes(dropout):
+    # Two micro-batches, each through hopt.train_loss with its own dropout masks, then
+    # step(concatenation): T1T2 replayed one pass over the whole batch with the last masks,
+    # the hypergradient of a step not taken (1.39 relative error), silently. Without
+    # dropout the same loop is exact and the hyper-step is taken.
+    model, hopt = build(hg.T1T2(), model=mlp(dropout=dropout), inner_steps=1)
+    decay0 = hopt.hparams["decay"].clone()
+    b = batches(1, size=16)[0]
+    halves = [(b[0][:8], b[1][:8]), (b[0][8:], b[1][8:])]
+    hopt.zero_grad()
+    for h in halves:
+        (hopt.train_loss(h) / 2).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hopt.step(b)
+    texts = [str(w.message) for w in caught if issubclass(w.category, hg.HypergradientWarning)]
+    if dropout:
+        assert hopt.loop.skipped == 1 and len(hopt.history) == 0
+        assert any("accumulated over several train_loss calls" in t for t in texts)
+        assert torch.equal(hopt.hparams["decay"], decay0)
+    else:
+        assert hopt.loop.skipped == 0 and len(hopt.history) == 1
+    assert hopt.loop.drawn is False  # each step starts afresh

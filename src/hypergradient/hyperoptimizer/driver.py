@@ -238,7 +238,7 @@ class HyperOptimizer(HoldoutViews):
         Records torch's random-number state first: the next step's replay uses it, so
         that dropout masks are those of this forward pass.
         """
-        self.loop.rng_pending = stepping.capture(self)
+        stepping.before_forward(self)
         loss = self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
         self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
         return loss
@@ -271,7 +271,7 @@ class HyperOptimizer(HoldoutViews):
             if saved is None:
                 raise
             stepping.undo(self, err, saved, inner=True)
-        self.loop.rng_pending, self.loop.rng_next = None, stepping.capture(self)
+        stepping.after_step(self)
         return result
 
     def begin_step(self) -> None:
@@ -313,7 +313,7 @@ class HyperOptimizer(HoldoutViews):
                 stepping.hyper_step(self, batch, saved)
             except BaseException as err:
                 stepping.undo(self, err, saved, inner=False)
-        self.loop.rng_pending, self.loop.rng_next = None, stepping.capture(self)
+        stepping.after_step(self)
         self.loop.lrs = None  # (a raise leaves them to the next begin_step or step)
 
     # ------------------------------------------------------------------ checkpoints
