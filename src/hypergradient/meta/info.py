@@ -36,7 +36,7 @@ class TaskInfo:
         num_hvps: iMAML: Hessian-vector products spent by the linear solve of the task's
             batch (in a vectorized meta-batch, the joint solve shared by all its tasks;
             :attr:`MetaInfo.num_hvps` is the total). 0 for MAML.
-        relative_residual: iMAML: ``||b - (H + lam I) x|| / ||b||`` of that solve.
+        relative_residual: iMAML: ``||b - (H + (lam + damping) I) x|| / ||b||`` of that solve.
         converged: iMAML: whether that solve met its tolerance.
         status: the solve's status (iMAML), ``"unrolled"`` or ``"first_order"`` (MAML).
         seconds: the task's share of the wall time of its batch (its own wall time when
