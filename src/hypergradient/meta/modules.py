@@ -37,14 +37,15 @@ def module_loss(
     parameters are not used, only its architecture (and its buffers). ``criterion(outputs,
     targets)`` defaults to ``torch.nn.functional.mse_loss``. Cost: one forward pass.
 
-    The module is not modified: a normalization layer in training mode (``BatchNorm`` with
-    ``track_running_stats``) normalizes with the batch's statistics, as in training, but
-    its running statistics are not updated (:func:`running_stats_off`); in eval mode it
-    uses them. Random layers (dropout) draw from torch's global generator. Other buffers
-    that a forward pass updates in place (spectral norm's power-iteration vectors, a custom
-    running average) are updated by every evaluation, and second-order meta-gradients
-    through such layers are not exact (spectral norm in training mode: 1.4e-3 relative):
-    use them in eval mode, or fold them into the parameters.
+    The module's parameters and running statistics are not modified: a normalization layer
+    in training mode (``BatchNorm`` with ``track_running_stats``) normalizes with the
+    batch's statistics, as in training, but its running statistics are not updated
+    (:func:`running_stats_off`); in eval mode it uses them. Random layers (dropout) draw
+    from torch's global generator. Other buffers that a forward pass updates in place
+    (spectral norm's power-iteration vectors, a custom running average) are updated by every
+    evaluation, and second-order meta-gradients through such layers are not exact (spectral
+    norm in training mode: 1.4e-3 relative): use them in eval mode, or fold them into the
+    parameters.
 
     Raises:
         ArgumentTypeError: ``model`` is not an ``nn.Module`` or ``criterion`` not callable.
