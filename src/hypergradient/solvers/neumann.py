@@ -168,7 +168,6 @@ class Neumann(RandomizedSolver):
         if self.alpha != "auto":
             return float(self.alpha)
         stale = fresh or self._cached is None or self._calls % self.refresh_every == 0
-        stale = stale or self._indefinite  # while indefinite, each call proves it anew
         if stale or self._cached is None:
             self._cached = self._estimate(op, stats)
         lam, safety = self._cached
@@ -237,9 +236,11 @@ class Neumann(RandomizedSolver):
         run = _Series(op, _unit(b, bnorm), alpha, self, dict(stats))
         run.run()
         stats.update(run.stats)
-        budget = (Status.FIXED_BUDGET, Status.MAX_ITERATIONS)
-        if run.status in budget and stats.get("estimated") and self._indefinite:
-            run.status = Status.NEGATIVE_CURVATURE  # the estimate's Ritz value proves it
+        if run.status in (Status.FIXED_BUDGET, Status.MAX_ITERATIONS) and self._indefinite:
+            # the estimate's negative Ritz value (this call's, or one of the last
+            # refresh_every calls': re-estimating each call would double IFT's cost)
+            run.status = Status.NEGATIVE_CURVATURE
+            stats["indefinite_estimate"] = "this call" if stats.get("estimated") else "cached"
         x = (alpha * bnorm) * run.total
         x = x if base is None else base + x
         require_finite_solution(x)
