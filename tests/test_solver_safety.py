@@ -214,7 +214,14 @@ def test_cg_in_float32_at_rounding_level_claims_only_what_it_checked(kappa, tol)
         floor = 30 * torch.finfo(torch.float32).eps * bnorm  # the products' own rounding
         if sol.status == "converged":
             assert true <= max(tol, 10 * torch.finfo(torch.float32).eps) * bnorm + floor
-        assert sol.residual_norm == pytest.approx(true, rel=0.2, abs=floor)
+        # at the attainable floor the float32 products' rounding moves the residual by ~30%
+        assert sol.residual_norm == pytest.approx(true, rel=0.5, abs=floor)
+        # asked for the rounding level, CG stops at the first check that shows it out of
+        # reach (one product, and one more for the exit's true residual): the residual
+        # replacements would run to maxiter (1,000 products at kappa 1e4) for no gain
+        assert sol.stats.get("verify_hvps", 0) <= 2
+        if kappa <= 1e4:
+            assert sol.iterations < 400
 
 
 def test_cg_says_when_the_tolerance_is_below_the_rounding_level():

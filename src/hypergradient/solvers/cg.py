@@ -67,6 +67,7 @@ class _Run:
         # only shrinks by noise until p^T A p underflows to 0: false negative curvature)
         asked = max(tol, atol / self.bnorm)
         self.threshold = max(asked, 10 * self.eps)
+        self.at_rounding = asked < 10 * self.eps  # "as far as the precision goes"
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
@@ -226,8 +227,8 @@ class _Run:
             return True
         self.replacements += 1
         self.stats["attainable_residual"] = true_norm * self.bnorm
-        if self.replacements >= MAX_REPLACEMENTS:
-            raise StopIteration
+        if self.replacements >= MAX_REPLACEMENTS or self.at_rounding:
+            raise StopIteration  # (at rounding level: the attainable residual is reached)
         self._restart_direction()
         return False
 
