@@ -173,38 +173,32 @@ def test_a_scheduler_on_a_linked_lr_skips_the_hyper_step_it_would_falsify(make):
     assert hopt.history[0].info.replay_error < 1e-12  # the first window was trained as replayed
 
 
+def _lr_linked(model, opt):
+    """A hyper-optimizer tuning only the learning rate, linked to the inner optimizer's."""
+    return hg.HyperOptimizer(
+        model,
+        {"lr": hg.Positive(torch.tensor(0.05, dtype=torch.float64))},
+        inner_optimizer=opt,
+        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_data=VAL,
+        method=hg.Unrolled(),
+        optimizer_hparams={"lr": "lr"},
+    )
+
+
 def test_linking_a_setting_the_groups_hold_apart_says_it_replaces_them():
     model = mlp()
     params = list(model.parameters())
     opt = torch.optim.SGD([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.01}])
     with pytest.warns(hg.HypergradientWarning, match=r"groups' own values \[0\.1, 0\.01\]"):
-        hg.HyperOptimizer(
-            model,
-            {"lr": hg.Positive(torch.tensor(0.05, dtype=torch.float64))},
-            inner_optimizer=opt,
-            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_data=VAL,
-            method=hg.Unrolled(),
-            optimizer_hparams={"lr": "lr"},
-        )
+        _lr_linked(model, opt)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.05], rel=1e-12)
-    other = mlp()
-    one = torch.optim.SGD(other.parameters(), lr=0.1)  # one group: nothing to say
+    other = mlp()  # one group: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error", hg.HypergradientWarning)
-        hg.HyperOptimizer(
-            other,
-            {"lr": hg.Positive(torch.tensor(0.05, dtype=torch.float64))},
-            inner_optimizer=one,
-            outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.05),
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_data=VAL,
-            method=hg.Unrolled(),
-            optimizer_hparams={"lr": "lr"},
-        )
+        _lr_linked(other, torch.optim.SGD(other.parameters(), lr=0.1))
 
 
 @pytest.mark.parametrize("dropout", [0.5, 0.0])
