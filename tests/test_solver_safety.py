@@ -217,8 +217,8 @@ def test_cg_in_float32_at_rounding_level_claims_only_what_it_checked(kappa, tol)
         # at the attainable floor the float32 products' rounding moves the residual by ~30%
         assert sol.residual_norm == pytest.approx(true, rel=0.5, abs=floor)
         # asked for the rounding level, CG stops at the first check that shows it out of
-        # reach (one product, and one more for the exit's true residual): the residual
-        # replacements would run to maxiter (1,000 products at kappa 1e4) for no gain
+        # reach (one product; a second where the exit's best iterate is another): residual
+        # replacements ran to maxiter (1,000 products at kappa 1e4 on a probe) for no gain
         assert sol.stats.get("verify_hvps", 0) <= 2
         if kappa <= 1e4:
             assert sol.iterations < 400

@@ -146,6 +146,17 @@ def skipped(hopt: HyperOptimizer) -> None:
     hopt.loop.skipped += 1
 
 
+def skip(hopt: HyperOptimizer, saved: Transaction, why: str) -> bool:
+    """Skip the due hyper-step with a warning (``why``, after "hyper-step skipped: ");
+    True, for the checks of :func:`_hyper_step` to return."""
+    warnings.warn(
+        f"Step {hopt.loop.count}: hyper-step skipped: {why}", HypergradientWarning, stacklevel=5
+    )
+    skipped(hopt)
+    saved.commit()
+    return True
+
+
 def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> Any:
     """The torch optimizer's step, recorded in the window (trajectory methods)."""
     loop = hopt.loop
@@ -237,17 +248,14 @@ def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
     )
     if not needs or inner_lr(hopt.inner_optimizer, hopt.view.params, method, hopt.loop.lrs):
         return False
-    warnings.warn(
-        f"Step {hopt.loop.count}: hyper-step skipped: the inner step was taken at learning "
-        f"rate 0 (a warm-up's first step, a schedule's end), which {type(method).__name__} "
-        "needs positive (T1T2 differentiates that step; IFT's default Neumann series steps "
-        "with it). Take hyper-steps at other steps, or use hg.IFT(hg.CG()).",
-        HypergradientWarning,
-        stacklevel=4,
+    return skip(
+        hopt,
+        saved,
+        "the inner step was taken at learning rate 0 (a warm-up's first step, a schedule's "
+        f"end), which {type(method).__name__} needs positive (T1T2 differentiates that step; "
+        "IFT's default Neumann series steps with it). Take hyper-steps at other steps, or use "
+        "hg.IFT(hg.CG()).",
     )
-    skipped(hopt)
-    saved.commit()
-    return True
 
 
 #: A trajectory method's hyper-step is skipped when its replay of the window ends farther
@@ -269,19 +277,16 @@ def replay_off(hopt: HyperOptimizer, error: float | None, saved: Transaction) ->
         off = float(distributed.mean_over_ranks([flag], hopt.process_group)[0]) > 0.0
     if not off:
         return False
-    warnings.warn(
-        f"Step {hopt.loop.count}: hyper-step skipped: the replay of the window ended "
-        f"{error:.3g} (relative) away from the model's parameters (on this rank; the bound "
-        f"is {REPLAY_SKIP:g}), so its hypergradient would be another run's. The loop must "
-        "train with train_loss alone on the batches passed to step(), without changing "
-        "gradients between backward() and step() (gradient clipping, accumulation into "
-        "other batches); or use a method that does not replay (hg.IFT(), hg.T1T2()).",
-        HypergradientWarning,
-        stacklevel=4,
+    return skip(
+        hopt,
+        saved,
+        f"the replay of the window ended {error:.3g} (relative) away from the model's "
+        f"parameters (on this rank; the bound is {REPLAY_SKIP:g}), so its hypergradient would "
+        "be another run's. The loop must train with train_loss alone on the batches passed "
+        "to step(), without changing gradients between backward() and step() (gradient "
+        "clipping, accumulation into other batches); or use a method that does not replay "
+        "(hg.IFT(), hg.T1T2()).",
     )
-    skipped(hopt)
-    saved.commit()
-    return True
 
 
 def accumulated_draws(hopt: HyperOptimizer, saved: Transaction) -> bool:
@@ -291,17 +296,14 @@ def accumulated_draws(hopt: HyperOptimizer, saved: Transaction) -> bool:
     not taken: 1.39 relative error on a probe)."""
     if not (hopt.loop.drawn and isinstance(hopt.method, T1T2)):
         return False
-    warnings.warn(
-        f"Step {hopt.loop.count}: hyper-step skipped: the step's gradient was accumulated "
-        "over several train_loss calls that drew random numbers (dropout), which T1T2's one "
-        "replayed forward pass of the step's batch cannot reproduce. Accumulate without "
-        "dropout, take one train_loss over the whole batch, or use hg.IFT().",
-        HypergradientWarning,
-        stacklevel=4,
+    return skip(
+        hopt,
+        saved,
+        "the step's gradient was accumulated over several train_loss calls that drew random "
+        "numbers (dropout), which T1T2's one replayed forward pass of the step's batch cannot "
+        "reproduce. Accumulate without dropout, take one train_loss over the whole batch, or "
+        "use hg.IFT().",
     )
-    skipped(hopt)
-    saved.commit()
-    return True
 
 
 def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
@@ -319,14 +321,7 @@ def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
         "once every inner_steps steps, after the step that took the hyper-step), or use a "
         "method that does not replay (hg.IFT(), hg.T1T2())."
     )
-    warnings.warn(
-        f"Step {hopt.loop.count}: hyper-step skipped: {window.changed}{advice}",
-        HypergradientWarning,
-        stacklevel=4,
-    )
-    skipped(hopt)
-    saved.commit()
-    return True
+    return skip(hopt, saved, f"{window.changed}{advice}")
 
 
 def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bool) -> None:

@@ -68,6 +68,7 @@ class _Run:
         asked = max(tol, atol / self.bnorm)
         self.threshold = max(asked, 10 * self.eps)
         self.at_rounding = asked < 10 * self.eps  # "as far as the precision goes"
+        self.checked: Tensor | None = None  # the iterate whose rnorm is its true residual
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
@@ -222,7 +223,7 @@ class _Run:
         if self.best_norm == self.rnorm:  # y is the best iterate: record its true residual
             self.best_norm = true_norm
             restore_start(self)  # worse than the start: the start is the best again
-        self.r, self.rnorm = true_r, true_norm
+        self.r, self.rnorm, self.checked = true_r, true_norm, self.y
         if true_norm <= self.threshold:
             return True
         self.replacements += 1

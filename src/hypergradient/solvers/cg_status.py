@@ -81,7 +81,8 @@ def recheck_exit(run: Any) -> None:
         return safe_norm(run.b - w)
 
     last_is_best = run.best is run.y
-    run.rnorm = true_norm(run.y)
+    if run.checked is not run.y:  # (a check that stopped the run has read it already)
+        run.rnorm = true_norm(run.y)
     if last_is_best:
         run.best_norm = run.rnorm
     elif run.best is not None:
