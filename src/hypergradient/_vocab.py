@@ -125,8 +125,10 @@ _STATUS_MESSAGES = {
         "add damping"
     ),
     Status.DIVERGED: (
-        "the iteration diverged (its residual grew); lower the step size (Neumann: alpha < "
-        "2 / lambda_max, or alpha='auto'), add damping, or use hg.CG()"
+        "the iteration diverged (a solver's residual grew, or the loss of the inner run or "
+        "adaptation differentiated through); lower the step size (Neumann: alpha < 2 / "
+        "lambda_max, or alpha='auto'; a trajectory: the inner learning rate), add damping, or "
+        "use hg.CG()"
     ),
     Status.NONFINITE: "a quantity of the computation is NaN or Inf",
 }

@@ -33,12 +33,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..methods.growth import KEEP, LOSS_GROWTH, grows
+
 __all__ = ["KEEP", "diagnose", "due", "norm", "push"]
 
-#: Steps recorded before a hyper-step (three growth ratios).
-KEEP = 4
+#: The parameter norm's growth at each of the last steps that proves divergence (``KEEP``,
+#: the steps recorded before a hyper-step, and ``LOSS_GROWTH`` are those of
+#: :mod:`hypergradient.methods.growth`).
 PARAM_GROWTH = 2.0
-LOSS_GROWTH = 3.0
 
 KNOB = (
     "Lower the inner optimizer's learning rate (gradient descent needs lr < 2 / "
@@ -68,10 +70,6 @@ def push(values: tuple[Tensor, ...], value: Tensor) -> tuple[Tensor, ...]:
     return (*values, value.detach().reshape(()))[-KEEP:]
 
 
-def _grows(xs: list[float], factor: float) -> bool:
-    return len(xs) == KEEP and xs[0] > 0 and all(b >= factor * a for a, b in zip(xs, xs[1:]))
-
-
 def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, str] | None:
     """``(finite, message)`` if the recorded steps show a divergence, else None.
 
@@ -88,8 +86,8 @@ def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, s
     values = _read([*norms, *losses])  # one synchronisation
     ns, ls = values[: len(norms)], values[len(norms) :]
     finite = all(map(math.isfinite, values))
-    norm_up = finite and _grows(ns, PARAM_GROWTH)
-    loss_up = finite and _grows(ls, LOSS_GROWTH) and _grows(ns, 1.0)
+    norm_up = finite and grows(ns, PARAM_GROWTH)
+    loss_up = finite and grows(ls, LOSS_GROWTH) and grows(ns, 1.0)
     if finite and not (norm_up or loss_up):
         return None  # the usual case: no message to format
     seen = f"parameter norms {_fmt(ns)}" + (f", training losses {_fmt(ls)}" if ls else "")

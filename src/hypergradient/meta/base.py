@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,15 @@ from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import NonFiniteHypergradientError, as_bool, as_int, require_finite
+from .._vocab import (
+    HypergradientWarning,
+    NonFiniteHypergradientError,
+    Status,
+    as_bool,
+    as_int,
+    require_finite,
+)
+from ..methods.growth import ADAPT_GROWTH, adaptation_failed
 from ..optim.functional import FunctionalOptimizer
 from ._common import (
     NONFINITE_FIX,
@@ -33,7 +42,7 @@ from ._common import (
 from .info import BatchResult, MetaInfo, TaskInfo, summarize
 from .tasks import SingleTask, TaskBatch, check_task, task_batches
 
-__all__ = ["MetaLearner", "name_the_task", "task_records"]
+__all__ = ["MetaLearner", "name_the_task", "report_failed", "task_records"]
 
 
 def task_records(
@@ -59,6 +68,34 @@ def task_records(
         )
         for b, a, q, n in zip(before, after, query, norms)
     ]
+
+
+def report_failed(tasks: list[TaskInfo], names: list[str]) -> bool:
+    """Mark (``status = "diverged"``) and warn about the tasks whose adaptation ended at
+    least :data:`~hypergradient.methods.growth.ADAPT_GROWTH` times above its support loss
+    at ``meta_params``; whether there were any."""
+    failed = [
+        (n, t)
+        for n, t in zip(names, tasks)
+        if adaptation_failed(t.support_loss_before, t.support_loss_after)
+    ]
+    for _, t in failed:
+        t.status = Status.DIVERGED.value
+    if failed:
+        shown = ", ".join(
+            f"{n} ({t.support_loss_before:.3g} -> {t.support_loss_after:.3g})"
+            for n, t in failed[:3]
+        )
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        warnings.warn(
+            f"The adaptation diverged on {len(failed)} task(s): its support loss ended at least "
+            f"{ADAPT_GROWTH:g}x above its value at meta_params: {shown}{more}. Their "
+            "meta-gradient is that of a failed adaptation (info.status is 'diverged'). Lower "
+            "inner_lr (or the inner optimizer's lr) or inner_steps.",
+            HypergradientWarning,
+            stacklevel=4,
+        )
+    return bool(failed)
 
 
 def name_the_task(
@@ -183,7 +220,10 @@ class MetaLearner:
             results.append(result)
             done += batch.num_tasks
         require_finite(mean, spec.paths, "The meta-gradient of", NONFINITE_FIX)
-        return _tree.unflatten(spec, mean), summarize(self.method, results, started, vectorized)
+        info = summarize(self.method, results, started, vectorized)
+        if report_failed(info.tasks, names):
+            info.status = Status.DIVERGED
+        return _tree.unflatten(spec, mean), info
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import _tree
 from .._tree import Tree, TreeSpec
 from .._vocab import NonFiniteHypergradientError, as_bool, as_optional_int, require_finite
+from ..methods.growth import quiet
 from ..methods.unrolled import unrolled
 from ..optim.functional import FunctionalOptimizer
 from ._common import LossFn, Task, adapt, descend, gradient, require_finite_phi
@@ -152,16 +153,17 @@ class MAML(MetaLearner):
             return batch.query_loss(shifted(delta, h))
 
         delta0 = _tree.unflatten(spec, [torch.zeros_like(t) for t in start])
-        grad, info = unrolled(
-            inner,
-            outer,
-            delta0,
-            _tree.unflatten(spec, theta),
-            self.inner_steps,
-            self.inner_optimizer,
-            checkpoint_every=self.checkpoint_every,
-            return_info=True,
-        )
+        with quiet():  # a diverged adaptation is reported per task by the driver
+            grad, info = unrolled(
+                inner,
+                outer,
+                delta0,
+                _tree.unflatten(spec, theta),
+                self.inner_steps,
+                self.inner_optimizer,
+                checkpoint_every=self.checkpoint_every,
+                return_info=True,
+            )
         delta_K, _ = _tree.flatten(info_value(info, "params"), "delta")
         phi = [t + d.detach() for t, d in zip(theta, delta_K)]
         return [g.detach() for g in _tree.flatten(grad, "grad")[0]], phi

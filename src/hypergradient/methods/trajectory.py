@@ -51,6 +51,7 @@ from .._vocab import (
 from ..operators.buffers import keep_buffers
 from ._checks import all_finite, check_arity, unused_leaves, warn_unused
 from .base import Info, Method, Problem, Trajectory
+from .growth import report_diverging
 from .replay import Run, replay_rng, rng_state
 from .traj_step import ReverseStep
 
@@ -85,6 +86,10 @@ class TrajectoryInfo(Info):
         inner_losses: inner loss at each step (before the update).
         replay_error: relative distance of the replay's final parameters to
             ``trajectory.final_params`` (None when those are not given).
+
+    ``status`` is ``"diverged"`` (and ``stats["diverging"]`` says how) when the inner losses
+    grow geometrically (:mod:`~hypergradient.methods.growth`): the hypergradient is the
+    exact one of a run that trained nothing.
     """
 
     steps: int = 0
@@ -308,6 +313,7 @@ class TrajectoryMethod(Method):
         if info.replay_error is not None:
             info.stats["replay_error"] = info.replay_error
         warn_unused(out.stats.get("unused_hparams", []))
+        report_diverging(info, info.inner_losses, "inner run", warn=final is None)
         info.stats["stored_states"] = out.stored_states
         info.stats.update(out.stats)
         info.num_hvps = int(out.stats.get("products", 0))

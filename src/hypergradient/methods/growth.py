@@ -1,0 +1,121 @@
+"""Is a run's loss diverging? The test shared by the trajectory methods, the
+hyper-optimizer's watch on the inner run and meta-learning's adaptations.
+
+Overflow is caught by the finiteness checks; this module catches the divergence that stays
+finite (float64 reaches 1e300 before it overflows: gradient descent through 20 steps at
+``lr = 2.5 / lambda_max`` returned a hypergradient of 1e65, silently). A descent's loss
+does not grow for long: a run is reported as diverging when
+
+* its loss grew by at least :data:`LOSS_GROWTH` at each of its last ``KEEP - 1`` steps
+  (sustained geometric growth; the hyper-optimizer also asks the parameter norm to grow,
+  :mod:`hypergradient.hyperoptimizer.divergence`), or
+* its loss ended at least :data:`BLOWUP` times its first value and still grew at each of its
+  last ``KEEP - 1`` steps (slower geometric growth, sustained over the run), or
+* (an adaptation, whose loss before and after is known) its loss after the adaptation is at
+  least :data:`ADAPT_GROWTH` times its loss before: a descent that ended ten times above its
+  start failed, whatever its length (MAML's one-step adaptations included).
+
+The hypergradient of such a run is exact for the run that was taken, but that run trained
+nothing; the methods still return it, with ``info.status == Status.DIVERGED`` and a
+:class:`~hypergradient.HypergradientWarning`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from .._vocab import HypergradientWarning, Status
+
+__all__ = [
+    "ADAPT_GROWTH",
+    "BLOWUP",
+    "KEEP",
+    "LOSS_GROWTH",
+    "adaptation_failed",
+    "grows",
+    "loss_diverging",
+    "quiet",
+    "report_diverging",
+]
+
+_LOCAL = threading.local()
+
+#: Steps looked at (three growth ratios).
+KEEP = 4
+#: Growth of the loss at each of the last steps that proves divergence.
+LOSS_GROWTH = 3.0
+#: Growth of the loss over the whole run that, still growing at its end, proves divergence.
+BLOWUP = 1e6
+#: Growth of an adaptation's loss (after over before) that proves it failed.
+ADAPT_GROWTH = 10.0
+
+
+def grows(xs: Sequence[float], factor: float) -> bool:
+    """Whether the last :data:`KEEP` values each reach ``factor`` times the one before
+    (False with fewer values, or a non-positive first one)."""
+    last = list(xs[-KEEP:])
+    if len(last) < KEEP or not last[0] > 0:
+        return False
+    return all(b >= factor * a for a, b in zip(last, last[1:]))
+
+
+def _fmt(xs: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
+
+
+def loss_diverging(losses: Sequence[float]) -> str | None:
+    """A sentence on how ``losses`` (one per step, oldest first) diverge, or None."""
+    values = [float(v) for v in losses]
+    if len(values) < KEEP or not all(map(math.isfinite, values)):
+        return None  # too short to tell; non-finite values are the finiteness checks' job
+    last = _fmt(values[-KEEP:])
+    if grows(values, LOSS_GROWTH):
+        growth = f"at least {LOSS_GROWTH:g}x"
+        return f"the loss grew by {growth} at each of the last {KEEP - 1} steps ({last})"
+    if values[0] > 0 and values[-1] >= BLOWUP * values[0] and grows(values, 1.0):
+        return (
+            f"the loss grew from {values[0]:.3g} to {values[-1]:.3g} (at least {BLOWUP:g}x) and "
+            f"still grows ({last})"
+        )
+    return None
+
+
+def adaptation_failed(before: float, after: float) -> bool:
+    """Whether a descent's loss ended at least :data:`ADAPT_GROWTH` times its start."""
+    return math.isfinite(after) and before > 0 and after >= ADAPT_GROWTH * before
+
+
+def report_diverging(info: Any, losses: Sequence[float], what: str, warn: bool = True) -> None:
+    """Mark ``info`` (``status``, ``stats["diverging"]``) when ``losses`` diverge, and warn
+    (unless ``warn`` is False: a caller with its own watch, the hyper-optimizer)."""
+    why = loss_diverging(losses)
+    if why is None:
+        return
+    info.status = Status.DIVERGED
+    info.stats["diverging"] = why
+    if warn and not getattr(_LOCAL, "quiet", False):
+        warnings.warn(
+            f"The {what} diverged: {why}. The hypergradient returned is that of this run, "
+            "which trained nothing (info.status is 'diverged'). Lower the learning rate or "
+            "the number of steps, or add damping (weight decay).",
+            HypergradientWarning,
+            stacklevel=5,
+        )
+
+
+class quiet:  # noqa: N801 (used as a function: ``with quiet():``)
+    """A block in which :func:`report_diverging` marks the info but does not warn (this
+    thread): a caller that reports the divergence in its own words (meta-learning)."""
+
+    __slots__ = ("outer",)
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_LOCAL, "quiet", False)
+        _LOCAL.quiet = True
+
+    def __exit__(self, *exc: object) -> None:
+        _LOCAL.quiet = self.outer
