@@ -40,6 +40,8 @@ def _swaps() -> list[tuple[nn.Module, list[tuple[str, Tensor]]]] | None:
 
 
 def _pre(module: nn.Module, args: Any) -> None:
+    if not getattr(module, "_buffers", None):  # most modules own none: no generator built
+        return
     swaps = _swaps()
     if swaps is None:
         return
