@@ -14,7 +14,7 @@ through ``custom_root`` at the cold CG budget, when importable.
 
 ``--size 100k``: tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights and decays, 256 train
 and 256 validation rows); reference: float64 NystromPCG to relative residual 1e-7; the bisection
-runs on real products; 10 hyper-steps by default.
+runs on real products; 30 hyper-steps, as on digits.
 """
 
 import math
@@ -221,7 +221,7 @@ def plot(d: dict[str, Any], out: Any) -> Any:
     return H.save_figure(fig, out / f"{name}.png")
 
 
-DEFAULTS = {"steps": (3, 30, 10), "hidden": (4, 16, 16), "rounds": (1, 3, 3)}  # quick, full, 100k
+DEFAULTS = {"steps": (3, 30, 30), "hidden": (4, 16, 16), "rounds": (1, 3, 3)}  # quick, full, 100k
 DEFAULTS |= {"lbfgs": (50, 200, 300), "rank": (4, 40, 40), "recycle": (8, 200, 16)}
 DEFAULTS |= {"harvest": (32, 64, 8), "smallest": (2, 20, 4)}
 SETTINGS = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs", "size")
