@@ -233,3 +233,61 @@ def test_an_option_it_does_not_pass_on_is_refused_at_construction(option, match)
     with pytest.raises(TypeError, match=match):
         HypergradientCallback(val_data=VAL, **option)
     HypergradientCallback(val_data=VAL, history_size=5, seed=1, on_divergence="skip")
+
+
+class Accumulating(LogReg):
+    """Manual optimization with dropout: one optimizer step every two batches, their
+    gradients accumulated."""
+
+    def __init__(self):
+        super().__init__(dropout=0.5)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        self.manual_backward(self.training_loss(batch, tuned_values(self)) / 2)
+        if batch_idx % 2 == 1:
+            opt.step()
+            opt.zero_grad()
+
+
+def test_t1t2_skips_a_step_accumulated_over_batches_that_drew_as_the_loop_does():
+    """The documented loop skips T1T2's hyper-step, with a warning, after a step whose
+    gradient was accumulated over forward passes that drew dropout masks (one replayed
+    pass cannot reproduce them). Under the Trainer the callback applied it: 2 hyper-steps,
+    decays 0.2 (raw) from the loop's. Now the same skips, decays and weights, bit for bit;
+    under automatic accumulation too."""
+    module, cb = Accumulating(), callback(hg.T1T2(), every_n_steps=2)
+    torch.manual_seed(7)
+    with pytest.warns(hg.HypergradientWarning, match="accumulated over several"):
+        trainer(max_epochs=2, callbacks=[cb]).fit(module, loader())
+    ref = Accumulating()
+    hopt = hg.HyperOptimizer(
+        ref,
+        ref.hyperparameters_to_tune(),
+        inner_optimizer=torch.optim.SGD(ref.parameters(), lr=ref.lr),
+        outer_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.1),
+        train_loss=lambda m, h, b: m.training_loss(b, h),
+        val_loss=lambda m, h, b: m.validation_loss(b, h),
+        val_data=VAL,
+        val_batch_size=16,
+        method=hg.T1T2(),
+        inner_steps=2,
+    )
+    torch.manual_seed(7)
+    with pytest.warns(hg.HypergradientWarning, match="accumulated over several"):
+        for _ in range(2):
+            for i, batch in enumerate(loader()):
+                (hopt.train_loss(batch) / 2).backward()
+                if i % 2 == 1:
+                    hopt.step(batch)
+                    hopt.zero_grad()
+    assert (cb.hopt.hyper_steps, cb.hopt.skipped) == (hopt.hyper_steps, hopt.skipped) == (0, 2)
+    assert torch.equal(module.decay.raw, ref.decay.raw)
+    assert torch.equal(module.linear.weight, ref.linear.weight)
+
+    module, cb = LogReg(dropout=0.5), callback(hg.T1T2(), every_n_steps=2)
+    with pytest.warns(hg.HypergradientWarning, match="accumulated over several"):
+        trainer(max_steps=4, callbacks=[cb], accumulate_grad_batches=2).fit(module, loader())
+    assert (cb.hopt.hyper_steps, cb.hopt.skipped) == (0, 2)
+    assert torch.equal(module.decay.raw, LogReg().decay.raw)

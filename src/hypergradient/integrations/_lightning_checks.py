@@ -16,10 +16,13 @@ from ..constraints import Constraint
 from ..hyperoptimizer import HyperOptimizer
 from ..hyperoptimizer.hparams import HyperParameters
 from ..hyperoptimizer.sampler import BatchSampler
+from ..hyperoptimizer.stepping import capture
 from ..methods import T1T2, Method
+from ..methods.rng import same_state
 from .loggers import record_scalars
 
 __all__ = [
+    "accumulated",
     "check_hparams",
     "check_options",
     "check_replayable",
@@ -188,6 +191,17 @@ def skipped(trainer: pl.Trainer, pl_module: Any, outputs: Any) -> bool:
     automatic = getattr(pl_module, "automatic_optimization", True)
     empty = isinstance(outputs, Mapping) and outputs.get("loss") is None
     return automatic and empty and trainer.accumulate_grad_batches == 1
+
+
+def accumulated(hopt: HyperOptimizer) -> None:
+    """A batch whose gradient a later optimizer step accumulates: note whether its forward
+    pass drew random numbers (dropout), as ``hopt.train_loss`` notes it in the documented
+    loop, where T1T2 then skips that step's hyper-step with a warning (its one replayed
+    forward pass cannot reproduce several batches' masks). Under the Trainer, T1T2
+    applied it (0.2 from the documented loop's decays after 6 steps of 2 batches)."""
+    before = hopt.loop.rng_pending  # captured at the batch's start (T1T2 only)
+    if before is not None:
+        hopt.loop.drawn |= not same_state(before, capture(hopt))
 
 
 def check_steps(steps: int, pl_module: Any, method: Method) -> None:

@@ -62,7 +62,9 @@ on 2 ranks: 21 and 20), each rank's validation (and holdout) loss, a mean over i
 weighted by its share of the rows, so the average is the mean over all rows.
 
 **Methods.** Implicit methods (``hg.IFT``, ``hg.HOAG``) work everywhere; ``hg.T1T2`` too,
-but for several optimizer steps on one batch (manual optimization), which it refuses.
+but for several optimizer steps on one batch (manual optimization), which it refuses, and
+as in the documented loop, it skips with a warning the hyper-step of a step accumulated
+over batches that drew random numbers (dropout).
 Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay the Trainer's
 steps differentiably, which is exact only for a plain step: one device, one SGD or Adam
 optimizer, no gradient accumulation or clipping, no learning-rate scheduler, full precision;
@@ -95,6 +97,7 @@ from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
 from ._lightning_checks import (
+    accumulated,
     check_hparams,
     check_options,
     check_replayable,
@@ -334,13 +337,13 @@ class HypergradientCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        steps = trainer.global_step - self._steps_before
-        if skipped(trainer, pl_module, outputs):
-            steps = 0  # training_step returned None: the optimizer step moved nothing
+        # training_step returned None: the optimizer step moved nothing
+        skip = skipped(trainer, pl_module, outputs)
+        steps = 0 if skip else trainer.global_step - self._steps_before
         hopt = self._require_hopt()
         check_steps(steps, pl_module, hopt.method)
-        if steps == 0:
-            return  # no optimizer step (gradient accumulation, a skipped batch)
+        if steps == 0:  # no optimizer step (gradient accumulation, a skipped batch)
+            return None if skip else accumulated(hopt)
         self._records.clear()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
