@@ -7,6 +7,7 @@ documented ``HyperOptimizer`` loop; the same run in float64 with float64 data.""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -291,3 +292,24 @@ def test_t1t2_skips_a_step_accumulated_over_batches_that_drew_as_the_loop_does()
         trainer(max_steps=4, callbacks=[cb], accumulate_grad_batches=2).fit(module, loader())
     assert (cb.hopt.hyper_steps, cb.hopt.skipped) == (0, 2)
     assert torch.equal(module.decay.raw, LogReg().decay.raw)
+
+
+def test_the_divergence_warning_quotes_the_training_losses_under_accumulation():
+    """Lightning passes the hook the loss divided by ``accumulate_grad_batches``; the
+    warning quoted 5.4e+04 for a training_step loss of 1.08e+05. Reference: the losses
+    training_step returned on the batches that stepped (quoted to 3 digits)."""
+    returned = []
+
+    class Net(LogReg):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            returned.append(float(loss))
+            return loss
+
+    cb = callback(on_divergence="skip")
+    with pytest.warns(hg.HypergradientWarning, match="diverging") as got:
+        trainer(max_steps=6, callbacks=[cb], accumulate_grad_batches=2).fit(Net(lr=1e3), loader())
+    (w,) = [w for w in got if "diverging" in str(w.message)]
+    quoted = re.search(r"training losses \[([^\]]*)\]", str(w.message)).group(1).split(", ")
+    stepped = returned[1::2]  # the second batch of each step
+    assert [float(q) for q in quoted] == [float(f"{v:.3g}") for v in stepped[-len(quoted) :]]

@@ -37,6 +37,7 @@ __all__ = [
     "shard",
     "shard_weight",
     "skipped",
+    "step_loss",
     "weighted",
 ]
 
@@ -202,6 +203,18 @@ def accumulated(hopt: HyperOptimizer) -> None:
     before = hopt.loop.rng_pending  # captured at the batch's start (T1T2 only)
     if before is not None:
         hopt.loop.drawn |= not same_state(before, capture(hopt))
+
+
+def step_loss(trainer: pl.Trainer, pl_module: Any, outputs: Any) -> Tensor | None:
+    """The loss ``training_step`` returned, for the divergence watch. Automatic
+    optimization passes the hook that loss divided by ``accumulate_grad_batches`` (what
+    backward saw): the warning quoted the training losses halved under accumulation by 2."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if not isinstance(loss, Tensor):
+        return None
+    if getattr(pl_module, "automatic_optimization", True):
+        return loss * trainer.accumulate_grad_batches
+    return loss
 
 
 def check_steps(steps: int, pl_module: Any, method: Method) -> None:

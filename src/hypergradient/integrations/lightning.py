@@ -111,6 +111,7 @@ from ._lightning_checks import (
     shard,
     shard_weight,
     skipped,
+    step_loss,
     weighted,
 )
 
@@ -345,8 +346,7 @@ class HypergradientCallback(pl.Callback):
         if steps == 0:  # no optimizer step (gradient accumulation, a skipped batch)
             return None if skip else accumulated(hopt)
         self._records.clear()
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
+        hopt.end_step(batch, loss=step_loss(trainer, pl_module, outputs))
         for _ in range(steps - 1):  # manual optimization stepped more than once (implicit)
             hopt.begin_step()
             hopt.end_step(batch)
