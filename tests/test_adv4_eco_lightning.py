@@ -313,3 +313,33 @@ def test_the_divergence_warning_quotes_the_training_losses_under_accumulation():
     quoted = re.search(r"training losses \[([^\]]*)\]", str(w.message)).group(1).split(", ")
     stepped = returned[1::2]  # the second batch of each step
     assert [float(q) for q in quoted] == [float(f"{v:.3g}") for v in stepped[-len(quoted) :]]
+
+
+def test_declaring_a_new_tensor_at_each_call_is_refused_before_training():
+    """``{"decay": self.decay.value}`` is a new tensor at each call: the callback tuned the
+    copy it got (3 hyper-steps moved it, two entries below zero) while training_step,
+    asking again, trained with the initial decays throughout."""
+
+    class Copies(LogReg):
+        def hyperparameters_to_tune(self):
+            return {"decay": self.decay.value}
+
+    module = Copies()
+    before = module.linear.weight.clone()
+    with pytest.raises(ValueError, match=r"\['decay'\] is a new tensor at each call"):
+        trainer(max_steps=9, callbacks=[callback()]).fit(module, loader())
+    assert torch.equal(module.linear.weight, before)
+
+    class Detached(LogReg):  # the same storage: the hyper-steps reach training
+        def __init__(self):
+            super().__init__()
+            self.plain = torch.full((5,), 1e-2, dtype=DT)
+
+        def hyperparameters_to_tune(self):
+            return {"decay": self.plain.detach()}
+
+    module, cb = Detached(), callback()
+    trainer(max_steps=9, callbacks=[cb]).fit(module, loader())
+    assert cb.hopt.hyper_steps == 3
+    assert torch.equal(module.plain, cb.hopt.hparams["decay"])
+    assert not torch.equal(module.plain, torch.full((5,), 1e-2, dtype=DT))

@@ -23,6 +23,7 @@ from .loggers import record_scalars
 
 __all__ = [
     "accumulated",
+    "check_declared",
     "check_hparams",
     "check_options",
     "check_replayable",
@@ -97,6 +98,21 @@ def declared(module: Any) -> dict[str, Tensor | Constraint]:
             "hyperparameters_to_tune() must return a non-empty dict {name: tensor or Constraint}."
         )
     return check_hparams(hparams, "hyperparameters_to_tune()")
+
+
+def check_declared(module: Any) -> None:
+    """Raise unless ``module.hyperparameters_to_tune()`` returns the same tensors at every
+    call: new ones (``{"decay": self.decay.value}``) were tuned as copies that training
+    never saw (3 hyper-steps moved them; training_step kept the initial decays)."""
+    first, second = declared(module), declared(module)
+    for name, h in first.items():
+        a, b = (x.raw if isinstance(x, Constraint) else x for x in (h, second.get(name, h)))
+        if a.data_ptr() != b.data_ptr() or a.shape != b.shape:
+            raise ValueError(
+                f"hyperparameters_to_tune()[{name!r}] is a new tensor at each call (such as "
+                f"hg.Positive(...).value): the callback would tune a copy that training never "
+                f"sees. Return the module's own tensor or Constraint (e.g. self.{name})."
+            )
 
 
 def load_hparams(hparams: Mapping[str, Tensor | Constraint], state: Any) -> None:

@@ -98,6 +98,7 @@ from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
 from ._lightning_checks import (
     accumulated,
+    check_declared,
     check_hparams,
     check_options,
     check_replayable,
@@ -242,7 +243,8 @@ class HypergradientCallback(pl.Callback):
         self._stage = (stage, pl_module)  # read by load_state_dict (called after setup)
         if stage != "fit":
             return
-        self._hparams(pl_module)
+        if self.hparams_arg is None:
+            check_declared(pl_module)
         names = (("training_loss", "train_loss"), ("validation_loss", "val_loss"))
         for fn, (name, arg) in zip(self.losses, names):
             if fn is None and not callable(getattr(pl_module, name, None)):
