@@ -1,6 +1,7 @@
 """Checks of a Lightning Trainer's steps for :class:`~.lightning.HypergradientCallback`:
 which settings a trajectory method can replay, which batches are inner steps, and the
-validation data's shard of each rank."""
+validation data's shard of each rank; the module's declarations and the callback's
+options, checked; a checkpoint's hyperparameters, loaded; the records, logged."""
 
 from __future__ import annotations
 
