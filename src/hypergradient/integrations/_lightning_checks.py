@@ -1,6 +1,7 @@
 """Checks of a Lightning Trainer's steps for :class:`~.lightning.HypergradientCallback`:
 which settings a trajectory method can replay, which batches are inner steps, and the
-validation data's shard of each rank."""
+validation data's shard of each rank; the module's declarations and the callback's
+options, checked; a checkpoint's hyperparameters, loaded; the records, logged."""
 
 from __future__ import annotations
 
@@ -14,19 +15,31 @@ from torch import Tensor
 from .._vocab import ArgumentTypeError
 from ..constraints import Constraint
 from ..hyperoptimizer import HyperOptimizer
+from ..hyperoptimizer.hparams import HyperParameters
 from ..hyperoptimizer.sampler import BatchSampler
-from ..methods import Method
+from ..hyperoptimizer.stepping import capture
+from ..methods import T1T2, Method
+from ..methods.rng import same_state
+from .loggers import record_scalars
 
 __all__ = [
+    "accumulated",
+    "check_declared",
     "check_hparams",
+    "check_options",
     "check_replayable",
     "check_schedulers",
     "check_steps",
+    "converting",
+    "declared",
+    "load_hparams",
+    "log_record",
     "log_step",
     "redraw_samplers",
     "shard",
     "shard_weight",
     "skipped",
+    "step_loss",
     "weighted",
 ]
 
@@ -71,6 +84,59 @@ def weighted(loss: Any, weight: float) -> Any:
     return scaled
 
 
+def declared(module: Any) -> dict[str, Tensor | Constraint]:
+    """``module.hyperparameters_to_tune()``, checked."""
+    declare = getattr(module, "hyperparameters_to_tune", None)
+    if not callable(declare):
+        raise ValueError(
+            f"{type(module).__name__} declares no hyperparameters: define "
+            "hyperparameters_to_tune(self) -> {name: tensor or hg.Positive(...)}, or pass "
+            "hparams=... to HypergradientCallback."
+        )
+    hparams = declare()
+    if not isinstance(hparams, Mapping) or not hparams:
+        raise ValueError(
+            "hyperparameters_to_tune() must return a non-empty dict {name: tensor or Constraint}."
+        )
+    return check_hparams(hparams, "hyperparameters_to_tune()")
+
+
+def check_declared(module: Any) -> None:
+    """Raise unless ``module.hyperparameters_to_tune()`` returns the same tensors at every
+    call: new ones (``{"decay": self.decay.value}``) were tuned as copies that training
+    never saw (3 hyper-steps moved them; training_step kept the initial decays)."""
+    first, second = declared(module), declared(module)
+    for name, h in first.items():
+        a, b = (x.raw if isinstance(x, Constraint) else x for x in (h, second.get(name, h)))
+        if a.data_ptr() != b.data_ptr() or a.shape != b.shape:
+            raise ValueError(
+                f"hyperparameters_to_tune()[{name!r}] is a new tensor at each call (such as "
+                f"hg.Positive(...).value): the callback would tune a copy that training never "
+                f"sees. Return the module's own tensor or Constraint (e.g. self.{name})."
+            )
+
+
+def load_hparams(hparams: Mapping[str, Tensor | Constraint], state: Any) -> None:
+    """Write a checkpoint's hyperparameters (``HyperOptimizer.state_dict()["hparams"]``)
+    into ``hparams``, after checking names, shapes, dtypes, finiteness and domains (a
+    mismatch raises ``ValueError`` and changes nothing)."""
+    first = next(iter(hparams.values()))
+    device = first.raw.device if isinstance(first, Constraint) else first.device
+    HyperParameters(hparams, device=device).load_state_dict(state)
+
+
+def converting(loss: Any, convert: Any) -> Any:
+    """``loss`` on ``convert(batch)``: the validation and holdout batches in the precision
+    the Trainer gives ``training_step`` (``precision="64-true"`` converts float32 data to
+    float64; the hyper-step on float32 rows crashed on the float64 weights)."""
+
+    def converted(module: Any, hparams: Any, batch: Any) -> Tensor:
+        return loss(module, hparams, convert(batch))
+
+    converted.__qualname__ = getattr(loss, "__qualname__", "loss")  # the same on every rank
+    return converted
+
+
 def check_hparams(hparams: Mapping[str, Any], source: str) -> dict[str, Tensor | Constraint]:
     """``hparams`` as a dict, after checking that every value is a tensor or a Constraint
     (a float or a NumPy array used to crash later in ``on_fit_start``)."""
@@ -82,6 +148,36 @@ def check_hparams(hparams: Mapping[str, Any], source: str) -> dict[str, Tensor |
                 f"torch.tensor(value, dtype=torch.float64), and keep it on the module."
             )
     return dict(hparams)
+
+
+#: ``HyperOptimizer`` arguments the callback passes on from its ``**options``.
+OPTIONS = {
+    "seed", "nonfinite", "history_size", "train_data", "train_batch_size", "holdout_loss",
+    "min_delta", "on_divergence", "optimizer_hparams",
+}  # fmt: skip
+#: ``HyperOptimizer`` arguments the callback sets itself, and the callback's name for them.
+OWN = {
+    "inner_steps": "every_n_steps",
+    "inner_optimizer": "the Trainer's optimizer",
+    "process_group": "the Trainer's strategy",
+}
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Refuse, at construction, an option the callback does not pass on to its
+    ``HyperOptimizer`` (a typo, or one the callback sets itself: ``inner_steps=5`` failed
+    only once training started, as "multiple values for keyword argument")."""
+    for name in options:
+        if name in OPTIONS:
+            continue
+        if name in OWN:
+            raise ArgumentTypeError(
+                f"HypergradientCallback sets `{name}` itself (from {OWN[name]}); do not pass it."
+            )
+        raise ArgumentTypeError(
+            f"HypergradientCallback got an unknown argument `{name}`; the HyperOptimizer "
+            f"options it passes on are {sorted(OPTIONS)}."
+        )
 
 
 def check_replayable(trainer: pl.Trainer, method: Method) -> None:
@@ -115,12 +211,46 @@ def skipped(trainer: pl.Trainer, pl_module: Any, outputs: Any) -> bool:
     return automatic and empty and trainer.accumulate_grad_batches == 1
 
 
+def accumulated(hopt: HyperOptimizer) -> None:
+    """A batch whose gradient a later optimizer step accumulates: note whether its forward
+    pass drew random numbers (dropout), as ``hopt.train_loss`` notes it in the documented
+    loop, where T1T2 then skips that step's hyper-step with a warning (its one replayed
+    forward pass cannot reproduce several batches' masks). Under the Trainer, T1T2
+    applied it (0.2 from the documented loop's decays after 6 steps of 2 batches)."""
+    before = hopt.loop.rng_pending  # captured at the batch's start (T1T2 only)
+    if before is not None:
+        hopt.loop.drawn |= not same_state(before, capture(hopt))
+
+
+def step_loss(trainer: pl.Trainer, pl_module: Any, outputs: Any) -> Tensor | None:
+    """The loss ``training_step`` returned, for the divergence watch. Automatic
+    optimization passes the hook that loss divided by ``accumulate_grad_batches`` (what
+    backward saw): the warning quoted the training losses halved under accumulation by 2."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if not isinstance(loss, Tensor):
+        return None
+    if getattr(pl_module, "automatic_optimization", True):
+        return loss * trainer.accumulate_grad_batches
+    return loss
+
+
 def check_steps(steps: int, pl_module: Any, method: Method) -> None:
     """Raise when a batch's optimizer steps are not one a trajectory method can replay:
     several steps on one batch, or (manual optimization) a batch whose gradients may be
-    accumulated into a later step."""
-    if not method.needs_trajectory or steps == 1:
+    accumulated into a later step. T1T2 differentiates the last step from the parameters
+    before it, which the callback reads at the start of the batch: after several steps on
+    one batch, those are the parameters before the first (its hypergradient was another
+    step's: decay 0.35 away from the documented loop's after 8 steps)."""
+    several = steps > 1 and isinstance(method, T1T2)
+    if not (method.needs_trajectory or several) or steps == 1:
         return
+    if several and not method.needs_trajectory:
+        raise ValueError(
+            f"T1T2 differentiates the last optimizer step from the parameters before it, "
+            f"but training_step took {steps} optimizer steps on one batch (the callback "
+            "sees the parameters only between batches). Take one optimizer step per "
+            "training_step, or use hg.IFT() or hg.HOAG()."
+        )
     if steps > 1:
         why = f"training_step took {steps} optimizer steps on one batch"
     elif getattr(pl_module, "automatic_optimization", True):
@@ -135,6 +265,17 @@ def check_steps(steps: int, pl_module: Any, method: Method) -> None:
         "Take one optimizer step per training_step, or use an implicit method (hg.IFT(), "
         "hg.T1T2())."
     )
+
+
+def log_record(trainer: pl.Trainer, pl_module: Any, record: Any, limit: int) -> None:
+    """Log a hyper-step's record (:func:`~.loggers.record_scalars`, elements up to
+    ``limit``) to ``trainer.callback_metrics`` and to every logger of the Trainer."""
+    scalars = record_scalars(record, limit)
+    values = {f"hypergradient/{k}": v for k, v in scalars.items() if k != "time/seconds"}
+    # log_dict alone writes every log_every_n_steps batches: most records would be lost
+    pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=log_step(trainer, pl_module))
 
 
 def log_step(trainer: pl.Trainer, pl_module: Any) -> int:

@@ -61,7 +61,10 @@ the hyperparameters stay identical on every rank. When the rows do not split eve
 on 2 ranks: 21 and 20), each rank's validation (and holdout) loss, a mean over its rows, is
 weighted by its share of the rows, so the average is the mean over all rows.
 
-**Methods.** Implicit methods (``hg.IFT``, ``hg.T1T2``, ``hg.HOAG``) work everywhere.
+**Methods.** Implicit methods (``hg.IFT``, ``hg.HOAG``) work everywhere; ``hg.T1T2`` too,
+but for several optimizer steps on one batch (manual optimization), which it refuses, and
+as in the documented loop, it skips with a warning the hyper-step of a step accumulated
+over batches that drew random numbers (dropout).
 Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay the Trainer's
 steps differentiably, which is exact only for a plain step: one device, one SGD or Adam
 optimizer, no gradient accumulation or clipping, no learning-rate scheduler, full precision;
@@ -94,18 +97,24 @@ from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from ..hyperoptimizer.window import parse_rng_state
 from ..methods import Method
 from ._lightning_checks import (
+    accumulated,
+    check_declared,
     check_hparams,
+    check_options,
     check_replayable,
     check_schedulers,
     check_steps,
-    log_step,
+    converting,
+    declared,
+    load_hparams,
+    log_record,
     redraw_samplers,
     shard,
     shard_weight,
     skipped,
+    step_loss,
     weighted,
 )
-from .loggers import record_scalars
 
 __all__ = ["HypergradientCallback", "tuned_values"]
 
@@ -116,26 +125,8 @@ OuterFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 def tuned_values(module: Any) -> dict[str, Tensor]:
     """The current values of ``module.hyperparameters_to_tune()`` (detached): what
     ``training_step`` passes its loss."""
-    out = {}
-    for name, h in _declared(module).items():
-        out[name] = h.value if isinstance(h, Constraint) else h.detach()
-    return out
-
-
-def _declared(module: Any) -> dict[str, Tensor | Constraint]:
-    declare = getattr(module, "hyperparameters_to_tune", None)
-    if not callable(declare):
-        raise ValueError(
-            f"{type(module).__name__} declares no hyperparameters: define "
-            "hyperparameters_to_tune(self) -> {name: tensor or hg.Positive(...)}, or pass "
-            "hparams=... to HypergradientCallback."
-        )
-    hparams = declare()
-    if not isinstance(hparams, Mapping) or not hparams:
-        raise ValueError(
-            "hyperparameters_to_tune() must return a non-empty dict {name: tensor or Constraint}."
-        )
-    return check_hparams(hparams, "hyperparameters_to_tune()")
+    hparams = declared(module).items()
+    return {k: h.value if isinstance(h, Constraint) else h.detach() for k, h in hparams}
 
 
 def _module_loss(name: str) -> LossFn:
@@ -238,18 +229,22 @@ class HypergradientCallback(pl.Callback):
                     f"TensorBoardLogger), got Lightning's {type(sink).__name__}: pass it as "
                     "Trainer(logger=...), where the callback writes every hyper-step."
                 )
+        check_options(options)
         self.options = dict(options, patience=patience, keep_best=keep_best, logger=logger)
         self.hopt: HyperOptimizer | None = None
         self._loaded: Mapping[str, Any] | None = None
         self._steps_before = 0
         self._records: list[HyperStepRecord] = []  # committed during the current batch
+        self._stage: tuple[str, Any] = ("fit", None)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the module's declarations and, for trajectory methods, the Trainer."""
+        self._stage = (stage, pl_module)  # read by load_state_dict (called after setup)
         if stage != "fit":
             return
-        self._hparams(pl_module)
+        if self.hparams_arg is None:
+            check_declared(pl_module)
         names = (("training_loss", "train_loss"), ("validation_loss", "val_loss"))
         for fn, (name, arg) in zip(self.losses, names):
             if fn is None and not callable(getattr(pl_module, name, None)):
@@ -289,18 +284,21 @@ class HypergradientCallback(pl.Callback):
             redraw_samplers(self.hopt, shards, trainer.global_rank, trainer.world_size)
 
     def _hparams(self, pl_module: Any) -> dict[str, Tensor | Constraint]:
-        return self.hparams_arg if self.hparams_arg is not None else _declared(pl_module)
+        return self.hparams_arg if self.hparams_arg is not None else declared(pl_module)
 
     def _build(self, trainer: pl.Trainer, pl_module: Any, inner: Any) -> HyperOptimizer:
         world, rank = trainer.world_size, trainer.global_rank
         group = dist.group.WORLD if world > 1 and dist.is_initialized() else None
         train_loss, val_loss = self.losses
         (val, val_size), (holdout, holdout_size) = self.data["val"], self.data["holdout"]
-        val_loss = val_loss or _module_loss("validation_loss")
+        # The batches in the precision the Trainer gives training_step ("64-true": float64)
+        convert = trainer.precision_plugin.convert_input
+        val_loss = converting(val_loss or _module_loss("validation_loss"), convert)
         # Uneven shards of tensor data: each rank's mean weighted by its share of the rows.
         options = self.options | {"logger": self._sinks(rank)}
         if holdout is not None:
-            base = options.get("holdout_loss") or val_loss
+            base = options.get("holdout_loss")
+            base = val_loss if base is None else converting(base, convert)
             options["holdout_loss"] = weighted(base, shard_weight(holdout, rank, world))
         return HyperOptimizer(
             pl_module,
@@ -320,10 +318,9 @@ class HypergradientCallback(pl.Callback):
         )
 
     def _sinks(self, rank: int) -> list[Any]:
-        """The user's sinks (on global rank 0 only: every rank writing one CSV file or one
-        TensorBoard directory duplicated each record, or crashed on the file), then the
-        callback's own: every committed record reaches it (whatever ``history_size``:
-        ``history_size=0`` keeps none to read back)."""
+        """The user's sinks (on global rank 0 only: every rank writing one file duplicated
+        each record, or crashed on it), then the callback's own, which every committed
+        record reaches (``history_size=0`` keeps none to read back)."""
         user = self.options["logger"] if rank == 0 else None
         user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
         return [*user, self._records.append]  # last: reached only if the others succeeded
@@ -343,33 +340,22 @@ class HypergradientCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        steps = trainer.global_step - self._steps_before
-        if skipped(trainer, pl_module, outputs):
-            steps = 0  # training_step returned None: the optimizer step moved nothing
+        # training_step returned None: the optimizer step moved nothing
+        skip = skipped(trainer, pl_module, outputs)
+        steps = 0 if skip else trainer.global_step - self._steps_before
         hopt = self._require_hopt()
         check_steps(steps, pl_module, hopt.method)
-        if steps == 0:
-            return  # no optimizer step (gradient accumulation, a skipped batch)
+        if steps == 0:  # no optimizer step (gradient accumulation, a skipped batch)
+            return None if skip else accumulated(hopt)
         self._records.clear()
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        hopt.end_step(batch, loss=loss if isinstance(loss, torch.Tensor) else None)
+        hopt.end_step(batch, loss=step_loss(trainer, pl_module, outputs))
         for _ in range(steps - 1):  # manual optimization stepped more than once (implicit)
             hopt.begin_step()
             hopt.end_step(batch)
         if self.log_records:
             for record in self._records:
-                self._log(trainer, pl_module, record)
+                log_record(trainer, pl_module, record, self.log_elements)
         self._records.clear()
-
-    def _log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: HyperStepRecord
-    ) -> None:
-        scalars = record_scalars(record, self.log_elements)
-        values = {f"hypergradient/{k}": v for k, v in scalars.items() if k != "time/seconds"}
-        # log_dict alone writes every log_every_n_steps batches: most records would be lost
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=log_step(trainer, pl_module))
 
     def _require_hopt(self) -> HyperOptimizer:
         if self.hopt is None:
@@ -384,17 +370,23 @@ class HypergradientCallback(pl.Callback):
         return {} if self._loaded is None else {"hopt": self._loaded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the state until training starts (the optimizer does not exist yet).
+        """Keep the state until training starts (the optimizer does not exist yet); write
+        its hyperparameters into the module now, as Lightning restores the weights (a fit
+        with nothing left to train, a sanity check, ``Trainer.validate``, ``test`` or
+        ``predict``, which load nothing else, score the two together).
 
-        torch's CPU random-number state is restored now, before the Trainer creates the
-        epoch's data iterator: in the uninterrupted run, that iterator (its worker seed, a
-        shuffling sampler's permutation) drew from the generator *after* the checkpoint was
-        saved, so the resumed run draws the same data order and dropout masks.
+        Fitting, torch's CPU random-number state is restored now, before the Trainer creates
+        the epoch's data iterator: in the uninterrupted run, that iterator (its worker seed,
+        a shuffling sampler's permutation) drew from the generator *after* the checkpoint
+        was saved, so the resumed run draws the same data order and dropout masks.
         """
         if state_dict:
             hopt = state_dict.get("hopt") if isinstance(state_dict, Mapping) else None
             if not isinstance(hopt, Mapping):
                 raise ValueError("The checkpoint's HypergradientCallback state is malformed.")
-            if hopt.get("rng") is not None:
+            stage, module = self._stage
+            if module is not None:
+                load_hparams(self._hparams(module), hopt.get("hparams"))
+            if hopt.get("rng") is not None and stage == "fit":
                 torch.set_rng_state(parse_rng_state(hopt["rng"])[0])
-            self._loaded = hopt
+            self._loaded = hopt if stage == "fit" else None
