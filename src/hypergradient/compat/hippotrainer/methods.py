@@ -164,8 +164,11 @@ class Neumann(_Implicit):
         """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``H u = d<f, u>/d params``.
 
         Args:
-            v: the vector, one tensor per model parameter (``grad_theta g``).
-            f: the gradient of the training loss with respect to ``model.parameters()``,
+            v: the vector, one tensor per trained parameter (``grad_theta g``), or one per
+                entry of ``model.parameters()`` as HippoTrainer's own ``hyper_grad`` passes
+                (the entries of parameters the optimizer does not train, e.g. a gate held
+                by the model, are constants of the inner problem: their result is zero).
+            f: the gradient of the training loss with respect to the same tensors,
                 computed with ``create_graph=True``; its graph gives the products.
 
         Returns:
@@ -174,6 +177,28 @@ class Neumann(_Implicit):
         """
         lr = self._lr()
         _, params = self._named_params()
+        v, f = list(v), list(f)
+        every = list(self.model.parameters())
+        if len(v) == len(f) == len(every) != len(params):
+            trained = {id(p) for p in params}
+            keep = [i for i, p in enumerate(every) if id(p) in trained]
+            out = [torch.zeros_like(t) for t in v]
+            sub = self._series([v[i] for i in keep], [f[i] for i in keep], params, lr)
+            for i, s in zip(keep, sub):
+                out[i] = s
+            return out
+        if not len(v) == len(f) == len(params):
+            raise ValueError(
+                f"approx_inverse_hvp takes `v` and `f` with one tensor per trained parameter "
+                f"({len(params)}) or per entry of model.parameters() ({len(every)}), got "
+                f"{len(v)} and {len(f)}."
+            )
+        return self._series(v, f, params, lr)
+
+    def _series(
+        self, v: list[Tensor], f: list[Tensor], params: list[Tensor], lr: float
+    ) -> list[Tensor]:
+        """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v``, ``v``/``f`` aligned with ``params``."""
         term, total = list(v), list(v)
         for _ in range(self.num_terms):
             hv = vjp_or_zeros(list(f), params, term)
