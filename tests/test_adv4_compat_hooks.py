@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from hypergradient import NonFiniteHypergradientError
 from hypergradient.compat.hippotrainer import Neumann
 
 DT = torch.float64
@@ -123,3 +124,38 @@ def test_vectors_of_another_length_are_refused_naming_the_counts():
     f = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
     with pytest.raises(ValueError, match=r"one tensor per trained parameter \(1\)"):
         hopt.approx_inverse_hvp([torch.ones(1, 5)] * 3, f)
+
+
+def _lambda_max(model, theta, train):
+    gate, (x, y) = model.gate.detach(), train
+    w = model.lin.weight.detach().reshape(-1).clone()
+    th = theta.detach()
+
+    def f(w):
+        return ((gate * (x @ w[:, None]) - y) ** 2).mean() + (th.exp() * w**2).sum()
+
+    return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, w)).max())
+
+
+@pytest.mark.parametrize("by_reference", [False, True])
+def test_a_diverging_series_in_the_hook_raises_and_updates_nothing(by_reference):
+    """The hook path (a subclass hook, or a criterion reading the weights through a list of
+    its own) summed the series unchecked: with lr = 2.5 / lambda_max the hyperparameters
+    moved by 2e5 (1e18 with 40 terms) without a warning, where the built-in path raises."""
+    model, theta, hopt, train, val = _setup(Neumann if by_reference else VerbatimNeumann)
+    lr = 2.5 / _lambda_max(model, theta, train)
+    hopt.optimizer.param_groups[0]["lr"] = lr
+    if by_reference:
+        weights = list(model.lin.parameters())
+
+        def criterion(out, target):  # reads the weights through its own list
+            return ((out - target) ** 2).mean() + (theta.exp() * weights[0][0].square()).sum()
+
+        hopt.criterion = criterion
+    before = theta.clone()
+    with pytest.raises(NonFiniteHypergradientError, match="diverged"):
+        hopt.hyper_step()
+    assert torch.equal(theta, before)
+    hopt.optimizer.param_groups[0]["lr"] = 0.5 / _lambda_max(model, theta, train)
+    hopt.hyper_step()  # converging: applied
+    assert not torch.equal(theta, before)
