@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..._vocab import NonFiniteHypergradientError, as_float, as_int, require_finite
 from ...methods.base import Problem, Trajectory
-from ...methods.drmad import DrMAD
+from ...methods.drmad import DrMAD, PathMeter
 from ...optim.functional import sgd
 from ._autograd import criterion_loss
 from ._checks import reads_by_reference
@@ -145,6 +145,8 @@ class DRMAD(HyperOptimizer):
         training losses' gradients to it)."""
         labels = [f"model parameter {k!r}" for k in names]
         self._hyperparams_requires_grad_(False)  # _requiring_grad() restores the flags
+        path = PathMeter(len(batches))  # the run's path deviation (one norm per step)
+        path.visit(0, tuple(p.detach().clone() for p in params))
         for t, (inputs, targets) in enumerate(batches, 1):
             where = f"DRMAD's training step {t} of {self.T} (inside the hyper-step)"
             self.optimizer.zero_grad()
@@ -154,7 +156,11 @@ class DRMAD(HyperOptimizer):
             require_finite([p.grad for p in params], labels, f"At {where}, the gradient of", _FIX)
             self.optimizer.step()
             require_finite([p.detach() for p in params], labels, f"After {where},", _FIX)
+            path.visit(t, tuple(p.detach().clone() for p in params))
         self.optimizer.zero_grad()
+        # a curved, oscillating or diverging run (momentum, lr near or above 2 / lambda_max)
+        # is far from the straight line the reverse pass assumes: warn as hg.DrMAD does
+        path.warn()
 
     def _reverse(
         self,
