@@ -28,6 +28,7 @@ from ._checks import (
     stale_capture_message,
     trained_lr,
 )
+from ._watch import RunWatch
 
 __all__ = ["HyperOptimizer"]
 
@@ -121,6 +122,7 @@ class HyperOptimizer:
         self._train = _Cycle(self.train_loader, "train_loader")
         self._val = _Cycle(self.val_loader, "val_loader")
         self.step_count = 0
+        self._watch = RunWatch()
         self.history: list[dict[str, float]] = []
         self._hyperparams_requires_grad_(False)
 
@@ -185,8 +187,10 @@ class HyperOptimizer:
         ``train_loss`` is accepted for HippoTrainer's call shape and not used.
         """
         self.optimizer.step()
+        self._watch.record(self.step_count, self.inner_steps, self._named_params()[1], train_loss)
         self.step_count += 1
         if self.step_count % self.inner_steps == 0:
+            self._watch.check(type(self).__name__, self.step_count)  # a diverging run warns
             self.hyper_step(train_loss)
 
     def hyper_step(self, train_loss: Tensor | None = None) -> None:
