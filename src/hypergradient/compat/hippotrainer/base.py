@@ -18,6 +18,7 @@ from ..._vocab import (
     as_int,
     require_finite,
 )
+from .._watch import RunWatch
 from ._autograd import criterion_loss, grads_or_zeros, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
@@ -28,7 +29,6 @@ from ._checks import (
     stale_capture_message,
     trained_lr,
 )
-from ._watch import RunWatch
 
 __all__ = ["HyperOptimizer"]
 

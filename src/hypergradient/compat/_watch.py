@@ -1,12 +1,14 @@
-"""The inner run's divergence watch of ``hg.HyperOptimizer`` on a HippoTrainer loop.
+"""The inner run's divergence watch of ``hg.HyperOptimizer`` on the compat layers' loops.
 
-HippoTrainer's loop steps the optimizer itself (``hyper_optimizer.step(loss)``); with a
-learning rate above ``2 / lambda_max`` the weights grow geometrically and every hyper-step
-differentiates a run that trains nothing: the hyperparameters moved by 7e2 (T1T2) and
-6e194 (HOAG) before anything was said. :class:`RunWatch` records the parameter norm (and
-the training loss the loop passes to ``step``) at the last steps before each hyper-step
-and reads them with :func:`hypergradient.hyperoptimizer.divergence.diagnose`, as the core
-driver does: sustained growth warns, a non-finite value raises before anything changes.
+HippoTrainer's loop steps the optimizer itself (``hyper_optimizer.step(loss)``) and
+hypergrad's ``BaseSolver.run`` calls the user's ``inner_update``; with a learning rate
+above ``2 / lambda_max`` the weights grow geometrically and every hyper-step differentiates
+a run that trains nothing: the hyperparameters moved by 7e2 (HippoTrainer's T1T2), 6e194
+(HOAG) and from 1 to 1.3e3 (a hypergrad solver with ``conjugate_gradient``) before anything
+was said. :class:`RunWatch` records the parameter norm (and a training loss, when the loop
+has one) at the last steps before each hyper-step and reads them with
+:func:`hypergradient.hyperoptimizer.divergence.diagnose`, as the core driver does:
+sustained growth warns, a non-finite value raises before anything changes.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..._vocab import HypergradientWarning, NonFiniteHypergradientError
-from ...hyperoptimizer import divergence
+from .._vocab import HypergradientWarning, NonFiniteHypergradientError
+from ..hyperoptimizer import divergence
 
 __all__ = ["RunWatch"]
 
