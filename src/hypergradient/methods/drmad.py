@@ -30,7 +30,7 @@ from .trajectory import (
     reverse_sweep,
 )
 
-__all__ = ["DrMAD", "PathMeter", "drmad"]
+__all__ = ["DrMAD", "drmad"]
 
 #: Default ``max_deviation``: the path deviation (see :class:`DrMAD`) above which DrMAD
 #: warns. Measured on 54 runs of 30 steps (8-feature logistic regression, features scaled
@@ -135,28 +135,6 @@ class _Path:
         p = tuple((1 - beta) * u + beta * v for u, v in zip(pa, pb))
         s = tuple((1 - beta) * u + beta * v for u, v in zip(sa, sb))
         return p, s
-
-
-class PathMeter:
-    """The path deviation of a run whose steps a caller takes itself (one segment, no
-    anchors): :meth:`visit` each state ``t = 0..steps`` (detached copies), then
-    :meth:`warn` warns as :class:`DrMAD` does when the run is far from a straight line."""
-
-    def __init__(self, steps: int):
-        self._path = _Path(steps, [])
-
-    def visit(self, t: int, params: tuple[Tensor, ...]) -> None:
-        """Record the parameters after step ``t`` (``t = 0``: before the first step)."""
-        self._path.visit(t, params, ())
-
-    @property
-    def deviation(self) -> float:
-        """Path length over chord, minus one (0.0: a straight run)."""
-        return self._path.deviation
-
-    def warn(self, max_deviation: float = MAX_DEVIATION) -> None:
-        """A ``HypergradientWarning`` if the deviation exceeds ``max_deviation``."""
-        DrMAD(max_deviation=max_deviation)._warn(self._path, reads_state=False)
 
 
 class DrMAD(TrajectoryMethod):

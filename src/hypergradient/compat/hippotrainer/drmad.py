@@ -32,8 +32,9 @@ from torch import Tensor
 
 from ..._vocab import NonFiniteHypergradientError, as_float, as_int, require_finite
 from ...methods.base import Problem, Trajectory
-from ...methods.drmad import DrMAD, PathMeter
+from ...methods.drmad import DrMAD
 from ...optim.functional import sgd
+from .._watch import RunWatch
 from ._autograd import criterion_loss
 from ._checks import reads_by_reference
 from .base import HyperOptimizer, is_batch
@@ -145,8 +146,8 @@ class DRMAD(HyperOptimizer):
         training losses' gradients to it)."""
         labels = [f"model parameter {k!r}" for k in names]
         self._hyperparams_requires_grad_(False)  # _requiring_grad() restores the flags
-        path = PathMeter(len(batches))  # the run's path deviation (one norm per step)
-        path.visit(0, tuple(p.detach().clone() for p in params))
+        watch = RunWatch()  # hg.HyperOptimizer's divergence check on these steps
+        watch.record(0, 1, params, None)
         for t, (inputs, targets) in enumerate(batches, 1):
             where = f"DRMAD's training step {t} of {self.T} (inside the hyper-step)"
             self.optimizer.zero_grad()
@@ -156,11 +157,11 @@ class DRMAD(HyperOptimizer):
             require_finite([p.grad for p in params], labels, f"At {where}, the gradient of", _FIX)
             self.optimizer.step()
             require_finite([p.detach() for p in params], labels, f"After {where},", _FIX)
-            path.visit(t, tuple(p.detach().clone() for p in params))
+            watch.record(t, 1, params, loss)
         self.optimizer.zero_grad()
-        # a curved, oscillating or diverging run (momentum, lr near or above 2 / lambda_max)
-        # is far from the straight line the reverse pass assumes: warn as hg.DrMAD does
-        path.warn()
+        # geometric growth (lr above 2 / lambda_max): the reverse pass would differentiate a
+        # run that trains nothing; warn as hg.HyperOptimizer does for its inner run
+        watch.check(f"DRMAD's {len(batches)} training steps", self.step_count)
 
     def _reverse(
         self,
