@@ -27,6 +27,7 @@ __all__ = [
     "check_hyperparams",
     "check_optimizer",
     "check_setup",
+    "find_stale",
     "find_stale_capture",
     "reads_by_reference",
     "stale_capture_message",
@@ -271,6 +272,41 @@ def find_stale_capture(
             if name is not None:
                 return path, name, t
     return None
+
+
+def find_stale(
+    hyperparams: dict[str, Tensor], model: nn.Module, criterion: Any, loader: Any
+) -> tuple[str, str, Tensor] | None:
+    """:func:`find_stale_capture` on the model and the criterion, confirmed by one forward.
+
+    A tensor the criterion (or the model) recomputes at every call and keeps as an
+    attribute (``self.lam = self.theta.exp()`` in ``forward``, for logging) also carries a
+    graph to the hyperparameter after a forward pass made before construction; it is not
+    stale. So a tensor found is confirmed by evaluating the criterion once on the first
+    batch of ``loader`` without a graph (buffers copied, the RNG state restored): a value
+    recomputed in ``forward`` is then replaced by one without a graph, a value computed
+    once is still there. A one-pass loader (an iterator) is not read: the tensor found is
+    reported.
+    """
+    stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
+    if stale is not None and _forward_once(model, criterion, loader):
+        stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
+    return stale
+
+
+def _forward_once(model: nn.Module, criterion: Any, loader: Any) -> bool:
+    """The criterion on the first batch of ``loader``, without a graph; whether it ran."""
+    if isinstance(loader, Iterator):
+        return False  # one pass (a generator): its first batch is not to be spent here
+    try:
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            batch = next(iter(loader))  # (a DataLoader draws its shuffling seed here)
+            params: dict[str, Tensor] = dict(model.named_parameters())
+            criterion_loss(model, criterion, batch)(params, None)
+    except Exception:  # the set-up's own errors surface at the first hyper-step
+        return False
+    return True
 
 
 def stale_capture_message(path: str, name: str, t: Tensor) -> str:

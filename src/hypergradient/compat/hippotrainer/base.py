@@ -25,7 +25,7 @@ from ._checks import (
     check_hyperparams,
     check_optimizer,
     check_setup,
-    find_stale_capture,
+    find_stale,
     stale_capture_message,
     trained_lr,
 )
@@ -108,7 +108,7 @@ class HyperOptimizer:
         model, optimizer = cast(nn.Module, model), cast(torch.optim.Optimizer, optimizer)
         check_hyperparams(hyperparams, model, optimizer)
         check_optimizer(hyperparams, optimizer)
-        stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
+        stale = find_stale(hyperparams, model, criterion, train_loader)
         if stale is not None:
             raise ValueError(stale_capture_message(*stale))
         self.hyperparams = hyperparams
