@@ -121,3 +121,65 @@ def test_a_value_computed_once_is_still_refused_and_nothing_is_disturbed():
             criterion=criterion,
         )
     assert torch.equal(torch.get_rng_state(), rng) and torch.equal(model.weight, weights)
+
+
+def _stale_criteria(model, lam):
+    def positional(out, target, lam=lam):
+        return ((out - target) ** 2).mean() + (lam * model.weight[0].square()).sum()
+
+    def keyword_only(out, target, *, lam=lam):
+        return ((out - target) ** 2).mean() + (lam * model.weight[0].square()).sum()
+
+    class Holder:
+        L = lam  # a class attribute
+
+        def __call__(self, out, target):
+            return ((out - target) ** 2).mean() + (self.L * model.weight[0].square()).sum()
+
+    return {
+        "criterion:lam": positional,
+        "criterion:lam ": keyword_only,
+        "criterion.L": Holder(),
+    }
+
+
+@pytest.mark.parametrize("where", ["criterion:lam", "criterion:lam ", "criterion.L"])
+def test_values_computed_once_in_defaults_or_class_attributes_are_refused(where):
+    """These were not searched: the loop then failed with autograd's "Trying to backward
+    through the graph a second time"."""
+    model = nn.Linear(5, 1, bias=False).double()
+    theta = torch.full((5,), -2.0, dtype=DT, requires_grad=True)
+    criterion = _stale_criteria(model, theta.exp())[where]
+    with pytest.raises(ValueError, match=rf"{where.strip()} was computed once"):
+        T1T2(
+            {"theta": theta},
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+            train_loader=[TRAIN],
+            val_loader=[VAL],
+            criterion=criterion,
+        )
+
+
+def test_a_value_computed_once_out_of_reach_is_named_at_the_hyper_step():
+    model = nn.Linear(5, 1, bias=False).double()
+    theta = torch.full((5,), -2.0, dtype=DT, requires_grad=True)
+    deep = {"a": {"b": {"c": {"d": {"e": {"f": {"g": theta.exp()}}}}}}}  # beyond the search
+
+    def criterion(out, target):
+        lam = deep["a"]["b"]["c"]["d"]["e"]["f"]["g"]
+        return ((out - target) ** 2).mean() + (lam * model.weight[0].square()).sum()
+
+    hopt = T1T2(
+        {"theta": theta},
+        hyper_lr=1.0,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        train_loader=[TRAIN],
+        val_loader=[VAL],
+        criterion=criterion,
+    )
+    before = theta.detach().clone()
+    with pytest.raises(ValueError, match="computed once from a hyperparameter"):
+        hopt.hyper_step()
+    assert torch.equal(theta.detach(), before)

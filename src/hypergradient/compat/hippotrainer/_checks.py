@@ -195,6 +195,11 @@ def _function_children(obj: types.FunctionType, path: str) -> Iterator[tuple[str
             yield f"{path}:{name}", cell.cell_contents
         except ValueError:  # an empty cell
             continue
+    code = obj.__code__
+    defaults = obj.__defaults__ or ()
+    named = code.co_varnames[code.co_argcount - len(defaults) : code.co_argcount]
+    for name, value in [*zip(named, defaults), *(obj.__kwdefaults__ or {}).items()]:
+        yield f"{path}:{name}", value  # default arguments (`def crit(o, t, lam=lam)`)
     for name in obj.__code__.co_names:  # globals the function reads (a notebook's lambd)
         if name in obj.__globals__:
             yield name, obj.__globals__[name]
@@ -202,6 +207,9 @@ def _function_children(obj: types.FunctionType, path: str) -> Iterator[tuple[str
 
 def _children(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
     """The objects ``obj`` holds that may hold tensors, with readable paths."""
+    if isinstance(obj, nn.Module) or _is_instance(obj):  # the class's own data attributes
+        own = vars(type(obj)).items()
+        yield from ((f"{path}.{k}", v) for k, v in own if isinstance(v, (Tensor, dict, list)))
     if isinstance(obj, nn.Module):
         yield from _module_children(obj, path)
     elif isinstance(obj, dict):
@@ -217,9 +225,15 @@ def _children(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
         yield path, obj.__func__
     elif isinstance(obj, types.FunctionType):
         yield from _function_children(obj, path)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
+    elif _is_instance(obj):
         # an instance of a user class (a callable criterion object)
         yield from ((f"{path}.{k}", v) for k, v in vars(obj).items())
+
+
+def _is_instance(obj: Any) -> bool:
+    """An instance of a user class (a callable criterion object), not a function or type."""
+    plain = (type, types.ModuleType, types.FunctionType, types.MethodType, functools.partial)
+    return hasattr(obj, "__dict__") and not isinstance(obj, plain)
 
 
 def _tensors(root: Any, path: str) -> Iterator[tuple[str, Tensor]]:

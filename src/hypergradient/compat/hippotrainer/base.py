@@ -215,7 +215,7 @@ class HyperOptimizer:
             One detached tensor per hyperparameter (the order of ``hyperparams``).
         """
         try:
-            with self._requiring_grad():
+            with self._requiring_grad(), _freed_graph_hint():
                 if self._uses_builtin_hooks():
                     grads = self._builtin_hyper_grad(train_batch, val_batch)
                 else:
@@ -312,6 +312,24 @@ class HyperOptimizer:
                 h.copy_(v)
         norm = math.sqrt(sum(float(g.to(wide_dtype(g.device)).pow(2).sum()) for g in grads))
         self.history.append({"step": self.step_count, "hypergrad_norm": norm})
+
+
+@contextlib.contextmanager
+def _freed_graph_hint() -> Iterator[None]:
+    """Autograd's "backward through the graph a second time" in a hyper-step means a tensor
+    computed once from a hyperparameter that the construction-time search did not reach."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "backward through the graph a second time" not in str(exc):
+            raise
+        raise ValueError(
+            "A tensor read by the criterion (or the model) was computed once from a "
+            "hyperparameter before training: its graph, differentiated once, is freed, and a "
+            "value computed once is never tuned. Compute it inside the criterion's forward "
+            "from the hyperparameter itself (e.g. `self.theta.exp()`). This hyper-step "
+            "updated nothing."
+        ) from exc
 
 
 def _check_hook_inputs(train_loss: Any, val_loss: Any, hyperparams: dict[str, Tensor]) -> None:
