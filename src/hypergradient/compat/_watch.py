@@ -35,6 +35,7 @@ class RunWatch:
 
     def record(self, count: int, inner_steps: int, params: list[Tensor], loss: Any) -> None:
         """After the optimizer's step number ``count`` (0-based) of a loop."""
+        params = [p for p in params if p.is_floating_point()]
         if not params or not divergence.due(count, inner_steps):
             return
         self.norms = divergence.push(self.norms, divergence.norm(params))
