@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -79,9 +79,9 @@ def check_hyperparams(hyperparams: Any, model: nn.Module, optimizer: torch.optim
     """``{name: floating-point leaf tensor}`` on the model's device, not a model parameter
     that ``optimizer`` trains (a model parameter left out of the optimizer, e.g. a gate
     coefficient, is a hyperparameter the model holds: accepted)."""
-    if not isinstance(hyperparams, dict) or not hyperparams:
+    if not isinstance(hyperparams, (Mapping, nn.ParameterDict)) or not len(hyperparams):
         raise ArgumentTypeError(
-            "`hyperparams` must be a non-empty dict {name: tensor}, got "
+            "`hyperparams` must be a non-empty dict {name: tensor} (or nn.ParameterDict), got "
             f"{type(hyperparams).__name__}."
         )
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
