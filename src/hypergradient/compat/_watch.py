@@ -44,11 +44,11 @@ class RunWatch:
         elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             self.losses = divergence.push(self.losses, torch.tensor(float(loss)))
 
-    def check(self, owner: str, step: int) -> None:
-        """Warn (finite growth) or raise (non-finite values) before the hyper-step."""
+    def check(self, owner: str, step: int) -> bool:
+        """Warn (finite growth: True) or raise (non-finite values) before the hyper-step."""
         found = divergence.diagnose(self.norms, self.losses)
         if found is None:
-            return
+            return False
         finite, message = found
         where = f"{owner}, step {step}: "
         if not finite:
@@ -56,3 +56,4 @@ class RunWatch:
         warnings.warn(
             where + message + " Its hypergradient is applied.", HypergradientWarning, stacklevel=4
         )
+        return True
