@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "check_hyperparams",
     "check_optimizer",
     "check_setup",
+    "find_stale",
     "find_stale_capture",
     "reads_by_reference",
     "stale_capture_message",
@@ -78,9 +79,9 @@ def check_hyperparams(hyperparams: Any, model: nn.Module, optimizer: torch.optim
     """``{name: floating-point leaf tensor}`` on the model's device, not a model parameter
     that ``optimizer`` trains (a model parameter left out of the optimizer, e.g. a gate
     coefficient, is a hyperparameter the model holds: accepted)."""
-    if not isinstance(hyperparams, dict) or not hyperparams:
+    if not isinstance(hyperparams, (Mapping, nn.ParameterDict)) or not len(hyperparams):
         raise ArgumentTypeError(
-            "`hyperparams` must be a non-empty dict {name: tensor}, got "
+            "`hyperparams` must be a non-empty dict {name: tensor} (or nn.ParameterDict), got "
             f"{type(hyperparams).__name__}."
         )
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -194,6 +195,11 @@ def _function_children(obj: types.FunctionType, path: str) -> Iterator[tuple[str
             yield f"{path}:{name}", cell.cell_contents
         except ValueError:  # an empty cell
             continue
+    code = obj.__code__
+    defaults = obj.__defaults__ or ()
+    named = code.co_varnames[code.co_argcount - len(defaults) : code.co_argcount]
+    for name, value in [*zip(named, defaults), *(obj.__kwdefaults__ or {}).items()]:
+        yield f"{path}:{name}", value  # default arguments (`def crit(o, t, lam=lam)`)
     for name in obj.__code__.co_names:  # globals the function reads (a notebook's lambd)
         if name in obj.__globals__:
             yield name, obj.__globals__[name]
@@ -201,6 +207,9 @@ def _function_children(obj: types.FunctionType, path: str) -> Iterator[tuple[str
 
 def _children(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
     """The objects ``obj`` holds that may hold tensors, with readable paths."""
+    if isinstance(obj, nn.Module) or _is_instance(obj):  # the class's own data attributes
+        own = vars(type(obj)).items()
+        yield from ((f"{path}.{k}", v) for k, v in own if isinstance(v, (Tensor, dict, list)))
     if isinstance(obj, nn.Module):
         yield from _module_children(obj, path)
     elif isinstance(obj, dict):
@@ -216,9 +225,15 @@ def _children(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
         yield path, obj.__func__
     elif isinstance(obj, types.FunctionType):
         yield from _function_children(obj, path)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType)):
+    elif _is_instance(obj):
         # an instance of a user class (a callable criterion object)
         yield from ((f"{path}.{k}", v) for k, v in vars(obj).items())
+
+
+def _is_instance(obj: Any) -> bool:
+    """An instance of a user class (a callable criterion object), not a function or type."""
+    plain = (type, types.ModuleType, types.FunctionType, types.MethodType, functools.partial)
+    return hasattr(obj, "__dict__") and not isinstance(obj, plain)
 
 
 def _tensors(root: Any, path: str) -> Iterator[tuple[str, Tensor]]:
@@ -271,6 +286,41 @@ def find_stale_capture(
             if name is not None:
                 return path, name, t
     return None
+
+
+def find_stale(
+    hyperparams: dict[str, Tensor], model: nn.Module, criterion: Any, loader: Any
+) -> tuple[str, str, Tensor] | None:
+    """:func:`find_stale_capture` on the model and the criterion, confirmed by one forward.
+
+    A tensor the criterion (or the model) recomputes at every call and keeps as an
+    attribute (``self.lam = self.theta.exp()`` in ``forward``, for logging) also carries a
+    graph to the hyperparameter after a forward pass made before construction; it is not
+    stale. So a tensor found is confirmed by evaluating the criterion once on the first
+    batch of ``loader`` without a graph (buffers copied, the RNG state restored): a value
+    recomputed in ``forward`` is then replaced by one without a graph, a value computed
+    once is still there. A one-pass loader (an iterator) is not read: the tensor found is
+    reported.
+    """
+    stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
+    if stale is not None and _forward_once(model, criterion, loader):
+        stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
+    return stale
+
+
+def _forward_once(model: nn.Module, criterion: Any, loader: Any) -> bool:
+    """The criterion on the first batch of ``loader``, without a graph; whether it ran."""
+    if isinstance(loader, Iterator):
+        return False  # one pass (a generator): its first batch is not to be spent here
+    try:
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            batch = next(iter(loader))  # (a DataLoader draws its shuffling seed here)
+            params: dict[str, Tensor] = dict(model.named_parameters())
+            criterion_loss(model, criterion, batch)(params, None)
+    except Exception:  # the set-up's own errors surface at the first hyper-step
+        return False
+    return True
 
 
 def stale_capture_message(path: str, name: str, t: Tensor) -> str:

@@ -18,13 +18,14 @@ from ..._vocab import (
     as_int,
     require_finite,
 )
+from .._watch import RunWatch
 from ._autograd import criterion_loss, grads_or_zeros, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
     check_hyperparams,
     check_optimizer,
     check_setup,
-    find_stale_capture,
+    find_stale,
     stale_capture_message,
     trained_lr,
 )
@@ -107,7 +108,7 @@ class HyperOptimizer:
         model, optimizer = cast(nn.Module, model), cast(torch.optim.Optimizer, optimizer)
         check_hyperparams(hyperparams, model, optimizer)
         check_optimizer(hyperparams, optimizer)
-        stale = find_stale_capture(hyperparams, criterion=criterion, model=model)
+        stale = find_stale(hyperparams, model, criterion, train_loader)
         if stale is not None:
             raise ValueError(stale_capture_message(*stale))
         self.hyperparams = hyperparams
@@ -121,6 +122,7 @@ class HyperOptimizer:
         self._train = _Cycle(self.train_loader, "train_loader")
         self._val = _Cycle(self.val_loader, "val_loader")
         self.step_count = 0
+        self._watch = RunWatch()
         self.history: list[dict[str, float]] = []
         self._hyperparams_requires_grad_(False)
 
@@ -185,8 +187,10 @@ class HyperOptimizer:
         ``train_loss`` is accepted for HippoTrainer's call shape and not used.
         """
         self.optimizer.step()
+        self._watch.record(self.step_count, self.inner_steps, self._named_params()[1], train_loss)
         self.step_count += 1
         if self.step_count % self.inner_steps == 0:
+            self._watch.check(type(self).__name__, self.step_count)  # a diverging run warns
             self.hyper_step(train_loss)
 
     def hyper_step(self, train_loss: Tensor | None = None) -> None:
@@ -211,7 +215,7 @@ class HyperOptimizer:
             One detached tensor per hyperparameter (the order of ``hyperparams``).
         """
         try:
-            with self._requiring_grad():
+            with self._requiring_grad(), _freed_graph_hint():
                 if self._uses_builtin_hooks():
                     grads = self._builtin_hyper_grad(train_batch, val_batch)
                 else:
@@ -308,6 +312,24 @@ class HyperOptimizer:
                 h.copy_(v)
         norm = math.sqrt(sum(float(g.to(wide_dtype(g.device)).pow(2).sum()) for g in grads))
         self.history.append({"step": self.step_count, "hypergrad_norm": norm})
+
+
+@contextlib.contextmanager
+def _freed_graph_hint() -> Iterator[None]:
+    """Autograd's "backward through the graph a second time" in a hyper-step means a tensor
+    computed once from a hyperparameter that the construction-time search did not reach."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "backward through the graph a second time" not in str(exc):
+            raise
+        raise ValueError(
+            "A tensor read by the criterion (or the model) was computed once from a "
+            "hyperparameter before training: its graph, differentiated once, is freed, and a "
+            "value computed once is never tuned. Compute it inside the criterion's forward "
+            "from the hyperparameter itself (e.g. `self.theta.exp()`). This hyper-step "
+            "updated nothing."
+        ) from exc
 
 
 def _check_hook_inputs(train_loss: Any, val_loss: Any, hyperparams: dict[str, Tensor]) -> None:

@@ -26,14 +26,23 @@ Differentiation for Optimizing Hyperparameters of Deep Neural Networks", IJCAI.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, cast
 
 from torch import Tensor
 
-from ..._vocab import NonFiniteHypergradientError, as_float, as_int, require_finite
+from ..._vocab import (
+    HypergradientWarning,
+    NonFiniteHypergradientError,
+    as_float,
+    as_int,
+    require_finite,
+)
 from ...methods.base import Problem, Trajectory
 from ...methods.drmad import DrMAD
+from ...methods.growth import loss_diverging
 from ...optim.functional import sgd
+from .._watch import RunWatch
 from ._autograd import criterion_loss
 from ._checks import reads_by_reference
 from .base import HyperOptimizer, is_batch
@@ -145,6 +154,9 @@ class DRMAD(HyperOptimizer):
         training losses' gradients to it)."""
         labels = [f"model parameter {k!r}" for k in names]
         self._hyperparams_requires_grad_(False)  # _requiring_grad() restores the flags
+        watch = RunWatch()  # hg.HyperOptimizer's divergence check on these steps
+        watch.record(0, 1, params, None)
+        losses: list[float] = []
         for t, (inputs, targets) in enumerate(batches, 1):
             where = f"DRMAD's training step {t} of {self.T} (inside the hyper-step)"
             self.optimizer.zero_grad()
@@ -154,7 +166,22 @@ class DRMAD(HyperOptimizer):
             require_finite([p.grad for p in params], labels, f"At {where}, the gradient of", _FIX)
             self.optimizer.step()
             require_finite([p.detach() for p in params], labels, f"After {where},", _FIX)
+            watch.record(t, 1, params, loss)
+            losses.append(float(loss.detach()))
         self.optimizer.zero_grad()
+        # geometric growth (lr above 2 / lambda_max): the reverse pass would differentiate a
+        # run that trains nothing; warn as hg.HyperOptimizer (its watch) and the trajectory
+        # methods (a loss that grew 1e6x over the run and still grows) do
+        what = f"DRMAD's {len(batches)} training steps"
+        why = None if watch.check(what, self.step_count) else loss_diverging(losses)
+        if why is not None:
+            warnings.warn(
+                f"{what} (inside the hyper-step after step {self.step_count}) diverged: {why}. "
+                "The hypergradient is applied, but that run trained nothing. Lower the "
+                "optimizer's learning rate, or T.",
+                HypergradientWarning,
+                stacklevel=5,
+            )
 
     def _reverse(
         self,

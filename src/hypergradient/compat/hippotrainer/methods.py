@@ -29,6 +29,7 @@ from ... import Neumann as NeumannSeries
 from ..._vocab import (
     ArgumentTypeError,
     HypergradientWarning,
+    NonFiniteHypergradientError,
     Status,
     as_callable,
     as_float,
@@ -164,8 +165,11 @@ class Neumann(_Implicit):
         """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``H u = d<f, u>/d params``.
 
         Args:
-            v: the vector, one tensor per model parameter (``grad_theta g``).
-            f: the gradient of the training loss with respect to ``model.parameters()``,
+            v: the vector, one tensor per trained parameter (``grad_theta g``), or one per
+                entry of ``model.parameters()`` as HippoTrainer's own ``hyper_grad`` passes
+                (the entries of parameters the optimizer does not train, e.g. a gate held
+                by the model, are constants of the inner problem: their result is zero).
+            f: the gradient of the training loss with respect to the same tensors,
                 computed with ``create_graph=True``; its graph gives the products.
 
         Returns:
@@ -174,12 +178,63 @@ class Neumann(_Implicit):
         """
         lr = self._lr()
         _, params = self._named_params()
-        term, total = list(v), list(v)
-        for _ in range(self.num_terms):
-            hv = vjp_or_zeros(list(f), params, term)
-            term = [t - lr * h for t, h in zip(term, hv)]
-            total = [s + t for s, t in zip(total, term)]
-        return [lr * s for s in total]
+        v, f = list(v), list(f)
+        every = list(self.model.parameters())
+        if len(v) == len(f) == len(every) != len(params):
+            trained = {id(p) for p in params}
+            keep = [i for i, p in enumerate(every) if id(p) in trained]
+            out = [torch.zeros_like(t) for t in v]
+            sub = self._series([v[i] for i in keep], [f[i] for i in keep], params, lr)
+            for i, s in zip(keep, sub):
+                out[i] = s
+            return out
+        if not len(v) == len(f) == len(params):
+            raise ValueError(
+                f"approx_inverse_hvp takes `v` and `f` with one tensor per trained parameter "
+                f"({len(params)}) or per entry of model.parameters() ({len(every)}), got "
+                f"{len(v)} and {len(f)}."
+            )
+        return self._series(v, f, params, lr)
+
+    def _series(
+        self, v: list[Tensor], f: list[Tensor], params: list[Tensor], lr: float
+    ) -> list[Tensor]:
+        """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v``, ``v``/``f`` aligned with ``params``.
+
+        Summed by ``hg.Neumann`` on the graph's products, so that a series that diverges
+        (``lr >= 2 / lambda_max``: finite but growing terms) raises as the built-in
+        hyper-step does, instead of returning a diverged vector.
+        """
+        if any(t.shape != p.shape for t, p in zip([*v, *f], [*params, *params])):
+            # not a Hessian series (HippoTrainer's own test passes scalars): its recursion
+            term, total = list(v), list(v)
+            for _ in range(self.num_terms):
+                hv = vjp_or_zeros(f, params, term)
+                term = [t - lr * h for t, h in zip(term, hv)]
+                total = [s + t for s, t in zip(total, term)]
+            return [lr * s for s in total]
+        b = flat([t.detach() for t in v])
+
+        def matvec(vec: Tensor) -> Tensor:
+            return flat(vjp_or_zeros(f, params, unflat(vec, v)))
+
+        sol = NeumannSeries(self.num_terms, alpha=lr).solve(CallableOperator(matvec, b), b)
+        if sol.status in (Status.DIVERGED, Status.NONFINITE) or not bool(
+            torch.isfinite(sol.value).all()
+        ):
+            raise NonFiniteHypergradientError(
+                f"Neumann.approx_inverse_hvp: the series with step lr={lr:g} (the optimizer's "
+                f"learning rate) {Status.DIVERGED.message}. Lower the learning rate below "
+                "2 / lambda_max of the training loss's Hessian. Nothing was updated.",
+                "the inverse-Hessian-vector product",
+            )
+        if sol.status == Status.NEGATIVE_CURVATURE:
+            warnings.warn(
+                f"Neumann.approx_inverse_hvp: {Status.NEGATIVE_CURVATURE.message}.",
+                HypergradientWarning,
+                stacklevel=3,
+            )
+        return unflat(sol.value, v)
 
     def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
         """The Neumann hypergradient from the graphs of ``train_loss`` and ``val_loss``."""

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..._vocab import ArgumentTypeError, as_bool, as_int
+from .._watch import RunWatch
 from ._release import ReleaseNames, default_hook
 from .functorch import make_functional
 from .utils import Params
@@ -170,6 +171,7 @@ class BaseSolver(ReleaseNames, abc.ABC):
         self.inner_optim_state: Any = None
         self.reset_inner_model()
         self.recorder = Recorder()
+        self._watch = RunWatch()
         self._inner_step = 0
         self._outer_step = 0
         self._global_step = 0
@@ -214,7 +216,10 @@ class BaseSolver(ReleaseNames, abc.ABC):
         for i in range(self._num_iters):
             self.inner_update()
             self._inner_step += 1
+            params = [p for p in self.inner_params or () if isinstance(p, Tensor)]
+            self._watch.record(i - 1, self._unroll_steps, params, None)
             if i > 0 and i >= self._outer_patience_iters and i % self._unroll_steps == 0:
+                self._watch.check(type(self).__name__, i)  # a diverging inner run warns
                 self.outer_update()
                 self.post_outer_update()
                 self.sync_inner()
