@@ -232,8 +232,7 @@ def reverse_sweep(
     forward_losses: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], float, dict[str, Any]]:
     """Adjoint recursion from step ``T-1`` down to ``first``; ``state_at(t)`` gives ``s_t``
-    (with ``forward_losses``, the states the forward sweep took: the losses re-evaluated
-    at them are checked against these, :func:`~.traj_step.check_recomputed`).
+    (``forward_losses``: checked against the re-evaluated ones, ``check_recomputed``).
 
     Returns the flat hypergradient, ``g`` and the product mode's report (``hvp``,
     ``hvp_fallback``; ``unused_hparams``: the leaves no step or ``g`` depended on).
