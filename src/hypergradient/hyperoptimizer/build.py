@@ -27,6 +27,7 @@ from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
 from .sampler import BatchSampler
+from .weight_norm import warn_fused_weight_norm
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
@@ -150,14 +151,16 @@ def make_problem(
 
 
 def check_inner(
-    optimizer: torch.optim.Optimizer, params: list[Tensor], method: Method, tuned: Iterable[str]
+    optimizer: torch.optim.Optimizer, view: ModelView, method: Method, tuned: Iterable[str]
 ) -> None:
     """Refuse, at construction, an inner optimizer the method cannot differentiate: one
     without a functional twin (trajectory methods; ``tuned``: the settings linked to
-    hyperparameters), or one that ascends (``maximize=True``)."""
+    hyperparameters), or one that ascends (``maximize=True``); then warn about a weight
+    norm whose second derivatives torch gets wrong (:mod:`.weight_norm`)."""
     check_descent(optimizer)
     if method.needs_trajectory:
-        from_torch(optimizer, params, tuned=tuple(tuned))
+        from_torch(optimizer, view.params, tuned=tuple(tuned))
+    warn_fused_weight_norm(view.module, method)
 
 
 def check_descent(optimizer: torch.optim.Optimizer) -> None:

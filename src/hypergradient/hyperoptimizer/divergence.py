@@ -19,7 +19,12 @@ reports a divergence when
   geometric growth: a healthy run from a zero start grows linearly, momentum at most
   quadratically, ratios 2.9, 1.9, 1.6 at its steps 2-4); or
 * the training loss at least tripled at each of the last three steps while the parameter
-  norm grew at each of them.
+  norm grew at each of them; or
+* the training loss grew at least 1.4x and the parameter norm at least 1.15x at each of
+  the last three steps (momentum just past its limit ``2 (1 + beta) / lambda_max``: at
+  ``lr lambda_max = 3.9`` with ``beta = 0.9`` the top component grows 1.32x per step and
+  the loss 1.73x, below the two rules above; a healthy run's loss does not grow
+  geometrically).
 
 Cost: one norm over the parameters (``O(P)`` reads, no memory) at :data:`KEEP` steps of
 each window.
@@ -41,6 +46,8 @@ __all__ = ["KEEP", "diagnose", "due", "norm", "push"]
 #: the steps recorded before a hyper-step, and ``LOSS_GROWTH`` are those of
 #: :mod:`hypergradient.methods.growth`).
 PARAM_GROWTH = 2.0
+#: Both growing steadily (the third rule): loss and parameter-norm factors per step.
+BOTH_GROWTH = (1.4, 1.15)
 
 KNOB = (
     "Lower the inner optimizer's learning rate (gradient descent needs lr < 2 / "
@@ -88,7 +95,8 @@ def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, s
     finite = all(map(math.isfinite, values))
     norm_up = finite and grows(ns, PARAM_GROWTH)
     loss_up = finite and grows(ls, LOSS_GROWTH) and grows(ns, 1.0)
-    if finite and not (norm_up or loss_up):
+    both_up = finite and grows(ls, BOTH_GROWTH[0]) and grows(ns, BOTH_GROWTH[1])
+    if finite and not (norm_up or loss_up or both_up):
         return None  # the usual case: no message to format
     seen = f"parameter norms {_fmt(ns)}" + (f", training losses {_fmt(ls)}" if ls else "")
     if not finite:
@@ -97,12 +105,20 @@ def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, s
             f"The inner run diverged: the {first} is not finite over its last steps ({seen}). "
             + KNOB
         )
-    what = "parameter norm" if norm_up else "training loss"
-    factor = PARAM_GROWTH if norm_up else LOSS_GROWTH
     return True, (
-        f"The inner run is diverging: the {what} grew by at least {factor:g}x at each of "
-        f"its last {KEEP - 1} steps ({seen}). {KNOB}"
+        f"The inner run is diverging: {_grew(norm_up, loss_up)} at each of its last "
+        f"{KEEP - 1} steps ({seen}). {KNOB}"
     )
+
+
+def _grew(norm_up: bool, loss_up: bool) -> str:
+    """Which rule fired, in words."""
+    if norm_up:
+        return f"the parameter norm grew by at least {PARAM_GROWTH:g}x"
+    if loss_up:
+        return f"the training loss grew by at least {LOSS_GROWTH:g}x"
+    loss, param = BOTH_GROWTH
+    return f"the training loss grew by at least {loss:g}x and the parameter norm by {param:g}x"
 
 
 def _read(recorded: list[Tensor]) -> list[float]:

@@ -203,7 +203,7 @@ class HyperOptimizer(HoldoutViews):
         self.hyperparameters = make_hyperparameters(
             hparams, self.view, inner_optimizer, optimizer_hparams, self.method
         )
-        check_inner(inner_optimizer, self.view.params, self.method, self.hyperparameters.links)
+        check_inner(inner_optimizer, self.view, self.method, self.hyperparameters.links)
         self.outer_optimizer = optimizers.build_outer(outer_optimizer, self.raw_hparams())
         self.history = History(history_size, logger)
         self.loop = LoopState(rng_next=stepping.capture(self))

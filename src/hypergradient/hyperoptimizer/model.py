@@ -140,6 +140,10 @@ class ModelView:
         self._keys = {k: f"model.{k}" for k in self.names}
         self._frozen_keys = [(k, f"model.{k}") for k in self.frozen]
         self._buffer_keys = [(k, f"model.{k}") for k, _ in module.named_buffers()]
+        # weights an nn.Embedding(max_norm=...) renormalizes in place in its forward pass
+        kinds = (nn.Embedding, nn.EmbeddingBag)
+        ids = {id(m.weight) for m in module.modules() if isinstance(m, kinds) and m.max_norm}
+        self._renormed = {k for k, p in zip(self.names, self.params) if id(p) in ids}
 
     # ------------------------------------------------------------------ views
     @property
@@ -167,20 +171,32 @@ class ModelView:
         return self.tree(self.params)
 
     # ------------------------------------------------------------------ functional calls
-    def call(self, loss: Loss, params: Any, hparams: Any, batch: Any) -> Tensor:
+    def call(
+        self, loss: Loss, params: Any, hparams: Any, batch: Any, fresh: bool = False
+    ) -> Tensor:
         """``loss(model, hparams, batch)`` with the trained parameters set to ``params``.
 
         Frozen parameters are passed detached and buffers as copies, and every submodule's
         train/eval flag is put back afterwards (a ``val_loss`` written as validation code,
         ``model.eval()`` first, would leave the training loop, and the rest of the
-        hyper-step, in eval mode), so nothing of the module's state changes.
+        hyper-step, in eval mode), so nothing of the module's state changes. With
+        ``fresh``, the weights of an ``nn.Embedding(max_norm=...)`` are passed as copies:
+        its in-place renormalization then leaves ``params`` alone (a graph built on them by
+        another call stays valid: the implicit methods' inner and outer losses at one
+        point); trajectory steps pass them as they are, renormalized as in training.
         """
         if self.module is None:
             return loss(params, hparams, batch)
         module, keys = self.module, self._keys
         values = {key: module.get_parameter(k).detach() for k, key in self._frozen_keys}
         values.update({key: module.get_buffer(k).clone() for k, key in self._buffer_keys})
-        values.update({keys.get(k) or f"model.{k}": v for k, v in params.items()})
+        renormed = self._renormed if fresh else ()
+        values.update(
+            {
+                keys.get(k) or f"model.{k}": v.clone() if k in renormed else v
+                for k, v in params.items()
+            }
+        )
         modes = [(m, m.training) for m in module.modules()]
         try:
             return torch.func.functional_call(self._call, values, (loss, hparams, batch))
@@ -190,20 +206,22 @@ class ModelView:
                     m.training = training
 
     def functional(
-        self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any]
+        self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any], fresh: bool = False
     ) -> Callable[[Any, Mapping[str, Tensor], Any], Tensor]:
-        """``f(params, raw, batch) = loss(model at params, transform(raw), batch)``."""
+        """``f(params, raw, batch) = loss(model at params, transform(raw), batch)``
+        (``fresh``: see :meth:`call`)."""
 
         def f(params: Any, raw: Mapping[str, Tensor], batch: Any) -> Tensor:
-            return self.call(loss, params, transform(raw), batch)
+            return self.call(loss, params, transform(raw), batch, fresh)
 
         return f
 
     def at_batch(
         self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any], batch: Any
     ) -> Callable[[Any, Mapping[str, Tensor]], Tensor]:
-        """``f(params, raw) = loss(model at params, transform(raw), batch)``."""
-        f = self.functional(loss, transform)
+        """``f(params, raw) = loss(model at params, transform(raw), batch)``, with fresh
+        copies of in-place renormalized weights (see :meth:`call`)."""
+        f = self.functional(loss, transform, fresh=True)
         return lambda params, raw: f(params, raw, batch)
 
     # ------------------------------------------------------------------ state

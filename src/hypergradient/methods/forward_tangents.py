@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._vocab import HypergradientWarning
+from ..operators.graph import rows_agree
 from .replay import Run
 from .traj_modes import (
     central_difference,
@@ -77,6 +78,7 @@ class GradientTangents:
         self.chunk = chunk_size
         self.fallback: str | None = None
         self.batched = True
+        self.vmap_checked = False
         self.checked = False
         #: ``(grad_theta f, f)`` from the last double-backward graph (see :meth:`double`)
         self.primal: tuple[list[Tensor], Tensor] = ([], torch.zeros(()))
@@ -105,8 +107,7 @@ class GradientTangents:
         m = dp[0].shape[0] if dp else 0
         step = m if self.chunk is None else self.chunk
         pieces = [
-            self._backward(outs, pp, [c[lo : lo + step] for c in cots], retain=lo + step < m)
-            for lo in range(0, m, step)
+            self._backward(outs, pp, [c[lo : lo + step] for c in cots]) for lo in range(0, m, step)
         ]
         return [torch.cat([piece[i] for piece in pieces]) for i in range(len(pp))]
 
@@ -142,36 +143,50 @@ class GradientTangents:
                 )
         return [g for g, _ in pairs], [c.to(g.dtype) for g, c in pairs]
 
-    def _backward(
-        self, outs: list[Tensor], pp: list[Tensor], rows: list[Tensor], retain: bool
-    ) -> list[Tensor]:
+    def _backward(self, outs: list[Tensor], pp: list[Tensor], rows: list[Tensor]) -> list[Tensor]:
         """Vector-Jacobian products of ``outs`` for each row of ``rows`` (batched if it can)."""
         if self.batched:
-            try:
+            try:  # the graph is kept: a failed or rejected batched pass falls back to rows
                 got = torch.autograd.grad(
-                    outs, pp, rows, retain_graph=True if retain else None,
-                    is_grads_batched=True, allow_unused=True,
-                )  # fmt: skip
+                    outs, pp, rows, retain_graph=True, is_grads_batched=True, allow_unused=True
+                )
                 n = rows[0].shape[0]
-                return [
+                batch = [
                     torch.zeros((n, *x.shape), dtype=x.dtype, device=x.device) if d is None else d
                     for x, d in zip(pp, got)
                 ]
+                if self.vmap_checked or self._rows_agree(outs, pp, rows, batch):
+                    return batch
             except RuntimeError as error:
                 if is_double_backward_error(error):
                     raise
-                self.batched = False  # no batching rule for some op: one row at a time
+            self.batched = False  # no (right) batching rule for some op: one row at a time
         out: list[list[Tensor]] = [[] for _ in pp]
-        n = rows[0].shape[0]
-        for k in range(n):
-            terms = [(o * r[k]).sum() for o, r in zip(outs, rows)]
-            total = terms[0]
-            for term in terms[1:]:
-                total = total + term
-            got = torch.autograd.grad(total, pp, retain_graph=True, allow_unused=True)
-            for i, (x, d) in enumerate(zip(pp, got)):
-                out[i].append(torch.zeros_like(x) if d is None else d)
+        for k in range(rows[0].shape[0]):
+            for i, d in enumerate(self._row(outs, pp, [r[k] for r in rows])):
+                out[i].append(d)
         return [torch.stack(o) for o in out]
+
+    def _row(self, outs: list[Tensor], pp: list[Tensor], row: list[Tensor]) -> list[Tensor]:
+        terms = [(o * r).sum() for o, r in zip(outs, row)]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        got = torch.autograd.grad(total, pp, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(x) if d is None else d for x, d in zip(pp, got)]
+
+    def _rows_agree(
+        self, outs: list[Tensor], pp: list[Tensor], rows: list[Tensor], batch: list[Tensor]
+    ) -> bool:
+        """The sum of the batched pass's rows against the looped product of the rows' sum
+        (some batching rules are silently wrong: torch 2.x's ``group_norm`` double
+        backward), until a pass whose rows reach every output has agreed."""
+        want = self._row(outs, pp, [r.sum(0) for r in rows])
+        least = min((w.dtype for w in want), key=lambda d: torch.finfo(d).bits)
+        got = torch.cat([b.sum(0).reshape(-1).double() for b in batch])
+        agree = rows_agree(got, torch.cat([w.reshape(-1).double() for w in want]), least)
+        self.vmap_checked = agree and all(bool(r.any()) for r in rows)
+        return agree
 
     # -- first order --------------------------------------------------------------------
     def _differences(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:

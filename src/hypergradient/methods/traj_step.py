@@ -105,6 +105,7 @@ class ReverseStep:
         self.mode = "double" if mode == "auto" else mode
         self.fallback: str | None = None
         self._checked = False
+        self.losses: dict[int, Tensor] = {}  # step -> the loss re-evaluated (double modes)
         self.hh = list(run.h) if run.by_reference else _leaves(run.h)
         self.htree = run.htree_of(self.hh)
 
@@ -126,6 +127,7 @@ class ReverseStep:
         kernels = math_kernels() if self.mode == "double_math" else contextlib.nullcontext()
         with run.again(t), kernels, torch.enable_grad():
             loss = run.loss(pp, self.htree, t)
+            self.losses[t] = loss.detach()
             g: Sequence[Tensor | None] = (None,) * len(pp)
             if loss.requires_grad:
                 with _tree.dense_gradients("inner_loss"):
@@ -267,3 +269,28 @@ class ReverseStep:
                 stacklevel=5,
             )
         return {"hvp": self.mode, "hvp_fallback": self.fallback}
+
+
+def check_recomputed(again: dict[int, Tensor], first: list[Tensor]) -> None:
+    """Warn if a step's loss re-evaluated in the reverse sweep differs from its forward
+    sweep's value beyond rounding (``max(1e-4, 16 eps)`` relative): the reverse sweep then
+    differentiated another run, e.g. dropout masks drawn from a ``torch.Generator`` of the
+    user's own, which the replay of torch's global random state does not rewind."""
+    steps = [t for t in sorted(again) if t < len(first)]
+    if not steps:
+        return
+    a = torch.stack([again[t].reshape(()).double() for t in steps])
+    b = torch.stack([first[t].detach().reshape(()).to(a) for t in steps])
+    eps = max(torch.finfo(again[t].dtype).eps for t in steps)
+    gap = ((a - b).abs() / b.abs().clamp_min(torch.finfo(torch.float64).tiny)).tolist()
+    worst = max(range(len(steps)), key=lambda i: gap[i])
+    if gap[worst] > max(1e-4, 16 * eps):  # NaN compares False: check_forward's business
+        warnings.warn(
+            f"inner_loss re-evaluated at step {steps[worst]} gave {float(a[worst]):.6g} where "
+            f"the forward sweep gave {float(b[worst]):.6g}: the hypergradient is that of "
+            "another run. Random numbers inside inner_loss must come from torch's global "
+            "generator (a torch.Generator of your own is not replayed), and the loss must "
+            "not depend on state that changes between calls.",
+            HypergradientWarning,
+            stacklevel=5,
+        )

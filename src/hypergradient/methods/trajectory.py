@@ -53,7 +53,7 @@ from ._checks import all_finite, check_arity, unused_leaves, warn_unused
 from .base import Info, Method, Problem, Trajectory
 from .growth import report_diverging
 from .replay import Run, replay_rng, rng_state
-from .traj_step import ReverseStep
+from .traj_step import ReverseStep, check_recomputed
 
 __all__ = [
     "Run",
@@ -229,8 +229,10 @@ def reverse_sweep(
     state_at: Callable[[int], tuple[tuple[Tensor, ...], tuple[Tensor, ...]]],
     first: int,
     hvp: str = "auto",
+    forward_losses: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], float, dict[str, Any]]:
-    """Adjoint recursion from step ``T-1`` down to ``first``; ``state_at(t)`` gives ``s_t``.
+    """Adjoint recursion from step ``T-1`` down to ``first``; ``state_at(t)`` gives ``s_t``
+    (``forward_losses``: checked against the re-evaluated ones, ``check_recomputed``).
 
     Returns the flat hypergradient, ``g`` and the product mode's report (``hvp``,
     ``hvp_fallback``; ``unused_hparams``: the leaves no step or ``g`` depended on).
@@ -252,6 +254,8 @@ def reverse_sweep(
                     acc.add_(d)
                     touched[i] = True
     unused = unused_leaves(run.hspec.paths, run.h, touched)
+    if forward_losses is not None and run.group is None:
+        check_recomputed(step.losses, forward_losses)
     return hyper, value, {**step.finish(), **({"unused_hparams": unused} if unused else {})}
 
 

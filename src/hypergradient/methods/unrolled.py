@@ -112,7 +112,9 @@ class Unrolled(TrajectoryMethod):
                 counters["peak"] = max(counters["peak"], len(kept) + len(segment))
             return segment.pop(t)
 
-        hyper, value, stats = reverse_sweep(run, outer_loss, p_T, s_T, state_at, first, self.hvp)
+        hyper, value, stats = reverse_sweep(
+            run, outer_loss, p_T, s_T, state_at, first, self.hvp, losses
+        )
         stats["products"] = K
         return Sweep(hyper, p_T, losses, value, K, counters["recomputed"], counters["peak"], stats)
 

@@ -245,8 +245,8 @@ class GraphOperator(LinearOperator):
             return torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in flat])
         return _tree.cat(grads, self.param_spec, self.dtype, self.device)
 
-    def _vmapped(self, V: Tensor) -> Tensor | None:
-        """All rows of ``V`` by one vmapped backward; ``None`` if an op has no batching rule."""
+    def _vmapped(self, V: Tensor, first: Tensor | None = None) -> Tensor | None:
+        """All rows of ``V`` by one vmapped backward; None: no batching rule, or a wrong one."""
         try:
             grads = self._vjp(V, self.param_leaves, batched=True)
         except RuntimeError as error:
@@ -260,7 +260,7 @@ class GraphOperator(LinearOperator):
             else g.reshape(k, -1).to(self.dtype)
             for g, n in zip(grads, self.param_spec.numels)
         ]
-        return torch.cat(parts, dim=1)
+        return None if vmap_rejected(self, out := torch.cat(parts, dim=1), V, first) else out
 
     def _looped(self, V: Tensor) -> Tensor:
         return torch.stack([self._param_vjp_flat(v) for v in V])
@@ -281,13 +281,13 @@ class GraphOperator(LinearOperator):
             t0 = self._clock()
             head = self._looped(V[:2])
             t1 = self._clock()
-            tail = self._vmapped(V[2:])
+            tail = self._vmapped(V[1:], head[1])  # row 1 again: checked (vmap_rejected)
             t2 = self._clock()
             if tail is None:
                 self._batched = False
                 return torch.cat([head, self._looped(V[2:])])
-            self._batched = (t2 - t1) / (V.shape[0] - 2) < (t1 - t0) / 2
-            return torch.cat([head, tail])
+            self._batched = (t2 - t1) / (V.shape[0] - 1) < (t1 - t0) / 2
+            return torch.cat([head, tail[1:]])
         if self._batched:
             out = self._vmapped(V)
             if out is not None:
@@ -307,6 +307,23 @@ class GraphOperator(LinearOperator):
         self._outputs, self._flat = [], None
         self._connected = []
         self._direct = False
+
+
+def vmap_rejected(op: GraphOperator, out: Tensor, V: Tensor, first: Tensor | None) -> bool:
+    """At an operator's first vmapped product, whether its row 0 differs from the looped
+    product (``first``, else computed): some batching rules are silently wrong (torch
+    2.x's ``group_norm`` double backward when the channels equal the spatial size)."""
+    if getattr(op, "_vmap_checked", False):
+        return False
+    op._vmap_checked = True  # type: ignore[attr-defined]  # (once per operator)
+    return not rows_agree(out[0], op._param_vjp_flat(V[0]) if first is None else first)
+
+
+def rows_agree(got: Tensor, want: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether a vmapped product equals the looped one to rounding: ``sqrt(eps)`` of
+    ``dtype`` (default ``want``'s) relative to the norm."""
+    tol = torch.finfo(want.dtype if dtype is None else dtype).eps ** 0.5
+    return float((got - want).norm()) <= tol * float(want.norm())
 
 
 def flat_output(op: GraphOperator) -> Tensor:

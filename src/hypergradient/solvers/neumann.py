@@ -333,10 +333,12 @@ class _Series:
             return Status.DIVERGED
         q = float(torch.dot(self.v, w)) / max(vnorm * vnorm, 1e-300)
         self.stats["rayleigh_quotient"] = q
-        # With a step from the operator's own lambda_max estimate (safe: alpha < 2 /
+        # With a step from this call's own lambda_max estimate (safe: alpha < 2 /
         # lambda_max), a PSD operator cannot grow the residual, so growth proves negative
-        # curvature; so does a negative Lanczos lambda_min or Rayleigh quotient.
-        estimated = "lambda_max" in self.stats_in
+        # curvature; so does a negative Lanczos lambda_min or Rayleigh quotient. A cached
+        # estimate proves nothing: the operator's top may have grown since (diverged, and
+        # the solver estimates again).
+        estimated = bool(self.stats_in.get("estimated"))
         indefinite = q < 0 or self.stats_in.get("lambda_min", 0.0) < 0 or estimated
         return Status.NEGATIVE_CURVATURE if indefinite else Status.DIVERGED
 
