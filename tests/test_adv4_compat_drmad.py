@@ -58,9 +58,10 @@ def test_an_oscillating_or_diverging_run_warns(lr_factor, T):
 def test_a_slower_divergence_sustained_over_the_run_warns():
     """lr = 2.5 / lambda_max: the weights grow 1.5x per step, below the watch's 2x, and the
     hyperparameters moved by 4.5e13 over 30 steps; the loss grew 1e10x and still grows (the
-    trajectory methods' rule)."""
+    trajectory methods' rule; the watch's own steady-growth rule, loss 1.4x and norm 1.15x a
+    step, may say it first)."""
     hopt, theta = _setup(2.5, 30)
-    with pytest.warns(HypergradientWarning, match=r"DRMAD's 30 training steps.*diverged: the loss"):
+    with pytest.warns(HypergradientWarning, match=r"DRMAD's 30 training steps.*diverg"):
         hopt.hyper_step()
 
 
