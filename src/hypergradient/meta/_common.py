@@ -268,6 +268,10 @@ def adapt(
         The adapted parameters, detached, with the structure of ``params``.
 
     Cost: ``steps`` gradients of the support loss; memory O(P).
+
+    Raises:
+        NonFiniteHypergradientError: an adapted parameter is NaN or Inf (a NaN in the
+            support batch, or a diverged descent), naming the leaf.
     """
     grad_mode = autograd_on("hg.meta.adapt()")
     loss_fn = as_loss(model_or_loss, criterion)
@@ -282,4 +286,12 @@ def adapt(
         return loss + 0.5 * lam * proximal_term(phi, theta) if lam > 0 else loss
 
     with grad_mode:
-        return _tree.unflatten(spec, descend(objective, leaves, spec, steps, opt))
+        phi = descend(objective, leaves, spec, steps, opt)
+    require_finite(
+        phi,
+        spec.paths,
+        "The adapted value of",
+        "The descent on the support batch diverged or met NaN/Inf: lower `lr` (or the "
+        "optimizer's lr) or `steps`, or check the support batch and the loss.",
+    )
+    return _tree.unflatten(spec, phi)

@@ -67,6 +67,11 @@ def module_loss(
                 known.update(tensor_names(model))  # the module may have changed since
                 check_names(params, known)
             params = {**params, **running_stats_off(model)}
+        elif not (isinstance(params, (tuple, list)) and all(isinstance(d, dict) for d in params)):
+            raise ArgumentTypeError(
+                "With an nn.Module, the parameters must be a dict name -> tensor, e.g. "
+                f"hg.meta.parameters_of(model); got {type(params).__name__}."
+            )
         return crit(torch.func.functional_call(model, params, (inputs,)), targets)
 
     known = tensor_names(model)

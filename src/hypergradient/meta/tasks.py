@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import ArgumentTypeError, as_scalar_loss
+from .._vocab import ArgumentTypeError, as_bool, as_scalar_loss
 from ._common import LossFn, Task
 
 __all__ = [
@@ -210,6 +210,7 @@ def check_tasks(tasks: Any) -> list[Task]:
 
 def task_batches(loss_fn: LossFn, tasks: Any, vectorize: bool) -> list[TaskBatch]:
     """The meta-batch ``tasks`` as task batches: ``B`` single tasks, or one stack of ``B``."""
+    vectorize = as_bool(vectorize, "vectorize")
     pairs = check_tasks(tasks)
     if vectorize:
         return [StackedTasks(loss_fn, pairs)]

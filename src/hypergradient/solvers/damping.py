@@ -17,6 +17,8 @@ from .spectrum import lanczos_extremes
 
 __all__ = ["AutoDamping", "DampingEstimate", "auto_damping", "damped_solve"]
 
+_DAMPING_HINT = " Pass a number >= 0 or an AutoDamping (damping='auto')."
+
 #: Solves repeated with a larger damping after negative curvature (:func:`damped_solve`).
 RETRIES = 3
 
@@ -254,10 +256,22 @@ def damped_solve(
     returns (a fresh estimate, then past the curvature met), at most :data:`RETRIES` times.
     ``stats["damping"]`` is the damping of the returned solve; ``stats["damping_retries"]``
     counts the repeated solves.
+
+    Raises:
+        ArgumentTypeError: ``solver`` is not a :class:`Solver`, ``damping`` not a number or
+            an :class:`AutoDamping`.
+        ValueError: ``damping`` is negative, NaN or infinite.
     """
     stats: dict[str, Any] = {}
     auto = damping if isinstance(damping, AutoDamping) else None
-    value = auto.damping(op, stats) if auto is not None else float(damping)  # type: ignore[arg-type]
+    if not isinstance(solver, Solver):
+        raise _vocab.ArgumentTypeError(
+            f"`solver` must be a hypergradient solver such as hg.CG(), got {type(solver).__name__}."
+        )
+    if auto is None:
+        value = _vocab.as_float(damping, "damping", min=0.0, hint=_DAMPING_HINT)
+    else:
+        value = auto.damping(op, stats)
     system = DampedOperator(op, value) if value else op
     sol = solver.solve(system, b, x0)
     first = sol.num_hvps

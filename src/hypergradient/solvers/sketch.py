@@ -11,6 +11,7 @@ from torch import Tensor
 from .. import _tree, _vocab
 from ..operators import LinearOperator
 from .base import PRODUCT
+from .spectrum import check_operator
 
 __all__ = ["NystromApproximation", "nystrom_sketch"]
 
@@ -36,7 +37,13 @@ class NystromApproximation:
     indefinite: bool = False
 
     def solve(self, b: Tensor, rho: float) -> Tensor:
-        """``(A_nys + rho I)^{-1} b``."""
+        """``(A_nys + rho I)^{-1} b`` for a shift ``rho > 0`` (as :class:`Nystrom`'s).
+
+        Raises:
+            ValueError: ``rho`` is not a finite number > 0 (with ``rho <= 0``,
+                ``A_nys + rho I`` is singular or indefinite wherever ``A_nys`` is 0).
+        """
+        rho = _vocab.as_float(rho, "rho", min=0.0, open_min=True)
         c = self.U.T @ b
         x = self.U @ (c / (self.eigenvalues + rho))
         if not self.full_rank:  # the orthogonal complement, where A_nys is zero
@@ -160,8 +167,11 @@ def nystrom_sketch(
     never materializes its test matrix, and the factorization works in place.
 
     Raises:
+        ArgumentTypeError: ``op`` is not a LinearOperator or ``generator`` not a generator.
+        ValueError: ``op`` is not symmetric.
         NonFiniteHypergradientError: a product of the sketch holds NaN or Inf.
     """
+    check_operator(op, "nystrom_sketch", generator, symmetric=True)
     rank = _vocab.as_int(rank, "rank", min=1)
     sketch = _vocab.as_choice(sketch, "sketch", SKETCHES)
     chunk_size = _vocab.as_optional_int(chunk_size, "chunk_size", min=1)

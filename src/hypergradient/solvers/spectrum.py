@@ -13,6 +13,33 @@ from .base import require_finite_product, safe_norm
 __all__ = ["SpectrumEstimate", "estimate_lambda_max", "lanczos_extremes"]
 
 
+def check_operator(
+    op: object, fn: str, generator: object = None, *, symmetric: bool = False
+) -> LinearOperator:
+    """``op`` as a :class:`LinearOperator` (symmetric if asked), ``generator`` a generator.
+
+    Raises:
+        ArgumentTypeError: ``op`` is not a LinearOperator, ``generator`` not a generator.
+        ValueError: ``symmetric`` and ``op.symmetric`` is False.
+    """
+    if not isinstance(op, LinearOperator):
+        raise _vocab.ArgumentTypeError(
+            f"{fn}: `op` must be a LinearOperator (e.g. hg.MatrixOperator(A) or "
+            f"hg.HessianOperator(...)), got {type(op).__name__}."
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise _vocab.ArgumentTypeError(
+            f"{fn}: `generator` must be a torch.Generator or None, got "
+            f"{type(generator).__name__}; for a seed use torch.Generator().manual_seed(seed)."
+        )
+    if symmetric and not op.symmetric:
+        raise ValueError(
+            f"{fn} needs a symmetric operator (a Hessian), and this one is not (a fixed-point "
+            "map's I - J^T): its numbers would be meaningless."
+        )
+    return op
+
+
 def _start_vector(op: LinearOperator, generator: torch.Generator | None) -> torch.Tensor:
     """A Gaussian unit vector drawn on the generator's device (the same on every device)."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -30,8 +57,10 @@ def estimate_lambda_max(
     ``generator`` (torch's global generator if None) on the generator's device.
 
     Raises:
+        ArgumentTypeError: ``op`` is not a LinearOperator or ``generator`` not a generator.
         NonFiniteHypergradientError: a product holds NaN or Inf.
     """
+    check_operator(op, "estimate_lambda_max", generator)
     iters = _vocab.as_int(iters, "iters", min=1)
     v = _start_vector(op, generator)
     estimate = 0.0
@@ -86,8 +115,12 @@ def lanczos_extremes(
     Cost: at most ``min(maxiter, n)`` products, three vectors of memory.
 
     Raises:
+        ArgumentTypeError: ``op`` is not a LinearOperator or ``generator`` not a generator.
+        ValueError: ``op`` is not symmetric.
         NonFiniteHypergradientError: a product holds NaN or Inf.
     """
+    check_operator(op, "lanczos_extremes", generator, symmetric=True)
+    power_start = _vocab.as_bool(power_start, "power_start")
     # n steps span the whole space: more would only repeat eigenvalues (ghosts)
     maxiter = min(_vocab.as_int(maxiter, "maxiter", min=1), max(op.size, 1))
     start = op.num_matvecs
