@@ -101,10 +101,12 @@ class Status(str, enum.Enum):
 
     @property
     def message(self) -> str:
+        """What the status means and, when it is not ``ok``, the knob to turn."""
         return _STATUS_MESSAGES[self]
 
     @property
     def ok(self) -> bool:
+        """True for ``converged``, ``exact`` and ``fixed_budget``: nothing to report."""
         return self in (Status.CONVERGED, Status.EXACT, Status.FIXED_BUDGET)
 
     def __str__(self) -> str:  # f"{status}" gives the plain value, as for a str

@@ -85,7 +85,7 @@ class TaskBatch(Protocol):
         ...
 
 
-class SingleTask:
+class SingleTask(TaskBatch):
     """One task: ``phi`` has the shapes of ``theta``; the loss is called as it is.
 
     Cost per loss evaluation: one call of ``loss_fn``.
@@ -138,7 +138,7 @@ def stack_batches(batches: Sequence[Any], name: str) -> Any:
     return _tree.unflatten(spec0, [torch.stack(c) for c in columns])
 
 
-class StackedTasks:
+class StackedTasks(TaskBatch):
     """``B`` tasks stacked along a leading dimension of ``phi`` and of the batches.
 
     The per-task losses are ``torch.func.vmap(loss_fn)(phi, batch)`` (shape ``(B,)``), so

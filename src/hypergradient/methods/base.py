@@ -75,6 +75,7 @@ class Trajectory:
 
     @property
     def steps(self) -> int:
+        """``T``, the number of inner steps (one per batch)."""
         return len(self.batches)
 
 
@@ -140,6 +141,7 @@ class Info:
 
     @property
     def message(self) -> str:
+        """What :attr:`status` means and, when it is not ``ok``, the knob to turn."""
         return self.status.message
 
     def as_dict(self) -> dict[str, Any]:

@@ -226,6 +226,7 @@ class ImplicitMethod(Method):
         return self._found[0] if self._found is not None else self.hvp
 
     def common_config(self) -> dict[str, Any]:
+        """The settings every implicit method has: damping, batched, hvp (plain data)."""
         return {"damping": damping_config(self.damping), "batched": self.batched, "hvp": self.hvp}
 
     def state_dict(self) -> dict[str, Any]:

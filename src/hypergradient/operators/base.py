@@ -176,6 +176,7 @@ class DampedOperator(LinearOperator):
 
     @property
     def num_matvecs(self) -> int:
+        """The wrapped operator's count: a product of ``A + damping I`` is one of ``A``."""
         return self.base.num_matvecs
 
     @num_matvecs.setter

@@ -77,6 +77,7 @@ class FunctionalOptimizer:
         return {k: v for k, v in own.items() if not given or k not in given}
 
     def init(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The optimizer's initial state for ``params`` (zero buffers; none for plain SGD)."""
         raise NotImplementedError
 
     def update(

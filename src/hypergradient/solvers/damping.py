@@ -149,6 +149,7 @@ class AutoDamping:
         return self._cached
 
     def config(self) -> dict[str, Any]:
+        """The settings as plain data (``AutoDamping(**config)`` rebuilds it)."""
         return {
             "maxiter": self.maxiter,
             "rel": self.rel,
@@ -210,11 +211,13 @@ class AutoDamping:
         return self._calls, self._cached, generator_state(self._rng)
 
     def restore(self, snapshot: Any) -> None:
+        """Return to the state of :meth:`snapshot`."""
         self._calls, self._cached, rng = snapshot
         if rng is not None:
             self._rng.set_state(rng)
 
     def state_dict(self) -> dict[str, Any]:
+        """The call counter, the cached estimate and the generator (plain data, tensors)."""
         est = self._cached
         return {
             "calls": self._calls,
@@ -223,6 +226,7 @@ class AutoDamping:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; a malformed one raises ValueError, changing nothing."""
         check_keys(state, ("calls", "estimate", "generator"), self)
         calls = _vocab.as_int(state["calls"], "state['calls']", min=0)
         est = state["estimate"]
