@@ -120,7 +120,7 @@ class GraphOperator(LinearOperator):
         """Keep the outputs the graph connects (``connected``, in order) and whether products
         take the direct path."""
         self._connected = [i for i, o in enumerate(outputs) if o is not None and o.requires_grad]
-        self._outputs, self._flat = connected, None
+        self._outputs, self._flat, self._released = connected, None, False
         self._direct = self._uniform and len(connected) == len(self.param_leaves)
 
     def _build_first(self) -> None:
@@ -168,6 +168,7 @@ class GraphOperator(LinearOperator):
 
     def _guarded(self, product: Callable[[Any], Any], arg: Any) -> Any:
         """``product(arg)``; in "auto" mode, on a double-backward error, fall back and retry."""
+        require_graph(self)
         fell_back = False
         while True:
             try:
@@ -303,10 +304,19 @@ class GraphOperator(LinearOperator):
         return self._guarded(lambda u: self._vjp(u, self.hparam_leaves), v) if out is None else out
 
     def release(self) -> None:
-        """Free the retained graph."""
-        self._outputs, self._flat = [], None
-        self._connected = []
-        self._direct = False
+        """Free the retained graph (later products raise, but in ``"first_order"`` mode)."""
+        self._outputs, self._flat, self._connected = [], None, []
+        self._direct, self._released = False, True
+
+
+def require_graph(op: GraphOperator) -> None:
+    """Raise if :meth:`~GraphOperator.release` freed the graph ``op``'s products need (they
+    would be zeros); ``"first_order"`` products keep no graph."""
+    if getattr(op, "_released", False) and op.mode != "first_order":
+        raise RuntimeError(
+            f"This {type(op).__name__} was released (release() freed its graph), so its "
+            "products would be zeros; build a new operator at the current point."
+        )
 
 
 def vmap_rejected(op: GraphOperator, out: Tensor, V: Tensor, first: Tensor | None) -> bool:
