@@ -87,11 +87,22 @@ def from_torch(
     ``momentum`` is tuned keeps momentum buffers even while its value is 0 (without them
     the momentum's effect, and its hypergradient, would be lost).
 
+    ``params`` may be any iterable of the optimizer's parameters (a generator included).
+
     Raises:
-        TypeError: for other optimizers (their update rules are not implemented here) or
+        ValueError: a tensor of ``params`` that the optimizer does not step.
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, ``tuned`` a string; for
+            other optimizers (their update rules are not implemented here) or
             options without a functional twin (``maximize``; ``amsgrad``, ``foreach`` and
             ``fused`` variants are fine; ``AdamW`` is Adam with ``decoupled=True``).
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ArgumentTypeError(
+            f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
+    if isinstance(tuned, str):
+        raise ArgumentTypeError(f"`tuned` must be a sequence of setting names, got {tuned!r}.")
+    params = list(params)  # an iterator would be spent by the check below (state lost)
     for flag in ("maximize",):
         if any(g.get(flag, False) for g in optimizer.param_groups):
             raise ArgumentTypeError(
