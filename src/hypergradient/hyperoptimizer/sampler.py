@@ -111,6 +111,12 @@ class BatchSampler:
                 return next(self._iter)
             except StopIteration:
                 self._iter = None
+        if self.drawn and iter(self.iterable) is self.iterable:
+            raise ValueError(
+                f"`{self.name}` is an iterator (a generator?) that ran out after {self.drawn} "
+                "batches and cannot start a new pass; pass a re-iterable (a list, a "
+                "DataLoader) or an endless one (itertools.cycle(...))."
+            )
         raise ValueError(f"`{self.name}` yields no batches.")
 
     def mark(self) -> None:
