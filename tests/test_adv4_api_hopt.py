@@ -7,6 +7,7 @@ message now names the cause and the fix. The failed step is undone (model, hyper
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import pytest
@@ -78,3 +79,65 @@ def test_an_empty_iterable_still_says_it_yields_nothing():
     hopt, _, batch = _setup(lambda X, y: [])
     with pytest.raises(ValueError, match="`val_data` yields no batches"):
         _step(hopt, batch)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# A checkpoint stored the raw hyperparameters without their constraints: loading one saved
+# with Positive(0.2) (raw log 0.2) into a hyper-optimizer whose hyperparameter is a plain
+# tensor set it to -1.609 (a negative weight decay), into Interval(0, 10) to 1.667, silently.
+
+CONSTRAINTS = {
+    "exp": lambda: hg.Positive(torch.tensor(0.2, dtype=torch.float64)),
+    "softplus": lambda: hg.Positive(torch.tensor(0.2, dtype=torch.float64), transform="softplus"),
+    "interval_1": lambda: hg.Interval(torch.tensor(0.2, dtype=torch.float64), 0.0, 1.0),
+    "interval_10": lambda: hg.Interval(torch.tensor(0.2, dtype=torch.float64), 0.0, 10.0),
+    "tensor": lambda: torch.tensor(0.2, dtype=torch.float64),
+}
+
+
+def _hopt_with(constraint):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randn(8, 1, dtype=torch.float64)
+    return hg.HyperOptimizer(
+        model,
+        {"decay": constraint},
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        train_loss=lambda m, hp, b: ((m(b[0]) - b[1]) ** 2).mean() + hp["decay"] * m.weight.sum(),
+        val_loss=lambda m, hp, b: ((m(b[0]) - b[1]) ** 2).mean(),
+        val_data=(X, y),
+        method=hg.T1T2(),
+    )
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("saved", CONSTRAINTS)
+@pytest.mark.parametrize("here", CONSTRAINTS)
+def test_a_checkpoint_with_other_constraints_is_refused_and_changes_nothing(saved, here):
+    state = _roundtrip(_hopt_with(CONSTRAINTS[saved]()).state_dict())
+    hopt = _hopt_with(CONSTRAINTS[here]())
+    raw = hopt.raw_hparams()[0].detach().clone()
+    if saved == here:
+        hopt.load_state_dict(state)
+        assert float(hopt.hparams["decay"]) == pytest.approx(0.2, rel=1e-15)
+        return
+    with pytest.raises(ValueError, match=r"hparams\['decay'\] is .* in the checkpoint but"):
+        hopt.load_state_dict(state)
+    assert torch.equal(hopt.raw_hparams()[0], raw)
+
+
+def test_a_checkpoint_without_the_constraints_entry_still_loads():
+    """Checkpoints written before the entry existed carry no ``kinds``: not checked."""
+    state = _roundtrip(_hopt_with(CONSTRAINTS["exp"]()).state_dict())
+    del state["hparams"]["kinds"]
+    hopt = _hopt_with(CONSTRAINTS["exp"]())
+    hopt.load_state_dict(state)
+    assert float(hopt.hparams["decay"]) == pytest.approx(0.2, rel=1e-15)

@@ -303,7 +303,7 @@ class HyperParameters:
                 v.copy_(snapshot[k])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"raw": self.snapshot()}
+        return {"raw": self.snapshot(), "kinds": kinds(self.constraints)}
 
     def check_state(self, state: Any) -> None:
         """Raise ``ValueError`` if ``state`` cannot be loaded exactly (nothing is changed)."""
@@ -314,6 +314,7 @@ class HyperParameters:
                 f"The checkpoint's hyperparameters {got} differ from this hyper-optimizer's "
                 f"{sorted(self.raw)}."
             )
+        _check_kinds(state.get("kinds"), self.constraints)
         for k, leaf in self.raw.items():
             v = saved[k]
             if not isinstance(v, Tensor) or v.shape != leaf.shape or v.dtype != leaf.dtype:
@@ -331,6 +332,33 @@ class HyperParameters:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state)
         self.restore({k: v.to(self.raw[k].device) for k, v in state["raw"].items()})
+
+
+def kinds(constraints: Mapping[str, Constraint]) -> dict[str, str]:
+    """What each raw value means: the constraint's type and its transform's settings,
+    e.g. ``"Positive('exp')"``, ``"Interval(0.0, 1.0)"``, ``"Unconstrained()"``."""
+    out = {}
+    for name, c in constraints.items():
+        detail = [repr(getattr(c, a)) for a in ("kind", "low", "high") if hasattr(c, a)]
+        out[name] = f"{type(c).__name__}({', '.join(detail)})"
+    return out
+
+
+def _check_kinds(saved: Any, constraints: Mapping[str, Constraint]) -> None:
+    """``ValueError`` if the checkpoint's constraints are not these: its raw values would
+    mean other values (``log 0.2`` of a ``Positive`` read as an unconstrained -1.6).
+    Checkpoints from before this entry (``None``) are not checked."""
+    if saved is None:
+        return
+    here = kinds(constraints)
+    if not isinstance(saved, Mapping) or set(saved) != set(here):
+        raise ValueError("The checkpoint's `hparams['kinds']` entry is malformed.")
+    for name, want in here.items():
+        if saved[name] != want:
+            raise ValueError(
+                f"hparams[{name!r}] is {saved[name]} in the checkpoint but {want} here: its "
+                "raw value would mean another value. Resume with the same constraints."
+            )
 
 
 def link_conflict(hp: HyperParameters, optimizer: torch.optim.Optimizer) -> str | None:
