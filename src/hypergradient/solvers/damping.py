@@ -261,6 +261,9 @@ def damped_solve(
     ``stats["damping"]`` is the damping of the returned solve; ``stats["damping_retries"]``
     counts the repeated solves.
 
+    Cost: the solver's products, plus those of an :class:`AutoDamping` estimate when it is
+    renewed, times at most ``1 + RETRIES`` solves after negative curvature.
+
     Raises:
         ArgumentTypeError: ``solver`` is not a :class:`Solver`, ``damping`` not a number or
             an :class:`AutoDamping`.
