@@ -141,3 +141,51 @@ def test_a_checkpoint_without_the_constraints_entry_still_loads():
     hopt = _hopt_with(CONSTRAINTS["exp"]())
     hopt.load_state_dict(state)
     assert float(hopt.hparams["decay"]) == pytest.approx(0.2, rel=1e-15)
+
+
+# ----------------------------------------------------------------------------- construction
+# `holdout_batch_size`, `holdout_loss` and `patience` without `holdout_data` were refused, but
+# `train_batch_size` without `train_data` and `min_delta` without `holdout_data` (even NaN) were
+# silently ignored.
+
+
+def _construct(**kw):
+    model = torch.nn.Linear(3, 1).double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randn(8, 1, dtype=torch.float64)
+    args = dict(
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        train_loss=lambda m, hp, b: ((m(b[0]) - b[1]) ** 2).mean() + hp["decay"],
+        val_loss=lambda m, hp, b: ((m(b[0]) - b[1]) ** 2).mean(),
+        val_data=(X, y),
+        method=hg.T1T2(),
+    )
+    args.update(kw)
+    return hg.HyperOptimizer(model, {"decay": torch.tensor(0.1, dtype=torch.float64)}, **args)
+
+
+def test_train_batch_size_without_train_data_is_refused():
+    with pytest.raises(ValueError, match="`train_batch_size` needs `train_data`"):
+        _construct(train_batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "min_delta, match",
+    [(0.01, "`min_delta` need `holdout_data`"), (float("nan"), "`min_delta` must be a finite")],
+)
+def test_min_delta_without_holdout_data_is_refused(min_delta, match):
+    with pytest.raises(ValueError, match=match):
+        _construct(min_delta=min_delta)
+
+
+def test_keep_best_must_be_a_bool_even_without_holdout_data():
+    with pytest.raises(TypeError, match="`keep_best` must be True or False"):
+        _construct(keep_best="no")
+
+
+def test_the_defaults_and_train_data_with_its_batch_size_construct():
+    X = torch.randn(8, 3, dtype=torch.float64)
+    hopt = _construct(train_data=(X, torch.zeros(8, 1, dtype=torch.float64)), train_batch_size=4)
+    assert hopt.train_sampler is not None and hopt.train_sampler.batch_size == 4
+    assert _construct(min_delta=0.0).guard is None

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from .._vocab import ArgumentTypeError, as_callable, as_float, as_optional_int
+from .._vocab import ArgumentTypeError, as_bool, as_callable, as_float, as_optional_int
 from ..methods import IFT, T1T2, Method, Problem, replay_rng
 from ..optim.functional import from_torch
 from .holdout import HoldoutGuard
@@ -72,6 +72,18 @@ def make_sampler(data: Any, batch_size: Any, seed: int, name: str) -> BatchSampl
     return BatchSampler(data, size, seed, name)
 
 
+def make_train_sampler(data: Any, batch_size: Any, seed: int) -> BatchSampler | None:
+    """The sampler of ``train_data`` (None without it, when a batch size is refused)."""
+    if data is None:
+        if batch_size is not None:
+            raise ValueError(
+                "`train_batch_size` needs `train_data`: pass the training data that "
+                "hyper-steps draw a batch from when step() gets none, or drop the batch size."
+            )
+        return None
+    return make_sampler(data, batch_size, seed + 1, "train_data")
+
+
 def check_method(method: Method | None, links: Mapping[str, str] | None) -> Method:
     """The method (``IFT()`` by default), checked against the optimizer-setting links."""
     method = IFT() if method is None else method
@@ -111,10 +123,15 @@ def make_guard(
 ) -> HoldoutGuard | None:
     """The :class:`HoldoutGuard` over ``data`` (None without held-out data)."""
     if data is None:
+        as_bool(options.get("keep_best", True), "keep_best")
+        delta = as_float(options.get("min_delta", 0.0), "min_delta", min=0.0)
         if batch_size is not None or loss is not None or options.get("patience") is not None:
+            delta = 1.0
+        if delta:
             raise ValueError(
-                "`holdout_batch_size`, `holdout_loss` and `patience` need `holdout_data`: pass "
-                "a held-out split (not the validation data) to score at each hyper-step."
+                "`holdout_batch_size`, `holdout_loss`, `patience` and `min_delta` need "
+                "`holdout_data`: pass a held-out split (not the validation data) to score at "
+                "each hyper-step."
             )
         return None
     loss = val_loss if loss is None else loss

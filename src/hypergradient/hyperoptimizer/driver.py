@@ -80,6 +80,7 @@ from .build import (
     make_guard,
     make_hyperparameters,
     make_sampler,
+    make_train_sampler,
 )
 from .config import check_group, write_checked
 from .history import History
@@ -189,11 +190,7 @@ class HyperOptimizer(HoldoutViews):
             check_group(process_group)
         self.process_group = process_group
         self.val_sampler = make_sampler(val_data, val_batch_size, seed, "val_data")
-        self.train_sampler = (
-            None
-            if train_data is None
-            else make_sampler(train_data, train_batch_size, seed + 1, "train_data")
-        )
+        self.train_sampler = make_train_sampler(train_data, train_batch_size, seed)
         options = {"keep_best": keep_best, "patience": patience, "min_delta": min_delta}
         self.guard: HoldoutGuard | None = make_guard(
             holdout_data, holdout_batch_size, holdout_loss, self.val_loss_fn, seed, **options
