@@ -189,3 +189,13 @@ def test_the_defaults_and_train_data_with_its_batch_size_construct():
     hopt = _construct(train_data=(X, torch.zeros(8, 1, dtype=torch.float64)), train_batch_size=4)
     assert hopt.train_sampler is not None and hopt.train_sampler.batch_size == 4
     assert _construct(min_delta=0.0).guard is None
+
+
+def test_a_batch_size_next_to_a_batch_sampler_is_refused_not_ignored():
+    from hypergradient.hyperoptimizer.sampler import BatchSampler
+
+    X = torch.randn(8, 3, dtype=torch.float64)
+    data = BatchSampler((X, torch.zeros(8, 1, dtype=torch.float64)), 4)
+    with pytest.raises(ValueError, match="`val_batch_size` would be ignored"):
+        _construct(val_data=data, val_batch_size=2)
+    assert _construct(val_data=data).val_sampler is data

@@ -66,8 +66,14 @@ COUPLED_DECAY: tuple[type[torch.optim.Optimizer], ...] = (
 
 def make_sampler(data: Any, batch_size: Any, seed: int, name: str) -> BatchSampler:
     """``data`` itself if it is a :class:`BatchSampler`, else a sampler over it."""
-    size = as_optional_int(batch_size, name.replace("_data", "_batch_size"), min=1, hint=_ROWS)
+    size_name = name.replace("_data", "_batch_size")
+    size = as_optional_int(batch_size, size_name, min=1, hint=_ROWS)
     if isinstance(data, BatchSampler):
+        if size is not None:
+            raise ValueError(
+                f"`{size_name}` would be ignored: `{name}` is a BatchSampler, which has its own "
+                "batch_size; set it there."
+            )
         return data
     return BatchSampler(data, size, seed, name)
 
