@@ -82,3 +82,51 @@ def test_task_batches_vectorize_must_be_a_bool():
     X, y = _data()
     with pytest.raises(TypeError, match="`vectorize` must be True or False"):
         meta.task_batches(_loss, [((X, y), (X, y))], "no")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- IMAML rollback
+# IMAML.step over tasks one at a time solved the first tasks' systems (updating a stateful
+# solver: RecycledCG's basis, NystromPCG's sketch and generator, Neumann's estimate) before a
+# later task raised: the next step then differed from that of a twin that never failed.
+
+
+def _quartic(p, batch):
+    X, y = batch
+    return ((X @ p["w"] - y) ** 2).mean() + 0.1 * (p["w"] ** 4).sum()
+
+
+def _tasks(seed, bad=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(3):
+        X = torch.randn(10, 4, generator=g, dtype=DT)
+        y = torch.randn(10, generator=g, dtype=DT)
+        Xq = X.clone()
+        if bad and i == 2:
+            Xq[0, 0] = float("inf")
+        out.append(((X, y), (Xq, y)))
+    return out
+
+
+SOLVERS = {
+    "recycled_cg": lambda: hg.RecycledCG(rank=2),
+    "nystrom_pcg": lambda: hg.NystromPCG(rank=2, seed=0),
+    "neumann_auto": lambda: hg.Neumann(5, alpha="auto", seed=0),
+}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_failed_imaml_step_leaves_the_solver_as_it_was(solver):
+    P = {"w": torch.linspace(-1.0, 1.0, 4, dtype=DT)}
+
+    def make():
+        return meta.IMAML(_quartic, lam=1.0, inner_steps=3, inner_lr=0.1, solver=SOLVERS[solver]())
+
+    a, twin = make(), make()
+    a.step(P, _tasks(0))
+    twin.step(P, _tasks(0))
+    with pytest.raises(hg.NonFiniteHypergradientError, match=r"tasks\[2\]"):
+        a.step(P, _tasks(1, bad=True))
+    got, _ = a.step(P, _tasks(2))
+    want, _ = twin.step(P, _tasks(2))
+    assert torch.equal(got["w"], want["w"])

@@ -198,7 +198,25 @@ class MetaLearner:
         vectorized: bool,
         names: list[str],
     ) -> tuple[Tree, MetaInfo]:
-        """Weighted mean of the batches' meta-gradients (weights: their shares of the tasks)."""
+        """Weighted mean of the batches' meta-gradients (weights: their shares of the tasks);
+        a call that raises leaves the solver's state (IMAML) as it was."""
+        solver = getattr(self, "solver", None)  # IMAML's: a failed call puts its state back
+        saved = None if solver is None else solver.snapshot()
+        try:
+            return self._batches(theta, spec, batches, vectorized, names)
+        except BaseException:
+            if solver is not None:
+                solver.restore(saved)
+            raise
+
+    def _batches(
+        self,
+        theta: list[Tensor],
+        spec: TreeSpec,
+        batches: list[TaskBatch],
+        vectorized: bool,
+        names: list[str],
+    ) -> tuple[Tree, MetaInfo]:
         started = time.perf_counter()
         mean = [torch.zeros_like(t) for t in theta]
         results, done = [], 0
