@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._tree import Tree
-from .._vocab import Status
+from .._vocab import ArgumentTypeError, Status
 from ..optim.functional import FunctionalOptimizer
 
 __all__ = ["Info", "Method", "Problem", "Trajectory"]
@@ -72,6 +72,13 @@ class Trajectory:
     settings: Mapping[str, Callable[[Any], Tensor]] = field(default_factory=dict)
     rng_states: Sequence[Any] | None = None
     final_params: Tree | None = None
+
+    def __post_init__(self) -> None:
+        if not (hasattr(self.batches, "__len__") and hasattr(self.batches, "__getitem__")):
+            raise ArgumentTypeError(
+                "`batches` must be a sequence with one batch per step (a list or tuple), got "
+                f"{type(self.batches).__name__}; pass list(...) of it."
+            )
 
     @property
     def steps(self) -> int:

@@ -1,0 +1,54 @@
+"""``hg.Trajectory`` built by a caller: a generator of batches is named at construction.
+
+``Trajectory(batches=(b for b in ...))`` was accepted and every trajectory method then failed
+with "object of type 'generator' has no len()"; the answer for a list is unchanged and
+equals the closed form of three SGD steps on a quadratic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hypergradient as hg
+
+DT = torch.float64
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 3, generator=g, dtype=DT)
+    y = torch.randn(8, generator=g, dtype=DT)
+
+    def step_loss(w, h, b):
+        return 0.5 * ((b[0] @ w - b[1]) ** 2).mean() + 0.5 * h * (w**2).sum()
+
+    def outer(w, h):
+        return 0.5 * ((X @ w - y) ** 2).mean()
+
+    return X, y, step_loss, outer
+
+
+def test_a_generator_of_batches_is_named():
+    X, y, step_loss, _ = _setup()
+    w0 = torch.zeros(3, dtype=DT)
+    with pytest.raises(TypeError, match="`batches` must be a sequence with one batch per step"):
+        hg.Trajectory(step_loss, w0, hg.optim.sgd(0.1), ((X, y) for _ in range(3)))
+
+
+def test_a_list_of_batches_gives_the_closed_form():
+    X, y, step_loss, outer = _setup()
+    lr, h, T = 0.1, torch.tensor(0.3, dtype=DT), 3
+    w0 = torch.full((3,), 0.2, dtype=DT)
+    tr = hg.Trajectory(step_loss, w0, hg.optim.sgd(lr), [(X, y)] * T)
+    got, _ = hg.Unrolled()(hg.Problem(step_loss, outer, w0, h, trajectory=tr))
+    # w_{t+1} = M w_t + c with M = I - lr (X^T X / n + h I), c = lr X^T y / n;
+    # dw_{t+1}/dh = M dw_t - lr w_t; dg/dh = grad g(w_T) . dw_T/dh
+    n = X.shape[0]
+    M = torch.eye(3, dtype=DT) - lr * (X.T @ X / n + h * torch.eye(3, dtype=DT))
+    c = lr * X.T @ y / n
+    w, dw = w0.clone(), torch.zeros(3, dtype=DT)
+    for _ in range(T):
+        w, dw = M @ w + c, M @ dw - lr * w
+    want = (X.T @ (X @ w - y) / n) @ dw
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
