@@ -62,3 +62,17 @@ def test_tuned_as_a_bare_string_is_refused():
     opt, ps = _trained(OPTIMIZERS["sgd_momentum"])
     with pytest.raises(TypeError, match="`tuned` must be a sequence of setting names"):
         from_torch(opt, ps, tuned="momentum")
+
+
+@pytest.mark.parametrize("which", ["params", "grads", "state"])
+def test_functional_update_names_an_iterator(which):
+    """Was TypeError "object of type 'generator' has no len()"."""
+    from hypergradient.optim import sgd
+
+    opt = sgd(0.1, momentum=0.9)
+    args = {"params": [torch.ones(2)], "grads": [torch.ones(2)], "state": opt.init([torch.ones(2)])}
+    args[which] = iter(args[which])
+    with pytest.raises(TypeError, match=r"SGD.update takes lists, not iterators"):
+        opt.update(args["params"], args["grads"], args["state"], 0)
+    params, state = opt.update([torch.ones(2)], [torch.ones(2)], opt.init([torch.ones(2)]), 0)
+    assert torch.equal(params[0], torch.full((2,), 0.9)) and torch.equal(state[0], torch.ones(2))

@@ -114,6 +114,8 @@ class FunctionalOptimizer:
     def check_update(self, params: Sequence[Tensor], grads: Sequence[Any], state: Any) -> None:
         """``ValueError`` unless there is a gradient (or None) of each parameter's shape and
         ``buffers`` state tensors per parameter (``zip`` would drop the rest)."""
+        if not all(hasattr(x, "__len__") for x in (params, grads, state)):
+            raise ArgumentTypeError(f"{type(self).__name__}.update takes lists, not iterators.")
         n = len(params)
         if len(grads) != n or len(state) != self.buffers * n:
             raise ValueError(
