@@ -199,3 +199,28 @@ def test_a_batch_size_next_to_a_batch_sampler_is_refused_not_ignored():
     with pytest.raises(ValueError, match="`val_batch_size` would be ignored"):
         _construct(val_data=data, val_batch_size=2)
     assert _construct(val_data=data).val_sampler is data
+
+
+def test_non_string_hparams_keys_are_refused():
+    """Keys 1 and "1" became one hyperparameter (the other silently dropped)."""
+    with pytest.raises(TypeError, match="`hparams` keys must be strings"):
+        _construct_with({1: torch.tensor(0.1, dtype=torch.float64)})
+    with pytest.raises(TypeError, match="got int 1"):
+        _construct_with(
+            {1: torch.tensor(0.1, dtype=torch.float64), "1": torch.tensor(0.2, dtype=torch.float64)}
+        )
+
+
+def _construct_with(hparams):
+    model = torch.nn.Linear(3, 1).double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    return hg.HyperOptimizer(
+        model,
+        hparams,
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        train_loss=lambda m, hp, b: m(b[0]).sum(),
+        val_loss=lambda m, hp, b: m(b[0]).sum(),
+        val_data=(X, torch.zeros(8, 1, dtype=torch.float64)),
+        method=hg.T1T2(),
+    )

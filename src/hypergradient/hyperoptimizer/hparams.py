@@ -49,6 +49,18 @@ def _as_constraint(name: str, h: Any) -> Constraint:
     )
 
 
+def _constraints(hparams: Mapping[Any, Any]) -> dict[str, Constraint]:
+    """``{name: Constraint}``; the names must be strings (keys ``1`` and ``"1"`` became one
+    hyperparameter, silently dropping the other, and a loss reading ``hparams[1]`` failed)."""
+    for k in hparams:
+        if not isinstance(k, str):
+            raise ArgumentTypeError(
+                f"`hparams` keys must be strings (names the losses read), got {type(k).__name__} "
+                f"{k!r}."
+            )
+    return {k: _as_constraint(k, h) for k, h in hparams.items()}
+
+
 def _setting_error(setting: str, value: float) -> str | None:
     low, high, low_open = SETTING_RANGES.get(setting, (-math.inf, math.inf, False))
     if math.isfinite(value) and low <= value <= high and not (low_open and value == low):
@@ -116,7 +128,7 @@ class HyperParameters:
             )
         if not hparams:
             raise ValueError("`hparams` is empty; pass at least one hyperparameter.")
-        self.constraints = {str(k): _as_constraint(str(k), h) for k, h in hparams.items()}
+        self.constraints = _constraints(hparams)
         self.raw = {k: c.raw for k, c in self.constraints.items()}
         self._check_leaves(device, forbidden)
         self.links = self._check_links(links or {}, inner_optimizer)
