@@ -86,3 +86,10 @@ def test_auto_mode_fallback_releases_internally_and_products_stay_right():
     assert op.mode == "first_order"
     dense = op.dense()
     assert torch.allclose(dense, torch.diag(6 * H * W), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", torch.int64, torch.complex64, None])
+def test_a_linear_operator_subclass_needs_a_floating_dtype(dtype):
+    """A string dtype was accepted and failed later inside a solver (torch.finfo('float32'))."""
+    with pytest.raises(TypeError, match="`dtype` must be a floating-point torch.dtype"):
+        hg.LinearOperator(3, dtype, "cpu")

@@ -27,6 +27,10 @@ class LinearOperator:
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
         self.size = size if type(size) is int and size >= 0 else _vocab.as_int(size, "size", min=0)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ArgumentTypeError(
+                f"`dtype` must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}."
+            )
         self.dtype = dtype
         self.device = device if type(device) is torch.device else torch.device(device)
         self.num_matvecs = 0
