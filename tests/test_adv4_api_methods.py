@@ -52,3 +52,14 @@ def test_a_list_of_batches_gives_the_closed_form():
         w, dw = M @ w + c, M @ dw - lr * w
     want = (X.T @ (X @ w - y) / n) @ dw
     assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_problem_refuses_a_non_bool_by_reference_flag_and_a_non_trajectory():
+    """hparams_by_reference='yes' was read as True (then a misleading 'hparams must be a leaf
+    tensor with requires_grad=True'); trajectory={} failed later as 'needs a trajectory'."""
+    X, y, step_loss, outer = _setup()
+    w, h = torch.zeros(3, dtype=DT), torch.tensor(0.1, dtype=DT)
+    with pytest.raises(TypeError, match="`hparams_by_reference` must be True or False"):
+        hg.Problem(step_loss, outer, w, h, lr=0.1, hparams_by_reference="yes")
+    with pytest.raises(TypeError, match="`trajectory` must be a hg.Trajectory or None"):
+        hg.Problem(step_loss, outer, w, h, trajectory={})  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._tree import Tree
-from .._vocab import ArgumentTypeError, Status
+from .._vocab import ArgumentTypeError, Status, as_bool
 from ..optim.functional import FunctionalOptimizer
 
 __all__ = ["Info", "Method", "Problem", "Trajectory"]
@@ -123,6 +123,15 @@ class Problem:
     trajectory: Trajectory | None = None
     process_group: Any = None
     hparams_by_reference: bool = False
+
+    def __post_init__(self) -> None:
+        if type(self.hparams_by_reference) is not bool:  # 'yes' was read as True
+            as_bool(self.hparams_by_reference, "hparams_by_reference")
+        if self.trajectory is not None and not isinstance(self.trajectory, Trajectory):
+            raise ArgumentTypeError(
+                "`trajectory` must be a hg.Trajectory or None, got "
+                f"{type(self.trajectory).__name__}."
+            )
 
 
 @dataclass(kw_only=True)
