@@ -63,3 +63,20 @@ def test_problem_refuses_a_non_bool_by_reference_flag_and_a_non_trajectory():
         hg.Problem(step_loss, outer, w, h, lr=0.1, hparams_by_reference="yes")
     with pytest.raises(TypeError, match="`trajectory` must be a hg.Trajectory or None"):
         hg.Problem(step_loss, outer, w, h, trajectory={})  # type: ignore[arg-type]
+
+
+def test_hg_neumann_names_its_own_argument():
+    """hg.neumann(..., iters=0) said "`maxiter` must be an integer >= 1" (the class's name)."""
+
+    def f(w, h):
+        return 0.5 * h * (w**2).sum()
+
+    def g(w, h):
+        return w.sum()
+
+    w, h = torch.ones(2, dtype=DT), torch.tensor(0.5, dtype=DT)
+    with pytest.raises(ValueError, match="`iters` must be an integer >= 1"):
+        hg.neumann(f, g, w, h, iters=0)
+    # H = h I, b = 1, d_h grad_w f = w: dg/dh = -w . (H^{-1} 1) = -2 / h; alpha = 1/h is exact
+    got = hg.neumann(f, g, w, h, iters=3, alpha=2.0)
+    assert float(got) == pytest.approx(-2.0 / 0.5, rel=1e-14)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import HypergradientWarning, as_bool, as_callable, as_choice, as_float
+from .._vocab import HypergradientWarning, as_bool, as_callable, as_choice, as_float, as_int
 from ..operators import FixedPointOperator
 from ..solvers import CG, AutoDamping, Exact, FixedPoint, Neumann, Nystrom, Solver
 from ._checks import BATCHED, check_inputs
@@ -288,6 +288,7 @@ def neumann(
     return_info: bool = False,
 ) -> Any:
     """``implicit(f, g, theta, phi, solver=Neumann(iters, alpha))`` (Lorraine et al., 2020)."""
+    iters = as_int(iters, "iters", min=1)  # (Neumann would name it `maxiter`)
     return implicit(
         f, g, theta, phi, Neumann(iters, alpha), damping=damping, return_info=return_info
     )
