@@ -76,3 +76,14 @@ def test_functional_update_names_an_iterator(which):
         opt.update(args["params"], args["grads"], args["state"], 0)
     params, state = opt.update([torch.ones(2)], [torch.ones(2)], opt.init([torch.ones(2)]), 0)
     assert torch.equal(params[0], torch.full((2,), 0.9)) and torch.equal(state[0], torch.ones(2))
+
+
+def test_sgd_settings_after_momentum_are_keyword_only():
+    """sgd(0.1, 0.9, 0.5) meant weight_decay=0.5; torch.optim.SGD's third is dampening."""
+    from hypergradient.optim import SGD, sgd
+
+    with pytest.raises(TypeError):
+        sgd(0.1, 0.9, 0.5)  # type: ignore[misc]
+    a = sgd(0.1, 0.9, dampening=0.5, weight_decay=0.01)
+    b = SGD(0.1, 0.9, 0.5, 0.01)
+    assert a.settings == b.settings

@@ -371,11 +371,13 @@ class Adam(FunctionalOptimizer):
 def sgd(
     lr: Setting,
     momentum: Setting = 0.0,
+    *,
     weight_decay: Setting = 0.0,
     nesterov: bool = False,
     dampening: Setting = 0.0,
 ) -> SGD:
-    """Differentiable SGD (see :class:`SGD`)."""
+    """Differentiable SGD (see :class:`SGD`); the settings after ``momentum`` are keyword-only
+    (``torch.optim.SGD``'s third is ``dampening``, this function's was ``weight_decay``)."""
     return SGD(
         lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
     )
