@@ -100,3 +100,37 @@ def test_damped_solve_with_a_number_solves_the_shifted_system_exactly():
     sol, _, stats = damped_solve(hg.Exact(), _op(), torch.ones(4, dtype=DT), None, 0.5)
     assert stats["damping"] == 0.5
     assert torch.allclose(sol.value, 1.0 / (DIAG + 0.5), rtol=1e-13, atol=0)
+
+
+SOLVERS = {
+    "CG": hg.CG,
+    "Exact": hg.Exact,
+    "Identity": hg.Identity,
+    "FixedPoint": hg.FixedPoint,
+    "Neumann": lambda: hg.Neumann(5),
+    "NystromPCG": lambda: hg.NystromPCG(rank=2, seed=0),
+    "RecycledCG": hg.RecycledCG,
+}
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("which", ["b", "x0"])
+def test_a_vector_on_another_device_is_named_before_any_product(name, which):
+    """Was "Tensor.item() cannot be called on meta tensors" (a CUDA b with a CPU operator:
+    torch's device error from inside a product)."""
+    op, b = _op(), torch.ones(4, dtype=DT)
+    args = {"b": b, "x0": None}
+    args[which] = torch.ones(4, dtype=DT, device="meta")
+    solver = SOLVERS[name]()
+    with pytest.raises(ValueError, match=rf"`{which}` is on meta but the operator on cpu"):
+        solver.solve(op, args["b"], args["x0"])
+    assert op.num_matvecs == 0
+
+
+def test_an_operator_naming_no_device_index_accepts_the_indexed_device():
+    from hypergradient.solvers.base import _same_device
+
+    assert _same_device(torch.device("cuda", 0), "cuda")
+    assert _same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not _same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not _same_device(torch.device("meta"), "cpu")

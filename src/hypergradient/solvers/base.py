@@ -104,7 +104,8 @@ class Solver:
 
         Raises:
             ArgumentTypeError: ``op`` is not a LinearOperator or ``b``/``x0`` not tensors.
-            ValueError: wrong shapes, or a non-symmetric operator for a symmetric solver.
+            ValueError: wrong shapes or devices, or a non-symmetric operator for a symmetric
+                solver.
             NonFiniteHypergradientError: ``b`` or ``x0`` holds NaN or Inf.
         """
         if not isinstance(op, LinearOperator):
@@ -120,6 +121,10 @@ class Solver:
                 )
             if not t.is_floating_point():
                 raise ArgumentTypeError(f"`{name}` must be floating point, got {t.dtype}.")
+            if t.device != op.device and not _same_device(t.device, op.device):
+                raise ValueError(
+                    f"`{name}` is on {t.device} but the operator on {op.device}; move it there."
+                )
         if self.requires_symmetric and not op.symmetric:
             raise ValueError(
                 f"{type(self).__name__} needs a symmetric operator, and this one is not "
@@ -235,6 +240,12 @@ class RandomizedSolver(Solver):
 
 
 # ----------------------------------------------------------------------------- numerics
+
+
+def _same_device(a: torch.device, b: torch.device | str) -> bool:
+    """One device (``cuda`` and ``cuda:0`` alike: an operator may name no index)."""
+    b = torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def safe_norm(v: Tensor, wide: torch.dtype | None = None) -> float:
