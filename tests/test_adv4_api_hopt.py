@@ -224,3 +224,26 @@ def _construct_with(hparams):
         val_data=(X, torch.zeros(8, 1, dtype=torch.float64)),
         method=hg.T1T2(),
     )
+
+
+def test_a_custom_constraint_round_trips_through_a_checkpoint():
+    """The kinds hold plain settings only (a method named like one is not its repr)."""
+
+    class Negative(hg.Constraint):
+        def __init__(self, value):
+            self._init_raw(-torch.as_tensor(value, dtype=torch.float64))
+
+        def transform(self, raw):
+            return -raw.exp()
+
+        def inverse(self, value):
+            return (-value).log()
+
+        def high(self):  # a method, not a setting
+            return 0.0
+
+    state = _roundtrip(_hopt_with(Negative(0.2)).state_dict())
+    assert state["hparams"]["kinds"] == {"decay": "Negative()"}
+    hopt = _hopt_with(Negative(0.5))
+    hopt.load_state_dict(state)
+    assert float(hopt.hparams["decay"]) == pytest.approx(-0.2, rel=1e-15)

@@ -351,7 +351,8 @@ def kinds(constraints: Mapping[str, Constraint]) -> dict[str, str]:
     e.g. ``"Positive('exp')"``, ``"Interval(0.0, 1.0)"``, ``"Unconstrained()"``."""
     out = {}
     for name, c in constraints.items():
-        detail = [repr(getattr(c, a)) for a in ("kind", "low", "high") if hasattr(c, a)]
+        found = [getattr(c, a, None) for a in ("kind", "low", "high")]
+        detail = [repr(v) for v in found if isinstance(v, (str, int, float))]  # plain data
         out[name] = f"{type(c).__name__}({', '.join(detail)})"
     return out
 
