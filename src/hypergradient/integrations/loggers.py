@@ -3,8 +3,8 @@
 Pass one (or a list) as ``HyperOptimizer(..., logger=...)``; each receives every
 :class:`~hypergradient.HyperStepRecord` as the hyper-step that made it commits (a
 rolled-back hyper-step is never logged, with one exception: a sink that raises rolls the
-step back, after the sinks before it in the list have written its record). What is written, under the same names everywhere
-(:func:`record_scalars`):
+step back, after the sinks before it in the list have written its record). What is written,
+under the same names everywhere (:func:`record_scalars`):
 
 - ``loss/val``, ``loss/holdout`` (with ``holdout_data``): the validation batch's loss and
   the holdout guard's score;

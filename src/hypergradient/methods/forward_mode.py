@@ -29,7 +29,7 @@ from .._vocab import as_optional_int
 from ..optim.functional import SGD, FunctionalOptimizer
 from ._checks import unused_leaves
 from .base import Problem
-from .forward_tangents import GradientTangents
+from .forward_tangents import GradientTangents, batching_key
 from .replay import Run, rng_state, set_rng_state
 from .traj_modes import as_mode, is_double_backward_error
 from .trajectory import (
@@ -193,7 +193,10 @@ class ForwardMode(TrajectoryMethod):
     per step: one gradient, the graph of the gradient and ``m`` batched vector-Jacobian
     products (measured ``1.5 + 1.1 m`` gradients on a 200k-parameter MLP; first order:
     ``1 + 2m``), so it suits few hyperparameters (learning rates, momentum, a handful of
-    loss weights). No state.
+    loss weights); the first sweep for given shapes of leaves and batches also checks its
+    batched pass against a looped product (one more, until every output was reached: some
+    of torch's batching rules are silently wrong) and remembers the shapes it held for. No
+    state that changes a result.
     """
 
     name = "forward_mode"
@@ -201,6 +204,7 @@ class ForwardMode(TrajectoryMethod):
     def __init__(self, chunk_size: int | None = None, hvp: str = "auto"):
         self.chunk_size = as_optional_int(chunk_size, "chunk_size", min=1)
         self.hvp = as_mode(hvp)
+        self._batching_ok: set[Any] = set()  # batching_key()s whose batched pass was checked
 
     def __call__(self, problem: Problem) -> tuple[Tree, TrajectoryInfo]:
         if isinstance(problem, Problem) and problem.hparams_by_reference:
@@ -217,8 +221,11 @@ class ForwardMode(TrajectoryMethod):
             p, _, _, losses = forward_sweep(run, lambda t: False, run.steps)
             _, gh, value = outer_gradients(run, outer_loss, p)
             return Sweep(list(gh), p, losses, value, run.steps, 0, 1, {"products": 0})
-        tangents = GradientTangents(run, self.hvp, self.chunk_size)
+        key = batching_key(run)
+        tangents = GradientTangents(run, self.hvp, self.chunk_size, key in self._batching_ok)
         p, tp, losses = _propagate(run, tangents)
+        if tangents.vmap_checked and key is not None:
+            self._batching_ok.add(key)
         direct = [False] * len(run.h)
         gp, gh, value = outer_gradients(run, outer_loss, p, direct)
         dtype = _tree.common_dtype(list(run.h))

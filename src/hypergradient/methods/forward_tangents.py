@@ -71,14 +71,14 @@ class GradientTangents:
         are then taken one at a time).
     """
 
-    def __init__(self, run: Run, mode: str, chunk_size: int | None):
+    def __init__(self, run: Run, mode: str, chunk_size: int | None, vmap_checked: bool = False):
         self.run = run
         self.requested = mode
         self.mode = "double" if mode == "auto" else mode
         self.chunk = chunk_size
         self.fallback: str | None = None
         self.batched = True
-        self.vmap_checked = False
+        self.vmap_checked = vmap_checked  # (by an earlier sweep of the same shapes)
         self.checked = False
         #: ``(grad_theta f, f)`` from the last double-backward graph (see :meth:`double`)
         self.primal: tuple[list[Tensor], Tensor] = ([], torch.zeros(()))
@@ -262,3 +262,34 @@ class GradientTangents:
     def report(self) -> dict[str, Any]:
         """The mode in use and why ``"auto"`` left ``"double"`` (for ``info.stats``)."""
         return {"hvp": self.mode, "hvp_fallback": self.fallback}
+
+
+def _shapes(obj: Any) -> Any:
+    """Shapes, dtypes and devices of the tensors of a batch (tuples, lists, dicts), the
+    type's name for anything else."""
+    if isinstance(obj, Tensor):
+        return (tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, dict):
+        return tuple((k, _shapes(v)) for k, v in obj.items())
+    if isinstance(obj, (tuple, list)):
+        return tuple(_shapes(v) for v in obj)
+    return type(obj).__name__
+
+
+def batching_key(run: Run) -> Any:
+    """What a batched pass's check holds for: the leaves' and the window's batches' shapes
+    (torch's wrong ``group_norm`` batching rule depends on the activations' shapes); None
+    when no batch holds a tensor (data inside the losses: nothing tells a new shape)."""
+    batches = frozenset(_shapes(b) for b in run.batches)
+    if not any(isinstance(b, Tensor) for b in _tree_tensors(run.batches)):
+        return None
+    leaves = tuple((tuple(x.shape), x.dtype) for x in (*run.p0, *run.h))
+    return leaves, batches
+
+
+def _tree_tensors(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tree_tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tree_tensors(v)]
+    return [obj] if isinstance(obj, Tensor) else []
