@@ -80,7 +80,7 @@ class TrajectoryWindow:
         batches: a copy of each step's training batch.
         rng_states: torch's random-number state before each step.
         settings0: the inner optimizer's settings at the start (:func:`optimizer_settings`;
-            None: read at the next check, after a resume).
+            saved in checkpoints; None: read at the next check).
         changed: the first setting that differed from ``settings0`` before a step of the
             window (the replay, which steps with ``settings0``, would not be this run).
     """
@@ -179,6 +179,7 @@ class TrajectoryWindow:
                 (s[0].clone(), None if s[1] is None else s[1].clone()) for s in self.rng_states
             ],
             "changed": self.changed,
+            "settings0": self.settings0,  # a scheduler stepped before the save is a change
             "offsets": self.optimizer.offsets,  # per-parameter step counts at the start
         }
 
@@ -221,8 +222,9 @@ class TrajectoryWindow:
         changed = state.get("changed")
         if changed is not None and not isinstance(changed, str):
             raise ValueError(f"The checkpoint's window `changed` is {changed!r}.")
+        settings0 = _settings(state.get("settings0"))
         fopt.offsets = _offsets(state.get("offsets"), len(params0))  # the start's counts
-        return cls(params0, fopt, state0, step0, batches, rngs, None, changed)
+        return cls(params0, fopt, state0, step0, batches, rngs, settings0, changed)
 
 
 def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -237,6 +239,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
     return value
+
+
+def _settings(value: Any) -> list[dict[str, Any]] | None:
+    """The window's start settings (None in a checkpoint from before they were saved)."""
+    ok = value is None or isinstance(value, list) and all(isinstance(g, dict) for g in value)
+    if not ok:
+        raise ValueError(f"The checkpoint's window `settings0` is {value!r:.80}.")
+    return None if value is None else [dict(g) for g in value]
 
 
 def _offsets(offsets: Any, n: int) -> list[int] | None:
