@@ -364,5 +364,9 @@ def check_batch(hopt: HyperOptimizer, batch: Any) -> None:
     """A step's batch is required by trajectory methods, and without ``train_data``."""
     trajectory = hopt.method.needs_trajectory
     if batch is None and (trajectory or hopt.train_sampler is None):
-        need = "trajectory methods replay the inner steps" if trajectory else "hyper-steps do"
-        raise ValueError(f"step() needs the training `batch` ({need}) or train_data=....")
+        if trajectory:
+            raise ValueError(
+                f"step() needs the training `batch` at every step: {hopt.method.name} replays "
+                "the inner steps on copies of their batches (train_data= does not replace them)."
+            )
+        raise ValueError("step() needs the training `batch` (hyper-steps do) or train_data=....")
