@@ -70,22 +70,28 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
         "history": hopt.history.state_dict(),
         "rng": list(capture_rng(hopt.view.device)),
         "holdout": None if hopt.guard is None else hopt.guard.state_dict(),
-        # the parameter norms only: the losses depend on whether the loop reports them
-        # (hopt.train_loss, end_step(loss=)), and a checkpoint is the run's state whichever
-        "watch": {"norms": [t.clone() for t in loop.norms]},
+        # the losses the loop reported (hopt.train_loss, end_step(loss=)) too: without
+        # them a resumed run missed the loss rules' divergence and applied its hypergradient
+        "watch": {
+            "norms": [t.clone() for t in loop.norms],
+            "losses": [t.clone() for t in loop.losses],
+        },
     }
 
 
-def _watch(value: Any) -> tuple[Tensor, ...]:
-    """The divergence watch's recorded parameter norms (none in older checkpoints)."""
+def _watch(value: Any, key: str = "norms") -> tuple[Tensor, ...]:
+    """The divergence watch's recorded parameter norms or training losses (``key``; none
+    in older checkpoints)."""
     if value is None:
         return ()
-    norms: Any = value.get("norms") if isinstance(value, Mapping) else None
-    if not isinstance(norms, (list, tuple)) or len(norms) > divergence.KEEP:
-        norms = [None]  # malformed
-    if not all(isinstance(t, Tensor) and t.dim() == 0 for t in norms):
+    if key == "losses" and isinstance(value, Mapping) and "losses" not in value:
+        return ()  # saved before the losses were
+    entries: Any = value.get(key) if isinstance(value, Mapping) else None
+    if not isinstance(entries, (list, tuple)) or len(entries) > divergence.KEEP:
+        entries = [None]  # malformed
+    if not all(isinstance(t, Tensor) and t.dim() == 0 for t in entries):
         raise ValueError("The checkpoint's divergence `watch` entry is malformed.")
-    return tuple(norms)
+    return tuple(entries)
 
 
 def _entries(state: Any, method: str) -> None:
@@ -117,6 +123,7 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     """
     _entries(state, type(hopt.method).__name__)
     _watch(state.get("watch"))
+    _watch(state.get("watch"), "losses")
     hopt.view.check_signature(state["model"])
     hopt.hyperparameters.check_state(state["hparams"])
     optimizers.check_state(hopt.inner_optimizer, state["inner_optimizer"], "inner_optimizer")
@@ -190,7 +197,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.skipped = int(state["counters"]["skipped"])
     loop.window = window
     loop.norms = tuple(t.to(hopt.view.device) for t in _watch(state.get("watch")))
-    loop.losses = ()
+    loop.losses = tuple(t.to(hopt.view.device) for t in _watch(state.get("watch"), "losses"))
     loop.loss_pending = None
     loop.lrs = None
     trajectory = hopt.method.needs_trajectory
