@@ -26,8 +26,9 @@ gradient reaches the parameters, as with ``torch.optim.SGD``; ``torch.amp.GradSc
 skips such steps before they reach the optimizer).
 
 Every hyperparameter is validated through :mod:`hypergradient._vocab` when the optimizer
-or a parameter group is created: numbers (numpy scalars and 0-d tensors included) must be
-finite and in range, ``bool`` is refused where a number is meant
+or a parameter group is created, and when a ``state_dict`` is loaded (there ``lr`` may have
+any sign): numbers (numpy scalars and 0-d tensors included) must be finite and in range,
+``bool`` is refused where a number is meant
 (:class:`~hypergradient._vocab.ArgumentTypeError`), and flags (``nesterov``, ``maximize``)
 must be ``bool``.
 """

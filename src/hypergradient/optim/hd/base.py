@@ -105,6 +105,27 @@ class HypergradientOptimizer(Optimizer):
         param_group.update({k: v for k, v in checked.items() if k in param_group})
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict`` after checking every saved group's
+        settings as the constructor does (``ValueError`` / ``ArgumentTypeError`` naming the
+        group and setting; nothing is loaded then): a state of another optimizer, or with a
+        NaN or negative ``lr``, would otherwise fail at ``step()`` or train silently wrong."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        for i, group in enumerate(groups if isinstance(groups, list) else []):
+            optional = {"maximize": False, "nesterov": False}  # older states lack them
+            missing = [k for k in self.defaults if k not in group and k not in optional]
+            if missing:
+                raise ValueError(
+                    f"{self._name}.load_state_dict: param group {i} has no {missing}; the "
+                    "state_dict was saved by another optimizer."
+                )
+            try:  # a finite lr of any sign: hypergradient descent may take it below 0
+                as_float(group["lr"], "lr")
+                self._validate_group({**optional, **group, "lr": 0.0})
+            except ValueError as err:  # ArgumentTypeError included
+                raise type(err)(f"{self._name}.load_state_dict: param group {i}: {err}") from err
+        super().load_state_dict(state_dict)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
