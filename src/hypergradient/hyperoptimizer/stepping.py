@@ -240,16 +240,16 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
 
 
 def local_decisions(hopt: HyperOptimizer) -> dict[str, Any]:
-    """What each skip check before the method decides from this rank's own state (checked
+    """What the skip checks before the method decide from this rank's own state (checked
     equal on every rank before any of them acts: a rank skipping alone would leave the
-    others waiting in the method's collectives, or feed them DDP's next all-reduce)."""
+    others waiting in the method's collectives, or feed them DDP's next all-reduce).
+    :func:`accumulated_draws` instead skips on every rank when any rank's step drew."""
     found = divergence.diagnose(hopt.loop.norms, ())
     window = hopt.loop.window
     return {
         "diverged": None if found is None else found[0],
         "settings_changed": None if window is None else window.changed,
         "zero_rate": at_zero_rate(hopt),
-        "drawn": hopt.loop.drawn and isinstance(hopt.method, T1T2),
     }
 
 
@@ -315,7 +315,13 @@ def accumulated_draws(hopt: HyperOptimizer, saved: Transaction) -> bool:
     over several ``train_loss`` calls that drew random numbers (dropout): T1T2 replays one
     forward pass of the step's batch, with one set of masks (the hypergradient of a step
     not taken: 1.39 relative error on a probe)."""
-    if not (hopt.loop.drawn and isinstance(hopt.method, T1T2)):
+    if not isinstance(hopt.method, T1T2):
+        return False
+    drawn = hopt.loop.drawn
+    if hopt.process_group is not None:  # any rank's (uneven accumulation): all skip together
+        flag = torch.tensor([float(drawn)], dtype=torch.float32, device=hopt.view.device)
+        drawn = float(distributed.mean_over_ranks([flag], hopt.process_group)[0]) > 0.0
+    if not drawn:
         return False
     return skip(
         hopt,
