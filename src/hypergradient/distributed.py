@@ -166,8 +166,9 @@ def guarded(
 def _fingerprint(values: Sequence[Tensor], device: torch.device) -> Tensor:
     """Six float64 numbers that differ, in practice, when ``values`` differ.
 
-    Leaf count, total size, and per-leaf size, sum, sum of squares and position-weighted
-    sum, each summed with the leaf's index as weight (so swapping leaves changes it).
+    Leaf count, total size, and per-leaf size (with a dtype code), sum, sum of squares and
+    position-weighted sum, each summed with the leaf's index as weight (so swapping leaves
+    changes it).
     Non-finite entries map to fixed sentinels, so equal NaNs compare equal.
     """
     fp = torch.zeros(_WIDTH, dtype=torch.float64, device=device)
@@ -176,11 +177,20 @@ def _fingerprint(values: Sequence[Tensor], device: torch.device) -> Tensor:
         x = v.detach().to(device=device, dtype=torch.float64).reshape(-1)
         w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=device)
         fp[1] += x.numel()
-        fp[2] += i * x.numel()
+        fp[2] += i * (x.numel() + _dtype_code(v.dtype) * 2.0**40)  # exact below 2^53
         fp[3] += i * x.sum()
         fp[4] += i * (x * x).sum()
         fp[5] += i * (w * x).sum()
     return torch.nan_to_num(fp, nan=1.0e300, posinf=1.1e300, neginf=-1.1e300)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    """A small integer per dtype, the same in every process (a float32 leaf on one rank and
+    a float64 one on another holding the same values are different structures)."""
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else len(_DTYPES) + 1
+
+
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _tensor_digest(t: Tensor) -> str:
@@ -235,7 +245,7 @@ def _verdict(names: list[str], hi: Tensor, lo: Tensor) -> None:
         if not torch.equal(hi[i, :3], lo[i, :3]):
             raise ValueError(
                 f"{name} have different structures on different ranks; every rank must pass "
-                "the same structure and shapes."
+                "the same structure, shapes and dtypes."
             )
         if not torch.equal(hi[i], lo[i]):
             raise ValueError(

@@ -55,14 +55,17 @@ def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
     }
 
 
-def check_ranks(hopt: HyperOptimizer) -> None:
+def check_ranks(hopt: HyperOptimizer, decisions: Any = None) -> None:
     """Raise ``ValueError`` on every rank if the hyperparameters or the
     :func:`configuration` differ between the ranks of ``hopt.process_group`` (nothing
-    without a group). One collective (an all-reduce of a few numbers)."""
+    without a group). One collective (an all-reduce of a few numbers). ``decisions``:
+    plain data every rank must also agree on (the hyper-step's local skip decisions)."""
     group = hopt.process_group
     if group is None:
         return
     hparams, config = hopt.raw_hparams(), configuration(hopt)
+    if decisions is not None:
+        config["decisions"] = decisions
     distributed.check_consistent(hparams, group, "the hyperparameters", config=config)
 
 

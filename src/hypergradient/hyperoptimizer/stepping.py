@@ -201,6 +201,8 @@ def forked_rng(device: torch.device) -> Any:
 
 def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     started = time.perf_counter()
+    if hopt.process_group is not None:  # first: every rank takes the skip decisions below
+        check_ranks(hopt, local_decisions(hopt))
     if diverged(hopt, saved) or settings_changed(hopt, saved) or zero_rate(hopt, saved):
         return
     if accumulated_draws(hopt, saved):
@@ -208,7 +210,6 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()
     val_batch = hopt.val_sampler.next()
-    check_ranks(hopt)
     hp, guard = hopt.hyperparameters, hopt.guard
     holdout = math.nan
     if guard is not None:
@@ -238,16 +239,36 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     saved.commit()
 
 
-def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
-    """Skip (with a warning) the hyper-step of a step taken at learning rate 0 (a linear
-    warm-up's first step, a decay's last) when the method needs that rate: T1T2
-    differentiates that step, IFT's default Neumann series steps with it."""
+def local_decisions(hopt: HyperOptimizer) -> dict[str, Any]:
+    """What the skip checks before the method decide from this rank's own state (checked
+    equal on every rank before any of them acts: a rank skipping alone would leave the
+    others waiting in the method's collectives, or feed them DDP's next all-reduce).
+    :func:`accumulated_draws` instead skips on every rank when any rank's step drew."""
+    found = divergence.diagnose(hopt.loop.norms, ())
+    window = hopt.loop.window
+    return {
+        "diverged": None if found is None else found[0],
+        "settings_changed": None if window is None else window.changed,
+        "zero_rate": at_zero_rate(hopt),
+    }
+
+
+def at_zero_rate(hopt: HyperOptimizer) -> bool:
+    """The step was taken at learning rate 0 and the method needs that rate."""
     method = hopt.method
     needs = isinstance(method, T1T2) or (
         isinstance(method, IFT) and method.default and method.alpha is None
     )
-    if not needs or inner_lr(hopt.inner_optimizer, hopt.view.params, method, hopt.loop.lrs):
+    return needs and not inner_lr(hopt.inner_optimizer, hopt.view.params, method, hopt.loop.lrs)
+
+
+def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
+    """Skip (with a warning) the hyper-step of a step taken at learning rate 0 (a linear
+    warm-up's first step, a decay's last) when the method needs that rate: T1T2
+    differentiates that step, IFT's default Neumann series steps with it."""
+    if not at_zero_rate(hopt):
         return False
+    method = hopt.method
     return skip(
         hopt,
         saved,
@@ -294,7 +315,13 @@ def accumulated_draws(hopt: HyperOptimizer, saved: Transaction) -> bool:
     over several ``train_loss`` calls that drew random numbers (dropout): T1T2 replays one
     forward pass of the step's batch, with one set of masks (the hypergradient of a step
     not taken: 1.39 relative error on a probe)."""
-    if not (hopt.loop.drawn and isinstance(hopt.method, T1T2)):
+    if not isinstance(hopt.method, T1T2):
+        return False
+    drawn = hopt.loop.drawn
+    if hopt.process_group is not None:  # any rank's (uneven accumulation): all skip together
+        flag = torch.tensor([float(drawn)], dtype=torch.float32, device=hopt.view.device)
+        drawn = float(distributed.mean_over_ranks([flag], hopt.process_group)[0]) > 0.0
+    if not drawn:
         return False
     return skip(
         hopt,
