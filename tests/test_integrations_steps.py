@@ -22,13 +22,15 @@ METHODS = {
 
 
 def external(hopt, steps):
-    """The loop of a framework that owns the optimizer step."""
+    """The loop of a framework that owns the optimizer step (and hands the step's loss to
+    the divergence watch, as ``hopt.train_loss`` does for ``step``)."""
     for batch in steps:
         hopt.begin_step()
         hopt.inner_optimizer.zero_grad()
-        hopt.train_loss_fn(hopt.view.loop_model(), hopt.hparams, batch).backward()
+        loss = hopt.train_loss_fn(hopt.view.loop_model(), hopt.hparams, batch)
+        loss.backward()
         hopt.inner_optimizer.step()
-        hopt.end_step(batch)
+        hopt.end_step(batch, loss=loss)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
