@@ -23,7 +23,12 @@ class Exact(Solver):
     whose Hessian rows are zero, get zero instead of NaN); others by LU, falling back to the
     minimum-norm least-squares solution (SVD pseudo-inverse cut at ``rcond * max sigma``)
     when ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||``
-    in float64 (non-zero when ``b`` has a part outside the range of a singular ``A``).
+    in float64 (non-zero when ``b`` has a part outside the range of a singular ``A``). For a
+    symmetric operator the eigendecomposition also tells where the point is:
+    ``stats["lambda_min"]`` and ``stats["negative_eigenvalues"]`` (below ``-rcond *
+    max|lambda|``). The solve is exact either way; at a saddle (an indefinite Hessian) the
+    implicit derivative is that of the stationary point, which training does not stay at,
+    where the iterative solvers report ``negative_curvature``.
 
     Args:
         max_size: refuse operators larger than this (the matrix has ``n^2`` entries).
@@ -56,29 +61,36 @@ class Exact(Solver):
         )
         work = torch.float64 if A.device.type != "mps" else A.dtype
         A64, b64 = A.to(work), b.to(work)
-        x64 = _dense_solve(A64, b64, op.symmetric, self.rcond)
+        x64, evals = _dense_solve(A64, b64, op.symmetric, self.rcond)
         residual = float(torch.linalg.vector_norm(b64 - A64 @ x64))
         stats: dict[str, Any] = {"matrix": A}
+        if evals is not None:
+            cut = self.rcond * float(evals.abs().max())
+            stats["lambda_min"] = float(evals[0])
+            stats["negative_eigenvalues"] = int((evals < -cut).sum())
         x = x64.to(b.dtype)
         require_finite_solution(x)
         return Solution(x, op.num_matvecs - start, residual, True, Status.EXACT, 1, stats)
 
 
-def _dense_solve(A: Tensor, b: Tensor, symmetric: bool, rcond: float) -> Tensor:
-    """``A^+ b`` by eigendecomposition (symmetric) or LU with a least-squares fallback."""
+def _dense_solve(
+    A: Tensor, b: Tensor, symmetric: bool, rcond: float
+) -> tuple[Tensor, Tensor | None]:
+    """``A^+ b`` by eigendecomposition (symmetric: with the ascending eigenvalues) or LU
+    with a least-squares fallback (eigenvalues None)."""
     if symmetric:
         A = 0.5 * (A + A.T)
         evals, evecs = torch.linalg.eigh(A)
         cut = rcond * evals.abs().max().clamp_min(torch.finfo(A.dtype).tiny)
         inv = torch.where(evals.abs() > cut, 1.0 / evals, torch.zeros_like(evals))
-        return evecs @ (inv * (evecs.T @ b))
+        return evecs @ (inv * (evecs.T @ b)), evals
     try:
         x = torch.linalg.solve(A, b)
         if _vocab.is_finite(x):
-            return x
+            return x, None
     except RuntimeError:  # singular (torch.linalg.LinAlgError)
         pass
     # Minimum-norm least squares through the SVD: ``torch.linalg.lstsq``'s default driver
     # returns zeros on rank-deficient input on some builds, and CUDA offers only "gels",
     # which needs full rank.
-    return torch.linalg.pinv(A, rtol=rcond) @ b
+    return torch.linalg.pinv(A, rtol=rcond) @ b, None
