@@ -45,6 +45,7 @@ from .operators import LinearOperator
 __all__ = [
     "AveragedOperator",
     "all_reduce_mean",
+    "any_rank",
     "check_consistent",
     "config_fingerprint",
     "group_size",
@@ -111,6 +112,15 @@ def mean_over_ranks(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
         return tensors
     flat = all_reduce_mean(_pack(tensors, tensors[0].device), group)
     return _unpack(flat, tensors)
+
+
+def any_rank(flag: bool, group: Any, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank of ``group`` (one all-reduce; ``flag`` itself
+    without a group), so that every rank takes the same decision."""
+    if group is None:
+        return flag
+    mean = mean_over_ranks([torch.tensor([float(flag)], device=device)], group)[0]
+    return float(mean) > 0.0
 
 
 def _raise_if_failed(failures: float, error: BaseException | None, what: str) -> None:

@@ -293,10 +293,7 @@ def replay_off(hopt: HyperOptimizer, error: float | None, saved: Transaction) ->
     if error is None:
         return False
     off = not error <= REPLAY_SKIP  # NaN included
-    if hopt.process_group is not None:
-        flag = torch.tensor([float(off)], dtype=torch.float32, device=hopt.view.device)
-        off = float(distributed.mean_over_ranks([flag], hopt.process_group)[0]) > 0.0
-    if not off:
+    if not distributed.any_rank(off, hopt.process_group, hopt.view.device):
         return False
     return skip(
         hopt,
@@ -317,11 +314,8 @@ def accumulated_draws(hopt: HyperOptimizer, saved: Transaction) -> bool:
     not taken: 1.39 relative error on a probe)."""
     if not isinstance(hopt.method, T1T2):
         return False
-    drawn = hopt.loop.drawn
-    if hopt.process_group is not None:  # any rank's (uneven accumulation): all skip together
-        flag = torch.tensor([float(drawn)], dtype=torch.float32, device=hopt.view.device)
-        drawn = float(distributed.mean_over_ranks([flag], hopt.process_group)[0]) > 0.0
-    if not drawn:
+    # any rank's (uneven accumulation): all skip together
+    if not distributed.any_rank(hopt.loop.drawn, hopt.process_group, hopt.view.device):
         return False
     return skip(
         hopt,

@@ -264,15 +264,16 @@ class GradientTangents:
         return {"hvp": self.mode, "hvp_fallback": self.fallback}
 
 
-def _shapes(obj: Any) -> Any:
+def _shapes(obj: Any, seen: list[Tensor]) -> Any:
     """Shapes, dtypes and devices of the tensors of a batch (tuples, lists, dicts), the
-    type's name for anything else."""
+    type's name for anything else; the tensors met are appended to ``seen``."""
     if isinstance(obj, Tensor):
+        seen.append(obj)
         return (tuple(obj.shape), obj.dtype, obj.device)
     if isinstance(obj, dict):
-        return tuple((k, _shapes(v)) for k, v in obj.items())
+        return tuple((k, _shapes(v, seen)) for k, v in obj.items())
     if isinstance(obj, (tuple, list)):
-        return tuple(_shapes(v) for v in obj)
+        return tuple(_shapes(v, seen) for v in obj)
     return type(obj).__name__
 
 
@@ -280,16 +281,9 @@ def batching_key(run: Run) -> Any:
     """What a batched pass's check holds for: the leaves' and the window's batches' shapes
     (torch's wrong ``group_norm`` batching rule depends on the activations' shapes); None
     when no batch holds a tensor (data inside the losses: nothing tells a new shape)."""
-    batches = frozenset(_shapes(b) for b in run.batches)
-    if not any(isinstance(b, Tensor) for b in _tree_tensors(run.batches)):
+    seen: list[Tensor] = []
+    batches = frozenset(_shapes(b, seen) for b in run.batches)
+    if not seen:
         return None
     leaves = tuple((tuple(x.shape), x.dtype) for x in (*run.p0, *run.h))
     return leaves, batches
-
-
-def _tree_tensors(obj: Any) -> list[Any]:
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tree_tensors(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tree_tensors(v)]
-    return [obj] if isinstance(obj, Tensor) else []
