@@ -125,6 +125,49 @@ def load_hparams(hparams: Mapping[str, Tensor | Constraint], state: Any) -> None
     HyperParameters(hparams, device=device).load_state_dict(state)
 
 
+def load_tuned(
+    module: Any,
+    checkpoint: Mapping[str, Any],
+    hparams: Mapping[str, Tensor | Constraint] | None = None,
+) -> None:
+    """Write the hyperparameters a ``HypergradientCallback`` tuned, as a Trainer checkpoint
+    saved them, into ``module``'s (``hyperparameters_to_tune()``, or ``hparams``).
+
+    ``LightningModule.load_from_checkpoint`` restores the weights only: the tuned values are
+    the callback's state, so a module loaded without the callback holds its initial
+    hyperparameters (for a model hyperparameter, a gate or a temperature, predictions with
+    the tuned weights and the untuned values). Call it from the module's hook::
+
+        def on_load_checkpoint(self, checkpoint):
+            load_tuned(self, checkpoint)
+
+    (``Trainer.validate/test/predict(ckpt_path=...)`` with the callback attached, and
+    ``Trainer.fit(ckpt_path=...)``, restore them already; writing the same values twice is
+    harmless.)
+
+    Raises:
+        ValueError: the checkpoint holds no hyperparameters of a ``HypergradientCallback``
+            (saved before its first training step, or without it), more than one, or they
+            do not match the module's (names, shapes, dtypes, domains); nothing changes.
+    """
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+    found = [
+        (key, state["hopt"]["hparams"])
+        for key, state in (callbacks.items() if isinstance(callbacks, Mapping) else ())
+        if isinstance(state, Mapping)
+        and isinstance(state.get("hopt"), Mapping)
+        and "hparams" in state["hopt"]
+    ]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({[k for k, _ in found]})"
+        raise ValueError(
+            f"The checkpoint holds {what} HypergradientCallback hyperparameters; pass the "
+            "dict a Trainer saved with the callback attached after a training step (as "
+            "on_load_checkpoint(checkpoint) receives it)."
+        )
+    load_hparams(declared(module) if hparams is None else hparams, found[0][1])
+
+
 def converting(loss: Any, convert: Any) -> Any:
     """``loss`` on ``convert(batch)``: the validation and holdout batches in the precision
     the Trainer gives ``training_step`` (``precision="64-true"`` converts float32 data to

@@ -45,6 +45,7 @@ to the module's device at the start of fitting.
 samplers, history, holdout guard, trajectory window) is saved in the Trainer's checkpoint
 under ``checkpoint["callbacks"]["HypergradientCallback"]``; ``Trainer.fit(ckpt_path=...)``
 resumes it (under DDP every rank loads rank 0's; uneven shards redraw their own samplers).
+``load_from_checkpoint`` restores the weights only: :func:`load_tuned` reads the values back.
 
 **Logging.** After each hyper-step, to every logger of the Trainer (``logger.log_metrics``,
 at the x Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
@@ -107,6 +108,7 @@ from ._lightning_checks import (
     converting,
     declared,
     load_hparams,
+    load_tuned,
     log_record,
     redraw_samplers,
     shard,
@@ -116,7 +118,7 @@ from ._lightning_checks import (
     weighted,
 )
 
-__all__ = ["HypergradientCallback", "tuned_values"]
+__all__ = ["HypergradientCallback", "load_tuned", "tuned_values"]
 
 LossFn = Callable[[Any, dict[str, Tensor], Any], Tensor]
 OuterFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
