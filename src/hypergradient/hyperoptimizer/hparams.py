@@ -315,7 +315,7 @@ class HyperParameters:
                 v.copy_(snapshot[k])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"raw": self.snapshot(), "kinds": kinds(self.constraints)}
+        return {"raw": self.snapshot(), "kinds": kinds(self.constraints), "links": dict(self.links)}
 
     def check_state(self, state: Any) -> None:
         """Raise ``ValueError`` if ``state`` cannot be loaded exactly (nothing is changed)."""
@@ -326,7 +326,7 @@ class HyperParameters:
                 f"The checkpoint's hyperparameters {got} differ from this hyper-optimizer's "
                 f"{sorted(self.raw)}."
             )
-        _check_kinds(state.get("kinds"), self.constraints)
+        _check_kinds(state, self.constraints, self.links)
         for k, leaf in self.raw.items():
             v = saved[k]
             if not isinstance(v, Tensor) or v.shape != leaf.shape or v.dtype != leaf.dtype:
@@ -357,11 +357,16 @@ def kinds(constraints: Mapping[str, Constraint]) -> dict[str, str]:
     return out
 
 
-def _check_kinds(saved: Any, constraints: Mapping[str, Constraint]) -> None:
-    """``ValueError`` if the checkpoint's constraints are not these: its raw values would
-    mean other values (``log 0.2`` of a ``Positive`` read as an unconstrained -1.6).
-    Checkpoints from before this entry (``None``) are not checked."""
-    if saved is None:
+def _check_kinds(state: Any, constraints: Mapping[str, Constraint], links: Any) -> None:
+    """``ValueError`` if the checkpoint's constraints are not these (``log 0.2`` of a
+    ``Positive`` read as an unconstrained -1.6) or its links not ``links`` (a value the
+    optimizer no longer reads would be tuned); an entry older checkpoints lack: unchecked."""
+    if (saved_links := state.get("links")) is not None and saved_links != links:
+        raise ValueError(
+            f"The checkpoint links optimizer settings {saved_links} (optimizer_hparams), this "
+            f"hyper-optimizer {links}; resume with the same links."
+        )
+    if (saved := state.get("kinds")) is None:
         return
     here = kinds(constraints)
     if not isinstance(saved, Mapping) or set(saved) != set(here):

@@ -122,6 +122,8 @@ def load_hparams(hparams: Mapping[str, Tensor | Constraint], state: Any) -> None
     mismatch raises ``ValueError`` and changes nothing)."""
     first = next(iter(hparams.values()))
     device = first.raw.device if isinstance(first, Constraint) else first.device
+    if isinstance(state, Mapping):  # the values only: the hyper-optimizer checks its links
+        state = {k: v for k, v in state.items() if k != "links"}
     HyperParameters(hparams, device=device).load_state_dict(state)
 
 
