@@ -85,8 +85,9 @@ def core_reference(model, hyper, solver):
         (T1T2, {}, lambda: hg.Identity(0.5)),
         (Neumann, {"num_terms": 5}, lambda: hg.Neumann(maxiter=5, alpha=0.5)),
         (HOAG, {"epsilon": 1e-20, "cg_max_iter": 7}, lambda: hg.CG(maxiter=7, tol=0.0)),
+        (HOAG, {"epsilon": 0.0, "cg_max_iter": 7}, lambda: hg.CG(maxiter=7, tol=0.0)),
     ],
-    ids=["t1t2", "neumann", "hoag"],
+    ids=["t1t2", "neumann", "hoag", "hoag-epsilon-0"],
 )
 def test_hypergradients_match_the_core(cls, kw, solver, device):
     model, hyper, _, criterion, hopt = setup(cls, device, **kw)

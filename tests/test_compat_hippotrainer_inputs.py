@@ -100,7 +100,7 @@ def test_hyper_lr_scalars_and_tensors_as_upstream_allows():
         (T1T2, {"inner_steps": 0}, "inner_steps"),
         (T1T2, {"inner_steps": 1.5}, "inner_steps"),
         (Neumann, {"num_terms": 0}, "num_terms"),
-        (HOAG, {"epsilon": 0.0}, "epsilon"),
+        (HOAG, {"epsilon": -1e-8}, "epsilon"),
         (HOAG, {"cg_max_iter": 0}, "cg_max_iter"),
         (DRMAD, {"T": 0}, "T"),
         (DRMAD, {"weight_decay": -1.0}, "weight_decay"),

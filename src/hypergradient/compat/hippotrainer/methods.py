@@ -253,7 +253,8 @@ class HOAG(_Implicit):
     warm-started from the previous hyper-step's solution (HippoTrainer starts from zero).
 
     Args:
-        epsilon: tolerance on the squared residual norm (> 0).
+        epsilon: tolerance on the squared residual norm (>= 0; 0 spends all ``cg_max_iter``
+            products unless the residual reaches rounding level, as HippoTrainer's loop).
         cg_max_iter: maximum number of CG iterations (>= 1).
         *args, **kwargs: those of :class:`HyperOptimizer`.
     """
@@ -261,7 +262,7 @@ class HOAG(_Implicit):
     _hooks = ("hyper_grad", "conjugate_gradient", "hessian_vector_product")
 
     def __init__(self, *args: Any, epsilon: float = 1e-4, cg_max_iter: int = 10, **kwargs: Any):
-        self.epsilon = as_float(epsilon, "epsilon", min=0.0, open_min=True)
+        self.epsilon = as_float(epsilon, "epsilon", min=0.0)
         self.cg_max_iter = as_int(cg_max_iter, "cg_max_iter", min=1)
         self._x: Tensor | None = None
         super().__init__(*args, **kwargs)
