@@ -75,6 +75,7 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
     Returns:
         ``{name: float}``, in a stable order.
     """
+    scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
     out = {"loss/val": float(record.val_loss)}
     if not math.isnan(record.holdout_loss):
         out["loss/holdout"] = float(record.holdout_loss)
@@ -106,8 +107,8 @@ class TensorBoardLogger:
     Args:
         log_dir: the run's directory (``SummaryWriter(log_dir)``; None: ``runs/<date>``).
         writer: an existing ``SummaryWriter`` to write into instead (not closed by
-            :meth:`close`).
-        prefix: prepended to every tag (``"hypergradient/loss/val"``).
+            :meth:`close`; not with ``log_dir``).
+        prefix: prepended to every tag (``"hypergradient/loss/val"``; ``""``: none).
         scalar_limit: see :func:`record_scalars`.
         histograms: also write histograms of the values and hypergradients of the
             hyperparameters larger than ``scalar_limit``.
@@ -135,7 +136,12 @@ class TensorBoardLogger:
         self.histograms = as_bool(histograms, "histograms")
         if not isinstance(prefix, str):
             raise ArgumentTypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
-        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        if writer is not None and log_dir is not None:
+            raise ValueError(
+                "Pass `log_dir` or `writer`, not both: the writer writes into its own "
+                f"directory ({getattr(writer, 'log_dir', '?')}), not into {str(log_dir)!r}."
+            )
+        self.prefix = prefix.rstrip("/") + "/" if prefix.rstrip("/") else ""
         self.owns_writer = writer is None
         if writer is None:
             try:

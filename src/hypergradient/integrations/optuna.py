@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import optuna
@@ -52,6 +52,7 @@ from .._vocab import (
     as_bool,
     as_int,
     as_optional_int,
+    as_real,
 )
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from .optuna_polish import REFINED_FROM, Polisher, add_refined_trial
@@ -152,7 +153,7 @@ class TrialReporter:
         Raises:
             optuna.TrialPruned: the study's pruner stops this trial.
         """
-        value = float(value)
+        value = as_real(value, "value", " Report a float (a loss) or a 0-d tensor.")
         step = self.steps if step is None else as_int(step, "step", min=0)
         best = math.isfinite(value) and self.sign * value < self.sign * self.best_value
         copies = {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
@@ -255,8 +256,9 @@ def refine(
     Raises:
         optuna.TrialPruned: pruned, diverged, or no finite value.
         ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``.
-        ValueError: no ``score`` is given and the study maximizes (losses are reported) or
-            ``hopt`` keeps no history (``history_size=0``).
+        ValueError: no ``score`` is given and the study maximizes (losses are reported),
+            ``hopt`` keeps no history (``history_size=0``), or ``epochs`` passes over
+            ``data`` end before its next hyper-step (nothing would be reported).
     """
     epochs = _check_refine(hopt, data, epochs, score is None)
     reporter = TrialReporter(trial, prune=prune)
@@ -284,7 +286,7 @@ def _score(hopt: HyperOptimizer, score: Callable[[], float]) -> float:
     module = hopt.view.module
     modes = [] if module is None else [(m, m.training) for m in module.modules()]
     try:
-        return float(score())
+        return as_real(score(), "score()", " `score` must return the number to report.")
     finally:
         for m, training in modes:
             m.training = training
@@ -320,7 +322,25 @@ def _check_refine(hopt: Any, data: Any, epochs: Any, from_history: bool) -> int:
             "hyper-optimizer keeps none (history_size=0); build it with history_size >= 1 "
             "or pass score=...."
         )
+    if from_history and _no_hyper_step(hopt, data, epochs):
+        raise ValueError(
+            f"refine reports each hyper-step, but the hyper-optimizer would take none over "
+            f"{epochs} epoch(s) of `data` (inner_steps={hopt.inner_steps}, after "
+            f"{hopt.loop.count} steps; stopped by its holdout guard: {hopt.stopped}): every "
+            f"trial would be pruned. Pass more `data` or `epochs`, or score=...."
+        )
     return epochs
+
+
+def _no_hyper_step(hopt: HyperOptimizer, data: Any, epochs: int) -> bool:
+    """Whether ``epochs`` passes over ``data`` surely end before the next hyper-step (its
+    holdout guard stopped them, or there are too few batches; unknown length: False)."""
+    try:
+        batches = epochs * len(data) if isinstance(data, Sized) else None
+    except TypeError:  # a DataLoader over an IterableDataset
+        batches = None
+    needed = hopt.inner_steps - hopt.loop.count % hopt.inner_steps
+    return hopt.stopped or (batches is not None and batches < needed)
 
 
 def _progress(data: Iterable[Any], desc: str) -> Iterable[Any]:
