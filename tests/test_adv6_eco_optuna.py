@@ -73,6 +73,16 @@ def test_values_that_are_not_numbers_are_refused_naming_them():
     _, hopt = build(inner_steps=2)
     with pytest.raises(hg.ArgumentTypeError, match=r"`score\(\)`.*NoneType"):
         refine(study.ask(), hopt, batches(2), score=lambda: None)
+    # hopt.raw_hparams() (a list) for hparams: AttributeError: 'list' has no 'items'
+    with pytest.raises(hg.ArgumentTypeError, match="`hparams` must map names"):
+        reporter.report(0.125, hopt.raw_hparams())
+    assert reporter.best_value == 0.25 and reporter.steps == 2
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    study.tell(trial, 1.0)
+    with pytest.raises(hg.ArgumentTypeError, match="`params` must map names"):
+        add_refined_trial(study, [0.5], 0.25, study.trials[-1])  # was: "names [0.5]"
+    assert len(study.trials) == 3  # the reporter's, the refine's, this one
 
 
 def _quadratic():

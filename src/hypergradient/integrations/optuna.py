@@ -155,6 +155,10 @@ class TrialReporter:
         """
         value = as_real(value, "value", " Report a float (a loss) or a 0-d tensor.")
         step = self.steps if step is None else as_int(step, "step", min=0)
+        if hparams is not None and not isinstance(hparams, Mapping):
+            raise ArgumentTypeError(
+                f"`hparams` must map names to values (hopt.hparams), got {type(hparams).__name__}."
+            )
         best = math.isfinite(value) and self.sign * value < self.sign * self.best_value
         copies = {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
         self.steps += 1

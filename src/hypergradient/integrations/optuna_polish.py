@@ -233,6 +233,8 @@ def add_refined_trial(
         ValueError: a name ``source`` did not suggest, or a non-finite value (or
             numeric parameter); raised before the study changes.
     """
+    if not isinstance(params, Mapping):
+        raise ArgumentTypeError(f"`params` must map names to values, got {type(params).__name__}.")
     dists = dict(source.distributions)
     unknown = sorted(set(params) - set(dists))
     if unknown:
