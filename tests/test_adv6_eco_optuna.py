@@ -172,3 +172,17 @@ def test_refined_values_survive_a_study_reloaded_from_storage(tmp_path):
     got = refined_hparams(again)
     assert got["p"].shape == (2, 2) and got["lr"].item() == 0.1
     assert torch.equal(got["p"].nan_to_num(7.0), values.nan_to_num(7.0))
+
+
+def test_a_report_the_trial_refuses_changes_nothing():
+    """After ``study.tell``, Optuna refuses the report (UpdateFinishedTrialError), but the
+    reporter had already taken the value as its best and counted the step."""
+    study = optuna.create_study()
+    trial = study.ask()
+    reporter = TrialReporter(trial)
+    reporter.report(0.5, {"p": torch.ones(1, dtype=DT)})
+    study.tell(trial, reporter.finish())
+    with pytest.raises(RuntimeError, match="already finished"):
+        reporter.report(0.125, {"p": torch.zeros(1, dtype=DT)})
+    assert reporter.best_value == 0.5 and reporter.steps == 1 and reporter.best_step == 0
+    assert torch.equal(reporter.best_hparams["p"], torch.ones(1, dtype=DT))

@@ -152,6 +152,8 @@ class TrialReporter:
 
         Raises:
             optuna.TrialPruned: the study's pruner stops this trial.
+            ArgumentTypeError: ``value`` is not a number, ``hparams`` not a mapping or one of
+                its values neither a tensor nor a number (raised before any change).
         """
         value = as_real(value, "value", " Report a float (a loss) or a 0-d tensor.")
         step = self.steps if step is None else as_int(step, "step", min=0)
@@ -161,6 +163,8 @@ class TrialReporter:
             )
         best = math.isfinite(value) and self.sign * value < self.sign * self.best_value
         copies = {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
+        if self.reports and math.isfinite(value):  # first: a finished trial refuses it
+            self.trial.report(value, step)
         self.steps += 1
         if not math.isfinite(value):
             return
@@ -169,7 +173,6 @@ class TrialReporter:
             self.best_hparams = copies  # None: unknown (not the previous best's values)
         if not self.reports:
             return
-        self.trial.report(value, step)
         judged = self.prune_until is None or step <= self.prune_until
         if self.prune and judged and self.trial.should_prune():
             self._write()
@@ -259,7 +262,8 @@ def refine(
 
     Raises:
         optuna.TrialPruned: pruned, diverged, or no finite value.
-        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``.
+        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``, or
+            ``score()`` returned something that is not a number.
         ValueError: no ``score`` is given and the study maximizes (losses are reported),
             ``hopt`` keeps no history (``history_size=0``), or ``epochs`` passes over
             ``data`` end before its next hyper-step (nothing would be reported).
