@@ -53,6 +53,10 @@ def test_refine_refuses_a_run_that_never_reaches_a_hyper_step():
     with pytest.raises(ValueError, match="holdout guard: True"):
         refine(study.ask(), guarded, batches(20))
     assert guarded.loop.count == count
+    # a generator has no length: the run is checked after it
+    _, hopt = build(inner_steps=10)
+    with pytest.raises(ValueError, match="no hyper-step was due.*inner_steps=10, 4 steps"):
+        refine(study.ask(), hopt, (b for b in batches(4)))
     # with a score, the epochs are reported whatever the hyper-steps
     assert refine(study.ask(), guarded, batches(2), score=lambda: 0.5) == 0.5
 

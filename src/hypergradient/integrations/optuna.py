@@ -157,12 +157,8 @@ class TrialReporter:
         """
         value = as_real(value, "value", " Report a float (a loss) or a 0-d tensor.")
         step = self.steps if step is None else as_int(step, "step", min=0)
-        if hparams is not None and not isinstance(hparams, Mapping):
-            raise ArgumentTypeError(
-                f"`hparams` must map names to values (hopt.hparams), got {type(hparams).__name__}."
-            )
         best = math.isfinite(value) and self.sign * value < self.sign * self.best_value
-        copies = {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
+        copies = _copies(hparams, best)
         if self.reports and math.isfinite(value):  # first: a finished trial refuses it
             self.trial.report(value, step)
         self.steps += 1
@@ -204,6 +200,15 @@ class TrialReporter:
         if not math.isfinite(self.best_value):
             raise optuna.TrialPruned("no finite value was reported")
         return self.best_value
+
+
+def _copies(hparams: Any, best: bool) -> dict[str, Tensor] | None:
+    """Copies of the reported hyperparameters when the value is the best (else None)."""
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise ArgumentTypeError(
+            f"`hparams` must map names to values (hopt.hparams), got {type(hparams).__name__}."
+        )
+    return {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
 
 
 def _copy(value: Any, name: str) -> Tensor:
@@ -266,7 +271,8 @@ def refine(
             ``score()`` returned something that is not a number.
         ValueError: no ``score`` is given and the study maximizes (losses are reported),
             ``hopt`` keeps no history (``history_size=0``), or ``epochs`` passes over
-            ``data`` end before its next hyper-step (nothing would be reported).
+            ``data`` end before its next hyper-step (nothing would be reported; checked
+            before training when ``data`` has a length, after it otherwise).
     """
     epochs = _check_refine(hopt, data, epochs, score is None)
     reporter = TrialReporter(trial, prune=prune)
@@ -275,6 +281,7 @@ def refine(
             "The study maximizes, but without `score` refine reports validation losses "
             "(lower is better); pass score=... (e.g. an accuracy) or minimize the loss."
         )
+    started = (hopt.hyper_steps, hopt.skipped)
     try:
         for epoch in range(epochs):
             desc = f"trial {trial.number}, epoch {epoch + 1}"
@@ -284,6 +291,12 @@ def refine(
     except NonFiniteHypergradientError as err:  # a sampled setting that does not train
         reporter.finish_pruned()
         raise optuna.TrialPruned(f"the refinement diverged: {err}") from err
+    if score is None and (hopt.hyper_steps, hopt.skipped) == started:  # data of no length
+        raise ValueError(
+            f"refine reports each hyper-step, but no hyper-step was due over `data` "
+            f"(inner_steps={hopt.inner_steps}, {hopt.loop.count} steps so far): pass more "
+            f"`data` or `epochs`, or score=...."
+        )
     return reporter.finish()
 
 
