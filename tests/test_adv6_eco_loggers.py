@@ -31,6 +31,8 @@ def test_a_writer_and_a_log_dir_together_are_refused(tmp_path):
         TensorBoardLogger(tmp_path / "b", writer=writer)
     assert not (tmp_path / "b").exists()
     writer.close()
+    with pytest.raises(hg.ArgumentTypeError, match="`log_dir` must be a directory path"):
+        TensorBoardLogger(0.1)  # made a folder named "0.1"
 
 
 def test_a_prefix_of_slashes_means_no_prefix(tmp_path):

@@ -136,6 +136,10 @@ class TensorBoardLogger:
         self.histograms = as_bool(histograms, "histograms")
         if not isinstance(prefix, str):
             raise ArgumentTypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
+        if log_dir is not None and not isinstance(log_dir, (str, Path)):
+            raise ArgumentTypeError(
+                f"`log_dir` must be a directory path, got {type(log_dir).__name__}."
+            )
         if writer is not None and log_dir is not None:
             raise ValueError(
                 "Pass `log_dir` or `writer`, not both: the writer writes into its own "
