@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hypergradient as hg
-from hypergradient.integrations import CSVLogger, TensorBoardLogger, record_scalars
+from hypergradient.integrations import CSVLogger, ProgressBar, TensorBoardLogger, record_scalars
 from test_hyperoptimizer_support import BCE, DT, VAL, batches, build, mlp, run, weights
 
 
@@ -130,3 +130,14 @@ def test_odd_names_and_a_resumed_run_write_every_record_exactly(tmp_path):
                 assert got == torch.tensor(value, dtype=torch.float32).item(), name
     assert "hparams/sc\nal/7" in rows[0] and "hparams/big/norm" in rows[0]
     assert float(rows[-1]["hparams/λ décay"]) == float(records[-1].hparams["λ décay"])
+
+
+def test_progress_bar_checks_its_total():
+    """total="3" failed inside tqdm (TypeError: can only concatenate str (not "float") to
+    str); 2.5, -1 and True were taken."""
+    for bad in ("3", 2.5, True):
+        with pytest.raises(hg.ArgumentTypeError, match="`total`"):
+            ProgressBar(total=bad, disable=True)
+    with pytest.raises(ValueError, match="`total` must be an integer >= 0"):
+        ProgressBar(total=-1, disable=True)
+    assert ProgressBar(total=None, disable=True).bar.total is None

@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_bool, as_int
+from .._vocab import ArgumentTypeError, as_bool, as_int, as_optional_int
 from ..hyperoptimizer import HyperStepRecord
 
 __all__ = ["CSVLogger", "ProgressBar", "TensorBoardLogger", "record_scalars"]
@@ -279,6 +279,7 @@ class ProgressBar:
             from tqdm.auto import tqdm
         except ImportError as err:  # tqdm is an optional dependency
             raise ImportError("ProgressBar needs tqdm: pip install tqdm.") from err
+        total = as_optional_int(total, "total", min=0)
         self.bar = tqdm(total=total, desc=desc, **tqdm_kwargs)
 
     def log(self, record: HyperStepRecord) -> None:
