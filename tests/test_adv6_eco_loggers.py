@@ -141,3 +141,14 @@ def test_progress_bar_checks_its_total():
     with pytest.raises(ValueError, match="`total` must be an integer >= 0"):
         ProgressBar(total=-1, disable=True)
     assert ProgressBar(total=None, disable=True).bar.total is None
+
+
+def test_every_logger_can_be_closed_and_used_as_a_context_manager(tmp_path):
+    """CSVLogger had no close() (AttributeError in code closing all its loggers) and no
+    ``with`` form, unlike TensorBoardLogger and ProgressBar."""
+    with CSVLogger(tmp_path / "run.csv") as log:
+        _, hopt = build(inner_steps=2, logger=log)
+        run(hopt, batches(4))
+    log.close()
+    rows = log.rows()
+    assert [float(r["loss/val"]) for r in rows] == [r.val_loss for r in hopt.history]

@@ -264,6 +264,16 @@ class CSVLogger:
         with self.path.open(newline="") as f:
             return list(csv.DictReader(f))
 
+    def close(self) -> None:
+        """Nothing to release (each row is written and the file closed at once); for code
+        that closes every logger, and ``with CSVLogger(path) as log:``."""
+
+    def __enter__(self) -> CSVLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class ProgressBar:
     """A ``tqdm`` progress bar over hyper-steps, showing the latest losses.
