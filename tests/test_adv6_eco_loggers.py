@@ -152,3 +152,27 @@ def test_every_logger_can_be_closed_and_used_as_a_context_manager(tmp_path):
     log.close()
     rows = log.rows()
     assert [float(r["loss/val"]) for r in rows] == [r.val_loss for r in hopt.history]
+
+
+def test_loggers_sharing_a_file_keep_every_row_under_its_columns(tmp_path):
+    """Each CSVLogger trusted the columns it had seen: after a second logger started the
+    file anew, the first appended a header-less row, which the second's first write then
+    dropped (one row of two records left)."""
+    path = tmp_path / "hyper.csv"
+    a = CSVLogger(path)
+    _, ha = build(inner_steps=2, logger=a)
+    run(ha, batches(4))
+    b = CSVLogger(path)  # a new file (append=False): a's two rows are gone, as asked
+    _, hb = build(inner_steps=2, logger=b)
+    run(ha, batches(2))
+    run(hb, batches(2))
+    rows = a.rows()
+    want = [ha.history[-1], hb.history[-1]]
+    assert [(int(r["hyper_step"]), float(r["loss/val"])) for r in rows] == [
+        (r.hyper_step, r.val_loss) for r in want
+    ]
+    for row, record in zip(rows, want):
+        assert all(float(row[k]) == v for k, v in record_scalars(record).items())
+    path.unlink()  # removed while the run goes on: started again with its header
+    run(hb, batches(2))
+    assert [int(r["hyper_step"]) for r in b.rows()] == [2]

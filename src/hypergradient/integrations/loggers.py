@@ -208,7 +208,8 @@ class CSVLogger:
     Columns: ``step``, ``hyper_step``, ``status``, then the names of
     :func:`record_scalars`. A record with a name not seen before (a diagnostic that
     appears later) widens the file: it is rewritten once with the new column, earlier rows
-    empty there.
+    empty there. The file's header is read before each row, so that loggers sharing a file
+    (or a file truncated or removed meanwhile) write rows under the right columns.
 
     Args:
         path: the file (its folder is created).
@@ -225,12 +226,9 @@ class CSVLogger:
         self.scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
         append = as_bool(append, "append")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.columns: list[str] = []
-        if append and self.path.exists() and self.path.stat().st_size:
-            with self.path.open(newline="") as f:
-                self.columns = next(csv.reader(f), [])
-        else:
+        if not append:
             self.path.write_text("")
+        self.columns: list[str] = self._header()
 
     def log(self, record: HyperStepRecord) -> None:
         """Append one row (the sink the hyper-optimizer calls)."""
@@ -238,6 +236,7 @@ class CSVLogger:
         row: dict[str, Any] = {"step": record.step, "hyper_step": record.hyper_step}
         row["status"] = record.info.status.value
         row.update({k: repr(v) for k, v in record_scalars(record, self.scalar_limit).items()})
+        self.columns = self._header()  # the file's: another logger may have changed it
         new = [k for k in row if k not in self.columns]
         if new or not self.columns:
             self._widen(new)
@@ -245,6 +244,14 @@ class CSVLogger:
             csv.DictWriter(f, self.columns, restval="").writerow(row)
 
     __call__ = log
+
+    def _header(self) -> list[str]:
+        """The file's columns (none when it is empty or missing)."""
+        try:
+            with self.path.open(newline="") as f:
+                return next(csv.reader(f), [])
+        except FileNotFoundError:
+            return []
 
     def _widen(self, new: Iterable[str]) -> None:
         rows: list[dict[str, str]] = []
