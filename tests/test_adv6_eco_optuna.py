@@ -190,3 +190,24 @@ def test_a_report_the_trial_refuses_changes_nothing():
         reporter.report(0.125, {"p": torch.zeros(1, dtype=DT)})
     assert reporter.best_value == 0.5 and reporter.steps == 1 and reporter.best_step == 0
     assert torch.equal(reporter.best_hparams["p"], torch.ones(1, dtype=DT))
+
+
+def test_a_start_outside_the_box_is_refused_and_a_rounding_error_is_clamped():
+    """x0 = 2.5 in [-1, 1] was clamped to 1 but kept f(2.5) = 0.25 as the incumbent's value:
+    the polisher reported (1.0, 0.25) where f(1.0) = 4.0 (and every true step was rejected
+    against that value)."""
+    f = lambda x: float(((x - 3.0) ** 2).sum())  # noqa: E731
+    g = lambda x: 2 * (x - 3.0)  # noqa: E731
+    polisher = Polisher(-1.0, 1.0)
+    inside = torch.tensor([0.5], dtype=DT)
+    polisher.start(inside, f(inside), g(inside))
+    for bad in (torch.tensor([2.5], dtype=DT), torch.tensor([math.nan], dtype=DT)):
+        with pytest.raises(ValueError, match="`x` must be a finite point inside the box"):
+            polisher.start(bad, 0.25, g(bad).nan_to_num(1.0))
+    assert torch.equal(polisher.x, inside) and polisher.value == f(inside)  # unchanged
+    # a bound's log computed another way (1 ulp beyond): clamped onto the bound
+    lo = math.log(1e-4)
+    x = torch.tensor([math.nextafter(lo, -math.inf), 0.0], dtype=DT)
+    polisher = Polisher(lo, 1.0)
+    polisher.start(x, f(x), g(x))
+    assert polisher.x[0].item() == lo and polisher.x[1].item() == 0.0

@@ -99,8 +99,15 @@ class Polisher:
         self.accepted = self.rejected = 0
 
     def start(self, x: Tensor, value: float, grad: Tensor) -> None:
-        """Polish from ``x`` (clamped into the box), whose loss is ``value`` and hypergradient
-        ``grad``; forgets the previous incumbent and its curvature pairs."""
+        """Polish from ``x`` (inside the box; a rounding error beyond it is clamped), whose
+        loss is ``value`` and hypergradient ``grad``; forgets the previous incumbent and its
+        curvature pairs.
+
+        Raises:
+            ValueError: ``x`` is not finite or lies outside the box (its ``value`` is not
+                the clamped point's), ``value`` is not finite, or the box is empty;
+                nothing changes.
+        """
         if not isinstance(x, Tensor) or not isinstance(grad, Tensor) or x.shape != grad.shape:
             raise ArgumentTypeError("`x` and `grad` must be tensors of the same shape.")
         if not x.is_floating_point():  # the box and the steps would be rounded to integers
@@ -112,8 +119,16 @@ class Polisher:
         lo, hi = self._bound(self.lower, "lower", x), self._bound(self.upper, "upper", x)
         if not bool((lo < hi).all()):
             raise ValueError("`lower` must be below `upper` everywhere (an empty box).")
+        x = x.detach()
+        moved = (torch.clamp(x, lo, hi) - x).abs()  # rounding (a log of a bound): clamped
+        if not bool(torch.isfinite(x).all()) or bool((moved > 1e-9 * (hi - lo)).any()):
+            raise ValueError(
+                f"`x` must be a finite point inside the box [lower, upper] (off by up to "
+                f"{float(moved.max()):.3g}): `value` and `grad` would be attributed to "
+                f"the clamped point. Start inside the box."
+            )
         self.lo, self.hi = lo, hi
-        self.x = torch.clamp(x.detach(), self.lo, self.hi).clone()
+        self.x = torch.clamp(x, self.lo, self.hi).clone()
         # x's dtype: a float32 hypergradient of a float64 x (Optuna's floats) is common
         self.g, self.value = grad.detach().to(x.dtype).clone(), value
         self.pairs: list[tuple[Tensor, Tensor]] = []
