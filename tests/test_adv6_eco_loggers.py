@@ -176,3 +176,30 @@ def test_loggers_sharing_a_file_keep_every_row_under_its_columns(tmp_path):
     path.unlink()  # removed while the run goes on: started again with its header
     run(hb, batches(2))
     assert [int(r["hyper_step"]) for r in b.rows()] == [2]
+
+
+def test_two_hyperparameters_logged_under_one_name_are_refused(tmp_path):
+    """ "w" (2 elements) writes hparams/w/0 and hparams/w/1, and "w/1" (a scalar) wrote
+    hparams/w/1 over w[1]: the CSV and TensorBoard showed 7.0 for w[1] = 2.0."""
+    model = mlp()
+    log = CSVLogger(tmp_path / "run.csv")
+    hopt = hg.HyperOptimizer(
+        model,
+        {
+            "w": torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True),
+            "w/1": torch.tensor(7.0, dtype=DT, requires_grad=True),
+        },
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+        train_loss=lambda m, h, b: (
+            BCE(m(b[0]).reshape(-1), b[1]) + 1e-3 * (h["w"].sum() + h["w/1"]) * m[0].bias.sum()
+        ),
+        val_loss=lambda m, h, b: BCE(m(b[0]).reshape(-1), b[1]),
+        val_data=VAL,
+        method=hg.IFT(hg.CG(maxiter=3), damping=1.0),
+        inner_steps=2,
+        logger=log,
+    )
+    with pytest.raises(ValueError, match=r"'w' and 'w/1' would both be logged as 'hparams/w/1'"):
+        run(hopt, batches(2))
+    assert log.rows() == [] and hopt.hyper_steps == 0  # the hyper-step was rolled back

@@ -74,6 +74,10 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
 
     Returns:
         ``{name: float}``, in a stable order.
+
+    Raises:
+        ValueError: two hyperparameters would be written under one name (``"w"`` of 2
+            elements and ``"w/1"``).
     """
     scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
     out = {"loss/val": float(record.val_loss)}
@@ -82,22 +86,39 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
     out["hypergrad/norm"] = float(record.hypergrad_norm)
     for name, summary in record.summaries.items():
         out[_hypergrad_key(name)] = float(summary["hypergrad_norm"])
-    for name, summary in record.summaries.items():
-        value = record.hparams.get(name)
-        if value is not None and value.numel() == 1:
-            out[f"hparams/{name}"] = float(value.reshape(()))
-        elif value is not None and value.numel() <= scalar_limit:
-            for i, v in enumerate(value.detach().reshape(-1).tolist()):
-                out[f"hparams/{name}/{i}"] = float(v)
-        else:
-            for stat in ("mean", "min", "max", "norm"):
-                out[f"hparams/{name}/{stat}"] = float(summary[stat])
+    out |= _hparam_scalars(record, scalar_limit)
     out["solver/num_hvps"] = float(record.info.num_hvps)
     out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
     for key, value in record.diagnostics.items():
         if _loggable(key, value):
             out[f"solver/{key}"] = float(value)
     out["time/seconds"] = float(record.seconds)
+    return out
+
+
+def _hparam_scalars(record: HyperStepRecord, scalar_limit: int) -> dict[str, float]:
+    """``hparams/...`` of :func:`record_scalars`; a name two hyperparameters would share
+    (``"w"`` of 2 elements and ``"w/1"``) raises instead of writing one value over the other."""
+    out: dict[str, float] = {}
+    owner: dict[str, str] = {}
+    for name, summary in record.summaries.items():
+        value = record.hparams.get(name)
+        if value is not None and value.numel() == 1:
+            items = {f"hparams/{name}": float(value.reshape(()))}
+        elif value is not None and value.numel() <= scalar_limit:
+            flat = value.detach().reshape(-1).tolist()
+            items = {f"hparams/{name}/{i}": float(v) for i, v in enumerate(flat)}
+        else:
+            stats = ("mean", "min", "max", "norm")
+            items = {f"hparams/{name}/{stat}": float(summary[stat]) for stat in stats}
+        for key in items:
+            if key in owner:
+                raise ValueError(
+                    f"The hyperparameters {owner[key]!r} and {name!r} would both be logged "
+                    f"as {key!r}; rename one of them."
+                )
+            owner[key] = name
+        out |= items
     return out
 
 
