@@ -121,7 +121,8 @@ class Polisher:
             raise ValueError("`lower` must be below `upper` everywhere (an empty box).")
         x = x.detach()
         moved = (torch.clamp(x, lo, hi) - x).abs()  # rounding (a log of a bound): clamped
-        if not bool(torch.isfinite(x).all()) or bool((moved > 1e-9 * (hi - lo)).any()):
+        slack = 1e-9 * (hi - lo + lo.abs() + hi.abs())
+        if not bool(torch.isfinite(x).all()) or bool((moved > slack).any()):
             raise ValueError(
                 f"`x` must be a finite point inside the box [lower, upper] (off by up to "
                 f"{float(moved.max()):.3g}): `value` and `grad` would be attributed to "
