@@ -211,3 +211,16 @@ def test_a_start_outside_the_box_is_refused_and_a_rounding_error_is_clamped():
     polisher = Polisher(lo, 1.0)
     polisher.start(x, f(x), g(x))
     assert polisher.x[0].item() == lo and polisher.x[1].item() == 0.0
+
+
+def test_refined_hparams_of_an_added_trial_points_to_its_params():
+    """The best trial of a polished study is often one add_refined_trial added: asking it
+    for refined_hparams said only "report through refine or TrialReporter"."""
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    study.tell(trial, 1.0)
+    add_refined_trial(study, {"x": 0.25}, 0.5, study.trials[0])
+    with pytest.raises(ValueError, match=r"add_refined_trial: its values are trial\.params"):
+        refined_hparams(study.best_trial)
+    assert study.best_trial.params == {"x": 0.25}

@@ -377,11 +377,12 @@ def refined_hparams(trial: optuna.trial.FrozenTrial, device: Any = None) -> dict
         ValueError: the trial holds none (it did not report through a
             :class:`TrialReporter`), or only summaries (larger than ``max_elements``).
     """
-    stored = trial.user_attrs.get(REFINED)
+    stored, added = trial.user_attrs.get(REFINED), REFINED_FROM in trial.user_attrs
     if not isinstance(stored, Mapping):
         raise ValueError(
             f"Trial {trial.number} holds no refined hyperparameters; report through "
             "hypergradient.integrations.optuna.refine or TrialReporter."
+            + (" (Added by add_refined_trial: its values are trial.params.)" if added else "")
         )
     out = {}
     for name, entry in stored.items():
