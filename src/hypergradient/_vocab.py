@@ -42,6 +42,7 @@ __all__ = [
     "as_generator",
     "as_int",
     "as_optional_int",
+    "as_real",
     "as_scalar_loss",
     "all_finite",
     "finite_probe",
@@ -188,8 +189,9 @@ def as_optional_int(value: Any, name: str, *, min: int | None = None, hint: str 
     return None if value is None else as_int(value, name, min=min, hint=hint)
 
 
-def _real(value: Any, name: str, hint: str) -> float:
-    """``value`` as a Python float if it is a real number (not a bool), else raise."""
+def as_real(value: Any, name: str, hint: str = "") -> float:
+    """``value`` as a Python float if it is a real number (not a bool; NaN and infinities
+    kept: a measured value), else raise :class:`ArgumentTypeError`."""
     if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         raise ArgumentTypeError(f"`{name}` must be a number, got the bool {value!r}.{hint}")
     if isinstance(value, Tensor):
@@ -231,7 +233,7 @@ def as_float(
         ArgumentTypeError: not a real number.
         ValueError: NaN, infinite, or out of range.
     """
-    v = float(value) if type(value) is float or type(value) is int else _real(value, name, hint)
+    v = float(value) if type(value) is float or type(value) is int else as_real(value, name, hint)
     if math.isnan(v) or (finite and math.isinf(v)):
         raise ValueError(f"`{name}` must be a finite number, got {v}.{hint}")
     low_bad = min is not None and (v <= min if open_min else v < min)

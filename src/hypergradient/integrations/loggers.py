@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_bool, as_int
+from .._vocab import ArgumentTypeError, as_bool, as_int, as_optional_int
 from ..hyperoptimizer import HyperStepRecord
 
 __all__ = ["CSVLogger", "ProgressBar", "TensorBoardLogger", "record_scalars"]
@@ -74,23 +74,19 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
 
     Returns:
         ``{name: float}``, in a stable order.
+
+    Raises:
+        ValueError: two hyperparameters would be written under one name (``"w"`` of 2
+            elements and ``"w/1"``).
     """
+    scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
     out = {"loss/val": float(record.val_loss)}
     if not math.isnan(record.holdout_loss):
         out["loss/holdout"] = float(record.holdout_loss)
     out["hypergrad/norm"] = float(record.hypergrad_norm)
     for name, summary in record.summaries.items():
         out[_hypergrad_key(name)] = float(summary["hypergrad_norm"])
-    for name, summary in record.summaries.items():
-        value = record.hparams.get(name)
-        if value is not None and value.numel() == 1:
-            out[f"hparams/{name}"] = float(value.reshape(()))
-        elif value is not None and value.numel() <= scalar_limit:
-            for i, v in enumerate(value.detach().reshape(-1).tolist()):
-                out[f"hparams/{name}/{i}"] = float(v)
-        else:
-            for stat in ("mean", "min", "max", "norm"):
-                out[f"hparams/{name}/{stat}"] = float(summary[stat])
+    out |= _hparam_scalars(record, scalar_limit)
     out["solver/num_hvps"] = float(record.info.num_hvps)
     out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
     for key, value in record.diagnostics.items():
@@ -100,14 +96,40 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
     return out
 
 
+def _hparam_scalars(record: HyperStepRecord, scalar_limit: int) -> dict[str, float]:
+    """``hparams/...`` of :func:`record_scalars`; a name two hyperparameters would share
+    (``"w"`` of 2 elements and ``"w/1"``) raises instead of writing one value over the other."""
+    out: dict[str, float] = {}
+    owner: dict[str, str] = {}
+    for name, summary in record.summaries.items():
+        value = record.hparams.get(name)
+        if value is not None and value.numel() == 1:
+            items = {f"hparams/{name}": float(value.reshape(()))}
+        elif value is not None and value.numel() <= scalar_limit:
+            flat = value.detach().reshape(-1).tolist()
+            items = {f"hparams/{name}/{i}": float(v) for i, v in enumerate(flat)}
+        else:
+            stats = ("mean", "min", "max", "norm")
+            items = {f"hparams/{name}/{stat}": float(summary[stat]) for stat in stats}
+        for key in items:
+            if key in owner:
+                raise ValueError(
+                    f"The hyperparameters {owner[key]!r} and {name!r} would both be logged "
+                    f"as {key!r}; rename one of them."
+                )
+            owner[key] = name
+        out |= items
+    return out
+
+
 class TensorBoardLogger:
     """Write hyper-step records to TensorBoard through ``torch.utils.tensorboard``.
 
     Args:
         log_dir: the run's directory (``SummaryWriter(log_dir)``; None: ``runs/<date>``).
         writer: an existing ``SummaryWriter`` to write into instead (not closed by
-            :meth:`close`).
-        prefix: prepended to every tag (``"hypergradient/loss/val"``).
+            :meth:`close`; not with ``log_dir``).
+        prefix: prepended to every tag (``"hypergradient/loss/val"``; ``""``: none).
         scalar_limit: see :func:`record_scalars`.
         histograms: also write histograms of the values and hypergradients of the
             hyperparameters larger than ``scalar_limit``.
@@ -135,7 +157,16 @@ class TensorBoardLogger:
         self.histograms = as_bool(histograms, "histograms")
         if not isinstance(prefix, str):
             raise ArgumentTypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
-        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        if log_dir is not None and not isinstance(log_dir, (str, Path)):
+            raise ArgumentTypeError(
+                f"`log_dir` must be a directory path, got {type(log_dir).__name__}."
+            )
+        if writer is not None and log_dir is not None:
+            raise ValueError(
+                "Pass `log_dir` or `writer`, not both: the writer writes into its own "
+                f"directory ({getattr(writer, 'log_dir', '?')}), not into {str(log_dir)!r}."
+            )
+        self.prefix = prefix.rstrip("/") + "/" if prefix.rstrip("/") else ""
         self.owns_writer = writer is None
         if writer is None:
             try:
@@ -198,7 +229,8 @@ class CSVLogger:
     Columns: ``step``, ``hyper_step``, ``status``, then the names of
     :func:`record_scalars`. A record with a name not seen before (a diagnostic that
     appears later) widens the file: it is rewritten once with the new column, earlier rows
-    empty there.
+    empty there. The file's header is read before each row, so that loggers sharing a file
+    (or a file truncated or removed meanwhile) write rows under the right columns.
 
     Args:
         path: the file (its folder is created).
@@ -215,12 +247,9 @@ class CSVLogger:
         self.scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
         append = as_bool(append, "append")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.columns: list[str] = []
-        if append and self.path.exists() and self.path.stat().st_size:
-            with self.path.open(newline="") as f:
-                self.columns = next(csv.reader(f), [])
-        else:
+        if not append:
             self.path.write_text("")
+        self.columns: list[str] = self._header()
 
     def log(self, record: HyperStepRecord) -> None:
         """Append one row (the sink the hyper-optimizer calls)."""
@@ -228,6 +257,7 @@ class CSVLogger:
         row: dict[str, Any] = {"step": record.step, "hyper_step": record.hyper_step}
         row["status"] = record.info.status.value
         row.update({k: repr(v) for k, v in record_scalars(record, self.scalar_limit).items()})
+        self.columns = self._header()  # the file's: another logger may have changed it
         new = [k for k in row if k not in self.columns]
         if new or not self.columns:
             self._widen(new)
@@ -235,6 +265,14 @@ class CSVLogger:
             csv.DictWriter(f, self.columns, restval="").writerow(row)
 
     __call__ = log
+
+    def _header(self) -> list[str]:
+        """The file's columns (none when it is empty or missing)."""
+        try:
+            with self.path.open(newline="") as f:
+                return next(csv.reader(f), [])
+        except FileNotFoundError:
+            return []
 
     def _widen(self, new: Iterable[str]) -> None:
         rows: list[dict[str, str]] = []
@@ -254,6 +292,16 @@ class CSVLogger:
         with self.path.open(newline="") as f:
             return list(csv.DictReader(f))
 
+    def close(self) -> None:
+        """Nothing to release (each row is written and the file closed at once); for code
+        that closes every logger, and ``with CSVLogger(path) as log:``."""
+
+    def __enter__(self) -> CSVLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class ProgressBar:
     """A ``tqdm`` progress bar over hyper-steps, showing the latest losses.
@@ -269,6 +317,7 @@ class ProgressBar:
             from tqdm.auto import tqdm
         except ImportError as err:  # tqdm is an optional dependency
             raise ImportError("ProgressBar needs tqdm: pip install tqdm.") from err
+        total = as_optional_int(total, "total", min=0)
         self.bar = tqdm(total=total, desc=desc, **tqdm_kwargs)
 
     def log(self, record: HyperStepRecord) -> None:

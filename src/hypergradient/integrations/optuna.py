@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import optuna
@@ -52,6 +52,7 @@ from .._vocab import (
     as_bool,
     as_int,
     as_optional_int,
+    as_real,
 )
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
 from .optuna_polish import REFINED_FROM, Polisher, add_refined_trial
@@ -151,11 +152,15 @@ class TrialReporter:
 
         Raises:
             optuna.TrialPruned: the study's pruner stops this trial.
+            ArgumentTypeError: ``value`` is not a number, ``hparams`` not a mapping or one of
+                its values neither a tensor nor a number (raised before any change).
         """
-        value = float(value)
+        value = as_real(value, "value", " Report a float (a loss) or a 0-d tensor.")
         step = self.steps if step is None else as_int(step, "step", min=0)
         best = math.isfinite(value) and self.sign * value < self.sign * self.best_value
-        copies = {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
+        copies = _copies(hparams, best)
+        if self.reports and math.isfinite(value):  # first: a finished trial refuses it
+            self.trial.report(value, step)
         self.steps += 1
         if not math.isfinite(value):
             return
@@ -164,7 +169,6 @@ class TrialReporter:
             self.best_hparams = copies  # None: unknown (not the previous best's values)
         if not self.reports:
             return
-        self.trial.report(value, step)
         judged = self.prune_until is None or step <= self.prune_until
         if self.prune and judged and self.trial.should_prune():
             self._write()
@@ -196,6 +200,15 @@ class TrialReporter:
         if not math.isfinite(self.best_value):
             raise optuna.TrialPruned("no finite value was reported")
         return self.best_value
+
+
+def _copies(hparams: Any, best: bool) -> dict[str, Tensor] | None:
+    """Copies of the reported hyperparameters when the value is the best (else None)."""
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise ArgumentTypeError(
+            f"`hparams` must map names to values (hopt.hparams), got {type(hparams).__name__}."
+        )
+    return {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
 
 
 def _copy(value: Any, name: str) -> Tensor:
@@ -254,9 +267,12 @@ def refine(
 
     Raises:
         optuna.TrialPruned: pruned, diverged, or no finite value.
-        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``.
-        ValueError: no ``score`` is given and the study maximizes (losses are reported) or
-            ``hopt`` keeps no history (``history_size=0``).
+        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``, or
+            ``score()`` returned something that is not a number.
+        ValueError: no ``score`` is given and the study maximizes (losses are reported),
+            ``hopt`` keeps no history (``history_size=0``), or ``epochs`` passes over
+            ``data`` end before its next hyper-step (nothing would be reported; checked
+            before training when ``data`` has a length, after it otherwise).
     """
     epochs = _check_refine(hopt, data, epochs, score is None)
     reporter = TrialReporter(trial, prune=prune)
@@ -265,6 +281,7 @@ def refine(
             "The study maximizes, but without `score` refine reports validation losses "
             "(lower is better); pass score=... (e.g. an accuracy) or minimize the loss."
         )
+    started = (hopt.hyper_steps, hopt.skipped)
     try:
         for epoch in range(epochs):
             desc = f"trial {trial.number}, epoch {epoch + 1}"
@@ -274,6 +291,12 @@ def refine(
     except NonFiniteHypergradientError as err:  # a sampled setting that does not train
         reporter.finish_pruned()
         raise optuna.TrialPruned(f"the refinement diverged: {err}") from err
+    if score is None and (hopt.hyper_steps, hopt.skipped) == started:  # data of no length
+        raise ValueError(
+            f"refine reports each hyper-step, but no hyper-step was due over `data` "
+            f"(inner_steps={hopt.inner_steps}, {hopt.loop.count} steps so far): pass more "
+            f"`data` or `epochs`, or score=...."
+        )
     return reporter.finish()
 
 
@@ -284,7 +307,7 @@ def _score(hopt: HyperOptimizer, score: Callable[[], float]) -> float:
     module = hopt.view.module
     modes = [] if module is None else [(m, m.training) for m in module.modules()]
     try:
-        return float(score())
+        return as_real(score(), "score()", " `score` must return the number to report.")
     finally:
         for m, training in modes:
             m.training = training
@@ -320,7 +343,25 @@ def _check_refine(hopt: Any, data: Any, epochs: Any, from_history: bool) -> int:
             "hyper-optimizer keeps none (history_size=0); build it with history_size >= 1 "
             "or pass score=...."
         )
+    if from_history and _no_hyper_step(hopt, data, epochs):
+        raise ValueError(
+            f"refine reports each hyper-step, but the hyper-optimizer would take none over "
+            f"{epochs} epoch(s) of `data` (inner_steps={hopt.inner_steps}, after "
+            f"{hopt.loop.count} steps; stopped by its holdout guard: {hopt.stopped}): every "
+            f"trial would be pruned. Pass more `data` or `epochs`, or score=...."
+        )
     return epochs
+
+
+def _no_hyper_step(hopt: HyperOptimizer, data: Any, epochs: int) -> bool:
+    """Whether ``epochs`` passes over ``data`` surely end before the next hyper-step (its
+    holdout guard stopped them, or there are too few batches; unknown length: False)."""
+    try:
+        batches = epochs * len(data) if isinstance(data, Sized) else None
+    except TypeError:  # a DataLoader over an IterableDataset
+        batches = None
+    needed = hopt.inner_steps - hopt.loop.count % hopt.inner_steps
+    return hopt.stopped or (batches is not None and batches < needed)
 
 
 def _progress(data: Iterable[Any], desc: str) -> Iterable[Any]:
@@ -336,11 +377,12 @@ def refined_hparams(trial: optuna.trial.FrozenTrial, device: Any = None) -> dict
         ValueError: the trial holds none (it did not report through a
             :class:`TrialReporter`), or only summaries (larger than ``max_elements``).
     """
-    stored = trial.user_attrs.get(REFINED)
+    stored, added = trial.user_attrs.get(REFINED), REFINED_FROM in trial.user_attrs
     if not isinstance(stored, Mapping):
         raise ValueError(
             f"Trial {trial.number} holds no refined hyperparameters; report through "
             "hypergradient.integrations.optuna.refine or TrialReporter."
+            + (" (Added by add_refined_trial: its values are trial.params.)" if added else "")
         )
     out = {}
     for name, entry in stored.items():

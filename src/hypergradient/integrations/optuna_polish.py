@@ -21,7 +21,7 @@ import optuna
 import torch
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_float, as_int, require_finite
+from .._vocab import ArgumentTypeError, as_float, as_int, as_real, require_finite
 
 __all__ = ["REFINED_FROM", "Polisher", "add_refined_trial"]
 
@@ -99,19 +99,39 @@ class Polisher:
         self.accepted = self.rejected = 0
 
     def start(self, x: Tensor, value: float, grad: Tensor) -> None:
-        """Polish from ``x`` (clamped into the box), whose loss is ``value`` and hypergradient
-        ``grad``; forgets the previous incumbent and its curvature pairs."""
+        """Polish from ``x`` (inside the box; a rounding error beyond it is clamped), whose
+        loss is ``value`` and hypergradient ``grad``; forgets the previous incumbent and its
+        curvature pairs.
+
+        Raises:
+            ValueError: ``x`` is not finite or lies outside the box (its ``value`` is not
+                the clamped point's), ``value`` is not finite, or the box is empty;
+                nothing changes.
+        """
         if not isinstance(x, Tensor) or not isinstance(grad, Tensor) or x.shape != grad.shape:
             raise ArgumentTypeError("`x` and `grad` must be tensors of the same shape.")
+        if not x.is_floating_point():  # the box and the steps would be rounded to integers
+            raise ArgumentTypeError(f"`x` must be a floating-point tensor, got {x.dtype}.")
         require_finite([grad], ["grad"], "The hypergradient", "Start where it is finite.")
-        if not math.isfinite(float(value)):
+        value = as_real(value, "value", " Start from a trained point.")
+        if not math.isfinite(value):
             raise ValueError(f"`value` must be finite, got {value}; start from a trained point.")
         lo, hi = self._bound(self.lower, "lower", x), self._bound(self.upper, "upper", x)
         if not bool((lo < hi).all()):
             raise ValueError("`lower` must be below `upper` everywhere (an empty box).")
+        x = x.detach()
+        moved = (torch.clamp(x, lo, hi) - x).abs()  # rounding (a log of a bound): clamped
+        slack = 1e-9 * (hi - lo + lo.abs() + hi.abs())
+        if not bool(torch.isfinite(x).all()) or bool((moved > slack).any()):
+            raise ValueError(
+                f"`x` must be a finite point inside the box [lower, upper] (off by up to "
+                f"{float(moved.max()):.3g}): `value` and `grad` would be attributed to "
+                f"the clamped point. Start inside the box."
+            )
         self.lo, self.hi = lo, hi
-        self.x = torch.clamp(x.detach(), self.lo, self.hi).clone()
-        self.g, self.value = grad.detach().clone(), float(value)
+        self.x = torch.clamp(x, self.lo, self.hi).clone()
+        # x's dtype: a float32 hypergradient of a float64 x (Optuna's floats) is common
+        self.g, self.value = grad.detach().to(x.dtype).clone(), value
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.t, self.rejects, self.done, self.candidate = 1.0, 0, False, None
 
@@ -163,17 +183,32 @@ class Polisher:
     def tell(self, value: float, grad: Callable[[], Tensor] | Tensor) -> bool:
         """The loss at the last candidate; ``grad`` (its hypergradient, or a callable
         returning it, called only if the step is accepted). Returns whether it was accepted
-        (the candidate is then the incumbent)."""
+        (the candidate is then the incumbent).
+
+        Raises:
+            ArgumentTypeError: ``value`` is not a number, or the hypergradient is not a tensor
+                of ``x``'s shape (the candidate stays pending: tell again).
+            NonFiniteHypergradientError: the hypergradient is not finite (pending too).
+        """
         if self.candidate is None:
             raise ValueError("tell() without a pending candidate: call ask() first.")
-        candidate, self.candidate, value = self.candidate, None, float(value)
+        value = as_real(value, "value", " Tell the loss at the candidate.")
         if not value < self.value - self.tol:  # NaN is rejected too
+            self.candidate = None
             self.rejected, self.rejects = self.rejected + 1, self.rejects + 1
             self.t *= self.shrink
             self.done = self.rejects >= self.max_rejects
             return False
-        g = (grad() if callable(grad) else grad).detach()
+        g = grad() if callable(grad) else grad
+        if not isinstance(g, Tensor) or g.shape != self.x.shape:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ArgumentTypeError(
+                f"`grad` must be the hypergradient at the candidate, a tensor of shape "
+                f"{tuple(self.x.shape)}; got {got}. The candidate is still pending."
+            )
+        g = g.detach().to(self.x.dtype)
         require_finite([g], ["grad"], "The hypergradient", "Check the training at the candidate.")
+        candidate, self.candidate = self.candidate, None
         s, y = candidate - self.x, g - self.g
         if self.memory and _dot(s, y) > 1e-12 * float(s.norm() * y.norm()):
             self.pairs = [*self.pairs, (s, y)][-self.memory :]
@@ -211,8 +246,11 @@ def add_refined_trial(
     *Algorithms for Hyper-Parameter Optimization*, NeurIPS 2011).
 
     Raises:
-        ValueError: a name ``source`` did not suggest, or a non-finite value.
+        ValueError: a name ``source`` did not suggest, or a non-finite value (or
+            numeric parameter); raised before the study changes.
     """
+    if not isinstance(params, Mapping):
+        raise ArgumentTypeError(f"`params` must map names to values, got {type(params).__name__}.")
     dists = dict(source.distributions)
     unknown = sorted(set(params) - set(dists))
     if unknown:
@@ -239,6 +277,8 @@ def _into(dist: Any, value: Any, name: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"params[{name!r}] must be a number, got {value!r}.")
     v = float(value)
+    if not math.isfinite(v):  # clipping would turn a diverged value into a bound
+        raise ValueError(f"params[{name!r}] must be finite, got {v}.")
     step = getattr(dist, "step", None)
     if step is not None:  # int distributions have step 1
         v = dist.low + round((v - dist.low) / step) * step
