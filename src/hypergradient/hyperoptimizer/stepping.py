@@ -16,7 +16,7 @@ from .. import distributed
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from ..methods.rng import same_state
-from . import divergence
+from . import divergence, recompute
 from .batches import copy_batch
 from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
@@ -214,7 +214,9 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     holdout = math.nan
     if guard is not None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
+    hopt.view.checkpointed = False
     result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
+    recompute.check(hopt.view.checkpointed, hopt.method, info)
     if replay_off(hopt, getattr(info, "replay_error", None), saved):
         return
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
