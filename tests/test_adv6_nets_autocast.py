@@ -86,3 +86,15 @@ def test_bfloat16_autocast_transformer_no_false_alarm_and_right_number(hvp):
     assert not [m for m in messages if "re-evaluated" in m], messages
     reference = float64_reference()
     assert abs(float(got) - reference) < 2e-2 * abs(reference)
+
+
+def test_first_order_products_under_bfloat16_autocast_name_the_precision():
+    """First-order products difference two gradients; under bfloat16 autocast their rounding
+    swamps the difference and the kink check refuses them. The error named only kinks
+    (ReLU, max-pool, abs, clamp), none of which this network has; it now names half
+    precision too."""
+    inner, outer, p0 = losses(torch.float32, autocast=True)
+    with pytest.raises(hg.NonSmoothLossError, match="autocast"):
+        hg.unrolled(
+            inner, outer, p0, torch.tensor(1e-2), STEPS, hg.optim.sgd(lr=LR), hvp="first_order"
+        )

@@ -121,7 +121,9 @@ def central_difference(
         f"the finite-difference step (the one-sided differences disagree by {ratio:.3g} "
         f"of the central one at {KINK_RETRIES + 1} steps down to {2 * h:.3g}; smooth losses "
         f"stay below {KINK_TOLERANCE:g}). A ReLU, max-pool, abs or clamp switches inside "
-        "the step, and a central difference divides that jump by the step. Use products "
+        "the step, and a central difference divides that jump by the step (as it divides "
+        "the rounding of gradients computed in half precision: torch.autocast to bfloat16 "
+        "or float16, half-precision parameters). Use products "
         "through autograd (hvp='double' or 'double_math': make the model twice "
         "differentiable, e.g. replace a custom once-differentiable function), or smooth "
         "activations (GELU, SiLU, Softplus) with hvp='first_order'.",
