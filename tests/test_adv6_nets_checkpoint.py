@@ -11,6 +11,8 @@ recomputed in train mode (torch's ``CheckpointError`` on metadata with dropout o
 BatchNorm). Both now raise a ``ValueError`` naming the cause, with the step undone; the
 implicit methods' double-backward products, at the model's own weights, are right and
 still run (checked against the dense float64 implicit formula without checkpointing).
+``hg.unrolled`` on a user's ``functional_call`` and ``hg.meta.MAML`` on a module (2.5e-2
+off, silently) refuse such losses too.
 """
 
 from __future__ import annotations
@@ -204,9 +206,12 @@ class _At:
         return iter(self.p.values())
 
 
-def test_implicit_double_backward_is_still_right_under_checkpointing():
+@pytest.mark.parametrize("val", [val_loss, eval_val_loss], ids=["train-mode", "eval-mode"])
+def test_implicit_double_backward_is_still_right_under_checkpointing(val):
+    """At the model's own weights the recomputation is right, in either mode of val_loss
+    when the segment does not depend on it (no dropout or BatchNorm)."""
     model, reference = make(), make(checkpointed=False)
-    hopt = hyper_optimizer(model, hg.Implicit(hg.Exact()))
+    hopt = hyper_optimizer(model, hg.Implicit(hg.Exact()), val=val)
     hopt.outer_optimizer.param_groups[0]["lr"] = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hg.HypergradientWarning)
@@ -225,8 +230,31 @@ def test_a_val_loss_switching_to_eval_mode_around_a_checkpoint_raises_clearly():
         warnings.simplefilter("ignore")
         train(model, hopt, BATCHES[:-1])
         before = {k: v.detach().clone() for k, v in model.named_parameters()}
-        with pytest.raises(ValueError, match="train and eval mode"):
+        with pytest.raises(ValueError, match="between train and eval mode"):
             train(model, hopt, BATCHES[-1:])
     # the weights are undone (the running statistics keep the user's own forward pass)
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
     assert model.training
+
+
+def test_functional_unrolled_refuses_a_checkpointed_functional_call():
+    model = make()
+    p0 = {k: v.detach() for k, v in model.named_parameters()}
+
+    def inner(p, h):
+        return train_loss(_At(model, p), h, BATCHES[0])
+
+    def outer(p, h):
+        return val_loss(_At(model, p), h, VAL)
+
+    with pytest.raises(ValueError, match="of the trajectory"):
+        hg.unrolled(inner, outer, p0, hparams(), 2, hg.optim.sgd(lr=0.1))
+
+
+def test_maml_refuses_a_checkpointed_module():
+    model = make()
+    theta = hg.meta.parameters_of(model, copy=True)
+    x, y = BATCHES[0][0], BATCHES[0][1]
+    maml = hg.meta.MAML(model, inner_steps=2, inner_lr=0.1, criterion=nn.functional.cross_entropy)
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        maml.step(theta, [((x, y), (x, y))])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _tree
-from . import recompute
+from ..operators import recompute
 
 __all__ = ["ModelView"]
 
@@ -200,17 +200,15 @@ class ModelView:
             }
         )
         modes = [(m, m.training) for m in module.modules()]
-        switched = False
         try:
             with recompute.watch() as seen:
                 out = torch.func.functional_call(self._call, values, (loss, hparams, batch))
+            self.checkpointed |= seen.found  # read and reset by each hyper-step
+            return out
         finally:
             for m, training in modes:
                 if m.training is not training:
-                    m.training, switched = training, True
-        self.checkpointed |= seen.found  # read and reset by each hyper-step
-        recompute.check_modes(seen.found and switched)
-        return out
+                    m.training = training
 
     def functional(
         self, loss: Loss, transform: Callable[[Mapping[str, Tensor]], Any], fresh: bool = False

@@ -16,7 +16,8 @@ from .. import distributed
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from ..methods.rng import same_state
-from . import divergence, recompute
+from ..operators import recompute
+from . import divergence
 from .batches import copy_batch
 from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
@@ -215,7 +216,8 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     if guard is not None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
     hopt.view.checkpointed = False
-    result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
+    with recompute.explained():  # torch's CheckpointError after a train/eval switch
+        result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
     recompute.check(hopt.view.checkpointed, hopt.method, info)
     if replay_off(hopt, getattr(info, "replay_error", None), saved):
         return

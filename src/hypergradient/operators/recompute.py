@@ -1,4 +1,4 @@
-"""Activation checkpointing inside the model, seen from a hyper-step.
+"""Activation checkpointing inside the model, seen from a hypergradient.
 
 A hyper-step evaluates the user's losses at parameter tensors of its own through
 :func:`torch.func.functional_call`, which puts the module's own weights back when the call
@@ -12,26 +12,31 @@ products' (gradients at ``theta +- eps v``). The implicit methods' double-backwa
 products evaluate at the model's own weights, where the recomputation is right.
 
 :class:`watch` notes whether a module was called inside a checkpointed segment (the
-innermost saved-tensor hooks are torch's checkpoint hooks); :func:`check` refuses a
-hypergradient that depended on such recomputations, and :func:`check_modes` a loss that
-switched the train/eval flag around a checkpointed segment (``model.eval()`` in
-``val_loss``): the flags are put back when the call returns, so the backward pass would
-recompute the segment in the other mode (torch then raises its ``CheckpointError`` on
-metadata for dropout or BatchNorm, and is silently wrong where the shapes agree). The
-reentrant variant
-(``use_reentrant=True``) already raises torch's own error under ``torch.autograd.grad``.
+innermost saved-tensor hooks are torch's checkpoint hooks). :func:`check` refuses a
+hyper-step's hypergradient that depended on such recomputations; :func:`refuse` refuses a
+loss that always evaluates at other parameters (a trajectory method's step, a
+meta-learning module's loss). A loss that switches the train/eval flag around a
+checkpointed segment (``model.eval()`` in ``val_loss``) has the flag put back when the call
+returns, so the backward pass recomputes the segment in the other mode: torch raises its
+``CheckpointError`` on metadata for dropout or BatchNorm, which :func:`explained` names
+(a segment whose saved shapes agree in both modes, e.g. a module of one's own branching on
+``self.training``, is not detected). The reentrant variant (``use_reentrant=True``)
+already raises torch's own error under ``torch.autograd.grad``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
+from torch.utils.checkpoint import CheckpointError
 
-__all__ = ["check", "check_modes", "in_checkpoint", "watch"]
+__all__ = ["check", "explained", "in_checkpoint", "refuse", "watch"]
 
 _LOCAL = threading.local()
 
@@ -73,6 +78,21 @@ class watch:  # noqa: N801 (used as a function: ``with watch() as w:``)
             _LOCAL.watching = False
 
 
+def refuse(found: bool, who: str) -> None:
+    """Raise ``ValueError`` if ``found``: ``who`` (a loss evaluated at parameters other than
+    the module's own weights) ran a checkpointed segment (see the module docstring)."""
+    if found:
+        raise ValueError(
+            f"{who} runs activation checkpointing (torch.utils.checkpoint with "
+            "use_reentrant=False) at parameters other than the module's own weights: "
+            "functional_call puts the weights back before the backward pass, which "
+            "recomputes the checkpointed segments with them, so every gradient would be "
+            "wrong (torch does not check the recomputed values). Do not checkpoint in this "
+            "loss (an implicit method at the model's own weights, hg.implicit, does not "
+            "need it)."
+        )
+
+
 def check(checkpointed: bool, method: Any, info: Any) -> None:
     """Raise ``ValueError`` if the hypergradient just computed rests on checkpoint
     recomputations at parameters other than the model's own (see the module docstring).
@@ -102,17 +122,21 @@ def check(checkpointed: bool, method: Any, info: Any) -> None:
     )
 
 
-def check_modes(switched: bool) -> None:
-    """Raise ``ValueError`` (before any backward pass) if a loss switched the train/eval
-    flag of the module around a checkpointed segment (see the module docstring)."""
-    if switched:
+@contextlib.contextmanager
+def explained() -> Iterator[None]:
+    """Turn torch's ``CheckpointError`` (a recomputation whose saved tensors differ in shape
+    from the forward pass's) into a ``ValueError`` naming the usual cause in a hyper-step:
+    a loss switched the train/eval flag around a checkpointed segment (see the module
+    docstring)."""
+    try:
+        yield
+    except CheckpointError as err:
         raise ValueError(
-            "A loss called by the HyperOptimizer switched the model between train and eval "
-            "mode (e.g. model.eval() in val_loss) and runs activation checkpointing "
-            "(torch.utils.checkpoint with use_reentrant=False): the mode is put back when the "
-            "loss returns, so the backward pass would recompute the checkpointed segments in "
-            "the other mode (dropout, BatchNorm) and the hypergradient would be wrong. Do not "
-            "checkpoint in a loss that changes the mode (checkpoint only when "
-            "model.training, say), or keep the mode. The inner step and the hyper-step were "
-            "undone."
-        )
+            "torch.utils.checkpoint recomputed a segment differently from its forward pass "
+            f"({str(err).strip().splitlines()[0]}). In a hyper-step the usual cause is a "
+            "loss that switches the model between train and eval mode (model.eval() in "
+            "val_loss) around a checkpointed segment with dropout or BatchNorm: the mode is "
+            "put back when the loss returns, before the backward pass recomputes the "
+            "segment. Checkpoint only when model.training, or keep the mode. The inner step "
+            "and the hyper-step were undone."
+        ) from err
