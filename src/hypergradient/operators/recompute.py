@@ -43,10 +43,16 @@ _LOCAL = threading.local()
 
 def in_checkpoint() -> bool:
     """Whether the current forward pass runs inside a non-reentrant checkpointed segment."""
-    try:
-        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    except (AttributeError, TypeError, RuntimeError):  # another torch: not detected
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top_hooks is None:  # pragma: no cover (another torch: not detected)
         return False
+    top = None
+    for args in ((False,), ()):  # (ignore_is_tracing) in recent torch, none in older ones
+        try:
+            top = top_hooks(*args)
+            break
+        except (TypeError, RuntimeError):
+            continue
     if not top:
         return False
     return "_checkpoint_hook" in getattr(top[0], "__qualname__", "")
