@@ -258,3 +258,27 @@ def test_maml_refuses_a_checkpointed_module():
     maml = hg.meta.MAML(model, inner_steps=2, inner_lr=0.1, criterion=nn.functional.cross_entropy)
     with pytest.raises(ValueError, match="activation checkpointing"):
         maml.step(theta, [((x, y), (x, y))])
+
+
+def test_functional_implicit_first_order_refuses_a_checkpointed_functional_call():
+    """``hg.implicit(hvp="first_order")`` differences gradients at ``theta +- h v``, where the
+    recomputation uses the module's own weights: refused, where double backward at the
+    module's own weights is the dense formula's."""
+    model = make()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def inner(p, h):
+        return train_loss(_At(model, p), h, BATCHES[0])
+
+    def outer(p, h):
+        return val_loss(_At(model, p), h, VAL)
+
+    with pytest.raises(ValueError, match="first-order products"):
+        hg.implicit(inner, outer, params, hparams(), solver=hg.Exact(), hvp="first_order")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)
+        got = hg.implicit(inner, outer, params, hparams(), solver=hg.Exact())
+    reference = make(checkpointed=False)
+    exact = dense_implicit(reference, hparams(), BATCHES[0])
+    flat = torch.cat([got[k].reshape(-1) for k in ("w", "decay")])
+    assert float((flat - exact).norm() / exact.norm()) < 1e-9

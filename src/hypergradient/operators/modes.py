@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import _tree
+from . import recompute
 
 __all__ = [
     "KINK_RETRIES",
@@ -111,7 +112,9 @@ def central_difference(
     previous: list[Tensor | None] | None = None
     ratio = math.inf
     for _ in range(KINK_RETRIES + 1):
-        plus, minus = evaluate(h)
+        with recompute.watch() as seen:  # at theta +- h v: checkpointing would recompute
+            plus, minus = evaluate(h)  # with the module's own weights (operators.recompute)
+        recompute.refuse(seen.found, f"{what} (first-order products: gradients at theta +- h v)")
         out, ratio = _checked(plus, minus, center, h)
         if ratio <= KINK_TOLERANCE or (previous is not None and _agree(previous, out)):
             return out
