@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _tree
+from ..operators import recompute
 
 __all__ = ["ModelView"]
 
@@ -117,6 +118,7 @@ class ModelView:
         self.spec = _tree.flatten({k: named[k] for k in self.names}, "model")[1]
         self._call = _LossCall(module)
         self._cache_keys(module)
+        self.checkpointed = False  # a call ran checkpointed segments (``recompute``)
 
     def check_trained(self, inner_optimizer: torch.optim.Optimizer) -> None:
         """Raise ``ValueError`` if the module's parameters that ``inner_optimizer`` trains
@@ -199,7 +201,10 @@ class ModelView:
         )
         modes = [(m, m.training) for m in module.modules()]
         try:
-            return torch.func.functional_call(self._call, values, (loss, hparams, batch))
+            with recompute.watch() as seen:
+                out = torch.func.functional_call(self._call, values, (loss, hparams, batch))
+            self.checkpointed |= seen.found  # read and reset by each hyper-step
+            return out
         finally:
             for m, training in modes:
                 if m.training is not training:

@@ -16,6 +16,7 @@ from .. import distributed
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from ..methods.rng import same_state
+from ..operators import recompute
 from . import divergence
 from .batches import copy_batch
 from .build import inner_lr, make_problem, tuned
@@ -214,7 +215,10 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     holdout = math.nan
     if guard is not None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
-    result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
+    hopt.view.checkpointed = False
+    with recompute.explained():  # torch's CheckpointError after a train/eval switch
+        result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
+    recompute.check(hopt.view.checkpointed, hopt.method, info)
     if replay_off(hopt, getattr(info, "replay_error", None), saved):
         return
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._vocab import ArgumentTypeError, as_bool, as_callable
+from ..operators import recompute
 
 __all__ = [
     "RUNNING_STATS",
@@ -72,7 +73,10 @@ def module_loss(
                 "With an nn.Module, the parameters must be a dict name -> tensor, e.g. "
                 f"hg.meta.parameters_of(model); got {type(params).__name__}."
             )
-        return crit(torch.func.functional_call(model, params, (inputs,)), targets)
+        with recompute.watch() as seen:
+            outputs = torch.func.functional_call(model, params, (inputs,))
+        recompute.refuse(seen.found, "The module's loss (hg.meta)")
+        return crit(outputs, targets)
 
     known = tensor_names(model)
     return loss_fn

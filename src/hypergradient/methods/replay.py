@@ -31,6 +31,7 @@ from .._vocab import (
     as_scalar_loss,
 )
 from ..distributed import guarded
+from ..operators import recompute
 from ..operators.buffers import keep_buffers
 from ..optim.functional import FunctionalOptimizer
 from ..optim.twins import check_setting_names
@@ -62,6 +63,16 @@ _NO_BLOCK = contextlib.nullcontext()  # reusable
 def _both(first: Any, second: Any) -> Iterator[None]:
     with first, second:
         yield
+
+
+def step_value(fn: Callable[..., Any], params: Any, htree: Any, batch: Any, t: int) -> Tensor:
+    """``fn(params, htree, batch)``, step ``t``'s loss, as a scalar; refused (``ValueError``)
+    if it ran activation checkpointing, whose backward pass would recompute the segments at
+    the module's own weights instead of ``params`` (:mod:`~..operators.recompute`)."""
+    with recompute.watch() as seen:
+        value = fn(params, htree, batch)
+    recompute.refuse(seen.found, f"inner_loss (step {t} of the trajectory)")
+    return as_scalar_loss(value, "inner_loss")
 
 
 def tree_builder(spec: _tree.TreeSpec) -> Callable[[Sequence[Tensor]], Any]:
@@ -230,7 +241,7 @@ class Run:
     # -- the step function ------------------------------------------------------------
     def loss(self, p: Sequence[Tensor], htree: Any, t: int) -> Tensor:
         """``f(theta, phi; batch_t)`` with ``theta``'s leaves ``p`` and the tree ``htree``."""
-        return as_scalar_loss(self.step_loss(self.ptree(p), htree, self.batches[t]), "inner_loss")
+        return step_value(self.step_loss, self.ptree(p), htree, self.batches[t], t)
 
     def init_state(self) -> tuple[Tensor, ...]:
         return self.state0 if self.state0 is not None else tuple(self.optimizer.init(list(self.p0)))

@@ -20,7 +20,8 @@ gradients, no double backward); see :mod:`hypergradient.operators.modes`.
 
 Modules: ``base`` (LinearOperator, MatrixOperator, DampedOperator), ``graph`` (the
 retained-graph machinery and the mode fallback), ``hessian`` (HessianOperator,
-FixedPointOperator), ``modes`` (product modes, RNG replay, the first-order step).
+FixedPointOperator), ``modes`` (product modes, RNG replay, the first-order step),
+``buffers`` (buffer-neutral forward passes), ``recompute`` (activation checkpointing).
 """
 
 from __future__ import annotations

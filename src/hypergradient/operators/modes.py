@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import _tree
+from . import recompute
 
 __all__ = [
     "KINK_RETRIES",
@@ -111,7 +112,9 @@ def central_difference(
     previous: list[Tensor | None] | None = None
     ratio = math.inf
     for _ in range(KINK_RETRIES + 1):
-        plus, minus = evaluate(h)
+        with recompute.watch() as seen:  # at theta +- h v: checkpointing would recompute
+            plus, minus = evaluate(h)  # with the module's own weights (operators.recompute)
+        recompute.refuse(seen.found, f"{what} (first-order products: gradients at theta +- h v)")
         out, ratio = _checked(plus, minus, center, h)
         if ratio <= KINK_TOLERANCE or (previous is not None and _agree(previous, out)):
             return out
@@ -121,7 +124,9 @@ def central_difference(
         f"the finite-difference step (the one-sided differences disagree by {ratio:.3g} "
         f"of the central one at {KINK_RETRIES + 1} steps down to {2 * h:.3g}; smooth losses "
         f"stay below {KINK_TOLERANCE:g}). A ReLU, max-pool, abs or clamp switches inside "
-        "the step, and a central difference divides that jump by the step. Use products "
+        "the step, and a central difference divides that jump by the step (as it divides "
+        "the rounding of gradients computed in half precision: torch.autocast to bfloat16 "
+        "or float16, half-precision parameters). Use products "
         "through autograd (hvp='double' or 'double_math': make the model twice "
         "differentiable, e.g. replace a custom once-differentiable function), or smooth "
         "activations (GELU, SiLU, Softplus) with hvp='first_order'.",
