@@ -6,6 +6,7 @@ An underscore module: its members are the package's internal (but public-named) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "Task",
     "adapt",
     "autograd_on",
+    "check_groups",
     "as_loss",
     "as_solver",
     "descend",
@@ -83,7 +85,12 @@ def loss_value(loss_fn: LossFn, params: Tree, batch: Any) -> float:
 
 
 def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> FunctionalOptimizer:
-    """Plain gradient descent of step ``lr``, or a functional ``optimizer`` (exactly one)."""
+    """Plain gradient descent of step ``lr``, or a functional ``optimizer`` (exactly one).
+
+    Every adaptation starts the optimizer afresh (zero buffers, step 0): a ``from_torch``
+    twin's per-parameter step offsets are dropped; its per-group learning rates are kept.
+    Settings given as (detached) tensors are constants: they are used as numbers (a copy).
+    """
     if (lr is None) == (optimizer is None):
         raise ValueError(
             f"Pass exactly one of `{lr_name}` (plain gradient descent) and `{opt_name}` "
@@ -99,14 +106,38 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
         )
     for key, value in optimizer.settings.items():
         refuse_learned_setting(value, f"{opt_name}.settings['{key}']")
-    wd = optimizer.settings.get("weight_decay", 0.0)
-    if isinstance(wd, Tensor) or wd != 0:
-        raise ValueError(
-            f"`{opt_name}` has weight_decay={wd!r}: MAML's change of variables would apply it "
-            "to phi - theta and iMAML's implicit gradient would ignore it. Put the penalty in "
-            "the loss instead."
-        )
+    tensors = optimizer.tensor_settings()  # constants here: numbers (no replay warnings)
+    if optimizer.offsets is not None or tensors:  # and every adaptation starts at step 0
+        optimizer = copy.copy(optimizer)
+        optimizer.offsets = None
+        optimizer.settings = {**optimizer.settings, **{k: float(v) for k, v in tensors.items()}}
+    decays = [optimizer.settings.get("weight_decay", 0.0)]  # and a twin's other param groups'
+    decays += [g.get("weight_decay", 0.0) for g in optimizer.groups]
+    for wd in decays:
+        if isinstance(wd, Tensor) or wd != 0:
+            raise ValueError(
+                f"`{opt_name}` has weight_decay={wd!r}: MAML's change of variables would apply "
+                "it to phi - theta and iMAML's implicit gradient would ignore it. Put the "
+                "penalty in the loss instead."
+            )
     return optimizer
+
+
+def check_groups(optimizer: FunctionalOptimizer, spec: TreeSpec, name: str) -> None:
+    """Refuse a ``from_torch`` twin whose param groups are not one per leaf of ``name``.
+
+    A twin's per-group settings (``group_of``) follow the parameters given to
+    ``from_torch``, by position: they must be the meta-parameters' tensors, in order.
+    """
+    group_of = optimizer.group_of
+    if group_of is not None and len(group_of) != len(spec.paths):
+        raise ValueError(
+            f"The inner optimizer's param groups were given for {len(group_of)} parameters "
+            f"(hg.optim.from_torch(optimizer, params)), but `{name}` has {len(spec.paths)} "
+            "leaves: the groups' settings would go to the wrong tensors. Build the twin "
+            f"from the optimizer's tensors of `{name}`, in its order (e.g. "
+            "[dict(model.named_parameters())[k] for k in meta_params])."
+        )
 
 
 def refuse_learned_setting(value: Any, name: str) -> None:
@@ -279,6 +310,7 @@ def adapt(
     opt = as_inner_optimizer(lr, optimizer, "lr", "optimizer")
     lam = as_float(lam, "lam", min=0.0)
     leaves, spec = flatten_meta_params(params, "params")
+    check_groups(opt, spec, "params")
     theta = _tree.unflatten(spec, leaves)
 
     def objective(phi: Tree) -> Tensor:

@@ -36,6 +36,7 @@ from ._common import (
     as_inner_optimizer,
     as_loss,
     autograd_on,
+    check_groups,
     flatten_meta_params,
     require_finite_losses,
 )
@@ -73,7 +74,8 @@ def task_records(
 def report_failed(tasks: list[TaskInfo], names: list[str]) -> bool:
     """Mark (``status = "diverged"``) and warn about the tasks whose adaptation ended at
     least :data:`~hypergradient.methods.growth.ADAPT_GROWTH` times above its support loss
-    at ``meta_params``; whether there were any."""
+    at ``meta_params`` (:func:`~hypergradient.methods.growth.adaptation_failed`); whether
+    there were any."""
     failed = [
         (n, t)
         for n, t in zip(names, tasks)
@@ -89,7 +91,8 @@ def report_failed(tasks: list[TaskInfo], names: list[str]) -> bool:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         warnings.warn(
             f"The adaptation diverged on {len(failed)} task(s): its support loss ended at least "
-            f"{ADAPT_GROWTH:g}x above its value at meta_params: {shown}{more}. Their "
+            f"{ADAPT_GROWTH:g}x above its value at meta_params (a loss <= 0 there: rose by "
+            f"{ADAPT_GROWTH - 1:g}x its magnitude): {shown}{more}. Their "
             "meta-gradient is that of a failed adaptation (info.status is 'diverged'). Lower "
             "inner_lr (or the inner optimizer's lr) or inner_steps.",
             HypergradientWarning,
@@ -166,6 +169,7 @@ class MetaLearner:
         """Meta-gradient of one task ``(support, query)`` and its diagnostics."""
         grad_mode = autograd_on(f"{type(self).__name__}.meta_gradient()")
         theta, spec = flatten_meta_params(meta_params)
+        check_groups(self.inner_optimizer, spec, "meta_params")
         batch = SingleTask(self.loss_fn, check_task(task))
         with grad_mode:
             grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
@@ -185,6 +189,7 @@ class MetaLearner:
         """
         grad_mode = autograd_on(f"{type(self).__name__}.step()")
         theta, spec = flatten_meta_params(meta_params)
+        check_groups(self.inner_optimizer, spec, "meta_params")
         batches = task_batches(self.loss_fn, tasks, self.vectorize)
         names = [f"tasks[{i}]" for i in range(sum(b.num_tasks for b in batches))]
         with grad_mode:
