@@ -25,7 +25,7 @@ code path, whatever the batch holds. Two implementations:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -122,11 +122,12 @@ class SingleTask(TaskBatch):
 
 
 def stack_batches(batches: Sequence[Any], name: str) -> Any:
-    """Stack the tasks' batches leaf by leaf along a new leading dimension."""
-    first, spec0 = _tree.flatten(batches[0], f"{name}[0]")
+    """Stack the tasks' batches leaf by leaf along a new leading dimension (the batch
+    containers' types kept: a namedtuple stays one, for a loss that reads its fields)."""
+    first, spec0 = _flatten_batch(batches[0], f"{name}[0]")
     columns = [[t] for t in first]
     for i, b in enumerate(batches[1:], 1):
-        leaves, spec = _tree.flatten(b, f"{name}[{i}]")
+        leaves, spec = _flatten_batch(b, f"{name}[{i}]")
         if spec.structure() != spec0.structure() or spec.shapes != spec0.shapes:
             raise ValueError(
                 "vectorize=True needs batches of one structure and shape in every task: "
@@ -135,7 +136,36 @@ def stack_batches(batches: Sequence[Any], name: str) -> Any:
             )
         for c, t in zip(columns, leaves):
             c.append(t)
-    return _tree.unflatten(spec0, [torch.stack(c) for c in columns])
+    return _like(batches[0], iter([torch.stack(c) for c in columns]))
+
+
+def _flatten_batch(batch: Any, name: str) -> tuple[list[Tensor], _tree.TreeSpec]:
+    try:
+        return _tree.flatten(batch, name)
+    except ArgumentTypeError as err:
+        raise ArgumentTypeError(
+            f"{str(err).split(';')[0]}: vectorize=True stacks the tasks' batches, whose "
+            "leaves must then be tensors (in tuples, lists or dicts). Use vectorize=False for "
+            "batches that hold other values."
+        ) from err
+
+
+def _like(batch: Any, leaves: Any) -> Any:
+    """``batch`` with its tensors replaced by ``leaves`` (in ``_tree.flatten``'s order),
+    rebuilt with its containers' types (a namedtuple's, a dict subclass's if it can)."""
+    if isinstance(batch, Tensor):
+        return next(leaves)
+    if isinstance(batch, Mapping):
+        items = [(k, _like(v, leaves)) for k, v in batch.items()]
+        kind: Any = type(batch)
+        try:
+            return kind(items)
+        except Exception:
+            return dict(items)
+    values = [_like(v, leaves) for v in batch]
+    if isinstance(batch, tuple):
+        return type(batch)(*values) if hasattr(batch, "_fields") else tuple(values)
+    return values
 
 
 class StackedTasks(TaskBatch):
