@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +39,7 @@ __all__ = [
     "Task",
     "adapt",
     "autograd_on",
+    "caller_level",
     "check_groups",
     "as_loss",
     "as_solver",
@@ -186,6 +190,17 @@ def flatten_meta_params(
                 "(hg.meta.parameters_of(model) does; an nn.Module then uses its own tensor)."
             )
     return [t.detach() for t in leaves], spec
+
+
+def caller_level() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
+    first frame outside this package: the user's line, however deep the call."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def autograd_on(call: str) -> contextlib.AbstractContextManager[None]:

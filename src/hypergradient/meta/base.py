@@ -36,6 +36,7 @@ from ._common import (
     as_inner_optimizer,
     as_loss,
     autograd_on,
+    caller_level,
     check_groups,
     flatten_meta_params,
     require_finite_losses,
@@ -96,7 +97,7 @@ def report_failed(tasks: list[TaskInfo], names: list[str]) -> bool:
             "meta-gradient is that of a failed adaptation (info.status is 'diverged'). Lower "
             "inner_lr (or the inner optimizer's lr) or inner_steps.",
             HypergradientWarning,
-            stacklevel=4,
+            stacklevel=caller_level(),
         )
     return bool(failed)
 

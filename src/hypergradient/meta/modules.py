@@ -22,6 +22,7 @@ __all__ = [
     "parameters_of",
     "running_stats_off",
     "tensor_names",
+    "tied_names",
 ]
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -66,6 +67,14 @@ def module_loss(
             if not known.issuperset(params):
                 known.update(tensor_names(model))  # the module may have changed since
                 check_names(params, known)
+            for alias, first in tied:
+                if alias in params and first in params:
+                    raise ValueError(
+                        f"meta_params has both {first!r} and {alias!r}, which are one tied "
+                        "tensor of the module: adapted separately, they would no longer be "
+                        "one. Give it once, under one name (hg.meta.parameters_of(model) "
+                        "does; a state_dict() lists a tied tensor under every name)."
+                    )
             params = {**params, **running_stats_off(model)}
         elif not (isinstance(params, (tuple, list)) and all(isinstance(d, dict) for d in params)):
             raise ArgumentTypeError(
@@ -75,7 +84,21 @@ def module_loss(
         return crit(torch.func.functional_call(model, params, (inputs,)), targets)
 
     known = tensor_names(model)
+    tied = tied_names(model)
     return loss_fn
+
+
+def tied_names(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, first name)`` of each tensor the module holds under several names."""
+    first: dict[int, str] = {}
+    tied = []
+    named = [*model.named_parameters(remove_duplicate=False)]
+    for name, t in named + [*model.named_buffers(remove_duplicate=False)]:
+        if id(t) in first:
+            tied.append((name, first[id(t)]))
+        else:
+            first[id(t)] = name
+    return tied
 
 
 def tensor_names(model: nn.Module) -> set[str]:

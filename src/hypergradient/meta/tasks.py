@@ -185,7 +185,15 @@ class StackedTasks(TaskBatch):
 
     def losses(self, phi: Tree, split: Split) -> Tensor:
         """Per-task losses, shape ``(B,)``."""
-        out = self.per_task(phi, self.support if split == "support" else self.query)
+        try:
+            out = self.per_task(phi, self.support if split == "support" else self.query)
+        except RuntimeError as err:  # torch's words, and the fix
+            if "atching rule" not in str(err) and "vmap" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{err}\nvectorize=True evaluates loss_fn under torch.func.vmap, which it (or "
+                "an operation in it) does not support; use vectorize=False."
+            ) from err
         if not isinstance(out, Tensor) or out.numel() != self.num_tasks:
             raise ValueError(
                 "`loss_fn` must return a scalar tensor per task (vectorize=True maps it over "
