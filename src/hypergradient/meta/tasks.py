@@ -24,8 +24,9 @@ code path, whatever the batch holds. Two implementations:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -186,7 +187,8 @@ class StackedTasks(TaskBatch):
     def losses(self, phi: Tree, split: Split) -> Tensor:
         """Per-task losses, shape ``(B,)``."""
         try:
-            out = self.per_task(phi, self.support if split == "support" else self.query)
+            with no_fastpath():
+                out = self.per_task(phi, self.support if split == "support" else self.query)
         except RuntimeError as err:  # torch's words, and the fix
             if "atching rule" not in str(err) and "vmap" not in str(err):
                 raise
@@ -224,6 +226,21 @@ class StackedTasks(TaskBatch):
             for x in leaves
         ]
         return torch.stack(squares).sum(0).sqrt().tolist()
+
+
+@contextlib.contextmanager
+def no_fastpath() -> Iterator[None]:
+    """Attention layers off their inference fast path, which has no derivative: under
+    ``vmap`` an eval-mode ``nn.TransformerEncoderLayer`` takes it (its weights do not look
+    like they require grad there) and the meta-gradient failed ("derivative for
+    aten::_transformer_encoder_layer_fwd is not implemented")."""
+    mha = torch.backends.mha
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def check_task(task: Any, name: str = "task") -> Task:
