@@ -151,3 +151,33 @@ def test_a_non_tensor_in_a_stacked_batch_is_named_with_the_fix(extra):
             vectorize=True,
         )
     assert "named_parameters" not in str(e.value)
+
+
+def lsq(p, batch):
+    x, y = batch
+    return ((x @ p["w"] - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("how", ["adapt", "maml", "imaml"])
+def test_a_diverged_adaptation_by_adapt_warns_at_the_callers_line(how):
+    """``adapt`` returned parameters whose support loss was 6e19 (from 0.28), silently."""
+    g = torch.Generator().manual_seed(0)
+    support = torch.randn(8, 3, generator=g, dtype=DT), torch.randn(8, generator=g, dtype=DT)
+    theta = {"w": torch.zeros(3, dtype=DT)}
+    calls = {
+        "adapt": lambda lr: meta.adapt(lsq, theta, support, steps=10, lr=lr),
+        "maml": lambda lr: meta.MAML(lsq, inner_steps=10, inner_lr=lr).adapt(theta, support),
+        "imaml": lambda lr: meta.IMAML(lsq, lam=0.1, inner_steps=10, inner_lr=lr).adapt(
+            theta, support
+        ),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = calls[how](0.05)
+    assert float(lsq(good, support)) < float(lsq(theta, support))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bad = calls[how](5.0)
+    (w,) = caught
+    assert "diverged" in str(w.message) and w.filename == __file__
+    assert float(lsq(bad, support)) > 1e19  # still returned: the descent that was asked for

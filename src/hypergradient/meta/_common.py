@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from .. import _tree
 from .._tree import Tree, TreeSpec
 from .._vocab import (
     ArgumentTypeError,
+    HypergradientWarning,
     NonFiniteHypergradientError,
     as_callable,
     as_float,
@@ -28,6 +30,7 @@ from .._vocab import (
     as_scalar_loss,
     require_finite,
 )
+from ..methods.growth import ADAPT_GROWTH, adaptation_failed
 from ..optim.functional import FunctionalOptimizer, sgd
 from ..solvers import CG, Solver
 from .modules import LossFn, module_loss
@@ -263,12 +266,16 @@ def descend(
     spec: TreeSpec,
     steps: int,
     optimizer: FunctionalOptimizer,
+    start: list[float] | None = None,
 ) -> list[Tensor]:
-    """``steps`` optimizer steps on ``objective`` from ``leaves`` (detached throughout)."""
+    """``steps`` optimizer steps on ``objective`` from ``leaves`` (detached throughout);
+    ``objective`` at ``leaves`` is appended to ``start`` if given."""
     p = [t.detach() for t in leaves]
     state = optimizer.init(p)
     for t in range(steps):
-        g, _ = gradient(objective, p, spec)
+        g, value = gradient(objective, p, spec)
+        if start is not None and t == 0:
+            start.append(float(value))
         with torch.no_grad():
             p, state = optimizer.update(p, g, state, t)
         p = [x.detach() for x in p]
@@ -313,7 +320,12 @@ def adapt(
     Returns:
         The adapted parameters, detached, with the structure of ``params``.
 
-    Cost: ``steps`` gradients of the support loss; memory O(P).
+    Cost: ``steps`` gradients of the support loss and one loss evaluation; memory O(P).
+
+    Warns:
+        HypergradientWarning: the descent diverged: its loss ended at least
+            :data:`~hypergradient.methods.growth.ADAPT_GROWTH` times its value at ``params``
+            (:func:`~hypergradient.methods.growth.adaptation_failed`), or not finite.
 
     Raises:
         NonFiniteHypergradientError: an adapted parameter is NaN or Inf (a NaN in the
@@ -332,8 +344,9 @@ def adapt(
         loss = loss_fn(phi, support)
         return loss + 0.5 * lam * proximal_term(phi, theta) if lam > 0 else loss
 
+    before: list[float] = []
     with grad_mode:
-        phi = descend(objective, leaves, spec, steps, opt)
+        phi = descend(objective, leaves, spec, steps, opt, before)
     require_finite(
         phi,
         spec.paths,
@@ -341,4 +354,15 @@ def adapt(
         "The descent on the support batch diverged or met NaN/Inf: lower `lr` (or the "
         "optimizer's lr) or `steps`, or check the support batch and the loss.",
     )
+    with torch.no_grad():
+        after = float(objective(_tree.unflatten(spec, phi)))
+    if adaptation_failed(before[0], after) or not math.isfinite(after):
+        warnings.warn(
+            f"The adaptation diverged: its loss went from {before[0]:.3g} at the starting "
+            f"parameters to {after:.3g} (at least {ADAPT_GROWTH:g}x), so the adapted "
+            "parameters are no fit to the support batch. Lower the learning rate (lr, "
+            "inner_lr or the optimizer's lr) or the number of steps.",
+            HypergradientWarning,
+            stacklevel=caller_level(),
+        )
     return _tree.unflatten(spec, phi)
