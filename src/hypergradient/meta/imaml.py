@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import as_float
+from .._vocab import HypergradientWarning, Status, as_float
 from ..methods.implicit import STATIONARITY, implicit, warn_not_stationary
 from ..optim.functional import FunctionalOptimizer
 from ..solvers import Solver
@@ -170,6 +172,20 @@ class IMAML(MetaLearner):
         )
         warn_not_stationary(info, STATIONARITY, NOT_SOLVED, NOT_SOLVED_FIX, caller_level() + 1)
         solve = SolveSummary.of(info)
+        negative = int(info.stats.get("negative_eigenvalues") or 0)  # a dense solve's count
+        if negative and solve.status.ok:
+            solve.status = Status.NEGATIVE_CURVATURE
+            lowest = float(info.stats.get("lambda_min", math.nan))
+            warnings.warn(
+                f"The iMAML system H + (lam + damping) I is indefinite at the adapted "
+                f"parameters ({negative} negative eigenvalue(s), the lowest {lowest:.3g}): "
+                "they are no minimum of the inner objective, and the meta-gradient is that of "
+                "a stationary point the adaptation does not stay at (an iterative solver "
+                "reports negative_curvature). Raise lam, or damping above "
+                f"{-lowest:.3g}.",
+                HypergradientWarning,
+                stacklevel=caller_level(),
+            )
         return BatchResult(
             grad=[x.detach() for x in _tree.flatten(grad, "grad")[0]],
             phi=phi,
