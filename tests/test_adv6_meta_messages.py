@@ -158,3 +158,25 @@ def test_a_loss_vmap_cannot_run_names_vectorize_false():
         meta.maml_step(model, theta, tasks, inner_steps=1, inner_lr=0.1, vectorize=True)
     got, _ = meta.maml_step(model, theta, tasks, inner_steps=1, inner_lr=0.1)  # the fix works
     assert all(torch.isfinite(v).all() for v in got.values())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: meta.maml_step(lsq, t, [lsq_task()], inner_steps=2, inner_lr=0.1),
+        lambda t: meta.maml_step(lsq, t, [lsq_task()], inner_steps=2, inner_lr=0.1, vectorize=True),
+        lambda t: meta.imaml_step(lsq, t, [lsq_task()], lam=1.0, inner_steps=2, inner_lr=0.1),
+        lambda t: meta.MAML(lsq, inner_steps=2, inner_lr=0.1).meta_gradient(t, lsq_task()),
+        lambda t: meta.adapt(lsq, t, lsq_task()[0], steps=2, lr=0.1),
+    ],
+    ids=["maml", "maml_vectorized", "imaml", "meta_gradient", "adapt"],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_meta_parameters_are_named_not_blamed_on_the_task(call, value):
+    """A NaN in ``meta_params`` (an outer step that blew up) was reported as "the support
+    loss at meta_params of tasks[0] is not finite. Check tasks[0]'s support batch" (adapt:
+    "lower lr or steps, or check the support batch")."""
+    theta = {"w": torch.tensor([0.1, value, 0.3], dtype=DT)}
+    with pytest.raises(ValueError, match=r"\['w'\] contains NaN or Inf.*outer optimizer") as e:
+        call(theta)
+    assert "tasks[0]" not in str(e.value) and "support batch" not in str(e.value)

@@ -28,6 +28,7 @@ from .._vocab import (
     as_float,
     as_int,
     as_scalar_loss,
+    first_nonfinite,
     require_finite,
 )
 from ..methods.growth import ADAPT_GROWTH, adaptation_failed
@@ -179,12 +180,19 @@ def flatten_meta_params(
     """Detached leaves of ``meta_params`` (validated: floating point, one device) and spec.
 
     Raises:
-        ValueError: a leaf is a frozen ``nn.Parameter`` (``requires_grad=False``): it would
-            be adapted and get a meta-gradient; the fix is to leave it out (the module's own
-            tensor is then used, as :func:`parameters_of` arranges).
+        ValueError: a leaf holds NaN or Inf (naming it), or is a frozen ``nn.Parameter``
+            (``requires_grad=False``): it would be adapted and get a meta-gradient; the
+            fix is to leave it out (the module's own tensor is then used, as
+            :func:`parameters_of` arranges).
     """
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
+    bad = first_nonfinite(leaves, spec.paths)
+    if bad is not None:  # not the tasks' fault: say so before any loss is evaluated
+        raise ValueError(
+            f"{bad} contains NaN or Inf; `{name}` must be finite. Check the outer "
+            "optimizer's step (lower its learning rate) or the values passed in."
+        )
     for leaf, path in zip(leaves, spec.paths):
         if isinstance(leaf, nn.Parameter) and not leaf.requires_grad:
             raise ValueError(
@@ -330,6 +338,7 @@ def adapt(
     Raises:
         NonFiniteHypergradientError: an adapted parameter is NaN or Inf (a NaN in the
             support batch, or a diverged descent), naming the leaf.
+        ValueError: ``params`` holds NaN or Inf (naming the leaf).
     """
     grad_mode = autograd_on("hg.meta.adapt()")
     loss_fn = as_loss(model_or_loss, criterion)

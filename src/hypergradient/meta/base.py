@@ -186,7 +186,8 @@ class MetaLearner:
             NonFiniteHypergradientError: naming the first non-finite quantity: a task's
                 support loss at ``meta_params``, the adapted parameters, a query gradient,
                 or the meta-gradient.
-            ValueError: under ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
+            ValueError: under ``torch.inference_mode()`` (``torch.no_grad()`` is fine), or
+                a leaf of ``meta_params`` holds NaN or Inf (naming it).
         """
         grad_mode = autograd_on(f"{type(self).__name__}.step()")
         theta, spec = flatten_meta_params(meta_params)
