@@ -181,3 +181,25 @@ def test_a_diverged_adaptation_by_adapt_warns_at_the_callers_line(how):
     (w,) = caught
     assert "diverged" in str(w.message) and w.filename == __file__
     assert float(lsq(bad, support)) > 1e19  # still returned: the descent that was asked for
+
+
+def test_the_public_task_batch_classes_check_their_arguments():
+    """``StackedTasks(loss, [])`` raised ``IndexError``, a task of three items ``too many
+    values to unpack``, a None loss ``'NoneType' object is not callable`` at first use."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 3, generator=g, dtype=DT), torch.randn(4, generator=g, dtype=DT)
+    pair = ((x, y), (x, y))
+    with pytest.raises(ValueError, match="`tasks` is empty"):
+        meta.StackedTasks(lsq, [])
+    with pytest.raises(TypeError, match=r"`tasks\[1\]` must be a pair .* a tuple of 3 items"):
+        meta.StackedTasks(lsq, [pair, (x, y, x)])
+    with pytest.raises(TypeError, match="`task` must be a pair .* a tuple of 1 items"):
+        meta.SingleTask(lsq, ((x, y),))
+    for make in (lambda: meta.StackedTasks(None, [pair]), lambda: meta.SingleTask(None, pair)):
+        with pytest.raises(TypeError, match="`loss_fn` must be a callable"):
+            make()
+    with pytest.raises(TypeError, match=r"got a dict with keys \['support', 'query'\]"):
+        meta.maml_step(
+            lsq, {"w": torch.zeros(3, dtype=DT)}, [{"support": (x, y), "query": (x, y)}],
+            inner_steps=1, inner_lr=0.1,
+        )  # fmt: skip

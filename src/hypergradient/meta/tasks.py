@@ -34,8 +34,8 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import ArgumentTypeError, as_bool, as_scalar_loss
-from ._common import LossFn, Task
+from .._vocab import ArgumentTypeError, as_bool, as_callable, as_scalar_loss
+from ._common import LOSS_SIGNATURE, LossFn, Task
 
 __all__ = [
     "SingleTask",
@@ -95,8 +95,8 @@ class SingleTask(TaskBatch):
     num_tasks = 1
 
     def __init__(self, loss_fn: LossFn, task: Task):
-        self.loss_fn = loss_fn
-        self.support, self.query = task
+        self.loss_fn = as_callable(loss_fn, "loss_fn", LOSS_SIGNATURE)
+        self.support, self.query = check_task(task)
 
     def _batch(self, split: Split) -> Any:
         return self.support if split == "support" else self.query
@@ -179,6 +179,8 @@ class StackedTasks(TaskBatch):
     """
 
     def __init__(self, loss_fn: LossFn, tasks: Sequence[Task]):
+        loss_fn = as_callable(loss_fn, "loss_fn", LOSS_SIGNATURE)
+        tasks = check_tasks(tasks)
         self.num_tasks = len(tasks)
         self.support = stack_batches([s for s, _ in tasks], "support")
         self.query = stack_batches([q for _, q in tasks], "query")
@@ -246,9 +248,13 @@ def no_fastpath() -> Iterator[None]:
 def check_task(task: Any, name: str = "task") -> Task:
     """``(support, query)`` from a pair."""
     if not isinstance(task, (tuple, list)) or len(task) != 2:
-        raise ArgumentTypeError(
-            f"`{name}` must be a pair (support, query) of batches, got {task!r:.80}."
-        )
+        if isinstance(task, (tuple, list)):
+            got = f"a {type(task).__name__} of {len(task)} items"
+        elif isinstance(task, Mapping):
+            got = f"a {type(task).__name__} with keys {list(task)[:4]}"
+        else:
+            got = type(task).__name__
+        raise ArgumentTypeError(f"`{name}` must be a pair (support, query) of batches, got {got}.")
     return task[0], task[1]
 
 
