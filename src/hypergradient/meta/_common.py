@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import sys
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +31,7 @@ from .._vocab import (
 from ..methods.growth import ADAPT_GROWTH, adaptation_failed
 from ..optim.functional import FunctionalOptimizer, sgd
 from ..solvers import CG, Solver
-from .modules import LossFn, module_loss
+from .modules import LossFn, caller_level, module_loss
 
 __all__ = [
     "LOSS_SIGNATURE",
@@ -203,17 +200,6 @@ def flatten_meta_params(
     return [t.detach() for t in leaves], spec
 
 
-def caller_level() -> int:
-    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
-    first frame outside this package: the user's line, however deep the call."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame: types.FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def autograd_on(call: str) -> contextlib.AbstractContextManager[None]:
     """``torch.enable_grad()``, after refusing ``torch.inference_mode()``.
 
@@ -354,8 +340,8 @@ def adapt(
         return loss + 0.5 * lam * proximal_term(phi, theta) if lam > 0 else loss
 
     before: list[float] = []
-    with grad_mode:
-        phi = descend(objective, leaves, spec, steps, opt, before)
+    with grad_mode:  # from copies: a forward that writes its weights (max_norm) writes these
+        phi = descend(objective, [t.clone() for t in leaves], spec, steps, opt, before)
     require_finite(
         phi,
         spec.paths,

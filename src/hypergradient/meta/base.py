@@ -42,6 +42,7 @@ from ._common import (
     require_finite_losses,
 )
 from .info import BatchResult, MetaInfo, TaskInfo, summarize
+from .modules import warn_max_norm
 from .tasks import SingleTask, TaskBatch, check_task, task_batches
 
 __all__ = ["MetaLearner", "name_the_task", "report_failed", "task_records"]
@@ -151,6 +152,8 @@ class MetaLearner:
         criterion: Callable[[Tensor, Tensor], Tensor] | None,
     ):
         self.loss_fn = as_loss(model_or_loss, criterion)
+        if isinstance(model_or_loss, nn.Module):
+            warn_max_norm(model_or_loss)
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         self.inner_optimizer = as_inner_optimizer(
             inner_lr, inner_optimizer, "inner_lr", "inner_optimizer"
