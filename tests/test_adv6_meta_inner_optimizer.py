@@ -158,3 +158,18 @@ def test_detached_tensor_settings_are_constants_without_a_warning(first_order):
     ref, _ = by_hand(model, theta, task, 3, dict.fromkeys(theta, 0.25), 0.5, first_order)
     assert err(got, ref) < 1e-13
     assert isinstance(opt.settings["lr"], torch.Tensor)  # the caller's optimizer is untouched
+
+
+def test_a_tensor_learning_rate_changed_in_place_between_calls_is_read_at_each_call():
+    """An inner learning-rate schedule kept in a tensor setting: each call uses its value."""
+    model = net()
+    theta, task = meta.parameters_of(model, copy=True), task_of(5)
+    lr = torch.tensor(0.3, dtype=DT)
+    maml = meta.MAML(model, inner_steps=2, inner_optimizer=hg.optim.sgd(lr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for value in (0.3, 0.1):
+            lr.fill_(value)
+            got, _ = maml.step(theta, [task])
+            ref, _ = by_hand(model, theta, task, 2, dict.fromkeys(theta, value))
+            assert err(got, ref) < 1e-13

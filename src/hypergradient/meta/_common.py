@@ -42,6 +42,7 @@ __all__ = [
     "autograd_on",
     "caller_level",
     "check_groups",
+    "constant_settings",
     "as_loss",
     "as_solver",
     "descend",
@@ -93,8 +94,8 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
     """Plain gradient descent of step ``lr``, or a functional ``optimizer`` (exactly one).
 
     Every adaptation starts the optimizer afresh (zero buffers, step 0): a ``from_torch``
-    twin's per-parameter step offsets are dropped; its per-group learning rates are kept.
-    Settings given as (detached) tensors are constants: they are used as numbers (a copy).
+    twin's per-parameter step offsets are dropped (on a copy); its per-group learning
+    rates are kept.
     """
     if (lr is None) == (optimizer is None):
         raise ValueError(
@@ -111,11 +112,9 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
         )
     for key, value in optimizer.settings.items():
         refuse_learned_setting(value, f"{opt_name}.settings['{key}']")
-    tensors = optimizer.tensor_settings()  # constants here: numbers (no replay warnings)
-    if optimizer.offsets is not None or tensors:  # and every adaptation starts at step 0
+    if optimizer.offsets is not None:  # every adaptation starts at step 0
         optimizer = copy.copy(optimizer)
         optimizer.offsets = None
-        optimizer.settings = {**optimizer.settings, **{k: float(v) for k, v in tensors.items()}}
     decays = [optimizer.settings.get("weight_decay", 0.0)]  # and a twin's other param groups'
     decays += [g.get("weight_decay", 0.0) for g in optimizer.groups]
     for wd in decays:
@@ -126,6 +125,18 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
                 "penalty in the loss instead."
             )
     return optimizer
+
+
+def constant_settings(optimizer: FunctionalOptimizer) -> FunctionalOptimizer:
+    """``optimizer``, or a copy with its (detached) tensor settings read as numbers: for a
+    replay (``hg.unrolled``), which would take a tensor setting for a hyperparameter that is
+    not among its ``hparams`` and warn. Read at each call, so in-place changes count."""
+    tensors = optimizer.tensor_settings()
+    if not tensors:
+        return optimizer
+    out = copy.copy(optimizer)
+    out.settings = {**optimizer.settings, **{k: float(v) for k, v in tensors.items()}}
+    return out
 
 
 def check_groups(optimizer: FunctionalOptimizer, spec: TreeSpec, name: str) -> None:
