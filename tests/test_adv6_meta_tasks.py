@@ -82,7 +82,7 @@ def test_adaptation_failed_for_any_sign_of_the_starting_loss():
     assert adaptation_failed(1.0, 10.0) and not adaptation_failed(1.0, 9.9)  # as before
     assert adaptation_failed(-1.6, 149.0) and adaptation_failed(-1.0, 8.0)
     assert not adaptation_failed(-1.0, 7.9) and not adaptation_failed(-1.0, -2.0)
-    assert adaptation_failed(0.0, 1e-3) and not adaptation_failed(0.0, 0.0)
+    assert not adaptation_failed(0.0, 1e-3) and not adaptation_failed(0.0, 0.0)  # no scale
     assert not adaptation_failed(1.0, float("inf")) and not adaptation_failed(float("nan"), 1.0)
 
 

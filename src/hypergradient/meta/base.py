@@ -93,7 +93,7 @@ def report_failed(tasks: list[TaskInfo], names: list[str]) -> bool:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         warnings.warn(
             f"The adaptation diverged on {len(failed)} task(s): its support loss ended at least "
-            f"{ADAPT_GROWTH:g}x above its value at meta_params (a loss <= 0 there: rose by "
+            f"{ADAPT_GROWTH:g}x above its value at meta_params (a loss < 0 there: rose by "
             f"{ADAPT_GROWTH - 1:g}x its magnitude): {shown}{more}. Their "
             "meta-gradient is that of a failed adaptation (info.status is 'diverged'). Lower "
             "inner_lr (or the inner optimizer's lr) or inner_steps.",
