@@ -213,3 +213,21 @@ def test_vectorized_imaml_checks_stationarity_per_task_as_the_per_task_path_does
     assert len(one_by_one) == 1 and len(stacked) == 1
     worst = max(range(20), key=lambda i: info.tasks[i].inner_grad_norm)
     assert f"tasks[{worst}], the worst of 1 of 20 tasks" in stacked[0]
+
+
+def test_a_state_dict_as_meta_parameters_names_the_running_statistic():
+    """``model.state_dict()`` was refused for its integer batch counter with the advice to
+    convert it with ``.float()`` (which then met the running-statistic refusal)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(5, 3, generator=g, dtype=DT), torch.randn(5, 1, generator=g, dtype=DT)
+    for call in (
+        lambda: meta.maml_step(
+            model, model.state_dict(), [(batch, batch)], inner_steps=1, inner_lr=0.1
+        ),
+        lambda: meta.adapt(model, model.state_dict(), batch, steps=1, lr=0.1),
+    ):
+        with pytest.raises(ValueError, match="'1.running_mean', a normalization layer's") as e:
+            call()
+        assert ".float()" not in str(e.value)

@@ -31,7 +31,7 @@ from .._vocab import (
 from ..methods.growth import ADAPT_GROWTH, adaptation_failed
 from ..optim.functional import FunctionalOptimizer, sgd
 from ..solvers import CG, Solver
-from .modules import LossFn, caller_level, module_loss
+from .modules import RUNNING_STATS, LossFn, caller_level, check_names, module_loss
 
 __all__ = [
     "LOSS_SIGNATURE",
@@ -183,9 +183,13 @@ def as_solver(solver: Any) -> Solver:
 
 
 def flatten_meta_params(
-    meta_params: Tree, name: str = "meta_params"
+    meta_params: Tree, name: str = "meta_params", loss_fn: LossFn | None = None
 ) -> tuple[list[Tensor], TreeSpec]:
     """Detached leaves of ``meta_params`` (validated: floating point, one device) and spec.
+
+    With a module's ``loss_fn`` (:func:`module_loss`), a normalization layer's running
+    statistic among the keys (a ``state_dict()``) is named first: its integer counter would
+    otherwise be refused for its dtype, with the advice to convert it.
 
     Raises:
         ValueError: a leaf holds NaN or Inf (naming it), or is a frozen ``nn.Parameter``
@@ -193,6 +197,9 @@ def flatten_meta_params(
             fix is to leave it out (the module's own tensor is then used, as
             :func:`parameters_of` arranges).
     """
+    if getattr(loss_fn, "module", None) is not None and isinstance(meta_params, dict):
+        stats = [k for k in meta_params if str(k).rsplit(".", 1)[-1] in RUNNING_STATS]
+        check_names(dict.fromkeys(stats[:1]), set())  # raises, naming it
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
     bad = first_nonfinite(leaves, spec.paths)
@@ -342,7 +349,7 @@ def adapt(
     steps = as_int(steps, "steps", min=1)
     opt = as_inner_optimizer(lr, optimizer, "lr", "optimizer")
     lam = as_float(lam, "lam", min=0.0)
-    leaves, spec = flatten_meta_params(params, "params")
+    leaves, spec = flatten_meta_params(params, "params", loss_fn)
     check_groups(opt, spec, "params")
     theta = _tree.unflatten(spec, leaves)
 

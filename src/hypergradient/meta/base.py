@@ -172,7 +172,7 @@ class MetaLearner:
     def meta_gradient(self, meta_params: Tree, task: Task) -> tuple[Tree, TaskInfo]:
         """Meta-gradient of one task ``(support, query)`` and its diagnostics."""
         grad_mode = autograd_on(f"{type(self).__name__}.meta_gradient()")
-        theta, spec = flatten_meta_params(meta_params)
+        theta, spec = flatten_meta_params(meta_params, loss_fn=self.loss_fn)
         check_groups(self.inner_optimizer, spec, "meta_params")
         batch = SingleTask(self.loss_fn, check_task(task))
         with grad_mode:
@@ -193,7 +193,7 @@ class MetaLearner:
                 a leaf of ``meta_params`` holds NaN or Inf (naming it).
         """
         grad_mode = autograd_on(f"{type(self).__name__}.step()")
-        theta, spec = flatten_meta_params(meta_params)
+        theta, spec = flatten_meta_params(meta_params, loss_fn=self.loss_fn)
         check_groups(self.inner_optimizer, spec, "meta_params")
         batches = task_batches(self.loss_fn, tasks, self.vectorize)
         names = [f"tasks[{i}]" for i in range(sum(b.num_tasks for b in batches))]
