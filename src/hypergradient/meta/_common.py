@@ -197,7 +197,7 @@ def flatten_meta_params(
             fix is to leave it out (the module's own tensor is then used, as
             :func:`parameters_of` arranges).
     """
-    if getattr(loss_fn, "module", None) is not None and isinstance(meta_params, dict):
+    if getattr(loss_fn, "hg_module", None) is not None and isinstance(meta_params, dict):
         stats = [k for k in meta_params if str(k).rsplit(".", 1)[-1] in RUNNING_STATS]
         check_names(dict.fromkeys(stats[:1]), set())  # raises, naming it
     leaves, spec = _tree.flatten(meta_params, name)

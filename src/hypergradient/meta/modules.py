@@ -92,7 +92,7 @@ def module_loss(
 
     known = tensor_names(model)
     tied = tied_names(model)
-    loss_fn.module = model  # type: ignore[attr-defined]  # for StackedTasks' checks
+    loss_fn.hg_module = model  # type: ignore[attr-defined]  # read by the meta_params and vmap checks
     return loss_fn
 
 

@@ -183,7 +183,7 @@ class StackedTasks(TaskBatch):
     def __init__(self, loss_fn: LossFn, tasks: Sequence[Task]):
         loss_fn = as_callable(loss_fn, "loss_fn", LOSS_SIGNATURE)
         tasks = check_tasks(tasks)
-        refuse_padding(getattr(loss_fn, "module", None))
+        refuse_padding(getattr(loss_fn, "hg_module", None))
         self.num_tasks = len(tasks)
         self.support = stack_batches([s for s, _ in tasks], "support")
         self.query = stack_batches([q for _, q in tasks], "query")
