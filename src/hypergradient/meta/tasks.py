@@ -238,8 +238,11 @@ def no_fastpath() -> Iterator[None]:
     """Attention layers off their inference fast path, which has no derivative: under
     ``vmap`` an eval-mode ``nn.TransformerEncoderLayer`` takes it (its weights do not look
     like they require grad there) and the meta-gradient failed ("derivative for
-    aten::_transformer_encoder_layer_fwd is not implemented")."""
-    mha = torch.backends.mha
+    aten::_transformer_encoder_layer_fwd is not implemented"). (torch < 2.2 has no switch.)"""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
     before = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
     try:
