@@ -6,7 +6,9 @@ An underscore module: its members are the package's internal (but public-named) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,16 +19,19 @@ from .. import _tree
 from .._tree import Tree, TreeSpec
 from .._vocab import (
     ArgumentTypeError,
+    HypergradientWarning,
     NonFiniteHypergradientError,
     as_callable,
     as_float,
     as_int,
     as_scalar_loss,
+    first_nonfinite,
     require_finite,
 )
+from ..methods.growth import ADAPT_GROWTH, adaptation_failed
 from ..optim.functional import FunctionalOptimizer, sgd
 from ..solvers import CG, Solver
-from .modules import LossFn, module_loss
+from .modules import RUNNING_STATS, LossFn, caller_level, check_names, module_loss
 
 __all__ = [
     "LOSS_SIGNATURE",
@@ -35,6 +40,9 @@ __all__ = [
     "Task",
     "adapt",
     "autograd_on",
+    "caller_level",
+    "check_groups",
+    "constant_settings",
     "as_loss",
     "as_solver",
     "descend",
@@ -83,7 +91,12 @@ def loss_value(loss_fn: LossFn, params: Tree, batch: Any) -> float:
 
 
 def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> FunctionalOptimizer:
-    """Plain gradient descent of step ``lr``, or a functional ``optimizer`` (exactly one)."""
+    """Plain gradient descent of step ``lr``, or a functional ``optimizer`` (exactly one).
+
+    Every adaptation starts the optimizer afresh (zero buffers, step 0): a ``from_torch``
+    twin's per-parameter step offsets are dropped (on a copy); its per-group learning
+    rates are kept.
+    """
     if (lr is None) == (optimizer is None):
         raise ValueError(
             f"Pass exactly one of `{lr_name}` (plain gradient descent) and `{opt_name}` "
@@ -99,14 +112,48 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
         )
     for key, value in optimizer.settings.items():
         refuse_learned_setting(value, f"{opt_name}.settings['{key}']")
-    wd = optimizer.settings.get("weight_decay", 0.0)
-    if isinstance(wd, Tensor) or wd != 0:
-        raise ValueError(
-            f"`{opt_name}` has weight_decay={wd!r}: MAML's change of variables would apply it "
-            "to phi - theta and iMAML's implicit gradient would ignore it. Put the penalty in "
-            "the loss instead."
-        )
+    if optimizer.offsets is not None:  # every adaptation starts at step 0
+        optimizer = copy.copy(optimizer)
+        optimizer.offsets = None
+    decays = [optimizer.settings.get("weight_decay", 0.0)]  # and a twin's other param groups'
+    decays += [g.get("weight_decay", 0.0) for g in optimizer.groups]
+    for wd in decays:
+        if isinstance(wd, Tensor) or wd != 0:
+            raise ValueError(
+                f"`{opt_name}` has weight_decay={wd!r}: MAML's change of variables would apply "
+                "it to phi - theta and iMAML's implicit gradient would ignore it. Put the "
+                "penalty in the loss instead."
+            )
     return optimizer
+
+
+def constant_settings(optimizer: FunctionalOptimizer) -> FunctionalOptimizer:
+    """``optimizer``, or a copy with its (detached) tensor settings read as numbers: for a
+    replay (``hg.unrolled``), which would take a tensor setting for a hyperparameter that is
+    not among its ``hparams`` and warn. Read at each call, so in-place changes count."""
+    tensors = optimizer.tensor_settings()
+    if not tensors:
+        return optimizer
+    out = copy.copy(optimizer)
+    out.settings = {**optimizer.settings, **{k: float(v) for k, v in tensors.items()}}
+    return out
+
+
+def check_groups(optimizer: FunctionalOptimizer, spec: TreeSpec, name: str) -> None:
+    """Refuse a ``from_torch`` twin whose param groups are not one per leaf of ``name``.
+
+    A twin's per-group settings (``group_of``) follow the parameters given to
+    ``from_torch``, by position: they must be the meta-parameters' tensors, in order.
+    """
+    group_of = optimizer.group_of
+    if group_of is not None and len(group_of) != len(spec.paths):
+        raise ValueError(
+            f"The inner optimizer's param groups were given for {len(group_of)} parameters "
+            f"(hg.optim.from_torch(optimizer, params)), but `{name}` has {len(spec.paths)} "
+            "leaves: the groups' settings would go to the wrong tensors. Build the twin "
+            f"from the optimizer's tensors of `{name}`, in its order (e.g. "
+            "[dict(model.named_parameters())[k] for k in meta_params])."
+        )
 
 
 def refuse_learned_setting(value: Any, name: str) -> None:
@@ -136,17 +183,31 @@ def as_solver(solver: Any) -> Solver:
 
 
 def flatten_meta_params(
-    meta_params: Tree, name: str = "meta_params"
+    meta_params: Tree, name: str = "meta_params", loss_fn: LossFn | None = None
 ) -> tuple[list[Tensor], TreeSpec]:
     """Detached leaves of ``meta_params`` (validated: floating point, one device) and spec.
 
+    With a module's ``loss_fn`` (:func:`module_loss`), a normalization layer's running
+    statistic among the keys (a ``state_dict()``) is named first: its integer counter would
+    otherwise be refused for its dtype, with the advice to convert it.
+
     Raises:
-        ValueError: a leaf is a frozen ``nn.Parameter`` (``requires_grad=False``): it would
-            be adapted and get a meta-gradient; the fix is to leave it out (the module's own
-            tensor is then used, as :func:`parameters_of` arranges).
+        ValueError: a leaf holds NaN or Inf (naming it), or is a frozen ``nn.Parameter``
+            (``requires_grad=False``): it would be adapted and get a meta-gradient; the
+            fix is to leave it out (the module's own tensor is then used, as
+            :func:`parameters_of` arranges).
     """
+    if getattr(loss_fn, "hg_module", None) is not None and isinstance(meta_params, dict):
+        stats = [k for k in meta_params if str(k).rsplit(".", 1)[-1] in RUNNING_STATS]
+        check_names(dict.fromkeys(stats[:1]), set())  # raises, naming it
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
+    bad = first_nonfinite(leaves, spec.paths)
+    if bad is not None:  # not the tasks' fault: say so before any loss is evaluated
+        raise ValueError(
+            f"{bad} contains NaN or Inf; `{name}` must be finite. Check the outer "
+            "optimizer's step (lower its learning rate) or the values passed in."
+        )
     for leaf, path in zip(leaves, spec.paths):
         if isinstance(leaf, nn.Parameter) and not leaf.requires_grad:
             raise ValueError(
@@ -217,12 +278,16 @@ def descend(
     spec: TreeSpec,
     steps: int,
     optimizer: FunctionalOptimizer,
+    start: list[float] | None = None,
 ) -> list[Tensor]:
-    """``steps`` optimizer steps on ``objective`` from ``leaves`` (detached throughout)."""
+    """``steps`` optimizer steps on ``objective`` from ``leaves`` (detached throughout);
+    ``objective`` at ``leaves`` is appended to ``start`` if given."""
     p = [t.detach() for t in leaves]
     state = optimizer.init(p)
     for t in range(steps):
-        g, _ = gradient(objective, p, spec)
+        g, value = gradient(objective, p, spec)
+        if start is not None and t == 0:
+            start.append(float(value))
         with torch.no_grad():
             p, state = optimizer.update(p, g, state, t)
         p = [x.detach() for x in p]
@@ -267,26 +332,34 @@ def adapt(
     Returns:
         The adapted parameters, detached, with the structure of ``params``.
 
-    Cost: ``steps`` gradients of the support loss; memory O(P).
+    Cost: ``steps`` gradients of the support loss and one loss evaluation; memory O(P).
+
+    Warns:
+        HypergradientWarning: the descent diverged: its loss ended at least
+            :data:`~hypergradient.methods.growth.ADAPT_GROWTH` times its value at ``params``
+            (:func:`~hypergradient.methods.growth.adaptation_failed`), or not finite.
 
     Raises:
         NonFiniteHypergradientError: an adapted parameter is NaN or Inf (a NaN in the
             support batch, or a diverged descent), naming the leaf.
+        ValueError: ``params`` holds NaN or Inf (naming the leaf).
     """
     grad_mode = autograd_on("hg.meta.adapt()")
     loss_fn = as_loss(model_or_loss, criterion)
     steps = as_int(steps, "steps", min=1)
     opt = as_inner_optimizer(lr, optimizer, "lr", "optimizer")
     lam = as_float(lam, "lam", min=0.0)
-    leaves, spec = flatten_meta_params(params, "params")
+    leaves, spec = flatten_meta_params(params, "params", loss_fn)
+    check_groups(opt, spec, "params")
     theta = _tree.unflatten(spec, leaves)
 
     def objective(phi: Tree) -> Tensor:
         loss = loss_fn(phi, support)
         return loss + 0.5 * lam * proximal_term(phi, theta) if lam > 0 else loss
 
-    with grad_mode:
-        phi = descend(objective, leaves, spec, steps, opt)
+    before: list[float] = []
+    with grad_mode:  # from copies: a forward that writes its weights (max_norm) writes these
+        phi = descend(objective, [t.clone() for t in leaves], spec, steps, opt, before)
     require_finite(
         phi,
         spec.paths,
@@ -294,4 +367,15 @@ def adapt(
         "The descent on the support batch diverged or met NaN/Inf: lower `lr` (or the "
         "optimizer's lr) or `steps`, or check the support batch and the loss.",
     )
+    with torch.no_grad():
+        after = float(objective(_tree.unflatten(spec, phi)))
+    if adaptation_failed(before[0], after) or not math.isfinite(after):
+        warnings.warn(
+            f"The adaptation diverged: its loss went from {before[0]:.3g} at the starting "
+            f"parameters to {after:.3g} (at least {ADAPT_GROWTH:g}x), so the adapted "
+            "parameters are no fit to the support batch. Lower the learning rate (lr, "
+            "inner_lr or the optimizer's lr) or the number of steps.",
+            HypergradientWarning,
+            stacklevel=caller_level(),
+        )
     return _tree.unflatten(spec, phi)

@@ -36,10 +36,13 @@ from ._common import (
     as_inner_optimizer,
     as_loss,
     autograd_on,
+    caller_level,
+    check_groups,
     flatten_meta_params,
     require_finite_losses,
 )
 from .info import BatchResult, MetaInfo, TaskInfo, summarize
+from .modules import warn_max_norm
 from .tasks import SingleTask, TaskBatch, check_task, task_batches
 
 __all__ = ["MetaLearner", "name_the_task", "report_failed", "task_records"]
@@ -73,7 +76,8 @@ def task_records(
 def report_failed(tasks: list[TaskInfo], names: list[str]) -> bool:
     """Mark (``status = "diverged"``) and warn about the tasks whose adaptation ended at
     least :data:`~hypergradient.methods.growth.ADAPT_GROWTH` times above its support loss
-    at ``meta_params``; whether there were any."""
+    at ``meta_params`` (:func:`~hypergradient.methods.growth.adaptation_failed`); whether
+    there were any."""
     failed = [
         (n, t)
         for n, t in zip(names, tasks)
@@ -89,11 +93,12 @@ def report_failed(tasks: list[TaskInfo], names: list[str]) -> bool:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         warnings.warn(
             f"The adaptation diverged on {len(failed)} task(s): its support loss ended at least "
-            f"{ADAPT_GROWTH:g}x above its value at meta_params: {shown}{more}. Their "
+            f"{ADAPT_GROWTH:g}x above its value at meta_params (a loss < 0 there: rose by "
+            f"{ADAPT_GROWTH - 1:g}x its magnitude): {shown}{more}. Their "
             "meta-gradient is that of a failed adaptation (info.status is 'diverged'). Lower "
             "inner_lr (or the inner optimizer's lr) or inner_steps.",
             HypergradientWarning,
-            stacklevel=4,
+            stacklevel=caller_level(),
         )
     return bool(failed)
 
@@ -147,6 +152,8 @@ class MetaLearner:
         criterion: Callable[[Tensor, Tensor], Tensor] | None,
     ):
         self.loss_fn = as_loss(model_or_loss, criterion)
+        if isinstance(model_or_loss, nn.Module):
+            warn_max_norm(model_or_loss)
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         self.inner_optimizer = as_inner_optimizer(
             inner_lr, inner_optimizer, "inner_lr", "inner_optimizer"
@@ -165,7 +172,8 @@ class MetaLearner:
     def meta_gradient(self, meta_params: Tree, task: Task) -> tuple[Tree, TaskInfo]:
         """Meta-gradient of one task ``(support, query)`` and its diagnostics."""
         grad_mode = autograd_on(f"{type(self).__name__}.meta_gradient()")
-        theta, spec = flatten_meta_params(meta_params)
+        theta, spec = flatten_meta_params(meta_params, loss_fn=self.loss_fn)
+        check_groups(self.inner_optimizer, spec, "meta_params")
         batch = SingleTask(self.loss_fn, check_task(task))
         with grad_mode:
             grad, info = self._run(theta, spec, [batch], vectorized=False, names=["task"])
@@ -181,10 +189,12 @@ class MetaLearner:
             NonFiniteHypergradientError: naming the first non-finite quantity: a task's
                 support loss at ``meta_params``, the adapted parameters, a query gradient,
                 or the meta-gradient.
-            ValueError: under ``torch.inference_mode()`` (``torch.no_grad()`` is fine).
+            ValueError: under ``torch.inference_mode()`` (``torch.no_grad()`` is fine), or
+                a leaf of ``meta_params`` holds NaN or Inf (naming it).
         """
         grad_mode = autograd_on(f"{type(self).__name__}.step()")
-        theta, spec = flatten_meta_params(meta_params)
+        theta, spec = flatten_meta_params(meta_params, loss_fn=self.loss_fn)
+        check_groups(self.inner_optimizer, spec, "meta_params")
         batches = task_batches(self.loss_fn, tasks, self.vectorize)
         names = [f"tasks[{i}]" for i in range(sum(b.num_tasks for b in batches))]
         with grad_mode:

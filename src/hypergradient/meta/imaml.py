@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,8 +12,8 @@ from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree, TreeSpec
-from .._vocab import as_float
-from ..methods.implicit import implicit
+from .._vocab import HypergradientWarning, Status, as_float
+from ..methods.implicit import STATIONARITY, implicit, warn_not_stationary
 from ..optim.functional import FunctionalOptimizer
 from ..solvers import Solver
 from ._common import (
@@ -18,6 +21,7 @@ from ._common import (
     Task,
     adapt,
     as_solver,
+    caller_level,
     descend,
     gradient,
     proximal_term,
@@ -28,7 +32,14 @@ from .base import MetaLearner
 from .info import BatchResult, MetaInfo, SolveSummary
 from .tasks import TaskBatch
 
-__all__ = ["IMAML", "imaml_step"]
+__all__ = ["IMAML", "imaml_step", "report_solve"]
+
+NOT_SOLVED = "The gradient of iMAML's inner objective L_S(phi) + lam/2 ||phi - theta||^2"
+NOT_SOLVED_FIX = (
+    "the adapted parameters are not its minimum, and the implicit meta-gradient can be far "
+    "off (measured on logistic regression: 20-100 % relative error). Raise inner_steps (or "
+    "inner_lr, the inner optimizer's lr); info.tasks[i].inner_grad_norm is each task's norm."
+)
 
 
 class IMAML(MetaLearner):
@@ -158,14 +169,54 @@ class IMAML(MetaLearner):
             self.solver,
             damping=self.damping,
             return_info=True,
+            stationarity=None,  # checked below, in iMAML's words
         )
+        inner = batch.task_norms(gradient(f_at_theta, phi, spec)[0])
+        outer = None  # each stacked task's own query gradient (the query loss is their mean)
+        if batch.num_tasks > 1:
+            norms = batch.task_norms(gradient(batch.query_loss, phi, spec)[0])
+            outer = [n * batch.num_tasks for n in norms]
         solve = SolveSummary.of(info)
+        report_solve(info, solve, inner, outer)
         return BatchResult(
             grad=[x.detach() for x in _tree.flatten(grad, "grad")[0]],
             phi=phi,
             status=solve.status,
             solve=solve,
-            inner_grad_norms=batch.task_norms(gradient(f_at_theta, phi, spec)[0]),
+            inner_grad_norms=inner,
+        )
+
+
+def report_solve(
+    info: Any, solve: SolveSummary, inner: list[float], outer: list[float] | None
+) -> None:
+    """Warn (at the caller's line) about adapted parameters that are no minimum: not
+    stationary (per task: ``inner`` and ``outer`` norms of a stack's tasks; else the
+    solve's own), or at an indefinite system (a dense solve's eigenvalues)."""
+    level = caller_level() + 1
+    if outer is None:
+        warn_not_stationary(info, STATIONARITY, NOT_SOLVED, NOT_SOLVED_FIX, level)
+    else:
+        ratios = [a / max(c, 1e-300) for a, c in zip(inner, outer)]
+        worst = max(range(len(ratios)), key=ratios.__getitem__)
+        check = copy.copy(info)
+        check.inner_grad_norm, check.outer_grad_norm = inner[worst], outer[worst]
+        many = sum(r > STATIONARITY for r in ratios)
+        what = f"{NOT_SOLVED} (tasks[{worst}], the worst of {many} of {len(ratios)} tasks)"
+        warn_not_stationary(check, STATIONARITY, what, NOT_SOLVED_FIX, level)
+    negative = int(info.stats.get("negative_eigenvalues") or 0)  # a dense solve's count
+    if negative and solve.status.ok:
+        solve.status = Status.NEGATIVE_CURVATURE
+        lowest = float(info.stats.get("lambda_min", math.nan))
+        warnings.warn(
+            f"The iMAML system H + (lam + damping) I is indefinite at the adapted "
+            f"parameters ({negative} negative eigenvalue(s), the lowest {lowest:.3g}): "
+            "they are no minimum of the inner objective, and the meta-gradient is that of "
+            "a stationary point the adaptation does not stay at (an iterative solver "
+            "reports negative_curvature). Raise lam, or damping above "
+            f"{-lowest:.3g}.",
+            HypergradientWarning,
+            stacklevel=level - 1,
         )
 
 

@@ -38,7 +38,9 @@ class TaskInfo:
             :attr:`MetaInfo.num_hvps` is the total). 0 for MAML.
         relative_residual: iMAML: ``||b - (H + (lam + damping) I) x|| / ||b||`` of that solve.
         converged: iMAML: whether that solve met its tolerance.
-        status: the solve's status (iMAML), ``"unrolled"`` or ``"first_order"`` (MAML).
+        status: the solve's status (iMAML), ``"unrolled"`` or ``"first_order"`` (MAML);
+            ``"diverged"`` when the support loss ended at least 10x above its value at
+            ``meta_params`` (:func:`~hypergradient.methods.growth.adaptation_failed`).
         seconds: the task's share of the wall time of its batch (its own wall time when
             tasks run one at a time).
     """
@@ -65,7 +67,8 @@ class MetaInfo(Info):
         outer_loss: mean query loss after adaptation (:attr:`query_loss`).
         num_hvps: iMAML: solver products, all tasks together (0 for MAML).
         status: iMAML: the first solve status that is not ``ok``, else the first one's;
-            MAML: ``Status.FIXED_BUDGET`` (``K`` steps by design).
+            MAML: ``Status.FIXED_BUDGET`` (``K`` steps by design); ``Status.DIVERGED`` when
+            a task's adaptation diverged (its :attr:`TaskInfo.status` is ``"diverged"``).
         vectorized: whether the tasks were processed as one stacked problem.
         relative_residual: iMAML: the largest relative residual of the solves (the joint
             solve's when vectorized). None for MAML.

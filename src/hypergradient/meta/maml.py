@@ -15,7 +15,15 @@ from .._vocab import NonFiniteHypergradientError, as_bool, as_optional_int, requ
 from ..methods.growth import quiet
 from ..methods.unrolled import unrolled
 from ..optim.functional import FunctionalOptimizer
-from ._common import LossFn, Task, adapt, descend, gradient, require_finite_phi
+from ._common import (
+    LossFn,
+    Task,
+    adapt,
+    constant_settings,
+    descend,
+    gradient,
+    require_finite_phi,
+)
 from .base import MetaLearner
 from .info import BatchResult, MetaInfo, info_value
 from .tasks import TaskBatch
@@ -160,7 +168,7 @@ class MAML(MetaLearner):
                 delta0,
                 _tree.unflatten(spec, theta),
                 self.inner_steps,
-                self.inner_optimizer,
+                constant_settings(self.inner_optimizer),
                 checkpoint_every=self.checkpoint_every,
                 return_info=True,
             )

@@ -24,17 +24,18 @@ code path, whatever the batch holds. Two implementations:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import ArgumentTypeError, as_bool, as_scalar_loss
-from ._common import LossFn, Task
+from .._vocab import ArgumentTypeError, as_bool, as_callable, as_scalar_loss
+from ._common import LOSS_SIGNATURE, LossFn, Task
 
 __all__ = [
     "SingleTask",
@@ -42,6 +43,7 @@ __all__ = [
     "TaskBatch",
     "check_task",
     "check_tasks",
+    "refuse_padding",
     "stack_batches",
     "task_batches",
 ]
@@ -94,8 +96,8 @@ class SingleTask(TaskBatch):
     num_tasks = 1
 
     def __init__(self, loss_fn: LossFn, task: Task):
-        self.loss_fn = loss_fn
-        self.support, self.query = task
+        self.loss_fn = as_callable(loss_fn, "loss_fn", LOSS_SIGNATURE)
+        self.support, self.query = check_task(task)
 
     def _batch(self, split: Split) -> Any:
         return self.support if split == "support" else self.query
@@ -122,11 +124,12 @@ class SingleTask(TaskBatch):
 
 
 def stack_batches(batches: Sequence[Any], name: str) -> Any:
-    """Stack the tasks' batches leaf by leaf along a new leading dimension."""
-    first, spec0 = _tree.flatten(batches[0], f"{name}[0]")
+    """Stack the tasks' batches leaf by leaf along a new leading dimension (the batch
+    containers' types kept: a namedtuple stays one, for a loss that reads its fields)."""
+    first, spec0 = _flatten_batch(batches[0], f"{name}[0]")
     columns = [[t] for t in first]
     for i, b in enumerate(batches[1:], 1):
-        leaves, spec = _tree.flatten(b, f"{name}[{i}]")
+        leaves, spec = _flatten_batch(b, f"{name}[{i}]")
         if spec.structure() != spec0.structure() or spec.shapes != spec0.shapes:
             raise ValueError(
                 "vectorize=True needs batches of one structure and shape in every task: "
@@ -135,7 +138,36 @@ def stack_batches(batches: Sequence[Any], name: str) -> Any:
             )
         for c, t in zip(columns, leaves):
             c.append(t)
-    return _tree.unflatten(spec0, [torch.stack(c) for c in columns])
+    return _like(batches[0], iter([torch.stack(c) for c in columns]))
+
+
+def _flatten_batch(batch: Any, name: str) -> tuple[list[Tensor], _tree.TreeSpec]:
+    try:
+        return _tree.flatten(batch, name)
+    except ArgumentTypeError as err:
+        raise ArgumentTypeError(
+            f"{str(err).split(';')[0]}: vectorize=True stacks the tasks' batches, whose "
+            "leaves must then be tensors (in tuples, lists or dicts). Use vectorize=False for "
+            "batches that hold other values."
+        ) from err
+
+
+def _like(batch: Any, leaves: Any) -> Any:
+    """``batch`` with its tensors replaced by ``leaves`` (in ``_tree.flatten``'s order),
+    rebuilt with its containers' types (a namedtuple's, a dict subclass's if it can)."""
+    if isinstance(batch, Tensor):
+        return next(leaves)
+    if isinstance(batch, Mapping):
+        items = [(k, _like(v, leaves)) for k, v in batch.items()]
+        kind: Any = type(batch)
+        try:
+            return kind(items)
+        except Exception:
+            return dict(items)
+    values = [_like(v, leaves) for v in batch]
+    if isinstance(batch, tuple):
+        return type(batch)(*values) if hasattr(batch, "_fields") else tuple(values)
+    return values
 
 
 class StackedTasks(TaskBatch):
@@ -144,10 +176,14 @@ class StackedTasks(TaskBatch):
     The per-task losses are ``torch.func.vmap(loss_fn)(phi, batch)`` (shape ``(B,)``), so
     the loss must work under ``vmap`` and the tasks' batches must have equal shapes. Cost
     per loss evaluation: one vmapped call for all ``B`` tasks; memory ``B`` copies of the
-    parameters (and of the optimizer's buffers).
+    parameters (and of the optimizer's buffers). An ``nn.Embedding`` with a ``padding_idx``
+    is refused (:func:`refuse_padding`).
     """
 
     def __init__(self, loss_fn: LossFn, tasks: Sequence[Task]):
+        loss_fn = as_callable(loss_fn, "loss_fn", LOSS_SIGNATURE)
+        tasks = check_tasks(tasks)
+        refuse_padding(getattr(loss_fn, "hg_module", None))
         self.num_tasks = len(tasks)
         self.support = stack_batches([s for s, _ in tasks], "support")
         self.query = stack_batches([q for _, q in tasks], "query")
@@ -155,7 +191,16 @@ class StackedTasks(TaskBatch):
 
     def losses(self, phi: Tree, split: Split) -> Tensor:
         """Per-task losses, shape ``(B,)``."""
-        out = self.per_task(phi, self.support if split == "support" else self.query)
+        try:
+            with no_fastpath():
+                out = self.per_task(phi, self.support if split == "support" else self.query)
+        except RuntimeError as err:  # torch's words, and the fix
+            if "atching rule" not in str(err) and "vmap" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{err}\nvectorize=True evaluates loss_fn under torch.func.vmap, which it (or "
+                "an operation in it) does not support; use vectorize=False."
+            ) from err
         if not isinstance(out, Tensor) or out.numel() != self.num_tasks:
             raise ValueError(
                 "`loss_fn` must return a scalar tensor per task (vectorize=True maps it over "
@@ -188,12 +233,51 @@ class StackedTasks(TaskBatch):
         return torch.stack(squares).sum(0).sqrt().tolist()
 
 
+@contextlib.contextmanager
+def no_fastpath() -> Iterator[None]:
+    """Attention layers off their inference fast path, which has no derivative: under
+    ``vmap`` an eval-mode ``nn.TransformerEncoderLayer`` takes it (its weights do not look
+    like they require grad there) and the meta-gradient failed ("derivative for
+    aten::_transformer_encoder_layer_fwd is not implemented"). (torch < 2.2 has no switch.)"""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def refuse_padding(model: Any) -> None:
+    """Refuse an ``nn.Embedding`` with a ``padding_idx`` under ``vmap``: autograd through
+    torch's batching rule gives the padding row a gradient in every task but the first
+    (measured: 0.04 off in a second-order meta-gradient). A ``loss_fn`` calling
+    ``F.embedding(..., padding_idx=...)`` itself cannot be seen: use ``vectorize=False``."""
+    if not isinstance(model, nn.Module):
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            raise ValueError(
+                f"vectorize=True cannot run {name!r} (nn.Embedding with padding_idx="
+                f"{m.padding_idx}): under vmap, torch gives its padding row a gradient in "
+                "every task but the first, so the meta-gradient would be wrong. Use "
+                "vectorize=False."
+            )
+
+
 def check_task(task: Any, name: str = "task") -> Task:
     """``(support, query)`` from a pair."""
     if not isinstance(task, (tuple, list)) or len(task) != 2:
-        raise ArgumentTypeError(
-            f"`{name}` must be a pair (support, query) of batches, got {task!r:.80}."
-        )
+        if isinstance(task, (tuple, list)):
+            got = f"a {type(task).__name__} of {len(task)} items"
+        elif isinstance(task, Mapping):
+            got = f"a {type(task).__name__} with keys {list(task)[:4]}"
+        else:
+            got = type(task).__name__
+        raise ArgumentTypeError(f"`{name}` must be a pair (support, query) of batches, got {got}.")
     return task[0], task[1]
 
 

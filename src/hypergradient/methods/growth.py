@@ -13,7 +13,8 @@ does not grow for long: a run is reported as diverging when
   last ``KEEP - 1`` steps (slower geometric growth, sustained over the run), or
 * (an adaptation, whose loss before and after is known) its loss after the adaptation is at
   least :data:`ADAPT_GROWTH` times its loss before: a descent that ended ten times above its
-  start failed, whatever its length (MAML's one-step adaptations included).
+  start failed, whatever its length (MAML's one-step adaptations included); a loss that
+  starts below zero, when it rose by nine times its start's magnitude.
 
 The hypergradient of such a run is exact for the run that was taken, but that run trained
 nothing; the methods still return it, with ``info.status == Status.DIVERGED`` and a
@@ -85,8 +86,16 @@ def loss_diverging(losses: Sequence[float]) -> str | None:
 
 
 def adaptation_failed(before: float, after: float) -> bool:
-    """Whether a descent's loss ended at least :data:`ADAPT_GROWTH` times its start."""
-    return math.isfinite(after) and before > 0 and after >= ADAPT_GROWTH * before
+    """Whether a descent's loss ended at least :data:`ADAPT_GROWTH` times its start.
+
+    For a loss that may be negative (a Gaussian negative log-likelihood), the same rise in
+    its start's magnitude: ``after - before >= (ADAPT_GROWTH - 1) |before|``, which for a
+    positive start is ``after >= ADAPT_GROWTH before``. A start at exactly 0 has no scale
+    (a margin loss already met, whose dropout draws may differ after): never flagged.
+    """
+    if not (math.isfinite(before) and math.isfinite(after)) or before == 0:
+        return False
+    return after - before >= (ADAPT_GROWTH - 1) * abs(before)
 
 
 def report_diverging(info: Any, losses: Sequence[float], what: str, warn: bool = True) -> None:

@@ -153,29 +153,40 @@ def implicit(
     )
     result, info = method(problem, x0=x0)
     if ratio is not None:
-        warn_not_stationary(info, ratio, "the gradient of inner_loss")
+        warn_not_stationary(info, ratio, "the gradient of inner_loss at `params`")
     return (result, info) if return_info else result
 
 
-def warn_not_stationary(info: ImplicitInfo, ratio: float, what: str) -> None:
+def warn_not_stationary(
+    info: ImplicitInfo,
+    ratio: float,
+    what: str,
+    advice: str | None = None,
+    stacklevel: int = 3,
+) -> None:
     """Warn when ``info.inner_grad_norm > ratio * info.outer_grad_norm``.
 
     Also requires the inner norm to exceed ``sqrt(eps) (1 + |f|)`` (float64), so that
-    rounding noise at a minimum never warns when the outer gradient vanishes.
+    rounding noise at a minimum never warns when the outer gradient vanishes. ``what`` names
+    the inner gradient; ``advice`` replaces the default explanation and fix (a caller with
+    its own arguments: ``hg.meta.IMAML``).
     """
     inner, outer = info.inner_grad_norm, info.outer_grad_norm
     loss = info.inner_loss if math.isfinite(info.inner_loss) else 0.0
     floor = 1.5e-8 * (1.0 + abs(loss))
     if math.isfinite(inner) and inner > ratio * outer and inner > floor:
+        advice = advice or (
+            "`params` is not a minimum of the inner problem, and the implicit hypergradient "
+            "can be far off (measured: 20-100 % relative error on logistic regression). Train "
+            "the inner problem further before the call, or pass stationarity=None to skip "
+            "this check."
+        )
         warnings.warn(
-            f"{what} at `params` has norm {inner:.3g}, {inner / max(outer, 1e-300):.3g} times "
+            f"{what} has norm {inner:.3g}, {inner / max(outer, 1e-300):.3g} times "
             f"that of the outer gradient ({outer:.3g}; the check warns above "
-            f"stationarity={ratio:g}): `params` is not a minimum of the inner problem, and the "
-            "implicit hypergradient can be far off (measured: 20-100 % relative error on "
-            "logistic regression). Train the inner problem further before the call, or "
-            "pass stationarity=None to skip this check.",
+            f"stationarity={ratio:g}): {advice}",
             HypergradientWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
