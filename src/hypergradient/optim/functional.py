@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .._vocab import ArgumentTypeError, as_bool, as_float
+from .checks import check_settings, check_update
 
 __all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch", "zeros_or_copy"]
 
@@ -104,31 +105,16 @@ class FunctionalOptimizer:
     def _resolve(self, settings: Mapping[str, Setting] | None) -> dict[str, Setting]:
         out = dict(self.settings)
         if settings:
-            if not out.keys() >= settings.keys():
-                from .twins import check_setting_names  # (twins imports this module)
-
-                check_setting_names(self, settings)
+            check_settings(self, settings)  # names, tensor shapes, numbers' ranges
             out.update(settings)
         return out
 
-    def check_update(self, params: Sequence[Tensor], grads: Sequence[Any], state: Any) -> None:
-        """``ValueError`` unless there is a gradient (or None) of each parameter's shape and
-        ``buffers`` state tensors per parameter (``zip`` would drop the rest)."""
-        if not all(hasattr(x, "__len__") for x in (params, grads, state)):
-            raise ArgumentTypeError(f"{type(self).__name__}.update takes lists, not iterators.")
-        n = len(params)
-        if len(grads) != n or len(state) != self.buffers * n:
-            raise ValueError(
-                f"{type(self).__name__}.update: {n} params need {n} grads and "
-                f"{self.buffers * n} state tensors ({self.buffers} per parameter, as init() "
-                f"makes them); got {len(grads)} and {len(state)}."
-            )
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g is not None and g.shape != p.shape:
-                raise ValueError(
-                    f"{type(self).__name__}.update: grads[{i}] has shape {tuple(g.shape)}, "
-                    f"params[{i}] {tuple(p.shape)}."
-                )
+    def check_update(
+        self, params: Sequence[Tensor], grads: Sequence[Any], state: Any, step: Any = None
+    ) -> None:
+        """``ValueError`` unless there is a gradient (or None) of each parameter's shape,
+        ``buffers`` state tensors per parameter and a valid ``step`` (see :mod:`.checks`)."""
+        check_update(self, params, grads, state, step)
 
     def __repr__(self) -> str:
         args = ", ".join(
@@ -237,7 +223,7 @@ class SGD(FunctionalOptimizer):
         step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        self.check_update(params, grads, state)
+        self.check_update(params, grads, state, step)
         s = self._resolve(settings)
         if not self.uses_momentum and not _is_zero(s["momentum"]):
             raise ValueError(
@@ -323,7 +309,7 @@ class Adam(FunctionalOptimizer):
         step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        self.check_update(params, grads, state)
+        self.check_update(params, grads, state, step)
         s = self._resolve(settings)
         n = len(params)
         new_params: list[Tensor] = []

@@ -7,13 +7,14 @@ differentiable replay continues exactly where the torch optimizer is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._vocab import ArgumentTypeError
+from .checks import check_setting_names
 from .functional import SGD, Adam, FunctionalOptimizer
 
 __all__ = [
@@ -181,15 +182,3 @@ def adam_twin(
 def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
     """A detached copy of an optimizer buffer, or zeros shaped like ``like`` if it is None."""
     return torch.zeros_like(like.detach()) if buffer is None else buffer.detach().clone()
-
-
-def check_setting_names(optimizer: Any, settings: Mapping[str, Any]) -> None:
-    """Refuse ``settings`` that name no setting of ``optimizer`` (a typo, or torch's ``betas``
-    for Adam's ``beta1``/``beta2``: silently a zero hypergradient)."""
-    known = getattr(optimizer, "settings", None)
-    if isinstance(known, Mapping) and not known.keys() >= dict(settings).keys():
-        bad = sorted(set(settings) - set(known))
-        raise ValueError(
-            f"`settings` names {bad}, which {type(optimizer).__name__} does not have: its "
-            f"settings are {sorted(known)} (Adam's betas are 'beta1' and 'beta2')."
-        )
