@@ -153,7 +153,9 @@ def adam_twin(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     s = group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
-    decoupled = {bool(g.get("decoupled_weight_decay", False)) for g in optimizer.param_groups}
+    # torch < 2.6: AdamW is no Adam and its groups have no `decoupled_weight_decay` key
+    default = type(optimizer) is torch.optim.AdamW
+    decoupled = {bool(g.get("decoupled_weight_decay", default)) for g in optimizer.param_groups}
     if len(decoupled) > 1:
         raise ValueError(
             "The inner optimizer's param groups differ in `decoupled_weight_decay`; give them "
