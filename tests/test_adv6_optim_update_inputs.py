@@ -111,3 +111,23 @@ def test_valid_steps_and_settings_still_give_torchs_numbers():
         ps, state = opt.update(ps, gs, state, step, {"lr": lr, "beta1": b1, "beta2": 0.99})
     torch.testing.assert_close(ps[0], w.detach(), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(ps[1], u.detach(), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_twin_made_for_other_parameters_is_refused_naming_its_lists(n):
+    """``from_torch``'s per-parameter lists (param groups, Adam's step offsets) must match the
+    parameters stepped: 3 params gave ``IndexError``, 1 param took the first ones' groups."""
+    w, c = torch.ones(3, dtype=DT, requires_grad=True), torch.ones(2, dtype=DT, requires_grad=True)
+    sgd = torch.optim.SGD([{"params": [w], "lr": 0.1}, {"params": [c], "lr": 0.01}])
+    adam = torch.optim.Adam([w, c], lr=0.1)
+    w.grad = torch.ones_like(w)
+    adam.step()  # c skipped: its count is one behind
+    c.grad = torch.ones_like(c)
+    adam.step()
+    twin_sgd, _, _ = hg.optim.from_torch(sgd, [w, c])
+    twin_adam, _, _ = hg.optim.from_torch(adam, [w, c])
+    assert twin_sgd.group_of == [0, 1] and twin_adam.offsets == [0, -1]
+    params = [torch.ones(3, dtype=DT), torch.ones(2, dtype=DT), torch.ones(4, dtype=DT)][:n]
+    for twin, attr in ((twin_sgd, "group_of"), (twin_adam, "offsets")):
+        with pytest.raises(ValueError, match=rf"{n} params, but the optimizer's `{attr}` has an"):
+            twin.update(params, [torch.ones_like(p) for p in params], twin.init(params), 1)

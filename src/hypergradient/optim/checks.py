@@ -7,7 +7,9 @@ setting's range).
 Without these checks a negative step count made Adam's bias correction ``1 - beta1^0 = 0``
 (``ZeroDivisionError``, or silently infinite parameters with a tensor ``beta1``), a step
 list shorter than the parameters an ``IndexError``, and a vector ``lr`` given to the
-update ``RuntimeError: shape '[]' is invalid``.
+update ``RuntimeError: shape '[]' is invalid``, and a twin made by ``from_torch`` for other
+parameters than those it steps an ``IndexError`` (or, for fewer, silently the first ones'
+param groups).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def check_update(
     opt: Any, params: Sequence[Tensor], grads: Sequence[Any], state: Any, step: Any = None
 ) -> None:
     """``ValueError`` unless there is a gradient (or None) of each parameter's shape,
-    ``opt.buffers`` state tensors per parameter (``zip`` would drop the rest) and, if
-    ``step`` is given, a valid step count (:func:`check_step`)."""
+    ``opt.buffers`` state tensors per parameter (``zip`` would drop the rest), per-parameter
+    lists of ``from_torch`` (``group_of``, ``offsets``) of the same length and, if ``step``
+    is given, a valid step count (:func:`check_step`)."""
     name = type(opt).__name__
     if not all(hasattr(x, "__len__") for x in (params, grads, state)):
         raise ArgumentTypeError(f"{name}.update takes lists, not iterators.")
@@ -56,6 +59,14 @@ def check_update(
             raise ValueError(
                 f"{name}.update: grads[{i}] has shape {tuple(g.shape)}, params[{i}] "
                 f"{tuple(p.shape)}."
+            )
+    for attr in ("group_of", "offsets"):  # from_torch's per-parameter lists
+        per = getattr(opt, attr, None)
+        if per is not None and len(per) != n:
+            raise ValueError(
+                f"{name}.update: {n} params, but the optimizer's `{attr}` has an entry for each "
+                f"of {len(per)} (from_torch(optimizer, params) was given other params): make "
+                "the twin from the parameters the run steps, in the same order."
             )
     if step is not None:
         check_step(step, n, name)
