@@ -16,7 +16,8 @@ Settings are validated through :mod:`hypergradient._vocab` when the optimizer is
 number (Python or numpy scalar; stored as a Python float) or a floating-point scalar tensor
 (kept as it is), finite and in range; ``bool`` is refused where a number is meant
 (``ArgumentTypeError``, both a ``TypeError`` and a ``ValueError``), and ``nesterov`` must
-be a ``bool``.
+be a ``bool``; settings given to ``update`` are checked alike (tensors by shape and dtype
+only: their values are not read).
 """
 
 from __future__ import annotations
@@ -94,7 +95,13 @@ class FunctionalOptimizer:
         ``step`` is the number of updates taken before this one: one count, or one per
         parameter (``torch.optim`` counts per parameter). A None gradient leaves its
         parameter and its buffers as they are, as ``torch.optim`` skips a parameter whose
-        ``.grad`` is None (unused by the step's loss, after ``zero_grad()``).
+        ``.grad`` is None (unused by the step's loss, after ``zero_grad()``). ``settings``
+        replace the optimizer's own for this step and obey the constructor's rules.
+
+        Raises:
+            ValueError, ArgumentTypeError: before anything is computed, for lists of other
+                lengths or shapes, a step count that is not an int >= 0, or a bad setting
+                (:mod:`hypergradient.optim.checks`).
         """
         raise NotImplementedError
 
