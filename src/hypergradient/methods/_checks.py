@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from .. import _tree
@@ -27,7 +28,7 @@ from .._vocab import (
     require_finite,
 )
 from ..distributed import check_consistent, group_size
-from ..optim.functional import FunctionalOptimizer
+from ..optim.functional import SGD, Adam, FunctionalOptimizer
 from .base import Problem
 
 T = TypeVar("T")
@@ -273,11 +274,16 @@ def warn_frozen(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
 
 
 def check_state0(
-    state0: Sequence[Tensor] | None, optimizer: FunctionalOptimizer, p0: Sequence[Tensor]
+    state0: Sequence[Tensor] | None,
+    optimizer: FunctionalOptimizer,
+    p0: Sequence[Tensor],
+    step0: int | None = None,
 ) -> tuple[Tensor, ...] | None:
     """``state0`` as the optimizer's buffers for ``p0``: shapes checked, finite, in the
     dtype and on the device of the buffers ``optimizer.init(p0)`` makes (a float64
-    momentum buffer of a float32 model is converted, as torch keeps it)."""
+    momentum buffer of a float32 model is converted, as torch keeps it); nonzero buffers
+    of SGD or Adam need a ``step0`` above 0 (at step 0, SGD starts its momentum afresh
+    and Adam bias-corrects as for a first step: the buffers were silently misread)."""
     if state0 is None:
         return None
     want = optimizer.init(list(p0))
@@ -302,4 +308,12 @@ def check_state0(
             "the optimizer's buffer",
             "Pass finite buffers (the inner optimizer's state diverged?).",
         )
+    if step0 == 0 and type(optimizer) in (SGD, Adam) and out:
+        if bool(torch.stack([t.ne(0).any() for t in out]).any()):
+            raise ValueError(
+                "`state0` holds nonzero buffers of an optimizer that has stepped, but `step0` "
+                "is 0: the first replayed step would restart SGD's momentum from the gradient "
+                "or bias-correct Adam's moments as a first step's. Pass `step0`, the "
+                "optimizer's step count (hg.optim.from_torch returns it with the buffers)."
+            )
     return out
