@@ -4,7 +4,8 @@
 momentum restarted from the first gradient and Adam with its moments bias-corrected as a
 first step's, silently (a warning only when ``final_params`` were given, and that one blamed
 ``train_loss``): on the run below -0.2690 for SGD's -0.2241 and -0.0777 for Adam's -0.0850.
-It is now refused; zero buffers (``optimizer.init``'s) at step 0 stay fine."""
+It is now refused, as is the converse (a step count without buffers); zero buffers
+(``optimizer.init``'s) at step 0 stay fine."""
 
 from __future__ import annotations
 
@@ -70,3 +71,33 @@ def test_stepped_buffers_with_step0_zero_are_refused_and_step0_gives_finite_diff
     # fresh (zero) buffers at step 0 are what init() makes: accepted
     zeros = twin.init([p0])
     hg.Unrolled()(problem(0, zeros))
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [hg.optim.adam(0.05), hg.optim.sgd(0.1, 0.9, dampening=0.5)],
+    ids=["adam", "dampened_sgd"],
+)
+def test_a_step_count_without_buffers_is_refused(opt):
+    """The other half: ``step0=5`` with ``state0=None`` replayed Adam with zero moments
+    bias-corrected for step 6 (0.00198 where the fresh run gives 0.00332) and a dampened
+    momentum buffer that torch starts at the gradient from zeros, silently."""
+    lam = {"lam": torch.tensor(0.01, dtype=DT)}
+    traj = hg.Trajectory(f, W0, opt, [None] * 4, state0=None, step0=5)
+    with pytest.raises(ValueError, match=r"`step0` is 5 but `state0` is None"):
+        hg.Unrolled()(hg.Problem(f, g, W0, lam, trajectory=traj))
+    fresh = hg.Trajectory(f, W0, opt, [None] * 4)
+    hg.Unrolled()(hg.Problem(f, g, W0, lam, trajectory=fresh))
+
+
+def test_plain_and_undamped_momentum_sgd_need_no_buffers():
+    """No buffers (plain SGD) or a buffer torch would start at the gradient anyway."""
+    lam = {"lam": torch.tensor(0.01, dtype=DT)}
+    for opt in (hg.optim.sgd(0.1), hg.optim.sgd(0.1, 0.9)):
+        got = [
+            hg.Unrolled()(
+                hg.Problem(f, g, W0, lam, trajectory=hg.Trajectory(f, W0, opt, [None] * 3, step0=s))
+            )[0]["lam"]
+            for s in (0, 7)
+        ]
+        assert torch.equal(got[0], got[1])

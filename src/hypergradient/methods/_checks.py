@@ -281,10 +281,20 @@ def check_state0(
 ) -> tuple[Tensor, ...] | None:
     """``state0`` as the optimizer's buffers for ``p0``: shapes checked, finite, in the
     dtype and on the device of the buffers ``optimizer.init(p0)`` makes (a float64
-    momentum buffer of a float32 model is converted, as torch keeps it); nonzero buffers
-    of SGD or Adam need a ``step0`` above 0 (at step 0, SGD starts its momentum afresh
-    and Adam bias-corrects as for a first step: the buffers were silently misread)."""
+    momentum buffer of a float32 model is converted, as torch keeps it). ``state0`` and
+    ``step0`` must agree for SGD and Adam: nonzero buffers at step 0 (SGD restarts its
+    momentum, Adam bias-corrects as for a first step) and no buffers after a step (zero
+    moments; a dampened momentum buffer that torch would start at the gradient) were
+    silently another run."""
     if state0 is None:
+        fresh = isinstance(optimizer, SGD) and _is_number(optimizer.settings["dampening"], 0)
+        if step0 and type(optimizer) in (SGD, Adam) and optimizer.buffers and not fresh:
+            raise ValueError(
+                f"`step0` is {step0} but `state0` is None: a stepped optimizer has buffers "
+                "(Adam's moments, SGD's momentum), and zeros in their place replay another "
+                "run. Pass them as `state0` (hg.optim.from_torch returns them with the step "
+                "count), or step0=0 for a fresh optimizer."
+            )
         return None
     want = optimizer.init(list(p0))
     got = tuple(state0)
@@ -317,3 +327,7 @@ def check_state0(
                 "optimizer's step count (hg.optim.from_torch returns it with the buffers)."
             )
     return out
+
+
+def _is_number(value: Any, number: float) -> bool:
+    return not isinstance(value, Tensor) and value == number
