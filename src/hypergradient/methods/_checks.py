@@ -287,14 +287,8 @@ def check_state0(
     moments; a dampened momentum buffer that torch would start at the gradient) were
     silently another run."""
     if state0 is None:
-        fresh = isinstance(optimizer, SGD) and _is_number(optimizer.settings["dampening"], 0)
-        if step0 and type(optimizer) in (SGD, Adam) and optimizer.buffers and not fresh:
-            raise ValueError(
-                f"`step0` is {step0} but `state0` is None: a stepped optimizer has buffers "
-                "(Adam's moments, SGD's momentum), and zeros in their place replay another "
-                "run. Pass them as `state0` (hg.optim.from_torch returns them with the step "
-                "count), or step0=0 for a fresh optimizer."
-            )
+        if step0:
+            _check_fresh(optimizer, step0)
         return None
     want = optimizer.init(list(p0))
     got = tuple(state0)
@@ -319,14 +313,31 @@ def check_state0(
             "Pass finite buffers (the inner optimizer's state diverged?).",
         )
     if step0 == 0 and type(optimizer) in (SGD, Adam) and out:
-        if bool(torch.stack([t.ne(0).any() for t in out]).any()):
-            raise ValueError(
-                "`state0` holds nonzero buffers of an optimizer that has stepped, but `step0` "
-                "is 0: the first replayed step would restart SGD's momentum from the gradient "
-                "or bias-correct Adam's moments as a first step's. Pass `step0`, the "
-                "optimizer's step count (hg.optim.from_torch returns it with the buffers)."
-            )
+        _check_unstepped(out)
     return out
+
+
+def _check_fresh(optimizer: FunctionalOptimizer, step0: int) -> None:
+    """No buffers after ``step0 > 0`` steps: refused where zeros are not what torch has."""
+    fresh = isinstance(optimizer, SGD) and _is_number(optimizer.settings["dampening"], 0)
+    if type(optimizer) in (SGD, Adam) and optimizer.buffers and not fresh:
+        raise ValueError(
+            f"`step0` is {step0} but `state0` is None: a stepped optimizer has buffers "
+            "(Adam's moments, SGD's momentum), and zeros in their place replay another "
+            "run. Pass them as `state0` (hg.optim.from_torch returns them with the step "
+            "count), or step0=0 for a fresh optimizer."
+        )
+
+
+def _check_unstepped(buffers: tuple[Tensor, ...]) -> None:
+    """Buffers at step 0 must be the zeros ``init`` makes."""
+    if bool(torch.stack([t.ne(0).any() for t in buffers]).any()):
+        raise ValueError(
+            "`state0` holds nonzero buffers of an optimizer that has stepped, but `step0` "
+            "is 0: the first replayed step would restart SGD's momentum from the gradient "
+            "or bias-correct Adam's moments as a first step's. Pass `step0`, the "
+            "optimizer's step count (hg.optim.from_torch returns it with the buffers)."
+        )
 
 
 def _is_number(value: Any, number: float) -> bool:
