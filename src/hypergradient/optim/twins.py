@@ -40,6 +40,8 @@ def group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> dic
     for g in groups[1:]:
         for k in keys:
             a, b = g[k], first[k]
+            if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+                a, b = tuple(a), tuple(b)  # betas from a config file: a list, not a tuple
             tensor = isinstance(a, Tensor) or isinstance(b, Tensor)
             same = a is b if tensor else a == b
             if not same and (k not in PER_GROUP or tensor):  # a tensor in any group: refused
