@@ -290,6 +290,7 @@ class Adam(FunctionalOptimizer):
         betas: tuple[Setting, Setting] = (0.9, 0.999),
         eps: Setting = 1e-8,
         weight_decay: Setting = 0.0,
+        *,
         decoupled: bool = False,
         amsgrad: bool = False,
     ):
@@ -381,10 +382,13 @@ def adam(
     betas: tuple[Setting, Setting] = (0.9, 0.999),
     eps: Setting = 1e-8,
     weight_decay: Setting = 0.0,
+    *,
     decoupled: bool = False,
     amsgrad: bool = False,
 ) -> Adam:
-    """Differentiable Adam, or AdamW with ``decoupled=True`` (see :class:`Adam`)."""
+    """Differentiable Adam, or AdamW with ``decoupled=True`` (see :class:`Adam`); the flags
+    are keyword-only (``torch.optim.Adam``'s fifth setting is ``amsgrad``, this function's
+    was ``decoupled``: a positional ``True`` made AdamW of what torch reads as AMSGrad)."""
     return Adam(lr, betas, eps, weight_decay, decoupled=decoupled, amsgrad=amsgrad)
 
 

@@ -164,7 +164,10 @@ def adam_twin(
             "one (trajectory methods replay one Adam update rule)."
         )
     amsgrad = bool(group_settings(optimizer, ("amsgrad",))["amsgrad"])
-    adam = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"], decoupled.pop(), amsgrad)
+    betas = tuple(s["betas"])
+    adam = Adam(
+        s["lr"], betas, s["eps"], s["weight_decay"], decoupled=decoupled.pop(), amsgrad=amsgrad
+    )
     fopt = with_groups(adam, optimizer, params)
     st = [optimizer.state.get(p, {}) for p in params]
     if all("exp_avg" not in x for x in st):
