@@ -38,6 +38,9 @@ class CompiledLoss:
     calls it at each sweep's start, since a loss may draw random numbers now that did not
     then (a module switched to ``train()``: the compiled graph's dropout masks are not the
     ones the eager reverse pass replays, and the hypergradient would be another run's).
+    Compiled calls run with inductor's ``fallback_random`` (eager's random-number
+    generation), so a loss that starts drawing random numbers within a sweep (dropout from
+    some batch on) draws the numbers the eager reverse pass replays.
 
     Args:
         loss: the step loss ``(params, hparams, batch) -> scalar``.
@@ -58,7 +61,10 @@ class CompiledLoss:
 
     def __call__(self, params: Any, hparams: Any, batch: Any) -> Tensor:
         if self.checked and self.compiled is not None:
-            return self.compiled(params, hparams, batch)
+            from torch._inductor import config  # (imports torch._inductor: only here)
+
+            with config.patch(fallback_random=True):  # read when (re)compiling
+                return self.compiled(params, hparams, batch)
         if self.eager_reason is not None:
             return self.loss(params, hparams, batch)
         before = rng_state(self.device)
