@@ -119,10 +119,14 @@ class Constraint:
             why = "is not finite" if not _vocab.is_finite(raw) else None
             why = why or self.domain_error(self.transform(raw))
         if why is not None:
+            fixes = [] if why == "is not finite" else ["a value farther from the domain's edge"]
+            if value.dtype != torch.float64:
+                fixes.append("the value in float64 (torch.tensor(..., dtype=torch.float64))")
+            if isinstance(self, Interval):
+                fixes.append("narrower bounds")
             raise ValueError(
                 f"{type(self).__name__}(value) cannot hold {value} in {value.dtype}: "
-                f"transform(inverse(value)) {why}. Pass the value in float64 (e.g. "
-                "torch.tensor(..., dtype=torch.float64)) or narrower bounds."
+                f"transform(inverse(value)) {why}. Pass {', or '.join(fixes)}."
             )
         self.raw = raw.requires_grad_(True)
 

@@ -29,6 +29,7 @@ from .model import ModelView
 __all__ = [
     "TrajectoryWindow",
     "capture_rng",
+    "numeric_settings",
     "optimizer_settings",
     "parse_rng_state",
     "restore_rng",
@@ -101,6 +102,7 @@ class TrajectoryWindow:
         """A new, empty window at the model's and the optimizer's current state (``tuned``:
         the optimizer settings linked to hyperparameters, as ``from_torch`` takes them)."""
         fopt, state0, step0 = from_torch(inner_optimizer, view.params, tuned=tuned)
+        fopt = numeric_settings(fopt, tuned)
         window = cls([p.detach().clone() for p in view.params], fopt, state0, step0)
         window.settings0 = optimizer_settings(inner_optimizer)
         return window
@@ -202,7 +204,7 @@ class TrajectoryWindow:
         """
         if not isinstance(state, Mapping):
             raise ValueError("The checkpoint's `window` is malformed.")
-        fopt = from_torch(inner_optimizer, view.params, tuned=tuned)[0]
+        fopt = numeric_settings(from_torch(inner_optimizer, view.params, tuned=tuned)[0], tuned)
         params0 = _tensors(state.get("params0"), "params0")
         _same_shapes(params0, view.params, view.names, "its start parameters")
         devices = [p.device for p in view.params]
@@ -225,6 +227,18 @@ class TrajectoryWindow:
         settings0 = _settings(state.get("settings0"))
         fopt.offsets = _offsets(state.get("offsets"), len(params0))  # the start's counts
         return cls(params0, fopt, state0, step0, batches, rngs, settings0, changed)
+
+
+def numeric_settings(fopt: FunctionalOptimizer, tuned: Sequence[str]) -> FunctionalOptimizer:
+    """``fopt`` with its tensor settings that no hyperparameter supplies (an inner optimizer
+    built with ``lr=torch.tensor(...)``) read as numbers: constants of the window (a change
+    inside it is noted by :meth:`TrajectoryWindow.check_settings`), not leaves the replay
+    warned at every hyper-step it could not tune."""
+    fopt.settings = {
+        k: float(v) if isinstance(v, Tensor) and k not in tuned else v
+        for k, v in fopt.settings.items()
+    }
+    return fopt
 
 
 def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

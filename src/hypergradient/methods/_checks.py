@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from .. import _tree
@@ -27,7 +28,7 @@ from .._vocab import (
     require_finite,
 )
 from ..distributed import check_consistent, group_size
-from ..optim.functional import FunctionalOptimizer
+from ..optim.functional import SGD, Adam, FunctionalOptimizer
 from .base import Problem
 
 T = TypeVar("T")
@@ -273,12 +274,21 @@ def warn_frozen(leaves: Sequence[Tensor], spec: TreeSpec, name: str) -> None:
 
 
 def check_state0(
-    state0: Sequence[Tensor] | None, optimizer: FunctionalOptimizer, p0: Sequence[Tensor]
+    state0: Sequence[Tensor] | None,
+    optimizer: FunctionalOptimizer,
+    p0: Sequence[Tensor],
+    step0: int | None = None,
 ) -> tuple[Tensor, ...] | None:
     """``state0`` as the optimizer's buffers for ``p0``: shapes checked, finite, in the
     dtype and on the device of the buffers ``optimizer.init(p0)`` makes (a float64
-    momentum buffer of a float32 model is converted, as torch keeps it)."""
+    momentum buffer of a float32 model is converted, as torch keeps it). ``state0`` and
+    ``step0`` must agree for SGD and Adam: nonzero buffers at step 0 (SGD restarts its
+    momentum, Adam bias-corrects as for a first step) and no buffers after a step (zero
+    moments; a dampened momentum buffer that torch would start at the gradient) were
+    silently another run."""
     if state0 is None:
+        if step0:
+            _check_fresh(optimizer, step0)
         return None
     want = optimizer.init(list(p0))
     got = tuple(state0)
@@ -302,4 +312,33 @@ def check_state0(
             "the optimizer's buffer",
             "Pass finite buffers (the inner optimizer's state diverged?).",
         )
+    if step0 == 0 and type(optimizer) in (SGD, Adam) and out:
+        _check_unstepped(out)
     return out
+
+
+def _check_fresh(optimizer: FunctionalOptimizer, step0: int) -> None:
+    """No buffers after ``step0 > 0`` steps: refused where zeros are not what torch has."""
+    fresh = isinstance(optimizer, SGD) and _is_number(optimizer.settings["dampening"], 0)
+    if type(optimizer) in (SGD, Adam) and optimizer.buffers and not fresh:
+        raise ValueError(
+            f"`step0` is {step0} but `state0` is None: a stepped optimizer has buffers "
+            "(Adam's moments, SGD's momentum), and zeros in their place replay another "
+            "run. Pass them as `state0` (hg.optim.from_torch returns them with the step "
+            "count), or step0=0 for a fresh optimizer."
+        )
+
+
+def _check_unstepped(buffers: tuple[Tensor, ...]) -> None:
+    """Buffers at step 0 must be the zeros ``init`` makes."""
+    if bool(torch.stack([t.ne(0).any() for t in buffers]).any()):
+        raise ValueError(
+            "`state0` holds nonzero buffers of an optimizer that has stepped, but `step0` "
+            "is 0: the first replayed step would restart SGD's momentum from the gradient "
+            "or bias-correct Adam's moments as a first step's. Pass `step0`, the "
+            "optimizer's step count (hg.optim.from_torch returns it with the buffers)."
+        )
+
+
+def _is_number(value: Any, number: float) -> bool:
+    return not isinstance(value, Tensor) and value == number

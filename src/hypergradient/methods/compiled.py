@@ -33,7 +33,14 @@ class CompiledLoss:
     compiled graph draws other numbers than the eager recomputation of the reverse pass
     would, and the hypergradient would mix two different runs. Later calls go through
     ``torch.compile(loss, dynamic=False)`` (one compilation per input shape; torch caches
-    it on the function's code, so reuse one loss function across calls).
+    it on the function's code, so reuse one loss function across calls). :meth:`recheck`
+    makes the next call an eager check again: a method reusing this object across sweeps
+    calls it at each sweep's start, since a loss may draw random numbers now that did not
+    then (a module switched to ``train()``: the compiled graph's dropout masks are not the
+    ones the eager reverse pass replays, and the hypergradient would be another run's).
+    Compiled calls run with inductor's ``fallback_random`` (eager's random-number
+    generation), so a loss that starts drawing random numbers within a sweep (dropout from
+    some batch on) draws the numbers the eager reverse pass replays.
 
     Args:
         loss: the step loss ``(params, hparams, batch) -> scalar``.
@@ -44,17 +51,28 @@ class CompiledLoss:
         self.loss = loss
         self.device = device
         self.compiled: Callable[..., Tensor] | None = None
+        self.checked = False  # the last eager check drew no random numbers
         self.eager_reason: str | None = None
 
+    def recheck(self) -> None:
+        """Check the loss eagerly again at the next call (the compilation is kept)."""
+        self.checked = False
+        self.eager_reason = None
+
     def __call__(self, params: Any, hparams: Any, batch: Any) -> Tensor:
-        if self.compiled is not None:
-            return self.compiled(params, hparams, batch)
+        if self.checked and self.compiled is not None:
+            from torch._inductor import config  # (imports torch._inductor: only here)
+
+            with config.patch(fallback_random=True):  # read when (re)compiling
+                return self.compiled(params, hparams, batch)
         if self.eager_reason is not None:
             return self.loss(params, hparams, batch)
         before = rng_state(self.device)
         value = self.loss(params, hparams, batch)
         if same_state(before, rng_state(self.device)):
-            self.compiled = torch.compile(self.loss, dynamic=False)
+            if self.compiled is None:
+                self.compiled = torch.compile(self.loss, dynamic=False)
+            self.checked = True
         else:
             self.eager_reason = "the inner loss draws random numbers (dropout)"
             warnings.warn(

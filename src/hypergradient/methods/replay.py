@@ -177,7 +177,7 @@ class Run:
         self.step_loss = traj.step_loss
         self.batches = list(traj.batches)
         self.step0 = as_int(traj.step0, "step0", min=0)
-        self.state0 = check_state0(traj.state0, self.optimizer, self.p0)
+        self.state0 = check_state0(traj.state0, self.optimizer, self.p0, self.step0)
         self.skips = Skips(self.steps, self.step0, self.optimizer.offsets)  # .grad None
         self._settings(traj.settings, inputs.hparam_leaves)
         self.final_leaves: list[Tensor] | None = None

@@ -90,6 +90,7 @@ class Unrolled(TrajectoryMethod):
         if self.compile:
             if self._compiled is None or self._compiled.loss is not run.step_loss:
                 self._compiled = CompiledLoss(run.step_loss, run.device)
+            self._compiled.recheck()  # the loss may draw random numbers now (train())
             run.forward_loss = self._compiled
         p_T, s_T, kept, losses = forward_sweep(
             run, lambda t: t >= first and (full or (t - first) % c == 0), first

@@ -16,7 +16,8 @@ Settings are validated through :mod:`hypergradient._vocab` when the optimizer is
 number (Python or numpy scalar; stored as a Python float) or a floating-point scalar tensor
 (kept as it is), finite and in range; ``bool`` is refused where a number is meant
 (``ArgumentTypeError``, both a ``TypeError`` and a ``ValueError``), and ``nesterov`` must
-be a ``bool``.
+be a ``bool``; settings given to ``update`` are checked alike (tensors by shape and dtype
+only: their values are not read).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .._vocab import ArgumentTypeError, as_bool, as_float
+from .checks import check_settings, check_update
 
 __all__ = ["FunctionalOptimizer", "SGD", "Adam", "sgd", "adam", "from_torch", "zeros_or_copy"]
 
@@ -93,7 +95,13 @@ class FunctionalOptimizer:
         ``step`` is the number of updates taken before this one: one count, or one per
         parameter (``torch.optim`` counts per parameter). A None gradient leaves its
         parameter and its buffers as they are, as ``torch.optim`` skips a parameter whose
-        ``.grad`` is None (unused by the step's loss, after ``zero_grad()``).
+        ``.grad`` is None (unused by the step's loss, after ``zero_grad()``). ``settings``
+        replace the optimizer's own for this step and obey the constructor's rules.
+
+        Raises:
+            ValueError, ArgumentTypeError: before anything is computed, for lists of other
+                lengths or shapes, a step count that is not an int >= 0, or a bad setting
+                (:mod:`hypergradient.optim.checks`).
         """
         raise NotImplementedError
 
@@ -104,31 +112,16 @@ class FunctionalOptimizer:
     def _resolve(self, settings: Mapping[str, Setting] | None) -> dict[str, Setting]:
         out = dict(self.settings)
         if settings:
-            if not out.keys() >= settings.keys():
-                from .twins import check_setting_names  # (twins imports this module)
-
-                check_setting_names(self, settings)
+            check_settings(self, settings)  # names, tensor shapes, numbers' ranges
             out.update(settings)
         return out
 
-    def check_update(self, params: Sequence[Tensor], grads: Sequence[Any], state: Any) -> None:
-        """``ValueError`` unless there is a gradient (or None) of each parameter's shape and
-        ``buffers`` state tensors per parameter (``zip`` would drop the rest)."""
-        if not all(hasattr(x, "__len__") for x in (params, grads, state)):
-            raise ArgumentTypeError(f"{type(self).__name__}.update takes lists, not iterators.")
-        n = len(params)
-        if len(grads) != n or len(state) != self.buffers * n:
-            raise ValueError(
-                f"{type(self).__name__}.update: {n} params need {n} grads and "
-                f"{self.buffers * n} state tensors ({self.buffers} per parameter, as init() "
-                f"makes them); got {len(grads)} and {len(state)}."
-            )
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g is not None and g.shape != p.shape:
-                raise ValueError(
-                    f"{type(self).__name__}.update: grads[{i}] has shape {tuple(g.shape)}, "
-                    f"params[{i}] {tuple(p.shape)}."
-                )
+    def check_update(
+        self, params: Sequence[Tensor], grads: Sequence[Any], state: Any, step: Any = None
+    ) -> None:
+        """``ValueError`` unless there is a gradient (or None) of each parameter's shape,
+        ``buffers`` state tensors per parameter and a valid ``step`` (see :mod:`.checks`)."""
+        check_update(self, params, grads, state, step)
 
     def __repr__(self) -> str:
         args = ", ".join(
@@ -237,7 +230,7 @@ class SGD(FunctionalOptimizer):
         step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        self.check_update(params, grads, state)
+        self.check_update(params, grads, state, step)
         s = self._resolve(settings)
         if not self.uses_momentum and not _is_zero(s["momentum"]):
             raise ValueError(
@@ -297,6 +290,7 @@ class Adam(FunctionalOptimizer):
         betas: tuple[Setting, Setting] = (0.9, 0.999),
         eps: Setting = 1e-8,
         weight_decay: Setting = 0.0,
+        *,
         decoupled: bool = False,
         amsgrad: bool = False,
     ):
@@ -323,7 +317,7 @@ class Adam(FunctionalOptimizer):
         step: int | Sequence[int],
         settings: Mapping[str, Setting] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        self.check_update(params, grads, state)
+        self.check_update(params, grads, state, step)
         s = self._resolve(settings)
         n = len(params)
         new_params: list[Tensor] = []
@@ -388,10 +382,13 @@ def adam(
     betas: tuple[Setting, Setting] = (0.9, 0.999),
     eps: Setting = 1e-8,
     weight_decay: Setting = 0.0,
+    *,
     decoupled: bool = False,
     amsgrad: bool = False,
 ) -> Adam:
-    """Differentiable Adam, or AdamW with ``decoupled=True`` (see :class:`Adam`)."""
+    """Differentiable Adam, or AdamW with ``decoupled=True`` (see :class:`Adam`); the flags
+    are keyword-only (``torch.optim.Adam``'s fifth setting is ``amsgrad``, this function's
+    was ``decoupled``: a positional ``True`` made AdamW of what torch reads as AMSGrad)."""
     return Adam(lr, betas, eps, weight_decay, decoupled=decoupled, amsgrad=amsgrad)
 
 

@@ -7,13 +7,14 @@ differentiable replay continues exactly where the torch optimizer is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._vocab import ArgumentTypeError
+from .checks import check_setting_names
 from .functional import SGD, Adam, FunctionalOptimizer
 
 __all__ = [
@@ -39,6 +40,8 @@ def group_settings(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> dic
     for g in groups[1:]:
         for k in keys:
             a, b = g[k], first[k]
+            if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+                a, b = tuple(a), tuple(b)  # betas from a config file: a list, not a tuple
             tensor = isinstance(a, Tensor) or isinstance(b, Tensor)
             same = a is b if tensor else a == b
             if not same and (k not in PER_GROUP or tensor):  # a tensor in any group: refused
@@ -152,14 +155,19 @@ def adam_twin(
     optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
 ) -> tuple[FunctionalOptimizer, list[Tensor] | None, int]:
     s = group_settings(optimizer, ("lr", "betas", "eps", "weight_decay"))
-    decoupled = {bool(g.get("decoupled_weight_decay", False)) for g in optimizer.param_groups}
+    # torch < 2.6: AdamW is no Adam and its groups have no `decoupled_weight_decay` key
+    default = type(optimizer) is torch.optim.AdamW
+    decoupled = {bool(g.get("decoupled_weight_decay", default)) for g in optimizer.param_groups}
     if len(decoupled) > 1:
         raise ValueError(
             "The inner optimizer's param groups differ in `decoupled_weight_decay`; give them "
             "one (trajectory methods replay one Adam update rule)."
         )
     amsgrad = bool(group_settings(optimizer, ("amsgrad",))["amsgrad"])
-    adam = Adam(s["lr"], tuple(s["betas"]), s["eps"], s["weight_decay"], decoupled.pop(), amsgrad)
+    betas = tuple(s["betas"])
+    adam = Adam(
+        s["lr"], betas, s["eps"], s["weight_decay"], decoupled=decoupled.pop(), amsgrad=amsgrad
+    )
     fopt = with_groups(adam, optimizer, params)
     st = [optimizer.state.get(p, {}) for p in params]
     if all("exp_avg" not in x for x in st):
@@ -181,15 +189,3 @@ def adam_twin(
 def zeros_or_copy(buffer: Tensor | None, like: Tensor) -> Tensor:
     """A detached copy of an optimizer buffer, or zeros shaped like ``like`` if it is None."""
     return torch.zeros_like(like.detach()) if buffer is None else buffer.detach().clone()
-
-
-def check_setting_names(optimizer: Any, settings: Mapping[str, Any]) -> None:
-    """Refuse ``settings`` that name no setting of ``optimizer`` (a typo, or torch's ``betas``
-    for Adam's ``beta1``/``beta2``: silently a zero hypergradient)."""
-    known = getattr(optimizer, "settings", None)
-    if isinstance(known, Mapping) and not known.keys() >= dict(settings).keys():
-        bad = sorted(set(settings) - set(known))
-        raise ValueError(
-            f"`settings` names {bad}, which {type(optimizer).__name__} does not have: its "
-            f"settings are {sorted(known)} (Adam's betas are 'beta1' and 'beta2')."
-        )

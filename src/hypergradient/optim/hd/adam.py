@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT
 
 from ..._vocab import as_bool
 from .base import HypergradientOptimizer, betas_pair, nonneg
+
+if TYPE_CHECKING:  # torch 2.1 calls it params_t: no runtime import
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["AdamHD"]
 
