@@ -25,6 +25,8 @@ from torch import Tensor
 from .. import _vocab
 from .._vocab import ArgumentTypeError, require_finite
 from ..constraints import Constraint, HyperparameterDomainError, Unconstrained
+from .links import check_links, write_links
+from .links import link_conflict as _link_conflict
 
 __all__ = ["HyperParameters", "SETTING_RANGES", "link_conflict"]
 
@@ -131,7 +133,7 @@ class HyperParameters:
         self.constraints = _constraints(hparams)
         self.raw = {k: c.raw for k, c in self.constraints.items()}
         self._check_leaves(device, forbidden)
-        self.links = self._check_links(links or {}, inner_optimizer)
+        self.links = check_links(links or {}, inner_optimizer, self.raw)
         bad = self.domain_error(self.raw)
         if bad is not None:
             raise ValueError(f"Initially, {bad[0]} {bad[1]}; start inside its domain.")
@@ -171,41 +173,6 @@ class HyperParameters:
                     f"hparams[{name!r}] is the same tensor as hparams[{seen[id(raw)]!r}]."
                 )
             seen[id(raw)] = name
-
-    def _check_links(
-        self, links: Mapping[str, str], optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, str]:
-        if not isinstance(links, Mapping):
-            raise ArgumentTypeError(
-                f"`optimizer_hparams` must be a dict {{setting: hparams name}}, got {links!r}."
-            )
-        out = {}
-        for setting, name in links.items():
-            group = {} if optimizer is None else optimizer.param_groups[0]
-            value = group.get(setting)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                kind = type(optimizer).__name__
-                numeric = sorted(
-                    k
-                    for k, v in group.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)
-                )
-                raise ValueError(
-                    f"optimizer_hparams key {setting!r} is not a numeric setting of the inner "
-                    f"{kind} (its numeric settings: {numeric}); link one of those."
-                )
-            if name not in self.constraints:
-                raise ValueError(
-                    f"optimizer_hparams[{setting!r}] = {name!r} is not in hparams "
-                    f"({sorted(self.constraints)})."
-                )
-            if self.raw[name].numel() != 1:
-                raise ValueError(
-                    f"hparams[{name!r}] tunes `{setting}` and must be a scalar, got shape "
-                    f"{tuple(self.raw[name].shape)}."
-                )
-            out[str(setting)] = str(name)
-        return out
 
     # ------------------------------------------------------------------ values
     def leaves(self) -> list[Tensor]:
@@ -300,10 +267,7 @@ class HyperParameters:
         if not self.links:
             return
         self.check_domain()
-        values = self.values()
-        for setting, name in self.links.items():
-            for g in optimizer.param_groups:
-                g[setting] = float(values[name])
+        write_links(self.links, self.values(), optimizer)
 
     # ------------------------------------------------------------------ state
     def snapshot(self) -> dict[str, Tensor]:
@@ -382,19 +346,4 @@ def _check_kinds(state: Any, constraints: Mapping[str, Constraint], links: Any) 
 def link_conflict(hp: HyperParameters, optimizer: torch.optim.Optimizer) -> str | None:
     """Why a linked setting of ``hp`` in ``optimizer`` is not the hyperparameter's value (it was
     written after the driver: a learning-rate scheduler, a warm-up), or None."""
-    if not hp.links:
-        return None
-    values = hp.values()
-    for setting, name in hp.links.items():
-        want = float(values[name])
-        for i, g in enumerate(optimizer.param_groups):
-            if g.get(setting) != want:
-                return (
-                    f"the inner optimizer's {setting!r} (param group {i}) is "
-                    f"{g.get(setting)!r} at the window's start, not {want!r}, the value of "
-                    f"the hyperparameter {name!r} it is linked to (optimizer_hparams): the "
-                    "replay would step with the hyperparameter, the training did not. A "
-                    "linked setting is the hyperparameter's: do not step a learning-rate "
-                    "scheduler on it (tune an unlinked setting instead, or unlink it)"
-                )
-    return None
+    return _link_conflict(hp.links, hp.values(), optimizer) if hp.links else None
