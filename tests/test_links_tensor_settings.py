@@ -44,7 +44,9 @@ def run(lr, method, optimizer=torch.optim.SGD, steps=9, **kw):
     return m, hopt, inner
 
 
-@pytest.mark.parametrize("method", [hg.Unrolled, hg.ForwardMode, hg.DrMAD], ids=["unrolled", "forward", "drmad"])
+@pytest.mark.parametrize(
+    "method", [hg.Unrolled, hg.ForwardMode, hg.DrMAD], ids=["unrolled", "forward", "drmad"]
+)
 def test_a_tensor_lr_is_tuned_in_place_as_a_float_one(method):
     m_f, hopt_f, _ = run(0.05, method())
     tensor = torch.tensor(0.05, dtype=D)
