@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,21 +20,25 @@ class Exact(Solver):
     """Materialize ``A`` (``n`` products) and solve densely: the reference solver.
 
     Symmetric operators are solved through an eigendecomposition in float64 with a
-    pseudo-inverse cut at ``rcond * max|lambda|`` (so parameters that do not enter ``f``,
-    whose Hessian rows are zero, get zero instead of NaN); others by LU, falling back to the
-    minimum-norm least-squares solution (SVD pseudo-inverse cut at ``rcond * max sigma``)
-    when ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||``
-    in float64 (non-zero when ``b`` has a part outside the range of a singular ``A``). For a
-    symmetric operator the eigendecomposition also tells where the point is:
-    ``stats["lambda_min"]`` and ``stats["negative_eigenvalues"]`` (below ``-rcond *
-    max|lambda|``). The solve is exact either way; at a saddle (an indefinite Hessian) the
-    implicit derivative is that of the stationary point, which training does not stay at,
-    where the iterative solvers report ``negative_curvature``.
+    pseudo-inverse cut at ``max(rcond, sqrt(n) eps) * max|lambda|``, ``eps`` that of the
+    products (so parameters that do not enter ``f``, whose Hessian rows are zero, get zero
+    instead of NaN, and the rounding noise of a float32 model's singular Hessian, eigenvalues
+    near ``eps * max|lambda|``, is not inverted); others by LU, falling back to the
+    minimum-norm least-squares solution (SVD pseudo-inverse cut at the same level) when
+    ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||`` in
+    float64, ``A`` symmetrized for a symmetric operator (non-zero when ``b`` has a part
+    outside the range of a singular ``A``). For a symmetric operator the eigendecomposition
+    also tells where the point is: ``stats["lambda_min"]`` and
+    ``stats["negative_eigenvalues"]`` (below minus the cut). The solve is exact either way;
+    at a saddle (an indefinite Hessian) the implicit derivative is that of the stationary
+    point, which training does not stay at, where the iterative solvers report
+    ``negative_curvature``.
 
     Args:
         max_size: refuse operators larger than this (the matrix has ``n^2`` entries).
         chunk_size: products evaluated together while materializing (bounds memory).
-        rcond: relative cut of the pseudo-inverse.
+        rcond: relative cut of the pseudo-inverse (never below the products' rounding
+            level ``sqrt(n) eps``: 1e-13 is that of float64 up to ``n = 2e5``).
 
     Cost: ``n`` products, O(n^2) memory, O(n^3) time. A NaN or Inf in the matrix raises
     :class:`~hypergradient.NonFiniteHypergradientError` (never a ``LinAlgError``).
@@ -61,11 +66,17 @@ class Exact(Solver):
         )
         work = torch.float64 if A.device.type != "mps" else A.dtype
         A64, b64 = A.to(work), b.to(work)
-        x64, evals = _dense_solve(A64, b64, op.symmetric, self.rcond)
+        if op.symmetric:  # the matrix solved, and the residual's: its asymmetry is rounding
+            A64 = 0.5 * (A64 + A64.T)  # (a float16 model's read 5e-5: "singular" warnings)
+        # eigenvalues below the products' rounding (sqrt(n) eps relative) are noise: a float32
+        # model's singular Hessian read 1e-8 where float64 read 1e-18, and inverting them
+        # gave a hypergradient 11 times too large
+        rcond = max(self.rcond, math.sqrt(op.size) * op.product_eps)
+        x64, evals = _dense_solve(A64, b64, op.symmetric, rcond)
         residual = float(torch.linalg.vector_norm(b64 - A64 @ x64))
         stats: dict[str, Any] = {"matrix": A}
         if evals is not None:
-            cut = self.rcond * float(evals.abs().max())
+            cut = rcond * float(evals.abs().max())
             stats["lambda_min"] = float(evals[0])
             stats["negative_eigenvalues"] = int((evals < -cut).sum())
         x = x64.to(b.dtype)
@@ -78,8 +89,7 @@ def _dense_solve(
 ) -> tuple[Tensor, Tensor | None]:
     """``A^+ b`` by eigendecomposition (symmetric: with the ascending eigenvalues) or LU
     with a least-squares fallback (eigenvalues None)."""
-    if symmetric:
-        A = 0.5 * (A + A.T)
+    if symmetric:  # (symmetrized by the caller)
         evals, evecs = torch.linalg.eigh(A)
         cut = rcond * evals.abs().max().clamp_min(torch.finfo(A.dtype).tiny)
         inv = torch.where(evals.abs() > cut, 1.0 / evals, torch.zeros_like(evals))

@@ -1,0 +1,110 @@
+"""``hg.Exact`` on models below float64: its cut and its residual are at the products'
+rounding level, not float64's.
+
+- An overparameterized linear model (10 samples, 40 weights) has a Hessian of rank 10. In
+  float32 its 30 zero eigenvalues are read as rounding noise (~1e-8 relative, 16 of them
+  negative); the cut ``rcond=1e-13`` kept them, and inverting them gave a hypergradient 11
+  times the exact one (``||x|| ~ 1e8`` against 0.68), with ``negative_eigenvalues=16`` at a
+  minimum. Reference: the minimum-norm interpolant ``theta*(h) = X^+ (y + h)``, whose
+  hypergradient is ``(X^+)^T grad_theta g`` in closed form.
+- A float16 or bfloat16 model's materialized Hessian is symmetric only to its rounding; the
+  residual was read against the unsymmetrized matrix (5e-5 relative for float16), and
+  ``hg.implicit`` warned that a well-conditioned Hessian was singular.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hypergradient as hg
+
+F64 = torch.float64
+
+
+def _overparameterized():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 40, generator=g, dtype=F64)
+    y = torch.randn(10, generator=g, dtype=F64)
+    Xv = torch.randn(15, 40, generator=g, dtype=F64)
+    yv = torch.randn(15, generator=g, dtype=F64)
+    return X, y, Xv, yv
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_singular_float32_hessian_gets_the_minimum_norm_hypergradient(dtype):
+    X, y, Xv, yv = _overparameterized()
+    theta = torch.linalg.pinv(X) @ y  # a minimum of the inner loss (it interpolates)
+    ref = torch.linalg.pinv(X).T @ (Xv.T @ (Xv @ theta - yv) / 15)
+    Xd, yd, Xvd, yvd = X.to(dtype), y.to(dtype), Xv.to(dtype), yv.to(dtype)
+
+    def f(t, h):  # h: offsets of the training targets (enters the inner loss only)
+        return 0.5 * ((Xd @ t - yd - h) ** 2).mean()
+
+    def g(t, h):
+        return 0.5 * ((Xvd @ t - yvd) ** 2).mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hg.HypergradientWarning)  # (b leaves the range)
+        out, info = hg.implicit(
+            f, g, theta.to(dtype), torch.zeros(10, dtype=dtype), hg.Exact(), return_info=True
+        )
+    rel = float((out.double() - ref).norm() / ref.norm())
+    assert rel < (1e-12 if dtype == F64 else 1e-5)  # was 11.0 in float32
+    assert float(info.solution.norm()) < 1.0  # was 1.1e8 (the exact one: 0.68)
+    assert info.stats["negative_eigenvalues"] == 0  # a minimum (was 16 in float32)
+
+
+def test_the_cut_stays_rcond_for_float64_and_follows_an_explicit_rcond():
+    A = torch.diag(torch.tensor([1e-12, 1.0, 2.0], dtype=F64))  # resolvable in float64
+    b = torch.ones(3, dtype=F64)
+    sol = hg.Exact().solve(hg.MatrixOperator(A), b)
+    assert float(sol.value[0]) == pytest.approx(1e12, rel=1e-9)
+    sol = hg.Exact(rcond=1e-6).solve(hg.MatrixOperator(A), b)
+    assert float(sol.value[0]) == 0.0 and float(sol.value[2]) == pytest.approx(0.5)
+    # float32: 1e-12 is below its rounding level (sqrt(3) eps = 2e-7): cut
+    sol = hg.Exact().solve(hg.MatrixOperator(A.float()), b.float())
+    assert float(sol.value[0]) == 0.0 and float(sol.value[1]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_not_called_singular(dtype):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 6, generator=g, dtype=F64)
+    Y = (torch.rand(100, generator=g) < 0.5).to(F64)
+    Xv = torch.randn(50, 6, generator=g, dtype=F64)
+    Yv = (torch.rand(50, generator=g) < 0.5).to(F64)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def losses(dt):
+        Xd, Yd, Xvd, Yvd = X.to(dt), Y.to(dt), Xv.to(dt), Yv.to(dt)
+        return (
+            lambda t, h: bce(Xd @ t, Yd) + 0.5 * h * (t**2).sum(),
+            lambda t, h: bce(Xvd @ t, Yvd),
+        )
+
+    theta = torch.zeros(6, dtype=F64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=200, tolerance_grad=1e-14, tolerance_change=0)
+    f64, g64 = losses(F64)
+    lam = torch.tensor(0.1, dtype=F64)
+
+    def closure():
+        opt.zero_grad()
+        loss = f64(theta, lam)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    theta = theta.detach()
+    ref = hg.implicit(f64, g64, theta, lam, hg.Exact())
+    f, g = losses(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.HypergradientWarning)  # was "singular" (float16)
+        out, info = hg.implicit(
+            f, g, theta.to(dtype), lam.to(dtype), hg.Exact(), return_info=True, stationarity=None
+        )
+    assert info.relative_residual < 1e-12  # of the (symmetric) matrix solved: was 5e-5
+    eps = torch.finfo(dtype).eps
+    assert abs(float(out) - float(ref)) <= 4 * eps * abs(float(ref))
