@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _tree, _vocab
 from .._vocab import Status
-from ..operators import LinearOperator
+from ..operators import DampedOperator, LinearOperator
 from .base import (
     RandomizedSolver,
     Solution,
@@ -63,7 +63,9 @@ class Neumann(RandomizedSolver):
         refresh_every: with ``alpha="auto"``, solves between two estimates of
             ``lambda_max`` (the Hessian changes slowly along an outer loop, so 10 costs
             ``power_iters / 10`` products per solve). A solve that diverges with a cached
-            estimate re-estimates at once and solves again (``stats["refreshed"]``).
+            estimate re-estimates at once and solves again (``stats["refreshed"]``). An
+            operator of another size or damping (a ``DampedOperator``: ``damping="auto"``
+            raising its shift) has another spectrum: it is estimated at once.
 
     Cost: ``maxiter`` products (+ ``power_iters`` per estimate), O(n) memory. State (in
     :meth:`state_dict`): the generator, the cached estimate and the solve counter.
@@ -116,6 +118,7 @@ class Neumann(RandomizedSolver):
         self._cached: tuple[float, float] | None = None  # (lambda_est, safety)
         self._calls = 0
         self._indefinite = False  # the last estimate's Ritz value was negative
+        self._system: tuple[int, float] | None = None  # the estimate's (size, damping)
 
     @property
     def iters(self) -> int:
@@ -143,6 +146,7 @@ class Neumann(RandomizedSolver):
             lam, safety = self._cached if self._cached is not None else (0.0, 1.0)  # 0: none
             state.update(calls=self._calls, lambda_est=lam, safety=safety)
             state["indefinite"] = self._indefinite
+            state["system"] = None if self._system is None else list(self._system)
         return state
 
     def load_state_dict(self, state: Any) -> None:
@@ -150,7 +154,8 @@ class Neumann(RandomizedSolver):
             super().load_state_dict(state)
             return
         indefinite = _vocab.as_bool(state.get("indefinite", False), "state['indefinite']")
-        state = {k: v for k, v in state.items() if k != "indefinite"}  # (older: absent)
+        system = _system(state.get("system"))  # (older: absent, unknown)
+        state = {k: v for k, v in state.items() if k not in ("indefinite", "system")}
         extra = {k: state[k] for k in ("calls", "lambda_est", "safety") if k in state}
         if len(extra) != 3:
             raise ValueError(
@@ -161,15 +166,17 @@ class Neumann(RandomizedSolver):
         lam = _vocab.as_float(extra["lambda_est"], "state['lambda_est']", min=0.0)
         safety = _vocab.as_float(extra["safety"], "state['safety']", min=1.0)
         super().load_state_dict({k: v for k, v in state.items() if k not in extra})
-        self._calls, self._indefinite = calls, indefinite
+        self._calls, self._indefinite, self._system = calls, indefinite, system
         self._cached = None if lam == 0.0 else (lam, safety)
 
     def _step(self, op: LinearOperator, stats: dict[str, Any], fresh: bool = False) -> float:
         if self.alpha != "auto":
             return float(self.alpha)
         stale = fresh or self._cached is None or self._calls % self.refresh_every == 0
+        system = (op.size, float(op.damping) if isinstance(op, DampedOperator) else 0.0)
+        stale = stale or self._system not in (None, system)  # another spectrum
         if stale or self._cached is None:
-            self._cached = self._estimate(op, stats)
+            self._cached, self._system = self._estimate(op, stats), system
         lam, safety = self._cached
         stats.update(lambda_max=lam, safety=safety, estimated=stale)
         step = 1.0 / (safety * lam)
@@ -249,6 +256,16 @@ class Neumann(RandomizedSolver):
         return Solution(
             x, op.num_matvecs - start, residual, converged, run.status, run.iterations, stats
         )
+
+
+def _system(value: Any) -> tuple[int, float] | None:
+    """A checkpoint's ``system``: None or ``[size, damping]`` of the estimated operator."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"Neumann state['system'] must be None or [size, damping], got {value!r}.")
+    size = _vocab.as_int(value[0], "state['system'][0]", min=0)
+    return size, _vocab.as_float(value[1], "state['system'][1]", min=0.0)
 
 
 def _unit(b: Tensor, bnorm: float) -> Tensor:
