@@ -25,7 +25,8 @@ class Exact(Solver):
     instead of NaN, and the rounding noise of a float32 model's singular Hessian, eigenvalues
     near ``eps * max|lambda|``, is not inverted); others by LU, falling back to the
     minimum-norm least-squares solution (SVD pseudo-inverse cut at the same level) when
-    ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||`` in
+    ``A`` is singular at that level (an LU solution longer than ``||b|| / (cut ||A||_F /
+    sqrt(n))`` proves it). The status is ``"exact"``; ``residual_norm`` is ``||b - A x||`` in
     float64, ``A`` symmetrized for a symmetric operator (non-zero when ``b`` has a part
     outside the range of a singular ``A``). For a symmetric operator the eigendecomposition
     also tells where the point is: ``stats["lambda_min"]`` and
@@ -96,7 +97,12 @@ def _dense_solve(
         return evecs @ (inv * (evecs.T @ b)), evals
     try:
         x = torch.linalg.solve(A, b)
-        if _vocab.is_finite(x):
+        # ||x|| <= ||b|| / sigma_min and sigma_max >= ||A||_F / sqrt(n): a larger x proves
+        # sigma_min below the cut (LU of a singular float32 I - J^T, invertible by its
+        # rounding, gave ||x|| ~ 1e9 and a hypergradient 6 times the minimum-norm one)
+        sigma = float(torch.linalg.matrix_norm(A)) / math.sqrt(A.shape[0])
+        bound = float(torch.linalg.vector_norm(b)) / (rcond * sigma) if rcond * sigma else math.inf
+        if _vocab.is_finite(x) and float(torch.linalg.vector_norm(x)) <= bound:
             return x, None
     except RuntimeError:  # singular (torch.linalg.LinAlgError)
         pass
