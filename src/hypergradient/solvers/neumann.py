@@ -229,19 +229,21 @@ class Neumann(RandomizedSolver):
     ) -> Solution:
         alpha = self._step(op, stats, fresh)
         stats["alpha"] = alpha
-        base = None
+        base, tol = None, self.tol
         if x0 is not None and bool(x0.any()):  # warm start: solve for the correction
-            base = x0.to(b.dtype)
+            base, full = x0.to(b.dtype), safe_norm(b)
             Ax = op.matvec(base)
             require_finite_product(Ax)
             b = b - Ax
         bnorm = safe_norm(b)
-        if bnorm == 0.0:
+        if tol is not None and base is not None and bnorm > 0.0:
+            tol = tol * full / bnorm  # tol * ||b|| as a fraction of the correction's residual
+        if bnorm == 0.0 or (tol is not None and tol >= 1.0):  # (the start meets tol)
             x = torch.zeros_like(b) if base is None else base.clone()
-            done = Status.FIXED_BUDGET if self.tol is None else Status.CONVERGED
-            ok = None if self.tol is None else True
-            return Solution(x, op.num_matvecs - start, 0.0, ok, done, 0, stats)
-        run = _Series(op, _unit(b, bnorm), alpha, self, dict(stats))
+            done = Status.FIXED_BUDGET if tol is None else Status.CONVERGED
+            ok = None if tol is None else True
+            return Solution(x, op.num_matvecs - start, bnorm, ok, done, 0, stats)
+        run = _Series(op, _unit(b, bnorm), alpha, self, dict(stats), tol)
         run.run()
         stats.update(run.stats)
         if run.status in (Status.FIXED_BUDGET, Status.MAX_ITERATIONS) and self._indefinite:
@@ -317,9 +319,11 @@ class _Series:
         alpha: float,
         solver: Neumann,
         stats_in: dict[str, Any] | None = None,
+        tol: float | None = None,
     ):
         self.op, self.alpha, self.solver = op, alpha, solver
         self.stats_in = {} if stats_in is None else stats_in  # the step's estimate
+        self.tol = tol  # relative to ||b|| = 1
         self.v, self.total = b, b.clone()
         self.best, self.best_norm = torch.zeros_like(b), 1.0
         self.residual: float | None = None
@@ -361,7 +365,7 @@ class _Series:
         return Status.NEGATIVE_CURVATURE if indefinite else Status.DIVERGED
 
     def run(self) -> None:
-        tol, previous = self.solver.tol, 1.0
+        tol, previous = self.tol, 1.0
         for it in range(1, self.solver.maxiter + 1):
             w = self.op.matvec(self.v)
             v = torch.add(self.v, w, alpha=-self.alpha)  # the residual of alpha * total
