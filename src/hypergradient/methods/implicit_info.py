@@ -94,10 +94,10 @@ def warn_solve(
     ``maxiter`` far from the solver's tolerance (a relative residual above 10x the
     tolerance *and* above :data:`FAR_RESIDUAL`: a budget that ends at a residual of 1e-5
     against a tolerance of 1e-6 is a usable answer, not a warning; a stop no better than
-    ``x = 0`` always warns). Fixed budgets (a solver
-    without a tolerance, or ``tol=0`` and ``atol=0``) warn only when their answer is worse
-    than ``x = 0`` (``||b - A x|| > ||b||``: Nystrom on an indefinite Hessian whose negative
-    curvature its sketch missed gave 2.3 at an exact saddle, with no warning)."""
+    ``x = 0`` always warns). Fixed budgets (a solver without a tolerance, or ``tol=0`` and
+    ``atol=0``) warn only when their answer is worse than ``x = 0`` (``||b - A x|| >
+    ||b||``: Nystrom on an indefinite Hessian whose negative curvature its sketch missed
+    gave 2.3 at an exact saddle, with no warning)."""
     if status == Status.NEGATIVE_CURVATURE:
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {iterations} "
@@ -118,28 +118,32 @@ def warn_solve(
     if stats and stats.get("precision_limited"):
         _warn_precision(solver, residual / max(bnorm, 1e-300), stats)
         return
+    _warn_maxiter(solver, residual / max(bnorm, 1e-300), bnorm)
+
+
+def _warn_maxiter(solver: Solver, relative: float, bnorm: float) -> None:
+    """A stop at ``maxiter``: warn far above the tolerance, or no better than ``x = 0``
+    (CG returns its start when every iterate was worse; only the direct term is left,
+    whatever the tolerance: at ``tol=0.1`` the threshold ``10 tol = 1`` did not warn)."""
     tol, atol = getattr(solver, "tol", None) or 0.0, getattr(solver, "atol", None) or 0.0
-    relative = residual / max(bnorm, 1e-300)
     allowed = max(float(tol), float(atol) / max(bnorm, 1e-300))
-    # no better than x = 0 (CG returns its start when every iterate was worse): only the
-    # direct term is left, whatever the tolerance (tol=0.1: 10 tol = 1 did not warn)
     none = relative >= NO_PROGRESS and allowed < NO_PROGRESS
     if not (tol or atol or none):  # tol=0: a fixed budget asked for ("as far as maxiter goes")
         return
-    if none or relative > max(10 * allowed, FAR_RESIDUAL):
-        maxiter = getattr(solver, "maxiter", None)
-        what = (
-            "no better than x = 0 (only the direct term d_phi g is left)"
-            if none
-            else f"far above its tolerance {allowed:.3g}"
-        )
-        warnings.warn(
-            f"{solver!r} stopped at maxiter={maxiter} with relative residual "
-            f"{relative:.3g}, {what}: the solution (and the hypergradient) is inaccurate. "
-            "Raise maxiter, loosen tol, add damping, or precondition (hg.NystromPCG).",
-            HypergradientWarning,
-            stacklevel=5,
-        )
+    if not (none or relative > max(10 * allowed, FAR_RESIDUAL)):
+        return
+    what = (
+        "no better than x = 0 (only the direct term d_phi g is left)"
+        if none
+        else f"far above its tolerance {allowed:.3g}"
+    )
+    warnings.warn(
+        f"{solver!r} stopped at maxiter={getattr(solver, 'maxiter', None)} with relative "
+        f"residual {relative:.3g}, {what}: the solution (and the hypergradient) is "
+        "inaccurate. Raise maxiter, loosen tol, add damping, or precondition (hg.NystromPCG).",
+        HypergradientWarning,
+        stacklevel=6,
+    )
 
 
 def _warn_precision(solver: Solver, relative: float, stats: dict[str, Any]) -> None:

@@ -218,6 +218,22 @@ class Neumann(RandomizedSolver):
         self._calls += 1
         return solution
 
+    def _correction(
+        self, op: LinearOperator, b: Tensor, x0: Tensor | None
+    ) -> tuple[Tensor | None, Tensor, float, float | None]:
+        """``(x0, b - A x0, its norm, tol)`` for a warm start (else ``(None, b, ||b||,
+        tol)``); the series on the correction meets ``tol ||b||`` at ``tol ||b|| / ||b - A
+        x0||`` of its own right-hand side."""
+        if x0 is None or not bool(x0.any()):
+            return None, b, safe_norm(b), self.tol
+        base, full = x0.to(b.dtype), safe_norm(b)
+        Ax = op.matvec(base)
+        require_finite_product(Ax)
+        b = b - Ax
+        bnorm = safe_norm(b)
+        tol = self.tol if self.tol is None or bnorm == 0.0 else self.tol * full / bnorm
+        return base, b, bnorm, tol
+
     def _solve(
         self,
         op: LinearOperator,
@@ -229,15 +245,7 @@ class Neumann(RandomizedSolver):
     ) -> Solution:
         alpha = self._step(op, stats, fresh)
         stats["alpha"] = alpha
-        base, tol = None, self.tol
-        if x0 is not None and bool(x0.any()):  # warm start: solve for the correction
-            base, full = x0.to(b.dtype), safe_norm(b)
-            Ax = op.matvec(base)
-            require_finite_product(Ax)
-            b = b - Ax
-        bnorm = safe_norm(b)
-        if tol is not None and base is not None and bnorm > 0.0:
-            tol = tol * full / bnorm  # tol * ||b|| as a fraction of the correction's residual
+        base, b, bnorm, tol = self._correction(op, b, x0)
         if bnorm == 0.0 or (tol is not None and tol >= 1.0):  # (the start meets tol)
             x = torch.zeros_like(b) if base is None else base.clone()
             done = Status.FIXED_BUDGET if tol is None else Status.CONVERGED
