@@ -64,7 +64,7 @@ def test_the_cut_stays_rcond_for_float64_and_follows_an_explicit_rcond():
     assert float(sol.value[0]) == pytest.approx(1e12, rel=1e-9)
     sol = hg.Exact(rcond=1e-6).solve(hg.MatrixOperator(A), b)
     assert float(sol.value[0]) == 0.0 and float(sol.value[2]) == pytest.approx(0.5)
-    # float32: 1e-12 is below its rounding level (sqrt(3) eps = 2e-7): cut
+    # float32: 1e-12 is below its rounding level (10 eps = 1.2e-6): cut
     sol = hg.Exact().solve(hg.MatrixOperator(A.float()), b.float())
     assert float(sol.value[0]) == 0.0 and float(sol.value[1]) == pytest.approx(1.0)
 
@@ -144,3 +144,26 @@ def test_a_regular_non_symmetric_system_is_still_solved_by_lu():
     sol = hg.Exact().solve(hg.MatrixOperator(A, symmetric=False), b)
     assert torch.allclose(sol.value, torch.linalg.solve(A, b), rtol=1e-12, atol=1e-14)
     assert sol.residual_norm < 1e-13
+
+
+def test_the_cut_does_not_drop_real_eigenvalues_of_a_bfloat16_model():
+    """The floor is float32's at most: 10 eps of bfloat16 (7.8 % of the largest eigenvalue)
+    would cut most directions of a ridge model of condition 100 (hypergradient 96 % off)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 20, generator=g, dtype=F64) * torch.logspace(0, -1.5, 20, dtype=F64)
+    y = torch.randn(200, generator=g, dtype=F64)
+    Xv, yv = torch.randn(50, 20, generator=g, dtype=F64), torch.randn(50, generator=g, dtype=F64)
+    lam = torch.tensor(0.01, dtype=F64)
+    theta = torch.linalg.solve(X.T @ X / 200 + lam * torch.eye(20, dtype=F64), X.T @ y / 200)
+
+    def losses(dt):
+        Xd, yd, Xvd, yvd = X.to(dt), y.to(dt), Xv.to(dt), yv.to(dt)
+        return (
+            lambda t, h: 0.5 * ((Xd @ t - yd) ** 2).mean() + 0.5 * h * (t**2).sum(),
+            lambda t, h: 0.5 * ((Xvd @ t - yvd) ** 2).mean(),
+        )
+
+    ref = float(hg.implicit(*losses(F64), theta, lam, hg.Exact()))
+    bf = torch.bfloat16
+    out = hg.implicit(*losses(bf), theta.to(bf), lam.to(bf), hg.Exact(), stationarity=None)
+    assert abs(float(out) - ref) < 0.02 * abs(ref)  # measured 0.5 %

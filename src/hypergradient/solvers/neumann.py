@@ -192,7 +192,7 @@ class Neumann(RandomizedSolver):
             # a Ritz value below rounding is a negative eigenvalue (Ritz values lie inside the
             # spectrum): the series cannot approximate H^-1 along it, however short. The
             # products' rounding: a bfloat16 model's PSD Hessian read -3e-4 lambda_max
-            eps = max(100 * torch.finfo(op.dtype).eps, 10 * op.product_eps)
+            eps = max(100 * torch.finfo(op.dtype).eps, 4 * op.product_eps)
             self._indefinite = bool(spectrum.lambda_min < -eps * abs(lam))
             safety = 1.0 if exact else lanczos_safety(op.size, self.power_iters - 1)
         else:

@@ -157,7 +157,7 @@ def nystrom_sketch(
     Indefinite operators (a saddle point, a non-convex inner problem): when the core
     ``Omega^T A Omega`` has an eigenvalue below ``-nu`` the approximation is built from its
     positive eigen-directions only, and flagged ``indefinite`` if that eigenvalue is below
-    the products' rounding, ``-10 eps max|m|`` (``eps`` theirs: the core of a float32 or
+    the products' rounding, ``-4 eps max|m|`` (``eps`` theirs: the core of a float32 or
     bfloat16 model's PSD singular Hessian reads down to ``-0.5 eps max|m|``, which is no
     saddle); with no positive direction at all (e.g. the 1 x 1 operator ``[[-1]]``) it is
     the zero approximation of rank 0, so that a solve gives ``b / rho`` and a
@@ -215,7 +215,7 @@ def nystrom_sketch(
         del Om
         m, V = torch.linalg.eigh(core)
         keep = m > eps * r * m.abs().max()
-        indefinite = bool(m[0] < -10 * op.product_eps * m.abs().max())  # beyond rounding
+        indefinite = bool(m[0] < -4 * op.product_eps * m.abs().max())  # beyond rounding
         if not bool(keep.any()):  # no positive curvature in the sketch at all
             return _empty(op, indefinite=True)
         Z = _right_multiply_(Y, V[:, keep] / m[keep].sqrt())
