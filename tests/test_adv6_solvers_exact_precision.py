@@ -64,9 +64,10 @@ def test_the_cut_stays_rcond_for_float64_and_follows_an_explicit_rcond():
     assert float(sol.value[0]) == pytest.approx(1e12, rel=1e-9)
     sol = hg.Exact(rcond=1e-6).solve(hg.MatrixOperator(A), b)
     assert float(sol.value[0]) == 0.0 and float(sol.value[2]) == pytest.approx(0.5)
-    # float32: 1e-12 is below its rounding level (10 eps = 1.2e-6): cut
+    # float32: a matrix given exactly symmetric shows no rounding (a diagonal's products are
+    # exact): rcond alone, 1e-12 is inverted
     sol = hg.Exact().solve(hg.MatrixOperator(A.float()), b.float())
-    assert float(sol.value[0]) == 0.0 and float(sol.value[1]) == pytest.approx(1.0)
+    assert float(sol.value[0]) == pytest.approx(1e12, rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -147,8 +148,8 @@ def test_a_regular_non_symmetric_system_is_still_solved_by_lu():
 
 
 def test_the_cut_does_not_drop_real_eigenvalues_of_a_bfloat16_model():
-    """The floor is float32's at most: 10 eps of bfloat16 (7.8 % of the largest eigenvalue)
-    would cut most directions of a ridge model of condition 100 (hypergradient 96 % off)."""
+    """A cut at a fixed 10 eps of bfloat16 (7.8 % of the largest eigenvalue) dropped most
+    directions of a ridge model of condition 100 (hypergradient 96 % off)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(200, 20, generator=g, dtype=F64) * torch.logspace(0, -1.5, 20, dtype=F64)
     y = torch.randn(200, generator=g, dtype=F64)
@@ -167,3 +168,40 @@ def test_the_cut_does_not_drop_real_eigenvalues_of_a_bfloat16_model():
     bf = torch.bfloat16
     out = hg.implicit(*losses(bf), theta.to(bf), lam.to(bf), hg.Exact(), stationarity=None)
     assert abs(float(out) - ref) < 0.02 * abs(ref)  # measured 0.5 %
+
+
+def test_small_real_eigenvalues_of_a_float32_relu_network_are_inverted():
+    """A ReLU network with dead units: exact zero rows, and real eigenvalues down to 1.8e-8
+    of the largest that float32 resolves (its hypergradient matches float64's to 1e-6); a
+    cut at a fixed 10 eps of float32 dropped them (23 % off). Saddle: 8 negative ones."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(60, 5, generator=g, dtype=F64), torch.randn(60, generator=g, dtype=F64)
+    Xv, Yv = torch.randn(30, 5, generator=g, dtype=F64), torch.randn(30, generator=g, dtype=F64)
+    W1, b1 = torch.randn(12, 5, generator=g, dtype=F64), torch.randn(12, generator=g, dtype=F64)
+    b1[:4] = -50.0  # four dead units
+    W2 = 0.3 * torch.randn(1, 12, generator=g, dtype=F64)
+
+    def run(dt):
+        Xd, Yd, Xvd, Yvd = X.to(dt), Y.to(dt), Xv.to(dt), Yv.to(dt)
+
+        def net(p, x):
+            return (torch.relu(x @ p[0].T + p[1]) @ p[2].T).squeeze(-1)
+
+        def f(p, lam):
+            return (net(p, Xd) - Yd).pow(2).mean() + lam * (p[2] ** 2).sum()
+
+        def gv(p, lam):
+            return (net(p, Xvd) - Yvd).pow(2).mean()
+
+        params = [W1.to(dt), b1.to(dt), W2.to(dt)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hg.HypergradientWarning)
+            return hg.implicit(
+                f, gv, params, torch.tensor(0.1, dtype=dt), hg.Exact(), return_info=True,
+                stationarity=None,
+            )  # fmt: skip
+
+    ref, info64 = run(F64)
+    out, info = run(torch.float32)
+    assert abs(float(out) - float(ref)) < 1e-5 * abs(float(ref))
+    assert info.stats["negative_eigenvalues"] == info64.stats["negative_eigenvalues"] > 0
