@@ -15,7 +15,7 @@ from ..solvers import CG, AutoDamping, Solver
 from ._checks import Inputs
 from .base import Problem
 from .formula import ImplicitInfo
-from .implicit_base import ImplicitMethod, check_warm_state, warm_vector
+from .implicit_base import ImplicitMethod, check_warm_state, warm_status, warm_vector
 
 __all__ = ["HOAG"]
 
@@ -99,11 +99,7 @@ class HOAG(ImplicitMethod):
 
     def commit(self, solver: Solver, info: ImplicitInfo) -> None:
         info.stats["tol"] = self.current_tol()
-        started = self._x is not None
-        if info.stats.get("warm_start_dropped"):
-            info.stats["warm_start"] = "dropped"
-        else:
-            info.stats["warm_start"] = "used" if started else "none"
+        info.stats["warm_start"] = warm_status(self._x, info)
         status = Status(info.status)
         # a solve limited by the products' precision (bfloat16) is as good as it gets: a
         # safe start, not a partial one

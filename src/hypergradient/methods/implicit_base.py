@@ -52,6 +52,7 @@ __all__ = [
     "check_warm_state",
     "damping_config",
     "solver_config",
+    "warm_status",
     "warm_vector",
 ]
 
@@ -112,6 +113,18 @@ def check_state_keys(
             f"{extra}; it was saved from another method or solver."
         )
     return state
+
+
+def warm_status(kept: Tensor | None, info: ImplicitInfo) -> str:
+    """``info.stats["warm_start"]``: ``"dropped"`` (the solver refused it), ``"used"``, or
+    ``"none"``: no kept solution, one of another size (the model changed) or zero, which
+    never reached the solver (it said "used" for both)."""
+    if info.stats.get("warm_start_dropped"):
+        return "dropped"
+    x = info.solution
+    if kept is None or x is None or kept.numel() != x.numel() or not bool(kept.any()):
+        return "none"
+    return "used"
 
 
 def warm_vector(x: Tensor | None, inputs: Inputs) -> Tensor | None:

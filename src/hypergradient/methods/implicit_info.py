@@ -13,7 +13,7 @@ from .._vocab import HypergradientWarning, Status
 from ..solvers import Solver
 from .base import Info
 
-__all__ = ["FAR_RESIDUAL", "ImplicitInfo", "warn_solve"]
+__all__ = ["FAR_RESIDUAL", "NO_PROGRESS", "ImplicitInfo", "warn_solve"]
 
 
 @dataclass(kw_only=True)
@@ -59,6 +59,10 @@ class ImplicitInfo(Info):
 #: ``warn_solve``).
 FAR_RESIDUAL = 1e-3
 
+#: A solve stopped at ``maxiter`` with a relative residual at least this made no progress on
+#: ``x = 0`` (its start): it always warns.
+NO_PROGRESS = 1.0 - 1e-6
+
 
 def _warned_singular(solver: Solver, status: Status, residual: float | None, bnorm: float) -> bool:
     """Warn (and say so) when Exact's answer leaves part of ``b`` outside ``A``'s range."""
@@ -89,10 +93,11 @@ def warn_solve(
     """Warn when the solve cannot vouch for its answer: negative curvature, or a stop at
     ``maxiter`` far from the solver's tolerance (a relative residual above 10x the
     tolerance *and* above :data:`FAR_RESIDUAL`: a budget that ends at a residual of 1e-5
-    against a tolerance of 1e-6 is a usable answer, not a warning). Fixed budgets (a solver
-    without a tolerance, or ``tol=0`` and ``atol=0``) warn only when their answer is worse
-    than ``x = 0`` (``||b - A x|| > ||b||``: Nystrom on an indefinite Hessian whose negative
-    curvature its sketch missed gave 2.3 at an exact saddle, with no warning)."""
+    against a tolerance of 1e-6 is a usable answer, not a warning; a stop no better than
+    ``x = 0`` always warns). Fixed budgets (a solver without a tolerance, or ``tol=0`` and
+    ``atol=0``) warn only when their answer is worse than ``x = 0`` (``||b - A x|| >
+    ||b||``: Nystrom on an indefinite Hessian whose negative curvature its sketch missed
+    gave 2.3 at an exact saddle, with no warning)."""
     if status == Status.NEGATIVE_CURVATURE:
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {iterations} "
@@ -113,21 +118,32 @@ def warn_solve(
     if stats and stats.get("precision_limited"):
         _warn_precision(solver, residual / max(bnorm, 1e-300), stats)
         return
+    _warn_maxiter(solver, residual / max(bnorm, 1e-300), bnorm)
+
+
+def _warn_maxiter(solver: Solver, relative: float, bnorm: float) -> None:
+    """A stop at ``maxiter``: warn far above the tolerance, or no better than ``x = 0``
+    (CG returns its start when every iterate was worse; only the direct term is left,
+    whatever the tolerance: at ``tol=0.1`` the threshold ``10 tol = 1`` did not warn)."""
     tol, atol = getattr(solver, "tol", None) or 0.0, getattr(solver, "atol", None) or 0.0
-    if not (tol or atol):  # tol=0: a fixed budget asked for ("as far as maxiter goes")
-        return
-    relative = residual / max(bnorm, 1e-300)
     allowed = max(float(tol), float(atol) / max(bnorm, 1e-300))
-    if relative > max(10 * allowed, FAR_RESIDUAL):
-        maxiter = getattr(solver, "maxiter", None)
-        warnings.warn(
-            f"{solver!r} stopped at maxiter={maxiter} with relative residual "
-            f"{relative:.3g}, far above its tolerance {allowed:.3g}: the solution (and "
-            "the hypergradient) is inaccurate. Raise maxiter, loosen tol, add damping, or "
-            "precondition (hg.NystromPCG).",
-            HypergradientWarning,
-            stacklevel=5,
-        )
+    none = relative >= NO_PROGRESS and allowed < NO_PROGRESS
+    if not (tol or atol or none):  # tol=0: a fixed budget asked for ("as far as maxiter goes")
+        return
+    if not (none or relative > max(10 * allowed, FAR_RESIDUAL)):
+        return
+    what = (
+        "no better than x = 0 (only the direct term d_phi g is left)"
+        if none
+        else f"far above its tolerance {allowed:.3g}"
+    )
+    warnings.warn(
+        f"{solver!r} stopped at maxiter={getattr(solver, 'maxiter', None)} with relative "
+        f"residual {relative:.3g}, {what}: the solution (and the hypergradient) is "
+        "inaccurate. Raise maxiter, loosen tol, add damping, or precondition (hg.NystromPCG).",
+        HypergradientWarning,
+        stacklevel=6,
+    )
 
 
 def _warn_precision(solver: Solver, relative: float, stats: dict[str, Any]) -> None:

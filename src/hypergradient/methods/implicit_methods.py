@@ -22,6 +22,7 @@ from .implicit_base import (
     as_solver,
     check_warm_state,
     solver_config,
+    warm_status,
     warm_vector,
 )
 from .leaf_rates import smallest_rate
@@ -104,10 +105,7 @@ class Implicit(ImplicitMethod):
     def commit(self, solver: Solver, info: ImplicitInfo) -> None:
         if not self.keep:
             return
-        if info.stats.get("warm_start_dropped"):
-            info.stats["warm_start"] = "dropped"
-        else:
-            info.stats["warm_start"] = "used" if self._x is not None else "none"
+        info.stats["warm_start"] = warm_status(self._x, info)
         safe = Status(info.status) in (Status.CONVERGED, Status.MAX_ITERATIONS)
         self._x = info.solution if safe and info.solution is not None else None
 

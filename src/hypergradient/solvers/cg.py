@@ -16,6 +16,7 @@ from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
 from .cg_status import (
     attainable_message,
+    checked_preconditioner,
     null_direction,
     product_eps,
     recheck_exit,
@@ -350,7 +351,8 @@ class CG(Solver):
         tol: relative residual tolerance.
         atol: absolute residual tolerance.
         preconditioner: optional callable ``r -> M^{-1} r`` for a symmetric positive-definite
-            ``M``.
+            ``M`` (a result in another floating dtype is cast to ``r``'s; another shape raises
+            ValueError).
 
     Cost: one product and O(n) memory per iteration (four vectors and the best iterate),
     plus one product for a warm start and one per verification. With exact arithmetic it
@@ -389,4 +391,5 @@ class CG(Solver):
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         bnorm = self.validate(op, b, x0)
         pre = self.preconditioner
+        pre = None if pre is None else checked_preconditioner(pre)
         return conjugate_gradient(op, b, x0, self.maxiter, self.tol, self.atol, pre, bnorm)

@@ -1,4 +1,5 @@
-"""What a CG run reports when its tolerance is out of reach of the arithmetic.
+"""What a CG run reports when its tolerance is out of reach of the arithmetic (and the check
+of a user's preconditioner).
 
 The drift of CG's updated residual from the true ``b - A x`` is about
 ``eps (||b|| + ||A|| max ||x_k||)`` (Greenbaum, 1997), ``eps`` that of the products: a
@@ -8,13 +9,41 @@ bfloat16 model's Hessian products round at 3.9e-3 even though the iterates are f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
+
+from torch import Tensor
 
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import require_finite_product, safe_norm
 
-__all__ = ["attainable_message", "null_direction", "product_eps", "recheck_exit", "restore_start"]
+__all__ = [
+    "attainable_message",
+    "checked_preconditioner",
+    "null_direction",
+    "product_eps",
+    "recheck_exit",
+    "restore_start",
+]
+
+
+def checked_preconditioner(pre: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``pre`` whose result must be a tensor shaped like ``r`` (a floating one in another
+    dtype is cast to ``r``'s: a Jacobi diagonal kept in float64 for a float32 model raised
+    torch's "dot : expected both vectors to have same dtype")."""
+
+    def apply(r: Tensor) -> Tensor:
+        z = pre(r)
+        if isinstance(z, Tensor) and z.shape == r.shape and z.is_floating_point():
+            return z if z.dtype == r.dtype and z.device == r.device else z.to(r)
+        got = f"shape {tuple(z.shape)}, {z.dtype}" if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(
+            f"CG's `preconditioner` must map r (shape {tuple(r.shape)}, {r.dtype}) to M^-1 r "
+            f"of the same shape, a floating-point tensor; it returned {got}."
+        )
+
+    return apply
 
 
 def product_eps(op: LinearOperator) -> float:

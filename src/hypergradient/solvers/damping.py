@@ -103,13 +103,14 @@ class AutoDamping:
     """``damping="auto"``: :func:`auto_damping`, cached across the calls of a method.
 
     The Hessian changes slowly along an outer loop, so the estimate (``maxiter`` Lanczos
-    products) is renewed every ``refresh_every`` calls, and at once when a solve with the
-    cached damping meets negative curvature (the Hessian's smallest eigenvalue moved
-    below ``-damping``). A solve that meets negative curvature with a fresh estimate (the
-    Ritz value ``lambda_min`` over-estimates the smallest eigenvalue) is re-estimated with
-    ``max(4 maxiter, 20)`` Lanczos steps, and any new damping exceeds the curvature the solver
-    saw, ``lambda >= -q + rel * radius`` with ``q`` the Rayleigh quotient of ``H`` along
-    the offending direction; then it solves again (at most three more solves:
+    products) is renewed every ``refresh_every`` calls, at once for an operator of another
+    size (another model), and at once when a solve with the cached damping meets negative
+    curvature (the Hessian's smallest eigenvalue moved below ``-damping``). A solve that
+    meets negative curvature with a fresh estimate (the Ritz value ``lambda_min``
+    over-estimates the smallest eigenvalue) is re-estimated with ``max(4 maxiter, 20)``
+    Lanczos steps, and any new damping exceeds the curvature the solver saw,
+    ``lambda >= -q + rel * radius`` with ``q`` the Rayleigh quotient of ``H`` along the
+    offending direction; then it solves again (at most three more solves:
     :func:`damped_solve`).
 
     Bias: as :func:`auto_damping` (the solution of the damped system; relative bias
@@ -123,7 +124,7 @@ class AutoDamping:
 
     Cost: ``maxiter`` products every ``refresh_every`` calls, plus an estimate and a second
     solve when a cached damping meets negative curvature. State (:meth:`state_dict`): the
-    cached estimate, the call counter and the generator.
+    cached estimate, the size of the operator it is of, the call counter and the generator.
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class AutoDamping:
         self._rng = _vocab.as_generator(self.seed, generator)
         self._cached: DampingEstimate | None = None
         self._calls = 0
+        self._size: int | None = None  # of the estimated operator (None: unknown)
 
     @property
     def estimate(self) -> DampingEstimate | None:
@@ -163,6 +165,7 @@ class AutoDamping:
     def damping(self, op: LinearOperator, stats: dict[str, Any]) -> float:
         """The damping of this call (estimating if the cache is stale); fills ``stats``."""
         stale = self._cached is None or self._calls % self.refresh_every == 0
+        stale = stale or self._size not in (None, op.size)  # another model: its own spectrum
         self._calls += 1
         if stale:
             self._estimate(op, stats)
@@ -173,7 +176,7 @@ class AutoDamping:
 
     def _estimate(self, op: LinearOperator, stats: dict[str, Any], steps: int = 0) -> None:
         est = auto_damping(op, steps or self.maxiter, self.rel, generator=self._rng)
-        self._cached = est
+        self._cached, self._size = est, op.size
         stats["damping_hvps"] = stats.get("damping_hvps", 0) + est.num_hvps
         stats.update(lambda_max=est.lambda_max, lambda_min=est.lambda_min)
 
@@ -208,26 +211,32 @@ class AutoDamping:
     # -- checkpoints --------------------------------------------------------------------
     def snapshot(self) -> Any:
         """The state, for :meth:`restore` after a failed call."""
-        return self._calls, self._cached, generator_state(self._rng)
+        return self._calls, self._cached, generator_state(self._rng), self._size
 
     def restore(self, snapshot: Any) -> None:
         """Return to the state of :meth:`snapshot`."""
-        self._calls, self._cached, rng = snapshot
+        self._calls, self._cached, rng, self._size = snapshot
         if rng is not None:
             self._rng.set_state(rng)
 
     def state_dict(self) -> dict[str, Any]:
-        """The call counter, the cached estimate and the generator (plain data, tensors)."""
+        """The call counter, the cached estimate, the size of the operator it is of and
+        the generator (plain data, tensors)."""
         est = self._cached
         return {
             "calls": self._calls,
             "estimate": None if est is None else [float(v) for v in est],
             "generator": generator_state(self._rng),
+            "size": self._size,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; a malformed one raises ValueError, changing nothing."""
-        check_keys(state, ("calls", "estimate", "generator"), self)
+        if isinstance(state, Mapping) and "size" not in state:  # (older: unknown)
+            state = {**state, "size": None}
+        check_keys(state, ("calls", "estimate", "generator", "size"), self)
+        size = state["size"]
+        size = None if size is None else _vocab.as_int(size, "state['size']", min=0)
         calls = _vocab.as_int(state["calls"], "state['calls']", min=0)
         est = state["estimate"]
         if est is not None:
@@ -243,7 +252,7 @@ class AutoDamping:
         check_generator_state(state["generator"], self._rng, "generator", self)
         if state["generator"] is not None:
             self._rng.set_state(state["generator"].clone())
-        self._calls, self._cached = calls, est
+        self._calls, self._cached, self._size = calls, est, size
 
 
 def damped_solve(

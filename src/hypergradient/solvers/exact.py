@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -12,23 +13,36 @@ from .._vocab import Status
 from ..operators import LinearOperator
 from .base import PRODUCT, Solution, Solver, require_finite_solution
 
-__all__ = ["Exact"]
+__all__ = ["NOISE", "Exact"]
+
+_F32 = torch.finfo(torch.float32).eps
+
+#: An eigenvalue is inverted only above this many times the rounding along its eigenvector
+#: (see ``_dense_solve``): measured at most 4.4 for noise, at least 26 for real ones.
+NOISE = 10.0
 
 
 class Exact(Solver):
     """Materialize ``A`` (``n`` products) and solve densely: the reference solver.
 
-    Symmetric operators are solved through an eigendecomposition in float64 with a
-    pseudo-inverse cut at ``rcond * max|lambda|`` (so parameters that do not enter ``f``,
-    whose Hessian rows are zero, get zero instead of NaN); others by LU, falling back to the
-    minimum-norm least-squares solution (SVD pseudo-inverse cut at ``rcond * max sigma``)
-    when ``A`` is singular. The status is ``"exact"``; ``residual_norm`` is ``||b - A x||``
-    in float64 (non-zero when ``b`` has a part outside the range of a singular ``A``). For a
-    symmetric operator the eigendecomposition also tells where the point is:
-    ``stats["lambda_min"]`` and ``stats["negative_eigenvalues"]`` (below ``-rcond *
-    max|lambda|``). The solve is exact either way; at a saddle (an indefinite Hessian) the
-    implicit derivative is that of the stationary point, which training does not stay at,
-    where the iterative solvers report ``negative_curvature``.
+    Symmetric operators are solved through an eigendecomposition in float64 of the
+    symmetrized matrix, inverting the eigenvalues above ``rcond * max|lambda|`` and above
+    ``NOISE`` (10) times the rounding the matrix's antisymmetric part shows along their
+    eigenvector (a pseudo-inverse: parameters that do not enter ``f``, whose Hessian rows
+    are zero, get zero instead of NaN, and the zero eigenvalues of a float32 model's
+    singular Hessian, read as 2e-8 of the largest, are not inverted; a matrix given
+    exactly symmetric, e.g. a ``MatrixOperator``, shows no rounding: ``rcond`` alone);
+    others by LU, falling back to the minimum-norm least-squares solution (SVD
+    pseudo-inverse cut at ``max(rcond, 10 eps)``, ``eps`` that of the products, at most
+    float32's) when ``A`` is singular at that level (an LU solution longer than ``||b|| /
+    (cut ||A||_F / sqrt(n))`` proves it). The status is ``"exact"``; ``residual_norm`` is
+    ``||b - A x||`` in float64, ``A`` symmetrized for a symmetric operator (non-zero when
+    ``b`` has a part outside the range of a singular ``A``). For a symmetric operator the
+    eigendecomposition also tells where the point is: ``stats["lambda_min"]`` and
+    ``stats["negative_eigenvalues"]`` (the inverted negative ones). The solve is exact
+    either way; at a saddle (an indefinite Hessian) the implicit derivative is that of the
+    stationary point, which training does not stay at, where the iterative solvers report
+    ``negative_curvature``.
 
     Args:
         max_size: refuse operators larger than this (the matrix has ``n^2`` entries).
@@ -61,36 +75,54 @@ class Exact(Solver):
         )
         work = torch.float64 if A.device.type != "mps" else A.dtype
         A64, b64 = A.to(work), b.to(work)
-        x64, evals = _dense_solve(A64, b64, op.symmetric, self.rcond)
+        skew = None
+        if op.symmetric:  # the matrix solved, and the residual's: its asymmetry is rounding
+            skew = 0.5 * (A64 - A64.T)  # (a float16 model's read 5e-5: "singular" warnings)
+            A64 = 0.5 * (A64 + A64.T)
+        # non-symmetric: no noise estimate of its own; singular values below 10 eps of the
+        # products (at most float32's) are noise
+        rcond = self.rcond if skew is not None else max(self.rcond, 10 * min(op.product_eps, _F32))
+        x64, evals, kept = _dense_solve(A64, b64, skew, rcond)
         residual = float(torch.linalg.vector_norm(b64 - A64 @ x64))
         stats: dict[str, Any] = {"matrix": A}
-        if evals is not None:
-            cut = self.rcond * float(evals.abs().max())
+        if evals is not None and kept is not None:
             stats["lambda_min"] = float(evals[0])
-            stats["negative_eigenvalues"] = int((evals < -cut).sum())
+            stats["negative_eigenvalues"] = int(((evals < 0) & kept).sum())
         x = x64.to(b.dtype)
         require_finite_solution(x)
         return Solution(x, op.num_matvecs - start, residual, True, Status.EXACT, 1, stats)
 
 
 def _dense_solve(
-    A: Tensor, b: Tensor, symmetric: bool, rcond: float
-) -> tuple[Tensor, Tensor | None]:
-    """``A^+ b`` by eigendecomposition (symmetric: with the ascending eigenvalues) or LU
-    with a least-squares fallback (eigenvalues None)."""
-    if symmetric:
-        A = 0.5 * (A + A.T)
+    A: Tensor, b: Tensor, skew: Tensor | None, rcond: float
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``A^+ b`` by eigendecomposition (symmetric, ``skew`` its antisymmetric rounding: with
+    the ascending eigenvalues and which were inverted) or LU with a least-squares fallback.
+
+    An eigenvalue is inverted if it exceeds ``rcond * max|lambda|`` and ``NOISE`` times the
+    rounding the skew part shows along its eigenvector, ``||skew u||``: a float32 model's
+    singular Hessian read its zero eigenvalues as 2e-8 of the largest, at most 3.2 times
+    that rounding (inverted, the hypergradient was 11 times too large), where a real one
+    of 1.8e-8 stood 26 times above it (a ReLU network's, exact to 1e-6 in float32)."""
+    if skew is not None:
         evals, evecs = torch.linalg.eigh(A)
-        cut = rcond * evals.abs().max().clamp_min(torch.finfo(A.dtype).tiny)
-        inv = torch.where(evals.abs() > cut, 1.0 / evals, torch.zeros_like(evals))
-        return evecs @ (inv * (evecs.T @ b)), evals
+        top = evals.abs().max().clamp_min(torch.finfo(A.dtype).tiny)
+        noise = torch.linalg.vector_norm(skew @ evecs, dim=0)
+        kept = (evals.abs() > rcond * top) & (evals.abs() > NOISE * noise)
+        inv = torch.where(kept, 1.0 / evals, torch.zeros_like(evals))
+        return evecs @ (inv * (evecs.T @ b)), evals, kept
     try:
         x = torch.linalg.solve(A, b)
-        if _vocab.is_finite(x):
-            return x, None
+        # ||x|| <= ||b|| / sigma_min and sigma_max >= ||A||_F / sqrt(n): a larger x proves
+        # sigma_min below the cut (LU of a singular float32 I - J^T, invertible by its
+        # rounding, gave ||x|| ~ 1e9 and a hypergradient 6 times the minimum-norm one)
+        sigma = float(torch.linalg.matrix_norm(A)) / math.sqrt(A.shape[0])
+        bound = float(torch.linalg.vector_norm(b)) / (rcond * sigma) if rcond * sigma else math.inf
+        if _vocab.is_finite(x) and float(torch.linalg.vector_norm(x)) <= bound:
+            return x, None, None
     except RuntimeError:  # singular (torch.linalg.LinAlgError)
         pass
     # Minimum-norm least squares through the SVD: ``torch.linalg.lstsq``'s default driver
     # returns zeros on rank-deficient input on some builds, and CUDA offers only "gels",
     # which needs full rank.
-    return torch.linalg.pinv(A, rtol=rcond) @ b, None
+    return torch.linalg.pinv(A, rtol=rcond) @ b, None, None

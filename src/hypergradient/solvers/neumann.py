@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _tree, _vocab
 from .._vocab import Status
-from ..operators import LinearOperator
+from ..operators import DampedOperator, LinearOperator
 from .base import (
     RandomizedSolver,
     Solution,
@@ -63,7 +63,9 @@ class Neumann(RandomizedSolver):
         refresh_every: with ``alpha="auto"``, solves between two estimates of
             ``lambda_max`` (the Hessian changes slowly along an outer loop, so 10 costs
             ``power_iters / 10`` products per solve). A solve that diverges with a cached
-            estimate re-estimates at once and solves again (``stats["refreshed"]``).
+            estimate re-estimates at once and solves again (``stats["refreshed"]``). An
+            operator of another size or damping (a ``DampedOperator``: ``damping="auto"``
+            raising its shift) has another spectrum: it is estimated at once.
 
     Cost: ``maxiter`` products (+ ``power_iters`` per estimate), O(n) memory. State (in
     :meth:`state_dict`): the generator, the cached estimate and the solve counter.
@@ -116,6 +118,7 @@ class Neumann(RandomizedSolver):
         self._cached: tuple[float, float] | None = None  # (lambda_est, safety)
         self._calls = 0
         self._indefinite = False  # the last estimate's Ritz value was negative
+        self._system: tuple[int, float] | None = None  # the estimate's (size, damping)
 
     @property
     def iters(self) -> int:
@@ -143,6 +146,7 @@ class Neumann(RandomizedSolver):
             lam, safety = self._cached if self._cached is not None else (0.0, 1.0)  # 0: none
             state.update(calls=self._calls, lambda_est=lam, safety=safety)
             state["indefinite"] = self._indefinite
+            state["system"] = None if self._system is None else list(self._system)
         return state
 
     def load_state_dict(self, state: Any) -> None:
@@ -150,7 +154,8 @@ class Neumann(RandomizedSolver):
             super().load_state_dict(state)
             return
         indefinite = _vocab.as_bool(state.get("indefinite", False), "state['indefinite']")
-        state = {k: v for k, v in state.items() if k != "indefinite"}  # (older: absent)
+        system = _system(state.get("system"))  # (older: absent, unknown)
+        state = {k: v for k, v in state.items() if k not in ("indefinite", "system")}
         extra = {k: state[k] for k in ("calls", "lambda_est", "safety") if k in state}
         if len(extra) != 3:
             raise ValueError(
@@ -161,15 +166,17 @@ class Neumann(RandomizedSolver):
         lam = _vocab.as_float(extra["lambda_est"], "state['lambda_est']", min=0.0)
         safety = _vocab.as_float(extra["safety"], "state['safety']", min=1.0)
         super().load_state_dict({k: v for k, v in state.items() if k not in extra})
-        self._calls, self._indefinite = calls, indefinite
+        self._calls, self._indefinite, self._system = calls, indefinite, system
         self._cached = None if lam == 0.0 else (lam, safety)
 
     def _step(self, op: LinearOperator, stats: dict[str, Any], fresh: bool = False) -> float:
         if self.alpha != "auto":
             return float(self.alpha)
         stale = fresh or self._cached is None or self._calls % self.refresh_every == 0
+        system = (op.size, float(op.damping) if isinstance(op, DampedOperator) else 0.0)
+        stale = stale or self._system not in (None, system)  # another spectrum
         if stale or self._cached is None:
-            self._cached = self._estimate(op, stats)
+            self._cached, self._system = self._estimate(op, stats), system
         lam, safety = self._cached
         stats.update(lambda_max=lam, safety=safety, estimated=stale)
         step = 1.0 / (safety * lam)
@@ -183,9 +190,10 @@ class Neumann(RandomizedSolver):
             lam, exact = spectrum.lambda_max, spectrum.num_hvps < self.power_iters
             stats["lambda_min"] = spectrum.lambda_min
             # a Ritz value below rounding is a negative eigenvalue (Ritz values lie inside the
-            # spectrum): the series cannot approximate H^-1 along it, however short
-            eps = torch.finfo(op.dtype).eps
-            self._indefinite = bool(spectrum.lambda_min < -100 * eps * abs(lam))
+            # spectrum): the series cannot approximate H^-1 along it, however short. The
+            # products' rounding: a bfloat16 model's PSD Hessian read -3e-4 lambda_max
+            eps = max(100 * torch.finfo(op.dtype).eps, 4 * op.product_eps)
+            self._indefinite = bool(spectrum.lambda_min < -eps * abs(lam))
             safety = 1.0 if exact else lanczos_safety(op.size, self.power_iters - 1)
         else:
             lam, safety = estimate_lambda_max(op, self.power_iters, self._rng), 1.0
@@ -210,6 +218,22 @@ class Neumann(RandomizedSolver):
         self._calls += 1
         return solution
 
+    def _correction(
+        self, op: LinearOperator, b: Tensor, x0: Tensor | None
+    ) -> tuple[Tensor | None, Tensor, float, float | None]:
+        """``(x0, b - A x0, its norm, tol)`` for a warm start (else ``(None, b, ||b||,
+        tol)``); the series on the correction meets ``tol ||b||`` at ``tol ||b|| / ||b - A
+        x0||`` of its own right-hand side."""
+        if x0 is None or not bool(x0.any()):
+            return None, b, safe_norm(b), self.tol
+        base, full = x0.to(b.dtype), safe_norm(b)
+        Ax = op.matvec(base)
+        require_finite_product(Ax)
+        b = b - Ax
+        bnorm = safe_norm(b)
+        tol = self.tol if self.tol is None or bnorm == 0.0 else self.tol * full / bnorm
+        return base, b, bnorm, tol
+
     def _solve(
         self,
         op: LinearOperator,
@@ -221,19 +245,13 @@ class Neumann(RandomizedSolver):
     ) -> Solution:
         alpha = self._step(op, stats, fresh)
         stats["alpha"] = alpha
-        base = None
-        if x0 is not None and bool(x0.any()):  # warm start: solve for the correction
-            base = x0.to(b.dtype)
-            Ax = op.matvec(base)
-            require_finite_product(Ax)
-            b = b - Ax
-        bnorm = safe_norm(b)
-        if bnorm == 0.0:
+        base, b, bnorm, tol = self._correction(op, b, x0)
+        if bnorm == 0.0 or (tol is not None and tol >= 1.0):  # (the start meets tol)
             x = torch.zeros_like(b) if base is None else base.clone()
-            done = Status.FIXED_BUDGET if self.tol is None else Status.CONVERGED
-            ok = None if self.tol is None else True
-            return Solution(x, op.num_matvecs - start, 0.0, ok, done, 0, stats)
-        run = _Series(op, _unit(b, bnorm), alpha, self, dict(stats))
+            done = Status.FIXED_BUDGET if tol is None else Status.CONVERGED
+            ok = None if tol is None else True
+            return Solution(x, op.num_matvecs - start, bnorm, ok, done, 0, stats)
+        run = _Series(op, _unit(b, bnorm), alpha, self, dict(stats), tol)
         run.run()
         stats.update(run.stats)
         if run.status in (Status.FIXED_BUDGET, Status.MAX_ITERATIONS) and self._indefinite:
@@ -249,6 +267,16 @@ class Neumann(RandomizedSolver):
         return Solution(
             x, op.num_matvecs - start, residual, converged, run.status, run.iterations, stats
         )
+
+
+def _system(value: Any) -> tuple[int, float] | None:
+    """A checkpoint's ``system``: None or ``[size, damping]`` of the estimated operator."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"Neumann state['system'] must be None or [size, damping], got {value!r}.")
+    size = _vocab.as_int(value[0], "state['system'][0]", min=0)
+    return size, _vocab.as_float(value[1], "state['system'][1]", min=0.0)
 
 
 def _unit(b: Tensor, bnorm: float) -> Tensor:
@@ -299,9 +327,11 @@ class _Series:
         alpha: float,
         solver: Neumann,
         stats_in: dict[str, Any] | None = None,
+        tol: float | None = None,
     ):
         self.op, self.alpha, self.solver = op, alpha, solver
         self.stats_in = {} if stats_in is None else stats_in  # the step's estimate
+        self.tol = tol  # relative to ||b|| = 1
         self.v, self.total = b, b.clone()
         self.best, self.best_norm = torch.zeros_like(b), 1.0
         self.residual: float | None = None
@@ -343,7 +373,7 @@ class _Series:
         return Status.NEGATIVE_CURVATURE if indefinite else Status.DIVERGED
 
     def run(self) -> None:
-        tol, previous = self.solver.tol, 1.0
+        tol, previous = self.tol, 1.0
         for it in range(1, self.solver.maxiter + 1):
             w = self.op.matvec(self.v)
             v = torch.add(self.v, w, alpha=-self.alpha)  # the residual of alpha * total

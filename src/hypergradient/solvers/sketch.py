@@ -156,10 +156,13 @@ def nystrom_sketch(
 
     Indefinite operators (a saddle point, a non-convex inner problem): when the core
     ``Omega^T A Omega`` has an eigenvalue below ``-nu`` the approximation is built from its
-    positive eigen-directions only, and flagged ``indefinite``; with no positive direction
-    at all (e.g. the 1 x 1 operator ``[[-1]]``) it is the zero approximation of rank 0, so
-    that a solve gives ``b / rho`` and a preconditioner is the identity. Eigenvalues that
-    overflow the operator's dtype are clamped to its largest finite value.
+    positive eigen-directions only, and flagged ``indefinite`` if that eigenvalue is below
+    the products' rounding, ``-4 eps max|m|`` (``eps`` theirs: the core of a float32 or
+    bfloat16 model's PSD singular Hessian reads down to ``-0.5 eps max|m|``, which is no
+    saddle); with no positive direction at all (e.g. the 1 x 1 operator ``[[-1]]``) it is
+    the zero approximation of rank 0, so that a solve gives ``b / rho`` and a
+    preconditioner is the identity. Eigenvalues that overflow the operator's dtype are
+    clamped to its largest finite value.
 
     Memory: the sketch ``Y = A Omega`` in float64 (``8 r n`` bytes; the Gaussian test matrix
     adds as much), the returned ``U`` (``r n`` numbers in the operator's dtype) and, while
@@ -206,11 +209,13 @@ def nystrom_sketch(
             )
         U, s2 = _eigen_form(Y, op.dtype)
         lam = (s2 - nu).clamp_min(0.0)
+        indefinite = False
     else:
         # Indefinite core: Nystrom of the PSD part, A_nys = Y M_+^+ Y^T.
         del Om
         m, V = torch.linalg.eigh(core)
         keep = m > eps * r * m.abs().max()
+        indefinite = bool(m[0] < -4 * op.product_eps * m.abs().max())  # beyond rounding
         if not bool(keep.any()):  # no positive curvature in the sketch at all
             return _empty(op, indefinite=True)
         Z = _right_multiply_(Y, V[:, keep] / m[keep].sqrt())
@@ -220,7 +225,7 @@ def nystrom_sketch(
         U.contiguous(),
         lam.clamp(max=top).to(op.dtype),
         full_rank=bool(U.shape[1] >= n),
-        indefinite=int(info) != 0,
+        indefinite=indefinite,
     )
 
 
