@@ -50,6 +50,7 @@ from .._vocab import (
     ArgumentTypeError,
     NonFiniteHypergradientError,
     as_bool,
+    as_choice,
     as_int,
     as_optional_int,
     as_real,
@@ -101,15 +102,15 @@ class TrialReporter:
             worth the lost steps).
         max_elements: hyperparameters up to this size are stored element by element (as
             JSON lists: :func:`refined_hparams` reads them back); larger ones as a summary.
+        direction: ``"minimize"`` or ``"maximize"`` the reported values (None: see below).
 
     User attributes written: ``refined_hparams`` (``{name: {"shape", "values"}}``),
     ``refined_step`` (the step of the best value), ``refinement_steps`` (reports made).
     A value that is not finite is not reported (Optuna's pruners would take it as the
     worst); the trial is pruned if nothing finite was ever reported.
 
-    The best value is the lowest one, or the highest in a study created with
-    ``direction="maximize"`` (e.g. a reported accuracy). In a multi-objective study, whose
-    trials Optuna cannot prune, the values are kept (lowest best) but not reported.
+    The best value is the lowest, or the highest with ``direction="maximize"`` (None: the
+    study's one direction; a multi-objective study's values are kept, not reported).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class TrialReporter:
         prune: bool = True,
         prune_until: int | None = None,
         max_elements: int = 10_000,
+        direction: str | None = None,
     ):
         methods = (getattr(trial, "report", None), getattr(trial, "set_user_attr", None))
         if not all(callable(m) for m in methods):
@@ -130,9 +132,7 @@ class TrialReporter:
         self.prune = as_bool(prune, "prune")
         self.prune_until = as_optional_int(prune_until, "prune_until", min=0)
         self.max_elements = as_int(max_elements, "max_elements", min=0)
-        directions = _directions(trial)
-        self.sign = -1.0 if directions == [optuna.study.StudyDirection.MAXIMIZE] else 1.0
-        self.reports = len(directions) <= 1  # Optuna cannot prune multi-objective trials
+        self.sign, self.reports = _sense(trial, direction)
         self.best_value = self.sign * math.inf
         self.best_hparams: dict[str, Tensor] | None = None
         self.best_step: int | None = None
@@ -222,10 +222,14 @@ def _copy(value: Any, name: str) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float64)
 
 
-def _directions(trial: Any) -> list[Any]:
-    """The directions of the trial's study (none known for a ``FixedTrial``)."""
-    study = getattr(trial, "study", None)
-    return list(getattr(study, "directions", None) or [])
+def _sense(trial: Any, direction: str | None) -> tuple[float, bool]:
+    """``(sign, reports)``: -1 keeps the highest value; whether the study has one objective."""
+    found = list(getattr(getattr(trial, "study", None), "directions", None) or [])
+    if direction is None:
+        up = found == [optuna.study.StudyDirection.MAXIMIZE]
+    else:
+        up = as_choice(direction, "direction", ("minimize", "maximize")) == "maximize"
+    return (-1.0 if up else 1.0), len(found) <= 1
 
 
 def refine(
