@@ -255,6 +255,22 @@ class AutoDamping:
         self._calls, self._cached, self._size = calls, est, size
 
 
+def _checked(solver: Solver, sol: Any, b: Tensor) -> Solution:
+    """``sol``, after checking that it is a :class:`Solution` whose value is a floating-point
+    tensor shaped like ``b`` (a solver of one's own that gets it wrong is named, not met
+    later as an operator's shape error)."""
+    x = getattr(sol, "value", None)
+    if isinstance(sol, Solution) and isinstance(x, Tensor) and x.is_floating_point():
+        if x.shape == b.shape:
+            return sol
+    got = type(sol).__name__ if not isinstance(sol, Solution) else f"value {type(x).__name__}"
+    got += f" of shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, Tensor) else ""
+    raise ValueError(
+        f"{solver!r}.solve(op, b, x0) must return a Solution whose value is a floating-point "
+        f"tensor shaped like b, {tuple(b.shape)}; it returned {got}."
+    )
+
+
 def damped_solve(
     solver: Solver,
     op: LinearOperator,
@@ -289,14 +305,14 @@ def damped_solve(
     else:
         value = auto.damping(op, stats)
     system = DampedOperator(op, value) if value else op
-    sol = solver.solve(system, b, x0)
+    sol = _checked(solver, solver.solve(system, b, x0), b)
     first = sol.num_hvps
     retries = 0
     while auto is not None and sol.status == Status.NEGATIVE_CURVATURE and retries < RETRIES:
         curvature = sol.stats.get("curvature", sol.stats.get("rayleigh_quotient"))
         value = auto.retry(op, value, curvature, stats)
         system = DampedOperator(op, value)
-        sol = solver.solve(system, b, x0)
+        sol = _checked(solver, solver.solve(system, b, x0), b)
         retries += 1
     if retries:
         stats.update(first_solve_hvps=first, damping_retries=retries)
