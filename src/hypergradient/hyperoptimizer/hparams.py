@@ -290,7 +290,7 @@ class HyperParameters:
                 f"The checkpoint's hyperparameters {got} differ from this hyper-optimizer's "
                 f"{sorted(self.raw)}."
             )
-        _check_kinds(state, self.constraints, self.links)
+        _check_meaning(state, self.constraints, self.links)
         for k, leaf in self.raw.items():
             v = saved[k]
             if not isinstance(v, Tensor) or v.shape != leaf.shape or v.dtype != leaf.dtype:
@@ -321,7 +321,7 @@ def kinds(constraints: Mapping[str, Constraint]) -> dict[str, str]:
     return out
 
 
-def _check_kinds(state: Any, constraints: Mapping[str, Constraint], links: Any) -> None:
+def _check_meaning(state: Any, constraints: Mapping[str, Constraint], links: Any) -> None:
     """``ValueError`` if the checkpoint's constraints are not these (``log 0.2`` of a
     ``Positive`` read as an unconstrained -1.6) or its links not ``links`` (a value the
     optimizer no longer reads would be tuned); an entry older checkpoints lack: unchecked."""
