@@ -98,9 +98,15 @@ def test_hg_implicit_on_a_transformer_auto_agrees_with_first_order():
     assert len(_fallback_warnings(caught)) == 1  # said once
     assert info.stats["hvp"] == "double_math"
     assert "is not implemented" in info.stats["hvp_fallback"]
-    first, finfo = hg.implicit(f, g, params, hparams, hg.CG(**SOLVER), hvp="first_order", **common)
+    with pytest.warns(hg.HypergradientWarning, match="central differences of gradients"):
+        first, finfo = hg.implicit(
+            f, g, params, hparams, hg.CG(**SOLVER), hvp="first_order", **common
+        )
     assert finfo.stats["hvp"] == "first_order" and finfo.stats["hvp_fallback"] is None
-    assert info.converged and finfo.converged
+    # tol=1e-12 is below what central differences reach in float64 (eps^(2/3) = 3.7e-11): the
+    # true residual is measured, not claimed "converged" (it did until session 14)
+    assert info.converged and not finfo.converged and finfo.stats["precision_limited"]
+    assert finfo.relative_residual < 1e-9
     # measured 7.9e-10: the first-order products' error (3e-10) through the damped solve
     assert rel(first, auto) < 1e-8
     with pytest.raises(RuntimeError, match="not implemented"):

@@ -150,16 +150,24 @@ def _warn_precision(solver: Solver, relative: float, stats: dict[str, Any]) -> N
     """A CG-family solve whose true residual cannot reach the tolerance: the Hessian
     products of a half-precision model round at its epsilon (measured bfloat16: 3e-3 to 4e-3
     relative residual on a well-conditioned logistic regression)."""
+    if stats.get("finite_difference_products"):
+        why = (
+            "products are central differences of gradients (hvp='first_order'), accurate to "
+            f"about {stats.get('product_eps', 0):.3g} relative"
+        )
+        fix = "use double-backward products (hvp='double') or float64 parameters"
+    else:
+        why = (
+            "products (parameters in a lower precision than the solve, e.g. bfloat16, or "
+            f"autocast) round at eps = {stats.get('product_eps', 0):.3g}"
+        )
+        fix = "compute the products in float32 (pass a float32 copy of the parameters)"
     warnings.warn(
         f"{solver!r} cannot reach its tolerance {getattr(solver, 'tol', None)}: the Hessian "
-        "products (parameters in a lower precision than the solve, e.g. bfloat16, or "
-        "autocast) round at eps = "
-        f"{stats.get('product_eps', 0):.3g}, and the true relative residual "
-        "||b - H x|| / ||b|| of the answer is "
+        f"{why}, and the true relative residual ||b - H x|| / ||b|| of the answer is "
         f"{relative:.3g} (status 'max_iterations', stats['precision_limited']). The "
-        "hypergradient is as accurate as the products allow; for a tighter solve compute the "
-        "products in float32 (pass a float32 copy of the parameters), or loosen tol to "
-        "silence this.",
+        f"hypergradient is as accurate as the products allow; for a tighter solve {fix}, or "
+        "loosen tol to silence this.",
         HypergradientWarning,
         stacklevel=6,
     )

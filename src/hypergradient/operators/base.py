@@ -37,17 +37,24 @@ class LinearOperator:
 
     @property
     def product_eps(self) -> float:
-        """Machine epsilon of the products' arithmetic: that of ``dtype``, of the least
-        precise parameter (half-precision models) or of the autocast dtype the operator was
-        built under, or the wrapped operator's."""
+        """Relative precision of the products: the machine epsilon of ``dtype``, of the
+        least precise parameter (half-precision models) or of the autocast dtype the
+        operator was built under, or the wrapped operator's. Finite-difference products
+        (``mode == "first_order"``) are accurate to about ``eps^(2/3)`` of the parameters'
+        least precise dtype (:func:`~hypergradient.operators.modes.first_order_step`): 2.4e-5
+        in float32, 3.7e-11 in float64."""
         base = getattr(self, "base", None) or getattr(self, "op", None)
         if isinstance(base, LinearOperator):
             return base.product_eps
-        dtypes = {self.dtype, *(t.dtype for t in getattr(self, "param_leaves", ()))}
+        params = getattr(self, "param_leaves", ())
+        dtypes = {self.dtype, *(t.dtype for t in params)}
         autocast = getattr(self, "autocast_dtype", None)
         if isinstance(autocast, torch.dtype):
             dtypes.add(autocast)
-        return max(torch.finfo(d).eps for d in dtypes)
+        eps = max(torch.finfo(d).eps for d in dtypes)
+        if getattr(self, "mode", None) == "first_order":
+            eps = max(eps, max(torch.finfo(t.dtype).eps for t in params) ** (2.0 / 3.0))
+        return eps
 
     # -- products -------------------------------------------------------------------
     def _matvec(self, v: Tensor) -> Tensor:
