@@ -19,6 +19,24 @@ def torchopt() -> Any:
     return H.import_peer("torchopt")[0]
 
 
+class Counted:
+    """A TorchOpt linear solver ``(matvec, b) -> x`` that counts the products it asks for:
+    ``last``, those of its latest call (its CG computes ``A x0`` even for ``x0 = 0``, so
+    ``maxiter = k`` costs ``k + 1``)."""
+
+    def __init__(self, solve: Any) -> None:
+        self.solve, self.last = solve, 0
+
+    def __call__(self, matvec: Callable, b: Any, **kwargs: Any) -> Any:
+        self.last = 0
+
+        def counted(v: Any) -> Any:
+            self.last += 1
+            return matvec(v)
+
+        return self.solve(counted, b, **kwargs)
+
+
 def torchopt_implicit(pb: H.Bilevel, solve: Any) -> Callable[[int], torch.Tensor]:
     """TorchOpt's ``custom_root`` around a solver that returns the given optimum."""
 
@@ -68,17 +86,22 @@ def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) 
             H.log(f"[implicit] {pb.name}, k = {k}")
             solvers = {"CG": hg.CG(maxiter=k, tol=0.0), "Neumann": hg.Neumann(k, alpha=alpha)}
             cases = [ours(n, pb, sv) for n, sv in solvers.items()]
-            if to is not None:
-                cg = to.linear_solve.solve_cg(maxiter=k, rtol=0.0, atol=0.0, ridge=d)
+            peers: dict[str, Counted] = {}
+            if to is not None:  # as many products as ours (TorchOpt's CG computes A x0 too)
+                used = ours("CG", pb, solvers["CG"]).info()[1].num_hvps  # type: ignore[misc]
+                cg = to.linear_solve.solve_cg(maxiter=used - 1, rtol=0.0, atol=0.0, ridge=d)
                 ns = to.linear_solve.solve_inv(ns=True, maxiter=k, alpha=alpha, ridge=d)
-                peers = (("CG", cg), ("Neumann", ns))
-                cases += [H.Case(f"torchopt {n}", torchopt_implicit(pb, sv)) for n, sv in peers]
+                peers = {"CG": Counted(cg), "Neumann": Counted(ns)}
+                cases += [
+                    H.Case(f"torchopt {n}", torchopt_implicit(pb, s)) for n, s in peers.items()
+                ]
             res = {t.key: t for t in H.interleave(cases, repeats, keep=lambda h: h)}
             for name in solvers:
                 o, t = res[f"hg {name}"], res.get(f"torchopt {name}")
                 err = lambda r, ref=ref: H.relative_error(r.kept[-1], ref) if r and r.kept else None  # noqa: E731
                 row = {"problem": pb.name, "params": pb.num_params, "solver": name, "k": k}
                 row |= {"hvps": o.warm[1].num_hvps if o.warm else None, "ours_ms": o.ms}
+                row["theirs_hvps"] = peers[name].last if name in peers else None
                 row |= {"theirs_ms": t.ms if t else None, "ours_rel_err": err(o)}
                 row["theirs_rel_err"] = err(t)
                 rows.append(row | {"error": o.error or (t.error if t else None)})
@@ -171,14 +194,18 @@ def render(data: dict[str, Any]) -> list[str]:
         for w in ("hg.implicit", "minimal loop")
     ]
     ovh = [r | {"per_product_us": 1e3 * r["per_product_ms"]} for r in ovh]
-    icols = "problem|params:,|solver|k:d|hvps:d|ours_ms:.3g|theirs_ms:.3g|theirs/ours"
+    icols = "problem|params:,|solver|k:d|hvps:d|theirs_hvps:d|ours_ms:.3g|theirs_ms:.3g"
+    icols += "|theirs/ours"
     icols += "|ours_rel_err:.2e|theirs_rel_err:.2e|error"
     ucols = "problem|T:d|method|ms:.3g|cpu_ms:.3g|peak_mb:.1f|vs_autograd_rel_diff:.2e|error"
     return [
         f"- TorchOpt {data['machine'].get('torchopt') or 'not importable: its columns are empty'}",
         "## 1. Implicit hypergradients at equal products (theirs = TorchOpt)\n\nhg with "
         "`residual=False`: by default a fixed budget (Neumann) pays one more product for "
-        "`info.residual_norm`, which TorchOpt does not compute.\n\n" + H.dict_table(imp, icols),
+        "`info.residual_norm`, which TorchOpt does not compute. hvps, theirs_hvps: the products "
+        "each side asked for, counted; TorchOpt's CG gets `maxiter = hvps - 1` (it computes "
+        "`A x0` for `x0 = 0`), so that both spend the same, also where hg's CG stops early at "
+        "rounding level.\n\n" + H.dict_table(imp, icols),
         "## 2. Through T SGD steps (lr + per-feature decay)\n\nms: interleaved in this process; "
         "peak MB: peak RSS increase of the call, each method alone in a fresh process.\n\n"
         + H.dict_table(data["unrolled"], ucols),
