@@ -158,7 +158,7 @@ def test_csv_rows_are_the_records_and_a_new_column_widens_the_file(tmp_path):
     )
     # append: a resumed run continues the same file with the same columns
     again = CSVLogger(path, append=True)
-    again.log(hopt.history[0])
+    again.log(dataclasses.replace(hopt.history[0], hyper_step=4))
     assert len(again.rows()) == 4 and again.columns == log.columns
     assert len(CSVLogger(path).rows()) == 0  # without append: a new file
 

@@ -236,6 +236,10 @@ class CSVLogger:
         path: the file (its folder is created).
         scalar_limit: see :func:`record_scalars`.
         append: continue an existing file (a resumed run) instead of starting a new one.
+            A run resumed from a checkpoint redoes the hyper-steps after it: at its first
+            row, the rows the file held when the logger was made from that hyper-step on
+            (those of the steps redone after a crash) are dropped, as TensorBoard's
+            ``purge_step`` does, so that each hyper-step has one row.
 
     Read it back with ``csv.DictReader`` or ``pandas.read_csv``.
     """
@@ -250,6 +254,7 @@ class CSVLogger:
         if not append:
             self.path.write_text("")
         self.columns: list[str] = self._header()
+        self._inherited = len(self.rows()) if self.columns else 0  # the purge's candidates
 
     def log(self, record: HyperStepRecord) -> None:
         """Append one row (the sink the hyper-optimizer calls)."""
@@ -259,7 +264,9 @@ class CSVLogger:
         row.update({k: repr(v) for k, v in record_scalars(record, self.scalar_limit).items()})
         self.columns = self._header()  # the file's: another logger may have changed it
         new = [k for k in row if k not in self.columns]
-        if new or not self.columns:
+        if self._inherited:
+            self._widen(new, purge=record.hyper_step)
+        elif new or not self.columns:
             self._widen(new)
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns, restval="").writerow(row)
@@ -274,11 +281,16 @@ class CSVLogger:
         except FileNotFoundError:
             return []
 
-    def _widen(self, new: Iterable[str]) -> None:
+    def _widen(self, new: Iterable[str], purge: int | None = None) -> None:
+        """Rewrite the file with the columns ``new`` added; with ``purge``, without the
+        inherited rows whose hyper-step is ``purge`` or later."""
         rows: list[dict[str, str]] = []
         if self.columns:
             with self.path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
+        if purge is not None:
+            old, later = rows[: self._inherited], rows[self._inherited :]
+            rows, self._inherited = [r for r in old if _hyper_step(r) < purge] + later, 0
         self.columns = self.columns + list(new)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w", newline="") as f:
@@ -301,6 +313,14 @@ class CSVLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hyper_step(row: dict[str, str]) -> float:
+    """A CSV row's hyper-step; -inf (never purged) where it has no readable one."""
+    try:
+        return int(row.get("hyper_step") or "")
+    except ValueError:
+        return -math.inf
 
 
 class ProgressBar:
