@@ -25,7 +25,11 @@ coupling. Mapping the bottom group to 2 or 4 sigma gave 702 / 938, the top to 0.
 sigma 829 / 670; a scaled warm start ``(x_0^T b / x_0^T A x_0) x_0`` 639. The inner
 L-BFGS's secant pairs ``(s, y)`` (free; per hyper-step a median 2-18% from ``A s``) as
 extra harvest after the solve or in a Rayleigh-Ritz step before it: 940 / 1,008 (replay
-625): their error swamps the bottom eigenvalues they would inform.
+625): their error swamps the bottom eigenvalues they would inform. Keeping the pairs whose
+shifted ``theta`` is not positive (clamped to the smallest positive one, 0-2 a solve, instead
+of dropped) 633-637; a free Galerkin correction ``x + U Theta^-1 U^T r`` after the solve 638
+(its bottom group only: 652); a longer first solve (80-220 products, all harvested) 660-790:
+the later solves gain 1-3 products each, less than the first one spends.
 
 On ``reuse.py --size 100k`` (10 hyper-steps, cold CG 250 products): ``(rank, smallest,
 harvest)`` = (16, 4, 8) 132, (32, 4, 16) 118, (32, 8, 16) 121, (64, 8, 32) 123, (100, 10,
