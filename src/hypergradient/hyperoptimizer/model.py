@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import _tree
 from ..operators import recompute
+from .buffers import BufferWatch
 
 __all__ = ["ModelView"]
 
@@ -93,6 +94,7 @@ class ModelView:
         self.params: list[Tensor]
         self.names: list[str]
         self.frozen: list[str]
+        self.buffer_watch = BufferWatch(self.module)  # buffers the training steps update
         if self.module is not None:
             self._init_module(self.module, in_opt)
         else:
@@ -243,6 +245,7 @@ class ModelView:
                 p.copy_(old)
             for b, old in zip(self.buffers(), snapshot[1]):
                 b.copy_(old)
+        self.buffer_watch.restart()  # the copies are not a training step's update
 
     def signature(self) -> dict[str, Any]:
         """Names, shapes and dtypes of the trained parameters (plain data, for checkpoints)."""

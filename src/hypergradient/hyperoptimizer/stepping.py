@@ -112,6 +112,7 @@ def watch(hopt: HyperOptimizer) -> None:
         if loop.loss_pending is not None:
             loop.losses = divergence.push(loop.losses, loop.loss_pending)
     loop.loss_pending = None
+    hopt.view.buffer_watch.note()
 
 
 def diverged(hopt: HyperOptimizer, saved: Transaction) -> bool:
@@ -219,6 +220,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     with recompute.explained():  # torch's CheckpointError after a train/eval switch
         result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
     recompute.check(hopt.view.checkpointed, hopt.method, info)
+    hopt.view.buffer_watch.warn(hopt.method)
     if replay_off(hopt, getattr(info, "replay_error", None), saved):
         return
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams

@@ -1,0 +1,84 @@
+"""Buffers that the user's training forward passes update, other than normalization layers'
+running statistics.
+
+A hyper-step evaluates the training loss with copies of the buffers as they are at the
+hyper-step (:meth:`~.model.ModelView.call`). That is exact for BatchNorm in train mode, whose
+output does not read its running statistics, but not for a buffer that a forward pass both
+updates and reads, such as ``spectral_norm``'s power-iteration vectors or a running input
+normalizer: ``T1T2``'s look-ahead and the trajectory methods' replays then evaluate past
+steps with values those steps did not see (``docs/guide/modes.md``: 2 % and 28 % off central
+differences). :class:`BufferWatch` notes, at each training step, which of those buffers
+changed since the previous step, and warns once when such a method takes a hyper-step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import Tensor, nn
+
+from .._vocab import HypergradientWarning
+from ..methods import T1T2
+
+__all__ = ["BufferWatch"]
+
+#: The running statistics of these layers are updated in train mode without being read.
+_NORM = getattr(nn.modules.batchnorm, "_NormBase", nn.modules.batchnorm._BatchNorm)
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class BufferWatch:
+    """Which buffers of ``module`` (running statistics of normalization layers aside) the
+    training steps change. Cost per step: one dictionary read and a version check per
+    watched buffer (none for a model without such buffers)."""
+
+    def __init__(self, module: nn.Module | None):
+        self.slots: list[tuple[str, nn.Module, str]] = []
+        for prefix, sub in () if module is None else module.named_modules():
+            for name in sub._buffers:
+                if not (isinstance(sub, _NORM) and name in _STATS):
+                    self.slots.append((f"{prefix}.{name}" if prefix else name, sub, name))
+        self._marks: list[tuple[int, int]] | None = None
+        self.moved: list[str] = []  # the buffers seen changing, in the module's order
+        self.warned = False
+
+    def note(self) -> None:
+        """A training step ended: note the watched buffers changed since the last one."""
+        if not self.slots:
+            return
+        marks = [_mark(sub._buffers.get(name)) for _, sub, name in self.slots]
+        if self._marks is not None and marks != self._marks:
+            changed = {k for (k, _, _), a, b in zip(self.slots, self._marks, marks) if a != b}
+            self.moved = [k for k, _, _ in self.slots if k in changed or k in self.moved]
+        self._marks = marks
+
+    def restart(self) -> None:
+        """Forget the last marks (the buffers were written other than by a step)."""
+        self._marks = None
+
+    def warn(self, method: Any) -> None:
+        """Warn once if ``method`` re-evaluates past steps and a watched buffer changed."""
+        if self.warned or not self.moved:
+            return
+        if not (getattr(method, "needs_trajectory", False) or isinstance(method, T1T2)):
+            return
+        self.warned = True
+        shown = ", ".join(repr(k) for k in self.moved[:5]) + (", ..." * (len(self.moved) > 5))
+        warnings.warn(
+            f"The training forward passes update the buffer(s) {shown} (not running "
+            f"statistics of a normalization layer). {type(method).__name__} re-evaluates past "
+            "training steps with the buffers as they are at the hyper-step, not as each step "
+            "saw them: if the forward pass reads these buffers (spectral_norm's power-"
+            "iteration vectors, a running input normalizer), the hypergradient is approximate "
+            "(docs/guide/modes.md measured 2% and 28% off). Put such layers in eval mode for "
+            "training or fold the buffer into the parameters; if the forward pass never reads "
+            "them (a counter), this warning can be ignored.",
+            HypergradientWarning,
+            stacklevel=5,
+        )
+
+
+def _mark(buffer: Tensor | None) -> tuple[int, int]:
+    """The buffer's identity and in-place version (both change when a step updates it)."""
+    return (0, 0) if buffer is None else (id(buffer), buffer._version)
