@@ -29,7 +29,8 @@ extra harvest after the solve or in a Rayleigh-Ritz step before it: 940 / 1,008 
 shifted ``theta`` is not positive (clamped to the smallest positive one, 0-2 a solve, instead
 of dropped) 633-637; a free Galerkin correction ``x + U Theta^-1 U^T r`` after the solve 638
 (its bottom group only: 652); a longer first solve (80-220 products, all harvested) 660-790:
-the later solves gain 1-3 products each, less than the first one spends.
+the later solves gain 1-3 products each, less than the first one spends; a Rayleigh-Ritz
+step and restart inside each solve after 4-20 products 677-961.
 
 On ``reuse.py --size 100k`` (10 hyper-steps, cold CG 250 products): ``(rank, smallest,
 harvest)`` = (16, 4, 8) 132, (32, 4, 16) 118, (32, 8, 16) 121, (64, 8, 32) 123, (100, 10,
