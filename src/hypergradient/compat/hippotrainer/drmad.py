@@ -4,9 +4,10 @@ The hyper-step trains ``T`` more steps with the model's own optimizer (as HippoT
 DRMAD does), keeping the weights before and after (``w0``, ``wT``), then computes the
 hypergradient with the library's :class:`hypergradient.DrMAD` on a
 :class:`hypergradient.methods.Trajectory` of those steps: plain SGD with the optimizer's
-learning rate and ``weight_decay`` (momentum ignored, as HippoTrainer does), the recorded
-end ``wT`` (``DrMAD(replay=False)``: no forward replay), and the criterion's
-hyperparameters held by reference (``hparams_by_reference=True``). Its reverse pass is
+learning rate and L2 ``weight_decay`` (or ``DRMAD(weight_decay=...)``; momentum ignored,
+as HippoTrainer does), the recorded end ``wT`` (``DrMAD(replay=False)``: no forward
+replay), and the criterion's hyperparameters held by reference
+(``hparams_by_reference=True``). Its reverse pass is
 
     a_T = grad_theta g(theta_T),   dphi = d_phi g(theta_T)
     for t = T-1, ..., 0:   theta_t = (1 - t/T) w0 + (t/T) wT
@@ -38,6 +39,7 @@ from ..._vocab import (
     as_int,
     require_finite,
 )
+from ...hyperoptimizer.build import coupled_decays
 from ...methods.base import Problem, Trajectory
 from ...methods.drmad import DrMAD
 from ...methods.growth import loss_diverging
@@ -59,8 +61,10 @@ class DRMAD(HyperOptimizer):
     """DrMAD over ``T`` SGD steps taken inside each hyper-step.
 
     Args:
-        weight_decay: the inner SGD's L2 coefficient in the reverse pass (0 when the
-            penalty is in ``criterion``; use the optimizer's ``weight_decay`` otherwise).
+        weight_decay: the inner SGD's L2 coefficient in the reverse pass; by default
+            (None) the optimizer's own L2 ``weight_decay`` (``torch.optim.SGD``, ``Adam``,
+            ...; 0 for ``AdamW``'s decoupled decay or none), the term its training steps
+            add to the gradient. (A penalty in ``criterion`` is differentiated anyway.)
         T: training steps per hyper-step (>= 1).
         *args, **kwargs: those of :class:`HyperOptimizer`.
 
@@ -74,8 +78,10 @@ class DRMAD(HyperOptimizer):
     ``T`` double-backward passes of the criterion.
     """
 
-    def __init__(self, *args: Any, weight_decay: float = 0.0, T: int = 10, **kwargs: Any):
-        self.weight_decay = as_float(weight_decay, "weight_decay", min=0.0)
+    def __init__(self, *args: Any, weight_decay: float | None = None, T: int = 10, **kwargs: Any):
+        self.weight_decay = (
+            None if weight_decay is None else as_float(weight_decay, "weight_decay", min=0.0)
+        )
         self.T = as_int(T, "T", min=1)
         self.w0: list[Tensor] | None = None
         self.wT: list[Tensor] | None = None
@@ -115,14 +121,21 @@ class DRMAD(HyperOptimizer):
         return hyper
 
     def _check_one_lr(self) -> None:
-        """The reverse pass is SGD with one learning rate: refuse param groups that differ
-        (before any training step or change)."""
+        """The reverse pass is SGD with one learning rate and one L2 decay: refuse param
+        groups that differ (before any training step or change)."""
         stepped = {id(p) for p in self._named_params()[1]}
         lrs = {
             i: g["lr"]
             for i, g in enumerate(self.optimizer.param_groups)
             if any(id(p) in stepped for p in g["params"])
         }
+        if self.weight_decay is None and len(set(self._decays())) > 1:
+            raise ValueError(
+                "DRMAD's reverse pass takes one L2 weight_decay, and the optimizer's param "
+                f"groups add several to the trained parameters ({sorted(set(self._decays()))}). "
+                "Use one weight_decay for them, or pass DRMAD(weight_decay=...) to set the "
+                "reverse pass's."
+            )
         if len({float(v) for v in lrs.values()}) > 1:
             raise ValueError(
                 f"DRMAD's reverse pass takes one learning rate, and the optimizer's param groups "
@@ -130,6 +143,17 @@ class DRMAD(HyperOptimizer):
                 "steps. Use one learning rate for the trained parameters (T1T2, Neumann and "
                 "HOAG take each group's own)."
             )
+
+    def _decays(self) -> list[float]:
+        """The optimizer's L2 decay of each trained parameter (0 where it adds none)."""
+        params = self._named_params()[1]
+        return coupled_decays(self.optimizer, params) or [0.0] * len(params)
+
+    def _decay(self) -> float:
+        """The reverse pass's L2 coefficient: ``weight_decay``, else the optimizer's."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return max(self._decays(), default=0.0)  # one value (_check_one_lr)
 
     _reference: str | None | bool = False  # reads_by_reference's answer (False: not asked)
 
@@ -204,7 +228,7 @@ class DRMAD(HyperOptimizer):
         trajectory = Trajectory(
             step_loss=step_loss,
             params0=dict(zip(names, w0)),
-            optimizer=sgd(lr=self._lr(), weight_decay=self.weight_decay),
+            optimizer=sgd(lr=self._lr(), weight_decay=self._decay()),
             batches=batches,
             final_params=end,
         )

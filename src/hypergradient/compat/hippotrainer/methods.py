@@ -36,6 +36,7 @@ from ..._vocab import (
     as_int,
     require_finite,
 )
+from ...hyperoptimizer.build import coupled_decays, with_decay
 from ...operators import LinearOperator
 from ...solvers import Solution
 from ._autograd import (
@@ -74,8 +75,12 @@ class _Implicit(HyperOptimizer):
             # hg.implicit differentiates at do not reach: differentiate the losses' graphs at
             # the real parameters instead (HippoTrainer's hook; the same mathematics)
             return self.hyper_grad(*self._losses(train_batch, val_batch))
+        inner = self._loss(train_batch)
+        decays = self._decays()
+        if decays is not None:  # the optimizer's L2 term: its fixed point's Hessian is H + wd I
+            inner = with_decay(inner, decays)
         hyper, info = implicit_by_reference(
-            self._loss(train_batch),
+            inner,
             self._loss(val_batch, validation=True),
             self._params(),
             self.hyperparams.values(),
@@ -87,6 +92,22 @@ class _Implicit(HyperOptimizer):
 
     def _solved(self, solution: Tensor | None) -> None:
         """Called with the flat solution of each solve (HOAG keeps it as its warm start)."""
+
+    def _decays(self) -> list[float] | None:
+        """Per trained parameter, the L2 ``weight_decay`` the optimizer adds to its gradient
+        (``torch.optim.SGD``, ``Adam``, ...; not ``AdamW``'s decoupled one), or None when
+        there is none. The steps converge to a stationary point of the criterion plus
+        ``weight_decay / 2 * ||w||^2``: the implicit methods' Hessian is ``H + weight_decay
+        I`` there, as ``hg.HyperOptimizer``'s (HippoTrainer ignored it)."""
+        return coupled_decays(self.optimizer, self._named_params()[1])
+
+    def _with_decay(self, hv: list[Tensor], u: list[Tensor]) -> list[Tensor]:
+        """``(H + weight_decay I) u`` from ``hv = H u`` (``u`` aligned with the trained
+        parameters)."""
+        decays = self._decays()
+        if decays is None:
+            return hv
+        return [h + d * t.to(h.dtype) if d else h for h, d, t in zip(hv, decays, u)]
 
 
 class _LookAhead(Solver):
@@ -148,7 +169,10 @@ class Neumann(_Implicit):
 
     ``H^{-1} v ~ lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``lr`` the optimizer's
     learning rate: ``num_terms`` Hessian-vector products. Converges to the implicit
-    hypergradient as ``num_terms`` grows when ``0 < lr < 2 / lambda_max(H)``.
+    hypergradient as ``num_terms`` grows when ``0 < lr < 2 / lambda_max(H)``. ``H`` is the
+    Hessian of the criterion plus the optimizer's L2 ``weight_decay`` (``torch.optim.SGD``,
+    ``Adam``, ...; not ``AdamW``'s decoupled decay): ``H + weight_decay I``, the Hessian at
+    the fixed point of the optimizer's steps.
 
     Args:
         num_terms: Hessian-vector products of the series (>= 1).
@@ -162,7 +186,8 @@ class Neumann(_Implicit):
         super().__init__(*args, **kwargs)
 
     def approx_inverse_hvp(self, v: Sequence[Tensor], f: Sequence[Tensor]) -> list[Tensor]:
-        """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``H u = d<f, u>/d params``.
+        """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``H u = d<f, u>/d params``
+        (plus ``weight_decay * u``, the optimizer's L2 term, if it has one).
 
         Args:
             v: the vector, one tensor per trained parameter (``grad_theta g``), or one per
@@ -216,7 +241,8 @@ class Neumann(_Implicit):
         b = flat([t.detach() for t in v])
 
         def matvec(vec: Tensor) -> Tensor:
-            return flat(vjp_or_zeros(f, params, unflat(vec, v)))
+            u = unflat(vec, v)
+            return flat(self._with_decay(vjp_or_zeros(f, params, u), u))
 
         sol = NeumannSeries(self.num_terms, alpha=lr).solve(CallableOperator(matvec, b), b)
         if sol.status in (Status.DIVERGED, Status.NONFINITE) or not bool(
@@ -248,6 +274,9 @@ class Neumann(_Implicit):
 
 class HOAG(_Implicit):
     """HOAG (Pedregosa, 2016, ICML): conjugate gradient on ``H x = grad_theta g``.
+
+    ``H`` is the Hessian of the criterion plus the optimizer's L2 ``weight_decay``
+    (``H + weight_decay I``, as :class:`Neumann`'s).
 
     CG stops when ``||r||^2 < epsilon`` or after ``cg_max_iter`` Hessian-vector products,
     warm-started from the previous hyper-step's solution (HippoTrainer starts from zero).
@@ -326,7 +355,8 @@ class HOAG(_Implicit):
 
         def inverse(v1: list[Tensor], _: Any) -> list[Tensor]:
             def matvec(vec: Tensor) -> Tensor:
-                return flat(self.hessian_vector_product(train_loss, params, unflat(vec, params)))
+                u = unflat(vec, params)
+                return flat(self._with_decay(self.hessian_vector_product(train_loss, params, u), u))
 
             x = self.conjugate_gradient(matvec, flat(v1), self._warm_start())
             self._solved(x)
