@@ -29,43 +29,18 @@ from ._checks import (
     stale_capture_message,
     trained_lr,
 )
+from ._loaders import LoaderCycles
 
 __all__ = ["HyperOptimizer"]
 
 _PACKAGE = __name__.rsplit(".", 1)[0]
 
 
-class _Cycle:
-    """Batches of a loader, restarting it when exhausted."""
-
-    def __init__(self, loader: Iterable[Any], name: str):
-        self.loader, self.name = loader, name
-        self._it: Iterator[Any] | None = None
-        self.served = False  # whether a batch was ever drawn
-
-    def next(self) -> Any:
-        for _ in range(2):
-            if self._it is None:
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-                self.served = True
-                return batch
-            except StopIteration:
-                self._it = None
-        if self.served:
-            raise ValueError(
-                f"`{self.name}` yields no batches on its second pass: it is a one-pass "
-                "iterator (a generator?); pass a re-iterable such as a list or a DataLoader."
-            )
-        raise ValueError(f"`{self.name}` yields no batches.")
-
-
 def _is_loss(value: Any) -> bool:
     return isinstance(value, Tensor) and value.numel() == 1
 
 
-class HyperOptimizer:
+class HyperOptimizer(LoaderCycles):
     """HippoTrainer's base class: a hyper-step every ``inner_steps`` optimizer steps.
 
     The hyperparameters enter through ``model`` or ``criterion``, which hold them by
@@ -119,8 +94,6 @@ class HyperOptimizer:
         self.criterion = criterion
         self.train_loader = cast(Iterable[Any], train_loader)
         self.val_loader = cast(Iterable[Any], val_loader)
-        self._train = _Cycle(self.train_loader, "train_loader")
-        self._val = _Cycle(self.val_loader, "val_loader")
         self.step_count = 0
         self._watch = RunWatch()
         self.history: list[dict[str, float]] = []
@@ -182,7 +155,8 @@ class HyperOptimizer:
         raise NotImplementedError
 
     def step(self, train_loss: Tensor | None = None) -> None:
-        """``optimizer.step()``; every ``inner_steps`` steps, a hyper-step.
+        """``optimizer.step()``; every ``inner_steps`` steps, ``hyper_step`` with the
+        hyperparameters requiring grad (as HippoTrainer, for a subclass's own ``hyper_step``).
 
         ``train_loss`` is accepted for HippoTrainer's call shape and not used.
         """
@@ -191,7 +165,8 @@ class HyperOptimizer:
         self.step_count += 1
         if self.step_count % self.inner_steps == 0:
             self._watch.check(type(self).__name__, self.step_count)  # a diverging run warns
-            self.hyper_step(train_loss)
+            with self._requiring_grad():
+                self.hyper_step(train_loss)
 
     def hyper_step(self, train_loss: Tensor | None = None) -> None:
         """Hypergradient on a fresh training and validation batch, then ``h -= hyper_lr * g``.
