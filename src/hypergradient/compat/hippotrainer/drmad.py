@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from typing import Any, cast
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..._vocab import (
     HypergradientWarning,
@@ -61,12 +63,14 @@ class DRMAD(HyperOptimizer):
     """DrMAD over ``T`` SGD steps taken inside each hyper-step.
 
     Args:
+        hyperparams, hyper_lr, inner_steps, model, optimizer, train_loader, val_loader,
+            criterion: those of :class:`HyperOptimizer`, in HippoTrainer's order
+            (``weight_decay`` and ``T`` may follow ``criterion`` by position).
         weight_decay: the inner SGD's L2 coefficient in the reverse pass; by default
             (None) the optimizer's own L2 ``weight_decay`` (``torch.optim.SGD``, ``Adam``,
             ...; 0 for ``AdamW``'s decoupled decay or none), the term its training steps
             add to the gradient. (A penalty in ``criterion`` is differentiated anyway.)
         T: training steps per hyper-step (>= 1).
-        *args, **kwargs: those of :class:`HyperOptimizer`.
 
     Attributes:
         w0, wT: the trained weights (one tensor per parameter that requires grad and
@@ -78,14 +82,28 @@ class DRMAD(HyperOptimizer):
     ``T`` double-backward passes of the criterion.
     """
 
-    def __init__(self, *args: Any, weight_decay: float | None = None, T: int = 10, **kwargs: Any):
+    def __init__(
+        self,
+        hyperparams: dict[str, Tensor],
+        hyper_lr: float | Tensor = 1e-3,
+        inner_steps: int = 1,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        train_loader: Iterable[Any] | None = None,
+        val_loader: Iterable[Any] | None = None,
+        criterion: Any = None,
+        weight_decay: float | None = None,
+        T: int = 10,
+    ):
+        # HippoTrainer's signature: weight_decay and T may be passed by position
         self.weight_decay = (
             None if weight_decay is None else as_float(weight_decay, "weight_decay", min=0.0)
         )
         self.T = as_int(T, "T", min=1)
         self.w0: list[Tensor] | None = None
         self.wT: list[Tensor] | None = None
-        super().__init__(*args, **kwargs)
+        setup = (model, optimizer, train_loader, val_loader, criterion)
+        super().__init__(hyperparams, hyper_lr, inner_steps, *setup)
 
     def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
         """DrMAD's hypergradient: trains ``T`` steps on ``train_loader``, then reverses.
