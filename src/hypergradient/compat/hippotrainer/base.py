@@ -28,6 +28,7 @@ from ._checks import (
     find_stale,
     stale_capture_message,
     trained_lr,
+    unused_in_hippotrainer_terms,
 )
 from ._loaders import LoaderCycles
 
@@ -190,7 +191,8 @@ class HyperOptimizer(LoaderCycles):
             One detached tensor per hyperparameter (the order of ``hyperparams``).
         """
         try:
-            with self._requiring_grad(), _freed_graph_hint():
+            names = list(self.hyperparams)
+            with self._requiring_grad(), _freed_graph_hint(), unused_in_hippotrainer_terms(names):
                 if self._uses_builtin_hooks():
                     grads = self._builtin_hyper_grad(train_batch, val_batch)
                 else:
