@@ -314,7 +314,9 @@ class HOAG(_Implicit):
         Args:
             matvec_fn: ``v -> A v`` on 1-D tensors, ``A`` symmetric positive definite.
             b: the right-hand side, 1-D.
-            x0: starting point (default zero).
+            x0: starting point (default zero); one whose residual ``||b - A x0||``
+                exceeds ``||b||`` is worse than zero and is dropped (``hg.CG``'s rule;
+                HippoTrainer iterates from it).
 
         Returns:
             The approximate solution. Warns (``HypergradientWarning``) if ``A`` has
