@@ -86,3 +86,35 @@ def test_as_an_error_it_stops_the_hyper_step_before_any_update():
         with pytest.raises(HypergradientWarning, match=r"hyperparams\['lost'\]"):
             ho.step()
     assert torch.equal(theta, before[0]) and torch.equal(lost, before[1])
+
+
+@pytest.mark.parametrize("cls", [T1T2, Neumann, HOAG])
+def test_the_hook_path_warns_too(cls):
+    """A criterion reading the weights through a list of its own goes through the hook
+    (HippoTrainer's graphs); that path returned the zero without a word."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    weights = list(model.parameters())
+    theta = torch.tensor([-1.0], dtype=DT)
+    lost = torch.tensor([0.5], dtype=DT)
+
+    def criterion(out, y):
+        return ((out - y) ** 2).mean() + theta.exp() * sum(w.square().sum() for w in weights)
+
+    ho = cls(
+        {"theta": theta, "lost": lost},
+        hyper_lr=0.1,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        train_loader=[TRAIN],
+        val_loader=[VAL],
+        criterion=criterion,
+    )
+    with pytest.warns(HypergradientWarning, match=r"hyperparams\['lost'\] is read neither") as rec:
+        grads = ho.hyper_grad_on_batches(TRAIN, VAL)
+    assert not any("'theta'" in str(w.message) for w in rec)
+    assert torch.equal(grads[1], torch.zeros(1, dtype=DT)) and grads[0].abs().item() > 0
+    theta.requires_grad_(True)
+    lost.requires_grad_(True)
+    with pytest.warns(HypergradientWarning, match=r"hyperparams\['lost'\]"):
+        ho.hyper_grad(criterion(model(TRAIN[0]), TRAIN[1]), criterion(model(VAL[0]), VAL[1]))

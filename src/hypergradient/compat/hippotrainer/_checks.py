@@ -27,6 +27,7 @@ from ._autograd import criterion_loss
 
 __all__ = [
     "unused_in_hippotrainer_terms",
+    "unused_message",
     "as_hyper_lr",
     "check_hyperparams",
     "check_optimizer",
@@ -376,11 +377,16 @@ def unused_in_hippotrainer_terms(names: list[str]) -> Iterator[None]:
     for w in caught:
         text, match = str(w.message), _UNUSED.match(str(w.message))
         if match is not None and issubclass(w.category, HypergradientWarning):
-            text = (
-                f"hyperparams[{names[int(match.group(1))]!r}] is read neither by the criterion "
-                "nor by the model in the hyper-step's losses: its hypergradient is zero and it "
-                "is never tuned. Hold the hyperparameter tensor itself in the criterion or the "
-                "model and compute with it there (a value taken from it before training, such "
-                "as float(theta) or theta.item(), is a constant)."
-            )
+            text = unused_message(names[int(match.group(1))])
         warnings.warn_explicit(text, w.category, w.filename, w.lineno)
+
+
+def unused_message(name: str) -> str:
+    """A hyperparameter the losses do not read, and the fix."""
+    return (
+        f"hyperparams[{name!r}] is read neither by the criterion nor by the model in the "
+        "hyper-step's losses: its hypergradient is zero and it is never tuned. Hold the "
+        "hyperparameter tensor itself in the criterion or the model and compute with it there "
+        "(a value taken from it before training, such as float(theta) or theta.item(), is a "
+        "constant)."
+    )

@@ -14,12 +14,13 @@ from torch import Tensor, nn
 from ..._tree import wide_dtype
 from ..._vocab import (
     ArgumentTypeError,
+    HypergradientWarning,
     NonFiniteHypergradientError,
     as_int,
     require_finite,
 )
 from .._watch import RunWatch
-from ._autograd import criterion_loss, grads_or_zeros, vjp_or_zeros
+from ._autograd import criterion_loss, grads_or_zeros, leaves_reached, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
     check_hyperparams,
@@ -29,6 +30,7 @@ from ._checks import (
     stale_capture_message,
     trained_lr,
     unused_in_hippotrainer_terms,
+    unused_message,
 )
 from ._loaders import LoaderCycles
 
@@ -269,6 +271,7 @@ class HyperOptimizer(LoaderCycles):
         require_finite(x, labels, "The inverse-Hessian-vector product at", "Add damping.")
         mixed = vjp_or_zeros(d_train, hyper, x)
         direct = grads_or_zeros(val_loss, hyper)
+        _warn_unread(self.hyperparams, [train_loss, val_loss])  # as the core's path does
         return [(d - m).detach() for d, m in zip(direct, mixed)]
 
     def _deprecated_batches(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
@@ -307,6 +310,13 @@ def _freed_graph_hint() -> Iterator[None]:
             "from the hyperparameter itself (e.g. `self.theta.exp()`). This hyper-step "
             "updated nothing."
         ) from exc
+
+
+def _warn_unread(hyperparams: dict[str, Tensor], losses: list[Tensor]) -> None:
+    """Warn for each hyperparameter the losses' graphs do not reach (its hypergradient is 0)."""
+    for name, read in zip(hyperparams, leaves_reached(losses, list(hyperparams.values()))):
+        if not read:
+            warnings.warn(unused_message(name), HypergradientWarning, stacklevel=4)
 
 
 def _check_hook_inputs(train_loss: Any, val_loss: Any, hyperparams: dict[str, Tensor]) -> None:
