@@ -326,6 +326,8 @@ def _check_hook_inputs(train_loss: Any, val_loss: Any, hyperparams: dict[str, Te
                 f"`{name}` must be a scalar loss tensor (criterion(model(inputs), targets)), "
                 f"got {type(value).__name__}."
             )
+        if not value.requires_grad:  # its products would all be zero
+            raise ValueError(f"`{name}` carries no autograd graph (computed under no_grad?).")
     for name, h in hyperparams.items():
         if not h.requires_grad:
             raise ValueError(

@@ -52,6 +52,12 @@ from .base import HyperOptimizer, is_batch
 
 __all__ = ["HOAG", "Neumann", "T1T2"]
 
+_NO_GRAPH = (
+    "`{}` carries no autograd graph (computed without create_graph=True, or under "
+    "torch.no_grad()), so every Hessian product would be zero; pass {} (HippoTrainer "
+    "raised autograd's 'does not require grad' here)."
+)
+
 
 class _Implicit(HyperOptimizer):
     """Shared hyper-step of the implicit methods: ``hg.implicit`` with ``self._solver()``."""
@@ -204,6 +210,8 @@ class Neumann(_Implicit):
         lr = self._lr()
         _, params = self._named_params()
         v, f = list(v), list(f)
+        if f and not any(isinstance(t, Tensor) and t.requires_grad for t in f):
+            raise ValueError(_NO_GRAPH.format("f", "a gradient computed with create_graph=True"))
         every = list(self.model.parameters())
         if len(v) == len(f) == len(every) != len(params):
             trained = {id(p) for p in params}
@@ -345,6 +353,8 @@ class HOAG(_Implicit):
         Returns:
             One detached tensor per parameter (zeros where ``loss`` does not use it).
         """
+        if isinstance(loss, Tensor) and not loss.requires_grad:
+            raise ValueError(_NO_GRAPH.format("loss", "a loss computed with grad enabled"))
         params = list(params)
         grads = grads_or_zeros(loss, params, create_graph=True)
         return vjp_or_zeros(grads, params, list(vector))
