@@ -104,12 +104,14 @@ class HyperOptimizer(LoaderCycles):
 
     @property
     def hyper_lr(self) -> float | Tensor:
-        """Step size of the hyperparameters (validated on assignment)."""
-        return self._hyper_lr
+        """Step size of the hyperparameters, validated when set and when read (a tensor is
+        read by reference, as HippoTrainer's: a schedule changing it in place applies)."""
+        return as_hyper_lr(self._hyper_lr, self.hyperparams)
 
     @hyper_lr.setter
     def hyper_lr(self, value: float | Tensor) -> None:
-        self._hyper_lr = as_hyper_lr(value, self.hyperparams)
+        as_hyper_lr(value, self.hyperparams)
+        self._hyper_lr = value
 
     # --- HippoTrainer's public methods ---------------------------------------------------
     def _hyperparams_requires_grad_(self, requires_grad: bool = True) -> None:
@@ -249,8 +251,7 @@ class HyperOptimizer(LoaderCycles):
         return [k for k, _ in named], [p for _, p in named]
 
     def _params(self) -> dict[str, Tensor]:
-        names, params = self._named_params()
-        return {k: p.detach() for k, p in zip(names, params)}
+        return {k: p.detach() for k, p in zip(*self._named_params())}
 
     def _loss(self, batch: Any, validation: bool = False) -> Any:
         return criterion_loss(self.model, self.criterion, batch, validation=validation)
