@@ -16,7 +16,6 @@ from ..._vocab import (
     ArgumentTypeError,
     HypergradientWarning,
     NonFiniteHypergradientError,
-    as_int,
     require_finite,
 )
 from .._watch import RunWatch
@@ -33,6 +32,7 @@ from ._checks import (
     unused_message,
 )
 from ._loaders import LoaderCycles
+from ._settings import Setting, at_least_one
 
 __all__ = ["HyperOptimizer"]
 
@@ -70,6 +70,7 @@ class HyperOptimizer(LoaderCycles):
     """
 
     _hooks: ClassVar[tuple[str, ...]] = ("hyper_grad",)
+    inner_steps = Setting(at_least_one)  # checked at every assignment
 
     def __init__(
         self,
@@ -91,7 +92,7 @@ class HyperOptimizer(LoaderCycles):
             raise ValueError(stale_capture_message(*stale))
         self.hyperparams = hyperparams
         self.hyper_lr = hyper_lr
-        self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
+        self.inner_steps = inner_steps
         self.model: nn.Module = model
         self.optimizer = optimizer
         self.criterion = criterion
@@ -270,8 +271,7 @@ class HyperOptimizer(LoaderCycles):
         d_train = grads_or_zeros(train_loss, params, create_graph=True)
         x = list(inverse(v1, d_train))
         require_finite(x, labels, "The inverse-Hessian-vector product at", "Add damping.")
-        mixed = vjp_or_zeros(d_train, hyper, x)
-        direct = grads_or_zeros(val_loss, hyper)
+        mixed, direct = vjp_or_zeros(d_train, hyper, x), grads_or_zeros(val_loss, hyper)
         _warn_unread(self.hyperparams, [train_loss, val_loss])  # as the core's path does
         return [(d - m).detach() for d, m in zip(direct, mixed)]
 

@@ -37,8 +37,6 @@ from torch import Tensor, nn
 from ..._vocab import (
     HypergradientWarning,
     NonFiniteHypergradientError,
-    as_float,
-    as_int,
     require_finite,
 )
 from ...hyperoptimizer.build import coupled_decays
@@ -49,6 +47,7 @@ from ...optim.functional import sgd
 from .._watch import RunWatch
 from ._autograd import criterion_loss
 from ._checks import reads_by_reference
+from ._settings import Setting, at_least_one, optional_non_negative
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["DRMAD"]
@@ -82,6 +81,9 @@ class DRMAD(HyperOptimizer):
     ``T`` double-backward passes of the criterion.
     """
 
+    weight_decay = Setting(optional_non_negative)
+    T = Setting(at_least_one)
+
     def __init__(
         self,
         hyperparams: dict[str, Tensor],
@@ -96,10 +98,8 @@ class DRMAD(HyperOptimizer):
         T: int = 10,
     ):
         # HippoTrainer's signature: weight_decay and T may be passed by position
-        self.weight_decay = (
-            None if weight_decay is None else as_float(weight_decay, "weight_decay", min=0.0)
-        )
-        self.T = as_int(T, "T", min=1)
+        self.weight_decay = weight_decay
+        self.T = T
         self.w0: list[Tensor] | None = None
         self.wT: list[Tensor] | None = None
         setup = (model, optimizer, train_loader, val_loader, criterion)

@@ -33,7 +33,6 @@ from ..._vocab import (
     Status,
     as_callable,
     as_float,
-    as_int,
     require_finite,
 )
 from ...hyperoptimizer.build import coupled_decays, with_decay
@@ -48,6 +47,7 @@ from ._autograd import (
     vjp_or_zeros,
 )
 from ._checks import reads_by_reference
+from ._settings import Setting, at_least_one, non_negative
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["HOAG", "Neumann", "T1T2"]
@@ -187,8 +187,10 @@ class Neumann(_Implicit):
 
     _hooks = ("hyper_grad", "approx_inverse_hvp")
 
+    num_terms = Setting(at_least_one)
+
     def __init__(self, *args: Any, num_terms: int = 1, **kwargs: Any):
-        self.num_terms = as_int(num_terms, "num_terms", min=1)
+        self.num_terms = num_terms
         super().__init__(*args, **kwargs)
 
     def approx_inverse_hvp(self, v: Sequence[Tensor], f: Sequence[Tensor]) -> list[Tensor]:
@@ -298,9 +300,12 @@ class HOAG(_Implicit):
 
     _hooks = ("hyper_grad", "conjugate_gradient", "hessian_vector_product")
 
+    epsilon = Setting(non_negative)
+    cg_max_iter = Setting(at_least_one)
+
     def __init__(self, *args: Any, epsilon: float = 1e-4, cg_max_iter: int = 10, **kwargs: Any):
-        self.epsilon = as_float(epsilon, "epsilon", min=0.0)
-        self.cg_max_iter = as_int(cg_max_iter, "cg_max_iter", min=1)
+        self.epsilon = epsilon
+        self.cg_max_iter = cg_max_iter
         self._x: Tensor | None = None
         super().__init__(*args, **kwargs)
 
