@@ -24,7 +24,8 @@ criterion's ``forward`` (``self.theta.exp()``); one computed once before trainin
 at construction. The differences, all deliberate, are listed in
 ``docs/migration-hippotrainer.md``: correct hypergradients (HippoTrainer's Neumann rescales
 its partial sum at every term and its DRMAD ignores the hyperparameters' influence on the
-training gradient), T1T2 keeps the learning-rate factor, a hyper-step uses one fresh
+training gradient; Neumann and HOAG include the optimizer's L2 ``weight_decay`` in the
+Hessian), T1T2 keeps the learning-rate factor, a hyper-step uses one fresh
 training and one fresh validation batch (the validation loss in eval mode, as
 ``evaluate()`` scores it; the model's buffers untouched), T1T2 takes each param group's
 learning rate, arguments are validated, and non-finite values raise instead of being

@@ -37,6 +37,7 @@ __all__ = [
     "flat",
     "grads_or_zeros",
     "implicit_by_reference",
+    "leaves_reached",
     "split_batch",
     "unflat",
     "vjp_or_zeros",
@@ -215,3 +216,24 @@ class CallableOperator(LinearOperator):
                 f"{tuple(v.shape)}, got {getattr(out, 'shape', type(out).__name__)}."
             )
         return out.detach().to(v.dtype)
+
+
+def leaves_reached(outputs: Sequence[Tensor], leaves: Sequence[Tensor]) -> list[bool]:
+    """Whether the autograd graph of any of ``outputs`` reaches each of ``leaves`` (all
+    True for a graph too large to walk)."""
+    targets = {id(t) for t in leaves}
+    found: set[int] = set()
+    stack: list[Any] = [o.grad_fn for o in outputs if isinstance(o, Tensor)]
+    seen: set[int] = set()
+    while stack and found != targets:
+        if len(seen) > 100_000:
+            return [True] * len(leaves)
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor) and id(variable) in targets:
+            found.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return [id(t) in found for t in leaves]

@@ -11,18 +11,23 @@ hold and following each non-leaf tensor's autograd graph back to its leaves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 import types
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..._vocab import ArgumentTypeError, as_callable, as_float
+from ..._vocab import ArgumentTypeError, HypergradientWarning, as_callable, as_float
 from ._autograd import criterion_loss
 
 __all__ = [
+    "unused_in_hippotrainer_terms",
+    "unused_message",
     "as_hyper_lr",
     "check_hyperparams",
     "check_optimizer",
@@ -355,3 +360,33 @@ def reads_by_reference(
     if not isinstance(loss, Tensor) or loss.grad_fn is None:
         return None
     return _reaches(loss, {id(p): k for k, p in zip(names, params)})
+
+
+_UNUSED = re.compile(r"hparams\[(\d+)\] influences the outer loss neither")
+
+
+@contextlib.contextmanager
+def unused_in_hippotrainer_terms(names: list[str]) -> Iterator[None]:
+    """The core's warning that a hyperparameter reaches neither loss ("hparams[0] ...
+    Check that inner_loss or outer_loss uses it"), in HippoTrainer's terms: its name in
+    ``hyperparams`` and the criterion or model that should read it. Other warnings pass
+    unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HypergradientWarning)
+        yield
+    for w in caught:
+        text, match = str(w.message), _UNUSED.match(str(w.message))
+        if match is not None and issubclass(w.category, HypergradientWarning):
+            text = unused_message(names[int(match.group(1))])
+        warnings.warn_explicit(text, w.category, w.filename, w.lineno)
+
+
+def unused_message(name: str) -> str:
+    """A hyperparameter the losses do not read, and the fix."""
+    return (
+        f"hyperparams[{name!r}] is read neither by the criterion nor by the model in the "
+        "hyper-step's losses: its hypergradient is zero and it is never tuned. Hold the "
+        "hyperparameter tensor itself in the criterion or the model and compute with it there "
+        "(a value taken from it before training, such as float(theta) or theta.item(), is a "
+        "constant)."
+    )

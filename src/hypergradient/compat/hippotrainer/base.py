@@ -14,12 +14,12 @@ from torch import Tensor, nn
 from ..._tree import wide_dtype
 from ..._vocab import (
     ArgumentTypeError,
+    HypergradientWarning,
     NonFiniteHypergradientError,
-    as_int,
     require_finite,
 )
 from .._watch import RunWatch
-from ._autograd import criterion_loss, grads_or_zeros, vjp_or_zeros
+from ._autograd import criterion_loss, grads_or_zeros, leaves_reached, vjp_or_zeros
 from ._checks import (
     as_hyper_lr,
     check_hyperparams,
@@ -28,44 +28,22 @@ from ._checks import (
     find_stale,
     stale_capture_message,
     trained_lr,
+    unused_in_hippotrainer_terms,
+    unused_message,
 )
+from ._loaders import LoaderCycles
+from ._settings import Setting, at_least_one
 
 __all__ = ["HyperOptimizer"]
 
 _PACKAGE = __name__.rsplit(".", 1)[0]
 
 
-class _Cycle:
-    """Batches of a loader, restarting it when exhausted."""
-
-    def __init__(self, loader: Iterable[Any], name: str):
-        self.loader, self.name = loader, name
-        self._it: Iterator[Any] | None = None
-        self.served = False  # whether a batch was ever drawn
-
-    def next(self) -> Any:
-        for _ in range(2):
-            if self._it is None:
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-                self.served = True
-                return batch
-            except StopIteration:
-                self._it = None
-        if self.served:
-            raise ValueError(
-                f"`{self.name}` yields no batches on its second pass: it is a one-pass "
-                "iterator (a generator?); pass a re-iterable such as a list or a DataLoader."
-            )
-        raise ValueError(f"`{self.name}` yields no batches.")
-
-
 def _is_loss(value: Any) -> bool:
     return isinstance(value, Tensor) and value.numel() == 1
 
 
-class HyperOptimizer:
+class HyperOptimizer(LoaderCycles):
     """HippoTrainer's base class: a hyper-step every ``inner_steps`` optimizer steps.
 
     The hyperparameters enter through ``model`` or ``criterion``, which hold them by
@@ -92,6 +70,7 @@ class HyperOptimizer:
     """
 
     _hooks: ClassVar[tuple[str, ...]] = ("hyper_grad",)
+    inner_steps = Setting(at_least_one)  # checked at every assignment
 
     def __init__(
         self,
@@ -113,14 +92,12 @@ class HyperOptimizer:
             raise ValueError(stale_capture_message(*stale))
         self.hyperparams = hyperparams
         self.hyper_lr = hyper_lr
-        self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
+        self.inner_steps = inner_steps
         self.model: nn.Module = model
         self.optimizer = optimizer
         self.criterion = criterion
         self.train_loader = cast(Iterable[Any], train_loader)
         self.val_loader = cast(Iterable[Any], val_loader)
-        self._train = _Cycle(self.train_loader, "train_loader")
-        self._val = _Cycle(self.val_loader, "val_loader")
         self.step_count = 0
         self._watch = RunWatch()
         self.history: list[dict[str, float]] = []
@@ -128,12 +105,14 @@ class HyperOptimizer:
 
     @property
     def hyper_lr(self) -> float | Tensor:
-        """Step size of the hyperparameters (validated on assignment)."""
-        return self._hyper_lr
+        """Step size of the hyperparameters, validated when set and when read (a tensor is
+        read by reference, as HippoTrainer's: a schedule changing it in place applies)."""
+        return as_hyper_lr(self._hyper_lr, self.hyperparams)
 
     @hyper_lr.setter
     def hyper_lr(self, value: float | Tensor) -> None:
-        self._hyper_lr = as_hyper_lr(value, self.hyperparams)
+        as_hyper_lr(value, self.hyperparams)
+        self._hyper_lr = value
 
     # --- HippoTrainer's public methods ---------------------------------------------------
     def _hyperparams_requires_grad_(self, requires_grad: bool = True) -> None:
@@ -182,7 +161,8 @@ class HyperOptimizer:
         raise NotImplementedError
 
     def step(self, train_loss: Tensor | None = None) -> None:
-        """``optimizer.step()``; every ``inner_steps`` steps, a hyper-step.
+        """``optimizer.step()``; every ``inner_steps`` steps, ``hyper_step`` with the
+        hyperparameters requiring grad (as HippoTrainer, for a subclass's own ``hyper_step``).
 
         ``train_loss`` is accepted for HippoTrainer's call shape and not used.
         """
@@ -191,7 +171,8 @@ class HyperOptimizer:
         self.step_count += 1
         if self.step_count % self.inner_steps == 0:
             self._watch.check(type(self).__name__, self.step_count)  # a diverging run warns
-            self.hyper_step(train_loss)
+            with self._requiring_grad():
+                self.hyper_step(train_loss)
 
     def hyper_step(self, train_loss: Tensor | None = None) -> None:
         """Hypergradient on a fresh training and validation batch, then ``h -= hyper_lr * g``.
@@ -215,7 +196,8 @@ class HyperOptimizer:
             One detached tensor per hyperparameter (the order of ``hyperparams``).
         """
         try:
-            with self._requiring_grad(), _freed_graph_hint():
+            names = list(self.hyperparams)
+            with self._requiring_grad(), _freed_graph_hint(), unused_in_hippotrainer_terms(names):
                 if self._uses_builtin_hooks():
                     grads = self._builtin_hyper_grad(train_batch, val_batch)
                 else:
@@ -270,8 +252,7 @@ class HyperOptimizer:
         return [k for k, _ in named], [p for _, p in named]
 
     def _params(self) -> dict[str, Tensor]:
-        names, params = self._named_params()
-        return {k: p.detach() for k, p in zip(names, params)}
+        return {k: p.detach() for k, p in zip(*self._named_params())}
 
     def _loss(self, batch: Any, validation: bool = False) -> Any:
         return criterion_loss(self.model, self.criterion, batch, validation=validation)
@@ -290,8 +271,8 @@ class HyperOptimizer:
         d_train = grads_or_zeros(train_loss, params, create_graph=True)
         x = list(inverse(v1, d_train))
         require_finite(x, labels, "The inverse-Hessian-vector product at", "Add damping.")
-        mixed = vjp_or_zeros(d_train, hyper, x)
-        direct = grads_or_zeros(val_loss, hyper)
+        mixed, direct = vjp_or_zeros(d_train, hyper, x), grads_or_zeros(val_loss, hyper)
+        _warn_unread(self.hyperparams, [train_loss, val_loss])  # as the core's path does
         return [(d - m).detach() for d, m in zip(direct, mixed)]
 
     def _deprecated_batches(self, train_batch: Any, val_batch: Any) -> list[Tensor]:
@@ -332,6 +313,13 @@ def _freed_graph_hint() -> Iterator[None]:
         ) from exc
 
 
+def _warn_unread(hyperparams: dict[str, Tensor], losses: list[Tensor]) -> None:
+    """Warn for each hyperparameter the losses' graphs do not reach (its hypergradient is 0)."""
+    for name, read in zip(hyperparams, leaves_reached(losses, list(hyperparams.values()))):
+        if not read:
+            warnings.warn(unused_message(name), HypergradientWarning, stacklevel=4)
+
+
 def _check_hook_inputs(train_loss: Any, val_loss: Any, hyperparams: dict[str, Tensor]) -> None:
     for name, value in (("train_loss", train_loss), ("val_loss", val_loss)):
         if not _is_loss(value) or not value.is_floating_point():
@@ -339,6 +327,8 @@ def _check_hook_inputs(train_loss: Any, val_loss: Any, hyperparams: dict[str, Te
                 f"`{name}` must be a scalar loss tensor (criterion(model(inputs), targets)), "
                 f"got {type(value).__name__}."
             )
+        if not value.requires_grad:  # its products would all be zero
+            raise ValueError(f"`{name}` carries no autograd graph (computed under no_grad?).")
     for name, h in hyperparams.items():
         if not h.requires_grad:
             raise ValueError(

@@ -4,9 +4,10 @@ The hyper-step trains ``T`` more steps with the model's own optimizer (as HippoT
 DRMAD does), keeping the weights before and after (``w0``, ``wT``), then computes the
 hypergradient with the library's :class:`hypergradient.DrMAD` on a
 :class:`hypergradient.methods.Trajectory` of those steps: plain SGD with the optimizer's
-learning rate and ``weight_decay`` (momentum ignored, as HippoTrainer does), the recorded
-end ``wT`` (``DrMAD(replay=False)``: no forward replay), and the criterion's
-hyperparameters held by reference (``hparams_by_reference=True``). Its reverse pass is
+learning rate and L2 ``weight_decay`` (or ``DRMAD(weight_decay=...)``; momentum ignored,
+as HippoTrainer does), the recorded end ``wT`` (``DrMAD(replay=False)``: no forward
+replay), and the criterion's hyperparameters held by reference
+(``hparams_by_reference=True``). Its reverse pass is
 
     a_T = grad_theta g(theta_T),   dphi = d_phi g(theta_T)
     for t = T-1, ..., 0:   theta_t = (1 - t/T) w0 + (t/T) wT
@@ -27,17 +28,18 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from typing import Any, cast
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..._vocab import (
     HypergradientWarning,
     NonFiniteHypergradientError,
-    as_float,
-    as_int,
     require_finite,
 )
+from ...hyperoptimizer.build import coupled_decays
 from ...methods.base import Problem, Trajectory
 from ...methods.drmad import DrMAD
 from ...methods.growth import loss_diverging
@@ -45,6 +47,7 @@ from ...optim.functional import sgd
 from .._watch import RunWatch
 from ._autograd import criterion_loss
 from ._checks import reads_by_reference
+from ._settings import Setting, at_least_one, optional_non_negative
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["DRMAD"]
@@ -59,10 +62,14 @@ class DRMAD(HyperOptimizer):
     """DrMAD over ``T`` SGD steps taken inside each hyper-step.
 
     Args:
-        weight_decay: the inner SGD's L2 coefficient in the reverse pass (0 when the
-            penalty is in ``criterion``; use the optimizer's ``weight_decay`` otherwise).
+        hyperparams, hyper_lr, inner_steps, model, optimizer, train_loader, val_loader,
+            criterion: those of :class:`HyperOptimizer`, in HippoTrainer's order
+            (``weight_decay`` and ``T`` may follow ``criterion`` by position).
+        weight_decay: the inner SGD's L2 coefficient in the reverse pass; by default
+            (None) the optimizer's own L2 ``weight_decay`` (``torch.optim.SGD``, ``Adam``,
+            ...; 0 for ``AdamW``'s decoupled decay or none), the term its training steps
+            add to the gradient. (A penalty in ``criterion`` is differentiated anyway.)
         T: training steps per hyper-step (>= 1).
-        *args, **kwargs: those of :class:`HyperOptimizer`.
 
     Attributes:
         w0, wT: the trained weights (one tensor per parameter that requires grad and
@@ -74,12 +81,29 @@ class DRMAD(HyperOptimizer):
     ``T`` double-backward passes of the criterion.
     """
 
-    def __init__(self, *args: Any, weight_decay: float = 0.0, T: int = 10, **kwargs: Any):
-        self.weight_decay = as_float(weight_decay, "weight_decay", min=0.0)
-        self.T = as_int(T, "T", min=1)
+    weight_decay = Setting(optional_non_negative)
+    T = Setting(at_least_one)
+
+    def __init__(
+        self,
+        hyperparams: dict[str, Tensor],
+        hyper_lr: float | Tensor = 1e-3,
+        inner_steps: int = 1,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        train_loader: Iterable[Any] | None = None,
+        val_loader: Iterable[Any] | None = None,
+        criterion: Any = None,
+        weight_decay: float | None = None,
+        T: int = 10,
+    ):
+        # HippoTrainer's signature: weight_decay and T may be passed by position
+        self.weight_decay = weight_decay
+        self.T = T
         self.w0: list[Tensor] | None = None
         self.wT: list[Tensor] | None = None
-        super().__init__(*args, **kwargs)
+        setup = (model, optimizer, train_loader, val_loader, criterion)
+        super().__init__(hyperparams, hyper_lr, inner_steps, *setup)
 
     def hyper_grad(self, train_loss: Tensor, val_loss: Tensor) -> list[Tensor]:
         """DrMAD's hypergradient: trains ``T`` steps on ``train_loader``, then reverses.
@@ -115,14 +139,21 @@ class DRMAD(HyperOptimizer):
         return hyper
 
     def _check_one_lr(self) -> None:
-        """The reverse pass is SGD with one learning rate: refuse param groups that differ
-        (before any training step or change)."""
+        """The reverse pass is SGD with one learning rate and one L2 decay: refuse param
+        groups that differ (before any training step or change)."""
         stepped = {id(p) for p in self._named_params()[1]}
         lrs = {
             i: g["lr"]
             for i, g in enumerate(self.optimizer.param_groups)
             if any(id(p) in stepped for p in g["params"])
         }
+        if self.weight_decay is None and len(set(self._decays())) > 1:
+            raise ValueError(
+                "DRMAD's reverse pass takes one L2 weight_decay, and the optimizer's param "
+                f"groups add several to the trained parameters ({sorted(set(self._decays()))}). "
+                "Use one weight_decay for them, or pass DRMAD(weight_decay=...) to set the "
+                "reverse pass's."
+            )
         if len({float(v) for v in lrs.values()}) > 1:
             raise ValueError(
                 f"DRMAD's reverse pass takes one learning rate, and the optimizer's param groups "
@@ -130,6 +161,17 @@ class DRMAD(HyperOptimizer):
                 "steps. Use one learning rate for the trained parameters (T1T2, Neumann and "
                 "HOAG take each group's own)."
             )
+
+    def _decays(self) -> list[float]:
+        """The optimizer's L2 decay of each trained parameter (0 where it adds none)."""
+        params = self._named_params()[1]
+        return coupled_decays(self.optimizer, params) or [0.0] * len(params)
+
+    def _decay(self) -> float:
+        """The reverse pass's L2 coefficient: ``weight_decay``, else the optimizer's."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return max(self._decays(), default=0.0)  # one value (_check_one_lr)
 
     _reference: str | None | bool = False  # reads_by_reference's answer (False: not asked)
 
@@ -204,7 +246,7 @@ class DRMAD(HyperOptimizer):
         trajectory = Trajectory(
             step_loss=step_loss,
             params0=dict(zip(names, w0)),
-            optimizer=sgd(lr=self._lr(), weight_decay=self.weight_decay),
+            optimizer=sgd(lr=self._lr(), weight_decay=self._decay()),
             batches=batches,
             final_params=end,
         )

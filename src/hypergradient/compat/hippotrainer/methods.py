@@ -33,9 +33,9 @@ from ..._vocab import (
     Status,
     as_callable,
     as_float,
-    as_int,
     require_finite,
 )
+from ...hyperoptimizer.build import coupled_decays, with_decay
 from ...operators import LinearOperator
 from ...solvers import Solution
 from ._autograd import (
@@ -47,9 +47,16 @@ from ._autograd import (
     vjp_or_zeros,
 )
 from ._checks import reads_by_reference
+from ._settings import Setting, at_least_one, non_negative
 from .base import HyperOptimizer, is_batch
 
 __all__ = ["HOAG", "Neumann", "T1T2"]
+
+_NO_GRAPH = (
+    "`{}` carries no autograd graph (computed without create_graph=True, or under "
+    "torch.no_grad()), so every Hessian product would be zero; pass {} (HippoTrainer "
+    "raised autograd's 'does not require grad' here)."
+)
 
 
 class _Implicit(HyperOptimizer):
@@ -74,8 +81,12 @@ class _Implicit(HyperOptimizer):
             # hg.implicit differentiates at do not reach: differentiate the losses' graphs at
             # the real parameters instead (HippoTrainer's hook; the same mathematics)
             return self.hyper_grad(*self._losses(train_batch, val_batch))
+        inner = self._loss(train_batch)
+        decays = self._decays()
+        if decays is not None:  # the optimizer's L2 term: its fixed point's Hessian is H + wd I
+            inner = with_decay(inner, decays)
         hyper, info = implicit_by_reference(
-            self._loss(train_batch),
+            inner,
             self._loss(val_batch, validation=True),
             self._params(),
             self.hyperparams.values(),
@@ -87,6 +98,22 @@ class _Implicit(HyperOptimizer):
 
     def _solved(self, solution: Tensor | None) -> None:
         """Called with the flat solution of each solve (HOAG keeps it as its warm start)."""
+
+    def _decays(self) -> list[float] | None:
+        """Per trained parameter, the L2 ``weight_decay`` the optimizer adds to its gradient
+        (``torch.optim.SGD``, ``Adam``, ...; not ``AdamW``'s decoupled one), or None when
+        there is none. The steps converge to a stationary point of the criterion plus
+        ``weight_decay / 2 * ||w||^2``: the implicit methods' Hessian is ``H + weight_decay
+        I`` there, as ``hg.HyperOptimizer``'s (HippoTrainer ignored it)."""
+        return coupled_decays(self.optimizer, self._named_params()[1])
+
+    def _with_decay(self, hv: list[Tensor], u: list[Tensor]) -> list[Tensor]:
+        """``(H + weight_decay I) u`` from ``hv = H u`` (``u`` aligned with the trained
+        parameters)."""
+        decays = self._decays()
+        if decays is None:
+            return hv
+        return [h + d * t.to(h.dtype) if d else h for h, d, t in zip(hv, decays, u)]
 
 
 class _LookAhead(Solver):
@@ -148,7 +175,10 @@ class Neumann(_Implicit):
 
     ``H^{-1} v ~ lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``lr`` the optimizer's
     learning rate: ``num_terms`` Hessian-vector products. Converges to the implicit
-    hypergradient as ``num_terms`` grows when ``0 < lr < 2 / lambda_max(H)``.
+    hypergradient as ``num_terms`` grows when ``0 < lr < 2 / lambda_max(H)``. ``H`` is the
+    Hessian of the criterion plus the optimizer's L2 ``weight_decay`` (``torch.optim.SGD``,
+    ``Adam``, ...; not ``AdamW``'s decoupled decay): ``H + weight_decay I``, the Hessian at
+    the fixed point of the optimizer's steps.
 
     Args:
         num_terms: Hessian-vector products of the series (>= 1).
@@ -157,12 +187,15 @@ class Neumann(_Implicit):
 
     _hooks = ("hyper_grad", "approx_inverse_hvp")
 
+    num_terms = Setting(at_least_one)
+
     def __init__(self, *args: Any, num_terms: int = 1, **kwargs: Any):
-        self.num_terms = as_int(num_terms, "num_terms", min=1)
+        self.num_terms = num_terms
         super().__init__(*args, **kwargs)
 
     def approx_inverse_hvp(self, v: Sequence[Tensor], f: Sequence[Tensor]) -> list[Tensor]:
-        """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``H u = d<f, u>/d params``.
+        """``lr * sum_{j=0}^{num_terms} (I - lr H)^j v`` with ``H u = d<f, u>/d params``
+        (plus ``weight_decay * u``, the optimizer's L2 term, if it has one).
 
         Args:
             v: the vector, one tensor per trained parameter (``grad_theta g``), or one per
@@ -179,6 +212,8 @@ class Neumann(_Implicit):
         lr = self._lr()
         _, params = self._named_params()
         v, f = list(v), list(f)
+        if f and not any(isinstance(t, Tensor) and t.requires_grad for t in f):
+            raise ValueError(_NO_GRAPH.format("f", "a gradient computed with create_graph=True"))
         every = list(self.model.parameters())
         if len(v) == len(f) == len(every) != len(params):
             trained = {id(p) for p in params}
@@ -216,7 +251,8 @@ class Neumann(_Implicit):
         b = flat([t.detach() for t in v])
 
         def matvec(vec: Tensor) -> Tensor:
-            return flat(vjp_or_zeros(f, params, unflat(vec, v)))
+            u = unflat(vec, v)
+            return flat(self._with_decay(vjp_or_zeros(f, params, u), u))
 
         sol = NeumannSeries(self.num_terms, alpha=lr).solve(CallableOperator(matvec, b), b)
         if sol.status in (Status.DIVERGED, Status.NONFINITE) or not bool(
@@ -249,6 +285,9 @@ class Neumann(_Implicit):
 class HOAG(_Implicit):
     """HOAG (Pedregosa, 2016, ICML): conjugate gradient on ``H x = grad_theta g``.
 
+    ``H`` is the Hessian of the criterion plus the optimizer's L2 ``weight_decay``
+    (``H + weight_decay I``, as :class:`Neumann`'s).
+
     CG stops when ``||r||^2 < epsilon`` or after ``cg_max_iter`` Hessian-vector products,
     warm-started from the previous hyper-step's solution (HippoTrainer starts from zero).
 
@@ -261,9 +300,12 @@ class HOAG(_Implicit):
 
     _hooks = ("hyper_grad", "conjugate_gradient", "hessian_vector_product")
 
+    epsilon = Setting(non_negative)
+    cg_max_iter = Setting(at_least_one)
+
     def __init__(self, *args: Any, epsilon: float = 1e-4, cg_max_iter: int = 10, **kwargs: Any):
-        self.epsilon = as_float(epsilon, "epsilon", min=0.0)
-        self.cg_max_iter = as_int(cg_max_iter, "cg_max_iter", min=1)
+        self.epsilon = epsilon
+        self.cg_max_iter = cg_max_iter
         self._x: Tensor | None = None
         super().__init__(*args, **kwargs)
 
@@ -285,7 +327,9 @@ class HOAG(_Implicit):
         Args:
             matvec_fn: ``v -> A v`` on 1-D tensors, ``A`` symmetric positive definite.
             b: the right-hand side, 1-D.
-            x0: starting point (default zero).
+            x0: starting point (default zero); one whose residual ``||b - A x0||``
+                exceeds ``||b||`` is worse than zero and is dropped (``hg.CG``'s rule;
+                HippoTrainer iterates from it).
 
         Returns:
             The approximate solution. Warns (``HypergradientWarning``) if ``A`` has
@@ -314,6 +358,8 @@ class HOAG(_Implicit):
         Returns:
             One detached tensor per parameter (zeros where ``loss`` does not use it).
         """
+        if isinstance(loss, Tensor) and not loss.requires_grad:
+            raise ValueError(_NO_GRAPH.format("loss", "a loss computed with grad enabled"))
         params = list(params)
         grads = grads_or_zeros(loss, params, create_graph=True)
         return vjp_or_zeros(grads, params, list(vector))
@@ -326,7 +372,8 @@ class HOAG(_Implicit):
 
         def inverse(v1: list[Tensor], _: Any) -> list[Tensor]:
             def matvec(vec: Tensor) -> Tensor:
-                return flat(self.hessian_vector_product(train_loss, params, unflat(vec, params)))
+                u = unflat(vec, params)
+                return flat(self._with_decay(self.hessian_vector_product(train_loss, params, u), u))
 
             x = self.conjugate_gradient(matvec, flat(v1), self._warm_start())
             self._solved(x)
