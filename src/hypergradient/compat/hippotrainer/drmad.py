@@ -61,10 +61,11 @@ _FIX = (
 class DRMAD(HyperOptimizer):
     """DrMAD over ``T`` SGD steps taken inside each hyper-step.
 
+    The first eight arguments are those of :class:`HyperOptimizer`, in HippoTrainer's
+    order (``hyperparams, hyper_lr, inner_steps, model, optimizer, train_loader,
+    val_loader, criterion``); ``weight_decay`` and ``T`` may follow by position.
+
     Args:
-        hyperparams, hyper_lr, inner_steps, model, optimizer, train_loader, val_loader,
-            criterion: those of :class:`HyperOptimizer`, in HippoTrainer's order
-            (``weight_decay`` and ``T`` may follow ``criterion`` by position).
         weight_decay: the inner SGD's L2 coefficient in the reverse pass; by default
             (None) the optimizer's own L2 ``weight_decay`` (``torch.optim.SGD``, ``Adam``,
             ...; 0 for ``AdamW``'s decoupled decay or none), the term its training steps
