@@ -118,3 +118,32 @@ def test_the_hook_path_warns_too(cls):
     lost.requires_grad_(True)
     with pytest.warns(HypergradientWarning, match=r"hyperparams\['lost'\]"):
         ho.hyper_grad(criterion(model(TRAIN[0]), TRAIN[1]), criterion(model(VAL[0]), VAL[1]))
+
+
+def test_a_criterion_warning_is_shown_once_not_at_every_hyper_step():
+    """The translation records the hyper-step's warnings and re-emits them; recording resets
+    Python's once-per-place registries, so a criterion's warning came back at every
+    hyper-step (here 4 times) where plain Python shows it once."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    theta = torch.tensor([-1.0], dtype=DT)
+
+    def criterion(out, y):
+        warnings.warn("criterion: a deprecated option", UserWarning, stacklevel=1)
+        return ((out - y) ** 2).mean() + theta.exp() * model.weight.square().sum()
+
+    ho = T1T2(
+        {"theta": theta},
+        hyper_lr=0.1,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        train_loader=[TRAIN],
+        val_loader=[VAL],
+        criterion=criterion,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(4):
+            ho.hyper_grad_on_batches(TRAIN, VAL)
+    said = [w for w in caught if "deprecated option" in str(w.message)]
+    assert len(said) == 1 and said[0].category is UserWarning

@@ -378,7 +378,15 @@ def unused_in_hippotrainer_terms(names: list[str]) -> Iterator[None]:
         text, match = str(w.message), _UNUSED.match(str(w.message))
         if match is not None and issubclass(w.category, HypergradientWarning):
             text = unused_message(names[int(match.group(1))])
+        elif not issubclass(w.category, HypergradientWarning):  # caught at every call
+            key = (text, w.category, w.filename, w.lineno)  # (registries reset): shown once
+            if key in _SHOWN:
+                continue
+            _SHOWN.add(key)
         warnings.warn_explicit(text, w.category, w.filename, w.lineno)
+
+
+_SHOWN: set[tuple[str, type, str, int]] = set()  # other warnings re-emitted so far
 
 
 def unused_message(name: str) -> str:
