@@ -159,3 +159,16 @@ def test_solver_figures_against_hypergrad_are_the_committed_run():
     expected = [logreg50[1].split()[0], logreg50[1].split()[1].strip("(,")]
     expected += [ridge100[1].split()[0], ridge100[1].split()[1].strip("(,")]
     assert list(found.groups()) == expected
+
+
+def test_readme_project_layout_names_existing_paths():
+    """The layout named ``operators.py``, ``solvers.py``, ``implicit.py``, ``trajectory.py``,
+    ``hyperoptimizer.py`` and ``meta.py``, none of which exists (they are packages)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Project layout") :].split("\n## ")[0]
+    line = section[section.index("`src/hypergradient/`") : section.index("- `tests/`")]
+    names = [n for n in re.findall(r"`([\w./]+)`", line) if not n.startswith("hg.")]
+    assert len(names) >= 12
+    missing = [n for n in names if not (ROOT / "src" / "hypergradient" / n).exists()]
+    missing = [n for n in missing if not (ROOT / n).exists()]
+    assert not missing, missing
