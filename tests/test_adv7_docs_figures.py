@@ -184,3 +184,32 @@ def test_migration_product_saving_is_the_committed_run():
     assert found is not None
     assert float(found.group(1)) == pytest.approx(min(ratios), abs=0.05)
     assert float(found.group(2)) == pytest.approx(max(ratios), abs=0.5)
+
+
+def test_which_method_unrolled_speed_is_the_committed_run():
+    text = (RESULTS / "unrolled_speed.md").read_text(encoding="utf-8")
+    ratios = {
+        (row[0], row[2]): float(row[4])
+        for row in _rows("\n".join(line for line in text.splitlines() if line.startswith("| ")))
+        if len(row) > 4 and re.fullmatch(r"[\d.]+", row[4])
+    }
+    unrolled = [v for (_, who), v in ratios.items() if who == "unrolled"]
+    recompute = [v for (_, who), v in ratios.items() if who == "recompute"]
+    which = re.sub(r"\s+", " ", WHICH)
+    found = re.search(
+        r"already ([\d.]+)-([\d.]+)x the hand loop's time, and `hg.unrolled` runs "
+        r"at ([\d.]+)-([\d.]+)x",
+        which,
+    )
+    assert found is not None
+    got = [float(x) for x in found.groups()]
+    expected = [min(recompute), max(recompute), min(unrolled), max(unrolled)]
+    assert got == pytest.approx(expected, abs=0.051)  # one decimal
+    # the lower bound 1 + 0.8 sweep / hand, per problem
+    line = re.search(r"\(sweep / hand\) = logreg (\d+\.\d+), mlp (\d+\.\d+)", text)
+    assert line is not None
+    bound = {"logreg": float(line.group(1)), "mlp": float(line.group(2))}
+    found = re.search(r"below by ([\d.]+)x \(MLP\) and ([\d.]+)x \(logistic regression\)", which)
+    assert found is not None
+    assert float(found.group(1)) == bound["mlp"]
+    assert float(found.group(2)) == bound["logreg"]
