@@ -35,3 +35,23 @@ def test_every_documented_name_is_a_root_export_or_under_a_listed_subpackage():
         if not any(identifier == p or identifier.startswith(p + ".") for p in listed):
             outside.append(identifier)
     assert not outside, f"documented, not in the root, not under a listed subpackage: {outside}"
+
+
+def test_home_page_names_what_takes_a_process_group():
+    """docs/index.md said ``process_group=`` works "on all of the above", MAML, iMAML and the
+    compatibility layers included, which take none."""
+    import inspect
+
+    import hypergradient.compat.hippotrainer as hippo
+    from hypergradient.compat.hypergrad import approx_hypergrad
+
+    text = (DOCS / "index.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| several processes"))
+    named = re.findall(r"`hg\.(\w+)`", row.split("(not on")[0])
+    assert len(named) == 5
+    for name in named:
+        assert "process_group" in inspect.signature(getattr(hg, name)).parameters, name
+    for fn in (hg.meta.MAML, hg.meta.IMAML, hg.meta.maml_step, hg.meta.imaml_step):
+        assert "process_group" not in inspect.signature(fn).parameters
+    for fn in (hippo.HyperOptimizer, approx_hypergrad.conjugate_gradient):
+        assert "process_group" not in inspect.signature(fn).parameters
