@@ -61,3 +61,44 @@ def test_collaborators_in_place_of_plain_arguments_give_the_same_run():
     assert not torch.equal(plain, torch.full_like(plain, 0.1))  # the decays moved
     torch.testing.assert_close(given, plain, rtol=0, atol=0)
     assert isinstance(h2.history, History)
+
+
+def test_a_batch_size_of_at_least_the_rows_is_every_row():
+    """Documented now: ``val_batch_size`` >= the rows of ``val_data`` takes all of them
+    (the same hyperparameters as ``None``), and ``BatchSampler`` returns every row."""
+    x, y = torch.randn(7, 3), torch.randn(7)
+    sampler = BatchSampler((x, y), 100, 0, "val_data")
+    bx, by = sampler.next()
+    assert torch.equal(bx, x) and torch.equal(by, y)
+
+    def run(size):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 1).double()
+        data = (torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64))
+
+        def loss(m, h, b):
+            return ((m(b[0]).squeeze(1) - b[1]) ** 2).mean() + (h["d"] * m.weight**2).sum()
+
+        hopt = hg.HyperOptimizer(
+            model,
+            {"d": hg.Positive(torch.full((1, 3), 0.1, dtype=torch.float64))},
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+            train_loss=loss,
+            val_loss=loss,
+            val_data=(data[0][20:], data[1][20:]),
+            val_batch_size=size,
+            method=hg.IFT(hg.CG(maxiter=20, tol=1e-12)),
+            inner_steps=2,
+        )
+        for _ in range(4):
+            batch = (data[0][:20], data[1][:20])
+            hopt.zero_grad()
+            hopt.train_loss(batch).backward()
+            hopt.step(batch)
+        return hopt.hparams["d"]
+
+    everything = run(None)
+    assert not torch.equal(everything, torch.full_like(everything, 0.1))
+    torch.testing.assert_close(run(10), everything, rtol=0, atol=0)
+    torch.testing.assert_close(run(1000), everything, rtol=0, atol=0)
