@@ -142,7 +142,10 @@ class Info:
         method: the method's name (``"implicit"``, ``"t1t2"``, ``"unrolled"``, ...).
         seconds: wall time of the call.
         outer_loss: ``g`` at the point (averaged over ranks in data-parallel use).
-        num_hvps: Hessian-vector (or Jacobian-vector) products spent, everything included.
+        num_hvps: Hessian-vector (or Jacobian-vector) products the hypergradient took,
+            everything included (power iterations, sketches); a product taken only for a
+            diagnostic (the implicit methods' residual) is counted apart, in
+            ``ImplicitInfo.extra_hvps``.
         status: :class:`~hypergradient.Status`; ``status.message`` explains it and
             ``status.ok`` says whether the method vouches for the answer.
         stats: method-specific extras (plain numbers, strings, small tensors).
