@@ -213,3 +213,23 @@ def test_which_method_unrolled_speed_is_the_committed_run():
     assert found is not None
     assert float(found.group(1)) == bound["mlp"]
     assert float(found.group(2)) == bound["logreg"]
+
+
+def test_readme_optuna_figures_are_the_committed_run():
+    table = _rows(_generated("vs_optuna")["optuna_table"])
+    logreg = next(row for row in table if row[0].startswith("logistic"))
+    wall, cpu = re.search(r"= ([\d.]+)x \(CPU ([\d.]+)x\)", logreg[3]).groups()  # type: ignore[union-attr]
+    random = float(logreg[4].rstrip("x"))
+    found = re.search(
+        r"reaches TPE's best validation loss ([\d.]+)x sooner \((\d+)x in CPU time; random "
+        r"search's: (\d+)x\)",
+        README,
+    )
+    assert found is not None
+    assert float(found.group(1)) == float(wall)
+    assert int(found.group(2)) == round(float(cpu))
+    assert int(found.group(3)) == round(random)
+    which = re.sub(r"\s+", " ", WHICH)
+    found = re.search(r"TPE's best validation loss reached ([\d.]+)x sooner \((\d+)x in CPU", which)
+    assert found is not None
+    assert (float(found.group(1)), int(found.group(2))) == (float(wall), round(float(cpu)))
