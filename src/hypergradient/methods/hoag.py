@@ -29,7 +29,8 @@ class HOAG(ImplicitMethod):
     The ``k``-th call solves ``(H + damping I) x = grad_theta g`` by CG to relative
     tolerance ``max(tol * decay**k, min_tol)``, warm-started from the previous solution,
     so early (inaccurate) hyper-steps are cheap and late ones accurate. Then the implicit
-    formula, as :class:`~hypergradient.Implicit`.
+    formula, as :class:`~hypergradient.Implicit`. A ``tol`` below ``min_tol`` is raised to
+    it: ``HOAG(tol=1e-12)`` solves to ``1e-10`` unless ``min_tol`` is lowered as well.
 
     Warm starts are kept only when they are safe. On a non-convex inner problem a CG run
     that exits on negative curvature (or at ``maxiter``, far from its tolerance) leaves a
