@@ -203,7 +203,10 @@ class Method:
 
     def __call__(self, problem: Problem) -> tuple[Tree, Info]:
         """The hypergradient of ``problem`` with respect to ``problem.hparams``, and its info."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement __call__(problem) -> (hypergradient, Info) "
+            "(a compute(ctx) of the previous release's HyperMethod is not called)."
+        )
 
     def config(self) -> dict[str, Any]:
         """Every setting as plain data (the constructor's arguments, nested solvers' configs)."""
