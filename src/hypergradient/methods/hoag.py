@@ -78,6 +78,12 @@ class HOAG(ImplicitMethod):
         self.tol = as_float(tol, "tol", min=0.0, open_min=True)
         self.decay = as_float(decay, "decay", min=0.0, max=1.0, open_min=True)
         self.min_tol = as_float(min_tol, "min_tol", min=0.0)
+        for name, v in (("tol", self.tol), ("min_tol", self.min_tol)):
+            if v >= 1.0:  # CG's relative tolerance
+                raise ValueError(
+                    f"`{name}` must be < 1, got {v:g}: a relative residual tolerance of 1 or "
+                    "more is met by x = 0 with no product; use e.g. 0.1."
+                )
         self.reset_on = _as_resets(reset_on)
         self.setup(damping, batched, hvp)
         self._k = 0
