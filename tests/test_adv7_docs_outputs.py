@@ -75,3 +75,23 @@ def test_modes_comment_is_the_printed_difference():
     mode, difference = _output(page, 0).split()
     assert mode == "double_math"
     assert float(difference) == pytest.approx(float(comment.group(1)), rel=0.35)
+
+
+def test_tutorial_ift_series_length_is_the_default():
+    """own-training-loop.md called IFT's default a "10-term" series; it takes 10 products
+    and sums 11 terms (alpha sum_{j<=10} (I - alpha H)^j b), as the record shows."""
+    import hypergradient as hg
+
+    text = re.sub(r"\s+", " ", (DOCS / "tutorials" / "own-training-loop.md").read_text())
+    found = re.search(r"Neumann series of (\d+) products \((\d+) terms", text)
+    assert found is not None
+    products, terms = int(found.group(1)), int(found.group(2))
+    method = hg.IFT()
+    assert method.solver.maxiter == products and terms == products + 1
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    b = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    sol = hg.Neumann(products, alpha=0.1).solve(hg.MatrixOperator(A), b)
+    M = torch.eye(3, dtype=torch.float64) - 0.1 * A
+    series = 0.1 * sum(torch.linalg.matrix_power(M, j) @ b for j in range(terms))
+    assert sol.num_hvps == products
+    torch.testing.assert_close(sol.value, series, rtol=1e-13, atol=1e-15)
