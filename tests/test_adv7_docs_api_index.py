@@ -55,3 +55,23 @@ def test_home_page_names_what_takes_a_process_group():
         assert "process_group" not in inspect.signature(fn).parameters
     for fn in (hippo.HyperOptimizer, approx_hypergrad.conjugate_gradient):
         assert "process_group" not in inspect.signature(fn).parameters
+
+
+def test_integrations_page_states_every_divergence_rule():
+    """The page named two of the three growth rules the divergence watch applies (it left
+    out the loss growing 1.4x while the norm grows 1.15x, momentum just past its limit)."""
+    from hypergradient.hyperoptimizer import divergence
+    from hypergradient.methods import growth
+
+    text = re.sub(r"\s+", " ", (DOCS / "api" / "integrations.md").read_text(encoding="utf-8"))
+    rule = re.search(
+        r"geometric growth \(the norm (\w+), the loss (\w+) while the norm grows, or the loss "
+        r"growing ([\d.]+)x while the norm grows ([\d.]+)x, at each of the last (\w+) steps\)",
+        text,
+    )
+    assert rule is not None
+    words = {"doubling": 2.0, "tripling": 3.0, "three": 3}
+    assert words[rule.group(1)] == divergence.PARAM_GROWTH
+    assert words[rule.group(2)] == growth.LOSS_GROWTH
+    assert (float(rule.group(3)), float(rule.group(4))) == divergence.BOTH_GROWTH
+    assert words[rule.group(5)] == growth.KEEP - 1  # KEEP values: KEEP - 1 growth ratios
