@@ -40,3 +40,20 @@ def test_identity_residual_is_exact_and_warned_beyond_b(scale, warns):
     assert (true > 1) is warns
     warned = [w for w in caught if "worse than x = 0" in str(w.message)]
     assert bool(warned) is warns
+
+
+def test_full_rank_nystrom_sketch_is_the_operator():
+    """``NystromApproximation.full_rank`` (now documented): a rank of at least the dimension
+    is clamped to it, and the approximation is the operator itself."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=gen))[0]
+    psd = q @ torch.diag(torch.tensor([0.1, 0.3, 1.0, 2.0, 4.0, 9.0], dtype=torch.float64)) @ q.T
+    op = hg.MatrixOperator(psd)
+    full = hg.nystrom_sketch(op, 10, generator=gen)
+    assert full.full_rank and full.U.shape == (6, 6) and not full.indefinite
+    torch.testing.assert_close(full.U @ torch.diag(full.eigenvalues) @ full.U.T, psd)
+    b = torch.arange(1.0, 7.0, dtype=torch.float64)
+    shifted = psd + 0.5 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(full.solve(b, 0.5), torch.linalg.solve(shifted, b))
+    partial = hg.nystrom_sketch(op, 3, generator=gen)
+    assert not partial.full_rank and partial.U.shape == (6, 3)
