@@ -7,7 +7,8 @@ minimum of an inner (training) loss by implicit differentiation::
     hyper = hg.implicit(inner_loss, outer_loss, params, hparams, solver=hg.CG(maxiter=50))
 
 Solvers are interchangeable objects: :class:`Exact`, :class:`CG`, :class:`Neumann`,
-:class:`Nystrom`, :class:`NystromPCG`, :class:`Identity`, :class:`FixedPoint`.
+:class:`Nystrom`, :class:`NystromPCG`, :class:`RecycledCG`, :class:`Identity`,
+:class:`FixedPoint`.
 """
 
 from . import distributed, meta, methods, optim

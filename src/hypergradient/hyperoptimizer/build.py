@@ -95,6 +95,14 @@ def check_method(method: Method | None, links: Mapping[str, str] | None) -> Meth
     method = IFT() if method is None else method
     if not isinstance(method, Method):
         raise ArgumentTypeError(f"`method` must be a method such as hg.IFT(), got {method!r}.")
+    if type(method).__call__ is Method.__call__:  # the previous release's interface
+        old = " (its compute(ctx) is the previous release's interface)"
+        raise ArgumentTypeError(
+            f"`method` {type(method).__name__} does not implement __call__(problem) -> "
+            f"(hypergradient, hg.Info){old if hasattr(method, 'compute') else ''}: read "
+            "problem.inner_loss, outer_loss, params and hparams (ctx.train_loss, val_loss, "
+            "params and raw before) and return the hypergradient with an hg.Info."
+        )
     if links and not method.tunes_optimizer:
         raise ValueError(
             f"{type(method).__name__} differentiates at the current parameters, where the "

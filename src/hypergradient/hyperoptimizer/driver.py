@@ -108,8 +108,9 @@ class HyperOptimizer(HoldoutViews):
         outer_optimizer: a ``torch.optim`` optimizer over ``hopt.raw_hparams()`` or a
             factory ``params -> optimizer``.
         train_loss, val_loss: ``loss(model_or_params, hparams, batch) -> scalar``.
-        val_data: a tuple of tensors (sampled by ``val_batch_size`` rows; all when None),
-            an iterable of batches (cycled), or a :class:`~.sampler.BatchSampler`.
+        val_data: a tuple of tensors (sampled by ``val_batch_size`` rows; all when None or
+            at least the rows), an iterable of batches (cycled), or a
+            :class:`~.sampler.BatchSampler`.
         method: a :mod:`hypergradient.methods` method (default ``IFT()``).
         inner_steps: inner steps between hyper-steps.
         train_data, train_batch_size: where hyper-steps draw a training batch when

@@ -38,8 +38,8 @@ class BatchSampler:
         data: a tensor or a tuple/list of tensors (sampled by rows; a batch of a tensor is
             a tensor, of a tuple or list a tuple), or an iterable of batches such as a
             ``DataLoader``.
-        batch_size: rows per batch for tensors (None: all rows); must be None for an
-            iterable, which batches itself.
+        batch_size: rows per batch for tensors (None, or at least the number of rows: all
+            rows, every batch); must be None for an iterable, which batches itself.
         seed: seed of the row sampling.
         name: the argument's name, for messages.
 

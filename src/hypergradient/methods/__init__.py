@@ -11,7 +11,7 @@ method             hypergradient                                              pa
 =================  =========================================================  ==========
 ``T1T2()``         one-step look-ahead: ``d_phi g - lr (d_phi grad f)^T grad g`` Luketina 2016
 ``Implicit(s)``    implicit, ``H^{-1}`` by any solver (default CG)            Bengio 2000
-``IFT(s)``         the same; default Neumann series with alpha = lr           Lorraine 2020
+``IFT(s)``         the same; Neumann series, alpha = min(lr, 1 / lambda_max)  Lorraine 2020
 ``HOAG(...)``      implicit, CG to a decreasing tolerance, warm-started        Pedregosa 2016
 ``Unrolled(K)``    reverse mode through the last K inner steps                 Shaban 2019
 ``ForwardMode()``  forward mode through the inner steps                        Franceschi 2017

@@ -142,7 +142,10 @@ class Info:
         method: the method's name (``"implicit"``, ``"t1t2"``, ``"unrolled"``, ...).
         seconds: wall time of the call.
         outer_loss: ``g`` at the point (averaged over ranks in data-parallel use).
-        num_hvps: Hessian-vector (or Jacobian-vector) products spent, everything included.
+        num_hvps: Hessian-vector (or Jacobian-vector) products the hypergradient took,
+            everything included (power iterations, sketches); a product taken only for a
+            diagnostic (the implicit methods' residual) is counted apart, in
+            ``ImplicitInfo.extra_hvps``.
         status: :class:`~hypergradient.Status`; ``status.message`` explains it and
             ``status.ok`` says whether the method vouches for the answer.
         stats: method-specific extras (plain numbers, strings, small tensors).
@@ -200,7 +203,10 @@ class Method:
 
     def __call__(self, problem: Problem) -> tuple[Tree, Info]:
         """The hypergradient of ``problem`` with respect to ``problem.hparams``, and its info."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement __call__(problem) -> (hypergradient, Info) "
+            "(a compute(ctx) of the previous release's HyperMethod is not called)."
+        )
 
     def config(self) -> dict[str, Any]:
         """Every setting as plain data (the constructor's arguments, nested solvers' configs)."""

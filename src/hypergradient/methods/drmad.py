@@ -156,7 +156,11 @@ class DrMAD(TrajectoryMethod):
     step, O(P) memory): the path deviation, the largest over the segments of
     ``sum_t ||theta_{t+1} - theta_t|| / ||theta_b - theta_a|| - 1`` (0 for a straight run),
     is ``info.stats["path_deviation"]``, and above ``max_deviation`` a
-    :class:`~hypergradient.HypergradientWarning` names the knob (``anchors=``).
+    :class:`~hypergradient.HypergradientWarning` names the knob (``anchors=``). The
+    deviation sees the path's shape, not its speed: a straight run at varying speed
+    (momentum accelerating from rest) keeps the direction but not the size, 1.3-1.5 times
+    the exact norm on a 5-20-step momentum-0.9 logistic regression at a deviation near 0,
+    with no warning (1.02 with ``anchors=3``).
 
     Args:
         anchors: intermediate states to store (``K``; 0 = the original DrMAD).

@@ -29,7 +29,8 @@ class HOAG(ImplicitMethod):
     The ``k``-th call solves ``(H + damping I) x = grad_theta g`` by CG to relative
     tolerance ``max(tol * decay**k, min_tol)``, warm-started from the previous solution,
     so early (inaccurate) hyper-steps are cheap and late ones accurate. Then the implicit
-    formula, as :class:`~hypergradient.Implicit`.
+    formula, as :class:`~hypergradient.Implicit`. A ``tol`` below ``min_tol`` is raised to
+    it: ``HOAG(tol=1e-12)`` solves to ``1e-10`` unless ``min_tol`` is lowered as well.
 
     Warm starts are kept only when they are safe. On a non-convex inner problem a CG run
     that exits on negative curvature (or at ``maxiter``, far from its tolerance) leaves a
@@ -77,6 +78,12 @@ class HOAG(ImplicitMethod):
         self.tol = as_float(tol, "tol", min=0.0, open_min=True)
         self.decay = as_float(decay, "decay", min=0.0, max=1.0, open_min=True)
         self.min_tol = as_float(min_tol, "min_tol", min=0.0)
+        for name, v in (("tol", self.tol), ("min_tol", self.min_tol)):
+            if v >= 1.0:  # CG's relative tolerance
+                raise ValueError(
+                    f"`{name}` must be < 1, got {v:g}: a relative residual tolerance of 1 or "
+                    "more is met by x = 0 with no product; use e.g. 0.1."
+                )
         self.reset_on = _as_resets(reset_on)
         self.setup(damping, batched, hvp)
         self._k = 0

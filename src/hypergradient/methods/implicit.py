@@ -281,7 +281,12 @@ def cg(
     x0: Tree | None = None,
     return_info: bool = False,
 ) -> Any:
-    """``implicit(f, g, theta, phi, solver=CG(maxiter, tol))`` (Pedregosa, 2016)."""
+    """``implicit(f, g, theta, phi, solver=CG(maxiter, tol))`` (Pedregosa, 2016).
+
+    The sixth argument is the relative tolerance, in ``[0, 1)``; hypergrad's
+    ``conjugate_gradient`` took its ``lr`` there (1.0 by default), which as a tolerance is met
+    by ``x = 0`` and is refused.
+    """
     return implicit(
         f, g, theta, phi, CG(maxiter, tol), damping=damping, x0=x0, return_info=return_info
     )

@@ -148,6 +148,10 @@ class IFT(Implicit):
         power_iters, refresh_every: the estimate's products and how often it is renewed.
         seed: the estimate's random start (None: from torch's global generator).
 
+    ``maxiter``, ``alpha``, ``power_iters``, ``refresh_every`` and ``seed`` configure the
+    default series only: with a ``solver`` a value other than their default raises a
+    ``ValueError`` (set them on that solver instead).
+
     Cost: ``maxiter`` products, plus ``power_iters`` every ``refresh_every`` calls.
     """
 
@@ -174,6 +178,16 @@ class IFT(Implicit):
         self.default = solver is None
         if solver is not None:
             self.solver = as_solver(solver)
+            given = {"maxiter": maxiter != 10, "alpha": alpha is not None}
+            given.update(power_iters=power_iters != 10, refresh_every=refresh_every != 10)
+            named = [f"`{k}`" for k, v in {**given, "seed": seed is not None}.items() if v]
+            if named:  # they configure the default series only: never silently dropped
+                raise ValueError(
+                    f"IFT({self.solver!r}, ...) does not use {', '.join(named)}: they "
+                    "configure IFT's default Neumann series. Set them on the solver you "
+                    "pass (e.g. hg.CG(maxiter=...), hg.Neumann(maxiter, alpha)), or pass "
+                    "no solver."
+                )
         else:
             step = "auto" if alpha is None else alpha
             self.solver = Neumann(

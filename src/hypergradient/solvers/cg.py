@@ -20,6 +20,7 @@ from .cg_status import (
     null_direction,
     product_eps,
     recheck_exit,
+    relative_tol,
     restore_start,
 )
 from .norms import in_rows, row_norms
@@ -373,7 +374,7 @@ class CG(Solver):
         preconditioner: Callable[[Tensor], Tensor] | None = None,
     ):
         self.maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
-        self.tol = _vocab.as_float(tol, "tol", min=0.0)
+        self.tol = relative_tol(tol)
         self.atol = _vocab.as_float(atol, "atol", min=0.0)
         if preconditioner is not None:
             _vocab.as_callable(preconditioner, "preconditioner", "r -> M^{-1} r")

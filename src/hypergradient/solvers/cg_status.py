@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import require_finite_product, safe_norm
@@ -24,8 +25,22 @@ __all__ = [
     "null_direction",
     "product_eps",
     "recheck_exit",
+    "relative_tol",
     "restore_start",
 ]
+
+
+def relative_tol(tol: Any) -> float:
+    """``tol`` checked as a relative residual tolerance, in ``[0, 1)``: ``||b - A x|| <= tol
+    ||b||`` with ``tol >= 1`` holds at ``x = 0``, a solve of no product whose hypergradient
+    is the direct term alone (reported "converged")."""
+    v = _vocab.as_float(tol, "tol", min=0.0)
+    if v >= 1.0:
+        raise ValueError(
+            f"`tol` must be a number >= 0 and < 1, got {v:g}: a relative residual tolerance of "
+            "1 or more is met by x = 0 with no product; use e.g. 1e-6."
+        )
+    return v
 
 
 def checked_preconditioner(pre: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

@@ -35,16 +35,16 @@ class Neumann(RandomizedSolver):
     positive definite.
 
     Args:
-        maxiter: number of products ``k`` (the series has ``k + 1`` terms). ``iters=`` is
-            the deprecated name.
-        alpha: step size, or ``"auto"``: ``1 / (s lambda_est)``. For a symmetric operator
-            ``lambda_est`` is the top Ritz value of ``power_iters`` products (one power step,
-            then Lanczos), a lower bound of ``lambda_max``, and ``s`` a safety factor from
-            the Kuczynski-Wozniakowski bound (:func:`lanczos_safety`) that makes
-            ``alpha < 2 / lambda_max`` with probability >= 0.999 for a PSD operator (``s = 1``
-            for ``power_iters >= 20`` whatever the size; exact if Lanczos finds an invariant
-            subspace). A non-symmetric operator uses power iterations and ``s = 1``. The
-            products are counted in ``num_hvps`` and ``stats["power_hvps"]``; the estimate,
+        maxiter: number of products ``k`` (the series has ``k + 1`` terms; None: 20;
+            ``iters=`` is the deprecated name).
+        alpha: step size (default 1.0), or ``"auto"``: ``1 / (s lambda_est)``. For a
+            symmetric operator ``lambda_est`` is the top Ritz value of ``power_iters``
+            products (one power step, then Lanczos), a lower bound of ``lambda_max``, and
+            ``s`` a safety factor from the Kuczynski-Wozniakowski bound (:func:`lanczos_safety`)
+            that makes ``alpha < 2 / lambda_max`` with probability >= 0.999 for a PSD operator
+            (``s = 1`` for ``power_iters >= 20`` whatever the size; exact if Lanczos finds an
+            invariant subspace). A non-symmetric operator uses power iterations and ``s = 1``.
+            Products are counted in ``num_hvps`` and ``stats["power_hvps"]``; the estimate,
             ``s`` and the step are in ``stats["lambda_max"]``, ``["safety"]``, ``["alpha"]``.
         tol: optional early stop once the partial sum's residual ``||(I - alpha A)^j b||``
             (known for free) drops below ``tol * ||b||``.

@@ -24,6 +24,7 @@ from .base import (
     require_finite_solution,
 )
 from .cg import conjugate_gradient
+from .cg_status import relative_tol
 from .sketch import SKETCHES, NystromApproximation, nystrom_sketch
 
 __all__ = ["STALE_GROWTH", "Nystrom", "NystromPCG"]
@@ -174,7 +175,7 @@ class NystromPCG(RandomizedSolver):
     ):
         self.rank = _vocab.as_int(rank, "rank", min=1)
         self.maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
-        self.tol = _vocab.as_float(tol, "tol", min=0.0)
+        self.tol = relative_tol(tol)
         self.atol = _vocab.as_float(atol, "atol", min=0.0)
         self.mu = _vocab.as_float(mu, "mu", min=0.0)
         self.sketch = _vocab.as_choice(sketch, "sketch", SKETCHES)

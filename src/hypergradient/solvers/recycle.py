@@ -63,6 +63,7 @@ from .._vocab import Status
 from ..operators import DampedOperator, LinearOperator
 from .base import Solution, Solver, check_keys, check_tensor, convergence_rate
 from .cg import conjugate_gradient
+from .cg_status import relative_tol
 from .recycle_basis import Basis, Recorder
 
 __all__ = ["STALE_SLOWDOWN", "Basis", "RecycledCG"]  # Basis: from recycle_basis
@@ -152,7 +153,7 @@ class RecycledCG(Solver):
         self.rank = _vocab.as_int(rank, "rank", min=1)
         self.smallest = _vocab.as_int(smallest, "smallest", min=0)
         self.maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
-        self.tol = _vocab.as_float(tol, "tol", min=0.0)
+        self.tol = relative_tol(tol)
         self.atol = _vocab.as_float(atol, "atol", min=0.0)
         self.harvest = _vocab.as_int(harvest, "harvest", min=1)
         self.reset()

@@ -11,6 +11,7 @@ from .. import _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
+from .cg_status import relative_tol
 
 __all__ = ["FixedPoint", "Identity"]
 
@@ -80,7 +81,7 @@ class FixedPoint(Solver):
         self, maxiter: int = 100, tol: float = 1e-6, omega: float = 1.0, atol: float = 0.0
     ):
         self.maxiter = _vocab.as_int(maxiter, "maxiter", min=1)
-        self.tol = _vocab.as_float(tol, "tol", min=0.0)
+        self.tol = relative_tol(tol)
         self.omega = _vocab.as_float(omega, "omega", min=0.0, open_min=True)
         self.atol = _vocab.as_float(atol, "atol", min=0.0)
 

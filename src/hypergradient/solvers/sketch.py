@@ -30,6 +30,8 @@ class NystromApproximation:
 
     U: Tensor
     eigenvalues: Tensor
+    #: ``U`` spans the whole space (a ``rank`` of at least the dimension, clamped to it):
+    #: ``A_nys`` is ``A`` itself, and a solve needs no term for the complement of ``U``.
     full_rank: bool
     #: The sketch's core had non-positive curvature (``A`` is not positive semi-definite
     #: along the sketch): the approximation is that of ``A``'s positive part seen by the
