@@ -5,8 +5,9 @@ its start (no loss rule fires), but the reverse pass's adjoint grows ~3e9-fold a
 hypergradient in lr is ~-2e9, while central differences of the validation loss with steps
 1e-3 and 1e-6 give ~92 and ~9e4: a number that holds for no usable change of lr. It was
 returned with ``status == "fixed_budget"`` and no warning; now ``status == "diverged"``,
-``stats["diverging"]`` and a ``HypergradientWarning`` say so. Healthy runs (the same net,
-Adam with ``beta1 = 0.9``, SGD below the edge of stability) are not flagged.
+``stats["diverging"]`` and a ``HypergradientWarning`` say so (Unrolled, DrMAD; ForwardMode
+does not measure it yet). Healthy runs (the same net, Adam with ``beta1 = 0.9``, SGD at the
+edge of stability) are not flagged.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def call(method, lr, steps, beta1):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         g, info = method(inner, outer, P0, h, steps, opt, return_info=True)
-    unstable = [w for w in caught if "is unstable" in str(w.message)]
+    unstable = [w for w in caught if "of no use" in str(w.message)]
     return float(g["lr"]), info, unstable
 
 
@@ -80,25 +81,43 @@ def test_a_chaotic_run_is_reported(name):
     assert abs(got) > 1e8  # the exact derivative of this run
     fd = (plain(0.3 + 1e-3, 200, 0.0) - plain(0.3 - 1e-3, 200, 0.0)) / 2e-3
     assert abs(fd) < 1e3  # ... which no usable change of lr shows
-    assert info.status == hg.Status.DIVERGED
+    assert info.status == hg.Status.DIVERGED and info.stats["unstable"]
     assert info.stats["adjoint_growth"] >= ADJOINT_GROWTH
     assert "adjoint grew" in info.stats["diverging"]
     assert len(unstable) == 1 and "truncate" in str(unstable[0].message)
 
 
-def test_a_healthy_run_is_not_flagged_and_is_exact():
-    got, info, unstable = call(hg.unrolled, 0.1, 50, 0.9)
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_healthy_run_is_not_flagged_and_is_exact(name):
+    got, info, unstable = call(METHODS[name], 0.1, 50, 0.9)
     eps = 1e-6
     fd = (plain(0.1 + eps, 50, 0.9) - plain(0.1 - eps, 50, 0.9)) / (2 * eps)
     assert got == pytest.approx(fd, rel=1e-6)
     assert info.status == hg.Status.FIXED_BUDGET and not unstable
-    assert 1.0 <= info.stats["adjoint_growth"] < 100
+    assert 0.1 <= info.stats["adjoint_growth"] < 100
+
+
+def edge(anchors=None):
+    h = {"lr": torch.tensor(0.44, dtype=DT)}  # 1.4 * 2 / lambda_max at the start
+    opt = hg.optim.sgd(lr=h["lr"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if anchors is None:
+            g, info = hg.unrolled(inner, outer, P0, h, 200, opt, return_info=True)
+        else:
+            g, info = hg.drmad(inner, outer, P0, h, 200, opt, anchors=anchors, return_info=True)
+    return float(g["lr"]), info, [w for w in caught if "of no use" in str(w.message)]
 
 
 def test_sgd_at_the_edge_of_stability_is_not_flagged():
-    h = {"lr": torch.tensor(0.44, dtype=DT)}  # 1.4 * 2 / lambda_max at the start
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _, info = hg.unrolled(inner, outer, P0, h, 200, hg.optim.sgd(lr=h["lr"]), return_info=True)
-    assert info.status == hg.Status.FIXED_BUDGET
-    assert not [w for w in caught if "unstable" in str(w.message)]
+    exact, info, unstable = edge()
+    assert info.status == hg.Status.FIXED_BUDGET and not unstable
+    assert edge(anchors=199)[0] == pytest.approx(exact, rel=1e-9)
+
+
+def test_drmads_straight_line_far_from_that_run_is_flagged():
+    exact, _, _ = edge()
+    got, info, unstable = edge(anchors=0)
+    assert abs(got) > 1e6 * abs(exact)  # 2e27 against 4.8: the recursion on the line blew up
+    assert info.status == hg.Status.DIVERGED and len(unstable) == 1
+    assert "anchors" in str(unstable[0].message)

@@ -25,9 +25,11 @@ A run whose loss stays bounded can still be unstable (chaotic): the reverse pass
 it describes only changes far too small to use (Adam with ``beta1 = 0``, lr 0.3, 200 steps
 of a tanh MLP: the loss ended below its start, the adjoint grew 3.8e9-fold, the
 hypergradient in lr was -2.2e9 while central differences of step 1e-3 and 1e-6 gave 92 and
-8.7e4). :class:`AdjointWatch` measures the growth (``info.stats["adjoint_growth"]``: the
+8.7e4; DrMAD without anchors on SGD at 1.4 times the edge of stability, whose straight
+line is far from the run: an adjoint grown 3e28-fold, a hypergradient of 2e27 where
+Unrolled's is 4.8). :class:`AdjointWatch` measures the growth (``info.stats["adjoint_growth"]``: the
 largest norm of the parameters' adjoint over its norm at ``theta_T``) and
-:func:`report_adjoint` reports a growth of at least :data:`ADJOINT_GROWTH` as a divergence
+:func:`report_unstable` reports a growth of at least :data:`ADJOINT_GROWTH` as a divergence
 (healthy runs measured: at most 51, SGD with and without momentum up to the edge of
 stability, Adam with lr up to 1 and ``beta1 = 0.9``).
 """
@@ -56,7 +58,7 @@ __all__ = [
     "grows",
     "loss_diverging",
     "quiet",
-    "report_adjoint",
+    "report_unstable",
     "report_diverging",
 ]
 
@@ -163,22 +165,26 @@ class AdjointWatch:
         return max(values[1:]) / values[0]
 
 
-def report_adjoint(info: Any, growth: float | None, steps: int) -> None:
-    """Mark ``info`` as diverged and warn when the adjoint grew :data:`ADJOINT_GROWTH`-fold
-    (unless the loss's divergence was reported already)."""
-    if growth is None or not growth >= ADJOINT_GROWTH or info.status == Status.DIVERGED:
+def report_unstable(info: Any, stats: dict[str, Any], steps: int) -> None:
+    """Mark ``info`` as diverged (``stats["unstable"]``) and warn when the adjoint grew
+    :data:`ADJOINT_GROWTH`-fold (``stats["adjoint_growth"]``), unless the loss's divergence
+    was reported already."""
+    adjoint = stats.get("adjoint_growth")
+    if adjoint is None or not adjoint >= ADJOINT_GROWTH or info.status == Status.DIVERGED:
         return
     why = (
-        f"the reverse pass's adjoint grew {growth:.3g}-fold over the last {steps} steps "
-        f"(at least {ADJOINT_GROWTH:g}x): the run is unstable (chaotic), so the hypergradient "
-        "holds only for changes of the hyperparameters far too small to use"
+        f"the reverse pass's adjoint grew {adjoint:.3g}-fold over the last {steps} steps (at "
+        f"least {ADJOINT_GROWTH:g}x): the reverse recursion is unstable (a chaotic run, or "
+        "DrMAD's straight line far from the run), so the hypergradient holds at best for "
+        "changes of the hyperparameters far too small to use"
     )
     info.status = Status.DIVERGED
-    info.stats["diverging"] = why
+    info.stats.update(diverging=why, unstable=True)
     if not getattr(_LOCAL, "quiet", False):
         warnings.warn(
-            f"The inner run is unstable: {why}. Lower the learning rate, differentiate fewer "
-            "steps (hg.Unrolled(truncate=K)), or add momentum or damping (weight decay).",
+            f"The hypergradient is of no use: {why}. Lower the learning rate, differentiate "
+            "fewer steps (hg.Unrolled(truncate=K)), or add momentum or damping (weight "
+            "decay); with DrMAD, store anchors (anchors=K) or use hg.Unrolled.",
             HypergradientWarning,
             stacklevel=4,
         )

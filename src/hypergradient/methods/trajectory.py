@@ -49,7 +49,7 @@ from .._vocab import (
 from ..operators.buffers import keep_buffers
 from ._checks import all_finite, check_arity, unused_leaves, warn_unused
 from .base import Info, Method, Problem, Trajectory
-from .growth import AdjointWatch, report_adjoint, report_diverging
+from .growth import AdjointWatch, report_diverging, report_unstable
 from .replay import Run, replay_rng, rng_state
 from .traj_step import ReverseStep, check_recomputed
 
@@ -317,7 +317,7 @@ class TrajectoryMethod(Method):
             info.stats["replay_error"] = info.replay_error
         warn_unused(out.stats.get("unused_hparams", []))
         report_diverging(info, info.inner_losses, "inner run", warn=final is None)
-        report_adjoint(info, out.stats.get("adjoint_growth"), out.reverse_steps)
+        report_unstable(info, out.stats, out.reverse_steps)
         info.stats["stored_states"] = out.stored_states
         info.stats.update(out.stats)
         info.num_hvps = int(out.stats.get("products", 0))
