@@ -146,8 +146,12 @@ class AdjointWatch:
 
     @staticmethod
     def _norm(xs: Sequence[Tensor]) -> Tensor:
-        parts = [torch.linalg.vector_norm(x.detach(), dtype=torch.float64) for x in xs]
-        return torch.linalg.vector_norm(torch.stack(parts)) if parts else torch.zeros(())
+        if not xs:
+            return torch.zeros(())
+        device = xs[0].device  # as the divergence watch's norm: no float64 on MPS
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        parts = [torch.linalg.vector_norm(x.detach(), dtype=dtype).to(device) for x in xs]
+        return torch.linalg.vector_norm(torch.stack(parts))
 
     def push(self, adjoint: Sequence[Tensor]) -> Any:
         """Record the norm of ``adjoint`` and return it unchanged."""
