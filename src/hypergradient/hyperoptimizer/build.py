@@ -186,11 +186,18 @@ def check_inner(
 ) -> None:
     """Refuse, at construction, an inner optimizer the method cannot differentiate: one
     without a functional twin (trajectory methods; ``tuned``: the settings linked to
-    hyperparameters), or one that ascends (``maximize=True``); then warn about a weight
+    hyperparameters), one with buffers for ``DrMAD(replay=False)``, or one that ascends
+    (``maximize=True``); then warn about a weight
     norm whose second derivatives torch gets wrong (:mod:`.weight_norm`)."""
     check_descent(optimizer)
     if method.needs_trajectory:
-        from_torch(optimizer, view.params, tuned=tuple(tuned))
+        twin = from_torch(optimizer, view.params, tuned=tuple(tuned))[0]
+        if getattr(method, "replay", True) is False and twin.buffers:
+            raise ValueError(
+                "DrMAD(replay=False) reverses from the model's weights and needs a stateless "
+                f"inner optimizer (plain SGD, no momentum); this {type(optimizer).__name__} "
+                "keeps buffers (momentum, moments). Use hg.DrMAD() (replay=True)."
+            )
     warn_fused_weight_norm(view.module, method)
 
 

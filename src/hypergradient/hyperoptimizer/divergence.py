@@ -33,14 +33,15 @@ each window.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..methods.growth import KEEP, LOSS_GROWTH, grows
 
-__all__ = ["KEEP", "diagnose", "due", "norm", "push"]
+__all__ = ["KEEP", "diagnose", "due", "norm", "push", "unstable"]
 
 #: The parameter norm's growth at each of the last steps that proves divergence (``KEEP``,
 #: the steps recorded before a hyper-step, and ``LOSS_GROWTH`` are those of
@@ -109,6 +110,16 @@ def diagnose(norms: Sequence[Tensor], losses: Sequence[Tensor]) -> tuple[bool, s
         f"The inner run is diverging: {_grew(norm_up, loss_up)} at each of its last "
         f"{KEEP - 1} steps ({seen}). {KNOB}"
     )
+
+
+def unstable(info: Any, hopt: Any, saved: Any, skip: Callable[..., bool]) -> bool:
+    """With ``hopt.on_divergence == "skip"``, skip (``skip(hopt, saved, why)``) the hyper-step
+    of a trajectory method that found the run unstable (its adjoint grew a millionfold:
+    :func:`~hypergradient.methods.growth.report_unstable`, which warned); else False."""
+    stats = getattr(info, "stats", {})
+    if hopt.on_divergence != "skip" or not stats.get("unstable"):
+        return False
+    return skip(hopt, saved, f"{stats['diverging']} (on_divergence='skip').")
 
 
 def _grew(norm_up: bool, loss_up: bool) -> str:

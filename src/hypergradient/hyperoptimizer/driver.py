@@ -138,7 +138,8 @@ class HyperOptimizer(HoldoutViews):
             (:attr:`best_hparams`, :meth:`restore_best`; restored when hyper-steps stop).
         patience: stop the hyper-steps (training goes on) after this many holdout scores
             in a row without an improvement larger than ``min_delta`` (None: never).
-        on_divergence: when the inner run diverges (finite but growing geometrically):
+        on_divergence: when the inner run diverges (finite but growing geometrically, or
+            a trajectory method's adjoint grew a millionfold: an unstable run):
             ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
             back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
 

@@ -221,7 +221,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
         result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
     recompute.check(hopt.view.checkpointed, hopt.method, info)
     hopt.view.buffer_watch.warn(hopt.method)
-    if replay_off(hopt, getattr(info, "replay_error", None), saved):
+    if replay_off(hopt, info, saved) or divergence.unstable(info, hopt, saved, skip):
         return
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
     hp.apply(hyper, hopt.outer_optimizer)
@@ -293,9 +293,10 @@ def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
 REPLAY_SKIP = 0.1
 
 
-def replay_off(hopt: HyperOptimizer, error: float | None, saved: Transaction) -> bool:
+def replay_off(hopt: HyperOptimizer, info: Any, saved: Transaction) -> bool:
     """Skip (with a warning) the hyper-step of a replay farther than :data:`REPLAY_SKIP`
     from the run (on every rank when one rank's is: the hyperparameters stay identical)."""
+    error = getattr(info, "replay_error", None)  # a trajectory method's
     if error is None:
         return False
     off = not error <= REPLAY_SKIP  # NaN included

@@ -15,14 +15,12 @@ class whose call validates, sweeps and reports.
 
 Each reverse step recomputes ``Phi_t`` from a stored state with plain ``torch.autograd``
 (:class:`~hypergradient.methods.traj_step.ReverseStep`: the gradient with
-``create_graph=True``, then one backward pass of the update against the adjoint), so what
-is stored is states, never autograd graphs, and ``torch.func`` (whose transforms import
-``torch._dynamo``) stays out of the reverse-mode methods. Step ``t`` always draws its random numbers
-from the same state: ``trajectory.rng_states[t]`` when the caller recorded the real run's
-(the hyper-optimizer does, so dropout in the replay draws the real masks), otherwise the
-state the forward sweep found before step ``t`` (the functional API: the sweep draws
-exactly what a plain loop would).
-"""
+``create_graph=True``, then one backward pass of the update against the adjoint): states
+are stored, never graphs, and ``torch.func`` (which imports ``torch._dynamo``) stays out.
+Step ``t`` always draws its random numbers from the same state: ``trajectory.rng_states[t]``
+when the caller recorded the real run's (the hyper-optimizer does: the replay's dropout
+draws the real masks), else the one the forward sweep found before step ``t`` (the
+functional API: the sweep draws exactly what a plain loop would)."""
 
 from __future__ import annotations
 
@@ -51,7 +49,7 @@ from .._vocab import (
 from ..operators.buffers import keep_buffers
 from ._checks import all_finite, check_arity, unused_leaves, warn_unused
 from .base import Info, Method, Problem, Trajectory
-from .growth import report_diverging
+from .growth import AdjointWatch, report_diverging, report_unstable
 from .replay import Run, replay_rng, rng_state
 from .traj_step import ReverseStep, check_recomputed
 
@@ -87,9 +85,9 @@ class TrajectoryInfo(Info):
         replay_error: relative distance of the replay's final parameters to
             ``trajectory.final_params`` (None when those are not given).
 
-    ``status`` is ``"diverged"`` (and ``stats["diverging"]`` says how) when the inner losses
-    grow geometrically (:mod:`~hypergradient.methods.growth`): the hypergradient is the
-    exact one of a run that trained nothing.
+    ``status`` is ``"diverged"`` (``stats["diverging"]`` says how) when the inner losses grow
+    geometrically, or Unrolled's or DrMAD's adjoint a millionfold (``stats["adjoint_growth"]``;
+    :mod:`~hypergradient.methods.growth`): the hypergradient is of no use.
     """
 
     steps: int = 0
@@ -243,12 +241,12 @@ def reverse_sweep(
     with keep_buffers():
         gp, gh, value = outer_gradients(run, outer_loss, p_T, touched)
         adj = (gp, tuple(torch.zeros_like(x) for x in s_T))
-        hyper = [x.clone() for x in gh]
+        hyper, watch = [x.clone() for x in gh], AdjointWatch(gp)
         step = ReverseStep(run, hvp)
         for t in range(run.steps - 1, first - 1, -1):
             p, s = state_at(t)
             dp, ds, dh = step(p, s, t, adj)
-            adj = (dp, ds)
+            adj = (watch.push(dp), ds)
             for i, (acc, d) in enumerate(zip(hyper, dh)):
                 if d is not None:
                     acc.add_(d)
@@ -256,7 +254,8 @@ def reverse_sweep(
     unused = unused_leaves(run.hspec.paths, run.h, touched)
     if forward_losses is not None and run.group is None:
         check_recomputed(step.losses, forward_losses, other_kernels=step.mode == "double_math")
-    return hyper, value, {**step.finish(), **({"unused_hparams": unused} if unused else {})}
+    stats = {**step.finish(), "adjoint_growth": watch.growth()}
+    return hyper, value, {**stats, **({"unused_hparams": unused} if unused else {})}
 
 
 def _replay_error(replayed: tuple[Tensor, ...], real: Tree, steps: int) -> float:
@@ -318,6 +317,7 @@ class TrajectoryMethod(Method):
             info.stats["replay_error"] = info.replay_error
         warn_unused(out.stats.get("unused_hparams", []))
         report_diverging(info, info.inner_losses, "inner run", warn=final is None)
+        report_unstable(info, out.stats, out.reverse_steps)
         info.stats["stored_states"] = out.stored_states
         info.stats.update(out.stats)
         info.num_hvps = int(out.stats.get("products", 0))
