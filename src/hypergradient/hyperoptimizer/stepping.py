@@ -23,6 +23,7 @@ from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
 from .history import make_record
 from .hparams import link_conflict
+from .step_checks import due
 from .transaction import Transaction
 from .window import TrajectoryWindow, capture_rng
 
@@ -365,33 +366,3 @@ def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bo
     skipped(hopt)
     message = f"Hyper-step at step {hopt.loop.count} skipped: {err}"
     warnings.warn(message, HypergradientWarning, stacklevel=3)
-
-
-def due(hopt: HyperOptimizer) -> bool:
-    """Whether the next inner step ends with a hyper-step.
-
-    Raises:
-        ValueError: it does, under ``torch.inference_mode()`` (whose tensors autograd
-            cannot differentiate: every hypergradient would be zero), before anything
-            changes.
-    """
-    if hopt.stopped or (hopt.loop.count + 1) % hopt.inner_steps:
-        return False
-    if torch.is_inference_mode_enabled():
-        raise ValueError(
-            "This step takes a hyper-step, which needs autograd, but it runs under "
-            "torch.inference_mode(); call hopt.step() outside it (torch.no_grad() is fine)."
-        )
-    return True
-
-
-def check_batch(hopt: HyperOptimizer, batch: Any) -> None:
-    """A step's batch is required by trajectory methods, and without ``train_data``."""
-    trajectory = hopt.method.needs_trajectory
-    if batch is None and (trajectory or hopt.train_sampler is None):
-        if trajectory:
-            raise ValueError(
-                f"step() needs the training `batch` at every step: {hopt.method.name} replays "
-                "the inner steps on copies of their batches (train_data= does not replace them)."
-            )
-        raise ValueError("step() needs the training `batch` (hyper-steps do) or train_data=....")
