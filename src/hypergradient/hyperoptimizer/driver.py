@@ -237,6 +237,7 @@ class HyperOptimizer(HoldoutViews):
         """
         stepping.before_forward(self)
         loss = self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
+        stepping.after_forward(self)
         self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
         return loss
 

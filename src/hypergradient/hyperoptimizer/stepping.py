@@ -53,17 +53,29 @@ def capture(hopt: HyperOptimizer) -> Any:
 
 
 def before_forward(hopt: HyperOptimizer) -> None:
-    """``hopt.train_loss``'s record: the random-number state its forward pass draws from,
-    and whether an earlier call for the same step drew (gradient accumulation)."""
-    before, hopt.loop.rng_pending = hopt.loop.rng_pending, capture(hopt)
-    if before is not None and hopt.loop.rng_pending is not None:
-        hopt.loop.drawn |= not same_state(before, hopt.loop.rng_pending)
+    """``hopt.train_loss``'s record: the random-number state its forward pass draws from."""
+    hopt.loop.rng_pending = capture(hopt)
+
+
+def after_forward(hopt: HyperOptimizer) -> None:
+    """After ``hopt.train_loss``'s forward pass: note whether it drew random numbers
+    (dropout), and whether a step's gradient is accumulated over several calls of which one
+    drew (``loop.drawn``: T1T2 replays one forward pass). Only the forward passes count: a
+    loop's own draws between the calls (a random augmentation of the next micro-batch)
+    made T1T2 skip every hyper-step of a model without dropout."""
+    loop = hopt.loop
+    if loop.rng_pending is None:
+        return
+    drew = not same_state(loop.rng_pending, capture(hopt))
+    if loop.forward_drew is not None:  # an earlier call for this step
+        loop.drawn |= loop.forward_drew or drew
+    loop.forward_drew = bool(loop.forward_drew) or drew
 
 
 def after_step(hopt: HyperOptimizer) -> None:
     """A step's end: the next one starts from the current random-number state."""
     hopt.loop.rng_pending, hopt.loop.rng_next = None, capture(hopt)
-    hopt.loop.drawn = False
+    hopt.loop.drawn, hopt.loop.forward_drew = False, None
 
 
 def records_window(hopt: HyperOptimizer) -> bool:
