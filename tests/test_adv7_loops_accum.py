@@ -8,6 +8,11 @@ dropout: a model without dropout skipped every hyper-step and was never tuned. A
 ``begin_step``/``end_step`` loop, where each micro-batch's ``begin_step`` replaces the
 last, the check never fired: T1T2 applied the hypergradient of one mask set replayed over
 the whole batch. Now only the forward passes' own draws count, in both loops.
+
+A ``hopt.train_loss`` call for logging under ``torch.no_grad()`` took the replay's
+random-number state: after the training call (train mode, dropout) it made every hyper-step
+skip, T1T2's as "accumulated", Unrolled's replay 1.4 away from the run. A call whose loss
+carries no gradient now records nothing for the replay.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def val_loss(m, h, b):
     return ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean()
 
 
-def make(p=0.0):
+def make(p=0.0, method=None):
     torch.manual_seed(0)
     model = Net(p)
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -58,7 +63,7 @@ def make(p=0.0):
         train_loss=train_loss,
         val_loss=val_loss,
         val_data=(XV, YV),
-        method=hg.T1T2(),
+        method=method or hg.T1T2(),
         inner_steps=1,
     )
     return model, inner, hopt
@@ -131,3 +136,37 @@ def test_one_forward_per_step_with_dropout_still_hyper_steps():
             hopt.train_loss(b).backward()
             hopt.step(b)
     assert hopt.hyper_steps == 2
+
+
+def run_with_logging(log_with_hopt, method, where):
+    """A loop that logs the training loss under ``torch.no_grad()`` (train mode, dropout
+    drawing) after backward, or (eval mode) before the step's forward pass."""
+    model, inner, hopt = make(p=0.5, method=method)
+    for i in range(4):
+        b = (X[4 * i : 4 * i + 4], Y[4 * i : 4 * i + 4])
+        if where == "before":
+            model.eval()
+        with torch.no_grad():
+            if where == "before":
+                hopt.train_loss(b) if log_with_hopt else train_loss(model, hopt.hparams, b)
+        model.train()
+        hopt.zero_grad()
+        hopt.train_loss(b).backward()
+        with torch.no_grad():
+            if where == "after":
+                hopt.train_loss(b) if log_with_hopt else train_loss(model, hopt.hparams, b)
+        hopt.step(b)
+    return hopt
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+@pytest.mark.parametrize("method", [hg.T1T2, hg.Unrolled])
+def test_a_logging_call_under_no_grad_neither_skips_nor_changes_the_replay(method, where):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logged = run_with_logging(True, method(), where)
+    plain = run_with_logging(False, method(), where)  # the same draws, without hopt
+    assert logged.hyper_steps == 4 and logged.skipped == 0
+    assert torch.equal(logged.hparams["decay"], plain.hparams["decay"])
+    for record in logged.history:
+        assert record.diagnostics.get("replay_error", 0.0) < 1e-14

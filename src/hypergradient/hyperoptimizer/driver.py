@@ -232,12 +232,12 @@ class HyperOptimizer(HoldoutViews):
     def train_loss(self, batch: Any) -> Tensor:
         """The training loss on ``batch`` with the current hyperparameters (for backward).
 
-        Records torch's random-number state first: the next step's replay uses it, so
-        that dropout masks are those of this forward pass.
+        Records torch's random-number state first: the next step's replay uses it, so that
+        dropout masks are those of this pass (not of a call under ``torch.no_grad()``).
         """
-        stepping.before_forward(self)
+        state = stepping.before_forward(self)
         loss = self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
-        stepping.after_forward(self)
+        stepping.after_forward(self, state, loss)
         self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
         return loss
 

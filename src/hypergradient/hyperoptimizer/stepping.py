@@ -52,24 +52,28 @@ def capture(hopt: HyperOptimizer) -> Any:
     return capture_rng(hopt.view.device) if needed else None
 
 
-def before_forward(hopt: HyperOptimizer) -> None:
-    """``hopt.train_loss``'s record: the random-number state its forward pass draws from."""
-    hopt.loop.rng_pending = capture(hopt)
+def before_forward(hopt: HyperOptimizer) -> Any:
+    """``hopt.train_loss``'s record: the random-number state its forward pass draws from
+    (None when no replay needs it); :func:`after_forward` keeps it."""
+    return capture(hopt)
 
 
-def after_forward(hopt: HyperOptimizer) -> None:
-    """After ``hopt.train_loss``'s forward pass: note whether it drew random numbers
-    (dropout), and whether a step's gradient is accumulated over several calls of which one
-    drew (``loop.drawn``: T1T2 replays one forward pass). Only the forward passes count: a
-    loop's own draws between the calls (a random augmentation of the next micro-batch)
-    made T1T2 skip every hyper-step of a model without dropout."""
-    loop = hopt.loop
-    if loop.rng_pending is None:
+def after_forward(hopt: HyperOptimizer, state: Any, loss: Any) -> None:
+    """After ``hopt.train_loss``'s forward pass from ``state``: keep ``state`` for the
+    step's replay, note whether the pass drew random numbers (dropout), and whether the
+    step's gradient is accumulated over several calls of which one drew (``loop.drawn``:
+    T1T2 replays one forward pass). Only calls whose loss can carry a gradient count (not
+    a logging call under ``torch.no_grad()``, which took the replay's state and made every
+    hyper-step of a model with dropout skip), and only their forward passes' own draws
+    (a random augmentation of the next micro-batch made a model without dropout skip)."""
+    if state is None or not (isinstance(loss, Tensor) and loss.requires_grad):
         return
-    drew = not same_state(loop.rng_pending, capture(hopt))
+    loop = hopt.loop
+    drew = not same_state(state, capture(hopt))
     if loop.forward_drew is not None:  # an earlier call for this step
         loop.drawn |= loop.forward_drew or drew
     loop.forward_drew = bool(loop.forward_drew) or drew
+    loop.rng_pending = state
 
 
 def after_step(hopt: HyperOptimizer) -> None:
