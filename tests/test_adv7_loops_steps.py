@@ -198,3 +198,13 @@ def test_a_batch_object_holding_a_tensor_computed_with_autograd_replays_exactly(
         assert hopt.hyper_steps == 2 and hopt.skipped == 0
         results.append(hopt.hparams["decay"])
     assert torch.equal(results[0], results[1])
+
+
+def test_a_drop_last_loader_with_too_few_rows_is_named():
+    data = torch.utils.data.TensorDataset(XV, YV)
+    loader = torch.utils.data.DataLoader(data, batch_size=32, drop_last=True)
+    model, inner, hopt = make(hg.T1T2(), inner_steps=1, val_data=loader)
+    hopt.zero_grad()
+    hopt.train_loss(batch(0)).backward()
+    with pytest.raises(ValueError, match=r"yields no batches \(drop_last=True with fewer rows"):
+        hopt.step(batch(0))

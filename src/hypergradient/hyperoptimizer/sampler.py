@@ -126,7 +126,9 @@ class BatchSampler:
                 "dataset that streams only once?); pass one that yields batches on every pass "
                 "(a list, a map-style Dataset's DataLoader) or an endless one."
             )
-        raise ValueError(f"`{self.name}` yields no batches.")
+        short = getattr(self.iterable, "drop_last", False)  # a DataLoader's
+        why = " (drop_last=True with fewer rows than its batch_size)" if short else ""
+        raise ValueError(f"`{self.name}` yields no batches{why}.")
 
     def mark(self) -> None:
         """Start recording draws, so that :meth:`rollback` can undo them."""
