@@ -116,7 +116,7 @@ def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
     loop = hopt.loop
     loop.step_rng = rng
     if loop.window is not None:
-        loop.window.record(copy_batch(batch), rng)
+        loop.window.record(copy_batch(batch), rng, hopt.view.params)
     watch(hopt)
     loop.count += 1
 
@@ -187,7 +187,7 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     loop.step_rng = rng
     if loop.window is not None:
-        loop.window.record(copied, rng)
+        loop.window.record(copied, rng, hopt.view.params)
     watch(hopt)
     loop.count += 1
     return result
