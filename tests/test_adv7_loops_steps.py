@@ -208,3 +208,9 @@ def test_a_drop_last_loader_with_too_few_rows_is_named():
     hopt.train_loss(batch(0)).backward()
     with pytest.raises(ValueError, match=r"yields no batches \(drop_last=True with fewer rows"):
         hopt.step(batch(0))
+
+
+def test_a_list_of_bare_tensor_batches_of_uneven_sizes_says_how_it_was_read():
+    batches = [XV[:3], XV[3:6], XV[6:]]  # list(DataLoader(x_val, batch_size=3))
+    with pytest.raises(ValueError, match=r"read as columns: pass the DataLoader"):
+        make(hg.T1T2(), val_data=batches)

@@ -84,7 +84,8 @@ class BatchSampler:
         if n == 0 or any(t.dim() == 0 or t.shape[0] != n for t in tensors):
             raise ValueError(
                 f"The tensors of `{self.name}` must have the same, non-zero first dimension "
-                f"(rows), got shapes {[tuple(t.shape) for t in tensors]}."
+                f"(rows), got shapes {[tuple(t.shape) for t in tensors][:4]}; a list of "
+                "batches (list(loader) of bare tensors) is read as columns: pass the DataLoader."
             )
         self.tensors = tensors
         self.generator = torch.Generator().manual_seed(self.seed)
