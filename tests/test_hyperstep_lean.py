@@ -315,6 +315,11 @@ def _hopt(history_size, logger):
     ), (X, y)
 
 
+def _backward(hopt, batch):
+    hopt.zero_grad()
+    hopt.train_loss(batch).backward()
+
+
 @pytest.mark.parametrize("size", [None, 0, 1, 3])
 def test_a_failed_hyper_step_leaves_the_history_as_it_was(size):
     calls = []
@@ -326,14 +331,17 @@ def test_a_failed_hyper_step_leaves_the_history_as_it_was(size):
 
     hopt, batch = _hopt(size, logger)
     for _ in range(4):
+        _backward(hopt, batch)  # T1T2 refuses a hyper-step after a step without gradients
         hopt.step(batch)
     before = list(hopt.history)
     hparams = {k: v.clone() for k, v in hopt.hparams.items()}
+    _backward(hopt, batch)
     with pytest.raises(KeyboardInterrupt):
         hopt.step(batch)
     assert hopt.history.total == 4 and len(hopt.history) == len(before)
     assert all(a is b for a, b in zip(hopt.history, before))
     assert all(torch.equal(hopt.hparams[k], v) for k, v in hparams.items())
+    _backward(hopt, batch)
     hopt.step(batch)  # the logger is past its failure: the step is taken again
     assert hopt.history.total == 5 and [r.hyper_step for r in hopt.history][-1:] == (
         [5] if size != 0 else []

@@ -78,7 +78,19 @@ def copy_batch(batch: Any) -> Any:
         for k, v in batch.items():
             out[k] = copy_batch(v)
         return out
-    return copy.deepcopy(batch)
+    try:
+        return copy.deepcopy(batch)
+    except RuntimeError:  # torch: a non-leaf tensor (one computed with grad) has no deepcopy
+        if not hasattr(batch, "__dict__"):
+            raise ValueError(
+                f"A training batch of type {type(batch).__name__} holds a tensor computed with "
+                "autograd, which cannot be deep-copied for the replay; detach it, or pass a "
+                "tuple, dict or dataclass of tensors."
+            ) from None
+    out = copy.copy(batch)  # an object of the user's class: its attributes copied one by one
+    for name, value in vars(batch).items():
+        object.__setattr__(out, name, copy_batch(value))
+    return out
 
 
 def _pack_leaf(batch: Any, tensors: list[Tensor]) -> dict[str, Any] | None:

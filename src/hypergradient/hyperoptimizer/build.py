@@ -161,7 +161,7 @@ def make_problem(
     params = view.detached()
     trajectory = None
     if window is not None:
-        step_loss = view.functional(hopt.train_loss_fn, hp.transform)
+        step_loss = with_held_grads(view.functional(hopt.train_loss_fn, hp.transform), window)
         trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
     inner_loss = view.at_batch(hopt.train_loss_fn, hp.transform, train_batch)
     if isinstance(hopt.method, T1T2) and hopt.loop.step_rng is not None:
@@ -298,5 +298,24 @@ def with_decay(
             if d:
                 out = out + 0.5 * d * p.pow(2).sum()
         return out
+
+    return f
+
+
+def with_held_grads(loss: Callable[[Any, Any, Any], Tensor], window: Any) -> Callable:
+    """``loss`` plus ``0 * sum(theta_i)`` for each trained parameter that held a ``.grad``
+    after every step of the ``window`` (:attr:`~.window.TrajectoryWindow.grads`): where
+    the step's loss does not use it, autograd's gradient is then 0 instead of None, and the
+    replay steps it as torch did on the zeros ``zero_grad(set_to_none=False)`` left (an SGD
+    momentum run's replay ended 0.5 away and every hyper-step was skipped)."""
+    held = window.grads or []
+    if not any(held):
+        return loss
+
+    def f(params: Any, raw: Any, batch: Any) -> Tensor:
+        out = loss(params, raw, batch)
+        leaves = _tree.flatten(params, "params")[0]
+        zero = sum((p * 0).sum() for p, h in zip(leaves, held) if h)  # a dense gradient
+        return out + zero.to(out.dtype) if isinstance(zero, Tensor) else out
 
     return f

@@ -201,7 +201,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.loss_pending = None
     loop.lrs = None
     trajectory = hopt.method.needs_trajectory
-    loop.rng_pending = None
+    loop.rng_pending, loop.drawn, loop.forward_drew = None, False, None
     if state.get("rng") is not None:
         restore_rng(parse_rng_state(state["rng"]), hopt.view.device)
     loop.rng_next = capture_rng(hopt.view.device) if trajectory else None

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from .._vocab import ArgumentTypeError, as_callable, as_choice, as_int
 from ..constraints import Constraint
 from ..methods import Method
-from . import checkpoint, optimizers, stepping
+from . import checkpoint, optimizers, step_checks, stepping
 from .build import (
     LossFn,
     check_inner,
@@ -234,11 +234,12 @@ class HyperOptimizer(HoldoutViews):
     def train_loss(self, batch: Any) -> Tensor:
         """The training loss on ``batch`` with the current hyperparameters (for backward).
 
-        Records torch's random-number state first: the next step's replay uses it, so
-        that dropout masks are those of this forward pass.
+        Records torch's random-number state first: the next step's replay uses it, so that
+        dropout masks are those of this pass (not of a call under ``torch.no_grad()``).
         """
-        stepping.before_forward(self)
+        state = stepping.before_forward(self)
         loss = self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
+        stepping.after_forward(self, state, loss)
         self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
         return loss
 
@@ -259,8 +260,11 @@ class HyperOptimizer(HoldoutViews):
         Returns:
             What ``inner_optimizer.step`` returns.
         """
-        stepping.check_batch(self, batch)
-        saved = Transaction(self) if stepping.due(self) else None
+        step_checks.check_batch(self, batch)
+        due = step_checks.due(self)
+        if due:
+            step_checks.check_gradients(self, closure)
+        saved = Transaction(self) if due else None
         self._begun, self._pending, self.loop.lrs = False, None, None  # supersedes begin_step
         try:
             result = stepping.inner_step(self, batch, closure)
@@ -302,7 +306,7 @@ class HyperOptimizer(HoldoutViews):
         """
         if not self._begun:
             raise ValueError("end_step() needs a begin_step() before the inner step.")
-        stepping.check_batch(self, batch)
+        step_checks.check_batch(self, batch)
         saved, self._begun, self._pending = self._pending, False, None
         if isinstance(loss, Tensor):
             self.loop.loss_pending = loss.detach()

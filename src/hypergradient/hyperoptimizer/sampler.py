@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,6 +61,8 @@ class BatchSampler:
         if self.bare:
             data = (data,)
         self.tensors: tuple[Tensor, ...] | None = None
+        if isinstance(data, (tuple, list)):
+            _check_columns(data, name)
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
             self._init_tensors(tuple(data))
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
@@ -81,7 +84,8 @@ class BatchSampler:
         if n == 0 or any(t.dim() == 0 or t.shape[0] != n for t in tensors):
             raise ValueError(
                 f"The tensors of `{self.name}` must have the same, non-zero first dimension "
-                f"(rows), got shapes {[tuple(t.shape) for t in tensors]}."
+                f"(rows), got shapes {[tuple(t.shape) for t in tensors][:4]}; a list of "
+                "batches (list(loader) of bare tensors) is read as columns: pass the DataLoader."
             )
         self.tensors = tensors
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -117,7 +121,15 @@ class BatchSampler:
                 "batches and cannot start a new pass; pass a re-iterable (a list, a "
                 "DataLoader) or an endless one (itertools.cycle(...))."
             )
-        raise ValueError(f"`{self.name}` yields no batches.")
+        if self.drawn:  # a stream read once (a one-shot IterableDataset): not "no batches"
+            raise ValueError(
+                f"`{self.name}` gave {self.drawn} batches, then a new pass yielded none (a "
+                "dataset that streams only once?); pass one that yields batches on every pass "
+                "(a list, a map-style Dataset's DataLoader) or an endless one."
+            )
+        short = getattr(self.iterable, "drop_last", False)  # a DataLoader's
+        why = " (drop_last=True with fewer rows than its batch_size)" if short else ""
+        raise ValueError(f"`{self.name}` yields no batches{why}.")
 
     def mark(self) -> None:
         """Start recording draws, so that :meth:`rollback` can undo them."""
@@ -190,3 +202,20 @@ class BatchSampler:
 
 def _size_name(name: str) -> str:
     return name.replace("_data", "_batch_size")
+
+
+def _check_columns(data: tuple | list, name: str) -> None:
+    """Refuse a tuple or list that mixes tensors with other objects or holds numpy arrays
+    (``(x_val.numpy(), y_val.numpy())``, ``(x_val, labels_list)``): meant as columns to
+    sample rows from, it would otherwise be cycled as a sequence of batches (the first
+    batch the whole first array) and fail inside the loss at the first hyper-step."""
+    tensors = sum(isinstance(t, Tensor) for t in data)
+    arrays = any(isinstance(t, np.ndarray) for t in data)
+    if arrays or 0 < tensors < len(data):
+        kinds = ", ".join(type(t).__name__ for t in data[:4])
+        raise ArgumentTypeError(
+            f"`{name}` is a {type(data).__name__} of {kinds}{', ...' if len(data) > 4 else ''}: "
+            "to sample rows, every item must be a tensor (torch.as_tensor(...) converts numpy "
+            "arrays and lists); to cycle through batches, pass a DataLoader or a list of "
+            "batches that are not bare tensors or arrays."
+        )

@@ -23,6 +23,7 @@ from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
 from .history import make_record
 from .hparams import link_conflict
+from .step_checks import due
 from .transaction import Transaction
 from .window import TrajectoryWindow, capture_rng
 
@@ -51,18 +52,34 @@ def capture(hopt: HyperOptimizer) -> Any:
     return capture_rng(hopt.view.device) if needed else None
 
 
-def before_forward(hopt: HyperOptimizer) -> None:
-    """``hopt.train_loss``'s record: the random-number state its forward pass draws from,
-    and whether an earlier call for the same step drew (gradient accumulation)."""
-    before, hopt.loop.rng_pending = hopt.loop.rng_pending, capture(hopt)
-    if before is not None and hopt.loop.rng_pending is not None:
-        hopt.loop.drawn |= not same_state(before, hopt.loop.rng_pending)
+def before_forward(hopt: HyperOptimizer) -> Any:
+    """``hopt.train_loss``'s record: the random-number state its forward pass draws from
+    (None when no replay needs it); :func:`after_forward` keeps it."""
+    return capture(hopt)
+
+
+def after_forward(hopt: HyperOptimizer, state: Any, loss: Any) -> None:
+    """After ``hopt.train_loss``'s forward pass from ``state``: keep ``state`` for the
+    step's replay, note whether the pass drew random numbers (dropout), and whether the
+    step's gradient is accumulated over several calls of which one drew (``loop.drawn``:
+    T1T2 replays one forward pass). Only calls whose loss can carry a gradient count (not
+    a logging call under ``torch.no_grad()``, which took the replay's state and made every
+    hyper-step of a model with dropout skip), and only their forward passes' own draws
+    (a random augmentation of the next micro-batch made a model without dropout skip)."""
+    if state is None or not (isinstance(loss, Tensor) and loss.requires_grad):
+        return
+    loop = hopt.loop
+    drew = not same_state(state, capture(hopt))
+    if loop.forward_drew is not None:  # an earlier call for this step
+        loop.drawn |= loop.forward_drew or drew
+    loop.forward_drew = bool(loop.forward_drew) or drew
+    loop.rng_pending = state
 
 
 def after_step(hopt: HyperOptimizer) -> None:
     """A step's end: the next one starts from the current random-number state."""
     hopt.loop.rng_pending, hopt.loop.rng_next = None, capture(hopt)
-    hopt.loop.drawn = False
+    hopt.loop.drawn, hopt.loop.forward_drew = False, None
 
 
 def records_window(hopt: HyperOptimizer) -> bool:
@@ -99,7 +116,7 @@ def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
     loop = hopt.loop
     loop.step_rng = rng
     if loop.window is not None:
-        loop.window.record(copy_batch(batch), rng)
+        loop.window.record(copy_batch(batch), rng, hopt.view.params)
     watch(hopt)
     loop.count += 1
 
@@ -171,7 +188,7 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     loop.step_rng = rng
     if loop.window is not None:
-        loop.window.record(copied, rng)
+        loop.window.record(copied, rng, hopt.view.params)
     watch(hopt)
     loop.count += 1
     return result
@@ -368,33 +385,3 @@ def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bo
     skipped(hopt)
     message = f"Hyper-step at step {hopt.loop.count} skipped: {err}"
     warnings.warn(message, HypergradientWarning, stacklevel=3)
-
-
-def due(hopt: HyperOptimizer) -> bool:
-    """Whether the next inner step ends with a hyper-step.
-
-    Raises:
-        ValueError: it does, under ``torch.inference_mode()`` (whose tensors autograd
-            cannot differentiate: every hypergradient would be zero), before anything
-            changes.
-    """
-    if hopt.stopped or (hopt.loop.count + 1) % hopt.inner_steps:
-        return False
-    if torch.is_inference_mode_enabled():
-        raise ValueError(
-            "This step takes a hyper-step, which needs autograd, but it runs under "
-            "torch.inference_mode(); call hopt.step() outside it (torch.no_grad() is fine)."
-        )
-    return True
-
-
-def check_batch(hopt: HyperOptimizer, batch: Any) -> None:
-    """A step's batch is required by trajectory methods, and without ``train_data``."""
-    trajectory = hopt.method.needs_trajectory
-    if batch is None and (trajectory or hopt.train_sampler is None):
-        if trajectory:
-            raise ValueError(
-                f"step() needs the training `batch` at every step: {hopt.method.name} replays "
-                "the inner steps on copies of their batches (train_data= does not replace them)."
-            )
-        raise ValueError("step() needs the training `batch` (hyper-steps do) or train_data=....")

@@ -87,8 +87,10 @@ class LoopState:
         norms, losses: parameter norms and training losses of the last steps before a
             hyper-step (:mod:`.divergence`).
         loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
-        drawn: an earlier ``hopt.train_loss`` call for the same step drew random numbers
-            (gradient accumulation with dropout: T1T2 cannot replay the step).
+        drawn: the step's gradient was accumulated over several ``hopt.train_loss`` calls
+            whose forward passes drew random numbers (dropout: T1T2 cannot replay the step).
+        forward_drew: whether a ``hopt.train_loss`` forward pass of this step drew (None:
+            no call yet).
         lrs: the param groups' learning rates when ``begin_step`` announced the step (the
             ones that step uses: a scheduler stepped before ``end_step``, as Lightning's
             are, has moved them on); None for a step taken by ``step()``.
@@ -105,6 +107,7 @@ class LoopState:
     loss_pending: Tensor | None = None
     lrs: tuple[float, ...] | None = None
     drawn: bool = False
+    forward_drew: bool | None = None
 
 
 class Transaction:

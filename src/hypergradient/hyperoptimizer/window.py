@@ -84,6 +84,10 @@ class TrajectoryWindow:
             saved in checkpoints; None: read at the next check).
         changed: the first setting that differed from ``settings0`` before a step of the
             window (the replay, which steps with ``settings0``, would not be this run).
+        grads: per trained parameter, whether it held a ``.grad`` after every step of the
+            window (``zero_grad(set_to_none=False)`` keeps zeros, and torch then steps a
+            parameter the step's loss did not use, momentum and Adam moving it: the replay
+            must step it too; None: unknown).
     """
 
     params0: list[Tensor]
@@ -94,6 +98,7 @@ class TrajectoryWindow:
     rng_states: list[RngState] = field(default_factory=list)
     settings0: list[dict[str, Any]] | None = None
     changed: str | None = None
+    grads: list[bool] | None = None
 
     @classmethod
     def start(
@@ -139,8 +144,12 @@ class TrajectoryWindow:
                     )
                     return
 
-    def record(self, batch_copy: Any, rng_state: RngState) -> None:
-        """Append one step (``batch_copy`` must already be a copy: see ``copy_batch``)."""
+    def record(self, batch_copy: Any, rng_state: RngState, params: Sequence[Tensor] = ()) -> None:
+        """Append one step (``batch_copy`` must already be a copy: see ``copy_batch``;
+        ``params``: the trained parameters after the step, whose ``.grad`` it notes)."""
+        held = [p.grad is not None for p in params]
+        first = not self.batches and self.grads is None
+        self.grads = held if first else [a and b for a, b in zip(self.grads or (), held)]
         self.batches.append(batch_copy)
         self.rng_states.append(rng_state)
 
@@ -183,6 +192,7 @@ class TrajectoryWindow:
             "changed": self.changed,
             "settings0": self.settings0,  # a scheduler stepped before the save is a change
             "offsets": self.optimizer.offsets,  # per-parameter step counts at the start
+            "grads": self.grads,
         }
 
     @classmethod
@@ -226,7 +236,8 @@ class TrajectoryWindow:
             raise ValueError(f"The checkpoint's window `changed` is {changed!r}.")
         settings0 = _settings(state.get("settings0"))
         fopt.offsets = _offsets(state.get("offsets"), len(params0))  # the start's counts
-        return cls(params0, fopt, state0, step0, batches, rngs, settings0, changed)
+        grads = _held(state.get("grads"), len(params0))
+        return cls(params0, fopt, state0, step0, batches, rngs, settings0, changed, grads)
 
 
 def numeric_settings(fopt: FunctionalOptimizer, tuned: Sequence[str]) -> FunctionalOptimizer:
@@ -269,6 +280,14 @@ def _offsets(offsets: Any, n: int) -> list[int] | None:
     if not ok or not all(isinstance(o, int) and o <= 0 for o in offsets or ()):
         raise ValueError(f"The checkpoint's window step offsets are {offsets!r}.")
     return offsets
+
+
+def _held(grads: Any, n: int) -> list[bool] | None:
+    """The window's noted gradients (None in a checkpoint from before they were noted)."""
+    ok = grads is None or isinstance(grads, list) and len(grads) == n
+    if not ok or not all(isinstance(g, bool) for g in grads or ()):
+        raise ValueError(f"The checkpoint's window `grads` is {grads!r:.80}.")
+    return grads
 
 
 def _optimizer_state(state0: Any, view: ModelView) -> list[Tensor] | None:

@@ -1,0 +1,72 @@
+"""The checks of a step's call that raise before anything changes: a hyper-step under
+``torch.inference_mode()``, a missing batch, a T1T2 hyper-step after a step without
+gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..methods import T1T2
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["check_batch", "check_gradients", "due"]
+
+
+def due(hopt: HyperOptimizer) -> bool:
+    """Whether the next inner step ends with a hyper-step.
+
+    Raises:
+        ValueError: it does, under ``torch.inference_mode()`` (whose tensors autograd
+            cannot differentiate: every hypergradient would be zero), before anything
+            changes.
+    """
+    if hopt.stopped or (hopt.loop.count + 1) % hopt.inner_steps:
+        return False
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            "This step takes a hyper-step, which needs autograd, but it runs under "
+            "torch.inference_mode(); call hopt.step() outside it (torch.no_grad() is fine)."
+        )
+    return True
+
+
+def check_batch(hopt: HyperOptimizer, batch: Any) -> None:
+    """A step's batch is required by trajectory methods, and without ``train_data``."""
+    trajectory = hopt.method.needs_trajectory
+    if batch is None and (trajectory or hopt.train_sampler is None):
+        if trajectory:
+            raise ValueError(
+                f"step() needs the training `batch` at every step: {hopt.method.name} replays "
+                "the inner steps on copies of their batches (train_data= does not replace them)."
+            )
+        raise ValueError("step() needs the training `batch` (hyper-steps do) or train_data=....")
+
+
+def check_gradients(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) -> None:
+    """Refuse a T1T2 hyper-step after a step whose trained parameters hold no gradient.
+
+    Without ``backward()`` (or after a misplaced ``zero_grad()``) the torch optimizer skips
+    every parameter: the weights do not move, while T1T2 differentiates the step
+    ``theta - lr * grad`` as if it had been taken (a hypergradient of a step that did not
+    happen, applied silently). Checked before anything changes; a ``closure`` computes the
+    gradients itself.
+
+    Raises:
+        ValueError: the due T1T2 hyper-step would follow a step without gradients.
+    """
+    if closure is not None or not isinstance(hopt.method, T1T2):
+        return
+    if any(p.grad is not None for p in hopt.view.params):
+        return
+    raise ValueError(
+        "step() found no gradient on any trained parameter (no backward() since zero_grad()), "
+        "so the optimizer takes no step, and this step's T1T2 hyper-step would differentiate "
+        "a step that was not taken. Call backward() on the training loss before step(), or "
+        "pass closure=...; nothing was changed."
+    )
