@@ -260,11 +260,7 @@ class HyperOptimizer(HoldoutViews):
         Returns:
             What ``inner_optimizer.step`` returns.
         """
-        step_checks.check_batch(self, batch)
-        due = step_checks.due(self)
-        if due:
-            step_checks.check_gradients(self, closure)
-        saved = Transaction(self) if due else None
+        saved = Transaction(self) if step_checks.checked_step(self, batch, closure) else None
         self._begun, self._pending, self.loop.lrs = False, None, None  # supersedes begin_step
         try:
             result = stepping.inner_step(self, batch, closure)

@@ -15,7 +15,17 @@ from ..methods import T1T2
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["check_batch", "check_gradients", "due"]
+__all__ = ["check_batch", "check_gradients", "checked_step", "due"]
+
+
+def checked_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> bool:
+    """``step()``'s checks before anything changes (:func:`check_batch`, :func:`due`,
+    :func:`check_gradients` when a hyper-step is due); whether one is due."""
+    check_batch(hopt, batch)
+    if not due(hopt):
+        return False
+    check_gradients(hopt, closure)
+    return True
 
 
 def due(hopt: HyperOptimizer) -> bool:
