@@ -140,7 +140,9 @@ class IFT(Implicit):
     Args:
         solver: any solver; default the Neumann series above (kept across calls: its
             estimate, generator and counter are in :meth:`state_dict`).
-        damping, batched, hvp: as :class:`Implicit`.
+        damping, batched, hvp, warm_start, residual: as :class:`Implicit` (a solution is
+            kept after a converged or ``maxiter`` exit: the default series, a fixed budget
+            without ``tol``, keeps none; ``stats["warm_start"]`` then says ``"none"``).
         maxiter: products of the default Neumann series (it sums ``maxiter + 1`` terms).
         alpha: None (default): the safe step above; a number: that fixed step (no
             estimate; the divergence check still stops the series); ``"auto"``:
@@ -167,8 +169,13 @@ class IFT(Implicit):
         power_iters: int = 10,
         refresh_every: int = 10,
         seed: int | None = None,
+        warm_start: bool = False,
+        residual: bool = True,
     ):
         self.setup(damping, batched, hvp)
+        self.keep = as_bool(warm_start, "warm_start")
+        self.residual = as_bool(residual, "residual")
+        self._x = None
         self.maxiter = as_int(maxiter, "maxiter", min=1)
         if alpha is not None and alpha != "auto":
             alpha = as_float(alpha, "alpha", min=0.0, open_min=True)
