@@ -110,6 +110,16 @@ def warn_solve(
         return
     if _warned_singular(solver, status, residual, bnorm):
         return
+    if status == Status.EXACT and stats and stats.get("finite_difference_products"):
+        warnings.warn(
+            f"{solver!r} solved the Hessian materialized from central differences of "
+            f"gradients (hvp='first_order'), accurate to about {stats['product_eps']:.3g} "
+            "relative: the answer (and its residual) is exact for that matrix, not for the "
+            "Hessian. Use hvp='double' (or float64 parameters) for a reference.",
+            HypergradientWarning,
+            stacklevel=5,
+        )
+        return
     if status == Status.FIXED_BUDGET and residual is not None and residual > bnorm > 0:
         _warn_worse_than_zero(solver, residual / bnorm)
         return
