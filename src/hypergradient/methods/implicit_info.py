@@ -98,6 +98,20 @@ def warn_solve(
     ``atol=0``) warn only when their answer is worse than ``x = 0`` (``||b - A x|| >
     ||b||``: Nystrom on an indefinite Hessian whose negative curvature its sketch missed
     gave 2.3 at an exact saddle, with no warning)."""
+    if (
+        status == Status.NEGATIVE_CURVATURE
+        and stats
+        and stats.get("indefinite_estimate") == "cached"
+    ):
+        warnings.warn(
+            f"{solver!r} reports negative_curvature from its cached curvature estimate, made "
+            "on the Hessian of an earlier call (refresh_every): this call's Hessian was not "
+            "examined and may be positive definite by now. The series is used as summed; "
+            "pass damping=... (or damping='auto') to regularize.",
+            HypergradientWarning,
+            stacklevel=5,
+        )
+        return
     if status == Status.NEGATIVE_CURVATURE:
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {iterations} "
