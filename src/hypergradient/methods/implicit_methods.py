@@ -55,7 +55,8 @@ class Implicit(ImplicitMethod):
             hyper-steps: consecutive hyper-steps solve nearly the same system). Safe: the
             solution is kept only after a converged or ``maxiter`` exit (never after
             negative curvature or divergence), a start worse than ``x = 0`` is dropped by
-            CG, and a model of another size starts from 0. ``info.stats["warm_start"]``:
+            the CG family, ``Neumann`` and ``FixedPoint``, and a model of another size
+            starts from 0. ``info.stats["warm_start"]``:
             ``"used"``, ``"dropped"`` or ``"none"``. The kept solution (``P`` numbers) is in
             :meth:`state_dict`.
         residual: compute ``||b - A x||`` with one more product when the solver does not
