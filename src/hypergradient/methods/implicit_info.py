@@ -98,6 +98,8 @@ def warn_solve(
     ``atol=0``) warn only when their answer is worse than ``x = 0`` (``||b - A x|| >
     ||b||``: Nystrom on an indefinite Hessian whose negative curvature its sketch missed
     gave 2.3 at an exact saddle, with no warning)."""
+    if _warned_by_stats(solver, status, stats or {}):
+        return
     if status == Status.NEGATIVE_CURVATURE:
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {iterations} "
@@ -119,6 +121,32 @@ def warn_solve(
         _warn_precision(solver, residual / max(bnorm, 1e-300), stats)
         return
     _warn_maxiter(solver, residual / max(bnorm, 1e-300), bnorm)
+
+
+def _warned_by_stats(solver: Solver, status: Status, stats: dict[str, Any]) -> bool:
+    """Warn when the solver's stats qualify its status: an Exact solve of a matrix made of
+    finite-difference products; a negative curvature taken from a cached estimate (IFT's
+    Neumann series), which replaces the usual warning (True)."""
+    if status == Status.NEGATIVE_CURVATURE and stats.get("indefinite_estimate") == "cached":
+        warnings.warn(
+            f"{solver!r} reports negative_curvature from its cached curvature estimate, made "
+            "on the Hessian of an earlier call (refresh_every): this call's Hessian was not "
+            "examined and may be positive definite by now. The series is used as summed; "
+            "pass damping=... (or damping='auto') to regularize.",
+            HypergradientWarning,
+            stacklevel=6,
+        )
+        return True
+    if status == Status.EXACT and stats.get("finite_difference_products"):
+        warnings.warn(
+            f"{solver!r} solved the Hessian materialized from central differences of "
+            f"gradients (hvp='first_order'), accurate to about {stats['product_eps']:.3g} "
+            "relative: the answer (and its residual) is exact for that matrix, not for the "
+            "Hessian. Use hvp='double' (or float64 parameters) for a reference.",
+            HypergradientWarning,
+            stacklevel=6,
+        )  # and on: a singular matrix warns too
+    return False
 
 
 def _warn_maxiter(solver: Solver, relative: float, bnorm: float) -> None:

@@ -55,7 +55,8 @@ class Implicit(ImplicitMethod):
             hyper-steps: consecutive hyper-steps solve nearly the same system). Safe: the
             solution is kept only after a converged or ``maxiter`` exit (never after
             negative curvature or divergence), a start worse than ``x = 0`` is dropped by
-            CG, and a model of another size starts from 0. ``info.stats["warm_start"]``:
+            the CG family, ``Neumann`` and ``FixedPoint``, and a model of another size
+            starts from 0. ``info.stats["warm_start"]``:
             ``"used"``, ``"dropped"`` or ``"none"``. The kept solution (``P`` numbers) is in
             :meth:`state_dict`.
         residual: compute ``||b - A x||`` with one more product when the solver does not
@@ -140,7 +141,9 @@ class IFT(Implicit):
     Args:
         solver: any solver; default the Neumann series above (kept across calls: its
             estimate, generator and counter are in :meth:`state_dict`).
-        damping, batched, hvp: as :class:`Implicit`.
+        damping, batched, hvp, warm_start, residual: as :class:`Implicit` (a solution is
+            kept after a converged or ``maxiter`` exit: the default series, a fixed budget
+            without ``tol``, keeps none; ``stats["warm_start"]`` then says ``"none"``).
         maxiter: products of the default Neumann series (it sums ``maxiter + 1`` terms).
         alpha: None (default): the safe step above; a number: that fixed step (no
             estimate; the divergence check still stops the series); ``"auto"``:
@@ -167,8 +170,13 @@ class IFT(Implicit):
         power_iters: int = 10,
         refresh_every: int = 10,
         seed: int | None = None,
+        warm_start: bool = False,
+        residual: bool = True,
     ):
         self.setup(damping, batched, hvp)
+        self.keep = as_bool(warm_start, "warm_start")
+        self.residual = as_bool(residual, "residual")
+        self._x = None
         self.maxiter = as_int(maxiter, "maxiter", min=1)
         if alpha is not None and alpha != "auto":
             alpha = as_float(alpha, "alpha", min=0.0, open_min=True)

@@ -20,7 +20,7 @@ from .base import (
     safe_norm,
 )
 from .norms import in_rows, row_norms
-from .spectrum import estimate_lambda_max, lanczos_extremes
+from .spectrum import estimate_lambda_max, lanczos_extremes, lanczos_safety
 
 __all__ = ["Neumann"]
 
@@ -219,18 +219,23 @@ class Neumann(RandomizedSolver):
         return solution
 
     def _correction(
-        self, op: LinearOperator, b: Tensor, x0: Tensor | None
+        self, op: LinearOperator, b: Tensor, x0: Tensor | None, stats: dict[str, Any]
     ) -> tuple[Tensor | None, Tensor, float, float | None]:
         """``(x0, b - A x0, its norm, tol)`` for a warm start (else ``(None, b, ||b||,
         tol)``); the series on the correction meets ``tol ||b||`` at ``tol ||b|| / ||b - A
-        x0||`` of its own right-hand side."""
+        x0||`` of its own right-hand side. A start worse than ``x = 0`` (``||b - A x0|| >
+        ||b||``) is dropped, as CG drops it (``stats["warm_start_dropped"]``)."""
         if x0 is None or not bool(x0.any()):
             return None, b, safe_norm(b), self.tol
         base, full = x0.to(b.dtype), safe_norm(b)
         Ax = op.matvec(base)
         require_finite_product(Ax)
-        b = b - Ax
-        bnorm = safe_norm(b)
+        r = b - Ax
+        bnorm = safe_norm(r)
+        if bnorm > full:  # (its product is counted)
+            stats["warm_start_dropped"] = True
+            return None, b, full, self.tol
+        b = r
         tol = self.tol if self.tol is None or bnorm == 0.0 else self.tol * full / bnorm
         return base, b, bnorm, tol
 
@@ -245,7 +250,7 @@ class Neumann(RandomizedSolver):
     ) -> Solution:
         alpha = self._step(op, stats, fresh)
         stats["alpha"] = alpha
-        base, b, bnorm, tol = self._correction(op, b, x0)
+        base, b, bnorm, tol = self._correction(op, b, x0, stats)
         if bnorm == 0.0 or (tol is not None and tol >= 1.0):  # (the start meets tol)
             x = torch.zeros_like(b) if base is None else base.clone()
             done = Status.FIXED_BUDGET if tol is None else Status.CONVERGED
@@ -283,28 +288,6 @@ def _unit(b: Tensor, bnorm: float) -> Tensor:
     """``b / ||b||`` in two steps, so that neither factor overflows."""
     top = float(b.abs().max())
     return (b / top) / (bnorm / top)
-
-
-def lanczos_safety(n: int, steps: int, delta: float = 1e-3) -> float:
-    """Safety factor ``s`` such that ``alpha = 1 / (s lambda_est)`` is below ``2 / lambda_max``.
-
-    For a PSD operator and a random start, Kuczynski & Wozniakowski (1992) bound the chance
-    that ``steps`` Lanczos steps underestimate ``lambda_max`` by a relative ``eps`` or more:
-    ``P <= 1.648 sqrt(n) exp(-sqrt(eps) (2 steps - 1))``. Setting it to ``delta`` gives
-    ``eps* = (ln(1.648 sqrt(n) / delta) / (2 steps - 1))^2``; with probability ``1 - delta``,
-    ``lambda_est >= (1 - eps*) lambda_max``, so ``s = 1 / (2 (1 - eps*))`` keeps
-    ``alpha lambda_max < 2``. ``s`` is at least 1 (the step ``1 / lambda_est`` is the
-    fastest for the top of the spectrum); 20 steps give ``s = 1`` up to ``n ~ 1e17``. With
-    too few steps for the bound (``eps* >= 0.9``) ``s = 5``, and only the divergence check
-    guards the series.
-    """
-    if steps < 1:
-        return 5.0
-    root = math.log(1.648 * math.sqrt(max(n, 1)) / delta) / (2 * steps - 1)
-    eps = root * root
-    if eps >= 0.9:
-        return 5.0
-    return max(1.0, 1.0 / (2.0 * (1.0 - eps)))
 
 
 class _Series:

@@ -74,6 +74,9 @@ class FixedPoint(Solver):
         omega: relaxation (step size).
         atol: absolute residual tolerance.
 
+    A start ``x0`` worse than ``x = 0`` (``||b - A x0|| > ||b||``) is dropped, as CG drops it
+    (``stats["warm_start_dropped"]``; its product is counted).
+
     Cost: one product and O(n) memory per iteration.
     """
 
@@ -95,9 +98,8 @@ class FixedPoint(Solver):
         # never below rounding level (as CG): tol=0 means "as far as the precision goes"
         asked = max(self.tol * bnorm / scale, self.atol / scale)
         threshold = max(asked, 10 * eps)
-        x = torch.zeros_like(b) if x0 is None else x0.to(b.dtype) / scale
-        r = bh.clone() if x0 is None else bh - self._product(op, x)
-        rnorm = safe_norm(r)
+        x, r, rnorm, dropped = self._start(op, bh, x0, scale)
+        x0 = None if dropped else x0
         limit = 1e8 * max(rnorm, bnorm / scale, 1e-300)  # non-symmetric: growth past this
         best, best_norm, improved, status, it, stagnated = self._iterate(
             op, bh, x, r, rnorm, threshold, limit
@@ -124,9 +126,25 @@ class FixedPoint(Solver):
             status == Status.CONVERGED,
             status,
             it,
-            {"stagnated": True} if stagnated else {},
+            {
+                k: True
+                for k, on in (("stagnated", stagnated), ("warm_start_dropped", dropped))
+                if on
+            },
             message,
         )
+
+    def _start(
+        self, op: LinearOperator, bh: Tensor, x0: Tensor | None, scale: float
+    ) -> tuple[Tensor, Tensor, float, bool]:
+        """``(x, r, ||r||, dropped)`` of the start: ``x0`` (scaled), or 0 when there is none
+        or it is worse than 0 (``||r|| > ||b||``: dropped, as CG drops it)."""
+        if x0 is not None:
+            x = x0.to(bh.dtype) / scale
+            r = bh - self._product(op, x)
+            if safe_norm(r) <= safe_norm(bh):
+                return x, r, safe_norm(r), False
+        return torch.zeros_like(bh), bh.clone(), safe_norm(bh), x0 is not None
 
     def _iterate(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -10,7 +11,7 @@ from .. import _vocab
 from ..operators import LinearOperator
 from .base import require_finite_product, safe_norm
 
-__all__ = ["SpectrumEstimate", "estimate_lambda_max", "lanczos_extremes"]
+__all__ = ["SpectrumEstimate", "estimate_lambda_max", "lanczos_extremes", "lanczos_safety"]
 
 
 def check_operator(
@@ -162,3 +163,25 @@ def lanczos_extremes(
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
     ritz = torch.linalg.eigvalsh(T)
     return SpectrumEstimate(float(ritz[-1]), float(ritz[0]), op.num_matvecs - start)
+
+
+def lanczos_safety(n: int, steps: int, delta: float = 1e-3) -> float:
+    """Safety factor ``s`` such that ``alpha = 1 / (s lambda_est)`` is below ``2 / lambda_max``.
+
+    For a PSD operator and a random start, Kuczynski & Wozniakowski (1992) bound the chance
+    that ``steps`` Lanczos steps underestimate ``lambda_max`` by a relative ``eps`` or more:
+    ``P <= 1.648 sqrt(n) exp(-sqrt(eps) (2 steps - 1))``. Setting it to ``delta`` gives
+    ``eps* = (ln(1.648 sqrt(n) / delta) / (2 steps - 1))^2``; with probability ``1 - delta``,
+    ``lambda_est >= (1 - eps*) lambda_max``, so ``s = 1 / (2 (1 - eps*))`` keeps
+    ``alpha lambda_max < 2``. ``s`` is at least 1 (the step ``1 / lambda_est`` is the
+    fastest for the top of the spectrum); 20 steps give ``s = 1`` up to ``n ~ 1e17``. With
+    too few steps for the bound (``eps* >= 0.9``) ``s = 5``, and only the divergence check
+    guards the series.
+    """
+    if steps < 1:
+        return 5.0
+    root = math.log(1.648 * math.sqrt(max(n, 1)) / delta) / (2 * steps - 1)
+    eps = root * root
+    if eps >= 0.9:
+        return 5.0
+    return max(1.0, 1.0 / (2.0 * (1.0 - eps)))
