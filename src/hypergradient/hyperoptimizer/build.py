@@ -303,12 +303,13 @@ def with_decay(
 
 
 def with_held_grads(loss: Callable[[Any, Any, Any], Tensor], window: Any) -> Callable:
-    """``loss`` plus ``0 * sum(theta_i)`` for each trained parameter that held a ``.grad``
-    after every step of the ``window`` (:attr:`~.window.TrajectoryWindow.grads`): where
-    the step's loss does not use it, autograd's gradient is then 0 instead of None, and the
-    replay steps it as torch did on the zeros ``zero_grad(set_to_none=False)`` left (an SGD
-    momentum run's replay ended 0.5 away and every hyper-step was skipped)."""
-    held = window.grads or []
+    """``loss`` plus ``0 * sum(theta_i)`` for each trained parameter that held an all-zero
+    ``.grad`` after a step of the ``window`` (:meth:`~.window.TrajectoryWindow.held`):
+    where the step's loss does not use it, autograd's gradient is then 0 instead of None,
+    and the replay steps it as torch did on the zeros ``zero_grad(set_to_none=False)``
+    left (an SGD momentum run's replay ended 0.5 away and every hyper-step was skipped).
+    Other runs get ``loss`` itself (the terms cost 10-30% of a replay on small models)."""
+    held = window.held() or []
     if not any(held):
         return loss
 

@@ -13,6 +13,8 @@ see :mod:`.batches`), so that the first hyper-step after a resume replays the sa
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,10 +86,11 @@ class TrajectoryWindow:
             saved in checkpoints; None: read at the next check).
         changed: the first setting that differed from ``settings0`` before a step of the
             window (the replay, which steps with ``settings0``, would not be this run).
-        grads: per trained parameter, whether it held a ``.grad`` after every step of the
-            window (``zero_grad(set_to_none=False)`` keeps zeros, and torch then steps a
-            parameter the step's loss did not use, momentum and Adam moving it: the replay
-            must step it too; None: unknown).
+        grads: per trained parameter, whether it held an all-zero ``.grad`` after a step of
+            the window, as read from a checkpoint (:meth:`held` adds this run's steps):
+            ``zero_grad(set_to_none=False)`` keeps zeros for a parameter the step's loss did
+            not use, and torch's momentum and Adam still move it, so the replay must step it
+            too (None: none seen).
     """
 
     params0: list[Tensor]
@@ -99,6 +102,8 @@ class TrajectoryWindow:
     settings0: list[dict[str, Any]] | None = None
     changed: str | None = None
     grads: list[bool] | None = None
+    _refs: list[Any] | None = field(default=None, repr=False)  # the last step's .grad (weak)
+    _zero: Tensor | None = field(default=None, repr=False)  # smallest .grad norms so far
 
     @classmethod
     def start(
@@ -147,11 +152,39 @@ class TrajectoryWindow:
     def record(self, batch_copy: Any, rng_state: RngState, params: Sequence[Tensor] = ()) -> None:
         """Append one step (``batch_copy`` must already be a copy: see ``copy_batch``;
         ``params``: the trained parameters after the step, whose ``.grad`` it notes)."""
-        held = [p.grad is not None for p in params]
-        first = not self.batches and self.grads is None
-        self.grads = held if first else [a and b for a, b in zip(self.grads or (), held)]
+        self._note_grads(params)
         self.batches.append(batch_copy)
         self.rng_states.append(rng_state)
+
+    def _note_grads(self, params: Sequence[Tensor]) -> None:
+        """Keep the smallest magnitude of each parameter's ``.grad`` over the steps (no
+        synchronization; read by :meth:`held`). Only where a gradient tensor persists from the
+        step before (``set_to_none=False``): with ``set_to_none=True``, the default, an
+        unused parameter's ``.grad`` is None and torch skips it, as the replay does."""
+        grads = [p.grad for p in params]
+        last, self._refs = self._refs, [None if g is None else weakref.ref(g) for g in grads]
+        if all(g is None for g in grads):
+            return
+        if last is not None and not any(r is not None and r() is g for r, g in zip(last, grads)):
+            return
+        device = params[0].device
+        norms = torch.stack(
+            [
+                torch.tensor(math.inf, device=device)
+                if g is None or not g.numel()
+                else g.detach().abs().amax().to(device, torch.float32)
+                for g in grads
+            ]
+        )
+        self._zero = norms if self._zero is None else torch.minimum(self._zero, norms)
+
+    def held(self) -> list[bool] | None:
+        """Per trained parameter, whether it held an all-zero ``.grad`` after a step (of
+        this window, or of the checkpoint it was loaded from): one synchronization."""
+        seen = None if self._zero is None else (self._zero == 0).tolist()
+        if self.grads is None or seen is None:
+            return seen if seen is not None else self.grads
+        return [a or b for a, b in zip(self.grads, seen)]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -192,7 +225,7 @@ class TrajectoryWindow:
             "changed": self.changed,
             "settings0": self.settings0,  # a scheduler stepped before the save is a change
             "offsets": self.optimizer.offsets,  # per-parameter step counts at the start
-            "grads": self.grads,
+            "grads": self.held(),
         }
 
     @classmethod
