@@ -218,16 +218,22 @@ class CallableOperator(LinearOperator):
         return out.detach().to(v.dtype)
 
 
-def leaves_reached(outputs: Sequence[Tensor], leaves: Sequence[Tensor]) -> list[bool]:
-    """Whether the autograd graph of any of ``outputs`` reaches each of ``leaves`` (all
-    True for a graph too large to walk)."""
-    targets = {id(t) for t in leaves}
+#: The most autograd nodes :func:`graph_leaves` visits.
+MAX_GRAPH_NODES = 100_000
+
+
+def graph_leaves(
+    outputs: Sequence[Any], targets: set[int], first: bool = False
+) -> tuple[set[int], bool]:
+    """The ids in ``targets`` of the leaf tensors the autograd graph of ``outputs`` reaches,
+    and whether the walk saw the whole graph: it stops at :data:`MAX_GRAPH_NODES` nodes
+    (incomplete), once every target is found, or with ``first`` at the first one."""
     found: set[int] = set()
     stack: list[Any] = [o.grad_fn for o in outputs if isinstance(o, Tensor)]
     seen: set[int] = set()
-    while stack and found != targets:
-        if len(seen) > 100_000:
-            return [True] * len(leaves)
+    while stack and found != targets and not (first and found):
+        if len(seen) >= MAX_GRAPH_NODES:
+            return found, False
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
@@ -236,4 +242,11 @@ def leaves_reached(outputs: Sequence[Tensor], leaves: Sequence[Tensor]) -> list[
         if isinstance(variable, Tensor) and id(variable) in targets:
             found.add(id(variable))
         stack.extend(fn for fn, _ in node.next_functions)
-    return [id(t) in found for t in leaves]
+    return found, True
+
+
+def leaves_reached(outputs: Sequence[Tensor], leaves: Sequence[Tensor]) -> list[bool]:
+    """Whether the autograd graph of any of ``outputs`` reaches each of ``leaves`` (all
+    True for a graph too large to walk)."""
+    found, complete = graph_leaves(outputs, {id(t) for t in leaves})
+    return [id(t) in found or not complete for t in leaves]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._vocab import ArgumentTypeError, HypergradientWarning, as_callable, as_float
-from ._autograd import criterion_loss
+from ._autograd import criterion_loss, graph_leaves
 
 __all__ = [
     "unused_in_hippotrainer_terms",
@@ -41,7 +41,6 @@ __all__ = [
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # attributes every nn.Module has
 _MAX_DEPTH = 6
-_MAX_GRAPH_NODES = 100_000
 
 
 def check_setup(
@@ -258,18 +257,8 @@ def _tensors(root: Any, path: str) -> Iterator[tuple[str, Tensor]]:
 
 def _reaches(t: Tensor, targets: dict[int, str]) -> str | None:
     """The name of the first target leaf ``t``'s autograd graph reaches, if any."""
-    stack: list[Any] = [t.grad_fn]
-    seen: set[int] = set()
-    while stack and len(seen) < _MAX_GRAPH_NODES:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor) and id(variable) in targets:
-            return targets[id(variable)]
-        stack.extend(fn for fn, _ in node.next_functions)
-    return None
+    found = graph_leaves([t], set(targets), first=True)[0]
+    return next((targets[i] for i in found), None)
 
 
 def find_stale_capture(
