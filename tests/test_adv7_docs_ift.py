@@ -63,7 +63,8 @@ def test_the_solver_settings_are_the_ones_used():
 
 
 def test_defaults_without_a_solver_still_build_the_series():
-    method = hg.IFT(maxiter=4, alpha=0.2, power_iters=5, refresh_every=2, seed=0)
+    method = hg.IFT(maxiter=4, alpha=0.2)  # (the estimate's settings: refused with alpha)
+    hg.IFT(maxiter=4, power_iters=5, refresh_every=2, seed=0)  # an estimated step takes them
     assert isinstance(method.solver, hg.Neumann) and method.solver.maxiter == 4
     problem = _problem()
     b = problem.params - W_VAL

@@ -196,14 +196,24 @@ class IFT(Implicit):
                     "pass (e.g. hg.CG(maxiter=...), hg.Neumann(maxiter, alpha)), or pass "
                     "no solver."
                 )
-        else:
-            step = "auto" if alpha is None else alpha
-            self.solver = Neumann(
-                self.maxiter,
-                step,
-                power_iters=self.power_iters,
-                refresh_every=self.refresh_every,
-                seed=seed,
+        else:  # the estimate's settings only where the step is estimated
+            given = {"power_iters": power_iters != 10, "refresh_every": refresh_every != 10}
+            named = [f"`{k}`" for k, v in {**given, "seed": seed is not None}.items() if v]
+            if isinstance(alpha, float) and named:
+                raise ValueError(
+                    f"IFT(alpha={alpha:g}) does not use {', '.join(named)}: they configure "
+                    "the estimate of the step (alpha None or 'auto'). Drop them or alpha."
+                )
+            self.solver = (
+                Neumann(self.maxiter, alpha)
+                if isinstance(alpha, float)
+                else Neumann(
+                    self.maxiter,
+                    "auto",
+                    power_iters=self.power_iters,
+                    refresh_every=self.refresh_every,
+                    seed=seed,
+                )
             )
 
     def solver_for(self, problem: Problem) -> Solver:

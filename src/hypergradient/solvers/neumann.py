@@ -115,6 +115,7 @@ class Neumann(RandomizedSolver):
         )
         self.refresh_every = _vocab.as_int(refresh_every, "refresh_every", min=1)
         self.init_generator(seed, generator, needed=alpha == "auto")
+        _fixed_step_settings(alpha, alpha_max, power_iters, seed, generator, refresh_every)
         self._cached: tuple[float, float] | None = None  # (lambda_est, safety)
         self._calls = 0
         self._indefinite = False  # the last estimate's Ritz value was negative
@@ -381,3 +382,19 @@ class _Series:
         if tol is not None:
             self.status = Status.MAX_ITERATIONS
         self.stats["residual_growth"] = previous
+
+
+def _fixed_step_settings(alpha: Any, *given: Any) -> None:
+    """Refuse the settings of the estimated step with a fixed ``alpha`` (never dropped)."""
+    if alpha == "auto":
+        return
+    names, defaults = (
+        ("alpha_max", "power_iters", "seed", "generator", "refresh_every"),
+        (None, 20, None, None, 1),
+    )
+    named = [f"`{k}`" for k, v, d in zip(names, given, defaults) if v != d]
+    if named:
+        raise ValueError(
+            f"Neumann(alpha={alpha:g}) does not use {', '.join(named)}: they configure "
+            "alpha='auto' (the step estimated from lambda_max). Pass alpha='auto', or drop them."
+        )
