@@ -30,6 +30,7 @@ from ._common import (
 )
 from .base import MetaLearner
 from .info import BatchResult, MetaInfo, SolveSummary
+from .modules import relay_warnings
 from .tasks import TaskBatch
 
 __all__ = ["IMAML", "imaml_step", "report_solve"]
@@ -161,15 +162,17 @@ class IMAML(MetaLearner):
 
         phi = descend(f_at_theta, batch.start(theta), spec, self.inner_steps, self.inner_optimizer)
         require_finite_phi(phi, spec)
-        grad, info = implicit(
-            f,
-            g,
-            _tree.unflatten(spec, phi),
-            theta_tree,
-            self.solver,
-            damping=self.damping,
-            return_info=True,
-            stationarity=None,  # checked below, in iMAML's words
+        grad, info = relay_warnings(  # a solver's warnings at the user's line
+            lambda: implicit(
+                f,
+                g,
+                _tree.unflatten(spec, phi),
+                theta_tree,
+                self.solver,
+                damping=self.damping,
+                return_info=True,
+                stationarity=None,  # checked below, in iMAML's words
+            )
         )
         inner = batch.task_norms(gradient(f_at_theta, phi, spec)[0])
         outer = None  # each stacked task's own query gradient (the query loss is their mean)
