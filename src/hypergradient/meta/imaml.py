@@ -15,7 +15,7 @@ from .._tree import Tree, TreeSpec
 from .._vocab import HypergradientWarning, Status, as_float
 from ..methods.implicit import STATIONARITY, implicit, warn_not_stationary
 from ..optim.functional import FunctionalOptimizer
-from ..solvers import Solver
+from ..solvers import Exact, Solver
 from ._common import (
     LossFn,
     Task,
@@ -33,7 +33,7 @@ from .info import BatchResult, MetaInfo, SolveSummary
 from .modules import relay_warnings
 from .tasks import TaskBatch
 
-__all__ = ["IMAML", "imaml_step", "report_solve"]
+__all__ = ["IMAML", "imaml_step", "refuse_stacked_exact", "report_solve"]
 
 NOT_SOLVED = "The gradient of iMAML's inner objective L_S(phi) + lam/2 ||phi - theta||^2"
 NOT_SOLVED_FIX = (
@@ -150,6 +150,7 @@ class IMAML(MetaLearner):
         """Mean iMAML meta-gradient of ``batch``'s tasks, and their diagnostics."""
         lam = self.lam
         theta_tree = _tree.unflatten(spec, theta)
+        refuse_stacked_exact(self.solver, batch.num_tasks, sum(t.numel() for t in theta))
 
         def f(phi: Tree, h: Tree) -> Tensor:
             return batch.support_loss(phi) + 0.5 * lam * proximal_term(phi, h)
@@ -187,6 +188,18 @@ class IMAML(MetaLearner):
             status=solve.status,
             solve=solve,
             inner_grad_norms=inner,
+        )
+
+
+def refuse_stacked_exact(solver: Solver, tasks: int, size: int) -> None:
+    """Refuse, before the adaptation, a dense solve of ``tasks`` stacked tasks that
+    ``Exact`` cannot materialize, naming ``vectorize=False`` (one solve per task)."""
+    if tasks > 1 and isinstance(solver, Exact) and tasks * size > solver.max_size:
+        raise ValueError(
+            f"vectorize=True stacks the {tasks} tasks into one system of {tasks * size} "
+            f"unknowns, above Exact's max_size={solver.max_size} (each task has "
+            f"{size}): use vectorize=False (one {size} x {size} solve per task), hg.CG(), "
+            "or raise max_size."
         )
 
 
