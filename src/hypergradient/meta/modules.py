@@ -133,8 +133,9 @@ def caller_level() -> int:
 _RELAYED: dict[Any, Any] = {}  # the "default" action's registry of relayed other warnings
 
 
-def relay_warnings(call: Callable[[], Any]) -> Any:
-    """``call()``, its ``HypergradientWarning`` s re-emitted at the user's line.
+def relay_warnings(call: Callable[[], Any], translate: Callable[[str], str] = str) -> Any:
+    """``call()``, its ``HypergradientWarning`` s re-emitted at the user's line (their
+    text through ``translate``: a core function's words in ``hg.meta``'s).
 
     The core functions (``hg.implicit``: a solver stopped at ``maxiter``, met negative
     curvature, ...) place their warnings for a user calling them directly; called from
@@ -147,7 +148,7 @@ def relay_warnings(call: Callable[[], Any]) -> Any:
     level = caller_level()
     for w in caught:
         if issubclass(w.category, HypergradientWarning):
-            warnings.warn(w.message, w.category, stacklevel=level)
+            warnings.warn(translate(str(w.message)), w.category, stacklevel=level)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, None, _RELAYED)
     return out
