@@ -94,3 +94,21 @@ def test_an_error_filter_still_raises_the_solvers_warning():  # (a guard of the 
         with pytest.raises(hg.HypergradientWarning, match="stopped at maxiter=1"):
             learner.step(theta + 0.5, tasks())
     assert all(a is b for a, b in zip(solver.snapshot(), saved))  # put back
+
+
+def test_other_warnings_of_the_solve_keep_their_place_and_module_filters():  # (a guard)
+    def noisy(p, batch):
+        warnings.warn("from the loss", UserWarning, stacklevel=1)
+        return logistic(p, batch)
+
+    learner = meta.IMAML(noisy, lam=1.0, inner_steps=5, inner_lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learner.step(torch.zeros(4, dtype=DT), tasks())
+    lines = {(w.filename, w.lineno) for w in caught if "from the loss" in str(w.message)}
+    assert len(lines) == 1 and next(iter(lines))[0] == __file__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", "from the loss", UserWarning, module=__name__)
+        learner.step(torch.zeros(4, dtype=DT), tasks())
+    assert not [w for w in caught if "from the loss" in str(w.message)]

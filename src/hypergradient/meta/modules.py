@@ -150,7 +150,15 @@ def relay_warnings(call: Callable[[], Any], translate: Callable[[str], str] = st
         if issubclass(w.category, HypergradientWarning):
             warnings.warn(translate(str(w.message)), w.category, stacklevel=level)
         else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, None, _RELAYED)
+            module = next(  # for filters by module (``module="torch"``)
+                (
+                    k
+                    for k, m in list(sys.modules.items())
+                    if getattr(m, "__file__", 0) == w.filename
+                ),
+                None,
+            )
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module, _RELAYED)
     return out
 
 
