@@ -143,7 +143,8 @@ def check_groups(optimizer: FunctionalOptimizer, spec: TreeSpec, name: str) -> N
     """Refuse a ``from_torch`` twin whose param groups are not one per leaf of ``name``.
 
     A twin's per-group settings (``group_of``) follow the parameters given to
-    ``from_torch``, by position: they must be the meta-parameters' tensors, in order.
+    ``from_torch``, by position: they must be the meta-parameters' tensors, in order
+    (checked: their number, and their shapes position by position).
     """
     group_of = optimizer.group_of
     if group_of is not None and len(group_of) != len(spec.paths):
@@ -154,6 +155,16 @@ def check_groups(optimizer: FunctionalOptimizer, spec: TreeSpec, name: str) -> N
             f"from the optimizer's tensors of `{name}`, in its order (e.g. "
             "[dict(model.named_parameters())[k] for k in meta_params])."
         )
+    shapes = optimizer.group_shapes  # as many tensors, but others (another order or layer)
+    for i, (path, shape) in enumerate(zip(spec.paths, spec.shapes)):
+        if group_of is not None and shapes is not None and tuple(shape) != shapes[i]:
+            raise ValueError(
+                "The inner optimizer's param groups were given for other tensors than "
+                f"`{name}`'s, by position: `{path}` has shape {tuple(shape)}, the twin's "
+                f"parameter {i} {shapes[i]}: the groups' settings would go to the wrong "
+                f"tensors. Build the twin from the optimizer's tensors of `{name}`, in its "
+                "order (e.g. [dict(model.named_parameters())[k] for k in meta_params])."
+            )
 
 
 def refuse_learned_setting(value: Any, name: str) -> None:

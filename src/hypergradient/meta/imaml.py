@@ -15,7 +15,7 @@ from .._tree import Tree, TreeSpec
 from .._vocab import HypergradientWarning, Status, as_float
 from ..methods.implicit import STATIONARITY, implicit, warn_not_stationary
 from ..optim.functional import FunctionalOptimizer
-from ..solvers import Solver
+from ..solvers import Exact, Solver
 from ._common import (
     LossFn,
     Task,
@@ -30,9 +30,10 @@ from ._common import (
 )
 from .base import MetaLearner
 from .info import BatchResult, MetaInfo, SolveSummary
+from .modules import relay_warnings
 from .tasks import TaskBatch
 
-__all__ = ["IMAML", "imaml_step", "report_solve"]
+__all__ = ["IMAML", "imaml_step", "refuse_stacked_exact", "report_solve"]
 
 NOT_SOLVED = "The gradient of iMAML's inner objective L_S(phi) + lam/2 ||phi - theta||^2"
 NOT_SOLVED_FIX = (
@@ -149,6 +150,7 @@ class IMAML(MetaLearner):
         """Mean iMAML meta-gradient of ``batch``'s tasks, and their diagnostics."""
         lam = self.lam
         theta_tree = _tree.unflatten(spec, theta)
+        refuse_stacked_exact(self.solver, batch.num_tasks, sum(t.numel() for t in theta))
 
         def f(phi: Tree, h: Tree) -> Tensor:
             return batch.support_loss(phi) + 0.5 * lam * proximal_term(phi, h)
@@ -161,15 +163,17 @@ class IMAML(MetaLearner):
 
         phi = descend(f_at_theta, batch.start(theta), spec, self.inner_steps, self.inner_optimizer)
         require_finite_phi(phi, spec)
-        grad, info = implicit(
-            f,
-            g,
-            _tree.unflatten(spec, phi),
-            theta_tree,
-            self.solver,
-            damping=self.damping,
-            return_info=True,
-            stationarity=None,  # checked below, in iMAML's words
+        grad, info = relay_warnings(  # a solver's warnings at the user's line
+            lambda: implicit(
+                f,
+                g,
+                _tree.unflatten(spec, phi),
+                theta_tree,
+                self.solver,
+                damping=self.damping,
+                return_info=True,
+                stationarity=None,  # checked below, in iMAML's words
+            )
         )
         inner = batch.task_norms(gradient(f_at_theta, phi, spec)[0])
         outer = None  # each stacked task's own query gradient (the query loss is their mean)
@@ -184,6 +188,18 @@ class IMAML(MetaLearner):
             status=solve.status,
             solve=solve,
             inner_grad_norms=inner,
+        )
+
+
+def refuse_stacked_exact(solver: Solver, tasks: int, size: int) -> None:
+    """Refuse, before the adaptation, a dense solve of ``tasks`` stacked tasks that
+    ``Exact`` cannot materialize, naming ``vectorize=False`` (one solve per task)."""
+    if tasks > 1 and isinstance(solver, Exact) and tasks * size > solver.max_size:
+        raise ValueError(
+            f"vectorize=True stacks the {tasks} tasks into one system of {tasks * size} "
+            f"unknowns, above Exact's max_size={solver.max_size} (each task has "
+            f"{size}): use vectorize=False (one {size} x {size} solve per task), hg.CG(), "
+            "or raise max_size."
         )
 
 

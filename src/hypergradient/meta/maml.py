@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,9 +27,10 @@ from ._common import (
 )
 from .base import MetaLearner
 from .info import BatchResult, MetaInfo, info_value
+from .modules import relay_warnings
 from .tasks import TaskBatch
 
-__all__ = ["MAML", "maml_step"]
+__all__ = ["MAML", "in_meta_terms", "maml_step"]
 
 
 class MAML(MetaLearner):
@@ -162,19 +164,38 @@ class MAML(MetaLearner):
 
         delta0 = _tree.unflatten(spec, [torch.zeros_like(t) for t in start])
         with quiet():  # a diverged adaptation is reported per task by the driver
-            grad, info = unrolled(
-                inner,
-                outer,
-                delta0,
-                _tree.unflatten(spec, theta),
-                self.inner_steps,
-                constant_settings(self.inner_optimizer),
-                checkpoint_every=self.checkpoint_every,
-                return_info=True,
+            grad, info = relay_warnings(
+                lambda: unrolled(
+                    inner,
+                    outer,
+                    delta0,
+                    _tree.unflatten(spec, theta),
+                    self.inner_steps,
+                    constant_settings(self.inner_optimizer),
+                    checkpoint_every=self.checkpoint_every,
+                    return_info=True,
+                ),
+                in_meta_terms,
             )
         delta_K, _ = _tree.flatten(info_value(info, "params"), "delta")
         phi = [t + d.detach() for t, d in zip(theta, delta_K)]
         return [g.detach() for g in _tree.flatten(grad, "grad")[0]], phi
+
+
+_UNUSED = re.compile(r"hparams(\S*) influences the outer loss neither directly nor through")
+
+
+def in_meta_terms(message: str) -> str:
+    """``hg.unrolled``'s warning that a hyperparameter is unused, in ``hg.meta``'s words
+    (its fix named ``hparams`` and ``hparams_by_reference``, arguments MAML does not have)."""
+    match = _UNUSED.match(message)
+    if match is None:
+        return message
+    return (
+        f"meta_params{match.group(1)} is read by loss_fn on neither the support nor the "
+        "query batches: its meta-gradient is zero and it is never meta-trained. Check "
+        "that loss_fn uses it, or leave it out of meta_params."
+    )
 
 
 def maml_step(

@@ -26,6 +26,7 @@ __all__ = [
     "check_names",
     "module_loss",
     "parameters_of",
+    "relay_warnings",
     "running_stats_off",
     "tensor_names",
     "tied_names",
@@ -127,6 +128,38 @@ def caller_level() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+_RELAYED: dict[Any, Any] = {}  # the "default" action's registry of relayed other warnings
+
+
+def relay_warnings(call: Callable[[], Any], translate: Callable[[str], str] = str) -> Any:
+    """``call()``, its ``HypergradientWarning`` s re-emitted at the user's line (their
+    text through ``translate``: a core function's words in ``hg.meta``'s).
+
+    The core functions (``hg.implicit``: a solver stopped at ``maxiter``, met negative
+    curvature, ...) place their warnings for a user calling them directly; called from
+    inside ``hg.meta`` they pointed into the package (``imaml.py``), and the default filter
+    then showed one per process. Other warnings are re-emitted where they were raised.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    level = caller_level()
+    for w in caught:
+        if issubclass(w.category, HypergradientWarning):
+            warnings.warn(translate(str(w.message)), w.category, stacklevel=level)
+        else:
+            module = next(  # for filters by module (``module="torch"``)
+                (
+                    k
+                    for k, m in list(sys.modules.items())
+                    if getattr(m, "__file__", 0) == w.filename
+                ),
+                None,
+            )
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module, _RELAYED)
+    return out
 
 
 def tied_names(model: nn.Module) -> list[tuple[str, str]]:

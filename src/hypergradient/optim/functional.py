@@ -69,9 +69,10 @@ class FunctionalOptimizer:
     buffers: int = 0
     offsets: list[int] | None = None
     #: per param group after the first, its settings that differ (``from_torch``); and per
-    #: parameter, its group (None: one group)
+    #: parameter, its group (None: one group) and its shape
     groups: list[dict[str, float]] = []
     group_of: list[int] | None = None
+    group_shapes: list[tuple[int, ...]] | None = None
 
     def own_settings(self, group: int, given: Mapping[str, Setting] | None) -> dict[str, float]:
         """Param group ``group``'s own settings, but those ``given`` to the update."""

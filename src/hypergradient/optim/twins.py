@@ -68,6 +68,7 @@ def with_groups(
     index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
     fopt.groups = own
     fopt.group_of = [index.get(id(p), 0) for p in params]
+    fopt.group_shapes = [tuple(p.shape) for p in params]
     return fopt
 
 
