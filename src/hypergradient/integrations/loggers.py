@@ -13,7 +13,8 @@ under the same names everywhere (:func:`record_scalars`):
   ``hypergrad/norm/norm``, the total keeps its name);
 - ``hparams/<name>`` for a scalar hyperparameter, ``hparams/<name>/<i>`` per element for a
   small one (at most ``scalar_limit`` elements), ``hparams/<name>/{mean,min,max,norm}`` for
-  a larger one (TensorBoard also gets a histogram of its values and of its hypergradient);
+  a larger one (TensorBoard also gets histograms of its values, ``hparams/<name>``, and
+  of its hypergradient, ``hypergrad_values/<name>``: a tag holds one kind of data);
 - ``solver/num_hvps``, ``solver/ok`` (1 when the method vouches for its answer) and the
   method's numeric diagnostics (``solver/residual``, ``solver/iterations``,
   ``solver/inner_grad_norm``, ...; a NaN diagnostic, one the method did not compute, such
@@ -77,7 +78,7 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
 
     Raises:
         ValueError: two hyperparameters would be written under one name (``"w"`` of 2
-            elements and ``"w/1"``).
+            elements and ``"w/1"``; ``"norm"`` and ``"norm/norm"``).
     """
     scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
     out = {"loss/val": float(record.val_loss)}
@@ -85,7 +86,13 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
         out["loss/holdout"] = float(record.holdout_loss)
     out["hypergrad/norm"] = float(record.hypergrad_norm)
     for name, summary in record.summaries.items():
-        out[_hypergrad_key(name)] = float(summary["hypergrad_norm"])
+        key = _hypergrad_key(name)
+        if key in out:  # "norm" and "norm/norm"
+            raise ValueError(
+                f"Two hyperparameters' hypergradient norms would both be logged as {key!r} "
+                f"(one of them is {name!r}); rename it."
+            )
+        out[key] = float(summary["hypergrad_norm"])
     out |= _hparam_scalars(record, scalar_limit)
     out["solver/num_hvps"] = float(record.info.num_hvps)
     out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
@@ -192,7 +199,10 @@ class TensorBoardLogger:
         for name, value in record_scalars(record, self.scalar_limit).items():
             self.writer.add_scalar(tag + name, value, step)
         if self.histograms:
-            for kind, tensors in (("hparams", record.hparams), ("hypergrad", record.hypergrad)):
+            # Not "hypergrad/<name>": that tag is the norm's scalar, and TensorBoard's
+            # dashboards fail on a tag holding both (the scalars one raises).
+            kinds = (("hparams", record.hparams), ("hypergrad_values", record.hypergrad))
+            for kind, tensors in kinds:
                 for name, t in tensors.items():
                     if t.numel() > self.scalar_limit:
                         self.writer.add_histogram(f"{tag}{kind}/{name}", _cpu(t), step)
