@@ -78,3 +78,44 @@ def test_two_hypergradient_norms_under_one_name_are_refused_and_the_step_rolled_
     assert hopt.hyper_steps == 0
     summaries = records[-1].summaries  # the two norms differ: one would have hidden the other
     assert summaries["norm"]["hypergrad_norm"] != summaries["norm/norm"]["hypergrad_norm"]
+
+
+@pytest.mark.filterwarnings("ignore::hypergradient.HypergradientWarning")
+def test_two_resumed_hyper_optimizers_sharing_a_csv_file_keep_each_others_rows(tmp_path):
+    """Two hyper-optimizers write one CSV file, crash after hyper-step 2 and resume from
+    hyper-step 1. The first's purge removed both old step-2 rows, shifting the file; the
+    second then took the first's new step-2 row for one it inherited and dropped it."""
+    from hypergradient.integrations import CSVLogger
+
+    path, data = tmp_path / "run.csv", batches(6)
+
+    def pair(append):
+        _, a = build(inner_steps=2, logger=CSVLogger(path, append=append))
+        _, b = build(inner_steps=2, logger=CSVLogger(path, append=True), outer_lr=0.2)
+        return a, b
+
+    a, b = pair(append=False)
+    for batch in data[:2]:
+        run(a, [batch])
+        run(b, [batch])
+    saved = [
+        (h.state_dict(), {k: v.clone() for k, v in h.view.module.state_dict().items()})
+        for h in (a, b)
+    ]
+    for batch in data[2:4]:  # hyper-step 2 of both, then the crash
+        run(a, [batch])
+        run(b, [batch])
+    first = [h.history[0] for h in (a, b)]
+    resumed = pair(append=True)
+    for h, (state, weights_) in zip(resumed, saved):
+        h.view.module.load_state_dict(weights_)
+        h.load_state_dict(state)
+    for batch in data[2:6]:
+        for h in resumed:
+            run(h, [batch])
+    records = first + [r for h in resumed for r in list(h.history)[1:]]
+    want = sorted((r.hyper_step, repr(record_scalars(r)["hparams/decay/mean"])) for r in records)
+    rows = CSVLogger(path, append=True).rows()
+    got = sorted((int(r["hyper_step"]), r["hparams/decay/mean"]) for r in rows)
+    assert [s for s, _ in want] == [1, 1, 2, 2, 3, 3]
+    assert got == want

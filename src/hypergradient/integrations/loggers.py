@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,9 @@ class CSVLogger:
         if not append:
             self.path.write_text("")
         self.columns: list[str] = self._header()
-        self._inherited = len(self.rows()) if self.columns else 0  # the purge's candidates
+        # The purge's candidates, by content: another logger of the file may rewrite it
+        # (its own purge, a new column), so that they are no longer its first rows.
+        self._inherited = Counter(map(_row_key, self.rows())) if self.columns else Counter()
 
     def log(self, record: HyperStepRecord) -> None:
         """Append one row (the sink the hyper-optimizer calls)."""
@@ -299,8 +302,13 @@ class CSVLogger:
             with self.path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
         if purge is not None:
-            old, later = rows[: self._inherited], rows[self._inherited :]
-            rows, self._inherited = [r for r in old if _hyper_step(r) < purge] + later, 0
+            pending, kept = self._inherited, []
+            for r in rows:
+                if pending[key := _row_key(r)] > 0 and _hyper_step(r) >= purge:
+                    pending[key] -= 1
+                else:
+                    kept.append(r)
+            rows, self._inherited = kept, Counter()
         self.columns = self.columns + list(new)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w", newline="") as f:
@@ -323,6 +331,11 @@ class CSVLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _row_key(row: dict[Any, Any]) -> tuple[tuple[str, str], ...]:
+    """A CSV row's filled cells (the same after a rewrite that adds empty columns)."""
+    return tuple(sorted((k, v) for k, v in row.items() if isinstance(k, str) and v))
 
 
 def _hyper_step(row: dict[str, str]) -> float:
