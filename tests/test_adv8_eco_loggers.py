@@ -119,3 +119,45 @@ def test_two_resumed_hyper_optimizers_sharing_a_csv_file_keep_each_others_rows(t
     got = sorted((int(r["hyper_step"]), r["hparams/decay/mean"]) for r in rows)
     assert [s for s, _ in want] == [1, 1, 2, 2, 3, 3]
     assert got == want
+
+
+@pytest.mark.filterwarnings("ignore::hypergradient.HypergradientWarning")
+def test_a_nan_holdout_score_is_written_as_nan_not_as_no_holdout(tmp_path):
+    """The holdout scores 2.36, NaN, 3.06 were written 2.36, (nothing), 3.06: a diverged
+    held-out loss looked like a run without holdout data (and Lightning's callback_metrics
+    kept the previous score for a monitor)."""
+    import math
+
+    from hypergradient.hyperoptimizer import HyperStepRecord
+    from hypergradient.integrations import CSVLogger
+    from test_holdout import HOLD
+    from test_hyperoptimizer_support import val_loss
+
+    calls = []
+
+    def holdout_loss(m, h, b):
+        calls.append(1)
+        value = 3.0 * val_loss(m, h, b)
+        return value * math.nan if len(calls) == 2 else value
+
+    path = tmp_path / "run.csv"
+    _, hopt = build(
+        inner_steps=2, holdout_data=HOLD, holdout_loss=holdout_loss, logger=CSVLogger(path)
+    )
+    run(hopt, batches(6))
+    records = list(hopt.history)
+    assert [r.holdout_scored for r in records] == [True, True, True]
+    got = [r["loss/holdout"] for r in CSVLogger(path, append=True).rows()]
+    assert got == [repr(r.holdout_loss) for r in records] and got[1] == "nan"
+    # Without holdout data nothing is scored; a checkpoint of an older version (no
+    # holdout_scored) reads it from the loss.
+    _, plain = build(inner_steps=2)
+    run(plain, batches(2))
+    assert not plain.history[0].holdout_scored
+    assert "loss/holdout" not in record_scalars(plain.history[0])
+    old = records[0].to_dict()
+    del old["holdout_scored"]
+    assert HyperStepRecord.from_dict(old).holdout_scored
+    old["holdout_loss"] = math.nan
+    assert not HyperStepRecord.from_dict(old).holdout_scored
+    assert HyperStepRecord.from_dict(records[1].to_dict()).holdout_scored

@@ -83,7 +83,7 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
     """
     scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
     out = {"loss/val": float(record.val_loss)}
-    if not math.isnan(record.holdout_loss):
+    if record.holdout_scored:  # a NaN score too: it is not "no holdout"
         out["loss/holdout"] = float(record.holdout_loss)
     out["hypergrad/norm"] = float(record.hypergrad_norm)
     for name, summary in record.summaries.items():
@@ -366,7 +366,7 @@ class ProgressBar:
     def log(self, record: HyperStepRecord) -> None:
         record = _check_record(record)
         shown = {"val": f"{record.val_loss:.4g}"}
-        if not math.isnan(record.holdout_loss):
+        if record.holdout_scored:
             shown["holdout"] = f"{record.holdout_loss:.4g}"
         if not record.info.status.ok:
             shown["status"] = record.info.status.value

@@ -177,8 +177,8 @@ class TrialReporter:
     def log(self, record: HyperStepRecord, hparams: Any = None, holdout: Any = None) -> None:
         """Report ``record`` at step ``record.hyper_step``: its holdout loss with
         ``holdout=True`` (NaN: not reported), its validation loss with False (None: the
-        holdout loss unless NaN). ``hparams``: the values it scored."""
-        scored = not math.isnan(record.holdout_loss) if holdout is None else holdout
+        holdout loss when it was scored). ``hparams``: the values it scored."""
+        scored = record.holdout_scored if holdout is None else holdout
         value = record.holdout_loss if as_bool(scored, "holdout") else record.val_loss
         self.report(value, hparams, record.hyper_step)
 
