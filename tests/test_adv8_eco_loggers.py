@@ -9,6 +9,7 @@ import torch
 
 import hypergradient as hg
 from hypergradient.integrations import TensorBoardLogger, record_scalars
+from test_adv6_eco_loggers import _events
 from test_hyperoptimizer_support import BCE, DT, VAL, batches, build, mlp, run, weights
 
 
@@ -161,3 +162,38 @@ def test_a_nan_holdout_score_is_written_as_nan_not_as_no_holdout(tmp_path):
     old["holdout_loss"] = math.nan
     assert not HyperStepRecord.from_dict(old).holdout_scored
     assert HyperStepRecord.from_dict(records[1].to_dict()).holdout_scored
+
+
+def test_a_histogram_and_a_scalar_under_one_tag_are_refused_before_writing(tmp_path):
+    """``a`` (2 elements: scalars ``hparams/a/0``, ``hparams/a/1``) and ``a/0`` (9: a
+    histogram ``hparams/a/0``) shared a tag; TensorBoard's scalars dashboard then failed."""
+    pytest.importorskip("tensorboard")
+    model = mlp()
+    hp = {
+        "a": torch.full((2,), 0.01, dtype=DT, requires_grad=True),
+        "a/0": torch.full((9,), 0.01, dtype=DT, requires_grad=True),
+    }
+
+    def train_loss(m, h, b):
+        fit = BCE(m(b[0]).reshape(-1), b[1])
+        return fit + (h["a"].sum() + h["a/0"].sum()) * (weights(m) ** 2).sum()
+
+    with TensorBoardLogger(tmp_path) as tb:
+        hopt = hg.HyperOptimizer(
+            model,
+            hp,
+            inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
+            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            train_loss=train_loss,
+            val_loss=lambda m, h, b: BCE(m(b[0]).reshape(-1), b[1]),
+            val_data=VAL,
+            method=hg.T1T2(),
+            inner_steps=2,
+            logger=tb,
+        )
+        with pytest.raises(ValueError, match="'hparams/a/0' would hold a scalar and a histogram"):
+            run(hopt, batches(2))
+    assert hopt.hyper_steps == 0 and torch.equal(
+        hopt.hparams["a"], torch.full((2,), 0.01, dtype=DT)
+    )
+    assert _events(tmp_path).Tags()["scalars"] == []  # nothing written for the refused record

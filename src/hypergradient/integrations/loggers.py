@@ -197,16 +197,21 @@ class TensorBoardLogger:
         """Write one record (the sink the hyper-optimizer calls)."""
         record = _check_record(record)
         step, tag = record.step, self.prefix
-        for name, value in record_scalars(record, self.scalar_limit).items():
+        scalars = record_scalars(record, self.scalar_limit)
+        # Not "hypergrad/<name>": that tag is the norm's scalar, and TensorBoard's
+        # dashboards fail on a tag holding both (the scalars one raises).
+        kinds = (("hparams", record.hparams), ("hypergrad_values", record.hypergrad))
+        large = [(f"{kind}/{n}", t) for kind, ts in kinds for n, t in ts.items()]
+        large = [(k, t) for k, t in large if t.numel() > self.scalar_limit and self.histograms]
+        for key in (k for k, _ in large if k in scalars):  # "a" of 2 elements, "a/0" of 9
+            raise ValueError(
+                f"The tag {key!r} would hold a scalar and a histogram (the names of two "
+                "hyperparameters overlap); rename one of them."
+            )
+        for name, value in scalars.items():
             self.writer.add_scalar(tag + name, value, step)
-        if self.histograms:
-            # Not "hypergrad/<name>": that tag is the norm's scalar, and TensorBoard's
-            # dashboards fail on a tag holding both (the scalars one raises).
-            kinds = (("hparams", record.hparams), ("hypergrad_values", record.hypergrad))
-            for kind, tensors in kinds:
-                for name, t in tensors.items():
-                    if t.numel() > self.scalar_limit:
-                        self.writer.add_histogram(f"{tag}{kind}/{name}", _cpu(t), step)
+        for key, t in large:
+            self.writer.add_histogram(tag + key, _cpu(t), step)
         status = record.info.status
         if status.value != self.last_status:  # text only when it changes
             self.writer.add_text(tag + "solver/status", f"{status.value}: {status.message}", step)
