@@ -126,7 +126,7 @@ def test_tensorboard_event_files_hold_the_records(tmp_path):
     assert hist[-1].histogram_value.num == 24
     assert hist[-1].histogram_value.min == pytest.approx(float(last.min()), rel=1e-6)
     assert hist[-1].histogram_value.max == pytest.approx(float(last.max()), rel=1e-6)
-    assert "hypergradient/hypergrad/decay" in tags["histograms"]
+    assert "hypergradient/hypergrad_values/decay" in tags["histograms"]
     assert "hypergradient/hparams/scale" not in tags["histograms"]  # 3 elements: scalars
     assert any(t.startswith("hypergradient/solver/status") for t in tags["tensors"])
 

@@ -33,7 +33,8 @@ __all__ = ["SMALL", "History", "HyperStepRecord", "make_record"]
 SMALL = 1000
 
 _SCALARS = ("step", "hyper_step", "val_loss", "hypergrad_norm", "seconds", "method")
-_OPTIONAL = {"holdout_loss": math.nan}  # absent from checkpoints of older versions
+#: Absent from checkpoints of older versions (``holdout_scored``: derived from the loss).
+_OPTIONAL = {"holdout_loss": math.nan, "holdout_scored": False}
 
 
 @dataclass
@@ -56,6 +57,8 @@ class HyperStepRecord:
             the update and ``"hypergrad_norm"``.
         holdout_loss: the holdout guard's score at this hyper-step (the held-out loss with
             the hyperparameters before the update; NaN without ``holdout_data``).
+        holdout_scored: whether the holdout guard scored this hyper-step (with
+            ``holdout_data``; its score may be NaN, which is not "no holdout").
     """
 
     step: int
@@ -69,6 +72,10 @@ class HyperStepRecord:
     hypergrad: dict[str, Tensor] = field(default_factory=dict, repr=False)
     summaries: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
     holdout_loss: float = math.nan
+    holdout_scored: bool = False
+
+    def __post_init__(self) -> None:
+        self.holdout_scored = bool(self.holdout_scored) or not math.isnan(self.holdout_loss)
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -182,6 +189,7 @@ def make_record(
     values: Mapping[str, Tensor],
     hypergrad: Mapping[str, Tensor],
     holdout_loss: float = math.nan,
+    holdout_scored: bool = False,
 ) -> HyperStepRecord:
     """A record with every hyperparameter and hypergradient, and summaries for all
     (:meth:`History.append` lightens it once a newer record arrives)."""
@@ -199,6 +207,7 @@ def make_record(
         hypergrad={k: v.detach().clone() for k, v in hypergrad.items()},
         summaries=summaries,
         holdout_loss=holdout_loss,
+        holdout_scored=holdout_scored,
     )
 
 

@@ -257,6 +257,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
         values=hp.values(),
         hypergrad=hyper,
         holdout_loss=holdout,
+        holdout_scored=guard is not None,
     )
     hopt.history.append(record)
     saved.commit()

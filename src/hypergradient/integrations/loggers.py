@@ -13,7 +13,8 @@ under the same names everywhere (:func:`record_scalars`):
   ``hypergrad/norm/norm``, the total keeps its name);
 - ``hparams/<name>`` for a scalar hyperparameter, ``hparams/<name>/<i>`` per element for a
   small one (at most ``scalar_limit`` elements), ``hparams/<name>/{mean,min,max,norm}`` for
-  a larger one (TensorBoard also gets a histogram of its values and of its hypergradient);
+  a larger one (TensorBoard also gets histograms of its values, ``hparams/<name>``, and
+  of its hypergradient, ``hypergrad_values/<name>``: a tag holds one kind of data);
 - ``solver/num_hvps``, ``solver/ok`` (1 when the method vouches for its answer) and the
   method's numeric diagnostics (``solver/residual``, ``solver/iterations``,
   ``solver/inner_grad_norm``, ...; a NaN diagnostic, one the method did not compute, such
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -77,15 +79,21 @@ def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, 
 
     Raises:
         ValueError: two hyperparameters would be written under one name (``"w"`` of 2
-            elements and ``"w/1"``).
+            elements and ``"w/1"``; ``"norm"`` and ``"norm/norm"``).
     """
     scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
     out = {"loss/val": float(record.val_loss)}
-    if not math.isnan(record.holdout_loss):
+    if record.holdout_scored:  # a NaN score too: it is not "no holdout"
         out["loss/holdout"] = float(record.holdout_loss)
     out["hypergrad/norm"] = float(record.hypergrad_norm)
     for name, summary in record.summaries.items():
-        out[_hypergrad_key(name)] = float(summary["hypergrad_norm"])
+        key = _hypergrad_key(name)
+        if key in out:  # "norm" and "norm/norm"
+            raise ValueError(
+                f"Two hyperparameters' hypergradient norms would both be logged as {key!r} "
+                f"(one of them is {name!r}); rename it."
+            )
+        out[key] = float(summary["hypergrad_norm"])
     out |= _hparam_scalars(record, scalar_limit)
     out["solver/num_hvps"] = float(record.info.num_hvps)
     out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
@@ -189,13 +197,21 @@ class TensorBoardLogger:
         """Write one record (the sink the hyper-optimizer calls)."""
         record = _check_record(record)
         step, tag = record.step, self.prefix
-        for name, value in record_scalars(record, self.scalar_limit).items():
+        scalars = record_scalars(record, self.scalar_limit)
+        # Not "hypergrad/<name>": that tag is the norm's scalar, and TensorBoard's
+        # dashboards fail on a tag holding both (the scalars one raises).
+        kinds = (("hparams", record.hparams), ("hypergrad_values", record.hypergrad))
+        large = [(f"{kind}/{n}", t) for kind, ts in kinds for n, t in ts.items()]
+        large = [(k, t) for k, t in large if t.numel() > self.scalar_limit and self.histograms]
+        for key in (k for k, _ in large if k in scalars):  # "a" of 2 elements, "a/0" of 9
+            raise ValueError(
+                f"The tag {key!r} would hold a scalar and a histogram (the names of two "
+                "hyperparameters overlap); rename one of them."
+            )
+        for name, value in scalars.items():
             self.writer.add_scalar(tag + name, value, step)
-        if self.histograms:
-            for kind, tensors in (("hparams", record.hparams), ("hypergrad", record.hypergrad)):
-                for name, t in tensors.items():
-                    if t.numel() > self.scalar_limit:
-                        self.writer.add_histogram(f"{tag}{kind}/{name}", _cpu(t), step)
+        for key, t in large:
+            self.writer.add_histogram(tag + key, _cpu(t), step)
         status = record.info.status
         if status.value != self.last_status:  # text only when it changes
             self.writer.add_text(tag + "solver/status", f"{status.value}: {status.message}", step)
@@ -254,7 +270,9 @@ class CSVLogger:
         if not append:
             self.path.write_text("")
         self.columns: list[str] = self._header()
-        self._inherited = len(self.rows()) if self.columns else 0  # the purge's candidates
+        # The purge's candidates, by content: another logger of the file may rewrite it
+        # (its own purge, a new column), so that they are no longer its first rows.
+        self._inherited = Counter(map(_row_key, self.rows())) if self.columns else Counter()
 
     def log(self, record: HyperStepRecord) -> None:
         """Append one row (the sink the hyper-optimizer calls)."""
@@ -289,8 +307,13 @@ class CSVLogger:
             with self.path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
         if purge is not None:
-            old, later = rows[: self._inherited], rows[self._inherited :]
-            rows, self._inherited = [r for r in old if _hyper_step(r) < purge] + later, 0
+            pending, kept = self._inherited, []
+            for r in rows:
+                if pending[key := _row_key(r)] > 0 and _hyper_step(r) >= purge:
+                    pending[key] -= 1
+                else:
+                    kept.append(r)
+            rows, self._inherited = kept, Counter()
         self.columns = self.columns + list(new)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("w", newline="") as f:
@@ -313,6 +336,11 @@ class CSVLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _row_key(row: dict[Any, Any]) -> tuple[tuple[str, str], ...]:
+    """A CSV row's filled cells (the same after a rewrite that adds empty columns)."""
+    return tuple(sorted((k, v) for k, v in row.items() if isinstance(k, str) and v))
 
 
 def _hyper_step(row: dict[str, str]) -> float:
@@ -343,7 +371,7 @@ class ProgressBar:
     def log(self, record: HyperStepRecord) -> None:
         record = _check_record(record)
         shown = {"val": f"{record.val_loss:.4g}"}
-        if not math.isnan(record.holdout_loss):
+        if record.holdout_scored:
             shown["holdout"] = f"{record.holdout_loss:.4g}"
         if not record.info.status.ok:
             shown["status"] = record.info.status.value

@@ -174,10 +174,12 @@ class TrialReporter:
             self._write()
             raise optuna.TrialPruned(f"pruned at step {step} (value {value:.6g})")
 
-    def log(self, record: HyperStepRecord, hparams: Mapping[str, Tensor] | None = None) -> None:
-        """Report a hyper-step record: its holdout loss when scored, else its validation
-        loss, at step ``record.hyper_step`` (``hparams``: the values it scored)."""
-        value = record.val_loss if math.isnan(record.holdout_loss) else record.holdout_loss
+    def log(self, record: HyperStepRecord, hparams: Any = None, holdout: Any = None) -> None:
+        """Report ``record`` at step ``record.hyper_step``: its holdout loss with
+        ``holdout=True`` (NaN: not reported), its validation loss with False (None: the
+        holdout loss when it was scored). ``hparams``: the values it scored."""
+        scored = record.holdout_scored if holdout is None else holdout
+        value = record.holdout_loss if as_bool(scored, "holdout") else record.val_loss
         self.report(value, hparams, record.hyper_step)
 
     def _write(self) -> None:
@@ -260,9 +262,8 @@ def refine(
         progress: show a ``tqdm`` bar over the epochs' batches.
 
     Returns:
-        The best reported value (the objective's value). The trial's ``refined_hparams``
-        attribute holds the hyperparameters that produced it: the values each epoch ended
-        with (``score``), or the ones a hyper-step's validation batch was evaluated with.
+        The best reported value (the objective's value); the trial's ``refined_hparams``
+        holds the values that produced it (an epoch's last, or a hyper-step's first).
 
     A refinement that diverges (``NonFiniteHypergradientError``, or
     ``HyperparameterDomainError`` when an outer step leaves a domain) is a sampled setting
@@ -321,14 +322,13 @@ def _epoch(hopt: HyperOptimizer, batches: Iterable[Any], reporter: Any, log: boo
     """One pass of the documented loop; each hyper-step's record reported when ``log``."""
     for batch in batches:
         done = hopt.hyper_steps
-        # Copies: an unconstrained hyperparameter's value is its raw leaf, which the
-        # hyper-step updates in place.
+        # Copies: an unconstrained value is its raw leaf, updated in place by hyper-steps.
         before = {k: v.clone() for k, v in hopt.hparams.items()} if log else None
         hopt.zero_grad()
         hopt.train_loss(batch).backward()
         hopt.step(batch)
-        if log and hopt.hyper_steps > done:
-            reporter.log(hopt.history[-1], before)
+        if log and hopt.hyper_steps > done:  # a NaN holdout score is not the val loss
+            reporter.log(hopt.history[-1], before, holdout=hopt.guard is not None)
 
 
 def _check_refine(hopt: Any, data: Any, epochs: Any, from_history: bool) -> int:
