@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo
+from ranks import WORLD, free_port, init_gloo, spawn
 
 DT = torch.float64
 USE = [[True, False], [False, False], [True, True], [False, True]]  # branch use per step, rank
@@ -132,7 +132,7 @@ def one_process():
 
 def test_a_parameter_skipped_only_where_no_rank_used_it():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]
     (h0, e0, k0), (h1, k1) = results[0], (results[1][0], results[1][2])

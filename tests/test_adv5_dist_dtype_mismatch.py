@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 import hypergradient as hg
 from hypergradient.distributed import _fingerprint
-from ranks import WORLD, free_port, init_gloo
+from ranks import WORLD, free_port, init_gloo, spawn
 
 DT = torch.float64
 
@@ -63,6 +63,6 @@ def _worker(rank, port, results):
 
 def test_a_float32_leaf_on_one_rank_raises_on_every_rank():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)

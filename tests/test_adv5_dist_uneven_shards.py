@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo
+from ranks import WORLD, free_port, init_gloo, spawn
 
 DT = torch.float64
 SIZES = (8, 5)
@@ -75,7 +75,7 @@ def _worker(rank, port, results):
 
 def test_uneven_shards_average_the_ranks_means_and_weights_give_the_union():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]
     mean_of_means, _ = _exact((0.5, 0.5), 0.3)

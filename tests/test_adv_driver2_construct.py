@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo
+from ranks import WORLD, free_port, init_gloo, spawn
 
 DT = torch.float64
 
@@ -74,7 +74,7 @@ def _worker(rank, port, results):
 
 def test_refused_construction_leaves_the_linked_settings_unwritten():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "crash") not in results, results[(rank, "crash")]
         assert "differ" in results.get((rank, "error"), ""), results

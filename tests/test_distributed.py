@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hypergradient as hg
+from ranks import spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -172,7 +173,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 def test_two_gloo_processes_match_single_process():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, (_free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)
 
@@ -291,7 +292,7 @@ def _hopt_worker(rank: int, port: int, results: dict) -> None:
 def test_hyperoptimizer_with_ddp_on_two_processes_matches_single_process():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_hopt_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    spawn(_hopt_worker, (_free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)
 
@@ -334,7 +335,7 @@ def test_torchrun_example_prints_the_same_figures_on_every_rank(tmp_path):
 def _spawn(worker) -> None:
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    spawn(worker, (_free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import hypergradient as hg
 from hypergradient.methods import trajectory
-from ranks import WORLD, free_port, init_gloo
+from ranks import WORLD, free_port, init_gloo, spawn
 
 DT = torch.float64
 
@@ -74,7 +74,7 @@ def _worker(rank, port, results):
 
 def test_one_ranks_bad_replay_skips_the_hyper_step_on_every_rank():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]
     (s0, k0, d0), (s1, k1, d1) = results[(0, "clip1")], results[(1, "clip1")]

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hypergradient as hg
+from ranks import spawn
 from test_hyperoptimizer_support import (
     DT,
     VAL,
@@ -288,7 +289,7 @@ def test_under_a_process_group_the_score_is_the_mean_over_ranks():
     from ranks import free_port as _free_port
 
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    spawn(_worker, (_free_port(), results))
     for rank in range(2):
         assert (rank, "error") not in results, results[(rank, "error")]
     mean = (results[0][0] + results[1][0]) / 2

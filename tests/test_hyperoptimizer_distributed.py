@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo
+from ranks import WORLD, free_port, init_gloo, spawn
 
 DT = torch.float64
 
@@ -78,7 +78,7 @@ def _worker(rank, port, results):
 
 def test_ranks_with_different_configurations_all_raise():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]
         for case in ("inner_steps", "lr", "maxiter", "changed"):
