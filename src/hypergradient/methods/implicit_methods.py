@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._vocab import Status, as_bool, as_float, as_int
 from ..solvers import CG, AutoDamping, Neumann, Solver
+from ..solvers.base import non_default
 from ._checks import Inputs
 from .base import Problem
 from .formula import ImplicitInfo
@@ -184,11 +185,12 @@ class IFT(Implicit):
         self.power_iters = as_int(power_iters, "power_iters", min=1)
         self.refresh_every = as_int(refresh_every, "refresh_every", min=1)
         self.default = solver is None
+        estimate = non_default(  # the settings of the step's estimate
+            power_iters=(power_iters, 10), refresh_every=(refresh_every, 10), seed=(seed, None)
+        )
         if solver is not None:
             self.solver = as_solver(solver)
-            given = {"maxiter": maxiter != 10, "alpha": alpha is not None}
-            given.update(power_iters=power_iters != 10, refresh_every=refresh_every != 10)
-            named = [f"`{k}`" for k, v in {**given, "seed": seed is not None}.items() if v]
+            named = non_default(maxiter=(maxiter, 10), alpha=(alpha, None)) + estimate
             if named:  # they configure the default series only: never silently dropped
                 raise ValueError(
                     f"IFT({self.solver!r}, ...) does not use {', '.join(named)}: they "
@@ -197,11 +199,9 @@ class IFT(Implicit):
                     "no solver."
                 )
         else:  # the estimate's settings only where the step is estimated
-            given = {"power_iters": power_iters != 10, "refresh_every": refresh_every != 10}
-            named = [f"`{k}`" for k, v in {**given, "seed": seed is not None}.items() if v]
-            if isinstance(alpha, float) and named:
+            if isinstance(alpha, float) and estimate:
                 raise ValueError(
-                    f"IFT(alpha={alpha:g}) does not use {', '.join(named)}: they configure "
+                    f"IFT(alpha={alpha:g}) does not use {', '.join(estimate)}: they configure "
                     "the estimate of the step (alpha None or 'auto'). Drop them or alpha."
                 )
             self.solver = (

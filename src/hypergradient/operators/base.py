@@ -36,6 +36,15 @@ class LinearOperator:
         self.num_matvecs = 0
 
     @property
+    def differenced(self) -> bool:
+        """Whether the products are finite differences of gradients (``mode ==
+        "first_order"``), here or in the wrapped operator."""
+        base = getattr(self, "base", None) or getattr(self, "op", None)
+        if isinstance(base, LinearOperator):
+            return base.differenced
+        return getattr(self, "mode", None) == "first_order"
+
+    @property
     def product_eps(self) -> float:
         """Relative precision of the products: the machine epsilon of ``dtype``, of the
         least precise parameter (half-precision models) or of the autocast dtype the
@@ -52,7 +61,7 @@ class LinearOperator:
         if isinstance(autocast, torch.dtype):
             dtypes.add(autocast)
         eps = max(torch.finfo(d).eps for d in dtypes)
-        if getattr(self, "mode", None) == "first_order":
+        if self.differenced:
             eps = max(eps, max(torch.finfo(t.dtype).eps for t in params) ** (2.0 / 3.0))
         return eps
 

@@ -34,6 +34,7 @@ __all__ = [
     "check_tensor",
     "convergence_rate",
     "generator_state",
+    "non_default",
     "require_finite_product",
     "require_finite_solution",
     "safe_norm",
@@ -384,3 +385,9 @@ def check_tensor(
     if floating and not _vocab.is_finite(value):
         raise ValueError(f"{name}.load_state_dict: `{key}` holds NaN or Inf.")
     return value
+
+
+def non_default(**settings: tuple[Any, Any]) -> list[str]:
+    """The names, as ``"`name`"``, of the ``settings`` (``name=(value, default)``) whose
+    value is not their default: the arguments a configuration would silently ignore."""
+    return [f"`{k}`" for k, (v, d) in settings.items() if v is not d and v != d]

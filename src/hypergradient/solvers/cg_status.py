@@ -67,18 +67,6 @@ def product_eps(op: LinearOperator) -> float:
     return eps if isinstance(eps, float) else 0.0
 
 
-def differenced(op: Any) -> bool:
-    """Whether ``op`` (or the operator it wraps) makes finite-difference products
-    (``mode == "first_order"``)."""
-    for _ in range(8):  # wrappers: DampedOperator.base, a recorder's op
-        if getattr(op, "mode", None) == "first_order":
-            return True
-        op = getattr(op, "base", None) or getattr(op, "op", None)
-        if op is None:
-            return False
-    return False
-
-
 def attainable_message(run: Any) -> str:
     """Why a run that met its tolerance on the updated residual stopped at maxiter."""
     if "attainable_residual" not in run.stats:
@@ -86,7 +74,7 @@ def attainable_message(run: Any) -> str:
     if run.product_eps > run.eps:  # half-precision products
         run.stats["precision_limited"] = True
         run.stats["product_eps"] = run.product_eps
-        if differenced(run.op):
+        if getattr(run.op, "differenced", False):
             run.stats["finite_difference_products"] = True
             return (
                 f"the updated residual met the tolerance but the true one was "

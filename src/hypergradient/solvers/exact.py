@@ -12,7 +12,6 @@ from .. import _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import PRODUCT, Solution, Solver, require_finite_solution
-from .cg_status import differenced
 
 __all__ = ["NOISE", "Exact"]
 
@@ -92,7 +91,7 @@ class Exact(Solver):
         if evals is not None and kept is not None:
             stats["lambda_min"] = float(evals[0])
             stats["negative_eigenvalues"] = int(((evals < 0) & kept).sum())
-        if differenced(op):  # the residual is the differenced matrix's, not the Hessian's
+        if op.differenced:  # the residual is the differenced matrix's, not the Hessian's
             stats.update(precision_limited=True, finite_difference_products=True)
             stats["product_eps"] = op.product_eps
         x = x64.to(b.dtype)

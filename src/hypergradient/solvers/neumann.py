@@ -15,6 +15,7 @@ from ..operators import DampedOperator, LinearOperator
 from .base import (
     RandomizedSolver,
     Solution,
+    non_default,
     require_finite_product,
     require_finite_solution,
     safe_norm,
@@ -385,14 +386,11 @@ class _Series:
 
 
 def _fixed_step_settings(alpha: Any, *given: Any) -> None:
-    """Refuse the settings of the estimated step with a fixed ``alpha`` (never dropped)."""
-    if alpha == "auto":
-        return
-    names, defaults = (
-        ("alpha_max", "power_iters", "seed", "generator", "refresh_every"),
-        (None, 20, None, None, 1),
-    )
-    named = [f"`{k}`" for k, v, d in zip(names, given, defaults) if v != d]
+    """Refuse the settings of the estimated step with a fixed ``alpha`` (never dropped):
+    ``given`` is ``alpha_max, power_iters, seed, generator, refresh_every``."""
+    names = ("alpha_max", "power_iters", "seed", "generator", "refresh_every")
+    defaults = (None, 20, None, None, 1)
+    named = [] if alpha == "auto" else non_default(**dict(zip(names, zip(given, defaults))))
     if named:
         raise ValueError(
             f"Neumann(alpha={alpha:g}) does not use {', '.join(named)}: they configure "
