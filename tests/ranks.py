@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import warnings
 from collections.abc import Callable
@@ -37,15 +38,25 @@ def spawn(worker: Callable[..., None], args: tuple) -> None:
     """``mp.spawn(worker, args, nprocs=WORLD, join=True)``, where a rank killed by a signal
     after its ``worker`` returned is not a failure: gloo's threads can abort the process at
     exit ("terminate called without an active exception", SIGABRT) once the worker's results
-    are in the parent's dictionary, which the test then checks as usual. A rank killed
-    before its worker returned still fails the test."""
+    are in the parent's dictionary, which the test then checks as usual. Every rank is
+    joined (``mp.spawn`` would kill the others at the first exit, before their work is
+    done); a rank that exits otherwise before its worker returned fails the test."""
     done = mp.Manager().dict()
-    try:
-        mp.spawn(_marked, args=(worker, done, args), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException as exc:
-        if exc.signal_name is None or set(done.keys()) != set(range(WORLD)):
-            raise
-        warnings.warn(f"a rank aborted at exit after its work ({exc})", stacklevel=2)
+    ctx = mp.start_processes(
+        _marked, args=(worker, done, args), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    for process in ctx.processes:
+        process.join()
+    codes = [process.exitcode for process in ctx.processes]
+    died = [f"rank {r}: {_exit(c)}" for r, c in enumerate(codes) if c and r not in done]
+    if died:
+        raise RuntimeError("a rank exited before its work was done: " + "; ".join(died))
+    if any(codes):
+        warnings.warn(f"a rank aborted at exit after its work (exit codes {codes})", stacklevel=2)
+
+
+def _exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def _marked(rank: int, worker: Callable[..., None], done: Any, args: tuple) -> None:
