@@ -29,6 +29,7 @@ from ..optim.functional import from_torch
 from . import divergence, optimizers
 from .build import tuned
 from .holdout import GuardState
+from .transaction import clone_state
 from .window import TrajectoryWindow, capture_rng, parse_rng_state, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,8 +182,10 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
         hopt.method.load_state_dict(before)
         raise ValueError(f"The checkpoint's method state does not load: {err}") from err
     hopt.hyperparameters.load_state_dict(state["hparams"])
-    hopt.inner_optimizer.load_state_dict(state["inner_optimizer"]["state_dict"])
-    hopt.outer_optimizer.load_state_dict(state["outer_optimizer"]["state_dict"])
+    # copies: torch's load keeps the checkpoint's tensors as the live buffers, so two
+    # hyper-optimizers loaded from one checkpoint in memory stepped each other's momentum
+    hopt.inner_optimizer.load_state_dict(clone_state(state["inner_optimizer"]["state_dict"]))
+    hopt.outer_optimizer.load_state_dict(clone_state(state["outer_optimizer"]["state_dict"]))
     hopt.val_sampler.load_state_dict(state["val_sampler"])
     if hopt.train_sampler is not None and state["train_sampler"] is not None:
         hopt.train_sampler.load_state_dict(state["train_sampler"])

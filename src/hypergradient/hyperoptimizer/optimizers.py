@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._vocab import ArgumentTypeError
+from .transaction import clone_state
 
 __all__ = ["build_outer", "check_state", "state"]
 
@@ -49,8 +50,11 @@ def build_outer(
 
 
 def state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``{"type": class name, "state_dict": optimizer.state_dict()}``."""
-    return {"type": type(optimizer).__name__, "state_dict": optimizer.state_dict()}
+    """``{"type": class name, "state_dict": a copy of optimizer.state_dict()}``: torch's
+    holds the live buffers, which the run's next steps change in place, so a checkpoint
+    kept in memory mixed the hyperparameters of its step with later momentum and Adam
+    moments, and a hyper-optimizer loaded from it stepped the saver's buffers too."""
+    return {"type": type(optimizer).__name__, "state_dict": clone_state(optimizer.state_dict())}
 
 
 def _check_groups(optimizer: torch.optim.Optimizer, saved: Any, name: str) -> list[Any]:
