@@ -178,6 +178,16 @@ class TrajectoryWindow:
         )
         self._zero = norms if self._zero is None else torch.minimum(self._zero, norms)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``pickle`` (``torch.save`` of a whole hyper-optimizer) and ``copy.deepcopy``:
+        the last step's gradients, held weakly (weak references do not pickle), are left
+        out. The copy's next gradients are new tensors (a copied model's parameters have
+        none), which :meth:`_note_grads` treats as after ``zero_grad()``."""
+        state = dict(self.__dict__)
+        refs = state["_refs"]
+        state["_refs"] = None if refs is None else [None] * len(refs)
+        return state
+
     def held(self) -> list[bool] | None:
         """Per trained parameter, whether it held an all-zero ``.grad`` after a step (of
         this window, or of the checkpoint it was loaded from): one synchronization."""
