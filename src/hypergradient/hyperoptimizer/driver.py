@@ -39,10 +39,12 @@ inner learning rate, clipping, damping) and, with ``on_divergence="skip"``, skip
 hyper-step (counted in :attr:`skipped`). Trajectory methods replay a window with the inner
 optimizer's settings at its start: a setting changed inside it (a learning-rate scheduler
 stepped every step) skips that hyper-step with a warning naming it; step schedulers right
-after a hyper-step. A replay that ends more than 10% (relative) from the trained parameters
-(gradient clipping in the loop, another loss) skips its hyper-step with a warning: its
-hypergradient is another run's. With param groups of different learning rates T1T2
-differentiates the step each group took (``Problem.lr``, one rate per trained parameter).
+after a hyper-step. So does a step of the window taken in another train/eval mode (the
+replay runs every step in the hyper-step's). A replay that ends more than 10% (relative)
+from the trained parameters (gradient clipping in the loop, another loss) skips its
+hyper-step with a warning: its hypergradient is another run's. With param groups of
+different learning rates T1T2 differentiates the step each group took (``Problem.lr``, one
+rate per trained parameter).
 
 A step that raises (anything, ``KeyboardInterrupt`` included) during a hyper-step is
 undone: weights and buffers, both optimizers, hyperparameters, samplers, the method's

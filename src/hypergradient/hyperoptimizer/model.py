@@ -27,7 +27,7 @@ from .. import _tree
 from ..operators import recompute
 from .buffers import BufferWatch
 
-__all__ = ["ModelView"]
+__all__ = ["ModelView", "mode_switch"]
 
 Loss = Callable[[Any, Any, Any], Tensor]
 
@@ -63,6 +63,19 @@ def _changes(before: Mapping[str, Tensor], named: Mapping[str, Tensor], now: lis
         f"{added}, no longer trained: {removed}, replaced: {replaced}), by requires_grad, "
         "inner_optimizer.add_param_group or a new submodule. After such a change build a new "
         "HyperOptimizer (the hyperparameters can be reused)."
+    )
+
+
+def mode_switch(start: Mapping[str, bool], modes: Mapping[str, bool], step: int) -> str | None:
+    """The first submodule whose train/eval flag in ``modes`` (:meth:`ModelView.modes`) is
+    not the one in ``start``, described; None if there is none."""
+    name = next((n for n, m in modes.items() if m != start.get(n, m)), None)
+    if name is None:
+        return None
+    was, now = ("train" if start[name] else "eval"), ("train" if modes[name] else "eval")
+    return (
+        f"the module {name or 'model'!r} switched from {was} to {now} mode (model.train() / "
+        f"model.eval()) before step {step} of the window, whose replay runs every step in one mode"
     )
 
 
@@ -234,6 +247,11 @@ class ModelView:
     # ------------------------------------------------------------------ state
     def buffers(self) -> list[Tensor]:
         return [] if self.module is None else list(self.module.buffers())
+
+    def modes(self) -> dict[str, bool]:
+        """Each submodule's train/eval flag, by name (``""``: the model; none for a tree)."""
+        module = self.module
+        return {} if module is None else {n: m.training for n, m in module.named_modules()}
 
     def snapshot(self) -> tuple[list[Tensor], list[Tensor]]:
         """Copies of the trained parameters and of the buffers (for a rollback)."""

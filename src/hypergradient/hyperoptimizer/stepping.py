@@ -106,9 +106,10 @@ def start_window(hopt: HyperOptimizer) -> None:
     if hopt.loop.window is None:
         window = TrajectoryWindow.start(hopt.view, hopt.inner_optimizer, tuned(hopt))
         window.changed = link_conflict(hopt.hyperparameters, hopt.inner_optimizer)
+        window.modes0 = hopt.view.modes()
         hopt.loop.window = window
     else:
-        hopt.loop.window.check_settings(hopt.inner_optimizer, hopt.view.params)
+        hopt.loop.window.check_settings(hopt.inner_optimizer, hopt.view.params, hopt.view.modes())
 
 
 def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
@@ -362,6 +363,8 @@ def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
     advice = (
         "."
         if "optimizer_hparams" in window.changed
+        else ": take every step of a window in one mode (model.train() again after evaluating)."
+        if "model.eval()" in window.changed
         else f", and {type(hopt.method).__name__} replays the window with the settings at its "
         "start. Change them only right after a hyper-step (step a learning-rate scheduler "
         "once every inner_steps steps, after the step that took the hyper-step), or use a "

@@ -26,7 +26,7 @@ from ..methods import rng_state
 from ..methods.base import Trajectory
 from ..optim.functional import FunctionalOptimizer, from_torch
 from .batches import pack, unpack
-from .model import ModelView
+from .model import ModelView, mode_switch
 
 __all__ = [
     "TrajectoryWindow",
@@ -91,6 +91,7 @@ class TrajectoryWindow:
             ``zero_grad(set_to_none=False)`` keeps zeros for a parameter the step's loss did
             not use, and torch's momentum and Adam still move it, so the replay must step it
             too (None: none seen).
+        modes0: each submodule's train/eval flag at the start (None: read at the next step).
     """
 
     params0: list[Tensor]
@@ -102,6 +103,7 @@ class TrajectoryWindow:
     settings0: list[dict[str, Any]] | None = None
     changed: str | None = None
     grads: list[bool] | None = None
+    modes0: dict[str, bool] | None = None
     _refs: list[Any] | None = field(default=None, repr=False)  # the last step's .grad (weak)
     _zero: Tensor | None = field(default=None, repr=False)  # smallest .grad norms so far
 
@@ -118,13 +120,23 @@ class TrajectoryWindow:
         return window
 
     def check_settings(
-        self, inner_optimizer: torch.optim.Optimizer, params: Sequence[Tensor] = ()
+        self,
+        inner_optimizer: torch.optim.Optimizer,
+        params: Sequence[Tensor] = (),
+        modes: Mapping[str, bool] | None = None,
     ) -> None:
         """Before a step of the window: note (``changed``) the first setting of the inner
         optimizer that differs from the window's start (a learning-rate scheduler stepped
         inside the window, a warm-up written into ``param_groups``), or the first of the
         trained ``params`` whose dtype or device is no longer that of the window's start
-        (``model.to(...)``: the replay would start from the old copies)."""
+        (``model.to(...)``: the replay would start from the old copies), or the first
+        submodule of ``modes`` (:meth:`ModelView.modes`) whose train/eval flag is not the one
+        at the window's start: the replay runs every step in the hyper-step's mode."""
+        if self.changed is not None:
+            return
+        if self.modes0 is None and modes is not None:  # a window from an older checkpoint
+            self.modes0 = dict(modes)
+        self.changed = mode_switch(self.modes0 or {}, modes or {}, len(self) + 1)
         if self.changed is not None:
             return
         for i, (p0, p) in enumerate(zip(self.params0, params)):
@@ -236,6 +248,7 @@ class TrajectoryWindow:
             "settings0": self.settings0,  # a scheduler stepped before the save is a change
             "offsets": self.optimizer.offsets,  # per-parameter step counts at the start
             "grads": self.held(),
+            "modes0": self.modes0,
         }
 
     @classmethod
@@ -280,7 +293,8 @@ class TrajectoryWindow:
         settings0 = _settings(state.get("settings0"))
         fopt.offsets = _offsets(state.get("offsets"), len(params0))  # the start's counts
         grads = _held(state.get("grads"), len(params0))
-        return cls(params0, fopt, state0, step0, batches, rngs, settings0, changed, grads)
+        modes0 = _modes(state.get("modes0"))
+        return cls(params0, fopt, state0, step0, batches, rngs, settings0, changed, grads, modes0)
 
 
 def numeric_settings(fopt: FunctionalOptimizer, tuned: Sequence[str]) -> FunctionalOptimizer:
@@ -331,6 +345,15 @@ def _held(grads: Any, n: int) -> list[bool] | None:
     if not ok or not all(isinstance(g, bool) for g in grads or ()):
         raise ValueError(f"The checkpoint's window `grads` is {grads!r:.80}.")
     return grads
+
+
+def _modes(modes0: Any) -> dict[str, bool] | None:
+    """The window's train/eval flags at its start (None in a checkpoint from before they
+    were saved: read at the next step)."""
+    ok = modes0 is None or isinstance(modes0, Mapping)
+    if not ok or not all(isinstance(v, bool) for v in (modes0 or {}).values()):
+        raise ValueError(f"The checkpoint's window `modes0` is {modes0!r:.80}.")
+    return None if modes0 is None else dict(modes0)
 
 
 def _optimizer_state(state0: Any, view: ModelView) -> list[Tensor] | None:
