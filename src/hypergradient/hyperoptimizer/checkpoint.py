@@ -137,6 +137,12 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     holdout = state.get("holdout")
     recording = not (isinstance(holdout, Mapping) and holdout.get("stopped") is True)
     window = None
+    if state["window"] is None and hopt.method.needs_trajectory and since and recording:
+        raise ValueError(
+            f"The checkpoint holds no trajectory window, and {since} steps since the last "
+            f"hyper-step were expected ({count} steps, inner_steps={hopt.inner_steps} here): "
+            "it was saved with another inner_steps."
+        )
     if state["window"] is not None or (hopt.method.needs_trajectory and since and recording):
         window = TrajectoryWindow.from_state_dict(
             state["window"], hopt.view, hopt.inner_optimizer, since, tuned(hopt)

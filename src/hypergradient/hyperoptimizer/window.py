@@ -285,7 +285,7 @@ class TrajectoryWindow:
             raise ValueError(
                 f"The checkpoint's window holds {len(batches)} batches and {len(rngs)} "
                 f"random-number states; {steps} were expected (the steps since the last "
-                "hyper-step)."
+                "hyper-step): it was saved with another inner_steps."
             )
         changed = state.get("changed")
         if changed is not None and not isinstance(changed, str):
