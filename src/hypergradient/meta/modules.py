@@ -63,9 +63,22 @@ def module_loss(
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     crit = torch.nn.functional.mse_loss if criterion is None else criterion
-    crit = as_callable(crit, "criterion", "criterion(outputs, targets) -> scalar tensor")
+    return _ModuleLoss(
+        model, as_callable(crit, "criterion", "criterion(outputs, targets) -> scalar tensor")
+    )
 
-    def loss_fn(params: Any, batch: Any) -> Tensor:
+
+class _ModuleLoss:
+    """:func:`module_loss`'s function: an object, not a closure, so that a meta-learner
+    built on a module pickles (``torch.save(maml)``, multiprocessing)."""
+
+    def __init__(self, model: nn.Module, crit: Callable[[Tensor, Tensor], Tensor]):
+        self.hg_module = model  # read by the meta_params and vmap checks
+        self.crit = crit
+        self.known, self.tied = tensor_names(model), tied_names(model)
+
+    def __call__(self, params: Any, batch: Any) -> Tensor:
+        model = self.hg_module
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ArgumentTypeError(
                 "With an nn.Module, each batch (support or query) must be a pair "
@@ -73,10 +86,10 @@ def module_loss(
             )
         inputs, targets = batch
         if isinstance(params, dict):
-            if not known.issuperset(params):
-                known.update(tensor_names(model))  # the module may have changed since
-                check_names(params, known)
-            for alias, first in tied:
+            if not self.known.issuperset(params):
+                self.known.update(tensor_names(model))  # the module may have changed since
+                check_names(params, self.known)
+            for alias, first in self.tied:
                 if alias in params and first in params:
                     raise ValueError(
                         f"meta_params has both {first!r} and {alias!r}, which are one tied "
@@ -93,12 +106,7 @@ def module_loss(
         with recompute.watch() as seen:
             outputs = torch.func.functional_call(model, params, (inputs,))
         recompute.refuse(seen.found, "The module's loss (hg.meta)")
-        return crit(outputs, targets)
-
-    known = tensor_names(model)
-    tied = tied_names(model)
-    loss_fn.hg_module = model  # type: ignore[attr-defined]  # read by the meta_params and vmap checks
-    return loss_fn
+        return self.crit(outputs, targets)
 
 
 def warn_max_norm(model: nn.Module) -> None:
