@@ -131,7 +131,12 @@ class Constraint:
         self.raw = raw.requires_grad_(True)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(value={self.value})"
+        settings = "".join(f", {k}={v!r}" for k, v in self._settings().items())
+        return f"{type(self).__name__}(value={self.value}{settings})"
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor's other arguments, for the repr."""
+        return {}
 
 
 class Unconstrained(Constraint):
@@ -179,6 +184,9 @@ class Positive(Constraint):
             raise ValueError(f"Positive(value) needs every initial value > 0, got {v}.")
         self._init_raw(v)
 
+    def _settings(self) -> dict[str, Any]:
+        return {"transform": self.kind}
+
     def transform(self, raw: Tensor) -> Tensor:
         return raw.exp() if self.kind == "exp" else F.softplus(raw)
 
@@ -219,6 +227,9 @@ class Interval(Constraint):
                 f"Interval(value) needs every initial value inside ({low}, {high}), got {v}."
             )
         self._init_raw(v)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high}
 
     def transform(self, raw: Tensor) -> Tensor:
         return self.low + (self.high - self.low) * torch.sigmoid(raw)

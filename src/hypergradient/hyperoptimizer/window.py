@@ -94,12 +94,12 @@ class TrajectoryWindow:
         modes0: each submodule's train/eval flag at the start (None: read at the next step).
     """
 
-    params0: list[Tensor]
+    params0: list[Tensor] = field(repr=False)  # (tensors: a repr of thousands of lines)
     optimizer: FunctionalOptimizer
-    state0: list[Tensor] | None
+    state0: list[Tensor] | None = field(repr=False)
     step0: int
-    batches: list[Any] = field(default_factory=list)
-    rng_states: list[RngState] = field(default_factory=list)
+    batches: list[Any] = field(default_factory=list, repr=False)
+    rng_states: list[RngState] = field(default_factory=list, repr=False)
     settings0: list[dict[str, Any]] | None = None
     changed: str | None = None
     grads: list[bool] | None = None

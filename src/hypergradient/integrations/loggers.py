@@ -219,6 +219,10 @@ class TensorBoardLogger:
 
     __call__ = log
 
+    def __repr__(self) -> str:
+        where = getattr(self.writer, "log_dir", "")
+        return f"TensorBoardLogger({where!r}, prefix={self.prefix!r})"
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -290,6 +294,9 @@ class CSVLogger:
             csv.DictWriter(f, self.columns, restval="").writerow(row)
 
     __call__ = log
+
+    def __repr__(self) -> str:
+        return f"CSVLogger({str(self.path)!r}, columns={len(self.columns)})"
 
     def _header(self) -> list[str]:
         """The file's columns (none when it is empty or missing)."""
@@ -379,6 +386,9 @@ class ProgressBar:
         self.bar.update(1)
 
     __call__ = log
+
+    def __repr__(self) -> str:
+        return f"ProgressBar(n={self.bar.n}, total={self.bar.total})"
 
     def close(self) -> None:
         self.bar.close()
