@@ -125,6 +125,21 @@ class IMAML(MetaLearner):
     def method(self) -> str:
         return "imaml"
 
+    def state_dict(self) -> dict[str, Any]:
+        """The solver's state (a recycled subspace, a cached sketch, a generator), which
+        carries over between meta-steps: tensors and plain data (``weights_only=True``)."""
+        return {"solver": self.solver.state_dict()}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore :meth:`state_dict`; validated by the solver, which changes nothing if it
+        does not fit (a checkpoint of another solver)."""
+        if not isinstance(state, dict) or set(state) != {"solver"}:
+            raise ValueError(
+                f"IMAML.load_state_dict takes IMAML.state_dict()'s {{'solver': ...}}, got "
+                f"{type(state).__name__} {sorted(state) if isinstance(state, dict) else ''}."
+            )
+        self.solver.load_state_dict(state["solver"])
+
     def config(self) -> dict[str, Any]:
         return {
             "lam": self.lam,
