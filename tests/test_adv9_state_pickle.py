@@ -49,3 +49,22 @@ def test_a_copy_made_mid_window_continues_as_the_original(name, how):
     run(hopt2, steps[4:])
     assert hopt.hyper_steps == hopt2.hyper_steps == 3 and hopt.skipped == 0
     assert_same(everything(model, hopt), everything(model2, hopt2))
+
+
+def test_a_hyper_optimizer_logging_to_a_list_of_loggers_pickles(tmp_path):
+    """The list's sinks were joined by a closure: ``Can't pickle local object
+    '_as_sink.<locals>.fan_out'``, though every logger in it pickles."""
+    from hypergradient.integrations import CSVLogger
+
+    path = tmp_path / "run.csv"
+    model, hopt = build(logger=[CSVLogger(path), CSVLogger(tmp_path / "copy.csv")])
+    run(hopt, batches(3))
+    model2, hopt2 = pickle.loads(pickle.dumps((model, hopt)))
+    steps = batches(3, seed=4)
+    rng = torch.get_rng_state()
+    run(hopt, steps)
+    torch.set_rng_state(rng)
+    run(hopt2, steps)
+    assert_same(everything(model, hopt), everything(model2, hopt2))
+    rows = CSVLogger(path, append=True).rows()  # both wrote their second hyper-step here
+    assert [r["hyper_step"] for r in rows] == ["1", "2", "2"]

@@ -228,13 +228,19 @@ def _as_sink(logger: Any) -> Callable[[HyperStepRecord], Any] | None:
         return None
     if not isinstance(logger, (list, tuple)):
         return _one_sink(logger)
-    sinks = [_one_sink(one) for one in logger]
+    return _FanOut([_one_sink(one) for one in logger])
 
-    def fan_out(record: HyperStepRecord) -> None:
-        for sink in sinks:
+
+class _FanOut:
+    """Several sinks as one (an object, not a closure: a hyper-optimizer logging to a list
+    of loggers pickles when they do)."""
+
+    def __init__(self, sinks: list[Callable[[HyperStepRecord], Any]]):
+        self.sinks = sinks
+
+    def __call__(self, record: HyperStepRecord) -> None:
+        for sink in self.sinks:
             sink(record)
-
-    return fan_out
 
 
 class History(Sequence[HyperStepRecord]):
