@@ -61,8 +61,8 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
         "format": FORMAT,
         "model": hopt.view.signature(),
         "method": {"type": type(hopt.method).__name__, "state": hopt.method.state_dict()},
-        "inner_optimizer": optimizers.state(hopt.inner_optimizer),
-        "outer_optimizer": optimizers.state(hopt.outer_optimizer),
+        "inner_optimizer": optimizers.state(hopt.inner_optimizer, _names(hopt, "model")),
+        "outer_optimizer": optimizers.state(hopt.outer_optimizer, _names(hopt, "hparams")),
         "hparams": hopt.hyperparameters.state_dict(),
         "counters": {"count": loop.count, "skipped": loop.skipped},
         "val_sampler": hopt.val_sampler.state_dict(),
@@ -78,6 +78,13 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
             "losses": [t.clone() for t in loop.losses],
         },
     }
+
+
+def _names(hopt: HyperOptimizer, of: str) -> dict[int, str]:
+    """The trained parameters' names (``of="model"``) or the raw hyperparameters' (by id)."""
+    if of == "model":
+        return {id(p): n for n, p in zip(hopt.view.names, hopt.view.params)}
+    return {id(r): n for n, r in hopt.hyperparameters.raw.items()}
 
 
 def _watch(value: Any, key: str = "norms") -> tuple[Tensor, ...]:
@@ -127,8 +134,9 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     _watch(state.get("watch"), "losses")
     hopt.view.check_signature(state["model"])
     hopt.hyperparameters.check_state(state["hparams"])
-    optimizers.check_state(hopt.inner_optimizer, state["inner_optimizer"], "inner_optimizer")
-    optimizers.check_state(hopt.outer_optimizer, state["outer_optimizer"], "outer_optimizer")
+    for which, names in (("inner", _names(hopt, "model")), ("outer", _names(hopt, "hparams"))):
+        key = f"{which}_optimizer"
+        optimizers.check_state(getattr(hopt, key), state[key], key, names)
     hopt.val_sampler.check_state(state["val_sampler"])
     count = as_int(state["counters"].get("count"), "counters['count']", min=0)
     as_int(state["counters"].get("skipped"), "counters['skipped']", min=0)

@@ -330,11 +330,13 @@ class HyperOptimizer(HoldoutViews):
         """Restore a :meth:`state_dict`; the model's weights must be restored by the caller.
 
         Everything is validated before anything is assigned: a checkpoint from another
-        method, inner optimizer, model or set of hyperparameters, with a missing entry or
+        method, inner optimizer, model or set of hyperparameters (or with the optimizers'
+        tensors in another order: torch's state is by position), with a missing entry or
         non-finite hyperparameters raises ``ValueError`` naming the difference and changes
-        nothing. A ``DataLoader`` given as ``val_data`` restarts a fresh pass (nothing is
-        re-fetched); tensor data resumes exactly; one saved without ``train_data`` starts
-        the train sampler afresh (with a ``HypergradientWarning``).
+        nothing. The optimizers' states are loaded as copies. A ``DataLoader`` given as
+        ``val_data`` restarts a fresh pass (nothing is re-fetched); tensor data resumes
+        exactly; one saved without ``train_data`` starts the train sampler afresh (with a
+        ``HypergradientWarning``).
         """
         checkpoint.load_state_dict(self, state)
         self._begun, self._pending = False, None

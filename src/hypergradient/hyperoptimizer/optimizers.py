@@ -49,12 +49,24 @@ def build_outer(
     return outer
 
 
-def state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``{"type": class name, "state_dict": a copy of optimizer.state_dict()}``: torch's
-    holds the live buffers, which the run's next steps change in place, so a checkpoint
-    kept in memory mixed the hyperparameters of its step with later momentum and Adam
-    moments, and a hyper-optimizer loaded from it stepped the saver's buffers too."""
-    return {"type": type(optimizer).__name__, "state_dict": clone_state(optimizer.state_dict())}
+def state(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+    """``{"type": class name, "state_dict": a copy of optimizer.state_dict(), "params": the
+    name of each parameter in its order}`` (``names``: by ``id``). A copy: torch's holds the
+    live buffers, which the run's next steps change in place, so a checkpoint kept in
+    memory mixed the hyperparameters of its step with later momentum and Adam moments, and
+    a hyper-optimizer loaded from it stepped the saver's buffers too."""
+    return {
+        "type": type(optimizer).__name__,
+        "state_dict": clone_state(optimizer.state_dict()),
+        "params": order(optimizer, names),
+    }
+
+
+def order(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> list[str]:
+    """The name of each parameter of ``optimizer``, in its order (torch's state is by
+    position); ``#i`` for a tensor ``names`` does not know (a criterion's parameter)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [names.get(id(p), f"#{i}") for i, p in enumerate(params)]
 
 
 def _check_groups(optimizer: torch.optim.Optimizer, saved: Any, name: str) -> list[Any]:
@@ -76,7 +88,27 @@ def _check_groups(optimizer: torch.optim.Optimizer, saved: Any, name: str) -> li
     return groups
 
 
-def check_state(optimizer: torch.optim.Optimizer, saved: Any, name: str) -> None:
+def _check_order(
+    optimizer: torch.optim.Optimizer, saved: Any, name: str, names: Mapping[int, str]
+) -> None:
+    """Refuse a state saved for the same tensors in another order (None: an older
+    checkpoint, which did not record it)."""
+    here = order(optimizer, names)
+    if saved is not None and list(saved) != here:
+        raise ValueError(
+            f"The checkpoint's `{name}` holds its state (momentum, Adam's moments) for the "
+            f"tensors in the order {list(saved)}, this one's are in the order {here}: loaded "
+            "by position, it would go to other tensors. Build the optimizer (and hparams) in "
+            "the checkpoint's order."
+        )
+
+
+def check_state(
+    optimizer: torch.optim.Optimizer,
+    saved: Any,
+    name: str,
+    names: Mapping[int, str] | None = None,
+) -> None:
     """Raise ``ValueError`` if ``saved`` (from :func:`state`) does not fit ``optimizer``.
 
     Checks the optimizer's type, its groups and parameter counts, and that every buffer
@@ -91,6 +123,8 @@ def check_state(optimizer: torch.optim.Optimizer, saved: Any, name: str) -> None
         )
     sd = saved["state_dict"]
     groups = _check_groups(optimizer, sd, name)
+    if names is not None:
+        _check_order(optimizer, saved.get("params"), name, names)
     for g, mine in zip(groups, optimizer.param_groups):
         for key, p in zip(g["params"], mine["params"]):
             entry = sd["state"].get(key, {})
