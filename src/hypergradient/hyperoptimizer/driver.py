@@ -58,7 +58,10 @@ the first), or just before a ``closure``.
 Cost per hyper-step, besides the method's: one copy of the trained parameters, the
 buffers, both optimizers' states and the method's state (the rollback snapshot);
 trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each);
-the holdout guard one forward pass on a held-out batch.
+the holdout guard one forward pass on a held-out batch. T1T2 after a step whose loss was
+not ``hopt.train_loss``: one forward pass of ``train_loss`` from the guessed random-number
+state and, if it draws, a backward pass, compared with the step's ``.grad``; another draw
+(something drew between the steps) skips the hyper-step with a warning (:mod:`~.draws`).
 """
 
 from __future__ import annotations

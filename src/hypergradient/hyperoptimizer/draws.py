@@ -1,0 +1,80 @@
+"""Whether T1T2's replay of the step drew the random numbers the step drew.
+
+T1T2 differentiates the step just taken, with its random draws (dropout masks, a noise
+augmentation inside ``train_loss``): it replays ``train_loss`` from the random-number state
+the step's forward pass drew from. ``hopt.train_loss`` and ``begin_step`` capture that state;
+a loop that computes its own loss leaves the driver the state at the end of the previous
+step, which is the step's only if nothing drew random numbers in between (a DataLoader's
+random augmentation or shuffling, ``torch.manual_seed`` in the loop). When it is not, the
+replay differentiates another draw: a probe's hypergradient of a noise scale came out
+-0.18 for an exact 0.033. So, when the state is that guess and the replayed forward pass
+draws, its gradient at the step's start is compared with the ``.grad`` the step used
+(one forward pass per such hyper-step, and a backward pass when it draws).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..methods import T1T2
+from ..methods.rng import replay_rng, rng_state, same_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["MISMATCH", "other_draws"]
+
+#: Relative difference between the replayed and the step's gradient above which the replay
+#: is another draw's (recomputing a gradient with the same draws agrees to rounding).
+MISMATCH = 1e-4
+
+
+def other_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
+    """Why T1T2's replay of the step is not the step (None when it is, or cannot tell).
+
+    Checked only for T1T2, without a process group (``.grad`` is then the ranks' average),
+    for a step whose random-number state is the guess (the loop's own loss) and whose
+    replayed ``train_loss`` on ``batch`` at the step's start ``before`` draws random
+    numbers."""
+    loop = hopt.loop
+    guessed = getattr(loop, "step_rng_guessed", False)
+    if not isinstance(hopt.method, T1T2) or hopt.process_group is not None or not guessed:
+        return None
+    if batch is None or loop.step_rng is None:
+        return None
+    error = _replay_error(hopt, batch, before)
+    if error is None or error <= MISMATCH:
+        return None
+    return (
+        f"T1T2 replays the step's train_loss from the random-number state at the end of the "
+        f"previous step (the loop computed its own loss), and that replay draws random numbers "
+        f"but its gradient is {error:.3g} (relative) away from the .grad the step used: "
+        "something drew random numbers between the steps (a DataLoader's random augmentation "
+        "or shuffling, a seed set in the loop), or the loop changed the gradients (clipping), "
+        "so its hypergradient would be another step's. Compute the loss with "
+        "hopt.train_loss(batch) (it records the state the step draws from)."
+    )
+
+
+def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float | None:
+    """The relative distance between the replayed gradient and the step's ``.grad`` (None
+    when the replayed forward pass draws no random numbers)."""
+    loop, view = hopt.loop, hopt.view
+    leaves = [b.detach().requires_grad_(True) for b in before]
+    loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
+    with torch.enable_grad(), replay_rng(loop.step_rng, view.device):
+        loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
+        drew = not same_state(loop.step_rng, rng_state(view.device))
+    if not drew:
+        return None
+    used = [(leaf, p.grad) for leaf, p in zip(leaves, view.params) if p.grad is not None]
+    found = torch.autograd.grad(loss, [leaf for leaf, _ in used], allow_unused=True)
+    diff = norm = 0.0
+    for (_, g), f in zip(used, found):
+        diff += float(((g - f) ** 2).sum()) if f is not None else float((g**2).sum())
+        norm += float((g**2).sum())
+    if norm == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return (diff / norm) ** 0.5
