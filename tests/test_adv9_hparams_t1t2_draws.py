@@ -174,3 +174,56 @@ def test_resumed_t1t2_replays_the_first_steps_draws():
     _own_step(resumed_model, resumed, BATCHES[1])
     assert torch.equal(resumed.raw_hparams()[0], hopt.raw_hparams()[0])
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), resumed_model.parameters()))
+
+
+def test_own_loss_with_clipped_gradient_norm_is_not_skipped():
+    """The check compares directions: ``clip_grad_norm_`` (T1T2's documented bias) is the
+    same step, not another draw."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.HypergradientWarning)
+        m = _model()
+        hopt = _hopt(m)
+        torch.manual_seed(7)
+        for batch in BATCHES:
+            hopt.zero_grad()
+            train_loss(m, hopt.hparams, batch).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+            hopt.step(batch)
+    assert hopt.skipped == 0 and hopt.hyper_steps == 1
+
+
+def test_dataloader_shuffling_from_the_global_generator_skips_epoch_starts():
+    """A DataLoader without its own generator draws its shuffling seed from torch's at each
+    epoch's start, between two steps: the first step of every epoch (and only it) had its
+    dropout masks replayed wrong."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randint(0, 2, (32,))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2)
+    )
+    ce = torch.nn.functional.cross_entropy
+
+    def loss(m, h, b):
+        return ce(m(b[0]), b[1]) + 0.5 * (h["d"] * m[0].weight ** 2).sum()
+
+    hopt = hg.HyperOptimizer(
+        net,
+        {"d": hg.Positive(torch.full((16, 5), 1e-3))},
+        inner_optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        outer_optimizer=lambda r: torch.optim.SGD(r, lr=0.1),
+        train_loss=loss,
+        val_loss=lambda m, h, b: ce(m(b[0]), b[1]),
+        val_data=(x, y),
+        method=hg.T1T2(),
+        inner_steps=1,
+    )
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+    with pytest.warns(hg.HypergradientWarning, match="another step's") as record:
+        for _ in range(2):
+            for batch in loader:
+                hopt.zero_grad()
+                loss(net, hopt.hparams, batch).backward()
+                hopt.step(batch)
+    steps = sorted(int(str(w.message).split(":")[0].split()[1]) for w in record)
+    assert steps == [1, 5] and hopt.skipped == 2 and hopt.hyper_steps == 6

@@ -8,8 +8,9 @@ step, which is the step's only if nothing drew random numbers in between (a Data
 random augmentation or shuffling, ``torch.manual_seed`` in the loop). When it is not, the
 replay differentiates another draw: a probe's hypergradient of a noise scale came out
 -0.18 for an exact 0.033. So, when the state is that guess and the replayed forward pass
-draws, its gradient at the step's start is compared with the ``.grad`` the step used
-(one forward pass per such hyper-step, and a backward pass when it draws).
+draws, the direction of its gradient at the step's start is compared with that of the
+``.grad`` the step used (one forward pass per such hyper-step, and a backward pass when it
+draws).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import _tree
 from ..methods import T1T2
 from ..methods.rng import replay_rng, rng_state, same_state
 
@@ -26,8 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["MISMATCH", "other_draws"]
 
-#: Relative difference between the replayed and the step's gradient above which the replay
-#: is another draw's (recomputing a gradient with the same draws agrees to rounding).
+#: Distance between the directions (unit vectors) of the replayed and the step's gradient
+#: above which the replay is another draw's (recomputing a gradient with the same draws
+#: agrees to rounding; a gradient rescaled by ``clip_grad_norm_`` keeps its direction).
 MISMATCH = 1e-4
 
 
@@ -50,17 +53,18 @@ def other_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | No
     return (
         f"T1T2 replays the step's train_loss from the random-number state at the end of the "
         f"previous step (the loop computed its own loss), and that replay draws random numbers "
-        f"but its gradient is {error:.3g} (relative) away from the .grad the step used: "
+        f"but its gradient points {error:.3g} away (unit vectors) from the .grad the step used: "
         "something drew random numbers between the steps (a DataLoader's random augmentation "
-        "or shuffling, a seed set in the loop), or the loop changed the gradients (clipping), "
+        "or shuffling, a seed set in the loop), or the loop changed the gradients' direction "
+        "(clip_grad_value_, accumulation over micro-batches), "
         "so its hypergradient would be another step's. Compute the loss with "
         "hopt.train_loss(batch) (it records the state the step draws from)."
     )
 
 
 def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float | None:
-    """The relative distance between the replayed gradient and the step's ``.grad`` (None
-    when the replayed forward pass draws no random numbers)."""
+    """The distance between the directions of the replayed gradient and the step's
+    ``.grad`` (None when the replayed forward pass draws no random numbers)."""
     loop, view = hopt.loop, hopt.view
     leaves = [b.detach().requires_grad_(True) for b in before]
     loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
@@ -71,10 +75,19 @@ def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float 
         return None
     used = [(leaf, p.grad) for leaf, p in zip(leaves, view.params) if p.grad is not None]
     found = torch.autograd.grad(loss, [leaf for leaf, _ in used], allow_unused=True)
-    diff = norm = 0.0
-    for (_, g), f in zip(used, found):
-        diff += float(((g - f) ** 2).sum()) if f is not None else float((g**2).sum())
-        norm += float((g**2).sum())
-    if norm == 0:
-        return 0.0 if diff == 0 else float("inf")
-    return (diff / norm) ** 0.5
+    wide = _tree.wide_dtype(view.device)
+    step = [_flat(g, wide) for _, g in used]
+    replay = [torch.zeros_like(a) if f is None else _flat(f, wide) for a, f in zip(step, found)]
+    a, b = torch.cat(step), torch.cat(replay)
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 or nb == 0:
+        return 0.0 if na == nb else float("inf")
+    # the directions' distance: a gradient rescaled by the loop (clip_grad_norm_, which T1T2
+    # documents as a bias of its hypergradient) is the same step's
+    return float((a / na - b / nb).norm())
+
+
+def _flat(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g`` (dense or sparse, as an embedding's) as a flat dense vector of ``dtype``."""
+    g = g.detach()
+    return (g.to_dense() if g.is_sparse else g).to(dtype).flatten()
