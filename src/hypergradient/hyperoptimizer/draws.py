@@ -11,10 +11,17 @@ replay differentiates another draw: a probe's hypergradient of a noise scale cam
 draws, the direction of its gradient at the step's start is compared with that of the
 ``.grad`` the step used (one forward pass per such hyper-step, and a backward pass when it
 draws).
+
+No recorded state replays draws from elsewhere (numpy, ``random``, a private
+``torch.Generator``: a mixup coefficient from ``np.random.beta``): T1T2 replayed other
+noise (0.031 for an exact 0.113; -0.103 for 0.118). So the first T1T2 hyper-step evaluates
+``train_loss`` twice from one state (two forward passes, once per hyper-optimizer): values
+that differ skip the hyper-step with a warning (and the check is repeated at the next).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,12 +33,53 @@ from ..methods.rng import replay_rng, rng_state, same_state
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["MISMATCH", "other_draws"]
+__all__ = ["MISMATCH", "foreign_draws", "not_the_step", "other_draws"]
 
 #: Distance between the directions (unit vectors) of the replayed and the step's gradient
 #: above which the replay is another draw's (recomputing a gradient with the same draws
 #: agrees to rounding; a gradient rescaled by ``clip_grad_norm_`` keeps its direction).
 MISMATCH = 1e-4
+
+
+def not_the_step(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
+    """Why T1T2's replay of the step would not be the step (:func:`foreign_draws`, then
+    :func:`other_draws`), or None."""
+    return foreign_draws(hopt, batch, before) or other_draws(hopt, batch, before)
+
+
+def foreign_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
+    """Why T1T2 cannot replay ``train_loss`` (it gave two values from one random-number
+    state: it draws from a generator other than torch's), or None; once it gave the same
+    value twice (``loop.replayable``), None without evaluating it. Only for T1T2, on the
+    step's ``batch``, without a process group."""
+    loop, view = hopt.loop, hopt.view
+    if not isinstance(hopt.method, T1T2) or hopt.process_group is not None or batch is None:
+        return None
+    if getattr(loop, "replayable", False):
+        return None
+    state = loop.step_rng if loop.step_rng is not None else rng_state(view.device)
+    loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
+    values = []
+    for _ in range(2):
+        with torch.no_grad(), replay_rng(state, view.device):
+            loss = loss_fn(view.tree(before), hopt.hyperparameters.detached_raw())
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return None  # the method names the problem
+        values.append(float(loss))
+    a, b = values
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return None  # the non-finite checks answer
+    if a == b or abs(a - b) <= 1e-5 * max(abs(a), abs(b)):  # GPU atomics: rounding
+        loop.replayable = True
+        return None
+    return (
+        f"train_loss gave {a:.6g} and then {b:.6g} from the same torch random-number state "
+        "at the step's start: it draws random numbers from another generator (numpy, "
+        "Python's random, a torch.Generator of its own), which T1T2's replay of the step "
+        "cannot reproduce, so its hypergradient would be another draw's. Draw them from "
+        "torch's default generator (torch.rand, torch.distributions), or use a trajectory "
+        "method (their replay is checked against the run)."
+    )
 
 
 def other_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:

@@ -227,7 +227,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
         return
     if accumulated_draws(hopt, saved):
         return
-    other = draws.other_draws(hopt, batch, saved.params_before)
+    other = draws.not_the_step(hopt, batch, saved.params_before)
     if other is not None:
         skip(hopt, saved, other)
         return

@@ -86,6 +86,8 @@ class LoopState:
             dropout masks).
         step_rng_guessed: ``step_rng`` is ``rng_next``, the guess for a loop that computes
             its own loss (:mod:`.draws` checks T1T2's replay against the step's ``.grad``).
+        replayable: ``train_loss`` gave one value twice from one random-number state (T1T2
+            can replay it: :func:`.draws.foreign_draws`, checked once).
         norms, losses: parameter norms and training losses of the last steps before a
             hyper-step (:mod:`.divergence`).
         loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
@@ -105,6 +107,7 @@ class LoopState:
     rng_next: Any = None
     step_rng: Any = None
     step_rng_guessed: bool = False
+    replayable: bool = False
     norms: tuple[Tensor, ...] = ()
     losses: tuple[Tensor, ...] = ()
     loss_pending: Tensor | None = None
