@@ -295,3 +295,35 @@ def test_replayability_is_checked_once():
         per_step.append(len(calls) - before)
     assert per_step[1:] == [per_step[1]] * 2 and per_step[0] == per_step[1] + 2
     assert hopt.hyper_steps == 3
+
+
+def test_a_loss_that_differentiates_inside_passes_the_checks():
+    """An input-gradient penalty (``torch.autograd.grad`` inside ``train_loss``) runs under
+    the replay checks as under T1T2 itself, without a warning."""
+
+    def penalized(m, h, batch):
+        x, t = batch
+        x = x.clone().requires_grad_(True)
+        out = m(x).squeeze(-1)
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return ((out - t) ** 2).mean() + h["s"] * (gx**2).sum(1).mean()
+
+    m = _model()
+    hopt = hg.HyperOptimizer(
+        m,
+        {"s": hg.Positive(torch.tensor(0.1, dtype=D))},
+        inner_optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+        outer_optimizer=lambda r: torch.optim.SGD(r, lr=1e-3),
+        train_loss=penalized,
+        val_loss=val_loss,
+        val_data=(XV, YV),
+        method=hg.T1T2(),
+        inner_steps=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batch in BATCHES:
+            hopt.zero_grad()
+            penalized(m, hopt.hparams, batch).backward()
+            hopt.step(batch)
+    assert hopt.hyper_steps == 3 and hopt.skipped == 0

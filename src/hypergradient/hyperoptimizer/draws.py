@@ -60,12 +60,13 @@ def foreign_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | 
     state = loop.step_rng if loop.step_rng is not None else rng_state(view.device)
     loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
     values = []
-    for _ in range(2):
-        with torch.no_grad(), replay_rng(state, view.device):
-            loss = loss_fn(view.tree(before), hopt.hyperparameters.detached_raw())
+    for _ in range(2):  # with gradients: a loss may differentiate inside (a penalty)
+        leaves = [b.detach().requires_grad_(True) for b in before]
+        with torch.enable_grad(), replay_rng(state, view.device):
+            loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return None  # the method names the problem
-        values.append(float(loss))
+        values.append(float(loss.detach()))
     a, b = values
     if not (math.isfinite(a) and math.isfinite(b)):
         return None  # the non-finite checks answer
