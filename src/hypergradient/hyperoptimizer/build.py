@@ -105,9 +105,11 @@ def check_method(method: Method | None, links: Mapping[str, str] | None) -> Meth
         )
     if links and not method.tunes_optimizer:
         raise ValueError(
-            f"{type(method).__name__} differentiates at the current parameters, where the "
-            "optimizer's settings have no effect; tune them with hg.Unrolled(), "
-            "hg.ForwardMode() or hg.DrMAD()."
+            f"{type(method).__name__} differentiates at the current parameters (T1T2: through "
+            "the last step) with the inner optimizer's settings as constants (a coupled "
+            "weight_decay is a fixed L2 term of the inner objective), so it cannot tune them; "
+            "tune them with hg.Unrolled(), hg.ForwardMode() or hg.DrMAD(), or tune a weight "
+            "decay as a penalty in train_loss (with the optimizer's weight_decay at 0)."
         )
     return method
 

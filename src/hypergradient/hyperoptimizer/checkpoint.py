@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._vocab import ArgumentTypeError, HypergradientWarning, as_int
 from ..optim.functional import from_torch
-from . import divergence, optimizers
+from . import divergence, optimizers, stepping
 from .build import tuned
 from .holdout import GuardState
 from .transaction import clone_state
@@ -217,11 +217,12 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     loop.losses = tuple(t.to(hopt.view.device) for t in _watch(state.get("watch"), "losses"))
     loop.loss_pending = None
     loop.lrs = None
-    trajectory = hopt.method.needs_trajectory
     loop.rng_pending, loop.drawn, loop.forward_drew = None, False, None
     if state.get("rng") is not None:
         restore_rng(parse_rng_state(state["rng"]), hopt.view.device)
-    loop.rng_next = capture_rng(hopt.view.device) if trajectory else None
+    # the state the first step after loading draws from, as at construction (T1T2 replays
+    # it too: None made its first hyper-step draw fresh noise, another step's)
+    loop.rng_next = stepping.capture(hopt)
     hopt.history.restore(history)
     if guard is not None and hopt.guard is not None:
         hopt.guard.sampler.load_state_dict(state["holdout"]["sampler"])

@@ -60,7 +60,12 @@ the first), or just before a ``closure``.
 Cost per hyper-step, besides the method's: one copy of the trained parameters, the
 buffers, both optimizers' states and the method's state (the rollback snapshot);
 trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each);
-the holdout guard one forward pass on a held-out batch.
+the holdout guard one forward pass on a held-out batch. T1T2 replays the step's draws:
+its first hyper-step evaluates ``train_loss`` twice from one random-number state (a loss
+drawing from numpy or its own generator gives two values: skipped with a warning); after a
+step whose loss was not ``hopt.train_loss``, one forward pass from the guessed state and,
+if it draws, a backward pass, compared with the step's ``.grad``: another draw (something
+drew between the steps) skips the hyper-step with a warning (:mod:`~.draws`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from ..methods.rng import same_state
 from ..operators import recompute
-from . import divergence
+from . import divergence, draws
 from .batches import copy_batch
 from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
@@ -115,7 +115,7 @@ def start_window(hopt: HyperOptimizer) -> None:
 def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
     """Account for one inner step taken on ``batch`` from the RNG state ``rng``."""
     loop = hopt.loop
-    loop.step_rng = rng
+    loop.step_rng, loop.step_rng_guessed = rng, False
     if loop.window is not None:
         loop.window.record(copy_batch(batch), rng, hopt.view.params)
     watch(hopt)
@@ -188,6 +188,7 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     step = hopt.inner_optimizer.step
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     loop.step_rng = rng
+    loop.step_rng_guessed = closure is None and loop.rng_pending is None
     if loop.window is not None:
         loop.window.record(copied, rng, hopt.view.params)
     watch(hopt)
@@ -226,6 +227,10 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     if diverged(hopt, saved) or settings_changed(hopt, saved) or zero_rate(hopt, saved):
         return
     if accumulated_draws(hopt, saved):
+        return
+    other = draws.not_the_step(hopt, batch, saved.params_before)
+    if other is not None:
+        skip(hopt, saved, other)
         return
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()

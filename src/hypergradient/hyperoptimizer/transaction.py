@@ -84,6 +84,10 @@ class LoopState:
         rng_next: the state at the end of the last step (used when ``train_loss`` was not).
         step_rng: the state the last step drew from (T1T2 differentiates that step with its
             dropout masks).
+        step_rng_guessed: ``step_rng`` is ``rng_next``, the guess for a loop that computes
+            its own loss (:mod:`.draws` checks T1T2's replay against the step's ``.grad``).
+        replayable: ``train_loss`` gave one value twice from one random-number state (T1T2
+            can replay it: :func:`.draws.foreign_draws`, checked once).
         norms, losses: parameter norms and training losses of the last steps before a
             hyper-step (:mod:`.divergence`).
         loss_pending: the training loss computed by ``hopt.train_loss`` for the next step.
@@ -102,6 +106,8 @@ class LoopState:
     rng_pending: Any = None
     rng_next: Any = None
     step_rng: Any = None
+    step_rng_guessed: bool = False
+    replayable: bool = False
     norms: tuple[Tensor, ...] = ()
     losses: tuple[Tensor, ...] = ()
     loss_pending: Tensor | None = None

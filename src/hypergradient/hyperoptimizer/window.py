@@ -184,7 +184,7 @@ class TrajectoryWindow:
             [
                 torch.tensor(math.inf, device=device)
                 if g is None or not g.numel()
-                else g.detach().abs().amax().to(device, torch.float32)
+                else _largest(g).to(device, torch.float32)
                 for g in grads
             ]
         )
@@ -394,3 +394,13 @@ def _unpack_batches(value: Any) -> list[Any]:
         raise ValueError("The checkpoint's window batches are malformed.")
     tensors = _tensors(value.get("tensors"), "batches")
     return [unpack(desc, tensors) for desc in value["structure"]]
+
+
+def _largest(grad: Tensor) -> Tensor:
+    """The largest magnitude in ``grad``; of a sparse one's stored values (0 if none: an
+    ``nn.Embedding(sparse=True)``'s, whose replay then refuses it with a clear error)."""
+    grad = grad.detach()
+    if grad.layout != torch.strided:
+        values = grad.coalesce().values()
+        return values.abs().amax() if values.numel() else torch.zeros((), device=grad.device)
+    return grad.abs().amax()

@@ -338,6 +338,7 @@ def look_ahead(
             "outer_loss",
         )
         gq = _grads(g, q + h_outer)
+        _tree.require_dense(gq[: len(q)], p_spec.paths, "outer_loss")  # (an Embedding's)
         x = _scaled(gq[: len(q)], lr, inputs, dtype)
         xparts = norm_parts(x, wide)
         b = b_parts(lr, gq[: len(q)], wide)  # per-leaf rates: ||b|| from b's leaves

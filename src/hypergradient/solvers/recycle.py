@@ -31,6 +31,11 @@ of dropped) 633-637; a free Galerkin correction ``x + U Theta^-1 U^T r`` after t
 (its bottom group only: 652); a longer first solve (80-220 products, all harvested) 660-790:
 the later solves gain 1-3 products each, less than the first one spends; a Rayleigh-Ritz
 step and restart inside each solve after 4-20 products 677-961.
+Without the warm start (no ``A x_0``; ``x_0 = 0``) 1,096. A Jacobi preconditioner under the
+recycled one helps both sides alike: with the exact diagonal of ``A`` (not free) RecycledCG
+needs 522 and cold CG 1,331 (2.55x, against 2.79x without it); estimated, it does not pay:
+Hutchinson with 1 or 2 probes a solve (averaged over solves) 2,022 / 1,606, a diagonal
+fitted to the harvested pairs over 15,000.
 
 On ``reuse.py --size 100k`` (10 hyper-steps, cold CG 250 products): ``(rank, smallest,
 harvest)`` = (16, 4, 8) 132, (32, 4, 16) 118, (32, 8, 16) 121, (64, 8, 32) 123, (100, 10,

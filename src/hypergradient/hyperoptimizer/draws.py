@@ -1,0 +1,142 @@
+"""Whether T1T2's replay of the step drew the random numbers the step drew.
+
+T1T2 differentiates the step just taken, with its random draws (dropout masks, a noise
+augmentation inside ``train_loss``): it replays ``train_loss`` from the random-number state
+the step's forward pass drew from. ``hopt.train_loss`` and ``begin_step`` capture that state;
+a loop that computes its own loss leaves the driver the state at the end of the previous
+step, which is the step's only if nothing drew random numbers in between (a DataLoader's
+random augmentation or shuffling, ``torch.manual_seed`` in the loop). When it is not, the
+replay differentiates another draw: a probe's hypergradient of a noise scale came out
+-0.18 for an exact 0.033. So, when the state is that guess and the replayed forward pass
+draws, the direction of its gradient at the step's start is compared with that of the
+``.grad`` the step used (one forward pass per such hyper-step, and a backward pass when it
+draws).
+
+No recorded state replays draws from elsewhere (numpy, ``random``, a private
+``torch.Generator``: a mixup coefficient from ``np.random.beta``): T1T2 replayed other
+noise (0.031 for an exact 0.113; -0.103 for 0.118). So the first T1T2 hyper-step evaluates
+``train_loss`` twice from one state (two forward passes, once per hyper-optimizer): values
+that differ skip the hyper-step with a warning (and the check is repeated at the next).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import _tree
+from ..methods import T1T2
+from ..methods.rng import replay_rng, rng_state, same_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["MISMATCH", "foreign_draws", "not_the_step", "other_draws"]
+
+#: Distance between the directions (unit vectors) of the replayed and the step's gradient
+#: above which the replay is another draw's (recomputing a gradient with the same draws
+#: agrees to rounding; a gradient rescaled by ``clip_grad_norm_`` keeps its direction).
+MISMATCH = 1e-4
+
+
+def not_the_step(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
+    """Why T1T2's replay of the step would not be the step (:func:`foreign_draws`, then
+    :func:`other_draws`), or None."""
+    return foreign_draws(hopt, batch, before) or other_draws(hopt, batch, before)
+
+
+def foreign_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
+    """Why T1T2 cannot replay ``train_loss`` (it gave two values from one random-number
+    state: it draws from a generator other than torch's), or None; once it gave the same
+    value twice (``loop.replayable``), None without evaluating it. Only for T1T2, on the
+    step's ``batch``, without a process group."""
+    loop, view = hopt.loop, hopt.view
+    if not isinstance(hopt.method, T1T2) or hopt.process_group is not None or batch is None:
+        return None
+    if getattr(loop, "replayable", False):
+        return None
+    state = loop.step_rng if loop.step_rng is not None else rng_state(view.device)
+    loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
+    values = []
+    for _ in range(2):  # with gradients: a loss may differentiate inside (a penalty)
+        leaves = [b.detach().requires_grad_(True) for b in before]
+        with torch.enable_grad(), replay_rng(state, view.device):
+            loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return None  # the method names the problem
+        values.append(float(loss.detach()))
+    a, b = values
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return None  # the non-finite checks answer
+    if a == b or abs(a - b) <= 1e-5 * max(abs(a), abs(b)):  # GPU atomics: rounding
+        loop.replayable = True
+        return None
+    return (
+        f"train_loss gave {a:.6g} and then {b:.6g} from the same torch random-number state "
+        "at the step's start: it draws random numbers from another generator (numpy, "
+        "Python's random, a torch.Generator of its own), which T1T2's replay of the step "
+        "cannot reproduce, so its hypergradient would be another draw's. Draw them from "
+        "torch's default generator (torch.rand, torch.distributions), or use a trajectory "
+        "method (their replay is checked against the run)."
+    )
+
+
+def other_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
+    """Why T1T2's replay of the step is not the step (None when it is, or cannot tell).
+
+    Checked only for T1T2, without a process group (``.grad`` is then the ranks' average),
+    for a step whose random-number state is the guess (the loop's own loss) and whose
+    replayed ``train_loss`` on ``batch`` at the step's start ``before`` draws random
+    numbers."""
+    loop = hopt.loop
+    guessed = getattr(loop, "step_rng_guessed", False)
+    if not isinstance(hopt.method, T1T2) or hopt.process_group is not None or not guessed:
+        return None
+    if batch is None or loop.step_rng is None:
+        return None
+    error = _replay_error(hopt, batch, before)
+    if error is None or error <= MISMATCH:
+        return None
+    return (
+        f"T1T2 replays the step's train_loss from the random-number state at the end of the "
+        f"previous step (the loop computed its own loss), and that replay draws random numbers "
+        f"but its gradient points {error:.3g} away (unit vectors) from the .grad the step used: "
+        "something drew random numbers between the steps (a DataLoader's random augmentation "
+        "or shuffling, a seed set in the loop), or the loop changed the gradients' direction "
+        "(clip_grad_value_, accumulation over micro-batches), "
+        "so its hypergradient would be another step's. Compute the loss with "
+        "hopt.train_loss(batch) (it records the state the step draws from)."
+    )
+
+
+def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float | None:
+    """The distance between the directions of the replayed gradient and the step's
+    ``.grad`` (None when the replayed forward pass draws no random numbers)."""
+    loop, view = hopt.loop, hopt.view
+    leaves = [b.detach().requires_grad_(True) for b in before]
+    loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
+    with torch.enable_grad(), replay_rng(loop.step_rng, view.device):
+        loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
+        drew = not same_state(loop.step_rng, rng_state(view.device))
+    if not drew:
+        return None
+    used = [(leaf, p.grad) for leaf, p in zip(leaves, view.params) if p.grad is not None]
+    found = torch.autograd.grad(loss, [leaf for leaf, _ in used], allow_unused=True)
+    wide = _tree.wide_dtype(view.device)
+    step = [_flat(g, wide) for _, g in used]
+    replay = [torch.zeros_like(a) if f is None else _flat(f, wide) for a, f in zip(step, found)]
+    a, b = torch.cat(step), torch.cat(replay)
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 or nb == 0:
+        return 0.0 if na == nb else float("inf")
+    # the directions' distance: a gradient rescaled by the loop (clip_grad_norm_, which T1T2
+    # documents as a bias of its hypergradient) is the same step's
+    return float((a / na - b / nb).norm())
+
+
+def _flat(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g`` (dense or sparse, as an embedding's) as a flat dense vector of ``dtype``."""
+    g = g.detach()
+    return (g.to_dense() if g.is_sparse else g).to(dtype).flatten()
