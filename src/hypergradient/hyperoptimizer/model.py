@@ -27,7 +27,7 @@ from .. import _tree
 from ..operators import recompute
 from .buffers import BufferWatch
 
-__all__ = ["ModelView", "mode_switch"]
+__all__ = ["ModelView", "mode_switch", "parse_modes"]
 
 Loss = Callable[[Any, Any, Any], Tensor]
 
@@ -77,6 +77,15 @@ def mode_switch(start: Mapping[str, bool], modes: Mapping[str, bool], step: int)
         f"the module {name or 'model'!r} switched from {was} to {now} mode (model.train() / "
         f"model.eval()) before step {step} of the window, whose replay runs every step in one mode"
     )
+
+
+def parse_modes(modes0: Any) -> dict[str, bool] | None:
+    """A checkpointed window's train/eval flags at its start (None in a checkpoint from
+    before they were saved: read at the next step)."""
+    ok = modes0 is None or isinstance(modes0, Mapping)
+    if not ok or not all(isinstance(v, bool) for v in (modes0 or {}).values()):
+        raise ValueError(f"The checkpoint's window `modes0` is {modes0!r:.80}.")
+    return None if modes0 is None else dict(modes0)
 
 
 class ModelView:

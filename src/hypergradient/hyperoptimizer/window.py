@@ -26,7 +26,7 @@ from ..methods import rng_state
 from ..methods.base import Trajectory
 from ..optim.functional import FunctionalOptimizer, from_torch
 from .batches import pack, unpack
-from .model import ModelView, mode_switch
+from .model import ModelView, mode_switch, parse_modes
 
 __all__ = [
     "TrajectoryWindow",
@@ -293,7 +293,7 @@ class TrajectoryWindow:
         settings0 = _settings(state.get("settings0"))
         fopt.offsets = _offsets(state.get("offsets"), len(params0))  # the start's counts
         grads = _held(state.get("grads"), len(params0))
-        modes0 = _modes(state.get("modes0"))
+        modes0 = parse_modes(state.get("modes0"))
         return cls(params0, fopt, state0, step0, batches, rngs, settings0, changed, grads, modes0)
 
 
@@ -345,15 +345,6 @@ def _held(grads: Any, n: int) -> list[bool] | None:
     if not ok or not all(isinstance(g, bool) for g in grads or ()):
         raise ValueError(f"The checkpoint's window `grads` is {grads!r:.80}.")
     return grads
-
-
-def _modes(modes0: Any) -> dict[str, bool] | None:
-    """The window's train/eval flags at its start (None in a checkpoint from before they
-    were saved: read at the next step)."""
-    ok = modes0 is None or isinstance(modes0, Mapping)
-    if not ok or not all(isinstance(v, bool) for v in (modes0 or {}).values()):
-        raise ValueError(f"The checkpoint's window `modes0` is {modes0!r:.80}.")
-    return None if modes0 is None else dict(modes0)
 
 
 def _optimizer_state(state0: Any, view: ModelView) -> list[Tensor] | None:
