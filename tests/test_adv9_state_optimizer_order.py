@@ -95,3 +95,16 @@ def test_the_same_order_resumes_bit_for_bit():
     resumed.load_state_dict(state["hopt"])
     run(resumed, rest)
     assert_same(everything(model, source), everything(resumed_model, resumed))
+
+
+def test_a_checkpoint_without_the_order_loads_as_before():
+    """Checkpoints written before the order was recorded have no ``params`` entry."""
+    model, source = _make()
+    run(source, batches(7))
+    state = roundtrip(source.state_dict())
+    for key in ("inner_optimizer", "outer_optimizer"):
+        del state[key]["params"]
+    resumed_model, resumed = _make()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(state)
+    assert_same(source.state_dict(), resumed.state_dict())
