@@ -280,8 +280,9 @@ def drmad(
     ``max_deviation`` as :class:`DrMAD` (see it for when the approximation is exact and for
     the path-deviation warning). Builds a :class:`Problem` and calls :class:`DrMAD`.
     """
+    method = DrMAD(anchors=anchors, hvp=hvp, max_deviation=max_deviation)  # before any batch
+    as_bool(return_info, "return_info")
     problem = functional_problem(
         inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
     )
-    method = DrMAD(anchors=anchors, hvp=hvp, max_deviation=max_deviation)
     return functional_result(method(problem), return_info)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import as_optional_int
+from .._vocab import as_bool, as_optional_int
 from ..optim.functional import SGD, FunctionalOptimizer
 from ._checks import unused_leaves
 from .base import Problem
@@ -265,7 +265,9 @@ def forward_mode(
     :class:`ForwardMode`; builds a :class:`Problem` and calls :class:`ForwardMode`. No
     trajectory is stored: memory is independent of ``steps``.
     """
+    method = ForwardMode(chunk_size, hvp)  # its settings checked before any batch is taken
+    as_bool(return_info, "return_info")
     problem = functional_problem(
         inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
     )
-    return functional_result(ForwardMode(chunk_size, hvp)(problem), return_info)
+    return functional_result(method(problem), return_info)

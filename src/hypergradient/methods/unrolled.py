@@ -172,12 +172,13 @@ def unrolled(
     Memory and cost: see :class:`Unrolled`. Random ops inside ``inner_loss`` (dropout)
     draw the same numbers in the forward and the reverse pass.
     """
-    problem = functional_problem(
-        inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
-    )
-    T = as_int(steps, "steps", min=1)
+    T = as_int(steps, "steps", min=1)  # the settings first: no batch taken before an error
     K = as_optional_int(truncate, "truncate", min=1)
     if K is not None and K > T:
         raise ValueError(f"`truncate` ({K}) cannot exceed `steps` ({T}).")
     method = Unrolled(truncate=K, checkpoint_every=checkpoint_every, hvp=hvp, compile=compile)
+    as_bool(return_info, "return_info")
+    problem = functional_problem(
+        inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
+    )
     return functional_result(method(problem), return_info)
