@@ -64,16 +64,25 @@ class Inputs:
     hparam_spec: TreeSpec
 
 
-def check_problem(problem: Any, who: str) -> Problem:
-    """``problem`` if it is a :class:`Problem` whose losses are callables."""
+def check_problem(problem: Any, who: str, inner: bool = True) -> Problem:
+    """``problem`` if it is a :class:`Problem` whose losses are callables of
+    ``(params, hparams)`` (``inner=False``: ``inner_loss``'s arity is not checked)."""
     if not isinstance(problem, Problem):
         raise ArgumentTypeError(
             f"{who} takes a hg.Problem (hg.methods.Problem), got {type(problem).__name__}; "
             "the functional API (hg.implicit, hg.unrolled, ...) builds one for you."
         )
-    as_callable(problem.inner_loss, "inner_loss", "(params, hparams) -> scalar tensor")
-    as_callable(problem.outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
+    for name in ("inner_loss", "outer_loss"):  # the same message for every method
+        fn = as_callable(getattr(problem, name), name, "(params, hparams) -> scalar tensor")
+        if name == "outer_loss" or inner:  # (a trajectory method reads the step loss instead)
+            check_arity(fn, 2, name, "(params, hparams)", _ARITY_HINT)
     return problem
+
+
+_ARITY_HINT = (
+    "It may ignore `hparams`; data go in a closure (the trajectory methods pass one batch "
+    "per step as a third argument of inner_loss with batches=...)."
+)
 
 
 def _byte_range(t: Tensor) -> tuple[int, int]:

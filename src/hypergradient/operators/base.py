@@ -8,7 +8,14 @@ from torch import Tensor
 from .. import _vocab
 from .._vocab import ArgumentTypeError
 
-__all__ = ["DampedOperator", "LinearOperator", "MatrixOperator", "check_operand", "check_vector"]
+__all__ = [
+    "DampedOperator",
+    "LinearOperator",
+    "MatrixOperator",
+    "check_operand",
+    "check_vector",
+    "same_device",
+]
 
 
 class LinearOperator:
@@ -184,7 +191,7 @@ def check_operand(name: str, t: object, op: LinearOperator) -> None:
         )
     if not t.is_floating_point():
         raise ArgumentTypeError(f"`{name}` must be floating point, got {t.dtype}.")
-    if t.device != op.device and not _same_device(t.device, op.device):
+    if t.device != op.device and not same_device(t.device, op.device):
         raise ValueError(
             f"`{name}` is on {t.device} but the operator on {op.device}; move it there."
         )
@@ -195,7 +202,7 @@ def check_operand(name: str, t: object, op: LinearOperator) -> None:
         )
 
 
-def _same_device(a: torch.device, b: torch.device | str) -> bool:
+def same_device(a: torch.device, b: torch.device | str) -> bool:
     """One device (``cuda`` and ``cuda:0`` alike: an operator may name no index)."""
     b = torch.device(b)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

@@ -22,8 +22,9 @@ from torch import Tensor
 from .. import _tree, _vocab
 from .._vocab import ArgumentTypeError, Status
 from ..operators import LinearOperator
-from ..operators.base import _same_device as _same_device  # (its old home)
-from ..operators.base import check_operand
+from ..operators.base import check_operand, same_device
+
+_same_device = same_device  # (its name here before it moved to operators.base)
 
 __all__ = [
     "PRODUCT",
