@@ -45,6 +45,7 @@ __all__ = [
     "check_no_alias",
     "check_problem",
     "check_state0",
+    "connected",
     "consistent_start",
     "fingerprint_config",
     "UNUSED_HINTS",
@@ -255,6 +256,25 @@ def warn_unused(paths: Sequence[str], through: str = "run", stacklevel: int = 4)
             f"{through}; its hypergradient is zero. Check that {UNUSED_HINTS[through]}.",
             HypergradientWarning,
             stacklevel=stacklevel,
+        )
+
+
+def connected(
+    gp: Sequence[Tensor | None], gh: Sequence[Tensor | None], direct: list[bool] | None
+) -> None:
+    """Warn when ``outer_loss``'s gradients are None for every leaf of ``params`` and of
+    ``hparams`` (its value has no graph to them); fill ``direct``, if given, with whether
+    ``g`` depends on each hyperparameter leaf."""
+    if direct is not None:
+        direct[:] = [d is not None for d in gh]
+    if all(d is None for d in (*gp, *gh)):
+        warnings.warn(
+            "outer_loss depends on neither `params` nor `hparams`: its value has no autograd "
+            "graph to them (computed under torch.no_grad(), e.g. by an evaluation helper "
+            "decorated with it, or from detached tensors or .item()), so the hypergradient "
+            "is zero. Compute it with gradients enabled, from its arguments.",
+            HypergradientWarning,
+            stacklevel=6,
         )
 
 
