@@ -107,26 +107,27 @@ def central_difference(
     whose one-sided differences part by more than that: the central ones differ by
     ``O(h^2)``); a kink that stays inside the step changes the central difference with the
     step, and :class:`NonSmoothLossError` naming ``what`` is raised. The last step is
-    accepted too when ``||g_+ + g_- - 2 g_0||`` fell to a quarter (:data:`QUARTER`) at each
-    of the halvings: that term is ``h^2`` times the third derivative on a smooth loss, and
-    about the jump (or the jumps crossed, in proportion to ``h``) across kinks; it is what
+    accepted too when the vector ``g_+ + g_- - 2 g_0`` became a quarter of itself (to
+    :data:`QUARTER`) at each of two halvings: that term is ``h^2`` times the third
+    derivative on a smooth loss, and the jump (or the sum of the jumps crossed, each its
+    own vector) across kinks; it is what
     fails the ratio where the first derivative along ``v`` vanishes (forward mode's tangents
     ``H Z + H_tp`` at a converged run, by the implicit function theorem).
     Cost: two gradients per attempt, three norms and one synchronization.
     """
     previous: list[Tensor | None] | None = None
-    ratio, bends = math.inf, []
+    ratio, bent, quartered = math.inf, None, 0
     for _ in range(KINK_RETRIES + 1):
         with recompute.watch() as seen:  # at theta +- h v: checkpointing would recompute
             plus, minus = evaluate(h)  # with the module's own weights (operators.recompute)
         recompute.refuse(seen.found, f"{what} (first-order products: gradients at theta +- h v)")
         out, ratio, curve = _checked(plus, minus, center, h)
-        bends.append(curve)
         if ratio <= KINK_TOLERANCE or (previous is not None and _agree(previous, out)):
             return out
-        if _quartered(bends):  # the curvature term fell as h^2 at each halving: smooth
+        quartered = quartered + 1 if bent is not None and _quartered(bent, curve) else 0
+        if quartered >= 2:  # the curvature term fell as h^2 at each halving: smooth
             return out
-        previous, h = out, 0.5 * h
+        previous, h, bent = out, 0.5 * h, curve
     raise NonSmoothLossError(
         f"First-order products of {what} are not its Hessian's: the loss has a kink within "
         f"the finite-difference step (the one-sided differences disagree by {ratio:.3g} "
@@ -155,18 +156,21 @@ def _agree(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> bool:
 
 #: Halvings of a finite-difference step that failed the kink check before raising.
 KINK_RETRIES = 2
-#: What a halving leaves of ``||g_+ + g_- - 2 g_0||`` on a smooth loss (``h^2``: 0.25); a
-#: kink inside both steps keeps it near the jump (~1), switch points crossed in proportion
-#: to the step halve it (~0.5).
-QUARTER = (0.2, 0.3)
+#: ``||4 c' - c|| <= QUARTER ||c||`` for the vectors ``c = g_+ + g_- - 2 g_0`` of a step and
+#: ``c'`` of its half: the ``h^2`` of a smooth loss (a kink keeps the jump, ``c' ~ c``; the
+#: switch points of a ReLU network crossed in proportion to the step leave a subset of the
+#: jumps, another vector).
+QUARTER = 0.1
 
 
-def _quartered(bends: list[float]) -> bool:
-    """Whether every halving so far (at least two) left a quarter of the curvature term."""
-    if len(bends) < 3 or not all(b > 0 for b in bends):
+def _quartered(before: list[Tensor], after: list[Tensor]) -> bool:
+    """Whether the curvature vector ``after`` (half the step) is a quarter of ``before``."""
+    if len(before) != len(after) or not before:
         return False
-    low, high = QUARTER
-    return all(low <= b / a <= high for a, b in zip(bends, bends[1:]))
+    gap, size = torch.stack(
+        [_norm([4 * b - a for a, b in zip(before, after)]), _norm(before)]
+    ).tolist()
+    return 0 < size and gap <= QUARTER * size
 
 
 def _checked(
@@ -174,9 +178,9 @@ def _checked(
     minus: Sequence[Tensor | None],
     center: Sequence[Tensor | None],
     h: float,
-) -> tuple[list[Tensor | None], float, float]:
+) -> tuple[list[Tensor | None], float, list[Tensor]]:
     """The central differences, ``||g_+ + g_- - 2 g_0|| / ||g_+ - g_-||`` (0 below the
-    rounding level of ``g_0``) and ``||g_+ + g_- - 2 g_0||``."""
+    rounding level of ``g_0``) and the vectors ``g_+ + g_- - 2 g_0``."""
     diff: list[Tensor] = []
     curve: list[Tensor] = []
     base: list[Tensor] = []
@@ -192,14 +196,14 @@ def _checked(
             base.append(c)
         out.append(d / (2.0 * h))
     if not diff:
-        return out, 0.0, 0.0
+        return out, 0.0, curve
     eps = max(torch.finfo(d.dtype).eps for d in diff)
     norms = [_norm(curve), _norm(diff)] + ([_norm(base)] if base else [])
     read = torch.stack(norms).tolist()
     floor = 64 * eps * (read[2] if base else 0.0)
     if read[0] <= floor:
-        return out, 0.0, read[0]
-    return out, read[0] / read[1] if read[1] > 0 else math.inf, read[0]
+        return out, 0.0, curve
+    return out, read[0] / read[1] if read[1] > 0 else math.inf, curve
 
 
 _DOUBLE_BACKWARD = re.compile(
