@@ -7,8 +7,8 @@ Nystrom, FixedPoint), naming nothing; a ``fixed_point_map`` returning a tuple fo
 ``params`` was refused with "got shapes [(2,), (3, 1)], expected [(2,), (3, 1)]"; and
 ``hg.unrolled`` / ``hg.forward_mode`` / ``hg.drmad`` took their batches from an iterator
 before refusing a bad ``truncate``, ``hvp``, ``checkpoint_every``, ``chunk_size``,
-``anchors`` or ``return_info`` (the last after the whole computation), so a retry silently
-trained on later batches.
+``anchors``, ``return_info`` (the last after the whole computation), ``params0`` or
+``hparams``, so a retry silently trained on later batches.
 """
 
 from __future__ import annotations
@@ -117,6 +117,15 @@ BAD_SETTINGS = {
     ),
     "drmad_return_info": lambda it: hg.drmad(
         _f, _g, T0, H0, 3, hg.optim.sgd(0.1), batches=it, return_info=None
+    ),
+    "unrolled_params0_float": lambda it: hg.unrolled(
+        _f, _g, 0.0, H0, 3, hg.optim.sgd(0.1), batches=it
+    ),
+    "forward_hparams_none": lambda it: hg.forward_mode(
+        _f, _g, T0, None, 3, hg.optim.sgd(0.1), batches=it
+    ),
+    "drmad_hparams_int": lambda it: hg.drmad(
+        _f, _g, T0, torch.tensor(1), 3, hg.optim.sgd(0.1), batches=it
     ),
 }
 

@@ -45,6 +45,7 @@ __all__ = [
     "check_no_alias",
     "check_problem",
     "check_state0",
+    "check_trees",
     "connected",
     "consistent_start",
     "fingerprint_config",
@@ -117,16 +118,8 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             NaN/Inf.
         ArgumentTypeError: a leaf is not a floating-point tensor.
     """
-    if hparams is None:
-        raise ValueError(
-            "`hparams` is None; pass the hyperparameters to differentiate with respect to "
-            "(a tensor, or a tuple/list/dict of tensors)."
-        )
-    p_leaves, p_spec = _tree.flatten(params, params_name)
-    _tree.check_leaves(p_leaves, p_spec, params_name)
+    (p_leaves, p_spec), (h_leaves, h_spec) = check_trees(params, hparams, params_name)
     warn_frozen(p_leaves, p_spec, params_name)
-    h_leaves, h_spec = _tree.flatten(hparams, "hparams")
-    _tree.check_leaves(h_leaves, h_spec, "hparams")
     if h_leaves[0].device != p_leaves[0].device:
         raise ValueError(
             f"`hparams` is on {h_leaves[0].device} and `{params_name}` on "
@@ -151,6 +144,24 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             "rate, or check the model's parameters.",
         )
     return Inputs(p_leaves, p_spec, h_leaves, h_spec)
+
+
+def check_trees(
+    params: Any, hparams: Any, params_name: str = "params"
+) -> tuple[tuple[list[Tensor], TreeSpec], tuple[list[Tensor], TreeSpec]]:
+    """The flattened trees, their types checked (:func:`check_inputs`'s first part; the
+    functional trajectory API runs it before it takes batches from an iterator)."""
+    if hparams is None:
+        raise ValueError(
+            "`hparams` is None; pass the hyperparameters to differentiate with respect to "
+            "(a tensor, or a tuple/list/dict of tensors)."
+        )
+    flat = []
+    for tree, name in ((params, params_name), (hparams, "hparams")):
+        leaves, spec = _tree.flatten(tree, name)
+        _tree.check_leaves(leaves, spec, name)
+        flat.append((leaves, spec))
+    return flat[0], flat[1]
 
 
 def check_no_alias(

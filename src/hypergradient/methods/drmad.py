@@ -17,6 +17,7 @@ from .. import _tree
 from .._tree import Tree
 from .._vocab import HypergradientWarning, as_bool, as_float, as_int
 from ..optim.functional import FunctionalOptimizer
+from ._checks import check_trees
 from .forward_mode import linear_update
 from .replay import Run
 from .traj_modes import as_mode
@@ -282,6 +283,7 @@ def drmad(
     """
     method = DrMAD(anchors=anchors, hvp=hvp, max_deviation=max_deviation)  # before any batch
     as_bool(return_info, "return_info")
+    check_trees(params0, hparams, "params0")
     problem = functional_problem(
         inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
     )

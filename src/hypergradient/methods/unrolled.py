@@ -17,6 +17,7 @@ from torch import Tensor
 from .._tree import Tree
 from .._vocab import as_bool, as_int, as_optional_int
 from ..optim.functional import FunctionalOptimizer
+from ._checks import check_trees
 from .compiled import CompiledLoss
 from .replay import Run
 from .traj_modes import as_mode
@@ -178,6 +179,7 @@ def unrolled(
         raise ValueError(f"`truncate` ({K}) cannot exceed `steps` ({T}).")
     method = Unrolled(truncate=K, checkpoint_every=checkpoint_every, hvp=hvp, compile=compile)
     as_bool(return_info, "return_info")
+    check_trees(params0, hparams, "params0")
     problem = functional_problem(
         inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
     )
