@@ -45,6 +45,8 @@ __all__ = [
     "check_no_alias",
     "check_problem",
     "check_state0",
+    "check_trees",
+    "connected",
     "consistent_start",
     "fingerprint_config",
     "UNUSED_HINTS",
@@ -64,16 +66,25 @@ class Inputs:
     hparam_spec: TreeSpec
 
 
-def check_problem(problem: Any, who: str) -> Problem:
-    """``problem`` if it is a :class:`Problem` whose losses are callables."""
+def check_problem(problem: Any, who: str, inner: bool = True) -> Problem:
+    """``problem`` if it is a :class:`Problem` whose losses are callables of
+    ``(params, hparams)`` (``inner=False``: ``inner_loss``'s arity is not checked)."""
     if not isinstance(problem, Problem):
         raise ArgumentTypeError(
             f"{who} takes a hg.Problem (hg.methods.Problem), got {type(problem).__name__}; "
             "the functional API (hg.implicit, hg.unrolled, ...) builds one for you."
         )
-    as_callable(problem.inner_loss, "inner_loss", "(params, hparams) -> scalar tensor")
-    as_callable(problem.outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
+    for name in ("inner_loss", "outer_loss"):  # the same message for every method
+        fn = as_callable(getattr(problem, name), name, "(params, hparams) -> scalar tensor")
+        if name == "outer_loss" or inner:  # (a trajectory method reads the step loss instead)
+            check_arity(fn, 2, name, "(params, hparams)", _ARITY_HINT)
     return problem
+
+
+_ARITY_HINT = (
+    "It may ignore `hparams`; data go in a closure (the trajectory methods pass one batch "
+    "per step as a third argument of inner_loss with batches=...)."
+)
 
 
 def _byte_range(t: Tensor) -> tuple[int, int]:
@@ -107,16 +118,8 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             NaN/Inf.
         ArgumentTypeError: a leaf is not a floating-point tensor.
     """
-    if hparams is None:
-        raise ValueError(
-            "`hparams` is None; pass the hyperparameters to differentiate with respect to "
-            "(a tensor, or a tuple/list/dict of tensors)."
-        )
-    p_leaves, p_spec = _tree.flatten(params, params_name)
-    _tree.check_leaves(p_leaves, p_spec, params_name)
+    (p_leaves, p_spec), (h_leaves, h_spec) = check_trees(params, hparams, params_name)
     warn_frozen(p_leaves, p_spec, params_name)
-    h_leaves, h_spec = _tree.flatten(hparams, "hparams")
-    _tree.check_leaves(h_leaves, h_spec, "hparams")
     if h_leaves[0].device != p_leaves[0].device:
         raise ValueError(
             f"`hparams` is on {h_leaves[0].device} and `{params_name}` on "
@@ -141,6 +144,24 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             "rate, or check the model's parameters.",
         )
     return Inputs(p_leaves, p_spec, h_leaves, h_spec)
+
+
+def check_trees(
+    params: Any, hparams: Any, params_name: str = "params"
+) -> tuple[tuple[list[Tensor], TreeSpec], tuple[list[Tensor], TreeSpec]]:
+    """The flattened trees, their types checked (:func:`check_inputs`'s first part; the
+    functional trajectory API runs it before it takes batches from an iterator)."""
+    if hparams is None:
+        raise ValueError(
+            "`hparams` is None; pass the hyperparameters to differentiate with respect to "
+            "(a tensor, or a tuple/list/dict of tensors)."
+        )
+    flat = []
+    for tree, name in ((params, params_name), (hparams, "hparams")):
+        leaves, spec = _tree.flatten(tree, name)
+        _tree.check_leaves(leaves, spec, name)
+        flat.append((leaves, spec))
+    return flat[0], flat[1]
 
 
 def check_no_alias(
@@ -246,6 +267,25 @@ def warn_unused(paths: Sequence[str], through: str = "run", stacklevel: int = 4)
             f"{through}; its hypergradient is zero. Check that {UNUSED_HINTS[through]}.",
             HypergradientWarning,
             stacklevel=stacklevel,
+        )
+
+
+def connected(
+    gp: Sequence[Tensor | None], gh: Sequence[Tensor | None], direct: list[bool] | None
+) -> None:
+    """Warn when ``outer_loss``'s gradients are None for every leaf of ``params`` and of
+    ``hparams`` (its value has no graph to them); fill ``direct``, if given, with whether
+    ``g`` depends on each hyperparameter leaf."""
+    if direct is not None:
+        direct[:] = [d is not None for d in gh]
+    if all(d is None for d in (*gp, *gh)):
+        warnings.warn(
+            "outer_loss depends on neither `params` nor `hparams`: its value has no autograd "
+            "graph to them (computed under torch.no_grad(), e.g. by an evaluation helper "
+            "decorated with it, or from detached tensors or .item()), so the hypergradient "
+            "is zero. Compute it with gradients enabled, from its arguments.",
+            HypergradientWarning,
+            stacklevel=6,
         )
 
 

@@ -17,6 +17,7 @@ from .. import _tree
 from .._tree import Tree
 from .._vocab import HypergradientWarning, as_bool, as_float, as_int
 from ..optim.functional import FunctionalOptimizer
+from ._checks import check_trees
 from .forward_mode import linear_update
 from .replay import Run
 from .traj_modes import as_mode
@@ -280,8 +281,10 @@ def drmad(
     ``max_deviation`` as :class:`DrMAD` (see it for when the approximation is exact and for
     the path-deviation warning). Builds a :class:`Problem` and calls :class:`DrMAD`.
     """
+    method = DrMAD(anchors=anchors, hvp=hvp, max_deviation=max_deviation)  # before any batch
+    as_bool(return_info, "return_info")
+    check_trees(params0, hparams, "params0")
     problem = functional_problem(
         inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
     )
-    method = DrMAD(anchors=anchors, hvp=hvp, max_deviation=max_deviation)
     return functional_result(method(problem), return_info)

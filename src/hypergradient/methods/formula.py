@@ -41,7 +41,7 @@ from ..distributed import AveragedOperator, guarded
 from ..operators import LinearOperator
 from ..operators.buffers import keep_buffers
 from ..solvers import AutoDamping, Solver, damped_solve
-from ._checks import Inputs, all_finite, unused_leaves, warn_unused
+from ._checks import Inputs, all_finite, connected, unused_leaves, warn_unused
 from .implicit_info import ImplicitInfo, warn_solve
 
 __all__ = ["ImplicitInfo", "autocast_off", "implicit_hypergradient"]
@@ -116,6 +116,7 @@ def _local_terms(
         by_reference=[outer_at is None, True],
     )
     holder["unused_direct"] = [g is None for g in gh]
+    connected(gp, gh, None)  # (warns when g has no graph to either)
     hdtype = _tree.common_dtype(op.hparam_leaves)
     stationarity = getattr(op, "grad", None)
     if stationarity is None:  # a fixed point: T(theta) - theta

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from .. import _tree
 from .._tree import Tree
-from .._vocab import as_optional_int
+from .._vocab import as_bool, as_optional_int
 from ..optim.functional import SGD, FunctionalOptimizer
-from ._checks import unused_leaves
+from ._checks import check_trees, unused_leaves
 from .base import Problem
 from .forward_tangents import GradientTangents, batching_key
 from .replay import Run, rng_state, set_rng_state
@@ -265,7 +265,10 @@ def forward_mode(
     :class:`ForwardMode`; builds a :class:`Problem` and calls :class:`ForwardMode`. No
     trajectory is stored: memory is independent of ``steps``.
     """
+    method = ForwardMode(chunk_size, hvp)  # its settings checked before any batch is taken
+    as_bool(return_info, "return_info")
+    check_trees(params0, hparams, "params0")
     problem = functional_problem(
         inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
     )
-    return functional_result(ForwardMode(chunk_size, hvp)(problem), return_info)
+    return functional_result(method(problem), return_info)

@@ -82,7 +82,9 @@ class GradientTangents:
         self.checked = False
         #: ``(grad_theta f, f)`` from the last double-backward graph (see :meth:`double`)
         self.primal: tuple[list[Tensor], Tensor] = ([], torch.zeros(()))
-        #: whether ``grad_phi f`` had a path to each hyperparameter leaf (double backward)
+        #: whether ``grad_phi f`` depended on ``theta`` (so ``grad_theta f`` on the leaf) at
+        #: some step (double backward); a leaf only in a term without ``theta`` (a prior
+        #: ``h ** 2``, a term of detached parameters) steers no step, as for Unrolled
         self.used_h = [False] * len(run.h)
         self.seen: list[bool] = []
 
@@ -131,7 +133,6 @@ class GradientTangents:
                 _tree.require_dense(grads, paths, "inner_loss")
         self.primal = (_detached(grads, pp), loss.detach())
         self.seen = _present(grads[: len(pp)])  # leaves with a gradient (a fused step's skips)
-        self.used_h = [u or g is not None for u, g in zip(self.used_h, grads[len(pp) :])]
         pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]
         if pairs and not self.checked:  # once per sweep: the graph's structure is fixed
             self.checked = True
@@ -141,6 +142,7 @@ class GradientTangents:
                     "@once_differentiable: forward mode would miss its part of the Hessian. "
                     "Use hvp='first_order' (or 'auto')."
                 )
+        self.used_h = [u or _reaches(g, pp) for u, g in zip(self.used_h, grads[len(pp) :])]
         return [g for g, _ in pairs], [c.to(g.dtype) for g, c in pairs]
 
     def _backward(self, outs: list[Tensor], pp: list[Tensor], rows: list[Tensor]) -> list[Tensor]:
@@ -260,8 +262,29 @@ class GradientTangents:
         return True
 
     def report(self) -> dict[str, Any]:
-        """The mode in use and why ``"auto"`` left ``"double"`` (for ``info.stats``)."""
+        """The mode in use and why ``"auto"`` left ``"double"`` (for ``info.stats``); warns
+        once for a fallback to ``"double_math"`` (the one to ``"first_order"`` warned)."""
+        if self.mode == "double_math" and self.requested == "auto":
+            warnings.warn(
+                f"Double backward is not available for this inner loss ({self.fallback}); "
+                "forward mode used hvp='double_math' (the graph rebuilt with the math "
+                "attention kernel and without cuDNN). Pass hvp='double_math' to skip the "
+                "failed attempt.",
+                HypergradientWarning,
+                stacklevel=5,
+            )
         return {"hvp": self.mode, "hvp_fallback": self.fallback}
+
+
+def _reaches(grad: Tensor | None, params: list[Tensor]) -> bool:
+    """Whether ``grad`` (a hyperparameter's ``grad_phi f``, with its graph) depends on
+    ``params``: the graph connectivity that makes Unrolled's mixed product not None."""
+    if grad is None or not grad.requires_grad:
+        return False
+    got = torch.autograd.grad(
+        grad, params, torch.ones_like(grad), retain_graph=True, allow_unused=True
+    )
+    return any(d is not None for d in got)
 
 
 def _shapes(obj: Any, seen: list[Tensor]) -> Any:

@@ -34,7 +34,7 @@ from .._tree import Tree
 from .._vocab import HypergradientWarning, as_bool, as_callable, as_choice, as_float, as_int
 from ..operators import FixedPointOperator
 from ..solvers import CG, AutoDamping, Exact, FixedPoint, Neumann, Nystrom, Solver
-from ._checks import BATCHED, check_inputs
+from ._checks import BATCHED, check_arity, check_inputs
 from .base import Problem
 from .formula import ImplicitInfo, implicit_hypergradient
 from .implicit_base import as_hvp, as_solver
@@ -224,7 +224,9 @@ def implicit_fixed_point(
     """
     started = time.perf_counter()
     as_callable(fixed_point_map, "fixed_point_map", "(params, hparams) -> tree like params")
+    check_arity(fixed_point_map, 2, "fixed_point_map", "(params, hparams)", "")
     as_callable(outer_loss, "outer_loss", "(params, hparams) -> scalar tensor")
+    check_arity(outer_loss, 2, "outer_loss", "(params, hparams)", "It may ignore `hparams`.")
     return_info = as_bool(return_info, "return_info")
     solver = FixedPoint() if solver is None else as_solver(solver)
     batched = as_choice(batched, "batched", BATCHED)

@@ -126,7 +126,7 @@ class Run:
     """
 
     def __init__(self, problem: Problem, method: Method):
-        problem = check_problem(problem, type(method).__name__)
+        problem = check_problem(problem, type(method).__name__, inner=False)
         self.group = problem.process_group
         self.in_first_pass = False
         traj = problem.trajectory

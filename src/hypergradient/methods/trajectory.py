@@ -47,7 +47,7 @@ from .._vocab import (
     require_finite,
 )
 from ..operators.buffers import keep_buffers
-from ._checks import all_finite, check_arity, unused_leaves, warn_unused
+from ._checks import all_finite, check_arity, connected, unused_leaves, warn_unused
 from .base import Info, Method, Problem, Trajectory
 from .growth import AdjointWatch, report_diverging, report_unstable
 from .replay import Run, replay_rng, rng_state
@@ -133,8 +133,7 @@ def outer_gradients(
                 "outer_loss",
                 by_reference=[False, run.by_reference],
             )
-        if direct is not None:
-            direct[:] = [d is not None for d in gh]
+        connected(gp, gh, direct)  # (warns when g has no graph to either)
         zp = [torch.zeros_like(a) if d is None else d for a, d in zip(p, gp)]
         zh = [torch.zeros_like(a) if d is None else d for a, d in zip(run.h, gh)]
         return [*zp, *zh, value.reshape(1).to(run.loss_like.dtype)]

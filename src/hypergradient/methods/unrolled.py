@@ -17,6 +17,7 @@ from torch import Tensor
 from .._tree import Tree
 from .._vocab import as_bool, as_int, as_optional_int
 from ..optim.functional import FunctionalOptimizer
+from ._checks import check_trees
 from .compiled import CompiledLoss
 from .replay import Run
 from .traj_modes import as_mode
@@ -172,12 +173,14 @@ def unrolled(
     Memory and cost: see :class:`Unrolled`. Random ops inside ``inner_loss`` (dropout)
     draw the same numbers in the forward and the reverse pass.
     """
-    problem = functional_problem(
-        inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
-    )
-    T = as_int(steps, "steps", min=1)
+    T = as_int(steps, "steps", min=1)  # the settings first: no batch taken before an error
     K = as_optional_int(truncate, "truncate", min=1)
     if K is not None and K > T:
         raise ValueError(f"`truncate` ({K}) cannot exceed `steps` ({T}).")
     method = Unrolled(truncate=K, checkpoint_every=checkpoint_every, hvp=hvp, compile=compile)
+    as_bool(return_info, "return_info")
+    check_trees(params0, hparams, "params0")
+    problem = functional_problem(
+        inner_loss, outer_loss, params0, hparams, steps, optimizer, batches, process_group
+    )
     return functional_result(method(problem), return_info)

@@ -8,7 +8,14 @@ from torch import Tensor
 from .. import _vocab
 from .._vocab import ArgumentTypeError
 
-__all__ = ["DampedOperator", "LinearOperator", "MatrixOperator", "check_vector"]
+__all__ = [
+    "DampedOperator",
+    "LinearOperator",
+    "MatrixOperator",
+    "check_operand",
+    "check_vector",
+    "same_device",
+]
 
 
 class LinearOperator:
@@ -165,6 +172,40 @@ def check_vector(v: object, size: int, name: str) -> None:
         )
     if not v.is_floating_point():
         raise ArgumentTypeError(f"`{name}` must be a floating-point tensor, got {v.dtype}.")
+
+
+def check_operand(name: str, t: object, op: LinearOperator) -> None:
+    """Raise unless ``t`` (a solver's ``b`` or ``x0``) is a 1-D floating-point tensor of
+    ``op``'s size and device; ``b`` also of its dtype (the products would fail in torch,
+    naming nothing; a warm start is converted).
+
+    Raises:
+        ArgumentTypeError: not a floating-point tensor, or ``b`` of another dtype.
+        ValueError: another shape or device.
+    """
+    if not isinstance(t, Tensor):
+        raise ArgumentTypeError(f"`{name}` must be a tensor, got {type(t).__name__}.")
+    if t.dim() != 1 or t.numel() != op.size:
+        raise ValueError(
+            f"`{name}` must be a 1-D tensor of {op.size} elements, got {tuple(t.shape)}."
+        )
+    if not t.is_floating_point():
+        raise ArgumentTypeError(f"`{name}` must be floating point, got {t.dtype}.")
+    if t.device != op.device and not same_device(t.device, op.device):
+        raise ValueError(
+            f"`{name}` is on {t.device} but the operator on {op.device}; move it there."
+        )
+    if name == "b" and t.dtype != op.dtype:
+        raise ArgumentTypeError(
+            f"`b` has dtype {t.dtype} but the operator acts on {op.dtype} vectors; "
+            "pass b.to(op.dtype)."
+        )
+
+
+def same_device(a: torch.device, b: torch.device | str) -> bool:
+    """One device (``cuda`` and ``cuda:0`` alike: an operator may name no index)."""
+    b = torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _is_symmetric(matrix: Tensor) -> bool:

@@ -276,6 +276,25 @@ class HessianOperator(GraphOperator):
         return [None if d is None else d.to(t.dtype) for d, t in zip(diff, self.hparam_leaves)]
 
 
+def _kinds(got: _tree.TreeSpec, want: _tree.TreeSpec) -> str:
+    """How two trees' structures differ, in words ("." when they do not)."""
+    if got.structure() == want.structure():
+        return "."
+    a, b = _kind(got), _kind(want)
+    if a == b:  # the difference is deeper
+        a, b = str(got.structure()), str(want.structure())
+    return f"; got {a}, expected {b}."
+
+
+def _kind(spec: _tree.TreeSpec) -> str:
+    """A tree's outer structure in words: a tensor, a tuple of 2, a dict with keys [...]."""
+    if spec.kind == "leaf":
+        return "a tensor"
+    if spec.kind == "dict":
+        return f"a dict with keys {list(spec.keys)}"
+    return f"a {spec.kind} of {len(spec.children)}"
+
+
 def _epsilon(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
@@ -363,7 +382,7 @@ class FixedPointOperator(GraphOperator):
             raise ValueError(
                 "`fixed_point_map` must return a tree with the structure and shapes of "
                 f"`params`; got shapes {[tuple(s) for s in out_spec.shapes]}, expected "
-                f"{[tuple(t.shape) for t in self.param_leaves]}."
+                f"{[tuple(t.shape) for t in self.param_leaves]}{_kinds(out_spec, self.param_spec)}"
             )
         if self._out_leaves is None:
             self._out_leaves = list(out_leaves)

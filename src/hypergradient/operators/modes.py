@@ -106,19 +106,28 @@ def central_difference(
     or when it agrees with the previous difference to :data:`KINK_TOLERANCE` (a smooth loss
     whose one-sided differences part by more than that: the central ones differ by
     ``O(h^2)``); a kink that stays inside the step changes the central difference with the
-    step, and :class:`NonSmoothLossError` naming ``what`` is raised. Cost: two gradients
-    per attempt, three norms and one synchronization.
+    step, and :class:`NonSmoothLossError` naming ``what`` is raised. The last step is
+    accepted too when the vector ``g_+ + g_- - 2 g_0`` became a quarter of itself (to
+    :data:`QUARTER`) at each of two halvings: that term is ``h^2`` times the third
+    derivative on a smooth loss, and the jump (or the sum of the jumps crossed, each its
+    own vector) across kinks; it is what
+    fails the ratio where the first derivative along ``v`` vanishes (forward mode's tangents
+    ``H Z + H_tp`` at a converged run, by the implicit function theorem).
+    Cost: two gradients per attempt, three norms and one synchronization.
     """
     previous: list[Tensor | None] | None = None
-    ratio = math.inf
+    ratio, bent, quartered = math.inf, None, 0
     for _ in range(KINK_RETRIES + 1):
         with recompute.watch() as seen:  # at theta +- h v: checkpointing would recompute
             plus, minus = evaluate(h)  # with the module's own weights (operators.recompute)
         recompute.refuse(seen.found, f"{what} (first-order products: gradients at theta +- h v)")
-        out, ratio = _checked(plus, minus, center, h)
+        out, ratio, curve = _checked(plus, minus, center, h)
         if ratio <= KINK_TOLERANCE or (previous is not None and _agree(previous, out)):
             return out
-        previous, h = out, 0.5 * h
+        quartered = quartered + 1 if bent is not None and _quartered(bent, curve) else 0
+        if quartered >= 2:  # the curvature term fell as h^2 at each halving: smooth
+            return out
+        previous, h, bent = out, 0.5 * h, curve
     raise NonSmoothLossError(
         f"First-order products of {what} are not its Hessian's: the loss has a kink within "
         f"the finite-difference step (the one-sided differences disagree by {ratio:.3g} "
@@ -147,6 +156,21 @@ def _agree(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> bool:
 
 #: Halvings of a finite-difference step that failed the kink check before raising.
 KINK_RETRIES = 2
+#: ``||4 c' - c|| <= QUARTER ||c||`` for the vectors ``c = g_+ + g_- - 2 g_0`` of a step and
+#: ``c'`` of its half: the ``h^2`` of a smooth loss (a kink keeps the jump, ``c' ~ c``; the
+#: switch points of a ReLU network crossed in proportion to the step leave a subset of the
+#: jumps, another vector).
+QUARTER = 0.1
+
+
+def _quartered(before: list[Tensor], after: list[Tensor]) -> bool:
+    """Whether the curvature vector ``after`` (half the step) is a quarter of ``before``."""
+    if len(before) != len(after) or not before:
+        return False
+    gap, size = torch.stack(
+        [_norm([4 * b - a for a, b in zip(before, after)]), _norm(before)]
+    ).tolist()
+    return 0 < size and gap <= QUARTER * size
 
 
 def _checked(
@@ -154,9 +178,9 @@ def _checked(
     minus: Sequence[Tensor | None],
     center: Sequence[Tensor | None],
     h: float,
-) -> tuple[list[Tensor | None], float]:
-    """The central differences and ``||g_+ + g_- - 2 g_0|| / ||g_+ - g_-||`` (0 below the
-    rounding level of ``g_0``)."""
+) -> tuple[list[Tensor | None], float, list[Tensor]]:
+    """The central differences, ``||g_+ + g_- - 2 g_0|| / ||g_+ - g_-||`` (0 below the
+    rounding level of ``g_0``) and the vectors ``g_+ + g_- - 2 g_0``."""
     diff: list[Tensor] = []
     curve: list[Tensor] = []
     base: list[Tensor] = []
@@ -172,14 +196,14 @@ def _checked(
             base.append(c)
         out.append(d / (2.0 * h))
     if not diff:
-        return out, 0.0
+        return out, 0.0, curve
     eps = max(torch.finfo(d.dtype).eps for d in diff)
     norms = [_norm(curve), _norm(diff)] + ([_norm(base)] if base else [])
     read = torch.stack(norms).tolist()
     floor = 64 * eps * (read[2] if base else 0.0)
     if read[0] <= floor:
-        return out, 0.0
-    return out, read[0] / read[1] if read[1] > 0 else math.inf
+        return out, 0.0, curve
+    return out, read[0] / read[1] if read[1] > 0 else math.inf, curve
 
 
 _DOUBLE_BACKWARD = re.compile(

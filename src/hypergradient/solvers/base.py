@@ -22,6 +22,9 @@ from torch import Tensor
 from .. import _tree, _vocab
 from .._vocab import ArgumentTypeError, Status
 from ..operators import LinearOperator
+from ..operators.base import check_operand, same_device
+
+_same_device = same_device  # (its name here before it moved to operators.base)
 
 __all__ = [
     "PRODUCT",
@@ -104,28 +107,17 @@ class Solver:
         the usual case (one host synchronization).
 
         Raises:
-            ArgumentTypeError: ``op`` is not a LinearOperator or ``b``/``x0`` not tensors.
+            ArgumentTypeError: ``op`` is not a LinearOperator, ``b``/``x0`` not tensors, or
+                ``b`` not of the operator's dtype.
             ValueError: wrong shapes or devices, or a non-symmetric operator for a symmetric
                 solver.
             NonFiniteHypergradientError: ``b`` or ``x0`` holds NaN or Inf.
         """
         if not isinstance(op, LinearOperator):
             raise ArgumentTypeError(f"`op` must be a LinearOperator, got {type(op).__name__}.")
-        for name, t in (("b", b), ("x0", x0)):
-            if t is None and name == "x0":
-                continue
-            if not isinstance(t, Tensor):
-                raise ArgumentTypeError(f"`{name}` must be a tensor, got {type(t).__name__}.")
-            if t.dim() != 1 or t.numel() != op.size:
-                raise ValueError(
-                    f"`{name}` must be a 1-D tensor of {op.size} elements, got {tuple(t.shape)}."
-                )
-            if not t.is_floating_point():
-                raise ArgumentTypeError(f"`{name}` must be floating point, got {t.dtype}.")
-            if t.device != op.device and not _same_device(t.device, op.device):
-                raise ValueError(
-                    f"`{name}` is on {t.device} but the operator on {op.device}; move it there."
-                )
+        check_operand("b", b, op)
+        if x0 is not None:
+            check_operand("x0", x0, op)
         if self.requires_symmetric and not op.symmetric:
             raise ValueError(
                 f"{type(self).__name__} needs a symmetric operator, and this one is not "
@@ -241,12 +233,6 @@ class RandomizedSolver(Solver):
 
 
 # ----------------------------------------------------------------------------- numerics
-
-
-def _same_device(a: torch.device, b: torch.device | str) -> bool:
-    """One device (``cuda`` and ``cuda:0`` alike: an operator may name no index)."""
-    b = torch.device(b)
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def safe_norm(v: Tensor, wide: torch.dtype | None = None) -> float:
