@@ -68,12 +68,11 @@ def norm(params: Sequence[Tensor]) -> Tensor:
     parameter's device; accumulated in float64, float32 where the device has no float64)."""
     device = params[0].device
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    with torch.no_grad():
-        if _catenable(params, device):  # small: one copy, one norm (2x cheaper per step)
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            return torch.linalg.vector_norm(flat, dtype=dtype)
-        norms = [torch.linalg.vector_norm(p.detach(), dtype=dtype).to(device) for p in params]
-        return torch.linalg.vector_norm(torch.stack(norms))
+    if _catenable(params, device):  # small: one copy, one norm (2x cheaper per step)
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        return torch.linalg.vector_norm(flat, dtype=dtype)
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=dtype).to(device) for p in params]
+    return torch.linalg.vector_norm(torch.stack(norms))  # detached leaves: no graph
 
 
 #: :func:`norm` concatenates parameters of at most this many elements in all (a copy of

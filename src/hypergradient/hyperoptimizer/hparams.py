@@ -187,9 +187,13 @@ class HyperParameters:
         return {k: c.transform(raw[k]) for k, c in self.constraints.items()}
 
     def values(self) -> dict[str, Tensor]:
-        """The current constrained values, detached."""
-        with torch.no_grad():
-            return {k: v.detach() for k, v in self.transform(self.raw).items()}
+        """The current constrained values, detached (each transform of a detached raw leaf:
+        no graph, without the cost of a ``torch.no_grad()`` block at every training step)."""
+        out = {}
+        for k, c in self.constraints.items():
+            v = c.transform(self.raw[k].detach())
+            out[k] = v.detach() if v.requires_grad else v  # a transform's own leaves
+        return out
 
     def setting_fns(self) -> dict[str, Callable[[Mapping[str, Tensor]], Tensor]]:
         """``{setting: fn(raw) -> value}`` for the linked optimizer settings."""
