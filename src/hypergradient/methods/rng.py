@@ -25,8 +25,8 @@ def rng_state(device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None
     it before each real training step and pass the list as ``Trajectory.rng_states``: the
     replay then draws the same dropout masks. Plain tensors (checkpoint-safe).
     """
-    if device == _CPU:  # the usual case, without building a device
-        return torch.get_rng_state(), None
+    if device == _CPU:  # the usual case: no device built, torch.get_rng_state's one call
+        return torch.default_generator.get_state(), None
     device = torch.device(device)
     accel = _accelerator(device)
     if accel == "cuda":
