@@ -68,9 +68,26 @@ def norm(params: Sequence[Tensor]) -> Tensor:
     parameter's device; accumulated in float64, float32 where the device has no float64)."""
     device = params[0].device
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    with torch.no_grad():
-        norms = [torch.linalg.vector_norm(p.detach(), dtype=dtype).to(device) for p in params]
-        return torch.linalg.vector_norm(torch.stack(norms))
+    if _catenable(params, device):  # small: one copy, one norm (2x cheaper per step)
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        return torch.linalg.vector_norm(flat, dtype=dtype)
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=dtype).to(device) for p in params]
+    return torch.linalg.vector_norm(torch.stack(norms))  # detached leaves: no graph
+
+
+#: :func:`norm` concatenates parameters of at most this many elements in all (a copy of
+#: 256 KiB in float32) into one vector; larger ones are reduced leaf by leaf, without a copy.
+CAT_MAX = 1 << 16
+
+
+def _catenable(params: Sequence[Tensor], device: torch.device) -> bool:
+    """Whether ``params`` are few enough elements, of one dtype on ``device``, to concatenate."""
+    dtype, total = params[0].dtype, 0
+    for p in params:
+        if p.dtype != dtype or p.device != device:
+            return False
+        total += p.numel()
+    return total <= CAT_MAX
 
 
 def push(values: tuple[Tensor, ...], value: Tensor) -> tuple[Tensor, ...]:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import _vocab
 from .._vocab import ArgumentTypeError, require_finite
-from ..constraints import Constraint, HyperparameterDomainError, Unconstrained
+from ..constraints import Constraint, HyperparameterDomainError, Interval, Positive, Unconstrained
 from .links import check_links, write_links
 from .links import link_conflict as _link_conflict
 
@@ -61,6 +61,10 @@ def _constraints(hparams: Mapping[Any, Any]) -> dict[str, Constraint]:
                 f"{k!r}."
             )
     return {k: _as_constraint(k, h) for k, h in hparams.items()}
+
+
+#: Constraints whose transform of a detached tensor builds no graph (see ``values``).
+_BUILTIN = (Unconstrained, Positive, Interval)
 
 
 def _setting_error(setting: str, value: float) -> str | None:
@@ -132,6 +136,7 @@ class HyperParameters:
             raise ValueError("`hparams` is empty; pass at least one hyperparameter.")
         self.constraints = _constraints(hparams)
         self.raw = {k: c.raw for k, c in self.constraints.items()}
+        self._builtin = all(type(c) in _BUILTIN for c in self.constraints.values())
         self._check_leaves(device, forbidden)
         self.links = check_links(links or {}, inner_optimizer, self.raw)
         bad = self.domain_error(self.raw)
@@ -187,9 +192,13 @@ class HyperParameters:
         return {k: c.transform(raw[k]) for k, c in self.constraints.items()}
 
     def values(self) -> dict[str, Tensor]:
-        """The current constrained values, detached."""
-        with torch.no_grad():
-            return {k: v.detach() for k, v in self.transform(self.raw).items()}
+        """The current constrained values, detached. The built-in constraints transform the
+        detached raw leaf (no graph, and no ``torch.no_grad()`` block at every training
+        step); another ``Constraint`` subclass's transform runs under ``torch.no_grad()``."""
+        if not self._builtin:
+            with torch.no_grad():
+                return {k: v.detach() for k, v in self.transform(self.raw).items()}
+        return {k: c.transform(self.raw[k].detach()) for k, c in self.constraints.items()}
 
     def setting_fns(self) -> dict[str, Callable[[Mapping[str, Tensor]], Tensor]]:
         """``{setting: fn(raw) -> value}`` for the linked optimizer settings."""

@@ -88,6 +88,21 @@ def parse_modes(modes0: Any) -> dict[str, bool] | None:
     return None if modes0 is None else dict(modes0)
 
 
+def _tree_mark(modules: Sequence[nn.Module]) -> list[tuple]:
+    """The identity of a module tree given its submodules (``modules()``, which it keeps
+    alive): each one's children, parameters and buffers by ``id``. Two positions holding one
+    tensor or submodule now held one object when the mark was taken (live objects have
+    distinct ids), so a tree with an unchanged mark has no tie it did not have."""
+    return [
+        (
+            tuple(map(id, m._modules.values())),
+            tuple(map(id, m._parameters.values())),
+            tuple(map(id, m._buffers.values())),
+        )
+        for m in modules
+    ]
+
+
 class ModelView:
     """A module (DDP-unwrapped) or a tree of tensors, seen as a tree of trained parameters.
 
@@ -170,6 +185,25 @@ class ModelView:
         kinds = (nn.Embedding, nn.EmbeddingBag)
         ids = {id(m.weight) for m in module.modules() if isinstance(m, kinds) and m.max_norm}
         self._renormed = {k for k, p in zip(self.names, self.params) if id(p) in ids}
+        self._tree: tuple[list[nn.Module], list[tuple]] = ([], [])  # see _tie_weights
+        self._tied = True
+
+    def _tie_weights(self) -> bool:
+        """Whether a functional call must untie weights (torch's ``tie_weights=True``: a walk
+        of the module for tensors held under several names, a third of a small model's
+        call): only when the module holds such a tensor. Cached with the module tree's
+        identity (:func:`_tree_mark`), checked at each call in one pass over the cached
+        submodules; a submodule, parameter or buffer set or replaced anywhere recomputes it.
+        """
+        mods, mark = self._tree
+        if mods and _tree_mark(mods) == mark:
+            return self._tied
+        mods = list(self._call.modules())
+        self._tree = (mods, _tree_mark(mods))
+        held: list[Tensor] = [t for _, t in self._call.named_parameters(remove_duplicate=False)]
+        held += [t for _, t in self._call.named_buffers(remove_duplicate=False)]
+        self._tied = len({id(t) for t in held}) < len(held)
+        return self._tied
 
     # ------------------------------------------------------------------ views
     @property
@@ -223,10 +257,12 @@ class ModelView:
                 for k, v in params.items()
             }
         )
-        modes = [(m, m.training) for m in module.modules()]
+        tie = self._tie_weights()  # also caches the submodules: _tree[0][1:] is modules()
+        modes = [(m, m.training) for m in self._tree[0][1:]]
         try:
             with recompute.watch() as seen:
-                out = torch.func.functional_call(self._call, values, (loss, hparams, batch))
+                args = (loss, hparams, batch)
+                out = torch.func.functional_call(self._call, values, args, tie_weights=tie)
             self.checkpointed |= seen.found  # read and reset by each hyper-step
             return out
         finally:

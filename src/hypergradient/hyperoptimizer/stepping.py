@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import distributed
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
-from ..methods.rng import same_state
+from ..methods.rng import rng_state, same_state
 from ..operators import recompute
 from . import divergence, draws
 from .batches import copy_batch
@@ -25,7 +25,7 @@ from .history import make_record
 from .hparams import link_conflict
 from .step_checks import due
 from .transaction import Transaction
-from .window import TrajectoryWindow, capture_rng
+from .window import TrajectoryWindow
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
@@ -49,7 +49,7 @@ __all__ = [
 def capture(hopt: HyperOptimizer) -> Any:
     """torch's random-number state, when trajectory methods will replay the next step."""
     needed = records_window(hopt) or isinstance(hopt.method, T1T2)  # T1T2: the step's draws
-    return capture_rng(hopt.view.device) if needed else None
+    return rng_state(hopt.view.device) if needed else None  # capture_rng's, one call less
 
 
 def before_forward(hopt: HyperOptimizer) -> Any:

@@ -28,19 +28,22 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LoopState", "Transaction", "clone_state", "restore_optimizer"]
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)
+_PLAIN = frozenset(_IMMUTABLE)  # exactly these types (subclasses take isinstance)
 
 
 def clone_state(state: Any) -> Any:
     """A copy of a state dict sharing no tensor with it: ``copy.deepcopy``'s result for
     containers (dict, list, tuple), tensors and plain values, without its memo bookkeeping
     (a tenth of its time on an optimizer's state); any other object is deep-copied."""
+    kind = type(state)
+    if kind in _PLAIN:  # most settings: one set lookup
+        return state
     if isinstance(state, Tensor):
         return state.detach().clone()
     if isinstance(state, _IMMUTABLE):
         return state
-    kind = type(state)
     if kind is dict:
-        return {k: clone_state(v) for k, v in state.items()}
+        return {k: v if type(v) in _PLAIN else clone_state(v) for k, v in state.items()}
     if kind is list:
         return [clone_state(v) for v in state]
     if kind is tuple:

@@ -11,6 +11,9 @@ from torch import Tensor
 __all__ = ["replay_rng", "rng_state", "same_state", "set_rng_state"]
 
 
+_CPU = torch.device("cpu")
+
+
 def _accelerator(device: torch.device) -> str | None:
     return device.type if device.type in ("cuda", "mps") else None
 
@@ -22,6 +25,8 @@ def rng_state(device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None
     it before each real training step and pass the list as ``Trajectory.rng_states``: the
     replay then draws the same dropout masks. Plain tensors (checkpoint-safe).
     """
+    if device == _CPU:  # the usual case: no device built, torch.get_rng_state's one call
+        return torch.default_generator.get_state(), None
     device = torch.device(device)
     accel = _accelerator(device)
     if accel == "cuda":
