@@ -100,3 +100,40 @@ def test_well_conditioned_half_products_stay_silent():
     # its error in bfloat16 is larger, the solve's is not the cause)
     assert info.solution_error < info.stats["error_bound"]
     assert not [m for m in messages if "rounded matrix" in m], messages
+
+
+def test_the_fixed_point_form_says_so_too():
+    """``hg.implicit_fixed_point`` + Exact solves ``I - J^T`` by LU (no eigenvalues): on
+    bfloat16 products the hypergradient was 4.9 times off, status "exact", silently."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=F64))
+    A = Q @ torch.diag(torch.logspace(0, 3.5, N, dtype=F64)) @ Q.T
+    b = torch.randn(N, generator=g, dtype=F64)
+    c = torch.randn(N, generator=g, dtype=F64)
+    h = torch.tensor(0.1, dtype=F64)
+    H = A + h * torch.eye(N, dtype=F64)
+    w = torch.linalg.solve(H, b)
+    ref = float(-c @ torch.linalg.solve(H, w))
+    lr = 1.0 / 3300
+
+    def step(w, h):
+        return w - lr * (A.to(w.dtype) @ w - b.to(w.dtype) + h * w)
+
+    def gfun(w, h):
+        return (c.to(w.dtype) * w).sum()
+
+    def run(dtype, hdtype):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always", hg.HypergradientWarning)
+            out, info = hg.implicit_fixed_point(
+                step, gfun, w.to(dtype), h.to(hdtype), solver=hg.Exact(), return_info=True
+            )
+        return abs(float(out) - ref) / abs(ref), info, [str(r.message) for r in rec]
+
+    err, info, messages = run(torch.float64, F64)
+    assert err < 1e-10 and "error_bound" not in info.stats and not messages
+    err, info, messages = run(torch.bfloat16, torch.float32)
+    assert err > 1.0  # measured 4.9
+    assert info.status == "exact" and info.stats["precision_limited"] is True
+    assert info.stats["error_bound"] > err  # measured 78
+    assert any("rounded matrix" in m for m in messages), messages

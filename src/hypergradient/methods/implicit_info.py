@@ -153,9 +153,9 @@ def _warned_by_stats(solver: Solver, status: Status, stats: dict[str, Any]) -> b
         )  # and on: a singular matrix warns too
     elif status == Status.EXACT and stats.get("error_bound", 0.0) > ROUNDED_BOUND:
         warnings.warn(
-            f"{solver!r} solved the Hessian materialized from products that round at eps = "
+            f"{solver!r} solved the matrix materialized from products that round at eps = "
             f"{stats['product_eps']:.3g} (parameters in bfloat16/float16, or autocast): "
-            "the answer is exact for that rounded matrix, not for the Hessian: its "
+            "the answer is exact for that rounded matrix, not for the true one: its "
             "condition number times eps, the first-order bound of the solution's relative "
             f"error, is {stats['error_bound']:.3g} (stats['error_bound']). Compute the "
             "products in float32 (a float32 copy of the parameters, outside autocast) for a "
