@@ -15,6 +15,10 @@ from .base import Info
 
 __all__ = ["FAR_RESIDUAL", "NO_PROGRESS", "ImplicitInfo", "warn_solve"]
 
+#: An Exact solve of half-precision products warns when cond * eps, the first-order bound
+#: of its solution's relative error (``stats["error_bound"]``), exceeds this.
+ROUNDED_BOUND = 0.1
+
 
 @dataclass(kw_only=True)
 class ImplicitInfo(Info):
@@ -125,7 +129,8 @@ def warn_solve(
 
 def _warned_by_stats(solver: Solver, status: Status, stats: dict[str, Any]) -> bool:
     """Warn when the solver's stats qualify its status: an Exact solve of a matrix made of
-    finite-difference products; a negative curvature taken from a cached estimate (IFT's
+    finite-difference products, or of half-precision products too ill-conditioned for
+    them (``ROUNDED_BOUND``); a negative curvature taken from a cached estimate (IFT's
     Neumann series), which replaces the usual warning (True)."""
     if status == Status.NEGATIVE_CURVATURE and stats.get("indefinite_estimate") == "cached":
         warnings.warn(
@@ -146,6 +151,18 @@ def _warned_by_stats(solver: Solver, status: Status, stats: dict[str, Any]) -> b
             HypergradientWarning,
             stacklevel=6,
         )  # and on: a singular matrix warns too
+    elif status == Status.EXACT and stats.get("error_bound", 0.0) > ROUNDED_BOUND:
+        warnings.warn(
+            f"{solver!r} solved the matrix materialized from products that round at eps = "
+            f"{stats['product_eps']:.3g} (parameters in bfloat16/float16, or autocast): "
+            "the answer is exact for that rounded matrix, not for the true one: its "
+            "condition number times eps, the first-order bound of the solution's relative "
+            f"error, is {stats['error_bound']:.3g} (stats['error_bound']). Compute the "
+            "products in float32 (a float32 copy of the parameters, outside autocast) for a "
+            "reference.",
+            HypergradientWarning,
+            stacklevel=6,
+        )
     return False
 
 

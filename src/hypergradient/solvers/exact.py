@@ -45,7 +45,14 @@ class Exact(Solver):
     ``negative_curvature``. With finite-difference products (``hvp="first_order"``) the
     matrix is the differenced Hessian, accurate to about ``product_eps`` (2.4e-5 relative
     in float32, 3.7e-11 in float64): the residual is that matrix's, and ``stats`` says
-    ``precision_limited``, ``finite_difference_products`` and ``product_eps``.
+    ``precision_limited``, ``finite_difference_products`` and ``product_eps``. Likewise with
+    half-precision products (bfloat16 or float16 parameters, or autocast), the matrix is
+    the one rounded at their ``product_eps``: ``stats`` says ``precision_limited``,
+    ``product_eps`` and ``error_bound`` (the condition number of the inverted eigen- or
+    singular values times ``product_eps``, the first-order bound of the solution's
+    relative error), and the implicit methods warn when that bound exceeds 0.1 (measured: a
+    bfloat16 quadratic of condition number 3.2e3 gave a hypergradient 11 % off, bound 34;
+    its fixed-point form, ``I - J^T`` solved by LU, 4.9 times off).
 
     Args:
         max_size: refuse operators larger than this (the matrix has ``n^2`` entries).
@@ -94,6 +101,19 @@ class Exact(Solver):
         if op.differenced:  # the residual is the differenced matrix's, not the Hessian's
             stats.update(precision_limited=True, finite_difference_products=True)
             stats["product_eps"] = op.product_eps
+        elif op.product_eps > _F32:
+            # half-precision products (bfloat16/float16 parameters, autocast): the matrix is
+            # the Hessian (or I - J^T) rounded at their eps, and the residual above is that
+            # matrix's (~1e-14). First-order perturbation bound of the solution's relative
+            # error: cond * eps, cond that of the inverted eigen- (singular) values.
+            if evals is not None and kept is not None:
+                inverted = evals[kept].abs()
+            else:
+                sv = torch.linalg.svdvals(A64)
+                inverted = sv[sv > rcond * sv[0]]
+            if inverted.numel():
+                stats["error_bound"] = float(inverted.max() / inverted.min()) * op.product_eps
+            stats.update(precision_limited=True, product_eps=op.product_eps)
         x = x64.to(b.dtype)
         require_finite_solution(x)
         return Solution(x, op.num_matvecs - start, residual, True, Status.EXACT, 1, stats)
