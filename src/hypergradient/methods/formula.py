@@ -367,8 +367,9 @@ def implicit_hypergradient(
                 record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
                 extra = 1
             bnorm = terms.bnorm
+            zero = record.status == Status.NEGATIVE_CURVATURE and not bool(x.any())
             warn_solve(
-                solver, record.status, record.iterations, record.residual, bnorm, record.stats
+                solver, record.status, record.iterations, record.residual, bnorm, record.stats, zero
             )
             result = _assemble(terms, x, group, solver, record.status)
         finally:

@@ -93,8 +93,10 @@ def warn_solve(
     residual: float | None,
     bnorm: float,
     stats: dict[str, Any] | None = None,
+    zero_solution: bool = False,
 ) -> None:
-    """Warn when the solve cannot vouch for its answer: negative curvature, or a stop at
+    """Warn when the solve cannot vouch for its answer: negative curvature (``zero_solution``:
+    the answer is ``x = 0``, the start kept as the best iterate), or a stop at
     ``maxiter`` far from the solver's tolerance (a relative residual above 10x the
     tolerance *and* above :data:`FAR_RESIDUAL`: a budget that ends at a residual of 1e-5
     against a tolerance of 1e-6 is a usable answer, not a warning; a stop no better than
@@ -105,11 +107,16 @@ def warn_solve(
     if _warned_by_stats(solver, status, stats or {}):
         return
     if status == Status.NEGATIVE_CURVATURE:
+        used = "The partial solution is used"
+        if zero_solution:  # no iterate beat x = 0 (CG keeps its best iterate)
+            used = (
+                "No iterate improved on x = 0, so x = 0 is used: the hypergradient is the "
+                "direct term alone (its implicit part is 0)"
+            )
         warnings.warn(
             f"{solver!r} met non-positive curvature p^T H p <= 0 after {iterations} "
             "iteration(s): the Hessian is not positive definite at `params` (not a minimum, "
-            "or singular). The partial solution is used; pass damping=... (or "
-            "damping='auto') to regularize.",
+            f"or singular). {used}; pass damping=... (or damping='auto') to regularize.",
             HypergradientWarning,
             stacklevel=5,
         )
