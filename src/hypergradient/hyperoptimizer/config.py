@@ -40,9 +40,14 @@ def check_group(group: Any) -> None:
 
 def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
     """What every rank must agree on: ``inner_steps``, the step count, the inner
-    optimizer's type and settings, the method's type and configuration, ``nonfinite``, the
-    holdout guard's settings."""
+    optimizer's type and settings, the outer optimizer's type, settings and state (a
+    per-rank outer learning rate would step the ranks' hyperparameters apart), the method's
+    type, configuration and state (a solver seeded from each rank's global stream is
+    refused at construction, not at the first hyper-step), ``nonfinite``,
+    ``on_divergence`` (a diverging run is skipped on some ranks and applied on others
+    otherwise), the holdout guard's settings."""
     groups = hopt.inner_optimizer.param_groups
+    outer = hopt.outer_optimizer.state_dict()
     return {
         "inner_steps": hopt.inner_steps,
         "step": hopt.loop.count,
@@ -50,7 +55,14 @@ def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
         "settings": [{k: v for k, v in g.items() if k != "params"} for g in groups],
         "method": type(hopt.method).__name__,
         "method_config": hopt.method.config(),
+        "method_state": hopt.method.state_dict(),  # an unseeded solver's generator
+        "outer_optimizer": type(hopt.outer_optimizer).__name__,
+        "outer_settings": [
+            {k: v for k, v in g.items() if k != "params"} for g in outer["param_groups"]
+        ],
+        "outer_state": outer["state"],
         "nonfinite": hopt.nonfinite,
+        "on_divergence": hopt.on_divergence,
         "holdout": None if hopt.guard is None else hopt.guard.config(),
     }
 
