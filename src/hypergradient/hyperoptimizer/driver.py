@@ -309,7 +309,7 @@ class HyperOptimizer(HoldoutViews):
         """
         if not self._begun:
             raise ValueError("end_step() needs a begin_step() before the inner step.")
-        step_checks.check_batch(self, batch)
+        step_checks.checked_end(self, batch, self._pending is not None)
         saved, self._begun, self._pending = self._pending, False, None
         if isinstance(loss, Tensor):
             self.loop.loss_pending = loss.detach()
