@@ -265,9 +265,12 @@ def _verdict(names: list[str], hi: Tensor, lo: Tensor) -> None:
     if not torch.equal(hi[MAX_CHECKS], lo[MAX_CHECKS]):
         raise ValueError(
             "The configuration differs between ranks (method, solver settings, the solver's "
-            "seed or generator state, damping, steps, learning rate or optimizer settings): "
-            "every rank must build the same method with the same settings and seed "
-            "(e.g. hg.Nystrom(seed=0) on every rank, not seed=rank)."
+            "seed or generator state, damping, steps, learning rate, the inner or outer "
+            "optimizer's settings or state): every rank must build the same method with the "
+            "same settings and seed (e.g. hg.Nystrom(seed=0) on every rank, not seed=rank; "
+            "a solver without a seed, such as hg.IFT()'s default series, draws its start "
+            "from torch's global generator, which differs on ranks seeded differently: "
+            "pass seed=0)."
         )
 
 

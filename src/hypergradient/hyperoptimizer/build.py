@@ -90,9 +90,14 @@ def make_train_sampler(data: Any, batch_size: Any, seed: int) -> BatchSampler | 
     return make_sampler(data, batch_size, seed + 1, "train_data")
 
 
-def check_method(method: Method | None, links: Mapping[str, str] | None) -> Method:
-    """The method (``IFT()`` by default), checked against the optimizer-setting links."""
-    method = IFT() if method is None else method
+def check_method(
+    method: Method | None, links: Mapping[str, str] | None, group: Any = None
+) -> Method:
+    """The method (``IFT()`` by default; ``IFT(seed=0)`` with a process ``group``: its
+    step estimate's random start is then the same on ranks whose global random streams
+    differ, as with per-rank dropout seeds), checked against the optimizer-setting links."""
+    if method is None:
+        method = IFT() if group is None else IFT(seed=0)
     if not isinstance(method, Method):
         raise ArgumentTypeError(f"`method` must be a method such as hg.IFT(), got {method!r}.")
     if type(method).__call__ is Method.__call__:  # the previous release's interface

@@ -22,8 +22,10 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
 from torch import Tensor
 
+from .. import distributed
 from .._vocab import ArgumentTypeError, HypergradientWarning, as_int
 from ..optim.functional import from_torch
 from . import divergence, optimizers, stepping
@@ -77,7 +79,29 @@ def state_dict(hopt: HyperOptimizer) -> dict[str, Any]:
             "norms": [t.clone() for t in loop.norms],
             "losses": [t.clone() for t in loop.losses],
         },
+        # the saving rank (data-parallel): a window holds that rank's shard's batches
+        "rank": _rank(hopt),
     }
+
+
+def _rank(hopt: HyperOptimizer) -> int | None:
+    group = hopt.process_group
+    return None if group is None else int(dist.get_rank(group))
+
+
+def _check_rank(hopt: HyperOptimizer, state: Mapping[str, Any]) -> None:
+    """A checkpoint saved mid-window on another rank holds that rank's batches: its
+    replay would differentiate another shard's steps (every rank skipped that hyper-step,
+    blaming the loop). Refused before anything is assigned."""
+    saved, own = state.get("rank"), _rank(hopt)
+    if saved is None or own is None or saved == own or state["window"] is None:
+        return
+    raise ValueError(
+        f"This checkpoint was saved on rank {saved} in the middle of a window: it holds "
+        f"rank {saved}'s batches of the window (and its random state), and this is rank "
+        f"{own}. Load each rank's own hopt.state_dict() (save one per rank), or save right "
+        "after a hyper-step (step count a multiple of inner_steps), where no window is held."
+    )
 
 
 def _names(hopt: HyperOptimizer, of: str) -> dict[int, str]:
@@ -130,6 +154,7 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
         ValueError: naming the first entry that does not fit ``hopt``.
     """
     _entries(state, type(hopt.method).__name__)
+    _check_rank(hopt, state)
     _watch(state.get("watch"))
     _watch(state.get("watch"), "losses")
     hopt.view.check_signature(state["model"])
@@ -165,6 +190,20 @@ def validate(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None,
     return window, history, guard
 
 
+def _validated(hopt: HyperOptimizer, state: Any) -> tuple[TrajectoryWindow | None, Any, Any]:
+    """:func:`validate`; with a process group every rank then joins one check, so a
+    failure on one rank raises on all (nothing is assigned on any)."""
+    if hopt.process_group is None:
+        return validate(hopt, state)
+    try:
+        out, error = validate(hopt, state), None
+    except Exception as exc:  # noqa: BLE001 - raised by check_consistent after the collective
+        out, error = None, exc
+    distributed.check_consistent([], hopt.process_group, "the checkpoint", error=error)
+    assert out is not None  # check_consistent raised otherwise
+    return out
+
+
 def _check_train_sampler(hopt: HyperOptimizer, saved: Any) -> None:
     """Warn, before anything is assigned (under warnings-as-errors the load then changes
     nothing), when a checkpoint saved without ``train_data`` meets a train sampler: it
@@ -187,8 +226,11 @@ def _check_train_sampler(hopt: HyperOptimizer, saved: Any) -> None:
 
 def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     """Validate ``state`` entirely, then assign it to ``hopt`` (the method first: if its
-    own ``load_state_dict`` raises, its previous state is put back)."""
-    window, history, guard = validate(hopt, state)
+    own ``load_state_dict`` raises, its previous state is put back). Under a process group
+    every rank calls it: one collective after the validation, so a rank whose checkpoint
+    does not fit raises its error and the others :class:`~hypergradient.RankFailedError`,
+    together, instead of training on alone into DDP's next all-reduce."""
+    window, history, guard = _validated(hopt, state)
     before = copy.deepcopy(hopt.method.state_dict())
     try:
         hopt.method.load_state_dict(state["method"]["state"])

@@ -40,9 +40,12 @@ def check_group(group: Any) -> None:
 
 def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
     """What every rank must agree on: ``inner_steps``, the step count, the inner
-    optimizer's type and settings, the method's type and configuration, ``nonfinite``, the
-    holdout guard's settings."""
+    optimizer's type and settings, the outer optimizer's type, settings and state (a
+    per-rank outer learning rate would step the ranks' hyperparameters apart), the method's
+    type and configuration, ``nonfinite``, ``on_divergence`` (a diverging run is skipped
+    on some ranks and applied on others otherwise), the holdout guard's settings."""
     groups = hopt.inner_optimizer.param_groups
+    outer = hopt.outer_optimizer.state_dict()
     return {
         "inner_steps": hopt.inner_steps,
         "step": hopt.loop.count,
@@ -50,7 +53,13 @@ def configuration(hopt: HyperOptimizer) -> dict[str, Any]:
         "settings": [{k: v for k, v in g.items() if k != "params"} for g in groups],
         "method": type(hopt.method).__name__,
         "method_config": hopt.method.config(),
+        "outer_optimizer": type(hopt.outer_optimizer).__name__,
+        "outer_settings": [
+            {k: v for k, v in g.items() if k != "params"} for g in outer["param_groups"]
+        ],
+        "outer_state": outer["state"],
         "nonfinite": hopt.nonfinite,
+        "on_divergence": hopt.on_divergence,
         "holdout": None if hopt.guard is None else hopt.guard.config(),
     }
 
@@ -59,13 +68,17 @@ def check_ranks(hopt: HyperOptimizer, decisions: Any = None) -> None:
     """Raise ``ValueError`` on every rank if the hyperparameters or the
     :func:`configuration` differ between the ranks of ``hopt.process_group`` (nothing
     without a group). One collective (an all-reduce of a few numbers). ``decisions``:
-    plain data every rank must also agree on (the hyper-step's local skip decisions)."""
+    plain data every rank must also agree on (the hyper-step's local skip decisions);
+    without them (at construction) the method's state is compared too."""
     group = hopt.process_group
     if group is None:
         return
     hparams, config = hopt.raw_hparams(), configuration(hopt)
     if decisions is not None:
         config["decisions"] = decisions
+    else:  # at construction: a solver seeded from each rank's own global random stream is
+        # refused here, before training (the method compares its state at every call)
+        config["method_state"] = hopt.method.state_dict()
     distributed.check_consistent(hparams, group, "the hyperparameters", config=config)
 
 

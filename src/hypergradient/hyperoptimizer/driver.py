@@ -118,7 +118,7 @@ class HyperOptimizer(HoldoutViews):
         val_data: a tuple of tensors (sampled by ``val_batch_size`` rows; all when None or
             at least the rows), an iterable of batches (cycled), or a
             :class:`~.sampler.BatchSampler`.
-        method: a :mod:`hypergradient.methods` method (default ``IFT()``).
+        method: a :mod:`hypergradient.methods` method (default ``IFT()``, with a group seed 0).
         inner_steps: inner steps between hyper-steps.
         train_data, train_batch_size: where hyper-steps draw a training batch when
             ``step()`` got none (implicit methods); same forms as ``val_data``.
@@ -188,7 +188,7 @@ class HyperOptimizer(HoldoutViews):
         self.val_loss_fn = as_callable(val_loss, "val_loss", "(model, hparams, batch)")
         if val_data is None:
             raise ValueError("`val_data` is required: hyper-steps need validation batches.")
-        self.method = check_method(method, optimizer_hparams)
+        self.method = check_method(method, optimizer_hparams, process_group)
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         seed = as_int(seed, "seed", min=0)
         default = "skip" if process_group is not None else "raise"
@@ -309,7 +309,7 @@ class HyperOptimizer(HoldoutViews):
         """
         if not self._begun:
             raise ValueError("end_step() needs a begin_step() before the inner step.")
-        step_checks.check_batch(self, batch)
+        step_checks.checked_end(self, batch, self._pending is not None)
         saved, self._begun, self._pending = self._pending, False, None
         if isinstance(loss, Tensor):
             self.loop.loss_pending = loss.detach()

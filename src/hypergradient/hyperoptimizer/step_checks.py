@@ -5,22 +5,55 @@ gradients."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..methods import T1T2
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["check_batch", "check_gradients", "checked_step", "due"]
+__all__ = ["check_batch", "check_gradients", "checked_end", "checked_step", "due", "shared"]
+
+T = TypeVar("T")
 
 
 def checked_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> bool:
     """``step()``'s checks before anything changes (:func:`check_batch`, :func:`due`,
-    :func:`check_gradients` when a hyper-step is due); whether one is due."""
+    :func:`check_gradients` when a hyper-step is due), :func:`shared` by the ranks;
+    whether a hyper-step is due."""
+    hyper = not hopt.stopped and not (hopt.loop.count + 1) % hopt.inner_steps
+    return shared(hopt, hyper, lambda: _checked(hopt, batch, closure))
+
+
+def checked_end(hopt: HyperOptimizer, batch: Any, hyper: bool) -> None:
+    """``end_step()``'s :func:`check_batch`, :func:`shared` by the ranks (``hyper``: the
+    announced step ends with a hyper-step)."""
+    shared(hopt, hyper, lambda: check_batch(hopt, batch))
+
+
+def shared(hopt: HyperOptimizer, hyper: bool, checks: Callable[[], T]) -> T:
+    """``checks()``; under a process group, at a hyper-step's step, every rank then joins
+    one check: a rank whose call is refused (no batch, no gradients) raises its error and
+    the others :class:`~hypergradient.RankFailedError`, together, before anything changes
+    (they waited for it in the hyper-step's first collective, or met its next backward's
+    all-reduce there: a gloo abort)."""
+    group = hopt.process_group
+    if group is None or not hyper:
+        return checks()
+    out, error = None, None
+    try:
+        out = checks()
+    except ValueError as exc:
+        error = exc
+    distributed.check_consistent([], group, "the step's inputs", error=error)
+    return cast(T, out)
+
+
+def _checked(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> bool:
     check_batch(hopt, batch)
     if not due(hopt):
         return False
