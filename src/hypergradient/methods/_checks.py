@@ -8,10 +8,7 @@ number of arguments.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +28,7 @@ from .._vocab import (
 )
 from ..distributed import check_consistent, group_size
 from ..optim.functional import SGD, Adam, FunctionalOptimizer
+from ._arity import check_arity
 from .base import Problem
 
 T = TypeVar("T")
@@ -182,36 +180,6 @@ def check_no_alias(
                 "zeros and inner_loss(init + delta, ...) with `init` in hparams (hg.meta.MAML "
                 "does this)."
             )
-
-
-def check_arity(fn: Callable[..., Any], n: int, name: str, signature: str, hint: str) -> None:
-    """Raise if ``fn`` cannot be called with ``n`` positional arguments.
-
-    Functions whose signature Python cannot read (some builtins) are accepted as they are.
-    An accepted ``(fn, n)`` is remembered while ``fn`` lives (reading a signature is about
-    3% of a small implicit call).
-    """
-    try:
-        if n in _BINDS.get(fn, ()):
-            return
-    except TypeError:  # unhashable, or no weak reference to it
-        pass
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    try:
-        sig.bind(*([None] * n))
-    except TypeError:
-        raise ArgumentTypeError(
-            f"`{name}` must take {signature} ({n} arguments), but its signature is "
-            f"{name}{sig}. {hint}"
-        ) from None
-    with contextlib.suppress(TypeError):
-        _BINDS.setdefault(fn, set()).add(n)
-
-
-_BINDS: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
 
 
 def fingerprint_config(method: Any, **extra: Any) -> dict[str, Any]:
