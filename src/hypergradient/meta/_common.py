@@ -105,6 +105,12 @@ def as_inner_optimizer(lr: Any, optimizer: Any, lr_name: str, opt_name: str) -> 
     if optimizer is None:
         refuse_learned_setting(lr, lr_name)
         return sgd(lr=as_float(lr, lr_name, min=0.0, open_min=True))
+    if isinstance(optimizer, tuple) and optimizer and isinstance(optimizer[0], FunctionalOptimizer):
+        raise ArgumentTypeError(
+            f"`{opt_name}` is a tuple, as hg.optim.from_torch(optimizer, params) returns "
+            "(twin, state, step): pass its first item, from_torch(optimizer, params)[0] (every "
+            "adaptation starts the twin afresh)."
+        )
     if not isinstance(optimizer, FunctionalOptimizer):
         raise ArgumentTypeError(
             f"`{opt_name}` must be a functional optimizer from hypergradient.optim "

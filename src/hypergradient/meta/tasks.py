@@ -41,6 +41,7 @@ __all__ = [
     "SingleTask",
     "StackedTasks",
     "TaskBatch",
+    "check_module_batches",
     "check_task",
     "check_tasks",
     "refuse_padding",
@@ -292,10 +293,27 @@ def check_tasks(tasks: Any) -> list[Task]:
     return [check_task(t, f"tasks[{i}]") for i, t in enumerate(tasks)]
 
 
+def check_module_batches(pairs: list[Task]) -> None:
+    """Refuse, for a module's loss, a batch that is no pair ``(inputs, targets)``: most
+    often one task ``(support, query)`` passed as ``tasks``, whose two batches were then
+    read as two tasks (vectorize=True blamed their shapes as ragged tasks)."""
+    for i, task in enumerate(pairs):
+        for split, batch in zip(("support", "query"), task):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ArgumentTypeError(
+                    f"tasks[{i}]'s {split} batch is a {type(batch).__name__}, but with an "
+                    "nn.Module every batch is a pair (inputs, targets). `tasks` is a list of "
+                    "tasks (support, query); for one task, pass [task] (or call "
+                    "meta_gradient(meta_params, task))."
+                )
+
+
 def task_batches(loss_fn: LossFn, tasks: Any, vectorize: bool) -> list[TaskBatch]:
     """The meta-batch ``tasks`` as task batches: ``B`` single tasks, or one stack of ``B``."""
     vectorize = as_bool(vectorize, "vectorize")
     pairs = check_tasks(tasks)
+    if getattr(loss_fn, "hg_module", None) is not None:
+        check_module_batches(pairs)
     if vectorize:
         return [StackedTasks(loss_fn, pairs)]
     return [SingleTask(loss_fn, t) for t in pairs]
