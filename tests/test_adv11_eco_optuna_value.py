@@ -40,3 +40,23 @@ def test_numeric_values_of_other_types_are_told_exactly():
         add_refined_trial(study, {"lr": 0.1}, value, source)
     assert [t.value for t in study.trials[1:]] == [0.25, 0.2, 3.0]
     assert [t.params["lr"] for t in study.trials[1:]] == [0.1] * 3
+
+
+@pytest.mark.parametrize("bad", [hg.Positive(torch.tensor(0.2)), "0.3", None])
+def test_a_worse_report_with_a_bad_hyperparameter_is_refused_before_the_trial_changes(bad):
+    """TrialReporter.report checked ``hparams``' values only for a new best: a worse report
+    with a Constraint, a string or None as a value was reported to the trial and counted."""
+    from hypergradient.integrations.optuna import TrialReporter
+
+    study, _ = _study()
+    trial = study.ask()
+    reporter = TrialReporter(trial)
+    reporter.report(1.0, {"decay": torch.tensor(0.1, dtype=torch.float64)})
+    with pytest.raises(hg.ArgumentTypeError, match=r"hparams\['decay'\] must be a tensor"):
+        reporter.report(2.0, {"decay": bad})
+    frozen = study._storage.get_trial(trial._trial_id)
+    assert frozen.intermediate_values == {0: 1.0} and reporter.steps == 1
+    assert reporter.best_value == 1.0 and reporter.best_hparams["decay"].item() == 0.1
+    reporter.report(3.0, {"decay": torch.tensor(0.5)})  # worse, well formed: reported
+    assert study._storage.get_trial(trial._trial_id).intermediate_values == {0: 1.0, 1: 3.0}
+    assert reporter.best_hparams["decay"].item() == 0.1
