@@ -197,14 +197,17 @@ def check_hparams(hparams: Mapping[str, Any], source: str) -> dict[str, Tensor |
 
 #: ``HyperOptimizer`` arguments the callback passes on from its ``**options``.
 OPTIONS = {
-    "seed", "nonfinite", "history_size", "train_data", "train_batch_size", "holdout_loss",
-    "min_delta", "on_divergence", "optimizer_hparams",
+    "seed", "nonfinite", "history_size", "holdout_loss", "min_delta", "on_divergence",
+    "optimizer_hparams",
 }  # fmt: skip
 #: ``HyperOptimizer`` arguments the callback sets itself, and the callback's name for them.
 OWN = {
     "inner_steps": "every_n_steps",
     "inner_optimizer": "the Trainer's optimizer",
     "process_group": "the Trainer's strategy",
+    # Every hyper-step gets the Trainer's batch: a sampler over them was never drawn from.
+    "train_data": "the Trainer's training batch of each hyper-step",
+    "train_batch_size": "the Trainer's training batch of each hyper-step",
 }
 
 

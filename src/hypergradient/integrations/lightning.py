@@ -170,7 +170,7 @@ class HypergradientCallback(pl.Callback):
             under a data-parallel strategy only global rank 0 writes to them (as Lightning's
             own loggers: the records are the same on every rank).
         **options: other ``HyperOptimizer`` arguments (``seed``, ``nonfinite``,
-            ``history_size``, ``train_data``, ``holdout_loss``, ``min_delta``).
+            ``history_size``, ``holdout_loss``, ``min_delta``, ``on_divergence``).
 
     Attributes:
         hopt: the :class:`~hypergradient.HyperOptimizer` behind it (from the start of

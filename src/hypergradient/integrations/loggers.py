@@ -244,7 +244,7 @@ def _cpu(t: Tensor) -> Tensor:
 
 
 class CSVLogger:
-    """Write one row per hyper-step to a CSV file (flushed after every row).
+    """Write one row per hyper-step to a UTF-8 CSV file (flushed after every row).
 
     Columns: ``step``, ``hyper_step``, ``status``, then the names of
     :func:`record_scalars`. A record with a name not seen before (a diagnostic that
@@ -290,7 +290,7 @@ class CSVLogger:
             self._widen(new, purge=record.hyper_step)
         elif new or not self.columns:
             self._widen(new)
-        with self.path.open("a", newline="") as f:
+        with self.path.open("a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, self.columns, restval="").writerow(row)
 
     __call__ = log
@@ -301,7 +301,7 @@ class CSVLogger:
     def _header(self) -> list[str]:
         """The file's columns (none when it is empty or missing)."""
         try:
-            with self.path.open(newline="") as f:
+            with self.path.open(newline="", encoding="utf-8") as f:
                 return next(csv.reader(f), [])
         except FileNotFoundError:
             return []
@@ -311,7 +311,7 @@ class CSVLogger:
         inherited rows whose hyper-step is ``purge`` or later."""
         rows: list[dict[str, str]] = []
         if self.columns:
-            with self.path.open(newline="") as f:
+            with self.path.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
         if purge is not None:
             pending, kept = self._inherited, []
@@ -323,7 +323,7 @@ class CSVLogger:
             rows, self._inherited = kept, Counter()
         self.columns = self.columns + list(new)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, self.columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
@@ -331,7 +331,7 @@ class CSVLogger:
 
     def rows(self) -> list[dict[str, str]]:
         """The rows written so far, as ``csv.DictReader`` reads them."""
-        with self.path.open(newline="") as f:
+        with self.path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
 
     def close(self) -> None:

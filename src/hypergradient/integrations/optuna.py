@@ -30,9 +30,8 @@ evaluation, ``return reporter.finish()`` at the end.
 When a trial is one training (as in TPE alone), refine only the promising starts: a
 ``TrialReporter(trial, prune_until=0)`` lets a ``PercentilePruner`` judge the start, a
 :class:`Polisher` refines the starts it passes by hypergradient line searches that keep only
-improving steps, and :func:`add_refined_trial` tells the study each polished point as a
-trial of its own (the sampler models every evaluated point; the best polished point is
-``study.best_trial``).
+improving steps, and :func:`add_refined_trial` tells the study each polished point as a trial of its
+own (the sampler models every evaluated point; the best polished point is ``study.best_trial``).
 """
 
 from __future__ import annotations
@@ -205,18 +204,19 @@ class TrialReporter:
 
 
 def _copies(hparams: Any, best: bool) -> dict[str, Tensor] | None:
-    """Copies of the reported hyperparameters when the value is the best (else None)."""
+    """Copies of the reported hyperparameters if ``best`` (else None); each one checked."""
     if hparams is not None and not isinstance(hparams, Mapping):
         raise ArgumentTypeError(
             f"`hparams` must map names to values (hopt.hparams), got {type(hparams).__name__}."
         )
-    return {k: _copy(v, k) for k, v in hparams.items()} if hparams and best else None
+    copies = {k: _copy(v, k, best) for k, v in (hparams or {}).items()}
+    return copies if hparams and best else None
 
 
-def _copy(value: Any, name: str) -> Tensor:
-    """A detached copy of a reported hyperparameter (a tensor or a number)."""
+def _copy(value: Any, name: str, keep: bool = True) -> Tensor:
+    """A detached copy of a reported hyperparameter (a tensor or a number), made if ``keep``."""
     if isinstance(value, Tensor):
-        return value.detach().clone()
+        return value.detach().clone() if keep else value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(
             f"hparams[{name!r}] must be a tensor or a number, got {type(value).__name__}."

@@ -248,6 +248,8 @@ def add_refined_trial(
     Raises:
         ValueError: a name ``source`` did not suggest, or a non-finite value (or
             numeric parameter); raised before the study changes.
+        ArgumentTypeError: ``value`` is not a real number (a bool, a string, a tensor of
+            several elements), or a numeric parameter is not one; raised before too.
     """
     if not isinstance(params, Mapping):
         raise ArgumentTypeError(f"`params` must map names to values, got {type(params).__name__}.")
@@ -255,7 +257,7 @@ def add_refined_trial(
     unknown = sorted(set(params) - set(dists))
     if unknown:
         raise ValueError(f"`params` names {unknown} that trial {source.number} did not suggest.")
-    value = float(value)
+    value = as_real(value, "value", " Pass the loss measured at `params` (a float).")
     if not math.isfinite(value):
         raise ValueError(f"`value` must be finite, got {value}.")
     values = dict(source.params)
