@@ -110,7 +110,8 @@ def test_make_functional():
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double()
     fmodel, params = functorch.make_functional(model, disable_autograd_tracking=True)
     assert all(not p.requires_grad for p in params)
-    assert params[0].data_ptr() == model[0].weight.data_ptr()  # shares storage, as functorch
+    assert torch.equal(params[0], model[0].weight)  # copies, as functorch's (a deep copy)
+    assert params[0].data_ptr() != model[0].weight.data_ptr()
     new = tuple(p + 1 for p in params)
     with torch.no_grad():
         for p in model.parameters():

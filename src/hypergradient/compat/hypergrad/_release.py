@@ -18,11 +18,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 from .utils import Params
 
-__all__ = ["ReleaseNames", "default_hook", "overridden"]
+__all__ = ["ReleaseNames", "default_hook", "overridden", "released_device"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def released_device(flag: Any, device: Any) -> tuple[Any, Any]:
+    """``(flag, device)`` with the release's positional ``device`` moved to its place.
+
+    The release's constructors end ``..., functorch_requires_grad, device``; the head's put
+    a flag where the release has ``device`` (``outer_requires_grad`` in ``BaseSolver``,
+    ``skip_sync_inner`` in ``BaseImplicitSolver``). A device given there by position (a
+    ``torch.device`` or a string such as ``"cpu"``, never a flag) is the release's
+    ``device``; the flag keeps its default, False.
+    """
+    if isinstance(flag, (torch.device, str)) and device is None:
+        return False, flag
+    return flag, device
 
 
 def default_hook(fn: _F) -> _F:

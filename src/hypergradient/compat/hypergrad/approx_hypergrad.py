@@ -25,13 +25,14 @@ with the matching solver). Differences, all deliberate:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ... import CG, HessianOperator, Neumann, Nystrom, Solver, implicit
+from ... import CG, HessianOperator, HypergradientWarning, Neumann, Nystrom, Solver, implicit
 from ..._tree import accumulator_dtype, cat
 from ..._tree import flatten as flatten_tree
 from ..._vocab import ArgumentTypeError, as_callable, as_float, as_int
@@ -71,15 +72,24 @@ def _run(
     in_params, out_params = as_params(in_params, "in_params"), as_params(out_params, "out_params")
     # hypergrad differentiates mid-training by design: no stationarity warning; its calls
     # return the hypergradient alone, so no product is spent on a residual
-    hyper = implicit(
-        inner_obj,
-        outer_obj,
-        in_params,
-        out_params,
-        s,
-        stationarity=None,
-        residual=False,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HypergradientWarning)
+        hyper = implicit(
+            inner_obj,
+            outer_obj,
+            in_params,
+            out_params,
+            s,
+            stationarity=None,
+            residual=False,
+        )
+    for w in caught:  # in hypergrad's names, at the caller's line (stacklevel: user -> fn -> _run)
+        text = str(w.message)
+        if issubclass(w.category, HypergradientWarning):
+            text = text.replace("hparams[", "out_params[").replace(
+                "inner_loss or outer_loss", "inner_obj or outer_obj"
+            )
+        warnings.warn(text, w.category, stacklevel=3)
     return tuple(hyper)
 
 

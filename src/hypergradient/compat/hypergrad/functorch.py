@@ -82,8 +82,10 @@ def make_functional(
     """``(fmodel, params)`` with ``fmodel(params, *args, **kwargs) == model(*args, **kwargs)``
     evaluated at ``params`` instead of the module's own parameters.
 
-    As ``functorch.make_functional``: ``params`` is the tuple of ``model.parameters()``
-    (detached, sharing storage, with ``disable_autograd_tracking=True``) and ``fmodel`` a
+    As ``functorch.make_functional``: ``params`` is a tuple of copies of
+    ``model.parameters()`` (``nn.Parameter`` objects unrelated to the model's: updating one in
+    place changes neither the model nor the ``params`` of another call; they require grad
+    as the model's do, or not with ``disable_autograd_tracking=True``) and ``fmodel`` a
     :class:`FunctionalModule` (``fmodel.eval()`` / ``fmodel.train()`` switch its mode, e.g.
     dropout off for a test pass). Unlike it, a module with buffers is accepted; its own
     buffers are used (BatchNorm in training mode updates them).
@@ -96,5 +98,10 @@ def make_functional(
         raise ArgumentTypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     detach = as_bool(disable_autograd_tracking, "disable_autograd_tracking")
     named = list(model.named_parameters())
-    params = tuple(p.detach() if detach else p for _, p in named)
+    # copies, as functorch's (of a deep copy of the model): views of the model's storage
+    # would let an in-place update of `params` move the model, and `params` of another call
+    params = tuple(
+        nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad and not detach)
+        for _, p in named
+    )
     return FunctionalModule(model, [n for n, _ in named]), params

@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from ..._vocab import ArgumentTypeError, as_bool, as_int
 from .._watch import RunWatch
-from ._release import ReleaseNames, default_hook
+from ._release import ReleaseNames, default_hook, released_device
 from .functorch import make_functional
 from .utils import Params
 
@@ -116,6 +116,8 @@ class BaseSolver(ReleaseNames, abc.ABC):
             gradients and whether ``outer``'s parameters require grad.
         skip_sync_inner: do not copy the functional parameters back into ``inner``.
         device: default CUDA when available, else CPU (as hypergrad); the models are moved.
+            Given by position where the release has it (after ``functorch_requires_grad``,
+            in the head's flag's place), it is taken as ``device``.
         functorch_requires_grad: the released name of ``inner_requires_grad`` (overrides it).
     """
 
@@ -139,6 +141,7 @@ class BaseSolver(ReleaseNames, abc.ABC):
         functorch_requires_grad: bool | None = None,
     ):
         self.check_objectives()
+        outer_requires_grad, device = released_device(outer_requires_grad, device)
         if functorch_requires_grad is not None:  # the released name of inner_requires_grad
             inner_requires_grad = as_bool(functorch_requires_grad, "functorch_requires_grad")
         self._num_iters = as_int(num_iters, "num_iters", min=1)
@@ -152,7 +155,11 @@ class BaseSolver(ReleaseNames, abc.ABC):
                 raise ArgumentTypeError(
                     f"`{name}` must be an nn.Module, got {type(module).__name__}."
                 )
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.inner = inner.to(self.device)
         self.outer = outer.to(self.device)
         self.outer.requires_grad_(as_bool(outer_requires_grad, "outer_requires_grad"))
@@ -311,6 +318,7 @@ class BaseImplicitSolver(BaseSolver):
         device: torch.device | None = None,
         functorch_requires_grad: bool | None = None,
     ):
+        skip_sync_inner, device = released_device(skip_sync_inner, device)
         super().__init__(
             inner,
             outer,
