@@ -41,7 +41,8 @@ class AdamHD(HypergradientOptimizer):
     The dot product sums over all parameters of the group; the first step leaves the
     learning rate unchanged. Because ``u`` is normalized (entries of order 1),
     ``g . u`` scales like ``||g||_1``, hence the much smaller default ``beta`` than for
-    SGD-HD (1e-7, the paper's value). The learning rate is not clipped; a non-finite
+    SGD-HD (1e-7, the paper's value). The learning rate is not clipped (a
+    ``HypergradientWarning`` when it crosses below zero); a non-finite
     ``h_t`` is not applied (the learning rate keeps its value, with a
     ``HypergradientWarning``).
 

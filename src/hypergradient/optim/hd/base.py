@@ -193,6 +193,14 @@ class HypergradientOptimizer(Optimizer):
                 stacklevel=5,  # _adapt_lr, step, no_grad, torch's step hooks, caller
             )
             return
+        if lr < 0 <= group["lr"]:  # a negative rate ascends the loss: say so once per crossing
+            warnings.warn(
+                f"{self._name}: hypergradient descent took the learning rate below zero "
+                f"({group['lr']!r} -> {lr!r}, h = {h:.3g}): the optimizer now ascends the "
+                "loss. Lower hypergrad_lr (the rate oscillates when it is too large).",
+                HypergradientWarning,
+                stacklevel=5,  # _adapt_lr, step, no_grad, torch's step hooks, caller
+            )
         group["lr"] = lr
 
     @staticmethod

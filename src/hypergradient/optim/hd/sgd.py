@@ -41,7 +41,8 @@ class SGDHD(HypergradientOptimizer):
     ``u_0``) the learning rate is unchanged. As in the paper, the momentum buffer's own
     dependence on past learning rates is ignored (PyTorch's buffer does not depend on
     ``alpha`` at all). The learning rate is not clipped: a large ``hypergrad_lr`` on an
-    oscillating problem can drive it to zero or below. A non-finite ``h_t`` is not
+    oscillating problem can drive it to zero or below (a ``HypergradientWarning`` when it
+    crosses below zero: the steps then ascend the loss). A non-finite ``h_t`` is not
     applied (the learning rate keeps its value and a ``HypergradientWarning`` is issued).
 
     Args:
