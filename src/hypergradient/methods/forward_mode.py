@@ -175,7 +175,10 @@ class ForwardMode(TrajectoryMethod):
 
     Propagates ``Z_t = d s_t / d phi`` (one tangent per hyperparameter) alongside the run
     and returns ``d_phi g + (d theta_T / d phi)^T grad_theta g``. Equal to
-    :class:`~hypergradient.Unrolled` up to rounding. The tangents of each step's gradient,
+    :class:`~hypergradient.Unrolled` up to rounding, but it does not measure the
+    instability that Unrolled reports by its adjoint's growth (a chaotic run whose loss stays
+    bounded: ``status`` stays ``"fixed_budget"``, no warning, and ``on_divergence="skip"``
+    does not skip it); check a doubtful run with Unrolled. The tangents of each step's gradient,
     ``H_tt Z_t + H_tp``, are ``m`` vector-Jacobian products of the gradient's graph taken in
     one batched backward pass (:mod:`~hypergradient.methods.forward_tangents`); the
     optimizer update's tangents by the update itself (SGD with no tuned setting: it is
