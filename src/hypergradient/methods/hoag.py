@@ -55,9 +55,10 @@ class HOAG(ImplicitMethod):
         reset_on: the exits after which the warm start is dropped (a subset of
             ``("negative_curvature", "max_iterations")``).
 
-    Cost: at most ``maxiter`` products per call (plus ``f``'s graph, ``g``'s gradient
-    and the mixed product). State: ``k`` and the last solution (``P`` numbers), in
-    :meth:`state_dict`; updated only when a call succeeds.
+    Cost: at most ``maxiter + 1`` products per call (``maxiter`` CG iterations and, from a
+    warm start, its residual ``b - A x0``; with ``damping="auto"`` also the estimate's),
+    plus ``f``'s graph, ``g``'s gradient and the mixed product. State: ``k`` and the last
+    solution (``P`` numbers), in :meth:`state_dict`; updated only when a call succeeds.
     """
 
     name = "hoag"

@@ -181,10 +181,12 @@ def warn_not_stationary(
             "the inner problem further before the call, or pass stationarity=None to skip "
             "this check."
         )
+        rel = "while the outer gradient is 0 (the"
+        if outer > 0:
+            rel = f"{inner / outer:.3g} times that of the outer gradient ({outer:.3g}; the"
         warnings.warn(
-            f"{what} has norm {inner:.3g}, {inner / max(outer, 1e-300):.3g} times "
-            f"that of the outer gradient ({outer:.3g}; the check warns above "
-            f"stationarity={ratio:g}): {advice}",
+            f"{what} has norm {inner:.3g}, {rel} check warns above stationarity={ratio:g}): "
+            f"{advice}",
             HypergradientWarning,
             stacklevel=stacklevel,
         )

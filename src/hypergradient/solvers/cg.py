@@ -16,6 +16,7 @@ from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
 from .cg_status import (
     attainable_message,
+    blame_preconditioner,
     checked_preconditioner,
     null_direction,
     product_eps,
@@ -290,6 +291,7 @@ class _Run:
 
 def _curvature_status(run: _Run, Ap: Tensor, pap: float) -> Status:
     """The status of a step whose ``p^T A p`` is not positive and finite."""
+    blame_preconditioner(run)  # a user's preconditioner's NaN or zero: named
     if not math.isfinite(pap):  # a non-finite product, or an overflow
         require_finite_product(Ap)
         return Status.DIVERGED

@@ -21,6 +21,7 @@ from .base import require_finite_product, safe_norm
 
 __all__ = [
     "attainable_message",
+    "blame_preconditioner",
     "checked_preconditioner",
     "null_direction",
     "product_eps",
@@ -58,7 +59,25 @@ def checked_preconditioner(pre: Callable[[Tensor], Tensor]) -> Callable[[Tensor]
             f"of the same shape, a floating-point tensor; it returned {got}."
         )
 
+    apply.user = True  # type: ignore[attr-defined]  # (blame_preconditioner: a user's)
     return apply
+
+
+def blame_preconditioner(run: Any) -> None:
+    """At a CG exit on ``p^T A p`` not positive and finite: raise ValueError if a user's
+    preconditioner made the direction ``p`` NaN/Inf or zero (it is not symmetric positive
+    definite), rather than report the Hessian's curvature or products."""
+    if not getattr(run.precondition, "user", False):
+        return
+    finite = _vocab.is_finite(run.p)
+    if finite and bool(run.p.any()):
+        return
+    raise ValueError(
+        "CG's `preconditioner` returned M^-1 r "
+        + ("with NaN or Inf" if not finite else "= 0 for a non-zero r")
+        + ": it must be a symmetric positive-definite map r -> M^-1 r (e.g. r / d for a "
+        "positive diagonal d); or pass preconditioner=None."
+    )
 
 
 def product_eps(op: LinearOperator) -> float:

@@ -271,6 +271,13 @@ def _checked(solver: Solver, sol: Any, b: Tensor) -> Solution:
     )
 
 
+def _met_negative_curvature(sol: Solution) -> bool:
+    """The solve met negative curvature: an iterative solver's status, or a dense solve
+    (``Exact``) that inverted negative eigenvalues of the damped matrix (its status is
+    ``"exact"``, the system it solved still indefinite)."""
+    return sol.status == Status.NEGATIVE_CURVATURE or bool(sol.stats.get("negative_eigenvalues"))
+
+
 def damped_solve(
     solver: Solver,
     op: LinearOperator,
@@ -281,8 +288,9 @@ def damped_solve(
     """``(H + damping I)^{-1} b`` by ``solver``: the solution, the system, and stats.
 
     With an :class:`AutoDamping`, the damping comes from its (cached) estimate; a solve
-    that meets negative curvature is repeated with the damping :meth:`AutoDamping.retry`
-    returns (a fresh estimate, then past the curvature met), at most :data:`RETRIES` times.
+    that meets negative curvature (an ``Exact`` solve: negative eigenvalues of the damped
+    matrix) is repeated with the damping :meth:`AutoDamping.retry` returns (a fresh
+    estimate, then past the curvature met), at most :data:`RETRIES` times.
     ``stats["damping"]`` is the damping of the returned solve; ``stats["damping_retries"]``
     counts the repeated solves.
 
@@ -308,8 +316,10 @@ def damped_solve(
     sol = _checked(solver, solver.solve(system, b, x0), b)
     first = sol.num_hvps
     retries = 0
-    while auto is not None and sol.status == Status.NEGATIVE_CURVATURE and retries < RETRIES:
+    while auto is not None and _met_negative_curvature(sol) and retries < RETRIES:
         curvature = sol.stats.get("curvature", sol.stats.get("rayleigh_quotient"))
+        if curvature is None:  # Exact: the smallest eigenvalue of the damped matrix
+            curvature = sol.stats.get("lambda_min")
         value = auto.retry(op, value, curvature, stats)
         system = DampedOperator(op, value)
         sol = _checked(solver, solver.solve(system, b, x0), b)

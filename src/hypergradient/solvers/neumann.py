@@ -352,8 +352,9 @@ class _Series:
         # lambda_max), a PSD operator cannot grow the residual, so growth proves negative
         # curvature; so does a negative Lanczos lambda_min or Rayleigh quotient. A cached
         # estimate proves nothing: the operator's top may have grown since (diverged, and
-        # the solver estimates again).
-        estimated = bool(self.stats_in.get("estimated"))
+        # the solver estimates again); nor does one of too few steps for the bound (s = 5).
+        bounded = self.stats_in.get("safety", 1.0) < lanczos_safety(1, 0)
+        estimated = bool(self.stats_in.get("estimated")) and bounded
         indefinite = q < 0 or self.stats_in.get("lambda_min", 0.0) < 0 or estimated
         return Status.NEGATIVE_CURVATURE if indefinite else Status.DIVERGED
 

@@ -59,7 +59,8 @@ class Nystrom(RandomizedSolver):
             sketch from the solver's generator.
         chunk_size: products evaluated together (bounds memory: r x n for the sketch).
 
-    Cost: r products, O(r n) memory, O(r^2 n) flops.
+    Cost: r products (one more from a non-zero warm start ``x0``: the solve is then
+    ``x0 + (A_nys + rho I)^{-1} (b - A x0)``), O(r n) memory, O(r^2 n) flops.
     """
 
     requires_symmetric = True
