@@ -5,8 +5,10 @@ The torch optimizer skips every parameter without ``.grad``: the weights stay pu
 one included. With weights of norm ~14 and lr 0.01, the replay ended 1.7e-2 (relative) from
 the weights, under the 10% skip bound, and Unrolled applied -22.7 where the exact
 hypergradient of the run trained (that step a no-op) is -17.6 (29% off, with only the
-generic "replay ended away" warning). As T1T2's hyper-step already was, such a step is now
-refused before anything changes; a ``closure`` computes the gradients itself.
+generic "replay ended away" warning). The same after ``zero_grad(set_to_none=False)``
+(gradients all zeros), for the trajectory methods and T1T2's hyper-step. As T1T2's
+hyper-step without gradients already was, such a step is now refused before anything
+changes; a ``closure`` computes the gradients itself.
 """
 
 from __future__ import annotations
@@ -57,13 +59,16 @@ def make(method):
 METHODS = [hg.Unrolled, hg.ForwardMode, hg.DrMAD]
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("method", METHODS)
-def test_a_step_without_backward_in_a_window_is_refused_before_anything_changes(method):
+def test_a_step_without_backward_in_a_window_is_refused_before_anything_changes(
+    method, set_to_none
+):
     model, inner, hopt = make(method())
     hopt.zero_grad()
     hopt.train_loss(batch(0)).backward()
     hopt.step(batch(0))
-    hopt.zero_grad()  # ... and no backward
+    hopt.zero_grad(set_to_none=set_to_none)  # ... and no backward
     weights = [p.detach().clone() for p in model.parameters()]
     state = [v["momentum_buffer"].clone() for v in inner.state.values()]
     rng = torch.get_rng_state()
@@ -123,3 +128,17 @@ def test_implicit_methods_still_step_without_backward():
         hopt.zero_grad()
         hopt.step(batch(i))  # IFT differentiates at the current weights
     assert hopt.hyper_steps == 1
+
+
+def test_t1t2_hyper_step_after_zeroed_gradients_is_refused():
+    model, inner, hopt = make(hg.T1T2())
+    for i in range(3):
+        hopt.zero_grad()
+        hopt.train_loss(batch(i)).backward()
+        hopt.step(batch(i))
+    hopt.zero_grad(set_to_none=False)  # zeros, no backward: T1T2 would differentiate a step
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"None or zeros"):
+        hopt.step(batch(3))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert hopt.loop.count == 3 and hopt.hyper_steps == 0

@@ -98,7 +98,8 @@ def check_gradients(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) 
     parameters hold no gradient.
 
     Without ``backward()`` (or after a misplaced ``zero_grad()``) the torch optimizer skips
-    every parameter: the weights do not move, while T1T2 differentiates the step
+    every parameter (or, after ``zero_grad(set_to_none=False)``, steps on zero gradients):
+    the weights do not take the gradient step, while T1T2 differentiates the step
     ``theta - lr * grad`` as if it had been taken and a trajectory method replays it (a
     hypergradient of steps that did not happen: a probe's Unrolled window of 4 with one
     such step applied -22.7 where the run trained gives -17.6, with only a replay warning).
@@ -111,15 +112,17 @@ def check_gradients(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) 
     trajectory = hopt.method.needs_trajectory
     if closure is not None or not (trajectory or isinstance(hopt.method, T1T2)):
         return
-    if any(p.grad is not None for p in hopt.view.params):
-        return
+    grads = (p.grad for p in hopt.view.params if p.grad is not None)
+    if any(bool((g._values() if g.is_sparse else g).any()) for g in grads):
+        return  # (zeros: zero_grad(set_to_none=False) and no backward())
     what = (
         f"{hopt.method.name} would replay it in its window"
         if trajectory
         else "this step's T1T2 hyper-step would differentiate it"
     )
     raise ValueError(
-        "step() found no gradient on any trained parameter (no backward() since zero_grad()), "
-        f"so the optimizer takes no step, and {what} as if it had been taken. Call backward() "
+        "step() found no gradient on any trained parameter (None or zeros: no backward() since "
+        f"zero_grad()), so the optimizer takes no gradient step, and {what} as if it had been "
+        "taken. Call backward() "
         "on the training loss before step(), or pass closure=...; nothing was changed."
     )
