@@ -14,6 +14,7 @@ changed since the previous step, and warns once when such a method takes a hyper
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -57,14 +58,21 @@ class BufferWatch:
         """Forget the last marks (the buffers were written other than by a step)."""
         self._marks = None
 
-    def warn(self, method: Any) -> None:
-        """Warn once if ``method`` re-evaluates past steps and a watched buffer changed."""
+    def warn(self, method: Any, hparams: Iterable[Tensor] = ()) -> None:
+        """Warn once if ``method`` re-evaluates past steps and a watched buffer changed
+        (other than one holding a hyperparameter in ``hparams``: the outer optimizer moves
+        those, at hyper-steps only, so every step of a window saw the same value)."""
         if self.warned or not self.moved:
             return
         if not (getattr(method, "needs_trajectory", False) or isinstance(method, T1T2)):
             return
+        held = {h.untyped_storage().data_ptr() for h in hparams}
+        slots = {k: sub._buffers.get(name) for k, sub, name in self.slots}
+        moved = [k for k in self.moved if _storage(slots.get(k)) not in held]
+        if not moved:
+            return
         self.warned = True
-        shown = ", ".join(repr(k) for k in self.moved[:5]) + (", ..." * (len(self.moved) > 5))
+        shown = ", ".join(repr(k) for k in moved[:5]) + (", ..." * (len(moved) > 5))
         warnings.warn(
             f"The training forward passes update the buffer(s) {shown} (not running "
             f"statistics of a normalization layer). {type(method).__name__} re-evaluates past "
@@ -82,3 +90,7 @@ class BufferWatch:
 def _mark(buffer: Tensor | None) -> tuple[int, int]:
     """The buffer's identity and in-place version (both change when a step updates it)."""
     return (0, 0) if buffer is None else (id(buffer), buffer._version)
+
+
+def _storage(buffer: Tensor | None) -> int | None:
+    return None if buffer is None else buffer.untyped_storage().data_ptr()

@@ -243,7 +243,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     with recompute.explained():  # torch's CheckpointError after a train/eval switch
         result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
     recompute.check(hopt.view.checkpointed, hopt.method, info)
-    hopt.view.buffer_watch.warn(hopt.method)
+    hopt.view.buffer_watch.warn(hopt.method, hopt.hyperparameters.leaves())
     if replay_off(hopt, info, saved) or divergence.unstable(info, hopt, saved, skip):
         return
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
