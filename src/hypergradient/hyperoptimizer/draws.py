@@ -58,12 +58,9 @@ def foreign_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | 
     if getattr(loop, "replayable", False):
         return None
     state = loop.step_rng if loop.step_rng is not None else rng_state(view.device)
-    loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
     values = []
-    for _ in range(2):  # with gradients: a loss may differentiate inside (a penalty)
-        leaves = [b.detach().requires_grad_(True) for b in before]
-        with torch.enable_grad(), replay_rng(state, view.device):
-            loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
+    for _ in range(2):
+        _, loss, _ = _replay(hopt, batch, before, state)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return None  # the method names the problem
         values.append(float(loss.detach()))
@@ -114,12 +111,8 @@ def other_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | No
 def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float | None:
     """The distance between the directions of the replayed gradient and the step's
     ``.grad`` (None when the replayed forward pass draws no random numbers)."""
-    loop, view = hopt.loop, hopt.view
-    leaves = [b.detach().requires_grad_(True) for b in before]
-    loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
-    with torch.enable_grad(), replay_rng(loop.step_rng, view.device):
-        loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
-        drew = not same_state(loop.step_rng, rng_state(view.device))
+    view = hopt.view
+    leaves, loss, drew = _replay(hopt, batch, before, hopt.loop.step_rng)
     if not drew:
         return None
     used = [(leaf, p.grad) for leaf, p in zip(leaves, view.params) if p.grad is not None]
@@ -134,6 +127,21 @@ def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float 
     # the directions' distance: a gradient rescaled by the loop (clip_grad_norm_, which T1T2
     # documents as a bias of its hypergradient) is the same step's
     return float((a / na - b / nb).norm())
+
+
+def _replay(
+    hopt: HyperOptimizer, batch: Any, before: list[Any], state: Any
+) -> tuple[list[torch.Tensor], Any, bool]:
+    """``train_loss`` on ``batch`` at fresh leaves of ``before``, replayed from the
+    random-number ``state`` with gradients enabled (a loss may differentiate inside: a
+    penalty): the leaves, the loss and whether the forward pass drew random numbers."""
+    view = hopt.view
+    leaves = [b.detach().requires_grad_(True) for b in before]
+    loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
+    with torch.enable_grad(), replay_rng(state, view.device):
+        loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
+        drew = not same_state(state, rng_state(view.device))
+    return leaves, loss, drew
 
 
 def _flat(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -55,11 +55,13 @@ def shared(hopt: HyperOptimizer, hyper: bool, checks: Callable[[], T]) -> T:
 
 def _checked(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] | None) -> bool:
     check_batch(hopt, batch)
-    if hopt.method.needs_trajectory and not hopt.stopped:
-        check_gradients(hopt, closure)  # every step of the window is replayed
+    every = hopt.method.needs_trajectory and not hopt.stopped  # each window step is replayed
+    if every:
+        check_gradients(hopt, closure)
     if not due(hopt):
         return False
-    check_gradients(hopt, closure)
+    if not every:
+        check_gradients(hopt, closure)
     return True
 
 
