@@ -10,7 +10,10 @@ does not grow for long: a run is reported as diverging when
   (sustained geometric growth; the hyper-optimizer also asks the parameter norm to grow,
   :mod:`hypergradient.hyperoptimizer.divergence`), or
 * its loss ended at least :data:`BLOWUP` times its first value and still grew at each of its
-  last ``KEEP - 1`` steps (slower geometric growth, sustained over the run), or
+  last ``KEEP - 1`` steps (slower geometric growth, sustained over the run); a loss that
+  starts at or below zero (a constant offset, a log-likelihood), when it rose by
+  ``BLOWUP - 1`` times its start's magnitude (the first non-zero loss's if it starts at 0),
+  or
 * (an adaptation, whose loss before and after is known) its loss after the adaptation is at
   least :data:`ADAPT_GROWTH` times its loss before: a descent that ended ten times above its
   start failed, whatever its length (MAML's one-step adaptations included); a loss that
@@ -99,7 +102,11 @@ def loss_diverging(losses: Sequence[float]) -> str | None:
     if grows(values, LOSS_GROWTH):
         growth = f"at least {LOSS_GROWTH:g}x"
         return f"the loss grew by {growth} at each of the last {KEEP - 1} steps ({last})"
-    if values[0] > 0 and values[-1] >= BLOWUP * values[0] and grows(values, 1.0):
+    # the scale of the start: the first loss's magnitude, or the first non-zero one's (a
+    # loss may start at or below zero: a negative log-likelihood, a constant offset)
+    scale = next((abs(v) for v in values if v != 0), 0.0)
+    rise = values[-1] - values[0]
+    if scale > 0 and rise >= (BLOWUP - 1) * scale and grows(values, 1.0):
         return (
             f"the loss grew from {values[0]:.3g} to {values[-1]:.3g} (at least {BLOWUP:g}x) and "
             f"still grows ({last})"
