@@ -327,7 +327,7 @@ class History(Sequence[HyperStepRecord]):
             raise ValueError(f"The checkpoint's history count {total!r} is invalid.")
         records = [HyperStepRecord.from_dict(r) for r in state["records"]]
         keep = len(records) if self.maxlen is None else self.maxlen
-        return records[len(records) - keep :] if keep else [], total
+        return records[max(0, len(records) - keep) :] if keep else [], total
 
     def load_state_dict(self, state: Any) -> None:
         self.restore(self.parse_state(state))
