@@ -188,7 +188,8 @@ class IMAML(MetaLearner):
                 damping=self.damping,
                 return_info=True,
                 stationarity=None,  # checked below, in iMAML's words
-            )
+            ),
+            drop=lambda text: "solved an indefinite Hessian" in text,  # below, in iMAML's
         )
         inner = batch.task_norms(gradient(f_at_theta, phi, spec)[0])
         outer = None  # each stacked task's own query gradient (the query loss is their mean)

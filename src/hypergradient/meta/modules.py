@@ -141,9 +141,14 @@ def caller_level() -> int:
 _RELAYED: dict[Any, Any] = {}  # the "default" action's registry of relayed other warnings
 
 
-def relay_warnings(call: Callable[[], Any], translate: Callable[[str], str] = str) -> Any:
+def relay_warnings(
+    call: Callable[[], Any],
+    translate: Callable[[str], str] = str,
+    drop: Callable[[str], bool] | None = None,
+) -> Any:
     """``call()``, its ``HypergradientWarning`` s re-emitted at the user's line (their
-    text through ``translate``: a core function's words in ``hg.meta``'s).
+    text through ``translate``: a core function's words in ``hg.meta``'s; those whose text
+    ``drop`` accepts are not re-emitted: the caller says it in its own words).
 
     The core functions (``hg.implicit``: a solver stopped at ``maxiter``, met negative
     curvature, ...) place their warnings for a user calling them directly; called from
@@ -156,6 +161,8 @@ def relay_warnings(call: Callable[[], Any], translate: Callable[[str], str] = st
     level = caller_level()
     for w in caught:
         if issubclass(w.category, HypergradientWarning):
+            if drop is not None and drop(str(w.message)):
+                continue
             warnings.warn(translate(str(w.message)), w.category, stacklevel=level)
         else:
             module = next(  # for filters by module (``module="torch"``)

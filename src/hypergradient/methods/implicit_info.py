@@ -149,6 +149,18 @@ def _warned_by_stats(solver: Solver, status: Status, stats: dict[str, Any]) -> b
             stacklevel=6,
         )
         return True
+    if status == Status.EXACT and stats.get("negative_eigenvalues"):
+        lowest = float(stats.get("lambda_min", math.nan))
+        warnings.warn(
+            f"{solver!r} solved an indefinite Hessian ({stats['negative_eigenvalues']} "
+            f"negative eigenvalue(s), the lowest {lowest:.3g}): `params` is a saddle point, "
+            "not a minimum of the inner problem, and the answer is the implicit derivative "
+            "of that stationary point, which training does not stay at (the iterative "
+            f"solvers report negative_curvature). Pass damping above {-lowest:.3g} (or "
+            "damping='auto') to regularize, or train the inner problem to a minimum.",
+            HypergradientWarning,
+            stacklevel=6,
+        )  # and on: a singular matrix warns too
     if status == Status.EXACT and stats.get("finite_difference_products"):
         warnings.warn(
             f"{solver!r} solved the Hessian materialized from central differences of "
