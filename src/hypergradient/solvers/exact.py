@@ -42,8 +42,9 @@ class Exact(Solver):
     ``stats["negative_eigenvalues"]`` (the inverted negative ones). The solve is exact
     either way; at a saddle (an indefinite Hessian) the implicit derivative is that of the
     stationary point, which training does not stay at, where the iterative solvers report
-    ``negative_curvature`` (the implicit methods warn about the negative eigenvalues). With finite-difference products (``hvp="first_order"``) the
-    matrix is the differenced Hessian, accurate to about ``product_eps`` (2.4e-5 relative
+    ``negative_curvature`` (the implicit methods warn about the negative eigenvalues).
+    With finite-difference products (``hvp="first_order"``) the matrix is the differenced
+    Hessian, accurate to about ``product_eps`` (2.4e-5 relative
     in float32, 3.7e-11 in float64): the residual is that matrix's, and ``stats`` says
     ``precision_limited``, ``finite_difference_products`` and ``product_eps``. Likewise with
     half-precision products (bfloat16 or float16 parameters, or autocast), the matrix is
