@@ -14,7 +14,15 @@ for the pass, and the forward hook puts the originals back, untouched (no in-pla
 to the user's tensors, so no autograd version-counter conflict with a retained graph).
 Only the thread that entered the block is affected; blocks nest. Cost: one copy of a
 module's own buffers per forward pass of that module (BatchNorm: two vectors and a
-counter).
+counter). The hooks are registered at the first block and stay (:func:`register_once`).
+
+Compiled modules: a hook traced into a ``torch.compile``'d graph would be baked into it (dynamo
+does not guard on the global hooks, so the training loop would reuse that graph) and cannot
+swap attributes under ``fullgraph=True``, so the hooks do nothing while compiling. The
+``OptimizedModule`` that ``torch.compile(module)`` returns is called eagerly: its pre-hook
+gives the whole compiled tree fresh copies of its buffers instead. A module compiled in place
+(``module.compile()``) runs its hooks inside the graph: pass its buffers as copies
+(:class:`~hypergradient.HyperOptimizer` does).
 """
 
 from __future__ import annotations
@@ -22,16 +30,38 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as nn_module
 from torch.nn.parameter import UninitializedBuffer
 
-__all__ = ["keep_buffers"]
+__all__ = ["compiling", "keep_buffers", "register_once"]
+
+# Whether dynamo is tracing (torch >= 2.3; never on older ones, whose hooks always run).
+compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
-_HOOKS: list[Any] = []
-_USERS = [0]  # threads inside a block (the hooks are registered while > 0)
+_REGISTERED: dict[str, list[Any]] = {}  # the persistent hooks' handles, by owner
+
+
+def register_once(owner: str, pre: Any, post: Any = None) -> None:
+    """Register global forward hooks (``post``: always called) once per process.
+
+    They stay registered, their bodies switched by this thread's state: dynamo guards a graph
+    traced while global hooks exist on the hooks' keys (handle ids), so hooks registered per
+    block would recompile a compiled module at every hyper-step (and ``fullgraph=True`` would
+    fail at the recompile limit); fixed keys recompile it once. Outside a block a hook costs
+    a call and an attribute read per module forward.
+    """
+    if owner in _REGISTERED:
+        return
+    with _LOCK:
+        if owner not in _REGISTERED:
+            handles = [nn_module.register_module_forward_pre_hook(pre)]
+            if post is not None:
+                handles.append(nn_module.register_module_forward_hook(post, always_call=True))
+            _REGISTERED[owner] = handles
 
 
 def _swaps() -> list[tuple[nn.Module, list[tuple[str, Tensor]]]] | None:
@@ -40,24 +70,29 @@ def _swaps() -> list[tuple[nn.Module, list[tuple[str, Tensor]]]] | None:
 
 
 def _pre(module: nn.Module, args: Any) -> None:
-    if not getattr(module, "_buffers", None):  # most modules own none: no generator built
+    if compiling():  # (see the module notes)
         return
+    compiled = isinstance(getattr(module, "_orig_mod", None), nn.Module)  # torch.compile's
+    if not (compiled or getattr(module, "_buffers", None)):  # most own none: no generator
+        return  # (a compiled module's tree runs in its graph, without hooks: swap it all)
     swaps = _swaps()
     if swaps is None:
         return
     own = [
         (k, b)
-        for k, b in module.named_buffers(recurse=False)
+        for k, b in module.named_buffers(recurse=compiled)
         if b is not None and not isinstance(b, UninitializedBuffer)  # lazy modules
     ]
     if not own:
         return
     for name, buf in own:
-        setattr(module, name, buf.clone())
+        _set(module, name, buf.clone())
     swaps.append((module, own))
 
 
 def _post(module: nn.Module, args: Any, output: Any) -> None:
+    if compiling():
+        return
     swaps = _swaps()
     if not swaps:
         return
@@ -67,10 +102,16 @@ def _post(module: nn.Module, args: Any, output: Any) -> None:
             return
 
 
+def _set(module: nn.Module, name: str, value: Tensor) -> None:
+    """``setattr`` along a dotted buffer name."""
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, value)
+
+
 def _restore(entry: tuple[nn.Module, list[tuple[str, Tensor]]]) -> None:
     module, own = entry
     for name, buf in own:
-        setattr(module, name, buf)
+        _set(module, name, buf)
 
 
 class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
@@ -87,11 +128,7 @@ class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
         if not self.outer:  # nested: the outer block already keeps them
             return
         _LOCAL.swaps = []
-        with _LOCK:
-            if _USERS[0] == 0:
-                _HOOKS.append(nn_module.register_module_forward_pre_hook(_pre))
-                _HOOKS.append(nn_module.register_module_forward_hook(_post, always_call=True))
-            _USERS[0] += 1
+        register_once("keep_buffers", _pre, _post)
 
     def __exit__(self, *exc: object) -> None:
         if not self.outer:
@@ -100,8 +137,3 @@ class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
         while swaps:
             _restore(swaps.pop())
         _LOCAL.swaps = None
-        with _LOCK:
-            _USERS[0] -= 1
-            if _USERS[0] == 0:
-                while _HOOKS:
-                    _HOOKS.pop().remove()

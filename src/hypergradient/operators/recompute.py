@@ -22,6 +22,12 @@ returns, so the backward pass recomputes the segment in the other mode: torch ra
 (a segment whose saved shapes agree in both modes, e.g. a module of one's own branching on
 ``self.training``, is not detected). The reentrant variant (``use_reentrant=True``)
 already raises torch's own error under ``torch.autograd.grad``.
+
+Inside a ``torch.compile``'d region the hook does nothing (dynamo cannot trace the
+saved-tensor-hooks query, and ``fullgraph=True`` refuses a graph break): a compiled module's
+checkpointed segments are a higher-order op of its graph, recomputed in the compiled backward
+from the tensors the graph was given (the hyper-step's), and a compiled module called inside
+a checkpointed segment of eager code is not detected.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as nn_module
 from torch.utils.checkpoint import CheckpointError
+
+from .buffers import compiling, register_once
 
 __all__ = ["check", "explained", "in_checkpoint", "refuse", "watch"]
 
@@ -59,28 +66,30 @@ def in_checkpoint() -> bool:
 
 
 def _pre(module: nn.Module, args: Any) -> None:
+    if compiling():  # traced into a compiled graph: see the module notes
+        return
     if getattr(_LOCAL, "watching", False) and in_checkpoint():
         _LOCAL.found = True
 
 
 class watch:  # noqa: N801 (used as a function: ``with watch() as w:``)
     """A block that notes (``found``) whether a module ran inside a checkpointed segment
-    (this thread). Cost: one global forward pre-hook for the block's duration."""
+    (this thread). Cost: one global forward pre-hook, registered at the first block and
+    kept (:func:`~.buffers.register_once`)."""
 
-    __slots__ = ("found", "handle", "outer")
+    __slots__ = ("found", "outer")
 
     def __enter__(self) -> watch:
         self.found = False
         self.outer = not getattr(_LOCAL, "watching", False)
         if self.outer:
             _LOCAL.watching, _LOCAL.found = True, False
-            self.handle = nn_module.register_module_forward_pre_hook(_pre)
+            register_once("recompute", _pre)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.found = bool(getattr(_LOCAL, "found", False))
         if self.outer:
-            self.handle.remove()
             _LOCAL.watching = False
 
 
