@@ -57,6 +57,15 @@ random-number state before each step (dropout masks as in training): captured by
 :meth:`train_loss`, else at the end of the previous step (at construction or load for
 the first), or just before a ``closure``.
 
+A hyper-step runs outside ``torch.autocast`` even when ``step()`` is called inside it (the
+AMP loop): its outer gradients, products, solves and holdout score are in the parameters'
+precision; the replays of training steps (a trajectory method's window, T1T2's draws
+check) run in the autocast state of the step's forward pass (``hopt.train_loss``'s, else
+the one around ``step()``), as trained (:mod:`~.precision`). A ``torch.compile``'d model
+(``fullgraph=True`` included) recompiles a bounded number of times: the hyper-steps'
+module hooks are registered once and do nothing in compiled graphs
+(:mod:`~hypergradient.operators.buffers`).
+
 Cost per hyper-step, besides the method's: one copy of the trained parameters, the
 buffers, both optimizers' states and the method's state (the rollback snapshot);
 trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each);
@@ -150,7 +159,7 @@ class HyperOptimizer(HoldoutViews):
             ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
             back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
 
-    Divergence checks, rollback, replays and cost: :mod:`hypergradient.hyperoptimizer.driver`.
+    Divergence checks, rollback, replays, autocast, compile, cost: :mod:`~.driver`'s notes.
     """
 
     def __init__(
