@@ -98,7 +98,7 @@ from .build import (
     make_sampler,
     make_train_sampler,
 )
-from .config import check_group, write_checked
+from .config import check_group, check_nonfinite, write_checked
 from .history import History
 from .holdout import HoldoutGuard, HoldoutViews
 from .hparams import HyperParameters
@@ -159,6 +159,8 @@ class HyperOptimizer(HoldoutViews):
             ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
             back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
 
+    Called inside ``torch.autocast`` (an AMP loop), a hyper-step computes outside it, in the
+    parameters' precision, but for its replays of training steps, which run as the steps did.
     Divergence checks, rollback, replays, autocast, compile, cost: :mod:`~.driver`'s notes.
     """
 
@@ -200,12 +202,9 @@ class HyperOptimizer(HoldoutViews):
         self.method = check_method(method, optimizer_hparams, process_group)
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         seed = as_int(seed, "seed", min=0)
-        default = "skip" if process_group is not None else "raise"
-        nonfinite = default if nonfinite is None else nonfinite
-        self.nonfinite = as_choice(nonfinite, "nonfinite", ("raise", "skip"))
+        check_group(process_group)
+        self.nonfinite = check_nonfinite(nonfinite, process_group)
         self.on_divergence = as_choice(on_divergence, "on_divergence", ("warn", "skip"))
-        if process_group is not None:
-            check_group(process_group)
         self.process_group = process_group
         self.val_sampler = make_sampler(val_data, val_batch_size, seed, "val_data")
         self.train_sampler = make_train_sampler(train_data, train_batch_size, seed)
