@@ -5,9 +5,10 @@ whose global forward hooks were registered per block: a compiled module recompil
 one traced them (the saved-tensor-hooks query dynamo cannot trace: ``Unsupported`` under
 ``fullgraph=True``), and dynamo guards such a graph on the hooks' keys (handle ids), so
 every hyper-step recompiled until the recompile limit (``FailOnRecompileLimitHit``). The
-hooks are now registered once and do nothing while dynamo traces: the hypergradients equal
-the uncompiled ones, recompilations stay bounded, and a graph traced inside a block is not
-buffer-neutral outside it (no hook code baked in).
+hooks now come back under the same keys at each block and do nothing while dynamo traces:
+the hypergradients and BatchNorm statistics equal the uncompiled ones, recompilations stay
+bounded, a graph traced inside a block is not buffer-neutral outside it (no hook code baked
+in), and no hook is left outside the blocks (training's forward passes pay none).
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def test_fullgraph_hypergradients_equal_the_eager_ones_with_bounded_recompiles(m
     assert len(compiled) == len(eager) == 6 + 8 + 1
     assert compiled[-1] == 12  # training's 12 forward passes, none of the hyper-steps'
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-9)
-    # training's graph and the hyper-steps' (functional_call's tensors): two, not one per
-    # hyper-step (6 here; the recompile limit is 8)
+    # training's graph and the hyper-steps' (functional_call's tensors, the hooks present):
+    # two or three, not one per hyper-step (6 here; the recompile limit is 8)
     assert counter.frame_count <= 3
+    assert not torch.nn.modules.module._has_any_global_hook()
 
 
 def test_a_graph_traced_in_a_keep_buffers_block_updates_statistics_outside_it():
@@ -102,3 +104,18 @@ def test_a_graph_traced_in_a_keep_buffers_block_updates_statistics_outside_it():
     assert torch.allclose(net[1].running_mean, ref, atol=1e-6)
     assert int(net[1].num_batches_tracked) == 1
     torch._dynamo.reset()
+
+
+def test_the_blocks_hooks_come_back_under_the_same_keys_and_leave():
+    from torch.nn.modules import module as nn_module
+
+    from hypergradient.operators import recompute
+
+    seen = []
+    for _ in range(3):
+        with keep_buffers(), recompute.watch():
+            seen.append(list(nn_module._global_forward_pre_hooks))
+            with keep_buffers():  # nested: nothing added
+                assert list(nn_module._global_forward_pre_hooks) == seen[-1]
+        assert not nn_module._has_any_global_hook()
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]

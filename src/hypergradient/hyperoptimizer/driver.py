@@ -62,9 +62,9 @@ AMP loop): its outer gradients, products, solves and holdout score are in the pa
 precision; the replays of training steps (a trajectory method's window, T1T2's draws
 check) run in the autocast state of the step's forward pass (``hopt.train_loss``'s, else
 the one around ``step()``), as trained (:mod:`~.precision`). A ``torch.compile``'d model
-(``fullgraph=True`` included) recompiles a bounded number of times: the hyper-steps'
-module hooks are registered once and do nothing in compiled graphs
-(:mod:`~hypergradient.operators.buffers`).
+(``fullgraph=True`` included) compiles a few graphs, not one per hyper-step: the
+hyper-steps' module hooks keep their keys and do nothing in compiled graphs
+(:mod:`~hypergradient.operators.global_hooks`).
 
 Cost per hyper-step, besides the method's: one copy of the trained parameters, the
 buffers, both optimizers' states and the method's state (the rollback snapshot);

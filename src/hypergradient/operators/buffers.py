@@ -14,11 +14,9 @@ for the pass, and the forward hook puts the originals back, untouched (no in-pla
 to the user's tensors, so no autograd version-counter conflict with a retained graph).
 Only the thread that entered the block is affected; blocks nest. Cost: one copy of a
 module's own buffers per forward pass of that module (BatchNorm: two vectors and a
-counter). The hooks are registered at the first block and stay (:func:`register_once`).
+counter). The hooks are present only inside a block (:mod:`~.global_hooks`).
 
-Compiled modules: a hook traced into a ``torch.compile``'d graph would be baked into it (dynamo
-does not guard on the global hooks, so the training loop would reuse that graph) and cannot
-swap attributes under ``fullgraph=True``, so the hooks do nothing while compiling. The
+Compiled modules: the hooks do nothing while dynamo traces (:mod:`~.global_hooks`). The
 ``OptimizedModule`` that ``torch.compile(module)`` returns is called eagerly: its pre-hook
 gives the whole compiled tree fresh copies of its buffers instead. A module compiled in place
 (``module.compile()``) runs its hooks inside the graph: pass its buffers as copies
@@ -30,38 +28,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as nn_module
 from torch.nn.parameter import UninitializedBuffer
 
-__all__ = ["compiling", "keep_buffers", "register_once"]
+from .global_hooks import GlobalHooks, compiling
 
-# Whether dynamo is tracing (torch >= 2.3; never on older ones, whose hooks always run).
-compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
+__all__ = ["keep_buffers"]
 
 _LOCAL = threading.local()
-_LOCK = threading.Lock()
-_REGISTERED: dict[str, list[Any]] = {}  # the persistent hooks' handles, by owner
-
-
-def register_once(owner: str, pre: Any, post: Any = None) -> None:
-    """Register global forward hooks (``post``: always called) once per process.
-
-    They stay registered, their bodies switched by this thread's state: dynamo guards a graph
-    traced while global hooks exist on the hooks' keys (handle ids), so hooks registered per
-    block would recompile a compiled module at every hyper-step (and ``fullgraph=True`` would
-    fail at the recompile limit); fixed keys recompile it once. Outside a block a hook costs
-    a call and an attribute read per module forward.
-    """
-    if owner in _REGISTERED:
-        return
-    with _LOCK:
-        if owner not in _REGISTERED:
-            handles = [nn_module.register_module_forward_pre_hook(pre)]
-            if post is not None:
-                handles.append(nn_module.register_module_forward_hook(post, always_call=True))
-            _REGISTERED[owner] = handles
 
 
 def _swaps() -> list[tuple[nn.Module, list[tuple[str, Tensor]]]] | None:
@@ -128,7 +102,7 @@ class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
         if not self.outer:  # nested: the outer block already keeps them
             return
         _LOCAL.swaps = []
-        register_once("keep_buffers", _pre, _post)
+        _HOOKS.add()
 
     def __exit__(self, *exc: object) -> None:
         if not self.outer:
@@ -137,3 +111,7 @@ class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
         while swaps:
             _restore(swaps.pop())
         _LOCAL.swaps = None
+        _HOOKS.remove()
+
+
+_HOOKS = GlobalHooks(_pre, _post)
