@@ -23,6 +23,7 @@ from .. import _tree
 from .._vocab import ArgumentTypeError, as_bool, as_callable, as_float, as_optional_int
 from ..methods import IFT, T1T2, Method, Problem, replay_rng
 from ..optim.functional import from_torch
+from . import precision
 from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
@@ -167,8 +168,10 @@ def make_problem(
     view, hp, window = hopt.view, hopt.hyperparameters, hopt.loop.window
     params = view.detached()
     trajectory = None
+    amp = hopt.loop.step_amp  # the replays run as the steps did (:mod:`.precision`)
     if window is not None:
-        step_loss = with_held_grads(view.functional(hopt.train_loss_fn, hp.transform), window)
+        step_loss = view.functional(hopt.train_loss_fn, hp.transform)
+        step_loss = with_held_grads(precision.in_state(step_loss, amp, view.device), window)
         trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
     inner_loss = view.at_batch(hopt.train_loss_fn, hp.transform, train_batch)
     if isinstance(hopt.method, T1T2) and hopt.loop.step_rng is not None:

@@ -16,16 +16,18 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from .. import distributed
-from .._vocab import HypergradientWarning
+from .._vocab import HypergradientWarning, as_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["check_group", "check_ranks", "configuration", "write_checked"]
+__all__ = ["check_group", "check_nonfinite", "check_ranks", "configuration", "write_checked"]
 
 
 def check_group(group: Any) -> None:
-    """Raise ``ValueError`` unless ``group`` is usable by this process."""
+    """Raise ``ValueError`` unless ``group`` is None or usable by this process."""
+    if group is None:
+        return
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
             "`process_group` was given but torch.distributed is not initialized; call "
@@ -36,6 +38,12 @@ def check_group(group: Any) -> None:
             f"This process (global rank {dist.get_rank()}) is not a member of "
             "`process_group`; pass a group that contains every rank."
         )
+
+
+def check_nonfinite(nonfinite: str | None, group: Any) -> str:
+    """``nonfinite``, checked (None: ``"skip"`` with a process group, else ``"raise"``)."""
+    default = "skip" if group is not None else "raise"
+    return as_choice(default if nonfinite is None else nonfinite, "nonfinite", ("raise", "skip"))
 
 
 def configuration(hopt: HyperOptimizer) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from .. import _tree
 from ..methods import T1T2
 from ..methods.rng import replay_rng, rng_state, same_state
+from .precision import autocast_as
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
@@ -138,7 +139,8 @@ def _replay(
     view = hopt.view
     leaves = [b.detach().requires_grad_(True) for b in before]
     loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
-    with torch.enable_grad(), replay_rng(state, view.device):
+    amp = autocast_as(hopt.loop.step_amp, view.device)  # as the step (:mod:`.precision`)
+    with torch.enable_grad(), replay_rng(state, view.device), amp:
         loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
         drew = not same_state(state, rng_state(view.device))
     return leaves, loss, drew

@@ -57,6 +57,15 @@ random-number state before each step (dropout masks as in training): captured by
 :meth:`train_loss`, else at the end of the previous step (at construction or load for
 the first), or just before a ``closure``.
 
+A hyper-step runs outside ``torch.autocast`` even when ``step()`` is called inside it (the
+AMP loop): its outer gradients, products, solves and holdout score are in the parameters'
+precision; the replays of training steps (a trajectory method's window, T1T2's draws
+check) run in the autocast state of the step's forward pass (``hopt.train_loss``'s, else
+the one around ``step()``), as trained (:mod:`~.precision`). A ``torch.compile``'d model
+(``fullgraph=True`` included) compiles a few graphs, not one per hyper-step: the
+hyper-steps' module hooks keep their keys and do nothing in compiled graphs
+(:mod:`~hypergradient.operators.global_hooks`).
+
 Cost per hyper-step, besides the method's: one copy of the trained parameters, the
 buffers, both optimizers' states and the method's state (the rollback snapshot);
 trajectory methods also keep ``inner_steps`` batch copies and RNG states (a few kB each);
@@ -89,7 +98,7 @@ from .build import (
     make_sampler,
     make_train_sampler,
 )
-from .config import check_group, write_checked
+from .config import check_group, check_nonfinite, write_checked
 from .history import History
 from .holdout import HoldoutGuard, HoldoutViews
 from .hparams import HyperParameters
@@ -150,7 +159,9 @@ class HyperOptimizer(HoldoutViews):
             ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
             back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
 
-    Divergence checks, rollback, replays and cost: :mod:`hypergradient.hyperoptimizer.driver`.
+    Called inside ``torch.autocast`` (an AMP loop), a hyper-step computes outside it, in the
+    parameters' precision, but for its replays of training steps, which run as the steps did.
+    Divergence checks, rollback, replays, autocast, compile, cost: :mod:`~.driver`'s notes.
     """
 
     def __init__(
@@ -191,12 +202,9 @@ class HyperOptimizer(HoldoutViews):
         self.method = check_method(method, optimizer_hparams, process_group)
         self.inner_steps = as_int(inner_steps, "inner_steps", min=1)
         seed = as_int(seed, "seed", min=0)
-        default = "skip" if process_group is not None else "raise"
-        nonfinite = default if nonfinite is None else nonfinite
-        self.nonfinite = as_choice(nonfinite, "nonfinite", ("raise", "skip"))
+        check_group(process_group)
+        self.nonfinite = check_nonfinite(nonfinite, process_group)
         self.on_divergence = as_choice(on_divergence, "on_divergence", ("warn", "skip"))
-        if process_group is not None:
-            check_group(process_group)
         self.process_group = process_group
         self.val_sampler = make_sampler(val_data, val_batch_size, seed, "val_data")
         self.train_sampler = make_train_sampler(train_data, train_batch_size, seed)

@@ -15,9 +15,9 @@ from torch import Tensor
 from .. import distributed
 from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
-from ..methods.rng import rng_state, same_state
+from ..methods.rng import forked_rng, rng_state, same_state
 from ..operators import recompute
-from . import divergence, draws
+from . import divergence, draws, precision
 from .batches import copy_batch
 from .build import inner_lr, make_problem, tuned
 from .config import check_ranks
@@ -66,9 +66,12 @@ def after_forward(hopt: HyperOptimizer, state: Any, loss: Any) -> None:
     a logging call under ``torch.no_grad()``, which took the replay's state and made every
     hyper-step of a model with dropout skip), and only their forward passes' own draws
     (a random augmentation of the next micro-batch made a model without dropout skip)."""
-    if state is None or not (isinstance(loss, Tensor) and loss.requires_grad):
+    if not (isinstance(loss, Tensor) and loss.requires_grad):
         return
     loop = hopt.loop
+    loop.amp_pending = precision.state(hopt.view.device)
+    if state is None:
+        return
     drew = not same_state(state, capture(hopt))
     if loop.forward_drew is not None:  # an earlier call for this step
         loop.drawn |= loop.forward_drew or drew
@@ -80,6 +83,7 @@ def after_step(hopt: HyperOptimizer) -> None:
     """A step's end: the next one starts from the current random-number state."""
     hopt.loop.rng_pending, hopt.loop.rng_next = None, capture(hopt)
     hopt.loop.drawn, hopt.loop.forward_drew = False, None
+    hopt.loop.amp_pending = None
 
 
 def records_window(hopt: HyperOptimizer) -> bool:
@@ -116,6 +120,7 @@ def record_step(hopt: HyperOptimizer, batch: Any, rng: Any) -> None:
     """Account for one inner step taken on ``batch`` from the RNG state ``rng``."""
     loop = hopt.loop
     loop.step_rng, loop.step_rng_guessed = rng, False
+    loop.step_amp = precision.step_state(hopt.loop, hopt.view.device)
     if loop.window is not None:
         loop.window.record(copy_batch(batch), rng, hopt.view.params)
     watch(hopt)
@@ -187,7 +192,7 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
         rng = capture(hopt)  # the closure's forward pass draws from here
     step = hopt.inner_optimizer.step
     result = step(closure) if closure else step()  # type: ignore[arg-type]
-    loop.step_rng = rng
+    loop.step_rng, loop.step_amp = rng, precision.step_state(hopt.loop, hopt.view.device)
     loop.step_rng_guessed = closure is None and loop.rng_pending is None
     if loop.window is not None:
         loop.window.record(copied, rng, hopt.view.params)
@@ -203,21 +208,12 @@ def hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     Under a fork of torch's random-number state (CPU and the model's device): forward
     passes of the hyper-step that draw random numbers (dropout in an implicit method's
     inner loss, an outer loss evaluated in train mode) leave the training stream as it
-    was, so training after a hyper-step draws the masks plain training draws.
+    was, so training after a hyper-step draws the masks plain training draws. Outside
+    ``torch.autocast``, but for the replays of training steps (:mod:`.precision`).
     """
-    with forked_rng(hopt.view.device), torch.inference_mode(False):
+    device = hopt.view.device
+    with forked_rng(device), torch.inference_mode(False), precision.autocast_as(None, device):
         _hyper_step(hopt, batch, saved)
-
-
-def forked_rng(device: torch.device) -> Any:
-    """``torch.random.fork_rng`` over the CPU generator and ``device``'s (if not the CPU)."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    index = device.index
-    if index is None:  # the current device (MPS has one, without ``current_device``)
-        current = getattr(getattr(torch, device.type, None), "current_device", None)
-        index = current() if current is not None else 0
-    return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
 def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .model import trained_tensors
+from .precision import AmpState
 from .window import TrajectoryWindow, capture_rng, restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,6 +102,8 @@ class LoopState:
         lrs: the param groups' learning rates when ``begin_step`` announced the step (the
             ones that step uses: a scheduler stepped before ``end_step``, as Lightning's
             are, has moved them on); None for a step taken by ``step()``.
+        amp_pending: the autocast state of ``hopt.train_loss``'s forward pass, for the
+            next step; step_amp: the last step's (its replays run in it: :mod:`.precision`).
     """
 
     count: int = 0
@@ -117,6 +120,8 @@ class LoopState:
     lrs: tuple[float, ...] | None = None
     drawn: bool = False
     forward_drew: bool | None = None
+    amp_pending: AmpState | None = None
+    step_amp: AmpState | None = None
 
 
 class Transaction:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["replay_rng", "rng_state", "same_state", "set_rng_state"]
+__all__ = ["forked_rng", "replay_rng", "rng_state", "same_state", "set_rng_state"]
 
 
 _CPU = torch.device("cpu")
@@ -68,3 +68,14 @@ def same_state(a: tuple[Tensor, Tensor | None], b: tuple[Tensor, Tensor | None])
     if a[0].numpy().tobytes() != b[0].numpy().tobytes():
         return False
     return a[1] is None or b[1] is None or a[1].numpy().tobytes() == b[1].numpy().tobytes()
+
+
+def forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.random.fork_rng`` over the CPU generator and ``device``'s (if not the CPU)."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index
+    if index is None:  # the current device (MPS has one, without ``current_device``)
+        current = getattr(getattr(torch, device.type, None), "current_device", None)
+        index = current() if current is not None else 0
+    return torch.random.fork_rng(devices=[index], device_type=device.type)

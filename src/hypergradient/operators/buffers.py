@@ -14,7 +14,13 @@ for the pass, and the forward hook puts the originals back, untouched (no in-pla
 to the user's tensors, so no autograd version-counter conflict with a retained graph).
 Only the thread that entered the block is affected; blocks nest. Cost: one copy of a
 module's own buffers per forward pass of that module (BatchNorm: two vectors and a
-counter).
+counter). The hooks are present only inside a block (:mod:`~.global_hooks`).
+
+Compiled modules: the hooks do nothing while dynamo traces (:mod:`~.global_hooks`). The
+``OptimizedModule`` that ``torch.compile(module)`` returns is called eagerly: its pre-hook
+gives the whole compiled tree fresh copies of its buffers instead. A module compiled in place
+(``module.compile()``) runs its hooks inside the graph: pass its buffers as copies
+(:class:`~hypergradient.HyperOptimizer` does).
 """
 
 from __future__ import annotations
@@ -23,15 +29,13 @@ import threading
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn.modules import module as nn_module
 from torch.nn.parameter import UninitializedBuffer
+
+from .global_hooks import GlobalHooks, compiling
 
 __all__ = ["keep_buffers"]
 
 _LOCAL = threading.local()
-_LOCK = threading.Lock()
-_HOOKS: list[Any] = []
-_USERS = [0]  # threads inside a block (the hooks are registered while > 0)
 
 
 def _swaps() -> list[tuple[nn.Module, list[tuple[str, Tensor]]]] | None:
@@ -40,24 +44,29 @@ def _swaps() -> list[tuple[nn.Module, list[tuple[str, Tensor]]]] | None:
 
 
 def _pre(module: nn.Module, args: Any) -> None:
-    if not getattr(module, "_buffers", None):  # most modules own none: no generator built
+    if compiling():  # (see the module notes)
         return
+    compiled = isinstance(getattr(module, "_orig_mod", None), nn.Module)  # torch.compile's
+    if not (compiled or getattr(module, "_buffers", None)):  # most own none: no generator
+        return  # (a compiled module's tree runs in its graph, without hooks: swap it all)
     swaps = _swaps()
     if swaps is None:
         return
     own = [
         (k, b)
-        for k, b in module.named_buffers(recurse=False)
+        for k, b in module.named_buffers(recurse=compiled)
         if b is not None and not isinstance(b, UninitializedBuffer)  # lazy modules
     ]
     if not own:
         return
     for name, buf in own:
-        setattr(module, name, buf.clone())
+        _set(module, name, buf.clone())
     swaps.append((module, own))
 
 
 def _post(module: nn.Module, args: Any, output: Any) -> None:
+    if compiling():
+        return
     swaps = _swaps()
     if not swaps:
         return
@@ -67,10 +76,16 @@ def _post(module: nn.Module, args: Any, output: Any) -> None:
             return
 
 
+def _set(module: nn.Module, name: str, value: Tensor) -> None:
+    """``setattr`` along a dotted buffer name."""
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, value)
+
+
 def _restore(entry: tuple[nn.Module, list[tuple[str, Tensor]]]) -> None:
     module, own = entry
     for name, buf in own:
-        setattr(module, name, buf)
+        _set(module, name, buf)
 
 
 class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
@@ -87,11 +102,7 @@ class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
         if not self.outer:  # nested: the outer block already keeps them
             return
         _LOCAL.swaps = []
-        with _LOCK:
-            if _USERS[0] == 0:
-                _HOOKS.append(nn_module.register_module_forward_pre_hook(_pre))
-                _HOOKS.append(nn_module.register_module_forward_hook(_post, always_call=True))
-            _USERS[0] += 1
+        _HOOKS.add()
 
     def __exit__(self, *exc: object) -> None:
         if not self.outer:
@@ -100,8 +111,7 @@ class keep_buffers:  # noqa: N801 (used as a function: ``with keep_buffers():``)
         while swaps:
             _restore(swaps.pop())
         _LOCAL.swaps = None
-        with _LOCK:
-            _USERS[0] -= 1
-            if _USERS[0] == 0:
-                while _HOOKS:
-                    _HOOKS.pop().remove()
+        _HOOKS.remove()
+
+
+_HOOKS = GlobalHooks(_pre, _post)

@@ -22,6 +22,13 @@ returns, so the backward pass recomputes the segment in the other mode: torch ra
 (a segment whose saved shapes agree in both modes, e.g. a module of one's own branching on
 ``self.training``, is not detected). The reentrant variant (``use_reentrant=True``)
 already raises torch's own error under ``torch.autograd.grad``.
+
+Inside a ``torch.compile``'d region the hook does nothing (dynamo cannot trace the
+saved-tensor-hooks query, and ``fullgraph=True`` refuses a graph break): a compiled module's
+checkpointed segments are a higher-order op of its graph, recomputed in the compiled backward
+from the tensors the graph was given (the hyper-step's: gradients at other parameters were
+exact with the eager and aot_eager backends, where eager checkpointing was 2.7 off); a
+compiled module called inside a checkpointed segment of eager code is not detected.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as nn_module
 from torch.utils.checkpoint import CheckpointError
+
+from .global_hooks import GlobalHooks, compiling
 
 __all__ = ["check", "explained", "in_checkpoint", "refuse", "watch"]
 
@@ -59,29 +67,35 @@ def in_checkpoint() -> bool:
 
 
 def _pre(module: nn.Module, args: Any) -> None:
+    if compiling():  # traced into a compiled graph: see the module notes
+        return
     if getattr(_LOCAL, "watching", False) and in_checkpoint():
         _LOCAL.found = True
 
 
+_HOOKS = GlobalHooks(_pre)
+
+
 class watch:  # noqa: N801 (used as a function: ``with watch() as w:``)
     """A block that notes (``found``) whether a module ran inside a checkpointed segment
-    (this thread). Cost: one global forward pre-hook for the block's duration."""
+    (this thread). Cost: one global forward pre-hook for the block's duration
+    (:mod:`~.global_hooks`)."""
 
-    __slots__ = ("found", "handle", "outer")
+    __slots__ = ("found", "outer")
 
     def __enter__(self) -> watch:
         self.found = False
         self.outer = not getattr(_LOCAL, "watching", False)
         if self.outer:
             _LOCAL.watching, _LOCAL.found = True, False
-            self.handle = nn_module.register_module_forward_pre_hook(_pre)
+            _HOOKS.add()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.found = bool(getattr(_LOCAL, "found", False))
         if self.outer:
-            self.handle.remove()
             _LOCAL.watching = False
+            _HOOKS.remove()
 
 
 def refuse(found: bool, who: str) -> None:
