@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,13 +11,14 @@ from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .base import check_vector
 from .buffers import keep_buffers
+from .first_order import FirstOrderProducts, row_scale
 from .graph import BATCHED, GraphOperator, direct_vjp, flat_output, prepare_hparams, prepare_leaves
-from .modes import MODES, autocast_dtype, central_difference, first_order_step
+from .modes import MODES, autocast_dtype
 
 __all__ = ["HessianOperator"]
 
 
-class HessianOperator(GraphOperator):
+class HessianOperator(GraphOperator, FirstOrderProducts):
     """The Hessian ``H = d^2 f / d theta^2`` of ``f(params, hparams)`` at the given point.
 
     In the double-backward modes, construction evaluates ``f`` and its gradient once with
@@ -65,6 +65,11 @@ class HessianOperator(GraphOperator):
         mode, requested_mode, fallback_reason: the product mode in use, the one asked for,
             and why "auto" moved away from "double" (None if it did not).
         gradient_evaluations: gradients evaluated by first-order products (2 per product).
+        scale: the largest ``||H v|| / ||v||`` of the products answered so far, a lower
+            bound of ``||H||`` (0 before the first): first-order products are checked for
+            kinks against ``scale ||v||`` (a null direction of ``H`` is no kink), and the
+            stationarity check's rounding floor uses it
+            (:func:`~hypergradient.methods.implicit_info.gradient_floor`).
 
     Memory: the graph of one double-backward of ``f`` until ``release()``; none in the
     first-order mode (two gradients at a time).
@@ -137,6 +142,10 @@ class HessianOperator(GraphOperator):
         self._setup_graph(batched)
         self._theta_norm: float | None = None  # first order only: computed on first use
         self._centers: dict[bool, list[Tensor | None]] = {}  # first order: see _center
+        # the largest ||H v|| / ||v|| (True) and ||mixed(v)|| / ||v|| (False) answered so
+        # far, kept on the device (no synchronization); _probed: the keys probed
+        self._scales: dict[bool, Tensor] = {}
+        self._probed: set[bool] = set()
         self.gradient_evaluations = 0
         self._first: tuple[Tensor, list[Tensor | None]] | None = None
         if mode == "first_order":
@@ -179,68 +188,6 @@ class HessianOperator(GraphOperator):
             self._first = (loss, grads)
         return grads
 
-    def _gradients(
-        self, shift: Tensor | None, wrt: list[Tensor] | None, replay: bool = True
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """``f`` and its gradient with respect to ``wrt`` at ``theta + shift`` (no graph).
-
-        ``wrt=None`` differentiates with respect to the hyperparameter leaves; otherwise
-        with respect to the (shifted) parameter leaves.
-        """
-        params = [t.detach() for t in self.param_leaves]
-        if shift is not None:
-            parts = _tree.split(shift, self.param_spec, [t.dtype for t in params])
-            params = [t + s for t, s in zip(params, parts)]
-        if wrt is not None:
-            params = [t.requires_grad_(True) for t in params]
-        targets = params if wrt is not None else self.hparam_leaves
-        if replay:
-            self.gradient_evaluations += 1
-        rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
-        with rng, torch.enable_grad(), keep_buffers():
-            loss = _vocab.as_scalar_loss(self._loss_fn(*self._point(params)), self._loss_name)
-            if not targets or not loss.requires_grad:
-                grads: list[Tensor | None] = [None] * len(targets)
-            else:
-                with _tree.dense_gradients(self._loss_name):
-                    grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
-                paths = self.param_spec.paths if wrt is not None else self.hparam_spec.paths
-                _tree.require_dense(grads, paths, self._loss_name)
-        return loss.detach(), grads
-
-    def _difference(self, v: Tensor, wrt: list[Tensor] | None) -> list[Tensor | None] | None:
-        """``(g(theta + h v) - g(theta - h v)) / 2h`` per leaf; None if ``v = 0``."""
-        vnorm = _norm([v])
-        if vnorm == 0.0:
-            return None
-        if self._theta_norm is None:
-            self._theta_norm = _norm(self.param_leaves)
-        fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
-        h = first_order_step(self._theta_norm, vnorm, self.size, fd_dtype)
-
-        def evaluate(step: float) -> tuple[list[Tensor | None], list[Tensor | None]]:
-            return self._gradients(step * v, wrt)[1], self._gradients(-step * v, wrt)[1]
-
-        what = self._loss_name + ("" if wrt is not None else " (the mixed product)")
-        out = central_difference(evaluate, self._center(wrt), h, what)
-        return [None if d is None else d.to(self.dtype) for d in out]
-
-    def _center(self, wrt: list[Tensor] | None) -> list[Tensor | None]:
-        """The gradient at the point with the products' random numbers (made once per
-        ``wrt``: the parameters, or the hyperparameters for the mixed product)."""
-        key = wrt is None
-        got = self._centers.get(key)
-        if got is None:
-            got = self._centers[key] = self._gradients(None, wrt)[1]
-        return got
-
-    # -- products -------------------------------------------------------------------
-    def _first_order_matvec(self, v: Tensor) -> Tensor:
-        diff = self._difference(v, self.param_leaves)
-        if diff is None:
-            return torch.zeros_like(v, dtype=self.dtype)
-        return _tree.cat(diff, self.param_spec, self.dtype, self.device)
-
     def _matvec_now(self, v: Tensor) -> Tensor:
         if self.mode == "first_order":
             return self._first_order_matvec(v)
@@ -253,10 +200,15 @@ class HessianOperator(GraphOperator):
 
     def _matvec(self, v: Tensor) -> Tensor:
         out = direct_vjp(self, v)
-        return self._guarded(self._matvec_now, v) if out is None else out
+        out = self._guarded(self._matvec_now, v) if out is None else out
+        self._track(True, row_scale(out, v).max())
+        return out
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._guarded(self._matmat_now, V)
+        out = self._guarded(self._matmat_now, V)
+        if out.shape[0]:
+            self._track(True, row_scale(out, V).max())
+        return out
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <grad_theta f, v>`` per hyperparameter leaf (``None``: no path)."""
@@ -268,14 +220,3 @@ class HessianOperator(GraphOperator):
             paths = self._gradients(None, None)[1]
             diff = [None if g is None else torch.zeros_like(g) for g in paths]
         return [None if d is None else d.to(t.dtype) for d, t in zip(diff, self.hparam_leaves)]
-
-
-def _epsilon(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def _norm(leaves: Sequence[Tensor]) -> float:
-    """The 2-norm of all the leaves together, accumulated in float64 (float32 on MPS)."""
-    wide = _tree.wide_dtype(leaves[0].device)
-    norms = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in leaves]
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
