@@ -166,14 +166,17 @@ def warn_not_stationary(
 ) -> None:
     """Warn when ``info.inner_grad_norm > ratio * info.outer_grad_norm``.
 
-    Also requires the inner norm to exceed ``sqrt(eps) (1 + |f|)`` (float64), so that
-    rounding noise at a minimum never warns when the outer gradient vanishes. ``what`` names
+    Also requires the inner norm to exceed ``sqrt(eps) (1 + |f|)`` (float64's ``eps``) and
+    ``info.inner_grad_floor`` (the gradient's rounding level in the dtype it was computed
+    in: ``8 eps ||H|| ||theta||``, :func:`~hypergradient.methods.implicit_info.gradient_floor`),
+    so that rounding noise at a minimum (float32, bfloat16, float16 models at their rounded
+    minimum) never warns when the outer gradient vanishes. ``what`` names
     the inner gradient; ``advice`` replaces the default explanation and fix (a caller with
     its own arguments: ``hg.meta.IMAML``).
     """
     inner, outer = info.inner_grad_norm, info.outer_grad_norm
     loss = info.inner_loss if math.isfinite(info.inner_loss) else 0.0
-    floor = 1.5e-8 * (1.0 + abs(loss))
+    floor = max(1.5e-8 * (1.0 + abs(loss)), getattr(info, "inner_grad_floor", 0.0) or 0.0)
     if math.isfinite(inner) and inner > ratio * outer and inner > floor:
         advice = advice or (
             "`params` is not a minimum of the inner problem, and the implicit hypergradient "

@@ -19,15 +19,16 @@ RNNs), to the math kernels and then to first-order products (central differences
 gradients, no double backward); see :mod:`hypergradient.operators.modes`.
 
 Modules: ``base`` (LinearOperator, MatrixOperator, DampedOperator), ``graph`` (the
-retained-graph machinery and the mode fallback), ``hessian`` (HessianOperator,
-FixedPointOperator), ``modes`` (product modes, RNG replay, the first-order step),
+retained-graph machinery and the mode fallback), ``hessian`` (HessianOperator), ``fixed_point``
+(FixedPointOperator), ``modes`` (product modes, RNG replay, the first-order step),
 ``buffers`` (buffer-neutral forward passes), ``recompute`` (activation checkpointing).
 """
 
 from __future__ import annotations
 
 from .base import DampedOperator, LinearOperator, MatrixOperator
-from .hessian import FixedPointOperator, HessianOperator
+from .fixed_point import FixedPointOperator
+from .hessian import HessianOperator
 from .modes import MODES
 
 __all__ = [

@@ -57,6 +57,13 @@ def prepare_leaves(tree: Tree, name: str, as_is: bool = False) -> tuple[list[Ten
     return [t.detach().requires_grad_(True) for t in leaves], spec
 
 
+def prepare_hparams(hparams: Tree | None, as_is: bool = False) -> tuple[list[Tensor], TreeSpec]:
+    """:func:`prepare_leaves` of ``hparams``; no leaves when it is None."""
+    if hparams is None:
+        return [], _tree.flatten((), "hparams")[1]
+    return prepare_leaves(hparams, "hparams", as_is)
+
+
 class GraphOperator(LinearOperator):
     """Shared machinery: a retained autograd graph from (params, hparams) to ``outputs``.
 

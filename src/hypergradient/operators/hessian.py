@@ -1,8 +1,7 @@
-"""The Hessian of the inner objective, and the fixed-point operator ``I - J^T``."""
+"""The Hessian of the inner objective (the fixed-point operator ``I - J^T``: ``fixed_point``)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,19 +11,14 @@ from .. import _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .base import check_vector
 from .buffers import keep_buffers
-from .graph import BATCHED, GRAPH_MODES, GraphOperator, direct_vjp, flat_output, prepare_leaves
-from .modes import MODES, autocast_dtype, central_difference, first_order_step
+from .first_order import FirstOrderProducts, row_scale
+from .graph import BATCHED, GraphOperator, direct_vjp, flat_output, prepare_hparams, prepare_leaves
+from .modes import MODES, autocast_dtype
 
-__all__ = ["FixedPointOperator", "HessianOperator"]
-
-
-def _hparams(hparams: Tree | None, by_reference: bool = False) -> tuple[list[Tensor], TreeSpec]:
-    if hparams is None:
-        return [], _tree.flatten((), "hparams")[1]
-    return prepare_leaves(hparams, "hparams", by_reference)
+__all__ = ["HessianOperator"]
 
 
-class HessianOperator(GraphOperator):
+class HessianOperator(GraphOperator, FirstOrderProducts):
     """The Hessian ``H = d^2 f / d theta^2`` of ``f(params, hparams)`` at the given point.
 
     In the double-backward modes, construction evaluates ``f`` and its gradient once with
@@ -71,6 +65,11 @@ class HessianOperator(GraphOperator):
         mode, requested_mode, fallback_reason: the product mode in use, the one asked for,
             and why "auto" moved away from "double" (None if it did not).
         gradient_evaluations: gradients evaluated by first-order products (2 per product).
+        scale: the largest ``||H v|| / ||v||`` of the products answered so far, a lower
+            bound of ``||H||`` (0 before the first): first-order products are checked for
+            kinks against ``scale ||v||`` (a null direction of ``H`` is no kink), and the
+            stationarity check's rounding floor uses it
+            (:func:`~hypergradient.methods.implicit_info.gradient_floor`).
 
     Memory: the graph of one double-backward of ``f`` until ``release()``; none in the
     first-order mode (two gradients at a time).
@@ -96,7 +95,7 @@ class HessianOperator(GraphOperator):
         by_reference = _vocab.as_bool(hparams_by_reference, "hparams_by_reference")
         self._loss_name = loss_name
         self.param_leaves, self.param_spec = prepare_leaves(params, "params")
-        self.hparam_leaves, self.hparam_spec = _hparams(hparams, by_reference)
+        self.hparam_leaves, self.hparam_spec = prepare_hparams(hparams, by_reference)
         self._has_hparams = hparams is not None
         self._start(batched, mode)
 
@@ -143,6 +142,10 @@ class HessianOperator(GraphOperator):
         self._setup_graph(batched)
         self._theta_norm: float | None = None  # first order only: computed on first use
         self._centers: dict[bool, list[Tensor | None]] = {}  # first order: see _center
+        # the largest ||H v|| / ||v|| (True) and ||mixed(v)|| / ||v|| (False) answered so
+        # far, kept on the device (no synchronization); _probed: the keys probed
+        self._scales: dict[bool, Tensor] = {}
+        self._probed: set[bool] = set()
         self.gradient_evaluations = 0
         self._first: tuple[Tensor, list[Tensor | None]] | None = None
         if mode == "first_order":
@@ -185,68 +188,6 @@ class HessianOperator(GraphOperator):
             self._first = (loss, grads)
         return grads
 
-    def _gradients(
-        self, shift: Tensor | None, wrt: list[Tensor] | None, replay: bool = True
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """``f`` and its gradient with respect to ``wrt`` at ``theta + shift`` (no graph).
-
-        ``wrt=None`` differentiates with respect to the hyperparameter leaves; otherwise
-        with respect to the (shifted) parameter leaves.
-        """
-        params = [t.detach() for t in self.param_leaves]
-        if shift is not None:
-            parts = _tree.split(shift, self.param_spec, [t.dtype for t in params])
-            params = [t + s for t, s in zip(params, parts)]
-        if wrt is not None:
-            params = [t.requires_grad_(True) for t in params]
-        targets = params if wrt is not None else self.hparam_leaves
-        if replay:
-            self.gradient_evaluations += 1
-        rng = self._rng.replay() if replay and self._rng is not None else contextlib.nullcontext()
-        with rng, torch.enable_grad(), keep_buffers():
-            loss = _vocab.as_scalar_loss(self._loss_fn(*self._point(params)), self._loss_name)
-            if not targets or not loss.requires_grad:
-                grads: list[Tensor | None] = [None] * len(targets)
-            else:
-                with _tree.dense_gradients(self._loss_name):
-                    grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
-                paths = self.param_spec.paths if wrt is not None else self.hparam_spec.paths
-                _tree.require_dense(grads, paths, self._loss_name)
-        return loss.detach(), grads
-
-    def _difference(self, v: Tensor, wrt: list[Tensor] | None) -> list[Tensor | None] | None:
-        """``(g(theta + h v) - g(theta - h v)) / 2h`` per leaf; None if ``v = 0``."""
-        vnorm = _norm([v])
-        if vnorm == 0.0:
-            return None
-        if self._theta_norm is None:
-            self._theta_norm = _norm(self.param_leaves)
-        fd_dtype = max((t.dtype for t in self.param_leaves), key=_epsilon)
-        h = first_order_step(self._theta_norm, vnorm, self.size, fd_dtype)
-
-        def evaluate(step: float) -> tuple[list[Tensor | None], list[Tensor | None]]:
-            return self._gradients(step * v, wrt)[1], self._gradients(-step * v, wrt)[1]
-
-        what = self._loss_name + ("" if wrt is not None else " (the mixed product)")
-        out = central_difference(evaluate, self._center(wrt), h, what)
-        return [None if d is None else d.to(self.dtype) for d in out]
-
-    def _center(self, wrt: list[Tensor] | None) -> list[Tensor | None]:
-        """The gradient at the point with the products' random numbers (made once per
-        ``wrt``: the parameters, or the hyperparameters for the mixed product)."""
-        key = wrt is None
-        got = self._centers.get(key)
-        if got is None:
-            got = self._centers[key] = self._gradients(None, wrt)[1]
-        return got
-
-    # -- products -------------------------------------------------------------------
-    def _first_order_matvec(self, v: Tensor) -> Tensor:
-        diff = self._difference(v, self.param_leaves)
-        if diff is None:
-            return torch.zeros_like(v, dtype=self.dtype)
-        return _tree.cat(diff, self.param_spec, self.dtype, self.device)
-
     def _matvec_now(self, v: Tensor) -> Tensor:
         if self.mode == "first_order":
             return self._first_order_matvec(v)
@@ -259,10 +200,15 @@ class HessianOperator(GraphOperator):
 
     def _matvec(self, v: Tensor) -> Tensor:
         out = direct_vjp(self, v)
-        return self._guarded(self._matvec_now, v) if out is None else out
+        out = self._guarded(self._matvec_now, v) if out is None else out
+        self._track(True, row_scale(out, v).max())
+        return out
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._guarded(self._matmat_now, V)
+        out = self._guarded(self._matmat_now, V)
+        if out.shape[0]:
+            self._track(True, row_scale(out, V).max())
+        return out
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <grad_theta f, v>`` per hyperparameter leaf (``None``: no path)."""
@@ -274,126 +220,3 @@ class HessianOperator(GraphOperator):
             paths = self._gradients(None, None)[1]
             diff = [None if g is None else torch.zeros_like(g) for g in paths]
         return [None if d is None else d.to(t.dtype) for d, t in zip(diff, self.hparam_leaves)]
-
-
-def _kinds(got: _tree.TreeSpec, want: _tree.TreeSpec) -> str:
-    """How two trees' structures differ, in words ("." when they do not)."""
-    if got.structure() == want.structure():
-        return "."
-    a, b = _kind(got), _kind(want)
-    if a == b:  # the difference is deeper
-        a, b = str(got.structure()), str(want.structure())
-    return f"; got {a}, expected {b}."
-
-
-def _kind(spec: _tree.TreeSpec) -> str:
-    """A tree's outer structure in words: a tensor, a tuple of 2, a dict with keys [...]."""
-    if spec.kind == "leaf":
-        return "a tensor"
-    if spec.kind == "dict":
-        return f"a dict with keys {list(spec.keys)}"
-    return f"a {spec.kind} of {len(spec.children)}"
-
-
-def _epsilon(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
-def _norm(leaves: Sequence[Tensor]) -> float:
-    """The 2-norm of all the leaves together, accumulated in float64 (float32 on MPS)."""
-    wide = _tree.wide_dtype(leaves[0].device)
-    norms = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in leaves]
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
-
-
-class FixedPointOperator(GraphOperator):
-    """``A = I - J^T`` with ``J = dT/dtheta`` for a fixed-point map ``theta = T(theta, phi)``.
-
-    The implicit function theorem applied to ``theta* = T(theta*, phi)`` gives
-    ``dg/dphi = d_phi g + (d_phi T)^T x`` with ``(I - J^T) x = grad_theta g``. This operator
-    is that system's matrix (not symmetric in general), and ``mixed(x)`` returns
-    ``-(d_phi T)^T x`` so that the hypergradient is ``d_phi g - mixed(x)`` as for argmin.
-    Each product is one backward pass through the retained graph of ``T``.
-
-    Args:
-        map_fn: ``T(params, hparams) -> tree like params``.
-        params, hparams: trees of tensors; not modified.
-        batched: as in :class:`HessianOperator`.
-        mode: ``"auto"``, ``"double"`` or ``"double_math"`` as in :class:`HessianOperator`
-            ("auto" falls back to the math kernels when ``T`` itself contains a gradient
-            through a kernel without double backward). There is no first-order mode: the
-            products ``J^T v`` need a reverse pass, which differences of ``T`` (``J v``)
-            cannot give.
-
-    Attributes:
-        residual: ``T(theta) - theta`` as a flat vector (detached).
-        mode, requested_mode, fallback_reason: as in :class:`HessianOperator`.
-    """
-
-    symmetric = False
-
-    def __init__(
-        self,
-        map_fn: Callable[[Tree, Tree], Tree],
-        params: Tree,
-        hparams: Tree | None = None,
-        *,
-        batched: bool | str = "auto",
-        mode: str = "auto",
-    ):
-        self._map_fn = _vocab.as_callable(
-            map_fn, "fixed_point_map", "(params, hparams) -> tree like params"
-        )
-        batched = _vocab.as_choice(batched, "batched", BATCHED)
-        if mode == "first_order":
-            raise ValueError(
-                "FixedPointOperator has no `mode`='first_order': its products J^T v need a "
-                "reverse pass, which central differences of the map (J v) cannot give. Use "
-                "mode='double_math' (or 'auto') for kernels without double backward."
-            )
-        mode = _vocab.as_choice(mode, "mode", GRAPH_MODES)
-        self.param_leaves, self.param_spec = prepare_leaves(params, "params")
-        self.hparam_leaves, self.hparam_spec = _hparams(hparams)
-        self._has_hparams = hparams is not None
-        dtype = _tree.accumulator_dtype(self.param_leaves)
-        super().__init__(self.param_spec.size, dtype, self.param_leaves[0].device)
-        self._start_modes(mode)
-        self.autocast_dtype = autocast_dtype(self.device)  # the products' (product_eps)
-        self._setup_graph(batched)
-        self._out_leaves: list[Tensor] | None = None
-        self._build_first()
-        assert self._out_leaves is not None
-        self.residual = _tree.cat(
-            [(o - t).detach() for o, t in zip(self._out_leaves, self.param_leaves)],
-            self.param_spec,
-            dtype,
-            self.device,
-        )
-
-    def _graph_outputs(self) -> list[Tensor | None]:
-        p = _tree.unflatten(self.param_spec, self.param_leaves)
-        h = _tree.unflatten(self.hparam_spec, self.hparam_leaves) if self._has_hparams else None
-        with keep_buffers():
-            out = self._map_fn(p, h)
-        out_leaves, out_spec = _tree.flatten(out, "fixed_point_map(params, hparams)")
-        if out_spec.structure() != self.param_spec.structure() or out_spec.shapes != tuple(
-            t.shape for t in self.param_leaves
-        ):
-            raise ValueError(
-                "`fixed_point_map` must return a tree with the structure and shapes of "
-                f"`params`; got shapes {[tuple(s) for s in out_spec.shapes]}, expected "
-                f"{[tuple(t.shape) for t in self.param_leaves]}{_kinds(out_spec, self.param_spec)}"
-            )
-        if self._out_leaves is None:
-            self._out_leaves = list(out_leaves)
-        return list(out_leaves)
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        out = direct_vjp(self, v)
-        return v - (self._guarded(self._param_vjp_flat, v) if out is None else out)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return V - self._guarded(self._param_vjp_flat_batched, V)
-
-    def mixed(self, v: Tensor) -> list[Tensor | None]:
-        return [None if g is None else -g for g in super().mixed(v)]

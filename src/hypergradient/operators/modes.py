@@ -93,6 +93,7 @@ def central_difference(
     center: Sequence[Tensor | None],
     h: float,
     what: str,
+    scale: Callable[[bool], float] | None = None,
 ) -> list[Tensor | None]:
     """``(g(theta + h v) - g(theta - h v)) / 2h`` per leaf, checked for kinks.
 
@@ -113,25 +114,44 @@ def central_difference(
     own vector) across kinks; it is what
     fails the ratio where the first derivative along ``v`` vanishes (forward mode's tangents
     ``H Z + H_tp`` at a converged run, by the implicit function theorem).
+
+    ``scale(probe)``, when given, is the size ``||H|| ||v||`` a product along ``v`` has at
+    the operator's scale: as the products so far tell (``probe=False``, asked on the first
+    failed check), or learnt with products of its own if need be (``probe=True``, asked
+    once before refusing). Both tests then measure the differences against
+    ``max(||g_+ - g_-||, 2 h scale)`` (the agreement: ``max(||H v||, scale)``) rather than
+    ``||g_+ - g_-||`` alone. Along a direction of the Hessian's (near) null space (an
+    over-parameterized model, a parameter the loss ignores, an adjoint whose other part has
+    decayed) ``H v`` is about 0 and the one-sided differences are rounding of the gradient,
+    which is no kink; a kink's jump is still refused when it exceeds :data:`KINK_TOLERANCE` of the
+    operator's scale (the product off by more than that fraction of ``||H|| ||v||``).
     Cost: two gradients per attempt, three norms and one synchronization.
     """
     previous: list[Tensor | None] | None = None
-    ratio, bent, quartered = math.inf, None, 0
-    for _ in range(KINK_RETRIES + 1):
+    bent, quartered, size = None, 0, None
+    for attempt in range(KINK_RETRIES + 1):
         with recompute.watch() as seen:  # at theta +- h v: checkpointing would recompute
             plus, minus = evaluate(h)  # with the module's own weights (operators.recompute)
         recompute.refuse(seen.found, f"{what} (first-order products: gradients at theta +- h v)")
-        out, ratio, curve = _checked(plus, minus, center, h)
-        if ratio <= KINK_TOLERANCE or (previous is not None and _agree(previous, out)):
+        out, read, curve = _checked(plus, minus, center, h)
+        if size is None and scale is not None and _ratio(read, 0.0) > KINK_TOLERANCE:
+            size = scale(False)  # ||H|| ||v|| as the products so far tell (asked once)
+        ratio, passed = _passes(read, h, size, previous, out)
+        if passed:
             return out
         quartered = quartered + 1 if bent is not None and _quartered(bent, curve) else 0
         if quartered >= 2:  # the curvature term fell as h^2 at each halving: smooth
             return out
-        previous, h, bent = out, 0.5 * h, curve
+        if attempt < KINK_RETRIES:
+            previous, h, bent = out, 0.5 * h, curve
+    if scale is not None:  # before refusing: the operator's scale, probed if not known yet
+        ratio, passed = _passes(read, h, max(size or 0.0, scale(True)), previous, out)
+        if passed:
+            return out
     raise NonSmoothLossError(
         f"First-order products of {what} are not its Hessian's: the loss has a kink within "
         f"the finite-difference step (the one-sided differences disagree by {ratio:.3g} "
-        f"of the central one at {KINK_RETRIES + 1} steps down to {2 * h:.3g}; smooth losses "
+        f"of the central one at {KINK_RETRIES + 1} steps down to {h:.3g}; smooth losses "
         f"stay below {KINK_TOLERANCE:g}). A ReLU, max-pool, abs or clamp switches inside "
         "the step, and a central difference divides that jump by the step (as it divides "
         "the rounding of gradients computed in half precision: torch.autocast to bfloat16 "
@@ -143,15 +163,33 @@ def central_difference(
     )
 
 
-def _agree(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> bool:
-    """Whether two central differences agree to ``KINK_TOLERANCE`` (relative, together)."""
+def _passes(
+    read: tuple[float, float, float],
+    h: float,
+    size: float | None,
+    previous: list[Tensor | None] | None,
+    out: list[Tensor | None],
+) -> tuple[float, bool]:
+    """The kink ratio of a step against the operator's scale ``size`` (``||H|| ||v||``;
+    None: unknown), and whether the step passes: by that ratio, or by agreeing with the
+    previous step's central difference."""
+    size = size or 0.0
+    ratio = _ratio(read, 2.0 * h * size)
+    return ratio, ratio <= KINK_TOLERANCE or _agree(previous, out, size)
+
+
+def _agree(a: Sequence[Tensor | None] | None, b: Sequence[Tensor | None], scale: float) -> bool:
+    """Whether two central differences agree to ``KINK_TOLERANCE`` of the larger of their
+    norm and ``scale`` (together; False without ``a``)."""
+    if a is None:
+        return False
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
     if not pairs:
         return True
     gap, size = torch.stack(
         [_norm([x - y for x, y in pairs]), _norm([y for _, y in pairs])]
     ).tolist()
-    return gap <= KINK_TOLERANCE * size
+    return gap <= KINK_TOLERANCE * max(size, scale)
 
 
 #: Halvings of a finite-difference step that failed the kink check before raising.
@@ -173,14 +211,24 @@ def _quartered(before: list[Tensor], after: list[Tensor]) -> bool:
     return 0 < size and gap <= QUARTER * size
 
 
+def _ratio(read: tuple[float, float, float], reference: float) -> float:
+    """``||g_+ + g_- - 2 g_0|| / max(||g_+ - g_-||, reference)``, 0 below the rounding
+    level of ``g_0`` (``read``: the three norms of :func:`_checked`)."""
+    curve, diff, floor = read
+    if curve <= floor:
+        return 0.0
+    size = max(diff, reference)
+    return curve / size if size > 0 else math.inf
+
+
 def _checked(
     plus: Sequence[Tensor | None],
     minus: Sequence[Tensor | None],
     center: Sequence[Tensor | None],
     h: float,
-) -> tuple[list[Tensor | None], float, list[Tensor]]:
-    """The central differences, ``||g_+ + g_- - 2 g_0|| / ||g_+ - g_-||`` (0 below the
-    rounding level of ``g_0``) and the vectors ``g_+ + g_- - 2 g_0``."""
+) -> tuple[list[Tensor | None], tuple[float, float, float], list[Tensor]]:
+    """The central differences, the norms ``||g_+ + g_- - 2 g_0||``, ``||g_+ - g_-||`` and
+    the rounding level of ``g_0`` (:func:`_ratio`), and the vectors ``g_+ + g_- - 2 g_0``."""
     diff: list[Tensor] = []
     curve: list[Tensor] = []
     base: list[Tensor] = []
@@ -196,14 +244,11 @@ def _checked(
             base.append(c)
         out.append(d / (2.0 * h))
     if not diff:
-        return out, 0.0, curve
+        return out, (0.0, 0.0, 0.0), curve
     eps = max(torch.finfo(d.dtype).eps for d in diff)
     norms = [_norm(curve), _norm(diff)] + ([_norm(base)] if base else [])
     read = torch.stack(norms).tolist()
-    floor = 64 * eps * (read[2] if base else 0.0)
-    if read[0] <= floor:
-        return out, 0.0, curve
-    return out, read[0] / read[1] if read[1] > 0 else math.inf, curve
+    return out, (read[0], read[1], 64 * eps * (read[2] if base else 0.0)), curve
 
 
 _DOUBLE_BACKWARD = re.compile(
