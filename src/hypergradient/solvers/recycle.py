@@ -36,6 +36,17 @@ recycled one helps both sides alike: with the exact diagonal of ``A`` (not free)
 needs 522 and cold CG 1,331 (2.55x, against 2.79x without it); estimated, it does not pay:
 Hutchinson with 1 or 2 probes a solve (averaged over solves) 2,022 / 1,606, a diagonal
 fitted to the harvested pairs over 15,000.
+Where the stale ``Theta`` hurts (same replay, 636): after each solve, rotating ``U`` to
+the eigenvectors of the exact ``U^T A U`` of that step (k products, not spent) gives 570:
+most of the gap is staleness accumulated over many steps, and it is in the rotation
+within ``span[U]``, not in the values (exact diagonal of the top or bottom group put in
+644 / 625; the top scaled by the exact median ratio 638). The harvest carries no
+information on it (``U^T A P`` and ``P^T A P`` leave ``U^T A U`` free). Kept pairs aged
+by their stale share: dropping old bottom pairs 636-641, old top pairs 754; larger
+spaces (300, 40) 855, (150, 40) 703, (400, 60) 868; ``Theta`` kept damped (no damping
+tracking) 639. The bottom group mapped to ``sigma / 2`` is ~3% better (627; over six
+targets 0.7-1.25e-2 better at each, mean 628 against 648), with its ``theta`` clamped to
+half the group's median 616: neither reaches 3x.
 
 On ``reuse.py --size 100k`` (10 hyper-steps, cold CG 250 products): ``(rank, smallest,
 harvest)`` = (16, 4, 8) 132, (32, 4, 16) 118, (32, 8, 16) 121, (64, 8, 32) 123, (100, 10,
