@@ -249,8 +249,9 @@ def mismatch(got: TreeSpec, got_name: str, want: TreeSpec, want_name: str) -> st
     else the first leaf whose shape differs, else the container kinds.
     """
     have, need = _relative(got, got_name), _relative(want, want_name)
-    missing = [got_name + p for p in need if p not in have]
-    extra = [got_name + p for p in have if p not in need]
+    has, needs = set(have), set(need)  # (membership in the lists: quadratic in the leaves)
+    missing = [got_name + p for p in need if p not in has]
+    extra = [got_name + p for p in have if p not in needs]
     if missing or extra:
         parts = []
         if missing:

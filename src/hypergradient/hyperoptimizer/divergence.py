@@ -153,8 +153,12 @@ def _read(recorded: list[Tensor]) -> list[float]:
     """The recorded 0-dim values as float64 numbers, read in one synchronisation: each run
     of consecutive values of one dtype and device is stacked, then converted once (the
     usual case, parameter norms then training losses, costs two stacks and two
-    conversions, not a conversion per value). Exact (a widening conversion)."""
+    conversions, not a conversion per value); 0-dim values on one device are stacked at
+    once (torch promotes them to the widest dtype). Exact (a widening conversion)."""
     device, runs = recorded[0].device, list[list[Tensor]]()
+    if all(v.dim() == 0 and v.is_floating_point() for v in recorded):
+        if all(not v.requires_grad and v.device == device for v in recorded):
+            return torch.stack(recorded).tolist()  # stack promotes to the widest dtype
     for v in recorded:
         if v.dim() or v.requires_grad:  # push() stores detached 0-dim values already
             v = v.detach().reshape(())

@@ -174,8 +174,12 @@ def _summaries(
             stats.append(torch.stack([_norm(w), nan, nan, nan, _norm(g)]))
     if not stats:
         return {}
-    device = stats[0].device
-    rows = torch.stack([s.to(device) for s in stats]).tolist()
+    device = stats[0].device  # (one hyperparameter, the usual case: its row as it is)
+    rows = (
+        [stats[0].tolist()]
+        if len(stats) == 1
+        else torch.stack([s.to(device) for s in stats]).tolist()
+    )
     return {k: dict(zip(keys, row)) for k, row in zip(values, rows)}
 
 

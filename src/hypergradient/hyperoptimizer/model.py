@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .. import _tree
 from ..operators import recompute
 from .buffers import BufferWatch
+from .reparam import Slots, swapped_call
 
 __all__ = ["ModelView", "mode_switch", "parse_modes"]
 
@@ -187,19 +188,21 @@ class ModelView:
         self._renormed = {k for k, p in zip(self.names, self.params) if id(p) in ids}
         self._tree: tuple[list[nn.Module], list[tuple]] = ([], [])  # see _tie_weights
         self._tied = True
+        self._slots = Slots(self._call)  # each name's submodule, while the tree is the same
 
     def _tie_weights(self) -> bool:
         """Whether a functional call must untie weights (torch's ``tie_weights=True``: a walk
         of the module for tensors held under several names, a third of a small model's
         call): only when the module holds such a tensor. Cached with the module tree's
         identity (:func:`_tree_mark`), checked at each call in one pass over the cached
-        submodules; a submodule, parameter or buffer set or replaced anywhere recomputes it.
+        submodules; a submodule, parameter or buffer set or replaced anywhere recomputes it
+        (and drops the submodules :func:`.reparam.swapped_call` looked up).
         """
         mods, mark = self._tree
         if mods and _tree_mark(mods) == mark:
             return self._tied
         mods = list(self._call.modules())
-        self._tree = (mods, _tree_mark(mods))
+        self._tree, self._slots = (mods, _tree_mark(mods)), Slots(self._call)
         held: list[Tensor] = [t for _, t in self._call.named_parameters(remove_duplicate=False)]
         held += [t for _, t in self._call.named_buffers(remove_duplicate=False)]
         self._tied = len({id(t) for t in held}) < len(held)
@@ -262,7 +265,10 @@ class ModelView:
         try:
             with recompute.watch() as seen:
                 args = (loss, hparams, batch)
-                out = torch.func.functional_call(self._call, values, args, tie_weights=tie)
+                if tie:  # torch's walk unties
+                    out = torch.func.functional_call(self._call, values, args, tie_weights=True)
+                else:  # the same swap, each name's submodule cached (:mod:`.reparam`)
+                    out = swapped_call(self._call, self._slots, values, args)
             self.checkpointed |= seen.found  # read and reset by each hyper-step
             return out
         finally:

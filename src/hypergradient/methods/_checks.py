@@ -8,6 +8,7 @@ number of arguments.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ from .._tree import TreeSpec
 from .._vocab import (
     ArgumentTypeError,
     HypergradientWarning,
-    all_finite,
     as_callable,
     first_nonfinite,
     require_finite,
 )
+from .._vocab import all_finite as vocab_all_finite
 from ..distributed import check_consistent, group_size
 from ..optim.functional import SGD, Adam, FunctionalOptimizer
 from ._arity import check_arity
@@ -64,6 +65,28 @@ class Inputs:
     param_spec: TreeSpec
     hparam_leaves: list[Tensor]
     hparam_spec: TreeSpec
+
+
+#: :func:`all_finite` sums CPU leaves of at most this many entries in all as one copy.
+CAT_FINITE = 1 << 16
+
+
+def all_finite(leaves: Sequence[Tensor | None]) -> bool:
+    """:func:`hypergradient._vocab.all_finite`, with several small CPU leaves of 32 or 64
+    bits (at most :data:`CAT_FINITE` entries in all) summed as one concatenation: one sum
+    and one read instead of one per leaf (half the time on a small model's ten leaves). The
+    same answer: a non-finite sum (NaN, Inf or an overflow) is confirmed leaf by leaf."""
+    present = [t for t in leaves if t is not None and t.numel()]
+    if len(present) > 1 and sum(t.numel() for t in present) <= CAT_FINITE:
+        if all(map(_plain_cpu, present)):
+            flat = torch.cat([t.detach().reshape(-1) for t in present])
+            if math.isfinite(float(flat.sum())):
+                return True
+    return vocab_all_finite(present)
+
+
+def _plain_cpu(t: Tensor) -> bool:
+    return t.is_cpu and t.layout == torch.strided and t.dtype in (torch.float32, torch.float64)
 
 
 def check_problem(problem: Any, who: str, inner: bool = True) -> Problem:
