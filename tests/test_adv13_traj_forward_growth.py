@@ -175,3 +175,41 @@ def test_watch_false_skips_the_probe_and_says_so():
     assert info.stats["products"] == 3  # one direction, no probe
     with pytest.raises(TypeError, match="watch"):
         hg.ForwardMode(watch="yes")
+
+
+def test_a_net_with_dropout_and_batch_norm_is_not_flagged():
+    """Minibatches, dropout (the probe leaves the replayed masks alone) and batch norm."""
+    gen = torch.Generator().manual_seed(5)
+    xs, ys = torch.randn(96, 4, generator=gen, dtype=DT), torch.randn(96, 1, generator=gen)
+
+    def run(method):
+        torch.manual_seed(1)
+        model = nn.Sequential(
+            nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1)
+        ).double()
+        h = {"lr": torch.tensor(0.05, dtype=DT), "pen": torch.tensor(1e-3, dtype=DT)}
+        hopt = hg.HyperOptimizer(
+            model, h, inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.0), train_loss=train_loss,
+            val_loss=val_loss, val_data=VAL, method=method, inner_steps=12,
+            optimizer_hparams={"lr": "lr"}, on_divergence="skip",
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(24):
+                b = (xs[(8 * i) % 96 :][:8], ys[(8 * i) % 96 :][:8].double())
+                hopt.zero_grad()
+                hopt.train_loss(b).backward()
+                hopt.step(b)
+        return hopt, [w for w in caught if "of no use" in str(w.message)]
+
+    fm, unstable = run(hg.ForwardMode())
+    un, _ = run(hg.Unrolled())
+    assert fm.hyper_steps == 2 and fm.skipped == 0 and not unstable
+    for got, want in zip(fm.history, un.history):
+        assert got.info.status == hg.Status.FIXED_BUDGET
+        assert got.info.stats["tangent_growth"] < 100
+        for name in ("lr", "pen"):
+            assert float(got.hypergrad[name]) == pytest.approx(
+                float(want.hypergrad[name]), rel=1e-7
+            )
