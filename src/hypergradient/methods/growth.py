@@ -260,7 +260,7 @@ def report_unstable(info: Any, stats: dict[str, Any], steps: int) -> None:
     growth = stats.get("tangent_growth" if forward else "adjoint_growth")
     if growth is None or not growth >= RISE_SENSITIVITY or info.status == Status.DIVERGED:
         return
-    what = "forward pass's tangents" if forward else "reverse pass's adjoint"
+    what = "forward pass's probe tangent" if forward else "reverse pass's adjoint"
     grew = f"the {what} grew {growth:.3g}-fold over the last {steps} steps"
     if growth >= ADJOINT_GROWTH:
         why = (
