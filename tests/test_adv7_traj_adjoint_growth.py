@@ -6,7 +6,7 @@ hypergradient in lr is ~-2e9, while central differences of the validation loss w
 1e-3 and 1e-6 give ~92 and ~9e4: a number that holds for no usable change of lr. It was
 returned with ``status == "fixed_budget"`` and no warning; now ``status == "diverged"``,
 ``stats["diverging"]`` and a ``HypergradientWarning`` say so (Unrolled, DrMAD; ForwardMode
-does not measure it yet). Healthy runs (the same net, Adam with ``beta1 = 0.9``, SGD at the
+by its probe tangent since). Healthy runs (the same net, Adam with ``beta1 = 0.9``, SGD at the
 edge of stability) are not flagged.
 """
 

@@ -30,6 +30,7 @@ from ..optim.functional import SGD, FunctionalOptimizer
 from ._checks import check_trees, unused_leaves
 from .base import Problem
 from .forward_tangents import GradientTangents, batching_key
+from .growth import TangentWatch
 from .replay import Run, rng_state, set_rng_state
 from .traj_modes import as_mode, is_double_backward_error
 from .trajectory import (
@@ -136,15 +137,32 @@ def _fused_step(
     return tuple(tg), tuple(g), loss
 
 
-def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
-    """Run the steps with tangents ``Z_t = ds_t/dphi``; returns ``(theta_T, Z_T, losses)``."""
+def _tangents(p: tuple[Tensor, ...], m: int, probe: bool) -> tuple[Tensor, ...]:
+    """The parameters' initial tangents: ``m`` zero rows (``dtheta_0 / dphi``), then, with
+    ``probe``, the probe's: a fixed random unit vector (its own generator: the global one
+    is untouched)."""
+    zeros = [torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) for x in p]
+    if not probe:
+        return tuple(zeros)
+    gen = torch.Generator().manual_seed(0)
+    u = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in p]
+    n = torch.linalg.vector_norm(torch.cat([v.reshape(-1) for v in u])) if u else 1.0
+    rows = [(v / n).to(x.device, x.dtype)[None] for x, v in zip(p, u)]
+    return tuple(torch.cat([z, r]) for z, r in zip(zeros, rows))
+
+
+def _propagate(run: Run, tangents: GradientTangents, probe: bool) -> tuple[Any, ...]:
+    """Run the steps with tangents ``Z_t = ds_t/dphi`` and the probe (:class:`TangentWatch`);
+    returns ``(theta_T, Z_T, losses, the probe's growth)`` (growth None without ``probe``)."""
     m = run.hspec.size
     dtype = _tree.common_dtype(list(run.h))
-    eye = torch.eye(m, dtype=dtype, device=run.device)
+    rows = m + 1 if probe else m
+    eye = torch.eye(rows, m, dtype=dtype, device=run.device)  # the probe's row: no source
     th = tuple(x.to(h.dtype) for x, h in zip(_tree.split(eye, run.hspec), run.h))
     p, s = run.p0, run.init_state()
-    tp = tuple(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) for x in p)
-    ts = tuple(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) for x in s)
+    tp = _tangents(p, m, probe)
+    ts = tuple(torch.zeros((rows, *x.shape), dtype=x.dtype, device=x.device) for x in s)
+    watch = TangentWatch()
     losses = []
     linear = _push_linear if linear_update(run) else None
     for t in range(run.steps):
@@ -163,11 +181,13 @@ def _propagate(run: Run, tangents: GradientTangents) -> tuple[Any, ...]:
 
         push = linear or (_push_dual if m <= DUAL_MAX else _push_vmapped)
         tp, ts = push(run, (p, s, g), (tp, ts, tg, th), t)
+        if probe:
+            watch.push([x[m] for x in tp], [x[m] for x in ts])
         with torch.no_grad():
             p, s = run.update(p, s, g, run.settings, t)
         losses.append(loss.detach().reshape(()))
     check_forward(run, losses, p)
-    return p, tp, losses
+    return p, tuple(x[:m] for x in tp), losses, watch.growth()
 
 
 class ForwardMode(TrajectoryMethod):
@@ -175,14 +195,17 @@ class ForwardMode(TrajectoryMethod):
 
     Propagates ``Z_t = d s_t / d phi`` (one tangent per hyperparameter) alongside the run
     and returns ``d_phi g + (d theta_T / d phi)^T grad_theta g``. Equal to
-    :class:`~hypergradient.Unrolled` up to rounding, but it does not measure the
-    instability that Unrolled reports by its adjoint's growth (a chaotic run whose loss stays
-    bounded: ``status`` stays ``"fixed_budget"``, no warning, and ``on_divergence="skip"``
-    does not skip it); check a doubtful run with Unrolled. The tangents of each step's gradient,
-    ``H_tt Z_t + H_tp``, are ``m`` vector-Jacobian products of the gradient's graph taken in
-    one batched backward pass (:mod:`~hypergradient.methods.forward_tangents`); the
-    optimizer update's tangents by the update itself (SGD with no tuned setting: it is
-    linear) or forward-mode AD.
+    :class:`~hypergradient.Unrolled` up to rounding. The instability Unrolled measures by its
+    adjoint's growth, forward mode measures by one more tangent, a probe with no
+    hyperparameter's source (``dPhi_t/ds_t`` applied to a fixed random unit vector at every
+    step, :class:`~hypergradient.methods.growth.TangentWatch`): its largest norm is
+    ``info.stats["tangent_growth"]``, and a chaotic run (a millionfold growth) or one starting
+    to diverge is reported as Unrolled reports it (``status == "diverged"``, a warning, and
+    ``on_divergence="skip"`` skips it: :mod:`~hypergradient.methods.growth`). The tangents
+    of each step's gradient, ``H_tt Z_t + H_tp``, are ``m`` vector-Jacobian products of the
+    gradient's graph taken in one batched backward pass
+    (:mod:`~hypergradient.methods.forward_tangents`); the optimizer update's tangents by the
+    update itself (SGD with no tuned setting: it is linear) or forward-mode AD.
 
     Args:
         chunk_size: directions pushed together (bounds memory); None: all ``m``.
@@ -191,22 +214,28 @@ class ForwardMode(TrajectoryMethod):
             kernels without it, e.g. fused attention), ``"double"``, ``"double_math"``
             (math attention kernel, no cuDNN) or ``"first_order"`` (central differences of
             gradients, any kernel). The mode used is ``info.stats["hvp"]``.
+        watch: carry the probe tangent that measures the run's instability (default);
+            False saves its cost (one direction of ``m + 1``), and the run's instability
+            is then not checked (``stats["tangent_growth"]`` is None).
 
-    Memory: ``m`` tangents of the state, independent of ``T``, plus one step's graph. Cost
-    per step: one gradient, the graph of the gradient and ``m`` batched vector-Jacobian
-    products (measured ``1.5 + 1.1 m`` gradients on a 200k-parameter MLP; first order:
-    ``1 + 2m``), so it suits few hyperparameters (learning rates, momentum, a handful of
-    loss weights); the first sweep for given shapes of leaves and batches also checks its
-    batched pass against a looped product (one more, until every output was reached: some
-    of torch's batching rules are silently wrong) and remembers the shapes it held for. No
-    state that changes a result.
+    Memory: ``m + 1`` tangents of the state (with the probe's), independent of ``T``, plus
+    one step's graph. Cost per step: one gradient, the graph of the gradient and ``m + 1``
+    batched vector-Jacobian products (measured ``1.5 + 1.1 m`` gradients on a
+    200k-parameter MLP without the probe, which adds one direction: +35% for SGD with
+    momentum and ``m = 2`` on a 16k-parameter MLP, +80% for Adam, whose update's tangents
+    are pushed one direction at a time; first order: ``1 + 2 (m + 1)``), so it suits few
+    hyperparameters (learning rates, momentum, a handful of loss weights); the first
+    sweep for given shapes of leaves and batches also checks its batched pass against a
+    looped product (one more, until every output was reached: some of torch's batching
+    rules are silently wrong) and remembers the shapes it held for. No state that changes a result.
     """
 
     name = "forward_mode"
 
-    def __init__(self, chunk_size: int | None = None, hvp: str = "auto"):
+    def __init__(self, chunk_size: int | None = None, hvp: str = "auto", watch: bool = True):
         self.chunk_size = as_optional_int(chunk_size, "chunk_size", min=1)
         self.hvp = as_mode(hvp)
+        self.watch = as_bool(watch, "watch")
         self._batching_ok: set[Any] = set()  # batching_key()s whose batched pass was checked
 
     def __call__(self, problem: Problem) -> tuple[Tree, TrajectoryInfo]:
@@ -226,7 +255,7 @@ class ForwardMode(TrajectoryMethod):
             return Sweep(list(gh), p, losses, value, run.steps, 0, 1, {"products": 0})
         key = batching_key(run)
         tangents = GradientTangents(run, self.hvp, self.chunk_size, key in self._batching_ok)
-        p, tp, losses = _propagate(run, tangents)
+        p, tp, losses, growth = _propagate(run, tangents, self.watch)
         if tangents.vmap_checked and key is not None:
             self._batching_ok.add(key)
         direct = [False] * len(run.h)
@@ -237,7 +266,8 @@ class ForwardMode(TrajectoryMethod):
             total = total + z.reshape(m, -1).to(dtype) @ g.reshape(-1).to(dtype)
         flat = _tree.cat(list(gh), run.hspec, dtype, run.device) + total
         hyper = _tree.split(flat, run.hspec, [h.dtype for h in run.h])
-        stats = {"products": m * run.steps, **tangents.report()}
+        products = (m + int(self.watch)) * run.steps
+        stats = {"products": products, **tangents.report(), "tangent_growth": growth}
         if tangents.mode != "first_order" and not run.setting_fns:  # else: cannot tell
             settings = set(run.setting_index.values())
             used = [
@@ -259,16 +289,17 @@ def forward_mode(
     batches: Iterable[Any] | None = None,
     chunk_size: int | None = None,
     hvp: str = "auto",
+    watch: bool = True,
     return_info: bool = False,
     process_group: Any = None,
 ) -> Any:
     """Forward-mode (RTHO) hypergradient through ``steps`` optimizer steps.
 
-    Arguments and returns as :func:`~hypergradient.unrolled`, with ``chunk_size`` and ``hvp`` as
-    :class:`ForwardMode`; builds a :class:`Problem` and calls :class:`ForwardMode`. No
+    Arguments and returns as :func:`~hypergradient.unrolled`, with ``chunk_size``, ``hvp`` and
+    ``watch`` as :class:`ForwardMode`; builds a :class:`Problem` and calls :class:`ForwardMode`. No
     trajectory is stored: memory is independent of ``steps``.
     """
-    method = ForwardMode(chunk_size, hvp)  # its settings checked before any batch is taken
+    method = ForwardMode(chunk_size, hvp, watch)  # settings checked before any batch is taken
     as_bool(return_info, "return_info")
     check_trees(params0, hparams, "params0")
     problem = functional_problem(

@@ -34,7 +34,25 @@ Unrolled's is 4.8). :class:`AdjointWatch` measures the growth (``info.stats["adj
 largest norm of the parameters' adjoint over its norm at ``theta_T``) and
 :func:`report_unstable` reports a growth of at least :data:`ADJOINT_GROWTH` as a divergence
 (healthy runs measured: at most 51, SGD with and without momentum up to the edge of
-stability, Adam with lr up to 1 and ``beta1 = 0.9``).
+stability, Adam with lr up to 1 and ``beta1 = 0.9``). Forward mode has no adjoint: it
+carries one more tangent, a probe ``u_{t+1} = dPhi_t/ds_t u_t`` from a fixed random unit
+``u_0`` (no hyperparameter's source), whose largest norm is ``info.stats["tangent_growth"]``,
+the growth of the same products of step Jacobians, read forwards, under the same threshold
+(the chaotic runs above: 2.1e10 and 9.2e10; healthy runs measured: at most 3.2e4, momentum
+SGD at 0.75 times its stability limit; it reads every direction where the adjoint reads
+those the outer loss sees: Adam with lr 1, 1.7e3 where the adjoint grew 22).
+
+A run starting to diverge within the window is a third case: its loss oscillates as it
+grows (momentum SGD at 0.85 times its stability limit: losses ``[..., 1.52, 0.99, 1.35,
+6.98]`` and 1e31 twenty steps later), which the first rule misses, and the hypergradient,
+exact for that run (-5.6e3 where the healthy run's is 2.2), is of no use. The run is
+reported when its loss ends at its highest, at least :data:`RISE` times the window's lowest,
+while the sensitivity (adjoint or tangent growth) grew at least :data:`RISE_SENSITIVITY`-fold
+(that run: 1.2e3 and 2.1e4; at 0.7 times the limit, 31 and 24 with a falling loss). Both are
+needed: a minibatch loss may end its window ten times its lowest by chance, and a run in a
+transient unstable phase (a catapult that recovers) has a large sensitivity; minibatch
+training of MLPs (dropout, batch norm, SGD with momentum, Adam) measured at most 55. A
+window that ends inside a catapult's rise is reported too: its hypergradient is as large.
 """
 
 from __future__ import annotations
@@ -54,12 +72,16 @@ __all__ = [
     "ADAPT_GROWTH",
     "ADJOINT_GROWTH",
     "AdjointWatch",
+    "TangentWatch",
     "BLOWUP",
     "KEEP",
     "LOSS_GROWTH",
+    "RISE",
+    "RISE_SENSITIVITY",
     "adaptation_failed",
     "grows",
     "loss_diverging",
+    "loss_rising",
     "quiet",
     "report_unstable",
     "report_diverging",
@@ -75,9 +97,14 @@ LOSS_GROWTH = 3.0
 BLOWUP = 1e6
 #: Growth of an adaptation's loss (after over before) that proves it failed.
 ADAPT_GROWTH = 10.0
-#: Growth of the reverse pass's adjoint (largest norm over the first) that proves the run
-#: unstable.
+#: Growth of the reverse pass's adjoint (largest norm over the first), or of forward mode's
+#: probe tangent, that proves the run unstable.
 ADJOINT_GROWTH = 1e6
+#: A window's last loss, its highest, at least this many times its lowest ...
+RISE = 10.0
+#: ... with the adjoint's or the probe tangent's growth at least this: a run starting to
+#: diverge.
+RISE_SENSITIVITY = 100.0
 
 
 def grows(xs: Sequence[float], factor: float) -> bool:
@@ -146,7 +173,8 @@ def report_diverging(info: Any, losses: Sequence[float], what: str, warn: bool =
 
 
 class AdjointWatch:
-    """The parameters' adjoint norm at each reverse step (0-dim tensors, read once)."""
+    """The parameters' adjoint norm at each reverse step, or forward mode's probe tangent's
+    at each step (0-dim tensors, read once)."""
 
     def __init__(self, first: Sequence[Tensor]):
         self.norms = [self._norm(first)]
@@ -176,19 +204,80 @@ class AdjointWatch:
         return max(values[1:]) / values[0]
 
 
+class TangentWatch:
+    """Forward mode's probe: the norm of its parameters' row at each step (0-dim tensors,
+    read once), after which the probe's rows (parameters and state) are scaled back to
+    norm 1 (no overflow in a long unstable run; the growth is the running product)."""
+
+    def __init__(self) -> None:
+        self.norms: list[Tensor] = []
+
+    def push(self, params: Sequence[Tensor], state: Sequence[Tensor]) -> None:
+        """Record the norm of ``params`` (the probe's rows) and scale them and ``state``."""
+        n = AdjointWatch._norm(params)
+        self.norms.append(n)
+        scale = torch.where(n > 0, n, torch.ones_like(n))
+        with torch.no_grad():
+            for x in (*params, *state):
+                if x.is_floating_point():
+                    x.div_(scale.to(x.dtype))
+
+    def growth(self) -> float | None:
+        """The largest norm the unscaled probe reached (it starts at 1); None without a
+        step or with a non-finite norm."""
+        if not self.norms:
+            return None
+        values = torch.stack(self.norms).tolist()
+        if not all(map(math.isfinite, values)):
+            return None
+        total, best = 1.0, 0.0
+        for v in values:
+            total *= v
+            best = max(best, total)
+        return best
+
+
+def loss_rising(losses: Sequence[float]) -> str | None:
+    """A sentence on how ``losses`` end at their highest, at least :data:`RISE` times their
+    lowest, or None (for a lowest value at or below 0: a rise of ``RISE - 1`` times its
+    magnitude; a lowest value of exactly 0 has no scale: never)."""
+    values = [float(v) for v in losses]
+    if len(values) < 2 or not all(map(math.isfinite, values)):
+        return None
+    low, last = min(values), values[-1]
+    if low == 0 or last <= max(values[:-1]) or last - low < (RISE - 1) * abs(low):
+        return None
+    return f"the loss ended at its highest, {last:.3g}, from {low:.3g} ({_fmt(values[-KEEP:])})"
+
+
 def report_unstable(info: Any, stats: dict[str, Any], steps: int) -> None:
-    """Mark ``info`` as diverged (``stats["unstable"]``) and warn when the adjoint grew
-    :data:`ADJOINT_GROWTH`-fold (``stats["adjoint_growth"]``), unless the loss's divergence
-    was reported already."""
-    adjoint = stats.get("adjoint_growth")
-    if adjoint is None or not adjoint >= ADJOINT_GROWTH or info.status == Status.DIVERGED:
+    """Mark ``info`` as diverged (``stats["unstable"]``) and warn when the adjoint (or forward
+    mode's probe tangent) grew :data:`ADJOINT_GROWTH`-fold (``stats["adjoint_growth"]``,
+    ``stats["tangent_growth"]``), or :data:`RISE_SENSITIVITY`-fold while the inner losses
+    (``info.inner_losses``) ended at their highest, :data:`RISE` times their lowest
+    (:func:`loss_rising`), unless the loss's divergence was reported already."""
+    forward = "adjoint_growth" not in stats
+    growth = stats.get("tangent_growth" if forward else "adjoint_growth")
+    if growth is None or not growth >= RISE_SENSITIVITY or info.status == Status.DIVERGED:
         return
-    why = (
-        f"the reverse pass's adjoint grew {adjoint:.3g}-fold over the last {steps} steps (at "
-        f"least {ADJOINT_GROWTH:g}x): the reverse recursion is unstable (a chaotic run, or "
-        "DrMAD's straight line far from the run), so the hypergradient holds at best for "
-        "changes of the hyperparameters far too small to use"
-    )
+    what = "forward pass's probe tangent" if forward else "reverse pass's adjoint"
+    grew = f"the {what} grew {growth:.3g}-fold over the last {steps} steps"
+    if growth >= ADJOINT_GROWTH:
+        why = (
+            f"{grew} (at least {ADJOINT_GROWTH:g}x): the recursion is unstable (a chaotic "
+            "run, or DrMAD's straight line far from the run), so the hypergradient holds at "
+            "best for changes of the hyperparameters far too small to use"
+        )
+    else:
+        rising = loss_rising(getattr(info, "inner_losses", ()))
+        if rising is None:
+            return
+        why = (
+            f"{rising} (at least {RISE:g}x) while {grew} (at least {RISE_SENSITIVITY:g}x): "
+            "the run is starting to diverge (or is in an unstable phase), so the "
+            "hypergradient holds at best for changes of the hyperparameters far too small "
+            "to use"
+        )
     info.status = Status.DIVERGED
     info.stats.update(diverging=why, unstable=True)
     if not getattr(_LOCAL, "quiet", False):

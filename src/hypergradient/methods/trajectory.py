@@ -86,8 +86,9 @@ class TrajectoryInfo(Info):
             ``trajectory.final_params`` (None when those are not given).
 
     ``status`` is ``"diverged"`` (``stats["diverging"]`` says how) when the inner losses grow
-    geometrically, or Unrolled's or DrMAD's adjoint a millionfold (``stats["adjoint_growth"]``;
-    :mod:`~hypergradient.methods.growth`): the hypergradient is of no use.
+    geometrically, or the adjoint (``stats["adjoint_growth"]``) or ForwardMode's probe tangent
+    (``stats["tangent_growth"]``) a millionfold, or a hundredfold while the losses end at
+    their highest, 10x their lowest (:mod:`~hypergradient.methods.growth`): of no use.
     """
 
     steps: int = 0
