@@ -28,6 +28,7 @@ from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
 from .sampler import BatchSampler
+from .step_rates import momentum_factors, with_factors
 from .weight_norm import warn_fused_weight_norm
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,9 +163,15 @@ def make_guard(
 
 
 def make_problem(
-    hopt: HyperOptimizer, train_batch: Any, val_batch: Any, before: list[Tensor]
+    hopt: HyperOptimizer,
+    train_batch: Any,
+    val_batch: Any,
+    before: list[Tensor],
+    inner_before: Mapping[str, Any] | None = None,
 ) -> Problem:
-    """The bilevel problem at a hyper-step (with the recorded window for trajectory methods)."""
+    """The bilevel problem at a hyper-step (with the recorded window for trajectory methods;
+    ``inner_before``: the inner optimizer's ``state_dict()`` before the step, whose momentum
+    buffers give T1T2's exact rates: :func:`inner_lr`)."""
     view, hp, window = hopt.view, hopt.hyperparameters, hopt.loop.window
     params = view.detached()
     trajectory = None
@@ -184,7 +191,7 @@ def make_problem(
         outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
         params=params,
         hparams=hp.detached_raw(),
-        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method, hopt.loop.lrs),
+        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method, hopt.loop.lrs, inner_before),
         prev_params=view.tree(before),
         trajectory=trajectory,
         process_group=hopt.process_group,
@@ -233,6 +240,7 @@ def inner_lr(
     params: list[Tensor],
     method: Method,
     lrs: tuple[float, ...] | None = None,
+    before: Mapping[str, Any] | None = None,
 ) -> float | tuple[float, ...]:
     """``Problem.lr``: the learning rate of the param groups that hold trained parameters;
     ``lrs``: the groups' rates the step used, if they may have moved on since
@@ -240,10 +248,16 @@ def inner_lr(
     :class:`~hypergradient.methods.T1T2`, one rate per trained parameter (its group's: T1T2
     differentiates the step ``theta - Lambda grad``); for the other methods the smallest
     positive one (IFT's default Neumann caps its step there; a group at ``lr=0`` is frozen).
-    0 when every group's rate is 0.
+    0 when every group's rate is 0. For T1T2, ``before`` (the inner optimizer's
+    ``state_dict()`` before the step) gives SGD's momentum factor of each parameter's step
+    (:mod:`.step_rates`: dampening after the first step, Nesterov): the rates are then
+    ``lr * k``, the exact ``-d theta' / d g`` of the step taken.
     """
     check_descent(optimizer)
     groups, rates = optimizer.param_groups, _rates(optimizer, lrs)
+    factors = momentum_factors(optimizer, params, before) if isinstance(method, T1T2) else None
+    if factors is not None:
+        return with_factors(tuple(_per_parameter(groups, rates, params)), factors)
     if len(groups) == 1:
         return rates[0]
     ids = {id(p) for p in params}
