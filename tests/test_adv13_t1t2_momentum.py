@@ -183,3 +183,32 @@ def test_maximize_is_refused_before_anything_changes():
             val_data=(XV, YV),
             method=hg.T1T2(),
         )
+
+
+def test_a_step_taken_outside_is_differentiated_with_its_own_factor():
+    """begin_step()/end_step() (a Lightning-style loop): the optimizer state before the
+    step is the one begin_step snapshotted."""
+    kw = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
+    model = net()
+    inner = make_sgd(model, kw, False)
+    hopt = hg.HyperOptimizer(
+        model,
+        {"pen": PEN.clone()},
+        inner_optimizer=inner,
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_data=(XV, YV),
+        method=hg.T1T2(),
+        inner_steps=2,
+    )
+    for t in range(4):
+        batch = BATCHES[t % 2]
+        weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(inner.state_dict())
+        hopt.begin_step()
+        inner.zero_grad()
+        train_loss(model, hopt.hparams, batch).backward()
+        inner.step()
+        hopt.end_step(batch)
+    exact = finite_difference(weights, state, kw, False, batch)
+    torch.testing.assert_close(hopt.history[-1].hypergrad["pen"], exact, rtol=1e-6, atol=1e-9)

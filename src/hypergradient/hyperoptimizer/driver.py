@@ -78,8 +78,8 @@ drew between the steps) skips the hyper-step with a warning (:mod:`~.draws`). Af
 step whose ``.grad`` the loop changed in place (``clip_grad_norm_``, accumulation), one
 forward and backward pass compares it with ``train_loss``'s gradient: a different one (a
 clipped step, which T1T2 does not differentiate) warns, or skips with
-``on_divergence="skip"``. With ``torch.optim.SGD`` T1T2 differentiates the step's
-momentum, dampening and Nesterov factors exactly (:mod:`~.step_rates`).
+``on_divergence="skip"``. T1T2 differentiates the step ``torch.optim.SGD`` (momentum,
+dampening, Nesterov), ``Adam`` or ``AdamW`` took exactly (:mod:`~.step_rates`).
 """
 
 from __future__ import annotations

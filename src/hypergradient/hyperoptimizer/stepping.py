@@ -219,7 +219,7 @@ def hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
 def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     started = time.perf_counter()
     if hopt.process_group is not None:  # first: every rank takes the skip decisions below
-        check_ranks(hopt, local_decisions(hopt, saved.inner))
+        check_ranks(hopt, local_decisions(hopt, saved))
     if diverged(hopt, saved) or settings_changed(hopt, saved) or zero_rate(hopt, saved):
         return
     if accumulated_draws(hopt, saved):
@@ -235,7 +235,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
     hopt.view.checkpointed = False
     with recompute.explained():  # torch's CheckpointError after a train/eval switch
-        problem = make_problem(hopt, train_batch, val_batch, saved.params_before, saved.inner)
+        problem = make_problem(hopt, train_batch, val_batch, saved.params_before, saved)
         result, info = hopt.method(problem)
     recompute.check(hopt.view.checkpointed, hopt.method, info)
     hopt.view.buffer_watch.warn(hopt.method, hopt.hyperparameters.leaves())
@@ -280,12 +280,13 @@ def local_decisions(hopt: HyperOptimizer, before: Any = None) -> dict[str, Any]:
 
 def at_zero_rate(hopt: HyperOptimizer, before: Any = None) -> bool:
     """The step was taken at learning rate 0 and the method needs that rate (``before``:
-    the inner optimizer's state before the step, for T1T2's momentum factors)."""
+    the step's transaction, for T1T2's exact rates)."""
     method = hopt.method
     needs = isinstance(method, T1T2) or (
         isinstance(method, IFT) and method.default and method.alpha is None
     )
     optimizer, params = hopt.inner_optimizer, hopt.view.params
+    before = before if type(optimizer) is torch.optim.SGD else None  # Adam's: 0 at lr 0 only
     return needs and not inner_lr(optimizer, params, method, hopt.loop.lrs, before)
 
 
@@ -293,7 +294,7 @@ def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
     """Skip (with a warning) the hyper-step of a step taken at learning rate 0 (a linear
     warm-up's first step, a decay's last) when the method needs that rate: T1T2
     differentiates that step, IFT's default Neumann series steps with it."""
-    if not at_zero_rate(hopt, saved.inner):
+    if not at_zero_rate(hopt, saved):
         return False
     method = hopt.method
     return skip(

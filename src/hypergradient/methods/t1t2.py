@@ -54,8 +54,11 @@ class T1T2(ImplicitMethod):
     and ``1 + momentum k`` with Nesterov: ``hg.HyperOptimizer`` passes ``Problem.lr = lr k``
     per parameter (read from the optimizer's state before the step), which makes the
     look-ahead exact for every SGD flag (weight decay included; ``maximize`` is refused).
-    With Adam and other optimizers it is the usual approximation that keeps only the
-    learning-rate factor. A step on a gradient the loop changed (``clip_grad_norm_``) is not
+    Adam's and AdamW's step is elementwise: its derivative in ``g`` is a diagonal, which
+    ``hg.HyperOptimizer`` passes as per-entry rates (``Problem.lr`` items that are tensors;
+    :mod:`~hypergradient.hyperoptimizer.step_rates`), exact too. With other optimizers
+    (RMSprop, NAdam, ...) it is the usual approximation that keeps only the learning-rate
+    factor. A step on a gradient the loop changed (``clip_grad_norm_``) is not
     the step differentiated: ``hg.HyperOptimizer`` warns (or skips, with
     ``on_divergence="skip"``; :mod:`~hypergradient.hyperoptimizer.draws`). It is the implicit
     formula with ``H^{-1} ~ lr I`` (``hg.Identity(lr)``), the operator at
