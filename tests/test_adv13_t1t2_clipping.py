@@ -42,9 +42,9 @@ def net():
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
 
 
-def build(on_divergence="warn", momentum=0.0):
+def build(on_divergence="warn", momentum=0.0, **kw):
     model = net()
-    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, **kw)
     hopt = hg.HyperOptimizer(
         model,
         {"pen": torch.tensor(PEN, dtype=DT)},
@@ -167,3 +167,43 @@ def test_in_place_gradients_of_train_loss_are_silent():
         hopt.step((X, Y))
     assert not [w for w in caught if issubclass(w.category, hg.HypergradientWarning)]
     assert hopt.hyper_steps == 3
+
+
+def test_foreach_nesterov_writing_into_grad_is_not_a_changed_gradient():
+    """torch's foreach SGD with Nesterov (the default on CUDA) adds ``momentum * buf`` to
+    ``.grad`` in place during the step: the loop did not change the gradient (no warning),
+    while a clipped one is still reported."""
+    model, _, hopt = build(momentum=0.9, nesterov=True, foreach=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            hopt.zero_grad()
+            hopt.train_loss((X, Y)).backward()
+            hopt.step((X, Y))
+    assert not [w for w in caught if issubclass(w.category, hg.HypergradientWarning)]
+    max_norm = 0.05 * grad_norm(model)
+    caught = one_step(
+        hopt, model, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm)
+    )
+    assert len(caught) == 1 and "not train_loss's gradient" in str(caught[0].message)
+
+
+def test_a_clean_step_costs_no_replay(monkeypatch):
+    """``step()`` reads the gradients' version counters before the optimizer's step,
+    against those ``hopt.train_loss``'s hooks saw after backward(): a loop that did not
+    touch ``.grad`` costs no extra backward pass, though the penalty's weight is used twice
+    (autograd's accumulation moves its counter) and the step itself writes into ``.grad``
+    (foreach Nesterov)."""
+    from hypergradient.hyperoptimizer import draws
+
+    calls = []
+    compare = draws._both  # the replayed gradient, compared with .grad
+    monkeypatch.setattr(draws, "_both", lambda *a: calls.append(1) or compare(*a))
+    model, _, hopt = build(momentum=0.9, nesterov=True, foreach=True)
+    for _ in range(3):
+        hopt.zero_grad()
+        hopt.train_loss((X, Y)).backward()
+        hopt.step((X, Y))
+    assert hopt.hyper_steps == 3 and not calls
+    one_step(hopt, model, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3))
+    assert calls  # a touched gradient is compared

@@ -115,6 +115,7 @@ FLAGS = [
     {"momentum": 0.9, "dampening": 0.5},
     {"momentum": 0.9, "dampening": 1.0 - 1e-3},
     {"momentum": 0.9, "nesterov": True},
+    {"momentum": 0.9, "nesterov": True, "foreach": True},  # adds the buffer to .grad in place
     {"momentum": 0.7, "dampening": 0.3, "weight_decay": 0.01},
     {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05},
     {"weight_decay": 0.05},

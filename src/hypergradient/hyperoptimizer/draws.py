@@ -21,13 +21,16 @@ that differ skip the hyper-step with a warning (and the check is repeated at the
 Nor is a gradient the loop changed between ``backward()`` and ``step()`` the one T1T2
 differentiates (:func:`changed_gradient`): ``clip_grad_norm_`` steps with ``c g``, whose
 derivative in ``phi`` is ``c (I - g g^T / ||g||^2) dg/dphi``, not ``dg/dphi`` (a probe's
-hypergradient came out 660 times the clipped step's). A ``.grad`` changed in place (its
-version counter moved: clipping, ``clip_grad_value_``, accumulation over several backward
-passes, ``zero_grad(set_to_none=False)``) is compared with the replayed gradient of
-``train_loss`` at the step's start (one forward and backward pass); one that differs warns
-(``on_divergence="warn"``: the hypergradient is applied) or skips the hyper-step
-(``"skip"``). A gradient the loop replaced by a new tensor (``p.grad = c * p.grad``) is not
-checked.
+hypergradient came out 660 times the clipped step's). A ``.grad`` changed in place after
+``backward()`` (its version counter moved since the post-accumulate-grad hooks
+``hopt.train_loss`` registers saw it: clipping, ``clip_grad_value_``, scaling; with the
+loop's own loss, since it was created, which also counts autograd's own accumulation; read
+just before the optimizer's step by ``step()``, after it for a step taken outside) is
+compared with the replayed gradient of ``train_loss`` at the step's start (one forward and
+backward pass; foreach SGD with Nesterov, which adds its buffer to ``.grad`` in place, is
+recognized); one that differs warns (``on_divergence="warn"``: the hypergradient is
+applied) or skips the hyper-step (``"skip"``). A gradient the loop replaced by a new tensor
+(``p.grad = c * p.grad``) is not checked.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ __all__ = [
     "not_the_step",
     "off_step",
     "other_draws",
+    "touched",
+    "unwatch",
+    "watch_grads",
 ]
 
 #: Distance between the directions (unit vectors) of the replayed and the step's gradient
@@ -171,7 +177,7 @@ def changed_gradient(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str
     ns, nr = float(step.norm()), float(replay.norm())
     if not (math.isfinite(ns) and math.isfinite(nr)) or nr == 0.0:
         return None  # the non-finite checks, or the method's zero-gradient warning, answer
-    error = float((step - replay).norm()) / nr
+    error = min(float((step - r).norm()) for r in _candidates(hopt, replay)) / nr
     if error <= MISMATCH:
         return None
     return (
@@ -186,12 +192,57 @@ def changed_gradient(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str
     )
 
 
+def watch_grads(hopt: HyperOptimizer) -> None:
+    """For T1T2, after ``hopt.train_loss``'s forward pass: note each trained parameter's
+    ``.grad`` version counter after every accumulation into it (post-accumulate-grad hooks,
+    registered once per step and removed by :func:`unwatch`), so that :func:`touched`
+    tells a gradient the loop changed after ``backward()`` from one that autograd wrote in
+    place (a parameter used twice, accumulation over micro-batches)."""
+    loop = hopt.loop
+    if not isinstance(hopt.method, T1T2) or getattr(loop, "grad_hooks", None) is not None:
+        return
+    seen: dict[int, int] = {}
+
+    def note(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            seen[id(p)] = p.grad._version
+
+    params = [p for p in hopt.view.params if p.requires_grad]
+    loop.grad_seen = seen
+    loop.grad_hooks = [p.register_post_accumulate_grad_hook(note) for p in params]
+
+
+def unwatch(hopt: HyperOptimizer) -> None:
+    """A step's end: remove :func:`watch_grads`'s hooks and forget what they saw."""
+    loop = hopt.loop
+    for handle in getattr(loop, "grad_hooks", None) or ():
+        handle.remove()
+    loop.grad_hooks = loop.grad_seen = loop.touched = None
+
+
+def touched(hopt: HyperOptimizer) -> bool | None:
+    """For T1T2, whether a trained parameter's ``.grad`` was changed in place after its
+    ``backward()``: its version counter moved since :func:`watch_grads`'s hooks saw it
+    (without them, since it was created: a parameter the loss uses twice then counts as
+    changed, costing a comparison but no warning). Read just before the optimizer's step
+    by ``step()`` (the step itself may write into ``.grad``: foreach SGD with Nesterov).
+    None for other methods."""
+    if not isinstance(hopt.method, T1T2):
+        return None
+    seen = getattr(hopt.loop, "grad_seen", None)
+    grads = [(id(p), p.grad) for p in hopt.view.params if p.grad is not None]
+    if seen is None:
+        return any(g._version != 0 for _, g in grads)
+    return any(seen.get(i) != g._version for i, g in grads)
+
+
 def _changed_in_place(hopt: HyperOptimizer, batch: Any) -> bool:
-    """T1T2, without a process group, with the step's batch, and a trained parameter's
-    ``.grad`` changed in place since it was created (its version counter is not 0)."""
+    """T1T2, without a process group, with the step's batch, and a ``.grad`` changed in
+    place: :func:`touched` before the step when ``step()`` read it, else after it."""
     if not isinstance(hopt.method, T1T2) or hopt.process_group is not None or batch is None:
         return False
-    return any(p.grad is not None and p.grad._version != 0 for p in hopt.view.params)
+    before = getattr(hopt.loop, "touched", None)
+    return bool(touched(hopt)) if before is None else before
 
 
 def _both(hopt: HyperOptimizer, leaves: list[Any], loss: Any) -> tuple[Any, Any]:
@@ -206,13 +257,42 @@ def _both(hopt: HyperOptimizer, leaves: list[Any], loss: Any) -> tuple[Any, Any]
     return torch.cat(step), torch.cat(replay)
 
 
+def _candidates(hopt: HyperOptimizer, replay: torch.Tensor) -> list[torch.Tensor]:
+    """What the step's ``.grad`` may read after the step for the replayed gradient
+    ``replay``: itself, and for ``torch.optim.SGD`` with Nesterov and no weight decay,
+    ``replay + momentum * buf`` (its foreach implementation, the default on CUDA, adds the
+    new buffer to ``.grad`` in place)."""
+    optimizer = hopt.inner_optimizer
+    if type(optimizer) is not torch.optim.SGD:
+        return [replay]
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts, nesterov = [], False
+    for p in hopt.view.params:
+        if p.grad is None:
+            continue
+        g = group_of.get(id(p), {})
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        used = g.get("nesterov", False) and not g.get("weight_decay") and buf is not None
+        nesterov |= bool(used)
+        zero = torch.zeros(p.grad.numel(), dtype=replay.dtype, device=replay.device)
+        parts.append(_flat(buf, replay.dtype) * float(g["momentum"]) if used else zero)
+    if not nesterov:
+        return [replay]
+    return [replay, replay + torch.cat([t.to(replay.device) for t in parts])]
+
+
 def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float | None:
     """The distance between the directions of the replayed gradient and the step's
     ``.grad`` (None when the replayed forward pass draws no random numbers)."""
     leaves, loss, drew = _replay(hopt, batch, before, hopt.loop.step_rng)
     if not drew:
         return None
-    a, b = _both(hopt, leaves, loss)
+    a, replay = _both(hopt, leaves, loss)
+    return min(_direction_error(a, b) for b in _candidates(hopt, replay))
+
+
+def _direction_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The distance between the unit vectors of ``a`` and ``b``."""
     na, nb = float(a.norm()), float(b.norm())
     if na == 0 or nb == 0:
         return 0.0 if na == nb else float("inf")

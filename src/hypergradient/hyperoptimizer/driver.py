@@ -75,11 +75,12 @@ drawing from numpy or its own generator gives two values: skipped with a warning
 step whose loss was not ``hopt.train_loss``, one forward pass from the guessed state and,
 if it draws, a backward pass, compared with the step's ``.grad``: another draw (something
 drew between the steps) skips the hyper-step with a warning (:mod:`~.draws`). After a
-step whose ``.grad`` the loop changed in place (``clip_grad_norm_``, accumulation), one
-forward and backward pass compares it with ``train_loss``'s gradient: a different one (a
-clipped step, which T1T2 does not differentiate) warns, or skips with
-``on_divergence="skip"``. T1T2 differentiates the step ``torch.optim.SGD`` (momentum,
-dampening, Nesterov), ``Adam`` or ``AdamW`` took exactly (:mod:`~.step_rates`).
+step whose ``.grad`` was changed after ``backward()`` (``clip_grad_norm_``; any in-place
+change when the loss was not ``hopt.train_loss``), one forward and backward pass compares
+it with ``train_loss``'s gradient: a different one (a clipped step, which T1T2 does not
+differentiate) warns, or skips with ``on_divergence="skip"``. T1T2 differentiates the
+step ``torch.optim.SGD`` (momentum, dampening, Nesterov), ``Adam`` or ``AdamW`` took
+exactly (:mod:`~.step_rates`).
 """
 
 from __future__ import annotations

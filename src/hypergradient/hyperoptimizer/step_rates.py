@@ -26,7 +26,6 @@ the learning rate alone: T1T2's documented approximation of their step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -152,8 +151,9 @@ def _adam_entry(
     zero = torch.zeros_like(g)
     m0 = state.get("exp_avg", zero).to(wide)
     v0 = state.get("exp_avg_sq", zero).to(wide)
-    t = float(state.get("step", 0.0)) + 1.0
-    bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+    step = state.get("step", 0.0)  # a tensor (on the device when capturable): no host read
+    t = torch.as_tensor(step, dtype=wide, device=g.device) + 1.0
+    bc1, bc2 = 1.0 - torch.pow(b1, t), 1.0 - torch.pow(b2, t)
     m = b1 * m0 + (1.0 - b1) * g
     v = b2 * v0 + (1.0 - b2) * g * g
     dv = 2.0 * (1.0 - b2) * g  # dv/dg
@@ -162,7 +162,7 @@ def _adam_entry(
         dv = torch.where(v >= high, dv, zero)  # the largest v: g's only where it is v
         v = torch.maximum(high, v)
     root = v.sqrt()
-    denom = root / math.sqrt(bc2) + eps
+    denom = root / bc2.sqrt() + eps
     droot = torch.where(root > 0, dv / (2.0 * root.clamp_min(torch.finfo(wide).tiny)), zero)
-    du = (1.0 - b1) / denom - m / denom**2 * (droot / math.sqrt(bc2))
+    du = (1.0 - b1) / denom - m / denom**2 * (droot / bc2.sqrt())
     return (lr / bc1) * du

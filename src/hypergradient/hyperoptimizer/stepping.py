@@ -77,6 +77,7 @@ def after_forward(hopt: HyperOptimizer, state: Any, loss: Any) -> None:
         loop.drawn |= loop.forward_drew or drew
     loop.forward_drew = bool(loop.forward_drew) or drew
     loop.rng_pending = state
+    draws.watch_grads(hopt)  # T1T2: a .grad the loop changes after backward() is compared
 
 
 def after_step(hopt: HyperOptimizer) -> None:
@@ -84,6 +85,7 @@ def after_step(hopt: HyperOptimizer) -> None:
     hopt.loop.rng_pending, hopt.loop.rng_next = None, capture(hopt)
     hopt.loop.drawn, hopt.loop.forward_drew = False, None
     hopt.loop.amp_pending = None
+    draws.unwatch(hopt)
 
 
 def records_window(hopt: HyperOptimizer) -> bool:
@@ -190,7 +192,7 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     copied = None if loop.window is None else copy_batch(batch)
     if closure is not None:
         rng = capture(hopt)  # the closure's forward pass draws from here
-    step = hopt.inner_optimizer.step
+    step, loop.touched = hopt.inner_optimizer.step, None if closure else draws.touched(hopt)
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     loop.step_rng, loop.step_amp = rng, precision.step_state(hopt.loop, hopt.view.device)
     loop.step_rng_guessed = closure is None and loop.rng_pending is None
@@ -222,9 +224,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
         check_ranks(hopt, local_decisions(hopt, saved))
     if diverged(hopt, saved) or settings_changed(hopt, saved) or zero_rate(hopt, saved):
         return
-    if accumulated_draws(hopt, saved):
-        return
-    if draws.off_step(hopt, batch, saved, skip):
+    if accumulated_draws(hopt, saved) or draws.off_step(hopt, batch, saved, skip):
         return
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()
