@@ -28,6 +28,7 @@ from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
 from .sampler import BatchSampler
+from .step_rates import exact_rates
 from .weight_norm import warn_fused_weight_norm
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,9 +163,15 @@ def make_guard(
 
 
 def make_problem(
-    hopt: HyperOptimizer, train_batch: Any, val_batch: Any, before: list[Tensor]
+    hopt: HyperOptimizer,
+    train_batch: Any,
+    val_batch: Any,
+    before: list[Tensor],
+    saved: Any = None,
 ) -> Problem:
-    """The bilevel problem at a hyper-step (with the recorded window for trajectory methods)."""
+    """The bilevel problem at a hyper-step (with the recorded window for trajectory methods;
+    ``saved``: the step's :class:`~.transaction.Transaction`, whose optimizer state and
+    weights before the step give T1T2's exact rates: :func:`inner_lr`)."""
     view, hp, window = hopt.view, hopt.hyperparameters, hopt.loop.window
     params = view.detached()
     trajectory = None
@@ -184,7 +191,7 @@ def make_problem(
         outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
         params=params,
         hparams=hp.detached_raw(),
-        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method, hopt.loop.lrs),
+        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method, hopt.loop.lrs, saved),
         prev_params=view.tree(before),
         trajectory=trajectory,
         process_group=hopt.process_group,
@@ -233,17 +240,25 @@ def inner_lr(
     params: list[Tensor],
     method: Method,
     lrs: tuple[float, ...] | None = None,
-) -> float | tuple[float, ...]:
+    before: Any = None,
+) -> float | tuple[float | Tensor, ...]:
     """``Problem.lr``: the learning rate of the param groups that hold trained parameters;
     ``lrs``: the groups' rates the step used, if they may have moved on since
     (``begin_step``). Where the groups' rates differ: for
     :class:`~hypergradient.methods.T1T2`, one rate per trained parameter (its group's: T1T2
     differentiates the step ``theta - Lambda grad``); for the other methods the smallest
     positive one (IFT's default Neumann caps its step there; a group at ``lr=0`` is frozen).
-    0 when every group's rate is 0.
+    0 when every group's rate is 0. For T1T2, ``before`` (the step's
+    :class:`~.transaction.Transaction`: the inner optimizer's ``state_dict()`` and the
+    weights before the step) gives the exact ``-d theta' / d g`` of the step taken
+    (:mod:`.step_rates`): SGD's ``lr * k`` per parameter (momentum's factor), Adam's and
+    AdamW's per-entry rates.
     """
     check_descent(optimizer)
     groups, rates = optimizer.param_groups, _rates(optimizer, lrs)
+    exact = _exact(optimizer, params, method, rates, before)
+    if exact is not None:
+        return exact
     if len(groups) == 1:
         return rates[0]
     ids = {id(p) for p in params}
@@ -253,6 +268,17 @@ def inner_lr(
         return _per_parameter(groups, rates, params)
     positive = [r for r in distinct if r > 0]
     return positive[0] if positive else distinct[0] if distinct else rates[0]
+
+
+def _exact(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], method: Method, rates: list, saved: Any
+) -> Any:
+    """T1T2's exact rates of the step from ``saved`` (:func:`.step_rates.exact_rates`), or
+    None (another method, no transaction, or the learning rates are exact)."""
+    if not isinstance(method, T1T2) or saved is None:
+        return None
+    per = _per_parameter(optimizer.param_groups, rates, params)
+    return exact_rates(optimizer, params, per, saved)
 
 
 def _per_parameter(groups: list[dict], rates: list[float], params: list[Tensor]) -> tuple:

@@ -74,7 +74,13 @@ its first hyper-step evaluates ``train_loss`` twice from one random-number state
 drawing from numpy or its own generator gives two values: skipped with a warning); after a
 step whose loss was not ``hopt.train_loss``, one forward pass from the guessed state and,
 if it draws, a backward pass, compared with the step's ``.grad``: another draw (something
-drew between the steps) skips the hyper-step with a warning (:mod:`~.draws`).
+drew between the steps) skips the hyper-step with a warning (:mod:`~.draws`). After a
+step whose ``.grad`` was changed after ``backward()`` (``clip_grad_norm_``; any in-place
+change when the loss was not ``hopt.train_loss``), one forward and backward pass compares
+it with ``train_loss``'s gradient: a different one (a clipped step, which T1T2 does not
+differentiate) warns, or skips with ``on_divergence="skip"``. T1T2 differentiates the
+step ``torch.optim.SGD`` (momentum, dampening, Nesterov), ``Adam`` or ``AdamW`` took
+exactly (:mod:`~.step_rates`).
 """
 
 from __future__ import annotations
@@ -155,9 +161,9 @@ class HyperOptimizer(HoldoutViews):
         patience: stop the hyper-steps (training goes on) after this many holdout scores
             in a row without an improvement larger than ``min_delta`` (None: never).
         on_divergence: when the inner run diverges (finite but growing geometrically, or
-            a trajectory method's adjoint grew a millionfold: an unstable run):
-            ``"warn"`` (default) warns and applies the hypergradient (it may be what pulls
-            back hyperparameters that caused the divergence), ``"skip"`` warns and skips.
+            a trajectory method's adjoint grew a millionfold), or T1T2's step used a gradient
+            other than ``train_loss``'s (clipped): ``"warn"`` (default) warns and applies it
+            (it may pull back what caused the divergence), ``"skip"`` warns and skips.
 
     Called inside ``torch.autocast`` (an AMP loop), a hyper-step computes outside it, in the
     parameters' precision, but for its replays of training steps, which run as the steps did.

@@ -77,6 +77,7 @@ def after_forward(hopt: HyperOptimizer, state: Any, loss: Any) -> None:
         loop.drawn |= loop.forward_drew or drew
     loop.forward_drew = bool(loop.forward_drew) or drew
     loop.rng_pending = state
+    draws.watch_grads(hopt)  # T1T2: a .grad the loop changes after backward() is compared
 
 
 def after_step(hopt: HyperOptimizer) -> None:
@@ -84,6 +85,7 @@ def after_step(hopt: HyperOptimizer) -> None:
     hopt.loop.rng_pending, hopt.loop.rng_next = None, capture(hopt)
     hopt.loop.drawn, hopt.loop.forward_drew = False, None
     hopt.loop.amp_pending = None
+    draws.unwatch(hopt)
 
 
 def records_window(hopt: HyperOptimizer) -> bool:
@@ -190,7 +192,7 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     copied = None if loop.window is None else copy_batch(batch)
     if closure is not None:
         rng = capture(hopt)  # the closure's forward pass draws from here
-    step = hopt.inner_optimizer.step
+    step, loop.touched = hopt.inner_optimizer.step, None if closure else draws.touched(hopt)
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     loop.step_rng, loop.step_amp = rng, precision.step_state(hopt.loop, hopt.view.device)
     loop.step_rng_guessed = closure is None and loop.rng_pending is None
@@ -219,14 +221,10 @@ def hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
 def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     started = time.perf_counter()
     if hopt.process_group is not None:  # first: every rank takes the skip decisions below
-        check_ranks(hopt, local_decisions(hopt))
+        check_ranks(hopt, local_decisions(hopt, saved))
     if diverged(hopt, saved) or settings_changed(hopt, saved) or zero_rate(hopt, saved):
         return
-    if accumulated_draws(hopt, saved):
-        return
-    other = draws.not_the_step(hopt, batch, saved.params_before)
-    if other is not None:
-        skip(hopt, saved, other)
+    if accumulated_draws(hopt, saved) or draws.off_step(hopt, batch, saved, skip):
         return
     sampler = hopt.train_sampler
     train_batch = batch if batch is not None or sampler is None else sampler.next()
@@ -237,7 +235,8 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
     hopt.view.checkpointed = False
     with recompute.explained():  # torch's CheckpointError after a train/eval switch
-        result, info = hopt.method(make_problem(hopt, train_batch, val_batch, saved.params_before))
+        problem = make_problem(hopt, train_batch, val_batch, saved.params_before, saved)
+        result, info = hopt.method(problem)
     recompute.check(hopt.view.checkpointed, hopt.method, info)
     hopt.view.buffer_watch.warn(hopt.method, hopt.hyperparameters.leaves())
     if replay_off(hopt, info, saved) or divergence.unstable(info, hopt, saved, skip):
@@ -265,7 +264,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     saved.commit()
 
 
-def local_decisions(hopt: HyperOptimizer) -> dict[str, Any]:
+def local_decisions(hopt: HyperOptimizer, before: Any = None) -> dict[str, Any]:
     """What the skip checks before the method decide from this rank's own state (checked
     equal on every rank before any of them acts: a rank skipping alone would leave the
     others waiting in the method's collectives, or feed them DDP's next all-reduce).
@@ -275,32 +274,37 @@ def local_decisions(hopt: HyperOptimizer) -> dict[str, Any]:
     return {
         "diverged": None if found is None else found[0],
         "settings_changed": None if window is None else window.changed,
-        "zero_rate": at_zero_rate(hopt),
+        "zero_rate": at_zero_rate(hopt, before),
     }
 
 
-def at_zero_rate(hopt: HyperOptimizer) -> bool:
-    """The step was taken at learning rate 0 and the method needs that rate."""
+def at_zero_rate(hopt: HyperOptimizer, before: Any = None) -> bool:
+    """The step was taken at learning rate 0 and the method needs that rate (``before``:
+    the step's transaction, for T1T2's exact rates)."""
     method = hopt.method
     needs = isinstance(method, T1T2) or (
         isinstance(method, IFT) and method.default and method.alpha is None
     )
-    return needs and not inner_lr(hopt.inner_optimizer, hopt.view.params, method, hopt.loop.lrs)
+    optimizer, params = hopt.inner_optimizer, hopt.view.params
+    before = before if type(optimizer) is torch.optim.SGD else None  # Adam's: 0 at lr 0 only
+    return needs and not inner_lr(optimizer, params, method, hopt.loop.lrs, before)
 
 
 def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:
     """Skip (with a warning) the hyper-step of a step taken at learning rate 0 (a linear
     warm-up's first step, a decay's last) when the method needs that rate: T1T2
     differentiates that step, IFT's default Neumann series steps with it."""
-    if not at_zero_rate(hopt):
+    if not at_zero_rate(hopt, saved):
         return False
     method = hopt.method
     return skip(
         hopt,
         saved,
         "the inner step was taken at learning rate 0 (a warm-up's first step, a schedule's "
-        f"end), which {type(method).__name__} needs positive (T1T2 differentiates that step; "
-        "IFT's default Neumann series steps with it). Take hyper-steps at other steps, or use "
+        "end; for T1T2 also SGD's dampening=1 after the first step, which steps with the "
+        f"momentum buffer alone), which {type(method).__name__} needs positive (T1T2 "
+        "differentiates that step; IFT's default Neumann series steps with it). Take "
+        "hyper-steps at other steps, or use "
         "hg.IFT(hg.CG()).",
     )
 

@@ -103,7 +103,9 @@ class Problem:
             look-ahead factor; the default step of ``IFT``'s Neumann series): a number, or
             one rate per leaf of ``params`` in the order ``params`` flattens (param groups
             of several rates; T1T2 differentiates ``theta - Lambda grad f``, IFT steps at
-            the smallest positive one; :mod:`~hypergradient.methods.leaf_rates`).
+            the smallest positive one; :mod:`~hypergradient.methods.leaf_rates`); for
+            T1T2 an item may be a tensor of its leaf's shape, per-entry rates of any sign
+            (``-d theta' / d g`` of an Adam step: ``hg.HyperOptimizer`` passes them).
         prev_params: the parameters before the last inner step (T1T2 differentiates that
             step); None: ``params``.
         trajectory: the recorded inner run (required by trajectory methods).
@@ -118,7 +120,7 @@ class Problem:
     outer_loss: Callable[[Any, Any], Tensor]
     params: Tree
     hparams: Tree
-    lr: float | Sequence[float] | None = None
+    lr: float | Sequence[float | Tensor] | None = None
     prev_params: Tree | None = None
     trajectory: Trajectory | None = None
     process_group: Any = None

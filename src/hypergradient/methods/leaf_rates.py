@@ -7,6 +7,11 @@ its group's rate. ``Problem.lr`` may then be a sequence of rates, one per leaf o
 ``params`` in the order ``params`` flattens (a dict's keys, a tuple's or list's items).
 T1T2 differentiates that step exactly (``H^{-1} ~ Lambda``, :class:`LeafRates`); IFT's
 default Neumann series caps its step at the smallest positive rate.
+
+An item may also be a tensor of its leaf's shape (at least 1-D): per-entry rates, the
+diagonal of ``-d theta' / d g`` of an adaptive step (Adam's, which ``hg.HyperOptimizer``
+passes T1T2; :mod:`~hypergradient.hyperoptimizer.step_rates`). They must be finite and may
+be negative or 0 (the derivative of Adam's normalized step); IFT refuses them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from .._vocab import Status, as_float
+from .._vocab import ArgumentTypeError, Status, as_float
 from ..operators import LinearOperator
 from ..solvers import Identity, Solution, Solver
 from ..solvers.base import require_finite_solution
@@ -43,13 +48,16 @@ def rate_items(lr: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def as_rates(lr: Any) -> float | tuple[float, ...]:
+def as_rates(lr: Any) -> float | tuple[Any, ...]:
     """``Problem.lr`` validated: a number > 0, or a sequence of numbers >= 0 (one per
-    parameter leaf) with at least one > 0.
+    parameter leaf) with at least one > 0; items that are tensors (at least 1-D) are
+    per-entry rates, finite, of any sign (detached; shapes are checked by
+    :meth:`LeafRates.bind`).
 
     Raises:
-        ArgumentTypeError: a rate is not a real number.
-        ValueError: a rate is negative, NaN or infinite; the sequence is empty or all 0.
+        ArgumentTypeError: a rate is not a real number (or a non-floating-point tensor).
+        ValueError: a rate is negative, NaN or infinite; the sequence is empty or all 0;
+            per-entry rates are not finite.
     """
     items = rate_items(lr)
     if items is None:
@@ -59,13 +67,32 @@ def as_rates(lr: Any) -> float | tuple[float, ...]:
             "`lr` is an empty sequence; pass the inner learning rate, or one rate per leaf "
             "of `params`."
         )
-    rates = tuple(as_float(r, f"lr[{i}]", min=0.0) for i, r in enumerate(items))
+    rates = tuple(_as_rate(r, f"lr[{i}]") for i, r in enumerate(items))
+    tensors = [(i, r) for i, r in enumerate(rates) if isinstance(r, Tensor)]
+    if tensors:  # per-entry rates: any sign, finite (one host read for all)
+        finite = torch.stack([torch.isfinite(r).all().cpu() for _, r in tensors]).tolist()
+        if not all(finite):
+            name = f"lr[{tensors[finite.index(False)][0]}]"
+            raise ValueError(f"`{name}` has non-finite per-entry rates; pass finite ones.")
+        return rates
     if not any(r > 0.0 for r in rates):
         raise ValueError(
             f"every rate in `lr` is 0 ({len(rates)} leaves): no parameter moved in the inner "
             "step, so there is nothing to differentiate. Pass the rates the step used."
         )
     return rates
+
+
+def _as_rate(rate: Any, name: str) -> float | Tensor:
+    """One item of ``Problem.lr``: a number >= 0, or per-entry rates (a floating-point
+    tensor of at least one dimension, detached; :func:`as_rates` checks it is finite)."""
+    if isinstance(rate, Tensor) and rate.dim() >= 1:
+        if not rate.is_floating_point():
+            raise ArgumentTypeError(
+                f"`{name}` is a {rate.dtype} tensor; per-entry rates must be floating point."
+            )
+        return rate.detach()
+    return as_float(rate, name, min=0.0)
 
 
 _FORMS = (
@@ -79,6 +106,11 @@ def smallest_rate(lr: Any) -> float:
     rates = as_rates(lr)
     if isinstance(rates, float):
         return rates
+    if any(isinstance(r, Tensor) for r in rates):
+        raise ValueError(
+            "`lr` holds per-entry rates (tensors: an adaptive step's derivative, for T1T2); "
+            "IFT's Neumann series needs a step: pass IFT(alpha=...) or a number as `lr`."
+        )
     return min(r for r in rates if r > 0.0)
 
 
@@ -88,6 +120,8 @@ def look_ahead_solver(lr: Any) -> Solver:
     rates = as_rates(lr)
     if isinstance(rates, float):
         return Identity(rates)
+    if any(isinstance(r, Tensor) for r in rates):
+        return LeafRates(rates)
     return Identity(rates[0]) if len(set(rates)) == 1 else LeafRates(rates)
 
 
@@ -110,21 +144,27 @@ class LeafRates(Solver):
     once their sizes are known.
 
     Args:
-        rates: one rate >= 0 per parameter leaf, at least one > 0.
+        rates: one rate >= 0 per parameter leaf, at least one > 0; or per-entry rates for
+            some leaves (tensors of their shapes, any sign).
 
     Cost: no product; the diagonal (``n`` entries) beside the result.
     """
 
-    def __init__(self, rates: Sequence[float]):
-        self.rates = cast(tuple[float, ...], as_rates(tuple(rates)))  # a tuple stays one
+    def __init__(self, rates: Sequence[float | Tensor]):
+        self.rates = cast(tuple[Any, ...], as_rates(tuple(rates)))  # a tuple stays one
         self._scale: Tensor | None = None
 
     def bind(self, leaves: Sequence[Tensor]) -> LeafRates:
-        """Lay the rates out over the parameter ``leaves`` (one rate per leaf), in their
-        accumulator dtype."""
+        """Lay the rates out over the parameter ``leaves`` (one rate, or one tensor of the
+        leaf's shape, per leaf), in their accumulator dtype."""
         check_rate_count(self.rates, len(leaves))
-        device = leaves[0].device
-        rates = torch.tensor(self.rates, dtype=_tree.accumulator_dtype(leaves), device=device)
+        device, dtype = leaves[0].device, _tree.accumulator_dtype(leaves)
+        if any(isinstance(r, Tensor) for r in self.rates):
+            self._scale = torch.cat(
+                [_entries(r, t, i, dtype) for i, (r, t) in enumerate(zip(self.rates, leaves))]
+            )
+            return self
+        rates = torch.tensor(self.rates, dtype=dtype, device=device)
         sizes = torch.tensor([t.numel() for t in leaves], device=device)
         self._scale = torch.repeat_interleave(rates, sizes)
         return self
@@ -149,4 +189,17 @@ class LeafRates(Solver):
         return Solution(x, 0, None, None, Status.FIXED_BUDGET, 0)
 
     def config(self) -> dict[str, Any]:
-        return {"rates": list(self.rates)}
+        rates = [f"<{r.numel()} per-entry>" if isinstance(r, Tensor) else r for r in self.rates]
+        return {"rates": rates}
+
+
+def _entries(rate: float | Tensor, leaf: Tensor, i: int, dtype: torch.dtype) -> Tensor:
+    """Leaf ``i``'s rates as a flat vector of ``dtype`` on its device (a number repeated)."""
+    if not isinstance(rate, Tensor):
+        return torch.full((leaf.numel(),), rate, dtype=dtype, device=leaf.device)
+    if rate.shape != leaf.shape:
+        raise ValueError(
+            f"`lr[{i}]` has shape {tuple(rate.shape)} but its leaf of `params` has shape "
+            f"{tuple(leaf.shape)}; per-entry rates take the leaf's shape."
+        )
+    return rate.reshape(-1).to(device=leaf.device, dtype=dtype)

@@ -48,8 +48,19 @@ class T1T2(ImplicitMethod):
         dg(theta', phi)/dphi = d_phi g(theta')
                                - lr * (d_phi grad_theta f(theta))^T grad_theta g(theta')
 
-    exactly, for plain SGD: this is one unrolled step. With momentum or Adam it is the
-    usual approximation that keeps only the learning-rate factor. It is the implicit
+    exactly, for plain SGD: this is one unrolled step. ``torch.optim.SGD`` with momentum
+    steps ``theta' = theta - lr k g + (terms constant in phi)``, with ``k = 1`` on a
+    parameter's first step (its buffer starts at ``g``, undamped), ``1 - dampening`` after,
+    and ``1 + momentum k`` with Nesterov: ``hg.HyperOptimizer`` passes ``Problem.lr = lr k``
+    per parameter (read from the optimizer's state before the step), which makes the
+    look-ahead exact for every SGD flag (weight decay included; ``maximize`` is refused).
+    Adam's and AdamW's step is elementwise: its derivative in ``g`` is a diagonal, which
+    ``hg.HyperOptimizer`` passes as per-entry rates (``Problem.lr`` items that are tensors;
+    :mod:`~hypergradient.hyperoptimizer.step_rates`), exact too. With other optimizers
+    (RMSprop, NAdam, ...) it is the usual approximation that keeps only the learning-rate
+    factor. A step on a gradient the loop changed (``clip_grad_norm_``) is not
+    the step differentiated: ``hg.HyperOptimizer`` warns (or skips, with
+    ``on_divergence="skip"``; :mod:`~hypergradient.hyperoptimizer.draws`). It is the implicit
     formula with ``H^{-1} ~ lr I`` (``hg.Identity(lr)``), the operator at
     ``problem.prev_params`` (``theta``) and the outer gradient at ``problem.params``
     (``theta'``); ``problem.lr`` is required (one per leaf: ``H^{-1} ~ Lambda``).
