@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MISMATCH",
     "changed_gradient",
+    "closing",
     "foreign_draws",
     "not_the_step",
     "off_step",
@@ -199,7 +200,7 @@ def watch_grads(hopt: HyperOptimizer) -> None:
     tells a gradient the loop changed after ``backward()`` from one that autograd wrote in
     place (a parameter used twice, accumulation over micro-batches)."""
     loop = hopt.loop
-    if not isinstance(hopt.method, T1T2) or getattr(loop, "grad_hooks", None) is not None:
+    if not closing(hopt) or getattr(loop, "grad_hooks", None) is not None:
         return
     seen: dict[int, int] = {}
 
@@ -210,6 +211,17 @@ def watch_grads(hopt: HyperOptimizer) -> None:
     params = [p for p in hopt.view.params if p.requires_grad]
     loop.grad_seen = seen
     loop.grad_hooks = [p.register_post_accumulate_grad_hook(note) for p in params]
+
+
+def closing(hopt: HyperOptimizer) -> bool:
+    """T1T2, and the step under way ends with a hyper-step: the only steps whose ``.grad``
+    is compared (other steps register no hook and read no version counter)."""
+    loop = hopt.loop
+    return (
+        isinstance(hopt.method, T1T2)
+        and not hopt.stopped
+        and (loop.count + 1) % hopt.inner_steps == 0
+    )
 
 
 def unwatch(hopt: HyperOptimizer) -> None:

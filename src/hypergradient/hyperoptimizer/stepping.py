@@ -192,7 +192,9 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     copied = None if loop.window is None else copy_batch(batch)
     if closure is not None:
         rng = capture(hopt)  # the closure's forward pass draws from here
-    step, loop.touched = hopt.inner_optimizer.step, None if closure else draws.touched(hopt)
+    step, loop.touched = hopt.inner_optimizer.step, None
+    if closure is None and draws.closing(hopt):
+        loop.touched = draws.touched(hopt)
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     loop.step_rng, loop.step_amp = rng, precision.step_state(hopt.loop, hopt.view.device)
     loop.step_rng_guessed = closure is None and loop.rng_pending is None
