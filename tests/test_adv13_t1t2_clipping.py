@@ -207,3 +207,26 @@ def test_a_clean_step_costs_no_replay(monkeypatch):
     assert hopt.hyper_steps == 3 and not calls
     one_step(hopt, model, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3))
     assert calls  # a touched gradient is compared
+
+
+def test_only_the_step_that_ends_with_a_hyper_step_is_watched():
+    """Steps that take no hyper-step register no gradient hook (the check costs nothing on
+    them), and a clipped step that ends a window of several is still warned."""
+    model, inner, hopt = build()
+    hopt.inner_steps = 3
+    hooked = []
+    for i in range(3):
+        inner.zero_grad()
+        loss = hopt.train_loss((X, Y))
+        hooked.append(any(p._post_accumulate_grad_hooks for p in model.parameters()))
+        loss.backward()
+        if i == 2:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            hopt.step((X, Y))
+        if i < 2:
+            assert not [w for w in seen if "clip" in str(w.message).lower()]
+    assert hooked == [False, False, True]
+    assert any(p._post_accumulate_grad_hooks in (None, {}) for p in model.parameters())
+    assert [w for w in seen if issubclass(w.category, hg.HypergradientWarning)]
