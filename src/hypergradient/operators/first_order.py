@@ -131,6 +131,12 @@ class FirstOrderProducts:
     @property
     def scale_tensor(self) -> Tensor:
         """:attr:`scale` as a 0-d tensor on the operator's device (no synchronization)."""
+        pending = getattr(self, "_norms", None)
+        if pending:  # the sampled products' norms (HessianOperator._scaled)
+            tops, bottoms = (torch.stack(n) for n in zip(*pending))
+            ratios = torch.where(bottoms > 0, tops / bottoms.clamp_min(_tiny(bottoms)), 0.0)
+            pending.clear()
+            self._track(True, ratios.max())
         got = self._scales.get(True)
         return torch.zeros((), device=self.device) if got is None else got
 
@@ -149,6 +155,10 @@ class FirstOrderProducts:
         if diff is None:
             return torch.zeros_like(v, dtype=self.dtype)
         return _tree.cat(diff, self.param_spec, self.dtype, self.device)
+
+
+def _tiny(t: Tensor) -> float:
+    return torch.finfo(t.dtype).tiny
 
 
 def row_scale(out: Tensor, v: Tensor) -> Tensor:
