@@ -22,6 +22,8 @@ METHODS = {  # name: (factory, goal in training steps for k products and m hyper
     "Unrolled()": (hg.Unrolled, lambda k, m: 4.0 * K),
     "DrMAD()": (hg.DrMAD, lambda k, m: 4.0 * K),
     "ForwardMode()": (hg.ForwardMode, lambda k, m: (2.0 + m) * K),
+    # without the probe tangent of its instability check: the m tangents the goal counts
+    "ForwardMode(watch=False)": (lambda: hg.ForwardMode(watch=False), lambda k, m: (2.0 + m) * K),
 }
 
 

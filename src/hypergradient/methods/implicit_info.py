@@ -99,23 +99,40 @@ def gradient_floor(op: Any) -> float:
     leaves = getattr(op, "param_leaves", None)
     if not leaves:
         return 0.0
+    eps = _eps(op, leaves)
+    device = leaves[0].device
+    wide = torch.float32 if device.type == "mps" else torch.float64
+    parts = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in leaves]
+    scale_parts = getattr(op, "scale_parts", None)
+    kept, pairs = scale_parts() if scale_parts is not None else ([], [])
+    loss = getattr(op, "loss", None)
+    parts += [*kept, *(t for pair in pairs for t in pair)]
+    parts += [] if loss is None else [loss.detach()]
+    values = torch.stack([t.to(device, wide) for t in parts]).tolist()  # one host read
+    n = len(leaves)
+    theta = math.sqrt(sum(v * v for v in values[:n]))
+    if scale_parts is None:
+        return GRAD_ROUNDING * eps * theta
+    h = _largest(values[n:], len(kept), len(pairs))
+    f = abs(values[-1]) if loss is not None and math.isfinite(values[-1]) else 0.0
+    return GRAD_ROUNDING * eps * (h * theta + math.sqrt(2.0 * h * f))
+
+
+def _eps(op: Any, leaves: list[Tensor]) -> float:
+    """The machine epsilon of the least precise dtype: the leaves' or the autocast one."""
     dtypes = {t.dtype for t in leaves}
     autocast = getattr(op, "autocast_dtype", None)
     if isinstance(autocast, torch.dtype):
         dtypes.add(autocast)
-    eps = max(torch.finfo(d).eps for d in dtypes)
-    scale = getattr(op, "scale_tensor", None)
-    wide = torch.float32 if leaves[0].device.type == "mps" else torch.float64
-    norms = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in leaves]
-    theta = torch.linalg.vector_norm(torch.stack(norms))
-    if scale is None:
-        return GRAD_ROUNDING * eps * float(theta)
-    loss = getattr(op, "loss", None)
-    parts = [theta, scale.to(theta.device, wide)]
-    parts += [] if loss is None else [loss.detach().to(theta.device, wide)]
-    theta_norm, h, *f = torch.stack(parts).tolist()  # one host read
-    f_abs = abs(f[0]) if f and math.isfinite(f[0]) else 0.0
-    return GRAD_ROUNDING * eps * (h * theta_norm + math.sqrt(2.0 * h * f_abs))
+    return max(torch.finfo(d).eps for d in dtypes)
+
+
+def _largest(values: list[float], kept: int, pairs: int) -> float:
+    """``||H||``'s estimate from ``values``: ``kept`` maxima, then ``pairs`` sampled
+    ``(||H v||, ||v||)``: the largest of the maxima and the ratios (0 for none)."""
+    sampled = values[kept : kept + 2 * pairs]
+    ratios = [top / bottom for top, bottom in zip(sampled[::2], sampled[1::2]) if bottom > 0]
+    return max(values[:kept] + ratios, default=0.0)
 
 
 #: Relative residual below which a solver stopped at ``maxiter`` does not warn (see

@@ -140,6 +140,13 @@ class FirstOrderProducts:
         got = self._scales.get(True)
         return torch.zeros((), device=self.device) if got is None else got
 
+    def scale_parts(self) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+        """What :attr:`scale` is made of, unread: the kept maximum (a list of 0 or 1
+        tensors) and the sampled products' ``(||H v||, ||v||)`` not yet folded into it
+        (read together with other numbers in one synchronization: ``gradient_floor``)."""
+        got = self._scales.get(True)
+        return ([] if got is None else [got]), list(getattr(self, "_norms", None) or ())
+
     def _center(self, wrt: list[Tensor] | None) -> list[Tensor | None]:
         """The gradient at the point with the products' random numbers (made once per
         ``wrt``: the parameters, or the hyperparameters for the mixed product)."""
