@@ -56,22 +56,29 @@ def make_sgd(model, kw, groups):
     return torch.optim.SGD([{"params": first}, {"params": second, **other}], lr=0.1, **kw)
 
 
+def hyper_optimizer(model, inner, outer_lr, inner_steps, method=None):
+    """T1T2 (or ``method``) on ``pen`` with an SGD outer step (``inner_steps=None``: the
+    default)."""
+    steps = {} if inner_steps is None else {"inner_steps": inner_steps}
+    return hg.HyperOptimizer(
+        model,
+        {"pen": PEN.clone()},
+        inner_optimizer=inner,
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=outer_lr),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_data=(XV, YV),
+        method=method or hg.T1T2(),
+        **steps,
+    )
+
+
 def run(kw, steps, groups=False, method=None):
     """``steps`` T1T2 steps (the outer optimizer frozen); the last hypergradient, the
     weights and inner optimizer state before the last step, and the warnings."""
     model = net()
     inner = make_sgd(model, kw, groups)
-    hopt = hg.HyperOptimizer(
-        model,
-        {"pen": PEN.clone()},
-        inner_optimizer=inner,
-        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
-        train_loss=train_loss,
-        val_loss=val_loss,
-        val_data=(XV, YV),
-        method=method or hg.T1T2(),
-        inner_steps=1,
-    )
+    hopt = hyper_optimizer(model, inner, 0.0, 1, method)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for t in range(steps):
@@ -152,17 +159,7 @@ def test_a_buffer_zeroed_by_dampening_one_skips_with_a_reason():
     with pytest.warns(hg.HypergradientWarning, match="dampening=1"):
         model = net()
         inner = torch.optim.SGD(model.parameters(), lr=0.1, **kw)
-        hopt = hg.HyperOptimizer(
-            model,
-            {"pen": PEN.clone()},
-            inner_optimizer=inner,
-            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_data=(XV, YV),
-            method=hg.T1T2(),
-            inner_steps=1,
-        )
+        hopt = hyper_optimizer(model, inner, 0.1, 1)
         for t in range(2):
             hopt.zero_grad()
             hopt.train_loss(BATCHES[t]).backward()
@@ -174,16 +171,7 @@ def test_maximize_is_refused_before_anything_changes():
     model = net()
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=True)
     with pytest.raises(ValueError, match="maximize"):
-        hg.HyperOptimizer(
-            model,
-            {"pen": PEN.clone()},
-            inner_optimizer=inner,
-            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_data=(XV, YV),
-            method=hg.T1T2(),
-        )
+        hyper_optimizer(model, inner, 0.1, None)
 
 
 def test_a_step_taken_outside_is_differentiated_with_its_own_factor():
@@ -192,17 +180,7 @@ def test_a_step_taken_outside_is_differentiated_with_its_own_factor():
     kw = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
     model = net()
     inner = make_sgd(model, kw, False)
-    hopt = hg.HyperOptimizer(
-        model,
-        {"pen": PEN.clone()},
-        inner_optimizer=inner,
-        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
-        train_loss=train_loss,
-        val_loss=val_loss,
-        val_data=(XV, YV),
-        method=hg.T1T2(),
-        inner_steps=2,
-    )
+    hopt = hyper_optimizer(model, inner, 0.0, 2)
     for t in range(4):
         batch = BATCHES[t % 2]
         weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(inner.state_dict())

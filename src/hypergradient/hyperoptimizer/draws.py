@@ -47,6 +47,7 @@ from .._vocab import HypergradientWarning
 from ..methods import T1T2
 from ..methods.rng import replay_rng, rng_state, same_state
 from .precision import autocast_as
+from .step_checks import ends_window
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
@@ -216,12 +217,7 @@ def watch_grads(hopt: HyperOptimizer) -> None:
 def closing(hopt: HyperOptimizer) -> bool:
     """T1T2, and the step under way ends with a hyper-step: the only steps whose ``.grad``
     is compared (other steps register no hook and read no version counter)."""
-    loop = hopt.loop
-    return (
-        isinstance(hopt.method, T1T2)
-        and not hopt.stopped
-        and (loop.count + 1) % hopt.inner_steps == 0
-    )
+    return isinstance(hopt.method, T1T2) and ends_window(hopt)
 
 
 def unwatch(hopt: HyperOptimizer) -> None:

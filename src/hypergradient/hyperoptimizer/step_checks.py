@@ -16,7 +16,15 @@ from ..methods import T1T2
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["check_batch", "check_gradients", "checked_end", "checked_step", "due", "shared"]
+__all__ = [
+    "check_batch",
+    "check_gradients",
+    "checked_end",
+    "checked_step",
+    "due",
+    "ends_window",
+    "shared",
+]
 
 T = TypeVar("T")
 
@@ -73,7 +81,7 @@ def due(hopt: HyperOptimizer) -> bool:
             cannot differentiate: every hypergradient would be zero), before anything
             changes.
     """
-    if hopt.stopped or (hopt.loop.count + 1) % hopt.inner_steps:
+    if not ends_window(hopt):
         return False
     if torch.is_inference_mode_enabled():
         raise ValueError(
@@ -81,6 +89,11 @@ def due(hopt: HyperOptimizer) -> bool:
             "torch.inference_mode(); call hopt.step() outside it (torch.no_grad() is fine)."
         )
     return True
+
+
+def ends_window(hopt: HyperOptimizer) -> bool:
+    """Whether the step under way ends with a hyper-step (:func:`due` without its check)."""
+    return not hopt.stopped and (hopt.loop.count + 1) % hopt.inner_steps == 0
 
 
 def check_batch(hopt: HyperOptimizer, batch: Any) -> None:
