@@ -24,9 +24,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks examples docs/hooks
 
 # The docs extra too, so that tests/test_docs.py builds the site with --strict (it skips
-# that build, saying why, where mkdocs is missing).
+# that build, saying why, where mkdocs is missing). One pytest-xdist worker per CPU, each
+# test file on one worker (tests/conftest.py gives each worker its share of torch's threads).
 test: lint $(DOCS_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 demo: $(STAMP)
 	$(PY) examples/logreg_weight_decay.py

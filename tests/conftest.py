@@ -13,10 +13,17 @@ device that is absent is skipped with a reason (so the report shows what did not
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 import torch
+
+# Under pytest-xdist (`make test` runs one worker per CPU), each worker takes its share of
+# the CPUs for torch's intra-op threads instead of all of them (oversubscription).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 ALL_DEVICES = ("cpu", "cuda", "mps")
 
