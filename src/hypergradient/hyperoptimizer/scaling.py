@@ -1,0 +1,147 @@
+"""``torch.amp.GradScaler`` with a hyper-optimizer: ``scaler.step(hopt, batch)``.
+
+The float16 AMP loop scales the loss before ``backward()`` (``scaler.scale(loss)``) so
+that small gradients do not underflow, and steps through the scaler, which unscales the
+gradients and skips the optimizer's step when one of them is inf/NaN (an overflow at the
+current scale, which ``scaler.update()`` then lowers)::
+
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = hopt.train_loss(batch)          # or the loop's own loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(hopt)                     # optional: to clip, or read the gradients
+    scaler.step(hopt, batch)                  # hopt.step(batch), or a skipped step
+    scaler.update()
+
+``HyperOptimizer`` follows torch's contract for optimizers that handle the scaling
+themselves (``_step_supports_amp_scaling``, as the fused optimizers): ``scaler.step(hopt,
+batch)`` calls ``hopt.step(batch)`` at every step with ``hopt.grad_scale`` (the scale, or
+None when ``scaler.unscale_(hopt)`` already unscaled) and ``hopt.found_inf`` set, and
+:func:`scaled_step` then:
+
+- on a step the scaler skips (``found_inf``): takes no inner step and no hyper-step and
+  records nothing: the step counter, the trajectory window, T1T2's step and the divergence
+  watch are as before the call (a skipped step is not a step of the run the hyper-step
+  differentiates), and the next step takes the hyper-step that was due;
+- else divides the gradients by ``grad_scale`` (the scaler's own kernel, which leaves the
+  ``.grad`` version counters alone: it is not the loop's change of the gradient that
+  T1T2 checks), then steps as ``hopt.step(batch)`` does.
+
+The hyper-step's own computations are not scaled (they run outside autocast, in the
+parameters' precision: :mod:`.precision`), so the loss scale never reaches a
+hypergradient. ``hopt.param_groups`` is the inner optimizer's (the scaler unscales and
+checks its gradients).
+
+``scaler.step(inner_optimizer)`` instead bypasses the hyper-optimizer: that step is not
+counted and no hyper-step is taken. It is the right call only with
+:meth:`~.driver.HyperOptimizer.begin_step` / ``end_step`` (a step taken outside, as a
+Trainer's): ``end_step`` after a float16 step (under float16 autocast) whose gradients are
+not finite while the parameters are, a step the scaler skipped, records nothing and takes
+no hyper-step either (:func:`skipped_outside`; one host sync per such ``end_step``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .._vocab import all_finite
+from . import precision, stepping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["OptimizerSurface", "scaled_step", "skipped_by_scaler", "skipped_outside", "unscale"]
+
+
+class OptimizerSurface:
+    """The ``torch.optim.Optimizer`` surface of a hyper-optimizer (a mixin of
+    :class:`~hypergradient.HyperOptimizer`, which sets ``inner_optimizer``): ``zero_grad``,
+    and what ``GradScaler.step(hopt, ...)`` reads: torch's contract for optimizers that
+    handle the scaling themselves, the param groups the scaler unscales and checks (the
+    inner optimizer's)."""
+
+    inner_optimizer: torch.optim.Optimizer
+    _step_supports_amp_scaling = True
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The inner optimizer's param groups (``GradScaler.unscale_(hopt)`` unscales them)."""
+        return self.inner_optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients of the model's parameters (as ``inner_optimizer.zero_grad``)."""
+        self.inner_optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def scaled_step(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) -> bool:
+    """``hopt.step()``'s part of ``GradScaler.step(hopt, ...)`` (see the module's notes):
+    True when the scaler found inf/NaN gradients and the step is skipped (nothing taken,
+    nothing recorded), False otherwise (gradients unscaled, if still scaled). Without a
+    scaler (no ``hopt.found_inf``), False and nothing done."""
+    found = hopt.__dict__.get("found_inf")
+    scale = hopt.__dict__.get("grad_scale")
+    if found is None:
+        return False
+    if closure is not None:  # (GradScaler refuses closures itself)
+        raise ValueError("GradScaler.step(hopt, ...) takes no closure; step with the batch.")
+    if bool(found.item()):
+        skipped_by_scaler(hopt)
+        return True
+    if scale is not None:
+        unscale(hopt.view.params, scale)
+    return False
+
+
+def skipped_outside(hopt: HyperOptimizer) -> bool:
+    """``end_step()``'s part: whether the announced step, taken under float16 autocast, was
+    skipped by a ``GradScaler`` (a trained parameter's gradient is inf/NaN while every
+    parameter is finite: an optimizer stepping on it would have made one non-finite);
+    if so, it is not recorded (:func:`skipped_by_scaler`) and True."""
+    if not any(dtype is torch.float16 for _, dtype in _peek(hopt)):
+        return False
+    params = hopt.view.params
+    if all_finite([p.grad for p in params]) or not all_finite(params):
+        return False
+    skipped_by_scaler(hopt)
+    return True
+
+
+def _peek(hopt: HyperOptimizer) -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast state :func:`.precision.step_state` will give the step (not consumed)."""
+    loop, watch = hopt.loop, hopt.loop.amp_watch
+    for found in (getattr(watch, "fixed", None), loop.amp_pending, getattr(watch, "seen", None)):
+        if found is not None:
+            return found
+    return precision.state(hopt.view.device)
+
+
+def skipped_by_scaler(hopt: HyperOptimizer) -> None:
+    """A step the scaler skipped: none of it is recorded (the next step starts afresh from
+    the current random-number state, without this step's loss or draws)."""
+    hopt._begun, hopt._pending = False, None  # (a begin_step is superseded, as by step())
+    hopt.loop.loss_pending = None
+    hopt.loop.scaler_skips += 1
+    stepping.after_step(hopt)
+
+
+def unscale(params: list[Tensor], scale: Tensor) -> None:
+    """Divide the parameters' gradients by ``scale`` in place, as ``GradScaler.unscale_``
+    does (its kernel, per device and dtype; sparse float16 gradients coalesced first)."""
+    inv = scale.double().reciprocal().float()
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            if g.dtype is torch.float16:
+                p.grad = g = g.coalesce()
+            g = g._values()
+        groups[(g.device, g.dtype)].append(g)
+    for (device, _), grads in groups.items():
+        sink = torch.zeros(1, device=device)  # (the scaler found them finite)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, sink, inv.to(device))
