@@ -193,3 +193,84 @@ def test_cuda_float16_scaler_loop(name):
     assert caught == [] and count == 4
     for a, b in zip(scaled, unscaled):
         assert rel(a, b) <= 1e-5
+
+
+def test_hopt_step_after_scaler_step_of_the_inner_optimizer_is_refused_up_front():
+    model, inner, hopt = build("T1T2")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    hopt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = hopt.train_loss(GOOD[0])
+    scaler.scale(loss).backward()
+    scaler.step(inner)  # the wrapped optimizer stepped by the scaler...
+    scaler.update()
+    stepped = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"scaler\.step\(hopt, batch\)"):
+        hopt.step(GOOD[0])  # ... and again by hopt: refused (was: a second step)
+    assert hopt.loop.count == 0
+    assert all(torch.equal(a, p) for a, p in zip(stepped, model.parameters()))
+
+
+def test_steps_of_the_inner_optimizer_before_hopt_takes_over_are_not_refused():
+    # a warm-up that steps the inner optimizer itself, then the hyper-optimizer's loop
+    model, inner, hopt = build("T1T2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, b in enumerate(GOOD * 2):
+            hopt.zero_grad()
+            train_loss(model, hopt.hparams, b).backward()
+            inner.step() if i < 4 else hopt.step(b)
+    assert hopt.loop.count == 4 and len(hopt.history) == 2
+
+
+def _small_loss_run(method, dtype, dropout=False, between=False, steps=4):
+    """A training loss of order 1e-4 (lr 500: the dynamics of a loss of order 1 at lr
+    0.05), whose unscaled float16 backward pass underflows; own loss, ``scaler.step``."""
+
+    def small(m, h, b):
+        return 1e-4 * ((m(b[0] * h["s"]) - b[1]) ** 2).mean()
+
+    torch.manual_seed(1)
+    drop = [nn.Dropout(0.3)] if dropout else []
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), *drop, nn.Linear(16, 1))
+    hopt = hg.HyperOptimizer(
+        model,
+        {"s": torch.ones(8)},
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=500.0),
+        outer_optimizer=lambda r: torch.optim.SGD(r, lr=0.0),
+        train_loss=small,
+        val_loss=val_loss,
+        val_data=(XV, YV),
+        method=method,
+        inner_steps=2,
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=dtype is not None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            b = GOOD[i % 4]
+            hopt.zero_grad()
+            with torch.autocast("cpu", dtype=dtype or torch.float16, enabled=dtype is not None):
+                loss = small(model, hopt.hparams, b)
+            scaler.scale(loss).backward()
+            scaler.step(hopt, b)
+            scaler.update()
+            if between:
+                torch.rand(3)  # a draw the replay cannot know of
+    grads = [r.hypergrad["s"].double() for r in hopt.history]
+    return grads, hopt.skipped, [str(w.message) for w in caught]
+
+
+def test_unrolled_replays_float16_steps_in_float32_where_float16_underflows_unscaled():
+    reference, _, _ = _small_loss_run(hg.Unrolled(), None)  # the float32 loop
+    grads, _, caught = _small_loss_run(hg.Unrolled(), torch.float16)
+    assert caught == []  # a float16 replay: "ended 3.1e-4 away" twice
+    assert rel(grads[0], reference[0]) <= 1e-6  # the first window: the float32 loop's
+    assert rel(grads[1], reference[1]) <= 1e-3  # (float16 replay: 2.1e-3, 1.4e-3)
+
+
+def test_t1t2_draws_check_replays_a_float16_step_with_the_loss_scale():
+    _, skipped, caught = _small_loss_run(hg.T1T2(), torch.float16, dropout=True, steps=6)
+    assert skipped == 0 and caught == []  # unscaled: all 3 hyper-steps skipped
+    _, skipped, caught = _small_loss_run(hg.T1T2(), torch.float16, dropout=True, between=True)
+    assert skipped == 2 and all("points" in c for c in caught)  # still caught

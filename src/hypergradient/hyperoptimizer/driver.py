@@ -114,8 +114,7 @@ from .history import History
 from .holdout import HoldoutGuard, HoldoutViews
 from .hparams import HyperParameters
 from .model import ModelView
-from .precision import watch
-from .scaling import OptimizerSurface
+from .scaling import OptimizerSurface, watch
 from .transaction import LoopState, Transaction
 
 __all__ = ["HyperOptimizer"]

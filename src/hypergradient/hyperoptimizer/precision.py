@@ -15,6 +15,16 @@ replays of training steps, which run in the autocast state the step's forward pa
 - the draws check of T1T2 (:mod:`.draws`), which compares the replayed gradient's direction
   with the step's ``.grad`` to 1e-4 (a float32 replay of a bfloat16 step is ~1e-2 away).
 
+float16 steps differ (:func:`replayed`, :func:`loss_scale`): they are trained with a
+``GradScaler`` (:mod:`.scaling`), whose loss scale keeps their backward passes from
+underflowing, and a replay without it underflows (a probe of Unrolled with a training loss
+of 1e-4: replay 3e-4 away, warned, hypergradient 1e-3 to 2e-3 off the float32 loop's;
+1e-5: 1.9%). A trajectory method replays them in float32 (float16's 11-bit significand
+keeps the float32 replay within 1e-4 of the run: no warning over 48 steps, and the
+hypergradient of the float32 loop's window); T1T2's draws check replays the step's
+backward pass in float16, scaled by the scaler's last scale (its direction is the step's
+to rounding; unscaled, every hyper-step of that probe was skipped).
+
 T1T2's hypergradient itself (the mixed product at the step's start, the outer gradient)
 is computed in float32: it approximates the same quantity as the bfloat16 product, more
 precisely. The implicit methods' products are at the current weights, not replays:
@@ -50,6 +60,8 @@ __all__ = [
     "fixed_state",
     "forget",
     "in_state",
+    "loss_scale",
+    "replayed",
     "state",
     "step_state",
     "watch",
@@ -144,11 +156,17 @@ class AmpWatch:
     Attributes:
         fixed: the state given as ``HyperOptimizer(autocast=...)`` (:func:`fixed_state`),
             which wins over every guess; None: detect.
+        steps: the inner optimizer's :class:`~.scaling.StepWatch` (set by
+            :func:`.scaling.watch`), or None.
+        scale: the loss scale of the last step taken by ``GradScaler.step(hopt, ...)``
+            with the scale (None: no such step yet).
     """
 
     def __init__(self, device: torch.device, fixed: AmpState | None = None):
         self.device, self.fixed = device, fixed
         self.seen: AmpState | None = None
+        self.steps: Any = None
+        self.scale: float | None = None
 
     def __call__(self, module: Any, args: Any) -> None:
         if torch.is_grad_enabled():  # not a logging or evaluation pass
@@ -176,6 +194,24 @@ def forget(loop: Any) -> None:
     watch = getattr(loop, "amp_watch", None)
     if watch is not None:
         watch.seen = None
+
+
+def replayed(amp: AmpState) -> AmpState:
+    """The autocast state a step taken in ``amp`` is replayed in: float16 regions are
+    replayed in float32 (see the module's notes), bfloat16 ones as they are."""
+    return tuple((k, d) for k, d in amp if d is not torch.float16)
+
+
+def loss_scale(loop: Any) -> float:
+    """The loss scale of a replay of the last step's backward pass (T1T2's draws check):
+    for a float16 step of a loop stepping by ``GradScaler.step(hopt, ...)``, the scaler's
+    last scale seen (an unscaled float16 backward pass underflows where the step's did
+    not: a probe with a training loss of 1e-4 skipped every hyper-step); else 1."""
+    watch = getattr(loop, "amp_watch", None)
+    scale = getattr(watch, "scale", None)
+    if scale is None or not any(d is torch.float16 for _, d in loop.step_amp or ()):
+        return 1.0
+    return float(scale)
 
 
 def step_state(loop: Any, device: torch.device) -> AmpState:

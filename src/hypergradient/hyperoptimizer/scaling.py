@@ -32,7 +32,11 @@ hypergradient. ``hopt.param_groups`` is the inner optimizer's (the scaler unscal
 checks its gradients).
 
 ``scaler.step(inner_optimizer)`` instead bypasses the hyper-optimizer: that step is not
-counted and no hyper-step is taken. It is the right call only with
+counted and no hyper-step is taken; followed by ``hopt.step(batch)`` it stepped the
+inner optimizer twice on one gradient. ``hopt.step()`` refuses that, before anything
+changes, with a ``ValueError`` naming ``scaler.step(hopt, batch)`` (:class:`StepWatch`, a
+step pre-hook on the inner optimizer, notes the gradients of a step taken outside
+``hopt``). ``scaler.step(inner_optimizer)`` is the right call only with
 :meth:`~.driver.HyperOptimizer.begin_step` / ``end_step`` (a step taken outside, as a
 Trainer's): ``end_step`` after a float16 step (under float16 autocast) whose gradients are
 not finite while the parameters are, a step the scaler skipped, records nothing and takes
@@ -41,6 +45,7 @@ no hyper-step either (:func:`skipped_outside`; one host sync per such ``end_step
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -54,7 +59,15 @@ from . import precision, stepping
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["OptimizerSurface", "scaled_step", "skipped_by_scaler", "skipped_outside", "unscale"]
+__all__ = [
+    "OptimizerSurface",
+    "StepWatch",
+    "scaled_step",
+    "skipped_by_scaler",
+    "skipped_outside",
+    "unscale",
+    "watch",
+]
 
 
 class OptimizerSurface:
@@ -77,22 +90,82 @@ class OptimizerSurface:
         self.inner_optimizer.zero_grad(set_to_none=set_to_none)
 
 
+class StepWatch:
+    """A step pre-hook on the inner optimizer: marks the gradients of a step taken by
+    someone else than ``hopt.step()`` (``scaler.step(inner_optimizer)``, a Trainer's step
+    announced by ``begin_step``), so that ``hopt.step()`` refuses to step on them again.
+    Cost per inner step: one Python call and a look at the first gradient."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params, self.own = params, False
+        self.mark: tuple[Any, int] | None = None  # (weak reference, version)
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.own:  # hopt.step()'s own inner step
+            self.own = False
+            return
+        g = self.first()
+        self.mark = None if g is None else (weakref.ref(g), g._version)
+
+    def first(self) -> Tensor | None:
+        return next((p.grad for p in self.params if p.grad is not None), None)
+
+    def stepped(self) -> bool:
+        """Whether an outside step used the current gradients: the first one is the same
+        tensor, unchanged (a new backward pass or ``zero_grad`` replaces or changes it)."""
+        if self.mark is None:
+            return False
+        g = self.first()
+        return g is not None and self.mark[0]() is g and self.mark[1] == g._version
+
+
+def watch(hopt: HyperOptimizer, autocast: Any) -> precision.AmpWatch:
+    """The hyper-optimizer's watches: the model's forward passes' autocast state
+    (:func:`.precision.watch`, which checks ``autocast``), and :class:`StepWatch` on the
+    inner optimizer (the former's ``steps``; both removed when ``hopt`` is collected)."""
+    amp = precision.watch(hopt, autocast)
+    steps = StepWatch(hopt.view.params)
+    handle = hopt.inner_optimizer.register_step_pre_hook(steps)
+    weakref.finalize(hopt, handle.remove)
+    amp.steps = steps
+    return amp
+
+
 def scaled_step(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) -> bool:
-    """``hopt.step()``'s part of ``GradScaler.step(hopt, ...)`` (see the module's notes):
-    True when the scaler found inf/NaN gradients and the step is skipped (nothing taken,
-    nothing recorded), False otherwise (gradients unscaled, if still scaled). Without a
-    scaler (no ``hopt.found_inf``), False and nothing done."""
+    """``hopt.step()``'s first part: refuse gradients an outside step already used
+    (``scaler.step(inner_optimizer)`` then ``hopt.step()``); then, under
+    ``GradScaler.step(hopt, ...)`` (see the module's notes), True when the scaler found
+    inf/NaN gradients and the step is skipped (nothing taken, nothing recorded), False
+    otherwise (gradients unscaled, if still scaled). Without a scaler (no
+    ``hopt.found_inf``), False.
+
+    Raises:
+        ValueError: the inner optimizer already stepped on these gradients, outside
+            ``hopt`` (nothing changed).
+    """
+    steps: StepWatch | None = getattr(hopt.loop.amp_watch, "steps", None)
+    if steps is not None and steps.stepped():
+        raise ValueError(
+            "The inner optimizer already took a step on these gradients outside "
+            "hopt.step() (scaler.step(inner_optimizer)?), and hopt.step() would step on them "
+            "again. With a torch.amp.GradScaler call scaler.step(hopt, batch) instead (it "
+            "unscales, skips steps with inf/NaN gradients and calls hopt.step(batch)); a step "
+            "taken by someone else is announced by hopt.begin_step() before its forward pass "
+            "and ended by hopt.end_step(batch). Nothing was changed."
+        )
     found = hopt.__dict__.get("found_inf")
-    scale = hopt.__dict__.get("grad_scale")
-    if found is None:
-        return False
-    if closure is not None:  # (GradScaler refuses closures itself)
-        raise ValueError("GradScaler.step(hopt, ...) takes no closure; step with the batch.")
-    if bool(found.item()):
-        skipped_by_scaler(hopt)
-        return True
-    if scale is not None:
-        unscale(hopt.view.params, scale)
+    if found is not None:
+        if closure is not None:  # (GradScaler refuses closures itself)
+            raise ValueError("GradScaler.step(hopt, ...) takes no closure; step with the batch.")
+        if bool(found.item()):
+            skipped_by_scaler(hopt)
+            return True
+        scale = hopt.__dict__.get("grad_scale")
+        if scale is not None:
+            unscale(hopt.view.params, scale)
+            hopt.loop.amp_watch.scale = float(scale)  # (T1T2's draws check replays with it)
+    if steps is not None:
+        steps.own, steps.mark = True, None
     return False
 
 
