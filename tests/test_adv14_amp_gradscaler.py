@@ -274,3 +274,31 @@ def test_t1t2_draws_check_replays_a_float16_step_with_the_loss_scale():
     assert skipped == 0 and caught == []  # unscaled: all 3 hyper-steps skipped
     _, skipped, caught = _small_loss_run(hg.T1T2(), torch.float16, dropout=True, between=True)
     assert skipped == 2 and all("points" in c for c in caught)  # still caught
+
+
+def test_a_tensor_the_inner_optimizer_steps_outside_the_model_is_unscaled_too():
+    def steps(scale):
+        torch.manual_seed(1)
+        model, temperature = nn.Linear(8, 1), torch.ones((), requires_grad=True)
+        inner = torch.optim.SGD([*model.parameters(), temperature], lr=0.05)
+        hopt = hg.HyperOptimizer(
+            model,
+            {"d": torch.tensor(0.01), "s": torch.ones(8)},
+            inner_optimizer=inner,
+            outer_optimizer=lambda r: torch.optim.SGD(r, lr=0.0),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_data=(XV, YV),
+            inner_steps=2,
+        )
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        for b in GOOD[:2]:
+            hopt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = hopt.train_loss(b) * temperature
+            scaler.scale(loss).backward()
+            scaler.step(hopt, b)
+            scaler.update()
+        return float(temperature.detach())
+
+    assert steps(2.0**8) == steps(1.0) != 1.0  # was stepped with 256 times its gradient

@@ -63,10 +63,11 @@ precision; the replays of training steps (a trajectory method's window, T1T2's d
 check) run in the autocast state of the step's forward pass, as trained: ``autocast=``
 if given, else ``hopt.train_loss``'s, else that of the model's last forward pass (a loop
 computing its own loss under autocast and stepping outside it), else the one around
-``step()`` (:mod:`~.precision`). A float16 loop with ``torch.amp.GradScaler`` steps by
-``scaler.step(hopt, batch)``: the gradients are unscaled, a step the scaler skips
-(inf/NaN) is neither taken nor recorded, and the scale never reaches a hypergradient
-(:mod:`~.scaling`). A ``torch.compile``'d model
+``step()`` (:mod:`~.precision`); float16 steps are replayed in float32 by trajectory
+methods (an unscaled float16 replay underflows). A float16 loop with
+``torch.amp.GradScaler`` steps by ``scaler.step(hopt, batch)``: the gradients are unscaled,
+a step the scaler skips (inf/NaN) is neither taken nor recorded, and the scale never
+reaches a hypergradient (:mod:`~.scaling`). A ``torch.compile``'d model
 (``fullgraph=True`` included) compiles a few graphs, not one per hyper-step: the
 hyper-steps' module hooks keep their keys and do nothing in compiled graphs
 (:mod:`~hypergradient.operators.global_hooks`).

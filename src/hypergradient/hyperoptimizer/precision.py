@@ -196,10 +196,10 @@ def forget(loop: Any) -> None:
         watch.seen = None
 
 
-def replayed(amp: AmpState) -> AmpState:
-    """The autocast state a step taken in ``amp`` is replayed in: float16 regions are
-    replayed in float32 (see the module's notes), bfloat16 ones as they are."""
-    return tuple((k, d) for k, d in amp if d is not torch.float16)
+def replayed(amp: AmpState | None) -> AmpState:
+    """The autocast state a trajectory method replays a step taken in ``amp`` in: float16
+    regions in float32 (see the module's notes), bfloat16 ones as they are."""
+    return tuple((k, d) for k, d in amp or () if d is not torch.float16)
 
 
 def loss_scale(loop: Any) -> float:

@@ -21,15 +21,22 @@ None when ``scaler.unscale_(hopt)`` already unscaled) and ``hopt.found_inf`` set
 - on a step the scaler skips (``found_inf``): takes no inner step and no hyper-step and
   records nothing: the step counter, the trajectory window, T1T2's step and the divergence
   watch are as before the call (a skipped step is not a step of the run the hyper-step
-  differentiates), and the next step takes the hyper-step that was due;
+  differentiates), and the next step takes the hyper-step that was due; under a
+  ``process_group``, every rank skips when one rank's scaler does (one all-reduce per
+  step; under DDP the ranks' gradients, hence their decisions, are the same anyway);
 - else divides the gradients by ``grad_scale`` (the scaler's own kernel, which leaves the
   ``.grad`` version counters alone: it is not the loop's change of the gradient that
   T1T2 checks), then steps as ``hopt.step(batch)`` does.
 
 The hyper-step's own computations are not scaled (they run outside autocast, in the
 parameters' precision: :mod:`.precision`), so the loss scale never reaches a
-hypergradient. ``hopt.param_groups`` is the inner optimizer's (the scaler unscales and
-checks its gradients).
+hypergradient: measured, the hypergradients of T1T2, IFT, HOAG and Unrolled are those of
+the same loop without loss scaling to 1e-6 and within 6e-4 of the float32 loop's. The
+replays of float16 steps do not underflow either: a trajectory method replays them in
+float32, T1T2's draws check with the scale of the last ``scaler.step(hopt, ...)``
+(:func:`.precision.loss_scale`; 1 before the first, or when every step was unscaled by
+``scaler.unscale_(hopt)`` first). ``hopt.param_groups`` is the inner optimizer's (the
+scaler unscales and checks its gradients).
 
 ``scaler.step(inner_optimizer)`` instead bypasses the hyper-optimizer: that step is not
 counted and no hyper-step is taken; followed by ``hopt.step(batch)`` it stepped the
@@ -53,8 +60,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from .._vocab import all_finite
 from . import precision, stepping
+from .model import trained_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
@@ -157,12 +166,13 @@ def scaled_step(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) -> b
     if found is not None:
         if closure is not None:  # (GradScaler refuses closures itself)
             raise ValueError("GradScaler.step(hopt, ...) takes no closure; step with the batch.")
-        if bool(found.item()):
+        # every rank skips with any rank's (a rank alone in the hyper-step's collectives hangs)
+        if distributed.any_rank(bool(found.item()), hopt.process_group, hopt.view.device):
             skipped_by_scaler(hopt)
             return True
         scale = hopt.__dict__.get("grad_scale")
         if scale is not None:
-            unscale(hopt.view.params, scale)
+            unscale(trained_tensors(hopt.inner_optimizer), scale)  # what it steps
             hopt.loop.amp_watch.scale = float(scale)  # (T1T2's draws check replays with it)
     if steps is not None:
         steps.own, steps.mark = True, None
