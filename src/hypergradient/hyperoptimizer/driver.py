@@ -317,8 +317,8 @@ class HyperOptimizer(HoldoutViews, OptimizerSurface):
         ``inner_steps`` steps, take a hyper-step (as :meth:`step` does after its own).
 
         A hyper-step that raises is undone (hyperparameters, outer optimizer, method state,
-        samplers, history, guard) and its window dropped; the inner step, taken outside,
-        stands.
+        samplers, history, guard), its window dropped; the inner step stands. A float16
+        step a ``GradScaler`` skipped is not recorded (:mod:`~.scaling`).
 
         Args:
             batch: the step's training batch (as for :meth:`step`).

@@ -151,7 +151,7 @@ class AmpWatch:
     forward pre-hook on it (registered by :meth:`attach`, removed when the hyper-optimizer
     is garbage-collected) notes, at every call with gradients enabled, the autocast state
     in effect (:attr:`seen`, the last one; read and cleared by :func:`step_state` at each
-    step). Cost: one Python call and two autocast queries per forward pass of the model.
+    step). Cost: about 2 us per forward pass of the model (the hook and torch calling it).
 
     Attributes:
         fixed: the state given as ``HyperOptimizer(autocast=...)`` (:func:`fixed_state`),
@@ -163,14 +163,14 @@ class AmpWatch:
     """
 
     def __init__(self, device: torch.device, fixed: AmpState | None = None):
-        self.device, self.fixed = device, fixed
+        self.kinds, self.fixed = _kinds(device), fixed  # (device.type costs 0.6 us a read)
         self.seen: AmpState | None = None
         self.steps: Any = None
         self.scale: float | None = None
 
     def __call__(self, module: Any, args: Any) -> None:
         if torch.is_grad_enabled():  # not a logging or evaluation pass
-            self.seen = state(self.device)
+            self.seen = tuple((k, torch.get_autocast_dtype(k)) for k in self.kinds if _enabled(k))
 
     def attach(self, owner: Any, module: Any) -> None:
         """Watch ``module`` (if it is one) for as long as ``owner`` lives."""
