@@ -40,7 +40,7 @@ def val_loss(m, h, b):
     return ((m(b[0]) - b[1]) ** 2).mean()
 
 
-def build(method, dropout=False, tree=False, **kw):
+def build(method, dropout=False, tree=False, device="cpu", **kw):
     torch.manual_seed(1)
     if tree:
         model = {"w1": torch.randn(8, 16) * 0.3, "w2": torch.randn(16, 1) * 0.3}
@@ -48,16 +48,16 @@ def build(method, dropout=False, tree=False, **kw):
         params = list(model.values())
     else:
         drop = [nn.Dropout(0.3)] if dropout else []
-        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), *drop, nn.Linear(16, 1))
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), *drop, nn.Linear(16, 1)).to(device)
         params = list(model.parameters())
     hopt = hg.HyperOptimizer(
         model,
-        {"s": torch.ones(8)},
+        {"s": torch.ones(8, device=device)},
         inner_optimizer=torch.optim.SGD(params, lr=LR, momentum=MOMENTUM),
         outer_optimizer=lambda r: torch.optim.SGD(r, lr=0.0),
         train_loss=train_loss,
         val_loss=val_loss,
-        val_data=(XV, YV),
+        val_data=(XV.to(device), YV.to(device)),
         method=method,
         inner_steps=2,
         **kw,
@@ -65,16 +65,17 @@ def build(method, dropout=False, tree=False, **kw):
     return model, hopt
 
 
-def run(method, *, inside=False, region=True, steps=4, log=False, **kw):
+def run(method, *, inside=False, region=True, steps=4, log=False, dtype=BF16, **kw):
     """The loop's own loss and backward under bfloat16 autocast (``region``), then
     ``hopt.step`` inside the region or outside it; hypergradients, skips, warnings."""
     model, hopt = build(method, **kw)
+    device = kw.get("device", "cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(steps):
-            batch = (X[16 * i : 16 * i + 16], Y[16 * i : 16 * i + 16])
+            batch = (X[16 * i : 16 * i + 16].to(device), Y[16 * i : 16 * i + 16].to(device))
             hopt.zero_grad()
-            with torch.autocast("cpu", dtype=BF16, enabled=region):
+            with torch.autocast(device, dtype=dtype, enabled=region):
                 train_loss(model, hopt.hparams, batch).backward()
                 if inside:
                     hopt.step(batch)
@@ -83,7 +84,7 @@ def run(method, *, inside=False, region=True, steps=4, log=False, **kw):
                     train_loss(model, hopt.hparams, batch)
             if not inside:
                 hopt.step(batch)
-    grads = [r.hypergrad["s"].double() for r in hopt.history]
+    grads = [r.hypergrad["s"].double().cpu() for r in hopt.history]
     return grads, hopt.skipped, [str(w.message) for w in caught]
 
 
@@ -181,3 +182,16 @@ def test_the_watch_goes_with_the_hyper_optimizer():
     del hopt
     gc.collect()
     assert len(model._forward_pre_hooks) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+def test_cuda_own_loss_under_autocast_stepping_outside(dtype):
+    kw = {"device": "cuda", "dtype": dtype}
+    outside, _, caught = run(hg.Unrolled(), **kw)
+    inside, _, caught_in = run(hg.Unrolled(), inside=True, **kw)
+    assert caught == [] and caught_in == []
+    for a, b in zip(outside, inside):
+        assert rel(a, b) <= 1e-5
+    _, skipped, caught = run(hg.T1T2(), dropout=True, **kw)
+    assert skipped == 0 and caught == []
