@@ -153,7 +153,7 @@ def scaled_step(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) -> b
             ``hopt`` (nothing changed).
     """
     steps: StepWatch | None = getattr(hopt.loop.amp_watch, "steps", None)
-    if steps is not None and steps.stepped():
+    if steps is not None and closure is None and steps.stepped():  # (a closure recomputes)
         raise ValueError(
             "The inner optimizer already took a step on these gradients outside "
             "hopt.step() (scaler.step(inner_optimizer)?), and hopt.step() would step on them "
@@ -205,6 +205,8 @@ def _peek(hopt: HyperOptimizer) -> tuple[tuple[str, torch.dtype], ...]:
 def skipped_by_scaler(hopt: HyperOptimizer) -> None:
     """A step the scaler skipped: none of it is recorded (the next step starts afresh from
     the current random-number state, without this step's loss or draws)."""
+    if hopt._pending is not None:  # begin_step's snapshot, for a hyper-step not taken
+        hopt._pending.commit()  # (the samplers drew nothing since)
     hopt._begun, hopt._pending = False, None  # (a begin_step is superseded, as by step())
     hopt.loop.loss_pending = None
     hopt.loop.scaler_skips += 1
