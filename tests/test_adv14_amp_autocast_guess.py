@@ -178,10 +178,11 @@ def test_the_watch_goes_with_the_hyper_optimizer():
     import gc
 
     model, hopt = build(hg.T1T2())
-    assert len(model._forward_pre_hooks) == 1
+    inner = hopt.inner_optimizer
+    assert len(model._forward_pre_hooks) == len(inner._optimizer_step_pre_hooks) == 1
     del hopt
     gc.collect()
-    assert len(model._forward_pre_hooks) == 0
+    assert len(model._forward_pre_hooks) == len(inner._optimizer_step_pre_hooks) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
