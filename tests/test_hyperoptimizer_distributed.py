@@ -17,17 +17,17 @@ from ranks import WORLD, free_port, init_gloo, spawn
 DT = torch.float64
 
 
-def _make(rank, inner_steps=2, lr=0.1, maxiter=5):
+def _make(rank, inner_steps=2, lr=0.1, maxiter=5, dt=DT):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1).double()
-    x, y = torch.randn(8, 4, dtype=DT), torch.randn(8, dtype=DT)
+    model = torch.nn.Linear(4, 1).to(dt)
+    x, y = torch.randn(8, 4, dtype=dt), torch.randn(8, dtype=dt)
 
     def loss(m, h, b):
         return ((m(b[0]).reshape(-1) - b[1]) ** 2).mean() + (h["decay"] * m.weight**2).sum()
 
     hopt = hg.HyperOptimizer(
         model,
-        {"decay": hg.Positive(torch.full((1, 4), 0.1, dtype=DT))},
+        {"decay": hg.Positive(torch.full((1, 4), 0.1, dtype=dt))},
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=lr),
         outer_optimizer=lambda hp: torch.optim.SGD(hp, lr=0.1),
         train_loss=loss,
@@ -69,11 +69,30 @@ def _worker(rank, port, results):
         hopt.zero_grad()
         hopt.train_loss(batch).backward()
         _expect_error(lambda: hopt.step(batch), results, (rank, "changed"))
+        results[(rank, "scaler")] = _scaler_steps(rank)  # (in this spawn: it costs ~15 s)
     except BaseException:  # noqa: BLE001 - reported to the parent
         results[(rank, "error")] = traceback.format_exc()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _scaler_steps(rank):
+    """``scaler.step(hopt, batch)`` under the process group, rank 1's second batch
+    overflowing float16: (steps, hyper-steps, steps the scaler skipped)."""
+    hopt, (x, y) = _make(rank, dt=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for i in range(5):
+        b = (x, y)
+        if i == 1 and rank == 1:
+            b = (torch.full((8, 4), 1e6), b[1])  # its scaler skips the step
+        hopt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            value = hopt.train_loss(b)
+        scaler.scale(value).backward()
+        scaler.step(hopt, b)
+        scaler.update()
+    return hopt.loop.count, hopt.hyper_steps, hopt.loop.scaler_skips
 
 
 def test_ranks_with_different_configurations_all_raise():
@@ -86,3 +105,6 @@ def test_ranks_with_different_configurations_all_raise():
             assert got.startswith("raised") and "differ" in got, (rank, case, got)
             assert "configuration" in got, (rank, case, got)
         assert results[(rank, "same")] == 2
+        # a step one rank's GradScaler skips is skipped on every rank (alone, that rank's
+        # weights and hyper-steps fell out of step: "params differ between ranks")
+        assert results[(rank, "scaler")] == (4, 2, 1)

@@ -175,7 +175,7 @@ def make_problem(
     view, hp, window = hopt.view, hopt.hyperparameters, hopt.loop.window
     params = view.detached()
     trajectory = None
-    amp = hopt.loop.step_amp  # the replays run as the steps did (:mod:`.precision`)
+    amp = precision.replayed(hopt.loop.step_amp)  # as trained (:mod:`.precision`)
     if window is not None:
         step_loss = view.functional(hopt.train_loss_fn, hp.transform)
         step_loss = with_held_grads(precision.in_state(step_loss, amp, view.device), window)

@@ -46,7 +46,7 @@ from .. import _tree
 from .._vocab import HypergradientWarning
 from ..methods import T1T2
 from ..methods.rng import replay_rng, rng_state, same_state
-from .precision import autocast_as
+from .precision import autocast_as, loss_scale
 from .step_checks import ends_window
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -256,12 +256,14 @@ def _changed_in_place(hopt: HyperOptimizer, batch: Any) -> bool:
 def _both(hopt: HyperOptimizer, leaves: list[Any], loss: Any) -> tuple[Any, Any]:
     """The step's ``.grad`` and the gradient of the replayed ``loss`` in ``leaves``, flat
     in the device's wide dtype, over the trained parameters that hold a ``.grad``."""
-    view = hopt.view
+    view, scale = hopt.view, loss_scale(hopt.loop)  # a float16 step's GradScaler scale
     used = [(leaf, p.grad) for leaf, p in zip(leaves, view.params) if p.grad is not None]
-    found = torch.autograd.grad(loss, [leaf for leaf, _ in used], allow_unused=True)
+    found = torch.autograd.grad(loss * scale, [leaf for leaf, _ in used], allow_unused=True)
     wide = _tree.wide_dtype(view.device)
     step = [_flat(g, wide) for _, g in used]
-    replay = [torch.zeros_like(a) if f is None else _flat(f, wide) for a, f in zip(step, found)]
+    replay = [
+        torch.zeros_like(a) if f is None else _flat(f, wide) / scale for a, f in zip(step, found)
+    ]
     return torch.cat(step), torch.cat(replay)
 
 

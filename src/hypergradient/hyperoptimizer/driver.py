@@ -60,8 +60,14 @@ the first), or just before a ``closure``.
 A hyper-step runs outside ``torch.autocast`` even when ``step()`` is called inside it (the
 AMP loop): its outer gradients, products, solves and holdout score are in the parameters'
 precision; the replays of training steps (a trajectory method's window, T1T2's draws
-check) run in the autocast state of the step's forward pass (``hopt.train_loss``'s, else
-the one around ``step()``), as trained (:mod:`~.precision`). A ``torch.compile``'d model
+check) run in the autocast state of the step's forward pass, as trained: ``autocast=``
+if given, else ``hopt.train_loss``'s, else that of the model's last forward pass (a loop
+computing its own loss under autocast and stepping outside it), else the one around
+``step()`` (:mod:`~.precision`); float16 steps are replayed in float32 by trajectory
+methods (an unscaled float16 replay underflows). A float16 loop with
+``torch.amp.GradScaler`` steps by ``scaler.step(hopt, batch)``: the gradients are unscaled,
+a step the scaler skips (inf/NaN) is neither taken nor recorded, and the scale never
+reaches a hypergradient (:mod:`~.scaling`). A ``torch.compile``'d model
 (``fullgraph=True`` included) compiles a few graphs, not one per hyper-step: the
 hyper-steps' module hooks keep their keys and do nothing in compiled graphs
 (:mod:`~hypergradient.operators.global_hooks`).
@@ -94,7 +100,7 @@ from torch import Tensor, nn
 from .._vocab import ArgumentTypeError, as_callable, as_choice, as_int
 from ..constraints import Constraint
 from ..methods import Method
-from . import checkpoint, optimizers, step_checks, stepping
+from . import checkpoint, optimizers, scaling, step_checks, stepping
 from .build import (
     LossFn,
     check_inner,
@@ -109,12 +115,13 @@ from .history import History
 from .holdout import HoldoutGuard, HoldoutViews
 from .hparams import HyperParameters
 from .model import ModelView
+from .scaling import OptimizerSurface, watch
 from .transaction import LoopState, Transaction
 
 __all__ = ["HyperOptimizer"]
 
 
-class HyperOptimizer(HoldoutViews):
+class HyperOptimizer(HoldoutViews, OptimizerSurface):
     """Tune hyperparameters by hypergradient descent while the model trains.
 
     Args:
@@ -164,10 +171,10 @@ class HyperOptimizer(HoldoutViews):
             a trajectory method's adjoint grew a millionfold), or T1T2's step used a gradient
             other than ``train_loss``'s (clipped): ``"warn"`` (default) warns and applies it
             (it may pull back what caused the divergence), ``"skip"`` warns and skips.
+        autocast: the steps' autocast dtype (False: none; None: detected, :mod:`~.precision`).
 
-    Called inside ``torch.autocast`` (an AMP loop), a hyper-step computes outside it, in the
-    parameters' precision, but for its replays of training steps, which run as the steps did.
-    Divergence checks, rollback, replays, autocast, compile, cost: :mod:`~.driver`'s notes.
+    AMP: hyper-steps compute outside autocast; a float16 loop steps by ``scaler.step(hopt,
+    batch)`` (:mod:`~.scaling`). Rollback, replays, autocast, compile, cost: :mod:`~.driver`.
     """
 
     def __init__(
@@ -198,6 +205,7 @@ class HyperOptimizer(HoldoutViews):
         patience: int | None = None,
         min_delta: float = 0.0,
         on_divergence: str = "warn",
+        autocast: Any = None,
     ):
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise ArgumentTypeError("`inner_optimizer` must be a torch.optim.Optimizer.")
@@ -226,7 +234,7 @@ class HyperOptimizer(HoldoutViews):
         check_inner(inner_optimizer, self.view, self.method, self.hyperparameters.links)
         self.outer_optimizer = optimizers.build_outer(outer_optimizer, self.raw_hparams())
         self.history = History(history_size, logger)
-        self.loop = LoopState(rng_next=stepping.capture(self))
+        self.loop = LoopState(rng_next=stepping.capture(self), amp_watch=watch(self, autocast))
         self._pending: Transaction | None = None  # begin_step's snapshot
         self._begun = False
         write_checked(self)
@@ -264,10 +272,6 @@ class HyperOptimizer(HoldoutViews):
         self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients of the model's parameters (as ``inner_optimizer.zero_grad``)."""
-        self.inner_optimizer.zero_grad(set_to_none=set_to_none)
-
     # ------------------------------------------------------------------ stepping
     def step(self, batch: Any = None, closure: Callable[[], Tensor] | None = None) -> Any:
         """One inner step; every ``inner_steps`` steps, also one hyper-step.
@@ -281,6 +285,8 @@ class HyperOptimizer(HoldoutViews):
         Returns:
             What ``inner_optimizer.step`` returns.
         """
+        if scaling.scaled_step(self, closure):  # GradScaler.step(hopt) found inf: skipped
+            return None
         saved = Transaction(self) if step_checks.checked_step(self, batch, closure) else None
         self._begun, self._pending, self.loop.lrs = False, None, None  # supersedes begin_step
         try:
@@ -311,8 +317,8 @@ class HyperOptimizer(HoldoutViews):
         ``inner_steps`` steps, take a hyper-step (as :meth:`step` does after its own).
 
         A hyper-step that raises is undone (hyperparameters, outer optimizer, method state,
-        samplers, history, guard) and its window dropped; the inner step, taken outside,
-        stands.
+        samplers, history, guard), its window dropped; the inner step stands. A float16
+        step a ``GradScaler`` skipped is not recorded (:mod:`~.scaling`).
 
         Args:
             batch: the step's training batch (as for :meth:`step`).
@@ -323,6 +329,8 @@ class HyperOptimizer(HoldoutViews):
         """
         if not self._begun:
             raise ValueError("end_step() needs a begin_step() before the inner step.")
+        if scaling.skipped_outside(self):  # a GradScaler skipped it: nothing to record
+            return
         step_checks.checked_end(self, batch, self._pending is not None)
         saved, self._begun, self._pending = self._pending, False, None
         if isinstance(loss, Tensor):

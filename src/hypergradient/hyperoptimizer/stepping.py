@@ -85,6 +85,7 @@ def after_step(hopt: HyperOptimizer) -> None:
     hopt.loop.rng_pending, hopt.loop.rng_next = None, capture(hopt)
     hopt.loop.drawn, hopt.loop.forward_drew = False, None
     hopt.loop.amp_pending = None
+    precision.forget(hopt.loop)  # not the hyper-step's own forward passes
     draws.unwatch(hopt)
 
 

@@ -109,7 +109,10 @@ class LoopState:
             ones that step uses: a scheduler stepped before ``end_step``, as Lightning's
             are, has moved them on); None for a step taken by ``step()``.
         amp_pending: the autocast state of ``hopt.train_loss``'s forward pass, for the
-            next step; step_amp: the last step's (its replays run in it: :mod:`.precision`).
+            next step; step_amp: the last step's (its replays run in it: :mod:`.precision`);
+            amp_watch: the :class:`~.precision.AmpWatch` of the model's forward passes.
+        scaler_skips: steps a ``GradScaler`` skipped (inf/NaN gradients; not counted in
+            ``count``: :mod:`.scaling`).
     """
 
     count: int = 0
@@ -128,6 +131,8 @@ class LoopState:
     forward_drew: bool | None = None
     amp_pending: AmpState | None = None
     step_amp: AmpState | None = None
+    amp_watch: Any = None
+    scaler_skips: int = 0
     touched: bool | None = None
     grad_seen: dict[int, int] | None = None
     grad_hooks: list[Any] | None = None
