@@ -369,7 +369,7 @@ def implicit_hypergradient(
                 record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
                 extra = 1
             bnorm = terms.bnorm
-            zero = record.status == Status.NEGATIVE_CURVATURE and not bool(x.any())
+            zero = record.status == Status.NEGATIVE_CURVATURE and not torch.count_nonzero(x)
             warn_solve(
                 solver, record.status, record.iterations, record.residual, bnorm, record.stats, zero
             )
