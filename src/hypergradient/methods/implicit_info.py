@@ -111,7 +111,7 @@ def gradient_floor(op: Any) -> float:
     parts += [] if loss is None else [loss.detach()]
     values = torch.stack([t.to(device, wide) for t in parts]).tolist()  # one host read
     n = len(leaves)
-    exact_where_off(values, [(i, t.detach()) for i, t in enumerate(leaves)], wide)
+    exact_where_off(values, enumerate(leaves), wide)
     theta = math.sqrt(sum(v * v for v in values[:n]))
     if scale_parts is None:
         return GRAD_ROUNDING * eps * theta

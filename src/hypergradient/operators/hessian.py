@@ -254,7 +254,7 @@ def _sample_norms(out: Tensor, v: Tensor, wide: torch.dtype) -> tuple[Tensor, Te
     float32 rows and read at once (a float64 copy of each took 0.15-0.6 ms at 2e5 entries;
     the read, a microsecond), and in float64 where rows may be more than a rounding off."""
     pair = (out, v)
-    if v.device.type == "cpu" and wide == torch.float64 and all(map(_in_rows, pair)):
+    if v.numel() >= _ROWS_FROM and v.is_cpu and wide == torch.float64 and all(map(_in_rows, pair)):
         norms = [_row_norm(t) for t in pair]
         read = torch.stack(norms).tolist()
         if all(math.sqrt(t.numel()) * _ROW_SQUARES <= x < math.inf for t, x in zip(pair, read)):

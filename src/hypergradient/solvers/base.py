@@ -23,7 +23,7 @@ from .. import _tree, _vocab
 from .._vocab import ArgumentTypeError, Status
 from ..operators import LinearOperator
 from ..operators.base import check_operand, same_device
-from .norms import read_exactly, wide_norm
+from .norms import ROWS_FROM, read_exactly, wide_norm
 
 _same_device = same_device  # (its name here before it moved to operators.base)
 
@@ -259,7 +259,9 @@ def _read_norm(v: Tensor, wide: torch.dtype) -> float:
     """``float(vector_norm(v, dtype=wide))``, a large float32 ``v`` read by float32 rows
     (:func:`~hypergradient.solvers.norms.wide_norm`) where that is as good."""
     value = float(wide_norm(v, wide))
-    return float(torch.linalg.vector_norm(v, dtype=wide)) if read_exactly(value, v, wide) else value
+    if v.numel() >= ROWS_FROM and read_exactly(value, v, wide):
+        return float(torch.linalg.vector_norm(v, dtype=wide))
+    return value
 
 
 @functools.cache

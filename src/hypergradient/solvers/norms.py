@@ -10,7 +10,7 @@ their per-iteration norms this way from :data:`ROWS_FROM` entries, and exactly
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -91,6 +91,8 @@ def wide_norm(t: Tensor, wide: torch.dtype) -> Tensor:
     """``||t||`` as an unread 0-d tensor in ``wide``: :func:`norm_parts` combined on the
     device (no float64 copy of a large float32 vector: 0.15-0.6 ms each at 2e5 entries).
     Its reader replaces a value :func:`read_exactly` flags by the exact norm."""
+    if t.numel() < ROWS_FROM:  # (the usual small vector: no further call)
+        return torch.linalg.vector_norm(t, dtype=wide)
     parts = norm_parts(t, wide)
     return parts[0] if len(parts) == 1 else torch.hypot(parts[0], parts[1])
 
@@ -103,10 +105,10 @@ def read_exactly(value: float, t: Tensor, wide: torch.dtype) -> bool:
 
 
 def exact_where_off(
-    values: list[float], read: Sequence[tuple[int, Tensor]], wide: torch.dtype
+    values: list[float], read: Iterable[tuple[int, Tensor]], wide: torch.dtype
 ) -> None:
     """``values[i]`` read from :func:`wide_norm` of ``t``, for each ``(i, t)`` of ``read``,
-    replaced by the exact norm where :func:`read_exactly`."""
+    replaced by the exact norm (of ``t`` detached) where :func:`read_exactly`."""
     for i, t in read:
-        if read_exactly(values[i], t, wide):
-            values[i] = float(torch.linalg.vector_norm(t, dtype=wide))
+        if t.numel() >= ROWS_FROM and read_exactly(values[i], t, wide):
+            values[i] = float(torch.linalg.vector_norm(t.detach(), dtype=wide))
