@@ -284,9 +284,8 @@ def at_zero_rate(hopt: HyperOptimizer, before: Any = None) -> bool:
     """The step was taken at learning rate 0 and the method needs that rate (``before``:
     the step's transaction, for T1T2's exact rates)."""
     method, optimizer = hopt.method, hopt.inner_optimizer
-    if not (isinstance(method, T1T2) or (isinstance(method, IFT) and method.default)):
-        return False
-    if isinstance(method, IFT) and method.alpha is not None:
+    ift = isinstance(method, IFT) and method.default and method.alpha is None
+    if not (isinstance(method, T1T2) or ift):
         return False
     if type(optimizer) is torch.optim.SGD:  # the Problem's rate (computed once)
         return not step_lr(hopt, before)
