@@ -44,6 +44,7 @@ __all__ = [
     "make_guard",
     "make_hyperparameters",
     "make_problem",
+    "step_lr",
     "make_sampler",
 ]
 
@@ -191,11 +192,23 @@ def make_problem(
         outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
         params=params,
         hparams=hp.detached_raw(),
-        lr=inner_lr(hopt.inner_optimizer, view.params, hopt.method, hopt.loop.lrs, saved),
+        lr=step_lr(hopt, saved),
         prev_params=view.tree(before),
         trajectory=trajectory,
         process_group=hopt.process_group,
     )
+
+
+def step_lr(hopt: HyperOptimizer, saved: Any = None) -> Any:
+    """``Problem.lr`` of the step ``saved`` (its :class:`~.transaction.Transaction`, or
+    None) took: :func:`inner_lr`, computed once per transaction (kept in ``saved.lr``:
+    nothing it reads changes during a hyper-step)."""
+    lr = getattr(saved, "lr", None)
+    if lr is None:
+        lr = inner_lr(hopt.inner_optimizer, hopt.view.params, hopt.method, hopt.loop.lrs, saved)
+        if saved is not None:
+            saved.lr = lr
+    return lr
 
 
 def check_inner(

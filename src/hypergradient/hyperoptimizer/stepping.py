@@ -19,7 +19,7 @@ from ..methods.rng import forked_rng, rng_state, same_state
 from ..operators import recompute
 from . import divergence, draws, precision
 from .batches import copy_batch
-from .build import inner_lr, make_problem, tuned
+from .build import inner_lr, make_problem, step_lr, tuned
 from .config import check_ranks
 from .history import make_record
 from .hparams import link_conflict
@@ -284,13 +284,13 @@ def local_decisions(hopt: HyperOptimizer, before: Any = None) -> dict[str, Any]:
 def at_zero_rate(hopt: HyperOptimizer, before: Any = None) -> bool:
     """The step was taken at learning rate 0 and the method needs that rate (``before``:
     the step's transaction, for T1T2's exact rates)."""
-    method = hopt.method
-    needs = isinstance(method, T1T2) or (
-        isinstance(method, IFT) and method.default and method.alpha is None
-    )
-    optimizer, params = hopt.inner_optimizer, hopt.view.params
-    before = before if type(optimizer) is torch.optim.SGD else None  # Adam's: 0 at lr 0 only
-    return needs and not inner_lr(optimizer, params, method, hopt.loop.lrs, before)
+    method, optimizer = hopt.method, hopt.inner_optimizer
+    ift = isinstance(method, IFT) and method.default and method.alpha is None
+    if not (isinstance(method, T1T2) or ift):
+        return False
+    if type(optimizer) is torch.optim.SGD:  # the Problem's rate (computed once)
+        return not step_lr(hopt, before)
+    return not inner_lr(optimizer, hopt.view.params, method, hopt.loop.lrs)  # Adam: lr 0 only
 
 
 def zero_rate(hopt: HyperOptimizer, saved: Transaction) -> bool:

@@ -172,6 +172,7 @@ class Transaction:
         self.method = clone_state(hopt.method.state_dict())
         self.history = hopt.history.snapshot()
         self.guard = None if guard is None else guard.snapshot()
+        self.lr: Any = None  # the step's Problem.lr, once computed (stepping.step_lr)
 
     @property
     def params_before(self) -> list[Any]:

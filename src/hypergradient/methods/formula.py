@@ -41,6 +41,7 @@ from ..distributed import AveragedOperator, guarded
 from ..operators import LinearOperator
 from ..operators.buffers import keep_buffers
 from ..solvers import AutoDamping, Solver, damped_solve
+from ..solvers.norms import exact_where_off, wide_norm
 from ._checks import Inputs, all_finite, connected, unused_leaves, warn_unused
 from .implicit_info import ImplicitInfo, gradient_floor, warn_solve
 
@@ -150,11 +151,12 @@ def _host_values(t: _Terms, x0: Tensor | None, fixed_point: bool) -> bool:
     """Read the values and norms onto ``t`` (one synchronization); True if all are finite."""
     wide = _tree.wide_dtype(t.op.device)
     probes = list(t.values)
-    probes += [torch.linalg.vector_norm(v, dtype=wide) for v in (t.stationarity, t.b)]
+    probes += [wide_norm(v, wide) for v in (t.stationarity, t.b)]  # large ones by rows
     # sum probes: a NaN or Inf entry makes them non-finite (an overflowing sum of finite
     # entries too, which the checks of _check_terms then clear)
     probes += [v.sum(dtype=wide) for v in (t.direct, x0) if v is not None and v.numel()]
     values = torch.stack(probes).tolist()
+    exact_where_off(values, ((2, t.stationarity), (3, t.b)), wide)
     t.outer_value, t.inner_value, t.stat_norm, t.bnorm = values[:4]
     if fixed_point:
         values[1] = 0.0  # no inner loss
@@ -367,7 +369,7 @@ def implicit_hypergradient(
                 record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
                 extra = 1
             bnorm = terms.bnorm
-            zero = record.status == Status.NEGATIVE_CURVATURE and not bool(x.any())
+            zero = record.status == Status.NEGATIVE_CURVATURE and not torch.count_nonzero(x)
             warn_solve(
                 solver, record.status, record.iterations, record.residual, bnorm, record.stats, zero
             )

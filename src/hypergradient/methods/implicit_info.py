@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .._vocab import HypergradientWarning, Status
 from ..solvers import Solver
+from ..solvers.norms import exact_where_off, wide_norm
 from .base import Info
 
 __all__ = [
@@ -102,7 +103,7 @@ def gradient_floor(op: Any) -> float:
     eps = _eps(op, leaves)
     device = leaves[0].device
     wide = torch.float32 if device.type == "mps" else torch.float64
-    parts = [torch.linalg.vector_norm(t.detach(), dtype=wide) for t in leaves]
+    parts = [wide_norm(t.detach(), wide) for t in leaves]  # large ones by rows
     scale_parts = getattr(op, "scale_parts", None)
     kept, pairs = scale_parts() if scale_parts is not None else ([], [])
     loss = getattr(op, "loss", None)
@@ -110,6 +111,7 @@ def gradient_floor(op: Any) -> float:
     parts += [] if loss is None else [loss.detach()]
     values = torch.stack([t.to(device, wide) for t in parts]).tolist()  # one host read
     n = len(leaves)
+    exact_where_off(values, enumerate(leaves), wide)
     theta = math.sqrt(sum(v * v for v in values[:n]))
     if scale_parts is None:
         return GRAD_ROUNDING * eps * theta

@@ -23,6 +23,7 @@ from .. import _tree, _vocab
 from .._vocab import ArgumentTypeError, Status
 from ..operators import LinearOperator
 from ..operators.base import check_operand, same_device
+from .norms import ROWS_FROM, read_exactly, wide_norm
 
 _same_device = same_device  # (its name here before it moved to operators.base)
 
@@ -123,7 +124,7 @@ class Solver:
                 f"{type(self).__name__} needs a symmetric operator, and this one is not "
                 "(a fixed-point map's I - J^T). Use hg.FixedPoint(), hg.Exact() or hg.Neumann()."
             )
-        bnorm = float(torch.linalg.vector_norm(b, dtype=_tree.wide_dtype(b.device)))
+        bnorm = _read_norm(b, _tree.wide_dtype(b.device))
         if not 0.0 < bnorm < math.inf:  # NaN or Inf in b, or a norm that over/underflows
             _vocab.require_finite(
                 [b], [RHS], "the right-hand side", "Check outer_loss at `params` and its gradient."
@@ -243,7 +244,7 @@ def safe_norm(v: Tensor, wide: torch.dtype | None = None) -> float:
     1e154 or below 1e-154), rescales by ``max |v_i|`` first.
     """
     wide = _tree.wide_dtype(v.device) if wide is None else wide
-    value = float(torch.linalg.vector_norm(v, dtype=wide))
+    value = _read_norm(v, wide)
     if _exact_from(wide) * math.sqrt(v.numel()) <= value < float("inf"):
         return value
     # zero, not finite, or so small that squares of its entries are subnormal in ``wide``
@@ -252,6 +253,15 @@ def safe_norm(v: Tensor, wide: torch.dtype | None = None) -> float:
     if top == 0.0 or top != top or top == float("inf"):
         return value if top == 0.0 else top
     return top * float(torch.linalg.vector_norm((v / top).to(wide)))
+
+
+def _read_norm(v: Tensor, wide: torch.dtype) -> float:
+    """``float(vector_norm(v, dtype=wide))``, a large float32 ``v`` read by float32 rows
+    (:func:`~hypergradient.solvers.norms.wide_norm`) where that is as good."""
+    value = float(wide_norm(v, wide))
+    if v.numel() >= ROWS_FROM and read_exactly(value, v, wide):
+        return float(torch.linalg.vector_norm(v, dtype=wide))
+    return value
 
 
 @functools.cache
