@@ -163,10 +163,8 @@ class HyperOptimizer(HoldoutViews):
             in a row without an improvement larger than ``min_delta`` (None: never).
         on_divergence: when the inner run diverges (finite but growing geometrically, or
             a trajectory method's adjoint grew a millionfold), or T1T2's step used a gradient
-            other than ``train_loss``'s (clipped, a term outside ``train_loss``; a constant
-            factor applied inside autograd is accounted for): ``"warn"`` (default) warns and
-            applies it
-            (it may pull back what caused the divergence), ``"skip"`` warns and skips.
+            other than ``train_loss``'s (clipped, :mod:`~.step_grads`): ``"warn"`` (default)
+            warns and applies it (it may pull back what caused the divergence), ``"skip"`` skips.
 
     Called inside ``torch.autocast`` (an AMP loop), a hyper-step computes outside it, in the
     parameters' precision, but for its replays of training steps, which run as the steps did.
@@ -230,10 +228,10 @@ class HyperOptimizer(HoldoutViews):
         self.outer_optimizer = optimizers.build_outer(outer_optimizer, self.raw_hparams())
         self.history = History(history_size, logger)
         self.loop = LoopState(rng_next=stepping.capture(self))
-        step_grads.watch(self)  # T1T2 at step 1: who writes .grad
         self._pending: Transaction | None = None  # begin_step's snapshot
         self._begun = False
         write_checked(self)
+        step_grads.watch(self)  # T1T2 at step 1: who writes .grad
 
     # ------------------------------------------------------------------ public views
     @property
