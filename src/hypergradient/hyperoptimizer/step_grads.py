@@ -174,60 +174,58 @@ def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | N
     """The step's ``.grad`` against ``train_loss``'s gradient at the step's start
     (``replay() -> (leaves, loss, drew)`` evaluates it there, with the step's draws); None
     when there is nothing to compare (no ``.grad`` at all, a loss the method names, a
-    non-finite value the non-finite checks answer). Under a process group every rank calls
-    it: the replayed gradients are averaged in one all-reduce (a rank whose replay raises
-    makes every rank raise, :func:`~hypergradient.distributed.guarded`)."""
+    non-finite value the non-finite checks answer). The sums are taken leaf by leaf in the
+    device's wide dtype (no flat copy), read in one synchronization. Under a process group
+    every rank calls it: the replayed gradients are averaged in one all-reduce (a rank
+    whose replay raises makes every rank raise, :func:`~hypergradient.distributed.guarded`)."""
     view = hopt.view
     wide = _tree.wide_dtype(view.device)
-    size = sum(p.numel() for p in view.params)
+    params = list(view.params)
 
     def local() -> list[Tensor]:
         leaves, loss, drew = replay()
         flags = torch.tensor([1.0, float(drew)], dtype=wide, device=view.device)
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            return [torch.zeros(size, dtype=wide, device=view.device), flags * 0]
+            return [*(torch.zeros_like(p) for p in params), flags * 0]
         found = torch.autograd.grad(loss, leaves, allow_unused=True)
-        parts = [
-            torch.zeros(p.numel(), dtype=wide, device=view.device) if f is None else _flat(f, wide)
-            for p, f in zip(view.params, found)
+        return [
+            *(torch.zeros_like(p) if f is None else _dense(f) for p, f in zip(params, found)),
+            flags,
         ]
-        return [torch.cat(parts), flags]
 
-    like = [
-        torch.empty(size, dtype=wide, device=view.device),
-        torch.empty(2, dtype=wide, device=view.device),
-    ]
-    r, flags = distributed.guarded(local, like, hopt.process_group, "T1T2's step gradient")
+    like = [*params, torch.empty(2, dtype=wide, device=view.device)]
+    *r, flags = distributed.guarded(local, like, hopt.process_group, "T1T2's step gradient")
     valid, drew = flags.tolist()
     if valid < 1.0:
         return None  # on some rank: the method names the problem
-    step = torch.cat([_step_part(p, wide, view.device) for p in view.params])
-    ns, nr = float(step.norm()), float(r.norm())
-    if not (math.isfinite(ns) and math.isfinite(nr)) or ns == 0.0:
-        return None  # non-finite: those checks answer; no gradient: nothing was stepped
-    if nr == 0.0:
-        return Comparison(math.inf, math.inf, math.inf, math.inf, drew > 0, True)
+    cands = _candidates(hopt, r)
+    sums = []  # per leaf and candidate: ||s||^2, ||c||^2, <s, c>, ||s - c||^2
+    for p, *leaf in zip(params, *cands):
+        g = torch.zeros((), dtype=wide, device=p.device) if p.grad is None else _dense(p.grad)
+        g = g.to(wide)
+        for c in leaf:
+            c = c.to(wide)
+            sums += [(g * g).sum(), (c * c).sum(), (g * c).sum(), ((g - c) ** 2).sum()]
+    read = torch.stack([v.to(view.device) for v in sums]).reshape(len(params), len(cands), 4)
+    totals = read.sum(0).tolist()
     best = None
-    for i, cand in enumerate(_candidates(hopt, r)):
-        nc = float(cand.norm())
-        found = Comparison(
-            float((step - cand).norm()) / nc,
-            float((step / ns - cand / nc).norm()),
-            float(step @ cand) / nc**2,
-            ns / nc,
-            drew > 0,
-            i == 0,
-        )
+    for i, (ss, cc, sc, dd) in enumerate(totals):
+        if not all(map(math.isfinite, (ss, cc, sc, dd))) or ss == 0.0:
+            return None  # non-finite: those checks answer; no gradient: nothing was stepped
+        if cc == 0.0:
+            return Comparison(math.inf, math.inf, math.inf, math.inf, drew > 0, True)
+        ns, nc = math.sqrt(ss), math.sqrt(cc)
+        direction = math.sqrt(max(0.0, 2.0 - 2.0 * sc / (ns * nc)))
+        found = Comparison(math.sqrt(dd) / nc, direction, sc / cc, ns / nc, drew > 0, i == 0)
         if best is None or found.distance < best.distance:
             best = found
     return best
 
 
-def _step_part(p: Tensor, wide: torch.dtype, device: torch.device) -> Tensor:
-    """``p.grad`` flat in ``wide`` (None, a parameter the step did not move: zeros)."""
-    if p.grad is None:
-        return torch.zeros(p.numel(), dtype=wide, device=device)
-    return _flat(p.grad, wide)
+def _dense(g: Tensor) -> Tensor:
+    """``g`` detached and dense (a sparse gradient: an embedding's)."""
+    g = g.detach()
+    return g.to_dense() if g.is_sparse else g
 
 
 def tolerance(hopt: HyperOptimizer) -> float:
@@ -250,8 +248,8 @@ def scaled_rates(lr: Any, scale: float) -> Any:
     return lr * scale
 
 
-def _candidates(hopt: HyperOptimizer, replay: torch.Tensor) -> list[torch.Tensor]:
-    """What the step's ``.grad`` may read after the step for the replayed gradient
+def _candidates(hopt: HyperOptimizer, replay: list[Tensor]) -> list[list[Tensor]]:
+    """What the step's ``.grad`` may read after the step, per leaf, for the replayed gradient
     ``replay``: itself, and for ``torch.optim.SGD`` with Nesterov and no weight decay,
     ``replay + momentum * buf`` (its foreach implementation, the default on CUDA, adds the
     new buffer to ``.grad`` in place)."""
@@ -259,21 +257,12 @@ def _candidates(hopt: HyperOptimizer, replay: torch.Tensor) -> list[torch.Tensor
     if type(optimizer) is not torch.optim.SGD:
         return [replay]
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts, nesterov = [], False
-    for p in hopt.view.params:
+    added, nesterov = [], False
+    for p, r in zip(hopt.view.params, replay):
         g = group_of.get(id(p), {})
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         used = g.get("nesterov", False) and not g.get("weight_decay") and buf is not None
         used = used and p.grad is not None
         nesterov |= bool(used)
-        zero = torch.zeros(p.numel(), dtype=replay.dtype, device=replay.device)
-        parts.append(_flat(buf, replay.dtype) * float(g["momentum"]) if used else zero)
-    if not nesterov:
-        return [replay]
-    return [replay, replay + torch.cat([t.to(replay.device) for t in parts])]
-
-
-def _flat(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g`` (dense or sparse, as an embedding's) as a flat dense vector of ``dtype``."""
-    g = g.detach()
-    return (g.to_dense() if g.is_sparse else g).to(dtype).flatten()
+        added.append(r + float(g["momentum"]) * buf.detach().to(r.dtype) if used else r)
+    return [replay, added] if nesterov else [replay]
