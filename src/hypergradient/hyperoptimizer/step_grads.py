@@ -174,8 +174,9 @@ def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | N
     """The step's ``.grad`` against ``train_loss``'s gradient at the step's start
     (``replay() -> (leaves, loss, drew)`` evaluates it there, with the step's draws); None
     when there is nothing to compare (no ``.grad`` at all, a loss the method names, a
-    non-finite value the non-finite checks answer). The sums are taken leaf by leaf in the
-    device's wide dtype (no flat copy), read in one synchronization. Under a process group
+    non-finite value the non-finite checks answer). The sums are taken leaf by leaf,
+    accumulated in the device's wide dtype (no flat or wide copy), read in one
+    synchronization. Under a process group
     every rank calls it: the replayed gradients are averaged in one all-reduce (a rank
     whose replay raises makes every rank raise, :func:`~hypergradient.distributed.guarded`)."""
     view = hopt.view
@@ -201,11 +202,12 @@ def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | N
     cands = _candidates(hopt, r)
     sums = []  # per leaf and candidate: ||s||^2, ||c||^2, <s, c>, ||s - c||^2
     for p, *leaf in zip(params, *cands):
-        g = torch.zeros((), dtype=wide, device=p.device) if p.grad is None else _dense(p.grad)
-        g = g.to(wide)
+        g = torch.zeros((), dtype=p.dtype, device=p.device) if p.grad is None else _dense(p.grad)
+        g = _at_least_single(g)
         for c in leaf:
-            c = c.to(wide)
-            sums += [(g * g).sum(), (c * c).sum(), (g * c).sum(), ((g - c) ** 2).sum()]
+            c = _at_least_single(c.to(g.dtype))
+            diff = g - c  # (exact where they agree: Sterbenz)
+            sums += [_dot(g, g, wide), _dot(c, c, wide), _dot(g, c, wide), _dot(diff, diff, wide)]
     read = torch.stack([v.to(view.device) for v in sums]).reshape(len(params), len(cands), 4)
     totals = read.sum(0).tolist()
     best = None
@@ -220,6 +222,17 @@ def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | N
         if best is None or found.distance < best.distance:
             best = found
     return best
+
+
+def _at_least_single(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is in a lower precision (bfloat16, float16), else itself."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def _dot(a: Tensor, b: Tensor, wide: torch.dtype) -> Tensor:
+    """``<a, b>`` summed in ``wide`` (the products in ``a``'s dtype: no wide copy of a leaf,
+    one temporary; float32 products round at 6e-8 relative, far below the tolerance)."""
+    return torch.sum(a * b, dtype=wide)
 
 
 def _dense(g: Tensor) -> Tensor:
