@@ -8,8 +8,9 @@ clipped (``clip_grad_norm_``, also under a process group). No cheap signal tells
 these apart from a healthy step (a regularizer added to the loss leaves every counter and
 hook as a plain ``backward()`` does), so at every T1T2 hyper-step :func:`compare` replays
 ``train_loss`` on the step's batch at the step's start, with the step's random draws and
-autocast state (one forward and backward pass, 45-85% of the cost of a penalty's T1T2
-hyper-step on a 3-layer MLP of width 256-1024; under a process group one all-reduce of
+autocast state (one forward and backward pass, about a training step: T1T2's hyper-step
+took 36-88% longer on 3-layer MLPs of width 256 and 1024, a penalty's hyperparameters
+first or the parameters first; under a process group one all-reduce of
 the replayed gradient, as ``.grad`` is the ranks' average), and measures the step's
 ``.grad`` ``s`` against the replayed ``r``: the distance ``||s - r|| / ||r||``, the
 distance between their directions and the factor ``c = <s, r> / ||r||^2``.
