@@ -188,25 +188,31 @@ def test_foreach_nesterov_writing_into_grad_is_not_a_changed_gradient():
     assert len(caught) == 1 and "not train_loss's gradient" in str(caught[0].message)
 
 
-def test_a_clean_step_costs_no_replay(monkeypatch):
-    """``step()`` reads the gradients' version counters before the optimizer's step,
-    against those ``hopt.train_loss``'s hooks saw after backward(): a loop that did not
-    touch ``.grad`` costs no extra backward pass, though the penalty's weight is used twice
-    (autograd's accumulation moves its counter) and the step itself writes into ``.grad``
-    (foreach Nesterov)."""
-    from hypergradient.hyperoptimizer import draws
+def test_each_hyper_step_compares_once_and_only_hyper_steps(monkeypatch):
+    """Every T1T2 hyper-step compares the step's ``.grad`` with one replay of
+    ``train_loss`` (a clean-looking step may still have had a term added to its loss, which
+    no counter or hook shows: :mod:`~hypergradient.hyperoptimizer.step_grads`); steps
+    without a hyper-step replay nothing. A clean loop whose penalty uses a weight twice and
+    whose step writes into ``.grad`` (foreach Nesterov) stays silent."""
+    from hypergradient.hyperoptimizer import step_grads
 
     calls = []
-    compare = draws._both  # the replayed gradient, compared with .grad
-    monkeypatch.setattr(draws, "_both", lambda *a: calls.append(1) or compare(*a))
+    compare = step_grads.compare
+    monkeypatch.setattr(step_grads, "compare", lambda *a: calls.append(1) or compare(*a))
     model, _, hopt = build(momentum=0.9, nesterov=True, foreach=True)
-    for _ in range(3):
-        hopt.zero_grad()
-        hopt.train_loss((X, Y)).backward()
-        hopt.step((X, Y))
-    assert hopt.hyper_steps == 3 and not calls
-    one_step(hopt, model, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3))
-    assert calls  # a touched gradient is compared
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            hopt.zero_grad()
+            hopt.train_loss((X, Y)).backward()
+            hopt.step((X, Y))
+        hopt.inner_steps = 3
+        for _ in range(3):
+            hopt.zero_grad()
+            hopt.train_loss((X, Y)).backward()
+            hopt.step((X, Y))
+    assert hopt.hyper_steps == 4 and len(calls) == 4
+    assert not [w for w in caught if issubclass(w.category, hg.HypergradientWarning)]
 
 
 def test_only_the_step_that_ends_with_a_hyper_step_is_watched():

@@ -28,6 +28,7 @@ from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
 from .sampler import BatchSampler
+from .step_grads import scaled_rates
 from .step_rates import exact_rates
 from .weight_norm import warn_fused_weight_norm
 
@@ -192,7 +193,10 @@ def make_problem(
         outer_loss=view.at_batch(hopt.val_loss_fn, hp.transform, val_batch),
         params=params,
         hparams=hp.detached_raw(),
-        lr=step_lr(hopt, saved),
+        lr=scaled_rates(
+            step_lr(hopt, saved),
+            hopt.loop.grad_scale,  # T1T2: a step on c * grad (:mod:`.draws`)
+        ),
         prev_params=view.tree(before),
         trajectory=trajectory,
         process_group=hopt.process_group,

@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import distributed
 from .._vocab import ArgumentTypeError, HypergradientWarning, as_int
 from ..optim.functional import from_torch
-from . import divergence, optimizers, stepping
+from . import divergence, optimizers, step_grads, stepping
 from .build import tuned
 from .holdout import GuardState
 from .transaction import clone_state
@@ -265,6 +265,7 @@ def load_state_dict(hopt: HyperOptimizer, state: Any) -> None:
     # the state the first step after loading draws from, as at construction (T1T2 replays
     # it too: None made its first hyper-step draw fresh noise, another step's)
     loop.rng_next = stepping.capture(hopt)
+    step_grads.rewatch(hopt)  # T1T2's hooks for the step the loaded count is at
     hopt.history.restore(history)
     if guard is not None and hopt.guard is not None:
         hopt.guard.sampler.load_state_dict(state["holdout"]["sampler"])

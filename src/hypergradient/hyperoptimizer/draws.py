@@ -1,4 +1,4 @@
-"""Whether T1T2's replay of the step drew the random numbers the step drew.
+"""Whether T1T2's replay of the step is the step: its random draws and its gradient.
 
 T1T2 differentiates the step just taken, with its random draws (dropout masks, a noise
 augmentation inside ``train_loss``): it replays ``train_loss`` from the random-number state
@@ -8,9 +8,8 @@ step, which is the step's only if nothing drew random numbers in between (a Data
 random augmentation or shuffling, ``torch.manual_seed`` in the loop). When it is not, the
 replay differentiates another draw: a probe's hypergradient of a noise scale came out
 -0.18 for an exact 0.033. So, when the state is that guess and the replayed forward pass
-draws, the direction of its gradient at the step's start is compared with that of the
-``.grad`` the step used (one forward pass per such hyper-step, and a backward pass when it
-draws).
+draws, a replayed gradient whose direction differs from the step's ``.grad`` skips the
+hyper-step (:func:`other_draws`).
 
 No recorded state replays draws from elsewhere (numpy, ``random``, a private
 ``torch.Generator``: a mixup coefficient from ``np.random.beta``): T1T2 replayed other
@@ -18,19 +17,18 @@ noise (0.031 for an exact 0.113; -0.103 for 0.118). So the first T1T2 hyper-step
 ``train_loss`` twice from one state (two forward passes, once per hyper-optimizer): values
 that differ skip the hyper-step with a warning (and the check is repeated at the next).
 
-Nor is a gradient the loop changed between ``backward()`` and ``step()`` the one T1T2
-differentiates (:func:`changed_gradient`): ``clip_grad_norm_`` steps with ``c g``, whose
-derivative in ``phi`` is ``c (I - g g^T / ||g||^2) dg/dphi``, not ``dg/dphi`` (a probe's
-hypergradient came out 660 times the clipped step's). A ``.grad`` changed in place after
-``backward()`` (its version counter moved since the post-accumulate-grad hooks
-``hopt.train_loss`` registers saw it: clipping, ``clip_grad_value_``, scaling; with the
-loop's own loss, since it was created, which also counts autograd's own accumulation; read
-just before the optimizer's step by ``step()``, after it for a step taken outside) is
-compared with the replayed gradient of ``train_loss`` at the step's start (one forward and
-backward pass; foreach SGD with Nesterov, which adds its buffer to ``.grad`` in place, is
-recognized); one that differs warns (``on_divergence="warn"``: the hypergradient is
-applied) or skips the hyper-step (``"skip"``). A gradient the loop replaced by a new tensor
-(``p.grad = c * p.grad``) is not checked.
+Nor is every step's gradient the one T1T2 differentiates, ``train_loss``'s at the step's
+start: a loss scaled or summed with a term the driver does not know, gradients accumulated
+without averaging, replaced or clipped (``clip_grad_norm_``, whose step ``c g`` has the
+derivative ``c (I - g g^T / ||g||^2) dg/dphi``: a probe's hypergradient came out 660 times
+the clipped step's). Every T1T2 hyper-step on the step's batch compares the step's
+``.grad`` with the replayed gradient (:mod:`.step_grads`: one forward and backward pass,
+which also serves :func:`other_draws`; under a process group one all-reduce): the same to
+rounding, nothing is said; ``c`` times it, with the factor applied inside autograd (a
+scaled loss, micro-batches summed), the rates T1T2 differentiates are multiplied by ``c``
+(exact; ``info.stats["step_grad_scale"]``); otherwise (:func:`changed_gradient`) the
+hyper-step warns (``on_divergence="warn"``: the hypergradient is applied) or is skipped
+(``"skip"``).
 """
 
 from __future__ import annotations
@@ -42,46 +40,47 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import _tree
+from .. import distributed
 from .._vocab import HypergradientWarning
 from ..methods import T1T2
 from ..methods.rng import replay_rng, rng_state, same_state
-from .precision import autocast_as, loss_scale
-from .step_checks import ends_window
+from . import step_grads
+from .precision import autocast_as
+from .step_grads import Comparison
 
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
 __all__ = [
-    "MISMATCH",
     "changed_gradient",
-    "closing",
     "foreign_draws",
-    "not_the_step",
+    "note_scale",
     "off_step",
     "other_draws",
-    "touched",
-    "unwatch",
-    "watch_grads",
+    "step_gradient",
 ]
-
-#: Distance between the directions (unit vectors) of the replayed and the step's gradient
-#: above which the replay is another draw's (recomputing a gradient with the same draws
-#: agrees to rounding; a gradient rescaled by ``clip_grad_norm_`` keeps its direction).
-MISMATCH = 1e-4
 
 
 def off_step(hopt: HyperOptimizer, batch: Any, saved: Any, skip: Callable[..., bool]) -> bool:
     """Skip (``skip(hopt, saved, why)``: True) T1T2's hyper-step whose replay is not the
-    step (:func:`not_the_step`); warn about a gradient the loop changed
-    (:func:`changed_gradient`), and skip it too with ``on_divergence="skip"``."""
+    step (:func:`foreign_draws`, :func:`other_draws`); account for a step on a constant
+    multiple of the replayed gradient (``hopt.loop.grad_scale``); warn about any other
+    gradient (:func:`changed_gradient`), and skip it too with ``on_divergence="skip"``."""
+    hopt.loop.grad_scale = 1.0
     before = saved.params_before
-    other = not_the_step(hopt, batch, before)
+    other = foreign_draws(hopt, batch, before)
     if other is not None:
         return skip(hopt, saved, other)
-    changed = changed_gradient(hopt, batch, before)
-    if changed is None:
+    found = step_gradient(hopt, batch, before)
+    if found is None:
         return False
+    other = other_draws(hopt, found)
+    if other is not None:
+        return skip(hopt, saved, other)
+    changed = changed_gradient(hopt, found)
+    if not distributed.any_rank(changed is not None, hopt.process_group, hopt.view.device):
+        return False
+    changed = changed or "the step's gradient on another rank is not train_loss's gradient."
     if hopt.on_divergence == "skip":
         return skip(hopt, saved, f"{changed} (on_divergence='skip').")
     warnings.warn(
@@ -91,12 +90,6 @@ def off_step(hopt: HyperOptimizer, batch: Any, saved: Any, skip: Callable[..., b
         stacklevel=5,
     )
     return False
-
-
-def not_the_step(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
-    """Why T1T2's replay of the step would not be the step (:func:`foreign_draws`, then
-    :func:`other_draws`), or None."""
-    return foreign_draws(hopt, batch, before) or other_draws(hopt, batch, before)
 
 
 def foreign_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
@@ -132,183 +125,97 @@ def foreign_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | 
     )
 
 
-def other_draws(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
+def step_gradient(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> Comparison | None:
+    """The step's ``.grad`` against ``train_loss``'s replayed gradient at the step's start
+    ``before`` on the step's ``batch`` (:func:`.step_grads.compare`), for T1T2; None
+    without a batch of the step (on any rank) or anything to compare."""
+    if not isinstance(hopt.method, T1T2):
+        return None
+    group, view = hopt.process_group, hopt.view
+    if distributed.any_rank(batch is None, group, view.device):
+        return None
+    state = hopt.loop.step_rng if hopt.loop.step_rng is not None else rng_state(view.device)
+    return step_grads.compare(hopt, lambda: _replay(hopt, batch, before, state))
+
+
+def other_draws(hopt: HyperOptimizer, found: Comparison) -> str | None:
     """Why T1T2's replay of the step is not the step (None when it is, or cannot tell).
 
-    Checked only for T1T2, without a process group (``.grad`` is then the ranks' average),
-    for a step whose random-number state is the guess (the loop's own loss) and whose
-    replayed ``train_loss`` on ``batch`` at the step's start ``before`` draws random
-    numbers."""
+    Only for a step whose random-number state is the guess (the loop's own loss), without
+    a process group (``.grad`` is then the ranks' average), whose replayed ``train_loss``
+    drew random numbers and points elsewhere than the step's ``.grad`` (``found``; a
+    rescaled gradient keeps its direction: :func:`changed_gradient` reports it)."""
     loop = hopt.loop
     guessed = getattr(loop, "step_rng_guessed", False)
-    if not isinstance(hopt.method, T1T2) or hopt.process_group is not None or not guessed:
+    if hopt.process_group is not None or not guessed or loop.step_rng is None or not found.drew:
         return None
-    if batch is None or loop.step_rng is None:
-        return None
-    error = _replay_error(hopt, batch, before)
-    if error is None or error <= MISMATCH:
+    if found.direction <= step_grads.tolerance(hopt):
         return None
     return (
         f"T1T2 replays the step's train_loss from the random-number state at the end of the "
         f"previous step (the loop computed its own loss), and that replay draws random numbers "
-        f"but its gradient points {error:.3g} away (unit vectors) from the .grad the step used: "
-        "something drew random numbers between the steps (a DataLoader's random augmentation "
-        "or shuffling, a seed set in the loop), or the loop changed the gradients' direction "
-        "(clip_grad_value_, accumulation over micro-batches), "
+        f"but its gradient points {found.direction:.3g} away (unit vectors) from the .grad the "
+        "step used: something drew random numbers between the steps (a DataLoader's random "
+        "augmentation or shuffling, a seed set in the loop), or the loop changed the "
+        "gradients' direction (clip_grad_value_, accumulation over micro-batches), "
         "so its hypergradient would be another step's. Compute the loss with "
         "hopt.train_loss(batch) (it records the state the step draws from)."
     )
 
 
-def changed_gradient(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> str | None:
-    """Why the step's ``.grad`` is not ``train_loss``'s gradient at the step's start (None
-    when it is to :data:`MISMATCH`, relative, or it was not changed in place, or cannot be
-    compared: not T1T2, a process group, no batch of the step).
+def changed_gradient(hopt: HyperOptimizer, found: Comparison) -> str | None:
+    """Why the step's gradient is not one T1T2 differentiates (None when it is
+    ``train_loss``'s gradient at the step's start to :func:`.step_grads.tolerance`, or a
+    constant multiple ``c`` of it, which sets ``hopt.loop.grad_scale = c``).
 
-    Compared only when a ``.grad`` was changed in place after it was created (its version
-    counter is not 0): ``clip_grad_norm_``, ``clip_grad_value_``, accumulation; a gradient
-    of one backward pass is the replay's (bar other draws, :func:`other_draws`)."""
-    if not _changed_in_place(hopt, batch):
+    The multiple is taken as constant when it was applied inside autograd
+    (:func:`.step_grads.provenance` ``"clean"``: a scaled loss, summed micro-batches) and
+    the plain ``.grad`` was compared (not foreach Nesterov's), without a process group; a
+    factor applied to ``.grad`` after ``backward()`` may be clipping's, which depends on the
+    hyperparameters."""
+    tol, loop = step_grads.tolerance(hopt), hopt.loop
+    if found.distance <= tol:
         return None
-    loop, view = hopt.loop, hopt.view
-    state = loop.step_rng if loop.step_rng is not None else rng_state(view.device)
-    leaves, loss, _ = _replay(hopt, batch, before, state)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-        return None  # the method names the problem
-    step, replay = _both(hopt, leaves, loss)
-    ns, nr = float(step.norm()), float(replay.norm())
-    if not (math.isfinite(ns) and math.isfinite(nr)) or nr == 0.0:
-        return None  # the non-finite checks, or the method's zero-gradient warning, answer
-    error = min(float((step - r).norm()) for r in _candidates(hopt, replay)) / nr
-    if error <= MISMATCH:
+    scaled = found.direction <= tol and found.plain and 0.0 < found.scale < math.inf
+    source = loop.provenance or step_grads.provenance(hopt)
+    if scaled and source == "clean" and hopt.process_group is None:
+        loop.grad_scale = found.scale
         return None
+    why = (
+        "the step's gradient is not train_loss's gradient at the step's start: its norm is "
+        f"{found.ratio:.4g} times the replayed gradient's and it is {found.distance:.3g} "
+        "(relative) away from it"
+    )
+    if scaled:
+        where = (
+            "averaged over a process group (T1T2 takes no factor there)"
+            if hopt.process_group is not None
+            else "changed after backward()"
+            if source == "edited"
+            else "not watched"
+        )
+        return (
+            f"{why}, in its direction, and the gradients were {where}: a factor applied to "
+            ".grad (p.grad = c * p.grad, clip_grad_norm_, gradient hooks) may be clipping's, "
+            "which depends on the hyperparameters and whose derivative T1T2 does not take. "
+            "Scale the loss itself ((c * loss).backward(): T1T2 then differentiates c times "
+            "the step, exactly), or use hg.IFT() (it differentiates at the current weights)."
+        )
     return (
-        f"the step's gradient is not train_loss's gradient at the step's start: its norm is "
-        f"{ns / nr:.4g} times the replayed gradient's and it is {error:.3g} (relative) away "
-        "from it (gradient clipping such as clip_grad_norm_ or clip_grad_value_, a loss "
-        "other than train_loss or scaled otherwise, gradients accumulated without "
-        "averaging). T1T2 differentiates the step on train_loss's own gradient, so its "
-        "hypergradient is not this step's (clipped by c < 1, about 1/c too large, and "
-        "without the clipping's own derivative). Step on train_loss's gradient, or use "
-        "hg.IFT() (it differentiates at the current weights)."
+        f"{why} (gradient clipping such as clip_grad_norm_ or clip_grad_value_, a loss "
+        "other than train_loss or a term it does not hold, gradients accumulated over "
+        "micro-batches other than step()'s batch or without zero_grad()). T1T2 "
+        "differentiates the step on train_loss's own gradient, so its hypergradient is not "
+        "this step's. Step on train_loss's gradient (put every term of the loss in "
+        "train_loss), or use hg.IFT() (it differentiates at the current weights)."
     )
 
 
-def watch_grads(hopt: HyperOptimizer) -> None:
-    """For T1T2, after ``hopt.train_loss``'s forward pass: note each trained parameter's
-    ``.grad`` version counter after every accumulation into it (post-accumulate-grad hooks,
-    registered once per step and removed by :func:`unwatch`), so that :func:`touched`
-    tells a gradient the loop changed after ``backward()`` from one that autograd wrote in
-    place (a parameter used twice, accumulation over micro-batches)."""
-    loop = hopt.loop
-    if not closing(hopt) or getattr(loop, "grad_hooks", None) is not None:
-        return
-    seen: dict[int, int] = {}
-
-    def note(p: torch.Tensor) -> None:
-        if p.grad is not None:
-            seen[id(p)] = p.grad._version
-
-    params = [p for p in hopt.view.params if p.requires_grad]
-    loop.grad_seen = seen
-    loop.grad_hooks = [p.register_post_accumulate_grad_hook(note) for p in params]
-
-
-def closing(hopt: HyperOptimizer) -> bool:
-    """T1T2, and the step under way ends with a hyper-step: the only steps whose ``.grad``
-    is compared (other steps register no hook and read no version counter)."""
-    return isinstance(hopt.method, T1T2) and ends_window(hopt)
-
-
-def unwatch(hopt: HyperOptimizer) -> None:
-    """A step's end: remove :func:`watch_grads`'s hooks and forget what they saw."""
-    loop = hopt.loop
-    for handle in getattr(loop, "grad_hooks", None) or ():
-        handle.remove()
-    loop.grad_hooks = loop.grad_seen = loop.touched = None
-
-
-def touched(hopt: HyperOptimizer) -> bool | None:
-    """For T1T2, whether a trained parameter's ``.grad`` was changed in place after its
-    ``backward()``: its version counter moved since :func:`watch_grads`'s hooks saw it
-    (without them, since it was created: a parameter the loss uses twice then counts as
-    changed, costing a comparison but no warning). Read just before the optimizer's step
-    by ``step()`` (the step itself may write into ``.grad``: foreach SGD with Nesterov).
-    None for other methods."""
-    if not isinstance(hopt.method, T1T2):
-        return None
-    seen = getattr(hopt.loop, "grad_seen", None)
-    grads = [(id(p), p.grad) for p in hopt.view.params if p.grad is not None]
-    if seen is None:
-        return any(g._version != 0 for _, g in grads)
-    return any(seen.get(i) != g._version for i, g in grads)
-
-
-def _changed_in_place(hopt: HyperOptimizer, batch: Any) -> bool:
-    """T1T2, without a process group, with the step's batch, and a ``.grad`` changed in
-    place: :func:`touched` before the step when ``step()`` read it, else after it."""
-    if not isinstance(hopt.method, T1T2) or hopt.process_group is not None or batch is None:
-        return False
-    before = getattr(hopt.loop, "touched", None)
-    return bool(touched(hopt)) if before is None else before
-
-
-def _both(hopt: HyperOptimizer, leaves: list[Any], loss: Any) -> tuple[Any, Any]:
-    """The step's ``.grad`` and the gradient of the replayed ``loss`` in ``leaves``, flat
-    in the device's wide dtype, over the trained parameters that hold a ``.grad``."""
-    view, scale = hopt.view, loss_scale(hopt.loop)  # a float16 step's GradScaler scale
-    used = [(leaf, p.grad) for leaf, p in zip(leaves, view.params) if p.grad is not None]
-    found = torch.autograd.grad(loss * scale, [leaf for leaf, _ in used], allow_unused=True)
-    wide = _tree.wide_dtype(view.device)
-    step = [_flat(g, wide) for _, g in used]
-    replay = [
-        torch.zeros_like(a) if f is None else _flat(f, wide) / scale for a, f in zip(step, found)
-    ]
-    return torch.cat(step), torch.cat(replay)
-
-
-def _candidates(hopt: HyperOptimizer, replay: torch.Tensor) -> list[torch.Tensor]:
-    """What the step's ``.grad`` may read after the step for the replayed gradient
-    ``replay``: itself, and for ``torch.optim.SGD`` with Nesterov and no weight decay,
-    ``replay + momentum * buf`` (its foreach implementation, the default on CUDA, adds the
-    new buffer to ``.grad`` in place)."""
-    optimizer = hopt.inner_optimizer
-    if type(optimizer) is not torch.optim.SGD:
-        return [replay]
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts, nesterov = [], False
-    for p in hopt.view.params:
-        if p.grad is None:
-            continue
-        g = group_of.get(id(p), {})
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        used = g.get("nesterov", False) and not g.get("weight_decay") and buf is not None
-        nesterov |= bool(used)
-        zero = torch.zeros(p.grad.numel(), dtype=replay.dtype, device=replay.device)
-        parts.append(_flat(buf, replay.dtype) * float(g["momentum"]) if used else zero)
-    if not nesterov:
-        return [replay]
-    return [replay, replay + torch.cat([t.to(replay.device) for t in parts])]
-
-
-def _replay_error(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> float | None:
-    """The distance between the directions of the replayed gradient and the step's
-    ``.grad`` (None when the replayed forward pass draws no random numbers)."""
-    leaves, loss, drew = _replay(hopt, batch, before, hopt.loop.step_rng)
-    if not drew:
-        return None
-    a, replay = _both(hopt, leaves, loss)
-    return min(_direction_error(a, b) for b in _candidates(hopt, replay))
-
-
-def _direction_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The distance between the unit vectors of ``a`` and ``b``."""
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0 or nb == 0:
-        return 0.0 if na == nb else float("inf")
-    # the directions' distance: a gradient rescaled by the loop (clip_grad_norm_) is the
-    # same draw's (changed_gradient then reports the rescaling)
-    return float((a / na - b / nb).norm())
+def note_scale(hopt: HyperOptimizer, info: Any) -> None:
+    """Record in ``info.stats["step_grad_scale"]`` the factor ``c`` of a step on ``c``
+    times ``train_loss``'s gradient, which T1T2's rates took (nothing when it is 1)."""
+    if hopt.loop.grad_scale != 1.0 and isinstance(getattr(info, "stats", None), dict):
+        info.stats["step_grad_scale"] = hopt.loop.grad_scale
 
 
 def _replay(
@@ -325,9 +232,3 @@ def _replay(
         loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
         drew = not same_state(state, rng_state(view.device))
     return leaves, loss, drew
-
-
-def _flat(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g`` (dense or sparse, as an embedding's) as a flat dense vector of ``dtype``."""
-    g = g.detach()
-    return (g.to_dense() if g.is_sparse else g).to(dtype).flatten()

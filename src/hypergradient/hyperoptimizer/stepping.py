@@ -17,7 +17,7 @@ from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from ..methods.rng import forked_rng, rng_state, same_state
 from ..operators import recompute
-from . import divergence, draws, precision
+from . import divergence, draws, precision, step_grads
 from .batches import copy_batch
 from .build import inner_lr, make_problem, step_lr, tuned
 from .config import check_ranks
@@ -77,7 +77,7 @@ def after_forward(hopt: HyperOptimizer, state: Any, loss: Any) -> None:
         loop.drawn |= loop.forward_drew or drew
     loop.forward_drew = bool(loop.forward_drew) or drew
     loop.rng_pending = state
-    draws.watch_grads(hopt)  # T1T2: a .grad the loop changes after backward() is compared
+    step_grads.watch(hopt)  # T1T2: who writes the step's .grad (:mod:`.step_grads`)
 
 
 def after_step(hopt: HyperOptimizer) -> None:
@@ -86,7 +86,7 @@ def after_step(hopt: HyperOptimizer) -> None:
     hopt.loop.drawn, hopt.loop.forward_drew = False, None
     hopt.loop.amp_pending = None
     precision.forget(hopt.loop)  # not the hyper-step's own forward passes
-    draws.unwatch(hopt)
+    step_grads.rewatch(hopt)
 
 
 def records_window(hopt: HyperOptimizer) -> bool:
@@ -193,9 +193,9 @@ def inner_step(hopt: HyperOptimizer, batch: Any, closure: Callable[[], Tensor] |
     copied = None if loop.window is None else copy_batch(batch)
     if closure is not None:
         rng = capture(hopt)  # the closure's forward pass draws from here
-    step, loop.touched = hopt.inner_optimizer.step, None
-    if closure is None and draws.closing(hopt):
-        loop.touched = draws.touched(hopt)
+    step, loop.provenance = hopt.inner_optimizer.step, None
+    if closure is None and step_grads.closing(hopt):
+        loop.provenance = step_grads.provenance(hopt)
     result = step(closure) if closure else step()  # type: ignore[arg-type]
     loop.step_rng, loop.step_amp = rng, precision.step_state(hopt.loop, hopt.view.device)
     loop.step_rng_guessed = closure is None and loop.rng_pending is None
@@ -244,6 +244,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     hopt.view.buffer_watch.warn(hopt.method, hopt.hyperparameters.leaves())
     if replay_off(hopt, info, saved) or divergence.unstable(info, hopt, saved, skip):
         return
+    draws.note_scale(hopt, info)  # T1T2 on a step that used c * grad
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
     hp.apply(hyper, hopt.outer_optimizer)
     hp.write_settings(hopt.inner_optimizer)

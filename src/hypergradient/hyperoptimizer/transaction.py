@@ -99,12 +99,11 @@ class LoopState:
             whose forward passes drew random numbers (dropout: T1T2 cannot replay the step).
         forward_drew: whether a ``hopt.train_loss`` forward pass of this step drew (None:
             no call yet).
-        touched: whether a trained parameter's ``.grad`` was changed after its
-            ``backward()`` (read by ``step()`` just before the optimizer's step, for T1T2's
-            check of a clipped gradient; None: not read, as for a closure or a step taken
-            outside). grad_seen, grad_hooks: each ``.grad``'s version counter after its last
-            accumulation, noted by hooks ``hopt.train_loss`` registers (T1T2; removed after
-            the step; None: no hooks, the loop computed its own loss).
+        provenance: who wrote the step's ``.grad`` (:func:`.step_grads.provenance`, read
+            by ``step()`` just before the optimizer's step; None: not read, as for a closure
+            or a step taken outside).
+        grad_scale: the factor ``c`` of a step on ``c`` times ``train_loss``'s gradient
+            (:mod:`.draws`), by which T1T2's rates are multiplied at this hyper-step.
         lrs: the param groups' learning rates when ``begin_step`` announced the step (the
             ones that step uses: a scheduler stepped before ``end_step``, as Lightning's
             are, has moved them on); None for a step taken by ``step()``.
@@ -133,9 +132,8 @@ class LoopState:
     step_amp: AmpState | None = None
     amp_watch: Any = None
     scaler_skips: int = 0
-    touched: bool | None = None
-    grad_seen: dict[int, int] | None = None
-    grad_hooks: list[Any] | None = None
+    provenance: str | None = None
+    grad_scale: float = 1.0
 
 
 class Transaction:

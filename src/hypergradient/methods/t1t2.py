@@ -58,9 +58,11 @@ class T1T2(ImplicitMethod):
     ``hg.HyperOptimizer`` passes as per-entry rates (``Problem.lr`` items that are tensors;
     :mod:`~hypergradient.hyperoptimizer.step_rates`), exact too. With other optimizers
     (RMSprop, NAdam, ...) it is the usual approximation that keeps only the learning-rate
-    factor. A step on a gradient the loop changed (``clip_grad_norm_``) is not
-    the step differentiated: ``hg.HyperOptimizer`` warns (or skips, with
-    ``on_divergence="skip"``; :mod:`~hypergradient.hyperoptimizer.draws`). It is the implicit
+    factor. ``hg.HyperOptimizer`` compares the step's gradient with ``train_loss``'s at every
+    hyper-step (:mod:`~hypergradient.hyperoptimizer.step_grads`): a constant multiple ``c``
+    of it applied inside autograd (a scaled loss) multiplies the rates by ``c``; any other
+    (``clip_grad_norm_``, a term outside ``train_loss``) is not the step differentiated: it
+    warns (or skips, with ``on_divergence="skip"``). It is the implicit
     formula with ``H^{-1} ~ lr I`` (``hg.Identity(lr)``), the operator at
     ``problem.prev_params`` (``theta``) and the outer gradient at ``problem.params``
     (``theta'``); ``problem.lr`` is required (one per leaf: ``H^{-1} ~ Lambda``).
