@@ -14,7 +14,7 @@ from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
-from .cg_singular import curvature_status, deflated_solve, null_direction, probe_null
+from .cg_singular import blown_up, curvature_status, deflated_solve, null_direction, probe_null
 from .cg_status import (
     attainable_message,
     checked_preconditioner,
@@ -75,7 +75,8 @@ class _Run:
         self.null: Tensor | None = None  # a null direction met (.cg_singular), to deflate
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
-        self.lam_hat, self.xmax = scale, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
+        self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
+        self.hint = scale  # a known lower bound of ||A||, for the null test only (.cg_singular)
         self.wide = _tree.wide_dtype(b.device)
         self.rows: Tensor | None = None  # the (4, n) buffer, allocated at first use
         self.by_rows = b.device.type == "cpu" and in_rows(self.b, self.wide)
@@ -181,7 +182,7 @@ class _Run:
             self.status = curvature_status(self, Ap, pap)
             return True
         apnorm, pnorm, rnorm, ynorm = norms
-        if pap <= self.product_eps * self.lam_hat * pnorm * pnorm:
+        if pap <= self.product_eps * max(self.lam_hat, self.hint) * pnorm * pnorm:
             return null_direction(self, Ap, pap, pnorm, apnorm)
         self.lam_hat = max(self.lam_hat, apnorm / pnorm)
         self.iterations += 1
@@ -302,15 +303,15 @@ def conjugate_gradient(
 
     ``bnorm``: ``||b||`` when the caller has it (as :func:`safe_norm` computes it).
     ``scale``: a lower bound of ``||A||`` when the caller has one (a sketch's or recycled
-    space's largest Ritz value), which a null direction's curvature is measured against
-    before the run's own directions show it (``.cg_singular``).
+    space's largest Ritz value): a null direction's curvature is measured against it too
+    (a preconditioned run's ``||A p|| / ||p||`` stays near the flattened spectrum's top).
     """
     bnorm = safe_norm(b) if bnorm is None else bnorm
     if bnorm == 0.0:  # A x = 0: x = 0
         return Solution(torch.zeros_like(b), 0, 0.0, True, Status.CONVERGED, 0)
     run = _Run(op, b, x0, maxiter, tol, atol, precondition, bnorm, scale)
     sol = run.run()  # a null direction met: the least-squares solve (.cg_singular)
-    if run.null is None and run.stats.get("unreliable"):  # blown up along a null direction?
+    if run.null is None and blown_up(run):  # along a null direction?
         before = op.num_matvecs
         probe_null(run)
         sol.num_hvps += op.num_matvecs - before

@@ -28,11 +28,12 @@ no part along ``W``: from ``x0 = 0``, the minimum-norm one; a warm start's null 
 directions deflated are null only to ``sqrt(eps kappa)``, and a converged claim needs it
 within the tolerance.
 
-Limits. The test needs a scale for ``||A||``: the largest ``||A p|| / ||p||`` of the run
-(NystromPCG and RecycledCG start from their largest Ritz value). When ``b`` is mostly off
+Limits. The test needs a scale for ``||A||``: the largest ``||A p|| / ||p||`` of the run,
+or a hint (NystromPCG's sketch and RecycledCG's space pass their largest Ritz value; a
+restart the scale its null check found). When ``b`` is mostly off
 the range (70 to 97 % of it in the tests) every direction of plain CG is mostly null, its
 scale stays far under ``||A||`` and its iterates blow up before a direction reads as null;
-such a run (``stats["unreliable"]``) has its last direction checked (:func:`probe_null`),
+such a run (:func:`blown_up`) has its last direction checked (:func:`probe_null`),
 but may still end as before, ``max_iterations`` or ``negative_curvature`` with the start or
 best iterate (and their warnings). NystromPCG finds the answer there. Costs: the first
 run's products are lost (it may run to ``maxiter``), the restarts share ``maxiter`` more,
@@ -54,7 +55,7 @@ from .base import Solution, require_finite_product, safe_norm
 from .cg_status import blame_preconditioner
 
 __all__ = ["MAX_DEFLATIONS", "NULL_ROUNDING", "curvature_status", "deflated_solve"]
-__all__ += ["null_direction", "probe_null"]
+__all__ += ["blown_up", "null_direction", "probe_null"]
 
 #: A direction ``p`` with ``|p^T A p| <= eps lambda ||p||^2`` is a null direction of ``A``
 #: when also ``||A p|| <= NULL_ROUNDING sqrt(eps) lambda ||p||`` (``eps`` the products',
@@ -95,13 +96,22 @@ def curvature_status(run: Any, Ap: Tensor, pap: float) -> Status:
     return Status.NEGATIVE_CURVATURE
 
 
+def blown_up(run: Any) -> bool:
+    """Whether a run stopped (``maxiter`` or negative curvature) with iterates past 1 % of
+    what its products resolve: ``eps (1 + lambda max ||y||)`` above 1 % of the start's
+    residual, where :func:`~.cg_status.recheck_exit` reads true residuals (a nonsingular
+    system's ``||y|| <= 1 / lambda_min`` needs condition ``1 / (100 eps)`` for it)."""
+    if run.status not in (Status.MAX_ITERATIONS, Status.NEGATIVE_CURVATURE):
+        return False
+    return bool(run.product_eps * (1.0 + run.lam_hat * run.xmax) > 0.01 * run.start_norm)
+
+
 def probe_null(run: Any) -> None:
-    """After a run whose iterates blew up past what its products resolve
-    (``stats["unreliable"]``: ``eps ||A|| ||x||`` above ``||b||``, which a nonsingular
-    system does not reach below condition ``1 / eps``) without meeting a curvature at
-    rounding level (every direction mostly null, ``||A p|| / ||p||`` far under ``||A||``:
-    ``b`` 30 times off the range ran 100 iterations so): its last direction, checked with
-    one product (two with :func:`_mark_null`'s), is kept in ``run.null`` if it is null."""
+    """After a run that :func:`blown_up` without meeting a curvature at rounding level
+    (every direction mostly null, ``||A p|| / ||p||`` far under ``||A||``: ``b`` 30 times
+    off the range ran 100 iterations so; a Nystrom-preconditioned one to ``||x|| ~ 2e15``
+    at 3 unknowns): its last direction, checked with one product (up to three with
+    :func:`_mark_null`'s), is kept in ``run.null`` if it is null."""
     Ap = run.op.matvec(run.p)
     require_finite_product(Ap)
     pap = float(torch.dot(run.p, Ap))
@@ -112,7 +122,7 @@ def _scale(run: Any) -> float:
     """``lambda``: the largest ``||A p|| / ||p||`` of the run, or the operator's
     :attr:`~hypergradient.HessianOperator.scale` (all its products) when larger."""
     scale = getattr(run.op, "scale", None)
-    return max(run.lam_hat, scale if isinstance(scale, float) else 0.0)
+    return max(run.lam_hat, run.hint, scale if isinstance(scale, float) else 0.0)
 
 
 def _mark_null(run: Any, Ap: Tensor, pap: float, pnorm: float, apnorm: float) -> None:
@@ -254,7 +264,7 @@ def deflated_solve(
             sol = Solution(torch.zeros_like(b), 0, 0.0, True, Status.CONVERGED, 0)
             break
         pre = _projected(first.precondition, W)
-        scale = max(lam, first.lam_hat)
+        scale = max(lam, first.lam_hat, first.hint)
         again = run(_Deflated(op, W), Pb, y0, budget, tol, atol, pre, pbnorm, scale)
         sol = again.run()
         lam = max(lam, again.lam_hat)  # (its null check's scale included)

@@ -139,8 +139,7 @@ class NystromPCG(RandomizedSolver):
     with no positive direction the preconditioner is the identity (a
     ``HypergradientWarning`` says so) and CG reports the negative curvature it meets. On a
     singular operator whose ``b`` leaves its range the answer is least squares, as
-    :class:`~hypergradient.solvers.CG`'s (the sketch's largest eigenvalue is the scale its
-    null directions are measured against).
+    :class:`~hypergradient.solvers.CG`'s.
 
     The sketch costs ``rank`` products and is kept across calls: it is rebuilt every
     ``refresh_every`` calls (1: every call), which pays off while the Hessian changes
