@@ -4,7 +4,10 @@ Such systems come with overparameterized models (a direction the training loss d
 see, that the validation loss does). CG's steps then blow up along the null space while its
 updated residual stays small: ``hg.CG(maxiter=50)`` returned ``||x|| ~ 3e32`` with a true
 residual 4e16 times ``||b||`` (and ``hg.implicit`` a 1e32 hypergradient), against CG's
-promise never to be worse than its start. Exits are now rechecked on the true residual.
+promise never to be worse than its start. Exits are now rechecked on the true residual,
+and a stop at a null direction is followed by the least-squares solve with it deflated
+(``solvers/cg_singular.py``; before, the start ``x = 0`` was returned as
+``negative_curvature``; ``tests/test_adv14_solvers_null_space.py``).
 """
 
 from __future__ import annotations
@@ -49,24 +52,32 @@ def test_cg_never_returns_worse_than_its_start_on_singular_systems(n, seed, maxi
     assert true <= float(b.norm()) * (1 + 1e-9)
     # no blow-up along the null space (before: ||x|| up to 3e32 for ||b|| ~ 1)
     assert float(sol.value.norm()) < 1e6 * float(b.norm())
-    if sol.status == hg.Status.CONVERGED:  # a converged claim is true (tol=0: rounding level)
+    if sol.status == hg.Status.CONVERGED and sol.stats.get("null_space"):  # least squares
+        exact = torch.linalg.pinv(A, rtol=1e-10) @ b
+        assert float((sol.value - exact).norm()) <= 1e-6 * float(exact.norm())
+        assert true <= float((b - A @ exact).norm()) * (1 + 1e-9)
+    elif sol.status == hg.Status.CONVERGED:  # a converged claim is true (tol=0: rounding)
         assert true <= 1e-6 * float(b.norm())
 
 
-def test_cg_on_the_coupled_rank_one_system_returns_its_start():
-    # Before: maxiter=50 returned ||x|| 2.8e32, true residual 4.0e16 (||b|| = 1.04).
+def test_cg_on_the_coupled_rank_one_system_returns_the_least_squares_solution():
+    # Before: maxiter=50 returned ||x|| 2.8e32, true residual 4.0e16 (||b|| = 1.04); then
+    # x = 0 ("negative_curvature"); now A^+ b = (0.064, 0.032), residual 1.0286.
     A = torch.tensor([[2.0, 1.0], [1.0, 0.5]], dtype=DT)
     b = torch.tensor([-0.3, 1.0], dtype=DT)
-    for maxiter in (1, 2, 10, 50, 200):
+    exact = torch.linalg.pinv(A) @ b
+    sol = hg.CG(maxiter=1).solve(hg.MatrixOperator(A), b)  # 1 step, worse than 0: the start
+    assert float(sol.value.norm()) == 0.0 and sol.status == hg.Status.MAX_ITERATIONS
+    for maxiter in (2, 10, 50, 200):
+        # the second direction's curvature is at rounding level: deflated, solved again
         sol = hg.CG(maxiter=maxiter).solve(hg.MatrixOperator(A), b)
-        assert float(sol.value.norm()) == 0.0
-        assert sol.residual_norm == pytest.approx(float(b.norm()))
-        # 1 step: maxiter; then the second direction's curvature is at rounding level
-        assert sol.status == (hg.Status.MAX_ITERATIONS if maxiter == 1 else NULL)
-    # a warm start stays the answer when nothing improves on it
+        assert torch.allclose(sol.value, exact, rtol=1e-12, atol=0)
+        assert sol.residual_norm == pytest.approx(1.0285912696499, rel=1e-12)
+        assert sol.status == hg.Status.CONVERGED and sol.stats["null_space"] == 1
+    # a warm start's part along the null direction is deflated too
     x0 = torch.tensor([0.1, 0.0], dtype=DT)
     sol = hg.CG(maxiter=50).solve(hg.MatrixOperator(A), b, x0)
-    assert float((b - A @ sol.value).norm()) <= float((b - A @ x0).norm()) * (1 + 1e-12)
+    assert torch.allclose(sol.value, exact, rtol=1e-12, atol=0)
 
 
 def test_consistent_singular_systems_still_reach_the_minimum_norm_solution():
@@ -93,15 +104,16 @@ def singular_inner():
 
 
 def test_implicit_hypergradient_of_a_singular_inner_problem_is_not_blown_up():
-    _, f, g, theta, lam = singular_inner()
+    A, f, g, theta, lam = singular_inner()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hg.HypergradientWarning)
+    with pytest.warns(hg.HypergradientWarning, match="singular and the outer gradient"):
         out, info = hg.implicit(
             f, g, theta, lam, hg.CG(maxiter=50), return_info=True, stationarity=None
         )
-    assert float(out) == 0.0  # x = 0: the direct term (0) alone, never 1e32
-    assert info.status == NULL
+    # the least-squares x = A^+ b, as Exact's (never 1e32; x = 0 before)
+    x = torch.linalg.pinv(A) @ torch.tensor([-0.3, 1.0], dtype=DT)
+    assert float(out) == pytest.approx(-float(x[0]), rel=1e-12)
+    assert info.status == hg.Status.CONVERGED
 
 
 def test_exact_says_when_b_leaves_the_range_of_a_singular_hessian():

@@ -150,7 +150,25 @@ def _warned_singular(solver: Solver, status: Status, residual: float | None, bno
     """Warn (and say so) when Exact's answer leaves part of ``b`` outside ``A``'s range."""
     if status != Status.EXACT or residual is None or not residual > 1e-6 * bnorm > 0:
         return False
-    relative = residual / bnorm
+    _warn_outside_range(solver, residual / bnorm, 7)
+    return True
+
+
+def _least_squares_residual(
+    solver: Solver, residual: float | None, bnorm: float, stats: dict[str, Any]
+) -> float | None:
+    """The residual a solve is judged by: that of the least-squares problem when a
+    CG-family solve deflated the part of ``b`` outside ``A``'s range
+    (``stats["null_space"]``), after warning as Exact does when ``residual`` exceeds 1e-6
+    ``||b||``; else ``residual``."""
+    if not stats.get("null_space"):
+        return residual
+    if residual is not None and residual > 1e-6 * bnorm:
+        _warn_outside_range(solver, residual / bnorm, 7)
+    return float(stats["least_squares_residual"]) * bnorm
+
+
+def _warn_outside_range(solver: Solver, relative: float, stacklevel: int) -> None:
     warnings.warn(
         f"{solver!r}: the Hessian is singular and the outer gradient has a part outside "
         f"its range (relative residual {relative:.3g}): the answer is the minimum-norm "
@@ -159,9 +177,8 @@ def _warned_singular(solver: Solver, status: Status, residual: float | None, bno
         "otherwise, or check that the outer loss uses no parameter the inner loss leaves "
         "free.",
         HypergradientWarning,
-        stacklevel=6,
+        stacklevel=stacklevel,
     )
-    return True
 
 
 def warn_solve(
@@ -181,7 +198,10 @@ def warn_solve(
     ``x = 0`` always warns). Fixed budgets (a solver without a tolerance, or ``tol=0`` and
     ``atol=0``) warn only when their answer is worse than ``x = 0`` (``||b - A x|| >
     ||b||``: Nystrom on an indefinite Hessian whose negative curvature its sketch missed
-    gave 2.3 at an exact saddle, with no warning)."""
+    gave 2.3 at an exact saddle, with no warning). A singular Hessian with ``b`` partly
+    outside its range warns, as Exact's minimum-norm answer (residual above 1e-6 ``||b||``)
+    does, when a CG-family solve deflated that part (``stats["null_space"]``); its stop at
+    ``maxiter`` is judged by the residual of the least-squares problem."""
     if _warned_by_stats(solver, status, stats or {}):
         return
     if status == Status.NEGATIVE_CURVATURE:
@@ -199,6 +219,7 @@ def warn_solve(
             stacklevel=5,
         )
         return
+    residual = _least_squares_residual(solver, residual, bnorm, stats or {})
     if _warned_singular(solver, status, residual, bnorm):
         return
     if status == Status.FIXED_BUDGET and residual is not None and residual > bnorm > 0:

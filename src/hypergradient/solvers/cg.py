@@ -14,11 +14,10 @@ from .. import _tree, _vocab
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
+from .cg_singular import blown_up, curvature_status, deflated_solve, null_direction, probe_null
 from .cg_status import (
     attainable_message,
-    blame_preconditioner,
     checked_preconditioner,
-    null_direction,
     product_eps,
     recheck_exit,
     relative_tol,
@@ -58,6 +57,7 @@ class _Run:
         atol: float,
         precondition: Callable[[Tensor], Tensor] | None,
         bnorm: float | None = None,
+        scale: float = 0.0,
     ) -> None:
         self.op, self.maxiter, self.precondition = op, maxiter, precondition
         self.start = op.num_matvecs
@@ -72,9 +72,11 @@ class _Run:
         self.threshold = max(asked, 10 * self.eps)
         self.at_rounding = asked < 10 * self.eps  # "as far as the precision goes"
         self.checked: Tensor | None = None  # the iterate whose rnorm is its true residual
+        self.null: Tensor | None = None  # a null direction met (.cg_singular), to deflate
         self.stats: dict[str, Any] = {}
         self.status, self.iterations, self.replacements = Status.MAX_ITERATIONS, 0, 0
         self.lam_hat, self.xmax = 0.0, 0.0  # max ||A p|| / ||p|| (<= ||A||), max ||y||
+        self.hint = scale  # a known lower bound of ||A||, for the null test only (.cg_singular)
         self.wide = _tree.wide_dtype(b.device)
         self.rows: Tensor | None = None  # the (4, n) buffer, allocated at first use
         self.by_rows = b.device.type == "cpu" and in_rows(self.b, self.wide)
@@ -123,11 +125,8 @@ class _Run:
     def _norms(self, vectors: tuple[Tensor, ...], pAp: Tensor | None) -> list[float]:
         """The norms of ``vectors`` (``A p``, ``p``, ``r``, ``y``) over the reused ``(4, n)``
         buffer; on an accelerator ``pAp`` is read with them (one synchronization) and
-        returned first.
-
-        Norms accumulate in float64 (float32 on MPS); the rare ones that over- or
-        underflow there are recomputed by :func:`safe_norm`.
-        """
+        returned first. Norms accumulate in float64 (float32 on MPS); the rare ones that
+        over- or underflow there are recomputed by :func:`safe_norm`."""
         if self.rows is None:  # not on the float32-rows path (which reads them in place)
             self.rows = torch.empty((4, self.b.numel()), dtype=self.b.dtype, device=self.b.device)
         torch.stack(vectors, out=self.rows)
@@ -180,11 +179,11 @@ class _Run:
         Ap = self.op.matvec(self.p)
         pap, norms = self._update(Ap)
         if not 0.0 < pap < math.inf:
-            self.status = _curvature_status(self, Ap, pap)
+            self.status = curvature_status(self, Ap, pap)
             return True
         apnorm, pnorm, rnorm, ynorm = norms
-        if pap <= self.product_eps * self.lam_hat * pnorm * pnorm:
-            return null_direction(self, pap / (pnorm * pnorm))
+        if pap <= self.product_eps * max(self.lam_hat, self.hint) * pnorm * pnorm:
+            return null_direction(self, Ap, pap, pnorm, apnorm)
         self.lam_hat = max(self.lam_hat, apnorm / pnorm)
         self.iterations += 1
         self.rnorm, self.ynorm = rnorm, ynorm
@@ -289,18 +288,6 @@ class _Run:
         )
 
 
-def _curvature_status(run: _Run, Ap: Tensor, pap: float) -> Status:
-    """The status of a step whose ``p^T A p`` is not positive and finite."""
-    blame_preconditioner(run)  # a user's preconditioner's NaN or zero: named
-    if not math.isfinite(pap):  # a non-finite product, or an overflow
-        require_finite_product(Ap)
-        return Status.DIVERGED
-    # A is not positive definite along p: a CG step here would move uphill.
-    pnorm = safe_norm(run.p)
-    run.stats["curvature"] = pap / (pnorm * pnorm) if pnorm > 0 else 0.0
-    return Status.NEGATIVE_CURVATURE
-
-
 def conjugate_gradient(
     op: LinearOperator,
     b: Tensor,
@@ -310,15 +297,25 @@ def conjugate_gradient(
     atol: float,
     precondition: Callable[[Tensor], Tensor] | None = None,
     bnorm: float | None = None,
+    scale: float = 0.0,
 ) -> Solution:
     """(Preconditioned) conjugate gradient on a validated system; see :class:`CG`.
 
     ``bnorm``: ``||b||`` when the caller has it (as :func:`safe_norm` computes it).
+    ``scale``: a lower bound of ``||A||`` when the caller has one (a sketch's or recycled
+    space's largest Ritz value): a null direction's curvature is measured against it too
+    (a preconditioned run's ``||A p|| / ||p||`` stays near the flattened spectrum's top).
     """
     bnorm = safe_norm(b) if bnorm is None else bnorm
     if bnorm == 0.0:  # A x = 0: x = 0
         return Solution(torch.zeros_like(b), 0, 0.0, True, Status.CONVERGED, 0)
-    return _Run(op, b, x0, maxiter, tol, atol, precondition, bnorm).run()
+    run = _Run(op, b, x0, maxiter, tol, atol, precondition, bnorm, scale)
+    sol = run.run()  # a null direction met: the least-squares solve (.cg_singular)
+    if run.null is None and blown_up(run):  # along a null direction?
+        before = op.num_matvecs
+        probe_null(run)
+        sol.num_hvps += op.num_matvecs - before
+    return sol if run.null is None else deflated_solve(run, sol, _Run, b, x0, tol, atol)
 
 
 class CG(Solver):
@@ -337,9 +334,13 @@ class CG(Solver):
       other exit the kept one. A warm start ``x0`` whose residual exceeds ``||b||`` is
       dropped (``stats["warm_start_dropped"]``; its product is counted); an accepted one's
       relative residual is ``stats["start_residual"]``;
-    - **negative curvature**: if a search direction has ``p^T A p <= 0`` (not a minimum,
-      or ``A`` singular along ``p``) it stops with ``status="negative_curvature"`` and the
-      best iterate, instead of stepping uphill; add damping (``auto_damping``);
+    - **negative curvature**: if a search direction has ``p^T A p <= 0`` (not a minimum)
+      it stops with ``status="negative_curvature"`` and the best iterate, instead of
+      stepping uphill; add damping (``auto_damping``);
+    - **singular**: a direction with ``p^T A p`` and ``||A p||`` at rounding level is a null
+      direction, along which ``b`` has a part no ``x`` reaches: it is deflated and the
+      system solved again (:mod:`.cg_singular`): the least-squares answer (``A^+ b`` from
+      ``x0 = 0``), ``stats["null_space"]``; the restarts share ``maxiter`` more iterations;
     - **scale-safe**: it iterates on ``A y = b / ||b||`` and returns ``x = ||b|| y``, so
       ``||b||^2``, ``A b`` and ``r^T z`` cannot overflow or underflow (float32 with
       ``||b|| ~ 1e20`` used to report "converged" with ``x = 0``);

@@ -23,7 +23,6 @@ __all__ = [
     "attainable_message",
     "blame_preconditioner",
     "checked_preconditioner",
-    "null_direction",
     "product_eps",
     "recheck_exit",
     "relative_tol",
@@ -175,13 +174,3 @@ def restore_start(run: Any) -> None:
     """Make the start the best iterate again if the best one's residual is worse."""
     if run.best_norm > run.start_norm:
         run.best, run.best_norm, run.best_ynorm = None, run.start_norm, run.start_ynorm
-
-
-def null_direction(run: Any, curvature: float) -> bool:
-    """Stop a run whose curvature ``p^T A p / ||p||^2`` is below the products' rounding
-    (``eps lambda_max``, ``lambda_max`` the largest seen): ``A`` is numerically singular
-    along ``p``, and the step just taken (``||x||`` up to 1e15 on singular systems) is
-    dropped: the status is negative curvature, whose answer is the best iterate."""
-    run.stats["curvature"] = curvature
-    run.status = Status.NEGATIVE_CURVATURE
-    return True

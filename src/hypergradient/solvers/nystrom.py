@@ -137,7 +137,9 @@ class NystromPCG(RandomizedSolver):
     r eigenvalues of ``A`` close to ``lam_r`` and leaves the rest as they are. On an
     indefinite operator the sketch keeps its positive part (see :func:`nystrom_sketch`);
     with no positive direction the preconditioner is the identity (a
-    ``HypergradientWarning`` says so) and CG reports the negative curvature it meets.
+    ``HypergradientWarning`` says so) and CG reports the negative curvature it meets. On a
+    singular operator whose ``b`` leaves its range the answer is least squares, as
+    :class:`~hypergradient.solvers.CG`'s.
 
     The sketch costs ``rank`` products and is kept across calls: it is rebuilt every
     ``refresh_every`` calls (1: every call), which pays off while the Hessian changes
@@ -324,13 +326,14 @@ class NystromPCG(RandomizedSolver):
         sketch_hvps = op.num_matvecs - start
         if approx.indefinite and approx.U.shape[1] == 0 and sketch_hvps:
             _warn_indefinite(approx, "the preconditioner is the identity (plain CG)")
-        sol = conjugate_gradient(
-            op, b, x0, self.maxiter, self.tol, self.atol, self._preconditioner(approx)
-        )
+        lam = approx.eigenvalues  # (the largest, a lower bound of ||A||: cg_singular's scale)
+        top = max(float(lam.max()), 0.0) if lam.numel() else 0.0
+        pre = self._preconditioner(approx)
+        sol = conjugate_gradient(op, b, x0, self.maxiter, self.tol, self.atol, pre, None, top)
         sol.num_hvps += sketch_hvps
         sol.stats["sketch_hvps"] = sketch_hvps
-        if self.refresh_every == "auto":
-            self._judge(sol)
+        if self.refresh_every == "auto" and not sol.stats.get("null_space"):
+            self._judge(sol)  # (a least-squares solve's rate is not the sketch's)
         if approx.indefinite:
             sol.stats["indefinite"] = True
         return sol

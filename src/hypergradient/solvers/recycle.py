@@ -253,13 +253,14 @@ class RecycledCG(Solver):
         rec = Recorder(op, self.harvest)
         start = op.num_matvecs
         pre = None if space is None else self._preconditioner(*space)
-        sol = conjugate_gradient(rec, b, x0, self.maxiter, self.tol, self.atol, pre)
+        top = 0.0 if space is None else float(space[1].max())  # (a lower bound of ||A||)
+        sol = conjugate_gradient(rec, b, x0, self.maxiter, self.tol, self.atol, pre, None, top)
         sol.stats["recycled"] = 0 if space is None else int(space[1].numel())
         if space is not None and sol.status in (Status.NEGATIVE_CURVATURE, Status.DIVERGED):
             sol = self._fallback(op, b, x0, sol)
             space, rec.count = None, 0
         sol.num_hvps = op.num_matvecs - start
-        if sol.status in (Status.CONVERGED, Status.MAX_ITERATIONS):
+        if sol.status in (Status.CONVERGED, Status.MAX_ITERATIONS) and _healthy(sol):
             space = self._judge(sol, space)
             if rec.count:
                 self._rayleigh_ritz(space, *rec.pairs(), shift)
@@ -347,3 +348,10 @@ class RecycledCG(Solver):
                 M1 = N @ M1
             self._U = space[0].rotated(M1.to(P.dtype), P, M2.to(P.dtype))
         self._theta = (lam - shift).to(P.dtype)
+
+
+def _healthy(sol: Solution) -> bool:
+    """Not a least-squares solve (a singular operator, :mod:`.cg_singular`): whose first
+    run's directions gathered the null space (Ritz values ~ 0), so the space is kept as it
+    was."""
+    return "null_space" not in sol.stats
