@@ -22,6 +22,7 @@ PKG = SRC / "hypergradient"
 # Layer of each top-level module or subpackage of ``hypergradient`` (the architecture page).
 LAYERS = {
     "_vocab": 0,
+    "_autograd": 0,
     "_version": 0,
     "_tree": 1,
     "optim": 1,

@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 import hypergradient as hg
+from hypergradient import _autograd
 from hypergradient.operators import graph
 
 DT = torch.float64
@@ -46,12 +47,20 @@ def test_the_dot_form_and_grad_outputs_give_the_same_bits(monkeypatch, dtype):
     gen = torch.Generator().manual_seed(1)
     vs = [torch.randn(sum(p.numel() for p in params.values()), generator=gen) for _ in range(3)]
     results = {}
-    for form, name in (("dot", "no.such.module"), ("grad_outputs", "sys")):
+    # the dot and grad_outputs forms through torch.autograd.grad (a torch whose engine
+    # hypergradient._autograd cannot run), and the engine run by _autograd.grad
+    forms = (("dot", "no.such.module", False), ("grad_outputs", "sys", False))
+    for form, name, engine in (*forms, ("engine", "no.such.module", True)):
         monkeypatch.setattr(graph, "SYMBOLIC_SHAPES", name)
+        if not engine:
+            monkeypatch.setattr(_autograd, "DIRECT", False)
+            monkeypatch.setattr(_autograd, "_RUN", None)
         op = hg.HessianOperator(f, params, lam, mode="double")
         results[form] = [(op.matvec(v.to(op.dtype)), op.mixed(v.to(op.dtype))[0]) for v in vs]
-    for (a, ma), (b, mb) in zip(results["dot"], results["grad_outputs"]):
-        assert torch.equal(a, b) and torch.equal(ma, mb)
+        monkeypatch.undo()
+    for other in ("grad_outputs", "engine"):
+        for (a, ma), (b, mb) in zip(results["dot"], results[other]):
+            assert torch.equal(a, b) and torch.equal(ma, mb)
 
 
 COLD = """

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import hypergradient as hg
-from hypergradient import _tree, _vocab
+from hypergradient import _autograd, _tree, _vocab
 from hypergradient.methods._checks import check_inputs
 from hypergradient.operators.graph import SYMBOLIC_SHAPES, flat_output
 from hypergradient.operators.modes import RngState
@@ -144,6 +144,8 @@ def test_implicit_equals_the_dense_formula_and_the_general_path(monkeypatch):
     importlib.import_module(SYMBOLIC_SHAPES)
     fast, info = hg.implicit(f, g_, params, hparams, hg.CG(maxiter=40, tol=0.0), **kw)
     monkeypatch.delitem(sys.modules, SYMBOLIC_SHAPES)
+    monkeypatch.setattr(_autograd, "DIRECT", False)  # (a torch without the engine call)
+    monkeypatch.setattr(_autograd, "_RUN", None)
     general, info2 = hg.implicit(f, g_, params, hparams, hg.CG(maxiter=40, tol=0.0), **kw)
     monkeypatch.undo()
     for k in fast:

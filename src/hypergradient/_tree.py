@@ -18,6 +18,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from . import _autograd
 from ._vocab import ArgumentTypeError, as_scalar_loss
 
 Tree = Union[Tensor, Sequence["Tree"], Mapping[str, "Tree"]]
@@ -112,8 +113,7 @@ def flatten(tree: Tree, name: str) -> tuple[list[Tensor], TreeSpec]:
 def _spec(
     kind: str, children: tuple[TreeSpec, ...], keys: tuple, paths: tuple, leaves: list[Tensor]
 ) -> TreeSpec:
-    """The spec of a flattened tree, with its leaves' shapes and sizes (what the
-    properties would compute), built without the frozen dataclass's per-field calls."""
+    """The spec of a flattened tree with its leaves' shapes and sizes (no per-field calls)."""
     out = object.__new__(TreeSpec)
     numels = tuple([t.numel() for t in leaves])
     out.__dict__.update(
@@ -379,8 +379,8 @@ def dense_grad(
     loss: Tensor, inputs: Sequence[Tensor], loss_name: str, paths: Sequence[str], **kw: Any
 ) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad(loss, inputs, allow_unused=True, **kw)``, sparse refused."""
-    with dense_gradients(loss_name):
-        grads = torch.autograd.grad(loss, inputs, allow_unused=True, **kw)
+    with dense_gradients(loss_name):  # (retain_graph: torch's default; _autograd.grad: faster)
+        grads = _autograd.grad((loss,), inputs, retain_graph=kw.get("create_graph", False), **kw)
     require_dense(grads, paths, loss_name)
     return grads
 

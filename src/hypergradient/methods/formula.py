@@ -43,7 +43,7 @@ from ..operators.buffers import keep_buffers
 from ..solvers import AutoDamping, Solver, damped_solve
 from ..solvers.norms import exact_where_off, wide_norm
 from ._checks import Inputs, all_finite, connected, unused_leaves, warn_unused
-from .implicit_info import ImplicitInfo, gradient_floor, warn_solve
+from .implicit_info import ImplicitInfo, PendingFloor, warn_solve
 
 __all__ = ["ImplicitInfo", "autocast_off", "implicit_hypergradient"]
 
@@ -393,7 +393,7 @@ def implicit_hypergradient(
         inner_loss=terms.inner_value,
         inner_grad_norm=terms.stat_norm,
         outer_grad_norm=bnorm,
-        inner_grad_floor=gradient_floor(op),
+        inner_grad_floor=PendingFloor(op),  # type: ignore[arg-type]  # (read when read)
         extra_hvps=extra,
         solution=x.detach(),
     )

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._vocab import HypergradientWarning, Status
 from ..solvers import Solver
-from ..solvers.norms import exact_where_off, wide_norm
+from ..solvers.norms import ROWS_FROM, exact_where_off, wide_norm
 from .base import Info
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "GRAD_ROUNDING",
     "NO_PROGRESS",
     "ImplicitInfo",
+    "PendingFloor",
     "gradient_floor",
     "warn_solve",
 ]
@@ -27,6 +28,26 @@ __all__ = [
 #: An Exact solve of half-precision products warns when cond * eps, the first-order bound
 #: of its solution's relative error (``stats["error_bound"]``), exceeds this.
 ROUNDED_BOUND = 0.1
+
+
+class _Read:
+    """A float field that may be given as a :class:`PendingFloor`, read (one host
+    synchronization) the first time the field is: the stationarity check reads it only when
+    its cheaper tests are inconclusive (``warn_not_stationary``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> float:
+        if obj is None:
+            return 0.0  # the dataclass default
+        value = obj.__dict__.get(self.key, 0.0)
+        if isinstance(value, PendingFloor):
+            value = obj.__dict__[self.key] = value.read()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.key] = value
 
 
 @dataclass(kw_only=True)
@@ -67,7 +88,7 @@ class ImplicitInfo(Info):
     inner_loss: float = math.nan
     inner_grad_norm: float = math.nan
     outer_grad_norm: float = math.nan
-    inner_grad_floor: float = 0.0
+    inner_grad_floor: float = _Read()  # type: ignore[assignment]  # (a float when read)
     extra_hvps: int = 0
     solution: Tensor | None = field(default=None, repr=False)
 
@@ -97,27 +118,51 @@ def gradient_floor(op: Any) -> float:
     float32, bfloat16, float64): the gradient is at most 2.5 times ``eps`` times that scale
     (``tests/test_adv13_solvers_stationarity.py``). One host read.
     """
-    leaves = getattr(op, "param_leaves", None)
-    if not leaves:
-        return 0.0
-    eps = _eps(op, leaves)
-    device = leaves[0].device
-    wide = torch.float32 if device.type == "mps" else torch.float64
-    parts = [wide_norm(t.detach(), wide) for t in leaves]  # large ones by rows
-    scale_parts = getattr(op, "scale_parts", None)
-    kept, pairs = scale_parts() if scale_parts is not None else ([], [])
-    loss = getattr(op, "loss", None)
-    parts += [*kept, *(t for pair in pairs for t in pair)]
-    parts += [] if loss is None else [loss.detach()]
-    values = torch.stack([t.to(device, wide) for t in parts]).tolist()  # one host read
-    n = len(leaves)
-    exact_where_off(values, enumerate(leaves), wide)
-    theta = math.sqrt(sum(v * v for v in values[:n]))
-    if scale_parts is None:
-        return GRAD_ROUNDING * eps * theta
-    h = _largest(values[n:], len(kept), len(pairs))
-    f = abs(values[-1]) if loss is not None and math.isfinite(values[-1]) else 0.0
-    return GRAD_ROUNDING * eps * (h * theta + math.sqrt(2.0 * h * f))
+    return PendingFloor(op).read()
+
+
+class PendingFloor:
+    """:func:`gradient_floor`'s operands, unread: the parameters' norms (taken now: a later
+    in-place change of the parameters does not move the floor), the operator's scale
+    samples and loss (tensors nothing modifies). :meth:`read` takes the floor (one host
+    read); with a leaf large enough for its norm to be read by rows it is taken at once
+    (such a norm may have to be read again exactly, from the leaf: ``exact_where_off``)."""
+
+    def __init__(self, op: Any) -> None:
+        leaves = getattr(op, "param_leaves", None) or []
+        self.parts: list[Tensor] = []
+        self.value: float | None = None if leaves else 0.0
+        if not leaves:
+            return
+        self.eps, self.n = _eps(op, leaves), len(leaves)
+        self.device = leaves[0].device
+        self.wide = wide = torch.float32 if self.device.type == "mps" else torch.float64
+        self.parts = [wide_norm(t.detach(), wide) for t in leaves]  # large ones by rows
+        self.scaled = getattr(op, "scale_parts", None) is not None
+        kept, pairs = op.scale_parts() if self.scaled else ([], [])
+        loss = getattr(op, "loss", None)
+        self.parts += [*kept, *(t for pair in pairs for t in pair)]
+        self.parts += [] if loss is None else [loss.detach()]
+        self.kept, self.pairs, self.has_loss = len(kept), len(pairs), loss is not None
+        if any(t.numel() >= ROWS_FROM for t in leaves):
+            self.value = self._read(leaves)
+
+    def read(self) -> float:
+        """The floor (0 for an operator without parameters)."""
+        if self.value is None:
+            self.value = self._read([])  # (no leaf read by rows)
+        return self.value
+
+    def _read(self, leaves: list[Tensor]) -> float:
+        device, wide = self.device, self.wide
+        values = torch.stack([t.to(device, wide) for t in self.parts]).tolist()  # one read
+        exact_where_off(values, enumerate(leaves), wide)
+        theta = math.sqrt(sum(v * v for v in values[: self.n]))
+        if not self.scaled:
+            return GRAD_ROUNDING * self.eps * theta
+        h = _largest(values[self.n :], self.kept, self.pairs)
+        f = abs(values[-1]) if self.has_loss and math.isfinite(values[-1]) else 0.0
+        return GRAD_ROUNDING * self.eps * (h * theta + math.sqrt(2.0 * h * f))
 
 
 def _eps(op: Any, leaves: list[Tensor]) -> float:

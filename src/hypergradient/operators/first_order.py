@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .. import _tree, _vocab
+from .. import _autograd, _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .buffers import keep_buffers
 from .modes import RngState, central_difference, first_order_step
@@ -66,7 +66,7 @@ class FirstOrderProducts:
                 grads: list[Tensor | None] = [None] * len(targets)
             else:
                 with _tree.dense_gradients(self._loss_name):
-                    grads = list(torch.autograd.grad(loss, targets, allow_unused=True))
+                    grads = list(_autograd.grad((loss,), targets, retain_graph=False))
                 paths = self.param_spec.paths if wrt is not None else self.hparam_spec.paths
                 _tree.require_dense(grads, paths, self._loss_name)
         return loss.detach(), grads

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _tree, _vocab
+from .. import _autograd, _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .._vocab import HypergradientWarning
 from .base import LinearOperator, check_vector
@@ -223,18 +223,18 @@ class GraphOperator(LinearOperator):
         if not self._outputs or not leaves:
             return [None] * len(leaves)
         parts = self._pieces(v)
-        if not batched and SYMBOLIC_SHAPES not in sys.modules:
+        if not (batched or _autograd.DIRECT or SYMBOLIC_SHAPES in sys.modules):
             # The same product as the dot <outputs, v>'s gradient (bit for bit: the backward
-            # of the sum hands each output exactly its part of v). torch.autograd.grad with
-            # grad_outputs would first import torch.fx.experimental.symbolic_shapes and
-            # sympy (1-3 s, the bulk of a first call); once anything has imported them the
-            # grad_outputs form is used, which saves the dot's few operations.
+            # of the sum hands each output its part of v), for a torch whose engine _autograd
+            # cannot run: torch.autograd.grad with grad_outputs first imports sympy (1-3 s).
             terms = [(o * p).sum() for o, p in zip(self._outputs, parts)]
             dot = terms[0]
             for term in terms[1:]:  # mixed dtypes promote as in ``sum``
                 dot = dot + term
             grads = torch.autograd.grad(dot, leaves, retain_graph=True, allow_unused=True)
             return list(grads)
+        if not batched:  # (the engine itself where it can: _autograd.grad)
+            return list(_autograd.grad(self._outputs, leaves, parts))
         grads = torch.autograd.grad(
             self._outputs,
             leaves,
@@ -364,21 +364,17 @@ def direct_vjp(op: GraphOperator, v: Tensor, leaves: list[Tensor] | None = None)
     the per-leaf gradients), or None where it does not apply.
 
     It applies when the graph connects every parameter leaf, all in the operator's dtype,
-    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`): one backward
-    pass through :func:`flat_output`, one concatenation. An error of the backward pass
+    and the ``grad_outputs`` form is in use (see :meth:`GraphOperator._vjp`; always where
+    :func:`hypergradient._autograd.grad` runs the engine itself, which imports nothing): one
+    backward pass through :func:`flat_output`, one concatenation. An error of the backward pass
     returns None, so that the caller's guarded path retries the product and, in ``"auto"``
     mode, falls back.
     """
-    if not op._direct or SYMBOLIC_SHAPES not in sys.modules:
+    if not op._direct or not (_autograd.DIRECT or SYMBOLIC_SHAPES in sys.modules):
         return None
     try:
-        grads = torch.autograd.grad(
-            flat_output(op),
-            op.param_leaves if leaves is None else leaves,
-            v,
-            retain_graph=True,
-            allow_unused=True,
-        )
+        wrt = op.param_leaves if leaves is None else leaves
+        grads = _autograd.grad((flat_output(op),), wrt, (v,))
     except RuntimeError:
         return None
     if leaves is not None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm
 
-from .. import _tree, _vocab
+from .. import _autograd, _tree, _vocab
 from .._tree import Tree, TreeSpec
 from .base import check_vector
 from .buffers import keep_buffers
@@ -183,11 +183,7 @@ class HessianOperator(GraphOperator, FirstOrderProducts):
             grads: list[Tensor | None] = [None] * len(self.param_leaves)
         else:
             with _tree.dense_gradients(self._loss_name):
-                grads = list(
-                    torch.autograd.grad(
-                        loss, self.param_leaves, create_graph=True, allow_unused=True
-                    )
-                )
+                grads = list(_autograd.grad((loss,), self.param_leaves, create_graph=True))
             _tree.require_dense(grads, self.param_spec.paths, self._loss_name)
         if self._first is None:
             self._first = (loss, grads)
