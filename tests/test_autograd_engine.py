@@ -99,3 +99,20 @@ def test_without_the_engine_call_the_products_are_the_same(monkeypatch):
     slow, info2 = hg.implicit(*args, hg.CG(maxiter=8, tol=0.0), **kw)
     assert torch.equal(fast, slow) and torch.equal(info.solution, info2.solution)
     assert info.residual_norm == info2.residual_norm
+
+
+def test_a_changed_private_engine_function_is_not_used(monkeypatch) -> None:
+    """``_engine_run_backward`` is private to torch: one whose arguments or result changed
+    makes the import-time check fail, and grad() goes through torch.autograd.grad."""
+
+    def changed(*args, **kwargs):
+        raise TypeError("_engine_run_backward() got an unexpected keyword argument")
+
+    monkeypatch.setattr(_autograd, "_RUN", changed)
+    assert not _autograd._works()
+    monkeypatch.setattr(_autograd, "_RUN", lambda *a, **k: (torch.zeros(2),))
+    assert not _autograd._works()  # a wrong gradient
+    monkeypatch.setattr(_autograd, "DIRECT", False)
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    (g,) = _autograd.grad([(x**3).sum()], [x])
+    assert torch.equal(g, 3 * x.detach() ** 2)

@@ -24,9 +24,26 @@ from torch.overrides import has_torch_function
 __all__ = ["DIRECT", "grad"]
 
 _RUN = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def _works() -> bool:
+    """Whether ``_RUN`` (a private function of torch's) takes the arguments :func:`grad`
+    passes and returns the gradient, checked once on a two-entry graph: a torch whose
+    function changed falls back to ``torch.autograd.grad`` instead of failing."""
+    if _RUN is None:
+        return False
+    try:
+        x = torch.ones(2, requires_grad=True)
+        y = (x * x).sum()
+        (g,) = _RUN((y,), (torch.ones_like(y),), False, False, (x,), True, accumulate_grad=False)
+        return isinstance(g, Tensor) and torch.equal(g, 2 * x.detach()) and x.grad is None
+    except Exception:  # any failure: torch.autograd.grad does the work
+        return False
+
+
 #: Whether :func:`grad` can run the engine itself (plain tensors then never go through
 #: ``torch.autograd.grad``, whose first call with ``grad_outputs`` imports ``sympy``).
-DIRECT = _RUN is not None
+DIRECT = _works()
 
 
 def _fits(outputs: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> bool:
@@ -58,14 +75,15 @@ def grad(
     create_graph=create_graph, allow_unused=True)`` for tensors (not GradientEdges); as
     there, an input the outputs do not depend on gets None."""
     outs, ins = tuple(outputs), tuple(inputs)
-    if _RUN is not None and outs and ins:
+    run = _RUN
+    if DIRECT and run is not None and outs and ins:
         if grad_outputs is None:
             grads = _ones(outs)
         else:
             grads = tuple(grad_outputs)
             grads = grads if len(grads) == len(outs) and _fits(outs, grads) else None
         if grads is not None and not has_torch_function(outs + ins + grads):
-            return _RUN(outs, grads, retain_graph, create_graph, ins, True, accumulate_grad=False)
+            return run(outs, grads, retain_graph, create_graph, ins, True, accumulate_grad=False)
     return torch.autograd.grad(
         outs,
         ins,
