@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._tree import wide_dtype
 from ._vocab import RankFailedError
-from .operators import LinearOperator
+from .operators import LinearOperator, WrappingOperator
 
 __all__ = [
     "AveragedOperator",
@@ -316,7 +316,7 @@ def check_consistent(
     _verdict([name for _, name in checks], hi, lo)
 
 
-class AveragedOperator(LinearOperator):
+class AveragedOperator(WrappingOperator):
     """``v -> mean over ranks of A_r v``: one guarded all-reduce per product (or batch)."""
 
     def __init__(self, base: LinearOperator, group: Any):
@@ -324,14 +324,6 @@ class AveragedOperator(LinearOperator):
         self.base = base
         self.group = group
         self.symmetric = base.symmetric
-
-    @property
-    def num_matvecs(self) -> int:
-        return self.base.num_matvecs
-
-    @num_matvecs.setter
-    def num_matvecs(self, value: int) -> None:
-        pass
 
     def matvec(self, v: Tensor) -> Tensor:
         return guarded(lambda: [self.base.matvec(v)], [v], self.group, "a Hessian product")[0]

@@ -26,7 +26,7 @@ retained-graph machinery and the mode fallback), ``hessian`` (HessianOperator), 
 
 from __future__ import annotations
 
-from .base import DampedOperator, LinearOperator, MatrixOperator
+from .base import DampedOperator, LinearOperator, MatrixOperator, WrappingOperator
 from .fixed_point import FixedPointOperator
 from .hessian import HessianOperator
 from .modes import MODES
@@ -38,4 +38,5 @@ __all__ = [
     "LinearOperator",
     "MODES",
     "MatrixOperator",
+    "WrappingOperator",
 ]

@@ -11,6 +11,7 @@ from .._vocab import ArgumentTypeError
 __all__ = [
     "DampedOperator",
     "LinearOperator",
+    "WrappingOperator",
     "MatrixOperator",
     "check_operand",
     "check_vector",
@@ -218,7 +219,24 @@ def _is_symmetric(matrix: Tensor) -> bool:
     return bool((safe - safe.T).abs().max() <= tol)
 
 
-class DampedOperator(LinearOperator):
+class WrappingOperator(LinearOperator):
+    """An operator built on ``self.base``, whose products are counted there: its
+    ``num_matvecs`` is the wrapped operator's (a product of a damped, averaged, projected
+    or recording operator is one product of ``base``)."""
+
+    base: LinearOperator
+
+    @property
+    def num_matvecs(self) -> int:
+        """The wrapped operator's count of products."""
+        return self.base.num_matvecs
+
+    @num_matvecs.setter
+    def num_matvecs(self, value: int) -> None:  # LinearOperator.__init__ sets it
+        pass
+
+
+class DampedOperator(WrappingOperator):
     """``A + damping * I``. Products are counted on the wrapped operator.
 
     Args:
@@ -234,15 +252,6 @@ class DampedOperator(LinearOperator):
         self.base = base
         self.damping = damping
         self.symmetric = base.symmetric
-
-    @property
-    def num_matvecs(self) -> int:
-        """The wrapped operator's count: a product of ``A + damping I`` is one of ``A``."""
-        return self.base.num_matvecs
-
-    @num_matvecs.setter
-    def num_matvecs(self, value: int) -> None:  # the base class __init__ sets it
-        pass
 
     def matvec(self, v: Tensor) -> Tensor:
         return self.base.matvec(v) + self.damping * v

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .._vocab import Status
-from ..operators import LinearOperator
+from ..operators import LinearOperator, WrappingOperator
 from .base import Solution, require_finite_product, safe_norm
 from .cg_status import blame_preconditioner
 
@@ -167,7 +167,7 @@ def _norm_ratio(op: LinearOperator, v: Tensor | None) -> float:
     return safe_norm(Av) / vnorm
 
 
-class _Deflated(LinearOperator):
+class _Deflated(WrappingOperator):
     """``P A P`` (``P = I - W W^T``): ``A`` with the null directions ``W`` made exact
     ones, so that a run's residual stays off ``W`` (with ``A`` itself, ``W^T (b - A x) =
     -(A W)^T x`` grew as ``x`` did until ``r^T P M^{-1} P r`` was 0: a float64 system of
@@ -175,25 +175,17 @@ class _Deflated(LinearOperator):
 
     def __init__(self, op: LinearOperator, W: Tensor):
         super().__init__(op.size, op.dtype, op.device)
-        self.op, self.W = op, W
-
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    @num_matvecs.setter
-    def num_matvecs(self, value: int) -> None:  # the base class __init__ sets it
-        pass
+        self.base, self.W = op, W
 
     @property
     def scale(self) -> float | None:
         """The wrapped operator's :attr:`~hypergradient.HessianOperator.scale`, if any."""
-        scale = getattr(self.op, "scale", None)
+        scale = getattr(self.base, "scale", None)
         return scale if isinstance(scale, float) else None
 
     def matvec(self, v: Tensor) -> Tensor:
         W = self.W
-        w = self.op.matvec(v - W @ (W.T @ v))
+        w = self.base.matvec(v - W @ (W.T @ v))
         return w - W @ (W.T @ w)
 
 

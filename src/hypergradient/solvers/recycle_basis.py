@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..operators import LinearOperator
+from ..operators import LinearOperator, WrappingOperator
 
 __all__ = ["LAZY", "Basis", "Recorder", "owned"]
 
@@ -17,26 +17,18 @@ __all__ = ["LAZY", "Basis", "Recorder", "owned"]
 LAZY = 0.25
 
 
-class Recorder(LinearOperator):
+class Recorder(WrappingOperator):
     """Forwards products to ``op`` and keeps the first ``limit`` pairs ``(v, A v) / ||v||``,
     interleaved as rows ``2 i`` and ``2 i + 1`` of one buffer (allocated at the first
     product), so that ``Z [P; A P]^T`` is one matrix product over a contiguous block."""
 
     def __init__(self, op: LinearOperator, limit: int):
         super().__init__(op.size, op.dtype, op.device)
-        self.op, self.limit, self.count = op, limit, 0
+        self.base, self.limit, self.count = op, limit, 0
         self.X = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
 
-    @property
-    def num_matvecs(self) -> int:
-        return self.op.num_matvecs
-
-    @num_matvecs.setter
-    def num_matvecs(self, value: int) -> None:  # the base class __init__ sets it
-        pass
-
     def matvec(self, v: Tensor) -> Tensor:
-        w = self.op.matvec(v)
+        w = self.base.matvec(v)
         if self.count < self.limit:
             scale = math.sqrt(float(torch.dot(v, v)))  # 15x faster than vector_norm
             if not 0.0 < scale < math.inf:
