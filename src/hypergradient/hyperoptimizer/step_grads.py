@@ -193,9 +193,10 @@ def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | N
         # a float16 step's backward pass ran on the GradScaler's scaled loss: so does the
         # replay's (unscaled, its float16 gradients underflow), then it is unscaled
         scale = loss_scale(hopt.loop)
-        found = torch.autograd.grad(loss * scale, leaves, allow_unused=True)
-        pairs = zip(params, found)
-        return [*(torch.zeros_like(p) if f is None else _dense(f) / scale for p, f in pairs), flags]
+        scaled = loss * scale if scale != 1.0 else loss
+        found = torch.autograd.grad(scaled, leaves, allow_unused=True)
+        grads = [torch.zeros_like(p) if f is None else _dense(f) for p, f in zip(params, found)]
+        return [*(grads if scale == 1.0 else (g / scale for g in grads)), flags]
 
     like = [*params, torch.empty(2, dtype=wide, device=view.device)]
     *r, flags = distributed.guarded(local, like, hopt.process_group, "T1T2's step gradient")
