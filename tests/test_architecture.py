@@ -23,6 +23,7 @@ PKG = SRC / "hypergradient"
 LAYERS = {
     "_vocab": 0,
     "_autograd": 0,
+    "_norms": 0,
     "_version": 0,
     "_tree": 1,
     "optim": 1,

@@ -1,4 +1,4 @@
-"""Norms of large float32 vectors read by float32 rows (``solvers/norms.py``) and CG's use of
+"""Norms of large float32 vectors read by float32 rows (``_norms.py``) and CG's use of
 them: against float64 norms, at the edges of float32's range, and CG's iterates, residuals and
 decisions against the exact float64 reads."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import hypergradient as hg
+from hypergradient._norms import ROW, ROW_SQUARES, ROWS_FROM, in_rows, row_norms
 from hypergradient.operators import LinearOperator
 from hypergradient.solvers import cg as cg_module
 from hypergradient.solvers import neumann as neumann_module
-from hypergradient.solvers.norms import ROW, ROW_SQUARES, ROWS_FROM, in_rows, row_norms
 
 F64 = torch.float64
 

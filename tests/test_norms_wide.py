@@ -1,4 +1,4 @@
-"""Unread norms of large float32 vectors by float32 rows (``solvers.norms.wide_norm``) where
+"""Unread norms of large float32 vectors by float32 rows (``_norms.wide_norm``) where
 the implicit call read them in float64 (the terms' norms, ``||b||`` in the solvers, the
 stationarity floor's leaf norms and sampled products): the same values to float32 roundings,
 the exact float64 norm wherever rows may be off, and the same decisions on a real call."""
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import hypergradient as hg
+from hypergradient import _norms as norms
+from hypergradient._norms import ROW_SQUARES, ROWS_FROM, exact_where_off, wide_norm
 from hypergradient.operators import hessian as hessian_module
 from hypergradient.solvers import cg as cg_module
-from hypergradient.solvers import norms
 from hypergradient.solvers.base import safe_norm
-from hypergradient.solvers.norms import ROW_SQUARES, ROWS_FROM, exact_where_off, wide_norm
 
 F64 = torch.float64
 
@@ -75,7 +75,7 @@ def _call(monkeypatch, by_rows: bool):
     if not by_rows:
         monkeypatch.setattr(norms, "in_rows", lambda t, wide: False)
         monkeypatch.setattr(cg_module, "in_rows", lambda t, wide: False)
-        monkeypatch.setattr(hessian_module, "_in_rows", lambda t: False)
+        monkeypatch.setattr(hessian_module, "in_rows", lambda t, wide: False)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
     params = {k: v.detach().requires_grad_() for k, v in net.named_parameters()}

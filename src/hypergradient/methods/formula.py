@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._norms import exact_where_off, wide_norm
 from .._tree import Tree
 from .._vocab import (
     NonFiniteHypergradientError,
@@ -41,7 +42,6 @@ from ..distributed import AveragedOperator, guarded
 from ..operators import LinearOperator
 from ..operators.buffers import keep_buffers
 from ..solvers import AutoDamping, Solver, damped_solve
-from ..solvers.norms import exact_where_off, wide_norm
 from ._checks import Inputs, all_finite, connected, unused_leaves, warn_unused
 from .implicit_info import ImplicitInfo, PendingFloor, warn_solve
 

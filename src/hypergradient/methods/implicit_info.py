@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._norms import ROWS_FROM, exact_where_off, wide_norm
 from .._vocab import HypergradientWarning, Status
 from ..solvers import Solver
-from ..solvers.norms import ROWS_FROM, exact_where_off, wide_norm
 from .base import Info
 
 __all__ = [

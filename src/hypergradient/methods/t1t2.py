@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._norms import ROWS_FROM, norm_parts
 from .._tree import Tree
 from .._vocab import Status, as_choice, as_scalar_loss
 from ..operators.buffers import keep_buffers
 from ..operators.modes import delayed_error_in, is_double_backward_error
 from ..solvers import Identity, Solver
-from ..solvers.norms import ROWS_FROM, norm_parts
 from ._checks import Inputs, check_problem
 from .base import Problem
 from .implicit_base import ImplicitMethod, as_hvp

@@ -2,7 +2,7 @@
 
 The direct path of :class:`~hypergradient.methods.t1t2.T1T2` reports ``||grad_theta f||``
 and ``||b|| = ||grad_theta g||`` without building the flat vectors: each norm comes in the
-parts :func:`~hypergradient.solvers.norms.norm_parts` takes while a leaf is in cache, read
+parts :func:`~hypergradient._norms.norm_parts` takes while a leaf is in cache, read
 with ``f``, ``g`` and a sum probe of each hypergradient leaf. With one learning rate ``b``'s
 norm is ``||lr b|| / lr``; with one rate per leaf it is read from ``b``'s own leaves.
 """
@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._norms import ROW_SQUARES, in_rows, norm_parts
 from .._vocab import finite_probe
-from ..solvers.norms import ROW_SQUARES, in_rows, norm_parts
 
 __all__ = ["b_parts", "read_look_ahead"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 from torch.linalg import vector_norm
 
 from .. import _autograd, _tree, _vocab
+from .._norms import in_rows, read_exactly, wide_norm
 from .._tree import Tree, TreeSpec
 from .base import check_vector
 from .buffers import keep_buffers
@@ -238,35 +238,15 @@ class HessianOperator(GraphOperator, FirstOrderProducts):
         return [None if d is None else d.to(t.dtype) for d, t in zip(diff, self.hparam_leaves)]
 
 
-#: On the CPU, float32 vectors of this many entries or more have their sampled norms read by
-#: float32 rows of ``_ROW`` entries (as ``solvers.norms``, a layer above): no float64 copy.
-_ROWS_FROM, _ROW = 1 << 15, 256
-#: Below ``sqrt(n)`` times this, float32 squares underflow by more than a rounding.
-_ROW_SQUARES = math.sqrt(torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps)
-
-
 def _sample_norms(out: Tensor, v: Tensor, wide: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(||out||, ||v||)`` in ``wide``. On the CPU, large float32 vectors are normed by
-    float32 rows and read at once (a float64 copy of each took 0.15-0.6 ms at 2e5 entries;
-    the read, a microsecond), and in float64 where rows may be more than a rounding off."""
+    float32 rows (:func:`~hypergradient._norms.wide_norm`) and read at once (a float64 copy
+    of each took 0.15-0.6 ms at 2e5 entries; the read, a microsecond), and in float64 where
+    rows may be more than a rounding off."""
     pair = (out, v)
-    if v.numel() >= _ROWS_FROM and v.is_cpu and wide == torch.float64 and all(map(_in_rows, pair)):
-        norms = [_row_norm(t) for t in pair]
+    if v.is_cpu and all(in_rows(t, wide) for t in pair):
+        norms = [wide_norm(t, wide) for t in pair]
         read = torch.stack(norms).tolist()
-        if all(math.sqrt(t.numel()) * _ROW_SQUARES <= x < math.inf for t, x in zip(pair, read)):
+        if not any(read_exactly(x, t, wide) for x, t in zip(read, pair)):
             return norms[0], norms[1]
     return vector_norm(out, dtype=wide), vector_norm(v, dtype=wide)
-
-
-def _in_rows(t: Tensor) -> bool:
-    return t.dtype == torch.float32 and t.numel() >= _ROWS_FROM and t.is_contiguous()
-
-
-def _row_norm(t: Tensor) -> Tensor:
-    """``||t||`` in float64 from its float32 rows' norms (and the remainder's)."""
-    flat = t.view(-1)
-    m = flat.numel() - flat.numel() % _ROW
-    rows = vector_norm(vector_norm(flat[:m].view(-1, _ROW), dim=1), dtype=torch.float64)
-    return (
-        rows if m == flat.numel() else torch.hypot(rows, vector_norm(flat[m:], dtype=torch.float64))
-    )

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _vocab
+from .._norms import ROWS_FROM, read_exactly, wide_norm
 from .._vocab import ArgumentTypeError, Status
 from ..operators import LinearOperator
 from ..operators.base import check_operand, same_device
-from .norms import ROWS_FROM, read_exactly, wide_norm
 
 _same_device = same_device  # (its name here before it moved to operators.base)
 
@@ -257,7 +257,7 @@ def safe_norm(v: Tensor, wide: torch.dtype | None = None) -> float:
 
 def _read_norm(v: Tensor, wide: torch.dtype) -> float:
     """``float(vector_norm(v, dtype=wide))``, a large float32 ``v`` read by float32 rows
-    (:func:`~hypergradient.solvers.norms.wide_norm`) where that is as good."""
+    (:func:`~hypergradient._norms.wide_norm`) where that is as good."""
     value = float(wide_norm(v, wide))
     if v.numel() >= ROWS_FROM and read_exactly(value, v, wide):
         return float(torch.linalg.vector_norm(v, dtype=wide))

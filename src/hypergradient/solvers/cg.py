@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _vocab
+from .._norms import in_rows, row_norms
 from .._vocab import Status
 from ..operators import LinearOperator
 from .base import Solution, Solver, require_finite_product, require_finite_solution, safe_norm
@@ -23,7 +24,6 @@ from .cg_status import (
     relative_tol,
     restore_start,
 )
-from .norms import in_rows, row_norms
 
 __all__ = ["CG", "conjugate_gradient"]
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _vocab
+from .._norms import in_rows, row_norms
 from .._vocab import Status
 from ..operators import DampedOperator, LinearOperator
 from .base import (
@@ -20,7 +21,6 @@ from .base import (
     require_finite_solution,
     safe_norm,
 )
-from .norms import in_rows, row_norms
 from .spectrum import estimate_lambda_max, lanczos_extremes, lanczos_safety
 
 __all__ = ["Neumann"]

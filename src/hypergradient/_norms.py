@@ -2,9 +2,11 @@
 
 A float64 norm of a float32 vector converts every entry; summing at most :data:`ROW`
 squares per row in float32 and combining the row norms in float64 reads the vector once,
-to a few float32 roundings (about 1e-7 relative). Solvers and the T1T2 direct path read
-their per-iteration norms this way from :data:`ROWS_FROM` entries, and exactly
-(:func:`~hypergradient.solvers.base.safe_norm`) wherever this may be more than a rounding off.
+to a few float32 roundings (about 1e-7 relative). Solvers, the T1T2 direct path, the
+implicit formula's checks and the Hessian operator's sampled scale read their norms this way
+from :data:`ROWS_FROM` entries, and exactly (:func:`~hypergradient.solvers.base.safe_norm`,
+:func:`exact_where_off`) wherever this may be more than a rounding off. Layer 0: torch only,
+so that operators use it as well as solvers and methods.
 """
 
 from __future__ import annotations
