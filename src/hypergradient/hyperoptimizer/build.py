@@ -45,8 +45,8 @@ __all__ = [
     "make_guard",
     "make_hyperparameters",
     "make_problem",
-    "step_lr",
     "make_sampler",
+    "step_lr",
 ]
 
 LossFn = Callable[[Any, dict[str, Tensor], Any], Tensor]

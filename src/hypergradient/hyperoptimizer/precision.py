@@ -214,18 +214,17 @@ def loss_scale(loop: Any) -> float:
     return float(scale)
 
 
-def step_state(loop: Any, device: torch.device) -> AmpState:
+def step_state(loop: Any, device: torch.device, consume: bool = True) -> AmpState:
     """The autocast state of the step just taken (see the module's notes): the fixed one
     (``HyperOptimizer(autocast=...)``), else its ``hopt.train_loss`` call's
     (``loop.amp_pending``), else the last forward pass's of the model since the previous
-    step (``loop.amp_watch``), else the one around ``step()``/``end_step()``."""
+    step (``loop.amp_watch``, forgotten unless ``consume`` is False), else the one around
+    ``step()``/``end_step()``."""
     watch: AmpWatch | None = getattr(loop, "amp_watch", None)
-    seen = None
-    if watch is not None:
-        seen, watch.seen = watch.seen, None
-        if watch.fixed is not None:
-            return watch.fixed
-    pending = loop.amp_pending
-    if pending is not None:
-        return pending
-    return seen if seen is not None else state(device)
+    seen = getattr(watch, "seen", None)
+    if consume and watch is not None:
+        watch.seen = None
+    for found in (getattr(watch, "fixed", None), loop.amp_pending, seen):
+        if found is not None:
+            return found
+    return state(device)

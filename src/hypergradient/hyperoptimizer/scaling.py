@@ -184,22 +184,14 @@ def skipped_outside(hopt: HyperOptimizer) -> bool:
     skipped by a ``GradScaler`` (a trained parameter's gradient is inf/NaN while every
     parameter is finite: an optimizer stepping on it would have made one non-finite);
     if so, it is not recorded (:func:`skipped_by_scaler`) and True."""
-    if not any(dtype is torch.float16 for _, dtype in _peek(hopt)):
+    peek = precision.step_state(hopt.loop, hopt.view.device, consume=False)
+    if not any(dtype is torch.float16 for _, dtype in peek):
         return False
     params = hopt.view.params
     if all_finite([p.grad for p in params]) or not all_finite(params):
         return False
     skipped_by_scaler(hopt)
     return True
-
-
-def _peek(hopt: HyperOptimizer) -> tuple[tuple[str, torch.dtype], ...]:
-    """The autocast state :func:`.precision.step_state` will give the step (not consumed)."""
-    loop, watch = hopt.loop, hopt.loop.amp_watch
-    for found in (getattr(watch, "fixed", None), loop.amp_pending, getattr(watch, "seen", None)):
-        if found is not None:
-            return found
-    return precision.state(hopt.view.device)
 
 
 def skipped_by_scaler(hopt: HyperOptimizer) -> None:
