@@ -25,9 +25,9 @@ from torch import nn
 
 import hypergradient as hg
 
-GEN = torch.Generator().manual_seed(0)
-X, Y = torch.randn(64, 8, generator=GEN), torch.randn(64, 1, generator=GEN)
-XV, YV = torch.randn(32, 8, generator=GEN), torch.randn(32, 1, generator=GEN)
+# the autocast tests' data and the dense float64 reference of the same linear model on it
+from test_adv13_driver_autocast import XV, YV, X, Y, dense_float64_ift
+
 GOOD = [(X[16 * i : 16 * i + 16], Y[16 * i : 16 * i + 16]) for i in range(4)]
 BAD = (torch.full((16, 8), 1e6), Y[:16])  # overflows float16: the scaler skips its step
 WITH_BAD = GOOD[:1] + [BAD] + GOOD[1:]
@@ -132,31 +132,11 @@ def test_scaler_step_of_hopt_is_the_unscaled_amp_loop_and_skips_overflowing_step
             assert rel(a, b) <= 3e-3  # float16 training (measured 6e-5 to 6e-4)
 
 
-def dense_float64_ift(weights, batch) -> torch.Tensor:
-    """The implicit hypergradient of the linear model at ``weights``, in float64 (dense
-    Hessian): ``-(d2f/dh dtheta)^T H^-1 dg/dtheta``."""
-    w0 = torch.cat([w.reshape(-1) for w in weights]).double()
-    x, y = batch[0].double(), batch[1].double()
-
-    def f(theta, lam):
-        w, b = theta[:8], theta[8]
-        return ((x * lam[1:]) @ w + b - y[:, 0]).pow(2).mean() + lam[0] * w.pow(2).sum()
-
-    def g(theta):
-        return ((XV.double() @ theta[:8] + theta[8] - YV.double()[:, 0]) ** 2).mean()
-
-    hess = torch.autograd.functional.hessian(lambda t: f(t, H), w0)
-    mixed = torch.autograd.functional.jacobian(
-        lambda lam: torch.autograd.grad(f(w0.requires_grad_(), lam), w0, create_graph=True)[0], H
-    )
-    return -mixed.T @ torch.linalg.solve(hess, torch.autograd.functional.jacobian(g, w0))
-
-
 def test_ift_in_a_float16_scaler_loop_matches_a_dense_float64_solve():
     grads, _, caught = run("IFT", WITH_BAD)
     assert caught == [] and len(grads) == len(POINTS) == 2
     for got, (weights, batch) in zip(grads, POINTS):
-        assert rel(got, dense_float64_ift(weights, batch)) <= 1e-5
+        assert rel(got, dense_float64_ift(weights, batch, H)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["T1T2", "Unrolled"])
