@@ -1,7 +1,5 @@
 """Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch."""
 
-from __future__ import annotations
-
 import math
 import os
 import queue

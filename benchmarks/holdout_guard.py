@@ -1,7 +1,5 @@
 """The validation-overfit guard on 2,410 per-weight decays: test loss with and without it."""
 
-from __future__ import annotations
-
 import time
 from pathlib import Path
 from typing import Any

@@ -12,8 +12,6 @@ starts to polishing, every polished point a trial of its own. A median per task 
 benchmarks/hybrid_optuna.py --seeds 0 1 2`` (~12 min per seed; ``--quick``: seconds).
 """
 
-from __future__ import annotations
-
 import math
 import os
 import sys
@@ -125,8 +123,7 @@ class Hybrid:
 
     def finish(self) -> None:
         self._end_polish()  # a polish the budget ended
-        best = self.study.best_trial
-        x = self.run.extras
+        best, x = self.study.best_trial, self.run.extras
         x |= self.counts | {"best_trial": best.number, "study_trials": len(self.study.trials)}
         x["best_refined_from"] = best.user_attrs.get("refined_from")
 

@@ -6,8 +6,6 @@ HippoTrainer's documented training loop end to end, in lockstep rounds. Run:
 ``python benchmarks/vs_hippotrainer.py [--quick]`` (HippoTrainer optional: its rows are skipped).
 """
 
-from __future__ import annotations
-
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -41,11 +39,10 @@ def losses(data: H.Data) -> tuple:
     return (lambda p, h: f_batch(p, h, data.train)), (lambda p, h: f_batch(p, h, data.val)), f_batch
 
 
-def init_state(dim: int) -> tuple[Tensor, Tensor]:
+def init_state(dim: int) -> tuple[Tensor, ...]:
     """``nn.Linear(dim, 1)``'s default initialization under seed 0."""
     torch.manual_seed(0)
-    m = torch.nn.Linear(dim, 1).double()
-    return m.weight.detach(), m.bias.detach()
+    return tuple(p.detach() for p in torch.nn.Linear(dim, 1).double().parameters())
 
 
 def setup(module: Any, cls: str, kw: dict, data: H.Data, state: Any, hyper_lr: float, clone: bool):

@@ -1,7 +1,5 @@
 """Against black-box search: Optuna (TPE, random) versus hypergradient descent, by wall clock."""
 
-from __future__ import annotations
-
 import math
 import os
 import time
