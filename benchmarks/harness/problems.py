@@ -165,10 +165,10 @@ class Data:
     train: tuple[Tensor, Tensor]
     val: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor]
-    dim: int = 0
 
-    def __post_init__(self) -> None:
-        self.dim = self.train[0].shape[1]
+    @property
+    def dim(self) -> int:
+        return self.train[0].shape[1]
 
 
 def breast_cancer_data(seed: int, y_column: bool = False) -> Data:
@@ -257,9 +257,6 @@ class Bilevel:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
-
-    def f_flat(self, theta: Tensor, hparams: Params | None = None) -> Tensor:
-        return self.inner_loss(unflat(theta, self.params), hparams or self.hparams)
 
 
 def ridge(seed: int = 0, n: int = 200, d: int = 50) -> Bilevel:
@@ -490,8 +487,8 @@ def quadratic(d: int, cond: float, seed: int = 0, p: int = 10, mu: float = 0.1) 
 def dense_hessian(pb: Bilevel) -> Tensor:
     """The symmetrized dense float64 Hessian of ``f`` in the flattened params (torch.func)."""
     hp, theta = tuple(h.to(F64) for h in pb.hparams), flat(pb.params).to(F64)
-    hess = torch.func.jacrev(torch.func.grad(lambda t: pb.f_flat(t, hp)), chunk_size=DENSE_CHUNK)
-    H = hess(theta)
+    f = lambda t: pb.inner_loss(unflat(t, pb.params), hp)  # noqa: E731
+    H = torch.func.jacrev(torch.func.grad(f), chunk_size=DENSE_CHUNK)(theta)
     return 0.5 * (H + H.T)
 
 
