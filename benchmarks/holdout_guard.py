@@ -88,9 +88,8 @@ def plot(data: dict[str, Any], out: Path) -> Path:
         lines = {k: [(c["hyper_step"], c[f"{k}_loss"]) for c in r["curve"]] for k in SPLITS}
         best = {"kept (best holdout)": r["best_hyper_step"]} if r["best_hyper_step"] else {}
         axes = {"title": r["run"], "xlabel": "hyper-step", "yscale": "log"}
-        panels.append(
-            {"lines": lines, "fmt": dict.fromkeys(lines, "-"), "vlines": best, "set": axes}
-        )
+        fmt = dict.fromkeys(lines, "-")
+        panels.append({"lines": lines, "fmt": fmt, "vlines": best, "set": axes})
     title = "2,410 per-weight decays: the live model's losses along the hyper-steps"
     return H.figure(out / f"{NAME}.png", panels, 3, (4.7, 4), title)
 

@@ -326,9 +326,8 @@ def render_lr(res: dict[str, Any]) -> str:
     rows, notes = [], [f"a step of the full Adam lr {LR_OUTER_LR} is x{math.exp(LR_OUTER_LR):.3f}"]
     for label, r in res["summary"].items():
         h = r["lr_history"]
-        rows.append(
-            r | {"run": label, "lr_1": h[0] if h else None, "lr_10": h[9] if h[9:] else None}
-        )
+        lrs = {"lr_1": h[0] if h else None, "lr_10": h[9] if h[9:] else None}
+        rows.append(r | {"run": label} | lrs)
         notes += [f"{label}: lr x{h[-1] / h[-2]:.3f} at the last hyper-step"] if h[1:] else []
     diff = max(r["max_round_diff"] for r in res["summary"].values())
     notes += [f"largest difference of a final val loss between rounds: {diff:.1e}"]

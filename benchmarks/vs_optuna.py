@@ -333,11 +333,8 @@ def render_task(res: dict[str, Any]) -> str:
         at = f"{ht['test_loss']:.4f} / {ht['test_acc']:.3f}" if ht else "-"
         targets.append(x | {"hypergradient at the target": at})
     split = [f"{LABELS[m]} {H.facts({k: runs[m][k] for k in SPLIT})}" for m in METHODS]
-    best = [
-        f"{LABELS[m]} {H.facts(lambdas(runs[m]))}, "
-        f"{runs[m]['final']['val_loss']:.6f} ({min(runs[m]['val']):.6f})"
-        for m in METHODS
-    ]
+    refit = lambda r: f"{r['final']['val_loss']:.6f} ({min(r['val']):.6f})"  # noqa: E731
+    best = [f"{LABELS[m]} {H.facts(lambdas(runs[m]))}, {refit(runs[m])}" for m in METHODS]
     notes = [
         f"budget {res['budget']:.0f} s per method; lambda in {res['box']}; "
         f"training: {res['training']}; hypergradient: Adam(lr={res['outer_lr']}) on log lambda, "

@@ -194,10 +194,10 @@ def render(data: dict[str, Any]) -> list[str]:
         for w in ("hg.implicit", "minimal loop")
     ]
     ovh = [r | {"per_product_us": 1e3 * r["per_product_ms"]} for r in ovh]
-    icols = "problem|params:,|solver|k:d|hvps:d|theirs_hvps:d|ours_ms:.3g|theirs_ms:.3g"
-    icols += "|theirs/ours"
+    icols = "problem|params:,|solver|k:d|hvps:d|theirs_hvps:d|ours_ms:.3g|theirs_ms:.3g|theirs/ours"
     icols += "|ours_rel_err:.2e|theirs_rel_err:.2e|error"
     ucols = "problem|T:d|method|ms:.3g|cpu_ms:.3g|peak_mb:.1f|vs_autograd_rel_diff:.2e|error"
+    med = f": median of {len(fresh)} children {H.median([c['ratio'] for c in fresh]):.2f}"
     return [
         f"- TorchOpt {data['machine'].get('torchopt') or 'not importable: its columns are empty'}",
         "## 1. Implicit hypergradients at equal products (theirs = TorchOpt)\n\nhg with "
@@ -215,13 +215,7 @@ def render(data: dict[str, Any]) -> list[str]:
         f"ratio: hg / minimal at k = {o['ks'][0]} (results agree to {o['rel_diff']:.1e}), in this "
         "process after the other parts, and in fresh child processes (forked from a server that "
         "imported torch, torch.func, torch._dynamo and hypergradient; it varies between processes "
-        "on this shared machine)"
-        + (
-            f": median of {len(fresh)} children {H.median([c['ratio'] for c in fresh]):.2f}"
-            if fresh
-            else ""
-        )
-        + ".\n\n"
+        f"on this shared machine){med if fresh else ''}.\n\n"
         + H.dict_table(ovh, "process|implementation|fixed_ms:.3f|per_product_us:.0f|ratio:.2f"),
     ]
 
