@@ -56,9 +56,8 @@ def measure(pb: H.Bilevel, rounds: int, ks: Sequence[int]) -> list[dict[str, Any
         cases.append(H.Case(f"implicit, {k} products", call, hvps))
     res = H.interleave(cases, rounds)
     floor = lambda t: t.warm + 3 if t.key.startswith("implicit") else None  # noqa: E731
-    return [
-        {"what": t.key, "ms": t.ms, "gradients": t.ms / res[0].ms, "floor": floor(t)} for t in res
-    ]
+    rows = [{"what": t.key, "ms": t.ms, "gradients": t.ms / res[0].ms} for t in res]
+    return [r | {"floor": floor(t)} for r, t in zip(rows, res)]
 
 
 def compiled_products(pb: H.Bilevel, rounds: int) -> list[dict[str, Any]]:

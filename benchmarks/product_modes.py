@@ -3,7 +3,6 @@
 import contextlib
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +147,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
 
 
 OPTIONS = [H.option("--width", 1, 16, type=int, help="hidden sizes times w")]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    H.bench_main(__doc__, NAME, TITLE, run, render, plot=plot, argv=argv, options=OPTIONS)
-    return 0
-
+main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

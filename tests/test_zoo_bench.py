@@ -50,8 +50,9 @@ def check_accuracy(result):
 
 def test_product_modes_quick_run(tmp_path):
     product_modes = _module()
-    assert product_modes.main(["--quick", "--out", str(tmp_path)]) == 0
+    returned = product_modes.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "product_modes.json").read_text())
+    assert returned == data
     md = (tmp_path / "product_modes.md").read_text()
     assert md.startswith("# ") and "|---" in md
     assert (tmp_path / "product_modes.png").stat().st_size > 1000
