@@ -55,29 +55,20 @@ def facts(d: dict[str, Any], skip: Sequence[str] = ()) -> str:
     return "; ".join(f"{k} {num(v)}" for k, v in d.items() if k not in skip)
 
 
-def table(header: Sequence[str] | str, rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table (``header`` may be one ``|``-separated string); a header ending in
-    ``:`` is right-aligned (the ``:`` dropped)."""
-    header = header.split("|") if isinstance(header, str) else header
-    names = [h[:-1] if h.endswith(":") else h for h in header]
-    rule = ["---:" if h.endswith(":") else "---" for h in header]
-    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(rule) + "|"]
-    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def dict_table(rows: Sequence[dict[str, Any]], columns: str) -> str:
-    """A table of dicts: ``columns`` is ``key|key:format|...``; a column with a format is
-    right-aligned and its numbers formatted (empty where missing, ``—`` where non-finite)."""
+    """A Markdown table of dicts: ``columns`` is ``key|key:format|...``; a column with a format
+    is right-aligned and its numbers formatted (empty where missing, ``—`` where non-finite)."""
     cols = [(c.split(":", 1) + [""])[:2] for c in columns.split("|")]
 
-    def cell(v: Any, spec: str) -> Any:
+    def cell(v: Any, spec: str) -> str:
         if v is None or not spec or isinstance(v, str):
-            return "" if v is None else v
+            return "" if v is None else str(v)
         return "—" if bad(v) else format(v, spec)
 
-    head = [k + (":" if spec else "") for k, spec in cols]
-    return table(head, [[cell(r.get(k), spec) for k, spec in cols] for r in rows])
+    lines = ["| " + " | ".join(k for k, _ in cols) + " |"]
+    lines.append("|" + "|".join("---:" if spec else "---" for _, spec in cols) + "|")
+    lines += ["| " + " | ".join(cell(r.get(k), spec) for k, spec in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def bullets(items: Sequence[str]) -> str:
