@@ -61,11 +61,6 @@ def recompute(f: Callable, g: Callable, p0: tuple, h: dict, T: int) -> Tensor:
     return H.flat(hyper)
 
 
-def competitors(peers: bool = True) -> list[str]:
-    peer = peers and H.import_peer("torchopt")[0] is not None
-    return ["unrolled", "hand", "recompute"] + ["torchopt"] * peer + ["sweep"]
-
-
 def sweep(f: Callable, p0: tuple, h: dict, T: int) -> list[tuple]:
     """The forward sweep: the T + 1 states of T plain SGD steps, no graph kept (what any method
     that does not keep a step's graph computes twice for it)."""
@@ -104,7 +99,8 @@ def peak_child(who: str, name: str, T: int, hidden: int = 32, mmap: bool = False
 def time_problem(name: str, T: int, rounds: int, quick: bool) -> dict[str, Any]:
     """Interleaved timings (they must agree with ``hand`` to 1e-3); peak memory at
     ``MEMORY_T`` (quick: no peers, memory of the MLP's ``unrolled`` and ``hand`` only)."""
-    names = competitors(not quick)
+    peer = not quick and H.import_peer("torchopt")[0] is not None
+    names = ["unrolled", "hand", "recompute"] + ["torchopt"] * peer + ["sweep"]
     cases = [H.Case(w, lambda s, c=competitor(w, name, T): c()) for w in names]  # noqa: B008
     res = {t.key: t for t in H.interleave(cases, rounds)}
     agree = {w: H.relative_error(t.warm, res["hand"].warm) for w, t in res.items() if w != "sweep"}
