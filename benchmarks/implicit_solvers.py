@@ -51,8 +51,7 @@ def theirs(pb: H.Bilevel, key: str, fn: Callable, k: int, arg: float, seeded: bo
 def gradient(pb: H.Bilevel) -> H.Case:
     ps = H.leaves(pb.params)
     call = lambda s: torch.autograd.grad(pb.inner_loss(ps, pb.hparams), ps)[0]  # noqa: E731
-    n = H.calls_per_sample(lambda: call(0))
-    meta = {"impl": "autograd"}
+    n, meta = H.calls_per_sample(lambda: call(0)), {"impl": "autograd"}
     return H.Case("gradient of f", call, lambda: (None, None, ""), inner=n, meta=meta)
 
 
@@ -188,9 +187,7 @@ def plot(data: dict[str, Any], out: Any) -> Any:
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
-    q, hgrad, version = args.quick, None, "skipped"
-    if not args.no_hypergrad:
-        hgrad, version = H.import_peer("hypergrad.approx_hypergrad", "hypergrad")
+    q, (hgrad, version) = args.quick, H.import_peer("hypergrad.approx_hypergrad", "hypergrad")
     rep.machine["hypergrad"] = version if hgrad else None
     builders = {
         "ridge": lambda: H.ridge(args.seed, 40 if q else 200, 10 if q else 50),
@@ -214,7 +211,6 @@ OPTIONS = [
     H.option("--repeats", 1, 9, type=int, help="timed calls per solver"),
     H.option("--dtype", choices=("float64", "float32"), default="float64"),
     H.option("--problems", ["ridge", "logreg"], ["ridge", "logreg", "mlp"], nargs="+"),
-    H.option("--no-hypergrad", action="store_true", help="skip the seed library"),
 ]
 main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
