@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +180,8 @@ def distributed(d: dict) -> dict[str, str]:
     return out | {"dist_bg": f"{min(bg):.2f}-{max(bg):.2f}"}
 
 
-SECTIONS: dict[str, Callable[[dict], dict[str, str]]] = {
-    f.__name__: f for f in (implicit_solvers, hvp_cost, hyperoptimizer_methods, vs_optuna, scale)
-}
-SECTIONS |= {"mixed_precision": mixed_precision, "distributed": distributed}
+SECTIONS = {f.__name__: f for f in (implicit_solvers, hvp_cost, hyperoptimizer_methods)}
+SECTIONS |= {f.__name__: f for f in (vs_optuna, scale, mixed_precision, distributed)}
 
 
 def render(results: Path) -> str:
