@@ -333,11 +333,10 @@ def render_a(res: dict[str, Any], repeats: int) -> str:
     rows, theirs = [], {}
     for r in res["rows"]:
         key = (r["point"], r["method"], str(r["kw"]))
+        row = r | {"method": kw_str(r["method"], r["kw"]), "error": (r["error"] or "")[:80]}
         if r["impl"] == "theirs":
             theirs[key] = r
-        t = theirs.get(key) if r["impl"] != "theirs" else None
-        row = r | {"method": kw_str(r["method"], r["kw"]), "error": (r["error"] or "")[:80]}
-        if t and t["ms"] and r["ms"]:
+        elif (t := theirs.get(key)) and t["ms"] and r["ms"]:
             row["theirs/ours"] = f"{t['ms'] / r['ms']:.2f} ({t['cpu_ms'] / r['cpu_ms']:.2f})"
         rows.append(row)
     probe = res.get("crash_probe") or {}

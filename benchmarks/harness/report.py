@@ -144,9 +144,9 @@ def publish(name: str, title: str, data: dict, render: Render, plot: Plot | None
 class Report:
     """The JSON, Markdown and plots of one benchmark run (see the module docstring)."""
 
-    def __init__(self, name: str, title: str, args: argparse.Namespace, **machine: Any):
+    def __init__(self, name: str, title: str, args: argparse.Namespace):
         self.name, self.title, self.args, self.started = name, title, args, time.perf_counter()
-        self.machine = machine_info(**machine)
+        self.machine = machine_info()
 
     def write(self, data: dict[str, Any], render: Render, plot: Plot | None = None) -> dict:
         out: Path = self.args.out

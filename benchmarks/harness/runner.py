@@ -38,13 +38,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def cli(doc: str | None, threads: int = 1) -> argparse.ArgumentParser:
+def cli(doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with ``--quick``, ``--out``, ``--seed``, ``--threads``, ``--replot``."""
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few seconds")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default results/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and generators")
-    p.add_argument("--threads", type=int, default=threads, help="torch threads (0: default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     p.add_argument("--replot", action="store_true", help="redraw tables and plots from the JSON")
     return p
 
@@ -63,14 +63,14 @@ def start(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def machine_info(**extra: Any) -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     """Platform, CPUs, RAM, versions and thread counts (call after :func:`start`)."""
     ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
     m |= {"python": platform.python_version(), "cpu_count": os.cpu_count(), "ram_gib": ram}
     m |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     m |= {"torch_interop_threads": torch.get_num_interop_threads(), "load_average": os.getloadavg()}
-    return m | extra | {"hypergradient": hg.__version__}
+    return m | {"hypergradient": hg.__version__}
 
 
 def error_text(exc: BaseException, limit: int = 300) -> str:
