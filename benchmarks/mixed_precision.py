@@ -199,7 +199,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
         text = Path("/proc/cpuinfo").read_text()
         flags = " ".join(f for f in ("avx2", "avx512_bf16", "avx512f", "amx_bf16") if f in text)
     rep.machine |= {"cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    hidden, iters, rounds = (4, 100, 1) if args.quick else (args.hidden, 1000, 10)
+    hidden, iters, rounds = (4, 100, 1) if args.quick else (16, 1000, 10)
     builders = [lambda: logreg(-1.0)] + [lambda: logreg(-3.0)] * (not args.quick)
     builders.append(lambda: H.digits_mlp(args.seed, hidden, iters, rounds=rounds, require_pd=False))
     out = {p.name: problem(p, args.repeats, steps) for p in (b() for b in builders)}
@@ -207,7 +207,6 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
 
 
 OPTIONS = [H.option("--repeats", 1, 5, type=int, help="timed calls per mode")]
-OPTIONS.append(H.option("--hidden", type=int, default=16, help="MLP hidden width"))
 main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)
 
 if __name__ == "__main__":

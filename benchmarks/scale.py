@@ -362,7 +362,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     q, cap, (X, y), first = args.quick, args.cap, H.mnist(), []
     rep.machine["threads_in_children"] = 1
     cfgs = configs(q, args.sizes, {"repeats": args.repeats, "budget": 0.2 if q else 3.0})
-    widths = {c.width for e in args.experiments for c in cfgs[e] if c.method in IMPLICIT}
+    widths = {c.width for cs in cfgs.values() for c in cs if c.method in IMPLICIT}
     pre = {w: pretrain(w, X, y, 20 if q else 300) for w in sorted(widths)}
 
     def one(cfg: Config) -> Result:
@@ -377,7 +377,7 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
             return Result(cfg, ok=False, error=str(exc))
 
     results, stopped = {}, ""
-    for e in args.experiments:
+    for e in cfgs:
         rows, why = sweep(one, cfgs[e], cap)
         results[e], stopped = [r.row() for r in rows], stopped or why
     pretrained = {str(param_count(w)): v["info"] for w, v in pre.items()}
@@ -385,11 +385,9 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     return data | {"pretrained": pretrained, "results": results}
 
 
-EXPERIMENTS = ["params", "hparams", "steps"]
 OPTIONS = [
     H.option("--cap", 2.0, 60.0, type=float, help="forward-mode time cap (s)"),
     H.option("--repeats", 1, 5, type=int, help="timed calls per configuration"),
-    H.option("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS),
     H.option("--sizes", [3e3], [1e4, 3e4, 1e5, 3e5, 1e6], nargs="+", type=float, help="P values"),
 ]
 main = H.entry(__doc__, NAME, TITLE, run, render, plot=plot, options=OPTIONS)

@@ -161,12 +161,12 @@ def compile_trial(name: str, T: int, rounds: int) -> dict[str, Any]:
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
     T, rounds = args.steps, args.rounds
     data = {"T": T, "rounds": rounds, "load": os.getloadavg(), "memory_share": MEMORY_SHARE}
-    data["problems"] = {n: time_problem(n, T, rounds, args.quick) for n in args.problems}
+    data["problems"] = {n: time_problem(n, T, rounds, args.quick) for n in PROBLEMS}
     cold = H.cold_start(NAME)
     sympy, _ = cold.pop("sympy"), cold.pop("first_drmad_cpu_s")
     data["cold"] = cold | {"dynamo": cold["dynamo"] or sympy}
     if args.compile:
-        data["compile"] = {n: compile_trial(n, T, rounds) for n in args.problems}
+        data["compile"] = {n: compile_trial(n, T, rounds) for n in PROBLEMS}
     return data
 
 
@@ -213,7 +213,6 @@ def render(d: dict[str, Any]) -> list[str]:
 OPTIONS = [
     H.option("--steps", 20, 100, type=int, help="T"),
     H.option("--rounds", 2, 15, type=int, help="interleaved rounds"),
-    H.option("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS),
     H.option("--compile", action="store_true", help="also try torch.compile (~1 min)"),
 ]
 main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)
