@@ -24,6 +24,7 @@ from .cg_status import (
     relative_tol,
     restore_start,
 )
+from .extremes import max_abs, nonzero
 
 __all__ = ["CG", "conjugate_gradient"]
 
@@ -64,7 +65,7 @@ class _Run:
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
         self.eps = _finfo(b.dtype).eps
         self.product_eps = max(self.eps, product_eps(op))  # bf16 products: 3.9e-3 (_verified)
-        top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
+        top = max_abs(b)  # max |b_i| (one torch.aminmax: .extremes)
         self.b = torch.div(b, top).div_(self.bnorm / top)  # two steps: no overflow
         # tolerance on the normalized residual; never below rounding level (past it the residual
         # only shrinks by noise until p^T A p underflows to 0: false negative curvature)
@@ -101,7 +102,7 @@ class _Run:
         self.r = self.b.clone()
         self.rnorm = 1.0
         self.x0: Tensor | None = None  # the warm start as given, returned if never improved
-        if x0 is not None and bool(x0.any()):
+        if x0 is not None and nonzero(x0):
             y0 = x0.to(self.b.dtype) / self.bnorm
             r0 = self.b - self._product(y0)
             r0norm = safe_norm(r0)
