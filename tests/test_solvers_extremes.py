@@ -1,6 +1,7 @@
 """``solvers.extremes``: ``max |v_i|`` and the all-zero test by ``torch.aminmax`` give the
 values and decisions of the calls they replace (``vector_norm(ord=inf)``, ``v.any()``,
-``count_nonzero``) on every kind of vector CG, Neumann, Nystrom and HOAG pass them."""
+``count_nonzero``) on every kind of vector CG, Neumann, Nystrom and HOAG pass them; CG makes
+``b / ||b||`` where it needs it instead of holding a copy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import math
 import pytest
 import torch
 
+import hypergradient as hg
+from hypergradient.solvers import cg as cg_module
+from hypergradient.solvers.cg_status import unit_rhs
 from hypergradient.solvers.extremes import MINMAX_FROM, max_abs, nonzero
 
 SIZES = [0, 1, 31, MINMAX_FROM - 1, MINMAX_FROM, MINMAX_FROM + 7, 203_530]
@@ -59,3 +63,33 @@ def test_other_dtypes_take_the_plain_calls(dtype: torch.dtype) -> None:
     assert nonzero(v)
     if dtype.is_complex:  # (vector_norm takes no integer or boolean tensor)
         assert max_abs(v) == float(torch.linalg.vector_norm(v, ord=math.inf)) == 1.0
+
+
+def _spd(n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    eig = torch.logspace(0, 3, n, dtype=torch.float64)
+    return ((q * eig) @ q.T).to(dtype), torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("warm", [None, "good", "bad"])
+def test_cg_holds_no_copy_of_the_normalized_right_hand_side(monkeypatch, warm) -> None:
+    """CG makes ``b / ||b||`` where it needs it (``cg_status.unit_rhs``: the start's residual,
+    a verification's true residual) instead of holding it through the products; the vector
+    is the one it held (same bits), and the run's answer is the reference's to rounding."""
+    runs = []
+    init = cg_module._Run.__init__
+    monkeypatch.setattr(
+        cg_module._Run, "__init__", lambda s, *a, **k: init(s, *a, **k) or runs.append(s)
+    )
+    a, b = _spd(60, torch.float64, 0)
+    x_ref = torch.linalg.solve(a, b)
+    x0 = {None: None, "good": x_ref * 0.9, "bad": -50 * x_ref}[warm]
+    sol = hg.CG(maxiter=200, tol=1e-10).solve(hg.MatrixOperator(a, symmetric=True), b, x0)
+    run = runs[-1]
+    held = [v for v in vars(run).values() if isinstance(v, torch.Tensor) and v.shape == b.shape]
+    unit = torch.div(b, max_abs(b)).div_(run.bnorm / max_abs(b))
+    assert not any(v is not run.r and torch.equal(v, unit) for v in held)
+    assert torch.equal(unit_rhs(run), unit)
+    assert sol.converged and torch.allclose(sol.value, x_ref, rtol=1e-7, atol=1e-9)
+    assert bool(sol.stats.get("warm_start_dropped")) == (warm == "bad")
