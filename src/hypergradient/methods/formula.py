@@ -33,15 +33,12 @@ from torch import Tensor
 from .. import _tree
 from .._norms import exact_where_off, wide_norm
 from .._tree import Tree
-from .._vocab import (
-    NonFiniteHypergradientError,
-    Status,
-    require_finite,
-)
+from .._vocab import NonFiniteHypergradientError, Status, require_finite
 from ..distributed import AveragedOperator, guarded
 from ..operators import LinearOperator
 from ..operators.buffers import keep_buffers
 from ..solvers import AutoDamping, Solver, damped_solve
+from ..solvers.extremes import nonzero
 from ._checks import Inputs, all_finite, connected, unused_leaves, warn_unused
 from .implicit_info import ImplicitInfo, PendingFloor, warn_solve
 
@@ -202,7 +199,7 @@ def _solve(
 ) -> tuple[Tensor, Any, LinearOperator]:
     """``x = (H + damping I)^{-1} b`` by ``solver``; the solution, its record, the system."""
     system: LinearOperator = t.op if group is None else AveragedOperator(t.op, group)
-    if t.bnorm == 0.0 and not bool(t.b.any()):
+    if t.bnorm == 0.0 and not nonzero(t.b):
         # The outer loss does not depend on the parameters: only the direct term remains.
         done = _Record(Status.CONVERGED, True, 0.0, 0, {"damping": _damping_value(damping)})
         return torch.zeros_like(t.b), done, system
@@ -369,7 +366,7 @@ def implicit_hypergradient(
                 record.residual = float(torch.linalg.vector_norm(terms.b - system.matvec(x)))
                 extra = 1
             bnorm = terms.bnorm
-            zero = record.status == Status.NEGATIVE_CURVATURE and not torch.count_nonzero(x)
+            zero = record.status == Status.NEGATIVE_CURVATURE and not nonzero(x)
             warn_solve(
                 solver, record.status, record.iterations, record.residual, bnorm, record.stats, zero
             )

@@ -29,6 +29,7 @@ from .._tree import Tree
 from .._vocab import ArgumentTypeError, as_choice, as_float
 from ..operators import MODES, HessianOperator
 from ..solvers import AutoDamping, Solver
+from ..solvers.extremes import nonzero
 from ._checks import (
     BATCHED,
     Inputs,
@@ -122,7 +123,7 @@ def warm_status(kept: Tensor | None, info: ImplicitInfo) -> str:
     if info.stats.get("warm_start_dropped"):
         return "dropped"
     x = info.solution
-    if kept is None or x is None or kept.numel() != x.numel() or not bool(kept.any()):
+    if kept is None or x is None or kept.numel() != x.numel() or not nonzero(kept):
         return "none"
     return "used"
 

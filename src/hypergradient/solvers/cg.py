@@ -23,7 +23,9 @@ from .cg_status import (
     recheck_exit,
     relative_tol,
     restore_start,
+    unit_rhs,
 )
+from .extremes import max_abs, nonzero
 
 __all__ = ["CG", "conjugate_gradient"]
 
@@ -64,8 +66,7 @@ class _Run:
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
         self.eps = _finfo(b.dtype).eps
         self.product_eps = max(self.eps, product_eps(op))  # bf16 products: 3.9e-3 (_verified)
-        top = float(torch.linalg.vector_norm(b, ord=math.inf))  # max |b_i|
-        self.b = torch.div(b, top).div_(self.bnorm / top)  # two steps: no overflow
+        self.rhs, self.top = b, max_abs(b)  # b / ||b||: unit_rhs, made where needed
         # tolerance on the normalized residual; never below rounding level (past it the residual
         # only shrinks by noise until p^T A p underflows to 0: false negative curvature)
         asked = max(tol, atol / self.bnorm)
@@ -79,7 +80,7 @@ class _Run:
         self.hint = scale  # a known lower bound of ||A||, for the null test only (.cg_singular)
         self.wide = _tree.wide_dtype(b.device)
         self.rows: Tensor | None = None  # the (4, n) buffer, allocated at first use
-        self.by_rows = b.device.type == "cpu" and in_rows(self.b, self.wide)
+        self.by_rows = b.device.type == "cpu" and in_rows(b.contiguous(), self.wide)
         # on the CPU reading p^T A p on its own costs nothing: a step whose curvature is not
         # positive stops before its update; on an accelerator a step reads p^T A p and the 4
         # norms with one synchronization
@@ -97,19 +98,19 @@ class _Run:
         return w
 
     def _initial_guess(self, x0: Tensor | None) -> None:
-        self.y = torch.zeros_like(self.b)
-        self.r = self.b.clone()
+        self.r = unit_rhs(self)  # the residual of y = 0 (no copy of b / ||b|| is kept)
+        self.y = torch.zeros_like(self.r)
         self.rnorm = 1.0
         self.x0: Tensor | None = None  # the warm start as given, returned if never improved
-        if x0 is not None and bool(x0.any()):
-            y0 = x0.to(self.b.dtype) / self.bnorm
-            r0 = self.b - self._product(y0)
+        if x0 is not None and nonzero(x0):
+            y0 = x0.to(self.r.dtype) / self.bnorm
+            r0 = self.r - self._product(y0)
             r0norm = safe_norm(r0)
             if r0norm <= 1.0:
                 self.y, self.r, self.rnorm = y0.clone(), r0, r0norm
                 self.stats["start_residual"] = r0norm  # relative: the rate's starting point
                 self.xmax = self.ynorm = self.best_ynorm = safe_norm(y0)
-                self.x0 = x0.to(self.b.dtype)
+                self.x0 = x0.to(self.r.dtype)
             else:  # worse than x = 0: drop it (its product is counted)
                 self.stats["warm_start_dropped"] = True
         self.best: Tensor | None = None  # copied out at its first improvement (the start)
@@ -128,7 +129,7 @@ class _Run:
         returned first. Norms accumulate in float64 (float32 on MPS); the rare ones that
         over- or underflow there are recomputed by :func:`safe_norm`."""
         if self.rows is None:  # not on the float32-rows path (which reads them in place)
-            self.rows = torch.empty((4, self.b.numel()), dtype=self.b.dtype, device=self.b.device)
+            self.rows = torch.empty((4, self.r.numel()), dtype=self.r.dtype, device=self.r.device)
         torch.stack(vectors, out=self.rows)
         if pAp is None:
             values = torch.linalg.vector_norm(self.rows, dim=1, dtype=self.wide).tolist()
@@ -220,7 +221,7 @@ class _Run:
         if 2 * drift <= self.threshold:
             return True
         self.stats["verify_hvps"] = self.stats.get("verify_hvps", 0) + 1
-        true_r = self.b - self._product(self.y)
+        true_r = unit_rhs(self) - self._product(self.y)
         true_norm = safe_norm(true_r)
         if self.best_norm == self.rnorm:  # y is the best iterate: record its true residual
             self.best_norm = true_norm
@@ -268,7 +269,7 @@ class _Run:
         elif self.best is not None:  # improved
             value, ynorm = self.best * self.bnorm, self.best_ynorm
         else:  # the start is the best iterate: return it as given (0 or a copy of x0)
-            value = torch.zeros_like(self.b) if self.x0 is None else self.x0.clone()
+            value = torch.zeros_like(self.r) if self.x0 is None else self.x0.clone()
             ynorm = 0.0  # finite: zeros, or the validated warm start
         # ||y|| ||b|| bounds every entry of the solution: well below the dtype's largest
         # value (and ||b|| too, which the product with y is taken in) it is finite, the usual

@@ -21,6 +21,7 @@ from .base import (
     require_finite_solution,
     safe_norm,
 )
+from .extremes import max_abs, nonzero
 from .spectrum import estimate_lambda_max, lanczos_extremes, lanczos_safety
 
 __all__ = ["Neumann"]
@@ -227,7 +228,7 @@ class Neumann(RandomizedSolver):
         tol)``); the series on the correction meets ``tol ||b||`` at ``tol ||b|| / ||b - A
         x0||`` of its own right-hand side. A start worse than ``x = 0`` (``||b - A x0|| >
         ||b||``) is dropped, as CG drops it (``stats["warm_start_dropped"]``)."""
-        if x0 is None or not bool(x0.any()):
+        if x0 is None or not nonzero(x0):
             return None, b, safe_norm(b), self.tol
         base, full = x0.to(b.dtype), safe_norm(b)
         Ax = op.matvec(base)
@@ -288,7 +289,7 @@ def _system(value: Any) -> tuple[int, float] | None:
 
 def _unit(b: Tensor, bnorm: float) -> Tensor:
     """``b / ||b||`` in two steps, so that neither factor overflows."""
-    top = float(b.abs().max())
+    top = max_abs(b)
     return (b / top) / (bnorm / top)
 
 

@@ -25,6 +25,7 @@ from .base import (
 )
 from .cg import conjugate_gradient
 from .cg_status import relative_tol
+from .extremes import nonzero
 from .sketch import SKETCHES, NystromApproximation, nystrom_sketch
 
 __all__ = ["STALE_GROWTH", "Nystrom", "NystromPCG"]
@@ -93,7 +94,7 @@ class Nystrom(RandomizedSolver):
         self.validate(op, b, x0)
         start = op.num_matvecs
         approx = nystrom_sketch(op, self.rank, self.sketch, self._rng, self.chunk_size)
-        if x0 is not None and bool(x0.any()):  # warm start: approximate the correction
+        if x0 is not None and nonzero(x0):  # warm start: approximate the correction
             Ax = op.matvec(x0.to(b.dtype))
             require_finite_product(Ax)
             x = x0.to(b.dtype) + approx.solve(b - Ax, self.rho)
@@ -317,7 +318,7 @@ class NystromPCG(RandomizedSolver):
 
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
         self.validate(op, b, x0)
-        if not bool(b.any()) and (x0 is None or not bool(x0.any())):
+        if not nonzero(b) and (x0 is None or not nonzero(x0)):
             return Solution(
                 torch.zeros_like(b), 0, 0.0, True, Status.CONVERGED, 0, {"sketch_hvps": 0}
             )
