@@ -28,8 +28,9 @@ from .holdout import HoldoutGuard
 from .hparams import HyperParameters
 from .model import ModelView
 from .sampler import BatchSampler
-from .step_grads import scaled_rates, shared_loss
+from .step_grads import scaled_rates
 from .step_rates import exact_rates
+from .step_share import shared_loss
 from .weight_norm import warn_fused_weight_norm
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -47,7 +47,7 @@ from .._vocab import HypergradientWarning
 from ..methods import T1T2
 from ..methods.rng import replay_rng, rng_state, same_state
 from ..operators.buffers import keep_buffers
-from . import step_grads
+from . import step_grads, step_share
 from .precision import autocast_as
 from .step_grads import Comparison
 
@@ -138,14 +138,14 @@ def step_gradient(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> Compar
     if distributed.any_rank(batch is None, group, view.device):
         return None
     state = hopt.loop.step_rng if hopt.loop.step_rng is not None else rng_state(view.device)
-    if not step_grads.shareable(hopt):
+    if not step_share.shareable(hopt):
         return step_grads.compare(hopt, lambda: _replay(hopt, batch, before, state))
 
     def shared() -> tuple[list[torch.Tensor], Any, bool]:  # T1T2 reuses this forward pass
         raw, spec = _tree.flatten(hopt.hyperparameters.detached_raw(), "hparams")
         raw = [t.requires_grad_(True) for t in raw]
         leaves, loss, drew = _replay(hopt, batch, before, state, _tree.unflatten(spec, raw))
-        step_grads.share(hopt, leaves, raw, loss)
+        step_share.share(hopt, leaves, raw, loss)
         return leaves, loss, drew
 
     return step_grads.compare(hopt, shared, batch)

@@ -11,7 +11,7 @@ hook as a plain ``backward()`` does), so at every T1T2 hyper-step :func:`compare
 autocast state, and measures the step's ``.grad`` ``s`` against the replayed gradient
 ``r``: the distance ``||s - r|| / ||r||``, the distance between their directions and the
 factor ``c = <s, r> / ||r||^2``. The replay's forward pass is the one T1T2's look-ahead
-takes first: without autocast or a process group it is handed over (:func:`share`,
+takes first: without autocast or a process group it is handed over (:mod:`.step_share`,
 :mod:`~hypergradient.methods.t1t2_shared`), and when the step's loss came from one
 ``hopt.train_loss(batch)`` call ``r`` is read off the step's own backward pass
 (:mod:`.step_tap`, which answers only when the replay is that forward pass and the check
@@ -54,8 +54,7 @@ from torch import Tensor
 
 from .. import _tree, distributed
 from ..methods import T1T2
-from ..methods.t1t2_shared import SharedLoss
-from . import step_tap
+from . import step_share, step_tap
 from .precision import loss_scale
 from .step_checks import ends_window
 
@@ -71,9 +70,6 @@ __all__ = [
     "provenance",
     "rewatch",
     "scaled_rates",
-    "share",
-    "shareable",
-    "shared_loss",
     "tolerance",
     "unwatch",
     "watch",
@@ -135,7 +131,7 @@ def rewatch(hopt: HyperOptimizer) -> None:
     """A step's end: forget what the hooks saw; keep them when the next step is
     :func:`closing` too (``inner_steps=1`` registers them once), else remove them."""
     hopt.loop.provenance = None
-    _SHARED.pop(hopt, None)  # a replay no hyper-step took (skipped)
+    step_share.drop(hopt)  # a replay no hyper-step took (skipped)
     step_tap.forget(hopt)
     found = _WATCHES.get(hopt)
     if found is not None:
@@ -187,45 +183,6 @@ class Comparison:
     plain: bool  # r is train_loss's gradient itself (not foreach Nesterov's g + mu buf)
 
 
-class _Shared:
-    """A replay of the step T1T2 may reuse (:func:`share`): its leaves and loss."""
-
-    def __init__(self, params: list[Tensor], hparams: list[Tensor], loss: Tensor):
-        self.params, self.hparams, self.loss = params, hparams, loss
-
-
-_SHARED: weakref.WeakKeyDictionary[Any, _Shared] = weakref.WeakKeyDictionary()
-
-
-def shareable(hopt: HyperOptimizer) -> bool:
-    """Whether this hyper-step's replay of ``train_loss`` is the evaluation T1T2's
-    look-ahead takes first (:mod:`~hypergradient.methods.t1t2_shared`): T1T2 without a
-    process group, the step's random-number state known, no autocast (the look-ahead runs
-    without it, the replay as the step)."""
-    loop = hopt.loop
-    return (
-        isinstance(hopt.method, T1T2)
-        and hopt.process_group is None
-        and loop.step_rng is not None
-        and not loop.step_amp
-    )
-
-
-def share(hopt: HyperOptimizer, params: list[Tensor], hparams: list[Tensor], loss: Any) -> None:
-    """Offer the replay's leaves and loss to this hyper-step's T1T2 (:func:`shared_loss`)."""
-    if isinstance(loss, Tensor) and loss.requires_grad:
-        _SHARED[hopt] = _Shared(params, hparams, loss)
-
-
-def shared_loss(hopt: HyperOptimizer, loss: Callable[[Any, Any], Tensor]) -> Callable:
-    """``loss`` (the problem's inner loss) holding the replay :func:`share` offered, taken
-    once (:class:`~hypergradient.methods.t1t2_shared.SharedLoss`); else ``loss`` itself."""
-    found = _SHARED.pop(hopt, None)
-    if found is None:
-        return loss
-    return SharedLoss(loss, found.params, found.hparams, found.loss)
-
-
 def compare(
     hopt: HyperOptimizer, replay: Callable[[], tuple], batch: Any = None
 ) -> Comparison | None:
@@ -244,13 +201,14 @@ def compare(
     wide = _tree.wide_dtype(view.device)
     params = list(view.params)
     held: list[Any] = []  # the replay's leaves and loss, and whether the tap answered
+    step_share.drop(hopt)  # (one a failed hyper-step left)
 
     def local() -> list[Tensor]:
         leaves, loss, drew = replay()
         flags = torch.tensor([1.0, float(drew)], dtype=wide, device=view.device)
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
             return [*(torch.zeros_like(p) for p in params), flags * 0]
-        tapped = step_tap.gradient(hopt, batch, leaves, loss) if hopt in _SHARED else None
+        tapped = step_tap.gradient(hopt, batch, leaves, loss) if step_share.offered(hopt) else None
         held.extend((leaves, loss, tapped))
         return [*(tapped[0] if tapped is not None else _replayed(hopt, leaves, loss)), flags]
 
@@ -291,7 +249,7 @@ def _replayed(hopt: HyperOptimizer, leaves: list[Tensor], loss: Tensor) -> list[
     replay's (unscaled, its float16 gradients underflow), then it is unscaled."""
     scale = loss_scale(hopt.loop)
     scaled = loss * scale if scale != 1.0 else loss
-    kept = hopt in _SHARED  # T1T2 differentiates the replay's graph again
+    kept = step_share.offered(hopt)  # T1T2 differentiates the replay's graph again
     found = torch.autograd.grad(scaled, leaves, allow_unused=True, retain_graph=kept)
     grads = [torch.zeros_like(p) if f is None else _dense(f) for p, f in zip(leaves, found)]
     return grads if scale == 1.0 else [g / scale for g in grads]

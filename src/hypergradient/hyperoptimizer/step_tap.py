@@ -43,12 +43,16 @@ __all__ = ["Tap", "call", "forget", "gradient", "sequence", "start", "tap"]
 MAX_NODES = 20000
 
 _ONE = torch.zeros((), requires_grad=True)
+with torch.enable_grad():
+    _ACCUMULATE = type((_ONE * 1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 _TAPS: weakref.WeakKeyDictionary[Any, Tap | None] = weakref.WeakKeyDictionary()
 
 
 def sequence() -> int:
     """The sequence number the next autograd node created in this thread gets, minus one
     (each node takes the next; the counter is per thread)."""
+    if torch.is_grad_enabled():
+        return (_ONE * 1).grad_fn._sequence_nr()  # type: ignore[union-attr]
     with torch.enable_grad():
         return (_ONE * 1).grad_fn._sequence_nr()  # type: ignore[union-attr]
 
@@ -134,8 +138,7 @@ class Tap:
         if self.ok:  # (the hooks hold the tap weakly: the nodes hold the hooks)
             me = weakref.ref(self)
             for i, node in enumerate(self.nodes):
-                node.register_prehook(functools.partial(_arrived, me, i))
-                node.register_hook(functools.partial(_left, me, i))
+                node.register_hook(functools.partial(_ran, me, i))
 
     def arrived(self, i: int, grad_outputs: tuple) -> None:
         """Node ``i``'s incoming gradients: the root's is the factor; any other's must be
@@ -187,6 +190,7 @@ class Tap:
         out = []
         for p, sent in zip(leaves, self.sent):
             total = _total(sent) if sent else torch.zeros_like(p)
+            total = total.to_dense() if total.is_sparse else total  # (an Embedding's)
             out.append(total if factor == 1.0 else total / factor)
         return out, factor
 
@@ -232,21 +236,15 @@ class Tap:
         return len(seen) == len(self.nodes)
 
 
-def _arrived(me: Any, i: int, grad_outputs: tuple) -> None:
+def _ran(me: Any, i: int, grad_inputs: tuple, grad_outputs: tuple) -> None:
+    """Node ``i``'s post-hook: what reached it (its consumers in the graph ran before it,
+    their hooks too) and what it sends."""
     found = me()
     if found is not None:
         try:
             found.arrived(i, grad_outputs)
-        except Exception:  # (never the user's backward pass's error: the replay decides)
-            found.ok = False
-
-
-def _left(me: Any, i: int, grad_inputs: tuple, grad_outputs: tuple) -> None:
-    found = me()
-    if found is not None:
-        try:
             found.left(i, grad_inputs)
-        except Exception:
+        except Exception:  # (never the user's backward pass's error: the replay decides)
             found.ok = False
 
 
@@ -327,7 +325,8 @@ def _edge(nxt: Any, slot: int, index: dict[int, int], position: dict[int, int]) 
 
 
 def _is_leaf(node: Any) -> bool:
-    return hasattr(node, "variable")  # AccumulateGrad
+    """Whether ``node`` accumulates into a leaf tensor (AccumulateGrad)."""
+    return type(node) is _ACCUMULATE or hasattr(node, "variable")
 
 
 def _nr(node: Any) -> int:
