@@ -326,7 +326,7 @@ def _edge(nxt: Any, slot: int, index: dict[int, int], position: dict[int, int]) 
 
 def _is_leaf(node: Any) -> bool:
     """Whether ``node`` accumulates into a leaf tensor (AccumulateGrad)."""
-    return type(node) is _ACCUMULATE or hasattr(node, "variable")
+    return type(node) is _ACCUMULATE
 
 
 def _nr(node: Any) -> int:

@@ -79,6 +79,10 @@ def shared_leaves(
 
 def _same(tree: Any, leaves: list[Tensor]) -> bool:
     """Whether ``tree``'s leaves are exactly the tensor objects ``leaves``."""
+    if type(tree) is dict:  # the usual tree: its values, in order (as flatten takes them)
+        found = list(tree.values())
+        if len(found) == len(leaves) and all(a is b for a, b in zip(found, leaves)):
+            return True
     try:
         found = _tree.flatten(tree, "leaves")[0]
     except (TypeError, ValueError):
