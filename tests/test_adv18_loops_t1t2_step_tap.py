@@ -7,7 +7,8 @@ it disabled (the replay's backward pass always), and the warnings, skips, factor
 hypergradients must be the same; the healthy loops must take the tap (no replayed
 backward), and the loops whose step is not ``train_loss``'s gradient must not pass by it
 (an activation regularizer on a tensor of ``train_loss``'s graph, a parameter used from a
-closure, another batch, a parameter moved after the forward pass).
+closure, another batch, a parameter moved after the forward pass, a backward pass
+restricted to some parameters or taken twice).
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def moved_after_forward(m, h, loss):
         m[0].weight.mul_(1.01)
 
 
+def partial_inputs(m, h, loss):
+    """A backward pass restricted to one weight: the others step on no gradient."""
+    loss((X, Y)).backward(inputs=[m[0].weight])
+
+
+def twice(m, h, loss):
+    """The graph backpropagated twice: the step used twice the gradient."""
+    out = loss((X, Y))
+    out.backward(retain_graph=True)
+    out.backward()
+
+
 def train_loss(m, h, b):
     out = m(b[0])
     STORE["out"] = out
@@ -92,6 +105,8 @@ LOOPS = [
     closure_param,
     other_batch,
     moved_after_forward,
+    partial_inputs,
+    twice,
 ]
 TAKEN = {plain, doubled}  # healthy, one hopt.train_loss call: the tap answers
 
@@ -140,7 +155,7 @@ def test_the_tap_decides_as_the_replayed_backward_pass(monkeypatch, loop, own, o
     assert before >= 1  # (a replayed backward pass decided before)
     # the tap decides alone for the healthy loops with hopt.train_loss, never for the others
     assert (replays == 0) == (loop in TAKEN and not own), replays
-    assert bool(new["warnings"]) == (loop not in (plain, doubled, summed_halves))
+    assert bool(new["warnings"]) == (loop not in (plain, doubled, summed_halves, twice))
     if loop in TAKEN:
         assert new["hyper_steps"] == 1
 
