@@ -19,6 +19,11 @@ from outside the reparametrized module, or through a tensor computed before the 
 not replayed as trained: the graphs differ), and the replayed loss is bitwise the call's.
 Anything else, or a comparison the check would not accept, falls back to the replay's
 backward pass (:func:`.step_grads.compare`), so the check decides as before.
+
+Cost, on a step that ends with a T1T2 hyper-step only: a walk of the call's graph and one
+hook per node (a Python call per node in the backward pass, about 0.1-0.2 ms for a 3-layer
+MLP), and the gradients the pass sent into the parameters, kept to the step's end
+(AccumulateGrad then copies them into ``.grad``: one more parameter-sized buffer).
 """
 
 from __future__ import annotations
