@@ -30,6 +30,7 @@ from .model import ModelView
 from .sampler import BatchSampler
 from .step_grads import scaled_rates
 from .step_rates import exact_rates
+from .step_share import shared_loss
 from .weight_norm import warn_fused_weight_norm
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -185,6 +186,7 @@ def make_problem(
     inner_loss = view.at_batch(hopt.train_loss_fn, hp.transform, train_batch)
     if isinstance(hopt.method, T1T2) and hopt.loop.step_rng is not None:
         inner_loss = replayed(inner_loss, hopt.loop.step_rng, view.device)
+    inner_loss = shared_loss(hopt, inner_loss)  # T1T2: the step-gradient check's replay
     decays = coupled_decays(hopt.inner_optimizer, view.params)
     if decays is not None:
         inner_loss = with_decay(inner_loss, decays)
@@ -352,6 +354,7 @@ def with_decay(
                 out = out + 0.5 * d * p.pow(2).sum()
         return out
 
+    f.__wrapped__ = loss  # type: ignore[attr-defined]  # (T1T2 finds a shared replay)
     return f
 
 

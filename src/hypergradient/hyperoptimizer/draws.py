@@ -22,7 +22,8 @@ start: a loss scaled or summed with a term the driver does not know, gradients a
 without averaging, replaced or clipped (``clip_grad_norm_``, whose step ``c g`` has the
 derivative ``c (I - g g^T / ||g||^2) dg/dphi``: a probe's hypergradient came out 660 times
 the clipped step's). Every T1T2 hyper-step on the step's batch compares the step's
-``.grad`` with the replayed gradient (:mod:`.step_grads`: one forward and backward pass,
+``.grad`` with the replayed gradient (:mod:`.step_grads`: a forward pass T1T2 reuses and
+a backward pass, or none when the step's own backward pass answers, :mod:`.step_tap`;
 which also serves :func:`other_draws`; under a process group one all-reduce): the same to
 rounding, nothing is said; ``c`` times it, with the factor applied inside autograd (a
 scaled loss, micro-batches summed), the rates T1T2 differentiates are multiplied by ``c``
@@ -33,6 +34,7 @@ hyper-step warns (``on_divergence="warn"``: the hypergradient is applied) or is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -40,11 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import distributed
+from .. import _tree, distributed
 from .._vocab import HypergradientWarning
 from ..methods import T1T2
 from ..methods.rng import replay_rng, rng_state, same_state
-from . import step_grads
+from ..operators.buffers import keep_buffers
+from . import step_grads, step_share
 from .precision import autocast_as
 from .step_grads import Comparison
 
@@ -135,7 +138,17 @@ def step_gradient(hopt: HyperOptimizer, batch: Any, before: list[Any]) -> Compar
     if distributed.any_rank(batch is None, group, view.device):
         return None
     state = hopt.loop.step_rng if hopt.loop.step_rng is not None else rng_state(view.device)
-    return step_grads.compare(hopt, lambda: _replay(hopt, batch, before, state))
+    if not step_share.shareable(hopt):
+        return step_grads.compare(hopt, lambda: _replay(hopt, batch, before, state))
+
+    def shared() -> tuple[list[torch.Tensor], Any, bool]:  # T1T2 reuses this forward pass
+        raw, spec = _tree.flatten(hopt.hyperparameters.detached_raw(), "hparams")
+        raw = [t.requires_grad_(True) for t in raw]
+        leaves, loss, drew = _replay(hopt, batch, before, state, _tree.unflatten(spec, raw))
+        step_share.share(hopt, leaves, raw, loss)
+        return leaves, loss, drew
+
+    return step_grads.compare(hopt, shared, batch)
 
 
 def other_draws(hopt: HyperOptimizer, found: Comparison) -> str | None:
@@ -219,16 +232,20 @@ def note_scale(hopt: HyperOptimizer, info: Any) -> None:
 
 
 def _replay(
-    hopt: HyperOptimizer, batch: Any, before: list[Any], state: Any
+    hopt: HyperOptimizer, batch: Any, before: list[Any], state: Any, raw: Any = None
 ) -> tuple[list[torch.Tensor], Any, bool]:
     """``train_loss`` on ``batch`` at fresh leaves of ``before``, replayed from the
     random-number ``state`` with gradients enabled (a loss may differentiate inside: a
-    penalty): the leaves, the loss and whether the forward pass drew random numbers."""
+    penalty): the leaves, the loss and whether the forward pass drew random numbers.
+    ``raw``: the raw hyperparameters to evaluate at (default: detached), given for the
+    evaluation T1T2 reuses, which leaves the modules' buffers alone as T1T2's own does."""
     view = hopt.view
     leaves = [b.detach().requires_grad_(True) for b in before]
     loss_fn = view.at_batch(hopt.train_loss_fn, hopt.hyperparameters.transform, batch)
     amp = autocast_as(hopt.loop.step_amp, view.device)  # as the step (:mod:`.precision`)
-    with torch.enable_grad(), replay_rng(state, view.device), amp:
-        loss = loss_fn(view.tree(leaves), hopt.hyperparameters.detached_raw())
+    keep = keep_buffers() if raw is not None else contextlib.nullcontext()
+    raw = hopt.hyperparameters.detached_raw() if raw is None else raw
+    with torch.enable_grad(), replay_rng(state, view.device), amp, keep:
+        loss = loss_fn(view.tree(leaves), raw)
         drew = not same_state(state, rng_state(view.device))
     return leaves, loss, drew

@@ -79,8 +79,9 @@ the holdout guard one forward pass on a held-out batch. T1T2 replays the step's 
 its first hyper-step evaluates ``train_loss`` twice from one random-number state (a loss
 drawing from numpy or its own generator gives two values: skipped with a warning). Every
 T1T2 hyper-step then compares the step's ``.grad`` with ``train_loss``'s gradient replayed
-at the step's start (one forward and backward pass, about a training step: T1T2's
-hyper-step +36-88% on 3-layer MLPs; under a process group one all-reduce): after a step
+at the step's start (after a ``hopt.train_loss`` step read off its own backward pass,
+no pass; else one backward pass, the forward pass shared with T1T2's; under autocast or a
+process group a forward and a backward pass, and one all-reduce: :mod:`~.step_grads`): after a step
 whose loss was not ``hopt.train_loss`` and whose replay draws, another direction
 (something drew between the steps) skips the hyper-step with a warning (:mod:`~.draws`); a
 constant multiple of it applied inside autograd (a scaled loss, summed micro-batches) is
@@ -101,7 +102,7 @@ from torch import Tensor, nn
 from .._vocab import ArgumentTypeError, as_callable, as_choice, as_int
 from ..constraints import Constraint
 from ..methods import Method
-from . import checkpoint, optimizers, scaling, step_checks, step_grads, stepping
+from . import checkpoint, optimizers, scaling, step_checks, step_grads, step_tap, stepping
 from .build import (
     LossFn,
     check_inner,
@@ -268,7 +269,7 @@ class HyperOptimizer(HoldoutViews, OptimizerSurface):
         dropout masks are those of this pass (not of a call under ``torch.no_grad()``).
         """
         state = stepping.before_forward(self)
-        loss = self.train_loss_fn(self.view.loop_model(), self.hparams, batch)
+        loss = step_tap.call(self, batch)  # train_loss_fn, watched for T1T2's check
         stepping.after_forward(self, state, loss)
         self.loop.loss_pending = loss.detach() if isinstance(loss, Tensor) else None
         return loss

@@ -8,12 +8,19 @@ clipped (``clip_grad_norm_``, also under a process group). No cheap signal tells
 these apart from a healthy step (a regularizer added to the loss leaves every counter and
 hook as a plain ``backward()`` does), so at every T1T2 hyper-step :func:`compare` replays
 ``train_loss`` on the step's batch at the step's start, with the step's random draws and
-autocast state (one forward and backward pass, about a training step: T1T2's hyper-step
-took 36-88% longer on 3-layer MLPs of width 256 and 1024, a penalty's hyperparameters
-first or the parameters first; under a process group one all-reduce of
-the replayed gradient, as ``.grad`` is the ranks' average), and measures the step's
-``.grad`` ``s`` against the replayed ``r``: the distance ``||s - r|| / ||r||``, the
-distance between their directions and the factor ``c = <s, r> / ||r||^2``.
+autocast state, and measures the step's ``.grad`` ``s`` against the replayed gradient
+``r``: the distance ``||s - r|| / ||r||``, the distance between their directions and the
+factor ``c = <s, r> / ||r||^2``. The replay's forward pass is the one T1T2's look-ahead
+takes first: without autocast or a process group it is handed over (:mod:`.step_share`,
+:mod:`~hypergradient.methods.t1t2_shared`), and when the step's loss came from one
+``hopt.train_loss(batch)`` call ``r`` is read off the step's own backward pass
+(:mod:`.step_tap`, which answers only when the replay is that forward pass and the check
+accepts; else the replay's backward pass decides). A healthy loop with ``hopt.train_loss``
+then pays no pass for the check (MNIST-sized MLP, hyperparameters first: 12 matrix
+products per step with a hyper-step instead of 17, the step's 5 included); a loop that
+computes its own loss one backward pass (under autocast or a process group a forward and a
+backward pass, about a training step, and one all-reduce of ``r`` under a process group, as
+``.grad`` is the ranks' average).
 
 Within :func:`tolerance` (``1e-4``; under autocast or with low-precision parameters four
 units of their rounding: bfloat16 accumulation over micro-batches measured 2.6e-3, float32
@@ -47,6 +54,7 @@ from torch import Tensor
 
 from .. import _tree, distributed
 from ..methods import T1T2
+from . import step_share, step_tap
 from .precision import loss_scale
 from .step_checks import ends_window
 
@@ -56,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MISMATCH",
     "Comparison",
+    "accepts",
     "closing",
     "compare",
     "provenance",
@@ -122,6 +131,8 @@ def rewatch(hopt: HyperOptimizer) -> None:
     """A step's end: forget what the hooks saw; keep them when the next step is
     :func:`closing` too (``inner_steps=1`` registers them once), else remove them."""
     hopt.loop.provenance = None
+    step_share.drop(hopt)  # a replay no hyper-step took (skipped)
+    step_tap.forget(hopt)
     found = _WATCHES.get(hopt)
     if found is not None:
         found.seen.clear()
@@ -172,11 +183,16 @@ class Comparison:
     plain: bool  # r is train_loss's gradient itself (not foreach Nesterov's g + mu buf)
 
 
-def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | None:
+def compare(
+    hopt: HyperOptimizer, replay: Callable[[], tuple], batch: Any = None
+) -> Comparison | None:
     """The step's ``.grad`` against ``train_loss``'s gradient at the step's start
-    (``replay() -> (leaves, loss, drew)`` evaluates it there, with the step's draws); None
-    when there is nothing to compare (no ``.grad`` at all, a loss the method names, a
-    non-finite value the non-finite checks answer). The sums are taken leaf by leaf,
+    (``replay() -> (leaves, loss, drew)`` evaluates it there, with the step's draws, on the
+    step's ``batch``); None when there is nothing to compare (no ``.grad`` at all, a loss
+    the method names, a non-finite value the non-finite checks answer). The gradient is
+    the replay's backward pass, or the step's own backward pass read by :mod:`.step_tap`
+    when the replay is the tapped forward pass and the comparison is one :func:`accepts`
+    takes (else the replay's backward pass decides). The sums are taken leaf by leaf,
     accumulated in the device's wide dtype (no flat or wide copy), read in one
     synchronization. Under a process group
     every rank calls it: the replayed gradients are averaged in one all-reduce (a rank
@@ -184,25 +200,78 @@ def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | N
     view = hopt.view
     wide = _tree.wide_dtype(view.device)
     params = list(view.params)
+    held: list[Any] = []  # the replay's leaves and loss, and whether the tap answered
+    step_share.drop(hopt)  # (one a failed hyper-step left)
 
     def local() -> list[Tensor]:
         leaves, loss, drew = replay()
         flags = torch.tensor([1.0, float(drew)], dtype=wide, device=view.device)
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
             return [*(torch.zeros_like(p) for p in params), flags * 0]
-        # a float16 step's backward pass ran on the GradScaler's scaled loss: so does the
-        # replay's (unscaled, its float16 gradients underflow), then it is unscaled
-        scale = loss_scale(hopt.loop)
-        scaled = loss * scale if scale != 1.0 else loss
-        found = torch.autograd.grad(scaled, leaves, allow_unused=True)
-        grads = [torch.zeros_like(p) if f is None else _dense(f) for p, f in zip(params, found)]
-        return [*(grads if scale == 1.0 else (g / scale for g in grads)), flags]
+        tapped = step_tap.gradient(hopt, batch, leaves, loss) if step_share.offered(hopt) else None
+        held.extend((leaves, loss, tapped))
+        return [*(tapped[0] if tapped is not None else _replayed(hopt, leaves, loss)), flags]
 
     like = [*params, torch.empty(2, dtype=wide, device=view.device)]
     *r, flags = distributed.guarded(local, like, hopt.process_group, "T1T2's step gradient")
     valid, drew = flags.tolist()
     if valid < 1.0:
         return None  # on some rank: the method names the problem
+    tapped = held[2] if held else None
+    if tapped is not None and tapped[1] == 1.0 and _sent_as_is(params, r):
+        return Comparison(0.0, 0.0, 1.0, 1.0, drew > 0, True)  # .grad is what loss sent
+    found = _measure(hopt, r, drew > 0)
+    if tapped is not None and (found is None or not accepts(hopt, found)):
+        found = _measure(hopt, _replayed(hopt, held[0], held[1]), drew > 0)
+    return found
+
+
+def _sent_as_is(params: list[Tensor], sent: list[Tensor]) -> bool:
+    """Whether each parameter's ``.grad`` is bitwise what the tapped pass sent it (as
+    AccumulateGrad sums it): the step's gradient is then ``train_loss``'s, nothing added,
+    scaled or clipped, and :func:`_measure` would find it at distance 0 (a non-finite
+    gradient is left to it: NaN differs from itself; an all-zero one passes the check
+    either way)."""
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for p, t in zip(params, sent):
+        g = p.grad
+        if g is None or g.is_sparse or g.shape != t.shape or g.dtype != t.dtype:
+            return False
+        pairs.append((g, t))
+    if params[0].device.type == "cpu":
+        return all(torch.equal(g, t) for g, t in pairs)
+    return not bool(torch.stack([torch.ne(g, t).any() for g, t in pairs]).any())  # one sync
+
+
+def _replayed(hopt: HyperOptimizer, leaves: list[Tensor], loss: Tensor) -> list[Tensor]:
+    """The replayed loss's gradient in ``leaves`` (its graph kept for T1T2 when shared). A
+    float16 step's backward pass ran on the GradScaler's scaled loss: so does the
+    replay's (unscaled, its float16 gradients underflow), then it is unscaled."""
+    scale = loss_scale(hopt.loop)
+    scaled = loss * scale if scale != 1.0 else loss
+    kept = step_share.offered(hopt)  # T1T2 differentiates the replay's graph again
+    found = torch.autograd.grad(scaled, leaves, allow_unused=True, retain_graph=kept)
+    grads = [torch.zeros_like(p) if f is None else _dense(f) for p, f in zip(leaves, found)]
+    return grads if scale == 1.0 else [g / scale for g in grads]
+
+
+def accepts(hopt: HyperOptimizer, found: Comparison) -> bool:
+    """Whether the check lets the step pass (:func:`.draws.changed_gradient` returns None):
+    the replayed gradient to :func:`tolerance`, or a constant multiple of it applied
+    inside autograd, without a process group."""
+    tol = tolerance(hopt)
+    if found.distance <= tol:
+        return True
+    scaled = found.direction <= tol and found.plain and 0.0 < found.scale < math.inf
+    clean = (hopt.loop.provenance or provenance(hopt)) == "clean"
+    return scaled and clean and hopt.process_group is None
+
+
+def _measure(hopt: HyperOptimizer, r: list[Tensor], drew: bool) -> Comparison | None:
+    """The step's ``.grad`` against the gradient ``r`` (and the candidates it gives)."""
+    view = hopt.view
+    wide = _tree.wide_dtype(view.device)
+    params = list(view.params)
     cands = _candidates(hopt, r)
     sums = []  # per leaf and candidate: ||s||^2, ||c||^2, <s, c>, ||s - c||^2
     for p, *leaf in zip(params, *cands):
@@ -219,10 +288,10 @@ def compare(hopt: HyperOptimizer, replay: Callable[[], tuple]) -> Comparison | N
         if not all(map(math.isfinite, (ss, cc, sc, dd))) or ss == 0.0:
             return None  # non-finite: those checks answer; no gradient: nothing was stepped
         if cc == 0.0:
-            return Comparison(math.inf, math.inf, math.inf, math.inf, drew > 0, True)
+            return Comparison(math.inf, math.inf, math.inf, math.inf, drew, True)
         ns, nc = math.sqrt(ss), math.sqrt(cc)
         direction = math.sqrt(max(0.0, 2.0 - 2.0 * sc / (ns * nc)))
-        found = Comparison(math.sqrt(dd) / nc, direction, sc / cc, ns / nc, drew > 0, i == 0)
+        found = Comparison(math.sqrt(dd) / nc, direction, sc / cc, ns / nc, drew, i == 0)
         if best is None or found.distance < best.distance:
             best = found
     return best

@@ -36,6 +36,7 @@ from .mixed_order import (
 )
 from .replay import rng_state, set_rng_state
 from .t1t2_read import b_parts, read_look_ahead
+from .t1t2_shared import shared_leaves
 
 __all__ = ["T1T2", "look_ahead"]
 
@@ -97,7 +98,8 @@ class T1T2(ImplicitMethod):
             first nothing computes ``grad_theta f``, so ``info.inner_grad_norm`` is NaN
             (``info.stats["mixed"]`` says which order ran).
 
-    Cost: ``f``'s forward pass and one gradient of ``g``, plus (parameters first) a
+    Cost: ``f``'s forward pass (none under ``hg.HyperOptimizer``, which hands over its
+    replay of the step: :mod:`~.t1t2_shared`) and one gradient of ``g``, plus (parameters first) a
     recorded backward over ``f`` and a double backward to ``phi``, or (hyperparameters
     first) three backward passes over ``grad_phi f``'s graph; no Hessian-vector product.
     State: the product mode ``"auto"`` settled on.
@@ -330,10 +332,14 @@ def look_ahead(
     or a float32 row too large to square, either way the general formula answers),
     ``f``, ``g`` and a sum of each hypergradient leaf. ``order`` is the mixed product's
     (:mod:`~hypergradient.methods.mixed_order`; ``"auto"`` measures ``f``'s graph); with
-    the hyperparameters first ``grad_theta f`` is not computed (its norm is NaN).
+    the hyperparameters first ``grad_theta f`` is not computed (its norm is NaN). An inner
+    loss that already holds ``f`` at leaves aliasing ``theta`` and ``phi``
+    (:class:`~.t1t2_shared.SharedLoss`: the driver's replay of the step) gives those leaves
+    and that value: no forward pass of ``f`` here.
     """
     p_spec, h_spec = inputs.param_spec, inputs.hparam_spec
-    p, h = _fresh(inputs.param_leaves), _fresh(inputs.hparam_leaves)
+    shared = shared_leaves(problem.inner_loss, inputs.param_leaves, inputs.hparam_leaves)
+    p, h = shared or (_fresh(inputs.param_leaves), _fresh(inputs.hparam_leaves))
     q = _fresh(inputs.param_leaves if outer_at is None else outer_at)
     h_outer = _fresh(inputs.hparam_leaves)
     dtype = _tree.accumulator_dtype(p)
