@@ -258,12 +258,14 @@ class TangentWatch:
 
 def _leaf_row_norms(xs: Sequence[Tensor]) -> Tensor:
     """``(len(xs), m)``: the norm of each row (dim 0) of each leaf, in the leaves' dtype
-    (float32 for narrower ones: no wide copy of a leaf), in one call."""
-    m = xs[0].shape[0]
-    rows = list(xs) if m == 1 else [x[k] for x in xs for k in range(m)]
-    rows = [r if r.dtype.itemsize >= 4 else r.float() for r in rows]
-    device = xs[0].device  # (leaves on several devices: the norms on the first's)
-    norms = [n if n.device == device else n.to(device) for n in torch._foreach_norm(rows)]
+    (float32 for narrower ones: no wide copy of a leaf); one call for one row."""
+    m, device = xs[0].shape[0], xs[0].device  # (leaves on several devices: the first's)
+    wide = [x if x.dtype.itemsize >= 4 else x.float() for x in xs]
+    if m == 1:
+        norms = list(torch._foreach_norm(wide))
+    else:
+        norms = [torch.linalg.vector_norm(x.reshape(m, -1), dim=1) for x in wide]
+    norms = [n if n.device == device else n.to(device) for n in norms]
     return torch.stack(norms).reshape(len(xs), m)
 
 
