@@ -282,15 +282,17 @@ class ForwardMode(TrajectoryMethod):
     ``grad_phi f`` out of the batched pass (no more work for a penalty: at most a
     first-order backward pass per hyperparameter for a loss weight; after a fallback of
     ``hvp="auto"`` to first order, 2 gradients per hyperparameter) and reads norms: about
-    1.9 training steps per 10-step window on the MNIST MLP of
-    ``benchmarks/hyperstep_cost.py`` (m = 1, CPU time, in-process A/B), where the probe
-    took 12.5; the probe adds one direction (+35% for SGD with momentum and ``m = 2`` on
-    a 16k-parameter MLP, +80% for Adam, whose update's tangents are pushed one direction
-    at a time; first order: ``1 + 2 (m + 1)``), so it suits few hyperparameters (learning
-    rates, momentum, a handful of loss weights); the first sweep for given shapes of leaves
-    and batches also checks its batched pass against a looped product (one more, until
-    every output was reached: some of torch's batching rules are silently wrong) and
-    remembers the shapes it held for. No state that changes a result.
+    1.5 training steps per 10-step window on the MNIST MLP of
+    ``benchmarks/hyperstep_cost.py`` (m = 1, CPU time, in-process A/B), 15 fewer than the
+    probe; on tiny models with many hyperparameters its separate batched pass costs more
+    than the probe's row (logistic regression, m = 30: about +10%). The probe adds one
+    direction (+35% for SGD with momentum and ``m = 2`` on a 16k-parameter MLP, +80% for
+    Adam, whose update's tangents are pushed one direction at a time; first order:
+    ``1 + 2 (m + 1)``), so it suits few hyperparameters (learning rates, momentum, a handful of loss
+    weights); the first sweep for given shapes of leaves and batches also checks its batched
+    pass against a looped product (one more, until every output was reached: some of torch's
+    batching rules are silently wrong) and remembers the shapes it held for. No state that
+    changes a result.
     """
 
     name = "forward_mode"
