@@ -29,8 +29,9 @@ from .._vocab import as_bool, as_optional_int
 from ..optim.functional import SGD, FunctionalOptimizer
 from ._checks import check_trees, unused_leaves
 from .base import Problem
+from .forward_sources import LinearGains
 from .forward_tangents import GradientTangents, batching_key
-from .growth import TangentWatch
+from .growth import SourceWatch, TangentWatch
 from .replay import Run, rng_state, set_rng_state
 from .traj_modes import as_mode, is_double_backward_error
 from .trajectory import (
@@ -151,10 +152,53 @@ def _tangents(p: tuple[Tensor, ...], m: int, probe: bool) -> tuple[Tensor, ...]:
     return tuple(torch.cat([z, r]) for z, r in zip(zeros, rows))
 
 
-def _propagate(run: Run, tangents: GradientTangents, probe: bool) -> tuple[Any, ...]:
-    """Run the steps with tangents ``Z_t = ds_t/dphi`` and the probe (:class:`TangentWatch`);
-    returns ``(theta_T, Z_T, losses, the probe's growth)`` (growth None without ``probe``)."""
+def _step_tangents(
+    run: Run, tangents: GradientTangents, p: Any, t: int, tp: Any, th: Any, sources: bool
+) -> tuple[Any, Tensor, Any, Any]:
+    """Step ``t``'s gradient, loss, gradient tangents and (with ``sources``) the tangents'
+    sources ``H_tp e_k`` (:attr:`GradientTangents.source`), averaged over the ranks."""
+    fused = _fused_step(run, tangents, p, t, tp, th)
+    if fused is not None:
+        tg, g, loss = fused
+        return g, loss, tg, tuple(tangents.source)
+    with torch.no_grad(), run.first_pass(t):  # the primal draws from the global RNG
+        g, loss = run.mean_grad(p, t)
+
+    def local() -> list[Tensor]:  # under the step's draws
+        out = tangents(p, t, tp, th)
+        return [*out, *tangents.source] if sources else out
+
+    both = run.reduce(local, [*tp, *tp] if sources else tp)
+    return g, loss, both[: len(tp)], both[len(tp) :]
+
+
+def _sources_of(
+    run: Run, push: Any, gains: LinearGains | None, primal: Any, tangent: Any, t: int
+) -> tuple[Any, Tensor | None]:
+    """The step's sources for :class:`SourceWatch`: ``B_t = dPhi_t/dphi``, the update's
+    tangent along ``(0, 0, H_tp e_k, e_k)``, by one more push; for plain SGD, ``S_t =
+    H_tp e_k`` with the update's gain on each leaf (:mod:`.forward_sources`)."""
+    if gains is not None:
+        return tangent[2], gains(t, primal[2], primal[1])
+    return push(run, primal, tangent, t)[0], None
+
+
+def _observe(meter: SourceWatch | TangentWatch, m: int, b: Any, tp: Any, ts: Any) -> None:
+    """Record the step's sources ``b = (B_t or S_t, gains)`` and tangents ``Z_{t+1}``
+    (:class:`SourceWatch`), or the probe's row ``m`` (:class:`TangentWatch`, which scales
+    it back to norm 1)."""
+    if isinstance(meter, TangentWatch):
+        meter.push([x[m] for x in tp], [x[m] for x in ts])
+    else:
+        meter.record(b[0], b[1], tp)
+
+
+def _propagate(run: Run, tangents: GradientTangents, watch: str | None) -> tuple[Any, ...]:
+    """Run the steps with tangents ``Z_t = ds_t/dphi`` and the watch (``"sources"``:
+    :class:`SourceWatch`; ``"probe"``: one more tangent, :class:`TangentWatch`; None);
+    returns ``(theta_T, Z_T, losses, the watch's growth)`` (growth None without a watch)."""
     m = run.hspec.size
+    probe, sources = watch == "probe", watch == "sources"
     dtype = _tree.common_dtype(list(run.h))
     rows = m + 1 if probe else m
     eye = torch.eye(rows, m, dtype=dtype, device=run.device)  # the probe's row: no source
@@ -162,32 +206,33 @@ def _propagate(run: Run, tangents: GradientTangents, probe: bool) -> tuple[Any, 
     p, s = run.p0, run.init_state()
     tp = _tangents(p, m, probe)
     ts = tuple(torch.zeros((rows, *x.shape), dtype=x.dtype, device=x.device) for x in s)
-    watch = TangentWatch()
+    zero = (tp, ts)  # the sources' tangents of the state: none (never written in place)
+    tangents.sources = sources
+    meter = TangentWatch() if probe else SourceWatch()
+    gains = LinearGains.of(run) if sources else None
     losses = []
     linear = _push_linear if linear_update(run) else None
+    push = linear or (_push_dual if m <= DUAL_MAX else _push_vmapped)
     for t in range(run.steps):
-        fused = _fused_step(run, tangents, p, t, tp, th)
-        if fused is not None:
-            tg, g, loss = fused
-        else:
-            with torch.no_grad(), run.first_pass(t):  # the primal draws from the global RNG
-                g, loss = run.mean_grad(p, t)
-
-            # tangents of the averaged gradient (under the step's draws), then of the update
-            def local(tp: Any = tp, p: Any = p, t: int = t) -> list[Tensor]:
-                return tangents(p, t, tp, th)
-
-            tg = run.reduce(local, tp)
-
-        push = linear or (_push_dual if m <= DUAL_MAX else _push_vmapped)
+        g, loss, tg, source = _step_tangents(run, tangents, p, t, tp, th, sources)
+        b = _sources_of(run, push, gains, (p, s, g), (*zero, source, th), t) if sources else ()
         tp, ts = push(run, (p, s, g), (tp, ts, tg, th), t)
-        if probe:
-            watch.push([x[m] for x in tp], [x[m] for x in ts])
+        if watch:
+            _observe(meter, m, b, tp, ts)
         with torch.no_grad():
             p, s = run.update(p, s, g, run.settings, t)
         losses.append(loss.detach().reshape(()))
     check_forward(run, losses, p)
-    return p, tuple(x[:m] for x in tp), losses, watch.growth()
+    return p, tuple(x[:m] for x in tp), losses, meter.growth() if watch else None
+
+
+def _watch(run: Run, watch: bool, hvp: str) -> str | None:
+    """The instability watch of a sweep: ``"sources"`` for :class:`~hypergradient.optim.SGD`
+    (an update linear in ``(params, state, gradient)`` whose coefficients are constants of
+    the window) with double backward, else ``"probe"`` (None when ``watch`` is False)."""
+    if not watch:
+        return None
+    return "sources" if type(run.optimizer) is SGD and hvp != "first_order" else "probe"
 
 
 class ForwardMode(TrajectoryMethod):
@@ -196,16 +241,28 @@ class ForwardMode(TrajectoryMethod):
     Propagates ``Z_t = d s_t / d phi`` (one tangent per hyperparameter) alongside the run
     and returns ``d_phi g + (d theta_T / d phi)^T grad_theta g``. Equal to
     :class:`~hypergradient.Unrolled` up to rounding. The instability Unrolled measures by its
-    adjoint's growth, forward mode measures by one more tangent, a probe with no
-    hyperparameter's source (``dPhi_t/ds_t`` applied to a fixed random unit vector at every
-    step, :class:`~hypergradient.methods.growth.TangentWatch`): its largest norm is
-    ``info.stats["tangent_growth"]``, and a chaotic run (a millionfold growth) or one starting
-    to diverge is reported as Unrolled reports it (``status == "diverged"``, a warning, and
-    ``on_divergence="skip"`` skips it: :mod:`~hypergradient.methods.growth`). The tangents
-    of each step's gradient, ``H_tt Z_t + H_tp``, are ``m`` vector-Jacobian products of the
-    gradient's graph taken in one batched backward pass
-    (:mod:`~hypergradient.methods.forward_tangents`); the optimizer update's tangents by the
-    update itself (SGD with no tuned setting: it is linear) or forward-mode AD.
+    adjoint's growth, forward mode measures (:mod:`~hypergradient.methods.growth`) for
+    :class:`~hypergradient.optim.SGD` from its own tangents: the largest ratio of a
+    hyperparameter's tangent ``||Z_{t+1}||`` to the sum of its sources ``||B_s||`` so far
+    (``B_s = dPhi_s/dphi``, the update's tangent of ``H_tp e_k``: the vector-Jacobian
+    products of ``grad_phi f`` alone, a penalty's or a loss weight's graph, taken apart
+    from the tangents' batched pass and added to it, then the update's gain on each leaf
+    for plain SGD, :mod:`~hypergradient.methods.forward_sources`, or one more push of the
+    update with tuned settings), a lower bound of the growth of the products of step
+    Jacobians along the directions the hypergradient is made of; for other updates (Adam)
+    and
+    ``hvp="first_order"``, by one more tangent, a probe with no hyperparameter's source
+    (``dPhi_t/ds_t`` applied to a fixed random unit vector at every step). Either is
+    ``info.stats["tangent_growth"]`` (``info.stats["watch"]``: ``"sources"`` or
+    ``"probe"``), and a chaotic run (a millionfold growth) or one starting to diverge is
+    reported as Unrolled reports it (``status == "diverged"``, a warning, and
+    ``on_divergence="skip"`` skips it). The sources' ratio does not see a growth along
+    directions no source reaches (parameters that no hyperparameter steers: the
+    hypergradient does not depend on them). The tangents of each step's gradient,
+    ``H_tt Z_t + H_tp``, are ``m`` vector-Jacobian products of the gradient's graph taken
+    in one batched backward pass (:mod:`~hypergradient.methods.forward_tangents`); the
+    optimizer update's tangents by the update itself (SGD with no tuned setting: it is
+    linear) or forward-mode AD.
 
     Args:
         chunk_size: directions pushed together (bounds memory); None: all ``m``.
@@ -214,20 +271,28 @@ class ForwardMode(TrajectoryMethod):
             kernels without it, e.g. fused attention), ``"double"``, ``"double_math"``
             (math attention kernel, no cuDNN) or ``"first_order"`` (central differences of
             gradients, any kernel). The mode used is ``info.stats["hvp"]``.
-        watch: carry the probe tangent that measures the run's instability (default);
-            False saves its cost (one direction of ``m + 1``), and the run's instability
-            is then not checked (``stats["tangent_growth"]`` is None).
+        watch: check the run's instability (default): the sources' ratio for SGD, the
+            probe tangent otherwise; False saves its cost, and the run's instability is
+            then not checked (``stats["tangent_growth"]`` and ``stats["watch"]`` are None).
 
-    Memory: ``m + 1`` tangents of the state (with the probe's), independent of ``T``, plus
-    one step's graph. Cost per step: one gradient, the graph of the gradient and ``m + 1``
+    Memory: ``m`` tangents of the state (``m + 1`` with the probe), independent of ``T``,
+    plus one step's graph. Cost per step: one gradient, the graph of the gradient and ``m``
     batched vector-Jacobian products (measured ``1.5 + 1.1 m`` gradients on a
-    200k-parameter MLP without the probe, which adds one direction: +35% for SGD with
-    momentum and ``m = 2`` on a 16k-parameter MLP, +80% for Adam, whose update's tangents
-    are pushed one direction at a time; first order: ``1 + 2 (m + 1)``), so it suits few
-    hyperparameters (learning rates, momentum, a handful of loss weights); the first
-    sweep for given shapes of leaves and batches also checks its batched pass against a
-    looped product (one more, until every output was reached: some of torch's batching
-    rules are silently wrong) and remembers the shapes it held for. No state that changes a result.
+    200k-parameter MLP without a watch). The sources' watch moves the products of
+    ``grad_phi f`` out of the batched pass (no more work for a penalty: at most a
+    first-order backward pass per hyperparameter for a loss weight; after a fallback of
+    ``hvp="auto"`` to first order, 2 gradients per hyperparameter) and reads norms: about
+    1.5 training steps per 10-step window on the MNIST MLP of
+    ``benchmarks/hyperstep_cost.py`` (m = 1, CPU time, in-process A/B), 15 fewer than the
+    probe; on tiny models with many hyperparameters its separate batched pass costs more
+    than the probe's row (logistic regression, m = 30: about +10%). The probe adds one
+    direction (+35% for SGD with momentum and ``m = 2`` on a 16k-parameter MLP, +80% for
+    Adam, whose update's tangents are pushed one direction at a time; first order:
+    ``1 + 2 (m + 1)``), so it suits few hyperparameters (learning rates, momentum, a handful of loss
+    weights); the first sweep for given shapes of leaves and batches also checks its batched
+    pass against a looped product (one more, until every output was reached: some of torch's
+    batching rules are silently wrong) and remembers the shapes it held for. No state that
+    changes a result.
     """
 
     name = "forward_mode"
@@ -255,7 +320,8 @@ class ForwardMode(TrajectoryMethod):
             return Sweep(list(gh), p, losses, value, run.steps, 0, 1, {"products": 0})
         key = batching_key(run)
         tangents = GradientTangents(run, self.hvp, self.chunk_size, key in self._batching_ok)
-        p, tp, losses, growth = _propagate(run, tangents, self.watch)
+        watch = _watch(run, self.watch, self.hvp)
+        p, tp, losses, growth = _propagate(run, tangents, watch)
         if tangents.vmap_checked and key is not None:
             self._batching_ok.add(key)
         direct = [False] * len(run.h)
@@ -266,8 +332,9 @@ class ForwardMode(TrajectoryMethod):
             total = total + z.reshape(m, -1).to(dtype) @ g.reshape(-1).to(dtype)
         flat = _tree.cat(list(gh), run.hspec, dtype, run.device) + total
         hyper = _tree.split(flat, run.hspec, [h.dtype for h in run.h])
-        products = (m + int(self.watch)) * run.steps
+        products = (m + int(watch == "probe")) * run.steps
         stats = {"products": products, **tangents.report(), "tangent_growth": growth}
+        stats["watch"] = watch
         if tangents.mode != "first_order" and not run.setting_fns:  # else: cannot tell
             settings = set(run.setting_index.values())
             used = [

@@ -16,6 +16,11 @@ Product modes (:mod:`~hypergradient.methods.traj_modes`): ``"double"`` as above;
 (``2 m`` gradients, no double backward, any kernel); ``"auto"`` falls back through them on
 torch's "derivative ... is not implemented" error, with one warning. Every evaluation runs
 under the step's recorded random numbers (same dropout masks as the step).
+
+For forward mode's watch (``sources``), the products of ``grad_phi f``, ``H_tp dphi_k``
+(the tangents' sources), are taken apart from the batched pass (a penalty's small graph:
+one plain product for one hyperparameter) and added to its result: the same tangents, to
+rounding (float32 MNIST MLP: 7.6e-7 relative on the hypergradient).
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ from .traj_modes import (
 __all__ = ["GradientTangents"]
 
 Leaves = tuple[Tensor, ...]
+
+
+def _live(grads: Any) -> int:
+    """How many of ``grads`` have a graph (the outputs a tangent pass differentiates)."""
+    return sum(g is not None and g.requires_grad for g in grads)
 
 
 def _present(grads: Any) -> list[bool]:
@@ -87,12 +97,22 @@ class GradientTangents:
         #: ``h ** 2``, a term of detached parameters) steers no step, as for Unrolled
         self.used_h = [False] * len(run.h)
         self.seen: list[bool] = []
+        #: with ``sources``, each call also leaves ``H_tp dphi[k]`` (the tangents' part that
+        #: does not depend on ``dtheta``: the sources of forward mode's watch) in
+        #: :attr:`source`, by the vector-Jacobian products of ``grad_phi f`` alone
+        self.sources = False
+        self.source: list[Tensor] = []
+        self._theta_outs = 0
 
     def __call__(self, p: Leaves, t: int, dp: Leaves, dh: Leaves) -> list[Tensor]:
         while True:
             try:
                 if self.mode == "first_order":
-                    return self._differences(p, t, dp, dh)
+                    out = self._differences(p, t, dp, dh)
+                    if self.sources:  # the directions (0, dphi[k]): 2 gradients each
+                        zeros = tuple(torch.zeros_like(x) for x in dp)
+                        self.source = self._differences(p, t, zeros, dh)
+                    return out
                 return self.double(p, t, dp, dh)
             except RuntimeError as error:
                 if not self._fall_back(error):
@@ -104,14 +124,19 @@ class GradientTangents:
         and the loss are left in :attr:`primal`."""
         pp = [x.detach().requires_grad_(True) for x in p]
         outs, cots = self._graph(pp, t, [*dp, *dh])
-        if not outs:
-            return [torch.zeros_like(x) for x in dp]
         m = dp[0].shape[0] if dp else 0
-        step = m if self.chunk is None else self.chunk
-        pieces = [
-            self._backward(outs, pp, [c[lo : lo + step] for c in cots]) for lo in range(0, m, step)
-        ]
-        return [torch.cat([piece[i] for piece in pieces]) for i in range(len(pp))]
+        if self.sources:  # grad_phi f's outputs apart (the sources), added after
+            n = self._theta_outs
+            self.source = _sources(self, outs[n:], pp, cots[n:], dp)
+            outs, cots = outs[:n], cots[:n]
+        if not outs:
+            return (
+                [x.clone() for x in self.source]
+                if self.sources
+                else [torch.zeros_like(x) for x in dp]
+            )
+        out = _chunked(self, outs, pp, cots, m)
+        return [x.add_(b) for x, b in zip(out, self.source)] if self.sources else out
 
     def _graph(
         self, pp: list[Tensor], t: int, directions: list[Tensor]
@@ -134,6 +159,7 @@ class GradientTangents:
         self.primal = (_detached(grads, pp), loss.detach())
         self.seen = _present(grads[: len(pp)])  # leaves with a gradient (a fused step's skips)
         pairs = [(g, c) for g, c in zip(grads, directions) if g is not None and g.requires_grad]
+        self._theta_outs = len(pairs) - _live(grads[len(pp) :])
         if pairs and not self.checked:  # once per sweep: the graph's structure is fixed
             self.checked = True
             if has_error_node([g for g, _ in pairs]):
@@ -274,6 +300,39 @@ class GradientTangents:
                 stacklevel=5,
             )
         return {"hvp": self.mode, "hvp_fallback": self.fallback}
+
+
+def _chunked(
+    tangents: GradientTangents, outs: list[Tensor], pp: list[Tensor], cots: list[Tensor], m: int
+) -> list[Tensor]:
+    """The vector-Jacobian products of ``outs`` for the ``m`` rows of ``cots``, batched by
+    chunks of ``tangents.chunk`` rows (:meth:`GradientTangents._backward`)."""
+    step = m if tangents.chunk is None else tangents.chunk
+    pieces = [
+        tangents._backward(outs, pp, [c[lo : lo + step] for c in cots]) for lo in range(0, m, step)
+    ]
+    return [torch.cat([piece[i] for piece in pieces]) for i in range(len(pp))]
+
+
+def _sources(
+    tangents: GradientTangents, outs: list[Tensor], pp: list[Tensor], cots: list[Tensor], like: Any
+) -> list[Tensor]:
+    """``H_tp dphi[k]`` for each row ``k``: the vector-Jacobian products of the outputs
+    ``grad_phi f`` alone (a penalty's graph, or a loss weight's first-order one; zeros
+    without such an output). One row: a plain product; more: batched as the tangents
+    (checked against a looped product as long as theirs is, not counting as their check)."""
+    if not outs:
+        return [torch.zeros_like(x) for x in like]
+    m = like[0].shape[0]
+    if m == 1:
+        rows = [c[0] for c in cots]
+        got = torch.autograd.grad(outs, pp, rows, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(x) if d is None else d[None] for x, d in zip(like, got)]
+    checked = tangents.vmap_checked
+    try:
+        return _chunked(tangents, outs, pp, cots, m)
+    finally:
+        tangents.vmap_checked = checked
 
 
 def _reaches(grad: Tensor | None, params: list[Tensor]) -> bool:

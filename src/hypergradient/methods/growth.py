@@ -34,13 +34,34 @@ Unrolled's is 4.8). :class:`AdjointWatch` measures the growth (``info.stats["adj
 largest norm of the parameters' adjoint over its norm at ``theta_T``) and
 :func:`report_unstable` reports a growth of at least :data:`ADJOINT_GROWTH` as a divergence
 (healthy runs measured: at most 51, SGD with and without momentum up to the edge of
-stability, Adam with lr up to 1 and ``beta1 = 0.9``). Forward mode has no adjoint: it
-carries one more tangent, a probe ``u_{t+1} = dPhi_t/ds_t u_t`` from a fixed random unit
-``u_0`` (no hyperparameter's source), whose largest norm is ``info.stats["tangent_growth"]``,
-the growth of the same products of step Jacobians, read forwards, under the same threshold
-(the chaotic runs above: 2.1e10 and 9.2e10; healthy runs measured: at most 3.2e4, momentum
-SGD at 0.75 times its stability limit; it reads every direction where the adjoint reads
-those the outer loss sees: Adam with lr 1, 1.7e3 where the adjoint grew 22).
+stability, Adam with lr up to 1 and ``beta1 = 0.9``). Forward mode has no adjoint. For
+:class:`~hypergradient.optim.SGD` (an update linear in the parameters, buffers and
+gradient, with constant coefficients) it reads its own tangents (:class:`SourceWatch`):
+``Z_{t+1} = J_t Z_t + B_t`` with ``Z_0 = 0`` (``J_t = dPhi_t/ds_t``, ``B_t = dPhi_t/dphi``,
+one row per hyperparameter) is ``sum_s J_t ... J_{s+1} B_s``, so the largest ratio
+``||Z_{t+1}|| / sum_{s <= t} ||B_s||`` (``info.stats["tangent_growth"]``, parameters' rows)
+proves that the products of step Jacobians grew about that much along the sources, the
+directions the hypergradient is made of, under the same threshold (SGD runs measured:
+chaotic, Nesterov at lr 0.2 on a tanh MLP, 1.3e7; diverging, 6.6e6 to 1.2e15; starting to
+diverge, 2.8e3 and 4.6e3 at 0.85 and 0.8 of the momentum limit; healthy, at most 17, 6.5 at
+0.7 of the limit; the SGD runs the probe below was measured on get the same decisions,
+tests/test_forward_source_watch.py). The ratio is a lower bound: it is smaller than the
+probe's growth on most runs (2.8e3 against 2.1e4 at 0.85 of the limit; 3 against 4.9 at
+the edge of stability).
+It does not see a growth along directions that no source reaches (a block of parameters
+that no hyperparameter steers and that feeds nothing they steer: the hypergradient does
+not depend on it, and Unrolled's adjoint does not see it either when the outer loss does
+not read it), nor a growth hidden by sources that cancel along it. Other updates (Adam,
+whose gain in the gradient blows up at a start near the optimum: a huge source at step 0
+that no ratio of tangents to sources sees), and ``hvp="first_order"``, carry one more
+tangent, a probe ``u_{t+1} = dPhi_t/ds_t u_t`` from a fixed random unit ``u_0`` (no
+hyperparameter's source, :class:`TangentWatch`), whose largest norm is
+``info.stats["tangent_growth"]``, the growth of the same products of step Jacobians, read
+forwards, under the same threshold (the chaotic runs above: 2.1e10 and 9.2e10; healthy
+runs measured: at most 3.2e4, momentum SGD at 0.75 times its stability limit; it reads
+every direction where the adjoint reads those the outer loss sees: Adam with lr 1, 1.7e3
+where the adjoint grew 22). ``info.stats["watch"]`` says which (``"sources"``,
+``"probe"``).
 
 A run starting to diverge within the window is a third case: its loss oscillates as it
 grows (momentum SGD at 0.85 times its stability limit: losses ``[..., 1.52, 0.99, 1.35,
@@ -48,7 +69,8 @@ grows (momentum SGD at 0.85 times its stability limit: losses ``[..., 1.52, 0.99
 exact for that run (-5.6e3 where the healthy run's is 2.2), is of no use. The run is
 reported when its loss ends at its highest, at least :data:`RISE` times the window's lowest,
 while the sensitivity (adjoint or tangent growth) grew at least :data:`RISE_SENSITIVITY`-fold
-(that run: 1.2e3 and 2.1e4; at 0.7 times the limit, 31 and 24 with a falling loss). Both are
+(that run: 1.2e3, 2.1e4 for the probe and 2.8e3 for the sources; at 0.7 times the limit,
+31, 24 and 6.5 with a falling loss). Both are
 needed: a minibatch loss may end its window ten times its lowest by chance, and a run in a
 transient unstable phase (a catapult that recovers) has a large sensitivity; minibatch
 training of MLPs (dropout, batch norm, SGD with momentum, Adam) measured at most 55. A
@@ -72,6 +94,7 @@ __all__ = [
     "ADAPT_GROWTH",
     "ADJOINT_GROWTH",
     "AdjointWatch",
+    "SourceWatch",
     "TangentWatch",
     "BLOWUP",
     "KEEP",
@@ -237,6 +260,69 @@ class TangentWatch:
         return best
 
 
+def _leaf_row_norms(xs: Sequence[Tensor]) -> Tensor:
+    """``(len(xs), m)``: the norm of each row (dim 0) of each leaf, in the leaves' dtype
+    (float32 for narrower ones: no wide copy of a leaf); one call for one row."""
+    m, device = xs[0].shape[0], xs[0].device  # (leaves on several devices: the first's)
+    wide = [x if x.dtype.itemsize >= 4 else x.float() for x in xs]
+    if m == 1:
+        norms = list(torch._foreach_norm(wide))
+    else:
+        norms = [torch.linalg.vector_norm(x.reshape(m, -1), dim=1) for x in wide]
+    norms = [n if n.device == device else n.to(device) for n in norms]
+    return torch.stack(norms).reshape(len(xs), m)
+
+
+class SourceWatch:
+    """Forward mode's watch for SGD: for each hyperparameter ``k``, the largest ratio
+    ``||Z_{t+1}^k|| / sum_{s <= t} ||B_s^k||`` of its tangent's parameter rows to the sum of
+    its sources' (``B_s = dPhi_s/dphi``) so far (norms kept as tensors, read once).
+
+    With ``Z_{t+1} = J_t Z_t + B_t`` and ``Z_0 = 0``, ``Z_{t+1} = sum_s J_t ... J_{s+1} B_s``,
+    so the ratio is at most the largest growth ``||J_t ... J_{s+1} B_s|| / ||B_s||`` of the
+    products of step Jacobians along the sources (read on the parameters' rows, as the
+    probe's): a ratio of ``r`` shows a growth of about ``r`` or more along directions the
+    hypergradient is made of. It is 1 after the first step (``Z_1 = B_0``) and stays near
+    1 while the Jacobians neither grow nor contract; it cannot see a growth along
+    directions no source reaches, or one that sources of opposite signs cancel."""
+
+    def __init__(self) -> None:
+        self.norms: list[Tensor] = []
+        self.gains: list[Tensor | None] = []
+
+    def record(
+        self, source: Sequence[Tensor], gains: Tensor | None, tangent: Sequence[Tensor]
+    ) -> None:
+        """Record the row norms of the step's source ``B_t`` (or of ``S_t`` with ``gains``,
+        ``B_t``'s rows being ``gains[i] S_t``'s leaf by leaf: plain SGD) and of ``Z_{t+1}``
+        (the parameters' rows of each, leaf by leaf)."""
+        if source:
+            norms = _leaf_row_norms([*source, *tangent])
+            self.norms.append(norms)
+            self.gains.append(gains)
+
+    def growth(self) -> float | None:
+        """The largest ratio over the steps and hyperparameters with a source so far; None
+        without one (no step, or no hyperparameter that steers a step: the tangents are
+        zero) or with a NaN norm; inf when a norm overflowed (a tangent or a source too
+        large for its dtype's norm: ~1e19 in float32)."""
+        if not self.norms:
+            return None
+        norms = torch.stack(self.norms).cpu().double()  # (steps, 2 leaves, m)
+        half = norms.shape[1] // 2
+        gains = [torch.ones(half, dtype=norms.dtype) if c is None else c for c in self.gains]
+        sources = norms[:, :half] * torch.stack(gains)[:, :, None]
+        b = torch.linalg.vector_norm(sources, dim=1).cumsum(0).tolist()
+        z = torch.linalg.vector_norm(norms[:, half:], dim=1).tolist()
+        values = [v for row in (*b, *z) for v in row]
+        if any(math.isnan(v) for v in values):
+            return None
+        if any(math.isinf(v) for v in values):
+            return math.inf
+        ratios = [zk / bk for zrow, brow in zip(z, b) for zk, bk in zip(zrow, brow) if bk > 0]
+        return max(ratios) if ratios else None
+
+
 def loss_rising(losses: Sequence[float]) -> str | None:
     """A sentence on how ``losses`` end at their highest, at least :data:`RISE` times their
     lowest, or None (for a lowest value at or below 0: a rise of ``RISE - 1`` times its
@@ -260,7 +346,9 @@ def report_unstable(info: Any, stats: dict[str, Any], steps: int) -> None:
     growth = stats.get("tangent_growth" if forward else "adjoint_growth")
     if growth is None or not growth >= RISE_SENSITIVITY or info.status == Status.DIVERGED:
         return
-    what = "forward pass's probe tangent" if forward else "reverse pass's adjoint"
+    what = "reverse pass's adjoint" if not forward else "forward pass's probe tangent"
+    if forward and stats.get("watch") == "sources":
+        what = "forward pass's tangents (over the sum of their sources)"
     grew = f"the {what} grew {growth:.3g}-fold over the last {steps} steps"
     if growth >= ADJOINT_GROWTH:
         why = (
