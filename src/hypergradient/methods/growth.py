@@ -178,7 +178,7 @@ class AdjointWatch:
 
     def __init__(self, first: Sequence[Tensor]):
         self.norms = [self._norm(first)]
-        self.parts: list[Tensor] = []  # pushed: the leaves' norms, combined in growth()
+        self.parts: list[Tensor] = []  # per pushed step: its leaves' norms (growth())
         self.width = len(first)
 
     @staticmethod
@@ -192,7 +192,8 @@ class AdjointWatch:
 
     def push(self, adjoint: Sequence[Tensor]) -> Any:
         """Record the norm of ``adjoint`` (as many leaves as ``first``) and return it
-        unchanged: the leaves' norms, in one op (:meth:`growth` stacks them all at once)."""
+        unchanged: the leaves' norms in one op, stacked (one tensor kept per step);
+        :meth:`growth` takes the norm of each step's at once."""
         if len(adjoint) != self.width or not adjoint:
             self.norms.append(self._norm(adjoint))
             return adjoint
@@ -200,9 +201,10 @@ class AdjointWatch:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         xs = [x.detach() if x.requires_grad else x for x in adjoint]
         try:  # one op (the same norms: torch loops over linalg.vector_norm on the CPU)
-            self.parts += torch._foreach_norm(xs, 2, dtype=dtype)
+            parts = list(torch._foreach_norm(xs, 2, dtype=dtype))
         except (TypeError, RuntimeError):  # torch without its dtype argument
-            self.parts += [torch.linalg.vector_norm(x, dtype=dtype) for x in xs]
+            parts = [torch.linalg.vector_norm(x, dtype=dtype) for x in xs]
+        self.parts.append(parts[0] if len(parts) == 1 else torch.stack(parts))
         return adjoint
 
     def growth(self) -> float | None:
