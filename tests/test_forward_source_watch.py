@@ -5,7 +5,7 @@ vector-Jacobian product at every step: 39.5 training steps per hyper-step on the
 ``benchmarks/hyperstep_cost.py`` where the goal is 30 (27.0 without it). For SGD (an update
 linear in the parameters, buffers and gradient) the watch now reads, per hyperparameter,
 ``max_t ||Z_{t+1}|| / sum_{s <= t} ||B_s||`` from the tangents ``Z`` the hypergradient is
-made of and their sources ``B_s`` (:class:`~hypergradient.methods.growth.SourceWatch`).
+made of and their sources ``B_s`` (:class:`~hypergradient.methods.source_watch.SourceWatch`).
 Checked here: the ratio's bound on exact recursions; the same decisions as the probe on the
 panel of runs where the probe's decisions are pinned (recorded with the probe, main at
 2c92374); and an unstable block that no hyperparameter steers and the outer loss does not
@@ -26,7 +26,7 @@ from torch import nn
 
 import hypergradient as hg
 from hypergradient.methods.forward_sources import LinearGains
-from hypergradient.methods.growth import SourceWatch
+from hypergradient.methods.source_watch import SourceWatch
 
 DT = torch.float64
 

@@ -31,8 +31,9 @@ from ._checks import check_trees, unused_leaves
 from .base import Problem
 from .forward_sources import LinearGains
 from .forward_tangents import GradientTangents, batching_key
-from .growth import SourceWatch, TangentWatch
+from .growth import TangentWatch
 from .replay import Run, rng_state, set_rng_state
+from .source_watch import SourceWatch
 from .traj_modes import as_mode, is_double_backward_error
 from .trajectory import (
     Sweep,

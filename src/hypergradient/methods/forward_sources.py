@@ -1,6 +1,6 @@
 """The sources' scale for forward mode's watch with a linear update (plain SGD).
 
-:class:`~hypergradient.methods.growth.SourceWatch` needs, at every step, the norm of the
+:class:`~hypergradient.methods.source_watch.SourceWatch` needs, at every step, the norm of the
 parameters' rows of the source ``B_t = U(0, 0, S_t)``: the update's tangent along the
 gradient tangents' source ``S_t = H_tp e_k``. Pushing ``S_t`` through the update costs one
 more update call per step (0.2-0.3 ms of Python on a 4-leaf MLP, a tenth of a training

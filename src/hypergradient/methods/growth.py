@@ -36,7 +36,8 @@ largest norm of the parameters' adjoint over its norm at ``theta_T``) and
 (healthy runs measured: at most 51, SGD with and without momentum up to the edge of
 stability, Adam with lr up to 1 and ``beta1 = 0.9``). Forward mode has no adjoint. For
 :class:`~hypergradient.optim.SGD` (an update linear in the parameters, buffers and
-gradient, with constant coefficients) it reads its own tangents (:class:`SourceWatch`):
+gradient, with constant coefficients) it reads its own tangents
+(:class:`~hypergradient.methods.source_watch.SourceWatch`):
 ``Z_{t+1} = J_t Z_t + B_t`` with ``Z_0 = 0`` (``J_t = dPhi_t/ds_t``, ``B_t = dPhi_t/dphi``,
 one row per hyperparameter) is ``sum_s J_t ... J_{s+1} B_s``, so the largest ratio
 ``||Z_{t+1}|| / sum_{s <= t} ||B_s||`` (``info.stats["tangent_growth"]``, parameters' rows)
@@ -94,7 +95,6 @@ __all__ = [
     "ADAPT_GROWTH",
     "ADJOINT_GROWTH",
     "AdjointWatch",
-    "SourceWatch",
     "TangentWatch",
     "BLOWUP",
     "KEEP",
@@ -201,6 +201,8 @@ class AdjointWatch:
 
     def __init__(self, first: Sequence[Tensor]):
         self.norms = [self._norm(first)]
+        self.parts: list[Tensor] = []  # per pushed step: its leaves' norms (growth())
+        self.width = len(first)
 
     @staticmethod
     def _norm(xs: Sequence[Tensor]) -> Tensor:
@@ -212,16 +214,32 @@ class AdjointWatch:
         return torch.linalg.vector_norm(torch.stack(parts))
 
     def push(self, adjoint: Sequence[Tensor]) -> Any:
-        """Record the norm of ``adjoint`` and return it unchanged."""
-        self.norms.append(self._norm(adjoint))
+        """Record the norm of ``adjoint`` (as many leaves as ``first``) and return it
+        unchanged: the leaves' norms in one op, stacked (one tensor kept per step);
+        :meth:`growth` takes the norm of each step's at once."""
+        if len(adjoint) != self.width or not adjoint:
+            self.norms.append(self._norm(adjoint))
+            return adjoint
+        device = adjoint[0].device  # as _norm
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        xs = [x.detach() if x.requires_grad else x for x in adjoint]
+        try:  # one op (the same norms: torch loops over linalg.vector_norm on the CPU)
+            parts = list(torch._foreach_norm(xs, 2, dtype=dtype))
+        except (TypeError, RuntimeError):  # torch without its dtype argument
+            parts = [torch.linalg.vector_norm(x, dtype=dtype) for x in xs]
+        self.parts.append(parts[0] if len(parts) == 1 else torch.stack(parts))
         return adjoint
 
     def growth(self) -> float | None:
         """Largest norm after the first over the first (None: a zero or non-finite start,
         or no reverse step)."""
-        if len(self.norms) < 2:
+        norms = torch.stack(self.norms)
+        if self.parts:  # per step, the norm of its leaves' norms, as _norm takes it
+            rows = torch.stack(self.parts).reshape(-1, self.width).to(norms.device)
+            norms = torch.cat([norms, torch.linalg.vector_norm(rows, dim=1)])
+        if len(norms) < 2:
             return None
-        values = torch.stack(self.norms).tolist()
+        values = norms.tolist()
         if not (values[0] > 0 and all(map(math.isfinite, values))):
             return None
         return max(values[1:]) / values[0]
@@ -258,69 +276,6 @@ class TangentWatch:
             total *= v
             best = max(best, total)
         return best
-
-
-def _leaf_row_norms(xs: Sequence[Tensor]) -> Tensor:
-    """``(len(xs), m)``: the norm of each row (dim 0) of each leaf, in the leaves' dtype
-    (float32 for narrower ones: no wide copy of a leaf); one call for one row."""
-    m, device = xs[0].shape[0], xs[0].device  # (leaves on several devices: the first's)
-    wide = [x if x.dtype.itemsize >= 4 else x.float() for x in xs]
-    if m == 1:
-        norms = list(torch._foreach_norm(wide))
-    else:
-        norms = [torch.linalg.vector_norm(x.reshape(m, -1), dim=1) for x in wide]
-    norms = [n if n.device == device else n.to(device) for n in norms]
-    return torch.stack(norms).reshape(len(xs), m)
-
-
-class SourceWatch:
-    """Forward mode's watch for SGD: for each hyperparameter ``k``, the largest ratio
-    ``||Z_{t+1}^k|| / sum_{s <= t} ||B_s^k||`` of its tangent's parameter rows to the sum of
-    its sources' (``B_s = dPhi_s/dphi``) so far (norms kept as tensors, read once).
-
-    With ``Z_{t+1} = J_t Z_t + B_t`` and ``Z_0 = 0``, ``Z_{t+1} = sum_s J_t ... J_{s+1} B_s``,
-    so the ratio is at most the largest growth ``||J_t ... J_{s+1} B_s|| / ||B_s||`` of the
-    products of step Jacobians along the sources (read on the parameters' rows, as the
-    probe's): a ratio of ``r`` shows a growth of about ``r`` or more along directions the
-    hypergradient is made of. It is 1 after the first step (``Z_1 = B_0``) and stays near
-    1 while the Jacobians neither grow nor contract; it cannot see a growth along
-    directions no source reaches, or one that sources of opposite signs cancel."""
-
-    def __init__(self) -> None:
-        self.norms: list[Tensor] = []
-        self.gains: list[Tensor | None] = []
-
-    def record(
-        self, source: Sequence[Tensor], gains: Tensor | None, tangent: Sequence[Tensor]
-    ) -> None:
-        """Record the row norms of the step's source ``B_t`` (or of ``S_t`` with ``gains``,
-        ``B_t``'s rows being ``gains[i] S_t``'s leaf by leaf: plain SGD) and of ``Z_{t+1}``
-        (the parameters' rows of each, leaf by leaf)."""
-        if source:
-            norms = _leaf_row_norms([*source, *tangent])
-            self.norms.append(norms)
-            self.gains.append(gains)
-
-    def growth(self) -> float | None:
-        """The largest ratio over the steps and hyperparameters with a source so far; None
-        without one (no step, or no hyperparameter that steers a step: the tangents are
-        zero) or with a NaN norm; inf when a norm overflowed (a tangent or a source too
-        large for its dtype's norm: ~1e19 in float32)."""
-        if not self.norms:
-            return None
-        norms = torch.stack(self.norms).cpu().double()  # (steps, 2 leaves, m)
-        half = norms.shape[1] // 2
-        gains = [torch.ones(half, dtype=norms.dtype) if c is None else c for c in self.gains]
-        sources = norms[:, :half] * torch.stack(gains)[:, :, None]
-        b = torch.linalg.vector_norm(sources, dim=1).cumsum(0).tolist()
-        z = torch.linalg.vector_norm(norms[:, half:], dim=1).tolist()
-        values = [v for row in (*b, *z) for v in row]
-        if any(math.isnan(v) for v in values):
-            return None
-        if any(math.isinf(v) for v in values):
-            return math.inf
-        ratios = [zk / bk for zrow, brow in zip(z, b) for zk, bk in zip(zrow, brow) if bk > 0]
-        return max(ratios) if ratios else None
 
 
 def loss_rising(losses: Sequence[float]) -> str | None:

@@ -71,7 +71,8 @@ def step_value(fn: Callable[..., Any], params: Any, htree: Any, batch: Any, t: i
     the module's own weights instead of ``params`` (:mod:`~..operators.recompute`)."""
     with recompute.watch() as seen:
         value = fn(params, htree, batch)
-    recompute.refuse(seen.found, f"inner_loss (step {t} of the trajectory)")
+    if seen.found:
+        recompute.refuse(True, f"inner_loss (step {t} of the trajectory)")
     return as_scalar_loss(value, "inner_loss")
 
 

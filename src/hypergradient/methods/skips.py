@@ -41,7 +41,7 @@ class Skips:
 
     def note(self, t: int, used: Sequence[bool]) -> None:
         """Step ``t``'s leaves with a gradient (``used[i]``)."""
-        flags = tuple(bool(u) for u in used)
+        flags = tuple(map(bool, used))
         self.used[t] = flags
         self.any = self.any or not all(flags)
 

@@ -51,7 +51,7 @@ from ._checks import all_finite, check_arity, connected, unused_leaves, warn_unu
 from .base import Info, Method, Problem, Trajectory
 from .growth import AdjointWatch, report_diverging, report_unstable
 from .replay import Run, replay_rng, rng_state
-from .traj_step import ReverseStep, check_recomputed
+from .traj_step import ReverseStep, accumulate, check_recomputed
 
 __all__ = [
     "Run",
@@ -86,7 +86,7 @@ class TrajectoryInfo(Info):
             ``trajectory.final_params`` (None when those are not given).
 
     ``status`` is ``"diverged"`` (``stats["diverging"]`` says how) when the inner losses grow
-    geometrically, or the adjoint (``stats["adjoint_growth"]``) or ForwardMode's probe tangent
+    geometrically, or the adjoint (``stats["adjoint_growth"]``) or ForwardMode's tangents
     (``stats["tangent_growth"]``) a millionfold, or a hundredfold while the losses end at
     their highest, 10x their lowest (:mod:`~hypergradient.methods.growth`): of no use.
     """
@@ -247,10 +247,7 @@ def reverse_sweep(
             p, s = state_at(t)
             dp, ds, dh = step(p, s, t, adj)
             adj = (watch.push(dp), ds)
-            for i, (acc, d) in enumerate(zip(hyper, dh)):
-                if d is not None:
-                    acc.add_(d)
-                    touched[i] = True
+            accumulate(hyper, dh, touched)
     unused = unused_leaves(run.hspec.paths, run.h, touched)
     if forward_losses is not None and run.group is None:
         check_recomputed(step.losses, forward_losses, other_kernels=step.mode == "double_math")

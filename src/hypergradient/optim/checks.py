@@ -45,7 +45,7 @@ def check_update(
     lists of ``from_torch`` (``group_of``, ``offsets``) of the same length and, if ``step``
     is given, a valid step count (:func:`check_step`)."""
     name = type(opt).__name__
-    if not all(hasattr(x, "__len__") for x in (params, grads, state)):
+    if not (hasattr(params, "__len__") and hasattr(grads, "__len__") and hasattr(state, "__len__")):
         raise ArgumentTypeError(f"{name}.update takes lists, not iterators.")
     n = len(params)
     if len(grads) != n or len(state) != opt.buffers * n:

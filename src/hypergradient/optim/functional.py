@@ -164,7 +164,7 @@ def _per_dtype(
         if got is None:
             own = {} if group == 0 or opt is None else opt.own_settings(group, given)
             values = [own.get(k, s[k]) for k in keys]
-            got = cache[like.dtype, group] = tuple(_setting_on(v, like) for v in values)
+            got = cache[like.dtype, group] = tuple([_setting_on(v, like) for v in values])
         return got
 
     return on
@@ -242,7 +242,7 @@ class SGD(FunctionalOptimizer):
                 "(a momentum linked to a hyperparameter: start it above 0)."
             )
         on = _per_dtype(s, ("lr", "momentum", "dampening", "weight_decay"), self, settings)
-        decay = not _is_zero(s["weight_decay"]) or any(g.get("weight_decay") for g in self.groups)
+        decay = not _is_zero(s["weight_decay"]) or any([g.get("weight_decay") for g in self.groups])
         damped = not _is_zero(s["dampening"])
         new_params: list[Tensor] = []
         new_state: list[Tensor] = []
