@@ -27,6 +27,7 @@ from torch import nn
 import hypergradient as hg
 from hypergradient.methods.forward_sources import LinearGains
 from hypergradient.methods.source_watch import SourceWatch
+from test_adv7_traj_adjoint_growth import P0, XV, YV, X, Y, inner, outer
 
 DT = torch.float64
 
@@ -80,28 +81,8 @@ def test_a_growing_direction_is_read_and_overflow_and_nan_are_told():
 
 
 # ---- the same decisions as the probe on the runs it was measured on ------------------------
-GEN = torch.Generator().manual_seed(0)
-X = torch.randn(64, 5, generator=GEN, dtype=DT)
-Y = torch.sin(X.sum(1, keepdim=True))
-XV = torch.randn(32, 5, generator=GEN, dtype=DT)
-YV = torch.sin(XV.sum(1, keepdim=True))
-P0 = {
-    "w1": torch.randn(5, 16, generator=GEN, dtype=DT) * 0.7,
-    "b1": torch.zeros(16, dtype=DT),
-    "w2": torch.randn(16, 1, generator=GEN, dtype=DT) * 0.3,
-}
-
-
-def net(p, x):
-    return torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
-
-
-def inner(p, h):
-    return ((net(p, X) - Y) ** 2).mean()
-
-
-def outer(p, h):
-    return ((net(p, XV) - YV) ** 2).mean()
+# the data and network: those of the adjoint-growth tests (imported above)
+GEN = torch.Generator().manual_seed(0)  # for the data of the tests below
 
 
 # (lr, steps, momentum, nesterov): the probe's growth and status (main, 2c92374)
