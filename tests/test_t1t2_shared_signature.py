@@ -2,8 +2,8 @@
 
 ``SharedLoss.__signature__``: an instance's signature (read by the method's arity check at
 every hyper-step) is the one ``inspect`` finds without it, and the class keeps its
-constructor's. ``Tap._same_graph``: the edges to nodes of the call checked inline give the
-answers of the loop that called ``_edge_matches`` for every edge (a reference copy here).
+constructor's. ``Tap._same_graph`` gives the answers of a reference loop that calls
+``_edge_matches`` for every edge, and the expected ones.
 """
 
 from __future__ import annotations

@@ -232,16 +232,12 @@ class Tap:
             if type(mine) is not type(theirs) or len(found) != len(self.edges[i]):
                 return False
             for (kind, target, slot), (nxt, nr) in zip(self.edges[i], found):
-                if kind != "node":
-                    if not _edge_matches(kind, target, slot, nxt, nr, trained):
+                if not _edge_matches(kind, target, slot, nxt, nr, trained):
+                    return False
+                if kind == "node":
+                    if matched.setdefault(target, nxt) is not nxt:
                         return False
-                    continue
-                # (_edge_matches's "node" case inline: most edges are, one call less each)
-                if nxt is None or nr != slot or type(nxt) is _ACCUMULATE:
-                    return False
-                if matched.setdefault(target, nxt) is not nxt:
-                    return False
-                stack.append(target)
+                    stack.append(target)
         return len(seen) == len(self.nodes)
 
 
