@@ -54,9 +54,10 @@ def test_which_method_solver_comparison_prints_what_the_text_says():
     )
     assert claim is not None
     quoted = [float(x) for x in claim.groups()]
-    assert quoted == [
-        float(f"{printed[k][0]:.1e}") for k in ("CG", "Neumann", "Nystrom", "NystromPCG")
-    ]
+    # two significant digits, to within one unit of the second: the block's float32 CG
+    # prints 6.5e-3 on one CPU and 6.4e-3 on another (vectorized reductions round apart)
+    for q, k in zip(quoted, ("CG", "Neumann", "Nystrom", "NystromPCG")):
+        assert q == pytest.approx(printed[k][0], rel=0.04), k
     residual = re.search(r"relative residual `\|\|b - H x\|\| / \|\|b\|\|` of ([\d.]+)", text)
     assert residual is not None
     assert float(residual.group(1)) == pytest.approx(printed["Nystrom"][1], abs=0.05)
