@@ -11,15 +11,14 @@ differences). :class:`BufferWatch` notes, at each training step, which of those 
 changed since the previous step, and warns once when such a method takes a hyper-step.
 
 A hyperparameter held as a buffer and read by the forward pass, not through the losses'
-``hparams`` argument, gets a zero hypergradient: :func:`advice` makes the methods' warning
+``hparams`` argument, gets a zero hypergradient: :class:`Advice` makes the methods' warning
 say so in the hyper-optimizer's terms.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from ..methods._checks import UNUSED_ADVICE
 if TYPE_CHECKING:  # pragma: no cover
     from .driver import HyperOptimizer
 
-__all__ = ["BufferWatch", "advice"]
+__all__ = ["Advice", "BufferWatch"]
 
 #: The running statistics of these layers are updated in train mode without being read.
 _NORM = getattr(nn.modules.batchnorm, "_NormBase", nn.modules.batchnorm._BatchNorm)
@@ -105,18 +104,27 @@ def _storage(buffer: Tensor | None) -> int | None:
     return None if buffer is None else buffer.untyped_storage().data_ptr()
 
 
-@contextlib.contextmanager
-def advice(hopt: HyperOptimizer) -> Iterator[None]:
+class Advice:
     """While a method runs: its warning that a hyperparameter has a zero hypergradient
     advises in the hyper-optimizer's terms (``train_loss``/``val_loss`` and their
     ``hparams`` argument, ``optimizer_hparams``; ``HyperOptimizer`` has no
-    ``hparams_by_reference``), and names the model's buffer that holds the hyperparameter."""
-    module, raw = hopt.view.module, hopt.hyperparameters.raw
-    token = UNUSED_ADVICE.set(lambda path, through: _advice(module, raw, path, through))
-    try:
-        yield
-    finally:
-        UNUSED_ADVICE.reset(token)
+    ``hparams_by_reference``), and names the model's buffer that holds the hyperparameter.
+    ``with Advice(hopt):`` (a class, not a generator: entered at every hyper-step)."""
+
+    __slots__ = ("hopt", "token")
+
+    def __init__(self, hopt: HyperOptimizer):
+        self.hopt = hopt
+
+    def __enter__(self) -> None:
+        self.token = UNUSED_ADVICE.set(self)
+
+    def __exit__(self, *exc: object) -> None:
+        UNUSED_ADVICE.reset(self.token)
+
+    def __call__(self, path: str, through: str) -> str:
+        hopt = self.hopt
+        return _advice(hopt.view.module, hopt.hyperparameters.raw, path, through)
 
 
 def _advice(module: nn.Module | None, raw: Mapping[str, Tensor], path: str, through: str) -> str:

@@ -237,7 +237,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     if guard is not None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
     hopt.view.checkpointed = False
-    with recompute.explained(), buffers.advice(hopt):  # CheckpointError after train/eval
+    with recompute.explained(), buffers.Advice(hopt):  # CheckpointError after train/eval
         problem = make_problem(hopt, train_batch, val_batch, saved.params_before, saved)
         result, info = hopt.method(problem)
     recompute.check(hopt.view.checkpointed, hopt.method, info)
