@@ -165,7 +165,7 @@ class BatchSampler:
         try:
             it = iter(self.iterable)
             for _ in range(self._pass_drawn):
-                next(it)
+                next(it, None)  # a shorter pass now: the next draw starts a new one
         finally:
             _set_rng_states(self.iterable, now)
             random.setstate(py)
