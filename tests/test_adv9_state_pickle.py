@@ -4,19 +4,25 @@ the middle of a trajectory window, and the copy goes on as the original, bit for
 The window kept weak references to the last step's gradients (to tell a loop that zeroes
 with ``set_to_none=False``), which ``pickle`` refuses: ``TypeError: cannot pickle
 'weakref.ReferenceType' object`` at any step but a hyper-step's, for Unrolled, ForwardMode
-and DrMAD."""
+and DrMAD.
+
+A ``TensorBoardLogger`` (the writer's lock) and a live ``DataLoader`` as ``val_data`` (its
+iterator) did not pickle at all: ``TypeError: cannot pickle '_thread.lock' object``,
+``NotImplementedError: _SingleProcessDataLoaderIter cannot be pickled``."""
 
 from __future__ import annotations
 
 import copy
 import io
 import pickle
+import random
 
+import numpy as np
 import pytest
 import torch
 
 import hypergradient as hg
-from test_hyperoptimizer_support import assert_same, batches, build, everything, mlp, run
+from test_hyperoptimizer_support import VAL, assert_same, batches, build, everything, mlp, run
 
 METHODS = {"Unrolled": hg.Unrolled, "ForwardMode": hg.ForwardMode, "DrMAD": hg.DrMAD}
 
@@ -68,3 +74,156 @@ def test_a_hyper_optimizer_logging_to_a_list_of_loggers_pickles(tmp_path):
     assert_same(everything(model, hopt), everything(model2, hopt2))
     rows = CSVLogger(path, append=True).rows()  # both wrote their second hyper-step here
     assert [r["hyper_step"] for r in rows] == ["1", "2", "2"]
+
+
+class Augmented(torch.utils.data.Dataset):
+    """The validation rows with noise drawn from torch's random-number state."""
+
+    def __len__(self):
+        return len(VAL[1])
+
+    def __getitem__(self, i):
+        return VAL[0][i] + 0.1 * torch.randn(VAL[0].shape[1], dtype=VAL[0].dtype), VAL[1][i]
+
+
+LOADERS = {
+    "in order": lambda ds: torch.utils.data.DataLoader(ds, batch_size=16),
+    "shuffled": lambda ds: torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True),
+    "own generator": lambda ds: torch.utils.data.DataLoader(
+        ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(7)
+    ),
+    "augmented": lambda ds: torch.utils.data.DataLoader(Augmented(), batch_size=16, shuffle=True),
+}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("kind", list(LOADERS))
+def test_a_copy_continues_the_pass_of_a_data_loader(kind, how):
+    """The copy is made two batches into a pass of three; it draws the third, then the
+    next pass (a new random order) as the original does. A fresh pass in the copy would
+    draw the first batch again (another hypergradient); and the pass started again from
+    torch's state at the copy's first draw, not the pass's, another order (the training
+    steps' dropout moves torch's state between hyper-steps)."""
+    loader = LOADERS[kind](torch.utils.data.TensorDataset(*VAL))
+    model, hopt = build(model=mlp(dropout=0.2), val_data=loader, val_batch_size=None)
+    steps = batches(16)
+    run(hopt, steps[:7])  # hyper-steps at steps 3 and 6: two batches of the pass drawn
+    model2, hopt2 = COPIES[how]((model, hopt))
+    rng = torch.get_rng_state()
+    run(hopt, steps[7:])
+    torch.set_rng_state(rng)
+    run(hopt2, steps[7:])
+    assert hopt.hyper_steps == hopt2.hyper_steps == 5 and hopt.val_sampler.drawn == 5
+    assert_same(everything(model, hopt), everything(model2, hopt2))
+
+
+class Noisy(Augmented):
+    """Noise from torch's, Python's and numpy's random-number states."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + random.random() + float(np.random.rand()), y  # noqa: NPY002
+
+
+def _states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()  # noqa: NPY002
+
+
+def test_the_copy_of_a_sampler_draws_the_original_s_batches_and_changes_no_rng():
+    """Checked batch by batch, across a pass's end; the batches the copy skips draw from
+    torch's, Python's and numpy's states, and leave each as it was."""
+    loader = torch.utils.data.DataLoader(Noisy(), batch_size=16, shuffle=True)
+    sampler = hg.hyperoptimizer.BatchSampler(loader, name="val_data")
+    sampler.next(), sampler.next()
+    copied = pickle.loads(pickle.dumps(sampler))
+    before = _states()
+    mine = [copied.next() for _ in range(4)]
+    after = _states()
+    torch.set_rng_state(before[0])
+    random.setstate(before[1])
+    np.random.set_state(before[2])  # noqa: NPY002
+    theirs = [sampler.next() for _ in range(4)]
+    assert_same(mine, theirs)
+    assert torch.equal(after[0], _states()[0]) and after[1] == _states()[1]
+    assert all(np.array_equal(a, b) for a, b in zip(after[2][1:], _states()[2][1:]))
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("given", [False, True], ids=["log_dir", "writer"])
+def test_a_hyper_optimizer_logging_to_tensorboard_copies(tmp_path, how, given):
+    """The copy opens a writer on the same directory (and settings) at its first record,
+    writes there what the original writes, and closes only its own writer."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hypergradient.integrations import TensorBoardLogger
+
+    writer = SummaryWriter(tmp_path, flush_secs=7, filename_suffix=".x") if given else None
+    tb = TensorBoardLogger(writer=writer) if given else TensorBoardLogger(tmp_path)
+    model, hopt = build(logger=tb)
+    run(hopt, batches(4))  # hyper-step at step 3
+    model2, hopt2, tb2 = COPIES[how]((model, hopt, tb))
+    assert len(list(tmp_path.iterdir())) == 1 and repr(tb2) == repr(tb)
+    steps = batches(6, seed=4)
+    rng = torch.get_rng_state()
+    run(hopt, steps)  # hyper-steps at steps 6 and 9
+    torch.set_rng_state(rng)
+    run(hopt2, steps)
+    assert_same(everything(model, hopt), everything(model2, hopt2))
+    assert tb2.owns_writer and tb2.writer is not tb.writer
+    assert (tb2.writer.flush_secs, tb2.writer.filename_suffix) == (
+        (7, ".x") if given else (120, "")
+    )
+    tb2.close()
+    tb.close()
+    assert (writer.file_writer is not None) if given else True  # the user's: still open
+    files = list(tmp_path.iterdir())
+    assert len(files) == 2
+
+    def curve(path):
+        ea = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        ea.Reload()
+        return [(e.step, e.value) for e in ea.Scalars("hypergradient/loss/val")]
+
+    copy_, original = sorted(map(curve, files), key=len)
+    assert [s for s, _ in original] == [3, 6, 9] and original[1:] == copy_
+    if given:
+        writer.close()
+
+
+def test_a_copy_of_a_tensorboard_logger_that_writes_nothing_opens_no_file(tmp_path):
+    pytest.importorskip("tensorboard")
+    from hypergradient.integrations import TensorBoardLogger
+
+    tb = TensorBoardLogger(tmp_path / "run")
+    copied = copy.deepcopy(tb)
+    copied.flush()
+    copied.close()
+    assert len(list((tmp_path / "run").iterdir())) == 1
+    tb.close()
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_a_hyper_optimizer_with_a_progress_bar_copies(how):
+    """The bar's stream did not pickle (``cannot pickle '_io.TextIOWrapper' object``); the
+    copy's bar opens at the original's count and goes on counting."""
+    pytest.importorskip("tqdm")
+    from hypergradient.integrations import ProgressBar
+
+    bar = ProgressBar(total=5, desc="tuning", file=io.StringIO(), mininterval=0)
+    model, hopt = build(logger=bar)
+    run(hopt, batches(4))
+    model2, hopt2, bar2 = COPIES[how]((model, hopt, bar))
+    assert repr(bar2) == repr(bar) == "ProgressBar(n=1, total=5)"
+    steps = batches(6, seed=4)
+    rng = torch.get_rng_state()
+    run(hopt, steps)
+    torch.set_rng_state(rng)
+    run(hopt2, steps)
+    assert_same(everything(model, hopt), everything(model2, hopt2))
+    assert (
+        (bar2.bar.n, bar2.bar.total, bar2.bar.desc) == (bar.bar.n, 5, "tuning") == (3, 5, "tuning")
+    )
+    bar2.close()
+    bar.close()

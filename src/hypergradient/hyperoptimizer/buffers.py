@@ -9,20 +9,28 @@ normalizer: ``T1T2``'s look-ahead and the trajectory methods' replays then evalu
 steps with values those steps did not see (``docs/guide/modes.md``: 2 % and 28 % off central
 differences). :class:`BufferWatch` notes, at each training step, which of those buffers
 changed since the previous step, and warns once when such a method takes a hyper-step.
+
+A hyperparameter held as a buffer and read by the forward pass, not through the losses'
+``hparams`` argument, gets a zero hypergradient: :class:`Advice` makes the methods' warning
+say so in the hyper-optimizer's terms.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from .._vocab import HypergradientWarning
 from ..methods import T1T2
+from ..methods._checks import UNUSED_ADVICE
 
-__all__ = ["BufferWatch"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .driver import HyperOptimizer
+
+__all__ = ["Advice", "BufferWatch"]
 
 #: The running statistics of these layers are updated in train mode without being read.
 _NORM = getattr(nn.modules.batchnorm, "_NormBase", nn.modules.batchnorm._BatchNorm)
@@ -94,3 +102,51 @@ def _mark(buffer: Tensor | None) -> tuple[int, int]:
 
 def _storage(buffer: Tensor | None) -> int | None:
     return None if buffer is None else buffer.untyped_storage().data_ptr()
+
+
+class Advice:
+    """While a method runs: its warning that a hyperparameter has a zero hypergradient
+    advises in the hyper-optimizer's terms (``train_loss``/``val_loss`` and their
+    ``hparams`` argument, ``optimizer_hparams``; ``HyperOptimizer`` has no
+    ``hparams_by_reference``), and names the model's buffer that holds the hyperparameter.
+    ``with Advice(hopt):`` (a class, not a generator: entered at every hyper-step)."""
+
+    __slots__ = ("hopt", "token")
+
+    def __init__(self, hopt: HyperOptimizer):
+        self.hopt = hopt
+
+    def __enter__(self) -> None:
+        self.token = UNUSED_ADVICE.set(self)
+
+    def __exit__(self, *exc: object) -> None:
+        UNUSED_ADVICE.reset(self.token)
+
+    def __call__(self, path: str, through: str) -> str:
+        hopt = self.hopt
+        return _advice(hopt.view.module, hopt.hyperparameters.raw, path, through)
+
+
+def _advice(module: nn.Module | None, raw: Mapping[str, Tensor], path: str, through: str) -> str:
+    name = next((k for k in raw if path == f"hparams[{k!r}]"), None)
+    read = f"h[{name!r}]" if name is not None else "h[name]"
+    held = None if name is None or module is None else _buffer_of(module, raw[name])
+    if held is not None:
+        return (
+            f"It is the model's buffer {held!r}, which the forward pass reads itself; a "
+            "hyper-step differentiates what train_loss and val_loss read through their "
+            f"`hparams` argument, not the model's buffers: read {read} in the losses and pass "
+            "it to the model (an argument of forward()) instead of reading the buffer"
+        )
+    links = ", or that optimizer_hparams links it to a setting" if through == "run" else ""
+    return (
+        f"Check that train_loss or val_loss reads it through their `hparams` argument "
+        f"({read}){links}; a tensor read elsewhere (a module's buffer or attribute read in "
+        f"forward()) is not differentiated: pass {read} to it from the losses"
+    )
+
+
+def _buffer_of(module: nn.Module, leaf: Tensor) -> str | None:
+    """The name of a buffer of ``module`` sharing ``leaf``'s memory, if any."""
+    where = _storage(leaf)
+    return next((k for k, b in module.named_buffers() if _storage(b) == where), None)

@@ -11,7 +11,14 @@ Two sources:
   when one ends. Its position is *not* restored on resume: replaying the stream would
   fetch every batch drawn before (a ``DataLoader`` has no cheap seek), so a resumed
   sampler starts a fresh pass (with a shuffling ``DataLoader``, a new random order). The
-  state records how many batches were drawn, for information.
+  state records how many batches were drawn, for information. A *copy* of the sampler
+  (``pickle``, ``torch.save(hopt)``, ``copy.deepcopy``), by contrast, continues the pass:
+  the live iterator (a ``DataLoader``'s does not pickle) is left out, and the copy's first
+  draw starts the pass again from the random-number states it started from (torch's, and
+  the ``generator`` of the loader and of its sampler) and skips the batches already drawn
+  from it, so that it draws the batches the original draws next. That first draw fetches
+  those batches again once (under a fork of the random-number states, so nothing else
+  changes).
 
 A hyper-step that fails is undone: :meth:`BatchSampler.mark` / :meth:`BatchSampler.rollback`
 restore the generator, or push the drawn batches back so that they are drawn again.
@@ -19,6 +26,7 @@ restore the generator, or push the drawn batches back so that they are drawn aga
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -47,6 +55,11 @@ class BatchSampler:
     Raises:
         ArgumentTypeError, ValueError: bad ``data``, ``batch_size`` or ``seed``.
     """
+
+    # An iterable's pass (class defaults: a sampler pickled before they existed loads):
+    _pass_rng: Any = None  # the random-number states the current pass started from
+    _pass_drawn = 0  # batches the current pass's iterator has given
+    _resume = False  # a copy: start the pass again and skip `_pass_drawn` batches
 
     def __init__(self, data: Any, batch_size: Any = None, seed: Any = 0, name: str = "data"):
         self.name = name
@@ -110,11 +123,14 @@ class BatchSampler:
             return rows[0] if self.bare else rows
         for _ in range(2):
             if self._iter is None:
-                self._iter = iter(self.iterable)
+                self._iter = self._start_pass()
             try:
-                return next(self._iter)
+                batch = next(self._iter)
             except StopIteration:
                 self._iter = None
+            else:
+                self._pass_drawn += 1
+                return batch
         if self.drawn and iter(self.iterable) is self.iterable:
             raise ValueError(
                 f"`{self.name}` is an iterator (a generator?) that ran out after {self.drawn} "
@@ -130,6 +146,41 @@ class BatchSampler:
         short = getattr(self.iterable, "drop_last", False)  # a DataLoader's
         why = " (drop_last=True with fewer rows than its batch_size)" if short else ""
         raise ValueError(f"`{self.name}` yields no batches{why}.")
+
+    def _start_pass(self) -> Iterator[Any]:
+        """A new pass over the iterable; in a copy, its original's pass at the same place."""
+        if self._resume:
+            self._resume = False
+            return self._continue_pass()
+        self._pass_rng, self._pass_drawn = _rng_states(self.iterable), 0
+        return iter(self.iterable)
+
+    def _continue_pass(self) -> Iterator[Any]:
+        """The pass the original was in, started again from its random-number states, with
+        the ``_pass_drawn`` batches the original drew from it skipped; every random-number
+        state (torch's, the loader's generators, Python's, numpy's) is left as it was."""
+        now, py = _rng_states(self.iterable), random.getstate()
+        npy = np.random.get_state()  # noqa: NPY002 (the global state augmentations draw from)
+        _set_rng_states(self.iterable, self._pass_rng)
+        try:
+            it = iter(self.iterable)
+            for _ in range(self._pass_drawn):
+                next(it, None)  # a shorter pass now: the next draw starts a new one
+        finally:
+            _set_rng_states(self.iterable, now)
+            random.setstate(py)
+            np.random.set_state(npy)  # noqa: NPY002
+        return it
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The sampler without the live iterator of a re-iterable (a ``DataLoader``'s does
+        not pickle); the copy continues the pass (see the module's docstring). An iterable
+        that is its own iterator keeps its place itself, and is pickled as it is."""
+        state = self.__dict__.copy()
+        live = state.get("_iter")
+        if live is not None and live is not self.iterable:
+            state["_iter"], state["_resume"] = None, True
+        return state
 
     def mark(self) -> None:
         """Start recording draws, so that :meth:`rollback` can undo them."""
@@ -185,7 +236,7 @@ class BatchSampler:
         if self.tensors is not None:
             self.generator.manual_seed(self.seed)
         else:
-            self._iter = None
+            self._iter, self._resume = None, False
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (an iterable restarts a fresh pass: nothing is re-fetched)."""
@@ -197,7 +248,38 @@ class BatchSampler:
             # a CPU generator's state (torch.load(map_location=...) may have moved it)
             self.generator.set_state(state["generator"].cpu())
         else:
-            self._iter = None
+            self._iter, self._resume = None, False
+
+
+#: Where a ``DataLoader`` keeps the generators its order is drawn from.
+_GENERATOR_PATHS = (
+    ("generator",),
+    ("sampler", "generator"),
+    ("batch_sampler", "sampler", "generator"),
+)
+
+
+def _generators(iterable: Any) -> list[torch.Generator]:
+    """The distinct ``torch.Generator`` objects of a loader (and of its samplers)."""
+    found: list[torch.Generator] = []
+    for path in _GENERATOR_PATHS:
+        obj = iterable
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, torch.Generator) and all(obj is not g for g in found):
+            found.append(obj)
+    return found
+
+
+def _rng_states(iterable: Any) -> tuple[Tensor, list[Tensor]]:
+    """torch's CPU random-number state and the states of ``iterable``'s generators."""
+    return torch.get_rng_state(), [g.get_state() for g in _generators(iterable)]
+
+
+def _set_rng_states(iterable: Any, states: tuple[Tensor, list[Tensor]]) -> None:
+    torch.set_rng_state(states[0])
+    for g, state in zip(_generators(iterable), states[1]):
+        g.set_state(state)
 
 
 def _size_name(name: str) -> str:

@@ -1,9 +1,11 @@
 """The checks of a step's call that raise before anything changes: a hyper-step under
 ``torch.inference_mode()``, a missing batch, a T1T2 hyper-step or a trajectory method's
-step after a step without gradients."""
+step after a step without gradients, a stateful method object that another hyper-optimizer
+called since this one's last hyper-step."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "check_batch",
     "check_gradients",
+    "check_method_owner",
     "checked_end",
     "checked_step",
     "due",
@@ -88,7 +91,42 @@ def due(hopt: HyperOptimizer) -> bool:
             "This step takes a hyper-step, which needs autograd, but it runs under "
             "torch.inference_mode(); call hopt.step() outside it (torch.no_grad() is fine)."
         )
+    check_method_owner(hopt)
     return True
+
+
+#: Each hyper-optimizer's number (given at its first hyper-step), written on its method.
+_NUMBERS = itertools.count(1)
+#: The attribute of a method holding the number of the hyper-optimizer that last used it.
+STAMP = "_hyperoptimizer"
+
+
+def check_method_owner(hopt: HyperOptimizer) -> None:
+    """Refuse a hyper-step whose method object another hyper-optimizer used since this
+    one's last hyper-step, when the method keeps state (a non-empty ``state_dict()``: a
+    warm start, a sketch, a step estimate): that state is now the other run's. Two
+    hyper-optimizers stepping in turn with one object is the case this can tell; a run
+    that starts after another ended (the trials of a study) is not refused, since
+    nothing says the first will not step again (documented in ``docs/which-method.md``).
+    Then stamp the method with this hyper-optimizer's number.
+
+    Raises:
+        ValueError: the method was used by another hyper-optimizer in between.
+    """
+    method, mine = hopt.method, hopt.__dict__.get(STAMP)
+    last = getattr(method, STAMP, None)
+    if mine is None:
+        mine = hopt.__dict__[STAMP] = next(_NUMBERS)
+    elif last is not None and last != mine and method.state_dict():
+        name = type(method).__name__
+        raise ValueError(
+            f"This HyperOptimizer's method object ({name}) was used by another "
+            "HyperOptimizer since this one's last hyper-step, and it keeps state across "
+            f"hyper-steps ({', '.join(map(str, method.state_dict()))}): that state is now "
+            "the other run's. Give each HyperOptimizer its own method object (build "
+            f"hg.{name}(...) per run, or pass copy.deepcopy(method)); nothing was changed."
+        )
+    setattr(method, STAMP, mine)
 
 
 def ends_window(hopt: HyperOptimizer) -> bool:

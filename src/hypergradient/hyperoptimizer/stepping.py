@@ -17,7 +17,7 @@ from .._vocab import HypergradientWarning, NonFiniteHypergradientError
 from ..methods import IFT, T1T2
 from ..methods.rng import forked_rng, rng_state, same_state
 from ..operators import recompute
-from . import divergence, draws, precision, step_grads
+from . import buffers, divergence, draws, precision, step_grads
 from .batches import copy_batch
 from .build import inner_lr, make_problem, step_lr, tuned
 from .config import check_ranks
@@ -237,7 +237,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     if guard is not None:
         holdout = guard.score(hopt.view, hp, hopt.process_group)
     hopt.view.checkpointed = False
-    with recompute.explained():  # torch's CheckpointError after a train/eval switch
+    with recompute.explained(), buffers.Advice(hopt):  # CheckpointError after train/eval
         problem = make_problem(hopt, train_batch, val_batch, saved.params_before, saved)
         result, info = hopt.method(problem)
     recompute.check(hopt.view.checkpointed, hopt.method, info)

@@ -39,95 +39,9 @@ from torch import Tensor
 
 from .._vocab import ArgumentTypeError, as_bool, as_int, as_optional_int
 from ..hyperoptimizer import HyperStepRecord
+from .records import check_record, record_scalars
 
 __all__ = ["CSVLogger", "ProgressBar", "TensorBoardLogger", "record_scalars"]
-
-#: Diagnostics that are not solver statistics (they have their own names, or are text).
-_NOT_SOLVER = {"method", "seconds", "outer_loss", "status", "num_hvps"}
-
-
-def _check_record(record: Any) -> HyperStepRecord:
-    if not isinstance(record, HyperStepRecord):
-        raise ArgumentTypeError(
-            f"A logger receives HyperStepRecord objects, got {type(record).__name__}."
-        )
-    return record
-
-
-def _hypergrad_key(name: str) -> str:
-    """``hypergrad/<name>``; ``hypergrad/norm`` is the total's, so ``norm`` gets one more."""
-    return "hypergrad/norm/norm" if name == "norm" else f"hypergrad/{name}"
-
-
-def _loggable(key: str, value: Any) -> bool:
-    """A numeric diagnostic the method computed (NaN: not computed, e.g. T1T2's
-    ``inner_grad_norm`` with its hyperparameters-first product)."""
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return key not in _NOT_SOLVER and numeric and not math.isnan(value)
-
-
-def record_scalars(record: HyperStepRecord, scalar_limit: int = 8) -> dict[str, float]:
-    """Every number of a hyper-step record, by the names in the module's docstring.
-
-    Args:
-        record: what the hyper-optimizer passes its logger.
-        scalar_limit: hyperparameters with at most this many elements are written element
-            by element; larger ones as mean, min, max and norm.
-
-    Returns:
-        ``{name: float}``, in a stable order.
-
-    Raises:
-        ValueError: two hyperparameters would be written under one name (``"w"`` of 2
-            elements and ``"w/1"``; ``"norm"`` and ``"norm/norm"``).
-    """
-    scalar_limit = as_int(scalar_limit, "scalar_limit", min=1)
-    out = {"loss/val": float(record.val_loss)}
-    if record.holdout_scored:  # a NaN score too: it is not "no holdout"
-        out["loss/holdout"] = float(record.holdout_loss)
-    out["hypergrad/norm"] = float(record.hypergrad_norm)
-    for name, summary in record.summaries.items():
-        key = _hypergrad_key(name)
-        if key in out:  # "norm" and "norm/norm"
-            raise ValueError(
-                f"Two hyperparameters' hypergradient norms would both be logged as {key!r} "
-                f"(one of them is {name!r}); rename it."
-            )
-        out[key] = float(summary["hypergrad_norm"])
-    out |= _hparam_scalars(record, scalar_limit)
-    out["solver/num_hvps"] = float(record.info.num_hvps)
-    out["solver/ok"] = 1.0 if record.info.status.ok else 0.0
-    for key, value in record.diagnostics.items():
-        if _loggable(key, value):
-            out[f"solver/{key}"] = float(value)
-    out["time/seconds"] = float(record.seconds)
-    return out
-
-
-def _hparam_scalars(record: HyperStepRecord, scalar_limit: int) -> dict[str, float]:
-    """``hparams/...`` of :func:`record_scalars`; a name two hyperparameters would share
-    (``"w"`` of 2 elements and ``"w/1"``) raises instead of writing one value over the other."""
-    out: dict[str, float] = {}
-    owner: dict[str, str] = {}
-    for name, summary in record.summaries.items():
-        value = record.hparams.get(name)
-        if value is not None and value.numel() == 1:
-            items = {f"hparams/{name}": float(value.reshape(()))}
-        elif value is not None and value.numel() <= scalar_limit:
-            flat = value.detach().reshape(-1).tolist()
-            items = {f"hparams/{name}/{i}": float(v) for i, v in enumerate(flat)}
-        else:
-            stats = ("mean", "min", "max", "norm")
-            items = {f"hparams/{name}/{stat}": float(summary[stat]) for stat in stats}
-        for key in items:
-            if key in owner:
-                raise ValueError(
-                    f"The hyperparameters {owner[key]!r} and {name!r} would both be logged "
-                    f"as {key!r}; rename one of them."
-                )
-            owner[key] = name
-        out |= items
-    return out
 
 
 class TensorBoardLogger:
@@ -150,6 +64,12 @@ class TensorBoardLogger:
 
     Cost per record: a few dozen scalars, and a histogram per large hyperparameter (one
     pass over its values); nothing is kept in memory.
+
+    A copy (``pickle``, ``torch.save(hopt)``, ``copy.deepcopy``) leaves the
+    ``SummaryWriter`` out (its lock and open event file do not pickle) and opens one, with
+    the same directory and settings, when its :attr:`writer` is first used: its records
+    go to a new event file in that directory. The copy owns that writer (:meth:`close`
+    closes it). A ``writer`` that is not a ``SummaryWriter`` is copied as it is.
     """
 
     def __init__(
@@ -190,12 +110,30 @@ class TensorBoardLogger:
                 f"`writer` must be a torch.utils.tensorboard.SummaryWriter, got "
                 f"{type(writer).__name__}."
             )
-        self.writer = writer
+        self._writer = writer
+        self._reopen: dict[str, Any] | None = None  # a copy's writer, before it is opened
         self.last_status: str | None = None
+
+    @property
+    def writer(self) -> Any:
+        """The writer (in a copy, opened here at first use)."""
+        if self._writer is None and self._reopen is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer, self._reopen = SummaryWriter(**self._reopen), None
+        return self._writer
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if _is_summary_writer(self._writer):
+            names = ("log_dir", "max_queue", "flush_secs", "filename_suffix")
+            state["_reopen"] = {k: getattr(self._writer, k) for k in names}
+            state["_writer"], state["owns_writer"] = None, True
+        return state
 
     def log(self, record: HyperStepRecord) -> None:
         """Write one record (the sink the hyper-optimizer calls)."""
-        record = _check_record(record)
+        record = check_record(record)
         step, tag = record.step, self.prefix
         scalars = record_scalars(record, self.scalar_limit)
         # Not "hypergrad/<name>": that tag is the norm's scalar, and TensorBoard's
@@ -220,17 +158,18 @@ class TensorBoardLogger:
     __call__ = log
 
     def __repr__(self) -> str:
-        where = getattr(self.writer, "log_dir", "")
+        where = getattr(self._writer, "log_dir", (self._reopen or {}).get("log_dir", ""))
         return f"TensorBoardLogger({where!r}, prefix={self.prefix!r})"
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._writer is not None:  # a copy that has written nothing: nothing to flush
+            self._writer.flush()
 
     def close(self) -> None:
         """Flush; close the writer if this logger created it."""
-        self.writer.flush()
-        if self.owns_writer:
-            self.writer.close()
+        self.flush()
+        if self.owns_writer and self._writer is not None:
+            self._writer.close()
 
     def __enter__(self) -> TensorBoardLogger:
         return self
@@ -241,6 +180,14 @@ class TensorBoardLogger:
 
 def _cpu(t: Tensor) -> Tensor:
     return t.detach().float().cpu()
+
+
+def _is_summary_writer(writer: Any) -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # then it is not one
+        return False
+    return isinstance(writer, SummaryWriter)
 
 
 class CSVLogger:
@@ -280,7 +227,7 @@ class CSVLogger:
 
     def log(self, record: HyperStepRecord) -> None:
         """Append one row (the sink the hyper-optimizer calls)."""
-        record = _check_record(record)
+        record = check_record(record)
         row: dict[str, Any] = {"step": record.step, "hyper_step": record.hyper_step}
         row["status"] = record.info.status.value
         row.update({k: repr(v) for k, v in record_scalars(record, self.scalar_limit).items()})
@@ -365,6 +312,11 @@ class ProgressBar:
         total: the number of hyper-steps expected (None: unknown).
         desc: the bar's label.
         **tqdm_kwargs: passed to ``tqdm.tqdm`` (``disable=True`` to silence it, ``file=``).
+
+    A copy (``pickle``, ``torch.save(hopt)``, ``copy.deepcopy``) leaves the bar out (its
+    output stream does not pickle) and opens one at the same count, with the same
+    settings, on tqdm's default stream (``file=`` is not copied) when :attr:`bar` is
+    first used.
     """
 
     def __init__(self, total: int | None = None, *, desc: str = "hyper-steps", **tqdm_kwargs: Any):
@@ -373,10 +325,28 @@ class ProgressBar:
         except ImportError as err:  # tqdm is an optional dependency
             raise ImportError("ProgressBar needs tqdm: pip install tqdm.") from err
         total = as_optional_int(total, "total", min=0)
-        self.bar = tqdm(total=total, desc=desc, **tqdm_kwargs)
+        self._bar: Any = tqdm(total=total, desc=desc, **tqdm_kwargs)
+        self._options = {"desc": desc} | {k: v for k, v in tqdm_kwargs.items() if k != "file"}
+        self._reopen: dict[str, Any] | None = None  # a copy's bar, before it is opened
+
+    @property
+    def bar(self) -> Any:
+        """The ``tqdm`` bar (in a copy, opened here at first use)."""
+        if self._bar is None and self._reopen is not None:
+            from tqdm.auto import tqdm
+
+            self._bar, self._reopen = tqdm(**self._reopen), None
+        return self._bar
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._bar is not None:
+            state["_reopen"] = self._options | {"total": self._bar.total, "initial": self._bar.n}
+            state["_bar"] = None
+        return state
 
     def log(self, record: HyperStepRecord) -> None:
-        record = _check_record(record)
+        record = check_record(record)
         shown = {"val": f"{record.val_loss:.4g}"}
         if record.holdout_scored:
             shown["holdout"] = f"{record.holdout_loss:.4g}"
@@ -388,10 +358,13 @@ class ProgressBar:
     __call__ = log
 
     def __repr__(self) -> str:
-        return f"ProgressBar(n={self.bar.n}, total={self.bar.total})"
+        bar, later = self._bar, self._reopen or {}
+        n, total = (bar.n, bar.total) if bar is not None else (later["initial"], later["total"])
+        return f"ProgressBar(n={n}, total={total})"
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:  # a copy that has shown nothing: no bar to close
+            self._bar.close()
 
     def __enter__(self) -> ProgressBar:
         return self

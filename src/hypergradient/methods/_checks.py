@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +51,7 @@ __all__ = [
     "connected",
     "consistent_start",
     "fingerprint_config",
+    "UNUSED_ADVICE",
     "UNUSED_HINTS",
     "unused_leaves",
     "warn_frozen",
@@ -262,14 +264,23 @@ UNUSED_HINTS = {
     "problem": "inner_loss or outer_loss uses it",
 }
 
+#: A driver's own advice for :func:`warn_unused`, set while it calls a method (its losses
+#: have other names, and it may not offer ``hparams_by_reference``):
+#: ``advice(path, through) -> sentences``; None: "Check that " + :data:`UNUSED_HINTS`.
+UNUSED_ADVICE: ContextVar[Callable[[str, str], str] | None] = ContextVar(
+    "UNUSED_ADVICE", default=None
+)
+
 
 def warn_unused(paths: Sequence[str], through: str = "run", stacklevel: int = 4) -> None:
     """Warn, per path, that a hyperparameter reaches the outer loss by no path (zero):
     neither directly nor through the inner ``through`` ("run" or "problem")."""
+    advice = UNUSED_ADVICE.get()
     for path in paths:
+        hint = f"Check that {UNUSED_HINTS[through]}" if advice is None else advice(path, through)
         warnings.warn(
             f"{path} influences the outer loss neither directly nor through the inner "
-            f"{through}; its hypergradient is zero. Check that {UNUSED_HINTS[through]}.",
+            f"{through}; its hypergradient is zero. {hint}.",
             HypergradientWarning,
             stacklevel=stacklevel,
         )
