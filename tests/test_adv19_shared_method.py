@@ -85,3 +85,25 @@ def test_a_copy_of_a_hyper_optimizer_has_its_own_method():
         run(hopt2, [batch])
     assert hopt.hyper_steps == 3
     assert_same(everything(model, hopt), everything(model2, hopt2))
+
+
+def test_a_method_that_refuses_the_stamp_runs_unchecked():
+    """A user's method class that cannot carry the stamp (``__slots__``, a guarded
+    ``__setattr__``) still takes its hyper-steps, unchecked, with the same numbers."""
+
+    class Guarded(hg.HOAG):
+        def __setattr__(self, name, value):
+            if name == "_hyperoptimizer":
+                raise AttributeError(name)
+            super().__setattr__(name, value)
+
+    (ma, guarded), (mb, plain) = build(Guarded(damping=1.0)), build(hg.HOAG(damping=1.0))
+    for hopt in (guarded, plain):
+        run(hopt, batches(6))
+    assert not hasattr(guarded.method, "_hyperoptimizer")
+    assert hasattr(plain.method, "_hyperoptimizer")
+    assert len(guarded.history) == len(plain.history) == 2
+    for key, value in guarded.history[-1].hypergrad.items():
+        assert torch.equal(value, plain.history[-1].hypergrad[key])
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(p, q)

@@ -126,7 +126,10 @@ def check_method_owner(hopt: HyperOptimizer) -> None:
             "the other run's. Give each HyperOptimizer its own method object (build "
             f"hg.{name}(...) per run, or pass copy.deepcopy(method)); nothing was changed."
         )
-    setattr(method, STAMP, mine)
+    try:
+        setattr(method, STAMP, mine)
+    except (AttributeError, TypeError):  # a user's method with __slots__: not checked
+        pass
 
 
 def ends_window(hopt: HyperOptimizer) -> bool:
