@@ -73,20 +73,44 @@ def row_norms(vectors: tuple[Tensor, ...], wide: torch.dtype) -> list[float] | N
     """``[||v|| for v in vectors]`` read by :func:`norm_parts` with one synchronization, or
     None where one of them may be more than a few float32 roundings off (not finite, or
     below ``sqrt(n) ROW_SQUARES``): the caller then reads them exactly. Cost: one pass over
-    each vector, no copy."""
-    counts, parts = [], []
-    for v in vectors:
-        got = norm_parts(v, wide)
-        counts.append(len(got))
-        parts.extend(got)
-    read, out, i = torch.stack(parts).tolist(), [], 0
-    for v, c in zip(vectors, counts):
-        value = read[i] if c == 1 else math.hypot(*read[i : i + c])
-        i += c
+    each vector, no copy of one (vectors of one length, each read by rows: the row norms,
+    and the remainders, of all of them stacked and combined by one call each, which gives
+    the bits :func:`norm_parts` gives; 12 reductions of CG's 4 vectors at 2e5 entries took
+    0.4-0.5 ms, these 6 0.2-0.35 ms)."""
+    n = vectors[0].numel()
+    if len(vectors) > 1 and all(v.numel() == n and in_rows(v, wide) for v in vectors):
+        read = _stacked_parts(vectors, n - n % ROW, wide)
+        k = len(vectors)
+        out = [math.hypot(read[i], read[i + k]) for i in range(k)] if len(read) > k else read
+    else:
+        counts, parts = [], []
+        for v in vectors:
+            got = norm_parts(v, wide)
+            counts.append(len(got))
+            parts.extend(got)
+        read, out, i = torch.stack(parts).tolist(), [], 0
+        for c in counts:
+            out.append(read[i] if c == 1 else math.hypot(*read[i : i + c]))
+            i += c
+    for v, value in zip(vectors, out):
         if not math.sqrt(v.numel()) * ROW_SQUARES <= value < math.inf:  # NaN fails too
             return None
-        out.append(value)
     return out
+
+
+def _stacked_parts(vectors: tuple[Tensor, ...], m: int, wide: torch.dtype) -> list[float]:
+    """:func:`norm_parts` of ``vectors`` (contiguous float32, one length, ``m`` of it in
+    whole rows), read at once: the float32 row norms of each, stacked, combined in ``wide``
+    per vector by one call, and (when there is a remainder) the remainders likewise:
+    ``[rows_0, ..., rows_k-1, rest_0, ..., rest_k-1]``. A reduction along each row of a
+    stacked tensor adds in the order of the one of a vector alone (the same bits, checked
+    at 1, 2 and 4 threads in ``tests/test_norms_rows.py``)."""
+    rows = torch.stack([torch.linalg.vector_norm(v[:m].view(-1, ROW), dim=1) for v in vectors])
+    parts = [torch.linalg.vector_norm(rows, dim=1, dtype=wide)]
+    if m < vectors[0].numel():
+        rest = torch.stack([v[m:] for v in vectors])
+        parts.append(torch.linalg.vector_norm(rest, dim=1, dtype=wide))
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
 
 
 def wide_norm(t: Tensor, wide: torch.dtype) -> Tensor:

@@ -19,6 +19,7 @@ from .cg_singular import blown_up, curvature_status, deflated_solve, null_direct
 from .cg_status import (
     attainable_message,
     checked_preconditioner,
+    next_iterate,
     product_eps,
     recheck_exit,
     relative_tol,
@@ -62,9 +63,8 @@ class _Run:
         scale: float = 0.0,
     ) -> None:
         self.op, self.maxiter, self.precondition = op, maxiter, precondition
-        self.start = op.num_matvecs
+        self.start, self.eps = op.num_matvecs, _finfo(b.dtype).eps
         self.bnorm = safe_norm(b) if bnorm is None else bnorm
-        self.eps = _finfo(b.dtype).eps
         self.product_eps = max(self.eps, product_eps(op))  # bf16 products: 3.9e-3 (_verified)
         self.rhs, self.top = b, max_abs(b)  # b / ||b||: unit_rhs, made where needed
         # tolerance on the normalized residual; never below rounding level (past it the residual
@@ -81,14 +81,14 @@ class _Run:
         self.wide = _tree.wide_dtype(b.device)
         self.rows: Tensor | None = None  # the (4, n) buffer, allocated at first use
         self.by_rows = b.device.type == "cpu" and in_rows(b.contiguous(), self.wide)
-        # on the CPU reading p^T A p on its own costs nothing: a step whose curvature is not
-        # positive stops before its update; on an accelerator a step reads p^T A p and the 4
-        # norms with one synchronization
+        # CPU: p^T A p read alone (free; a step whose curvature is not positive stops before
+        # its update); an accelerator reads p^T A p and the 4 norms in one synchronization
         self.on_host = b.device.type == "cpu"
         if not self.on_host:
             self.host = torch.empty(5, dtype=self.wide, device=b.device)
             self.host_pap, self.host_norms = self.host[0], self.host[1:]
         self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
+        self.slots: list[Tensor] = []  # y's buffers (.cg_status.next_iterate)
         self._initial_guess(x0)
 
     # -- setup --------------------------------------------------------------------------
@@ -155,8 +155,8 @@ class _Run:
         fused multiply-add either way, and a float32 quotient computed in float64 rounds to
         the float32 quotient). On an accelerator ``alpha`` stays a tensor, ``p^T A p`` is
         read with the norms (one synchronization) and the updated ``y`` and ``r`` of a step
-        that stops there are never used. ``y`` is replaced, not modified in place,
-        so the kept best iterate is a reference, not a copy.
+        that stops there are never used. ``y`` is written to a buffer other than the kept
+        best iterate's (:func:`.cg_status.next_iterate`), which is a reference, not a copy.
         """
         p, r = self.p, self.r
         if self.on_host:  # Python scalars: the same roundings as 0-d tensors, fewer kernels
@@ -164,13 +164,13 @@ class _Run:
             if not 0.0 < pap < math.inf:
                 return pap, []
             alpha = float(self.rz) / pap
-            self.y = y = torch.add(self.y, p, alpha=alpha)
+            self.y = y = torch.add(self.y, p, alpha=alpha, out=next_iterate(self))
             r.add_(Ap, alpha=-alpha)
             norms = row_norms((Ap, p, r, y), self.wide) if self.by_rows else None  # no copy
             return pap, norms if norms is not None else self._norms((Ap, p, r, y), None)
         pAp = torch.dot(p, Ap)
         alpha_t = self.rz / pAp
-        self.y = y = torch.addcmul(self.y, p, alpha_t)
+        self.y = y = torch.addcmul(self.y, p, alpha_t, out=next_iterate(self))
         r.addcmul_(Ap, alpha_t, value=-1.0)
         values = self._norms((Ap, p, r, y), pAp)
         return values[0], values[1:]
@@ -189,7 +189,7 @@ class _Run:
         self.iterations += 1
         self.rnorm, self.ynorm = rnorm, ynorm
         self.xmax = max(self.xmax, ynorm)
-        if rnorm < self.best_norm:  # y is replaced by each step, never modified in place
+        if rnorm < self.best_norm:  # each step writes y to a buffer other than best's
             self.best_norm, self.best_ynorm, self.best = rnorm, ynorm, self.y
         if rnorm <= self.threshold and self._verified():
             self.status = Status.CONVERGED
