@@ -49,7 +49,8 @@ class HyperStepRecord:
         seconds: wall time of the hyper-step.
         method: the method's repr.
         info: the method's :class:`~hypergradient.methods.base.Info` (status, products,
-            method-specific stats).
+            method-specific stats); in older records without its parameter-sized tensors
+            (``solution``, a trajectory's ``params``: None).
         hparams: values after the update (detached copies): all of them in the newest
             record, those of at most :data:`SMALL` elements in older ones.
         hypergrad: the hypergradient applied (raw parametrization), same hyperparameters.
@@ -223,7 +224,7 @@ def _light_info(info: Info) -> Info:
     ``inner_losses`` stay): a copy, or ``info`` itself when it holds none. Older records
     then keep no parameter-sized tensor (each held one: 100 records of a 200k-parameter
     model held 80 MB, and every hyper-step grew the heap by one vector)."""
-    bulk = {
+    bulk: dict[str, Any] = {
         f.name: None
         for f in dataclasses.fields(info)
         if not f.repr and _holds_tensor(getattr(info, f.name))
@@ -296,7 +297,8 @@ class History(Sequence[HyperStepRecord]):
 
         The newest record holds every hyperparameter and hypergradient in full; older ones
         keep tensors only for hyperparameters of at most ``SMALL`` elements (summaries for
-        all), so memory and checkpoints stay bounded. The previous record is replaced by a
+        all) and an info without parameter-sized tensors, so memory and checkpoints stay
+        bounded. The previous record is replaced by a
         lighter copy, never modified, so a rolled-back hyper-step restores it as it was.
         """
         if self.records:
