@@ -49,7 +49,8 @@ class HyperStepRecord:
         seconds: wall time of the hyper-step.
         method: the method's repr.
         info: the method's :class:`~hypergradient.methods.base.Info` (status, products,
-            method-specific stats).
+            method-specific stats); in older records without its parameter-sized tensors
+            (``solution``, a trajectory's ``params``: None).
         hparams: values after the update (detached copies): all of them in the newest
             record, those of at most :data:`SMALL` elements in older ones.
         hypergrad: the hypergradient applied (raw parametrization), same hyperparameters.
@@ -85,10 +86,12 @@ class HyperStepRecord:
         return out
 
     def lighter(self) -> HyperStepRecord:
-        """A copy keeping tensors only for hyperparameters of at most ``SMALL`` elements."""
+        """A copy keeping tensors only for hyperparameters of at most ``SMALL`` elements,
+        and an info without its parameter-sized fields (:func:`_light_info`)."""
         small = [k for k, v in self.hparams.items() if v.numel() <= SMALL]
         return dataclasses.replace(
             self,
+            info=_light_info(self.info),
             hparams={k: self.hparams[k] for k in small},
             hypergrad={k: self.hypergrad[k] for k in small if k in self.hypergrad},
         )
@@ -215,6 +218,31 @@ def make_record(
     )
 
 
+def _light_info(info: Info) -> Info:
+    """``info`` without the tensors of its bulk fields (declared ``repr=False``: an implicit
+    method's ``solution``, a trajectory's ``params``; lists of numbers such as
+    ``inner_losses`` stay): a copy, or ``info`` itself when it holds none. Older records
+    then keep no parameter-sized tensor (each held one: 100 records of a 200k-parameter
+    model held 80 MB, and every hyper-step grew the heap by one vector)."""
+    if not dataclasses.is_dataclass(info) or isinstance(info, type):  # a custom method's
+        return info
+    bulk: dict[str, Any] = {
+        f.name: None
+        for f in dataclasses.fields(info)
+        if not f.repr and _holds_tensor(getattr(info, f.name))
+    }
+    return dataclasses.replace(info, **bulk) if bulk else info
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor or a tuple, list or dict holding one."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensor(v) for v in value)
+
+
 def _one_sink(logger: Any) -> Callable[[HyperStepRecord], Any]:
     log = getattr(logger, "log", None)
     if callable(log):
@@ -271,7 +299,8 @@ class History(Sequence[HyperStepRecord]):
 
         The newest record holds every hyperparameter and hypergradient in full; older ones
         keep tensors only for hyperparameters of at most ``SMALL`` elements (summaries for
-        all), so memory and checkpoints stay bounded. The previous record is replaced by a
+        all) and an info without parameter-sized tensors, so memory and checkpoints stay
+        bounded. The previous record is replaced by a
         lighter copy, never modified, so a rolled-back hyper-step restores it as it was.
         """
         if self.records:

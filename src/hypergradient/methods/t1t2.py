@@ -357,10 +357,13 @@ def look_ahead(
             "outer_loss",
         )
         gq = _grads(g, q + h_outer)
-        _tree.require_dense(gq[: len(q)], p_spec.paths, "outer_loss")  # (an Embedding's)
-        x = _scaled(gq[: len(q)], lr, inputs, dtype)
+        direct, outer = gq[len(q) :], gq[: len(q)]
+        del gq  # (the outer gradient's leaves are freed once x holds them: less peak memory)
+        _tree.require_dense(outer, p_spec.paths, "outer_loss")  # (an Embedding's)
+        x = _scaled(outer, lr, inputs, dtype)
         xparts = norm_parts(x, wide)
-        b = b_parts(lr, gq[: len(q)], wide)  # per-leaf rates: ||b|| from b's leaves
+        b = b_parts(lr, outer, wide)  # per-leaf rates: ||b|| from b's leaves
+        del outer
         pieces = _pieces(x, inputs)
         if order == "params":
             mixed: list[Any] | None = _mixed(gf, pieces, h)
@@ -368,7 +371,6 @@ def look_ahead(
             mixed = hparams_first(f, p, h, pieces)
         if mixed is None:
             return None
-    direct = gq[len(q) :]
     if any(d is None and m is None for d, m in zip(direct, mixed)):
         return None
     out = _difference(direct, mixed)
