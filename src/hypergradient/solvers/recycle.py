@@ -215,32 +215,7 @@ class RecycledCG(Solver):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        state = {"trimmed": False} | dict(state) if isinstance(state, Mapping) else state
-        check_keys(state, self._KEYS, self)  # a checkpoint from before "trimmed" loads
-        U, th, base = state["U"], state["theta"], state["base_rate"]
-        if base is not None:
-            base = _vocab.as_float(base, "base_rate", min=0.0)
-        if (U is None) != (th is None):
-            raise ValueError(
-                "RecycledCG.load_state_dict: `U` and `theta` are both tensors or both None."
-            )
-        if U is not None:
-            U = check_tensor(U, "U", self, shape=(None, None), floating=True)
-            if U.shape[1] > self.rank + self.smallest:
-                raise ValueError(
-                    f"RecycledCG.load_state_dict: `U` has {U.shape[1]} columns, more than "
-                    f"rank + smallest = {self.rank + self.smallest}; the checkpoint is from "
-                    "another solver."
-                )
-            th = check_tensor(th, "theta", self, dtype=U.dtype, shape=(U.shape[1],), floating=True)
-            U, th = Basis((U.T.clone(memory_format=torch.contiguous_format),)), th.clone()
-        trimmed = state["trimmed"]
-        if not isinstance(trimmed, bool):
-            got = type(trimmed).__name__
-            raise ArgumentTypeError(
-                f"RecycledCG.load_state_dict: `trimmed` must be a bool, got {got}."
-            )
-        self._U, self._theta, self._base, self._trimmed = U, th, base, trimmed
+        self._U, self._theta, self._base, self._trimmed = _loaded(self, state)
 
     def snapshot(self) -> Any:
         """The kept tensors by reference: a solve replaces them, never modifies them."""
@@ -371,6 +346,33 @@ class RecycledCG(Solver):
                 M1 = N @ M1
             self._U = space[0].rotated(M1.to(P.dtype), P, M2.to(P.dtype))
         self._theta = (lam - shift).to(P.dtype)
+
+
+def _loaded(solver: RecycledCG, state: Mapping[str, Any]) -> tuple:
+    """:meth:`RecycledCG.load_state_dict`'s checked ``(U, theta, base_rate, trimmed)``."""
+    state = {"trimmed": False} | dict(state) if isinstance(state, Mapping) else state
+    check_keys(state, solver._KEYS, solver)  # a checkpoint from before "trimmed" loads
+    U, th, base, trimmed = (state[k] for k in solver._KEYS)
+    if base is not None:
+        base = _vocab.as_float(base, "base_rate", min=0.0)
+    if (U is None) != (th is None):
+        raise ValueError(
+            "RecycledCG.load_state_dict: `U` and `theta` are both tensors or both None."
+        )
+    if U is not None:
+        U = check_tensor(U, "U", solver, shape=(None, None), floating=True)
+        if U.shape[1] > solver.rank + solver.smallest:
+            raise ValueError(
+                f"RecycledCG.load_state_dict: `U` has {U.shape[1]} columns, more than "
+                f"rank + smallest = {solver.rank + solver.smallest}; the checkpoint is from "
+                "another solver."
+            )
+        th = check_tensor(th, "theta", solver, dtype=U.dtype, shape=(U.shape[1],), floating=True)
+        U, th = Basis((U.T.clone(memory_format=torch.contiguous_format),)), th.clone()
+    if not isinstance(trimmed, bool):
+        got = type(trimmed).__name__
+        raise ArgumentTypeError(f"RecycledCG.load_state_dict: `trimmed` must be a bool, got {got}.")
+    return U, th, base, trimmed
 
 
 def _top(space: tuple[Basis, Tensor], smallest: int) -> tuple[Basis, Tensor] | None:
