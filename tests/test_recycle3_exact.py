@@ -21,7 +21,7 @@ DT = torch.float64
 
 def dense_lmp(solver: hg.RecycledCG, shift: float) -> torch.Tensor:
     """``I + U diag(sigma / Theta - 1) U^T`` from the kept (snapshot) basis, multiplied out."""
-    U, theta, _ = solver.snapshot()
+    U, theta, *_ = solver.snapshot()
     Ur, th = U.rows(), theta + shift
     keep = th > 0
     Ur, th = Ur[keep], th[keep]
@@ -61,7 +61,7 @@ def test_kept_pairs_are_exact_ritz_pairs_on_a_fixed_operator():
         sol = solver.solve(op, rhs, x0)
         assert sol.num_hvps == op.num_matvecs  # no product beyond CG's
         x0 = sol.value
-        U, theta, _ = solver.snapshot()
+        U, theta, *_ = solver.snapshot()
         Ur = U.rows()
         assert torch.allclose(Ur @ Ur.T, torch.eye(Ur.shape[0], dtype=DT), atol=1e-10)
         H = Ur @ A @ Ur.T

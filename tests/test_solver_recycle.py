@@ -231,6 +231,68 @@ def test_a_slow_solve_drops_the_space_and_rebuilds_it_from_its_own_products():
     assert nxt.num_hvps < cold.num_hvps
 
 
+def test_a_slow_solve_drops_only_the_bottom_group():
+    """An undamped, near-singular system between damped ones (as ``benchmarks/reuse.py``'s
+    digits sequence has): its solve is slow, which drops the ``smallest`` pairs only; the
+    top outliers stay (the earlier rule dropped the whole space and rebuilt it from the slow
+    solve's 4 harvested products: 81 and 66 iterations on the next two systems, not 53 and
+    49; on that sequence's dense replay 655 products, not 608)."""
+    solver = hg.RecycledCG(rank=8, smallest=3, maxiter=2000, tol=1e-10, harvest=4)
+    iterations = []
+    for k in range(6):
+        A, d = perturbed(spd(0, bottom=1e-6), k, size=1e-9), 0.0 if k == 3 else 0.05
+        op = hg.DampedOperator(hg.MatrixOperator(A), d) if d else hg.MatrixOperator(A)
+        sol = solver.solve(op, rhs(10 + k))
+        exact = torch.linalg.solve(A + d * torch.eye(N, dtype=DT), rhs(10 + k))
+        assert float((sol.value - exact).norm() / exact.norm()) < 1e-8, k
+        assert sol.stats.get("recycle_stale", False) is (k == 3), k
+        iterations.append(sol.iterations)
+        if k == 3:  # the 8 top pairs kept (Ritz values near the outliers 10..100)
+            theta = solver.state_dict()["theta"].sort().values
+            assert theta.numel() == 11 and bool((theta[3:] > 9.0).all()), theta
+    assert iterations[4] <= 60 and iterations[5] <= 55, iterations
+
+
+def test_two_slow_solves_in_a_row_drop_the_whole_space():
+    """The first slow solve drops the bottom group only; a second one in a row drops the
+    top group too (it is then stale as well): the space is rebuilt from that solve's own
+    products. A checkpoint taken between them carries the first strike."""
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=DT))
+    easy = (Q * torch.linspace(1.0, 2.0, N, dtype=DT)) @ Q.T
+    solver = hg.RecycledCG(rank=4, smallest=2, maxiter=1000, tol=1e-10)
+    solver.solve(hg.MatrixOperator(0.5 * (easy + easy.T)), rhs(1))
+    first = solver.solve(hg.MatrixOperator(spd(7)), rhs(2))
+    assert first.stats.get("recycle_stale") is True
+    state = solver.state_dict()
+    assert state["trimmed"] is True and state["theta"].numel() == 4 + 2  # top kept, rebuilt
+    resumed = hg.RecycledCG(rank=4, smallest=2, maxiter=1000, tol=1e-10)
+    resumed.load_state_dict(roundtrip(state))
+    for s in (solver, resumed):
+        second = s.solve(hg.MatrixOperator(spd(11)), rhs(3))
+        assert second.stats.get("recycle_stale") is True
+        exact = torch.linalg.solve(spd(11), rhs(3))
+        assert float((second.value - exact).norm() / exact.norm()) < 1e-8
+        state = s.state_dict()  # rebuilt from this solve's products alone
+        assert state["trimmed"] is False and state["theta"].numel() == 4 + 2
+        top = state["theta"].argsort()[2:]  # its top pairs are A_11's (not A_7's) eigenpairs
+        U, th = state["U"][:, top], state["theta"][top]
+        res = torch.linalg.vector_norm(spd(11) @ U - U * th, dim=0) / th
+        assert bool((res < 0.2).all()), res
+
+
+def test_a_checkpoint_from_before_trimmed_loads_and_a_bad_one_is_refused():
+    solver = hg.RecycledCG(rank=4, smallest=2, maxiter=100, tol=1e-10)
+    solver.solve(hg.MatrixOperator(spd(0)), rhs(1))
+    old = {k: v for k, v in solver.state_dict().items() if k != "trimmed"}
+    other = hg.RecycledCG(rank=4, smallest=2, maxiter=100, tol=1e-10)
+    other.load_state_dict(old)
+    assert other.state_dict()["trimmed"] is False
+    assert torch.equal(other.state_dict()["U"], solver.state_dict()["U"])
+    with pytest.raises(TypeError, match="`trimmed` must be a bool"):
+        other.load_state_dict(old | {"trimmed": 1})
+
+
 def test_new_size_starts_over():
     solver = hg.RecycledCG(rank=5, maxiter=100, tol=1e-10)
     solver.solve(hg.MatrixOperator(spd(0)), rhs(1))
@@ -279,7 +341,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     second.load_state_dict(roundtrip(first.state_dict()))
     for (v, k), (v2, k2) in zip(reference[2:], sequence(second, range(2, 4))):
         assert torch.equal(v, v2) and k == k2
-    assert set(first.state_dict()) == {"U", "theta", "base_rate"}
+    assert set(first.state_dict()) == {"U", "theta", "base_rate", "trimmed"}
     assert first.config() == {
         "rank": 6,
         "smallest": 2,
@@ -294,7 +356,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     first.restore(snap)
     assert torch.equal(first.state_dict()["U"], U)
     first.reset()
-    assert first.state_dict() == {"U": None, "theta": None, "base_rate": None}
+    assert first.state_dict() == {"U": None, "theta": None, "base_rate": None, "trimmed": False}
 
 
 def test_implicit_with_recycled_cg_matches_the_dense_hypergradient():

@@ -59,6 +59,17 @@ the known change of the decays' diagonal (``U^T diag(delta lambda) U``, free) ga
 652 on the digits replay (diagonal and full): the drift is the weights', not the decays'.
 A diagonal fitted to the harvested pairs for the rest of the spectrum: 141-287.
 
+Later (a fresh dense replay: cold CG 1,735, this rule's predecessor 655). The decay diagonal
+``D = exp(lambda) + damping`` as a Jacobi scaling (``(D + c)^-1/2``, c = 0 / 3e-3 / 1e-2; not
+free in general): cold CG 1,618, recycled 652 / 635 / 687 (only ~115 of 1,210 diagonals of
+``A`` lie within 1e-3 of ``D``). A Galerkin start on ``x_{t-1}, x_{t-2}`` (``x_{t-3}``): 715
+(786). eigCG adds nothing here (the harvest holds every product of every solve). The stale
+drop fires once, at step 12 (undamped, ``lambda_min`` 4.5e-6), and dropping the whole space
+there cost steps 13-19 47 products more. Never dropping: 611; dropping after two slow solves
+in a row: 611, but 908 against 784 at 0.7e-2. Adopted: a slow solve drops the bottom group
+only (:func:`_top`), a second slow one in a row all of it: 608, and over targets 0.7, 0.8,
+0.9, 1, 1.1, 1.25e-2 646/607/594/608/572/574 against 784/678/658/655/634/640.
+
 Time. At ``n = 1e5`` (float32, ``k = 20``, ``m = 16``) a solve's work beyond its products
 is 20-25 ms on one core (Rayleigh-Ritz ~13, the preconditioner ~0.5 a call, the recorder's
 copies ~0.2 a product), about five Hessian-vector products of ``reuse.py --size 100k``;
@@ -75,7 +86,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _vocab
-from .._vocab import Status
+from .._vocab import ArgumentTypeError, Status
 from ..operators import DampedOperator, LinearOperator
 from .base import Solution, Solver, check_keys, check_tensor, convergence_rate
 from .cg import conjugate_gradient
@@ -84,9 +95,9 @@ from .recycle_basis import Basis, Recorder
 
 __all__ = ["STALE_SLOWDOWN", "Basis", "RecycledCG"]  # Basis: from recycle_basis
 
-#: ``RecycledCG`` forgets its recycled space once a solve converges this many times slower
-#: (``base.convergence_rate``: ``-log(final / start residual)`` per iteration) than the plain CG
-#: solve that started it.
+#: ``RecycledCG`` forgets the bottom group of its recycled space (all of it when ``smallest``
+#: is 0) once a solve converges this many times slower (``base.convergence_rate``: ``-log(final
+#: / start residual)`` per iteration) than the plain CG solve that started it.
 STALE_SLOWDOWN = 1.5
 
 #: The Rayleigh-Ritz step drops the combinations of the harvest ``P`` whose part off
@@ -131,7 +142,7 @@ class RecycledCG(Solver):
     is a :class:`~hypergradient.operators.DampedOperator` the kept ``Theta`` is that of the
     undamped operator, shifted by the current damping (the eigenvectors do not move). A
     solve that converges ``STALE_SLOWDOWN`` (1.5) times slower than the plain CG solve that
-    started the space drops the space (``stats["recycle_stale"]``). A preconditioned solve
+    started the space drops its bottom group (``stats["recycle_stale"]``). A preconditioned solve
     that meets negative curvature or diverges is repeated as plain CG from the same start
     and the one with the smaller residual is returned (``stats["recycle_fallback"]``; both
     solves' products counted), and the space is dropped. A change of size drops it too.
@@ -183,13 +194,14 @@ class RecycledCG(Solver):
         self._U: Basis | None = None
         self._theta: Tensor | None = None  # Ritz values of the undamped operator
         self._base: float | None = None  # convergence rate of the solve that started U
+        self._trimmed = False  # the last solve was slow and dropped the bottom group
 
     # -- checkpoints ------------------------------------------------------------------
-    _KEYS = ("U", "theta", "base_rate")
+    _KEYS = ("U", "theta", "base_rate", "trimmed")
 
     def state_dict(self) -> dict[str, Any]:
         """``U`` (its deferred rotations multiplied out, also in the solver, so that a
-        resumed copy continues bit for bit), ``theta`` and ``base_rate``."""
+        resumed copy continues bit for bit), ``theta``, ``base_rate`` and ``trimmed``."""
         if self._U is not None:
             self._U = Basis((self._U.rows(),))
         U, th = self._U, self._theta
@@ -199,35 +211,18 @@ class RecycledCG(Solver):
             else U.rows().detach().T.clone(memory_format=torch.contiguous_format),
             "theta": None if th is None else th.detach().clone(),
             "base_rate": self._base,
+            "trimmed": self._trimmed,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_keys(state, self._KEYS, self)
-        U, th, base = state["U"], state["theta"], state["base_rate"]
-        if base is not None:
-            base = _vocab.as_float(base, "base_rate", min=0.0)
-        if (U is None) != (th is None):
-            raise ValueError(
-                "RecycledCG.load_state_dict: `U` and `theta` are both tensors or both None."
-            )
-        if U is not None:
-            U = check_tensor(U, "U", self, shape=(None, None), floating=True)
-            if U.shape[1] > self.rank + self.smallest:
-                raise ValueError(
-                    f"RecycledCG.load_state_dict: `U` has {U.shape[1]} columns, more than "
-                    f"rank + smallest = {self.rank + self.smallest}; the checkpoint is from "
-                    "another solver."
-                )
-            th = check_tensor(th, "theta", self, dtype=U.dtype, shape=(U.shape[1],), floating=True)
-            U, th = Basis((U.T.clone(memory_format=torch.contiguous_format),)), th.clone()
-        self._U, self._theta, self._base = U, th, base
+        self._U, self._theta, self._base, self._trimmed = _loaded(self, state)
 
     def snapshot(self) -> Any:
         """The kept tensors by reference: a solve replaces them, never modifies them."""
-        return (self._U, self._theta, self._base)
+        return (self._U, self._theta, self._base, self._trimmed)
 
     def restore(self, snapshot: Any) -> None:
-        self._U, self._theta, self._base = snapshot
+        self._U, self._theta, self._base, self._trimmed = snapshot
 
     # -- solve ------------------------------------------------------------------------
     def _space(self, op: LinearOperator, shift: float) -> tuple[Basis, Tensor] | None:
@@ -279,15 +274,18 @@ class RecycledCG(Solver):
     def _judge(
         self, sol: Solution, space: tuple[Basis, Tensor] | None
     ) -> tuple[Basis, Tensor] | None:
-        """Drop the space once it stops helping (see :data:`STALE_SLOWDOWN`)."""
-        rate = convergence_rate(sol)
+        """After a slow solve (:data:`STALE_SLOWDOWN`), drop the bottom group (:func:`_top`);
+        after two slow solves in a row, the whole space (its top group is then stale too)."""
+        rate, trimmed = convergence_rate(sol), self._trimmed
         if rate is None:
             return space
+        self._trimmed = False
         if space is None:
             self._base = rate
         elif self._base is not None and rate * STALE_SLOWDOWN < self._base:
             sol.stats["recycle_stale"] = True
-            return None
+            self._trimmed = not trimmed
+            return None if trimmed else _top(space, self.smallest)
         return space
 
     def _rayleigh_ritz(
@@ -348,6 +346,50 @@ class RecycledCG(Solver):
                 M1 = N @ M1
             self._U = space[0].rotated(M1.to(P.dtype), P, M2.to(P.dtype))
         self._theta = (lam - shift).to(P.dtype)
+
+
+def _loaded(solver: RecycledCG, state: Mapping[str, Any]) -> tuple:
+    """:meth:`RecycledCG.load_state_dict`'s checked ``(U, theta, base_rate, trimmed)``."""
+    state = {"trimmed": False} | dict(state) if isinstance(state, Mapping) else state
+    check_keys(state, solver._KEYS, solver)  # a checkpoint from before "trimmed" loads
+    U, th, base, trimmed = (state[k] for k in solver._KEYS)
+    if base is not None:
+        base = _vocab.as_float(base, "base_rate", min=0.0)
+    if (U is None) != (th is None):
+        raise ValueError(
+            "RecycledCG.load_state_dict: `U` and `theta` are both tensors or both None."
+        )
+    if U is not None:
+        U = check_tensor(U, "U", solver, shape=(None, None), floating=True)
+        if U.shape[1] > solver.rank + solver.smallest:
+            raise ValueError(
+                f"RecycledCG.load_state_dict: `U` has {U.shape[1]} columns, more than "
+                f"rank + smallest = {solver.rank + solver.smallest}; the checkpoint is from "
+                "another solver."
+            )
+        th = check_tensor(th, "theta", solver, dtype=U.dtype, shape=(U.shape[1],), floating=True)
+        U, th = Basis((U.T.clone(memory_format=torch.contiguous_format),)), th.clone()
+    if not isinstance(trimmed, bool):
+        got = type(trimmed).__name__
+        raise ArgumentTypeError(f"RecycledCG.load_state_dict: `trimmed` must be a bool, got {got}.")
+    return U, th, base, trimmed
+
+
+def _top(space: tuple[Basis, Tensor], smallest: int) -> tuple[Basis, Tensor] | None:
+    """The space without its ``smallest`` pairs (None without a top group left).
+
+    A solve :data:`STALE_SLOWDOWN` times slower than the first is a harder bottom of the
+    spectrum (a smaller damping, a near-singular Hessian) or stale bottom pairs, whose
+    ``theta`` set the largest scalings ``sigma / theta``; the top group still deflates the
+    top. On ``benchmarks/reuse.py``'s dense digits replay, dropping the bottom group instead
+    of the whole space: 608 products instead of 655, and at each target in 0.7-1.25e-2; on
+    ``--size 100k``'s first 10 hyper-steps 126 instead of 136."""
+    U, th = space
+    if not smallest or th.numel() <= smallest:
+        return None
+    keep = torch.ones_like(th, dtype=torch.bool)
+    keep[torch.argsort(th)[:smallest]] = False
+    return U.select(keep), th[keep]
 
 
 def _healthy(sol: Solution) -> bool:
