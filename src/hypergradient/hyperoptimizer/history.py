@@ -224,8 +224,6 @@ def _light_info(info: Info) -> Info:
     ``inner_losses`` stay): a copy, or ``info`` itself when it holds none. Older records
     then keep no parameter-sized tensor (each held one: 100 records of a 200k-parameter
     model held 80 MB, and every hyper-step grew the heap by one vector)."""
-    if not dataclasses.is_dataclass(info) or isinstance(info, type):  # a custom method's
-        return info
     bulk: dict[str, Any] = {
         f.name: None
         for f in dataclasses.fields(info)
