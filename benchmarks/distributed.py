@@ -1,5 +1,6 @@
 """Time of a data-parallel hyper-step (2 gloo processes) against one process, same global batch."""
 
+import functools
 import math
 import os
 import queue
@@ -53,16 +54,12 @@ def like(hidden: int) -> tuple[Tensor, ...]:
     return H.mlp_init((784, hidden, hidden, 10), torch.Generator().manual_seed(hidden))
 
 
-_DATA: list[tuple[Tensor, Tensor]] = []
-
-
+@functools.cache
 def batches(batch: int) -> tuple[tuple[Tensor, Tensor], ...]:
     """The training batch (the first ``batch`` shuffled digits) and the validation batch."""
-    if not _DATA:
-        X, y = H.mnist(torch.float64)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        _DATA.append((H.standardize(X, eps=0.1)[perm], y[perm]))
-    X, y = _DATA[0]
+    X, y = H.mnist(torch.float64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    X, y = H.standardize(X, eps=0.1)[perm], y[perm]
     return (X[:batch], y[:batch]), (X[-batch:], y[-batch:])
 
 
@@ -84,11 +81,9 @@ def counting(original: Any) -> Any:
     def all_reduce(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
         STATS["calls"] += 1
         STATS["bytes"] += tensor.numel() * tensor.element_size()
-        t0 = time.perf_counter()
-        try:
-            return original(tensor, *args, **kwargs)
-        finally:
-            STATS["ar_seconds"] += time.perf_counter() - t0
+        out, wall, _ = H.timed_call(lambda: original(tensor, *args, **kwargs))
+        STATS["ar_seconds"] += wall / 1e3
+        return out
 
     return all_reduce
 

@@ -339,17 +339,14 @@ def render_a(res: dict[str, Any], repeats: int) -> str:
         elif (t := theirs.get(key)) and t["ms"] and r["ms"]:
             row["theirs/ours"] = f"{t['ms'] / r['ms']:.2f} ({t['cpu_ms'] / r['cpu_ms']:.2f})"
         rows.append(row)
-    probe = res.get("crash_probe") or {}
     text = [f"`{k}`: {H.facts(v)}" for k, v in res["states"].items()] + res["checks"]
-    if probe.get("crashed"):
+    if (probe := res["crash_probe"] or {}).get("crashed"):
         text.append(f"their DRMAD with the plain criterion at `early` raises: {probe['error']}")
     cols = "point|method|label|rel_err:.2e|cos:.6f|rel_err_unrolled:.2e|cos_unrolled:.4f|ms:.3g"
-    return (
-        "## (a) One hypergradient at a fixed point vs the exact implicit hypergradient\n\n"
-        f"ms = median of {repeats} interleaved calls; theirs/ours = ratio of median wall (CPU) "
-        "times; `unrolled` = `hg.unrolled` through the same T steps.\n\n"
-        f"{H.bullets(text)}\n\n{H.dict_table(rows, cols + '|theirs/ours|error')}"
-    )
+    head = "(a) One hypergradient at a fixed point vs the exact implicit hypergradient"
+    note = f"ms = median of {repeats} interleaved calls; theirs/ours = ratio of median wall (CPU) "
+    note += "times; `unrolled` = `hg.unrolled` through the same T steps."
+    return H.section(head, note, H.bullets(text), H.dict_table(rows, cols + "|theirs/ours|error"))
 
 
 def render_b(res: dict[str, Any]) -> str:

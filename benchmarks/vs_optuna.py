@@ -19,20 +19,19 @@ import hypergradient as hg
 F64, NAME = torch.float64, "vs_optuna"
 TITLE = "Against black-box search: Optuna (TPE, random) vs hypergradient descent"
 METHODS, TASKS = ("tpe", "random", "hypergradient"), ("logreg", "mlp", "mlp-layer")
+OWNERS = METHODS[:2]  # the methods whose best is a target
 STATS, SPLIT = ("min", "median", "max"), ("train_seconds", "sampler_seconds", "hyper_seconds")
 SPLIT += ("dropped",)
-LABELS = {"tpe": "Optuna TPE", "random": "Optuna random", "hypergradient": "hypergradient"}
-COLORS = {"tpe": "tab:blue", "random": "tab:orange", "hypergradient": "tab:green"}
+LABELS = dict(zip(METHODS, ("Optuna TPE", "Optuna random", "hypergradient")))
+COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green")))
 TITLES = {
     "logreg": "Task 1: per-feature L2 logistic regression, breast cancer (30 decays)",
     "mlp": "Task 2: tanh MLP 64-32-10 on digits, one decay per parameter ({:,} decays)",
     "mlp-layer": "Task 2b: tanh MLP 64-32-10 on digits, one decay per tensor (4 decays)",
 }
-# logistic regression / MLP: the box (lo, hi), the common start lam0, the outer lr; the CG;
-# the inner training
+# by logistic regression or not: the box (lo, hi), the common start lam0, the outer lr; the CG
 SETTINGS = {True: (1e-5, 10.0, 1e-2, 0.05), False: (1e-6, 1.0, 1e-3, 0.1)}
-CG = {True: {"maxiter": 100, "tol": 1e-8}, False: {"maxiter": 50, "tol": 1e-4}}
-CG_TEXT = {True: "maxiter=100, tol=1e-8", False: "maxiter=50, tol=1e-4"}
+CG = {True: ("maxiter=100, tol=1e-8", 100, 1e-8), False: ("maxiter=50, tol=1e-4", 50, 1e-4)}
 TRAINING = {
     True: "damped Newton to ||grad f|| <= 1e-10, warm-started from the previous evaluation",
     False: "torch.optim.LBFGS, {} iterations (strong Wolfe, history 20)",
@@ -54,23 +53,23 @@ class Task:
         X_v, X_s, y_v, y_s = split(X_r, y_r, train_size=n_val, stratify=y_r, random_state=seed + 1)
         mean, std, ydt = X_t.mean(0), X_t.std(0), F64 if logreg else torch.long
         std[std == 0] = 1.0
-        scaled = lambda a: torch.tensor((a - mean) / std).to(F64)  # noqa: E731
         sets = {"train": (X_t, y_t), "val": (X_v, y_v), "test": (X_s, y_s)}
+        scaled = lambda a: torch.tensor((a - mean) / std).to(F64)  # noqa: E731
         self.data = {k: (scaled(a), torch.tensor(b).to(ydt)) for k, (a, b) in sets.items()}
-        gen = torch.Generator().manual_seed(seed)
         zeros = (torch.zeros(30, dtype=F64), torch.zeros(1, dtype=F64))
+        gen = torch.Generator().manual_seed(seed)
         self.init = zeros if logreg else H.mlp_init((64, 32, 10), gen)
         self.forward = (lambda p, x: x @ p[0] + p[1]) if logreg else H.mlp_forward
         self.criterion = F.binary_cross_entropy_with_logits if logreg else F.cross_entropy
         n = 30 if logreg else 4 if key == "mlp-layer" else sum(t.numel() for t in self.init)
         self.n_hparams, self.names = n, [f"lam_{i:04d}" for i in range(n)]
         self.lo, self.hi, self.lam0, self.outer_lr = SETTINGS[logreg]
-        self.solver, self.solver_text = lambda: hg.CG(**CG[logreg]), f"hg.CG({CG_TEXT[logreg]})"
+        text, maxiter, tol = CG[logreg]
+        self.solver, self.solver_text = lambda: hg.CG(maxiter=maxiter, tol=tol), f"hg.CG({text})"
         self.training_text, self.title = TRAINING[logreg].format(lbfgs_iters), TITLES[key].format(n)
 
     def loss(self, params: tuple, split: str) -> Tensor:
-        x, y = self.data[split]
-        return self.criterion(self.forward(params, x), y)
+        return self.criterion(self.forward(params, self.data[split][0]), self.data[split][1])
 
     def decays(self, phi: Tensor) -> list[Tensor]:
         """The log decay of every parameter, one tensor per parameter tensor (bias of the
@@ -104,9 +103,9 @@ class Task:
     def evaluate(self, params: tuple, splits=("train", "val", "test")) -> dict[str, float]:
         """The loss on each of ``splits`` and the test accuracy."""
         with torch.no_grad():
-            x, y = self.data["test"]
+            (x, y), logreg = self.data["test"], self.key == "logreg"
             z = self.forward(params, x)
-            hit = (z > 0).to(F64) == y if self.key == "logreg" else z.argmax(1) == y
+            hit = (z > 0).to(F64) == y if logreg else z.argmax(1) == y
             out = {f"{s}_loss": float(self.loss(params, s)) for s in splits}
             return out | {"test_acc": float(hit.to(F64).mean())}
 
@@ -175,10 +174,8 @@ class Optuna:
         return torch.tensor(lam, dtype=F64).log()
 
     def update(self, params: tuple, phi: Tensor, val: float) -> None:
-        if math.isfinite(val):
-            self.study.tell(self.trial, val)
-        else:
-            self.study.tell(self.trial, state=self.fail)
+        ok = math.isfinite(val)  # a non-finite loss: a failed trial
+        self.study.tell(self.trial, val if ok else None, state=None if ok else self.fail)
 
     def finish(self) -> None:
         self.run.extras["trials_told"] = len(self.study.trials)
@@ -229,9 +226,8 @@ def race(methods: list[Any], budget: float, schedule: str) -> None:
     training (and the hypergradients the method timed itself) goes to ``method.overhead``."""
     pending = list(methods)
     while pending:
-        m = pending[0]
-        if schedule == "interleaved":
-            m = min(pending, key=lambda m: m.run.clock_wall)
+        clock = (lambda m: m.run.clock_wall) if schedule == "interleaved" else pending.index
+        m = min(pending, key=clock)
         r, w, c = m.run, time.perf_counter(), time.process_time()
         hyper0, phi = r.hyper_seconds, m.propose()
         b = time.perf_counter()
@@ -275,23 +271,24 @@ def run_task(task: Task, budget: float, seed: int, schedule: str) -> dict[str, A
     H.log(f"{task.title}: budget {budget:.0f} s per method, {schedule}")
     methods = [Optuna(task, "tpe", seed), Optuna(task, "random", seed), Hypergradient(task)]
     res, runs, _ = contest(task, methods, budget, schedule)
-    targets = {}
-    for owner in ("tpe", "random"):
-        target, hyper = min(runs[owner].val), runs["hypergradient"]
+    targets, hyper = {}, runs["hypergradient"]
+    for owner in OWNERS:
+        target = min(runs[owner].val)
         i = next((i for i, v in enumerate(hyper.val) if v <= target), None)
-        at = None if i is None else task.evaluate(task.train(hyper.phis[i], {}))
         t = {"value": target, "reached": {k: runs[k].time_to(target) for k in METHODS}}
         t["is_start"] = runs[owner].val.index(target) == 0
+        at = None if i is None else task.evaluate(task.train(hyper.phis[i], {}))
         targets[owner] = t | {"hypergradient_at_target": at}
     res["load"].append(os.getloadavg()[0])
     res |= {"schedule": schedule, "runs": {m: r.json() for m, r in runs.items()}}
     return res | {"targets": targets}
 
 
-def ratio(reach: dict, owner: str, i: int) -> str:
-    a, b = reach[owner], reach["hypergradient"]
-    if a is None or b is None:
-        return "-" if a is None else "hypergradient did not reach it"
+def ratio(t: dict, owner: str, i: int, start: str) -> str:
+    """Optuna's time to its best over the hypergradient's (wall: ``i = 0``, CPU: 1)."""
+    a, b = t["reached"][owner], t["reached"]["hypergradient"]
+    if t["is_start"] or a is None or b is None:
+        return start if t["is_start"] else "-" if a is None else "hypergradient did not reach it"
     return f"{a[i] / max(b[i], 1e-9):.1f}x"
 
 
@@ -320,18 +317,16 @@ def evaluation_share(r: dict) -> dict[str, Any]:
 
 def render_task(res: dict[str, Any]) -> str:
     runs, targets = res["runs"], []
-    rows = method_rows(res, METHODS, LABELS, evaluation_share)
+    pair = lambda x: f"{x['test_loss']:.4f} / {x['test_acc']:.3f}"  # noqa: E731
     for owner, t in res["targets"].items():
-        reach, fo, ht = t["reached"], runs[owner]["final"], t["hypergradient_at_target"]
+        reach, ht = t["reached"], t["hypergradient_at_target"]
         x = {"target": f"{LABELS[owner]}'s best", "value": t["value"]}
         for m in METHODS:
             x[LABELS[m]] = "not reached" if reach[m] is None else f"{reach[m][0]:.2f} s"
-        x |= {"ratio (wall)": ratio(reach, owner, 0), "ratio (CPU)": ratio(reach, owner, 1)}
-        if t["is_start"]:
-            x |= {"ratio (wall)": "n/a: no improvement on the start", "ratio (CPU)": "n/a"}
-        x |= {"Optuna's best (test loss / acc)": f"{fo['test_loss']:.4f} / {fo['test_acc']:.3f}"}
-        at = f"{ht['test_loss']:.4f} / {ht['test_acc']:.3f}" if ht else "-"
-        targets.append(x | {"hypergradient at the target": at})
+        x |= {"ratio (wall)": ratio(t, owner, 0, "n/a: no improvement on the start")}
+        x |= {"ratio (CPU)": ratio(t, owner, 1, "n/a")}
+        x["Optuna's best (test loss / acc)"] = pair(runs[owner]["final"])
+        targets.append(x | {"hypergradient at the target": pair(ht) if ht else "-"})
     split = [f"{LABELS[m]} {H.facts({k: runs[m][k] for k in SPLIT})}" for m in METHODS]
     refit = lambda r: f"{r['final']['val_loss']:.6f} ({min(r['val']):.6f})"  # noqa: E731
     best = [f"{LABELS[m]} {H.facts(lambdas(runs[m]))}, {refit(runs[m])}" for m in METHODS]
@@ -349,8 +344,9 @@ def render_task(res: dict[str, Any]) -> str:
     cols += "|test_loss:.4f|test_acc:.3f|cpu/wall:.2f"
     tcols = "target|value:.4f|Optuna TPE|Optuna random|hypergradient|ratio (wall)|ratio (CPU)"
     tcols += "|Optuna's best (test loss / acc)|hypergradient at the target"
-    tables = f"{H.dict_table(rows, cols)}\n\n{H.dict_table(targets, tcols)}"
-    return f"## {res['title']}\n\n{H.bullets(notes)}\n\n{tables}"
+    rows = method_rows(res, METHODS, LABELS, evaluation_share)
+    tables = [H.dict_table(rows, cols), H.dict_table(targets, tcols)]
+    return H.section(res["title"], H.bullets(notes), *tables)
 
 
 def render(d: dict[str, Any]) -> list[str]:
@@ -359,17 +355,14 @@ def render(d: dict[str, Any]) -> list[str]:
     rows = []
     for res in d["tasks"]:
         r = {"task": res["key"], "hyperparameters": res["n_hparams"]}
-        for owner in ("tpe", "random"):
-            t = res["targets"][owner]
-            for i, clock in enumerate(("wall", "CPU")):
-                x = "n/a (start)" if t["is_start"] else ratio(t["reached"], owner, i)
-                r[f"vs {owner} ({clock})"] = x
+        for owner, (i, clock) in ((o, c) for o in OWNERS for c in enumerate(("wall", "CPU"))):
+            r[f"vs {owner} ({clock})"] = ratio(res["targets"][owner], owner, i, "n/a (start)")
         best = " / ".join(f"{min(res['runs'][m]['val']):.4f}" for m in METHODS)
         rows.append(r | {"best val (TPE / random / hypergradient)": best})
     cols = "task|hyperparameters:,|vs tpe (wall)|vs tpe (CPU)|vs random (wall)|vs random (CPU)"
     cols += "|best val (TPE / random / hypergradient)"
-    summary = "## Summary: Optuna's time to its best / hypergradient's time to the same value\n\n"
-    return [*map(render_task, d["tasks"]), summary + H.dict_table(rows, cols)]
+    title = "Summary: Optuna's time to its best / hypergradient's time to the same value"
+    return [*map(render_task, d["tasks"]), H.section(title, H.dict_table(rows, cols))]
 
 
 def race_axes(ax: Any, res: dict, colors: dict, label: Callable[[str, dict], str]) -> None:
@@ -393,7 +386,7 @@ def plot(data: dict[str, Any], out: Path) -> Path | None:
         for m, r in res["runs"].items():
             best = min(r["val"])
             ax.plot([r["wall"][r["val"].index(best)]], [best], "o", ms=4, color=COLORS[m])
-        for owner in ("tpe", "random"):
+        for owner in OWNERS:
             ax.axhline(res["targets"][owner]["value"], color=COLORS[owner], ls=":", lw=0.8)
         ax.set(title=f"{res['key']}: {res['n_hparams']:,} hyperparameters")
         ax.legend(fontsize=8, title="method (evaluations)", title_fontsize=8)
