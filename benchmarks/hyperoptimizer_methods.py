@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import harness as H
 import hypergradient as hg
 
-F64, BCE = torch.float64, F.binary_cross_entropy_with_logits
+F64 = torch.float64
 NAME, TITLE = "hyperoptimizer_methods", "HyperOptimizer methods and trajectory hypergradients"
 HOPT_LR, OUTER_LR, START_DECAY = 0.5, 0.1, 1e-2  # Tables 1a, 2, 3
 TRAJ_LR, TRAJ_MOMENTUM = 0.1, 0.9  # Table 1b
@@ -31,13 +30,15 @@ HOPT_METHODS |= {"IFT(Nystrom(rank=10, rho=0.1, seed=0))": NYSTROM}
 HOPT_METHODS |= {"HOAG()": hg.HOAG, "Unrolled()": hg.Unrolled}
 HOPT_METHODS |= {"Unrolled(truncate=5)": lambda: hg.Unrolled(truncate=5)}
 HOPT_METHODS |= {"ForwardMode()": hg.ForwardMode, "DrMAD()": hg.DrMAD}
+LR_METHODS = ("ForwardMode()", "Unrolled()", "DrMAD()")  # Table 4
 FD4, FD2 = ((-2, 1 / 12), (-1, -8 / 12), (1, 8 / 12), (2, -1 / 12)), ((-1, -0.5), (1, 0.5))
 train_loss, val_loss = H.linear_loss("decay"), H.linear_loss()
 
 
 def make_hopt(label: str, data: H.Data, hparams: dict, method: hg.Method, **kw: Any) -> H.Run:
-    """A HyperOptimizer on a zero ``nn.Linear`` as a lockstep run (a hyper-step every 10)."""
-    model = H.linear_model(data.dim)
+    """A HyperOptimizer on a zero ``nn.Linear`` (or at ``kw["state"]``) as a lockstep run (a
+    hyper-step every 10)."""
+    model = H.linear_model(data.dim, kw.pop("state", None))
     kw = {"inner_steps": 10, "train_loss": train_loss, "history_size": None, **kw}
     sgd = torch.optim.SGD(model.parameters(), lr=kw.pop("inner_lr", HOPT_LR))
     kw |= {"inner_optimizer": sgd, "val_loss": val_loss, "val_data": data.val, "method": method}
@@ -72,10 +73,7 @@ def implicit_table(data: H.Data, points: dict[str, Tensor], repeats: int) -> dic
 
         def call(seed: int, make: Callable, theta=theta, raw=raw, ctx=ctx) -> tuple:
             kw = {"inner_steps": 1, "outer_optimizer": sgd0}
-            run = make_hopt("", data, decays(data.dim, raw), make(seed), **kw)
-            with torch.no_grad():
-                for p, v in zip(run.meta["model"].parameters(), theta):
-                    p.copy_(v)
+            run = make_hopt("", data, decays(data.dim, raw), make(seed), state=theta, **kw)
             run.step()
             rec = run.meta["hopt"].history[-1]
             h = rec.hypergrad["decay"].detach().clone()
@@ -118,9 +116,7 @@ def sgd_loop_loss(f: Callable, g: Callable, raw: Tensor, T: int, dim: int) -> fl
     p = tuple(torch.zeros(*s, dtype=F64).requires_grad_() for s in ((1, dim), (1,)))
     opt = torch.optim.SGD(p, lr=TRAJ_LR, momentum=TRAJ_MOMENTUM)
     for _ in range(T):
-        opt.zero_grad()
-        f(p, raw).backward()
-        opt.step()
+        H.loop_step(opt, lambda: f(p, raw))
     with torch.no_grad():
         return float(g(p, raw))
 
@@ -213,14 +209,9 @@ def rounds_of(make_runs: Callable[[], list[H.Run]], data: H.Data, steps: int, ro
 def exact_outer_loop(data: H.Data, iterations: int, keep_at: int) -> dict[str, Any]:
     """Adam on the log decays with exact hypergradients at Newton inner optima: ``val[k]`` /
     ``test[k]`` after k updates; ``decays[k]`` every 10 iterations, at ``keep_at`` and last."""
-    (xt, yt), (xv, yv), (xs, ys), D = data.train, data.val, data.test, data.dim
-
-    def f(w: Tensor, r: Tensor) -> Tensor:
-        return BCE(xt @ w[:-1] + w[-1], yt) + 0.5 * (r.exp() * w[:-1] ** 2).sum()
-
-    def g(w: Tensor, r: Tensor, x: Tensor = xv, y: Tensor = yv) -> Tensor:
-        return BCE(x @ w[:-1] + w[-1], y)
-
+    (bce, f_batch), D = H.logistic(), data.dim
+    f = lambda w, r: f_batch((w[:-1], w[-1]), r, data.train)  # noqa: E731
+    g = lambda w, r, batch=data.val: bce((w[:-1], w[-1]), batch)  # noqa: E731
     t0, out = time.perf_counter(), {"val": [], "test": [], "decays": [], "elapsed_s": []}
     raw = torch.full((D,), math.log(START_DECAY), dtype=F64).requires_grad_(True)
     opt, w = torch.optim.Adam([raw], lr=OUTER_LR), torch.zeros(D + 1, dtype=F64)
@@ -228,7 +219,7 @@ def exact_outer_loop(data: H.Data, iterations: int, keep_at: int) -> dict[str, A
         w = H.newton(lambda v: f(v, raw.detach()), w, 1e-12)[0]
         with torch.no_grad():
             out["val"].append(float(g(w, raw)))
-            out["test"].append(float(g(w, raw, xs, ys)))
+            out["test"].append(float(g(w, raw, data.test)))
             keep = k % 10 == 0 or k in (keep_at, iterations)
             out["decays"].append(raw.exp().tolist() if keep else None)
         out["elapsed_s"].append(time.perf_counter() - t0)
@@ -241,11 +232,9 @@ def exact_outer_loop(data: H.Data, iterations: int, keep_at: int) -> dict[str, A
 def hyperoptimizer_tables(data: H.Data, steps: int, rounds: int, exact_steps: int) -> dict:
     adam = lambda hp: torch.optim.Adam(hp, lr=OUTER_LR)  # noqa: E731
 
-    def runs() -> list[H.Run]:
-        out = [plain_run(data, "untuned (plain SGD, no hyper-steps)", HOPT_LR)]
-        hopt = lambda k, m: make_hopt(k, data, decays(data.dim), m(), outer_optimizer=adam)  # noqa: E731
-        return out + [hopt(k, m) for k, m in HOPT_METHODS.items()]
-
+    hopt = lambda k: make_hopt(k, data, decays(data.dim), HOPT_METHODS[k](), outer_optimizer=adam)  # noqa: E731
+    untuned = "untuned (plain SGD, no hyper-steps)"
+    runs = lambda: [plain_run(data, untuned, HOPT_LR), *map(hopt, HOPT_METHODS)]  # noqa: E731
     H.log("[2-3] HyperOptimizer runs")
     res, keep = rounds_of(runs, data, steps, rounds), max(steps // 10 - 1, 0)
     H.log(f"[3] exact outer loop, {exact_steps} iterations ...")
@@ -259,14 +248,12 @@ def lr_table(data: H.Data, steps: int, rounds: int) -> dict[str, Any]:
     kw |= {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=LR_OUTER_LR)}
     kw |= {"train_loss": lambda m, h, b: train_loss(m, fixed, b)}
 
-    def runs() -> list[H.Run]:
-        out = [plain_run(data, f"plain SGD, lr {LR_START:g}", LR_START)]
-        out += [plain_run(data, f"plain SGD, lr {HOPT_LR:g} (Table 3's)", HOPT_LR)]
-        for k in ("ForwardMode()", "Unrolled()", "DrMAD()"):
-            lr = {"lr": hg.Positive(torch.tensor(LR_START, dtype=F64))}
-            out.append(make_hopt(k, data, lr, HOPT_METHODS[k](), **kw))
-        return out
-
+    lr = lambda: {"lr": hg.Positive(torch.tensor(LR_START, dtype=F64))}  # noqa: E731
+    runs = lambda: [  # noqa: E731
+        plain_run(data, f"plain SGD, lr {LR_START:g}", LR_START),
+        plain_run(data, f"plain SGD, lr {HOPT_LR:g} (Table 3's)", HOPT_LR),
+        *(make_hopt(k, data, lr(), HOPT_METHODS[k](), **kw) for k in LR_METHODS),
+    ]
     H.log("[4] learning-rate tuning")
     return rounds_of(runs, data, steps, rounds)
 

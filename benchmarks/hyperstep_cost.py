@@ -99,14 +99,8 @@ def runs(pb: tuple, lr: float) -> list[H.Run]:
     torch.manual_seed(0)
     first, decay0 = model(), torch.full(shape, 1e-2)
     penalty = lambda m, d: 0.5 * (d * next(m.parameters()) ** 2).sum()  # noqa: E731
-    sgd = torch.optim.SGD(first.parameters(), lr=lr)
-
-    def plain_step() -> None:
-        sgd.zero_grad()
-        (loss(first(train[0]), train[1]) + penalty(first, decay0)).backward()
-        sgd.step()
-
-    out = [H.Run("bare torch.optim.SGD step", plain_step)]
+    plain = lambda: loss(first(train[0]), train[1]) + penalty(first, decay0)  # noqa: E731
+    out = [H.sgd_run("bare torch.optim.SGD step", first.parameters(), plain, lr)]
     kw = {"outer_optimizer": lambda hp: torch.optim.Adam(hp, lr=0.05), "val_data": val}
     kw |= {"train_loss": lambda m, h, b: loss(m(b[0]), b[1]) + penalty(m, h["decay"])}
     kw |= {"val_loss": lambda m, h, b: loss(m(b[0]), b[1]), "inner_steps": K, "history_size": None}

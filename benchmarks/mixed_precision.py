@@ -53,11 +53,18 @@ def autocast_trained(p: H.Bilevel, Hd: Tensor, iters: int = 20) -> tuple[tuple, 
     return H.unflat(theta, p.params), info
 
 
-def inputs(p: H.Bilevel, mode: str, ac_params: tuple, start: tuple | None = None) -> tuple:
-    """(params, hparams, autocast?) of a mode; ``start`` replaces the inner optimum."""
+def moded(p: H.Bilevel, mode: str, fn: Callable, ac_params=(), start=None, leaves=False):
+    """``call(*a) = fn(params, hparams, *a)`` in precision ``mode`` (under autocast if it ends
+    so); ``start`` replaces the inner optimum; ``leaves``: params that require grad."""
     params = tuple(t.to(BF16 if "bf16" in mode else torch.float32) for t in start or p.params)
-    params = ac_params if mode.startswith("ac-") else params
-    return params, tuple(h.float() for h in p.hparams), mode.endswith("autocast")
+    params = ac_params if mode.startswith("ac-") else H.leaves(params) if leaves else params
+    hparams, ac = tuple(h.float() for h in p.hparams), mode.endswith("autocast")
+
+    def call(*a: Any) -> Any:
+        with autocast(ac):
+            return fn(params, hparams, *a)
+
+    return call
 
 
 def measure(row: dict, call: Callable, ref: Tensor, same64: Tensor | None, repeats: int) -> dict:
@@ -84,45 +91,27 @@ def measure(row: dict, call: Callable, ref: Tensor, same64: Tensor | None, repea
 
 
 def problem_rows(p: H.Bilevel, ref: Tensor, ac_params: tuple, repeats: int, steps: int, lr: float):
-    f, g, rows = p.inner_loss, p.outer_loss, []
+    f, g, d, rows, unr = p.inner_loss, p.outer_loss, p.damping, [], []
     for sname, make in SOLVERS.items():
-        same64 = H.flat(hg.implicit(f, g, p.params, p.hparams, make(), damping=p.damping))
+        same64 = H.flat(hg.implicit(f, g, p.params, p.hparams, make(), damping=d))
         for mode in MODES:
-            params, hparams, ac = inputs(p, mode, ac_params)
-
-            def call(info: bool, params=params, hparams=hparams, ac=ac, make=make) -> Any:
-                with autocast(ac):
-                    kw = {"damping": p.damping, "return_info": info}
-                    return hg.implicit(f, g, params, hparams, make(), **kw)
-
+            fn = lambda w, h, i, mk=make: hg.implicit(f, g, w, h, mk(), damping=d, return_info=i)  # noqa: E731
+            call = moded(p, mode, fn, ac_params)
             rows.append(measure({"solver": sname, "mode": mode}, call, ref, same64, repeats))
             H.log(f"  {sname:8s} {mode:22s} rel err {rows[-1].get('rel_err')}")
-    unr, ref_u = [], H.flat(hg.unrolled(f, g, p.params0, p.hparams, steps, hg.optim.sgd(lr)))
+    ref_u = H.flat(hg.unrolled(f, g, p.params0, p.hparams, steps, hg.optim.sgd(lr)))
     for mode in TIMED:
-        params0, hparams, ac = inputs(p, mode, (), p.params0)
-
-        def call_u(info: bool, a=params0, b=hparams, ac=ac) -> tuple:
-            with autocast(ac):
-                return hg.unrolled(f, g, a, b, steps, hg.optim.sgd(lr)), None
-
+        fn = lambda w, h, info: (hg.unrolled(f, g, w, h, steps, hg.optim.sgd(lr)), None)  # noqa: E731
         row = {"solver": f"unrolled SGD T={steps}", "mode": mode}
-        unr.append(measure(row, call_u, ref_u, None, repeats))
+        unr.append(measure(row, moded(p, mode, fn, start=p.params0), ref_u, None, repeats))
     return rows, unr
 
 
 def gradient_ms(p: H.Bilevel, repeats: int) -> dict[str, float]:
     """Milliseconds of one gradient of f per timed mode (10 per sample)."""
-    out = {}
-    for mode in TIMED:
-        params, hparams, ac = inputs(p, mode, ())
-        leaves = H.leaves(params)
-
-        def grad(leaves=leaves, hparams=hparams, ac=ac) -> Any:
-            with autocast(ac):
-                return torch.autograd.grad(p.inner_loss(leaves, hparams), leaves)
-
-        out[mode] = H.median([H.timed_call(grad, 10)[1] for _ in range(max(3, repeats))])
-    return out
+    grad = lambda w, h: torch.autograd.grad(p.inner_loss(w, h), w)  # noqa: E731
+    time = lambda c: H.median([H.timed_call(c, 10)[1] for _ in range(max(3, repeats))])  # noqa: E731
+    return {mode: time(moded(p, mode, grad, leaves=True)) for mode in TIMED}
 
 
 COLUMNS = "solver|mode|rel_err:.2e|cos:.6f|vs_same_f64:.2e|status|num_hvps:d|out_dtype|ms:.3g"

@@ -18,6 +18,7 @@ and 256 validation rows); reference: float64 NystromPCG to relative residual 1e-
 runs on real products; 30 hyper-steps, as on digits.
 """
 
+import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -33,48 +34,31 @@ from vs_torchopt import Counted, torchopt, torchopt_implicit
 F64, NAME, TITLE = torch.float64, "reuse", "Reuse across hyper-steps: products and seconds to 1e-2"
 
 
-def make_methods(args: Any) -> dict[str, hg.Implicit]:
-    pcg = hg.NystromPCG(rank=args.rank, tol=0.0, seed=0, refresh_every="auto")
-    rcg = hg.RecycledCG(args.recycle, args.smallest, tol=0.0, harvest=args.harvest)
-    return {
-        "cold CG": hg.Implicit(hg.CG(tol=0.0)),
-        "warm CG": hg.Implicit(hg.CG(tol=0.0), warm_start=True),
-        "warm NystromPCG(auto refresh)": hg.Implicit(pcg, warm_start=True),
-        "warm RecycledCG": hg.Implicit(rcg, warm_start=True),
-    }
-
-
-def damping(lo: float, hi: float) -> float:
-    """``1e-3 lambda_max - lambda_min`` where the Hessian is not positive definite, else 0."""
-    return 1e-3 * hi - lo if lo <= 1e-8 * hi else 0.0
-
-
-def system(H: hg.LinearOperator, d: float) -> hg.LinearOperator:
-    return hg.DampedOperator(H, d) if d else H  # as hg.Implicit(damping=d) builds it
-
-
 def reference(pb: H.Bilevel, big: bool) -> dict[str, Any]:
-    """The system the bisection runs on (``op``), its damping, ``b = grad_theta g`` and the
-    exact solution ``x`` in float64: digits, a dense solve; 100k, Lanczos extremes, then a
-    NystromPCG solve to relative residual 1e-7 (``op``: the float32 products of the real call)."""
+    """The system the bisection runs on (``op``), its damping (``1e-3 lambda_max - lambda_min``
+    where the Hessian is not positive definite), ``b = grad_theta g`` and the exact solution
+    ``x`` in float64: digits, a dense solve; 100k, Lanczos extremes, then a NystromPCG solve to
+    relative residual 1e-7 (``op``: the float32 products of the real call)."""
     p64 = pb.cast(F64)
     ps = tuple(p.detach().requires_grad_(True) for p in p64.params)
     b = H.flat(torch.autograd.grad(p64.outer_loss(ps, p64.hparams), ps))
     if big:
-        H64 = hg.HessianOperator(p64.inner_loss, p64.params, p64.hparams)
-        ext = hg.solvers.lanczos_extremes(H64, 100, torch.Generator().manual_seed(0))
-        lam = (float(ext.lambda_min), float(ext.lambda_max))
-        pcg, d = hg.NystromPCG(rank=100, maxiter=5000, tol=1e-7, seed=0), damping(*lam)
-        x = pcg.solve(system(H64, d), b).value
-        op = system(hg.HessianOperator(pb.inner_loss, pb.params, pb.hparams), d)
+        A = hg.HessianOperator(p64.inner_loss, p64.params, p64.hparams)
+        ext = hg.solvers.lanczos_extremes(A, 100, torch.Generator().manual_seed(0))
+        lo, hi = float(ext.lambda_min), float(ext.lambda_max)
     else:
         A = H.dense_hessian(pb)
         ev = torch.linalg.eigvalsh(A)
-        lam = (float(ev[0]), float(ev[-1]))
-        d = damping(*lam)
+        lo, hi = float(ev[0]), float(ev[-1])
+    d = 1e-3 * hi - lo if lo <= 1e-8 * hi else 0.0
+    system = lambda A: hg.DampedOperator(A, d) if d else A  # noqa: E731 - as hg.Implicit builds it
+    if big:
+        x = hg.NystromPCG(rank=100, maxiter=5000, tol=1e-7, seed=0).solve(system(A), b).value
+        op = system(hg.HessianOperator(pb.inner_loss, pb.params, pb.hparams))
+    else:
         x = torch.linalg.solve(A + d * torch.eye(len(A), dtype=F64), b)
-        op = system(hg.MatrixOperator(A), d)
-    return {"op": op, "b": b.to(op.dtype), "x": x, "damping": d, "lambda": lam}
+        op = system(hg.MatrixOperator(A))
+    return {"op": op, "b": b.to(op.dtype), "x": x, "damping": d, "lambda": (lo, hi)}
 
 
 def budget(
@@ -99,19 +83,21 @@ def budget(
     return (hi, *trial(hi))
 
 
-def make_problem(args: Any) -> H.Bilevel:
-    if args.size == "digits":
-        return H.digits_mlp(args.seed, args.hidden, args.lbfgs, rounds=1, require_pd=False)
-    pb = H.mnist_mlp(train_iters=args.lbfgs, seed=args.seed)  # float32, then per-weight decays
-    g, lo, hi = torch.Generator().manual_seed(args.seed), math.log(1e-3), math.log(1e-2)
-    hp = tuple(lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=F64) for t in pb.params)
-    return replace(pb, hparams=tuple(h.to(pb.params[0].dtype) for h in hp))
-
-
 def hyper_steps(args: Any) -> list[dict[str, Any]]:
-    pb = make_problem(args)
+    if args.size == "digits":
+        pb = H.digits_mlp(args.seed, args.hidden, args.lbfgs, rounds=1, require_pd=False)
+    else:  # float32, then per-weight decays
+        pb = H.mnist_mlp(train_iters=args.lbfgs, seed=args.seed)
+        g, lo, hi = torch.Generator().manual_seed(args.seed), math.log(1e-3), math.log(1e-2)
+        hp = tuple(lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=F64) for t in pb.params)
+        pb = replace(pb, hparams=tuple(h.to(pb.params[0].dtype) for h in hp))
     theta, raw = H.flat(pb.params), H.flat(pb.hparams).clone().requires_grad_(True)
-    adam, methods = torch.optim.Adam([raw], lr=args.outer_lr), make_methods(args)
+    adam, cg = torch.optim.Adam([raw], lr=args.outer_lr), lambda: hg.CG(tol=0.0)  # noqa: E731
+    pcg = hg.NystromPCG(rank=args.rank, tol=0.0, seed=0, refresh_every="auto")
+    rcg = hg.RecycledCG(args.recycle, args.smallest, tol=0.0, harvest=args.harvest)
+    methods = {"cold CG": hg.Implicit(cg()), "warm CG": hg.Implicit(cg(), warm_start=True)}
+    methods["warm NystromPCG(auto refresh)"] = hg.Implicit(pcg, warm_start=True)
+    methods["warm RecycledCG"] = hg.Implicit(rcg, warm_start=True)
     to, rows = torchopt(), []
     for step in range(args.steps):
         hp = H.unflat(raw.detach(), pb.hparams)
@@ -210,56 +196,58 @@ def render(d: dict[str, Any]) -> list[str]:
     ]
 
 
+YLABELS = {"hvps": "products to the target", "ms": "ms per hypergradient"}
+
+
 def plot(d: dict[str, Any], out: Any) -> Any:
     """Products and milliseconds per hyper-step, one line per strategy."""
-    rows, (fig, axes) = d["rows"], H.subplots(1, 2, 5.5, 3.8)
-    steps = [r["step"] for r in rows]
-    for n in strategies(rows):
-        style = "k--" if n.startswith("TorchOpt") else "-"
-        axes[0, 0].plot(steps, [r[n]["hvps"] for r in rows], style, label=n)
-        axes[0, 1].plot(steps, [r[n].get("ms") or math.nan for r in rows], style, label=n)
-    axes[0, 0].set(xlabel="hyper-step", ylabel="products to the target", yscale="log")
-    axes[0, 1].set(xlabel="hyper-step", ylabel="ms per hypergradient", yscale="log")
-    axes[0, 0].legend(fontsize=7)
-    name = NAME + ("_100k" if d["settings"].get("size") == "100k" else "")
-    return H.save_figure(fig, out / f"{name}.png")
+    rows, names, big = d["rows"], strategies(d["rows"]), d["settings"].get("size") == "100k"
+    fmt = {n: "k--" if n.startswith("TorchOpt") else "-" for n in names}
+    line = lambda k: {n: [(r["step"], r[n].get(k) or math.nan) for r in rows] for n in names}  # noqa: E731
+    axes = {"xlabel": "hyper-step", "yscale": "log"}
+    panels = [
+        {"lines": line(k), "fmt": fmt, "set": axes | {"ylabel": y}} for k, y in YLABELS.items()
+    ]
+    return H.figure(out / f"{NAME}{'_100k' * big}.png", panels, 2, (5.5, 3.8))
 
 
-DEFAULTS = {"steps": (3, 30, 30), "hidden": (4, 16, 16), "rounds": (1, 3, 3)}  # quick, full, 100k
-DEFAULTS |= {"lbfgs": (50, 200, 300), "rank": (4, 40, 40), "recycle": (8, 200, 16)}
-DEFAULTS |= {"harvest": (32, 64, 8), "smallest": (2, 20, 4)}
+OPTIONS = [  # quick, full defaults; None: the MLP's (digits, 100k) in DEFAULTS
+    H.option("--steps", 3, 30, type=int, help="hyper-steps"),
+    H.option("--hidden", 4, 16, type=int, help="hidden units"),
+    H.option("--lbfgs", 50, None, type=int, help="initial L-BFGS iterations (200; 100k: 300)"),
+    H.option("--inner", type=int, default=10, help="L-BFGS iterations per hyper-step"),
+    H.option("--rounds", 1, 3, type=int, help="timed rounds per hyper-step"),
+    H.option("--rank", 4, 40, type=int, help="Nystrom rank"),
+    H.option("--target", type=float, default=1e-2, help="relative error (default 1e-2)"),
+    H.option("--cap", type=int, default=4000, help="largest CG budget tried"),
+    H.option("--outer-lr", type=float, default=0.05, help="Adam lr on the log decays"),
+    H.option("--size", choices=("digits", "100k"), default="digits", help="the MLP"),
+    H.option("--recycle", 8, None, type=int, help="RecycledCG rank (200; 100k: 16)"),
+    H.option("--smallest", 2, None, type=int, help="RecycledCG smallest (20; 100k: 4)"),
+    H.option("--harvest", 32, None, type=int, help="RecycledCG harvest (64; 100k: 8)"),
+]
+DEFAULTS = {"lbfgs": (200, 300), "recycle": (200, 16), "smallest": (20, 4), "harvest": (64, 8)}
 SETTINGS = ("steps", "target", "cap", "rank", "outer_lr", "rounds", "inner", "lbfgs", "size")
 SETTINGS += ("recycle", "smallest", "harvest")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = H.cli(__doc__)
-    p.add_argument("--steps", type=int, help="hyper-steps (default 30, quick 3)")
-    p.add_argument("--hidden", type=int, help="hidden units (default 16, quick 4)")
-    p.add_argument("--lbfgs", type=int, help="initial L-BFGS iterations (200; 100k: 300; quick 50)")
-    p.add_argument("--inner", type=int, default=10, help="L-BFGS iterations per hyper-step")
-    p.add_argument("--rounds", type=int, help="timed rounds per hyper-step (default 3, quick 1)")
-    p.add_argument("--rank", type=int, help="Nystrom rank (default 40, quick 4)")
-    p.add_argument("--target", type=float, default=1e-2, help="relative error (default 1e-2)")
-    p.add_argument("--cap", type=int, default=4000, help="largest CG budget tried")
-    p.add_argument("--outer-lr", type=float, default=0.05, help="Adam lr on the log decays")
-    p.add_argument("--size", choices=("digits", "100k"), default="digits", help="the MLP")
-    p.add_argument("--recycle", type=int, help="RecycledCG rank (200; 100k: 16; quick 8)")
-    p.add_argument("--smallest", type=int, help="RecycledCG smallest (20; 100k: 4; quick 2)")
-    p.add_argument("--harvest", type=int, help="RecycledCG harvest (64; 100k: 8)")
-    args = p.parse_args(argv)
+def run(args: Any, rep: H.Report) -> dict[str, Any]:
     big = args.size == "100k"
-    name, title = NAME + ("_100k" if big else ""), TITLE + (", 100k MLP" if big else "")
-    if H.replot(args, name, title, render, plot):
-        return 0
-    H.start(args)
-    H.defaults(args, **{k: (q, big_v if big else full) for k, (q, full, big_v) in DEFAULTS.items()})
-    rep, rows = H.Report(name, title, args), hyper_steps(args)
-    pb_text = f"tanh MLP 64-{args.hidden}-10 on digits, one log decay per parameter"
+    H.defaults(args, **{k: (v[big], v[big]) for k, v in DEFAULTS.items()})  # the MLP's
+    pb = f"tanh MLP 64-{args.hidden}-10 on digits, one log decay per parameter"
     if big:
-        pb_text = "tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights), a decay each"
-    data = {"settings": {k: getattr(args, k) for k in SETTINGS}, "problem": pb_text, "rows": rows}
-    rep.write(data | {"summary": summary(rows)}, render, plot)
+        pb = "tanh MLP 784-110-110-10 on MNIST (99,670 float32 weights), a decay each"
+    settings, rows = {k: getattr(args, k) for k in SETTINGS}, hyper_steps(args)
+    return {"settings": settings, "problem": pb, "rows": rows, "summary": summary(rows)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``reuse`` or, with ``--size 100k``, ``reuse_100k``; returns 0."""
+    size = argparse.ArgumentParser(add_help=False)
+    size.add_argument("--size")
+    big = size.parse_known_args(argv)[0].size == "100k"
+    name, title = NAME + "_100k" * big, TITLE + ", 100k MLP" * big
+    H.bench_main(__doc__, name, title, run, render, plot=plot, options=OPTIONS, argv=argv)
     return 0
 
 

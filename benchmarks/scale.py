@@ -132,14 +132,6 @@ def make_call(cfg: Config, pb: dict) -> Callable[[bool], Any]:
     return lambda info: TRAJ[cfg.method](pb["inner_batch"], g, w, h, cfg.steps, opt(), **kw)
 
 
-def summary(out: Any) -> dict[str, Any]:
-    info = out[1] if isinstance(out, tuple) and len(out) == 2 else None
-    if isinstance(info, hg.HypergradInfo):
-        return {"num_hvps": info.num_hvps, "status": info.status}
-    keys = ("stored_states", "recomputed_steps", "outer_loss")
-    return {k: getattr(info, k) for k in keys} if isinstance(info, hg.TrajectoryInfo) else {}
-
-
 def measure(cfg: Config, X: Tensor, y: Tensor, trained: dict | None, child: bool) -> Result:
     """A first call (diagnostics, first-call time and peak), the measured call (peak), then
     repeats within the time budget; in a fresh child process."""
@@ -152,8 +144,12 @@ def measure(cfg: Config, X: Tensor, y: Tensor, trained: dict | None, child: bool
             H.mmap_every_block()
         call = make_call(cfg, problem(cfg, X, y, trained))
         out, wall, cpu, res.first_peak_mb = H.peak_memory(lambda: call(True), child)
-        res.first_call, res.info = wall, summary(out)
-        del out
+        info, res.first_call = out[1] if isinstance(out, tuple) and len(out) == 2 else None, wall
+        keys = ("stored_states", "recomputed_steps", "outer_loss")
+        if isinstance(info, hg.HypergradInfo):
+            keys = ("num_hvps", "status")
+        res.info = {k: getattr(info, k) for k in keys} if info is not None else {}
+        del out, info
         if wall > LONG_CALL:  # the first call is the measurement
             res.wall, res.cpu, res.peak_mb = [wall], [cpu], res.first_peak_mb
         else:
@@ -266,29 +262,25 @@ def render(d: dict[str, Any]) -> list[str]:
         "tanh MLP 784-h-h-10 on MNIST, batch 256; implicit methods: 20 products (T1T2: 0) at "
         "trained weights with the smallest damping without negative curvature:\n\n" + H.bullets(pre)
     ]
-    if res.get("params"):
-        ok = [r for r in res["params"] if r["config"]["method"] == "gradient" and r["ok"]]
-        unit = {r["params"]: r["cpu_seconds"] for r in ok}
-        rows = [cells(r, "P", f"{r['params']:,}", unit.get(r["params"])) for r in res["params"]]
-        out.append(
-            "## Time and memory vs number of parameters P (one decay per parameter)\n\n"
-            "Trajectory: T = 20 SGD-momentum steps, decays + lr + momentum (forward mode: "
-            "per-layer decays); in_grads = CPU time / one gradient's; xP = peak / (4 bytes x P)."
-            f"\n\n{H.dict_table(rows, COLS.format('P'))}\n\n" + slopes(res["params"], "params", 1e5)
-        )
-    if res.get("hparams"):
-        rows = [cells(r, "m", f"{r['num_hparams']:,}") for r in res["hparams"]]
-        out.append(
-            f"## Time and memory vs number of hyperparameters m (P = "
-            f"{res['hparams'][0]['params']:,})\n\nm contiguous groups of weights share a decay; "
-            f"forward-mode cap {d['cap_seconds']:.0f} s. {d['forward_stopped']}\n\n"
-            + f"{H.dict_table(rows, COLS.format('m'))}\n\n"
-            + slopes(res["hparams"], "num_hparams", 10)
-        )
-    for malloc in ("default", "mmap"):
-        rows = [r for r in res.get("steps", []) if r["config"]["malloc"] == malloc]
-        if not rows:
-            continue
+    ok = [r for r in res["params"] if r["config"]["method"] == "gradient" and r["ok"]]
+    unit = {r["params"]: r["cpu_seconds"] for r in ok}
+    rows = [cells(r, "P", f"{r['params']:,}", unit.get(r["params"])) for r in res["params"]]
+    out.append(
+        "## Time and memory vs number of parameters P (one decay per parameter)\n\n"
+        "Trajectory: T = 20 SGD-momentum steps, decays + lr + momentum (forward mode: "
+        "per-layer decays); in_grads = CPU time / one gradient's; xP = peak / (4 bytes x P)."
+        f"\n\n{H.dict_table(rows, COLS.format('P'))}\n\n" + slopes(res["params"], "params", 1e5)
+    )
+    rows = [cells(r, "m", f"{r['num_hparams']:,}") for r in res["hparams"]]
+    out.append(
+        f"## Time and memory vs number of hyperparameters m (P = "
+        f"{res['hparams'][0]['params']:,})\n\nm contiguous groups of weights share a decay; "
+        f"forward-mode cap {d['cap_seconds']:.0f} s. {d['forward_stopped']}\n\n"
+        + f"{H.dict_table(rows, COLS.format('m'))}\n\n"
+        + slopes(res["hparams"], "num_hparams", 10)
+    )
+    for malloc in dict.fromkeys(r["config"]["malloc"] for r in res["steps"]):  # default, mmap
+        rows = [r for r in res["steps"] if r["config"]["malloc"] == malloc]
         state_mb, fits = 8 * rows[0]["params"] / 2**20, []  # parameters + momentum, float32
         for m in ("unrolled", "unrolled ckpt", "DrMAD"):
             ok = [r for r in rows if r["ok"] and r["config"]["method"] == m]
@@ -313,8 +305,8 @@ def plot(d: dict[str, Any], out: Path) -> Path:
     """Time and memory against P, m and T (one figure each)."""
     colors = {m: f"C{i}" for i, m in enumerate(("gradient",) + IMPLICIT + TRAJECTORY)}
     for exp, (x, label) in PLOTS.items():
-        rows = [r for r in d["results"].get(exp, []) if r["ok"]]
-        if not rows:
+        rows = [r for r in d["results"][exp] if r["ok"]]
+        if not rows:  # every configuration failed
             continue
         time, mem, fmt = {}, {}, {"4P bytes (one vector)": "k:"}
         for r in rows:
@@ -331,9 +323,8 @@ def plot(d: dict[str, Any], out: Path) -> Path:
         axes = {"xlabel": label, "xscale": scale, "yscale": scale}
         P = "" if exp == "params" else f" (P = {rows[0]['params']:,})"
         left = {"title": f"one hypergradient{P}", "ylabel": "seconds (median wall)"}
-        left = {"lines": time, "fmt": fmt, "set": axes | left}
-        if exp == "hparams":
-            left["hlines"] = {"forward-mode cap": d["cap_seconds"]}
+        cap = {"forward-mode cap": d["cap_seconds"]} if exp == "hparams" else {}
+        left = {"lines": time, "fmt": fmt, "set": axes | left, "hlines": cap}
         right = {"title": "peak memory", "ylabel": "peak RSS increase (MB)"}
         right = {"lines": mem, "fmt": fmt, "set": axes | right}
         H.figure(out / f"scale_{exp}.png", [left, right], 2, (5.75, 4.4))

@@ -177,8 +177,8 @@ def render(d: dict[str, Any]) -> list[str]:
             row = {"problem": n, "params": r["params"], "competitor": w, "median ms": ms}
             row["ratio to hand (median)"] = r["ratio_to_hand"][w]
             rows.append(row | {"peak MB": r["peak_mb"].get(w)})
-    c, share = d["cold"], d.get("memory_share", MEMORY_SHARE)
-    bounds = ", ".join(f"{n} {r['bound']:.2f}" for n, r in d["problems"].items() if "bound" in r)
+    c, share = d["cold"], d["memory_share"]
+    bounds = ", ".join(f"{n} {r['bound']:.2f}" for n, r in d["problems"].items())
     out = [
         f"T = {d['T']}, {d['rounds']} interleaved rounds; peak MB: the increase during one call "
         f"at T = {MEMORY_T}, alone in a child process; sweep: the T plain SGD steps alone (no "
@@ -194,19 +194,15 @@ def render(d: dict[str, Any]) -> list[str]:
         f"then the first `hg.drmad` {c['first_drmad_s']:.2f} s; torch._dynamo or sympy "
         f"imported: {c['dynamo']}.",
     ]
-    for n, c in d.get("compile", {}).items():
+    for n, c, u in ((n, c, c["unrolled_ms"]) for n, c in d.get("compile", {}).items()):
         out.append(
             f"torch.compile on {n}: compiled in {c['compile_s']:.1f} s; {d['T']} plain gradient "
             f"steps (the forward sweep) {c['sweep_ms']['eager']:.1f} ms eager, "
             f"{c['sweep_ms']['compiled']:.1f} ms compiled; double backward through the compiled "
-            f"graph (the reverse step): {c['double_backward']}."
+            f"graph (the reverse step): {c['double_backward']}. `hg.unrolled` end to end: "
+            f"{u['compile=False']:.1f} ms eager, {u['compile=True']:.1f} ms with `compile=True`, "
+            f"hand-written loop {u['hand']:.1f} ms (ratio {u['compile=True'] / u['hand']:.2f})."
         )
-        if u := c.get("unrolled_ms"):
-            out[-1] += (
-                f" `hg.unrolled` end to end: {u['compile=False']:.1f} ms eager, "
-                f"{u['compile=True']:.1f} ms with `compile=True`, hand-written loop "
-                f"{u['hand']:.1f} ms (ratio {u['compile=True'] / u['hand']:.2f})."
-            )
     return out
 
 

@@ -67,12 +67,9 @@ def implicit_problems(quick: bool, seed: int) -> list[tuple[H.Bilevel, torch.Ten
 
 def ours(name: str, pb: H.Bilevel, solver: hg.Solver) -> H.Case:
     """``hg.implicit``, its info (products) in the warm-up output."""
-
-    def call(s: int, info: bool = False) -> Any:
-        out = hg.implicit(*pb.args, solver, damping=pb.damping, return_info=info, residual=False)
-        return out if info else H.flat(out)
-
-    return H.Case(f"hg {name}", call, lambda: call(0, True))
+    kw = {"damping": pb.damping, "residual": False}
+    call = lambda i: hg.implicit(*pb.args, solver, return_info=i, **kw)  # noqa: E731
+    return H.Case(f"hg {name}", lambda s: H.flat(call(False)), lambda: call(True))
 
 
 def implicit_part(quick: bool, seed: int, budgets: Sequence[int], repeats: int) -> list[dict]:
@@ -141,11 +138,6 @@ def cold_calls(what: str) -> dict[str, Callable[[], Any]]:
     return {"first": call, "second": call}
 
 
-def cold_start(what: str) -> dict[str, Any]:
-    c = H.cold_start(NAME, what)
-    return {k: c[k] for k in ("import_s", "first_s", "second_s")} | {"dynamo_imported": c["dynamo"]}
-
-
 def minimal_cg(f: Callable, g: Callable, params: tuple, hparams: tuple, k: int) -> torch.Tensor:
     """The reference loop: one retained double-backward graph, k CG products, mixed term."""
     ps, hs = H.leaves(params), H.leaves(hparams)
@@ -186,7 +178,7 @@ def render(data: dict[str, Any]) -> list[str]:
     o, imp = data["overhead"], data["implicit"]
     imp = [r | {"theirs/ours": H.ratio(r["theirs_ms"], r["ours_ms"])} for r in imp]
     cold = [c | {"first call": w} for w, c in data["cold_start"].items()]
-    fresh = data.get("overhead_fresh") or []  # in the order they ran
+    fresh = data["overhead_fresh"]  # in the order they ran
     parts = {"this process": o} | {f"fresh child {i + 1}": c for i, c in enumerate(fresh)}
     ovh = [
         p[w] | {"process": where, "implementation": w, "ratio": p["ratio"]}
@@ -215,7 +207,7 @@ def render(data: dict[str, Any]) -> list[str]:
         f"ratio: hg / minimal at k = {o['ks'][0]} (results agree to {o['rel_diff']:.1e}), in this "
         "process after the other parts, and in fresh child processes (forked from a server that "
         "imported torch, torch.func, torch._dynamo and hypergradient; it varies between processes "
-        f"on this shared machine){med if fresh else ''}.\n\n"
+        f"on this shared machine){med}.\n\n"
         + H.dict_table(ovh, "process|implementation|fixed_ms:.3f|per_product_us:.0f|ratio:.2f"),
     ]
 
@@ -226,7 +218,9 @@ def run(args: Any, rep: H.Report) -> dict[str, Any]:
     data = {"implicit": implicit_part(q, args.seed, [2] if q else [10, 50], repeats)}
     data["unrolled"] = unrolled_part(q, 3 if q else 100, repeats)
     whats = ["hg.implicit"] if q else ["hg.implicit", "hg.unrolled"] + ["torchopt"] * bool(to)
-    data["cold_start"] = {w: cold_start(w) for w in whats}
+    for w, c in ((w, H.cold_start(NAME, w)) for w in whats):
+        cold = {k: c[k] for k in ("import_s", "first_s", "second_s")}
+        data.setdefault("cold_start", {})[w] = cold | {"dynamo_imported": c["dynamo"]}
     ks, reps = ([2, 6], 2) if q else ([10, 30], 41)
     data["overhead"] = overhead_part(ks, reps)
     children = 1 if q else 5  # the same in new processes: the ratio varies between processes
