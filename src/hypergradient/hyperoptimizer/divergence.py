@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._norms import host_floats
 from ..methods.growth import KEEP, LOSS_GROWTH, grows
 
 __all__ = ["KEEP", "diagnose", "due", "norm", "push", "unstable"]
@@ -184,6 +185,9 @@ def _read(recorded: list[Tensor]) -> list[float]:
     conversions, not a conversion per value); 0-dim values on one device are stacked at
     once (torch promotes them to the widest dtype). Exact (a widening conversion)."""
     device, runs = recorded[0].device, list[list[Tensor]]()
+    read = host_floats(recorded)  # on the CPU: each value as it is (the same numbers)
+    if read is not None:
+        return read
     if all(v.dim() == 0 and v.is_floating_point() for v in recorded):
         if all(not v.requires_grad and v.device == device for v in recorded):
             return torch.stack(recorded).tolist()  # stack promotes to the widest dtype
