@@ -4,8 +4,9 @@
 divergence watch, T1T2's look-ahead read, the implicit info's floor): the same floats,
 bit for bit, as ``torch.stack([v.to(float64) ...]).tolist()``, signed zeros, subnormals,
 NaN and infinities included, and None (the caller stacks) for anything else. The history's
-record lightening reads each ``Info`` class's bulk fields once: a subclass with a bulk
-field of its own still loses it, whichever class was lightened first.
+record lightening drops each ``Info`` class's own bulk fields: a subclass with a bulk field
+of its own loses it too, whichever class was lightened first (a per-class cache of those
+fields, tried and dropped as no faster, failed this when keyed on one class).
 """
 
 from __future__ import annotations

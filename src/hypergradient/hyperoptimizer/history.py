@@ -224,15 +224,12 @@ def _light_info(info: Info) -> Info:
     ``inner_losses`` stay): a copy, or ``info`` itself when it holds none. Older records
     then keep no parameter-sized tensor (each held one: 100 records of a 200k-parameter
     model held 80 MB, and every hyper-step grew the heap by one vector)."""
-    names = _BULK.get(type(info))
-    if names is None:  # (a class's fields are fixed: read once per Info class)
-        names = _BULK[type(info)] = tuple(f.name for f in dataclasses.fields(info) if not f.repr)
-    bulk: dict[str, Any] = {k: None for k in names if _holds_tensor(getattr(info, k))}
+    bulk: dict[str, Any] = {
+        f.name: None
+        for f in dataclasses.fields(info)
+        if not f.repr and _holds_tensor(getattr(info, f.name))
+    }
     return dataclasses.replace(info, **bulk) if bulk else info
-
-
-#: The bulk fields (``repr=False``) of each ``Info`` class :func:`_light_info` met.
-_BULK: dict[type, tuple[str, ...]] = {}
 
 
 def _holds_tensor(value: Any) -> bool:
