@@ -1,4 +1,4 @@
-"""The hyper-step's cheaper bookkeeping gives the numbers the old one gave.
+"""The hyper-step's cheaper bookkeeping gives the numbers and effects the old one gave.
 
 ``_norms.host_floats`` reads 0-d CPU tensors one by one instead of stacking them (the
 divergence watch, T1T2's look-ahead read, the implicit info's floor): the same floats,
@@ -6,7 +6,10 @@ bit for bit, as ``torch.stack([v.to(float64) ...]).tolist()``, signed zeros, sub
 NaN and infinities included, and None (the caller stacks) for anything else. The history's
 record lightening drops each ``Info`` class's own bulk fields: a subclass with a bulk field
 of its own loses it too, whichever class was lightened first (a per-class cache of those
-fields, tried and dropped as no faster, failed this when keyed on one class).
+fields, tried and dropped as no faster, failed this when keyed on one class). The outer
+optimizer's gradients are cleared after its step without torch's profiler range, or by
+its own ``zero_grad`` when it overrides it; the record's values are those the domain
+check computed (``tests/test_holdout.py`` checks them after a ``keep_best`` restore).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import struct
 import pytest
 import torch
 
+import hypergradient as hg
 from hypergradient._norms import host_floats
 from hypergradient.hyperoptimizer import divergence
 from hypergradient.hyperoptimizer.history import HyperStepRecord
@@ -103,3 +107,46 @@ def test_lighter_drops_each_info_class_bulk_fields(first):
     assert child.extra is not None and child.solution is not None  # copies, not changed
     plain = ImplicitInfo()
     assert record(plain).lighter().info is plain  # nothing to drop: itself
+
+
+class _CountingAdam(torch.optim.Adam):
+    """An outer optimizer with a ``zero_grad`` of its own (which the driver must call)."""
+
+    calls = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        type(self).calls += 1
+        super().zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("outer", [torch.optim.Adam, _CountingAdam])
+def test_outer_gradients_cleared_after_each_hyper_step(outer):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randn(32)
+    model = torch.nn.Linear(5, 1)
+    decay = hg.Positive(torch.full((1, 5), 0.1))
+
+    def train_loss(m, h, b):
+        return ((m(b[0]).squeeze(1) - b[1]) ** 2).mean() + (h["decay"] * m.weight**2).sum()
+
+    hopt = hg.HyperOptimizer(
+        model,
+        {"decay": decay},
+        inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        outer_optimizer=lambda hp: outer(hp, lr=0.01),
+        train_loss=train_loss,
+        val_loss=lambda m, h, b: ((m(b[0]).squeeze(1) - b[1]) ** 2).mean(),
+        val_data=(x, y),
+        method=hg.T1T2(),
+        inner_steps=2,
+    )
+    _CountingAdam.calls = 0
+    before = decay.raw.detach().clone()
+    for _ in range(4):
+        hopt.zero_grad()
+        hopt.train_loss((x, y)).backward()
+        hopt.step((x, y))
+        assert decay.raw.grad is None
+    assert hopt.hyper_steps == 2 and not torch.equal(decay.raw, before)
+    assert _CountingAdam.calls == (2 if outer is _CountingAdam else 0)
+    assert torch.equal(hopt.history[-1].hparams["decay"], hopt.hparams["decay"])
