@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._norms import host_floats
 from ..methods.growth import KEEP, LOSS_GROWTH, grows
 
 __all__ = ["KEEP", "diagnose", "due", "norm", "push", "unstable"]
@@ -182,11 +183,22 @@ def _read(recorded: list[Tensor]) -> list[float]:
     of consecutive values of one dtype and device is stacked, then converted once (the
     usual case, parameter norms then training losses, costs two stacks and two
     conversions, not a conversion per value); 0-dim values on one device are stacked at
-    once (torch promotes them to the widest dtype). Exact (a widening conversion)."""
-    device, runs = recorded[0].device, list[list[Tensor]]()
+    once (torch promotes them to the widest dtype); on the CPU each is read as it is (the
+    same numbers, no stack: :func:`~hypergradient._norms.host_floats`). Exact (a widening
+    conversion)."""
+    read = host_floats(recorded)
+    if read is not None:
+        return read
+    device = recorded[0].device
     if all(v.dim() == 0 and v.is_floating_point() for v in recorded):
         if all(not v.requires_grad and v.device == device for v in recorded):
             return torch.stack(recorded).tolist()  # stack promotes to the widest dtype
+    return _read_runs(recorded, device)
+
+
+def _read_runs(recorded: list[Tensor], device: torch.device) -> list[float]:
+    """:func:`_read` of values of several dtypes or devices: by runs of one of each."""
+    runs = list[list[Tensor]]()
     for v in recorded:
         if v.dim() or v.requires_grad:  # push() stores detached 0-dim values already
             v = v.detach().reshape(())

@@ -203,18 +203,25 @@ def compare(
     held: list[Any] = []  # the replay's leaves and loss, and whether the tap answered
     step_share.drop(hopt)  # (one a failed hyper-step left)
 
-    def local() -> list[Tensor]:
+    def local() -> list[Any]:  # the flags (valid, drew) as a tensor for the all-reduce
         leaves, loss, drew = replay()
-        flags = torch.tensor([1.0, float(drew)], dtype=wide, device=view.device)
-        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            return [*(torch.zeros_like(p) for p in params), flags * 0]
+        valid = isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad
+        flags: Any = [1.0, float(drew)] if valid else [0.0, 0.0]
+        if group is not None:
+            flags = torch.tensor(flags, dtype=wide, device=view.device)
+        if not valid:
+            return [*(torch.zeros_like(p) for p in params), flags]
         tapped = step_tap.gradient(hopt, batch, leaves, loss) if step_share.offered(hopt) else None
         held.extend((leaves, loss, tapped))
         return [*(tapped[0] if tapped is not None else _replayed(hopt, leaves, loss)), flags]
 
-    like = [*params, torch.empty(2, dtype=wide, device=view.device)]
-    *r, flags = distributed.guarded(local, like, hopt.process_group, "T1T2's step gradient")
-    valid, drew = flags.tolist()
+    group = hopt.process_group
+    if group is None:  # (no tensor for the flags: nothing to reduce)
+        *r, flags = local()
+    else:
+        like = [*params, torch.empty(2, dtype=wide, device=view.device)]
+        *r, flags = distributed.guarded(local, like, group, "T1T2's step gradient")
+    valid, drew = flags.tolist() if isinstance(flags, Tensor) else flags
     if valid < 1.0:
         return None  # on some rank: the method names the problem
     tapped = held[2] if held else None

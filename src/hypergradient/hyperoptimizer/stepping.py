@@ -233,9 +233,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     train_batch = batch if batch is not None or sampler is None else sampler.next()
     val_batch = hopt.val_sampler.next()
     hp, guard = hopt.hyperparameters, hopt.guard
-    holdout = math.nan
-    if guard is not None:
-        holdout = guard.score(hopt.view, hp, hopt.process_group)
+    holdout = math.nan if guard is None else guard.score(hopt.view, hp, hopt.process_group)
     hopt.view.checkpointed = False
     with recompute.explained(), buffers.Advice(hopt):  # CheckpointError after train/eval
         problem = make_problem(hopt, train_batch, val_batch, saved.params_before, saved)
@@ -246,20 +244,21 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
         return
     draws.note_scale(hopt, info)  # T1T2 on a step that used c * grad
     hyper = cast(Mapping[str, Tensor], result)  # the structure of problem.hparams
-    hp.apply(hyper, hopt.outer_optimizer)
+    values = hp.apply(hyper, hopt.outer_optimizer)  # (the values it checked)
     hp.write_settings(hopt.inner_optimizer)
     hopt.loop.window = None
     if guard is not None:
         stop = guard.update(holdout, hopt.history.total + 1, saved.hparams)
         if stop and guard.state.best_raw is not None:
             guard.restore_best(guard, hp, hopt.inner_optimizer)
+            values = hp.values()
     record = make_record(
         step=hopt.loop.count,
         hyper_step=hopt.history.total + 1,
         seconds=time.perf_counter() - started,
         method=repr(hopt.method),
         info=info,
-        values=hp.values(),
+        values=values,
         hypergrad=hyper,
         holdout_loss=holdout,
         holdout_scored=guard is not None,
