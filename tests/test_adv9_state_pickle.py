@@ -227,3 +227,32 @@ def test_a_hyper_optimizer_with_a_progress_bar_copies(how):
     )
     bar2.close()
     bar.close()
+
+
+@pytest.mark.parametrize("at", [7, 13], ids=["first pass", "second pass"])
+def test_a_copy_continues_the_pass_of_a_loader_with_persistent_workers(at):
+    """``DataLoader(persistent_workers=True)`` keeps its live iterator (its worker processes)
+    in ``loader._iterator``: ``NotImplementedError: _MultiProcessingDataLoaderIter cannot be
+    pickled``. The copy starts its own worker at its first draw and draws the original's
+    batches: in the iterator's first pass, and in a later one, which the original's
+    iterator starts as a restart of its workers (no new base seed drawn from torch's state:
+    a fresh iterator in the copy would shuffle from another state)."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*VAL),
+        batch_size=16,
+        shuffle=True,
+        num_workers=1,
+        persistent_workers=True,
+    )
+    model, hopt = build(model=mlp(dropout=0.2), val_data=loader, val_batch_size=None)
+    steps = batches(at + 9)
+    run(hopt, steps[:at])  # the copy: 2 batches into the first pass of 3, or 1 into the second
+    model2, hopt2 = pickle.loads(pickle.dumps((model, hopt)))
+    assert loader._iterator is not None and hopt2.val_sampler.iterable._iterator is None
+    rng = torch.get_rng_state()
+    run(hopt, steps[at:])  # the copy goes on into the pass after it
+    torch.set_rng_state(rng)
+    run(hopt2, steps[at:])
+    assert hopt.hyper_steps == hopt2.hyper_steps == (at + 9) // 3
+    assert_same(everything(model, hopt), everything(model2, hopt2))
+    assert hopt2.val_sampler.iterable._iterator is not None  # its own worker
