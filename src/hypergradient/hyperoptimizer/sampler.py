@@ -198,7 +198,7 @@ class BatchSampler:
         live = state.get("_iter")
         if live is not None and live is not self.iterable:
             state["_iter"], state["_resume"] = None, True
-        if _persistent_iterator(self.iterable) is not None:
+        if _persistent_iterator(getattr(self, "iterable", None)) is not None:
             loader = copy.copy(self.iterable)  # DataLoader's __setattr__ guards some names
             loader.__dict__["_iterator"] = None
             state["iterable"], state["_fresh_workers"] = loader, True
