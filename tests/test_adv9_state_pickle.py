@@ -407,3 +407,34 @@ def test_a_progress_bar_copy_appends_to_the_same_file(tmp_path, monkeypatch, how
     after = (tmp_path / "bar.txt").read_text(encoding="utf-8")
     assert after.startswith(before) and "3/5" in after[len(before) :]
     assert bar2._opened.closed
+
+
+def test_curves_of_one_s_own_written_through_the_copy_s_writer_survive_the_purge(tmp_path):
+    """The documented way to log one's own curves in a resumed run (through the copy's
+    ``writer``), and the documented gap: the step between the last record (3) and the copy
+    (4) is hidden, and not written again."""
+    pytest.importorskip("tensorboard")
+    from hypergradient.integrations import TensorBoardLogger
+
+    def train(hopt, tb, steps, first, offset):
+        for i, batch in enumerate(steps, start=first):
+            hopt.zero_grad()
+            loss = hopt.train_loss(batch)
+            loss.backward()
+            hopt.step(batch)
+            tb.writer.add_scalar("train/loss", loss.item() + offset, i)
+
+    tb = TensorBoardLogger(tmp_path, histograms=False)
+    model, hopt = build(logger=tb)
+    train(hopt, tb, batches(4), 1, 0.0)
+    _, hopt2, tb2 = pickle.loads(pickle.dumps((model, hopt, tb)))
+    train(hopt, tb, batches(6, seed=4), 5, 0.0)  # steps 5-10, then a crash
+    tb.close()
+    train(hopt2, tb2, batches(6, seed=4), 5, 100.0)  # the resumed run (told apart: +100)
+    tb2.close()
+    shown = _scalars(tmp_path)
+    steps = [s for s, _ in shown["train/loss"]]
+    assert steps == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+    assert all(v < 100 for _, v in shown["train/loss"][:3])
+    assert all(v > 100 for _, v in shown["train/loss"][3:])
+    assert [s for s, _ in shown["hypergradient/loss/val"]] == [3, 6, 9]

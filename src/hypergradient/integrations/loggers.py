@@ -80,12 +80,15 @@ class TensorBoardLogger:
     may have written already (a crash after a checkpoint). The copy's writer therefore
     opens with ``purge_step`` one past the step of the last record the copied logger had
     written (a logger copied before its first record: the step of the copy's first
-    record), and TensorBoard hides every event of the directory at that step or later
-    that was written before the copy's (its own scalars, histograms and texts, and those
-    of any other writer in the directory, e.g. training curves logged on the same x axis:
-    ``purge_step`` acts on a whole run directory), so that each step shows one value, the
-    resumed run's. ``pickle`` refuses a writer subclass whose constructor does not take
-    these arguments.
+    record). TensorBoard reads a directory's event files in the order they were created
+    and hides every event read before that purge at its step or later, so that each step
+    shows one value, the resumed run's. ``purge_step`` acts on the whole directory: the
+    crashed run's records (scalars, histograms, texts) and the events of any other writer
+    there at those steps, also those of a writer the resumed run opened before the copy's
+    (write such curves through the copy's :attr:`writer`, which opens it), and those
+    between the last record and the copy (the logger does not know the copy's step),
+    which the resumed run does not write again. ``pickle``
+    refuses a writer subclass whose constructor does not take these arguments.
     """
 
     def __init__(
