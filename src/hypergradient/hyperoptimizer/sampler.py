@@ -18,7 +18,11 @@ Two sources:
   the ``generator`` of the loader and of its sampler) and skips the batches already drawn
   from it, so that it draws the batches the original draws next. That first draw fetches
   those batches again once (under a fork of the random-number states, so nothing else
-  changes).
+  changes). A ``DataLoader`` with ``persistent_workers=True`` is copied without its
+  worker processes: the copy starts its own, and draws the same batches in the same order;
+  randomness drawn *inside* the workers (an augmentation in ``Dataset.__getitem__``) is
+  continued only in the workers' first pass (later passes of the original go on with the
+  random-number streams of its long-lived workers, which a copy cannot take along).
 
 A hyper-step that fails is undone: :meth:`BatchSampler.mark` / :meth:`BatchSampler.rollback`
 restore the generator, or push the drawn batches back so that they are drawn again.
@@ -26,6 +30,7 @@ restore the generator, or push the drawn batches back so that they are drawn aga
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -60,6 +65,8 @@ class BatchSampler:
     _pass_rng: Any = None  # the random-number states the current pass started from
     _pass_drawn = 0  # batches the current pass's iterator has given
     _resume = False  # a copy: start the pass again and skip `_pass_drawn` batches
+    _pass_reset = False  # the pass restarted a persistent-workers iterator (not its first)
+    _fresh_workers = False  # a copy of a loader whose original had started its workers
 
     def __init__(self, data: Any, batch_size: Any = None, seed: Any = 0, name: str = "data"):
         self.name = name
@@ -152,7 +159,12 @@ class BatchSampler:
         if self._resume:
             self._resume = False
             return self._continue_pass()
+        if self._fresh_workers:  # the original's next pass restarts its workers: so does ours
+            self._fresh_workers, now = False, _rng_states(self.iterable)
+            iter(self.iterable)
+            _set_rng_states(self.iterable, now)
         self._pass_rng, self._pass_drawn = _rng_states(self.iterable), 0
+        self._pass_reset = _persistent_iterator(self.iterable) is not None
         return iter(self.iterable)
 
     def _continue_pass(self) -> Iterator[Any]:
@@ -161,8 +173,11 @@ class BatchSampler:
         state (torch's, the loader's generators, Python's, numpy's) is left as it was."""
         now, py = _rng_states(self.iterable), random.getstate()
         npy = np.random.get_state()  # noqa: NPY002 (the global state augmentations draw from)
-        _set_rng_states(self.iterable, self._pass_rng)
         try:
+            if self._pass_reset and self._fresh_workers:
+                iter(self.iterable)  # start the workers, so that the pass below is a restart
+            self._fresh_workers = False
+            _set_rng_states(self.iterable, self._pass_rng)
             it = iter(self.iterable)
             for _ in range(self._pass_drawn):
                 next(it, None)  # a shorter pass now: the next draw starts a new one
@@ -175,11 +190,18 @@ class BatchSampler:
     def __getstate__(self) -> dict[str, Any]:
         """The sampler without the live iterator of a re-iterable (a ``DataLoader``'s does
         not pickle); the copy continues the pass (see the module's docstring). An iterable
-        that is its own iterator keeps its place itself, and is pickled as it is."""
+        that is its own iterator keeps its place itself, and is pickled as it is. A
+        ``DataLoader`` with ``persistent_workers=True`` holds its live iterator (its worker
+        processes) itself: the copy gets a shallow copy of the loader without it, which
+        starts its own workers at its first draw."""
         state = self.__dict__.copy()
         live = state.get("_iter")
         if live is not None and live is not self.iterable:
             state["_iter"], state["_resume"] = None, True
+        if _persistent_iterator(getattr(self, "iterable", None)) is not None:
+            loader = copy.copy(self.iterable)  # DataLoader's __setattr__ guards some names
+            loader.__dict__["_iterator"] = None
+            state["iterable"], state["_fresh_workers"] = loader, True
         return state
 
     def mark(self) -> None:
@@ -280,6 +302,14 @@ def _set_rng_states(iterable: Any, states: tuple[Tensor, list[Tensor]]) -> None:
     torch.set_rng_state(states[0])
     for g, state in zip(_generators(iterable), states[1]):
         g.set_state(state)
+
+
+def _persistent_iterator(iterable: Any) -> Any:
+    """The live iterator a ``DataLoader`` with ``persistent_workers=True`` keeps between
+    passes (None before its first pass, and for any other iterable)."""
+    if isinstance(iterable, torch.utils.data.DataLoader) and iterable.persistent_workers:
+        return iterable.__dict__.get("_iterator")
+    return None
 
 
 def _size_name(name: str) -> str:

@@ -1,7 +1,7 @@
 """Where users train, search and watch: Lightning, Optuna, TensorBoard, CSV, progress bars.
 
-- :class:`TensorBoardLogger`, :class:`CSVLogger`, :class:`ProgressBar`
-  (:mod:`.loggers`): sinks for ``HyperOptimizer(..., logger=...)``.
+- :class:`TensorBoardLogger`, :class:`CSVLogger` (:mod:`.loggers`), :class:`ProgressBar`
+  (:mod:`.progress`): sinks for ``HyperOptimizer(..., logger=...)``.
 - :mod:`hypergradient.integrations.lightning`: :class:`~.lightning.HypergradientCallback`
   tunes hyperparameters of a ``LightningModule`` trained by an unmodified
   ``lightning.Trainer`` (imported on demand: needs ``lightning``).
@@ -12,6 +12,7 @@
 ``pip install 'hypergradient[integrations]'`` installs lightning, optuna and tensorboard.
 """
 
-from .loggers import CSVLogger, ProgressBar, TensorBoardLogger, record_scalars
+from .loggers import CSVLogger, TensorBoardLogger, record_scalars
+from .progress import ProgressBar
 
 __all__ = ["CSVLogger", "ProgressBar", "TensorBoardLogger", "record_scalars"]

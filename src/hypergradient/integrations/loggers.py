@@ -29,6 +29,7 @@ curves logged by the same loop.
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -37,8 +38,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .._vocab import ArgumentTypeError, as_bool, as_int, as_optional_int
+from .._vocab import ArgumentTypeError, as_bool, as_int
 from ..hyperoptimizer import HyperStepRecord
+from .progress import ProgressBar
 from .records import check_record, record_scalars
 
 __all__ = ["CSVLogger", "ProgressBar", "TensorBoardLogger", "record_scalars"]
@@ -66,10 +68,27 @@ class TensorBoardLogger:
     pass over its values); nothing is kept in memory.
 
     A copy (``pickle``, ``torch.save(hopt)``, ``copy.deepcopy``) leaves the
-    ``SummaryWriter`` out (its lock and open event file do not pickle) and opens one, with
-    the same directory and settings, when its :attr:`writer` is first used: its records
-    go to a new event file in that directory. The copy owns that writer (:meth:`close`
-    closes it). A ``writer`` that is not a ``SummaryWriter`` is copied as it is.
+    ``SummaryWriter`` out (its lock and open event file do not pickle) and opens one of the
+    same class (a subclass of the user's stays one), with the same directory and settings
+    (``log_dir``, ``max_queue``, ``flush_secs``, ``filename_suffix``; a subclass's own
+    constructor arguments take their defaults), when its :attr:`writer` is first used: its
+    records go to a new event file in that directory. The copy owns that writer
+    (:meth:`close` closes it). A ``writer`` that is not a ``SummaryWriter`` is copied as
+    it is.
+
+    A run resumed from a copy redoes the hyper-steps after it, whose records the original
+    may have written already (a crash after a checkpoint). The copy's writer therefore
+    opens with ``purge_step`` one past the step of the last record the copied logger had
+    written (a logger copied before its first record: the step of the copy's first
+    record). TensorBoard reads a directory's event files in the order they were created
+    and hides every event read before that purge at its step or later, so that each step
+    shows one value, the resumed run's. ``purge_step`` acts on the whole directory: the
+    crashed run's records (scalars, histograms, texts) and the events of any other writer
+    there at those steps, also those of a writer the resumed run opened before the copy's
+    (write such curves through the copy's :attr:`writer`, which opens it), and those
+    between the last record and the copy (the logger does not know the copy's step),
+    which the resumed run does not write again. ``pickle``
+    refuses a writer subclass whose constructor does not take these arguments.
     """
 
     def __init__(
@@ -114,20 +133,34 @@ class TensorBoardLogger:
         self._reopen: dict[str, Any] | None = None  # a copy's writer, before it is opened
         self.last_status: str | None = None
 
+    # Class defaults: a logger pickled before they existed loads.
+    _writer_class: Any = None  # a copy's writer class (None: SummaryWriter)
+    _last_step: int | None = None  # the step of the last record written
+
     @property
     def writer(self) -> Any:
         """The writer (in a copy, opened here at first use)."""
-        if self._writer is None and self._reopen is not None:
-            from torch.utils.tensorboard import SummaryWriter
+        return self._open()
 
-            self._writer, self._reopen = SummaryWriter(**self._reopen), None
+    def _open(self, step: int | None = None) -> Any:
+        """The writer; a copy's is opened here, purging from ``step`` if its original had
+        written no record."""
+        if self._writer is None and self._reopen is not None:
+            kwargs = dict(self._reopen)
+            if kwargs["purge_step"] is None:
+                kwargs["purge_step"] = step
+            self._writer, self._reopen = _reopen_class(self._writer_class)(**kwargs), None
         return self._writer
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         if _is_summary_writer(self._writer):
+            cls, last = type(self._writer), self._last_step
             names = ("log_dir", "max_queue", "flush_secs", "filename_suffix")
-            state["_reopen"] = {k: getattr(self._writer, k) for k in names}
+            kwargs = {k: getattr(self._writer, k) for k in names}
+            kwargs["purge_step"] = None if last is None else last + 1
+            _check_writer_class(cls, kwargs)
+            state["_reopen"], state["_writer_class"] = kwargs, cls
             state["_writer"], state["owns_writer"] = None, True
         return state
 
@@ -146,13 +179,15 @@ class TensorBoardLogger:
                 f"The tag {key!r} would hold a scalar and a histogram (the names of two "
                 "hyperparameters overlap); rename one of them."
             )
+        writer = self._open(step)
         for name, value in scalars.items():
-            self.writer.add_scalar(tag + name, value, step)
+            writer.add_scalar(tag + name, value, step)
+        self._last_step = step
         for key, t in large:
-            self.writer.add_histogram(tag + key, _cpu(t), step)
+            writer.add_histogram(tag + key, _cpu(t), step)
         status = record.info.status
         if status.value != self.last_status:  # text only when it changes
-            self.writer.add_text(tag + "solver/status", f"{status.value}: {status.message}", step)
+            writer.add_text(tag + "solver/status", f"{status.value}: {status.message}", step)
             self.last_status = status.value
 
     __call__ = log
@@ -180,6 +215,27 @@ class TensorBoardLogger:
 
 def _cpu(t: Tensor) -> Tensor:
     return t.detach().float().cpu()
+
+
+def _reopen_class(cls: Any) -> Any:
+    if cls is None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter
+    return cls
+
+
+def _check_writer_class(cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise ``TypeError`` if a copy could not reopen a writer of class ``cls``."""
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        raise TypeError(
+            f"TensorBoardLogger cannot copy its writer: a copy reopens it as "
+            f"{cls.__name__}({', '.join(f'{k}=...' for k in kwargs)}), which {cls.__name__} "
+            f"refuses ({err}). Let {cls.__name__}.__init__ take these arguments (**kwargs "
+            "passed on to SummaryWriter.__init__)."
+        ) from None
 
 
 def _is_summary_writer(writer: Any) -> bool:
@@ -303,71 +359,3 @@ def _hyper_step(row: dict[str, str]) -> float:
         return int(row.get("hyper_step") or "")
     except ValueError:
         return -math.inf
-
-
-class ProgressBar:
-    """A ``tqdm`` progress bar over hyper-steps, showing the latest losses.
-
-    Args:
-        total: the number of hyper-steps expected (None: unknown).
-        desc: the bar's label.
-        **tqdm_kwargs: passed to ``tqdm.tqdm`` (``disable=True`` to silence it, ``file=``).
-
-    A copy (``pickle``, ``torch.save(hopt)``, ``copy.deepcopy``) leaves the bar out (its
-    output stream does not pickle) and opens one at the same count, with the same
-    settings, on tqdm's default stream (``file=`` is not copied) when :attr:`bar` is
-    first used.
-    """
-
-    def __init__(self, total: int | None = None, *, desc: str = "hyper-steps", **tqdm_kwargs: Any):
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as err:  # tqdm is an optional dependency
-            raise ImportError("ProgressBar needs tqdm: pip install tqdm.") from err
-        total = as_optional_int(total, "total", min=0)
-        self._bar: Any = tqdm(total=total, desc=desc, **tqdm_kwargs)
-        self._options = {"desc": desc} | {k: v for k, v in tqdm_kwargs.items() if k != "file"}
-        self._reopen: dict[str, Any] | None = None  # a copy's bar, before it is opened
-
-    @property
-    def bar(self) -> Any:
-        """The ``tqdm`` bar (in a copy, opened here at first use)."""
-        if self._bar is None and self._reopen is not None:
-            from tqdm.auto import tqdm
-
-            self._bar, self._reopen = tqdm(**self._reopen), None
-        return self._bar
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self._bar is not None:
-            state["_reopen"] = self._options | {"total": self._bar.total, "initial": self._bar.n}
-            state["_bar"] = None
-        return state
-
-    def log(self, record: HyperStepRecord) -> None:
-        record = check_record(record)
-        shown = {"val": f"{record.val_loss:.4g}"}
-        if record.holdout_scored:
-            shown["holdout"] = f"{record.holdout_loss:.4g}"
-        if not record.info.status.ok:
-            shown["status"] = record.info.status.value
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(1)
-
-    __call__ = log
-
-    def __repr__(self) -> str:
-        bar, later = self._bar, self._reopen or {}
-        n, total = (bar.n, bar.total) if bar is not None else (later["initial"], later["total"])
-        return f"ProgressBar(n={n}, total={total})"
-
-    def close(self) -> None:
-        if self._bar is not None:  # a copy that has shown nothing: no bar to close
-            self._bar.close()
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
