@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from forked import ScriptServer
 
 pytest.importorskip("lightning.pytorch")
 
@@ -67,25 +67,37 @@ with open({out!r} + f".{{trainer.global_rank}}.json", "w") as f:
 """
 
 
-def run(tmp_path, name, script=SCRIPT, **kw):
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=TESTS, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def server():
+    """Each script runs as ``python script.py`` would, forked from a process that imported
+    torch, Lightning and hypergradient once (tests/forked.py); Lightning starts rank 1 as a
+    fresh ``python script.py``."""
+    with ScriptServer(["torch", "hypergradient", "lightning.pytorch"], _env()) as running:
+        yield running
+
+
+def run(server, tmp_path, name, script=SCRIPT, **kw):
     out = str(tmp_path / name)
-    tests = str(Path(__file__).resolve().parent)
     path = tmp_path / f"{name}.py"
-    path.write_text(textwrap.dedent(script.format(tests=tests, out=out, **kw)))
-    env = dict(os.environ, PYTHONPATH=tests, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=300
-    )
+    path.write_text(textwrap.dedent(script.format(tests=TESTS, out=out, **kw)))
+    done = server.run([str(path)], env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     paths = [Path(f"{out}.{rank}.json") for rank in range(2)]
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(server, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
-    ddp = run(tmp_path, "ddp", strategy="ddp", devices=2, batch_size=16)
-    (single,) = run(tmp_path, "single", strategy="auto", devices=1, batch_size=32)
+    ddp = run(server, tmp_path, "ddp", strategy="ddp", devices=2, batch_size=16)
+    (single,) = run(server, tmp_path, "single", strategy="auto", devices=1, batch_size=32)
     return ddp, single, tmp_path
 
 
@@ -150,10 +162,10 @@ with open({out!r} + f".{{rank}}.json", "w") as f:
 """
 
 
-def test_resuming_with_uneven_shards_reproduces_the_uninterrupted_run(tmp_path):
+def test_resuming_with_uneven_shards_reproduces_the_uninterrupted_run(server, tmp_path):
     """Three epochs of 2 steps per rank straight, or two (checkpoint in the middle of the
     second window) and a resumed third; dropout in the training loss."""
-    ranks = run(tmp_path, "resume", script=RESUME, tmp=str(tmp_path))
+    ranks = run(server, tmp_path, "resume", script=RESUME, tmp=str(tmp_path))
     assert len(ranks) == 2
     for both in ranks:
         a, b = both["straight"], both["resumed"]

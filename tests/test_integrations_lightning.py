@@ -13,8 +13,6 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 import torch
 
 import hypergradient as hg
+from forked import ScriptServer
 
 L = pytest.importorskip("lightning.pytorch")
 from hypergradient.integrations.lightning import HypergradientCallback, tuned_values  # noqa: E402
@@ -294,15 +293,13 @@ with open({out!r} + f".{{trainer.global_rank}}.json", "w") as f:
 """
 
 
-def run_script(tmp_path, name, **kw):
+def run_script(server, tmp_path, name, **kw):
     out = str(tmp_path / name)
     tests = str(Path(__file__).resolve().parent)
     script = tmp_path / f"{name}.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=tests, out=out, **kw)))
     env = dict(os.environ, PYTHONPATH=tests, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = server.run([str(script)], env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = []
     for rank in range(2):
@@ -316,8 +313,13 @@ def test_ddp_on_two_cpu_processes_matches_one_process_on_the_union(tmp_path):
     """Two ranks, each with half of every batch (DistributedSampler: rows r::2) and half of
     the validation rows: the averaged objectives are those of one process on the whole
     batch and all validation rows, so the hyperparameters agree to float64 rounding."""
-    ddp = run_script(tmp_path, "ddp", strategy="ddp", devices=2, batch_size=16)
-    single = run_script(tmp_path, "single", strategy="auto", devices=1, batch_size=32)
+    # each script runs as `python script.py` would, forked from a process that imported
+    # torch, Lightning and hypergradient once (tests/forked.py); Lightning starts rank 1 as a
+    # fresh `python script.py`
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent), OMP_NUM_THREADS="1")
+    with ScriptServer(["torch", "hypergradient", "lightning.pytorch"], env) as server:
+        ddp = run_script(server, tmp_path, "ddp", strategy="ddp", devices=2, batch_size=16)
+        single = run_script(server, tmp_path, "single", strategy="auto", devices=1, batch_size=32)
     assert len(ddp) == 2 and len(single) == 1
     assert ddp[0]["raw"] == ddp[1]["raw"] and ddp[0]["hyper_steps"] == 2
     ref = torch.tensor(single[0]["raw"], dtype=DT)

@@ -1,15 +1,18 @@
 """The two-rank test helper: a rank that aborts after its work (as gloo's threads can at
 process exit, "terminate called without an active exception") does not fail the test; one
-that aborts before its work returned does."""
+that aborts before its work returned does. Ranks forked from the fork server run in the
+test's environment and see none of the test process's state."""
 
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 import pytest
 import torch.multiprocessing as mp
 
+import hypergradient
 from ranks import WORLD, spawn
 
 
@@ -26,9 +29,11 @@ def _abort_inside(rank, results):
 
 
 def test_an_abort_after_the_work_is_not_a_failure():
+    # a fresh interpreter per rank (the fork server's children leave by os._exit, without
+    # running atexit): the helper's `spawn` start method, kept exercised here
     results = mp.Manager().dict()
     with pytest.warns(UserWarning, match="aborted at exit after its work"):
-        spawn(_abort_at_exit, (results,))
+        spawn(_abort_at_exit, (results,), start_method="spawn")
     assert dict(results) == {r: r * 10 for r in range(WORLD)}
 
 
@@ -36,3 +41,23 @@ def test_an_abort_before_the_work_returned_fails():
     results = mp.Manager().dict()
     with pytest.raises(RuntimeError, match="rank 1: signal SIGABRT"):
         spawn(_abort_inside, (results,))
+
+
+def _report(rank, parent, results):
+    results[rank] = (
+        os.environ.get("HG_RANKS_PROBE"),
+        os.getcwd(),
+        os.getpid() != parent,
+        hasattr(hypergradient, "_ranks_probe"),
+        "torch" in sys.modules,
+    )
+
+
+def test_a_forked_rank_has_the_tests_environment_and_none_of_its_state(monkeypatch, tmp_path):
+    monkeypatch.setenv("HG_RANKS_PROBE", "set by the test")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hypergradient, "_ranks_probe", True, raising=False)
+    results = mp.Manager().dict()
+    spawn(_report, (os.getpid(), results))
+    want = ("set by the test", str(tmp_path), True, False, True)
+    assert dict(results) == {r: want for r in range(WORLD)}
