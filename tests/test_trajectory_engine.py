@@ -1,13 +1,11 @@
-"""The trajectory engine itself: hyperparameters held by reference, the reverse-mode path
-without ``torch._dynamo``, and the speed/memory benchmark's smoke run (peak memory of
-``hg.unrolled`` at T = 100 measured in a subprocess, under a stated bound)."""
+"""The trajectory engine itself: hyperparameters held by reference, checkpointed and
+truncated reverse mode. (The speed/memory benchmark's smoke run, with the bound on
+``hg.unrolled``'s peak memory at T = 100 measured in a subprocess and its cold start, is
+``tests/test_benchmarks.py``'s ``check_unrolled_speed``.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ GEN = torch.Generator().manual_seed(4)
 X, Y = torch.randn(30, 4, generator=GEN, dtype=DT), torch.randn(30, generator=GEN, dtype=DT)
 XV, YV = torch.randn(20, 4, generator=GEN, dtype=DT), torch.randn(20, generator=GEN, dtype=DT)
 W0 = 0.1 * torch.randn(4, generator=GEN, dtype=DT)
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def losses(decay=None):
@@ -91,25 +88,3 @@ def test_truncated_checkpointed_and_adam_still_match_plain_reverse_mode():
     assert all(torch.equal(full[k], ckpt[k]) for k in h)
     assert cinfo.recomputed_steps == 15 - 4 and cinfo.stored_states < info.stored_states
     assert info.num_hvps == 15 and info.stats["hvp"] == "double"
-
-
-def test_benchmark_quick_run_memory_and_cold_start(tmp_path):
-    """``benchmarks/unrolled_speed.py --quick``: hg.unrolled agrees with the hand-written
-    loop (checked inside), uses at most a fifth of its peak memory at T = 100 on the
-    2,410-parameter MLP (measured 2.6 MB vs 41 MB) and at most 4 MB in all (the stored
-    states are 0.96 MB), and its first call in a fresh interpreter does not import
-    torch._dynamo (nor sympy) and takes well under a second of CPU time (measured 0.01 s;
-    0.4 s when its vector-Jacobian products passed tensor grad_outputs, 1.6-3 s through
-    torch.func)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import unrolled_speed
-    finally:
-        sys.path.remove(str(BENCH))
-    res = unrolled_speed.main(["--quick", "--out", str(tmp_path)])
-    mem = res["problems"]["mlp"]["peak_mb"]
-    assert mem["unrolled"] <= 0.2 * mem["hand"] and mem["unrolled"] <= 4.0, mem
-    assert not res["cold"]["dynamo"]
-    assert res["cold"]["first_call_cpu_s"] < 0.5, res["cold"]
-    saved = json.loads((tmp_path / "unrolled_speed.json").read_text())
-    assert saved["T"] == 20 and (tmp_path / "unrolled_speed.md").read_text().startswith("#")
