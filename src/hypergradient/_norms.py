@@ -26,6 +26,7 @@ __all__ = [
     "in_rows",
     "norm_parts",
     "read_exactly",
+    "read_floats",
     "row_norms",
     "wide_norm",
 ]
@@ -52,6 +53,13 @@ def host_floats(values: Sequence[Tensor]) -> list[float] | None:
             return None
         out.append(v.item())
     return out
+
+
+def read_floats(values: Sequence[Tensor], device: torch.device, wide: torch.dtype) -> list[float]:
+    """0-d values as Python floats: :func:`host_floats` where it applies, else one stacked
+    read in ``wide`` on ``device`` (one host synchronization). Exact either way."""
+    read = host_floats(values)
+    return read if read is not None else torch.stack([v.to(device, wide) for v in values]).tolist()
 
 
 def in_rows(t: Tensor, wide: torch.dtype) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._norms import ROWS_FROM, exact_where_off, host_floats, wide_norm
+from .._norms import ROWS_FROM, exact_where_off, read_floats, wide_norm
 from .._vocab import HypergradientWarning, Status
 from ..solvers import Solver
 from .base import Info
@@ -154,10 +154,8 @@ class PendingFloor:
         return self.value
 
     def _read(self, leaves: list[Tensor]) -> float:
-        device, wide = self.device, self.wide
-        values = host_floats(self.parts)  # on the CPU: each as it is; else one read
-        if values is None:
-            values = torch.stack([t.to(device, wide) for t in self.parts]).tolist()
+        wide = self.wide
+        values = read_floats(self.parts, self.device, wide)  # on the CPU: each as it is
         exact_where_off(values, enumerate(leaves), wide)
         theta = math.sqrt(sum(v * v for v in values[: self.n]))
         if not self.scaled:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from .._norms import ROW_SQUARES, host_floats, in_rows, norm_parts
+from .._norms import ROW_SQUARES, in_rows, norm_parts, read_floats
 from .._vocab import finite_probe
 
 __all__ = ["b_parts", "read_look_ahead"]
@@ -56,9 +56,7 @@ def read_look_ahead(
     count, count_x, count_b = len(norms[0]), len(norms[0]) + len(norms[1]), len(probes)
     probes += [v.detach() for v in values]
     probes += [t.sum(dtype=wide) if t.is_floating_point() else finite_probe(t) for t in out]
-    read = host_floats(probes)  # on the CPU: each as it is (no conversion, no stack)
-    if read is None:
-        read = torch.stack([p.to(x.device, wide) for p in probes]).tolist()
+    read = read_floats(probes, x.device, wide)  # on the CPU: each as it is (no stack)
     if not all(math.isfinite(v) for v in read):
         return None
     stat, xnorm = math.hypot(*read[:count]), math.hypot(*read[count:count_x])
