@@ -55,6 +55,13 @@ def test_reuse_quick(tmp_path: Path, capsys) -> None:
     assert all(r["cold CG"]["hvps"] == r["cold CG"]["budget"] for r in rows)
     totals = {s["strategy"]: s for s in data["summary"]}
     assert totals["cold CG"]["hvps"] == sum(r["cold CG"]["hvps"] for r in rows)
+    # one perturbed replay of RecycledCG on the dense systems: its first system has no
+    # recycled space yet, so a 1e-12 change of b leaves its budget as the run's
+    (replay,) = data["replays"]
+    assert replay["replay"] == 1 and replay["hvps"] == sum(replay["per_step"])
+    assert len(replay["per_step"]) == 3 and min(replay["per_step"]) >= 1
+    assert replay["per_step"][0] == rows[0]["warm RecycledCG"]["hvps"]
+    assert "## RecycledCG over perturbed replays" in (tmp_path / "reuse.md").read_text()
 
 
 def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
