@@ -12,8 +12,10 @@ the last paragraph are single draws and differ by less than that.
   those of the previous operator 334; the kept ``U`` with the exact current ``U^T A U`` 543,
   rotating ``U`` to its eigenvectors after each solve 570; exact bottom eigenvectors 456.
 - Tried, not kept (single draws, 608-655 for the rule of the time): refreshing 2-5 pairs
-  with products; a Galerkin-deflated or extrapolated warm start (647-826); ``INSIDE``
-  1e-2/1e-4; ranks 100-400 and ``smallest`` 10-40 (650-868); ``harvest=32`` 675; harmonic
+  with products, a Galerkin-deflated warm start, ``INSIDE`` 1e-2/1e-4, ranks 300/400
+  (630-1,072); extrapolated or Galerkin warm starts on past solutions (647-826); ranks
+  100/150/250 (767/679/650), ``smallest`` 10/30/40 (650/647/666), larger spaces (150-400
+  with 40-60 bottom pairs: 703-868); ``harvest=32`` 675; harmonic
   (639) or refined (615, ~20x the cost) Ritz vectors; the bottom ``Theta`` corrected from the
   harvest's Petrov-Galerkin estimates (672-1,012); updating ``Theta`` by the decays' change
   (633-652: the drift is the weights'); the inner L-BFGS's secant pairs as harvest
@@ -136,8 +138,8 @@ class RecycledCG(Solver):
     Per iteration ``M^{-1} r`` (:meth:`Basis.preconditioner`), ``4 n w`` flops for the
     deferred blocks' width ``w`` in ``[k, 1.25 k]``. Per solve, the Rayleigh-Ritz step:
     ``P X^T``, ``W X^T`` on the block ``X = [p_1; A p_1; ...]`` (``2 n m (m + k)`` flops),
-    an eigenproblem of order ``k + m`` and, every few solves, the multiplied-out rotation
-    (``2 n k w``); ``k = rank + smallest``, ``m <= harvest`` (timings: module docstring).
+    eigenproblems of order ``k + m`` and ``m`` (two, :data:`CONSISTENT`'s bound) and, every
+    few solves, the rotation (``2 n k w``); ``k = rank + smallest``, ``m <= harvest``.
     Memory: ``U`` (``n k``) across solves, ``2 n m`` during a solve. ``reset()`` forgets
     ``U``; ``U``, ``Theta`` and the reference rate are in :meth:`state_dict`.
 
@@ -314,7 +316,7 @@ class RecycledCG(Solver):
         lam, Y = torch.linalg.eigh(0.5 * (Hq + Hq.T))
         if top is not None:  # (:data:`CONSISTENT`)
             ok = lam <= CONSISTENT * top
-            dropped = int(lam.numel() - int(ok.sum()))
+            dropped = int((~ok).sum())
             lam, Y = (lam[ok], Y[:, ok]) if dropped else (lam, Y)
         n = lam.numel()
         idx = sorted(set(range(min(self.smallest, n))) | set(range(max(0, n - self.rank), n)))
