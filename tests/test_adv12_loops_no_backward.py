@@ -36,11 +36,12 @@ def batch(i):
     return X[10 * i : 10 * i + 10], Y[10 * i : 10 * i + 10]
 
 
-def make(method):
-    model = torch.nn.Linear(3, 1).double()
+def make(method, bias=True):
+    model = torch.nn.Linear(3, 1, bias=bias).double()
     with torch.no_grad():
         model.weight.fill_(8.0)
-        model.bias.fill_(0.5)
+        if bias:
+            model.bias.fill_(0.5)
     inner = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.5)
     hopt = hg.HyperOptimizer(
         model,
@@ -142,3 +143,43 @@ def test_t1t2_hyper_step_after_zeroed_gradients_is_refused():
         hopt.step(batch(3))
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert hopt.loop.count == 3 and hopt.hyper_steps == 0
+
+
+@pytest.mark.parametrize("method", [*METHODS, hg.T1T2])
+def test_gradients_zero_only_at_their_first_entries_are_gradients(method):
+    """The check reads each gradient's first entry before scanning it: a step whose
+    gradients are 0 there (an input feature that is 0 on the batch, its weight's
+    gradient 0 with that weight 0; no bias) and nonzero elsewhere is a gradient step."""
+    model, inner, hopt = make(method(), bias=False)
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0
+    for i in range(4):
+        x, y = batch(i)
+        x = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:]], 1)
+        hopt.zero_grad()
+        hopt.train_loss((x, y)).backward()
+        assert model.weight.grad[0, 0] == 0 and model.weight.grad.abs().sum() > 0
+        hopt.step((x, y))
+    assert hopt.hyper_steps == 1
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (5,), (3, 4), (2, 3, 4), (0,), (3000,)])
+@pytest.mark.parametrize("fill", ["zeros", "first", "last", "nan", "neg_zero", "random"])
+def test_the_probe_answers_as_tensor_any(shape, fill):
+    from hypergradient.hyperoptimizer.step_checks import _nonzero
+
+    g = torch.zeros(shape)
+    flat = g.view(-1)
+    if flat.numel():
+        if fill == "first":
+            flat[0] = 1e-30
+        elif fill == "last":
+            flat[-1] = -2.0
+        elif fill == "nan":
+            flat[-1] = float("nan")
+        elif fill == "neg_zero":
+            flat.fill_(-0.0)
+        elif fill == "random":
+            flat.copy_(torch.randn(flat.numel(), generator=torch.Generator().manual_seed(1)))
+    assert _nonzero(g) == bool(g.any())
+    assert _nonzero(g.t() if g.dim() == 2 else g) == bool(g.any())  # a strided view
