@@ -27,10 +27,26 @@ METHODS = {  # name: (factory, goal in training steps for k products and m hyper
 }
 
 
+class Encoder(nn.Module):
+    """A pre-built transformer encoder (fused attention, dropout 0.1) over ``(batch,
+    tokens, features)``, mean-pooled into 10 logits."""
+
+    def __init__(self, features: int, width: int, layers: int):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, 0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
 def problems(seed: int, quick: bool) -> list[tuple[str, tuple]]:
     """``[(name, (model factory, train, val, loss, decay shape))]``; mnist-mlp twice: with
     its whole validation split as the validation batch (twice the training batch), and with
-    a validation batch of the training batch's size (the maths' count of equal batches)."""
+    a validation batch of the training batch's size (the maths' count of equal batches);
+    a transformer encoder (16 sequences of 32 tokens) with one decay for its embedding."""
     bc, g = H.breast_cancer_data(seed), torch.Generator().manual_seed(seed)
     X, y = H.load_sklearn("digits", torch.float32, torch.long, torch.Generator().manual_seed(seed))
     X, hidden = H.standardize(X, 1000), 2 if quick else 32
@@ -43,11 +59,16 @@ def problems(seed: int, quick: bool) -> list[tuple[str, tuple]]:
     digits = ((X[:1000], y[:1000]), (X[1000:], y[1000:]))
     synthetic = ((Xm[:rows], ym[:rows]), (Xm[rows:], ym[rows:]))
     same_size = (Xm[rows : 2 * rows], ym[rows : 2 * rows])  # a val batch of `rows` rows
+    (n, tokens, features), size = (4, 4, 4) if quick else (16, 32, 16), (8, 1) if quick else (64, 2)
+    Xt = torch.randn(2 * n, tokens, features, generator=g)
+    yt = (Xt.mean(1) @ torch.randn(features, 10, generator=g)).argmax(1)
+    encoder = lambda: Encoder(features, *size)  # noqa: E731
     return [  # decays: per feature; per hidden unit (its incoming weights); one for layer 1
         ("logreg", (lambda: H.linear_model(bc.dim).float(), tr, va, bce, (1, bc.dim))),
         ("mlp", (mlp(64, hidden, nn.Tanh), *digits, ce, (hidden, 1))),
         ("mnist-mlp", (mlp(784, width, nn.ReLU), *synthetic, ce, (1, 1))),
         ("mnist-mlp", (mlp(784, width, nn.ReLU), synthetic[0], same_size, ce, (1, 1))),
+        ("transformer", (encoder, (Xt[:n], yt[:n]), (Xt[n:], yt[n:]), ce, (1, 1))),
     ]
 
 
@@ -166,8 +187,9 @@ def render(d: dict[str, Any]) -> list[str]:
         key = " ".join(w.replace("(", " ").split()[:2]) + " ... " + tail
         kinds[key] = kinds.get(key, 0) + 1
     notes = [
-        f"{s['steps']} training steps per run (a hyper-step every {K}), SGD lr {s['lr']}; "
-        f"load average at the start {d['machine']['load_average']}",
+        f"{s['steps']} training steps per run ({s.get('transformer_steps', s['steps'])} for "
+        f"the transformer; a hyper-step every {K}), SGD lr {s['lr']}; load average at the "
+        f"start {d['machine']['load_average']}",
         "cost = median seconds of a hyper-step (history[i].seconds, the first one left out: "
         "it builds caches) / median bare torch.optim.SGD step; goal: issue 11, goal 5 "
         "(products k = median over the hyper-steps of num_hvps + extra_hvps: every product "
@@ -196,13 +218,17 @@ def render(d: dict[str, Any]) -> list[str]:
 
 
 def run(args: Any, rep: H.Report) -> dict[str, Any]:
-    pbs = problems(args.seed, args.quick)
-    rows = [r for name, pb in pbs for r in measure(name, pb, args.steps, args.lr)]
-    return {"settings": {"steps": args.steps, "lr": args.lr}, "rows": rows}
+    rows = []
+    for name, pb in problems(args.seed, args.quick):
+        steps = args.transformer_steps if name == "transformer" else args.steps
+        rows += measure(name, pb, steps, args.lr)
+    settings = {"steps": args.steps, "transformer_steps": args.transformer_steps, "lr": args.lr}
+    return {"settings": settings, "rows": rows}
 
 
 OPTIONS = [
     H.option("--steps", 20, 300, type=int, help="training steps per run"),
+    H.option("--transformer-steps", 20, 100, type=int, help="the transformer's (~25 ms a step)"),
     H.option("--lr", type=float, default=0.1, help="inner SGD learning rate"),
 ]
 main = H.entry(__doc__, NAME, TITLE, run, render, options=OPTIONS)

@@ -71,7 +71,7 @@ def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     assert returned == data
     rows = [r for r in data["rows"] if "method" in r]
     assert {(r["problem"], r["method"]) for r in rows} == {
-        (p, m) for p in ("logreg", "mlp", "mnist-mlp") for m in mod.METHODS
+        (p, m) for p in ("logreg", "mlp", "mnist-mlp", "transformer") for m in mod.METHODS
     }
     for r in rows:
         assert r["error"] is None and r["hyper_steps"] == 2 and r["cost"] > 0
@@ -80,6 +80,11 @@ def test_hyperstep_cost_quick(tmp_path: Path, capsys) -> None:
     assert by[("logreg", "ForwardMode()")]["goal"] == (2 + 30) * 10
     assert by[("logreg", "T1T2()")]["goal"] == 2
     assert by[("mnist-mlp", "ForwardMode()")]["goal"] == (2 + 1) * 10
+    assert by[("transformer", "ForwardMode()")]["goal"] == (2 + 1) * 10
+    assert (
+        data["settings"]["transformer_steps"] == 20
+        and "20 for the transformer" in capsys.readouterr().out
+    )
     # every product counts: IFT's fixed-budget Neumann series spends one more on its residual
     assert by[("logreg", "IFT() (Neumann, 10 terms)")]["products"] == 11
     for r in rows:  # a wall-clock ratio: above 1 in a quiet process, not on a loaded machine
