@@ -22,10 +22,10 @@ the last paragraph are single draws and differ by less than that.
   (940-1,008); a longer first solve (660-790); restarts inside a solve (677-961); dropping old
   pairs (636-754); a Jacobi scaling under the recycled preconditioner (estimated: 1,606-2,022;
   exact, not free: 522 against cold CG's 1,331). Without the warm start 1,096.
-- ``--size 100k`` (``(rank, smallest, harvest)`` = (16, 4, 8), the benchmark's): the same
-  preconditioner from exact Ritz pairs of the current operator (300 Lanczos steps, not
-  counted) needs 87-88 products over 10 hyper-steps against cold CG's 250: 3x is out of reach
-  for a spectral preconditioner of this size there, however refreshed.
+- ``--size 100k``, first 10 hyper-steps (cold CG 243, TorchOpt 253, 3x: 84): the same warm
+  preconditioner from Ritz pairs of the current operator (800 Lanczos steps, not counted)
+  needs 98 products with 16/4 pairs (the benchmark's), 87 with 128/16, 85 with 256/32 and 77
+  with 512/64: 3x there needs hundreds of pairs of the current operator at every step.
 
 The adopted rules, over an ensemble (the digits sequences of seeds 0-2, each also with
 1e-12 perturbations: 8 runs): a slow solve drops the bottom group, a second in a row all of it
