@@ -147,9 +147,9 @@ def test_t1t2_hyper_step_after_zeroed_gradients_is_refused():
 
 @pytest.mark.parametrize("method", [*METHODS, hg.T1T2])
 def test_gradients_zero_only_at_their_first_entries_are_gradients(method):
-    """The check reads each gradient's first entry before scanning it: a step whose
-    gradients are 0 there (an input feature that is 0 on the batch, its weight's
-    gradient 0 with that weight 0; no bias) and nonzero elsewhere is a gradient step."""
+    """A step whose gradients are 0 at their first entries (an input feature that is 0 on
+    the batch, its weight's gradient 0 with that weight 0; no bias) and nonzero elsewhere is
+    a gradient step (``solvers.extremes.nonzero`` reads the first entry before scanning)."""
     model, inner, hopt = make(method(), bias=False)
     with torch.no_grad():
         model.weight[0, 0] = 0.0
@@ -166,7 +166,7 @@ def test_gradients_zero_only_at_their_first_entries_are_gradients(method):
 @pytest.mark.parametrize("shape", [(), (1,), (5,), (3, 4), (2, 3, 4), (0,), (3000,)])
 @pytest.mark.parametrize("fill", ["zeros", "first", "last", "nan", "neg_zero", "random"])
 def test_the_probe_answers_as_tensor_any(shape, fill):
-    from hypergradient.hyperoptimizer.step_checks import _nonzero
+    from hypergradient.solvers.extremes import nonzero
 
     g = torch.zeros(shape)
     flat = g.view(-1)
@@ -181,5 +181,5 @@ def test_the_probe_answers_as_tensor_any(shape, fill):
             flat.fill_(-0.0)
         elif fill == "random":
             flat.copy_(torch.randn(flat.numel(), generator=torch.Generator().manual_seed(1)))
-    assert _nonzero(g) == bool(g.any())
-    assert _nonzero(g.t() if g.dim() == 2 else g) == bool(g.any())  # a strided view
+    assert nonzero(g) == bool(g.any())
+    assert nonzero(g.t() if g.dim() == 2 else g) == bool(g.any())  # a strided view
