@@ -134,7 +134,9 @@ def _dense_solve(
     if skew is not None:
         evals, evecs = torch.linalg.eigh(A)
         top = evals.abs().max().clamp_min(torch.finfo(A.dtype).tiny)
-        noise = torch.linalg.vector_norm(skew @ evecs, dim=0)
+        # in units of the top eigenvalue: the squares of a rounding ~1e-16 of a Hessian of
+        # 1e180 overflowed (every eigenvalue read as noise: x = 0, "singular")
+        noise = top * torch.linalg.vector_norm((skew / top) @ evecs, dim=0)
         kept = (evals.abs() > rcond * top) & (evals.abs() > NOISE * noise)
         inv = torch.where(kept, 1.0 / evals, torch.zeros_like(evals))
         return evecs @ (inv * (evecs.T @ b)), evals, kept

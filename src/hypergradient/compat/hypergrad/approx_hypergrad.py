@@ -65,13 +65,20 @@ def as_params(value: Any, name: str) -> Params:
 
 
 def _run(
-    inner_obj: Objective, outer_obj: Objective, in_params: Params, out_params: Params, s: Solver
+    inner_obj: Objective,
+    outer_obj: Objective,
+    in_params: Params,
+    out_params: Params,
+    s: Solver,
+    residual: bool = False,
 ) -> Params:
     as_callable(inner_obj, "inner_obj", "(in_params, out_params) -> scalar tensor")
     as_callable(outer_obj, "outer_obj", "(in_params, out_params) -> scalar tensor")
     in_params, out_params = as_params(in_params, "in_params"), as_params(out_params, "out_params")
-    # hypergrad differentiates mid-training by design: no stationarity warning; its calls
-    # return the hypergradient alone, so no product is spent on a residual
+    # hypergrad differentiates mid-training by design: no stationarity warning. CG reports
+    # its residual and Neumann stops at a growing term, so their answers are never worse
+    # than x = 0 unnoticed; Nystrom's one-shot inverse has no such test: `residual` spends
+    # one product on ||b - H x||, which warns when the answer is worse than x = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HypergradientWarning)
         hyper = implicit(
@@ -81,7 +88,7 @@ def _run(
             out_params,
             s,
             stationarity=None,
-            residual=False,
+            residual=residual,
         )
     for w in caught:  # in hypergrad's names, at the caller's line (stacklevel: user -> fn -> _run)
         text = str(w.message)
@@ -149,7 +156,9 @@ def nystrom(
     """Implicit hypergradient with a rank-``rank`` column-sampling Nystrom approximation.
 
     Hataya & Yamada (2023): ``H^{-1} ~ (H_nys + rho I)^{-1}``; ``rank`` products, memory
-    ``rank`` vectors of the parameters' size.
+    ``rank`` vectors of the parameters' size, and one more product for the residual
+    ``||b - H x||``: an answer worse than ``x = 0`` (``rho`` or the rank wrong for the
+    spectrum) comes with a ``HypergradientWarning``, where hypergrad says nothing.
     """
     rank = as_int(rank, "rank", min=1)
     rho = as_float(rho, "rho", min=0.0, open_min=True)
@@ -157,7 +166,8 @@ def nystrom(
     device = in_params[0].device
     columns = _global_stream(device)
     torch.randperm(sum(p.numel() for p in in_params), device=device)  # moves on as hypergrad's
-    return _run(inner_obj, outer_obj, in_params, out_params, Nystrom(rank, rho, generator=columns))
+    solver = Nystrom(rank, rho, generator=columns)
+    return _run(inner_obj, outer_obj, in_params, out_params, solver, residual=True)
 
 
 def _global_stream(device: torch.device) -> torch.Generator:
