@@ -198,7 +198,7 @@ def check_hparams(hparams: Mapping[str, Any], source: str) -> dict[str, Tensor |
 #: ``HyperOptimizer`` arguments the callback passes on from its ``**options``.
 OPTIONS = {
     "seed", "nonfinite", "history_size", "holdout_loss", "min_delta", "on_divergence",
-    "optimizer_hparams",
+    "optimizer_hparams", "autocast",
 }  # fmt: skip
 #: ``HyperOptimizer`` arguments the callback sets itself, and the callback's name for them.
 OWN = {
@@ -226,6 +226,17 @@ def check_options(options: Mapping[str, Any]) -> None:
             f"HypergradientCallback got an unknown argument `{name}`; the HyperOptimizer "
             f"options it passes on are {sorted(OPTIONS)}."
         )
+
+
+def trainer_autocast(trainer: pl.Trainer) -> torch.dtype | None:
+    """The autocast dtype the Trainer runs ``training_step`` in (``precision="bf16-mixed"``,
+    ``"16-mixed"``), for ``HyperOptimizer(autocast=...)``; None otherwise (detected). The
+    driver's own guess watches the module's forward pass, which a ``training_step`` calling
+    its layers directly (``self.linear(x)``) never runs: it took the bfloat16 steps for
+    float32 ones, and T1T2's step check warned (or skipped) at every hyper-step."""
+    make = getattr(trainer.precision_plugin, "autocast_context_manager", None)
+    dtype = getattr(make(), "fast_dtype", None) if callable(make) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def check_replayable(trainer: pl.Trainer, method: Method) -> None:

@@ -49,23 +49,21 @@ resumes it (under DDP every rank loads rank 0's; uneven shards redraw their own 
 
 **Logging.** After each hyper-step, to every logger of the Trainer (``logger.log_metrics``,
 at the x Lightning gives that batch's own metrics, whatever ``log_every_n_steps``: a
-hyper-step is an event, not a sample of a curve), and through ``pl_module.log_dict(...,
-logger=False)`` into ``trainer.callback_metrics`` (so ``ModelCheckpoint`` or
-``EarlyStopping`` can monitor them): ``hypergradient/loss/val``,
-``hypergradient/hparams/<name>``, hypergradient norms and solver diagnostics, as
-:func:`~hypergradient.integrations.record_scalars` names them.
+hyper-step is an event), and by ``pl_module.log_dict(..., logger=False)`` into
+``trainer.callback_metrics`` (``ModelCheckpoint`` and ``EarlyStopping`` can monitor them):
+``hypergradient/loss/val``, ``hypergradient/hparams/<name>``, hypergradient norms and
+solver diagnostics, as :func:`~hypergradient.integrations.record_scalars` names them.
 
 **Data-parallel.** Under ``strategy="ddp"`` (any backend, gloo on CPU) every rank runs the
 callback: the hypergradient is that of the losses averaged over the ranks (each rank's
 training batch is its own shard; tensor ``val_data`` is split by rows between the ranks), and
-the hyperparameters stay identical on every rank. When the rows do not split evenly (41 rows
-on 2 ranks: 21 and 20), each rank's validation (and holdout) loss, a mean over its rows, is
-weighted by its share of the rows, so the average is the mean over all rows.
+the hyperparameters stay identical on every rank. Rows that do not split evenly (41 on 2
+ranks) weight each rank's mean validation (and holdout) loss by its share of the rows.
 
 **Methods.** Implicit methods (``hg.IFT``, ``hg.HOAG``) work everywhere; ``hg.T1T2`` too,
-but for several optimizer steps on one batch (manual optimization), which it refuses, and
-as in the documented loop, it skips with a warning the hyper-step of a step accumulated
-over batches that drew random numbers (dropout).
+but for several optimizer steps on one batch (manual optimization), which it refuses; as in
+the documented loop, a step on another gradient than ``train_loss``'s (clipping, batches
+accumulated) warns (``on_divergence="skip"``: skips), and with dropout skips.
 Trajectory methods (``hg.Unrolled``, ``hg.ForwardMode``, ``hg.DrMAD``) replay the Trainer's
 steps differentiably, which is exact only for a plain step: one device, one SGD or Adam
 optimizer, no gradient accumulation or clipping, no learning-rate scheduler, full precision;
@@ -115,8 +113,10 @@ from ._lightning_checks import (
     shard_weight,
     skipped,
     step_loss,
+    trainer_autocast,
     weighted,
 )
+from ._lightning_grads import StepGrads, shown
 
 __all__ = ["HypergradientCallback", "load_tuned", "tuned_values"]
 
@@ -137,6 +137,14 @@ def _module_loss(name: str) -> LossFn:
 
     loss.__qualname__ = f"module.{name}"
     return loss
+
+
+def _sinks(user: Any, rank: int, records: list[HyperStepRecord]) -> list[Any]:
+    """The user's sinks (on global rank 0 only: every rank duplicated each record), then the
+    callback's own, which every committed record reaches (``history_size=0`` keeps none)."""
+    user = user if rank == 0 else None
+    user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
+    return [*user, records.append]  # last: reached only if the others succeeded
 
 
 def _default_outer(params: list[Tensor]) -> torch.optim.Optimizer:
@@ -170,7 +178,8 @@ class HypergradientCallback(pl.Callback):
             under a data-parallel strategy only global rank 0 writes to them (as Lightning's
             own loggers: the records are the same on every rank).
         **options: other ``HyperOptimizer`` arguments (``seed``, ``nonfinite``,
-            ``history_size``, ``holdout_loss``, ``min_delta``, ``on_divergence``).
+            ``history_size``, ``holdout_loss``, ``min_delta``, ``on_divergence``,
+            ``optimizer_hparams``, ``autocast``: by default the Trainer's AMP dtype).
 
     Attributes:
         hopt: the :class:`~hypergradient.HyperOptimizer` behind it (from the start of
@@ -238,6 +247,7 @@ class HypergradientCallback(pl.Callback):
         self._steps_before = 0
         self._records: list[HyperStepRecord] = []  # committed during the current batch
         self._stage: tuple[str, Any] = ("fit", None)
+        self._grads: StepGrads | None = None  # the step's gradients (manual optimization)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -276,6 +286,7 @@ class HypergradientCallback(pl.Callback):
         if self.method is not None and self.method.needs_trajectory:
             check_schedulers(trainer)
         self.hopt = self._build(trainer, pl_module, optimizers[0])
+        self._grads = StepGrads.attach(self._grads, self.hopt, optimizers[0], pl_module)
         if self._loaded is not None:
             state = dict(self._loaded)
             if state.get("rng") is not None:  # the CPU generator was restored on loading
@@ -297,7 +308,9 @@ class HypergradientCallback(pl.Callback):
         convert = trainer.precision_plugin.convert_input
         val_loss = converting(val_loss or _module_loss("validation_loss"), convert)
         # Uneven shards of tensor data: each rank's mean weighted by its share of the rows.
-        options = self.options | {"logger": self._sinks(rank)}
+        options = self.options | {"logger": _sinks(self.options["logger"], rank, self._records)}
+        if options.get("autocast") is None:  # (False: the user says none)
+            options["autocast"] = trainer_autocast(trainer)
         if holdout is not None:
             base = options.get("holdout_loss")
             base = val_loss if base is None else converting(base, convert)
@@ -318,14 +331,6 @@ class HypergradientCallback(pl.Callback):
             process_group=group,
             **options,
         )
-
-    def _sinks(self, rank: int) -> list[Any]:
-        """The user's sinks (on global rank 0 only: every rank writing one file duplicated
-        each record, or crashed on it), then the callback's own, which every committed
-        record reaches (``history_size=0`` keeps none to read back)."""
-        user = self.options["logger"] if rank == 0 else None
-        user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
-        return [*user, self._records.append]  # last: reached only if the others succeeded
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(
@@ -350,7 +355,8 @@ class HypergradientCallback(pl.Callback):
         if steps == 0:  # no optimizer step (gradient accumulation, a skipped batch)
             return None if skip else accumulated(hopt)
         self._records.clear()
-        hopt.end_step(batch, loss=step_loss(trainer, pl_module, outputs))
+        with shown(self._grads):  # (under manual optimization: the step's own .grad)
+            hopt.end_step(batch, loss=step_loss(trainer, pl_module, outputs))
         for _ in range(steps - 1):  # manual optimization stepped more than once (implicit)
             hopt.begin_step()
             hopt.end_step(batch)
