@@ -264,8 +264,19 @@ class CSVLogger:
             (those of the steps redone after a crash) are dropped, as TensorBoard's
             ``purge_step`` does, so that each hyper-step has one row.
 
+    A copy (``pickle``, ``torch.save(hopt)``, ``copy.deepcopy``) writes to the same file and
+    drops, at its first row, every row of the file from one past the last hyper-step the
+    copied logger had written (a logger copied before its first row: from the copy's first
+    row's hyper-step): the rows a run resumed from that copy redoes, which the original may
+    have written before a crash. As TensorBoard's purge, it acts on the whole file, other
+    loggers' rows included.
+
     Read it back with ``csv.DictReader`` or ``pandas.read_csv``.
     """
+
+    # Class defaults: a logger pickled before they existed loads.
+    _last_hyper_step: int | None = None  # the hyper-step of the last row written
+    _purge_from: int | None | bool = False  # a copy's (None: its first row's hyper-step)
 
     def __init__(self, path: str | Path, *, scalar_limit: int = 8, append: bool = False):
         if not isinstance(path, (str, Path)):
@@ -289,12 +300,24 @@ class CSVLogger:
         row.update({k: repr(v) for k, v in record_scalars(record, self.scalar_limit).items()})
         self.columns = self._header()  # the file's: another logger may have changed it
         new = [k for k in row if k not in self.columns]
-        if self._inherited:
+        copied = self._purge_from
+        if copied is not False:
+            self._purge_from = False
+            start = record.hyper_step if copied is None else copied
+            self._widen(new, purge=record.hyper_step, everything_from=start)
+        elif self._inherited:
             self._widen(new, purge=record.hyper_step)
         elif new or not self.columns:
             self._widen(new)
         with self.path.open("a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, self.columns, restval="").writerow(row)
+        self._last_hyper_step = record.hyper_step
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        last = self._last_hyper_step
+        state["_purge_from"] = None if last is None else last + 1
+        return state
 
     __call__ = log
 
@@ -309,9 +332,12 @@ class CSVLogger:
         except FileNotFoundError:
             return []
 
-    def _widen(self, new: Iterable[str], purge: int | None = None) -> None:
+    def _widen(
+        self, new: Iterable[str], purge: int | None = None, everything_from: float = math.inf
+    ) -> None:
         """Rewrite the file with the columns ``new`` added; with ``purge``, without the
-        inherited rows whose hyper-step is ``purge`` or later."""
+        inherited rows whose hyper-step is ``purge`` or later, and without any row whose
+        hyper-step is ``everything_from`` or later (a copy's first row)."""
         rows: list[dict[str, str]] = []
         if self.columns:
             with self.path.open(newline="", encoding="utf-8") as f:
@@ -319,9 +345,10 @@ class CSVLogger:
         if purge is not None:
             pending, kept = self._inherited, []
             for r in rows:
-                if pending[key := _row_key(r)] > 0 and _hyper_step(r) >= purge:
+                step = _hyper_step(r)
+                if pending[key := _row_key(r)] > 0 and step >= purge:
                     pending[key] -= 1
-                else:
+                elif step < everything_from:
                     kept.append(r)
             rows, self._inherited = kept, Counter()
         self.columns = self.columns + list(new)
