@@ -29,7 +29,7 @@ from .hparams import HyperParameters
 from .model import ModelView
 from .sampler import BatchSampler
 from .step_grads import scaled_rates
-from .step_rates import exact_rates
+from .step_rates import exact_rates, warn_inexact
 from .step_share import shared_loss
 from .weight_norm import warn_fused_weight_norm
 
@@ -235,6 +235,8 @@ def check_inner(
                 "keeps buffers (momentum, moments). Use hg.DrMAD() (replay=True)."
             )
     warn_fused_weight_norm(view.module, method)
+    if isinstance(method, T1T2):
+        warn_inexact(optimizer)
 
 
 def check_descent(optimizer: torch.optim.Optimizer) -> None:

@@ -82,6 +82,12 @@ class BatchSampler:
             data = (data,)
         self.tensors: tuple[Tensor, ...] | None = None
         if isinstance(data, (tuple, list)):
+            if not data:  # (refused now rather than at the first hyper-step's draw)
+                raise ValueError(
+                    f"`{name}` is an empty {type(data).__name__}: pass a tuple of tensors "
+                    "(rows sampled in mini-batches) or an iterable of batches such as a "
+                    "DataLoader."
+                )
             _check_columns(data, name)
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
             self._init_tensors(tuple(data))

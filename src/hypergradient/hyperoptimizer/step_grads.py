@@ -274,6 +274,12 @@ def accepts(hopt: HyperOptimizer, found: Comparison) -> bool:
     return scaled and clean and hopt.process_group is None
 
 
+def _untouched(p: Tensor, seen: dict[int, tuple[Any, int]]) -> bool:
+    """Whether ``p.grad`` is the tensor the last accumulation into it left, unwritten since."""
+    ref, version = seen.get(id(p), (None, -1))
+    return ref is not None and ref() is p.grad and p.grad is not None and p.grad._version == version
+
+
 def _measure(hopt: HyperOptimizer, r: list[Tensor], drew: bool) -> Comparison | None:
     """The step's ``.grad`` against the gradient ``r`` (and the candidates it gives)."""
     view = hopt.view
@@ -345,17 +351,23 @@ def _candidates(hopt: HyperOptimizer, replay: list[Tensor]) -> list[list[Tensor]
     """What the step's ``.grad`` may read after the step, per leaf, for the replayed gradient
     ``replay``: itself, and for ``torch.optim.SGD`` with Nesterov and no weight decay,
     ``replay + momentum * buf`` (its foreach implementation, the default on CUDA, adds the
-    new buffer to ``.grad`` in place)."""
+    new buffer to ``.grad`` in place) for a leaf whose ``.grad`` may have been written
+    since the backward pass: not the tensor :func:`watch` saw last, at its version then
+    (the single-tensor implementation, the CPU's, leaves it: a loss scaled by 2 read as
+    foreach's ``.grad``, and its exact scale was refused, the hypergradient half the
+    step's)."""
     optimizer = hopt.inner_optimizer
     if type(optimizer) is not torch.optim.SGD:
         return [replay]
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    found = _WATCHES.get(hopt)
+    seen = {} if found is None else found.seen
     added, nesterov = [], False
     for p, r in zip(hopt.view.params, replay):
         g = group_of.get(id(p), {})
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         used = g.get("nesterov", False) and not g.get("weight_decay") and buf is not None
-        used = used and p.grad is not None
+        used = used and p.grad is not None and not _untouched(p, seen)
         nesterov |= bool(used)
         added.append(r + float(g["momentum"]) * buf.detach().to(r.dtype) if used else r)
     return [replay, added] if nesterov else [replay]

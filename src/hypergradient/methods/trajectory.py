@@ -185,7 +185,10 @@ def hypergradient_tree(run: Run, flat: Sequence[Tensor]) -> Any:
             flat,
             run.hspec.paths,
             "the hypergradient of",
-            "The reverse pass overflowed: lower the learning rate or the number of steps.",
+            "Either a derivative of the losses is infinite or undefined at these values "
+            "(sqrt, log or a division at 0 of a hyperparameter: keep it inside its domain, "
+            "e.g. with hg.Positive or hg.Interval), or the derivatives through the steps "
+            "overflowed (lower the learning rate or the number of steps).",
         )
     return _tree.unflatten(run.hspec, [t.detach() for t in flat])
 
