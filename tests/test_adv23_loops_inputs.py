@@ -28,8 +28,9 @@ def build(**kw):
     args = dict(
         inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         outer_optimizer=lambda r: torch.optim.SGD(r, lr=0.1),
-        train_loss=lambda m, h, b: ((m(b[0]).squeeze(1) - b[1]) ** 2).mean()
-        + 0.5 * (h["decay"] * m.weight[0] ** 2).sum(),
+        train_loss=lambda m, h, b: (
+            ((m(b[0]).squeeze(1) - b[1]) ** 2).mean() + 0.5 * (h["decay"] * m.weight[0] ** 2).sum()
+        ),
         val_loss=lambda m, h, b: ((m(b[0]).squeeze(1) - b[1]) ** 2).mean(),
         val_data=(X[20:], Y[20:]),
         inner_steps=2,

@@ -27,9 +27,7 @@ CE = torch.nn.functional.cross_entropy
 
 def net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(
-        DT
-    )
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(DT)
 
 
 def train_loss(m, h, b):
