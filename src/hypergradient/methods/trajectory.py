@@ -25,9 +25,7 @@ functional API: the sweep draws exactly what a plain loop would)."""
 from __future__ import annotations
 
 import itertools
-import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +37,6 @@ from .. import _tree
 from .._tree import Tree
 from .._vocab import (
     ArgumentTypeError,
-    HypergradientWarning,
     NonFiniteHypergradientError,
     as_bool,
     as_callable,
@@ -51,6 +48,7 @@ from ._checks import all_finite, check_arity, connected, unused_leaves, warn_unu
 from .base import Info, Method, Problem, Trajectory
 from .growth import AdjointWatch, report_diverging, report_unstable
 from .replay import Run, replay_rng, rng_state
+from .replay_check import replay_error
 from .traj_step import ReverseStep, accumulate, check_recomputed
 
 __all__ = [
@@ -258,28 +256,6 @@ def reverse_sweep(
     return hyper, value, {**stats, **({"unused_hparams": unused} if unused else {})}
 
 
-def _replay_error(replayed: tuple[Tensor, ...], real: Tree, steps: int) -> float:
-    """Relative distance of the replay's final parameters to the real ones (warns if large)."""
-    b_leaves = _tree.flatten(real, "final_params")[0]
-    num = sum(float((a - b.detach()).double().pow(2).sum()) for a, b in zip(replayed, b_leaves))
-    den = sum(float(b.detach().double().pow(2).sum()) for b in b_leaves)
-    error = math.sqrt(num / max(den, 1e-300))
-    # Rounding alone separates the eager and the functional step by a few units in the last
-    # place of the parameters' dtype (half precision: ~1e-3).
-    tol = max([1e-4] + [4 * torch.finfo(b.dtype).eps for b in b_leaves])
-    if error > tol:
-        warnings.warn(
-            f"The differentiable replay of the last {steps} steps ended {error:.2e} (relative) "
-            "away from the model's parameters: train_loss must be the loss the model was "
-            "trained on, on the same batches, with a deterministic inner optimizer (random "
-            "ops inside the loss are replayed from the recorded random-number states). "
-            "Under torch.autocast, rounding differences of about 1e-3 are expected.",
-            HypergradientWarning,
-            stacklevel=4,
-        )
-    return error
-
-
 class TrajectoryMethod(Method):
     """Base class of the methods that differentiate through (or along) the inner run.
 
@@ -311,10 +287,10 @@ class TrajectoryMethod(Method):
             stored_states=out.stored_states,
             params=_tree.unflatten(run.pspec, [t.detach() for t in out.params]),
             inner_losses=torch.stack(out.losses).tolist() if out.losses else [],
-            replay_error=None if final is None else _replay_error(out.params, final, run.steps),
         )
-        if info.replay_error is not None:
-            info.stats["replay_error"] = info.replay_error
+        if final is not None:
+            info.replay_error, checked = replay_error(run, out.params, final, run.steps)
+            info.stats.update(checked, replay_error=info.replay_error)
         warn_unused(out.stats.get("unused_hparams", []))
         report_diverging(info, info.inner_losses, "inner run", warn=final is None)
         report_unstable(info, out.stats, out.reverse_steps)
