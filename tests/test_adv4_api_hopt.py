@@ -76,9 +76,11 @@ def test_re_iterable_and_endless_data_keep_going(data):
 
 
 def test_an_empty_iterable_still_says_it_yields_nothing():
-    hopt, _, batch = _setup(lambda X, y: [])
+    hopt, _, batch = _setup(lambda X, y: iter([]))  # (not sized: read at the first draw)
     with pytest.raises(ValueError, match="`val_data` yields no batches"):
         _step(hopt, batch)
+    with pytest.raises(ValueError, match="`val_data` is an empty list"):  # sized: at once
+        _setup(lambda X, y: [])
 
 
 # ----------------------------------------------------------------------------- checkpoints

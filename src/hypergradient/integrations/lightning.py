@@ -108,7 +108,6 @@ from ._lightning_checks import (
     load_hparams,
     load_tuned,
     log_record,
-    redraw_samplers,
     shard,
     shard_weight,
     skipped,
@@ -117,6 +116,7 @@ from ._lightning_checks import (
     weighted,
 )
 from ._lightning_grads import StepGrads, shown
+from ._lightning_resume import carried, restore
 
 __all__ = ["HypergradientCallback", "load_tuned", "tuned_values"]
 
@@ -248,6 +248,7 @@ class HypergradientCallback(pl.Callback):
         self._records: list[HyperStepRecord] = []  # committed during the current batch
         self._stage: tuple[str, Any] = ("fit", None)
         self._grads: StepGrads | None = None  # the step's gradients (manual optimization)
+        self._fit: Any = None  # the last fit's hopt, trainer and module (weakly)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -287,14 +288,11 @@ class HypergradientCallback(pl.Callback):
             check_schedulers(trainer)
         self.hopt = self._build(trainer, pl_module, optimizers[0])
         self._grads = StepGrads.attach(self._grads, self.hopt, optimizers[0], pl_module)
-        if self._loaded is not None:
-            state = dict(self._loaded)
-            if state.get("rng") is not None:  # the CPU generator was restored on loading
-                state["rng"] = [torch.get_rng_state(), parse_rng_state(state["rng"])[1]]
-            self.hopt.load_state_dict(state)
-            self._loaded = None
+        self._fit, again = carried(self._fit, self.hopt, trainer, pl_module)  # a second fit
+        loaded, self._loaded = self._loaded or again, None
+        if loaded is not None:
             shards = [data for data, _ in self.data.values()]
-            redraw_samplers(self.hopt, shards, trainer.global_rank, trainer.world_size)
+            restore(self.hopt, loaded, shards, trainer, loaded is again)
 
     def _hparams(self, pl_module: Any) -> dict[str, Tensor | Constraint]:
         return self.hparams_arg if self.hparams_arg is not None else declared(pl_module)
