@@ -21,7 +21,7 @@ import torch
 import hypergradient as hg
 from hypergradient._vocab import HypergradientWarning, NonFiniteHypergradientError, Status
 from hypergradient.solvers import auto_damping
-from hypergradient.solvers.neumann import lanczos_safety
+from hypergradient.solvers.spectrum import lanczos_safety
 
 DT = torch.float64
 

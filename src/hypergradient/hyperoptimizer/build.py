@@ -182,7 +182,8 @@ def make_problem(
     if window is not None:
         step_loss = view.functional(hopt.train_loss_fn, hp.transform)
         step_loss = with_held_grads(precision.in_state(step_loss, amp, view.device), window)
-        trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params)
+        rounding = precision.unreplayed_rounding(hopt.loop.step_amp)
+        trajectory = window.to_trajectory(view, step_loss, hp.setting_fns(), params, rounding)
     inner_loss = view.at_batch(hopt.train_loss_fn, hp.transform, train_batch)
     if isinstance(hopt.method, T1T2) and hopt.loop.step_rng is not None:
         inner_loss = replayed(inner_loss, hopt.loop.step_rng, view.device)

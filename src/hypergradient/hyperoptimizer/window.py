@@ -217,6 +217,7 @@ class TrajectoryWindow:
         step_loss: Callable[[Any, Any, Any], Tensor],
         settings: Mapping[str, Callable[[Any], Tensor]],
         final_params: Any,
+        rounding: float = 0.0,
     ) -> Trajectory:
         """The :class:`~hypergradient.methods.base.Trajectory` of the window's steps."""
         return Trajectory(
@@ -229,6 +230,7 @@ class TrajectoryWindow:
             settings=dict(settings),
             rng_states=list(self.rng_states),
             final_params=final_params,
+            rounding=rounding,
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -61,6 +61,9 @@ class Trajectory:
             draws are recorded and reused by its reverse pass (the functional API).
         final_params: the real parameters after the run, when known (the hyper-optimizer's
             model); the replay is checked against them.
+        rounding: the unit roundoff of steps trained in a precision the replay does not use
+            (float16 autocast, replayed in float32), 0 otherwise: the replay check allows
+            four units of it.
     """
 
     step_loss: Callable[[Any, Any, Any], Tensor]
@@ -72,6 +75,7 @@ class Trajectory:
     settings: Mapping[str, Callable[[Any], Tensor]] = field(default_factory=dict)
     rng_states: Sequence[Any] | None = None
     final_params: Tree | None = None
+    rounding: float = 0.0
 
     def __post_init__(self) -> None:
         if not (hasattr(self.batches, "__len__") and hasattr(self.batches, "__getitem__")):

@@ -45,19 +45,21 @@ GRADIENT_ROUNDING = 100.0
 
 
 def replay_error(
-    run: Any, replayed: Sequence[Tensor], real: Any, steps: int
+    run: Any, replayed: Sequence[Tensor], real: Any, steps: int, rounding: float = 0.0
 ) -> tuple[float, dict[str, Any]]:
     """The relative distance of the replay's final parameters to the real ones (a warning
     above the bound, unless the loss does not see the excess) and the stats of the leaves
     whose drift it does not see (``replay_error_unseen``: their paths;
-    ``replay_error_seen``: the distance without them)."""
+    ``replay_error_seen``: the distance without them). ``rounding``: the unit roundoff of
+    steps trained in a precision the replay does not use (float16 autocast), of which four
+    units are allowed too."""
     leaves = [b.detach() for b in _tree.flatten(real, "final_params")[0]]
     parts = [float((a - b).double().pow(2).sum()) for a, b in zip(replayed, leaves)]
     den = max(sum(float(b.double().pow(2).sum()) for b in leaves), 1e-300)
     error = math.sqrt(sum(parts) / den)
     # Rounding alone separates the eager and the functional step by a few units in the last
     # place of the parameters' dtype (half precision: ~1e-3).
-    tol = max([1e-4] + [4 * torch.finfo(b.dtype).eps for b in leaves])
+    tol = max([1e-4, 4 * rounding] + [4 * torch.finfo(b.dtype).eps for b in leaves])
     if not error > tol:
         return error, {}
     unseen = _unseen(run, replayed, leaves, parts, den, tol) if math.isfinite(error) else None

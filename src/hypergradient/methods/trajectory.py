@@ -276,7 +276,8 @@ class TrajectoryMethod(Method):
         run = Run(problem, self)
         out = self.sweep(run, problem.outer_loss)
         result = hypergradient_tree(run, out.hyper)
-        final = problem.trajectory.final_params if problem.trajectory is not None else None
+        traj = problem.trajectory
+        final, rounding = (None, 0.0) if traj is None else (traj.final_params, traj.rounding)
         info = TrajectoryInfo(
             method=self.name,
             seconds=time.perf_counter() - started,
@@ -289,7 +290,7 @@ class TrajectoryMethod(Method):
             inner_losses=torch.stack(out.losses).tolist() if out.losses else [],
         )
         if final is not None:
-            info.replay_error, checked = replay_error(run, out.params, final, run.steps)
+            info.replay_error, checked = replay_error(run, out.params, final, run.steps, rounding)
             info.stats.update(checked, replay_error=info.replay_error)
         warn_unused(out.stats.get("unused_hparams", []))
         report_diverging(info, info.inner_losses, "inner run", warn=final is None)

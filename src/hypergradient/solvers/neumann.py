@@ -13,6 +13,7 @@ from .. import _tree, _vocab
 from .._norms import in_rows, row_norms
 from .._vocab import Status
 from ..operators import DampedOperator, LinearOperator
+from . import spectrum
 from .base import (
     RandomizedSolver,
     Solution,
@@ -22,7 +23,6 @@ from .base import (
     safe_norm,
 )
 from .extremes import max_abs, nonzero
-from .spectrum import estimate_lambda_max, lanczos_extremes, lanczos_safety
 
 __all__ = ["Neumann"]
 
@@ -189,17 +189,17 @@ class Neumann(RandomizedSolver):
         """``(lambda_est, safety)`` from ``power_iters`` products (see ``alpha``)."""
         start = op.num_matvecs
         if op.symmetric:
-            spectrum = lanczos_extremes(op, self.power_iters, self._rng, power_start=True)
-            lam, exact = spectrum.lambda_max, spectrum.num_hvps < self.power_iters
-            stats["lambda_min"] = spectrum.lambda_min
+            ritz = spectrum.lanczos_extremes(op, self.power_iters, self._rng, power_start=True)
+            lam, exact = ritz.lambda_max, ritz.num_hvps < self.power_iters
+            stats["lambda_min"] = ritz.lambda_min
             # a Ritz value below rounding is a negative eigenvalue (Ritz values lie inside the
             # spectrum): the series cannot approximate H^-1 along it, however short. The
             # products' rounding: a bfloat16 model's PSD Hessian read -3e-4 lambda_max
             eps = max(100 * torch.finfo(op.dtype).eps, 4 * op.product_eps)
-            self._indefinite = bool(spectrum.lambda_min < -eps * abs(lam))
-            safety = 1.0 if exact else lanczos_safety(op.size, self.power_iters - 1)
+            self._indefinite = bool(ritz.lambda_min < -eps * abs(lam))
+            safety = 1.0 if exact else spectrum.lanczos_safety(op.size, self.power_iters - 1)
         else:
-            lam, safety = estimate_lambda_max(op, self.power_iters, self._rng), 1.0
+            lam, safety = spectrum.estimate_lambda_max(op, self.power_iters, self._rng), 1.0
         stats["power_hvps"] = stats.get("power_hvps", 0) + op.num_matvecs - start
         if not lam > 0:
             raise ValueError(
@@ -337,14 +337,10 @@ class _Series:
         return not vnorm <= self.solver.divergence_factor
 
     def _why(self, w: Tensor, vnorm: float) -> Status:
-        """Why the residual grew: negative curvature or a step too large for ``lambda_max``.
-
-        Along the growing residual ``v`` the Rayleigh quotient ``q = v^T A v / ||v||^2``
-        (one dot product with the product just taken) tells: ``q < 0`` means the series
-        grows along directions of negative curvature, which no step cures (the operator is
-        indefinite: not at a minimum), reported as ``negative_curvature`` with the best
-        partial sum; otherwise ``alpha`` is too large (``diverged``).
-        """
+        """Why the residual grew: ``negative_curvature`` (no step cures it: not at a minimum;
+        the best partial sum is kept) when the Rayleigh quotient ``q = v^T A v / ||v||^2``
+        along the growing residual is negative or, with a fixed ``alpha``, when
+        :func:`.growth_is_curvature` says so; else ``alpha`` is too large (``diverged``)."""
         if not self.op.symmetric:
             return Status.DIVERGED
         q = float(torch.dot(self.v, w)) / max(vnorm * vnorm, 1e-300)
@@ -354,9 +350,12 @@ class _Series:
         # curvature; so does a negative Lanczos lambda_min or Rayleigh quotient. A cached
         # estimate proves nothing: the operator's top may have grown since (diverged, and
         # the solver estimates again); nor does one of too few steps for the bound (s = 5).
-        bounded = self.stats_in.get("safety", 1.0) < lanczos_safety(1, 0)
+        bounded = self.stats_in.get("safety", 1.0) < spectrum.lanczos_safety(1, 0)
         estimated = bool(self.stats_in.get("estimated")) and bounded
         indefinite = q < 0 or self.stats_in.get("lambda_min", 0.0) < 0 or estimated
+        if not indefinite and self.solver.alpha != "auto":  # a fixed step: find out
+            steps = self.solver.power_iters
+            indefinite = spectrum.growth_is_curvature(self.op, self.alpha, steps, self.stats)
         return Status.NEGATIVE_CURVATURE if indefinite else Status.DIVERGED
 
     def run(self) -> None:

@@ -185,3 +185,22 @@ def lanczos_safety(n: int, steps: int, delta: float = 1e-3) -> float:
     if eps >= 0.9:
         return 5.0
     return max(1.0, 1.0 / (2.0 * (1.0 - eps)))
+
+
+def growth_is_curvature(op: LinearOperator, alpha: float, steps: int, stats: dict) -> bool:
+    """Whether a Neumann series of fixed step ``alpha`` on a symmetric ``op``, whose residual
+    grew along a direction of Rayleigh quotient ``>= 0``, grew from negative curvature
+    (not from a step too large): ``steps`` Lanczos products (from a fixed start: the global
+    generator is untouched; ``stats["growth_hvps"]``) find a Ritz value below rounding, or a
+    top one for which ``alpha lambda_max < 2`` (with probability ``1 - 1e-3``, as
+    :func:`lanczos_safety`), where a positive semi-definite ``op`` cannot grow it. A
+    Rayleigh quotient mixes both signs: a network's (eigenvalues in [-3.63, 3.46], alpha
+    0.05, far below 2 / 3.46) read +4.3e-4 along the growing residual, and its series was
+    called diverged, "lower the step size"."""
+    spectrum = lanczos_extremes(op, steps, torch.Generator().manual_seed(0), power_start=True)
+    stats["growth_hvps"] = spectrum.num_hvps
+    top, low = spectrum.lambda_max, spectrum.lambda_min
+    if low < -max(100 * torch.finfo(op.dtype).eps, 4 * op.product_eps) * abs(top):
+        return True
+    safety = 0.5 if spectrum.num_hvps < steps else lanczos_safety(op.size, steps - 1)
+    return alpha * safety * top < 1.0  # (lambda_max <= 2 s lambda_est; exact: s = 1/2)
