@@ -25,7 +25,9 @@ Two sources:
   random-number streams of its long-lived workers, which a copy cannot take along).
 
 A hyper-step that fails is undone: :meth:`BatchSampler.mark` / :meth:`BatchSampler.rollback`
-restore the generator, or push the drawn batches back so that they are drawn again.
+restore the generator, or push the drawn batches back so that they are drawn again. One that
+is skipped (``nonfinite="skip"``, a skip check) keeps its draws (:meth:`BatchSampler.commit`):
+the next hyper-step takes the next batches.
 """
 
 from __future__ import annotations

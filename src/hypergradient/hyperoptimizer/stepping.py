@@ -384,8 +384,8 @@ def settings_changed(hopt: HyperOptimizer, saved: Transaction) -> bool:
 def undo(hopt: HyperOptimizer, err: BaseException, saved: Transaction, inner: bool) -> None:
     """Undo the hyper-step and, unless it is skipped, the inner step (``inner``: it was
     taken by :meth:`HyperOptimizer.step`, not outside); re-raise unless skipped."""
-    saved.undo_hyper_step()
     skip = isinstance(err, NonFiniteHypergradientError) and hopt.nonfinite == "skip"
+    saved.undo_hyper_step(keep_draws=skip)  # (skipped: the next one draws the next batches)
     if not skip:
         if inner:
             saved.undo_inner_step()

@@ -182,11 +182,13 @@ class Transaction:
         for sampler in self.samplers:
             sampler.commit()
 
-    def undo_hyper_step(self) -> None:
-        """Restore hyperparameters, outer optimizer, method state, samplers, history, guard."""
+    def undo_hyper_step(self, keep_draws: bool = False) -> None:
+        """Restore hyperparameters, outer optimizer, method state, samplers, history, guard;
+        ``keep_draws``: the samplers' draws stand (a skipped hyper-step: drawn again, a
+        validation batch holding a NaN made every later hyper-step skip)."""
         hopt = self.hopt
         for sampler in self.samplers:
-            sampler.rollback()
+            sampler.commit() if keep_draws else sampler.rollback()
         hopt.hyperparameters.restore(self.hparams)
         restore_optimizer(hopt.outer_optimizer, self.outer)
         hopt.method.load_state_dict(self.method)
