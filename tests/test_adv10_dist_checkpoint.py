@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -55,7 +56,7 @@ def _steps(hopt, X, y, a, b):
         hopt.step((X[i], y[i]))
 
 
-def _worker(rank, port, path, results):
+def _worker(rank, port, path, results, stop=6):
     try:
         init_gloo(rank, port)
         g = torch.Generator().manual_seed(100 + rank)
@@ -68,7 +69,7 @@ def _worker(rank, port, path, results):
         _steps(hopt, X, y, 0, 10)
         ref = hopt.raw_hparams()[0].detach().clone()
         model, opt, hopt = _build(val)
-        _steps(hopt, X, y, 0, 6)  # mid-window
+        _steps(hopt, X, y, 0, stop)  # 6: mid-window; 8: right after a hyper-step
         torch.save(
             {"h": hopt.state_dict(), "m": model.state_dict(), "o": opt.state_dict()},
             f"{path}{rank}.pt",
@@ -90,7 +91,7 @@ def _worker(rank, port, path, results):
         model.load_state_dict(own["m"])
         opt.load_state_dict(own["o"])
         hopt.load_state_dict(own["h"])
-        _steps(hopt, X, y, 6, 10)
+        _steps(hopt, X, y, stop, 10)
         results[(rank, "resumed")] = torch.equal(hopt.raw_hparams()[0].detach(), ref)
         results[(rank, "counts")] = (hopt.hyper_steps, hopt.skipped)
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -100,9 +101,12 @@ def _worker(rank, port, path, results):
             dist.destroy_process_group()
 
 
-def test_another_ranks_mid_window_checkpoint_is_refused_on_every_rank(tmp_path):
+@pytest.mark.parametrize("stop", [6, 8], ids=["mid-window", "after a hyper-step"])
+def test_another_ranks_checkpoint_is_refused_on_every_rank(tmp_path, stop):
+    """(Round 23: right after a hyper-step, rank 1 took rank 0's random-number state and
+    samplers' positions without a word: per-rank dropout drew the same masks on both.)"""
     results = mp.Manager().dict()
-    spawn(_worker, (free_port(), str(tmp_path / "ckpt"), results))
+    spawn(_worker, (free_port(), str(tmp_path / "ckpt"), results, stop))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]
         got = results[(rank, "theirs")]

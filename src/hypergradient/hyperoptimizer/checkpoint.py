@@ -90,17 +90,20 @@ def _rank(hopt: HyperOptimizer) -> int | None:
 
 
 def _check_rank(hopt: HyperOptimizer, state: Mapping[str, Any]) -> None:
-    """A checkpoint saved mid-window on another rank holds that rank's batches: its
-    replay would differentiate another shard's steps (every rank skipped that hyper-step,
-    blaming the loop). Refused before anything is assigned."""
+    """Another rank's checkpoint holds that rank's own parts: its random-number state (rank
+    1 took rank 0's: per-rank dropout seeds drew the same masks from then on), its samplers'
+    positions on its shard (uneven shards: another run than the uninterrupted one) and,
+    mid-window, its batches (the replay differentiated another shard's steps: every rank
+    skipped that hyper-step, blaming the loop). Refused before anything is assigned."""
     saved, own = state.get("rank"), _rank(hopt)
-    if saved is None or own is None or saved == own or state["window"] is None:
+    if saved is None or own is None or saved == own:
         return
+    window = " and the window's batches" if state["window"] is not None else ""
     raise ValueError(
-        f"This checkpoint was saved on rank {saved} in the middle of a window: it holds "
-        f"rank {saved}'s batches of the window (and its random state), and this is rank "
-        f"{own}. Load each rank's own hopt.state_dict() (save one per rank), or save right "
-        "after a hyper-step (step count a multiple of inner_steps), where no window is held."
+        f"This checkpoint was saved on rank {saved}, and this is rank {own}: it holds rank "
+        f"{saved}'s random-number state, samplers' positions{window}, which would replace "
+        f"this rank's (its dropout masks and batches would be rank {saved}'s). Save and load "
+        "one hopt.state_dict() per rank (e.g. f'hopt_rank{rank}.pt')."
     )
 
 

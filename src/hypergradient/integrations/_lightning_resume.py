@@ -45,6 +45,8 @@ def restore(
     carried from the previous fit (``again``) that does not fit this one (the module
     configures another optimizer now) is dropped with a warning: the fit starts afresh."""
     state = dict(loaded)
+    if state.get("rank") is not None:  # rank 0's, which Lightning hands every rank: the
+        state["rank"] = trainer.global_rank  # samplers are redrawn below (no window: DDP)
     if state.get("rng") is not None:
         state["rng"] = [torch.get_rng_state(), parse_rng_state(state["rng"])[1]]
     try:
