@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import optuna
@@ -55,6 +55,7 @@ from .._vocab import (
     as_real,
 )
 from ..hyperoptimizer import HyperOptimizer, HyperStepRecord
+from ._optuna_checks import check_refine
 from .optuna_polish import REFINED_FROM, Polisher, add_refined_trial
 
 __all__ = [
@@ -243,6 +244,7 @@ def refine(
     score: Callable[[], float] | None = None,
     prune: bool = True,
     progress: bool = False,
+    direction: str | None = None,
 ) -> float:
     """Run the ``HyperOptimizer`` loop over ``data`` inside an Optuna trial, reporting to it.
 
@@ -257,9 +259,11 @@ def refine(
         hopt: a hyper-optimizer built with the trial's sampled choices and starting values.
         data: the training batches (re-iterated every epoch; a ``DataLoader``).
         epochs: passes over ``data``.
-        score: ``() -> float``, lower is better, evaluated at the current model.
+        score: ``() -> float``, evaluated at the current model; better in the study's
+            direction (a multi-objective study: pass ``direction``).
         prune: let the study's pruner stop the trial (``optuna.TrialPruned``).
         progress: show a ``tqdm`` bar over the epochs' batches.
+        direction: ``"minimize"`` or ``"maximize"`` ``score`` (:class:`TrialReporter`).
 
     Returns:
         The best reported value (the objective's value); the trial's ``refined_hparams``
@@ -272,15 +276,16 @@ def refine(
 
     Raises:
         optuna.TrialPruned: pruned, diverged, or no finite value.
-        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``, or
-            ``score()`` returned something that is not a number.
-        ValueError: no ``score`` is given and the study maximizes (losses are reported),
-            ``hopt`` keeps no history (``history_size=0``), or ``epochs`` passes over
-            ``data`` end before its next hyper-step (nothing would be reported; checked
-            before training when ``data`` has a length, after it otherwise).
+        ArgumentTypeError: ``data`` is a one-pass iterator and ``epochs > 1``, ``score``
+            is not callable, or ``score()`` returned something that is not a number.
+        ValueError: no ``score`` is given and the study maximizes (losses are reported), a
+            ``score`` in a multi-objective study without ``direction`` (it kept the worst
+            epoch's), ``hopt`` keeps no history (``history_size=0``), or ``epochs``
+            passes over ``data`` end before its next hyper-step (checked before training
+            when ``data`` has a length, after it otherwise).
     """
-    epochs = _check_refine(hopt, data, epochs, score is None)
-    reporter = TrialReporter(trial, prune=prune)
+    reporter = TrialReporter(trial, prune=prune, direction=direction)
+    epochs = check_refine(hopt, data, epochs, score, direction is None and not reporter.reports)
     if score is None and reporter.sign < 0:
         raise ValueError(
             "The study maximizes, but without `score` refine reports validation losses "
@@ -329,43 +334,6 @@ def _epoch(hopt: HyperOptimizer, batches: Iterable[Any], reporter: Any, log: boo
         hopt.step(batch)
         if log and hopt.hyper_steps > done:  # a NaN holdout score is not the val loss
             reporter.log(hopt.history[-1], before, holdout=hopt.guard is not None)
-
-
-def _check_refine(hopt: Any, data: Any, epochs: Any, from_history: bool) -> int:
-    """:func:`refine`'s argument checks; returns ``epochs``."""
-    if not isinstance(hopt, HyperOptimizer):
-        raise ArgumentTypeError(f"`hopt` must be a hg.HyperOptimizer, got {type(hopt).__name__}.")
-    epochs = as_int(epochs, "epochs", min=1)
-    if epochs > 1 and isinstance(data, Iterator):
-        raise ArgumentTypeError(
-            f"`data` is an iterator ({type(data).__name__}): it would be exhausted after the "
-            f"first of the {epochs} epochs. Pass a list or a DataLoader."
-        )
-    if from_history and hopt.history.maxlen == 0:
-        raise ValueError(
-            "refine reports each hyper-step's record from hopt.history, but the "
-            "hyper-optimizer keeps none (history_size=0); build it with history_size >= 1 "
-            "or pass score=...."
-        )
-    if from_history and _no_hyper_step(hopt, data, epochs):
-        raise ValueError(
-            f"refine reports each hyper-step, but the hyper-optimizer would take none over "
-            f"{epochs} epoch(s) of `data` (inner_steps={hopt.inner_steps}, after "
-            f"{hopt.loop.count} steps; stopped by its holdout guard: {hopt.stopped}): every "
-            f"trial would be pruned. Pass more `data` or `epochs`, or score=...."
-        )
-    return epochs
-
-
-def _no_hyper_step(hopt: HyperOptimizer, data: Any, epochs: int) -> bool:
-    """Whether ``epochs`` passes over ``data`` surely end before the next hyper-step (its
-    holdout guard stopped them, or there are too few batches; unknown length: False)."""
-    try:
-        batches = epochs * len(data) if isinstance(data, Sized) else None
-    except TypeError:  # a DataLoader over an IterableDataset
-        batches = None
-    needed = hopt.inner_steps - hopt.loop.count % hopt.inner_steps
-    return hopt.stopped or (batches is not None and batches < needed)
 
 
 def _progress(data: Iterable[Any], desc: str) -> Iterable[Any]:
