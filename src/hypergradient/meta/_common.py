@@ -31,7 +31,7 @@ from .._vocab import (
 from ..methods.growth import ADAPT_GROWTH, adaptation_failed
 from ..optim.functional import FunctionalOptimizer, sgd
 from ..solvers import CG, Solver
-from .modules import RUNNING_STATS, LossFn, caller_level, check_names, module_loss
+from .modules import LossFn, caller_level, check_like_module, module_loss
 
 __all__ = [
     "LOSS_SIGNATURE",
@@ -214,9 +214,9 @@ def flatten_meta_params(
             fix is to leave it out (the module's own tensor is then used, as
             :func:`parameters_of` arranges).
     """
-    if getattr(loss_fn, "hg_module", None) is not None and isinstance(meta_params, dict):
-        stats = [k for k in meta_params if str(k).rsplit(".", 1)[-1] in RUNNING_STATS]
-        check_names(dict.fromkeys(stats[:1]), set())  # raises, naming it
+    module = getattr(loss_fn, "hg_module", None)
+    if module is not None and isinstance(meta_params, dict):  # statistics, shapes, dtypes
+        check_like_module(meta_params, module, name)
     leaves, spec = _tree.flatten(meta_params, name)
     _tree.check_leaves(leaves, spec, name)
     bad = first_nonfinite(leaves, spec.paths)

@@ -225,6 +225,32 @@ def check_names(params: dict[str, Any], known: set[str]) -> None:
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def check_like_module(params: dict[Any, Any], model: nn.Module, name: str) -> None:
+    """Raise naming a key of ``params`` that is a running statistic (:func:`check_names`),
+    or a tensor whose shape or dtype is not the module's tensor's of that name (torch's own
+    error, from deep inside ``functional_call``, named neither: "mat1 and mat2 shapes
+    cannot be multiplied")."""
+    stats = [k for k in params if str(k).rsplit(".", 1)[-1] in RUNNING_STATS]
+    check_names(dict.fromkeys(stats[:1]), set())  # raises, naming it
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers(remove_duplicate=False))
+    for key, value in params.items():
+        t = own.get(key)
+        if t is None or not isinstance(value, Tensor):
+            continue
+        if value.shape != t.shape:
+            raise ValueError(
+                f"`{name}[{key!r}]` has shape {tuple(value.shape)}, the module's {key} "
+                f"{tuple(t.shape)}. Build it with hg.meta.parameters_of(model) from the same "
+                "module."
+            )
+        if value.dtype != t.dtype:
+            raise ArgumentTypeError(
+                f"`{name}[{key!r}]` is {value.dtype}, the module's {key} {t.dtype}; convert "
+                f"it (or the module: model.to({value.dtype}))."
+            )
+
+
 def running_stats_off(model: nn.Module) -> dict[str, Tensor | None]:
     """The running-statistics buffers a forward pass would update, mapped to stand-ins.
 
