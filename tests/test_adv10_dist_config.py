@@ -119,6 +119,10 @@ def test_outer_optimizer_on_divergence_and_unseeded_default_under_a_process_grou
         for key in ("outer_lr", "on_divergence", "unseeded"):
             got = results[(rank, key)]
             assert "configuration differs" in got, (rank, key, got)
+        # (round 23: the entries that differ are named; the message listed every kind)
+        assert "differs between ranks in outer_settings " in results[(rank, "outer_lr")]
+        assert "between ranks in on_divergence " in results[(rank, "on_divergence")]
+        assert "between ranks in method_state " in results[(rank, "unseeded")]
         assert "outer optimizer" in results[(rank, "outer_lr")]
         assert "seed=0" in results[(rank, "unseeded")]
         assert results[(rank, "equal")]

@@ -250,7 +250,27 @@ def config_fingerprint(config: Any, device: torch.device | str = "cpu") -> Tenso
     return torch.tensor(nums, dtype=torch.float64, device=device)
 
 
-def _verdict(names: list[str], hi: Tensor, lo: Tensor) -> None:
+#: Top-level entries of a configuration named when it differs between ranks.
+_KEYS = 64
+
+
+def _differing_keys(config: Any, group: Any, device: torch.device) -> list[str]:
+    """The top-level keys of a ``config`` dict whose values differ between ranks (one more
+    all-reduce, taken on every rank once the fingerprints differ: the same verdict on
+    each). The message said only "the configuration differs" (``inner_steps=4`` on one
+    rank, 5 on the other), listing every kind of setting it might be."""
+    if not isinstance(config, Mapping):
+        return []
+    keys = sorted(map(str, config))[:_KEYS]
+    vec = torch.zeros(_KEYS, dtype=torch.float64, device=device)
+    for i, key in enumerate(keys):
+        vec[i] = config_fingerprint({key: config[key]}, device)[0]
+    both = torch.cat([vec, -vec])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    return [k for i, k in enumerate(keys) if float(both[i]) != -float(both[_KEYS + i])]
+
+
+def _verdict(names: list[str], hi: Tensor, lo: Tensor, differing: Sequence[str] = ()) -> None:
     for i, name in enumerate(names):
         if not torch.equal(hi[i, :3], lo[i, :3]):
             raise ValueError(
@@ -263,9 +283,10 @@ def _verdict(names: list[str], hi: Tensor, lo: Tensor) -> None:
                 "(broadcast them from rank 0 with torch.distributed.broadcast before the call)."
             )
     if not torch.equal(hi[MAX_CHECKS], lo[MAX_CHECKS]):
+        where = f" in {', '.join(differing)}" if differing else ""
         raise ValueError(
-            "The configuration differs between ranks (method, solver settings, the solver's "
-            "seed or generator state, damping, steps, learning rate, the inner or outer "
+            f"The configuration differs between ranks{where} (method, solver settings, the "
+            "solver's seed or generator state, damping, steps, learning rate, the inner or outer "
             "optimizer's settings or state): every rank must build the same method with the "
             "same settings and seed (e.g. hg.Nystrom(seed=0) on every rank, not seed=rank; "
             "a solver without a seed, such as hg.IFT()'s default series, draws its start "
@@ -313,7 +334,12 @@ def check_consistent(
     _raise_if_failed(float(both[-1]), error, "their inputs")
     n = fp.numel()
     hi, lo = both[:n].reshape(fp.shape), -both[n : 2 * n].reshape(fp.shape)
-    _verdict([name for _, name in checks], hi, lo)
+    only_config = torch.equal(hi[:MAX_CHECKS], lo[:MAX_CHECKS])  # (the same on every rank)
+    if only_config and not torch.equal(hi[MAX_CHECKS], lo[MAX_CHECKS]):
+        differing = _differing_keys(config, group, device)
+    else:
+        differing = []
+    _verdict([name for _, name in checks], hi, lo, differing)
 
 
 class AveragedOperator(WrappingOperator):
