@@ -20,8 +20,8 @@ import torch
 import hypergradient as hg
 
 L = pytest.importorskip("lightning.pytorch")
-from hypergradient.integrations.lightning import HypergradientCallback, tuned_values  # noqa: E402
-from test_integrations_lightning import trainer  # noqa: E402
+from hypergradient.integrations.lightning import HypergradientCallback  # noqa: E402
+from test_integrations_lightning import LogReg, trainer  # noqa: E402
 
 BCE = torch.nn.functional.binary_cross_entropy_with_logits
 G = torch.Generator().manual_seed(0)
@@ -30,32 +30,16 @@ Y = (X @ torch.randn(6, generator=G) + 0.3 * torch.randn(104, generator=G) > 0).
 TRAIN, VAL = (X[:64], Y[:64]), (X[64:], Y[64:])
 
 
-class Direct(L.LightningModule):
-    """float32 logistic regression whose ``training_step`` calls the layer directly."""
+class Direct(LogReg):
+    """The suite's logistic regression (its ``training_step`` calls the layer directly), in
+    float32 (autocast leaves float64 alone)."""
 
     def __init__(self):
-        super().__init__()
+        L.LightningModule.__init__(self)
         torch.manual_seed(0)
         self.linear = torch.nn.Linear(6, 1)
+        self.drop, self.lr = torch.nn.Dropout(0.0), 0.3
         self.decay = hg.Positive(torch.full((6,), 1e-2))
-
-    def hyperparameters_to_tune(self):
-        return {"decay": self.decay}
-
-    def training_loss(self, batch, hparams):
-        x, y = batch
-        w = self.linear.weight.squeeze(0)
-        return BCE(self.linear(x).squeeze(1), y) + 0.5 * (hparams["decay"] * w**2).sum()
-
-    def validation_loss(self, batch, hparams):
-        x, y = batch
-        return BCE(self.linear(x).squeeze(1), y)
-
-    def training_step(self, batch, batch_idx):
-        return self.training_loss(batch, tuned_values(self))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.3)
 
 
 def batches():
