@@ -232,7 +232,7 @@ def check_like_module(params: dict[Any, Any], model: nn.Module, name: str) -> No
     cannot be multiplied")."""
     stats = [k for k in params if str(k).rsplit(".", 1)[-1] in RUNNING_STATS]
     check_names(dict.fromkeys(stats[:1]), set())  # raises, naming it
-    own = dict(model.named_parameters(remove_duplicate=False))
+    own: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
     for key, value in params.items():
         t = own.get(key)
