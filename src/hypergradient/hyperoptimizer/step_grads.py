@@ -54,6 +54,7 @@ from torch import Tensor
 
 from .. import _tree, distributed
 from ..methods import T1T2
+from ..operators.modes import is_double_backward_error
 from . import step_share, step_tap
 from .precision import loss_scale
 from .step_checks import ends_window
@@ -257,7 +258,13 @@ def _replayed(hopt: HyperOptimizer, leaves: list[Tensor], loss: Tensor) -> list[
     scale = loss_scale(hopt.loop)
     scaled = loss * scale if scale != 1.0 else loss
     kept = step_share.offered(hopt)  # T1T2 differentiates the replay's graph again
-    found = torch.autograd.grad(scaled, leaves, allow_unused=True, retain_graph=kept)
+    try:
+        found = torch.autograd.grad(scaled, leaves, allow_unused=True, retain_graph=kept)
+    except RuntimeError as err:  # a compiled model's backward keeps no graph ("donated
+        if not (kept and is_double_backward_error(err)):  # buffers"): it crashed T1T2 at
+            raise  # every hyper-step; the look-ahead now evaluates its own (and falls back)
+        step_share.drop(hopt)
+        found = torch.autograd.grad(scaled, leaves, allow_unused=True)
     grads = [torch.zeros_like(p) if f is None else _dense(f) for p, f in zip(leaves, found)]
     return grads if scale == 1.0 else [g / scale for g in grads]
 
