@@ -6,6 +6,7 @@ called since this one's last hyper-step."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from .._vocab import HypergradientWarning
 from ..methods import T1T2
 from ..solvers.extremes import nonzero
 
@@ -183,3 +185,31 @@ def check_gradients(hopt: HyperOptimizer, closure: Callable[[], Tensor] | None) 
         "taken. Call backward() "
         "on the training loss before step(), or pass closure=...; nothing was changed."
     )
+
+
+def warn_backward_hooks(hopt: HyperOptimizer) -> None:
+    """Warn, once per hyper-optimizer, about a module backward hook in the model
+    (``register_full_backward_hook`` / ``register_full_backward_pre_hook``): it rewrites
+    every gradient through the module, the validation gradient and the Hessian products a
+    hypergradient is made of included (a hook halving ``grad_input`` halved T1T2's,
+    Unrolled's and ForwardMode's hypergradients, with no word; a tensor hook on a parameter
+    was already seen by T1T2's step check and the replays)."""
+    if getattr(hopt, "_warned_hooks", False):
+        return
+    hooked = [
+        name or type(m).__name__
+        for name, m in hopt.view.module.named_modules()
+        if m._backward_hooks or m._backward_pre_hooks
+    ]
+    if hooked:
+        hopt._warned_hooks = True  # type: ignore[attr-defined]
+        warnings.warn(
+            f"The model has backward hooks on {hooked[:3]} ({len(hooked)} module(s)): they "
+            "run in every backward pass through those modules, also in the validation "
+            "gradient and the second derivatives a hypergradient is made of, which they "
+            "were not written for, so the hypergradient is not that of the training run. "
+            "Apply the change in train_loss instead (or to .grad between backward() and "
+            "step(), which T1T2 checks), or remove the hooks.",
+            HypergradientWarning,
+            stacklevel=5,
+        )

@@ -23,7 +23,7 @@ from .build import inner_lr, make_problem, step_lr, tuned
 from .config import check_ranks
 from .history import make_record
 from .hparams import link_conflict
-from .step_checks import due
+from .step_checks import due, warn_backward_hooks
 from .transaction import Transaction
 from .window import TrajectoryWindow
 
@@ -235,6 +235,7 @@ def _hyper_step(hopt: HyperOptimizer, batch: Any, saved: Transaction) -> None:
     hp, guard = hopt.hyperparameters, hopt.guard
     holdout = math.nan if guard is None else guard.score(hopt.view, hp, hopt.process_group)
     hopt.view.checkpointed = False
+    warn_backward_hooks(hopt)
     with recompute.explained(), buffers.Advice(hopt):  # CheckpointError after train/eval
         problem = make_problem(hopt, train_batch, val_batch, saved.params_before, saved)
         result, info = hopt.method(problem)
