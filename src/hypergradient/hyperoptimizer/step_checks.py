@@ -194,11 +194,12 @@ def warn_backward_hooks(hopt: HyperOptimizer) -> None:
     hypergradient is made of included (a hook halving ``grad_input`` halved T1T2's,
     Unrolled's and ForwardMode's hypergradients, with no word; a tensor hook on a parameter
     was already seen by T1T2's step check and the replays)."""
-    if getattr(hopt, "_warned_hooks", False):
+    module = hopt.view.module
+    if getattr(hopt, "_warned_hooks", False) or module is None:  # (a tree of tensors)
         return
     hooked = [
         name or type(m).__name__
-        for name, m in hopt.view.module.named_modules()
+        for name, m in module.named_modules()
         if m._backward_hooks or m._backward_pre_hooks
     ]
     if hooked:
