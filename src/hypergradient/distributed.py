@@ -267,7 +267,8 @@ def _differing_keys(config: Any, group: Any, device: torch.device) -> list[str]:
         vec[i] = config_fingerprint({key: config[key]}, device)[0]
     both = torch.cat([vec, -vec])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    return [k for i, k in enumerate(keys) if float(both[i]) != -float(both[_KEYS + i])]
+    read = both.tolist()  # (largest, minus smallest)
+    return [k for i, k in enumerate(keys) if read[i] != -read[_KEYS + i]]
 
 
 def _verdict(names: list[str], hi: Tensor, lo: Tensor, differing: Sequence[str] = ()) -> None:

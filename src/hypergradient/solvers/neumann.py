@@ -192,11 +192,8 @@ class Neumann(RandomizedSolver):
             ritz = spectrum.lanczos_extremes(op, self.power_iters, self._rng, power_start=True)
             lam, exact = ritz.lambda_max, ritz.num_hvps < self.power_iters
             stats["lambda_min"] = ritz.lambda_min
-            # a Ritz value below rounding is a negative eigenvalue (Ritz values lie inside the
-            # spectrum): the series cannot approximate H^-1 along it, however short. The
-            # products' rounding: a bfloat16 model's PSD Hessian read -3e-4 lambda_max
-            eps = max(100 * torch.finfo(op.dtype).eps, 4 * op.product_eps)
-            self._indefinite = bool(ritz.lambda_min < -eps * abs(lam))
+            # a negative Ritz value: the series cannot approximate H^-1 along it, however short
+            self._indefinite = spectrum.negative_beyond_rounding(op, ritz)
             safety = 1.0 if exact else spectrum.lanczos_safety(op.size, self.power_iters - 1)
         else:
             lam, safety = spectrum.estimate_lambda_max(op, self.power_iters, self._rng), 1.0
