@@ -8,7 +8,14 @@ clean process (no OpenMP thread started, no test's state), with the test process
 environment, working directory and ``sys.path``, instead of a fresh interpreter re-importing
 torch (about 10 s per pair of ranks on a loaded 2-core machine; the server's imports are paid
 once per pytest process). ``spawn(..., start_method="spawn")`` still starts fresh
-interpreters (tests/test_ranks_spawn.py runs that path)."""
+interpreters (tests/test_ranks_spawn.py runs that path).
+
+The ranks report to the test through :func:`shared_dict`, a dictionary held by a manager
+process that is also a child of the fork server. ``multiprocessing.Manager()`` would fork
+the pytest process itself, whose other threads (pytest-xdist's, torch's) may hold a lock at
+that instant that the manager then waits on forever: a rank writing its result blocked the
+suite once that way. A rank that does not end within ``JOIN_SECONDS`` is killed and fails
+the test, instead of stalling the whole run."""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import datetime
 import os
 import signal
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +33,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+
+#: How long the test waits for a pair of ranks (gloo's own timeout is 60 s per collective).
+JOIN_SECONDS = 300.0
 
 #: What the fork server imports once, before it forks any rank.
 PRELOAD = [
@@ -36,6 +47,18 @@ PRELOAD = [
     "ranks",
 ]
 mp.set_forkserver_preload(PRELOAD)
+
+
+_manager: Any = None
+
+
+def shared_dict() -> Any:
+    """A dictionary the ranks can write and the test read, from one manager per pytest
+    process started by the fork server (never by forking the test process)."""
+    global _manager
+    if _manager is None:
+        _manager = mp.get_context("forkserver").Manager()
+    return _manager.dict()
 
 
 def free_port() -> int:
@@ -60,7 +83,7 @@ def spawn(worker: Callable[..., None], args: tuple, start_method: str = "forkser
     are in the parent's dictionary, which the test then checks as usual. Every rank is
     joined (``mp.spawn`` would kill the others at the first exit, before their work is
     done); a rank that exits otherwise before its worker returned fails the test."""
-    done = mp.Manager().dict()
+    done = shared_dict()
     ctx = mp.start_processes(
         _marked,
         args=(worker, done, args, dict(os.environ)),
@@ -68,8 +91,15 @@ def spawn(worker: Callable[..., None], args: tuple, start_method: str = "forkser
         join=False,
         start_method=start_method,
     )
+    deadline = time.monotonic() + JOIN_SECONDS
     for process in ctx.processes:
-        process.join()
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, process in enumerate(ctx.processes) if process.is_alive()]
+    for r in hung:
+        ctx.processes[r].kill()
+        ctx.processes[r].join()
+    if hung:
+        raise RuntimeError(f"rank(s) {hung} still running after {JOIN_SECONDS:.0f} s: killed")
     codes = [process.exitcode for process in ctx.processes]
     died = [f"rank {r}: {_exit(c)}" for r, c in enumerate(codes) if c and r not in done]
     if died:

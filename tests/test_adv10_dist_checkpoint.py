@@ -17,10 +17,9 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo, spawn
+from ranks import WORLD, free_port, init_gloo, shared_dict, spawn
 
 DT = torch.float64
 
@@ -105,7 +104,7 @@ def _worker(rank, port, path, results, stop=6):
 def test_another_ranks_checkpoint_is_refused_on_every_rank(tmp_path, stop):
     """(Round 23: right after a hyper-step, rank 1 took rank 0's random-number state and
     samplers' positions without a word: per-rank dropout drew the same masks on both.)"""
-    results = mp.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (free_port(), str(tmp_path / "ckpt"), results, stop))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]

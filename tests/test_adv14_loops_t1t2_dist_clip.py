@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo, spawn
+from ranks import WORLD, free_port, init_gloo, shared_dict, spawn
 
 DT = torch.float64
 MAX_NORM = 0.05
@@ -109,7 +109,7 @@ def _exact(clip, eps=1e-6):
 
 
 def test_clipping_under_a_process_group_warns_or_skips_on_every_rank():
-    results = torch.multiprocessing.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]

@@ -15,12 +15,11 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo, spawn
+from ranks import WORLD, free_port, init_gloo, shared_dict, spawn
 
 DT = torch.float64
 USE = [[True, False], [False, False], [True, True], [False, True]]  # branch use per step, rank
@@ -131,7 +130,7 @@ def one_process():
 
 
 def test_a_parameter_skipped_only_where_no_rank_used_it():
-    results = mp.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]

@@ -15,11 +15,10 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hypergradient as hg
 from hypergradient.distributed import _fingerprint
-from ranks import WORLD, free_port, init_gloo, spawn
+from ranks import WORLD, free_port, init_gloo, shared_dict, spawn
 
 DT = torch.float64
 
@@ -62,7 +61,7 @@ def _worker(rank, port, results):
 
 
 def test_a_float32_leaf_on_one_rank_raises_on_every_rank():
-    results = mp.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)

@@ -19,10 +19,9 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo, spawn
+from ranks import WORLD, free_port, init_gloo, shared_dict, spawn
 
 DT = torch.float64
 
@@ -140,7 +139,7 @@ def _worker(rank, port, results):
 
 
 def test_a_skip_decided_on_one_rank_raises_on_every_rank_and_a_shared_one_skips_together():
-    results = mp.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]

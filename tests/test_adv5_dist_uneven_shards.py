@@ -13,10 +13,9 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import WORLD, free_port, init_gloo, spawn
+from ranks import WORLD, free_port, init_gloo, shared_dict, spawn
 
 DT = torch.float64
 SIZES = (8, 5)
@@ -74,7 +73,7 @@ def _worker(rank, port, results):
 
 
 def test_uneven_shards_average_the_ranks_means_and_weights_give_the_union():
-    results = mp.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]

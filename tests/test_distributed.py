@@ -15,10 +15,9 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import spawn
+from ranks import shared_dict, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -171,8 +170,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 
 
 def test_two_gloo_processes_match_single_process():
-    manager = mp.Manager()
-    results = manager.dict()
+    results = shared_dict()
     spawn(_worker, (_free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)
@@ -290,8 +288,7 @@ def _hopt_worker(rank: int, port: int, results: dict) -> None:
 
 
 def test_hyperoptimizer_with_ddp_on_two_processes_matches_single_process():
-    manager = mp.Manager()
-    results = manager.dict()
+    results = shared_dict()
     spawn(_hopt_worker, (_free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)
@@ -333,8 +330,7 @@ def test_torchrun_example_prints_the_same_figures_on_every_rank(tmp_path):
 
 
 def _spawn(worker) -> None:
-    manager = mp.Manager()
-    results = manager.dict()
+    results = shared_dict()
     spawn(worker, (_free_port(), results))
     for rank in range(WORLD):
         assert results.get(rank) == "ok", results.get(rank)

@@ -11,11 +11,10 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hypergradient as hg
 from hypergradient.methods import trajectory
-from ranks import WORLD, free_port, init_gloo, spawn
+from ranks import WORLD, free_port, init_gloo, shared_dict, spawn
 
 DT = torch.float64
 
@@ -73,7 +72,7 @@ def _worker(rank, port, results):
 
 
 def test_one_ranks_bad_replay_skips_the_hyper_step_on_every_rank():
-    results = mp.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (free_port(), results))
     for rank in range(WORLD):
         assert (rank, "error") not in results, results[(rank, "error")]

@@ -19,10 +19,9 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hypergradient as hg
-from ranks import spawn
+from ranks import shared_dict, spawn
 from test_hyperoptimizer_support import (
     DT,
     VAL,
@@ -288,7 +287,7 @@ def _worker(rank, port, results):
 def test_under_a_process_group_the_score_is_the_mean_over_ranks():
     from ranks import free_port as _free_port
 
-    results = mp.Manager().dict()
+    results = shared_dict()
     spawn(_worker, (_free_port(), results))
     for rank in range(2):
         assert (rank, "error") not in results, results[(rank, "error")]
