@@ -131,6 +131,7 @@ class FirstOrderProducts:
     @property
     def scale_tensor(self) -> Tensor:
         """:attr:`scale` as a 0-d tensor on the operator's device (no synchronization)."""
+        self._settle()
         pending = getattr(self, "_norms", None)
         if pending:  # the sampled products' norms (HessianOperator._scaled)
             tops, bottoms = (torch.stack(n) for n in zip(*pending))
@@ -144,8 +145,14 @@ class FirstOrderProducts:
         """What :attr:`scale` is made of, unread: the kept maximum (a list of 0 or 1
         tensors) and the sampled products' ``(||H v||, ||v||)`` not yet folded into it
         (read together with other numbers in one synchronization: ``gradient_floor``)."""
+        self._settle()
         got = self._scales.get(True)
         return ([] if got is None else [got]), list(getattr(self, "_norms", None) or ())
+
+    def _settle(self) -> None:
+        settle = getattr(self, "settle_scale_sample", None)  # a sample a caller deferred
+        if settle is not None:
+            settle()
 
     def _center(self, wrt: list[Tensor] | None) -> list[Tensor | None]:
         """The gradient at the point with the products' random numbers (made once per

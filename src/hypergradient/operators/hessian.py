@@ -150,6 +150,8 @@ class HessianOperator(GraphOperator, FirstOrderProducts):
         self._scales: dict[bool, Tensor] = {}
         self._answered, self._next_scale = 0, 1  # double-backward products: see _scaled
         self._norms: list[tuple[Tensor, Tensor]] = []  # (||H v||, ||v||) not yet in _scales
+        self._defer = False  # the next product's sample is the caller's (defer_scale_sample)
+        self._deferred: tuple[Tensor, Tensor, int] | None = None  # (H v, v, v's version)
         self._probed: set[bool] = set()
         self.gradient_evaluations = 0
         self._first: tuple[Tensor, list[Tensor | None]] | None = None
@@ -219,12 +221,40 @@ class HessianOperator(GraphOperator, FirstOrderProducts):
         sample is two norms, their ratio taken when :attr:`scale` is read).
         Either way a lower bound of ``||H||``."""
         self._answered += rows
+        defer, self._defer = self._defer, False
+        self.settle_scale_sample()
         if self.mode == "first_order" or self._answered >= self._next_scale:
             self._next_scale = 2 * self._answered
             if v.dim() == 1 and self.mode != "first_order":  # the ratio when read
-                self._norms.append(_sample_norms(out, v, _tree.wide_dtype(v.device)))
+                if defer:  # the caller norms both anyway (conjugate gradient)
+                    self._deferred = (out, v, v._version)
+                else:
+                    self._norms.append(_sample_norms(out, v, _tree.wide_dtype(v.device)))
             else:
                 self._track(True, row_scale(out, v).max())
+
+    def defer_scale_sample(self) -> None:
+        """The next product's scale sample, if one is due, waits for its norms from the
+        caller (:meth:`settle_scale_sample`), which computes them anyway: conjugate
+        gradient reads ``||A p||`` and ``||p||`` at every step (two passes over two vectors
+        per sample, three samples in a five-product solve, saved)."""
+        self._defer = True
+
+    def settle_scale_sample(
+        self, out_norm: float | None = None, v_norm: float | None = None
+    ) -> None:
+        """Record the deferred sample with the caller's norms of ``H v`` and ``v`` (None:
+        computed here, from the product and ``v`` if ``v`` is unchanged since)."""
+        got, self._deferred = self._deferred, None
+        if got is None:
+            return
+        out, v, version = got
+        wide = _tree.wide_dtype(v.device)
+        if out_norm is not None and v_norm is not None:
+            pair = (torch.tensor(out_norm, dtype=wide), torch.tensor(v_norm, dtype=wide))
+            self._norms.append(tuple(t.to(v.device) for t in pair))  # type: ignore[arg-type]
+        elif v._version == version:
+            self._norms.append(_sample_norms(out, v, wide))
 
     def mixed(self, v: Tensor) -> list[Tensor | None]:
         """``d/dphi <grad_theta f, v>`` per hyperparameter leaf (``None``: no path)."""

@@ -36,6 +36,7 @@ def _finfo(dtype: torch.dtype) -> torch.finfo:
     return torch.finfo(dtype)
 
 
+_SAMPLE = ("defer", "settle")  # a HessianOperator's scale sample takes a step's norms
 #: Residual replacements (verifications that failed) before CG gives up on its tolerance.
 MAX_REPLACEMENTS = 3
 
@@ -89,6 +90,7 @@ class _Run:
             self.host_pap, self.host_norms = self.host[0], self.host[1:]
         self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
         self.slots: list[Tensor] = []  # y's buffers (.cg_status.next_iterate)
+        self.defer, self.settle = (getattr(op, f"{n}_scale_sample", None) for n in _SAMPLE)
         self._initial_guess(x0)
 
     # -- setup --------------------------------------------------------------------------
@@ -147,17 +149,10 @@ class _Run:
 
     def _update(self, Ap: Tensor) -> tuple[float, list[float]]:
         """``y += alpha p``, ``r -= alpha A p`` with ``alpha = r^T z / p^T A p``; returns
-        ``p^T A p`` and the norms ``[||A p||, ||p||, ||r||, ||y||]``.
-
-        On the CPU ``p^T A p`` is read first, a step whose curvature is not positive and
-        finite stops before its update (no norms), and ``alpha`` is a Python float (the
-        division and the updates round exactly as with 0-d tensors: ``y + alpha p`` is one
-        fused multiply-add either way, and a float32 quotient computed in float64 rounds to
-        the float32 quotient). On an accelerator ``alpha`` stays a tensor, ``p^T A p`` is
-        read with the norms (one synchronization) and the updated ``y`` and ``r`` of a step
-        that stops there are never used. ``y`` is written to a buffer other than the kept
-        best iterate's (:func:`.cg_status.next_iterate`), which is a reference, not a copy.
-        """
+        ``p^T A p`` and the norms ``[||A p||, ||p||, ||r||, ||y||]``. On the CPU ``p^T A p``
+        is read first, a step whose curvature is not positive and finite stops before its
+        update (no norms), ``alpha`` a Python float (a 0-d tensor's roundings); on an
+        accelerator with the norms (one read). ``y``: :func:`.cg_status.next_iterate`."""
         p, r = self.p, self.r
         if self.on_host:  # Python scalars: the same roundings as 0-d tensors, fewer kernels
             pap = torch.dot(p, Ap).item()
@@ -177,8 +172,12 @@ class _Run:
 
     def _step(self) -> bool:
         """One CG step; True when the run must stop (status set)."""
+        if self.defer is not None:
+            self.defer()
         Ap = self.op.matvec(self.p)
         pap, norms = self._update(Ap)
+        if self.settle is not None:  # no norms (a curvature exit): the operator reads them
+            self.settle(*norms[:2])
         if not 0.0 < pap < math.inf:
             self.status = curvature_status(self, Ap, pap)
             return True
