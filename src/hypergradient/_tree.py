@@ -1,11 +1,10 @@
 """Trees of tensors: a tensor, a tuple/list of trees, or a dict of trees.
 
 Parameters and hyperparameters arrive as any of these (``dict(model.named_parameters())``
-included). The solvers work on one contiguous 1-D vector instead of on trees: every
-solver step is then a single BLAS-1 call, and flattening costs one copy per
-Hessian-vector product, which is negligible next to the backward pass that produces it.
-This module does the round trip and the validation, with error messages that name the
-offending leaf (``params['fc.weight']``, ``hparams[1]``).
+included). The solvers work on one contiguous 1-D vector: every solver step is one BLAS-1
+call, and flattening costs one copy per product, little next to its backward pass. This
+module does the round trip and the validation, naming the offending leaf
+(``params['fc.weight']``, ``hparams[1]``).
 """
 
 from __future__ import annotations
@@ -183,12 +182,9 @@ def wide_dtype(device: torch.device) -> torch.dtype:
 
 
 def accumulator_dtype(leaves: Sequence[Tensor]) -> torch.dtype:
-    """The dtype of solver vectors: the leaves' common dtype, at least float32.
-
-    Half-precision parameters (float16, bfloat16) keep their dtype inside each product
-    (the backward pass runs on them as they are), but sums, inner products and iterates of
-    the solvers are float32: accumulating in 8 or 11 mantissa bits loses the solution.
-    """
+    """The dtype of solver vectors: the leaves' common dtype, at least float32. Half-precision
+    parameters keep their dtype inside each product, but the solvers' sums, inner products
+    and iterates are float32: accumulating in 8 or 11 mantissa bits loses the solution."""
     dtype = common_dtype(leaves)
     return dtype if dtype in _WIDE_ENOUGH else torch.promote_types(dtype, torch.float32)
 
@@ -218,9 +214,7 @@ def cat(
         else:
             t = t if t.dim() == 1 else t.reshape(-1)
             parts.append(t if t.dtype == dtype else t.to(dtype))
-    if not parts:
-        return torch.zeros(0, dtype=dtype, device=device)
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
 
 def split(vec: Tensor, spec: TreeSpec, dtypes: Sequence[torch.dtype] | None = None) -> list[Tensor]:

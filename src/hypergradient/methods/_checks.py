@@ -1,9 +1,8 @@
 """Validation shared by every method: the problem's inputs, checked before any computation.
 
-Every method starts with :func:`check_inputs` (through its engine), so the same bad input
-gets the same message whatever the method: ``hparams=None``, hyperparameters that are
-parameters, NaN in the hyperparameters, trees on two devices, a loss with the wrong
-number of arguments.
+Every method starts with :func:`check_inputs`, so the same bad input gets the same message
+whatever the method: ``hparams=None``, hyperparameters that are parameters, NaN in the
+hyperparameters, trees on two devices or on the meta device, a loss of the wrong arity.
 """
 
 from __future__ import annotations
@@ -106,10 +105,8 @@ def check_problem(problem: Any, who: str, inner: bool = True) -> Problem:
     return problem
 
 
-_ARITY_HINT = (
-    "It may ignore `hparams`; data go in a closure (the trajectory methods pass one batch "
-    "per step as a third argument of inner_loss with batches=...)."
-)
+_ARITY_HINT = "It may ignore `hparams`; data go in a closure (the trajectory methods pass \
+one batch per step as a third argument of inner_loss with batches=...)."
 
 
 def _byte_range(t: Tensor) -> tuple[int, int]:
@@ -118,10 +115,7 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
 
 
 def _storage_key(t: Tensor) -> tuple[Any, int]:
-    device = t.device
-    if device.type == "meta":
-        return ("meta", id(t))
-    return (device, t.untyped_storage().data_ptr())
+    return ("meta", id(t)) if t.is_meta else (t.device, t.untyped_storage().data_ptr())
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -150,6 +144,11 @@ def check_inputs(params: Any, hparams: Any, params_name: str = "params") -> Inpu
             f"`hparams` is on {h_leaves[0].device} and `{params_name}` on "
             f"{p_leaves[0].device}; move them to one device (hparams' tensors with "
             f".to({str(p_leaves[0].device)!r}))."
+        )
+    if p_leaves[0].is_meta:
+        raise ValueError(
+            f"`{params_name}` and `hparams` are on the meta device (shapes, no values); "
+            "materialize them first (module.to_empty(device='cpu'), then load the values)."
         )
     check_no_alias(h_leaves, h_spec, p_leaves, params_name)
     if all_finite([*h_leaves, *p_leaves]):  # one host synchronization in the usual case

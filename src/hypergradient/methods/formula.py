@@ -41,6 +41,7 @@ from ..solvers import AutoDamping, Solver, damped_solve
 from ..solvers.extremes import nonzero
 from ._checks import Inputs, all_finite, connected, unused_leaves, warn_unused
 from .implicit_info import ImplicitInfo, PendingFloor, warn_solve
+from .mixed_scale import mixed_parts
 
 __all__ = ["ImplicitInfo", "autocast_off", "implicit_hypergradient"]
 
@@ -249,7 +250,7 @@ def _assemble(t: _Terms, x: Tensor, group: Any, solver: Solver, status: Status) 
     holder: dict[str, Any] = {}
 
     def mixed() -> list[Tensor]:
-        parts = op.mixed(x)
+        parts = mixed_parts(op, x)  # (x scaled on float16 parameters)
         holder["none"] = [m is None for m in parts]
         one = parts[0] if len(parts) == 1 and group is None else None  # (nothing in place)
         if one is not None and one.dim() == 1 and one.dtype == t.direct.dtype:

@@ -122,7 +122,9 @@ def implicit(
         residual: when the solver does not report ``||b - A x||`` (fixed budgets:
             ``hg.Neumann(k)``, ``hg.Identity``), compute it with one more product for
             ``info.residual_norm`` (default). False: skip it (``residual_norm`` None), so
-            that a call costs exactly the solver's products.
+            that a call costs exactly the solver's products, and with it the checks that
+            read it: a fixed budget's answer worse than ``x = 0`` (or a series stopped at
+            ``maxiter`` far from its ``tol``) is then not warned about.
 
     Returns:
         The hypergradient, with the structure, shapes, dtypes and device of ``hparams``,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -218,7 +218,8 @@ def _warn_outside_range(solver: Solver, relative: float, stacklevel: int) -> Non
         f"{solver!r}: the Hessian is singular and the outer gradient has a part outside "
         f"its range (relative residual {relative:.3g}): the answer is the minimum-norm "
         "(pseudo-inverse) solution, which takes no hypergradient through the Hessian's null "
-        "space (directions the inner loss does not determine). Add damping=... to choose "
+        "space (directions the inner loss does not determine). Add damping=... (or raise "
+        "it, if damped: the damped Hessian is singular at the dtype's precision) to choose "
         "otherwise, or check that the outer loss uses no parameter the inner loss leaves "
         "free.",
         HypergradientWarning,
@@ -267,8 +268,9 @@ def warn_solve(
     residual = _least_squares_residual(solver, residual, bnorm, stats or {})
     if _warned_singular(solver, status, residual, bnorm):
         return
-    if status == Status.FIXED_BUDGET and residual is not None and residual > bnorm > 0:
-        _warn_worse_than_zero(solver, residual / bnorm)
+    worse = residual is not None and bnorm > 0 and not residual <= bnorm  # NaN: H x overflowed
+    if status == Status.FIXED_BUDGET and worse:
+        _warn_worse_than_zero(solver, cast(float, residual) / bnorm)
         return
     if status != Status.MAX_ITERATIONS or residual is None:
         return
@@ -382,12 +384,14 @@ def _warn_precision(solver: Solver, relative: float, stats: dict[str, Any]) -> N
 
 
 def _warn_worse_than_zero(solver: Solver, relative: float) -> None:
+    what = f"relative residual ||b - H x|| / ||b|| = {relative:.3g} > 1, worse than x = 0"
+    if not math.isfinite(relative):
+        what = f"a residual ||b - H x|| of {relative} (H x overflows: x is far too large)"
     warnings.warn(
-        f"{solver!r} returned a solution with relative residual ||b - H x|| / ||b|| = "
-        f"{relative:.3g} > 1, worse than x = 0: the Hessian is likely indefinite at `params` "
-        "(not a minimum) or the approximation too coarse. The hypergradient is unreliable; "
-        "use hg.CG() (it reports negative curvature), pass damping=... (or damping='auto'), "
-        "or raise the solver's rank / maxiter.",
+        f"{solver!r} returned a solution with {what}: the Hessian is likely indefinite at "
+        "`params` (not a minimum) or the approximation too coarse. The hypergradient is "
+        "unreliable; use hg.CG() (it reports negative curvature), pass damping=... (or "
+        "damping='auto'), or raise the solver's rank / maxiter.",
         HypergradientWarning,
         stacklevel=6,
     )

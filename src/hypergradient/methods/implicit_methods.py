@@ -61,7 +61,8 @@ class Implicit(ImplicitMethod):
             ``"used"``, ``"dropped"`` or ``"none"``. The kept solution (``P`` numbers) is in
             :meth:`state_dict`.
         residual: compute ``||b - A x||`` with one more product when the solver does not
-            report it (fixed budgets); False: ``info.residual_norm`` is None instead.
+            report it (fixed budgets); False: ``info.residual_norm`` is None instead, and
+            an answer worse than ``x = 0`` is not warned about.
 
     Cost: ``f`` with a double-backward graph, ``g`` with its gradient, the solver's
     products (each about one gradient), one mixed product, and one product for the
