@@ -13,6 +13,7 @@ see :mod:`.batches`), so that the first hyper-step after a resume replays the sa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -41,10 +42,8 @@ RngState = tuple[Tensor, "Tensor | None"]
 
 
 def capture_rng(device: torch.device) -> RngState:
-    """torch's random-number state: the CPU generator's and that of ``device``'s accelerator.
-
-    The format of ``Trajectory.rng_states`` (:func:`hypergradient.methods.rng_state`).
-    """
+    """torch's random-number state: the CPU generator's and that of ``device``'s accelerator
+    (the format of ``Trajectory.rng_states``, :func:`hypergradient.methods.rng_state`)."""
     return rng_state(device)
 
 
@@ -66,9 +65,11 @@ def _tensors(value: Any, name: str) -> list[Tensor]:
 def parse_rng_state(value: Any) -> RngState:
     ok = isinstance(value, (list, tuple)) and len(value) == 2
     ok = ok and isinstance(value[0], Tensor) and value[0].dtype == torch.uint8
-    if not ok or not (value[1] is None or isinstance(value[1], Tensor)):
-        raise ValueError("The checkpoint's window holds a malformed random-number state.")
-    return value[0].cpu(), None if value[1] is None else value[1].cpu()
+    if ok and (value[1] is None or isinstance(value[1], Tensor)):
+        with contextlib.suppress(RuntimeError):  # the size torch.set_rng_state would take
+            torch.Generator().set_state(value[0].cpu())
+            return value[0].cpu(), None if value[1] is None else value[1].cpu()
+    raise ValueError("The checkpoint holds a malformed random-number state.")
 
 
 @dataclass
