@@ -41,7 +41,7 @@ def test_a_residual_that_overflows_warns():
     # times too large, H x overflows, ||b - H x|| is NaN, and "NaN > ||b||" was False
     g64 = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g64, dtype=torch.float64))
-    A = (1e30 * Q @ torch.diag(torch.tensor([1.0, 0.5, 0.3, 0.2], dtype=torch.float64)) @ Q.T)
+    A = 1e30 * Q @ torch.diag(torch.tensor([1.0, 0.5, 0.3, 0.2], dtype=torch.float64)) @ Q.T
     A32, t32 = A.float(), torch.randn(4, generator=g64).float()
     theta, phi = torch.randn(4, generator=g64), torch.randn(4, generator=g64)
 
