@@ -11,6 +11,8 @@ time, bit for bit.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -96,3 +98,23 @@ def test_the_key_tells_batch_shapes_apart_and_declines_data_inside_the_losses():
     none.batches = [None, None]  # hg.forward_mode's data captured in the losses
     assert batching_key(a) != batching_key(b)
     assert batching_key(none) is None
+
+
+def test_batches_of_a_new_shape_every_window_keep_the_memory_bounded(monkeypatch):
+    # padded batches of their own length: a new key each window, kept forever before
+    # (1.4-13 KB a hyper-step); the last CHECKED_KEYS are kept, the oldest go first
+    module = importlib.import_module("hypergradient.methods.forward_mode")  # (not the function)
+    monkeypatch.setattr(module, "CHECKED_KEYS", 3)
+    _, hopt, _ = make()
+    g = torch.Generator().manual_seed(1)
+    keys = []
+    for t in range(18):  # 6 windows, rows 5, 6, ..., 10
+        rows = 5 + t // 3
+        batch = (torch.randn(rows, 6, generator=g), torch.randint(0, 3, (rows,), generator=g))
+        hopt.zero_grad()
+        hopt.train_loss(batch).backward()
+        hopt.step(batch)
+        keys = list(hopt.method._batching_ok)
+    assert len(hopt.history) == 6 and len(keys) == 3
+    rows = [next(iter(batches))[0][0][0] for _, batches in keys]
+    assert rows == [8, 9, 10]

@@ -236,6 +236,10 @@ def _watch(run: Run, watch: bool, hvp: str) -> str | None:
     return "sources" if type(run.optimizer) is SGD and hvp != "first_order" else "probe"
 
 
+#: How many batch-shape keys a ForwardMode remembers as checked (the oldest go first).
+CHECKED_KEYS = 64
+
+
 class ForwardMode(TrajectoryMethod):
     """Forward mode through the recorded inner steps (Franceschi et al., 2017).
 
@@ -302,7 +306,8 @@ class ForwardMode(TrajectoryMethod):
         self.chunk_size = as_optional_int(chunk_size, "chunk_size", min=1)
         self.hvp = as_mode(hvp)
         self.watch = as_bool(watch, "watch")
-        self._batching_ok: set[Any] = set()  # batching_key()s whose batched pass was checked
+        self._batching_ok: dict[Any, None] = {}  # batching_key()s whose batched pass was
+        # checked: the last CHECKED_KEYS (batches of a new shape each window grew it forever)
 
     def __call__(self, problem: Problem) -> tuple[Tree, TrajectoryInfo]:
         if isinstance(problem, Problem) and problem.hparams_by_reference:
@@ -324,7 +329,9 @@ class ForwardMode(TrajectoryMethod):
         watch = _watch(run, self.watch, self.hvp)
         p, tp, losses, growth = _propagate(run, tangents, watch)
         if tangents.vmap_checked and key is not None:
-            self._batching_ok.add(key)
+            self._batching_ok[key] = None
+            if len(self._batching_ok) > CHECKED_KEYS:
+                del self._batching_ok[next(iter(self._batching_ok))]
         direct = [False] * len(run.h)
         gp, gh, value = outer_gradients(run, outer_loss, p, direct)
         dtype = _tree.common_dtype(list(run.h))
