@@ -36,7 +36,6 @@ def _finfo(dtype: torch.dtype) -> torch.finfo:
     return torch.finfo(dtype)
 
 
-_SAMPLE = ("defer", "settle")  # a HessianOperator's scale sample takes a step's norms
 #: Residual replacements (verifications that failed) before CG gives up on its tolerance.
 MAX_REPLACEMENTS = 3
 
@@ -90,7 +89,8 @@ class _Run:
             self.host_pap, self.host_norms = self.host[0], self.host[1:]
         self.ynorm, self.best_ynorm = 0.0, 0.0  # ||y|| and ||best|| (bound the solution)
         self.slots: list[Tensor] = []  # y's buffers (.cg_status.next_iterate)
-        self.defer, self.settle = (getattr(op, f"{n}_scale_sample", None) for n in _SAMPLE)
+        self.defer = getattr(op, "defer_scale_sample", None)  # a HessianOperator's scale
+        self.settle = getattr(op, "settle_scale_sample", None)  # sample takes a step's norms
         self._initial_guess(x0)
 
     # -- setup --------------------------------------------------------------------------
